@@ -1,0 +1,250 @@
+"""Canonical msgpack and strict schemas.
+
+Every value the toolkit signs or sends is a msgpack map with string keys. The canonical
+encoding is the one :func:`pack` produces: keys sorted by their UTF-8 bytes, the shortest
+form for every integer and length (msgpack-python already does this), ``bin`` for bytes,
+``str`` for text, no floats, no extension types. :func:`unpack` accepts exactly the
+canonical encoding: it refuses duplicate keys, non-string keys, extension types, floats,
+trailing bytes and any input that does not re-encode to the same bytes.
+
+Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgpack exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import msgpack
+
+from tisa.errors import ProtocolError
+
+__all__ = ["Field", "check_map", "pack", "unpack"]
+
+# Depth of nested containers accepted; our schemas need 4, more is an attack on the
+# recursion of the decoder and of our validators.
+MAX_DEPTH = 8
+
+
+def _fail(detail: str) -> NoReturn:
+    raise ProtocolError(detail)
+
+
+def _canonical(value: Any, depth: int = 0) -> Any:
+    if depth > MAX_DEPTH:
+        _fail("nesting too deep")
+    if isinstance(value, Mapping):
+        items = []
+        for key in value:
+            if not isinstance(key, str):
+                _fail("map key is not a string")
+            items.append((key.encode("utf-8"), key))
+        items.sort()
+        return {key: _canonical(value[key], depth + 1) for _, key in items}
+    if isinstance(value, list | tuple):
+        return [_canonical(item, depth + 1) for item in value]
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**64:
+            _fail("integer out of range")
+        return value
+    if isinstance(value, bytes | str):
+        return value
+    _fail(f"cannot encode {type(value).__name__}")
+
+
+def pack(value: Mapping[str, Any]) -> bytes:
+    """Encode ``value`` canonically.
+
+    Raises:
+        ProtocolError: a value of a type the protocol does not carry (float, set, ...).
+    """
+    packed: bytes = msgpack.packb(_canonical(value), use_bin_type=True)
+    return packed
+
+
+def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            _fail("map key is not a string")
+        if key in result:
+            _fail(f"duplicate key {key!r}")
+        result[key] = value
+    return result
+
+
+def _no_ext(code: int, data: bytes) -> NoReturn:
+    _fail("extension types are not allowed")
+
+
+def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
+    """Decode one canonical msgpack map from exactly ``data``.
+
+    Args:
+        data: the encoded bytes; nothing may follow the map.
+        max_size: refuse input longer than this many bytes.
+
+    Returns:
+        The decoded map (str keys; values bytes, str, int, bool, None, list, dict).
+
+    Raises:
+        ProtocolError: anything but exactly one canonical map.
+    """
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise ProtocolError("input is not bytes")
+    data = bytes(data)
+    if max_size is not None and len(data) > max_size:
+        _fail(f"encoded value too large: {len(data)} > {max_size}")
+    try:
+        value = msgpack.unpackb(
+            data,
+            raw=False,
+            use_list=True,
+            strict_map_key=True,
+            object_pairs_hook=_pairs_hook,
+            ext_hook=_no_ext,
+        )
+    except ProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many types; all mean "does not decode"
+        raise ProtocolError(f"not msgpack: {type(exc).__name__}") from None
+    if not isinstance(value, dict):
+        _fail("top level is not a map")
+    _reject_floats(value, 0)
+    if pack(value) != data:
+        _fail("not canonical")
+    return value
+
+
+def _reject_floats(value: Any, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        _fail("nesting too deep")
+    if isinstance(value, float):
+        _fail("floats are not allowed")
+    if isinstance(value, dict):
+        for item in value.values():
+            _reject_floats(item, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _reject_floats(item, depth + 1)
+
+
+# --- schemas -------------------------------------------------------------------------
+
+Field = Callable[[Any, str], Any]
+"""A field checker: takes the value and its path, returns the checked value or fails."""
+
+
+def check_map(value: Any, fields: Mapping[str, Field], path: str = "") -> dict[str, Any]:
+    """Check that ``value`` is a map with exactly the keys of ``fields``.
+
+    Returns a new dict of the checked values. Raises ProtocolError naming the path.
+    """
+    if not isinstance(value, dict):
+        _fail(f"{path or 'value'}: expected a map")
+    missing = fields.keys() - value.keys()
+    extra = value.keys() - fields.keys()
+    if missing:
+        _fail(f"{path or 'value'}: missing {sorted(missing)}")
+    if extra:
+        _fail(f"{path or 'value'}: unexpected {sorted(extra)}")
+    return {
+        key: check(value[key], f"{path}.{key}" if path else key) for key, check in fields.items()
+    }
+
+
+def bin_exact(size: int) -> Field:
+    def check(value: Any, path: str) -> bytes:
+        if not isinstance(value, bytes) or len(value) != size:
+            _fail(f"{path}: expected {size} bytes")
+        return value
+
+    return check
+
+
+def bin_max(size: int) -> Field:
+    def check(value: Any, path: str) -> bytes:
+        if not isinstance(value, bytes) or len(value) > size:
+            _fail(f"{path}: expected at most {size} bytes")
+        return value
+
+    return check
+
+
+def text(max_bytes: int, *, allow_empty: bool = False) -> Field:
+    def check(value: Any, path: str) -> str:
+        if not isinstance(value, str):
+            _fail(f"{path}: expected text")
+        size = len(value.encode("utf-8"))
+        if size > max_bytes or (size == 0 and not allow_empty):
+            _fail(f"{path}: text length {size} outside 1..{max_bytes}")
+        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+            _fail(f"{path}: control character in text")
+        return value
+
+    return check
+
+
+def uint(maximum: int = 2**64 - 1, minimum: int = 0) -> Field:
+    def check(value: Any, path: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(f"{path}: expected an integer")
+        if not minimum <= value <= maximum:
+            _fail(f"{path}: {value} outside {minimum}..{maximum}")
+        return value
+
+    return check
+
+
+def boolean(value: Any, path: str) -> bool:
+    if not isinstance(value, bool):
+        _fail(f"{path}: expected a boolean")
+    return value
+
+
+def optional(inner: Field) -> Field:
+    def check(value: Any, path: str) -> Any:
+        return None if value is None else inner(value, path)
+
+    return check
+
+
+def one_of(*choices: str) -> Field:
+    def check(value: Any, path: str) -> str:
+        if value not in choices:
+            _fail(f"{path}: expected one of {list(choices)}")
+        return str(value)
+
+    return check
+
+
+def list_of(
+    inner: Field, *, max_items: int, min_items: int = 0, unique: bool = False, sorted_: bool = False
+) -> Field:
+    def check(value: Any, path: str) -> list[Any]:
+        if not isinstance(value, list):
+            _fail(f"{path}: expected a list")
+        if not min_items <= len(value) <= max_items:
+            _fail(f"{path}: {len(value)} items outside {min_items}..{max_items}")
+        items = [inner(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        if unique and len(set(map(_hashable, items))) != len(items):
+            _fail(f"{path}: duplicate items")
+        if sorted_ and items != sorted(items, key=_sort_key):
+            _fail(f"{path}: items not in canonical order")
+        return items
+
+    return check
+
+
+def _hashable(item: Any) -> Any:
+    if isinstance(item, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in item.items()))
+    if isinstance(item, list):
+        return tuple(_hashable(v) for v in item)
+    return item
+
+
+def _sort_key(item: Any) -> Any:
+    return item.encode("utf-8") if isinstance(item, str) else item

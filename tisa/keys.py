@@ -1,0 +1,357 @@
+"""Member identities, domain-separated signatures and hashes, and passphrase key files.
+
+A member has two key pairs: Ed25519 for signing and X25519 for receiving sealed content
+keys. The public halves are distinct types (:class:`SigningPublicKey`,
+:class:`EncryptionPublicKey`), so one is never taken for the other, and both are checked
+when constructed: length, type, and for X25519 that the point is not of low order.
+
+Every signature is made over ``b"tisa/1/" + label + b"\\n" + message`` where ``label`` is
+one of :class:`Context`; a signature of one kind therefore never verifies as another.
+"""
+
+from __future__ import annotations
+
+import base64
+import enum
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.pwhash
+import nacl.secret
+import nacl.signing
+import nacl.utils
+
+from tisa import encoding as enc
+from tisa.errors import KeyFileError, ProtocolError, UsageError, VerificationError
+
+__all__ = [
+    "Context",
+    "EncryptionPublicKey",
+    "Hash",
+    "Hasher",
+    "MemberSecret",
+    "PublicIdentity",
+    "SigningPublicKey",
+    "digest",
+    "random_id",
+    "verify",
+]
+
+SIGNATURE_SIZE = 64
+KEY_SIZE = 32
+DIGEST_SIZE = 32
+
+
+class Context(enum.Enum):
+    """Context labels, one per kind of signed object or derived value (protocol v1)."""
+
+    REPORT = b"report"
+    TOKEN = b"token"
+    RECEIPT = b"receipt"
+    ARRANGEMENT = b"arrangement"
+    HANDSHAKE_RELAY = b"handshake-relay"
+    HANDSHAKE_MEMBER = b"handshake-member"
+    AUDIT = b"audit"
+    ACK = b"ack"
+
+
+SIGN_PREFIX = b"tisa/1/"
+
+
+def _signed_message(context: Context, message: bytes) -> bytes:
+    return SIGN_PREFIX + context.value + b"\n" + message
+
+
+class Hash(enum.Enum):
+    """Personalisation strings for BLAKE2b (16 bytes each), one per use."""
+
+    CIPHERTEXT = b"tisa1-ciphertext"
+    CONTENT = b"tisa1-content\0\0\0"
+    ARRANGEMENT = b"tisa1-arrangemnt"
+    FINGERPRINT = b"tisa1-fingerprnt"
+    KEY_COMMIT = b"tisa1-keycommit\0"
+    TRANSCRIPT = b"tisa1-transcript"
+    CHANNEL = b"tisa1-channel\0\0\0"
+    AUDIT = b"tisa1-audit\0\0\0\0\0"
+    KEYFILE = b"tisa1-keyfile\0\0\0"
+
+
+def digest(purpose: Hash, data: bytes, *, key: bytes = b"") -> bytes:
+    """BLAKE2b-256 of ``data``, personalised for ``purpose`` (libsodium generichash)."""
+    return bytes(
+        sodium.crypto_generichash_blake2b_salt_personal(
+            data, digest_size=DIGEST_SIZE, key=key, person=purpose.value
+        )
+    )
+
+
+class Hasher:
+    """Incremental BLAKE2b-256 for streams, personalised like :func:`digest`."""
+
+    __slots__ = ("_state",)
+
+    def __init__(self, purpose: Hash) -> None:
+        self._state = sodium.crypto_generichash_blake2b_init(
+            digest_size=DIGEST_SIZE, person=purpose.value
+        )
+
+    def update(self, data: bytes) -> None:
+        sodium.crypto_generichash_blake2b_update(self._state, data)
+
+    def finish(self) -> bytes:
+        return bytes(sodium.crypto_generichash_blake2b_final(self._state))
+
+
+# --- public keys -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SigningPublicKey:
+    """An Ed25519 public key. Only :func:`verify` uses it."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.raw) is not bytes or len(self.raw) != KEY_SIZE:
+            raise UsageError("an Ed25519 public key is 32 bytes")
+        # libsodium refuses to verify with small-order or non-canonical keys; refuse them
+        # here already, so an arrangement never lists a key that can verify nothing.
+        if not sodium.crypto_core_ed25519_is_valid_point(self.raw):
+            raise UsageError("not a valid Ed25519 public key")
+
+
+_LOW_ORDER_PROBE = bytes([9]) + bytes(31)
+
+
+@dataclass(frozen=True, slots=True)
+class EncryptionPublicKey:
+    """An X25519 public key, checked not to be of low order."""
+
+    raw: bytes
+
+    def __post_init__(self) -> None:
+        if type(self.raw) is not bytes or len(self.raw) != KEY_SIZE:
+            raise UsageError("an X25519 public key is 32 bytes")
+        try:
+            # crypto_scalarmult fails when the result is the all-zero point, which is
+            # exactly what a low-order key gives for every scalar.
+            sodium.crypto_scalarmult(secrets.token_bytes(32), self.raw)
+        except nacl.exceptions.RuntimeError:
+            raise UsageError("X25519 public key of low order") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PublicIdentity:
+    """The public half of a member identity."""
+
+    signing: SigningPublicKey
+    encryption: EncryptionPublicKey
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.signing, SigningPublicKey):
+            raise UsageError("signing must be a SigningPublicKey")
+        if not isinstance(self.encryption, EncryptionPublicKey):
+            raise UsageError("encryption must be an EncryptionPublicKey")
+
+    @property
+    def fingerprint(self) -> str:
+        """A short printable fingerprint: 20 base32 characters in groups of four."""
+        raw = digest(Hash.FINGERPRINT, self.signing.raw + self.encryption.raw)[:15]
+        text = base64.b32encode(raw).decode("ascii").lower()
+        return "-".join(text[i : i + 4] for i in range(0, 24, 4))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sign": self.signing.raw, "box": self.encryption.raw}
+
+    @classmethod
+    def from_dict(cls, value: Any, path: str = "identity") -> PublicIdentity:
+        fields = enc.check_map(
+            value, {"sign": enc.bin_exact(KEY_SIZE), "box": enc.bin_exact(KEY_SIZE)}, path
+        )
+        try:
+            return cls(SigningPublicKey(fields["sign"]), EncryptionPublicKey(fields["box"]))
+        except UsageError as exc:
+            raise ProtocolError(f"{path}: {exc}") from None
+
+
+# --- signatures ------------------------------------------------------------------------
+
+
+def verify(key: SigningPublicKey, context: Context, message: bytes, signature: bytes) -> None:
+    """Check ``signature`` over ``message`` in ``context``.
+
+    Raises:
+        VerificationError: for any failure, with no detail.
+    """
+    if not isinstance(key, SigningPublicKey):
+        raise UsageError("verify needs a SigningPublicKey")
+    if type(signature) is not bytes or len(signature) != SIGNATURE_SIZE:
+        raise VerificationError()
+    try:
+        # PyNaCl exposes verification only as crypto_sign_open on signature || message.
+        sodium.crypto_sign_open(signature + _signed_message(context, message), key.raw)
+    except nacl.exceptions.BadSignatureError:
+        raise VerificationError() from None
+
+
+class MemberSecret:
+    """A member's secret keys: Ed25519 signing and X25519 decryption.
+
+    Never printed: ``repr`` shows only the fingerprint.
+    """
+
+    __slots__ = ("_box_secret", "_public", "_seed", "_sign_secret")
+
+    def __init__(self, *, sign_seed: bytes, box_secret: bytes) -> None:
+        if type(sign_seed) is not bytes or len(sign_seed) != KEY_SIZE:
+            raise UsageError("an Ed25519 seed is 32 bytes")
+        if type(box_secret) is not bytes or len(box_secret) != KEY_SIZE:
+            raise UsageError("an X25519 secret key is 32 bytes")
+        self._seed = sign_seed
+        sign_public, self._sign_secret = sodium.crypto_sign_seed_keypair(sign_seed)
+        self._box_secret = box_secret
+        box_public = sodium.crypto_scalarmult_base(box_secret)
+        self._public = PublicIdentity(
+            SigningPublicKey(bytes(sign_public)), EncryptionPublicKey(bytes(box_public))
+        )
+
+    @classmethod
+    def generate(cls) -> MemberSecret:
+        return cls(sign_seed=nacl.utils.random(KEY_SIZE), box_secret=nacl.utils.random(KEY_SIZE))
+
+    @property
+    def public(self) -> PublicIdentity:
+        return self._public
+
+    def sign(self, context: Context, message: bytes) -> bytes:
+        """Sign ``message`` in ``context``; returns the 64-byte detached signature."""
+        signed = sodium.crypto_sign(_signed_message(context, message), self._sign_secret)
+        return bytes(signed[:SIGNATURE_SIZE])
+
+    def unseal(self, sealed: bytes) -> bytes:
+        """Open a sealed box addressed to this member.
+
+        Raises:
+            VerificationError: the box was not sealed to this key or was altered.
+        """
+        try:
+            return bytes(
+                sodium.crypto_box_seal_open(sealed, self._public.encryption.raw, self._box_secret)
+            )
+        except (nacl.exceptions.CryptoError, nacl.exceptions.TypeError, ValueError):
+            raise VerificationError() from None
+
+    def __repr__(self) -> str:
+        return f"<MemberSecret {self._public.fingerprint}>"
+
+    # --- key files ---------------------------------------------------------------------
+
+    def to_keyfile(
+        self,
+        passphrase: str,
+        *,
+        name: str = "",
+        opslimit: int = nacl.pwhash.argon2id.OPSLIMIT_MODERATE,
+        memlimit: int = nacl.pwhash.argon2id.MEMLIMIT_MODERATE,
+    ) -> bytes:
+        """Encrypt the secret keys under ``passphrase`` (argon2id + secretbox).
+
+        Args:
+            passphrase: at least one character; what the user types.
+            name: a label stored with the keys, e.g. the member name.
+            opslimit, memlimit: argon2id cost; the defaults are libsodium's "moderate".
+        """
+        if not isinstance(passphrase, str) or not passphrase:
+            raise UsageError("a key file needs a non-empty passphrase")
+        salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
+        key = nacl.pwhash.argon2id.kdf(
+            nacl.secret.SecretBox.KEY_SIZE,
+            passphrase.encode("utf-8"),
+            salt,
+            opslimit=opslimit,
+            memlimit=memlimit,
+        )
+        inner = enc.pack({"name": name, "sign_seed": self._seed, "box_secret": self._box_secret})
+        header = {"v": 1, "kdf": "argon2id13", "ops": opslimit, "mem": memlimit, "salt": salt}
+        # The header travels inside the box as well, so a tampered cost or salt is caught
+        # when the file is opened (a lowered cost would otherwise go unnoticed).
+        box = nacl.secret.SecretBox(key).encrypt(enc.pack({"header": header, "keys": inner}))
+        return KEYFILE_MAGIC + enc.pack({**header, "box": bytes(box)})
+
+    @classmethod
+    def from_keyfile(cls, data: bytes, passphrase: str) -> tuple[MemberSecret, str]:
+        """Decrypt a key file made by :meth:`to_keyfile`; returns (secret, name).
+
+        Raises:
+            KeyFileError: wrong passphrase, damaged file, or not a key file.
+        """
+        if not data.startswith(KEYFILE_MAGIC):
+            raise KeyFileError("not a tisa key file")
+        try:
+            outer = enc.check_map(
+                enc.unpack(data[len(KEYFILE_MAGIC) :], max_size=4096),
+                {
+                    "v": enc.uint(1, 1),
+                    "kdf": enc.one_of("argon2id13"),
+                    "ops": enc.uint(nacl.pwhash.argon2id.OPSLIMIT_MAX, 1),
+                    "mem": enc.uint(2**32, 8192),
+                    "salt": enc.bin_exact(nacl.pwhash.argon2id.SALTBYTES),
+                    "box": enc.bin_max(4096),
+                },
+            )
+        except ProtocolError:
+            raise KeyFileError("key file is damaged") from None
+        key = nacl.pwhash.argon2id.kdf(
+            nacl.secret.SecretBox.KEY_SIZE,
+            passphrase.encode("utf-8"),
+            outer["salt"],
+            opslimit=outer["ops"],
+            memlimit=outer["mem"],
+        )
+        try:
+            plain = nacl.secret.SecretBox(key).decrypt(outer["box"])
+            content = enc.check_map(
+                enc.unpack(bytes(plain)), {"header": lambda v, p: v, "keys": enc.bin_max(1024)}
+            )
+            header = {k: outer[k] for k in ("v", "kdf", "ops", "mem", "salt")}
+            if content["header"] != header:
+                raise KeyFileError("key file is damaged")
+            keys = enc.check_map(
+                enc.unpack(content["keys"]),
+                {
+                    "name": enc.text(256, allow_empty=True),
+                    "sign_seed": enc.bin_exact(KEY_SIZE),
+                    "box_secret": enc.bin_exact(KEY_SIZE),
+                },
+            )
+        except (nacl.exceptions.CryptoError, ProtocolError):
+            raise KeyFileError("wrong passphrase or damaged key file") from None
+        return cls(sign_seed=keys["sign_seed"], box_secret=keys["box_secret"]), keys["name"]
+
+    def save(self, path: str | os.PathLike[str], passphrase: str, **kwargs: Any) -> None:
+        """Write an encrypted key file with mode 0600; refuses to overwrite."""
+        data = self.to_keyfile(passphrase, **kwargs)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], passphrase: str) -> tuple[MemberSecret, str]:
+        """Read a key file written by :meth:`save`; returns (secret, name)."""
+        with open(path, "rb") as handle:
+            data = handle.read(65536)
+        return cls.from_keyfile(data, passphrase)
+
+
+KEYFILE_MAGIC = b"tisa-keyfile-1\n"
+
+
+def random_id() -> bytes:
+    """A fresh 16-byte identifier (reports, tokens)."""
+    return nacl.utils.random(16)

@@ -1,0 +1,86 @@
+"""Every limit of the protocol, named, with the reason for its default.
+
+Nodes take a :class:`Limits` value so each number can be changed per deployment; the
+module-level constants are the defaults. Every limit has a test that crosses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = [
+    "CHUNK_SIZE",
+    "CLOCK_SKEW",
+    "DEFAULT_LIMITS",
+    "Limits",
+    "MAX_ATTACHMENTS",
+    "MAX_FRAME",
+    "MAX_HEADER",
+    "MAX_NAME",
+    "MAX_REPORT_SIZE",
+]
+
+# Plaintext bytes per secretstream chunk. 64 KiB keeps per-chunk overhead (17 bytes of
+# tag, one Python call) under 0.03% while a chunk still fits comfortably in a frame.
+CHUNK_SIZE = 64 * 1024
+
+# Largest frame accepted on the wire, checked from the length prefix before the body is
+# read. One chunk of report ciphertext plus msgpack and channel overhead fits with room;
+# anything larger is a peer we do not want to buffer for.
+MAX_FRAME = 256 * 1024
+
+# Largest sealed report (ciphertext bytes). Reports stream through every node in constant
+# memory, so this bounds disk use, not RAM: 4 GiB.
+MAX_REPORT_SIZE = 4 * 1024**3
+
+# Largest signed report header inside the plaintext (metadata, recipient list, attachment
+# names). Recipients must buffer it whole before streaming the body, so it is small.
+MAX_HEADER = 64 * 1024
+
+# Attachments per report; each has a name in the header.
+MAX_ATTACHMENTS = 64
+
+# Member, scope, level and attachment names, in UTF-8 bytes.
+MAX_NAME = 128
+
+# Seconds of clock difference tolerated when checking a token's validity window: enough
+# for ordinary NTP drift between three sites, small enough not to extend a window much.
+CLOCK_SKEW = 120
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Limits:
+    """Limits a node enforces; every field defaults to the module constant of its name.
+
+    Node-only limits (connections, deadlines, queue lengths) live here too so a deployment
+    configures one object.
+    """
+
+    max_frame: int = MAX_FRAME
+    max_report_size: int = MAX_REPORT_SIZE
+    max_header: int = MAX_HEADER
+    max_attachments: int = MAX_ATTACHMENTS
+    clock_skew: int = CLOCK_SKEW
+    # Seconds a peer has to finish the handshake: three small messages on any live link.
+    handshake_timeout: float = 10.0
+    # Seconds a peer has to finish sending one frame once its first byte arrived; a
+    # slow-loris peer is cut off at this point.
+    frame_timeout: float = 30.0
+    # Seconds without any frame before a connection is closed as idle.
+    idle_timeout: float = 300.0
+    # Concurrent connections to a relay, in all and per member.
+    max_connections: int = 256
+    max_connections_per_member: int = 8
+    # Deliveries queued for one recipient before the relay refuses new releases to it.
+    max_queue_per_recipient: int = 10_000
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                from tisa.errors import UsageError
+
+                raise UsageError(f"limit {field.name} must be a positive number, not {value!r}")
+
+
+DEFAULT_LIMITS = Limits()
