@@ -75,8 +75,10 @@ class Hash(enum.Enum):
     FINGERPRINT = b"tisa1-fingerprnt"
     KEY_COMMIT = b"tisa1-keycommit\0"
     TRANSCRIPT = b"tisa1-transcript"
+    KX_TRANSCRIPT = b"tisa1-kx-transcr"
     CHANNEL = b"tisa1-channel\0\0\0"
     AUDIT = b"tisa1-audit\0\0\0\0\0"
+    AUDIT_CHAIN = b"tisa1-auditchain"
     KEYFILE = b"tisa1-keyfile\0\0\0"
 
 
@@ -119,7 +121,9 @@ class SigningPublicKey:
         if type(self.raw) is not bytes or len(self.raw) != KEY_SIZE:
             raise UsageError("an Ed25519 public key is 32 bytes")
         # libsodium refuses to verify with small-order or non-canonical keys; refuse them
-        # here already, so an arrangement never lists a key that can verify nothing.
+        # here already, so an arrangement never lists a key that can verify nothing. This
+        # check is stricter than verification: it also refuses a key with a small-order
+        # (torsion) component, which no honest key generation produces.
         if not sodium.crypto_core_ed25519_is_valid_point(self.raw):
             raise UsageError("not a valid Ed25519 public key")
 
@@ -159,7 +163,7 @@ class PublicIdentity:
 
     @property
     def fingerprint(self) -> str:
-        """A short printable fingerprint: 20 base32 characters in groups of four."""
+        """A short printable fingerprint: 24 base32 characters (120 bits) in groups of four."""
         raw = digest(Hash.FINGERPRINT, self.signing.raw + self.encryption.raw)[:15]
         text = base64.b32encode(raw).decode("ascii").lower()
         return "-".join(text[i : i + 4] for i in range(0, 24, 4))
@@ -189,6 +193,8 @@ def verify(key: SigningPublicKey, context: Context, message: bytes, signature: b
     """
     if not isinstance(key, SigningPublicKey):
         raise UsageError("verify needs a SigningPublicKey")
+    if not isinstance(message, bytes | bytearray | memoryview):
+        raise UsageError("verify needs the message as bytes")
     if type(signature) is not bytes or len(signature) != SIGNATURE_SIZE:
         raise VerificationError()
     try:
@@ -267,6 +273,13 @@ class MemberSecret:
         """
         if not isinstance(passphrase, str) or not passphrase:
             raise UsageError("a key file needs a non-empty passphrase")
+        # Refuse here what from_keyfile would refuse, so a key file written is one that loads.
+        try:
+            _KEYFILE_NAME(name, "name")
+            _KEYFILE_OPS(opslimit, "opslimit")
+            _KEYFILE_MEM(memlimit, "memlimit")
+        except ProtocolError as exc:
+            raise UsageError(str(exc)) from None
         salt = nacl.utils.random(nacl.pwhash.argon2id.SALTBYTES)
         key = nacl.pwhash.argon2id.kdf(
             nacl.secret.SecretBox.KEY_SIZE,
@@ -289,6 +302,8 @@ class MemberSecret:
         Raises:
             KeyFileError: wrong passphrase, damaged file, or not a key file.
         """
+        if not isinstance(data, bytes) or not isinstance(passphrase, str):
+            raise UsageError("from_keyfile takes the file's bytes and a passphrase string")
         if not data.startswith(KEYFILE_MAGIC):
             raise KeyFileError("not a tisa key file")
         try:
@@ -297,21 +312,25 @@ class MemberSecret:
                 {
                     "v": enc.uint(1, 1),
                     "kdf": enc.one_of("argon2id13"),
-                    "ops": enc.uint(nacl.pwhash.argon2id.OPSLIMIT_MAX, 1),
-                    "mem": enc.uint(2**32, 8192),
+                    "ops": _KEYFILE_OPS,
+                    "mem": _KEYFILE_MEM,
                     "salt": enc.bin_exact(nacl.pwhash.argon2id.SALTBYTES),
                     "box": enc.bin_max(4096),
                 },
             )
         except ProtocolError:
             raise KeyFileError("key file is damaged") from None
-        key = nacl.pwhash.argon2id.kdf(
-            nacl.secret.SecretBox.KEY_SIZE,
-            passphrase.encode("utf-8"),
-            outer["salt"],
-            opslimit=outer["ops"],
-            memlimit=outer["mem"],
-        )
+        try:
+            key = nacl.pwhash.argon2id.kdf(
+                nacl.secret.SecretBox.KEY_SIZE,
+                passphrase.encode("utf-8"),
+                outer["salt"],
+                opslimit=outer["ops"],
+                memlimit=outer["mem"],
+            )
+        except (nacl.exceptions.CryptoError, ValueError, MemoryError):
+            # A damaged cost field can ask for more memory than the machine has.
+            raise KeyFileError("key file is damaged") from None
         try:
             plain = nacl.secret.SecretBox(key).decrypt(outer["box"])
             content = enc.check_map(
@@ -323,7 +342,7 @@ class MemberSecret:
             keys = enc.check_map(
                 enc.unpack(content["keys"]),
                 {
-                    "name": enc.text(256, allow_empty=True),
+                    "name": _KEYFILE_NAME,
                     "sign_seed": enc.bin_exact(KEY_SIZE),
                     "box_secret": enc.bin_exact(KEY_SIZE),
                 },
@@ -350,6 +369,9 @@ class MemberSecret:
 
 
 KEYFILE_MAGIC = b"tisa-keyfile-1\n"
+_KEYFILE_NAME = enc.text(256, allow_empty=True)
+_KEYFILE_OPS = enc.uint(nacl.pwhash.argon2id.OPSLIMIT_MAX, 1)
+_KEYFILE_MEM = enc.uint(2**32, nacl.pwhash.argon2id.MEMLIMIT_MIN)
 
 
 def random_id() -> bytes:

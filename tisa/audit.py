@@ -1,0 +1,261 @@
+"""The relay's audit log: hash-chained entries, signed checkpoints, verifiable extracts.
+
+Each entry is a canonical map (seq, time, event, report, token, parties, reason). Its
+content hash is ``c_i = H_audit(entry_bytes)`` and the chain is
+``h_i = H_chain(h_{i-1} || c_i)`` from ``h_0 = 32 zero bytes``. The relay signs a
+:class:`Checkpoint` ``(arrangement, seq, head)`` in context ``audit``.
+
+A member fetches an :class:`Extract`: from a point it already trusts (``start_seq``,
+``start_head``), every entry that names it in full and, for every other entry, only its
+content hash. That is enough to recompute the chain up to the signed checkpoint, so the
+member knows its entries are complete and in order, while learning nothing of the others
+beyond their count (content hashes cover random ids, so they reveal nothing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+from tisa import encoding as enc
+from tisa.arrangement import Arrangement
+from tisa.envelope import open_envelope, seal_envelope
+from tisa.errors import Reason, Refused, UsageError, VerificationError
+from tisa.keys import DIGEST_SIZE, Context, Hash, MemberSecret, digest, verify
+from tisa.limits import MAX_NAME
+
+__all__ = [
+    "GENESIS",
+    "AuditEntry",
+    "AuditEvent",
+    "Checkpoint",
+    "Extract",
+    "chain_next",
+    "verify_extract",
+]
+
+GENESIS = bytes(DIGEST_SIZE)
+# Entries in one extract. A member that is further behind fetches again from the
+# checkpoint it got; this bounds the frame and the verification work per fetch.
+MAX_EXTRACT_ENTRIES = 2000
+MAX_ENTRY_SIZE = 1024
+
+
+class AuditEvent(enum.StrEnum):
+    STORED = "stored"
+    RELEASED = "released"
+    FORWARDED = "forwarded"
+    ACKNOWLEDGED = "acknowledged"
+    RECEIPT = "receipt"
+    REFUSED = "refused"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+_name = enc.text(MAX_NAME)
+_ENTRY_SCHEMA: dict[str, enc.Field] = {
+    "v": enc.uint(1, 1),
+    "seq": enc.uint(2**63, 1),
+    "time": enc.uint(),
+    "event": enc.one_of(*(e.value for e in AuditEvent)),
+    "report": enc.optional(enc.bin_exact(16)),
+    "token": enc.optional(enc.bin_exact(16)),
+    "parties": enc.list_of(_name, max_items=8, unique=True, sorted_=True),
+    "reason": enc.optional(enc.text(64)),
+}
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AuditEntry:
+    seq: int
+    time: int
+    event: AuditEvent
+    report: bytes | None
+    token: bytes | None
+    parties: tuple[str, ...]
+    reason: str | None = None
+
+    def encode(self) -> bytes:
+        return enc.pack(
+            {
+                "v": 1,
+                "seq": self.seq,
+                "time": self.time,
+                "event": self.event.value,
+                "report": self.report,
+                "token": self.token,
+                "parties": sorted(set(self.parties), key=str.encode),
+                "reason": self.reason,
+            }
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> AuditEntry:
+        fields = enc.check_map(enc.unpack(data, max_size=MAX_ENTRY_SIZE), _ENTRY_SCHEMA, "entry")
+        return cls(
+            seq=fields["seq"],
+            time=fields["time"],
+            event=AuditEvent(fields["event"]),
+            report=fields["report"],
+            token=fields["token"],
+            parties=tuple(fields["parties"]),
+            reason=fields["reason"],
+        )
+
+    @property
+    def content_hash(self) -> bytes:
+        return digest(Hash.AUDIT, self.encode())
+
+
+def chain_next(head: bytes, content_hash: bytes) -> bytes:
+    """The chain value after appending an entry with ``content_hash``."""
+    return digest(Hash.AUDIT_CHAIN, head + content_hash)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint:
+    arrangement: bytes
+    seq: int
+    head: bytes
+    time: int
+    encoded: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+
+    _SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "v": enc.uint(1, 1),
+        "arrangement": enc.bin_exact(DIGEST_SIZE),
+        "seq": enc.uint(2**63),
+        "head": enc.bin_exact(DIGEST_SIZE),
+        "time": enc.uint(),
+    }
+
+    @classmethod
+    def issue(
+        cls, secret: MemberSecret, arrangement: Arrangement, *, seq: int, head: bytes, time: int
+    ) -> Checkpoint:
+        """Sign a checkpoint as the arrangement's relay."""
+        if secret.public != arrangement.member(arrangement.relay).identity:
+            raise UsageError("this key is not the relay's key in the arrangement")
+        body = {"v": 1, "arrangement": arrangement.id, "seq": seq, "head": head, "time": time}
+        return cls.verify(seal_envelope(secret, Context.AUDIT, body), arrangement)
+
+    @classmethod
+    def verify(cls, data: bytes, arrangement: Arrangement) -> Checkpoint:
+        body, fields, signature = open_envelope(data, max_size=512, what="checkpoint")
+        fields = enc.check_map(fields, cls._SCHEMA, "checkpoint")
+        verify(
+            arrangement.member(arrangement.relay).identity.signing, Context.AUDIT, body, signature
+        )
+        if fields["arrangement"] != arrangement.id:
+            raise Refused(Reason.WRONG_ARRANGEMENT, "checkpoint of another arrangement")
+        fields.pop("v")
+        return cls(**fields, encoded=bytes(data))
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Extract:
+    """What the relay sends a member: its entries, others' hashes, a checkpoint."""
+
+    start_seq: int
+    start_head: bytes
+    items: tuple[bytes | AuditEntry, ...]  # content hash of another's entry, or an entry
+    checkpoint: bytes
+
+    def encode(self) -> bytes:
+        return enc.pack(
+            {
+                "start_seq": self.start_seq,
+                "start_head": self.start_head,
+                "items": [
+                    {"e": item.encode()} if isinstance(item, AuditEntry) else {"h": item}
+                    for item in self.items
+                ],
+                "checkpoint": self.checkpoint,
+            }
+        )
+
+    @classmethod
+    def build(
+        cls,
+        entries: Iterable[tuple[AuditEntry, bytes]],
+        member: str,
+        *,
+        start_seq: int,
+        start_head: bytes,
+        checkpoint: bytes,
+    ) -> Extract:
+        """From (entry, content hash) pairs after ``start_seq``, keep ``member``'s."""
+        items: list[bytes | AuditEntry] = [
+            entry if member in entry.parties else content for entry, content in entries
+        ]
+        return cls(
+            start_seq=start_seq, start_head=start_head, items=tuple(items), checkpoint=checkpoint
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Extract:
+        def item(value: Any, path: str) -> bytes | AuditEntry:
+            if isinstance(value, dict) and set(value) == {"e"}:
+                return AuditEntry.decode(enc.bin_max(MAX_ENTRY_SIZE)(value["e"], path))
+            fields = enc.check_map(value, {"h": enc.bin_exact(DIGEST_SIZE)}, path)
+            return bytes(fields["h"])
+
+        fields = enc.check_map(
+            enc.unpack(data),
+            {
+                "start_seq": enc.uint(2**63),
+                "start_head": enc.bin_exact(DIGEST_SIZE),
+                "items": enc.list_of(item, max_items=MAX_EXTRACT_ENTRIES),
+                "checkpoint": enc.bin_max(512),
+            },
+            "extract",
+        )
+        return cls(
+            start_seq=fields["start_seq"],
+            start_head=fields["start_head"],
+            items=tuple(fields["items"]),
+            checkpoint=fields["checkpoint"],
+        )
+
+
+def verify_extract(
+    data: bytes | Extract,
+    arrangement: Arrangement,
+    member: str,
+    *,
+    known: tuple[int, bytes] = (0, GENESIS),
+) -> tuple[list[AuditEntry], Checkpoint]:
+    """Verify an extract against the member's last verified point ``known``.
+
+    Returns:
+        (the member's entries in order, the verified checkpoint to remember).
+
+    Raises:
+        ProtocolError: malformed. VerificationError: the chain or signature does not
+            check out, the extract does not start where the member left off, or an
+            entry is out of sequence or does not name the member.
+
+    An entry hidden behind its hash cannot be told from another member's: what the
+    chain proves is that the history the member saw is one consistent, signed sequence
+    (members comparing checkpoints catch a relay that shows them different ones).
+    """
+    extract = data if isinstance(data, Extract) else Extract.decode(data)
+    checkpoint = Checkpoint.verify(extract.checkpoint, arrangement)
+    if (extract.start_seq, extract.start_head) != tuple(known):
+        raise VerificationError()
+    head = extract.start_head
+    mine: list[AuditEntry] = []
+    seq = extract.start_seq
+    for item in extract.items:
+        seq += 1
+        if isinstance(item, AuditEntry):
+            if item.seq != seq or member not in item.parties:
+                raise VerificationError()
+            mine.append(item)
+            head = chain_next(head, item.content_hash)
+        else:
+            head = chain_next(head, item)
+    if seq != checkpoint.seq or head != checkpoint.head:
+        raise VerificationError()
+    return mine, checkpoint

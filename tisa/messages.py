@@ -1,0 +1,312 @@
+"""Messages exchanged between a member and the relay once the channel is up.
+
+Each message is a canonical msgpack map whose ``"t"`` names its type; the other keys are
+exactly the fields of its class below. Messages are frozen, keyword-only dataclasses
+checked on construction and on decode; :func:`decode_message` returns one of them or
+raises :class:`~tisa.errors.ProtocolError`, nothing else.
+
+Report ciphertext moves in streams: ``SubmitBegin`` (member to relay) or ``Deliver``
+(relay to member), then ``Chunk`` messages carrying exactly the declared number of
+bytes, then ``SubmitEnd`` / ``DeliverEnd``. In one direction of a connection no other
+message may come between a stream's begin and end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from tisa import encoding as enc
+from tisa.errors import ProtocolError, Reason
+from tisa.keys import DIGEST_SIZE
+from tisa.limits import CHUNK_SIZE, MAX_REPORT_SIZE
+
+__all__ = [
+    "Ack",
+    "AuditFetch",
+    "AuditReply",
+    "Chunk",
+    "Deliver",
+    "DeliverEnd",
+    "ErrorMessage",
+    "Expired",
+    "Message",
+    "ReceiptNotice",
+    "Refusal",
+    "Release",
+    "Released",
+    "Revoke",
+    "Revoked",
+    "SendReceipt",
+    "Stored",
+    "SubmitBegin",
+    "SubmitEnd",
+    "decode_message",
+    "encode_message",
+]
+
+ID = enc.bin_exact(16)
+DIGEST = enc.bin_exact(DIGEST_SIZE)
+# One chunk message carries at most this much ciphertext: one secretstream chunk of a
+# report, with its tag, so a node can pass chunks through without re-slicing.
+MAX_CHUNK_DATA = CHUNK_SIZE + 17
+_blob = enc.bin_max(8192)
+_reason = enc.one_of(*(r.value for r in Reason))
+_detail = enc.text(512, allow_empty=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Message:
+    """Base of all channel messages."""
+
+    TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {}
+
+    def __post_init__(self) -> None:
+        try:
+            enc.check_map(
+                {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                self.SCHEMA,
+                self.TYPE,
+            )
+        except ProtocolError as exc:
+            from tisa.errors import UsageError
+
+            raise UsageError(exc.detail) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["t"] = self.TYPE
+        return out
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+def _message(cls: type[Message]) -> type[Message]:
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+# --- member to relay ---------------------------------------------------------------------
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitBegin(Message):
+    """Originator starts uploading a sealed report of ``size`` bytes with ``digest``."""
+
+    TYPE: ClassVar[str] = "submit"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "report": ID,
+        "size": enc.uint(MAX_REPORT_SIZE, 1),
+        "digest": DIGEST,
+        "expires": enc.uint(),
+    }
+    report: bytes
+    size: int
+    digest: bytes
+    expires: int  # unix time after which the relay may drop the held report
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Chunk(Message):
+    TYPE: ClassVar[str] = "chunk"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"data": enc.bin_max(MAX_CHUNK_DATA)}
+    data: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitEnd(Message):
+    TYPE: ClassVar[str] = "submit_end"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID}
+    report: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Release(Message):
+    """Originator hands the relay a release token (see :mod:`tisa.token`)."""
+
+    TYPE: ClassVar[str] = "release"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": enc.bin_max(2048)}
+    token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Revoke(Message):
+    """Originator withdraws one token, or with ``token`` None the whole report."""
+
+    TYPE: ClassVar[str] = "revoke"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID, "token": enc.optional(ID)}
+    report: bytes
+    token: bytes | None = None
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Ack(Message):
+    """Member confirms it durably holds a delivery (``kind`` "delivery", token id) or a
+    receipt notice (``kind`` "receipt", token id of the receipt)."""
+
+    TYPE: ClassVar[str] = "ack"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "kind": enc.one_of("delivery", "receipt"),
+        "token": ID,
+    }
+    kind: str
+    token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SendReceipt(Message):
+    """Recipient sends its signed receipt (:class:`tisa.receipt.Receipt`) to the originator."""
+
+    TYPE: ClassVar[str] = "send_receipt"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"receipt": _blob}
+    receipt: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AuditFetch(Message):
+    """Ask for the audit extract from ``since`` (the seq of the member's last checkpoint)."""
+
+    TYPE: ClassVar[str] = "audit_fetch"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"since": enc.uint(2**63)}
+    since: int = 0
+
+
+# --- relay to member ---------------------------------------------------------------------
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Stored(Message):
+    """The relay stored a submission durably; ``ack`` is a signed StoredAck."""
+
+    TYPE: ClassVar[str] = "stored"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID, "ack": _blob}
+    report: bytes
+    ack: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Released(Message):
+    """The relay accepted and consumed a token; delivery is pending."""
+
+    TYPE: ClassVar[str] = "released"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID, "token": ID}
+    report: bytes
+    token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Deliver(Message):
+    """A delivery starts: the token, then ``Chunk`` messages for the token's size."""
+
+    TYPE: ClassVar[str] = "deliver"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": enc.bin_max(2048)}
+    token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeliverEnd(Message):
+    TYPE: ClassVar[str] = "deliver_end"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": ID}
+    token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiptNotice(Message):
+    """A recipient's receipt, forwarded to the originator."""
+
+    TYPE: ClassVar[str] = "receipt"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"receipt": _blob}
+    receipt: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal(Message):
+    """Something the member sent was refused; ``ref`` is the report or token id."""
+
+    TYPE: ClassVar[str] = "refused"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "ref": enc.bin_max(16),
+        "reason": _reason,
+        "detail": _detail,
+    }
+    ref: bytes
+    reason: str
+    detail: str = ""
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Expired(Message):
+    """A held report (``token`` None) or an undelivered token expired at the relay."""
+
+    TYPE: ClassVar[str] = "expired"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID, "token": enc.optional(ID)}
+    report: bytes
+    token: bytes | None = None
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Revoked(Message):
+    """The relay carried out a revocation."""
+
+    TYPE: ClassVar[str] = "revoked"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID, "token": enc.optional(ID)}
+    report: bytes
+    token: bytes | None = None
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AuditReply(Message):
+    """An audit extract (:class:`tisa.audit.Extract`, encoded)."""
+
+    TYPE: ClassVar[str] = "audit"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"extract": enc.bin_max(200_000)}
+    extract: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorMessage(Message):
+    """Sent just before the relay closes a connection."""
+
+    TYPE: ClassVar[str] = "error"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"reason": _reason, "detail": _detail}
+    reason: str
+    detail: str = ""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = dict(_REGISTRY)
+
+
+def encode_message(message: Message) -> bytes:
+    """The canonical encoding of ``message``."""
+    return enc.pack(message.to_dict())
+
+
+def decode_message(data: bytes, *, max_size: int | None = None) -> Message:
+    """Decode one message. Raises ProtocolError for anything else."""
+    value = enc.unpack(data, max_size=max_size)
+    kind = value.pop("t", None)
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message type {kind!r}")
+    fields = enc.check_map(value, cls.SCHEMA, cls.TYPE)
+    return cls(**fields)

@@ -1,0 +1,604 @@
+"""Sealed reports: signed by the originator, padded, encrypted in chunks.
+
+Plaintext layout (before encryption)::
+
+    u32 header length (big endian) | header | body | attachments... | signature | zeros
+
+``header`` is the canonical msgpack of :class:`ReportHeader` (id, arrangement, originator,
+the full recipient list, scope, level, created time, body size, attachment names and
+sizes). ``signature`` is the originator's Ed25519 signature in context ``report`` over
+``header || content digest``, where the content digest is BLAKE2b-256 (personalised
+``tisa1-content``) of body and attachments in order. Putting the signature after the
+content lets the originator seal in one pass.
+
+The plaintext is padded with zeros to ``padded_size(n)`` (PADME, at least
+:data:`MIN_PADDED`), then encrypted with libsodium secretstream (XChaCha20-Poly1305)
+under a fresh 32-byte content key, in chunks of :data:`~tisa.limits.CHUNK_SIZE`
+plaintext bytes, every chunk with the report id as additional data and the last one
+tagged FINAL. The ciphertext is the 24-byte secretstream header followed by the chunks,
+so its length depends only on the padded size. Its digest (BLAKE2b-256, personalised
+``tisa1-ciphertext``) is what release tokens and the relay refer to.
+
+:class:`ReportSealer` and :class:`ReportOpener` work incrementally in constant memory;
+:func:`seal_report` and :func:`open_report` are the one-call forms for bytes in memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import nacl.bindings as sodium
+import nacl.exceptions
+import nacl.utils
+
+from tisa import encoding as enc
+from tisa.arrangement import Arrangement, Role
+from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused, UsageError, VerificationError
+from tisa.keys import (
+    DIGEST_SIZE,
+    KEY_SIZE,
+    SIGNATURE_SIZE,
+    Context,
+    Hash,
+    Hasher,
+    MemberSecret,
+    digest,
+    random_id,
+    verify,
+)
+from tisa.limits import CHUNK_SIZE, MAX_ATTACHMENTS, MAX_HEADER, MAX_NAME, MAX_REPORT_SIZE
+
+__all__ = [
+    "MIN_PADDED",
+    "OpenedReport",
+    "ReportHeader",
+    "ReportOpener",
+    "ReportSealer",
+    "SealedReport",
+    "ciphertext_size",
+    "key_commitment",
+    "open_report",
+    "padded_size",
+    "seal_report",
+]
+
+_ss = sodium
+HEADER_BYTES = _ss.crypto_secretstream_xchacha20poly1305_HEADERBYTES  # 24
+ABYTES = _ss.crypto_secretstream_xchacha20poly1305_ABYTES  # 17
+TAG_MESSAGE = _ss.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+TAG_FINAL = _ss.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+REPORT_ID_SIZE = 16
+
+# Smallest padded plaintext: every report under 1 KiB looks the same size, so short
+# messages ("yes", "no", a coordinate) are indistinguishable.
+MIN_PADDED = 1024
+
+_LEN = struct.Struct(">I")
+
+
+def padded_size(length: int) -> int:
+    """PADME padding (Nikitin et al. 2019): at most ~12% overhead, O(log log n) leakage.
+
+    Rounds ``length`` up so that only the top ``floor(log2(E)) + 1`` bits of it, where
+    ``E = floor(log2(length))``, may be non-zero; never below :data:`MIN_PADDED`.
+    """
+    if length <= MIN_PADDED:
+        return MIN_PADDED
+    exponent = length.bit_length() - 1
+    low_bits = exponent - exponent.bit_length()
+    mask = (1 << low_bits) - 1
+    return (length + mask) & ~mask
+
+
+def ciphertext_size(padded: int, chunk_size: int = CHUNK_SIZE) -> int:
+    """Ciphertext bytes for ``padded`` plaintext bytes: header plus one tag per chunk."""
+    chunks = -(-padded // chunk_size)
+    return HEADER_BYTES + padded + ABYTES * chunks
+
+
+def key_commitment(content_key: bytes, report_id: bytes) -> bytes:
+    """Binds a content key to a report: BLAKE2b keyed with the content key over the id.
+
+    Release tokens carry it (signed), so a ciphertext opens under one key only, whatever
+    a token's sealed key says (XChaCha20-Poly1305 alone is not key-committing).
+    """
+    return digest(Hash.KEY_COMMIT, report_id, key=content_key)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReportHeader:
+    """The signed metadata of a report, as the recipient sees it after opening."""
+
+    id: bytes
+    arrangement: bytes
+    version: int
+    originator: str
+    recipients: tuple[str, ...]
+    scope: str
+    level: str
+    created: int
+    body_size: int
+    attachments: tuple[tuple[str, int], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "id": self.id,
+            "arrangement": self.arrangement,
+            "version": self.version,
+            "originator": self.originator,
+            "recipients": list(self.recipients),
+            "scope": self.scope,
+            "level": self.level,
+            "created": self.created,
+            "body": self.body_size,
+            "attachments": [{"name": n, "size": s} for n, s in self.attachments],
+        }
+
+    @property
+    def content_size(self) -> int:
+        return self.body_size + sum(size for _, size in self.attachments)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ReportHeader:
+        name = enc.text(MAX_NAME)
+        fields = enc.check_map(
+            enc.unpack(data, max_size=MAX_HEADER),
+            {
+                "v": enc.uint(1, 1),
+                "id": enc.bin_exact(REPORT_ID_SIZE),
+                "arrangement": enc.bin_exact(DIGEST_SIZE),
+                "version": enc.uint(2**32, 1),
+                "originator": name,
+                "recipients": enc.list_of(
+                    name, min_items=1, max_items=256, unique=True, sorted_=True
+                ),
+                "scope": name,
+                "level": name,
+                "created": enc.uint(),
+                "body": enc.uint(MAX_REPORT_SIZE),
+                "attachments": enc.list_of(
+                    lambda v, p: enc.check_map(
+                        v, {"name": name, "size": enc.uint(MAX_REPORT_SIZE)}, p
+                    ),
+                    max_items=MAX_ATTACHMENTS,
+                ),
+            },
+            "report header",
+        )
+        names = [a["name"] for a in fields["attachments"]]
+        if len(set(names)) != len(names):
+            raise ProtocolError("report header: duplicate attachment names")
+        return cls(
+            id=fields["id"],
+            arrangement=fields["arrangement"],
+            version=fields["version"],
+            originator=fields["originator"],
+            recipients=tuple(fields["recipients"]),
+            scope=fields["scope"],
+            level=fields["level"],
+            created=fields["created"],
+            body_size=fields["body"],
+            attachments=tuple((a["name"], a["size"]) for a in fields["attachments"]),
+        )
+
+
+class ReportSealer:
+    """Seal a report incrementally: feed the content, collect ciphertext as it comes.
+
+    Usage::
+
+        sealer = ReportSealer(secret, "seoul", arrangement, recipients=["tokyo"],
+                              scope="nk.missile", level="secret", body_size=n, now=t)
+        out.write(sealer.start())
+        for piece in content:            # body, then each attachment, in order
+            out.write(sealer.write(piece))
+        out.write(sealer.finish())
+        sealer.digest, sealer.size, sealer.content_key, sealer.report_id
+
+    Memory stays under two chunks whatever the report size.
+
+    Raises (constructor):
+        Refused: the arrangement does not allow this share (scope, level, parties).
+        UsageError: bad arguments (sizes, names, too many attachments).
+    """
+
+    def __init__(
+        self,
+        secret: MemberSecret,
+        name: str,
+        arrangement: Arrangement,
+        *,
+        recipients: Iterable[str],
+        scope: str,
+        level: str,
+        body_size: int,
+        now: int,
+        attachments: Sequence[tuple[str, int]] = (),
+        max_report_size: int = MAX_REPORT_SIZE,
+        _report_id: bytes | None = None,
+        _content_key: bytes | None = None,
+    ) -> None:
+        recipients = tuple(sorted(set(recipients), key=str.encode))
+        arrangement.check_share(name, recipients, scope, level)
+        if secret.public != arrangement.require_role(name, Role.ORIGINATOR).identity:
+            raise UsageError(f"this key is not {name!r}'s key in the arrangement")
+        if len(attachments) > MAX_ATTACHMENTS:
+            raise UsageError(f"at most {MAX_ATTACHMENTS} attachments")
+        for size in [body_size, *(s for _, s in attachments)]:
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise UsageError("sizes are non-negative integers")
+        self.header = ReportHeader(
+            id=_report_id or random_id(),
+            arrangement=arrangement.id,
+            version=arrangement.version,
+            originator=name,
+            recipients=recipients,
+            scope=scope,
+            level=level,
+            created=now,
+            body_size=body_size,
+            attachments=tuple((str(n), int(s)) for n, s in attachments),
+        )
+        try:
+            self._header_bytes = enc.pack(self.header.to_dict())
+            ReportHeader.decode(self._header_bytes)  # same schema the recipient applies
+        except ProtocolError as exc:
+            raise UsageError(f"report header: {exc.detail}") from None
+        if len(self._header_bytes) > MAX_HEADER:
+            raise UsageError("report header too large (recipients or attachment names)")
+        self._content_left = self.header.content_size
+        plain = _LEN.size + len(self._header_bytes) + self._content_left + SIGNATURE_SIZE
+        self.padded = padded_size(plain)
+        self.size = ciphertext_size(self.padded)
+        if self.size > max_report_size:
+            raise LimitExceeded("report size", self.size, max_report_size)
+        self._padding = self.padded - plain
+        self.report_id = self.header.id
+        self.content_key = _content_key or nacl.utils.random(KEY_SIZE)
+        self._secret = secret
+        self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
+        self._content = Hasher(Hash.CONTENT)
+        self._cipher = Hasher(Hash.CIPHERTEXT)
+        self._buffer = bytearray()
+        self._pushed = 0
+        self._started = False
+        self._done = False
+        self.digest = b""
+
+    def start(self) -> bytes:
+        """Begin: returns the secretstream header and any chunk the header fills."""
+        if self._started:
+            raise UsageError("start() called twice")
+        self._started = True
+        stream_header = _ss.crypto_secretstream_xchacha20poly1305_init_push(
+            self._state, self.content_key
+        )
+        self._cipher.update(stream_header)
+        self._buffer += _LEN.pack(len(self._header_bytes)) + self._header_bytes
+        return bytes(stream_header) + self._drain()
+
+    def write(self, data: bytes) -> bytes:
+        """Add content (body, then attachments in order); returns ciphertext ready."""
+        if not self._started or self._done:
+            raise UsageError("write() outside start()..finish()")
+        if len(data) > self._content_left:
+            raise UsageError("more content than the sizes declared")
+        self._content_left -= len(data)
+        self._content.update(data)
+        self._buffer += data
+        return self._drain()
+
+    def finish(self) -> bytes:
+        """Sign, pad and encrypt the rest; afterwards ``digest`` is set."""
+        if not self._started or self._done:
+            raise UsageError("finish() outside start()..finish()")
+        if self._content_left:
+            raise UsageError(f"{self._content_left} bytes of declared content not written")
+        self._done = True
+        signature = self._secret.sign(Context.REPORT, self._header_bytes + self._content.finish())
+        self._buffer += signature + bytes(self._padding)
+        out = self._drain()
+        self.digest = self._cipher.finish()
+        return out
+
+    def _drain(self) -> bytes:
+        out = []
+        while self._buffer:
+            remaining = self.padded - self._pushed
+            if len(self._buffer) < CHUNK_SIZE and len(self._buffer) < remaining:
+                break
+            piece = bytes(self._buffer[:CHUNK_SIZE])
+            del self._buffer[:CHUNK_SIZE]
+            self._pushed += len(piece)
+            tag = TAG_FINAL if self._pushed == self.padded else TAG_MESSAGE
+            chunk = _ss.crypto_secretstream_xchacha20poly1305_push(
+                self._state, piece, self.report_id, tag
+            )
+            self._cipher.update(chunk)
+            out.append(chunk)
+        return b"".join(out)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SealedReport:
+    """A whole sealed report in memory (see :func:`seal_report`)."""
+
+    report_id: bytes
+    ciphertext: bytes
+    digest: bytes
+    content_key: bytes = dataclasses.field(repr=False)
+    header: ReportHeader
+
+    @property
+    def size(self) -> int:
+        return len(self.ciphertext)
+
+
+def seal_report(
+    secret: MemberSecret,
+    name: str,
+    arrangement: Arrangement,
+    *,
+    recipients: Iterable[str],
+    scope: str,
+    level: str,
+    body: bytes,
+    now: int,
+    attachments: Sequence[tuple[str, bytes]] = (),
+    max_report_size: int = MAX_REPORT_SIZE,
+) -> SealedReport:
+    """Seal a report held in memory. See :class:`ReportSealer` for the streaming form."""
+    sealer = ReportSealer(
+        secret,
+        name,
+        arrangement,
+        recipients=recipients,
+        scope=scope,
+        level=level,
+        body_size=len(body),
+        attachments=[(n, len(d)) for n, d in attachments],
+        now=now,
+        max_report_size=max_report_size,
+    )
+    parts = [sealer.start(), sealer.write(body)]
+    parts.extend(sealer.write(data) for _, data in attachments)
+    parts.append(sealer.finish())
+    return SealedReport(
+        report_id=sealer.report_id,
+        ciphertext=b"".join(parts),
+        digest=sealer.digest,
+        content_key=sealer.content_key,
+        header=sealer.header,
+    )
+
+
+class ReportOpener:
+    """Open a sealed report incrementally, in constant memory.
+
+    ``feed`` returns plaintext pieces as ``(part, data)`` where part 0 is the body and
+    part ``i`` is attachment ``i - 1``. The pieces are NOT yet authenticated as the
+    originator's: hold them aside (a temporary file) and hand them to the application
+    only after :meth:`finish` returns. Any failure raises :class:`VerificationError`
+    (opaque) or :class:`Refused` (a consistent, signed report that this recipient must
+    not accept) and the opener is dead afterwards.
+
+    Args:
+        content_key: the key unsealed from a verified release token.
+        report_id, digest, size: as the verified token states them.
+        arrangement: the effective arrangement, for the originator's key.
+        recipient: the name of the member opening it (must be listed in the report).
+        originator, scope, level: as the token states them; the report must agree.
+    """
+
+    def __init__(
+        self,
+        *,
+        content_key: bytes,
+        report_id: bytes,
+        digest: bytes,
+        size: int,
+        arrangement: Arrangement,
+        recipient: str,
+        originator: str,
+        scope: str,
+        level: str,
+        max_header: int = MAX_HEADER,
+    ) -> None:
+        if size < ciphertext_size(MIN_PADDED) or size > MAX_REPORT_SIZE:
+            raise VerificationError()
+        self._key = content_key
+        self._report_id = report_id
+        self._digest = digest
+        self._size = size
+        self._arrangement = arrangement
+        self._recipient = recipient
+        self._expect = (originator, scope, level)
+        self._max_header = max_header
+        self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
+        self._cipher = Hasher(Hash.CIPHERTEXT)
+        self._content = Hasher(Hash.CONTENT)
+        self._inbuf = bytearray()
+        self._received = 0
+        self._consumed = 0
+        self._initialised = False
+        self._final_seen = False
+        self._dead = False
+        # Plaintext parsing state.
+        self._plain = bytearray()
+        self._header_bytes: bytes | None = None
+        self.header: ReportHeader | None = None
+        self._parts: list[int] = []
+        self._part = 0
+        self._tail = bytearray()  # signature and padding
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Add ciphertext; returns the (unauthenticated) plaintext pieces it completes."""
+        if self._dead:
+            raise VerificationError()
+        try:
+            return self._feed(data)
+        except (VerificationError, Refused, ProtocolError):
+            self._dead = True
+            raise
+
+    def _feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        self._received += len(data)
+        if self._received > self._size:
+            raise VerificationError()
+        self._cipher.update(data)
+        self._inbuf += data
+        out: list[tuple[int, bytes]] = []
+        if not self._initialised:
+            if len(self._inbuf) < HEADER_BYTES:
+                return out
+            try:
+                _ss.crypto_secretstream_xchacha20poly1305_init_pull(
+                    self._state, bytes(self._inbuf[:HEADER_BYTES]), self._key
+                )
+            except (nacl.exceptions.CryptoError, ValueError, TypeError):
+                raise VerificationError() from None
+            del self._inbuf[:HEADER_BYTES]
+            self._initialised = True
+        stream_size = self._size - HEADER_BYTES
+        while True:
+            # Every chunk is full but the last, so its length follows from the size.
+            take = min(CHUNK_SIZE + ABYTES, stream_size - self._consumed)
+            if take <= 0 or len(self._inbuf) < take:
+                break
+            chunk = bytes(self._inbuf[:take])
+            del self._inbuf[:take]
+            self._consumed += take
+            is_last = self._consumed == stream_size
+            if self._final_seen:
+                raise VerificationError()
+            try:
+                plain, tag = _ss.crypto_secretstream_xchacha20poly1305_pull(
+                    self._state, chunk, self._report_id
+                )
+            except (nacl.exceptions.CryptoError, ValueError, TypeError):
+                raise VerificationError() from None
+            if (tag == TAG_FINAL) != is_last or tag not in (TAG_FINAL, TAG_MESSAGE):
+                raise VerificationError()
+            self._final_seen = tag == TAG_FINAL
+            out.extend(self._consume_plain(bytes(plain)))
+        return out
+
+    def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        view = memoryview(plain)
+        if self._header_bytes is None:
+            self._plain += view
+            view = memoryview(b"")
+            if len(self._plain) < _LEN.size:
+                return out
+            (length,) = _LEN.unpack_from(self._plain)
+            if length > self._max_header:
+                raise VerificationError()
+            if len(self._plain) < _LEN.size + length:
+                return out
+            self._header_bytes = bytes(self._plain[_LEN.size : _LEN.size + length])
+            try:
+                self.header = ReportHeader.decode(self._header_bytes)
+            except ProtocolError:
+                raise VerificationError() from None
+            self._parts = [self.header.body_size, *(s for _, s in self.header.attachments)]
+            view = memoryview(bytes(self._plain[_LEN.size + length :]))
+            self._plain = bytearray()
+        while view and self._part < len(self._parts):
+            take = min(len(view), self._parts[self._part])
+            if take:
+                piece = bytes(view[:take])
+                self._content.update(piece)
+                out.append((self._part, piece))
+                view = view[take:]
+                self._parts[self._part] -= take
+            if self._parts[self._part] == 0:
+                self._part += 1
+        while self._part < len(self._parts) and self._parts[self._part] == 0:
+            self._part += 1
+        if view:
+            self._tail += view
+            if len(self._tail) > SIGNATURE_SIZE + CHUNK_SIZE * 2:
+                # Keep only the signature and a check that the padding is zero.
+                if any(self._tail[SIGNATURE_SIZE:]):
+                    raise VerificationError()
+                del self._tail[SIGNATURE_SIZE:]
+        return out
+
+    def finish(self) -> ReportHeader:
+        """Check digest, signature and context; returns the verified header.
+
+        Raises:
+            VerificationError: anything cryptographic or structural is wrong.
+            Refused: WRONG_RECIPIENT when this member is not listed; WRONG_ARRANGEMENT,
+                OUT_OF_SCOPE or LEVEL_NOT_ALLOWED when the arrangement no longer allows it.
+        """
+        if self._dead:
+            raise VerificationError()
+        self._dead = True
+        header = self.header
+        if (
+            not self._final_seen
+            or self._received != self._size
+            or header is None
+            or self._header_bytes is None
+            or self._part != len(self._parts)
+            or len(self._tail) < SIGNATURE_SIZE
+            or any(self._tail[SIGNATURE_SIZE:])
+            or self._cipher.finish() != self._digest
+        ):
+            raise VerificationError()
+        originator, scope, level = self._expect
+        if (
+            header.id != self._report_id
+            or header.originator != originator
+            or header.scope != scope
+            or header.level != level
+        ):
+            raise VerificationError()
+        try:
+            member = self._arrangement.require_role(originator, Role.ORIGINATOR)
+        except Refused:
+            raise VerificationError() from None
+        verify(
+            member.identity.signing,
+            Context.REPORT,
+            self._header_bytes + self._content.finish(),
+            bytes(self._tail[:SIGNATURE_SIZE]),
+        )
+        # Signed and consistent: the remaining checks are policy, with reasons.
+        if header.arrangement != self._arrangement.id:
+            raise Refused(Reason.WRONG_ARRANGEMENT, "report sealed under another arrangement")
+        if self._recipient not in header.recipients:
+            raise Refused(Reason.WRONG_RECIPIENT, "this member is not a recipient of the report")
+        self._arrangement.check_scope_level(header.scope, header.level)
+        return header
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenedReport:
+    """A verified report opened in memory."""
+
+    header: ReportHeader
+    body: bytes
+    attachments: dict[str, bytes]
+
+
+def open_report(ciphertext: bytes, opener: ReportOpener) -> OpenedReport:
+    """Open a whole report held in memory with a prepared :class:`ReportOpener`."""
+    parts: dict[int, list[bytes]] = {}
+    for start in range(0, max(len(ciphertext), 1), 4 * CHUNK_SIZE):
+        for part, data in opener.feed(ciphertext[start : start + 4 * CHUNK_SIZE]):
+            parts.setdefault(part, []).append(data)
+    header = opener.finish()
+    return OpenedReport(
+        header=header,
+        body=b"".join(parts.get(0, [])),
+        attachments={
+            name: b"".join(parts.get(i + 1, [])) for i, (name, _) in enumerate(header.attachments)
+        },
+    )
