@@ -1,0 +1,450 @@
+"""The trio side of a member-relay link, used by both ends.
+
+A :class:`Link` is an authenticated, encrypted connection after the handshake: it
+moves :mod:`tisa.messages` values, each sealed with the handshake's
+:class:`~tisa.handshake.SecureChannel` and sent as one :mod:`tisa.frames` frame. One lock
+per direction keeps frames whole; :meth:`Link.sending` holds the send lock across a
+whole stream (``submit``/``deliver``, the chunks, the end), as the session protocol
+requires (see ``docs/node-protocol.md``).
+
+:func:`connect_member` (member side) and :func:`accept_member` (relay side) run the
+handshake on a :class:`trio.abc.Stream` under ``limits.handshake_timeout`` and return the
+link. Every failure surfaces as a :mod:`tisa.errors` exception:
+
+* :class:`LinkClosed`: the peer closed the stream, reset it, or ended the channel.
+* :class:`LinkTimeout` (a :class:`~tisa.errors.ProtocolError`): the handshake or a
+  frame did not finish within its deadline.
+* :class:`~tisa.errors.ProtocolError` / :class:`~tisa.errors.LimitExceeded`: bad
+  framing or a malformed message.
+* :class:`~tisa.errors.VerificationError`: a signature or a sealed frame did not check.
+* :class:`~tisa.errors.Refused`: the relay refused the handshake (member side), or the
+  relay refused the member (relay side, after it sent the ``error`` frame).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import trio
+
+from tisa.arrangement import Arrangement
+from tisa.encoding import unpack
+from tisa.errors import ProtocolError, Reason, Refused, RemoteError, UsageError, VerificationError
+from tisa.frames import FRAME_HEADER_SIZE, NEED_DATA, FrameDecoder, encode_frame
+from tisa.handshake import (
+    MAX_HANDSHAKE_MESSAGE,
+    MemberHandshake,
+    RelayHandshake,
+    SecureChannel,
+    encode_error,
+)
+from tisa.keys import MemberSecret
+from tisa.limits import DEFAULT_LIMITS, Limits
+from tisa.messages import Message, decode_message, encode_message
+
+__all__ = [
+    "Link",
+    "LinkClosed",
+    "LinkTimeout",
+    "accept_member",
+    "connect_member",
+]
+
+# Bytes asked of the stream per read. Large enough that a 64 KiB chunk frame arrives in
+# a few reads, small enough that a connection never buffers much beyond one frame.
+RECEIVE_SIZE = 64 * 1024
+
+# Seconds :meth:`Link.aclose` waits to send the channel's final message before it
+# closes the stream anyway: a peer that does not read must not hold up a close.
+CLOSE_GRACE = 1.0
+
+# Seconds the relay waits to hand a refused peer its plaintext error frame.
+ERROR_GRACE = 1.0
+
+_STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+
+class LinkClosed(RemoteError):
+    """The peer closed or reset the connection, or ended the encrypted channel."""
+
+
+class LinkTimeout(ProtocolError):
+    """The peer did not finish the handshake or a frame within its deadline.
+
+    ``reason`` is :attr:`tisa.errors.Reason.TIMEOUT`, for an ``error`` message.
+    """
+
+    reason = Reason.TIMEOUT
+
+
+class Link:
+    """An established, encrypted link to the peer. Made by :func:`connect_member` or
+    :func:`accept_member`, not constructed directly.
+
+    Sending and receiving may happen in different tasks at the same time; each direction
+    has its own lock, so concurrent senders queue rather than interleave frames.
+
+    Attributes:
+        peer: the peer's name in the arrangement (the member, for the relay; the relay,
+            for a member).
+    """
+
+    __slots__ = (
+        "_broken",
+        "_channel",
+        "_closed",
+        "_decoder",
+        "_frame_deadline",
+        "_limits",
+        "_receive_lock",
+        "_send_lock",
+        "_send_owner",
+        "_stream",
+        "peer",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        channel: SecureChannel,
+        peer: str,
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self._stream = stream
+        self._channel = channel
+        self.peer = peer
+        self._limits = limits
+        self._decoder = FrameDecoder(max_frame=limits.max_frame)
+        self._send_lock = trio.Lock()
+        self._receive_lock = trio.Lock()
+        self._send_owner: trio.lowlevel.Task | None = None
+        self._frame_deadline: float | None = None
+        self._broken = False
+        self._closed = False
+
+    @property
+    def stream(self) -> trio.abc.Stream:
+        """The underlying transport stream (for addresses and socket options)."""
+        return self._stream
+
+    # --- sending ---------------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """Seal ``message`` and send it as one frame.
+
+        Inside :meth:`sending` (same task) the lock is already held and not taken again.
+
+        Raises:
+            LinkClosed: the stream is closed or broken, or a send was cancelled earlier.
+            UsageError: ``message`` is not a :class:`~tisa.messages.Message`.
+
+        Cancellation: if cancelled, the message may have been partly written; the link
+        is then broken (the peer's channel position is unknown) and every later send
+        raises :class:`LinkClosed`. Close the link.
+        """
+        if not isinstance(message, Message):
+            raise UsageError("send takes a tisa.messages.Message")
+        if self._send_owner is not None and self._send_owner is trio.lowlevel.current_task():
+            await self._send_unlocked(message)
+            return
+        async with self._send_lock:
+            await self._send_unlocked(message)
+
+    @contextlib.asynccontextmanager
+    async def sending(self) -> AsyncIterator[Link]:
+        """Hold the send lock across several :meth:`send` calls of this task.
+
+        Usage::
+
+            async with link.sending():
+                await link.send(Deliver(token=...))
+                for piece in chunks:
+                    await link.send(Chunk(data=piece))
+                await link.send(DeliverEnd(token=...))
+
+        Other tasks' sends wait until the block exits, so nothing comes between a
+        stream's begin and end.
+        """
+        async with self._send_lock:
+            self._send_owner = trio.lowlevel.current_task()
+            try:
+                yield self
+            finally:
+                self._send_owner = None
+
+    async def _send_unlocked(self, message: Message) -> None:
+        if self._broken or self._closed:
+            raise LinkClosed("the link is closed")
+        try:
+            frame = encode_frame(
+                self._channel.seal(encode_message(message)), max_frame=self._limits.max_frame
+            )
+        except UsageError:
+            if self._channel.closed or self._channel.failed:
+                raise LinkClosed("the channel is closed") from None
+            raise
+        # Marked broken until the whole frame is out: a cancelled or failed send_all
+        # leaves the peer's secretstream position unknown.
+        self._broken = True
+        try:
+            await self._stream.send_all(frame)
+        except _STREAM_ERRORS as exc:
+            raise LinkClosed(f"connection lost while sending: {exc}") from None
+        self._broken = False
+
+    # --- receiving -------------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """Wait for the next message from the peer.
+
+        No deadline applies while the link is idle between frames (the caller sets its
+        own idle timeout); once the first byte of a frame is in, the frame must be
+        complete within ``limits.frame_timeout``.
+
+        Returns:
+            The decoded message.
+
+        Raises:
+            LinkClosed: end of stream, or the peer ended the channel.
+            LinkTimeout: a frame started but was not finished in time.
+            ProtocolError: bad framing (``LimitExceeded`` for an oversized length
+                prefix) or a malformed message.
+            VerificationError: a frame did not open on the channel.
+
+        Cancellation: a cancelled call loses nothing; bytes already read stay buffered
+        for the next call (the frame deadline keeps running).
+        """
+        async with self._receive_lock:
+            payload = await self._next_frame()
+            plaintext = self._channel.open(payload)
+            if self._channel.peer_closed:
+                raise LinkClosed("the peer closed the channel")
+            return decode_message(plaintext, max_size=self._limits.max_frame)
+
+    async def _next_frame(self) -> bytes:
+        decoder = self._decoder
+        while True:
+            frame = decoder.next_frame()
+            if frame is not NEED_DATA:
+                self._frame_deadline = None
+                return frame
+            if decoder.eof:
+                raise LinkClosed("the peer closed the connection")
+            data: bytes | None = None
+            if decoder.at_frame_boundary:
+                self._frame_deadline = None
+                data = await self._read()
+            else:
+                if self._frame_deadline is None:
+                    self._frame_deadline = trio.current_time() + self._limits.frame_timeout
+                with trio.move_on_at(self._frame_deadline):
+                    data = await self._read()
+                if data is None:
+                    raise LinkTimeout("frame not finished within the frame deadline")
+            decoder.receive_data(data)
+
+    async def _read(self) -> bytes:
+        try:
+            data = await self._stream.receive_some(RECEIVE_SIZE)
+        except _STREAM_ERRORS as exc:
+            raise LinkClosed(f"connection lost while receiving: {exc}") from None
+        # Socket streams return bytes already; only other streams pay for the copy.
+        return data if isinstance(data, bytes) else bytes(data)
+
+    # --- closing ---------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """End the channel (best effort, within :data:`CLOSE_GRACE`) and close the stream.
+
+        Idempotent. Cancellation: the stream is closed anyway (forcefully), and the
+        peer may not have seen the channel's final message.
+        """
+        if self._closed:
+            return
+        try:
+            if not (self._broken or self._channel.closed or self._channel.failed):
+                with trio.move_on_after(CLOSE_GRACE):
+                    async with self._send_lock:
+                        if not self._broken:
+                            final = encode_frame(
+                                self._channel.close(), max_frame=self._limits.max_frame
+                            )
+                            await self._stream.send_all(final)
+        except (*_STREAM_ERRORS, UsageError):
+            pass
+        finally:
+            self._closed = True
+            await trio.aclose_forcefully(self._stream)
+
+    async def __aenter__(self) -> Link:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<Link peer={self.peer!r} closed={self._closed}>"
+
+
+# --- handshake -----------------------------------------------------------------------
+
+
+async def _receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
+    # Exact reads, so nothing past the handshake is consumed here: the link's decoder
+    # starts on the first sealed frame.
+    out = bytearray()
+    while len(out) < size:
+        try:
+            data = await stream.receive_some(size - len(out))
+        except _STREAM_ERRORS as exc:
+            raise LinkClosed(f"connection lost during the handshake: {exc}") from None
+        if not data:
+            raise LinkClosed("the peer closed the connection during the handshake")
+        out += data
+    return bytes(out)
+
+
+async def _receive_handshake_frame(stream: trio.abc.Stream) -> bytes:
+    header = await _receive_exactly(stream, FRAME_HEADER_SIZE)
+    size = int.from_bytes(header, "big")
+    if not 0 < size <= MAX_HANDSHAKE_MESSAGE:
+        raise ProtocolError(f"handshake frame of {size} bytes")
+    return await _receive_exactly(stream, size)
+
+
+async def _send_raw(stream: trio.abc.Stream, payload: bytes) -> None:
+    try:
+        await stream.send_all(encode_frame(payload))
+    except _STREAM_ERRORS as exc:
+        raise LinkClosed(f"connection lost during the handshake: {exc}") from None
+
+
+async def connect_member(
+    stream: trio.abc.Stream,
+    secret: MemberSecret,
+    name: str,
+    arrangement: Arrangement,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+) -> Link:
+    """Run the member's side of the handshake on ``stream``.
+
+    Args:
+        stream: a connected stream to the relay; the link owns it from now on.
+        secret: this member's keys.
+        name: this member's name in ``arrangement``.
+        arrangement: the effective arrangement.
+        limits: ``handshake_timeout`` bounds the whole handshake; ``max_frame`` and
+            ``frame_timeout`` apply to the link.
+
+    Returns:
+        The link, with ``peer`` the relay's name.
+
+    Raises:
+        Refused: the relay refused us (its reason: ``not_a_member``,
+            ``wrong_arrangement``, ``busy``, ...) or named another relay.
+        VerificationError: the relay's signature did not check.
+        LinkTimeout: the handshake took longer than ``limits.handshake_timeout``.
+        LinkClosed: the connection closed during the handshake.
+        ProtocolError: the relay sent something malformed.
+        UsageError: ``name`` or ``secret`` does not fit ``arrangement`` (before any I/O).
+
+    On any failure the stream is closed. Cancellation: the stream is closed; the relay
+    may have seen part of the handshake.
+    """
+    handshake = MemberHandshake(secret, name, arrangement)
+    try:
+        with trio.fail_after(limits.handshake_timeout):
+            await _send_raw(stream, handshake.start())
+            finish = handshake.receive(await _receive_handshake_frame(stream))
+            await _send_raw(stream, finish)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise LinkTimeout("handshake not finished within the handshake deadline") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return Link(stream, handshake.channel, arrangement.relay, limits=limits)
+
+
+async def accept_member(
+    stream: trio.abc.Stream,
+    secret: MemberSecret,
+    arrangement: Arrangement,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    admit: Callable[[str], None] | None = None,
+) -> Link:
+    """Run the relay's side of the handshake on ``stream``.
+
+    Args:
+        stream: an accepted connection; the link owns it from now on.
+        secret: the relay's keys.
+        arrangement: the effective arrangement this relay serves.
+        limits: ``handshake_timeout`` bounds the whole handshake.
+        admit: called with the member's (claimed, not yet authenticated) name once its
+            ``hello`` passed the arrangement checks and before ``welcome`` is sent; it
+            may raise :class:`~tisa.errors.Refused` (e.g. ``busy``), which is answered
+            like any refusal. The relay uses it for connection caps; when the handshake
+            then fails, the caller must undo what ``admit`` recorded.
+
+    Returns:
+        The link, with ``peer`` the authenticated member's name.
+
+    Raises:
+        Refused: the member was refused (``not_a_member``, ``wrong_arrangement``,
+            ``wrong_role`` or whatever ``admit`` raised); the plaintext ``error`` frame
+            was sent (within :data:`ERROR_GRACE`) and the stream closed.
+        VerificationError: the member's ``finish`` signature did not check.
+        LinkTimeout: the handshake took longer than ``limits.handshake_timeout``.
+        LinkClosed: the connection closed during the handshake.
+        ProtocolError: malformed handshake input (answered ``malformed`` when it was
+            the ``hello``).
+
+    On any failure the stream is closed. Cancellation: the stream is closed.
+    """
+    handshake = RelayHandshake(secret, arrangement)
+    try:
+        with trio.fail_after(limits.handshake_timeout):
+            hello = await _receive_handshake_frame(stream)
+            try:
+                welcome = handshake.receive(hello)
+                if welcome is None:  # pragma: no cover - the state machine forbids it
+                    raise ProtocolError("handshake finished early")
+                if admit is not None:
+                    admit(_claimed_name(hello))
+            except Refused as exc:
+                await _refuse(stream, exc.reason, exc.detail)
+                raise
+            except ProtocolError as exc:
+                await _refuse(stream, Reason.MALFORMED, exc.detail)
+                raise
+            await _send_raw(stream, welcome)
+            handshake.receive(await _receive_handshake_frame(stream))
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise LinkTimeout("handshake not finished within the handshake deadline") from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return Link(stream, handshake.channel, handshake.peer, limits=limits)
+
+
+def _claimed_name(hello: bytes) -> str:
+    # The handshake state machine accepted this hello, so it decodes and names a member;
+    # RelayHandshake.peer is only available once the handshake is complete.
+    name = unpack(hello, max_size=MAX_HANDSHAKE_MESSAGE).get("member")
+    if not isinstance(name, str):  # pragma: no cover - checked by the schema
+        raise ProtocolError("hello without a member name")
+    return name
+
+
+async def _refuse(stream: trio.abc.Stream, reason: Reason, detail: str) -> None:
+    with trio.move_on_after(ERROR_GRACE), contextlib.suppress(LinkClosed):
+        await _send_raw(stream, encode_error(reason, detail))
+
+
+# Re-exported for callers that catch everything a link can raise in one clause.
+LINK_ERRORS = (LinkClosed, ProtocolError, VerificationError, Refused)

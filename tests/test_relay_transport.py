@@ -1,0 +1,208 @@
+"""relay.transport: handshake with deadlines, framing, locks, error mapping."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+from nodes.relay_helpers import World, make_world, raw_hello, read_raw_frame
+
+from relay.transport import Link, LinkClosed, LinkTimeout, accept_member, connect_member
+from tisa import encoding as enc
+from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused
+from tisa.frames import encode_frame
+from tisa.limits import Limits
+from tisa.messages import AuditFetch, Chunk, Deliver, DeliverEnd, Message
+
+FAST = Limits(handshake_timeout=5, frame_timeout=5)
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+async def pair(world: World, limits: Limits = FAST) -> tuple[Link, Link]:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    links: dict[str, Link] = {}
+
+    async def server() -> None:
+        links["relay"] = await accept_member(
+            server_stream, world.relay_secret, world.arrangement, limits=limits
+        )
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server)
+        links["member"] = await connect_member(
+            client_stream, world.secrets["seoul"], "seoul", world.arrangement, limits=limits
+        )
+    return links["member"], links["relay"]
+
+
+async def test_handshake_and_messages_both_ways(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay = await pair(world)
+        assert relay.peer == "seoul" and member.peer == "washington"
+        await member.send(AuditFetch(since=3))
+        assert await relay.receive() == AuditFetch(since=3)
+        await relay.send(Chunk(data=b"x" * 65_553))
+        assert await member.receive() == Chunk(data=b"x" * 65_553)
+        await member.aclose()
+        with pytest.raises(LinkClosed):
+            await relay.receive()
+        await relay.aclose()
+        await relay.aclose()  # idempotent
+
+
+async def test_sending_keeps_a_stream_whole(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay = await pair(world)
+        token_id = bytes(16)
+
+        async def streamer() -> None:
+            async with relay.sending():
+                await relay.send(Deliver(token=b"t" * 10))
+                for _ in range(20):
+                    await relay.send(Chunk(data=b"c" * 100))
+                    await trio.sleep(0)
+                await relay.send(DeliverEnd(token=token_id))
+
+        async def interloper() -> None:
+            await trio.sleep(0)
+            await relay.send(AuditFetch(since=0))
+
+        received: list[Message] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(streamer)
+            nursery.start_soon(interloper)
+            for _ in range(23):
+                received.append(await member.receive())
+        kinds = [type(m).__name__ for m in received]
+        start = kinds.index("Deliver")
+        assert kinds[start : start + 22] == ["Deliver"] + ["Chunk"] * 20 + ["DeliverEnd"]
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"), [("beijing", Reason.NOT_A_MEMBER), ("washington", Reason.WRONG_ROLE)]
+)
+async def test_relay_refuses_with_plaintext_error(world: World, name: str, reason: Reason) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                with pytest.raises(Refused) as info:
+                    await accept_member(server, world.relay_secret, world.arrangement, limits=FAST)
+                assert info.value.reason is reason
+
+            nursery.start_soon(serve)
+            await client.send_all(encode_frame(raw_hello(world.arrangement, name)))
+            error = enc.unpack(await read_raw_frame(client))
+            assert error["t"] == "error" and error["reason"] == reason.value
+            assert await read_raw_frame(client) == b""  # closed
+
+
+async def test_member_sees_refusal_from_admit(world: World) -> None:
+    client, server = trio.testing.memory_stream_pair()
+
+    def admit(name: str) -> None:
+        assert name == "seoul"
+        raise Refused(Reason.BUSY, "too many connections")
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                with pytest.raises(Refused):
+                    await accept_member(
+                        server, world.relay_secret, world.arrangement, limits=FAST, admit=admit
+                    )
+
+            nursery.start_soon(serve)
+            with pytest.raises(Refused) as info:
+                await connect_member(
+                    client, world.secrets["seoul"], "seoul", world.arrangement, limits=FAST
+                )
+            assert info.value.reason is Reason.BUSY
+
+
+async def test_wrong_arrangement_refused(world: World) -> None:
+    other = world.arrangement.amend(scopes=("nk.missile",))
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def serve() -> None:
+                with pytest.raises(Refused):
+                    await accept_member(server, world.relay_secret, world.arrangement, limits=FAST)
+
+            nursery.start_soon(serve)
+            with pytest.raises(Refused) as info:
+                await connect_member(client, world.secrets["seoul"], "seoul", other, limits=FAST)
+            assert info.value.reason is Reason.WRONG_ARRANGEMENT
+
+
+async def test_stalled_handshake_times_out(world: World, autojump_clock: trio.abc.Clock) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(100):
+        with pytest.raises(LinkTimeout):
+            await accept_member(server, world.relay_secret, world.arrangement, limits=FAST)
+        client, _server = trio.testing.memory_stream_pair()
+        with pytest.raises(LinkTimeout):
+            await connect_member(
+                client, world.secrets["seoul"], "seoul", world.arrangement, limits=FAST
+            )
+
+
+async def test_oversized_handshake_frame(world: World) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        await client.send_all((10_000).to_bytes(4, "big"))
+        with pytest.raises(ProtocolError):
+            await accept_member(server, world.relay_secret, world.arrangement, limits=FAST)
+
+
+async def test_stalled_frame_times_out(world: World, autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(100):
+        member, relay = await pair(world)
+        # Reach under the link: half a frame, then nothing.
+        await member.stream.send_all(b"\x00\x00\x01\x00abc")
+        with pytest.raises(LinkTimeout):
+            await relay.receive()
+
+
+async def test_idle_link_has_no_deadline(world: World, autojump_clock: trio.abc.Clock) -> None:
+    with trio.fail_after(10_000):
+        member, relay = await pair(world)
+        with trio.move_on_after(1000) as scope:
+            await relay.receive()
+        assert scope.cancelled_caught
+        await member.send(AuditFetch(since=0))  # nothing was lost by the cancellation
+        assert await relay.receive() == AuditFetch(since=0)
+
+
+async def test_oversized_length_prefix(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay = await pair(world)
+        await member.stream.send_all((FAST.max_frame + 1).to_bytes(4, "big"))
+        with pytest.raises(LimitExceeded):
+            await relay.receive()
+
+
+async def test_garbage_frame_fails_verification(world: World) -> None:
+    from tisa.errors import VerificationError
+
+    with trio.fail_after(5):
+        member, relay = await pair(world)
+        await member.stream.send_all(encode_frame(b"garbage" * 10))
+        with pytest.raises(VerificationError):
+            await relay.receive()
+
+
+async def test_send_after_peer_gone(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay = await pair(world)
+        await relay.stream.aclose()
+        with pytest.raises(LinkClosed):
+            for _ in range(100):
+                await member.send(AuditFetch(since=0))
