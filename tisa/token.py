@@ -165,11 +165,17 @@ def _check_common(
 ) -> ReleaseToken:
     if not isinstance(token, ReleaseToken):
         token = ReleaseToken.decode(token)
-    if token.arrangement != arrangement.id or token.version != arrangement.version:
-        raise Refused(Reason.WRONG_ARRANGEMENT, "token names another arrangement version")
-    originator = arrangement.require_role(token.originator, Role.ORIGINATOR)
+    # The signature comes first: a refusal with a reason code must rest on what the
+    # originator signed, never on a field anyone could have altered in transit. A name
+    # that is no originator gives no key to check with, so it fails the same opaque way.
+    try:
+        originator = arrangement.require_role(token.originator, Role.ORIGINATOR)
+    except Refused:
+        raise VerificationError() from None
     verify(originator.identity.signing, Context.TOKEN, token.body, token.signature)
     # Authentic from here on: the rest are policy checks with precise reasons.
+    if token.arrangement != arrangement.id or token.version != arrangement.version:
+        raise Refused(Reason.WRONG_ARRANGEMENT, "token names another arrangement version")
     if token.relay != arrangement.relay:
         raise Refused(Reason.WRONG_RELAY, f"token is for relay {token.relay!r}")
     arrangement.check_share(token.originator, [token.recipient], token.scope, token.level)
@@ -203,7 +209,8 @@ def check_for_relay(
         The verified token.
 
     Raises:
-        ProtocolError: malformed. VerificationError: bad signature.
+        ProtocolError: malformed. VerificationError: bad signature, or an originator
+            the arrangement does not list (there is no key to check it with).
         Refused: WRONG_ARRANGEMENT, NOT_A_MEMBER, WRONG_ROLE, WRONG_RELAY, OUT_OF_SCOPE,
             LEVEL_NOT_ALLOWED, NOT_YET_VALID, EXPIRED, WRONG_REPORT, WRONG_ORIGINATOR.
     """
