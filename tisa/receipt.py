@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Self
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
 from tisa.envelope import open_envelope, seal_envelope
-from tisa.errors import Reason, Refused, UsageError
+from tisa.errors import Reason, Refused, UsageError, VerificationError
 from tisa.keys import DIGEST_SIZE, Context, MemberSecret, verify
 from tisa.limits import MAX_NAME, MAX_REPORT_SIZE
 from tisa.report import REPORT_ID_SIZE
@@ -81,12 +81,16 @@ class Receipt:
         """Decode and verify a receipt against the recipient's key in ``arrangement``.
 
         Raises:
-            ProtocolError, VerificationError, Refused (NOT_A_MEMBER, WRONG_ROLE,
-            WRONG_ARRANGEMENT).
+            ProtocolError, VerificationError (also for a recipient the arrangement
+            does not list), Refused (WRONG_ARRANGEMENT).
         """
         body, fields, signature = open_envelope(data, max_size=MAX_RECEIPT_SIZE, what="receipt")
         fields = enc.check_map(fields, cls._SCHEMA, "receipt")
-        member = arrangement.require_role(fields["recipient"], Role.RECIPIENT)
+        try:
+            member = arrangement.require_role(fields["recipient"], Role.RECIPIENT)
+        except Refused:
+            # No key to check the signature with; an unsigned name earns no reason code.
+            raise VerificationError() from None
         verify(member.identity.signing, Context.RECEIPT, body, signature)
         if fields["arrangement"] != arrangement.id:
             raise Refused(Reason.WRONG_ARRANGEMENT, "receipt under another arrangement")
