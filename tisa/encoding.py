@@ -12,6 +12,7 @@ Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgpack except
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
@@ -26,32 +27,48 @@ __all__ = ["Field", "check_map", "pack", "unpack"]
 MAX_DEPTH = 8
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _fail(detail: str) -> NoReturn:
     raise ProtocolError(detail)
 
 
+def _utf8(value: str) -> bytes:
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate: Python holds it, UTF-8 (and so msgpack) cannot.
+        _fail("text is not valid Unicode")
+
+
 def _canonical(value: Any, depth: int = 0) -> Any:
-    if depth > MAX_DEPTH:
-        _fail("nesting too deep")
-    if isinstance(value, Mapping):
-        items = []
-        for key in value:
-            if not isinstance(key, str):
-                _fail("map key is not a string")
-            items.append((key.encode("utf-8"), key))
-        items.sort()
-        return {key: _canonical(value[key], depth + 1) for _, key in items}
-    if isinstance(value, list | tuple):
-        return [_canonical(item, depth + 1) for item in value]
-    if isinstance(value, bool) or value is None:
+    # Exact type checks: cheaper than isinstance with ABCs on this hot path, and the
+    # protocol only ever builds plain dicts, lists and tuples.
+    kind = type(value)
+    if kind is bytes or kind is bool or value is None:
         return value
-    if isinstance(value, int):
+    if kind is str:
+        _utf8(value)
+        return value
+    if kind is int:
         if not -(2**63) <= value < 2**64:
             _fail("integer out of range")
         return value
-    if isinstance(value, bytes | str):
-        return value
-    _fail(f"cannot encode {type(value).__name__}")
+    if depth >= MAX_DEPTH:
+        _fail("nesting too deep")
+    if kind is dict:
+        for key in value:
+            if type(key) is not str:
+                _fail("map key is not a string")
+            _utf8(key)
+        # UTF-8 preserves code point order, so sorting the str keys sorts their bytes.
+        return {key: _canonical(value[key], depth + 1) for key in sorted(value)}
+    if kind is list or kind is tuple:
+        return [_canonical(item, depth + 1) for item in value]
+    if isinstance(value, Mapping):
+        return _canonical(dict(value), depth)
+    _fail(f"cannot encode {kind.__name__}")
 
 
 def pack(value: Mapping[str, Any]) -> bytes:
@@ -65,14 +82,21 @@ def pack(value: Mapping[str, Any]) -> bytes:
 
 
 def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
+    # Called by the C decoder for every map: keys must be strings in strictly increasing
+    # order (which also rules out duplicates), and no value may be a float. Lists are
+    # checked one level down; deeper floats cannot pass any schema (no field takes one).
+    previous = None
     for key, value in pairs:
-        if not isinstance(key, str):
+        if type(key) is not str:
             _fail("map key is not a string")
-        if key in result:
-            _fail(f"duplicate key {key!r}")
-        result[key] = value
-    return result
+        if previous is not None and key <= previous:
+            _fail("duplicate key" if key == previous else "map keys not in canonical order")
+        previous = key
+        if type(value) is float or (
+            type(value) is list and any(type(item) is float for item in value)
+        ):
+            _fail("floats are not allowed")
+    return dict(pairs)
 
 
 def _no_ext(code: int, data: bytes) -> NoReturn:
@@ -92,9 +116,10 @@ def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
     Raises:
         ProtocolError: anything but exactly one canonical map.
     """
-    if not isinstance(data, bytes | bytearray | memoryview):
-        raise ProtocolError("input is not bytes")
-    data = bytes(data)
+    if type(data) is not bytes:
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ProtocolError("input is not bytes")
+        data = bytes(data)
     if max_size is not None and len(data) > max_size:
         _fail(f"encoded value too large: {len(data)} > {max_size}")
     try:
@@ -110,25 +135,14 @@ def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
         raise
     except Exception as exc:  # msgpack raises many types; all mean "does not decode"
         raise ProtocolError(f"not msgpack: {type(exc).__name__}") from None
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         _fail("top level is not a map")
-    _reject_floats(value, 0)
-    if pack(value) != data:
+    # Keys were checked in order by the hook, so re-encoding in C as decoded gives the
+    # canonical bytes; any other form of the same value (long int or length encodings,
+    # str for bin, a float) differs here.
+    if msgpack.packb(value, use_bin_type=True) != data:
         _fail("not canonical")
     return value
-
-
-def _reject_floats(value: Any, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        _fail("nesting too deep")
-    if isinstance(value, float):
-        _fail("floats are not allowed")
-    if isinstance(value, dict):
-        for item in value.values():
-            _reject_floats(item, depth + 1)
-    elif isinstance(value, list):
-        for item in value:
-            _reject_floats(item, depth + 1)
 
 
 # --- schemas -------------------------------------------------------------------------
@@ -177,10 +191,13 @@ def text(max_bytes: int, *, allow_empty: bool = False) -> Field:
     def check(value: Any, path: str) -> str:
         if not isinstance(value, str):
             _fail(f"{path}: expected text")
-        size = len(value.encode("utf-8"))
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            _fail(f"{path}: text is not valid Unicode")
         if size > max_bytes or (size == 0 and not allow_empty):
             _fail(f"{path}: text length {size} outside 1..{max_bytes}")
-        if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in value):
+        if _CONTROL.search(value):
             _fail(f"{path}: control character in text")
         return value
 

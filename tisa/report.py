@@ -2,14 +2,15 @@
 
 Plaintext layout (before encryption)::
 
-    u32 header length (big endian) | header | body | attachments... | signature | zeros
+    u32 header length (big endian) | header | signature | body | attachments... | zeros
 
 ``header`` is the canonical msgpack of :class:`ReportHeader` (id, arrangement, originator,
 the full recipient list, scope, level, created time, body size, attachment names and
-sizes). ``signature`` is the originator's Ed25519 signature in context ``report`` over
-``header || content digest``, where the content digest is BLAKE2b-256 (personalised
-``tisa1-content``) of body and attachments in order. Putting the signature after the
-content lets the originator seal in one pass.
+sizes). ``signature`` is the originator's Ed25519 signature over ``header`` in context
+``report``. The content itself is bound to the originator by the release token, which
+the originator signs over the digest of the whole ciphertext and a commitment to the
+content key: hashing the content a second time would cost a full BLAKE2b pass on each
+side and prove nothing more.
 
 The plaintext is padded with zeros to ``padded_size(n)`` (PADME, at least
 :data:`MIN_PADDED`), then encrypted with libsodium secretstream (XChaCha20-Poly1305)
@@ -108,6 +109,25 @@ def key_commitment(content_key: bytes, report_id: bytes) -> bytes:
     return digest(Hash.KEY_COMMIT, report_id, key=content_key)
 
 
+_name = enc.text(MAX_NAME)
+_HEADER_SCHEMA: dict[str, enc.Field] = {
+    "v": enc.uint(1, 1),
+    "id": enc.bin_exact(REPORT_ID_SIZE),
+    "arrangement": enc.bin_exact(DIGEST_SIZE),
+    "version": enc.uint(2**32, 1),
+    "originator": _name,
+    "recipients": enc.list_of(_name, min_items=1, max_items=256, unique=True, sorted_=True),
+    "scope": _name,
+    "level": _name,
+    "created": enc.uint(),
+    "body": enc.uint(MAX_REPORT_SIZE),
+    "attachments": enc.list_of(
+        lambda v, p: enc.check_map(v, {"name": _name, "size": enc.uint(MAX_REPORT_SIZE)}, p),
+        max_items=MAX_ATTACHMENTS,
+    ),
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ReportHeader:
     """The signed metadata of a report, as the recipient sees it after opening."""
@@ -144,31 +164,13 @@ class ReportHeader:
 
     @classmethod
     def decode(cls, data: bytes) -> ReportHeader:
-        name = enc.text(MAX_NAME)
-        fields = enc.check_map(
-            enc.unpack(data, max_size=MAX_HEADER),
-            {
-                "v": enc.uint(1, 1),
-                "id": enc.bin_exact(REPORT_ID_SIZE),
-                "arrangement": enc.bin_exact(DIGEST_SIZE),
-                "version": enc.uint(2**32, 1),
-                "originator": name,
-                "recipients": enc.list_of(
-                    name, min_items=1, max_items=256, unique=True, sorted_=True
-                ),
-                "scope": name,
-                "level": name,
-                "created": enc.uint(),
-                "body": enc.uint(MAX_REPORT_SIZE),
-                "attachments": enc.list_of(
-                    lambda v, p: enc.check_map(
-                        v, {"name": name, "size": enc.uint(MAX_REPORT_SIZE)}, p
-                    ),
-                    max_items=MAX_ATTACHMENTS,
-                ),
-            },
-            "report header",
-        )
+        """Decode a header. Raises ProtocolError."""
+        return cls.from_dict(enc.unpack(data, max_size=MAX_HEADER))
+
+    @classmethod
+    def from_dict(cls, value: Any) -> ReportHeader:
+        """Check a header map against the schema. Raises ProtocolError."""
+        fields = enc.check_map(value, _HEADER_SCHEMA, "report header")
         names = [a["name"] for a in fields["attachments"]]
         if len(set(names)) != len(names):
             raise ProtocolError("report header: duplicate attachment names")
@@ -244,14 +246,15 @@ class ReportSealer:
             attachments=tuple((str(n), int(s)) for n, s in attachments),
         )
         try:
-            self._header_bytes = enc.pack(self.header.to_dict())
-            ReportHeader.decode(self._header_bytes)  # same schema the recipient applies
+            header_dict = self.header.to_dict()
+            ReportHeader.from_dict(header_dict)  # the schema the recipient applies
+            self._header_bytes = enc.pack(header_dict)
         except ProtocolError as exc:
             raise UsageError(f"report header: {exc.detail}") from None
         if len(self._header_bytes) > MAX_HEADER:
             raise UsageError("report header too large (recipients or attachment names)")
         self._content_left = self.header.content_size
-        plain = _LEN.size + len(self._header_bytes) + self._content_left + SIGNATURE_SIZE
+        plain = _LEN.size + len(self._header_bytes) + SIGNATURE_SIZE + self._content_left
         self.padded = padded_size(plain)
         self.size = ciphertext_size(self.padded)
         if self.size > max_report_size:
@@ -261,7 +264,6 @@ class ReportSealer:
         self.content_key = _content_key or nacl.utils.random(KEY_SIZE)
         self._secret = secret
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._content = Hasher(Hash.CONTENT)
         self._cipher = Hasher(Hash.CIPHERTEXT)
         self._buffer = bytearray()
         self._pushed = 0
@@ -278,7 +280,8 @@ class ReportSealer:
             self._state, self.content_key
         )
         self._cipher.update(stream_header)
-        self._buffer += _LEN.pack(len(self._header_bytes)) + self._header_bytes
+        signature = self._secret.sign(Context.REPORT, self._header_bytes)
+        self._buffer += _LEN.pack(len(self._header_bytes)) + self._header_bytes + signature
         return bytes(stream_header) + self._drain()
 
     def write(self, data: bytes) -> bytes:
@@ -288,7 +291,6 @@ class ReportSealer:
         if len(data) > self._content_left:
             raise UsageError("more content than the sizes declared")
         self._content_left -= len(data)
-        self._content.update(data)
         self._buffer += data
         return self._drain()
 
@@ -299,8 +301,7 @@ class ReportSealer:
         if self._content_left:
             raise UsageError(f"{self._content_left} bytes of declared content not written")
         self._done = True
-        signature = self._secret.sign(Context.REPORT, self._header_bytes + self._content.finish())
-        self._buffer += signature + bytes(self._padding)
+        self._buffer += bytes(self._padding)
         out = self._drain()
         self.digest = self._cipher.finish()
         return out
@@ -380,11 +381,13 @@ class ReportOpener:
     """Open a sealed report incrementally, in constant memory.
 
     ``feed`` returns plaintext pieces as ``(part, data)`` where part 0 is the body and
-    part ``i`` is attachment ``i - 1``. The pieces are NOT yet authenticated as the
-    originator's: hold them aside (a temporary file) and hand them to the application
-    only after :meth:`finish` returns. Any failure raises :class:`VerificationError`
-    (opaque) or :class:`Refused` (a consistent, signed report that this recipient must
-    not accept) and the opener is dead afterwards.
+    part ``i`` is attachment ``i - 1``. The signed header is checked before the first
+    piece comes out, but the pieces are not proven to be the originator's until the
+    ciphertext digest is checked against the token at the end: hold them aside (a
+    temporary file) and hand them to the application only after :meth:`finish` returns.
+    Any failure raises :class:`VerificationError` (opaque) or :class:`Refused` (a
+    consistent, signed report that this recipient must not accept) and the opener is
+    dead afterwards.
 
     Args:
         content_key: the key unsealed from a verified release token.
@@ -420,7 +423,6 @@ class ReportOpener:
         self._max_header = max_header
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
         self._cipher = Hasher(Hash.CIPHERTEXT)
-        self._content = Hasher(Hash.CONTENT)
         self._inbuf = bytearray()
         self._received = 0
         self._consumed = 0
@@ -429,11 +431,10 @@ class ReportOpener:
         self._dead = False
         # Plaintext parsing state.
         self._plain = bytearray()
-        self._header_bytes: bytes | None = None
         self.header: ReportHeader | None = None
         self._parts: list[int] = []
         self._part = 0
-        self._tail = bytearray()  # signature and padding
+        self._padding_ok = True
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         """Add ciphertext; returns the (unauthenticated) plaintext pieces it completes."""
@@ -490,7 +491,7 @@ class ReportOpener:
     def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         view = memoryview(plain)
-        if self._header_bytes is None:
+        if self.header is None:
             self._plain += view
             view = memoryview(b"")
             if len(self._plain) < _LEN.size:
@@ -498,36 +499,48 @@ class ReportOpener:
             (length,) = _LEN.unpack_from(self._plain)
             if length > self._max_header:
                 raise VerificationError()
-            if len(self._plain) < _LEN.size + length:
+            end = _LEN.size + length + SIGNATURE_SIZE
+            if len(self._plain) < end:
                 return out
             self._header_bytes = bytes(self._plain[_LEN.size : _LEN.size + length])
-            try:
-                self.header = ReportHeader.decode(self._header_bytes)
-            except ProtocolError:
-                raise VerificationError() from None
-            self._parts = [self.header.body_size, *(s for _, s in self.header.attachments)]
-            view = memoryview(bytes(self._plain[_LEN.size + length :]))
+            self._check_header(self._header_bytes, bytes(self._plain[end - SIGNATURE_SIZE : end]))
+            view = memoryview(bytes(self._plain[end:]))
             self._plain = bytearray()
         while view and self._part < len(self._parts):
             take = min(len(view), self._parts[self._part])
             if take:
-                piece = bytes(view[:take])
-                self._content.update(piece)
-                out.append((self._part, piece))
+                out.append((self._part, bytes(view[:take])))
                 view = view[take:]
                 self._parts[self._part] -= take
             if self._parts[self._part] == 0:
                 self._part += 1
         while self._part < len(self._parts) and self._parts[self._part] == 0:
             self._part += 1
-        if view:
-            self._tail += view
-            if len(self._tail) > SIGNATURE_SIZE + CHUNK_SIZE * 2:
-                # Keep only the signature and a check that the padding is zero.
-                if any(self._tail[SIGNATURE_SIZE:]):
-                    raise VerificationError()
-                del self._tail[SIGNATURE_SIZE:]
+        if view and self._padding_ok:
+            self._padding_ok = view.tobytes().count(0) == len(view)
         return out
+
+    def _check_header(self, header_bytes: bytes, signature: bytes) -> None:
+        """Decode and verify the signed header as soon as it is in (before any content)."""
+        try:
+            header = ReportHeader.decode(header_bytes)
+        except ProtocolError:
+            raise VerificationError() from None
+        originator, scope, level = self._expect
+        if (
+            header.id != self._report_id
+            or header.originator != originator
+            or header.scope != scope
+            or header.level != level
+        ):
+            raise VerificationError()
+        try:
+            member = self._arrangement.require_role(originator, Role.ORIGINATOR)
+        except Refused:
+            raise VerificationError() from None
+        verify(member.identity.signing, Context.REPORT, header_bytes, signature)
+        self.header = header
+        self._parts = [header.body_size, *(s for _, s in header.attachments)]
 
     def finish(self) -> ReportHeader:
         """Check digest, signature and context; returns the verified header.
@@ -545,31 +558,11 @@ class ReportOpener:
             not self._final_seen
             or self._received != self._size
             or header is None
-            or self._header_bytes is None
             or self._part != len(self._parts)
-            or len(self._tail) < SIGNATURE_SIZE
-            or any(self._tail[SIGNATURE_SIZE:])
+            or not self._padding_ok
             or self._cipher.finish() != self._digest
         ):
             raise VerificationError()
-        originator, scope, level = self._expect
-        if (
-            header.id != self._report_id
-            or header.originator != originator
-            or header.scope != scope
-            or header.level != level
-        ):
-            raise VerificationError()
-        try:
-            member = self._arrangement.require_role(originator, Role.ORIGINATOR)
-        except Refused:
-            raise VerificationError() from None
-        verify(
-            member.identity.signing,
-            Context.REPORT,
-            self._header_bytes + self._content.finish(),
-            bytes(self._tail[:SIGNATURE_SIZE]),
-        )
         # Signed and consistent: the remaining checks are policy, with reasons.
         if header.arrangement != self._arrangement.id:
             raise Refused(Reason.WRONG_ARRANGEMENT, "report sealed under another arrangement")
