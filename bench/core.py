@@ -159,7 +159,7 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
         )
         pull = b.crypto_secretstream_xchacha20poly1305_state()
         b.crypto_secretstream_xchacha20poly1305_init_pull(pull, stream_header, opened_key)
-        plain, _ = b.crypto_secretstream_xchacha20poly1305_pull(pull, chunk, b"i" * 16)
+        b.crypto_secretstream_xchacha20poly1305_pull(pull, chunk, b"i" * 16)
         b.crypto_generichash_blake2b_salt_personal(
             stream_header + chunk, digest_size=32, person=person
         )
