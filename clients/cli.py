@@ -1,0 +1,772 @@
+"""The ``tisa`` command: identities, arrangements, a relay, and a member node from the shell.
+
+Every command parses its arguments and calls the library (``tisa``, ``relay``,
+``clients.node``); the few file formats that exist only for the command line (an exported
+public identity, an arrangement file) are defined by the small functions in the first
+section, which the demo and the tests use too.
+
+Errors are one line on stderr and a non-zero exit status: a :class:`tisa.errors.TisaError`
+or an :class:`OSError` raised anywhere below a command is turned into
+``Error: <what went wrong>``, never a traceback.
+
+Files a member keeps live in its home folder (``--home DIR`` or ``$TISA_HOME``)::
+
+    HOME/identity.key       the passphrase-protected secret keys
+    HOME/arrangement.tisa   the arrangement, with the signatures gathered so far
+    HOME/store/             the node's durable state (outbox, seen reports, inbox)
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import nacl.pwhash
+from rich.console import Console
+from rich.table import Table
+
+from tisa.arrangement import (
+    MAX_ARRANGEMENT_SIZE,
+    Arrangement,
+    Member,
+    Role,
+    SignedArrangement,
+    check_name,
+)
+from tisa.errors import ProtocolError, Reason, Refused, TisaError, UsageError
+from tisa.keys import KEY_SIZE, EncryptionPublicKey, MemberSecret, PublicIdentity, SigningPublicKey
+
+__all__ = [
+    "ARRANGEMENT_FILE",
+    "IDENTITY_FILE",
+    "IDENTITY_FORMAT",
+    "STORE_DIR",
+    "CliError",
+    "arrangement_summary",
+    "create_identity",
+    "draft_arrangement",
+    "identity_from_json",
+    "identity_to_json",
+    "main",
+    "merge_arrangements",
+    "read_arrangement",
+    "read_identity",
+    "sign_arrangement",
+    "tisa",
+    "write_arrangement",
+]
+
+IDENTITY_FILE = "identity.key"
+ARRANGEMENT_FILE = "arrangement.tisa"
+STORE_DIR = "store"
+IDENTITY_FORMAT = "tisa-identity/1"
+DEFAULT_PORT = 7420
+DEFAULT_RELAY = f"127.0.0.1:{DEFAULT_PORT}"
+# A passphrase is looked up here when no --passphrase-env is given and stdin is no terminal.
+PASSPHRASE_ENV = "TISA_PASSPHRASE"
+# Exported identity files are a few hundred bytes; refuse to parse anything much larger.
+MAX_IDENTITY_FILE = 16 * 1024
+
+
+class CliError(TisaError):
+    """A command-line mistake (missing file, bad option value) found by this module."""
+
+
+# --- file formats -----------------------------------------------------------------------
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _unb64(text: Any, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise CliError(f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (binascii.Error, UnicodeEncodeError, ValueError):
+        raise CliError(f"{what} is not valid base64") from None
+
+
+def identity_to_json(name: str, identity: PublicIdentity) -> dict[str, str]:
+    """The exported form of a public identity (what ``tisa identity export`` writes).
+
+    Args:
+        name: the member name the identity is meant for.
+        identity: the public keys.
+
+    Returns:
+        A JSON-ready dict: format tag, name, both public keys (base64) and the fingerprint
+        people compare by voice or on paper before they sign an arrangement listing it.
+    """
+    return {
+        "format": IDENTITY_FORMAT,
+        "name": name,
+        "sign": _b64(identity.signing.raw),
+        "box": _b64(identity.encryption.raw),
+        "fingerprint": identity.fingerprint,
+    }
+
+
+def identity_from_json(value: Any) -> tuple[str, PublicIdentity]:
+    """Parse an exported identity; the fingerprint, if given, must match the keys.
+
+    Returns:
+        (name, identity)
+
+    Raises:
+        CliError: not an exported identity, or its fingerprint does not match.
+        UsageError: a key is not a valid public key.
+    """
+    if not isinstance(value, dict) or value.get("format") != IDENTITY_FORMAT:
+        raise CliError(f"not an exported identity (format {IDENTITY_FORMAT!r})")
+    name = value.get("name")
+    if not isinstance(name, str) or not name:
+        raise CliError("exported identity has no name")
+    sign = _unb64(value.get("sign"), "sign key")
+    box = _unb64(value.get("box"), "box key")
+    if len(sign) != KEY_SIZE or len(box) != KEY_SIZE:
+        raise CliError("exported identity keys must be 32 bytes each")
+    identity = PublicIdentity(SigningPublicKey(sign), EncryptionPublicKey(box))
+    fingerprint = value.get("fingerprint")
+    if fingerprint is not None and fingerprint != identity.fingerprint:
+        raise CliError(f"fingerprint of {name!r} does not match its keys")
+    return name, identity
+
+
+def read_identity(path: Path) -> tuple[str, PublicIdentity]:
+    """Read an exported identity file. Raises CliError, UsageError, OSError."""
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_IDENTITY_FILE + 1)
+    if len(data) > MAX_IDENTITY_FILE:
+        raise CliError(f"{path}: too large for an exported identity")
+    try:
+        value = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CliError(f"{path}: not JSON") from None
+    try:
+        return identity_from_json(value)
+    except CliError as exc:
+        raise CliError(f"{path}: {exc}") from None
+
+
+def create_identity(
+    path: Path, name: str, passphrase: str, *, insecure_fast_kdf: bool = False
+) -> MemberSecret:
+    """Generate a member's keys and save them to ``path`` (mode 0600, never overwritten).
+
+    Args:
+        path: the key file to create.
+        name: the member name, stored in the key file.
+        passphrase: protects the file (argon2id).
+        insecure_fast_kdf: use libsodium's minimum argon2id cost. For demos and tests
+            only: it makes a stolen key file cheap to attack.
+    """
+    # Validates the name as the arrangement would, before any key is written.
+    check_name(name, "member name")
+    secret = MemberSecret.generate()
+    kwargs: dict[str, Any] = {"name": name}
+    if insecure_fast_kdf:
+        kwargs["opslimit"] = nacl.pwhash.argon2id.OPSLIMIT_MIN
+        kwargs["memlimit"] = nacl.pwhash.argon2id.MEMLIMIT_MIN
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret.save(path, passphrase, **kwargs)
+    return secret
+
+
+def read_arrangement(path: Path) -> SignedArrangement:
+    """Read an arrangement file; every signature present is checked.
+
+    Raises:
+        ProtocolError, VerificationError, Refused: as :meth:`SignedArrangement.decode`.
+        OSError: the file cannot be read.
+    """
+    with open(path, "rb") as handle:
+        data = handle.read(MAX_ARRANGEMENT_SIZE + 1)
+    try:
+        return SignedArrangement.decode(data)
+    except ProtocolError as exc:
+        raise CliError(f"{path}: not an arrangement file ({exc.detail})") from None
+
+
+def write_arrangement(path: Path, signed: SignedArrangement, *, overwrite: bool = True) -> None:
+    """Write an arrangement file atomically (temporary file, fsync, rename)."""
+    if not overwrite and path.exists():
+        raise CliError(f"{path} exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(signed.encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def draft_arrangement(
+    *,
+    name: str,
+    members: Sequence[tuple[str, PublicIdentity, Sequence[str]]],
+    scopes: Sequence[str],
+    levels: Sequence[str],
+    relay: str | None = None,
+    created: int | None = None,
+    previous: SignedArrangement | None = None,
+) -> SignedArrangement:
+    """An unsigned arrangement, version 1 or an amendment of ``previous``.
+
+    Args:
+        name: the arrangement's name.
+        members: (name, identity, role names) for each member.
+        scopes, levels: what may be shared; levels lowest first.
+        relay: the relay's name; by default the one member holding the relay role.
+        created: unix time; now by default.
+        previous: the version this one amends (its members, scopes, levels are replaced).
+
+    Raises:
+        UsageError: the arrangement is not valid (see :class:`Arrangement`).
+    """
+    built = []
+    for member_name, identity, role_names in members:
+        try:
+            roles = frozenset(Role(r) for r in role_names)
+        except ValueError:
+            raise UsageError(
+                f"member {member_name!r}: roles are {', '.join(r.value for r in Role)}"
+            ) from None
+        built.append(Member(name=member_name, identity=identity, roles=roles))
+    if relay is None:
+        relays = [m.name for m in built if Role.RELAY in m.roles]
+        relay = relays[0] if len(relays) == 1 else ""
+        if not relay:
+            raise UsageError("exactly one member must hold the relay role")
+    fields: dict[str, Any] = {
+        "name": name,
+        "members": tuple(built),
+        "relay": relay,
+        "scopes": tuple(scopes),
+        "levels": tuple(levels),
+        "created": int(time.time()) if created is None else created,
+    }
+    if previous is None:
+        return SignedArrangement(Arrangement(version=1, **fields))
+    return SignedArrangement(previous.arrangement.amend(**fields))
+
+
+def sign_arrangement(
+    signed: SignedArrangement, secret: MemberSecret, name: str | None = None
+) -> tuple[SignedArrangement, str]:
+    """Add the signature of the member whose key ``secret`` is.
+
+    Args:
+        signed: the arrangement with the signatures so far.
+        secret: the signer's keys.
+        name: the member name; found from the key when not given.
+
+    Returns:
+        (the arrangement with the signature added, the signer's name)
+
+    Raises:
+        Refused(NOT_A_MEMBER): the key is not listed in the arrangement.
+        UsageError: ``name`` is listed with another key.
+    """
+    if name is None:
+        member = signed.arrangement.member_by_signing_key(secret.public.signing.raw)
+        if member is None:
+            raise Refused(Reason.NOT_A_MEMBER, "this key is not listed in the arrangement")
+        name = member.name
+    return signed.signed_by(secret, name), name
+
+
+def merge_arrangements(copies: Sequence[SignedArrangement]) -> SignedArrangement:
+    """Gather the signatures of several copies of one arrangement (signed separately).
+
+    Raises:
+        CliError: the copies are of different arrangements (or versions).
+    """
+    if not copies:
+        raise CliError("nothing to merge")
+    first = copies[0]
+    signatures: dict[str, bytes] = {}
+    for copy in copies:
+        if copy.arrangement.id != first.arrangement.id:
+            raise CliError("these files hold different arrangements; cannot merge")
+        signatures.update(copy.signatures)
+    return SignedArrangement(first.arrangement, signatures)
+
+
+def arrangement_summary(signed: SignedArrangement) -> dict[str, Any]:
+    """A JSON-ready description: members, roles, fingerprints, who signed, effective."""
+    arrangement = signed.arrangement
+    return {
+        "name": arrangement.name,
+        "version": arrangement.version,
+        "id": arrangement.id.hex(),
+        "previous": arrangement.previous.hex() if arrangement.previous else None,
+        "created": arrangement.created,
+        "relay": arrangement.relay,
+        "scopes": list(arrangement.scopes),
+        "levels": list(arrangement.levels),
+        "members": [
+            {
+                "name": m.name,
+                "roles": sorted(r.value for r in m.roles),
+                "fingerprint": m.identity.fingerprint,
+                "signed": m.name in signed.signatures,
+            }
+            for m in arrangement.members
+        ],
+        "signed_by": sorted(signed.signatures),
+        "missing": signed.missing,
+        "effective": signed.is_effective,
+    }
+
+
+# --- command-line plumbing --------------------------------------------------------------
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+_out = Console(highlight=False, soft_wrap=True)
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        parts = [exc.strerror or type(exc).__name__]
+        if exc.filename is not None:
+            parts.append(str(exc.filename))
+        return ": ".join(parts)
+    if isinstance(exc, Refused):
+        return f"refused ({exc.reason.value}){': ' + exc.detail if exc.detail else ''}"
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0] if text else text
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+class _Group(click.Group):
+    """A click group that turns the toolkit's errors into one line and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort, click.ClickException):
+            raise
+        except (TisaError, OSError, BaseExceptionGroup) as exc:
+            leaf = _leaf(exc)
+            if isinstance(leaf, click.ClickException | click.exceptions.Exit | click.Abort):
+                raise leaf from None
+            if isinstance(leaf, KeyboardInterrupt):
+                raise click.Abort() from None
+            if not isinstance(leaf, TisaError | OSError):
+                raise
+            raise click.ClickException(_error_text(leaf)) from None
+
+
+_Group.group_class = _Group
+
+
+@dataclass
+class _State:
+    home: Path
+
+
+def _home(ctx: click.Context) -> Path:
+    state = ctx.find_object(_State)
+    return state.home if state is not None else Path(".tisa")
+
+
+def _passphrase(env: str | None, *, confirm: bool = False, prompt: str = "Passphrase") -> str:
+    """The passphrase from ``$env``, else ``$TISA_PASSPHRASE`` without a terminal, else asked."""
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise CliError(f"environment variable {env} is not set or empty")
+        return value
+    if not sys.stdin.isatty() and os.environ.get(PASSPHRASE_ENV):
+        return os.environ[PASSPHRASE_ENV]
+    value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+    if not isinstance(value, str) or not value:
+        raise CliError("empty passphrase")
+    return value
+
+
+def _passphrase_option(func: _F) -> _F:
+    return click.option(
+        "--passphrase-env",
+        metavar="VAR",
+        help=f"Read the passphrase from environment variable VAR (default: prompt, or "
+        f"${PASSPHRASE_ENV} when stdin is not a terminal).",
+    )(func)
+
+
+def _load_secret(path: Path, env: str | None) -> tuple[MemberSecret, str]:
+    if not path.exists():
+        raise CliError(f"no key file at {path} (create one with: tisa identity create NAME)")
+    return MemberSecret.load(path, _passphrase(env))
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, sort_keys=True))
+
+
+@contextlib.contextmanager
+def _atomic_text(path: Path) -> Iterator[Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        yield handle
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _fail(message: str) -> NoReturn:
+    raise CliError(message)
+
+
+# --- the command group ------------------------------------------------------------------
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TISA_HOME",
+    default=".tisa",
+    show_default=True,
+    help="This member's folder (identity.key, arrangement.tisa, store/). Env: TISA_HOME.",
+)
+@click.version_option(package_name="tisa-relay", prog_name="tisa")
+@click.pass_context
+def tisa(ctx: click.Context, home: Path) -> None:
+    """End-to-end encrypted reports through a relay that forwards and never reads.
+
+    \b
+    A deployment's life, one member at a time:
+      tisa --home seoul identity create seoul
+      tisa --home seoul identity export --out seoul.id.json
+      tisa arrangement draft --name tisa-2014 --member seoul.id.json:originator,recipient ...
+      tisa --home seoul arrangement sign arrangement.tisa
+      tisa --home washington relay run
+      tisa --home seoul send --scope missile --level secret --to tokyo "launch detected"
+      tisa --home tokyo inbox
+    Run `tisa demo` to see three nodes do all of it.
+    """
+    ctx.obj = _State(home=home)
+
+
+# --- identity ---------------------------------------------------------------------------
+
+
+@tisa.group()
+def identity() -> None:
+    """Create a member identity and export its public part."""
+
+
+@identity.command("create")
+@click.argument("name")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Key file to write (default: HOME/identity.key). Never overwritten.",
+)
+@_passphrase_option
+@click.option(
+    "--insecure-fast-kdf",
+    is_flag=True,
+    help="Minimum argon2id cost, for demos and tests only: a stolen file is cheap to crack.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the public identity as JSON.")
+@click.pass_context
+def identity_create(
+    ctx: click.Context,
+    name: str,
+    out: Path | None,
+    passphrase_env: str | None,
+    insecure_fast_kdf: bool,
+    as_json: bool,
+) -> None:
+    """Generate signing and encryption keys for member NAME, protected by a passphrase.
+
+    \b
+    Example:
+      TISA_PASS=... tisa --home seoul identity create seoul --passphrase-env TISA_PASS
+    """
+    path = out or _home(ctx) / IDENTITY_FILE
+    if path.exists():
+        _fail(f"{path} exists; not overwriting a key file")
+    passphrase = _passphrase(passphrase_env, confirm=True, prompt="New passphrase")
+    secret = create_identity(path, name, passphrase, insecure_fast_kdf=insecure_fast_kdf)
+    if as_json:
+        _print_json({**identity_to_json(name, secret.public), "key_file": str(path)})
+    else:
+        _out.print(f"created [bold]{name}[/] in {path}")
+        _out.print(f"fingerprint {secret.public.fingerprint}")
+
+
+@identity.command("export")
+@click.argument("key_file", required=False, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the public identity here (JSON); default: print it.",
+)
+@_passphrase_option
+@click.pass_context
+def identity_export(
+    ctx: click.Context, key_file: Path | None, out: Path | None, passphrase_env: str | None
+) -> None:
+    """Export the public part of a key file (name, public keys, fingerprint) as JSON.
+
+    Give the file to whoever drafts the arrangement; every member should compare the
+    fingerprint with its owner before signing.
+
+    \b
+    Example:
+      tisa --home seoul identity export --out seoul.id.json
+    """
+    secret, name = _load_secret(key_file or _home(ctx) / IDENTITY_FILE, passphrase_env)
+    exported = identity_to_json(name, secret.public)
+    if out is None:
+        _print_json(exported)
+        return
+    with _atomic_text(out) as handle:
+        json.dump(exported, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    _out.print(f"wrote {out} ({name}, fingerprint {secret.public.fingerprint})")
+
+
+@identity.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def identity_show(file: Path, as_json: bool) -> None:
+    """Check an exported identity file and print its name and fingerprint.
+
+    \b
+    Example:
+      tisa identity show tokyo.id.json
+    """
+    name, public = read_identity(file)
+    if as_json:
+        _print_json(identity_to_json(name, public))
+    else:
+        _out.print(f"{name}  fingerprint {public.fingerprint}")
+
+
+# --- arrangement ------------------------------------------------------------------------
+
+
+@tisa.group()
+def arrangement() -> None:
+    """Draft an arrangement, sign it (each member separately), show who signed."""
+
+
+def _parse_member(spec: str) -> tuple[str, PublicIdentity, list[str]]:
+    path, sep, roles = spec.rpartition(":")
+    if not sep or not path or not roles:
+        _fail(f"--member {spec!r}: expected FILE:ROLE[,ROLE]")
+    name, public = read_identity(Path(path))
+    return name, public, [r.strip() for r in roles.split(",") if r.strip()]
+
+
+@arrangement.command("draft")
+@click.option("--name", "arrangement_name", required=True, help="The arrangement's name.")
+@click.option(
+    "--member",
+    "member_specs",
+    multiple=True,
+    required=True,
+    metavar="FILE:ROLES",
+    help="An exported identity and its roles (originator, recipient, relay), comma-separated. "
+    "Repeat for each member.",
+)
+@click.option("--scope", "scopes", multiple=True, required=True, help="A scope; repeat.")
+@click.option(
+    "--level", "levels", multiple=True, required=True, help="A level, lowest first; repeat."
+)
+@click.option("--relay", help="The relay's member name (default: the member with role relay).")
+@click.option(
+    "--amends",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draft a new version of this arrangement file (an amendment, signed anew).",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=ARRANGEMENT_FILE,
+    show_default=True,
+    help="Arrangement file to write.",
+)
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def arrangement_draft(
+    arrangement_name: str,
+    member_specs: tuple[str, ...],
+    scopes: tuple[str, ...],
+    levels: tuple[str, ...],
+    relay: str | None,
+    amends: Path | None,
+    out: Path,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Write an unsigned arrangement from the members' exported identities.
+
+    \b
+    Example:
+      tisa arrangement draft --name tisa-2014 \\
+        --member seoul.id.json:originator,recipient \\
+        --member washington.id.json:relay \\
+        --member tokyo.id.json:originator,recipient \\
+        --scope missile --scope nuclear \\
+        --level restricted --level confidential --level secret \\
+        --out arrangement.tisa
+    """
+    members = [_parse_member(spec) for spec in member_specs]
+    previous = read_arrangement(amends) if amends is not None else None
+    signed = draft_arrangement(
+        name=arrangement_name,
+        members=members,
+        scopes=scopes,
+        levels=levels,
+        relay=relay,
+        previous=previous,
+    )
+    write_arrangement(out, signed, overwrite=force)
+    if as_json:
+        _print_json(arrangement_summary(signed))
+    else:
+        a = signed.arrangement
+        _out.print(
+            f"drafted {a.name} v{a.version} ({len(a.members)} members) in {out}; "
+            f"needs signatures from {', '.join(signed.missing)}"
+        )
+
+
+@arrangement.command("sign")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Key file (default: HOME/identity.key).",
+)
+@click.option("--as", "as_name", help="Member name to sign as (default: found from the key).")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the signed copy here (default: back to FILE).",
+)
+@_passphrase_option
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_context
+def arrangement_sign(
+    ctx: click.Context,
+    file: Path,
+    key: Path | None,
+    as_name: str | None,
+    out: Path | None,
+    passphrase_env: str | None,
+    as_json: bool,
+) -> None:
+    """Add your signature to an arrangement file. Members sign separately, in any order.
+
+    \b
+    Example:
+      tisa --home tokyo arrangement sign arrangement.tisa
+    """
+    signed = read_arrangement(file)
+    secret, _ = _load_secret(key or _home(ctx) / IDENTITY_FILE, passphrase_env)
+    signed, name = sign_arrangement(signed, secret, as_name)
+    write_arrangement(out or file, signed)
+    if as_json:
+        _print_json(arrangement_summary(signed))
+    elif signed.is_effective:
+        _out.print(f"signed as {name}; every member has signed: the arrangement is effective")
+    else:
+        _out.print(f"signed as {name}; still missing: {', '.join(signed.missing)}")
+
+
+@arrangement.command("merge")
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Arrangement file to write with every signature found.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def arrangement_merge(files: tuple[Path, ...], out: Path, as_json: bool) -> None:
+    """Gather signatures from copies of one arrangement that members signed apart.
+
+    \b
+    Example:
+      tisa arrangement merge seoul-signed.tisa tokyo-signed.tisa --out arrangement.tisa
+    """
+    signed = merge_arrangements([read_arrangement(f) for f in files])
+    write_arrangement(out, signed)
+    if as_json:
+        _print_json(arrangement_summary(signed))
+    else:
+        state = "effective" if signed.is_effective else "missing " + ", ".join(signed.missing)
+        _out.print(f"merged {len(files)} copies into {out}: {state}")
+
+
+@arrangement.command("show")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@click.pass_context
+def arrangement_show(ctx: click.Context, file: Path | None, as_json: bool) -> None:
+    """Show an arrangement: members, roles, scopes, levels, who signed, whether effective.
+
+    The exit status is 0 either way; script on the "effective" field of --json.
+
+    \b
+    Example:
+      tisa arrangement show arrangement.tisa --json
+    """
+    signed = read_arrangement(file or _home(ctx) / ARRANGEMENT_FILE)
+    summary = arrangement_summary(signed)
+    if as_json:
+        _print_json(summary)
+        return
+    a = signed.arrangement
+    _out.print(f"[bold]{a.name}[/] version {a.version}  id {summary['id'][:16]}…")
+    _out.print(f"relay {a.relay}; scopes {', '.join(a.scopes)}; levels {' < '.join(a.levels)}")
+    table = Table(show_edge=False)
+    for column in ("member", "roles", "fingerprint", "signed"):
+        table.add_column(column)
+    for m in summary["members"]:
+        table.add_row(
+            m["name"],
+            ", ".join(m["roles"]),
+            m["fingerprint"],
+            "[green]yes[/]" if m["signed"] else "[red]no[/]",
+        )
+    _out.print(table)
+    if signed.is_effective:
+        _out.print("[green]effective[/]: every member has signed")
+    else:
+        _out.print(f"[yellow]not effective[/]: missing {', '.join(signed.missing)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console entry point (``tisa``)."""
+    tisa.main(args=list(argv) if argv is not None else None, prog_name="tisa")
+
+
+if __name__ == "__main__":
+    main()
