@@ -1,0 +1,208 @@
+"""Typed events a member node reports to its application, and delivered reports.
+
+Every event is written to the node's store in the same transaction as the state change
+that caused it, so an event the application has not consumed yet survives a restart
+(see :meth:`clients.node.Node.events`). :func:`encode_event` / :func:`decode_event` are
+the store's record format: a kind name and a msgpack map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from typing import Any, ClassVar
+
+import msgpack
+
+from tisa.errors import ProtocolError, Reason, Refused, TisaError, VerificationError
+from tisa.receipt import Receipt, StoredAck
+from tisa.report import ReportHeader
+
+__all__ = [
+    "DeliveredReport",
+    "DeliveryRejected",
+    "Event",
+    "ExpiredEvent",
+    "ReceiptEvent",
+    "RefusedEvent",
+    "ReleaseGap",
+    "Released",
+    "RevokedEvent",
+    "Stored",
+    "decode_event",
+    "encode_event",
+]
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Event:
+    """Base of the node's events."""
+
+    KIND: ClassVar[str] = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Stored(Event):
+    """The relay stored a submission durably; ``ack`` is its signed, verified ack."""
+
+    KIND: ClassVar[str] = "stored"
+    report: bytes
+    ack: StoredAck
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Released(Event):
+    """The relay accepted (and consumed) the release token ``token`` for ``recipient``."""
+
+    KIND: ClassVar[str] = "released"
+    report: bytes
+    token: bytes
+    recipient: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RefusedEvent(Event):
+    """Something this node sent was refused. ``ref`` is the report or token id it
+    concerned (empty for a refused connection)."""
+
+    KIND: ClassVar[str] = "refused"
+    ref: bytes
+    reason: Reason
+    detail: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ExpiredEvent(Event):
+    """The relay expired a held report (``token`` None) or an undelivered token."""
+
+    KIND: ClassVar[str] = "expired"
+    report: bytes
+    token: bytes | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RevokedEvent(Event):
+    """The relay carried out a revocation of a token, or of the whole report."""
+
+    KIND: ClassVar[str] = "revoked"
+    report: bytes
+    token: bytes | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReceiptEvent(Event):
+    """A recipient's signed receipt for one of this node's reports (verified)."""
+
+    KIND: ClassVar[str] = "receipt"
+    receipt: Receipt
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ReleaseGap(Event):
+    """A release counter from ``originator`` skipped values: a release the relay may
+    have dropped (or one the originator withdrew before it reached this node)."""
+
+    KIND: ClassVar[str] = "release_gap"
+    originator: str
+    expected: int
+    got: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveryRejected(Event):
+    """A delivery failed verification or policy at this node and was not handed over.
+
+    ``error`` is :class:`~tisa.errors.VerificationError` (opaque), a
+    :class:`~tisa.errors.Refused` with its reason (``replayed`` for a report seen
+    before under another token, ``expired``, ``wrong_recipient``, ...) or a
+    :class:`~tisa.errors.ProtocolError`.
+    """
+
+    KIND: ClassVar[str] = "delivery_rejected"
+    token_id: bytes
+    error: TisaError
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeliveredReport:
+    """A verified report, stored in this node's inbox and handed to the application.
+
+    ``body`` is the plaintext in memory when it is small, else the path of a file in
+    the inbox holding it; the same holds per attachment.
+    """
+
+    header: ReportHeader
+    body: bytes | pathlib.Path
+    attachments: dict[str, bytes | pathlib.Path]
+    token_id: bytes
+    originator: str
+
+    @property
+    def report_id(self) -> bytes:
+        return self.header.id
+
+    def read_body(self) -> bytes:
+        """The body as bytes, reading the file when it was too large to hold."""
+        return self.body if isinstance(self.body, bytes) else self.body.read_bytes()
+
+
+_EVENTS: dict[str, type[Event]] = {
+    cls.KIND: cls
+    for cls in (
+        Stored,
+        Released,
+        RefusedEvent,
+        ExpiredEvent,
+        RevokedEvent,
+        ReceiptEvent,
+        ReleaseGap,
+        DeliveryRejected,
+    )
+}
+
+
+def _error_record(error: TisaError) -> dict[str, Any]:
+    if isinstance(error, Refused):
+        return {"e": "refused", "reason": error.reason.value, "detail": error.detail}
+    if isinstance(error, ProtocolError):
+        return {"e": "protocol", "detail": error.detail}
+    return {"e": "verification"}
+
+
+def _error_from(record: dict[str, Any]) -> TisaError:
+    if record["e"] == "refused":
+        return Refused(Reason(record["reason"]), record["detail"])
+    if record["e"] == "protocol":
+        return ProtocolError(record["detail"])
+    return VerificationError()
+
+
+def encode_event(event: Event) -> tuple[str, bytes]:
+    """The store record of ``event``: (kind, msgpack bytes)."""
+    fields: dict[str, Any] = {}
+    for field in dataclasses.fields(event):
+        value = getattr(event, field.name)
+        if isinstance(value, StoredAck | Receipt):
+            value = value.encoded
+        elif isinstance(value, TisaError):
+            value = _error_record(value)
+        elif isinstance(value, Reason):
+            value = value.value
+        fields[field.name] = value
+    packed: bytes = msgpack.packb(fields, use_bin_type=True)
+    return event.KIND, packed
+
+
+def decode_event(kind: str, data: bytes, *, arrangement: Any) -> Event:
+    """Rebuild an event from its store record (signed parts are verified again)."""
+    cls = _EVENTS[kind]
+    fields: dict[str, Any] = msgpack.unpackb(data, raw=False)
+    if cls is Stored:
+        fields["ack"] = StoredAck.verify(fields["ack"], arrangement)
+    elif cls is ReceiptEvent:
+        fields["receipt"] = Receipt.verify(fields["receipt"], arrangement)
+    elif cls is DeliveryRejected:
+        fields["error"] = _error_from(fields["error"])
+    elif cls is RefusedEvent:
+        fields["reason"] = Reason(fields["reason"])
+    return cls(**fields)

@@ -1,0 +1,761 @@
+"""A member node's durable state: SQLite (WAL, synchronous=FULL) plus files beside it.
+
+Layout of a store directory::
+
+    member.db            the database (tables below)
+    outbox/<id>.sealed   sealed report ciphertext waiting to be stored by the relay
+    inbox/<token>/       a delivered report: ``body`` and ``a<i>`` per attachment
+    tmp/                 files being written; anything here at start-up is debris
+
+Rules that make it crash-safe:
+
+* A file is written, fsynced, renamed into place and its directory fsynced *before*
+  the row that refers to it is committed. A crash in between leaves an unreferenced
+  file, which :meth:`MemberStore.open` removes; never a row without its file.
+* Every state change commits together with the event it causes (table ``events``), so
+  an event is never lost and never reported for a change that did not happen.
+* A release counter is incremented in the transaction that records the token, which
+  commits before the token is sent: a counter value is never used twice.
+* The seen-set (token and report ids) and the inbox row commit in one transaction, and
+  the node acknowledges a delivery to the relay only after that commit.
+
+Everything here is synchronous and cheap except the fsyncs; the node calls it from its
+trio thread. One :class:`MemberStore` per directory, one process at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pathlib
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from clients.events import Event, encode_event
+from tisa import encoding as enc
+from tisa.errors import UsageError
+from tisa.report import ReportHeader
+from tisa.token import ReleaseToken
+
+__all__ = [
+    "InboxEntry",
+    "MemberStore",
+    "Submission",
+    "PendingRelease",
+    "PendingRevocation",
+    "fsync_dir",
+    "write_durably",
+]
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox (
+    report BLOB PRIMARY KEY,
+    file TEXT NOT NULL,            -- ciphertext file name in outbox/, '' once dropped
+    size INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    content_key BLOB NOT NULL,     -- kept to issue tokens later (hold, then release)
+    scope TEXT NOT NULL,
+    level TEXT NOT NULL,
+    recipients TEXT NOT NULL,      -- JSON list of names
+    expires INTEGER NOT NULL,
+    created INTEGER NOT NULL,
+    state TEXT NOT NULL,           -- queued | stored | refused | revoked | expired
+    ack BLOB,
+    reason TEXT,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS releases (
+    token BLOB PRIMARY KEY,
+    report BLOB NOT NULL,
+    recipient TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    encoded BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    state TEXT NOT NULL,           -- pending | released | refused | revoked | expired
+    reason TEXT,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS releases_state ON releases (state, created);
+CREATE TABLE IF NOT EXISTS revocations (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    report BLOB NOT NULL,
+    token BLOB,
+    state TEXT NOT NULL,           -- pending | revoked | refused
+    reason TEXT,
+    detail TEXT
+);
+CREATE TABLE IF NOT EXISTS issued_counters (
+    recipient TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen_counters (
+    originator TEXT PRIMARY KEY,
+    last INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    id BLOB NOT NULL,
+    kind TEXT NOT NULL,            -- token | report
+    at INTEGER NOT NULL,
+    PRIMARY KEY (kind, id)
+);
+CREATE TABLE IF NOT EXISTS inbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    token BLOB NOT NULL UNIQUE,
+    report BLOB NOT NULL UNIQUE,
+    originator TEXT NOT NULL,
+    header BLOB NOT NULL,          -- canonical encoding of the verified ReportHeader
+    dir TEXT NOT NULL,             -- directory name under inbox/
+    received INTEGER NOT NULL,
+    handed INTEGER NOT NULL DEFAULT 0,
+    receipt BLOB NOT NULL,         -- our signed receipt, sent to the originator
+    receipt_sent INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS rejected (
+    token BLOB PRIMARY KEY,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS receipts (
+    token BLOB PRIMARY KEY,
+    report BLOB NOT NULL,
+    recipient TEXT NOT NULL,
+    encoded BLOB NOT NULL,
+    received INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    seq INTEGER NOT NULL,
+    head BLOB NOT NULL,
+    checkpoint BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+
+# Events kept for an application that does not consume them. Beyond this the oldest
+# are dropped: each is also recorded in the state tables (outbox, releases, receipts,
+# rejected), so nothing is lost, only its notification. 100,000 small rows is a few MB.
+MAX_STORED_EVENTS = 100_000
+
+
+def fsync_dir(path: pathlib.Path) -> None:
+    """Make a rename or creation inside ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: pathlib.Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary name; durable on return."""
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Submission:
+    """A row of the outbox."""
+
+    report: bytes
+    path: pathlib.Path | None
+    size: int
+    digest: bytes
+    content_key: bytes = dataclasses.field(repr=False)
+    scope: str
+    level: str
+    recipients: tuple[str, ...]
+    expires: int
+    created: int
+    state: str
+    ack: bytes | None
+    reason: str | None
+    detail: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PendingRelease:
+    token: bytes
+    report: bytes
+    recipient: str
+    counter: int
+    encoded: bytes
+    state: str
+    reason: str | None
+    detail: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PendingRevocation:
+    id: int
+    report: bytes
+    token: bytes | None
+    state: str
+    reason: str | None
+    detail: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class InboxEntry:
+    seq: int
+    token: bytes
+    header: ReportHeader
+    dir: pathlib.Path
+    handed: bool
+    receipt: bytes
+    receipt_sent: bool
+
+
+class MemberStore:
+    """The durable state of one member node (see the module docstring).
+
+    Args:
+        path: the store directory; created if missing.
+        name: the member's name, recorded on first use and checked afterwards so a
+            store is never opened as another member.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str) -> None:
+        self.root = pathlib.Path(path)
+        self.outbox_dir = self.root / "outbox"
+        self.inbox_dir = self.root / "inbox"
+        self.tmp_dir = self.root / "tmp"
+        for directory in (self.root, self.outbox_dir, self.inbox_dir, self.tmp_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.root / "member.db", isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        # executescript commits on its own; the statements are idempotent.
+        self._db.executescript(_SCHEMA)
+        with self.transaction() as db:
+            stored = dict(db.execute("SELECT key, value FROM meta").fetchall())
+            if not stored:
+                db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT INTO meta VALUES ('name', ?)", (name,))
+            elif stored.get("name") != name:
+                raise UsageError(f"store at {self.root} belongs to {stored.get('name')!r}")
+            elif stored.get("schema") != str(SCHEMA_VERSION):
+                raise UsageError(f"store schema {stored.get('schema')} is not supported")
+        self._clean_debris()
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: committed on normal exit, rolled back on any error."""
+        if self._db.in_transaction:
+            raise UsageError("nested store transaction")
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _clean_debris(self) -> None:
+        # Files that no committed row refers to: written before a crash that came
+        # before their row. Their content is either in the database elsewhere (a
+        # redelivery will bring it back) or never acknowledged to anyone.
+        for entry in self.tmp_dir.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        files = {row[0] for row in self._db.execute("SELECT file FROM outbox WHERE file != ''")}
+        for entry in self.outbox_dir.iterdir():
+            if entry.name not in files:
+                entry.unlink(missing_ok=True)
+        dirs = {row[0] for row in self._db.execute("SELECT dir FROM inbox")}
+        for entry in self.inbox_dir.iterdir():
+            if entry.name not in dirs:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    @staticmethod
+    def _event(db: sqlite3.Connection, event: Event) -> None:
+        kind, data = encode_event(event)
+        db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data))
+        # Bound the table; see MAX_STORED_EVENTS.
+        db.execute(
+            "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?",
+            (MAX_STORED_EVENTS,),
+        )
+
+    def add_event(self, event: Event) -> None:
+        """Record an event that goes with no other state change."""
+        with self.transaction() as db:
+            self._event(db, event)
+
+    # --- outbox (originator) ---------------------------------------------------------
+
+    def record_submission(
+        self,
+        *,
+        report: bytes,
+        file: str,
+        size: int,
+        digest: bytes,
+        content_key: bytes,
+        scope: str,
+        level: str,
+        recipients: tuple[str, ...],
+        expires: int,
+        created: int,
+    ) -> None:
+        """Queue a sealed report whose ciphertext file is already durable in outbox/."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
+                " recipients, expires, created, state) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')",
+                (
+                    report,
+                    file,
+                    size,
+                    digest,
+                    content_key,
+                    scope,
+                    level,
+                    json.dumps(list(recipients)),
+                    expires,
+                    created,
+                ),
+            )
+
+    def _submission(self, row: tuple[Any, ...]) -> Submission:
+        return Submission(
+            report=row[0],
+            path=self.outbox_dir / row[1] if row[1] else None,
+            size=row[2],
+            digest=row[3],
+            content_key=row[4],
+            scope=row[5],
+            level=row[6],
+            recipients=tuple(json.loads(row[7])),
+            expires=row[8],
+            created=row[9],
+            state=row[10],
+            ack=row[11],
+            reason=row[12],
+            detail=row[13],
+        )
+
+    _SUBMISSION_COLUMNS = (
+        "report, file, size, digest, content_key, scope, level, recipients, expires,"
+        " created, state, ack, reason, detail"
+    )
+
+    def submission(self, report: bytes) -> Submission | None:
+        row = self._db.execute(
+            f"SELECT {self._SUBMISSION_COLUMNS} FROM outbox WHERE report = ?", (report,)
+        ).fetchone()
+        return self._submission(row) if row else None
+
+    def queued_submissions(self) -> list[Submission]:
+        """Submissions the relay has not acknowledged, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {self._SUBMISSION_COLUMNS} FROM outbox WHERE state = 'queued'"
+            " ORDER BY created, rowid"
+        ).fetchall()
+        return [self._submission(row) for row in rows]
+
+    def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
+        """Record the relay's ack and drop the local ciphertext. False if not queued."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT file FROM outbox WHERE report = ? AND state = 'queued'", (report,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE outbox SET state = 'stored', ack = ?, file = '' WHERE report = ?",
+                (ack, report),
+            )
+            self._event(db, event)
+        if row[0]:
+            # After the commit: a crash before this unlink leaves debris, cleaned later.
+            (self.outbox_dir / row[0]).unlink(missing_ok=True)
+        return True
+
+    def set_submission_state(
+        self, report: bytes, state: str, event: Event, *, reason: str = "", detail: str = ""
+    ) -> None:
+        """Final state other than stored (refused, revoked, expired), with its event."""
+        with self.transaction() as db:
+            row = db.execute("SELECT file FROM outbox WHERE report = ?", (report,)).fetchone()
+            db.execute(
+                "UPDATE outbox SET state = ?, reason = ?, detail = ?, file = '' WHERE report = ?",
+                (state, reason or None, detail or None, report),
+            )
+            # Releases not yet accepted can never be now.
+            db.execute(
+                "UPDATE releases SET state = ?, reason = ? WHERE report = ? AND state = 'pending'",
+                (state, reason or state, report),
+            )
+            self._event(db, event)
+        if row and row[0]:
+            (self.outbox_dir / row[0]).unlink(missing_ok=True)
+
+    # --- releases (originator) -------------------------------------------------------
+
+    def issue_release(
+        self, report: bytes, recipient: str, make_token: Callable[[int], bytes], now: int
+    ) -> bytes:
+        """Take the next counter for ``recipient``, issue the token and record it.
+
+        The counter increment and the pending release commit together, before the
+        caller sends anything.
+
+        Returns:
+            The token id.
+        """
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT last FROM issued_counters WHERE recipient = ?", (recipient,)
+            ).fetchone()
+            counter = (row[0] if row else 0) + 1
+            encoded = make_token(counter)
+            token = ReleaseToken.decode(encoded)
+            db.execute(
+                "INSERT INTO issued_counters VALUES (?, ?)"
+                " ON CONFLICT (recipient) DO UPDATE SET last = excluded.last",
+                (recipient, counter),
+            )
+            db.execute(
+                "INSERT INTO releases (token, report, recipient, counter, encoded, created, state)"
+                " VALUES (?,?,?,?,?,?,'pending')",
+                (token.id, report, recipient, counter, encoded, now),
+            )
+        return token.id
+
+    _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail"
+
+    def _release(self, row: tuple[Any, ...]) -> PendingRelease:
+        return PendingRelease(
+            token=row[0],
+            report=row[1],
+            recipient=row[2],
+            counter=row[3],
+            encoded=row[4],
+            state=row[5],
+            reason=row[6],
+            detail=row[7],
+        )
+
+    def release(self, token: bytes) -> PendingRelease | None:
+        row = self._db.execute(
+            f"SELECT {self._RELEASE_COLUMNS} FROM releases WHERE token = ?", (token,)
+        ).fetchone()
+        return self._release(row) if row else None
+
+    def releases_of(self, report: bytes) -> list[PendingRelease]:
+        rows = self._db.execute(
+            f"SELECT {self._RELEASE_COLUMNS} FROM releases WHERE report = ? ORDER BY rowid",
+            (report,),
+        ).fetchall()
+        return [self._release(row) for row in rows]
+
+    def releases_to_send(self) -> list[PendingRelease]:
+        """Pending releases whose report the relay has stored, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {', '.join('r.' + c for c in self._RELEASE_COLUMNS.split(', '))}"
+            " FROM releases r JOIN outbox o ON o.report = r.report"
+            " WHERE r.state = 'pending' AND o.state = 'stored' ORDER BY r.created, r.rowid"
+        ).fetchall()
+        return [self._release(row) for row in rows]
+
+    def set_release_state(
+        self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
+    ) -> bool:
+        """Move a pending release to ``state``. False (and no event) if it was not pending."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE releases SET state = ?, reason = ?, detail = ?"
+                " WHERE token = ? AND state = 'pending'",
+                (state, reason or None, detail or None, token),
+            )
+            if cursor.rowcount == 0:
+                return False
+            if event is not None:
+                self._event(db, event)
+        return True
+
+    def force_release_state(self, token: bytes, state: str, event: Event) -> None:
+        """Record a relay-side outcome (expired, revoked) whatever the local state was."""
+        with self.transaction() as db:
+            db.execute("UPDATE releases SET state = ? WHERE token = ?", (state, token))
+            self._event(db, event)
+
+    # --- revocations (originator) ----------------------------------------------------
+
+    def record_revocation(self, report: bytes, token: bytes | None) -> int:
+        """Queue a revocation; releases of it not yet sent are withdrawn at once."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO revocations (report, token, state) VALUES (?, ?, 'pending')",
+                (report, token),
+            )
+            if token is None:
+                db.execute(
+                    "UPDATE releases SET state = 'revoked' WHERE report = ? AND state = 'pending'",
+                    (report,),
+                )
+            else:
+                db.execute(
+                    "UPDATE releases SET state = 'revoked' WHERE token = ? AND state = 'pending'",
+                    (token,),
+                )
+            assert cursor.lastrowid is not None
+            return cursor.lastrowid
+
+    def _revocation(self, row: tuple[Any, ...]) -> PendingRevocation:
+        return PendingRevocation(
+            id=row[0], report=row[1], token=row[2], state=row[3], reason=row[4], detail=row[5]
+        )
+
+    def revocation(self, rev_id: int) -> PendingRevocation | None:
+        row = self._db.execute(
+            "SELECT id, report, token, state, reason, detail FROM revocations WHERE id = ?",
+            (rev_id,),
+        ).fetchone()
+        return self._revocation(row) if row else None
+
+    def revocations_to_send(self) -> list[PendingRevocation]:
+        rows = self._db.execute(
+            "SELECT v.id, v.report, v.token, v.state, v.reason, v.detail FROM revocations v"
+            " JOIN outbox o ON o.report = v.report"
+            " WHERE v.state = 'pending' AND o.state != 'queued' ORDER BY v.id"
+        ).fetchall()
+        return [self._revocation(row) for row in rows]
+
+    def pending_revocation(self, report: bytes, token: bytes | None) -> PendingRevocation | None:
+        row = self._db.execute(
+            "SELECT id, report, token, state, reason, detail FROM revocations"
+            " WHERE report = ? AND token IS ? AND state = 'pending' ORDER BY id LIMIT 1",
+            (report, token),
+        ).fetchone()
+        return self._revocation(row) if row else None
+
+    def set_revocation_state(
+        self, rev_id: int, state: str, event: Event, *, reason: str = "", detail: str = ""
+    ) -> None:
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT report, token FROM revocations WHERE id = ?", (rev_id,)
+            ).fetchone()
+            db.execute(
+                "UPDATE revocations SET state = ?, reason = ?, detail = ? WHERE id = ?",
+                (state, reason or None, detail or None, rev_id),
+            )
+            if state == "revoked" and row is not None:
+                report, token = row
+                if token is None:
+                    db.execute("UPDATE outbox SET state = 'revoked' WHERE report = ?", (report,))
+                    db.execute(
+                        "UPDATE releases SET state = 'revoked' WHERE report = ?"
+                        " AND state IN ('pending', 'released')",
+                        (report,),
+                    )
+                else:
+                    db.execute("UPDATE releases SET state = 'revoked' WHERE token = ?", (token,))
+            self._event(db, event)
+
+    # --- receipts (originator) -------------------------------------------------------
+
+    def add_receipt(
+        self, *, token: bytes, report: bytes, recipient: str, encoded: bytes, now: int, event: Event
+    ) -> bool:
+        """Record a verified receipt. False if it was already known (no new event)."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)",
+                (token, report, recipient, encoded, now),
+            )
+            if cursor.rowcount == 0:
+                return False
+            self._event(db, event)
+        return True
+
+    def receipts(self) -> list[bytes]:
+        return [r[0] for r in self._db.execute("SELECT encoded FROM receipts ORDER BY rowid")]
+
+    # --- deliveries (recipient) ------------------------------------------------------
+
+    def seen(self, kind: str, ident: bytes) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM seen WHERE kind = ? AND id = ?", (kind, ident)
+        ).fetchone()
+        return row is not None
+
+    def rejected(self, token: bytes) -> bool:
+        return (
+            self._db.execute("SELECT 1 FROM rejected WHERE token = ?", (token,)).fetchone()
+            is not None
+        )
+
+    def last_counter(self, originator: str) -> int:
+        row = self._db.execute(
+            "SELECT last FROM seen_counters WHERE originator = ?", (originator,)
+        ).fetchone()
+        return int(row[0]) if row else 0
+
+    def store_delivery(
+        self,
+        *,
+        token: ReleaseToken,
+        header: ReportHeader,
+        staged: pathlib.Path,
+        receipt: bytes,
+        now: int,
+        events: list[Event],
+    ) -> None:
+        """Move a verified delivery from tmp/ into the inbox and commit it as seen.
+
+        ``staged`` is a directory under tmp/ whose files are already fsynced. The rename
+        and the directory fsync happen before the commit, so a committed row always has
+        its files.
+        """
+        name = token.id.hex()
+        target = self.inbox_dir / name
+        if target.exists():  # debris of a crash between rename and commit
+            shutil.rmtree(target)
+        os.replace(staged, target)
+        fsync_dir(self.inbox_dir)
+        fsync_dir(self.tmp_dir)
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO inbox (token, report, originator, header, dir, received, receipt)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (
+                    token.id,
+                    header.id,
+                    header.originator,
+                    enc.pack(header.to_dict()),
+                    name,
+                    now,
+                    receipt,
+                ),
+            )
+            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token.id, now))
+            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'report', ?)", (header.id, now))
+            self._bump_counter(db, token)
+            for event in events:
+                self._event(db, event)
+
+    @staticmethod
+    def _bump_counter(db: sqlite3.Connection, token: ReleaseToken) -> None:
+        db.execute(
+            "INSERT INTO seen_counters VALUES (?, ?) ON CONFLICT (originator)"
+            " DO UPDATE SET last = MAX(last, excluded.last)",
+            (token.originator, token.counter),
+        )
+
+    def reject_delivery(
+        self,
+        *,
+        token_id: bytes,
+        token: ReleaseToken | None,
+        reason: str,
+        detail: str,
+        now: int,
+        events: list[Event],
+    ) -> None:
+        """Record a delivery that was refused here (its token id joins the seen-set)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO rejected VALUES (?, ?, ?, ?)",
+                (token_id, reason, detail, now),
+            )
+            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token_id, now))
+            if token is not None:
+                self._bump_counter(db, token)
+            for event in events:
+                self._event(db, event)
+
+    def _inbox(self, row: tuple[Any, ...]) -> InboxEntry:
+        return InboxEntry(
+            seq=row[0],
+            token=row[1],
+            header=ReportHeader.decode(row[2]),
+            dir=self.inbox_dir / row[3],
+            handed=bool(row[4]),
+            receipt=row[5],
+            receipt_sent=bool(row[6]),
+        )
+
+    _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent"
+
+    def inbox_after(self, seq: int, *, limit: int) -> list[InboxEntry]:
+        """Reports not yet handed to the application, after ``seq``, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {self._INBOX_COLUMNS} FROM inbox WHERE handed = 0 AND seq > ?"
+            " ORDER BY seq LIMIT ?",
+            (seq, limit),
+        ).fetchall()
+        return [self._inbox(row) for row in rows]
+
+    def inbox_entry(self, token: bytes) -> InboxEntry | None:
+        row = self._db.execute(
+            f"SELECT {self._INBOX_COLUMNS} FROM inbox WHERE token = ?", (token,)
+        ).fetchone()
+        return self._inbox(row) if row else None
+
+    def mark_handed(self, token: bytes) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,))
+
+    def receipts_to_send(self) -> list[tuple[bytes, bytes]]:
+        """(token id, receipt) of stored reports whose receipt has not been sent."""
+        return list(
+            self._db.execute("SELECT token, receipt FROM inbox WHERE receipt_sent = 0 ORDER BY seq")
+        )
+
+    def mark_receipt_sent(self, token: bytes) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE inbox SET receipt_sent = 1 WHERE token = ?", (token,))
+
+    # --- audit -----------------------------------------------------------------------
+
+    def audit_checkpoint(self) -> tuple[int, bytes] | None:
+        row = self._db.execute("SELECT seq, head FROM audit WHERE id = 1").fetchone()
+        return (int(row[0]), bytes(row[1])) if row else None
+
+    def set_audit_checkpoint(self, seq: int, head: bytes, checkpoint: bytes) -> None:
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO audit VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " seq = excluded.seq, head = excluded.head, checkpoint = excluded.checkpoint",
+                (seq, head, checkpoint),
+            )
+
+    # --- events ----------------------------------------------------------------------
+
+    def events_after(self, seq: int, *, limit: int) -> list[tuple[int, str, bytes]]:
+        return list(
+            self._db.execute(
+                "SELECT seq, kind, data FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit),
+            )
+        )
+
+    def drop_event(self, seq: int) -> None:
+        """The application has taken event ``seq``: forget it."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM events WHERE seq = ?", (seq,))

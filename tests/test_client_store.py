@@ -1,0 +1,131 @@
+"""The member node's durable store: what survives a reopen, counters, debris."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from nodes.client_world import LEVEL, SCOPE, make_world
+
+from clients.events import RefusedEvent, Stored, decode_event, encode_event
+from clients.store import MemberStore
+from tisa.errors import Reason, UsageError
+from tisa.receipt import StoredAck
+from tisa.token import issue_token
+
+ARRANGEMENT, SECRETS = make_world()
+NOW = 1_700_000_000
+
+
+def _queue(store: MemberStore, report: bytes = b"r" * 16) -> None:
+    (store.outbox_dir / "r.sealed").write_bytes(b"ciphertext")
+    store.record_submission(
+        report=report,
+        file="r.sealed",
+        size=2000,
+        digest=b"d" * 32,
+        content_key=b"k" * 32,
+        scope=SCOPE,
+        level=LEVEL,
+        recipients=("tokyo",),
+        expires=NOW + 60,
+        created=NOW,
+    )
+
+
+def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
+    return issue_token(
+        SECRETS["seoul"],
+        "seoul",
+        ARRANGEMENT,
+        recipient="tokyo",
+        report_id=report,
+        digest=b"d" * 32,
+        size=2000,
+        content_key=b"k" * 32,
+        scope=SCOPE,
+        level=LEVEL,
+        not_before=NOW,
+        not_after=NOW + 60,
+        counter=counter,
+    )
+
+
+def test_outbox_and_counters_survive_reopen(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store)
+    first = store.issue_release(b"r" * 16, "tokyo", _token, NOW)
+    store.close()
+
+    store = MemberStore(tmp_path, "seoul")
+    [queued] = store.queued_submissions()
+    assert queued.report == b"r" * 16 and queued.path is not None and queued.path.exists()
+    assert store.releases_to_send() == []  # not before the relay stored the report
+    second = store.issue_release(b"r" * 16, "tokyo", _token, NOW)
+    assert [r.counter for r in store.releases_of(b"r" * 16)] == [1, 2]
+    assert first != second
+
+    ack = StoredAck.issue(
+        SECRETS["washington"],
+        ARRANGEMENT,
+        report=b"r" * 16,
+        originator="seoul",
+        digest=b"d" * 32,
+        size=2000,
+        stored=NOW,
+    )
+    assert store.mark_stored(b"r" * 16, ack.encoded, Stored(report=b"r" * 16, ack=ack))
+    assert not store.mark_stored(b"r" * 16, ack.encoded, Stored(report=b"r" * 16, ack=ack))
+    assert not queued.path.exists()  # the relay holds it now
+    assert [r.token for r in store.releases_to_send()] == [first, second]
+    [(seq, kind, data)] = store.events_after(0, limit=10)
+    assert decode_event(kind, data, arrangement=ARRANGEMENT) == Stored(report=b"r" * 16, ack=ack)
+    store.drop_event(seq)
+    assert store.events_after(0, limit=10) == []
+    store.close()
+
+
+def test_counter_is_not_reused_when_issuing_fails(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store)
+
+    def broken(counter: int) -> bytes:
+        raise UsageError("no")
+
+    with pytest.raises(UsageError):
+        store.issue_release(b"r" * 16, "tokyo", broken, NOW)
+    store.issue_release(b"r" * 16, "tokyo", _token, NOW)
+    assert [r.counter for r in store.releases_of(b"r" * 16)] == [1]
+    store.close()
+
+
+def test_store_belongs_to_one_member(tmp_path: pathlib.Path) -> None:
+    MemberStore(tmp_path, "seoul").close()
+    with pytest.raises(UsageError):
+        MemberStore(tmp_path, "tokyo")
+
+
+def test_debris_is_removed_on_open(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path, "tokyo")
+    (store.outbox_dir / "orphan.sealed").write_bytes(b"x")
+    (store.inbox_dir / "orphan").mkdir()
+    (store.tmp_dir / "half").write_bytes(b"x")
+    store.close()
+    store = MemberStore(tmp_path, "tokyo")
+    assert not any(store.outbox_dir.iterdir())
+    assert not any(store.inbox_dir.iterdir())
+    assert not any(store.tmp_dir.iterdir())
+    store.close()
+
+
+def test_event_records_round_trip() -> None:
+    event = RefusedEvent(ref=b"x" * 16, reason=Reason.OUT_OF_SCOPE, detail="no")
+    kind, data = encode_event(event)
+    assert decode_event(kind, data, arrangement=ARRANGEMENT) == event
+
+
+def test_sqlite_is_wal_and_full_sync(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path, "tokyo")
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    store.close()
