@@ -44,6 +44,8 @@ MAX_SCOPES = 256
 MAX_LEVELS = 64
 # An arrangement file, signatures included.
 MAX_ARRANGEMENT_SIZE = 256 * 1024
+# Highest version number; one amendment a second would take over a century to reach it.
+MAX_VERSION = 2**32
 
 
 class Role(enum.StrEnum):
@@ -73,7 +75,12 @@ class Member:
         check_name(self.name, "member name")
         if not isinstance(self.identity, PublicIdentity):
             raise UsageError("identity must be a PublicIdentity")
-        roles = frozenset(Role(r) for r in self.roles)
+        if isinstance(self.roles, str):
+            raise UsageError("roles is a set of Role values, not one string")
+        try:
+            roles = frozenset(Role(r) for r in self.roles)
+        except (TypeError, ValueError):
+            raise UsageError(f"member {self.name!r}: roles must be Role values") from None
         if not roles:
             raise UsageError(f"member {self.name!r} has no role")
         if Role.RELAY in roles and len(roles) > 1:
@@ -134,9 +141,18 @@ class Arrangement:
 
     def __post_init__(self) -> None:
         check_name(self.name, "arrangement name")
-        if isinstance(self.version, bool) or not isinstance(self.version, int) or self.version < 1:
-            raise UsageError("version must be an integer >= 1")
-        if isinstance(self.created, bool) or not isinstance(self.created, int) or self.created < 0:
+        # Bounds as in decode(), so every arrangement built here can be loaded again.
+        if (
+            isinstance(self.version, bool)
+            or not isinstance(self.version, int)
+            or not 1 <= self.version <= MAX_VERSION
+        ):
+            raise UsageError(f"version must be an integer in 1..{MAX_VERSION}")
+        if (
+            isinstance(self.created, bool)
+            or not isinstance(self.created, int)
+            or not 0 <= self.created < 2**64
+        ):
             raise UsageError("created must be a unix time in whole seconds")
         if self.previous is not None and (
             type(self.previous) is not bytes or len(self.previous) != DIGEST_SIZE
@@ -144,14 +160,15 @@ class Arrangement:
             raise UsageError("previous must be the 32-byte id of the previous version")
         if (self.version == 1) != (self.previous is None):
             raise UsageError("version 1 has no previous; every later version names one")
-        members = tuple(sorted(self.members, key=lambda m: m.name.encode("utf-8")))
+        members = tuple(self.members)
+        if not all(isinstance(member, Member) for member in members):
+            raise UsageError("members must be Member values")
+        members = tuple(sorted(members, key=lambda m: m.name.encode("utf-8")))
         if not 2 <= len(members) <= MAX_MEMBERS:
             raise UsageError(f"an arrangement has 2..{MAX_MEMBERS} members")
         by_name: dict[str, Member] = {}
         seen_keys: set[bytes] = set()
         for member in members:
-            if not isinstance(member, Member):
-                raise UsageError("members must be Member values")
             if member.name in by_name:
                 raise UsageError(f"member {member.name!r} listed twice")
             for raw in (member.identity.signing.raw, member.identity.encryption.raw):
@@ -169,6 +186,9 @@ class Arrangement:
             raise UsageError("no member may originate reports")
         if not any(Role.RECIPIENT in m.roles for m in members):
             raise UsageError("no member may receive reports")
+        if isinstance(self.scopes, str) or isinstance(self.levels, str):
+            # A lone string would be taken apart into one-letter names.
+            raise UsageError("scopes and levels are sequences of names, not one string")
         scopes = tuple(sorted({check_name(s, "scope") for s in self.scopes}, key=str.encode))
         if not 1 <= len(scopes) <= MAX_SCOPES or len(scopes) != len(self.scopes):
             raise UsageError(f"1..{MAX_SCOPES} distinct scopes")
@@ -210,7 +230,7 @@ class Arrangement:
             {
                 "v": enc.uint(1, 1),
                 "name": _name,
-                "version": enc.uint(2**32, 1),
+                "version": enc.uint(MAX_VERSION, 1),
                 "previous": enc.optional(enc.bin_exact(DIGEST_SIZE)),
                 "members": enc.list_of(lambda v, p: v, max_items=MAX_MEMBERS, min_items=2),
                 "relay": _name,
@@ -301,7 +321,7 @@ class Arrangement:
         """A new version with ``changes`` applied, ``previous`` set to this id."""
         if "version" in changes or "previous" in changes:
             raise UsageError("amend sets version and previous itself")
-        fields = {
+        fields: dict[str, Any] = {
             "name": self.name,
             "members": self.members,
             "relay": self.relay,
@@ -309,6 +329,8 @@ class Arrangement:
             "levels": self.levels,
             "created": self.created,
         }
+        if unknown := changes.keys() - fields.keys():
+            raise UsageError(f"amend cannot change {sorted(unknown)}")
         fields.update(changes)
         return Arrangement(version=self.version + 1, previous=self.id, **fields)
 
@@ -321,6 +343,8 @@ class SignedArrangement:
     signatures: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.arrangement, Arrangement):
+            raise UsageError("arrangement must be an Arrangement")
         checked: dict[str, bytes] = {}
         for name, signature in sorted(self.signatures.items()):
             member = self.arrangement.member(name)

@@ -83,20 +83,35 @@ def pack(value: Mapping[str, Any]) -> bytes:
 
 def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     # Called by the C decoder for every map: keys must be strings in strictly increasing
-    # order (which also rules out duplicates), and no value may be a float. Lists are
-    # checked one level down; deeper floats cannot pass any schema (no field takes one).
+    # order (which also rules out duplicates). Value types are checked by _check_tree.
     previous = None
-    for key, value in pairs:
+    for key, _ in pairs:
         if type(key) is not str:
             _fail("map key is not a string")
         if previous is not None and key <= previous:
             _fail("duplicate key" if key == previous else "map keys not in canonical order")
         previous = key
-        if type(value) is float or (
-            type(value) is list and any(type(item) is float for item in value)
-        ):
-            _fail("floats are not allowed")
     return dict(pairs)
+
+
+_SCALARS = frozenset({bytes, str, int, bool, type(None)})
+
+
+def _check_tree(value: dict[str, Any]) -> None:
+    # A float64 and a timestamp (ext -1, which msgpack decodes itself without calling
+    # ext_hook) both re-encode to the bytes they came from, and msgpack bounds nesting
+    # only near 1024; so one walk, without recursion, checks types and depth.
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        container, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            _fail("nesting too deep")
+        for item in container.values() if type(container) is dict else container:
+            kind = type(item)
+            if kind is dict or kind is list:
+                stack.append((item, depth + 1))
+            elif kind not in _SCALARS:
+                _fail(f"{'floats are' if kind is float else 'this type is'} not allowed")
 
 
 def _no_ext(code: int, data: bytes) -> NoReturn:
@@ -137,6 +152,7 @@ def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
         raise ProtocolError(f"not msgpack: {type(exc).__name__}") from None
     if type(value) is not dict:
         _fail("top level is not a map")
+    _check_tree(value)
     # Keys were checked in order by the hook, so re-encoding in C as decoded gives the
     # canonical bytes; any other form of the same value (long int or length encodings,
     # str for bin, a float) differs here.

@@ -243,10 +243,15 @@ class MemberSecret:
 
         Raises:
             VerificationError: the box was not sealed to this key or was altered.
+            UsageError: ``sealed`` is not bytes.
         """
+        if not isinstance(sealed, bytes | bytearray | memoryview):
+            raise UsageError("unseal takes bytes")
         try:
             return bytes(
-                sodium.crypto_box_seal_open(sealed, self._public.encryption.raw, self._box_secret)
+                sodium.crypto_box_seal_open(
+                    bytes(sealed), self._public.encryption.raw, self._box_secret
+                )
             )
         except (nacl.exceptions.CryptoError, nacl.exceptions.TypeError, ValueError):
             raise VerificationError() from None
@@ -302,8 +307,9 @@ class MemberSecret:
         Raises:
             KeyFileError: wrong passphrase, damaged file, or not a key file.
         """
-        if not isinstance(data, bytes) or not isinstance(passphrase, str):
+        if not isinstance(data, bytes | bytearray) or not isinstance(passphrase, str):
             raise UsageError("from_keyfile takes the file's bytes and a passphrase string")
+        data = bytes(data)
         if not data.startswith(KEYFILE_MAGIC):
             raise KeyFileError("not a tisa key file")
         try:
