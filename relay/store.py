@@ -1,0 +1,745 @@
+"""The relay's durable state: SQLite (WAL, synchronous=FULL) plus ciphertext files.
+
+Layout of a store directory::
+
+    relay.db        reports, tokens, receipts, notices, audit log
+    blobs/<hex id>  one sealed report's ciphertext (never a key, never plaintext)
+    tmp/            uploads in progress; emptied when the store opens
+
+Rules that make the relay lose nothing:
+
+* A ciphertext is written to ``tmp/``, fsynced, renamed into ``blobs/`` and the
+  directory fsynced (:meth:`BlobWriter.place`) before its row is committed
+  (:meth:`Store.add_report`), and the row is committed before ``stored`` is sent.
+* Consuming a token and creating its pending delivery is one transaction
+  (:meth:`Store.release`); the token id is the primary key, so a second use fails.
+* Every audit entry is appended in the same transaction as the state change it records.
+* A row's blob is deleted only after the row's ``deleted`` state is committed; blobs
+  without a live row (a crash between rename and commit, or between commit and unlink)
+  are swept when the store opens.
+
+All methods are synchronous and short; the one slow step, fsync, is in
+:meth:`BlobWriter.place`, which the server runs in a worker thread. One :class:`Store`
+is used from one thread at a time (the trio thread).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
+from tisa.errors import Reason, Refused, UsageError
+from tisa.keys import Hash, Hasher, random_id
+from tisa.receipt import Receipt
+from tisa.token import MAX_VALIDITY, ReleaseToken
+
+__all__ = [
+    "BlobWriter",
+    "ReceiptRow",
+    "ReportRow",
+    "Store",
+    "TokenRow",
+    "NoticeRow",
+]
+
+DB_NAME = "relay.db"
+SCHEMA_VERSION = 1
+
+# Token states in which a delivery is still owed to the recipient.
+OUTSTANDING = ("pending", "delivered")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reports (
+    id BLOB PRIMARY KEY,
+    originator TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    digest BLOB NOT NULL,
+    path TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('held', 'released', 'deleted')),
+    ended TEXT,
+    expires INTEGER NOT NULL,
+    stored_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS reports_expiry ON reports (state, expires);
+CREATE TABLE IF NOT EXISTS tokens (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id BLOB NOT NULL UNIQUE,
+    report BLOB NOT NULL,
+    recipient TEXT NOT NULL,
+    originator TEXT NOT NULL,
+    token BLOB NOT NULL,
+    counter INTEGER NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'delivered', 'acked', 'revoked', 'expired')),
+    not_after INTEGER NOT NULL,
+    keep_until INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS tokens_recipient ON tokens (recipient, state, seq);
+CREATE INDEX IF NOT EXISTS tokens_report ON tokens (report, state);
+CREATE INDEX IF NOT EXISTS tokens_expiry ON tokens (state, not_after);
+CREATE TABLE IF NOT EXISTS receipts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    originator TEXT NOT NULL,
+    token BLOB NOT NULL UNIQUE,
+    receipt BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'acked'))
+);
+CREATE INDEX IF NOT EXISTS receipts_originator ON receipts (originator, state, seq);
+CREATE TABLE IF NOT EXISTS notices (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    member TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('expired', 'revoked')),
+    report BLOB NOT NULL,
+    token BLOB
+);
+CREATE INDEX IF NOT EXISTS notices_member ON notices (member, seq);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY,
+    entry BLOB NOT NULL,
+    content BLOB NOT NULL,
+    head BLOB NOT NULL
+);
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReportRow:
+    id: bytes
+    originator: str
+    size: int
+    digest: bytes
+    state: str  # held, released, deleted
+    ended: str | None  # why it was deleted: "expired", "revoked", "done"
+    expires: int
+    stored_at: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TokenRow:
+    seq: int
+    id: bytes
+    report: bytes
+    recipient: str
+    originator: str
+    token: bytes
+    counter: int
+    state: str
+    not_after: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReceiptRow:
+    seq: int
+    originator: str
+    token: bytes
+    receipt: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class NoticeRow:
+    seq: int
+    member: str
+    kind: str
+    report: bytes
+    token: bytes | None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobWriter:
+    """One upload in progress: a temporary file and a running digest.
+
+    :meth:`write` is cheap (one chunk into the page cache); :meth:`place` does the
+    fsyncs and the rename and should run in a worker thread. :meth:`abort` removes
+    the temporary file; it is safe to call at any point, also after :meth:`place`
+    (then it does nothing).
+    """
+
+    __slots__ = ("_file", "_hasher", "_placed", "_target", "_temp", "written")
+
+    def __init__(self, temp: Path, target: Path) -> None:
+        self._temp = temp
+        self._target = target
+        self._file: BinaryIO | None = open(temp, "xb")  # noqa: SIM115 - closed in place/abort
+        self._hasher = Hasher(Hash.CIPHERTEXT)
+        self._placed = False
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise UsageError("the upload is finished")
+        self._file.write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def digest(self) -> bytes:
+        """The ciphertext digest of everything written (call once, at the end)."""
+        return self._hasher.finish()
+
+    def place(self) -> None:
+        """Flush, fsync, rename into ``blobs/`` and fsync the directory. Blocking."""
+        if self._file is None:
+            raise UsageError("the upload is finished")
+        file, self._file = self._file, None
+        try:
+            file.flush()
+            os.fsync(file.fileno())
+        finally:
+            file.close()
+        os.replace(self._temp, self._target)
+        _fsync_dir(self._target.parent)
+        self._placed = True
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if not self._placed:
+            with contextlib.suppress(FileNotFoundError):
+                self._temp.unlink()
+
+
+class Store:
+    """The relay's durable state in ``directory``.
+
+    Args:
+        directory: created if missing.
+
+    Raises:
+        UsageError: the directory holds a store of another schema version.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+        self.blobs = self.directory / "blobs"
+        self.tmp = self.directory / "tmp"
+        for path in (self.directory, self.blobs, self.tmp):
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._db = sqlite3.connect(
+            self.directory / DB_NAME, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version not in (0, SCHEMA_VERSION):
+            self._db.close()
+            raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
+        # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
+        self._db.executescript(_SCHEMA)
+        self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._load_head()
+        self._sweep_files()
+
+    def close(self) -> None:
+        self._db.close()
+
+    # --- plumbing --------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        # BEGIN IMMEDIATE: take the write lock up front, so the checks inside a
+        # transaction see the state the writes apply to.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._load_head()
+            raise
+        self._db.execute("COMMIT")
+
+    def _load_head(self) -> None:
+        row = self._db.execute("SELECT seq, head FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+        self._seq, self._head = (0, GENESIS) if row is None else (int(row[0]), bytes(row[1]))
+
+    def _audit(
+        self,
+        event: AuditEvent,
+        *,
+        now: int,
+        parties: tuple[str, ...],
+        report: bytes | None = None,
+        token: bytes | None = None,
+        reason: str | None = None,
+    ) -> AuditEntry:
+        # Called inside a transaction only: the entry commits with the change it records.
+        entry = AuditEntry(
+            seq=self._seq + 1,
+            time=max(now, 0),
+            event=event,
+            report=report,
+            token=token,
+            parties=tuple(sorted(set(parties), key=str.encode)),
+            reason=reason,
+        )
+        content = entry.content_hash
+        head = chain_next(self._head, content)
+        self._db.execute(
+            "INSERT INTO audit (seq, entry, content, head) VALUES (?, ?, ?, ?)",
+            (entry.seq, entry.encode(), content, head),
+        )
+        self._seq, self._head = entry.seq, head
+        return entry
+
+    def _sweep_files(self) -> None:
+        for path in self.tmp.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        live = {
+            bytes(row[0]).hex()
+            for row in self._db.execute("SELECT id FROM reports WHERE state != 'deleted'")
+        }
+        for path in self.blobs.iterdir():
+            if path.name not in live:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _remove_blob(self, report_id: bytes) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.blob_path(report_id).unlink()
+
+    # --- reports ---------------------------------------------------------------------
+
+    def blob_path(self, report_id: bytes) -> Path:
+        return self.blobs / report_id.hex()
+
+    def begin_upload(self, report_id: bytes) -> BlobWriter:
+        """A writer for a new blob of ``report_id`` (placed only by :meth:`BlobWriter.place`)."""
+        return BlobWriter(self.tmp / f"{random_id().hex()}.part", self.blob_path(report_id))
+
+    def report(self, report_id: bytes) -> ReportRow | None:
+        row = self._db.execute(
+            "SELECT id, originator, size, digest, state, ended, expires, stored_at"
+            " FROM reports WHERE id = ?",
+            (report_id,),
+        ).fetchone()
+        if row is None:
+            return None
+        return ReportRow(
+            bytes(row[0]), row[1], row[2], bytes(row[3]), row[4], row[5], row[6], row[7]
+        )
+
+    def add_report(
+        self, report_id: bytes, *, originator: str, size: int, digest: bytes, expires: int, now: int
+    ) -> ReportRow:
+        """Record a placed blob as a held report and log ``stored``, in one transaction."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO reports (id, originator, size, digest, path, state, expires,"
+                " stored_at) VALUES (?, ?, ?, ?, ?, 'held', ?, ?)",
+                (report_id, originator, size, digest, report_id.hex(), expires, now),
+            )
+            self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
+        row = self.report(report_id)
+        assert row is not None
+        return row
+
+    # --- tokens ----------------------------------------------------------------------
+
+    def _token_row(self, row: Any) -> TokenRow:
+        seq, id_, report, recipient, originator, token, counter, state, not_after = row
+        return TokenRow(
+            int(seq),
+            bytes(id_),
+            bytes(report),
+            str(recipient),
+            str(originator),
+            bytes(token),
+            int(counter),
+            str(state),
+            int(not_after),
+        )
+
+    _TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
+
+    def token(self, token_id: bytes) -> TokenRow | None:
+        row = self._db.execute(
+            f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
+        ).fetchone()
+        return None if row is None else self._token_row(row)
+
+    def queue_length(self, recipient: str) -> int:
+        """Deliveries still owed to ``recipient``."""
+        row = self._db.execute(
+            "SELECT COUNT(*) FROM tokens WHERE recipient = ? AND state IN (?, ?)",
+            (recipient, *OUTSTANDING),
+        ).fetchone()
+        return int(row[0])
+
+    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
+        """Consume ``token`` (already checked) and make its delivery pending, atomically.
+
+        Raises:
+            Refused: REPLAYED (the id was used), REVOKED (the id or the report was
+                revoked), EXPIRED (the report expired), UNKNOWN_REPORT, QUEUE_FULL
+                (the recipient has ``max_queue`` deliveries outstanding).
+        """
+        with self._transaction() as db:
+            seen = db.execute("SELECT state FROM tokens WHERE id = ?", (token.id,)).fetchone()
+            if seen is not None:
+                if seen[0] == "revoked":
+                    raise Refused(Reason.REVOKED, "this token was revoked")
+                raise Refused(Reason.REPLAYED, "this token was used before")
+            report = self.report(token.report)
+            if report is None:
+                raise Refused(Reason.UNKNOWN_REPORT, "no such report")
+            if report.state == "deleted":
+                if report.ended == "revoked":
+                    raise Refused(Reason.REVOKED, "the report was revoked")
+                raise Refused(Reason.EXPIRED, "the report is no longer held")
+            if report.expires <= now:
+                raise Refused(Reason.EXPIRED, "the report's hold time is over")
+            if self.queue_length(token.recipient) >= max_queue:
+                raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
+            db.execute(
+                "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
+                " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                (
+                    token.id,
+                    token.report,
+                    token.recipient,
+                    token.originator,
+                    token.encoded,
+                    token.counter,
+                    token.not_after,
+                    token.not_after + MAX_VALIDITY,
+                ),
+            )
+            db.execute(
+                "UPDATE reports SET state = 'released' WHERE id = ? AND state = 'held'",
+                (token.report,),
+            )
+            self._audit(
+                AuditEvent.RELEASED,
+                now=now,
+                parties=(token.originator, token.recipient),
+                report=token.report,
+                token=token.id,
+            )
+        row = self.token(token.id)
+        assert row is not None
+        return row
+
+    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
+        """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
+        (at most ``limit``; -1 for all)."""
+        rows = self._db.execute(
+            f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
+            " WHERE recipient = ? AND state IN (?, ?) AND seq > ? ORDER BY seq LIMIT ?",
+            (recipient, *OUTSTANDING, after, limit),
+        ).fetchall()
+        return [self._token_row(row) for row in rows]
+
+    def is_outstanding(self, token_id: bytes) -> bool:
+        row = self._db.execute("SELECT state FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        return row is not None and row[0] in OUTSTANDING
+
+    def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
+        """A delivery went out in full; the first time, log ``forwarded``."""
+        with self._transaction() as db:
+            row = self.token(token_id)
+            if row is None or row.state != "pending":
+                return
+            db.execute("UPDATE tokens SET state = 'delivered' WHERE id = ?", (token_id,))
+            self._audit(
+                AuditEvent.FORWARDED,
+                now=now,
+                parties=(row.originator, row.recipient),
+                report=row.report,
+                token=token_id,
+            )
+
+    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
+        """The recipient holds the report. Returns False for an unknown or foreign token;
+        an ack for a delivery no longer outstanding (acked, revoked, expired) is True."""
+        with self._transaction() as db:
+            row = self.token(token_id)
+            if row is None or row.recipient != recipient:
+                return False
+            if row.state not in OUTSTANDING:
+                return True
+            db.execute("UPDATE tokens SET state = 'acked' WHERE id = ?", (token_id,))
+            self._audit(
+                AuditEvent.ACKNOWLEDGED,
+                now=now,
+                parties=(row.originator, row.recipient),
+                report=row.report,
+                token=token_id,
+            )
+        return True
+
+    # --- revocation ------------------------------------------------------------------
+
+    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
+        """Withdraw one token (also one not released yet) or, with ``token_id`` None, the
+        whole report and its ciphertext.
+
+        Raises:
+            Refused: UNKNOWN_REPORT (no such report of ``by``), REPLAYED (the token was
+                already acked: it was used), EXPIRED (the token expired first),
+                WRONG_REPORT (the token belongs to another report).
+        """
+        delete = False
+        with self._transaction() as db:
+            report = self.report(report_id)
+            if report is None or report.originator != by:
+                raise Refused(Reason.UNKNOWN_REPORT, "no such report of yours")
+            if token_id is not None:
+                row = self.token(token_id)
+                if row is None:
+                    # Revoked before release: the id is recorded so a later release is
+                    # refused. recipient is unknown; '' matches no member.
+                    db.execute(
+                        "INSERT INTO tokens (id, report, recipient, originator, token, counter,"
+                        " state, not_after, keep_until)"
+                        " VALUES (?, ?, '', ?, x'', 0, 'revoked', ?, ?)",
+                        (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
+                    )
+                    parties: tuple[str, ...] = (by,)
+                else:
+                    if row.report != report_id:
+                        raise Refused(Reason.WRONG_REPORT, "the token names another report")
+                    if row.state == "acked":
+                        raise Refused(Reason.REPLAYED, "the token was already used")
+                    if row.state == "expired":
+                        raise Refused(Reason.EXPIRED, "the token expired")
+                    if row.state == "revoked":
+                        return
+                    db.execute("UPDATE tokens SET state = 'revoked' WHERE id = ?", (token_id,))
+                    parties = (by, row.recipient)
+                self._audit(
+                    AuditEvent.REVOKED, now=now, parties=parties, report=report_id, token=token_id
+                )
+                return
+            if report.state == "deleted" and report.ended == "revoked":
+                return
+            recipients = [
+                str(r[0])
+                for r in db.execute(
+                    "SELECT recipient FROM tokens WHERE report = ? AND state IN (?, ?)",
+                    (report_id, *OUTSTANDING),
+                )
+            ]
+            db.execute(
+                "UPDATE tokens SET state = 'revoked' WHERE report = ? AND state IN (?, ?)",
+                (report_id, *OUTSTANDING),
+            )
+            delete = report.state != "deleted"
+            db.execute(
+                "UPDATE reports SET state = 'deleted', ended = 'revoked' WHERE id = ?",
+                (report_id,),
+            )
+            self._audit(
+                AuditEvent.REVOKED, now=now, parties=(by, *recipients[:7]), report=report_id
+            )
+        if delete:
+            self._remove_blob(report_id)
+
+    # --- receipts and notices --------------------------------------------------------
+
+    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
+        """Queue a verified receipt for its originator. Returns False if it was queued
+        before (a resend).
+
+        Raises:
+            Refused: WRONG_REPORT when no delivery of that token to that recipient from
+                that originator exists.
+        """
+        with self._transaction() as db:
+            row = self.token(receipt.token)
+            if (
+                row is None
+                or row.recipient != receipt.recipient
+                or row.originator != receipt.originator
+                or row.report != receipt.report
+            ):
+                raise Refused(Reason.WRONG_REPORT, "no such delivery")
+            seen = db.execute("SELECT 1 FROM receipts WHERE token = ?", (receipt.token,)).fetchone()
+            if seen is not None:
+                return False
+            db.execute(
+                "INSERT INTO receipts (originator, token, receipt, state)"
+                " VALUES (?, ?, ?, 'queued')",
+                (receipt.originator, receipt.token, receipt.encoded),
+            )
+            self._audit(
+                AuditEvent.RECEIPT,
+                now=now,
+                parties=(receipt.originator, receipt.recipient),
+                report=receipt.report,
+                token=receipt.token,
+            )
+        return True
+
+    def queued_receipts(self, originator: str, *, after: int = 0) -> list[ReceiptRow]:
+        rows = self._db.execute(
+            "SELECT seq, originator, token, receipt FROM receipts"
+            " WHERE originator = ? AND state = 'queued' AND seq > ? ORDER BY seq",
+            (originator, after),
+        ).fetchall()
+        return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
+    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE receipts SET state = 'acked' WHERE token = ? AND originator = ?",
+                (token_id, originator),
+            )
+            return cursor.rowcount > 0
+
+    def notices(self, member: str, *, after: int = 0) -> list[NoticeRow]:
+        rows = self._db.execute(
+            "SELECT seq, member, kind, report, token FROM notices"
+            " WHERE member = ? AND seq > ? ORDER BY seq",
+            (member, after),
+        ).fetchall()
+        return [
+            NoticeRow(
+                int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), None if r[4] is None else bytes(r[4])
+            )
+            for r in rows
+        ]
+
+    def drop_notice(self, seq: int) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM notices WHERE seq = ?", (seq,))
+
+    # --- expiry ----------------------------------------------------------------------
+
+    def expire(self, *, now: int, clock_skew: int) -> set[str]:
+        """Expire deliveries whose token ran out and held reports past their time;
+        delete ciphertexts no delivery needs any more. Each expiry is logged and
+        queued as a notice to the originator.
+
+        Returns:
+            The members that got a notice (to wake their connections).
+        """
+        notified: set[str] = set()
+        deleted: list[bytes] = []
+        with self._transaction() as db:
+            expired_tokens = [
+                self._token_row(row)
+                for row in db.execute(
+                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
+                    " WHERE state IN (?, ?) AND not_after + ? <= ?",
+                    (*OUTSTANDING, clock_skew, now),
+                ).fetchall()
+            ]
+            for token in expired_tokens:
+                db.execute("UPDATE tokens SET state = 'expired' WHERE id = ?", (token.id,))
+                self._notice(token.originator, "expired", token.report, token.id)
+                notified.add(token.originator)
+                self._audit(
+                    AuditEvent.EXPIRED,
+                    now=now,
+                    parties=(token.originator, token.recipient),
+                    report=token.report,
+                    token=token.id,
+                )
+            for row in db.execute(
+                "SELECT id, originator, state FROM reports"
+                " WHERE state IN ('held', 'released') AND expires <= ?",
+                (now,),
+            ).fetchall():
+                report_id, originator, state = bytes(row[0]), str(row[1]), str(row[2])
+                if state == "released":
+                    busy = db.execute(
+                        "SELECT 1 FROM tokens WHERE report = ? AND state IN (?, ?) LIMIT 1",
+                        (report_id, *OUTSTANDING),
+                    ).fetchone()
+                    if busy is None:
+                        db.execute(
+                            "UPDATE reports SET state = 'deleted', ended = 'done' WHERE id = ?",
+                            (report_id,),
+                        )
+                        deleted.append(report_id)
+                    continue
+                db.execute(
+                    "UPDATE reports SET state = 'deleted', ended = 'expired' WHERE id = ?",
+                    (report_id,),
+                )
+                deleted.append(report_id)
+                self._notice(originator, "expired", report_id, None)
+                notified.add(originator)
+                self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
+            # Consumed token ids are kept until no token with that id could still be
+            # valid (not_after + the longest validity), so a replay is always caught.
+            db.execute(
+                "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
+                (now, *OUTSTANDING),
+            )
+        for report_id in deleted:
+            self._remove_blob(report_id)
+        return notified
+
+    def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
+        self._db.execute(
+            "INSERT INTO notices (member, kind, report, token) VALUES (?, ?, ?, ?)",
+            (member, kind, report, token),
+        )
+
+    # --- audit -----------------------------------------------------------------------
+
+    def log_refusal(
+        self,
+        *,
+        member: str,
+        reason: Reason,
+        now: int,
+        report: bytes | None = None,
+        token: bytes | None = None,
+        others: tuple[str, ...] = (),
+    ) -> AuditEntry:
+        """Log a refusal of something ``member`` sent (its own transaction)."""
+        with self._transaction():
+            return self._audit(
+                AuditEvent.REFUSED,
+                now=now,
+                parties=(member, *others),
+                report=report,
+                token=token,
+                reason=reason.value,
+            )
+
+    @property
+    def audit_seq(self) -> int:
+        """Sequence number of the last audit entry (0 when empty)."""
+        return self._seq
+
+    @property
+    def audit_head(self) -> bytes:
+        return self._head
+
+    def audit_point(self, seq: int) -> bytes | None:
+        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
+        if seq == 0:
+            return GENESIS
+        row = self._db.execute("SELECT head FROM audit WHERE seq = ?", (seq,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
+        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+        rows = self._db.execute(
+            "SELECT entry, content, head FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        rows = self._db.execute(
+            "SELECT length(entry) FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+        ).fetchall()
+        return [int(r[0]) for r in rows]
