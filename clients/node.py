@@ -1,0 +1,1067 @@
+"""The member node: a trio client of the relay with a durable outbox, inbox and seen-set.
+
+::
+
+    async with open_node(secret, "seoul", arrangement, ("127.0.0.1", port), path) as node:
+        report_id = await node.submit(b"...", recipients=["tokyo"], scope="nk.missile",
+                                      level="secret", release_to=["tokyo"])
+        await node.wait_stored(report_id)
+        async for event in node.events():
+            ...
+
+The node keeps one connection to the relay in a background task and reconnects with
+capped exponential backoff and jitter. Every call that changes state writes to the store
+(:mod:`clients.store`) first and then wakes the connection's sender, so what the
+application asked for goes out on the next connection even after a crash: queued
+submissions are resent (the relay answers a resubmission with the same digest
+``stored`` again), pending releases and revocations are resent, receipts not yet sent
+are sent. Incoming messages are handled by the connection's receiver; see
+``docs/node-protocol.md`` for the session protocol.
+
+Delivery is at-least-once on the wire and exactly-once to the application: a delivered
+report is verified, stored in the inbox together with its token and report id in the
+seen-set (one transaction), acknowledged to the relay only after that commit, and handed
+to :meth:`Node.reports` from the inbox. A redelivery of a stored report (lost ack, relay
+restart) is acknowledged again and never handed over twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import pathlib
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from typing import IO, Any, BinaryIO
+
+import trio
+
+from clients.events import (
+    DeliveredReport,
+    DeliveryRejected,
+    Event,
+    ExpiredEvent,
+    ReceiptEvent,
+    RefusedEvent,
+    Released,
+    ReleaseGap,
+    RevokedEvent,
+    Stored,
+    decode_event,
+)
+from clients.store import MemberStore, Submission, fsync_dir
+from relay.transport import Link, LinkClosed, connect_member
+from tisa import messages as m
+from tisa.arrangement import Arrangement
+from tisa.audit import GENESIS, MAX_EXTRACT_ENTRIES, AuditEntry, Extract, verify_extract
+from tisa.errors import (
+    ProtocolError,
+    Reason,
+    Refused,
+    RemoteError,
+    TisaError,
+    UsageError,
+    VerificationError,
+)
+from tisa.keys import MemberSecret
+from tisa.limits import CHUNK_SIZE, DEFAULT_LIMITS, Limits
+from tisa.messages import MAX_CHUNK_DATA
+from tisa.receipt import Receipt, StoredAck
+from tisa.report import ReportOpener, ReportSealer
+from tisa.token import MAX_VALIDITY, ReleaseToken, check_for_recipient, issue_token
+
+__all__ = [
+    "DEFAULT_BACKOFF",
+    "DEFAULT_HOLD_FOR",
+    "DEFAULT_VALID_FOR",
+    "Backoff",
+    "Node",
+    "open_node",
+]
+
+# How long the relay may hold a report nobody has been released to yet: a week, long
+# enough for a "hold, then approve" decision over a weekend; the relay caps it anyway.
+DEFAULT_HOLD_FOR = 7 * 24 * 3600.0
+# How long a release token is valid: a day covers a recipient that is offline overnight;
+# the relay expires the pending delivery (and tells the originator) after that.
+DEFAULT_VALID_FOR = 24 * 3600.0
+# Bodies and attachments up to this size are handed to the application as bytes; larger
+# ones as the path of their inbox file, so a report of any size needs constant memory.
+INLINE_MAX = 1024 * 1024
+# Events and reports buffered in memory for the application; beyond this the pumps wait
+# (the store keeps the rest; see Node.events).
+EVENT_BUFFER = 64
+REPORT_BUFFER = 16
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Backoff:
+    """Reconnection delays: ``initial`` seconds, times ``factor`` per failure, at most
+    ``maximum``; each delay is scaled by a random factor in ``[1 - jitter, 1]`` so that
+    members cut off together do not all return in the same instant."""
+
+    initial: float = 0.05
+    factor: float = 2.0
+    maximum: float = 10.0
+    jitter: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not (0 < self.initial <= self.maximum and self.factor >= 1 and 0 <= self.jitter < 1):
+            raise UsageError("backoff: 0 < initial <= maximum, factor >= 1, 0 <= jitter < 1")
+
+
+# Start fast (a relay restart is over in well under a second), cap at ten seconds so a
+# relay that is down for long is not hammered, and never waits long once it is back.
+DEFAULT_BACKOFF = Backoff()
+
+# What one connection may fail with; all of them mean "reconnect".
+_LINK_FAILURES = (LinkClosed, ProtocolError, VerificationError, OSError, trio.BrokenResourceError)
+
+
+class _SessionOver(Exception):
+    """The connection a request was sent on ended before the answer came."""
+
+
+@dataclasses.dataclass(slots=True)
+class _Session:
+    link: Link
+    over: trio.Event
+    audit_replies: trio.MemorySendChannel[bytes]
+
+
+class Node:
+    """A member's node. Made by :func:`open_node`; not constructed directly.
+
+    Attributes:
+        name: this member's name in the arrangement.
+        store: the durable state (:class:`clients.store.MemberStore`).
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: MemberSecret,
+        name: str,
+        arrangement: Arrangement,
+        relay_addr: tuple[str, int],
+        store: MemberStore,
+        limits: Limits,
+        clock: Callable[[], float],
+        backoff: Backoff,
+    ) -> None:
+        self._secret = secret
+        self.name = name
+        self._arrangement = arrangement
+        self._relay_addr = relay_addr
+        self.store = store
+        self._limits = limits
+        self._clock = clock
+        self._backoff = backoff
+        self._changed = trio.Event()
+        self._session: _Session | None = None
+        self._connected = trio.Event()
+        self._audit_lock = trio.Lock()
+        self._event_send, self._event_recv = trio.open_memory_channel[tuple[int, Event]](
+            EVENT_BUFFER
+        )
+        self._report_send, self._report_recv = trio.open_memory_channel[
+            tuple[int, DeliveredReport]
+        ](REPORT_BUFFER)
+
+    # --- small helpers ---------------------------------------------------------------
+
+    def _now(self) -> int:
+        return int(self._clock())
+
+    def _notify(self) -> None:
+        """Wake everyone waiting on a state change (sender, pumps, awaited calls)."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection to the relay is up (handshake done)."""
+        return self._session is not None
+
+    async def wait_connected(self) -> None:
+        """Wait until a connection to the relay is up."""
+        while self._session is None:
+            await self._connected.wait()
+
+    # --- originator: submit, release, revoke -----------------------------------------
+
+    async def submit(
+        self,
+        body: bytes | os.PathLike[str],
+        *,
+        recipients: Iterable[str],
+        scope: str,
+        level: str,
+        attachments: Sequence[tuple[str, bytes | os.PathLike[str]]] = (),
+        release_to: Iterable[str] = (),
+        hold_for: float = DEFAULT_HOLD_FOR,
+        valid_for: float = DEFAULT_VALID_FOR,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> bytes:
+        """Seal a report into the outbox; it goes to the relay now or on reconnection.
+
+        The arrangement is checked before anything is written. The report is sealed in a
+        worker thread, streaming from ``body`` (bytes or a file path) and the attachments
+        to a ciphertext file in the outbox in constant memory; the file is fsynced and
+        the submission recorded before this returns. A token is issued (and queued)
+        for every name in ``release_to``; the others wait for :meth:`release`.
+
+        Args:
+            body: the report body, as bytes or the path of a file to stream.
+            recipients: every member the report is sealed for (signed into it).
+            scope, level: as listed in the arrangement.
+            attachments: ``(name, bytes or path)`` pairs, in order.
+            release_to: recipients to release to at once (a subset of ``recipients``).
+            hold_for: seconds the relay may hold the report before it expires unreleased.
+            valid_for: validity of the tokens issued for ``release_to``, in seconds.
+            progress: called in the trio thread as ``progress(done, total)`` content
+                bytes while sealing.
+
+        Returns:
+            The report id.
+
+        Raises:
+            Refused: the arrangement does not allow this share (``not_a_member``,
+                ``wrong_role``, ``wrong_recipient``, ``out_of_scope``,
+                ``level_not_allowed``); nothing was written or sent.
+            UsageError: bad arguments (a ``release_to`` name not among the recipients,
+                a file that changed size while being read, sizes, names).
+            LimitExceeded: the sealed report would exceed ``limits.max_report_size``.
+            OSError: a file could not be read or the outbox written.
+
+        Cancellation: sealing runs to its end in its thread; a submission cancelled
+        before it was recorded leaves no trace (its partial file is removed on restart).
+        """
+        recipients = tuple(sorted(set(recipients), key=str.encode))
+        self._arrangement.check_share(self.name, recipients, scope, level)
+        release_to = tuple(dict.fromkeys(release_to))
+        for recipient in release_to:
+            if recipient not in recipients:
+                raise UsageError(f"release_to names {recipient!r}, who is not a recipient")
+        _check_window(hold_for, "hold_for", None)
+        _check_window(valid_for, "valid_for", MAX_VALIDITY)
+        parts: list[bytes | pathlib.Path] = [_part(body)]
+        names: list[str] = []
+        for attachment_name, data in attachments:
+            names.append(attachment_name)
+            parts.append(_part(data))
+        sizes = [len(p) if isinstance(p, bytes) else p.stat().st_size for p in parts]
+        now = self._now()
+        sealer = ReportSealer(
+            self._secret,
+            self.name,
+            self._arrangement,
+            recipients=recipients,
+            scope=scope,
+            level=level,
+            body_size=sizes[0],
+            attachments=list(zip(names, sizes[1:], strict=True)),
+            now=now,
+            max_report_size=self._limits.max_report_size,
+        )
+        file_name = sealer.report_id.hex() + ".sealed"
+        staged = self.store.tmp_dir / file_name
+        await trio.to_thread.run_sync(_seal_to_file, sealer, parts, staged, progress, sum(sizes))
+        os.replace(staged, self.store.outbox_dir / file_name)
+        fsync_dir(self.store.outbox_dir)
+        self.store.record_submission(
+            report=sealer.report_id,
+            file=file_name,
+            size=sealer.size,
+            digest=sealer.digest,
+            content_key=sealer.content_key,
+            scope=scope,
+            level=level,
+            recipients=recipients,
+            expires=now + int(hold_for),
+            created=now,
+        )
+        for recipient in release_to:
+            self._issue(sealer.report_id, recipient, valid_for)
+        self._notify()
+        return sealer.report_id
+
+    async def wait_stored(self, report_id: bytes) -> StoredAck:
+        """Wait until the relay has acknowledged storing ``report_id``.
+
+        Returns:
+            The relay's signed, verified acknowledgement.
+
+        Raises:
+            Refused: the relay refused the submission (its reason), or the report was
+                revoked (``revoked``) or expired (``expired``) first.
+            UsageError: this node never submitted ``report_id``.
+        """
+        while True:
+            changed = self._changed
+            submission = self._submission(report_id)
+            if submission.state == "stored":
+                assert submission.ack is not None
+                return StoredAck.verify(submission.ack, self._arrangement)
+            if submission.state != "queued":
+                raise _final_refusal(submission.state, submission.reason, submission.detail)
+            await changed.wait()
+
+    async def release(
+        self, report_id: bytes, recipient: str, *, valid_for: float = DEFAULT_VALID_FOR
+    ) -> bytes:
+        """Issue a release token for ``recipient`` and wait until the relay accepts it.
+
+        The token's counter is taken and the token recorded durably before it is sent;
+        it is sent once the relay has stored the report, on this connection or the next.
+
+        Args:
+            report_id: a report this node submitted.
+            recipient: one of the report's recipients.
+            valid_for: seconds the token stays valid (at most 30 days).
+
+        Returns:
+            The token id.
+
+        Raises:
+            Refused: refused here (``wrong_recipient``, or what the arrangement says) or
+                by the relay (``expired``, ``unknown_report``, ``queue_full``, ...), or
+                the report was refused, revoked or expired first.
+            UsageError: an unknown report or a bad ``valid_for``.
+
+        Cancellation: the token stays queued and is still sent; use :meth:`revoke` to
+        withdraw it.
+        """
+        _check_window(valid_for, "valid_for", MAX_VALIDITY)
+        token_id = self._issue(report_id, recipient, valid_for)
+        self._notify()
+        while True:
+            changed = self._changed
+            pending = self.store.release(token_id)
+            assert pending is not None
+            if pending.state == "released":
+                return token_id
+            if pending.state != "pending":
+                raise _final_refusal(pending.state, pending.reason, pending.detail)
+            await changed.wait()
+
+    def _issue(self, report_id: bytes, recipient: str, valid_for: float) -> bytes:
+        submission = self._submission(report_id)
+        if submission.state not in ("queued", "stored"):
+            raise _final_refusal(submission.state, submission.reason, submission.detail)
+        if recipient not in submission.recipients:
+            raise Refused(Reason.WRONG_RECIPIENT, f"{recipient!r} is not a recipient of it")
+        now = self._now()
+
+        def make_token(counter: int) -> bytes:
+            return issue_token(
+                self._secret,
+                self.name,
+                self._arrangement,
+                recipient=recipient,
+                report_id=report_id,
+                digest=submission.digest,
+                size=submission.size,
+                content_key=submission.content_key,
+                scope=submission.scope,
+                level=submission.level,
+                not_before=now,
+                not_after=now + int(valid_for),
+                counter=counter,
+            )
+
+        return self.store.issue_release(report_id, recipient, make_token, now)
+
+    async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> None:
+        """Withdraw one token, or with ``token_id`` None the whole report.
+
+        Releases not yet sent are withdrawn locally at once; the revocation is sent to
+        the relay (once it has the report) and this waits for its answer.
+
+        Raises:
+            Refused: the relay refused (``unknown_report``; ``replayed`` when the token
+                was already delivered and acknowledged).
+            UsageError: an unknown report, or a token not of this report.
+
+        Cancellation: the revocation stays queued and is still sent.
+        """
+        self._submission(report_id)
+        if token_id is not None:
+            pending = self.store.release(token_id)
+            if pending is None or pending.report != report_id:
+                raise UsageError("no such token for this report")
+        rev_id = self.store.record_revocation(report_id, token_id)
+        self._notify()
+        while True:
+            changed = self._changed
+            revocation = self.store.revocation(rev_id)
+            assert revocation is not None
+            if revocation.state == "revoked":
+                return
+            if revocation.state == "refused":
+                raise Refused(Reason(revocation.reason or "internal"), revocation.detail or "")
+            await changed.wait()
+
+    def _submission(self, report_id: bytes) -> Submission:
+        submission = self.store.submission(report_id)
+        if submission is None:
+            raise UsageError("this node has not submitted that report")
+        return submission
+
+    # --- application feeds -----------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Events in the order they happened, each handed over once.
+
+        Every event is written to the store with the change that caused it, and
+        forgotten only when this iterator hands it over, so events survive a restart.
+        A bounded memory channel of :data:`EVENT_BUFFER` events sits between the store
+        and this iterator: an application that does not consume events slows nothing
+        down and loses nothing (they wait in the store, up to
+        :data:`clients.store.MAX_STORED_EVENTS`, beyond which the oldest notifications
+        are dropped; the state they announced stays in the store). Use one consumer.
+        """
+        async for seq, event in self._event_recv:
+            self.store.drop_event(seq)
+            yield event
+
+    async def reports(self) -> AsyncIterator[DeliveredReport]:
+        """Delivered, verified reports, oldest first, each handed over once.
+
+        A report is marked as handed over durably when the consumer asks for the next
+        one or leaves the loop; a node killed while the application was still holding
+        one hands that report over again on restart (it never loses one). An
+        application that must not see one twice even then records ``token_id`` with
+        its own effect. Use one consumer.
+        """
+        async for _seq, report in self._report_recv:
+            try:
+                yield report
+            finally:
+                self.store.mark_handed(report.token_id)
+
+    async def _pump_events(self) -> None:
+        last = 0
+        while True:
+            changed = self._changed
+            rows = self.store.events_after(last, limit=EVENT_BUFFER)
+            for seq, kind, data in rows:
+                await self._event_send.send(
+                    (seq, decode_event(kind, data, arrangement=self._arrangement))
+                )
+                last = seq
+            if not rows:
+                await changed.wait()
+
+    async def _pump_reports(self) -> None:
+        last = 0
+        while True:
+            changed = self._changed
+            entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
+            for entry in entries:
+                header = entry.header
+                parts = [entry.dir / "body"] + [
+                    entry.dir / f"a{i}" for i in range(len(header.attachments))
+                ]
+                report = DeliveredReport(
+                    header=header,
+                    body=_inline(parts[0], header.body_size),
+                    attachments={
+                        name: _inline(path, size)
+                        for (name, size), path in zip(header.attachments, parts[1:], strict=True)
+                    },
+                    token_id=entry.token,
+                    originator=header.originator,
+                )
+                await self._report_send.send((entry.seq, report))
+                last = entry.seq
+            if not entries:
+                await changed.wait()
+
+    # --- audit -----------------------------------------------------------------------
+
+    async def fetch_audit(self) -> list[AuditEntry]:
+        """Fetch the relay's audit entries that concern this member, and verify them.
+
+        The extract must continue the chain from the last checkpoint this node verified
+        (kept in the store) up to a checkpoint signed by the relay; the new checkpoint is
+        stored. Waits for a connection.
+
+        Returns:
+            This member's entries since the previous fetch, in order.
+
+        Raises:
+            VerificationError: the relay's extract does not check out (chain, signature,
+                or it does not continue from the stored checkpoint).
+            ProtocolError: the extract is malformed.
+        """
+        out: list[AuditEntry] = []
+        async with self._audit_lock:
+            while True:
+                known = self.store.audit_checkpoint() or (0, GENESIS)
+                try:
+                    data = await self._audit_request(known[0])
+                except _SessionOver:
+                    continue
+                extract = Extract.decode(data)
+                entries, checkpoint = verify_extract(
+                    extract, self._arrangement, self.name, known=known
+                )
+                self.store.set_audit_checkpoint(checkpoint.seq, checkpoint.head, checkpoint.encoded)
+                out.extend(entries)
+                if len(extract.items) < MAX_EXTRACT_ENTRIES:
+                    return out
+
+    async def _audit_request(self, since: int) -> bytes:
+        await self.wait_connected()
+        session = self._session
+        assert session is not None
+        send, receive = trio.open_memory_channel[bytes](1)
+        session.audit_replies = send
+        result: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+
+            async def get() -> None:
+                result.append(await receive.receive())
+                nursery.cancel_scope.cancel()
+
+            async def watch() -> None:
+                await session.over.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(get)
+            nursery.start_soon(watch)
+            try:
+                await session.link.send(m.AuditFetch(since=since))
+            except LinkClosed:
+                nursery.cancel_scope.cancel()
+        if not result:
+            raise _SessionOver()
+        return result[0]
+
+    # --- connection ------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        """Connect, serve the session, reconnect with backoff; forever."""
+        delay = self._backoff.initial
+        while True:
+            link: Link | None = None
+            try:
+                stream = await trio.open_tcp_stream(*self._relay_addr)
+                link = await connect_member(
+                    stream, self._secret, self.name, self._arrangement, limits=self._limits
+                )
+            except Refused as exc:
+                # The relay refused this member (busy, wrong arrangement, ...): tell the
+                # application, then keep trying (the relay may be updated or less busy).
+                self.store.add_event(RefusedEvent(ref=b"", reason=exc.reason, detail=exc.detail))
+                self._notify()
+            except _LINK_FAILURES:
+                pass
+            if link is not None:
+                delay = self._backoff.initial
+                async with link:
+                    await self._serve(link)
+            jitter = 1 - self._backoff.jitter * random.random()
+            await trio.sleep(delay * jitter)
+            delay = min(delay * self._backoff.factor, self._backoff.maximum)
+
+    async def _serve(self, link: Link) -> None:
+        over = trio.Event()
+        discard, _ = trio.open_memory_channel[bytes](1)
+        session = _Session(link=link, over=over, audit_replies=discard)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._guard, self._sender, session, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._receiver, session, nursery.cancel_scope)
+                self._session = session
+                self._connected.set()
+                self._connected = trio.Event()
+        finally:
+            self._session = None
+            over.set()
+
+    @staticmethod
+    async def _guard(
+        task: Callable[[_Session], Any], session: _Session, scope: trio.CancelScope
+    ) -> None:
+        # Either half ending ends the session; the run loop then reconnects.
+        try:
+            await task(session)
+        except _LINK_FAILURES:
+            pass
+        finally:
+            scope.cancel()
+
+    async def _sender(self, session: _Session) -> None:
+        """Send whatever the store says is outstanding; wait for changes; repeat."""
+        link = session.link
+        sent: set[bytes | int] = set()
+        while True:
+            changed = self._changed
+            for submission in self.store.queued_submissions():
+                if submission.report not in sent:
+                    sent.add(submission.report)
+                    await self._send_submission(link, submission)
+            for release in self.store.releases_to_send():
+                if release.token not in sent:
+                    sent.add(release.token)
+                    await link.send(m.Release(token=release.encoded))
+            for revocation in self.store.revocations_to_send():
+                if revocation.id not in sent:
+                    sent.add(revocation.id)
+                    await link.send(m.Revoke(report=revocation.report, token=revocation.token))
+            for token_id, receipt in self.store.receipts_to_send():
+                await link.send(m.SendReceipt(receipt=receipt))
+                self.store.mark_receipt_sent(token_id)
+            await changed.wait()
+
+    async def _send_submission(self, link: Link, submission: Submission) -> None:
+        assert submission.path is not None
+        with open(submission.path, "rb") as source:
+            async with link.sending():
+                await link.send(
+                    m.SubmitBegin(
+                        report=submission.report,
+                        size=submission.size,
+                        digest=submission.digest,
+                        expires=submission.expires,
+                    )
+                )
+                while data := source.read(MAX_CHUNK_DATA):
+                    await link.send(m.Chunk(data=data))
+                await link.send(m.SubmitEnd(report=submission.report))
+
+    async def _receiver(self, session: _Session) -> None:
+        link = session.link
+        while True:
+            message = await link.receive()
+            if isinstance(message, m.Deliver):
+                await self._on_deliver(link, message)
+            elif isinstance(message, m.Stored):
+                self._on_stored(message)
+            elif isinstance(message, m.Released):
+                self._on_released(message)
+            elif isinstance(message, m.Refusal):
+                self._on_refusal(message)
+            elif isinstance(message, m.ReceiptNotice):
+                await self._on_receipt(link, message)
+            elif isinstance(message, m.Expired):
+                self._on_expired(message)
+            elif isinstance(message, m.Revoked):
+                self._on_revoked(message)
+            elif isinstance(message, m.AuditReply):
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    session.audit_replies.send_nowait(message.extract)
+            elif isinstance(message, m.ErrorMessage):
+                # The relay is closing on us for something we sent: say so, never silently.
+                self.store.add_event(
+                    RefusedEvent(ref=b"", reason=Reason(message.reason), detail=message.detail)
+                )
+                self._notify()
+                raise LinkClosed(f"relay closed the link: {message.reason}")
+            else:
+                raise ProtocolError(f"unexpected {message.TYPE!r} from the relay")
+            self._notify()
+
+    # --- originator side of incoming messages ----------------------------------------
+
+    def _on_stored(self, message: m.Stored) -> None:
+        ack = StoredAck.verify(message.ack, self._arrangement)
+        submission = self.store.submission(message.report)
+        if (
+            submission is None
+            or ack.report != message.report
+            or ack.digest != submission.digest
+            or ack.size != submission.size
+            or ack.originator != self.name
+        ):
+            raise VerificationError()
+        self.store.mark_stored(message.report, message.ack, Stored(report=message.report, ack=ack))
+
+    def _on_released(self, message: m.Released) -> None:
+        pending = self.store.release(message.token)
+        recipient = pending.recipient if pending else ""
+        self.store.set_release_state(
+            message.token,
+            "released",
+            Released(report=message.report, token=message.token, recipient=recipient),
+        )
+
+    def _on_refusal(self, message: m.Refusal) -> None:
+        reason = Reason(message.reason)
+        ref, detail = message.ref, message.detail
+        event = RefusedEvent(ref=ref, reason=reason, detail=detail)
+        release = self.store.release(ref)
+        if release is not None and release.state == "pending":
+            if reason is Reason.REPLAYED:
+                # Only this node holds the key that signs its tokens, so the relay can
+                # have seen this id only from us: it consumed the token on an earlier
+                # connection whose answer we lost. That is a release, not a refusal.
+                self.store.set_release_state(
+                    ref,
+                    "released",
+                    Released(report=release.report, token=ref, recipient=release.recipient),
+                )
+            else:
+                self.store.set_release_state(
+                    ref, "refused", event, reason=reason.value, detail=detail
+                )
+            return
+        for token in (ref, None):
+            report = self._report_of(ref) if token is not None else ref
+            revocation = self.store.pending_revocation(report, token) if report else None
+            if revocation is not None:
+                self.store.set_revocation_state(
+                    revocation.id, "refused", event, reason=reason.value, detail=detail
+                )
+                return
+        submission = self.store.submission(ref)
+        if submission is not None and submission.state == "queued":
+            self.store.set_submission_state(
+                ref, "refused", event, reason=reason.value, detail=detail
+            )
+            return
+        if submission is not None:
+            # A release refused by report id (its token did not decode at the relay).
+            for candidate in self.store.releases_of(ref):
+                if candidate.state == "pending":
+                    self.store.set_release_state(
+                        candidate.token, "refused", event, reason=reason.value, detail=detail
+                    )
+                    return
+        self.store.add_event(event)
+
+    def _report_of(self, token_id: bytes) -> bytes | None:
+        release = self.store.release(token_id)
+        return release.report if release else None
+
+    def _on_expired(self, message: m.Expired) -> None:
+        event = ExpiredEvent(report=message.report, token=message.token)
+        if message.token is not None:
+            self.store.force_release_state(message.token, "expired", event)
+        elif self.store.submission(message.report) is not None:
+            self.store.set_submission_state(message.report, "expired", event, reason="expired")
+        else:
+            self.store.add_event(event)
+
+    def _on_revoked(self, message: m.Revoked) -> None:
+        event = RevokedEvent(report=message.report, token=message.token)
+        revocation = self.store.pending_revocation(message.report, message.token)
+        if revocation is not None:
+            self.store.set_revocation_state(revocation.id, "revoked", event)
+        elif message.token is not None:
+            self.store.force_release_state(message.token, "revoked", event)
+        else:
+            self.store.add_event(event)
+
+    async def _on_receipt(self, link: Link, message: m.ReceiptNotice) -> None:
+        receipt = Receipt.verify(message.receipt, self._arrangement)
+        release = self.store.release(receipt.token)
+        if (
+            receipt.originator == self.name
+            and release is not None
+            and release.report == receipt.report
+            and release.recipient == receipt.recipient
+        ):
+            self.store.add_receipt(
+                token=receipt.token,
+                report=receipt.report,
+                recipient=receipt.recipient,
+                encoded=receipt.encoded,
+                now=self._now(),
+                event=ReceiptEvent(receipt=receipt),
+            )
+        else:
+            self.store.add_event(
+                RefusedEvent(
+                    ref=receipt.token,
+                    reason=Reason.WRONG_REPORT,
+                    detail="receipt for a release this node did not make",
+                )
+            )
+        self._notify()
+        await link.send(m.Ack(kind="receipt", token=receipt.token))
+
+    # --- recipient side --------------------------------------------------------------
+
+    async def _on_deliver(self, link: Link, message: m.Deliver) -> None:
+        token = ReleaseToken.decode(message.token)
+        if self.store.seen("token", token.id):
+            # A redelivery (our ack was lost, or the relay restarted): already stored or
+            # rejected. Acknowledge again; never hand it over twice.
+            await self._drain_delivery(link, token)
+            await link.send(m.Ack(kind="delivery", token=token.id))
+            return
+        now = self._now()
+        error: TisaError | None = None
+        opener: ReportOpener | None = None
+        try:
+            release = check_for_recipient(
+                token,
+                self._arrangement,
+                self._secret,
+                self.name,
+                now=now,
+                clock_skew=self._limits.clock_skew,
+            )
+            if self.store.seen("report", token.report):
+                raise Refused(Reason.REPLAYED, "report delivered before under another token")
+            opener = release.opener(self._arrangement, max_header=self._limits.max_header)
+        except (Refused, VerificationError, ProtocolError) as exc:
+            error = exc
+        staged = self.store.tmp_dir / token.id.hex()
+        if opener is not None:
+            try:
+                header = await self._open_delivery(link, token, opener, staged)
+            except (Refused, VerificationError) as exc:
+                error = exc
+        else:
+            await self._drain_delivery(link, token)
+        if error is not None:
+            with contextlib.suppress(FileNotFoundError):
+                for child in staged.iterdir():
+                    child.unlink()
+                staged.rmdir()
+            reason = error.reason.value if isinstance(error, Refused) else "verification"
+            self.store.reject_delivery(
+                token_id=token.id,
+                token=token if not isinstance(error, VerificationError) else None,
+                reason=reason,
+                detail=str(error),
+                now=now,
+                events=[DeliveryRejected(token_id=token.id, error=error)],
+            )
+        else:
+            events: list[Event] = []
+            last = self.store.last_counter(token.originator)
+            if token.counter > last + 1:
+                events.append(
+                    ReleaseGap(originator=token.originator, expected=last + 1, got=token.counter)
+                )
+            receipt = Receipt.issue(
+                self._secret,
+                self._arrangement,
+                report=token.report,
+                token=token.id,
+                originator=token.originator,
+                recipient=self.name,
+                digest=token.digest,
+                received=now,
+            )
+            self.store.store_delivery(
+                token=token,
+                header=header,
+                staged=staged,
+                receipt=receipt.encoded,
+                now=now,
+                events=events,
+            )
+        self._notify()
+        await link.send(m.Ack(kind="delivery", token=token.id))
+
+    async def _open_delivery(
+        self, link: Link, token: ReleaseToken, opener: ReportOpener, staged: pathlib.Path
+    ) -> Any:
+        """Stream the ciphertext through ``opener`` into files under ``staged``.
+
+        Returns the verified header; the files are fsynced. Raises Refused or
+        VerificationError for a bad report (the stream is read to its end first), and
+        ProtocolError when the relay breaks the stream rules.
+        """
+        if staged.exists():
+            for child in staged.iterdir():
+                child.unlink()
+        else:
+            staged.mkdir()
+        files: dict[int, BinaryIO] = {}
+        failure: TisaError | None = None
+        try:
+            received = 0
+            while True:
+                message = await link.receive()
+                if isinstance(message, m.Chunk):
+                    received += len(message.data)
+                    if received > token.size:
+                        raise ProtocolError("delivery longer than its token says")
+                    if failure is not None:
+                        continue
+                    try:
+                        pieces = opener.feed(message.data)
+                    except (Refused, VerificationError) as exc:
+                        failure = exc
+                        continue
+                    for part, data in pieces:
+                        out = files.get(part)
+                        if out is None:
+                            name = "body" if part == 0 else f"a{part - 1}"
+                            out = files[part] = open(staged / name, "wb")  # noqa: SIM115
+                        out.write(data)
+                elif isinstance(message, m.DeliverEnd):
+                    if message.token != token.id or received != token.size:
+                        raise ProtocolError("delivery ended early or under another token")
+                    break
+                else:
+                    raise ProtocolError(f"{message.TYPE!r} inside a delivery")
+            if failure is not None:
+                raise failure
+            header = opener.finish()
+            # Parts with no bytes still get a file, so the inbox layout is uniform.
+            for part in range(1 + len(header.attachments)):
+                if part not in files:
+                    name = "body" if part == 0 else f"a{part - 1}"
+                    files[part] = open(staged / name, "wb")  # noqa: SIM115
+            for out in files.values():
+                out.flush()
+                os.fsync(out.fileno())
+            return header
+        finally:
+            for out in files.values():
+                out.close()
+
+    async def _drain_delivery(self, link: Link, token: ReleaseToken) -> None:
+        received = 0
+        while True:
+            message = await link.receive()
+            if isinstance(message, m.Chunk):
+                received += len(message.data)
+                if received > token.size:
+                    raise ProtocolError("delivery longer than its token says")
+            elif isinstance(message, m.DeliverEnd):
+                if message.token != token.id or received != token.size:
+                    raise ProtocolError("delivery ended early or under another token")
+                return
+            else:
+                raise ProtocolError(f"{message.TYPE!r} inside a delivery")
+
+
+# --- module helpers ------------------------------------------------------------------
+
+
+def _check_window(value: float, what: str, maximum: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 1:
+        raise UsageError(f"{what} must be at least one second")
+    if maximum is not None and value > maximum:
+        raise UsageError(f"{what} must be at most {maximum} seconds")
+
+
+def _part(value: bytes | os.PathLike[str]) -> bytes | pathlib.Path:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    if isinstance(value, os.PathLike):
+        return pathlib.Path(value)
+    raise UsageError("content is bytes or a path")
+
+
+def _seal_to_file(
+    sealer: ReportSealer,
+    parts: list[bytes | pathlib.Path],
+    target: pathlib.Path,
+    progress: Callable[[int, int], None] | None,
+    total: int,
+) -> None:
+    # Runs in a worker thread: file I/O and encryption, never the store.
+    done = 0
+
+    def report(count: int) -> None:
+        nonlocal done
+        done += count
+        if progress is not None:
+            trio.from_thread.run_sync(progress, done, total)
+
+    with open(target, "wb") as out:
+        out.write(sealer.start())
+        for part in parts:
+            if isinstance(part, bytes):
+                for start in range(0, len(part), CHUNK_SIZE):
+                    piece = part[start : start + CHUNK_SIZE]
+                    out.write(sealer.write(piece))
+                    report(len(piece))
+            else:
+                source: IO[bytes]
+                with open(part, "rb") as source:
+                    while piece := source.read(CHUNK_SIZE):
+                        out.write(sealer.write(piece))
+                        report(len(piece))
+        out.write(sealer.finish())
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _inline(path: pathlib.Path, size: int) -> bytes | pathlib.Path:
+    return path.read_bytes() if size <= INLINE_MAX else path
+
+
+def _final_refusal(state: str, reason: str | None, detail: str | None) -> Refused:
+    if state == "refused":
+        return Refused(Reason(reason or "internal"), detail or "")
+    if state == "revoked":
+        return Refused(Reason.REVOKED, detail or "revoked")
+    if state == "expired":
+        return Refused(Reason.EXPIRED, detail or "expired at the relay")
+    return Refused(Reason(reason or "internal"), detail or state)
+
+
+@contextlib.asynccontextmanager
+async def open_node(
+    secret: MemberSecret,
+    name: str,
+    arrangement: Arrangement,
+    relay_addr: tuple[str, int],
+    store_path: str | os.PathLike[str],
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    clock: Callable[[], float] = time.time,
+    backoff: Backoff = DEFAULT_BACKOFF,
+) -> AsyncIterator[Node]:
+    """Run a member node for the duration of the ``async with`` block.
+
+    Args:
+        secret: this member's keys.
+        name: this member's name in ``arrangement``.
+        arrangement: the effective arrangement.
+        relay_addr: ``(host, port)`` of the relay.
+        store_path: the node's store directory (created if missing; one node at a time).
+        limits: limits applied to the link and to reports.
+        clock: unix time in seconds (injected in tests).
+        backoff: reconnection delays.
+
+    Yields:
+        The running :class:`Node`; it connects in the background.
+
+    Raises:
+        Refused: ``name`` is not a member of ``arrangement`` (``not_a_member``).
+        UsageError: ``secret`` is not ``name``'s key, or the store belongs to another
+            member.
+    """
+    member = arrangement.member(name)
+    if secret.public != member.identity:
+        raise UsageError(f"this key is not {name!r}'s key in the arrangement")
+    store = MemberStore(store_path, name)
+    try:
+        async with trio.open_nursery() as nursery:
+            node = Node(
+                secret=secret,
+                name=name,
+                arrangement=arrangement,
+                relay_addr=relay_addr,
+                store=store,
+                limits=limits,
+                clock=clock,
+                backoff=backoff,
+            )
+            nursery.start_soon(node._run)
+            nursery.start_soon(node._pump_events)
+            nursery.start_soon(node._pump_reports)
+            try:
+                yield node
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+# Re-exported for callers that want every error the node may raise in one clause.
+NODE_ERRORS = (RemoteError, UsageError)

@@ -1,0 +1,170 @@
+"""A minimal in-memory relay for unit tests of the client node.
+
+It speaks the session protocol just enough to exercise the node: it stores submissions
+and answers ``stored``, checks and consumes release tokens, delivers to a connected
+recipient (redelivering on every connection until acknowledged), forwards receipts.
+It keeps nothing on disk and is not the relay; tests use it to script what a real relay
+would only do under faults (a replayed delivery, a lost answer, a refusal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from relay.transport import Link, LinkClosed, accept_member
+from tisa import messages as m
+from tisa.arrangement import Arrangement
+from tisa.errors import Reason, Refused, RemoteError
+from tisa.keys import MemberSecret
+from tisa.receipt import Receipt, StoredAck
+from tisa.token import check_for_relay
+
+
+@dataclasses.dataclass
+class FakeRelay:
+    secret: MemberSecret
+    arrangement: Arrangement
+    clock: Callable[[], float] = time.time
+    reports: dict[bytes, tuple[str, bytes, bytes]] = dataclasses.field(default_factory=dict)
+    consumed: set[bytes] = dataclasses.field(default_factory=set)
+    # recipient -> list of (token bytes, token id, report id), unacked deliveries
+    pending: dict[str, list[tuple[bytes, bytes, bytes]]] = dataclasses.field(default_factory=dict)
+    links: dict[str, Link] = dataclasses.field(default_factory=dict)
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    received: list[m.Message] = dataclasses.field(default_factory=list)
+    # Messages the relay drops instead of answering (by type), to simulate lost answers.
+    drop_answers: set[str] = dataclasses.field(default_factory=set)
+    accept: bool = True
+    # Acks the relay "loses" (as if it crashed before recording them).
+    ignore_acks: bool = False
+    # Every delivery sent, as (token, token id, report id).
+    delivered: list[tuple[bytes, bytes, bytes]] = dataclasses.field(default_factory=list)
+
+    def _poke(self) -> None:
+        self.wake.set()
+        self.wake = trio.Event()
+
+    async def serve(self, port: int = 0, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host="127.0.0.1")
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        if not self.accept:
+            await stream.aclose()
+            return
+        try:
+            link = await accept_member(stream, self.secret, self.arrangement)
+        except RemoteError:
+            return
+        self.links[link.peer] = link
+        try:
+            async with link, trio.open_nursery() as nursery:
+                nursery.start_soon(self._push, link)
+                with contextlib.suppress(LinkClosed, trio.BrokenResourceError, RemoteError):
+                    await self._read(link)
+                nursery.cancel_scope.cancel()
+        finally:
+            if self.links.get(link.peer) is link:
+                del self.links[link.peer]
+
+    async def _push(self, link: Link) -> None:
+        sent: set[bytes] = set()
+        try:
+            while True:
+                wake = self.wake
+                for token, token_id, report in list(self.pending.get(link.peer, [])):
+                    if token_id in sent:
+                        continue
+                    sent.add(token_id)
+                    await self.deliver(link, token, token_id, report)
+                await wake.wait()
+        except (LinkClosed, trio.BrokenResourceError, RemoteError):
+            pass
+
+    async def deliver(self, link: Link, token: bytes, token_id: bytes, report: bytes) -> None:
+        ciphertext = self.reports[report][2]
+        self.delivered.append((token, token_id, report))
+        async with link.sending():
+            await link.send(m.Deliver(token=token))
+            for start in range(0, len(ciphertext), m.MAX_CHUNK_DATA):
+                await link.send(m.Chunk(data=ciphertext[start : start + m.MAX_CHUNK_DATA]))
+            await link.send(m.DeliverEnd(token=token_id))
+
+    async def _answer(self, link: Link, message: m.Message) -> None:
+        if message.TYPE not in self.drop_answers:
+            await link.send(message)
+
+    async def _read(self, link: Link) -> None:
+        while True:
+            message = await link.receive()
+            self.received.append(message)
+            if isinstance(message, m.SubmitBegin):
+                data = bytearray()
+                while True:
+                    part = await link.receive()
+                    if isinstance(part, m.Chunk):
+                        data += part.data
+                    else:
+                        break
+                self.reports[message.report] = (link.peer, message.digest, bytes(data))
+                ack = StoredAck.issue(
+                    self.secret,
+                    self.arrangement,
+                    report=message.report,
+                    originator=link.peer,
+                    digest=message.digest,
+                    size=message.size,
+                    stored=int(self.clock()),
+                )
+                await self._answer(link, m.Stored(report=message.report, ack=ack.encoded))
+            elif isinstance(message, m.Release):
+                await self._release(link, message)
+            elif isinstance(message, m.Ack) and message.kind == "delivery":
+                if self.ignore_acks:
+                    continue
+                for queue in self.pending.values():
+                    queue[:] = [p for p in queue if p[1] != message.token]
+            elif isinstance(message, m.SendReceipt):
+                receipt = Receipt.verify(message.receipt, self.arrangement)
+                origin = self.links.get(receipt.originator)
+                if origin is not None:
+                    await origin.send(m.ReceiptNotice(receipt=message.receipt))
+            elif isinstance(message, m.Revoke):
+                await self._answer(link, m.Revoked(report=message.report, token=message.token))
+
+    async def _release(self, link: Link, message: m.Release) -> None:
+        from tisa.token import ReleaseToken
+
+        token_id = ReleaseToken.decode(message.token).id
+        if token_id in self.consumed:
+            await link.send(m.Refusal(ref=token_id, reason=Reason.REPLAYED.value))
+            return
+        decoded = ReleaseToken.decode(message.token)
+        stored = self.reports.get(decoded.report)
+        if stored is None:
+            await link.send(m.Refusal(ref=token_id, reason=Reason.UNKNOWN_REPORT.value))
+            return
+        try:
+            token = check_for_relay(
+                message.token,
+                self.arrangement,
+                report_id=decoded.report,
+                digest=stored[1],
+                size=len(stored[2]),
+                originator=stored[0],
+                now=int(self.clock()),
+            )
+        except Refused as exc:
+            await link.send(m.Refusal(ref=token_id, reason=exc.reason.value, detail=exc.detail))
+            return
+        self.consumed.add(token.id)
+        self.pending.setdefault(token.recipient, []).append((message.token, token.id, token.report))
+        await self._answer(link, m.Released(report=token.report, token=token.id))
+        self._poke()
