@@ -10,6 +10,7 @@ from __future__ import annotations
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -20,10 +21,19 @@ EXEMPT = {"tisa.testing"}
 
 
 def core_modules() -> list[str]:
+    """Every module under ``tisa``, found without importing any of them."""
     names = ["tisa"]
-    for info in pkgutil.walk_packages(tisa.__path__, prefix="tisa."):
-        if not any(info.name == e or info.name.startswith(e + ".") for e in EXEMPT):
+
+    def walk(paths: list[str], prefix: str) -> None:
+        for info in pkgutil.iter_modules(paths, prefix):
+            if any(info.name == e or info.name.startswith(e + ".") for e in EXEMPT):
+                continue
             names.append(info.name)
+            if info.ispkg:
+                leaf = info.name.rsplit(".", 1)[1]
+                walk([str(Path(p) / leaf) for p in paths], info.name + ".")
+
+    walk(list(tisa.__path__), "tisa.")
     return sorted(names)
 
 
