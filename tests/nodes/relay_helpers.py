@@ -134,3 +134,53 @@ async def read_raw_frame(stream: trio.abc.Stream) -> bytes:
             return b""
         payload += data
     return payload
+
+
+# --- driving a relay ---------------------------------------------------------------------
+
+
+class FakeClock:
+    """A settable unix clock for the relay's ``clock`` argument."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def custom_token(
+    world: World, report: SealedReport, /, *, signer: str = "seoul", **fields: Any
+) -> bytes:
+    """A token with any body fields, signed by ``signer``; for tokens issue_token refuses."""
+    import nacl.bindings as sodium
+
+    from tisa.envelope import seal_envelope
+    from tisa.keys import Context, random_id
+    from tisa.report import key_commitment
+
+    body: dict[str, Any] = {
+        "v": 1,
+        "id": random_id(),
+        "arrangement": world.arrangement.id,
+        "version": world.arrangement.version,
+        "originator": "seoul",
+        "relay": world.arrangement.relay,
+        "recipient": "tokyo",
+        "report": report.report_id,
+        "digest": report.digest,
+        "size": report.size,
+        "scope": SCOPE,
+        "level": LEVEL,
+        "not_before": NOW - 10,
+        "not_after": NOW + 3600,
+        "counter": 1,
+        "key_commit": key_commitment(report.content_key, report.report_id),
+        "sealed_key": bytes(
+            sodium.crypto_box_seal(
+                report.content_key, world.arrangement.member("tokyo").identity.encryption.raw
+            )
+        ),
+    }
+    body.update(fields)
+    return seal_envelope(world.secrets[signer], Context.TOKEN, body)

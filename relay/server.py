@@ -1,0 +1,715 @@
+"""The relay node: stores sealed reports, checks and consumes release tokens, forwards.
+
+:class:`Relay` holds the state (store, connections, caps) and serves one stream per
+call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
+:func:`serve` runs it on TCP. The session protocol is ``docs/node-protocol.md``.
+
+Per connection: the handshake comes first (:func:`relay.transport.accept_member`, with
+the connection caps checked before ``welcome``), then two tasks share the link: a
+reader that handles what the member sends, and a pusher that sends the member what the
+store holds for it (deliveries, receipts, notices) and waits to be woken when more is
+queued. Anything that goes wrong on one connection ends that connection only: the
+connection task catches every exception at its boundary, logs it and closes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from relay.store import BlobWriter, Store, TokenRow
+from relay.transport import (
+    ERROR_GRACE,
+    Link,
+    LinkClosed,
+    LinkTimeout,
+    accept_member,
+)
+from tisa.arrangement import Arrangement, Role
+from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
+from tisa.errors import (
+    LimitExceeded,
+    ProtocolError,
+    Reason,
+    Refused,
+    TisaError,
+    VerificationError,
+)
+from tisa.frames import encode_frame
+from tisa.handshake import encode_error
+from tisa.keys import MemberSecret
+from tisa.limits import DEFAULT_LIMITS, Limits
+from tisa.messages import (
+    MAX_CHUNK_DATA,
+    Ack,
+    AuditFetch,
+    AuditReply,
+    Chunk,
+    Deliver,
+    DeliverEnd,
+    ErrorMessage,
+    Expired,
+    Message,
+    ReceiptNotice,
+    Refusal,
+    Release,
+    Released,
+    Revoke,
+    Revoked,
+    SendReceipt,
+    Stored,
+    SubmitBegin,
+    SubmitEnd,
+)
+from tisa.receipt import Receipt, StoredAck
+from tisa.token import ReleaseToken, check_for_relay
+
+__all__ = ["MAX_HANDSHAKES", "MAX_HOLD", "EXPIRY_INTERVAL", "Relay", "serve"]
+
+log = logging.getLogger("relay")
+
+# Longest time the relay holds a report no one has released: a week covers a weekend
+# of consultations between capitals; an originator wanting longer resubmits.
+MAX_HOLD = 7 * 24 * 3600
+
+# Seconds between expiry sweeps. Expiry is a bound, not a precise moment; a few
+# seconds late is harmless and the sweep is one indexed query.
+EXPIRY_INTERVAL = 5.0
+
+# Connections still in their handshake (not yet counted against max_connections).
+# Each costs one task and at most a 1 KiB buffer for limits.handshake_timeout; beyond
+# this many, new connections are refused ``busy`` at once, so a flood of stalled
+# handshakes cannot exhaust the process.
+MAX_HANDSHAKES = 1024
+
+# Bytes of entries in one audit extract, under the AuditReply field limit (200,000)
+# with room for the checkpoint and msgpack overhead.
+MAX_EXTRACT_BYTES = 150_000
+
+# Deliveries read from the store per query, so a long queue is not loaded whole.
+DELIVERY_BATCH = 64
+
+# Refusal detail text, in UTF-8 bytes (the message field allows 512).
+MAX_DETAIL = 400
+
+
+def _detail(text: str) -> str:
+    return text.encode("utf-8")[:MAX_DETAIL].decode("utf-8", "ignore")
+
+
+@dataclasses.dataclass(eq=False)
+class _Upload:
+    report: bytes
+    size: int
+    digest: bytes
+    expires: int
+    writer: BlobWriter | None = None
+    refused: Refused | None = None
+    received: int = 0
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    link: Link
+    member: str
+    cancel: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    rescan: bool = False
+    upload: _Upload | None = None
+    error: tuple[Reason, str] | None = None
+    claims: set[bytes] = dataclasses.field(default_factory=set)
+
+    def fail(self, reason: Reason | None, detail: str = "") -> None:
+        """End the connection; with a reason, tell the member first."""
+        if self.error is None and reason is not None:
+            self.error = (reason, _detail(detail))
+        self.cancel.cancel()
+
+
+class Relay:
+    """The relay's state and per-connection logic.
+
+    Args:
+        secret: the relay's keys (the arrangement's relay member).
+        arrangement: the effective arrangement served.
+        store_path: directory of the durable store (created if missing).
+        limits: frame, report, deadline, connection and queue limits.
+        clock: unix time in seconds; injected by tests.
+        max_hold: longest time a submitted report is held unreleased, in seconds.
+        expiry_interval: seconds between expiry sweeps in :meth:`run_expiry`.
+        max_handshakes: connections allowed in their handshake at once.
+
+    Raises:
+        UsageError: ``secret`` is not the relay's key in ``arrangement``.
+    """
+
+    def __init__(
+        self,
+        secret: MemberSecret,
+        arrangement: Arrangement,
+        store_path: str | os.PathLike[str],
+        *,
+        limits: Limits = DEFAULT_LIMITS,
+        clock: Callable[[], float] = time.time,
+        max_hold: int = MAX_HOLD,
+        expiry_interval: float = EXPIRY_INTERVAL,
+        max_handshakes: int = MAX_HANDSHAKES,
+    ) -> None:
+        from tisa.errors import UsageError
+
+        if secret.public != arrangement.member(arrangement.relay).identity:
+            raise UsageError("this key is not the relay's key in the arrangement")
+        self.secret = secret
+        self.arrangement = arrangement
+        self.limits = limits
+        self.clock = clock
+        self.max_hold = max_hold
+        self.expiry_interval = expiry_interval
+        self.max_handshakes = max_handshakes
+        self.store = Store(store_path)
+        self._connections: dict[str, set[_Connection]] = {}
+        self._admitted: dict[str, int] = {}
+        self._admitted_total = 0
+        self._handshakes = 0
+        self._uploading: set[bytes] = set()
+        self._claims: dict[bytes, _Connection] = {}
+
+    def now(self) -> int:
+        return int(self.clock())
+
+    def close(self) -> None:
+        """Close the store. Call once no connection task is running."""
+        self.store.close()
+
+    @property
+    def connection_count(self) -> int:
+        """Authenticated connections open now."""
+        return self._admitted_total
+
+    # --- serving -----------------------------------------------------------------------
+
+    async def serve_tcp(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host:port`` and serve until cancelled; reports the bound port."""
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        bound = listeners[0].socket.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.run_expiry)
+            await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
+            log.info("relay %s listening on %s:%d", self.arrangement.relay, host, bound)
+            task_status.started(bound)
+
+    async def run_expiry(self) -> None:
+        """Sweep expired reports and tokens every ``expiry_interval`` until cancelled."""
+        while True:
+            try:
+                self.expire_now()
+            except Exception:
+                log.exception("expiry sweep failed")
+            await trio.sleep(self.expiry_interval)
+
+    def expire_now(self) -> None:
+        """One expiry sweep: expire, log, queue notices, wake the originators."""
+        for member in self.store.expire(now=self.now(), clock_skew=self.limits.clock_skew):
+            self._wake(member)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one connection to its end. Never raises (but trio.Cancelled)."""
+        admitted: list[str] = []
+        try:
+            if self._handshakes >= self.max_handshakes:
+                await self._refuse_raw(stream, Reason.BUSY, "too many handshakes in progress")
+                return
+            self._handshakes += 1
+            try:
+                link = await accept_member(
+                    stream,
+                    self.secret,
+                    self.arrangement,
+                    limits=self.limits,
+                    admit=lambda name: self._admit(name, admitted),
+                )
+            except TisaError as exc:
+                log.info("handshake failed: %s: %s", type(exc).__name__, exc)
+                return
+            finally:
+                self._handshakes -= 1
+            await self._serve_link(link)
+        except Exception:
+            log.exception("connection task failed")
+            await trio.aclose_forcefully(stream)
+        finally:
+            for name in admitted:
+                self._admitted_total -= 1
+                self._admitted[name] -= 1
+
+    async def _refuse_raw(self, stream: trio.abc.Stream, reason: Reason, detail: str) -> None:
+        try:
+            with trio.move_on_after(ERROR_GRACE):
+                await stream.send_all(encode_frame(encode_error(reason, detail)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    def _admit(self, name: str, admitted: list[str]) -> None:
+        if self._admitted_total >= self.limits.max_connections:
+            raise Refused(Reason.BUSY, "the relay is at its connection limit")
+        if self._admitted.get(name, 0) >= self.limits.max_connections_per_member:
+            raise Refused(Reason.BUSY, "too many connections for this member")
+        self._admitted_total += 1
+        self._admitted[name] = self._admitted.get(name, 0) + 1
+        admitted.append(name)
+
+    async def _serve_link(self, link: Link) -> None:
+        conn = _Connection(link=link, member=link.peer)
+        self._connections.setdefault(conn.member, set()).add(conn)
+        try:
+            with conn.cancel:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, conn)
+                    nursery.start_soon(self._pusher, conn)
+        finally:
+            self._connections[conn.member].discard(conn)
+            self._drop_claims(conn)
+            if conn.upload is not None:
+                conn.upload.abort()
+                self._uploading.discard(conn.upload.report)
+            try:
+                if conn.error is not None:
+                    reason, detail = conn.error
+                    with trio.move_on_after(ERROR_GRACE), contextlib.suppress(LinkClosed):
+                        await link.send(ErrorMessage(reason=reason.value, detail=detail))
+            finally:
+                await link.aclose()
+
+    # --- the reader ----------------------------------------------------------------------
+
+    async def _reader(self, conn: _Connection) -> None:
+        try:
+            while True:
+                message: Message | None = None
+                with trio.move_on_after(self.limits.idle_timeout):
+                    message = await conn.link.receive()
+                if message is None:
+                    conn.fail(Reason.TIMEOUT, "idle timeout")
+                    return
+                await self._dispatch(conn, message)
+        except LinkClosed:
+            conn.fail(None)
+        except LinkTimeout as exc:
+            conn.fail(Reason.TIMEOUT, exc.detail)
+        except LimitExceeded as exc:
+            self._log_close(conn, Reason.LIMIT)
+            conn.fail(Reason.LIMIT, exc.detail)
+        except ProtocolError as exc:
+            self._log_close(conn, Reason.MALFORMED)
+            conn.fail(Reason.MALFORMED, exc.detail)
+        except VerificationError:
+            # The channel failed: nothing more can be sealed to this peer.
+            self._log_close(conn, Reason.MALFORMED)
+            conn.fail(None)
+        except Exception:
+            log.exception("reader of %s failed", conn.member)
+            conn.fail(Reason.INTERNAL, "internal error")
+
+    def _log_close(self, conn: _Connection, reason: Reason) -> None:
+        try:
+            self.store.log_refusal(member=conn.member, reason=reason, now=self.now())
+        except Exception:
+            log.exception("could not log a refusal")
+
+    async def _dispatch(self, conn: _Connection, message: Message) -> None:
+        if conn.upload is not None:
+            if isinstance(message, Chunk):
+                self._upload_chunk(conn.upload, message)
+            elif isinstance(message, SubmitEnd):
+                await self._upload_end(conn, message)
+            else:
+                raise ProtocolError(f"{message.TYPE} inside a submission")
+        elif isinstance(message, SubmitBegin):
+            self._upload_begin(conn, message)
+        elif isinstance(message, Release):
+            await self._release(conn, message)
+        elif isinstance(message, Revoke):
+            await self._revoke(conn, message)
+        elif isinstance(message, Ack):
+            await self._ack(conn, message)
+        elif isinstance(message, SendReceipt):
+            await self._receipt(conn, message)
+        elif isinstance(message, AuditFetch):
+            await self._audit_fetch(conn, message)
+        elif isinstance(message, Chunk | SubmitEnd):
+            raise ProtocolError(f"{message.TYPE} outside a submission")
+        else:
+            raise ProtocolError(f"{message.TYPE} is not a message to the relay")
+
+    async def _refuse(
+        self,
+        conn: _Connection,
+        ref: bytes,
+        reason: Reason,
+        detail: str = "",
+        *,
+        report: bytes | None = None,
+        token: bytes | None = None,
+    ) -> None:
+        """Log a refusal in the audit log and tell the member; the connection goes on."""
+        self.store.log_refusal(
+            member=conn.member, reason=reason, now=self.now(), report=report, token=token
+        )
+        await conn.link.send(Refusal(ref=ref, reason=reason.value, detail=_detail(detail)))
+
+    # --- submission ----------------------------------------------------------------------
+
+    def _upload_begin(self, conn: _Connection, message: SubmitBegin) -> None:
+        now = self.now()
+        upload = _Upload(
+            report=message.report,
+            size=message.size,
+            digest=message.digest,
+            expires=min(message.expires, now + self.max_hold),
+        )
+        conn.upload = upload
+        try:
+            self.arrangement.require_role(conn.member, Role.ORIGINATOR)
+            if message.size > self.limits.max_report_size:
+                raise Refused(
+                    Reason.LIMIT,
+                    f"report of {message.size} bytes over {self.limits.max_report_size}",
+                )
+            if message.report in self._uploading:
+                raise Refused(Reason.DUPLICATE, "this report is being uploaded")
+            existing = self.store.report(message.report)
+            if existing is not None:
+                same = (
+                    existing.originator == conn.member
+                    and existing.digest == message.digest
+                    and existing.size == message.size
+                    and existing.state != "deleted"
+                )
+                if not same:
+                    raise Refused(Reason.DUPLICATE, "a different report has this id")
+                # A resend of a stored report: discard the bytes, answer stored again.
+                return
+            if message.expires <= now:
+                raise Refused(Reason.EXPIRED, "the report expires before it is stored")
+            upload.writer = self.store.begin_upload(message.report)
+            self._uploading.add(message.report)
+        except Refused as exc:
+            upload.refused = exc
+
+    def _upload_chunk(self, upload: _Upload, message: Chunk) -> None:
+        upload.received += len(message.data)
+        if upload.received > upload.size:
+            raise ProtocolError("submission longer than its declared size")
+        if upload.writer is not None:
+            upload.writer.write(message.data)
+
+    async def _upload_end(self, conn: _Connection, message: SubmitEnd) -> None:
+        upload = conn.upload
+        assert upload is not None
+        if message.report != upload.report:
+            raise ProtocolError("submit_end names another report")
+        if upload.received != upload.size:
+            raise ProtocolError("submission shorter than its declared size")
+        conn.upload = None
+        if upload.refused is not None:
+            await self._refuse(
+                conn,
+                upload.report,
+                upload.refused.reason,
+                upload.refused.detail,
+                report=upload.report,
+            )
+            return
+        writer = upload.writer
+        if writer is None:
+            row = self.store.report(upload.report)
+            if row is None or row.state == "deleted":  # expired or revoked meanwhile
+                await self._refuse(conn, upload.report, Reason.EXPIRED, report=upload.report)
+                return
+        else:
+            try:
+                if writer.digest() != upload.digest:
+                    writer.abort()
+                    await self._refuse(
+                        conn,
+                        upload.report,
+                        Reason.WRONG_REPORT,
+                        "ciphertext digest differs from the declared one",
+                        report=upload.report,
+                    )
+                    return
+                # fsync, rename, fsync the directory; then commit; then answer.
+                await trio.to_thread.run_sync(writer.place)
+                row = self.store.add_report(
+                    upload.report,
+                    originator=conn.member,
+                    size=upload.size,
+                    digest=upload.digest,
+                    expires=upload.expires,
+                    now=self.now(),
+                )
+            finally:
+                writer.abort()
+                self._uploading.discard(upload.report)
+        ack = StoredAck.issue(
+            self.secret,
+            self.arrangement,
+            report=row.id,
+            originator=row.originator,
+            digest=row.digest,
+            size=row.size,
+            stored=row.stored_at,
+        )
+        await conn.link.send(Stored(report=row.id, ack=ack.encoded))
+
+    # --- release, revocation, acknowledgement, receipts ----------------------------------
+
+    async def _release(self, conn: _Connection, message: Release) -> None:
+        now = self.now()
+        try:
+            token = ReleaseToken.decode(message.token)
+        except ProtocolError as exc:
+            await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
+            return
+        try:
+            report = self.store.report(token.report)
+            if report is None:
+                raise Refused(Reason.UNKNOWN_REPORT, "no such report stored")
+            if report.originator != conn.member:
+                raise Refused(Reason.WRONG_ORIGINATOR, "only the report's originator releases it")
+            check_for_relay(
+                token,
+                self.arrangement,
+                report_id=report.id,
+                digest=report.digest,
+                size=report.size,
+                originator=report.originator,
+                now=now,
+                clock_skew=self.limits.clock_skew,
+            )
+            self.store.release(token, now=now, max_queue=self.limits.max_queue_per_recipient)
+        except VerificationError:
+            await self._refuse(
+                conn, token.id, Reason.BAD_SIGNATURE, report=token.report, token=token.id
+            )
+            return
+        except Refused as exc:
+            await self._refuse(
+                conn, token.id, exc.reason, exc.detail, report=token.report, token=token.id
+            )
+            return
+        await conn.link.send(Released(report=token.report, token=token.id))
+        self._wake(token.recipient)
+
+    async def _revoke(self, conn: _Connection, message: Revoke) -> None:
+        try:
+            self.store.revoke(message.report, message.token, by=conn.member, now=self.now())
+        except Refused as exc:
+            await self._refuse(
+                conn,
+                message.token or message.report,
+                exc.reason,
+                exc.detail,
+                report=message.report,
+                token=message.token,
+            )
+            return
+        await conn.link.send(Revoked(report=message.report, token=message.token))
+
+    async def _ack(self, conn: _Connection, message: Ack) -> None:
+        if message.kind == "delivery":
+            known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
+        else:
+            known = self.store.ack_receipt(message.token, originator=conn.member)
+        if not known:
+            await self._refuse(
+                conn,
+                message.token,
+                Reason.UNKNOWN_REPORT,
+                f"no {message.kind} with this token for you",
+                token=message.token,
+            )
+
+    async def _receipt(self, conn: _Connection, message: SendReceipt) -> None:
+        try:
+            receipt = Receipt.verify(message.receipt, self.arrangement)
+            if receipt.recipient != conn.member:
+                raise Refused(Reason.WRONG_RECIPIENT, "a receipt is sent by its recipient")
+            new = self.store.add_receipt(receipt, now=self.now())
+        except ProtocolError as exc:
+            await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
+            return
+        except VerificationError:
+            await self._refuse(conn, b"", Reason.BAD_SIGNATURE)
+            return
+        except Refused as exc:
+            await self._refuse(conn, b"", exc.reason, exc.detail)
+            return
+        if new:
+            self._wake(receipt.originator)
+
+    async def _audit_fetch(self, conn: _Connection, message: AuditFetch) -> None:
+        since = message.since
+        start_head = self.store.audit_point(since)
+        if start_head is None:
+            await self._refuse(conn, b"", Reason.MALFORMED, "since is past the end of the log")
+            return
+        items: list[Any] = []
+        seq, head, budget = since, start_head, min(MAX_EXTRACT_BYTES, self.limits.max_frame // 2)
+        for entry, content, head_after in self.store.audit_entries(
+            since, limit=MAX_EXTRACT_ENTRIES
+        ):
+            mine = conn.member in entry.parties
+            cost = len(entry.encode()) + 8 if mine else len(content) + 8
+            if cost > budget:
+                break
+            budget -= cost
+            items.append(entry if mine else content)
+            seq, head = entry.seq, head_after
+        checkpoint = Checkpoint.issue(
+            self.secret, self.arrangement, seq=seq, head=head, time=max(self.now(), 0)
+        )
+        extract = Extract(
+            start_seq=since,
+            start_head=start_head,
+            items=tuple(items),
+            checkpoint=checkpoint.encoded,
+        )
+        await conn.link.send(AuditReply(extract=extract.encode()))
+
+    # --- the pusher ----------------------------------------------------------------------
+
+    def _wake(self, member: str) -> None:
+        for conn in self._connections.get(member, ()):
+            conn.wake.set()
+
+    def _drop_claims(self, conn: _Connection) -> None:
+        if not conn.claims:
+            return
+        for token_id in conn.claims:
+            if self._claims.get(token_id) is conn:
+                del self._claims[token_id]
+        conn.claims.clear()
+        # Another connection of the same member may now take over those deliveries.
+        for other in self._connections.get(conn.member, ()):
+            other.rescan = True
+            other.wake.set()
+
+    async def _pusher(self, conn: _Connection) -> None:
+        try:
+            await self._push_loop(conn)
+        except LinkClosed:
+            conn.fail(None)
+        except Exception:
+            log.exception("pusher of %s failed", conn.member)
+            conn.fail(Reason.INTERNAL, "internal error")
+
+    async def _push_loop(self, conn: _Connection) -> None:
+        after_token = after_receipt = after_notice = 0
+        while True:
+            # A fresh event before looking, so a wake-up during the pass is not lost.
+            conn.wake = trio.Event()
+            if conn.rescan:
+                conn.rescan, after_token = False, 0
+            while batch := self.store.outstanding(
+                conn.member, after=after_token, limit=DELIVERY_BATCH
+            ):
+                for row in batch:
+                    after_token = row.seq
+                    await self._deliver(conn, row)
+            for receipt in self.store.queued_receipts(conn.member, after=after_receipt):
+                await conn.link.send(ReceiptNotice(receipt=receipt.receipt))
+                after_receipt = receipt.seq
+            for notice in self.store.notices(conn.member, after=after_notice):
+                kind = Expired if notice.kind == "expired" else Revoked
+                await conn.link.send(kind(report=notice.report, token=notice.token))
+                # Notices have no ack: sent once on a live link, then dropped.
+                self.store.drop_notice(notice.seq)
+                after_notice = notice.seq
+            await conn.wake.wait()
+
+    async def _deliver(self, conn: _Connection, row: TokenRow) -> None:
+        holder = self._claims.get(row.id)
+        if holder is not None and holder is not conn:
+            return  # another connection of this member is delivering it
+        if not self.store.is_outstanding(row.id):
+            return  # acked, revoked or expired since the query
+        try:
+            blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            log.error("ciphertext of a pending delivery is missing")
+            return
+        self._claims[row.id] = conn
+        conn.claims.add(row.id)
+        with blob:
+            async with conn.link.sending():
+                await conn.link.send(Deliver(token=row.token))
+                # Reads of one chunk each: a report of any size passes in constant memory.
+                while data := blob.read(MAX_CHUNK_DATA):
+                    await conn.link.send(Chunk(data=data))
+                await conn.link.send(DeliverEnd(token=row.id))
+        self.store.mark_forwarded(row.id, now=self.now())
+
+
+async def serve(
+    secret: MemberSecret,
+    arrangement: Arrangement,
+    store_path: str | os.PathLike[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    limits: Limits = DEFAULT_LIMITS,
+    clock: Callable[[], float] = time.time,
+    max_hold: int = MAX_HOLD,
+    expiry_interval: float = EXPIRY_INTERVAL,
+    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run a relay on TCP until cancelled.
+
+    Usage::
+
+        port = await nursery.start(serve, secret, arrangement, "store/")
+
+    Args:
+        secret, arrangement, store_path, limits, clock, max_hold, expiry_interval: as
+            for :class:`Relay`.
+        host, port: where to listen; port 0 picks a free port.
+        task_status: receives the bound port once the relay accepts connections.
+
+    Raises:
+        UsageError: ``secret`` is not the relay's key, or the store is of another
+            version. OSError: the address cannot be bound.
+    """
+    relay = Relay(
+        secret,
+        arrangement,
+        store_path,
+        limits=limits,
+        clock=clock,
+        max_hold=max_hold,
+        expiry_interval=expiry_interval,
+    )
+    try:
+        await relay.serve_tcp(host=host, port=port, task_status=task_status)
+    finally:
+        relay.close()

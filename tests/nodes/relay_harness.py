@@ -1,0 +1,160 @@
+"""Run a :class:`relay.server.Relay` in a test and drive members against it.
+
+Members here are ``relay.transport`` links plus the protocol core, without the client
+node, so the relay is tested on its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+import trio.testing
+from nodes.relay_helpers import NOW, FakeClock, World
+
+from relay.server import Relay
+from relay.transport import Link, connect_member
+from tisa.limits import DEFAULT_LIMITS, Limits
+from tisa.messages import (
+    MAX_CHUNK_DATA,
+    Chunk,
+    Deliver,
+    DeliverEnd,
+    Message,
+    SubmitBegin,
+    SubmitEnd,
+)
+from tisa.report import SealedReport
+
+M = TypeVar("M", bound=Message)
+
+
+class Harness:
+    def __init__(
+        self,
+        world: World,
+        path: Path,
+        nursery: trio.Nursery,
+        *,
+        limits: Limits,
+        clock: FakeClock,
+        **relay_args: Any,
+    ) -> None:
+        self.world = world
+        self.path = path
+        self.limits = limits
+        self.clock = clock
+        self.nursery = nursery
+        self.relay_args = relay_args
+        self.relay = self._new_relay()
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        self._conn_nursery: trio.Nursery | None = None
+
+    def _new_relay(self) -> Relay:
+        return Relay(
+            self.world.relay_secret,
+            self.world.arrangement,
+            self.path,
+            limits=self.limits,
+            clock=self.clock,
+            **self.relay_args,
+        )
+
+    async def _run_connections(self, *, task_status: trio.TaskStatus[None]) -> None:
+        self._scope = trio.CancelScope()
+        self._done = trio.Event()
+        try:
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    self._conn_nursery = nursery
+                    task_status.started()
+                    await trio.sleep_forever()
+        finally:
+            self._done.set()
+
+    async def start(self) -> None:
+        await self.nursery.start(self._run_connections)
+
+    async def stop(self) -> None:
+        self._scope.cancel()
+        await self._done.wait()
+        self.relay.close()
+
+    async def restart(self) -> None:
+        """Stop the relay (all connections) and start a new one on the same store."""
+        await self.stop()
+        self.relay = self._new_relay()
+        await self.start()
+
+    def open_stream(self) -> trio.abc.Stream:
+        """A raw stream to the relay, for misbehaving peers."""
+        assert self._conn_nursery is not None
+        client, server = trio.testing.memory_stream_pair()
+        self._conn_nursery.start_soon(self.relay.handle_stream, server)
+        return client
+
+    async def connect(self, name: str) -> Link:
+        return await connect_member(
+            self.open_stream(),
+            self.world.secrets[name],
+            name,
+            self.world.arrangement,
+            limits=self.limits,
+        )
+
+
+@contextlib.asynccontextmanager
+async def running_relay(
+    world: World,
+    path: Path,
+    *,
+    limits: Limits = DEFAULT_LIMITS,
+    clock: FakeClock | None = None,
+    **relay_args: Any,
+) -> AsyncIterator[Harness]:
+    async with trio.open_nursery() as nursery:
+        harness = Harness(
+            world, path, nursery, limits=limits, clock=clock or FakeClock(), **relay_args
+        )
+        await harness.start()
+        try:
+            yield harness
+        finally:
+            await harness.stop()
+
+
+async def expect(link: Link, kind: type[M]) -> M:
+    message = await link.receive()
+    assert isinstance(message, kind), f"expected {kind.__name__}, got {message!r}"
+    return message
+
+
+async def send_submission(
+    link: Link, sealed: SealedReport, *, expires: int = NOW + 3600, data: bytes | None = None
+) -> None:
+    data = sealed.ciphertext if data is None else data
+    async with link.sending():
+        await link.send(
+            SubmitBegin(
+                report=sealed.report_id, size=len(data), digest=sealed.digest, expires=expires
+            )
+        )
+        for start in range(0, len(data), MAX_CHUNK_DATA):
+            await link.send(Chunk(data=data[start : start + MAX_CHUNK_DATA]))
+        await link.send(SubmitEnd(report=sealed.report_id))
+
+
+async def receive_delivery(link: Link) -> tuple[bytes, bytes]:
+    """Read one delivery: (encoded token, ciphertext)."""
+    deliver = await expect(link, Deliver)
+    parts = []
+    while True:
+        message = await link.receive()
+        if isinstance(message, DeliverEnd):
+            return deliver.token, b"".join(parts)
+        assert isinstance(message, Chunk), message
+        parts.append(message.data)

@@ -1,0 +1,458 @@
+"""relay.server over memory streams: submission, release, delivery, receipts, revocation,
+expiry, audit, restart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from nodes.relay_harness import (
+    Harness,
+    expect,
+    receive_delivery,
+    running_relay,
+    send_submission,
+)
+from nodes.relay_helpers import (
+    NOW,
+    FakeClock,
+    World,
+    custom_token,
+    make_world,
+    seal,
+    token_for,
+)
+
+from tisa.audit import AuditEvent, verify_extract
+from tisa.errors import Reason
+from tisa.limits import Limits
+from tisa.messages import (
+    Ack,
+    AuditFetch,
+    AuditReply,
+    Expired,
+    ReceiptNotice,
+    Refusal,
+    Release,
+    Released,
+    Revoke,
+    Revoked,
+    SendReceipt,
+    Stored,
+)
+from tisa.receipt import Receipt, StoredAck
+from tisa.report import SealedReport, open_report
+from tisa.token import check_for_recipient
+
+LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+async def stored(h: Harness, link_name: str = "seoul", **seal_args: object) -> SealedReport:
+    link = await h.connect(link_name)
+    report = seal(h.world, **seal_args)  # type: ignore[arg-type]
+    await send_submission(link, report)
+    await expect(link, Stored)
+    await link.aclose()
+    return report
+
+
+async def release(h: Harness, token: bytes, name: str = "seoul") -> Released | Refusal:
+    link = await h.connect(name)
+    await link.send(Release(token=token))
+    reply = await link.receive()
+    await link.aclose()
+    assert isinstance(reply, Released | Refusal), reply
+    return reply
+
+
+def open_delivery(world: World, token: bytes, ciphertext: bytes, name: str = "tokyo") -> bytes:
+    granted = check_for_recipient(token, world.arrangement, world.secrets[name], name, now=NOW)
+    return open_report(ciphertext, granted.opener(world.arrangement)).body
+
+
+async def test_submit_is_stored_with_a_signed_ack(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            link = await h.connect("seoul")
+            report = seal(world)
+            await send_submission(link, report)
+            reply = await expect(link, Stored)
+            ack = StoredAck.verify(reply.ack, world.arrangement)
+            assert (ack.report, ack.digest, ack.size, ack.originator) == (
+                report.report_id,
+                report.digest,
+                report.size,
+                "seoul",
+            )
+            # The same submission again (an outbox resending after a crash): stored again.
+            await send_submission(link, report)
+            again = await expect(link, Stored)
+            assert StoredAck.verify(again.ack, world.arrangement).report == report.report_id
+            # Same id, other bytes: refused duplicate.
+            other = seal(world, b"other")
+            forged = SealedReport(
+                report_id=report.report_id,
+                ciphertext=other.ciphertext,
+                digest=other.digest,
+                content_key=other.content_key,
+                header=other.header,
+            )
+            await send_submission(link, forged)
+            refusal = await expect(link, Refusal)
+            assert refusal.reason == Reason.DUPLICATE
+            # Declared digest that the bytes do not match.
+            bad = seal(world, b"third")
+            await send_submission(link, bad, data=bytes(len(bad.ciphertext)))
+            assert (await expect(link, Refusal)).reason == Reason.WRONG_REPORT
+            assert (tmp_path / "blobs" / report.report_id.hex()).exists()
+            assert not (tmp_path / "blobs" / bad.report_id.hex()).exists()
+            assert not list((tmp_path / "tmp").iterdir())
+
+
+async def test_release_deliver_open_ack_receipt(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            report = seal(world, b"launch detected")
+            await send_submission(seoul, report)
+            await expect(seoul, Stored)
+            token = token_for(world, report)
+            await seoul.send(Release(token=token))
+            released = await expect(seoul, Released)
+            assert released.report == report.report_id
+            # Pushed to the connected recipient at once.
+            got_token, ciphertext = await receive_delivery(tokyo)
+            assert got_token == token
+            assert open_delivery(world, got_token, ciphertext) == b"launch detected"
+            granted = check_for_recipient(
+                got_token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            )
+            await tokyo.send(Ack(kind="delivery", token=granted.token.id))
+            receipt = Receipt.issue(
+                world.secrets["tokyo"],
+                world.arrangement,
+                report=report.report_id,
+                token=granted.token.id,
+                originator="seoul",
+                recipient="tokyo",
+                digest=report.digest,
+                received=NOW,
+            )
+            await tokyo.send(SendReceipt(receipt=receipt.encoded))
+            notice = await expect(seoul, ReceiptNotice)
+            assert Receipt.verify(notice.receipt, world.arrangement) == receipt
+            await seoul.send(Ack(kind="receipt", token=granted.token.id))
+            # Reconnecting: the receipt was acked, the delivery too: nothing comes.
+            await seoul.aclose()
+            await tokyo.aclose()
+            for name in ("seoul", "tokyo"):
+                link = await h.connect(name)
+                await link.send(AuditFetch(since=0))
+                await expect(link, AuditReply)
+
+
+async def test_queued_delivery_redelivered_until_acked(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            assert isinstance(await release(h, token), Released)
+            # Tokyo connects later: the delivery is waiting.
+            tokyo = await h.connect("tokyo")
+            first = await receive_delivery(tokyo)
+            await tokyo.aclose()  # no ack
+            tokyo = await h.connect("tokyo")
+            second = await receive_delivery(tokyo)
+            assert first == second
+            token_id = check_for_recipient(
+                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            ).token.id
+            await tokyo.send(Ack(kind="delivery", token=token_id))
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)
+            await tokyo.aclose()
+            tokyo = await h.connect("tokyo")
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)  # nothing redelivered after the ack
+
+
+async def test_pending_delivery_survives_restart(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            assert isinstance(await release(h, token), Released)
+            await h.restart()
+            tokyo = await h.connect("tokyo")
+            got, ciphertext = await receive_delivery(tokyo)
+            assert got == token
+            assert open_delivery(world, got, ciphertext) == b"missile launch at 04:00"
+
+
+def _refusal_reason(reply: Released | Refusal) -> str:
+    assert isinstance(reply, Refusal), reply
+    return reply.reason
+
+
+async def test_bad_tokens_refused_with_reason(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            other = await stored(h, body=b"another report")
+            good = token_for(world, report)
+            forged = bytearray(good)
+            forged[-1] ^= 1
+            cases = {
+                Reason.BAD_SIGNATURE: bytes(forged),
+                Reason.EXPIRED: token_for(
+                    world, report, not_before=NOW - 7200, not_after=NOW - 600
+                ),
+                Reason.NOT_YET_VALID: token_for(
+                    world, report, not_before=NOW + 600, not_after=NOW + 7200
+                ),
+                Reason.WRONG_RECIPIENT: custom_token(world, report, recipient="seoul"),
+                Reason.NOT_A_MEMBER: custom_token(world, report, recipient="beijing"),
+                Reason.OUT_OF_SCOPE: custom_token(world, report, scope="nk.chemical"),
+                Reason.LEVEL_NOT_ALLOWED: custom_token(world, report, level="top"),
+                Reason.WRONG_REPORT: custom_token(world, report, digest=other.digest),
+                Reason.WRONG_RELAY: custom_token(world, report, relay="tokyo"),
+                Reason.WRONG_ARRANGEMENT: custom_token(world, report, version=2),
+                Reason.UNKNOWN_REPORT: custom_token(world, report, report=bytes(16)),
+                # Signed by Tokyo, which did not submit the report.
+                Reason.WRONG_ORIGINATOR: custom_token(
+                    world, report, signer="tokyo", originator="tokyo", recipient="seoul"
+                ),
+                Reason.MALFORMED: b"\x81\xa1x\x01",
+            }
+            for reason, token in cases.items():
+                assert _refusal_reason(await release(h, token)) == reason, reason
+            # Only the originator may hand in its report's tokens.
+            assert _refusal_reason(await release(h, good, "tokyo")) == Reason.WRONG_ORIGINATOR
+            assert isinstance(await release(h, good), Released)
+            # Every refusal is in the audit log, and Seoul sees its own.
+            seoul = await h.connect("seoul")
+            await seoul.send(AuditFetch(since=0))
+            extract = await expect(seoul, AuditReply)
+            entries, _ = verify_extract(extract.extract, world.arrangement, "seoul")
+            refused = [e.reason for e in entries if e.event is AuditEvent.REFUSED]
+            assert set(cases) <= {Reason(r) for r in refused}
+
+
+async def test_clock_skew_is_tolerated_and_bounded(world: World, tmp_path: Path) -> None:
+    clock = FakeClock()
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+            report = await stored(h)
+            inside = token_for(world, report, not_before=NOW + 100, not_after=NOW + 7200)
+            beyond = token_for(world, report, not_before=NOW + 121, not_after=NOW + 7200)
+            assert _refusal_reason(await release(h, beyond)) == Reason.NOT_YET_VALID
+            assert isinstance(await release(h, inside), Released)
+
+
+async def test_replay_refused_also_after_restart(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            assert isinstance(await release(h, token), Released)
+            assert _refusal_reason(await release(h, token)) == Reason.REPLAYED
+            await h.restart()
+            assert _refusal_reason(await release(h, token)) == Reason.REPLAYED
+
+
+async def test_concurrent_redemptions_one_success(world: World, tmp_path: Path) -> None:
+    limits = Limits(handshake_timeout=30, frame_timeout=30, max_connections_per_member=128)
+    with trio.fail_after(30):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            links = [await h.connect("seoul") for _ in range(100)]
+            replies: list[object] = []
+
+            async def redeem(link: object) -> None:
+                from relay.transport import Link
+
+                assert isinstance(link, Link)
+                await link.send(Release(token=token))
+                replies.append(await link.receive())
+
+            async with trio.open_nursery() as nursery:
+                for link in links:
+                    nursery.start_soon(redeem, link)
+            assert sum(isinstance(r, Released) for r in replies) == 1
+            assert (
+                sum(isinstance(r, Refusal) and r.reason == Reason.REPLAYED for r in replies) == 99
+            )
+
+
+async def test_revocation_before_delivery(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            assert isinstance(await release(h, token), Released)
+            token_id = check_for_recipient(
+                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            ).token.id
+            seoul = await h.connect("seoul")
+            await seoul.send(Revoke(report=report.report_id, token=token_id))
+            assert await expect(seoul, Revoked) == Revoked(report=report.report_id, token=token_id)
+            tokyo = await h.connect("tokyo")
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)  # no delivery came first
+            # A revoked token cannot be released again.
+            assert _refusal_reason(await release(h, token)) == Reason.REVOKED
+            # Revoking a token not yet released bars it too.
+            later = token_for(world, report, counter=2)
+            later_id = check_for_recipient(
+                later, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            ).token.id
+            await seoul.send(Revoke(report=report.report_id, token=later_id))
+            await expect(seoul, Revoked)
+            assert _refusal_reason(await release(h, later)) == Reason.REVOKED
+            # Revoking the whole report deletes the ciphertext; later releases refused.
+            await seoul.send(Revoke(report=report.report_id, token=None))
+            await expect(seoul, Revoked)
+            assert not (tmp_path / "blobs" / report.report_id.hex()).exists()
+            third = token_for(world, report, counter=3)
+            assert _refusal_reason(await release(h, third)) == Reason.REVOKED
+            # Tokyo cannot revoke Seoul's report.
+            await tokyo.send(Revoke(report=report.report_id, token=None))
+            assert (await expect(tokyo, Refusal)).reason == Reason.UNKNOWN_REPORT
+
+
+async def test_revoke_after_ack_is_refused(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            tokyo = await h.connect("tokyo")
+            assert isinstance(await release(h, token), Released)
+            await receive_delivery(tokyo)
+            token_id = check_for_recipient(
+                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            ).token.id
+            await tokyo.send(Ack(kind="delivery", token=token_id))
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)
+            seoul = await h.connect("seoul")
+            await seoul.send(Revoke(report=report.report_id, token=token_id))
+            assert (await expect(seoul, Refusal)).reason == Reason.REPLAYED
+
+
+async def test_expiry_of_held_reports_and_tokens(world: World, tmp_path: Path) -> None:
+    clock = FakeClock()
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+            seoul = await h.connect("seoul")
+            held = seal(world, b"held")
+            await send_submission(seoul, held, expires=NOW + 100)
+            await expect(seoul, Stored)
+            released = seal(world, b"released")
+            await send_submission(seoul, released, expires=NOW + 100_000)
+            await expect(seoul, Stored)
+            token = token_for(world, released, not_after=NOW + 300)
+            await seoul.send(Release(token=token))
+            await expect(seoul, Released)
+            token_id = check_for_recipient(
+                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            ).token.id
+            clock.now = NOW + 150
+            h.relay.expire_now()
+            assert await expect(seoul, Expired) == Expired(report=held.report_id, token=None)
+            assert not (tmp_path / "blobs" / held.report_id.hex()).exists()
+            late = token_for(world, held, counter=2)
+            await seoul.send(Release(token=late))
+            assert (await expect(seoul, Refusal)).reason == Reason.EXPIRED
+            # The token expires after not_after + clock skew; Seoul is told even if offline.
+            await seoul.aclose()
+            clock.now = NOW + 300 + 120
+            h.relay.expire_now()
+            seoul = await h.connect("seoul")
+            assert await expect(seoul, Expired) == Expired(
+                report=released.report_id, token=token_id
+            )
+            tokyo = await h.connect("tokyo")
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)  # nothing delivered
+
+
+async def test_max_hold_caps_expiry(world: World, tmp_path: Path) -> None:
+    clock = FakeClock()
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock, max_hold=60) as h:
+            seoul = await h.connect("seoul")
+            report = seal(world)
+            await send_submission(seoul, report, expires=NOW + 10**6)
+            await expect(seoul, Stored)
+            clock.now = NOW + 61
+            h.relay.expire_now()
+            assert await expect(seoul, Expired) == Expired(report=report.report_id, token=None)
+
+
+async def test_audit_extract_verifies_for_each_member(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            report = await stored(h)
+            token = token_for(world, report)
+            assert isinstance(await release(h, token), Released)
+            got, _ = await receive_delivery(tokyo)
+            token_id = check_for_recipient(
+                got, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+            ).token.id
+            await tokyo.send(Ack(kind="delivery", token=token_id))
+            events = {}
+            checkpoints = {}
+            for name in ("seoul", "tokyo"):
+                link = tokyo if name == "tokyo" else await h.connect(name)
+                await link.send(AuditFetch(since=0))
+                reply = await expect(link, AuditReply)
+                entries, checkpoint = verify_extract(reply.extract, world.arrangement, name)
+                events[name] = [e.event for e in entries]
+                checkpoints[name] = checkpoint
+                # Fetching on from the checkpoint gives an empty, verifying extract.
+                await link.send(AuditFetch(since=checkpoint.seq))
+                more = await expect(link, AuditReply)
+                rest, _ = verify_extract(
+                    more.extract, world.arrangement, name, known=(checkpoint.seq, checkpoint.head)
+                )
+                assert rest == []
+            assert events["seoul"] == [
+                AuditEvent.STORED,
+                AuditEvent.RELEASED,
+                AuditEvent.FORWARDED,
+                AuditEvent.ACKNOWLEDGED,
+            ]
+            assert events["tokyo"] == events["seoul"][1:]
+            assert checkpoints["seoul"].head == checkpoints["tokyo"].head
+            # A fetch from past the end is refused, not a crash.
+            await tokyo.send(AuditFetch(since=10**6))
+            assert (await expect(tokyo, Refusal)).reason == Reason.MALFORMED
+
+
+async def test_store_never_holds_plaintext_or_key(world: World, tmp_path: Path) -> None:
+    plaintext = b"PLAINTEXT-MARKER: the second launch site is at 39.0N 125.7E"
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            report = seal(world, plaintext)
+            await send_submission(seoul, report)
+            await expect(seoul, Stored)
+            token = token_for(world, report)
+            await seoul.send(Release(token=token))
+            await expect(seoul, Released)
+            got, ciphertext = await receive_delivery(tokyo)
+            assert open_delivery(world, got, ciphertext) == plaintext
+    blobs = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert report.ciphertext in blobs  # the scan does see the store's content
+    for secret in (plaintext, plaintext[:16], report.content_key, report.content_key[:16]):
+        assert secret not in blobs
