@@ -521,3 +521,10 @@ def test_list_of_unique_and_sorted() -> None:
     assert ordered(["B", "a", "aa", "é"], "f") == ["B", "a", "aa", "é"]
     refused(ordered, ["b", "a"], "canonical order")
     refused(ordered, ["é", "z"], "canonical order")  # by UTF-8 bytes: z < é
+
+
+def test_pack_encodes_str_and_int_subclasses_as_plain_values() -> None:
+    from tisa.errors import Reason
+
+    assert enc.pack({"r": Reason.EXPIRED}) == enc.pack({"r": "expired"})
+    assert enc.unpack(enc.pack({"r": Reason.EXPIRED})) == {"r": "expired"}

@@ -68,6 +68,11 @@ def _canonical(value: Any, depth: int = 0) -> Any:
         return [_canonical(item, depth + 1) for item in value]
     if isinstance(value, Mapping):
         return _canonical(dict(value), depth)
+    # Subclasses (StrEnum reason codes, IntEnum) encode as their plain value.
+    if isinstance(value, str):
+        return _canonical(str(value), depth)
+    if isinstance(value, int):
+        return _canonical(int(value), depth)
     _fail(f"cannot encode {kind.__name__}")
 
 
