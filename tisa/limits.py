@@ -7,6 +7,7 @@ module-level constants are the defaults. Every limit has a test that crosses it.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 __all__ = [
     "CHUNK_SIZE",
@@ -77,7 +78,12 @@ class Limits:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+            if (
+                not isinstance(value, int | float)
+                or isinstance(value, bool)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
                 from tisa.errors import UsageError
 
                 raise UsageError(f"limit {field.name} must be a positive number, not {value!r}")
