@@ -55,7 +55,7 @@ from clients.store import MemberStore, Submission, fsync_dir
 from relay.transport import Link, LinkClosed, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
-from tisa.audit import GENESIS, MAX_EXTRACT_ENTRIES, AuditEntry, Extract, verify_extract
+from tisa.audit import GENESIS, AuditEntry, Extract, verify_extract
 from tisa.errors import (
     ProtocolError,
     Reason,
@@ -94,6 +94,9 @@ INLINE_MAX = 1024 * 1024
 # (the store keeps the rest; see Node.events).
 EVENT_BUFFER = 64
 REPORT_BUFFER = 16
+# Extracts fetched by one fetch_audit call. A relay cuts each extract at ~2,000 entries,
+# so this covers 100,000 new entries; a member further behind calls again.
+MAX_AUDIT_ROUNDS = 50
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -296,14 +299,13 @@ class Node:
 
         Raises:
             Refused: the relay refused the submission (its reason), or the report was
-                revoked (``revoked``) or expired (``expired``) first.
+                revoked (``revoked``) or expired (``expired``) before it was stored.
             UsageError: this node never submitted ``report_id``.
         """
         while True:
             changed = self._changed
             submission = self._submission(report_id)
-            if submission.state == "stored":
-                assert submission.ack is not None
+            if submission.ack is not None:  # stored (and perhaps expired or revoked since)
                 return StoredAck.verify(submission.ack, self._arrangement)
             if submission.state != "queued":
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
@@ -499,7 +501,9 @@ class Node:
         """
         out: list[AuditEntry] = []
         async with self._audit_lock:
-            while True:
+            # The relay may cut an extract short (entries or bytes); fetch again from
+            # the new checkpoint until an extract brings nothing new.
+            for _ in range(MAX_AUDIT_ROUNDS):
                 known = self.store.audit_checkpoint() or (0, GENESIS)
                 try:
                     data = await self._audit_request(known[0])
@@ -509,10 +513,11 @@ class Node:
                 entries, checkpoint = verify_extract(
                     extract, self._arrangement, self.name, known=known
                 )
+                if not extract.items:
+                    break
                 self.store.set_audit_checkpoint(checkpoint.seq, checkpoint.head, checkpoint.encoded)
                 out.extend(entries)
-                if len(extract.items) < MAX_EXTRACT_ENTRIES:
-                    return out
+        return out
 
     async def _audit_request(self, since: int) -> bytes:
         await self.wait_connected()

@@ -164,6 +164,8 @@ async def test_replay_is_refused_after_restart(
                 # The same token replayed by a (hostile) relay: acknowledged, not handed.
                 old_token, old_id, _ = fake.delivered[0]
                 await tokyo.wait_connected()
+                while "tokyo" not in fake.links:  # the relay's side of the handshake
+                    await trio.sleep(0.01)
                 await fake.deliver(fake.links["tokyo"], old_token, old_id, report_id)
                 await collect(tokyo, got, 0.3)
                 event = await next_event(tokyo, DeliveryRejected)

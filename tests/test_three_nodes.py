@@ -1,0 +1,332 @@
+"""Seoul (originator), Washington (relay), Tokyo (recipient) over 127.0.0.1.
+
+The relay runs in-process (``await nursery.start(serve, ...)`` on port 0); Seoul and
+Tokyo are client nodes (``clients.node.open_node``) with their own stores. Canberra, a
+recipient only, is the member a report can name without being released to.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+from nodes.client_world import LEVEL, SCOPE, make_world
+
+from clients.events import (
+    DeliveredReport,
+    DeliveryRejected,
+    Event,
+    ExpiredEvent,
+    ReceiptEvent,
+    RefusedEvent,
+    RevokedEvent,
+)
+from clients.node import Backoff, Node, open_node
+from clients.store import MemberStore
+from relay.server import serve
+from relay.transport import LinkClosed
+from tisa.arrangement import Member, Role
+from tisa.audit import AuditEvent
+from tisa.errors import Reason, Refused
+
+ARRANGEMENT, SECRETS = make_world()
+FAST = Backoff(initial=0.01, maximum=0.1)
+
+
+class Clock:
+    """A wall clock that tests can move forward."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+class World:
+    def __init__(self, nursery: trio.Nursery, tmp: pathlib.Path) -> None:
+        self.nursery = nursery
+        self.tmp = tmp
+        self.port = 0
+        self.relay_clock = Clock()
+        self.relay_scope: trio.CancelScope | None = None
+
+    async def start_relay(self, port: int = 0, **kwargs: Any) -> int:
+        async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                self.relay_scope = scope
+                await serve(
+                    SECRETS["washington"],
+                    ARRANGEMENT,
+                    self.tmp / "washington",
+                    port=port,
+                    clock=self.relay_clock,
+                    expiry_interval=0.05,
+                    task_status=task_status,
+                    **kwargs,
+                )
+
+        self.port = await self.nursery.start(run)
+        return self.port
+
+    def node(self, name: str, **kwargs: Any) -> contextlib.AbstractAsyncContextManager[Node]:
+        return open_node(
+            SECRETS[name],
+            name,
+            ARRANGEMENT,
+            ("127.0.0.1", self.port),
+            self.tmp / name,
+            backoff=FAST,
+            **kwargs,
+        )
+
+
+@pytest.fixture
+async def world(nursery: trio.Nursery, tmp_path: pathlib.Path) -> AsyncIterator[World]:
+    w = World(nursery, tmp_path)
+    await w.start_relay()
+    yield w
+
+
+async def next_event(node: Node, kind: type[Event], timeout: float = 3) -> Any:
+    with trio.fail_after(timeout):
+        async for event in node.events():
+            if isinstance(event, kind):
+                return event
+    raise AssertionError("unreachable")
+
+
+async def first_report(node: Node, timeout: float = 3) -> DeliveredReport:
+    with trio.fail_after(timeout):
+        async for report in node.reports():
+            return report
+    raise AssertionError("unreachable")
+
+
+async def collect(node: Node, wait: float, into: list[bytes] | None = None) -> list[bytes]:
+    got = [] if into is None else into
+    with trio.move_on_after(wait):
+        async for report in node.reports():
+            got.append(report.report_id)
+    return got
+
+
+async def test_seal_hold_release_deliver_open_receipt(world: World) -> None:
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul, world.node("tokyo") as tokyo:
+            report_id = await seoul.submit(
+                b"two launches at 05:51 and 05:58",
+                recipients=["tokyo"],
+                scope=SCOPE,
+                level=LEVEL,
+                attachments=[("track.csv", b"lat,lon\n39.0,125.7\n")],
+            )
+            ack = await seoul.wait_stored(report_id)
+            assert ack.report == report_id and ack.originator == "seoul"
+            # Held: nothing reaches Tokyo before Seoul approves.
+            assert await collect(tokyo, 0.2) == []
+            token_id = await seoul.release(report_id, "tokyo")
+            report = await first_report(tokyo)
+            assert report.report_id == report_id and report.token_id == token_id
+            assert report.body == b"two launches at 05:51 and 05:58"
+            assert report.attachments == {"track.csv": b"lat,lon\n39.0,125.7\n"}
+            assert report.header.scope == SCOPE and report.header.recipients == ("tokyo",)
+            receipt = (await next_event(seoul, ReceiptEvent)).receipt
+            assert (receipt.report, receipt.token, receipt.recipient) == (
+                report_id,
+                token_id,
+                "tokyo",
+            )
+            # Both can verify their part of the audit log.
+            events = [e.event for e in await seoul.fetch_audit()]
+            assert AuditEvent.STORED in events and AuditEvent.RELEASED in events
+            tokyo_events = [e.event for e in await tokyo.fetch_audit()]
+            assert AuditEvent.RELEASED in tokyo_events
+            assert await seoul.fetch_audit() == []  # nothing new since the checkpoint
+
+
+async def test_two_recipients_one_release(world: World) -> None:
+    with trio.fail_after(10):
+        async with (
+            world.node("seoul") as seoul,
+            world.node("tokyo") as tokyo,
+            world.node("canberra") as canberra,
+        ):
+            report_id = await seoul.submit(
+                b"for both, released to one",
+                recipients=["tokyo", "canberra"],
+                scope=SCOPE,
+                level=LEVEL,
+                release_to=["tokyo"],
+            )
+            got = await collect(tokyo, 0.5)
+            assert got == [report_id]
+            assert await collect(canberra, 0.2) == []
+
+
+async def test_revocation_before_delivery(world: World) -> None:
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            report_id = await seoul.submit(
+                b"withdrawn", recipients=["tokyo"], scope=SCOPE, level=LEVEL
+            )
+            token_id = await seoul.release(report_id, "tokyo")
+            await seoul.revoke(report_id, token_id)
+            event = await next_event(seoul, RevokedEvent)
+            assert (event.report, event.token) == (report_id, token_id)
+            # And a whole report, held, revoked.
+            other = await seoul.submit(b"never", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
+            await seoul.wait_stored(other)
+            await seoul.revoke(other)
+            with pytest.raises(Refused) as info:
+                await seoul.release(other, "tokyo")
+            assert info.value.reason is Reason.REVOKED
+        async with world.node("tokyo") as tokyo:
+            assert await collect(tokyo, 0.3) == []
+
+
+async def test_expiry_of_a_token_and_of_a_held_report(world: World) -> None:
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            held = await seoul.submit(
+                b"held", recipients=["tokyo"], scope=SCOPE, level=LEVEL, hold_for=600
+            )
+            released = await seoul.submit(b"late", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
+            token_id = await seoul.release(released, "tokyo", valid_for=60)
+            # Tokyo stays away; an hour passes at the relay.
+            world.relay_clock.offset += 3600
+            expired = {(e.report, e.token) for e in [await next_event(seoul, ExpiredEvent)]}
+            expired.add(((e := await next_event(seoul, ExpiredEvent)).report, e.token))
+            assert expired == {(held, None), (released, token_id)}
+            with pytest.raises(Refused) as info:
+                await seoul.release(held, "tokyo")
+            assert info.value.reason is Reason.EXPIRED
+        async with world.node("tokyo") as tokyo:
+            assert await collect(tokyo, 0.3) == []
+
+
+async def test_out_of_scope_and_non_member_are_refused(
+    world: World, tmp_path: pathlib.Path
+) -> None:
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            for kwargs, reason in [
+                ({"scope": "trade", "level": LEVEL}, Reason.OUT_OF_SCOPE),
+                ({"scope": SCOPE, "level": "top-secret"}, Reason.LEVEL_NOT_ALLOWED),
+            ]:
+                with pytest.raises(Refused) as info:
+                    await seoul.submit(b"x", recipients=["tokyo"], **kwargs)
+                assert info.value.reason is reason
+            with pytest.raises(Refused) as info:
+                await seoul.submit(b"x", recipients=["pyongyang"], scope=SCOPE, level=LEVEL)
+            assert info.value.reason is Reason.NOT_A_MEMBER
+        assert MemberStore(tmp_path / "seoul", "seoul").queued_submissions() == []
+        # A party not in the relay's arrangement: refused by the node before any I/O ...
+        with pytest.raises(Refused) as info:
+            async with open_node(
+                SECRETS["pyongyang"],
+                "pyongyang",
+                ARRANGEMENT,
+                ("127.0.0.1", world.port),
+                tmp_path / "pyongyang",
+            ):
+                pass
+        assert info.value.reason is Reason.NOT_A_MEMBER
+        # ... and by the relay when it brings an arrangement of its own that lists it.
+        rogue = ARRANGEMENT.amend(
+            members=(
+                *ARRANGEMENT.members,
+                Member(
+                    name="pyongyang",
+                    identity=SECRETS["pyongyang"].public,
+                    roles=frozenset({Role.ORIGINATOR}),
+                ),
+            )
+        )
+        async with open_node(
+            SECRETS["pyongyang"],
+            "pyongyang",
+            rogue,
+            ("127.0.0.1", world.port),
+            tmp_path / "pyongyang",
+            backoff=FAST,
+        ) as node:
+            event = await next_event(node, RefusedEvent)
+            assert event.reason is Reason.WRONG_ARRANGEMENT and not node.connected
+
+
+async def test_outbox_goes_out_when_the_relay_starts(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    world = World(nursery, tmp_path)
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        world.port = sock.getsockname()[1]
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            report_id = await seoul.submit(
+                b"written offline",
+                recipients=["tokyo"],
+                scope=SCOPE,
+                level=LEVEL,
+                release_to=["tokyo"],
+            )
+            await trio.sleep(0.1)
+            assert not seoul.connected
+            await world.start_relay(world.port)
+            await seoul.wait_stored(report_id)
+            async with world.node("tokyo") as tokyo:
+                assert await collect(tokyo, 0.5) == [report_id]
+
+
+async def test_replay_refused_after_recipient_restart(world: World) -> None:
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            report_id = await seoul.submit(
+                b"once", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+            )
+            async with world.node("tokyo") as tokyo:
+                assert await collect(tokyo, 0.5) == [report_id]
+            # The same report again under a new token, after Tokyo restarted.
+            await seoul.release(report_id, "tokyo")
+            async with world.node("tokyo") as tokyo:
+                event = await next_event(tokyo, DeliveryRejected)
+                assert isinstance(event.error, Refused) and event.error.reason is Reason.REPLAYED
+                assert await collect(tokyo, 0.2) == []
+
+
+async def test_exactly_once_across_restart_between_store_and_ack(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tokyo's link dies right after the report is stored, before the ack goes out: the
+    # relay redelivers, Tokyo acknowledges again and hands the report over only once.
+    original = MemberStore.store_delivery
+    cut: list[bool] = []
+
+    def store_then_die(self: MemberStore, **kwargs: Any) -> None:
+        original(self, **kwargs)
+        if not cut:
+            cut.append(True)
+            raise LinkClosed("cut after store, before ack")
+
+    monkeypatch.setattr(MemberStore, "store_delivery", store_then_die)
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            report_id = await seoul.submit(
+                b"once", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+            )
+            await seoul.wait_stored(report_id)
+            got: list[bytes] = []
+            async with world.node("tokyo") as tokyo:
+                await collect(tokyo, 0.5, got)
+            async with world.node("tokyo") as tokyo:
+                await collect(tokyo, 0.3, got)
+            assert cut and got == [report_id]
+            await next_event(seoul, ReceiptEvent)
