@@ -763,6 +763,84 @@ def arrangement_show(ctx: click.Context, file: Path | None, as_json: bool) -> No
         _out.print(f"[yellow]not effective[/]: missing {', '.join(signed.missing)}")
 
 
+# --- demo ------------------------------------------------------------------------------
+
+
+@tisa.command("demo")
+@click.option(
+    "--dir",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Keep keys, arrangement, stores and logs in this folder (reused when run again); "
+    "default: a temporary folder, removed afterwards.",
+)
+@click.option(
+    "--large-mib",
+    type=click.IntRange(min=0),
+    default=200,
+    show_default=True,
+    help="Size of the large report in MiB (0 skips it).",
+)
+@click.option(
+    "--trace",
+    "trace_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write every event of the exchange to this file as JSON lines.",
+)
+@click.option(
+    "--diagram",
+    "diagram_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Draw the exchange as a sequence diagram (HTML with SVG) into this file.",
+)
+def demo(
+    folder: Path | None, large_mib: int, trace_path: Path | None, diagram_path: Path | None
+) -> None:
+    """Run Seoul, the Washington relay and Tokyo as three processes and tell the story.
+
+    Every step is checked; the exit status is 1 if any check failed, so the demo is
+    also a smoke test. Keys use a fixed passphrase and the cheapest key-file cost: they
+    are demo keys, never use them for anything else.
+
+    \b
+    Example:
+      tisa demo --large-mib 16 --trace t.jsonl --diagram exchange.html
+    """
+    from clients.demo import run_demo
+
+    ok = run_demo(
+        folder=folder, large_mib=large_mib, trace_path=trace_path, diagram_path=diagram_path
+    )
+    if not ok:
+        raise click.exceptions.Exit(1)
+
+
+@tisa.command("trace-diagram")
+@click.argument("trace_file", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="HTML file to write (one self-contained SVG, no scripts).",
+)
+def trace_diagram(trace_file: Path, out: Path) -> None:
+    """Draw a trace written by `tisa demo --trace` as a sequence diagram.
+
+    \b
+    Example:
+      tisa trace-diagram t.jsonl --out exchange.html
+    """
+    from clients.demo_trace import read_trace, render_html
+
+    try:
+        events = read_trace(trace_file)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    with _atomic_text(out) as handle:
+        handle.write(render_html(events))
+    _out.print(f"wrote {out} ({len(events)} events)")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The console entry point (``tisa``)."""
     tisa.main(args=list(argv) if argv is not None else None, prog_name="tisa")

@@ -1,0 +1,752 @@
+"""The three-node demo: Seoul, the Washington relay and Tokyo, as three processes.
+
+:func:`run_demo` generates keys and a fully signed arrangement into a folder, starts the
+relay (``python -m relay``) and one :mod:`clients.demo_member` process per member, all on
+127.0.0.1, and walks through the story of the 2014 trilateral arrangement, checking at
+every step that the system did what it should:
+
+1. Seoul seals a missile-test report for Tokyo and holds it.
+2. Washington holds only ciphertext: the demo reads the relay's store and shows the
+   digest and size bucket, and that neither the text nor the content key is in it.
+3. Tokyo cannot read it: nothing is delivered while Seoul holds it.
+4. Seoul releases it to Tokyo; Washington checks the token, consumes it, forwards.
+5. Tokyo opens it and verifies Seoul's signature; Seoul gets Tokyo's signed receipt.
+6. An out-of-scope report is refused by Seoul's own node, and a crafted out-of-scope
+   token sent straight to the relay is refused by the relay.
+7. A forged token and a replayed token are refused by the relay.
+8. Seoul and Tokyo fetch their part of the audit log and verify it.
+9. A large report goes through, with a progress bar.
+
+It ends with a summary table; :func:`run_demo` returns False when any check failed, and
+``tisa demo`` then exits non-zero, so the demo doubles as a smoke test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from clients.cli import (
+    ARRANGEMENT_FILE,
+    IDENTITY_FILE,
+    create_identity,
+    draft_arrangement,
+    read_arrangement,
+    sign_arrangement,
+    write_arrangement,
+)
+from clients.demo_trace import TraceEvent, TraceWriter, render_html
+from tisa.arrangement import SignedArrangement
+from tisa.keys import Hash, Hasher, MemberSecret
+from tisa.limits import CHUNK_SIZE
+from tisa.report import ABYTES, HEADER_BYTES
+
+__all__ = ["DEMO_MEMBERS", "Deployment", "prepare_deployment", "run_demo"]
+
+PASSPHRASE_ENV = "TISA_DEMO_PASSPHRASE"
+# The demo's key files are protected by this fixed passphrase and the cheapest argon2id
+# cost: they are throwaway keys in a throwaway folder, never a deployment's.
+DEMO_PASSPHRASE = "tisa-demo-only"
+DEMO_MEMBERS: dict[str, tuple[str, ...]] = {
+    "seoul": ("originator", "recipient"),
+    "washington": ("relay",),
+    "tokyo": ("originator", "recipient"),
+}
+SCOPES = ("missile", "nuclear")
+LEVELS = ("restricted", "confidential", "secret")
+# Seconds to wait for a process to start (relay port file, member handshake).
+START_TIMEOUT = 30.0
+# Seconds Tokyo watches for a delivery while Seoul still holds the report.
+HOLD_WATCH = 1.5
+REPORT_TEXT = (
+    "SEOUL/JCS 2014-12-29 0412 KST. North Korea launched two short-range ballistic "
+    "missiles from near Sukchon toward the East Sea; flight about 500 km, apogee 130 km. "
+    "Assessed: Scud-ER class. Releasable to Tokyo via Washington on Seoul's approval."
+)
+
+COLORS = {"seoul": "cyan", "washington": "yellow", "tokyo": "magenta", "demo": "white"}
+
+
+class DemoError(Exception):
+    """A step of the demo could not be carried out (a process died, an answer was late)."""
+
+
+@dataclass
+class Deployment:
+    """Key files and the effective arrangement of a demo, in ``folder``."""
+
+    folder: Path
+    keys: dict[str, Path]
+    arrangement_path: Path
+    signed: SignedArrangement
+
+    def store(self, name: str) -> Path:
+        return self.folder / name / "store"
+
+
+def prepare_deployment(
+    folder: Path, *, announce: Callable[[str], None] | None = None
+) -> Deployment:
+    """Create (or reuse) the demo's keys and fully signed arrangement in ``folder``.
+
+    Keys and the arrangement are kept when they are already there and fit together, so
+    a named folder can be run again; the nodes' stores are always started afresh.
+    """
+    say = announce or (lambda text: None)
+    folder.mkdir(parents=True, exist_ok=True)
+    keys = {name: folder / name / IDENTITY_FILE for name in DEMO_MEMBERS}
+    secrets: dict[str, MemberSecret] = {}
+    for name, path in keys.items():
+        if path.exists():
+            secrets[name] = MemberSecret.load(path, DEMO_PASSPHRASE)[0]
+        else:
+            secrets[name] = create_identity(path, name, DEMO_PASSPHRASE, insecure_fast_kdf=True)
+            say(f"{name} generated its keys, fingerprint {secrets[name].public.fingerprint}")
+    arrangement_path = folder / ARRANGEMENT_FILE
+    signed: SignedArrangement | None = None
+    if arrangement_path.exists():
+        with contextlib.suppress(Exception):
+            signed = read_arrangement(arrangement_path)
+            members = signed.arrangement.members
+            if not signed.is_effective or any(
+                m.identity != secrets[m.name].public for m in members
+            ):
+                signed = None
+    if signed is None:
+        signed = draft_arrangement(
+            name="tisa-2014",
+            members=[(n, secrets[n].public, roles) for n, roles in DEMO_MEMBERS.items()],
+            scopes=SCOPES,
+            levels=LEVELS,
+        )
+        write_arrangement(arrangement_path, signed)
+        say(
+            f"drafted arrangement tisa-2014: scopes {', '.join(SCOPES)}; "
+            f"levels {' < '.join(LEVELS)}"
+        )
+        # Each party signs on its own, in its own time: no joint ceremony.
+        for name in ("washington", "tokyo", "seoul"):
+            signed, _ = sign_arrangement(signed, secrets[name], name)
+            write_arrangement(arrangement_path, signed)
+            missing = ", ".join(signed.missing) or "nobody: effective at once"
+            say(f"{name} signed separately; missing {missing}")
+    for name in DEMO_MEMBERS:
+        shutil.rmtree(folder / name / "store", ignore_errors=True)
+    for debris in ("relay.port", "seoul.log", "tokyo.log", "relay.log", "large-report.bin"):
+        with contextlib.suppress(FileNotFoundError):
+            (folder / debris).unlink()
+    return Deployment(folder=folder, keys=keys, arrangement_path=arrangement_path, signed=signed)
+
+
+# --- child processes --------------------------------------------------------------------
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env[PASSPHRASE_ENV] = DEMO_PASSPHRASE
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    with contextlib.suppress(OSError):
+        text = path.read_text(errors="replace").strip().splitlines()
+        return " | ".join(text[-lines:])
+    return ""
+
+
+class Agent:
+    """A member process (:mod:`clients.demo_member`) and its JSON-lines conversation."""
+
+    def __init__(
+        self,
+        name: str,
+        deployment: Deployment,
+        relay: str,
+        on_trace: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.name = name
+        self.log_path = deployment.folder / f"{name}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        self.process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "clients.demo_member",
+                "--key",
+                str(deployment.keys[name]),
+                "--passphrase-env",
+                PASSPHRASE_ENV,
+                "--arrangement",
+                str(deployment.arrangement_path),
+                "--relay",
+                relay,
+                "--store",
+                str(deployment.store(name)),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=_child_env(),
+            text=True,
+        )
+        self._lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self._on_trace = on_trace
+        self._next_id = 0
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with contextlib.suppress(json.JSONDecodeError):
+                self._lines.put(json.loads(line))
+        self._lines.put(None)
+
+    def _next_line(self, deadline: float, what: str) -> dict[str, Any]:
+        try:
+            line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+        except queue.Empty:
+            raise DemoError(f"{self.name} did not answer {what} in time") from None
+        if line is None:
+            raise DemoError(f"{self.name} process ended: {_tail(self.log_path)}")
+        return line
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while "ready" not in self._next_line(deadline, "start-up"):
+            pass
+
+    def request(
+        self,
+        op: str,
+        *,
+        timeout: float = 30.0,
+        on_progress: Callable[[int, int], None] | None = None,
+        **args: Any,
+    ) -> dict[str, Any]:
+        """Send a command and wait for its answer; trace and progress lines are passed on.
+
+        Raises:
+            DemoError: no answer within ``timeout``, or the process died.
+        """
+        self._next_id += 1
+        request_id = self._next_id
+        assert self.process.stdin is not None
+        try:
+            self.process.stdin.write(json.dumps({"id": request_id, "op": op, **args}) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            raise DemoError(f"{self.name} process is gone: {_tail(self.log_path)}") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            line = self._next_line(deadline, op)
+            if "trace" in line:
+                self._on_trace(line["trace"])
+            elif "progress" in line:
+                if on_progress is not None:
+                    on_progress(int(line["progress"]), int(line["total"]))
+            elif line.get("id") == request_id:
+                return line
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.request("quit", timeout=5)
+        _stop(self.process)
+        self._log.close()
+
+
+def _stop(process: subprocess.Popen[Any]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def _relay(deployment: Deployment) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port_file = deployment.folder / "relay.port"
+    log_path = deployment.folder / "relay.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "relay",
+                "--key",
+                str(deployment.keys["washington"]),
+                "--passphrase-env",
+                PASSPHRASE_ENV,
+                "--arrangement",
+                str(deployment.arrangement_path),
+                "--store",
+                str(deployment.store("washington")),
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env=_child_env(),
+        )
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not port_file.exists():
+                if process.poll() is not None:
+                    raise DemoError(f"the relay did not start: {_tail(log_path)}")
+                if time.monotonic() > deadline:
+                    raise DemoError("the relay did not report its port in time")
+                time.sleep(0.05)
+            yield process, int(port_file.read_text().strip())
+        finally:
+            _stop(process)
+
+
+# --- the relay's holdings ---------------------------------------------------------------
+
+
+def relay_holdings(
+    store: Path, report_hex: str, plaintext: bytes, content_key: bytes
+) -> dict[str, Any]:
+    """What the relay's store holds for one report, read from its files.
+
+    Returns the ciphertext file's size and digest, the padded size it reveals, and
+    whether the plaintext or the content key occurs anywhere in the store's files.
+    """
+    blob: Path | None = None
+    found_plain = found_key = False
+    for path in sorted(store.rglob("*")):
+        if not path.is_file():
+            continue
+        if report_hex in path.name:
+            blob = path
+        data = path.read_bytes()
+        found_plain = found_plain or plaintext in data
+        found_key = found_key or content_key in data
+    result: dict[str, Any] = {"plaintext_found": found_plain, "key_found": found_key}
+    if blob is not None:
+        hasher = Hasher(Hash.CIPHERTEXT)
+        size = 0
+        with open(blob, "rb") as handle:
+            while data := handle.read(1024 * 1024):
+                hasher.update(data)
+                size += len(data)
+        chunks = -(-(size - HEADER_BYTES) // (CHUNK_SIZE + ABYTES))
+        result.update(
+            file=str(blob.relative_to(store)),
+            size=size,
+            digest=hasher.finish().hex(),
+            padded=size - HEADER_BYTES - ABYTES * chunks,
+        )
+    return result
+
+
+# --- the story --------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    step: str
+    expected: str
+    observed: str
+    ok: bool
+
+
+@dataclass
+class Demo:
+    console: Console
+    trace: TraceWriter
+    deployment: Deployment
+    large_mib: int
+    start: float = field(default_factory=time.monotonic)
+    checks: list[Check] = field(default_factory=list)
+    agents: dict[str, Agent] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    # --- output -------------------------------------------------------------------------
+
+    def _t(self) -> float:
+        return time.monotonic() - self.start
+
+    def _line(self, actor: str, text: str, style: str = "") -> None:
+        color = COLORS.get(actor, "white")
+        self.console.print(
+            f"[dim]{self._t():6.2f}s[/] [bold {color}]{actor.capitalize():<11}[/]"
+            f"{f'[{style}]' if style else ''}{text}{'[/]' if style else ''}",
+            highlight=False,
+        )
+
+    def say(self, actor: str, text: str) -> None:
+        """A line of the story; also a note in the trace."""
+        self._line(actor, text)
+        self.trace.add(TraceEvent(t=self._t(), kind="note", label=text, source=actor))
+
+    def on_trace(self, value: dict[str, Any]) -> None:
+        event = TraceEvent.from_json({**value, "t": self._t()})
+        self.trace.add(event)
+        if event.kind == "message":
+            style = "dim" if event.status == "ok" else "bold red"
+            arrow = f"→ {event.target.capitalize()}"
+            self._line(event.source, f"{arrow:<13} {event.label}", style)
+        else:
+            self._line(event.source, event.label, "dim")
+
+    def heading(self, text: str) -> None:
+        self.console.print()
+        self.console.rule(f"[bold]{text}", align="left")
+
+    def check(self, step: str, expected: str, observed: str, ok: bool) -> bool:
+        self.checks.append(Check(step, expected, observed, ok))
+        status = "ok" if ok else "fail"
+        mark = "[green]✓[/]" if ok else "[bold red]✗[/]"
+        self.console.print(f"         {mark} {step}: {observed}", highlight=False)
+        self.trace.add(
+            TraceEvent(
+                t=self._t(),
+                kind="step",
+                label=f"{'✓' if ok else '✗'} {step}",
+                status=status,
+                detail={"expected": expected, "observed": observed},
+            )
+        )
+        return ok
+
+    # --- steps --------------------------------------------------------------------------
+
+    def step(self, title: str, func: Callable[[], None]) -> None:
+        """Run one step; a step that cannot be carried out is a failed check."""
+        self.heading(title)
+        try:
+            func()
+        except (DemoError, KeyError, OSError, ValueError) as exc:
+            self.check(title, "the step runs", f"could not run it: {exc}", False)
+
+    def seal_and_hold(self) -> None:
+        self.say("seoul", "seals a missile-test report for Tokyo (scope missile, level secret)")
+        answer = self.agents["seoul"].request(
+            "submit",
+            text=REPORT_TEXT,
+            recipients=["tokyo"],
+            scope="missile",
+            level="secret",
+            release_to=[],
+        )
+        ok = bool(answer.get("ok"))
+        if ok:
+            self.facts["report"] = answer
+        self.check(
+            "Seoul seals and submits, holding the release",
+            "the relay stores it and signs an acknowledgement",
+            f"stored, report {answer['report'][:16]}…, ack verified"
+            if ok
+            else f"refused: {answer.get('error')}",
+            ok,
+        )
+
+    def relay_holds_ciphertext(self) -> None:
+        report = self.facts["report"]
+        held = relay_holdings(
+            self.deployment.store("washington"),
+            report["report"],
+            REPORT_TEXT.encode(),
+            bytes.fromhex(report["content_key"]),
+        )
+        if "digest" not in held:
+            raise DemoError("no ciphertext file for the report in the relay's store")
+        self.say(
+            "washington",
+            f"holds {held['file']}: {held['size']} bytes, digest {held['digest'][:16]}…",
+        )
+        self.say(
+            "washington",
+            f"size bucket {held['padded']} bytes (the text is {len(REPORT_TEXT)} bytes; "
+            "every report under 1 KiB looks the same)",
+        )
+        ok = (
+            held["digest"] == report["digest"]
+            and not held["plaintext_found"]
+            and not held["key_found"]
+        )
+        self.check(
+            "Washington holds only ciphertext",
+            "digest matches; no plaintext and no content key anywhere in its store",
+            f"digest {'matches' if held['digest'] == report['digest'] else 'DIFFERS'}; "
+            f"plaintext {'FOUND' if held['plaintext_found'] else 'absent'}; "
+            f"content key {'FOUND' if held['key_found'] else 'absent'}",
+            ok,
+        )
+
+    def tokyo_cannot_read(self) -> None:
+        self.say("tokyo", f"is connected and waits {HOLD_WATCH:.1f} s for anything from Seoul")
+        answer = self.agents["tokyo"].request("expect_report", timeout=30, wait=HOLD_WATCH)
+        ok = answer.get("ok") and answer.get("report") is None
+        self.check(
+            "Tokyo cannot read it while Seoul holds it",
+            "nothing delivered",
+            "nothing delivered" if ok else f"got {answer.get('report')}",
+            bool(ok),
+        )
+
+    def release_and_deliver(self) -> None:
+        report = self.facts["report"]
+        self.say(
+            "seoul", "approves: issues a release token for Tokyo (content key sealed to Tokyo)"
+        )
+        released = self.agents["seoul"].request("release", report=report["report"], to="tokyo")
+        self.check(
+            "Seoul releases to Tokyo; Washington checks and consumes the token",
+            "released",
+            "released" if released.get("ok") else f"refused: {released.get('error')}",
+            bool(released.get("ok")),
+        )
+        if released.get("ok"):
+            self.facts["token"] = released["token"]
+        got = self.agents["tokyo"].request("expect_report", timeout=30, wait=20)
+        ok = (
+            got.get("report") == report["report"]
+            and got.get("originator") == "seoul"
+            and got.get("sha256") == report["sha256"]
+        )
+        if got.get("text"):
+            self.say("tokyo", f"reads: “{got['text'][:90]}…”")
+        self.check(
+            "Tokyo opens it and verifies Seoul's signature",
+            "the same text, signed by Seoul, scope missile, level secret",
+            f"from {got.get('originator')}, {got.get('scope')}/{got.get('level')}, "
+            f"text {'identical' if got.get('sha256') == report['sha256'] else 'DIFFERENT'}"
+            if got.get("report")
+            else "nothing delivered",
+            ok,
+        )
+        receipt = self.agents["seoul"].request("expect_receipt", timeout=30, wait=20)
+        ok = (
+            receipt.get("report") == report["report"]
+            and receipt.get("recipient") == "tokyo"
+            and receipt.get("digest") == report["digest"]
+        )
+        self.check(
+            "Seoul gets Tokyo's signed receipt",
+            "a receipt signed by Tokyo for this report and ciphertext",
+            f"receipt from {receipt.get('recipient')}, verified" if ok else "no valid receipt",
+            ok,
+        )
+
+    def out_of_scope(self) -> None:
+        self.say("seoul", "tries to share a cyber report: not in the arrangement's scopes")
+        local = self.agents["seoul"].request(
+            "try_seal",
+            text="cyber intrusion report",
+            recipients=["tokyo"],
+            scope="cyber",
+            level="secret",
+        )
+        self.check(
+            "Out-of-scope report refused by the originator's node",
+            "refused out_of_scope before anything is sent",
+            f"refused {local.get('refused')}" if local.get("refused") else "NOT refused",
+            local.get("refused") == "out_of_scope",
+        )
+        self.say("seoul", "(crafted) sends the relay a token for scope cyber, signed by Seoul")
+        remote = self.agents["seoul"].request("raw_out_of_scope", scope="cyber", to="tokyo")
+        self.check(
+            "Out-of-scope token refused by the relay",
+            "refused out_of_scope",
+            f"refused {remote.get('refused')}" if remote.get("refused") else str(remote),
+            remote.get("refused") == "out_of_scope",
+        )
+
+    def forged_and_replayed(self) -> None:
+        self.say("seoul", "(crafted) sends the relay a token with a forged signature")
+        forged = self.agents["seoul"].request("raw_forged", to="tokyo")
+        self.check(
+            "Forged token refused by the relay",
+            "refused (bad signature)",
+            f"refused {forged.get('refused')}" if forged.get("refused") else str(forged),
+            forged.get("refused") == "bad_signature",
+        )
+        token = self.facts["token"]
+        self.say("seoul", f"(crafted) sends the relay token {token[:8]}… again")
+        replay = self.agents["seoul"].request("raw_replay", token=token)
+        self.check(
+            "Replayed token refused by the relay",
+            "refused replayed",
+            f"refused {replay.get('refused')}" if replay.get("refused") else str(replay),
+            replay.get("refused") == "replayed",
+        )
+
+    def audit(self) -> None:
+        for name in ("seoul", "tokyo"):
+            answer = self.agents[name].request("audit")
+            entries = answer.get("entries") or []
+            events: dict[str, int] = {}
+            for entry in entries:
+                label = entry["event"] + (f" ({entry['reason']})" if entry.get("reason") else "")
+                events[label] = events.get(label, 0) + 1
+            summary = ", ".join(f"{n} {e}" for e, n in events.items())
+            ok = bool(answer.get("ok") and answer.get("verified") and entries)
+            self.check(
+                f"{name.capitalize()} verifies its part of the audit log",
+                "hash chain and Washington's signed checkpoint verify",
+                f"{len(entries)} entries verified: {summary}"
+                if ok
+                else f"failed: {answer.get('error')}",
+                ok,
+            )
+
+    def large_report(self) -> None:
+        mib = self.large_mib
+        self.say("seoul", f"seals a {mib} MiB report (imagery) and releases it to Tokyo at once")
+        with Progress(
+            TextColumn("         [cyan]Seoul seals[/]"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task("seal", total=mib * 1024 * 1024)
+
+            def update(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            answer = self.agents["seoul"].request(
+                "submit",
+                size_mib=mib,
+                recipients=["tokyo"],
+                scope="missile",
+                level="confidential",
+                release_to=["tokyo"],
+                timeout=120 + mib,
+                on_progress=update,
+            )
+        if not answer.get("ok"):
+            raise DemoError(f"submission refused: {answer.get('error')}")
+        with self.console.status(f"Tokyo receives {mib} MiB through Washington…"):
+            got = self.agents["tokyo"].request("expect_report", timeout=120 + mib, wait=60 + mib)
+        ok = got.get("report") == answer["report"] and got.get("sha256") == answer["sha256"]
+        self.check(
+            f"A {mib} MiB report goes through",
+            "Tokyo opens the same bytes",
+            f"{answer['size'] / 2**20:.1f} MiB ciphertext; Tokyo's copy "
+            f"{'identical' if got.get('sha256') == answer['sha256'] else 'DIFFERENT'}"
+            if got.get("report")
+            else "nothing delivered",
+            ok,
+        )
+
+    def summary(self) -> bool:
+        table = Table(title="tisa demo: what happened", show_lines=False)
+        table.add_column("#", justify="right")
+        table.add_column("step")
+        table.add_column("expected")
+        table.add_column("observed")
+        table.add_column("", justify="center")
+        for i, check in enumerate(self.checks, 1):
+            table.add_row(
+                str(i),
+                check.step,
+                check.expected,
+                check.observed,
+                "[green]✓[/]" if check.ok else "[bold red]✗[/]",
+            )
+        self.console.print()
+        self.console.print(table)
+        failed = [c for c in self.checks if not c.ok]
+        if failed:
+            self.console.print(f"[bold red]{len(failed)} of {len(self.checks)} checks failed[/]")
+        else:
+            self.console.print(f"[bold green]all {len(self.checks)} checks passed[/]")
+        return not failed
+
+
+def run_demo(
+    *,
+    folder: Path | None = None,
+    large_mib: int = 200,
+    trace_path: Path | None = None,
+    diagram_path: Path | None = None,
+    console: Console | None = None,
+) -> bool:
+    """Run the demo; returns True when every check passed.
+
+    Args:
+        folder: where keys, arrangement, stores and logs go; a temporary folder (removed
+            afterwards) when None.
+        large_mib: size of the large report in MiB (0 skips that step).
+        trace_path: write every event as a JSON line here.
+        diagram_path: draw the exchange as a sequence diagram (HTML with SVG) here.
+        console: where the timeline goes (stdout by default).
+    """
+    console = console or Console()
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tisa-demo-")))
+        handle: TextIO | None = None
+        if trace_path is not None:
+            handle = stack.enter_context(open(trace_path, "w", encoding="utf-8"))
+        trace = TraceWriter(handle)
+        demo = Demo(console=console, trace=trace, deployment=None, large_mib=large_mib)  # type: ignore[arg-type]
+        console.rule("[bold]tisa demo: Seoul → Washington → Tokyo, Seoul's approval required")
+        demo.heading("The arrangement: each party signs separately, no joint ceremony")
+        demo.deployment = prepare_deployment(folder, announce=lambda t: demo.say("demo", t))
+        demo.say("demo", f"keys, arrangement and stores in {folder}")
+        try:
+            relay_process, port = stack.enter_context(_relay(demo.deployment))
+            address = f"127.0.0.1:{port}"
+            demo.say("washington", f"relay running (pid {relay_process.pid}) on {address}")
+            for name in ("seoul", "tokyo"):
+                agent = Agent(name, demo.deployment, address, demo.on_trace)
+                stack.callback(agent.close)
+                agent.wait_ready()
+                demo.agents[name] = agent
+                demo.say(name, f"node running (pid {agent.process.pid}), handshake done")
+        except DemoError as exc:
+            demo.check("Start the three nodes", "all three running", str(exc), False)
+        else:
+            demo.check("Start the three nodes", "all three running", "relay, Seoul, Tokyo up", True)
+            demo.step("1. Seoul seals a report and holds it", demo.seal_and_hold)
+            demo.step("2. What Washington holds", demo.relay_holds_ciphertext)
+            demo.step("3. Tokyo, before Seoul approves", demo.tokyo_cannot_read)
+            demo.step(
+                "4. Seoul approves; Washington forwards; Tokyo reads", demo.release_and_deliver
+            )
+            demo.step("5. Out of scope: refused twice", demo.out_of_scope)
+            demo.step("6. Forged and replayed tokens", demo.forged_and_replayed)
+            demo.step("7. The audit log", demo.audit)
+            if large_mib > 0:
+                demo.step(f"8. A large report ({large_mib} MiB)", demo.large_report)
+        ok = demo.summary()
+    if diagram_path is not None:
+        diagram_path.write_text(render_html(trace.events), encoding="utf-8")
+        console.print(f"sequence diagram written to {diagram_path}")
+    if trace_path is not None:
+        console.print(f"trace written to {trace_path}")
+    return ok
