@@ -31,6 +31,7 @@ from relay.transport import (
     LinkClosed,
     LinkTimeout,
     accept_member,
+    linger,
 )
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
@@ -264,6 +265,7 @@ class Relay:
         try:
             with trio.move_on_after(ERROR_GRACE):
                 await stream.send_all(encode_frame(encode_error(reason, detail)))
+                await linger(stream)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:

@@ -49,6 +49,7 @@ __all__ = [
     "LinkTimeout",
     "accept_member",
     "connect_member",
+    "linger",
 ]
 
 # Bytes asked of the stream per read. Large enough that a 64 KiB chunk frame arrives in
@@ -61,6 +62,13 @@ CLOSE_GRACE = 1.0
 
 # Seconds the relay waits to hand a refused peer its plaintext error frame.
 ERROR_GRACE = 1.0
+
+# After its last frame, a closing side half-closes and reads (and drops) what the peer
+# still sends, for at most this long and this many bytes. Closing a TCP socket with
+# unread data makes the kernel send a reset, which can destroy the last frame (an
+# error with its reason code) before the peer reads it.
+LINGER = 1.0
+MAX_LINGER_BYTES = 1024 * 1024
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -272,6 +280,7 @@ class Link:
                                 self._channel.close(), max_frame=self._limits.max_frame
                             )
                             await self._stream.send_all(final)
+                            await linger(self._stream)
         except (*_STREAM_ERRORS, UsageError):
             pass
         finally:
@@ -408,8 +417,8 @@ async def accept_member(
     handshake = RelayHandshake(secret, arrangement)
     try:
         with trio.fail_after(limits.handshake_timeout):
-            hello = await _receive_handshake_frame(stream)
             try:
+                hello = await _receive_handshake_frame(stream)
                 welcome = handshake.receive(hello)
                 if welcome is None:  # pragma: no cover - the state machine forbids it
                     raise ProtocolError("handshake finished early")
@@ -444,6 +453,21 @@ def _claimed_name(hello: bytes) -> str:
 async def _refuse(stream: trio.abc.Stream, reason: Reason, detail: str) -> None:
     with trio.move_on_after(ERROR_GRACE), contextlib.suppress(LinkClosed):
         await _send_raw(stream, encode_error(reason, detail))
+        await linger(stream)
+
+
+async def linger(stream: trio.abc.Stream) -> None:
+    """Half-close ``stream`` and drain it, so the last frame sent is not lost to a reset
+    (see :data:`LINGER`). Never raises but trio.Cancelled; the caller closes the stream."""
+    with trio.move_on_after(LINGER), contextlib.suppress(*_STREAM_ERRORS):
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        drained = 0
+        while drained < MAX_LINGER_BYTES:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                break
+            drained += len(data)
 
 
 # Re-exported for callers that catch everything a link can raise in one clause.

@@ -47,10 +47,11 @@ async def test_handshake_and_messages_both_ways(world: World) -> None:
         assert await relay.receive() == AuditFetch(since=3)
         await relay.send(Chunk(data=b"x" * 65_553))
         assert await member.receive() == Chunk(data=b"x" * 65_553)
-        await member.aclose()
-        with pytest.raises(LinkClosed):
-            await relay.receive()
-        await relay.aclose()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(member.aclose)
+            with pytest.raises(LinkClosed):
+                await relay.receive()
+            await relay.aclose()
         await relay.aclose()  # idempotent
 
 
@@ -100,6 +101,7 @@ async def test_relay_refuses_with_plaintext_error(world: World, name: str, reaso
             error = enc.unpack(await read_raw_frame(client))
             assert error["t"] == "error" and error["reason"] == reason.value
             assert await read_raw_frame(client) == b""  # closed
+            await client.aclose()
 
 
 async def test_member_sees_refusal_from_admit(world: World) -> None:
@@ -158,6 +160,7 @@ async def test_oversized_handshake_frame(world: World) -> None:
     client, server = trio.testing.memory_stream_pair()
     with trio.fail_after(5):
         await client.send_all((10_000).to_bytes(4, "big"))
+        await client.send_eof()
         with pytest.raises(ProtocolError):
             await accept_member(server, world.relay_secret, world.arrangement, limits=FAST)
 

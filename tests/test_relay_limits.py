@@ -1,0 +1,326 @@
+"""The relay under bad peers and at its limits, over TCP (real sockets) and memory
+streams (mock clock): every named limit is crossed once, and honest members go on."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+from nodes.relay_harness import expect, receive_delivery, running_relay, send_submission
+from nodes.relay_helpers import (
+    NOW,
+    FakeClock,
+    World,
+    make_world,
+    raw_hello,
+    read_raw_frame,
+    seal,
+    token_for,
+)
+
+from relay.server import serve
+from relay.transport import Link, LinkClosed, connect_member
+from tisa import encoding as enc
+from tisa.arrangement import SignedArrangement
+from tisa.errors import Reason, Refused
+from tisa.frames import encode_frame
+from tisa.limits import Limits
+from tisa.messages import (
+    AuditFetch,
+    AuditReply,
+    Chunk,
+    ErrorMessage,
+    Refusal,
+    Release,
+    Released,
+    Stored,
+)
+
+FAST = Limits(handshake_timeout=1.0, frame_timeout=1.0, idle_timeout=60)
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+async def start_relay(
+    nursery: trio.Nursery, world: World, path: Path, limits: Limits = FAST, **kwargs: object
+) -> int:
+    port: int = await nursery.start(
+        lambda task_status: serve(
+            world.relay_secret,
+            world.arrangement,
+            path,
+            limits=limits,
+            clock=FakeClock(),
+            task_status=task_status,
+            **kwargs,  # type: ignore[arg-type]
+        )
+    )
+    return port
+
+
+async def tcp_member(world: World, port: int, name: str, limits: Limits = FAST) -> Link:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    return await connect_member(stream, world.secrets[name], name, world.arrangement, limits=limits)
+
+
+async def honest_round_trip(world: World, port: int) -> None:
+    """Seoul submits and releases, Tokyo receives: the relay still works."""
+    seoul = await tcp_member(world, port, "seoul")
+    tokyo = await tcp_member(world, port, "tokyo")
+    report = seal(world, b"still working")
+    await send_submission(seoul, report)
+    await expect(seoul, Stored)
+    token = token_for(world, report)
+    await seoul.send(Release(token=token))
+    await expect(seoul, Released)
+    got, _ = await receive_delivery(tokyo)
+    assert got == token
+    await seoul.aclose()
+    await tokyo.aclose()
+
+
+async def test_non_member_and_wrong_arrangement_refused_over_tcp(
+    world: World, tmp_path: Path
+) -> None:
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            port = await start_relay(nursery, world, tmp_path)
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(encode_frame(raw_hello(world.arrangement, "beijing")))
+            error = enc.unpack(await read_raw_frame(stream))
+            assert (error["t"], error["reason"]) == ("error", "not_a_member")
+            assert await read_raw_frame(stream) == b""
+            amended = world.arrangement.amend(levels=("secret",))
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            with pytest.raises(Refused) as info:
+                await connect_member(stream, world.secrets["seoul"], "seoul", amended)
+            assert info.value.reason is Reason.WRONG_ARRANGEMENT
+            await honest_round_trip(world, port)
+            nursery.cancel_scope.cancel()
+
+
+async def test_bad_peers_do_not_disturb_honest_ones(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await start_relay(nursery, world, tmp_path)
+            honest = await tcp_member(world, port, "tokyo")
+
+            # Garbage before the handshake: answered malformed, closed.
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(encode_frame(os.urandom(200)))
+            error = enc.unpack(await read_raw_frame(stream))
+            assert error["reason"] == "malformed"
+            # An oversized length prefix instead of a hello.
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await stream.send_all(b"\xff\xff\xff\xff" + os.urandom(100))
+            assert enc.unpack(await read_raw_frame(stream))["reason"] == "malformed"
+
+            # Garbage on an established channel: the relay closes (the channel failed).
+            member = await tcp_member(world, port, "seoul")
+            await member.stream.send_all(encode_frame(os.urandom(300)))
+            with pytest.raises(LinkClosed):
+                await member.receive()
+
+            # An oversized length prefix on the channel: error "limit", then closed.
+            member = await tcp_member(world, port, "seoul")
+            await member.stream.send_all((FAST.max_frame + 1).to_bytes(4, "big"))
+            assert (await expect(member, ErrorMessage)).reason == Reason.LIMIT
+            with pytest.raises(LinkClosed):
+                await member.receive()
+
+            # A well-formed message out of order (a chunk outside a submission).
+            member = await tcp_member(world, port, "seoul")
+            await member.send(Chunk(data=b"x"))
+            assert (await expect(member, ErrorMessage)).reason == Reason.MALFORMED
+
+            # A message only the relay sends.
+            member = await tcp_member(world, port, "seoul")
+            await member.send(AuditReply(extract=b""))
+            assert (await expect(member, ErrorMessage)).reason == Reason.MALFORMED
+
+            # The connection made first still works, and so does a new round trip.
+            await honest.send(AuditFetch(since=0))
+            await expect(honest, AuditReply)
+            await honest.aclose()
+            await honest_round_trip(world, port)
+            nursery.cancel_scope.cancel()
+
+
+async def test_stalled_handshake_and_flood(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            port = await start_relay(nursery, world, tmp_path)
+            # The relay's side of the handshake is bounded by limits.handshake_timeout.
+            stalled = await trio.open_tcp_stream("127.0.0.1", port)
+            started = trio.current_time()
+            assert await read_raw_frame(stalled) == b""
+            assert trio.current_time() - started < FAST.handshake_timeout + 1
+
+            # A flood of connections that never finish their handshake.
+            flood = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(200)]
+            await honest_round_trip(world, port)
+            for stream in flood:
+                await stream.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_too_many_handshakes_busy(world: World, tmp_path: Path) -> None:
+    with trio.fail_after(20):
+        async with running_relay(world, tmp_path, limits=FAST, max_handshakes=5) as h:
+            stalled = [h.open_stream() for _ in range(5)]
+            await trio.sleep(0.05)
+            extra = h.open_stream()
+            error = enc.unpack(await read_raw_frame(extra))
+            assert error["reason"] == "busy"
+            for stream in stalled:
+                await stream.aclose()
+            await trio.sleep(0.05)
+            link = await h.connect("seoul")
+            await link.send(AuditFetch(since=0))
+            await expect(link, AuditReply)
+
+
+async def test_connection_caps(world: World, tmp_path: Path) -> None:
+    limits = Limits(handshake_timeout=5, max_connections=3, max_connections_per_member=2)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            first = await h.connect("seoul")
+            second = await h.connect("seoul")
+            with pytest.raises(Refused) as info:
+                await h.connect("seoul")
+            assert info.value.reason is Reason.BUSY  # per member
+            tokyo = await h.connect("tokyo")
+            with pytest.raises(Refused) as info:
+                await h.connect("tokyo")
+            assert info.value.reason is Reason.BUSY  # in all
+            await first.aclose()
+            await trio.sleep(0.05)
+            again = await h.connect("tokyo")
+            for link in (second, tokyo, again):
+                await link.send(AuditFetch(since=0))
+                await expect(link, AuditReply)
+
+
+async def test_deadlines(world: World, tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+    limits = Limits(handshake_timeout=5, frame_timeout=7, idle_timeout=50)
+    with trio.fail_after(1000):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            # frame_timeout: half a frame, then silence.
+            link = await h.connect("seoul")
+            await link.stream.send_all(b"\x00\x00\x01\x00" + b"x" * 10)
+            started = trio.current_time()
+            assert (await expect(link, ErrorMessage)).reason == Reason.TIMEOUT
+            assert 7 <= trio.current_time() - started < 8
+            # idle_timeout: nothing at all.
+            link = await h.connect("seoul")
+            started = trio.current_time()
+            assert (await expect(link, ErrorMessage)).reason == Reason.TIMEOUT
+            assert 50 <= trio.current_time() - started < 51
+            # handshake_timeout: a peer that connects and says nothing.
+            stream = h.open_stream()
+            started = trio.current_time()
+            assert await read_raw_frame(stream) == b""
+            assert 5 <= trio.current_time() - started < 6
+
+
+async def test_report_size_and_queue_limits(world: World, tmp_path: Path) -> None:
+    limits = Limits(handshake_timeout=5, max_report_size=3000, max_queue_per_recipient=2)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            big = seal(world, b"x" * 5000)
+            assert big.size > 3000
+            await send_submission(seoul, big)
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.reason, refusal.ref) == (Reason.LIMIT, big.report_id)
+            assert not list((tmp_path / "blobs").iterdir())
+            reports = []
+            for i in range(3):
+                report = seal(world, b"r%d" % i)
+                await send_submission(seoul, report)
+                await expect(seoul, Stored)
+                reports.append(report)
+            for i, report in enumerate(reports):
+                await seoul.send(Release(token=token_for(world, report, counter=i + 1)))
+            assert isinstance(await seoul.receive(), Released)
+            assert isinstance(await seoul.receive(), Released)
+            assert (await expect(seoul, Refusal)).reason == Reason.QUEUE_FULL
+            # The queue drains when Tokyo acks; then the third release goes through.
+            from tisa.messages import Ack
+            from tisa.token import ReleaseToken
+
+            tokyo = await h.connect("tokyo")
+            for _ in range(2):
+                token, _ = await receive_delivery(tokyo)
+                await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(token).id))
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)
+            await seoul.send(Release(token=token_for(world, reports[2], counter=3)))
+            await expect(seoul, Released)
+
+
+async def test_python_m_relay(world: World, tmp_path: Path) -> None:
+    import nacl.pwhash
+
+    key = tmp_path / "washington.key"
+    world.relay_secret.save(
+        key,
+        "pass",
+        name="washington",
+        opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
+        memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
+    )
+    signed = SignedArrangement(world.arrangement)
+    for name in ("seoul", "tokyo", "washington"):
+        signed = signed.signed_by(world.secrets[name], name)
+    arrangement_file = tmp_path / "arrangement.tisa"
+    arrangement_file.write_bytes(signed.encode())
+    port_file = tmp_path / "port"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "relay",
+            "--key",
+            str(key),
+            "--passphrase-env",
+            "RELAY_PASS",
+            "--arrangement",
+            str(arrangement_file),
+            "--store",
+            str(tmp_path / "store"),
+            "--port-file",
+            str(port_file),
+            "--limit",
+            "idle_timeout=30",
+        ],
+        env={**os.environ, "RELAY_PASS": "pass"},
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        with trio.fail_after(20):
+            while not port_file.exists():
+                assert process.poll() is None, process.communicate()
+                await trio.sleep(0.05)
+            port = int(port_file.read_text())
+            link = await tcp_member(world, port, "seoul")
+            await link.send(AuditFetch(since=0))
+            await expect(link, AuditReply)
+            await link.aclose()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert NOW  # the relay ran on the real clock; nothing here depends on it
