@@ -21,8 +21,10 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -761,6 +763,639 @@ def arrangement_show(ctx: click.Context, file: Path | None, as_json: bool) -> No
         _out.print("[green]effective[/]: every member has signed")
     else:
         _out.print(f"[yellow]not effective[/]: missing {', '.join(signed.missing)}")
+
+
+# --- running nodes ---------------------------------------------------------------------
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (or ``[V6]:PORT``) as a (host, port) pair. Raises CliError."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"relay address {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+@dataclass
+class _Member:
+    """What a node command needs: keys, name, arrangement, relay, store."""
+
+    secret: MemberSecret
+    name: str
+    arrangement: Arrangement
+    relay: tuple[str, int]
+    store: Path
+
+
+def _node_options(func: _F) -> _F:
+    func = _passphrase_option(func)
+    func = click.option(
+        "--store",
+        type=click.Path(file_okay=False, path_type=Path),
+        help="The node's store directory (default: HOME/store).",
+    )(func)
+    func = click.option(
+        "--relay",
+        "relay_addr",
+        envvar="TISA_RELAY",
+        default=DEFAULT_RELAY,
+        show_default=True,
+        metavar="HOST:PORT",
+        help="The relay's address. Env: TISA_RELAY.",
+    )(func)
+    func = click.option(
+        "--arrangement",
+        "arrangement_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="The signed arrangement (default: HOME/arrangement.tisa).",
+    )(func)
+    func = click.option(
+        "--key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Key file (default: HOME/identity.key).",
+    )(func)
+    return func
+
+
+def _member(
+    ctx: click.Context,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> _Member:
+    home = _home(ctx)
+    relay = parse_address(relay_addr)
+    arrangement = read_arrangement(arrangement_path or home / ARRANGEMENT_FILE).require_effective()
+    secret, name = _load_secret(key or home / IDENTITY_FILE, passphrase_env)
+    return _Member(secret, name, arrangement, relay, store or home / STORE_DIR)
+
+
+def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: float) -> Any:
+    """Run ``job(node)`` inside ``open_node`` under trio; the relay must answer in time."""
+    import trio
+
+    from clients.node import open_node
+
+    async def main() -> Any:
+        async with open_node(
+            member.secret, member.name, member.arrangement, member.relay, member.store
+        ) as node:
+            with trio.move_on_after(connect_timeout) as scope:
+                await node.wait_connected()
+            if scope.cancelled_caught:
+                host, port = member.relay
+                raise CliError(f"no answer from the relay at {host}:{port}")
+            return await job(node)
+
+    return trio.run(main)
+
+
+def _timeout_option(default: float) -> Callable[[_F], _F]:
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0.1),
+        default=default,
+        show_default=True,
+        help="Seconds to wait for the relay.",
+    )
+
+
+def _hex_id(text: str, what: str = "report id") -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError:
+        raise CliError(f"{what} must be hex") from None
+    if len(raw) != 16:
+        raise CliError(f"{what} is 32 hex digits")
+    return raw
+
+
+@tisa.group()
+def relay() -> None:
+    """Run the relay (the member holding the relay role)."""
+
+
+@relay.command("run")
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The relay's key file (default: HOME/identity.key).",
+)
+@click.option(
+    "--arrangement",
+    "arrangement_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The signed arrangement (default: HOME/arrangement.tisa).",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The relay's store directory (default: HOME/store).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port to listen on (0: any free port).",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound port here once the relay accepts connections.",
+)
+@_passphrase_option
+@click.pass_context
+def relay_run(
+    ctx: click.Context,
+    key: Path | None,
+    arrangement_path: Path | None,
+    store: Path | None,
+    host: str,
+    port: int,
+    port_file: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Run the relay until interrupted (Ctrl-C). It stores and forwards, never reads.
+
+    \b
+    Example:
+      tisa --home washington relay run --port 7420
+    """
+    import trio
+
+    from relay.server import serve
+
+    home = _home(ctx)
+    arrangement = read_arrangement(arrangement_path or home / ARRANGEMENT_FILE).require_effective()
+    secret, _ = _load_secret(key or home / IDENTITY_FILE, passphrase_env)
+    store_path = store or home / STORE_DIR
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(
+                functools.partial(serve, secret, arrangement, store_path, host=host, port=port)
+            )
+            if port_file is not None:
+                with _atomic_text(port_file) as handle:
+                    handle.write(f"{bound}\n")
+            click.echo(f"relay {arrangement.relay} listening on {host}:{bound}", err=True)
+
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(main)
+
+
+@tisa.command("send")
+@click.argument("text", required=False)
+@click.option(
+    "--file",
+    "file_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Send this file's content as the report body (streamed; any size).",
+)
+@click.option("--scope", required=True, help="One of the arrangement's scopes.")
+@click.option("--level", required=True, help="One of the arrangement's levels.")
+@click.option(
+    "--to",
+    "release_to",
+    multiple=True,
+    help="A recipient to seal for and release to now; repeat.",
+)
+@click.option(
+    "--hold",
+    "hold_for",
+    multiple=True,
+    metavar="RECIPIENT",
+    help="A recipient to seal for but not release to yet (see `tisa release`); repeat.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def send(
+    ctx: click.Context,
+    text: str | None,
+    file_path: Path | None,
+    scope: str,
+    level: str,
+    release_to: tuple[str, ...],
+    hold_for: tuple[str, ...],
+    as_json: bool,
+    timeout: float,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Seal TEXT (or --file) as a report and hand it to the relay.
+
+    Recipients named with --to get a release token at once; those named with --hold
+    can read it only after `tisa release`. Waits until the relay has stored it.
+
+    \b
+    Examples:
+      tisa --home seoul send --scope missile --level secret --to tokyo "launch at 04:12"
+      tisa --home seoul send --scope missile --level secret --hold tokyo --file imagery.tif
+    """
+    if (text is None) == (file_path is None):
+        raise CliError("give the report as TEXT or --file, not both or neither")
+    if not release_to and not hold_for:
+        raise CliError("name recipients with --to (release now) or --hold (release later)")
+    body: bytes | Path = text.encode("utf-8") if text is not None else Path(str(file_path))
+    if isinstance(body, Path) and not body.is_file():
+        raise CliError(f"{body}: not a file")
+    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    size = len(body) if isinstance(body, bytes) else body.stat().st_size
+    show_progress = not as_json and size >= 8 * 1024 * 1024
+
+    async def job(node: Any) -> dict[str, Any]:
+        import trio
+        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+        progress = Progress(
+            "sealing",
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            disable=not show_progress,
+            console=Console(stderr=True),
+        )
+        with progress:
+            task = progress.add_task("seal", total=size)
+            report_id = await node.submit(
+                body,
+                recipients=[*release_to, *hold_for],
+                scope=scope,
+                level=level,
+                release_to=release_to,
+                progress=lambda done, total: progress.update(task, completed=done),
+            )
+        with trio.fail_after(timeout):
+            ack = await node.wait_stored(report_id)
+            released = []
+            for release in node.store.releases_of(report_id):
+                while (state := node.store.release(release.token).state) == "pending":
+                    await trio.sleep(0.05)
+                released.append(
+                    {"recipient": release.recipient, "token": release.token.hex(), "state": state}
+                )
+        return {
+            "report": report_id.hex(),
+            "size": ack.size,
+            "digest": ack.digest.hex(),
+            "stored": ack.stored,
+            "released": released,
+            "held": list(hold_for),
+        }
+
+    result = _run_node(member, job, connect_timeout=timeout)
+    if as_json:
+        _print_json(result)
+        return
+    _out.print(f"report {result['report']} stored by the relay ({result['size']} bytes sealed)")
+    for release in result["released"]:
+        _out.print(f"  released to {release['recipient']}: {release['state']}")
+    for name in result["held"]:
+        _out.print(f"  held for {name}: tisa release {result['report']} --to {name}")
+
+
+@tisa.command("release")
+@click.argument("report")
+@click.option("--to", "recipients", multiple=True, required=True, help="A recipient; repeat.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def release(
+    ctx: click.Context,
+    report: str,
+    recipients: tuple[str, ...],
+    as_json: bool,
+    timeout: float,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Release a held REPORT (its id, as `tisa send` printed it) to recipients.
+
+    \b
+    Example:
+      tisa --home seoul release 3f2a9c...e1 --to tokyo
+    """
+    report_id = _hex_id(report)
+    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+
+    async def job(node: Any) -> list[dict[str, str]]:
+        import trio
+
+        out = []
+        with trio.fail_after(timeout):
+            for recipient in recipients:
+                token = await node.release(report_id, recipient)
+                out.append({"recipient": recipient, "token": token.hex()})
+        return out
+
+    result = _run_node(member, job, connect_timeout=timeout)
+    if as_json:
+        _print_json({"report": report, "released": result})
+    else:
+        for item in result:
+            _out.print(f"released {report} to {item['recipient']} (token {item['token']})")
+
+
+@tisa.command("revoke")
+@click.argument("report")
+@click.option("--token", help="Withdraw only this token (default: the whole report).")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def revoke(
+    ctx: click.Context,
+    report: str,
+    token: str | None,
+    timeout: float,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Withdraw a report (or one token of it) that has not been delivered yet.
+
+    \b
+    Example:
+      tisa --home seoul revoke 3f2a9c...e1
+    """
+    report_id = _hex_id(report)
+    token_id = _hex_id(token, "token id") if token else None
+    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+
+    async def job(node: Any) -> None:
+        import trio
+
+        with trio.fail_after(timeout):
+            await node.revoke(report_id, token_id)
+
+    _run_node(member, job, connect_timeout=timeout)
+    _out.print(f"revoked {'token ' + token if token else 'report ' + report}")
+
+
+def _report_json(report: Any, saved: Path) -> dict[str, Any]:
+    header = report.header
+    return {
+        "report": header.id.hex(),
+        "token": report.token_id.hex(),
+        "originator": header.originator,
+        "recipients": list(header.recipients),
+        "scope": header.scope,
+        "level": header.level,
+        "created": header.created,
+        "size": header.body_size,
+        "attachments": [name for name, _ in header.attachments],
+        "saved": str(saved),
+    }
+
+
+@tisa.command("inbox")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for deliveries after connecting.",
+)
+@click.option(
+    "--save",
+    "save_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each report's body here as REPORT-ID.body (default: HOME/received).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
+@_timeout_option(30.0)
+@_node_options
+@click.pass_context
+def inbox(
+    ctx: click.Context,
+    wait: float,
+    save_dir: Path | None,
+    as_json: bool,
+    timeout: float,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Receive reports released to you, verify them and show each one once.
+
+    Each report's body is saved under --save (the store keeps its own copy).
+
+    \b
+    Example:
+      tisa --home tokyo inbox --wait 5 --json
+    """
+    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    folder = save_dir or _home(ctx) / "received"
+
+    async def job(node: Any) -> list[dict[str, Any]]:
+        import trio
+
+        folder.mkdir(parents=True, exist_ok=True)
+        out: list[dict[str, Any]] = []
+        with trio.move_on_after(wait):
+            async for report in node.reports():
+                target = folder / f"{report.header.id.hex()}.body"
+                if isinstance(report.body, bytes):
+                    target.write_bytes(report.body)
+                else:
+                    await trio.to_thread.run_sync(shutil.copyfile, report.body, target)
+                item = _report_json(report, target)
+                if isinstance(report.body, bytes) and len(report.body) <= 4096:
+                    item["text"] = report.body.decode("utf-8", "replace")
+                out.append(item)
+        return out
+
+    result = _run_node(member, job, connect_timeout=timeout)
+    if as_json:
+        _print_json(result)
+        return
+    if not result:
+        _out.print("no new reports")
+    for item in result:
+        _out.print(
+            f"[bold]{item['report']}[/] from {item['originator']} "
+            f"({item['scope']}/{item['level']}, {item['size']} bytes), signature verified"
+        )
+        if "text" in item:
+            _out.print(f"  {item['text']}")
+        _out.print(f"  saved to {item['saved']}")
+
+
+def _event_json(event: Any) -> dict[str, Any]:
+    from clients.events import ReceiptEvent
+
+    if isinstance(event, ReceiptEvent):
+        r = event.receipt
+        return {
+            "event": "receipt",
+            "report": r.report.hex(),
+            "token": r.token.hex(),
+            "recipient": r.recipient,
+            "received": r.received,
+        }
+    value: dict[str, Any] = {"event": event.KIND}
+    for name in ("report", "token", "ref", "recipient", "originator", "expected", "got"):
+        item = getattr(event, name, None)
+        if item is not None:
+            value[name] = item.hex() if isinstance(item, bytes) else item
+    if hasattr(event, "reason"):
+        value["reason"] = str(event.reason)
+        value["detail"] = event.detail
+    if hasattr(event, "error"):
+        value["error"] = _error_text(event.error)
+    return value
+
+
+@tisa.command("receipts")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for notices after connecting.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_timeout_option(30.0)
+@_node_options
+@click.pass_context
+def receipts(
+    ctx: click.Context,
+    wait: float,
+    as_json: bool,
+    timeout: float,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Show the signed receipts for your reports, and new notices (refusals, expiry).
+
+    \b
+    Example:
+      tisa --home seoul receipts --json
+    """
+    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+
+    async def job(node: Any) -> dict[str, Any]:
+        import trio
+
+        from tisa.receipt import Receipt
+
+        notices: list[dict[str, Any]] = []
+        with trio.move_on_after(wait):
+            async for event in node.events():
+                notices.append(_event_json(event))
+        all_receipts = []
+        for encoded in node.store.receipts():
+            r = Receipt.verify(encoded, member.arrangement)
+            all_receipts.append(
+                {
+                    "report": r.report.hex(),
+                    "token": r.token.hex(),
+                    "recipient": r.recipient,
+                    "digest": r.digest.hex(),
+                    "received": r.received,
+                }
+            )
+        return {"receipts": all_receipts, "notices": notices}
+
+    result = _run_node(member, job, connect_timeout=timeout)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(show_edge=False, title="receipts (each signed by its recipient, verified)")
+    for column in ("report", "recipient", "received"):
+        table.add_column(column)
+    for r in result["receipts"]:
+        table.add_row(
+            r["report"],
+            r["recipient"],
+            time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["received"])),
+        )
+    _out.print(table)
+    for notice in result["notices"]:
+        if notice["event"] != "receipt":
+            _out.print(f"notice: {json.dumps(notice, sort_keys=True)}")
+
+
+@tisa.command("audit")
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
+@_timeout_option(30.0)
+@_node_options
+@click.pass_context
+def audit(
+    ctx: click.Context,
+    as_json: bool,
+    timeout: float,
+    key: Path | None,
+    arrangement_path: Path | None,
+    relay_addr: str,
+    store: Path | None,
+    passphrase_env: str | None,
+) -> None:
+    """Fetch the relay's audit entries that concern you and verify them.
+
+    The extract must continue the hash chain from the last checkpoint this node
+    verified, up to a checkpoint the relay signed; any mismatch is an error.
+
+    \b
+    Example:
+      tisa --home tokyo audit
+    """
+    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+
+    async def job(node: Any) -> list[dict[str, Any]]:
+        import trio
+
+        with trio.fail_after(timeout):
+            entries = await node.fetch_audit()
+        return [
+            {
+                "seq": e.seq,
+                "time": e.time,
+                "event": e.event.value,
+                "report": e.report.hex() if e.report else None,
+                "token": e.token.hex() if e.token else None,
+                "parties": list(e.parties),
+                "reason": e.reason,
+            }
+            for e in entries
+        ]
+
+    entries = _run_node(member, job, connect_timeout=timeout)
+    if as_json:
+        _print_json({"verified": True, "entries": entries})
+        return
+    table = Table(show_edge=False, title=f"audit log: {len(entries)} new entries, verified")
+    for column in ("seq", "event", "report", "parties", "reason"):
+        table.add_column(column)
+    for e in entries:
+        table.add_row(
+            str(e["seq"]),
+            e["event"],
+            (e["report"] or "")[:16],
+            ", ".join(e["parties"]),
+            e["reason"] or "",
+        )
+    _out.print(table)
 
 
 # --- demo ------------------------------------------------------------------------------
