@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import nacl.bindings as sodium
@@ -198,10 +198,11 @@ class ReportSealer:
         out.write(sealer.start())
         for piece in content:            # body, then each attachment, in order
             out.write(sealer.write(piece))
-        out.write(sealer.finish())
+        out.writelines(sealer.finish_iter())  # or out.write(sealer.finish())
         sealer.digest, sealer.size, sealer.content_key, sealer.report_id
 
-    Memory stays under two chunks whatever the report size.
+    Memory stays under two chunks whatever the report size (with :meth:`finish_iter`;
+    :meth:`finish` returns the padding's ciphertext in one piece).
 
     Raises (constructor):
         Refused: the arrangement does not allow this share (scope, level, parties).
@@ -295,16 +296,39 @@ class ReportSealer:
         return self._drain()
 
     def finish(self) -> bytes:
-        """Sign, pad and encrypt the rest; afterwards ``digest`` is set."""
+        """Pad and encrypt the rest; afterwards ``digest`` is set.
+
+        The rest includes the padding, up to ~12% of the report (PADME), returned in one
+        piece: for a large report use :meth:`finish_iter`, which keeps memory constant.
+        """
+        return b"".join(self.finish_iter())
+
+    def finish_iter(self) -> Iterator[bytes]:
+        """As :meth:`finish`, yielding the ciphertext a chunk or two at a time.
+
+        ``digest`` is set once the iterator is exhausted. The checks run on the call,
+        before the first piece is asked for.
+        """
         if not self._started or self._done:
             raise UsageError("finish() outside start()..finish()")
         if self._content_left:
             raise UsageError(f"{self._content_left} bytes of declared content not written")
         self._done = True
-        self._buffer += bytes(self._padding)
-        out = self._drain()
+        return self._pad_and_drain()
+
+    def _pad_and_drain(self) -> Iterator[bytes]:
+        # The padding goes in a chunk at a time: it can be megabytes for a large report.
+        left = self._padding
+        while True:
+            take = min(left, CHUNK_SIZE)
+            self._buffer += bytes(take)
+            left -= take
+            out = self._drain()
+            if out:
+                yield out
+            if not left:
+                break
         self.digest = self._cipher.finish()
-        return out
 
     def _drain(self) -> bytes:
         out = []
