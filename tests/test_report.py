@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.errors import LimitExceeded, Reason, Refused, UsageError, VerificationError
-from tisa.keys import Context, Hash, MemberSecret, digest
+from tisa.keys import Context, Hash, Hasher, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE
 from tisa.report import (
     MIN_PADDED,
@@ -422,7 +422,7 @@ def _stream_large(body_size: int, tmp_path: Any) -> tuple[int, int]:
                 piece = block[: min(left, len(block))]
                 out.write(sealer.write(piece))
                 left -= len(piece)
-            out.write(sealer.finish())
+            out.writelines(sealer.finish_iter())
         seal_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.reset_peak()
         opener = ReportOpener(
@@ -452,36 +452,52 @@ def _stream_large(body_size: int, tmp_path: Any) -> tuple[int, int]:
 def test_constant_memory_64_mib(tmp_path: Any) -> None:
     size = 64 * 1024 * 1024
     seal_peak, open_peak = _stream_large(size, tmp_path)
-    # PADME pads 64 MiB by up to 2 MiB, which finish() returns in one piece; anything
-    # proportional to the report itself would be 64 MiB.
-    assert seal_peak < 8 * 1024 * 1024, seal_peak
+    # Anything proportional to the report would be 64 MiB (or 2 MiB for its padding).
+    assert seal_peak < 1024 * 1024, seal_peak
     assert open_peak < 2 * 1024 * 1024, open_peak
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ReportSealer.finish() builds the whole PADME padding (up to ~1/32 of the "
-    "report) and returns its ciphertext in one piece",
-)
 def test_sealer_finish_memory_independent_of_padding() -> None:
-    # A plaintext just over 16 MiB gets nearly the largest padding of its bucket (~512 KiB).
-    size = body_size_for_plain(16 * 1024 * 1024 + 1)
+    # A plaintext just over 64 MiB gets nearly the largest padding of its bucket (2 MiB);
+    # finish_iter() must hand it out a chunk at a time.
+    size = body_size_for_plain(64 * 1024 * 1024 + 1)
     sealer = sealer_for(size)
-    assert sealer.padded - plain_size(sealer) > 400_000
-    sealer.start()
+    assert sealer.padded - plain_size(sealer) > 2_000_000
+    hasher = Hasher(Hash.CIPHERTEXT)
+    hasher.update(sealer.start())
     block = bytes(CHUNK_SIZE)
     left = size
     while left:
         piece = block[: min(left, CHUNK_SIZE)]
-        sealer.write(piece)
+        hasher.update(sealer.write(piece))
         left -= len(piece)
     tracemalloc.start()
     try:
-        sealer.finish()
+        pieces = sealer.finish_iter()
+        assert sealer.digest == b""  # set only once the padding is through
+        total = 0
+        for piece in pieces:
+            assert len(piece) <= 2 * WIRE_CHUNK
+            hasher.update(piece)
+            total += len(piece)
+            del piece
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 4 * WIRE_CHUNK, peak
+    assert peak < 8 * WIRE_CHUNK, peak
+    assert total > 2_000_000
+    assert sealer.digest == hasher.finish()
+
+
+def test_finish_iter_checks_before_the_first_piece() -> None:
+    sealer = sealer_for(3)
+    sealer.start()
+    with pytest.raises(UsageError):
+        sealer.finish_iter()  # declared content missing: raised on the call itself
+    sealer.write(b"abc")
+    assert b"".join(sealer.finish_iter())
+    with pytest.raises(UsageError):
+        sealer.finish_iter()
 
 
 @slow
