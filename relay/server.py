@@ -620,7 +620,7 @@ class Relay:
     async def _pusher(self, conn: _Connection) -> None:
         try:
             await self._push_loop(conn)
-        except LinkClosed:
+        except (LinkClosed, LinkTimeout):
             conn.fail(None)
         except Exception:
             log.exception("pusher of %s failed", conn.member)

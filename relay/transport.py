@@ -146,6 +146,8 @@ class Link:
 
         Raises:
             LinkClosed: the stream is closed or broken, or a send was cancelled earlier.
+            LinkTimeout: the peer did not take the frame within ``limits.frame_timeout``
+                (the link is then broken).
             UsageError: ``message`` is not a :class:`~tisa.messages.Message`.
 
         Cancellation: if cancelled, the message may have been partly written; the link
@@ -197,9 +199,14 @@ class Link:
         # leaves the peer's secretstream position unknown.
         self._broken = True
         try:
-            await self._stream.send_all(frame)
+            # A peer that stops reading must not hold this task (and the send lock)
+            # forever: each frame gets the same deadline as an incoming one.
+            with trio.move_on_after(self._limits.frame_timeout) as deadline:
+                await self._stream.send_all(frame)
         except _STREAM_ERRORS as exc:
             raise LinkClosed(f"connection lost while sending: {exc}") from None
+        if deadline.cancelled_caught:
+            raise LinkTimeout("the peer did not take a frame within the frame deadline")
         self._broken = False
 
     # --- receiving -------------------------------------------------------------------

@@ -231,6 +231,26 @@ async def test_deadlines(world: World, tmp_path: Path, autojump_clock: trio.abc.
             assert 5 <= trio.current_time() - started < 6
 
 
+async def test_peer_that_stops_reading_is_cut_off(world: World, tmp_path: Path) -> None:
+    # Real clock: the relay fsyncs in a worker thread, which a mock clock would skip past.
+    limits = Limits(handshake_timeout=5, frame_timeout=0.5, idle_timeout=60)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            tokyo = await h.connect("tokyo", lockstep=True)  # and never reads again
+            seoul = await h.connect("seoul")
+            report = seal(world, b"y" * 300_000)
+            await send_submission(seoul, report)
+            await expect(seoul, Stored)
+            await seoul.send(Release(token=token_for(world, report)))
+            await expect(seoul, Released)
+            while h.relay.connection_count > 1:
+                await trio.sleep(0.05)
+            # Seoul is unaffected.
+            await seoul.send(AuditFetch(since=0))
+            await expect(seoul, AuditReply)
+            del tokyo
+
+
 async def test_report_size_and_queue_limits(world: World, tmp_path: Path) -> None:
     limits = Limits(handshake_timeout=5, max_report_size=3000, max_queue_per_recipient=2)
     with trio.fail_after(10):

@@ -90,16 +90,18 @@ class Harness:
         self.relay = self._new_relay()
         await self.start()
 
-    def open_stream(self) -> trio.abc.Stream:
-        """A raw stream to the relay, for misbehaving peers."""
+    def open_stream(self, *, lockstep: bool = False) -> trio.abc.Stream:
+        """A raw stream to the relay, for misbehaving peers. ``lockstep``: sends block
+        until the other side reads (as a full TCP window does)."""
         assert self._conn_nursery is not None
-        client, server = trio.testing.memory_stream_pair()
+        make = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
+        client, server = make()
         self._conn_nursery.start_soon(self.relay.handle_stream, server)
         return client
 
-    async def connect(self, name: str) -> Link:
+    async def connect(self, name: str, *, lockstep: bool = False) -> Link:
         return await connect_member(
-            self.open_stream(),
+            self.open_stream(lockstep=lockstep),
             self.world.secrets[name],
             name,
             self.world.arrangement,
