@@ -1,0 +1,59 @@
+"""Run Tokyo's node in its own process as a tiny application, for the crash tests.
+
+    python tests/nodes/client_crash_member.py STORE_DIR PORT LOG_FILE
+
+The application writes ``start`` to LOG_FILE when it starts, then the hex id of every
+report the node hands it, one a line, fsynced before it asks for the next. With
+``TISA_CRASH_AT=stored_before_ack`` the process kills itself (SIGKILL) right after
+the first delivery is committed to its store, before the ack goes to the relay.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from client_world import make_world
+
+from clients.node import Backoff, open_node
+from clients.store import MemberStore
+
+
+def install(point: str) -> None:
+    if point == "stored_before_ack":
+        store_delivery = MemberStore.store_delivery
+
+        def store_then_die(self: MemberStore, **kwargs: Any) -> None:
+            store_delivery(self, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        MemberStore.store_delivery = store_then_die  # type: ignore[method-assign]
+    elif point:
+        raise SystemExit(f"unknown crash point {point!r}")
+
+
+def log_line(log: Path, line: str) -> None:
+    with open(log, "a") as out:
+        out.write(line + "\n")
+        out.flush()
+        os.fsync(out.fileno())
+
+
+async def main(store: Path, port: int, log: Path) -> None:
+    arrangement, secrets = make_world()
+    log_line(log, "start")
+    backoff = Backoff(initial=0.01, maximum=0.1)
+    async with open_node(
+        secrets["tokyo"], "tokyo", arrangement, ("127.0.0.1", port), store, backoff=backoff
+    ) as node:
+        async for report in node.reports():
+            log_line(log, report.report_id.hex())
+
+
+if __name__ == "__main__":
+    install(os.environ.get("TISA_CRASH_AT", ""))
+    trio.run(main, Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))

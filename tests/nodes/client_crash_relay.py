@@ -1,0 +1,94 @@
+"""Run the test world's relay in its own process, for the crash tests.
+
+    python tests/nodes/client_crash_relay.py STORE_DIR PORT_FILE [PORT]
+
+With ``TISA_CRASH_AT=<point>`` in the environment the process kills itself (SIGKILL)
+the first time it reaches that point, so a test can crash it at an exact step:
+
+* ``after_store_before_ack``: the submission is committed, ``stored`` not yet sent.
+* ``after_consume_before_forward``: the token is consumed and the delivery pending
+  (one transaction), neither ``released`` sent nor anything forwarded.
+* ``during_forward``: ``deliver`` and every chunk went out, ``deliver_end`` did not.
+* ``after_forward``: the whole delivery went out; the recipient's ack is not in.
+
+The points are installed here by wrapping the relay's own functions, so the relay code
+carries no test hooks.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+from client_world import make_world
+
+from relay import server
+from relay.store import Store
+from relay.transport import Link
+from tisa import messages as m
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def install(point: str) -> None:
+    if point == "after_store_before_ack":
+        add_report = Store.add_report
+
+        def add_report_then_die(self: Store, *args: Any, **kwargs: Any) -> Any:
+            add_report(self, *args, **kwargs)
+            _die()
+
+        Store.add_report = add_report_then_die  # type: ignore[method-assign]
+    elif point == "after_consume_before_forward":
+        release = Store.release
+
+        def release_then_die(self: Store, *args: Any, **kwargs: Any) -> Any:
+            release(self, *args, **kwargs)
+            _die()
+
+        Store.release = release_then_die  # type: ignore[method-assign]
+    elif point in ("during_forward", "after_forward"):
+        send = Link.send
+
+        async def send_and_die(self: Link, message: m.Message) -> None:
+            if isinstance(message, m.DeliverEnd) and point == "during_forward":
+                _die()
+            await send(self, message)
+            if isinstance(message, m.DeliverEnd):
+                await trio.sleep(0.05)  # let the frame leave the socket buffer
+                _die()
+
+        Link.send = send_and_die  # type: ignore[method-assign]
+    elif point:
+        raise SystemExit(f"unknown crash point {point!r}")
+
+
+async def main(store: Path, port_file: Path, port: int) -> None:
+    arrangement, secrets = make_world()
+
+    async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        await server.serve(
+            secrets["washington"],
+            arrangement,
+            store,
+            port=port,
+            expiry_interval=0.5,
+            task_status=task_status,
+        )
+
+    async with trio.open_nursery() as nursery:
+        bound = await nursery.start(run)
+        tmp = port_file.with_name(port_file.name + ".tmp")
+        tmp.write_text(str(bound))
+        os.replace(tmp, port_file)
+
+
+if __name__ == "__main__":
+    install(os.environ.get("TISA_CRASH_AT", ""))
+    trio.run(main, Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if sys.argv[3:] else 0)
