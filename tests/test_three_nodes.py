@@ -330,3 +330,29 @@ async def test_exactly_once_across_restart_between_store_and_ack(
                 await collect(tokyo, 0.3, got)
             assert cut and got == [report_id]
             await next_event(seoul, ReceiptEvent)
+
+
+async def test_large_report_streams_from_a_file_to_a_file(
+    world: World, tmp_path: pathlib.Path
+) -> None:
+    body = tmp_path / "imagery.bin"
+    data = bytes(range(256)) * (3 * 4096 + 7)  # ~3 MiB: over INLINE_MAX, many chunks
+    body.write_bytes(data)
+    seen: list[tuple[int, int]] = []
+    with trio.fail_after(20):
+        async with world.node("seoul") as seoul, world.node("tokyo") as tokyo:
+            report_id = await seoul.submit(
+                body,
+                recipients=["tokyo"],
+                scope=SCOPE,
+                level=LEVEL,
+                attachments=[("note.txt", b"see imagery")],
+                release_to=["tokyo"],
+                progress=lambda done, total: seen.append((done, total)),
+            )
+            report = await first_report(tokyo, timeout=15)
+            assert report.report_id == report_id
+            assert isinstance(report.body, pathlib.Path) and report.read_body() == data
+            assert report.attachments == {"note.txt": b"see imagery"}
+    assert seen[-1] == (len(data) + 11, len(data) + 11)
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
