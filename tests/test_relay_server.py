@@ -3,6 +3,7 @@ expiry, audit, restart."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,7 @@ from nodes.relay_helpers import (
     token_for,
 )
 
+from relay.store import Store
 from tisa.audit import AuditEvent, verify_extract
 from tisa.errors import Reason
 from tisa.limits import Limits
@@ -456,3 +458,36 @@ async def test_store_never_holds_plaintext_or_key(world: World, tmp_path: Path) 
     assert report.ciphertext in blobs  # the scan does see the store's content
     for secret in (plaintext, plaintext[:16], report.content_key, report.content_key[:16]):
         assert secret not in blobs
+
+
+async def test_large_report_streams_through(world: World, tmp_path: Path) -> None:
+    body = os.urandom(3 * 1024 * 1024)
+    with trio.fail_after(20):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            report = seal(world, body)
+            await send_submission(seoul, report)
+            await expect(seoul, Stored)
+            await seoul.send(Release(token=token_for(world, report)))
+            await expect(seoul, Released)
+            got, ciphertext = await receive_delivery(tokyo)
+            assert ciphertext == report.ciphertext
+            assert open_delivery(world, got, ciphertext) == body
+
+
+def test_store_sweeps_leftovers_and_is_durable(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    writer = store.begin_upload(bytes(16))
+    writer.write(b"partial upload")  # a crash here leaves a temporary file
+    assert writer._file is not None
+    writer._file.close()
+    orphan = store.blob_path(b"\x01" * 16)
+    orphan.write_bytes(b"renamed but never committed")
+    store.close()
+    store = Store(tmp_path)
+    assert not list((tmp_path / "tmp").iterdir())
+    assert not orphan.exists()
+    store.close()
