@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -66,8 +67,25 @@ async def start_relay(
     return port
 
 
-async def tcp_member(world: World, port: int, name: str, limits: Limits = FAST) -> Link:
+# Every stream a test opens, closed when the test ends (also when it fails).
+_OPEN: list[trio.abc.Stream] = []
+
+
+@pytest.fixture(autouse=True)
+async def _close_streams() -> AsyncIterator[None]:
+    yield
+    while _OPEN:
+        await trio.aclose_forcefully(_OPEN.pop())
+
+
+async def raw_tcp(port: int) -> trio.abc.Stream:
     stream = await trio.open_tcp_stream("127.0.0.1", port)
+    _OPEN.append(stream)
+    return stream
+
+
+async def tcp_member(world: World, port: int, name: str, limits: Limits = FAST) -> Link:
+    stream = await raw_tcp(port)
     return await connect_member(stream, world.secrets[name], name, world.arrangement, limits=limits)
 
 
@@ -93,13 +111,13 @@ async def test_non_member_and_wrong_arrangement_refused_over_tcp(
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             port = await start_relay(nursery, world, tmp_path)
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await raw_tcp(port)
             await stream.send_all(encode_frame(raw_hello(world.arrangement, "beijing")))
             error = enc.unpack(await read_raw_frame(stream))
             assert (error["t"], error["reason"]) == ("error", "not_a_member")
             assert await read_raw_frame(stream) == b""
             amended = world.arrangement.amend(levels=("secret",))
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await raw_tcp(port)
             with pytest.raises(Refused) as info:
                 await connect_member(stream, world.secrets["seoul"], "seoul", amended)
             assert info.value.reason is Reason.WRONG_ARRANGEMENT
@@ -114,12 +132,12 @@ async def test_bad_peers_do_not_disturb_honest_ones(world: World, tmp_path: Path
             honest = await tcp_member(world, port, "tokyo")
 
             # Garbage before the handshake: answered malformed, closed.
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await raw_tcp(port)
             await stream.send_all(encode_frame(os.urandom(200)))
             error = enc.unpack(await read_raw_frame(stream))
             assert error["reason"] == "malformed"
             # An oversized length prefix instead of a hello.
-            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            stream = await raw_tcp(port)
             await stream.send_all(b"\xff\xff\xff\xff" + os.urandom(100))
             assert enc.unpack(await read_raw_frame(stream))["reason"] == "malformed"
 
@@ -159,13 +177,13 @@ async def test_stalled_handshake_and_flood(world: World, tmp_path: Path) -> None
         async with trio.open_nursery() as nursery:
             port = await start_relay(nursery, world, tmp_path)
             # The relay's side of the handshake is bounded by limits.handshake_timeout.
-            stalled = await trio.open_tcp_stream("127.0.0.1", port)
+            stalled = await raw_tcp(port)
             started = trio.current_time()
             assert await read_raw_frame(stalled) == b""
             assert trio.current_time() - started < FAST.handshake_timeout + 1
 
             # A flood of connections that never finish their handshake.
-            flood = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(200)]
+            flood = [await raw_tcp(port) for _ in range(200)]
             await honest_round_trip(world, port)
             for stream in flood:
                 await stream.aclose()
@@ -342,5 +360,5 @@ async def test_python_m_relay(world: World, tmp_path: Path) -> None:
     finally:
         if process.poll() is None:
             process.kill()
-            process.wait()
+        process.communicate()
     assert NOW  # the relay ran on the real clock; nothing here depends on it
