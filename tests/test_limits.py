@@ -20,3 +20,11 @@ def test_every_limit_refuses_nonsense(field: str, bad: object) -> None:
 def test_defaults_are_positive() -> None:
     for field in dataclasses.fields(Limits):
         assert getattr(DEFAULT_LIMITS, field.name) > 0
+
+
+def test_max_header_cannot_exceed_the_protocol() -> None:
+    from tisa.limits import MAX_HEADER
+
+    assert Limits(max_header=MAX_HEADER // 2).max_header == MAX_HEADER // 2
+    with pytest.raises(UsageError, match="max_header"):
+        Limits(max_header=MAX_HEADER + 1)

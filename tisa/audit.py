@@ -8,8 +8,11 @@ content hash is ``c_i = H_audit(entry_bytes)`` and the chain is
 A member fetches an :class:`Extract`: from a point it already trusts (``start_seq``,
 ``start_head``), every entry that names it in full and, for every other entry, only its
 content hash. That is enough to recompute the chain up to the signed checkpoint, so the
-member knows its entries are complete and in order, while learning nothing of the others
-beyond their count (content hashes cover random ids, so they reveal nothing).
+member knows that what it sees is one consistent, signed, append-only history, while
+learning nothing of the others beyond their count (content hashes cover random ids).
+It does not prove that the relay showed it every entry of its own: an entry sent as a
+bare hash looks like anyone else's. Members who compare checkpoints (same seq, same
+head) catch a relay that shows them different histories.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 from tisa import encoding as enc
-from tisa.arrangement import Arrangement
+from tisa.arrangement import MAX_MEMBERS, Arrangement
 from tisa.envelope import open_envelope, seal_envelope
 from tisa.errors import Reason, Refused, UsageError, VerificationError
 from tisa.keys import DIGEST_SIZE, Context, Hash, MemberSecret, digest, verify
@@ -40,7 +43,8 @@ GENESIS = bytes(DIGEST_SIZE)
 # Entries in one extract. A member that is further behind fetches again from the
 # checkpoint it got; this bounds the frame and the verification work per fetch.
 MAX_EXTRACT_ENTRIES = 2000
-MAX_ENTRY_SIZE = 1024
+# An entry naming every member of a full arrangement (256 names of up to 128 bytes).
+MAX_ENTRY_SIZE = 40 * 1024
 
 
 class AuditEvent(enum.StrEnum):
@@ -62,7 +66,8 @@ _ENTRY_SCHEMA: dict[str, enc.Field] = {
     "event": enc.one_of(*(e.value for e in AuditEvent)),
     "report": enc.optional(enc.bin_exact(16)),
     "token": enc.optional(enc.bin_exact(16)),
-    "parties": enc.list_of(_name, max_items=8, unique=True, sorted_=True),
+    # Originator plus every recipient of a report, so each finds the entry in its extract.
+    "parties": enc.list_of(_name, max_items=MAX_MEMBERS, unique=True, sorted_=True),
     "reason": enc.optional(enc.text(64)),
 }
 

@@ -38,7 +38,8 @@ MAX_REPORT_SIZE = 4 * 1024**3
 # names). Recipients must buffer it whole before streaming the body, so it is small.
 MAX_HEADER = 64 * 1024
 
-# Attachments per report; each has a name in the header.
+# Attachments per report; each has a name in the header. A protocol constant (part of
+# the header schema), so a sealer refuses more and every recipient agrees on it.
 MAX_ATTACHMENTS = 64
 
 # Member, scope, level and attachment names, in UTF-8 bytes.
@@ -59,8 +60,8 @@ class Limits:
 
     max_frame: int = MAX_FRAME
     max_report_size: int = MAX_REPORT_SIZE
+    # A node may lower the header limit below the protocol's MAX_HEADER, not raise it.
     max_header: int = MAX_HEADER
-    max_attachments: int = MAX_ATTACHMENTS
     clock_skew: int = CLOCK_SKEW
     # Seconds a peer has to finish the handshake: three small messages on any live link.
     handshake_timeout: float = 10.0
@@ -76,6 +77,8 @@ class Limits:
     max_queue_per_recipient: int = 10_000
 
     def __post_init__(self) -> None:
+        from tisa.errors import UsageError
+
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if (
@@ -84,9 +87,9 @@ class Limits:
                 or not math.isfinite(value)
                 or value <= 0
             ):
-                from tisa.errors import UsageError
-
                 raise UsageError(f"limit {field.name} must be a positive number, not {value!r}")
+        if self.max_header > MAX_HEADER:
+            raise UsageError(f"limit max_header cannot exceed the protocol's {MAX_HEADER}")
 
 
 DEFAULT_LIMITS = Limits()
