@@ -41,6 +41,7 @@ from tisa.errors import (
     Reason,
     Refused,
     TisaError,
+    UsageError,
     VerificationError,
 )
 from tisa.frames import encode_frame
@@ -168,8 +169,6 @@ class Relay:
         expiry_interval: float = EXPIRY_INTERVAL,
         max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
-        from tisa.errors import UsageError
-
         if secret.public != arrangement.member(arrangement.relay).identity:
             raise UsageError("this key is not the relay's key in the arrangement")
         self.secret = secret
@@ -291,9 +290,10 @@ class Relay:
         finally:
             self._connections[conn.member].discard(conn)
             self._drop_claims(conn)
-            if conn.upload is not None:
-                conn.upload.abort()
+            if conn.upload is not None and conn.upload.writer is not None:
+                # Only the connection writing a report's blob owns its _uploading entry.
                 self._uploading.discard(conn.upload.report)
+                conn.upload.abort()
             try:
                 if conn.error is not None:
                     reason, detail = conn.error

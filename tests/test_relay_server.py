@@ -491,3 +491,31 @@ def test_store_sweeps_leftovers_and_is_durable(tmp_path: Path) -> None:
     assert not list((tmp_path / "tmp").iterdir())
     assert not orphan.exists()
     store.close()
+
+
+async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> None:
+    from tisa.messages import Chunk, SubmitBegin, SubmitEnd
+
+    report = seal(world)
+    begin = SubmitBegin(
+        report=report.report_id, size=report.size, digest=report.digest, expires=NOW + 3600
+    )
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            first = await h.connect("seoul")
+            await first.send(begin)
+            await first.send(Chunk(data=report.ciphertext[:100]))
+            # A second upload of the same id starts, then its connection drops mid-way.
+            second = await h.connect("seoul")
+            await second.send(begin)
+            await second.aclose()
+            # A third one is still refused: the first upload is in progress.
+            third = await h.connect("seoul")
+            await send_submission(third, report)
+            assert (await expect(third, Refusal)).reason == Reason.DUPLICATE
+            await first.send(Chunk(data=report.ciphertext[100:]))
+            await first.send(SubmitEnd(report=report.report_id))
+            await expect(first, Stored)
+            # Now a resend is answered stored (idempotent).
+            await send_submission(third, report)
+            await expect(third, Stored)
