@@ -1,0 +1,1440 @@
+#!/usr/bin/env python3
+"""Generate the test vectors in ``tests/vectors/*.json`` from fixed inputs.
+
+Usage::
+
+    python scripts/make_vectors.py            # (re)write the files
+    python scripts/make_vectors.py --check    # exit 1 if the files are out of date
+    python scripts/make_vectors.py --fresh    # new libsodium randomness for every vector
+
+Everything is derived from fixed seeds and a fixed clock, through the toolkit's private
+entry points for randomness (``_report_id``, ``_content_key``, ``_token_id``). Two
+things cannot be fixed that way, because libsodium draws them itself: the ephemeral key
+of a sealed box (the content key sealed in a release token) and the secretstream
+header at the start of a report's ciphertext. Vectors that contain them say so in
+``generated``; the bytes are kept as produced and checked by opening them. When the
+files already exist, the script reuses those bytes wherever they still open to exactly
+what the current code would produce, so running it again changes nothing unless the
+protocol did. ``tests/test_vectors.py`` checks that, and every verdict.
+
+Conventions in the files: byte strings are lowercase hex; times are unix seconds; an
+expected failure names the exception class and, for a refusal, the reason code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import nacl.bindings as sodium
+import nacl.exceptions
+
+from tisa import encoding as enc
+from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
+from tisa.audit import Checkpoint
+from tisa.errors import (
+    ArrangementNotEffective,
+    ProtocolError,
+    Refused,
+    TisaError,
+    VerificationError,
+)
+from tisa.keys import Context, Hash, MemberSecret, digest
+from tisa.limits import CHUNK_SIZE, CLOCK_SKEW
+from tisa.receipt import Receipt, StoredAck
+from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report
+from tisa.token import ReleaseToken, check_for_recipient, check_for_relay, issue_token
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "tests" / "vectors"
+FILES = ("arrangement.json", "report.json", "token.json", "receipt.json")
+
+# 1 January 2015, three days after the arrangement was signed.
+NOW = 1_420_070_400
+CREATED = 1_419_811_200
+NOT_BEFORE, NOT_AFTER = NOW - 600, NOW + 86_400
+# Ed25519 group order, for the malleated-signature vectors.
+ED25519_L = 2**252 + 27742317777372353535851937790883648493
+# Store a ciphertext in full below this size; above it, as a mutation of its base.
+INLINE_LIMIT = 16 * 1024
+
+SS_HEADER = sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+SS_ABYTES = sodium.crypto_secretstream_xchacha20poly1305_ABYTES
+TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
+TAG_FINAL = sodium.crypto_secretstream_xchacha20poly1305_TAG_FINAL
+
+ROLES = {
+    "canberra": (Role.RECIPIENT,),
+    "seoul": (Role.ORIGINATOR, Role.RECIPIENT),
+    "tokyo": (Role.ORIGINATOR, Role.RECIPIENT),
+    "washington": (Role.RELAY,),
+}
+SCOPES = ("missile", "nuclear")
+LEVELS = ("restricted", "confidential", "secret")
+
+
+def derive(label: str, size: int = 32) -> bytes:
+    """Fixed pseudo-random bytes for ``label``: every input of the vectors comes from here."""
+    return hashlib.sha256(b"tisa-vectors/" + label.encode()).digest()[:size]
+
+
+def hexed(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {k: hexed(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [hexed(v) for v in value]
+    return value
+
+
+def body_pattern(length: int) -> bytes:
+    """The body of the large vectors: byte i is i mod 251 (prime, so no chunk repeats)."""
+    return bytes(i % 251 for i in range(length))
+
+
+# --- raw secretstream, for ciphertexts the sealer would never produce ---------------------
+
+
+def decrypt(ciphertext: bytes, key: bytes, report_id: bytes) -> tuple[bytes, list[int]] | None:
+    """Decrypt chunk by chunk as the format prescribes; None if any chunk fails."""
+    if len(ciphertext) < SS_HEADER:
+        return None
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    try:
+        sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, ciphertext[:SS_HEADER], key)
+        plain, tags = [], []
+        for start in range(SS_HEADER, len(ciphertext), CHUNK_SIZE + SS_ABYTES):
+            chunk = ciphertext[start : start + CHUNK_SIZE + SS_ABYTES]
+            piece, tag = sodium.crypto_secretstream_xchacha20poly1305_pull(state, chunk, report_id)
+            plain.append(bytes(piece))
+            tags.append(tag)
+    except (nacl.exceptions.CryptoError, ValueError):
+        return None
+    return b"".join(plain), tags
+
+
+def encrypt(plaintext: bytes, key: bytes, report_id: bytes, *, final: bool = True) -> bytes:
+    """Encrypt like the sealer (chunks, report id as AD); ``final=False`` omits the FINAL tag."""
+    state = sodium.crypto_secretstream_xchacha20poly1305_state()
+    out = [bytes(sodium.crypto_secretstream_xchacha20poly1305_init_push(state, key))]
+    starts = range(0, len(plaintext), CHUNK_SIZE)
+    for start in starts:
+        last = start == starts[-1]
+        tag = TAG_FINAL if last and final else TAG_MESSAGE
+        piece = plaintext[start : start + CHUNK_SIZE]
+        out.append(
+            bytes(sodium.crypto_secretstream_xchacha20poly1305_push(state, piece, report_id, tag))
+        )
+    return b"".join(out)
+
+
+def mutate(data: bytes, mutation: Mapping[str, Any]) -> bytes:
+    """Apply one of the mutations the vectors use (see ``tests/test_vectors.py``)."""
+    kind, arg = next(iter(mutation.items()))
+    if kind == "flip":
+        changed = bytearray(data)
+        changed[arg["offset"]] ^= arg["mask"]
+        return bytes(changed)
+    if kind == "truncate":
+        return data[:arg]
+    if kind == "append":
+        return data + bytes.fromhex(arg)
+    if kind == "drop":
+        return data[: arg[0]] + data[arg[1] :]
+    raise ValueError(f"unknown mutation {kind!r}")
+
+
+# --- signers that misbehave --------------------------------------------------------------
+
+
+class ContextSwap(MemberSecret):
+    """A member's keys, signing under a fixed context whatever it is asked for."""
+
+    __slots__ = ("_use",)
+
+    def __init__(self, *, sign_seed: bytes, box_secret: bytes, use: Context) -> None:
+        super().__init__(sign_seed=sign_seed, box_secret=box_secret)
+        self._use = use
+
+    def sign(self, context: Context, message: bytes) -> bytes:
+        return super().sign(self._use, message)
+
+
+class KeySwap(MemberSecret):
+    """Claims one member's public identity, signs with another member's key."""
+
+    __slots__ = ("_signer",)
+
+    def __init__(self, *, sign_seed: bytes, box_secret: bytes, signer: MemberSecret) -> None:
+        super().__init__(sign_seed=sign_seed, box_secret=box_secret)
+        self._signer = signer
+
+    def sign(self, context: Context, message: bytes) -> bytes:
+        return self._signer.sign(context, message)
+
+
+# --- the world ---------------------------------------------------------------------------
+
+
+def seeds(name: str) -> dict[str, bytes]:
+    return {"sign_seed": derive(f"sign-seed/{name}"), "box_secret": derive(f"box-secret/{name}")}
+
+
+SECRETS = {name: MemberSecret(**seeds(name)) for name in ROLES}
+
+
+def make_arrangement() -> Arrangement:
+    return Arrangement(
+        name="tisa-2014",
+        version=1,
+        members=tuple(
+            Member(name=name, identity=SECRETS[name].public, roles=frozenset(roles))
+            for name, roles in ROLES.items()
+        ),
+        relay="washington",
+        scopes=SCOPES,
+        levels=LEVELS,
+        created=CREATED,
+    )
+
+
+V1 = make_arrangement()
+# The amendment adds a level; same members and keys, so old signatures still verify and
+# only the arrangement id and version tell the two apart.
+V2 = V1.amend(levels=(*LEVELS, "top-secret"))
+ARRANGEMENTS = {"v1": V1, "v2": V2}
+
+
+def expect_ok(**values: Any) -> dict[str, Any]:
+    return {"result": "ok", **hexed(values)}
+
+
+def expect_error(error: type[TisaError], reason: str | None = None) -> dict[str, Any]:
+    return {"result": "error", "error": error.__name__, "reason": reason}
+
+
+def outcome(call: Callable[[], Any]) -> tuple[str, str | None]:
+    """What ``call`` does, as (class name or "ok", reason code)."""
+    try:
+        call()
+    except Refused as exc:
+        return type(exc).__name__, exc.reason.value
+    except TisaError as exc:
+        return type(exc).__name__, None
+    return "ok", None
+
+
+class Builder:
+    """Builds every file; reuses libsodium's random bytes from ``previous`` when it can."""
+
+    def __init__(self, previous: Mapping[str, Any], fresh: bool) -> None:
+        self._previous: dict[str, dict[str, Any]] = {}
+        if not fresh:
+            for document in previous.values():
+                for vector in document.get("vectors", []):
+                    self._previous[vector["id"]] = vector
+        self.reports: dict[str, dict[str, Any]] = {}
+
+    def previous(self, vector_id: str) -> dict[str, Any] | None:
+        return self._previous.get(vector_id)
+
+    # --- arrangement -------------------------------------------------------------------
+
+    def arrangement_file(self) -> dict[str, Any]:
+        members = {
+            name: {
+                **hexed(seeds(name)),
+                "roles": sorted(r.value for r in roles),
+                "sign_public": SECRETS[name].public.signing.raw.hex(),
+                "box_public": SECRETS[name].public.encryption.raw.hex(),
+                "fingerprint": SECRETS[name].public.fingerprint,
+            }
+            for name, roles in ROLES.items()
+        }
+        versions = {}
+        for label, arrangement in ARRANGEMENTS.items():
+            signed = SignedArrangement(arrangement)
+            for name in ROLES:
+                signed = signed.signed_by(SECRETS[name], name)
+            versions[label] = {
+                "encoded": arrangement.encoded.hex(),
+                "id": arrangement.id.hex(),
+                "version": arrangement.version,
+                "signatures": hexed(dict(signed.signatures)),
+                "signed": signed.encode().hex(),
+            }
+        v1_signatures = {n: V1.sign(SECRETS[n], n) for n in ROLES}
+        invalid = [
+            (
+                "arrangement-missing-signature",
+                "Tokyo has not signed: not effective, and the error names Tokyo.",
+                {k: v for k, v in v1_signatures.items() if k != "tokyo"},
+                expect_error(ArrangementNotEffective, "arrangement_not_effective")
+                | {"missing": ["tokyo"]},
+            ),
+            (
+                "arrangement-wrong-context",
+                "Seoul's signature is over the id but in context token.",
+                {**v1_signatures, "seoul": SECRETS["seoul"].sign(Context.TOKEN, V1.id)},
+                expect_error(VerificationError),
+            ),
+            (
+                "arrangement-signature-of-other-version",
+                "Seoul's signature is for version 2.",
+                {**v1_signatures, "seoul": V2.sign(SECRETS["seoul"], "seoul")},
+                expect_error(VerificationError),
+            ),
+            (
+                "arrangement-malleated-signature",
+                "Seoul's signature with S replaced by S + L.",
+                {**v1_signatures, "seoul": malleate(v1_signatures["seoul"])},
+                expect_error(VerificationError),
+            ),
+            (
+                "arrangement-signature-by-non-member",
+                "A signature under a name the arrangement does not list.",
+                {
+                    **v1_signatures,
+                    "beijing": MemberSecret(**seeds("beijing")).sign(Context.ARRANGEMENT, V1.id),
+                },
+                expect_error(Refused, "not_a_member"),
+            ),
+        ]
+        vectors: list[dict[str, Any]] = [
+            {
+                "id": "arrangement-v1",
+                "description": "Version 1, signed by every member: effective.",
+                "signed": versions["v1"]["signed"],
+                "expect": expect_ok(id=V1.id),
+            },
+            {
+                "id": "arrangement-v2",
+                "description": "The amendment, signed by every member again: effective.",
+                "signed": versions["v2"]["signed"],
+                "expect": expect_ok(id=V2.id),
+            },
+        ]
+        for vector_id, description, signatures, expected in invalid:
+            signed_bytes = enc.pack({"arrangement": V1.encoded, "signatures": signatures})
+            vectors.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "signed": signed_bytes.hex(),
+                    "expect": expected,
+                }
+            )
+        noncanonical = msgpack.packb(
+            {"signatures": v1_signatures, "arrangement": V1.encoded}, use_bin_type=True
+        )
+        vectors.append(
+            {
+                "id": "arrangement-noncanonical-map-order",
+                "description": "The signed arrangement with its keys out of order.",
+                "signed": noncanonical.hex(),
+                "expect": expect_error(ProtocolError),
+            }
+        )
+        for vector in vectors:
+            self._check_arrangement(vector)
+        return {
+            "description": "Members (with the seeds every other file derives from), the "
+            "arrangement in two versions, and signed arrangements to load with "
+            "SignedArrangement.load_effective.",
+            "members": members,
+            "arrangements": versions,
+            "vectors": vectors,
+        }
+
+    def _check_arrangement(self, vector: dict[str, Any]) -> None:
+        data = bytes.fromhex(vector["signed"])
+        verdict = outcome(lambda: SignedArrangement.load_effective(data))
+        _require(vector, verdict)
+
+    # --- reports -----------------------------------------------------------------------
+
+    def seal(
+        self,
+        vector_id: str,
+        *,
+        body: bytes,
+        attachments: Sequence[tuple[str, bytes]] = (),
+        recipients: Sequence[str] = ("tokyo",),
+        scope: str = "missile",
+        level: str = "secret",
+        secret: MemberSecret | None = None,
+    ) -> dict[str, Any]:
+        """Seal with fixed id and key; keep the previous ciphertext if it opens the same."""
+        report_id = derive(f"report-id/{vector_id}", 16)
+        content_key = derive(f"content-key/{vector_id}")
+        sealer = ReportSealer(
+            secret or SECRETS["seoul"],
+            "seoul",
+            V1,
+            recipients=recipients,
+            scope=scope,
+            level=level,
+            body_size=len(body),
+            attachments=[(n, len(d)) for n, d in attachments],
+            now=CREATED + 86_400,
+            _report_id=report_id,
+            _content_key=content_key,
+        )
+        parts = [sealer.start(), sealer.write(body)]
+        parts.extend(sealer.write(data) for _, data in attachments)
+        parts.extend(sealer.finish_iter())
+        ciphertext = b"".join(parts)
+        opened = decrypt(ciphertext, content_key, report_id)
+        assert opened is not None
+        plaintext = opened[0]
+        ciphertext = self._reuse(vector_id, ciphertext, content_key, report_id, plaintext, True)
+        header = enc.pack(sealer.header.to_dict())
+        return {
+            "report_id": report_id,
+            "content_key": content_key,
+            "ciphertext": ciphertext,
+            "plaintext": plaintext,
+            "header": header,
+            "padded_size": sealer.padded,
+            "recipients": sealer.header.recipients,
+            "scope": scope,
+            "level": level,
+        }
+
+    def _reuse(
+        self,
+        vector_id: str,
+        fresh: bytes,
+        key: bytes,
+        report_id: bytes,
+        plaintext: bytes,
+        final: bool,
+    ) -> bytes:
+        previous = self.previous(vector_id)
+        if previous is None or "ciphertext" not in previous:
+            return fresh
+        old = bytes.fromhex(previous["ciphertext"])
+        opened = decrypt(old, key, report_id)
+        if opened is None or opened[0] != plaintext or len(old) != len(fresh):
+            return fresh
+        tags = opened[1]
+        if (tags[-1] == TAG_FINAL) != final or TAG_FINAL in tags[:-1]:
+            return fresh
+        return old
+
+    def report_file(self) -> dict[str, Any]:
+        valid_specs: list[tuple[str, str, dict[str, Any]]] = [
+            ("report-empty-body", "No body, no attachments: the smallest bucket.", {"body": b""}),
+            (
+                "report-short-body",
+                "A short body in the smallest bucket.",
+                {"body": b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."},
+            ),
+            (
+                "report-with-attachments",
+                "A body and two attachments, one of them empty.",
+                {
+                    "body": b"See attached track.",
+                    "attachments": [("track.csv", b"t,lat,lon\n0,38.9,125.1\n"), ("empty", b"")],
+                },
+            ),
+            (
+                "report-two-recipients",
+                "One report for Tokyo and Canberra (recipients are sorted in the header).",
+                {"body": b"for both", "recipients": ("tokyo", "canberra"), "scope": "nuclear"},
+            ),
+            (
+                "report-two-chunks",
+                "A body of 70000 bytes (byte i is i mod 251): two chunks, the second FINAL.",
+                {"body": body_pattern(70_000), "level": "restricted"},
+            ),
+        ]
+        vectors: list[dict[str, Any]] = []
+        for vector_id, description, spec in valid_specs:
+            sealed = self.seal(vector_id, **spec)
+            self.reports[vector_id] = sealed
+            vector: dict[str, Any] = {
+                "id": vector_id,
+                "description": description,
+                "generated": "the ciphertext starts with a secretstream header libsodium "
+                "draws at random; everything after follows from it, the key and the "
+                "plaintext. Checked by opening.",
+                "inputs": self._report_inputs(vector_id, spec, sealed),
+                "open": self._open_params(sealed, "tokyo"),
+                "expect": expect_ok(
+                    header=sealed["header"],
+                    signature=self._inner_signature(sealed),
+                    padded_size=sealed["padded_size"],
+                    ciphertext_size=len(sealed["ciphertext"]),
+                    plaintext_sha256=hashlib.sha256(sealed["plaintext"]).digest(),
+                ),
+            }
+            if len(sealed["plaintext"]) <= INLINE_LIMIT:
+                vector["expect"]["plaintext"] = sealed["plaintext"].hex()
+            vector["ciphertext"] = sealed["ciphertext"].hex()
+            vectors.append(vector)
+        vectors.extend(self._invalid_reports())
+        for vector in vectors:
+            self._check_report(vector)
+        return {
+            "description": "Sealed reports. Open each with a ReportOpener built from "
+            "'open' (arrangement by label, see arrangement.json) and compare with "
+            "'expect'. 'ciphertext' is given in full, or as a mutation of another "
+            "vector's ciphertext ('base' and 'mutation').",
+            "chunk_size": CHUNK_SIZE,
+            "vectors": vectors,
+        }
+
+    def _report_inputs(
+        self, vector_id: str, spec: Mapping[str, Any], sealed: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        body: bytes = spec["body"]
+        inputs: dict[str, Any] = {
+            "originator": "seoul",
+            "arrangement": "v1",
+            "recipients": list(spec.get("recipients", ("tokyo",))),
+            "scope": sealed["scope"],
+            "level": sealed["level"],
+            "created": CREATED + 86_400,
+            "report_id": sealed["report_id"].hex(),
+            "content_key": sealed["content_key"].hex(),
+            "attachments": [{"name": n, "data": d.hex()} for n, d in spec.get("attachments", ())],
+        }
+        if body == body_pattern(len(body)) and len(body) > INLINE_LIMIT:
+            inputs["body_pattern"] = {"length": len(body), "byte_i": "i mod 251"}
+        else:
+            inputs["body"] = body.hex()
+        return inputs
+
+    def _inner_signature(self, sealed: Mapping[str, Any]) -> bytes:
+        signature = SECRETS["seoul"].sign(Context.REPORT, sealed["header"])
+        header = sealed["header"]
+        if sealed["plaintext"][4 + len(header) : 4 + len(header) + 64] != signature:
+            raise SystemExit(
+                "the report plaintext layout changed: update make_vectors.py (and the "
+                "layout in tests/test_vectors.py) to match tisa/report.py"
+            )
+        return signature
+
+    def _open_params(
+        self, sealed: Mapping[str, Any], recipient: str, **changes: Any
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "as": recipient,
+            "arrangement": "v1",
+            "content_key": sealed["content_key"],
+            "report_id": sealed["report_id"],
+            "digest": digest(Hash.CIPHERTEXT, sealed["ciphertext"]),
+            "size": len(sealed["ciphertext"]),
+            "originator": "seoul",
+            "scope": sealed["scope"],
+            "level": sealed["level"],
+        }
+        params.update(changes)
+        return hexed(params)
+
+    def _invalid_reports(self) -> list[dict[str, Any]]:
+        short = self.reports["report-short-body"]
+        short_ct: bytes = short["ciphertext"]
+        wire_chunk = CHUNK_SIZE + SS_ABYTES
+        out: list[dict[str, Any]] = []
+
+        def derived(
+            vector_id: str,
+            description: str,
+            base: str,
+            mutation: dict[str, Any] | None,
+            expected: dict[str, Any],
+            *,
+            as_: str = "tokyo",
+            follow: bool = False,
+            **changes: Any,
+        ) -> None:
+            """A vector from ``base``'s ciphertext; ``follow``: the token states the
+            mutated ciphertext's digest and size (the attacker controls them too)."""
+            sealed = self.reports[base]
+            ciphertext = sealed["ciphertext"]
+            if mutation is not None:
+                ciphertext = mutate(ciphertext, mutation)
+            if follow:
+                changes.setdefault("digest", digest(Hash.CIPHERTEXT, ciphertext))
+                changes.setdefault("size", len(ciphertext))
+            vector: dict[str, Any] = {
+                "id": vector_id,
+                "description": description,
+                "base": base,
+                "open": self._open_params(sealed, as_, **changes),
+                "expect": expected,
+            }
+            if mutation is not None:
+                vector["mutation"] = mutation
+            if len(ciphertext) <= INLINE_LIMIT:
+                vector["ciphertext"] = ciphertext.hex()
+            out.append(vector)
+
+        opaque = expect_error(VerificationError)
+        short_last_chunk_tag = len(short_ct) - 1
+        derived(
+            "report-flipped-stream-header",
+            "First byte of the secretstream header flipped.",
+            "report-short-body",
+            {"flip": {"offset": 0, "mask": 1}},
+            opaque,
+        )
+        derived(
+            "report-flipped-first-ciphertext-byte",
+            "First byte after the secretstream header flipped (the chunk's tag byte).",
+            "report-short-body",
+            {"flip": {"offset": SS_HEADER, "mask": 0x80}},
+            opaque,
+        )
+        derived(
+            "report-flipped-chunk-tag",
+            "Last byte of the chunk's Poly1305 tag flipped.",
+            "report-short-body",
+            {"flip": {"offset": short_last_chunk_tag, "mask": 1}},
+            opaque,
+        )
+        derived(
+            "report-flipped-chunk-tag-digest-follows",
+            "As report-flipped-chunk-tag, with digest and size stated for the altered bytes.",
+            "report-short-body",
+            {"flip": {"offset": short_last_chunk_tag, "mask": 1}},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-flipped-middle-byte",
+            "A byte in the middle of the encrypted plaintext flipped.",
+            "report-short-body",
+            {"flip": {"offset": len(short_ct) // 2, "mask": 4}},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-truncated",
+            "Last byte cut off; digest and size as the token states them for the whole.",
+            "report-short-body",
+            {"truncate": len(short_ct) - 1},
+            opaque,
+        )
+        derived(
+            "report-truncated-digest-follows",
+            "Last byte cut off; digest and size stated for what is left.",
+            "report-short-body",
+            {"truncate": len(short_ct) - 1},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-extended",
+            "One zero byte appended.",
+            "report-short-body",
+            {"append": "00"},
+            opaque,
+        )
+        derived(
+            "report-extended-digest-follows",
+            "A whole extra tag's worth of bytes appended, digest and size following.",
+            "report-short-body",
+            {"append": "00" * SS_ABYTES},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-dropped-final-chunk",
+            "The two-chunk report without its FINAL chunk: authentic so far, but unfinished.",
+            "report-two-chunks",
+            {"truncate": SS_HEADER + wire_chunk},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-dropped-first-chunk",
+            "The two-chunk report without its first chunk.",
+            "report-two-chunks",
+            {"drop": [SS_HEADER, SS_HEADER + wire_chunk]},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-flipped-chunk-tag-first-of-two",
+            "The first chunk's tag altered in the two-chunk report.",
+            "report-two-chunks",
+            {"flip": {"offset": SS_HEADER + wire_chunk - 1, "mask": 0x10}},
+            opaque,
+            follow=True,
+        )
+        derived(
+            "report-wrong-key",
+            "Opened with a content key one bit off.",
+            "report-short-body",
+            None,
+            opaque,
+            content_key=_flip(short["content_key"], 31),
+        )
+        derived(
+            "report-wrong-report-id",
+            "Opened with another report id (the chunks' additional data).",
+            "report-short-body",
+            None,
+            opaque,
+            report_id=_flip(short["report_id"], 0),
+        )
+        derived(
+            "report-wrong-digest",
+            "The token states another digest.",
+            "report-short-body",
+            None,
+            opaque,
+            digest=bytes(32),
+        )
+        derived(
+            "report-wrong-size",
+            "The token states a size one chunk tag larger.",
+            "report-short-body",
+            None,
+            opaque,
+            size=len(short_ct) + SS_ABYTES,
+        )
+        derived(
+            "report-wrong-originator",
+            "The token names Tokyo as the originator of Seoul's report.",
+            "report-short-body",
+            None,
+            opaque,
+            originator="tokyo",
+        )
+        derived(
+            "report-wrong-scope",
+            "The token states another scope than the signed header.",
+            "report-short-body",
+            None,
+            opaque,
+            scope="nuclear",
+        )
+        derived(
+            "report-wrong-level",
+            "The token states another level than the signed header.",
+            "report-short-body",
+            None,
+            opaque,
+            level="confidential",
+        )
+        derived(
+            "report-wrong-recipient",
+            "Canberra holds the key but the signed recipient list names Tokyo only.",
+            "report-short-body",
+            None,
+            expect_error(Refused, "wrong_recipient"),
+            as_="canberra",
+        )
+        derived(
+            "report-wrong-arrangement",
+            "Opened under version 2: signed and intact, but sealed under version 1.",
+            "report-short-body",
+            None,
+            expect_error(Refused, "wrong_arrangement"),
+            arrangement="v2",
+        )
+        out.extend(self._resealed_reports())
+        return out
+
+    def _resealed_reports(self) -> list[dict[str, Any]]:
+        """Reports whose plaintext the honest sealer would never produce."""
+        out: list[dict[str, Any]] = []
+        body = b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."
+        seoul = seeds("seoul")
+        for vector_id, description, secret in [
+            (
+                "report-wrong-context",
+                "The header signed by Seoul in context token instead of report.",
+                ContextSwap(**seoul, use=Context.TOKEN),
+            ),
+            (
+                "report-signed-by-other-member",
+                "A header naming Seoul as originator, signed with Tokyo's key.",
+                KeySwap(**seoul, signer=SECRETS["tokyo"]),
+            ),
+        ]:
+            sealed = self.seal(vector_id, body=body, secret=secret)
+            out.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "generated": "random secretstream header; checked by decrypting",
+                    "open": self._open_params(sealed, "tokyo"),
+                    "ciphertext": sealed["ciphertext"].hex(),
+                    "expect": expect_error(VerificationError),
+                }
+            )
+        # Plaintexts altered after signing, then encrypted as the sealer would.
+        short = self.reports["report-short-body"]
+        plain: bytes = short["plaintext"]
+        raw_specs: list[tuple[str, str, bytes, bool]] = [
+            (
+                "report-nonzero-padding",
+                "The last padding byte is 01 instead of 00.",
+                plain[:-1] + b"\x01",
+                True,
+            ),
+            (
+                "report-not-final",
+                "The only chunk is tagged MESSAGE, not FINAL.",
+                plain,
+                False,
+            ),
+            (
+                "report-body-altered-after-signing",
+                "A body byte changed after the header was signed (the signature covers the "
+                "header; the token's digest is what binds the content).",
+                _flip(plain, 4 + len(short["header"]) + 64),
+                True,
+            ),
+        ]
+        for vector_id, description, plaintext, final in raw_specs:
+            report_id = short["report_id"]
+            key = short["content_key"]
+            fresh = encrypt(plaintext, key, report_id, final=final)
+            ciphertext = self._reuse(vector_id, fresh, key, report_id, plaintext, final)
+            sealed = {**short, "ciphertext": ciphertext}
+            vector = {
+                "id": vector_id,
+                "description": description,
+                "generated": "random secretstream header; checked by decrypting",
+                "open": self._open_params(sealed, "tokyo"),
+                "ciphertext": ciphertext.hex(),
+                "expect": expect_error(VerificationError),
+            }
+            if vector_id == "report-body-altered-after-signing":
+                # The digest was taken of the honest ciphertext; with the altered one's
+                # digest the report would open, which is why the token must be checked.
+                vector["open"]["digest"] = digest(Hash.CIPHERTEXT, short["ciphertext"]).hex()
+            out.append(vector)
+        return out
+
+    def _check_report(self, vector: dict[str, Any]) -> None:
+        by_id = {vid: {"ciphertext": s["ciphertext"].hex()} for vid, s in self.reports.items()}
+        data = _report_ciphertext(vector, by_id)
+        verdict = outcome(lambda: _open(vector["open"], data))
+        _require(vector, verdict)
+
+    # --- tokens ------------------------------------------------------------------------
+
+    def token_file(self) -> dict[str, Any]:
+        report = self.reports["report-short-body"]
+        base_id = "token-valid"
+        token_id = derive("token-id/valid", 16)
+        base = issue_token(
+            SECRETS["seoul"],
+            "seoul",
+            V1,
+            recipient="tokyo",
+            report_id=report["report_id"],
+            digest=digest(Hash.CIPHERTEXT, report["ciphertext"]),
+            size=len(report["ciphertext"]),
+            content_key=report["content_key"],
+            scope="missile",
+            level="secret",
+            not_before=NOT_BEFORE,
+            not_after=NOT_AFTER,
+            counter=1,
+            _token_id=token_id,
+        )
+        # Keep the previous sealed key if it still holds this content key for Tokyo.
+        previous = self.previous(base_id)
+        if previous is not None:
+            try:
+                old = ReleaseToken.decode(bytes.fromhex(previous["token"])).sealed_key
+                if SECRETS["tokyo"].unseal(old) == report["content_key"]:
+                    base = resign(base, SECRETS["seoul"], sealed_key=old)
+            except (ProtocolError, VerificationError, ValueError):
+                pass  # draw a new one
+        body = enc.unpack(enc.unpack(base)["body"])
+        relay_params = {
+            "report_id": report["report_id"],
+            "digest": digest(Hash.CIPHERTEXT, report["ciphertext"]),
+            "size": len(report["ciphertext"]),
+            "originator": "seoul",
+        }
+
+        def relay(expected: dict[str, Any], **changes: Any) -> dict[str, Any]:
+            check = {
+                "check": "relay",
+                "arrangement": "v1",
+                "now": NOW,
+                "clock_skew": CLOCK_SKEW,
+                **relay_params,
+            }
+            check.update(changes)
+            return {**hexed(check), "expect": expected}
+
+        def recipient(expected: dict[str, Any], **changes: Any) -> dict[str, Any]:
+            check = {
+                "check": "recipient",
+                "as": "tokyo",
+                "arrangement": "v1",
+                "now": NOW,
+                "clock_skew": CLOCK_SKEW,
+            }
+            check.update(changes)
+            return {**hexed(check), "expect": expected}
+
+        opaque = expect_error(VerificationError)
+        malformed = expect_error(ProtocolError)
+        ok_relay = expect_ok(token_id=token_id)
+        ok_recipient = expect_ok(token_id=token_id, content_key=report["content_key"])
+        vectors: list[dict[str, Any]] = []
+
+        def add(
+            vector_id: str, description: str, token: bytes, checks: list[dict[str, Any]]
+        ) -> None:
+            vectors.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "token": token.hex(),
+                    "checks": checks,
+                }
+            )
+
+        generated = (
+            "sealed_key is a libsodium sealed box (random ephemeral key); the rest follows "
+            "from the inputs. Checked by unsealing."
+        )
+        vectors.append(
+            {
+                "id": base_id,
+                "description": "Seoul releases report-short-body to Tokyo.",
+                "generated": generated,
+                "inputs": hexed(
+                    {
+                        "originator": "seoul",
+                        "arrangement": "v1",
+                        "recipient": "tokyo",
+                        "report": "report-short-body",
+                        "token_id": token_id,
+                        "content_key": report["content_key"],
+                        "not_before": NOT_BEFORE,
+                        "not_after": NOT_AFTER,
+                        "counter": 1,
+                        "scope": "missile",
+                        "level": "secret",
+                        "key_commit": key_commitment(report["content_key"], report["report_id"]),
+                    }
+                ),
+                "body": enc.unpack(base)["body"].hex(),
+                "token": base.hex(),
+                "checks": [
+                    relay(ok_relay),
+                    recipient(ok_recipient),
+                    relay(ok_relay, now=NOT_BEFORE - CLOCK_SKEW),
+                    relay(ok_relay, now=NOT_AFTER + CLOCK_SKEW - 1),
+                    recipient(ok_recipient, now=NOT_AFTER + CLOCK_SKEW - 1),
+                ],
+            }
+        )
+        add(
+            "token-expired",
+            "Checked at not_after + clock skew: expired (one second earlier it is valid).",
+            base,
+            [
+                relay(expect_error(Refused, "expired"), now=NOT_AFTER + CLOCK_SKEW),
+                recipient(expect_error(Refused, "expired"), now=NOT_AFTER + CLOCK_SKEW),
+            ],
+        )
+        add(
+            "token-not-yet-valid",
+            "Checked one second before not_before - clock skew.",
+            base,
+            [
+                relay(expect_error(Refused, "not_yet_valid"), now=NOT_BEFORE - CLOCK_SKEW - 1),
+                recipient(expect_error(Refused, "not_yet_valid"), now=NOT_BEFORE - CLOCK_SKEW - 1),
+            ],
+        )
+        add(
+            "token-wrong-recipient",
+            "Tokyo's token presented by Seoul.",
+            base,
+            [recipient(expect_error(Refused, "wrong_recipient"), **{"as": "seoul"})],
+        )
+        add(
+            "token-wrong-arrangement",
+            "Checked under version 2 of the arrangement.",
+            base,
+            [
+                relay(expect_error(Refused, "wrong_arrangement"), arrangement="v2"),
+                recipient(expect_error(Refused, "wrong_arrangement"), arrangement="v2"),
+            ],
+        )
+        add(
+            "token-wrong-report",
+            "The relay holds another report under this id, digest or size.",
+            base,
+            [
+                relay(expect_error(Refused, "wrong_report"), report_id=bytes(16)),
+                relay(expect_error(Refused, "wrong_report"), digest=bytes(32)),
+                relay(expect_error(Refused, "wrong_report"), size=relay_params["size"] + 17),
+            ],
+        )
+        add(
+            "token-wrong-originator",
+            "Tokyo submitted the report the token (signed by Seoul) names.",
+            base,
+            [relay(expect_error(Refused, "wrong_originator"), originator="tokyo")],
+        )
+        signed_changes: list[tuple[str, str, dict[str, Any], str]] = [
+            (
+                "token-wrong-relay",
+                "Signed by Seoul, naming Tokyo as relay.",
+                {"relay": "tokyo"},
+                "wrong_relay",
+            ),
+            (
+                "token-out-of-scope",
+                "Signed by Seoul, scope chemical.",
+                {"scope": "chemical"},
+                "out_of_scope",
+            ),
+            (
+                "token-level-not-allowed",
+                "Signed by Seoul, level cosmic.",
+                {"level": "cosmic"},
+                "level_not_allowed",
+            ),
+            (
+                "token-recipient-not-a-member",
+                "Signed by Seoul, for Beijing.",
+                {"recipient": "beijing"},
+                "not_a_member",
+            ),
+            (
+                "token-recipient-is-relay",
+                "Signed by Seoul, for Washington.",
+                {"recipient": "washington"},
+                "wrong_role",
+            ),
+        ]
+        for vector_id, description, changes, reason in signed_changes:
+            add(
+                vector_id,
+                description,
+                resign(base, SECRETS["seoul"], **changes),
+                [relay(expect_error(Refused, reason))],
+            )
+        # Tampered fields: each changed to another value that still fits the schema,
+        # signature kept.
+        replacements = {
+            "originator": "tokyo",
+            "relay": "tokyo",
+            "recipient": "seoul",
+            "scope": "nuclear",
+            "level": "restricted",
+        }
+        signature = enc.unpack(base)["sig"]
+        for field in sorted(body):
+            value = body[field]
+            if field in replacements:
+                new = replacements[field]
+            elif isinstance(value, bytes):
+                new = _flip(value, len(value) - 1)
+            else:
+                new = value + 1
+            tampered = enc.pack({"body": enc.pack({**body, field: new}), "sig": signature})
+            expected = malformed if field == "v" else opaque
+            add(
+                f"token-tampered-field-{field.replace('_', '-')}",
+                f"{field} changed to {hexed(new)!r} without signing again.",
+                tampered,
+                [relay(expected), recipient(expected)],
+            )
+        add(
+            "token-wrong-context",
+            "The body signed by Seoul in context receipt.",
+            resign(base, SECRETS["seoul"], context=Context.RECEIPT),
+            [relay(opaque), recipient(opaque)],
+        )
+        add(
+            "token-signed-by-other-member",
+            "The body signed by Tokyo.",
+            resign(base, SECRETS["tokyo"]),
+            [relay(opaque), recipient(opaque)],
+        )
+        add(
+            "token-unlisted-originator",
+            "Names Beijing as originator: no key to check with.",
+            resign(base, SECRETS["seoul"], originator="beijing"),
+            [relay(opaque, originator="beijing"), recipient(opaque)],
+        )
+        add(
+            "token-malleated-signature",
+            "The signature's S replaced by S + L.",
+            enc.pack({"body": enc.unpack(base)["body"], "sig": malleate(signature)}),
+            [relay(opaque), recipient(opaque)],
+        )
+        add(
+            "token-key-commit-mismatch",
+            "Signed by Seoul with a commitment to another key: the relay cannot tell.",
+            resign(
+                base, SECRETS["seoul"], key_commit=key_commitment(bytes(32), report["report_id"])
+            ),
+            [relay(ok_relay), recipient(opaque)],
+        )
+        add(
+            "token-sealed-to-other-recipient",
+            "Re-addressed by Seoul to Canberra, the key still sealed to Tokyo.",
+            resign(base, SECRETS["seoul"], recipient="canberra"),
+            [
+                recipient(opaque, **{"as": "canberra"}),
+                recipient(expect_error(Refused, "wrong_recipient")),
+            ],
+        )
+        body_bytes = enc.unpack(base)["body"]
+        keys = sorted(body, key=str.encode)
+        counter_key = msgpack.packb("counter")
+        at = body_bytes.index(counter_key) + len(counter_key)
+        assert body_bytes[at] == 1 and body_bytes[0] == 0xDE  # fixint 1; a map16
+        noncanonical = [
+            (
+                "token-noncanonical-map-order",
+                "The envelope's keys in reverse order (sig before body).",
+                _map_in_order({"body": body_bytes, "sig": signature}, ["sig", "body"]),
+            ),
+            (
+                "token-noncanonical-body-map-order",
+                "The body's keys in reverse order, signed by Seoul over those exact bytes.",
+                _sign_body(_map_in_order(body, list(reversed(keys)))),
+            ),
+            (
+                "token-noncanonical-integer",
+                "The counter as a uint64 instead of a fixint, signed by Seoul.",
+                _sign_body(
+                    body_bytes[:at] + b"\xcf" + (1).to_bytes(8, "big") + body_bytes[at + 1 :]
+                ),
+            ),
+            (
+                "token-noncanonical-bin32",
+                "The body's length as bin32 instead of bin16.",
+                b"\x82\xa4body\xc6"
+                + len(body_bytes).to_bytes(4, "big")
+                + body_bytes
+                + b"\xa3sig\xc4\x40"
+                + signature,
+            ),
+            ("token-trailing-byte", "A byte after the envelope.", base + b"\x00"),
+            (
+                "token-duplicate-key",
+                "The body with a second 'v' key, signed by Seoul.",
+                _sign_body(
+                    bytes([body_bytes[0]])
+                    + (len(body) + 1).to_bytes(2, "big")
+                    + body_bytes[3:]
+                    + msgpack.packb("v")
+                    + b"\x01"
+                ),
+            ),
+        ]
+        for vector_id, description, token in noncanonical:
+            add(vector_id, description, token, [relay(malformed), recipient(malformed)])
+        for vector in vectors:
+            for check in vector["checks"]:
+                verdict = outcome(
+                    lambda c=check, v=vector: _check_token(bytes.fromhex(v["token"]), c)
+                )
+                _require(vector, verdict, check["expect"])
+        return {
+            "description": "Release tokens. Run each entry of 'checks' (check_for_relay or "
+            "check_for_recipient with the given parameters) on 'token'.",
+            "vectors": vectors,
+        }
+
+    # --- receipts, acks, checkpoints ---------------------------------------------------
+
+    def receipt_file(self) -> dict[str, Any]:
+        report = self.reports["report-short-body"]
+        report_digest = digest(Hash.CIPHERTEXT, report["ciphertext"])
+        issued: dict[str, tuple[bytes, Context, str]] = {
+            "receipt": (
+                Receipt.issue(
+                    SECRETS["tokyo"],
+                    V1,
+                    report=report["report_id"],
+                    token=derive("token-id/valid", 16),
+                    originator="seoul",
+                    recipient="tokyo",
+                    digest=report_digest,
+                    received=NOW + 5,
+                ).encoded,
+                Context.RECEIPT,
+                "tokyo",
+            ),
+            "ack": (
+                StoredAck.issue(
+                    SECRETS["washington"],
+                    V1,
+                    report=report["report_id"],
+                    originator="seoul",
+                    digest=report_digest,
+                    size=len(report["ciphertext"]),
+                    stored=NOW + 1,
+                ).encoded,
+                Context.ACK,
+                "washington",
+            ),
+            "checkpoint": (
+                Checkpoint.issue(
+                    SECRETS["washington"], V1, seq=3, head=derive("audit-head"), time=NOW + 10
+                ).encoded,
+                Context.AUDIT,
+                "washington",
+            ),
+        }
+        vectors: list[dict[str, Any]] = []
+        for kind, (encoded, context, signer) in issued.items():
+            body = enc.unpack(enc.unpack(encoded)["body"])
+            signature = enc.unpack(encoded)["sig"]
+            fields = {k: v for k, v in body.items() if k != "v"}
+
+            def add(
+                vector_id: str,
+                description: str,
+                data: bytes,
+                expected: dict[str, Any],
+                arrangement: str = "v1",
+                k: str = kind,
+            ) -> None:
+                vectors.append(
+                    {
+                        "id": vector_id,
+                        "kind": k,
+                        "description": description,
+                        "arrangement": arrangement,
+                        "encoded": data.hex(),
+                        "expect": expected,
+                    }
+                )
+
+            add(f"{kind}-valid", f"A {kind} signed by {signer}.", encoded, expect_ok(**fields))
+            for field in sorted(body):
+                value = body[field]
+                if isinstance(value, bytes):
+                    new: Any = _flip(value, 0)
+                elif isinstance(value, int):
+                    new = value + 1
+                else:
+                    new = "seoul" if value != "seoul" else "tokyo"
+                data = enc.pack({"body": enc.pack({**body, field: new}), "sig": signature})
+                add(
+                    f"{kind}-tampered-field-{field}",
+                    f"{field} changed without signing again.",
+                    data,
+                    expect_error(ProtocolError if field == "v" else VerificationError),
+                )
+            others = [c for c in Context if c is not context]
+            add(
+                f"{kind}-wrong-context",
+                f"Signed by {signer} in context {others[0].value.decode()}.",
+                resign(encoded, SECRETS[signer], context=others[0]),
+                expect_error(VerificationError),
+            )
+            wrong_signer = "seoul" if signer != "seoul" else "tokyo"
+            add(
+                f"{kind}-wrong-signer",
+                f"Signed by {wrong_signer} instead of {signer}.",
+                resign(encoded, SECRETS[wrong_signer], context=context),
+                expect_error(VerificationError),
+            )
+            add(
+                f"{kind}-wrong-arrangement",
+                "Verified under version 2 (same keys).",
+                encoded,
+                expect_error(Refused, "wrong_arrangement"),
+                arrangement="v2",
+            )
+            add(
+                f"{kind}-malleated-signature",
+                "The signature's S replaced by S + L.",
+                enc.pack({"body": enc.unpack(encoded)["body"], "sig": malleate(signature)}),
+                expect_error(VerificationError),
+            )
+            add(
+                f"{kind}-noncanonical-map-order",
+                "The envelope's keys in reverse order.",
+                _map_in_order(enc.unpack(encoded), ["sig", "body"]),
+                expect_error(ProtocolError),
+            )
+        for vector in vectors:
+            verdict = outcome(lambda v=vector: _verify_signed(v))
+            _require(vector, verdict)
+        return {
+            "description": "Receipts (signed by the recipient), stored-acks and audit "
+            "checkpoints (signed by the relay). Verify 'encoded' with Receipt.verify, "
+            "StoredAck.verify or Checkpoint.verify under the arrangement given.",
+            "vectors": vectors,
+        }
+
+
+# --- shared by the script and tests/test_vectors.py --------------------------------------
+
+
+def _flip(data: bytes, position: int, mask: int = 1) -> bytes:
+    changed = bytearray(data)
+    changed[position] ^= mask
+    return bytes(changed)
+
+
+def malleate(signature: bytes) -> bytes:
+    s = int.from_bytes(signature[32:], "little")
+    return signature[:32] + (s + ED25519_L).to_bytes(32, "little")
+
+
+def resign(
+    envelope: bytes, secret: MemberSecret, *, context: Context = Context.TOKEN, **changes: Any
+) -> bytes:
+    body = enc.unpack(enc.unpack(envelope)["body"])
+    body.update(changes)
+    body_bytes = enc.pack(body)
+    return enc.pack({"body": body_bytes, "sig": secret.sign(context, body_bytes)})
+
+
+def _sign_body(body_bytes: bytes) -> bytes:
+    return enc.pack({"body": body_bytes, "sig": SECRETS["seoul"].sign(Context.TOKEN, body_bytes)})
+
+
+def _map_in_order(value: Mapping[str, Any], keys: Iterable[str]) -> bytes:
+    keys = list(keys)
+    out = bytearray(
+        [0x80 | len(keys)] if len(keys) < 16 else b"\xde" + len(keys).to_bytes(2, "big")
+    )
+    for key in keys:
+        out += msgpack.packb(key) + msgpack.packb(value[key], use_bin_type=True)
+    return bytes(out)
+
+
+def _report_ciphertext(vector: Mapping[str, Any], by_id: Mapping[str, Mapping[str, Any]]) -> bytes:
+    if "ciphertext" in vector:
+        return bytes.fromhex(vector["ciphertext"])
+    base = bytes.fromhex(by_id[vector["base"]]["ciphertext"])
+    return mutate(base, vector["mutation"]) if "mutation" in vector else base
+
+
+def _open(params: Mapping[str, Any], ciphertext: bytes) -> Any:
+    opener = ReportOpener(
+        content_key=bytes.fromhex(params["content_key"]),
+        report_id=bytes.fromhex(params["report_id"]),
+        digest=bytes.fromhex(params["digest"]),
+        size=params["size"],
+        arrangement=ARRANGEMENTS[params["arrangement"]],
+        recipient=params["as"],
+        originator=params["originator"],
+        scope=params["scope"],
+        level=params["level"],
+    )
+    return open_report(ciphertext, opener)
+
+
+def _check_token(token: bytes, check: Mapping[str, Any]) -> Any:
+    arrangement = ARRANGEMENTS[check["arrangement"]]
+    if check["check"] == "relay":
+        return check_for_relay(
+            token,
+            arrangement,
+            report_id=bytes.fromhex(check["report_id"]),
+            digest=bytes.fromhex(check["digest"]),
+            size=check["size"],
+            originator=check["originator"],
+            now=check["now"],
+            clock_skew=check["clock_skew"],
+        )
+    name = check["as"]
+    return check_for_recipient(
+        token, arrangement, SECRETS[name], name, now=check["now"], clock_skew=check["clock_skew"]
+    )
+
+
+def _verify_signed(vector: Mapping[str, Any]) -> Any:
+    verifier = {"receipt": Receipt.verify, "ack": StoredAck.verify, "checkpoint": Checkpoint.verify}
+    return verifier[vector["kind"]](
+        bytes.fromhex(vector["encoded"]), ARRANGEMENTS[vector["arrangement"]]
+    )
+
+
+def _require(
+    vector: Mapping[str, Any],
+    verdict: tuple[str, str | None],
+    expected: Mapping[str, Any] | None = None,
+) -> None:
+    expected = vector["expect"] if expected is None else expected
+    want = ("ok", None) if expected["result"] == "ok" else (expected["error"], expected["reason"])
+    if verdict != want:
+        raise SystemExit(f"{vector['id']}: expected {want}, got {verdict}")
+
+
+# --- files -------------------------------------------------------------------------------
+
+
+def build(previous: Mapping[str, Any] | None = None, *, fresh: bool = False) -> dict[str, str]:
+    """Every vector file's text, keyed by file name.
+
+    Args:
+        previous: the current files, parsed, keyed by name: their random bytes are
+            reused where they still check.
+        fresh: ignore ``previous``.
+    """
+    builder = Builder(previous or {}, fresh)
+    documents = {
+        "arrangement.json": builder.arrangement_file(),
+        "report.json": builder.report_file(),
+        "token.json": builder.token_file(),
+        "receipt.json": builder.receipt_file(),
+    }
+    return {
+        name: json.dumps({"generator": "scripts/make_vectors.py", "now": NOW, **document}, indent=1)
+        + "\n"
+        for name, document in documents.items()
+    }
+
+
+def load(directory: Path = OUT) -> dict[str, Any]:
+    """The vector files in ``directory``, parsed, keyed by name (missing ones left out)."""
+    return {
+        name: json.loads((directory / name).read_text())
+        for name in FILES
+        if (directory / name).exists()
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="fail if the files would change")
+    parser.add_argument("--fresh", action="store_true", help="draw new libsodium randomness")
+    parser.add_argument("--out", type=Path, default=OUT, help="directory of the vector files")
+    args = parser.parse_args(argv)
+    texts = build(load(args.out), fresh=args.fresh)
+    if args.check:
+        stale = [
+            name
+            for name, text in texts.items()
+            if not (args.out / name).exists() or (args.out / name).read_text() != text
+        ]
+        for name in stale:
+            print(f"out of date: {args.out / name} (run make vectors)", file=sys.stderr)
+        return 1 if stale else 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, text in texts.items():
+        path = args.out / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
