@@ -1,0 +1,190 @@
+"""A member client on asyncio, built only on tisa's sans-IO core.
+
+The relay and the member node that ship with tisa run on trio, but the protocol core
+(:mod:`tisa.frames`, :mod:`tisa.handshake`, :mod:`tisa.messages`, :mod:`tisa.token`,
+:mod:`tisa.report`, :mod:`tisa.receipt`) does no I/O, so a client on any event loop can
+speak the protocol. This one uses asyncio streams. It connects to the relay, runs the
+handshake, waits for one delivery, checks the release token, opens and verifies the
+report, acknowledges it and sends the signed receipt back to the originator.
+
+It keeps what a real client must keep durably (the set of reports already seen, so a
+replayed delivery is refused even after a restart) only in memory: it is a sketch of the
+wire protocol, not a replacement for ``clients.node``.
+
+Run it against a relay (after someone has released a report to this member)::
+
+    python examples/asyncio_client.py --key tokyo/identity.key --passphrase-env PASS \\
+        --arrangement arrangement.tisa --relay 127.0.0.1:7420
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+from tisa.arrangement import Arrangement, SignedArrangement
+from tisa.frames import NEED_DATA, FrameDecoder, encode_frame
+from tisa.handshake import MemberHandshake, SecureChannel
+from tisa.keys import MemberSecret
+from tisa.messages import (
+    Ack,
+    Chunk,
+    Deliver,
+    DeliverEnd,
+    Message,
+    SendReceipt,
+    decode_message,
+    encode_message,
+)
+from tisa.receipt import Receipt
+from tisa.report import ReportHeader
+from tisa.token import check_for_recipient
+
+__all__ = ["Received", "receive_one"]
+
+READ_SIZE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Received:
+    """What :func:`receive_one` opened: the verified header and the plaintext."""
+
+    header: ReportHeader
+    body: bytes
+    attachments: dict[str, bytes]
+    receipt: Receipt
+
+
+class _Connection:
+    """Frames over an asyncio stream pair, sealed by the handshake's channel."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = FrameDecoder()
+        self.channel: SecureChannel | None = None
+
+    async def send_frame(self, payload: bytes) -> None:
+        self.writer.write(encode_frame(payload))
+        await self.writer.drain()
+
+    async def receive_frame(self) -> bytes:
+        while True:
+            frame = self.decoder.next_frame()
+            if frame is not NEED_DATA:
+                return frame
+            if self.decoder.eof:
+                raise ConnectionError("the relay closed the connection")
+            # b"" marks the end of the stream; the decoder then refuses a partial frame.
+            self.decoder.receive_data(await self.reader.read(READ_SIZE))
+
+    async def send(self, message: Message) -> None:
+        assert self.channel is not None
+        await self.send_frame(self.channel.seal(encode_message(message)))
+
+    async def receive(self) -> Message:
+        assert self.channel is not None
+        return decode_message(self.channel.open(await self.receive_frame()))
+
+    async def close(self) -> None:
+        if self.channel is not None and not self.channel.closed:
+            await self.send_frame(self.channel.close())
+        self.writer.close()
+        await self.writer.wait_closed()
+
+
+async def receive_one(
+    secret: MemberSecret, name: str, arrangement: Arrangement, host: str, port: int
+) -> Received:
+    """Connect as member ``name``, take one delivery, open it, ack it, send the receipt.
+
+    Raises:
+        tisa.errors.Refused: the relay refused the handshake, or the token or report
+            was refused by policy.
+        tisa.errors.VerificationError: the token or the report did not verify.
+        ConnectionError: the relay closed the connection first.
+    """
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = _Connection(reader, writer)
+    try:
+        # The handshake: hello and finish out, welcome in, as plaintext frames.
+        handshake = MemberHandshake(secret, name, arrangement)
+        await conn.send_frame(handshake.start())
+        await conn.send_frame(handshake.receive(await conn.receive_frame()))
+        conn.channel = handshake.channel
+
+        while True:
+            message = await conn.receive()
+            if isinstance(message, Deliver):
+                break
+            # Anything else (receipt notices for reports we sent, expiry notices) is
+            # not this sketch's business; a real client would handle and ack it.
+
+        release = check_for_recipient(
+            message.token, arrangement, secret, name, now=int(time.time())
+        )
+        opener = release.opener(arrangement)
+        parts: dict[int, list[bytes]] = {}
+        while True:
+            message = await conn.receive()
+            if isinstance(message, Chunk):
+                # Pieces are not authenticated until finish(); hold them aside.
+                for part, data in opener.feed(message.data):
+                    parts.setdefault(part, []).append(data)
+            elif isinstance(message, DeliverEnd):
+                break
+            else:
+                raise ConnectionError(f"unexpected {message.TYPE!r} inside a delivery")
+        header = opener.finish()
+
+        await conn.send(Ack(kind="delivery", token=release.token.id))
+        receipt = Receipt.issue(
+            secret,
+            arrangement,
+            report=header.id,
+            token=release.token.id,
+            originator=header.originator,
+            recipient=name,
+            digest=release.token.digest,
+            received=int(time.time()),
+        )
+        await conn.send(SendReceipt(receipt=receipt.encoded))
+        return Received(
+            header=header,
+            body=b"".join(parts.get(0, [])),
+            attachments={
+                attachment: b"".join(parts.get(i + 1, []))
+                for i, (attachment, _) in enumerate(header.attachments)
+            },
+            receipt=receipt,
+        )
+    finally:
+        await conn.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--key", required=True, help="the member's key file")
+    parser.add_argument("--passphrase-env", required=True, metavar="VAR")
+    parser.add_argument("--arrangement", required=True, help="the arrangement file")
+    parser.add_argument("--relay", default="127.0.0.1:7420", metavar="HOST:PORT")
+    args = parser.parse_args()
+    secret, name = MemberSecret.load(args.key, os.environ[args.passphrase_env])
+    with open(args.arrangement, "rb") as handle:
+        arrangement = SignedArrangement.load_effective(handle.read())
+    host, _, port = args.relay.rpartition(":")
+    received = asyncio.run(receive_one(secret, name, arrangement, host, int(port)))
+    header = received.header
+    print(
+        f"{header.originator} -> {name}: {header.scope}/{header.level}, "
+        f"{len(received.body)} bytes: {received.body[:200]!r}",
+        file=sys.stdout,
+    )
+
+
+if __name__ == "__main__":
+    main()
