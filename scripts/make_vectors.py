@@ -24,6 +24,7 @@ expected failure names the exception class and, for a refusal, the reason code.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import sys
@@ -538,7 +539,8 @@ class Builder:
             "level": sealed["level"],
         }
         params.update(changes)
-        return hexed(params)
+        hexed_params: dict[str, Any] = hexed(params)
+        return hexed_params
 
     def _invalid_reports(self) -> list[dict[str, Any]]:
         short = self.reports["report-short-body"]
@@ -805,7 +807,7 @@ class Builder:
             fresh = encrypt(plaintext, key, report_id, final=final)
             ciphertext = self._reuse(vector_id, fresh, key, report_id, plaintext, final)
             sealed = {**short, "ciphertext": ciphertext}
-            vector = {
+            vector: dict[str, Any] = {
                 "id": vector_id,
                 "description": description,
                 "generated": "random secretstream header; checked by decrypting",
@@ -1041,6 +1043,7 @@ class Builder:
         signature = enc.unpack(base)["sig"]
         for field in sorted(body):
             value = body[field]
+            new: Any
             if field in replacements:
                 new = replacements[field]
             elif isinstance(value, bytes):
@@ -1144,10 +1147,9 @@ class Builder:
         for vector_id, description, token in noncanonical:
             add(vector_id, description, token, [relay(malformed), recipient(malformed)])
         for vector in vectors:
+            token = bytes.fromhex(vector["token"])
             for check in vector["checks"]:
-                verdict = outcome(
-                    lambda c=check, v=vector: _check_token(bytes.fromhex(v["token"]), c)
-                )
+                verdict = outcome(functools.partial(_check_token, token, check))
                 _require(vector, verdict, check["expect"])
         return {
             "description": "Release tokens. Run each entry of 'checks' (check_for_relay or "
@@ -1271,7 +1273,7 @@ class Builder:
                 expect_error(ProtocolError),
             )
         for vector in vectors:
-            verdict = outcome(lambda v=vector: _verify_signed(v))
+            verdict = outcome(functools.partial(_verify_signed, vector))
             _require(vector, verdict)
         return {
             "description": "Receipts (signed by the recipient), stored-acks and audit "
