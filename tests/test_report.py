@@ -511,6 +511,7 @@ def test_constant_memory_does_not_grow_with_size(tmp_path: Any) -> None:
 # --- padding -----------------------------------------------------------------------------
 
 
+@settings(deadline=None)
 @given(st.integers(0, 2**40))
 def test_padded_size_properties(length: int) -> None:
     padded = padded_size(length)
@@ -533,6 +534,7 @@ def test_padded_size_buckets() -> None:
         assert len(octave) <= 2 ** k.bit_length()
 
 
+@settings(deadline=None)
 @given(st.integers(0, 2**36))
 def test_ciphertext_size_is_header_plus_chunk_tags(padded: int) -> None:
     chunks = -(-padded // CHUNK_SIZE)
