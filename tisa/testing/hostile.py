@@ -421,13 +421,15 @@ class ImpostorRelay:
         self._secret = secret
         self._arrangement = arrangement
 
-    def receive(self, hello: bytes) -> bytes:
-        eph, _ = sodium.crypto_kx_keypair()
+    def receive(self, hello: bytes, *, eph: bytes | None = None) -> bytes:
+        """The ``welcome``; ``eph`` replaces the ephemeral key (e.g. a low-order point)."""
+        if eph is None:
+            eph = bytes(sodium.crypto_kx_keypair()[0])
         welcome: dict[str, Any] = {
             "t": "welcome",
             "v": 1,
             "relay": self._arrangement.relay,
-            "eph": bytes(eph),
+            "eph": eph,
             "nonce": bytes(nacl.utils.random(32)),
             "stream": bytes(nacl.utils.random(HEADER_BYTES)),
         }
@@ -587,7 +589,12 @@ def noncanonical_variants(encoded: bytes) -> Iterator[tuple[str, bytes]]:
 
 
 def flip_bit(data: bytes, bit: int) -> bytes:
-    """``data`` with bit number ``bit`` (0 = lowest bit of the first byte) flipped."""
+    """``data`` with bit number ``bit`` (0 = lowest bit of the first byte) flipped.
+
+    ``bit`` wraps around the length; empty data comes back unchanged.
+    """
+    if not data:
+        return data
     index, shift = divmod(bit % (8 * len(data)), 8)
     return data[:index] + bytes([data[index] ^ (1 << shift)]) + data[index + 1 :]
 
