@@ -211,7 +211,8 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
                 out.write(sealer.start())
                 for _ in range(count):
                     out.write(sealer.write(piece))
-                out.write(sealer.finish())
+                for piece in sealer.finish_iter():
+                    out.write(piece)
             token = issue_token(
                 secrets["seoul"], "seoul", arrangement, recipient="tokyo",
                 report_id=sealer.report_id, digest=sealer.digest, size=sealer.size,

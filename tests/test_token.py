@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import struct
 from collections.abc import Callable
@@ -647,3 +648,13 @@ def test_canonical_resign_is_accepted() -> None:
 @given(st.binary(max_size=MAX_TOKEN_SIZE + 10))
 def test_any_bytes_long_run(data: bytes) -> None:
     assert outcome(lambda: recipient_check(data)) != "accepted"
+
+
+def test_hand_built_token_fields_cannot_differ_from_the_signed_body() -> None:
+    token = ReleaseToken.decode(TOKEN)
+    forged = dataclasses.replace(token, recipient="seoul", level="routine")
+    checked = check_for_relay(
+        forged, ARRANGEMENT, report_id=REPORT_ID, digest=DIGEST, size=SIZE,
+        originator="seoul", now=NOW,
+    )  # fmt: skip
+    assert (checked.recipient, checked.level) == ("tokyo", "secret")

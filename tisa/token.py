@@ -163,8 +163,9 @@ def issue_token(
 def _check_common(
     token: ReleaseToken | bytes, arrangement: Arrangement, *, now: int, clock_skew: int
 ) -> ReleaseToken:
-    if not isinstance(token, ReleaseToken):
-        token = ReleaseToken.decode(token)
+    # A ReleaseToken built by hand could carry fields that differ from its signed body;
+    # decoding the encoded form again makes the fields exactly what was signed.
+    token = ReleaseToken.decode(token.encoded if isinstance(token, ReleaseToken) else token)
     # The signature comes first: a refusal with a reason code must rest on what the
     # originator signed, never on a field anyone could have altered in transit. A name
     # that is no originator gives no key to check with, so it fails the same opaque way.
