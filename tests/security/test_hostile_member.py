@@ -342,6 +342,7 @@ def test_member_reusing_another_members_key_is_refused(world: World) -> None:
 
 # --- signatures of one kind used as another --------------------------------------------------
 
+
 def _verifiers(world: World, report: Any) -> dict[str, Any]:
     a = world.arrangement
     return {
