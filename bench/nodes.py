@@ -1,0 +1,429 @@
+"""Benchmark of the trio nodes against a bare trio forwarder, measured in the same run.
+
+Three separate processes on 127.0.0.1 in both set-ups:
+
+* tisa: Seoul (``open_node``, submit with immediate release), the relay
+  (``python -m relay``), Tokyo (``open_node``, ``reports()``);
+* floor: a sender, a bare trio forwarder that checks the same Ed25519 token signature
+  on every message and forwards it, and a receiver; length-prefixed frames, no
+  encryption, no storage.
+
+Figures:
+
+* throughput: reports per second, N pipelined 1 KiB reports, first send to last receipt
+  by the receiving application;
+* latency: p50/p99 from the originator's call to the recipient's application, reports
+  sent one at a time at a fixed rate (default 1,000/s; tisa cannot sustain that rate
+  with an fsync per durable step, so its figure is measured at the rate given and the
+  offered rate is printed beside it);
+* large: one report of ``--large-mib`` MiB end to end, with each process's peak RSS,
+  beside the same at 16 MiB, to show peak memory does not grow with the report.
+
+The clock is CLOCK_MONOTONIC, which is one clock for every process on the machine.
+
+    python -m bench nodes [--count 2000] [--rate 1000] [--large-mib 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.bindings as sodium
+import nacl.pwhash
+import trio
+
+from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
+from tisa.keys import MemberSecret
+
+PASSPHRASE = "bench"
+_LEN = struct.Struct(">I")
+_STAMP = struct.Struct(">dI")  # send time (monotonic), sequence number
+
+
+def _emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# --- set-up ------------------------------------------------------------------------------
+
+
+def _make_world(folder: Path) -> None:
+    secrets = {n: MemberSecret.generate() for n in ("seoul", "tokyo", "washington")}
+    both = frozenset({Role.ORIGINATOR, Role.RECIPIENT})
+    arrangement = Arrangement(
+        name="bench",
+        version=1,
+        members=(
+            Member(name="seoul", identity=secrets["seoul"].public, roles=both),
+            Member(name="tokyo", identity=secrets["tokyo"].public, roles=both),
+            Member(
+                name="washington",
+                identity=secrets["washington"].public,
+                roles=frozenset({Role.RELAY}),
+            ),
+        ),
+        relay="washington",
+        scopes=("nk.missile",),
+        levels=("secret",),
+        created=int(time.time()),
+    )
+    signed = SignedArrangement(arrangement)
+    for name, secret in secrets.items():
+        signed = signed.signed_by(secret, name)
+        secret.save(
+            folder / f"{name}.key",
+            PASSPHRASE,
+            name=name,
+            opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
+            memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
+        )
+    (folder / "arrangement.tisa").write_bytes(signed.encode())
+
+
+def _load(folder: Path, name: str) -> tuple[MemberSecret, Arrangement]:
+    secret, _ = MemberSecret.load(folder / f"{name}.key", PASSPHRASE)
+    arrangement = SignedArrangement.load_effective((folder / "arrangement.tisa").read_bytes())
+    return secret, arrangement
+
+
+def _wait_port(path: Path, process: _Process, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited early: {process.returncode}")
+        time.sleep(0.02)
+    raise TimeoutError(f"no port in {path}")
+
+
+class _Process:
+    """A child process whose output goes to a file and whose peak RSS we read on exit."""
+
+    def __init__(
+        self, folder: Path, label: str, args: list[str], env: dict[str, str] | None = None
+    ):
+        self.out = folder / f"{label}.out"
+        self.err = folder / f"{label}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, *args], stdout=out, stderr=err, env={**os.environ, **(env or {})}
+            )
+        self.peak_mib = float("nan")
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
+            if pid:
+                self.peak_mib = usage.ru_maxrss / 1024
+                self.popen.returncode = os.waitstatus_to_exitcode(status)
+                if self.popen.returncode not in (0, -15):
+                    raise RuntimeError(
+                        f"{self.popen.args!r} failed:\n{self.err.read_text()[-3000:]}"
+                    )
+                return
+            time.sleep(0.01)
+        self.popen.kill()
+        raise TimeoutError(f"{self.popen.args!r} did not finish")
+
+    def stop(self) -> None:
+        if self.popen.returncode is None:
+            self.popen.terminate()
+            self.wait(30)
+
+    def records(self) -> list[dict[str, Any]]:
+        lines = self.out.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+# --- tisa roles --------------------------------------------------------------------------
+
+
+async def _seoul(folder: Path, port: int, mode: str, count: int, rate: float, size: int) -> None:
+    from clients.node import open_node
+
+    secret, arrangement = _load(folder, "seoul")
+    async with open_node(
+        secret, "seoul", arrangement, ("127.0.0.1", port), folder / "seoul"
+    ) as node:
+        await node.wait_connected()
+        if mode == "large":
+            source = folder / "large.bin"
+            start = time.monotonic()
+            await node.submit(source, recipients=["tokyo"], scope="nk.missile", level="secret",
+                              release_to=["tokyo"])  # fmt: skip
+            _emit({"start": start})
+            # Stay connected until Tokyo has it (the orchestrator ends us).
+            await trio.sleep_forever()
+        filler = os.urandom(max(0, size - _STAMP.size))
+        interval = 1.0 / rate if mode == "latency" else 0.0
+        start = time.monotonic()
+        for seq in range(count):
+            if interval:
+                await trio.sleep_until(start + seq * interval)
+            body = _STAMP.pack(time.monotonic(), seq) + filler
+            await node.submit(body, recipients=["tokyo"], scope="nk.missile", level="secret",
+                              release_to=["tokyo"])  # fmt: skip
+        _emit({"start": start})
+        await trio.sleep_forever()
+
+
+async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
+    from clients.node import open_node
+
+    secret, arrangement = _load(folder, "tokyo")
+    async with open_node(
+        secret, "tokyo", arrangement, ("127.0.0.1", port), folder / "tokyo"
+    ) as node:
+        latencies: list[float] = []
+        received = 0
+        async for report in node.reports():
+            now = time.monotonic()
+            if mode == "large":
+                _emit({"end": now})
+                return
+            body = report.read_body()
+            sent, _ = _STAMP.unpack_from(body)
+            latencies.append(now - sent)
+            received += 1
+            if received == count:
+                _emit({"end": now, "latencies": latencies})
+                return
+
+
+def _run_tisa(folder: Path, mode: str, count: int, rate: float, size: int) -> dict[str, Any]:
+    run = Path(tempfile.mkdtemp(dir=folder))
+    for name in ("seoul.key", "tokyo.key", "washington.key", "arrangement.tisa"):
+        (run / name).symlink_to(folder / name)
+    if mode == "large":
+        (run / "large.bin").symlink_to(folder / "large.bin")
+    relay = _Process(
+        run, "relay",
+        ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
+         "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
+         "--port", "0", "--port-file", str(run / "relay.port"),
+         "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
+        env={"BENCH_PASS": PASSPHRASE},
+    )  # fmt: skip
+    seoul = tokyo = None
+    try:
+        port = _wait_port(run / "relay.port", relay)
+        role_args = [str(run), str(port), mode, str(count), str(rate), str(size)]
+        tokyo = _Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", *role_args])
+        seoul = _Process(run, "seoul", ["-m", "bench.nodes", "--role", "seoul", *role_args])
+        tokyo.wait(timeout=900)
+    finally:
+        for process in (seoul, tokyo, relay):
+            if process is not None:
+                process.stop()
+    return {
+        "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib},
+        "tokyo": {**tokyo.records()[-1], "peak_mib": tokyo.peak_mib},
+        "relay_peak_mib": relay.peak_mib,
+    }
+
+
+# --- bare floor --------------------------------------------------------------------------
+
+
+async def _read_frame(stream: trio.SocketStream, buffer: bytearray) -> bytes | None:
+    while True:
+        if len(buffer) >= 4:
+            (length,) = _LEN.unpack_from(buffer)
+            if len(buffer) >= 4 + length:
+                frame = bytes(buffer[4 : 4 + length])
+                del buffer[: 4 + length]
+                return frame
+        data = await stream.receive_some(65536)
+        if not data:
+            return None
+        buffer += data
+
+
+async def _forwarder(port_file: Path, public_key: bytes) -> None:
+    receiver_ready = trio.Event()
+    receiver: list[trio.SocketStream] = []
+
+    async def handle(stream: trio.SocketStream) -> None:
+        buffer = bytearray()
+        hello = await _read_frame(stream, buffer)
+        if hello == b"receiver":
+            receiver.append(stream)
+            receiver_ready.set()
+            await trio.sleep_forever()
+        await receiver_ready.wait()
+        out = receiver[0]
+        while (frame := await _read_frame(stream, buffer)) is not None:
+            # frame = signature(64) || token message(300) || report
+            signed, report = frame[:364], frame[364:]
+            sodium.crypto_sign_open(signed, public_key)
+            await out.send_all(_LEN.pack(len(report)) + report)
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port_file.write_text(str(listeners[0].socket.getsockname()[1]))
+    await trio.serve_listeners(handle, listeners)
+
+
+async def _bare_sender(port: int, mode: str, count: int, rate: float, size: int) -> None:
+    seed = b"\x07" * 32
+    _, secret_key = sodium.crypto_sign_seed_keypair(seed)
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(_LEN.pack(6) + b"sender")
+    filler = os.urandom(max(0, size - _STAMP.size))
+    message = os.urandom(300)
+    interval = 1.0 / rate if mode == "latency" else 0.0
+    start = time.monotonic()
+    for seq in range(count):
+        if interval:
+            await trio.sleep_until(start + seq * interval)
+        signed = sodium.crypto_sign(message, secret_key)
+        report = _STAMP.pack(time.monotonic(), seq) + filler
+        await stream.send_all(_LEN.pack(len(signed) + len(report)) + signed + report)
+    _emit({"start": start})
+    await trio.sleep_forever()
+
+
+async def _bare_receiver(port: int, count: int) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(_LEN.pack(8) + b"receiver")
+    buffer = bytearray()
+    latencies = []
+    for _ in range(count):
+        frame = await _read_frame(stream, buffer)
+        if frame is None:
+            break
+        sent, _ = _STAMP.unpack_from(frame)
+        latencies.append(time.monotonic() - sent)
+    _emit({"end": time.monotonic(), "latencies": latencies})
+
+
+def _run_bare(folder: Path, mode: str, count: int, rate: float, size: int) -> dict[str, Any]:
+    run = Path(tempfile.mkdtemp(dir=folder))
+    public_key, _ = sodium.crypto_sign_seed_keypair(b"\x07" * 32)
+    forwarder = _Process(run, "forwarder", ["-m", "bench.nodes", "--role", "forwarder",
+                                            str(run / "port"), public_key.hex()])  # fmt: skip
+    sender = receiver = None
+    try:
+        port = _wait_port(run / "port", forwarder)
+        args = [str(port), mode, str(count), str(rate), str(size)]
+        receiver = _Process(
+            run, "receiver", ["-m", "bench.nodes", "--role", "bare-receiver", *args]
+        )
+        time.sleep(0.3)
+        sender = _Process(run, "sender", ["-m", "bench.nodes", "--role", "bare-sender", *args])
+        receiver.wait(timeout=600)
+    finally:
+        for process in (sender, receiver, forwarder):
+            if process is not None:
+                process.stop()
+    return {"seoul": sender.records()[-1], "tokyo": receiver.records()[-1]}
+
+
+# --- orchestration -----------------------------------------------------------------------
+
+
+def _throughput(result: dict[str, Any], count: int) -> float:
+    return count / (result["tokyo"]["end"] - result["seoul"]["start"])
+
+
+def _percentiles(result: dict[str, Any]) -> tuple[float, float]:
+    latencies = sorted(result["tokyo"]["latencies"])
+    p50 = statistics.median(latencies)
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    return p50 * 1000, p99 * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench nodes", description=__doc__)
+    parser.add_argument("--count", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=1000.0)
+    parser.add_argument("--latency-count", type=int, default=2000)
+    parser.add_argument("--large-mib", type=int, default=1024)
+    parser.add_argument("--json", metavar="FILE")
+    parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role:
+        return _role(args.role)
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as name:
+        folder = Path(name)
+        _make_world(folder)
+
+        print(f"throughput, {args.count} pipelined 1 KiB reports, three processes:")
+        bare = _run_bare(folder, "throughput", args.count, args.rate, 1024)
+        tisa = _run_tisa(folder, "throughput", args.count, args.rate, 1024)
+        bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
+        print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
+              f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
+        figures["throughput"] = {"tisa": tisa_rate, "bare": bare_rate}
+
+        print(f"latency, {args.latency_count} reports of 1 KiB offered at {args.rate:.0f}/s:")
+        bare = _run_bare(folder, "latency", args.latency_count, args.rate, 1024)
+        tisa = _run_tisa(folder, "latency", args.latency_count, args.rate, 1024)
+        (b50, b99), (t50, t99) = _percentiles(bare), _percentiles(tisa)
+        achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
+        print(f"  tisa p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s)")
+        print(f"  bare p50 {b50:7.2f} ms  p99 {b99:8.2f} ms   p99 ratio {t99 / b99:6.1f}x")
+        figures["latency_ms"] = {"tisa": [t50, t99], "bare": [b50, b99], "tisa_rate": achieved}
+
+        large: dict[str, Any] = {}
+        for mib in (16, args.large_mib):
+            with open(folder / "large.bin", "wb") as handle:
+                block = os.urandom(1024 * 1024)
+                for _ in range(mib):
+                    handle.write(block)
+            result = _run_tisa(folder, "large", 1, args.rate, 0)
+            seconds = result["tokyo"]["end"] - result["seoul"]["start"]
+            large[str(mib)] = {
+                "seconds": seconds,
+                "mib_per_s": mib / seconds,
+                "seoul_peak_mib": result["seoul"]["peak_mib"],
+                "tokyo_peak_mib": result["tokyo"]["peak_mib"],
+            }
+            large[str(mib)]["relay_peak_mib"] = result["relay_peak_mib"]
+            print(f"large report, {mib} MiB end to end: {seconds:6.1f} s ({mib / seconds:6.1f}"
+                  f" MiB/s); peak RSS seoul {result['seoul']['peak_mib']:.0f} MiB,"
+                  f" relay {result['relay_peak_mib']:.0f} MiB,"
+                  f" tokyo {result['tokyo']['peak_mib']:.0f} MiB")  # fmt: skip
+            os.unlink(folder / "large.bin")
+        figures["large"] = large
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _role(argv: list[str]) -> int:
+    role, *rest = argv
+    if role == "forwarder":
+        trio.run(_forwarder, Path(rest[0]), bytes.fromhex(rest[1]))
+    elif role == "bare-sender":
+        trio.run(_bare_sender, int(rest[0]), rest[1], int(rest[2]), float(rest[3]), int(rest[4]))
+    elif role == "bare-receiver":
+        trio.run(_bare_receiver, int(rest[0]), int(rest[2]))
+    elif role == "seoul":
+        folder, port, mode, count, rate, size = rest
+        trio.run(_seoul, Path(folder), int(port), mode, int(count), float(rate), int(size))
+    elif role == "tokyo":
+        folder, port, mode, count = rest[:4]
+        trio.run(_tokyo, Path(folder), int(port), mode, int(count))
+    else:
+        raise SystemExit(f"unknown role {role}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
