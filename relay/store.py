@@ -472,6 +472,15 @@ class Store:
             if row.state not in OUTSTANDING:
                 return True
             db.execute("UPDATE tokens SET state = 'acked' WHERE id = ?", (token_id,))
+            if row.state == "pending":
+                # The ack overtook mark_forwarded: the delivery did go out in full.
+                self._audit(
+                    AuditEvent.FORWARDED,
+                    now=now,
+                    parties=(row.originator, row.recipient),
+                    report=row.report,
+                    token=token_id,
+                )
             self._audit(
                 AuditEvent.ACKNOWLEDGED,
                 now=now,
