@@ -29,8 +29,15 @@ from collections.abc import AsyncIterator, Callable
 import trio
 
 from tisa.arrangement import Arrangement
-from tisa.encoding import unpack
-from tisa.errors import ProtocolError, Reason, Refused, RemoteError, UsageError, VerificationError
+from tisa.errors import (
+    ProtocolError,
+    Reason,
+    Refused,
+    RemoteError,
+    TisaError,
+    UsageError,
+    VerificationError,
+)
 from tisa.frames import FRAME_HEADER_SIZE, NEED_DATA, FrameDecoder, encode_frame
 from tisa.handshake import (
     MAX_HANDSHAKE_MESSAGE,
@@ -41,7 +48,7 @@ from tisa.handshake import (
 )
 from tisa.keys import MemberSecret
 from tisa.limits import DEFAULT_LIMITS, Limits
-from tisa.messages import Message, decode_message, encode_message
+from tisa.messages import ErrorMessage, Message, decode_message, encode_message
 
 __all__ = [
     "Link",
@@ -400,11 +407,10 @@ async def accept_member(
         secret: the relay's keys.
         arrangement: the effective arrangement this relay serves.
         limits: ``handshake_timeout`` bounds the whole handshake.
-        admit: called with the member's (claimed, not yet authenticated) name once its
-            ``hello`` passed the arrangement checks and before ``welcome`` is sent; it
-            may raise :class:`~tisa.errors.Refused` (e.g. ``busy``), which is answered
-            like any refusal. The relay uses it for connection caps; when the handshake
-            then fails, the caller must undo what ``admit`` recorded.
+        admit: called with the member's authenticated name once its ``finish`` checked;
+            it may raise :class:`~tisa.errors.Refused` (e.g. ``busy``), answered with an
+            ``error`` message on the new channel before the stream is closed. The relay
+            uses it for per-member connection caps; when it raised, nothing was recorded.
 
     Returns:
         The link, with ``peer`` the authenticated member's name.
@@ -429,8 +435,6 @@ async def accept_member(
                 welcome = handshake.receive(hello)
                 if welcome is None:  # pragma: no cover - the state machine forbids it
                     raise ProtocolError("handshake finished early")
-                if admit is not None:
-                    admit(_claimed_name(hello))
             except Refused as exc:
                 await _refuse(stream, exc.reason, exc.detail)
                 raise
@@ -439,6 +443,16 @@ async def accept_member(
                 raise
             await _send_raw(stream, welcome)
             handshake.receive(await _receive_handshake_frame(stream))
+            if admit is not None:
+                # Only now is the name authenticated: counting a claimed name would let
+                # anyone hold a member's connection slots with half-open handshakes.
+                try:
+                    admit(handshake.peer)
+                except Refused as exc:
+                    link = Link(stream, handshake.channel, handshake.peer, limits=limits)
+                    with trio.move_on_after(ERROR_GRACE), contextlib.suppress(TisaError):
+                        await link.send(ErrorMessage(reason=exc.reason.value, detail=exc.detail))
+                    raise
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         raise LinkTimeout("handshake not finished within the handshake deadline") from None
@@ -446,15 +460,6 @@ async def accept_member(
         await trio.aclose_forcefully(stream)
         raise
     return Link(stream, handshake.channel, handshake.peer, limits=limits)
-
-
-def _claimed_name(hello: bytes) -> str:
-    # The handshake state machine accepted this hello, so it decodes and names a member;
-    # RelayHandshake.peer is only available once the handshake is complete.
-    name = unpack(hello, max_size=MAX_HANDSHAKE_MESSAGE).get("member")
-    if not isinstance(name, str):  # pragma: no cover - checked by the schema
-        raise ProtocolError("hello without a member name")
-    return name
 
 
 async def _refuse(stream: trio.abc.Stream, reason: Reason, detail: str) -> None:
