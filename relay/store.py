@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 DB_NAME = "relay.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: reports.key_commit
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -64,7 +64,8 @@ CREATE TABLE IF NOT EXISTS reports (
     state TEXT NOT NULL CHECK (state IN ('held', 'released', 'deleted')),
     ended TEXT,
     expires INTEGER NOT NULL,
-    stored_at INTEGER NOT NULL
+    stored_at INTEGER NOT NULL,
+    key_commit BLOB
 );
 CREATE INDEX IF NOT EXISTS reports_expiry ON reports (state, expires);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -233,6 +234,8 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
+        self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
         if version not in (0, SCHEMA_VERSION):
             self._db.close()
@@ -404,6 +407,21 @@ class Store:
                 raise Refused(Reason.EXPIRED, "the report's hold time is over")
             if self.queue_length(token.recipient) >= max_queue:
                 raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
+            # XChaCha20-Poly1305 does not commit to its key, so an originator could craft
+            # one ciphertext that opens differently under two keys. The first release pins
+            # the key commitment; every later token for the report must carry the same.
+            (pinned,) = db.execute(
+                "SELECT key_commit FROM reports WHERE id = ?", (token.report,)
+            ).fetchone()
+            if pinned is None:
+                db.execute(
+                    "UPDATE reports SET key_commit = ? WHERE id = ?",
+                    (token.key_commit, token.report),
+                )
+            elif bytes(pinned) != token.key_commit:
+                raise Refused(
+                    Reason.WRONG_REPORT, "token commits to another content key than the first"
+                )
             db.execute(
                 "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
                 " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -471,7 +489,9 @@ class Store:
                 return False
             if row.state not in OUTSTANDING:
                 return True
-            db.execute("UPDATE tokens SET state = 'acked' WHERE id = ?", (token_id,))
+            # Only the id is needed from now on (to refuse a replay): drop the token and
+            # with it the sealed content key, which the relay has no reason to keep.
+            db.execute("UPDATE tokens SET state = 'acked', token = X'' WHERE id = ?", (token_id,))
             if row.state == "pending":
                 # The ack overtook mark_forwarded: the delivery did go out in full.
                 self._audit(
@@ -527,7 +547,9 @@ class Store:
                         raise Refused(Reason.EXPIRED, "the token expired")
                     if row.state == "revoked":
                         return
-                    db.execute("UPDATE tokens SET state = 'revoked' WHERE id = ?", (token_id,))
+                    db.execute(
+                        "UPDATE tokens SET state = 'revoked', token = X'' WHERE id = ?", (token_id,)
+                    )
                     parties = (by, row.recipient)
                 self._audit(
                     AuditEvent.REVOKED, now=now, parties=parties, report=report_id, token=token_id
@@ -543,7 +565,8 @@ class Store:
                 )
             ]
             db.execute(
-                "UPDATE tokens SET state = 'revoked' WHERE report = ? AND state IN (?, ?)",
+                "UPDATE tokens SET state = 'revoked', token = X''"
+                " WHERE report = ? AND state IN (?, ?)",
                 (report_id, *OUTSTANDING),
             )
             delete = report.state != "deleted"
@@ -551,9 +574,7 @@ class Store:
                 "UPDATE reports SET state = 'deleted', ended = 'revoked' WHERE id = ?",
                 (report_id,),
             )
-            self._audit(
-                AuditEvent.REVOKED, now=now, parties=(by, *recipients[:7]), report=report_id
-            )
+            self._audit(AuditEvent.REVOKED, now=now, parties=(by, *recipients), report=report_id)
         if delete:
             self._remove_blob(report_id)
 
@@ -648,7 +669,9 @@ class Store:
                 ).fetchall()
             ]
             for token in expired_tokens:
-                db.execute("UPDATE tokens SET state = 'expired' WHERE id = ?", (token.id,))
+                db.execute(
+                    "UPDATE tokens SET state = 'expired', token = X'' WHERE id = ?", (token.id,)
+                )
                 self._notice(token.originator, "expired", token.report, token.id)
                 notified.add(token.originator)
                 self._audit(

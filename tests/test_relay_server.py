@@ -519,3 +519,48 @@ async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> Non
             # Now a resend is answered stored (idempotent).
             await send_submission(third, report)
             await expect(third, Stored)
+
+
+async def test_every_token_of_a_report_must_commit_to_the_same_key(
+    world: World, tmp_path: Path
+) -> None:
+    # One ciphertext must not open to two plaintexts under two tokens: the first
+    # release pins the key commitment, a token with another key is refused.
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            first = await release(h, token_for(world, report))
+            assert isinstance(first, Released)
+            other_key = token_for(world, report, counter=2, content_key=os.urandom(32))
+            second = await release(h, other_key)
+            assert isinstance(second, Refusal) and second.reason == Reason.WRONG_REPORT
+            same_key = await release(h, token_for(world, report, counter=3))
+            assert isinstance(same_key, Released)
+
+
+async def test_sealed_key_is_dropped_once_the_delivery_is_acked(
+    world: World, tmp_path: Path
+) -> None:
+    from tisa.token import ReleaseToken
+
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            report = await stored(h)
+            token = token_for(world, report)
+            assert isinstance(await release(h, token), Released)
+            tokyo = await h.connect("tokyo")
+            got, _ = await receive_delivery(tokyo)
+            sealed_key = ReleaseToken.decode(got).sealed_key
+            files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+            assert sealed_key in files  # held while the delivery is owed
+            await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(got).id))
+            await tokyo.send(AuditFetch(since=0))
+            await expect(tokyo, AuditReply)
+            await tokyo.aclose()
+            # A replay of the used token is still refused: the id is kept.
+            replay = await release(h, token)
+            assert isinstance(replay, Refusal) and replay.reason == Reason.REPLAYED
+    store = Store(tmp_path)
+    store.close()
+    files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    assert sealed_key not in files
