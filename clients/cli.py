@@ -18,8 +18,6 @@ Files a member keeps live in its home folder (``--home DIR`` or ``$TISA_HOME``):
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import functools
 import json
@@ -27,310 +25,46 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
-import nacl.pwhash
 from rich.console import Console
 from rich.table import Table
 
-from tisa.arrangement import (
-    MAX_ARRANGEMENT_SIZE,
-    Arrangement,
-    Member,
-    Role,
-    SignedArrangement,
-    check_name,
+from clients.files import (
+    ARRANGEMENT_FILE,
+    IDENTITY_FILE,
+    STORE_DIR,
+    arrangement_summary,
+    atomic_text,
+    create_identity,
+    draft_arrangement,
+    identity_to_json,
+    merge_arrangements,
+    read_arrangement,
+    read_identity,
+    sign_arrangement,
+    write_arrangement,
 )
-from tisa.errors import ProtocolError, Reason, Refused, TisaError, UsageError
-from tisa.keys import KEY_SIZE, EncryptionPublicKey, MemberSecret, PublicIdentity, SigningPublicKey
+from tisa.arrangement import (
+    Arrangement,
+)
+from tisa.errors import Refused, TisaError
+from tisa.keys import MemberSecret, PublicIdentity
 
-__all__ = [
-    "ARRANGEMENT_FILE",
-    "IDENTITY_FILE",
-    "IDENTITY_FORMAT",
-    "STORE_DIR",
-    "CliError",
-    "arrangement_summary",
-    "create_identity",
-    "draft_arrangement",
-    "identity_from_json",
-    "identity_to_json",
-    "main",
-    "merge_arrangements",
-    "read_arrangement",
-    "read_identity",
-    "sign_arrangement",
-    "tisa",
-    "write_arrangement",
-]
+__all__ = ["CliError", "main", "tisa"]
 
-IDENTITY_FILE = "identity.key"
-ARRANGEMENT_FILE = "arrangement.tisa"
-STORE_DIR = "store"
-IDENTITY_FORMAT = "tisa-identity/1"
 DEFAULT_PORT = 7420
 DEFAULT_RELAY = f"127.0.0.1:{DEFAULT_PORT}"
 # A passphrase is looked up here when no --passphrase-env is given and stdin is no terminal.
 PASSPHRASE_ENV = "TISA_PASSPHRASE"
-# Exported identity files are a few hundred bytes; refuse to parse anything much larger.
-MAX_IDENTITY_FILE = 16 * 1024
 
 
 class CliError(TisaError):
     """A command-line mistake (missing file, bad option value) found by this module."""
-
-
-# --- file formats -----------------------------------------------------------------------
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
-
-
-def _unb64(text: Any, what: str) -> bytes:
-    if not isinstance(text, str):
-        raise CliError(f"{what} must be a base64 string")
-    try:
-        return base64.b64decode(text.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError, ValueError):
-        raise CliError(f"{what} is not valid base64") from None
-
-
-def identity_to_json(name: str, identity: PublicIdentity) -> dict[str, str]:
-    """The exported form of a public identity (what ``tisa identity export`` writes).
-
-    Args:
-        name: the member name the identity is meant for.
-        identity: the public keys.
-
-    Returns:
-        A JSON-ready dict: format tag, name, both public keys (base64) and the fingerprint
-        people compare by voice or on paper before they sign an arrangement listing it.
-    """
-    return {
-        "format": IDENTITY_FORMAT,
-        "name": name,
-        "sign": _b64(identity.signing.raw),
-        "box": _b64(identity.encryption.raw),
-        "fingerprint": identity.fingerprint,
-    }
-
-
-def identity_from_json(value: Any) -> tuple[str, PublicIdentity]:
-    """Parse an exported identity; the fingerprint, if given, must match the keys.
-
-    Returns:
-        (name, identity)
-
-    Raises:
-        CliError: not an exported identity, or its fingerprint does not match.
-        UsageError: a key is not a valid public key.
-    """
-    if not isinstance(value, dict) or value.get("format") != IDENTITY_FORMAT:
-        raise CliError(f"not an exported identity (format {IDENTITY_FORMAT!r})")
-    name = value.get("name")
-    if not isinstance(name, str) or not name:
-        raise CliError("exported identity has no name")
-    sign = _unb64(value.get("sign"), "sign key")
-    box = _unb64(value.get("box"), "box key")
-    if len(sign) != KEY_SIZE or len(box) != KEY_SIZE:
-        raise CliError("exported identity keys must be 32 bytes each")
-    identity = PublicIdentity(SigningPublicKey(sign), EncryptionPublicKey(box))
-    fingerprint = value.get("fingerprint")
-    if fingerprint is not None and fingerprint != identity.fingerprint:
-        raise CliError(f"fingerprint of {name!r} does not match its keys")
-    return name, identity
-
-
-def read_identity(path: Path) -> tuple[str, PublicIdentity]:
-    """Read an exported identity file. Raises CliError, UsageError, OSError."""
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_IDENTITY_FILE + 1)
-    if len(data) > MAX_IDENTITY_FILE:
-        raise CliError(f"{path}: too large for an exported identity")
-    try:
-        value = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CliError(f"{path}: not JSON") from None
-    try:
-        return identity_from_json(value)
-    except CliError as exc:
-        raise CliError(f"{path}: {exc}") from None
-
-
-def create_identity(
-    path: Path, name: str, passphrase: str, *, insecure_fast_kdf: bool = False
-) -> MemberSecret:
-    """Generate a member's keys and save them to ``path`` (mode 0600, never overwritten).
-
-    Args:
-        path: the key file to create.
-        name: the member name, stored in the key file.
-        passphrase: protects the file (argon2id).
-        insecure_fast_kdf: use libsodium's minimum argon2id cost. For demos and tests
-            only: it makes a stolen key file cheap to attack.
-    """
-    # Validates the name as the arrangement would, before any key is written.
-    check_name(name, "member name")
-    secret = MemberSecret.generate()
-    kwargs: dict[str, Any] = {"name": name}
-    if insecure_fast_kdf:
-        kwargs["opslimit"] = nacl.pwhash.argon2id.OPSLIMIT_MIN
-        kwargs["memlimit"] = nacl.pwhash.argon2id.MEMLIMIT_MIN
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret.save(path, passphrase, **kwargs)
-    return secret
-
-
-def read_arrangement(path: Path) -> SignedArrangement:
-    """Read an arrangement file; every signature present is checked.
-
-    Raises:
-        ProtocolError, VerificationError, Refused: as :meth:`SignedArrangement.decode`.
-        OSError: the file cannot be read.
-    """
-    with open(path, "rb") as handle:
-        data = handle.read(MAX_ARRANGEMENT_SIZE + 1)
-    try:
-        return SignedArrangement.decode(data)
-    except ProtocolError as exc:
-        raise CliError(f"{path}: not an arrangement file ({exc.detail})") from None
-
-
-def write_arrangement(path: Path, signed: SignedArrangement, *, overwrite: bool = True) -> None:
-    """Write an arrangement file atomically (temporary file, fsync, rename)."""
-    if not overwrite and path.exists():
-        raise CliError(f"{path} exists; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(signed.encode())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def draft_arrangement(
-    *,
-    name: str,
-    members: Sequence[tuple[str, PublicIdentity, Sequence[str]]],
-    scopes: Sequence[str],
-    levels: Sequence[str],
-    relay: str | None = None,
-    created: int | None = None,
-    previous: SignedArrangement | None = None,
-) -> SignedArrangement:
-    """An unsigned arrangement, version 1 or an amendment of ``previous``.
-
-    Args:
-        name: the arrangement's name.
-        members: (name, identity, role names) for each member.
-        scopes, levels: what may be shared; levels lowest first.
-        relay: the relay's name; by default the one member holding the relay role.
-        created: unix time; now by default.
-        previous: the version this one amends (its members, scopes, levels are replaced).
-
-    Raises:
-        UsageError: the arrangement is not valid (see :class:`Arrangement`).
-    """
-    built = []
-    for member_name, identity, role_names in members:
-        try:
-            roles = frozenset(Role(r) for r in role_names)
-        except ValueError:
-            raise UsageError(
-                f"member {member_name!r}: roles are {', '.join(r.value for r in Role)}"
-            ) from None
-        built.append(Member(name=member_name, identity=identity, roles=roles))
-    if relay is None:
-        relays = [m.name for m in built if Role.RELAY in m.roles]
-        relay = relays[0] if len(relays) == 1 else ""
-        if not relay:
-            raise UsageError("exactly one member must hold the relay role")
-    fields: dict[str, Any] = {
-        "name": name,
-        "members": tuple(built),
-        "relay": relay,
-        "scopes": tuple(scopes),
-        "levels": tuple(levels),
-        "created": int(time.time()) if created is None else created,
-    }
-    if previous is None:
-        return SignedArrangement(Arrangement(version=1, **fields))
-    return SignedArrangement(previous.arrangement.amend(**fields))
-
-
-def sign_arrangement(
-    signed: SignedArrangement, secret: MemberSecret, name: str | None = None
-) -> tuple[SignedArrangement, str]:
-    """Add the signature of the member whose key ``secret`` is.
-
-    Args:
-        signed: the arrangement with the signatures so far.
-        secret: the signer's keys.
-        name: the member name; found from the key when not given.
-
-    Returns:
-        (the arrangement with the signature added, the signer's name)
-
-    Raises:
-        Refused(NOT_A_MEMBER): the key is not listed in the arrangement.
-        UsageError: ``name`` is listed with another key.
-    """
-    if name is None:
-        member = signed.arrangement.member_by_signing_key(secret.public.signing.raw)
-        if member is None:
-            raise Refused(Reason.NOT_A_MEMBER, "this key is not listed in the arrangement")
-        name = member.name
-    return signed.signed_by(secret, name), name
-
-
-def merge_arrangements(copies: Sequence[SignedArrangement]) -> SignedArrangement:
-    """Gather the signatures of several copies of one arrangement (signed separately).
-
-    Raises:
-        CliError: the copies are of different arrangements (or versions).
-    """
-    if not copies:
-        raise CliError("nothing to merge")
-    first = copies[0]
-    signatures: dict[str, bytes] = {}
-    for copy in copies:
-        if copy.arrangement.id != first.arrangement.id:
-            raise CliError("these files hold different arrangements; cannot merge")
-        signatures.update(copy.signatures)
-    return SignedArrangement(first.arrangement, signatures)
-
-
-def arrangement_summary(signed: SignedArrangement) -> dict[str, Any]:
-    """A JSON-ready description: members, roles, fingerprints, who signed, effective."""
-    arrangement = signed.arrangement
-    return {
-        "name": arrangement.name,
-        "version": arrangement.version,
-        "id": arrangement.id.hex(),
-        "previous": arrangement.previous.hex() if arrangement.previous else None,
-        "created": arrangement.created,
-        "relay": arrangement.relay,
-        "scopes": list(arrangement.scopes),
-        "levels": list(arrangement.levels),
-        "members": [
-            {
-                "name": m.name,
-                "roles": sorted(r.value for r in m.roles),
-                "fingerprint": m.identity.fingerprint,
-                "signed": m.name in signed.signatures,
-            }
-            for m in arrangement.members
-        ],
-        "signed_by": sorted(signed.signatures),
-        "missing": signed.missing,
-        "effective": signed.is_effective,
-    }
 
 
 # --- command-line plumbing --------------------------------------------------------------
@@ -423,17 +157,6 @@ def _load_secret(path: Path, env: str | None) -> tuple[MemberSecret, str]:
 
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, sort_keys=True))
-
-
-@contextlib.contextmanager
-def _atomic_text(path: Path) -> Iterator[Any]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yield handle
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _fail(message: str) -> NoReturn:
@@ -546,7 +269,7 @@ def identity_export(
     if out is None:
         _print_json(exported)
         return
-    with _atomic_text(out) as handle:
+    with atomic_text(out) as handle:
         json.dump(exported, handle, indent=2, sort_keys=True)
         handle.write("\n")
     _out.print(f"wrote {out} ({name}, fingerprint {secret.public.fingerprint})")
@@ -788,14 +511,52 @@ class _Member:
     store: Path
 
 
+@dataclass(frozen=True)
+class _NodeOptions:
+    """The options every node command takes, loaded only when the command needs them
+    (so a bad argument is reported before any passphrase prompt)."""
+
+    key: Path | None
+    arrangement_path: Path | None
+    relay_addr: str
+    store: Path | None
+    passphrase_env: str | None
+
+    def load(self, ctx: click.Context) -> _Member:
+        home = _home(ctx)
+        relay = parse_address(self.relay_addr)
+        arrangement = read_arrangement(
+            self.arrangement_path or home / ARRANGEMENT_FILE
+        ).require_effective()
+        secret, name = _load_secret(self.key or home / IDENTITY_FILE, self.passphrase_env)
+        return _Member(secret, name, arrangement, relay, self.store or home / STORE_DIR)
+
+
 def _node_options(func: _F) -> _F:
-    func = _passphrase_option(func)
-    func = click.option(
+    """Add --key, --arrangement, --relay, --store and --passphrase-env, handed to the
+    command as one ``node_options`` argument."""
+
+    @functools.wraps(func)
+    def command(
+        *args: Any,
+        key: Path | None,
+        arrangement_path: Path | None,
+        relay_addr: str,
+        store: Path | None,
+        passphrase_env: str | None,
+        **kwargs: Any,
+    ) -> Any:
+        options = _NodeOptions(key, arrangement_path, relay_addr, store, passphrase_env)
+        return func(*args, node_options=options, **kwargs)
+
+    wrapped = cast(_F, command)
+    wrapped = _passphrase_option(wrapped)
+    wrapped = click.option(
         "--store",
         type=click.Path(file_okay=False, path_type=Path),
         help="The node's store directory (default: HOME/store).",
-    )(func)
-    func = click.option(
+    )(wrapped)
+    wrapped = click.option(
         "--relay",
         "relay_addr",
         envvar="TISA_RELAY",
@@ -803,34 +564,19 @@ def _node_options(func: _F) -> _F:
         show_default=True,
         metavar="HOST:PORT",
         help="The relay's address. Env: TISA_RELAY.",
-    )(func)
-    func = click.option(
+    )(wrapped)
+    wrapped = click.option(
         "--arrangement",
         "arrangement_path",
         type=click.Path(dir_okay=False, path_type=Path),
         help="The signed arrangement (default: HOME/arrangement.tisa).",
-    )(func)
-    func = click.option(
+    )(wrapped)
+    wrapped = click.option(
         "--key",
         type=click.Path(dir_okay=False, path_type=Path),
         help="Key file (default: HOME/identity.key).",
-    )(func)
-    return func
-
-
-def _member(
-    ctx: click.Context,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
-) -> _Member:
-    home = _home(ctx)
-    relay = parse_address(relay_addr)
-    arrangement = read_arrangement(arrangement_path or home / ARRANGEMENT_FILE).require_effective()
-    secret, name = _load_secret(key or home / IDENTITY_FILE, passphrase_env)
-    return _Member(secret, name, arrangement, relay, store or home / STORE_DIR)
+    )(wrapped)
+    return wrapped
 
 
 def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: float) -> Any:
@@ -941,7 +687,7 @@ def relay_run(
                 functools.partial(serve, secret, arrangement, store_path, host=host, port=port)
             )
             if port_file is not None:
-                with _atomic_text(port_file) as handle:
+                with atomic_text(port_file) as handle:
                     handle.write(f"{bound}\n")
             click.echo(f"relay {arrangement.relay} listening on {host}:{bound}", err=True)
 
@@ -986,11 +732,7 @@ def send(
     hold_for: tuple[str, ...],
     as_json: bool,
     timeout: float,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
+    node_options: _NodeOptions,
 ) -> None:
     """Seal TEXT (or --file) as a report and hand it to the relay.
 
@@ -1009,7 +751,7 @@ def send(
     body: bytes | Path = text.encode("utf-8") if text is not None else Path(str(file_path))
     if isinstance(body, Path) and not body.is_file():
         raise CliError(f"{body}: not a file")
-    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    member = node_options.load(ctx)
     size = len(body) if isinstance(body, bytes) else body.stat().st_size
     show_progress = not as_json and size >= 8 * 1024 * 1024
 
@@ -1077,11 +819,7 @@ def release(
     recipients: tuple[str, ...],
     as_json: bool,
     timeout: float,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
+    node_options: _NodeOptions,
 ) -> None:
     """Release a held REPORT (its id, as `tisa send` printed it) to recipients.
 
@@ -1090,7 +828,7 @@ def release(
       tisa --home seoul release 3f2a9c...e1 --to tokyo
     """
     report_id = _hex_id(report)
-    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    member = node_options.load(ctx)
 
     async def job(node: Any) -> list[dict[str, str]]:
         import trio
@@ -1121,11 +859,7 @@ def revoke(
     report: str,
     token: str | None,
     timeout: float,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
+    node_options: _NodeOptions,
 ) -> None:
     """Withdraw a report (or one token of it) that has not been delivered yet.
 
@@ -1135,7 +869,7 @@ def revoke(
     """
     report_id = _hex_id(report)
     token_id = _hex_id(token, "token id") if token else None
-    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    member = node_options.load(ctx)
 
     async def job(node: Any) -> None:
         import trio
@@ -1187,11 +921,7 @@ def inbox(
     save_dir: Path | None,
     as_json: bool,
     timeout: float,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
+    node_options: _NodeOptions,
 ) -> None:
     """Receive reports released to you, verify them and show each one once.
 
@@ -1201,7 +931,7 @@ def inbox(
     Example:
       tisa --home tokyo inbox --wait 5 --json
     """
-    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    member = node_options.load(ctx)
     folder = save_dir or _home(ctx) / "received"
 
     async def job(node: Any) -> list[dict[str, Any]]:
@@ -1280,11 +1010,7 @@ def receipts(
     wait: float,
     as_json: bool,
     timeout: float,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
+    node_options: _NodeOptions,
 ) -> None:
     """Show the signed receipts for your reports, and new notices (refusals, expiry).
 
@@ -1292,7 +1018,7 @@ def receipts(
     Example:
       tisa --home seoul receipts --json
     """
-    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    member = node_options.load(ctx)
 
     async def job(node: Any) -> dict[str, Any]:
         import trio
@@ -1345,11 +1071,7 @@ def audit(
     ctx: click.Context,
     as_json: bool,
     timeout: float,
-    key: Path | None,
-    arrangement_path: Path | None,
-    relay_addr: str,
-    store: Path | None,
-    passphrase_env: str | None,
+    node_options: _NodeOptions,
 ) -> None:
     """Fetch the relay's audit entries that concern you and verify them.
 
@@ -1360,7 +1082,7 @@ def audit(
     Example:
       tisa --home tokyo audit
     """
-    member = _member(ctx, key, arrangement_path, relay_addr, store, passphrase_env)
+    member = node_options.load(ctx)
 
     async def job(node: Any) -> list[dict[str, Any]]:
         import trio
@@ -1471,7 +1193,7 @@ def trace_diagram(trace_file: Path, out: Path) -> None:
         events = read_trace(trace_file)
     except ValueError as exc:
         raise CliError(str(exc)) from None
-    with _atomic_text(out) as handle:
+    with atomic_text(out) as handle:
         handle.write(render_html(events))
     _out.print(f"wrote {out} ({len(events)} events)")
 

@@ -49,7 +49,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from clients.cli import (
+from clients.demo_trace import TraceEvent, TraceWriter, render_html
+from clients.files import (
     ARRANGEMENT_FILE,
     IDENTITY_FILE,
     create_identity,
@@ -58,7 +59,6 @@ from clients.cli import (
     sign_arrangement,
     write_arrangement,
 )
-from clients.demo_trace import TraceEvent, TraceWriter, render_html
 from tisa.arrangement import SignedArrangement
 from tisa.keys import Hash, Hasher, MemberSecret
 from tisa.limits import CHUNK_SIZE

@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from clients.cli import (
-    identity_from_json,
-    identity_to_json,
-    read_arrangement,
-    tisa,
-)
+from clients.cli import tisa
+from clients.files import identity_from_json, identity_to_json, read_arrangement
 from tisa.keys import MemberSecret
 
 PASS = {"TISA_TEST_PASS": "correct horse"}
