@@ -661,3 +661,28 @@ def test_load_wrong_passphrase(tmp_path: Path) -> None:
     ALICE.save(path, PASSPHRASE, **FAST)
     with pytest.raises(KeyFileError):
         MemberSecret.load(path, "wrong")
+
+
+def test_keyfile_costs_are_capped_both_ways() -> None:
+    import nacl.pwhash
+
+    from tisa import encoding as enc
+    from tisa.errors import KeyFileError, UsageError
+    from tisa.keys import KEYFILE_MAGIC, MAX_KEYFILE_MEM, MAX_KEYFILE_OPS, MemberSecret
+
+    secret = MemberSecret.generate()
+    with pytest.raises(UsageError, match="opslimit"):
+        secret.to_keyfile("pw", opslimit=MAX_KEYFILE_OPS + 1)
+    with pytest.raises(UsageError, match="memlimit"):
+        secret.to_keyfile("pw", memlimit=MAX_KEYFILE_MEM + 1)
+    good = secret.to_keyfile(
+        "pw",
+        opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
+        memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
+    )
+    outer = enc.unpack(good[len(KEYFILE_MAGIC) :])
+    # A crafted file asking for more than the cap fails at once, before any argon2id run.
+    for field, value in (("ops", MAX_KEYFILE_OPS + 1), ("mem", MAX_KEYFILE_MEM * 4)):
+        crafted = KEYFILE_MAGIC + enc.pack({**outer, field: value})
+        with pytest.raises(KeyFileError):
+            MemberSecret.from_keyfile(crafted, "pw")

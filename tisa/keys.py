@@ -376,8 +376,13 @@ class MemberSecret:
 
 KEYFILE_MAGIC = b"tisa-keyfile-1\n"
 _KEYFILE_NAME = enc.text(256, allow_empty=True)
-_KEYFILE_OPS = enc.uint(nacl.pwhash.argon2id.OPSLIMIT_MAX, 1)
-_KEYFILE_MEM = enc.uint(2**32, nacl.pwhash.argon2id.MEMLIMIT_MIN)
+# The cost fields are read before anything in the file is authenticated, so a crafted
+# file could ask for hours of work or all the memory: cap them at libsodium's
+# "sensitive" level (4 passes, 1 GiB), the most any key file written by us asks for.
+MAX_KEYFILE_OPS = nacl.pwhash.argon2id.OPSLIMIT_SENSITIVE
+MAX_KEYFILE_MEM = nacl.pwhash.argon2id.MEMLIMIT_SENSITIVE
+_KEYFILE_OPS = enc.uint(MAX_KEYFILE_OPS, nacl.pwhash.argon2id.OPSLIMIT_MIN)
+_KEYFILE_MEM = enc.uint(MAX_KEYFILE_MEM, nacl.pwhash.argon2id.MEMLIMIT_MIN)
 
 
 def random_id() -> bytes:
