@@ -49,6 +49,8 @@ MAX_VERSION = 2**32
 
 
 class Role(enum.StrEnum):
+    """What a member may do: originate reports, receive them, or be the relay."""
+
     ORIGINATOR = "originator"
     RECIPIENT = "recipient"
     RELAY = "relay"
@@ -67,6 +69,13 @@ def check_name(value: str, what: str = "name") -> str:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Member:
+    """One member of an arrangement: name, public identity and roles. Checked when constructed.
+
+    Raises (constructor):
+        UsageError: a bad name, an identity that is not a :class:`PublicIdentity`, roles that
+            are not :class:`Role` values or are empty, or the relay role with another role.
+    """
+
     name: str
     identity: PublicIdentity
     roles: frozenset[Role]
@@ -90,6 +99,7 @@ class Member:
         object.__setattr__(self, "roles", roles)
 
     def to_dict(self) -> dict[str, Any]:
+        """The member as its wire map (roles sorted)."""
         return {
             "name": self.name,
             "identity": self.identity.to_dict(),
@@ -98,6 +108,11 @@ class Member:
 
     @classmethod
     def from_dict(cls, value: Any, path: str) -> Member:
+        """Check a member map from an arrangement; ``path`` names it in errors.
+
+        Raises:
+            ProtocolError: malformed, or a member the constructor refuses.
+        """
         fields = enc.check_map(
             value,
             {
@@ -206,6 +221,7 @@ class Arrangement:
         object.__setattr__(self, "id", digest(Hash.ARRANGEMENT, encoded))
 
     def to_dict(self) -> dict[str, Any]:
+        """The arrangement as its wire map (``encoded`` is its canonical encoding)."""
         return {
             "v": 1,
             "name": self.name,
@@ -278,6 +294,7 @@ class Arrangement:
         return member
 
     def member_by_signing_key(self, raw: bytes) -> Member | None:
+        """The member whose Ed25519 public key is ``raw``, or None."""
         for member in self.members:
             if member.identity.signing.raw == raw:
                 return member
@@ -357,6 +374,12 @@ class SignedArrangement:
         return SignedArrangement(self.arrangement, {**self.signatures, name: signature})
 
     def signed_by(self, secret: MemberSecret, name: str) -> SignedArrangement:
+        """A copy with ``name``'s signature, made with ``secret``, added.
+
+        Raises:
+            Refused: NOT_A_MEMBER, ``name`` is not a member.
+            UsageError: ``secret`` is not ``name``'s key in the arrangement.
+        """
         return self.with_signature(name, self.arrangement.sign(secret, name))
 
     @property
@@ -366,6 +389,7 @@ class SignedArrangement:
 
     @property
     def is_effective(self) -> bool:
+        """True when every member has signed."""
         return not self.missing
 
     def require_effective(self) -> Arrangement:
@@ -376,6 +400,7 @@ class SignedArrangement:
         return self.arrangement
 
     def encode(self) -> bytes:
+        """The arrangement's encoding with the signatures so far: what :meth:`decode` reads."""
         return enc.pack(
             {"arrangement": self.arrangement.encoded, "signatures": dict(self.signatures)}
         )

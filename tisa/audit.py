@@ -48,6 +48,18 @@ MAX_ENTRY_SIZE = 40 * 1024
 
 
 class AuditEvent(enum.StrEnum):
+    """What an audit entry records.
+
+    * ``STORED``: the relay stored a submission.
+    * ``RELEASED``: it accepted a release token.
+    * ``FORWARDED``: a delivery went out in full.
+    * ``ACKNOWLEDGED``: the recipient acknowledged a delivery.
+    * ``RECEIPT``: a recipient's receipt was queued for the originator.
+    * ``REFUSED``: the relay refused something a member sent (the entry has a ``reason``).
+    * ``REVOKED``: a token, or a whole report, was revoked.
+    * ``EXPIRED``: a held report or an undelivered token expired.
+    """
+
     STORED = "stored"
     RELEASED = "released"
     FORWARDED = "forwarded"
@@ -74,6 +86,17 @@ _ENTRY_SCHEMA: dict[str, enc.Field] = {
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class AuditEntry:
+    """One entry of the relay's audit log.
+
+    Attributes:
+        seq: its position in the log, from 1.
+        time: unix time (seconds) at the relay.
+        event: what happened.
+        report, token: the ids it concerns, or None.
+        parties: the members it concerns; each sees the entry in full in its extract.
+        reason: the reason code of a refusal (``refused`` entries), else None.
+    """
+
     seq: int
     time: int
     event: AuditEvent
@@ -83,6 +106,7 @@ class AuditEntry:
     reason: str | None = None
 
     def encode(self) -> bytes:
+        """The canonical encoding, which :attr:`content_hash` covers (``parties`` sorted)."""
         return enc.pack(
             {
                 "v": 1,
@@ -98,6 +122,11 @@ class AuditEntry:
 
     @classmethod
     def decode(cls, data: bytes) -> AuditEntry:
+        """Decode an entry from its canonical encoding.
+
+        Raises:
+            ProtocolError: not a canonical, valid entry of at most :data:`MAX_ENTRY_SIZE` bytes.
+        """
         fields = enc.check_map(enc.unpack(data, max_size=MAX_ENTRY_SIZE), _ENTRY_SCHEMA, "entry")
         return cls(
             seq=fields["seq"],
@@ -111,6 +140,7 @@ class AuditEntry:
 
     @property
     def content_hash(self) -> bytes:
+        """The content hash ``c_i`` that the chain links: ``H_audit`` of :meth:`encode`."""
         return digest(Hash.AUDIT, self.encode())
 
 
@@ -121,6 +151,19 @@ def chain_next(head: bytes, content_hash: bytes) -> bytes:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Checkpoint:
+    """The relay's signed statement that its log's first ``seq`` entries end in chain head ``head``.
+
+    Make one with :meth:`issue` (signing) or :meth:`verify` (checking received bytes); both
+    set ``encoded``.
+
+    Attributes:
+        arrangement: the arrangement id.
+        seq: the number of entries covered (0 for none).
+        head: the chain value after entry ``seq`` (:data:`GENESIS` for 0).
+        time: unix time (seconds) at the relay when it signed.
+        encoded: the signed envelope.
+    """
+
     arrangement: bytes
     seq: int
     head: bytes
@@ -147,6 +190,20 @@ class Checkpoint:
 
     @classmethod
     def verify(cls, data: bytes, arrangement: Arrangement) -> Checkpoint:
+        """Decode a checkpoint and verify the relay's signature on it.
+
+        Args:
+            data: the encoded checkpoint (at most 512 bytes).
+            arrangement: gives the relay's key and the arrangement id the checkpoint must name.
+
+        Returns:
+            The checkpoint, with ``encoded`` set to ``data``.
+
+        Raises:
+            ProtocolError: malformed.
+            VerificationError: the signature is not the relay's.
+            Refused: WRONG_ARRANGEMENT, signed for another arrangement.
+        """
         body, fields, signature = open_envelope(data, max_size=512, what="checkpoint")
         fields = enc.check_map(fields, cls._SCHEMA, "checkpoint")
         verify(
@@ -168,6 +225,7 @@ class Extract:
     checkpoint: bytes
 
     def encode(self) -> bytes:
+        """The canonical encoding (entries as ``{"e": entry}``, hashes as ``{"h": hash}``)."""
         return enc.pack(
             {
                 "start_seq": self.start_seq,
@@ -200,6 +258,12 @@ class Extract:
 
     @classmethod
     def decode(cls, data: bytes) -> Extract:
+        """Decode an extract without verifying it (see :func:`verify_extract`).
+
+        Raises:
+            ProtocolError: malformed, or more than :data:`MAX_EXTRACT_ENTRIES` items.
+        """
+
         def item(value: Any, path: str) -> bytes | AuditEntry:
             if isinstance(value, dict) and set(value) == {"e"}:
                 return AuditEntry.decode(enc.bin_max(MAX_ENTRY_SIZE)(value["e"], path))

@@ -191,6 +191,8 @@ def check_map(value: Any, fields: Mapping[str, Field], path: str = "") -> dict[s
 
 
 def bin_exact(size: int) -> Field:
+    """A field of exactly ``size`` bytes; the checker raises ProtocolError otherwise."""
+
     def check(value: Any, path: str) -> bytes:
         if not isinstance(value, bytes) or len(value) != size:
             _fail(f"{path}: expected {size} bytes")
@@ -200,6 +202,8 @@ def bin_exact(size: int) -> Field:
 
 
 def bin_max(size: int) -> Field:
+    """A field of at most ``size`` bytes (or none); the checker raises ProtocolError otherwise."""
+
     def check(value: Any, path: str) -> bytes:
         if not isinstance(value, bytes) or len(value) > size:
             _fail(f"{path}: expected at most {size} bytes")
@@ -209,6 +213,15 @@ def bin_max(size: int) -> Field:
 
 
 def text(max_bytes: int, *, allow_empty: bool = False) -> Field:
+    """A text field; the checker raises ProtocolError for anything else.
+
+    Args:
+        max_bytes: the longest UTF-8 encoding allowed, in bytes.
+        allow_empty: accept the empty string.
+
+    Control characters (U+0000 to U+001F and U+007F) and lone surrogates are refused.
+    """
+
     def check(value: Any, path: str) -> str:
         if not isinstance(value, str):
             _fail(f"{path}: expected text")
@@ -226,6 +239,11 @@ def text(max_bytes: int, *, allow_empty: bool = False) -> Field:
 
 
 def uint(maximum: int = 2**64 - 1, minimum: int = 0) -> Field:
+    """An integer field in ``minimum..maximum`` (inclusive); booleans are refused.
+
+    The checker raises ProtocolError for anything else.
+    """
+
     def check(value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             _fail(f"{path}: expected an integer")
@@ -237,12 +255,15 @@ def uint(maximum: int = 2**64 - 1, minimum: int = 0) -> Field:
 
 
 def boolean(value: Any, path: str) -> bool:
+    """A field checker for a boolean: returns ``value``, or raises ProtocolError naming ``path``."""
     if not isinstance(value, bool):
         _fail(f"{path}: expected a boolean")
     return value
 
 
 def optional(inner: Field) -> Field:
+    """A field that is None or passes ``inner`` (which then checks it)."""
+
     def check(value: Any, path: str) -> Any:
         return None if value is None else inner(value, path)
 
@@ -250,6 +271,11 @@ def optional(inner: Field) -> Field:
 
 
 def one_of(*choices: str) -> Field:
+    """A field equal to one of ``choices``, returned as a plain ``str``.
+
+    The checker raises ProtocolError for anything else.
+    """
+
     def check(value: Any, path: str) -> str:
         if value not in choices:
             _fail(f"{path}: expected one of {list(choices)}")
@@ -261,6 +287,15 @@ def one_of(*choices: str) -> Field:
 def list_of(
     inner: Field, *, max_items: int, min_items: int = 0, unique: bool = False, sorted_: bool = False
 ) -> Field:
+    """A list field; the checker returns the checked items and raises ProtocolError otherwise.
+
+    Args:
+        inner: the checker for each item (its path is ``path[i]``).
+        max_items, min_items: bounds on the number of items, inclusive.
+        unique: refuse two equal items.
+        sorted_: require ascending order (text compared by its UTF-8 bytes).
+    """
+
     def check(value: Any, path: str) -> list[Any]:
         if not isinstance(value, list):
             _fail(f"{path}: expected a list")

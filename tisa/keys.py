@@ -102,9 +102,14 @@ class Hasher:
         )
 
     def update(self, data: bytes) -> None:
+        """Add ``data`` to the hash."""
         sodium.crypto_generichash_blake2b_update(self._state, data)
 
     def finish(self) -> bytes:
+        """The 32-byte digest of everything added.
+
+        Call it once: a finished state cannot be finished again (a second call raises).
+        """
         return bytes(sodium.crypto_generichash_blake2b_final(self._state))
 
 
@@ -169,10 +174,21 @@ class PublicIdentity:
         return "-".join(text[i : i + 4] for i in range(0, 24, 4))
 
     def to_dict(self) -> dict[str, Any]:
+        """The identity as its wire map: ``sign`` (Ed25519) and ``box`` (X25519) raw keys."""
         return {"sign": self.signing.raw, "box": self.encryption.raw}
 
     @classmethod
     def from_dict(cls, value: Any, path: str = "identity") -> PublicIdentity:
+        """Check an identity map (as :meth:`to_dict` makes it) and build the identity.
+
+        Args:
+            value: the decoded map.
+            path: where the map sits, for error messages.
+
+        Raises:
+            ProtocolError: not such a map, or a key the key types refuse (not a valid Ed25519
+                point, an X25519 key of low order).
+        """
         fields = enc.check_map(
             value, {"sign": enc.bin_exact(KEY_SIZE), "box": enc.bin_exact(KEY_SIZE)}, path
         )
@@ -227,10 +243,12 @@ class MemberSecret:
 
     @classmethod
     def generate(cls) -> MemberSecret:
+        """Fresh keys from libsodium's random generator."""
         return cls(sign_seed=nacl.utils.random(KEY_SIZE), box_secret=nacl.utils.random(KEY_SIZE))
 
     @property
     def public(self) -> PublicIdentity:
+        """The public half, as the arrangement lists it."""
         return self._public
 
     def sign(self, context: Context, message: bytes) -> bytes:

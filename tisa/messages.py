@@ -75,6 +75,7 @@ class Message:
             raise UsageError(exc.detail) from None
 
     def to_dict(self) -> dict[str, Any]:
+        """The message as a map: its fields, plus ``"t"`` naming its type."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["t"] = self.TYPE
         return out
@@ -112,6 +113,11 @@ class SubmitBegin(Message):
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk(Message):
+    """A piece of report ciphertext inside a submission or a delivery stream.
+
+    At most :data:`MAX_CHUNK_DATA` bytes: one secretstream chunk with its tag.
+    """
+
     TYPE: ClassVar[str] = "chunk"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {"data": enc.bin_max(MAX_CHUNK_DATA)}
     data: bytes
@@ -120,6 +126,12 @@ class Chunk(Message):
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SubmitEnd(Message):
+    """Originator ends the submission of ``report``.
+
+    The chunks since :class:`SubmitBegin` must add up to its ``size``; the relay then
+    answers :class:`Stored` or :class:`Refusal`.
+    """
+
     TYPE: ClassVar[str] = "submit_end"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID}
     report: bytes
@@ -219,6 +231,11 @@ class Deliver(Message):
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DeliverEnd(Message):
+    """The relay ends a delivery; ``token`` is the id of the token its :class:`Deliver` carried.
+
+    The chunks since :class:`Deliver` must add up to the size that token states.
+    """
+
     TYPE: ClassVar[str] = "deliver_end"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": ID}
     token: bytes

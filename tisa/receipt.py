@@ -27,6 +27,21 @@ _name = enc.text(MAX_NAME)
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Receipt:
+    """A recipient's signed statement that it opened and verified a report under a token.
+
+    Make one with :meth:`issue` (signing) or :meth:`verify` (checking received bytes); both
+    set ``encoded``.
+
+    Attributes:
+        report: the report id.
+        token: the id of the release token the report came under.
+        arrangement: the id of the arrangement it was checked against.
+        originator, recipient: member names.
+        digest: the ciphertext digest, as the token states it.
+        received: unix time (seconds) at the recipient when it accepted the delivery.
+        encoded: the signed envelope, as sent on the wire.
+    """
+
     report: bytes
     token: bytes
     arrangement: bytes
@@ -100,6 +115,20 @@ class Receipt:
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class StoredAck:
+    """The relay's signed statement that it stored a report's ciphertext durably.
+
+    Make one with :meth:`issue` (signing) or :meth:`verify` (checking received bytes); both
+    set ``encoded``.
+
+    Attributes:
+        report: the report id.
+        arrangement: the arrangement id.
+        originator: the member who submitted the report.
+        digest, size: digest and length of the ciphertext the relay stored.
+        stored: unix time (seconds) at the relay when it stored the report.
+        encoded: the signed envelope, as sent in :class:`tisa.messages.Stored`.
+    """
+
     report: bytes
     arrangement: bytes
     originator: str

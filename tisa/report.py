@@ -144,6 +144,7 @@ class ReportHeader:
     attachments: tuple[tuple[str, int], ...]
 
     def to_dict(self) -> dict[str, Any]:
+        """The header as its wire map; the originator signs the canonical encoding of it."""
         return {
             "v": 1,
             "id": self.id,
@@ -160,6 +161,7 @@ class ReportHeader:
 
     @property
     def content_size(self) -> int:
+        """Bytes of content declared: the body plus every attachment."""
         return self.body_size + sum(size for _, size in self.attachments)
 
     @classmethod
@@ -360,6 +362,7 @@ class SealedReport:
 
     @property
     def size(self) -> int:
+        """Length of the ciphertext in bytes (the size a release token states)."""
         return len(self.ciphertext)
 
 
