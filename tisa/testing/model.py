@@ -67,9 +67,11 @@ class CounterGaps:
         return frozenset(self._missing.get(originator, ()))
 
     def highest(self, originator: str) -> int:
+        """The highest counter seen from ``originator`` (0 before any)."""
         return self._high.get(originator, 0)
 
     def copy(self) -> CounterGaps:
+        """An independent copy: recording in one does not change the other."""
         other = CounterGaps()
         other._high = dict(self._high)
         other._missing = {k: set(v) for k, v in self._missing.items()}

@@ -72,6 +72,20 @@ class RelayHandle:
         return self.tmp / f"relay-{self._count}"
 
     async def start_honest(self) -> int:
+        """Start an honest relay (:func:`relay.server.serve`) for the world in the test's nursery.
+
+        It listens on 127.0.0.1, port 0, keeps a fresh store under the test's temporary
+        folder and reads ``world.now`` as its clock; nodes started afterwards connect to it.
+
+        Returns:
+            Its port (also kept in :attr:`port`).
+
+        Raises:
+            As :func:`relay.server.serve` before it listens (OSError: the port cannot be bound).
+
+        Cancellation: before the relay listens, no relay is left running and :attr:`port` is
+        unchanged.
+        """
         import trio
 
         from relay.server import serve
@@ -92,6 +106,23 @@ class RelayHandle:
         return self.port
 
     async def start_hostile(self, behaviour: Behaviour | None = None, **kwargs: Any) -> int:
+        """Start a :class:`tisa.testing.relay.HostileRelay` for the world in the test's nursery.
+
+        Args:
+            behaviour: its misbehaviour (None: honest hooks).
+            **kwargs: passed to :func:`tisa.testing.relay.start_hostile_relay`.
+
+        Returns:
+            Its port (also kept in :attr:`port`; the relay is kept in :attr:`relay`). Nodes
+            started afterwards connect to it.
+
+        Raises:
+            As :func:`relay.server.serve` before it listens (OSError: the port cannot be
+            bound).
+
+        Cancellation: before the relay listens, no relay is left running and :attr:`port` and
+        :attr:`relay` are unchanged.
+        """
         from tisa.testing.relay import start_hostile_relay
 
         self.relay, self.port = await start_hostile_relay(

@@ -100,6 +100,7 @@ class Delivery:
         return cls(token, ciphertext, end_id)
 
     def messages(self) -> list[Message]:
+        """The messages that carry it: ``deliver``, chunks, ``deliver_end`` with :attr:`end_id`."""
         chunks = [
             Chunk(data=self.ciphertext[i : i + MAX_CHUNK_DATA])
             for i in range(0, len(self.ciphertext), MAX_CHUNK_DATA)
@@ -108,6 +109,11 @@ class Delivery:
 
     @property
     def decoded(self) -> ReleaseToken:
+        """The token, decoded but not verified.
+
+        Raises:
+            ProtocolError: the token does not decode.
+        """
         return ReleaseToken.decode(self.token)
 
 
@@ -270,6 +276,7 @@ class DropDeliveries(Behaviour):
         self.dropped: list[Delivery] = []
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Drop the delivery into :attr:`dropped` when ``which`` says so; else pass it on."""
         if self.which(member, delivery):
             self.dropped.append(delivery)
             return []
@@ -285,6 +292,10 @@ class Delay(Behaviour):
         self.before = before
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Sleep ``seconds``, call ``before``, then pass the delivery on.
+
+        Cancellation: during the sleep, ``before`` is not called and nothing is sent.
+        """
         await trio.sleep(self.seconds)
         if self.before is not None:
             self.before()
@@ -299,6 +310,10 @@ class Reorder(Behaviour):
         self.held: dict[str, list[Delivery]] = {}
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Hold the delivery; once ``batch`` are held for ``member``, send them newest first.
+
+        A redelivery of one already held is dropped.
+        """
         held = self.held.setdefault(member, [])
         if any(d.end_id == delivery.end_id for d in held):
             return []  # a redelivery of one we are holding
@@ -322,10 +337,18 @@ class Replay(Behaviour):
         self._acked_once: set[bytes] = set()
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Record the delivery (by its end id) and pass it on."""
         self.recorded.setdefault(member, {})[delivery.end_id] = delivery
         return [(member, delivery)]
 
     async def on_receive(self, member: str, message: Message) -> Message | None:
+        """With ``after_ack``, the first delivery ack for a recorded delivery sends it again.
+
+        The ack itself goes on to the relay unchanged.
+
+        Cancellation: the replay may have gone out in part or not at all; it is already
+        counted in ``replayed`` and is not tried again on a later ack.
+        """
         if (
             self.after_ack
             and isinstance(message, Ack)
@@ -340,6 +363,7 @@ class Replay(Behaviour):
         return message
 
     async def on_connect(self, member: str) -> list[Outgoing]:
+        """With ``on_reconnect``, send every delivery recorded for ``member`` again (counted)."""
         if not self.on_reconnect:
             return []
         recorded = list(self.recorded.get(member, {}).values())
@@ -356,6 +380,11 @@ class Reflect(Behaviour):
         self.reflected = 0
 
     async def on_receive(self, member: str, message: Message) -> Message | None:
+        """Send a message of one of ``kinds`` back to ``member`` (counted), then pass it on.
+
+        Cancellation: the reflection may or may not have gone out; it is already counted, and
+        the relay does not act on the message.
+        """
         if isinstance(message, self.kinds):
             self.reflected += 1
             await self.relay.send_to(member, message)
@@ -370,6 +399,14 @@ class ReflectDelivery(Behaviour):
         self.reflected = 0
 
     async def on_receive(self, member: str, message: Message) -> Message | None:
+        """On a ``release``, deliver the report's ciphertext back to ``member`` under that token.
+
+        The ciphertext is read from the relay's blob file; when the token does not decode or
+        the file cannot be read, nothing is reflected. The relay acts on the release as usual.
+
+        Cancellation: the reflection may have gone out in part or not at all, and the relay
+        does not act on the release.
+        """
         if isinstance(message, Release):
             try:
                 token = ReleaseToken.decode(message.token)
@@ -387,6 +424,11 @@ class ForwardWithoutToken(Behaviour):
     signature, a content key it chose sealed to the recipient (it has no other)."""
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Send the ciphertext under a token the relay forged (see the class docstring).
+
+        Raises:
+            ProtocolError: the original token does not decode.
+        """
         t = delivery.decoded
         forged = hostile.forge_token(
             self.relay.secret,
@@ -415,6 +457,9 @@ class SwapTokens(Behaviour):
         self.held: dict[str, Delivery] = {}
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Hold the first delivery to ``member``; with the second, send both, each
+        ciphertext under the other's token (the end id follows the token).
+        """
         first = self.held.pop(member, None)
         if first is None:
             self.held[member] = delivery
@@ -432,6 +477,7 @@ class SwapRecipients(Behaviour):
         self.mapping = mapping
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Send the delivery to ``mapping[member]`` instead (to ``member`` if unmapped)."""
         return [(self.mapping.get(member, member), delivery)]
 
 
@@ -446,6 +492,7 @@ class FlipBit(Behaviour):
         self.where = where
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Pass the delivery on with bit ``bit`` of its ciphertext or token flipped."""
         if self.where == "token":
             changed = dataclasses.replace(
                 delivery, token=hostile.flip_bit(delivery.token, self.bit)
@@ -469,6 +516,11 @@ class Truncate(Behaviour):
         self.refill = refill
 
     async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Cut the ciphertext after its first ``keep_chunks`` chunks, then refill it if asked.
+
+        A delivery of no more chunks than that passes unchanged; ``keep_chunks=0`` keeps only
+        the secretstream header.
+        """
         spans = hostile.chunk_spans(len(delivery.ciphertext))
         if len(spans) <= self.keep_chunks:
             return [(member, delivery)]
@@ -488,6 +540,7 @@ class Inject(Behaviour):
         self.every_time = every_time
 
     async def on_connect(self, member: str) -> list[Outgoing]:
+        """Push ``member``'s items on its first connection (on each with ``every_time``)."""
         items = self.items.get(member, [])
         if not self.every_time:
             self.items[member] = []
@@ -508,6 +561,11 @@ class Equivocate(Behaviour):
         self.enabled = True
 
     async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Replace an audit reply to a member of ``histories`` with one from its fake log.
+
+        While ``enabled``, the fake extract starts at the point the member asked from and
+        ends in a checkpoint signed now with the relay's key; every other message passes on.
+        """
         if not (self.enabled and isinstance(message, AuditReply) and member in self.histories):
             return [(member, message)]
         real = Extract.decode(message.extract)

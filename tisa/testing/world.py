@@ -65,6 +65,7 @@ class World:
 
     @property
     def relay(self) -> str:
+        """The relay's member name in :attr:`arrangement`."""
         return self.arrangement.relay
 
     def seal(
