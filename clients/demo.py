@@ -104,6 +104,7 @@ class Deployment:
     signed: SignedArrangement
 
     def store(self, name: str) -> Path:
+        """The store directory of member ``name`` (the relay is ``washington``)."""
         return self.folder / name / "store"
 
 
@@ -235,6 +236,12 @@ class Agent:
         return line
 
     def wait_ready(self) -> None:
+        """Wait until the member process says it is connected to the relay.
+
+        Raises:
+            DemoError: no ``ready`` line within :data:`START_TIMEOUT` seconds, or the process
+                ended.
+        """
         deadline = time.monotonic() + START_TIMEOUT
         while "ready" not in self._next_line(deadline, "start-up"):
             pass
@@ -272,6 +279,11 @@ class Agent:
                 return line
 
     def close(self) -> None:
+        """Ask the process to quit, then stop it and close its log.
+
+        The quit answer is awaited 5 s (a failed request is ignored); a process still
+        running after that is terminated, and killed if it has not ended 5 s later.
+        """
         with contextlib.suppress(Exception):
             self.request("quit", timeout=5)
         _stop(self.process)
@@ -373,6 +385,14 @@ def relay_holdings(
 
 @dataclass
 class Check:
+    """One verdict of the demo.
+
+    Attributes:
+        step: what was checked.
+        expected, observed: what should have happened and what did.
+        ok: whether the step passed.
+    """
+
     step: str
     expected: str
     observed: str
@@ -381,6 +401,19 @@ class Check:
 
 @dataclass
 class Demo:
+    """The story as it runs: timeline output, trace, member processes and verdicts.
+
+    Attributes:
+        console: where the timeline goes.
+        trace: every event, for the JSON trace and the diagram.
+        deployment: keys, arrangement and stores (:func:`run_demo` sets it once prepared).
+        large_mib: size of the large report of step 8, in MiB.
+        start: the monotonic time the timeline counts from.
+        checks: the verdicts so far, in order.
+        agents: the member processes by name.
+        facts: what a step learns for a later one (``report``, ``token``).
+    """
+
     console: Console
     trace: TraceWriter
     deployment: Deployment
@@ -409,6 +442,11 @@ class Demo:
         self.trace.add(TraceEvent(t=self._t(), kind="note", label=text, source=actor))
 
     def on_trace(self, value: dict[str, Any]) -> None:
+        """Record a trace line from a member process, timed now, and print it on the timeline.
+
+        Raises:
+            ValueError: ``value`` is not a trace event.
+        """
         event = TraceEvent.from_json({**value, "t": self._t()})
         self.trace.add(event)
         if event.kind == "message":
@@ -419,10 +457,16 @@ class Demo:
             self._line(event.source, event.label, "dim")
 
     def heading(self, text: str) -> None:
+        """Print ``text`` as a heading rule on the console (it is not traced)."""
         self.console.print()
         self.console.rule(f"[bold]{text}", align="left")
 
     def check(self, step: str, expected: str, observed: str, ok: bool) -> bool:
+        """Record a verdict: print it, trace it as a step and keep it for the summary.
+
+        Returns:
+            ``ok``, so a step can go on only when its check passed.
+        """
         self.checks.append(Check(step, expected, observed, ok))
         status = "ok" if ok else "fail"
         mark = "[green]✓[/]" if ok else "[bold red]✗[/]"
@@ -449,6 +493,14 @@ class Demo:
             self.check(title, "the step runs", f"could not run it: {exc}", False)
 
     def seal_and_hold(self) -> None:
+        """Step 1: Seoul submits :data:`REPORT_TEXT` for Tokyo without releasing it.
+
+        Checks that the relay stored it (Seoul's node verified the signed ack) and keeps
+        Seoul's answer in ``facts["report"]``.
+
+        Raises:
+            DemoError: Seoul did not answer in time, or its process ended.
+        """
         self.say("seoul", "seals a missile-test report for Tokyo (scope missile, level secret)")
         answer = self.agents["seoul"].request(
             "submit",
@@ -471,6 +523,16 @@ class Demo:
         )
 
     def relay_holds_ciphertext(self) -> None:
+        """Step 2: reads the relay's store (:func:`relay_holdings`) for the report of step 1.
+
+        Checks that it holds the ciphertext with the digest Seoul computed, and neither the
+        text nor the content key anywhere.
+
+        Raises:
+            KeyError: step 1 stored no report.
+            DemoError: the store holds no ciphertext for the report.
+            OSError: the store cannot be read.
+        """
         report = self.facts["report"]
         held = relay_holdings(
             self.deployment.store("washington"),
@@ -504,6 +566,11 @@ class Demo:
         )
 
     def tokyo_cannot_read(self) -> None:
+        """Step 3: checks that Tokyo gets nothing within :data:`HOLD_WATCH` seconds.
+
+        Raises:
+            DemoError: Tokyo did not answer in time, or its process ended.
+        """
         self.say("tokyo", f"is connected and waits {HOLD_WATCH:.1f} s for anything from Seoul")
         answer = self.agents["tokyo"].request("expect_report", timeout=30, wait=HOLD_WATCH)
         ok = answer.get("ok") and answer.get("report") is None
@@ -515,6 +582,16 @@ class Demo:
         )
 
     def release_and_deliver(self) -> None:
+        """Step 4: Seoul releases the report of step 1 to Tokyo.
+
+        Checks that the relay accepts the token, that Tokyo opens the same text from Seoul,
+        and that Seoul gets Tokyo's signed receipt for it; keeps the token id in
+        ``facts["token"]``.
+
+        Raises:
+            KeyError: step 1 stored no report.
+            DemoError: a member did not answer in time, or its process ended.
+        """
         report = self.facts["report"]
         self.say(
             "seoul", "approves: issues a release token for Tokyo (content key sealed to Tokyo)"
@@ -559,6 +636,14 @@ class Demo:
         )
 
     def out_of_scope(self) -> None:
+        """Step 5: a share of scope ``cyber``, which the arrangement lacks.
+
+        Checks that Seoul's node refuses the report itself, and that the relay refuses a
+        token for that scope sent on a raw connection (both ``out_of_scope``).
+
+        Raises:
+            DemoError: Seoul did not answer in time, or its process ended.
+        """
         self.say("seoul", "tries to share a cyber report: not in the arrangement's scopes")
         local = self.agents["seoul"].request(
             "try_seal",
@@ -583,6 +668,13 @@ class Demo:
         )
 
     def forged_and_replayed(self) -> None:
+        """Step 6: checks that the relay refuses a token with a forged signature
+        (``bad_signature``) and the token of step 4 sent again (``replayed``).
+
+        Raises:
+            KeyError: step 4 released no token.
+            DemoError: Seoul did not answer in time, or its process ended.
+        """
         self.say("seoul", "(crafted) sends the relay a token with a forged signature")
         forged = self.agents["seoul"].request("raw_forged", to="tokyo")
         self.check(
@@ -602,6 +694,12 @@ class Demo:
         )
 
     def audit(self) -> None:
+        """Step 7: checks that Seoul and Tokyo each fetch and verify a non-empty part of the
+        audit log.
+
+        Raises:
+            DemoError: a member did not answer in time, or its process ended.
+        """
         for name in ("seoul", "tokyo"):
             answer = self.agents[name].request("audit")
             entries = answer.get("entries") or []
@@ -621,6 +719,13 @@ class Demo:
             )
 
     def large_report(self) -> None:
+        """Step 8: Seoul submits :attr:`large_mib` MiB of random data, released to Tokyo at once.
+
+        Shows a progress bar while Seoul seals, and checks that Tokyo opens the same bytes.
+
+        Raises:
+            DemoError: the submission failed, or a member did not answer in time.
+        """
         mib = self.large_mib
         self.say("seoul", f"seals a {mib} MiB report (imagery) and releases it to Tokyo at once")
         with Progress(
@@ -663,6 +768,7 @@ class Demo:
         )
 
     def summary(self) -> bool:
+        """Print the table of every verdict; returns True when all passed."""
         table = Table(title="tisa demo: what happened", show_lines=False)
         table.add_column("#", justify="right")
         table.add_column("step")

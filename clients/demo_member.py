@@ -95,10 +95,18 @@ class Member:
         self.tokens: dict[str, bytes] = {}  # token id hex -> encoded token, for replay
 
     async def pump_reports(self) -> None:
+        """Pass the node's delivered reports on to :attr:`reports` (for ``expect_report``).
+
+        Runs until cancelled.
+        """
         async for report in self.node.reports():
             await self.reports_send.send(report)
 
     async def pump_events(self) -> None:
+        """Pass the node's events on to :attr:`events` (for ``expect_receipt``).
+
+        Runs until cancelled.
+        """
         async for event in self.node.events():
             await self.events_send.send(event)
 
@@ -162,6 +170,16 @@ class Member:
         }
 
     async def op_release(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Release report ``report`` (hex) to member ``to`` and wait until the relay accepts it.
+
+        Returns the token id (hex) and counter, and keeps the token for ``raw_replay``.
+
+        Raises:
+            Refused: refused by the node or the relay (see :meth:`clients.node.Node.release`).
+            UsageError: an unknown report.
+
+        Cancellation: as for :meth:`clients.node.Node.release`, the token stays queued.
+        """
         report_id = bytes.fromhex(cmd["report"])
         _trace("message", self.name, "washington", f"release token -> {cmd['to']}")
         token_id = await self.node.release(report_id, cmd["to"])
@@ -185,6 +203,11 @@ class Member:
         return {"refused": None}
 
     async def op_expect_receipt(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Wait up to ``wait`` seconds (default 10) for a receipt event.
+
+        Returns the receipt's report, token, recipient and digest (hex), or ``report`` None.
+        Other events that arrive meanwhile are dropped.
+        """
         with trio.move_on_after(float(cmd.get("wait", 10))):
             while True:
                 event = await self.events.receive()
@@ -207,6 +230,11 @@ class Member:
     # --- recipient ----------------------------------------------------------------------
 
     async def op_expect_report(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Wait up to ``wait`` seconds (default 10) for the next delivered report.
+
+        Returns its header fields, the body's SHA-256 and, for a body held in memory, its
+        first 500 bytes as text; or ``report`` None.
+        """
         with trio.move_on_after(float(cmd.get("wait", 10))):
             report = await self.reports.receive()
             header = report.header
@@ -351,6 +379,13 @@ class Member:
     # --- audit --------------------------------------------------------------------------
 
     async def op_audit(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Fetch and verify this member's new audit entries (:meth:`clients.node.Node.fetch_audit`).
+
+        Returns them (seq, event, reason, parties, report id in hex) with ``verified`` True.
+
+        Raises:
+            VerificationError, ProtocolError: the relay's extract does not check out.
+        """
         _trace("message", self.name, "washington", "audit fetch")
         entries = await self.node.fetch_audit()
         _trace("message", "washington", self.name, f"audit extract ({len(entries)} entries)")
@@ -451,6 +486,27 @@ async def _serve_commands(member: Member) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    """Run one member process: load keys and arrangement, run the node, serve commands.
+
+    Writes ``{"ready": name}`` once connected, then answers commands from stdin until
+    ``quit`` or the end of input; the node's name is the one in the key file.
+
+    Args:
+        args: the parsed command line (see :func:`main`).
+
+    Raises:
+        KeyError: the passphrase variable is not set.
+        OSError: the key or the arrangement file cannot be read.
+        KeyFileError: wrong passphrase or damaged key file.
+        ValueError: ``--relay`` is not HOST:PORT.
+        ProtocolError, VerificationError, Refused: the arrangement is malformed, badly
+            signed or not in effect, or the key file's name is not a member.
+        UsageError: the key is not that member's, or the store is another member's.
+        ExceptionGroup: wrapping trio.TooSlowError, no connection within
+            ``--connect-timeout`` seconds.
+
+    Cancellation: the node is stopped and its store closed.
+    """
     passphrase = os.environ[args.passphrase_env]
     secret, name = MemberSecret.load(args.key, passphrase)
     with open(args.arrangement, "rb") as handle:
@@ -471,6 +527,17 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m clients.demo_member``: parse ``argv`` and :func:`run`.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Raises:
+        SystemExit: status 2, from argparse, for missing or malformed arguments.
+        Otherwise what :func:`run` raises. A KeyboardInterrupt that reaches ``trio.run``
+        bare is suppressed; one raised inside the node's nurseries arrives in a
+        BaseExceptionGroup, which Python 3.11 does not suppress.
+    """
     parser = argparse.ArgumentParser(prog="python -m clients.demo_member")
     parser.add_argument("--key", required=True)
     parser.add_argument("--passphrase-env", required=True, metavar="VAR")

@@ -43,6 +43,7 @@ class TraceEvent:
     detail: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
+        """The event as a trace line's object (``source``, ``target`` become ``from``, ``to``)."""
         return {
             "t": round(self.t, 4),
             "kind": self.kind,
@@ -82,6 +83,13 @@ class TraceWriter:
         self._handle = handle
 
     def add(self, event: TraceEvent) -> TraceEvent:
+        """Keep ``event`` and, with a file, append it as one JSON line and flush; returns it.
+
+        Raises:
+            TypeError: with a file, ``detail`` holds a value JSON cannot encode (the event is
+                kept in :attr:`events` all the same).
+            OSError: the file cannot be written.
+        """
         self.events.append(event)
         if self._handle is not None:
             self._handle.write(json.dumps(event.to_json(), sort_keys=True) + "\n")

@@ -139,6 +139,7 @@ class DeliveredReport:
 
     @property
     def report_id(self) -> bytes:
+        """The report's id, from its verified header."""
         return self.header.id
 
     def read_body(self) -> bytes:

@@ -104,6 +104,24 @@ async def _run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the relay as the command line asks (see the module docstring).
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0 after SIGINT or SIGTERM; 2 when the passphrase variable is not
+        set, or the key file, the arrangement file or a ``--limit`` cannot be read or is
+        refused.
+
+    Raises:
+        SystemExit: status 2, from argparse, for missing or malformed arguments.
+        ValueError: an unknown ``--log-level``.
+
+    An error raised once trio runs, including while the relay starts (a key that is not
+    the arrangement's relay, a store of another version, an address that cannot be
+    bound), propagates inside an ExceptionGroup instead of becoming status 2.
+    """
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
