@@ -24,10 +24,12 @@ It ends with a summary table; :func:`run_demo` returns False when any check fail
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import queue
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -36,7 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from rich.console import Console
 from rich.progress import (
@@ -363,16 +365,29 @@ def relay_holdings(
         found_plain = found_plain or plaintext in data
         found_key = found_key or content_key in data
     result: dict[str, Any] = {"plaintext_found": found_plain, "key_found": found_key}
-    if blob is not None:
+    inline: bytes | None = None
+    if blob is None and (store / "relay.db").exists():
+        # A small report is kept in its row of the relay's database, not in a file.
+        db = sqlite3.connect(f"file:{store / 'relay.db'}?mode=ro", uri=True)
+        try:
+            row = db.execute(
+                "SELECT data FROM reports WHERE id = ?", (bytes.fromhex(report_hex),)
+            ).fetchone()
+        finally:
+            db.close()
+        if row is not None and row[0] is not None:
+            inline = bytes(row[0])
+    if blob is not None or inline is not None:
         hasher = Hasher(Hash.CIPHERTEXT)
         size = 0
-        with open(blob, "rb") as handle:
+        handle: BinaryIO = open(blob, "rb") if blob is not None else io.BytesIO(inline or b"")  # noqa: SIM115
+        with handle:
             while data := handle.read(1024 * 1024):
                 hasher.update(data)
                 size += len(data)
         chunks = -(-(size - HEADER_BYTES) // (CHUNK_SIZE + ABYTES))
         result.update(
-            file=str(blob.relative_to(store)),
+            file=str(blob.relative_to(store)) if blob is not None else "relay.db (inline row)",
             size=size,
             digest=hasher.finish().hex(),
             padded=size - HEADER_BYTES - ABYTES * chunks,

@@ -23,12 +23,22 @@ report is verified, stored in the inbox together with its token and report id in
 seen-set (one transaction), acknowledged to the relay only after that commit, and handed
 to :meth:`Node.reports` from the inbox. A redelivery of a stored report (lost ack, relay
 restart) is acknowledged again and never handed over twice.
+
+Group commit: the store runs each change as a step of one open transaction (see
+:mod:`clients.store`) and nothing that depends on a change leaves the node before the
+commit that holds it: the connection's replier sends acks only then, the sender waits
+before each submission, release, revocation or receipt, the feeds before handing
+anything to the application, and calls that change state before returning. Whoever
+waits first commits once no task has more work at hand (:meth:`Node._durable`), so a
+burst of deliveries or answers costs one fsync.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import io
 import os
 import pathlib
 import random
@@ -132,6 +142,21 @@ class _Session:
     link: Link
     over: trio.Event
     audit_replies: trio.MemorySendChannel[bytes]
+    # Acks waiting for the commit of what they confirm: (batch, message).
+    replies: collections.deque[tuple[int, m.Message]] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    replies_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def changed(self) -> None:
+        self.replies_changed.set()
+        self.replies_changed = trio.Event()
+
+
+# Acks queued on one connection before the receiver waits for the replier; steps in one
+# batch before it is committed even though more work is at hand.
+MAX_QUEUED_REPLIES = 1024
+MAX_BATCH = 1024
 
 
 class Node:
@@ -172,6 +197,8 @@ class Node:
         self._report_send, self._report_recv = trio.open_memory_channel[
             tuple[int, DeliveredReport]
         ](REPORT_BUFFER)
+        self._activity = 0
+        self._dirty = trio.Event()
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -182,6 +209,55 @@ class Node:
         """Wake everyone waiting on a state change (sender, pumps, awaited calls)."""
         self._changed.set()
         self._changed = trio.Event()
+
+    async def _durable(self, barrier: int | None = None) -> None:
+        """Return once batch ``barrier`` (default: the current state) is committed.
+
+        The first waiter commits after a pass of the scheduler in which no message was
+        handled (or once the batch is full), so concurrent work joins one commit.
+
+        Raises:
+            OSError / sqlite3.Error: the commit failed (the batch is rolled back).
+        """
+        store = self.store
+        if barrier is None:
+            barrier = store.barrier
+        while store.committed < barrier:
+            if store.generation > barrier:
+                raise LinkClosed("the batch this depends on was not committed")
+            before = self._activity
+            await trio.lowlevel.checkpoint()
+            if store.committed >= barrier or store.generation > barrier:
+                continue
+            if self._activity == before or store.ops >= MAX_BATCH:
+                store.commit()
+
+    def _mark_dirty(self) -> None:
+        if self.store.pending:
+            self._dirty.set()
+
+    async def _committer(self) -> None:
+        # Commits steps nobody waits on (an event dropped, a report handed over).
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            with contextlib.suppress(LinkClosed):
+                await self._durable()
+
+    def _reply(self, session: _Session, message: m.Message) -> None:
+        session.replies.append((self.store.barrier, message))
+        session.changed()
+
+    async def _replier(self, session: _Session) -> None:
+        while True:
+            while not session.replies:
+                await session.replies_changed.wait()
+            barrier, _ = session.replies[0]
+            await self._durable(barrier)
+            while session.replies and session.replies[0][0] <= self.store.committed:
+                _, message = session.replies.popleft()
+                await session.link.send(message)
+            session.changed()
 
     @property
     def connected(self) -> bool:
@@ -269,12 +345,25 @@ class Node:
             now=now,
             max_report_size=self._limits.max_report_size,
         )
-        file_name = sealer.report_id.hex() + ".sealed"
-        staged = self.store.tmp_dir / file_name
-        await trio.to_thread.run_sync(_seal_to_file, sealer, parts, staged, progress, sum(sizes))
-        os.replace(staged, self.store.outbox_dir / file_name)
-        fsync_dir(self.store.outbox_dir)
+        inline: bytes | None = None
+        if sealer.size <= self._limits.max_inline_report:
+            # Small: sealed in memory, kept in the outbox row (no file, no fsync but the
+            # commit's).
+            buffer = io.BytesIO()
+            await trio.to_thread.run_sync(
+                _seal_to, sealer, parts, buffer, progress, sum(sizes), False
+            )
+            inline, file_name = buffer.getvalue(), ""
+        else:
+            file_name = sealer.report_id.hex() + ".sealed"
+            staged = self.store.tmp_dir / file_name
+            await trio.to_thread.run_sync(
+                _seal_to_file, sealer, parts, staged, progress, sum(sizes)
+            )
+            os.replace(staged, self.store.outbox_dir / file_name)
+            fsync_dir(self.store.outbox_dir)
         self.store.record_submission(
+            data=inline,
             report=sealer.report_id,
             file=file_name,
             size=sealer.size,
@@ -288,6 +377,7 @@ class Node:
         )
         for recipient in release_to:
             self._issue(sealer.report_id, recipient, valid_for)
+        await self._durable()
         self._notify()
         return sealer.report_id
 
@@ -306,6 +396,7 @@ class Node:
             changed = self._changed
             submission = self._submission(report_id)
             if submission.ack is not None:  # stored (and perhaps expired or revoked since)
+                await self._durable()
                 return StoredAck.verify(submission.ack, self._arrangement)
             if submission.state != "queued":
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
@@ -338,12 +429,14 @@ class Node:
         """
         _check_window(valid_for, "valid_for", MAX_VALIDITY)
         token_id = self._issue(report_id, recipient, valid_for)
+        await self._durable()
         self._notify()
         while True:
             changed = self._changed
             pending = self.store.release(token_id)
             assert pending is not None
             if pending.state == "released":
+                await self._durable()
                 return token_id
             if pending.state != "pending":
                 raise _final_refusal(pending.state, pending.reason, pending.detail)
@@ -395,12 +488,14 @@ class Node:
             if pending is None or pending.report != report_id:
                 raise UsageError("no such token for this report")
         rev_id = self.store.record_revocation(report_id, token_id)
+        await self._durable()
         self._notify()
         while True:
             changed = self._changed
             revocation = self.store.revocation(rev_id)
             assert revocation is not None
             if revocation.state == "revoked":
+                await self._durable()
                 return
             if revocation.state == "refused":
                 raise Refused(Reason(revocation.reason or "internal"), revocation.detail or "")
@@ -427,6 +522,7 @@ class Node:
         """
         async for seq, event in self._event_recv:
             self.store.drop_event(seq)
+            self._mark_dirty()
             yield event
 
     async def reports(self) -> AsyncIterator[DeliveredReport]:
@@ -443,12 +539,15 @@ class Node:
                 yield report
             finally:
                 self.store.mark_handed(report.token_id)
+                self._mark_dirty()
 
     async def _pump_events(self) -> None:
         last = 0
         while True:
             changed = self._changed
             rows = self.store.events_after(last, limit=EVENT_BUFFER)
+            if rows:
+                await self._durable()  # never announce what is not on disk
             for seq, kind, data in rows:
                 await self._event_send.send(
                     (seq, decode_event(kind, data, arrangement=self._arrangement))
@@ -462,17 +561,27 @@ class Node:
         while True:
             changed = self._changed
             entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
+            if entries:
+                await self._durable()  # a report reaches the application once on disk
             for entry in entries:
                 header = entry.header
-                parts = [entry.dir / "body"] + [
-                    entry.dir / f"a{i}" for i in range(len(header.attachments))
-                ]
+                parts: list[bytes | pathlib.Path]
+                if entry.parts is not None:
+                    parts = list(entry.parts)
+                else:
+                    parts = [
+                        _inline(entry.dir / "body", header.body_size),
+                        *(
+                            _inline(entry.dir / f"a{i}", size)
+                            for i, (_, size) in enumerate(header.attachments)
+                        ),
+                    ]
                 report = DeliveredReport(
                     header=header,
-                    body=_inline(parts[0], header.body_size),
+                    body=parts[0],
                     attachments={
-                        name: _inline(path, size)
-                        for (name, size), path in zip(header.attachments, parts[1:], strict=True)
+                        name: part
+                        for (name, _), part in zip(header.attachments, parts[1:], strict=True)
                     },
                     token_id=entry.token,
                     originator=header.originator,
@@ -581,6 +690,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._guard, self._sender, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._receiver, session, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._replier, session, nursery.cancel_scope)
                 self._session = session
                 self._connected.set()
                 self._connected = trio.Event()
@@ -604,8 +714,12 @@ class Node:
         """Send whatever the store says is outstanding; wait for changes; repeat."""
         link = session.link
         sent: set[bytes | int] = set()
+        receipts_sent: set[bytes] = set()
         while True:
             changed = self._changed
+            # What goes out must be on disk here first (a queued submission, an issued
+            # token, a stored report's receipt).
+            await self._durable()
             for submission in self.store.queued_submissions():
                 if submission.report not in sent:
                     sent.add(submission.report)
@@ -618,14 +732,22 @@ class Node:
                 if revocation.id not in sent:
                     sent.add(revocation.id)
                     await link.send(m.Revoke(report=revocation.report, token=revocation.token))
+            # Once per connection until the relay confirms it (ack kind "receipt"): a
+            # receipt lost with a connection is sent again on the next one.
             for token_id, receipt in self.store.receipts_to_send():
-                await link.send(m.SendReceipt(receipt=receipt))
-                self.store.mark_receipt_sent(token_id)
+                if token_id not in receipts_sent:
+                    receipts_sent.add(token_id)
+                    await link.send(m.SendReceipt(receipt=receipt))
             await changed.wait()
 
     async def _send_submission(self, link: Link, submission: Submission) -> None:
-        assert submission.path is not None
-        with open(submission.path, "rb") as source:
+        source: BinaryIO
+        if submission.data is not None:
+            source = io.BytesIO(submission.data)
+        else:
+            assert submission.path is not None
+            source = open(submission.path, "rb")  # noqa: SIM115
+        with source:
             async with link.sending():
                 await link.send(
                     m.SubmitBegin(
@@ -643,8 +765,11 @@ class Node:
         link = session.link
         while True:
             message = await link.receive()
+            self._activity += 1
+            while len(session.replies) >= MAX_QUEUED_REPLIES:
+                await session.replies_changed.wait()
             if isinstance(message, m.Deliver):
-                await self._on_deliver(link, message)
+                await self._on_deliver(session, message)
             elif isinstance(message, m.Stored):
                 self._on_stored(message)
             elif isinstance(message, m.Released):
@@ -652,7 +777,10 @@ class Node:
             elif isinstance(message, m.Refusal):
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
-                await self._on_receipt(link, message)
+                self._on_receipt(session, message)
+            elif isinstance(message, m.Ack) and message.kind == "receipt":
+                # The relay holds our receipt of that delivery: stop resending it.
+                self.store.mark_receipt_sent(message.token)
             elif isinstance(message, m.Expired):
                 self._on_expired(message)
             elif isinstance(message, m.Revoked):
@@ -669,6 +797,7 @@ class Node:
                 raise LinkClosed(f"relay closed the link: {message.reason}")
             else:
                 raise ProtocolError(f"unexpected {message.TYPE!r} from the relay")
+            self._mark_dirty()
             self._notify()
 
     # --- originator side of incoming messages ----------------------------------------
@@ -699,6 +828,12 @@ class Node:
         reason = Reason(message.reason)
         ref, detail = message.ref, message.detail
         event = RefusedEvent(ref=ref, reason=reason, detail=detail)
+        entry = self.store.inbox_entry(ref) if ref else None
+        if entry is not None and not entry.receipt_sent:
+            # The relay will not take this receipt (its delivery is gone): stop resending.
+            self.store.mark_receipt_sent(ref)
+            self.store.add_event(event)
+            return
         release = self.store.release(ref)
         if release is not None and release.state == "pending":
             if reason is Reason.REPLAYED:
@@ -762,7 +897,7 @@ class Node:
         else:
             self.store.add_event(event)
 
-    async def _on_receipt(self, link: Link, message: m.ReceiptNotice) -> None:
+    def _on_receipt(self, session: _Session, message: m.ReceiptNotice) -> None:
         receipt = Receipt.verify(message.receipt, self._arrangement)
         release = self.store.release(receipt.token)
         if (
@@ -788,17 +923,18 @@ class Node:
                 )
             )
         self._notify()
-        await link.send(m.Ack(kind="receipt", token=receipt.token))
+        self._reply(session, m.Ack(kind="receipt", token=receipt.token))
 
     # --- recipient side --------------------------------------------------------------
 
-    async def _on_deliver(self, link: Link, message: m.Deliver) -> None:
+    async def _on_deliver(self, session: _Session, message: m.Deliver) -> None:
+        link = session.link
         token = ReleaseToken.decode(message.token)
         if self.store.seen("token", token.id):
             # A redelivery (our ack was lost, or the relay restarted): already stored or
-            # rejected. Acknowledge again; never hand it over twice.
+            # rejected. Acknowledge again (once that is on disk); never hand it over twice.
             await self._drain_delivery(link, token)
-            await link.send(m.Ack(kind="delivery", token=token.id))
+            self._reply(session, m.Ack(kind="delivery", token=token.id))
             return
         now = self._now()
         error: TisaError | None = None
@@ -817,19 +953,25 @@ class Node:
             opener = release.opener(self._arrangement, max_header=self._limits.max_header)
         except (Refused, VerificationError, ProtocolError) as exc:
             error = exc
-        staged = self.store.tmp_dir / token.id.hex()
+        # A small report is opened in memory and kept in its inbox row; a larger one is
+        # streamed into files under tmp/.
+        staged: pathlib.Path | None = None
+        if token.size > self._limits.max_inline_report:
+            staged = self.store.tmp_dir / token.id.hex()
+        parts: list[bytes] | None = None
         if opener is not None:
             try:
-                header = await self._open_delivery(link, token, opener, staged)
+                header, parts = await self._open_delivery(link, token, opener, staged)
             except (Refused, VerificationError) as exc:
                 error = exc
         else:
             await self._drain_delivery(link, token)
         if error is not None:
-            with contextlib.suppress(FileNotFoundError):
-                for child in staged.iterdir():
-                    child.unlink()
-                staged.rmdir()
+            if staged is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    for child in staged.iterdir():
+                        child.unlink()
+                    staged.rmdir()
             reason = error.reason.value if isinstance(error, Refused) else "verification"
             self.store.reject_delivery(
                 token_id=token.id,
@@ -863,24 +1005,33 @@ class Node:
                 receipt=receipt.encoded,
                 now=now,
                 events=events,
+                parts=parts,
             )
         self._notify()
-        await link.send(m.Ack(kind="delivery", token=token.id))
+        # Sent by the replier once the inbox row and the seen-set are committed.
+        self._reply(session, m.Ack(kind="delivery", token=token.id))
 
     async def _open_delivery(
-        self, link: Link, token: ReleaseToken, opener: ReportOpener, staged: pathlib.Path
-    ) -> Any:
-        """Stream the ciphertext through ``opener`` into files under ``staged``.
+        self,
+        link: Link,
+        token: ReleaseToken,
+        opener: ReportOpener,
+        staged: pathlib.Path | None,
+    ) -> tuple[Any, list[bytes] | None]:
+        """Stream the ciphertext through ``opener`` into files under ``staged`` (or,
+        with ``staged`` None, into memory).
 
-        Returns the verified header; the files are fsynced. Raises Refused or
-        VerificationError for a bad report (the stream is read to its end first), and
-        ProtocolError when the relay breaks the stream rules.
+        Returns the verified header and, in memory, the parts (body, attachments); the
+        files are fsynced. Raises Refused or VerificationError for a bad report (the
+        stream is read to its end first), and ProtocolError when the relay breaks the
+        stream rules.
         """
-        if staged.exists():
-            for child in staged.iterdir():
-                child.unlink()
-        else:
-            staged.mkdir()
+        if staged is not None:
+            if staged.exists():
+                for child in staged.iterdir():
+                    child.unlink()
+            else:
+                staged.mkdir()
         files: dict[int, BinaryIO] = {}
         failure: TisaError | None = None
         try:
@@ -902,7 +1053,9 @@ class Node:
                         out = files.get(part)
                         if out is None:
                             name = "body" if part == 0 else f"a{part - 1}"
-                            out = files[part] = open(staged / name, "wb")  # noqa: SIM115
+                            out = files[part] = (
+                                io.BytesIO() if staged is None else open(staged / name, "wb")  # noqa: SIM115
+                            )
                         out.write(data)
                 elif isinstance(message, m.DeliverEnd):
                     if message.token != token.id or received != token.size:
@@ -913,15 +1066,21 @@ class Node:
             if failure is not None:
                 raise failure
             header = opener.finish()
+            count = 1 + len(header.attachments)
+            if staged is None:
+                return header, [
+                    files[part].getvalue() if part in files else b""  # type: ignore[attr-defined]
+                    for part in range(count)
+                ]
             # Parts with no bytes still get a file, so the inbox layout is uniform.
-            for part in range(1 + len(header.attachments)):
+            for part in range(count):
                 if part not in files:
                     name = "body" if part == 0 else f"a{part - 1}"
                     files[part] = open(staged / name, "wb")  # noqa: SIM115
             for out in files.values():
                 out.flush()
                 os.fsync(out.fileno())
-            return header
+            return header, None
         finally:
             for out in files.values():
                 out.close()
@@ -967,6 +1126,18 @@ def _seal_to_file(
     progress: Callable[[int, int], None] | None,
     total: int,
 ) -> None:
+    with open(target, "wb") as out:
+        _seal_to(sealer, parts, out, progress, total, True)
+
+
+def _seal_to(
+    sealer: ReportSealer,
+    parts: list[bytes | pathlib.Path],
+    out: BinaryIO,
+    progress: Callable[[int, int], None] | None,
+    total: int,
+    sync: bool,
+) -> None:
     # Runs in a worker thread: file I/O and encryption, never the store.
     done = 0
 
@@ -976,21 +1147,21 @@ def _seal_to_file(
         if progress is not None:
             trio.from_thread.run_sync(progress, done, total)
 
-    with open(target, "wb") as out:
-        out.write(sealer.start())
-        for part in parts:
-            if isinstance(part, bytes):
-                for start in range(0, len(part), CHUNK_SIZE):
-                    piece = part[start : start + CHUNK_SIZE]
+    out.write(sealer.start())
+    for part in parts:
+        if isinstance(part, bytes):
+            for start in range(0, len(part), CHUNK_SIZE):
+                piece = part[start : start + CHUNK_SIZE]
+                out.write(sealer.write(piece))
+                report(len(piece))
+        else:
+            source: IO[bytes]
+            with open(part, "rb") as source:
+                while piece := source.read(CHUNK_SIZE):
                     out.write(sealer.write(piece))
                     report(len(piece))
-            else:
-                source: IO[bytes]
-                with open(part, "rb") as source:
-                    while piece := source.read(CHUNK_SIZE):
-                        out.write(sealer.write(piece))
-                        report(len(piece))
-        out.write(sealer.finish())
+    out.write(sealer.finish())
+    if sync:
         out.flush()
         os.fsync(out.fileno())
 
@@ -1044,7 +1215,7 @@ async def open_node(
     member = arrangement.member(name)
     if secret.public != member.identity:
         raise UsageError(f"this key is not {name!r}'s key in the arrangement")
-    store = MemberStore(store_path, name)
+    store = MemberStore(store_path, name, group_commit=True)
     try:
         async with trio.open_nursery() as nursery:
             node = Node(
@@ -1060,6 +1231,7 @@ async def open_node(
             nursery.start_soon(node._run)
             nursery.start_soon(node._pump_events)
             nursery.start_soon(node._pump_reports)
+            nursery.start_soon(node._committer)
             try:
                 yield node
             finally:

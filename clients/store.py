@@ -19,6 +19,17 @@ Rules that make it crash-safe:
 * The seen-set (token and report ids) and the inbox row commit in one transaction, and
   the node acknowledges a delivery to the relay only after that commit.
 
+* A small report (at most ``Limits.max_inline_report`` bytes of ciphertext) is kept in
+  its row (``outbox.data``, ``inbox.data``) instead of in files, so it costs one commit
+  and no file, rename or directory fsync.
+
+Group commit: a store opened with ``group_commit=True`` (the node's) runs each
+:meth:`MemberStore.transaction` as a savepoint of one open SQLite transaction that
+:meth:`MemberStore.commit` commits with one fsync; :attr:`MemberStore.barrier` names the
+batch that must be committed before the current state may be announced (to the relay,
+to the application, or to a caller by returning). Files are unlinked only after the
+commit that dropped their row.
+
 Everything here is synchronous and cheap except the fsyncs; the node calls it from its
 trio thread. One :class:`MemberStore` per directory, one process at a time.
 """
@@ -51,7 +62,7 @@ __all__ = [
     "write_durably",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: outbox.data and inbox.data (small reports kept in the row)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,7 +80,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     state TEXT NOT NULL,           -- queued | stored | refused | revoked | expired
     ack BLOB,
     reason TEXT,
-    detail TEXT
+    detail TEXT,
+    data BLOB                      -- the ciphertext of a small report (then file is '')
 );
 CREATE TABLE IF NOT EXISTS releases (
     token BLOB PRIMARY KEY,
@@ -115,7 +127,8 @@ CREATE TABLE IF NOT EXISTS inbox (
     received INTEGER NOT NULL,
     handed INTEGER NOT NULL DEFAULT 0,
     receipt BLOB NOT NULL,         -- our signed receipt, sent to the originator
-    receipt_sent INTEGER NOT NULL DEFAULT 0
+    receipt_sent INTEGER NOT NULL DEFAULT 0,  -- 1 once the relay confirmed it has it
+    data BLOB                      -- a small report's parts (packed list); dir is ''
 );
 CREATE TABLE IF NOT EXISTS rejected (
     token BLOB PRIMARY KEY,
@@ -187,6 +200,7 @@ class Submission:
     ack: bytes | None
     reason: str | None
     detail: str | None
+    data: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -220,6 +234,7 @@ class InboxEntry:
     handed: bool
     receipt: bytes
     receipt_sent: bool
+    parts: list[bytes] | None = None  # a small report's body and attachments
 
 
 class MemberStore:
@@ -231,8 +246,16 @@ class MemberStore:
             store is never opened as another member.
     """
 
-    def __init__(self, path: str | os.PathLike[str], name: str) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], name: str, *, group_commit: bool = False
+    ) -> None:
         self.root = pathlib.Path(path)
+        self.group_commit = False  # the set-up below commits as it goes
+        self.generation = 1
+        self.committed = 0
+        self.ops = 0
+        self._in_step = False
+        self._after_commit: list[pathlib.Path] = []
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -251,25 +274,89 @@ class MemberStore:
                 db.execute("INSERT INTO meta VALUES ('name', ?)", (name,))
             elif stored.get("name") != name:
                 raise UsageError(f"store at {self.root} belongs to {stored.get('name')!r}")
+            elif stored.get("schema") == "1":
+                db.execute("ALTER TABLE outbox ADD COLUMN data BLOB")
+                db.execute("ALTER TABLE inbox ADD COLUMN data BLOB")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif stored.get("schema") != str(SCHEMA_VERSION):
                 raise UsageError(f"store schema {stored.get('schema')} is not supported")
         self._clean_debris()
+        self.group_commit = group_commit
 
     def close(self) -> None:
-        self._db.close()
+        """Commit what is pending and close."""
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed on normal exit, rolled back on any error."""
-        if self._db.in_transaction:
+        """One write transaction: committed on normal exit, rolled back on any error.
+
+        With group commit, one step of the open batch instead: rolled back alone on an
+        error, committed with the batch by :meth:`commit`."""
+        if self._in_step or (not self.group_commit and self._db.in_transaction):
             raise UsageError("nested store transaction")
-        self._db.execute("BEGIN IMMEDIATE")
+        if not self.group_commit:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("SAVEPOINT step")
+        self._in_step = True
         try:
             yield self._db
         except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
             raise
-        self._db.execute("COMMIT")
+        finally:
+            self._in_step = False
+        self._db.execute("RELEASE step")
+        self.ops += 1
+
+    @property
+    def barrier(self) -> int:
+        """The batch to commit before the current state may be announced: the open one,
+        or :attr:`committed` when nothing is pending."""
+        return self.generation if self._db.in_transaction else self.committed
+
+    @property
+    def pending(self) -> bool:
+        return self._db.in_transaction
+
+    def commit(self) -> None:
+        """Commit the open batch (one fsync), then unlink the files it dropped. On failure
+        the batch is rolled back and never counts as committed."""
+        if not self._db.in_transaction:
+            return
+        removals, self._after_commit = self._after_commit, []
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self.generation += 1
+            self.ops = 0
+            raise
+        self.committed = self.generation
+        self.generation += 1
+        self.ops = 0
+        for path in removals:
+            path.unlink(missing_ok=True)
+
+    def _unlink_after_commit(self, path: pathlib.Path) -> None:
+        if self.group_commit and self._db.in_transaction:
+            self._after_commit.append(path)
+        else:
+            path.unlink(missing_ok=True)
 
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
@@ -284,7 +371,7 @@ class MemberStore:
         for entry in self.outbox_dir.iterdir():
             if entry.name not in files:
                 entry.unlink(missing_ok=True)
-        dirs = {row[0] for row in self._db.execute("SELECT dir FROM inbox")}
+        dirs = {row[0] for row in self._db.execute("SELECT dir FROM inbox WHERE dir != ''")}
         for entry in self.inbox_dir.iterdir():
             if entry.name not in dirs:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -319,12 +406,15 @@ class MemberStore:
         recipients: tuple[str, ...],
         expires: int,
         created: int,
+        data: bytes | None = None,
     ) -> None:
-        """Queue a sealed report whose ciphertext file is already durable in outbox/."""
+        """Queue a sealed report whose ciphertext file is already durable in outbox/
+        (or, with ``data`` and ``file`` '', whose ciphertext is ``data``)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
-                " recipients, expires, created, state) VALUES (?,?,?,?,?,?,?,?,?,?,'queued')",
+                " recipients, expires, created, state, data)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,'queued',?)",
                 (
                     report,
                     file,
@@ -336,6 +426,7 @@ class MemberStore:
                     json.dumps(list(recipients)),
                     expires,
                     created,
+                    data,
                 ),
             )
 
@@ -355,11 +446,12 @@ class MemberStore:
             ack=row[11],
             reason=row[12],
             detail=row[13],
+            data=row[14],
         )
 
     _SUBMISSION_COLUMNS = (
         "report, file, size, digest, content_key, scope, level, recipients, expires,"
-        " created, state, ack, reason, detail"
+        " created, state, ack, reason, detail, data"
     )
 
     def submission(self, report: bytes) -> Submission | None:
@@ -385,13 +477,14 @@ class MemberStore:
             if row is None:
                 return False
             db.execute(
-                "UPDATE outbox SET state = 'stored', ack = ?, file = '' WHERE report = ?",
+                "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL"
+                " WHERE report = ?",
                 (ack, report),
             )
             self._event(db, event)
         if row[0]:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
-            (self.outbox_dir / row[0]).unlink(missing_ok=True)
+            self._unlink_after_commit(self.outbox_dir / row[0])
         return True
 
     def set_submission_state(
@@ -401,7 +494,8 @@ class MemberStore:
         with self.transaction() as db:
             row = db.execute("SELECT file FROM outbox WHERE report = ?", (report,)).fetchone()
             db.execute(
-                "UPDATE outbox SET state = ?, reason = ?, detail = ?, file = '' WHERE report = ?",
+                "UPDATE outbox SET state = ?, reason = ?, detail = ?, file = '', data = NULL"
+                " WHERE report = ?",
                 (state, reason or None, detail or None, report),
             )
             # Releases not yet accepted can never be now.
@@ -411,7 +505,7 @@ class MemberStore:
             )
             self._event(db, event)
         if row and row[0]:
-            (self.outbox_dir / row[0]).unlink(missing_ok=True)
+            self._unlink_after_commit(self.outbox_dir / row[0])
 
     # --- releases (originator) -------------------------------------------------------
 
@@ -621,28 +715,32 @@ class MemberStore:
         *,
         token: ReleaseToken,
         header: ReportHeader,
-        staged: pathlib.Path,
+        staged: pathlib.Path | None,
         receipt: bytes,
         now: int,
         events: list[Event],
+        parts: list[bytes] | None = None,
     ) -> None:
         """Move a verified delivery from tmp/ into the inbox and commit it as seen.
 
         ``staged`` is a directory under tmp/ whose files are already fsynced. The rename
         and the directory fsync happen before the commit, so a committed row always has
-        its files.
+        its files. A small report comes as ``parts`` (body, then attachments) instead,
+        kept in the row.
         """
-        name = token.id.hex()
-        target = self.inbox_dir / name
-        if target.exists():  # debris of a crash between rename and commit
-            shutil.rmtree(target)
-        os.replace(staged, target)
-        fsync_dir(self.inbox_dir)
-        fsync_dir(self.tmp_dir)
+        name = ""
+        if staged is not None:
+            name = token.id.hex()
+            target = self.inbox_dir / name
+            if target.exists():  # debris of a crash between rename and commit
+                shutil.rmtree(target)
+            os.replace(staged, target)
+            fsync_dir(self.inbox_dir)
+            fsync_dir(self.tmp_dir)
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO inbox (token, report, originator, header, dir, received, receipt)"
-                " VALUES (?,?,?,?,?,?,?)",
+                "INSERT INTO inbox (token, report, originator, header, dir, received, receipt,"
+                " data) VALUES (?,?,?,?,?,?,?,?)",
                 (
                     token.id,
                     header.id,
@@ -651,6 +749,7 @@ class MemberStore:
                     name,
                     now,
                     receipt,
+                    None if parts is None else enc.pack({"parts": parts}),
                 ),
             )
             db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token.id, now))
@@ -698,9 +797,10 @@ class MemberStore:
             handed=bool(row[4]),
             receipt=row[5],
             receipt_sent=bool(row[6]),
+            parts=None if row[7] is None else list(enc.unpack(row[7])["parts"]),
         )
 
-    _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent"
+    _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent, data"
 
     def inbox_after(self, seq: int, *, limit: int) -> list[InboxEntry]:
         """Reports not yet handed to the application, after ``seq``, oldest first."""
@@ -722,12 +822,14 @@ class MemberStore:
             db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,))
 
     def receipts_to_send(self) -> list[tuple[bytes, bytes]]:
-        """(token id, receipt) of stored reports whose receipt has not been sent."""
+        """(token id, receipt) of stored reports whose receipt the relay has not
+        confirmed yet (they are sent on every connection until it does)."""
         return list(
             self._db.execute("SELECT token, receipt FROM inbox WHERE receipt_sent = 0 ORDER BY seq")
         )
 
     def mark_receipt_sent(self, token: bytes) -> None:
+        """The relay confirmed it holds the receipt of ``token``."""
         with self.transaction() as db:
             db.execute("UPDATE inbox SET receipt_sent = 1 WHERE token = ?", (token,))
 

@@ -10,21 +10,32 @@ reader that handles what the member sends, and a pusher that sends the member wh
 store holds for it (deliveries, receipts, notices) and waits to be woken when more is
 queued. Anything that goes wrong on one connection ends that connection only: the
 connection task catches every exception at its boundary, logs it and closes.
+
+Group commit: the store runs every step in one open transaction (see
+:mod:`relay.store`). The reader does not wait for the disk: it handles the next message
+at once and queues its answer, tagged with the batch it depends on; a third task per
+connection, the replier, sends each answer once its batch is committed, and the pusher
+waits the same way before each thing it sends. Whoever waits first commits, after
+letting every task with work at hand add its steps (:meth:`Relay._durable`), so a burst
+of submissions, releases and acks from any number of connections costs one fsync, and
+no answer ever precedes the commit of what it announces.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import trio
 
-from relay.store import BlobWriter, Store, TokenRow
+from relay.store import BlobWriter, InlineBlob, Store, TokenRow
 from relay.transport import (
     ERROR_GRACE,
     Link,
@@ -101,6 +112,14 @@ DELIVERY_BATCH = 64
 # Refusal detail text, in UTF-8 bytes (the message field allows 512).
 MAX_DETAIL = 400
 
+# Answers queued on one connection, waiting for their batch to commit, before its
+# reader stops reading: a member that floods the relay is slowed to the disk's pace.
+MAX_QUEUED_REPLIES = 1024
+
+# Steps in one batch before it is committed even though more work is at hand, so a
+# steady flood cannot postpone everyone's answers for long.
+MAX_BATCH = 1024
+
 
 def _detail(text: str) -> str:
     return text.encode("utf-8")[:MAX_DETAIL].decode("utf-8", "ignore")
@@ -112,7 +131,7 @@ class _Upload:
     size: int
     digest: bytes
     expires: int
-    writer: BlobWriter | None = None
+    writer: BlobWriter | InlineBlob | None = None
     refused: Refused | None = None
     received: int = 0
 
@@ -132,6 +151,17 @@ class _Connection:
     upload: _Upload | None = None
     error: tuple[Reason, str] | None = None
     claims: set[bytes] = dataclasses.field(default_factory=set)
+    # Deliveries pushed on this connection and not acked yet (at most delivery_window).
+    in_flight: set[bytes] = dataclasses.field(default_factory=set)
+    # Answers waiting for their batch to commit: (batch, message).
+    replies: collections.deque[tuple[int, Message]] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    replies_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+
+    def changed(self) -> None:
+        self.replies_changed.set()
+        self.replies_changed = trio.Event()
 
     def fail(self, reason: Reason | None, detail: str = "") -> None:
         """End the connection; with a reason, tell the member first."""
@@ -178,13 +208,19 @@ class Relay:
         self.max_hold = max_hold
         self.expiry_interval = expiry_interval
         self.max_handshakes = max_handshakes
-        self.store = Store(store_path)
+        self.store = Store(store_path, group_commit=True)
         self._connections: dict[str, set[_Connection]] = {}
         self._admitted: dict[str, int] = {}
         self._admitted_total = 0
         self._handshakes = 0
         self._uploading: set[bytes] = set()
         self._claims: dict[bytes, _Connection] = {}
+        # Messages handled by all readers; a batch is committed once a pass of the
+        # scheduler handles none.
+        self._activity = 0
+        # Set when a step is pending; each connection's committer commits it soon even
+        # if no answer waits on it (an ack, a forwarded mark).
+        self._dirty = trio.Event()
 
     def now(self) -> int:
         return int(self.clock())
@@ -229,6 +265,69 @@ class Relay:
         """One expiry sweep: expire, log, queue notices, wake the originators."""
         for member in self.store.expire(now=self.now(), clock_skew=self.limits.clock_skew):
             self._wake(member)
+        self.store.commit()
+
+    async def _durable(self, barrier: int) -> None:
+        """Return once batch ``barrier`` is committed (at once if it is).
+
+        Group commit with no leader: each waiter yields to the scheduler while other
+        tasks are still handling messages (so their steps join the batch), and the
+        first to see a pass with nothing new, or a full batch, commits.
+
+        Raises:
+            LinkClosed: the batch was lost (its commit failed); its answers must never
+                be sent.
+        """
+        store = self.store
+        while store.committed < barrier:
+            if store.generation > barrier:
+                raise LinkClosed("the batch this answer depends on was not committed")
+            before = self._activity
+            await trio.lowlevel.checkpoint()
+            if store.committed >= barrier or store.generation > barrier:
+                continue
+            if self._activity == before or store.ops >= MAX_BATCH:
+                try:
+                    store.commit()
+                except Exception:
+                    log.exception("commit failed; closing the connections waiting on it")
+                    raise LinkClosed("commit failed") from None
+
+    def _mark_dirty(self) -> None:
+        if self.store.pending:
+            self._dirty.set()
+
+    async def _committer(self) -> None:
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            with contextlib.suppress(LinkClosed):  # a failed commit is logged; go on
+                await self._durable(self.store.barrier)
+
+    async def _reply(self, conn: _Connection, message: Message) -> None:
+        """Queue ``message`` for ``conn``, to be sent once what it announces is committed."""
+        while len(conn.replies) >= MAX_QUEUED_REPLIES:
+            await conn.replies_changed.wait()
+        conn.replies.append((self.store.barrier, message))
+        conn.changed()
+
+    async def _replier(self, conn: _Connection) -> None:
+        try:
+            while True:
+                while not conn.replies:
+                    await conn.replies_changed.wait()
+                barrier, message = conn.replies[0]
+                await self._durable(barrier)
+                # Everything up to the commit point goes out in order, in one go.
+                while conn.replies and conn.replies[0][0] <= self.store.committed:
+                    _, message = conn.replies.popleft()
+                    await conn.link.send(message)
+                conn.changed()
+        except (LinkClosed, LinkTimeout):
+            conn.fail(None)
+        except Exception:
+            log.exception("replier of %s failed", conn.member)
+            conn.fail(Reason.INTERNAL, "internal error")
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to its end. Never raises (but trio.Cancelled)."""
@@ -286,6 +385,8 @@ class Relay:
             with conn.cancel:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader, conn)
+                    nursery.start_soon(self._replier, conn)
+                    nursery.start_soon(self._committer)
                     nursery.start_soon(self._pusher, conn)
         finally:
             self._connections[conn.member].discard(conn)
@@ -313,7 +414,9 @@ class Relay:
                 if message is None:
                     conn.fail(Reason.TIMEOUT, "idle timeout")
                     return
+                self._activity += 1
                 await self._dispatch(conn, message)
+                self._mark_dirty()
         except LinkClosed:
             conn.fail(None)
         except LinkTimeout as exc:
@@ -335,6 +438,7 @@ class Relay:
     def _log_close(self, conn: _Connection, reason: Reason) -> None:
         try:
             self.store.log_refusal(member=conn.member, reason=reason, now=self.now())
+            self._mark_dirty()
         except Exception:
             log.exception("could not log a refusal")
 
@@ -377,7 +481,7 @@ class Relay:
         self.store.log_refusal(
             member=conn.member, reason=reason, now=self.now(), report=report, token=token
         )
-        await conn.link.send(Refusal(ref=ref, reason=reason.value, detail=_detail(detail)))
+        await self._reply(conn, Refusal(ref=ref, reason=reason.value, detail=_detail(detail)))
 
     # --- submission ----------------------------------------------------------------------
 
@@ -413,7 +517,9 @@ class Relay:
                 return
             if message.expires <= now:
                 raise Refused(Reason.EXPIRED, "the report expires before it is stored")
-            upload.writer = self.store.begin_upload(message.report)
+            upload.writer = self.store.begin_upload(
+                message.report, inline=message.size <= self.limits.max_inline_report
+            )
             self._uploading.add(message.report)
         except Refused as exc:
             upload.refused = exc
@@ -460,8 +566,10 @@ class Relay:
                         report=upload.report,
                     )
                     return
-                # fsync, rename, fsync the directory; then commit; then answer.
-                await trio.to_thread.run_sync(writer.place)
+                # A file: fsync, rename, fsync the directory; then the row (inline: the
+                # row only); the answer waits for the batch's commit.
+                if isinstance(writer, BlobWriter):
+                    await trio.to_thread.run_sync(writer.place)
                 row = self.store.add_report(
                     upload.report,
                     originator=conn.member,
@@ -469,6 +577,7 @@ class Relay:
                     digest=upload.digest,
                     expires=upload.expires,
                     now=self.now(),
+                    data=writer.data,
                 )
             finally:
                 writer.abort()
@@ -482,7 +591,7 @@ class Relay:
             size=row.size,
             stored=row.stored_at,
         )
-        await conn.link.send(Stored(report=row.id, ack=ack.encoded))
+        await self._reply(conn, Stored(report=row.id, ack=ack.encoded))
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
 
@@ -520,7 +629,7 @@ class Relay:
                 conn, token.id, exc.reason, exc.detail, report=token.report, token=token.id
             )
             return
-        await conn.link.send(Released(report=token.report, token=token.id))
+        await self._reply(conn, Released(report=token.report, token=token.id))
         self._wake(token.recipient)
 
     async def _revoke(self, conn: _Connection, message: Revoke) -> None:
@@ -536,11 +645,15 @@ class Relay:
                 token=message.token,
             )
             return
-        await conn.link.send(Revoked(report=message.report, token=message.token))
+        await self._reply(conn, Revoked(report=message.report, token=message.token))
 
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
             known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
+            for other in self._connections.get(conn.member, ()):
+                if message.token in other.in_flight:
+                    other.in_flight.discard(message.token)
+                    other.wake.set()  # the window has room again
         else:
             known = self.store.ack_receipt(message.token, originator=conn.member)
         if not known:
@@ -565,8 +678,10 @@ class Relay:
             await self._refuse(conn, b"", Reason.BAD_SIGNATURE)
             return
         except Refused as exc:
-            await self._refuse(conn, b"", exc.reason, exc.detail)
+            await self._refuse(conn, receipt.token, exc.reason, exc.detail)
             return
+        # Confirm (also a receipt sent again), so the recipient stops resending it.
+        await self._reply(conn, Ack(kind="receipt", token=receipt.token))
         if new:
             self._wake(receipt.originator)
 
@@ -597,7 +712,8 @@ class Relay:
             items=tuple(items),
             checkpoint=checkpoint.encoded,
         )
-        await conn.link.send(AuditReply(extract=extract.encode()))
+        # Queued like every answer: the checkpoint signs entries that must be on disk.
+        await self._reply(conn, AuditReply(extract=extract.encode()))
 
     # --- the pusher ----------------------------------------------------------------------
 
@@ -633,20 +749,32 @@ class Relay:
             conn.wake = trio.Event()
             if conn.rescan:
                 conn.rescan, after_token = False, 0
-            while batch := self.store.outstanding(
-                conn.member, after=after_token, limit=DELIVERY_BATCH
+            window = self.limits.delivery_window
+            while len(conn.in_flight) < window and (
+                batch := self.store.outstanding(
+                    conn.member, after=after_token, limit=min(DELIVERY_BATCH, window)
+                )
             ):
                 for row in batch:
+                    if len(conn.in_flight) >= window:
+                        break  # the rest when acks make room (they wake us)
                     after_token = row.seq
                     await self._deliver(conn, row)
-            for receipt in self.store.queued_receipts(conn.member, after=after_receipt):
+            receipts = self.store.queued_receipts(conn.member, after=after_receipt)
+            if receipts:
+                await self._durable(self.store.barrier)
+            for receipt in receipts:
                 await conn.link.send(ReceiptNotice(receipt=receipt.receipt))
                 after_receipt = receipt.seq
-            for notice in self.store.notices(conn.member, after=after_notice):
+            notices = self.store.notices(conn.member, after=after_notice)
+            if notices:
+                await self._durable(self.store.barrier)
+            for notice in notices:
                 kind = Expired if notice.kind == "expired" else Revoked
                 await conn.link.send(kind(report=notice.report, token=notice.token))
                 # Notices have no ack: sent once on a live link, then dropped.
                 self.store.drop_notice(notice.seq)
+                self._mark_dirty()
                 after_notice = notice.seq
             await conn.wake.wait()
 
@@ -656,13 +784,21 @@ class Relay:
             return  # another connection of this member is delivering it
         if not self.store.is_outstanding(row.id):
             return  # acked, revoked or expired since the query
-        try:
-            blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
-        except FileNotFoundError:
-            log.error("ciphertext of a pending delivery is missing")
-            return
+        # The release that made this delivery pending may still be in the open batch.
+        await self._durable(self.store.barrier)
+        inline = self.store.inline_data(row.report)
+        blob: BinaryIO
+        if inline is not None:
+            blob = io.BytesIO(inline)
+        else:
+            try:
+                blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
+            except FileNotFoundError:
+                log.error("ciphertext of a pending delivery is missing")
+                return
         self._claims[row.id] = conn
         conn.claims.add(row.id)
+        conn.in_flight.add(row.id)
         with blob:
             async with conn.link.sending():
                 await conn.link.send(Deliver(token=row.token))
@@ -671,6 +807,7 @@ class Relay:
                     await conn.link.send(Chunk(data=data))
                 await conn.link.send(DeliverEnd(token=row.id))
         self.store.mark_forwarded(row.id, now=self.now())
+        self._mark_dirty()
 
 
 async def serve(

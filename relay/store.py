@@ -10,7 +10,9 @@ Rules that make the relay lose nothing:
 
 * A ciphertext is written to ``tmp/``, fsynced, renamed into ``blobs/`` and the
   directory fsynced (:meth:`BlobWriter.place`) before its row is committed
-  (:meth:`Store.add_report`), and the row is committed before ``stored`` is sent.
+  (:meth:`Store.add_report`), and the row is committed before ``stored`` is sent. A
+  small ciphertext (:class:`InlineBlob`, at most ``Limits.max_inline_report`` bytes)
+  is kept in the row itself (column ``data``) and needs no file at all.
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
 * Every audit entry is appended in the same transaction as the state change it records.
@@ -18,9 +20,19 @@ Rules that make the relay lose nothing:
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
 
-All methods are synchronous and short; the one slow step, fsync, is in
-:meth:`BlobWriter.place`, which the server runs in a worker thread. One :class:`Store`
-is used from one thread at a time (the trio thread).
+Group commit: a store opened with ``group_commit=True`` (the relay's) does not commit
+each method's transaction. The first write opens one SQLite transaction; every method
+then runs in a savepoint of it (a refused step rolls back its own changes only), and
+:meth:`Store.commit` commits them all with one fsync. :attr:`Store.barrier` names the
+batch the current state belongs to; whoever wants to send something that depends on
+that state waits until :attr:`Store.committed` reaches it (the server does, for every
+message it sends), so nothing is announced before it is on disk, and a crash loses
+only a batch nobody was told about. Blob files are removed only after the commit that
+deleted their row.
+
+All methods are synchronous and short; the slow steps, fsync, are in
+:meth:`BlobWriter.place`, which the server runs in a worker thread, and in the commit.
+One :class:`Store` is used from one thread at a time (the trio thread).
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ from tisa.token import MAX_VALIDITY, ReleaseToken
 
 __all__ = [
     "BlobWriter",
+    "InlineBlob",
     "ReceiptRow",
     "ReportRow",
     "Store",
@@ -49,7 +62,7 @@ __all__ = [
 ]
 
 DB_NAME = "relay.db"
-SCHEMA_VERSION = 2  # 2: reports.key_commit
+SCHEMA_VERSION = 3  # 2: reports.key_commit; 3: reports.data (inline ciphertext)
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -65,7 +78,8 @@ CREATE TABLE IF NOT EXISTS reports (
     ended TEXT,
     expires INTEGER NOT NULL,
     stored_at INTEGER NOT NULL,
-    key_commit BLOB
+    key_commit BLOB,
+    data BLOB                      -- the ciphertext of a small report; NULL: blobs/<hex id>
 );
 CREATE INDEX IF NOT EXISTS reports_expiry ON reports (state, expires);
 CREATE TABLE IF NOT EXISTS tokens (
@@ -211,6 +225,44 @@ class BlobWriter:
             with contextlib.suppress(FileNotFoundError):
                 self._temp.unlink()
 
+    @property
+    def data(self) -> bytes | None:
+        """None: the ciphertext is in the placed file."""
+        return None
+
+
+class InlineBlob:
+    """An upload small enough to live in its row: bytes in memory and a running digest.
+
+    Same interface as :class:`BlobWriter`; :meth:`place` does nothing (the bytes become
+    durable with the row's commit) and :attr:`data` is the ciphertext.
+    """
+
+    __slots__ = ("_hasher", "_parts", "written")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []
+        self._hasher = Hasher(Hash.CIPHERTEXT)
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def digest(self) -> bytes:
+        return self._hasher.finish()
+
+    def place(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self._parts = []
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(self._parts)
+
 
 class Store:
     """The relay's durable state in ``directory``.
@@ -222,8 +274,15 @@ class Store:
         UsageError: the directory holds a store of another schema version.
     """
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, group_commit: bool = False) -> None:
         self.directory = Path(directory)
+        self.group_commit = group_commit
+        # Batches: ``generation`` is the one open (or next), ``committed`` the last one
+        # on disk; ``ops`` counts the steps in the open one.
+        self.generation = 1
+        self.committed = 0
+        self.ops = 0
+        self._after_commit: list[Path] = []
         self.blobs = self.directory / "blobs"
         self.tmp = self.directory / "tmp"
         for path in (self.directory, self.blobs, self.tmp):
@@ -237,9 +296,11 @@ class Store:
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, SCHEMA_VERSION):
+        if version not in (0, 2, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
+        if version == 2:
+            self._db.execute("ALTER TABLE reports ADD COLUMN data BLOB")
         # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -247,12 +308,21 @@ class Store:
         self._sweep_files()
 
     def close(self) -> None:
-        self._db.close()
+        """Commit what is pending (it was never announced, but keeping it is harmless)
+        and close."""
+        try:
+            self.commit()
+        finally:
+            self._db.close()
 
     # --- plumbing --------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.group_commit:
+            with self._step():
+                yield self._db
+            return
         # BEGIN IMMEDIATE: take the write lock up front, so the checks inside a
         # transaction see the state the writes apply to.
         self._db.execute("BEGIN IMMEDIATE")
@@ -263,6 +333,58 @@ class Store:
             self._load_head()
             raise
         self._db.execute("COMMIT")
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[None]:
+        # One step of the open batch, in a savepoint: a step that raises (a refusal)
+        # leaves no trace, the others stay for the batch's commit.
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("SAVEPOINT step")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+            self._load_head()
+            raise
+        self._db.execute("RELEASE step")
+        self.ops += 1
+
+    @property
+    def barrier(self) -> int:
+        """The batch that must be committed before the current state may be announced:
+        the open one, or :attr:`committed` when nothing is pending."""
+        return self.generation if self._db.in_transaction else self.committed
+
+    @property
+    def pending(self) -> bool:
+        """Steps are waiting for :meth:`commit`."""
+        return self._db.in_transaction
+
+    def commit(self) -> None:
+        """Commit the open batch (one fsync), then remove the blobs it deleted.
+
+        On failure the whole batch is rolled back (nothing of it was announced) and the
+        error raised."""
+        if not self._db.in_transaction:
+            return
+        removals, self._after_commit = self._after_commit, []
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._load_head()
+            self.generation += 1  # the lost batch never counts as committed
+            self.ops = 0
+            raise
+        self.committed = self.generation
+        self.generation += 1
+        self.ops = 0
+        for path in removals:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     def _load_head(self) -> None:
         row = self._db.execute("SELECT seq, head FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -311,17 +433,30 @@ class Store:
                     path.unlink()
 
     def _remove_blob(self, report_id: bytes) -> None:
+        path = self.blob_path(report_id)
+        if self.group_commit and self._db.in_transaction:
+            # The row's deletion is not on disk yet: unlink only after the commit.
+            self._after_commit.append(path)
+            return
         with contextlib.suppress(FileNotFoundError):
-            self.blob_path(report_id).unlink()
+            path.unlink()
 
     # --- reports ---------------------------------------------------------------------
 
     def blob_path(self, report_id: bytes) -> Path:
         return self.blobs / report_id.hex()
 
-    def begin_upload(self, report_id: bytes) -> BlobWriter:
-        """A writer for a new blob of ``report_id`` (placed only by :meth:`BlobWriter.place`)."""
+    def begin_upload(self, report_id: bytes, *, inline: bool = False) -> BlobWriter | InlineBlob:
+        """A writer for a new blob of ``report_id`` (placed only by :meth:`BlobWriter.place`);
+        with ``inline``, an :class:`InlineBlob` whose bytes go into the row."""
+        if inline:
+            return InlineBlob()
         return BlobWriter(self.tmp / f"{random_id().hex()}.part", self.blob_path(report_id))
+
+    def inline_data(self, report_id: bytes) -> bytes | None:
+        """The ciphertext of a report stored inline, or None (it is a file, or gone)."""
+        row = self._db.execute("SELECT data FROM reports WHERE id = ?", (report_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def report(self, report_id: bytes) -> ReportRow | None:
         row = self._db.execute(
@@ -336,14 +471,32 @@ class Store:
         )
 
     def add_report(
-        self, report_id: bytes, *, originator: str, size: int, digest: bytes, expires: int, now: int
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
     ) -> ReportRow:
-        """Record a placed blob as a held report and log ``stored``, in one transaction."""
+        """Record a placed blob (or, with ``data``, an inline ciphertext) as a held
+        report and log ``stored``, in one transaction."""
         with self._transaction() as db:
             db.execute(
                 "INSERT INTO reports (id, originator, size, digest, path, state, expires,"
-                " stored_at) VALUES (?, ?, ?, ?, ?, 'held', ?, ?)",
-                (report_id, originator, size, digest, report_id.hex(), expires, now),
+                " stored_at, data) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)",
+                (
+                    report_id,
+                    originator,
+                    size,
+                    digest,
+                    "" if data is not None else report_id.hex(),
+                    expires,
+                    now,
+                    data,
+                ),
             )
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         row = self.report(report_id)
@@ -571,7 +724,7 @@ class Store:
             )
             delete = report.state != "deleted"
             db.execute(
-                "UPDATE reports SET state = 'deleted', ended = 'revoked' WHERE id = ?",
+                "UPDATE reports SET state = 'deleted', ended = 'revoked', data = NULL WHERE id = ?",
                 (report_id,),
             )
             self._audit(AuditEvent.REVOKED, now=now, parties=(by, *recipients), report=report_id)
@@ -694,13 +847,15 @@ class Store:
                     ).fetchone()
                     if busy is None:
                         db.execute(
-                            "UPDATE reports SET state = 'deleted', ended = 'done' WHERE id = ?",
+                            "UPDATE reports SET state = 'deleted', ended = 'done', data = NULL"
+                            " WHERE id = ?",
                             (report_id,),
                         )
                         deleted.append(report_id)
                     continue
                 db.execute(
-                    "UPDATE reports SET state = 'deleted', ended = 'expired' WHERE id = ?",
+                    "UPDATE reports SET state = 'deleted', ended = 'expired', data = NULL"
+                    " WHERE id = ?",
                     (report_id,),
                 )
                 deleted.append(report_id)

@@ -170,6 +170,30 @@ async def test_relay_killed_at_a_chosen_point(
             assert_exactly_once(await receive_all(tokyo, ids), ids)
 
 
+@pytest.mark.parametrize("point", ["mid_batch", "after_batch"])
+async def test_relay_killed_around_a_group_commit(
+    point: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    """Several submissions and releases in one batch: killed before its commit (all of
+    it lost, none of it answered) or after it (all on disk, none answered); either way
+    every report arrives exactly once."""
+    relay = RelayProcess(tmp_path, free_port())
+    children.append(relay)
+    with trio.fail_after(30):
+        async with (
+            node("seoul", relay.port, tmp_path) as seoul,
+            node("tokyo", relay.port, tmp_path) as tokyo,
+        ):
+            # Queued while the relay is down, so they go out back to back on connect.
+            ids = {await submit(seoul, f"report {i}") for i in range(8)}
+            await relay.start(crash_at=point)
+            assert await relay.died() == -signal.SIGKILL
+            await relay.start()
+            for report_id in ids:
+                await seoul.wait_stored(report_id)
+            assert_exactly_once(await receive_all(tokyo, ids), ids)
+
+
 async def test_relay_killed_at_random_times(tmp_path: pathlib.Path, children: list[Child]) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)

@@ -383,3 +383,37 @@ async def test_python_m_relay(world: World, tmp_path: Path) -> None:
             process.kill()
         process.communicate()
     assert NOW  # the relay ran on the real clock; nothing here depends on it
+
+
+async def test_delivery_window(world: World, tmp_path: Path) -> None:
+    """At most delivery_window deliveries are pushed un-acked on a connection; each ack
+    lets one more out."""
+    from tisa.messages import Ack
+    from tisa.token import ReleaseToken
+
+    limits = Limits(handshake_timeout=5, delivery_window=2)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            reports = [seal(world, b"w%d" % i) for i in range(4)]
+            for i, report in enumerate(reports):
+                await send_submission(seoul, report)
+                await expect(seoul, Stored)
+                await seoul.send(Release(token=token_for(world, report, counter=i + 1)))
+                await expect(seoul, Released)
+            tokyo = await h.connect("tokyo")
+            first, _ = await receive_delivery(tokyo)
+            second, _ = await receive_delivery(tokyo)
+            # The window is full: nothing more comes until an ack.
+            with trio.move_on_after(0.3) as waited:
+                await tokyo.receive()
+            assert waited.cancelled_caught
+            await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            third, _ = await receive_delivery(tokyo)
+            with trio.move_on_after(0.3) as waited:
+                await tokyo.receive()
+            assert waited.cancelled_caught
+            for token in (second, third):
+                await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(token).id))
+            fourth, _ = await receive_delivery(tokyo)
+            assert len({first, second, third, fourth}) == 4

@@ -78,9 +78,20 @@ def open_delivery(world: World, token: bytes, ciphertext: bytes, name: str = "to
     return open_report(ciphertext, granted.opener(world.arrangement)).body
 
 
-async def test_submit_is_stored_with_a_signed_ack(world: World, tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "file"])
+async def test_submit_is_stored_with_a_signed_ack(
+    world: World, tmp_path: Path, inline: bool
+) -> None:
+    # A report of at most max_inline_report bytes lives in its row; a larger one in a file.
+    size = len(seal(world).ciphertext)
+    limits = Limits(
+        handshake_timeout=5,
+        frame_timeout=5,
+        clock_skew=120,
+        max_inline_report=size if inline else size - 1,
+    )
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, tmp_path, limits=limits) as h:
             link = await h.connect("seoul")
             report = seal(world)
             await send_submission(link, report)
@@ -112,7 +123,10 @@ async def test_submit_is_stored_with_a_signed_ack(world: World, tmp_path: Path) 
             bad = seal(world, b"third")
             await send_submission(link, bad, data=bytes(len(bad.ciphertext)))
             assert (await expect(link, Refusal)).reason == Reason.WRONG_REPORT
-            assert (tmp_path / "blobs" / report.report_id.hex()).exists()
+            assert (tmp_path / "blobs" / report.report_id.hex()).exists() is not inline
+            assert h.relay.store.inline_data(report.report_id) == (
+                report.ciphertext if inline else None
+            )
             assert not (tmp_path / "blobs" / bad.report_id.hex()).exists()
             assert not list((tmp_path / "tmp").iterdir())
 

@@ -356,3 +356,35 @@ async def test_large_report_streams_from_a_file_to_a_file(
             assert report.attachments == {"note.txt": b"see imagery"}
     assert seen[-1] == (len(data) + 11, len(data) + 11)
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+
+
+async def test_lost_receipt_is_resent_on_reconnect(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send_receipt lost with its connection (the relay never took it) is sent again on
+    the next connection, until the relay confirms it (``ack`` kind ``receipt``)."""
+    from relay import server
+
+    handled = server.Relay._receipt
+    dropped: list[bool] = []
+
+    async def lose_first(self: server.Relay, conn: Any, message: Any) -> None:
+        if not dropped:
+            dropped.append(True)
+            conn.fail(None)  # the link drops right after Tokyo sent it
+            return
+        await handled(self, conn, message)
+
+    monkeypatch.setattr(server.Relay, "_receipt", lose_first)
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul, world.node("tokyo") as tokyo:
+            report_id = await seoul.submit(
+                b"receipt lost once", recipients=["tokyo"], scope=SCOPE, level=LEVEL,
+                release_to=["tokyo"],
+            )  # fmt: skip
+            report = await first_report(tokyo)
+            assert report.report_id == report_id
+            event = await next_event(seoul, ReceiptEvent, timeout=5)
+            assert dropped and event.receipt.report == report_id
+            while tokyo.store.receipts_to_send():  # confirmed by the relay, not resent
+                await trio.sleep(0.02)

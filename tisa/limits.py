@@ -75,6 +75,14 @@ class Limits:
     max_connections_per_member: int = 8
     # Deliveries queued for one recipient before the relay refuses new releases to it.
     max_queue_per_recipient: int = 10_000
+    # Reports of at most this many ciphertext bytes are kept inside a node's database
+    # (one row, one commit) instead of as a file beside it (write, fsync, rename,
+    # directory fsync, then the commit). 64 KiB is one chunk: larger reports stream.
+    max_inline_report: int = 64 * 1024
+    # Deliveries the relay pushes on one connection before the recipient has acked
+    # them: enough to keep a link busy between acks, few enough that a recipient that
+    # stops acking ties up little.
+    delivery_window: int = 256
 
     def __post_init__(self) -> None:
         from tisa.errors import UsageError

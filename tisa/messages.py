@@ -162,7 +162,8 @@ class Revoke(Message):
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Ack(Message):
     """Member confirms it durably holds a delivery (``kind`` "delivery", token id) or a
-    receipt notice (``kind`` "receipt", token id of the receipt)."""
+    receipt notice (``kind`` "receipt", token id of the receipt); relay confirms to the
+    recipient that it holds the recipient's receipt (``kind`` "receipt")."""
 
     TYPE: ClassVar[str] = "ack"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {

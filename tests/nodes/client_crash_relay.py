@@ -10,6 +10,10 @@ the first time it reaches that point, so a test can crash it at an exact step:
   (one transaction), neither ``released`` sent nor anything forwarded.
 * ``during_forward``: ``deliver`` and every chunk went out, ``deliver_end`` did not.
 * ``after_forward``: the whole delivery went out; the recipient's ack is not in.
+* ``mid_batch``: the first group commit of three or more steps is about to run: every
+  step of the batch is in the database's open transaction, nothing of it on disk and
+  no answer sent.
+* ``after_batch``: that commit is done; none of the batch's answers is sent.
 
 The points are installed here by wrapping the relay's own functions, so the relay code
 carries no test hooks.
@@ -42,6 +46,7 @@ def install(point: str) -> None:
 
         def add_report_then_die(self: Store, *args: Any, **kwargs: Any) -> Any:
             add_report(self, *args, **kwargs)
+            self.commit()
             _die()
 
         Store.add_report = add_report_then_die  # type: ignore[method-assign]
@@ -50,6 +55,7 @@ def install(point: str) -> None:
 
         def release_then_die(self: Store, *args: Any, **kwargs: Any) -> Any:
             release(self, *args, **kwargs)
+            self.commit()
             _die()
 
         Store.release = release_then_die  # type: ignore[method-assign]
@@ -65,6 +71,18 @@ def install(point: str) -> None:
                 _die()
 
         Link.send = send_and_die  # type: ignore[method-assign]
+    elif point in ("mid_batch", "after_batch"):
+        commit = Store.commit
+
+        def commit_and_die(self: Store) -> None:
+            big = self.ops >= 3
+            if big and point == "mid_batch":
+                _die()
+            commit(self)
+            if big:
+                _die()
+
+        Store.commit = commit_and_die  # type: ignore[method-assign]
     elif point:
         raise SystemExit(f"unknown crash point {point!r}")
 
