@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -457,6 +458,18 @@ class Store:
         """The ciphertext of a report stored inline, or None (it is a file, or gone)."""
         row = self._db.execute("SELECT data FROM reports WHERE id = ?", (report_id,)).fetchone()
         return None if row is None or row[0] is None else bytes(row[0])
+
+    def open_ciphertext(self, report_id: bytes) -> BinaryIO:
+        """A readable stream of a stored report's ciphertext, wherever it is kept (in
+        its row or in a file). The caller closes it.
+
+        Raises:
+            FileNotFoundError: no such report, or its ciphertext was deleted.
+        """
+        inline = self.inline_data(report_id)
+        if inline is not None:
+            return io.BytesIO(inline)
+        return open(self.blob_path(report_id), "rb")
 
     def report(self, report_id: bytes) -> ReportRow | None:
         row = self._db.execute(

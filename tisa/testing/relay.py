@@ -401,8 +401,8 @@ class ReflectDelivery(Behaviour):
     async def on_receive(self, member: str, message: Message) -> Message | None:
         """On a ``release``, deliver the report's ciphertext back to ``member`` under that token.
 
-        The ciphertext is read from the relay's blob file; when the token does not decode or
-        the file cannot be read, nothing is reflected. The relay acts on the release as usual.
+        The ciphertext is read from the relay's store; when the token does not decode or
+        the report is not stored, nothing is reflected. The relay acts on the release as usual.
 
         Cancellation: the reflection may have gone out in part or not at all, and the relay
         does not act on the release.
@@ -410,7 +410,7 @@ class ReflectDelivery(Behaviour):
         if isinstance(message, Release):
             try:
                 token = ReleaseToken.decode(message.token)
-                with open(self.relay.store.blob_path(token.report), "rb") as blob:
+                with self.relay.store.open_ciphertext(token.report) as blob:
                     ciphertext = blob.read()
             except (OSError, Exception):
                 return message
