@@ -111,16 +111,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 after SIGINT or SIGTERM; 2 when the passphrase variable is not
-        set, or the key file, the arrangement file or a ``--limit`` cannot be read or is
-        refused.
+        set, the key file, the arrangement file or a ``--limit`` cannot be read or is
+        refused, or the relay cannot start (a key that is not the arrangement's relay, a
+        store of another version, an address that cannot be bound).
 
     Raises:
         SystemExit: status 2, from argparse, for missing or malformed arguments.
         ValueError: an unknown ``--log-level``.
-
-    An error raised once trio runs, including while the relay starts (a key that is not
-    the arrangement's relay, a store of another version, an address that cannot be
-    bound), propagates inside an ExceptionGroup instead of becoming status 2.
     """
     args = _parser().parse_args(argv)
     logging.basicConfig(
@@ -140,10 +137,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         trio.run(_run, secret, arrangement, args, limits)
-    except TisaError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (TisaError, OSError, BaseExceptionGroup) as exc:
+        # trio wraps what fails while the relay starts (a key that is not the relay's,
+        # a store of another version, an address in use) in exception groups.
+        leaf = _leaf(exc)
+        if isinstance(leaf, KeyboardInterrupt):
+            return 0
+        if not isinstance(leaf, TisaError | OSError):
+            raise
+        print(f"error: {leaf}", file=sys.stderr)
         return 2
     return 0
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 if __name__ == "__main__":

@@ -417,3 +417,48 @@ async def test_delivery_window(world: World, tmp_path: Path) -> None:
                 await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(token).id))
             fourth, _ = await receive_delivery(tokyo)
             assert len({first, second, third, fourth}) == 4
+
+
+async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path: Path) -> None:
+    import socket
+
+    import nacl.pwhash
+
+    signed = SignedArrangement(world.arrangement)
+    for name in ("seoul", "tokyo", "washington"):
+        signed = signed.signed_by(world.secrets[name], name)
+    arrangement_file = tmp_path / "arrangement.tisa"
+    arrangement_file.write_bytes(signed.encode())
+    for name in ("seoul", "washington"):
+        secret = world.secrets[name] if name != "washington" else world.relay_secret
+        secret.save(
+            tmp_path / f"{name}.key",
+            "pass",
+            name=name,
+            opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
+            memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
+        )
+
+    def start(key: str, *extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "relay", "--key", str(tmp_path / key),
+             "--passphrase-env", "RELAY_PASS", "--arrangement", str(arrangement_file),
+             "--store", str(tmp_path / "store"), *extra],
+            env={**os.environ, "RELAY_PASS": "pass"},
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    # Not the relay's key: refused when the relay starts, as one line and status 2.
+    wrong_key = start("seoul.key")
+    assert wrong_key.returncode == 2, wrong_key.stderr
+    assert wrong_key.stderr.strip().startswith("error:")
+    assert "Traceback" not in wrong_key.stderr
+    # An address already in use: the same.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = start("washington.key", "--port", str(taken.getsockname()[1]))
+    assert busy.returncode == 2, busy.stderr
+    assert "Traceback" not in busy.stderr
+    assert busy.stderr.strip().splitlines()[-1].startswith("error:")
