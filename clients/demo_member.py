@@ -20,7 +20,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -534,9 +533,8 @@ def main(argv: list[str] | None = None) -> None:
 
     Raises:
         SystemExit: status 2, from argparse, for missing or malformed arguments.
-        Otherwise what :func:`run` raises. A KeyboardInterrupt that reaches ``trio.run``
-        bare is suppressed; one raised inside the node's nurseries arrives in a
-        BaseExceptionGroup, which Python 3.11 does not suppress.
+        Otherwise what :func:`run` raises; a KeyboardInterrupt (Ctrl-C), bare or
+        inside exception groups, ends the member quietly.
     """
     parser = argparse.ArgumentParser(prog="python -m clients.demo_member")
     parser.add_argument("--key", required=True)
@@ -546,8 +544,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--store", required=True)
     parser.add_argument("--connect-timeout", default=20.0, type=float)
     args = parser.parse_args(argv)
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         trio.run(run, args)
+    except BaseException as exc:
+        # Ctrl-C ends the member quietly, also when it arrives inside the node's
+        # nurseries (then wrapped in exception groups).
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if not isinstance(exc, KeyboardInterrupt):
+            raise
 
 
 if __name__ == "__main__":
