@@ -65,7 +65,7 @@ from clients.store import MemberStore, Submission, fsync_dir
 from relay.transport import Link, LinkClosed, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
-from tisa.audit import GENESIS, AuditEntry, Extract, verify_extract
+from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, verify_extract
 from tisa.errors import (
     ProtocolError,
     Reason,
@@ -627,6 +627,26 @@ class Node:
                 self.store.set_audit_checkpoint(checkpoint.seq, checkpoint.head, checkpoint.encoded)
                 out.extend(entries)
         return out
+
+    def audit_checkpoint(self) -> Checkpoint | None:
+        """The relay's signed checkpoint this node last verified, or None before any.
+
+        Members who compare their checkpoints catch a relay that shows them different
+        histories: see :func:`tisa.audit.checkpoints_conflict`.
+        """
+        data = self.store.audit_checkpoint_bytes()
+        return None if data is None else Checkpoint.verify(data, self._arrangement)
+
+    def missing_releases(self, originator: str, *, limit: int = 1000) -> list[int]:
+        """Release counters of ``originator`` to this member that never arrived, below
+        the highest that did (lowest first, at most ``limit``).
+
+        Each originator numbers its releases to each recipient 1, 2, 3, ...; a number
+        missing here is a release the relay dropped or still holds, or one the originator
+        revoked before it was delivered: ask the originator which. A late delivery
+        removes its number from the list.
+        """
+        return self.store.missing_counters(originator, limit=limit)
 
     async def _audit_request(self, since: int) -> bytes:
         await self.wait_connected()

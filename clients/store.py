@@ -111,6 +111,11 @@ CREATE TABLE IF NOT EXISTS seen_counters (
     originator TEXT PRIMARY KEY,
     last INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS received_counters (
+    originator TEXT NOT NULL,
+    counter INTEGER NOT NULL,
+    PRIMARY KEY (originator, counter)
+);
 CREATE TABLE IF NOT EXISTS seen (
     id BLOB NOT NULL,
     kind TEXT NOT NULL,            -- token | report
@@ -704,6 +709,23 @@ class MemberStore:
             is not None
         )
 
+    def missing_counters(self, originator: str, *, limit: int = 1000) -> list[int]:
+        """Release counters of ``originator`` below the highest one received that never
+        arrived (at most ``limit``, lowest first): releases the relay dropped, or the
+        originator revoked before delivery."""
+        rows = self._db.execute(
+            "SELECT counter FROM received_counters WHERE originator = ? ORDER BY counter",
+            (originator,),
+        ).fetchall()
+        missing: list[int] = []
+        expected = 1
+        for (counter,) in rows:
+            missing.extend(range(expected, min(counter, expected + limit - len(missing))))
+            if len(missing) >= limit:
+                break
+            expected = counter + 1
+        return missing[:limit]
+
     def last_counter(self, originator: str) -> int:
         row = self._db.execute(
             "SELECT last FROM seen_counters WHERE originator = ?", (originator,)
@@ -763,6 +785,10 @@ class MemberStore:
         db.execute(
             "INSERT INTO seen_counters VALUES (?, ?) ON CONFLICT (originator)"
             " DO UPDATE SET last = MAX(last, excluded.last)",
+            (token.originator, token.counter),
+        )
+        db.execute(
+            "INSERT OR IGNORE INTO received_counters VALUES (?, ?)",
             (token.originator, token.counter),
         )
 
@@ -838,6 +864,11 @@ class MemberStore:
     def audit_checkpoint(self) -> tuple[int, bytes] | None:
         row = self._db.execute("SELECT seq, head FROM audit WHERE id = 1").fetchone()
         return (int(row[0]), bytes(row[1])) if row else None
+
+    def audit_checkpoint_bytes(self) -> bytes | None:
+        """The relay-signed checkpoint last verified, as received (None before any)."""
+        row = self._db.execute("SELECT checkpoint FROM audit WHERE id = 1").fetchone()
+        return bytes(row[0]) if row else None
 
     def set_audit_checkpoint(self, seq: int, head: bytes, checkpoint: bytes) -> None:
         with self.transaction() as db:

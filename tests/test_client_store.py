@@ -129,3 +129,26 @@ def test_sqlite_is_wal_and_full_sync(tmp_path: pathlib.Path) -> None:
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
     store.close()
+
+
+def test_missing_release_counters(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path / "tokyo", "tokyo")
+
+    class _Token:
+        def __init__(self, counter: int) -> None:
+            self.originator, self.counter = "seoul", counter
+
+    def receive(counter: int) -> None:
+        with store.transaction() as db:
+            MemberStore._bump_counter(db, _Token(counter))  # type: ignore[arg-type]
+        store.commit()
+
+    assert store.missing_counters("seoul") == []
+    for counter in (1, 4, 7):
+        receive(counter)
+    assert store.missing_counters("seoul") == [2, 3, 5, 6]
+    assert store.missing_counters("seoul", limit=3) == [2, 3, 5]
+    receive(3)  # a late arrival closes its gap
+    assert store.missing_counters("seoul") == [2, 5, 6]
+    assert store.missing_counters("busan") == []
+    store.close()

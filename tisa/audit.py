@@ -36,6 +36,7 @@ __all__ = [
     "Checkpoint",
     "Extract",
     "chain_next",
+    "checkpoints_conflict",
     "verify_extract",
 ]
 
@@ -328,3 +329,22 @@ def verify_extract(
     if seq != checkpoint.seq or head != checkpoint.head:
         raise VerificationError()
     return mine, checkpoint
+
+
+def checkpoints_conflict(first: bytes, second: bytes, arrangement: Arrangement) -> bool:
+    """Whether two signed audit checkpoints prove that the relay equivocated.
+
+    Two members who compare the checkpoints they verified catch a relay that showed
+    them different histories: the relay signed two different chain heads for the same
+    sequence number, and the two signatures are the proof.
+
+    Returns:
+        True if both verify, name the same ``seq`` and differ in ``head``. Checkpoints
+        at different ``seq`` prove nothing alone (one history may extend the other).
+
+    Raises:
+        VerificationError, ProtocolError, Refused: a checkpoint does not verify.
+    """
+    a = Checkpoint.verify(first, arrangement)
+    b = Checkpoint.verify(second, arrangement)
+    return a.seq == b.seq and a.head != b.head

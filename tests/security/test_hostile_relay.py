@@ -21,11 +21,10 @@ import trio
 
 from clients.events import DeliveredReport, DeliveryRejected, Event, RefusedEvent, ReleaseGap
 from clients.node import Node
-from tisa.audit import AuditEntry, AuditEvent
+from tisa.audit import AuditEntry, AuditEvent, checkpoints_conflict
 from tisa.errors import Reason, Refused, VerificationError
 from tisa.messages import Ack, Release
 from tisa.testing import relay as hr
-from tisa.testing.model import checkpoints_conflict
 from tisa.testing.world import LEVEL, SCOPE, World, make_world
 
 TIMEOUT = 10
@@ -191,6 +190,8 @@ async def test_dropped_release_is_noticed_through_the_counter(net: Net) -> None:
             assert (gap.originator, gap.expected, gap.got) == ("seoul", 1, 2)
             got = await reports_within(tokyo, 0.5)
             assert [r.read_body() for r in got] == [b"forwarded"]
+            # The node keeps the account: release 1 of Seoul never arrived.
+            assert tokyo.missing_releases("seoul") == [1]
 
 
 async def test_delayed_past_the_tokens_validity(net: Net) -> None:
@@ -316,9 +317,9 @@ async def test_equivocating_audit_histories_are_caught(net: Net) -> None:
 def _checkpoint(node: Node) -> bytes:
     # The node keeps the last checkpoint it verified; comparing it with another
     # member's is how equivocation is caught (see docs/security.md).
-    row = node.store._db.execute("SELECT checkpoint FROM audit WHERE id = 1").fetchone()
-    assert row is not None
-    return bytes(row[0])
+    checkpoint = node.audit_checkpoint()
+    assert checkpoint is not None
+    return checkpoint.encoded
 
 
 def _seq(checkpoint: bytes, net: Net) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 
 from tisa.arrangement import Arrangement
-from tisa.audit import Checkpoint
+from tisa.audit import checkpoints_conflict
 from tisa.errors import Reason, Refused
 from tisa.keys import MemberSecret
 from tisa.report import OpenedReport, open_report
@@ -142,22 +142,3 @@ class CoreRecipient:
         delivered = Delivered(token_id=t.id, counter=t.counter, report=opened, gaps=tuple(gaps))
         store.inbox.append(delivered)
         return delivered
-
-
-def checkpoints_conflict(first: bytes, second: bytes, arrangement: Arrangement) -> bool:
-    """Whether two signed audit checkpoints prove that the relay equivocated.
-
-    Two members who compare the checkpoints they verified catch a relay that showed
-    them different histories: the relay signed two different chain heads for the same
-    sequence number, and the two signatures are the proof.
-
-    Returns:
-        True if both verify, name the same ``seq`` and differ in ``head``. Checkpoints
-        at different ``seq`` prove nothing alone (one history may extend the other).
-
-    Raises:
-        VerificationError, ProtocolError, Refused: a checkpoint does not verify.
-    """
-    a = Checkpoint.verify(first, arrangement)
-    b = Checkpoint.verify(second, arrangement)
-    return a.seq == b.seq and a.head != b.head
