@@ -350,7 +350,7 @@ class Relay:
                 return
             finally:
                 self._handshakes -= 1
-            await self._serve_link(link)
+            await self.serve_link(link)
         except Exception:
             log.exception("connection task failed")
             await trio.aclose_forcefully(stream)
@@ -378,7 +378,14 @@ class Relay:
         self._admitted[name] = self._admitted.get(name, 0) + 1
         admitted.append(name)
 
-    async def _serve_link(self, link: Link) -> None:
+    async def serve_link(self, link: Link) -> None:
+        """Serve one authenticated member link until it ends (the extension point).
+
+        :meth:`handle_stream` calls it after the handshake. A subclass may override it to
+        wrap the link, as :class:`tisa.testing.relay.HostileRelay` does to misbehave on
+        purpose, and call ``super().serve_link(wrapped)``. Never raises but
+        ``trio.Cancelled``; the link is closed on return.
+        """
         conn = _Connection(link=link, member=link.peer)
         self._connections.setdefault(conn.member, set()).add(conn)
         try:

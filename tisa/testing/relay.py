@@ -224,7 +224,8 @@ class HostileRelay(Relay):
         self._links: dict[str, list[_InterceptedLink]] = {}
         self._pending: dict[str, list[Delivery | Message]] = {}
 
-    async def _serve_link(self, link: Link) -> None:
+    async def serve_link(self, link: Link) -> None:
+        """Serve ``link`` through the behaviour: pending items first, then the relay."""
         wrapped = _InterceptedLink(link, self)
         member = link.peer
         self._links.setdefault(member, []).append(wrapped)
@@ -233,7 +234,7 @@ class HostileRelay(Relay):
                 for item in self._pending.pop(member, []):
                     await wrapped.send_now(item)
             await self.emit(await self.behaviour.on_connect(member), wrapped)
-            await super()._serve_link(wrapped)  # type: ignore[arg-type]
+            await super().serve_link(wrapped)  # type: ignore[arg-type]
         except LinkClosed:
             await link.aclose()
         finally:
