@@ -177,17 +177,22 @@ def check_map(value: Any, fields: Mapping[str, Field], path: str = "") -> dict[s
 
     Returns a new dict of the checked values. Raises ProtocolError naming the path.
     """
-    if not isinstance(value, dict):
+    if type(value) is not dict:
         _fail(f"{path or 'value'}: expected a map")
-    missing = fields.keys() - value.keys()
-    extra = value.keys() - fields.keys()
-    if missing:
-        _fail(f"{path or 'value'}: missing {sorted(missing)}")
-    if extra:
+    if len(value) != len(fields) or value.keys() != fields.keys():
+        missing = fields.keys() - value.keys()
+        extra = value.keys() - fields.keys()
+        if missing:
+            _fail(f"{path or 'value'}: missing {sorted(missing)}")
         _fail(f"{path or 'value'}: unexpected {sorted(extra)}")
-    return {
-        key: check(value[key], f"{path}.{key}" if path else key) for key, check in fields.items()
-    }
+    if not path:
+        return {key: check(value[key], key) for key, check in fields.items()}
+    # The full path of each field is only needed in an error message: check with the
+    # bare key (no string built per field on this hot path) and prefix it on failure.
+    try:
+        return {key: check(value[key], key) for key, check in fields.items()}
+    except ProtocolError as exc:
+        raise ProtocolError(f"{path}.{exc.detail}") from None
 
 
 def bin_exact(size: int) -> Field:
