@@ -2,7 +2,8 @@
 
 Three separate processes on 127.0.0.1 in both set-ups:
 
-* tisa: Seoul (``open_node``, submit with immediate release), the relay
+* tisa: Seoul (``open_node``, submit with immediate release; in throughput mode up to
+  ``--concurrency`` ``submit`` calls at once, so the node's group commit can batch them), the relay
   (``python -m relay``), Tokyo (``open_node``, ``reports()``);
 * floor: a sender, a bare trio forwarder that checks the same Ed25519 token signature
   on every message and forwards it, and a receiver; length-prefixed frames, no
@@ -21,7 +22,7 @@ Figures:
 
 The clock is CLOCK_MONOTONIC, which is one clock for every process on the machine.
 
-    python -m bench nodes [--count 2000] [--rate 1000] [--large-mib 1024]
+    python -m bench nodes [--count 2000] [--rate 1000] [--large-mib 1024] [--concurrency 64]
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def _wait_port(path: Path, process: _Process, timeout: float = 20.0) -> int:
         if path.exists() and path.read_text().strip():
             return int(path.read_text())
         if process.poll() is not None:
-            raise RuntimeError(f"process exited early: {process.returncode}")
+            raise RuntimeError(f"process exited early: {process.popen.returncode}")
         time.sleep(0.02)
     raise TimeoutError(f"no port in {path}")
 
@@ -120,6 +121,7 @@ class _Process:
                 [sys.executable, *args], stdout=out, stderr=err, env={**os.environ, **(env or {})}
             )
         self.peak_mib = float("nan")
+        self.cpu_s = float("nan")  # user + system CPU seconds, start-up included
 
     def poll(self) -> int | None:
         return self.popen.poll()
@@ -130,6 +132,7 @@ class _Process:
             pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
             if pid:
                 self.peak_mib = usage.ru_maxrss / 1024
+                self.cpu_s = usage.ru_utime + usage.ru_stime
                 self.popen.returncode = os.waitstatus_to_exitcode(status)
                 if self.popen.returncode not in (0, -15):
                     raise RuntimeError(
@@ -153,7 +156,9 @@ class _Process:
 # --- tisa roles --------------------------------------------------------------------------
 
 
-async def _seoul(folder: Path, port: int, mode: str, count: int, rate: float, size: int) -> None:
+async def _seoul(
+    folder: Path, port: int, mode: str, count: int, rate: float, size: int, concurrency: int
+) -> None:
     from clients.node import open_node
 
     secret, arrangement = _load(folder, "seoul")
@@ -170,14 +175,32 @@ async def _seoul(folder: Path, port: int, mode: str, count: int, rate: float, si
             # Stay connected until Tokyo has it (the orchestrator ends us).
             await trio.sleep_forever()
         filler = os.urandom(max(0, size - _STAMP.size))
-        interval = 1.0 / rate if mode == "latency" else 0.0
-        start = time.monotonic()
-        for seq in range(count):
-            if interval:
-                await trio.sleep_until(start + seq * interval)
+
+        async def submit(seq: int) -> None:
             body = _STAMP.pack(time.monotonic(), seq) + filler
             await node.submit(body, recipients=["tokyo"], scope="nk.missile", level="secret",
                               release_to=["tokyo"])  # fmt: skip
+
+        start = time.monotonic()
+        if mode == "latency":
+            # One at a time at the offered rate.
+            for seq in range(count):
+                await trio.sleep_until(start + seq / rate)
+                await submit(seq)
+        else:
+            # Pipelined: at most `concurrency` submit calls in progress at once.
+            limiter = trio.Semaphore(concurrency)
+
+            async def bounded(seq: int) -> None:
+                try:
+                    await submit(seq)
+                finally:
+                    limiter.release()
+
+            async with trio.open_nursery() as nursery:
+                for seq in range(count):
+                    await limiter.acquire()
+                    nursery.start_soon(bounded, seq)
         _emit({"start": start})
         await trio.sleep_forever()
 
@@ -205,7 +228,9 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
                 return
 
 
-def _run_tisa(folder: Path, mode: str, count: int, rate: float, size: int) -> dict[str, Any]:
+def _run_tisa(
+    folder: Path, mode: str, count: int, rate: float, size: int, concurrency: int = 1
+) -> dict[str, Any]:
     run = Path(tempfile.mkdtemp(dir=folder))
     for name in ("seoul.key", "tokyo.key", "washington.key", "arrangement.tisa"):
         (run / name).symlink_to(folder / name)
@@ -224,16 +249,19 @@ def _run_tisa(folder: Path, mode: str, count: int, rate: float, size: int) -> di
         port = _wait_port(run / "relay.port", relay)
         role_args = [str(run), str(port), mode, str(count), str(rate), str(size)]
         tokyo = _Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", *role_args])
-        seoul = _Process(run, "seoul", ["-m", "bench.nodes", "--role", "seoul", *role_args])
+        seoul = _Process(
+            run, "seoul", ["-m", "bench.nodes", "--role", "seoul", *role_args, str(concurrency)]
+        )
         tokyo.wait(timeout=900)
     finally:
         for process in (seoul, tokyo, relay):
             if process is not None:
                 process.stop()
     return {
-        "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib},
-        "tokyo": {**tokyo.records()[-1], "peak_mib": tokyo.peak_mib},
+        "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib, "cpu_s": seoul.cpu_s},
+        "tokyo": {**tokyo.records()[-1], "peak_mib": tokyo.peak_mib, "cpu_s": tokyo.cpu_s},
         "relay_peak_mib": relay.peak_mib,
+        "relay_cpu_s": relay.cpu_s,
     }
 
 
@@ -337,7 +365,7 @@ def _run_bare(folder: Path, mode: str, count: int, rate: float, size: int) -> di
 
 
 def _throughput(result: dict[str, Any], count: int) -> float:
-    return count / (result["tokyo"]["end"] - result["seoul"]["start"])
+    return float(count / (result["tokyo"]["end"] - result["seoul"]["start"]))
 
 
 def _percentiles(result: dict[str, Any]) -> tuple[float, float]:
@@ -353,6 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=1000.0)
     parser.add_argument("--latency-count", type=int, default=2000)
     parser.add_argument("--large-mib", type=int, default=1024)
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="submit calls in progress at once in the throughput run (default 64)",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -363,13 +397,28 @@ def main(argv: list[str] | None = None) -> int:
         folder = Path(name)
         _make_world(folder)
 
-        print(f"throughput, {args.count} pipelined 1 KiB reports, three processes:")
+        if args.concurrency < 1:
+            parser.error("--concurrency must be at least 1")
+        print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
+              f" ({args.concurrency} submit calls at once):")  # fmt: skip
         bare = _run_bare(folder, "throughput", args.count, args.rate, 1024)
-        tisa = _run_tisa(folder, "throughput", args.count, args.rate, 1024)
+        tisa = _run_tisa(folder, "throughput", args.count, args.rate, 1024, args.concurrency)
         bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
         print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
               f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
-        figures["throughput"] = {"tisa": tisa_rate, "bare": bare_rate}
+        cpu = {
+            "seoul": tisa["seoul"]["cpu_s"],
+            "relay": tisa["relay_cpu_s"],
+            "tokyo": tisa["tokyo"]["cpu_s"],
+        }
+        print("  tisa CPU seconds (start-up included): "
+              + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))  # fmt: skip
+        figures["throughput"] = {
+            "cpu_s": cpu,
+            "tisa": tisa_rate,
+            "bare": bare_rate,
+            "concurrency": args.concurrency,
+        }
 
         print(f"latency, {args.latency_count} reports of 1 KiB offered at {args.rate:.0f}/s:")
         bare = _run_bare(folder, "latency", args.latency_count, args.rate, 1024)
@@ -415,8 +464,17 @@ def _role(argv: list[str]) -> int:
     elif role == "bare-receiver":
         trio.run(_bare_receiver, int(rest[0]), int(rest[2]))
     elif role == "seoul":
-        folder, port, mode, count, rate, size = rest
-        trio.run(_seoul, Path(folder), int(port), mode, int(count), float(rate), int(size))
+        folder, port, mode, count, rate, size, concurrency = rest
+        trio.run(
+            _seoul,
+            Path(folder),
+            int(port),
+            mode,
+            int(count),
+            float(rate),
+            int(size),
+            int(concurrency),
+        )
     elif role == "tokyo":
         folder, port, mode, count = rest[:4]
         trio.run(_tokyo, Path(folder), int(port), mode, int(count))
