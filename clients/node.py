@@ -408,7 +408,8 @@ class Node:
         """Issue a release token for ``recipient`` and wait until the relay accepts it.
 
         The token's counter is taken and the token recorded durably before it is sent;
-        it is sent once the relay has stored the report, on this connection or the next.
+        it is sent right behind the report's submission (or at once if the relay has
+        stored the report already), on this connection or the next.
 
         Args:
             report_id: a report this node submitted.
@@ -731,33 +732,50 @@ class Node:
             scope.cancel()
 
     async def _sender(self, session: _Session) -> None:
-        """Send whatever the store says is outstanding; wait for changes; repeat."""
+        """Send whatever the store says is outstanding; wait for changes; repeat.
+
+        Each kind of row is read after the last one sent on this connection (a new
+        connection starts from the beginning, so everything still outstanding is sent
+        again). A release goes out right behind its report's submission, without waiting
+        for ``stored``: the relay handles a connection's messages in order.
+        """
         link = session.link
-        sent: set[bytes | int] = set()
-        receipts_sent: set[bytes] = set()
+        store = self.store
+        submitted: set[bytes] = set()  # reports whose submission went out on this link
+        sent_revocations: set[int] = set()
+        after_submission = after_release = after_receipt = 0
         while True:
             changed = self._changed
-            # What goes out must be on disk here first (a queued submission, an issued
-            # token, a stored report's receipt).
+            # What goes out must be on disk first (a queued submission, an issued token,
+            # a stored report's receipt): rows read from an open batch wait for its
+            # commit before they are sent.
             await self._durable()
-            for submission in self.store.queued_submissions():
-                if submission.report not in sent:
-                    sent.add(submission.report)
-                    await self._send_submission(link, submission)
-            for release in self.store.releases_to_send():
-                if release.token not in sent:
-                    sent.add(release.token)
-                    await link.send(m.Release(token=release.encoded))
-            for revocation in self.store.revocations_to_send():
-                if revocation.id not in sent:
-                    sent.add(revocation.id)
+            submissions = store.queued_submissions(after=after_submission)
+            if submissions:
+                await self._durable()
+            for submission in submissions:
+                after_submission = max(after_submission, submission.seq)
+                submitted.add(submission.report)
+                await self._send_submission(link, submission)
+            releases = store.releases_to_send(after=after_release, submitted=submitted)
+            if releases:
+                await self._durable()
+            for release in releases:
+                after_release = release.seq
+                await link.send(m.Release(token=release.encoded))
+            for revocation in store.revocations_to_send():
+                if revocation.id not in sent_revocations:
+                    await self._durable()
+                    sent_revocations.add(revocation.id)
                     await link.send(m.Revoke(report=revocation.report, token=revocation.token))
             # Once per connection until the relay confirms it (ack kind "receipt"): a
             # receipt lost with a connection is sent again on the next one.
-            for token_id, receipt in self.store.receipts_to_send():
-                if token_id not in receipts_sent:
-                    receipts_sent.add(token_id)
-                    await link.send(m.SendReceipt(receipt=receipt))
+            receipts = store.receipts_to_send(after=after_receipt)
+            if receipts:
+                await self._durable()
+            for seq, _token_id, receipt in receipts:
+                after_receipt = seq
+                await link.send(m.SendReceipt(receipt=receipt))
             await changed.wait()
 
     async def _send_submission(self, link: Link, submission: Submission) -> None:
@@ -855,6 +873,12 @@ class Node:
             self.store.add_event(event)
             return
         release = self.store.release(ref)
+        if release is not None and release.state != "pending":
+            submission = self.store.submission(release.report)
+            if submission is not None and submission.state in ("refused", "expired", "revoked"):
+                # A release sent right behind a submission the relay refused (or that
+                # ended first): settled with the submission, whose refusal came first.
+                return
         if release is not None and release.state == "pending":
             if reason is Reason.REPLAYED:
                 # Only this node holds the key that signs its tokens, so the relay can

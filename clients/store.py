@@ -43,7 +43,7 @@ import os
 import pathlib
 import shutil
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 from clients.events import Event, encode_event
@@ -206,6 +206,7 @@ class Submission:
     reason: str | None
     detail: str | None
     data: bytes | None = None
+    seq: int = 0  # the row's rowid: rows are queued in this order
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -218,6 +219,7 @@ class PendingRelease:
     state: str
     reason: str | None
     detail: str | None
+    seq: int = 0  # the row's rowid: tokens are issued in this order
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -452,11 +454,12 @@ class MemberStore:
             reason=row[12],
             detail=row[13],
             data=row[14],
+            seq=row[15],
         )
 
     _SUBMISSION_COLUMNS = (
         "report, file, size, digest, content_key, scope, level, recipients, expires,"
-        " created, state, ack, reason, detail, data"
+        " created, state, ack, reason, detail, data, rowid"
     )
 
     def submission(self, report: bytes) -> Submission | None:
@@ -465,8 +468,16 @@ class MemberStore:
         ).fetchone()
         return self._submission(row) if row else None
 
-    def queued_submissions(self) -> list[Submission]:
-        """Submissions the relay has not acknowledged, oldest first."""
+    def queued_submissions(self, *, after: int = 0) -> list[Submission]:
+        """Submissions the relay has not acknowledged, oldest first; with ``after``,
+        only those queued after the one whose :attr:`Submission.seq` it is."""
+        if after:
+            rows = self._db.execute(
+                f"SELECT {self._SUBMISSION_COLUMNS} FROM outbox"
+                " WHERE rowid > ? AND state = 'queued' ORDER BY rowid",
+                (after,),
+            ).fetchall()
+            return [self._submission(row) for row in rows]
         rows = self._db.execute(
             f"SELECT {self._SUBMISSION_COLUMNS} FROM outbox WHERE state = 'queued'"
             " ORDER BY created, rowid"
@@ -544,7 +555,7 @@ class MemberStore:
             )
         return token.id
 
-    _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail"
+    _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail, rowid"
 
     def _release(self, row: tuple[Any, ...]) -> PendingRelease:
         return PendingRelease(
@@ -556,6 +567,7 @@ class MemberStore:
             state=row[5],
             reason=row[6],
             detail=row[7],
+            seq=row[8],
         )
 
     def release(self, token: bytes) -> PendingRelease | None:
@@ -571,14 +583,31 @@ class MemberStore:
         ).fetchall()
         return [self._release(row) for row in rows]
 
-    def releases_to_send(self) -> list[PendingRelease]:
-        """Pending releases whose report the relay has stored, oldest first."""
+    def releases_to_send(
+        self, *, after: int = 0, submitted: Container[bytes] = frozenset()
+    ) -> list[PendingRelease]:
+        """Pending releases that may go to the relay, in the order they were issued:
+        those whose report the relay has stored, and those of reports in ``submitted``
+        (whose submission went out on the current connection, so the relay handles the
+        release after it). With ``after``, only releases issued after the one whose
+        :attr:`PendingRelease.seq` it is.
+
+        The list stops before the first pending release that may not go yet (its
+        submission has not been sent), so a caller that remembers the last ``seq`` it
+        got skips none.
+        """
         rows = self._db.execute(
-            f"SELECT {', '.join('r.' + c for c in self._RELEASE_COLUMNS.split(', '))}"
-            " FROM releases r JOIN outbox o ON o.report = r.report"
-            " WHERE r.state = 'pending' AND o.state = 'stored' ORDER BY r.created, r.rowid"
+            f"SELECT {', '.join('r.' + c for c in self._RELEASE_COLUMNS.split(', '))},"
+            " o.state FROM releases r JOIN outbox o ON o.report = r.report"
+            " WHERE r.rowid > ? AND r.state = 'pending' ORDER BY r.rowid",
+            (after,),
         ).fetchall()
-        return [self._release(row) for row in rows]
+        out: list[PendingRelease] = []
+        for row in rows:
+            if row[-1] != "stored" and row[1] not in submitted:
+                break
+            out.append(self._release(row))
+        return out
 
     def set_release_state(
         self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
@@ -847,11 +876,16 @@ class MemberStore:
         with self.transaction() as db:
             db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,))
 
-    def receipts_to_send(self) -> list[tuple[bytes, bytes]]:
-        """(token id, receipt) of stored reports whose receipt the relay has not
-        confirmed yet (they are sent on every connection until it does)."""
+    def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
+        """(inbox seq, token id, receipt) of stored reports whose receipt the relay has
+        not confirmed yet (they are sent on every connection until it does), oldest
+        first; with ``after``, only those stored after inbox entry ``after``."""
         return list(
-            self._db.execute("SELECT token, receipt FROM inbox WHERE receipt_sent = 0 ORDER BY seq")
+            self._db.execute(
+                "SELECT seq, token, receipt FROM inbox WHERE seq > ? AND receipt_sent = 0"
+                " ORDER BY seq",
+                (after,),
+            )
         )
 
     def mark_receipt_sent(self, token: bytes) -> None:

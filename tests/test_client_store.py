@@ -152,3 +152,29 @@ def test_missing_release_counters(tmp_path: pathlib.Path) -> None:
     assert store.missing_counters("seoul") == [2, 5, 6]
     assert store.missing_counters("busan") == []
     store.close()
+
+
+def test_releases_go_right_behind_their_submission(tmp_path: pathlib.Path) -> None:
+    # A release may go out once its report's submission went out on the connection
+    # (the relay handles a connection's messages in order), before the relay's `stored`.
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store, b"a" * 16)
+    first = store.issue_release(b"a" * 16, "tokyo", lambda c: _token(c, b"a" * 16), NOW)
+    _queue(store, b"b" * 16)
+    second = store.issue_release(b"b" * 16, "tokyo", lambda c: _token(c, b"b" * 16), NOW)
+    third = store.issue_release(b"a" * 16, "tokyo", lambda c: _token(c, b"a" * 16), NOW)
+    assert store.releases_to_send() == []
+    # Only a's submission went out: the list stops before b's release, so a caller that
+    # remembers the last seq it got never skips one.
+    assert [r.token for r in store.releases_to_send(submitted={b"a" * 16})] == [first]
+    sendable = store.releases_to_send(submitted={b"a" * 16, b"b" * 16})
+    assert [r.token for r in sendable] == [first, second, third]
+    assert [r.seq for r in sendable] == sorted(r.seq for r in sendable)
+    after = store.releases_to_send(after=sendable[0].seq, submitted={b"a" * 16, b"b" * 16})
+    assert [r.token for r in after] == [second, third]
+    # The queued submissions read the same way, after the last one sent.
+    queued = store.queued_submissions()
+    assert [q.report for q in queued] == [b"a" * 16, b"b" * 16]
+    assert [q.report for q in store.queued_submissions(after=queued[0].seq)] == [b"b" * 16]
+    assert store.queued_submissions(after=queued[1].seq) == []
+    store.close()

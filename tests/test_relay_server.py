@@ -45,7 +45,7 @@ from tisa.messages import (
 )
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import SealedReport, open_report
-from tisa.token import check_for_recipient
+from tisa.token import ReleaseToken, check_for_recipient
 
 LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
 
@@ -172,6 +172,44 @@ async def test_release_deliver_open_ack_receipt(world: World, tmp_path: Path) ->
                 link = await h.connect(name)
                 await link.send(AuditFetch(since=0))
                 await expect(link, AuditReply)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "file"])
+async def test_release_right_behind_submit_end(world: World, tmp_path: Path, inline: bool) -> None:
+    # The originator need not wait for `stored`: a release sent right behind submit_end
+    # on the same connection is checked after the report is stored (same batch), and is
+    # answered after `stored`. Behind a refused submission it is refused unknown_report.
+    size = len(seal(world).ciphertext)
+    limits = Limits(
+        handshake_timeout=5,
+        frame_timeout=5,
+        clock_skew=120,
+        max_inline_report=size if inline else size - 1,
+    )
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            report = seal(world, b"launch detected")
+            token = token_for(world, report)
+            await send_submission(seoul, report)
+            await seoul.send(Release(token=token))
+            assert (await expect(seoul, Stored)).report == report.report_id
+            assert (await expect(seoul, Released)).report == report.report_id
+            got_token, ciphertext = await receive_delivery(tokyo)
+            assert got_token == token
+            assert open_delivery(world, got_token, ciphertext) == b"launch detected"
+            # A submission refused (bytes not matching the digest), its release behind it.
+            bad = seal(world, b"bad")
+            bad_token = token_for(world, bad, counter=2)
+            await send_submission(seoul, bad, data=bytes(len(bad.ciphertext)))
+            await seoul.send(Release(token=bad_token))
+            refused = await expect(seoul, Refusal)
+            assert (refused.ref, refused.reason) == (bad.report_id, Reason.WRONG_REPORT)
+            refused = await expect(seoul, Refusal)
+            assert refused.reason == Reason.UNKNOWN_REPORT
+            assert refused.ref == ReleaseToken.decode(bad_token).id
+            assert h.relay.store.report(bad.report_id) is None
 
 
 async def test_queued_delivery_redelivered_until_acked(world: World, tmp_path: Path) -> None:

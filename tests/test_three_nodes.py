@@ -33,6 +33,7 @@ from relay.transport import LinkClosed
 from tisa.arrangement import Member, Role
 from tisa.audit import AuditEvent
 from tisa.errors import Reason, Refused
+from tisa.limits import Limits
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.1)
@@ -388,3 +389,42 @@ async def test_lost_receipt_is_resent_on_reconnect(
             assert dropped and event.receipt.report == report_id
             while tokyo.store.receipts_to_send():  # confirmed by the relay, not resent
                 await trio.sleep(0.02)
+
+
+async def test_release_goes_right_behind_its_submission(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    # Seoul sends the release right behind submit_end, without waiting for `stored`.
+    # When the relay refuses the submission (here: over its size limit) it refuses the
+    # release behind it too; Seoul ends the release with the submission's reason and
+    # tells the application once.
+    world = World(nursery, tmp_path)
+    await world.start_relay(limits=Limits(max_report_size=100))
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul:
+            report_id = await seoul.submit(
+                b"too big for this relay", recipients=["tokyo"], scope=SCOPE, level=LEVEL,
+                release_to=["tokyo"],
+            )  # fmt: skip
+            with pytest.raises(Refused) as info:
+                await seoul.wait_stored(report_id)
+            assert info.value.reason is Reason.LIMIT
+            [release] = seoul.store.releases_of(report_id)
+            assert (release.state, release.reason) == ("refused", "limit")
+            # The relay saw the release behind the refused submission (it was not held
+            # back for `stored`) and refused it too.
+            refusals = [
+                (e.report, e.token, e.reason)
+                for e in await seoul.fetch_audit()
+                if e.event is AuditEvent.REFUSED
+            ]
+            assert refusals == [
+                (report_id, None, "limit"),
+                (report_id, release.token, "unknown_report"),
+            ]
+            events: list[Event] = []
+            with trio.move_on_after(0.3):
+                async for event in seoul.events():
+                    events.append(event)
+            refused = [e for e in events if isinstance(e, RefusedEvent)]
+            assert [(e.ref, e.reason) for e in refused] == [(report_id, Reason.LIMIT)]
