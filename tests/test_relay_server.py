@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 from nodes.relay_harness import (
     Harness,
     expect,
@@ -616,3 +617,38 @@ async def test_sealed_key_is_dropped_once_the_delivery_is_acked(
     store.close()
     files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
     assert sealed_key not in files
+
+
+async def test_commits_are_spaced_under_load(
+    world: World, tmp_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    # An idle relay commits a step at once; right after a commit, the next one waits
+    # COMMIT_SPACING times the last commit's duration, so the steps arriving meanwhile
+    # share it. Nothing waiting on a batch is released before that batch's commit.
+    from relay.server import Relay
+
+    relay = Relay(world.relay_secret, world.arrangement, tmp_path)
+    store = relay.store
+    try:
+        store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+        await relay._durable(store.barrier)
+        assert store.committed == 1 and not store.pending
+        assert relay._next_commit > trio.current_time()  # the mock clock stands still
+        done: list[int] = []
+        async with trio.open_nursery() as nursery:
+            store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+            barrier = store.barrier
+
+            async def wait() -> None:
+                await relay._durable(barrier)
+                done.append(store.committed)
+
+            nursery.start_soon(wait)
+            await trio.testing.wait_all_tasks_blocked()
+            assert done == [] and store.committed == 1  # waiting, not committed
+            store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+            mock_clock.jump(1)
+        assert done == [2] and not store.pending  # both steps in one commit
+        assert store.audit_seq == 3
+    finally:
+        relay.close()
