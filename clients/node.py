@@ -302,7 +302,9 @@ class Node:
         The arrangement is checked before anything is written. The report is sealed in a
         worker thread, streaming from ``body`` (bytes or a file path) and the attachments
         to a ciphertext file in the outbox in constant memory; the file is fsynced and
-        the submission recorded before this returns. A token is issued (and queued)
+        the submission recorded before this returns. A small report (at most
+        ``limits.max_inline_report`` bytes sealed) given as bytes is sealed in the trio
+        thread and kept in its outbox row. A token is issued (and queued)
         for every name in ``release_to``; the others wait for :meth:`release`.
 
         Args:
@@ -363,9 +365,14 @@ class Node:
             # Small: sealed in memory, kept in the outbox row (no file, no fsync but the
             # commit's).
             buffer = io.BytesIO()
-            await trio.to_thread.run_sync(
-                _seal_to, sealer, parts, buffer, progress, sum(sizes), False
-            )
+            if all(isinstance(part, bytes) for part in parts):
+                # At most one chunk of bytes in memory: sealed here, without the round
+                # trip to a worker thread (which costs more than the sealing).
+                _seal_to(sealer, parts, buffer, progress, sum(sizes), False, in_trio=True)
+            else:
+                await trio.to_thread.run_sync(
+                    _seal_to, sealer, parts, buffer, progress, sum(sizes), False
+                )
             inline, file_name = buffer.getvalue(), ""
         else:
             file_name = sealer.report_id.hex() + ".sealed"
@@ -1194,15 +1201,21 @@ def _seal_to(
     progress: Callable[[int, int], None] | None,
     total: int,
     sync: bool,
+    *,
+    in_trio: bool = False,
 ) -> None:
-    # Runs in a worker thread: file I/O and encryption, never the store.
+    # Runs in a worker thread (file I/O and encryption, never the store), or with
+    # in_trio in the trio thread for a small report given as bytes.
     done = 0
 
     def report(count: int) -> None:
         nonlocal done
         done += count
         if progress is not None:
-            trio.from_thread.run_sync(progress, done, total)
+            if in_trio:
+                progress(done, total)
+            else:
+                trio.from_thread.run_sync(progress, done, total)
 
     out.write(sealer.start())
     for part in parts:

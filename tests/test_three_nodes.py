@@ -428,3 +428,43 @@ async def test_release_goes_right_behind_its_submission(
                     events.append(event)
             refused = [e for e in events if isinstance(e, RefusedEvent)]
             assert [(e.ref, e.reason) for e in refused] == [(report_id, Reason.LIMIT)]
+
+
+async def test_small_report_is_sealed_in_the_trio_thread(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small report given as bytes is sealed without a worker thread (the hop costs
+    # more than the sealing); a file body still goes to a thread. Progress is reported
+    # either way, in the trio thread.
+    import threading
+
+    import clients.node
+
+    threads: list[bool] = []
+    real = clients.node._seal_to
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        threads.append(threading.current_thread() is threading.main_thread())
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(clients.node, "_seal_to", spy)
+    seen: list[tuple[bool, int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((threading.current_thread() is threading.main_thread(), done, total))
+
+    body = world.tmp / "small.txt"
+    body.write_bytes(b"from a file")
+    with trio.fail_after(10):
+        async with world.node("seoul") as seoul, world.node("tokyo") as tokyo:
+            first = await seoul.submit(
+                b"small", recipients=["tokyo"], scope=SCOPE, level=LEVEL,
+                release_to=["tokyo"], progress=progress,
+            )  # fmt: skip
+            second = await seoul.submit(
+                body, recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+            )
+            got = [await first_report(tokyo), await first_report(tokyo)]
+    assert threads == [True, False]
+    assert seen == [(True, 5, 5)]
+    assert [(r.report_id, r.body) for r in got] == [(first, b"small"), (second, b"from a file")]
