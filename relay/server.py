@@ -779,11 +779,14 @@ class Relay:
                     conn.member, after=after_token, limit=min(DELIVERY_BATCH, window)
                 )
             ):
+                # The releases that made these deliveries pending are in this batch at
+                # the latest (perhaps still open): one wait covers them all.
+                barrier = self.store.barrier
                 for row in batch:
                     if len(conn.in_flight) >= window:
                         break  # the rest when acks make room (they wake us)
                     after_token = row.seq
-                    await self._deliver(conn, row)
+                    await self._deliver(conn, row, barrier)
             receipts = self.store.queued_receipts(conn.member, after=after_receipt)
             if receipts:
                 await self._durable(self.store.barrier)
@@ -802,14 +805,18 @@ class Relay:
                 after_notice = notice.seq
             await conn.wake.wait()
 
-    async def _deliver(self, conn: _Connection, row: TokenRow) -> None:
+    async def _deliver(self, conn: _Connection, row: TokenRow, barrier: int) -> None:
+        """Push one delivery; ``barrier`` is the batch of the query that found ``row``."""
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection of this member is delivering it
+        # The release that made this delivery pending may still be in the open batch
+        # (not a later one: the row was read in batch ``barrier``). Not the current
+        # barrier, which moves on with every message handled meanwhile: waiting for it
+        # let out one delivery per commit.
+        await self._durable(barrier)
         if not self.store.is_outstanding(row.id):
             return  # acked, revoked or expired since the query
-        # The release that made this delivery pending may still be in the open batch.
-        await self._durable(self.store.barrier)
         inline = self.store.inline_data(row.report)
         blob: BinaryIO
         if inline is not None:

@@ -652,3 +652,33 @@ async def test_commits_are_spaced_under_load(
         assert store.audit_seq == 3
     finally:
         relay.close()
+
+
+async def test_deliveries_found_together_wait_for_one_commit(
+    world: World, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    # The pusher waits for the batch in which it found pending deliveries, once, not
+    # for every later batch: with commits held back (spacing pushed an hour ahead; the
+    # clock jumps to the first deadline only when every task is stuck), all three
+    # deliveries still go out.
+    async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        seoul = await h.connect("seoul")
+        tokens = []
+        for counter in (1, 2, 3):
+            report = seal(world, f"report {counter}".encode())
+            await send_submission(seoul, report)
+            token = token_for(world, report, counter=counter)
+            await seoul.send(Release(token=token))
+            tokens.append(token)
+        for _ in tokens:
+            await expect(seoul, Stored)
+            await expect(seoul, Released)
+        assert not h.relay.store.pending
+        h.relay._next_commit = trio.current_time() + 3600  # no commit from now on
+        tokyo = await h.connect("tokyo")
+        with trio.move_on_after(1) as timer:
+            got = [(await receive_delivery(tokyo))[0] for _ in tokens]
+        assert not timer.cancelled_caught
+        assert got == tokens
+        # Each delivery's `forwarded` mark opened a batch that is still waiting.
+        assert h.relay.store.pending
