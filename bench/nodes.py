@@ -184,8 +184,11 @@ async def _seoul(
         start = time.monotonic()
         if mode == "latency":
             # One at a time at the offered rate.
+            # Paced on trio's clock: it is not time.monotonic() (trio adds an offset),
+            # so a schedule computed from `start` would lie in the past.
+            paced = trio.current_time()
             for seq in range(count):
-                await trio.sleep_until(start + seq / rate)
+                await trio.sleep_until(paced + seq / rate)
                 await submit(seq)
         else:
             # Pipelined: at most `concurrency` submit calls in progress at once.
@@ -315,9 +318,10 @@ async def _bare_sender(port: int, mode: str, count: int, rate: float, size: int)
     message = os.urandom(300)
     interval = 1.0 / rate if mode == "latency" else 0.0
     start = time.monotonic()
+    paced = trio.current_time()  # trio's clock, the one sleep_until uses
     for seq in range(count):
         if interval:
-            await trio.sleep_until(start + seq * interval)
+            await trio.sleep_until(paced + seq * interval)
         signed = sodium.crypto_sign(message, secret_key)
         report = _STAMP.pack(time.monotonic(), seq) + filler
         await stream.send_all(_LEN.pack(len(signed) + len(report)) + signed + report)
