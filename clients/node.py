@@ -204,6 +204,9 @@ class Node:
         self._dirty = trio.Event()
         # No commit of _durable before this trio time (see COMMIT_SPACING).
         self._next_commit = 0.0
+        # A WAL fsync is running in a worker thread; _synced is set when it ends.
+        self._syncing = False
+        self._synced = trio.Event()
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -219,20 +222,28 @@ class Node:
         """Return once batch ``barrier`` (default: the current state) is committed.
 
         The first waiter commits after a pass of the scheduler in which no message was
-        handled (or once the batch is full), so concurrent work joins one commit.
+        handled (or once the batch is full), so concurrent work joins one commit. The
+        COMMIT does not fsync; the WAL fsync that makes a written batch durable runs in
+        a worker thread (:meth:`_sync`), one at a time, and the batch growing meanwhile
+        waits for it and rides on the next.
 
         Raises:
-            OSError / sqlite3.Error: the commit failed (the batch is rolled back).
+            OSError / sqlite3.Error: the commit or the WAL fsync failed (the batch is
+                rolled back, or the store poisoned).
+            LinkClosed: the batch was lost in another task's failed commit.
         """
         store = self.store
         if barrier is None:
             barrier = store.barrier
         while store.committed < barrier:
-            if store.generation > barrier:
+            if store.lost(barrier):
                 raise LinkClosed("the batch this depends on was not committed")
+            if store.written >= barrier or self._syncing:
+                await self._sync()
+                continue
             before = self._activity
             await trio.lowlevel.checkpoint()
-            if store.committed >= barrier or store.generation > barrier:
+            if store.committed >= barrier or store.written >= barrier or store.lost(barrier):
                 continue
             if self._activity == before or store.ops >= MAX_BATCH:
                 if store.ops < MAX_BATCH and trio.current_time() < self._next_commit:
@@ -244,6 +255,23 @@ class Node:
                 self._next_commit = trio.current_time() + COMMIT_SPACING * (
                     time.perf_counter() - started
                 )
+
+    async def _sync(self) -> None:
+        """Make every written batch durable: a WAL fsync in a worker thread, or if one
+        is in flight, wait for it (the caller then looks again)."""
+        if self._syncing:
+            await self._synced.wait()
+            return
+        store = self.store
+        target = store.written  # covered: written before the fsync starts
+        self._syncing = True
+        try:
+            await trio.to_thread.run_sync(store.fsync_wal)
+        finally:
+            self._syncing = False
+            synced, self._synced = self._synced, trio.Event()
+            synced.set()
+        store.mark_durable(target)
 
     def _mark_dirty(self) -> None:
         if self.store.pending:

@@ -1,4 +1,5 @@
-"""A member node's durable state: SQLite (WAL, synchronous=FULL) plus files beside it.
+"""A member node's durable state: SQLite (WAL, synchronous=NORMAL, WAL fsynced by hand)
+plus files beside it.
 
 Layout of a store directory::
 
@@ -25,13 +26,28 @@ Rules that make it crash-safe:
 
 Group commit: a store opened with ``group_commit=True`` (the node's) runs each
 :meth:`MemberStore.transaction` as a savepoint of one open SQLite transaction that
-:meth:`MemberStore.commit` commits with one fsync; :attr:`MemberStore.barrier` names the
-batch that must be committed before the current state may be announced (to the relay,
-to the application, or to a caller by returning). Files are unlinked only after the
-commit that dropped their row.
+:meth:`MemberStore.commit` commits; :attr:`MemberStore.barrier` names the batch that
+must be on disk (:attr:`MemberStore.committed`) before the current state may be
+announced (to the relay, to the application, or to a caller by returning). Files are
+unlinked only once the batch that dropped their row is on disk.
+
+Durability without an fsync on the event loop, by the same rule as the relay's store
+(the full argument is in :mod:`relay.store`): ``synchronous=NORMAL``, so ``COMMIT``
+only appends the batch's frames to ``member.db-wal`` (page cache); a batch counts as on
+disk (:meth:`MemberStore.mark_durable`) only once an fsync of the WAL file that started
+after its COMMIT returned has completed (:meth:`MemberStore.fsync_wal`, which the node
+runs in a worker thread while its loop goes on; it touches no SQLite state). WAL
+recovery keeps a prefix of the batches, so that fsync puts the batch and all earlier
+ones on disk; checkpoints are fsynced by SQLite itself in NORMAL mode, a WAL restart
+overwrites only checkpointed frames, the WAL file's directory entry is fsynced once at
+open, and a failed fsync poisons the store (:attr:`MemberStore.failed`) so nothing later
+is ever announced. Without group commit every transaction is fsynced before it returns.
+In particular an ack goes to the relay only after the inbox row's batch is fsynced, and
+a release token only after the batch holding its counter is.
 
 Everything here is synchronous and cheap except the fsyncs; the node calls it from its
-trio thread. One :class:`MemberStore` per directory, one process at a time.
+trio thread (:meth:`MemberStore.fsync_wal` from a worker). One :class:`MemberStore` per
+directory, one process at a time.
 """
 
 from __future__ import annotations
@@ -258,11 +274,17 @@ class MemberStore:
     ) -> None:
         self.root = pathlib.Path(path)
         self.group_commit = False  # the set-up below commits as it goes
+        # Batches: ``generation`` open (or next), ``written`` last COMMITted into the
+        # WAL, ``committed`` last on disk (see the module docstring).
         self.generation = 1
+        self.written = 0
         self.committed = 0
         self.ops = 0
+        self.failed: BaseException | None = None
+        self._lost: set[int] = set()
         self._in_step = False
         self._after_commit: list[pathlib.Path] = []
+        self._after_durable: list[tuple[int, list[pathlib.Path]]] = []
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -270,7 +292,8 @@ class MemberStore:
             directory.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.root / "member.db", isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
+        # NORMAL: COMMIT does not fsync; fsync_wal does, before anything is announced.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         # executescript commits on its own; the statements are idempotent.
         self._db.executescript(_SCHEMA)
@@ -288,12 +311,19 @@ class MemberStore:
             elif stored.get("schema") != str(SCHEMA_VERSION):
                 raise UsageError(f"store schema {stored.get('schema')} is not supported")
         self._clean_debris()
+        # The WAL file may be new: make its directory entry durable once.
+        fsync_dir(self.root)
         self.group_commit = group_commit
+
+    @property
+    def wal_path(self) -> pathlib.Path:
+        """The WAL file (``member.db-wal``) that :meth:`fsync_wal` fsyncs."""
+        return self.root / "member.db-wal"
 
     def close(self) -> None:
         """Commit what is pending and close."""
         try:
-            self.commit()
+            self.commit_durably()
         finally:
             self._db.close()
 
@@ -313,6 +343,7 @@ class MemberStore:
                 self._db.execute("ROLLBACK")
                 raise
             self._db.execute("COMMIT")
+            self.fsync_wal()  # no group commit: durable on return
             return
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
@@ -331,17 +362,29 @@ class MemberStore:
 
     @property
     def barrier(self) -> int:
-        """The batch to commit before the current state may be announced: the open one,
-        or :attr:`committed` when nothing is pending."""
-        return self.generation if self._db.in_transaction else self.committed
+        """The batch to have on disk before the current state may be announced: the open
+        one, or the last one written when nothing is open."""
+        return self.generation if self._db.in_transaction else self.written
 
     @property
     def pending(self) -> bool:
-        return self._db.in_transaction
+        """Steps wait for :meth:`commit`, or a written batch for its WAL fsync."""
+        return self._db.in_transaction or self.written > self.committed
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be on disk (its commit or a WAL fsync failed)."""
+        return batch in self._lost or (self.failed is not None and batch > self.committed)
 
     def commit(self) -> None:
-        """Commit the open batch (one fsync), then unlink the files it dropped. On failure
-        the batch is rolled back and never counts as committed."""
+        """COMMIT the open batch into the WAL, without an fsync (:meth:`fsync_wal` and
+        :meth:`mark_durable` put it on disk). On failure the batch is rolled back and
+        never counts as committed.
+
+        Raises:
+            OSError: the store is poisoned by a failed WAL fsync.
+        """
+        if self.failed is not None:
+            raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
         if not self._db.in_transaction:
             return
         removals, self._after_commit = self._after_commit, []
@@ -350,14 +393,46 @@ class MemberStore:
         except BaseException:
             if self._db.in_transaction:
                 self._db.execute("ROLLBACK")
+            self._lost.add(self.generation)
             self.generation += 1
             self.ops = 0
             raise
-        self.committed = self.generation
+        self.written = self.generation
         self.generation += 1
         self.ops = 0
-        for path in removals:
-            path.unlink(missing_ok=True)
+        if removals:
+            self._after_durable.append((self.written, removals))
+
+    def fsync_wal(self) -> None:
+        """fsync the WAL file: every batch COMMITted before the call is on disk when it
+        returns. Blocking; touches no SQLite state (a worker thread may run it). A
+        failure poisons the store and is raised."""
+        try:
+            fd = os.open(self.wal_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            self.failed = exc
+            raise
+
+    def mark_durable(self, batch: int) -> None:
+        """Batches up to ``batch`` are on disk; unlink the files their rows dropped."""
+        if self.failed is not None or batch <= self.committed:
+            return
+        self.committed = batch
+        while self._after_durable and self._after_durable[0][0] <= batch:
+            for path in self._after_durable.pop(0)[1]:
+                path.unlink(missing_ok=True)
+
+    def commit_durably(self) -> None:
+        """:meth:`commit` and the WAL fsync in line (blocking)."""
+        self.commit()
+        if self.written > self.committed:
+            target = self.written
+            self.fsync_wal()
+            self.mark_durable(target)
 
     def _unlink_after_commit(self, path: pathlib.Path) -> None:
         if self.group_commit and self._db.in_transaction:

@@ -230,6 +230,9 @@ class Relay:
         # Set when a step is pending; each connection's committer commits it soon even
         # if no answer waits on it (an ack, a forwarded mark).
         self._dirty = trio.Event()
+        # A WAL fsync is running in a worker thread; _synced is set when it ends.
+        self._syncing = False
+        self._synced = trio.Event()
 
     def now(self) -> int:
         return int(self.clock())
@@ -271,29 +274,40 @@ class Relay:
             await trio.sleep(self.expiry_interval)
 
     def expire_now(self) -> None:
-        """One expiry sweep: expire, log, queue notices, wake the originators."""
+        """One expiry sweep: expire, log, queue notices, wake the originators (the
+        notices go out once the sweep's batch is on disk; the committer syncs it)."""
         for member in self.store.expire(now=self.now(), clock_skew=self.limits.clock_skew):
             self._wake(member)
         self.store.commit()
+        self._mark_dirty()
 
     async def _durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is committed (at once if it is).
 
         Group commit with no leader: each waiter yields to the scheduler while other
         tasks are still handling messages (so their steps join the batch), and the
-        first to see a pass with nothing new, or a full batch, commits.
+        first to see a pass with nothing new, or a full batch, commits (a COMMIT into
+        the WAL, no fsync). A written batch is on disk after the WAL fsync that follows
+        it, run in a worker thread (:meth:`_sync`); while one is in flight the loop
+        goes on, and the batch that grows meanwhile waits for it, then is committed and
+        synced in turn.
 
         Raises:
-            LinkClosed: the batch was lost (its commit failed); its answers must never
-                be sent.
+            LinkClosed: the batch was lost (its commit or a WAL fsync failed); its
+                answers must never be sent.
         """
         store = self.store
         while store.committed < barrier:
-            if store.generation > barrier:
+            if store.lost(barrier):
                 raise LinkClosed("the batch this answer depends on was not committed")
+            if store.written >= barrier or self._syncing:
+                # Written and waiting for the disk; or a sync is in flight, during
+                # which this batch keeps growing.
+                await self._sync()
+                continue
             before = self._activity
             await trio.lowlevel.checkpoint()
-            if store.committed >= barrier or store.generation > barrier:
+            if store.committed >= barrier or store.written >= barrier or store.lost(barrier):
                 continue
             if self._activity == before or store.ops >= MAX_BATCH:
                 if store.ops < MAX_BATCH and trio.current_time() < self._next_commit:
@@ -309,6 +323,26 @@ class Relay:
                 self._next_commit = trio.current_time() + COMMIT_SPACING * (
                     time.perf_counter() - started
                 )
+
+    async def _sync(self) -> None:
+        """Make every written batch durable: start a WAL fsync in a worker thread, or
+        if one is in flight wait for it (the caller then looks again)."""
+        if self._syncing:
+            await self._synced.wait()
+            return
+        store = self.store
+        target = store.written  # the fsync covers what was written before it starts
+        self._syncing = True
+        try:
+            await trio.to_thread.run_sync(store.fsync_wal)
+        except Exception:
+            log.exception("WAL fsync failed; nothing more will be announced")
+            raise LinkClosed("WAL fsync failed") from None
+        finally:
+            self._syncing = False
+            synced, self._synced = self._synced, trio.Event()
+            synced.set()
+        store.mark_durable(target)
 
     def _mark_dirty(self) -> None:
         if self.store.pending:

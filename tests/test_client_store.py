@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
@@ -124,11 +125,57 @@ def test_event_records_round_trip() -> None:
     assert decode_event(kind, data, arrangement=ARRANGEMENT) == event
 
 
-def test_sqlite_is_wal_and_full_sync(tmp_path: pathlib.Path) -> None:
-    store = MemberStore(tmp_path, "tokyo")
+def test_sqlite_is_wal_and_normal_sync_with_wal_fsync(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # synchronous=NORMAL: COMMIT does not fsync; a batch counts as on disk only after
+    # an fsync of the WAL file made after its COMMIT (the node then sends its acks).
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""))
+    batch = store.barrier
+    store.commit()
+    assert synced == [] and store.written == batch and store.committed < batch
+    store.fsync_wal()
+    assert synced == [os.stat(tmp_path / "member.db-wal").st_ino]
+    store.mark_durable(batch)
+    assert store.committed == batch and not store.pending
+    # Without group commit a transaction is fsynced before it returns.
+    monkeypatch.setattr(store, "group_commit", False)
+    store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""))
+    assert len(synced) == 2
     store.close()
+
+
+def test_a_failed_wal_fsync_poisons_the_store(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""))
+    batch = store.barrier
+    store.commit()
+
+    def fail(fd: int) -> None:
+        raise OSError(5, "EIO")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError):
+        store.fsync_wal()
+    store.mark_durable(batch)  # never counts, nor any later batch
+    assert store.committed < batch and store.lost(batch)
+    store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""))
+    with pytest.raises(OSError):
+        store.commit()
+    store._db.close()
 
 
 def test_missing_release_counters(tmp_path: pathlib.Path) -> None:

@@ -32,7 +32,6 @@ ALLOWED: dict[str, frozenset[str]] = {
             "MemberStore.inbox_entry",
             "MemberStore.last_counter",
             "MemberStore.mark_handed",
-            "MemberStore.pending",
             "MemberStore.pending_revocation",
             "MemberStore.receipts",
             "MemberStore.rejected",

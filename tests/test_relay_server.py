@@ -532,7 +532,8 @@ async def test_large_report_streams_through(world: World, tmp_path: Path) -> Non
 def test_store_sweeps_leftovers_and_is_durable(tmp_path: Path) -> None:
     store = Store(tmp_path)
     assert store._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    # NORMAL: COMMIT does not fsync; the WAL is fsynced by hand (next tests).
+    assert store._db.execute("PRAGMA synchronous").fetchone()[0] == 1
     writer = store.begin_upload(bytes(16))
     writer.write(b"partial upload")  # a crash here leaves a temporary file
     assert writer._file is not None
@@ -544,6 +545,64 @@ def test_store_sweeps_leftovers_and_is_durable(tmp_path: Path) -> None:
     assert not list((tmp_path / "tmp").iterdir())
     assert not orphan.exists()
     store.close()
+
+
+def test_a_batch_is_durable_only_after_a_wal_fsync_that_followed_its_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+    batch = store.barrier
+    store.commit()
+    assert synced == []  # COMMIT alone does not fsync (synchronous=NORMAL) ...
+    assert store.written == batch and store.committed < batch and store.pending
+    store.fsync_wal()  # ... the WAL file itself is fsynced by hand
+    assert synced == [os.stat(tmp_path / "relay.db-wal").st_ino]
+    assert store.committed < batch  # and only mark_durable makes it count
+    store.mark_durable(batch)
+    assert store.committed == batch and not store.pending
+    store.close()
+
+
+async def test_no_answer_before_the_wal_fsync_after_its_commit(
+    world: World, tmp_path: Path
+) -> None:
+    # The relay COMMITs without an fsync and fsyncs the WAL in a worker thread; `stored`
+    # waits for that fsync, not just the COMMIT.
+    import threading
+
+    gate = threading.Event()
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            store = h.relay.store
+            real = store.fsync_wal
+
+            def slow_fsync() -> None:
+                gate.wait(10)
+                real()
+
+            store.fsync_wal = slow_fsync  # type: ignore[method-assign]
+            seoul = await h.connect("seoul")
+            report = seal(world)
+            await send_submission(seoul, report)
+            with trio.move_on_after(0.3):
+                await seoul.receive()
+                raise AssertionError("an answer went out before its batch's WAL fsync")
+            assert store.written > store.committed  # committed to the WAL, not on disk
+            # The event loop is not blocked meanwhile: a second member is served.
+            tokyo = await h.connect("tokyo")
+            await tokyo.send(AuditFetch(since=0))
+            gate.set()
+            await expect(seoul, Stored)
+            await expect(tokyo, AuditReply)
 
 
 async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> None:
@@ -655,12 +714,14 @@ async def test_commits_are_spaced_under_load(
 
 
 async def test_deliveries_found_together_wait_for_one_commit(
-    world: World, tmp_path: Path, autojump_clock: trio.abc.Clock
+    world: World, tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     # The pusher waits for the batch in which it found pending deliveries, once, not
     # for every later batch: with commits held back (spacing pushed an hour ahead; the
     # clock jumps to the first deadline only when every task is stuck), all three
-    # deliveries still go out.
+    # deliveries still go out. The WAL fsync runs in a worker thread, during which
+    # every task is blocked: the clock jumps only after 0.2 real seconds of that.
+    autojump_clock.autojump_threshold = 0.2
     async with running_relay(world, tmp_path, limits=LIMITS) as h:
         seoul = await h.connect("seoul")
         tokens = []
