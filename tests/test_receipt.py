@@ -310,3 +310,14 @@ def test_receipt_size_limit() -> None:
     padded = enc.pack({"body": envelope["body"] + bytes(MAX_RECEIPT_SIZE), "sig": envelope["sig"]})
     with pytest.raises(ProtocolError):
         Receipt.verify(padded, ARRANGEMENT)
+
+
+def test_issued_bytes_verify_to_the_issued_value() -> None:
+    # issue builds its value directly (it no longer re-verifies what it just signed):
+    # the bytes it returns must verify, to the same value, under the signer's key.
+    receipt = issue_receipt()
+    assert Receipt.verify(receipt.encoded, ARRANGEMENT) == receipt
+    assert Receipt.verify(receipt.encoded, ARRANGEMENT).encoded == receipt.encoded
+    ack = issue_ack()
+    assert StoredAck.verify(ack.encoded, ARRANGEMENT) == ack
+    assert StoredAck.verify(ack.encoded, ARRANGEMENT).encoded == ack.encoded
