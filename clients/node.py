@@ -1258,7 +1258,10 @@ def _seal_to(
                 while piece := source.read(CHUNK_SIZE):
                     out.write(sealer.write(piece))
                     report(len(piece))
-    out.write(sealer.finish())
+    # finish_iter pads a chunk at a time: PADME padding of a 1 GiB report is up to
+    # 32 MiB, which finish() would build in memory at once.
+    for piece in sealer.finish_iter():
+        out.write(piece)
     if sync:
         out.flush()
         os.fsync(out.fileno())

@@ -207,3 +207,29 @@ async def test_stored_event_and_relay_refusal_of_a_release(
             with pytest.raises(Refused) as info:
                 await seoul.release(report_id, "tokyo", valid_for=60)
             assert info.value.reason is Reason.EXPIRED
+
+
+def test_sealing_a_large_file_into_the_outbox_keeps_memory_flat(tmp_path: pathlib.Path) -> None:
+    # Regression: PADME padding of a large report (up to 2 MiB here, 32 MiB at 1 GiB)
+    # was built in memory at once by ReportSealer.finish().
+    import tracemalloc
+
+    from clients.node import _seal_to_file
+    from tisa.report import ReportSealer
+
+    size = 40 * 1024 * 1024 + 12345
+    source = tmp_path / "large.bin"
+    with open(source, "wb") as handle:
+        handle.truncate(size)
+    sealer = ReportSealer(
+        SECRETS["seoul"], "seoul", ARRANGEMENT, recipients=["tokyo"],
+        scope=SCOPE, level=LEVEL, body_size=size, now=1_420_000_000,
+    )  # fmt: skip
+    tracemalloc.start()
+    try:
+        _seal_to_file(sealer, [source], tmp_path / "sealed.bin", None, size)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "sealed.bin").stat().st_size == sealer.size
+    assert peak < 1024 * 1024, peak
