@@ -277,3 +277,15 @@ def test_any_flipped_byte_decodes_or_fails(message: Message, position: int, mask
         return
     # A flip inside a payload can give another valid message; it must be canonical.
     assert encode_message(decoded) == bytes(data)
+
+
+@samples
+def test_fast_encoding_is_the_canonical_encoding(message: Message) -> None:
+    # encode_message skips the generic canonical walk; it must give the same bytes, and
+    # decode_message (which skips the second schema check) the same value.
+    assert encode_message(message) == enc.pack(message.to_dict())
+    decoded = decode_message(encode_message(message))
+    assert decoded == message and type(decoded) is type(message)
+    field = dataclasses.fields(decoded)[0].name
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(decoded, field, getattr(decoded, field))

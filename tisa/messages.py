@@ -16,6 +16,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import msgpack
+
 from tisa import encoding as enc
 from tisa.errors import ProtocolError, Reason
 from tisa.keys import DIGEST_SIZE
@@ -314,9 +316,28 @@ class ErrorMessage(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = dict(_REGISTRY)
 
 
+def _sorted_keys(cls: type[Message]) -> tuple[str, ...]:
+    keys = _SORTED_KEYS.get(cls)
+    if keys is None:
+        keys = _SORTED_KEYS[cls] = tuple(sorted([*cls.SCHEMA, "t"]))
+    return keys
+
+
+_SORTED_KEYS: dict[type[Message], tuple[str, ...]] = {}
+
+
 def encode_message(message: Message) -> bytes:
-    """The canonical encoding of ``message``."""
-    return enc.pack(message.to_dict())
+    """The canonical encoding of ``message``.
+
+    Every message was checked against its schema when built, so its values are already
+    of the canonical kinds (bytes, str, int, None) and only the key order is left to do:
+    the map is built in sorted order and packed in C, without the generic walk of
+    :func:`tisa.encoding.pack` (this runs for every frame of every report).
+    """
+    cls = type(message)
+    value = {key: cls.TYPE if key == "t" else getattr(message, key) for key in _sorted_keys(cls)}
+    packed: bytes = msgpack.packb(value, use_bin_type=True)
+    return packed
 
 
 def decode_message(data: bytes, *, max_size: int | None = None) -> Message:
@@ -327,4 +348,9 @@ def decode_message(data: bytes, *, max_size: int | None = None) -> Message:
     if cls is None:
         raise ProtocolError(f"unknown message type {kind!r}")
     fields = enc.check_map(value, cls.SCHEMA, cls.TYPE)
-    return cls(**fields)
+    # The fields were just checked against the schema: build the frozen instance without
+    # running the same check again in __post_init__ (this runs for every frame).
+    message = object.__new__(cls)
+    for key, item in fields.items():
+        object.__setattr__(message, key, item)
+    return message
