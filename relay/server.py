@@ -47,6 +47,7 @@ from relay.transport import (
 )
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
+from tisa.envelope import open_envelope
 from tisa.errors import (
     LimitExceeded,
     ProtocolError,
@@ -82,7 +83,7 @@ from tisa.messages import (
     SubmitBegin,
     SubmitEnd,
 )
-from tisa.receipt import Receipt, StoredAck
+from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 from tisa.token import ReleaseToken, check_for_relay
 
 __all__ = ["MAX_HANDSHAKES", "MAX_HOLD", "EXPIRY_INTERVAL", "Relay", "serve"]
@@ -724,6 +725,7 @@ class Relay:
             )
 
     async def _receipt(self, conn: _Connection, message: SendReceipt) -> None:
+        receipt: Receipt | None = None
         try:
             receipt = Receipt.verify(message.receipt, self.arrangement)
             if receipt.recipient != conn.member:
@@ -736,7 +738,17 @@ class Relay:
             await self._refuse(conn, b"", Reason.BAD_SIGNATURE)
             return
         except Refused as exc:
-            await self._refuse(conn, receipt.token, exc.reason, exc.detail)
+            if receipt is None:
+                # verify raised it (wrong_arrangement) once the envelope decoded and its
+                # signature checked: answer under the receipt's token id, so that the
+                # recipient's node stops resending it.
+                _, fields, _ = open_envelope(
+                    message.receipt, max_size=MAX_RECEIPT_SIZE, what="receipt"
+                )
+                token = bytes(fields["token"])
+            else:
+                token = receipt.token
+            await self._refuse(conn, token, exc.reason, exc.detail)
             return
         # Confirm (also a receipt sent again), so the recipient stops resending it.
         await self._reply(conn, Ack(kind="receipt", token=receipt.token))
