@@ -709,6 +709,12 @@ class Relay:
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
             known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
+            if known:
+                # No longer outstanding: its claim is not needed (nor kept, which grew
+                # with every delivery a long-lived connection made).
+                holder = self._claims.pop(message.token, None)
+                if holder is not None:
+                    holder.claims.discard(message.token)
             for other in self._connections.get(conn.member, ()):
                 if message.token in other.in_flight:
                     other.in_flight.discard(message.token)

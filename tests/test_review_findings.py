@@ -13,8 +13,11 @@ from nodes.relay_helpers import NOW, World, make_world, seal, token_for
 from tisa.errors import Reason
 from tisa.limits import Limits
 from tisa.messages import (
+    Ack,
     AuditFetch,
     AuditReply,
+    Deliver,
+    DeliverEnd,
     Message,
     Refusal,
     Release,
@@ -86,3 +89,25 @@ async def test_receipt_under_another_arrangement_is_refused_not_a_crash(
             assert (refusal.reason, refusal.ref) == (Reason.WRONG_ARRANGEMENT, bytes(16))
             # The connection goes on.
             assert await _until_audit(tokyo) == []
+
+
+def _delivered(messages: list[Message]) -> list[bytes]:
+    return [ReleaseToken.decode(m.token).id for m in messages if isinstance(m, Deliver)]
+
+
+async def test_acked_deliveries_leave_no_claims_behind(world: World, tmp_path: Path) -> None:
+    # A delivery's claim (which connection of the member pushes it) is only needed while
+    # the delivery is outstanding; kept until the connection closed, every delivery ever
+    # made on a long-lived connection stayed in two sets (memory growing without bound).
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            for counter in (1, 2, 3):
+                token_id = await _released(h, seoul, f"report {counter}".encode(), counter)
+                got = [await tokyo.receive() for _ in range(3)]
+                assert isinstance(got[0], Deliver) and isinstance(got[-1], DeliverEnd)
+                await tokyo.send(Ack(kind="delivery", token=token_id))
+            assert await _until_audit(tokyo) == []
+            assert h.relay._claims == {}
+            assert all(not c.claims for c in h.relay._connections["tokyo"])
