@@ -867,6 +867,9 @@ class Relay:
         # barrier, which moves on with every message handled meanwhile: waiting for it
         # let out one delivery per commit.
         await self._durable(barrier)
+        holder = self._claims.get(row.id)
+        if holder is not None and holder is not conn:
+            return  # another connection claimed it while this one waited for the commit
         if not self.store.is_outstanding(row.id):
             return  # acked, revoked or expired since the query
         inline = self.store.inline_data(row.report)

@@ -111,3 +111,20 @@ async def test_acked_deliveries_leave_no_claims_behind(world: World, tmp_path: P
             assert await _until_audit(tokyo) == []
             assert h.relay._claims == {}
             assert all(not c.claims for c in h.relay._connections["tokyo"])
+
+
+async def test_two_connections_of_a_member_do_not_both_push_a_delivery(
+    world: World, tmp_path: Path
+) -> None:
+    # "When a member has several connections, a delivery is pushed on one of them at a
+    # time": both pushers found the new delivery, both waited for its commit, then both
+    # claimed and pushed it.
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            first = await h.connect("tokyo")
+            second = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            token_id = await _released(h, seoul, b"once", 1)
+            await trio.sleep(0.2)
+            pushed = _delivered(await _until_audit(first)) + _delivered(await _until_audit(second))
+            assert pushed == [token_id]
