@@ -859,6 +859,8 @@ class Relay:
 
     async def _deliver(self, conn: _Connection, row: TokenRow, barrier: int) -> None:
         """Push one delivery; ``barrier`` is the batch of the query that found ``row``."""
+        if row.id in conn.in_flight:
+            return  # pushed on this connection already (a rescan found it); ack awaited
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection of this member is delivering it

@@ -7,9 +7,16 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
-from nodes.relay_harness import Harness, expect, running_relay, send_submission
+from nodes.relay_harness import (
+    Harness,
+    expect,
+    receive_delivery,
+    running_relay,
+    send_submission,
+)
 from nodes.relay_helpers import NOW, World, make_world, seal, token_for
 
+from relay.transport import Link
 from tisa.errors import Reason
 from tisa.limits import Limits
 from tisa.messages import (
@@ -36,11 +43,8 @@ def world() -> World:
     return make_world()
 
 
-async def _until_audit(link: object) -> list[Message]:
+async def _until_audit(link: Link) -> list[Message]:
     """Send audit_fetch and collect everything the relay sends before its reply."""
-    from relay.transport import Link
-
-    assert isinstance(link, Link)
     await link.send(AuditFetch(since=0))
     got: list[Message] = []
     while True:
@@ -50,10 +54,7 @@ async def _until_audit(link: object) -> list[Message]:
         got.append(message)
 
 
-async def _released(h: Harness, seoul: object, body: bytes, counter: int) -> bytes:
-    from relay.transport import Link
-
-    assert isinstance(seoul, Link)
+async def _released(h: Harness, seoul: Link, body: bytes, counter: int) -> bytes:
     report = seal(h.world, body)
     await send_submission(seoul, report)
     await expect(seoul, Stored)
@@ -95,6 +96,12 @@ def _delivered(messages: list[Message]) -> list[bytes]:
     return [ReleaseToken.decode(m.token).id for m in messages if isinstance(m, Deliver)]
 
 
+async def _pushed(link: Link) -> bytes:
+    """Read one whole delivery; its token id."""
+    token, _ = await receive_delivery(link)
+    return ReleaseToken.decode(token).id
+
+
 async def test_acked_deliveries_leave_no_claims_behind(world: World, tmp_path: Path) -> None:
     # A delivery's claim (which connection of the member pushes it) is only needed while
     # the delivery is outstanding; kept until the connection closed, every delivery ever
@@ -128,3 +135,30 @@ async def test_two_connections_of_a_member_do_not_both_push_a_delivery(
             await trio.sleep(0.2)
             pushed = _delivered(await _until_audit(first)) + _delivered(await _until_audit(second))
             assert pushed == [token_id]
+
+
+async def test_a_rescan_does_not_push_again_what_is_in_flight_on_the_connection(
+    world: World, tmp_path: Path
+) -> None:
+    # When another connection of the member closes, its claims are dropped and this
+    # connection scans the queue from the start again; deliveries it had pushed itself
+    # and not yet seen acked were pushed a second time.
+    limits = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120, delivery_window=2)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            seoul = await h.connect("seoul")
+            old = await h.connect("tokyo")
+            d1 = await _released(h, seoul, b"one", 1)
+            d2 = await _released(h, seoul, b"two", 2)
+            assert [await _pushed(old), await _pushed(old)] == [d1, d2]  # window full
+            new = await h.connect("tokyo")
+            d3 = await _released(h, seoul, b"three", 3)
+            assert await _pushed(new) == d3
+            await old.aclose()  # d1 and d2 are free for `new` again
+            assert await _pushed(new) == d1  # the window: d3 and d1
+            await new.send(Ack(kind="delivery", token=d1))
+            assert await _pushed(new) == d2
+            await new.send(Ack(kind="delivery", token=d2))
+            # d3 is still in flight on `new`: nothing more to push.
+            await trio.sleep(0.3)
+            assert _delivered(await _until_audit(new)) == []
