@@ -589,6 +589,9 @@ class Node:
             finally:
                 self.store.mark_handed(report.token_id)
                 self._mark_dirty()
+            # On disk before the next one is handed over: else a node killed once the
+            # application took the next one would hand over both again.
+            await self._durable()
 
     async def _pump_events(self) -> None:
         last = 0

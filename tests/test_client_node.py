@@ -233,3 +233,40 @@ def test_sealing_a_large_file_into_the_outbox_keeps_memory_flat(tmp_path: pathli
         tracemalloc.stop()
     assert (tmp_path / "sealed.bin").stat().st_size == sealer.size
     assert peak < 1024 * 1024, peak
+
+
+async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # reports() records the hand-over of a report when the consumer asks for the next
+    # one; the mark must be committed before the next report reaches the application,
+    # or a node killed right after logging the next one hands over both again.
+    import sqlite3
+
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("seoul", port, tmp_path) as seoul, node("tokyo", port, tmp_path) as tokyo:
+            ids = [
+                await seoul.submit(
+                    body, recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+                )
+                for body in (b"first", b"second", b"third")
+            ]
+            for report_id in ids:
+                await seoul.wait_stored(report_id)
+            got: list[bytes] = []
+            async for report in tokyo.reports():
+                if got:
+                    # What another process (or a restart) would see of the previous one.
+                    db = sqlite3.connect(tmp_path / "tokyo" / "member.db")
+                    try:
+                        (handed,) = db.execute(
+                            "SELECT handed FROM inbox WHERE report = ?", (got[-1],)
+                        ).fetchone()
+                    finally:
+                        db.close()
+                    assert handed == 1, "the previous report's hand-over is not committed"
+                got.append(report.report_id)
+                if len(got) == len(ids):
+                    break
+            assert got == ids
