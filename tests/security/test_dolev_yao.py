@@ -274,9 +274,14 @@ class DolevYao(RuleBasedStateMachine):
             fields[field] = enc.unpack(hostile.envelope_parts(donor)[0])[field]
         except (ProtocolError, KeyError):
             return
-        if field == "recipient" and fields[field] == enc.unpack(body)[field]:
+        # .get: a token whose body had a bit flipped may lack the field (a renamed key).
+        if field == "recipient" and fields[field] == enc.unpack(body).get(field):
             fields[field] = RECIPIENTS[other % len(RECIPIENTS)]
-        if field == "counter" and fields[field] == enc.unpack(body)[field]:
+        if (
+            field == "counter"
+            and isinstance(fields[field], int)
+            and fields[field] == enc.unpack(body).get(field)
+        ):
             fields[field] += 1
         self._learn(self.tokens, enc.pack({"body": enc.pack(fields), "sig": signature}))
 
