@@ -931,6 +931,16 @@ class Node:
                 # ended first): settled with the submission, whose refusal came first.
                 return
         if release is not None and release.state == "pending":
+            submission = self.store.submission(release.report)
+            if (
+                reason is Reason.UNKNOWN_REPORT
+                and submission is not None
+                and submission.state == "queued"
+            ):
+                # Sent right behind a submission the relay did not store (yet): the
+                # release goes out again after the submission, on a later connection.
+                self.store.add_event(event)
+                return
             if reason is Reason.REPLAYED:
                 # Only this node holds the key that signs its tokens, so the relay can
                 # have seen this id only from us: it consumed the token on an earlier
@@ -955,6 +965,12 @@ class Node:
                 return
         submission = self.store.submission(ref)
         if submission is not None and submission.state == "queued":
+            if reason is Reason.BUSY:
+                # Transient: the relay still holds an upload of this report from one of
+                # our earlier connections. Keep it queued (never drop the ciphertext) and
+                # reconnect with backoff; the outbox resends it on the next connection.
+                self.store.add_event(event)
+                raise LinkClosed(f"relay busy with report {ref.hex()}: {detail}")
             self.store.set_submission_state(
                 ref, "refused", event, reason=reason.value, detail=detail
             )

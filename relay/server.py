@@ -561,7 +561,9 @@ class Relay:
                     f"report of {message.size} bytes over {self.limits.max_report_size}",
                 )
             if message.report in self._uploading:
-                raise Refused(Reason.DUPLICATE, "this report is being uploaded")
+                # Most likely the member's previous connection died mid-upload and the
+                # relay has not noticed yet: a transient refusal, the member retries.
+                raise Refused(Reason.BUSY, "this report is being uploaded on another connection")
             existing = self.store.report(message.report)
             if existing is not None:
                 same = (

@@ -270,3 +270,23 @@ async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
                 if len(got) == len(ids):
                     break
             assert got == ids
+
+
+async def test_busy_submission_stays_queued_and_goes_out_on_a_later_connection(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # The relay still holds an upload of the report from a connection of ours that died:
+    # it answers `busy`. The node must keep the ciphertext and the release, reconnect,
+    # and send both again, never mark them refused.
+    fake, port = relay
+    fake.busy_submissions = 2
+    with trio.fail_after(15):
+        async with node("seoul", port, tmp_path) as seoul:
+            report_id = await seoul.submit(
+                b"kept", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+            )
+            await seoul.wait_stored(report_id)
+            event = await next_event(seoul, Released)
+            assert isinstance(event, Released) and event.recipient == "tokyo"
+            assert seoul.store.submission(report_id).state == "stored"  # type: ignore[union-attr]
+    assert fake.busy_submissions == 0

@@ -621,10 +621,11 @@ async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> Non
             second = await h.connect("seoul")
             await second.send(begin)
             await second.aclose()
-            # A third one is still refused: the first upload is in progress.
+            # A third one is still refused: the first upload is in progress. The refusal
+            # is transient (busy: retry), not final like a duplicate id.
             third = await h.connect("seoul")
             await send_submission(third, report)
-            assert (await expect(third, Refusal)).reason == Reason.DUPLICATE
+            assert (await expect(third, Refusal)).reason == Reason.BUSY
             await first.send(Chunk(data=report.ciphertext[100:]))
             await first.send(SubmitEnd(report=report.report_id))
             await expect(first, Stored)

@@ -43,6 +43,9 @@ class FakeRelay:
     accept: bool = True
     # Acks the relay "loses" (as if it crashed before recording them).
     ignore_acks: bool = False
+    # Submissions answered `busy` (as if an upload of the same id were in progress on
+    # another connection) before the relay starts taking them.
+    busy_submissions: int = 0
     # Every delivery sent, as (token, token id, report id).
     delivered: list[tuple[bytes, bytes, bytes]] = dataclasses.field(default_factory=list)
 
@@ -113,6 +116,12 @@ class FakeRelay:
                         data += part.data
                     else:
                         break
+                if self.busy_submissions > 0:
+                    self.busy_submissions -= 1
+                    await link.send(
+                        m.Refusal(ref=message.report, reason=Reason.BUSY.value, detail="upload")
+                    )
+                    continue
                 self.reports[message.report] = (link.peer, message.digest, bytes(data))
                 ack = StoredAck.issue(
                     self.secret,
