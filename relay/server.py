@@ -50,6 +50,7 @@ from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
 from tisa.envelope import open_envelope
 from tisa.errors import (
     LimitExceeded,
+    LocalError,
     ProtocolError,
     Reason,
     Refused,
@@ -131,6 +132,11 @@ COMMIT_SPACING = 1.0
 
 def _detail(text: str) -> str:
     return text.encode("utf-8")[:MAX_DETAIL].decode("utf-8", "ignore")
+
+
+class StoreFailed(LocalError):
+    """The relay's store cannot make anything durable any more (a WAL fsync failed);
+    :meth:`Relay.serve_tcp` and :func:`serve` stop with it."""
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,6 +240,8 @@ class Relay:
         # A WAL fsync is running in a worker thread; _synced is set when it ends.
         self._syncing = False
         self._synced = trio.Event()
+        # Set when a WAL fsync failed: the store is poisoned and serve_tcp stops.
+        self._store_failed = trio.Event()
 
     def now(self) -> int:
         return int(self.clock())
@@ -261,9 +269,17 @@ class Relay:
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.run_expiry)
+            nursery.start_soon(self._stop_when_store_fails)
             await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
             log.info("relay %s listening on %s:%d", self.arrangement.relay, host, bound)
             task_status.started(bound)
+
+    async def _stop_when_store_fails(self) -> None:
+        # After a failed WAL fsync nothing may ever be announced again (the kernel may
+        # have dropped the dirty pages), so serving on would only close every connection
+        # without a reason: stop, and let the operator restart on what is really on disk.
+        await self._store_failed.wait()
+        raise StoreFailed("a WAL fsync of the relay's store failed; restart the relay")
 
     async def run_expiry(self) -> None:
         """Sweep expired reports and tokens every ``expiry_interval`` until cancelled."""
@@ -338,6 +354,7 @@ class Relay:
             await trio.to_thread.run_sync(store.fsync_wal)
         except Exception:
             log.exception("WAL fsync failed; nothing more will be announced")
+            self._store_failed.set()
             raise LinkClosed("WAL fsync failed") from None
         finally:
             self._syncing = False

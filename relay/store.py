@@ -372,9 +372,11 @@ class Store:
 
     def close(self) -> None:
         """Commit what is pending (it was never announced, but keeping it is harmless)
-        and close."""
+        and close. A store poisoned by a failed fsync is closed without committing:
+        what was never announced is rolled back, and recovery sees what is on disk."""
         try:
-            self.commit_durably()
+            if self.failed is None:
+                self.commit_durably()
         finally:
             self._db.close()
 

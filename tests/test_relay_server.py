@@ -744,3 +744,31 @@ async def test_deliveries_found_together_wait_for_one_commit(
         assert got == tokens
         # Each delivery's `forwarded` mark opened a batch that is still waiting.
         assert h.relay.store.pending
+
+
+async def test_relay_stops_when_a_wal_fsync_fails(world: World, tmp_path: Path) -> None:
+    # After a failed fsync nothing may be announced again; serving on would only close
+    # every connection without a reason, so serve_tcp stops with StoreFailed.
+    from relay.server import Relay, StoreFailed
+    from relay.transport import connect_member
+
+    relay = Relay(world.relay_secret, world.arrangement, tmp_path, limits=LIMITS)
+
+    def broken_fsync() -> None:
+        # As Store.fsync_wal does on an I/O error: poison the store, then raise.
+        relay.store.failed = OSError(5, "Input/output error")
+        raise relay.store.failed
+
+    relay.store.fsync_wal = broken_fsync  # type: ignore[method-assign]
+    with trio.fail_after(10):
+        with pytest.raises(BaseExceptionGroup) as info:
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(relay.serve_tcp)
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+                seoul = await connect_member(
+                    stream, world.secrets["seoul"], "seoul", world.arrangement, limits=LIMITS
+                )
+                await send_submission(seoul, seal(world))
+                await trio.sleep_forever()
+    assert info.group_contains(StoreFailed)
+    relay.close()
