@@ -118,6 +118,10 @@ MAX_DETAIL = 400
 # Answers queued on one connection, waiting for their batch to commit, before its
 # reader stops reading: a member that floods the relay is slowed to the disk's pace.
 MAX_QUEUED_REPLIES = 1024
+# Audit extracts waiting to be sent on one connection. Each can be ~128 KiB while other
+# replies are a few hundred bytes, so they get a cap of their own: a member fetches
+# again when it has read the extract it asked for.
+MAX_QUEUED_AUDIT_REPLIES = 2
 
 # Steps in one batch before it is committed even though more work is at hand, so a
 # steady flood cannot postpone everyone's answers for long.
@@ -172,6 +176,9 @@ class _Connection:
         default_factory=collections.deque
     )
     replies_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Audit extracts queued in ``replies`` (up to ~128 KiB each): at most
+    # MAX_QUEUED_AUDIT_REPLIES, so a member that asks and never reads holds little.
+    audit_queued: int = 0
 
     def changed(self) -> None:
         self.replies_changed.set()
@@ -390,6 +397,8 @@ class Relay:
                 # Everything up to the commit point goes out in order, in one go.
                 while conn.replies and conn.replies[0][0] <= self.store.committed:
                     _, message = conn.replies.popleft()
+                    if isinstance(message, AuditReply):
+                        conn.audit_queued -= 1
                     await conn.link.send(message)
                 conn.changed()
         except (LinkClosed, LinkTimeout):
@@ -781,6 +790,11 @@ class Relay:
             self._wake(receipt.originator)
 
     async def _audit_fetch(self, conn: _Connection, message: AuditFetch) -> None:
+        if conn.audit_queued >= MAX_QUEUED_AUDIT_REPLIES:
+            await self._refuse(
+                conn, b"", Reason.BUSY, "earlier audit extracts not read yet; fetch again later"
+            )
+            return
         since = message.since
         start_head = self.store.audit_point(since)
         if start_head is None:
@@ -808,6 +822,7 @@ class Relay:
             checkpoint=checkpoint.encoded,
         )
         # Queued like every answer: the checkpoint signs entries that must be on disk.
+        conn.audit_queued += 1
         await self._reply(conn, AuditReply(extract=extract.encode()))
 
     # --- the pusher ----------------------------------------------------------------------

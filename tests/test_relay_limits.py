@@ -462,3 +462,25 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
     assert busy.returncode == 2, busy.stderr
     assert "Traceback" not in busy.stderr
     assert busy.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+async def test_audit_extracts_queued_per_connection_are_capped(
+    world: World, tmp_path: Path
+) -> None:
+    # Each extract can be ~128 KiB: a member that asks again and again without reading
+    # gets `busy` past MAX_QUEUED_AUDIT_REPLIES instead of making the relay hold them all.
+    from relay.server import MAX_QUEUED_AUDIT_REPLIES
+
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path) as h:
+            link = await h.connect("seoul", lockstep=True)
+            asks = MAX_QUEUED_AUDIT_REPLIES + 4
+            for _ in range(asks):
+                await link.send(AuditFetch(since=0))
+            answers = [await link.receive() for _ in range(asks)]
+            extracts = [a for a in answers if isinstance(a, AuditReply)]
+            refusals = [a for a in answers if isinstance(a, Refusal)]
+            assert len(extracts) + len(refusals) == asks
+            # At most one on the wire plus the queued ones; the rest were refused busy.
+            assert 1 <= len(extracts) <= MAX_QUEUED_AUDIT_REPLIES + 1
+            assert refusals and all(r.reason == Reason.BUSY for r in refusals)
