@@ -122,6 +122,8 @@ MAX_QUEUED_REPLIES = 1024
 # replies are a few hundred bytes, so they get a cap of their own: a member fetches
 # again when it has read the extract it asked for.
 MAX_QUEUED_AUDIT_REPLIES = 2
+# Receipts or notices read from the store per query when pushing them to a member.
+NOTICE_PAGE = 256
 
 # Steps in one batch before it is committed even though more work is at hand, so a
 # steady flood cannot postpone everyone's answers for long.
@@ -873,22 +875,24 @@ class Relay:
                         break  # the rest when acks make room (they wake us)
                     after_token = row.seq
                     await self._deliver(conn, row, barrier)
-            receipts = self.store.queued_receipts(conn.member, after=after_receipt)
-            if receipts:
+            # Receipts and notices pile up while a member is offline: read them a page
+            # at a time, never all at once.
+            while receipts := self.store.queued_receipts(
+                conn.member, after=after_receipt, limit=NOTICE_PAGE
+            ):
                 await self._durable(self.store.barrier)
-            for receipt in receipts:
-                await conn.link.send(ReceiptNotice(receipt=receipt.receipt))
-                after_receipt = receipt.seq
-            notices = self.store.notices(conn.member, after=after_notice)
-            if notices:
+                for receipt in receipts:
+                    await conn.link.send(ReceiptNotice(receipt=receipt.receipt))
+                    after_receipt = receipt.seq
+            while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
                 await self._durable(self.store.barrier)
-            for notice in notices:
-                kind = Expired if notice.kind == "expired" else Revoked
-                await conn.link.send(kind(report=notice.report, token=notice.token))
-                # Notices have no ack: sent once on a live link, then dropped.
-                self.store.drop_notice(notice.seq)
-                self._mark_dirty()
-                after_notice = notice.seq
+                for notice in notices:
+                    kind = Expired if notice.kind == "expired" else Revoked
+                    await conn.link.send(kind(report=notice.report, token=notice.token))
+                    # Notices have no ack: sent once on a live link, then dropped.
+                    self.store.drop_notice(notice.seq)
+                    self._mark_dirty()
+                    after_notice = notice.seq
             await conn.wake.wait()
 
     async def _deliver(self, conn: _Connection, row: TokenRow, barrier: int) -> None:

@@ -894,27 +894,36 @@ class Store:
             )
         return True
 
-    def queued_receipts(self, originator: str, *, after: int = 0) -> list[ReceiptRow]:
+    def queued_receipts(
+        self, originator: str, *, after: int = 0, limit: int = -1
+    ) -> list[ReceiptRow]:
+        """Receipts not yet confirmed by ``originator``, with ``seq > after``, oldest
+        first (at most ``limit``; -1 for all)."""
         rows = self._db.execute(
             "SELECT seq, originator, token, receipt FROM receipts"
-            " WHERE originator = ? AND state = 'queued' AND seq > ? ORDER BY seq",
-            (originator, after),
+            " WHERE originator = ? AND state = 'queued' AND seq > ? ORDER BY seq LIMIT ?",
+            (originator, after, limit),
         ).fetchall()
         return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
 
     def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
         with self._transaction() as db:
+            # The row stays (its token id makes a resent receipt a duplicate), the
+            # receipt itself is no longer needed.
             cursor = db.execute(
-                "UPDATE receipts SET state = 'acked' WHERE token = ? AND originator = ?",
+                "UPDATE receipts SET state = 'acked', receipt = X''"
+                " WHERE token = ? AND originator = ?",
                 (token_id, originator),
             )
             return cursor.rowcount > 0
 
-    def notices(self, member: str, *, after: int = 0) -> list[NoticeRow]:
+    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
+        """Notices queued for ``member`` with ``seq > after``, oldest first (at most
+        ``limit``; -1 for all)."""
         rows = self._db.execute(
             "SELECT seq, member, kind, report, token FROM notices"
-            " WHERE member = ? AND seq > ? ORDER BY seq",
-            (member, after),
+            " WHERE member = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (member, after, limit),
         ).fetchall()
         return [
             NoticeRow(

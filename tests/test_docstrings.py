@@ -66,8 +66,6 @@ ALLOWED: dict[str, frozenset[str]] = {
             "Store.blob_path",
             "Store.drop_notice",
             "Store.is_outstanding",
-            "Store.notices",
-            "Store.queued_receipts",
             "Store.report",
             "Store.token",
             "TokenRow",

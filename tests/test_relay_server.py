@@ -772,3 +772,43 @@ async def test_relay_stops_when_a_wal_fsync_fails(world: World, tmp_path: Path) 
                 await trio.sleep_forever()
     assert info.group_contains(StoreFailed)
     relay.close()
+
+
+async def test_many_queued_receipts_go_out_a_page_at_a_time(world: World, tmp_path: Path) -> None:
+    # Receipts pile up while the originator is offline; all of them arrive, read from the
+    # store a page at a time, and a confirmed receipt keeps only its id.
+    from relay.server import NOTICE_PAGE
+
+    count = NOTICE_PAGE + 5
+    store = Store(tmp_path)
+    for i in range(count):
+        report = seal(world, f"r{i}".encode())
+        token = token_for(world, report)
+        granted = check_for_recipient(
+            token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
+        )
+        receipt = Receipt.issue(
+            world.secrets["tokyo"], world.arrangement, report=report.report_id,
+            token=granted.token.id, originator="seoul", recipient="tokyo",
+            digest=report.digest, received=NOW,
+        )  # fmt: skip
+        # Straight into the queue (as if each delivery had been made and acked).
+        with store._transaction() as db:
+            db.execute(
+                "INSERT INTO receipts (originator, token, receipt, state)"
+                " VALUES ('seoul', ?, ?, 'queued')",
+                (receipt.token, receipt.encoded),
+            )
+    store.close()
+    with trio.fail_after(20):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            seoul = await h.connect("seoul")
+            notices = [await expect(seoul, ReceiptNotice) for _ in range(count)]
+            assert (
+                len({Receipt.verify(n.receipt, world.arrangement).token for n in notices}) == count
+            )
+            first = Receipt.verify(notices[0].receipt, world.arrangement)
+            await seoul.send(Ack(kind="receipt", token=first.token))
+            await seoul.send(AuditFetch(since=0))  # answered after the ack is handled
+            await expect(seoul, AuditReply)
+            assert len(h.relay.store.queued_receipts("seoul")) == count - 1
