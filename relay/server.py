@@ -910,9 +910,9 @@ class Relay:
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection claimed it while this one waited for the commit
-        if not self.store.is_outstanding(row.id):
+        outstanding, inline = self.store.delivery_source(row.id)
+        if not outstanding:
             return  # acked, revoked or expired since the query
-        inline = self.store.inline_data(row.report)
         blob: BinaryIO
         if inline is not None:
             blob = io.BytesIO(inline)

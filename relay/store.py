@@ -94,7 +94,7 @@ from typing import Any, BinaryIO
 
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
-from tisa.keys import Hash, Hasher, random_id
+from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 
@@ -525,11 +525,13 @@ class Store:
             parties=tuple(sorted(set(parties), key=str.encode)),
             reason=reason,
         )
-        content = entry.content_hash
+        # Encoded once: content_hash is H_audit of this same encoding.
+        encoded = entry.encode()
+        content = digest(Hash.AUDIT, encoded)
         head = chain_next(self._head, content)
         self._db.execute(
             "INSERT INTO audit (seq, entry, content, head) VALUES (?, ?, ?, ?)",
-            (entry.seq, entry.encode(), content, head),
+            (entry.seq, encoded, content, head),
         )
         self._seq, self._head = entry.seq, head
         return entry
@@ -626,9 +628,8 @@ class Store:
                 ),
             )
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
-        row = self.report(report_id)
-        assert row is not None
-        return row
+        # The row just inserted, built rather than read back.
+        return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
 
     # --- tokens ----------------------------------------------------------------------
 
@@ -671,38 +672,36 @@ class Store:
                 (the recipient has ``max_queue`` deliveries outstanding).
         """
         with self._transaction() as db:
-            seen = db.execute("SELECT state FROM tokens WHERE id = ?", (token.id,)).fetchone()
+            # The token id's state and the report's, in one query (NULLs: not there).
+            seen, present, state, ended, expires, pinned = db.execute(
+                "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
+                " r.state, r.ended, r.expires, r.key_commit"
+                " FROM (SELECT 1) LEFT JOIN reports r ON r.id = ?",
+                (token.id, token.report),
+            ).fetchone()
             if seen is not None:
-                if seen[0] == "revoked":
+                if seen == "revoked":
                     raise Refused(Reason.REVOKED, "this token was revoked")
                 raise Refused(Reason.REPLAYED, "this token was used before")
-            report = self.report(token.report)
-            if report is None:
+            if not present:
                 raise Refused(Reason.UNKNOWN_REPORT, "no such report")
-            if report.state == "deleted":
-                if report.ended == "revoked":
+            if state == "deleted":
+                if ended == "revoked":
                     raise Refused(Reason.REVOKED, "the report was revoked")
                 raise Refused(Reason.EXPIRED, "the report is no longer held")
-            if report.expires <= now:
+            if expires <= now:
                 raise Refused(Reason.EXPIRED, "the report's hold time is over")
             if self.queue_length(token.recipient) >= max_queue:
                 raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
             # XChaCha20-Poly1305 does not commit to its key, so an originator could craft
             # one ciphertext that opens differently under two keys. The first release pins
-            # the key commitment; every later token for the report must carry the same.
-            (pinned,) = db.execute(
-                "SELECT key_commit FROM reports WHERE id = ?", (token.report,)
-            ).fetchone()
-            if pinned is None:
-                db.execute(
-                    "UPDATE reports SET key_commit = ? WHERE id = ?",
-                    (token.key_commit, token.report),
-                )
-            elif bytes(pinned) != token.key_commit:
+            # the key commitment (the UPDATE below); every later token for the report
+            # must carry the same.
+            if pinned is not None and bytes(pinned) != token.key_commit:
                 raise Refused(
                     Reason.WRONG_REPORT, "token commits to another content key than the first"
                 )
-            db.execute(
+            cursor = db.execute(
                 "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
                 " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 (
@@ -716,9 +715,11 @@ class Store:
                     token.not_after + MAX_VALIDITY,
                 ),
             )
+            seq = cursor.lastrowid
             db.execute(
-                "UPDATE reports SET state = 'released' WHERE id = ? AND state = 'held'",
-                (token.report,),
+                "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
+                " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?",
+                (token.key_commit, token.report),
             )
             self._audit(
                 AuditEvent.RELEASED,
@@ -727,9 +728,19 @@ class Store:
                 report=token.report,
                 token=token.id,
             )
-        row = self.token(token.id)
-        assert row is not None
-        return row
+        # The row just inserted (seq: its AUTOINCREMENT rowid), built rather than read back.
+        assert seq is not None
+        return TokenRow(
+            seq,
+            token.id,
+            token.report,
+            token.recipient,
+            token.originator,
+            token.encoded,
+            token.counter,
+            "pending",
+            token.not_after,
+        )
 
     def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
         """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
@@ -741,6 +752,19 @@ class Store:
         ).fetchall()
         return [self._token_row(row) for row in rows]
 
+    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
+        """For a delivery about to be pushed, in one query: whether it is still
+        outstanding, and its report's ciphertext if stored inline (else None: a file,
+        or gone)."""
+        row = self._db.execute(
+            "SELECT t.state, r.data FROM tokens t LEFT JOIN reports r ON r.id = t.report"
+            " WHERE t.id = ?",
+            (token_id,),
+        ).fetchone()
+        if row is None:
+            return False, None
+        return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
+
     def is_outstanding(self, token_id: bytes) -> bool:
         row = self._db.execute("SELECT state FROM tokens WHERE id = ?", (token_id,)).fetchone()
         return row is not None and row[0] in OUTSTANDING
@@ -748,15 +772,18 @@ class Store:
     def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
         """A delivery went out in full; the first time, log ``forwarded``."""
         with self._transaction() as db:
-            row = self.token(token_id)
-            if row is None or row.state != "pending":
+            row = db.execute(
+                "UPDATE tokens SET state = 'delivered' WHERE id = ? AND state = 'pending'"
+                " RETURNING originator, recipient, report",
+                (token_id,),
+            ).fetchone()
+            if row is None:
                 return
-            db.execute("UPDATE tokens SET state = 'delivered' WHERE id = ?", (token_id,))
             self._audit(
                 AuditEvent.FORWARDED,
                 now=now,
-                parties=(row.originator, row.recipient),
-                report=row.report,
+                parties=(str(row[0]), str(row[1])),
+                report=bytes(row[2]),
                 token=token_id,
             )
 
@@ -869,22 +896,24 @@ class Store:
                 that originator exists.
         """
         with self._transaction() as db:
-            row = self.token(receipt.token)
+            row = db.execute(
+                "SELECT recipient, originator, report FROM tokens WHERE id = ?", (receipt.token,)
+            ).fetchone()
             if (
                 row is None
-                or row.recipient != receipt.recipient
-                or row.originator != receipt.originator
-                or row.report != receipt.report
+                or row[0] != receipt.recipient
+                or row[1] != receipt.originator
+                or bytes(row[2]) != receipt.report
             ):
                 raise Refused(Reason.WRONG_REPORT, "no such delivery")
-            seen = db.execute("SELECT 1 FROM receipts WHERE token = ?", (receipt.token,)).fetchone()
-            if seen is not None:
-                return False
-            db.execute(
+            # A receipt queued before (a resend) inserts nothing.
+            cursor = db.execute(
                 "INSERT INTO receipts (originator, token, receipt, state)"
-                " VALUES (?, ?, ?, 'queued')",
+                " VALUES (?, ?, ?, 'queued') ON CONFLICT (token) DO NOTHING",
                 (receipt.originator, receipt.token, receipt.encoded),
             )
+            if cursor.rowcount == 0:
+                return False
             self._audit(
                 AuditEvent.RECEIPT,
                 now=now,
