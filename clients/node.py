@@ -62,6 +62,7 @@ from clients.events import (
     decode_event,
 )
 from clients.store import MemberStore, Submission, fsync_dir
+from relay.durable import GroupCommitter
 from relay.transport import Link, LinkClosed, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
@@ -153,13 +154,8 @@ class _Session:
         self.replies_changed = trio.Event()
 
 
-# Acks queued on one connection before the receiver waits for the replier; steps in one
-# batch before it is committed even though more work is at hand.
+# Acks queued on one connection before the receiver waits for the replier.
 MAX_QUEUED_REPLIES = 1024
-MAX_BATCH = 1024
-# After a commit that took t seconds, the next one waits until COMMIT_SPACING * t has
-# passed (as in relay.server): under load batches grow instead of the fsyncs multiplying.
-COMMIT_SPACING = 1.0
 
 
 class Node:
@@ -200,13 +196,9 @@ class Node:
         self._report_send, self._report_recv = trio.open_memory_channel[
             tuple[int, DeliveredReport]
         ](REPORT_BUFFER)
-        self._activity = 0
         self._dirty = trio.Event()
-        # No commit of _durable before this trio time (see COMMIT_SPACING).
-        self._next_commit = 0.0
-        # A WAL fsync is running in a worker thread; _synced is set when it ends.
-        self._syncing = False
-        self._synced = trio.Event()
+        # Commits the store's batches; every message handled counts as activity.
+        self._group_commit = GroupCommitter(store)
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -219,59 +211,15 @@ class Node:
         self._changed = trio.Event()
 
     async def _durable(self, barrier: int | None = None) -> None:
-        """Return once batch ``barrier`` (default: the current state) is committed.
-
-        The first waiter commits after a pass of the scheduler in which no message was
-        handled (or once the batch is full), so concurrent work joins one commit. The
-        COMMIT does not fsync; the WAL fsync that makes a written batch durable runs in
-        a worker thread (:meth:`_sync`), one at a time, and the batch growing meanwhile
-        waits for it and rides on the next.
+        """Return once batch ``barrier`` (default: the current state) is committed and
+        on disk; see :meth:`relay.durable.GroupCommitter.durable`.
 
         Raises:
             OSError / sqlite3.Error: the commit or the WAL fsync failed (the batch is
                 rolled back, or the store poisoned).
             LinkClosed: the batch was lost in another task's failed commit.
         """
-        store = self.store
-        if barrier is None:
-            barrier = store.barrier
-        while store.committed < barrier:
-            if store.lost(barrier):
-                raise LinkClosed("the batch this depends on was not committed")
-            if store.written >= barrier or self._syncing:
-                await self._sync()
-                continue
-            before = self._activity
-            await trio.lowlevel.checkpoint()
-            if store.committed >= barrier or store.written >= barrier or store.lost(barrier):
-                continue
-            if self._activity == before or store.ops >= MAX_BATCH:
-                if store.ops < MAX_BATCH and trio.current_time() < self._next_commit:
-                    # Commits are being made back to back: let more steps join this one.
-                    await trio.sleep_until(self._next_commit)
-                    continue
-                started = time.perf_counter()
-                store.commit()
-                self._next_commit = trio.current_time() + COMMIT_SPACING * (
-                    time.perf_counter() - started
-                )
-
-    async def _sync(self) -> None:
-        """Make every written batch durable: a WAL fsync in a worker thread, or if one
-        is in flight, wait for it (the caller then looks again)."""
-        if self._syncing:
-            await self._synced.wait()
-            return
-        store = self.store
-        target = store.written  # covered: written before the fsync starts
-        self._syncing = True
-        try:
-            await trio.to_thread.run_sync(store.fsync_wal)
-        finally:
-            self._syncing = False
-            synced, self._synced = self._synced, trio.Event()
-            synced.set()
-        store.mark_durable(target)
+        await self._group_commit.durable(self.store.barrier if barrier is None else barrier)
 
     def _mark_dirty(self) -> None:
         if self.store.pending:
@@ -854,7 +802,7 @@ class Node:
         link = session.link
         while True:
             message = await link.receive()
-            self._activity += 1
+            self._group_commit.activity += 1
             while len(session.replies) >= MAX_QUEUED_REPLIES:
                 await session.replies_changed.wait()
             if isinstance(message, m.Deliver):

@@ -32,18 +32,15 @@ announced (to the relay, to the application, or to a caller by returning). Files
 unlinked only once the batch that dropped their row is on disk.
 
 Durability without an fsync on the event loop, by the same rule as the relay's store
-(the full argument is in :mod:`relay.store`): ``synchronous=NORMAL``, so ``COMMIT``
-only appends the batch's frames to ``member.db-wal`` (page cache); a batch counts as on
-disk (:meth:`MemberStore.mark_durable`) only once an fsync of the WAL file that started
-after its COMMIT returned has completed (:meth:`MemberStore.fsync_wal`, which the node
-runs in a worker thread while its loop goes on; it touches no SQLite state). WAL
-recovery keeps a prefix of the batches, so that fsync puts the batch and all earlier
-ones on disk; checkpoints are fsynced by SQLite itself in NORMAL mode, a WAL restart
-overwrites only checkpointed frames, the WAL file's directory entry is fsynced once at
-open, and a failed fsync poisons the store (:attr:`MemberStore.failed`) so nothing later
-is ever announced. Without group commit every transaction is fsynced before it returns.
-In particular an ack goes to the relay only after the inbox row's batch is fsynced, and
-a release token only after the batch holding its counter is.
+(the batch bookkeeping and the full argument are in :mod:`relay.durable`):
+``synchronous=NORMAL``, so ``COMMIT`` only appends the batch's frames to
+``member.db-wal``, and a batch counts as on disk (:meth:`MemberStore.mark_durable`)
+only once an fsync of the WAL file that started after its COMMIT returned has completed
+(:meth:`MemberStore.fsync_wal`, which the node runs in a worker thread); a failed fsync
+poisons the store (:attr:`MemberStore.failed`) so nothing later is ever announced.
+Without group commit every transaction is fsynced before it returns. In particular an
+ack goes to the relay only after the inbox row's batch is fsynced, and a release token
+only after the batch holding its counter is.
 
 Everything here is synchronous and cheap except the fsyncs; the node calls it from its
 trio thread (:meth:`MemberStore.fsync_wal` from a worker). One :class:`MemberStore` per
@@ -63,6 +60,7 @@ from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 from clients.events import Event, encode_event
+from relay.durable import DurableStore
 from tisa import encoding as enc
 from tisa.errors import UsageError
 from tisa.report import ReportHeader
@@ -260,7 +258,7 @@ class InboxEntry:
     parts: list[bytes] | None = None  # a small report's body and attachments
 
 
-class MemberStore:
+class MemberStore(DurableStore):
     """The durable state of one member node (see the module docstring).
 
     Args:
@@ -272,19 +270,9 @@ class MemberStore:
     def __init__(
         self, path: str | os.PathLike[str], name: str, *, group_commit: bool = False
     ) -> None:
+        super().__init__()
         self.root = pathlib.Path(path)
         self.group_commit = False  # the set-up below commits as it goes
-        # Batches: ``generation`` open (or next), ``written`` last COMMITted into the
-        # WAL, ``committed`` last on disk (see the module docstring).
-        self.generation = 1
-        self.written = 0
-        self.committed = 0
-        self.ops = 0
-        self.failed: BaseException | None = None
-        self._lost: set[int] = set()
-        self._in_step = False
-        self._after_commit: list[pathlib.Path] = []
-        self._after_durable: list[tuple[int, list[pathlib.Path]]] = []
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -335,110 +323,8 @@ class MemberStore:
         error, committed with the batch by :meth:`commit`."""
         if self._in_step or (not self.group_commit and self._db.in_transaction):
             raise UsageError("nested store transaction")
-        if not self.group_commit:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
-            self.fsync_wal()  # no group commit: durable on return
-            return
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("SAVEPOINT step")
-        self._in_step = True
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK TO step")
-            self._db.execute("RELEASE step")
-            raise
-        finally:
-            self._in_step = False
-        self._db.execute("RELEASE step")
-        self.ops += 1
-
-    @property
-    def barrier(self) -> int:
-        """The batch to have on disk before the current state may be announced: the open
-        one, or the last one written when nothing is open."""
-        return self.generation if self._db.in_transaction else self.written
-
-    @property
-    def pending(self) -> bool:
-        """Steps wait for :meth:`commit`, or a written batch for its WAL fsync."""
-        return self._db.in_transaction or self.written > self.committed
-
-    def lost(self, batch: int) -> bool:
-        """Batch ``batch`` will never be on disk (its commit or a WAL fsync failed)."""
-        return batch in self._lost or (self.failed is not None and batch > self.committed)
-
-    def commit(self) -> None:
-        """COMMIT the open batch into the WAL, without an fsync (:meth:`fsync_wal` and
-        :meth:`mark_durable` put it on disk). On failure the batch is rolled back and
-        never counts as committed.
-
-        Raises:
-            OSError: the store is poisoned by a failed WAL fsync.
-        """
-        if self.failed is not None:
-            raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
-        if not self._db.in_transaction:
-            return
-        removals, self._after_commit = self._after_commit, []
-        try:
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._lost.add(self.generation)
-            self.generation += 1
-            self.ops = 0
-            raise
-        self.written = self.generation
-        self.generation += 1
-        self.ops = 0
-        if removals:
-            self._after_durable.append((self.written, removals))
-
-    def fsync_wal(self) -> None:
-        """fsync the WAL file: every batch COMMITted before the call is on disk when it
-        returns. Blocking; touches no SQLite state (a worker thread may run it). A
-        failure poisons the store and is raised."""
-        try:
-            fd = os.open(self.wal_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException as exc:
-            self.failed = exc
-            raise
-
-    def mark_durable(self, batch: int) -> None:
-        """Batches up to ``batch`` are on disk; unlink the files their rows dropped."""
-        if self.failed is not None or batch <= self.committed:
-            return
-        self.committed = batch
-        while self._after_durable and self._after_durable[0][0] <= batch:
-            for path in self._after_durable.pop(0)[1]:
-                path.unlink(missing_ok=True)
-
-    def commit_durably(self) -> None:
-        """:meth:`commit` and the WAL fsync in line (blocking)."""
-        self.commit()
-        if self.written > self.committed:
-            target = self.written
-            self.fsync_wal()
-            self.mark_durable(target)
-
-    def _unlink_after_commit(self, path: pathlib.Path) -> None:
-        if self.group_commit and self._db.in_transaction:
-            self._after_commit.append(path)
-        else:
-            path.unlink(missing_ok=True)
+        with self._step() if self.group_commit else self._single() as db:
+            yield db
 
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
@@ -575,7 +461,7 @@ class MemberStore:
             self._event(db, event)
         if row[0]:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
-            self._unlink_after_commit(self.outbox_dir / row[0])
+            self._remove_after_commit(self.outbox_dir / row[0])
         return True
 
     def set_submission_state(
@@ -596,7 +482,7 @@ class MemberStore:
             )
             self._event(db, event)
         if row and row[0]:
-            self._unlink_after_commit(self.outbox_dir / row[0])
+            self._remove_after_commit(self.outbox_dir / row[0])
 
     # --- releases (originator) -------------------------------------------------------
 

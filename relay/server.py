@@ -19,7 +19,7 @@ waits the same way before each thing it sends. Whoever waits first commits, afte
 letting every task with work at hand add its steps (:meth:`Relay._durable`), so a burst
 of submissions, releases and acks from any number of connections costs one fsync, and
 no answer ever precedes the commit of what it announces. Under load commits are spaced
-(:data:`COMMIT_SPACING`) so that batches grow instead of the fsyncs multiplying.
+(:data:`relay.durable.COMMIT_SPACING`) so that batches grow instead of the fsyncs multiplying.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from typing import Any, BinaryIO
 
 import trio
 
+from relay.durable import GroupCommitter
 from relay.store import BlobWriter, InlineBlob, Store, TokenRow
 from relay.transport import (
     ERROR_GRACE,
@@ -124,16 +125,6 @@ MAX_QUEUED_REPLIES = 1024
 MAX_QUEUED_AUDIT_REPLIES = 2
 # Receipts or notices read from the store per query when pushing them to a member.
 NOTICE_PAGE = 256
-
-# Steps in one batch before it is committed even though more work is at hand, so a
-# steady flood cannot postpone everyone's answers for long.
-MAX_BATCH = 1024
-
-# After a commit that took t seconds, the next one waits until COMMIT_SPACING * t has
-# passed: under load the process spends at most 1 / (1 + COMMIT_SPACING) of its time
-# blocked in commits and batches grow to what arrives meanwhile; when idle the previous
-# commit is long past and a step is committed at once.
-COMMIT_SPACING = 1.0
 
 
 def _detail(text: str) -> str:
@@ -238,19 +229,15 @@ class Relay:
         self._handshakes = 0
         self._uploading: set[bytes] = set()
         self._claims: dict[bytes, _Connection] = {}
-        # Messages handled by all readers; a batch is committed once a pass of the
-        # scheduler handles none.
-        self._activity = 0
-        # No commit of _durable before this trio time (see COMMIT_SPACING).
-        self._next_commit = 0.0
         # Set when a step is pending; each connection's committer commits it soon even
         # if no answer waits on it (an ack, a forwarded mark).
         self._dirty = trio.Event()
-        # A WAL fsync is running in a worker thread; _synced is set when it ends.
-        self._syncing = False
-        self._synced = trio.Event()
         # Set when a WAL fsync failed: the store is poisoned and serve_tcp stops.
         self._store_failed = trio.Event()
+        # Commits the store's batches; every message a reader handles counts as activity.
+        self._group_commit = GroupCommitter(
+            self.store, on_commit_error=self._commit_failed, on_sync_error=self._sync_failed
+        )
 
     def now(self) -> int:
         return int(self.clock())
@@ -308,68 +295,32 @@ class Relay:
         self._mark_dirty()
 
     async def _durable(self, barrier: int) -> None:
-        """Return once batch ``barrier`` is committed (at once if it is).
-
-        Group commit with no leader: each waiter yields to the scheduler while other
-        tasks are still handling messages (so their steps join the batch), and the
-        first to see a pass with nothing new, or a full batch, commits (a COMMIT into
-        the WAL, no fsync). A written batch is on disk after the WAL fsync that follows
-        it, run in a worker thread (:meth:`_sync`); while one is in flight the loop
-        goes on, and the batch that grows meanwhile waits for it, then is committed and
-        synced in turn.
+        """Return once batch ``barrier`` is committed and on disk (at once if it is);
+        see :meth:`relay.durable.GroupCommitter.durable`.
 
         Raises:
             LinkClosed: the batch was lost (its commit or a WAL fsync failed); its
                 answers must never be sent.
         """
-        store = self.store
-        while store.committed < barrier:
-            if store.lost(barrier):
-                raise LinkClosed("the batch this answer depends on was not committed")
-            if store.written >= barrier or self._syncing:
-                # Written and waiting for the disk; or a sync is in flight, during
-                # which this batch keeps growing.
-                await self._sync()
-                continue
-            before = self._activity
-            await trio.lowlevel.checkpoint()
-            if store.committed >= barrier or store.written >= barrier or store.lost(barrier):
-                continue
-            if self._activity == before or store.ops >= MAX_BATCH:
-                if store.ops < MAX_BATCH and trio.current_time() < self._next_commit:
-                    # Commits are being made back to back: let more steps join this one.
-                    await trio.sleep_until(self._next_commit)
-                    continue
-                started = time.perf_counter()
-                try:
-                    store.commit()
-                except Exception:
-                    log.exception("commit failed; closing the connections waiting on it")
-                    raise LinkClosed("commit failed") from None
-                self._next_commit = trio.current_time() + COMMIT_SPACING * (
-                    time.perf_counter() - started
-                )
+        await self._group_commit.durable(barrier)
 
-    async def _sync(self) -> None:
-        """Make every written batch durable: start a WAL fsync in a worker thread, or
-        if one is in flight wait for it (the caller then looks again)."""
-        if self._syncing:
-            await self._synced.wait()
-            return
-        store = self.store
-        target = store.written  # the fsync covers what was written before it starts
-        self._syncing = True
-        try:
-            await trio.to_thread.run_sync(store.fsync_wal)
-        except Exception:
-            log.exception("WAL fsync failed; nothing more will be announced")
-            self._store_failed.set()
-            raise LinkClosed("WAL fsync failed") from None
-        finally:
-            self._syncing = False
-            synced, self._synced = self._synced, trio.Event()
-            synced.set()
-        store.mark_durable(target)
+    @property
+    def _next_commit(self) -> float:
+        # No commit before this trio time (see relay.durable.COMMIT_SPACING).
+        return self._group_commit.next_commit
+
+    @_next_commit.setter
+    def _next_commit(self, when: float) -> None:
+        self._group_commit.next_commit = when
+
+    def _commit_failed(self) -> None:
+        log.exception("commit failed; closing the connections waiting on it")
+        raise LinkClosed("commit failed") from None
+
+    def _sync_failed(self) -> None:
+        log.exception("WAL fsync failed; nothing more will be announced")
+        self._store_failed.set()
+        raise LinkClosed("WAL fsync failed") from None
 
     def _mark_dirty(self) -> None:
         if self.store.pending:
@@ -501,7 +452,7 @@ class Relay:
                 if message is None:
                     conn.fail(Reason.TIMEOUT, "idle timeout")
                     return
-                self._activity += 1
+                self._group_commit.activity += 1
                 await self._dispatch(conn, message)
                 self._mark_dirty()
         except LinkClosed:

@@ -22,58 +22,15 @@ Rules that make the relay lose nothing:
   are swept when the store opens.
 
 Group commit: a store opened with ``group_commit=True`` (the relay's) does not commit
-each method's transaction. The first write opens one SQLite transaction; every method
-then runs in a savepoint of it (a refused step rolls back its own changes only), and
-:meth:`Store.commit` commits them all. :attr:`Store.barrier` names the batch the
-current state belongs to; whoever wants to send something that depends on that state
-waits until :attr:`Store.committed` (the last batch *on disk*) reaches it (the server
-does, for every message it sends), so nothing is announced before it is on disk, and a
-crash loses only batches nobody was told about. Blob files are removed only once the
-batch that deleted their row is on disk.
-
-Durability without an fsync on the event loop. The database runs in WAL mode with
-``synchronous=NORMAL``: ``COMMIT`` appends the batch's frames to ``relay.db-wal`` with
-plain writes (page cache) and does not fsync. A batch counts as on disk
-(:meth:`Store.mark_durable`) only after an ``fsync`` of the WAL file that *started
-after its COMMIT returned* has completed (:meth:`Store.fsync_wal`, run by the server in
-a worker thread; :meth:`Store.commit_durably` does both in line). Why that is enough:
-
-* SQLite's unix VFS writes WAL frames with ``pwrite`` and buffers nothing in user
-  space, so when ``COMMIT`` returns, every frame of the batch, its commit frame
-  included, and the WAL header are in the kernel's page cache of that file. ``fsync``
-  works on the file (the inode), not on the descriptor that wrote: one on a separate
-  descriptor opened on ``relay.db-wal`` flushes them all.
-* Recovery after a power loss replays WAL frames while their salts match the header
-  and their checksums chain, and stops at the first frame that fails; it keeps every
-  transaction up to the last valid commit frame. Frames are appended in order, so what
-  survives is a prefix of the batches, and once the fsync covering batch N returned,
-  batch N and every batch before it are in that prefix (the earlier ones were written
-  before it). The ``committed`` counter only moves forward, to the last batch whose
-  COMMIT preceded a completed fsync.
-* Checkpoints: with NORMAL, SQLite fsyncs the WAL before copying frames into
-  ``relay.db`` and fsyncs ``relay.db`` afterwards (an automatic checkpoint runs inside a
-  ``COMMIT``). A checkpointed batch is therefore on disk in the database file. After a
-  complete checkpoint the next write may restart the WAL from its start with new salts
-  (same file, same inode: no ``journal_size_limit`` is set, so it is never truncated or
-  replaced, and it is deleted only when the last connection closes, which is
-  :meth:`Store.close`, after the final sync). A restart can overwrite only frames that
-  are already in the fsynced database file; stale frames with the old salts are not
-  replayed, and our later fsync flushes the new header together with the new frames.
-* Concurrency: while the worker thread fsyncs, the trio thread keeps using the
-  connection: it opens the next batch, and may even COMMIT it. The fsync touches no
-  SQLite state (only a descriptor of its own), so it cannot race with SQLite's locks;
-  it flushes at least what was written before it started, and what it records as
-  durable is only the batch written last *before* it started. One fsync is in flight
-  at a time; the batch that accumulates meanwhile rides on the next one.
-* The WAL file is new when the store is created: its directory entry is made durable
-  once, by an fsync of the store directory after the first WAL fsync (:meth:`Store.__init__`).
-* A failed fsync poisons the store (:attr:`Store.failed`): after ``EIO`` the kernel may
-  have dropped the dirty pages and a later fsync could succeed without them, so no
-  later batch may ever be announced; every further commit raises and the relay must be
-  restarted (recovery then sees what really is on disk).
-
-A SIGKILL (the crash tests) loses nothing the kernel holds, so for those tests NORMAL
-and FULL behave alike; the rule above is what covers a power loss or kernel crash.
+each method's transaction: every method runs as one step of the open batch, and
+:meth:`Store.commit` commits them all; :attr:`Store.barrier` names the batch that must
+be on disk (:attr:`Store.committed`) before the current state may be announced (the
+server waits for it before every message it sends). Blob files are removed only once
+the batch that deleted their row is on disk. The database runs in WAL mode with
+``synchronous=NORMAL``, and a batch counts as on disk only after a WAL fsync that
+started after its COMMIT (:meth:`Store.fsync_wal`, run by the server in a worker
+thread); the batch bookkeeping, and the argument why that is durable, are in
+:mod:`relay.durable`, shared with the member's store.
 
 All methods are synchronous and short; the slow steps, fsync, are in
 :meth:`BlobWriter.place` and :meth:`Store.fsync_wal`, which the server runs in worker
@@ -88,10 +45,10 @@ import dataclasses
 import io
 import os
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from relay.durable import DurableStore
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
@@ -311,7 +268,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store:
+class Store(DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:
@@ -322,20 +279,9 @@ class Store:
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, group_commit: bool = False) -> None:
+        super().__init__()
         self.directory = Path(directory)
         self.group_commit = group_commit
-        # Batches: ``generation`` is the one open (or next), ``written`` the last one
-        # COMMITted (in the WAL, perhaps only in the page cache), ``committed`` the last
-        # one on disk (a WAL fsync covered it); ``ops`` counts the steps in the open one.
-        self.generation = 1
-        self.written = 0
-        self.committed = 0
-        self.ops = 0
-        self.failed: BaseException | None = None
-        self._lost: set[int] = set()
-        self._after_commit: list[Path] = []
-        # Blobs to remove once the batch (the key) that deleted their row is on disk.
-        self._after_durable: list[tuple[int, list[Path]]] = []
         self.blobs = self.directory / "blobs"
         self.tmp = self.directory / "tmp"
         for path in (self.directory, self.blobs, self.tmp):
@@ -382,124 +328,12 @@ class Store:
 
     # --- plumbing --------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        if self.group_commit:
-            with self._step():
-                yield self._db
-            return
-        # BEGIN IMMEDIATE: take the write lock up front, so the checks inside a
-        # transaction see the state the writes apply to.
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            self._load_head()
-            raise
-        self._db.execute("COMMIT")
-        self.fsync_wal()  # no group commit: each method is durable on return
+    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        # One step of the open batch (group commit), or a transaction durable on return.
+        return self._step() if self.group_commit else self._single()
 
-    @contextlib.contextmanager
-    def _step(self) -> Iterator[None]:
-        # One step of the open batch, in a savepoint: a step that raises (a refusal)
-        # leaves no trace, the others stay for the batch's commit.
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
-        self._db.execute("SAVEPOINT step")
-        try:
-            yield
-        except BaseException:
-            self._db.execute("ROLLBACK TO step")
-            self._db.execute("RELEASE step")
-            self._load_head()
-            raise
-        self._db.execute("RELEASE step")
-        self.ops += 1
-
-    @property
-    def barrier(self) -> int:
-        """The batch that must be on disk before the current state may be announced:
-        the open one, or the last one written when nothing is open."""
-        return self.generation if self._db.in_transaction else self.written
-
-    @property
-    def pending(self) -> bool:
-        """Steps are waiting for :meth:`commit`, or a written batch for its WAL fsync."""
-        return self._db.in_transaction or self.written > self.committed
-
-    def lost(self, batch: int) -> bool:
-        """Batch ``batch`` will never be on disk (its commit failed, or the store is
-        poisoned): nothing that depends on it may be announced."""
-        return batch in self._lost or (self.failed is not None and batch > self.committed)
-
-    def commit(self) -> None:
-        """COMMIT the open batch into the WAL (no fsync: :meth:`fsync_wal` and
-        :meth:`mark_durable` make it count as on disk).
-
-        On failure the whole batch is rolled back (nothing of it was announced) and the
-        error raised.
-
-        Raises:
-            OSError: the store is poisoned by a failed WAL fsync (:attr:`failed`).
-        """
-        if self.failed is not None:
-            raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
-        if not self._db.in_transaction:
-            return
-        removals, self._after_commit = self._after_commit, []
-        try:
-            self._db.execute("COMMIT")
-        except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._load_head()
-            self._lost.add(self.generation)  # the lost batch never counts as committed
-            self.generation += 1
-            self.ops = 0
-            raise
-        self.written = self.generation
-        self.generation += 1
-        self.ops = 0
-        if removals:
-            self._after_durable.append((self.written, removals))
-
-    def fsync_wal(self) -> None:
-        """fsync the WAL file: every batch COMMITted before this call is on disk when it
-        returns (see the module docstring). Blocking; touches no SQLite state, so it may
-        run in a worker thread while the trio thread goes on using the store. A failure
-        poisons the store (:attr:`failed`) and is raised.
-        """
-        try:
-            fd = os.open(self.wal_path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException as exc:
-            self.failed = exc
-            raise
-
-    def mark_durable(self, batch: int) -> None:
-        """Batch ``batch`` (and every one before it) is on disk: an :meth:`fsync_wal`
-        that started after its COMMIT has returned. Removes the blobs whose rows those
-        batches deleted."""
-        if self.failed is not None or batch <= self.committed:
-            return
-        self.committed = batch
-        while self._after_durable and self._after_durable[0][0] <= batch:
-            for path in self._after_durable.pop(0)[1]:
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-
-    def commit_durably(self) -> None:
-        """:meth:`commit`, then the WAL fsync in line (blocking): for start-up, shutdown
-        and callers outside the event loop."""
-        self.commit()
-        if self.written > self.committed:
-            target = self.written
-            self.fsync_wal()
-            self.mark_durable(target)
+    def _rolled_back(self) -> None:
+        self._load_head()  # the cached audit head may belong to rolled-back entries
 
     def _load_head(self) -> None:
         row = self._db.execute("SELECT seq, head FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -550,13 +384,7 @@ class Store:
                     path.unlink()
 
     def _remove_blob(self, report_id: bytes) -> None:
-        path = self.blob_path(report_id)
-        if self.group_commit and self._db.in_transaction:
-            # The row's deletion is not on disk yet: unlink only after the commit.
-            self._after_commit.append(path)
-            return
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
+        self._remove_after_commit(self.blob_path(report_id))
 
     # --- reports ---------------------------------------------------------------------
 

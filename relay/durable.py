@@ -1,0 +1,351 @@
+"""Group commit over SQLite in WAL mode, shared by the relay's store and a member's.
+
+:class:`DurableStore` is the store side: batch counters, one savepoint per step,
+``COMMIT`` into the WAL, the WAL fsync, poisoning after a failed fsync, and files
+removed once the batch that dropped their row is on disk. :class:`relay.store.Store`
+and :class:`clients.store.MemberStore` build on it. :class:`GroupCommitter` is the
+event-loop side, used by :class:`relay.server.Relay` and :class:`clients.node.Node`:
+it decides when a batch is committed and runs the WAL fsync in a worker thread.
+
+Group commit: with ``group_commit=True`` a store does not commit each step's
+transaction. The first write opens one SQLite transaction; every step then runs in a
+savepoint of it (a refused step rolls back its own changes only), and
+:meth:`DurableStore.commit` commits them all. :attr:`DurableStore.barrier` names the
+batch the current state belongs to; whoever wants to announce something that depends on
+that state waits until :attr:`DurableStore.committed` (the last batch *on disk*) reaches
+it (:meth:`GroupCommitter.durable`), so nothing is announced before it is on disk, and a
+crash loses only batches nobody was told about. Files are removed only once the batch
+that deleted their row is on disk.
+
+Durability without an fsync on the event loop. The database runs in WAL mode with
+``synchronous=NORMAL``: ``COMMIT`` appends the batch's frames to the WAL file
+(:attr:`DurableStore.wal_path`, ``<database>-wal``) with plain writes (page cache) and
+does not fsync. A batch counts as on disk (:meth:`DurableStore.mark_durable`) only after
+an ``fsync`` of the WAL file that *started after its COMMIT returned* has completed
+(:meth:`DurableStore.fsync_wal`, run by the event loop in a worker thread;
+:meth:`DurableStore.commit_durably` does both in line). Why that is enough:
+
+* SQLite's unix VFS writes WAL frames with ``pwrite`` and buffers nothing in user
+  space, so when ``COMMIT`` returns, every frame of the batch, its commit frame
+  included, and the WAL header are in the kernel's page cache of that file. ``fsync``
+  works on the file (the inode), not on the descriptor that wrote: one on a separate
+  descriptor opened on the WAL file flushes them all.
+* Recovery after a power loss replays WAL frames while their salts match the header
+  and their checksums chain, and stops at the first frame that fails; it keeps every
+  transaction up to the last valid commit frame. Frames are appended in order, so what
+  survives is a prefix of the batches, and once the fsync covering batch N returned,
+  batch N and every batch before it are in that prefix (the earlier ones were written
+  before it). The ``committed`` counter only moves forward, to the last batch whose
+  COMMIT preceded a completed fsync.
+* Checkpoints: with NORMAL, SQLite fsyncs the WAL before copying frames into the
+  database file and fsyncs that file afterwards (an automatic checkpoint runs inside a
+  ``COMMIT``). A checkpointed batch is therefore on disk in the database file. After a
+  complete checkpoint the next write may restart the WAL from its start with new salts
+  (same file, same inode: no ``journal_size_limit`` is set, so it is never truncated or
+  replaced, and it is deleted only when the last connection closes, which is the
+  store's ``close``, after the final sync). A restart can overwrite only frames that
+  are already in the fsynced database file; stale frames with the old salts are not
+  replayed, and our later fsync flushes the new header together with the new frames.
+* Concurrency: while the worker thread fsyncs, the trio thread keeps using the
+  connection: it opens the next batch, and may even COMMIT it. The fsync touches no
+  SQLite state (only a descriptor of its own), so it cannot race with SQLite's locks;
+  it flushes at least what was written before it started, and what it records as
+  durable is only the batch written last *before* it started. One fsync is in flight
+  at a time; the batch that accumulates meanwhile rides on the next one.
+* The WAL file may be new when a store is opened: its directory entry is made durable
+  once, by an fsync of the store directory when the store opens.
+* A failed fsync poisons the store (:attr:`DurableStore.failed`): after ``EIO`` the
+  kernel may have dropped the dirty pages and a later fsync could succeed without them,
+  so no later batch may ever be announced; every further commit raises and the process
+  must reopen the store (recovery then sees what really is on disk).
+
+A SIGKILL (the crash tests) loses nothing the kernel holds, so for those tests NORMAL
+and FULL behave alike; the rule above is what covers a power loss or kernel crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import trio
+
+from relay.transport import LinkClosed
+
+__all__ = ["COMMIT_SPACING", "MAX_BATCH", "DurableStore", "GroupCommitter"]
+
+# Steps in one batch before it is committed even though more work is at hand, so a
+# steady flood cannot postpone everyone's answers for long.
+MAX_BATCH = 1024
+
+# After a commit that took t seconds, the next one waits until COMMIT_SPACING * t has
+# passed: under load the process spends at most 1 / (1 + COMMIT_SPACING) of its time
+# blocked in commits and batches grow to what arrives meanwhile; when idle the previous
+# commit is long past and a step is committed at once.
+COMMIT_SPACING = 1.0
+
+
+class DurableStore:
+    """Batch bookkeeping of a SQLite store in WAL mode (see the module docstring).
+
+    A subclass opens :attr:`_db` (``isolation_level=None``, WAL, ``synchronous=NORMAL``)
+    and defines :attr:`wal_path`; it may override :meth:`_rolled_back`.
+    """
+
+    _db: sqlite3.Connection
+    group_commit: bool
+
+    def __init__(self) -> None:
+        # Batches: ``generation`` is the one open (or next), ``written`` the last one
+        # COMMITted (in the WAL, perhaps only in the page cache), ``committed`` the last
+        # one on disk (a WAL fsync covered it); ``ops`` counts the steps in the open one.
+        self.generation = 1
+        self.written = 0
+        self.committed = 0
+        self.ops = 0
+        self.failed: BaseException | None = None
+        self._lost: set[int] = set()
+        self._in_step = False
+        # Files to remove once the open batch is committed, then (keyed by that batch)
+        # once it is on disk.
+        self._after_commit: list[Path] = []
+        self._after_durable: list[tuple[int, list[Path]]] = []
+
+    @property
+    def wal_path(self) -> Path:
+        """The WAL file that :meth:`fsync_wal` fsyncs."""
+        raise NotImplementedError
+
+    def _rolled_back(self) -> None:
+        """Called after a rollback, for state cached outside SQLite."""
+
+    @contextlib.contextmanager
+    def _single(self) -> Iterator[sqlite3.Connection]:
+        # Without group commit: one transaction, durable on return. BEGIN IMMEDIATE
+        # takes the write lock up front, so the checks inside see the state the writes
+        # apply to.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._rolled_back()
+            raise
+        self._db.execute("COMMIT")
+        self.fsync_wal()
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[sqlite3.Connection]:
+        # One step of the open batch, in a savepoint: a step that raises (a refusal)
+        # leaves no trace, the others stay for the batch's commit.
+        if not self._db.in_transaction:
+            self._db.execute("BEGIN IMMEDIATE")
+        self._db.execute("SAVEPOINT step")
+        self._in_step = True
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK TO step")
+            self._db.execute("RELEASE step")
+            self._rolled_back()
+            raise
+        finally:
+            self._in_step = False
+        self._db.execute("RELEASE step")
+        self.ops += 1
+
+    def _remove_after_commit(self, path: Path) -> None:
+        # A file whose row this step drops: with a batch open the drop is not on disk
+        # yet, so unlink only once it is.
+        if self.group_commit and self._db.in_transaction:
+            self._after_commit.append(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    @property
+    def barrier(self) -> int:
+        """The batch that must be on disk before the current state may be announced:
+        the open one, or the last one written when nothing is open."""
+        return self.generation if self._db.in_transaction else self.written
+
+    @property
+    def pending(self) -> bool:
+        """Steps are waiting for :meth:`commit`, or a written batch for its WAL fsync."""
+        return self._db.in_transaction or self.written > self.committed
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be on disk (its commit failed, or the store is
+        poisoned): nothing that depends on it may be announced."""
+        return batch in self._lost or (self.failed is not None and batch > self.committed)
+
+    def commit(self) -> None:
+        """COMMIT the open batch into the WAL (no fsync: :meth:`fsync_wal` and
+        :meth:`mark_durable` make it count as on disk).
+
+        On failure the whole batch is rolled back (nothing of it was announced), never
+        counts as committed, and the error is raised.
+
+        Raises:
+            OSError: the store is poisoned by a failed WAL fsync (:attr:`failed`).
+        """
+        if self.failed is not None:
+            raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
+        if not self._db.in_transaction:
+            return
+        removals, self._after_commit = self._after_commit, []
+        try:
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._rolled_back()
+            self._lost.add(self.generation)  # the lost batch never counts as committed
+            self.generation += 1
+            self.ops = 0
+            raise
+        self.written = self.generation
+        self.generation += 1
+        self.ops = 0
+        if removals:
+            self._after_durable.append((self.written, removals))
+
+    def fsync_wal(self) -> None:
+        """fsync the WAL file: every batch COMMITted before this call is on disk when it
+        returns (see the module docstring). Blocking; touches no SQLite state, so it may
+        run in a worker thread while the trio thread goes on using the store. A failure
+        poisons the store (:attr:`failed`) and is raised.
+        """
+        try:
+            fd = os.open(self.wal_path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except BaseException as exc:
+            self.failed = exc
+            raise
+
+    def mark_durable(self, batch: int) -> None:
+        """Batch ``batch`` (and every one before it) is on disk: an :meth:`fsync_wal`
+        that started after its COMMIT has returned. Removes the files whose rows those
+        batches dropped."""
+        if self.failed is not None or batch <= self.committed:
+            return
+        self.committed = batch
+        while self._after_durable and self._after_durable[0][0] <= batch:
+            for path in self._after_durable.pop(0)[1]:
+                path.unlink(missing_ok=True)
+
+    def commit_durably(self) -> None:
+        """:meth:`commit`, then the WAL fsync in line (blocking): for start-up, shutdown
+        and callers outside the event loop."""
+        self.commit()
+        if self.written > self.committed:
+            target = self.written
+            self.fsync_wal()
+            self.mark_durable(target)
+
+
+class GroupCommitter:
+    """Commits a :class:`DurableStore`'s batches from the event loop, one WAL fsync at a
+    time in a worker thread.
+
+    Whoever handles a message bumps :attr:`activity`; :meth:`durable` commits once a pass
+    of the scheduler handled none.
+
+    Args:
+        store: the store (opened with ``group_commit=True``).
+        on_commit_error: called inside the ``except`` block when a commit fails; it may
+            raise something else instead (if it returns, the error is raised).
+        on_sync_error: the same for a failed WAL fsync.
+    """
+
+    def __init__(
+        self,
+        store: DurableStore,
+        *,
+        on_commit_error: Callable[[], None] | None = None,
+        on_sync_error: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self._on_commit_error = on_commit_error
+        self._on_sync_error = on_sync_error
+        # Messages handled; a batch is committed once a pass of the scheduler handles none.
+        self.activity = 0
+        # No commit before this trio time (see COMMIT_SPACING).
+        self.next_commit = 0.0
+        # A WAL fsync is running in a worker thread; _synced is set when it ends.
+        self.syncing = False
+        self._synced = trio.Event()
+
+    async def durable(self, barrier: int) -> None:
+        """Return once batch ``barrier`` is on disk (at once if it is).
+
+        Group commit with no leader: each waiter yields to the scheduler while other
+        tasks are still handling messages (so their steps join the batch), and the first
+        to see a pass with nothing new, or a full batch, commits (a COMMIT into the WAL,
+        no fsync). Under load commits are spaced (:data:`COMMIT_SPACING`). A written
+        batch is on disk after the WAL fsync that follows it, run in a worker thread
+        (:meth:`sync`); while one is in flight the loop goes on, and the batch that grows
+        meanwhile waits for it, then is committed and synced in turn.
+
+        Raises:
+            LinkClosed: the batch was lost in another task's failed commit or fsync;
+                nothing that depends on it may be announced.
+            OSError / sqlite3.Error: the commit or the WAL fsync failed (the batch is
+                rolled back, or the store poisoned), unless an error hook raised
+                something else.
+        """
+        store = self.store
+        while store.committed < barrier:
+            if store.lost(barrier):
+                raise LinkClosed("the batch this depends on was not committed")
+            if store.written >= barrier or self.syncing:
+                # Written and waiting for the disk; or a sync is in flight, during
+                # which this batch keeps growing.
+                await self.sync()
+                continue
+            before = self.activity
+            await trio.lowlevel.checkpoint()
+            if store.committed >= barrier or store.written >= barrier or store.lost(barrier):
+                continue
+            if self.activity == before or store.ops >= MAX_BATCH:
+                if store.ops < MAX_BATCH and trio.current_time() < self.next_commit:
+                    # Commits are being made back to back: let more steps join this one.
+                    await trio.sleep_until(self.next_commit)
+                    continue
+                started = time.perf_counter()
+                try:
+                    store.commit()
+                except Exception:
+                    if self._on_commit_error is not None:
+                        self._on_commit_error()
+                    raise
+                self.next_commit = trio.current_time() + COMMIT_SPACING * (
+                    time.perf_counter() - started
+                )
+
+    async def sync(self) -> None:
+        """Make every written batch durable: start a WAL fsync in a worker thread, or
+        if one is in flight wait for it (the caller then looks again)."""
+        if self.syncing:
+            await self._synced.wait()
+            return
+        store = self.store
+        target = store.written  # the fsync covers what was written before it starts
+        self.syncing = True
+        try:
+            await trio.to_thread.run_sync(store.fsync_wal)
+        except Exception:
+            if self._on_sync_error is not None:
+                self._on_sync_error()
+            raise
+        finally:
+            self.syncing = False
+            synced, self._synced = self._synced, trio.Event()
+            synced.set()
+        store.mark_durable(target)
