@@ -234,6 +234,8 @@ class Relay:
         self._dirty = trio.Event()
         # Set when a WAL fsync failed: the store is poisoned and serve_tcp stops.
         self._store_failed = trio.Event()
+        # member -> (minute, refusals logged in it), for max_logged_refusals_per_minute.
+        self._refusals_logged: dict[str, tuple[int, int]] = {}
         # Commits the store's batches; every message a reader handles counts as activity.
         self._group_commit = GroupCommitter(
             self.store, on_commit_error=self._commit_failed, on_sync_error=self._sync_failed
@@ -515,10 +517,27 @@ class Relay:
         report: bytes | None = None,
         token: bytes | None = None,
     ) -> None:
-        """Log a refusal in the audit log and tell the member; the connection goes on."""
-        self.store.log_refusal(
-            member=conn.member, reason=reason, now=self.now(), report=report, token=token
-        )
+        """Log a refusal in the audit log and tell the member; the connection goes on.
+
+        At most ``limits.max_logged_refusals_per_minute`` refusals of one member are
+        logged per minute; the first one past that is logged with reason ``limit`` in
+        place of its own, the rest of the minute is answered but not logged.
+        """
+        now = self.now()
+        minute = now // 60
+        logged_minute, logged = self._refusals_logged.get(conn.member, (minute, 0))
+        if logged_minute != minute:
+            logged = 0
+        cap = self.limits.max_logged_refusals_per_minute
+        if logged <= cap:
+            self.store.log_refusal(
+                member=conn.member,
+                reason=reason if logged < cap else Reason.LIMIT,
+                now=now,
+                report=report if logged < cap else None,
+                token=token if logged < cap else None,
+            )
+            self._refusals_logged[conn.member] = (minute, logged + 1)
         await self._reply(conn, Refusal(ref=ref, reason=reason.value, detail=_detail(detail)))
 
     # --- submission ----------------------------------------------------------------------

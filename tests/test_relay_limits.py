@@ -484,3 +484,36 @@ async def test_audit_extracts_queued_per_connection_are_capped(
             # At most one on the wire plus the queued ones; the rest were refused busy.
             assert 1 <= len(extracts) <= MAX_QUEUED_AUDIT_REPLIES + 1
             assert refusals and all(r.reason == Reason.BUSY for r in refusals)
+
+
+async def test_logged_refusals_per_member_are_rate_limited(world: World, tmp_path: Path) -> None:
+    # Every refusal is answered, but a member cannot grow the audit log at will: past
+    # max_logged_refusals_per_minute one entry with reason "limit" stands for the rest.
+    from tisa.audit import AuditEvent, verify_extract
+
+    cap = 3
+    clock = FakeClock()
+    limits = Limits(max_logged_refusals_per_minute=cap)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits, clock=clock) as h:
+            seoul = await h.connect("seoul")
+            report = seal(world)  # never submitted: every release is unknown_report
+
+            async def refused_releases(count: int) -> None:
+                for i in range(count):
+                    await seoul.send(Release(token=token_for(world, report, counter=i + 1)))
+                for _ in range(count):
+                    refusal = await expect(seoul, Refusal)
+                    assert refusal.reason == Reason.UNKNOWN_REPORT
+
+            async def logged_reasons() -> list[str | None]:
+                await seoul.send(AuditFetch(since=0))
+                reply = await expect(seoul, AuditReply)
+                entries, _ = verify_extract(reply.extract, world.arrangement, "seoul")
+                return [e.reason for e in entries if e.event is AuditEvent.REFUSED]
+
+            await refused_releases(cap + 4)
+            assert await logged_reasons() == ["unknown_report"] * cap + ["limit"]
+            clock.now += 60  # a new minute: logged again
+            await refused_releases(1)
+            assert await logged_reasons() == ["unknown_report"] * cap + ["limit", "unknown_report"]

@@ -83,6 +83,10 @@ class Limits:
     # them: enough to keep a link busy between acks, few enough that a recipient that
     # stops acking ties up little.
     delivery_window: int = 256
+    # Refusals of one member's input the relay writes to its audit log per minute. Every
+    # refusal is still answered; past this rate one entry with reason "limit" says that
+    # the rest of that minute went unlogged, so a member cannot grow the log at will.
+    max_logged_refusals_per_minute: int = 600
 
     def __post_init__(self) -> None:
         from tisa.errors import UsageError
