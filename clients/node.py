@@ -196,7 +196,6 @@ class Node:
         self._report_send, self._report_recv = trio.open_memory_channel[
             tuple[int, DeliveredReport]
         ](REPORT_BUFFER)
-        self._dirty = trio.Event()
         # Commits the store's batches; every message handled counts as activity.
         self._group_commit = GroupCommitter(store)
 
@@ -220,18 +219,6 @@ class Node:
             LinkClosed: the batch was lost in another task's failed commit.
         """
         await self._group_commit.durable(self.store.barrier if barrier is None else barrier)
-
-    def _mark_dirty(self) -> None:
-        if self.store.pending:
-            self._dirty.set()
-
-    async def _committer(self) -> None:
-        # Commits steps nobody waits on (an event dropped, a report handed over).
-        while True:
-            await self._dirty.wait()
-            self._dirty = trio.Event()
-            with contextlib.suppress(LinkClosed):
-                await self._durable()
 
     def _reply(self, session: _Session, message: m.Message) -> None:
         session.replies.append((self.store.barrier, message))
@@ -519,7 +506,7 @@ class Node:
         """
         async for seq, event in self._event_recv:
             self.store.drop_event(seq)
-            self._mark_dirty()
+            self._group_commit.mark_dirty()
             yield event
 
     async def reports(self) -> AsyncIterator[DeliveredReport]:
@@ -536,7 +523,7 @@ class Node:
                 yield report
             finally:
                 self.store.mark_handed(report.token_id)
-                self._mark_dirty()
+                self._group_commit.mark_dirty()
             # On disk before the next one is handed over: else a node killed once the
             # application took the next one would hand over both again.
             await self._durable()
@@ -834,7 +821,7 @@ class Node:
                 raise LinkClosed(f"relay closed the link: {message.reason}")
             else:
                 raise ProtocolError(f"unexpected {message.TYPE!r} from the relay")
-            self._mark_dirty()
+            self._group_commit.mark_dirty()
             self._notify()
 
     # --- originator side of incoming messages ----------------------------------------
@@ -1299,7 +1286,7 @@ async def open_node(
             nursery.start_soon(node._run)
             nursery.start_soon(node._pump_events)
             nursery.start_soon(node._pump_reports)
-            nursery.start_soon(node._committer)
+            nursery.start_soon(node._group_commit.run_background_commits)
             try:
                 yield node
             finally:

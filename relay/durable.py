@@ -281,6 +281,23 @@ class GroupCommitter:
         # A WAL fsync is running in a worker thread; _synced is set when it ends.
         self.syncing = False
         self._synced = trio.Event()
+        # Set when a step nobody waits on is pending (see mark_dirty).
+        self._dirty = trio.Event()
+
+    def mark_dirty(self) -> None:
+        """A step nobody waits on (an event dropped, a notice sent) is in the open batch:
+        have :meth:`run_background_commits` commit it."""
+        if self.store.pending:
+            self._dirty.set()
+
+    async def run_background_commits(self) -> None:
+        """Commit the steps :meth:`mark_dirty` reported, until cancelled. A failed commit
+        is left to :meth:`durable`'s error handling (logged by the owner); this goes on."""
+        while True:
+            await self._dirty.wait()
+            self._dirty = trio.Event()
+            with contextlib.suppress(LinkClosed):
+                await self.durable(self.store.barrier)
 
     async def durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is on disk (at once if it is).

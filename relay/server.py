@@ -231,7 +231,6 @@ class Relay:
         self._claims: dict[bytes, _Connection] = {}
         # Set when a step is pending; each connection's committer commits it soon even
         # if no answer waits on it (an ack, a forwarded mark).
-        self._dirty = trio.Event()
         # Set when a WAL fsync failed: the store is poisoned and serve_tcp stops.
         self._store_failed = trio.Event()
         # member -> (minute, refusals logged in it), for max_logged_refusals_per_minute.
@@ -294,7 +293,7 @@ class Relay:
         for member in self.store.expire(now=self.now(), clock_skew=self.limits.clock_skew):
             self._wake(member)
         self.store.commit()
-        self._mark_dirty()
+        self._group_commit.mark_dirty()
 
     async def _durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is committed and on disk (at once if it is);
@@ -323,17 +322,6 @@ class Relay:
         log.exception("WAL fsync failed; nothing more will be announced")
         self._store_failed.set()
         raise LinkClosed("WAL fsync failed") from None
-
-    def _mark_dirty(self) -> None:
-        if self.store.pending:
-            self._dirty.set()
-
-    async def _committer(self) -> None:
-        while True:
-            await self._dirty.wait()
-            self._dirty = trio.Event()
-            with contextlib.suppress(LinkClosed):  # a failed commit is logged; go on
-                await self._durable(self.store.barrier)
 
     async def _reply(self, conn: _Connection, message: Message) -> None:
         """Queue ``message`` for ``conn``, to be sent once what it announces is committed."""
@@ -426,7 +414,7 @@ class Relay:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._reader, conn)
                     nursery.start_soon(self._replier, conn)
-                    nursery.start_soon(self._committer)
+                    nursery.start_soon(self._group_commit.run_background_commits)
                     nursery.start_soon(self._pusher, conn)
         finally:
             self._connections[conn.member].discard(conn)
@@ -456,7 +444,7 @@ class Relay:
                     return
                 self._group_commit.activity += 1
                 await self._dispatch(conn, message)
-                self._mark_dirty()
+                self._group_commit.mark_dirty()
         except LinkClosed:
             conn.fail(None)
         except LinkTimeout as exc:
@@ -478,7 +466,7 @@ class Relay:
     def _log_close(self, conn: _Connection, reason: Reason) -> None:
         try:
             self.store.log_refusal(member=conn.member, reason=reason, now=self.now())
-            self._mark_dirty()
+            self._group_commit.mark_dirty()
         except Exception:
             log.exception("could not log a refusal")
 
@@ -861,7 +849,7 @@ class Relay:
                     await conn.link.send(kind(report=notice.report, token=notice.token))
                     # Notices have no ack: sent once on a live link, then dropped.
                     self.store.drop_notice(notice.seq)
-                    self._mark_dirty()
+                    self._group_commit.mark_dirty()
                     after_notice = notice.seq
             await conn.wake.wait()
 
@@ -903,7 +891,7 @@ class Relay:
                     await conn.link.send(Chunk(data=data))
                 await conn.link.send(DeliverEnd(token=row.id))
         self.store.mark_forwarded(row.id, now=self.now())
-        self._mark_dirty()
+        self._group_commit.mark_dirty()
 
 
 async def serve(
