@@ -379,6 +379,59 @@ def _percentiles(result: dict[str, Any]) -> tuple[float, float]:
     return p50 * 1000, p99 * 1000
 
 
+def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
+          f" ({args.concurrency} submit calls at once):")  # fmt: skip
+    bare = _run_bare(folder, "throughput", args.count, args.rate, 1024)
+    tisa = _run_tisa(folder, "throughput", args.count, args.rate, 1024, args.concurrency)
+    bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
+    print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
+          f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
+    cpu = {
+        "seoul": tisa["seoul"]["cpu_s"],
+        "relay": tisa["relay_cpu_s"],
+        "tokyo": tisa["tokyo"]["cpu_s"],
+    }
+    print("  tisa CPU seconds (start-up included): "
+          + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))  # fmt: skip
+    return {"cpu_s": cpu, "tisa": tisa_rate, "bare": bare_rate, "concurrency": args.concurrency}
+
+
+def _latency_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"latency, {args.latency_count} reports of 1 KiB offered at {args.rate:.0f}/s:")
+    bare = _run_bare(folder, "latency", args.latency_count, args.rate, 1024)
+    tisa = _run_tisa(folder, "latency", args.latency_count, args.rate, 1024)
+    (b50, b99), (t50, t99) = _percentiles(bare), _percentiles(tisa)
+    achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
+    print(f"  tisa p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s)")
+    print(f"  bare p50 {b50:7.2f} ms  p99 {b99:8.2f} ms   p99 ratio {t99 / b99:6.1f}x")
+    return {"tisa": [t50, t99], "bare": [b50, b99], "tisa_rate": achieved}
+
+
+def _large_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    large: dict[str, Any] = {}
+    for mib in (16, args.large_mib):
+        with open(folder / "large.bin", "wb") as handle:
+            block = os.urandom(1024 * 1024)
+            for _ in range(mib):
+                handle.write(block)
+        result = _run_tisa(folder, "large", 1, args.rate, 0)
+        seconds = result["tokyo"]["end"] - result["seoul"]["start"]
+        large[str(mib)] = {
+            "seconds": seconds,
+            "mib_per_s": mib / seconds,
+            "seoul_peak_mib": result["seoul"]["peak_mib"],
+            "tokyo_peak_mib": result["tokyo"]["peak_mib"],
+            "relay_peak_mib": result["relay_peak_mib"],
+        }
+        print(f"large report, {mib} MiB end to end: {seconds:6.1f} s ({mib / seconds:6.1f}"
+              f" MiB/s); peak RSS seoul {result['seoul']['peak_mib']:.0f} MiB,"
+              f" relay {result['relay_peak_mib']:.0f} MiB,"
+              f" tokyo {result['tokyo']['peak_mib']:.0f} MiB")  # fmt: skip
+        os.unlink(folder / "large.bin")
+    return large
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench nodes", description=__doc__)
     parser.add_argument("--count", type=int, default=2000)
@@ -391,69 +444,30 @@ def main(argv: list[str] | None = None) -> int:
         default=64,
         help="submit calls in progress at once in the throughput run (default 64)",
     )
+    parser.add_argument(
+        "--only",
+        choices=("throughput", "latency", "large"),
+        action="append",
+        help="run only this part (may be given more than once; default: all three)",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role:
         return _role(args.role)
+    if args.concurrency < 1:
+        parser.error("--concurrency must be at least 1")
+    parts = args.only or ["throughput", "latency", "large"]
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
         _make_world(folder)
-
-        if args.concurrency < 1:
-            parser.error("--concurrency must be at least 1")
-        print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
-              f" ({args.concurrency} submit calls at once):")  # fmt: skip
-        bare = _run_bare(folder, "throughput", args.count, args.rate, 1024)
-        tisa = _run_tisa(folder, "throughput", args.count, args.rate, 1024, args.concurrency)
-        bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
-        print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
-              f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
-        cpu = {
-            "seoul": tisa["seoul"]["cpu_s"],
-            "relay": tisa["relay_cpu_s"],
-            "tokyo": tisa["tokyo"]["cpu_s"],
-        }
-        print("  tisa CPU seconds (start-up included): "
-              + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))  # fmt: skip
-        figures["throughput"] = {
-            "cpu_s": cpu,
-            "tisa": tisa_rate,
-            "bare": bare_rate,
-            "concurrency": args.concurrency,
-        }
-
-        print(f"latency, {args.latency_count} reports of 1 KiB offered at {args.rate:.0f}/s:")
-        bare = _run_bare(folder, "latency", args.latency_count, args.rate, 1024)
-        tisa = _run_tisa(folder, "latency", args.latency_count, args.rate, 1024)
-        (b50, b99), (t50, t99) = _percentiles(bare), _percentiles(tisa)
-        achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
-        print(f"  tisa p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s)")
-        print(f"  bare p50 {b50:7.2f} ms  p99 {b99:8.2f} ms   p99 ratio {t99 / b99:6.1f}x")
-        figures["latency_ms"] = {"tisa": [t50, t99], "bare": [b50, b99], "tisa_rate": achieved}
-
-        large: dict[str, Any] = {}
-        for mib in (16, args.large_mib):
-            with open(folder / "large.bin", "wb") as handle:
-                block = os.urandom(1024 * 1024)
-                for _ in range(mib):
-                    handle.write(block)
-            result = _run_tisa(folder, "large", 1, args.rate, 0)
-            seconds = result["tokyo"]["end"] - result["seoul"]["start"]
-            large[str(mib)] = {
-                "seconds": seconds,
-                "mib_per_s": mib / seconds,
-                "seoul_peak_mib": result["seoul"]["peak_mib"],
-                "tokyo_peak_mib": result["tokyo"]["peak_mib"],
-            }
-            large[str(mib)]["relay_peak_mib"] = result["relay_peak_mib"]
-            print(f"large report, {mib} MiB end to end: {seconds:6.1f} s ({mib / seconds:6.1f}"
-                  f" MiB/s); peak RSS seoul {result['seoul']['peak_mib']:.0f} MiB,"
-                  f" relay {result['relay_peak_mib']:.0f} MiB,"
-                  f" tokyo {result['tokyo']['peak_mib']:.0f} MiB")  # fmt: skip
-            os.unlink(folder / "large.bin")
-        figures["large"] = large
+        if "throughput" in parts:
+            figures["throughput"] = _throughput_part(folder, args)
+        if "latency" in parts:
+            figures["latency_ms"] = _latency_part(folder, args)
+        if "large" in parts:
+            figures["large"] = _large_part(folder, args)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
     return 0
