@@ -1,14 +1,24 @@
-"""``python -m bench [NAME] [ARGS]``: run one benchmark (default: core)."""
+"""``python -m bench [NAME] [ARGS]``: run one benchmark (default: core).
+
+Names: ``core`` (the protocol core against raw PyNaCl), ``nodes`` (the three trio nodes
+against a bare forwarder) and ``ceiling`` (the libsodium work per report, relay against
+bare forwarder; ``nodes`` runs it too). ``python -m bench NAME --help`` for the options.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
 
+BENCHMARKS = ("core", "nodes", "ceiling")
+
 
 def main() -> int:
     args = sys.argv[1:]
     name = args.pop(0) if args and not args[0].startswith("-") else "core"
+    if name not in BENCHMARKS:
+        print(f"unknown benchmark {name!r}; one of: {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
     module = importlib.import_module(f"bench.{name}")
     result: int = module.main(args)
     return result

@@ -12,7 +12,11 @@ Three separate processes on 127.0.0.1 in both set-ups:
 Figures:
 
 * throughput: reports per second, N pipelined 1 KiB reports, first send to last receipt
-  by the receiving application;
+  by the receiving application; then, measured in this process once the nodes are gone,
+  the ceiling that libsodium work alone puts on the ratio (:mod:`bench.ceiling`): the
+  least the relay must spend in libsodium per report against the bare forwarder's one
+  Ed25519 check per message, and the most reports a second a relay doing only that work
+  on one core could handle, over the bare forwarder's measured rate;
 * latency: p50/p99 from the originator's call to the recipient's application, reports
   sent one at a time at a fixed rate (default 1,000/s; tisa cannot sustain that rate
   with an fsync per durable step, so its figure is measured at the rate given and the
@@ -43,6 +47,7 @@ import nacl.bindings as sodium
 import nacl.pwhash
 import trio
 
+from bench import ceiling
 from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
 from tisa.keys import MemberSecret
 
@@ -387,6 +392,11 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
     print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
           f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
+    # Measured here, with the node processes gone (see bench/ceiling.py).
+    limit = ceiling.measure()
+    limit["against_measured_bare"] = ceiling.bound_against(limit, bare_rate)
+    print(ceiling.summary_line(limit))
+    print(ceiling.bound_line(limit["against_measured_bare"], bare_rate))
     cpu = {
         "seoul": tisa["seoul"]["cpu_s"],
         "relay": tisa["relay_cpu_s"],
@@ -394,7 +404,13 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
     print("  tisa CPU seconds (start-up included): "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))  # fmt: skip
-    return {"cpu_s": cpu, "tisa": tisa_rate, "bare": bare_rate, "concurrency": args.concurrency}
+    return {
+        "cpu_s": cpu,
+        "tisa": tisa_rate,
+        "bare": bare_rate,
+        "concurrency": args.concurrency,
+        "ceiling": limit,
+    }
 
 
 def _latency_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
