@@ -230,9 +230,10 @@ class Node:
                 await session.replies_changed.wait()
             barrier, _ = session.replies[0]
             await self._durable(barrier)
+            ready: list[m.Message] = []
             while session.replies and session.replies[0][0] <= self.store.committed:
-                _, message = session.replies.popleft()
-                await session.link.send(message)
+                ready.append(session.replies.popleft()[1])
+            await session.link.send_many(ready)
             session.changed()
 
     @property
@@ -736,24 +737,32 @@ class Node:
             # a stored report's receipt): rows read from an open batch wait for its
             # commit before they are sent.
             await self._durable()
+            # Everything of one pass goes out in one write where it can (small
+            # submissions, releases, revocations, receipts); a large submission streams.
+            pending: list[m.Message] = []
             submissions = store.queued_submissions(after=after_submission)
             if submissions:
                 await self._durable()
             for submission in submissions:
                 after_submission = max(after_submission, submission.seq)
                 submitted.add(submission.report)
-                await self._send_submission(link, submission)
+                if submission.data is not None:
+                    pending.extend(_submission_messages(submission, submission.data))
+                else:
+                    await link.send_many(pending)
+                    pending.clear()
+                    await self._send_file_submission(link, submission)
             releases = store.releases_to_send(after=after_release, submitted=submitted)
             if releases:
                 await self._durable()
             for release in releases:
                 after_release = release.seq
-                await link.send(m.Release(token=release.encoded))
+                pending.append(m.Release(token=release.encoded))
             for revocation in store.revocations_to_send():
                 if revocation.id not in sent_revocations:
                     await self._durable()
                     sent_revocations.add(revocation.id)
-                    await link.send(m.Revoke(report=revocation.report, token=revocation.token))
+                    pending.append(m.Revoke(report=revocation.report, token=revocation.token))
             # Once per connection until the relay confirms it (ack kind "receipt"): a
             # receipt lost with a connection is sent again on the next one.
             receipts = store.receipts_to_send(after=after_receipt)
@@ -761,26 +770,16 @@ class Node:
                 await self._durable()
             for seq, _token_id, receipt in receipts:
                 after_receipt = seq
-                await link.send(m.SendReceipt(receipt=receipt))
+                pending.append(m.SendReceipt(receipt=receipt))
+            if pending:
+                await link.send_many(pending)
             await changed.wait()
 
-    async def _send_submission(self, link: Link, submission: Submission) -> None:
-        source: BinaryIO
-        if submission.data is not None:
-            source = io.BytesIO(submission.data)
-        else:
-            assert submission.path is not None
-            source = open(submission.path, "rb")  # noqa: SIM115
-        with source:
+    async def _send_file_submission(self, link: Link, submission: Submission) -> None:
+        assert submission.path is not None
+        with open(submission.path, "rb") as source:
             async with link.sending():
-                await link.send(
-                    m.SubmitBegin(
-                        report=submission.report,
-                        size=submission.size,
-                        digest=submission.digest,
-                        expires=submission.expires,
-                    )
-                )
+                await link.send(_submit_begin(submission))
                 while data := source.read(MAX_CHUNK_DATA):
                     await link.send(m.Chunk(data=data))
                 await link.send(m.SubmitEnd(report=submission.report))
@@ -1297,3 +1296,23 @@ async def open_node(
 
 # Re-exported for callers that want every error the node may raise in one clause.
 NODE_ERRORS = (RemoteError, UsageError)
+
+
+def _submit_begin(submission: Submission) -> m.SubmitBegin:
+    return m.SubmitBegin(
+        report=submission.report,
+        size=submission.size,
+        digest=submission.digest,
+        expires=submission.expires,
+    )
+
+
+def _submission_messages(submission: Submission, data: bytes) -> list[m.Message]:
+    """A small submission whole: begin, its chunks, end (sent in one write)."""
+    messages: list[m.Message] = [_submit_begin(submission)]
+    messages.extend(
+        m.Chunk(data=data[start : start + MAX_CHUNK_DATA])
+        for start in range(0, len(data), MAX_CHUNK_DATA)
+    )
+    messages.append(m.SubmitEnd(report=submission.report))
+    return messages

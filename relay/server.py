@@ -27,12 +27,11 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import io
 import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from typing import Any
 
 import trio
 
@@ -337,12 +336,14 @@ class Relay:
                     await conn.replies_changed.wait()
                 barrier, message = conn.replies[0]
                 await self._durable(barrier)
-                # Everything up to the commit point goes out in order, in one go.
+                # Everything up to the commit point goes out in order, in one write.
+                ready: list[Message] = []
                 while conn.replies and conn.replies[0][0] <= self.store.committed:
                     _, message = conn.replies.popleft()
                     if isinstance(message, AuditReply):
                         conn.audit_queued -= 1
-                    await conn.link.send(message)
+                    ready.append(message)
+                await conn.link.send_many(ready)
                 conn.changed()
         except (LinkClosed, LinkTimeout):
             conn.fail(None)
@@ -828,33 +829,54 @@ class Relay:
                 # The releases that made these deliveries pending are in this batch at
                 # the latest (perhaps still open): one wait covers them all.
                 barrier = self.store.barrier
+                # Small reports go out together, in one write; a large one streams.
+                pending: list[Message] = []
+                sent: list[bytes] = []
                 for row in batch:
                     if len(conn.in_flight) >= window:
                         break  # the rest when acks make room (they wake us)
                     after_token = row.seq
-                    await self._deliver(conn, row, barrier)
+                    await self._deliver(conn, row, barrier, pending, sent)
+                await self._send_deliveries(conn, pending, sent)
             # Receipts and notices pile up while a member is offline: read them a page
             # at a time, never all at once.
             while receipts := self.store.queued_receipts(
                 conn.member, after=after_receipt, limit=NOTICE_PAGE
             ):
                 await self._durable(self.store.barrier)
-                for receipt in receipts:
-                    await conn.link.send(ReceiptNotice(receipt=receipt.receipt))
-                    after_receipt = receipt.seq
+                await conn.link.send_many(
+                    ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
+                )
+                after_receipt = receipts[-1].seq
             while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
                 await self._durable(self.store.barrier)
+                await conn.link.send_many(
+                    (Expired if notice.kind == "expired" else Revoked)(
+                        report=notice.report, token=notice.token
+                    )
+                    for notice in notices
+                )
+                # Notices have no ack: sent once on a live link, then dropped.
                 for notice in notices:
-                    kind = Expired if notice.kind == "expired" else Revoked
-                    await conn.link.send(kind(report=notice.report, token=notice.token))
-                    # Notices have no ack: sent once on a live link, then dropped.
                     self.store.drop_notice(notice.seq)
-                    self._group_commit.mark_dirty()
-                    after_notice = notice.seq
+                self._group_commit.mark_dirty()
+                after_notice = notices[-1].seq
             await conn.wake.wait()
 
-    async def _deliver(self, conn: _Connection, row: TokenRow, barrier: int) -> None:
-        """Push one delivery; ``barrier`` is the batch of the query that found ``row``."""
+    async def _deliver(
+        self,
+        conn: _Connection,
+        row: TokenRow,
+        barrier: int,
+        pending: list[Message],
+        sent: list[bytes],
+    ) -> None:
+        """Push one delivery; ``barrier`` is the batch of the query that found ``row``.
+
+        A small report's messages are added to ``pending`` (and its token id to
+        ``sent``), for :meth:`_send_deliveries`; a large one flushes ``pending`` and
+        streams from its file.
+        """
         if row.id in conn.in_flight:
             return  # pushed on this connection already (a rescan found it); ack awaited
         holder = self._claims.get(row.id)
@@ -871,18 +893,23 @@ class Relay:
         outstanding, inline = self.store.delivery_source(row.id)
         if not outstanding:
             return  # acked, revoked or expired since the query
-        blob: BinaryIO
         if inline is not None:
-            blob = io.BytesIO(inline)
-        else:
-            try:
-                blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
-            except FileNotFoundError:
-                log.error("ciphertext of a pending delivery is missing")
-                return
-        self._claims[row.id] = conn
-        conn.claims.add(row.id)
-        conn.in_flight.add(row.id)
+            self._claim(conn, row.id)
+            pending.append(Deliver(token=row.token))
+            pending.extend(
+                Chunk(data=inline[start : start + MAX_CHUNK_DATA])
+                for start in range(0, len(inline), MAX_CHUNK_DATA)
+            )
+            pending.append(DeliverEnd(token=row.id))
+            sent.append(row.id)
+            return
+        try:
+            blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            log.error("ciphertext of a pending delivery is missing")
+            return
+        await self._send_deliveries(conn, pending, sent)
+        self._claim(conn, row.id)
         with blob:
             async with conn.link.sending():
                 await conn.link.send(Deliver(token=row.token))
@@ -891,6 +918,26 @@ class Relay:
                     await conn.link.send(Chunk(data=data))
                 await conn.link.send(DeliverEnd(token=row.id))
         self.store.mark_forwarded(row.id, now=self.now())
+        self._group_commit.mark_dirty()
+
+    def _claim(self, conn: _Connection, token_id: bytes) -> None:
+        self._claims[token_id] = conn
+        conn.claims.add(token_id)
+        conn.in_flight.add(token_id)
+
+    async def _send_deliveries(
+        self, conn: _Connection, pending: list[Message], sent: list[bytes]
+    ) -> None:
+        """Send the small deliveries gathered by :meth:`_deliver` in one write, then
+        record them as forwarded."""
+        if not pending:
+            return
+        await conn.link.send_many(pending)
+        now = self.now()
+        for token_id in sent:
+            self.store.mark_forwarded(token_id, now=now)
+        pending.clear()
+        sent.clear()
         self._group_commit.mark_dirty()
 
 

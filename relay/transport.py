@@ -2,10 +2,15 @@
 
 A :class:`Link` is an authenticated, encrypted connection after the handshake: it
 moves :mod:`tisa.messages` values, each sealed with the handshake's
-:class:`~tisa.handshake.SecureChannel` and sent as one :mod:`tisa.frames` frame. One lock
-per direction keeps frames whole; :meth:`Link.sending` holds the send lock across a
-whole stream (``submit``/``deliver``, the chunks, the end), as the session protocol
-requires (see ``docs/node-protocol.md``).
+:class:`~tisa.handshake.SecureChannel` and sent as one :mod:`tisa.frames` frame. Frames
+are sealed and queued together, so they go out in the order sealed; one task at a time
+writes whatever is queued, so concurrent senders share writes (one system call and one
+trip through the scheduler for many frames: the main cost per frame in trio, before
+this). :meth:`Link.send_many` sends several messages with nothing between them (a
+small ``deliver`` stream in one call); :meth:`Link.sending` holds the send lock across
+a whole large stream (``submit``/``deliver``, the chunks, the end), as the session
+protocol requires (see ``docs/node-protocol.md``). A received frame already buffered
+is returned without a trip through the scheduler.
 
 :func:`connect_member` (member side) and :func:`accept_member` (relay side) run the
 handshake on a :class:`trio.abc.Stream` under ``limits.handshake_timeout`` and return the
@@ -24,7 +29,8 @@ link. Every failure surfaces as a :mod:`tisa.errors` exception:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable
+import struct
+from collections.abc import AsyncIterator, Callable, Iterable
 
 import trio
 
@@ -41,6 +47,7 @@ from tisa.errors import (
 from tisa.frames import FRAME_HEADER_SIZE, NEED_DATA, FrameDecoder, encode_frame
 from tisa.handshake import (
     MAX_HANDSHAKE_MESSAGE,
+    STREAM_OVERHEAD,
     MemberHandshake,
     RelayHandshake,
     SecureChannel,
@@ -78,6 +85,7 @@ LINGER = 1.0
 MAX_LINGER_BYTES = 1024 * 1024
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
+_FRAME_LENGTH = struct.Struct(">I")
 
 
 class LinkClosed(RemoteError):
@@ -110,12 +118,17 @@ class Link:
         "_channel",
         "_closed",
         "_decoder",
+        "_flushing",
         "_frame_deadline",
         "_limits",
+        "_out",
+        "_queued",
         "_receive_lock",
         "_send_lock",
         "_send_owner",
+        "_sent",
         "_stream",
+        "_written",
         "peer",
     )
 
@@ -135,6 +148,11 @@ class Link:
         self._send_lock = trio.Lock()
         self._receive_lock = trio.Lock()
         self._send_owner: trio.lowlevel.Task | None = None
+        self._out: list[bytes] = []  # sealed frames (prefix, body) not yet written
+        self._queued = 0  # frames queued since the start
+        self._sent = 0  # frames written since the start
+        self._flushing = False  # a task is writing
+        self._written = trio.lowlevel.ParkingLot()  # senders waiting for a write
         self._frame_deadline: float | None = None
         self._broken = False
         self._closed = False
@@ -145,11 +163,20 @@ class Link:
         return self._stream
 
     # --- sending ---------------------------------------------------------------------
+    #
+    # Frames are sealed in the order they are queued (the channel is a stream cipher),
+    # so sealing and queueing happen together, with no checkpoint between. One task at
+    # a time writes (the "flusher"): everything queued by then goes out in one
+    # send_all. Tasks that queued meanwhile park until a later write covers their frame;
+    # when the flusher's own frame is out, a parked task takes over, so no caller waits
+    # for frames queued after its own. Under load many frames share one system call and
+    # one trip through the scheduler.
 
     async def send(self, message: Message) -> None:
         """Seal ``message`` and send it as one frame.
 
-        Inside :meth:`sending` (same task) the lock is already held and not taken again.
+        Concurrent senders never interleave frames; their frames may share one write.
+        Inside :meth:`sending` (same task) other tasks' frames wait until the block exits.
 
         Raises:
             LinkClosed: the stream is closed or broken, or a send was cancelled earlier.
@@ -157,17 +184,28 @@ class Link:
                 (the link is then broken).
             UsageError: ``message`` is not a :class:`~tisa.messages.Message`.
 
-        Cancellation: if cancelled, the message may have been partly written; the link
-        is then broken (the peer's channel position is unknown) and every later send
+        Cancellation: if cancelled, the message may have been partly written, or may
+        still be written later (it is queued, in order); if a write was cut short the
+        link is broken (the peer's channel position is unknown) and every later send
         raises :class:`LinkClosed`. Close the link.
         """
-        if not isinstance(message, Message):
-            raise UsageError("send takes a tisa.messages.Message")
-        if self._send_owner is not None and self._send_owner is trio.lowlevel.current_task():
-            await self._send_unlocked(message)
-            return
-        async with self._send_lock:
-            await self._send_unlocked(message)
+        await self.send_many((message,))
+
+    async def send_many(self, messages: Iterable[Message]) -> None:
+        """Seal and send several messages, in order, in one write when possible.
+
+        No other task's frame comes between them, so a whole small stream (``deliver``,
+        its chunk, ``deliver_end``) can go in one call without :meth:`sending`.
+        Raises and cancels as :meth:`send`; if one message cannot be encoded
+        (:class:`~tisa.errors.UsageError`), none of them is sent.
+        """
+        task = trio.lowlevel.current_task()
+        while self._send_owner is not None and self._send_owner is not task:
+            # Another task is sending a stream: nothing may come between its frames.
+            async with self._send_lock:
+                pass
+        ticket = self._queue_frames(messages)
+        await self._flush(ticket)
 
     @contextlib.asynccontextmanager
     async def sending(self) -> AsyncIterator[Link]:
@@ -191,30 +229,67 @@ class Link:
             finally:
                 self._send_owner = None
 
-    async def _send_unlocked(self, message: Message) -> None:
+    def _queue_frames(self, messages: Iterable[Message]) -> int:
+        # Synchronous: seal and queue with no checkpoint, so the order on the wire is
+        # the order of sealing. Returns the ticket of the last frame.
         if self._broken or self._closed:
             raise LinkClosed("the link is closed")
+        plaintexts = []
+        room = self._limits.max_frame - STREAM_OVERHEAD
+        for message in messages:
+            if not isinstance(message, Message):
+                raise UsageError("send takes a tisa.messages.Message")
+            plaintext = encode_message(message)
+            if len(plaintext) > room:
+                # Checked before sealing: a sealed frame that is not sent would leave
+                # the peer's channel position behind ours.
+                raise UsageError(f"a {message.TYPE} message of {len(plaintext)} bytes")
+            plaintexts.append(plaintext)
+        if self._channel.closed or self._channel.failed:
+            raise LinkClosed("the channel is closed")
+        seal = self._channel.seal
+        for plaintext in plaintexts:
+            sealed = seal(plaintext)
+            self._out.append(_FRAME_LENGTH.pack(len(sealed)))
+            self._out.append(sealed)
+        self._queued += len(plaintexts)
+        return self._queued
+
+    async def _flush(self, ticket: int) -> None:
+        while self._sent < ticket:
+            if self._broken or self._closed:
+                raise LinkClosed("the link is closed")
+            if self._flushing:
+                await self._written.park()
+                continue
+            await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        self._flushing = True
         try:
-            frame = encode_frame(
-                self._channel.seal(encode_message(message)), max_frame=self._limits.max_frame
-            )
-        except UsageError:
-            if self._channel.closed or self._channel.failed:
-                raise LinkClosed("the channel is closed") from None
+            while self._out:
+                data = b"".join(self._out)
+                upto = self._queued
+                self._out.clear()
+                # A peer that stops reading must not hold this task forever: each write
+                # gets the same deadline as an incoming frame.
+                with trio.move_on_after(self._limits.frame_timeout) as deadline:
+                    await self._stream.send_all(data)
+                if deadline.cancelled_caught:
+                    raise LinkTimeout("the peer did not take a frame within the frame deadline")
+                self._sent = upto
+                if self._written:
+                    break  # a parked sender takes over the rest
+        except BaseException as exc:
+            # A cancelled, failed or timed-out write leaves the peer's secretstream
+            # position unknown: nothing more can be sent on this link.
+            self._broken = True
+            if isinstance(exc, _STREAM_ERRORS):
+                raise LinkClosed(f"connection lost while sending: {exc}") from None
             raise
-        # Marked broken until the whole frame is out: a cancelled or failed send_all
-        # leaves the peer's secretstream position unknown.
-        self._broken = True
-        try:
-            # A peer that stops reading must not hold this task (and the send lock)
-            # forever: each frame gets the same deadline as an incoming one.
-            with trio.move_on_after(self._limits.frame_timeout) as deadline:
-                await self._stream.send_all(frame)
-        except _STREAM_ERRORS as exc:
-            raise LinkClosed(f"connection lost while sending: {exc}") from None
-        if deadline.cancelled_caught:
-            raise LinkTimeout("the peer did not take a frame within the frame deadline")
-        self._broken = False
+        finally:
+            self._flushing = False
+            self._written.unpark_all()
 
     # --- receiving -------------------------------------------------------------------
 
@@ -238,12 +313,21 @@ class Link:
         Cancellation: a cancelled call loses nothing; bytes already read stay buffered
         for the next call (the frame deadline keeps running).
         """
+        if not self._receive_lock.locked():
+            # Fast path: a whole frame is already buffered (several usually arrive in
+            # one read under load), so no lock and no trip through the scheduler.
+            frame = self._decoder.next_frame()
+            if frame is not NEED_DATA:
+                self._frame_deadline = None
+                return self._open(frame)
         async with self._receive_lock:
-            payload = await self._next_frame()
-            plaintext = self._channel.open(payload)
-            if self._channel.peer_closed:
-                raise LinkClosed("the peer closed the channel")
-            return decode_message(plaintext, max_size=self._limits.max_frame)
+            return self._open(await self._next_frame())
+
+    def _open(self, payload: bytes) -> Message:
+        plaintext = self._channel.open(payload)
+        if self._channel.peer_closed:
+            raise LinkClosed("the peer closed the channel")
+        return decode_message(plaintext, max_size=self._limits.max_frame)
 
     async def _next_frame(self) -> bytes:
         decoder = self._decoder
@@ -288,14 +372,14 @@ class Link:
         try:
             if not (self._broken or self._channel.closed or self._channel.failed):
                 with trio.move_on_after(CLOSE_GRACE):
-                    async with self._send_lock:
-                        if not self._broken:
-                            final = encode_frame(
-                                self._channel.close(), max_frame=self._limits.max_frame
-                            )
-                            await self._stream.send_all(final)
+                    async with self.sending():
+                        if not (self._broken or self._channel.closed):
+                            final = self._channel.close()
+                            self._out += [_FRAME_LENGTH.pack(len(final)), final]
+                            self._queued += 1
+                            await self._flush(self._queued)
                             await linger(self._stream)
-        except (*_STREAM_ERRORS, UsageError):
+        except (*_STREAM_ERRORS, UsageError, LinkClosed, LinkTimeout):
             pass
         finally:
             self._closed = True

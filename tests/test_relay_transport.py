@@ -9,7 +9,7 @@ from nodes.relay_helpers import World, make_world, raw_hello, read_raw_frame
 
 from relay.transport import Link, LinkClosed, LinkTimeout, accept_member, connect_member
 from tisa import encoding as enc
-from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused
+from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused, UsageError
 from tisa.frames import encode_frame
 from tisa.limits import Limits
 from tisa.messages import AuditFetch, Chunk, Deliver, DeliverEnd, ErrorMessage, Message
@@ -81,6 +81,115 @@ async def test_sending_keeps_a_stream_whole(world: World) -> None:
         kinds = [type(m).__name__ for m in received]
         start = kinds.index("Deliver")
         assert kinds[start : start + 22] == ["Deliver"] + ["Chunk"] * 20 + ["DeliverEnd"]
+
+
+class _CountingStream(trio.abc.Stream):
+    """Wraps a stream and counts the writes (send_all calls) made on it."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.writes = 0
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes += 1
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def counting_pair(world: World) -> tuple[Link, Link, _CountingStream]:
+    member, relay = await pair(world)
+    counting = _CountingStream(relay._stream)
+    relay._stream = counting
+    return member, relay, counting
+
+
+async def test_concurrent_sends_share_writes_and_keep_their_order(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay, counting = await counting_pair(world)
+        order: list[int] = []
+
+        async def sender(i: int) -> None:
+            order.append(i)  # queued in this order: no checkpoint before the seal
+            await relay.send(AuditFetch(since=i))
+
+        async with trio.open_nursery() as nursery:
+            for i in range(50):
+                nursery.start_soon(sender, i)
+        received = [await member.receive() for _ in range(50)]
+        assert received == [AuditFetch(since=i) for i in order]
+        # The first sender writes its own frame; the other 49 were queued meanwhile
+        # and share the next write or two: far fewer writes than frames.
+        assert counting.writes < 10
+
+
+async def test_send_many_is_one_write_and_nothing_comes_between(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay, counting = await counting_pair(world)
+        stream = [Deliver(token=b"t" * 10), Chunk(data=b"c" * 100), DeliverEnd(token=bytes(16))]
+
+        async def interloper() -> None:
+            await relay.send(AuditFetch(since=1))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.send_many, stream)
+            nursery.start_soon(interloper)
+        received = [await member.receive() for _ in range(4)]
+        kinds = [type(m).__name__ for m in received]
+        start = kinds.index("Deliver")
+        assert kinds[start : start + 3] == ["Deliver", "Chunk", "DeliverEnd"]
+        assert counting.writes <= 2
+
+
+async def test_send_many_with_an_oversized_message_sends_none(world: World) -> None:
+    limits = Limits(handshake_timeout=5, frame_timeout=5, max_frame=70_000)
+    with trio.fail_after(5):
+        member, relay = await pair(world, limits)
+        with pytest.raises(UsageError):
+            await relay.send_many([AuditFetch(since=1), Chunk(data=b"x" * 69_990)])
+        # Nothing was sealed: the channel stays in step and the next message arrives.
+        await relay.send(AuditFetch(since=2))
+        assert await member.receive() == AuditFetch(since=2)
+
+
+async def test_a_cancelled_waiter_still_goes_out_in_order(world: World) -> None:
+    with trio.fail_after(5):
+        member, relay = await pair(world)
+        gate = trio.Event()
+
+        class _Slow(_CountingStream):
+            async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+                await gate.wait()
+                await self.inner.send_all(data)
+
+        relay._stream = _Slow(relay._stream)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.send, AuditFetch(since=1))  # becomes the writer
+            await trio.testing.wait_all_tasks_blocked()
+            waiter = trio.CancelScope()
+
+            async def cancelled_waiter() -> None:
+                with waiter:
+                    await relay.send(AuditFetch(since=2))
+
+            nursery.start_soon(cancelled_waiter)
+            await trio.testing.wait_all_tasks_blocked()
+            waiter.cancel()  # parked behind the writer: its frame is queued already
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+        # Nobody was parked after the first write, so the writer wrote the rest too.
+        assert await member.receive() == AuditFetch(since=1)
+        assert await member.receive() == AuditFetch(since=2)
+        await relay.send(AuditFetch(since=3))
+        assert await member.receive() == AuditFetch(since=3)
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -60,17 +61,22 @@ def install(point: str) -> None:
 
         Store.release = release_then_die  # type: ignore[method-assign]
     elif point in ("during_forward", "after_forward"):
-        send = Link.send
+        send_many = Link.send_many
 
-        async def send_and_die(self: Link, message: m.Message) -> None:
-            if isinstance(message, m.DeliverEnd) and point == "during_forward":
+        async def send_and_die(self: Link, messages: Iterable[m.Message]) -> None:
+            messages = list(messages)
+            ends = [i for i, message in enumerate(messages) if isinstance(message, m.DeliverEnd)]
+            if ends and point == "during_forward":
+                await send_many(self, messages[: ends[0]])
+                await trio.sleep(0.05)  # let the frames leave the socket buffer
                 _die()
-            await send(self, message)
-            if isinstance(message, m.DeliverEnd):
-                await trio.sleep(0.05)  # let the frame leave the socket buffer
+            await send_many(self, messages)
+            if ends:
+                await trio.sleep(0.05)  # let the frames leave the socket buffer
                 _die()
 
-        Link.send = send_and_die  # type: ignore[method-assign]
+        # send() goes through send_many().
+        Link.send_many = send_and_die  # type: ignore[method-assign]
     elif point in ("mid_batch", "after_batch"):
         commit = Store.commit
 

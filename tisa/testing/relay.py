@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import trio
@@ -185,6 +185,11 @@ class _InterceptedLink:
             await self._relay.emit(await behaviour.on_delivery(self.peer, delivery), self)
             return
         await self._relay.emit(await behaviour.on_send(self.peer, message), self)
+
+    async def send_many(self, messages: Iterable[Message]) -> None:
+        """As :meth:`Link.send_many`: each message through the behaviour, in order."""
+        for message in messages:
+            await self.send(message)
 
     async def send_now(self, item: Delivery | Message) -> None:
         """Send on this link, as one uninterrupted stream (the caller may hold the lock)."""
