@@ -438,8 +438,11 @@ class Relay:
         try:
             while True:
                 message: Message | None = None
-                with trio.move_on_after(self.limits.idle_timeout):
-                    message = await conn.link.receive()
+                try:
+                    message = conn.link.receive_nowait()
+                except trio.WouldBlock:
+                    with trio.move_on_after(self.limits.idle_timeout):
+                        message = await conn.link.receive()
                 if message is None:
                     conn.fail(Reason.TIMEOUT, "idle timeout")
                     return

@@ -323,6 +323,27 @@ class Link:
         async with self._receive_lock:
             return self._open(await self._next_frame())
 
+    def receive_nowait(self) -> Message:
+        """The next message if a whole frame of it is already buffered.
+
+        A reader loop calls this first and :meth:`receive` (under its idle timeout) only
+        when it raises :class:`trio.WouldBlock`: under load most frames arrive several
+        to a read, and neither the wait nor its timeout is needed for them.
+
+        Raises:
+            trio.WouldBlock: no whole frame is buffered (or another task is receiving).
+            The rest as :meth:`receive`.
+        """
+        if self._receive_lock.locked():
+            raise trio.WouldBlock
+        frame = self._decoder.next_frame()
+        if frame is NEED_DATA:
+            if self._decoder.eof:
+                raise LinkClosed("the peer closed the connection")
+            raise trio.WouldBlock
+        self._frame_deadline = None
+        return self._open(frame)
+
     def _open(self, payload: bytes) -> Message:
         plaintext = self._channel.open(payload)
         if self._channel.peer_closed:

@@ -367,3 +367,49 @@ def test_flip_every_byte_of_a_small_extract() -> None:
         changed[position] ^= 0x01
         with pytest.raises((ProtocolError, VerificationError)):
             verify_extract(bytes(changed), ARRANGEMENT, "tokyo")
+
+
+@given(
+    seq=st.integers(1, 2**63),
+    time=st.integers(0, 2**64 - 1),
+    event=st.sampled_from(list(AuditEvent)),
+    report=st.none() | st.binary(min_size=16, max_size=16),
+    token=st.none() | st.binary(min_size=16, max_size=16),
+    parties=st.lists(st.text(min_size=1, max_size=20), max_size=5),
+    reason=st.none() | st.text(max_size=64),
+)
+def test_entry_fast_encoding_is_the_canonical_encoding(
+    seq: int,
+    time: int,
+    event: AuditEvent,
+    report: bytes | None,
+    token: bytes | None,
+    parties: list[str],
+    reason: str | None,
+) -> None:
+    entry = AuditEntry(
+        seq=seq,
+        time=time,
+        event=event,
+        report=report,
+        token=token,
+        parties=tuple(parties),
+        reason=reason,
+    )
+    canonical = enc.pack(
+        {
+            "v": 1,
+            "seq": seq,
+            "time": time,
+            "event": event.value,
+            "report": report,
+            "token": token,
+            "parties": sorted(set(parties), key=str.encode),
+            "reason": reason,
+        }
+    )
+    assert entry.encode() == canonical
+    # Any other type takes the general path, which refuses what it cannot encode.
+    if report is not None:
+        with pytest.raises(ProtocolError):
+            dataclasses.replace(entry, report=bytearray(report)).encode()

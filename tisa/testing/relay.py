@@ -197,6 +197,11 @@ class _InterceptedLink:
         for message in messages:
             await self.inner.send(message)
 
+    def receive_nowait(self) -> Message:
+        """Always :class:`trio.WouldBlock`: every message goes through :meth:`receive`,
+        so the behaviour sees it."""
+        raise trio.WouldBlock
+
     async def receive(self) -> Message:
         while True:
             message = await self.inner.receive()
