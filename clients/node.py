@@ -523,8 +523,11 @@ class Node:
             try:
                 yield report
             finally:
-                self.store.mark_handed(report.token_id)
-                self._group_commit.mark_dirty()
+                # A loop left after the node closed cannot record it: the report is
+                # handed over again on the next start, as after a kill (never lost).
+                if not self.store.closed:
+                    self.store.mark_handed(report.token_id)
+                    self._group_commit.mark_dirty()
             # On disk before the next one is handed over: else a node killed once the
             # application took the next one would hand over both again.
             await self._durable()

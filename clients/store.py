@@ -273,6 +273,7 @@ class MemberStore(DurableStore):
         super().__init__()
         self.root = pathlib.Path(path)
         self.group_commit = False  # the set-up below commits as it goes
+        self.closed = False  # set by close(): nothing may be written after it
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -313,6 +314,7 @@ class MemberStore(DurableStore):
         try:
             self.commit_durably()
         finally:
+            self.closed = True
             self._db.close()
 
     @contextlib.contextmanager

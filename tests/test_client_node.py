@@ -272,6 +272,30 @@ async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
             assert got == ids
 
 
+async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_again(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # The application still holds the generator (and a report) when the node closes;
+    # finishing the loop then must not touch the closed store (it raised
+    # sqlite3.ProgrammingError), and the report comes again on the next start.
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("seoul", port, tmp_path) as seoul:
+            report_id = await seoul.submit(
+                b"held", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+            )
+            await seoul.wait_stored(report_id)
+        async with node("tokyo", port, tmp_path) as tokyo:
+            loop = tokyo.reports()
+            first = await loop.__anext__()
+            assert first.report_id == report_id
+        await loop.aclose()  # after the node closed: nothing recorded, nothing raised
+        async with node("tokyo", port, tmp_path) as tokyo:
+            async for report in tokyo.reports():
+                assert report.report_id == report_id
+                break
+
+
 async def test_busy_submission_stays_queued_and_goes_out_on_a_later_connection(
     relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
 ) -> None:
