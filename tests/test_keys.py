@@ -686,3 +686,15 @@ def test_keyfile_costs_are_capped_both_ways() -> None:
         crafted = KEYFILE_MAGIC + enc.pack({**outer, field: value})
         with pytest.raises(KeyFileError):
             MemberSecret.from_keyfile(crafted, "pw")
+
+
+@given(data=st.binary(max_size=3000), purpose=st.sampled_from(list(Hash)))
+def test_digest_fast_path_is_pynacls_generichash(data: bytes, purpose: Hash) -> None:
+    expected = sodium.crypto_generichash_blake2b_salt_personal(
+        data, digest_size=32, person=purpose.value
+    )
+    assert digest(purpose, data) == expected
+    # Keyed hashes take PyNaCl's public binding: the same function.
+    assert digest(purpose, data, key=b"k" * 32) == sodium.crypto_generichash_blake2b_salt_personal(
+        data, digest_size=32, key=b"k" * 32, person=purpose.value
+    )

@@ -573,12 +573,16 @@ def test_a_batch_is_durable_only_after_a_wal_fsync_that_followed_its_commit(
 
 
 async def test_no_answer_before_the_wal_fsync_after_its_commit(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The relay COMMITs without an fsync and fsyncs the WAL in a worker thread; `stored`
-    # waits for that fsync, not just the COMMIT.
+    # The relay COMMITs without an fsync and fsyncs the WAL in a worker thread (every
+    # batch here: see INLINE_FSYNC_MAX_STEPS); `stored` waits for that fsync, not just
+    # the COMMIT.
     import threading
 
+    import relay.durable
+
+    monkeypatch.setattr(relay.durable, "INLINE_FSYNC_MAX_STEPS", -1)
     gate = threading.Event()
     with trio.fail_after(10):
         async with running_relay(world, tmp_path, limits=LIMITS) as h:
@@ -603,6 +607,32 @@ async def test_no_answer_before_the_wal_fsync_after_its_commit(
             gate.set()
             await expect(seoul, Stored)
             await expect(tokyo, AuditReply)
+
+
+async def test_a_small_batch_is_fsynced_in_line_before_its_answer(
+    world: World, tmp_path: Path
+) -> None:
+    # Under light load the WAL fsync runs in the event loop's thread (a worker thread
+    # would add a GIL hand-over per durable step); the answer still waits for it.
+    import threading
+
+    calls: list[tuple[str, int]] = []
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            store = h.relay.store
+            real = store.fsync_wal
+
+            def recording_fsync() -> None:
+                calls.append((threading.current_thread().name, store.written))
+                real()
+
+            store.fsync_wal = recording_fsync  # type: ignore[method-assign]
+            seoul = await h.connect("seoul")
+            await send_submission(seoul, seal(world))
+            await expect(seoul, Stored)
+            assert calls, "stored was answered with no WAL fsync"
+            assert calls[-1][0] == threading.main_thread().name
+            assert store.committed >= calls[-1][1]
 
 
 async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> None:
