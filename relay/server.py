@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from relay.durable import GroupCommitter
-from relay.store import BlobWriter, InlineBlob, Store, TokenRow
+from relay.store import BlobWriter, InlineBlob, NoticeRow, Store, TokenRow
 from relay.transport import (
     ERROR_GRACE,
     Link,
@@ -158,6 +158,9 @@ class _Connection:
     cancel: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
     wake: trio.Event = dataclasses.field(default_factory=trio.Event)
     rescan: bool = False
+    # Set when another connection of the member failed while sending notices it had
+    # claimed: this one reads the member's notices from the start again.
+    rescan_notices: bool = False
     upload: _Upload | None = None
     error: tuple[Reason, str] | None = None
     claims: set[bytes] = dataclasses.field(default_factory=set)
@@ -228,6 +231,9 @@ class Relay:
         self._handshakes = 0
         self._uploading: set[bytes] = set()
         self._claims: dict[bytes, _Connection] = {}
+        # Notices (by seq) one connection is sending: notices have no ack, so another
+        # connection of the same member must not send them too.
+        self._notice_claims: set[int] = set()
         # Set when a step is pending; each connection's committer commits it soon even
         # if no answer waits on it (an ack, a forwarded mark).
         # Set when a WAL fsync failed: the store is poisoned and serve_tcp stops.
@@ -851,20 +857,42 @@ class Relay:
                     ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
                 )
                 after_receipt = receipts[-1].seq
+            if conn.rescan_notices:
+                conn.rescan_notices, after_notice = False, 0
             while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
-                await self._durable(self.store.barrier)
-                await conn.link.send_many(
-                    (Expired if notice.kind == "expired" else Revoked)(
-                        report=notice.report, token=notice.token
-                    )
-                    for notice in notices
-                )
-                # Notices have no ack: sent once on a live link, then dropped.
-                for notice in notices:
-                    self.store.drop_notice(notice.seq)
-                self._group_commit.mark_dirty()
                 after_notice = notices[-1].seq
+                await self._send_notices(conn, notices)
             await conn.wake.wait()
+
+    async def _send_notices(self, conn: _Connection, notices: list[NoticeRow]) -> None:
+        """Send the notices no other connection is sending, then drop them (notices have
+        no ack: sent once on a live link). If this link fails first, the member's other
+        connections look again."""
+        mine = [notice for notice in notices if notice.seq not in self._notice_claims]
+        if not mine:
+            return
+        claimed = {notice.seq for notice in mine}
+        self._notice_claims |= claimed
+        sent = False
+        try:
+            await self._durable(self.store.barrier)
+            await conn.link.send_many(
+                (Expired if notice.kind == "expired" else Revoked)(
+                    report=notice.report, token=notice.token
+                )
+                for notice in mine
+            )
+            sent = True
+            for notice in mine:
+                self.store.drop_notice(notice.seq)
+            self._group_commit.mark_dirty()
+        finally:
+            self._notice_claims -= claimed
+            if not sent:
+                for other in self._connections.get(conn.member, ()):
+                    if other is not conn:
+                        other.rescan_notices = True
+                        other.wake.set()
 
     async def _deliver(
         self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -35,6 +36,7 @@ from tisa.messages import (
     AuditFetch,
     AuditReply,
     Expired,
+    Message,
     ReceiptNotice,
     Refusal,
     Release,
@@ -437,6 +439,86 @@ async def test_expiry_of_held_reports_and_tokens(world: World, tmp_path: Path) -
             tokyo = await h.connect("tokyo")
             await tokyo.send(AuditFetch(since=0))
             await expect(tokyo, AuditReply)  # nothing delivered
+
+
+async def test_a_notice_goes_to_one_connection_of_a_member_only(
+    world: World, tmp_path: Path
+) -> None:
+    # Notices have no ack: with two connections of the same member, both pushers read
+    # the queued notice; only one may send it.
+    clock = FakeClock()
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+            first = await h.connect("seoul")
+            second = await h.connect("seoul")
+            held = seal(world, b"held")
+            await send_submission(first, held, expires=NOW + 100)
+            await expect(first, Stored)
+            clock.now = NOW + 150
+            h.relay.expire_now()
+            got: list[Message] = []
+            for link in (first, second):
+                await link.send(AuditFetch(since=0))
+                while not isinstance(message := await link.receive(), AuditReply):
+                    got.append(message)
+            assert got == [Expired(report=held.report_id, token=None)]
+
+
+async def test_notices_a_failed_connection_claimed_go_out_on_the_other(
+    world: World, tmp_path: Path
+) -> None:
+    # Connection A claims the notice and fails while sending it; connection B, which
+    # skipped the claimed notice meanwhile, must read the notices again and send it.
+    from relay.transport import LinkClosed
+
+    clock = FakeClock()
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+            relay = h.relay
+
+            async def connection_of(link_count: int) -> Any:
+                while len(relay._connections.get("seoul", ())) < link_count:
+                    await trio.sleep(0.01)
+                return relay._connections["seoul"]
+
+            a = await h.connect("seoul")
+            (conn_a,) = await connection_of(1)
+            b = await h.connect("seoul")
+            (conn_b,) = set(await connection_of(2)) - {conn_a}
+            held = seal(world, b"held")
+            await send_submission(a, held, expires=NOW + 100)
+            await expect(a, Stored)
+
+            gate = trio.Event()
+
+            class FailingNotices:
+                """A's link, but sending notices waits for the gate, then fails."""
+
+                def __init__(self, inner: Any) -> None:
+                    self.inner = inner
+
+                def __getattr__(self, name: str) -> Any:
+                    return getattr(self.inner, name)
+
+                async def send_many(self, messages: Any) -> None:
+                    messages = list(messages)
+                    if any(isinstance(message, Expired) for message in messages):
+                        await gate.wait()
+                        raise LinkClosed("test: the link died while sending notices")
+                    await self.inner.send_many(messages)
+
+            conn_a.link = FailingNotices(conn_a.link)
+            clock.now = NOW + 150
+            relay.store.expire(now=relay.now(), clock_skew=LIMITS.clock_skew)
+            relay.store.commit()
+            conn_a.wake.set()  # A claims the notice and blocks sending it
+            await trio.testing.wait_all_tasks_blocked()
+            assert relay._notice_claims
+            conn_b.wake.set()  # B reads it, sees the claim, skips it
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()  # A fails: B must look again
+            assert await expect(b, Expired) == Expired(report=held.report_id, token=None)
+            assert not relay._notice_claims
 
 
 async def test_max_hold_caps_expiry(world: World, tmp_path: Path) -> None:
