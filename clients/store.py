@@ -349,12 +349,11 @@ class MemberStore(DurableStore):
     @staticmethod
     def _event(db: sqlite3.Connection, event: Event) -> None:
         kind, data = encode_event(event)
-        db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data))
-        # Bound the table; see MAX_STORED_EVENTS.
-        db.execute(
-            "DELETE FROM events WHERE seq <= (SELECT MAX(seq) FROM events) - ?",
-            (MAX_STORED_EVENTS,),
-        )
+        seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
+        # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
+        # for the maximum, and no DELETE at all until the bound is first reached.)
+        if seq is not None and seq > MAX_STORED_EVENTS:
+            db.execute("DELETE FROM events WHERE seq <= ?", (seq - MAX_STORED_EVENTS,))
 
     def add_event(self, event: Event) -> None:
         """Record an event that goes with no other state change."""

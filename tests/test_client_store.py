@@ -8,7 +8,7 @@ import pathlib
 import pytest
 from nodes.client_world import LEVEL, SCOPE, make_world
 
-from clients.events import RefusedEvent, Stored, decode_event, encode_event
+from clients.events import ExpiredEvent, RefusedEvent, Stored, decode_event, encode_event
 from clients.store import MemberStore
 from tisa.errors import Reason, UsageError
 from tisa.receipt import StoredAck
@@ -225,3 +225,23 @@ def test_releases_go_right_behind_their_submission(tmp_path: pathlib.Path) -> No
     assert [q.report for q in store.queued_submissions(after=queued[0].seq)] == [b"b" * 16]
     assert store.queued_submissions(after=queued[1].seq) == []
     store.close()
+
+
+def test_stored_events_are_bounded_by_max_stored_events(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Crossing the bound drops the oldest notifications; the newest ones stay, in order.
+    import clients.store
+
+    monkeypatch.setattr(clients.store, "MAX_STORED_EVENTS", 5)
+    store = MemberStore(tmp_path, "seoul")
+    try:
+        for i in range(8):
+            store.add_event(ExpiredEvent(report=bytes([i]) * 16, token=None))
+        kept = store.events_after(0, limit=100)
+        assert [(kind, data) for _, kind, data in kept] == [
+            encode_event(ExpiredEvent(report=bytes([i]) * 16, token=None)) for i in range(3, 8)
+        ]
+        assert [seq for seq, _, _ in kept] == [4, 5, 6, 7, 8]
+    finally:
+        store.close()
