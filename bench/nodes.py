@@ -1,10 +1,25 @@
 """Benchmark of the trio nodes against a bare trio forwarder, measured in the same run.
 
-Three separate processes on 127.0.0.1 in both set-ups:
+Three separate processes on 127.0.0.1 in every set-up:
 
 * tisa: Seoul (``open_node``, submit with immediate release; in throughput mode up to
   ``--concurrency`` ``submit`` calls at once, so the node's group commit can batch them), the relay
   (``python -m relay``), Tokyo (``open_node``, ``reports()``);
+* relay alone (throughput only; :mod:`bench.relay_load`): a load source, the same relay
+  (``python -m relay``, started as for tisa), and a sink. The source seals the N reports
+  for Tokyo and issues their release tokens with the protocol core before the clock
+  starts, connects as Seoul, then sends each submission with its ``Release`` right
+  behind, pipelined (many reports per ``Link.send_many``, at most ``--load-window``
+  without their ``Released`` answer), and checks that every report is answered
+  ``Stored`` and ``Released``. The sink, connected as Tokyo before the source sends,
+  answers each delivery with its ``Ack`` (which completes it at the relay) and opens
+  nothing. Neither does a member node's work (sealing, opening, their stores): on a
+  2-core machine the tisa set-up's three CPU-bound processes share the cores, so its
+  figure mixes the relay with both nodes; this one isolates the relay, as the floor's
+  sender and receiver isolate the forwarder. The relay does all its work: digest check,
+  store and signed ``Stored`` answer, the token checks on ``Release`` (they do not
+  depend on who sends it), delivery, ack. The run fails unless the sink got exactly the
+  N tokens the source released and the relay's store holds all N as acked;
 * floor: a sender, a bare trio forwarder that checks the same Ed25519 token signature
   on every message and forwards it, and a receiver; length-prefixed frames, no
   encryption, no storage.
@@ -12,7 +27,9 @@ Three separate processes on 127.0.0.1 in both set-ups:
 Figures:
 
 * throughput: reports per second, N pipelined 1 KiB reports, first send to last receipt
-  by the receiving application; then, measured in this process once the nodes are gone,
+  by the receiving application (for the relay alone: the source's first send to the
+  sink's Nth delivery), tisa and the relay alone each over the bare forwarder, with the
+  relay's CPU seconds; then, measured in this process once the nodes are gone,
   the ceiling that libsodium work alone puts on the ratio (:mod:`bench.ceiling`): the
   least the relay must spend in libsodium per report against the bare forwarder's one
   Ed25519 check per message, and the most reports a second a relay doing only that work
@@ -31,7 +48,8 @@ Figures:
 The clock is CLOCK_MONOTONIC, which is one clock for every process on the machine.
 
     python -m bench nodes [--count 2000] [--rate 1000 [--rate 100 ...]] [--large-mib 1024]
-                          [--concurrency 64] [--only throughput|latency|large]
+                          [--concurrency 64] [--load-window 256]
+                          [--only throughput|latency|large]
 """
 
 from __future__ import annotations
@@ -136,18 +154,25 @@ class _Process:
     def poll(self) -> int | None:
         return self.popen.poll()
 
+    def reap(self) -> bool:
+        """Whether the process has ended (its peak RSS and CPU seconds then read); raises
+        if it failed."""
+        if self.popen.returncode is not None:
+            return True
+        pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
+        if not pid:
+            return False
+        self.peak_mib = usage.ru_maxrss / 1024
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        if self.popen.returncode not in (0, -15):
+            raise RuntimeError(f"{self.popen.args!r} failed:\n{self.err.read_text()[-3000:]}")
+        return True
+
     def wait(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
-            if pid:
-                self.peak_mib = usage.ru_maxrss / 1024
-                self.cpu_s = usage.ru_utime + usage.ru_stime
-                self.popen.returncode = os.waitstatus_to_exitcode(status)
-                if self.popen.returncode not in (0, -15):
-                    raise RuntimeError(
-                        f"{self.popen.args!r} failed:\n{self.err.read_text()[-3000:]}"
-                    )
+            if self.reap():
                 return
             time.sleep(0.01)
         self.popen.kill()
@@ -242,15 +267,18 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
                 return
 
 
-def _run_tisa(
-    folder: Path, mode: str, count: int, rate: float, size: int, concurrency: int = 1
-) -> dict[str, Any]:
+def _run_folder(folder: Path) -> Path:
+    """A fresh folder for one run, with the world's keys and arrangement linked in."""
     run = Path(tempfile.mkdtemp(dir=folder))
     for name in ("seoul.key", "tokyo.key", "washington.key", "arrangement.tisa"):
         (run / name).symlink_to(folder / name)
-    if mode == "large":
-        (run / "large.bin").symlink_to(folder / "large.bin")
-    relay = _Process(
+    return run
+
+
+def _start_relay(run: Path, count: int) -> _Process:
+    """The real relay (``python -m relay``) on a fresh store in ``run``; its port is written
+    to ``run / "relay.port"``. Its queue per recipient holds every report of the run."""
+    return _Process(
         run, "relay",
         ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
          "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
@@ -258,6 +286,15 @@ def _run_tisa(
          "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip
+
+
+def _run_tisa(
+    folder: Path, mode: str, count: int, rate: float, size: int, concurrency: int = 1
+) -> dict[str, Any]:
+    run = _run_folder(folder)
+    if mode == "large":
+        (run / "large.bin").symlink_to(folder / "large.bin")
+    relay = _start_relay(run, count)
     seoul = tokyo = None
     try:
         port = _wait_port(run / "relay.port", relay)
@@ -391,13 +428,23 @@ def _percentiles(result: dict[str, Any]) -> tuple[float, float]:
 
 
 def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from bench import relay_load
+
     print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
           f" ({args.concurrency} submit calls at once):")  # fmt: skip
     bare = _run_bare(folder, "throughput", args.count, 1000.0, 1024)
     tisa = _run_tisa(folder, "throughput", args.count, 1000.0, 1024, args.concurrency)
+    alone = relay_load.run(folder, args.count, 1024, args.load_window)
     bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
+    alone["ratio"] = alone["rate"] / bare_rate
     print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
           f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
+    print(f"  relay alone (pre-sealed load, acking sink): {alone['rate']:.0f}/s"
+          f"   bare forwarder {bare_rate:.0f}/s   ratio {alone['ratio']:5.3f}x")  # fmt: skip
+    print(f"    relay CPU {alone['relay_cpu_s']:.2f} s in all ({alone['relay_run_cpu_s']:.2f} s"
+          f" during the run); timed CPU source {alone['source_timed_cpu_s']:.2f} s,"
+          f" sink {alone['sink_timed_cpu_s']:.2f} s; at most {args.load_window} reports"
+          " unanswered")  # fmt: skip
     # Measured here, with the node processes gone (see bench/ceiling.py).
     limit = ceiling.measure()
     limit["against_measured_bare"] = ceiling.bound_against(limit, bare_rate)
@@ -414,6 +461,7 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "cpu_s": cpu,
         "tisa": tisa_rate,
         "bare": bare_rate,
+        "relay_alone": alone,
         "concurrency": args.concurrency,
         "ceiling": limit,
     }
@@ -476,6 +524,13 @@ def main(argv: list[str] | None = None) -> int:
         help="submit calls in progress at once in the throughput run (default 64)",
     )
     parser.add_argument(
+        "--load-window",
+        type=int,
+        default=256,
+        help="reports the load source of the relay-alone run keeps unanswered at most"
+        " (default 256)",
+    )
+    parser.add_argument(
         "--only",
         choices=("throughput", "latency", "large"),
         action="append",
@@ -489,6 +544,8 @@ def main(argv: list[str] | None = None) -> int:
         return _role(args.role)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.load_window < 1:
+        parser.error("--load-window must be at least 1")
     parts = args.only or ["throughput", "latency", "large"]
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as name:
@@ -528,6 +585,17 @@ def _role(argv: list[str]) -> int:
     elif role == "tokyo":
         folder, port, mode, count = rest[:4]
         trio.run(_tokyo, Path(folder), int(port), mode, int(count))
+    elif role == "load-source":
+        from bench import relay_load
+
+        folder, port, count, size, window = rest
+        trio.run(relay_load.load_source, Path(folder), int(port), int(count), int(size),
+                 int(window))  # fmt: skip
+    elif role == "relay-sink":
+        from bench import relay_load
+
+        folder, port, count = rest
+        trio.run(relay_load.sink, Path(folder), int(port), int(count))
     else:
         raise SystemExit(f"unknown role {role}")
     return 0

@@ -1,0 +1,358 @@
+"""The relay's throughput alone: a pre-sealed load source and an acking sink around it.
+
+Part of ``python -m bench nodes`` (see its docstring, "relay alone"). Three processes on
+127.0.0.1, as in the end-to-end run, but the two members do almost nothing, as the bare
+forwarder's sender and receiver do, so the figure is the relay's:
+
+* the load source (:func:`load_source`) seals N reports for Tokyo and issues one release
+  token each with the protocol core *before* the clock starts (the originator node's
+  work, measured end to end elsewhere), connects as Seoul, then, timed, sends each
+  report's submission (``SubmitBegin``, its chunks, ``SubmitEnd``) with its ``Release``
+  right behind, many reports per :meth:`relay.transport.Link.send_many`, at most
+  ``window`` reports without their ``Released`` answer. It reads the relay's answers:
+  every report must be answered ``Stored`` and ``Released``; a ``Refusal`` or an
+  ``ErrorMessage`` ends the run with its reason;
+* the sink (:func:`sink`) connects as Tokyo before the source sends, reads each delivery
+  (``Deliver``, chunks, ``DeliverEnd``) and answers it ``Ack(kind="delivery")`` with the
+  token id of its ``DeliverEnd`` (the acks of the deliveries read together go in one
+  write). It does not open the reports (the recipient node's work). It stops after N
+  distinct token ids;
+* the relay, ``python -m relay`` started exactly as for the end-to-end run
+  (:func:`bench.nodes._start_relay`). It does all of its work: the submission's digest
+  check, store and signed ``Stored`` answer, the token's checks on ``Release`` (its
+  Ed25519 signature among them) whoever sends it, the delivery, and each delivery
+  completed by the sink's ack.
+
+Reports per second are N over the source's first send to the sink's Nth ``DeliverEnd``.
+The run fails unless the source saw N ``Stored`` and N ``Released`` for exactly its
+reports and tokens, the sink N deliveries carrying exactly the tokens the source
+issued (the two compare a digest of the sorted token ids), and, read from the relay's
+store once the sink is done, the relay holds all N tokens as acked (each delivery
+completed). The relay's CPU seconds are given in all (start-up included) and from the
+sink's connect to the end of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from bench.nodes import _emit, _load, _Process, _run_folder, _start_relay, _wait_port
+from relay.store import DB_NAME
+from relay.transport import Link, connect_member
+from tisa.messages import (
+    MAX_CHUNK_DATA,
+    Ack,
+    Chunk,
+    Deliver,
+    DeliverEnd,
+    ErrorMessage,
+    Message,
+    Refusal,
+    Release,
+    Released,
+    Stored,
+    SubmitBegin,
+    SubmitEnd,
+)
+from tisa.report import seal_report
+from tisa.token import ReleaseToken, issue_token
+
+SCOPE = "nk.missile"
+LEVEL = "secret"
+# Reports per send_many call (four messages each for a 1 KiB report), room permitting.
+BATCH = 64
+# Seconds the source's reports and tokens stay valid.
+VALIDITY = 3600
+
+
+def tokens_digest(ids: Iterable[bytes]) -> str:
+    """A digest of a set of token ids, for the source and the sink to compare."""
+    return hashlib.blake2b(b"".join(sorted(ids)), digest_size=16).hexdigest()
+
+
+class _Failed(RuntimeError):
+    """The relay answered something else than the run expects."""
+
+
+def _check_answer(message: Message, what: str) -> None:
+    if isinstance(message, Refusal):
+        raise _Failed(f"{what}: the relay refused {message.ref.hex()}: {message.reason}"
+                      f" {message.detail!r}")  # fmt: skip
+    if isinstance(message, ErrorMessage):
+        raise _Failed(f"{what}: the relay closed the link: {message.reason} {message.detail!r}")
+    raise _Failed(f"{what}: unexpected {message.TYPE} message from the relay: {message!r}")
+
+
+# --- the load source -----------------------------------------------------------------------
+
+
+def _prepare(
+    folder: Path, count: int, size: int
+) -> tuple[list[list[Message]], list[bytes], list[bytes]]:
+    """Each report's messages (submission and release), the report ids, the token ids."""
+    secret, arrangement = _load(folder, "seoul")
+    now = int(time.time())
+    loads: list[list[Message]] = []
+    report_ids: list[bytes] = []
+    token_ids: list[bytes] = []
+    for seq in range(count):
+        sealed = seal_report(secret, "seoul", arrangement, recipients=["tokyo"], scope=SCOPE,
+                             level=LEVEL, body=os.urandom(size), now=now)  # fmt: skip
+        token = issue_token(
+            secret, "seoul", arrangement,
+            recipient="tokyo", report_id=sealed.report_id, digest=sealed.digest,
+            size=sealed.size, content_key=sealed.content_key, scope=SCOPE, level=LEVEL,
+            not_before=now - 10, not_after=now + VALIDITY, counter=seq + 1,
+        )  # fmt: skip
+        data = sealed.ciphertext
+        begin = SubmitBegin(
+            report=sealed.report_id, size=len(data), digest=sealed.digest, expires=now + VALIDITY
+        )
+        chunks = [
+            Chunk(data=data[start : start + MAX_CHUNK_DATA])
+            for start in range(0, len(data), MAX_CHUNK_DATA)
+        ]
+        loads.append([begin, *chunks, SubmitEnd(report=sealed.report_id), Release(token=token)])
+        report_ids.append(sealed.report_id)
+        token_ids.append(ReleaseToken.decode(token).id)
+    return loads, report_ids, token_ids
+
+
+async def load_source(folder: Path, port: int, count: int, size: int, window: int) -> None:
+    """The source role: see the module docstring. Emits ``{"start": ...}`` and its checks."""
+    loads, report_ids, token_ids = _prepare(folder, count, size)
+    expected_reports, expected_tokens = set(report_ids), set(token_ids)
+    secret, arrangement = _load(folder, "seoul")
+    link = await connect_member(
+        await trio.open_tcp_stream("127.0.0.1", port), secret, "seoul", arrangement
+    )
+    stored: set[bytes] = set()
+    released: set[bytes] = set()
+    wake = [trio.Event()]  # set whenever answers came in (room in the window)
+    sent = 0
+
+    async def send() -> None:
+        nonlocal sent
+        while sent < count:
+            wake[0] = trio.Event()
+            room = window - (sent - len(released))
+            if room <= 0:
+                await wake[0].wait()
+                continue
+            take = min(BATCH, room, count - sent)
+            await link.send_many(m for load in loads[sent : sent + take] for m in load)
+            sent += take
+
+    def handle(message: Message) -> None:
+        if isinstance(message, Stored):
+            if message.report not in expected_reports or message.report in stored:
+                raise _Failed(f"source: stored answer for report {message.report.hex()}")
+            stored.add(message.report)
+        elif isinstance(message, Released):
+            if message.token not in expected_tokens or message.token in released:
+                raise _Failed(f"source: released answer for token {message.token.hex()}")
+            if message.report not in stored:
+                raise _Failed(f"source: report {message.report.hex()} released before stored")
+            released.add(message.token)
+        else:
+            _check_answer(message, "source")
+
+    async def receive() -> None:
+        while len(released) < count:
+            handle(await link.receive())
+            while True:  # the answers already buffered, without a trip through trio
+                try:
+                    handle(link.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            wake[0].set()
+
+    cpu = time.process_time()
+    start = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        nursery.start_soon(receive)
+    answered = time.monotonic()
+    cpu = time.process_time() - cpu
+    if stored != expected_reports or released != expected_tokens:
+        raise _Failed(f"source: {len(stored)} stored, {len(released)} released of {count}")
+    await link.aclose()
+    _emit({
+        "start": start,
+        "answered": answered,
+        "stored": len(stored),
+        "released": len(released),
+        "tokens": tokens_digest(released),
+        "timed_cpu_s": cpu,
+    })  # fmt: skip
+
+
+# --- the sink ------------------------------------------------------------------------------
+
+
+async def sink(folder: Path, port: int, count: int) -> None:
+    """The sink role: see the module docstring. Emits ``{"ready": true}`` once connected,
+    then ``{"end": ...}`` with what it received."""
+    secret, arrangement = _load(folder, "tokyo")
+    link: Link = await connect_member(
+        await trio.open_tcp_stream("127.0.0.1", port), secret, "tokyo", arrangement
+    )
+    _emit({"ready": True})
+    tokens: set[bytes] = set()
+    deliveries = 0
+    in_delivery = False
+    end = float("nan")
+    cpu: float | None = None  # process time at the first message
+    while len(tokens) < count:
+        acks: list[Message] = []
+        message = await link.receive()
+        if cpu is None:
+            cpu = time.process_time()
+        while True:
+            if isinstance(message, Deliver):
+                if in_delivery:
+                    raise _Failed("sink: a delivery inside a delivery")
+                in_delivery = True
+            elif isinstance(message, Chunk):
+                if not in_delivery:
+                    raise _Failed("sink: a chunk outside a delivery")
+            elif isinstance(message, DeliverEnd):
+                if not in_delivery:
+                    raise _Failed("sink: deliver_end outside a delivery")
+                in_delivery = False
+                deliveries += 1
+                tokens.add(message.token)
+                acks.append(Ack(kind="delivery", token=message.token))
+                if len(tokens) == count:
+                    end = time.monotonic()
+                    break
+            else:
+                _check_answer(message, "sink")
+            try:
+                message = link.receive_nowait()
+            except trio.WouldBlock:
+                break
+        if acks:
+            await link.send_many(acks)
+    assert cpu is not None
+    cpu = time.process_time() - cpu
+    await link.aclose()
+    _emit({
+        "end": end,
+        "deliveries": deliveries,
+        "distinct": len(tokens),
+        "tokens": tokens_digest(tokens),
+        "timed_cpu_s": cpu,
+    })  # fmt: skip
+
+
+# --- orchestration -------------------------------------------------------------------------
+
+
+def _wait_ready(process: _Process, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(record.get("ready") for record in process.records()):
+            return
+        if process.reap():
+            raise RuntimeError(f"{process.popen.args!r} ended before it was ready")
+        time.sleep(0.02)
+    raise TimeoutError(f"{process.popen.args!r} not ready")
+
+
+def _wait_all(processes: list[_Process], timeout: float) -> None:
+    """Wait until every process has ended; a failed one raises at once."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all([process.reap() for process in processes]):
+            return
+        time.sleep(0.01)
+    raise TimeoutError(f"not finished in {timeout:.0f} s")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process so far (Linux /proc; else NaN)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _tokens_by_state(where: Path) -> dict[str, int]:
+    """The relay's tokens by state, read from its store (SQLite in WAL mode, so a reader
+    beside the running relay)."""
+    uri = f"file:{where / 'relay' / DB_NAME}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        rows = db.execute("SELECT state, count(*) FROM tokens GROUP BY state").fetchall()
+    return {str(state): int(number) for state, number in rows}
+
+
+def _wait_acked(where: Path, count: int, timeout: float = 30.0) -> dict[str, int]:
+    """The relay's tokens by state once all ``count`` are acked (or at the timeout): the
+    sink's last acks may still be on their way when it ends."""
+    deadline = time.monotonic() + timeout
+    while True:
+        states = _tokens_by_state(where)
+        if states.get("acked", 0) >= count or time.monotonic() > deadline:
+            return states
+        time.sleep(0.05)
+
+
+def run(folder: Path, count: int, size: int = 1024, window: int = 256) -> dict[str, Any]:
+    """One run against the real relay; returns the figures (checked, see the docstring)."""
+    where = _run_folder(folder)
+    relay = _start_relay(where, count)
+    source = receiver = None
+    try:
+        port = _wait_port(where / "relay.port", relay)
+        role_args = [str(where), str(port), str(count)]
+        receiver = _Process(
+            where, "sink", ["-m", "bench.nodes", "--role", "relay-sink", *role_args]
+        )
+        _wait_ready(receiver)  # connected before the source sends anything
+        relay_cpu = _cpu_seconds(relay.popen.pid)
+        source = _Process(
+            where, "source",
+            ["-m", "bench.nodes", "--role", "load-source", *role_args, str(size), str(window)],
+        )  # fmt: skip
+        _wait_all([receiver, source], timeout=900)
+        relay_cpu = _cpu_seconds(relay.popen.pid) - relay_cpu
+        # After the clock: every delivery must be complete at the relay (acked).
+        states = _wait_acked(where, count)
+    finally:
+        for process in (source, receiver, relay):
+            if process is not None:
+                process.stop()
+    sent, got = source.records()[-1], receiver.records()[-1]
+    if not (sent["stored"] == sent["released"] == got["deliveries"] == got["distinct"] == count):
+        raise RuntimeError(f"relay alone: source {sent}, sink {got}, expected {count} each")
+    if sent["tokens"] != got["tokens"]:
+        raise RuntimeError("relay alone: the sink got other tokens than the source released")
+    if states != {"acked": count}:
+        raise RuntimeError(f"relay alone: the relay's tokens by state {states}, not all acked")
+    seconds = got["end"] - sent["start"]
+    return {
+        "rate": count / seconds,
+        "released_rate": count / (sent["answered"] - sent["start"]),
+        "seconds": seconds,
+        "window": window,
+        "relay_cpu_s": relay.cpu_s,
+        # From the sink's connect to the end of the source and sink (the source's
+        # sealing before the clock included, while the relay idles).
+        "relay_run_cpu_s": relay_cpu,
+        "relay_peak_mib": relay.peak_mib,
+        "relay_tokens": states,
+        "source_timed_cpu_s": sent["timed_cpu_s"],
+        "sink_timed_cpu_s": got["timed_cpu_s"],
+    }
