@@ -647,3 +647,31 @@ def test_core_modules_import_no_io() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert result.stdout.strip() == b"[]"
+
+
+@given(messages=st.lists(st.binary(max_size=2000), min_size=1, max_size=8))
+def test_channel_frames_are_pynacls_secretstream(messages: list[bytes]) -> None:
+    # SecureChannel calls libsodium's secretstream through PyNaCl's cffi binding
+    # directly: its frames must be exactly what PyNaCl's push makes, and PyNaCl's
+    # frames must open on it.
+    key = sodium.crypto_secretstream_xchacha20poly1305_keygen()
+    ours, theirs = (sodium.crypto_secretstream_xchacha20poly1305_state() for _ in range(2))
+    header = sodium.crypto_secretstream_xchacha20poly1305_init_push(ours, key)
+    reference_push = sodium.crypto_secretstream_xchacha20poly1305_state()
+    reference_push.statebuf[0 : len(ours.statebuf)] = bytes(ours.statebuf)  # same state
+    sodium.crypto_secretstream_xchacha20poly1305_init_pull(theirs, header, key)
+    pull = sodium.crypto_secretstream_xchacha20poly1305_state()
+    pull_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(
+        peer := sodium.crypto_secretstream_xchacha20poly1305_state(), key
+    )
+    sodium.crypto_secretstream_xchacha20poly1305_init_pull(pull, pull_header, key)
+    channel = SecureChannel(_push=ours, _pull=pull)
+    for message in messages:
+        sealed = channel.seal(message)
+        assert sealed == sodium.crypto_secretstream_xchacha20poly1305_push(reference_push, message)
+        assert sodium.crypto_secretstream_xchacha20poly1305_pull(theirs, sealed) == (message, 0)
+        assert channel.open(sodium.crypto_secretstream_xchacha20poly1305_push(peer, message)) == (
+            message
+        )
+    with pytest.raises(VerificationError):
+        channel.open(b"\x00" * 16)  # shorter than the tag

@@ -289,3 +289,10 @@ def test_fast_encoding_is_the_canonical_encoding(message: Message) -> None:
     field = dataclasses.fields(decoded)[0].name
     with pytest.raises(dataclasses.FrozenInstanceError):
         setattr(decoded, field, getattr(decoded, field))
+
+
+@pytest.mark.parametrize("cls", sorted(MESSAGE_TYPES.values(), key=lambda c: c.TYPE))
+def test_each_schema_names_exactly_its_messages_fields(cls: type[Message]) -> None:
+    # Construction checks the fields the schema names: a field it missed would go
+    # unchecked, a name it has and the class lacks would fail every construction.
+    assert set(cls.SCHEMA) == {field.name for field in dataclasses.fields(cls)}

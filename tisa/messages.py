@@ -66,8 +66,9 @@ class Message:
 
     def __post_init__(self) -> None:
         try:
+            # The schema names exactly the fields (a test checks it for every message).
             enc.check_map(
-                {f.name: getattr(self, f.name) for f in dataclasses.fields(self)},
+                {name: getattr(self, name) for name in self.SCHEMA},
                 self.SCHEMA,
                 self.TYPE,
             )
