@@ -229,6 +229,16 @@ def _new_stream_state() -> Any:
 # --- the channel -------------------------------------------------------------------------
 
 
+def _buffer(state: Any, size: int) -> Any:
+    """The state's output buffer, grown to ``size`` bytes if needed (as PyNaCl does):
+    one per direction, reused, so frames do not each allocate and free a buffer of
+    up to a chunk (which left the allocator's heap ~15 MiB larger under a large
+    report)."""
+    if state.rawbuf is None or len(state.rawbuf) < size:
+        state.rawbuf = _ffi.new("unsigned char[]", max(size, 1))
+    return state.rawbuf
+
+
 class SecureChannel:
     """One side's encrypted channel: a secretstream to send and one to receive.
 
@@ -281,7 +291,7 @@ class SecureChannel:
         if len(plaintext) > _MESSAGE_MAX:
             raise UsageError("message too long for the channel")
         size = len(plaintext) + STREAM_OVERHEAD
-        out = _ffi.new("unsigned char[]", size)
+        out = _buffer(self._push, size)
         if _lib.crypto_secretstream_xchacha20poly1305_push(
             self._push.statebuf, out, _ffi.NULL, plaintext, len(plaintext), _ffi.NULL, 0, tag
         ):  # pragma: no cover - libsodium fails here only on sizes checked above
@@ -348,7 +358,7 @@ class SecureChannel:
         # As in _push_message: the libsodium call through PyNaCl's cffi binding.
         ciphertext = bytes(ciphertext)
         size = len(ciphertext) - STREAM_OVERHEAD
-        out = _ffi.new("unsigned char[]", max(size, 1))
+        out = _buffer(self._pull, size)
         tag_out = self._pull.tagbuf
         if (
             size < 0
