@@ -1,0 +1,62 @@
+"""relay.durable: when the group committer commits steps nobody waits on."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import trio
+import trio.testing
+
+import relay.durable
+from clients.events import ExpiredEvent
+from clients.store import MemberStore
+from relay.durable import GroupCommitter
+
+
+def _store(tmp_path: pathlib.Path) -> MemberStore:
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    return store
+
+
+async def test_a_background_step_is_committed_within_the_delay(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    monkeypatch.setattr(relay.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run_background_commits)
+            store.add_event(ExpiredEvent(report=b"r" * 16, token=None))
+            barrier = store.barrier
+            committer.mark_dirty()
+            await trio.sleep(4.9)
+            assert store.committed < barrier  # not yet: nobody waits on it
+            await trio.sleep(0.2)
+            assert store.committed >= barrier  # committed and on disk within the delay
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_a_background_step_rides_with_a_commit_someone_waits_on(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    monkeypatch.setattr(relay.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run_background_commits)
+            store.add_event(ExpiredEvent(report=b"r" * 16, token=None))
+            background = store.barrier
+            committer.mark_dirty()
+            await trio.sleep(1)
+            store.add_event(ExpiredEvent(report=b"s" * 16, token=None))
+            await committer.durable(store.barrier)  # someone waits: one commit for both
+            assert store.committed >= background
+            assert trio.current_time() < 2
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
