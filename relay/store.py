@@ -280,6 +280,8 @@ class Store(DurableStore):
 
     def __init__(self, directory: str | os.PathLike[str], *, group_commit: bool = False) -> None:
         super().__init__()
+        # recipient -> deliveries outstanding, for those counted so far (queue_length).
+        self._queued: dict[str, int] = {}
         self.directory = Path(directory)
         self.group_commit = group_commit
         self.blobs = self.directory / "blobs"
@@ -334,6 +336,10 @@ class Store(DurableStore):
 
     def _rolled_back(self) -> None:
         self._load_head()  # the cached audit head may belong to rolled-back entries
+        if not self._db.in_transaction:
+            # A whole batch (or a transaction) was rolled back, not one step: counts
+            # changed by its committed steps are wrong now.
+            self._queued.clear()
 
     def _load_head(self) -> None:
         row = self._db.execute("SELECT seq, head FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -484,12 +490,20 @@ class Store(DurableStore):
         return None if row is None else self._token_row(row)
 
     def queue_length(self, recipient: str) -> int:
-        """Deliveries still owed to ``recipient``."""
-        row = self._db.execute(
-            "SELECT COUNT(*) FROM tokens WHERE recipient = ? AND state IN (?, ?)",
-            (recipient, *OUTSTANDING),
-        ).fetchone()
-        return int(row[0])
+        """Deliveries still owed to ``recipient``.
+
+        Counted once, then kept up to date by :meth:`release` and :meth:`ack_delivery`
+        (after their step succeeded); revocation, expiry and a rolled-back batch drop the
+        counts. Counting on every release cost O(queue): ~0.3 ms at 10,000 queued.
+        """
+        count = self._queued.get(recipient)
+        if count is None:
+            row = self._db.execute(
+                "SELECT COUNT(*) FROM tokens WHERE recipient = ? AND state IN (?, ?)",
+                (recipient, *OUTSTANDING),
+            ).fetchone()
+            count = self._queued[recipient] = int(row[0])
+        return count
 
     def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
         """Consume ``token`` (already checked) and make its delivery pending, atomically.
@@ -556,6 +570,8 @@ class Store(DurableStore):
                 report=token.report,
                 token=token.id,
             )
+        if token.recipient in self._queued:
+            self._queued[token.recipient] += 1
         # The row just inserted (seq: its AUTOINCREMENT rowid), built rather than read back.
         assert seq is not None
         return TokenRow(
@@ -643,6 +659,8 @@ class Store(DurableStore):
                 report=row.report,
                 token=token_id,
             )
+        if recipient in self._queued:
+            self._queued[recipient] -= 1
         return True
 
     # --- revocation ------------------------------------------------------------------
@@ -656,6 +674,7 @@ class Store(DurableStore):
                 already acked: it was used), EXPIRED (the token expired first),
                 WRONG_REPORT (the token belongs to another report).
         """
+        self._queued.clear()  # queue lengths are counted again when next needed
         delete = False
         with self._transaction() as db:
             report = self.report(report_id)
@@ -803,6 +822,7 @@ class Store(DurableStore):
         Returns:
             The members that got a notice (to wake their connections).
         """
+        self._queued.clear()  # queue lengths are counted again when next needed
         notified: set[str] = set()
         deleted: list[bytes] = []
         with self._transaction() as db:

@@ -37,9 +37,11 @@ from tisa.messages import (
     AuditReply,
     Chunk,
     ErrorMessage,
+    Expired,
     Refusal,
     Release,
     Released,
+    Revoked,
     Stored,
 )
 
@@ -324,6 +326,70 @@ async def test_report_size_and_queue_limits(world: World, tmp_path: Path) -> Non
             await expect(tokyo, AuditReply)
             await seoul.send(Release(token=token_for(world, reports[2], counter=3)))
             await expect(seoul, Released)
+
+
+async def test_queue_length_stays_exact_across_release_ack_revoke_and_expiry(
+    world: World, tmp_path: Path
+) -> None:
+    # The relay keeps each recipient's queue length instead of counting it on every
+    # release; after every kind of change it must equal a fresh count.
+    from tisa.messages import Ack, Revoke
+    from tisa.token import ReleaseToken
+
+    clock = FakeClock()
+    limits = Limits(handshake_timeout=5, max_queue_per_recipient=3)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits, clock=clock) as h:
+            store = h.relay.store
+
+            def counted() -> int:
+                row = store._db.execute(
+                    "SELECT COUNT(*) FROM tokens WHERE recipient = 'tokyo'"
+                    " AND state IN ('pending', 'delivered')"
+                ).fetchone()
+                return int(row[0])
+
+            def check(expected: int) -> None:
+                assert store.queue_length("tokyo") == counted() == expected
+
+            seoul = await h.connect("seoul")
+            reports = []
+            for i in range(5):
+                report = seal(world, b"q%d" % i)
+                await send_submission(seoul, report)
+                await expect(seoul, Stored)
+                reports.append(report)
+            tokens = [
+                token_for(world, report, counter=i + 1, not_after=NOW + 100 + 1000 * (i == 0))
+                for i, report in enumerate(reports)
+            ]
+            for token in tokens[:3]:
+                await seoul.send(Release(token=token))
+                await expect(seoul, Released)
+            check(3)
+            await seoul.send(Release(token=tokens[3]))
+            assert (await expect(seoul, Refusal)).reason == Reason.QUEUE_FULL
+            check(3)  # a refused release changes nothing
+            tokyo = await h.connect("tokyo")
+            first, _ = await receive_delivery(tokyo)
+            await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            await tokyo.send(AuditFetch(since=0))
+            while not isinstance(await tokyo.receive(), AuditReply):
+                pass  # the other deliveries (not acked)
+            check(2)  # acked
+            await tokyo.aclose()
+            second = ReleaseToken.decode(tokens[1])
+            await seoul.send(Revoke(report=second.report, token=second.id))
+            await expect(seoul, Revoked)
+            check(1)  # revoked
+            clock.now = NOW + 100 + limits.clock_skew + 1
+            h.relay.expire_now()
+            check(0)  # the third token expired
+            await seoul.send(Release(token=token_for(world, reports[3], counter=4,
+                                                     not_after=NOW + 10_000)))  # fmt: skip
+            await expect(seoul, Expired)
+            await expect(seoul, Released)
+            check(1)
 
 
 async def test_python_m_relay(world: World, tmp_path: Path) -> None:
