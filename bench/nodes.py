@@ -26,7 +26,9 @@ Three separate processes on 127.0.0.1 in every set-up:
 
 Figures:
 
-* throughput: reports per second, N pipelined 1 KiB reports, first send to last receipt
+* throughput (``--rounds`` rounds, each measuring the floor right before the two tisa
+  set-ups, ratios per round and their median: the shared machine moves the floor by up
+  to 2x between runs): reports per second, N pipelined 1 KiB reports, first send to last receipt
   by the receiving application (for the relay alone: the source's first send to the
   sink's Nth delivery), tisa and the relay alone each over the bare forwarder, with the
   relay's CPU seconds; then, measured in this process once the nodes are gone,
@@ -450,20 +452,30 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     from bench import relay_load
 
     print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
-          f" ({args.concurrency} submit calls at once):")  # fmt: skip
-    bare = _run_bare(folder, "throughput", args.count, 1000.0, 1024)
-    tisa = _run_tisa(folder, "throughput", args.count, 1000.0, 1024, args.concurrency)
-    alone = relay_load.run(folder, args.count, 1024, args.load_window)
-    bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
-    alone["ratio"] = alone["rate"] / bare_rate
-    print(f"  tisa {tisa_rate:9.0f}/s   bare forwarder {bare_rate:9.0f}/s"
-          f"   ratio {tisa_rate / bare_rate:5.3f}x")  # fmt: skip
-    print(f"  relay alone (pre-sealed load, acking sink): {alone['rate']:.0f}/s"
-          f"   bare forwarder {bare_rate:.0f}/s   ratio {alone['ratio']:5.3f}x")  # fmt: skip
-    print(f"    relay CPU {alone['relay_cpu_s']:.2f} s in all ({alone['relay_run_cpu_s']:.2f} s"
-          f" during the run); timed CPU source {alone['source_timed_cpu_s']:.2f} s,"
-          f" sink {alone['sink_timed_cpu_s']:.2f} s; at most {args.load_window} reports"
-          " unanswered")  # fmt: skip
+          f" ({args.concurrency} submit calls at once), {args.rounds} rounds:")  # fmt: skip
+    # The machine is shared: the bare forwarder alone varies by 2x from run to run. Each
+    # round measures the floor right before the two tisa set-ups; ratios are per round.
+    rounds: list[dict[str, Any]] = []
+    for number in range(1, args.rounds + 1):
+        bare = _run_bare(folder, "throughput", args.count, 1000.0, 1024)
+        tisa = _run_tisa(folder, "throughput", args.count, 1000.0, 1024, args.concurrency)
+        alone = relay_load.run(folder, args.count, 1024, args.load_window)
+        bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
+        alone["ratio"] = alone["rate"] / bare_rate
+        rounds.append({"bare": bare_rate, "tisa": tisa_rate, "relay_alone": alone})
+        print(f"  round {number}: bare forwarder {bare_rate:6.0f}/s   tisa {tisa_rate:5.0f}/s"
+              f" ({tisa_rate / bare_rate:5.3f}x)   relay alone {alone['rate']:5.0f}/s"
+              f" ({alone['ratio']:5.3f}x)")  # fmt: skip
+    tisa_ratio = statistics.median(r["tisa"] / r["bare"] for r in rounds)
+    alone_ratio = statistics.median(r["relay_alone"]["ratio"] for r in rounds)
+    bare_rate = statistics.median(r["bare"] for r in rounds)
+    tisa_rate = statistics.median(r["tisa"] for r in rounds)
+    print(f"  median ratio: tisa {tisa_ratio:5.3f}x, relay alone (pre-sealed load, acking"
+          f" sink) {alone_ratio:5.3f}x")  # fmt: skip
+    print(f"    last round's relay alone: relay CPU {alone['relay_cpu_s']:.2f} s in all"
+          f" ({alone['relay_run_cpu_s']:.2f} s during the run); timed CPU source"
+          f" {alone['source_timed_cpu_s']:.2f} s, sink {alone['sink_timed_cpu_s']:.2f} s;"
+          f" at most {args.load_window} reports unanswered")  # fmt: skip
     # Measured here, with the node processes gone (see bench/ceiling.py).
     limit = ceiling.measure()
     limit["against_measured_bare"] = ceiling.bound_against(limit, bare_rate)
@@ -474,13 +486,16 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "relay": tisa["relay_cpu_s"],
         "tokyo": tisa["tokyo"]["cpu_s"],
     }
-    print("  tisa CPU seconds (start-up included): "
+    print("  last round's tisa CPU seconds (start-up included): "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))  # fmt: skip
     return {
         "cpu_s": cpu,
         "tisa": tisa_rate,
         "bare": bare_rate,
+        "ratio": tisa_ratio,
         "relay_alone": alone,
+        "relay_alone_ratio": alone_ratio,
+        "rounds": rounds,
         "concurrency": args.concurrency,
         "ceiling": limit,
     }
@@ -555,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         help="run only this part (may be given more than once; default: all three)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="throughput rounds, each with its own floor (default 3; median ratio printed)",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -563,6 +584,8 @@ def main(argv: list[str] | None = None) -> int:
         return _role(args.role)
     if args.concurrency < 1:
         parser.error("--concurrency must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.load_window < 1:
         parser.error("--load-window must be at least 1")
     parts = args.only or ["throughput", "latency", "large"]
