@@ -361,8 +361,9 @@ class Node:
         )
         for recipient in release_to:
             self._issue(sealer.report_id, recipient, valid_for)
-        await self._durable()
+        # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
+        await self._durable()
         return sealer.report_id
 
     async def wait_stored(self, report_id: bytes) -> StoredAck:
@@ -414,8 +415,9 @@ class Node:
         """
         _check_window(valid_for, "valid_for", MAX_VALIDITY)
         token_id = self._issue(report_id, recipient, valid_for)
-        await self._durable()
+        # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
+        await self._durable()
         while True:
             changed = self._changed
             pending = self.store.release(token_id)
@@ -473,8 +475,9 @@ class Node:
             if pending is None or pending.report != report_id:
                 raise UsageError("no such token for this report")
         rev_id = self.store.record_revocation(report_id, token_id)
-        await self._durable()
+        # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
+        await self._durable()
         while True:
             changed = self._changed
             revocation = self.store.revocation(rev_id)
