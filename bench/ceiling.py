@@ -64,7 +64,7 @@ from typing import Any
 
 import nacl.bindings as sodium
 
-from tisa.arrangement import Arrangement, Member, Role
+from bench.world import bench_arrangement
 from tisa.audit import AuditEntry, AuditEvent
 from tisa.envelope import open_envelope
 from tisa.keys import SIGN_PREFIX, Context, Hash, MemberSecret
@@ -170,24 +170,7 @@ def make_fixture() -> Fixture:
         name: MemberSecret(sign_seed=seed, box_secret=_seed(f"box-{name}"))
         for name, seed in seeds.items()
     }
-    both = frozenset({Role.ORIGINATOR, Role.RECIPIENT})
-    arrangement = Arrangement(
-        name="bench",
-        version=1,
-        members=(
-            Member(name="seoul", identity=secrets["seoul"].public, roles=both),
-            Member(name="tokyo", identity=secrets["tokyo"].public, roles=both),
-            Member(
-                name="washington",
-                identity=secrets["washington"].public,
-                roles=frozenset({Role.RELAY}),
-            ),
-        ),
-        relay="washington",
-        scopes=("nk.missile",),
-        levels=("secret",),
-        created=NOW,
-    )
+    arrangement = bench_arrangement(secrets, created=NOW)
     sealed = seal_report(
         secrets["seoul"], "seoul", arrangement, recipients=["tokyo"], scope="nk.missile",
         level="secret", body=os.urandom(REPORT_BODY), now=NOW,

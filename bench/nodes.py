@@ -73,7 +73,8 @@ import nacl.pwhash
 import trio
 
 from bench import ceiling
-from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
+from bench.world import bench_arrangement
+from tisa.arrangement import Arrangement, SignedArrangement
 from tisa.keys import MemberSecret
 
 PASSPHRASE = "bench"
@@ -90,24 +91,7 @@ def _emit(record: dict[str, Any]) -> None:
 
 def _make_world(folder: Path) -> None:
     secrets = {n: MemberSecret.generate() for n in ("seoul", "tokyo", "washington")}
-    both = frozenset({Role.ORIGINATOR, Role.RECIPIENT})
-    arrangement = Arrangement(
-        name="bench",
-        version=1,
-        members=(
-            Member(name="seoul", identity=secrets["seoul"].public, roles=both),
-            Member(name="tokyo", identity=secrets["tokyo"].public, roles=both),
-            Member(
-                name="washington",
-                identity=secrets["washington"].public,
-                roles=frozenset({Role.RELAY}),
-            ),
-        ),
-        relay="washington",
-        scopes=("nk.missile",),
-        levels=("secret",),
-        created=int(time.time()),
-    )
+    arrangement = bench_arrangement(secrets, created=int(time.time()))
     signed = SignedArrangement(arrangement)
     for name, secret in secrets.items():
         signed = signed.signed_by(secret, name)

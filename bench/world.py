@@ -1,0 +1,32 @@
+"""The benchmarks' arrangement: Seoul and Tokyo (originators and recipients), Washington
+the relay, one scope and one level, as in the demo."""
+
+from __future__ import annotations
+
+from tisa.arrangement import Arrangement, Member, Role
+from tisa.keys import MemberSecret
+
+SCOPE = "nk.missile"
+LEVEL = "secret"
+
+
+def bench_arrangement(secrets: dict[str, MemberSecret], *, created: int) -> Arrangement:
+    """The arrangement of ``secrets["seoul"]``, ``["tokyo"]`` and ``["washington"]``."""
+    both = frozenset({Role.ORIGINATOR, Role.RECIPIENT})
+    return Arrangement(
+        name="bench",
+        version=1,
+        members=(
+            Member(name="seoul", identity=secrets["seoul"].public, roles=both),
+            Member(name="tokyo", identity=secrets["tokyo"].public, roles=both),
+            Member(
+                name="washington",
+                identity=secrets["washington"].public,
+                roles=frozenset({Role.RELAY}),
+            ),
+        ),
+        relay="washington",
+        scopes=(SCOPE,),
+        levels=(LEVEL,),
+        created=created,
+    )
