@@ -5,9 +5,11 @@ Every command parses its arguments and calls the library (``tisa``, ``relay``,
 public identity, an arrangement file) are defined by the small functions in the first
 section, which the demo and the tests use too.
 
-Errors are one line on stderr and a non-zero exit status: a :class:`tisa.errors.TisaError`
-or an :class:`OSError` raised anywhere below a command is turned into
-``Error: <what went wrong>``, never a traceback.
+Errors are one line on stderr and a non-zero exit status, never a traceback: a
+:class:`tisa.errors.TisaError` or an :class:`OSError` raised anywhere below a command is
+turned into ``Error: <what went wrong>`` (status 1), and a usage error (a missing
+argument, an unknown option, a bad option value) into ``Error: <command>: <problem> (see
+'<command> --help')`` (status 2), without click's usage block.
 
 Files a member keeps live in its home folder (``--home DIR`` or ``$TISA_HOME``)::
 
@@ -93,12 +95,52 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-class _Group(click.Group):
-    """A click group that turns the toolkit's errors into one line and exit status 1."""
+class _UsageLine(click.UsageError):
+    """A usage error shown as one line, ``Error: tisa send: missing argument 'TEXT' (see
+    'tisa send --help')``, with exit status 2, instead of click's usage block."""
+
+    def show(self, file: Any = None) -> None:
+        click.ClickException.show(self, file)
+
+
+# Raised by click >= 8.2 for a group run without a command, to print the group's help:
+# left as it is.
+_HELP_ERROR: type[click.UsageError] = getattr(click.exceptions, "NoArgsIsHelpError", _UsageLine)
+
+
+def _usage_line(exc: click.UsageError, ctx: click.Context) -> click.UsageError:
+    """``exc`` as one line naming its command (``ctx``'s if click left it out)."""
+    if isinstance(exc, (_UsageLine, _HELP_ERROR)):
+        return exc
+    path = (exc.ctx or ctx).command_path
+    text = " ".join(exc.format_message().split()).removesuffix(".")
+    return _UsageLine(f"{path}: {text[:1].lower()}{text[1:]} (see '{path} --help')", ctx)
+
+
+class _OneLineUsage(click.Command):
+    """Usage errors found while parsing the command line become :class:`_UsageLine`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            raise _usage_line(exc, ctx) from None
+
+
+class _Command(_OneLineUsage):
+    """A click command whose usage errors are one line."""
+
+
+class _Group(_OneLineUsage, click.Group):
+    """A click group that turns the toolkit's errors into one line and exit status 1, and
+    click's usage errors (missing argument, unknown option or command, bad value) into one
+    line and exit status 2."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _usage_line(exc, ctx) from None
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
         except (TisaError, OSError, BaseExceptionGroup) as exc:
@@ -113,6 +155,7 @@ class _Group(click.Group):
 
 
 _Group.group_class = _Group
+_Group.command_class = _Command
 
 
 @dataclass
@@ -580,10 +623,14 @@ def _node_options(func: _F) -> _F:
 
 
 def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: float) -> Any:
-    """Run ``job(node)`` inside ``open_node`` under trio; the relay must answer in time."""
+    """Run ``job(node)`` inside ``open_node`` under trio; the relay must answer in time.
+
+    A job's ``trio.fail_after(timeout)`` that expires is an error of one line."""
     import trio
 
     from clients.node import open_node
+
+    host, port = member.relay
 
     async def main() -> Any:
         async with open_node(
@@ -592,11 +639,17 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
             with trio.move_on_after(connect_timeout) as scope:
                 await node.wait_connected()
             if scope.cancelled_caught:
-                host, port = member.relay
                 raise CliError(f"no answer from the relay at {host}:{port}")
             return await job(node)
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    except (trio.TooSlowError, BaseExceptionGroup) as exc:
+        if not isinstance(_leaf(exc), trio.TooSlowError):
+            raise
+        raise CliError(
+            f"timed out waiting for the relay at {host}:{port} (--timeout {connect_timeout:g})"
+        ) from None
 
 
 def _timeout_option(default: float) -> Callable[[_F], _F]:
@@ -737,7 +790,10 @@ def send(
     """Seal TEXT (or --file) as a report and hand it to the relay.
 
     Recipients named with --to get a release token at once; those named with --hold
-    can read it only after `tisa release`. Waits until the relay has stored it.
+    can read it only after `tisa release`. Waits until the relay has stored it (and
+    accepted the releases). On a terminal it shows its progress: a bar while it seals a
+    body of 8 MiB or more, then a spinner with the elapsed time until the relay has
+    stored the report; none with --json or without a terminal.
 
     \b
     Examples:
@@ -753,34 +809,63 @@ def send(
         raise CliError(f"{body}: not a file")
     member = node_options.load(ctx)
     size = len(body) if isinstance(body, bytes) else body.stat().st_size
-    show_progress = not as_json and size >= 8 * 1024 * 1024
+    # Progress goes to stderr, and only to a terminal (rich's test, which honours
+    # TTY_COMPATIBLE, TTY_INTERACTIVE and TERM=dumb) without --json: a script or a log
+    # gets the result alone.
+    err = Console(stderr=True)
+    interactive = not as_json and err.is_interactive
+    relay_name = member.arrangement.relay
 
     async def job(node: Any) -> dict[str, Any]:
         import trio
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
 
-        progress = Progress(
+        # Phase 1, sealing into the outbox: a bar, for a body of 8 MiB or more.
+        sealing = Progress(
             "sealing",
             BarColumn(),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
-            disable=not show_progress,
-            console=Console(stderr=True),
+            disable=not (interactive and size >= 8 * 1024 * 1024),
+            console=err,
         )
-        with progress:
-            task = progress.add_task("seal", total=size)
+        with sealing:
+            task = sealing.add_task("seal", total=size)
             report_id = await node.submit(
                 body,
                 recipients=[*release_to, *hold_for],
                 scope=scope,
                 level=level,
                 release_to=release_to,
-                progress=lambda done, total: progress.update(task, completed=done),
+                progress=lambda done, total: sealing.update(task, completed=done),
             )
-        with trio.fail_after(timeout):
+        # Phase 2, the upload until the relay's signed "stored", then the releases: a
+        # spinner with the elapsed time. The node reports no upload progress, so there
+        # is no percentage to show.
+        waiting = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            disable=not interactive,
+            console=err,
+            transient=True,
+        )
+        with waiting, trio.fail_after(timeout):
+            task = waiting.add_task(f"uploading to {relay_name}…", total=None)
             ack = await node.wait_stored(report_id)
             released = []
             for release in node.store.releases_of(report_id):
+                waiting.update(
+                    task, description=f"stored by {relay_name}; releasing to {release.recipient}…"
+                )
                 while (state := node.store.release(release.token).state) == "pending":
                     await trio.sleep(0.05)
                 released.append(
@@ -881,11 +966,10 @@ def revoke(
     _out.print(f"revoked {'token ' + token if token else 'report ' + report}")
 
 
-def _report_json(report: Any, saved: Path) -> dict[str, Any]:
-    header = report.header
-    return {
+def _report_json(header: Any, token_id: bytes, saved: Path, body: bytes | Path) -> dict[str, Any]:
+    item = {
         "report": header.id.hex(),
-        "token": report.token_id.hex(),
+        "token": token_id.hex(),
         "originator": header.originator,
         "recipients": list(header.recipients),
         "scope": header.scope,
@@ -895,6 +979,45 @@ def _report_json(report: Any, saved: Path) -> dict[str, Any]:
         "attachments": [name for name, _ in header.attachments],
         "saved": str(saved),
     }
+    text = _body_text(body)
+    if text is not None:
+        item["text"] = text
+    return item
+
+
+# A body up to this size is shown (and put in --json as "text").
+_TEXT_MAX = 4096
+
+
+async def _write_body(body: bytes | Path, target: Path) -> None:
+    """Write a report's body (bytes, or the path of its inbox file) to ``target``."""
+    import trio
+
+    if isinstance(body, bytes):
+        target.write_bytes(body)
+    else:
+        await trio.to_thread.run_sync(shutil.copyfile, body, target)
+
+
+def _body_text(body: bytes | Path) -> str | None:
+    """A report's body as text, if it is short enough to show."""
+    if isinstance(body, Path):
+        if body.stat().st_size > _TEXT_MAX:
+            return None
+        body = body.read_bytes()
+    return body.decode("utf-8", "replace") if len(body) <= _TEXT_MAX else None
+
+
+def _inbox_rows(store: Any) -> list[tuple[Any, int]]:
+    """Every report in a member store's inbox with its reception time, oldest first.
+
+    Read only. :class:`clients.store.MemberStore` lists only the entries not handed over
+    yet (``inbox_after``), so the tokens are read from its inbox table and each entry is
+    fetched with ``inbox_entry``.
+    """
+    rows = store._db.execute("SELECT token, received FROM inbox ORDER BY seq").fetchall()
+    entries = [(store.inbox_entry(token), int(received)) for token, received in rows]
+    return [(entry, received) for entry, received in entries if entry is not None]
 
 
 @tisa.command("inbox")
@@ -904,6 +1027,13 @@ def _report_json(report: Any, saved: Path) -> dict[str, Any]:
     default=2.0,
     show_default=True,
     help="Seconds to wait for deliveries after connecting.",
+)
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="List every report this member has received, not only the new ones "
+    '(each marked new or not; with --json, with its "new" and "received" fields).',
 )
 @click.option(
     "--save",
@@ -918,6 +1048,7 @@ def _report_json(report: Any, saved: Path) -> dict[str, Any]:
 def inbox(
     ctx: click.Context,
     wait: float,
+    show_all: bool,
     save_dir: Path | None,
     as_json: bool,
     timeout: float,
@@ -925,11 +1056,14 @@ def inbox(
 ) -> None:
     """Receive reports released to you, verify them and show each one once.
 
-    Each report's body is saved under --save (the store keeps its own copy).
+    Each new report's body is saved under --save (the store keeps its own copy). With
+    --all, every report in your store is listed after the new ones are received, oldest
+    first; a body not under --save yet is saved there again from the store.
 
     \b
-    Example:
+    Examples:
       tisa --home tokyo inbox --wait 5 --json
+      tisa --home tokyo inbox --all
     """
     member = node_options.load(ctx)
     folder = save_dir or _home(ctx) / "received"
@@ -938,30 +1072,56 @@ def inbox(
         import trio
 
         folder.mkdir(parents=True, exist_ok=True)
-        out: list[dict[str, Any]] = []
-        with trio.move_on_after(wait):
-            async for report in node.reports():
+        new: list[dict[str, Any]] = []
+        deadline = trio.current_time() + wait
+        # --wait bounds the wait for the next report, never the saving of one: a report
+        # is marked as handed over when the next one is asked for or the loop is left
+        # (aclosing leaves it while the node still runs), so each one shown is saved.
+        async with contextlib.aclosing(node.reports()) as reports:
+            while True:
+                report = None
+                with trio.move_on_at(deadline):
+                    report = await anext(reports, None)
+                if report is None:
+                    break
                 target = folder / f"{report.header.id.hex()}.body"
-                if isinstance(report.body, bytes):
-                    target.write_bytes(report.body)
-                else:
-                    await trio.to_thread.run_sync(shutil.copyfile, report.body, target)
-                item = _report_json(report, target)
-                if isinstance(report.body, bytes) and len(report.body) <= 4096:
-                    item["text"] = report.body.decode("utf-8", "replace")
-                out.append(item)
-        return out
+                await _write_body(report.body, target)
+                new.append(_report_json(report.header, report.token_id, target, report.body))
+        if not show_all:
+            return new
+        handed = {item["token"]: item for item in new}
+        listed = []
+        for entry, received in _inbox_rows(node.store):
+            item = handed.get(entry.token.hex())
+            if item is None:
+                target = folder / f"{entry.header.id.hex()}.body"
+                body = entry.parts[0] if entry.parts is not None else entry.dir / "body"
+                if not target.exists():
+                    await _write_body(body, target)
+                item = _report_json(entry.header, entry.token, target, body)
+            listed.append({**item, "new": entry.token.hex() in handed, "received": received})
+        return listed
 
     result = _run_node(member, job, connect_timeout=timeout)
     if as_json:
         _print_json(result)
         return
-    if not result:
+    if show_all:
+        new_count = sum(1 for item in result if item["new"])
+        plural = "" if len(result) == 1 else "s"
+        _out.print(f"{len(result)} report{plural} in the store, {new_count} new")
+    elif not result:
         _out.print("no new reports")
     for item in result:
+        mark = "[bold green]new[/] " if item.get("new") else ""
+        received = ""
+        if "received" in item:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received"]))
+            received = f", received {when} UTC"
         _out.print(
-            f"[bold]{item['report']}[/] from {item['originator']} "
-            f"({item['scope']}/{item['level']}, {item['size']} bytes), signature verified"
+            f"{mark}[bold]{item['report']}[/] from {item['originator']} "
+            f"({item['scope']}/{item['level']}, {item['size']} bytes{received}), "
+            "signature verified"
         )
         if "text" in item:
             _out.print(f"  {item['text']}")

@@ -37,6 +37,10 @@ def one_line_error(result: Result) -> str:
     return lines[0]
 
 
+def words(text: str) -> str:
+    return " ".join(text.replace("'", "").replace(":", "").split())
+
+
 @pytest.fixture
 def runner() -> CliRunner:
     return CliRunner()
@@ -375,6 +379,8 @@ def test_a_damaged_arrangement_file_is_one_line(deployment: Path, runner: CliRun
         ["arrangement", "sign"],
         ["arrangement", "show"],
         ["arrangement", "merge"],
+        ["send"],
+        ["inbox"],
     ],
 )
 def test_help_has_an_example(runner: CliRunner, command: list[str]) -> None:
@@ -383,3 +389,49 @@ def test_help_has_an_example(runner: CliRunner, command: list[str]) -> None:
     assert "tisa " in result.stdout
     if command:
         assert "Example" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "command", "problem"),
+    [
+        (["identity", "create"], "tisa identity create", "missing argument 'NAME'"),
+        (["identity", "show"], "tisa identity show", "missing argument 'FILE'"),
+        (["release", "--to", "tokyo"], "tisa release", "missing argument 'REPORT'"),
+        (["send", "--level", "secret", "x"], "tisa send", "missing option '--scope'"),
+        (["send", "--bogus"], "tisa send", "no such option '--bogus'"),
+        (["inbox", "--colour"], "tisa inbox", "no such option '--colour'"),
+        (["--bogus", "inbox"], "tisa", "no such option '--bogus'"),
+        (["inbox", "--wait", "-1"], "tisa inbox", "invalid value for '--wait'"),
+        (["send", "--timeout", "soon"], "tisa send", "invalid value for '--timeout'"),
+        (["relay", "run", "--port", "70000"], "tisa relay run", "invalid value for '--port'"),
+        (["receipts", "--wait"], "tisa receipts", "option '--wait' requires an argument"),
+        (["sned"], "tisa", "no such command 'sned'"),
+        (["arrangement", "sgin"], "tisa arrangement", "no such command 'sgin'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(
+    tmp_path: Path, runner: CliRunner, args: list[str], command: str, problem: str
+) -> None:
+    result = runner.invoke(tisa, ["--home", str(tmp_path), *args], env=PASS)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    line = one_line_error(result)
+    # click's own wording, less its capital and its full stop (some click versions quote
+    # option names differently: compare without quotes and colons).
+    assert line.startswith(f"Error: {command}: "), line
+    assert words(problem) in words(line), line
+    assert line.endswith(f"(see '{command} --help')"), line
+    assert "Usage:" not in result.stderr
+
+
+def test_a_group_without_a_command_still_shows_its_help(runner: CliRunner) -> None:
+    result = runner.invoke(tisa, ["identity"])
+    assert result.exit_code == 2
+    assert "Usage:" in result.stderr
+    assert "create" in result.stderr
+
+
+def test_inbox_help_describes_all(runner: CliRunner) -> None:
+    result = runner.invoke(tisa, ["inbox", "--help"])
+    assert "--all" in result.stdout
+    assert "every report" in result.stdout

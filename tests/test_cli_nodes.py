@@ -20,9 +20,11 @@ ENV = {"TISA_PASSPHRASE": "walkthrough", "TISA_RELAY": ""}
 ROLES = {"seoul": "originator,recipient", "washington": "relay", "tokyo": "originator,recipient"}
 
 
-def cli(root: Path, *args: str, relay: str = "", ok: bool = True) -> Result:
+def cli(
+    root: Path, *args: str, relay: str = "", ok: bool = True, env: dict[str, str] | None = None
+) -> Result:
     result = CliRunner().invoke(
-        tisa, [*args], env={**ENV, "TISA_RELAY": relay}, catch_exceptions=False
+        tisa, [*args], env={**ENV, "TISA_RELAY": relay, **(env or {})}, catch_exceptions=False
     )
     if ok:
         assert result.exit_code == 0, result.output
@@ -165,3 +167,127 @@ def test_unreachable_relay_is_one_line(homes: Path) -> None:
     )
     assert result.exit_code == 1
     assert result.stderr.strip() == "Error: no answer from the relay at 127.0.0.1:9"
+
+
+def send_to_tokyo(homes: Path, relay: str, text: str) -> str:
+    sent = cli(
+        homes,
+        "--home",
+        str(homes / "seoul"),
+        "send",
+        "--scope",
+        "missile",
+        "--level",
+        "secret",
+        "--to",
+        "tokyo",
+        text,
+        "--json",
+        relay=relay,
+    )
+    report = json.loads(sent.stdout)["report"]
+    assert isinstance(report, str)
+    return report
+
+
+def test_inbox_shows_new_reports_once_and_every_report_with_all(homes: Path, relay: str) -> None:
+    tokyo = ["--home", str(homes / "tokyo")]
+    first = send_to_tokyo(homes, relay, "launch detected")
+    second = send_to_tokyo(homes, relay, "second launch")
+    got = json.loads(cli(homes, *tokyo, "inbox", "--wait", "3", "--json", relay=relay).stdout)
+    assert [item["report"] for item in got] == [first, second]
+    assert "new" not in got[0]  # the default listing is unchanged
+    again = cli(homes, *tokyo, "inbox", "--wait", "0.5", "--json", relay=relay)
+    assert json.loads(again.stdout) == []
+    assert cli(homes, *tokyo, "inbox", "--wait", "0.5", relay=relay).stdout == "no new reports\n"
+
+    listed = json.loads(
+        cli(homes, *tokyo, "inbox", "--all", "--wait", "0.5", "--json", relay=relay).stdout
+    )
+    assert [item["report"] for item in listed] == [first, second]
+    assert [item["text"] for item in listed] == ["launch detected", "second launch"]
+    assert [item["new"] for item in listed] == [False, False]
+    assert {item["token"] for item in listed} == {item["token"] for item in got}
+    assert all(item["originator"] == "seoul" for item in listed)
+    assert all(isinstance(item["received"], int) for item in listed)
+    assert Path(listed[1]["saved"]).read_bytes() == b"second launch"
+
+    table = cli(homes, *tokyo, "inbox", "--all", "--wait", "0.5", relay=relay).stdout
+    assert first in table and second in table
+    assert "2 reports in the store, 0 new" in table
+
+
+def test_inbox_all_marks_the_new_reports_and_saves_missing_bodies(homes: Path, relay: str) -> None:
+    tokyo = ["--home", str(homes / "tokyo")]
+    first = send_to_tokyo(homes, relay, "launch detected")
+    got = json.loads(cli(homes, *tokyo, "inbox", "--wait", "3", "--json", relay=relay).stdout)
+    assert [item["report"] for item in got] == [first]
+    Path(got[0]["saved"]).unlink()
+    second = send_to_tokyo(homes, relay, "second launch")
+    save = homes / "elsewhere"
+    listed = json.loads(
+        cli(
+            homes,
+            *tokyo,
+            "inbox",
+            "--all",
+            "--wait",
+            "3",
+            "--save",
+            str(save),
+            "--json",
+            relay=relay,
+        ).stdout
+    )
+    assert [(item["report"], item["new"]) for item in listed] == [(first, False), (second, True)]
+    assert (save / f"{first}.body").read_bytes() == b"launch detected"
+    assert (save / f"{second}.body").read_bytes() == b"second launch"
+    again = cli(homes, *tokyo, "inbox", "--wait", "0.5", "--json", relay=relay)
+    assert json.loads(again.stdout) == []
+
+
+SEND = ["send", "--scope", "missile", "--level", "secret", "--to", "tokyo", "launch detected"]
+# What rich takes for a terminal (https://rich.readthedocs.io/en/latest/console.html).
+TERMINAL = {"TTY_COMPATIBLE": "1", "TERM": "xterm-256color"}
+
+
+def test_send_without_a_terminal_prints_the_result_and_no_spinner(homes: Path, relay: str) -> None:
+    result = cli(homes, "--home", str(homes / "seoul"), *SEND, relay=relay)
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("report ") and "stored by the relay" in lines[0]
+    assert lines[1] == "  released to tokyo: released"
+    assert result.stderr == ""
+    assert "\x1b" not in result.stdout
+
+
+def test_send_on_a_terminal_shows_the_upload_until_the_relay_stored_it(
+    homes: Path, relay: str
+) -> None:
+    result = cli(homes, "--home", str(homes / "seoul"), *SEND, relay=relay, env=TERMINAL)
+    assert "uploading to washington" in result.stderr
+    assert "stored by the relay" in result.stdout
+    assert "uploading" not in result.stdout
+
+
+def test_send_json_on_a_terminal_shows_no_spinner(homes: Path, relay: str) -> None:
+    seoul = ["--home", str(homes / "seoul")]
+    result = cli(homes, *seoul, *SEND, "--json", relay=relay, env=TERMINAL)
+    assert json.loads(result.stdout)["released"][0]["state"] == "released"
+    assert result.stderr == ""
+
+
+def test_send_that_times_out_waiting_for_stored_is_one_line(
+    homes: Path, relay: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trio
+
+    from clients.node import Node
+
+    async def never_stored(self: Node, report_id: bytes) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(Node, "wait_stored", never_stored)
+    seoul = ["--home", str(homes / "seoul")]
+    result = cli(homes, *seoul, *SEND, "--timeout", "0.5", relay=relay, ok=False)
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: timed out waiting for the relay at {relay} (--timeout 0.5)\n"
