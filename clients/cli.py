@@ -1008,18 +1008,6 @@ def _body_text(body: bytes | Path) -> str | None:
     return body.decode("utf-8", "replace") if len(body) <= _TEXT_MAX else None
 
 
-def _inbox_rows(store: Any) -> list[tuple[Any, int]]:
-    """Every report in a member store's inbox with its reception time, oldest first.
-
-    Read only. :class:`clients.store.MemberStore` lists only the entries not handed over
-    yet (``inbox_after``), so the tokens are read from its inbox table and each entry is
-    fetched with ``inbox_entry``.
-    """
-    rows = store._db.execute("SELECT token, received FROM inbox ORDER BY seq").fetchall()
-    entries = [(store.inbox_entry(token), int(received)) for token, received in rows]
-    return [(entry, received) for entry, received in entries if entry is not None]
-
-
 @tisa.command("inbox")
 @click.option(
     "--wait",
@@ -1091,7 +1079,7 @@ def inbox(
             return new
         handed = {item["token"]: item for item in new}
         listed = []
-        for entry, received in _inbox_rows(node.store):
+        for entry, received in node.store.inbox_all():
             item = handed.get(entry.token.hex())
             if item is None:
                 target = folder / f"{entry.header.id.hex()}.body"

@@ -828,6 +828,14 @@ class MemberStore(DurableStore):
         ).fetchall()
         return [self._inbox(row) for row in rows]
 
+    def inbox_all(self) -> list[tuple[InboxEntry, int]]:
+        """Every report in the inbox, handed over or not, with its reception time
+        (unix seconds), oldest first. Read only."""
+        rows = self._db.execute(
+            f"SELECT {self._INBOX_COLUMNS}, received FROM inbox ORDER BY seq"
+        ).fetchall()
+        return [(self._inbox(row[:-1]), int(row[-1])) for row in rows]
+
     def inbox_entry(self, token: bytes) -> InboxEntry | None:
         row = self._db.execute(
             f"SELECT {self._INBOX_COLUMNS} FROM inbox WHERE token = ?", (token,)
