@@ -1,0 +1,60 @@
+"""The benchmarks still run: each once, at the smallest sizes, as a subprocess.
+
+Speed is never asserted here (the machines are shared and noisy; the figures belong to
+``python -m bench``); only that every part runs to its end and prints its figures, and
+that the --json output carries them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench(*args: str, timeout: float = 180) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
+    figures_file = tmp_path / "figures.json"
+    out = _bench(
+        "nodes", "--count", "40", "--rounds", "1", "--latency-count", "30",
+        "--rate", "200", "--large-mib", "2", "--json", str(figures_file),
+    )  # fmt: skip
+    assert "round 1: bare forwarder" in out and "relay alone" in out
+    assert "ceiling from libsodium work alone" in out
+    assert "latency, 30 reports of 1 KiB offered at 200/s" in out
+    assert "large report, 2 MiB end to end" in out
+    figures = json.loads(figures_file.read_text())
+    assert figures["throughput"]["tisa"] > 0 and figures["throughput"]["bare"] > 0
+    assert figures["throughput"]["relay_alone"]["rate"] > 0
+    assert figures["latency_ms"]["200"]["tisa"][1] > 0
+    for process in ("seoul", "relay", "tokyo"):
+        # VmHWM of each process: a real reading, not nan, and at least the interpreter.
+        assert figures["large"]["2"][f"{process}_peak_mib"] > 10
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("core", "--large-mib", "2", "--rounds", "1", "--iterations", "20"),
+        ("ceiling", "--rounds", "1", "--iterations", "20"),
+    ],
+)
+def test_bench_core_and_ceiling_run(args: tuple[str, ...]) -> None:
+    out = _bench(*args)
+    assert "ratio" in out or "ceiling" in out
