@@ -64,7 +64,7 @@ from typing import Any
 
 import nacl.bindings as sodium
 
-from bench.world import bench_arrangement
+from bench.world import LEVEL, SCOPE, bench_arrangement
 from tisa.audit import AuditEntry, AuditEvent
 from tisa.envelope import open_envelope
 from tisa.keys import SIGN_PREFIX, Context, Hash, MemberSecret
@@ -172,13 +172,13 @@ def make_fixture() -> Fixture:
     }
     arrangement = bench_arrangement(secrets, created=NOW)
     sealed = seal_report(
-        secrets["seoul"], "seoul", arrangement, recipients=["tokyo"], scope="nk.missile",
-        level="secret", body=os.urandom(REPORT_BODY), now=NOW,
+        secrets["seoul"], "seoul", arrangement, recipients=["tokyo"], scope=SCOPE,
+        level=LEVEL, body=os.urandom(REPORT_BODY), now=NOW,
     )  # fmt: skip
     token_bytes = issue_token(
         secrets["seoul"], "seoul", arrangement, recipient="tokyo", report_id=sealed.report_id,
         digest=sealed.digest, size=sealed.size, content_key=sealed.content_key,
-        scope="nk.missile", level="secret", not_before=NOW, not_after=NOW + 3600, counter=1,
+        scope=SCOPE, level=LEVEL, not_before=NOW, not_after=NOW + 3600, counter=1,
     )  # fmt: skip
     token = ReleaseToken.decode(token_bytes)
     ack = StoredAck.issue(

@@ -73,7 +73,7 @@ import nacl.pwhash
 import trio
 
 from bench import ceiling
-from bench.world import bench_arrangement
+from bench.world import LEVEL, SCOPE, bench_arrangement
 from tisa.arrangement import Arrangement, SignedArrangement
 from tisa.keys import MemberSecret
 
@@ -209,7 +209,7 @@ async def _seoul(
         if mode == "large":
             source = folder / "large.bin"
             start = time.monotonic()
-            await node.submit(source, recipients=["tokyo"], scope="nk.missile", level="secret",
+            await node.submit(source, recipients=["tokyo"], scope=SCOPE, level=LEVEL,
                               release_to=["tokyo"])  # fmt: skip
             _emit({"start": start})
             # Stay connected until Tokyo has it (the orchestrator ends us).
@@ -218,7 +218,7 @@ async def _seoul(
 
         async def submit(seq: int) -> None:
             body = _STAMP.pack(time.monotonic(), seq) + filler
-            await node.submit(body, recipients=["tokyo"], scope="nk.missile", level="secret",
+            await node.submit(body, recipients=["tokyo"], scope=SCOPE, level=LEVEL,
                               release_to=["tokyo"])  # fmt: skip
 
         start = time.monotonic()

@@ -46,10 +46,10 @@ from typing import Any
 import trio
 
 from bench.nodes import _emit, _load, _Process, _run_folder, _start_relay, _wait_port
+from bench.world import LEVEL, SCOPE
 from relay.store import DB_NAME
 from relay.transport import Link, connect_member
 from tisa.messages import (
-    MAX_CHUNK_DATA,
     Ack,
     Chunk,
     Deliver,
@@ -62,12 +62,11 @@ from tisa.messages import (
     Stored,
     SubmitBegin,
     SubmitEnd,
+    chunks_of,
 )
 from tisa.report import seal_report
 from tisa.token import ReleaseToken, issue_token
 
-SCOPE = "nk.missile"
-LEVEL = "secret"
 # Reports per send_many call (four messages each for a 1 KiB report), room permitting.
 BATCH = 64
 # Seconds the source's reports and tokens stay valid.
@@ -117,11 +116,9 @@ def _prepare(
         begin = SubmitBegin(
             report=sealed.report_id, size=len(data), digest=sealed.digest, expires=now + VALIDITY
         )
-        chunks = [
-            Chunk(data=data[start : start + MAX_CHUNK_DATA])
-            for start in range(0, len(data), MAX_CHUNK_DATA)
-        ]
-        loads.append([begin, *chunks, SubmitEnd(report=sealed.report_id), Release(token=token)])
+        loads.append(
+            [begin, *chunks_of(data), SubmitEnd(report=sealed.report_id), Release(token=token)]
+        )
         report_ids.append(sealed.report_id)
         token_ids.append(ReleaseToken.decode(token).id)
     return loads, report_ids, token_ids

@@ -1316,9 +1316,6 @@ def _submit_begin(submission: Submission) -> m.SubmitBegin:
 def _submission_messages(submission: Submission, data: bytes) -> list[m.Message]:
     """A small submission whole: begin, its chunks, end (sent in one write)."""
     messages: list[m.Message] = [_submit_begin(submission)]
-    messages.extend(
-        m.Chunk(data=data[start : start + MAX_CHUNK_DATA])
-        for start in range(0, len(data), MAX_CHUNK_DATA)
-    )
+    messages.extend(m.chunks_of(data))
     messages.append(m.SubmitEnd(report=submission.report))
     return messages

@@ -83,6 +83,7 @@ from tisa.messages import (
     Stored,
     SubmitBegin,
     SubmitEnd,
+    chunks_of,
 )
 from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 from tisa.token import ReleaseToken, check_for_relay
@@ -927,10 +928,7 @@ class Relay:
         if inline is not None:
             self._claim(conn, row.id)
             pending.append(Deliver(token=row.token))
-            pending.extend(
-                Chunk(data=inline[start : start + MAX_CHUNK_DATA])
-                for start in range(0, len(inline), MAX_CHUNK_DATA)
-            )
+            pending.extend(chunks_of(inline))
             pending.append(DeliverEnd(token=row.id))
             sent.append(row.id)
             return

@@ -43,6 +43,7 @@ __all__ = [
     "Stored",
     "SubmitBegin",
     "SubmitEnd",
+    "chunks_of",
     "decode_message",
     "encode_message",
 ]
@@ -325,6 +326,15 @@ def _sorted_keys(cls: type[Message]) -> tuple[str, ...]:
 
 
 _SORTED_KEYS: dict[type[Message], tuple[str, ...]] = {}
+
+
+def chunks_of(data: bytes) -> list[Chunk]:
+    """``data`` (report ciphertext) as the :class:`Chunk` messages of a stream, each of
+    at most :data:`MAX_CHUNK_DATA` bytes, in order."""
+    return [
+        Chunk(data=data[start : start + MAX_CHUNK_DATA])
+        for start in range(0, len(data), MAX_CHUNK_DATA)
+    ]
 
 
 def encode_message(message: Message) -> bytes:

@@ -41,7 +41,6 @@ from tisa.audit import AuditEntry, Checkpoint, Extract, chain_next
 from tisa.keys import Context
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import (
-    MAX_CHUNK_DATA,
     Ack,
     AuditReply,
     Chunk,
@@ -49,6 +48,7 @@ from tisa.messages import (
     DeliverEnd,
     Message,
     Release,
+    chunks_of,
 )
 from tisa.testing import hostile
 from tisa.testing.world import World
@@ -101,10 +101,7 @@ class Delivery:
 
     def messages(self) -> list[Message]:
         """The messages that carry it: ``deliver``, chunks, ``deliver_end`` with :attr:`end_id`."""
-        chunks = [
-            Chunk(data=self.ciphertext[i : i + MAX_CHUNK_DATA])
-            for i in range(0, len(self.ciphertext), MAX_CHUNK_DATA)
-        ]
+        chunks = chunks_of(self.ciphertext)
         return [Deliver(token=self.token), *chunks, DeliverEnd(token=self.end_id)]
 
     @property
