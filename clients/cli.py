@@ -1063,8 +1063,8 @@ def inbox(
         new: list[dict[str, Any]] = []
         deadline = trio.current_time() + wait
         # --wait bounds the wait for the next report, never the saving of one: a report
-        # is marked as handed over when the next one is asked for or the loop is left
-        # (aclosing leaves it while the node still runs), so each one shown is saved.
+        # is acknowledged (never shown as new again) only once its body is saved, so a
+        # command interrupted in between shows it again next time.
         async with contextlib.aclosing(node.reports()) as reports:
             while True:
                 report = None
@@ -1075,6 +1075,7 @@ def inbox(
                 target = folder / f"{report.header.id.hex()}.body"
                 await _write_body(report.body, target)
                 new.append(_report_json(report.header, report.token_id, target, report.body))
+                await node.ack(report)
         if not show_all:
             return new
         handed = {item["token"]: item for item in new}
