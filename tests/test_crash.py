@@ -98,6 +98,9 @@ class MemberProcess(Child):
         )
 
     def lines(self) -> list[str]:
+        """The application's log so far; fails at once if the process died on its own
+        (a crash of the application must not read as a slow test)."""
+        assert self.process is None or self.process.returncode is None, "Tokyo's process died"
         return self.log.read_text().splitlines() if self.log.exists() else []
 
 
