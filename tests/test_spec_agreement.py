@@ -1,0 +1,180 @@
+"""Where docs/protocol.md and the code once disagreed, or left implementers to guess.
+
+Each test pins the behaviour the spec now states (issue 12, items 11 and 12); the vector
+files pin the rest in a form other implementations can run (tests/test_vectors.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+from nodes.relay_harness import expect, running_relay
+from nodes.relay_helpers import NOW, World, make_world, raw_hello, read_raw_frame
+
+from relay.transport import accept_member, connect_member
+from tisa import encoding as enc
+from tisa.arrangement import Arrangement
+from tisa.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditEvent,
+    Checkpoint,
+    Extract,
+    chain_next,
+    verify_extract,
+)
+from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused, VerificationError
+from tisa.frames import encode_frame
+from tisa.handshake import MAX_HANDSHAKE_MESSAGE
+from tisa.limits import Limits
+from tisa.messages import AuditFetch, AuditReply, Refusal
+
+FAST = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+# --- section 13.1: a handshake frame above its limit is refused `limit` -------------------
+
+
+async def _relay_answer(world: World, data: bytes) -> tuple[type[Exception], dict[str, object]]:
+    """Feed ``data`` to the relay's handshake; what it raised and the error it sent."""
+    client, server = trio.testing.memory_stream_pair()
+    raised: list[type[Exception]] = []
+
+    async def serve() -> None:
+        try:
+            await accept_member(server, world.relay_secret, world.arrangement, limits=FAST)
+        except Exception as exc:
+            raised.append(type(exc))
+
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await client.send_all(data)
+            error = enc.unpack(await read_raw_frame(client))
+            assert await read_raw_frame(client) == b""  # then closed
+            await client.aclose()
+    return raised[0], error
+
+
+@pytest.mark.parametrize("size", [MAX_HANDSHAKE_MESSAGE + 1, 2**32 - 1])
+async def test_oversized_hello_is_refused_limit(world: World, size: int) -> None:
+    # Only the length prefix is sent: the relay refuses from it alone, without waiting
+    # for a payload that never comes.
+    raised, error = await _relay_answer(world, size.to_bytes(4, "big"))
+    assert raised is LimitExceeded
+    assert (error["t"], error["reason"]) == ("error", "limit")
+
+
+async def test_hello_at_the_limit_is_read_and_judged_on_its_content(world: World) -> None:
+    # A frame of exactly MAX_HANDSHAKE_MESSAGE bytes is within the limit: read whole, then
+    # refused for what it is (not a hello), not for its size.
+    payload = b"\xc0" * MAX_HANDSHAKE_MESSAGE
+    raised, error = await _relay_answer(world, encode_frame(payload))
+    assert raised is ProtocolError and error["reason"] == "malformed"
+
+
+async def test_empty_hello_frame_is_malformed(world: World) -> None:
+    raised, error = await _relay_answer(world, bytes(4))
+    assert raised is ProtocolError and error["reason"] == "malformed"
+
+
+async def test_member_refuses_an_oversized_welcome(world: World) -> None:
+    client, server = trio.testing.memory_stream_pair()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+
+            async def relay() -> None:
+                hello = await read_raw_frame(server)
+                assert enc.unpack(hello)["t"] == "hello"
+                await server.send_all((MAX_HANDSHAKE_MESSAGE + 1).to_bytes(4, "big"))
+
+            nursery.start_soon(relay)
+            with pytest.raises(LimitExceeded):
+                await connect_member(
+                    client, world.secrets["seoul"], "seoul", world.arrangement, limits=FAST
+                )
+
+
+async def test_a_refused_hello_still_names_its_reason(world: World) -> None:
+    # The limit check does not swallow the others: a well-sized hello from a stranger.
+    raised, error = await _relay_answer(world, encode_frame(raw_hello(world.arrangement, "x")))
+    assert raised is Refused and error["reason"] == "not_a_member"
+
+
+# --- sections 12.3 and 15: audit_fetch past the end is a refusal; the connection goes on --
+
+
+async def test_audit_fetch_past_the_end_is_refused_and_the_connection_goes_on(
+    world: World, tmp_path: Path
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=FAST) as h:
+            tokyo = await h.connect("tokyo")
+            await tokyo.send(AuditFetch(since=1_000))
+            refusal = await expect(tokyo, Refusal)
+            assert (refusal.reason, refusal.ref) == (Reason.MALFORMED, b"")
+            # Not an `error`: the same connection serves the next request.
+            await tokyo.send(AuditFetch(since=0))
+            reply = await expect(tokyo, AuditReply)
+            entries, checkpoint = verify_extract(reply.extract, world.arrangement, "tokyo")
+            # The refusal itself is in the log, naming tokyo.
+            assert [(e.event, e.reason) for e in entries] == [(AuditEvent.REFUSED, "malformed")]
+            assert checkpoint.seq == 1
+
+
+# --- section 12.3: how an extract fails ---------------------------------------------------
+
+
+def _extract(world: World, *, checkpoint_for: Arrangement | None = None) -> bytes:
+    """An extract of one entry naming Seoul, the checkpoint signed for ``checkpoint_for``."""
+    entry = AuditEntry(
+        seq=1,
+        time=NOW,
+        event=AuditEvent.STORED,
+        report=bytes(16),
+        token=None,
+        parties=("seoul",),
+    )
+    checkpoint = Checkpoint.issue(
+        world.relay_secret,
+        checkpoint_for or world.arrangement,
+        seq=1,
+        head=chain_next(GENESIS, entry.content_hash),
+        time=NOW,
+    )
+    return Extract.build(
+        [(entry, entry.content_hash)],
+        "seoul",
+        start_seq=0,
+        start_head=GENESIS,
+        checkpoint=checkpoint.encoded,
+    ).encode()
+
+
+def test_extract_failures_are_malformed_then_checkpoint_then_opaque(world: World) -> None:
+    good = _extract(world)
+    entries, _ = verify_extract(good, world.arrangement, "seoul")
+    assert [e.seq for e in entries] == [1]
+    # Does not decode: malformed, as every object that does not decode.
+    with pytest.raises(ProtocolError):
+        verify_extract(good + b"\x00", world.arrangement, "seoul")
+    # A checkpoint the relay signed for another arrangement (same keys, version 2):
+    # signature good, arrangement not, as section 12.2 says of any checkpoint.
+    amended = world.arrangement.amend(levels=("secret",))
+    other = _extract(world, checkpoint_for=amended)
+    with pytest.raises(Refused) as info:
+        verify_extract(other, world.arrangement, "seoul")
+    assert info.value.reason is Reason.WRONG_ARRANGEMENT
+    # Everything about the chain itself: the one opaque failure.
+    with pytest.raises(VerificationError):
+        verify_extract(good, world.arrangement, "seoul", known=(1, GENESIS))
+    with pytest.raises(VerificationError):
+        verify_extract(good, world.arrangement, "tokyo")  # an entry naming someone else
