@@ -49,7 +49,7 @@ from tisa.errors import (
 from tisa.keys import Context, Hash, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE, CLOCK_SKEW
 from tisa.receipt import Receipt, StoredAck
-from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report
+from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report, padded_size
 from tisa.token import ReleaseToken, check_for_recipient, check_for_relay, issue_token
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +62,8 @@ CREATED = 1_419_811_200
 NOT_BEFORE, NOT_AFTER = NOW - 600, NOW + 86_400
 # Ed25519 group order, for the malleated-signature vectors.
 ED25519_L = 2**252 + 27742317777372353535851937790883648493
+# The body of report-short-body, and of the reports derived from its plaintext.
+SHORT_BODY = b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."
 # Store a ciphertext in full below this size; above it, as a mutation of its base.
 INLINE_LIMIT = 16 * 1024
 
@@ -308,6 +310,7 @@ class Builder:
                 expect_error(Refused, "not_a_member"),
             ),
         ]
+        invalid.extend(self._arrangement_check_order(v1_signatures))
         vectors: list[dict[str, Any]] = [
             {
                 "id": "arrangement-v1",
@@ -332,6 +335,7 @@ class Builder:
                     "expect": expected,
                 }
             )
+        vectors.extend(self._arrangement_validity())
         noncanonical = msgpack.packb(
             {"signatures": v1_signatures, "arrangement": V1.encoded}, use_bin_type=True
         )
@@ -353,6 +357,150 @@ class Builder:
             "arrangements": versions,
             "vectors": vectors,
         }
+
+    def _arrangement_check_order(
+        self, good: Mapping[str, bytes]
+    ) -> list[tuple[str, str, dict[str, bytes], dict[str, Any]]]:
+        """Several faults at once: the verdict follows the order of section 8.2, not the
+        order in which the names sort (canberra sorts first, zurich last)."""
+        bad_canberra = SECRETS["canberra"].sign(Context.TOKEN, V1.id)
+        zurich = MemberSecret(**seeds("zurich")).sign(Context.ARRANGEMENT, V1.id)
+        no_tokyo = {k: v for k, v in good.items() if k != "tokyo"}
+        return [
+            (
+                "arrangement-order-non-member-before-bad-signature",
+                "Canberra's signature is bad and Zurich, not a member, signed too: every "
+                "name is checked before any signature, so not_a_member.",
+                {**good, "canberra": bad_canberra, "zurich": zurich},
+                expect_error(Refused, "not_a_member"),
+            ),
+            (
+                "arrangement-order-non-member-before-missing",
+                "Tokyo has not signed and Zurich, not a member, has: not_a_member.",
+                {**no_tokyo, "zurich": zurich},
+                expect_error(Refused, "not_a_member"),
+            ),
+            (
+                "arrangement-order-bad-signature-before-missing",
+                "Tokyo has not signed and Canberra's signature is bad: the signature fails.",
+                {**no_tokyo, "canberra": bad_canberra},
+                expect_error(VerificationError),
+            ),
+            (
+                "arrangement-no-signatures",
+                "Nobody has signed: not effective, and the error names every member in "
+                "member order.",
+                {},
+                expect_error(ArrangementNotEffective, "arrangement_not_effective")
+                | {"missing": sorted(ROLES, key=str.encode)},
+            ),
+        ]
+
+    def _arrangement_validity(self) -> list[dict[str, Any]]:
+        """Arrangements that break a rule of section 8.1, each signed by all its members
+        over its own id: malformed, whatever the signatures; and names the text rule
+        allows, however odd (section 3.3)."""
+        base = V1.to_dict()
+
+        def member(name: str, **changes: Any) -> dict[str, Any]:
+            entry = next(m for m in base["members"] if m["name"] == name)
+            return {**entry, **changes}
+
+        def members(**changed: dict[str, Any]) -> list[dict[str, Any]]:
+            return [changed.get(m["name"], m) for m in base["members"]]
+
+        seoul_identity = base["members"][1]["identity"]
+        malformed = expect_error(ProtocolError)
+        specs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+            (
+                "arrangement-invalid-relay-also-recipient",
+                "The relay also holds the recipient role.",
+                {"members": members(washington=member("washington", roles=["recipient", "relay"]))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-relay-without-role",
+                "relay names Seoul, who does not hold the relay role.",
+                {"relay": "seoul"},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-shared-key",
+                "Tokyo lists Seoul's keys.",
+                {"members": members(tokyo=member("tokyo", identity=seoul_identity))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-low-order-box-key",
+                "Tokyo's X25519 key is the all-zero (low-order) point.",
+                {
+                    "members": members(
+                        tokyo=member(
+                            "tokyo",
+                            identity={**member("tokyo")["identity"], "box": bytes(32)},
+                        )
+                    )
+                },
+                malformed,
+            ),
+            (
+                "arrangement-invalid-previous-on-version-1",
+                "Version 1 naming a previous version.",
+                {"previous": bytes(32)},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-members-out-of-order",
+                "Members not sorted by name.",
+                {"members": list(reversed(base["members"]))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-scopes-out-of-order",
+                "Scopes not sorted.",
+                {"scopes": list(reversed(base["scopes"]))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-duplicate-level",
+                "A level listed twice.",
+                {"levels": [*base["levels"], base["levels"][0]]},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-control-character-in-name",
+                "The arrangement's name holds U+001F (a C0 control character).",
+                {"name": "tisa\x1f2014"},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-delete-in-scope",
+                "A scope holds U+007F (DEL).",
+                {"scopes": ["missile", "nuclear\x7f"]},
+                malformed,
+            ),
+            (
+                "arrangement-name-with-unicode-line-breaks",
+                "The arrangement's name holds U+0085 (NEL, a C1 control) and U+2028 (LINE "
+                "SEPARATOR): allowed, names exclude only U+0000..U+001F and U+007F.",
+                {"name": "tisa\u0085\u20282014"},
+                {},
+            ),
+        ]
+        out: list[dict[str, Any]] = []
+        for vector_id, description, changes, expected in specs:
+            encoded = enc.pack({**base, **changes})
+            arrangement_id = digest(Hash.ARRANGEMENT, encoded)
+            signatures = {n: SECRETS[n].sign(Context.ARRANGEMENT, arrangement_id) for n in ROLES}
+            out.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "signed": enc.pack({"arrangement": encoded, "signatures": signatures}).hex(),
+                    "expect": expected or expect_ok(id=arrangement_id),
+                }
+            )
+        return out
 
     def _check_arrangement(self, vector: dict[str, Any]) -> None:
         data = bytes.fromhex(vector["signed"])
@@ -436,7 +584,7 @@ class Builder:
             (
                 "report-short-body",
                 "A short body in the smallest bucket.",
-                {"body": b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."},
+                {"body": SHORT_BODY},
             ),
             (
                 "report-with-attachments",
@@ -747,12 +895,76 @@ class Builder:
             arrangement="v2",
         )
         out.extend(self._resealed_reports())
+        out.extend(self._signed_share_reports())
+        return out
+
+    def _signed_share_reports(self) -> list[dict[str, Any]]:
+        """Headers Seoul signed that the sealer would refuse to make: intact and signed,
+        so the opener refuses them by policy, with a reason (section 9.4, step 7)."""
+        short = self.reports["report-short-body"]
+        header = enc.unpack(short["header"])
+        specs: list[tuple[str, str, dict[str, Any], str]] = [
+            (
+                "report-header-version-mismatch",
+                "The header names version 1's id with version 2.",
+                {"version": 2},
+                "wrong_arrangement",
+            ),
+            (
+                "report-recipient-is-relay",
+                "The signed recipients list Washington, the relay, beside Tokyo.",
+                {"recipients": ["tokyo", "washington"]},
+                "wrong_role",
+            ),
+            (
+                "report-recipient-not-a-member",
+                "The signed recipients list Beijing, not a member, beside Tokyo.",
+                {"recipients": ["beijing", "tokyo"]},
+                "not_a_member",
+            ),
+            (
+                "report-recipient-is-originator",
+                "The signed recipients list Seoul, the originator, beside Tokyo.",
+                {"recipients": ["seoul", "tokyo"]},
+                "wrong_recipient",
+            ),
+            (
+                "report-out-of-scope",
+                "Header and token agree on scope chemical, which the arrangement lacks.",
+                {"scope": "chemical"},
+                "out_of_scope",
+            ),
+        ]
+        out: list[dict[str, Any]] = []
+        for vector_id, description, changes, reason in specs:
+            header_bytes = enc.pack({**header, **changes})
+            content = (
+                len(header_bytes).to_bytes(4, "big")
+                + header_bytes
+                + SECRETS["seoul"].sign(Context.REPORT, header_bytes)
+                + SHORT_BODY
+            )
+            plaintext = content + bytes(padded_size(len(content)) - len(content))
+            key, report_id = short["content_key"], short["report_id"]
+            fresh = encrypt(plaintext, key, report_id)
+            ciphertext = self._reuse(vector_id, fresh, key, report_id, plaintext, True)
+            sealed = {**short, "ciphertext": ciphertext, "scope": changes.get("scope", "missile")}
+            out.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "generated": "random secretstream header; checked by decrypting",
+                    "open": self._open_params(sealed, "tokyo"),
+                    "ciphertext": ciphertext.hex(),
+                    "expect": expect_error(Refused, reason),
+                }
+            )
         return out
 
     def _resealed_reports(self) -> list[dict[str, Any]]:
         """Reports whose plaintext the honest sealer would never produce."""
         out: list[dict[str, Any]] = []
-        body = b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."
+        body = SHORT_BODY
         seoul = seeds("seoul")
         for vector_id, description, secret in [
             (
@@ -1031,6 +1243,24 @@ class Builder:
                 resign(base, SECRETS["seoul"], **changes),
                 [relay(expect_error(Refused, reason))],
             )
+        # Names (section 3.3): only U+0000..U+001F and U+007F are refused (malformed);
+        # U+0085 and U+2028 are text like any other, so the name is merely not a member.
+        for vector_id, odd_name, expected in [
+            ("token-recipient-name-with-nel", "tokyo\u0085", expect_error(Refused, "not_a_member")),
+            (
+                "token-recipient-name-with-line-separator",
+                "tokyo\u2028",
+                expect_error(Refused, "not_a_member"),
+            ),
+            ("token-recipient-name-with-unit-separator", "tokyo\x1f", malformed),
+            ("token-recipient-name-with-delete", "tokyo\x7f", malformed),
+        ]:
+            add(
+                vector_id,
+                f"Signed by Seoul, for {odd_name!r}.",
+                resign(base, SECRETS["seoul"], recipient=odd_name),
+                [relay(expected)],
+            )
         # Tampered fields: each changed to another value that still fits the schema,
         # signature kept.
         replacements = {
@@ -1271,6 +1501,29 @@ class Builder:
                 "The envelope's keys in reverse order.",
                 _map_in_order(enc.unpack(encoded), ["sig", "body"]),
                 expect_error(ProtocolError),
+            )
+        # Signed by the right member, but naming an originator that could not have sent
+        # the report (section 11): refused by policy, after the signature.
+        originators: list[tuple[str, str, str, str]] = [
+            ("receipt", "relay", "washington", "wrong_role"),
+            ("receipt", "not-a-member", "beijing", "not_a_member"),
+            ("receipt", "is-recipient", "tokyo", "wrong_recipient"),
+            ("ack", "recipient-only", "canberra", "wrong_role"),
+            ("ack", "not-a-member", "beijing", "not_a_member"),
+        ]
+        for kind, label, originator, reason in originators:
+            encoded, context, signer = issued[kind]
+            vectors.append(
+                {
+                    "id": f"{kind}-originator-{label}",
+                    "kind": kind,
+                    "description": f"Signed by {signer}, naming {originator} as originator.",
+                    "arrangement": "v1",
+                    "encoded": resign(
+                        encoded, SECRETS[signer], context=context, originator=originator
+                    ).hex(),
+                    "expect": expect_error(Refused, reason),
+                }
             )
         for vector in vectors:
             verdict = outcome(functools.partial(_verify_signed, vector))
