@@ -38,7 +38,14 @@ import nacl.exceptions
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
-from tisa.audit import Checkpoint
+from tisa.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditEvent,
+    Checkpoint,
+    chain_next,
+    verify_extract,
+)
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
@@ -54,7 +61,14 @@ from tisa.token import ReleaseToken, check_for_recipient, check_for_relay, issue
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "vectors"
-FILES = ("arrangement.json", "report.json", "token.json", "receipt.json")
+FILES = (
+    "arrangement.json",
+    "report.json",
+    "token.json",
+    "receipt.json",
+    "encoding.json",
+    "audit.json",
+)
 
 # 1 January 2015, three days after the arrangement was signed.
 NOW = 1_420_070_400
@@ -1536,6 +1550,359 @@ class Builder:
         }
 
 
+# --- canonical encoding (section 3.1) ----------------------------------------------------
+
+
+def _nested(levels: int, *, maps: bool = False, inner: Any = None) -> dict[str, Any]:
+    """A top-level map and ``levels - 1`` containers inside it, one in the other; the
+    innermost is empty, or holds ``inner``."""
+    if maps:
+        value: Any = {} if inner is None else {"a": inner}
+    else:
+        value = [] if inner is None else [inner]
+    for _ in range(levels - 2):
+        value = {"a": value} if maps else [value]
+    return {"a": value}
+
+
+def _raw_map(*pairs: tuple[bytes, bytes]) -> bytes:
+    """A fixmap of already-encoded (key, value) pairs, in the order given."""
+    return bytes([0x80 | len(pairs)]) + b"".join(k + v for k, v in pairs)
+
+
+def encoding_file() -> dict[str, Any]:
+    """Canonical msgpack: inputs that decode (``tisa.encoding.unpack``) and inputs that
+    are malformed, whatever schema would apply next."""
+
+    def packed(value: Any) -> bytes:
+        data: bytes = msgpack.packb(value, use_bin_type=True)
+        return data
+
+    key_a, key_b = packed("a"), packed("b")
+    one = packed(1)
+    specs: list[tuple[str, str, bytes, bool]] = [
+        (
+            "encoding-depth-8-lists",
+            "A map holding 7 nested arrays: 8 levels.",
+            packed(_nested(8)),
+            True,
+        ),
+        (
+            "encoding-depth-9-lists",
+            "A map holding 8 nested arrays: 9 levels.",
+            packed(_nested(9)),
+            False,
+        ),
+        ("encoding-depth-8-maps", "8 maps, one in the other.", packed(_nested(8, maps=True)), True),
+        (
+            "encoding-depth-9-maps",
+            "9 maps, one in the other.",
+            packed(_nested(9, maps=True)),
+            False,
+        ),
+        (
+            "encoding-depth-8-scalar-innermost",
+            "8 levels of containers with an integer in the innermost: scalars add no level.",
+            packed(_nested(8, inner=1)),
+            True,
+        ),
+        (
+            "encoding-depth-9-empty-map-innermost",
+            "8 levels, and an empty map inside the innermost array: an empty container "
+            "is a level too.",
+            packed(_nested(8, inner={})),
+            False,
+        ),
+        (
+            "encoding-keys-sorted",
+            "Keys a, ab, b: a prefix sorts first.",
+            packed({"a": 1, "ab": 2, "b": 3}),
+            True,
+        ),
+        (
+            "encoding-keys-prefix-after",
+            "Keys ab then a.",
+            _raw_map((packed("ab"), one), (key_a, one)),
+            False,
+        ),
+        (
+            "encoding-keys-out-of-order",
+            "Keys b then a.",
+            _raw_map((key_b, one), (key_a, one)),
+            False,
+        ),
+        (
+            "encoding-keys-out-of-order-nested",
+            "A canonical outer map whose inner map has keys b then a: every map is checked.",
+            _raw_map((key_a, _raw_map((key_b, one), (key_a, one)))),
+            False,
+        ),
+        (
+            "encoding-keys-utf8-order",
+            "Keys U+FF5E then U+1F600: ascending in UTF-8 bytes (ef.. < f0..), though "
+            "not in UTF-16 code units.",
+            _raw_map((packed("\uff5e"), one), (packed("\U0001f600"), one)),
+            True,
+        ),
+        (
+            "encoding-keys-utf16-order",
+            "Keys U+1F600 then U+FF5E: the UTF-16 order, not the UTF-8 one.",
+            _raw_map((packed("\U0001f600"), one), (packed("\uff5e"), one)),
+            False,
+        ),
+        ("encoding-duplicate-key", "Key a twice.", _raw_map((key_a, one), (key_a, one)), False),
+        ("encoding-key-not-text", "An integer key.", _raw_map((one, one)), False),
+        ("encoding-key-bin", "A key encoded as bin.", _raw_map((b"\xc4\x01a", one)), False),
+        ("encoding-int-long-form", "5 as uint8 (cc 05).", _raw_map((key_a, b"\xcc\x05")), False),
+        ("encoding-int-signed-form", "5 as int8 (d0 05).", _raw_map((key_a, b"\xd0\x05")), False),
+        ("encoding-int-negative", "-33 as int8 (d0 df).", _raw_map((key_a, b"\xd0\xdf")), True),
+        (
+            "encoding-int-negative-long-form",
+            "-1 as int8 (d0 ff) instead of a negative fixint.",
+            _raw_map((key_a, b"\xd0\xff")),
+            False,
+        ),
+        ("encoding-int-uint64-max", "2^64 - 1.", packed({"a": 2**64 - 1}), True),
+        ("encoding-str8-short", "Text of 1 byte as str8.", _raw_map((key_a, b"\xd9\x01x")), False),
+        (
+            "encoding-bin-empty",
+            "An empty byte string (c4 00).",
+            _raw_map((key_a, b"\xc4\x00")),
+            True,
+        ),
+        (
+            "encoding-map16-small",
+            "A map of 1 entry as map16.",
+            b"\xde\x00\x01" + key_a + one,
+            False,
+        ),
+        ("encoding-float64", "A float64.", _raw_map((key_a, b"\xcb" + bytes(8))), False),
+        ("encoding-float32", "A float32.", _raw_map((key_a, b"\xca" + bytes(4))), False),
+        ("encoding-ext", "An extension type (fixext1).", _raw_map((key_a, b"\xd4\x01\x00")), False),
+        (
+            "encoding-timestamp",
+            "A msgpack timestamp (ext -1, fixext4).",
+            _raw_map((key_a, b"\xd6\xff" + bytes(4))),
+            False,
+        ),
+        ("encoding-never-used", "The byte c1.", _raw_map((key_a, b"\xc1")), False),
+        ("encoding-invalid-utf8", "Text that is not UTF-8.", _raw_map((key_a, b"\xa1\xff")), False),
+        ("encoding-trailing-byte", "A byte after the map.", packed({"a": 1}) + b"\x00", False),
+        ("encoding-top-level-array", "An array at the top.", packed([1]), False),
+        ("encoding-empty-map", "The empty map.", b"\x80", True),
+        ("encoding-truncated", "A map that ends early.", packed({"a": 1})[:-1], False),
+    ]
+    vectors = []
+    for vector_id, description, data, valid in specs:
+        vector = {
+            "id": vector_id,
+            "description": description,
+            "encoded": data.hex(),
+            "expect": expect_ok() if valid else expect_error(ProtocolError),
+        }
+        _require(vector, outcome(functools.partial(enc.unpack, data)))
+        vectors.append(vector)
+    return {
+        "description": "Canonical encoding (docs/protocol.md section 3.1). Decode 'encoded' "
+        "with tisa.encoding.unpack: it decodes, or it is malformed.",
+        "vectors": vectors,
+    }
+
+
+# --- audit extracts (section 12.3) --------------------------------------------------------
+
+
+def audit_file() -> dict[str, Any]:
+    """Extracts of a four-entry log, verified by a member from the point it knows."""
+    report = derive("audit/report", 16)
+    token = derive("audit/token", 16)
+    entries = [
+        AuditEntry(
+            seq=1, time=NOW, event=AuditEvent.STORED, report=report, token=None, parties=("seoul",)
+        ),
+        AuditEntry(
+            seq=2,
+            time=NOW + 1,
+            event=AuditEvent.RELEASED,
+            report=report,
+            token=token,
+            parties=("seoul", "tokyo"),
+        ),
+        AuditEntry(
+            seq=3,
+            time=NOW + 2,
+            event=AuditEvent.STORED,
+            report=derive("audit/other", 16),
+            token=None,
+            parties=("canberra",),
+        ),
+        AuditEntry(
+            seq=4,
+            time=NOW + 3,
+            event=AuditEvent.FORWARDED,
+            report=report,
+            token=token,
+            parties=("seoul", "tokyo"),
+        ),
+    ]
+    heads = [GENESIS]
+    for entry in entries:
+        heads.append(chain_next(heads[-1], entry.content_hash))
+
+    def checkpoint(seq: int, *, signer: str = "washington", arrangement: Arrangement = V1) -> bytes:
+        body = {
+            "v": 1,
+            "arrangement": arrangement.id,
+            "seq": seq,
+            "head": heads[seq],
+            "time": NOW + 10,
+        }
+        body_bytes = enc.pack(body)
+        return enc.pack(
+            {"body": body_bytes, "sig": SECRETS[signer].sign(Context.AUDIT, body_bytes)}
+        )
+
+    def extract(member: str, start: int, end: int = 4, **changes: Any) -> dict[str, Any]:
+        value = {
+            "start_seq": start,
+            "start_head": heads[start],
+            "items": [
+                {"e": e.encode()} if member in e.parties else {"h": e.content_hash}
+                for e in entries[start:end]
+            ],
+            "checkpoint": checkpoint(end),
+        }
+        value.update(changes)
+        return value
+
+    vectors: list[dict[str, Any]] = []
+
+    def add(
+        vector_id: str,
+        description: str,
+        data: bytes,
+        expected: dict[str, Any],
+        *,
+        member: str = "tokyo",
+        known: int = 0,
+    ) -> None:
+        vector = {
+            "id": vector_id,
+            "description": description,
+            "arrangement": "v1",
+            "member": member,
+            "known": {"seq": known, "head": heads[known].hex()},
+            "extract": data.hex(),
+            "expect": expected,
+        }
+        _require(vector, outcome(functools.partial(_verify_extract, vector)))
+        vectors.append(vector)
+
+    def ok(member: str, start: int, end: int = 4) -> dict[str, Any]:
+        return expect_ok(
+            entries=[e.seq for e in entries[start:end] if member in e.parties],
+            checkpoint_seq=end,
+            checkpoint_head=heads[end],
+        )
+
+    opaque = expect_error(VerificationError)
+    full = extract("tokyo", 0)
+    add(
+        "audit-extract-from-genesis",
+        "Tokyo's first fetch: entries 2 and 4 in full.",
+        enc.pack(full),
+        ok("tokyo", 0),
+    )
+    add(
+        "audit-extract-seoul",
+        "Seoul's first fetch: entries 1, 2 and 4 in full.",
+        enc.pack(extract("seoul", 0)),
+        ok("seoul", 0),
+        member="seoul",
+    )
+    add(
+        "audit-extract-from-checkpoint",
+        "From seq 2, the point Tokyo verified last.",
+        enc.pack(extract("tokyo", 2)),
+        ok("tokyo", 2),
+        known=2,
+    )
+    add(
+        "audit-extract-nothing-new",
+        "From seq 4 to the checkpoint at 4: no items.",
+        enc.pack(extract("tokyo", 4)),
+        ok("tokyo", 4),
+        known=4,
+    )
+    add(
+        "audit-extract-trailing-byte",
+        "A byte after the extract: malformed.",
+        enc.pack(full) + b"\x00",
+        expect_error(ProtocolError),
+    )
+    add(
+        "audit-extract-entry-malformed",
+        "An item whose entry bytes do not decode: malformed.",
+        enc.pack({**full, "items": [full["items"][0], {"e": b"\x80"}, *full["items"][2:]]}),
+        expect_error(ProtocolError),
+    )
+    add(
+        "audit-extract-checkpoint-other-arrangement",
+        "The relay's checkpoint signed for version 2: refused, as any checkpoint (12.2).",
+        enc.pack({**full, "checkpoint": checkpoint(4, arrangement=V2)}),
+        expect_error(Refused, "wrong_arrangement"),
+    )
+    add(
+        "audit-extract-checkpoint-signed-by-member",
+        "The checkpoint signed by Seoul instead of the relay.",
+        enc.pack({**full, "checkpoint": checkpoint(4, signer="seoul")}),
+        opaque,
+    )
+    add(
+        "audit-extract-wrong-start",
+        "Starts at seq 2 while Tokyo knows seq 0.",
+        enc.pack(extract("tokyo", 2)),
+        opaque,
+    )
+    add(
+        "audit-extract-hash-altered",
+        "The hash standing for entry 1 altered: the chain misses the checkpoint's head.",
+        enc.pack({**full, "items": [{"h": _flip(entries[0].content_hash, 0)}, *full["items"][1:]]}),
+        opaque,
+    )
+    add(
+        "audit-extract-entry-not-naming-member",
+        "Entry 3 (Canberra's) sent to Tokyo in full.",
+        enc.pack(
+            {**full, "items": [*full["items"][:2], {"e": entries[2].encode()}, full["items"][3]]}
+        ),
+        opaque,
+    )
+    add(
+        "audit-extract-short-of-checkpoint",
+        "Items up to entry 3 with the checkpoint at 4.",
+        enc.pack({**full, "items": full["items"][:3]}),
+        opaque,
+    )
+    return {
+        "description": "Audit extracts (docs/protocol.md section 12.3). Verify 'extract' with "
+        "tisa.audit.verify_extract as 'member', under the arrangement given, from the point "
+        "'known' (seq, chain head). 'ok' gives the seqs of the member's entries and the "
+        "checkpoint to keep.",
+        "vectors": vectors,
+    }
+
+
+def _verify_extract(vector: Mapping[str, Any]) -> Any:
+    known = (vector["known"]["seq"], bytes.fromhex(vector["known"]["head"]))
+    return verify_extract(
+        bytes.fromhex(vector["extract"]),
+        ARRANGEMENTS[vector["arrangement"]],
+        vector["member"],
+        known=known,
+    )
+
+
 # --- shared by the script and tests/test_vectors.py --------------------------------------
 
 
@@ -1649,6 +2016,8 @@ def build(previous: Mapping[str, Any] | None = None, *, fresh: bool = False) -> 
         "report.json": builder.report_file(),
         "token.json": builder.token_file(),
         "receipt.json": builder.receipt_file(),
+        "encoding.json": encoding_file(),
+        "audit.json": audit_file(),
     }
     return {
         name: json.dumps({"generator": "scripts/make_vectors.py", "now": NOW, **document}, indent=1)
