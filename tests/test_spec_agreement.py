@@ -6,8 +6,13 @@ files pin the rest in a form other implementations can run (tests/test_vectors.p
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -178,3 +183,52 @@ def test_extract_failures_are_malformed_then_checkpoint_then_opaque(world: World
         verify_extract(good, world.arrangement, "seoul", known=(1, GENESIS))
     with pytest.raises(VerificationError):
         verify_extract(good, world.arrangement, "tokyo")  # an entry naming someone else
+
+
+# --- Appendices A and B of docs/protocol.md run as written --------------------------------
+
+PROTOCOL = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
+
+
+def _appendix_script(title: str) -> str:
+    text = PROTOCOL.read_text()
+    start = text.index(f"## Appendix {title}")
+    block = text.index("```python\n", start) + len("```python\n")
+    return text[block : text.index("```", block)]
+
+
+def test_appendix_b_checks_the_example_appendix_a_makes(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text(_appendix_script("A"))
+    (tmp_path / "b.py").write_text(_appendix_script("B"))
+    root = PROTOCOL.parent.parent
+    example = subprocess.run(
+        [sys.executable, str(tmp_path / "a.py")], cwd=root, capture_output=True, check=True
+    ).stdout
+    (tmp_path / "example.json").write_bytes(example)
+    checked = subprocess.run(
+        [sys.executable, str(tmp_path / "b.py"), str(tmp_path / "example.json")],
+        cwd=root,
+        capture_output=True,
+        check=True,
+        text=True,
+    )
+    assert checked.stdout.strip() == "independent check: all good"
+
+
+def test_appendix_b_canon_gives_every_encoding_vector_its_verdict() -> None:
+    # Appendix B's canon() checks canonical form with msgpack alone; it must agree with
+    # tisa.encoding.unpack on every encoding vector, keys out of order in a nested map
+    # among them (which decoding and re-encoding alone cannot see).
+    script = _appendix_script("B")
+    source = script[script.index("def canon(b):") : script.index("\nkeys = ")]
+    namespace: dict[str, Any] = {"msgpack": msgpack}
+    exec(source, namespace)
+    canon = namespace["canon"]
+    vectors = json.loads((PROTOCOL.parent.parent / "tests/vectors/encoding.json").read_text())
+    for vector in vectors["vectors"]:
+        data = bytes.fromhex(vector["encoded"])
+        if vector["expect"]["result"] == "ok":
+            assert canon(data) == enc.unpack(data), vector["id"]
+        else:
+            with pytest.raises(Exception):  # noqa: B017 - a sketch: any refusal will do
+                canon(data)
