@@ -25,6 +25,7 @@ from tisa.audit import Checkpoint, verify_extract
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
+    Reason,
     Refused,
     TisaError,
     VerificationError,
@@ -110,6 +111,56 @@ def test_every_file_has_vectors() -> None:
         assert any(v.get("expect", {}).get("result") == "error" for v in document["vectors"]) or (
             name == "token.json"
         )
+
+
+# The format of the files, as docs/protocol.md Appendix C documents it.
+TOP_LEVEL = {"generator", "now", "description", "vectors"}
+FILE_KEYS = {
+    "arrangement.json": (TOP_LEVEL | {"members", "arrangements"}, {"signed"}),
+    "report.json": (
+        TOP_LEVEL | {"chunk_size"},
+        {"open", "ciphertext", "base", "mutation", "inputs", "generated"},
+    ),
+    "token.json": (TOP_LEVEL, {"token", "checks", "inputs", "body", "generated"}),
+    "receipt.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
+    "encoding.json": (TOP_LEVEL, {"encoded"}),
+    "audit.json": (TOP_LEVEL, {"arrangement", "member", "known", "extract"}),
+}
+PREFIXES = ("arrangement-", "report-", "token-", "receipt-", "ack-", "checkpoint-")
+PREFIXES += ("encoding-", "audit-")
+MUTATIONS = {"flip", "truncate", "append", "drop"}
+
+
+def _verdicts(vector: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [c["expect"] for c in vector["checks"]] if "checks" in vector else [vector["expect"]]
+
+
+def test_files_follow_the_documented_format() -> None:
+    seen: set[str] = set()
+    for name in FILES:
+        document = load(name)
+        top, own = FILE_KEYS[name]
+        assert set(document) == top, name
+        for vector in document["vectors"]:
+            assert vector["id"] not in seen and vector["id"].startswith(PREFIXES)
+            seen.add(vector["id"])
+            assert set(vector) - {"id", "description", "expect", "checks"} <= own, vector["id"]
+            assert ("checks" in vector) != ("expect" in vector)
+            if "mutation" in vector:
+                assert len(vector["mutation"]) == 1 and set(vector["mutation"]) <= MUTATIONS
+                assert vector["base"] in REPORTS
+            for expect in _verdicts(vector):
+                assert expect["result"] in ("ok", "error")
+                if expect["result"] == "ok":
+                    continue
+                error, reason = expect["error"], expect["reason"]
+                assert error in ERRORS
+                if error == "Refused":
+                    assert reason in {r.value for r in Reason}
+                elif error == "ArrangementNotEffective":
+                    assert reason == "arrangement_not_effective" and expect["missing"]
+                else:
+                    assert reason is None
 
 
 def test_required_vector_ids_are_present() -> None:
