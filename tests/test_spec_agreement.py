@@ -6,6 +6,7 @@ files pin the rest in a form other implementations can run (tests/test_vectors.p
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -16,9 +17,12 @@ import msgpack
 import pytest
 import trio
 import trio.testing
+from nodes.client_world import make_world as make_client_world
 from nodes.relay_harness import expect, running_relay
 from nodes.relay_helpers import NOW, World, make_world, raw_hello, read_raw_frame
 
+from clients.node import open_node
+from relay.server import serve
 from relay.transport import accept_member, connect_member
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement
@@ -232,3 +236,25 @@ def test_appendix_b_canon_gives_every_encoding_vector_its_verdict() -> None:
         else:
             with pytest.raises(Exception):  # noqa: B017 - a sketch: any refusal will do
                 canon(data)
+
+
+async def test_member_node_raises_the_refusal_of_a_fetch_past_the_end(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    # A relay whose log is shorter than the checkpoint a member verified (restored from
+    # an old backup, say) refuses the fetch; the node says so instead of waiting forever,
+    # and its connection, and its next fetch, go on.
+    arrangement, secrets = make_client_world()
+    with trio.fail_after(10):
+        port = await nursery.start(
+            functools.partial(serve, secrets["washington"], arrangement, tmp_path / "relay", port=0)
+        )
+        async with open_node(
+            secrets["tokyo"], "tokyo", arrangement, ("127.0.0.1", port), tmp_path / "tokyo"
+        ) as tokyo:
+            tokyo.store.set_audit_checkpoint(1_000, bytes(32), b"")
+            with pytest.raises(Refused) as info:
+                await tokyo.fetch_audit()
+            assert info.value.reason is Reason.MALFORMED
+            tokyo.store.set_audit_checkpoint(0, GENESIS, b"")
+            assert [e.reason for e in await tokyo.fetch_audit()] == ["malformed"]
