@@ -18,7 +18,8 @@ what the current code would produce, so running it again changes nothing unless 
 protocol did. ``tests/test_vectors.py`` checks that, and every verdict.
 
 Conventions in the files: byte strings are lowercase hex; times are unix seconds; an
-expected failure names the exception class and, for a refusal, the reason code.
+expected failure names the exception class and, for a refusal, the reason code. The
+format of every file is documented in docs/protocol.md, Appendix C.
 """
 
 from __future__ import annotations
