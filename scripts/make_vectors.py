@@ -1750,12 +1750,19 @@ def audit_file() -> dict[str, Any]:
     for entry in entries:
         heads.append(chain_next(heads[-1], entry.content_hash))
 
-    def checkpoint(seq: int, *, signer: str = "washington", arrangement: Arrangement = V1) -> bytes:
+    def checkpoint(
+        seq: int,
+        *,
+        head: bytes | None = None,
+        signer: str = "washington",
+        arrangement: Arrangement = V1,
+    ) -> bytes:
+        # Signed here rather than by Checkpoint.issue, which refuses a signer not the relay.
         body = {
             "v": 1,
             "arrangement": arrangement.id,
             "seq": seq,
-            "head": heads[seq],
+            "head": heads[seq] if head is None else head,
             "time": NOW + 10,
         }
         body_bytes = enc.pack(body)
@@ -1884,6 +1891,28 @@ def audit_file() -> dict[str, Any]:
         "Items up to entry 3 with the checkpoint at 4.",
         enc.pack({**full, "items": full["items"][:3]}),
         opaque,
+    )
+    # An entry may name up to 256 parties (a report's originator and every recipient).
+    crowded = AuditEntry(
+        seq=1,
+        time=NOW,
+        event=AuditEvent.RELEASED,
+        report=report,
+        token=token,
+        parties=("tokyo", *(f"party-{i:02}" for i in range(11))),
+    )
+    crowded_head = chain_next(GENESIS, crowded.content_hash)
+    crowded_extract = {
+        "start_seq": 0,
+        "start_head": GENESIS,
+        "items": [{"e": crowded.encode()}],
+        "checkpoint": checkpoint(1, head=crowded_head),
+    }
+    add(
+        "audit-extract-entry-with-twelve-parties",
+        "A log of one entry naming Tokyo and 11 other parties.",
+        enc.pack(crowded_extract),
+        expect_ok(entries=[1], checkpoint_seq=1, checkpoint_head=crowded_head),
     )
     return {
         "description": "Audit extracts (docs/protocol.md section 12.3). Verify 'extract' with "
