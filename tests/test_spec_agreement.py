@@ -258,3 +258,20 @@ async def test_member_node_raises_the_refusal_of_a_fetch_past_the_end(
             assert info.value.reason is Reason.MALFORMED
             tokyo.store.set_audit_checkpoint(0, GENESIS, b"")
             assert [e.reason for e in await tokyo.fetch_audit()] == ["malformed"]
+
+
+# --- section 3.1 rule 7: the encoder counts levels as the decoder does ---------------------
+
+
+def test_encoder_and_decoder_count_nesting_alike() -> None:
+    def nested(levels: int) -> dict[str, Any]:
+        value: Any = []
+        for _ in range(levels - 2):
+            value = [value]
+        return {"a": value}
+
+    assert enc.unpack(enc.pack(nested(8))) == nested(8)
+    with pytest.raises(ProtocolError):
+        enc.pack(nested(9))
+    with pytest.raises(ProtocolError):
+        enc.unpack(msgpack.packb(nested(9)))
