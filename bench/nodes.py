@@ -83,6 +83,8 @@ from bench.processes import (
 )
 from bench.world import LEVEL, SCOPE
 
+__all__ = ["main"]
+
 _LEN = struct.Struct(">I")
 _STAMP = struct.Struct(">dI")  # send time (monotonic), sequence number
 

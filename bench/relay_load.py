@@ -67,6 +67,8 @@ from tisa.report import seal_report
 from tisa.token import ReleaseToken, issue_token
 from tisa_io.link import Link, connect_member
 
+__all__ = ["load_source", "run", "sink", "tokens_digest"]
+
 # Reports per send_many call (four messages each for a 1 KiB report), room permitting.
 BATCH = 64
 # Seconds the source's reports and tokens stay valid.

@@ -7,5 +7,7 @@ from __future__ import annotations
 
 from relay.cli import main
 
+__all__: list[str] = []
+
 if __name__ == "__main__":
     main()

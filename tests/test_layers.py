@@ -181,3 +181,32 @@ def test_a_cycle_is_caught() -> None:
     edges["tisa.errors"] = edges["tisa.errors"] | {"tisa.keys"}
     edges["tisa.keys"] = edges["tisa.keys"] | {"tisa.errors"}
     assert any({"tisa.errors", "tisa.keys"} <= set(c) for c in cycles(edges))
+
+
+def test_every_module_says_what_it_exports() -> None:
+    # ``__all__`` on every module of every layer, and each name in it defined there.
+    missing = []
+    for name, path in project_modules().items():
+        tree = ast.parse(path.read_text())
+        exported = None
+        defined: set[str] = set()
+        for node in tree.body:
+            targets = []
+            if isinstance(node, ast.Assign):
+                targets = [t.id for t in node.targets if isinstance(t, ast.Name)]
+            elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                targets = [node.target.id]
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                targets = [node.name]
+            elif isinstance(node, ast.ImportFrom | ast.Import):
+                targets = [(a.asname or a.name).split(".")[0] for a in node.names]
+            defined.update(targets)
+            if "__all__" in targets and node.value is not None:  # type: ignore[union-attr]
+                exported = ast.literal_eval(node.value)  # type: ignore[union-attr]
+        if exported is None:
+            missing.append(f"{name}: no __all__")
+            continue
+        missing.extend(
+            f"{name}: __all__ names undefined {n!r}" for n in exported if n not in defined
+        )
+    assert missing == []
