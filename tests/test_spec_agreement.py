@@ -23,7 +23,6 @@ from nodes.relay_helpers import NOW, World, make_world, raw_hello, read_raw_fram
 
 from clients.node import open_node
 from relay.server import serve
-from relay.transport import accept_member, connect_member
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement
 from tisa.audit import (
@@ -40,6 +39,7 @@ from tisa.frames import encode_frame
 from tisa.handshake import MAX_HANDSHAKE_MESSAGE
 from tisa.limits import Limits
 from tisa.messages import AuditFetch, AuditReply, Refusal
+from tisa_io.link import accept_member, connect_member
 
 FAST = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
 
