@@ -1873,6 +1873,14 @@ def audit_file() -> dict[str, Any]:
         opaque,
     )
     add(
+        "audit-extract-rewritten-history",
+        "From seq 2, but with another chain head there (a log rebuilt to that length): "
+        "it does not continue from the point Tokyo verified.",
+        enc.pack(extract("tokyo", 2, start_head=_flip(heads[2], 0))),
+        opaque,
+        known=2,
+    )
+    add(
         "audit-extract-hash-altered",
         "The hash standing for entry 1 altered: the chain misses the checkpoint's head.",
         enc.pack({**full, "items": [{"h": _flip(entries[0].content_hash, 0)}, *full["items"][1:]]}),
