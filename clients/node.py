@@ -530,10 +530,11 @@ class Node:
         A report counts as handed over when the application acknowledges it with
         :meth:`ack`, as a consumer commits an offset; until then it stays in the inbox
         and the next ``reports()`` loop (in this run, or after a restart or a crash)
-        yields it again. So an application that records each report and then
-        acknowledges it sees a report a second time only if it is stopped between the
-        two; one that records ``token_id`` together with its effect (one transaction)
-        can skip that one too, and sees each report exactly once. A loop that never
+        yields it again. So an application that takes one report at a time, records it
+        and then acknowledges it sees a report a second time only if it is stopped
+        between the two; one that records ``token_id`` together with its effect (one
+        transaction) can skip that one too, and acts on each report exactly once. A
+        loop that never
         acknowledges gets every report again on each start: nothing is lost, but
         nothing counts as taken. A report reaches this loop only once it is on disk.
         Use one consumer.
