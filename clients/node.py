@@ -534,10 +534,9 @@ class Node:
         and then acknowledges it sees a report a second time only if it is stopped
         between the two; one that records ``token_id`` together with its effect (one
         transaction) can skip that one too, and acts on each report exactly once. A
-        loop that never
-        acknowledges gets every report again on each start: nothing is lost, but
-        nothing counts as taken. A report reaches this loop only once it is on disk.
-        Use one consumer.
+        loop that never acknowledges gets every report again on each start: nothing is
+        lost, but nothing counts as taken. A report reaches this loop only once it is
+        on disk. Use one consumer.
         """
         last = 0
         while True:
