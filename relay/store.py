@@ -671,7 +671,8 @@ class Store(DurableStore):
 
         Raises:
             Refused: UNKNOWN_REPORT (no such report of ``by``), REPLAYED (the token was
-                already acked: it was used), EXPIRED (the token expired first),
+                already acked: it was used; or, for the whole report, every token of it
+                was, so there is nothing left to withdraw), EXPIRED (the token expired first),
                 WRONG_REPORT (the token belongs to another report).
         """
         self._queued.clear()  # queue lengths are counted again when next needed
@@ -718,6 +719,21 @@ class Store(DurableStore):
                     (report_id, *OUTSTANDING),
                 )
             ]
+            if not recipients:
+                delivered = sorted(
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT recipient FROM tokens WHERE report = ? AND state = 'acked'",
+                        (report_id,),
+                    )
+                )
+                if delivered:
+                    # Nothing left to withdraw: a revocation cannot take a report back
+                    # from its recipients. Refused, and nothing changes.
+                    raise Refused(
+                        Reason.REPLAYED,
+                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
+                    )
             db.execute(
                 "UPDATE tokens SET state = 'revoked', token = X''"
                 " WHERE report = ? AND state IN (?, ?)",
