@@ -882,6 +882,12 @@ def relay() -> None:
     help="Write the bound port here once the relay accepts connections.",
 )
 @_passphrase_option
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log more: each message type received and each connection as it opens.",
+)
 @click.pass_context
 def relay_run(
     ctx: click.Context,
@@ -892,8 +898,13 @@ def relay_run(
     port: int,
     port_file: Path | None,
     passphrase_env: str | None,
+    verbose: int,
 ) -> None:
     """Run the relay until interrupted (Ctrl-C). It stores and forwards, never reads.
+
+    It logs to stderr one line per connection (when it ends: member, address, how
+    long, why) and one per report event (stored, released, forwarded, acknowledged,
+    refused, revoked, expired: ids, names and reason codes, nothing secret).
 
     \b
     Example:
@@ -908,6 +919,14 @@ def relay_run(
     secret, _ = _load_secret(key or home / IDENTITY_FILE, passphrase_env)
     store_path = store or home / STORE_DIR
 
+    import logging
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(message)s",
+        stream=sys.stderr,
+    )
+
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(
@@ -916,7 +935,6 @@ def relay_run(
             if port_file is not None:
                 with atomic_text(port_file) as handle:
                     handle.write(f"{bound}\n")
-            click.echo(f"relay {arrangement.relay} listening on {host}:{bound}", err=True)
 
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(main)
@@ -1521,10 +1539,9 @@ def _report_json(header: Any, token_id: bytes, saved: Path, body: bytes | Path) 
         "size": header.body_size,
         "attachments": [name for name, _ in header.attachments],
         "saved": str(saved),
+        # None when the body is too long to show, or not text.
+        "text": _body_text(body),
     }
-    text = _body_text(body)
-    if text is not None:
-        item["text"] = text
     return item
 
 
@@ -1551,26 +1568,86 @@ def _body_text(body: bytes | Path) -> str | None:
     return body.decode("utf-8", "replace") if len(body) <= _TEXT_MAX else None
 
 
+# Once a report has arrived, inbox returns when no further delivery has started for
+# this long: the relay pushes what it holds back to back, so a pause means it is done.
+INBOX_SETTLE = 0.5
+# Deliveries of at least this size get a progress bar on a terminal.
+PROGRESS_MIN = 8 * 1024 * 1024
+
+
+async def _save_report(report: Any, folder: Path) -> Path:
+    """Write a delivered report's body (and attachments, if any) under ``folder``.
+
+    The body goes to ``REPORT-ID.body``, attachments to ``REPORT-ID.attachments/NAME``
+    (a name that is not a plain file name is saved as ``a<i>``)."""
+    report_hex = report.header.id.hex()
+    target = folder / f"{report_hex}.body"
+    await _write_body(report.body, target)
+    if report.attachments:
+        attached = folder / f"{report_hex}.attachments"
+        attached.mkdir(exist_ok=True)
+        for index, (name, data) in enumerate(report.attachments.items()):
+            plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            await _write_body(data, attached / (name if plain else f"a{index}"))
+    return target
+
+
+async def _show_progress(node: Any, console: Console) -> None:
+    """Bars for the deliveries of at least PROGRESS_MIN bytes in progress, until
+    cancelled (transient: they vanish once done)."""
+    import trio
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    bars = Progress(
+        TextColumn("receiving from {task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[bytes, Any] = {}
+    with bars:
+        while True:
+            for token, (done, size, originator) in list(node.receiving.items()):
+                if size < PROGRESS_MIN:
+                    continue
+                if token not in tasks:
+                    tasks[token] = bars.add_task(originator, total=size)
+                bars.update(tasks[token], completed=done)
+            for token in [t for t in tasks if t not in node.receiving]:
+                bars.remove_task(tasks.pop(token))
+            await trio.sleep(0.1)
+
+
 @tisa.command("inbox")
 @click.option(
     "--wait",
     type=click.FloatRange(min=0),
     default=2.0,
     show_default=True,
-    help="Seconds to wait for deliveries after connecting.",
+    help="Seconds to wait for a first delivery after connecting. Once one arrived, "
+    "inbox returns as soon as no other follows (a delivery in progress is waited for).",
 )
 @click.option(
     "--all",
     "show_all",
     is_flag=True,
     help="List every report this member has received, not only the new ones "
-    '(each marked new or not; with --json, with its "new" and "received" fields).',
+    '(each with its "new" and "received" fields, as without --all).',
 )
 @click.option(
     "--save",
     "save_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write each report's body here as REPORT-ID.body (default: HOME/received).",
+    help="Write each report's body here as REPORT-ID.body, its attachments in "
+    "REPORT-ID.attachments/ (default: HOME/received).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 @_timeout_option(30.0)
@@ -1589,7 +1666,9 @@ def inbox(
 
     Each new report's body is saved under --save (the store keeps its own copy). With
     --all, every report in your store is listed after the new ones are received, oldest
-    first; a body not under --save yet is saved there again from the store.
+    first; a body not under --save yet is saved there again from the store. On a
+    terminal, a delivery of 8 MiB or more shows a progress bar while it arrives.
+    With --json, each report has the same fields with and without --all.
 
     \b
     Examples:
@@ -1598,26 +1677,45 @@ def inbox(
     """
     member = node_options.load(ctx)
     folder = save_dir or _home(ctx) / "received"
+    err = Console(stderr=True)
+    interactive = not as_json and err.is_interactive
 
     async def job(node: Any) -> list[dict[str, Any]]:
         import trio
 
         folder.mkdir(parents=True, exist_ok=True)
         new: list[dict[str, Any]] = []
-        deadline = trio.current_time() + wait
-        # --wait bounds the wait for the next report, never the saving of one: a report
-        # is marked as handed over when the next one is asked for or the loop is left
-        # (aclosing leaves it while the node still runs), so each one shown is saved.
-        async with contextlib.aclosing(node.reports()) as reports:
+        waiting = trio.CancelScope(deadline=trio.current_time() + wait)
+
+        async def while_receiving() -> None:
+            # A delivery under way is waited for, not the clock: the wait is pushed
+            # back while one is (and for INBOX_SETTLE after it, until it is handed over).
             while True:
-                report = None
-                with trio.move_on_at(deadline):
-                    report = await anext(reports, None)
-                if report is None:
-                    break
-                target = folder / f"{report.header.id.hex()}.body"
-                await _write_body(report.body, target)
-                new.append(_report_json(report.header, report.token_id, target, report.body))
+                if node.receiving:
+                    waiting.deadline = max(waiting.deadline, trio.current_time() + INBOX_SETTLE)
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(while_receiving)
+            if interactive:
+                nursery.start_soon(_show_progress, node, err)
+            # The wait bounds the wait for the next report, never the saving of one: a
+            # report is marked as handed over when the next one is asked for or the
+            # loop is left (aclosing leaves it while the node still runs), so each one
+            # shown is saved.
+            async with contextlib.aclosing(node.reports()) as reports:
+                while True:
+                    report = None
+                    with waiting:
+                        report = await anext(reports, None)
+                    if report is None:
+                        break
+                    target = await _save_report(report, folder)
+                    shown = _report_json(report.header, report.token_id, target, report.body)
+                    received = node.store.inbox_received(report.token_id)
+                    new.append({**shown, "new": True, "received": received})
+                    waiting = trio.CancelScope(deadline=trio.current_time() + INBOX_SETTLE)
+            nursery.cancel_scope.cancel()
         if not show_all:
             return new
         handed = {item["token"]: item for item in new}
@@ -1644,9 +1742,9 @@ def inbox(
     elif not result:
         _out.print("no new reports")
     for item in result:
-        mark = "[bold green]new[/] " if item.get("new") else ""
+        mark = "[bold green]new[/] " if show_all and item["new"] else ""
         received = ""
-        if "received" in item:
+        if show_all and item["received"] is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received"]))
             received = f", received {when} UTC"
         _out.print(
@@ -1654,8 +1752,10 @@ def inbox(
             f"({item['scope']}/{item['level']}, {item['size']} bytes{received}), "
             "signature verified"
         )
-        if "text" in item:
+        if item["text"] is not None:
             _out.print(f"  {item['text']}")
+        if item["attachments"]:
+            _out.print(f"  attachments: {', '.join(item['attachments'])}")
         _out.print(f"  saved to {item['saved']}")
 
 
@@ -1682,6 +1782,39 @@ def _event_json(event: Any) -> dict[str, Any]:
     if hasattr(event, "error"):
         value["error"] = _error_text(event.error)
     return value
+
+
+def _notice_text(notice: dict[str, Any]) -> str:
+    """A notice (as :func:`_event_json` gives it) in words."""
+    kind = notice["event"]
+    report = notice.get("report")
+    token = notice.get("token")
+    if kind == "receipt":
+        return f"{notice['recipient']} received report {report} (signed receipt)"
+    if kind == "stored":
+        return f"the relay stored report {report}"
+    if kind == "released":
+        return f"the relay accepted the release of report {report} to {notice['recipient']}"
+    if kind == "expired":
+        if token:
+            return f"the release of report {report} (token {token}) expired undelivered"
+        return f"report {report} expired at the relay before it was released"
+    if kind == "revoked":
+        if token:
+            return f"the release of report {report} (token {token}) was revoked"
+        return f"report {report} was revoked"
+    if kind == "refused":
+        about = f" (about {notice['ref']})" if notice.get("ref") else ""
+        detail = f": {notice['detail']}" if notice.get("detail") else ""
+        return f"the relay refused something{about}: {notice['reason']}{detail}"
+    if kind == "release_gap":
+        return (
+            f"a release from {notice['originator']} never arrived: expected number "
+            f"{notice['expected']}, got {notice['got']} (ask {notice['originator']} about it)"
+        )
+    if kind == "delivery_rejected":
+        return f"a delivery was rejected here and not shown: {notice.get('error', '')}"
+    return json.dumps(notice, sort_keys=True)
 
 
 @tisa.command("receipts")
@@ -1750,16 +1883,24 @@ def receipts(
     _out.print(table)
     for notice in result["notices"]:
         if notice["event"] != "receipt":
-            _out.print(f"notice: {json.dumps(notice, sort_keys=True)}")
+            _out.print(f"notice: {_notice_text(notice)}")
 
 
 @tisa.command("audit")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Every entry that concerns you since the log began, the chain verified from its "
+    "start through the checkpoint verified before (default: the new entries only).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 @_timeout_option(30.0)
 @_node_options
 @click.pass_context
 def audit(
     ctx: click.Context,
+    show_all: bool,
     as_json: bool,
     timeout: float,
     node_options: _NodeOptions,
@@ -1770,8 +1911,9 @@ def audit(
     verified, up to a checkpoint the relay signed; any mismatch is an error.
 
     \b
-    Example:
+    Examples:
       tisa --home tokyo audit
+      tisa --home tokyo audit --all --json
     """
     member = node_options.load(ctx)
 
@@ -1779,7 +1921,7 @@ def audit(
         import trio
 
         with trio.fail_after(timeout):
-            entries = await node.fetch_audit()
+            entries = await node.fetch_audit(from_start=show_all)
         return [
             {
                 "seq": e.seq,
@@ -1797,7 +1939,8 @@ def audit(
     if as_json:
         _print_json({"verified": True, "entries": entries})
         return
-    table = Table(show_edge=False, title=f"audit log: {len(entries)} new entries, verified")
+    which = "entries" if show_all else "new entries"
+    table = Table(show_edge=False, title=f"audit log: {len(entries)} {which}, verified")
     for column in ("seq", "event", "report", "parties", "reason"):
         table.add_column(column)
     for e in entries:

@@ -66,7 +66,7 @@ from relay.durable import GroupCommitter
 from relay.transport import Link, LinkClosed, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
-from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, verify_extract
+from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, chain_next, verify_extract
 from tisa.errors import (
     ProtocolError,
     Reason,
@@ -455,6 +455,15 @@ class Node:
         withdraw it.
         """
         _check_window(valid_for, "valid_for", MAX_VALIDITY)
+        for earlier in self.store.releases_of(report_id):
+            if earlier.recipient == recipient and earlier.state in ("pending", "released"):
+                # A second token would only make the relay forward it again, and the
+                # recipient refuse it (replayed): refused here, with nothing sent.
+                raise Refused(
+                    Reason.DUPLICATE,
+                    f"already released to {recipient} (token {earlier.token.hex()}, "
+                    f"{earlier.state})",
+                )
         token_id = self._issue(report_id, recipient, valid_for)
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
@@ -476,15 +485,6 @@ class Node:
             raise _final_refusal(submission.state, submission.reason, submission.detail)
         if recipient not in submission.recipients:
             raise Refused(Reason.WRONG_RECIPIENT, f"{recipient!r} is not a recipient of it")
-        for earlier in self.store.releases_of(report_id):
-            if earlier.recipient == recipient and earlier.state in ("pending", "released"):
-                # A second token would only make the relay forward it again, and the
-                # recipient refuse it (replayed): refused here, with nothing sent.
-                raise Refused(
-                    Reason.DUPLICATE,
-                    f"already released to {recipient} (token {earlier.token.hex()}, "
-                    f"{earlier.state})",
-                )
         now = self._now()
 
         def make_token(counter: int) -> bytes:
@@ -729,27 +729,32 @@ class Node:
 
     # --- audit -----------------------------------------------------------------------
 
-    async def fetch_audit(self) -> list[AuditEntry]:
+    async def fetch_audit(self, *, from_start: bool = False) -> list[AuditEntry]:
         """Fetch the relay's audit entries that concern this member, and verify them.
 
         The extract must continue the chain from the last checkpoint this node verified
         (kept in the store) up to a checkpoint signed by the relay; the new checkpoint is
-        stored. Waits for a connection.
+        stored. With ``from_start``, every entry since the log began is fetched and the
+        chain verified from its start; it must pass through the stored checkpoint (the
+        relay cannot show this member another history than before). Waits for a
+        connection.
 
         Returns:
-            This member's entries since the previous fetch, in order.
+            This member's entries since the previous fetch (with ``from_start``: all of
+            them), in order.
 
         Raises:
             VerificationError: the relay's extract does not check out (chain, signature,
-                or it does not continue from the stored checkpoint).
+                or it does not continue from, or pass through, the stored checkpoint).
             ProtocolError: the extract is malformed.
         """
         out: list[AuditEntry] = []
         async with self._audit_lock:
+            stored = self.store.audit_checkpoint()
+            known = (0, GENESIS) if from_start or stored is None else stored
             # The relay may cut an extract short (entries or bytes); fetch again from
             # the new checkpoint until an extract brings nothing new.
             for _ in range(MAX_AUDIT_ROUNDS):
-                known = self.store.audit_checkpoint() or (0, GENESIS)
                 try:
                     data = await self._audit_request(known[0])
                 except _SessionOver:
@@ -758,10 +763,22 @@ class Node:
                 entries, checkpoint = verify_extract(
                     extract, self._arrangement, self.name, known=known
                 )
+                if (
+                    stored is not None
+                    and known[0] < stored[0] <= checkpoint.seq
+                    and _head_at(extract, stored[0]) != stored[1]
+                ):
+                    raise VerificationError()
                 if not extract.items:
                     break
-                self.store.set_audit_checkpoint(checkpoint.seq, checkpoint.head, checkpoint.encoded)
+                known = (checkpoint.seq, checkpoint.head)
+                if stored is None or checkpoint.seq >= stored[0]:
+                    self.store.set_audit_checkpoint(
+                        checkpoint.seq, checkpoint.head, checkpoint.encoded
+                    )
                 out.extend(entries)
+            if stored is not None and known[0] < stored[0]:
+                raise VerificationError()  # the log now ends before what was verified
         return out
 
     def audit_checkpoint(self) -> Checkpoint | None:
@@ -1285,6 +1302,7 @@ class Node:
                 staged.mkdir()
         files: dict[int, BinaryIO] = {}
         failure: TisaError | None = None
+        self.receiving[token.id] = (0, token.size, token.originator)
         try:
             received = 0
             while True:
@@ -1293,6 +1311,7 @@ class Node:
                     received += len(message.data)
                     if received > token.size:
                         raise ProtocolError("delivery longer than its token says")
+                    self.receiving[token.id] = (received, token.size, token.originator)
                     if failure is not None:
                         continue
                     try:
@@ -1333,6 +1352,7 @@ class Node:
                 os.fsync(out.fileno())
             return header, None
         finally:
+            self.receiving.pop(token.id, None)
             for out in files.values():
                 out.close()
 
@@ -1353,6 +1373,17 @@ class Node:
 
 
 # --- module helpers ------------------------------------------------------------------
+
+
+def _head_at(extract: Extract, seq: int) -> bytes | None:
+    """The chain head after entry ``seq`` of an extract (verified before)."""
+    head, at = extract.start_head, extract.start_seq
+    for item in extract.items:
+        at += 1
+        head = chain_next(head, item.content_hash if isinstance(item, AuditEntry) else item)
+        if at == seq:
+            return head
+    return None
 
 
 def _check_window(value: float, what: str, maximum: int | None) -> None:

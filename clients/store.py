@@ -890,6 +890,11 @@ class MemberStore(DurableStore):
         ).fetchall()
         return [(self._inbox(row[:-1]), int(row[-1])) for row in rows]
 
+    def inbox_received(self, token: bytes) -> int | None:
+        """When the report delivered under ``token`` was stored (unix seconds)."""
+        row = self._db.execute("SELECT received FROM inbox WHERE token = ?", (token,)).fetchone()
+        return int(row[0]) if row else None
+
     def inbox_entry(self, token: bytes) -> InboxEntry | None:
         row = self._db.execute(
             f"SELECT {self._INBOX_COLUMNS} FROM inbox WHERE token = ?", (token,)

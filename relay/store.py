@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -54,6 +55,9 @@ from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
+
+# The relay's report events (one line each): stored, released, forwarded, ...
+log = logging.getLogger("relay.events")
 
 __all__ = [
     "BlobWriter",
@@ -374,6 +378,17 @@ class Store(DurableStore):
             (entry.seq, encoded, content, head),
         )
         self._seq, self._head = entry.seq, head
+        # One log line per report event, from what the audit entry records (ids, names,
+        # reason codes: nothing secret). Logged as recorded; a batch rolled back later
+        # (a failed commit) is logged as an error of its own.
+        log.info(
+            "%s%s%s parties %s%s",
+            event.value,
+            f" report {report.hex()}" if report else "",
+            f" token {token.hex()}" if token else "",
+            ",".join(entry.parties) or "-",
+            f" reason {reason}" if reason else "",
+        )
         return entry
 
     def _sweep_files(self) -> None:
