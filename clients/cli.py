@@ -1595,7 +1595,6 @@ async def _save_report(report: Any, folder: Path) -> Path:
 async def _show_progress(node: Any, console: Console) -> None:
     """Bars for the deliveries of at least PROGRESS_MIN bytes in progress, until
     cancelled (transient: they vanish once done)."""
-    import trio
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -1623,7 +1622,7 @@ async def _show_progress(node: Any, console: Console) -> None:
                 bars.update(tasks[token], completed=done)
             for token in [t for t in tasks if t not in node.receiving]:
                 bars.remove_task(tasks.pop(token))
-            await trio.sleep(0.1)
+            await node.wait_receiving()
 
 
 @tisa.command("inbox")

@@ -209,8 +209,10 @@ class Node:
         self._uploaded: set[bytes] = set()
         self._withdrawals = 0  # counts withdraw() calls; the sender checks on a change
         self._upload_changed = trio.Event()  # set when _uploading or _uploaded change
-        # Deliveries being received: token id -> [bytes received, size, originator].
+        # Deliveries being received: token id -> (bytes received, size, originator);
+        # see wait_receiving.
         self.receiving: dict[bytes, tuple[int, int, str]] = {}
+        self._receiving_changed = trio.Event()
         # Why the last connection attempt failed (None once connected); attempts counts
         # failed attempts, so a caller can wait for the next one.
         self.connect_error: BaseException | None = None
@@ -262,6 +264,19 @@ class Node:
         """Wait until a connection to the relay is up."""
         while self._session is None:
             await self._connected.wait()
+
+    async def wait_receiving(self) -> None:
+        """Wait until :attr:`receiving` changes (a delivery starts, progresses by a
+        chunk, or ends): for a progress display."""
+        await self._receiving_changed.wait()
+
+    def _set_receiving(self, token: ReleaseToken, received: int | None) -> None:
+        if received is None:
+            self.receiving.pop(token.id, None)
+        else:
+            self.receiving[token.id] = (received, token.size, token.originator)
+        self._receiving_changed.set()
+        self._receiving_changed = trio.Event()
 
     async def wait_connect_attempt(self) -> BaseException | None:
         """Wait until a connection is up (returns None) or the next attempt failed
@@ -1302,7 +1317,7 @@ class Node:
                 staged.mkdir()
         files: dict[int, BinaryIO] = {}
         failure: TisaError | None = None
-        self.receiving[token.id] = (0, token.size, token.originator)
+        self._set_receiving(token, 0)
         try:
             received = 0
             while True:
@@ -1311,7 +1326,7 @@ class Node:
                     received += len(message.data)
                     if received > token.size:
                         raise ProtocolError("delivery longer than its token says")
-                    self.receiving[token.id] = (received, token.size, token.originator)
+                    self._set_receiving(token, received)
                     if failure is not None:
                         continue
                     try:
@@ -1352,7 +1367,7 @@ class Node:
                 os.fsync(out.fileno())
             return header, None
         finally:
-            self.receiving.pop(token.id, None)
+            self._set_receiving(token, None)
             for out in files.values():
                 out.close()
 
