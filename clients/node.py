@@ -62,8 +62,6 @@ from clients.events import (
     decode_event,
 )
 from clients.store import MemberStore, Submission, fsync_dir
-from relay.durable import GroupCommitter
-from relay.transport import Link, LinkClosed, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
 from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, chain_next, verify_extract
@@ -82,6 +80,8 @@ from tisa.messages import MAX_CHUNK_DATA
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer
 from tisa.token import MAX_VALIDITY, ReleaseToken, check_for_recipient, issue_token
+from tisa_io.durable import GroupCommitter
+from tisa_io.link import Link, LinkClosed, connect_member
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -230,7 +230,7 @@ class Node:
 
     async def _durable(self, barrier: int | None = None) -> None:
         """Return once batch ``barrier`` (default: the current state) is committed and
-        on disk; see :meth:`relay.durable.GroupCommitter.durable`.
+        on disk; see :meth:`tisa_io.durable.GroupCommitter.durable`.
 
         Raises:
             OSError / sqlite3.Error: the commit or the WAL fsync failed (the batch is

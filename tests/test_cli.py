@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from clients.cli import tisa
-from clients.files import identity_from_json, identity_to_json, read_arrangement
 from tisa.keys import MemberSecret
+from tisa_cli.commands import tisa
+from tisa_io.files import identity_from_json, identity_to_json, read_arrangement
 
 PASS = {"TISA_TEST_PASS": "correct horse"}
-TISA = [sys.executable, "-m", "clients.cli"]
+TISA = [sys.executable, "-m", "tisa_cli.commands"]
 MEMBERS = {
     "seoul": "originator,recipient",
     "washington": "relay",
@@ -155,7 +155,7 @@ def test_identity_create_refuses_to_overwrite(tmp_path: Path, runner: CliRunner)
 def test_identity_create_prompts_for_the_passphrase_twice(
     tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("clients.cli._can_prompt", lambda: True)  # as on a terminal
+    monkeypatch.setattr("tisa_cli.commands._can_prompt", lambda: True)  # as on a terminal
     result = runner.invoke(
         tisa,
         ["--home", str(tmp_path), "identity", "create", "tokyo", "--insecure-fast-kdf"],

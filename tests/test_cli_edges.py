@@ -17,14 +17,14 @@ import pytest
 import trio
 from click.testing import CliRunner
 
-from clients.cli import tisa
 from clients.node import Node
 from tests.test_cli_nodes import ENV, TERMINAL, cli, homes, relay, send_to_tokyo
+from tisa_cli.commands import tisa
 
 __all__ = ["homes", "relay"]  # fixtures, imported to be used here
 
 SEND = ["send", "--scope", "missile", "--level", "secret"]
-TISA = [sys.executable, "-m", "clients.cli"]
+TISA = [sys.executable, "-m", "tisa_cli.commands"]
 
 
 def seoul(homes: Path) -> list[str]:
@@ -307,7 +307,7 @@ def test_inbox_json_has_the_same_fields_with_and_without_all(homes: Path, relay:
 def test_inbox_shows_a_large_delivery_in_progress_on_a_terminal(
     homes: Path, relay: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("clients.cli.PROGRESS_MIN", 64 * 1024)  # "large" for a fast test
+    monkeypatch.setattr("tisa_cli.commands.PROGRESS_MIN", 64 * 1024)  # "large" for a fast test
     body = homes / "large.bin"
     body.write_bytes(os.urandom(2 * 1024 * 1024))
     cli(homes, *seoul(homes), *SEND, "--to", "tokyo", "--file", str(body), relay=relay)

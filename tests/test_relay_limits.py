@@ -25,7 +25,6 @@ from nodes.relay_helpers import (
 )
 
 from relay.server import serve
-from relay.transport import Link, LinkClosed, connect_member
 from tisa import encoding as enc
 from tisa.arrangement import SignedArrangement
 from tisa.errors import Reason, Refused
@@ -44,6 +43,7 @@ from tisa.messages import (
     Revoked,
     Stored,
 )
+from tisa_io.link import Link, LinkClosed, connect_member
 
 FAST = Limits(handshake_timeout=1.0, frame_timeout=1.0, idle_timeout=60)
 
@@ -515,19 +515,19 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
-    # Not the relay's key: refused when the relay starts, as one line and status 2.
+    # Not the relay's key: refused when the relay starts, as one line and status 1.
     wrong_key = start("seoul.key")
-    assert wrong_key.returncode == 2, wrong_key.stderr
-    assert wrong_key.stderr.strip().startswith("error:")
+    assert wrong_key.returncode == 1, wrong_key.stderr
+    assert wrong_key.stderr.strip().startswith("Error:")
     assert "Traceback" not in wrong_key.stderr
     # An address already in use: the same.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = start("washington.key", "--port", str(taken.getsockname()[1]))
-    assert busy.returncode == 2, busy.stderr
+    assert busy.returncode == 1, busy.stderr
     assert "Traceback" not in busy.stderr
-    assert busy.stderr.strip().splitlines()[-1].startswith("error:")
+    assert busy.stderr.strip().splitlines()[-1].startswith("Error:")
 
 
 async def test_audit_extracts_queued_per_connection_are_capped(
