@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
@@ -681,6 +681,13 @@ class _NodeOptions:
         )
 
 
+_store_option = click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node's store directory (default: HOME/store).",
+)
+
+
 def _node_options(func: _F) -> _F:
     """Add --key, --arrangement, --relay, --store, --passphrase-env and --wait-relay,
     handed to the command as one ``node_options`` argument."""
@@ -708,11 +715,7 @@ def _node_options(func: _F) -> _F:
         metavar="SECONDS",
         help="Keep trying an unreachable relay for up to SECONDS (default: fail at once).",
     )(wrapped)
-    wrapped = click.option(
-        "--store",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="The node's store directory (default: HOME/store).",
-    )(wrapped)
+    wrapped = _store_option(wrapped)
     wrapped = click.option(
         "--relay",
         "relay_addr",
@@ -1077,133 +1080,121 @@ def send(
         raise click.UsageError("give the report as TEXT or --file, not both or neither")
     if not release_to and not hold_for:
         raise click.UsageError("name recipients with --to (release now) or --hold (release later)")
-    spooled: Path | None = None
-    if file_path == "-":
-        spooled = _spool_stdin(_home(ctx))
-    try:
-        _send(
-            ctx,
-            text=text,
-            body_path=spooled or (Path(file_path) if file_path is not None else None),
-            attachments=attachments,
-            scope=scope,
-            level=level,
-            release_to=release_to,
-            hold_for=hold_for,
-            as_json=as_json,
-            timeout=timeout,
-            node_options=node_options,
-        )
-    finally:
-        if spooled is not None:
-            spooled.unlink(missing_ok=True)
+    with _body_file(file_path, _home(ctx)) as body_path:
+        body: bytes | Path = text.encode("utf-8") if text is not None else Path(str(body_path))
+        if isinstance(body, Path) and not body.is_file():
+            raise CliError(f"{body}: not a file")
+        member = node_options.load(ctx)
+        size = len(body) if isinstance(body, bytes) else body.stat().st_size
+        # Progress goes to stderr, and only to a terminal (rich's test, which honours
+        # TTY_COMPATIBLE, TTY_INTERACTIVE and TERM=dumb) without --json: a script or a log
+        # gets the result alone.
+        err = Console(stderr=True)
+        interactive = not as_json and err.is_interactive
+        relay_name = member.arrangement.relay
+        address = "{}:{}".format(*member.relay)
+        interrupt = _Interrupt()
 
+        async def job(node: Any) -> dict[str, Any]:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
 
-def _spool_stdin(home: Path) -> Path:
-    """Standard input copied to a private file in ``home`` (the sealer must know the
-    body's size before it starts); the caller removes it."""
-    import tempfile
+            from tisa.errors import LimitExceeded
 
-    home.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=home, prefix=".stdin-", suffix=".body")
-    with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(sys.stdin.buffer, out, 1024 * 1024)
-    return Path(name)
-
-
-def _send(
-    ctx: click.Context,
-    *,
-    text: str | None,
-    body_path: Path | None,
-    attachments: tuple[Path, ...],
-    scope: str,
-    level: str,
-    release_to: tuple[str, ...],
-    hold_for: tuple[str, ...],
-    as_json: bool,
-    timeout: float,
-    node_options: _NodeOptions,
-) -> None:
-    body: bytes | Path = text.encode("utf-8") if text is not None else Path(str(body_path))
-    if isinstance(body, Path) and not body.is_file():
-        raise CliError(f"{body}: not a file")
-    member = node_options.load(ctx)
-    size = len(body) if isinstance(body, bytes) else body.stat().st_size
-    # Progress goes to stderr, and only to a terminal (rich's test, which honours
-    # TTY_COMPATIBLE, TTY_INTERACTIVE and TERM=dumb) without --json: a script or a log
-    # gets the result alone.
-    err = Console(stderr=True)
-    interactive = not as_json and err.is_interactive
-    relay_name = member.arrangement.relay
-    address = "{}:{}".format(*member.relay)
-    interrupt = _Interrupt()
-
-    async def job(node: Any) -> dict[str, Any]:
-        from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
-
-        from tisa.errors import LimitExceeded
-
-        # Phase 1, sealing into the outbox: a bar, for a body of 8 MiB or more.
-        sealing = Progress(
-            "sealing",
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            disable=not (interactive and size >= 8 * 1024 * 1024),
-            console=err,
-        )
-
-        def progress(done: int, total: int) -> None:
-            if interrupt.caught:
-                raise _SealingInterrupted()
-            sealing.update(task, completed=done)
-
-        with interrupt.installed(), sealing:
-            task = sealing.add_task("seal", total=size)
-            try:
-                report_id = await node.submit(
-                    body,
-                    recipients=[*release_to, *hold_for],
-                    scope=scope,
-                    level=level,
-                    attachments=[(path.name, path) for path in attachments],
-                    release_to=release_to,
-                    progress=progress,
-                )
-            except _SealingInterrupted:
-                raise _Interrupted("interrupted while sealing; nothing was kept or sent") from None
-            except LimitExceeded as exc:
-                raise CliError(
-                    f"the report is {_mib(exc.value)} sealed, over the limit of "
-                    f"{_mib(exc.maximum)} (max_report_size)"
-                ) from None
-            # Phase 2, the upload until the relay's signed "stored", then the releases.
-            sealing.stop()
-            return await _settle_send(
-                node,
-                report_id,
-                interrupt,
-                interactive=interactive,
-                relay_name=relay_name,
-                timeout=timeout,
-                address=address,
+            # Phase 1, sealing into the outbox: a bar, for a body of 8 MiB or more.
+            sealing = Progress(
+                "sealing",
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                disable=not (interactive and size >= 8 * 1024 * 1024),
+                console=err,
             )
 
-    result = _run_node(member, job, connect_timeout=timeout)
-    if as_json:
-        _print_json(result)
+            def progress(done: int, total: int) -> None:
+                if interrupt.caught:
+                    raise _SealingInterrupted()
+                sealing.update(task, completed=done)
+
+            with interrupt.installed(), sealing:
+                task = sealing.add_task("seal", total=size)
+                try:
+                    report_id = await node.submit(
+                        body,
+                        recipients=[*release_to, *hold_for],
+                        scope=scope,
+                        level=level,
+                        attachments=[(path.name, path) for path in attachments],
+                        release_to=release_to,
+                        progress=progress,
+                    )
+                except _SealingInterrupted:
+                    raise _Interrupted(
+                        "interrupted while sealing; nothing was kept or sent"
+                    ) from None
+                except LimitExceeded as exc:
+                    raise CliError(
+                        f"the report is {_mib(exc.value)} sealed, over the limit of "
+                        f"{_mib(exc.maximum)} (max_report_size)"
+                    ) from None
+                # Phase 2, the upload until the relay's signed "stored", then the releases.
+                sealing.stop()
+                return await _settle_send(
+                    node,
+                    report_id,
+                    interrupt,
+                    interactive=interactive,
+                    relay_name=relay_name,
+                    timeout=timeout,
+                    address=address,
+                )
+
+        result = _run_node(member, job, connect_timeout=timeout)
+        if as_json:
+            _print_json(result)
+            return
+        _print_sent(result)
+
+
+@contextlib.contextmanager
+def _body_file(file_path: str | None, home: Path) -> Iterator[Path | None]:
+    """``--file``'s path; for ``-``, standard input copied to a private file in
+    ``home`` (the sealer must know the body's size before it starts), removed after."""
+    import tempfile
+
+    if file_path != "-":
+        yield Path(file_path) if file_path is not None else None
         return
-    _print_sent(result)
+    home.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=home, prefix=".stdin-", suffix=".body")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer, out, 1024 * 1024)
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _local_store(ctx: click.Context, store: Path | None) -> Iterator[Any]:
+    """The member's store opened without the key or the relay (None if there is none
+    yet): for what is only local, such as the outbox's list."""
+    from clients.store import MemberStore, read_store_name
+
+    path = store or _home(ctx) / STORE_DIR
+    name = read_store_name(path)
+    if name is None:
+        yield None
+        return
+    opened = MemberStore(path, name)
+    try:
+        yield opened
+    finally:
+        opened.close()
 
 
 @tisa.group("outbox", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The node's store directory (default: HOME/store).",
-)
+@_store_option
 @click.pass_context
 def outbox(ctx: click.Context, as_json: bool, store: Path | None) -> None:
     """List reports sealed but not stored by the relay; send or drop them.
@@ -1220,30 +1211,22 @@ def outbox(ctx: click.Context, as_json: bool, store: Path | None) -> None:
     """
     if ctx.invoked_subcommand is not None:
         return
-    from clients.store import MemberStore, read_store_name
-
-    path = store or _home(ctx) / STORE_DIR
-    name = read_store_name(path)
     items: list[dict[str, Any]] = []
-    if name is not None:
-        member_store = MemberStore(path, name)
-        try:
-            for submission in member_store.unsent_submissions():
-                releases = member_store.releases_of(submission.report)
-                items.append(
-                    {
-                        "report": submission.report.hex(),
-                        "state": submission.state,
-                        "size": submission.size,
-                        "scope": submission.scope,
-                        "level": submission.level,
-                        "created": submission.created,
-                        "recipients": list(submission.recipients),
-                        "release_to": [r.recipient for r in releases if r.state == "pending"],
-                    }
-                )
-        finally:
-            member_store.close()
+    with _local_store(ctx, store) as member_store:
+        for submission in member_store.unsent_submissions() if member_store else ():
+            releases = member_store.releases_of(submission.report)
+            items.append(
+                {
+                    "report": submission.report.hex(),
+                    "state": submission.state,
+                    "size": submission.size,
+                    "scope": submission.scope,
+                    "level": submission.level,
+                    "created": submission.created,
+                    "recipients": list(submission.recipients),
+                    "release_to": [r.recipient for r in releases if r.state == "pending"],
+                }
+            )
     if as_json:
         _print_json(items)
         return
@@ -1305,11 +1288,7 @@ def outbox_send(
 
 @outbox.command("drop")
 @click.argument("report")
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The node's store directory (default: HOME/store).",
-)
+@_store_option
 @click.pass_context
 def outbox_drop(ctx: click.Context, report: str, store: Path | None) -> None:
     """Delete a withdrawn REPORT from the outbox, with its pending releases. Nothing is
@@ -1319,20 +1298,13 @@ def outbox_drop(ctx: click.Context, report: str, store: Path | None) -> None:
     Example:
       tisa --home seoul outbox drop 3f2a9c...e1
     """
-    from clients.store import MemberStore, read_store_name
-
     report_id = _hex_id(report)
-    path = store or _home(ctx) / STORE_DIR
-    name = read_store_name(path)
     submission = None
-    if name is not None:
-        member_store = MemberStore(path, name)
-        try:
+    with _local_store(ctx, store) as member_store:
+        if member_store is not None:
             submission = member_store.submission(report_id)
             if submission is not None and submission.state == "withdrawn":
                 member_store.set_submission_state(report_id, "dropped", None, reason="dropped")
-        finally:
-            member_store.close()
     if submission is None:
         raise CliError(f"report {report} is not in this member's outbox")
     if submission.state != "withdrawn":
