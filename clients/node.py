@@ -18,6 +18,11 @@ submissions are resent (the relay answers a resubmission with the same digest
 are sent. Incoming messages are handled by the connection's receiver; see
 ``docs/node-protocol.md`` for the session protocol.
 
+A submission the relay has not stored can be taken back (:meth:`Node.withdraw`): it
+stays in the outbox, sealed, and nothing of it or its releases is sent until
+:meth:`Node.resume` (or it is deleted, :meth:`Node.drop`); ``tisa send`` does this when
+it is interrupted, so an aborted send never reaches the relay behind the user's back.
+
 Delivery is at-least-once on the wire and exactly-once to the application: a delivered
 report is verified, stored in the inbox together with its token and report id in the
 seen-set (one transaction), acknowledged to the relay only after that commit, and handed
@@ -285,6 +290,8 @@ class Node:
         trying in the background either way."""
         if self._session is not None:
             return None
+        if self.connect_error is not None:  # the last attempt failed already
+            return self.connect_error
         attempted = self._attempted
         async with trio.open_nursery() as nursery:
 

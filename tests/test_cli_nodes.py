@@ -77,6 +77,8 @@ def relay(homes: Path) -> Iterator[str]:
             str(home / "arrangement.tisa"),
             "--store",
             str(home / "store"),
+            "--port",
+            "0",
             "--port-file",
             str(port_file),
         ],

@@ -1655,6 +1655,8 @@ def _event_json(event: Any) -> dict[str, Any]:
         item = getattr(event, name, None)
         if item is not None:
             value[name] = item.hex() if isinstance(item, bytes) else item
+    if getattr(event, "token_id", None) is not None:  # a rejected delivery's token
+        value["token"] = event.token_id.hex()
     if hasattr(event, "reason"):
         value["reason"] = str(event.reason)
         value["detail"] = event.detail
@@ -1692,7 +1694,9 @@ def _notice_text(notice: dict[str, Any]) -> str:
             f"{notice['expected']}, got {notice['got']} (ask {notice['originator']} about it)"
         )
     if kind == "delivery_rejected":
-        return f"a delivery was rejected here and not shown: {notice.get('error', '')}"
+        return (
+            f"a delivery (token {token}) was rejected here and not shown: {notice.get('error', '')}"
+        )
     return json.dumps(notice, sort_keys=True)
 
 
