@@ -23,11 +23,17 @@ stays in the outbox, sealed, and nothing of it or its releases is sent until
 :meth:`Node.resume` (or it is deleted, :meth:`Node.drop`); ``tisa send`` does this when
 it is interrupted, so an aborted send never reaches the relay behind the user's back.
 
-Delivery is at-least-once on the wire and exactly-once to the application: a delivered
-report is verified, stored in the inbox together with its token and report id in the
-seen-set (one transaction), acknowledged to the relay only after that commit, and handed
-to :meth:`Node.reports` from the inbox. A redelivery of a stored report (lost ack, relay
-restart) is acknowledged again and never handed over twice.
+Delivery is at-least-once on the wire and deduplicated at the node: a delivered report
+is verified, stored in the inbox together with its token and report id in the seen-set
+(one transaction), acknowledged to the relay only after that commit, and handed to
+:meth:`Node.reports` from the inbox. A redelivery of a stored report (lost ack, relay
+restart) is acknowledged again and never stored twice. The application acknowledges
+each report it has taken with :meth:`Node.ack`; a report it has not acknowledged is
+handed over again by the next ``reports()`` loop, also after a crash::
+
+    async for report in node.reports():
+        record(report)           # the application's own effect
+        await node.ack(report)   # durable: this report never comes again
 
 Group commit: the store runs each change as a step of one open transaction (see
 :mod:`clients.store`) and nothing that depends on a change leaves the node before the
@@ -66,7 +72,7 @@ from clients.events import (
     Stored,
     decode_event,
 )
-from clients.store import MemberStore, Submission, fsync_dir
+from clients.store import InboxEntry, MemberStore, Submission, fsync_dir
 from tisa import messages as m
 from tisa.arrangement import Arrangement
 from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, chain_next, verify_extract
@@ -106,10 +112,15 @@ DEFAULT_VALID_FOR = 24 * 3600.0
 # Bodies and attachments up to this size are handed to the application as bytes; larger
 # ones as the path of their inbox file, so a report of any size needs constant memory.
 INLINE_MAX = 1024 * 1024
-# Events and reports buffered in memory for the application; beyond this the pumps wait
-# (the store keeps the rest; see Node.events).
+# Events buffered in memory for the application; beyond this the pump waits (the store
+# keeps the rest; see Node.events).
 EVENT_BUFFER = 64
+# Inbox rows Node.reports reads per query: a few bodies of at most INLINE_MAX each in
+# memory at a time, and one query (and one wait for the disk) per 16 reports.
 REPORT_BUFFER = 16
+# Refusals (with an empty ref) the relay answers an audit_fetch with: past the end of
+# its log, or too many extracts queued (docs/protocol.md sections 12.3 and 14.2).
+_AUDIT_REFUSALS = frozenset({Reason.MALFORMED.value, Reason.BUSY.value})
 # Extracts fetched by one fetch_audit call. A relay cuts each extract at ~2,000 entries,
 # so this covers 100,000 new entries; a member further behind calls again.
 MAX_AUDIT_ROUNDS = 50
@@ -150,7 +161,9 @@ class _SessionOver(Exception):
 class _Session:
     link: Link
     over: trio.Event
-    audit_replies: trio.MemorySendChannel[bytes]
+    # The extract (or the relay's refusal) for the audit_fetch in flight, if any.
+    audit_replies: trio.MemorySendChannel[bytes | Refused]
+    audit_waiting: bool = False
     # Acks waiting for the commit of what they confirm: (batch, message).
     replies: collections.deque[tuple[int, m.Message]] = dataclasses.field(
         default_factory=collections.deque
@@ -203,9 +216,6 @@ class Node:
         self._event_send, self._event_recv = trio.open_memory_channel[tuple[int, Event]](
             EVENT_BUFFER
         )
-        self._report_send, self._report_recv = trio.open_memory_channel[
-            tuple[int, DeliveredReport]
-        ](REPORT_BUFFER)
         # Commits the store's batches; every message handled counts as activity.
         self._group_commit = GroupCommitter(store)
         # Reports whose submission is going out on the current connection, and those
@@ -678,26 +688,74 @@ class Node:
             yield event
 
     async def reports(self) -> AsyncIterator[DeliveredReport]:
-        """Delivered, verified reports, oldest first, each handed over once.
+        """Verified reports the application has not acknowledged yet, oldest first, then
+        new ones as they arrive; each once per loop.
 
-        A report is marked as handed over durably when the consumer asks for the next
-        one or leaves the loop; a node killed while the application was still holding
-        one hands that report over again on restart (it never loses one). An
-        application that must not see one twice even then records ``token_id`` with
-        its own effect. Use one consumer.
+        A report counts as handed over when the application acknowledges it with
+        :meth:`ack`, as a consumer commits an offset; until then it stays in the inbox
+        and the next ``reports()`` loop (in this run, or after a restart or a crash)
+        yields it again. So an application that takes one report at a time, records it
+        and then acknowledges it sees a report a second time only if it is stopped
+        between the two; one that records ``token_id`` together with its effect (one
+        transaction) can skip that one too, and acts on each report exactly once. A
+        loop that never acknowledges gets every report again on each start: nothing is
+        lost, but nothing counts as taken. A report reaches this loop only once it is
+        on disk. Use one consumer.
         """
-        async for _seq, report in self._report_recv:
-            try:
-                yield report
-            finally:
-                # A loop left after the node closed cannot record it: the report is
-                # handed over again on the next start, as after a kill (never lost).
-                if not self.store.closed:
-                    self.store.mark_handed(report.token_id)
-                    self._group_commit.mark_dirty()
-            # On disk before the next one is handed over: else a node killed once the
-            # application took the next one would hand over both again.
-            await self._durable()
+        last = 0
+        while True:
+            changed = self._changed
+            entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
+            if not entries:
+                await changed.wait()
+                continue
+            await self._durable()  # a report reaches the application once on disk
+            for entry in entries:
+                last = entry.seq
+                yield self._delivered(entry)
+
+    async def ack(self, report: DeliveredReport) -> None:
+        """Acknowledge that the application has taken ``report`` from :meth:`reports`:
+        it is never handed over again, even after a crash.
+
+        Returns once the acknowledgement is on disk. Acknowledging a report again does
+        nothing; reports may be acknowledged in any order.
+
+        Raises:
+            UsageError: ``report`` is not in this node's inbox, or the node is closed
+                (the report is then handed over again on the next start).
+
+        Cancellation: the acknowledgement may or may not be on disk; if it is not, the
+        report is handed over again on the next start.
+        """
+        if self.store.closed:
+            raise UsageError("the node is closed; the report comes again on the next start")
+        if not self.store.mark_handed(report.token_id):
+            raise UsageError("that report is not in this node's inbox")
+        await self._durable()
+
+    def _delivered(self, entry: InboxEntry) -> DeliveredReport:
+        header = entry.header
+        parts: list[bytes | pathlib.Path]
+        if entry.parts is not None:
+            parts = list(entry.parts)
+        else:
+            parts = [
+                _inline(entry.dir / "body", header.body_size),
+                *(
+                    _inline(entry.dir / f"a{i}", size)
+                    for i, (_, size) in enumerate(header.attachments)
+                ),
+            ]
+        return DeliveredReport(
+            header=header,
+            body=parts[0],
+            attachments={
+                name: part for (name, _), part in zip(header.attachments, parts[1:], strict=True)
+            },
+            token_id=entry.token,
+            originator=header.originator,
+        )
 
     async def _pump_events(self) -> None:
         last = 0
@@ -712,41 +770,6 @@ class Node:
                 )
                 last = seq
             if not rows:
-                await changed.wait()
-
-    async def _pump_reports(self) -> None:
-        last = 0
-        while True:
-            changed = self._changed
-            entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
-            if entries:
-                await self._durable()  # a report reaches the application once on disk
-            for entry in entries:
-                header = entry.header
-                parts: list[bytes | pathlib.Path]
-                if entry.parts is not None:
-                    parts = list(entry.parts)
-                else:
-                    parts = [
-                        _inline(entry.dir / "body", header.body_size),
-                        *(
-                            _inline(entry.dir / f"a{i}", size)
-                            for i, (_, size) in enumerate(header.attachments)
-                        ),
-                    ]
-                report = DeliveredReport(
-                    header=header,
-                    body=parts[0],
-                    attachments={
-                        name: part
-                        for (name, _), part in zip(header.attachments, parts[1:], strict=True)
-                    },
-                    token_id=entry.token,
-                    originator=header.originator,
-                )
-                await self._report_send.send((entry.seq, report))
-                last = entry.seq
-            if not entries:
                 await changed.wait()
 
     # --- audit -----------------------------------------------------------------------
@@ -769,6 +792,10 @@ class Node:
             VerificationError: the relay's extract does not check out (chain, signature,
                 or it does not continue from, or pass through, the stored checkpoint).
             ProtocolError: the extract is malformed.
+            Refused: the relay refused the fetch: ``malformed`` when its log ends before
+                the checkpoint this node verified (the relay lost or rolled back entries
+                it had signed: keep :meth:`audit_checkpoint` as the evidence), ``busy``
+                when it has extracts for this connection still unsent.
         """
         out: list[AuditEntry] = []
         async with self._audit_lock:
@@ -827,27 +854,33 @@ class Node:
         await self.wait_connected()
         session = self._session
         assert session is not None
-        send, receive = trio.open_memory_channel[bytes](1)
+        send, receive = trio.open_memory_channel[bytes | Refused](1)
         session.audit_replies = send
-        result: list[bytes] = []
-        async with trio.open_nursery() as nursery:
+        result: list[bytes | Refused] = []
+        session.audit_waiting = True
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def get() -> None:
-                result.append(await receive.receive())
-                nursery.cancel_scope.cancel()
+                async def get() -> None:
+                    result.append(await receive.receive())
+                    nursery.cancel_scope.cancel()
 
-            async def watch() -> None:
-                await session.over.wait()
-                nursery.cancel_scope.cancel()
+                async def watch() -> None:
+                    await session.over.wait()
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(get)
-            nursery.start_soon(watch)
-            try:
-                await session.link.send(m.AuditFetch(since=since))
-            except LinkClosed:
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(get)
+                nursery.start_soon(watch)
+                try:
+                    await session.link.send(m.AuditFetch(since=since))
+                except LinkClosed:
+                    nursery.cancel_scope.cancel()
+        finally:
+            session.audit_waiting = False
         if not result:
             raise _SessionOver()
+        if isinstance(result[0], Refused):
+            raise result[0]
         return result[0]
 
     # --- connection ------------------------------------------------------------------
@@ -886,7 +919,7 @@ class Node:
 
     async def _serve(self, link: Link) -> None:
         over = trio.Event()
-        discard, _ = trio.open_memory_channel[bytes](1)
+        discard, _ = trio.open_memory_channel[bytes | Refused](1)
         session = _Session(link=link, over=over, audit_replies=discard)
         try:
             async with trio.open_nursery() as nursery:
@@ -1043,6 +1076,12 @@ class Node:
             elif isinstance(message, m.Released):
                 self._on_released(message)
             elif isinstance(message, m.Refusal):
+                if session.audit_waiting and not message.ref and message.reason in _AUDIT_REFUSALS:
+                    # The relay answers an audit_fetch it cannot serve with a refusal
+                    # (ref empty) and goes on: hand it to the fetch that waits for it.
+                    refusal = Refused(Reason(message.reason), message.detail)
+                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                        session.audit_replies.send_nowait(refusal)
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
@@ -1546,7 +1585,6 @@ async def open_node(
             )
             nursery.start_soon(node._run)
             nursery.start_soon(node._pump_events)
-            nursery.start_soon(node._pump_reports)
             nursery.start_soon(node._group_commit.run_background_commits)
             try:
                 yield node

@@ -147,7 +147,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     header BLOB NOT NULL,          -- canonical encoding of the verified ReportHeader
     dir TEXT NOT NULL,             -- directory name under inbox/
     received INTEGER NOT NULL,
-    handed INTEGER NOT NULL DEFAULT 0,
+    handed INTEGER NOT NULL DEFAULT 0,  -- 1 once the application acknowledged it
     receipt BLOB NOT NULL,         -- our signed receipt, sent to the originator
     receipt_sent INTEGER NOT NULL DEFAULT 0,  -- 1 once the relay confirmed it has it
     data BLOB                      -- a small report's parts (packed list); dir is ''
@@ -874,7 +874,7 @@ class MemberStore(DurableStore):
     _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent, data"
 
     def inbox_after(self, seq: int, *, limit: int) -> list[InboxEntry]:
-        """Reports not yet handed to the application, after ``seq``, oldest first."""
+        """Reports the application has not acknowledged, after ``seq``, oldest first."""
         rows = self._db.execute(
             f"SELECT {self._INBOX_COLUMNS} FROM inbox WHERE handed = 0 AND seq > ?"
             " ORDER BY seq LIMIT ?",
@@ -883,7 +883,7 @@ class MemberStore(DurableStore):
         return [self._inbox(row) for row in rows]
 
     def inbox_all(self) -> list[tuple[InboxEntry, int]]:
-        """Every report in the inbox, handed over or not, with its reception time
+        """Every report in the inbox, acknowledged or not, with its reception time
         (unix seconds), oldest first. Read only."""
         rows = self._db.execute(
             f"SELECT {self._INBOX_COLUMNS}, received FROM inbox ORDER BY seq"
@@ -901,9 +901,11 @@ class MemberStore(DurableStore):
         ).fetchone()
         return self._inbox(row) if row else None
 
-    def mark_handed(self, token: bytes) -> None:
+    def mark_handed(self, token: bytes) -> bool:
+        """The application acknowledged the report of ``token``: it is not handed over
+        again. Returns False when no report of ``token`` is in the inbox."""
         with self.transaction() as db:
-            db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,))
+            return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
         """(inbox seq, token id, receipt) of stored reports whose receipt the relay has

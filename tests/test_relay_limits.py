@@ -139,10 +139,10 @@ async def test_bad_peers_do_not_disturb_honest_ones(world: World, tmp_path: Path
             await stream.send_all(encode_frame(os.urandom(200)))
             error = enc.unpack(await read_raw_frame(stream))
             assert error["reason"] == "malformed"
-            # An oversized length prefix instead of a hello.
+            # An oversized length prefix instead of a hello: a limit, as on the channel.
             stream = await raw_tcp(port)
             await stream.send_all(b"\xff\xff\xff\xff" + os.urandom(100))
-            assert enc.unpack(await read_raw_frame(stream))["reason"] == "malformed"
+            assert enc.unpack(await read_raw_frame(stream))["reason"] == "limit"
 
             # Garbage on an established channel: the relay closes (the channel failed).
             member = await tcp_member(world, port, "seoul")

@@ -105,6 +105,7 @@ async def next_event(node: Node, kind: type[Event], timeout: float = 3) -> Any:
 async def first_report(node: Node, timeout: float = 3) -> DeliveredReport:
     with trio.fail_after(timeout):
         async for report in node.reports():
+            await node.ack(report)
             return report
     raise AssertionError("unreachable")
 
@@ -114,6 +115,7 @@ async def collect(node: Node, wait: float, into: list[bytes] | None = None) -> l
     with trio.move_on_after(wait):
         async for report in node.reports():
             got.append(report.report_id)
+            await node.ack(report)
     return got
 
 

@@ -1579,9 +1579,8 @@ def inbox(
             if interactive:
                 nursery.start_soon(_show_progress, node, err)
             # The wait bounds the wait for the next report, never the saving of one: a
-            # report is marked as handed over when the next one is asked for or the
-            # loop is left (aclosing leaves it while the node still runs), so each one
-            # shown is saved.
+            # report is acknowledged (never shown as new again) only once its body is
+            # saved, so a command interrupted in between shows it again next time.
             async with contextlib.aclosing(node.reports()) as reports:
                 while True:
                     report = None
@@ -1593,6 +1592,7 @@ def inbox(
                     shown = _report_json(report.header, report.token_id, target, report.body)
                     received = node.store.inbox_received(report.token_id)
                     new.append({**shown, "new": True, "received": received})
+                    await node.ack(report)
                     waiting = trio.CancelScope(deadline=trio.current_time() + INBOX_SETTLE)
             nursery.cancel_scope.cancel()
         if not show_all:
