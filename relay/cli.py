@@ -39,7 +39,14 @@ import trio
 from relay.server import EXPIRY_INTERVAL, MAX_HOLD, serve
 from tisa.errors import TisaError
 from tisa.limits import Limits
-from tisa_io.files import ARRANGEMENT_FILE, IDENTITY_FILE, STORE_DIR, atomic_text, load_home
+from tisa_io.files import (
+    ARRANGEMENT_FILE,
+    IDENTITY_FILE,
+    STORE_DIR,
+    atomic_text,
+    default_home,
+    load_home,
+)
 
 __all__ = ["DEFAULT_PORT", "PASSPHRASE_ENV", "main", "parse_limits", "read_passphrase", "run"]
 
@@ -133,12 +140,13 @@ async def _serve_until_signal(start: Any, port_file: Path | None, host: str) -> 
 
 
 def _home_default(ctx: click.Context) -> Path:
-    """``--home`` of this command, else of an enclosing group (``tisa --home``), else ``.tisa``."""
+    """``--home`` of this command, else of an enclosing group (``tisa --home``), else the
+    platform's default (:func:`tisa_io.files.default_home`)."""
     for current in (ctx, *_parents(ctx)):
         value = current.params.get("home")
         if value is not None:
             return Path(value)
-    return Path(".tisa")
+    return default_home()
 
 
 def _parents(ctx: click.Context) -> list[click.Context]:
@@ -159,7 +167,7 @@ def _parents(ctx: click.Context) -> list[click.Context]:
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TISA_HOME",
     help="The relay's folder (identity.key, arrangement.tisa, store/); default: the "
-    "`tisa --home` value, else .tisa. Env: TISA_HOME.",
+    "`tisa --home` value, else the platform's user data folder for tisa. Env: TISA_HOME.",
 )
 @click.option(
     "--key",

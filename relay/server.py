@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import logging
 import os
@@ -88,9 +89,25 @@ from tisa_io.link import (
     linger,
 )
 
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):,.1f} MiB"
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """``host:port`` of a TCP stream's remote end, or ``?`` (a memory stream in tests)."""
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError, TypeError):
+        return "?"
+    return f"{host}:{port}"
+
+
 __all__ = ["MAX_HANDSHAKES", "MAX_HOLD", "EXPIRY_INTERVAL", "Relay", "serve"]
 
 log = logging.getLogger("relay")
+# The remote address of the connection a task serves, for its log lines.
+_peer_address: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="?")
 
 # Longest time the relay holds a report no one has released: a week covers a weekend
 # of consultations between capitals; an originator wanting longer resubmits.
@@ -361,6 +378,8 @@ class Relay:
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one connection to its end. Never raises (but trio.Cancelled)."""
         admitted: list[str] = []
+        _peer_address.set(_peer(stream))
+        log.debug("connection from %s", _peer_address.get())
         try:
             if self._handshakes >= self.max_handshakes:
                 await self._refuse_raw(stream, Reason.BUSY, "too many handshakes in progress")
@@ -375,7 +394,12 @@ class Relay:
                     admit=lambda name: self._admit(name, admitted),
                 )
             except TisaError as exc:
-                log.info("handshake failed: %s: %s", type(exc).__name__, exc)
+                log.info(
+                    "connection from %s: handshake failed: %s: %s",
+                    _peer_address.get(),
+                    type(exc).__name__,
+                    exc,
+                )
                 return
             finally:
                 self._handshakes -= 1
@@ -417,6 +441,7 @@ class Relay:
         """
         conn = _Connection(link=link, member=link.peer)
         self._connections.setdefault(conn.member, set()).add(conn)
+        opened = trio.current_time()
         try:
             with conn.cancel:
                 async with trio.open_nursery() as nursery:
@@ -431,6 +456,15 @@ class Relay:
                 # Only the connection writing a report's blob owns its _uploading entry.
                 self._uploading.discard(conn.upload.report)
                 conn.upload.abort()
+            # One line per connection, when it ends: who, from where, how long, why.
+            why = f"{conn.error[0].value}: {conn.error[1]}" if conn.error else "closed"
+            log.info(
+                "%s from %s: connection ended after %.1f s (%s)",
+                conn.member,
+                _peer_address.get(),
+                trio.current_time() - opened,
+                why,
+            )
             try:
                 if conn.error is not None:
                     reason, detail = conn.error
@@ -482,6 +516,8 @@ class Relay:
             log.exception("could not log a refusal")
 
     async def _dispatch(self, conn: _Connection, message: Message) -> None:
+        if log.isEnabledFor(logging.DEBUG) and not isinstance(message, Chunk):
+            log.debug("%s: %s", conn.member, message.TYPE)
         if conn.upload is not None:
             if isinstance(message, Chunk):
                 self._upload_chunk(conn.upload, message)
@@ -555,7 +591,8 @@ class Relay:
             if message.size > self.limits.max_report_size:
                 raise Refused(
                     Reason.LIMIT,
-                    f"report of {message.size} bytes over {self.limits.max_report_size}",
+                    f"the report is {_mib(message.size)} sealed, over the relay's limit of "
+                    f"{_mib(self.limits.max_report_size)}",
                 )
             if message.report in self._uploading:
                 # Most likely the member's previous connection died mid-upload and the

@@ -18,7 +18,7 @@ from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients.events import DeliveryRejected, Event, ReceiptEvent, Released, Stored
-from clients.node import Backoff, Node, open_node
+from clients.node import DEFAULT_VALID_FOR, Backoff, Node, open_node
 from tisa.errors import Reason, Refused, UsageError
 from tisa.messages import SubmitBegin as m_submit
 
@@ -162,7 +162,10 @@ async def test_replay_is_refused_after_restart(
                 await collect(tokyo, got, 0.3)
             assert got == [report_id]
             # Seoul releases the same report to Tokyo again: a new token, a seen report.
-            await seoul.release(report_id, "tokyo")
+            # Node.release refuses a second token (duplicate); a careless originator
+            # could still make one, which is what the recipient must stand up to.
+            seoul._issue(report_id, "tokyo", DEFAULT_VALID_FOR)
+            seoul._notify()
             async with node("tokyo", port, tmp_path) as tokyo:
                 # The same token replayed by a (hostile) relay: acknowledged, not handed.
                 old_token, old_id, _ = fake.delivered[0]

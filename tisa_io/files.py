@@ -35,7 +35,7 @@ from tisa.arrangement import (
     SignedArrangement,
     check_name,
 )
-from tisa.errors import ProtocolError, Reason, Refused, UsageError
+from tisa.errors import ProtocolError, Reason, Refused, TisaError, UsageError, VerificationError
 from tisa.keys import KEY_SIZE, EncryptionPublicKey, MemberSecret, PublicIdentity, SigningPublicKey
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "arrangement_summary",
     "atomic_text",
     "create_identity",
+    "default_home",
     "draft_arrangement",
     "identity_from_json",
     "identity_to_json",
@@ -171,11 +172,23 @@ def create_identity(
     return secret
 
 
+def default_home() -> Path:
+    """The home folder used without --home or $TISA_HOME: the platform's folder for a
+    user's application data (``~/.local/share/tisa`` on Linux, honouring
+    ``$XDG_DATA_HOME``; ``~/Library/Application Support/tisa`` on macOS;
+    ``%LOCALAPPDATA%\\tisa`` on Windows)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("tisa", appauthor=False))
+
+
 def read_arrangement(path: Path) -> SignedArrangement:
     """Read an arrangement file; every signature present is checked.
 
     Raises:
-        ProtocolError, VerificationError, Refused: as :meth:`SignedArrangement.decode`.
+        FileFormatError: not an arrangement file, or a signature does not verify (the
+            message names the file and whose signature).
+        Refused: as :meth:`SignedArrangement.decode`.
         OSError: the file cannot be read.
     """
     with open(path, "rb") as handle:
@@ -184,6 +197,34 @@ def read_arrangement(path: Path) -> SignedArrangement:
         return SignedArrangement.decode(data)
     except ProtocolError as exc:
         raise FileFormatError(f"{path}: not an arrangement file ({exc.detail})") from None
+    except VerificationError:
+        # A local file, not input from a peer: saying whose signature failed tells an
+        # attacker nothing and tells the member what to fix.
+        names = _bad_signatures(data)
+        whose = f"the signature of {', '.join(names)}" if names else "a signature"
+        raise FileFormatError(
+            f"{path}: {whose} does not verify (the file was changed after signing, or "
+            "the signature is not theirs): ask them to sign again"
+        ) from None
+
+
+def _bad_signatures(data: bytes) -> list[str]:
+    """The members whose signature in an arrangement file's bytes does not verify."""
+    from tisa import encoding as enc
+
+    try:
+        outer = enc.unpack(data, max_size=MAX_ARRANGEMENT_SIZE)
+        arrangement = Arrangement.decode(outer["arrangement"])
+        signatures = dict(outer["signatures"])
+    except (TisaError, KeyError, TypeError, ValueError):
+        return []
+    bad = []
+    for name, signature in sorted(signatures.items()):
+        try:
+            SignedArrangement(arrangement, {name: signature})
+        except (TisaError, TypeError):
+            bad.append(str(name))
+    return bad
 
 
 @dataclass(frozen=True)
