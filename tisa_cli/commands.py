@@ -48,6 +48,7 @@ from tisa.keys import MemberSecret, PublicIdentity
 from tisa_io.files import (
     ARRANGEMENT_FILE,
     IDENTITY_FILE,
+    PASSPHRASE_ENV,
     STORE_DIR,
     arrangement_summary,
     atomic_text,
@@ -58,6 +59,7 @@ from tisa_io.files import (
     merge_arrangements,
     read_arrangement,
     read_identity,
+    resolve_passphrase,
     sign_arrangement,
     write_arrangement,
 )
@@ -67,7 +69,6 @@ __all__ = ["CliError", "main", "tisa"]
 DEFAULT_PORT = 7420
 DEFAULT_RELAY = f"127.0.0.1:{DEFAULT_PORT}"
 # A passphrase is looked up here when no --passphrase-env is given (terminal or not).
-PASSPHRASE_ENV = "TISA_PASSPHRASE"
 
 
 class CliError(TisaError):
@@ -181,22 +182,12 @@ def _can_prompt() -> bool:
 def _passphrase(env: str | None, *, confirm: bool = False, prompt: str = "Passphrase") -> str:
     """The passphrase from ``$env`` (``--passphrase-env``), else ``$TISA_PASSPHRASE``, else
     asked on the terminal; with none of them, a one-line error saying how to give one."""
-    if env is not None:
-        value = os.environ.get(env)
-        if not value:
-            raise CliError(f"environment variable {env} is not set or empty")
-        return value
-    if os.environ.get(PASSPHRASE_ENV):
-        return os.environ[PASSPHRASE_ENV]
-    if not _can_prompt():
-        raise CliError(
-            f"no passphrase: set ${PASSPHRASE_ENV}, or give --passphrase-env VAR, "
-            "or run on a terminal to be asked"
-        )
-    value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
-    if not isinstance(value, str) or not value:
-        raise CliError("empty passphrase")
-    return value
+
+    def ask() -> str:
+        value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+        return value if isinstance(value, str) else ""
+
+    return resolve_passphrase(env, ask if _can_prompt() else None)
 
 
 def _passphrase_option(func: _F) -> _F:

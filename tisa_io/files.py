@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ __all__ = [
     "ARRANGEMENT_FILE",
     "IDENTITY_FILE",
     "IDENTITY_FORMAT",
+    "PASSPHRASE_ENV",
     "STORE_DIR",
     "FileFormatError",
     "Home",
@@ -53,6 +54,7 @@ __all__ = [
     "identity_from_json",
     "identity_to_json",
     "load_home",
+    "resolve_passphrase",
     "merge_arrangements",
     "read_arrangement",
     "read_identity",
@@ -66,6 +68,39 @@ STORE_DIR = "store"
 IDENTITY_FORMAT = "tisa-identity/1"
 # Exported identity files are a few hundred bytes; refuse to parse anything much larger.
 MAX_IDENTITY_FILE = 16 * 1024
+
+
+# A key file's passphrase is read from this variable when no other is named.
+PASSPHRASE_ENV = "TISA_PASSPHRASE"
+
+
+def resolve_passphrase(env: str | None, ask: Callable[[], str] | None) -> str:
+    """A key file's passphrase: from ``$env`` if a variable is named, else from
+    ``$TISA_PASSPHRASE``, else from ``ask()`` (a prompt; None where nobody can be asked).
+
+    The one rule of the ``tisa`` command and the relay's command.
+
+    Raises:
+        UsageError: ``env`` names an unset or empty variable, the answer is empty, or there
+            is no source at all (the message says how to give one).
+    """
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise UsageError(f"environment variable {env} is not set or empty")
+        return value
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value:
+        return value
+    if ask is None:
+        raise UsageError(
+            f"no passphrase: set ${PASSPHRASE_ENV}, or give --passphrase-env VAR, "
+            "or run on a terminal to be asked"
+        )
+    answer = ask()
+    if not answer:
+        raise UsageError("empty passphrase")
+    return answer
 
 
 class FileFormatError(UsageError):
