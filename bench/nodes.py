@@ -282,8 +282,12 @@ def _run_folder(folder: Path) -> Path:
 
 def _start_relay(run: Path, count: int) -> _Process:
     """The real relay (``python -m relay``) on a fresh store in ``run``; its port is written
-    to ``run / "relay.port"``. Its queue per recipient holds every report of the run."""
-    return _Process(
+    to ``run / "relay.port"``. Its queue per recipient holds every report of the run.
+
+    With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
+    separately, not a dependency) samples the relay until it ends, into a collapsed-stack
+    file there (``relay-<pid>.txt``, one line per stack with its sample count)."""
+    relay = _Process(
         run, "relay",
         ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
          "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
@@ -291,6 +295,15 @@ def _start_relay(run: Path, count: int) -> _Process:
          "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip
+    profile = os.environ.get("BENCH_PROFILE_RELAY")
+    if profile:
+        out = Path(profile) / f"relay-{relay.popen.pid}.txt"
+        subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+             str(relay.popen.pid), "--rate", "500", "--format", "raw", "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    return relay
 
 
 def _run_tisa(
