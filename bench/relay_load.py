@@ -45,7 +45,15 @@ from typing import Any
 
 import trio
 
-from bench.nodes import _emit, _load, _Process, _run_folder, _start_relay, _wait_port
+from bench.nodes import (
+    _cpu_seconds,
+    _emit,
+    _load,
+    _Process,
+    _run_folder,
+    _start_relay,
+    _wait_port,
+)
 from bench.world import LEVEL, SCOPE
 from relay.store import DB_NAME
 from relay.transport import Link, connect_member
@@ -274,16 +282,6 @@ def _wait_all(processes: list[_Process], timeout: float) -> None:
             return
         time.sleep(0.01)
     raise TimeoutError(f"not finished in {timeout:.0f} s")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process so far (Linux /proc; else NaN)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return float("nan")
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _tokens_by_state(where: Path) -> dict[str, int]:
