@@ -66,10 +66,18 @@ __all__ = [
 ]
 
 DB_NAME = "relay.db"
-SCHEMA_VERSION = 3  # 2: reports.key_commit; 3: reports.data (inline ciphertext)
+# 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
+# hold only deliveries still owed (partial indexes, see _OWED).
+SCHEMA_VERSION = 4
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
+# The same as an SQL condition, written out in every query that should use the partial
+# indexes below (SQLite uses one only when the query states its condition literally).
+# Indexed only while owed, and without the state in their keys, a token's row enters
+# the indexes once (release), stays put when it is forwarded, and leaves them when it is
+# acked: before, each state change moved it in three indexes.
+_OWED = "state IN ('pending', 'delivered')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -99,9 +107,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     not_after INTEGER NOT NULL,
     keep_until INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS tokens_recipient ON tokens (recipient, state, seq);
-CREATE INDEX IF NOT EXISTS tokens_report ON tokens (report, state);
-CREATE INDEX IF NOT EXISTS tokens_expiry ON tokens (state, not_after);
+CREATE INDEX IF NOT EXISTS tokens_owed ON tokens (recipient, seq)
+    WHERE state IN ('pending', 'delivered');
+CREATE INDEX IF NOT EXISTS tokens_owed_report ON tokens (report)
+    WHERE state IN ('pending', 'delivered');
+CREATE INDEX IF NOT EXISTS tokens_owed_expiry ON tokens (not_after)
+    WHERE state IN ('pending', 'delivered');
 CREATE TABLE IF NOT EXISTS receipts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     originator TEXT NOT NULL,
@@ -306,11 +317,15 @@ class Store(DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, SCHEMA_VERSION):
+        if version not in (0, 2, 3, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
             self._db.execute("ALTER TABLE reports ADD COLUMN data BLOB")
+        if version in (2, 3):
+            # The indexes of every token, replaced by the partial ones of _SCHEMA.
+            for index in ("tokens_recipient", "tokens_report", "tokens_expiry"):
+                self._db.execute(f"DROP INDEX IF EXISTS {index}")
         # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -535,8 +550,7 @@ class Store(DurableStore):
         count = self._queued.get(recipient)
         if count is None:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM tokens WHERE recipient = ? AND state IN (?, ?)",
-                (recipient, *OUTSTANDING),
+                f"SELECT COUNT(*) FROM tokens WHERE recipient = ? AND {_OWED}", (recipient,)
             ).fetchone()
             count = self._queued[recipient] = int(row[0])
         return count
@@ -628,8 +642,8 @@ class Store(DurableStore):
         (at most ``limit``; -1 for all)."""
         rows = self._db.execute(
             f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-            " WHERE recipient = ? AND state IN (?, ?) AND seq > ? ORDER BY seq LIMIT ?",
-            (recipient, *OUTSTANDING, after, limit),
+            f" WHERE recipient = ? AND {_OWED} AND seq > ? ORDER BY seq LIMIT ?",
+            (recipient, after, limit),
         ).fetchall()
         return [self._token_row(row) for row in rows]
 
@@ -760,14 +774,12 @@ class Store(DurableStore):
             recipients = [
                 str(r[0])
                 for r in db.execute(
-                    "SELECT recipient FROM tokens WHERE report = ? AND state IN (?, ?)",
-                    (report_id, *OUTSTANDING),
+                    f"SELECT recipient FROM tokens WHERE report = ? AND {_OWED}", (report_id,)
                 )
             ]
             db.execute(
-                "UPDATE tokens SET state = 'revoked', token = X''"
-                " WHERE report = ? AND state IN (?, ?)",
-                (report_id, *OUTSTANDING),
+                f"UPDATE tokens SET state = 'revoked', token = X'' WHERE report = ? AND {_OWED}",
+                (report_id,),
             )
             delete = report.state != "deleted"
             db.execute(
@@ -875,9 +887,8 @@ class Store(DurableStore):
             expired_tokens = [
                 self._token_row(row)
                 for row in db.execute(
-                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-                    " WHERE state IN (?, ?) AND not_after + ? <= ?",
-                    (*OUTSTANDING, clock_skew, now),
+                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE {_OWED} AND not_after <= ?",
+                    (now - clock_skew,),
                 ).fetchall()
             ]
             for token in expired_tokens:
@@ -901,8 +912,8 @@ class Store(DurableStore):
                 report_id, originator, state = bytes(row[0]), str(row[1]), str(row[2])
                 if state == "released":
                     busy = db.execute(
-                        "SELECT 1 FROM tokens WHERE report = ? AND state IN (?, ?) LIMIT 1",
-                        (report_id, *OUTSTANDING),
+                        f"SELECT 1 FROM tokens WHERE report = ? AND {_OWED} LIMIT 1",
+                        (report_id,),
                     ).fetchone()
                     if busy is None:
                         db.execute(

@@ -16,10 +16,8 @@ from relay.store import Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
-from tisa.testing.world import World, make_world
+from tisa.testing.world import NOW, World, make_world
 from tisa.token import ReleaseToken
-
-NOW = 1_700_000_000
 
 
 @pytest.fixture
@@ -184,5 +182,64 @@ def test_audit_reads_see_the_open_batchs_entries(tmp_path: Path, world: World) -
         assert len(store.audit_entry_sizes(0, limit=10)) == 2
         store.commit_durably()
         assert _chain_ok(store) == 2
+    finally:
+        store.close()
+
+
+def _plan(store: Store, sql: str) -> str:
+    # ``sql`` as traced: its parameters already expanded into it.
+    rows = store._db.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+    return " | ".join(str(row[-1]) for row in rows)
+
+
+def test_owed_deliveries_are_found_through_the_partial_indexes(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        token = _store_and_release(store, world)
+        seen = _statements(store)
+        assert [row.id for row in store.outstanding("tokyo")] == [token.id]
+        store.expire(now=NOW, clock_skew=0)
+        plans = [
+            _plan(store, sql)
+            for sql in seen
+            if sql.startswith("SELECT") and "FROM tokens" in sql and "WHERE id" not in sql
+        ]
+        assert any("tokens_owed " in plan or "tokens_owed (" in plan for plan in plans)
+        assert any("tokens_owed_expiry" in plan for plan in plans)
+        # Acked, the token leaves the indexes: nothing owed is found any more.
+        store.mark_forwarded(token.id, now=NOW)
+        assert store.ack_delivery(token.id, recipient="tokyo", now=NOW)
+        assert store.outstanding("tokyo") == [] and store.queue_length("tokyo") == 0
+    finally:
+        store.close()
+
+
+def test_a_schema_3_store_gets_the_partial_indexes(tmp_path: Path, world: World) -> None:
+    store = Store(tmp_path)
+    token = _store_and_release(store, world)
+    # Make it what a schema-3 relay left: the indexes of every token.
+    for index in ("tokens_owed", "tokens_owed_report", "tokens_owed_expiry"):
+        store._db.execute(f"DROP INDEX {index}")
+    store._db.executescript(
+        "CREATE INDEX tokens_recipient ON tokens (recipient, state, seq);"
+        "CREATE INDEX tokens_report ON tokens (report, state);"
+        "CREATE INDEX tokens_expiry ON tokens (state, not_after);"
+        "PRAGMA user_version=3;"
+    )
+    store.close()
+    store = Store(tmp_path)
+    try:
+        indexes = {
+            str(row[0])
+            for row in store._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'tokens'"
+                " AND sql IS NOT NULL"
+            )
+        }
+        assert indexes == {"tokens_owed", "tokens_owed_report", "tokens_owed_expiry"}
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert [row.id for row in store.outstanding("tokyo")] == [token.id]
     finally:
         store.close()
