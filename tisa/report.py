@@ -267,8 +267,7 @@ class ReportSealer:
         self.content_key = _content_key or nacl.utils.random(KEY_SIZE)
         self._secret = secret
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        # The digest of chunk n runs in a worker thread while chunk n + 1 is encrypted.
-        self._cipher = Hasher(Hash.CIPHERTEXT, threaded=True)
+        self._cipher = Hasher(Hash.CIPHERTEXT)
         self._buffer = bytearray()
         self._pushed = 0
         self._started = False
@@ -455,8 +454,7 @@ class ReportOpener:
         self._expect = (originator, scope, level)
         self._max_header = max_header
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        # The digest of what is fed runs in a worker thread while its chunks decrypt.
-        self._cipher = Hasher(Hash.CIPHERTEXT, threaded=True)
+        self._cipher = Hasher(Hash.CIPHERTEXT)
         self._inbuf = bytearray()
         self._received = 0
         self._consumed = 0
