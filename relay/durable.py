@@ -1,8 +1,9 @@
 """Group commit over SQLite in WAL mode, shared by the relay's store and a member's.
 
-:class:`DurableStore` is the store side: batch counters, one savepoint per step,
-``COMMIT`` into the WAL, the WAL fsync, poisoning after a failed fsync, and files
-removed once the batch that dropped their row is on disk. :class:`relay.store.Store`
+:class:`DurableStore` is the store side: batch counters, one savepoint per step (none
+for a step that checks everything before it writes), ``COMMIT`` into the WAL, the WAL
+fsync, checkpoints, poisoning after a failed fsync, and files removed once the batch
+that dropped their row is on disk. :class:`relay.store.Store`
 and :class:`clients.store.MemberStore` build on it. :class:`GroupCommitter` is the
 event-loop side, used by :class:`relay.server.Relay` and :class:`clients.node.Node`:
 it decides when a batch is committed and runs the WAL fsync (in line for a small
@@ -10,7 +11,9 @@ batch, in a worker thread for a large one: :data:`INLINE_FSYNC_MAX_STEPS`).
 
 Group commit: with ``group_commit=True`` a store does not commit each step's
 transaction. The first write opens one SQLite transaction; every step then runs in a
-savepoint of it (a refused step rolls back its own changes only), and
+savepoint of it (a refused step rolls back its own changes only; a step that makes every
+check before its first write needs none, and should it fail after writing all the same,
+the whole batch is rolled back and lost, as when its ``COMMIT`` fails), and
 :meth:`DurableStore.commit` commits them all. :attr:`DurableStore.barrier` names the
 batch the current state belongs to; whoever wants to announce something that depends on
 that state waits until :attr:`DurableStore.committed` (the last batch *on disk*) reaches

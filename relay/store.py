@@ -16,7 +16,10 @@ Rules that make the relay lose nothing:
   is kept in the row itself (column ``data``) and needs no file at all.
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
-* Every audit entry is appended in the same transaction as the state change it records.
+* Every audit entry is appended in the same transaction as the state change it records
+  (the entries of a batch are written together, by one ``executemany`` right before its
+  ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
+  its entries with it).
 * A row's blob is deleted only after the row's ``deleted`` state is committed; blobs
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
