@@ -16,7 +16,10 @@ Rules that make the relay lose nothing:
   is kept in the row itself (column ``data``) and needs no file at all.
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
-* Every audit entry is appended in the same transaction as the state change it records.
+* Every audit entry is appended in the same transaction as the state change it records
+  (the entries of a batch are written together, by one ``executemany`` right before its
+  ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
+  its entries with it).
 * A row's blob is deleted only after the row's ``deleted`` state is committed; blobs
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
@@ -70,10 +73,18 @@ __all__ = [
 ]
 
 DB_NAME = "relay.db"
-SCHEMA_VERSION = 3  # 2: reports.key_commit; 3: reports.data (inline ciphertext)
+# 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
+# hold only deliveries still owed (partial indexes, see _OWED).
+SCHEMA_VERSION = 4
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
+# The same as an SQL condition, written out in every query that should use the partial
+# indexes below (SQLite uses one only when the query states its condition literally).
+# Indexed only while owed, and without the state in their keys, a token's row enters
+# the indexes once (release), stays put when it is forwarded, and leaves them when it is
+# acked: before, each state change moved it in three indexes.
+_OWED = "state IN ('pending', 'delivered')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -103,9 +114,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     not_after INTEGER NOT NULL,
     keep_until INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS tokens_recipient ON tokens (recipient, state, seq);
-CREATE INDEX IF NOT EXISTS tokens_report ON tokens (report, state);
-CREATE INDEX IF NOT EXISTS tokens_expiry ON tokens (state, not_after);
+CREATE INDEX IF NOT EXISTS tokens_owed ON tokens (recipient, seq)
+    WHERE state IN ('pending', 'delivered');
+CREATE INDEX IF NOT EXISTS tokens_owed_report ON tokens (report)
+    WHERE state IN ('pending', 'delivered');
+CREATE INDEX IF NOT EXISTS tokens_owed_expiry ON tokens (not_after)
+    WHERE state IN ('pending', 'delivered');
 CREATE TABLE IF NOT EXISTS receipts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     originator TEXT NOT NULL,
@@ -284,6 +298,10 @@ class Store(DurableStore):
 
     def __init__(self, directory: str | os.PathLike[str], *, group_commit: bool = False) -> None:
         super().__init__()
+        # Audit rows (seq, entry, content, head) of the open batch, written by one
+        # executemany before its COMMIT; _audit_mark: where the current step's begin.
+        self._audit_rows: list[tuple[int, bytes, bytes, bytes]] = []
+        self._audit_mark = 0
         # recipient -> deliveries outstanding, for those counted so far (queue_length).
         self._queued: dict[str, int] = {}
         self.directory = Path(directory)
@@ -300,14 +318,21 @@ class Store(DurableStore):
         # of a batch is announced (see the module docstring).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # 16 MiB of page cache (SQLite's default is 2 MiB): a large batch's dirty pages
+        # stay in memory until its COMMIT instead of spilling to the WAL mid-statement.
+        self._db.execute("PRAGMA cache_size=-16384")
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, SCHEMA_VERSION):
+        if version not in (0, 2, 3, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
             self._db.execute("ALTER TABLE reports ADD COLUMN data BLOB")
+        if version in (2, 3):
+            # The indexes of every token, replaced by the partial ones of _SCHEMA.
+            for index in ("tokens_recipient", "tokens_report", "tokens_expiry"):
+                self._db.execute(f"DROP INDEX IF EXISTS {index}")
         # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -334,16 +359,48 @@ class Store(DurableStore):
 
     # --- plumbing --------------------------------------------------------------------
 
-    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    def _transaction(
+        self, *, savepoint: bool = True
+    ) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         # One step of the open batch (group commit), or a transaction durable on return.
-        return self._step() if self.group_commit else self._single()
+        # savepoint=False: the step checks everything before its first write (see
+        # tisa_io.durable.DurableStore._step).
+        return self._step(savepoint=savepoint) if self.group_commit else self._single()
+
+    def _step_started(self) -> None:
+        self._audit_mark = len(self._audit_rows)
+
+    def _changes(self) -> int:
+        return self._db.total_changes + len(self._audit_rows)
+
+    def _before_commit(self) -> None:
+        self._flush_audit()
+
+    def _flush_audit(self) -> None:
+        # The audit entries of the open batch, in one statement; inside its transaction,
+        # so each entry still commits with the change it records.
+        if self._audit_rows:
+            self._db.executemany(
+                "INSERT INTO audit (seq, entry, content, head) VALUES (?, ?, ?, ?)",
+                self._audit_rows,
+            )
+            self._audit_rows.clear()
+            self._audit_mark = 0
 
     def _rolled_back(self) -> None:
-        self._load_head()  # the cached audit head may belong to rolled-back entries
-        if not self._db.in_transaction:
+        if self._db.in_transaction:
+            # One step rolled back: its buffered entries go with it.
+            del self._audit_rows[self._audit_mark :]
+        else:
             # A whole batch (or a transaction) was rolled back, not one step: counts
             # changed by its committed steps are wrong now.
+            self._audit_rows.clear()
             self._queued.clear()
+        # The cached audit head may belong to rolled-back entries.
+        if self._audit_rows:
+            self._seq, _, _, self._head = self._audit_rows[-1]
+        else:
+            self._load_head()
 
     def _load_head(self) -> None:
         row = self._db.execute("SELECT seq, head FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -373,10 +430,7 @@ class Store(DurableStore):
         encoded = entry.encode()
         content = digest(Hash.AUDIT, encoded)
         head = chain_next(self._head, content)
-        self._db.execute(
-            "INSERT INTO audit (seq, entry, content, head) VALUES (?, ?, ?, ?)",
-            (entry.seq, encoded, content, head),
-        )
+        self._audit_rows.append((entry.seq, encoded, content, head))
         self._seq, self._head = entry.seq, head
         # One log line per report event, from what the audit entry records (ids, names,
         # reason codes: nothing secret). Logged as recorded; a batch rolled back later
@@ -461,7 +515,7 @@ class Store(DurableStore):
     ) -> ReportRow:
         """Record a placed blob (or, with ``data``, an inline ciphertext) as a held
         report and log ``stored``, in one transaction."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO reports (id, originator, size, digest, path, state, expires,"
                 " stored_at, data) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)",
@@ -514,8 +568,7 @@ class Store(DurableStore):
         count = self._queued.get(recipient)
         if count is None:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM tokens WHERE recipient = ? AND state IN (?, ?)",
-                (recipient, *OUTSTANDING),
+                f"SELECT COUNT(*) FROM tokens WHERE recipient = ? AND {_OWED}", (recipient,)
             ).fetchone()
             count = self._queued[recipient] = int(row[0])
         return count
@@ -528,7 +581,8 @@ class Store(DurableStore):
                 revoked), EXPIRED (the report expired), UNKNOWN_REPORT, QUEUE_FULL
                 (the recipient has ``max_queue`` deliveries outstanding).
         """
-        with self._transaction() as db:
+        # Every refusal is decided before the first write: no savepoint.
+        with self._transaction(savepoint=False) as db:
             # The token id's state and the report's, in one query (NULLs: not there).
             seen, present, state, ended, expires, pinned = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
@@ -606,8 +660,8 @@ class Store(DurableStore):
         (at most ``limit``; -1 for all)."""
         rows = self._db.execute(
             f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-            " WHERE recipient = ? AND state IN (?, ?) AND seq > ? ORDER BY seq LIMIT ?",
-            (recipient, *OUTSTANDING, after, limit),
+            f" WHERE recipient = ? AND {_OWED} AND seq > ? ORDER BY seq LIMIT ?",
+            (recipient, after, limit),
         ).fetchall()
         return [self._token_row(row) for row in rows]
 
@@ -630,7 +684,7 @@ class Store(DurableStore):
 
     def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
         """A delivery went out in full; the first time, log ``forwarded``."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             row = db.execute(
                 "UPDATE tokens SET state = 'delivered' WHERE id = ? AND state = 'pending'"
                 " RETURNING originator, recipient, report",
@@ -649,29 +703,38 @@ class Store(DurableStore):
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report. Returns False for an unknown or foreign token;
         an ack for a delivery no longer outstanding (acked, revoked, expired) is True."""
-        with self._transaction() as db:
-            row = self.token(token_id)
-            if row is None or row.recipient != recipient:
-                return False
-            if row.state not in OUTSTANDING:
-                return True
+        with self._transaction(savepoint=False) as db:
             # Only the id is needed from now on (to refuse a replay): drop the token and
             # with it the sealed content key, which the relay has no reason to keep.
-            db.execute("UPDATE tokens SET state = 'acked', token = X'' WHERE id = ?", (token_id,))
-            if row.state == "pending":
+            # One statement checks and writes in the usual case (the delivery was
+            # marked forwarded); RETURNING gives only the new values, so each state the
+            # ack may find gets a statement of its own.
+            for before in ("delivered", "pending"):
+                row = db.execute(
+                    "UPDATE tokens SET state = 'acked', token = X''"
+                    " WHERE id = ? AND recipient = ? AND state = ? RETURNING originator, report",
+                    (token_id, recipient, before),
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
+                known = self.token(token_id)
+                return known is not None and known.recipient == recipient
+            originator, report = str(row[0]), bytes(row[1])
+            if before == "pending":
                 # The ack overtook mark_forwarded: the delivery did go out in full.
                 self._audit(
                     AuditEvent.FORWARDED,
                     now=now,
-                    parties=(row.originator, row.recipient),
-                    report=row.report,
+                    parties=(originator, recipient),
+                    report=report,
                     token=token_id,
                 )
             self._audit(
                 AuditEvent.ACKNOWLEDGED,
                 now=now,
-                parties=(row.originator, row.recipient),
-                report=row.report,
+                parties=(originator, recipient),
+                report=report,
                 token=token_id,
             )
         if recipient in self._queued:
@@ -730,8 +793,7 @@ class Store(DurableStore):
             recipients = [
                 str(r[0])
                 for r in db.execute(
-                    "SELECT recipient FROM tokens WHERE report = ? AND state IN (?, ?)",
-                    (report_id, *OUTSTANDING),
+                    f"SELECT recipient FROM tokens WHERE report = ? AND {_OWED}", (report_id,)
                 )
             ]
             if not recipients:
@@ -750,9 +812,8 @@ class Store(DurableStore):
                         f"already delivered to {', '.join(delivered)}; nothing to withdraw",
                     )
             db.execute(
-                "UPDATE tokens SET state = 'revoked', token = X''"
-                " WHERE report = ? AND state IN (?, ?)",
-                (report_id, *OUTSTANDING),
+                f"UPDATE tokens SET state = 'revoked', token = X'' WHERE report = ? AND {_OWED}",
+                (report_id,),
             )
             delete = report.state != "deleted"
             db.execute(
@@ -773,7 +834,7 @@ class Store(DurableStore):
             Refused: WRONG_REPORT when no delivery of that token to that recipient from
                 that originator exists.
         """
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             row = db.execute(
                 "SELECT recipient, originator, report FROM tokens WHERE id = ?", (receipt.token,)
             ).fetchone()
@@ -814,7 +875,7 @@ class Store(DurableStore):
         return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
 
     def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             # The row stays (its token id makes a resent receipt a duplicate), the
             # receipt itself is no longer needed.
             cursor = db.execute(
@@ -840,7 +901,7 @@ class Store(DurableStore):
         ]
 
     def drop_notice(self, seq: int) -> None:
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             db.execute("DELETE FROM notices WHERE seq = ?", (seq,))
 
     # --- expiry ----------------------------------------------------------------------
@@ -860,9 +921,8 @@ class Store(DurableStore):
             expired_tokens = [
                 self._token_row(row)
                 for row in db.execute(
-                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-                    " WHERE state IN (?, ?) AND not_after + ? <= ?",
-                    (*OUTSTANDING, clock_skew, now),
+                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE {_OWED} AND not_after <= ?",
+                    (now - clock_skew,),
                 ).fetchall()
             ]
             for token in expired_tokens:
@@ -886,8 +946,8 @@ class Store(DurableStore):
                 report_id, originator, state = bytes(row[0]), str(row[1]), str(row[2])
                 if state == "released":
                     busy = db.execute(
-                        "SELECT 1 FROM tokens WHERE report = ? AND state IN (?, ?) LIMIT 1",
-                        (report_id, *OUTSTANDING),
+                        f"SELECT 1 FROM tokens WHERE report = ? AND {_OWED} LIMIT 1",
+                        (report_id,),
                     ).fetchone()
                     if busy is None:
                         db.execute(
@@ -935,7 +995,7 @@ class Store(DurableStore):
         others: tuple[str, ...] = (),
     ) -> AuditEntry:
         """Log a refusal of something ``member`` sent (its own transaction)."""
-        with self._transaction():
+        with self._transaction(savepoint=False):
             return self._audit(
                 AuditEvent.REFUSED,
                 now=now,
@@ -958,11 +1018,13 @@ class Store(DurableStore):
         """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
         if seq == 0:
             return GENESIS
+        self._flush_audit()
         row = self._db.execute("SELECT head FROM audit WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
         """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+        self._flush_audit()
         rows = self._db.execute(
             "SELECT entry, content, head FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
@@ -970,6 +1032,7 @@ class Store(DurableStore):
         return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
 
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        self._flush_audit()
         rows = self._db.execute(
             "SELECT length(entry) FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
         ).fetchall()
