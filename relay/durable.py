@@ -73,6 +73,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -83,6 +84,7 @@ __all__ = [
     "BACKGROUND_COMMIT_DELAY",
     "INLINE_FSYNC_MAX_STEPS",
     "MAX_BATCH",
+    "Batches",
     "DurableStore",
     "GroupCommitter",
 ]
@@ -153,6 +155,17 @@ class DurableStore:
     def _rolled_back(self) -> None:
         """Called after a rollback, for state cached outside SQLite."""
 
+    @property
+    def in_transaction(self) -> bool:
+        """A batch (or a single transaction) is open. A store on another database
+        (:class:`relay.pgstore.PgStore`) overrides this, :meth:`_execute`,
+        :meth:`_single`, :meth:`_step` and :meth:`fsync_wal`."""
+        return self._db.in_transaction
+
+    def _execute(self, statement: str) -> None:
+        # COMMIT and ROLLBACK of the open batch.
+        self._db.execute(statement)
+
     @contextlib.contextmanager
     def _single(self) -> Iterator[sqlite3.Connection]:
         # Without group commit: one transaction, durable on return. BEGIN IMMEDIATE
@@ -191,7 +204,7 @@ class DurableStore:
     def _remove_after_commit(self, path: Path) -> None:
         # A file whose row this step drops: with a batch open the drop is not on disk
         # yet, so unlink only once it is.
-        if self.group_commit and self._db.in_transaction:
+        if self.group_commit and self.in_transaction:
             self._after_commit.append(path)
         else:
             path.unlink(missing_ok=True)
@@ -200,12 +213,12 @@ class DurableStore:
     def barrier(self) -> int:
         """The batch that must be on disk before the current state may be announced:
         the open one, or the last one written when nothing is open."""
-        return self.generation if self._db.in_transaction else self.written
+        return self.generation if self.in_transaction else self.written
 
     @property
     def pending(self) -> bool:
         """Steps are waiting for :meth:`commit`, or a written batch for its WAL fsync."""
-        return self._db.in_transaction or self.written > self.committed
+        return self.in_transaction or self.written > self.committed
 
     def lost(self, batch: int) -> bool:
         """Batch ``batch`` will never be on disk (its commit failed, or the store is
@@ -224,14 +237,14 @@ class DurableStore:
         """
         if self.failed is not None:
             raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
-        if not self._db.in_transaction:
+        if not self.in_transaction:
             return
         removals, self._after_commit = self._after_commit, []
         try:
-            self._db.execute("COMMIT")
+            self._execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            if self.in_transaction:
+                self._execute("ROLLBACK")
             self._rolled_back()
             self._lost.add(self.generation)  # the lost batch never counts as committed
             self.generation += 1
@@ -283,6 +296,25 @@ class DurableStore:
             self.mark_durable(target)
 
 
+class Batches(Protocol):
+    """What :class:`GroupCommitter` uses of a store: :class:`DurableStore`'s batch
+    bookkeeping (also a store on another database, :class:`relay.storage.RelayStore`)."""
+
+    written: int
+    committed: int
+    ops: int
+    unsynced_ops: int
+
+    @property
+    def barrier(self) -> int: ...
+    @property
+    def pending(self) -> bool: ...
+    def lost(self, batch: int) -> bool: ...
+    def commit(self) -> None: ...
+    def fsync_wal(self) -> None: ...
+    def mark_durable(self, batch: int) -> None: ...
+
+
 class GroupCommitter:
     """Commits a :class:`DurableStore`'s batches from the event loop, one WAL fsync at a
     time (in line or in a worker thread, :data:`INLINE_FSYNC_MAX_STEPS`).
@@ -299,7 +331,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        store: DurableStore,
+        store: Batches,
         *,
         on_commit_error: Callable[[], None] | None = None,
         on_sync_error: Callable[[], None] | None = None,

@@ -36,7 +36,8 @@ from typing import Any
 import trio
 
 from relay.durable import GroupCommitter
-from relay.store import BlobWriter, InlineBlob, NoticeRow, Store, TokenRow
+from relay.storage import RelayStore, Upload, open_store
+from relay.store import InlineBlob, NoticeRow, TokenRow
 from relay.transport import (
     ERROR_GRACE,
     Link,
@@ -142,7 +143,7 @@ class _Upload:
     size: int
     digest: bytes
     expires: int
-    writer: BlobWriter | InlineBlob | None = None
+    writer: Upload | None = None
     refused: Refused | None = None
     received: int = 0
 
@@ -193,7 +194,8 @@ class Relay:
     Args:
         secret: the relay's keys (the arrangement's relay member).
         arrangement: the effective arrangement served.
-        store_path: directory of the durable store (created if missing).
+        store_path: the durable store: a directory (SQLite, created if missing) or a
+            ``postgresql://`` address (:mod:`relay.pgstore`); see :func:`relay.storage.open_store`.
         limits: frame, report, deadline, connection and queue limits.
         clock: unix time in seconds; injected by tests.
         max_hold: longest time a submitted report is held unreleased, in seconds.
@@ -225,7 +227,7 @@ class Relay:
         self.max_hold = max_hold
         self.expiry_interval = expiry_interval
         self.max_handshakes = max_handshakes
-        self.store = Store(store_path, group_commit=True)
+        self.store: RelayStore = open_store(store_path, group_commit=True)
         self._connections: dict[str, set[_Connection]] = {}
         self._admitted: dict[str, int] = {}
         self._admitted_total = 0
@@ -626,7 +628,7 @@ class Relay:
                     return
                 # A file: fsync, rename, fsync the directory; then the row (inline: the
                 # row only); the answer waits for the batch's commit.
-                if isinstance(writer, BlobWriter):
+                if not isinstance(writer, InlineBlob):
                     await trio.to_thread.run_sync(writer.place)
                 row = self.store.add_report(
                     upload.report,
@@ -933,7 +935,7 @@ class Relay:
             sent.append(row.id)
             return
         try:
-            blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
+            blob = self.store.open_ciphertext(row.report)
         except FileNotFoundError:
             log.error("ciphertext of a pending delivery is missing")
             return

@@ -1,0 +1,150 @@
+"""The relay store's interface, and the store address that picks a backend.
+
+:class:`RelayStore` is what :class:`relay.server.Relay` and
+:class:`relay.durable.GroupCommitter` use of a store; two backends implement it:
+
+* :class:`relay.store.Store`: SQLite plus ciphertext files in a directory, the
+  embedded default (a store address that is a path);
+* :class:`relay.pgstore.PgStore`: PostgreSQL, ciphertexts in the database in chunks
+  (a store address ``postgresql://...``), which several relay processes can share.
+
+Both keep the same rules (see :mod:`relay.store`): every method is one step of the open
+batch (group commit), a refused step leaves no trace, every audit entry commits with the
+change it records, and nothing is announced before its batch is durable
+(:attr:`RelayStore.barrier`, :attr:`RelayStore.committed`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import BinaryIO, Protocol
+
+from relay.durable import Batches
+from relay.store import NoticeRow, ReceiptRow, ReportRow, Store, TokenRow
+from tisa.audit import AuditEntry
+from tisa.errors import Reason
+from tisa.receipt import Receipt
+from tisa.token import ReleaseToken
+
+__all__ = ["POSTGRESQL_SCHEMES", "RelayStore", "Upload", "is_postgresql", "open_store"]
+
+# Store addresses with these prefixes name a PostgreSQL database (libpq's URI schemes).
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+class Upload(Protocol):
+    """One ciphertext being received (:meth:`RelayStore.begin_upload`)."""
+
+    written: int
+
+    def write(self, data: bytes) -> None:
+        """Add ``data`` (cheap: no I/O that waits on a disk or the network)."""
+
+    def digest(self) -> bytes:
+        """The ciphertext digest of everything written (call once, at the end)."""
+
+    def place(self) -> None:
+        """Make the ciphertext durable where :meth:`RelayStore.add_report` finds it.
+        Blocking (run it in a worker thread) unless :attr:`data` is not None."""
+
+    def abort(self) -> None:
+        """Drop what was written; safe at any point, also after :meth:`place`."""
+
+    @property
+    def data(self) -> bytes | None:
+        """The ciphertext, for a small one kept in its row; None otherwise."""
+
+
+class RelayStore(Batches, Protocol):
+    """The relay's durable state, as the relay uses it (see the module docstring)."""
+
+    # Group commit (relay.durable.Batches): batches open, written, durable; a failed
+    # WAL flush poisons the store.
+    group_commit: bool
+    generation: int
+    failed: BaseException | None
+
+    def commit_durably(self) -> None: ...
+    def close(self) -> None: ...
+
+    # Reports and their ciphertext.
+    def report(self, report_id: bytes) -> ReportRow | None: ...
+    def begin_upload(self, report_id: bytes, *, inline: bool = False) -> Upload: ...
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+    ) -> ReportRow: ...
+    def inline_data(self, report_id: bytes) -> bytes | None: ...
+    def open_ciphertext(self, report_id: bytes) -> BinaryIO: ...
+
+    # Tokens and deliveries.
+    def token(self, token_id: bytes) -> TokenRow | None: ...
+    def queue_length(self, recipient: str) -> int: ...
+    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow: ...
+    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]: ...
+    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]: ...
+    def is_outstanding(self, token_id: bytes) -> bool: ...
+    def mark_forwarded(self, token_id: bytes, *, now: int) -> None: ...
+    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool: ...
+    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None: ...
+
+    # Receipts and notices.
+    def add_receipt(self, receipt: Receipt, *, now: int) -> bool: ...
+    def queued_receipts(
+        self, originator: str, *, after: int = 0, limit: int = -1
+    ) -> list[ReceiptRow]: ...
+    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool: ...
+    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]: ...
+    def drop_notice(self, seq: int) -> None: ...
+
+    # Expiry and the audit log.
+    def expire(self, *, now: int, clock_skew: int) -> set[str]: ...
+    def log_refusal(
+        self,
+        *,
+        member: str,
+        reason: Reason,
+        now: int,
+        report: bytes | None = None,
+        token: bytes | None = None,
+        others: tuple[str, ...] = (),
+    ) -> AuditEntry: ...
+    @property
+    def audit_seq(self) -> int: ...
+    @property
+    def audit_head(self) -> bytes: ...
+    def audit_point(self, seq: int) -> bytes | None: ...
+    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]: ...
+    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]: ...
+
+
+def is_postgresql(address: str | os.PathLike[str]) -> bool:
+    """Whether a store address names a PostgreSQL database (else it is a directory)."""
+    return isinstance(address, str) and address.startswith(POSTGRESQL_SCHEMES)
+
+
+def open_store(address: str | os.PathLike[str], *, group_commit: bool = True) -> RelayStore:
+    """Open the relay store at ``address``: a ``postgresql://`` address
+    (:class:`relay.pgstore.PgStore`) or a directory (:class:`relay.store.Store`).
+
+    Raises:
+        UsageError: the store is of another schema version.
+        StoreUnavailable: the PostgreSQL server cannot be reached (one clear line).
+    """
+    if is_postgresql(address):
+        from relay.pgstore import PgStore  # psycopg is loaded only when used
+
+        return PgStore(str(address), group_commit=group_commit)
+    return Store(address, group_commit=group_commit)
+
+
+def _sqlite_store_is_a_relay_store(store: Store) -> RelayStore:
+    # mypy checks here that the SQLite store implements the interface.
+    return store

@@ -1,0 +1,212 @@
+"""The relay's PostgreSQL store (relay/pgstore.py) on its own: schema, group commit and
+the WAL flush, ciphertexts in chunks, the audit chain head, several stores on one
+database. The relay's behaviour on it is tested with the SQLite store's, in
+test_relay_server.py (the store_at fixture)."""
+
+from __future__ import annotations
+
+import os
+
+import psycopg
+import pytest
+from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+
+from relay.pgstore import BLOB_CHUNK, ORPHAN_GRACE, PgBlobWriter, PgStore, StoreUnavailable
+from relay.storage import open_store
+from relay.store import InlineBlob
+from tisa.audit import GENESIS, chain_next
+from tisa.errors import Reason, Refused, UsageError
+from tisa.keys import Hash, digest
+from tisa.report import SealedReport
+from tisa.token import ReleaseToken
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+def _rows(dsn: str, query: str, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+def _store_report(
+    store: PgStore, world: World, body: bytes = b"report", *, inline: bool = False
+) -> SealedReport:
+    report = seal(world, body)
+    writer = store.begin_upload(report.report_id, inline=inline)
+    assert isinstance(writer, InlineBlob if inline else PgBlobWriter)
+    writer.write(report.ciphertext)
+    assert writer.digest() == report.digest
+    writer.place()
+    data = writer.data
+    writer.abort()
+    store.add_report(
+        report.report_id,
+        originator="seoul",
+        size=report.size,
+        digest=report.digest,
+        expires=NOW + 3600,
+        now=NOW,
+        data=data,
+    )
+    return report
+
+
+def test_a_postgresql_address_opens_the_postgresql_store(pg_dsn: str) -> None:
+    store = open_store(pg_dsn, group_commit=False)
+    try:
+        assert isinstance(store, PgStore)
+        assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(1,)]
+        assert _rows(pg_dsn, "SELECT seq, head FROM audit_head") == [(0, GENESIS)]
+    finally:
+        store.close()
+    # Opened again: the schema is there, nothing is created twice.
+    PgStore(pg_dsn).close()
+
+
+def test_a_store_of_another_schema_version_is_refused(pg_dsn: str) -> None:
+    PgStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE tisa_schema SET version = 99")
+    with pytest.raises(UsageError, match="schema 99"):
+        PgStore(pg_dsn)
+
+
+def test_an_unreachable_server_is_one_clear_error(tmp_path: object) -> None:
+    with pytest.raises(StoreUnavailable) as info:
+        PgStore(f"postgresql://nobody@/none?host={tmp_path}")
+    assert "cannot reach the relay's PostgreSQL store" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_commit_writes_and_the_wal_flush_makes_durable(pg_dsn: str) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        assert store._conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        # The flush commits on its own connection at the server's setting.
+        assert store._sync.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+        batch = store.barrier
+        # The open batch is invisible to others until COMMIT.
+        assert _rows(pg_dsn, "SELECT count(*) FROM audit") == [(0,)]
+        store.commit()
+        assert _rows(pg_dsn, "SELECT count(*) FROM audit") == [(1,)]
+        assert store.written == batch and store.committed < batch and store.pending
+        store.fsync_wal()
+        assert _rows(pg_dsn, "SELECT n FROM wal_sync WHERE slot = %s", store._slot) == [(1,)]
+        assert store.committed < batch  # only mark_durable makes it count
+        store.mark_durable(batch)
+        assert store.committed == batch and not store.pending
+    finally:
+        store.close()
+
+
+def test_a_failed_flush_poisons_the_store(pg_dsn: str) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+        store.commit()
+        store._sync.close()  # as if the server went away
+        with pytest.raises(psycopg.Error):
+            store.fsync_wal()
+        assert store.failed is not None and store.lost(store.written)
+        with pytest.raises(OSError, match="reopened"):
+            store.commit()
+    finally:
+        store.close()
+
+
+def test_a_refused_step_leaves_no_trace_and_the_chain_goes_on(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        report = seal(world)
+        token = ReleaseToken.decode(token_for(world, report))
+        with pytest.raises(Refused) as info:
+            store.release(token, now=NOW, max_queue=10)  # no such report
+        assert info.value.reason == Reason.UNKNOWN_REPORT
+        first = store.log_refusal(member="seoul", reason=Reason.UNKNOWN_REPORT, now=NOW)
+        second = store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert (first.seq, second.seq) == (1, 2)
+        store.commit_durably()
+        head = GENESIS
+        for entry, content, after in store.audit_entries(0, limit=10):
+            assert content == digest(Hash.AUDIT, entry.encode())
+            head = chain_next(head, content)
+            assert after == head
+        assert _rows(pg_dsn, "SELECT seq, head FROM audit_head") == [(2, head)]
+        assert (store.audit_seq, store.audit_head) == (2, head)
+    finally:
+        store.close()
+
+
+def test_a_large_ciphertext_is_kept_in_chunks_and_streamed_back(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn)
+    try:
+        body = os.urandom(2 * BLOB_CHUNK + 1000)
+        report = _store_report(store, world, body)
+        report_id, ciphertext = report.report_id, report.ciphertext
+        chunks = _rows(
+            pg_dsn,
+            "SELECT octet_length(c.data) FROM blob_chunks c JOIN reports r ON r.blob = c.blob"
+            " WHERE r.id = %s ORDER BY c.n",
+            report_id,
+        )
+        assert [size for (size,) in chunks][:-1] == [BLOB_CHUNK] * (len(chunks) - 1)
+        assert store.inline_data(report_id) is None
+        with store.open_ciphertext(report_id) as stream:
+            parts = []
+            while data := stream.read(70_000):
+                assert len(data) <= 70_000
+                parts.append(data)
+        assert b"".join(parts) == ciphertext
+        # Revoked: the row is deleted, and its chunks with it, in the same transaction.
+        store.revoke(report_id, None, by="seoul", now=NOW)
+        assert _rows(pg_dsn, "SELECT count(*) FROM blob_chunks") == [(0,)]
+        with pytest.raises(FileNotFoundError):
+            store.open_ciphertext(report_id)
+    finally:
+        store.close()
+
+
+def test_a_blob_whose_row_never_came_is_swept_after_the_grace(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn)
+    report = seal(world, os.urandom(BLOB_CHUNK))
+    writer = store.begin_upload(report.report_id)
+    writer.write(report.ciphertext)
+    writer.place()  # ... and the process dies before add_report
+    kept_id = _store_report(store, world, os.urandom(BLOB_CHUNK)).report_id
+    store.close()
+    PgStore(pg_dsn).close()  # within the grace: another process may be about to add it
+    assert _rows(pg_dsn, "SELECT count(*) FROM blobs") == [(2,)]
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE blobs SET placed = placed - %s", (ORPHAN_GRACE + 1,))
+    PgStore(pg_dsn).close()
+    assert _rows(pg_dsn, "SELECT r.id FROM blobs b JOIN reports r ON r.blob = b.id") == [(kept_id,)]
+    assert _rows(pg_dsn, "SELECT count(*) FROM blobs") == [(1,)]
+
+
+def test_two_stores_on_one_database_share_one_chain_and_consume_a_token_once(
+    pg_dsn: str, world: World
+) -> None:
+    # Two relay processes, as two stores: the token consumed by one is replayed on the
+    # other, and their audit entries form one chain in commit order.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        token = ReleaseToken.decode(token_for(world, report))
+        second.release(token, now=NOW, max_queue=10)
+        second.commit_durably()
+        with pytest.raises(Refused) as info:
+            first.release(token, now=NOW, max_queue=10)
+        assert info.value.reason == Reason.REPLAYED
+        first.log_refusal(member="seoul", reason=Reason.REPLAYED, now=NOW)
+        first.commit_durably()
+        assert [e.seq for e, _, _ in second.audit_entries(0, limit=10)] == [1, 2, 3]
+        assert first.audit_head == second.audit_head
+        assert [row.id for row in first.outstanding("tokyo")] == [token.id]
+    finally:
+        first.close()
+        second.close()
