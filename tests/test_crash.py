@@ -27,6 +27,7 @@ from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
+from relay.storage import is_postgresql
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.1)
@@ -67,13 +68,13 @@ class Child:
 
 
 class RelayProcess(Child):
-    def __init__(self, tmp: pathlib.Path, port: int) -> None:
+    def __init__(self, tmp: pathlib.Path, port: int, store: str | pathlib.Path = "") -> None:
         self.port = port
         self.port_file = tmp / "relay.port"
         super().__init__(
             [
                 str(NODES / "client_crash_relay.py"),
-                str(tmp / "washington"),
+                str(store or tmp / "washington"),
                 str(self.port_file),
                 str(port),
             ]
@@ -86,6 +87,11 @@ class RelayProcess(Child):
             while not self.port_file.exists():
                 assert self.process is not None and self.process.returncode is None
                 await trio.sleep(0.01)
+
+
+def relay_store(store_at: str | pathlib.Path, tmp: pathlib.Path) -> str | pathlib.Path:
+    """The relay's store: the test's PostgreSQL schema, or a directory beside the nodes'."""
+    return store_at if is_postgresql(store_at) else tmp / "washington"
 
 
 class MemberProcess(Child):
@@ -151,9 +157,9 @@ async def children() -> AsyncIterator[list[Child]]:
     ["after_store_before_ack", "after_consume_before_forward", "during_forward", "after_forward"],
 )
 async def test_relay_killed_at_a_chosen_point(
-    point: str, tmp_path: pathlib.Path, children: list[Child]
+    point: str, tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
 ) -> None:
-    relay = RelayProcess(tmp_path, free_port())
+    relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
     with trio.fail_after(30):
         await relay.start(crash_at=point)
@@ -172,12 +178,12 @@ async def test_relay_killed_at_a_chosen_point(
 
 @pytest.mark.parametrize("point", ["mid_batch", "after_batch"])
 async def test_relay_killed_around_a_group_commit(
-    point: str, tmp_path: pathlib.Path, children: list[Child]
+    point: str, tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
 ) -> None:
     """Several submissions and releases in one batch: killed before its commit (all of
     it lost, none of it answered) or after it (all on disk, none answered); either way
     every report arrives exactly once."""
-    relay = RelayProcess(tmp_path, free_port())
+    relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
     with trio.fail_after(30):
         async with (
@@ -194,10 +200,12 @@ async def test_relay_killed_around_a_group_commit(
             assert_exactly_once(await receive_all(tokyo, ids), ids)
 
 
-async def test_relay_killed_at_random_times(tmp_path: pathlib.Path, children: list[Child]) -> None:
+async def test_relay_killed_at_random_times(
+    tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
+) -> None:
     seed = random.randrange(2**32)
     rng = random.Random(seed)
-    relay = RelayProcess(tmp_path, free_port())
+    relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
     submitted: list[bytes] = []
     got: list[bytes] = []
