@@ -1,5 +1,5 @@
 """Run the relay: ``python -m relay --key FILE --passphrase-env VAR --arrangement FILE
---store DIR [--host H] [--port N] [--port-file FILE]``.
+--store DIR|postgresql://... [--host H] [--port N] [--port-file FILE]``.
 
 Serves until SIGINT or SIGTERM. With ``--port-file`` the bound port is written there
 (atomically) once the relay accepts connections, so scripts and tests using port 0 can
@@ -38,7 +38,11 @@ def _parser() -> argparse.ArgumentParser:
         help="environment variable holding the key file's passphrase",
     )
     parser.add_argument("--arrangement", required=True, type=Path, help="signed arrangement")
-    parser.add_argument("--store", required=True, type=Path, help="store directory")
+    parser.add_argument(
+        "--store",
+        required=True,
+        help="store directory (SQLite), or a postgresql:// address (docs/deployment.md)",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--port-file", type=Path, help="write the bound port here")

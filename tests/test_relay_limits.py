@@ -506,11 +506,13 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
             memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
         )
 
-    def start(key: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    def start(
+        key: str, *extra: str, store: str = str(tmp_path / "store")
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "relay", "--key", str(tmp_path / key),
              "--passphrase-env", "RELAY_PASS", "--arrangement", str(arrangement_file),
-             "--store", str(tmp_path / "store"), *extra],
+             "--store", store, *extra],
             env={**os.environ, "RELAY_PASS": "pass"},
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True, text=True, timeout=60,
@@ -529,6 +531,12 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
     assert busy.returncode == 2, busy.stderr
     assert "Traceback" not in busy.stderr
     assert busy.stderr.strip().splitlines()[-1].startswith("error:")
+    # A PostgreSQL store that cannot be reached: one line that says so.
+    unreachable = start("washington.key", store=f"postgresql://nobody@/none?host={tmp_path}")
+    assert unreachable.returncode == 2, unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+    last = unreachable.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot reach the relay's PostgreSQL store:"), last
 
 
 async def test_audit_extracts_queued_per_connection_are_capped(
