@@ -543,6 +543,12 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: relay processes serving one arrangement, tried in
+    turn (docs/deployment.md). Raises CliError."""
+    return [parse_address(part.strip()) for part in text.split(",")]
+
+
 @dataclass
 class _Member:
     """What a node command needs: keys, name, arrangement, relay, store."""
@@ -550,7 +556,7 @@ class _Member:
     secret: MemberSecret
     name: str
     arrangement: Arrangement
-    relay: tuple[str, int]
+    relay: list[tuple[str, int]]
     store: Path
 
 
@@ -567,7 +573,7 @@ class _NodeOptions:
 
     def load(self, ctx: click.Context) -> _Member:
         home = _home(ctx)
-        relay = parse_address(self.relay_addr)
+        relay = parse_addresses(self.relay_addr)
         arrangement = read_arrangement(
             self.arrangement_path or home / ARRANGEMENT_FILE
         ).require_effective()
@@ -605,8 +611,8 @@ def _node_options(func: _F) -> _F:
         envvar="TISA_RELAY",
         default=DEFAULT_RELAY,
         show_default=True,
-        metavar="HOST:PORT",
-        help="The relay's address. Env: TISA_RELAY.",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="The relay's address, or several relay processes' (tried in turn). Env: TISA_RELAY.",
     )(wrapped)
     wrapped = click.option(
         "--arrangement",
@@ -630,7 +636,7 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
 
     from clients.node import open_node
 
-    host, port = member.relay
+    where = ", ".join(f"{host}:{port}" for host, port in member.relay)
 
     async def main() -> Any:
         async with open_node(
@@ -639,7 +645,7 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
             with trio.move_on_after(connect_timeout) as scope:
                 await node.wait_connected()
             if scope.cancelled_caught:
-                raise CliError(f"no answer from the relay at {host}:{port}")
+                raise CliError(f"no answer from the relay at {where}")
             return await job(node)
 
     try:
@@ -648,7 +654,7 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
         if not isinstance(_leaf(exc), trio.TooSlowError):
             raise
         raise CliError(
-            f"timed out waiting for the relay at {host}:{port} (--timeout {connect_timeout:g})"
+            f"timed out waiting for the relay at {where} (--timeout {connect_timeout:g})"
         ) from None
 
 

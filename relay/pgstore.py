@@ -53,14 +53,16 @@ import contextlib
 import dataclasses
 import hashlib
 import io
+import logging
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, BinaryIO
 
 import psycopg
 import psycopg_pool
+import trio
 from psycopg.pq import TransactionStatus
 
 from relay.durable import DurableStore
@@ -73,6 +75,7 @@ from tisa.token import MAX_VALIDITY, ReleaseToken
 
 __all__ = [
     "BLOB_CHUNK",
+    "POLL_INTERVAL",
     "LOCK_TIMEOUT_MS",
     "ORPHAN_GRACE",
     "StoreUnavailable",
@@ -101,6 +104,12 @@ CONNECT_TIMEOUT = 10
 # which waits in line, must not hang with it.
 LOCK_TIMEOUT_MS = 5000
 
+# Seconds between looks at the store when no notification came: LISTEN/NOTIFY is only
+# a hint (a notification is lost when the listening connection drops), the rows are the
+# truth. Each look costs every connected member one query; a second bounds how late a
+# delivery released through another relay process can be if its hint is lost.
+POLL_INTERVAL = 1.0
+
 # Connections for uploads being placed at once (worker threads copying into the
 # database); a further one waits for a free connection.
 UPLOAD_CONNECTIONS = 4
@@ -109,6 +118,8 @@ UPLOAD_CONNECTIONS = 4
 _SCHEMA_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-schema", digest_size=8).digest()) >> 1
 
 OUTSTANDING = ("pending", "delivered")
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = """
 CREATE TABLE tisa_schema (version integer NOT NULL);
@@ -209,6 +220,26 @@ def _connect(dsn: str, **options: Any) -> psycopg.Connection[tuple[Any, ...]]:
     except psycopg.Error as exc:
         detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise StoreUnavailable(f"cannot reach the relay's PostgreSQL store: {detail}") from None
+
+
+def _claim_key(token_id: bytes) -> int:
+    # A bigint advisory lock key from the (random) token id.
+    return int.from_bytes(token_id[:8], "big", signed=True)
+
+
+def _listen(listener: psycopg.Connection[Any], stop: threading.Event, own: int) -> list[str]:
+    """In a worker thread: the members named by the next notification of another
+    process, or [] after POLL_INTERVAL without one. Closes ``listener`` if the waiting
+    task was cancelled meanwhile (``stop``)."""
+    try:
+        return [
+            notice.payload
+            for notice in listener.notifies(timeout=POLL_INTERVAL, stop_after=1)
+            if notice.pid != own
+        ]
+    finally:
+        if stop.is_set():
+            listener.close()
 
 
 class PgBlobWriter:
@@ -324,6 +355,10 @@ class PgStore(DurableStore):
         # report id -> blob id, placed by a PgBlobWriter, awaiting add_report.
         self._placed: dict[bytes, bytes] = {}
         self._slot = random_id()
+        # Members told (NOTIFY) when the open batch commits: something new is queued.
+        self._notify: set[str] = set()
+        # Deliveries this process claimed (session advisory locks; see claim).
+        self._claimed: set[bytes] = set()
         self._conn = _connect(dsn, autocommit=True, application_name="tisa-relay")
         try:
             self._sync = _connect(dsn, autocommit=True, application_name="tisa-relay-sync")
@@ -337,6 +372,12 @@ class PgStore(DurableStore):
             # fsync_wal makes it durable (see the module docstring).
             self._conn.execute("SET synchronous_commit = off")
             self._conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+            row = self._conn.execute("SELECT current_schema()").fetchone()
+            # NOTIFY channels are per database; one per store (schema).
+            self.channel = (
+                "tisa_relay_"
+                + hashlib.blake2b(str(row[0] if row else "").encode(), digest_size=8).hexdigest()
+            )
             self._sweep()
         except BaseException:
             self._conn.close()
@@ -398,7 +439,30 @@ class PgStore(DurableStore):
         return self._conn.info.transaction_status != TransactionStatus.IDLE
 
     def _execute(self, statement: str) -> None:
+        # COMMIT or ROLLBACK of the open batch. The notifications go out with the COMMIT
+        # (PostgreSQL delivers them when the transaction commits, never before).
+        members, self._notify = self._notify, set()
+        if statement == "COMMIT":
+            for member in sorted(members):
+                self._conn.execute("SELECT pg_notify(%s, %s)", (self.channel, member))
         self._conn.execute(statement)
+
+    def _tell(self, member: str) -> None:
+        # Something new is queued for ``member``: tell the other relay processes when
+        # this batch commits (see watch).
+        if member:
+            self._notify.add(member)
+
+    def _seen(self, found: Any) -> Any:
+        """Rows read outside this store's open batch may belong to another process's
+        batch, committed (with ``synchronous_commit = off``) and perhaps not yet
+        flushed. Counted as a batch written, so that whoever announces what it read
+        waits (:attr:`barrier`) for a WAL flush that started after the read: that flush
+        covers the other commit too, which came before the read."""
+        if found and not self.in_transaction:
+            self.written = self.generation
+            self.generation += 1
+        return found
 
     def _begin(self) -> None:
         # Every writing transaction locks the chain head first (see the module docstring).
@@ -426,9 +490,9 @@ class PgStore(DurableStore):
             yield self._conn
         except BaseException:
             if self.in_transaction:
-                self._conn.execute("ROLLBACK")
+                self._execute("ROLLBACK")
             raise
-        self._conn.execute("COMMIT")
+        self._execute("COMMIT")
         self.fsync_wal()
 
     @contextlib.contextmanager
@@ -467,6 +531,82 @@ class PgStore(DurableStore):
         except BaseException as exc:
             self.failed = exc
             raise
+
+    # --- several relay processes ---------------------------------------------------------
+
+    def claim(self, token_id: bytes) -> bool:
+        """Claim a delivery for this process before pushing it: False if another relay
+        process holds it. A session advisory lock on the store's connection, so the
+        claim dies with the process (or its connection); the relay itself decides which
+        of its connections pushes it. Released by :meth:`unclaim` or an ack."""
+        if token_id in self._claimed:
+            return True
+        row = self._conn.execute(
+            "SELECT pg_try_advisory_lock(%s)", (_claim_key(token_id),)
+        ).fetchone()
+        if row is None or not row[0]:
+            return False
+        self._claimed.add(token_id)
+        return True
+
+    def unclaim(self, token_ids: Iterable[bytes]) -> None:
+        """Give up claims (a connection that pushed them ended): another process may
+        push them now, and is told to look."""
+        for token_id in list(token_ids):
+            if token_id in self._claimed:
+                self._claimed.discard(token_id)
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (_claim_key(token_id),))
+                recipient = self._conn.execute(
+                    "SELECT recipient FROM tokens WHERE id = %s", (token_id,)
+                ).fetchone()
+                if recipient is not None:
+                    # Sent now, or with the open batch's COMMIT; if lost, the poll finds it.
+                    self._conn.execute(
+                        "SELECT pg_notify(%s, %s)", (self.channel, str(recipient[0]))
+                    )
+
+    async def watch(self, wake: Callable[[str | None], None]) -> None:
+        """Until cancelled: ``wake(member)`` when another relay process queued something
+        for ``member`` (a NOTIFY, a hint), and ``wake(None)`` after :data:`POLL_INTERVAL`
+        seconds without one (look at everything: the rows are the truth, a hint can be
+        lost). A lost connection is logged and opened again.
+
+        The wait runs in a worker thread (psycopg has no trio path); cancelled, the
+        thread ends within :data:`POLL_INTERVAL` and closes its connection.
+        """
+        own = self._conn.info.backend_pid
+        while True:
+            try:
+                listener = await trio.to_thread.run_sync(
+                    lambda: _connect(self.dsn, autocommit=True, application_name="tisa-listen")
+                )
+            except StoreUnavailable as exc:
+                log.warning("%s; looking again in %s s", exc, POLL_INTERVAL)
+                await trio.sleep(POLL_INTERVAL)
+                wake(None)
+                continue
+            stop = threading.Event()
+            waiting = False
+            try:
+                listener.execute(f"LISTEN {self.channel}")
+                while True:
+                    waiting = True
+                    members = await trio.to_thread.run_sync(
+                        _listen, listener, stop, own, abandon_on_cancel=True
+                    )
+                    waiting = False
+                    if not members:
+                        wake(None)
+                    for member in members:
+                        wake(member)
+            except psycopg.Error as exc:
+                log.warning("listening for other relay processes failed: %s", exc)
+                await trio.sleep(POLL_INTERVAL)
+                wake(None)
+            finally:
+                stop.set()
+                if not waiting:
+                    listener.close()
 
     # --- audit ---------------------------------------------------------------------------
 
@@ -539,15 +679,19 @@ class PgStore(DurableStore):
         """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
         if seq == 0:
             return GENESIS
-        row = self._conn.execute("SELECT head FROM audit WHERE seq = %s", (seq,)).fetchone()
+        row = self._seen(
+            self._conn.execute("SELECT head FROM audit WHERE seq = %s", (seq,)).fetchone()
+        )
         return None if row is None else bytes(row[0])
 
     def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
         """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
-        rows = self._conn.execute(
-            "SELECT entry, content, head FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
-            (after, _limit(limit)),
-        ).fetchall()
+        rows = self._seen(
+            self._conn.execute(
+                "SELECT entry, content, head FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
+                (after, _limit(limit)),
+            ).fetchall()
+        )
         return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
 
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
@@ -588,11 +732,13 @@ class PgStore(DurableStore):
         return io.BufferedReader(_ChunkReader(self, bytes(row[1])), BLOB_CHUNK)
 
     def report(self, report_id: bytes) -> ReportRow | None:
-        row = self._conn.execute(
-            "SELECT id, originator, size, digest, state, ended, expires, stored_at"
-            " FROM reports WHERE id = %s",
-            (report_id,),
-        ).fetchone()
+        row = self._seen(
+            self._conn.execute(
+                "SELECT id, originator, size, digest, state, ended, expires, stored_at"
+                " FROM reports WHERE id = %s",
+                (report_id,),
+            ).fetchone()
+        )
         return None if row is None else ReportRow(*row)
 
     def add_report(
@@ -641,9 +787,11 @@ class PgStore(DurableStore):
     # --- tokens --------------------------------------------------------------------------
 
     def token(self, token_id: bytes) -> TokenRow | None:
-        row = self._conn.execute(
-            f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s", (token_id,)
-        ).fetchone()
+        row = self._seen(
+            self._conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s", (token_id,)
+            ).fetchone()
+        )
         return None if row is None else _token_row(row)
 
     def queue_length(self, recipient: str) -> int:
@@ -711,6 +859,7 @@ class PgStore(DurableStore):
                 " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = %s",
                 (token.key_commit, token.report),
             )
+            self._tell(token.recipient)
             self._audit(
                 AuditEvent.RELEASED,
                 now=now,
@@ -723,11 +872,13 @@ class PgStore(DurableStore):
     def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
         """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
         (at most ``limit``; -1 for all)."""
-        rows = self._conn.execute(
-            f"SELECT {_TOKEN_COLUMNS} FROM tokens"
-            " WHERE recipient = %s AND state IN (%s, %s) AND seq > %s ORDER BY seq LIMIT %s",
-            (recipient, *OUTSTANDING, after, _limit(limit)),
-        ).fetchall()
+        rows = self._seen(
+            self._conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens"
+                " WHERE recipient = %s AND state IN (%s, %s) AND seq > %s ORDER BY seq LIMIT %s",
+                (recipient, *OUTSTANDING, after, _limit(limit)),
+            ).fetchall()
+        )
         return [_token_row(row) for row in rows]
 
     def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
@@ -790,6 +941,7 @@ class PgStore(DurableStore):
                 report=row.report,
                 token=token_id,
             )
+        self.unclaim((token_id,))  # no longer owed: nobody needs the claim
         return True
 
     # --- revocation ----------------------------------------------------------------------
@@ -873,6 +1025,7 @@ class PgStore(DurableStore):
             )
             if cursor.rowcount == 0:
                 return False
+            self._tell(receipt.originator)
             self._audit(
                 AuditEvent.RECEIPT,
                 now=now,
@@ -886,11 +1039,13 @@ class PgStore(DurableStore):
         self, originator: str, *, after: int = 0, limit: int = -1
     ) -> list[ReceiptRow]:
         """Receipts not yet confirmed by ``originator``, with ``seq > after``, oldest first."""
-        rows = self._conn.execute(
-            "SELECT seq, originator, token, receipt FROM receipts"
-            " WHERE originator = %s AND state = 'queued' AND seq > %s ORDER BY seq LIMIT %s",
-            (originator, after, _limit(limit)),
-        ).fetchall()
+        rows = self._seen(
+            self._conn.execute(
+                "SELECT seq, originator, token, receipt FROM receipts"
+                " WHERE originator = %s AND state = 'queued' AND seq > %s ORDER BY seq LIMIT %s",
+                (originator, after, _limit(limit)),
+            ).fetchall()
+        )
         return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
 
     def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
@@ -904,11 +1059,13 @@ class PgStore(DurableStore):
 
     def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
         """Notices queued for ``member`` with ``seq > after``, oldest first."""
-        rows = self._conn.execute(
-            "SELECT seq, member, kind, report, token FROM notices"
-            " WHERE member = %s AND seq > %s ORDER BY seq LIMIT %s",
-            (member, after, _limit(limit)),
-        ).fetchall()
+        rows = self._seen(
+            self._conn.execute(
+                "SELECT seq, member, kind, report, token FROM notices"
+                " WHERE member = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (member, after, _limit(limit)),
+            ).fetchall()
+        )
         return [NoticeRow(*row) for row in rows]
 
     def drop_notice(self, seq: int) -> None:
@@ -916,6 +1073,7 @@ class PgStore(DurableStore):
             db.execute("DELETE FROM notices WHERE seq = %s", (seq,))
 
     def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
+        self._tell(member)
         self._conn.execute(
             "INSERT INTO notices (member, kind, report, token) VALUES (%s, %s, %s, %s)",
             (member, kind, report, token),

@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from relay.durable import GroupCommitter
-from relay.storage import RelayStore, Upload, open_store
+from relay.storage import RelayStore, SharedStore, Upload, open_store
 from relay.store import InlineBlob, NoticeRow, TokenRow
 from relay.transport import (
     ERROR_GRACE,
@@ -228,6 +228,9 @@ class Relay:
         self.expiry_interval = expiry_interval
         self.max_handshakes = max_handshakes
         self.store: RelayStore = open_store(store_path, group_commit=True)
+        # A store other relay processes share (PostgreSQL): claims across processes, and
+        # word of what they queued (see _store_changed).
+        self._shared = self.store if isinstance(self.store, SharedStore) else None
         self._connections: dict[str, set[_Connection]] = {}
         self._admitted: dict[str, int] = {}
         self._admitted_total = 0
@@ -275,6 +278,8 @@ class Relay:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.run_expiry)
             nursery.start_soon(self._stop_when_store_fails)
+            if self._shared is not None:
+                nursery.start_soon(self._shared.watch, self._store_changed)
             await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
             log.info("relay %s listening on %s:%d", self.arrangement.relay, host, bound)
             task_status.started(bound)
@@ -804,9 +809,22 @@ class Relay:
         for conn in self._connections.get(member, ()):
             conn.wake.set()
 
+    def _store_changed(self, member: str | None) -> None:
+        # Another relay process queued something for ``member`` (None: for anyone, as
+        # far as we know): its connections look again from the start.
+        if member is None:
+            conns = [conn for conns in self._connections.values() for conn in conns]
+        else:
+            conns = list(self._connections.get(member, ()))
+        for conn in conns:
+            conn.rescan = conn.rescan_notices = True
+            conn.wake.set()
+
     def _drop_claims(self, conn: _Connection) -> None:
         if not conn.claims:
             return
+        if self._shared is not None:
+            self._shared.unclaim(conn.claims)
         for token_id in conn.claims:
             if self._claims.get(token_id) is conn:
                 del self._claims[token_id]
@@ -927,6 +945,8 @@ class Relay:
         outstanding, inline = self.store.delivery_source(row.id)
         if not outstanding:
             return  # acked, revoked or expired since the query
+        if self._shared is not None and not self._shared.claim(row.id):
+            return  # another relay process is delivering it
         if inline is not None:
             self._claim(conn, row.id)
             pending.append(Deliver(token=row.token))

@@ -17,7 +17,8 @@ change it records, and nothing is announced before its batch is durable
 from __future__ import annotations
 
 import os
-from typing import BinaryIO, Protocol
+from collections.abc import Callable, Iterable
+from typing import BinaryIO, Protocol, runtime_checkable
 
 from relay.durable import Batches
 from relay.store import NoticeRow, ReceiptRow, ReportRow, Store, TokenRow
@@ -26,7 +27,14 @@ from tisa.errors import Reason
 from tisa.receipt import Receipt
 from tisa.token import ReleaseToken
 
-__all__ = ["POSTGRESQL_SCHEMES", "RelayStore", "Upload", "is_postgresql", "open_store"]
+__all__ = [
+    "POSTGRESQL_SCHEMES",
+    "RelayStore",
+    "SharedStore",
+    "Upload",
+    "is_postgresql",
+    "open_store",
+]
 
 # Store addresses with these prefixes name a PostgreSQL database (libpq's URI schemes).
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
@@ -123,6 +131,23 @@ class RelayStore(Batches, Protocol):
     def audit_point(self, seq: int) -> bytes | None: ...
     def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]: ...
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]: ...
+
+
+@runtime_checkable
+class SharedStore(Protocol):
+    """What a store that several relay processes share (:class:`relay.pgstore.PgStore`)
+    adds: claims on deliveries across processes, and word of what other processes
+    queued. A relay with a store that is not shared (SQLite) needs neither."""
+
+    def claim(self, token_id: bytes) -> bool:
+        """Claim a delivery before pushing it; False: another process pushes it."""
+
+    def unclaim(self, token_ids: Iterable[bytes]) -> None:
+        """Give up claims (the connection that pushed them ended)."""
+
+    async def watch(self, wake: Callable[[str | None], None]) -> None:
+        """Until cancelled: ``wake(member)`` when another process queued something for
+        ``member``, ``wake(None)`` now and then to look at everything."""
 
 
 def is_postgresql(address: str | os.PathLike[str]) -> bool:

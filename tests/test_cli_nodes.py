@@ -154,7 +154,15 @@ def test_out_of_scope_send_is_refused_in_one_line(homes: Path, relay: str) -> No
     )
 
 
-def test_unreachable_relay_is_one_line(homes: Path) -> None:
+@pytest.mark.parametrize(
+    ("relay", "named"),
+    [
+        ("127.0.0.1:9", "127.0.0.1:9"),
+        # Several relay processes: each is tried in turn, and the error names them all.
+        ("127.0.0.1:9,127.0.0.1:7", "127.0.0.1:9, 127.0.0.1:7"),
+    ],
+)
+def test_unreachable_relay_is_one_line(homes: Path, relay: str, named: str) -> None:
     result = cli(
         homes,
         "--home",
@@ -162,11 +170,11 @@ def test_unreachable_relay_is_one_line(homes: Path) -> None:
         "inbox",
         "--timeout",
         "0.5",
-        relay="127.0.0.1:9",
+        relay=relay,
         ok=False,
     )
     assert result.exit_code == 1
-    assert result.stderr.strip() == "Error: no answer from the relay at 127.0.0.1:9"
+    assert result.stderr.strip() == f"Error: no answer from the relay at {named}"
 
 
 def send_to_tokyo(homes: Path, relay: str, text: str) -> str:

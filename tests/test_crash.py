@@ -304,3 +304,116 @@ async def test_recipient_killed_at_random_times(
                 await trio.sleep(0.05)
             await trio.sleep(0.3)
     assert_log_exactly_once(tokyo.lines(), ids, f"seed {seed}")
+
+
+# --- several relay processes on one database ---------------------------------------------
+
+
+async def two_relays(store: str, tmp: pathlib.Path, children: list[Child]) -> list[RelayProcess]:
+    """Two relay processes of the arrangement on one store, started."""
+    relays = []
+    for name in ("a", "b"):
+        (tmp / name).mkdir()
+        relays.append(RelayProcess(tmp / name, free_port(), store))
+    children.extend(relays)
+    for relay in relays:
+        await relay.start()
+    return relays
+
+
+async def test_two_relay_processes_on_one_database(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # Seoul on one relay process, Tokyo on the other: what Seoul releases reaches Tokyo
+    # through the other process (a NOTIFY wakes it), exactly once; then the process
+    # serving Tokyo dies and Tokyo's node moves to the other one, which delivers the rest.
+    with trio.fail_after(60):
+        relays = await two_relays(pg_dsn, tmp_path, children)
+        async with (
+            node("seoul", relays[0].port, tmp_path) as seoul,
+            open_node(
+                SECRETS["tokyo"],
+                "tokyo",
+                ARRANGEMENT,
+                [("127.0.0.1", relays[1].port), ("127.0.0.1", relays[0].port)],
+                tmp_path / "tokyo",
+                backoff=FAST,
+            ) as tokyo,
+        ):
+            await tokyo.wait_connected()
+            first = {await submit(seoul, f"report {i}") for i in range(5)}
+            assert_exactly_once(await receive_all(tokyo, first), first)
+            await relays[1].kill()
+            second = {await submit(seoul, f"later {i}") for i in range(5)}
+            assert_exactly_once(await receive_all(tokyo, second), second)
+            for report_id in first | second:
+                await seoul.wait_stored(report_id)
+
+
+async def test_a_token_redeemed_100_times_over_two_processes_is_released_once(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    import time
+
+    from nodes.relay_harness import expect, send_submission
+
+    from relay.pgstore import PgStore
+    from relay.transport import connect_member
+    from tisa.audit import GENESIS, chain_next
+    from tisa.errors import Reason
+    from tisa.keys import Hash, digest
+    from tisa.messages import Refusal, Release, Released, Stored
+    from tisa.report import seal_report
+    from tisa.token import issue_token
+
+    now = int(time.time())
+    report = seal_report(
+        SECRETS["seoul"], "seoul", ARRANGEMENT, recipients=["tokyo"], scope=SCOPE,
+        level=LEVEL, body=b"one release only", now=now,
+    )  # fmt: skip
+    token = issue_token(
+        SECRETS["seoul"], "seoul", ARRANGEMENT, recipient="tokyo", report_id=report.report_id,
+        digest=report.digest, size=report.size, content_key=report.content_key, scope=SCOPE,
+        level=LEVEL, not_before=now - 10, not_after=now + 3600, counter=1,
+    )  # fmt: skip
+    replies: list[object] = []
+    with trio.fail_after(60):
+        relays = await two_relays(pg_dsn, tmp_path, children)
+        links = [
+            await connect_member(
+                await trio.open_tcp_stream("127.0.0.1", relay.port),
+                SECRETS["seoul"],
+                "seoul",
+                ARRANGEMENT,
+            )
+            for relay in relays
+        ]
+        await send_submission(links[0], report, expires=now + 3600)
+        await expect(links[0], Stored)
+
+        async def redeem(link: object) -> None:
+            for _ in range(50):
+                await link.send(Release(token=token))  # type: ignore[attr-defined]
+            for _ in range(50):
+                replies.append(await link.receive())  # type: ignore[attr-defined]
+
+        async with trio.open_nursery() as nursery:
+            for link in links:
+                nursery.start_soon(redeem, link)
+    assert len(replies) == 100
+    assert sum(isinstance(reply, Released) for reply in replies) == 1
+    refusals = [reply for reply in replies if isinstance(reply, Refusal)]
+    assert len(refusals) == 99 and {r.reason for r in refusals} == {Reason.REPLAYED}
+    # Both processes appended to one audit chain, in commit order, without a gap.
+    store = PgStore(pg_dsn)
+    try:
+        entries = store.audit_entries(0, limit=1000)
+        head = GENESIS
+        for seq, (entry, content, after) in enumerate(entries, start=1):
+            assert entry.seq == seq and content == digest(Hash.AUDIT, entry.encode())
+            head = chain_next(head, content)
+            assert after == head
+        assert store.audit_head == head
+        assert sum(entry.event == "released" for entry, _, _ in entries) == 1
+    finally:
+        store.close()
