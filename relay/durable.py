@@ -306,13 +306,24 @@ class Batches(Protocol):
     unsynced_ops: int
 
     @property
-    def barrier(self) -> int: ...
+    def barrier(self) -> int:
+        """The batch that must be durable before the current state may be announced."""
+
     @property
-    def pending(self) -> bool: ...
-    def lost(self, batch: int) -> bool: ...
-    def commit(self) -> None: ...
-    def fsync_wal(self) -> None: ...
-    def mark_durable(self, batch: int) -> None: ...
+    def pending(self) -> bool:
+        """Steps wait for a commit, or a written batch for its flush."""
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be durable."""
+
+    def commit(self) -> None:
+        """Commit the open batch (no flush)."""
+
+    def fsync_wal(self) -> None:
+        """Make every batch committed before this call durable (blocking)."""
+
+    def mark_durable(self, batch: int) -> None:
+        """Batch ``batch`` and every one before it are durable."""
 
 
 class GroupCommitter:

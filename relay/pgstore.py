@@ -259,6 +259,7 @@ class PgBlobWriter:
         self.written = 0
 
     def write(self, data: bytes) -> None:
+        """Add ``data`` to the temporary file (page cache; no waiting)."""
         if self._file is None or self._placed:
             raise UsageError("the upload is finished")
         self._file.write(data)
@@ -292,6 +293,7 @@ class PgBlobWriter:
         self._store._placed[self._report] = self._blob
 
     def abort(self) -> None:
+        """Drop the temporary file; safe at any point, also after :meth:`place`."""
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -422,7 +424,10 @@ class PgStore(DurableStore):
 
     def close(self) -> None:
         """Commit what is pending (durably) and close; a poisoned store is closed
-        without committing (see :meth:`relay.store.Store.close`)."""
+        without committing (see :meth:`relay.store.Store.close`). Closing again does
+        nothing."""
+        if self._conn.closed:
+            return
         try:
             if self.failed is None:
                 self.commit_durably()
@@ -435,6 +440,7 @@ class PgStore(DurableStore):
 
     @property
     def in_transaction(self) -> bool:
+        """A batch (or single transaction) is open on the store's connection."""
         # UNKNOWN (a broken connection) counts as open: its batch must fail to commit.
         return self._conn.info.transaction_status != TransactionStatus.IDLE
 
@@ -671,6 +677,7 @@ class PgStore(DurableStore):
 
     @property
     def audit_head(self) -> bytes:
+        """The audit chain's head after its last entry."""
         if not self.in_transaction:
             self._load_head()
         return self._head
@@ -695,6 +702,7 @@ class PgStore(DurableStore):
         return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
 
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        """The encoded sizes of up to ``limit`` entries after ``after``."""
         rows = self._conn.execute(
             "SELECT octet_length(entry) FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
             (after, _limit(limit)),
@@ -732,6 +740,7 @@ class PgStore(DurableStore):
         return io.BufferedReader(_ChunkReader(self, bytes(row[1])), BLOB_CHUNK)
 
     def report(self, report_id: bytes) -> ReportRow | None:
+        """The report's row, or None."""
         row = self._seen(
             self._conn.execute(
                 "SELECT id, originator, size, digest, state, ended, expires, stored_at"
@@ -787,6 +796,7 @@ class PgStore(DurableStore):
     # --- tokens --------------------------------------------------------------------------
 
     def token(self, token_id: bytes) -> TokenRow | None:
+        """The token row of ``token_id`` (also a consumed one), or None."""
         row = self._seen(
             self._conn.execute(
                 f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s", (token_id,)
@@ -894,6 +904,7 @@ class PgStore(DurableStore):
         return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
 
     def is_outstanding(self, token_id: bytes) -> bool:
+        """Whether the delivery of ``token_id`` is still owed."""
         row = self._conn.execute("SELECT state FROM tokens WHERE id = %s", (token_id,)).fetchone()
         return row is not None and row[0] in OUTSTANDING
 
@@ -1049,6 +1060,8 @@ class PgStore(DurableStore):
         return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
 
     def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
+        """The originator holds the receipt (its row keeps only the token id); False if
+        there is no such receipt of ``originator``."""
         with self._transaction() as db:
             cursor = db.execute(
                 "UPDATE receipts SET state = 'acked', receipt = ''::bytea"
@@ -1069,6 +1082,7 @@ class PgStore(DurableStore):
         return [NoticeRow(*row) for row in rows]
 
     def drop_notice(self, seq: int) -> None:
+        """Drop a notice that was sent (notices have no ack)."""
         with self._transaction() as db:
             db.execute("DELETE FROM notices WHERE seq = %s", (seq,))
 

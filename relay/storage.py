@@ -72,12 +72,19 @@ class RelayStore(Batches, Protocol):
     generation: int
     failed: BaseException | None
 
-    def commit_durably(self) -> None: ...
-    def close(self) -> None: ...
+    def commit_durably(self) -> None:
+        """Commit the open batch and flush it, in line (start-up, shutdown)."""
+
+    def close(self) -> None:
+        """Commit what is pending (unless poisoned) and close."""
 
     # Reports and their ciphertext.
-    def report(self, report_id: bytes) -> ReportRow | None: ...
-    def begin_upload(self, report_id: bytes, *, inline: bool = False) -> Upload: ...
+    def report(self, report_id: bytes) -> ReportRow | None:
+        """The report's row, or None."""
+
+    def begin_upload(self, report_id: bytes, *, inline: bool = False) -> Upload:
+        """A writer for a new ciphertext of ``report_id`` (``inline``: kept in its row)."""
+
     def add_report(
         self,
         report_id: bytes,
@@ -88,32 +95,67 @@ class RelayStore(Batches, Protocol):
         expires: int,
         now: int,
         data: bytes | None = None,
-    ) -> ReportRow: ...
-    def inline_data(self, report_id: bytes) -> bytes | None: ...
-    def open_ciphertext(self, report_id: bytes) -> BinaryIO: ...
+    ) -> ReportRow:
+        """Record a placed upload (or, with ``data``, an inline ciphertext) as a held
+        report and log ``stored``, in one step."""
+
+    def inline_data(self, report_id: bytes) -> bytes | None:
+        """The ciphertext of a report kept in its row, or None."""
+
+    def open_ciphertext(self, report_id: bytes) -> BinaryIO:
+        """A readable stream of a report's ciphertext (constant memory). Raises:
+        FileNotFoundError when there is none."""
 
     # Tokens and deliveries.
-    def token(self, token_id: bytes) -> TokenRow | None: ...
-    def queue_length(self, recipient: str) -> int: ...
-    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow: ...
-    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]: ...
-    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]: ...
-    def is_outstanding(self, token_id: bytes) -> bool: ...
-    def mark_forwarded(self, token_id: bytes, *, now: int) -> None: ...
-    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool: ...
-    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None: ...
+    def token(self, token_id: bytes) -> TokenRow | None:
+        """The token row of ``token_id`` (also a consumed one), or None."""
+
+    def queue_length(self, recipient: str) -> int:
+        """Deliveries still owed to ``recipient``."""
+
+    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
+        """Consume ``token`` and make its delivery pending, atomically. Raises: Refused."""
+
+    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
+        """Deliveries owed to ``recipient`` with ``seq > after``, oldest first."""
+
+    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
+        """Whether a delivery is still owed, and its inline ciphertext if any."""
+
+    def is_outstanding(self, token_id: bytes) -> bool:
+        """Whether the delivery of ``token_id`` is still owed."""
+
+    def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
+        """A delivery went out in full; the first time, log ``forwarded``."""
+
+    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
+        """The recipient holds the report; False for an unknown or foreign token."""
+
+    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
+        """Withdraw one token, or (``token_id`` None) the whole report. Raises: Refused."""
 
     # Receipts and notices.
-    def add_receipt(self, receipt: Receipt, *, now: int) -> bool: ...
+    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
+        """Queue a verified receipt for its originator; False if queued before."""
+
     def queued_receipts(
         self, originator: str, *, after: int = 0, limit: int = -1
-    ) -> list[ReceiptRow]: ...
-    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool: ...
-    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]: ...
-    def drop_notice(self, seq: int) -> None: ...
+    ) -> list[ReceiptRow]:
+        """Receipts not yet confirmed by ``originator``, ``seq > after``, oldest first."""
+
+    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
+        """The originator holds the receipt; False if there is no such receipt."""
+
+    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
+        """Notices queued for ``member`` with ``seq > after``, oldest first."""
+
+    def drop_notice(self, seq: int) -> None:
+        """Drop a notice that was sent."""
 
     # Expiry and the audit log.
-    def expire(self, *, now: int, clock_skew: int) -> set[str]: ...
+    def expire(self, *, now: int, clock_skew: int) -> set[str]:
+        """Expire what ran out; returns the members that got a notice."""
+
     def log_refusal(
         self,
         *,
@@ -123,14 +165,25 @@ class RelayStore(Batches, Protocol):
         report: bytes | None = None,
         token: bytes | None = None,
         others: tuple[str, ...] = (),
-    ) -> AuditEntry: ...
+    ) -> AuditEntry:
+        """Log a refusal of something ``member`` sent (its own step)."""
+
     @property
-    def audit_seq(self) -> int: ...
+    def audit_seq(self) -> int:
+        """Sequence number of the last audit entry (0 when empty)."""
+
     @property
-    def audit_head(self) -> bytes: ...
-    def audit_point(self, seq: int) -> bytes | None: ...
-    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]: ...
-    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]: ...
+    def audit_head(self) -> bytes:
+        """The audit chain's head after its last entry."""
+
+    def audit_point(self, seq: int) -> bytes | None:
+        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
+
+    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
+        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+
+    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        """The encoded sizes of up to ``limit`` entries after ``after``."""
 
 
 @runtime_checkable

@@ -210,3 +210,79 @@ def test_two_stores_on_one_database_share_one_chain_and_consume_a_token_once(
     finally:
         first.close()
         second.close()
+
+
+def _released(store: PgStore, world: World) -> bytes:
+    """A report stored and released to Tokyo through ``store``; the token id."""
+    report = _store_report(store, world, inline=True)
+    token = ReleaseToken.decode(token_for(world, report))
+    store.release(token, now=NOW, max_queue=10)
+    store.commit_durably()
+    return token.id
+
+
+def test_a_delivery_is_claimed_by_one_process_at_a_time(pg_dsn: str, world: World) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        token_id = _released(first, world)
+        assert first.claim(token_id) and first.claim(token_id)  # again: still ours
+        assert not second.claim(token_id)
+        first.unclaim([token_id])
+        assert second.claim(token_id) and not first.claim(token_id)
+        second.close()  # the process holding it dies: the claim dies with it
+        assert first.claim(token_id)
+        # An ack ends the delivery, and its claim.
+        assert first.ack_delivery(token_id, recipient="tokyo", now=NOW)
+        first.commit_durably()
+        third = PgStore(pg_dsn)
+        try:
+            assert third.claim(token_id)
+        finally:
+            third.close()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_rows_of_another_process_are_announced_only_after_a_flush(
+    pg_dsn: str, world: World
+) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        first.commit_durably()
+        second.commit_durably()
+        assert not second.pending
+        _released(first, world)
+        assert len(second.outstanding("tokyo")) == 1
+        # The read counts as a batch written: the barrier waits for a flush after it.
+        assert second.barrier > second.committed and second.pending
+        assert second.outstanding("nobody") == []  # nothing read: nothing to wait for
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_another_process_hears_of_a_release_at_commit(pg_dsn: str, world: World) -> None:
+    import trio
+
+    listening, releasing = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    woken: list[str | None] = []
+    heard = trio.Event()
+
+    def wake(member: str | None) -> None:
+        woken.append(member)
+        if member == "tokyo":
+            heard.set()
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listening.watch, wake)
+                while not woken:  # the first poll: the listener is up
+                    await trio.sleep(0.05)
+                _released(releasing, world)
+                await heard.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        listening.close()
+        releasing.close()
