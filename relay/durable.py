@@ -398,9 +398,12 @@ class GroupCommitter:
                 something else.
         """
         store = self.store
-        while store.committed < barrier:
+        while True:
+            # Lost first: a later batch may be on disk while this one never will be.
             if store.lost(barrier):
                 raise LinkClosed("the batch this depends on was not committed")
+            if store.committed >= barrier:
+                return
             if store.written >= barrier or self.syncing:
                 # Written and waiting for the disk; or a sync is in flight, during
                 # which this batch keeps growing.

@@ -66,9 +66,10 @@ import trio
 from psycopg.pq import TransactionStatus
 
 from relay.durable import DurableStore
+from relay.storage import StoreUnavailable
 from relay.store import InlineBlob, NoticeRow, ReceiptRow, ReportRow, TokenRow
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
-from tisa.errors import LocalError, Reason, Refused, UsageError
+from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
@@ -109,6 +110,12 @@ LOCK_TIMEOUT_MS = 5000
 # truth. Each look costs every connected member one query; a second bounds how late a
 # delivery released through another relay process can be if its hint is lost.
 POLL_INTERVAL = 1.0
+
+# After the server went away: seconds between attempts to connect again (a store method
+# called meanwhile raises StoreUnavailable at once), and the timeout of one attempt,
+# short because it runs in the event loop's thread.
+RECONNECT_INTERVAL = 1.0
+RECONNECT_TIMEOUT = 2
 
 # Connections for uploads being placed at once (worker threads copying into the
 # database); a further one waits for a free connection.
@@ -201,10 +208,6 @@ CREATE TABLE wal_sync (
 _TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
 
 
-class StoreUnavailable(LocalError):
-    """The relay's PostgreSQL server cannot be reached, or refused the connection."""
-
-
 def _limit(limit: int) -> int | None:
     # -1 means all (the SQLite store's LIMIT -1); PostgreSQL spells it LIMIT NULL.
     return None if limit < 0 else limit
@@ -214,12 +217,39 @@ def _token_row(row: tuple[Any, ...]) -> TokenRow:
     return TokenRow(*row)
 
 
-def _connect(dsn: str, **options: Any) -> psycopg.Connection[tuple[Any, ...]]:
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreUnavailable(f"cannot reach the relay's PostgreSQL store: {detail}")
+
+
+def _connect(
+    dsn: str, *, timeout: int = CONNECT_TIMEOUT, **options: Any
+) -> psycopg.Connection[tuple[Any, ...]]:
     try:
-        return psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT, **options)
+        return psycopg.connect(dsn, connect_timeout=timeout, **options)
     except psycopg.Error as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise StoreUnavailable(f"cannot reach the relay's PostgreSQL store: {detail}") from None
+        raise _unavailable(exc) from None
+
+
+class _Session:
+    """The store's connection as its methods use it: opened again after the server went
+    away (:meth:`PgStore._lose`), and a lost connection raised as StoreUnavailable."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+
+    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
+        conn = self._store._main()
+        try:
+            return conn.execute(query, params)
+        except psycopg.OperationalError as exc:
+            if not (conn.broken or conn.closed):
+                raise  # e.g. lock_timeout: the connection is fine
+            self._store._lose(exc)
+            raise _unavailable(exc) from None
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        return self._store._main().transaction()
 
 
 def _claim_key(token_id: bytes) -> int:
@@ -278,6 +308,14 @@ class PgBlobWriter:
         file = self._file
         file.flush()
         file.seek(0)
+        try:
+            self._copy_in(file)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise _unavailable(exc) from None
+        self._placed = True
+        self._store._placed[self._report] = self._blob
+
+    def _copy_in(self, file: IO[bytes]) -> None:
         with self._store._uploads.connection() as conn, conn.transaction():
             conn.execute(
                 "INSERT INTO blobs (id, placed) VALUES (%s, %s)", (self._blob, int(time.time()))
@@ -289,8 +327,6 @@ class PgBlobWriter:
                     (self._blob, n, data),
                 )
                 n += 1
-        self._placed = True
-        self._store._placed[self._report] = self._blob
 
     def abort(self) -> None:
         """Drop the temporary file; safe at any point, also after :meth:`place`."""
@@ -361,19 +397,20 @@ class PgStore(DurableStore):
         self._notify: set[str] = set()
         # Deliveries this process claimed (session advisory locks; see claim).
         self._claimed: set[bytes] = set()
-        self._conn = _connect(dsn, autocommit=True, application_name="tisa-relay")
-        try:
-            self._sync = _connect(dsn, autocommit=True, application_name="tisa-relay-sync")
-        except BaseException:
-            self._conn.close()
-            raise
+        # The connections: the store's own (_raw, through _conn) and the flush's (_sync,
+        # guarded by _sync_lock: it is used from worker threads). None after _lose.
+        self._raw: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._sync: psycopg.Connection[tuple[Any, ...]] | None = None
         self._sync_lock = threading.Lock()
+        # Set (in any thread) when a flush failed: the batches it was to cover may be
+        # lost; the event loop's thread handles it (_lose) on its next use of the store.
+        self._sync_broken = False
+        self._next_attempt = 0.0  # time.monotonic() of the next reconnection attempt
+        self._conn = _Session(self)
+        self._closed = False
+        self._open_connections(CONNECT_TIMEOUT)
         try:
             self._migrate()
-            # COMMIT writes the batch into the WAL and does not wait for the flush;
-            # fsync_wal makes it durable (see the module docstring).
-            self._conn.execute("SET synchronous_commit = off")
-            self._conn.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
             row = self._conn.execute("SELECT current_schema()").fetchone()
             # NOTIFY channels are per database; one per store (schema).
             self.channel = (
@@ -382,8 +419,7 @@ class PgStore(DurableStore):
             )
             self._sweep()
         except BaseException:
-            self._conn.close()
-            self._sync.close()
+            self._close_connections()
             raise
         self._uploads: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
             dsn,
@@ -392,6 +428,73 @@ class PgStore(DurableStore):
             kwargs={"connect_timeout": CONNECT_TIMEOUT, "application_name": "tisa-relay-upload"},
             open=True,
         )
+
+    def _open_connections(self, timeout: int) -> None:
+        main = _connect(self.dsn, timeout=timeout, autocommit=True, application_name="tisa-relay")
+        try:
+            # COMMIT writes the batch into the WAL and does not wait for the flush;
+            # fsync_wal makes it durable (see the module docstring).
+            main.execute("SET synchronous_commit = off")
+            main.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+            sync = _connect(
+                self.dsn, timeout=timeout, autocommit=True, application_name="tisa-relay-sync"
+            )
+        except BaseException:
+            main.close()
+            raise
+        self._raw = main
+        with self._sync_lock:
+            self._sync = sync
+            self._sync_broken = False
+
+    def _close_connections(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.close()
+        with self._sync_lock:
+            sync, self._sync = self._sync, None
+            if sync is not None:
+                sync.close()
+
+    def _main(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The store's connection, opened again if the server went away.
+
+        Raises:
+            StoreUnavailable: it cannot be opened (now, or in the last
+                RECONNECT_INTERVAL seconds).
+        """
+        if self._sync_broken:
+            self._lose(None)
+        if self._raw is None:
+            now = time.monotonic()
+            if now < self._next_attempt:
+                raise StoreUnavailable("the relay's PostgreSQL store is unreachable")
+            self._next_attempt = now + RECONNECT_INTERVAL
+            self._open_connections(RECONNECT_TIMEOUT)
+            log.warning("connected to the relay's PostgreSQL store again")
+        assert self._raw is not None
+        return self._raw
+
+    def _lose(self, exc: BaseException | None) -> None:
+        """The server went away, or a flush failed: every batch not known to be durable
+        may be lost. None of it was announced (answers wait for the flush); they are
+        marked lost, so whoever waits on them closes its connection, and members send
+        again. Both connections are closed; the next use of the store opens new ones.
+        Claims (advisory locks) died with the old connection."""
+        with self._sync_lock:
+            for batch in range(self.committed + 1, self.generation + 1):
+                self._lost.add(batch)
+            self.generation += 1
+            self.written = self.committed
+            self.ops = self.unsynced_ops = 0
+            self._notify.clear()
+            self._claimed.clear()
+        self._close_connections()
+        log.warning("lost the relay's PostgreSQL store: %s", exc or "a WAL flush failed")
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be durable (see :meth:`_lose`)."""
+        return super().lost(batch) or (self._sync_broken and batch > self.committed)
 
     def _migrate(self) -> None:
         with self._conn.transaction():
@@ -426,15 +529,15 @@ class PgStore(DurableStore):
         """Commit what is pending (durably) and close; a poisoned store is closed
         without committing (see :meth:`relay.store.Store.close`). Closing again does
         nothing."""
-        if self._conn.closed:
+        if self._closed:
             return
+        self._closed = True
         try:
-            if self.failed is None:
+            if self.failed is None and self._raw is not None:
                 self.commit_durably()
         finally:
             self._uploads.close()
-            self._conn.close()
-            self._sync.close()
+            self._close_connections()
 
     # --- group commit (see relay.durable) ----------------------------------------------
 
@@ -442,7 +545,8 @@ class PgStore(DurableStore):
     def in_transaction(self) -> bool:
         """A batch (or single transaction) is open on the store's connection."""
         # UNKNOWN (a broken connection) counts as open: its batch must fail to commit.
-        return self._conn.info.transaction_status != TransactionStatus.IDLE
+        raw = self._raw
+        return raw is not None and raw.info.transaction_status != TransactionStatus.IDLE
 
     def _execute(self, statement: str) -> None:
         # COMMIT or ROLLBACK of the open batch. The notifications go out with the COMMIT
@@ -478,7 +582,7 @@ class PgStore(DurableStore):
         except BaseException:
             # lock_timeout (another process holds the head too long), or the server is
             # gone: nothing of this batch exists yet.
-            if self._conn.info.transaction_status != TransactionStatus.UNKNOWN:
+            if self.in_transaction:
                 self._conn.execute("ROLLBACK")
             raise
 
@@ -490,7 +594,7 @@ class PgStore(DurableStore):
         self._seq, self._head = int(row[0]), bytes(row[1])
 
     @contextlib.contextmanager
-    def _single(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:  # type: ignore[override]
+    def _single(self) -> Iterator[_Session]:  # type: ignore[override]
         self._begin()
         try:
             yield self._conn
@@ -502,7 +606,7 @@ class PgStore(DurableStore):
         self.fsync_wal()
 
     @contextlib.contextmanager
-    def _step(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:  # type: ignore[override]
+    def _step(self) -> Iterator[_Session]:  # type: ignore[override]
         if not self.in_transaction:
             self._begin()
         self._conn.execute("SAVEPOINT step")
@@ -510,33 +614,45 @@ class PgStore(DurableStore):
         try:
             yield self._conn
         except BaseException:
-            self._conn.execute("ROLLBACK TO SAVEPOINT step")
-            self._conn.execute("RELEASE SAVEPOINT step")
-            self._load_head()  # the entries of this step are gone; the lock stays
+            if self.in_transaction:  # else the connection (and the batch) is gone
+                self._conn.execute("ROLLBACK TO SAVEPOINT step")
+                self._conn.execute("RELEASE SAVEPOINT step")
+                self._load_head()  # the entries of this step are gone; the lock stays
             raise
         finally:
             self._in_step = False
         self._conn.execute("RELEASE SAVEPOINT step")
         self.ops += 1
 
-    def _transaction(self) -> contextlib.AbstractContextManager[psycopg.Connection[Any]]:
+    def _transaction(self) -> contextlib.AbstractContextManager[_Session]:
         return self._step() if self.group_commit else self._single()
 
     def fsync_wal(self) -> None:
         """Make every batch COMMITted before this call durable: commit a write on the
         second connection at the server's ``synchronous_commit`` (see the module
-        docstring). Blocking; may run in a worker thread. A failure poisons the store
-        (:attr:`failed`) and is raised."""
-        try:
-            with self._sync_lock:
-                self._sync.execute(
+        docstring). Blocking; may run in a worker thread.
+
+        Raises:
+            StoreUnavailable: the flush failed (or the connection is gone): the batches
+                not yet durable count as lost (:meth:`lost`), the store opens new
+                connections on its next use (:meth:`_lose`). Unlike a failed fsync of
+                SQLite's WAL this does not poison the store: what the server holds
+                after it restarted is what it has on disk.
+        """
+        with self._sync_lock:
+            sync = self._sync
+            if sync is None or self._sync_broken:
+                raise StoreUnavailable("the relay's PostgreSQL store is unreachable")
+            try:
+                now = int(time.time())
+                sync.execute(
                     "INSERT INTO wal_sync (slot, n, touched) VALUES (%s, 1, %s)"
                     " ON CONFLICT (slot) DO UPDATE SET n = wal_sync.n + 1, touched = %s",
-                    (self._slot, int(time.time()), int(time.time())),
+                    (self._slot, now, now),
                 )
-        except BaseException as exc:
-            self.failed = exc
-            raise
+            except psycopg.Error as exc:
+                self._sync_broken = True
+                raise _unavailable(exc) from None
 
     # --- several relay processes ---------------------------------------------------------
 
@@ -580,7 +696,7 @@ class PgStore(DurableStore):
         The wait runs in a worker thread (psycopg has no trio path); cancelled, the
         thread ends within :data:`POLL_INTERVAL` and closes its connection.
         """
-        own = self._conn.info.backend_pid
+        own = self._main().info.backend_pid
         while True:
             try:
                 listener = await trio.to_thread.run_sync(

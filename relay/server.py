@@ -36,7 +36,7 @@ from typing import Any
 import trio
 
 from relay.durable import GroupCommitter
-from relay.storage import RelayStore, SharedStore, Upload, open_store
+from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
 from relay.store import InlineBlob, NoticeRow, TokenRow
 from relay.transport import (
     ERROR_GRACE,
@@ -296,6 +296,8 @@ class Relay:
         while True:
             try:
                 self.expire_now()
+            except StoreUnavailable as exc:
+                log.warning("expiry sweep skipped: %s", exc)
             except Exception:
                 log.exception("expiry sweep failed")
             await trio.sleep(self.expiry_interval)
@@ -332,6 +334,11 @@ class Relay:
         raise LinkClosed("commit failed") from None
 
     def _sync_failed(self) -> None:
+        if self.store.failed is None:
+            # A store that recovers (PostgreSQL): the batches not flushed are lost, the
+            # connections waiting on them close, the store connects again.
+            log.warning("WAL flush failed; the batches it was to cover are lost")
+            raise LinkClosed("WAL flush failed") from None
         log.exception("WAL fsync failed; nothing more will be announced")
         self._store_failed.set()
         raise LinkClosed("WAL fsync failed") from None
@@ -477,6 +484,9 @@ class Relay:
             # The channel failed: nothing more can be sealed to this peer.
             self._log_close(conn, Reason.MALFORMED)
             conn.fail(None)
+        except StoreUnavailable as exc:
+            log.warning("closing the connection of %s: %s", conn.member, exc)
+            conn.fail(Reason.BUSY, "the relay's store is unreachable; try again later")
         except Exception:
             log.exception("reader of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
@@ -839,6 +849,9 @@ class Relay:
             await self._push_loop(conn)
         except (LinkClosed, LinkTimeout):
             conn.fail(None)
+        except StoreUnavailable as exc:
+            log.warning("closing the connection of %s: %s", conn.member, exc)
+            conn.fail(Reason.BUSY, "the relay's store is unreachable; try again later")
         except Exception:
             log.exception("pusher of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")

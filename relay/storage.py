@@ -23,7 +23,7 @@ from typing import BinaryIO, Protocol, runtime_checkable
 from relay.durable import Batches
 from relay.store import NoticeRow, ReceiptRow, ReportRow, Store, TokenRow
 from tisa.audit import AuditEntry
-from tisa.errors import Reason
+from tisa.errors import LocalError, Reason
 from tisa.receipt import Receipt
 from tisa.token import ReleaseToken
 
@@ -31,6 +31,7 @@ __all__ = [
     "POSTGRESQL_SCHEMES",
     "RelayStore",
     "SharedStore",
+    "StoreUnavailable",
     "Upload",
     "is_postgresql",
     "open_store",
@@ -38,6 +39,12 @@ __all__ = [
 
 # Store addresses with these prefixes name a PostgreSQL database (libpq's URI schemes).
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+
+
+class StoreUnavailable(LocalError):
+    """The relay's store cannot be reached (its PostgreSQL server is down or refuses the
+    connection). At start the relay stops with this one line; while it runs, the
+    connection that met it is closed with ``busy`` and the store is tried again."""
 
 
 class Upload(Protocol):

@@ -24,6 +24,7 @@ from collections.abc import AsyncIterator, Iterable
 import pytest
 import trio
 from nodes.client_world import LEVEL, SCOPE, make_world
+from nodes.pg_server import PgServer
 
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
@@ -417,3 +418,50 @@ async def test_a_token_redeemed_100_times_over_two_processes_is_released_once(
         assert sum(entry.event == "released" for entry, _, _ in entries) == 1
     finally:
         store.close()
+
+
+async def test_postgresql_crashed_and_down_for_a_while_during_a_run(
+    pg_server: PgServer, pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # PostgreSQL is stopped hard (no shutdown checkpoint) while reports flow, stays down
+    # for a moment (the relay closes connections with `busy`, members retry), and comes
+    # back: the relay process goes on by itself, and every report arrives exactly once.
+    if not pg_server.restartable:
+        pytest.skip("TISA_PG_DSN names a server this test must not stop")
+    relay = RelayProcess(tmp_path, free_port(), pg_dsn)
+    children.append(relay)
+    submitted: list[bytes] = []
+    got: list[bytes] = []
+    with trio.fail_after(90):
+        await relay.start()
+        async with (
+            node("seoul", relay.port, tmp_path) as seoul,
+            node("tokyo", relay.port, tmp_path) as tokyo,
+            trio.open_nursery() as nursery,
+        ):
+
+            async def produce() -> None:
+                for i in range(30):
+                    submitted.append(await submit(seoul, f"report {i}"))
+                    await trio.sleep(0.02)
+
+            async def consume() -> None:
+                async for report in tokyo.reports():
+                    got.append(report.report_id)
+
+            nursery.start_soon(produce)
+            nursery.start_soon(consume)
+            while len(got) < 5:
+                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(pg_server.crash)
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(pg_server.restart)
+            while len(submitted) < 30 or not set(submitted) <= set(got):
+                await trio.sleep(0.05)
+            await trio.sleep(0.3)
+            nursery.cancel_scope.cancel()
+            for report_id in submitted:
+                await seoul.wait_stored(report_id)
+    assert relay.process is not None and relay.process.returncode is None  # it went on
+    assert len(got) == len(set(got)), "a report was handed over twice"
+    assert set(got) == set(submitted)

@@ -94,6 +94,7 @@ class PgServer:
         self.bindir: Path | None = None
         self.dsn = ""
         self._user: str | None = None
+        self._options = ""
         self._schemas = 0
 
     def _as_user(self, argv: list[str]) -> list[str]:
@@ -141,30 +142,36 @@ class PgServer:
         )
         # Unix socket only (listen_addresses empty). fsync off: a test can crash the
         # server process, never the kernel, which keeps what it was given either way.
-        options = (
+        self._options = (
             f"-c listen_addresses='' -c unix_socket_directories={self.folder}"
             " -c fsync=off -c full_page_writes=off -c max_connections=200"
         )
-        _run(
-            self._as_user(
-                [
-                    str(self.bindir / "pg_ctl"),
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(self.folder / "server.log"),
-                    "-o",
-                    options,
-                    "-t",
-                    str(PG_CTL_TIMEOUT),
-                    "-w",
-                    "start",
-                ]
-            ),
-            timeout=PG_CTL_TIMEOUT + 5,
-        )
+        self._pg_ctl("start")
         self.dsn = f"postgresql://tisa@/postgres?host={urllib.parse.quote(str(self.folder))}"
         self._check()
+
+    def _pg_ctl(self, action: str, *options: str) -> None:
+        assert self.folder is not None and self.bindir is not None
+        data = self.folder / "data"
+        logged = ["-l", str(self.folder / "server.log"), "-o", self._options]
+        argv = [str(self.bindir / "pg_ctl"), "-D", str(data)]
+        argv += [*(logged if action == "start" else ()), *options]
+        argv += ["-t", str(PG_CTL_TIMEOUT), "-w", action]
+        _run(self._as_user(argv), timeout=PG_CTL_TIMEOUT + 5)
+
+    @property
+    def restartable(self) -> bool:
+        """Whether this started the server (so a test may stop and start it)."""
+        return self.folder is not None
+
+    def crash(self) -> None:
+        """Stop the server hard (``pg_ctl stop -m immediate``: no shutdown checkpoint;
+        it recovers from its WAL when started again)."""
+        self._pg_ctl("stop", "-m", "immediate")
+
+    def restart(self) -> None:
+        """Start the server again after :meth:`crash`."""
+        self._pg_ctl("start")
 
     def _check(self) -> None:
         import psycopg
@@ -191,20 +198,7 @@ class PgServer:
         if self.folder is None or self.bindir is None:
             return
         with contextlib.suppress(PgUnavailable):
-            _run(
-                self._as_user(
-                    [
-                        str(self.bindir / "pg_ctl"),
-                        "-D",
-                        str(self.folder / "data"),
-                        "-m",
-                        "fast",
-                        "-w",
-                        "stop",
-                    ]
-                ),
-                timeout=PG_CTL_TIMEOUT + 5,
-            )
+            self._pg_ctl("stop", "-m", "fast")
         shutil.rmtree(self.folder, ignore_errors=True)
         self.folder = None
 
