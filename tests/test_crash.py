@@ -19,7 +19,7 @@ import random
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 import trio
@@ -201,6 +201,45 @@ async def test_relay_killed_around_a_group_commit(
             assert_exactly_once(await receive_all(tokyo, ids), ids)
 
 
+async def flow(
+    port: int,
+    tmp: pathlib.Path,
+    count: int,
+    pause: Callable[[], float],
+    disturb: Callable[[list[bytes]], Awaitable[None]],
+) -> tuple[list[bytes], list[bytes]]:
+    """Seoul submits ``count`` reports to Tokyo through the relay at ``port`` (``pause()``
+    seconds apart) while ``disturb(got)`` runs, until every report arrived; what was
+    submitted, and what Tokyo's application was handed."""
+    submitted: list[bytes] = []
+    got: list[bytes] = []
+    async with (
+        node("seoul", port, tmp) as seoul,
+        node("tokyo", port, tmp) as tokyo,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def produce() -> None:
+            for i in range(count):
+                submitted.append(await submit(seoul, f"report {i}"))
+                await trio.sleep(pause())
+
+        async def consume() -> None:
+            async for report in tokyo.reports():
+                got.append(report.report_id)
+
+        nursery.start_soon(produce)
+        nursery.start_soon(consume)
+        await disturb(got)
+        while len(submitted) < count or not set(submitted) <= set(got):
+            await trio.sleep(0.05)
+        await trio.sleep(0.3)  # so that a duplicate would show
+        nursery.cancel_scope.cancel()
+        for report_id in submitted:
+            await seoul.wait_stored(report_id)
+    return submitted, got
+
+
 async def test_relay_killed_at_random_times(
     tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
 ) -> None:
@@ -208,37 +247,18 @@ async def test_relay_killed_at_random_times(
     rng = random.Random(seed)
     relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
-    submitted: list[bytes] = []
-    got: list[bytes] = []
     with trio.fail_after(30 + 3 * ITERATIONS):
         await relay.start()
-        async with (
-            node("seoul", relay.port, tmp_path) as seoul,
-            node("tokyo", relay.port, tmp_path) as tokyo,
-            trio.open_nursery() as nursery,
-        ):
 
-            async def produce() -> None:
-                for i in range(4 * ITERATIONS):
-                    submitted.append(await submit(seoul, f"report {i}"))
-                    await trio.sleep(rng.uniform(0, 0.03))
-
-            async def consume() -> None:
-                async for report in tokyo.reports():
-                    got.append(report.report_id)
-
-            nursery.start_soon(produce)
-            nursery.start_soon(consume)
+        async def kill_and_restart(got: list[bytes]) -> None:
             for _ in range(ITERATIONS):
                 await trio.sleep(rng.uniform(0.02, 0.25))
                 await relay.kill()
                 await relay.start()
-            while len(submitted) < 4 * ITERATIONS or not set(submitted) <= set(got):
-                await trio.sleep(0.05)
-            await trio.sleep(0.3)
-            nursery.cancel_scope.cancel()
-            for report_id in submitted:
-                await seoul.wait_stored(report_id)
+
+        submitted, got = await flow(
+            relay.port, tmp_path, 4 * ITERATIONS, lambda: rng.uniform(0, 0.03), kill_and_restart
+        )
     assert len(got) == len(set(got)), f"duplicate delivery (seed {seed})"
     assert set(got) == set(submitted), f"seed {seed}"
 
@@ -430,38 +450,17 @@ async def test_postgresql_crashed_and_down_for_a_while_during_a_run(
         pytest.skip("TISA_PG_DSN names a server this test must not stop")
     relay = RelayProcess(tmp_path, free_port(), pg_dsn)
     children.append(relay)
-    submitted: list[bytes] = []
-    got: list[bytes] = []
     with trio.fail_after(90):
         await relay.start()
-        async with (
-            node("seoul", relay.port, tmp_path) as seoul,
-            node("tokyo", relay.port, tmp_path) as tokyo,
-            trio.open_nursery() as nursery,
-        ):
 
-            async def produce() -> None:
-                for i in range(30):
-                    submitted.append(await submit(seoul, f"report {i}"))
-                    await trio.sleep(0.02)
-
-            async def consume() -> None:
-                async for report in tokyo.reports():
-                    got.append(report.report_id)
-
-            nursery.start_soon(produce)
-            nursery.start_soon(consume)
+        async def crash_the_database(got: list[bytes]) -> None:
             while len(got) < 5:
                 await trio.sleep(0.01)
             await trio.to_thread.run_sync(pg_server.crash)
             await trio.sleep(1.0)
             await trio.to_thread.run_sync(pg_server.restart)
-            while len(submitted) < 30 or not set(submitted) <= set(got):
-                await trio.sleep(0.05)
-            await trio.sleep(0.3)
-            nursery.cancel_scope.cancel()
-            for report_id in submitted:
-                await seoul.wait_stored(report_id)
+
+        submitted, got = await flow(relay.port, tmp_path, 30, lambda: 0.02, crash_the_database)
     assert relay.process is not None and relay.process.returncode is None  # it went on
     assert len(got) == len(set(got)), "a report was handed over twice"
     assert set(got) == set(submitted)
