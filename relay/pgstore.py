@@ -242,9 +242,12 @@ class _Session:
         conn = self._store._main()
         try:
             return conn.execute(query, params)
+        except psycopg.errors.LockNotAvailable:
+            # lock_timeout: another relay process held the chain head too long.
+            raise StoreUnavailable("the relay's PostgreSQL store is busy") from None
         except psycopg.OperationalError as exc:
             if not (conn.broken or conn.closed):
-                raise  # e.g. lock_timeout: the connection is fine
+                raise
             self._store._lose(exc)
             raise _unavailable(exc) from None
 

@@ -106,10 +106,13 @@ class MemberProcess(Child):
         return self.log.read_text().split() if self.log.exists() else []
 
 
-def node(name: str, port: int, tmp: pathlib.Path) -> contextlib.AbstractAsyncContextManager[Node]:
-    return open_node(
-        SECRETS[name], name, ARRANGEMENT, ("127.0.0.1", port), tmp / name, backoff=FAST
-    )
+def node(
+    name: str, port: int | list[int], tmp: pathlib.Path
+) -> contextlib.AbstractAsyncContextManager[Node]:
+    """A member's node on the relay at ``port``, or on relay processes at ``port``s."""
+    ports = port if isinstance(port, list) else [port]
+    addresses = [("127.0.0.1", each) for each in ports]
+    return open_node(SECRETS[name], name, ARRANGEMENT, addresses, tmp / name, backoff=FAST)
 
 
 async def submit(seoul: Node, text: str) -> bytes:
@@ -202,7 +205,7 @@ async def test_relay_killed_around_a_group_commit(
 
 
 async def flow(
-    port: int,
+    port: int | list[int],
     tmp: pathlib.Path,
     count: int,
     pause: Callable[[], float],
@@ -215,7 +218,9 @@ async def flow(
     got: list[bytes] = []
     async with (
         node("seoul", port, tmp) as seoul,
-        node("tokyo", port, tmp) as tokyo,
+        # Several relay processes: Tokyo lists them the other way round, so the two
+        # members start on different ones.
+        node("tokyo", port[::-1] if isinstance(port, list) else port, tmp) as tokyo,
         trio.open_nursery() as nursery,
     ):
 
@@ -352,14 +357,7 @@ async def test_two_relay_processes_on_one_database(
         relays = await two_relays(pg_dsn, tmp_path, children)
         async with (
             node("seoul", relays[0].port, tmp_path) as seoul,
-            open_node(
-                SECRETS["tokyo"],
-                "tokyo",
-                ARRANGEMENT,
-                [("127.0.0.1", relays[1].port), ("127.0.0.1", relays[0].port)],
-                tmp_path / "tokyo",
-                backoff=FAST,
-            ) as tokyo,
+            node("tokyo", [relays[1].port, relays[0].port], tmp_path) as tokyo,
         ):
             await tokyo.wait_connected()
             first = {await submit(seoul, f"report {i}") for i in range(5)}
@@ -464,3 +462,29 @@ async def test_postgresql_crashed_and_down_for_a_while_during_a_run(
     assert relay.process is not None and relay.process.returncode is None  # it went on
     assert len(got) == len(set(got)), "a report was handed over twice"
     assert set(got) == set(submitted)
+
+
+async def test_relay_processes_killed_at_random_times(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # Two relay processes on one database; members list both (Seoul the first first,
+    # Tokyo the second); one or the other is killed at random and started again while
+    # reports flow. Every report arrives once, whichever processes carried it.
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    with trio.fail_after(30 + 3 * ITERATIONS):
+        relays = await two_relays(pg_dsn, tmp_path, children)
+
+        async def kill_and_restart(got: list[bytes]) -> None:
+            for _ in range(ITERATIONS):
+                await trio.sleep(rng.uniform(0.02, 0.25))
+                relay = rng.choice(relays)
+                await relay.kill()
+                await relay.start()
+
+        ports = [relay.port for relay in relays]
+        submitted, got = await flow(
+            ports, tmp_path, 4 * ITERATIONS, lambda: rng.uniform(0, 0.03), kill_and_restart
+        )
+    assert len(got) == len(set(got)), f"duplicate delivery (seed {seed})"
+    assert set(got) == set(submitted), f"seed {seed}"

@@ -323,3 +323,20 @@ async def test_another_process_hears_of_a_release_at_commit(pg_dsn: str, world: 
     finally:
         listening.close()
         releasing.close()
+
+
+def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> None:
+    holder, waiter = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        holder.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)  # batch open
+        waiter._conn.execute("SET lock_timeout = 50")  # not LOCK_TIMEOUT_MS, for speed
+        with pytest.raises(StoreUnavailable, match="busy"):
+            waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert not waiter.in_transaction  # the failed batch left nothing behind
+        holder.commit_durably()
+        entry = waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert entry.seq == 2  # after the holder's entry, in one chain
+        waiter.commit_durably()
+    finally:
+        holder.close()
+        waiter.close()
