@@ -22,14 +22,27 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   waits for the standby as well. A transaction that wrote nothing is committed without
   a flush, hence the write. The second connection touches nothing of the first, so the
   event loop may go on using the store while a worker thread runs it, as with SQLite.
-  If the server crashes between the two, the batch is lost and so is the second
-  connection: the flush fails, the store is poisoned, nothing of it was announced.
+  If the server crashes between the two, the batch may be lost and so is the second
+  connection: the flush fails, nothing of the batch was announced.
+* **The server going away** (a crash, a restart, a failover) is survived: a lost
+  connection or a failed flush marks every batch not yet durable lost (whoever waits on
+  one closes its connection; members send again), and the store connects again on its
+  next use (:meth:`PgStore._lose`, :meth:`PgStore._main`), at most once every
+  :data:`RECONNECT_INTERVAL` seconds, raising :class:`relay.storage.StoreUnavailable`
+  meanwhile (the relay closes that connection with ``busy``). Unlike SQLite after a
+  failed fsync, nothing is poisoned: what the restarted server holds is what it has on
+  disk.
 * **The audit chain** is one hash chain per store: ``audit_head`` holds its last
   sequence number and head, and every batch locks that row first (``SELECT ... FOR
   UPDATE`` when it begins), updates it with each entry and releases it by committing.
   Appends from several processes are serialized in commit order, and, because every
   writing transaction takes that lock first, two processes can never wait on each
   other's rows (no deadlock).
+* **Several processes.** A batch that queues something for a member NOTIFYs its name at
+  COMMIT; :meth:`PgStore.watch` hears it and polls every :data:`POLL_INTERVAL` seconds
+  besides. A delivery is claimed with a session advisory lock (:meth:`PgStore.claim`)
+  before it is pushed. Rows read outside this process's batches are announced only after
+  a flush of its own (:meth:`PgStore._seen`).
 * **Tokens.** ``tokens.id`` is unique: a token is consumed once, whichever process sees
   it (the head lock makes the second see the first's commit; the key is the backstop).
 * **Ciphertext lifetime.** A large upload goes to a temporary file (:meth:`write` is
@@ -676,8 +689,19 @@ class PgStore(DurableStore):
 
     def unclaim(self, token_ids: Iterable[bytes]) -> None:
         """Give up claims (a connection that pushed them ended): another process may
-        push them now, and is told to look."""
-        for token_id in list(token_ids):
+        push them now, and is told to look. Without the store's connection there is
+        nothing to give up: the claims died with it."""
+        token_ids = [token_id for token_id in token_ids if token_id in self._claimed]
+        if self._raw is None:
+            self._claimed.difference_update(token_ids)
+            return
+        try:
+            self._unclaim(token_ids)
+        except StoreUnavailable:
+            self._claimed.difference_update(token_ids)  # lost with the connection
+
+    def _unclaim(self, token_ids: list[bytes]) -> None:
+        for token_id in token_ids:
             if token_id in self._claimed:
                 self._claimed.discard(token_id)
                 self._conn.execute("SELECT pg_advisory_unlock(%s)", (_claim_key(token_id),))
