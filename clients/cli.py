@@ -697,8 +697,8 @@ def relay() -> None:
 )
 @click.option(
     "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The relay's store directory (default: HOME/store).",
+    help="The relay's store: a directory, or a postgresql:// address for several relay"
+    " processes on one database (docs/deployment.md) (default: HOME/store).",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
@@ -719,7 +719,7 @@ def relay_run(
     ctx: click.Context,
     key: Path | None,
     arrangement_path: Path | None,
-    store: Path | None,
+    store: str | None,
     host: str,
     port: int,
     port_file: Path | None,
@@ -738,7 +738,8 @@ def relay_run(
     home = _home(ctx)
     arrangement = read_arrangement(arrangement_path or home / ARRANGEMENT_FILE).require_effective()
     secret, _ = _load_secret(key or home / IDENTITY_FILE, passphrase_env)
-    store_path = store or home / STORE_DIR
+    # A string, not a path: a postgresql:// address must keep its "//".
+    store_path: str | Path = store or home / STORE_DIR
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:

@@ -95,6 +95,15 @@ def relay(homes: Path) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+def test_relay_run_on_an_unreachable_postgresql_store_is_one_line(homes: Path) -> None:
+    store = f"postgresql://nobody@/none?host={homes}"
+    home = ["--home", str(homes / "washington")]
+    result = cli(homes, *home, "relay", "run", "--store", store, "--port", "0", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot reach the relay's PostgreSQL store:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_hold_release_inbox_receipt_audit(homes: Path, relay: str) -> None:
     seoul, tokyo = ["--home", str(homes / "seoul")], ["--home", str(homes / "tokyo")]
     sent = cli(
