@@ -79,7 +79,7 @@ import trio
 from psycopg.pq import TransactionStatus
 
 from relay.durable import DurableStore
-from relay.storage import StoreUnavailable
+from relay.storage import StoreBusy, StoreUnavailable
 from relay.store import InlineBlob, NoticeRow, ReceiptRow, ReportRow, TokenRow
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
@@ -257,7 +257,7 @@ class _Session:
             return conn.execute(query, params)
         except psycopg.errors.LockNotAvailable:
             # lock_timeout: another relay process held the chain head too long.
-            raise StoreUnavailable("the relay's PostgreSQL store is busy") from None
+            raise StoreBusy("another relay process holds the audit chain too long") from None
         except psycopg.OperationalError as exc:
             if not (conn.broken or conn.closed):
                 raise
@@ -909,6 +909,7 @@ class PgStore(DurableStore):
 
         Raises:
             UsageError: no upload of ``report_id`` was placed (and ``data`` is None).
+            StoreBusy: another relay process stored a report of this id meanwhile.
         """
         blob = None
         if data is None:
@@ -916,11 +917,16 @@ class PgStore(DurableStore):
             if blob is None:
                 raise UsageError("no placed upload of this report")
         with self._transaction() as db:
-            db.execute(
-                "INSERT INTO reports (id, originator, size, digest, state, expires,"
-                " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)",
-                (report_id, originator, size, digest, expires, now, data, blob),
-            )
+            try:
+                db.execute(
+                    "INSERT INTO reports (id, originator, size, digest, state, expires,"
+                    " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)",
+                    (report_id, originator, size, digest, expires, now, data, blob),
+                )
+            except psycopg.errors.UniqueViolation:
+                # The same upload through another relay process (a member that failed
+                # over mid-upload) was stored first: sent again, it is answered as stored.
+                raise StoreBusy("another relay process stored this report just now") from None
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         self._placed.pop(report_id, None)
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)

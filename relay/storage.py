@@ -31,6 +31,7 @@ __all__ = [
     "POSTGRESQL_SCHEMES",
     "RelayStore",
     "SharedStore",
+    "StoreBusy",
     "StoreUnavailable",
     "Upload",
     "is_postgresql",
@@ -45,6 +46,12 @@ class StoreUnavailable(LocalError):
     """The relay's store cannot be reached (its PostgreSQL server is down or refuses the
     connection). At start the relay stops with this one line; while it runs, the
     connection that met it is closed with ``busy`` and the store is tried again."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another relay process holds what this step needs (the audit chain head past
+    the lock timeout, or a report id it stored a moment ago): the connection is closed
+    with ``busy`` and the member tries again."""
 
 
 class Upload(Protocol):

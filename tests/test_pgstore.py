@@ -13,7 +13,7 @@ import pytest
 from nodes.relay_helpers import NOW, World, make_world, seal, token_for
 
 from relay.pgstore import BLOB_CHUNK, ORPHAN_GRACE, PgBlobWriter, PgStore, StoreUnavailable
-from relay.storage import open_store
+from relay.storage import StoreBusy, open_store
 from relay.store import InlineBlob
 from tisa.audit import GENESIS, chain_next
 from tisa.errors import Reason, Refused, UsageError
@@ -330,7 +330,7 @@ def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> N
     try:
         holder.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)  # batch open
         waiter._conn.execute("SET lock_timeout = 50")  # not LOCK_TIMEOUT_MS, for speed
-        with pytest.raises(StoreUnavailable, match="busy"):
+        with pytest.raises(StoreBusy, match="audit chain"):
             waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
         assert not waiter.in_transaction  # the failed batch left nothing behind
         holder.commit_durably()
@@ -340,3 +340,28 @@ def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> N
     finally:
         holder.close()
         waiter.close()
+
+
+def test_one_report_uploaded_through_two_processes_is_stored_once(
+    pg_dsn: str, world: World
+) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = seal(world, os.urandom(BLOB_CHUNK))
+        writers = [store.begin_upload(report.report_id) for store in (first, second)]
+        for writer in writers:
+            writer.write(report.ciphertext)
+            writer.place()
+        for store in (first, second):
+            store.commit_durably()
+        stored = dict(originator="seoul", size=report.size, digest=report.digest)
+        first.add_report(report.report_id, expires=NOW + 60, now=NOW, **stored)  # type: ignore[arg-type]
+        first.commit_durably()
+        with pytest.raises(StoreBusy, match="stored this report"):
+            second.add_report(report.report_id, expires=NOW + 60, now=NOW, **stored)  # type: ignore[arg-type]
+        assert second.report(report.report_id) == first.report(report.report_id)
+        with second.open_ciphertext(report.report_id) as stream:
+            assert stream.read() == report.ciphertext
+    finally:
+        first.close()
+        second.close()
