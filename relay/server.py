@@ -486,7 +486,7 @@ class Relay:
             conn.fail(None)
         except StoreUnavailable as exc:
             log.warning("closing the connection of %s: %s", conn.member, exc)
-            conn.fail(Reason.BUSY, "the relay's store is unreachable; try again later")
+            conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
             log.exception("reader of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
@@ -851,7 +851,7 @@ class Relay:
             conn.fail(None)
         except StoreUnavailable as exc:
             log.warning("closing the connection of %s: %s", conn.member, exc)
-            conn.fail(Reason.BUSY, "the relay's store is unreachable; try again later")
+            conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
             log.exception("pusher of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
