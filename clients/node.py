@@ -55,7 +55,7 @@ import pathlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import trio
 
@@ -195,7 +195,7 @@ class Node:
         secret: MemberSecret,
         name: str,
         arrangement: Arrangement,
-        relay_addr: tuple[str, int],
+        relay_addr: tuple[str, int] | Sequence[tuple[str, int]],
         store: MemberStore,
         limits: Limits,
         clock: Callable[[], float],
@@ -204,7 +204,8 @@ class Node:
         self._secret = secret
         self.name = name
         self._arrangement = arrangement
-        self._relay_addr = relay_addr
+        # Relay processes serving the arrangement, tried in turn (see _run).
+        self._relay_addrs = relay_addresses(relay_addr)
         self.store = store
         self._limits = limits
         self._clock = clock
@@ -888,10 +889,13 @@ class Node:
     async def _run(self) -> None:
         """Connect, serve the session, reconnect with backoff; forever."""
         delay = self._backoff.initial
+        # The address tried next: after a failed connection attempt the next one in the
+        # list (failover between relay processes); after a session that ended, the same.
+        current = 0
         while True:
             link: Link | None = None
             try:
-                stream = await trio.open_tcp_stream(*self._relay_addr)
+                stream = await trio.open_tcp_stream(*self._relay_addrs[current])
                 link = await connect_member(
                     stream, self._secret, self.name, self._arrangement, limits=self._limits
                 )
@@ -900,10 +904,16 @@ class Node:
                 # application, then keep trying (the relay may be updated or less busy).
                 self.store.add_event(RefusedEvent(ref=b"", reason=exc.reason, detail=exc.detail))
                 self._notify()
-                self._attempt_failed(exc)
+                error: BaseException = exc
             except _LINK_FAILURES as exc:
-                self._attempt_failed(exc)
-            if link is not None:
+                error = exc
+            if link is None:
+                current = (current + 1) % len(self._relay_addrs)
+                if current != 0:
+                    continue  # the next relay process at once; back off after a round
+                # Every address failed this round: tell whoever waits for an attempt.
+                self._attempt_failed(error)
+            else:
                 self.connect_error = None
                 delay = self._backoff.initial
                 async with link:
@@ -1535,12 +1545,28 @@ def _final_refusal(state: str, reason: str | None, detail: str | None) -> Refuse
     return Refused(Reason(reason or "internal"), detail or state)
 
 
+def relay_addresses(
+    relay_addr: tuple[str, int] | Sequence[tuple[str, int]],
+) -> list[tuple[str, int]]:
+    """One relay address, or a list of them, as a list.
+
+    Raises:
+        UsageError: the list is empty.
+    """
+    if len(relay_addr) == 2 and isinstance(relay_addr[0], str):
+        return [cast(tuple[str, int], relay_addr)]
+    addresses = list(cast(Sequence[tuple[str, int]], relay_addr))
+    if not addresses:
+        raise UsageError("no relay address")
+    return addresses
+
+
 @contextlib.asynccontextmanager
 async def open_node(
     secret: MemberSecret,
     name: str,
     arrangement: Arrangement,
-    relay_addr: tuple[str, int],
+    relay_addr: tuple[str, int] | Sequence[tuple[str, int]],
     store_path: str | os.PathLike[str],
     *,
     limits: Limits = DEFAULT_LIMITS,
@@ -1553,7 +1579,9 @@ async def open_node(
         secret: this member's keys.
         name: this member's name in ``arrangement``.
         arrangement: the effective arrangement.
-        relay_addr: ``(host, port)`` of the relay.
+        relay_addr: ``(host, port)`` of the relay, or a list of them: relay processes
+            serving the arrangement from one store (docs/deployment.md), tried in turn
+            when a connection fails.
         store_path: the node's store directory (created if missing; one node at a time).
         limits: limits applied to the link and to reports.
         clock: unix time in seconds (injected in tests).

@@ -169,8 +169,8 @@ def _parents(ctx: click.Context) -> list[click.Context]:
 )
 @click.option(
     "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"The relay's store directory (default: HOME/{STORE_DIR}).",
+    help=f"The relay's store: a directory (SQLite), or a postgresql:// address for several "
+    f"relay processes on one database (docs/deployment.md) (default: HOME/{STORE_DIR}).",
 )
 @click.option(
     "--passphrase-env",
@@ -226,7 +226,7 @@ def run(
     home: Path | None,
     key: Path | None,
     arrangement_path: Path | None,
-    store: Path | None,
+    store: str | None,
     passphrase_env: str | None,
     host: str,
     port: int,

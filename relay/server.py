@@ -36,7 +36,8 @@ from typing import Any
 
 import trio
 
-from relay.store import BlobWriter, InlineBlob, NoticeRow, Store, TokenRow
+from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
+from relay.store import InlineBlob, NoticeRow, TokenRow
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
 from tisa.envelope import open_envelope
@@ -159,7 +160,7 @@ class _Upload:
     size: int
     digest: bytes
     expires: int
-    writer: BlobWriter | InlineBlob | None = None
+    writer: Upload | None = None
     refused: Refused | None = None
     received: int = 0
 
@@ -210,7 +211,8 @@ class Relay:
     Args:
         secret: the relay's keys (the arrangement's relay member).
         arrangement: the effective arrangement served.
-        store_path: directory of the durable store (created if missing).
+        store_path: the durable store: a directory (SQLite, created if missing) or a
+            ``postgresql://`` address (:mod:`relay.pgstore`); see :func:`relay.storage.open_store`.
         limits: frame, report, deadline, connection and queue limits.
         clock: unix time in seconds; injected by tests.
         max_hold: longest time a submitted report is held unreleased, in seconds.
@@ -242,7 +244,10 @@ class Relay:
         self.max_hold = max_hold
         self.expiry_interval = expiry_interval
         self.max_handshakes = max_handshakes
-        self.store = Store(store_path, group_commit=True)
+        self.store: RelayStore = open_store(store_path, group_commit=True)
+        # A store other relay processes share (PostgreSQL): claims across processes, and
+        # word of what they queued (see _store_changed).
+        self._shared = self.store if isinstance(self.store, SharedStore) else None
         self._connections: dict[str, set[_Connection]] = {}
         self._admitted: dict[str, int] = {}
         self._admitted_total = 0
@@ -290,6 +295,8 @@ class Relay:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.run_expiry)
             nursery.start_soon(self._stop_when_store_fails)
+            if self._shared is not None:
+                nursery.start_soon(self._shared.watch, self._store_changed)
             await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
             log.info("relay %s listening on %s:%d", self.arrangement.relay, host, bound)
             task_status.started(bound)
@@ -306,6 +313,8 @@ class Relay:
         while True:
             try:
                 self.expire_now()
+            except StoreUnavailable as exc:
+                log.warning("expiry sweep skipped: %s", exc)
             except Exception:
                 log.exception("expiry sweep failed")
             await trio.sleep(self.expiry_interval)
@@ -342,6 +351,11 @@ class Relay:
         raise LinkClosed("commit failed") from None
 
     def _sync_failed(self) -> None:
+        if self.store.failed is None:
+            # A store that recovers (PostgreSQL): the batches not flushed are lost, the
+            # connections waiting on them close, the store connects again.
+            log.warning("WAL flush failed; the batches it was to cover are lost")
+            raise LinkClosed("WAL flush failed") from None
         log.exception("WAL fsync failed; nothing more will be announced")
         self._store_failed.set()
         raise LinkClosed("WAL fsync failed") from None
@@ -504,6 +518,9 @@ class Relay:
             # The channel failed: nothing more can be sealed to this peer.
             self._log_close(conn, Reason.MALFORMED)
             conn.fail(None)
+        except StoreUnavailable as exc:
+            log.warning("closing the connection of %s: %s", conn.member, exc)
+            conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
             log.exception("reader of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
@@ -663,7 +680,7 @@ class Relay:
                     return
                 # A file: fsync, rename, fsync the directory; then the row (inline: the
                 # row only); the answer waits for the batch's commit.
-                if isinstance(writer, BlobWriter):
+                if not isinstance(writer, InlineBlob):
                     await trio.to_thread.run_sync(writer.place)
                 row = self.store.add_report(
                     upload.report,
@@ -839,9 +856,22 @@ class Relay:
         for conn in self._connections.get(member, ()):
             conn.wake.set()
 
+    def _store_changed(self, member: str | None) -> None:
+        # Another relay process queued something for ``member`` (None: for anyone, as
+        # far as we know): its connections look again from the start.
+        if member is None:
+            conns = [conn for conns in self._connections.values() for conn in conns]
+        else:
+            conns = list(self._connections.get(member, ()))
+        for conn in conns:
+            conn.rescan = conn.rescan_notices = True
+            conn.wake.set()
+
     def _drop_claims(self, conn: _Connection) -> None:
         if not conn.claims:
             return
+        if self._shared is not None:
+            self._shared.unclaim(conn.claims)
         for token_id in conn.claims:
             if self._claims.get(token_id) is conn:
                 del self._claims[token_id]
@@ -856,6 +886,9 @@ class Relay:
             await self._push_loop(conn)
         except (LinkClosed, LinkTimeout):
             conn.fail(None)
+        except StoreUnavailable as exc:
+            log.warning("closing the connection of %s: %s", conn.member, exc)
+            conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
             log.exception("pusher of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
@@ -962,6 +995,8 @@ class Relay:
         outstanding, inline = self.store.delivery_source(row.id)
         if not outstanding:
             return  # acked, revoked or expired since the query
+        if self._shared is not None and not self._shared.claim(row.id):
+            return  # another relay process is delivering it
         if inline is not None:
             self._claim(conn, row.id)
             pending.append(Deliver(token=row.token))
@@ -970,7 +1005,7 @@ class Relay:
             sent.append(row.id)
             return
         try:
-            blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
+            blob = self.store.open_ciphertext(row.report)
         except FileNotFoundError:
             log.error("ciphertext of a pending delivery is missing")
             return

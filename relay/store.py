@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
-from tisa.errors import Reason, Refused, UsageError
+from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
@@ -63,6 +63,8 @@ from tisa_io.durable import DurableStore
 log = logging.getLogger("relay.events")
 
 __all__ = [
+    "StoreBusy",
+    "StoreUnavailable",
     "BlobWriter",
     "InlineBlob",
     "ReceiptRow",
@@ -143,6 +145,18 @@ CREATE TABLE IF NOT EXISTS audit (
     head BLOB NOT NULL
 );
 """
+
+
+class StoreUnavailable(LocalError):
+    """The relay's store cannot be reached (its PostgreSQL server is down or refuses the
+    connection). At start the relay stops with this one line; while it runs, the
+    connection that met it is closed with ``busy`` and the store is tried again."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another relay process holds what this step needs (the audit chain head past
+    the lock timeout, or a report id it stored a moment ago): the connection is closed
+    with ``busy`` and the member tries again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

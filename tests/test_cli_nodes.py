@@ -97,6 +97,15 @@ def relay(homes: Path) -> Iterator[str]:
         process.wait(timeout=10)
 
 
+def test_relay_run_on_an_unreachable_postgresql_store_is_one_line(homes: Path) -> None:
+    store = f"postgresql://nobody@/none?host={homes}"
+    home = ["--home", str(homes / "washington")]
+    result = cli(homes, *home, "relay", "run", "--store", store, "--port", "0", ok=False)
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: cannot reach the relay's PostgreSQL store:")
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
 def test_hold_release_inbox_receipt_audit(homes: Path, relay: str) -> None:
     seoul, tokyo = ["--home", str(homes / "seoul")], ["--home", str(homes / "tokyo")]
     sent = cli(
@@ -153,6 +162,32 @@ def test_out_of_scope_send_is_refused_in_one_line(homes: Path, relay: str) -> No
     assert result.exit_code == 1
     assert result.stderr.strip() == (
         "Error: refused (out_of_scope): scope 'cyber' is not in the arrangement"
+    )
+
+
+@pytest.mark.parametrize(
+    ("relay", "named"),
+    [
+        ("127.0.0.1:9", "127.0.0.1:9"),
+        # Several relay processes: each is tried in turn, and the error names them all.
+        ("127.0.0.1:9,127.0.0.1:7", "127.0.0.1:9, 127.0.0.1:7"),
+    ],
+)
+def test_unreachable_relay_is_one_line(homes: Path, relay: str, named: str) -> None:
+    result = cli(
+        homes,
+        "--home",
+        str(homes / "tokyo"),
+        "inbox",
+        "--timeout",
+        "0.5",
+        relay=relay,
+        ok=False,
+    )
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        f"Error: cannot reach the relay at {named}: connection refused "
+        "(--wait-relay SECONDS keeps trying)"
     )
 
 

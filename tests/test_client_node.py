@@ -365,3 +365,14 @@ async def test_busy_submission_stays_queued_and_goes_out_on_a_later_connection(
             assert isinstance(event, Released) and event.recipient == "tokyo"
             assert seoul.store.submission(report_id).state == "stored"  # type: ignore[union-attr]
     assert fake.busy_submissions == 0
+
+
+def test_a_node_takes_one_relay_address_or_several() -> None:
+    from clients.node import relay_addresses
+    from tisa.errors import UsageError
+
+    assert relay_addresses(("relay.example", 7000)) == [("relay.example", 7000)]
+    several = [("a.example", 7000), ("b.example", 7001)]
+    assert relay_addresses(several) == several
+    with pytest.raises(UsageError):
+        relay_addresses([])

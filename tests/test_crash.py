@@ -21,14 +21,16 @@ import random
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 import trio
 from nodes.client_world import LEVEL, SCOPE, make_world
+from nodes.pg_server import PgServer
 
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
+from relay.storage import is_postgresql
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.1)
@@ -69,13 +71,13 @@ class Child:
 
 
 class RelayProcess(Child):
-    def __init__(self, tmp: pathlib.Path, port: int) -> None:
+    def __init__(self, tmp: pathlib.Path, port: int, store: str | pathlib.Path = "") -> None:
         self.port = port
         self.port_file = tmp / "relay.port"
         super().__init__(
             [
                 str(NODES / "client_crash_relay.py"),
-                str(tmp / "washington"),
+                str(store or tmp / "washington"),
                 str(self.port_file),
                 str(port),
             ]
@@ -88,6 +90,11 @@ class RelayProcess(Child):
             while not self.port_file.exists():
                 assert self.process is not None and self.process.returncode is None
                 await trio.sleep(0.01)
+
+
+def relay_store(store_at: str | pathlib.Path, tmp: pathlib.Path) -> str | pathlib.Path:
+    """The relay's store: the test's PostgreSQL schema, or a directory beside the nodes'."""
+    return store_at if is_postgresql(store_at) else tmp / "washington"
 
 
 class MemberProcess(Child):
@@ -104,10 +111,13 @@ class MemberProcess(Child):
         return self.log.read_text().splitlines() if self.log.exists() else []
 
 
-def node(name: str, port: int, tmp: pathlib.Path) -> contextlib.AbstractAsyncContextManager[Node]:
-    return open_node(
-        SECRETS[name], name, ARRANGEMENT, ("127.0.0.1", port), tmp / name, backoff=FAST
-    )
+def node(
+    name: str, port: int | list[int], tmp: pathlib.Path
+) -> contextlib.AbstractAsyncContextManager[Node]:
+    """A member's node on the relay at ``port``, or on relay processes at ``port``s."""
+    ports = port if isinstance(port, list) else [port]
+    addresses = [("127.0.0.1", each) for each in ports]
+    return open_node(SECRETS[name], name, ARRANGEMENT, addresses, tmp / name, backoff=FAST)
 
 
 async def submit(seoul: Node, text: str) -> bytes:
@@ -158,9 +168,9 @@ async def children() -> AsyncIterator[list[Child]]:
     ["after_store_before_ack", "after_consume_before_forward", "during_forward", "after_forward"],
 )
 async def test_relay_killed_at_a_chosen_point(
-    point: str, tmp_path: pathlib.Path, children: list[Child]
+    point: str, tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
 ) -> None:
-    relay = RelayProcess(tmp_path, free_port())
+    relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
     with trio.fail_after(30):
         await relay.start(crash_at=point)
@@ -179,12 +189,12 @@ async def test_relay_killed_at_a_chosen_point(
 
 @pytest.mark.parametrize("point", ["mid_batch", "after_batch"])
 async def test_relay_killed_around_a_group_commit(
-    point: str, tmp_path: pathlib.Path, children: list[Child]
+    point: str, tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
 ) -> None:
     """Several submissions and releases in one batch: killed before its commit (all of
     it lost, none of it answered) or after it (all on disk, none answered); either way
     every report arrives exactly once."""
-    relay = RelayProcess(tmp_path, free_port())
+    relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
     with trio.fail_after(30):
         async with (
@@ -201,43 +211,67 @@ async def test_relay_killed_around_a_group_commit(
             assert_exactly_once(await receive_all(tokyo, ids), ids)
 
 
-async def test_relay_killed_at_random_times(tmp_path: pathlib.Path, children: list[Child]) -> None:
-    seed = random.randrange(2**32)
-    rng = random.Random(seed)
-    relay = RelayProcess(tmp_path, free_port())
-    children.append(relay)
+async def flow(
+    port: int | list[int],
+    tmp: pathlib.Path,
+    count: int,
+    pause: Callable[[], float],
+    disturb: Callable[[list[bytes]], Awaitable[None]],
+) -> tuple[list[bytes], list[bytes]]:
+    """Seoul submits ``count`` reports to Tokyo through the relay at ``port`` (``pause()``
+    seconds apart) while ``disturb(got)`` runs, until every report arrived; what was
+    submitted, and what Tokyo's application was handed."""
     submitted: list[bytes] = []
     got: list[bytes] = []
+    async with (
+        node("seoul", port, tmp) as seoul,
+        # Several relay processes: Tokyo lists them the other way round, so the two
+        # members start on different ones.
+        node("tokyo", port[::-1] if isinstance(port, list) else port, tmp) as tokyo,
+        trio.open_nursery() as nursery,
+    ):
+
+        async def produce() -> None:
+            for i in range(count):
+                submitted.append(await submit(seoul, f"report {i}"))
+                await trio.sleep(pause())
+
+        async def consume() -> None:
+            async for report in tokyo.reports():
+                got.append(report.report_id)
+                await tokyo.ack(report)
+
+        nursery.start_soon(produce)
+        nursery.start_soon(consume)
+        await disturb(got)
+        while len(submitted) < count or not set(submitted) <= set(got):
+            await trio.sleep(0.05)
+        await trio.sleep(0.3)  # so that a duplicate would show
+        nursery.cancel_scope.cancel()
+        for report_id in submitted:
+            await seoul.wait_stored(report_id)
+    return submitted, got
+
+
+async def test_relay_killed_at_random_times(
+    tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
+) -> None:
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
+    children.append(relay)
     with trio.fail_after(30 + 3 * ITERATIONS):
         await relay.start()
-        async with (
-            node("seoul", relay.port, tmp_path) as seoul,
-            node("tokyo", relay.port, tmp_path) as tokyo,
-            trio.open_nursery() as nursery,
-        ):
 
-            async def produce() -> None:
-                for i in range(4 * ITERATIONS):
-                    submitted.append(await submit(seoul, f"report {i}"))
-                    await trio.sleep(rng.uniform(0, 0.03))
-
-            async def consume() -> None:
-                async for report in tokyo.reports():
-                    got.append(report.report_id)
-                    await tokyo.ack(report)
-
-            nursery.start_soon(produce)
-            nursery.start_soon(consume)
+        async def kill_and_restart(got: list[bytes]) -> None:
             for _ in range(ITERATIONS):
                 await trio.sleep(rng.uniform(0.02, 0.25))
                 await relay.kill()
                 await relay.start()
-            while len(submitted) < 4 * ITERATIONS or not set(submitted) <= set(got):
-                await trio.sleep(0.05)
-            await trio.sleep(0.3)
-            nursery.cancel_scope.cancel()
-            for report_id in submitted:
-                await seoul.wait_stored(report_id)
+
+        submitted, got = await flow(
+            relay.port, tmp_path, 4 * ITERATIONS, lambda: rng.uniform(0, 0.03), kill_and_restart
+        )
     assert len(got) == len(set(got)), f"duplicate delivery (seed {seed})"
     assert set(got) == set(submitted), f"seed {seed}"
 
@@ -364,3 +398,161 @@ async def test_recipient_killed_at_random_times(
                 await trio.sleep(0.05)
             await trio.sleep(0.3)
     assert_log_exactly_once(tokyo.lines(), set(ids), f"seed {seed}")
+
+
+# --- several relay processes on one database ---------------------------------------------
+
+
+async def two_relays(store: str, tmp: pathlib.Path, children: list[Child]) -> list[RelayProcess]:
+    """Two relay processes of the arrangement on one store, started."""
+    relays = []
+    for name in ("a", "b"):
+        (tmp / name).mkdir()
+        relays.append(RelayProcess(tmp / name, free_port(), store))
+    children.extend(relays)
+    for relay in relays:
+        await relay.start()
+    return relays
+
+
+async def test_two_relay_processes_on_one_database(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # Seoul on one relay process, Tokyo on the other: what Seoul releases reaches Tokyo
+    # through the other process (a NOTIFY wakes it), exactly once; then the process
+    # serving Tokyo dies and Tokyo's node moves to the other one, which delivers the rest.
+    with trio.fail_after(60):
+        relays = await two_relays(pg_dsn, tmp_path, children)
+        async with (
+            node("seoul", relays[0].port, tmp_path) as seoul,
+            node("tokyo", [relays[1].port, relays[0].port], tmp_path) as tokyo,
+        ):
+            await tokyo.wait_connected()
+            first = {await submit(seoul, f"report {i}") for i in range(5)}
+            assert_exactly_once(await receive_all(tokyo, first), first)
+            await relays[1].kill()
+            second = {await submit(seoul, f"later {i}") for i in range(5)}
+            assert_exactly_once(await receive_all(tokyo, second), second)
+            for report_id in first | second:
+                await seoul.wait_stored(report_id)
+
+
+async def test_a_token_redeemed_100_times_over_two_processes_is_released_once(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    import time
+
+    from nodes.relay_harness import expect, send_submission
+
+    from relay.pgstore import PgStore
+    from tisa.audit import GENESIS, chain_next
+    from tisa.errors import Reason
+    from tisa.keys import Hash, digest
+    from tisa.messages import Refusal, Release, Released, Stored
+    from tisa.report import seal_report
+    from tisa.token import issue_token
+    from tisa_io.link import connect_member
+
+    now = int(time.time())
+    report = seal_report(
+        SECRETS["seoul"], "seoul", ARRANGEMENT, recipients=["tokyo"], scope=SCOPE,
+        level=LEVEL, body=b"one release only", now=now,
+    )  # fmt: skip
+    token = issue_token(
+        SECRETS["seoul"], "seoul", ARRANGEMENT, recipient="tokyo", report_id=report.report_id,
+        digest=report.digest, size=report.size, content_key=report.content_key, scope=SCOPE,
+        level=LEVEL, not_before=now - 10, not_after=now + 3600, counter=1,
+    )  # fmt: skip
+    replies: list[object] = []
+    with trio.fail_after(60):
+        relays = await two_relays(pg_dsn, tmp_path, children)
+        links = [
+            await connect_member(
+                await trio.open_tcp_stream("127.0.0.1", relay.port),
+                SECRETS["seoul"],
+                "seoul",
+                ARRANGEMENT,
+            )
+            for relay in relays
+        ]
+        await send_submission(links[0], report, expires=now + 3600)
+        await expect(links[0], Stored)
+
+        async def redeem(link: object) -> None:
+            for _ in range(50):
+                await link.send(Release(token=token))  # type: ignore[attr-defined]
+            for _ in range(50):
+                replies.append(await link.receive())  # type: ignore[attr-defined]
+
+        async with trio.open_nursery() as nursery:
+            for link in links:
+                nursery.start_soon(redeem, link)
+    assert len(replies) == 100
+    assert sum(isinstance(reply, Released) for reply in replies) == 1
+    refusals = [reply for reply in replies if isinstance(reply, Refusal)]
+    assert len(refusals) == 99 and {r.reason for r in refusals} == {Reason.REPLAYED}
+    # Both processes appended to one audit chain, in commit order, without a gap.
+    store = PgStore(pg_dsn)
+    try:
+        entries = store.audit_entries(0, limit=1000)
+        head = GENESIS
+        for seq, (entry, content, after) in enumerate(entries, start=1):
+            assert entry.seq == seq and content == digest(Hash.AUDIT, entry.encode())
+            head = chain_next(head, content)
+            assert after == head
+        assert store.audit_head == head
+        assert sum(entry.event == "released" for entry, _, _ in entries) == 1
+    finally:
+        store.close()
+
+
+async def test_postgresql_crashed_and_down_for_a_while_during_a_run(
+    pg_server: PgServer, pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # PostgreSQL is stopped hard (no shutdown checkpoint) while reports flow, stays down
+    # for a moment (the relay closes connections with `busy`, members retry), and comes
+    # back: the relay process goes on by itself, and every report arrives exactly once.
+    if not pg_server.restartable:
+        pytest.skip("TISA_PG_DSN names a server this test must not stop")
+    relay = RelayProcess(tmp_path, free_port(), pg_dsn)
+    children.append(relay)
+    with trio.fail_after(90):
+        await relay.start()
+
+        async def crash_the_database(got: list[bytes]) -> None:
+            while len(got) < 5:
+                await trio.sleep(0.01)
+            await trio.to_thread.run_sync(pg_server.crash)
+            await trio.sleep(1.0)
+            await trio.to_thread.run_sync(pg_server.restart)
+
+        submitted, got = await flow(relay.port, tmp_path, 30, lambda: 0.02, crash_the_database)
+    assert relay.process is not None and relay.process.returncode is None  # it went on
+    assert len(got) == len(set(got)), "a report was handed over twice"
+    assert set(got) == set(submitted)
+
+
+async def test_relay_processes_killed_at_random_times(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # Two relay processes on one database; members list both (Seoul the first first,
+    # Tokyo the second); one or the other is killed at random and started again while
+    # reports flow. Every report arrives once, whichever processes carried it.
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    with trio.fail_after(30 + 3 * ITERATIONS):
+        relays = await two_relays(pg_dsn, tmp_path, children)
+
+        async def kill_and_restart(got: list[bytes]) -> None:
+            for _ in range(ITERATIONS):
+                await trio.sleep(rng.uniform(0.02, 0.25))
+                relay = rng.choice(relays)
+                await relay.kill()
+                await relay.start()
+
+        ports = [relay.port for relay in relays]
+        submitted, got = await flow(
+            ports, tmp_path, 4 * ITERATIONS, lambda: rng.uniform(0, 0.03), kill_and_restart
+        )
+    assert len(got) == len(set(got)), f"duplicate delivery (seed {seed})"
+    assert set(got) == set(submitted), f"seed {seed}"

@@ -23,6 +23,7 @@ from nodes.relay_helpers import (
     seal,
     token_for,
 )
+from nodes.store_probe import ciphertext_apart, leftover_uploads
 
 from relay.server import serve
 from tisa import encoding as enc
@@ -54,7 +55,7 @@ def world() -> World:
 
 
 async def start_relay(
-    nursery: trio.Nursery, world: World, path: Path, limits: Limits = FAST, **kwargs: object
+    nursery: trio.Nursery, world: World, path: str | Path, limits: Limits = FAST, **kwargs: object
 ) -> int:
     port: int = await nursery.start(
         lambda task_status: serve(
@@ -109,11 +110,11 @@ async def honest_round_trip(world: World, port: int) -> None:
 
 
 async def test_non_member_and_wrong_arrangement_refused_over_tcp(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            port = await start_relay(nursery, world, tmp_path)
+            port = await start_relay(nursery, world, store_at)
             stream = await raw_tcp(port)
             await stream.send_all(encode_frame(raw_hello(world.arrangement, "beijing")))
             error = enc.unpack(await read_raw_frame(stream))
@@ -128,10 +129,10 @@ async def test_non_member_and_wrong_arrangement_refused_over_tcp(
             nursery.cancel_scope.cancel()
 
 
-async def test_bad_peers_do_not_disturb_honest_ones(world: World, tmp_path: Path) -> None:
+async def test_bad_peers_do_not_disturb_honest_ones(world: World, store_at: str | Path) -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            port = await start_relay(nursery, world, tmp_path)
+            port = await start_relay(nursery, world, store_at)
             honest = await tcp_member(world, port, "tokyo")
 
             # Garbage before the handshake: answered malformed, closed.
@@ -175,10 +176,10 @@ async def test_bad_peers_do_not_disturb_honest_ones(world: World, tmp_path: Path
             nursery.cancel_scope.cancel()
 
 
-async def test_stalled_handshake_and_flood(world: World, tmp_path: Path) -> None:
+async def test_stalled_handshake_and_flood(world: World, store_at: str | Path) -> None:
     with trio.fail_after(20):
         async with trio.open_nursery() as nursery:
-            port = await start_relay(nursery, world, tmp_path)
+            port = await start_relay(nursery, world, store_at)
             # The relay's side of the handshake is bounded by limits.handshake_timeout.
             stalled = await raw_tcp(port)
             started = trio.current_time()
@@ -193,9 +194,9 @@ async def test_stalled_handshake_and_flood(world: World, tmp_path: Path) -> None
             nursery.cancel_scope.cancel()
 
 
-async def test_too_many_handshakes_busy(world: World, tmp_path: Path) -> None:
+async def test_too_many_handshakes_busy(world: World, store_at: str | Path) -> None:
     with trio.fail_after(20):
-        async with running_relay(world, tmp_path, limits=FAST, max_handshakes=5) as h:
+        async with running_relay(world, store_at, limits=FAST, max_handshakes=5) as h:
             stalled = [h.open_stream() for _ in range(5)]
             await trio.sleep(0.05)
             extra = h.open_stream()
@@ -209,10 +210,10 @@ async def test_too_many_handshakes_busy(world: World, tmp_path: Path) -> None:
             await expect(link, AuditReply)
 
 
-async def test_connection_caps(world: World, tmp_path: Path) -> None:
+async def test_connection_caps(world: World, store_at: str | Path) -> None:
     limits = Limits(handshake_timeout=5, max_connections=3, max_connections_per_member=2)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             first = await h.connect("seoul")
             second = await h.connect("seoul")
             # Caps count authenticated members only, so the refusal comes on the channel.
@@ -230,12 +231,12 @@ async def test_connection_caps(world: World, tmp_path: Path) -> None:
 
 
 async def test_half_open_handshakes_cannot_hold_a_members_slots(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # Anyone can send a hello naming "seoul"; only a finished handshake takes a slot.
     limits = Limits(handshake_timeout=5, max_connections_per_member=2)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             squatters = []
             for _ in range(4):
                 stream = h.open_stream()
@@ -250,10 +251,12 @@ async def test_half_open_handshakes_cannot_hold_a_members_slots(
                 await stream.aclose()
 
 
-async def test_deadlines(world: World, tmp_path: Path, autojump_clock: trio.abc.Clock) -> None:
+async def test_deadlines(
+    world: World, store_at: str | Path, autojump_clock: trio.abc.Clock
+) -> None:
     limits = Limits(handshake_timeout=5, frame_timeout=7, idle_timeout=50)
     with trio.fail_after(1000):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             # frame_timeout: half a frame, then silence.
             link = await h.connect("seoul")
             await link.stream.send_all(b"\x00\x00\x01\x00" + b"x" * 10)
@@ -272,11 +275,11 @@ async def test_deadlines(world: World, tmp_path: Path, autojump_clock: trio.abc.
             assert 5 <= trio.current_time() - started < 6
 
 
-async def test_peer_that_stops_reading_is_cut_off(world: World, tmp_path: Path) -> None:
+async def test_peer_that_stops_reading_is_cut_off(world: World, store_at: str | Path) -> None:
     # Real clock: the relay fsyncs in a worker thread, which a mock clock would skip past.
     limits = Limits(handshake_timeout=5, frame_timeout=0.5, idle_timeout=60)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             tokyo = await h.connect("tokyo", lockstep=True)  # and never reads again
             seoul = await h.connect("seoul")
             report = seal(world, b"y" * 300_000)
@@ -292,17 +295,18 @@ async def test_peer_that_stops_reading_is_cut_off(world: World, tmp_path: Path) 
             del tokyo
 
 
-async def test_report_size_and_queue_limits(world: World, tmp_path: Path) -> None:
+async def test_report_size_and_queue_limits(world: World, store_at: str | Path) -> None:
     limits = Limits(handshake_timeout=5, max_report_size=3000, max_queue_per_recipient=2)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+        async with running_relay(world, store_at, limits=limits, clock=FakeClock()) as h:
             seoul = await h.connect("seoul")
             big = seal(world, b"x" * 5000)
             assert big.size > 3000
             await send_submission(seoul, big)
             refusal = await expect(seoul, Refusal)
             assert (refusal.reason, refusal.ref) == (Reason.LIMIT, big.report_id)
-            assert not list((tmp_path / "blobs").iterdir())
+            assert not ciphertext_apart(store_at, big.report_id)
+            assert not leftover_uploads(store_at)
             reports = []
             for i in range(3):
                 report = seal(world, b"r%d" % i)
@@ -329,7 +333,7 @@ async def test_report_size_and_queue_limits(world: World, tmp_path: Path) -> Non
 
 
 async def test_queue_length_stays_exact_across_release_ack_revoke_and_expiry(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # The relay keeps each recipient's queue length instead of counting it on every
     # release; after every kind of change it must equal a fresh count.
@@ -339,15 +343,12 @@ async def test_queue_length_stays_exact_across_release_ack_revoke_and_expiry(
     clock = FakeClock()
     limits = Limits(handshake_timeout=5, max_queue_per_recipient=3)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits, clock=clock) as h:
+        async with running_relay(world, store_at, limits=limits, clock=clock) as h:
             store = h.relay.store
 
             def counted() -> int:
-                row = store._db.execute(
-                    "SELECT COUNT(*) FROM tokens WHERE recipient = 'tokyo'"
-                    " AND state IN ('pending', 'delivered')"
-                ).fetchone()
-                return int(row[0])
+                # A fresh query of the deliveries owed, whichever backend.
+                return len(store.outstanding("tokyo"))
 
             def check(expected: int) -> None:
                 assert store.queue_length("tokyo") == counted() == expected
@@ -451,7 +452,7 @@ async def test_python_m_relay(world: World, tmp_path: Path) -> None:
     assert NOW  # the relay ran on the real clock; nothing here depends on it
 
 
-async def test_delivery_window(world: World, tmp_path: Path) -> None:
+async def test_delivery_window(world: World, store_at: str | Path) -> None:
     """At most delivery_window deliveries are pushed un-acked on a connection; each ack
     lets one more out."""
     from tisa.messages import Ack
@@ -459,7 +460,7 @@ async def test_delivery_window(world: World, tmp_path: Path) -> None:
 
     limits = Limits(handshake_timeout=5, delivery_window=2)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+        async with running_relay(world, store_at, limits=limits, clock=FakeClock()) as h:
             seoul = await h.connect("seoul")
             reports = [seal(world, b"w%d" % i) for i in range(4)]
             for i, report in enumerate(reports):
@@ -505,11 +506,13 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
             memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
         )
 
-    def start(key: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    def start(
+        key: str, *extra: str, store: str = str(tmp_path / "store")
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "relay", "--key", str(tmp_path / key),
              "--passphrase-env", "RELAY_PASS", "--arrangement", str(arrangement_file),
-             "--store", str(tmp_path / "store"), "--port", "0", *extra],
+             "--store", store, "--port", "0", *extra],
             env={**os.environ, "RELAY_PASS": "pass"},
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True, text=True, timeout=60,
@@ -528,17 +531,23 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
     assert busy.returncode == 1, busy.stderr
     assert "Traceback" not in busy.stderr
     assert busy.stderr.strip().splitlines()[-1].startswith("Error:")
+    # A PostgreSQL store that cannot be reached: one line that says so.
+    unreachable = start("washington.key", store=f"postgresql://nobody@/none?host={tmp_path}")
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert "Traceback" not in unreachable.stderr
+    last = unreachable.stderr.strip().splitlines()[-1]
+    assert last.startswith("Error: cannot reach the relay's PostgreSQL store:"), last
 
 
 async def test_audit_extracts_queued_per_connection_are_capped(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # Each extract can be ~128 KiB: a member that asks again and again without reading
     # gets `busy` past MAX_QUEUED_AUDIT_REPLIES instead of making the relay hold them all.
     from relay.server import MAX_QUEUED_AUDIT_REPLIES
 
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path) as h:
+        async with running_relay(world, store_at) as h:
             link = await h.connect("seoul", lockstep=True)
             asks = MAX_QUEUED_AUDIT_REPLIES + 4
             for _ in range(asks):
@@ -552,7 +561,9 @@ async def test_audit_extracts_queued_per_connection_are_capped(
             assert refusals and all(r.reason == Reason.BUSY for r in refusals)
 
 
-async def test_logged_refusals_per_member_are_rate_limited(world: World, tmp_path: Path) -> None:
+async def test_logged_refusals_per_member_are_rate_limited(
+    world: World, store_at: str | Path
+) -> None:
     # Every refusal is answered, but a member cannot grow the audit log at will: past
     # max_logged_refusals_per_minute one entry with reason "limit" stands for the rest.
     from tisa.audit import AuditEvent, verify_extract
@@ -561,7 +572,7 @@ async def test_logged_refusals_per_member_are_rate_limited(world: World, tmp_pat
     clock = FakeClock()
     limits = Limits(max_logged_refusals_per_minute=cap)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits, clock=clock) as h:
+        async with running_relay(world, store_at, limits=limits, clock=clock) as h:
             seoul = await h.connect("seoul")
             report = seal(world)  # never submitted: every release is unknown_report
 

@@ -635,6 +635,12 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: relay processes serving one arrangement, tried in
+    turn (docs/deployment.md). Raises CliError."""
+    return [parse_address(part.strip()) for part in text.split(",")]
+
+
 @dataclass
 class _Member:
     """What a node command needs: keys, name, arrangement, relay, store, and how long to
@@ -643,9 +649,14 @@ class _Member:
     secret: MemberSecret
     name: str
     arrangement: Arrangement
-    relay: tuple[str, int]
+    relay: list[tuple[str, int]]
     store: Path
     wait_relay: float = 0.0
+
+    @property
+    def addresses(self) -> str:
+        """The relay addresses as the user gave them: ``HOST:PORT[, HOST:PORT...]``."""
+        return ", ".join(f"{host}:{port}" for host, port in self.relay)
 
 
 @dataclass(frozen=True)
@@ -662,7 +673,7 @@ class _NodeOptions:
 
     def load(self, ctx: click.Context) -> _Member:
         home = _home(ctx)
-        relay = parse_address(self.relay_addr)
+        relay = parse_addresses(self.relay_addr)
         arrangement = read_arrangement(
             self.arrangement_path or home / ARRANGEMENT_FILE
         ).require_effective()
@@ -713,8 +724,8 @@ def _node_options(func: _F) -> _F:
         envvar="TISA_RELAY",
         default=DEFAULT_RELAY,
         show_default=True,
-        metavar="HOST:PORT",
-        help="The relay's address. Env: TISA_RELAY.",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="The relay's address, or several relay processes' (tried in turn). Env: TISA_RELAY.",
     )(wrapped)
     wrapped = click.option(
         "--arrangement",
@@ -758,8 +769,7 @@ async def _connect(node: Any, member: _Member, connect_timeout: float) -> None:
     """
     import trio
 
-    host, port = member.relay
-    address = f"{host}:{port}"
+    address = member.addresses
     patience = member.wait_relay
     error: BaseException | None = None
     with trio.move_on_after(patience or min(connect_timeout, CONNECT_TIMEOUT)):
@@ -794,7 +804,7 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
 
     from clients.node import open_node
 
-    host, port = member.relay
+    where = member.addresses
 
     async def main() -> Any:
         async with open_node(
@@ -809,7 +819,7 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
         if not isinstance(_leaf(exc), trio.TooSlowError):
             raise
         raise CliError(
-            f"timed out waiting for the relay at {host}:{port} (--timeout {connect_timeout:g})"
+            f"timed out waiting for the relay at {where} (--timeout {connect_timeout:g})"
         ) from None
 
 
@@ -1083,7 +1093,7 @@ def send(
         err = Console(stderr=True)
         interactive = not as_json and err.is_interactive
         relay_name = member.arrangement.relay
-        address = "{}:{}".format(*member.relay)
+        address = member.addresses
         interrupt = _Interrupt()
 
         async def job(node: Any) -> dict[str, Any]:
@@ -1267,7 +1277,7 @@ def outbox_send(
                 interactive=interactive,
                 relay_name=member.arrangement.relay,
                 timeout=timeout,
-                address="{}:{}".format(*member.relay),
+                address=member.addresses,
             )
 
     result = _run_node(member, job, connect_timeout=timeout)

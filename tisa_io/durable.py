@@ -81,6 +81,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
@@ -92,6 +93,7 @@ __all__ = [
     "BACKGROUND_COMMIT_DELAY",
     "INLINE_FSYNC_MAX_STEPS",
     "MAX_BATCH",
+    "Batches",
     "DurableStore",
     "GroupCommitter",
 ]
@@ -186,6 +188,17 @@ class DurableStore:
         plus what a subclass buffers for :meth:`_before_commit`)."""
         return self._db.total_changes
 
+    @property
+    def in_transaction(self) -> bool:
+        """A batch (or a single transaction) is open. A store on another database
+        (:class:`relay.pgstore.PgStore`) overrides this, :meth:`_execute`,
+        :meth:`_single`, :meth:`_step` and :meth:`fsync_wal`."""
+        return self._db.in_transaction
+
+    def _execute(self, statement: str) -> None:
+        # COMMIT and ROLLBACK of the open batch.
+        self._db.execute(statement)
+
     @contextlib.contextmanager
     def _single(self) -> Iterator[sqlite3.Connection]:
         # Without group commit: one transaction, durable on return. BEGIN IMMEDIATE
@@ -246,7 +259,7 @@ class DurableStore:
     def _remove_after_commit(self, path: Path) -> None:
         # A file whose row this step drops: with a batch open the drop is not on disk
         # yet, so unlink only once it is.
-        if self.group_commit and self._db.in_transaction:
+        if self.group_commit and self.in_transaction:
             self._after_commit.append(path)
         else:
             path.unlink(missing_ok=True)
@@ -255,12 +268,12 @@ class DurableStore:
     def barrier(self) -> int:
         """The batch that must be on disk before the current state may be announced:
         the open one, or the last one written when nothing is open."""
-        return self.generation if self._db.in_transaction else self.written
+        return self.generation if self.in_transaction else self.written
 
     @property
     def pending(self) -> bool:
         """Steps are waiting for :meth:`commit`, or a written batch for its WAL fsync."""
-        return self._db.in_transaction or self.written > self.committed
+        return self.in_transaction or self.written > self.committed
 
     def lost(self, batch: int) -> bool:
         """Batch ``batch`` will never be on disk (its commit failed, or the store is
@@ -279,12 +292,12 @@ class DurableStore:
         """
         if self.failed is not None:
             raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
-        if not self._db.in_transaction:
+        if not self.in_transaction:
             return
         removals, self._after_commit = self._after_commit, []
         try:
             self._before_commit()
-            self._db.execute("COMMIT")
+            self._execute("COMMIT")
         except BaseException:
             self._abandon_batch()
             raise
@@ -297,8 +310,8 @@ class DurableStore:
 
     def _abandon_batch(self) -> None:
         # Roll the open batch back whole; it never counts as committed.
-        if self._db.in_transaction:
-            self._db.execute("ROLLBACK")
+        if self.in_transaction:
+            self._execute("ROLLBACK")
         self._after_commit = []
         self._rolled_back()
         self._lost.add(self.generation)
@@ -366,6 +379,43 @@ class DurableStore:
             self.mark_durable(target)
 
 
+class Batches(Protocol):
+    """What :class:`GroupCommitter` uses of a store: :class:`DurableStore`'s batch
+    bookkeeping (also a store on another database, :class:`relay.storage.RelayStore`)."""
+
+    written: int
+    committed: int
+    ops: int
+    unsynced_ops: int
+    uncheckpointed_ops: int
+
+    @property
+    def barrier(self) -> int:
+        """The batch that must be durable before the current state may be announced."""
+
+    @property
+    def pending(self) -> bool:
+        """Steps wait for a commit, or a written batch for its flush."""
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be durable."""
+
+    def commit(self) -> None:
+        """Commit the open batch (no flush)."""
+
+    def fsync_wal(self) -> None:
+        """Make every batch committed before this call durable (blocking)."""
+
+    def mark_durable(self, batch: int) -> None:
+        """Batch ``batch`` and every one before it are durable."""
+
+    def manual_checkpoints(self) -> None:
+        """Stop the database's own checkpoints: the committer runs :meth:`checkpoint`."""
+
+    def checkpoint(self) -> tuple[int, int]:
+        """One checkpoint of the write-ahead log (blocking; any thread)."""
+
+
 class GroupCommitter:
     """Commits a :class:`DurableStore`'s batches from the event loop, one WAL fsync at a
     time (in line or in a worker thread, :data:`INLINE_FSYNC_MAX_STEPS`).
@@ -382,7 +432,7 @@ class GroupCommitter:
 
     def __init__(
         self,
-        store: DurableStore,
+        store: Batches,
         *,
         on_commit_error: Callable[[], None] | None = None,
         on_sync_error: Callable[[], None] | None = None,
@@ -440,9 +490,12 @@ class GroupCommitter:
                 something else.
         """
         store = self.store
-        while store.committed < barrier:
+        while True:
+            # Lost first: a later batch may be on disk while this one never will be.
             if store.lost(barrier):
                 raise LinkClosed("the batch this depends on was not committed")
+            if store.committed >= barrier:
+                return
             if store.written >= barrier or self.syncing:
                 # Written and waiting for the disk; or a sync is in flight, during
                 # which this batch keeps growing.
