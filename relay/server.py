@@ -254,6 +254,9 @@ class _Connection:
     # A claim of this connection lapsed and it has acked nothing since: while the member
     # has a connection that is not overdue, this one is passed over for new deliveries.
     overdue: bool = False
+    # Order of arrival among all connections: new deliveries go to the member's newest
+    # connection that is not overdue (after a network drop, the one it reconnected on).
+    serial: int = 0
     # Answers waiting for their batch to commit: (batch, message).
     replies: collections.deque[tuple[int, Message]] = dataclasses.field(
         default_factory=collections.deque
@@ -316,6 +319,7 @@ class Relay:
         self._handshakes = _HandshakePool(limits)
         self._uploading: set[bytes] = set()
         self._claims: dict[bytes, _Connection] = {}
+        self._serial = 0
         # Notices (by seq) one connection is sending: notices have no ack, so another
         # connection of the same member must not send them too.
         self._notice_claims: set[int] = set()
@@ -505,7 +509,8 @@ class Relay:
         purpose, and call ``super().serve_link(wrapped)``. Never raises but
         ``trio.Cancelled``; the link is closed on return.
         """
-        conn = _Connection(link=link, member=link.peer)
+        self._serial += 1
+        conn = _Connection(link=link, member=link.peer, serial=self._serial)
         self._connections.setdefault(conn.member, set()).add(conn)
         try:
             with conn.cancel:
@@ -805,8 +810,10 @@ class Relay:
                 holder = self._claims.pop(message.token, None)
                 if holder is not None:
                     holder.claims.discard(message.token)
-            if message.token in conn.in_flight:
-                conn.overdue = False  # it takes what it is sent after all
+            if message.token in conn.in_flight and conn.overdue:
+                # It takes what it is sent after all: it may be the one to push to again,
+                # so it looks at what it passed over.
+                conn.overdue, conn.rescan = False, True
             for other in self._connections.get(conn.member, ()):
                 other.deadlines.pop(message.token, None)
                 if message.token in other.in_flight:
@@ -951,9 +958,15 @@ class Relay:
                 other.wake.set()
 
     def _passed_over(self, conn: _Connection) -> bool:
-        # An overdue connection takes no new delivery while a punctual one is there.
-        return conn.overdue and any(
-            not other.overdue for other in self._connections.get(conn.member, ())
+        """Whether the member has a better connection to push deliveries on: one that
+        is not overdue when this one is, else a newer one. Exactly one connection of a
+        member is the best; whenever that changes, the new best rescans (a new
+        connection scans from the start; a close, a lapse or an ack that ends an
+        overdue sets ``rescan``), so no delivery is left unpushed."""
+        rank = (not conn.overdue, conn.serial)
+        return any(
+            (not other.overdue, other.serial) > rank
+            for other in self._connections.get(conn.member, ())
         )
 
     async def _pusher(self, conn: _Connection) -> None:
@@ -1057,7 +1070,7 @@ class Relay:
         if holder is not None and holder is not conn:
             return  # another connection of this member is delivering it
         if self._passed_over(conn):
-            return  # the punctual connection takes it; rescanned here if that changes
+            return  # the member's best connection takes it (see _passed_over)
         # The release that made this delivery pending may still be in the open batch
         # (not a later one: the row was read in batch ``barrier``). Not the current
         # barrier, which moves on with every message handled meanwhile: waiting for it

@@ -716,7 +716,7 @@ async def test_a_claim_lapses_while_a_stream_is_not_taken(world: World, tmp_path
             assert got == token and len(ciphertext) > 300_000
 
 
-def test_sources_are_ipv4_addresses_and_ipv6_prefixes() -> None:
+async def test_sources_are_ipv4_addresses_and_ipv6_prefixes() -> None:
     import socket
 
     from relay.server import source_key
