@@ -5,11 +5,21 @@ call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
 :func:`serve` runs it on TCP. The session protocol is ``docs/node-protocol.md``.
 
 Per connection: the handshake comes first (:func:`relay.transport.accept_member`, with
-the connection caps checked before ``welcome``), then two tasks share the link: a
-reader that handles what the member sends, and a pusher that sends the member what the
-store holds for it (deliveries, receipts, notices) and waits to be woken when more is
-queued. Anything that goes wrong on one connection ends that connection only: the
-connection task catches every exception at its boundary, logs it and closes.
+the connection caps checked once ``finish`` authenticated the member), then two tasks
+share the link: a reader that handles what the member sends, and a pusher that sends the
+member what the store holds for it (deliveries, receipts, notices) and waits to be woken
+when more is queued. Anything that goes wrong on one connection ends that connection
+only: the connection task catches every exception at its boundary, logs it and closes.
+
+Availability: connections in their handshake are counted per source address
+(:class:`_HandshakePool`); when a source or the whole pool is full, the oldest
+handshake of that source (or of the busiest source) is shed, so a flood from a few
+addresses cannot keep members out, and authenticated members never compete with
+handshakes for room. A delivery pushed on a connection is claimed by it (no other
+connection of the member pushes it) only until ``Limits.claim_timeout`` passes without
+the link taking its frames or the member acking it (:meth:`Relay._claim_watch`); new
+deliveries go to the member's newest connection that has no lapsed claim, so a stale
+connection left by a network drop holds nothing for long.
 
 Group commit: the store runs every step in one open transaction (see
 :mod:`relay.store`). The reader does not wait for the disk: it handles the next message

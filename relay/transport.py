@@ -431,7 +431,7 @@ def keep_alive(stream: trio.abc.Stream, limits: Limits = DEFAULT_LIMITS) -> bool
     (Linux), data the peer's TCP has not acknowledged for the same total time ends the
     connection too (keepalive alone stays silent while data waits). Either way the next
     read or write on the link fails, and the connection is closed.
-    :func:`connect_member` and :func:`accept_member` call it.
+    :func:`connect_member` and :func:`accept_member` call it once the handshake is done.
 
     Returns:
         Whether the options were set (False for other streams, or a socket that was
@@ -524,7 +524,6 @@ async def connect_member(
     may have seen part of the handshake.
     """
     handshake = MemberHandshake(secret, name, arrangement)
-    keep_alive(stream, limits)
     try:
         with trio.fail_after(limits.handshake_timeout):
             await _send_raw(stream, handshake.start())
@@ -536,6 +535,7 @@ async def connect_member(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    keep_alive(stream, limits)
     return Link(stream, handshake.channel, arrangement.relay, limits=limits)
 
 
@@ -572,15 +572,18 @@ async def accept_member(
         LinkClosed: the connection closed during the handshake.
         ProtocolError: malformed handshake input (answered ``malformed`` when it was
             the ``hello``).
+        UsageError: ``secret`` is not the relay's key in ``arrangement`` (found once
+            a ``hello`` came).
 
     On any failure the stream is closed. Cancellation: the stream is closed.
     """
-    handshake = RelayHandshake(secret, arrangement)
-    keep_alive(stream, limits)
     try:
         with trio.fail_after(limits.handshake_timeout):
             try:
                 hello = await _receive_handshake_frame(stream)
+                # Made only now: a connection that never says hello (a flood of idle
+                # ones) costs no ephemeral key pair.
+                handshake = RelayHandshake(secret, arrangement)
                 welcome = handshake.receive(hello)
                 if welcome is None:  # pragma: no cover - the state machine forbids it
                     raise ProtocolError("handshake finished early")
@@ -608,6 +611,7 @@ async def accept_member(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    keep_alive(stream, limits)
     return Link(stream, handshake.channel, handshake.peer, limits=limits)
 
 
