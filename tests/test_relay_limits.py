@@ -730,3 +730,19 @@ async def test_sources_are_ipv4_addresses_and_ipv6_prefixes() -> None:
     assert source_key("fe80::1%eth0", socket.AF_INET6) == "fe80::/64"
     # An IPv4 peer on a dual-stack socket counts as its IPv4 address.
     assert source_key("::ffff:192.0.2.7", socket.AF_INET6) == "192.0.2.7"
+
+
+async def test_deliveries_go_to_the_members_newest_connection(world: World, tmp_path: Path) -> None:
+    """A member that reconnected after a network drop gets new deliveries on the new
+    connection at once, though the old one is still open (and will never ack)."""
+    limits = Limits(handshake_timeout=5, idle_timeout=60, claim_timeout=30)
+    with trio.fail_after(10):  # far below claim_timeout: no lapse is involved
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            old = await h.connect("tokyo")
+            new = await h.connect("tokyo")
+            token = await _submit_and_release(world, seoul, b"after the drop", 1)
+            assert (await receive_delivery(new))[0] == token
+            with trio.move_on_after(0.3) as waited:
+                await old.receive()
+            assert waited.cancelled_caught
