@@ -20,8 +20,8 @@ demo: $(STAMP)
 	$(BIN)/tisa demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check tisa relay clients tests examples bench scripts fuzz
-	$(BIN)/ruff format --check tisa relay clients tests examples bench scripts fuzz
+	$(BIN)/ruff check tisa tisa_io relay clients tisa_testing tisa_cli tests examples bench scripts fuzz
+	$(BIN)/ruff format --check tisa tisa_io relay clients tisa_testing tisa_cli tests examples bench scripts fuzz
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -3,3 +3,5 @@
 Each benchmark measures its floor (raw PyNaCl, a bare trio forwarder) in the same run
 and prints the ratio, since the machines are shared and absolute figures drift.
 """
+
+__all__: list[str] = []

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+__all__ = ["BENCHMARKS", "main"]
+
 BENCHMARKS = ("core", "nodes", "ceiling", "availability")
 
 

@@ -36,9 +36,8 @@ from typing import Any
 
 import trio
 
-from bench.nodes import _load, _make_world, _run_folder, _start_relay, _wait_port
+from bench.processes import load, make_world, run_folder, start_relay, wait_port
 from bench.world import LEVEL, SCOPE
-from relay.transport import Link, connect_member
 from tisa.arrangement import Arrangement
 from tisa.keys import MemberSecret
 from tisa.messages import (
@@ -55,6 +54,9 @@ from tisa.messages import (
 )
 from tisa.report import seal_report
 from tisa.token import issue_token
+from tisa_io.link import Link, connect_member
+
+__all__ = ["FLOOD_ADDRESS", "main"]
 
 # Where the flood comes from; the members connect from 127.0.0.1 (Linux answers on
 # every 127.0.0.0/8 address).
@@ -69,7 +71,7 @@ class _Members:
     def __init__(self, folder: Path, port: int) -> None:
         self.port = port
         self.keys: dict[str, tuple[MemberSecret, Arrangement]] = {
-            name: _load(folder, name) for name in ("seoul", "tokyo")
+            name: load(folder, name) for name in ("seoul", "tokyo")
         }
         self.counter = 0
 
@@ -215,11 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--idle must be at least 0 and --rounds at least 1")
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
-        _make_world(folder)
-        run = _run_folder(folder)
-        relay = _start_relay(run, args.rounds * 2)
+        make_world(folder)
+        run = run_folder(folder)
+        relay = start_relay(run, args.rounds * 2)
         try:
-            port = _wait_port(run / "relay.port", relay)
+            port = wait_port(run / "relay.port", relay)
             figures = trio.run(_measure, folder, port, args.idle, args.rounds)
         finally:
             relay.stop()

@@ -88,6 +88,18 @@ from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 from tisa.report import seal_report
 from tisa.token import ReleaseToken, issue_token
 
+__all__ = [
+    "TARGET",
+    "Fixture",
+    "bound_against",
+    "bound_line",
+    "make_fixture",
+    "measure",
+    "report",
+    "summary_line",
+    "main",
+]
+
 # The issue's throughput target: tisa at least this fraction of the bare forwarder.
 TARGET = 0.8
 

@@ -36,6 +36,8 @@ from tisa.limits import CHUNK_SIZE
 from tisa.report import ReportSealer, seal_report
 from tisa.token import check_for_recipient, check_for_relay, issue_token
 
+__all__ = ["large", "main", "per_role"]
+
 NOW = 1_700_000_000
 TAG_MESSAGE = b.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 TAG_FINAL = b.crypto_secretstream_xchacha20poly1305_TAG_FINAL

@@ -61,7 +61,6 @@ import json
 import os
 import statistics
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,128 +68,25 @@ from pathlib import Path
 from typing import Any
 
 import nacl.bindings as sodium
-import nacl.pwhash
 import trio
 
 from bench import ceiling
-from bench.world import LEVEL, SCOPE, bench_arrangement
-from tisa.arrangement import Arrangement, SignedArrangement
-from tisa.keys import MemberSecret
+from bench.processes import (
+    Process,
+    emit,
+    load,
+    make_world,
+    run_folder,
+    start_relay,
+    vm_hwm_mib,
+    wait_port,
+)
+from bench.world import LEVEL, SCOPE
 
-PASSPHRASE = "bench"
+__all__ = ["main"]
+
 _LEN = struct.Struct(">I")
 _STAMP = struct.Struct(">dI")  # send time (monotonic), sequence number
-
-
-def _emit(record: dict[str, Any]) -> None:
-    print(json.dumps(record), flush=True)
-
-
-# --- set-up ------------------------------------------------------------------------------
-
-
-def _make_world(folder: Path) -> None:
-    secrets = {n: MemberSecret.generate() for n in ("seoul", "tokyo", "washington")}
-    arrangement = bench_arrangement(secrets, created=int(time.time()))
-    signed = SignedArrangement(arrangement)
-    for name, secret in secrets.items():
-        signed = signed.signed_by(secret, name)
-        secret.save(
-            folder / f"{name}.key",
-            PASSPHRASE,
-            name=name,
-            opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
-            memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
-        )
-    (folder / "arrangement.tisa").write_bytes(signed.encode())
-
-
-def _load(folder: Path, name: str) -> tuple[MemberSecret, Arrangement]:
-    secret, _ = MemberSecret.load(folder / f"{name}.key", PASSPHRASE)
-    arrangement = SignedArrangement.load_effective((folder / "arrangement.tisa").read_bytes())
-    return secret, arrangement
-
-
-def _wait_port(path: Path, process: _Process, timeout: float = 20.0) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.exists() and path.read_text().strip():
-            return int(path.read_text())
-        if process.poll() is not None:
-            raise RuntimeError(f"process exited early: {process.popen.returncode}")
-        time.sleep(0.02)
-    raise TimeoutError(f"no port in {path}")
-
-
-def _vm_hwm_mib(pid: int | str = "self") -> float:
-    """A process's peak RSS (VmHWM) in MiB, nan if it cannot be read.
-
-    Not ``ru_maxrss``: Linux carries the peak of the image a process replaced with
-    ``execve`` into it, so a child started by a large orchestrator reports at least the
-    orchestrator's size (every process showed 48 MiB once this process had run the
-    in-process ceiling benchmark). VmHWM belongs to the process's own memory map.
-    """
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-class _Process:
-    """A child process whose output goes to a file. Its peak RSS is read from /proc
-    before :meth:`stop` ends it (a role that ends by itself emits its own)."""
-
-    def __init__(
-        self, folder: Path, label: str, args: list[str], env: dict[str, str] | None = None
-    ):
-        self.out = folder / f"{label}.out"
-        self.err = folder / f"{label}.err"
-        with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.popen = subprocess.Popen(
-                [sys.executable, *args], stdout=out, stderr=err, env={**os.environ, **(env or {})}
-            )
-        self.peak_mib = float("nan")
-        self.cpu_s = float("nan")  # user + system CPU seconds, start-up included
-
-    def poll(self) -> int | None:
-        return self.popen.poll()
-
-    def reap(self) -> bool:
-        """Whether the process has ended (its peak RSS and CPU seconds then read); raises
-        if it failed."""
-        if self.popen.returncode is not None:
-            return True
-        pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
-        if not pid:
-            return False
-        self.cpu_s = usage.ru_utime + usage.ru_stime
-        self.popen.returncode = os.waitstatus_to_exitcode(status)
-        if self.popen.returncode not in (0, -15):
-            raise RuntimeError(f"{self.popen.args!r} failed:\n{self.err.read_text()[-3000:]}")
-        return True
-
-    def wait(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.reap():
-                return
-            time.sleep(0.01)
-        self.popen.kill()
-        raise TimeoutError(f"{self.popen.args!r} did not finish")
-
-    def stop(self) -> None:
-        if self.popen.returncode is None:
-            self.peak_mib = _vm_hwm_mib(self.popen.pid)
-            self.popen.terminate()
-            self.wait(30)
-
-    def records(self) -> list[dict[str, Any]]:
-        lines = self.out.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
 
 
 # --- tisa roles --------------------------------------------------------------------------
@@ -201,7 +97,7 @@ async def _seoul(
 ) -> None:
     from clients.node import open_node
 
-    secret, arrangement = _load(folder, "seoul")
+    secret, arrangement = load(folder, "seoul")
     async with open_node(
         secret, "seoul", arrangement, ("127.0.0.1", port), folder / "seoul"
     ) as node:
@@ -211,7 +107,7 @@ async def _seoul(
             start = time.monotonic()
             await node.submit(source, recipients=["tokyo"], scope=SCOPE, level=LEVEL,
                               release_to=["tokyo"])  # fmt: skip
-            _emit({"start": start})
+            emit({"start": start})
             # Stay connected until Tokyo has it (the orchestrator ends us).
             await trio.sleep_forever()
         filler = os.urandom(max(0, size - _STAMP.size))
@@ -245,14 +141,14 @@ async def _seoul(
                 for seq in range(count):
                     await limiter.acquire()
                     nursery.start_soon(bounded, seq)
-        _emit({"start": start})
+        emit({"start": start})
         await trio.sleep_forever()
 
 
 async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
     from clients.node import open_node
 
-    secret, arrangement = _load(folder, "tokyo")
+    secret, arrangement = load(folder, "tokyo")
     async with open_node(
         secret, "tokyo", arrangement, ("127.0.0.1", port), folder / "tokyo"
     ) as node:
@@ -261,51 +157,30 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
         async for report in node.reports():
             now = time.monotonic()
             if mode == "large":
-                _emit({"end": now, "peak_mib": _vm_hwm_mib()})
+                emit({"end": now, "peak_mib": vm_hwm_mib()})
                 return
             body = report.read_body()
             sent, _ = _STAMP.unpack_from(body)
             latencies.append(now - sent)
             received += 1
             if received == count:
-                _emit({"end": now, "latencies": latencies})
+                emit({"end": now, "latencies": latencies})
                 return
-
-
-def _run_folder(folder: Path) -> Path:
-    """A fresh folder for one run, with the world's keys and arrangement linked in."""
-    run = Path(tempfile.mkdtemp(dir=folder))
-    for name in ("seoul.key", "tokyo.key", "washington.key", "arrangement.tisa"):
-        (run / name).symlink_to(folder / name)
-    return run
-
-
-def _start_relay(run: Path, count: int) -> _Process:
-    """The real relay (``python -m relay``) on a fresh store in ``run``; its port is written
-    to ``run / "relay.port"``. Its queue per recipient holds every report of the run."""
-    return _Process(
-        run, "relay",
-        ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
-         "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
-         "--port", "0", "--port-file", str(run / "relay.port"),
-         "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
-        env={"BENCH_PASS": PASSPHRASE},
-    )  # fmt: skip
 
 
 def _run_tisa(
     folder: Path, mode: str, count: int, rate: float, size: int, concurrency: int = 1
 ) -> dict[str, Any]:
-    run = _run_folder(folder)
+    run = run_folder(folder)
     if mode == "large":
         (run / "large.bin").symlink_to(folder / "large.bin")
-    relay = _start_relay(run, count)
+    relay = start_relay(run, count)
     seoul = tokyo = None
     try:
-        port = _wait_port(run / "relay.port", relay)
+        port = wait_port(run / "relay.port", relay)
         role_args = [str(run), str(port), mode, str(count), str(rate), str(size)]
-        tokyo = _Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", *role_args])
-        seoul = _Process(
+        tokyo = Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", *role_args])
+        seoul = Process(
             run, "seoul", ["-m", "bench.nodes", "--role", "seoul", *role_args, str(concurrency)]
         )
         tokyo.wait(timeout=900)
@@ -378,7 +253,7 @@ async def _bare_sender(port: int, mode: str, count: int, rate: float, size: int)
         signed = sodium.crypto_sign(message, secret_key)
         report = _STAMP.pack(time.monotonic(), seq) + filler
         await stream.send_all(_LEN.pack(len(signed) + len(report)) + signed + report)
-    _emit({"start": start})
+    emit({"start": start})
     await trio.sleep_forever()
 
 
@@ -393,23 +268,21 @@ async def _bare_receiver(port: int, count: int) -> None:
             break
         sent, _ = _STAMP.unpack_from(frame)
         latencies.append(time.monotonic() - sent)
-    _emit({"end": time.monotonic(), "latencies": latencies})
+    emit({"end": time.monotonic(), "latencies": latencies})
 
 
 def _run_bare(folder: Path, mode: str, count: int, rate: float, size: int) -> dict[str, Any]:
     run = Path(tempfile.mkdtemp(dir=folder))
     public_key, _ = sodium.crypto_sign_seed_keypair(b"\x07" * 32)
-    forwarder = _Process(run, "forwarder", ["-m", "bench.nodes", "--role", "forwarder",
+    forwarder = Process(run, "forwarder", ["-m", "bench.nodes", "--role", "forwarder",
                                             str(run / "port"), public_key.hex()])  # fmt: skip
     sender = receiver = None
     try:
-        port = _wait_port(run / "port", forwarder)
+        port = wait_port(run / "port", forwarder)
         args = [str(port), mode, str(count), str(rate), str(size)]
-        receiver = _Process(
-            run, "receiver", ["-m", "bench.nodes", "--role", "bare-receiver", *args]
-        )
+        receiver = Process(run, "receiver", ["-m", "bench.nodes", "--role", "bare-receiver", *args])
         time.sleep(0.3)
-        sender = _Process(run, "sender", ["-m", "bench.nodes", "--role", "bare-sender", *args])
+        sender = Process(run, "sender", ["-m", "bench.nodes", "--role", "bare-sender", *args])
         receiver.wait(timeout=600)
     finally:
         for process in (sender, receiver, forwarder):
@@ -576,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     figures: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as name:
         folder = Path(name)
-        _make_world(folder)
+        make_world(folder)
         if "throughput" in parts:
             figures["throughput"] = _throughput_part(folder, args)
         if "latency" in parts:

@@ -8,7 +8,7 @@ forwarder's sender and receiver do, so the figure is the relay's:
   token each with the protocol core *before* the clock starts (the originator node's
   work, measured end to end elsewhere), connects as Seoul, then, timed, sends each
   report's submission (``SubmitBegin``, its chunks, ``SubmitEnd``) with its ``Release``
-  right behind, many reports per :meth:`relay.transport.Link.send_many`, at most
+  right behind, many reports per :meth:`tisa_io.link.Link.send_many`, at most
   ``window`` reports without their ``Released`` answer. It reads the relay's answers:
   every report must be answered ``Stored`` and ``Released``; a ``Refusal`` or an
   ``ErrorMessage`` ends the run with its reason;
@@ -18,7 +18,7 @@ forwarder's sender and receiver do, so the figure is the relay's:
   write). It does not open the reports (the recipient node's work). It stops after N
   distinct token ids;
 * the relay, ``python -m relay`` started exactly as for the end-to-end run
-  (:func:`bench.nodes._start_relay`). It does all of its work: the submission's digest
+  (:func:`bench.processes.start_relay`). It does all of its work: the submission's digest
   check, store and signed ``Stored`` answer, the token's checks on ``Release`` (its
   Ed25519 signature among them) whoever sends it, the delivery, and each delivery
   completed by the sink's ack.
@@ -45,10 +45,9 @@ from typing import Any
 
 import trio
 
-from bench.nodes import _emit, _load, _Process, _run_folder, _start_relay, _wait_port
+from bench.processes import Process, emit, load, run_folder, start_relay, wait_port
 from bench.world import LEVEL, SCOPE
 from relay.store import DB_NAME
-from relay.transport import Link, connect_member
 from tisa.messages import (
     Ack,
     Chunk,
@@ -66,6 +65,9 @@ from tisa.messages import (
 )
 from tisa.report import seal_report
 from tisa.token import ReleaseToken, issue_token
+from tisa_io.link import Link, connect_member
+
+__all__ = ["load_source", "run", "sink", "tokens_digest"]
 
 # Reports per send_many call (four messages each for a 1 KiB report), room permitting.
 BATCH = 64
@@ -98,7 +100,7 @@ def _prepare(
     folder: Path, count: int, size: int
 ) -> tuple[list[list[Message]], list[bytes], list[bytes]]:
     """Each report's messages (submission and release), the report ids, the token ids."""
-    secret, arrangement = _load(folder, "seoul")
+    secret, arrangement = load(folder, "seoul")
     now = int(time.time())
     loads: list[list[Message]] = []
     report_ids: list[bytes] = []
@@ -128,7 +130,7 @@ async def load_source(folder: Path, port: int, count: int, size: int, window: in
     """The source role: see the module docstring. Emits ``{"start": ...}`` and its checks."""
     loads, report_ids, token_ids = _prepare(folder, count, size)
     expected_reports, expected_tokens = set(report_ids), set(token_ids)
-    secret, arrangement = _load(folder, "seoul")
+    secret, arrangement = load(folder, "seoul")
     link = await connect_member(
         await trio.open_tcp_stream("127.0.0.1", port), secret, "seoul", arrangement
     )
@@ -183,7 +185,7 @@ async def load_source(folder: Path, port: int, count: int, size: int, window: in
     if stored != expected_reports or released != expected_tokens:
         raise _Failed(f"source: {len(stored)} stored, {len(released)} released of {count}")
     await link.aclose()
-    _emit({
+    emit({
         "start": start,
         "answered": answered,
         "stored": len(stored),
@@ -199,11 +201,11 @@ async def load_source(folder: Path, port: int, count: int, size: int, window: in
 async def sink(folder: Path, port: int, count: int) -> None:
     """The sink role: see the module docstring. Emits ``{"ready": true}`` once connected,
     then ``{"end": ...}`` with what it received."""
-    secret, arrangement = _load(folder, "tokyo")
+    secret, arrangement = load(folder, "tokyo")
     link: Link = await connect_member(
         await trio.open_tcp_stream("127.0.0.1", port), secret, "tokyo", arrangement
     )
-    _emit({"ready": True})
+    emit({"ready": True})
     tokens: set[bytes] = set()
     deliveries = 0
     in_delivery = False
@@ -243,7 +245,7 @@ async def sink(folder: Path, port: int, count: int) -> None:
     assert cpu is not None
     cpu = time.process_time() - cpu
     await link.aclose()
-    _emit({
+    emit({
         "end": end,
         "deliveries": deliveries,
         "distinct": len(tokens),
@@ -255,7 +257,7 @@ async def sink(folder: Path, port: int, count: int) -> None:
 # --- orchestration -------------------------------------------------------------------------
 
 
-def _wait_ready(process: _Process, timeout: float = 30.0) -> None:
+def _wait_ready(process: Process, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if any(record.get("ready") for record in process.records()):
@@ -266,7 +268,7 @@ def _wait_ready(process: _Process, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{process.popen.args!r} not ready")
 
 
-def _wait_all(processes: list[_Process], timeout: float) -> None:
+def _wait_all(processes: list[Process], timeout: float) -> None:
     """Wait until every process has ended; a failed one raises at once."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -308,18 +310,16 @@ def _wait_acked(where: Path, count: int, timeout: float = 30.0) -> dict[str, int
 
 def run(folder: Path, count: int, size: int = 1024, window: int = 256) -> dict[str, Any]:
     """One run against the real relay; returns the figures (checked, see the docstring)."""
-    where = _run_folder(folder)
-    relay = _start_relay(where, count)
+    where = run_folder(folder)
+    relay = start_relay(where, count)
     source = receiver = None
     try:
-        port = _wait_port(where / "relay.port", relay)
+        port = wait_port(where / "relay.port", relay)
         role_args = [str(where), str(port), str(count)]
-        receiver = _Process(
-            where, "sink", ["-m", "bench.nodes", "--role", "relay-sink", *role_args]
-        )
+        receiver = Process(where, "sink", ["-m", "bench.nodes", "--role", "relay-sink", *role_args])
         _wait_ready(receiver)  # connected before the source sends anything
         relay_cpu = _cpu_seconds(relay.popen.pid)
-        source = _Process(
+        source = Process(
             where, "source",
             ["-m", "bench.nodes", "--role", "load-source", *role_args, str(size), str(window)],
         )  # fmt: skip

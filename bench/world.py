@@ -6,6 +6,8 @@ from __future__ import annotations
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.keys import MemberSecret
 
+__all__ = ["LEVEL", "SCOPE", "bench_arrangement"]
+
 SCOPE = "nk.missile"
 LEVEL = "secret"
 

@@ -62,8 +62,6 @@ from clients.events import (
     decode_event,
 )
 from clients.store import MemberStore, Submission, fsync_dir
-from relay.durable import GroupCommitter
-from relay.transport import Link, LinkClosed, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
 from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, verify_extract
@@ -82,6 +80,8 @@ from tisa.messages import MAX_CHUNK_DATA
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer
 from tisa.token import MAX_VALIDITY, ReleaseToken, check_for_recipient, issue_token
+from tisa_io.durable import GroupCommitter
+from tisa_io.link import Link, LinkClosed, connect_member
 
 __all__ = [
     "DEFAULT_BACKOFF",
@@ -105,6 +105,9 @@ INLINE_MAX = 1024 * 1024
 # (the store keeps the rest; see Node.events).
 EVENT_BUFFER = 64
 REPORT_BUFFER = 16
+# Refusals (with an empty ref) the relay answers an audit_fetch with: past the end of
+# its log, or too many extracts queued (docs/protocol.md sections 12.3 and 14.2).
+_AUDIT_REFUSALS = frozenset({Reason.MALFORMED.value, Reason.BUSY.value})
 # Extracts fetched by one fetch_audit call. A relay cuts each extract at ~2,000 entries,
 # so this covers 100,000 new entries; a member further behind calls again.
 MAX_AUDIT_ROUNDS = 50
@@ -142,7 +145,9 @@ class _SessionOver(Exception):
 class _Session:
     link: Link
     over: trio.Event
-    audit_replies: trio.MemorySendChannel[bytes]
+    # The extract (or the relay's refusal) for the audit_fetch in flight, if any.
+    audit_replies: trio.MemorySendChannel[bytes | Refused]
+    audit_waiting: bool = False
     # Acks waiting for the commit of what they confirm: (batch, message).
     replies: collections.deque[tuple[int, m.Message]] = dataclasses.field(
         default_factory=collections.deque
@@ -211,7 +216,7 @@ class Node:
 
     async def _durable(self, barrier: int | None = None) -> None:
         """Return once batch ``barrier`` (default: the current state) is committed and
-        on disk; see :meth:`relay.durable.GroupCommitter.durable`.
+        on disk; see :meth:`tisa_io.durable.GroupCommitter.durable`.
 
         Raises:
             OSError / sqlite3.Error: the commit or the WAL fsync failed (the batch is
@@ -601,6 +606,10 @@ class Node:
             VerificationError: the relay's extract does not check out (chain, signature,
                 or it does not continue from the stored checkpoint).
             ProtocolError: the extract is malformed.
+            Refused: the relay refused the fetch: ``malformed`` when its log ends before
+                the checkpoint this node verified (the relay lost or rolled back entries
+                it had signed: keep :meth:`audit_checkpoint` as the evidence), ``busy``
+                when it has extracts for this connection still unsent.
         """
         out: list[AuditEntry] = []
         async with self._audit_lock:
@@ -646,27 +655,33 @@ class Node:
         await self.wait_connected()
         session = self._session
         assert session is not None
-        send, receive = trio.open_memory_channel[bytes](1)
+        send, receive = trio.open_memory_channel[bytes | Refused](1)
         session.audit_replies = send
-        result: list[bytes] = []
-        async with trio.open_nursery() as nursery:
+        result: list[bytes | Refused] = []
+        session.audit_waiting = True
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def get() -> None:
-                result.append(await receive.receive())
-                nursery.cancel_scope.cancel()
+                async def get() -> None:
+                    result.append(await receive.receive())
+                    nursery.cancel_scope.cancel()
 
-            async def watch() -> None:
-                await session.over.wait()
-                nursery.cancel_scope.cancel()
+                async def watch() -> None:
+                    await session.over.wait()
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(get)
-            nursery.start_soon(watch)
-            try:
-                await session.link.send(m.AuditFetch(since=since))
-            except LinkClosed:
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(get)
+                nursery.start_soon(watch)
+                try:
+                    await session.link.send(m.AuditFetch(since=since))
+                except LinkClosed:
+                    nursery.cancel_scope.cancel()
+        finally:
+            session.audit_waiting = False
         if not result:
             raise _SessionOver()
+        if isinstance(result[0], Refused):
+            raise result[0]
         return result[0]
 
     # --- connection ------------------------------------------------------------------
@@ -698,7 +713,7 @@ class Node:
 
     async def _serve(self, link: Link) -> None:
         over = trio.Event()
-        discard, _ = trio.open_memory_channel[bytes](1)
+        discard, _ = trio.open_memory_channel[bytes | Refused](1)
         session = _Session(link=link, over=over, audit_replies=discard)
         try:
             async with trio.open_nursery() as nursery:
@@ -804,6 +819,12 @@ class Node:
             elif isinstance(message, m.Released):
                 self._on_released(message)
             elif isinstance(message, m.Refusal):
+                if session.audit_waiting and not message.ref and message.reason in _AUDIT_REFUSALS:
+                    # The relay answers an audit_fetch it cannot serve with a refusal
+                    # (ref empty) and goes on: hand it to the fetch that waits for it.
+                    refusal = Refused(Reason(message.reason), message.detail)
+                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                        session.audit_replies.send_nowait(refusal)
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)

@@ -32,7 +32,7 @@ announced (to the relay, to the application, or to a caller by returning). Files
 unlinked only once the batch that dropped their row is on disk.
 
 Durability without an fsync on the event loop, by the same rule as the relay's store
-(the batch bookkeeping and the full argument are in :mod:`relay.durable`):
+(the batch bookkeeping and the full argument are in :mod:`tisa_io.durable`):
 ``synchronous=NORMAL``, so ``COMMIT`` only appends the batch's frames to
 ``member.db-wal``, and a batch counts as on disk (:meth:`MemberStore.mark_durable`)
 only once an fsync of the WAL file that started after its COMMIT returned has completed
@@ -60,11 +60,11 @@ from collections.abc import Callable, Container, Iterator
 from typing import Any
 
 from clients.events import Event, encode_event
-from relay.durable import DurableStore
 from tisa import encoding as enc
 from tisa.errors import UsageError
 from tisa.report import ReportHeader
 from tisa.token import ReleaseToken
+from tisa_io.durable import DurableStore
 
 __all__ = [
     "InboxEntry",

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import trio
 
-from clients.events import ReceiptEvent
-from clients.node import open_node
-from relay.server import serve
+from clients import ReceiptEvent, open_node
+from relay import serve
 from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
 from tisa.keys import MemberSecret
 

@@ -7,7 +7,7 @@ Usage::
     python fuzz/fuzz_decoders.py token --write-seeds fuzz/corpus/token
     python fuzz/fuzz_decoders.py token fuzz/corpus/token -max_total_time=3600
 
-The first argument names a target of :mod:`tisa.testing.fuzzing`; everything after it
+The first argument names a target of :mod:`tisa_testing.fuzzing`; everything after it
 goes to libFuzzer (corpus directories, ``-max_total_time``, ``-jobs``, ...). A crash is
 any exception the target does not allow: libFuzzer saves the input as ``crash-*``;
 re-run it with ``python fuzz/fuzz_decoders.py token crash-...``.
@@ -23,14 +23,14 @@ import sys
 
 
 def _usage() -> None:
-    from tisa.testing import fuzzing
+    from tisa_testing import fuzzing
 
     print(__doc__)
     print("targets:", " ".join(sorted(fuzzing.TARGETS)))
 
 
 def _replay(target: object, paths: list[str]) -> int:
-    from tisa.testing import fuzzing
+    from tisa_testing import fuzzing
 
     assert isinstance(target, fuzzing.Target)
     inputs: list[tuple[str, bytes]] = []
@@ -57,9 +57,9 @@ def main(argv: list[str]) -> int:
 
     if atheris is not None:
         with atheris.instrument_imports():
-            from tisa.testing import fuzzing
+            from tisa_testing import fuzzing
     else:
-        from tisa.testing import fuzzing
+        from tisa_testing import fuzzing
 
     name = argv[1]
     target = fuzzing.TARGETS.get(name)

@@ -4,7 +4,7 @@
 call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
 :func:`serve` runs it on TCP. The session protocol is ``docs/node-protocol.md``.
 
-Per connection: the handshake comes first (:func:`relay.transport.accept_member`, with
+Per connection: the handshake comes first (:func:`tisa_io.link.accept_member`, with
 the connection caps checked once ``finish`` authenticated the member), then two tasks
 share the link: a reader that handles what the member sends, and a pusher that sends the
 member what the store holds for it (deliveries, receipts, notices) and waits to be woken
@@ -29,7 +29,7 @@ waits the same way before each thing it sends. Whoever waits first commits, afte
 letting every task with work at hand add its steps (:meth:`Relay._durable`), so a burst
 of submissions, releases and acks from any number of connections costs one fsync, and
 no answer ever precedes the commit of what it announces. Under load commits are spaced
-(:data:`relay.durable.COMMIT_SPACING`) so that batches grow instead of the fsyncs multiplying.
+(:data:`tisa_io.durable.COMMIT_SPACING`) so that batches grow instead of the fsyncs multiplying.
 """
 
 from __future__ import annotations
@@ -47,15 +47,7 @@ from typing import Any
 
 import trio
 
-from relay.durable import GroupCommitter
 from relay.store import BlobWriter, InlineBlob, NoticeRow, Store, TokenRow
-from relay.transport import (
-    ERROR_GRACE,
-    Link,
-    LinkClosed,
-    LinkTimeout,
-    accept_member,
-)
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
 from tisa.envelope import open_envelope
@@ -96,8 +88,24 @@ from tisa.messages import (
 )
 from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 from tisa.token import ReleaseToken, check_for_relay
+from tisa_io.durable import GroupCommitter
+from tisa_io.link import (
+    ERROR_GRACE,
+    Link,
+    LinkClosed,
+    LinkTimeout,
+    accept_member,
+)
 
-__all__ = ["MAX_HOLD", "EXPIRY_INTERVAL", "Relay", "serve", "source_of"]
+__all__ = [
+    "MAX_HOLD",
+    "EXPIRY_INTERVAL",
+    "UNKNOWN_SOURCE",
+    "Relay",
+    "serve",
+    "source_key",
+    "source_of",
+]
 
 log = logging.getLogger("relay")
 
@@ -411,7 +419,7 @@ class Relay:
 
     async def _durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is committed and on disk (at once if it is);
-        see :meth:`relay.durable.GroupCommitter.durable`.
+        see :meth:`tisa_io.durable.GroupCommitter.durable`.
 
         Raises:
             LinkClosed: the batch was lost (its commit or a WAL fsync failed); its
@@ -421,7 +429,7 @@ class Relay:
 
     @property
     def _next_commit(self) -> float:
-        # No commit before this trio time (see relay.durable.COMMIT_SPACING).
+        # No commit before this trio time (see tisa_io.durable.COMMIT_SPACING).
         return self._group_commit.next_commit
 
     @_next_commit.setter
@@ -515,7 +523,7 @@ class Relay:
         """Serve one authenticated member link until it ends (the extension point).
 
         :meth:`handle_stream` calls it after the handshake. A subclass may override it to
-        wrap the link, as :class:`tisa.testing.relay.HostileRelay` does to misbehave on
+        wrap the link, as :class:`tisa_testing.relay.HostileRelay` does to misbehave on
         purpose, and call ``super().serve_link(wrapped)``. Never raises but
         ``trio.Cancelled``; the link is closed on return.
         """

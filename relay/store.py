@@ -30,7 +30,7 @@ the batch that deleted their row is on disk. The database runs in WAL mode with
 ``synchronous=NORMAL``, and a batch counts as on disk only after a WAL fsync that
 started after its COMMIT (:meth:`Store.fsync_wal`, run by the server in a worker
 thread); the batch bookkeeping, and the argument why that is durable, are in
-:mod:`relay.durable`, shared with the member's store.
+:mod:`tisa_io.durable`, shared with the member's store.
 
 All methods are synchronous and short; the slow steps, fsync, are in
 :meth:`BlobWriter.place` and :meth:`Store.fsync_wal`, which the server runs in worker
@@ -48,12 +48,12 @@ import sqlite3
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from relay.durable import DurableStore
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
+from tisa_io.durable import DurableStore
 
 __all__ = [
     "BlobWriter",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from clients.cli import tisa
-from clients.files import identity_from_json, identity_to_json, read_arrangement
 from tisa.keys import MemberSecret
+from tisa_cli.commands import tisa
+from tisa_io.files import identity_from_json, identity_to_json, read_arrangement
 
 PASS = {"TISA_TEST_PASS": "correct horse"}
 MEMBERS = {

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from clients.cli import tisa
+from tisa_cli.commands import tisa
 
 ENV = {"TISA_PASSPHRASE": "walkthrough", "TISA_RELAY": ""}
 ROLES = {"seoul": "originator,recipient", "washington": "relay", "tokyo": "originator,recipient"}

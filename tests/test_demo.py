@@ -9,9 +9,9 @@ from pathlib import Path
 from click.testing import CliRunner
 from rich.console import Console
 
-from clients.cli import tisa
-from clients.demo import run_demo
-from clients.demo_trace import TraceEvent, read_trace, render_html, render_svg
+from tisa_cli.commands import tisa
+from tisa_cli.demo import run_demo
+from tisa_cli.demo_trace import TraceEvent, read_trace, render_html, render_svg
 
 
 def test_demo_runs_and_every_check_passes(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("tisa", "relay", "clients")
+PACKAGES = ("tisa", "tisa_io", "relay", "clients", "tisa_testing", "tisa_cli")
 
 # Undocumented when this test was added (as of commit 141b06e). These five files were being
 # changed by other work at the time, so their docstrings come with that work rather than

@@ -1,4 +1,4 @@
-"""relay.durable: when the group committer commits steps nobody waits on."""
+"""tisa_io.durable: when the group committer commits steps nobody waits on."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import trio
 import trio.testing
 
-import relay.durable
+import tisa_io.durable
 from clients.events import ExpiredEvent
 from clients.store import MemberStore
-from relay.durable import GroupCommitter
+from tisa_io.durable import GroupCommitter
 
 
 def _store(tmp_path: pathlib.Path) -> MemberStore:
@@ -22,7 +22,7 @@ def _store(tmp_path: pathlib.Path) -> MemberStore:
 async def test_a_background_step_is_committed_within_the_delay(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
-    monkeypatch.setattr(relay.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
+    monkeypatch.setattr(tisa_io.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
     store = _store(tmp_path)
     committer = GroupCommitter(store)
     try:
@@ -43,7 +43,7 @@ async def test_a_background_step_is_committed_within_the_delay(
 async def test_a_background_step_rides_with_a_commit_someone_waits_on(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
 ) -> None:
-    monkeypatch.setattr(relay.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
+    monkeypatch.setattr(tisa_io.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
     store = _store(tmp_path)
     committer = GroupCommitter(store)
     try:

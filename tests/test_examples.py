@@ -146,3 +146,26 @@ def test_asyncio_client_receives_opens_acks_and_signs_a_receipt(tmp_path: Path) 
         with contextlib.suppress(TimeoutError):
             got = asyncio.run(asyncio.wait_for(again, timeout=1.0))
             raise AssertionError(f"delivered twice: {got}")
+
+
+def test_home_folders_script_runs(tmp_path: Path) -> None:
+    from tests.test_relay_cli import PASS, make_homes
+
+    make_homes(tmp_path)
+    script = str(EXAMPLES / "home_folders.py")
+    result = subprocess.run(
+        [sys.executable, script, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TISA_PASSPHRASE": PASS},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "tokyo read from seoul: launch detected" in result.stdout
+    # Without the passphrase: one line saying what to set, status 2.
+    env = {k: v for k, v in os.environ.items() if k != "TISA_PASSPHRASE"}
+    bare = subprocess.run(
+        [sys.executable, script], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert bare.returncode == 2
+    assert "TISA_PASSPHRASE" in bare.stderr

@@ -26,7 +26,6 @@ from nodes.relay_helpers import (
 )
 
 from relay.server import serve
-from relay.transport import Link, LinkClosed, connect_member
 from tisa import encoding as enc
 from tisa.arrangement import SignedArrangement
 from tisa.errors import Reason, Refused
@@ -45,6 +44,7 @@ from tisa.messages import (
     Revoked,
     Stored,
 )
+from tisa_io.link import Link, LinkClosed, connect_member
 
 FAST = Limits(handshake_timeout=1.0, frame_timeout=1.0, idle_timeout=60)
 
@@ -140,10 +140,10 @@ async def test_bad_peers_do_not_disturb_honest_ones(world: World, tmp_path: Path
             await stream.send_all(encode_frame(os.urandom(200)))
             error = enc.unpack(await read_raw_frame(stream))
             assert error["reason"] == "malformed"
-            # An oversized length prefix instead of a hello.
+            # An oversized length prefix instead of a hello: a limit, as on the channel.
             stream = await raw_tcp(port)
             await stream.send_all(b"\xff\xff\xff\xff" + os.urandom(100))
-            assert enc.unpack(await read_raw_frame(stream))["reason"] == "malformed"
+            assert enc.unpack(await read_raw_frame(stream))["reason"] == "limit"
 
             # Garbage on an established channel: the relay closes (the channel failed).
             member = await tcp_member(world, port, "seoul")
@@ -586,19 +586,19 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
 
-    # Not the relay's key: refused when the relay starts, as one line and status 2.
+    # Not the relay's key: refused when the relay starts, as one line and status 1.
     wrong_key = start("seoul.key")
-    assert wrong_key.returncode == 2, wrong_key.stderr
-    assert wrong_key.stderr.strip().startswith("error:")
+    assert wrong_key.returncode == 1, wrong_key.stderr
+    assert wrong_key.stderr.strip().startswith("Error:")
     assert "Traceback" not in wrong_key.stderr
     # An address already in use: the same.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = start("washington.key", "--port", str(taken.getsockname()[1]))
-    assert busy.returncode == 2, busy.stderr
+    assert busy.returncode == 1, busy.stderr
     assert "Traceback" not in busy.stderr
-    assert busy.stderr.strip().splitlines()[-1].startswith("error:")
+    assert busy.stderr.strip().splitlines()[-1].startswith("Error:")
 
 
 async def test_audit_extracts_queued_per_connection_are_capped(

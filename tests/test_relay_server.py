@@ -334,7 +334,7 @@ async def test_concurrent_redemptions_one_success(world: World, tmp_path: Path) 
             replies: list[object] = []
 
             async def redeem(link: object) -> None:
-                from relay.transport import Link
+                from tisa_io.link import Link
 
                 assert isinstance(link, Link)
                 await link.send(Release(token=token))
@@ -469,7 +469,7 @@ async def test_notices_a_failed_connection_claimed_go_out_on_the_other(
 ) -> None:
     # Connection A claims the notice and fails while sending it; connection B, which
     # skipped the claimed notice meanwhile, must read the notices again and send it.
-    from relay.transport import LinkClosed
+    from tisa_io.link import LinkClosed
 
     clock = FakeClock()
     with trio.fail_after(10):
@@ -662,9 +662,9 @@ async def test_no_answer_before_the_wal_fsync_after_its_commit(
     # the COMMIT.
     import threading
 
-    import relay.durable
+    import tisa_io.durable
 
-    monkeypatch.setattr(relay.durable, "INLINE_FSYNC_MAX_STEPS", -1)
+    monkeypatch.setattr(tisa_io.durable, "INLINE_FSYNC_MAX_STEPS", -1)
     gate = threading.Event()
     with trio.fail_after(10):
         async with running_relay(world, tmp_path, limits=LIMITS) as h:
@@ -862,7 +862,7 @@ async def test_relay_stops_when_a_wal_fsync_fails(world: World, tmp_path: Path) 
     # After a failed fsync nothing may be announced again; serving on would only close
     # every connection without a reason, so serve_tcp stops with StoreFailed.
     from relay.server import Relay, StoreFailed
-    from relay.transport import connect_member
+    from tisa_io.link import connect_member
 
     relay = Relay(world.relay_secret, world.arrangement, tmp_path, limits=LIMITS)
 

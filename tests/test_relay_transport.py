@@ -1,4 +1,4 @@
-"""relay.transport: handshake with deadlines, framing, locks, error mapping."""
+"""tisa_io.link: handshake with deadlines, framing, locks, error mapping."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import trio
 import trio.testing
 from nodes.relay_helpers import World, make_world, raw_hello, read_raw_frame
 
-from relay.transport import Link, LinkClosed, LinkTimeout, accept_member, connect_member
 from tisa import encoding as enc
 from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused, UsageError
 from tisa.frames import encode_frame
 from tisa.limits import Limits
 from tisa.messages import AuditFetch, Chunk, Deliver, DeliverEnd, ErrorMessage, Message
+from tisa_io.link import Link, LinkClosed, LinkTimeout, accept_member, connect_member
 
 FAST = Limits(handshake_timeout=5, frame_timeout=5)
 
@@ -368,7 +368,7 @@ async def test_both_ends_turn_on_tcp_keepalive_as_the_limits_say(world: World) -
 
 
 async def test_keep_alive_leaves_other_streams_alone() -> None:
-    from relay.transport import keep_alive
+    from tisa_io.link import keep_alive
 
     client, _ = trio.testing.memory_stream_pair()
     assert keep_alive(client) is False

@@ -16,7 +16,6 @@ from nodes.relay_harness import (
 )
 from nodes.relay_helpers import NOW, World, make_world, seal, token_for
 
-from relay.transport import Link
 from tisa.errors import Reason
 from tisa.limits import Limits
 from tisa.messages import (
@@ -34,6 +33,7 @@ from tisa.messages import (
 )
 from tisa.receipt import Receipt
 from tisa.token import ReleaseToken
+from tisa_io.link import Link
 
 LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
 

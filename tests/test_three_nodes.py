@@ -29,11 +29,11 @@ from clients.events import (
 from clients.node import Backoff, Node, open_node
 from clients.store import MemberStore
 from relay.server import serve
-from relay.transport import LinkClosed
 from tisa.arrangement import Member, Role
 from tisa.audit import AuditEvent
 from tisa.errors import Reason, Refused
 from tisa.limits import Limits
+from tisa_io.link import LinkClosed
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.1)

@@ -574,8 +574,10 @@ class ReportOpener:
 
         Raises:
             VerificationError: anything cryptographic or structural is wrong.
-            Refused: WRONG_RECIPIENT when this member is not listed; WRONG_ARRANGEMENT,
-                OUT_OF_SCOPE or LEVEL_NOT_ALLOWED when the arrangement no longer allows it.
+            Refused: WRONG_ARRANGEMENT (another arrangement id or version), then
+                WRONG_RECIPIENT when this member is not listed, then what the arrangement
+                says of the signed share (NOT_A_MEMBER, WRONG_ROLE, WRONG_RECIPIENT for
+                a listed recipient; OUT_OF_SCOPE, LEVEL_NOT_ALLOWED).
         """
         if self._dead:
             raise VerificationError()
@@ -590,12 +592,22 @@ class ReportOpener:
             or self._cipher.finish() != self._digest
         ):
             raise VerificationError()
-        # Signed and consistent: the remaining checks are policy, with reasons.
-        if header.arrangement != self._arrangement.id:
+        # Signed and consistent: the remaining checks are policy, with reasons, in the
+        # order of docs/protocol.md section 9.4 step 7.
+        if (header.arrangement, header.version) != (
+            self._arrangement.id,
+            self._arrangement.version,
+        ):
+            # The id covers the version, so a header whose version differs from the one
+            # its id names is inconsistent: refused like any other arrangement.
             raise Refused(Reason.WRONG_ARRANGEMENT, "report sealed under another arrangement")
         if self._recipient not in header.recipients:
             raise Refused(Reason.WRONG_RECIPIENT, "this member is not a recipient of the report")
-        self._arrangement.check_scope_level(header.scope, header.level)
+        # The whole signed share, as the sealer checked it: every listed recipient a member
+        # that may receive and not the originator (so never the relay), scope and level.
+        self._arrangement.check_share(
+            header.originator, header.recipients, header.scope, header.level
+        )
         return header
 
 

@@ -33,8 +33,8 @@ from client_world import make_world
 
 from relay import server
 from relay.store import Store
-from relay.transport import Link
 from tisa import messages as m
+from tisa_io.link import Link
 
 
 def _die() -> None:

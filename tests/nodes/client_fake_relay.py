@@ -17,13 +17,13 @@ from typing import Any
 
 import trio
 
-from relay.transport import Link, LinkClosed, accept_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement
 from tisa.errors import Reason, Refused, RemoteError
 from tisa.keys import MemberSecret
 from tisa.receipt import Receipt, StoredAck
 from tisa.token import check_for_relay
+from tisa_io.link import Link, LinkClosed, accept_member
 
 
 @dataclasses.dataclass

@@ -1,6 +1,6 @@
 """Run a :class:`relay.server.Relay` in a test and drive members against it.
 
-Members here are ``relay.transport`` links plus the protocol core, without the client
+Members here are ``tisa_io.link`` links plus the protocol core, without the client
 node, so the relay is tested on its own.
 """
 
@@ -17,7 +17,6 @@ import trio.testing
 from nodes.relay_helpers import NOW, FakeClock, World
 
 from relay.server import Relay
-from relay.transport import Link, connect_member
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import (
     MAX_CHUNK_DATA,
@@ -29,6 +28,7 @@ from tisa.messages import (
     SubmitEnd,
 )
 from tisa.report import SealedReport
+from tisa_io.link import Link, connect_member
 
 M = TypeVar("M", bound=Message)
 

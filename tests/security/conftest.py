@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tisa.testing.world import World, make_world
+from tisa_testing.world import World, make_world
 
 
 @pytest.fixture

@@ -24,10 +24,10 @@ from tisa.handshake import MemberHandshake, RelayHandshake
 from tisa.keys import Context, EncryptionPublicKey, PublicIdentity
 from tisa.messages import Chunk, Deliver, SubmitBegin, encode_message
 from tisa.report import HEADER_BYTES, MIN_PADDED, ReportSealer, ciphertext_size, open_report
-from tisa.testing import hostile
-from tisa.testing.model import CoreRecipient, CounterGaps
-from tisa.testing.world import LEVEL, SCOPE, World, make_world
 from tisa.token import ReleaseToken
+from tisa_testing import hostile
+from tisa_testing.model import CoreRecipient, CounterGaps
+from tisa_testing.world import LEVEL, SCOPE, World, make_world
 
 WORLD = make_world(third_party=True)
 

@@ -1,12 +1,12 @@
 """The relay as a Dolev-Yao attacker, at the level of the core.
 
 Members seal reports, release them to recipients with tokens, revoke, and recipients
-restart (their durable state is a :class:`~tisa.testing.model.RecipientStore`). Everything
+restart (their durable state is a :class:`~tisa_testing.model.RecipientStore`). Everything
 a member sends goes through the relay, which here is the attacker: it keeps every byte
 string it has seen and may drop, replay, reorder, combine (a token with another report's
 ciphertext), alter (bit flips, truncation, chunk splicing, token fields) and deliver
 anything to anyone, and it signs with the relay's own key whatever it likes. The
-recipients use only the core (:class:`~tisa.testing.model.CoreRecipient`).
+recipients use only the core (:class:`~tisa_testing.model.CoreRecipient`).
 
 Invariants after every step:
 
@@ -39,10 +39,10 @@ from tisa import encoding as enc
 from tisa.errors import ProtocolError, Reason, Refused, VerificationError
 from tisa.keys import Context
 from tisa.report import SealedReport
-from tisa.testing import hostile
-from tisa.testing.model import CoreRecipient, RecipientStore
-from tisa.testing.world import make_world
 from tisa.token import ReleaseToken
+from tisa_testing import hostile
+from tisa_testing.model import CoreRecipient, RecipientStore
+from tisa_testing.world import make_world
 
 SLOW = os.environ.get("TISA_SLOW") == "1"
 

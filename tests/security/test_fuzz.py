@@ -1,6 +1,6 @@
 """Every decoder either decodes or raises the toolkit's typed error, nothing else.
 
-The targets are those of :mod:`tisa.testing.fuzzing` (the atheris targets in ``fuzz/``
+The targets are those of :mod:`tisa_testing.fuzzing` (the atheris targets in ``fuzz/``
 use the same registry). Inputs are random bytes, byte-level mutations of valid seeds,
 and structure-aware mutations (a field of a valid map replaced by any msgpack value,
 removed, or added; also inside an envelope's signed body), so that the schema checks
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 
 from tisa import encoding as enc
 from tisa.errors import ProtocolError
-from tisa.testing import fuzzing
+from tisa_testing import fuzzing
 
 SLOW = os.environ.get("TISA_SLOW") == "1"
 EXAMPLES = 5000 if SLOW else 150

@@ -1,4 +1,4 @@
-"""A hostile member (or relay) with the core alone: every attack of tisa.testing.hostile
+"""A hostile member (or relay) with the core alone: every attack of tisa_testing.hostile
 is refused with the right typed error or reason code."""
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from tisa.handshake import MemberHandshake, RelayHandshake
 from tisa.keys import Context, MemberSecret, PublicIdentity
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import open_report
-from tisa.testing import hostile
-from tisa.testing.world import World
 from tisa.token import ReleaseToken, check_for_recipient, check_for_relay
+from tisa_testing import hostile
+from tisa_testing.world import World
 
 # --- surreptitious forwarding --------------------------------------------------------------
 

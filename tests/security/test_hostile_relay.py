@@ -1,7 +1,7 @@
 """The real client node against a hostile relay: every misbehaviour fails closed.
 
 Seoul (originator and recipient), Tokyo (recipient and originator) and the hostile
-Washington over 127.0.0.1, with :mod:`tisa.testing.relay`. Each test picks one
+Washington over 127.0.0.1, with :mod:`tisa_testing.relay`. Each test picks one
 misbehaviour and checks what the node shows its application: a rejected delivery with
 the right error, a release gap, a refusal, a verification failure, and never a report
 that was not released, altered, or already handed over.
@@ -24,8 +24,8 @@ from clients.node import Node
 from tisa.audit import AuditEntry, AuditEvent, checkpoints_conflict
 from tisa.errors import Reason, Refused, VerificationError
 from tisa.messages import Ack, Release
-from tisa.testing import relay as hr
-from tisa.testing.world import LEVEL, SCOPE, World, make_world
+from tisa_testing import relay as hr
+from tisa_testing.world import LEVEL, SCOPE, World, make_world
 
 TIMEOUT = 10
 

@@ -23,8 +23,8 @@ import pytest
 from tisa.errors import VerificationError
 from tisa.keys import Hash, digest
 from tisa.report import HEADER_BYTES, TAG_FINAL, SealedReport, open_report
-from tisa.testing import hostile
-from tisa.testing.world import make_world
+from tisa_testing import hostile
+from tisa_testing.world import make_world
 
 MASK = 0xFFFFFFFF
 P1305 = 2**130 - 5

@@ -1,5 +1,5 @@
 """The pytest plugin's fixtures, used as another client's suite would use them, and the
-isolation rules of tisa.testing."""
+isolation rules of tisa_testing."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 
 import trio
 
-from tisa.testing.plugin import HostileRelayFactory, NodeFactory
-from tisa.testing.relay import SwapRecipients
-from tisa.testing.world import LEVEL, SCOPE, World
+from tisa_testing.plugin import HostileRelayFactory, NodeFactory
+from tisa_testing.relay import SwapRecipients
+from tisa_testing.world import LEVEL, SCOPE, World
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -62,21 +62,21 @@ def test_the_plugin_is_registered() -> None:
     from importlib.metadata import entry_points
 
     names = {e.name: e.value for e in entry_points(group="pytest11")}
-    assert names.get("tisa") == "tisa.testing.plugin"
+    assert names.get("tisa") == "tisa_testing.plugin"
 
 
 def test_no_core_module_imports_tisa_testing() -> None:
     for path in (ROOT / "tisa").glob("*.py"):
         text = path.read_text()
-        assert "tisa.testing" not in text and "from tisa import testing" not in text, path
+        assert "tisa_testing" not in text and "from tisa import testing" not in text, path
 
 
 def test_core_and_hostile_tools_import_no_io() -> None:
-    # tisa.testing itself and its core-level tools stay free of trio, so a client on
+    # tisa_testing itself and its core-level tools stay free of trio, so a client on
     # another event loop can use the hostile member tools and the fuzz targets.
     code = (
-        "import sys, tisa.testing, tisa.testing.hostile, tisa.testing.model,"
-        " tisa.testing.world, tisa.testing.fuzzing;"
+        "import sys, tisa_testing, tisa_testing.hostile, tisa_testing.model,"
+        " tisa_testing.world, tisa_testing.fuzzing;"
         "print(sorted({'trio', 'socket', 'asyncio', 'relay', 'clients'} & set(sys.modules)))"
     )
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

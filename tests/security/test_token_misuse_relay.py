@@ -16,7 +16,6 @@ import pytest
 import trio
 
 from relay.server import serve
-from relay.transport import Link, LinkClosed, connect_member
 from tisa.errors import ProtocolError, Reason, TisaError
 from tisa.limits import Limits
 from tisa.messages import (
@@ -35,8 +34,9 @@ from tisa.messages import (
     SubmitBegin,
     SubmitEnd,
 )
-from tisa.testing.world import World, make_world
 from tisa.token import ReleaseToken
+from tisa_io.link import Link, LinkClosed, connect_member
+from tisa_testing.world import World, make_world
 
 LIMITS = Limits(handshake_timeout=30, frame_timeout=30, max_connections_per_member=256)
 

@@ -7,7 +7,9 @@ that scripts (and the demo) use them without going through the command line:
   "fingerprint"}`` with base64 keys; the fingerprint is checked on reading;
 * an arrangement file is the canonical encoding of a :class:`SignedArrangement`, with
   whatever signatures it has gathered so far;
-* a member's home folder holds ``identity.key``, ``arrangement.tisa`` and ``store/``.
+* a member's home folder holds ``identity.key``, ``arrangement.tisa`` and ``store/``;
+  :func:`load_home` opens one (the key with its passphrase, the arrangement, which must be
+  effective and name the key's holder) for a script, a relay or a member node.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,12 +44,14 @@ __all__ = [
     "IDENTITY_FORMAT",
     "STORE_DIR",
     "FileFormatError",
+    "Home",
     "arrangement_summary",
     "atomic_text",
     "create_identity",
     "draft_arrangement",
     "identity_from_json",
     "identity_to_json",
+    "load_home",
     "merge_arrangements",
     "read_arrangement",
     "read_identity",
@@ -179,6 +184,72 @@ def read_arrangement(path: Path) -> SignedArrangement:
         return SignedArrangement.decode(data)
     except ProtocolError as exc:
         raise FileFormatError(f"{path}: not an arrangement file ({exc.detail})") from None
+
+
+@dataclass(frozen=True)
+class Home:
+    """A member's (or the relay's) home folder, opened: what a node needs to run.
+
+    Attributes:
+        path: the folder.
+        secret: the secret keys from ``identity.key``.
+        name: the member whose keys ``secret`` holds (the key file's name, if it has one).
+        arrangement: the effective arrangement from ``arrangement.tisa``.
+    """
+
+    path: Path
+    secret: MemberSecret
+    name: str
+    arrangement: Arrangement
+
+    @property
+    def store(self) -> Path:
+        """The node's durable state: ``path / "store"``."""
+        return self.path / STORE_DIR
+
+
+def load_home(
+    path: str | os.PathLike[str],
+    passphrase: str,
+    *,
+    key: str | os.PathLike[str] | None = None,
+    arrangement: str | os.PathLike[str] | None = None,
+) -> Home:
+    """Open the home folder that ``tisa identity create`` and ``tisa arrangement sign`` fill.
+
+    Usage::
+
+        home = load_home("seoul", os.environ["TISA_PASSPHRASE"])
+        async with open_node(home.secret, home.name, home.arrangement, relay, home.store):
+            ...
+
+    Args:
+        path: the folder.
+        passphrase: the key file's passphrase.
+        key, arrangement: other files to read instead of ``path / "identity.key"`` and
+            ``path / "arrangement.tisa"``.
+
+    Raises:
+        OSError: a file cannot be read. FileFormatError: not an arrangement file, a key
+        that is no member's, or a key file saved under another member's name.
+        KeyFileError: a wrong passphrase or a damaged key file. ArrangementNotEffective:
+        a member has not signed yet. VerificationError: a signature on the arrangement
+        does not verify.
+    """
+    folder = Path(path)
+    signed = read_arrangement(Path(arrangement) if arrangement else folder / ARRANGEMENT_FILE)
+    effective = signed.require_effective()
+    key_path = Path(key) if key else folder / IDENTITY_FILE
+    secret, name = MemberSecret.load(key_path, passphrase)
+    # The member is found by its keys; a key file saved under a name must agree.
+    member = next((m for m in effective.members if m.identity == secret.public), None)
+    if member is None:
+        raise FileFormatError(f"{key_path}: not the key of any member of the arrangement")
+    if name and name != member.name:
+        raise FileFormatError(
+            f"{key_path}: saved as {name!r}, but it is the key of member {member.name!r}"
+        )
+    return Home(folder, secret, member.name, effective)
 
 
 def write_arrangement(path: Path, signed: SignedArrangement, *, overwrite: bool = True) -> None:

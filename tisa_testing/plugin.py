@@ -16,7 +16,7 @@ pytest-trio (``trio_mode = true``, or mark the tests ``@pytest.mark.trio``)::
 
 Fixtures:
 
-* ``tisa_world``: a :class:`tisa.testing.world.World` (Seoul, Tokyo, Washington as the
+* ``tisa_world``: a :class:`tisa_testing.world.World` (Seoul, Tokyo, Washington as the
   relay, Canberra as a recipient; fixed keys; ``world.now`` is the clock every node and
   relay started here uses).
 * ``tisa_trio``: ``(arrangement, secrets)`` of that world, for clients that bring their
@@ -24,12 +24,12 @@ Fixtures:
 * ``tisa_relay``: an honest relay (:func:`relay.server.serve`) on 127.0.0.1, port 0;
   returns its port.
 * ``hostile_relay``: a factory; ``await hostile_relay(behaviour)`` starts a
-  :class:`tisa.testing.relay.HostileRelay` and returns its port (the relay itself is
+  :class:`tisa_testing.relay.HostileRelay` and returns its port (the relay itself is
   ``hostile_relay.relay``).
 * ``tisa_node``: a factory; ``tisa_node(name)`` is an async context manager running the
   reference member node connected to the last relay started.
 
-Only this module and :mod:`tisa.testing.relay` import trio among ``tisa`` modules; the
+Only this module and :mod:`tisa_testing.relay` import trio among ``tisa`` modules; the
 relay and node modules are imported when a fixture is first used.
 """
 
@@ -44,13 +44,13 @@ import pytest
 
 from tisa.arrangement import Arrangement
 from tisa.keys import MemberSecret
-from tisa.testing.world import World, make_world
+from tisa_testing.world import World, make_world
 
 if TYPE_CHECKING:
     import trio
 
     from clients.node import Node
-    from tisa.testing.relay import Behaviour, HostileRelay
+    from tisa_testing.relay import Behaviour, HostileRelay
 
 __all__ = ["HostileRelayFactory", "NodeFactory", "RelayHandle"]
 
@@ -106,11 +106,11 @@ class RelayHandle:
         return self.port
 
     async def start_hostile(self, behaviour: Behaviour | None = None, **kwargs: Any) -> int:
-        """Start a :class:`tisa.testing.relay.HostileRelay` for the world in the test's nursery.
+        """Start a :class:`tisa_testing.relay.HostileRelay` for the world in the test's nursery.
 
         Args:
             behaviour: its misbehaviour (None: honest hooks).
-            **kwargs: passed to :func:`tisa.testing.relay.start_hostile_relay`.
+            **kwargs: passed to :func:`tisa_testing.relay.start_hostile_relay`.
 
         Returns:
             Its port (also kept in :attr:`port`; the relay is kept in :attr:`relay`). Nodes
@@ -123,7 +123,7 @@ class RelayHandle:
         Cancellation: before the relay listens, no relay is left running and :attr:`port` and
         :attr:`relay` are unchanged.
         """
-        from tisa.testing.relay import start_hostile_relay
+        from tisa_testing.relay import start_hostile_relay
 
         self.relay, self.port = await start_hostile_relay(
             self.nursery, self.world, self._store(), behaviour, **kwargs
@@ -187,7 +187,7 @@ def tisa_node(_tisa_handle: RelayHandle, tmp_path: pathlib.Path) -> NodeFactory:
 
     @contextlib.asynccontextmanager
     async def node(name: str, *, port: int | None = None, **kwargs: Any) -> AsyncIterator[Node]:
-        from tisa.testing.relay import open_member
+        from tisa_testing.relay import open_member
 
         if not (port or _tisa_handle.port):
             raise RuntimeError("start tisa_relay or hostile_relay before a node")

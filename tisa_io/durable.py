@@ -76,7 +76,7 @@ from pathlib import Path
 
 import trio
 
-from relay.transport import LinkClosed
+from tisa_io.link import LinkClosed
 
 __all__ = [
     "COMMIT_SPACING",

@@ -36,7 +36,6 @@ import trio
 
 from clients.node import Backoff, Node, open_node
 from relay.server import Relay
-from relay.transport import Link, LinkClosed
 from tisa.audit import AuditEntry, Checkpoint, Extract, chain_next
 from tisa.keys import Context
 from tisa.limits import DEFAULT_LIMITS, Limits
@@ -50,9 +49,10 @@ from tisa.messages import (
     Release,
     chunks_of,
 )
-from tisa.testing import hostile
-from tisa.testing.world import World
 from tisa.token import ReleaseToken
+from tisa_io.link import Link, LinkClosed
+from tisa_testing import hostile
+from tisa_testing.world import World
 
 __all__ = [
     "FAST_BACKOFF",

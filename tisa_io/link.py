@@ -38,6 +38,7 @@ import trio
 
 from tisa.arrangement import Arrangement
 from tisa.errors import (
+    LimitExceeded,
     ProtocolError,
     Reason,
     Refused,
@@ -477,8 +478,12 @@ async def _receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
 async def _receive_handshake_frame(stream: trio.abc.Stream) -> bytes:
     header = await _receive_exactly(stream, FRAME_HEADER_SIZE)
     size = int.from_bytes(header, "big")
-    if not 0 < size <= MAX_HANDSHAKE_MESSAGE:
-        raise ProtocolError(f"handshake frame of {size} bytes")
+    if size > MAX_HANDSHAKE_MESSAGE:
+        # As for channel frames (docs/protocol.md section 13.1): refused `limit` from the
+        # length prefix alone, before any of the payload is read.
+        raise LimitExceeded("handshake frame", size, MAX_HANDSHAKE_MESSAGE)
+    if size == 0:
+        raise ProtocolError("empty handshake frame")
     return await _receive_exactly(stream, size)
 
 
@@ -570,6 +575,8 @@ async def accept_member(
         VerificationError: the member's ``finish`` signature did not check.
         LinkTimeout: the handshake took longer than ``limits.handshake_timeout``.
         LinkClosed: the connection closed during the handshake.
+        LimitExceeded: the ``hello`` frame's length prefix is above
+            ``MAX_HANDSHAKE_MESSAGE`` (answered ``limit``), or the ``finish`` one's.
         ProtocolError: malformed handshake input (answered ``malformed`` when it was
             the ``hello``).
         UsageError: ``secret`` is not the relay's key in ``arrangement`` (found once
@@ -589,6 +596,9 @@ async def accept_member(
                     raise ProtocolError("handshake finished early")
             except Refused as exc:
                 await _refuse(stream, exc.reason, exc.detail)
+                raise
+            except LimitExceeded as exc:
+                await _refuse(stream, Reason.LIMIT, exc.detail)
                 raise
             except ProtocolError as exc:
                 await _refuse(stream, Reason.MALFORMED, exc.detail)

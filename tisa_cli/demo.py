@@ -1,7 +1,7 @@
 """The three-node demo: Seoul, the Washington relay and Tokyo, as three processes.
 
 :func:`run_demo` generates keys and a fully signed arrangement into a folder, starts the
-relay (``python -m relay``) and one :mod:`clients.demo_member` process per member, all on
+relay (``python -m relay``) and one :mod:`tisa_cli.demo_member` process per member, all on
 127.0.0.1, and walks through the story of the 2014 trilateral arrangement, checking at
 every step that the system did what it should:
 
@@ -51,8 +51,12 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from clients.demo_trace import TraceEvent, TraceWriter, render_html
-from clients.files import (
+from tisa.arrangement import SignedArrangement
+from tisa.keys import Hash, Hasher, MemberSecret
+from tisa.limits import CHUNK_SIZE
+from tisa.report import ABYTES, HEADER_BYTES
+from tisa_cli.demo_trace import TraceEvent, TraceWriter, render_html
+from tisa_io.files import (
     ARRANGEMENT_FILE,
     IDENTITY_FILE,
     create_identity,
@@ -61,10 +65,6 @@ from clients.files import (
     sign_arrangement,
     write_arrangement,
 )
-from tisa.arrangement import SignedArrangement
-from tisa.keys import Hash, Hasher, MemberSecret
-from tisa.limits import CHUNK_SIZE
-from tisa.report import ABYTES, HEADER_BYTES
 
 __all__ = ["DEMO_MEMBERS", "Deployment", "prepare_deployment", "run_demo"]
 
@@ -182,7 +182,7 @@ def _tail(path: Path, lines: int = 5) -> str:
 
 
 class Agent:
-    """A member process (:mod:`clients.demo_member`) and its JSON-lines conversation."""
+    """A member process (:mod:`tisa_cli.demo_member`) and its JSON-lines conversation."""
 
     def __init__(
         self,
@@ -198,7 +198,7 @@ class Agent:
             [
                 sys.executable,
                 "-m",
-                "clients.demo_member",
+                "tisa_cli.demo_member",
                 "--key",
                 str(deployment.keys[name]),
                 "--passphrase-env",

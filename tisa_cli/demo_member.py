@@ -1,6 +1,6 @@
 """One member of the demo (Seoul or Tokyo) as its own process, driven over stdin/stdout.
 
-The demo (:mod:`clients.demo`) starts one of these per member. It runs a
+The demo (:mod:`tisa_cli.demo`) starts one of these per member. It runs a
 :class:`clients.node.Node` against the relay and takes one JSON command per line on
 stdin; it answers each with one JSON line on stdout carrying the same ``id``, and in
 between may write ``progress`` and ``trace`` lines. Nothing else goes to stdout.
@@ -13,7 +13,7 @@ enforces the rules on its own, whatever a client sends it.
 
 Usage::
 
-    python -m clients.demo_member --key seoul/identity.key --passphrase-env VAR \\
+    python -m tisa_cli.demo_member --key seoul/identity.key --passphrase-env VAR \\
         --arrangement arrangement.tisa --relay 127.0.0.1:7420 --store seoul/store
 """
 
@@ -33,7 +33,6 @@ import trio
 
 from clients.events import DeliveredReport, Event, ReceiptEvent
 from clients.node import Node, open_node
-from relay.transport import Link, connect_member
 from tisa import messages as m
 from tisa.arrangement import Arrangement, SignedArrangement
 from tisa.envelope import open_envelope, seal_envelope
@@ -42,6 +41,7 @@ from tisa.keys import Context, Hash, Hasher, MemberSecret, random_id
 from tisa.messages import MAX_CHUNK_DATA
 from tisa.report import MIN_PADDED, ciphertext_size
 from tisa.token import issue_token
+from tisa_io.link import Link, connect_member
 
 __all__ = ["main"]
 
@@ -526,7 +526,7 @@ async def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of ``python -m clients.demo_member``: parse ``argv`` and :func:`run`.
+    """Entry point of ``python -m tisa_cli.demo_member``: parse ``argv`` and :func:`run`.
 
     Args:
         argv: the arguments after the program name; ``sys.argv[1:]`` when None.
@@ -536,7 +536,7 @@ def main(argv: list[str] | None = None) -> None:
         Otherwise what :func:`run` raises; a KeyboardInterrupt (Ctrl-C), bare or
         inside exception groups, ends the member quietly.
     """
-    parser = argparse.ArgumentParser(prog="python -m clients.demo_member")
+    parser = argparse.ArgumentParser(prog="python -m tisa_cli.demo_member")
     parser.add_argument("--key", required=True)
     parser.add_argument("--passphrase-env", required=True, metavar="VAR")
     parser.add_argument("--arrangement", required=True)

@@ -38,9 +38,9 @@ from tisa.messages import (
 )
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportHeader, open_report
-from tisa.testing import hostile
-from tisa.testing.world import World, make_world
 from tisa.token import ReleaseToken, check_for_recipient, check_for_relay
+from tisa_testing import hostile
+from tisa_testing.world import World, make_world
 
 __all__ = ["TARGETS", "Target", "run", "world"]
 

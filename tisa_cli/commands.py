@@ -36,7 +36,13 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from clients.files import (
+from relay import cli as relay_cli
+from tisa.arrangement import (
+    Arrangement,
+)
+from tisa.errors import Refused, TisaError
+from tisa.keys import MemberSecret, PublicIdentity
+from tisa_io.files import (
     ARRANGEMENT_FILE,
     IDENTITY_FILE,
     STORE_DIR,
@@ -51,11 +57,6 @@ from clients.files import (
     sign_arrangement,
     write_arrangement,
 )
-from tisa.arrangement import (
-    Arrangement,
-)
-from tisa.errors import Refused, TisaError
-from tisa.keys import MemberSecret, PublicIdentity
 
 __all__ = ["CliError", "main", "tisa"]
 
@@ -677,75 +678,8 @@ def relay() -> None:
     """Run the relay (the member holding the relay role)."""
 
 
-@relay.command("run")
-@click.option(
-    "--key",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The relay's key file (default: HOME/identity.key).",
-)
-@click.option(
-    "--arrangement",
-    "arrangement_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The signed arrangement (default: HOME/arrangement.tisa).",
-)
-@click.option(
-    "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help="The relay's store directory (default: HOME/store).",
-)
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option(
-    "--port",
-    type=click.IntRange(0, 65535),
-    default=DEFAULT_PORT,
-    show_default=True,
-    help="Port to listen on (0: any free port).",
-)
-@click.option(
-    "--port-file",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the bound port here once the relay accepts connections.",
-)
-@_passphrase_option
-@click.pass_context
-def relay_run(
-    ctx: click.Context,
-    key: Path | None,
-    arrangement_path: Path | None,
-    store: Path | None,
-    host: str,
-    port: int,
-    port_file: Path | None,
-    passphrase_env: str | None,
-) -> None:
-    """Run the relay until interrupted (Ctrl-C). It stores and forwards, never reads.
-
-    \b
-    Example:
-      tisa --home washington relay run --port 7420
-    """
-    import trio
-
-    from relay.server import serve
-
-    home = _home(ctx)
-    arrangement = read_arrangement(arrangement_path or home / ARRANGEMENT_FILE).require_effective()
-    secret, _ = _load_secret(key or home / IDENTITY_FILE, passphrase_env)
-    store_path = store or home / STORE_DIR
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            bound = await nursery.start(
-                functools.partial(serve, secret, arrangement, store_path, host=host, port=port)
-            )
-            if port_file is not None:
-                with atomic_text(port_file) as handle:
-                    handle.write(f"{bound}\n")
-            click.echo(f"relay {arrangement.relay} listening on {host}:{bound}", err=True)
-
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(main)
+# The relay's own command (relay.cli), the same one `python -m relay` runs.
+relay.add_command(relay_cli.run)
 
 
 @tisa.command("send")
@@ -1311,7 +1245,7 @@ def demo(
     Example:
       tisa demo --large-mib 16 --trace t.jsonl --diagram exchange.html
     """
-    from clients.demo import run_demo
+    from tisa_cli.demo import run_demo
 
     ok = run_demo(
         folder=folder, large_mib=large_mib, trace_path=trace_path, diagram_path=diagram_path
@@ -1335,7 +1269,7 @@ def trace_diagram(trace_file: Path, out: Path) -> None:
     Example:
       tisa trace-diagram t.jsonl --out exchange.html
     """
-    from clients.demo_trace import read_trace, render_html
+    from tisa_cli.demo_trace import read_trace, render_html
 
     try:
         events = read_trace(trace_file)

@@ -1,0 +1,168 @@
+"""The benchmarks' processes: a world of keys on disk, child processes with their peak
+memory and CPU time, the real relay started as ``python -m relay``.
+
+Shared by :mod:`bench.nodes` and :mod:`bench.relay_load` (neither imports the other).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nacl.pwhash
+
+from bench.world import bench_arrangement
+from tisa.arrangement import Arrangement, SignedArrangement
+from tisa.keys import MemberSecret
+
+__all__ = [
+    "PASSPHRASE",
+    "Process",
+    "emit",
+    "load",
+    "make_world",
+    "run_folder",
+    "start_relay",
+    "vm_hwm_mib",
+    "wait_port",
+]
+
+PASSPHRASE = "bench"
+
+
+def emit(record: dict[str, Any]) -> None:
+    print(json.dumps(record), flush=True)
+
+
+# --- set-up ------------------------------------------------------------------------------
+
+
+def make_world(folder: Path) -> None:
+    secrets = {n: MemberSecret.generate() for n in ("seoul", "tokyo", "washington")}
+    arrangement = bench_arrangement(secrets, created=int(time.time()))
+    signed = SignedArrangement(arrangement)
+    for name, secret in secrets.items():
+        signed = signed.signed_by(secret, name)
+        secret.save(
+            folder / f"{name}.key",
+            PASSPHRASE,
+            name=name,
+            opslimit=nacl.pwhash.argon2id.OPSLIMIT_MIN,
+            memlimit=nacl.pwhash.argon2id.MEMLIMIT_MIN,
+        )
+    (folder / "arrangement.tisa").write_bytes(signed.encode())
+
+
+def load(folder: Path, name: str) -> tuple[MemberSecret, Arrangement]:
+    secret, _ = MemberSecret.load(folder / f"{name}.key", PASSPHRASE)
+    arrangement = SignedArrangement.load_effective((folder / "arrangement.tisa").read_bytes())
+    return secret, arrangement
+
+
+def wait_port(path: Path, process: Process, timeout: float = 20.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_text().strip():
+            return int(path.read_text())
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited early: {process.popen.returncode}")
+        time.sleep(0.02)
+    raise TimeoutError(f"no port in {path}")
+
+
+def vm_hwm_mib(pid: int | str = "self") -> float:
+    """A process's peak RSS (VmHWM) in MiB, nan if it cannot be read.
+
+    Not ``ru_maxrss``: Linux carries the peak of the image a process replaced with
+    ``execve`` into it, so a child started by a large orchestrator reports at least the
+    orchestrator's size (every process showed 48 MiB once this process had run the
+    in-process ceiling benchmark). VmHWM belongs to the process's own memory map.
+    """
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Process:
+    """A child process whose output goes to a file. Its peak RSS is read from /proc
+    before :meth:`stop` ends it (a role that ends by itself emits its own)."""
+
+    def __init__(
+        self, folder: Path, label: str, args: list[str], env: dict[str, str] | None = None
+    ):
+        self.out = folder / f"{label}.out"
+        self.err = folder / f"{label}.err"
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.popen = subprocess.Popen(
+                [sys.executable, *args], stdout=out, stderr=err, env={**os.environ, **(env or {})}
+            )
+        self.peak_mib = float("nan")
+        self.cpu_s = float("nan")  # user + system CPU seconds, start-up included
+
+    def poll(self) -> int | None:
+        return self.popen.poll()
+
+    def reap(self) -> bool:
+        """Whether the process has ended (its peak RSS and CPU seconds then read); raises
+        if it failed."""
+        if self.popen.returncode is not None:
+            return True
+        pid, status, usage = os.wait4(self.popen.pid, os.WNOHANG)
+        if not pid:
+            return False
+        self.cpu_s = usage.ru_utime + usage.ru_stime
+        self.popen.returncode = os.waitstatus_to_exitcode(status)
+        if self.popen.returncode not in (0, -15):
+            raise RuntimeError(f"{self.popen.args!r} failed:\n{self.err.read_text()[-3000:]}")
+        return True
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.reap():
+                return
+            time.sleep(0.01)
+        self.popen.kill()
+        raise TimeoutError(f"{self.popen.args!r} did not finish")
+
+    def stop(self) -> None:
+        if self.popen.returncode is None:
+            self.peak_mib = vm_hwm_mib(self.popen.pid)
+            self.popen.terminate()
+            self.wait(30)
+
+    def records(self) -> list[dict[str, Any]]:
+        lines = self.out.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def run_folder(folder: Path) -> Path:
+    """A fresh folder for one run, with the world's keys and arrangement linked in."""
+    run = Path(tempfile.mkdtemp(dir=folder))
+    for name in ("seoul.key", "tokyo.key", "washington.key", "arrangement.tisa"):
+        (run / name).symlink_to(folder / name)
+    return run
+
+
+def start_relay(run: Path, count: int) -> Process:
+    """The real relay (``python -m relay``) on a fresh store in ``run``; its port is written
+    to ``run / "relay.port"``. Its queue per recipient holds every report of the run."""
+    return Process(
+        run, "relay",
+        ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
+         "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
+         "--port", "0", "--port-file", str(run / "relay.port"),
+         "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
+        env={"BENCH_PASS": PASSPHRASE},
+    )  # fmt: skip

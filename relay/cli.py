@@ -1,0 +1,291 @@
+"""The relay's command line: one click command behind ``python -m relay`` and ``tisa relay run``.
+
+::
+
+    python -m relay --home washington --port 7420
+    tisa --home washington relay run --port 7420          # the same command
+
+The relay's files come from its home folder (``--home DIR``, ``$TISA_HOME``, or the
+``tisa`` group's ``--home``), each overridable: ``--key``, ``--arrangement``,
+``--store``. The passphrase comes from ``--passphrase-env VAR``, else
+``$TISA_PASSPHRASE``, else a prompt on a terminal; with none of them the command stops
+with one line saying how to give one.
+
+Serves until SIGINT (Ctrl-C) or SIGTERM. With ``--port-file`` the bound port is written
+there (atomically) once the relay accepts connections, so scripts and tests using port 0
+can find it.
+
+Exit status: 0 after SIGINT or SIGTERM; 1 when the relay cannot start (a file that cannot
+be read or is refused, a wrong passphrase, a key that is not the arrangement's relay, a
+store of another version, an address that cannot be bound) or its store fails; 2 for a
+usage error (a missing or malformed option, an unknown ``--limit``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+import trio
+
+from relay.server import EXPIRY_INTERVAL, MAX_HOLD, serve
+from tisa.errors import TisaError
+from tisa.limits import Limits
+from tisa_io.files import ARRANGEMENT_FILE, IDENTITY_FILE, STORE_DIR, atomic_text, load_home
+
+__all__ = ["DEFAULT_PORT", "PASSPHRASE_ENV", "main", "parse_limits", "read_passphrase", "run"]
+
+DEFAULT_PORT = 7420
+# The passphrase is read from this variable when no --passphrase-env is given.
+PASSPHRASE_ENV = "TISA_PASSPHRASE"
+
+log = logging.getLogger("relay")
+
+
+def read_passphrase(env: str | None, *, what: str = "the key file") -> str:
+    """The passphrase from ``$env``, else ``$TISA_PASSPHRASE``, else asked on a terminal.
+
+    Raises:
+        click.ClickException: ``env`` names an unset or empty variable, or there is no
+            passphrase at all (no variable and no terminal to ask on).
+    """
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise click.ClickException(f"environment variable {env} is not set or empty")
+        return value
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value:
+        return value
+    if not sys.stdin.isatty():
+        raise click.ClickException(
+            f"no passphrase for {what}: set ${PASSPHRASE_ENV}, or name a variable with "
+            "--passphrase-env VAR, or run on a terminal to be asked"
+        )
+    answer = click.prompt("Passphrase", hide_input=True, err=True)
+    if not isinstance(answer, str) or not answer:
+        raise click.ClickException("empty passphrase")
+    return answer
+
+
+def parse_limits(items: Sequence[str]) -> Limits:
+    """``NAME=VALUE`` overrides of :class:`tisa.limits.Limits`.
+
+    Raises:
+        click.BadParameter: an unknown name, a value that is not a number, or a value the
+            limits refuse.
+    """
+    fields = {field.name: field.type for field in dataclasses.fields(Limits)}
+    values: dict[str, float | int] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or name not in fields:
+            raise click.BadParameter(
+                f"unknown limit {name!r}; known: {', '.join(sorted(fields))}",
+                param_hint="'--limit'",
+            )
+        try:
+            values[name] = float(text) if "float" in str(fields[name]) else int(text)
+        except ValueError:
+            raise click.BadParameter(
+                f"{name}: {text!r} is not a number", param_hint="'--limit'"
+            ) from None
+    try:
+        return Limits(**values)  # type: ignore[arg-type]
+    except (TypeError, ValueError, TisaError) as exc:
+        raise click.BadParameter(str(exc), param_hint="'--limit'") from None
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups, or the group itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _error_text(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0]
+
+
+async def _serve_until_signal(start: Any, port_file: Path | None, host: str) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(start)
+            if port_file is not None:
+                with atomic_text(port_file) as handle:
+                    handle.write(f"{bound}\n")
+            click.echo(f"relay listening on {host}:{bound}", err=True)
+            async for signum in signals:
+                log.info("signal %d: shutting down", signum)
+                break
+            nursery.cancel_scope.cancel()
+
+
+def _home_default(ctx: click.Context) -> Path:
+    """``--home`` of this command, else of an enclosing group (``tisa --home``), else ``.tisa``."""
+    for current in (ctx, *_parents(ctx)):
+        value = current.params.get("home")
+        if value is not None:
+            return Path(value)
+    return Path(".tisa")
+
+
+def _parents(ctx: click.Context) -> list[click.Context]:
+    found = []
+    parent = ctx.parent
+    while parent is not None:
+        found.append(parent)
+        parent = parent.parent
+    return found
+
+
+@click.command(
+    "run",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--home",
+    type=click.Path(file_okay=False, path_type=Path),
+    envvar="TISA_HOME",
+    help="The relay's folder (identity.key, arrangement.tisa, store/); default: the "
+    "`tisa --home` value, else .tisa. Env: TISA_HOME.",
+)
+@click.option(
+    "--key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"The relay's key file (default: HOME/{IDENTITY_FILE}).",
+)
+@click.option(
+    "--arrangement",
+    "arrangement_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help=f"The signed arrangement (default: HOME/{ARRANGEMENT_FILE}).",
+)
+@click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help=f"The relay's store directory (default: HOME/{STORE_DIR}).",
+)
+@click.option(
+    "--passphrase-env",
+    metavar="VAR",
+    help=f"Read the key file's passphrase from environment variable VAR (default: "
+    f"${PASSPHRASE_ENV}, else a prompt on a terminal).",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=DEFAULT_PORT,
+    show_default=True,
+    help="Port to listen on (0: any free port).",
+)
+@click.option(
+    "--port-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write the bound port here once the relay accepts connections.",
+)
+@click.option(
+    "--max-hold",
+    type=click.IntRange(min=1),
+    default=MAX_HOLD,
+    show_default=True,
+    help="Longest a report may be held before any release, in seconds.",
+)
+@click.option(
+    "--expiry-interval",
+    type=click.FloatRange(min=0.01),
+    default=EXPIRY_INTERVAL,
+    show_default=True,
+    help="Seconds between sweeps for expired reports and tokens.",
+)
+@click.option(
+    "--limit",
+    "limit_items",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Override a limit of tisa.limits.Limits, e.g. idle_timeout=60 (repeatable).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+    default="INFO",
+    show_default=True,
+    help="How much the relay logs (to stderr).",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log everything (--log-level DEBUG).")
+@click.pass_context
+def run(
+    ctx: click.Context,
+    home: Path | None,
+    key: Path | None,
+    arrangement_path: Path | None,
+    store: Path | None,
+    passphrase_env: str | None,
+    host: str,
+    port: int,
+    port_file: Path | None,
+    max_hold: int,
+    expiry_interval: float,
+    limit_items: tuple[str, ...],
+    log_level: str,
+    verbose: bool,
+) -> None:
+    """Run the relay until interrupted (Ctrl-C or SIGTERM). It stores and forwards, never reads.
+
+    \b
+    Examples:
+      python -m relay --home washington --port 7420
+      tisa --home washington relay run --port 7420
+    """
+    logging.basicConfig(
+        level="DEBUG" if verbose else log_level.upper(),
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    limits = parse_limits(limit_items)
+    folder = home if home is not None else _home_default(ctx)
+    try:
+        opened = load_home(
+            folder,
+            read_passphrase(passphrase_env),
+            key=key,
+            arrangement=arrangement_path,
+        )
+    except (OSError, TisaError) as exc:
+        raise click.ClickException(_error_text(exc)) from None
+    start = functools.partial(
+        serve,
+        opened.secret,
+        opened.arrangement,
+        store if store is not None else opened.store,
+        host=host,
+        port=port,
+        limits=limits,
+        max_hold=max_hold,
+        expiry_interval=expiry_interval,
+    )
+    try:
+        trio.run(_serve_until_signal, start, port_file, host)
+    except (TisaError, OSError, BaseExceptionGroup) as exc:
+        # trio wraps what fails while the relay starts (a key that is not the relay's, a
+        # store of another version, an address in use) in exception groups.
+        leaf = _leaf(exc)
+        if not isinstance(leaf, TisaError | OSError):
+            raise
+        raise click.ClickException(_error_text(leaf)) from None
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m relay``: the :func:`run` command as a program of its own."""
+    run.main(args=list(argv) if argv is not None else None, prog_name="python -m relay")
