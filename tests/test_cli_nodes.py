@@ -77,6 +77,8 @@ def relay(homes: Path) -> Iterator[str]:
             str(home / "arrangement.tisa"),
             "--store",
             str(home / "store"),
+            "--port",
+            "0",  # not the default 7420: other test runs share the machine
             "--port-file",
             str(port_file),
         ],

@@ -493,6 +493,8 @@ async def test_python_m_relay(world: World, tmp_path: Path) -> None:
             str(arrangement_file),
             "--store",
             str(tmp_path / "store"),
+            "--port",
+            "0",  # not the default 7420: other test runs share the machine
             "--port-file",
             str(port_file),
             "--limit",
