@@ -263,17 +263,31 @@ async def test_a_full_handshake_pool_sheds_the_busiest_sources_oldest(
                 assert await _handshake_alive(world, stream)
 
 
+@pytest.mark.parametrize(
+    "idle",
+    [
+        1100,
+        pytest.param(
+            5000,
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(os.environ.get("TISA_SLOW") != "1", reason="TISA_SLOW=1"),
+            ],
+        ),
+    ],
+)
 async def test_one_address_holding_many_connections_does_not_lock_members_out(
-    world: World, tmp_path: Path
+    world: World, tmp_path: Path, idle: int
 ) -> None:
     # Issue 12 item 8: 1,100 idle connections from one address filled the 1,024
     # handshake slots and members were refused busy. Default pool sizes; the flood comes
-    # from 127.0.0.2, the members from 127.0.0.1.
+    # from 127.0.0.2, the members from 127.0.0.1. (The time of the round trip under
+    # 5,000 is measured by python -m bench availability, not here.)
     limits = Limits(handshake_timeout=60, frame_timeout=5, idle_timeout=60)
-    with trio.fail_after(60):
+    with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             port = await start_relay(nursery, world, tmp_path, limits)
-            for _ in range(1100):
+            for _ in range(idle):
                 flood = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
                 _OPEN.append(flood)
             await honest_round_trip(world, port)
