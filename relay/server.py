@@ -177,7 +177,6 @@ class _Handshake:
 
     source: str
     scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
-    shed: bool = False
 
 
 class _HandshakePool:
@@ -223,7 +222,6 @@ class _HandshakePool:
 
     def _shed(self, entry: _Handshake) -> None:
         self.leave(entry)
-        entry.shed = True
         entry.scope.cancel()
         self.shed_total += 1
 
@@ -269,8 +267,8 @@ class _Connection:
     # moves to the end, and deadlines only grow.
     deadlines: dict[bytes, float] = dataclasses.field(default_factory=dict)
     deadlines_added: trio.Event = dataclasses.field(default_factory=trio.Event)
-    # A claim of this connection lapsed and it has acked nothing since: while the member
-    # has a connection that is not overdue, this one is passed over for new deliveries.
+    # A claim of this connection lapsed and it has acked no delivery since: while the
+    # member has a connection that is not overdue, this one is passed over.
     overdue: bool = False
     # Order of arrival among all connections: new deliveries go to the member's newest
     # connection that is not overdue (after a network drop, the one it reconnected on).
@@ -828,10 +826,12 @@ class Relay:
                 holder = self._claims.pop(message.token, None)
                 if holder is not None:
                     holder.claims.discard(message.token)
-            if message.token in conn.in_flight and conn.overdue:
-                # It takes what it is sent after all: it may be the one to push to again,
-                # so it looks at what it passed over.
+            if conn.overdue:
+                # It reads what it is sent after all (an ack, even a late one of a
+                # delivery another connection completed, comes only from a reader): it
+                # may be the one to push to again, so it looks at what it passed over.
                 conn.overdue, conn.rescan = False, True
+                conn.wake.set()
             for other in self._connections.get(conn.member, ()):
                 other.deadlines.pop(message.token, None)
                 if message.token in other.in_flight:

@@ -762,3 +762,34 @@ async def test_deliveries_go_to_the_members_newest_connection(world: World, tmp_
             with trio.move_on_after(0.3) as waited:
                 await old.receive()
             assert waited.cancelled_caught
+
+
+async def test_a_newer_stale_connection_is_passed_over_once_its_claim_lapsed(
+    world: World, tmp_path: Path
+) -> None:
+    """The newest connection is tried first; once a claim of it lapsed, the older live
+    one gets the deliveries, until the newer one acks again."""
+    from tisa.messages import Ack
+    from tisa.token import ReleaseToken
+
+    limits = Limits(handshake_timeout=5, idle_timeout=60, claim_timeout=0.3)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            live = await h.connect("tokyo")
+            stale = await h.connect("tokyo")  # newer: pushed to first
+            first = await _submit_and_release(world, seoul, b"first", 1)
+            assert (await receive_delivery(stale))[0] == first  # and not acked
+            assert (await receive_delivery(live))[0] == first  # after the lapse
+            await live.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            second = await _submit_and_release(world, seoul, b"second", 2)
+            assert (await receive_delivery(live))[0] == second
+            await live.send(Ack(kind="delivery", token=ReleaseToken.decode(second).id))
+            # The newer connection acks late: it is the best connection again.
+            await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            third = await _submit_and_release(world, seoul, b"third", 3)
+            assert (await receive_delivery(stale))[0] == third
+            await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(third).id))
+            with trio.move_on_after(3 * limits.claim_timeout) as waited:
+                await live.receive()
+            assert waited.cancelled_caught
