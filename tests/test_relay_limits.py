@@ -682,6 +682,21 @@ async def _submit_and_release(world: World, seoul: Link, body: bytes, counter: i
     return token
 
 
+async def _take(link: Link, token: bytes) -> None:
+    """Receive the delivery of ``token`` on ``link`` and ack it."""
+    from tisa.messages import Ack
+    from tisa.token import ReleaseToken
+
+    assert (await receive_delivery(link))[0] == token
+    await link.send(Ack(kind="delivery", token=ReleaseToken.decode(token).id))
+
+
+async def _nothing_comes(link: Link, seconds: float) -> None:
+    with trio.move_on_after(seconds) as waited:
+        await link.receive()
+    assert waited.cancelled_caught
+
+
 async def test_a_stale_connection_loses_its_claim(world: World, tmp_path: Path) -> None:
     """Issue 12 item 9: a delivery pushed on a connection that never acks it is pushed
     on the member's live connection after claim_timeout, not after idle_timeout; and
@@ -699,15 +714,10 @@ async def test_a_stale_connection_loses_its_claim(world: World, tmp_path: Path) 
             # relay cannot tell that from a peer that vanished).
             assert (await receive_delivery(stale))[0] == first
             live = await h.connect("tokyo")
-            assert (await receive_delivery(live))[0] == first
-            await live.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
-            second = await _submit_and_release(world, seoul, b"second", 2)
-            assert (await receive_delivery(live))[0] == second
-            await live.send(Ack(kind="delivery", token=ReleaseToken.decode(second).id))
+            await _take(live, first)
+            await _take(live, await _submit_and_release(world, seoul, b"second", 2))
             # The overdue connection was passed over: nothing reached it.
-            with trio.move_on_after(3 * limits.claim_timeout) as waited:
-                await stale.receive()
-            assert waited.cancelled_caught
+            await _nothing_comes(stale, 3 * limits.claim_timeout)
             # Once it acks what it holds, it takes deliveries again.
             await live.aclose()
             await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
@@ -759,9 +769,7 @@ async def test_deliveries_go_to_the_members_newest_connection(world: World, tmp_
             new = await h.connect("tokyo")
             token = await _submit_and_release(world, seoul, b"after the drop", 1)
             assert (await receive_delivery(new))[0] == token
-            with trio.move_on_after(0.3) as waited:
-                await old.receive()
-            assert waited.cancelled_caught
+            await _nothing_comes(old, 0.3)
 
 
 async def test_a_newer_stale_connection_is_passed_over_once_its_claim_lapsed(
@@ -780,16 +788,9 @@ async def test_a_newer_stale_connection_is_passed_over_once_its_claim_lapsed(
             stale = await h.connect("tokyo")  # newer: pushed to first
             first = await _submit_and_release(world, seoul, b"first", 1)
             assert (await receive_delivery(stale))[0] == first  # and not acked
-            assert (await receive_delivery(live))[0] == first  # after the lapse
-            await live.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
-            second = await _submit_and_release(world, seoul, b"second", 2)
-            assert (await receive_delivery(live))[0] == second
-            await live.send(Ack(kind="delivery", token=ReleaseToken.decode(second).id))
+            await _take(live, first)  # after the lapse
+            await _take(live, await _submit_and_release(world, seoul, b"second", 2))
             # The newer connection acks late: it is the best connection again.
             await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
-            third = await _submit_and_release(world, seoul, b"third", 3)
-            assert (await receive_delivery(stale))[0] == third
-            await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(third).id))
-            with trio.move_on_after(3 * limits.claim_timeout) as waited:
-                await live.receive()
-            assert waited.cancelled_caught
+            await _take(stale, await _submit_and_release(world, seoul, b"third", 3))
+            await _nothing_comes(live, 3 * limits.claim_timeout)
