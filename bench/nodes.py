@@ -4,7 +4,7 @@ Three separate processes on 127.0.0.1 in every set-up:
 
 * tisa: Seoul (``open_node``, submit with immediate release; in throughput mode up to
   ``--concurrency`` ``submit`` calls at once, so the node's group commit can batch them), the relay
-  (``python -m relay``), Tokyo (``open_node``, ``reports()``);
+  (``python -m relay``), Tokyo (``open_node``, ``reports()`` and ``ack`` per report);
 * relay alone (throughput only; :mod:`bench.relay_load`): a load source, the same relay
   (``python -m relay``, started as for tisa), and a sink. The source seals the N reports
   for Tokyo and issues their release tokens with the protocol core before the clock
@@ -162,6 +162,9 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
             body = report.read_body()
             sent, _ = _STAMP.unpack_from(body)
             latencies.append(now - sent)
+            # As an application would: each report taken (as the loop's hand-over was
+            # recorded before the next one, before Node.ack).
+            await node.ack(report)
             received += 1
             if received == count:
                 emit({"end": now, "latencies": latencies})

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -39,41 +38,36 @@ import trio
 from relay.server import EXPIRY_INTERVAL, MAX_HOLD, serve
 from tisa.errors import TisaError
 from tisa.limits import Limits
-from tisa_io.files import ARRANGEMENT_FILE, IDENTITY_FILE, STORE_DIR, atomic_text, load_home
+from tisa_io.files import (
+    ARRANGEMENT_FILE,
+    IDENTITY_FILE,
+    PASSPHRASE_ENV,
+    STORE_DIR,
+    atomic_text,
+    default_home,
+    load_home,
+    resolve_passphrase,
+)
 
 __all__ = ["DEFAULT_PORT", "PASSPHRASE_ENV", "main", "parse_limits", "read_passphrase", "run"]
 
 DEFAULT_PORT = 7420
-# The passphrase is read from this variable when no --passphrase-env is given.
-PASSPHRASE_ENV = "TISA_PASSPHRASE"
 
 log = logging.getLogger("relay")
 
 
-def read_passphrase(env: str | None, *, what: str = "the key file") -> str:
+def read_passphrase(env: str | None) -> str:
     """The passphrase from ``$env``, else ``$TISA_PASSPHRASE``, else asked on a terminal.
 
     Raises:
-        click.ClickException: ``env`` names an unset or empty variable, or there is no
-            passphrase at all (no variable and no terminal to ask on).
+        UsageError: no passphrase (see :func:`tisa_io.files.resolve_passphrase`).
     """
-    if env is not None:
-        value = os.environ.get(env)
-        if not value:
-            raise click.ClickException(f"environment variable {env} is not set or empty")
-        return value
-    value = os.environ.get(PASSPHRASE_ENV)
-    if value:
-        return value
-    if not sys.stdin.isatty():
-        raise click.ClickException(
-            f"no passphrase for {what}: set ${PASSPHRASE_ENV}, or name a variable with "
-            "--passphrase-env VAR, or run on a terminal to be asked"
-        )
-    answer = click.prompt("Passphrase", hide_input=True, err=True)
-    if not isinstance(answer, str) or not answer:
-        raise click.ClickException("empty passphrase")
-    return answer
+
+    def ask() -> str:
+        answer = click.prompt("Passphrase", hide_input=True, err=True)
+        return answer if isinstance(answer, str) else ""
+
+    return resolve_passphrase(env, ask if sys.stdin.isatty() else None)
 
 
 def parse_limits(items: Sequence[str]) -> Limits:
@@ -133,12 +127,13 @@ async def _serve_until_signal(start: Any, port_file: Path | None, host: str) -> 
 
 
 def _home_default(ctx: click.Context) -> Path:
-    """``--home`` of this command, else of an enclosing group (``tisa --home``), else ``.tisa``."""
+    """``--home`` of this command, else of an enclosing group (``tisa --home``), else the
+    platform's default (:func:`tisa_io.files.default_home`)."""
     for current in (ctx, *_parents(ctx)):
         value = current.params.get("home")
         if value is not None:
             return Path(value)
-    return Path(".tisa")
+    return default_home()
 
 
 def _parents(ctx: click.Context) -> list[click.Context]:
@@ -159,7 +154,7 @@ def _parents(ctx: click.Context) -> list[click.Context]:
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TISA_HOME",
     help="The relay's folder (identity.key, arrangement.tisa, store/); default: the "
-    "`tisa --home` value, else .tisa. Env: TISA_HOME.",
+    "`tisa --home` value, else the platform's user data folder for tisa. Env: TISA_HOME.",
 )
 @click.option(
     "--key",

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import ipaddress
 import logging
@@ -97,6 +98,20 @@ from tisa_io.link import (
     accept_member,
 )
 
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):,.1f} MiB"
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """``host:port`` of a TCP stream's remote end, or ``?`` (a memory stream in tests)."""
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError, TypeError):
+        return "?"
+    return f"{host}:{port}"
+
+
 __all__ = [
     "MAX_HOLD",
     "EXPIRY_INTERVAL",
@@ -108,6 +123,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay")
+# The remote address of the connection a task serves, for its log lines.
+_peer_address: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="?")
 
 # Longest time the relay holds a report no one has released: a week covers a weekend
 # of consultations between capitals; an originator wanting longer resubmits.
@@ -479,6 +496,8 @@ class Relay:
         ``limits.max_handshakes_per_source`` (default: :func:`source_of` the stream).
         """
         admitted: list[str] = []
+        _peer_address.set(_peer(stream))
+        log.debug("connection from %s", _peer_address.get())
         try:
             handshake = self._handshakes.enter(source_of(stream) if source is None else source)
             try:
@@ -491,13 +510,18 @@ class Relay:
                         admit=lambda name: self._admit(name, admitted),
                     )
             except TisaError as exc:
-                log.info("handshake failed: %s: %s", type(exc).__name__, exc)
+                log.info(
+                    "connection from %s: handshake failed: %s: %s",
+                    _peer_address.get(),
+                    type(exc).__name__,
+                    exc,
+                )
                 return
             finally:
                 self._handshakes.leave(handshake)
             if handshake.scope.cancelled_caught:
                 # Shed for a newer connection (accept_member closed the stream).
-                log.debug("handshake from %s shed", handshake.source)
+                log.debug("connection from %s: shed in its handshake", _peer_address.get())
                 return
             await self.serve_link(link)
         except Exception:
@@ -528,6 +552,7 @@ class Relay:
         self._serial += 1
         conn = _Connection(link=link, member=link.peer, serial=self._serial)
         self._connections.setdefault(conn.member, set()).add(conn)
+        opened = trio.current_time()
         try:
             with conn.cancel:
                 async with trio.open_nursery() as nursery:
@@ -543,6 +568,15 @@ class Relay:
                 # Only the connection writing a report's blob owns its _uploading entry.
                 self._uploading.discard(conn.upload.report)
                 conn.upload.abort()
+            # One line per connection, when it ends: who, from where, how long, why.
+            why = f"{conn.error[0].value}: {conn.error[1]}" if conn.error else "closed"
+            log.info(
+                "%s from %s: connection ended after %.1f s (%s)",
+                conn.member,
+                _peer_address.get(),
+                trio.current_time() - opened,
+                why,
+            )
             try:
                 if conn.error is not None:
                     reason, detail = conn.error
@@ -594,6 +628,8 @@ class Relay:
             log.exception("could not log a refusal")
 
     async def _dispatch(self, conn: _Connection, message: Message) -> None:
+        if log.isEnabledFor(logging.DEBUG) and not isinstance(message, Chunk):
+            log.debug("%s: %s", conn.member, message.TYPE)
         if conn.upload is not None:
             if isinstance(message, Chunk):
                 self._upload_chunk(conn.upload, message)
@@ -667,7 +703,8 @@ class Relay:
             if message.size > self.limits.max_report_size:
                 raise Refused(
                     Reason.LIMIT,
-                    f"report of {message.size} bytes over {self.limits.max_report_size}",
+                    f"the report is {_mib(message.size)} sealed, over the relay's limit of "
+                    f"{_mib(self.limits.max_report_size)}",
                 )
             if message.report in self._uploading:
                 # Most likely the member's previous connection died mid-upload and the

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import sqlite3
 from pathlib import Path
@@ -54,6 +55,9 @@ from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 from tisa_io.durable import DurableStore
+
+# The relay's report events (one line each): stored, released, forwarded, ...
+log = logging.getLogger("relay.events")
 
 __all__ = [
     "BlobWriter",
@@ -374,6 +378,17 @@ class Store(DurableStore):
             (entry.seq, encoded, content, head),
         )
         self._seq, self._head = entry.seq, head
+        # One log line per report event, from what the audit entry records (ids, names,
+        # reason codes: nothing secret). Logged as recorded; a batch rolled back later
+        # (a failed commit) is logged as an error of its own.
+        log.info(
+            "%s%s%s parties %s%s",
+            event.value,
+            f" report {report.hex()}" if report else "",
+            f" token {token.hex()}" if token else "",
+            ",".join(entry.parties) or "-",
+            f" reason {reason}" if reason else "",
+        )
         return entry
 
     def _sweep_files(self) -> None:
@@ -671,7 +686,8 @@ class Store(DurableStore):
 
         Raises:
             Refused: UNKNOWN_REPORT (no such report of ``by``), REPLAYED (the token was
-                already acked: it was used), EXPIRED (the token expired first),
+                already acked: it was used; or, for the whole report, every token of it
+                was, so there is nothing left to withdraw), EXPIRED (the token expired first),
                 WRONG_REPORT (the token belongs to another report).
         """
         self._queued.clear()  # queue lengths are counted again when next needed
@@ -718,6 +734,21 @@ class Store(DurableStore):
                     (report_id, *OUTSTANDING),
                 )
             ]
+            if not recipients:
+                delivered = sorted(
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT recipient FROM tokens WHERE report = ? AND state = 'acked'",
+                        (report_id,),
+                    )
+                )
+                if delivered:
+                    # Nothing left to withdraw: a revocation cannot take a report back
+                    # from its recipients. Refused, and nothing changes.
+                    raise Refused(
+                        Reason.REPLAYED,
+                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
+                    )
             db.execute(
                 "UPDATE tokens SET state = 'revoked', token = X''"
                 " WHERE report = ? AND state IN (?, ?)",

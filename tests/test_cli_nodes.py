@@ -78,7 +78,7 @@ def relay(homes: Path) -> Iterator[str]:
             "--store",
             str(home / "store"),
             "--port",
-            "0",  # not the default 7420: other test runs share the machine
+            "0",
             "--port-file",
             str(port_file),
         ],
@@ -156,21 +156,6 @@ def test_out_of_scope_send_is_refused_in_one_line(homes: Path, relay: str) -> No
     )
 
 
-def test_unreachable_relay_is_one_line(homes: Path) -> None:
-    result = cli(
-        homes,
-        "--home",
-        str(homes / "tokyo"),
-        "inbox",
-        "--timeout",
-        "0.5",
-        relay="127.0.0.1:9",
-        ok=False,
-    )
-    assert result.exit_code == 1
-    assert result.stderr.strip() == "Error: no answer from the relay at 127.0.0.1:9"
-
-
 def send_to_tokyo(homes: Path, relay: str, text: str) -> str:
     sent = cli(
         homes,
@@ -198,7 +183,7 @@ def test_inbox_shows_new_reports_once_and_every_report_with_all(homes: Path, rel
     second = send_to_tokyo(homes, relay, "second launch")
     got = json.loads(cli(homes, *tokyo, "inbox", "--wait", "3", "--json", relay=relay).stdout)
     assert [item["report"] for item in got] == [first, second]
-    assert "new" not in got[0]  # the default listing is unchanged
+    assert [item["new"] for item in got] == [True, True]  # the fields of --all too
     again = cli(homes, *tokyo, "inbox", "--wait", "0.5", "--json", relay=relay)
     assert json.loads(again.stdout) == []
     assert cli(homes, *tokyo, "inbox", "--wait", "0.5", relay=relay).stdout == "no new reports\n"
@@ -292,4 +277,7 @@ def test_send_that_times_out_waiting_for_stored_is_one_line(
     seoul = ["--home", str(homes / "seoul")]
     result = cli(homes, *seoul, *SEND, "--timeout", "0.5", relay=relay, ok=False)
     assert result.exit_code == 1
-    assert result.stderr == f"Error: timed out waiting for the relay at {relay} (--timeout 0.5)\n"
+    [line] = result.stderr.splitlines()
+    # The relay stored it meanwhile (only the wait was stuck): said, with how to revoke.
+    assert line.startswith(f"Error: timed out waiting for the relay at {relay} (--timeout 0.5); ")
+    assert "the relay had already stored report" in line

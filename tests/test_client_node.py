@@ -7,8 +7,10 @@ the real relay are in test_three_nodes.py.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Container
 
 import pytest
 import trio
@@ -16,8 +18,8 @@ from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients.events import DeliveryRejected, Event, ReceiptEvent, Released, Stored
-from clients.node import Backoff, Node, open_node
-from tisa.errors import Reason, Refused
+from clients.node import DEFAULT_VALID_FOR, Backoff, Node, open_node
+from tisa.errors import Reason, Refused, UsageError
 from tisa.messages import SubmitBegin as m_submit
 
 ARRANGEMENT, SECRETS = make_world()
@@ -121,6 +123,7 @@ async def collect(tokyo: Node, into: list[bytes], wait: float) -> None:
     with trio.move_on_after(wait):
         async for report in tokyo.reports():
             into.append(report.report_id)
+            await tokyo.ack(report)
 
 
 async def test_redelivery_after_recipient_restart_is_handed_over_once(
@@ -159,7 +162,10 @@ async def test_replay_is_refused_after_restart(
                 await collect(tokyo, got, 0.3)
             assert got == [report_id]
             # Seoul releases the same report to Tokyo again: a new token, a seen report.
-            await seoul.release(report_id, "tokyo")
+            # Node.release refuses a second token (duplicate); a careless originator
+            # could still make one, which is what the recipient must stand up to.
+            seoul._issue(report_id, "tokyo", DEFAULT_VALID_FOR)
+            seoul._notify()
             async with node("tokyo", port, tmp_path) as tokyo:
                 # The same token replayed by a (hostile) relay: acknowledged, not handed.
                 old_token, old_id, _ = fake.delivered[0]
@@ -235,17 +241,12 @@ def test_sealing_a_large_file_into_the_outbox_keeps_memory_flat(tmp_path: pathli
     assert peak < 1024 * 1024, peak
 
 
-async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
-    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
-) -> None:
-    # reports() records the hand-over of a report when the consumer asks for the next
-    # one; the mark must be committed before the next report reaches the application,
-    # or a node killed right after logging the next one hands over both again.
-    import sqlite3
-
+@pytest.fixture
+async def three_sent(relay: tuple[FakeRelay, int], tmp_path: pathlib.Path) -> list[bytes]:
+    """Seoul sent three reports to Tokyo, stored by the relay; their ids."""
     _fake, port = relay
     with trio.fail_after(10):
-        async with node("seoul", port, tmp_path) as seoul, node("tokyo", port, tmp_path) as tokyo:
+        async with node("seoul", port, tmp_path) as seoul:
             ids = [
                 await seoul.submit(
                     body, recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
@@ -254,22 +255,72 @@ async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
             ]
             for report_id in ids:
                 await seoul.wait_stored(report_id)
-            got: list[bytes] = []
-            async for report in tokyo.reports():
-                if got:
-                    # What another process (or a restart) would see of the previous one.
-                    db = sqlite3.connect(tmp_path / "tokyo" / "member.db")
-                    try:
-                        (handed,) = db.execute(
-                            "SELECT handed FROM inbox WHERE report = ?", (got[-1],)
-                        ).fetchone()
-                    finally:
-                        db.close()
-                    assert handed == 1, "the previous report's hand-over is not committed"
-                got.append(report.report_id)
-                if len(got) == len(ids):
-                    break
-            assert got == ids
+    return ids
+
+
+async def take(tokyo: Node, count: int, *, ack: Container[int] = ()) -> list[bytes]:
+    """The first ``count`` reports of a new reports() loop; acknowledges the i-th of
+    them for every i in ``ack``."""
+    got: list[bytes] = []
+    async for report in tokyo.reports():
+        if len(got) in ack:
+            await tokyo.ack(report)
+        got.append(report.report_id)
+        if len(got) == count:
+            break
+    return got
+
+
+def handed_on_disk(path: pathlib.Path, report_id: bytes) -> int:
+    """The inbox row's acknowledgement as another process (or a restart) sees it."""
+    db = sqlite3.connect(path / "tokyo" / "member.db")
+    try:
+        (handed,) = db.execute("SELECT handed FROM inbox WHERE report = ?", (report_id,)).fetchone()
+    finally:
+        db.close()
+    return int(handed)
+
+
+async def test_a_report_comes_again_until_the_application_acknowledges_it(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    # Asking for the next report, or leaving the loop, does not count as taking one
+    # (it did before Node.ack): only ack() does, and it is on disk when it returns.
+    _fake, port = relay
+    ids = three_sent
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            assert await take(tokyo, 3, ack={1}) == ids
+            assert handed_on_disk(tmp_path, ids[1]) == 1
+            assert handed_on_disk(tmp_path, ids[0]) == 0
+            # A new loop in the same run: the unacknowledged ones, oldest first.
+            assert await take(tokyo, 2, ack={0}) == [ids[0], ids[2]]
+        async with node("tokyo", port, tmp_path) as tokyo:
+            # After a restart too: only the one never acknowledged.
+            assert await take(tokyo, 1, ack={0}) == [ids[2]]
+            again: list[bytes] = []
+            with trio.move_on_after(0.2):
+                again = await take(tokyo, 1)
+            assert again == [], "an acknowledged report came again"
+
+
+async def test_ack_refuses_a_report_not_in_the_inbox_and_a_closed_node(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            first = await anext(aiter(tokyo.reports()))
+            await tokyo.ack(first)
+            await tokyo.ack(first)  # again: nothing happens
+            stranger = dataclasses.replace(first, token_id=bytes(16))
+            with pytest.raises(UsageError, match="not in this node's inbox"):
+                await tokyo.ack(stranger)
+            second = await anext(aiter(tokyo.reports()))
+        with pytest.raises(UsageError, match="closed"):
+            await tokyo.ack(second)
+        async with node("tokyo", port, tmp_path) as tokyo:
+            assert await take(tokyo, 2, ack={0, 1}) == three_sent[1:]
 
 
 async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_again(

@@ -3,9 +3,11 @@
 The relay runs as its own process (``tests/nodes/client_crash_relay.py``, which calls
 ``relay.server.serve``) and is killed at exact points (``TISA_CRASH_AT``) or at random
 times, then restarted on the same store and port. The recipient, Tokyo, runs as its own
-process too (``tests/nodes/client_crash_member.py``), a tiny application that logs every
-report its node hands it. Every test checks that each report the relay acknowledged
-reaches the recipient's application exactly once.
+process too (``tests/nodes/client_crash_member.py``), a tiny application that records
+every report its node hands it, then acknowledges it (``Node.ack``). Every test checks
+that each report the relay acknowledged reaches the recipient's application, and that
+it reaches it again only in the one documented case: the application was stopped
+after recording it and before its acknowledgement was on disk.
 
 TISA_SLOW=1 runs the random loops longer.
 """
@@ -60,7 +62,7 @@ class Child:
             self.process.kill()
             await self.process.wait()
 
-    async def died(self, timeout: float = 5) -> int:
+    async def died(self, timeout: float = 30) -> int:
         assert self.process is not None
         with trio.fail_after(timeout):
             return await self.process.wait()
@@ -96,7 +98,10 @@ class MemberProcess(Child):
         )
 
     def lines(self) -> list[str]:
-        return self.log.read_text().split() if self.log.exists() else []
+        """The application's log so far; fails at once if the process died on its own
+        (a crash of the application must not read as a slow test)."""
+        assert self.process is None or self.process.returncode is None, "Tokyo's process died"
+        return self.log.read_text().splitlines() if self.log.exists() else []
 
 
 def node(name: str, port: int, tmp: pathlib.Path) -> contextlib.AbstractAsyncContextManager[Node]:
@@ -112,17 +117,19 @@ async def submit(seoul: Node, text: str) -> bytes:
 
 
 async def receive_all(tokyo: Node, expected: set[bytes], timeout: float = 15) -> list[bytes]:
-    """Everything Tokyo's application is handed until ``expected`` is in, plus a moment
-    more so a duplicate would show."""
+    """Everything Tokyo's application is handed (and acknowledges) until ``expected`` is
+    in, plus a moment more so a duplicate would show."""
     got: list[bytes] = []
     with trio.fail_after(timeout):
         async for report in tokyo.reports():
             got.append(report.report_id)
+            await tokyo.ack(report)
             if expected <= set(got):
                 break
     with trio.move_on_after(0.3):
         async for report in tokyo.reports():
             got.append(report.report_id)
+            await tokyo.ack(report)
     return got
 
 
@@ -217,6 +224,7 @@ async def test_relay_killed_at_random_times(tmp_path: pathlib.Path, children: li
             async def consume() -> None:
                 async for report in tokyo.reports():
                     got.append(report.report_id)
+                    await tokyo.ack(report)
 
             nursery.start_soon(produce)
             nursery.start_soon(consume)
@@ -238,61 +246,121 @@ async def test_relay_killed_at_random_times(tmp_path: pathlib.Path, children: li
 
 
 def assert_log_exactly_once(lines: list[str], expected: set[bytes], note: str = "") -> None:
-    """Each report once, except the one documented case: the application logged a report
-    and was killed before asking for the next, so the node had not yet recorded the
-    hand-over; that report comes again first after the restart (``X start... X``)."""
-    assert {line for line in lines if line != "start"} == {r.hex() for r in expected}, note
+    """Each report recorded, and recorded again only in the one documented case: the
+    application recorded it and was killed before its acknowledgement returned, so the
+    report comes again first after the restart (``X start ... X``, with no ``ack X``
+    between). A report whose ``ack`` line was written is never recorded again."""
+    records = [line for line in lines if line != "start" and not line.startswith("ack ")]
+    assert set(records) == {r.hex() for r in expected}, note
+    acked: set[str] = set()
+    seen: set[str] = set()
     previous: str | None = None
     restarted = False
-    seen: set[str] = set()
     for line in lines:
         if line == "start":
             restarted = True
             continue
-        if line in seen:
+        if line.startswith("ack "):
+            acked.add(line[4:])
+        elif line in seen:
+            assert line not in acked, f"{line} handed over after its ack ({note}): {lines}"
             assert restarted and previous == line, f"{line} handed over twice ({note}): {lines}"
         seen.add(line)
         previous, restarted = line, False
+
+
+async def run_recipient_crash(
+    port: int, tmp_path: pathlib.Path, children: list[Child], point: str, count: int
+) -> tuple[list[bytes], list[str]]:
+    """Seoul sends ``count`` reports to Tokyo's process, which kills itself at ``point``
+    and is restarted; returns the report ids and Tokyo's log once all are recorded and
+    the last one acknowledged."""
+    tokyo = MemberProcess(tmp_path, port)
+    children.append(tokyo)
+    # Generous: a safety net on a shared machine, not a speed check.
+    with trio.fail_after(90):
+        await tokyo.start(crash_at=point)
+        async with node("seoul", port, tmp_path) as seoul:
+            ids = [await submit(seoul, f"report {i}") for i in range(count)]
+            assert await tokyo.died() == -signal.SIGKILL
+            await tokyo.start()
+            expected = {r.hex() for r in ids} | {f"ack {ids[-1].hex()}"}
+            while not expected <= set(tokyo.lines()):
+                await trio.sleep(0.02)
+            await trio.sleep(0.3)  # so a report handed over again would show
+    return ids, tokyo.lines()
 
 
 async def test_recipient_killed_after_store_before_ack(
     nursery: trio.Nursery, tmp_path: pathlib.Path, children: list[Child]
 ) -> None:
     port = await nursery.start(serve, SECRETS["washington"], ARRANGEMENT, tmp_path / "washington")
-    tokyo = MemberProcess(tmp_path, port)
-    children.append(tokyo)
-    with trio.fail_after(20):
-        await tokyo.start(crash_at="stored_before_ack")
-        async with node("seoul", port, tmp_path) as seoul:
-            report_id = await submit(seoul, "stored, then the lights went out")
-            assert await tokyo.died() == -signal.SIGKILL
-            await tokyo.start()
-            while report_id.hex() not in tokyo.lines():
-                await trio.sleep(0.02)
-            await trio.sleep(0.3)
-    assert tokyo.lines() == ["start", "start", report_id.hex()]
+    [report_id], lines = await run_recipient_crash(port, tmp_path, children, "stored_before_ack", 1)
+    assert lines == ["start", "start", report_id.hex(), f"ack {report_id.hex()}"]
+
+
+async def test_a_report_acknowledged_is_not_handed_over_again_after_a_kill(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    """The application recorded and acknowledged the first report and was killed before
+    it asked for the next: the first one never comes again (before Node.ack, a report
+    counted as handed over only when the next was asked for, and came twice)."""
+    port = await nursery.start(serve, SECRETS["washington"], ARRANGEMENT, tmp_path / "washington")
+    ids, lines = await run_recipient_crash(port, tmp_path, children, "after_ack", 2)
+    first, second = (r.hex() for r in ids)
+    assert lines == ["start", first, "start", second, f"ack {second}"]
+
+
+async def test_a_report_recorded_but_not_acknowledged_comes_again_after_a_kill(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    """The documented window: killed between its record and its acknowledgement, the
+    application is handed the report again, first, after the restart (never lost)."""
+    port = await nursery.start(serve, SECRETS["washington"], ARRANGEMENT, tmp_path / "washington")
+    ids, lines = await run_recipient_crash(port, tmp_path, children, "after_record", 2)
+    first, second = (r.hex() for r in ids)
+    assert lines == ["start", first, "start", first, f"ack {first}", second, f"ack {second}"]
+    assert_log_exactly_once(lines, set(ids))
 
 
 async def test_recipient_killed_at_random_times(
     nursery: trio.Nursery, tmp_path: pathlib.Path, children: list[Child]
 ) -> None:
+    """Seoul sends all along; Tokyo's process is killed at a random moment once its
+    application is at work (Python's start-up alone can outlast a short random delay,
+    which would kill it before it took anything), so kills land between its records,
+    its acks and its requests for the next report."""
     seed = random.randrange(2**32)
     rng = random.Random(seed)
     port = await nursery.start(serve, SECRETS["washington"], ARRANGEMENT, tmp_path / "washington")
     tokyo = MemberProcess(tmp_path, port)
     children.append(tokyo)
-    with trio.fail_after(30 + 3 * ITERATIONS):
+    ids: list[bytes] = []
+    stop = trio.Event()
+    with trio.fail_after(60 + 5 * ITERATIONS):
         async with node("seoul", port, tmp_path) as seoul:
-            ids: set[bytes] = set()
+
+            async def produce() -> None:
+                # Stopped between submissions, never in one: every report sent is in ids.
+                while not stop.is_set():
+                    ids.append(await submit(seoul, f"report {len(ids)}"))
+                    await trio.sleep(rng.uniform(0.005, 0.03))
+
+            async with trio.open_nursery() as producers:
+                producers.start_soon(produce)
+                for starts in range(1, ITERATIONS + 1):
+                    await tokyo.start()
+                    while (lines := tokyo.lines()).count("start") < starts or lines[-1] == "start":
+                        await trio.sleep(0.01)
+                    await trio.sleep(rng.uniform(0, 0.1))
+                    await tokyo.kill()
+                stop.set()
             await tokyo.start()
-            for _ in range(ITERATIONS):
-                for i in range(3):
-                    ids.add(await submit(seoul, f"report {len(ids)} {i}"))
-                await trio.sleep(rng.uniform(0.05, 0.4))
-                await tokyo.kill()
-                await tokyo.start()
+            # Every report recorded and the last record acknowledged. (A kill may come
+            # after an ack returned and before its line was written: that report is
+            # taken, rightly not handed over again, and has no ``ack`` line.)
             expected = {r.hex() for r in ids}
-            while not expected <= set(tokyo.lines()):
+            while not (expected <= set(lines := tokyo.lines()) and lines[-1].startswith("ack ")):
                 await trio.sleep(0.05)
             await trio.sleep(0.3)
-    assert_log_exactly_once(tokyo.lines(), ids, f"seed {seed}")
+    assert_log_exactly_once(tokyo.lines(), set(ids), f"seed {seed}")

@@ -141,8 +141,8 @@ def test_no_passphrase_and_no_terminal_is_one_line(program: str, tmp_path: Path)
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "Error: no passphrase for the key file: set $TISA_PASSPHRASE, or name a variable "
-        "with --passphrase-env VAR, or run on a terminal to be asked"
+        "Error: no passphrase: set $TISA_PASSPHRASE, or give --passphrase-env VAR, "
+        "or run on a terminal to be asked"
     ]
 
 

@@ -596,7 +596,7 @@ async def test_python_m_relay_start_failures_are_one_line(world: World, tmp_path
         return subprocess.run(
             [sys.executable, "-m", "relay", "--key", str(tmp_path / key),
              "--passphrase-env", "RELAY_PASS", "--arrangement", str(arrangement_file),
-             "--store", str(tmp_path / "store"), *extra],
+             "--store", str(tmp_path / "store"), "--port", "0", *extra],
             env={**os.environ, "RELAY_PASS": "pass"},
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True, text=True, timeout=60,
