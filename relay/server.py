@@ -5,11 +5,21 @@ call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
 :func:`serve` runs it on TCP. The session protocol is ``docs/node-protocol.md``.
 
 Per connection: the handshake comes first (:func:`tisa_io.link.accept_member`, with
-the connection caps checked before ``welcome``), then two tasks share the link: a
-reader that handles what the member sends, and a pusher that sends the member what the
-store holds for it (deliveries, receipts, notices) and waits to be woken when more is
-queued. Anything that goes wrong on one connection ends that connection only: the
-connection task catches every exception at its boundary, logs it and closes.
+the connection caps checked once ``finish`` authenticated the member), then two tasks
+share the link: a reader that handles what the member sends, and a pusher that sends the
+member what the store holds for it (deliveries, receipts, notices) and waits to be woken
+when more is queued. Anything that goes wrong on one connection ends that connection
+only: the connection task catches every exception at its boundary, logs it and closes.
+
+Availability: connections in their handshake are counted per source address
+(:class:`_HandshakePool`); when a source or the whole pool is full, the oldest
+handshake of that source (or of the busiest source) is shed, so a flood from a few
+addresses cannot keep members out, and authenticated members never compete with
+handshakes for room. A delivery pushed on a connection is claimed by it (no other
+connection of the member pushes it) only until ``Limits.claim_timeout`` passes without
+the link taking its frames or the member acking it (:meth:`Relay._claim_watch`); new
+deliveries go to the member's newest connection that has no lapsed claim, so a stale
+connection left by a network drop holds nothing for long.
 
 Group commit: the store runs every step in one open transaction (see
 :mod:`relay.store`). The reader does not wait for the disk: it handles the next message
@@ -28,8 +38,10 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,8 +63,6 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
-from tisa.frames import encode_frame
-from tisa.handshake import encode_error
 from tisa.keys import MemberSecret
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import (
@@ -87,7 +97,6 @@ from tisa_io.link import (
     LinkClosed,
     LinkTimeout,
     accept_member,
-    linger,
 )
 
 
@@ -104,7 +113,15 @@ def _peer(stream: trio.abc.Stream) -> str:
     return f"{host}:{port}"
 
 
-__all__ = ["MAX_HANDSHAKES", "MAX_HOLD", "EXPIRY_INTERVAL", "Relay", "serve"]
+__all__ = [
+    "MAX_HOLD",
+    "EXPIRY_INTERVAL",
+    "UNKNOWN_SOURCE",
+    "Relay",
+    "serve",
+    "source_key",
+    "source_of",
+]
 
 log = logging.getLogger("relay")
 # The remote address of the connection a task serves, for its log lines.
@@ -118,11 +135,9 @@ MAX_HOLD = 7 * 24 * 3600
 # seconds late is harmless and the sweep is one indexed query.
 EXPIRY_INTERVAL = 5.0
 
-# Connections still in their handshake (not yet counted against max_connections).
-# Each costs one task and at most a 1 KiB buffer for limits.handshake_timeout; beyond
-# this many, new connections are refused ``busy`` at once, so a flood of stalled
-# handshakes cannot exhaust the process.
-MAX_HANDSHAKES = 1024
+# Source of streams with no peer address (memory streams in tests, unix sockets): all
+# one source, for the per-source handshake limit.
+UNKNOWN_SOURCE = "?"
 
 # Bytes of entries in one audit extract, under the AuditReply field limit (200,000)
 # with room for the checkpoint and msgpack overhead.
@@ -147,6 +162,86 @@ NOTICE_PAGE = 256
 
 def _detail(text: str) -> str:
     return text.encode("utf-8")[:MAX_DETAIL].decode("utf-8", "ignore")
+
+
+def source_of(stream: trio.abc.Stream) -> str:
+    """The source a connection counts against for ``max_handshakes_per_source``: the
+    peer's IPv4 address, or the /64 prefix of its IPv6 address (one subscriber usually
+    holds a whole /64, so counting single IPv6 addresses would not bound anyone); an
+    IPv4-mapped IPv6 address counts as the IPv4 address. :data:`UNKNOWN_SOURCE` for a
+    stream that is not a TCP socket, or whose peer is already gone."""
+    if not isinstance(stream, trio.SocketStream):
+        return UNKNOWN_SOURCE
+    try:
+        host = stream.socket.getpeername()[0]
+    except OSError:
+        return UNKNOWN_SOURCE
+    return source_key(host, stream.socket.family)
+
+
+def source_key(host: str, family: int = socket.AF_INET) -> str:
+    """The source key of a peer address (see :func:`source_of`)."""
+    if family != socket.AF_INET6:
+        return host
+    address = ipaddress.IPv6Address(host.partition("%")[0])
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
+@dataclasses.dataclass(eq=False)
+class _Handshake:
+    """One connection in its handshake: shed by cancelling ``scope``."""
+
+    source: str
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+
+
+class _HandshakePool:
+    """The connections in their handshake, by source, oldest first.
+
+    Never refuses: a connection over ``max_handshakes_per_source`` sheds its source's
+    oldest handshake, and one over ``max_handshakes`` the oldest of the source holding
+    the most (the first to have come among equals). An honest member's handshake is
+    short and its source holds few, so a flood from a few addresses sheds only its own
+    connections; shedding instead of refusing means a flood cannot keep newcomers out
+    just by being there first.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        # source -> its handshakes in arrival order (a dict used as an ordered set).
+        self._by_source: dict[str, dict[_Handshake, None]] = {}
+        self.count = 0
+        self.shed_total = 0
+
+    def enter(self, source: str) -> _Handshake:
+        """Register a new handshake from ``source``, shedding one if a limit is full."""
+        mine = self._by_source.get(source)
+        if mine is not None and len(mine) >= self._limits.max_handshakes_per_source:
+            self._shed(next(iter(mine)))
+        elif self.count >= self._limits.max_handshakes:
+            busiest = max(self._by_source.values(), key=len)
+            self._shed(next(iter(busiest)))
+        entry = _Handshake(source)
+        self._by_source.setdefault(source, {})[entry] = None
+        self.count += 1
+        return entry
+
+    def leave(self, entry: _Handshake) -> None:
+        """Unregister ``entry`` (idempotent: a shed entry has left already)."""
+        mine = self._by_source.get(entry.source)
+        if mine is None or entry not in mine:
+            return
+        del mine[entry]
+        if not mine:
+            del self._by_source[entry.source]
+        self.count -= 1
+
+    def _shed(self, entry: _Handshake) -> None:
+        self.leave(entry)
+        entry.scope.cancel()
+        self.shed_total += 1
 
 
 class StoreFailed(LocalError):
@@ -185,6 +280,17 @@ class _Connection:
     claims: set[bytes] = dataclasses.field(default_factory=set)
     # Deliveries pushed on this connection and not acked yet (at most delivery_window).
     in_flight: set[bytes] = dataclasses.field(default_factory=set)
+    # Claims of this connection -> the trio time at which each lapses (claim_timeout
+    # after the last frame of it the link took), earliest first: a refreshed claim
+    # moves to the end, and deadlines only grow.
+    deadlines: dict[bytes, float] = dataclasses.field(default_factory=dict)
+    deadlines_added: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # A claim of this connection lapsed and it has acked no delivery since: while the
+    # member has a connection that is not overdue, this one is passed over.
+    overdue: bool = False
+    # Order of arrival among all connections: new deliveries go to the member's newest
+    # connection that is not overdue (after a network drop, the one it reconnected on).
+    serial: int = 0
     # Answers waiting for their batch to commit: (batch, message).
     replies: collections.deque[tuple[int, Message]] = dataclasses.field(
         default_factory=collections.deque
@@ -217,7 +323,6 @@ class Relay:
         clock: unix time in seconds; injected by tests.
         max_hold: longest time a submitted report is held unreleased, in seconds.
         expiry_interval: seconds between expiry sweeps in :meth:`run_expiry`.
-        max_handshakes: connections allowed in their handshake at once.
 
     Raises:
         UsageError: ``secret`` is not the relay's key in ``arrangement``.
@@ -233,7 +338,6 @@ class Relay:
         clock: Callable[[], float] = time.time,
         max_hold: int = MAX_HOLD,
         expiry_interval: float = EXPIRY_INTERVAL,
-        max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
         if secret.public != arrangement.member(arrangement.relay).identity:
             raise UsageError("this key is not the relay's key in the arrangement")
@@ -243,7 +347,6 @@ class Relay:
         self.clock = clock
         self.max_hold = max_hold
         self.expiry_interval = expiry_interval
-        self.max_handshakes = max_handshakes
         self.store: RelayStore = open_store(store_path, group_commit=True)
         # A store other relay processes share (PostgreSQL): claims across processes, and
         # word of what they queued (see _store_changed).
@@ -251,9 +354,10 @@ class Relay:
         self._connections: dict[str, set[_Connection]] = {}
         self._admitted: dict[str, int] = {}
         self._admitted_total = 0
-        self._handshakes = 0
+        self._handshakes = _HandshakePool(limits)
         self._uploading: set[bytes] = set()
         self._claims: dict[bytes, _Connection] = {}
+        self._serial = 0
         # Notices (by seq) one connection is sending: notices have no ack, so another
         # connection of the same member must not send them too.
         self._notice_claims: set[int] = set()
@@ -279,6 +383,16 @@ class Relay:
     def connection_count(self) -> int:
         """Authenticated connections open now."""
         return self._admitted_total
+
+    @property
+    def handshake_count(self) -> int:
+        """Connections in their handshake now."""
+        return self._handshakes.count
+
+    @property
+    def handshakes_shed(self) -> int:
+        """Handshakes shed since the start to make room for newer connections."""
+        return self._handshakes.shed_total
 
     # --- serving -----------------------------------------------------------------------
 
@@ -389,24 +503,26 @@ class Relay:
             log.exception("replier of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection to its end. Never raises (but trio.Cancelled)."""
+    async def handle_stream(self, stream: trio.abc.Stream, *, source: str | None = None) -> None:
+        """Serve one connection to its end. Never raises (but trio.Cancelled).
+
+        ``source`` is what the connection counts against for
+        ``limits.max_handshakes_per_source`` (default: :func:`source_of` the stream).
+        """
         admitted: list[str] = []
         _peer_address.set(_peer(stream))
         log.debug("connection from %s", _peer_address.get())
         try:
-            if self._handshakes >= self.max_handshakes:
-                await self._refuse_raw(stream, Reason.BUSY, "too many handshakes in progress")
-                return
-            self._handshakes += 1
+            handshake = self._handshakes.enter(source_of(stream) if source is None else source)
             try:
-                link = await accept_member(
-                    stream,
-                    self.secret,
-                    self.arrangement,
-                    limits=self.limits,
-                    admit=lambda name: self._admit(name, admitted),
-                )
+                with handshake.scope:
+                    link = await accept_member(
+                        stream,
+                        self.secret,
+                        self.arrangement,
+                        limits=self.limits,
+                        admit=lambda name: self._admit(name, admitted),
+                    )
             except TisaError as exc:
                 log.info(
                     "connection from %s: handshake failed: %s: %s",
@@ -416,7 +532,11 @@ class Relay:
                 )
                 return
             finally:
-                self._handshakes -= 1
+                self._handshakes.leave(handshake)
+            if handshake.scope.cancelled_caught:
+                # Shed for a newer connection (accept_member closed the stream).
+                log.debug("connection from %s: shed in its handshake", _peer_address.get())
+                return
             await self.serve_link(link)
         except Exception:
             log.exception("connection task failed")
@@ -425,16 +545,6 @@ class Relay:
             for name in admitted:
                 self._admitted_total -= 1
                 self._admitted[name] -= 1
-
-    async def _refuse_raw(self, stream: trio.abc.Stream, reason: Reason, detail: str) -> None:
-        try:
-            with trio.move_on_after(ERROR_GRACE):
-                await stream.send_all(encode_frame(encode_error(reason, detail)))
-                await linger(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
 
     def _admit(self, name: str, admitted: list[str]) -> None:
         if self._admitted_total >= self.limits.max_connections:
@@ -453,7 +563,8 @@ class Relay:
         purpose, and call ``super().serve_link(wrapped)``. Never raises but
         ``trio.Cancelled``; the link is closed on return.
         """
-        conn = _Connection(link=link, member=link.peer)
+        self._serial += 1
+        conn = _Connection(link=link, member=link.peer, serial=self._serial)
         self._connections.setdefault(conn.member, set()).add(conn)
         opened = trio.current_time()
         try:
@@ -463,6 +574,7 @@ class Relay:
                     nursery.start_soon(self._replier, conn)
                     nursery.start_soon(self._group_commit.run_background_commits)
                     nursery.start_soon(self._pusher, conn)
+                    nursery.start_soon(self._claim_watch, conn)
         finally:
             self._connections[conn.member].discard(conn)
             self._drop_claims(conn)
@@ -768,7 +880,14 @@ class Relay:
                 holder = self._claims.pop(message.token, None)
                 if holder is not None:
                     holder.claims.discard(message.token)
+            if conn.overdue:
+                # It reads what it is sent after all (an ack, even a late one of a
+                # delivery another connection completed, comes only from a reader): it
+                # may be the one to push to again, so it looks at what it passed over.
+                conn.overdue, conn.rescan = False, True
+                conn.wake.set()
             for other in self._connections.get(conn.member, ()):
+                other.deadlines.pop(message.token, None)
                 if message.token in other.in_flight:
                     other.in_flight.discard(message.token)
                     other.wake.set()  # the window has room again
@@ -868,18 +987,75 @@ class Relay:
             conn.wake.set()
 
     def _drop_claims(self, conn: _Connection) -> None:
-        if not conn.claims:
-            return
-        if self._shared is not None:
+        if self._shared is not None and conn.claims:
             self._shared.unclaim(conn.claims)
         for token_id in conn.claims:
             if self._claims.get(token_id) is conn:
                 del self._claims[token_id]
         conn.claims.clear()
-        # Another connection of the same member may now take over those deliveries.
+        conn.deadlines.clear()
+        # Another connection of the same member may now take over those deliveries (and
+        # an overdue one those it passed over while this one was there).
         for other in self._connections.get(conn.member, ()):
             other.rescan = True
             other.wake.set()
+
+    def _refresh_claim(self, conn: _Connection, token_id: bytes) -> None:
+        """The link took a frame of delivery ``token_id`` (or is about to send its
+        first): its claim lapses ``claim_timeout`` from now unless acked."""
+        if token_id not in conn.claims:
+            return  # lapsed or acked meanwhile
+        if not conn.deadlines:
+            conn.deadlines_added.set()
+        conn.deadlines.pop(token_id, None)
+        conn.deadlines[token_id] = trio.current_time() + self.limits.claim_timeout
+
+    async def _claim_watch(self, conn: _Connection) -> None:
+        """Lapse the claims of ``conn`` that passed their deadline (see
+        :meth:`_lapse_claim`), until the connection ends."""
+        try:
+            while True:
+                if not conn.deadlines:
+                    conn.deadlines_added = trio.Event()
+                    await conn.deadlines_added.wait()
+                    continue
+                token_id, deadline = next(iter(conn.deadlines.items()))
+                if deadline <= trio.current_time():
+                    self._lapse_claim(conn, token_id)
+                    continue
+                await trio.sleep_until(deadline)
+        except Exception:
+            log.exception("claim watch of %s failed", conn.member)
+            conn.fail(Reason.INTERNAL, "internal error")
+
+    def _lapse_claim(self, conn: _Connection, token_id: bytes) -> None:
+        """``conn`` did not ack delivery ``token_id`` within ``claim_timeout``: the
+        member's other connections may push it. It stays in this connection's window
+        (and is not pushed on it again); an ack from any connection settles it."""
+        del conn.deadlines[token_id]
+        if self._claims.get(token_id) is conn:
+            del self._claims[token_id]
+        conn.claims.discard(token_id)
+        if self._shared is not None:
+            # The member's live connection may be on another relay process.
+            self._shared.unclaim([token_id])
+        conn.overdue = True
+        for other in self._connections.get(conn.member, ()):
+            if other is not conn:
+                other.rescan = True
+                other.wake.set()
+
+    def _passed_over(self, conn: _Connection) -> bool:
+        """Whether the member has a better connection to push deliveries on: one that
+        is not overdue when this one is, else a newer one. Exactly one connection of a
+        member is the best; whenever that changes, the new best rescans (a new
+        connection scans from the start; a close, a lapse or an ack that ends an
+        overdue sets ``rescan``), so no delivery is left unpushed."""
+        rank = (not conn.overdue, conn.serial)
+        return any(
+            (not other.overdue, other.serial) > rank
+            for other in self._connections.get(conn.member, ())
+        )
 
     async def _pusher(self, conn: _Connection) -> None:
         try:
@@ -984,6 +1160,8 @@ class Relay:
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection of this member is delivering it
+        if self._passed_over(conn):
+            return  # the member's best connection takes it (see _passed_over)
         # The release that made this delivery pending may still be in the open batch
         # (not a later one: the row was read in batch ``barrier``). Not the current
         # barrier, which moves on with every message handled meanwhile: waiting for it
@@ -1017,7 +1195,9 @@ class Relay:
                 # Reads of one chunk each: a report of any size passes in constant memory.
                 while data := blob.read(MAX_CHUNK_DATA):
                     await conn.link.send(Chunk(data=data))
+                    self._refresh_claim(conn, row.id)  # the peer is taking it
                 await conn.link.send(DeliverEnd(token=row.id))
+        self._refresh_claim(conn, row.id)
         self.store.mark_forwarded(row.id, now=self.now())
         self._group_commit.mark_dirty()
 
@@ -1025,6 +1205,8 @@ class Relay:
         self._claims[token_id] = conn
         conn.claims.add(token_id)
         conn.in_flight.add(token_id)
+        # From now: a write the peer does not take lapses the claim too.
+        self._refresh_claim(conn, token_id)
 
     async def _send_deliveries(
         self, conn: _Connection, pending: list[Message], sent: list[bytes]
@@ -1036,6 +1218,7 @@ class Relay:
         await conn.link.send_many(pending)
         now = self.now()
         for token_id in sent:
+            self._refresh_claim(conn, token_id)
             self.store.mark_forwarded(token_id, now=now)
         pending.clear()
         sent.clear()

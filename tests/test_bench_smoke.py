@@ -68,3 +68,13 @@ def test_bench_core_and_ceiling_run(args: tuple[str, ...]) -> None:
         for role in ("originator", "relay", "recipient"):
             assert f"target core {role}" in out
         assert "target 2 MiB seal then open" in out
+
+
+def test_bench_availability_runs(tmp_path: Path) -> None:
+    figures_file = tmp_path / "figures.json"
+    out = _bench("availability", "--idle", "50", "--rounds", "1", "--json", str(figures_file))
+    assert "50 idle connections from 127.0.0.2" in out
+    assert "delivery past a newer stale connection" in out
+    figures = json.loads(figures_file.read_text())
+    for part in ("round_trip_s", "stale_older_s", "stale_newer_s"):
+        assert len(figures[part]) == 1 and 0 < figures[part][0] < float("inf")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from nodes.relay_harness import expect, receive_delivery, running_relay, send_submission
+import trio.testing
+from nodes.relay_harness import Harness, expect, receive_delivery, running_relay, send_submission
 from nodes.relay_helpers import (
     NOW,
     FakeClock,
@@ -194,20 +195,104 @@ async def test_stalled_handshake_and_flood(world: World, store_at: str | Path) -
             nursery.cancel_scope.cancel()
 
 
-async def test_too_many_handshakes_busy(world: World, store_at: str | Path) -> None:
+async def _stalled(h: Harness, source: str) -> trio.abc.Stream:
+    """A connection from ``source`` that says nothing, once the relay registered it (so
+    the order of arrival is the order of the calls)."""
+    stream = h.open_stream(source=source)
+    await trio.testing.wait_all_tasks_blocked()
+    return stream
+
+
+async def _served(link: Link) -> None:
+    """The relay answers this member."""
+    await link.send(AuditFetch(since=0))
+    await expect(link, AuditReply)
+
+
+async def _three_and_one(h: Harness) -> tuple[list[trio.abc.Stream], trio.abc.Stream]:
+    """Stalled handshakes: three from 192.0.2.1, then one from 192.0.2.2."""
+    three = [await _stalled(h, "192.0.2.1") for _ in range(3)]
+    one = await _stalled(h, "192.0.2.2")
+    assert h.relay.handshake_count == 4
+    return three, one
+
+
+async def _handshake_alive(world: World, stream: trio.abc.Stream) -> bool:
+    """Whether the relay still serves this stalled handshake: a hello gets a welcome."""
+    hello = MemberHandshake(world.secrets["seoul"], "seoul", world.arrangement)
+    try:
+        await stream.send_all(encode_frame(hello.start()))
+    except trio.BrokenResourceError:
+        return False
+    frame = await read_raw_frame(stream)
+    return bool(frame) and enc.unpack(frame)["t"] == "welcome"
+
+
+async def test_handshakes_over_the_per_source_limit_shed_that_sources_oldest(
+    world: World, tmp_path: Path
+) -> None:
+    limits = Limits(handshake_timeout=30, max_handshakes=100, max_handshakes_per_source=3)
     with trio.fail_after(20):
-        async with running_relay(world, store_at, limits=FAST, max_handshakes=5) as h:
-            stalled = [h.open_stream() for _ in range(5)]
-            await trio.sleep(0.05)
-            extra = h.open_stream()
-            error = enc.unpack(await read_raw_frame(extra))
-            assert error["reason"] == "busy"
-            for stream in stalled:
-                await stream.aclose()
-            await trio.sleep(0.05)
-            link = await h.connect("seoul")
-            await link.send(AuditFetch(since=0))
-            await expect(link, AuditReply)
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            flood, other = await _three_and_one(h)
+            # One more from the same source: its own oldest goes, nobody is refused.
+            flood.append(await _stalled(h, "192.0.2.1"))
+            assert await read_raw_frame(flood[0]) == b""
+            assert h.relay.handshake_count == 4 and h.relay.handshakes_shed == 1
+            for stream in (*flood[1:], other):
+                assert await _handshake_alive(world, stream)
+            # A member from that source still gets in (shedding a stalled one).
+            await _served(await h.connect("tokyo", source="192.0.2.1"))
+
+
+async def test_a_full_handshake_pool_sheds_the_busiest_sources_oldest(
+    world: World, tmp_path: Path
+) -> None:
+    limits = Limits(handshake_timeout=30, max_handshakes=4, max_handshakes_per_source=3)
+    with trio.fail_after(20):
+        async with running_relay(world, tmp_path, limits=limits) as h:
+            busy, quiet = await _three_and_one(h)
+            # The pool is full: a newcomer is let in, the busiest source's oldest goes.
+            newcomer = await _stalled(h, "192.0.2.3")
+            assert await read_raw_frame(busy[0]) == b""
+            assert h.relay.handshake_count == 4
+            # A member's handshake in a full pool completes (the busiest source pays again).
+            await _served(await h.connect("seoul", source="192.0.2.4"))
+            assert await read_raw_frame(busy[1]) == b""
+            assert h.relay.handshakes_shed == 2
+            for stream in (busy[2], quiet, newcomer):
+                assert await _handshake_alive(world, stream)
+
+
+@pytest.mark.parametrize(
+    "idle",
+    [
+        1100,
+        pytest.param(
+            5000,
+            marks=[
+                pytest.mark.slow,
+                pytest.mark.skipif(os.environ.get("TISA_SLOW") != "1", reason="TISA_SLOW=1"),
+            ],
+        ),
+    ],
+)
+async def test_one_address_holding_many_connections_does_not_lock_members_out(
+    world: World, tmp_path: Path, idle: int
+) -> None:
+    # Issue 12 item 8: 1,100 idle connections from one address filled the 1,024
+    # handshake slots and members were refused busy. Default pool sizes; the flood comes
+    # from 127.0.0.2, the members from 127.0.0.1. (The time of the round trip under
+    # 5,000 is measured by python -m bench availability, not here.)
+    limits = Limits(handshake_timeout=60, frame_timeout=5, idle_timeout=60)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            port = await start_relay(nursery, world, tmp_path, limits)
+            for _ in range(idle):
+                flood = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.2")
+                _OPEN.append(flood)
+            await honest_round_trip(world, port)
+            nursery.cancel_scope.cancel()
 
 
 async def test_connection_caps(world: World, store_at: str | Path) -> None:
@@ -423,6 +508,8 @@ async def test_python_m_relay(world: World, tmp_path: Path) -> None:
             str(arrangement_file),
             "--store",
             str(tmp_path / "store"),
+            "--port",
+            "0",  # not the default 7420: other test runs share the machine
             "--port-file",
             str(port_file),
             "--limit",
@@ -594,3 +681,127 @@ async def test_logged_refusals_per_member_are_rate_limited(
             clock.now += 60  # a new minute: logged again
             await refused_releases(1)
             assert await logged_reasons() == ["unknown_report"] * cap + ["limit", "unknown_report"]
+
+
+async def _submit_and_release(world: World, seoul: Link, body: bytes, counter: int) -> bytes:
+    report = seal(world, body)
+    await send_submission(seoul, report)
+    await expect(seoul, Stored)
+    token = token_for(world, report, counter=counter)
+    await seoul.send(Release(token=token))
+    await expect(seoul, Released)
+    return token
+
+
+async def _take(link: Link, token: bytes) -> None:
+    """Receive the delivery of ``token`` on ``link`` and ack it."""
+    from tisa.messages import Ack
+    from tisa.token import ReleaseToken
+
+    assert (await receive_delivery(link))[0] == token
+    await link.send(Ack(kind="delivery", token=ReleaseToken.decode(token).id))
+
+
+async def _nothing_comes(link: Link, seconds: float) -> None:
+    with trio.move_on_after(seconds) as waited:
+        await link.receive()
+    assert waited.cancelled_caught
+
+
+async def test_a_stale_connection_loses_its_claim(world: World, tmp_path: Path) -> None:
+    """Issue 12 item 9: a delivery pushed on a connection that never acks it is pushed
+    on the member's live connection after claim_timeout, not after idle_timeout; and
+    while the stale one is overdue, new deliveries go to the live one at once."""
+    from tisa.messages import Ack
+    from tisa.token import ReleaseToken
+
+    limits = Limits(handshake_timeout=5, idle_timeout=60, claim_timeout=0.3)
+    with trio.fail_after(10):  # the old relay held the delivery for idle_timeout (60 s)
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            stale = await h.connect("tokyo")
+            first = await _submit_and_release(world, seoul, b"first", 1)
+            # Pushed on the only connection Tokyo has; it is read but never acked (the
+            # relay cannot tell that from a peer that vanished).
+            assert (await receive_delivery(stale))[0] == first
+            live = await h.connect("tokyo")
+            await _take(live, first)
+            await _take(live, await _submit_and_release(world, seoul, b"second", 2))
+            # The overdue connection was passed over: nothing reached it.
+            await _nothing_comes(stale, 3 * limits.claim_timeout)
+            # Once it acks what it holds, it takes deliveries again.
+            await live.aclose()
+            await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            third = await _submit_and_release(world, seoul, b"third", 3)
+            assert (await receive_delivery(stale))[0] == third
+
+
+async def test_a_claim_lapses_while_a_stream_is_not_taken(world: World, tmp_path: Path) -> None:
+    """A large delivery stuck on a connection that stopped reading lapses after
+    claim_timeout without progress, long before frame_timeout breaks that link."""
+    limits = Limits(handshake_timeout=5, idle_timeout=60, frame_timeout=30, claim_timeout=0.3)
+    with trio.fail_after(10):  # the old relay waited for frame_timeout (30 s)
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            stale = await h.connect("tokyo", lockstep=True)
+            token = await _submit_and_release(world, seoul, b"z" * 300_000, 1)
+            # The push started (a stream: the report is over max_inline_report)...
+            assert await stale.stream.receive_some(4)
+            # ...and stalls: this end reads no more.
+            live = await h.connect("tokyo")
+            got, ciphertext = await receive_delivery(live)
+            assert got == token and len(ciphertext) > 300_000
+
+
+async def test_sources_are_ipv4_addresses_and_ipv6_prefixes() -> None:
+    import socket
+
+    from relay.server import source_key
+
+    assert source_key("192.0.2.7") == "192.0.2.7"
+    # One subscriber holds a /64: all of it is one source.
+    first = source_key("2001:db8:1:2::1", socket.AF_INET6)
+    assert first == "2001:db8:1:2::/64"
+    assert source_key("2001:db8:1:2:ffff:1:2:3", socket.AF_INET6) == first
+    assert source_key("2001:db8:1:3::1", socket.AF_INET6) != first
+    assert source_key("fe80::1%eth0", socket.AF_INET6) == "fe80::/64"
+    # An IPv4 peer on a dual-stack socket counts as its IPv4 address.
+    assert source_key("::ffff:192.0.2.7", socket.AF_INET6) == "192.0.2.7"
+
+
+async def test_deliveries_go_to_the_members_newest_connection(world: World, tmp_path: Path) -> None:
+    """A member that reconnected after a network drop gets new deliveries on the new
+    connection at once, though the old one is still open (and will never ack)."""
+    limits = Limits(handshake_timeout=5, idle_timeout=60, claim_timeout=30)
+    with trio.fail_after(10):  # far below claim_timeout: no lapse is involved
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            old = await h.connect("tokyo")
+            new = await h.connect("tokyo")
+            token = await _submit_and_release(world, seoul, b"after the drop", 1)
+            assert (await receive_delivery(new))[0] == token
+            await _nothing_comes(old, 0.3)
+
+
+async def test_a_newer_stale_connection_is_passed_over_once_its_claim_lapsed(
+    world: World, tmp_path: Path
+) -> None:
+    """The newest connection is tried first; once a claim of it lapsed, the older live
+    one gets the deliveries, until the newer one acks again."""
+    from tisa.messages import Ack
+    from tisa.token import ReleaseToken
+
+    limits = Limits(handshake_timeout=5, idle_timeout=60, claim_timeout=0.3)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=limits, clock=FakeClock()) as h:
+            seoul = await h.connect("seoul")
+            live = await h.connect("tokyo")
+            stale = await h.connect("tokyo")  # newer: pushed to first
+            first = await _submit_and_release(world, seoul, b"first", 1)
+            assert (await receive_delivery(stale))[0] == first  # and not acked
+            await _take(live, first)  # after the lapse
+            await _take(live, await _submit_and_release(world, seoul, b"second", 2))
+            # The newer connection acks late: it is the best connection again.
+            await stale.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            await _take(stale, await _submit_and_release(world, seoul, b"third", 3))
+            await _nothing_comes(live, 3 * limits.claim_timeout)
