@@ -57,6 +57,7 @@ The clock is CLOCK_MONOTONIC, which is one clock for every process on the machin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -78,10 +79,10 @@ from bench.processes import (
     load,
     make_world,
     run_folder,
-    start_relay,
     vm_hwm_mib,
     wait_port,
 )
+from bench.stores import SQLITE, THROWAWAY, PgBench, Relays, Setup, setups
 from bench.world import LEVEL, SCOPE
 
 __all__ = ["main"]
@@ -93,15 +94,19 @@ _STAMP = struct.Struct(">dI")  # send time (monotonic), sequence number
 # --- tisa roles --------------------------------------------------------------------------
 
 
+def _addresses(ports: str) -> list[tuple[str, int]]:
+    """The relay addresses of a role's ``ports`` argument (comma-separated, in the order
+    the node tries them)."""
+    return [("127.0.0.1", int(port)) for port in ports.split(",")]
+
+
 async def _seoul(
-    folder: Path, port: int, mode: str, count: int, rate: float, size: int, concurrency: int
+    folder: Path, ports: str, mode: str, count: int, rate: float, size: int, concurrency: int
 ) -> None:
     from clients.node import open_node
 
     secret, arrangement = load(folder, "seoul")
-    async with open_node(
-        secret, "seoul", arrangement, ("127.0.0.1", port), folder / "seoul"
-    ) as node:
+    async with open_node(secret, "seoul", arrangement, _addresses(ports), folder / "seoul") as node:
         await node.wait_connected()
         if mode == "large":
             source = folder / "large.bin"
@@ -147,13 +152,11 @@ async def _seoul(
         await trio.sleep_forever()
 
 
-async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
+async def _tokyo(folder: Path, ports: str, mode: str, count: int) -> None:
     from clients.node import open_node
 
     secret, arrangement = load(folder, "tokyo")
-    async with open_node(
-        secret, "tokyo", arrangement, ("127.0.0.1", port), folder / "tokyo"
-    ) as node:
+    async with open_node(secret, "tokyo", arrangement, _addresses(ports), folder / "tokyo") as node:
         latencies: list[float] = []
         received = 0
         cpu0 = time.process_time()
@@ -176,42 +179,51 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
 
 
 def _run_tisa(
-    folder: Path, mode: str, count: int, rate: float, size: int, concurrency: int = 1
+    folder: Path,
+    mode: str,
+    count: int,
+    rate: float,
+    size: int,
+    concurrency: int = 1,
+    setup: Setup = SQLITE,
 ) -> dict[str, Any]:
     run = run_folder(folder)
     if mode == "large":
         (run / "large.bin").symlink_to(folder / "large.bin")
-    relay = start_relay(run, count)
+    relays = Relays(run, count, setup)
     seoul = tokyo = None
     try:
-        port = wait_port(run / "relay.port", relay)
-        relay_cpu0 = cpu_seconds(relay.popen.pid)  # its start-up, excluded
-        role_args = [str(run), str(port), mode, str(count), str(rate), str(size)]
-        tokyo = Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", *role_args])
-        seoul = Process(
-            run, "seoul", ["-m", "bench.nodes", "--role", "seoul", *role_args, str(concurrency)]
-        )
+        ports = relays.ports()
+        relays.mark()  # their start-up, excluded
+        # With two relay processes, Seoul tries the first one first, Tokyo the second.
+        forward, backward = ",".join(map(str, ports)), ",".join(map(str, ports[::-1]))
+        rest = [mode, str(count), str(rate), str(size)]
+        tokyo = Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", str(run),
+                                       backward, *rest])  # fmt: skip
+        seoul = Process(run, "seoul", ["-m", "bench.nodes", "--role", "seoul", str(run),
+                                       forward, *rest, str(concurrency)])  # fmt: skip
         tokyo.wait(timeout=900)
+        relays.measure()
     finally:
-        for process in (seoul, tokyo, relay):
+        for process in (seoul, tokyo):
             if process is not None:
                 process.stop()
+        relays.stop()
     return {
         "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib, "cpu_s": seoul.cpu_s},
         "tokyo": {"peak_mib": tokyo.peak_mib, **tokyo.records()[-1], "cpu_s": tokyo.cpu_s},
-        "relay_peak_mib": relay.peak_mib,
-        "relay_cpu_s": relay.cpu_s,
-        "relay_run_cpu_s": relay.cpu_s - relay_cpu0,
+        **relays.figures(),
     }
 
 
 def _pipeline_cpu_ms(result: dict[str, Any], count: int) -> float:
     """CPU milliseconds per report summed over the three processes of a run, each from
     the end of its start-up (the originator's first send, the recipient's node open,
-    the relay's listening) to its end."""
+    the relay's listening) to its end; with PostgreSQL, and the database server's."""
     seoul = result["seoul"]["cpu_s"] - result["seoul"]["cpu0"]
     tokyo = result["tokyo"]["cpu1"] - result["tokyo"]["cpu0"]
-    return 1000 * (seoul + result["relay_run_cpu_s"] + tokyo) / count
+    server = result.get("server_run_cpu_s", 0.0)  # the PostgreSQL server's, if any
+    return 1000 * (seoul + result["relay_run_cpu_s"] + server + tokyo) / count
 
 
 # --- bare floor --------------------------------------------------------------------------
@@ -331,48 +343,146 @@ def _percentiles(result: dict[str, Any]) -> tuple[float, float]:
     return p50 * 1000, p99 * 1000
 
 
-def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _setup_round(
+    tisa: dict[str, Any], alone: dict[str, Any], bare_rate: float, count: int
+) -> dict[str, Any]:
+    """One round's figures of one set-up: rates over the floor, CPU per report."""
+    tisa_rate = _throughput(tisa, count)
+    alone["ratio"] = alone["rate"] / bare_rate
+    alone["relay_cpu_us"] = 1e6 * alone["relay_run_cpu_s"] / count
+    alone["relay_cpu_each_us"] = [1e6 * each / count for each in alone["relay_run_cpu_each_s"]]
+    alone["server_cpu_us"] = 1e6 * alone["server_run_cpu_s"] / count
+    return {
+        "tisa": tisa_rate,
+        "ratio": tisa_rate / bare_rate,
+        "tisa_cpu_ms": _pipeline_cpu_ms(tisa, count),
+        "tisa_relay_cpu_us": 1e6 * tisa["relay_run_cpu_s"] / count,
+        "tisa_server_cpu_us": 1e6 * tisa["server_run_cpu_s"] / count,
+        "relay_alone": alone,
+        "cpu_s": {
+            "seoul": tisa["seoul"]["cpu_s"],
+            "relay": tisa["relay_cpu_s"],
+            "tokyo": tisa["tokyo"]["cpu_s"],
+        },
+    }
+
+
+def _us(values: list[float]) -> str:
+    return " + ".join(f"{value:.0f}" for value in values)
+
+
+def _setup_medians(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
+    """The median over the rounds of each figure of set-up ``key``."""
+    mine = [r["setups"][key] for r in rounds]
+
+    def median(pick: Any) -> float:
+        return float(statistics.median(pick(r) for r in mine))
+
+    each = len(mine[0]["relay_alone"]["relay_cpu_each_us"])
+    return {
+        "tisa": median(lambda r: r["tisa"]),
+        "ratio": median(lambda r: r["ratio"]),
+        "tisa_cpu_ms": median(lambda r: r["tisa_cpu_ms"]),
+        "tisa_relay_cpu_us": median(lambda r: r["tisa_relay_cpu_us"]),
+        "tisa_server_cpu_us": median(lambda r: r["tisa_server_cpu_us"]),
+        "relay_alone": median(lambda r: r["relay_alone"]["rate"]),
+        "relay_alone_ratio": median(lambda r: r["relay_alone"]["ratio"]),
+        "relay_cpu_us": median(lambda r: r["relay_alone"]["relay_cpu_us"]),
+        "relay_cpu_each_us": [
+            median(lambda r, n=n: r["relay_alone"]["relay_cpu_each_us"][n]) for n in range(each)
+        ],
+        "server_cpu_us": median(lambda r: r["relay_alone"]["server_cpu_us"]),
+        "relays": each,
+    }
+
+
+def _projection(label: str, figures: dict[str, Any], cores: tuple[int, ...]) -> list[str]:
+    """What N cores would give, from the CPU per report alone (see docs/performance.md for
+    what this leaves out: the chain head's row lock, NOTIFY, the poll)."""
+    alone_us = figures["relay_cpu_us"] + figures["server_cpu_us"]
+    busiest = max(figures["relay_cpu_each_us"])
+    tisa_us = 1000 * figures["tisa_cpu_ms"]
+    lines = [
+        f"  {label}: relay alone {alone_us:.0f} µs CPU per report (relay processes"
+        f" {_us(figures['relay_cpu_each_us'])}, PostgreSQL server"
+        f" {figures['server_cpu_us']:.0f}); end to end {tisa_us:.0f} µs (of which relay"
+        f" processes {figures['tisa_relay_cpu_us']:.0f}, server"
+        f" {figures['tisa_server_cpu_us']:.0f}, the two members the rest)"
+    ]
+    lines.append(
+        "    CPU-only projection, reports/s on N cores: "
+        + ", ".join(
+            f"{n} cores relay alone {n * 1e6 / alone_us:.0f}, end to end {n * 1e6 / tisa_us:.0f}"
+            for n in cores
+        )
+        + f"; one relay process at its busiest {busiest:.0f} µs per report caps it at"
+        f" {1e6 / busiest:.0f}/s per process"
+    )
+    return lines
+
+
+def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup]) -> dict[str, Any]:
     from bench import relay_load
 
     print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
-          f" ({args.concurrency} submit calls at once), {args.rounds} rounds:")  # fmt: skip
+          f" ({args.concurrency} submit calls at once), {args.rounds} rounds,"
+          f" set-ups {', '.join(kind.label for kind in kinds)}:")  # fmt: skip
     # The machine is shared: the bare forwarder alone varies by 2x from run to run. Each
-    # round measures the floor right before the two tisa set-ups; ratios are per round.
+    # round measures the floor right before the tisa set-ups; ratios are per round.
     rounds: list[dict[str, Any]] = []
     for number in range(1, args.rounds + 1):
         bare = _run_bare(folder, "throughput", args.count, 1000.0, 1024)
-        tisa = _run_tisa(folder, "throughput", args.count, 1000.0, 1024, args.concurrency)
-        alone = relay_load.run(folder, args.count, 1024, args.load_window)
-        bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
-        alone["ratio"] = alone["rate"] / bare_rate
-        alone["relay_cpu_us"] = 1e6 * alone["relay_run_cpu_s"] / args.count
-        tisa_cpu, bare_cpu = _pipeline_cpu_ms(tisa, args.count), _pipeline_cpu_ms(bare, args.count)
-        rounds.append({"bare": bare_rate, "tisa": tisa_rate, "relay_alone": alone,
-                       "tisa_cpu_ms": tisa_cpu, "bare_cpu_ms": bare_cpu})  # fmt: skip
-        print(f"  round {number}: bare forwarder {bare_rate:6.0f}/s   tisa {tisa_rate:5.0f}/s"
-              f" ({tisa_rate / bare_rate:5.3f}x)   relay alone {alone['rate']:5.0f}/s"
-              f" ({alone['ratio']:5.3f}x)")  # fmt: skip
-        print(f"           CPU per report: tisa {tisa_cpu:.2f} ms summed over the three"
-              f" processes (bare {bare_cpu:.3f} ms per message); relay alone"
-              f" {alone['relay_cpu_us']:.0f} µs; {targets.load_average()}")  # fmt: skip
-    tisa_ratio = statistics.median(r["tisa"] / r["bare"] for r in rounds)
-    alone_ratio = statistics.median(r["relay_alone"]["ratio"] for r in rounds)
+        bare_rate = _throughput(bare, args.count)
+        bare_cpu = _pipeline_cpu_ms(bare, args.count)
+        print(f"  round {number}: bare forwarder {bare_rate:6.0f}/s ({bare_cpu:.3f} ms CPU per"
+              f" message over its three processes)")  # fmt: skip
+        found: dict[str, Any] = {}
+        for kind in kinds:
+            tisa = _run_tisa(folder, "throughput", args.count, 1000.0, 1024, args.concurrency,
+                             kind)  # fmt: skip
+            alone = relay_load.run(folder, args.count, 1024, args.load_window, kind)
+            mine = found[kind.key] = _setup_round(tisa, alone, bare_rate, args.count)
+            server = ""
+            if kind.server is not None:
+                server = (f", server {mine['tisa_server_cpu_us']:.0f} µs / relay alone"
+                          f" {alone['server_cpu_us']:.0f} µs")  # fmt: skip
+            print(f"    {kind.label:12}  tisa {mine['tisa']:5.0f}/s ({mine['ratio']:5.3f}x)"
+                  f"   relay alone {alone['rate']:5.0f}/s ({alone['ratio']:5.3f}x);"
+                  f" CPU per report: tisa {mine['tisa_cpu_ms']:.2f} ms summed, relay alone"
+                  f" {_us(alone['relay_cpu_each_us'])} µs{server};"
+                  f" {targets.load_average()}")  # fmt: skip
+        sqlite = found["sqlite"]
+        rounds.append({"bare": bare_rate, "bare_cpu_ms": bare_cpu, "setups": found,
+                       "tisa": sqlite["tisa"], "relay_alone": sqlite["relay_alone"],
+                       "tisa_cpu_ms": sqlite["tisa_cpu_ms"]})  # fmt: skip
+    medians = {kind.key: _setup_medians(rounds, kind.key) for kind in kinds}
     bare_rate = statistics.median(r["bare"] for r in rounds)
-    tisa_rate = statistics.median(r["tisa"] for r in rounds)
-    print(f"  median ratio: tisa {tisa_ratio:5.3f}x, relay alone (pre-sealed load, acking"
-          f" sink) {alone_ratio:5.3f}x")  # fmt: skip
-    print(f"    last round's relay alone: relay CPU {alone['relay_cpu_s']:.2f} s in all"
+    bare_cpu_ms = statistics.median(r["bare_cpu_ms"] for r in rounds)
+    print(f"  median of rounds (bare forwarder {bare_rate:.0f}/s):")
+    for kind in kinds:
+        mine = medians[kind.key]
+        print(f"    {kind.label:12}  tisa {mine['tisa']:5.0f}/s ({mine['ratio']:5.3f}x)"
+              f"   relay alone (pre-sealed load, acking sink) {mine['relay_alone']:5.0f}/s"
+              f" ({mine['relay_alone_ratio']:5.3f}x)")  # fmt: skip
+    alone = rounds[-1]["relay_alone"]
+    print(f"    last round's sqlite relay alone: relay CPU {alone['relay_cpu_s']:.2f} s in all"
           f" ({alone['relay_run_cpu_s']:.2f} s during the run); timed CPU source"
           f" {alone['source_timed_cpu_s']:.2f} s, sink {alone['sink_timed_cpu_s']:.2f} s;"
           f" at most {args.load_window} reports unanswered")  # fmt: skip
+    if len(kinds) > 1:
+        print("  CPU per report on PostgreSQL, per process and of the database server"
+              " (median of rounds):")  # fmt: skip
+        for kind in kinds:
+            if kind.server is not None:
+                for text in _projection(kind.label, medians[kind.key], (2, 4, 8)):
+                    print(text)
     # Measured here, with the node processes gone (see bench/ceiling.py).
     limit = ceiling.measure()
     limit["against_measured_bare"] = ceiling.bound_against(limit, bare_rate)
     print(ceiling.summary_line(limit))
     print(ceiling.bound_line(limit["against_measured_bare"], bare_rate))
-    relay_cpu_us = statistics.median(r["relay_alone"]["relay_cpu_us"] for r in rounds)
-    tisa_cpu_ms = statistics.median(r["tisa_cpu_ms"] for r in rounds)
-    bare_cpu_ms = statistics.median(r["bare_cpu_ms"] for r in rounds)
+    sqlite = medians["sqlite"]
+    relay_cpu_us, tisa_cpu_ms = sqlite["relay_cpu_us"], sqlite["tisa_cpu_ms"]
     print(targets.line("relay alone, CPU per 1 KiB report (median of rounds)", relay_cpu_us,
                        "µs", targets.RELAY_CPU_US,
                        f"libsodium work the relay must do {limit['relay_us']:.0f} µs, the"
@@ -380,23 +490,20 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     floor = f"bare forwarder's three processes {bare_cpu_ms:.3f} ms per message"
     print(targets.line("three processes, CPU per report summed (median of rounds)",
                        tisa_cpu_ms, "ms", targets.PIPELINE_CPU_MS, floor))  # fmt: skip
-    cpu = {
-        "seoul": tisa["seoul"]["cpu_s"],
-        "relay": tisa["relay_cpu_s"],
-        "tokyo": tisa["tokyo"]["cpu_s"],
-    }
+    cpu = rounds[-1]["setups"]["sqlite"]["cpu_s"]
     print("  last round's tisa CPU seconds (start-up included): "
           + ", ".join(f"{name} {seconds:.1f}" for name, seconds in cpu.items()))  # fmt: skip
     return {
         "cpu_s": cpu,
-        "tisa": tisa_rate,
+        "tisa": sqlite["tisa"],
         "bare": bare_rate,
-        "ratio": tisa_ratio,
+        "ratio": sqlite["ratio"],
         "relay_alone": alone,
-        "relay_alone_ratio": alone_ratio,
+        "relay_alone_ratio": sqlite["relay_alone_ratio"],
         "relay_cpu_us": relay_cpu_us,
         "tisa_cpu_ms": tisa_cpu_ms,
         "bare_cpu_ms": bare_cpu_ms,
+        "setups": medians,
         "load": targets.load_average(),
         "rounds": rounds,
         "concurrency": args.concurrency,
@@ -404,31 +511,37 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _latency_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+def _latency_part(folder: Path, args: argparse.Namespace, kinds: list[Setup]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for rate in args.rate:
         print(f"latency, {args.latency_count} reports of 1 KiB offered at {rate:.0f}/s"
               " (open loop):")  # fmt: skip
         bare = _run_bare(folder, "latency", args.latency_count, rate, 1024)
-        tisa = _run_tisa(folder, "latency", args.latency_count, rate, 1024)
-        (b50, b99), (t50, t99) = _percentiles(bare), _percentiles(tisa)
-        achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
-        print(f"  tisa p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s)")
-        print(f"  bare p50 {b50:7.2f} ms  p99 {b99:8.2f} ms   p99 ratio {t99 / b99:6.1f}x")
-        tisa_cpu = _pipeline_cpu_ms(tisa, args.latency_count)
-        print(f"  CPU per report {tisa_cpu:.2f} ms summed over the three processes"
-              f" (bare {_pipeline_cpu_ms(bare, args.latency_count):.3f} ms);"
+        b50, b99 = _percentiles(bare)
+        found: dict[str, Any] = {}
+        for kind in kinds:
+            tisa = _run_tisa(folder, "latency", args.latency_count, rate, 1024, 1, kind)
+            t50, t99 = _percentiles(tisa)
+            achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
+            tisa_cpu = _pipeline_cpu_ms(tisa, args.latency_count)
+            found[kind.key] = {"tisa": [t50, t99], "tisa_rate": achieved, "tisa_cpu_ms": tisa_cpu}
+            name = "tisa" if kind.server is None else kind.label
+            print(f"  {name:12} p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s;"
+                  f" p99 over bare {t99 / b99:5.1f}x); CPU per report {tisa_cpu:.2f} ms summed"
+                  f" over the processes")  # fmt: skip
+        print(f"  {'bare':12} p50 {b50:7.2f} ms  p99 {b99:8.2f} ms"
+              f" (CPU per message {_pipeline_cpu_ms(bare, args.latency_count):.3f} ms);"
               f" {targets.load_average()}")  # fmt: skip
+        t50, t99 = found["sqlite"]["tisa"]
         if rate == targets.LATENCY_RATE:
             print(targets.line("p50 at 100/s", t50, "ms", targets.LATENCY_P50_MS,
                                f"bare forwarder p50 {b50:.2f} ms"))  # fmt: skip
             print(targets.line("p99 at 100/s", t99, "ms", targets.LATENCY_P99_MS,
                                f"bare forwarder p99 {b99:.2f} ms"))  # fmt: skip
         figures[f"{rate:g}"] = {
-            "tisa": [t50, t99],
+            **found["sqlite"],
             "bare": [b50, b99],
-            "tisa_rate": achieved,
-            "tisa_cpu_ms": tisa_cpu,
+            "setups": found,
             "load": targets.load_average(),
         }
     return figures
@@ -494,6 +607,13 @@ def main(argv: list[str] | None = None) -> int:
         default=3,
         help="throughput rounds, each with its own floor (default 3; median ratio printed)",
     )
+    parser.add_argument(
+        "--store",
+        metavar="ADDRESS",
+        help="also measure the relay on PostgreSQL, with one and with two relay processes:"
+        " a postgresql://… address of a role that may create schemas, or 'postgresql' for a"
+        " throwaway server brought up for the run (as the tests do); default: SQLite only",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -506,16 +626,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     if args.load_window < 1:
         parser.error("--load-window must be at least 1")
+    if args.store is not None and not (
+        args.store == THROWAWAY or args.store.startswith(("postgresql://", "postgres://"))
+    ):
+        parser.error("--store takes a postgresql:// address, or 'postgresql'")
     parts = args.only or ["throughput", "latency", "large"]
     figures: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as name:
+    server = None if args.store is None else PgBench(args.store)
+    with tempfile.TemporaryDirectory() as name, contextlib.ExitStack() as stack:
+        if server is not None:
+            server.start()
+            stack.callback(server.stop)
+            figures["store"] = "postgresql" if args.store == THROWAWAY else "postgresql://…"
+        kinds = setups(server)
         folder = Path(name)
         make_world(folder)
         if "throughput" in parts:
-            figures["throughput"] = _throughput_part(folder, args)
+            figures["throughput"] = _throughput_part(folder, args, kinds)
         if "latency" in parts:
-            figures["latency_ms"] = _latency_part(folder, args)
-        if "large" in parts:
+            figures["latency_ms"] = _latency_part(folder, args, kinds)
+        if "large" in parts:  # SQLite only: the large run is about the nodes' memory
             figures["large"] = _large_part(folder, args)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
@@ -531,11 +661,11 @@ def _role(argv: list[str]) -> int:
     elif role == "bare-receiver":
         trio.run(_bare_receiver, int(rest[0]), int(rest[2]))
     elif role == "seoul":
-        folder, port, mode, count, rate, size, concurrency = rest
+        folder, ports, mode, count, rate, size, concurrency = rest
         trio.run(
             _seoul,
             Path(folder),
-            int(port),
+            ports,
             mode,
             int(count),
             float(rate),
@@ -543,8 +673,8 @@ def _role(argv: list[str]) -> int:
             int(concurrency),
         )
     elif role == "tokyo":
-        folder, port, mode, count = rest[:4]
-        trio.run(_tokyo, Path(folder), int(port), mode, int(count))
+        folder, ports, mode, count = rest[:4]
+        trio.run(_tokyo, Path(folder), ports, mode, int(count))
     elif role == "load-source":
         from bench import relay_load
 

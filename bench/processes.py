@@ -156,18 +156,19 @@ def run_folder(folder: Path) -> Path:
     return run
 
 
-def start_relay(run: Path, count: int) -> Process:
-    """The real relay (``python -m relay``) on a fresh store in ``run``; its port is written
-    to ``run / "relay.port"``. Its queue per recipient holds every report of the run.
+def start_relay(run: Path, count: int, store: str | None = None, label: str = "relay") -> Process:
+    """The real relay (``python -m relay``) on a fresh store in ``run`` (or on ``store``, a
+    ``postgresql://`` address: several relay processes may share one); its port is written
+    to ``run / f"{label}.port"``. Its queue per recipient holds every report of the run.
 
     With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
     separately, not a dependency) samples the relay until it ends, into a collapsed-stack
     file there (``relay-<pid>.txt``, one line per stack with its sample count)."""
     relay = Process(
-        run, "relay",
+        run, label,
         ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
-         "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
-         "--port", "0", "--port-file", str(run / "relay.port"),
+         "--arrangement", str(run / "arrangement.tisa"), "--store", store or str(run / "relay"),
+         "--port", "0", "--port-file", str(run / f"{label}.port"),
          "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip

@@ -29,15 +29,17 @@ reports and tokens, the sink N deliveries carrying exactly the tokens the source
 issued (the two compare a digest of the sorted token ids), and, read from the relay's
 store once the sink is done, the relay holds all N tokens as acked (each delivery
 completed). The relay's CPU seconds are given in all (start-up included) and from the
-sink's connect to the end of the run.
+sink's connect to the end of the run; on PostgreSQL, the server's too.
+
+The relay may be several processes on one PostgreSQL store (:mod:`bench.stores`): the
+source then connects to the first, the sink to the last, and the relays' store is read
+through a connection of its own for the final check.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -45,9 +47,9 @@ from typing import Any
 
 import trio
 
-from bench.processes import Process, cpu_seconds, emit, load, run_folder, start_relay, wait_port
+from bench.processes import Process, emit, load, run_folder
+from bench.stores import SQLITE, Relays, Setup
 from bench.world import LEVEL, SCOPE
-from relay.store import DB_NAME
 from tisa.messages import (
     Ack,
     Chunk,
@@ -278,49 +280,46 @@ def _wait_all(processes: list[Process], timeout: float) -> None:
     raise TimeoutError(f"not finished in {timeout:.0f} s")
 
 
-def _tokens_by_state(where: Path) -> dict[str, int]:
-    """The relay's tokens by state, read from its store (SQLite in WAL mode, so a reader
-    beside the running relay)."""
-    uri = f"file:{where / 'relay' / DB_NAME}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
-        rows = db.execute("SELECT state, count(*) FROM tokens GROUP BY state").fetchall()
-    return {str(state): int(number) for state, number in rows}
-
-
-def _wait_acked(where: Path, count: int, timeout: float = 30.0) -> dict[str, int]:
+def _wait_acked(relays: Relays, count: int, timeout: float = 30.0) -> dict[str, int]:
     """The relay's tokens by state once all ``count`` are acked (or at the timeout): the
     sink's last acks may still be on their way when it ends."""
     deadline = time.monotonic() + timeout
     while True:
-        states = _tokens_by_state(where)
+        states = relays.tokens_by_state()
         if states.get("acked", 0) >= count or time.monotonic() > deadline:
             return states
         time.sleep(0.05)
 
 
-def run(folder: Path, count: int, size: int = 1024, window: int = 256) -> dict[str, Any]:
-    """One run against the real relay; returns the figures (checked, see the docstring)."""
+def run(
+    folder: Path, count: int, size: int = 1024, window: int = 256, setup: Setup = SQLITE
+) -> dict[str, Any]:
+    """One run against the real relay (one or more processes, as ``setup`` says); returns
+    the figures (checked, see the docstring)."""
     where = run_folder(folder)
-    relay = start_relay(where, count)
+    relays = Relays(where, count, setup)
     source = receiver = None
     try:
-        port = wait_port(where / "relay.port", relay)
-        role_args = [str(where), str(port), str(count)]
+        ports = relays.ports()
+        # With two relay processes, the source on the first and the sink on the last.
+        role_args = [str(where), str(ports[-1]), str(count)]
         receiver = Process(where, "sink", ["-m", "bench.nodes", "--role", "relay-sink", *role_args])
         _wait_ready(receiver)  # connected before the source sends anything
-        relay_cpu = cpu_seconds(relay.popen.pid)
+        relays.mark()
+        role_args[1] = str(ports[0])
         source = Process(
             where, "source",
             ["-m", "bench.nodes", "--role", "load-source", *role_args, str(size), str(window)],
         )  # fmt: skip
         _wait_all([receiver, source], timeout=900)
-        relay_cpu = cpu_seconds(relay.popen.pid) - relay_cpu
+        relays.measure()
         # After the clock: every delivery must be complete at the relay (acked).
-        states = _wait_acked(where, count)
+        states = _wait_acked(relays, count)
     finally:
-        for process in (source, receiver, relay):
+        for process in (source, receiver):
             if process is not None:
                 process.stop()
+        relays.stop()
     sent, got = source.records()[-1], receiver.records()[-1]
     if not (sent["stored"] == sent["released"] == got["deliveries"] == got["distinct"] == count):
         raise RuntimeError(f"relay alone: source {sent}, sink {got}, expected {count} each")
@@ -334,11 +333,11 @@ def run(folder: Path, count: int, size: int = 1024, window: int = 256) -> dict[s
         "released_rate": count / (sent["answered"] - sent["start"]),
         "seconds": seconds,
         "window": window,
-        "relay_cpu_s": relay.cpu_s,
-        # From the sink's connect to the end of the source and sink (the source's
-        # sealing before the clock included, while the relay idles).
-        "relay_run_cpu_s": relay_cpu,
-        "relay_peak_mib": relay.peak_mib,
+        # relay_cpu_s: in all; relay_run_cpu_s: from the sink's connect to the end of the
+        # source and sink (the source's sealing before the clock included, while the relay
+        # idles), summed over the relay processes (each in relay_run_cpu_each_s);
+        # server_run_cpu_s: the PostgreSQL server's over the same span.
+        **relays.figures(),
         "relay_tokens": states,
         "source_timed_cpu_s": sent["timed_cpu_s"],
         "sink_timed_cpu_s": got["timed_cpu_s"],

@@ -7,10 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nodes.pg_server import PgServer, PgUnavailable
 
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.keys import MemberSecret
+from tisa_testing.pg_server import PgServer, PgUnavailable
 
 # 29 December 2014, the day the arrangement was signed.
 TRIO_CREATED = 1419811200
@@ -61,7 +61,7 @@ def trio_arrangement() -> tuple[Arrangement, dict[str, MemberSecret]]:
 
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
-    """A throwaway PostgreSQL server for the session (see tests/nodes/pg_server.py).
+    """A throwaway PostgreSQL server for the session (see tisa_testing/pg_server.py).
     If none can be brought up the tests that need it fail, saying why: never skipped."""
     server = PgServer()
     try:

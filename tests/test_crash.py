@@ -26,11 +26,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 import pytest
 import trio
 from nodes.client_world import LEVEL, SCOPE, make_world
-from nodes.pg_server import PgServer
 
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
 from relay.storage import is_postgresql
+from tisa_testing.pg_server import PgServer
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.1)

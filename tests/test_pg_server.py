@@ -1,4 +1,4 @@
-"""The throwaway PostgreSQL server of the PostgreSQL tests (tests/nodes/pg_server.py)."""
+"""The throwaway PostgreSQL server of the PostgreSQL tests (tisa_testing/pg_server.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import nodes.pg_server as pg_server_module
 import psycopg
 import pytest
-from nodes.pg_server import DSN_ENV, PgServer, PgUnavailable, with_schema
+
+import tisa_testing.pg_server as pg_server_module
+from tisa_testing.pg_server import DSN_ENV, PgServer, PgUnavailable, with_schema
 
 
 def test_the_test_server_is_up_on_a_unix_socket_only(pg_server: PgServer) -> None:

@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server for the tests: found or installed, started, stopped.
+"""A throwaway PostgreSQL server for the tests and the benchmarks: found or installed,
+started, stopped.
 
 :class:`PgServer` brings one up: Debian's ``postgresql`` package is installed when no
 ``initdb`` is found under ``/usr/lib/postgresql/*/bin`` (only as root, with apt-get), a
@@ -26,7 +27,15 @@ import tempfile
 import urllib.parse
 from pathlib import Path
 
-__all__ = ["PgServer", "PgUnavailable", "find_bindir"]
+__all__ = [
+    "DSN_ENV",
+    "PgServer",
+    "PgUnavailable",
+    "find_bindir",
+    "postmaster_pid",
+    "server_cpu_seconds",
+    "with_schema",
+]
 
 DSN_ENV = "TISA_PG_DSN"
 # The unprivileged user that runs the server when the tests run as root.
@@ -85,11 +94,14 @@ def _install() -> Path:
 class PgServer:
     """One PostgreSQL server for a test session (see the module docstring).
 
-    :meth:`start` brings it up (or checks ``TISA_PG_DSN``), :meth:`stop` stops it and
-    removes its folder, :meth:`new_schema` gives each test an empty schema of its own.
+    :meth:`start` brings it up (or checks the ``dsn`` given, else ``TISA_PG_DSN``),
+    :meth:`stop` stops it (one it started) and removes its folder, :meth:`new_schema`
+    gives each test an empty schema of its own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, dsn: str | None = None) -> None:
+        # An existing server's address (as TISA_PG_DSN gives one), else None: bring one up.
+        self._given = dsn
         self.folder: Path | None = None
         self.bindir: Path | None = None
         self.dsn = ""
@@ -102,7 +114,7 @@ class PgServer:
 
     def start(self) -> None:
         """Bring the server up. Raises: PgUnavailable, saying why."""
-        existing = os.environ.get(DSN_ENV)
+        existing = self._given or os.environ.get(DSN_ENV)
         if existing:
             self.dsn = existing
             self._check()
@@ -212,3 +224,46 @@ def with_schema(dsn: str, schema: str) -> str:
     # quote, not quote_plus: libpq reads a '+' as a plus sign, not a space.
     encoded = urllib.parse.urlencode(query, quote_via=urllib.parse.quote)
     return urllib.parse.urlunsplit(parts._replace(query=encoded))
+
+
+def postmaster_pid(dsn: str) -> int | None:
+    """The process id of the server at ``dsn`` (its postmaster), when it runs on this
+    machine and its processes can be read in /proc; else None."""
+    import psycopg
+
+    with psycopg.connect(dsn, connect_timeout=10) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    stat = _stat_fields(int(row[0]))
+    return None if stat is None else int(stat[1])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (state first), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def server_cpu_seconds(postmaster: int) -> float:
+    """User + system CPU seconds the PostgreSQL server has used so far: its postmaster,
+    the children it has reaped (backends of closed connections: the kernel adds their
+    time to the postmaster's cutime and cstime) and its children still running (the
+    backends, the WAL writer, the checkpointer, autovacuum). NaN when not readable.
+
+    The difference of two readings is the server's CPU between them, whichever backends
+    came and went meanwhile.
+    """
+    own = _stat_fields(postmaster)
+    if own is None:
+        return float("nan")
+    ticks = sum(int(field) for field in own[11:15])  # utime stime cutime cstime
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields is not None and int(fields[1]) == postmaster:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")

@@ -1,0 +1,155 @@
+"""The relay set-ups the node benchmarks compare: the store, and how many relay processes.
+
+* SQLite: one relay process on a store folder of its own in the run's folder (the
+  default, and the only set-up without ``--store``);
+* PostgreSQL (``--store postgresql://…`` for an existing server, a role that may create
+  schemas; ``--store postgresql`` for a throwaway server brought up and stopped by the
+  benchmark, as the tests do it: :mod:`tisa_testing.pg_server`), with one relay process
+  and with two on one store. Every run gets an empty schema of its own.
+
+With two relay processes the members connect to different ones (Seoul, or the load
+source, to the first; Tokyo, or the sink, to the second), so every report crosses from
+one process to the other through the database (the ``NOTIFY`` hint, else the poll).
+
+CPU is read from /proc: each relay process's, and the PostgreSQL server's (its
+postmaster, its backends, the ones that ended meanwhile included:
+:func:`tisa_testing.pg_server.server_cpu_seconds`), when the server runs on this
+machine (NaN otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.processes import Process, cpu_seconds, start_relay, wait_port
+from relay.store import DB_NAME
+from tisa_testing.pg_server import PgServer, postmaster_pid, server_cpu_seconds
+
+__all__ = ["SQLITE", "THROWAWAY", "PgBench", "Relays", "Setup", "setups"]
+
+# The --store value that brings up a throwaway server.
+THROWAWAY = "postgresql"
+
+
+class PgBench:
+    """The PostgreSQL server of a benchmark run: an existing one (``postgresql://…``) or a
+    throwaway one (``postgresql``)."""
+
+    def __init__(self, address: str) -> None:
+        self.server = PgServer(None if address == THROWAWAY else address)
+        self.postmaster: int | None = None
+
+    def start(self) -> None:
+        """Bring the server up (or check the address). Raises: PgUnavailable."""
+        self.server.start()
+        self.postmaster = postmaster_pid(self.server.dsn)
+
+    def new_store(self) -> str:
+        """The address of an empty schema of its own (a fresh relay store)."""
+        return self.server.new_schema()
+
+    def cpu_seconds(self) -> float:
+        """The server's CPU seconds so far (NaN when it is not on this machine)."""
+        return float("nan") if self.postmaster is None else server_cpu_seconds(self.postmaster)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One relay set-up: ``key`` names it in the JSON figures, ``label`` in the output."""
+
+    key: str
+    label: str
+    relays: int = 1
+    server: PgBench | None = None
+
+
+SQLITE = Setup("sqlite", "sqlite")
+
+
+def setups(server: PgBench | None) -> list[Setup]:
+    """SQLite, then (with a server) PostgreSQL with one and with two relay processes."""
+    found = [SQLITE]
+    if server is not None:
+        found.append(Setup("pg1", "pg 1 relay", 1, server))
+        found.append(Setup("pg2", "pg 2 relays", 2, server))
+    return found
+
+
+class Relays:
+    """The relay processes of one run of a set-up, on one fresh store.
+
+    :meth:`mark` and :meth:`measure` bracket the measured part: the relays' CPU seconds
+    (each, and the server's) between the two.
+    """
+
+    def __init__(self, run: Path, count: int, setup: Setup) -> None:
+        self.run = run
+        self.setup = setup
+        self.store = setup.server.new_store() if setup.server is not None else None
+        self.labels = ["relay"] if setup.relays == 1 else [f"relay{n}" for n in range(setup.relays)]
+        self.processes: list[Process] = [
+            start_relay(run, count, self.store, label) for label in self.labels
+        ]
+        self._cpu0: list[float] = []
+        self._server0 = float("nan")
+        self.run_cpu_s: list[float] = []  # each relay process, between mark and measure
+        # No server with SQLite; NaN when the server's processes cannot be read.
+        self.server_run_cpu_s = 0.0 if setup.server is None else float("nan")
+
+    def ports(self) -> list[int]:
+        """Each relay process's port, once it listens."""
+        return [
+            wait_port(self.run / f"{label}.port", process, timeout=60)
+            for label, process in zip(self.labels, self.processes, strict=True)
+        ]
+
+    def mark(self) -> None:
+        self._cpu0 = [cpu_seconds(p.popen.pid) for p in self.processes]
+        if self.setup.server is not None:
+            self._server0 = self.setup.server.cpu_seconds()
+        else:
+            self._server0 = 0.0
+
+    def measure(self) -> None:
+        self.run_cpu_s = [
+            cpu_seconds(p.popen.pid) - cpu0
+            for p, cpu0 in zip(self.processes, self._cpu0, strict=True)
+        ]
+        if self.setup.server is not None:
+            self.server_run_cpu_s = self.setup.server.cpu_seconds() - self._server0
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.stop()
+
+    def tokens_by_state(self) -> dict[str, int]:
+        """The relays' tokens by state, read from their store (SQLite in WAL mode is read
+        beside the running relay; PostgreSQL through a connection of its own)."""
+        query = "SELECT state, count(*) FROM tokens GROUP BY state"
+        if self.store is None:
+            uri = f"file:{self.run / 'relay' / DB_NAME}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+                rows = db.execute(query).fetchall()
+        else:
+            import psycopg
+
+            with psycopg.connect(self.store, connect_timeout=10) as conn:
+                rows = conn.execute(query).fetchall()
+        return {str(state): int(number) for state, number in rows}
+
+    def figures(self) -> dict[str, Any]:
+        """CPU (in all, start-up included, and between mark and measure) and peak RSS."""
+        return {
+            "relay_cpu_s": sum(p.cpu_s for p in self.processes),
+            "relay_run_cpu_s": sum(self.run_cpu_s),
+            "relay_run_cpu_each_s": self.run_cpu_s,
+            "server_run_cpu_s": self.server_run_cpu_s,
+            "relay_peak_mib": max(p.peak_mib for p in self.processes),
+        }
