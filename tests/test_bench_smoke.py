@@ -8,11 +8,14 @@ that the --json output carries them.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tisa_testing.pg_server import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -52,6 +55,35 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
     for process in ("seoul", "relay", "tokyo"):
         # VmHWM of each process: a real reading, not nan, and at least the interpreter.
         assert figures["large"]["2"][f"{process}_peak_mib"] > 10
+
+
+def test_bench_nodes_runs_on_postgresql_with_one_and_two_relays(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    # On the tests' server (--store postgresql://…), each run in a schema of its own.
+    figures_file = tmp_path / "figures.json"
+    out = _bench(
+        "nodes", "--count", "20", "--rounds", "1", "--latency-count", "20", "--rate", "100",
+        "--only", "throughput", "--only", "latency", "--store", pg_server.dsn,
+        "--json", str(figures_file), timeout=300,
+    )  # fmt: skip
+    assert "set-ups sqlite, pg 1 relay, pg 2 relays" in out
+    assert "CPU-only projection, reports/s on N cores" in out
+    figures = json.loads(figures_file.read_text())
+    setups = figures["throughput"]["setups"]
+    assert set(setups) == {"sqlite", "pg1", "pg2"}
+    for key, relays in (("pg1", 1), ("pg2", 2)):
+        mine = setups[key]
+        assert mine["tisa"] > 0 and mine["relay_alone"] > 0 and mine["relays"] == relays
+        # Each relay process's CPU and the server's: real readings from /proc, not NaN.
+        assert len(mine["relay_cpu_each_us"]) == relays
+        assert all(each > 0 for each in mine["relay_cpu_each_us"])
+        assert math.isfinite(mine["server_cpu_us"]) and mine["server_cpu_us"] >= 0
+        assert figures["latency_ms"]["100"]["setups"][key]["tisa"][1] > 0
+    # Every relay-alone run checked the relay's tokens in its own store: all acked.
+    round_ = figures["throughput"]["rounds"][0]["setups"]
+    assert all(round_[key]["relay_alone"]["relay_tokens"] == {"acked": 20} for key in round_)
+    assert setups["sqlite"]["server_cpu_us"] == 0
 
 
 @pytest.mark.parametrize(

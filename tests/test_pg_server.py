@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 
 import tisa_testing.pg_server as pg_server_module
-from tisa_testing.pg_server import DSN_ENV, PgServer, PgUnavailable, with_schema
+from tisa_testing.pg_server import (
+    DSN_ENV,
+    PgServer,
+    PgUnavailable,
+    postmaster_pid,
+    server_cpu_seconds,
+    with_schema,
+)
 
 
 def test_the_test_server_is_up_on_a_unix_socket_only(pg_server: PgServer) -> None:
@@ -65,3 +74,44 @@ def test_a_server_that_cannot_be_brought_up_fails_the_tests_not_skips_them(
     summary = done.stdout.strip().splitlines()[-1]
     assert "1 error" in summary and "skipped" not in summary, summary
     assert "PostgreSQL is needed for this test and cannot be brought up" in done.stdout
+
+
+def test_an_address_given_is_used_instead_of_bringing_a_server_up(
+    pg_server: PgServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As the benchmark's --store postgresql://… does: nothing installed or started.
+    monkeypatch.delenv(DSN_ENV, raising=False)
+    monkeypatch.setattr(pg_server_module, "find_bindir", lambda: None)  # would install
+    given = PgServer(pg_server.dsn)
+    given.start()
+    assert given.dsn == pg_server.dsn and not given.restartable
+    given.stop()  # not ours: still up
+    with psycopg.connect(pg_server.dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_the_server_cpu_counts_its_backends_those_that_ended_included(
+    pg_server: PgServer,
+) -> None:
+    postmaster = postmaster_pid(pg_server.dsn)
+    if pg_server.restartable:  # ours: its postmaster.pid names the same process
+        assert pg_server.folder is not None
+        first_line = (pg_server.folder / "data" / "postmaster.pid").read_text().split()[0]
+        assert postmaster == int(first_line)
+    assert postmaster is not None
+    before = server_cpu_seconds(postmaster)
+    with psycopg.connect(pg_server.dsn) as conn:  # a backend that works, then ends
+        conn.execute("SELECT count(*) FROM generate_series(1, 3000000)").fetchone()
+        busy = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert busy is not None
+    # Once the backend is gone (ended, and reaped by the postmaster), its CPU still counts.
+    for _ in range(400):  # a wait for the process to end, up to 20 s; nothing timed
+        if not Path(f"/proc/{busy[0]}").exists():
+            break
+        time.sleep(0.05)
+    assert not Path(f"/proc/{busy[0]}").exists()
+    assert server_cpu_seconds(postmaster) > before
+
+
+def test_the_cpu_of_a_server_that_cannot_be_read_is_nan() -> None:
+    assert math.isnan(server_cpu_seconds(2**22 + 1))  # above Linux's largest pid
