@@ -15,6 +15,9 @@ it imports it. Its core-level tools (world, hostile, model, fuzzing) import no t
   Dolev-Yao test and usable as an oracle for another client.
 * :mod:`tisa_testing.relay`: a relay on trio whose misbehaviour each test chooses.
 * :mod:`tisa_testing.plugin`: pytest fixtures (entry point ``tisa``).
+* :mod:`tisa_testing.pg_server`: a throwaway PostgreSQL server (found or installed,
+  started, stopped; or an existing one by address) with a schema per test, and its CPU
+  read from /proc; used by the relay's PostgreSQL tests and by ``bench nodes --store``.
 
 See ``docs/security.md``.
 """
