@@ -968,6 +968,14 @@ class PgStore(DurableStore):
         )
         return None if row is None else _token_row(row)
 
+    def ping(self) -> None:
+        """A trivial round trip to the server (the health check).
+
+        Raises:
+            StoreUnavailable: the server cannot be reached.
+        """
+        self._conn.execute("SELECT 1").fetchone()
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``: counted every time (other relay
         processes change it; an index scan on ``tokens_recipient``)."""

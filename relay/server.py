@@ -38,6 +38,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -48,6 +49,7 @@ from typing import Any
 
 import trio
 
+from relay.metrics import MetricsLimits, RelayMetrics, serve_metrics
 from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
 from relay.store import InlineBlob, NoticeRow, TokenRow
 from tisa.arrangement import Arrangement, Role
@@ -368,8 +370,14 @@ class Relay:
         # member -> (minute, refusals logged in it), for max_logged_refusals_per_minute.
         self._refusals_logged: dict[str, tuple[int, int]] = {}
         # Commits the store's batches; every message a reader handles counts as activity.
+        # This process's figures (relay.metrics), served only if asked (serve_tcp).
+        self.metrics = RelayMetrics(arrangement)
+        self.metrics_port: int | None = None
         self._group_commit = GroupCommitter(
-            self.store, on_commit_error=self._commit_failed, on_sync_error=self._sync_failed
+            self.store,
+            on_commit_error=self._commit_failed,
+            on_sync_error=self._sync_failed,
+            on_synced=self.metrics.flushed,
         )
 
     def now(self) -> int:
@@ -396,17 +404,53 @@ class Relay:
 
     # --- serving -----------------------------------------------------------------------
 
+    def metrics_text(self) -> bytes:
+        """This process's metrics in the Prometheus text format (:mod:`relay.metrics`)."""
+        return self.metrics.render(
+            queue_length=self.store.queue_length,
+            connections={"handshake": self.handshake_count, "open": self.connection_count},
+        )
+
+    def health(self) -> str | None:
+        """None when this process can reach its store, else why not (one line)."""
+        if self.store.failed is not None:
+            return "the store failed (a WAL fsync); restart the relay"
+        try:
+            self.store.ping()
+        except Exception as exc:
+            self.metrics.store_error()
+            return f"the store is unreachable: {exc}"
+        return None
+
     async def serve_tcp(
         self,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        metrics: tuple[str, int] | None = None,
+        metrics_limits: MetricsLimits | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` and serve until cancelled; reports the bound port."""
+        """Listen on ``host:port`` and serve until cancelled; reports the bound port.
+
+        With ``metrics=(host, port)`` the metrics and the health check are served there
+        too (:func:`relay.metrics.serve_metrics`; its bound port in :attr:`metrics_port`).
+        """
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            if metrics is not None:
+                self.metrics_port = await nursery.start(
+                    functools.partial(
+                        serve_metrics,
+                        self.metrics,
+                        scrape=self.metrics_text,
+                        health=self.health,
+                        host=metrics[0],
+                        port=metrics[1],
+                        limits=metrics_limits,
+                    )
+                )
             nursery.start_soon(self.run_expiry)
             nursery.start_soon(self._stop_when_store_fails)
             if self._shared is not None:
@@ -428,6 +472,7 @@ class Relay:
             try:
                 self.expire_now()
             except StoreUnavailable as exc:
+                self.metrics.store_error()
                 log.warning("expiry sweep skipped: %s", exc)
             except Exception:
                 log.exception("expiry sweep failed")
@@ -461,10 +506,12 @@ class Relay:
         self._group_commit.next_commit = when
 
     def _commit_failed(self) -> None:
+        self.metrics.store_error()
         log.exception("commit failed; closing the connections waiting on it")
         raise LinkClosed("commit failed") from None
 
     def _sync_failed(self) -> None:
+        self.metrics.store_error()
         if self.store.failed is None:
             # A store that recovers (PostgreSQL): the batches not flushed are lost, the
             # connections waiting on them close, the store connects again.
@@ -631,6 +678,7 @@ class Relay:
             self._log_close(conn, Reason.MALFORMED)
             conn.fail(None)
         except StoreUnavailable as exc:
+            self.metrics.store_error()
             log.warning("closing the connection of %s: %s", conn.member, exc)
             conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
@@ -638,6 +686,7 @@ class Relay:
             conn.fail(Reason.INTERNAL, "internal error")
 
     def _log_close(self, conn: _Connection, reason: Reason) -> None:
+        self.metrics.refusal(reason)
         try:
             self.store.log_refusal(member=conn.member, reason=reason, now=self.now())
             self._group_commit.mark_dirty()
@@ -687,6 +736,7 @@ class Relay:
         logged per minute; the first one past that is logged with reason ``limit`` in
         place of its own, the rest of the minute is answered but not logged.
         """
+        self.metrics.refusal(reason)
         now = self.now()
         minute = now // 60
         logged_minute, logged = self._refusals_logged.get(conn.member, (minute, 0))
@@ -815,6 +865,7 @@ class Relay:
             size=row.size,
             stored=row.stored_at,
         )
+        self.metrics.event("stored")
         await self._reply(conn, Stored(report=row.id, ack=ack.encoded))
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
@@ -853,6 +904,7 @@ class Relay:
                 conn, token.id, exc.reason, exc.detail, report=token.report, token=token.id
             )
             return
+        self.metrics.event("released")
         await self._reply(conn, Released(report=token.report, token=token.id))
         self._wake(token.recipient)
 
@@ -869,12 +921,14 @@ class Relay:
                 token=message.token,
             )
             return
+        self.metrics.event("revoked")
         await self._reply(conn, Revoked(report=message.report, token=message.token))
 
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
             known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
             if known:
+                self.metrics.event("acknowledged")
                 # No longer outstanding: its claim is not needed (nor kept, which grew
                 # with every delivery a long-lived connection made).
                 holder = self._claims.pop(message.token, None)
@@ -1063,6 +1117,7 @@ class Relay:
         except (LinkClosed, LinkTimeout):
             conn.fail(None)
         except StoreUnavailable as exc:
+            self.metrics.store_error()
             log.warning("closing the connection of %s: %s", conn.member, exc)
             conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
@@ -1199,6 +1254,7 @@ class Relay:
                 await conn.link.send(DeliverEnd(token=row.id))
         self._refresh_claim(conn, row.id)
         self.store.mark_forwarded(row.id, now=self.now())
+        self.metrics.event("forwarded")
         self._group_commit.mark_dirty()
 
     def _claim(self, conn: _Connection, token_id: bytes) -> None:
@@ -1220,6 +1276,7 @@ class Relay:
         for token_id in sent:
             self._refresh_claim(conn, token_id)
             self.store.mark_forwarded(token_id, now=now)
+            self.metrics.event("forwarded")
         pending.clear()
         sent.clear()
         self._group_commit.mark_dirty()
@@ -1236,6 +1293,7 @@ async def serve(
     clock: Callable[[], float] = time.time,
     max_hold: int = MAX_HOLD,
     expiry_interval: float = EXPIRY_INTERVAL,
+    metrics: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a relay on TCP until cancelled.
@@ -1248,6 +1306,7 @@ async def serve(
         secret, arrangement, store_path, limits, clock, max_hold, expiry_interval: as
             for :class:`Relay`.
         host, port: where to listen; port 0 picks a free port.
+        metrics: where to serve the metrics and health check (off when None).
         task_status: receives the bound port once the relay accepts connections.
 
     Raises:
@@ -1264,6 +1323,6 @@ async def serve(
         expiry_interval=expiry_interval,
     )
     try:
-        await relay.serve_tcp(host=host, port=port, task_status=task_status)
+        await relay.serve_tcp(host=host, port=port, metrics=metrics, task_status=task_status)
     finally:
         relay.close()

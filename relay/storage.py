@@ -120,6 +120,9 @@ class RelayStore(Batches, Protocol):
     def token(self, token_id: bytes) -> TokenRow | None:
         """The token row of ``token_id`` (also a consumed one), or None."""
 
+    def ping(self) -> None:
+        """A trivial read; raises when the database cannot answer."""
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``."""
 

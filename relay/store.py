@@ -572,6 +572,10 @@ class Store(DurableStore):
         ).fetchone()
         return None if row is None else self._token_row(row)
 
+    def ping(self) -> None:
+        """A trivial read: raises if the database cannot answer (the health check)."""
+        self._db.execute("SELECT 1").fetchone()
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``.
 
