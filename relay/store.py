@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
@@ -66,6 +67,7 @@ __all__ = [
     "StoreBusy",
     "StoreUnavailable",
     "BlobWriter",
+    "ConsentRow",
     "InlineBlob",
     "ReceiptRow",
     "ReportRow",
@@ -76,8 +78,12 @@ __all__ = [
 
 DB_NAME = "relay.db"
 # 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
-# hold only deliveries still owed (partial indexes, see _OWED).
-SCHEMA_VERSION = 4
+# hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
+# announcements, consent_queue (release requests; new tables only).
+SCHEMA_VERSION = 5
+
+# Seconds over which Limits.max_requests_per_hour counts a requester's requests.
+REQUEST_RATE_WINDOW = 3600
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -138,6 +144,32 @@ CREATE TABLE IF NOT EXISTS notices (
     token BLOB
 );
 CREATE INDEX IF NOT EXISTS notices_member ON notices (member, seq);
+CREATE TABLE IF NOT EXISTS requests (
+    id BLOB PRIMARY KEY,
+    requester TEXT NOT NULL,
+    originator TEXT NOT NULL,
+    report BLOB NOT NULL,
+    request BLOB NOT NULL,         -- the signed request, as received
+    state TEXT NOT NULL CHECK (state IN ('open', 'approved', 'denied')),
+    answer BLOB,                   -- the signed denial, once denied
+    expires INTEGER NOT NULL,
+    received INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_rate ON requests (requester, received);
+CREATE TABLE IF NOT EXISTS announcements (
+    id BLOB PRIMARY KEY,
+    report BLOB NOT NULL,
+    announcement BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consent_queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    member TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('announce', 'request', 'answer')),
+    ref BLOB NOT NULL,             -- announcement id, or request id (request, answer)
+    data BLOB NOT NULL,
+    UNIQUE (member, kind, ref)
+);
+CREATE INDEX IF NOT EXISTS consent_member ON consent_queue (member, seq);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     entry BLOB NOT NULL,
@@ -190,6 +222,17 @@ class ReceiptRow:
     originator: str
     token: bytes
     receipt: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConsentRow:
+    """A consent object queued for a member: ``kind`` (announce, request, answer), its
+    id (``ref``) and its signed encoding (``data``)."""
+
+    seq: int
+    kind: str
+    ref: bytes
+    data: bytes
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -338,12 +381,12 @@ class Store(DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
             self._db.execute("ALTER TABLE reports ADD COLUMN data BLOB")
-        if version in (2, 3):
+        if version in (2, 3, 4):
             # The indexes of every token, replaced by the partial ones of _SCHEMA.
             for index in ("tokens_recipient", "tokens_report", "tokens_expiry"):
                 self._db.execute(f"DROP INDEX IF EXISTS {index}")
@@ -587,16 +630,26 @@ class Store(DurableStore):
             count = self._queued[recipient] = int(row[0])
         return count
 
-    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
+    def release(
+        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+    ) -> TokenRow:
         """Consume ``token`` (already checked) and make its delivery pending, atomically.
+        A token that names a request (``token.request``) also closes that request as
+        approved, in the same transaction.
 
         Raises:
             Refused: REPLAYED (the id was used), REVOKED (the id or the report was
-                revoked), EXPIRED (the report expired), UNKNOWN_REPORT, QUEUE_FULL
-                (the recipient has ``max_queue`` deliveries outstanding).
+                revoked), EXPIRED (the report expired, or the request the token
+                approves), UNKNOWN_REPORT, QUEUE_FULL (the recipient has ``max_queue``
+                deliveries outstanding); for an approval, UNSOLICITED (no open request
+                with that id from the recipient to the originator for the report) and
+                ANSWERED (the request was approved or denied before).
         """
-        # Every refusal is decided before the first write: no savepoint.
-        with self._transaction(savepoint=False) as db:
+        # Every refusal of a plain release is decided before its first write: no
+        # savepoint. An approval writes the request's state first, so it keeps one.
+        with self._transaction(savepoint=token.request is not None) as db:
+            if token.request is not None:
+                self._approve(token, now=now, clock_skew=clock_skew)
             # The token id's state and the report's, in one query (NULLs: not there).
             seen, present, state, ended, expires, pinned = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
@@ -754,6 +807,195 @@ class Store(DurableStore):
         if recipient in self._queued:
             self._queued[recipient] -= 1
         return True
+
+    # --- consent: announcements, requests, answers ------------------------------------
+
+    def _approve(self, token: ReleaseToken, *, now: int, clock_skew: int) -> None:
+        # Inside release()'s transaction: refused approvals consume nothing.
+        row = self._db.execute(
+            "SELECT requester, originator, report, state, expires FROM requests WHERE id = ?",
+            (token.request,),
+        ).fetchone()
+        if row is None or (str(row[0]), str(row[1]), bytes(row[2])) != (
+            token.recipient,
+            token.originator,
+            token.report,
+        ):
+            raise Refused(Reason.UNSOLICITED, "no such request from the recipient for this report")
+        if row[3] != "open":
+            raise Refused(Reason.ANSWERED, f"the request was {row[3]} before")
+        if now - clock_skew >= int(row[4]):
+            raise Refused(Reason.EXPIRED, "the request expired")
+        self._db.execute("UPDATE requests SET state = 'approved' WHERE id = ?", (token.request,))
+        self._audit(
+            AuditEvent.APPROVED,
+            now=now,
+            parties=(token.originator, token.recipient),
+            report=token.report,
+            token=token.request,
+        )
+
+    def _held_report(self, report: bytes, originator: str) -> None:
+        row = self.report(report)
+        if row is None or row.originator != originator or row.state == "deleted":
+            # One answer for "none", "someone else's" and "gone": a member learns nothing
+            # about reports it was not told of.
+            raise Refused(Reason.UNKNOWN_REPORT, "no such report held for that originator")
+
+    def _queue_consent(self, member: str, kind: str, ref: bytes, data: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO consent_queue (member, kind, ref, data) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (member, kind, ref) DO NOTHING",
+            (member, kind, ref, data),
+        )
+
+    def add_announcement(self, announcement: Announcement, *, now: int) -> bool:
+        """Queue a verified announcement for every member it names, and log it.
+
+        Returns:
+            False for a resend of one stored before (same bytes): nothing is queued again.
+
+        Raises:
+            Refused: DUPLICATE (another announcement has this id), UNKNOWN_REPORT (the
+                originator holds no such report here).
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT announcement FROM announcements WHERE id = ?", (announcement.id,)
+            ).fetchone()
+            if row is not None:
+                if bytes(row[0]) != announcement.encoded:
+                    raise Refused(Reason.DUPLICATE, "another announcement has this id")
+                return False
+            self._held_report(announcement.report, announcement.originator)
+            db.execute(
+                "INSERT INTO announcements (id, report, announcement) VALUES (?, ?, ?)",
+                (announcement.id, announcement.report, announcement.encoded),
+            )
+            for member in announcement.to:
+                self._queue_consent(member, "announce", announcement.id, announcement.encoded)
+            self._audit(
+                AuditEvent.ANNOUNCED,
+                now=now,
+                parties=(announcement.originator, *announcement.to),
+                report=announcement.report,
+            )
+        return True
+
+    def add_request(self, request: Request, *, now: int, max_per_hour: int) -> bool:
+        """Record a verified request, queue it for its originator, and log it.
+
+        Returns:
+            False for a resend of one stored before (same bytes): nothing is queued again
+            and it does not count against the rate.
+
+        Raises:
+            Refused: DUPLICATE (another request has this id), UNKNOWN_REPORT (the
+                originator holds no such report here), RATE_LIMITED (the requester sent
+                ``max_per_hour`` requests in the last hour).
+        """
+        with self._transaction() as db:
+            row = db.execute("SELECT request FROM requests WHERE id = ?", (request.id,)).fetchone()
+            if row is not None:
+                if bytes(row[0]) != request.encoded:
+                    raise Refused(Reason.DUPLICATE, "another request has this id")
+                return False
+            self._held_report(request.report, request.originator)
+            (recent,) = db.execute(
+                "SELECT COUNT(*) FROM requests WHERE requester = ? AND received > ?",
+                (request.requester, now - REQUEST_RATE_WINDOW),
+            ).fetchone()
+            if recent >= max_per_hour:
+                raise Refused(
+                    Reason.RATE_LIMITED, f"{max_per_hour} requests in the last hour; later"
+                )
+            db.execute(
+                "INSERT INTO requests (id, requester, originator, report, request, state,"
+                " expires, received) VALUES (?, ?, ?, ?, ?, 'open', ?, ?)",
+                (
+                    request.id,
+                    request.requester,
+                    request.originator,
+                    request.report,
+                    request.encoded,
+                    request.expires,
+                    now,
+                ),
+            )
+            self._queue_consent(request.originator, "request", request.id, request.encoded)
+            self._audit(
+                AuditEvent.REQUESTED,
+                now=now,
+                parties=(request.requester, request.originator),
+                report=request.report,
+                token=request.id,
+            )
+        return True
+
+    def add_denial(self, answer: Answer, *, now: int) -> bool:
+        """Close a request as denied with a verified answer, queue the answer for the
+        requester, and log it.
+
+        Returns:
+            False for a resend of the same denial.
+
+        Raises:
+            Refused: UNSOLICITED (no request with that id from that requester to that
+                originator for that report), ANSWERED (approved or denied before).
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT requester, originator, report, state, answer FROM requests WHERE id = ?",
+                (answer.request,),
+            ).fetchone()
+            if row is None or (str(row[0]), str(row[1]), bytes(row[2])) != (
+                answer.requester,
+                answer.originator,
+                answer.report,
+            ):
+                raise Refused(Reason.UNSOLICITED, "no such request to you")
+            if row[3] == "denied" and row[4] is not None and bytes(row[4]) == answer.encoded:
+                return False
+            if row[3] != "open":
+                # A denial is final, and an approval cannot be taken back by a denial.
+                raise Refused(Reason.ANSWERED, f"the request was {row[3]} before")
+            db.execute(
+                "UPDATE requests SET state = 'denied', answer = ? WHERE id = ?",
+                (answer.encoded, answer.request),
+            )
+            self._queue_consent(answer.requester, "answer", answer.request, answer.encoded)
+            self._audit(
+                AuditEvent.DENIED,
+                now=now,
+                parties=(answer.originator, answer.requester),
+                report=answer.report,
+                token=answer.request,
+                reason=answer.reason.value,
+            )
+        return True
+
+    def queued_consent(self, member: str, *, after: int = 0, limit: int = -1) -> list[ConsentRow]:
+        """Consent objects queued for ``member`` with ``seq > after``, oldest first."""
+        rows = self._db.execute(
+            "SELECT seq, kind, ref, data FROM consent_queue"
+            " WHERE member = ? AND seq > ? ORDER BY seq LIMIT ?",
+            (member, after, limit),
+        ).fetchall()
+        return [ConsentRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
+    def ack_consent(self, member: str, kind: str, ref: bytes) -> bool:
+        """``member`` holds the queued object: drop it. False if none was queued."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM consent_queue WHERE member = ? AND kind = ? AND ref = ?",
+                (member, kind, ref),
+            )
+            return cursor.rowcount > 0
+
+    def request_state(self, request_id: bytes) -> str | None:
+        """``open``, ``approved`` or ``denied``; None for an unknown (or pruned) request."""
+        row = self._db.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     # --- revocation ------------------------------------------------------------------
 
@@ -985,6 +1227,17 @@ class Store(DurableStore):
             db.execute(
                 "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
                 (now, *OUTSTANDING),
+            )
+            # A lapsed request can be neither approved nor denied any more, and a resend
+            # of it is refused as expired before its id is looked up: the row can go,
+            # once it no longer counts against its requester's hourly rate either.
+            db.execute(
+                "DELETE FROM requests WHERE expires + ? <= ? AND received + ? <= ?",
+                (clock_skew, now, REQUEST_RATE_WINDOW, now),
+            )
+            db.execute(
+                "DELETE FROM announcements WHERE report IN"
+                " (SELECT id FROM reports WHERE state = 'deleted')"
             )
         for report_id in deleted:
             self._remove_blob(report_id)

@@ -13,6 +13,7 @@ import trio
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role
+from tisa.handshake import PROTOCOL_VERSION
 from tisa.keys import MemberSecret
 from tisa.report import SealedReport, seal_report
 from tisa.token import issue_token
@@ -108,7 +109,7 @@ def raw_hello(arrangement: Arrangement, member: str) -> bytes:
     return enc.pack(
         {
             "t": "hello",
-            "v": 1,
+            "v": PROTOCOL_VERSION,
             "arrangement": arrangement.id,
             "version": arrangement.version,
             "member": member,
