@@ -52,8 +52,8 @@ import sqlite3
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
-from tisa.consent import Announcement, Answer, Request
 from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.receipt import Receipt
@@ -68,6 +68,7 @@ __all__ = [
     "StoreUnavailable",
     "BlobWriter",
     "ConsentRow",
+    "REQUEST_RATE_WINDOW",
     "InlineBlob",
     "ReceiptRow",
     "ReportRow",
@@ -81,9 +82,6 @@ DB_NAME = "relay.db"
 # hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
 # announcements, consent_queue (release requests; new tables only).
 SCHEMA_VERSION = 5
-
-# Seconds over which Limits.max_requests_per_hour counts a requester's requests.
-REQUEST_RATE_WINDOW = 3600
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -225,17 +223,6 @@ class ReceiptRow:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ConsentRow:
-    """A consent object queued for a member: ``kind`` (announce, request, answer), its
-    id (``ref``) and its signed encoding (``data``)."""
-
-    seq: int
-    kind: str
-    ref: bytes
-    data: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class NoticeRow:
     seq: int
     member: str
@@ -343,7 +330,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store(DurableStore):
+class Store(ConsentTables, DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:
@@ -423,6 +410,9 @@ class Store(DurableStore):
         # savepoint=False: the step checks everything before its first write (see
         # tisa_io.durable.DurableStore._step).
         return self._step(savepoint=savepoint) if self.group_commit else self._single()
+
+    def _sql(self, query: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._db.execute(query, params)
 
     def _step_started(self) -> None:
         self._audit_mark = len(self._audit_rows)
@@ -808,195 +798,6 @@ class Store(DurableStore):
             self._queued[recipient] -= 1
         return True
 
-    # --- consent: announcements, requests, answers ------------------------------------
-
-    def _approve(self, token: ReleaseToken, *, now: int, clock_skew: int) -> None:
-        # Inside release()'s transaction: refused approvals consume nothing.
-        row = self._db.execute(
-            "SELECT requester, originator, report, state, expires FROM requests WHERE id = ?",
-            (token.request,),
-        ).fetchone()
-        if row is None or (str(row[0]), str(row[1]), bytes(row[2])) != (
-            token.recipient,
-            token.originator,
-            token.report,
-        ):
-            raise Refused(Reason.UNSOLICITED, "no such request from the recipient for this report")
-        if row[3] != "open":
-            raise Refused(Reason.ANSWERED, f"the request was {row[3]} before")
-        if now - clock_skew >= int(row[4]):
-            raise Refused(Reason.EXPIRED, "the request expired")
-        self._db.execute("UPDATE requests SET state = 'approved' WHERE id = ?", (token.request,))
-        self._audit(
-            AuditEvent.APPROVED,
-            now=now,
-            parties=(token.originator, token.recipient),
-            report=token.report,
-            token=token.request,
-        )
-
-    def _held_report(self, report: bytes, originator: str) -> None:
-        row = self.report(report)
-        if row is None or row.originator != originator or row.state == "deleted":
-            # One answer for "none", "someone else's" and "gone": a member learns nothing
-            # about reports it was not told of.
-            raise Refused(Reason.UNKNOWN_REPORT, "no such report held for that originator")
-
-    def _queue_consent(self, member: str, kind: str, ref: bytes, data: bytes) -> None:
-        self._db.execute(
-            "INSERT INTO consent_queue (member, kind, ref, data) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT (member, kind, ref) DO NOTHING",
-            (member, kind, ref, data),
-        )
-
-    def add_announcement(self, announcement: Announcement, *, now: int) -> bool:
-        """Queue a verified announcement for every member it names, and log it.
-
-        Returns:
-            False for a resend of one stored before (same bytes): nothing is queued again.
-
-        Raises:
-            Refused: DUPLICATE (another announcement has this id), UNKNOWN_REPORT (the
-                originator holds no such report here).
-        """
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT announcement FROM announcements WHERE id = ?", (announcement.id,)
-            ).fetchone()
-            if row is not None:
-                if bytes(row[0]) != announcement.encoded:
-                    raise Refused(Reason.DUPLICATE, "another announcement has this id")
-                return False
-            self._held_report(announcement.report, announcement.originator)
-            db.execute(
-                "INSERT INTO announcements (id, report, announcement) VALUES (?, ?, ?)",
-                (announcement.id, announcement.report, announcement.encoded),
-            )
-            for member in announcement.to:
-                self._queue_consent(member, "announce", announcement.id, announcement.encoded)
-            self._audit(
-                AuditEvent.ANNOUNCED,
-                now=now,
-                parties=(announcement.originator, *announcement.to),
-                report=announcement.report,
-            )
-        return True
-
-    def add_request(self, request: Request, *, now: int, max_per_hour: int) -> bool:
-        """Record a verified request, queue it for its originator, and log it.
-
-        Returns:
-            False for a resend of one stored before (same bytes): nothing is queued again
-            and it does not count against the rate.
-
-        Raises:
-            Refused: DUPLICATE (another request has this id), UNKNOWN_REPORT (the
-                originator holds no such report here), RATE_LIMITED (the requester sent
-                ``max_per_hour`` requests in the last hour).
-        """
-        with self._transaction() as db:
-            row = db.execute("SELECT request FROM requests WHERE id = ?", (request.id,)).fetchone()
-            if row is not None:
-                if bytes(row[0]) != request.encoded:
-                    raise Refused(Reason.DUPLICATE, "another request has this id")
-                return False
-            self._held_report(request.report, request.originator)
-            (recent,) = db.execute(
-                "SELECT COUNT(*) FROM requests WHERE requester = ? AND received > ?",
-                (request.requester, now - REQUEST_RATE_WINDOW),
-            ).fetchone()
-            if recent >= max_per_hour:
-                raise Refused(
-                    Reason.RATE_LIMITED, f"{max_per_hour} requests in the last hour; later"
-                )
-            db.execute(
-                "INSERT INTO requests (id, requester, originator, report, request, state,"
-                " expires, received) VALUES (?, ?, ?, ?, ?, 'open', ?, ?)",
-                (
-                    request.id,
-                    request.requester,
-                    request.originator,
-                    request.report,
-                    request.encoded,
-                    request.expires,
-                    now,
-                ),
-            )
-            self._queue_consent(request.originator, "request", request.id, request.encoded)
-            self._audit(
-                AuditEvent.REQUESTED,
-                now=now,
-                parties=(request.requester, request.originator),
-                report=request.report,
-                token=request.id,
-            )
-        return True
-
-    def add_denial(self, answer: Answer, *, now: int) -> bool:
-        """Close a request as denied with a verified answer, queue the answer for the
-        requester, and log it.
-
-        Returns:
-            False for a resend of the same denial.
-
-        Raises:
-            Refused: UNSOLICITED (no request with that id from that requester to that
-                originator for that report), ANSWERED (approved or denied before).
-        """
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT requester, originator, report, state, answer FROM requests WHERE id = ?",
-                (answer.request,),
-            ).fetchone()
-            if row is None or (str(row[0]), str(row[1]), bytes(row[2])) != (
-                answer.requester,
-                answer.originator,
-                answer.report,
-            ):
-                raise Refused(Reason.UNSOLICITED, "no such request to you")
-            if row[3] == "denied" and row[4] is not None and bytes(row[4]) == answer.encoded:
-                return False
-            if row[3] != "open":
-                # A denial is final, and an approval cannot be taken back by a denial.
-                raise Refused(Reason.ANSWERED, f"the request was {row[3]} before")
-            db.execute(
-                "UPDATE requests SET state = 'denied', answer = ? WHERE id = ?",
-                (answer.encoded, answer.request),
-            )
-            self._queue_consent(answer.requester, "answer", answer.request, answer.encoded)
-            self._audit(
-                AuditEvent.DENIED,
-                now=now,
-                parties=(answer.originator, answer.requester),
-                report=answer.report,
-                token=answer.request,
-                reason=answer.reason.value,
-            )
-        return True
-
-    def queued_consent(self, member: str, *, after: int = 0, limit: int = -1) -> list[ConsentRow]:
-        """Consent objects queued for ``member`` with ``seq > after``, oldest first."""
-        rows = self._db.execute(
-            "SELECT seq, kind, ref, data FROM consent_queue"
-            " WHERE member = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (member, after, limit),
-        ).fetchall()
-        return [ConsentRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
-
-    def ack_consent(self, member: str, kind: str, ref: bytes) -> bool:
-        """``member`` holds the queued object: drop it. False if none was queued."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "DELETE FROM consent_queue WHERE member = ? AND kind = ? AND ref = ?",
-                (member, kind, ref),
-            )
-            return cursor.rowcount > 0
-
-    def request_state(self, request_id: bytes) -> str | None:
-        """``open``, ``approved`` or ``denied``; None for an unknown (or pruned) request."""
-        row = self._db.execute("SELECT state FROM requests WHERE id = ?", (request_id,)).fetchone()
-        return None if row is None else str(row[0])
-
     # --- revocation ------------------------------------------------------------------
 
     def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
@@ -1228,17 +1029,7 @@ class Store(DurableStore):
                 "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
                 (now, *OUTSTANDING),
             )
-            # A lapsed request can be neither approved nor denied any more, and a resend
-            # of it is refused as expired before its id is looked up: the row can go,
-            # once it no longer counts against its requester's hourly rate either.
-            db.execute(
-                "DELETE FROM requests WHERE expires + ? <= ? AND received + ? <= ?",
-                (clock_skew, now, REQUEST_RATE_WINDOW, now),
-            )
-            db.execute(
-                "DELETE FROM announcements WHERE report IN"
-                " (SELECT id FROM reports WHERE state = 'deleted')"
-            )
+            self._prune_consent(now=now, clock_skew=clock_skew)
         for report_id in deleted:
             self._remove_blob(report_id)
         return notified
