@@ -14,7 +14,10 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   (:data:`SCHEMA_VERSION`; a store of version 1 gains the consent tables in place).
 * **Release requests** (announcements, requests, answers) follow the same rules as with
   SQLite, in the same code (:mod:`relay.consentstore`); a consent object queued for a
-  member NOTIFYs the member's name like a delivery does.
+  member NOTIFYs the member's name like a delivery does, and the member's connections
+  read the queue on from the last ``seq`` they sent: identity values are drawn in
+  commit order, since every insert runs in a batch that holds the audit chain head
+  until it commits, so no row can appear later below one already read.
 * **Group commit.** As with SQLite: every method is one step (a savepoint) of the open
   batch, one transaction on the store's connection. :meth:`PgStore.commit` COMMITs it
   with ``synchronous_commit = off``: the server writes the commit record into its WAL

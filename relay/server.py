@@ -278,13 +278,6 @@ class _Connection:
     # Set when another connection of the member failed while sending notices it had
     # claimed: this one reads the member's notices from the start again.
     rescan_notices: bool = False
-    # Set when another relay process queued consent objects for the member (a shared
-    # store): this one reads the member's consent queue from the start again, since
-    # a row committed later by another process may have a lower seq than one already
-    # read. consent_sent (kind, id) keeps what went out on this connection and is not
-    # acked yet, so a rescan sends it no second time.
-    rescan_consent: bool = False
-    consent_sent: set[tuple[str, bytes]] = dataclasses.field(default_factory=set)
     upload: _Upload | None = None
     error: tuple[Reason, str] | None = None
     claims: set[bytes] = dataclasses.field(default_factory=set)
@@ -916,7 +909,6 @@ class Relay:
             # refuse. A refusal would carry the object's id, which is also the id of
             # the member's own answer to a request, and could be taken for its refusal.
             self.store.ack_consent(conn.member, message.kind, message.token)
-            conn.consent_sent.discard((message.kind, message.token))
             return
         if not known:
             await self._refuse(
@@ -1064,7 +1056,7 @@ class Relay:
         else:
             conns = list(self._connections.get(member, ()))
         for conn in conns:
-            conn.rescan = conn.rescan_notices = conn.rescan_consent = True
+            conn.rescan = conn.rescan_notices = True
             conn.wake.set()
 
     def _drop_claims(self, conn: _Connection) -> None:
@@ -1185,21 +1177,14 @@ class Relay:
                     ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
                 )
                 after_receipt = receipts[-1].seq
-            if conn.rescan_consent:
-                conn.rescan_consent, after_consent = False, 0
             while consent := self.store.queued_consent(
                 conn.member, after=after_consent, limit=NOTICE_PAGE
             ):
-                after_consent = consent[-1].seq
-                fresh = [row for row in consent if (row.kind, row.ref) not in conn.consent_sent]
-                if not fresh:
-                    continue
                 await self._durable(self.store.barrier)
-                # Noted before sending: an ack may come while the rest is being sent.
-                conn.consent_sent.update((row.kind, row.ref) for row in fresh)
                 await conn.link.send_many(
-                    ConsentNotice(kind=row.kind, data=row.data) for row in fresh
+                    ConsentNotice(kind=row.kind, data=row.data) for row in consent
                 )
+                after_consent = consent[-1].seq
             if conn.rescan_notices:
                 conn.rescan_notices, after_notice = False, 0
             while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
