@@ -1,7 +1,9 @@
 """The relay's part in consent: it forwards announcements, requests and denials only
 first-hand and between the right roles, queues them durably for offline members, rate-limits
 requests per requester, closes a request once (approved by a token, or denied), and logs
-every step in the audit chain."""
+every step in the audit chain. Each runs on both relay stores (SQLite and PostgreSQL: the
+store_at fixture); tests/test_pgstore.py has what only PostgreSQL has (schema migration,
+several relay processes)."""
 
 from __future__ import annotations
 
@@ -78,9 +80,9 @@ async def refused(link: Link, kind: str, data: bytes) -> Reason:
     return Reason(reply.reason)
 
 
-async def test_request_denied_then_final(world: World, tmp_path: Path) -> None:
+async def test_request_denied_then_final(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul, tokyo = await h.connect("seoul"), await h.connect("tokyo")
             report = await held(h, seoul)
             request = ask(world, report.report_id)
@@ -108,9 +110,11 @@ async def test_request_denied_then_final(world: World, tmp_path: Path) -> None:
             assert isinstance(await send(tokyo, "request", again.encoded), Ack)
 
 
-async def test_request_approved_by_a_token_that_names_it(world: World, tmp_path: Path) -> None:
+async def test_request_approved_by_a_token_that_names_it(
+    world: World, store_at: str | Path
+) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul, tokyo = await h.connect("seoul"), await h.connect("tokyo")
             report = await held(h, seoul)
             request = ask(world, report.report_id)
@@ -139,9 +143,9 @@ async def test_request_approved_by_a_token_that_names_it(world: World, tmp_path:
             assert refusals == []  # Seoul's refused sends concern Seoul alone
 
 
-async def test_approval_for_no_such_request_is_refused(world: World, tmp_path: Path) -> None:
+async def test_approval_for_no_such_request_is_refused(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul = await h.connect("seoul")
             report = await held(h, seoul)
             await seoul.send(Release(token=token_for(world, report, request=bytes(16))))
@@ -149,10 +153,10 @@ async def test_approval_for_no_such_request_is_refused(world: World, tmp_path: P
 
 
 async def test_forwarding_is_first_hand_and_between_the_right_parties(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul, tokyo = await h.connect("seoul"), await h.connect("tokyo")
             report = await held(h, seoul)
             request = ask(world, report.report_id)
@@ -202,11 +206,11 @@ async def test_forwarding_is_first_hand_and_between_the_right_parties(
             assert await refused(tokyo, "request", old.encoded) is Reason.EXPIRED
 
 
-async def test_requests_are_rate_limited_per_requester(world: World, tmp_path: Path) -> None:
+async def test_requests_are_rate_limited_per_requester(world: World, store_at: str | Path) -> None:
     clock = FakeClock()
     limits = Limits(handshake_timeout=5, frame_timeout=5, max_requests_per_hour=2)
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits, clock=clock) as h:
+        async with running_relay(world, store_at, limits=limits, clock=clock) as h:
             seoul, tokyo = await h.connect("seoul"), await h.connect("tokyo")
             report = await held(h, seoul)
             first, second = ask(world, report.report_id), ask(world, report.report_id)
@@ -223,9 +227,11 @@ async def test_requests_are_rate_limited_per_requester(world: World, tmp_path: P
             assert isinstance(await send(tokyo, "request", fourth.encoded), Ack)
 
 
-async def test_queued_for_an_offline_member_across_a_restart(world: World, tmp_path: Path) -> None:
+async def test_queued_for_an_offline_member_across_a_restart(
+    world: World, store_at: str | Path
+) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul = await h.connect("seoul")
             report = await held(h, seoul)
             announcement = Announcement.issue(

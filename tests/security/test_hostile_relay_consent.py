@@ -1,7 +1,8 @@
 """Release requests and their answers through a hostile relay: a reflected, re-targeted,
 replayed or forged request or answer, and an approval nobody asked for, each fail closed
 at the member with a reason code (or the opaque verification failure for a forgery),
-and never reach the application as genuine.
+and never reach the application as genuine. Each runs on both relay stores (SQLite and
+PostgreSQL: the store_at fixture).
 
 Prior art: the attacks on Matrix's key-request flow (keys forwarded without a request and
 accepted, answers taken from a party other than the one asked).
@@ -25,7 +26,6 @@ from clients.events import (
     RequestEvent,
 )
 from clients.node import Node
-from security import test_hostile_relay as base
 from security.test_hostile_relay import TIMEOUT, Net, next_event, rejected
 from tisa import encoding as enc
 from tisa.consent import Request
@@ -36,13 +36,27 @@ from tisa_testing import hostile
 from tisa_testing import relay as hr
 from tisa_testing.world import LEVEL, SCOPE, World, make_world
 
-net = base.net
+
+def _store(store_at: str | pathlib.Path) -> str | None:
+    # The relay's part runs on both stores: a SQLite store where Net puts it, or the
+    # PostgreSQL schema of this test.
+    return store_at if isinstance(store_at, str) else None
 
 
 @pytest.fixture
-async def net3(nursery: trio.Nursery, tmp_path: pathlib.Path) -> AsyncIterator[Net]:
+async def net(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, store_at: str | pathlib.Path
+) -> AsyncIterator[Net]:
+    """As :func:`security.test_hostile_relay.net`, once per store backend."""
+    yield Net(make_world(), nursery, tmp_path, store=_store(store_at))
+
+
+@pytest.fixture
+async def net3(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, store_at: str | pathlib.Path
+) -> AsyncIterator[Net]:
     """As ``net``, with Canberra (a recipient only) to re-target things to."""
-    yield Net(make_world(third_party=True), nursery, tmp_path)
+    yield Net(make_world(third_party=True), nursery, tmp_path, store=_store(store_at))
 
 
 async def held(seoul: Node) -> bytes:
