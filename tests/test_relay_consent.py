@@ -12,11 +12,23 @@ from pathlib import Path
 import pytest
 import trio
 from nodes.relay_harness import Harness, expect, receive_delivery, running_relay, send_submission
-from nodes.relay_helpers import NOW, FakeClock, World, make_world, seal, token_for
+from nodes.relay_helpers import (
+    NOW,
+    FakeClock,
+    World,
+    add_inline_report,
+    announce,
+    ask,
+    deny,
+    make_world,
+    seal,
+    token_for,
+)
 
+from relay.storage import open_store
 from tisa.audit import GENESIS, AuditEvent, Extract, verify_extract
-from tisa.consent import Announcement, Answer, Request
-from tisa.errors import Reason
+from tisa.consent import Answer, Request
+from tisa.errors import Reason, Refused
 from tisa.limits import Limits
 from tisa.messages import (
     Ack,
@@ -46,25 +58,6 @@ async def held(h: Harness, seoul: Link) -> SealedReport:
     await send_submission(seoul, report, expires=NOW + 24 * 3600)
     await expect(seoul, Stored)
     return report
-
-
-def ask(world: World, report: bytes, *, now: int = NOW, valid_for: int = 3600) -> Request:
-    return Request.issue(
-        world.secrets["tokyo"],
-        "tokyo",
-        world.arrangement,
-        originator="seoul",
-        report=report,
-        purpose="Tokyo assesses the same launch",
-        now=now,
-        valid_for=valid_for,
-    )
-
-
-def deny(world: World, request: Request, reason: str = "denied") -> Answer:
-    return Answer.deny(
-        world.secrets["seoul"], "seoul", world.arrangement, request, reason=reason, now=NOW
-    )
 
 
 async def send(link: Link, kind: str, data: bytes) -> Ack | Refusal:
@@ -189,17 +182,7 @@ async def test_forwarding_is_first_hand_and_between_the_right_parties(
             assert await refused(tokyo, "answer", request.encoded) is Reason.MALFORMED
             assert await refused(tokyo, "request", b"\x80") is Reason.MALFORMED
             # An announcement by someone who does not hold the report.
-            tokyo_says = Announcement.issue(
-                world.secrets["tokyo"],
-                "tokyo",
-                world.arrangement,
-                report=report.report_id,
-                to=["seoul"],
-                scope="nk.missile",
-                level="secret",
-                size=report.size,
-                now=NOW,
-            )
+            tokyo_says = announce(world, report, by="tokyo", to="seoul")
             assert await refused(tokyo, "announce", tokyo_says.encoded) is Reason.UNKNOWN_REPORT
             # An expired request.
             old = ask(world, report.report_id, now=NOW - 4000)
@@ -234,18 +217,7 @@ async def test_queued_for_an_offline_member_across_a_restart(
         async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul = await h.connect("seoul")
             report = await held(h, seoul)
-            announcement = Announcement.issue(
-                world.secrets["seoul"],
-                "seoul",
-                world.arrangement,
-                report=report.report_id,
-                to=["tokyo"],
-                scope="nk.missile",
-                level="secret",
-                size=report.size,
-                title="Musudan",
-                now=NOW,
-            )
+            announcement = announce(world, report, title="Musudan")
             assert await send(seoul, "announce", announcement.encoded) == Ack(
                 kind="announce", token=announcement.id
             )
@@ -290,3 +262,38 @@ def test_version_3_store_gains_the_consent_tables(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "relay.db")
     assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     db.close()
+
+
+def test_an_approval_closes_its_request_in_the_step_of_its_release(
+    world: World, store_at: str | Path
+) -> None:
+    store = open_store(store_at, group_commit=True)
+    try:
+        report = seal(world)
+        add_inline_report(store, report)
+        request = ask(world, report.report_id)
+        assert store.add_request(request, now=NOW, max_per_hour=5)
+        approval = ReleaseToken.decode(token_for(world, report, request=request.id))
+        # The release is refused after the approval was written: both are undone, and
+        # neither is in the audit chain.
+        before = store.audit_seq
+        with pytest.raises(Refused) as refused:
+            store.release(approval, now=NOW, max_queue=0, clock_skew=0)
+        assert refused.value.reason is Reason.QUEUE_FULL
+        assert store.request_state(request.id) == "open" and store.audit_seq == before
+        # Past the request's expiry (and the clock skew) it can no longer be approved.
+        with pytest.raises(Refused) as refused:
+            store.release(approval, now=request.expires + 5, max_queue=10, clock_skew=5)
+        assert refused.value.reason is Reason.EXPIRED
+        assert store.request_state(request.id) == "open" and store.audit_seq == before
+        store.release(approval, now=NOW, max_queue=10, clock_skew=0)
+        assert store.request_state(request.id) == "approved"
+        events = [entry.event for entry, _, _ in store.audit_entries(before, limit=10)]
+        assert events == [AuditEvent.APPROVED, AuditEvent.RELEASED]
+        again = ReleaseToken.decode(token_for(world, report, request=request.id, counter=2))
+        with pytest.raises(Refused) as refused:
+            store.release(again, now=NOW, max_queue=10, clock_skew=0)
+        assert refused.value.reason is Reason.ANSWERED
+        store.commit_durably()
+    finally:
+        store.close()
