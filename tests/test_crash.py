@@ -417,6 +417,22 @@ async def two_relays(store: str, tmp: pathlib.Path, children: list[Child]) -> li
     return relays
 
 
+@contextlib.asynccontextmanager
+async def members_apart(
+    store: str, tmp: pathlib.Path, children: list[Child], *, fail_over: bool = False
+) -> AsyncIterator[tuple[list[RelayProcess], Node, Node]]:
+    """Two relay processes on ``store``; Seoul's node on the first, Tokyo's on the second
+    (``fail_over``: then on the first), connected."""
+    relays = await two_relays(store, tmp, children)
+    tokyo_ports = [relays[1].port, relays[0].port] if fail_over else [relays[1].port]
+    async with (
+        node("seoul", relays[0].port, tmp) as seoul,
+        node("tokyo", tokyo_ports, tmp) as tokyo,
+    ):
+        await tokyo.wait_connected()
+        yield relays, seoul, tokyo
+
+
 async def test_two_relay_processes_on_one_database(
     pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
 ) -> None:
@@ -424,12 +440,11 @@ async def test_two_relay_processes_on_one_database(
     # through the other process (a NOTIFY wakes it), exactly once; then the process
     # serving Tokyo dies and Tokyo's node moves to the other one, which delivers the rest.
     with trio.fail_after(60):
-        relays = await two_relays(pg_dsn, tmp_path, children)
-        async with (
-            node("seoul", relays[0].port, tmp_path) as seoul,
-            node("tokyo", [relays[1].port, relays[0].port], tmp_path) as tokyo,
+        async with members_apart(pg_dsn, tmp_path, children, fail_over=True) as (
+            relays,
+            seoul,
+            tokyo,
         ):
-            await tokyo.wait_connected()
             first = {await submit(seoul, f"report {i}") for i in range(5)}
             assert_exactly_once(await receive_all(tokyo, first), first)
             await relays[1].kill()
@@ -446,12 +461,7 @@ async def test_consent_between_two_relay_processes(
     # approval with the report it releases, and a denial each reach the other member
     # through the other process (queued in the shared database, a NOTIFY wakes it).
     with trio.fail_after(60):
-        relays = await two_relays(pg_dsn, tmp_path, children)
-        async with (
-            node("seoul", relays[0].port, tmp_path) as seoul,
-            node("tokyo", relays[1].port, tmp_path) as tokyo,
-        ):
-            await tokyo.wait_connected()
+        async with members_apart(pg_dsn, tmp_path, children) as (_, seoul, tokyo):
             report_id = await seoul.submit(
                 b"held until asked", recipients=["tokyo"], scope=SCOPE, level=LEVEL
             )
