@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.store import Store
+from relay.store import SCHEMA_VERSION, Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
