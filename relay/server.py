@@ -54,6 +54,7 @@ from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, ope
 from relay.store import InlineBlob, NoticeRow, TokenRow
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
+from tisa.consent import Announcement, Answer, Request, consent_ref
 from tisa.envelope import open_envelope
 from tisa.errors import (
     LimitExceeded,
@@ -73,6 +74,7 @@ from tisa.messages import (
     AuditFetch,
     AuditReply,
     Chunk,
+    ConsentNotice,
     Deliver,
     DeliverEnd,
     ErrorMessage,
@@ -84,6 +86,7 @@ from tisa.messages import (
     Released,
     Revoke,
     Revoked,
+    SendConsent,
     SendReceipt,
     Stored,
     SubmitBegin,
@@ -715,6 +718,8 @@ class Relay:
             await self._receipt(conn, message)
         elif isinstance(message, AuditFetch):
             await self._audit_fetch(conn, message)
+        elif isinstance(message, SendConsent):
+            await self._consent(conn, message)
         elif isinstance(message, Chunk | SubmitEnd):
             raise ProtocolError(f"{message.TYPE} outside a submission")
         else:
@@ -893,7 +898,12 @@ class Relay:
                 now=now,
                 clock_skew=self.limits.clock_skew,
             )
-            self.store.release(token, now=now, max_queue=self.limits.max_queue_per_recipient)
+            self.store.release(
+                token,
+                now=now,
+                max_queue=self.limits.max_queue_per_recipient,
+                clock_skew=self.limits.clock_skew,
+            )
         except VerificationError:
             await self._refuse(
                 conn, token.id, Reason.BAD_SIGNATURE, report=token.report, token=token.id
@@ -945,8 +955,15 @@ class Relay:
                 if message.token in other.in_flight:
                     other.in_flight.discard(message.token)
                     other.wake.set()  # the window has room again
-        else:
+        elif message.kind == "receipt":
             known = self.store.ack_receipt(message.token, originator=conn.member)
+        else:
+            # An ack of a consent object no longer queued is a second ack of a copy
+            # (pushed on two connections, or replayed): nothing to do and nothing to
+            # refuse. A refusal would carry the object's id, which is also the id of
+            # the member's own answer to a request, and could be taken for its refusal.
+            self.store.ack_consent(conn.member, message.kind, message.token)
+            return
         if not known:
             await self._refuse(
                 conn,
@@ -986,6 +1003,62 @@ class Relay:
         await self._reply(conn, Ack(kind="receipt", token=receipt.token))
         if new:
             self._wake(receipt.originator)
+
+    async def _consent(self, conn: _Connection, message: SendConsent) -> None:
+        """Forward an announcement, a request or a denial: only when signed by the member
+        who sent it, in the role its kind needs (the verifiers check roles), and about a
+        report the originator holds here; then queued durably for whom it is for, logged,
+        and acked to the sender under its id (the request id for an answer)."""
+        now = self.now()
+        ref = b""
+        try:
+            if message.kind == "announce":
+                announcement = Announcement.verify(message.data, self.arrangement)
+                ref, signer = announcement.id, announcement.originator
+                self._check_sender(conn, signer)
+                new = self.store.add_announcement(announcement, now=now)
+                woken: tuple[str, ...] = announcement.to
+                report = announcement.report
+            elif message.kind == "request":
+                request = Request.verify(message.data, self.arrangement)
+                ref, signer = request.id, request.requester
+                self._check_sender(conn, signer)
+                request.check_open(now=now, clock_skew=self.limits.clock_skew)
+                new = self.store.add_request(
+                    request, now=now, max_per_hour=self.limits.max_requests_per_hour
+                )
+                woken, report = (request.originator,), request.report
+            else:
+                answer = Answer.verify(message.data, self.arrangement)
+                ref, signer = answer.request, answer.originator
+                self._check_sender(conn, signer)
+                new = self.store.add_denial(answer, now=now)
+                woken, report = (answer.requester,), answer.report
+        except ProtocolError as exc:
+            await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
+            return
+        except VerificationError:
+            await self._refuse(conn, b"", Reason.BAD_SIGNATURE)
+            return
+        except Refused as exc:
+            if not ref:
+                # Refused by the verifier after the signature checked (another
+                # arrangement, a share it does not allow): name it by its id.
+                ref = consent_ref(message.kind, message.data)
+            await self._refuse(conn, ref, exc.reason, exc.detail)
+            return
+        log.debug("%s %s on %s", message.kind, ref.hex(), report.hex())
+        await self._reply(conn, Ack(kind=message.kind, token=ref))
+        if new:
+            for member in woken:
+                self._wake(member)
+
+    @staticmethod
+    def _check_sender(conn: _Connection, signer: str) -> None:
+        if signer != conn.member:
+            # Someone else's signed object, sent on by this member (a replay, or a
+            # forwarding the signer never asked for): the relay forwards only first-hand.
+            raise Refused(Reason.WRONG_SENDER, f"signed by {signer!r}, sent by {conn.member!r}")
 
     async def _audit_fetch(self, conn: _Connection, message: AuditFetch) -> None:
         if conn.audit_queued >= MAX_QUEUED_AUDIT_REPLIES:
@@ -1125,7 +1198,7 @@ class Relay:
             conn.fail(Reason.INTERNAL, "internal error")
 
     async def _push_loop(self, conn: _Connection) -> None:
-        after_token = after_receipt = after_notice = 0
+        after_token = after_receipt = after_notice = after_consent = 0
         while True:
             # A fresh event before looking, so a wake-up during the pass is not lost.
             conn.wake = trio.Event()
@@ -1159,6 +1232,14 @@ class Relay:
                     ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
                 )
                 after_receipt = receipts[-1].seq
+            while consent := self.store.queued_consent(
+                conn.member, after=after_consent, limit=NOTICE_PAGE
+            ):
+                await self._durable(self.store.barrier)
+                await conn.link.send_many(
+                    ConsentNotice(kind=row.kind, data=row.data) for row in consent
+                )
+                after_consent = consent[-1].seq
             if conn.rescan_notices:
                 conn.rescan_notices, after_notice = False, 0
             while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
