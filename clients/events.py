@@ -14,18 +14,24 @@ from typing import Any, ClassVar
 
 import msgpack
 
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import ProtocolError, Reason, Refused, TisaError, VerificationError
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportHeader
 
 __all__ = [
+    "AnnouncementEvent",
+    "ApprovedEvent",
+    "ConsentRejected",
     "DeliveredReport",
     "DeliveryRejected",
+    "DeniedEvent",
     "Event",
     "ExpiredEvent",
     "ReceiptEvent",
     "RefusedEvent",
     "ReleaseGap",
+    "RequestEvent",
     "Released",
     "RevokedEvent",
     "Stored",
@@ -124,6 +130,58 @@ class DeliveryRejected(Event):
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AnnouncementEvent(Event):
+    """An originator announced to this member that it holds a report (verified: signed
+    by its originator, naming this member). Ask for it with :meth:`clients.node.Node.request`."""
+
+    KIND: ClassVar[str] = "announcement"
+    announcement: Announcement
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RequestEvent(Event):
+    """A member asks this originator to release one of its reports (verified, addressed
+    to this member, not seen before, open, for a report this member submitted). Answer
+    with :meth:`clients.node.Node.approve` or :meth:`clients.node.Node.deny`."""
+
+    KIND: ClassVar[str] = "request"
+    request: Request
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ApprovedEvent(Event):
+    """A request of this member's was approved: the report came under ``token``, a
+    release token naming ``request`` (the report itself is in :meth:`Node.reports`)."""
+
+    KIND: ClassVar[str] = "approved"
+    request: bytes
+    report: bytes
+    token: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeniedEvent(Event):
+    """A request of this member's was denied, by the originator it asked (verified);
+    ``answer.reason`` is the denial code, ``answer.note`` the originator's note."""
+
+    KIND: ClassVar[str] = "denied"
+    answer: Answer
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentRejected(Event):
+    """An announcement, request or answer the relay forwarded failed a check here and
+    was not handed over. ``kind`` is "announce", "request" or "answer"; ``ref`` its id
+    (empty if it did not decode); ``error`` as for :class:`DeliveryRejected`, e.g.
+    ``Refused`` with ``reflected``, ``wrong_originator``, ``unsolicited``, ``replayed``."""
+
+    KIND: ClassVar[str] = "consent_rejected"
+    kind: str
+    ref: bytes
+    error: TisaError
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DeliveredReport:
     """A verified report, stored in this node's inbox and handed to the application by
     :meth:`clients.node.Node.reports`, again and again until the application
@@ -162,7 +220,20 @@ _EVENTS: dict[str, type[Event]] = {
         ReceiptEvent,
         ReleaseGap,
         DeliveryRejected,
+        AnnouncementEvent,
+        RequestEvent,
+        ApprovedEvent,
+        DeniedEvent,
+        ConsentRejected,
     )
+}
+# Events that carry a signed object, stored as its encoding and verified again on load.
+_SIGNED: dict[str, tuple[str, Any]] = {
+    Stored.KIND: ("ack", StoredAck),
+    ReceiptEvent.KIND: ("receipt", Receipt),
+    AnnouncementEvent.KIND: ("announcement", Announcement),
+    RequestEvent.KIND: ("request", Request),
+    DeniedEvent.KIND: ("answer", Answer),
 }
 
 
@@ -187,7 +258,7 @@ def encode_event(event: Event) -> tuple[str, bytes]:
     fields: dict[str, Any] = {}
     for field in dataclasses.fields(event):
         value = getattr(event, field.name)
-        if isinstance(value, StoredAck | Receipt):
+        if isinstance(value, StoredAck | Receipt | Announcement | Request | Answer):
             value = value.encoded
         elif isinstance(value, TisaError):
             value = _error_record(value)
@@ -202,11 +273,10 @@ def decode_event(kind: str, data: bytes, *, arrangement: Any) -> Event:
     """Rebuild an event from its store record (signed parts are verified again)."""
     cls = _EVENTS[kind]
     fields: dict[str, Any] = msgpack.unpackb(data, raw=False)
-    if cls is Stored:
-        fields["ack"] = StoredAck.verify(fields["ack"], arrangement)
-    elif cls is ReceiptEvent:
-        fields["receipt"] = Receipt.verify(fields["receipt"], arrangement)
-    elif cls is DeliveryRejected:
+    if kind in _SIGNED:
+        name, signed = _SIGNED[kind]
+        fields[name] = signed.verify(fields[name], arrangement)
+    elif cls is DeliveryRejected or cls is ConsentRejected:
         fields["error"] = _error_from(fields["error"])
     elif cls is RefusedEvent:
         fields["reason"] = Reason(fields["reason"])

@@ -60,22 +60,37 @@ from typing import IO, Any, BinaryIO, cast
 import trio
 
 from clients.events import (
+    AnnouncementEvent,
+    ApprovedEvent,
+    ConsentRejected,
     DeliveredReport,
     DeliveryRejected,
+    DeniedEvent,
     Event,
     ExpiredEvent,
     ReceiptEvent,
     RefusedEvent,
     Released,
     ReleaseGap,
+    RequestEvent,
     RevokedEvent,
     Stored,
     decode_event,
 )
-from clients.store import InboxEntry, MemberStore, Submission, fsync_dir
+from clients.store import InboxEntry, MemberStore, RequestRecord, Submission, fsync_dir
 from tisa import messages as m
 from tisa.arrangement import Arrangement
 from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, chain_next, verify_extract
+from tisa.consent import (
+    MAX_REQUEST_VALIDITY,
+    Announcement,
+    Answer,
+    Request,
+    check_answer,
+    check_approval,
+    check_incoming_request,
+    consent_ref,
+)
 from tisa.errors import (
     ProtocolError,
     Reason,
@@ -97,6 +112,7 @@ from tisa_io.link import Link, LinkClosed, connect_member
 __all__ = [
     "DEFAULT_BACKOFF",
     "DEFAULT_HOLD_FOR",
+    "DEFAULT_REQUEST_VALID_FOR",
     "DEFAULT_VALID_FOR",
     "Backoff",
     "Node",
@@ -109,6 +125,9 @@ DEFAULT_HOLD_FOR = 7 * 24 * 3600.0
 # How long a release token is valid: a day covers a recipient that is offline overnight;
 # the relay expires the pending delivery (and tells the originator) after that.
 DEFAULT_VALID_FOR = 24 * 3600.0
+# How long a release request stays open: a week, like a held report, for an originator
+# whose decision takes a round of consultations.
+DEFAULT_REQUEST_VALID_FOR = 7 * 24 * 3600.0
 # Bodies and attachments up to this size are handed to the application as bytes; larger
 # ones as the path of their inbox file, so a report of any size needs constant memory.
 INLINE_MAX = 1024 * 1024
@@ -498,6 +517,9 @@ class Node:
                     f"{earlier.state})",
                 )
         token_id = self._issue(report_id, recipient, valid_for)
+        return await self._await_release(token_id)
+
+    async def _await_release(self, token_id: bytes) -> bytes:
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
         await self._durable()
@@ -512,7 +534,14 @@ class Node:
                 raise _final_refusal(pending.state, pending.reason, pending.detail)
             await changed.wait()
 
-    def _issue(self, report_id: bytes, recipient: str, valid_for: float) -> bytes:
+    def _issue(
+        self,
+        report_id: bytes,
+        recipient: str,
+        valid_for: float,
+        *,
+        approves: bytes | None = None,
+    ) -> bytes:
         submission = self._submission(report_id)
         if submission.state not in ("queued", "stored"):
             raise _final_refusal(submission.state, submission.reason, submission.detail)
@@ -535,9 +564,10 @@ class Node:
                 not_before=now,
                 not_after=now + int(valid_for),
                 counter=counter,
+                request=approves,
             )
 
-        return self.store.issue_release(report_id, recipient, make_token, now)
+        return self.store.issue_release(report_id, recipient, make_token, now, approves=approves)
 
     async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> bool:
         """Withdraw one token, or with ``token_id`` None the whole report.
@@ -663,6 +693,151 @@ class Node:
         self.store.set_submission_state(report_id, "dropped", None, reason="dropped")
         self._notify()
         await self._durable()
+
+    # --- consent: announce, request, approve, deny -----------------------------------
+
+    async def announce(self, report_id: bytes, to: Iterable[str], *, title: str = "") -> bytes:
+        """Tell ``to`` that this node holds ``report_id``, and wait until the relay has it.
+
+        The announcement reveals the report id, its scope and level, a size bucket
+        (``2**k`` bytes) and ``title``, and nothing else; only the members named get it.
+
+        Returns:
+            The announcement id.
+
+        Raises:
+            Refused: by the arrangement here (``to`` not all recipients) or by the relay
+                (``unknown_report`` once the report is gone).
+            UsageError: an unknown report, or a title longer than 200 bytes.
+        """
+        submission = self._submission(report_id)
+        announcement = Announcement.issue(
+            self._secret,
+            self.name,
+            self._arrangement,
+            report=report_id,
+            to=to,
+            scope=submission.scope,
+            level=submission.level,
+            size=submission.size,
+            title=title,
+            now=self._now(),
+        )
+        self.store.queue_consent("announce", announcement.id, announcement.encoded)
+        await self._await_consent("announce", announcement.id)
+        return announcement.id
+
+    async def request(
+        self,
+        report_id: bytes,
+        originator: str,
+        purpose: str,
+        *,
+        valid_for: float = DEFAULT_REQUEST_VALID_FOR,
+    ) -> bytes:
+        """Ask ``originator`` to release ``report_id`` to this member, and wait until the
+        relay holds the request (the answer comes later, as an event).
+
+        Returns:
+            The request id. Its answer arrives as :class:`~clients.events.ApprovedEvent`
+            (with the report in :meth:`reports`) or :class:`~clients.events.DeniedEvent`.
+
+        Raises:
+            Refused: here (``wrong_role``, ``wrong_recipient``) or by the relay
+                (``unknown_report``, ``rate_limited``, ``expired``).
+            UsageError: a bad purpose (1..1000 bytes) or ``valid_for``.
+        """
+        _check_window(valid_for, "valid_for", MAX_REQUEST_VALIDITY)
+        request = Request.issue(
+            self._secret,
+            self.name,
+            self._arrangement,
+            originator=originator,
+            report=report_id,
+            purpose=purpose,
+            now=self._now(),
+            valid_for=int(valid_for),
+        )
+        self.store.queue_consent("request", request.id, request.encoded, request=request)
+        await self._await_consent("request", request.id)
+        return request.id
+
+    async def approve(self, request_id: bytes, *, valid_for: float = DEFAULT_VALID_FOR) -> bytes:
+        """Approve a request made to this member: release the report to the requester
+        with a token that names the request, and wait until the relay accepts it.
+
+        Returns:
+            The token id.
+
+        Raises:
+            Refused: ``answered`` (approved or denied before), ``expired`` (deny it
+                instead), ``wrong_recipient`` (the requester is not among the report's
+                recipients, so it could not open it: deny it), or the relay's refusal.
+            UsageError: no such request to this member.
+        """
+        record = self._incoming(request_id)
+        _check_window(valid_for, "valid_for", MAX_VALIDITY)
+        Request.verify(record.encoded, self._arrangement).check_open(
+            now=self._now(), clock_skew=self._limits.clock_skew
+        )
+        token_id = self._issue(record.report, record.requester, valid_for, approves=request_id)
+        return await self._await_release(token_id)
+
+    async def deny(self, request_id: bytes, reason: Reason | str, note: str = "") -> None:
+        """Deny a request made to this member, with a reason code from
+        :data:`tisa.consent.DENIAL_REASONS` and an optional note; wait until the relay
+        holds the denial. A denial is final for that request.
+
+        Raises:
+            Refused: ``answered`` (approved or denied before), or the relay's refusal.
+            UsageError: no such request, a reason that is no denial code, a note over
+                500 bytes.
+        """
+        record = self._incoming(request_id)
+        answer = Answer.deny(
+            self._secret,
+            self.name,
+            self._arrangement,
+            Request.verify(record.encoded, self._arrangement),
+            reason=reason,
+            note=note,
+            now=self._now(),
+        )
+        self.store.queue_consent("answer", request_id, answer.encoded, denial=answer)
+        await self._await_consent("answer", request_id)
+
+    def requests(self, direction: str | None = None) -> list[RequestRecord]:
+        """Requests this member made (``direction`` "out"), received ("in"), or both."""
+        if direction not in (None, "in", "out"):
+            raise UsageError('direction is "in", "out" or None')
+        return self.store.requests(direction)
+
+    def announcements(self) -> list[Announcement]:
+        """Announcements this member received (verified), oldest first."""
+        return [Announcement.verify(data, self._arrangement) for data in self.store.announcements()]
+
+    def _incoming(self, request_id: bytes) -> RequestRecord:
+        record = self.store.request(request_id, "in")
+        if record is None:
+            raise UsageError("no request with this id was made to this member")
+        if record.answered:
+            raise Refused(Reason.ANSWERED, f"the request was {record.state} before")
+        return record
+
+    async def _await_consent(self, kind: str, ref: bytes) -> None:
+        # The sender is told first: it waits for the same commit, then sends at once.
+        self._notify()
+        await self._durable()
+        while True:
+            changed = self._changed
+            sent = self.store.consent_out(kind, ref)
+            assert sent is not None
+            if sent.state == "held":
+                await self._durable()
+                return
+            if sent.state == "refused":
+                raise Refused(Reason(sent.reason or "internal"), sent.detail or "")
+            await changed.wait()
 
     def _submission(self, report_id: bytes) -> Submission:
         submission = self.store.submission(report_id)
@@ -968,7 +1143,7 @@ class Node:
         store = self.store
         submitted: set[bytes] = set()  # reports whose submission went out on this link
         sent_revocations: set[int] = set()
-        after_submission = after_release = after_receipt = 0
+        after_submission = after_release = after_receipt = after_consent = 0
         while True:
             changed = self._changed
             # What goes out must be on disk first (a queued submission, an issued token,
@@ -1017,6 +1192,14 @@ class Node:
             for seq, _token_id, receipt in receipts:
                 after_receipt = seq
                 pending.append((None, m.SendReceipt(receipt=receipt)))
+            # Announcements, requests and denials, until the relay acks each (resent on
+            # the next connection otherwise; the relay takes a resend as one).
+            consent = store.consent_to_send(after=after_consent)
+            if consent:
+                await self._durable()
+            for row in consent:
+                after_consent = row.seq
+                pending.append((None, m.SendConsent(kind=row.kind, data=row.data)))
             if pending:
                 await self._send_pending(link, pending, withdrawals)
             await changed.wait()
@@ -1098,6 +1281,10 @@ class Node:
             elif isinstance(message, m.Ack) and message.kind == "receipt":
                 # The relay holds our receipt of that delivery: stop resending it.
                 self.store.mark_receipt_sent(message.token)
+            elif isinstance(message, m.Ack) and message.kind in m.CONSENT_KINDS:
+                self.store.consent_held(message.kind, message.token)
+            elif isinstance(message, m.ConsentNotice):
+                self._on_consent(session, message)
             elif isinstance(message, m.Expired):
                 self._on_expired(message)
             elif isinstance(message, m.Revoked):
@@ -1145,6 +1332,8 @@ class Node:
         reason = Reason(message.reason)
         ref, detail = message.ref, message.detail
         event = RefusedEvent(ref=ref, reason=reason, detail=detail)
+        if ref and self.store.consent_refused(ref, reason.value, detail, event):
+            return
         entry = self.store.inbox_entry(ref) if ref else None
         if entry is not None and not entry.receipt_sent:
             # The relay will not take this receipt (its delivery is gone): stop resending.
@@ -1264,6 +1453,73 @@ class Node:
         self._notify()
         self._reply(session, m.Ack(kind="receipt", token=receipt.token))
 
+    # --- consent forwarded by the relay -----------------------------------------------
+
+    def _on_consent(self, session: _Session, message: m.ConsentNotice) -> None:
+        """Check an announcement, request or answer, record it with its event (or a
+        :class:`ConsentRejected`), and ack it to the relay once that is on disk. A copy
+        of one already recorded (the relay resends until acked) is acked again and
+        handed over once."""
+        ref = b""
+        try:
+            if message.kind == "announce":
+                ref = self._on_announcement(message.data)
+            elif message.kind == "request":
+                ref = self._on_request(message.data)
+            else:
+                ref = self._on_answer(message.data)
+        except (Refused, VerificationError, ProtocolError) as exc:
+            ref = ref or consent_ref(message.kind, message.data)
+            self.store.add_event(ConsentRejected(kind=message.kind, ref=ref, error=exc))
+        if ref:
+            self._reply(session, m.Ack(kind=message.kind, token=ref))
+
+    def _on_announcement(self, data: bytes) -> bytes:
+        announcement = Announcement.verify(data, self._arrangement)
+        if self.store.announcement_bytes(announcement.id) == data:
+            return announcement.id
+        if self.name not in announcement.to:
+            if announcement.originator == self.name:
+                raise Refused(Reason.REFLECTED, "this member's own announcement came back")
+            raise Refused(Reason.WRONG_RECIPIENT, "announcement to other members")
+        if self.store.announcement_bytes(announcement.id) is not None:
+            raise Refused(Reason.REPLAYED, "another announcement had this id")
+        self.store.add_announcement(
+            announcement, self._now(), AnnouncementEvent(announcement=announcement)
+        )
+        return announcement.id
+
+    def _on_request(self, data: bytes) -> bytes:
+        request = Request.verify(data, self._arrangement)
+        held = self.store.request(request.id, "in")
+        if held is not None and held.encoded == data:
+            return request.id
+        submission = self.store.submission(request.report)
+        check_incoming_request(
+            request,
+            self.name,
+            seen=held is not None or self.store.seen("request", request.id),
+            holds_report=submission is not None,
+            now=self._now(),
+            clock_skew=self._limits.clock_skew,
+        )
+        self.store.add_incoming_request(request, RequestEvent(request=request))
+        return request.id
+
+    def _on_answer(self, data: bytes) -> bytes:
+        answer = Answer.verify(data, self._arrangement)
+        made = self.store.request(answer.request, "out") if answer.requester == self.name else None
+        if made is not None and made.state == "denied" and self.store.denial_of(made.id) == data:
+            return answer.request
+        check_answer(
+            answer,
+            self.name,
+            None if made is None else Request.verify(made.encoded, self._arrangement),
+            answered=made is not None and made.answered,
+        )
+        self.store.add_denial(answer, DeniedEvent(answer=answer))
+        return answer.request
+
     # --- recipient side --------------------------------------------------------------
 
     async def _on_deliver(self, session: _Session, message: m.Deliver) -> None:
@@ -1289,6 +1545,16 @@ class Node:
             )
             if self.store.seen("report", token.report):
                 raise Refused(Reason.REPLAYED, "report delivered before under another token")
+            if token.request is not None:
+                # Accepted only as the answer to an open request of this member's, to
+                # the originator that signed the token, for this report.
+                made = self.store.request(token.request, "out")
+                check_approval(
+                    token,
+                    self.name,
+                    None if made is None else Request.verify(made.encoded, self._arrangement),
+                    answered=made is not None and made.answered,
+                )
             opener = release.opener(self._arrangement, max_header=self._limits.max_header)
         except (Refused, VerificationError, ProtocolError) as exc:
             error = exc
@@ -1326,6 +1592,10 @@ class Node:
             if token.counter > last + 1:
                 events.append(
                     ReleaseGap(originator=token.originator, expected=last + 1, got=token.counter)
+                )
+            if token.request is not None:
+                events.append(
+                    ApprovedEvent(request=token.request, report=token.report, token=token.id)
                 )
             receipt = Receipt.issue(
                 self._secret,

@@ -61,23 +61,28 @@ from typing import Any
 
 from clients.events import Event, encode_event
 from tisa import encoding as enc
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import UsageError
 from tisa.report import ReportHeader
 from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
 
 __all__ = [
+    "ConsentOut",
     "InboxEntry",
     "MemberStore",
     "Submission",
     "PendingRelease",
     "PendingRevocation",
+    "RequestRecord",
     "fsync_dir",
     "read_store_name",
     "write_durably",
 ]
 
-SCHEMA_VERSION = 2  # 2: outbox.data and inbox.data (small reports kept in the row)
+# 2: outbox.data and inbox.data (small reports kept in the row); 3: consent_out,
+# requests, announcements (new tables only: a version-2 store just gains them)
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -171,6 +176,39 @@ CREATE TABLE IF NOT EXISTS audit (
     head BLOB NOT NULL,
     checkpoint BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS consent_out (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,            -- announce | request | answer
+    ref BLOB NOT NULL,             -- announcement id, or request id (request, answer)
+    data BLOB NOT NULL,            -- the signed object, sent until the relay acks it
+    state TEXT NOT NULL,           -- queued | held (the relay acked) | refused
+    reason TEXT,
+    detail TEXT,
+    UNIQUE (kind, ref)
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id BLOB PRIMARY KEY,
+    direction TEXT NOT NULL,       -- out: this member asked | in: this member was asked
+    requester TEXT NOT NULL,
+    originator TEXT NOT NULL,
+    report BLOB NOT NULL,
+    purpose TEXT NOT NULL,
+    expires INTEGER NOT NULL,
+    encoded BLOB NOT NULL,         -- the signed request
+    state TEXT NOT NULL,           -- open | approved | denied | refused (by the relay)
+    reason TEXT,                   -- the denial code (or the relay's refusal reason)
+    note TEXT,
+    token BLOB,                    -- the approving token's id
+    answer BLOB,                   -- the signed denial
+    created INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS announcements (
+    id BLOB PRIMARY KEY,
+    originator TEXT NOT NULL,
+    report BLOB NOT NULL,
+    encoded BLOB NOT NULL,
+    received INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -250,6 +288,51 @@ class PendingRevocation:
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentOut:
+    """An announcement, request or denial this member sent (or is sending) to the relay.
+
+    ``state``: ``queued`` until the relay acks it, then ``held``; ``refused`` with the
+    relay's ``reason`` and ``detail``.
+    """
+
+    seq: int
+    kind: str
+    ref: bytes
+    data: bytes
+    state: str
+    reason: str | None
+    detail: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRecord:
+    """A release request this member made (``direction`` "out") or received ("in").
+
+    ``state``: ``open``; ``approved`` (``token``: the approving token's id); ``denied``
+    (``reason``: the denial code, ``note``); ``refused`` (by the relay; ``reason``).
+    """
+
+    id: bytes
+    direction: str
+    requester: str
+    originator: str
+    report: bytes
+    purpose: str
+    expires: int
+    encoded: bytes
+    state: str
+    reason: str | None
+    note: str | None
+    token: bytes | None
+    created: int
+
+    @property
+    def answered(self) -> bool:
+        """Approved or denied: a request is answered once, and finally."""
+        return self.state in ("approved", "denied")
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class InboxEntry:
     seq: int
     token: bytes
@@ -312,9 +395,11 @@ class MemberStore(DurableStore):
                 db.execute("INSERT INTO meta VALUES ('name', ?)", (name,))
             elif stored.get("name") != name:
                 raise UsageError(f"store at {self.root} belongs to {stored.get('name')!r}")
-            elif stored.get("schema") == "1":
-                db.execute("ALTER TABLE outbox ADD COLUMN data BLOB")
-                db.execute("ALTER TABLE inbox ADD COLUMN data BLOB")
+            elif stored.get("schema") in ("1", "2"):
+                if stored.get("schema") == "1":
+                    db.execute("ALTER TABLE outbox ADD COLUMN data BLOB")
+                    db.execute("ALTER TABLE inbox ADD COLUMN data BLOB")
+                # Version 3 only added tables, made by the script above.
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif stored.get("schema") != str(SCHEMA_VERSION):
                 raise UsageError(f"store schema {stored.get('schema')} is not supported")
@@ -541,12 +626,19 @@ class MemberStore(DurableStore):
     # --- releases (originator) -------------------------------------------------------
 
     def issue_release(
-        self, report: bytes, recipient: str, make_token: Callable[[int], bytes], now: int
+        self,
+        report: bytes,
+        recipient: str,
+        make_token: Callable[[int], bytes],
+        now: int,
+        *,
+        approves: bytes | None = None,
     ) -> bytes:
         """Take the next counter for ``recipient``, issue the token and record it.
 
         The counter increment and the pending release commit together, before the
-        caller sends anything.
+        caller sends anything. With ``approves`` (an open incoming request's id) the
+        request is marked approved by this token in the same transaction.
 
         Returns:
             The token id.
@@ -568,6 +660,14 @@ class MemberStore(DurableStore):
                 " VALUES (?,?,?,?,?,?,'pending')",
                 (token.id, report, recipient, counter, encoded, now),
             )
+            if approves is not None:
+                cursor = db.execute(
+                    "UPDATE requests SET state = 'approved', token = ?"
+                    " WHERE id = ? AND direction = 'in' AND state = 'open'",
+                    (token.id, approves),
+                )
+                if cursor.rowcount != 1:
+                    raise UsageError("no open request with this id to this member")
         return token.id
 
     _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail, rowid"
@@ -788,7 +888,8 @@ class MemberStore(DurableStore):
         events: list[Event],
         parts: list[bytes] | None = None,
     ) -> None:
-        """Move a verified delivery from tmp/ into the inbox and commit it as seen.
+        """Move a verified delivery from tmp/ into the inbox and commit it as seen; a
+        token that approves one of this member's requests closes it as approved.
 
         ``staged`` is a directory under tmp/ whose files are already fsynced. The rename
         and the directory fsync happen before the commit, so a committed row always has
@@ -822,6 +923,12 @@ class MemberStore(DurableStore):
             db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token.id, now))
             db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'report', ?)", (header.id, now))
             self._bump_counter(db, token)
+            if token.request is not None:
+                db.execute(
+                    "UPDATE requests SET state = 'approved', token = ?"
+                    " WHERE id = ? AND direction = 'out' AND state = 'open'",
+                    (token.id, token.request),
+                )
             for event in events:
                 self._event(db, event)
 
@@ -923,6 +1030,211 @@ class MemberStore(DurableStore):
         """The relay confirmed it holds the receipt of ``token``."""
         with self.transaction() as db:
             db.execute("UPDATE inbox SET receipt_sent = 1 WHERE token = ?", (token,))
+
+    # --- consent: announcements, requests, answers ------------------------------------
+
+    _CONSENT_COLUMNS = "seq, kind, ref, data, state, reason, detail"
+
+    def _consent_out(self, row: tuple[Any, ...]) -> ConsentOut:
+        return ConsentOut(
+            seq=row[0],
+            kind=row[1],
+            ref=bytes(row[2]),
+            data=bytes(row[3]),
+            state=row[4],
+            reason=row[5],
+            detail=row[6],
+        )
+
+    def queue_consent(
+        self,
+        kind: str,
+        ref: bytes,
+        data: bytes,
+        *,
+        request: Request | None = None,
+        denial: Answer | None = None,
+    ) -> None:
+        """Queue a signed announcement, request or denial for the relay. With
+        ``request`` (this member's own), record it as open; with ``denial``, close the
+        incoming request it answers, which must be open (else UsageError)."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO consent_out (kind, ref, data, state) VALUES (?, ?, ?, 'queued')",
+                (kind, ref, data),
+            )
+            if request is not None:
+                self._insert_request(db, request, "out")
+            if denial is not None:
+                cursor = db.execute(
+                    "UPDATE requests SET state = 'denied', reason = ?, note = ?, answer = ?"
+                    " WHERE id = ? AND direction = 'in' AND state = 'open'",
+                    (denial.reason.value, denial.note, denial.encoded, denial.request),
+                )
+                if cursor.rowcount != 1:
+                    raise UsageError("no open request with this id to this member")
+
+    @staticmethod
+    def _insert_request(db: sqlite3.Connection, request: Request, direction: str) -> None:
+        db.execute(
+            "INSERT INTO requests (id, direction, requester, originator, report, purpose,"
+            " expires, encoded, state, created) VALUES (?,?,?,?,?,?,?,?,'open',?)",
+            (
+                request.id,
+                direction,
+                request.requester,
+                request.originator,
+                request.report,
+                request.purpose,
+                request.expires,
+                request.encoded,
+                request.time,
+            ),
+        )
+
+    def consent_out(self, kind: str, ref: bytes) -> ConsentOut | None:
+        """What this member queued of ``kind`` with id ``ref``, in its current state."""
+        row = self._db.execute(
+            f"SELECT {self._CONSENT_COLUMNS} FROM consent_out WHERE kind = ? AND ref = ?",
+            (kind, ref),
+        ).fetchone()
+        return self._consent_out(row) if row else None
+
+    def consent_to_send(self, *, after: int = 0) -> list[ConsentOut]:
+        """Queued consent objects the relay has not acked, oldest first, after ``after``."""
+        rows = self._db.execute(
+            f"SELECT {self._CONSENT_COLUMNS} FROM consent_out"
+            " WHERE seq > ? AND state = 'queued' ORDER BY seq",
+            (after,),
+        ).fetchall()
+        return [self._consent_out(row) for row in rows]
+
+    def consent_held(self, kind: str, ref: bytes) -> bool:
+        """The relay acked it. False if nothing of that kind and id was queued."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "UPDATE consent_out SET state = 'held'"
+                " WHERE kind = ? AND ref = ? AND state = 'queued'",
+                (kind, ref),
+            )
+            return cursor.rowcount > 0
+
+    def consent_refused(self, ref: bytes, reason: str, detail: str, event: Event) -> bool:
+        """The relay refused the queued object with id ``ref``: record it (a refused
+        request of this member's is closed as refused) and ``event``. False if no
+        queued object has that id."""
+        with self.transaction() as db:
+            row = db.execute(
+                "SELECT kind FROM consent_out WHERE ref = ? AND state = 'queued'", (ref,)
+            ).fetchone()
+            if row is None:
+                return False
+            db.execute(
+                "UPDATE consent_out SET state = 'refused', reason = ?, detail = ?"
+                " WHERE ref = ? AND state = 'queued'",
+                (reason, detail, ref),
+            )
+            if row[0] == "request":
+                db.execute(
+                    "UPDATE requests SET state = 'refused', reason = ?"
+                    " WHERE id = ? AND direction = 'out' AND state = 'open'",
+                    (reason, ref),
+                )
+            self._event(db, event)
+        return True
+
+    _REQUEST_COLUMNS = (
+        "id, direction, requester, originator, report, purpose, expires, encoded, state,"
+        " reason, note, token, created"
+    )
+
+    def _request(self, row: tuple[Any, ...]) -> RequestRecord:
+        return RequestRecord(
+            id=bytes(row[0]),
+            direction=row[1],
+            requester=row[2],
+            originator=row[3],
+            report=bytes(row[4]),
+            purpose=row[5],
+            expires=row[6],
+            encoded=bytes(row[7]),
+            state=row[8],
+            reason=row[9],
+            note=row[10],
+            token=None if row[11] is None else bytes(row[11]),
+            created=row[12],
+        )
+
+    def request(self, request_id: bytes, direction: str) -> RequestRecord | None:
+        """This member's request (``direction`` "out") or one made to it ("in")."""
+        row = self._db.execute(
+            f"SELECT {self._REQUEST_COLUMNS} FROM requests WHERE id = ? AND direction = ?",
+            (request_id, direction),
+        ).fetchone()
+        return self._request(row) if row else None
+
+    def requests(self, direction: str | None = None) -> list[RequestRecord]:
+        """Every request, or those of one ``direction``, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {self._REQUEST_COLUMNS} FROM requests"
+            " WHERE ? IS NULL OR direction = ? ORDER BY rowid",
+            (direction, direction),
+        ).fetchall()
+        return [self._request(row) for row in rows]
+
+    def denial_of(self, request_id: bytes) -> bytes | None:
+        """The signed denial recorded for a request, or None."""
+        row = self._db.execute("SELECT answer FROM requests WHERE id = ?", (request_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def add_incoming_request(self, request: Request, event: Event) -> None:
+        """Record a checked request made to this member, with its event."""
+        with self.transaction() as db:
+            self._insert_request(db, request, "in")
+            db.execute(
+                "INSERT OR IGNORE INTO seen VALUES (?, 'request', ?)", (request.id, request.time)
+            )
+            self._event(db, event)
+
+    def add_denial(self, answer: Answer, event: Event) -> None:
+        """Close this member's open request as denied by a checked ``answer``."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE requests SET state = 'denied', reason = ?, note = ?, answer = ?"
+                " WHERE id = ? AND direction = 'out' AND state = 'open'",
+                (answer.reason.value, answer.note, answer.encoded, answer.request),
+            )
+            self._event(db, event)
+
+    def add_announcement(self, announcement: Announcement, now: int, event: Event) -> None:
+        """Record a checked announcement made to this member, with its event."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO announcements (id, originator, report, encoded, received)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (
+                    announcement.id,
+                    announcement.originator,
+                    announcement.report,
+                    announcement.encoded,
+                    now,
+                ),
+            )
+            self._event(db, event)
+
+    def announcement_bytes(self, announcement_id: bytes) -> bytes | None:
+        """The signed announcement recorded under this id, or None."""
+        row = self._db.execute(
+            "SELECT encoded FROM announcements WHERE id = ?", (announcement_id,)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def announcements(self) -> list[bytes]:
+        """Announcements received, oldest first (signed encodings)."""
+        return [
+            bytes(r[0])
+            for r in self._db.execute("SELECT encoded FROM announcements ORDER BY rowid")
+        ]
 
     # --- audit -----------------------------------------------------------------------
 

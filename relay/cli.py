@@ -49,7 +49,15 @@ from tisa_io.files import (
     resolve_passphrase,
 )
 
-__all__ = ["DEFAULT_PORT", "PASSPHRASE_ENV", "main", "parse_limits", "read_passphrase", "run"]
+__all__ = [
+    "DEFAULT_PORT",
+    "PASSPHRASE_ENV",
+    "main",
+    "parse_limits",
+    "parse_metrics_address",
+    "read_passphrase",
+    "run",
+]
 
 DEFAULT_PORT = 7420
 
@@ -96,6 +104,19 @@ def parse_limits(items: Sequence[str]) -> Limits:
         return Limits(**values)  # type: ignore[arg-type]
     except (TypeError, ValueError, TisaError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--limit'") from None
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` for ``--metrics`` (HOST: 127.0.0.1).
+
+    Raises:
+        click.BadParameter: not a port number from 0 to 65535.
+    """
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+        raise click.BadParameter(f"{text!r}: expected [HOST:]PORT", param_hint="'--metrics'")
+    return host, int(port)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -219,6 +240,13 @@ def _parents(ctx: click.Context) -> list[click.Context]:
     show_default=True,
     help="How much the relay logs (to stderr).",
 )
+@click.option(
+    "--metrics",
+    "metrics_addr",
+    metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics (/metrics) and a health check (/health) here; "
+    "HOST defaults to 127.0.0.1. Off unless given.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log everything (--log-level DEBUG).")
 @click.pass_context
 def run(
@@ -235,6 +263,7 @@ def run(
     expiry_interval: float,
     limit_items: tuple[str, ...],
     log_level: str,
+    metrics_addr: str | None,
     verbose: bool,
 ) -> None:
     """Run the relay until interrupted (Ctrl-C or SIGTERM). It stores and forwards, never reads.
@@ -249,6 +278,7 @@ def run(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     limits = parse_limits(limit_items)
+    metrics = parse_metrics_address(metrics_addr) if metrics_addr is not None else None
     folder = home if home is not None else _home_default(ctx)
     try:
         opened = load_home(
@@ -269,6 +299,7 @@ def run(
         limits=limits,
         max_hold=max_hold,
         expiry_interval=expiry_interval,
+        metrics=metrics,
     )
     try:
         trio.run(_serve_until_signal, start, port_file, host)

@@ -10,7 +10,14 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   :data:`BLOB_CHUNK` bytes each, written and read a chunk at a time (constant memory),
   so every relay process on the database can read them.
 * **Schema.** Created and migrated by the relay when the store opens, under an advisory
-  lock (two processes starting together do not race); ``tisa_schema`` holds the version.
+  lock (two processes starting together do not race); ``tisa_schema`` holds the version
+  (:data:`SCHEMA_VERSION`; a store of version 1 gains the consent tables in place).
+* **Release requests** (announcements, requests, answers) follow the same rules as with
+  SQLite, in the same code (:mod:`relay.consentstore`); a consent object queued for a
+  member NOTIFYs the member's name like a delivery does, and the member's connections
+  read the queue on from the last ``seq`` they sent: identity values are drawn in
+  commit order, since every insert runs in a batch that holds the audit chain head
+  until it commits, so no row can appear later below one already read.
 * **Group commit.** As with SQLite: every method is one step (a savepoint) of the open
   batch, one transaction on the store's connection. :meth:`PgStore.commit` COMMITs it
   with ``synchronous_commit = off``: the server writes the commit record into its WAL
@@ -78,6 +85,7 @@ import psycopg_pool
 import trio
 from psycopg.pq import TransactionStatus
 
+from relay.consentstore import ConsentTables
 from relay.store import (
     InlineBlob,
     NoticeRow,
@@ -105,7 +113,8 @@ __all__ = [
     "PgStore",
 ]
 
-SCHEMA_VERSION = 1
+# 2: requests, announcements, consent_queue (release requests; new tables only).
+SCHEMA_VERSION = 2
 
 # Bytes of ciphertext per blob_chunks row: large enough that a report of many MiB is a
 # few dozen rows, small enough that a reader holds little (one row at a time).
@@ -223,6 +232,37 @@ CREATE TABLE wal_sync (
     n bigint NOT NULL,
     touched bigint NOT NULL
 );
+"""
+
+# Schema 2: release requests (relay.consentstore), in a store of schema 1 added as is.
+_CONSENT_SCHEMA = """
+CREATE TABLE requests (
+    id bytea PRIMARY KEY,
+    requester text NOT NULL,
+    originator text NOT NULL,
+    report bytea NOT NULL,
+    request bytea NOT NULL,        -- the signed request, as received
+    state text NOT NULL CHECK (state IN ('open', 'approved', 'denied')),
+    answer bytea,                  -- the signed denial, once denied
+    expires bigint NOT NULL,
+    received bigint NOT NULL
+);
+CREATE INDEX requests_rate ON requests (requester, received);
+CREATE TABLE announcements (
+    id bytea PRIMARY KEY,
+    report bytea NOT NULL,
+    announcement bytea NOT NULL
+);
+CREATE INDEX announcements_report ON announcements (report);
+CREATE TABLE consent_queue (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    member text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('announce', 'request', 'answer')),
+    ref bytea NOT NULL,            -- announcement id, or request id (request, answer)
+    data bytea NOT NULL,
+    UNIQUE (member, kind, ref)
+);
+CREATE INDEX consent_member ON consent_queue (member, seq);
 """
 
 _TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
@@ -393,7 +433,7 @@ class _ChunkReader(io.RawIOBase):
         return count
 
 
-class PgStore(DurableStore):
+class PgStore(ConsentTables, DurableStore):
     """The relay's durable state in the PostgreSQL database at ``dsn``.
 
     Args:
@@ -526,12 +566,19 @@ class PgStore(DurableStore):
             if present is not None and present[0]:
                 row = self._conn.execute("SELECT version FROM tisa_schema").fetchone()
                 version = 0 if row is None else int(row[0])
-                if version != SCHEMA_VERSION:
+                if version not in (1, SCHEMA_VERSION):
                     raise UsageError(
                         f"relay store schema {version}; this relay knows {SCHEMA_VERSION}"
                     )
+                if version == 1:
+                    # In place, in this one transaction (other processes see all of it
+                    # or none); new tables only, which a relay of schema 1 still running
+                    # on the database never touches.
+                    self._conn.execute(_CONSENT_SCHEMA)
+                    self._conn.execute("UPDATE tisa_schema SET version = %s", (SCHEMA_VERSION,))
                 return
             self._conn.execute(_SCHEMA)
+            self._conn.execute(_CONSENT_SCHEMA)
             self._conn.execute("INSERT INTO tisa_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             self._conn.execute(
                 "INSERT INTO audit_head (one, seq, head) VALUES (true, 0, %s)", (GENESIS,)
@@ -649,6 +696,14 @@ class PgStore(DurableStore):
 
     def _transaction(self) -> contextlib.AbstractContextManager[_Session]:
         return self._step() if self.group_commit else self._single()
+
+    def _sql(self, query: str, params: tuple[Any, ...] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
+        # The shared statements of relay.consentstore, written with SQLite's "?"
+        # placeholders (none of them has a "?" or "%" of its own).
+        return self._conn.execute(query.replace("?", "%s"), params)
+
+    def _sql_limit(self, limit: int) -> int | None:
+        return _limit(limit)
 
     def manual_checkpoints(self) -> None:
         """Nothing to turn off: PostgreSQL's server runs its own checkpoints."""
@@ -968,6 +1023,14 @@ class PgStore(DurableStore):
         )
         return None if row is None else _token_row(row)
 
+    def ping(self) -> None:
+        """A trivial round trip to the server (the health check).
+
+        Raises:
+            StoreUnavailable: the server cannot be reached.
+        """
+        self._conn.execute("SELECT 1").fetchone()
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``: counted every time (other relay
         processes change it; an index scan on ``tokens_recipient``)."""
@@ -977,13 +1040,18 @@ class PgStore(DurableStore):
         ).fetchone()
         return 0 if row is None else int(row[0])
 
-    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
-        """Consume ``token`` (already checked) and make its delivery pending, atomically.
+    def release(
+        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+    ) -> TokenRow:
+        """Consume ``token`` (already checked) and make its delivery pending, atomically;
+        a token that names a request also closes it as approved, in the same step.
 
         Raises:
             Refused: as :meth:`relay.store.Store.release`.
         """
         with self._transaction() as db:
+            if token.request is not None:
+                self._approve(token, now=now, clock_skew=clock_skew)
             row = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL,"
                 " r.state, r.ended, r.expires, r.key_commit"
@@ -1125,7 +1193,9 @@ class PgStore(DurableStore):
         """Withdraw one token or the whole report (see :meth:`relay.store.Store.revoke`).
 
         Raises:
-            Refused: UNKNOWN_REPORT, REPLAYED, EXPIRED, WRONG_REPORT.
+            Refused: UNKNOWN_REPORT, REPLAYED (also for the whole report when every
+                token of it was already acked: nothing left to withdraw), EXPIRED,
+                WRONG_REPORT.
         """
         with self._transaction() as db:
             report = self.report(report_id)
@@ -1163,6 +1233,25 @@ class PgStore(DurableStore):
                 return
             if report.state == "deleted" and report.ended == "revoked":
                 return
+            owed = db.execute(
+                "SELECT 1 FROM tokens WHERE report = %s AND state IN (%s, %s) LIMIT 1",
+                (report_id, *OUTSTANDING),
+            ).fetchone()
+            if owed is None:
+                delivered = sorted(
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT recipient FROM tokens WHERE report = %s AND state = 'acked'",
+                        (report_id,),
+                    ).fetchall()
+                )
+                if delivered:
+                    # As the SQLite store: a revocation cannot take a report back from
+                    # its recipients. Refused, and nothing changes.
+                    raise Refused(
+                        Reason.REPLAYED,
+                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
+                    )
             recipients = [
                 str(r[0])
                 for r in db.execute(
@@ -1306,4 +1395,5 @@ class PgStore(DurableStore):
                 "DELETE FROM tokens WHERE keep_until < %s AND state NOT IN (%s, %s)",
                 (now, *OUTSTANDING),
             )
+            self._prune_consent(now=now, clock_skew=clock_skew)
         return notified

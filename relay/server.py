@@ -38,6 +38,7 @@ import collections
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import ipaddress
 import logging
 import os
@@ -48,10 +49,12 @@ from typing import Any
 
 import trio
 
+from relay.metrics import MetricsLimits, RelayMetrics, serve_metrics
 from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
 from relay.store import InlineBlob, NoticeRow, TokenRow
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
+from tisa.consent import Announcement, Answer, Request, consent_ref
 from tisa.envelope import open_envelope
 from tisa.errors import (
     LimitExceeded,
@@ -71,6 +74,7 @@ from tisa.messages import (
     AuditFetch,
     AuditReply,
     Chunk,
+    ConsentNotice,
     Deliver,
     DeliverEnd,
     ErrorMessage,
@@ -82,6 +86,7 @@ from tisa.messages import (
     Released,
     Revoke,
     Revoked,
+    SendConsent,
     SendReceipt,
     Stored,
     SubmitBegin,
@@ -368,8 +373,14 @@ class Relay:
         # member -> (minute, refusals logged in it), for max_logged_refusals_per_minute.
         self._refusals_logged: dict[str, tuple[int, int]] = {}
         # Commits the store's batches; every message a reader handles counts as activity.
+        # This process's figures (relay.metrics), served only if asked (serve_tcp).
+        self.metrics = RelayMetrics(arrangement)
+        self.metrics_port: int | None = None
         self._group_commit = GroupCommitter(
-            self.store, on_commit_error=self._commit_failed, on_sync_error=self._sync_failed
+            self.store,
+            on_commit_error=self._commit_failed,
+            on_sync_error=self._sync_failed,
+            on_synced=self.metrics.flushed,
         )
 
     def now(self) -> int:
@@ -396,17 +407,53 @@ class Relay:
 
     # --- serving -----------------------------------------------------------------------
 
+    def metrics_text(self) -> bytes:
+        """This process's metrics in the Prometheus text format (:mod:`relay.metrics`)."""
+        return self.metrics.render(
+            queue_length=self.store.queue_length,
+            connections={"handshake": self.handshake_count, "open": self.connection_count},
+        )
+
+    def health(self) -> str | None:
+        """None when this process can reach its store, else why not (one line)."""
+        if self.store.failed is not None:
+            return "the store failed (a WAL fsync); restart the relay"
+        try:
+            self.store.ping()
+        except Exception as exc:
+            self.metrics.store_error()
+            return f"the store is unreachable: {exc}"
+        return None
+
     async def serve_tcp(
         self,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        metrics: tuple[str, int] | None = None,
+        metrics_limits: MetricsLimits | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` and serve until cancelled; reports the bound port."""
+        """Listen on ``host:port`` and serve until cancelled; reports the bound port.
+
+        With ``metrics=(host, port)`` the metrics and the health check are served there
+        too (:func:`relay.metrics.serve_metrics`; its bound port in :attr:`metrics_port`).
+        """
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            if metrics is not None:
+                self.metrics_port = await nursery.start(
+                    functools.partial(
+                        serve_metrics,
+                        self.metrics,
+                        scrape=self.metrics_text,
+                        health=self.health,
+                        host=metrics[0],
+                        port=metrics[1],
+                        limits=metrics_limits,
+                    )
+                )
             nursery.start_soon(self.run_expiry)
             nursery.start_soon(self._stop_when_store_fails)
             if self._shared is not None:
@@ -428,6 +475,7 @@ class Relay:
             try:
                 self.expire_now()
             except StoreUnavailable as exc:
+                self.metrics.store_error()
                 log.warning("expiry sweep skipped: %s", exc)
             except Exception:
                 log.exception("expiry sweep failed")
@@ -461,10 +509,12 @@ class Relay:
         self._group_commit.next_commit = when
 
     def _commit_failed(self) -> None:
+        self.metrics.store_error()
         log.exception("commit failed; closing the connections waiting on it")
         raise LinkClosed("commit failed") from None
 
     def _sync_failed(self) -> None:
+        self.metrics.store_error()
         if self.store.failed is None:
             # A store that recovers (PostgreSQL): the batches not flushed are lost, the
             # connections waiting on them close, the store connects again.
@@ -631,6 +681,7 @@ class Relay:
             self._log_close(conn, Reason.MALFORMED)
             conn.fail(None)
         except StoreUnavailable as exc:
+            self.metrics.store_error()
             log.warning("closing the connection of %s: %s", conn.member, exc)
             conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
@@ -638,6 +689,7 @@ class Relay:
             conn.fail(Reason.INTERNAL, "internal error")
 
     def _log_close(self, conn: _Connection, reason: Reason) -> None:
+        self.metrics.refusal(reason)
         try:
             self.store.log_refusal(member=conn.member, reason=reason, now=self.now())
             self._group_commit.mark_dirty()
@@ -666,6 +718,8 @@ class Relay:
             await self._receipt(conn, message)
         elif isinstance(message, AuditFetch):
             await self._audit_fetch(conn, message)
+        elif isinstance(message, SendConsent):
+            await self._consent(conn, message)
         elif isinstance(message, Chunk | SubmitEnd):
             raise ProtocolError(f"{message.TYPE} outside a submission")
         else:
@@ -687,6 +741,7 @@ class Relay:
         logged per minute; the first one past that is logged with reason ``limit`` in
         place of its own, the rest of the minute is answered but not logged.
         """
+        self.metrics.refusal(reason)
         now = self.now()
         minute = now // 60
         logged_minute, logged = self._refusals_logged.get(conn.member, (minute, 0))
@@ -815,6 +870,7 @@ class Relay:
             size=row.size,
             stored=row.stored_at,
         )
+        self.metrics.event("stored")
         await self._reply(conn, Stored(report=row.id, ack=ack.encoded))
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
@@ -842,7 +898,12 @@ class Relay:
                 now=now,
                 clock_skew=self.limits.clock_skew,
             )
-            self.store.release(token, now=now, max_queue=self.limits.max_queue_per_recipient)
+            self.store.release(
+                token,
+                now=now,
+                max_queue=self.limits.max_queue_per_recipient,
+                clock_skew=self.limits.clock_skew,
+            )
         except VerificationError:
             await self._refuse(
                 conn, token.id, Reason.BAD_SIGNATURE, report=token.report, token=token.id
@@ -853,6 +914,7 @@ class Relay:
                 conn, token.id, exc.reason, exc.detail, report=token.report, token=token.id
             )
             return
+        self.metrics.event("released")
         await self._reply(conn, Released(report=token.report, token=token.id))
         self._wake(token.recipient)
 
@@ -869,12 +931,14 @@ class Relay:
                 token=message.token,
             )
             return
+        self.metrics.event("revoked")
         await self._reply(conn, Revoked(report=message.report, token=message.token))
 
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
             known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
             if known:
+                self.metrics.event("acknowledged")
                 # No longer outstanding: its claim is not needed (nor kept, which grew
                 # with every delivery a long-lived connection made).
                 holder = self._claims.pop(message.token, None)
@@ -891,8 +955,15 @@ class Relay:
                 if message.token in other.in_flight:
                     other.in_flight.discard(message.token)
                     other.wake.set()  # the window has room again
-        else:
+        elif message.kind == "receipt":
             known = self.store.ack_receipt(message.token, originator=conn.member)
+        else:
+            # An ack of a consent object no longer queued is a second ack of a copy
+            # (pushed on two connections, or replayed): nothing to do and nothing to
+            # refuse. A refusal would carry the object's id, which is also the id of
+            # the member's own answer to a request, and could be taken for its refusal.
+            self.store.ack_consent(conn.member, message.kind, message.token)
+            return
         if not known:
             await self._refuse(
                 conn,
@@ -932,6 +1003,62 @@ class Relay:
         await self._reply(conn, Ack(kind="receipt", token=receipt.token))
         if new:
             self._wake(receipt.originator)
+
+    async def _consent(self, conn: _Connection, message: SendConsent) -> None:
+        """Forward an announcement, a request or a denial: only when signed by the member
+        who sent it, in the role its kind needs (the verifiers check roles), and about a
+        report the originator holds here; then queued durably for whom it is for, logged,
+        and acked to the sender under its id (the request id for an answer)."""
+        now = self.now()
+        ref = b""
+        try:
+            if message.kind == "announce":
+                announcement = Announcement.verify(message.data, self.arrangement)
+                ref, signer = announcement.id, announcement.originator
+                self._check_sender(conn, signer)
+                new = self.store.add_announcement(announcement, now=now)
+                woken: tuple[str, ...] = announcement.to
+                report = announcement.report
+            elif message.kind == "request":
+                request = Request.verify(message.data, self.arrangement)
+                ref, signer = request.id, request.requester
+                self._check_sender(conn, signer)
+                request.check_open(now=now, clock_skew=self.limits.clock_skew)
+                new = self.store.add_request(
+                    request, now=now, max_per_hour=self.limits.max_requests_per_hour
+                )
+                woken, report = (request.originator,), request.report
+            else:
+                answer = Answer.verify(message.data, self.arrangement)
+                ref, signer = answer.request, answer.originator
+                self._check_sender(conn, signer)
+                new = self.store.add_denial(answer, now=now)
+                woken, report = (answer.requester,), answer.report
+        except ProtocolError as exc:
+            await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
+            return
+        except VerificationError:
+            await self._refuse(conn, b"", Reason.BAD_SIGNATURE)
+            return
+        except Refused as exc:
+            if not ref:
+                # Refused by the verifier after the signature checked (another
+                # arrangement, a share it does not allow): name it by its id.
+                ref = consent_ref(message.kind, message.data)
+            await self._refuse(conn, ref, exc.reason, exc.detail)
+            return
+        log.debug("%s %s on %s", message.kind, ref.hex(), report.hex())
+        await self._reply(conn, Ack(kind=message.kind, token=ref))
+        if new:
+            for member in woken:
+                self._wake(member)
+
+    @staticmethod
+    def _check_sender(conn: _Connection, signer: str) -> None:
+        if signer != conn.member:
+            # Someone else's signed object, sent on by this member (a replay, or a
+            # forwarding the signer never asked for): the relay forwards only first-hand.
+            raise Refused(Reason.WRONG_SENDER, f"signed by {signer!r}, sent by {conn.member!r}")
 
     async def _audit_fetch(self, conn: _Connection, message: AuditFetch) -> None:
         if conn.audit_queued >= MAX_QUEUED_AUDIT_REPLIES:
@@ -1063,6 +1190,7 @@ class Relay:
         except (LinkClosed, LinkTimeout):
             conn.fail(None)
         except StoreUnavailable as exc:
+            self.metrics.store_error()
             log.warning("closing the connection of %s: %s", conn.member, exc)
             conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
@@ -1070,7 +1198,7 @@ class Relay:
             conn.fail(Reason.INTERNAL, "internal error")
 
     async def _push_loop(self, conn: _Connection) -> None:
-        after_token = after_receipt = after_notice = 0
+        after_token = after_receipt = after_notice = after_consent = 0
         while True:
             # A fresh event before looking, so a wake-up during the pass is not lost.
             conn.wake = trio.Event()
@@ -1104,6 +1232,14 @@ class Relay:
                     ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
                 )
                 after_receipt = receipts[-1].seq
+            while consent := self.store.queued_consent(
+                conn.member, after=after_consent, limit=NOTICE_PAGE
+            ):
+                await self._durable(self.store.barrier)
+                await conn.link.send_many(
+                    ConsentNotice(kind=row.kind, data=row.data) for row in consent
+                )
+                after_consent = consent[-1].seq
             if conn.rescan_notices:
                 conn.rescan_notices, after_notice = False, 0
             while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
@@ -1199,6 +1335,7 @@ class Relay:
                 await conn.link.send(DeliverEnd(token=row.id))
         self._refresh_claim(conn, row.id)
         self.store.mark_forwarded(row.id, now=self.now())
+        self.metrics.event("forwarded")
         self._group_commit.mark_dirty()
 
     def _claim(self, conn: _Connection, token_id: bytes) -> None:
@@ -1220,6 +1357,7 @@ class Relay:
         for token_id in sent:
             self._refresh_claim(conn, token_id)
             self.store.mark_forwarded(token_id, now=now)
+            self.metrics.event("forwarded")
         pending.clear()
         sent.clear()
         self._group_commit.mark_dirty()
@@ -1236,6 +1374,7 @@ async def serve(
     clock: Callable[[], float] = time.time,
     max_hold: int = MAX_HOLD,
     expiry_interval: float = EXPIRY_INTERVAL,
+    metrics: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a relay on TCP until cancelled.
@@ -1248,6 +1387,7 @@ async def serve(
         secret, arrangement, store_path, limits, clock, max_hold, expiry_interval: as
             for :class:`Relay`.
         host, port: where to listen; port 0 picks a free port.
+        metrics: where to serve the metrics and health check (off when None).
         task_status: receives the bound port once the relay accepts connections.
 
     Raises:
@@ -1264,6 +1404,6 @@ async def serve(
         expiry_interval=expiry_interval,
     )
     try:
-        await relay.serve_tcp(host=host, port=port, task_status=task_status)
+        await relay.serve_tcp(host=host, port=port, metrics=metrics, task_status=task_status)
     finally:
         relay.close()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from relay.store import (
+    ConsentRow,
     NoticeRow,
     ReceiptRow,
     ReportRow,
@@ -30,6 +31,7 @@ from relay.store import (
     TokenRow,
 )
 from tisa.audit import AuditEntry
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import Reason
 from tisa.receipt import Receipt
 from tisa.token import ReleaseToken
@@ -120,11 +122,18 @@ class RelayStore(Batches, Protocol):
     def token(self, token_id: bytes) -> TokenRow | None:
         """The token row of ``token_id`` (also a consumed one), or None."""
 
+    def ping(self) -> None:
+        """A trivial read; raises when the database cannot answer."""
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``."""
 
-    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
-        """Consume ``token`` and make its delivery pending, atomically. Raises: Refused."""
+    def release(
+        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+    ) -> TokenRow:
+        """Consume ``token`` and make its delivery pending, atomically; a token that names
+        a request (``token.request``) closes that request as approved in the same step
+        (``clock_skew``: the grace past the request's expiry). Raises: Refused."""
 
     def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
         """Deliveries owed to ``recipient`` with ``seq > after``, oldest first."""
@@ -161,6 +170,29 @@ class RelayStore(Batches, Protocol):
 
     def drop_notice(self, seq: int) -> None:
         """Drop a notice that was sent."""
+
+    # Release requests (relay.consentstore): announcements, requests, denials.
+    def add_announcement(self, announcement: Announcement, *, now: int) -> bool:
+        """Queue a verified announcement for every member it names, and log it; False for
+        a resend. Raises: Refused (DUPLICATE, UNKNOWN_REPORT)."""
+
+    def add_request(self, request: Request, *, now: int, max_per_hour: int) -> bool:
+        """Record a verified request, queue it for its originator, and log it; False for a
+        resend. Raises: Refused (DUPLICATE, UNKNOWN_REPORT, RATE_LIMITED)."""
+
+    def add_denial(self, answer: Answer, *, now: int) -> bool:
+        """Close a request as denied, queue the answer for the requester, and log it;
+        False for a resend. Raises: Refused (UNSOLICITED, ANSWERED)."""
+
+    def queued_consent(self, member: str, *, after: int = 0, limit: int = -1) -> list[ConsentRow]:
+        """Consent objects queued for ``member`` with ``seq > after``, oldest first."""
+
+    def ack_consent(self, member: str, kind: str, ref: bytes) -> bool:
+        """``member`` holds the queued object of ``kind`` with id ``ref``: drop it; False
+        if none was queued."""
+
+    def request_state(self, request_id: bytes) -> str | None:
+        """``open``, ``approved`` or ``denied``; None for an unknown (or pruned) request."""
 
     # Expiry and the audit log.
     def expire(self, *, now: int, clock_skew: int) -> set[str]:

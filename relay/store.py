@@ -52,6 +52,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
@@ -66,6 +67,8 @@ __all__ = [
     "StoreBusy",
     "StoreUnavailable",
     "BlobWriter",
+    "ConsentRow",
+    "REQUEST_RATE_WINDOW",
     "InlineBlob",
     "ReceiptRow",
     "ReportRow",
@@ -76,8 +79,9 @@ __all__ = [
 
 DB_NAME = "relay.db"
 # 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
-# hold only deliveries still owed (partial indexes, see _OWED).
-SCHEMA_VERSION = 4
+# hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
+# announcements, consent_queue (release requests; new tables only).
+SCHEMA_VERSION = 5
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -138,6 +142,32 @@ CREATE TABLE IF NOT EXISTS notices (
     token BLOB
 );
 CREATE INDEX IF NOT EXISTS notices_member ON notices (member, seq);
+CREATE TABLE IF NOT EXISTS requests (
+    id BLOB PRIMARY KEY,
+    requester TEXT NOT NULL,
+    originator TEXT NOT NULL,
+    report BLOB NOT NULL,
+    request BLOB NOT NULL,         -- the signed request, as received
+    state TEXT NOT NULL CHECK (state IN ('open', 'approved', 'denied')),
+    answer BLOB,                   -- the signed denial, once denied
+    expires INTEGER NOT NULL,
+    received INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS requests_rate ON requests (requester, received);
+CREATE TABLE IF NOT EXISTS announcements (
+    id BLOB PRIMARY KEY,
+    report BLOB NOT NULL,
+    announcement BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS consent_queue (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    member TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('announce', 'request', 'answer')),
+    ref BLOB NOT NULL,             -- announcement id, or request id (request, answer)
+    data BLOB NOT NULL,
+    UNIQUE (member, kind, ref)
+);
+CREATE INDEX IF NOT EXISTS consent_member ON consent_queue (member, seq);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     entry BLOB NOT NULL,
@@ -300,7 +330,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store(DurableStore):
+class Store(ConsentTables, DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:
@@ -338,12 +368,12 @@ class Store(DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
             self._db.execute("ALTER TABLE reports ADD COLUMN data BLOB")
-        if version in (2, 3):
+        if version in (2, 3, 4):
             # The indexes of every token, replaced by the partial ones of _SCHEMA.
             for index in ("tokens_recipient", "tokens_report", "tokens_expiry"):
                 self._db.execute(f"DROP INDEX IF EXISTS {index}")
@@ -380,6 +410,9 @@ class Store(DurableStore):
         # savepoint=False: the step checks everything before its first write (see
         # tisa_io.durable.DurableStore._step).
         return self._step(savepoint=savepoint) if self.group_commit else self._single()
+
+    def _sql(self, query: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        return self._db.execute(query, params)
 
     def _step_started(self) -> None:
         self._audit_mark = len(self._audit_rows)
@@ -572,6 +605,10 @@ class Store(DurableStore):
         ).fetchone()
         return None if row is None else self._token_row(row)
 
+    def ping(self) -> None:
+        """A trivial read: raises if the database cannot answer (the health check)."""
+        self._db.execute("SELECT 1").fetchone()
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``.
 
@@ -587,16 +624,26 @@ class Store(DurableStore):
             count = self._queued[recipient] = int(row[0])
         return count
 
-    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
+    def release(
+        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+    ) -> TokenRow:
         """Consume ``token`` (already checked) and make its delivery pending, atomically.
+        A token that names a request (``token.request``) also closes that request as
+        approved, in the same transaction.
 
         Raises:
             Refused: REPLAYED (the id was used), REVOKED (the id or the report was
-                revoked), EXPIRED (the report expired), UNKNOWN_REPORT, QUEUE_FULL
-                (the recipient has ``max_queue`` deliveries outstanding).
+                revoked), EXPIRED (the report expired, or the request the token
+                approves), UNKNOWN_REPORT, QUEUE_FULL (the recipient has ``max_queue``
+                deliveries outstanding); for an approval, UNSOLICITED (no open request
+                with that id from the recipient to the originator for the report) and
+                ANSWERED (the request was approved or denied before).
         """
-        # Every refusal is decided before the first write: no savepoint.
-        with self._transaction(savepoint=False) as db:
+        # Every refusal of a plain release is decided before its first write: no
+        # savepoint. An approval writes the request's state first, so it keeps one.
+        with self._transaction(savepoint=token.request is not None) as db:
+            if token.request is not None:
+                self._approve(token, now=now, clock_skew=clock_skew)
             # The token id's state and the report's, in one query (NULLs: not there).
             seen, present, state, ended, expires, pinned = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
@@ -986,6 +1033,7 @@ class Store(DurableStore):
                 "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
                 (now, *OUTSTANDING),
             )
+            self._prune_consent(now=now, clock_skew=clock_skew)
         for report_id in deleted:
             self._remove_blob(report_id)
         return notified

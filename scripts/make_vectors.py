@@ -47,6 +47,7 @@ from tisa.audit import (
     chain_next,
     verify_extract,
 )
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
@@ -69,6 +70,7 @@ FILES = (
     "receipt.json",
     "encoding.json",
     "audit.json",
+    "consent.json",
 )
 
 # 1 January 2015, three days after the arrangement was signed.
@@ -1391,6 +1393,32 @@ class Builder:
         ]
         for vector_id, description, token in noncanonical:
             add(vector_id, description, token, [relay(malformed), recipient(malformed)])
+        # The optional "request" field (protocol version 2): a token that approves a
+        # release request. Present only in such tokens, never nil.
+        request_id = derive("request-id", 16)
+        add(
+            "token-approves-request",
+            "Seoul's token with the optional request field: it approves Tokyo's request "
+            f"{request_id.hex()} (body with 18 keys, a map16).",
+            resign(base, SECRETS["seoul"], request=request_id),
+            [relay(ok_relay), recipient(ok_recipient)],
+        )
+        add(
+            "token-request-added-unsigned",
+            "A request field added to the valid token without signing again.",
+            enc.pack({"body": enc.pack({**body, "request": request_id}), "sig": signature}),
+            [relay(opaque), recipient(opaque)],
+        )
+        for vector_id, description, value in (
+            ("token-request-nil", "The request field present as nil.", None),
+            ("token-request-short", "A request id of 15 bytes.", request_id[:15]),
+        ):
+            add(
+                vector_id,
+                description + " Signed by Seoul.",
+                resign(base, SECRETS["seoul"], request=value),
+                [relay(malformed), recipient(malformed)],
+            )
         for vector in vectors:
             token = bytes.fromhex(vector["token"])
             for check in vector["checks"]:
@@ -1443,80 +1471,7 @@ class Builder:
                 "washington",
             ),
         }
-        vectors: list[dict[str, Any]] = []
-        for kind, (encoded, context, signer) in issued.items():
-            body = enc.unpack(enc.unpack(encoded)["body"])
-            signature = enc.unpack(encoded)["sig"]
-            fields = {k: v for k, v in body.items() if k != "v"}
-
-            def add(
-                vector_id: str,
-                description: str,
-                data: bytes,
-                expected: dict[str, Any],
-                arrangement: str = "v1",
-                k: str = kind,
-            ) -> None:
-                vectors.append(
-                    {
-                        "id": vector_id,
-                        "kind": k,
-                        "description": description,
-                        "arrangement": arrangement,
-                        "encoded": data.hex(),
-                        "expect": expected,
-                    }
-                )
-
-            add(f"{kind}-valid", f"A {kind} signed by {signer}.", encoded, expect_ok(**fields))
-            for field in sorted(body):
-                value = body[field]
-                if isinstance(value, bytes):
-                    new: Any = _flip(value, 0)
-                elif isinstance(value, int):
-                    new = value + 1
-                else:
-                    new = "seoul" if value != "seoul" else "tokyo"
-                data = enc.pack({"body": enc.pack({**body, field: new}), "sig": signature})
-                add(
-                    f"{kind}-tampered-field-{field}",
-                    f"{field} changed without signing again.",
-                    data,
-                    expect_error(ProtocolError if field == "v" else VerificationError),
-                )
-            others = [c for c in Context if c is not context]
-            add(
-                f"{kind}-wrong-context",
-                f"Signed by {signer} in context {others[0].value.decode()}.",
-                resign(encoded, SECRETS[signer], context=others[0]),
-                expect_error(VerificationError),
-            )
-            wrong_signer = "seoul" if signer != "seoul" else "tokyo"
-            add(
-                f"{kind}-wrong-signer",
-                f"Signed by {wrong_signer} instead of {signer}.",
-                resign(encoded, SECRETS[wrong_signer], context=context),
-                expect_error(VerificationError),
-            )
-            add(
-                f"{kind}-wrong-arrangement",
-                "Verified under version 2 (same keys).",
-                encoded,
-                expect_error(Refused, "wrong_arrangement"),
-                arrangement="v2",
-            )
-            add(
-                f"{kind}-malleated-signature",
-                "The signature's S replaced by S + L.",
-                enc.pack({"body": enc.unpack(encoded)["body"], "sig": malleate(signature)}),
-                expect_error(VerificationError),
-            )
-            add(
-                f"{kind}-noncanonical-map-order",
-                "The envelope's keys in reverse order.",
-                _map_in_order(enc.unpack(encoded), ["sig", "body"]),
-                expect_error(ProtocolError),
-            )
+        vectors = _signed_object_vectors(issued)
         # Signed by the right member, but naming an originator that could not have sent
         # the report (section 11): refused by policy, after the signature.
         originators: list[tuple[str, str, str, str]] = [
@@ -1549,6 +1504,253 @@ class Builder:
             "StoredAck.verify or Checkpoint.verify under the arrangement given.",
             "vectors": vectors,
         }
+
+    # --- consent: announcements, requests, denials --------------------------------------
+
+    def consent_file(self) -> dict[str, Any]:
+        report = self.reports["report-short-body"]
+        request = Request.issue(
+            SECRETS["tokyo"],
+            "tokyo",
+            V1,
+            originator="seoul",
+            report=report["report_id"],
+            purpose="Tokyo assesses the launch of 26 March",
+            now=NOW,
+            valid_for=7 * 86_400,
+            _id=derive("request-id", 16),
+        )
+        issued: dict[str, tuple[bytes, Context, str]] = {
+            "announcement": (
+                Announcement.issue(
+                    SECRETS["seoul"],
+                    "seoul",
+                    V1,
+                    report=report["report_id"],
+                    to=["tokyo", "canberra"],
+                    scope="missile",
+                    level="secret",
+                    size=len(report["ciphertext"]),
+                    title="Two Nodong launches, 26 March",
+                    now=NOW,
+                    _id=derive("announcement-id", 16),
+                ).encoded,
+                Context.ANNOUNCE,
+                "seoul",
+            ),
+            "request": (request.encoded, Context.REQUEST, "tokyo"),
+            "answer": (
+                Answer.deny(
+                    SECRETS["seoul"],
+                    "seoul",
+                    V1,
+                    request,
+                    reason="level_not_allowed",
+                    note="not at this level before the consultations",
+                    now=NOW + 3600,
+                ).encoded,
+                Context.ANSWER,
+                "seoul",
+            ),
+        }
+        vectors = _signed_object_vectors(issued)
+        announcement, request_bytes, answer = (issued[k][0] for k in issued)
+        specific = [
+            (
+                "announcement-recipients-unsorted",
+                "announcement",
+                "'to' as [tokyo, canberra], not in byte order; signed by Seoul.",
+                resign(
+                    announcement,
+                    SECRETS["seoul"],
+                    context=Context.ANNOUNCE,
+                    to=["tokyo", "canberra"],
+                ),
+                expect_error(ProtocolError),
+            ),
+            (
+                "announcement-to-the-relay",
+                "announcement",
+                "Announced to Washington, which is no recipient; signed by Seoul.",
+                resign(announcement, SECRETS["seoul"], context=Context.ANNOUNCE, to=["washington"]),
+                expect_error(Refused, "wrong_role"),
+            ),
+            (
+                "announcement-size-bucket-too-large",
+                "announcement",
+                "size_bucket 33: no report is larger than 2^32 bytes; signed by Seoul.",
+                resign(announcement, SECRETS["seoul"], context=Context.ANNOUNCE, size_bucket=33),
+                expect_error(ProtocolError),
+            ),
+            (
+                "request-empty-window",
+                "request",
+                "expires equal to time; signed by Tokyo.",
+                resign(request_bytes, SECRETS["tokyo"], context=Context.REQUEST, expires=NOW),
+                expect_error(ProtocolError),
+            ),
+            (
+                "request-window-too-long",
+                "request",
+                "Valid for 30 days and one second; signed by Tokyo.",
+                resign(
+                    request_bytes,
+                    SECRETS["tokyo"],
+                    context=Context.REQUEST,
+                    expires=NOW + 30 * 86_400 + 1,
+                ),
+                expect_error(ProtocolError),
+            ),
+            (
+                "request-to-itself",
+                "request",
+                "Tokyo asks itself; signed by Tokyo.",
+                resign(
+                    request_bytes, SECRETS["tokyo"], context=Context.REQUEST, originator="tokyo"
+                ),
+                expect_error(Refused, "wrong_recipient"),
+            ),
+            (
+                "request-to-a-non-originator",
+                "request",
+                "Tokyo asks Canberra, which originates nothing; signed by Tokyo.",
+                resign(
+                    request_bytes, SECRETS["tokyo"], context=Context.REQUEST, originator="canberra"
+                ),
+                expect_error(Refused, "wrong_role"),
+            ),
+            (
+                "request-empty-purpose",
+                "request",
+                "An empty purpose; signed by Tokyo.",
+                resign(request_bytes, SECRETS["tokyo"], context=Context.REQUEST, purpose=""),
+                expect_error(ProtocolError),
+            ),
+            (
+                "answer-not-a-denial-code",
+                "answer",
+                "reason 'approved': an approval is a token, never an answer; signed by Seoul.",
+                resign(answer, SECRETS["seoul"], context=Context.ANSWER, reason="approved"),
+                expect_error(ProtocolError),
+            ),
+            (
+                "answer-by-a-recipient-only",
+                "answer",
+                "Names Canberra (no originator) as the answering originator; signed by it.",
+                resign(answer, SECRETS["canberra"], context=Context.ANSWER, originator="canberra"),
+                expect_error(VerificationError),
+            ),
+        ]
+        for vector_id, kind, description, data, expected in specific:
+            vectors.append(
+                {
+                    "id": vector_id,
+                    "kind": kind,
+                    "description": description,
+                    "arrangement": "v1",
+                    "encoded": data.hex(),
+                    "expect": expected,
+                }
+            )
+            _require(vectors[-1], outcome(functools.partial(_verify_signed, vectors[-1])))
+        return {
+            "description": "Announcements (signed by the originator), release requests "
+            "(signed by the requester) and denials (signed by the originator). Verify "
+            "'encoded' with Announcement.verify, Request.verify or Answer.verify under the "
+            "arrangement given. An approval is a token with the request field (token.json, "
+            "token-approves-request).",
+            "vectors": vectors,
+        }
+
+
+def _signed_object_vectors(
+    issued: Mapping[str, tuple[bytes, Context, str]],
+) -> list[dict[str, Any]]:
+    """For each kind's valid encoding (with its context and signer): the valid vector, each
+    field tampered without signing again, wrong context, wrong signer, another arrangement
+    version, a malleated signature, a non-canonical envelope; every verdict checked."""
+    vectors: list[dict[str, Any]] = []
+    for kind, (encoded, context, signer) in issued.items():
+        body = enc.unpack(enc.unpack(encoded)["body"])
+        signature = enc.unpack(encoded)["sig"]
+        fields = {k: v for k, v in body.items() if k != "v"}
+
+        def add(
+            vector_id: str,
+            description: str,
+            data: bytes,
+            expected: dict[str, Any],
+            arrangement: str = "v1",
+            k: str = kind,
+        ) -> None:
+            vectors.append(
+                {
+                    "id": vector_id,
+                    "kind": k,
+                    "description": description,
+                    "arrangement": arrangement,
+                    "encoded": data.hex(),
+                    "expect": expected,
+                }
+            )
+
+        add(f"{kind}-valid", f"A {kind} signed by {signer}.", encoded, expect_ok(**fields))
+        for field in sorted(body):
+            value = body[field]
+            if isinstance(value, bytes):
+                new: Any = _flip(value, 0)
+            elif isinstance(value, int):
+                new = value + 1
+            elif isinstance(value, list):
+                new = ["canberra"]  # still a sorted list of recipients
+            elif field == "reason":
+                new = "denied" if value != "denied" else "unavailable"  # still a denial code
+            else:
+                new = "seoul" if value != "seoul" else "tokyo"
+            data = enc.pack({"body": enc.pack({**body, field: new}), "sig": signature})
+            add(
+                f"{kind}-tampered-field-{field}",
+                f"{field} changed without signing again.",
+                data,
+                expect_error(ProtocolError if field == "v" else VerificationError),
+            )
+        others = [c for c in Context if c is not context]
+        add(
+            f"{kind}-wrong-context",
+            f"Signed by {signer} in context {others[0].value.decode()}.",
+            resign(encoded, SECRETS[signer], context=others[0]),
+            expect_error(VerificationError),
+        )
+        wrong_signer = "seoul" if signer != "seoul" else "tokyo"
+        add(
+            f"{kind}-wrong-signer",
+            f"Signed by {wrong_signer} instead of {signer}.",
+            resign(encoded, SECRETS[wrong_signer], context=context),
+            expect_error(VerificationError),
+        )
+        add(
+            f"{kind}-wrong-arrangement",
+            "Verified under version 2 (same keys).",
+            encoded,
+            expect_error(Refused, "wrong_arrangement"),
+            arrangement="v2",
+        )
+        add(
+            f"{kind}-malleated-signature",
+            "The signature's S replaced by S + L.",
+            enc.pack({"body": enc.unpack(encoded)["body"], "sig": malleate(signature)}),
+            expect_error(VerificationError),
+        )
+        add(
+            f"{kind}-noncanonical-map-order",
+            "The envelope's keys in reverse order.",
+            _map_in_order(enc.unpack(encoded), ["sig", "body"]),
+            expect_error(ProtocolError),
+        )
+    for vector in vectors:
+        verdict = outcome(functools.partial(_verify_signed, vector))
+        _require(vector, verdict)
+    return vectors
 
 
 # --- canonical encoding (section 3.1) ----------------------------------------------------
@@ -2019,9 +2221,18 @@ def _check_token(token: bytes, check: Mapping[str, Any]) -> Any:
     )
 
 
+SIGNED_VERIFIERS: dict[str, Callable[[bytes, Arrangement], Any]] = {
+    "receipt": Receipt.verify,
+    "ack": StoredAck.verify,
+    "checkpoint": Checkpoint.verify,
+    "announcement": Announcement.verify,
+    "request": Request.verify,
+    "answer": Answer.verify,
+}
+
+
 def _verify_signed(vector: Mapping[str, Any]) -> Any:
-    verifier = {"receipt": Receipt.verify, "ack": StoredAck.verify, "checkpoint": Checkpoint.verify}
-    return verifier[vector["kind"]](
+    return SIGNED_VERIFIERS[vector["kind"]](
         bytes.fromhex(vector["encoded"]), ARRANGEMENTS[vector["arrangement"]]
     )
 
@@ -2056,6 +2267,7 @@ def build(previous: Mapping[str, Any] | None = None, *, fresh: bool = False) -> 
         "receipt.json": builder.receipt_file(),
         "encoding.json": encoding_file(),
         "audit.json": audit_file(),
+        "consent.json": builder.consent_file(),
     }
     return {
         name: json.dumps({"generator": "scripts/make_vectors.py", "now": NOW, **document}, indent=1)

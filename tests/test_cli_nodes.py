@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -316,3 +317,61 @@ def test_send_that_times_out_waiting_for_stored_is_one_line(
     # The relay stored it meanwhile (only the wait was stuck): said, with how to revoke.
     assert line.startswith(f"Error: timed out waiting for the relay at {relay} (--timeout 0.5); ")
     assert "the relay had already stored report" in line
+
+
+def test_announce_request_approve_and_deny_from_the_shell(homes: Path, relay: str) -> None:
+    seoul, tokyo = ["--home", str(homes / "seoul")], ["--home", str(homes / "tokyo")]
+    held = ("send", "--scope", "missile", "--level", "secret", "--hold", "tokyo", "--json")
+    first = json.loads(cli(homes, *seoul, *held, "first launch", relay=relay).stdout)["report"]
+    second = json.loads(cli(homes, *seoul, *held, "second launch", relay=relay).stdout)["report"]
+    for report in (first, second):
+        cli(homes, *seoul, "announce", report, "--to", "tokyo", "--title", "Nodong", relay=relay)
+
+    def listed(home: list[str], wait: str = "1") -> dict[str, Any]:
+        out = cli(homes, *home, "requests", "--wait", wait, "--json", relay=relay).stdout
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    seen = listed(tokyo)["announcements"]
+    assert {(a["report"], a["originator"], a["title"]) for a in seen} == {
+        (first, "seoul", "Nodong"),
+        (second, "seoul", "Nodong"),
+    }
+    asked = {}
+    for report in (first, second):
+        out = cli(
+            homes, *tokyo, "request", report, "--from", "seoul", "--purpose", "assess", relay=relay
+        ).stdout
+        asked[report] = out.split("request ")[-1].strip()
+    incoming = {r["report"]: r for r in listed(seoul)["requests"]}
+    assert {r["state"] for r in incoming.values()} == {"open"}
+    assert incoming[first]["requester"] == "tokyo" and incoming[first]["direction"] == "in"
+
+    cli(homes, *seoul, "approve", asked[first], relay=relay)
+    cli(
+        homes,
+        *seoul,
+        "deny",
+        asked[second],
+        "--reason",
+        "level_not_allowed",
+        "--note",
+        "later",
+        relay=relay,
+    )
+    bad = cli(homes, *seoul, "deny", asked[second], "--reason", "nope", relay=relay, ok=False)
+    assert bad.exit_code == 2
+    again = cli(homes, *seoul, "deny", asked[second], "--reason", "denied", relay=relay, ok=False)
+    assert again.exit_code == 1 and "answered" in again.output
+
+    got = json.loads(cli(homes, *tokyo, "inbox", "--wait", "3", "--json", relay=relay).stdout)
+    assert [item["report"] for item in got] == [first]
+    mine = {r["report"]: r for r in listed(tokyo, "0.5")["requests"]}
+    assert mine[first]["state"] == "approved"
+    assert (mine[second]["state"], mine[second]["reason"], mine[second]["note"]) == (
+        "denied",
+        "level_not_allowed",
+        "later",
+    )
+    table = cli(homes, *tokyo, "requests", "--wait", "0", relay=relay).stdout
+    assert "approved" in table and "denied" in table

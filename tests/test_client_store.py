@@ -245,3 +245,55 @@ def test_stored_events_are_bounded_by_max_stored_events(
         assert [seq for seq, _, _ in kept] == [4, 5, 6, 7, 8]
     finally:
         store.close()
+
+
+def test_consent_events_round_trip_and_are_verified_again() -> None:
+    from clients.events import ConsentRejected, DeniedEvent, RequestEvent
+    from tisa.consent import Answer, Request
+    from tisa.errors import Refused, VerificationError
+
+    request = Request.issue(
+        SECRETS["tokyo"],
+        "tokyo",
+        ARRANGEMENT,
+        originator="seoul",
+        report=b"r" * 16,
+        purpose="p",
+        now=NOW,
+        valid_for=60,
+    )
+    answer = Answer.deny(SECRETS["seoul"], "seoul", ARRANGEMENT, request, reason="denied", now=NOW)
+    rejected = ConsentRejected(
+        kind="answer", ref=request.id, error=Refused(Reason.REFLECTED, "came back")
+    )
+    for event in (RequestEvent(request=request), DeniedEvent(answer=answer), rejected):
+        kind, data = encode_event(event)
+        again = decode_event(kind, data, arrangement=ARRANGEMENT)
+        assert type(again) is type(event)
+        assert encode_event(again) == (kind, data)
+    # A stored record whose signed object was altered does not come back.
+    kind, data = encode_event(RequestEvent(request=request))
+    tampered = data.replace(b"tokyo", b"tokyx")
+    with pytest.raises(VerificationError):
+        decode_event(kind, tampered, arrangement=ARRANGEMENT)
+
+
+def test_schema_2_store_gains_the_consent_tables(tmp_path: pathlib.Path) -> None:
+    import sqlite3
+
+    MemberStore(tmp_path, "seoul").close()
+    db = sqlite3.connect(tmp_path / "member.db")
+    for table in ("consent_out", "requests", "announcements"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    store = MemberStore(tmp_path, "seoul")
+    try:
+        assert store.requests() == [] and store.announcements() == []
+        assert store.consent_to_send() == []
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "member.db")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    db.close()

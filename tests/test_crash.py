@@ -26,7 +26,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 import pytest
 import trio
 from nodes.client_world import LEVEL, SCOPE, make_world
+from test_three_nodes import next_event
 
+from clients.events import AnnouncementEvent, ApprovedEvent, DeniedEvent, RequestEvent
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
 from relay.storage import is_postgresql
@@ -415,6 +417,22 @@ async def two_relays(store: str, tmp: pathlib.Path, children: list[Child]) -> li
     return relays
 
 
+@contextlib.asynccontextmanager
+async def members_apart(
+    store: str, tmp: pathlib.Path, children: list[Child], *, fail_over: bool = False
+) -> AsyncIterator[tuple[list[RelayProcess], Node, Node]]:
+    """Two relay processes on ``store``; Seoul's node on the first, Tokyo's on the second
+    (``fail_over``: then on the first), connected."""
+    relays = await two_relays(store, tmp, children)
+    tokyo_ports = [relays[1].port, relays[0].port] if fail_over else [relays[1].port]
+    async with (
+        node("seoul", relays[0].port, tmp) as seoul,
+        node("tokyo", tokyo_ports, tmp) as tokyo,
+    ):
+        await tokyo.wait_connected()
+        yield relays, seoul, tokyo
+
+
 async def test_two_relay_processes_on_one_database(
     pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
 ) -> None:
@@ -422,12 +440,11 @@ async def test_two_relay_processes_on_one_database(
     # through the other process (a NOTIFY wakes it), exactly once; then the process
     # serving Tokyo dies and Tokyo's node moves to the other one, which delivers the rest.
     with trio.fail_after(60):
-        relays = await two_relays(pg_dsn, tmp_path, children)
-        async with (
-            node("seoul", relays[0].port, tmp_path) as seoul,
-            node("tokyo", [relays[1].port, relays[0].port], tmp_path) as tokyo,
+        async with members_apart(pg_dsn, tmp_path, children, fail_over=True) as (
+            relays,
+            seoul,
+            tokyo,
         ):
-            await tokyo.wait_connected()
             first = {await submit(seoul, f"report {i}") for i in range(5)}
             assert_exactly_once(await receive_all(tokyo, first), first)
             await relays[1].kill()
@@ -435,6 +452,35 @@ async def test_two_relay_processes_on_one_database(
             assert_exactly_once(await receive_all(tokyo, second), second)
             for report_id in first | second:
                 await seoul.wait_stored(report_id)
+
+
+async def test_consent_between_two_relay_processes(
+    pg_dsn: str, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    # Seoul on one relay process, Tokyo on the other: the announcement, the request, the
+    # approval with the report it releases, and a denial each reach the other member
+    # through the other process (queued in the shared database, a NOTIFY wakes it).
+    with trio.fail_after(60):
+        async with members_apart(pg_dsn, tmp_path, children) as (_, seoul, tokyo):
+            report_id = await seoul.submit(
+                b"held until asked", recipients=["tokyo"], scope=SCOPE, level=LEVEL
+            )
+            await seoul.wait_stored(report_id)
+            await seoul.announce(report_id, ["tokyo"], title="Musudan")
+            announced = await next_event(tokyo, AnnouncementEvent, timeout=10)
+            assert announced.announcement.report == report_id
+            request_id = await tokyo.request(report_id, "seoul", "to assess it")
+            asked = await next_event(seoul, RequestEvent, timeout=10)
+            assert asked.request.id == request_id
+            await seoul.approve(request_id)
+            assert_exactly_once(await receive_all(tokyo, {report_id}), {report_id})
+            approved = await next_event(tokyo, ApprovedEvent, timeout=10)
+            assert approved.request == request_id
+            again = await tokyo.request(report_id, "seoul", "once more")
+            await next_event(seoul, RequestEvent, timeout=10)
+            await seoul.deny(again, "denied")
+            denied = await next_event(tokyo, DeniedEvent, timeout=10)
+            assert denied.answer.request == again
 
 
 async def test_a_token_redeemed_100_times_over_two_processes_is_released_once(

@@ -20,6 +20,7 @@ from conftest import make_trio
 from tisa import encoding as enc
 from tisa.arrangement import SignedArrangement
 from tisa.audit import Checkpoint
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import ProtocolError, RemoteError, VerificationError
 from tisa.handshake import MemberHandshake, RelayHandshake
 from tisa.keys import Context, MemberSecret, verify
@@ -134,6 +135,46 @@ def make_arrangement(context: Context | None = None) -> bytes:
     return enc.pack({"arrangement": ARRANGEMENT.encoded, "signatures": signatures})
 
 
+def make_announcement(context: Context | None = None) -> bytes:
+    data = Announcement.issue(
+        SECRETS["seoul"],
+        "seoul",
+        ARRANGEMENT,
+        report=REPORT.report_id,
+        to=["tokyo"],
+        scope="missile",
+        level="secret",
+        size=REPORT.size,
+        title="cross-kind",
+        now=NOW,
+    ).encoded
+    return data if context is None else resign(data, SECRETS["seoul"], context)
+
+
+REQUEST = Request.issue(
+    SECRETS["tokyo"],
+    "tokyo",
+    ARRANGEMENT,
+    originator="seoul",
+    report=REPORT.report_id,
+    purpose="cross-kind",
+    now=NOW,
+    valid_for=3600,
+)
+
+
+def make_request(context: Context | None = None) -> bytes:
+    data = REQUEST.encoded
+    return data if context is None else resign(data, SECRETS["tokyo"], context)
+
+
+def make_answer(context: Context | None = None) -> bytes:
+    data = Answer.deny(
+        SECRETS["seoul"], "seoul", ARRANGEMENT, REQUEST, reason="denied", now=NOW
+    ).encoded
+    return data if context is None else resign(data, SECRETS["seoul"], context)
+
+
 @dataclasses.dataclass
 class Handshake:
     hello: bytes
@@ -215,6 +256,18 @@ def verify_finish(data: bytes) -> None:
     relay.receive(data)
 
 
+def verify_announcement(data: bytes) -> None:
+    Announcement.verify(data, ARRANGEMENT)
+
+
+def verify_request(data: bytes) -> None:
+    Request.verify(data, ARRANGEMENT)
+
+
+def verify_answer(data: bytes) -> None:
+    Answer.verify(data, ARRANGEMENT)
+
+
 def verify_hello(data: bytes) -> None:
     RelayHandshake(SECRETS["washington"], ARRANGEMENT).receive(data)
 
@@ -236,6 +289,9 @@ KINDS = [
     Kind("report", Context.REPORT, lambda: REPORT.ciphertext, verify_report),
     Kind("handshake-relay", Context.HANDSHAKE_RELAY, lambda: HANDSHAKE.welcome, verify_welcome),
     Kind("handshake-member", Context.HANDSHAKE_MEMBER, lambda: HANDSHAKE.finish, verify_finish),
+    Kind("announcement", Context.ANNOUNCE, make_announcement, verify_announcement),
+    Kind("request", Context.REQUEST, make_request, verify_request),
+    Kind("answer", Context.ANSWER, make_answer, verify_answer),
 ]
 KIND_IDS = [k.name for k in KINDS]
 
@@ -287,6 +343,12 @@ def forged_under(kind: str, context: Context | None) -> tuple[bytes, Callable[[b
     if kind == "report":
         report = make_report(context)
         return report.ciphertext, lambda data: verify_report(data, report)
+    if kind == "announcement":
+        return make_announcement(context), verify_announcement
+    if kind == "request":
+        return make_request(context), verify_request
+    if kind == "answer":
+        return make_answer(context), verify_answer
     if kind == "handshake-relay":
         return forged_welcome(signer("washington", context))
     if kind == "handshake-member":

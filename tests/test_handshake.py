@@ -24,6 +24,7 @@ from tisa.errors import (
 from tisa.handshake import (
     MAX_ERROR_DETAIL,
     MAX_HANDSHAKE_MESSAGE,
+    PROTOCOL_VERSION,
     MemberHandshake,
     RelayHandshake,
     SecureChannel,
@@ -103,7 +104,7 @@ def test_messages_have_the_specified_shape(trio_arrangement: Trio) -> None:
     session = Session(trio_arrangement)
     hello = enc.unpack(session.hello)
     assert hello.keys() == {"t", "v", "arrangement", "version", "member", "eph", "nonce"}
-    assert (hello["t"], hello["v"], hello["member"]) == ("hello", 1, "seoul")
+    assert (hello["t"], hello["v"], hello["member"]) == ("hello", PROTOCOL_VERSION, "seoul")
     assert (hello["arrangement"], hello["version"]) == (arrangement.id, arrangement.version)
     welcome = enc.unpack(session.welcome)
     assert welcome.keys() == {"t", "v", "relay", "eph", "nonce", "stream", "sig"}
@@ -128,7 +129,7 @@ def test_fixed_randomness_gives_fixed_hello(trio_arrangement: Trio) -> None:
         == enc.pack(
             {
                 "t": "hello",
-                "v": 1,
+                "v": PROTOCOL_VERSION,
                 "arrangement": arrangement.id,
                 "version": 1,
                 "member": "seoul",
@@ -197,7 +198,7 @@ def _hello_as(arrangement: Arrangement, name: str) -> bytes:
     return enc.pack(
         {
             "t": "hello",
-            "v": 1,
+            "v": PROTOCOL_VERSION,
             "arrangement": arrangement.id,
             "version": arrangement.version,
             "member": name,

@@ -19,6 +19,7 @@ from tisa.messages import (
     AuditFetch,
     AuditReply,
     Chunk,
+    ConsentNotice,
     Deliver,
     DeliverEnd,
     ErrorMessage,
@@ -30,6 +31,7 @@ from tisa.messages import (
     Released,
     Revoke,
     Revoked,
+    SendConsent,
     SendReceipt,
     Stored,
     SubmitBegin,
@@ -70,6 +72,13 @@ SAMPLES: list[Message] = [
     AuditReply(extract=b"e" * 5000),
     ErrorMessage(reason=Reason.BUSY.value),
     ErrorMessage(reason=Reason.LIMIT.value, detail="frame too large"),
+    SendConsent(kind="announce", data=b"n" * 400),
+    SendConsent(kind="request", data=b"q" * 600),
+    SendConsent(kind="answer", data=b"a" * 700),
+    ConsentNotice(kind="request", data=b"q" * 600),
+    Ack(kind="announce", token=RID),
+    Ack(kind="request", token=TID),
+    Ack(kind="answer", token=TID),
 ]
 
 
@@ -296,3 +305,15 @@ def test_each_schema_names_exactly_its_messages_fields(cls: type[Message]) -> No
     # Construction checks the fields the schema names: a field it missed would go
     # unchecked, a name it has and the class lacks would fail every construction.
     assert set(cls.SCHEMA) == {field.name for field in dataclasses.fields(cls)}
+
+
+def test_consent_size_limit() -> None:
+    from tisa.consent import MAX_CONSENT_SIZE
+
+    for cls in (SendConsent, ConsentNotice):
+        whole = cls(kind="announce", data=b"n" * MAX_CONSENT_SIZE)
+        assert decode_message(encode_message(whole)) == whole
+        with pytest.raises(UsageError):
+            cls(kind="announce", data=b"n" * (MAX_CONSENT_SIZE + 1))
+        with pytest.raises(UsageError):
+            cls(kind="approve", data=b"n")

@@ -7,12 +7,20 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import psycopg
 import pytest
-from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+from nodes.relay_helpers import NOW, World, announce, ask, deny, make_world, seal, token_for
 
-from relay.pgstore import BLOB_CHUNK, ORPHAN_GRACE, PgBlobWriter, PgStore, StoreUnavailable
+from relay.pgstore import (
+    BLOB_CHUNK,
+    ORPHAN_GRACE,
+    SCHEMA_VERSION,
+    PgBlobWriter,
+    PgStore,
+    StoreUnavailable,
+)
 from relay.storage import StoreBusy, open_store
 from relay.store import InlineBlob
 from tisa.audit import GENESIS, chain_next
@@ -59,7 +67,7 @@ def test_a_postgresql_address_opens_the_postgresql_store(pg_dsn: str) -> None:
     store = open_store(pg_dsn, group_commit=False)
     try:
         assert isinstance(store, PgStore)
-        assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(1,)]
+        assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(SCHEMA_VERSION,)]
         assert _rows(pg_dsn, "SELECT seq, head FROM audit_head") == [(0, GENESIS)]
     finally:
         store.close()
@@ -365,3 +373,93 @@ def test_one_report_uploaded_through_two_processes_is_stored_once(
     finally:
         first.close()
         second.close()
+
+
+# --- release requests (the rules themselves: test_relay_consent.py, on both stores) ------
+
+
+def test_a_schema_1_store_gains_the_consent_tables_in_place(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn)
+    report = _store_report(store, world, inline=True)
+    store.close()
+    with psycopg.connect(pg_dsn) as conn:
+        for table in ("requests", "announcements", "consent_queue"):
+            conn.execute(f"DROP TABLE {table}")  # type: ignore[arg-type]
+        conn.execute("UPDATE tisa_schema SET version = 1")
+    store = PgStore(pg_dsn)
+    try:
+        assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(SCHEMA_VERSION,)]
+        assert store.report(report.report_id) is not None  # what it held is kept
+        request = ask(world, report.report_id)
+        assert store.add_request(request, now=NOW, max_per_hour=5)
+        assert [row.ref for row in store.queued_consent("seoul")] == [request.id]
+        assert store.request_state(request.id) == "open"
+    finally:
+        store.close()
+    PgStore(pg_dsn).close()  # opened again: nothing to migrate
+
+
+def test_the_request_rate_counts_requests_through_every_process(pg_dsn: str, world: World) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        one, two, three = (ask(world, report.report_id) for _ in range(3))
+        assert first.add_request(one, now=NOW, max_per_hour=2)
+        first.commit_durably()
+        assert second.add_request(two, now=NOW, max_per_hour=2)
+        # A resend through the other process: not new, not counted, not queued again.
+        assert not second.add_request(one, now=NOW, max_per_hour=2)
+        second.commit_durably()
+        with pytest.raises(Refused) as refused:
+            first.add_request(three, now=NOW, max_per_hour=2)
+        assert refused.value.reason is Reason.RATE_LIMITED
+        first.commit_durably()
+        assert [row.ref for row in second.queued_consent("seoul")] == [one.id, two.id]
+        assert second.ack_consent("seoul", "request", one.id)
+        assert not second.ack_consent("seoul", "request", one.id)  # acked before
+        second.commit_durably()
+        assert [row.ref for row in first.queued_consent("seoul")] == [two.id]
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_another_process_hears_of_consent_for_whom_it_is_for(
+    pg_dsn: str, world: World
+) -> None:
+    import trio
+
+    listening, sending = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    woken: list[str | None] = []
+
+    async def woken_by(queue: Callable[[], object]) -> list[str]:
+        woken.clear()
+        queue()
+        sending.commit_durably()
+        while not [member for member in woken if member]:
+            await trio.sleep(0.01)
+        await trio.sleep(0.1)  # room for a wrong wake-up to come too
+        return [member for member in woken if member]
+
+    try:
+        report = _store_report(sending, world, inline=True)
+        sending.commit_durably()
+        request = ask(world, report.report_id)
+        answer, announcement = deny(world, request), announce(world, report)
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listening.watch, woken.append)
+                while not woken:  # the first poll: the listener is up
+                    await trio.sleep(0.05)
+                assert await woken_by(
+                    lambda: sending.add_request(request, now=NOW, max_per_hour=5)
+                ) == ["seoul"]
+                assert await woken_by(lambda: sending.add_denial(answer, now=NOW)) == ["tokyo"]
+                assert await woken_by(lambda: sending.add_announcement(announcement, now=NOW)) == [
+                    "tokyo"
+                ]
+                nursery.cancel_scope.cancel()
+    finally:
+        listening.close()
+        sending.close()

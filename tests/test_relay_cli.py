@@ -96,6 +96,7 @@ def test_same_options_and_help() -> None:
         (["--limit", "no_such_limit=1"], "unknown limit"),
         (["--limit", "idle_timeout=soon"], "not a number"),
         (["--no-such-option"], "no-such-option"),
+        (["--metrics", "somewhere"], "expected [HOST:]PORT"),
     ],
 )
 def test_usage_errors_exit_2(program: str, args: list[str], words: str, tmp_path: Path) -> None:

@@ -406,6 +406,13 @@ async def test_revoke_after_ack_is_refused(world: World, store_at: str | Path) -
             seoul = await h.connect("seoul")
             await seoul.send(Revoke(report=report.report_id, token=token_id))
             assert (await expect(seoul, Refusal)).reason == Reason.REPLAYED
+            # The whole report, every token of it acked: nothing left to withdraw, on
+            # either store (refused the same way, and the report stays as it was).
+            await seoul.send(Revoke(report=report.report_id, token=None))
+            refusal = await expect(seoul, Refusal)
+            assert refusal.reason == Reason.REPLAYED and "already delivered" in refusal.detail
+            row = h.relay.store.report(report.report_id)
+            assert row is not None and row.state != "deleted"
 
 
 async def test_expiry_of_held_reports_and_tokens(world: World, store_at: str | Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.store import Store
+from relay.store import SCHEMA_VERSION, Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
@@ -239,7 +239,7 @@ def test_a_schema_3_store_gets_the_partial_indexes(tmp_path: Path, world: World)
             )
         }
         assert indexes == {"tokens_owed", "tokens_owed_report", "tokens_owed_expiry"}
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 4
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert [row.id for row in store.outstanding("tokyo")] == [token.id]
     finally:
         store.close()

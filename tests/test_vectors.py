@@ -22,6 +22,7 @@ import pytest
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, SignedArrangement
 from tisa.audit import Checkpoint, verify_extract
+from tisa.consent import Announcement, Answer, Request
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
@@ -45,6 +46,7 @@ FILES = (
     "receipt.json",
     "encoding.json",
     "audit.json",
+    "consent.json",
 )
 ERRORS: dict[str, type[TisaError]] = {
     cls.__name__: cls
@@ -61,6 +63,7 @@ ARRANGEMENT_FILE = load("arrangement.json")
 REPORT_FILE = load("report.json")
 TOKEN_FILE = load("token.json")
 RECEIPT_FILE = load("receipt.json")
+CONSENT_FILE = load("consent.json")
 ENCODING_FILE = load("encoding.json")
 AUDIT_FILE = load("audit.json")
 
@@ -125,9 +128,10 @@ FILE_KEYS = {
     "receipt.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
     "encoding.json": (TOP_LEVEL, {"encoded"}),
     "audit.json": (TOP_LEVEL, {"arrangement", "member", "known", "extract"}),
+    "consent.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
 }
 PREFIXES = ("arrangement-", "report-", "token-", "receipt-", "ack-", "checkpoint-")
-PREFIXES += ("encoding-", "audit-")
+PREFIXES += ("encoding-", "audit-", "announcement-", "request-", "answer-")
 MUTATIONS = {"flip", "truncate", "append", "drop"}
 
 
@@ -176,6 +180,12 @@ def test_required_vector_ids_are_present() -> None:
         "report-flipped-chunk-tag",
         "receipt-wrong-signer",
         "arrangement-missing-signature",
+        "token-approves-request",
+        "token-request-nil",
+        "request-valid",
+        "request-wrong-context",
+        "answer-not-a-denial-code",
+        "announcement-valid",
         # Issue 12: what an implementer once had to guess.
         "arrangement-order-non-member-before-bad-signature",
         "arrangement-order-bad-signature-before-missing",
@@ -438,10 +448,13 @@ VERIFIERS: dict[str, Callable[[bytes, Arrangement], Any]] = {
     "receipt": Receipt.verify,
     "ack": StoredAck.verify,
     "checkpoint": Checkpoint.verify,
+    "announcement": Announcement.verify,
+    "request": Request.verify,
+    "answer": Answer.verify,
 }
 
 
-@by_id(RECEIPT_FILE)
+@by_id({"vectors": RECEIPT_FILE["vectors"] + CONSENT_FILE["vectors"]})
 def test_signed_object_vector(vector: dict[str, Any]) -> None:
     data = bytes.fromhex(vector["encoded"])
     arrangement = ARRANGEMENTS[vector["arrangement"]]
@@ -452,6 +465,8 @@ def test_signed_object_vector(vector: dict[str, Any]) -> None:
         if field == "result":
             continue
         actual = getattr(result, field)
+        if isinstance(actual, tuple):
+            actual = list(actual)
         assert (actual.hex() if isinstance(actual, bytes) else actual) == value, field
 
 

@@ -61,6 +61,12 @@ class AuditEvent(enum.StrEnum):
     * ``REFUSED``: the relay refused something a member sent (the entry has a ``reason``).
     * ``REVOKED``: a token, or a whole report, was revoked.
     * ``EXPIRED``: a held report or an undelivered token expired.
+    * ``ANNOUNCED``: an originator announced a held report (parties: it and those told).
+    * ``REQUESTED``: a member requested a report's release (``token``: the request id).
+    * ``APPROVED``: a release token approved a request (``token``: the request id; the
+      ``released`` entry just before names the token).
+    * ``DENIED``: the originator denied a request (``token``: the request id,
+      ``reason``: the denial code).
     """
 
     STORED = "stored"
@@ -71,6 +77,10 @@ class AuditEvent(enum.StrEnum):
     REFUSED = "refused"
     REVOKED = "revoked"
     EXPIRED = "expired"
+    ANNOUNCED = "announced"
+    REQUESTED = "requested"
+    APPROVED = "approved"
+    DENIED = "denied"
 
 
 _name = enc.text(MAX_NAME)

@@ -112,6 +112,15 @@ class Reason(enum.StrEnum):
     BUSY = "busy"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    # Consent (requests and answers). The first three are denial codes an originator
+    # gives (with expired, out_of_scope, level_not_allowed; see tisa.consent).
+    DENIED = "denied"
+    UNAVAILABLE = "unavailable"
+    RATE_LIMITED = "rate_limited"
+    UNSOLICITED = "unsolicited"
+    ANSWERED = "answered"
+    REFLECTED = "reflected"
+    WRONG_SENDER = "wrong_sender"
 
 
 class Refused(RemoteError):

@@ -104,7 +104,7 @@ __all__ = [
     "encode_error",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 KX_KEY_SIZE: Final[int] = sodium.crypto_kx_PUBLIC_KEY_BYTES
 NONCE_SIZE = 32

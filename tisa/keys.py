@@ -58,6 +58,9 @@ class Context(enum.Enum):
     HANDSHAKE_MEMBER = b"handshake-member"
     AUDIT = b"audit"
     ACK = b"ack"
+    ANNOUNCE = b"announce"
+    REQUEST = b"request"
+    ANSWER = b"answer"
 
 
 SIGN_PREFIX = b"tisa/1/"

@@ -109,6 +109,11 @@ class Limits:
     # refusal is still answered; past this rate one entry with reason "limit" says that
     # the rest of that minute went unlogged, so a member cannot grow the log at will.
     max_logged_refusals_per_minute: int = 600
+    # Release requests one member may send in any hour (a sliding window over the
+    # requests the relay stored). A request is a person asking a partner capital for a
+    # report: 60 an hour is far above that pace, and bounds how fast a member can fill
+    # an originator's queue or the audit log. Past it the relay refuses "rate_limited".
+    max_requests_per_hour: int = 60
 
     def __post_init__(self) -> None:
         from tisa.errors import UsageError

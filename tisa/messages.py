@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import msgpack
 
 from tisa import encoding as enc
+from tisa.consent import MAX_CONSENT_SIZE
 from tisa.errors import ProtocolError, Reason
 from tisa.keys import DIGEST_SIZE
 from tisa.limits import CHUNK_SIZE, MAX_REPORT_SIZE
@@ -28,6 +29,7 @@ __all__ = [
     "AuditFetch",
     "AuditReply",
     "Chunk",
+    "ConsentNotice",
     "Deliver",
     "DeliverEnd",
     "ErrorMessage",
@@ -39,6 +41,7 @@ __all__ = [
     "Released",
     "Revoke",
     "Revoked",
+    "SendConsent",
     "SendReceipt",
     "Stored",
     "SubmitBegin",
@@ -56,6 +59,10 @@ MAX_CHUNK_DATA = CHUNK_SIZE + 17
 _blob = enc.bin_max(8192)
 _reason = enc.one_of(*(r.value for r in Reason))
 _detail = enc.text(512, allow_empty=True)
+# The consent objects of tisa.consent, as they travel in SendConsent and ConsentNotice.
+CONSENT_KINDS = ("announce", "request", "answer")
+_consent_kind = enc.one_of(*CONSENT_KINDS)
+_consent = enc.bin_max(MAX_CONSENT_SIZE)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -167,11 +174,16 @@ class Revoke(Message):
 class Ack(Message):
     """Member confirms it durably holds a delivery (``kind`` "delivery", token id) or a
     receipt notice (``kind`` "receipt", token id of the receipt); relay confirms to the
-    recipient that it holds the recipient's receipt (``kind`` "receipt")."""
+    recipient that it holds the recipient's receipt (``kind`` "receipt").
+
+    For the consent kinds ("announce", "request", "answer") ``token`` holds the
+    announcement id or the request id (an answer is acked by its request's id): the
+    relay confirms it holds what the member sent (:class:`SendConsent`), the member that
+    it holds what the relay forwarded (:class:`ConsentNotice`)."""
 
     TYPE: ClassVar[str] = "ack"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {
-        "kind": enc.one_of("delivery", "receipt"),
+        "kind": enc.one_of("delivery", "receipt", *CONSENT_KINDS),
         "token": ID,
     }
     kind: str
@@ -186,6 +198,19 @@ class SendReceipt(Message):
     TYPE: ClassVar[str] = "send_receipt"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {"receipt": _blob}
     receipt: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SendConsent(Message):
+    """A member sends a signed consent object (:mod:`tisa.consent`) for the relay to
+    forward: an announcement (originator), a request (requester) or a denial
+    (originator). The relay answers :class:`Ack` of the same kind, or :class:`Refusal`."""
+
+    TYPE: ClassVar[str] = "send_consent"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"kind": _consent_kind, "data": _consent}
+    kind: str
+    data: bytes
 
 
 @_message
@@ -254,6 +279,18 @@ class ReceiptNotice(Message):
     TYPE: ClassVar[str] = "receipt"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {"receipt": _blob}
     receipt: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class ConsentNotice(Message):
+    """A consent object forwarded to the member it is for; the member acks it (kind and
+    id as in :class:`Ack`) once it holds it durably, and gets it again until then."""
+
+    TYPE: ClassVar[str] = "consent"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"kind": _consent_kind, "data": _consent}
+    kind: str
+    data: bytes
 
 
 @_message

@@ -63,6 +63,10 @@ _SCHEMA: dict[str, enc.Field] = {
     "key_commit": enc.bin_exact(DIGEST_SIZE),
     "sealed_key": enc.bin_exact(SEALED_KEY_SIZE),
 }
+# A token that approves a release request (tisa.consent) carries one more key, "request":
+# the request's id. It is absent (never nil) from every other token, so a token without
+# it encodes exactly as before.
+_SCHEMA_WITH_REQUEST: dict[str, enc.Field] = {**_SCHEMA, "request": enc.bin_exact(TOKEN_ID_SIZE)}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +90,8 @@ class ReleaseToken:
     counter: int
     key_commit: bytes
     sealed_key: bytes = dataclasses.field(repr=False)
+    # The id of the release request this token approves (tisa.consent), or None.
+    request: bytes | None = None
     encoded: bytes = dataclasses.field(repr=False, compare=False)
     body: bytes = dataclasses.field(repr=False, compare=False)
     signature: bytes = dataclasses.field(repr=False, compare=False)
@@ -98,7 +104,8 @@ class ReleaseToken:
     def decode(cls, data: bytes) -> ReleaseToken:
         """Decode without verifying. Raises ProtocolError."""
         body, fields, signature = open_envelope(data, max_size=MAX_TOKEN_SIZE, what="token")
-        fields = enc.check_map(fields, _SCHEMA, "token")
+        schema = _SCHEMA_WITH_REQUEST if "request" in fields else _SCHEMA
+        fields = enc.check_map(fields, schema, "token")
         if fields["not_after"] <= fields["not_before"]:
             raise ProtocolError("token: empty validity window")
         fields.pop("v")
@@ -122,9 +129,14 @@ def issue_token(
     not_before: int,
     not_after: int,
     counter: int,
+    request: bytes | None = None,
     _token_id: bytes | None = None,
 ) -> bytes:
     """Issue a signed release token for one recipient; returns its encoding.
+
+    With ``request`` (a release request's id, :mod:`tisa.consent`) the token approves
+    that request; the relay then checks that the request is open and addressed by the
+    recipient to this originator for this report.
 
     Raises:
         Refused: the arrangement does not allow this release (parties, scope, level).
@@ -159,8 +171,10 @@ def issue_token(
         "key_commit": key_commitment(content_key, report_id),
         "sealed_key": bytes(sodium.crypto_box_seal(content_key, recipient_key)),
     }
+    if request is not None:
+        body["request"] = request
     try:
-        enc.check_map(body, _SCHEMA, "token")
+        enc.check_map(body, _SCHEMA_WITH_REQUEST if request is not None else _SCHEMA, "token")
     except ProtocolError as exc:
         raise UsageError(exc.detail) from None
     return seal_envelope(secret, Context.TOKEN, body)

@@ -43,6 +43,7 @@ from relay import cli as relay_cli
 from tisa.arrangement import (
     Arrangement,
 )
+from tisa.consent import DENIAL_REASONS
 from tisa.errors import Refused, TisaError
 from tisa.keys import MemberSecret, PublicIdentity
 from tisa_io.files import (
@@ -1406,6 +1407,241 @@ def revoke(
         _out.print(f"revoked {what}")
     else:
         _out.print(f"{what} was already revoked; nothing to do")
+
+
+# --- consent: announce, request, approve, deny ----------------------------------------
+
+
+@tisa.command("announce")
+@click.argument("report")
+@click.option("--to", "recipients", multiple=True, required=True, help="A member; repeat.")
+@click.option("--title", default="", help="A short title (at most 200 bytes) they will see.")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def announce(
+    ctx: click.Context,
+    report: str,
+    recipients: tuple[str, ...],
+    title: str,
+    timeout: float,
+    node_options: _NodeOptions,
+) -> None:
+    """Tell members that you hold REPORT, so that they can request it.
+
+    They learn its id, scope, level, a size bucket and the title; nothing else.
+
+    \b
+    Example:
+      tisa --home seoul announce 3f2a9c...e1 --to tokyo --title "Nodong launches, 26 March"
+    """
+    report_id = _hex_id(report)
+    member = node_options.load(ctx)
+
+    async def job(node: Any) -> bytes:
+        import trio
+
+        with trio.fail_after(timeout):
+            announcement_id: bytes = await node.announce(report_id, recipients, title=title)
+            return announcement_id
+
+    announcement_id = _run_node(member, job, connect_timeout=timeout)
+    _out.print(f"announced {report} to {', '.join(recipients)} ({announcement_id.hex()})")
+
+
+@tisa.command("request")
+@click.argument("report")
+@click.option("--from", "originator", required=True, help="The report's originator.")
+@click.option("--purpose", required=True, help="Why you need it (1 to 1000 bytes).")
+@click.option(
+    "--valid-for",
+    type=click.FloatRange(min=1),
+    default=7 * 24 * 3600.0,
+    show_default=True,
+    help="Seconds the request stays open.",
+)
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def request(
+    ctx: click.Context,
+    report: str,
+    originator: str,
+    purpose: str,
+    valid_for: float,
+    timeout: float,
+    node_options: _NodeOptions,
+) -> None:
+    """Ask the originator to release REPORT to you; the answer comes later
+    (see `tisa requests`, and `tisa inbox` for an approved report).
+
+    \b
+    Example:
+      tisa --home tokyo request 3f2a9c...e1 --from seoul --purpose "assess the launch"
+    """
+    report_id = _hex_id(report)
+    member = node_options.load(ctx)
+
+    async def job(node: Any) -> bytes:
+        import trio
+
+        with trio.fail_after(timeout):
+            request_id: bytes = await node.request(
+                report_id, originator, purpose, valid_for=valid_for
+            )
+            return request_id
+
+    request_id = _run_node(member, job, connect_timeout=timeout)
+    _out.print(f"requested {report} from {originator}: request {request_id.hex()}")
+
+
+@tisa.command("requests")
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for new announcements, requests and answers after connecting.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+@_timeout_option(30.0)
+@_node_options
+@click.pass_context
+def requests(
+    ctx: click.Context,
+    wait: float,
+    as_json: bool,
+    timeout: float,
+    node_options: _NodeOptions,
+) -> None:
+    """Show release requests made to you and by you, and announcements you received.
+
+    \b
+    Example:
+      tisa --home seoul requests
+    """
+    member = node_options.load(ctx)
+
+    async def job(node: Any) -> dict[str, Any]:
+        import trio
+
+        await trio.sleep(wait)
+        return {
+            "requests": [
+                {
+                    "request": r.id.hex(),
+                    "direction": r.direction,
+                    "requester": r.requester,
+                    "originator": r.originator,
+                    "report": r.report.hex(),
+                    "purpose": r.purpose,
+                    "state": r.state,
+                    "reason": r.reason,
+                    "note": r.note,
+                    "token": None if r.token is None else r.token.hex(),
+                    "expires": r.expires,
+                }
+                for r in node.requests()
+            ],
+            "announcements": [
+                {
+                    "announcement": a.id.hex(),
+                    "originator": a.originator,
+                    "report": a.report.hex(),
+                    "scope": a.scope,
+                    "level": a.level,
+                    "size_at_most": 2**a.size_bucket,
+                    "title": a.title,
+                }
+                for a in node.announcements()
+            ],
+        }
+
+    result = _run_node(member, job, connect_timeout=timeout)
+    if as_json:
+        _print_json(result)
+        return
+    table = Table(show_edge=False, title="release requests")
+    for column in ("request", "from -> to", "report", "state", "purpose"):
+        table.add_column(column)
+    for r in result["requests"]:
+        state = r["state"] + (f" ({r['reason']})" if r["reason"] else "")
+        table.add_row(
+            r["request"], f"{r['requester']} -> {r['originator']}", r["report"], state, r["purpose"]
+        )
+    _out.print(table)
+    for a in result["announcements"]:
+        _out.print(
+            f"announced by {a['originator']}: {a['report']} {a['scope']}/{a['level']}"
+            f" <= {a['size_at_most']} bytes {a['title']!r}"
+        )
+
+
+@tisa.command("approve")
+@click.argument("request_id", metavar="REQUEST")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def approve(
+    ctx: click.Context, request_id: str, timeout: float, node_options: _NodeOptions
+) -> None:
+    """Approve a request made to you: release the report to the requester.
+
+    \b
+    Example:
+      tisa --home seoul approve 9b1c...07
+    """
+    raw = _hex_id(request_id, "request id")
+    member = node_options.load(ctx)
+
+    async def job(node: Any) -> bytes:
+        import trio
+
+        with trio.fail_after(timeout):
+            token: bytes = await node.approve(raw)
+            return token
+
+    token = _run_node(member, job, connect_timeout=timeout)
+    _out.print(f"approved {request_id} (token {token.hex()})")
+
+
+@tisa.command("deny")
+@click.argument("request_id", metavar="REQUEST")
+@click.option(
+    "--reason",
+    required=True,
+    type=click.Choice(sorted(r.value for r in DENIAL_REASONS)),
+    help="The reason code the requester sees.",
+)
+@click.option("--note", default="", help="A note for the requester (at most 500 bytes).")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def deny(
+    ctx: click.Context,
+    request_id: str,
+    reason: str,
+    note: str,
+    timeout: float,
+    node_options: _NodeOptions,
+) -> None:
+    """Deny a request made to you, with a reason code; final for that request.
+
+    \b
+    Example:
+      tisa --home seoul deny 9b1c...07 --reason level_not_allowed --note "after consultations"
+    """
+    raw = _hex_id(request_id, "request id")
+    member = node_options.load(ctx)
+
+    async def job(node: Any) -> None:
+        import trio
+
+        with trio.fail_after(timeout):
+            await node.deny(raw, reason, note)
+
+    _run_node(member, job, connect_timeout=timeout)
+    _out.print(f"denied {request_id}: {reason}")
 
 
 def _report_json(header: Any, token_id: bytes, saved: Path, body: bytes | Path) -> dict[str, Any]:

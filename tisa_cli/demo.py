@@ -15,7 +15,11 @@ every step that the system did what it should:
    token sent straight to the relay is refused by the relay.
 7. A forged token and a replayed token are refused by the relay.
 8. Seoul and Tokyo fetch their part of the audit log and verify it.
-9. A large report goes through, with a progress bar.
+9. The other direction: Tokyo originates a report for Seoul.
+10. On request: Seoul holds two reports and announces them to Tokyo; Tokyo requests
+    both; Seoul approves one (a token naming the request) and denies the other with a
+    reason code, which Tokyo sees.
+11. A large report goes through, with a progress bar.
 
 It ends with a summary table; :func:`run_demo` returns False when any check failed, and
 ``tisa demo`` then exits non-zero, so the demo doubles as a smoke test.
@@ -87,6 +91,17 @@ REPORT_TEXT = (
     "SEOUL/JCS 2014-12-29 0412 KST. North Korea launched two short-range ballistic "
     "missiles from near Sukchon toward the East Sea; flight about 500 km, apogee 130 km. "
     "Assessed: Scud-ER class. Releasable to Tokyo via Washington on Seoul's approval."
+)
+
+TOKYO_TEXT = (
+    "TOKYO/JSO 2014-12-30 0930 JST. SPY-1 radar tracks of yesterday's launches from "
+    "the Sea of Japan: impact points 35 km apart. Releasable to Seoul via Washington on "
+    "Tokyo's approval."
+)
+# Two reports Seoul holds and announces, for Tokyo to request: one approved, one denied.
+ON_REQUEST = (
+    ("Sukchon launch: imagery assessment", "SEOUL/NIS 2014-12-30. Imagery of the Sukchon site."),
+    ("Sinpo: submarine activity", "SEOUL/NIS 2014-12-30. Activity at the Sinpo shipyard."),
 )
 
 COLORS = {"seoul": "cyan", "washington": "yellow", "tokyo": "magenta", "demo": "white"}
@@ -708,6 +723,132 @@ class Demo:
             replay.get("refused") == "replayed",
         )
 
+    def other_direction(self) -> None:
+        """Step 8: Tokyo originates a report for Seoul, through the same relay.
+
+        Checks that Seoul opens Tokyo's text and that Tokyo gets Seoul's signed receipt.
+
+        Raises:
+            DemoError: a member did not answer in time, or its process ended.
+        """
+        self.say("tokyo", "seals a radar report for Seoul and releases it (scope missile)")
+        sent = self.agents["tokyo"].request(
+            "submit",
+            text=TOKYO_TEXT,
+            recipients=["seoul"],
+            scope="missile",
+            level="confidential",
+            release_to=["seoul"],
+        )
+        got = self.agents["seoul"].request("expect_report", timeout=30, wait=20)
+        ok = (
+            bool(sent.get("ok"))
+            and got.get("report") == sent.get("report")
+            and got.get("originator") == "tokyo"
+            and got.get("sha256") == sent.get("sha256")
+        )
+        if got.get("text"):
+            self.say("seoul", f"reads: “{got['text'][:90]}…”")
+        self.check(
+            "Tokyo → Washington → Seoul: Seoul opens Tokyo's report",
+            "the same text, signed by Tokyo",
+            f"from {got.get('originator')}, text "
+            f"{'identical' if got.get('sha256') == sent.get('sha256') else 'DIFFERENT'}"
+            if got.get("report")
+            else f"nothing delivered ({sent.get('error', 'sent')})",
+            ok,
+        )
+        receipt = self.agents["tokyo"].request("expect_receipt", timeout=30, wait=20)
+        ok = receipt.get("report") == sent.get("report") and receipt.get("recipient") == "seoul"
+        self.check(
+            "Tokyo gets Seoul's signed receipt",
+            "a receipt signed by Seoul",
+            f"receipt from {receipt.get('recipient')}, verified" if ok else "no valid receipt",
+            ok,
+        )
+
+    def on_request(self) -> None:
+        """Step 9: Seoul holds two reports and announces them; Tokyo requests both;
+        Seoul approves one and denies the other with a reason.
+
+        Checks that each request reaches Seoul, that the approved report reaches Tokyo
+        under a token naming the request, and that Tokyo gets the signed denial with its
+        reason code and note.
+
+        Raises:
+            DemoError: a member did not answer in time, or its process ended.
+        """
+        seoul, tokyo = self.agents["seoul"], self.agents["tokyo"]
+        reports = []
+        for title, text in ON_REQUEST:
+            held = seoul.request(
+                "submit",
+                text=text,
+                recipients=["tokyo"],
+                scope="missile",
+                level="secret",
+                release_to=[],
+            )
+            if not held.get("ok"):
+                raise DemoError(f"Seoul could not submit: {held.get('error')}")
+            seoul.request("announce", report=held["report"], to=["tokyo"], title=title)
+            reports.append(held)
+            self.say("seoul", f"holds and announces to Tokyo: “{title}”")
+        requests = {}
+        for held in reports:
+            asked = tokyo.request(
+                "request",
+                report=held["report"],
+                originator="seoul",
+                purpose="joint assessment of the 29 December launches",
+            )
+            requests[held["report"]] = asked.get("request")
+        seen = [seoul.request("expect_request", timeout=30, wait=20) for _ in reports]
+        arrived = {r.get("report"): r.get("request") for r in seen}
+        ok = arrived == requests and all(r.get("requester") == "tokyo" for r in seen)
+        self.check(
+            "Tokyo requests both; Washington forwards to Seoul",
+            "two signed requests from Tokyo, each for one announced report",
+            f"{sum(1 for r in seen if r.get('request'))} request(s) from "
+            f"{', '.join(sorted({str(r.get('requester')) for r in seen}))}",
+            ok,
+        )
+        first, second = (requests[held["report"]] for held in reports)
+        self.say("seoul", "approves the first: a release token that names Tokyo's request")
+        approved = seoul.request("approve", request=first)
+        self.say("seoul", "denies the second: level_not_allowed, “not before consultations”")
+        denied = seoul.request(
+            "deny", request=second, reason="level_not_allowed", note="not before consultations"
+        )
+        got = tokyo.request("expect_report", timeout=30, wait=20)
+        answers = [tokyo.request("expect_answer", timeout=30, wait=20) for _ in reports]
+        outcome = {a.get("request"): a for a in answers}
+        ok = (
+            bool(approved.get("ok"))
+            and got.get("report") == reports[0]["report"]
+            and got.get("sha256") == reports[0]["sha256"]
+            and outcome.get(first, {}).get("outcome") == "approved"
+        )
+        self.check(
+            "Seoul approves one: Tokyo reads it",
+            "the report, under a token naming the request",
+            f"report {'delivered' if got.get('report') else 'missing'}, answer "
+            f"{outcome.get(first, {}).get('outcome')}",
+            ok,
+        )
+        denial = outcome.get(second, {})
+        ok = (
+            bool(denied.get("ok"))
+            and denial.get("outcome") == "denied"
+            and denial.get("reason") == "level_not_allowed"
+        )
+        self.check(
+            "Seoul denies the other: Tokyo sees why",
+            "a denial signed by Seoul, reason level_not_allowed",
+            f"{denial.get('outcome')}: {denial.get('reason')} “{denial.get('note')}”",
+            ok,
+        )
+
     def audit(self) -> None:
         """Step 7: checks that Seoul and Tokyo each fetch and verify a non-empty part of the
         audit log.
@@ -862,8 +1003,10 @@ def run_demo(
             demo.step("5. Out of scope: refused twice", demo.out_of_scope)
             demo.step("6. Forged and replayed tokens", demo.forged_and_replayed)
             demo.step("7. The audit log", demo.audit)
+            demo.step("8. The other direction: Tokyo to Seoul", demo.other_direction)
+            demo.step("9. On request: Seoul announces, Tokyo asks", demo.on_request)
             if large_mib > 0:
-                demo.step(f"8. A large report ({large_mib} MiB)", demo.large_report)
+                demo.step(f"10. A large report ({large_mib} MiB)", demo.large_report)
         ok = demo.summary()
     if diagram_path is not None:
         diagram_path.write_text(render_html(trace.events), encoding="utf-8")

@@ -31,7 +31,14 @@ from typing import Any
 
 import trio
 
-from clients.events import DeliveredReport, Event, ReceiptEvent
+from clients.events import (
+    ApprovedEvent,
+    DeliveredReport,
+    DeniedEvent,
+    Event,
+    ReceiptEvent,
+    RequestEvent,
+)
 from clients.node import Node, open_node
 from tisa import messages as m
 from tisa.arrangement import Arrangement, SignedArrangement
@@ -92,6 +99,8 @@ class Member:
         self.reports_send, self.reports = trio.open_memory_channel[DeliveredReport](64)
         self.events_send, self.events = trio.open_memory_channel[Event](256)
         self.tokens: dict[str, bytes] = {}  # token id hex -> encoded token, for replay
+        # Events that arrived while a command waited for another kind: kept, in order.
+        self.held_events: list[Event] = []
 
     async def pump_reports(self) -> None:
         """Pass the node's delivered reports on to :attr:`reports` (for ``expect_report``).
@@ -205,26 +214,120 @@ class Member:
         """Wait up to ``wait`` seconds (default 10) for a receipt event.
 
         Returns the receipt's report, token, recipient and digest (hex), or ``report`` None.
-        Other events that arrive meanwhile are dropped.
+        Other events that arrive meanwhile are kept for later commands.
         """
-        with trio.move_on_after(float(cmd.get("wait", 10))):
+        event = await self._next_event((ReceiptEvent,), float(cmd.get("wait", 10)))
+        if not isinstance(event, ReceiptEvent):
+            return {"report": None}
+        receipt = event.receipt
+        _trace("message", "washington", self.name, f"receipt from {receipt.recipient} (signed)")
+        return {
+            "report": receipt.report.hex(),
+            "token": receipt.token.hex(),
+            "recipient": receipt.recipient,
+            "digest": receipt.digest.hex(),
+        }
+
+    async def _next_event(self, kinds: tuple[type[Event], ...], wait: float) -> Event | None:
+        """The first event of one of ``kinds``, held or arriving within ``wait`` seconds
+        (None if none); events of other kinds are held for later commands."""
+        for index, event in enumerate(self.held_events):
+            if isinstance(event, kinds):
+                return self.held_events.pop(index)
+        with trio.move_on_after(wait):
             while True:
                 event = await self.events.receive()
-                if isinstance(event, ReceiptEvent):
-                    receipt = event.receipt
-                    _trace(
-                        "message",
-                        "washington",
-                        self.name,
-                        f"receipt from {receipt.recipient} (signed)",
-                    )
-                    return {
-                        "report": receipt.report.hex(),
-                        "token": receipt.token.hex(),
-                        "recipient": receipt.recipient,
-                        "digest": receipt.digest.hex(),
-                    }
-        return {"report": None}
+                if isinstance(event, kinds):
+                    return event
+                self.held_events.append(event)
+        return None
+
+    # --- consent ------------------------------------------------------------------------
+
+    async def op_announce(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Announce held report ``report`` (hex) to ``to`` with ``title``."""
+        _trace("message", self.name, "washington", f"announce {cmd['report'][:8]} -> {cmd['to']}")
+        announcement = await self.node.announce(
+            bytes.fromhex(cmd["report"]), cmd["to"], title=cmd.get("title", "")
+        )
+        for member in cmd["to"]:
+            _trace("message", "washington", member, f"announcement of {cmd['report'][:8]}")
+        return {"announcement": announcement.hex()}
+
+    async def op_request(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Ask ``originator`` for report ``report`` (hex), with ``purpose``."""
+        _trace(
+            "message",
+            self.name,
+            "washington",
+            f"request {cmd['report'][:8]} from {cmd['originator']}: {cmd['purpose']}",
+        )
+        request = await self.node.request(
+            bytes.fromhex(cmd["report"]), cmd["originator"], cmd["purpose"]
+        )
+        return {"request": request.hex()}
+
+    async def op_expect_request(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Wait up to ``wait`` seconds for a request made to this member."""
+        event = await self._next_event((RequestEvent,), float(cmd.get("wait", 10)))
+        if not isinstance(event, RequestEvent):
+            return {"request": None}
+        request = event.request
+        _trace(
+            "message",
+            "washington",
+            self.name,
+            f"request from {request.requester} for {request.report.hex()[:8]} (signed)",
+        )
+        return {
+            "request": request.id.hex(),
+            "requester": request.requester,
+            "report": request.report.hex(),
+            "purpose": request.purpose,
+        }
+
+    async def op_approve(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Approve request ``request`` (hex): a token that names it."""
+        _trace("message", self.name, "washington", f"approve {cmd['request'][:8]}: token")
+        token = await self.node.approve(bytes.fromhex(cmd["request"]))
+        return {"token": token.hex()}
+
+    async def op_deny(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Deny request ``request`` (hex) with ``reason`` and ``note``."""
+        _trace(
+            "message",
+            self.name,
+            "washington",
+            f"deny {cmd['request'][:8]}: {cmd['reason']} (signed)",
+        )
+        await self.node.deny(bytes.fromhex(cmd["request"]), cmd["reason"], cmd.get("note", ""))
+        return {}
+
+    async def op_expect_answer(self, cmd: dict[str, Any], request_id: int) -> dict[str, Any]:
+        """Wait up to ``wait`` seconds for an answer to one of this member's requests."""
+        event = await self._next_event((ApprovedEvent, DeniedEvent), float(cmd.get("wait", 10)))
+        if isinstance(event, DeniedEvent):
+            answer = event.answer
+            _trace(
+                "message",
+                "washington",
+                self.name,
+                f"denied {answer.request.hex()[:8]}: {answer.reason.value} (signed)",
+            )
+            return {
+                "outcome": "denied",
+                "request": answer.request.hex(),
+                "report": answer.report.hex(),
+                "reason": answer.reason.value,
+                "note": answer.note,
+            }
+        if isinstance(event, ApprovedEvent):
+            return {
+                "outcome": "approved",
+                "request": event.request.hex(),
+                "report": event.report.hex(),
+            }
+        return {"outcome": None}
 
     # --- recipient ----------------------------------------------------------------------
 

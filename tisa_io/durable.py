@@ -428,6 +428,8 @@ class GroupCommitter:
         on_commit_error: called inside the ``except`` block when a commit fails; it may
             raise something else instead (if it returns, the error is raised).
         on_sync_error: the same for a failed WAL fsync.
+        on_synced: called after each flush with the steps it made durable and its
+            seconds (the relay's metrics).
     """
 
     def __init__(
@@ -436,8 +438,10 @@ class GroupCommitter:
         *,
         on_commit_error: Callable[[], None] | None = None,
         on_sync_error: Callable[[], None] | None = None,
+        on_synced: Callable[[int, float], None] | None = None,
     ) -> None:
         self.store = store
+        self._on_synced = on_synced
         store.manual_checkpoints()
         self.checkpointing = False
         self._on_commit_error = on_commit_error
@@ -532,6 +536,7 @@ class GroupCommitter:
         target = store.written  # the fsync covers what was written before it starts
         steps, store.unsynced_ops = store.unsynced_ops, 0
         self.syncing = True
+        started = time.perf_counter()
         try:
             if steps <= INLINE_FSYNC_MAX_STEPS:
                 store.fsync_wal()  # see INLINE_FSYNC_MAX_STEPS
@@ -547,6 +552,8 @@ class GroupCommitter:
             synced, self._synced = self._synced, trio.Event()
             synced.set()
         store.mark_durable(target)
+        if self._on_synced is not None:
+            self._on_synced(steps, time.perf_counter() - started)
         store.uncheckpointed_ops += steps
         if store.uncheckpointed_ops >= CHECKPOINT_STEPS and not self.checkpointing:
             store.uncheckpointed_ops = 0

@@ -23,6 +23,14 @@ import nacl.pwhash
 
 from tisa.arrangement import Arrangement, SignedArrangement
 from tisa.audit import AuditEntry, AuditEvent, Checkpoint, Extract, chain_next, verify_extract
+from tisa.consent import (
+    Announcement,
+    Answer,
+    Request,
+    check_answer,
+    check_incoming_request,
+    consent_ref,
+)
 from tisa.errors import KeyFileError, ProtocolError, Refused, VerificationError
 from tisa.frames import NEED_DATA, FrameDecoder, encode_frame
 from tisa.handshake import MemberHandshake, RelayHandshake
@@ -30,8 +38,10 @@ from tisa.keys import Context, MemberSecret
 from tisa.messages import (
     Ack,
     Chunk,
+    ConsentNotice,
     Deliver,
     Refusal,
+    SendConsent,
     SubmitBegin,
     decode_message,
     encode_message,
@@ -346,8 +356,74 @@ def _messages() -> list[bytes]:
             Ack(kind="delivery", token=bytes(16)),
             Refusal(ref=bytes(16), reason="expired", detail="too late"),
             Deliver(token=_report()[1]),
+            SendConsent(kind="request", data=_request().encoded),
+            ConsentNotice(kind="answer", data=_answer_seed()),
+            Ack(kind="answer", token=bytes(16)),
         )
     ]
+
+
+@functools.cache
+def _request() -> Request:
+    """Tokyo's request to Seoul for the fixed report."""
+    w = world()
+    return Request.issue(
+        w.secrets["tokyo"],
+        "tokyo",
+        w.arrangement,
+        originator="seoul",
+        report=hostile.token_body(_report()[1])["report"],
+        purpose="fuzzing seed",
+        now=w.now,
+        valid_for=3600,
+    )
+
+
+def _answer_seed() -> bytes:
+    w = world()
+    return Answer.deny(
+        w.secrets["seoul"], "seoul", w.arrangement, _request(), reason="denied", now=w.now
+    ).encoded
+
+
+def _announcement_seed() -> bytes:
+    w = world()
+    return Announcement.issue(
+        w.secrets["seoul"],
+        "seoul",
+        w.arrangement,
+        report=_request().report,
+        to=["tokyo", "canberra"],
+        scope="nk.missile",
+        level="secret",
+        size=4096,
+        title="fuzzing seed",
+        now=w.now,
+    ).encoded
+
+
+def _approval_seed() -> bytes:
+    """A token to Tokyo that approves :func:`_request`."""
+    w = world()
+    token = hostile.token_body(_report()[1])
+    return w.token(w.seal(b"approved"), counter=token["counter"] + 1, request=_request().id)
+
+
+def _incoming_request(data: bytes) -> None:
+    """Seoul's whole intake of a forwarded request: verify, then its acceptance rules."""
+    w = world()
+    consent_ref("request", data)
+    request = Request.verify(data, w.arrangement)
+    check_incoming_request(
+        request, "seoul", seen=False, holds_report=True, now=w.now, clock_skew=120
+    )
+
+
+def _incoming_answer(data: bytes) -> None:
+    """Tokyo's whole intake of a forwarded answer: verify, then its acceptance rules."""
+    w = world()
+    consent_ref("answer", data)
+    check_answer(Answer.verify(data, w.arrangement), "tokyo", _request(), answered=False)
 
 
 def _handshake_seeds() -> tuple[bytes, bytes, bytes]:
@@ -380,9 +456,24 @@ TARGETS: dict[str, Target] = {
         ),
         Target("report_ciphertext", _open_ciphertext, VERIFY_ERRORS, lambda: [_report()[0]]),
         Target("report_plaintext", _open_plaintext, VERIFY_ERRORS, _plaintext_seeds),
-        Target("token", ReleaseToken.decode, DECODE_ERRORS, lambda: [_report()[1]]),
+        Target(
+            "token", ReleaseToken.decode, DECODE_ERRORS, lambda: [_report()[1], _approval_seed()]
+        ),
         Target("token_relay", _token_relay, VERIFY_ERRORS, lambda: [_report()[1]]),
-        Target("token_recipient", _token_recipient, VERIFY_ERRORS, lambda: [_report()[1]]),
+        Target(
+            "token_recipient",
+            _token_recipient,
+            VERIFY_ERRORS,
+            lambda: [_report()[1], _approval_seed()],
+        ),
+        Target(
+            "announcement",
+            lambda d: Announcement.verify(d, world().arrangement),
+            VERIFY_ERRORS,
+            lambda: [_announcement_seed()],
+        ),
+        Target("request", _incoming_request, VERIFY_ERRORS, lambda: [_request().encoded]),
+        Target("answer", _incoming_answer, VERIFY_ERRORS, lambda: [_answer_seed()]),
         Target(
             "receipt",
             lambda d: Receipt.verify(d, world().arrangement),

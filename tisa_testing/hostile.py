@@ -33,6 +33,7 @@ import nacl.utils
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, SignedArrangement
 from tisa.errors import VerificationError
+from tisa.handshake import PROTOCOL_VERSION
 from tisa.keys import (
     SIGNATURE_SIZE,
     Context,
@@ -427,7 +428,7 @@ class ImpostorRelay:
             eph = bytes(sodium.crypto_kx_keypair()[0])
         welcome: dict[str, Any] = {
             "t": "welcome",
-            "v": 1,
+            "v": PROTOCOL_VERSION,
             "relay": self._arrangement.relay,
             "eph": eph,
             "nonce": bytes(nacl.utils.random(32)),
@@ -452,7 +453,7 @@ class ImpostorMember:
         self._hello = enc.pack(
             {
                 "t": "hello",
-                "v": 1,
+                "v": PROTOCOL_VERSION,
                 "arrangement": self._arrangement.id,
                 "version": self._arrangement.version,
                 "member": self._name,

@@ -12,7 +12,9 @@ Ready-made behaviours: :class:`DropDeliveries`, :class:`Delay`, :class:`Reorder`
 :class:`Replay` (also after the recipient restarts), :class:`Reflect`,
 :class:`ReflectDelivery`, :class:`ForwardWithoutToken`, :class:`SwapTokens`,
 :class:`SwapRecipients`, :class:`FlipBit`, :class:`Truncate`, :class:`Inject` (e.g.
-deliveries made under an old arrangement version) and :class:`Equivocate`. Write your
+deliveries made under an old arrangement version) and :class:`Equivocate`; for release
+requests and their answers, :class:`ReflectConsent`, :class:`RetargetConsent` and
+:class:`ReplayConsent` (forged ones go in with :class:`Inject`). Write your
 own by subclassing :class:`Behaviour`; every hook defaults to honest.
 
 Usage::
@@ -37,16 +39,20 @@ import trio
 from clients.node import Backoff, Node, open_node
 from relay.server import Relay
 from tisa.audit import AuditEntry, Checkpoint, Extract, chain_next
+from tisa.consent import consent_ref
 from tisa.keys import Context
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import (
+    CONSENT_KINDS,
     Ack,
     AuditReply,
     Chunk,
+    ConsentNotice,
     Deliver,
     DeliverEnd,
     Message,
     Release,
+    SendConsent,
     chunks_of,
 )
 from tisa.token import ReleaseToken
@@ -66,9 +72,12 @@ __all__ = [
     "HostileRelay",
     "Inject",
     "Reflect",
+    "ReflectConsent",
     "ReflectDelivery",
     "Reorder",
     "Replay",
+    "ReplayConsent",
+    "RetargetConsent",
     "SwapRecipients",
     "SwapTokens",
     "Truncate",
@@ -425,6 +434,80 @@ class ReflectDelivery(Behaviour):
             self.reflected += 1
             await self.relay.send_to(member, Delivery.of(message.token, ciphertext))
         return message
+
+
+class ReflectConsent(Behaviour):
+    """Send every announcement, request or answer of the kinds in ``kinds`` back to the
+    member that sent it, as if forwarded to it (and also act on it, as the honest relay
+    would). ``reflected`` counts them."""
+
+    def __init__(self, kinds: tuple[str, ...] = CONSENT_KINDS) -> None:
+        self.kinds = kinds
+        self.reflected = 0
+
+    async def on_receive(self, member: str, message: Message) -> Message | None:
+        """Send a ``send_consent`` of one of ``kinds`` back to ``member``, then pass it on.
+
+        Cancellation: as :meth:`Reflect.on_receive`.
+        """
+        if isinstance(message, SendConsent) and message.kind in self.kinds:
+            self.reflected += 1
+            await self.relay.send_to(member, ConsentNotice(kind=message.kind, data=message.data))
+        return message
+
+
+class RetargetConsent(Behaviour):
+    """Forward announcements, requests and answers meant for one member to another:
+    ``{"seoul": "canberra"}`` hands Seoul's requests to Canberra."""
+
+    def __init__(self, mapping: dict[str, str]) -> None:
+        self.mapping = mapping
+        self.retargeted = 0
+
+    async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Send a ``consent`` notice to ``mapping[member]`` instead (counted)."""
+        if isinstance(message, ConsentNotice) and member in self.mapping:
+            self.retargeted += 1
+            return [(self.mapping[member], message)]
+        return [(member, message)]
+
+
+class ReplayConsent(Behaviour):
+    """Record every announcement, request and answer forwarded to a member; send each
+    again once the member acks it, and all of them again whenever it reconnects.
+    ``replayed`` counts the replays sent."""
+
+    def __init__(self) -> None:
+        self.recorded: dict[str, dict[tuple[str, bytes], ConsentNotice]] = {}
+        self.replayed = 0
+        self._acked_once: set[tuple[str, str, bytes]] = set()
+
+    async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Record a ``consent`` notice (by its kind and id) and pass it on."""
+        if isinstance(message, ConsentNotice):
+            ref = consent_ref(message.kind, message.data)
+            self.recorded.setdefault(member, {})[(message.kind, ref)] = message
+        return [(member, message)]
+
+    async def on_receive(self, member: str, message: Message) -> Message | None:
+        """The first ack of a recorded notice sends it again; the ack goes on unchanged.
+
+        Cancellation: as :meth:`Replay.on_receive`.
+        """
+        if isinstance(message, Ack) and message.kind in CONSENT_KINDS:
+            key = (member, message.kind, message.token)
+            notice = self.recorded.get(member, {}).get((message.kind, message.token))
+            if notice is not None and key not in self._acked_once:
+                self._acked_once.add(key)
+                self.replayed += 1
+                await self.relay.send_to(member, notice)
+        return message
+
+    async def on_connect(self, member: str) -> list[Outgoing]:
+        """Send every notice recorded for ``member`` again (counted)."""
+        recorded = list(self.recorded.get(member, {}).values())
+        self.replayed += len(recorded)
+        return [(member, notice) for notice in recorded]
 
 
 class ForwardWithoutToken(Behaviour):

@@ -11,8 +11,11 @@ from typing import Any
 
 import trio
 
+from relay.storage import RelayStore
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role
+from tisa.consent import Announcement, Answer, Request
+from tisa.handshake import PROTOCOL_VERSION
 from tisa.keys import MemberSecret
 from tisa.report import SealedReport, seal_report
 from tisa.token import issue_token
@@ -108,7 +111,7 @@ def raw_hello(arrangement: Arrangement, member: str) -> bytes:
     return enc.pack(
         {
             "t": "hello",
-            "v": 1,
+            "v": PROTOCOL_VERSION,
             "arrangement": arrangement.id,
             "version": arrangement.version,
             "member": member,
@@ -184,3 +187,57 @@ def custom_token(
     }
     body.update(fields)
     return seal_envelope(world.secrets[signer], Context.TOKEN, body)
+
+
+def ask(world: World, report: bytes, *, now: int = NOW, valid_for: int = 3600) -> Request:
+    """Tokyo's request to Seoul for ``report``."""
+    return Request.issue(
+        world.secrets["tokyo"],
+        "tokyo",
+        world.arrangement,
+        originator="seoul",
+        report=report,
+        purpose="Tokyo assesses the same launch",
+        now=now,
+        valid_for=valid_for,
+    )
+
+
+def deny(world: World, request: Request, reason: str = "denied") -> Answer:
+    """Seoul's denial of ``request``."""
+    return Answer.deny(
+        world.secrets["seoul"], "seoul", world.arrangement, request, reason=reason, now=NOW
+    )
+
+
+def announce(
+    world: World, report: SealedReport, *, by: str = "seoul", to: str = "tokyo", title: str = ""
+) -> Announcement:
+    """``by``'s announcement of ``report`` to ``to``."""
+    return Announcement.issue(
+        world.secrets[by],
+        by,
+        world.arrangement,
+        report=report.report_id,
+        to=[to],
+        scope=SCOPE,
+        level=LEVEL,
+        size=report.size,
+        title=title,
+        now=NOW,
+    )
+
+
+def add_inline_report(
+    store: RelayStore, report: SealedReport, *, originator: str = "seoul"
+) -> None:
+    """Store ``report`` (its ciphertext in its row) in a relay store, held until NOW + 1 h."""
+    store.add_report(
+        report.report_id,
+        originator=originator,
+        size=report.size,
+        digest=report.digest,
+        expires=NOW + 3600,
+        now=NOW,
+        data=report.ciphertext,
+    )

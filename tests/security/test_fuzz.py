@@ -158,5 +158,8 @@ def test_every_decoder_has_a_target() -> None:
         "arrangement",
         "signed_arrangement",
         "keyfile",
+        "announcement",
+        "request",
+        "answer",
     }
     assert set(fuzzing.TARGETS) == expected

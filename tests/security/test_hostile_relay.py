@@ -37,10 +37,12 @@ class Net:
     tmp: pathlib.Path
     relay: hr.HostileRelay | None = None
     port: int = 0
+    # The relay's store address; None: a SQLite store in tmp/washington.
+    store: str | None = None
 
     async def start(self, behaviour: hr.Behaviour, world: World | None = None) -> hr.HostileRelay:
         self.relay, self.port = await hr.start_hostile_relay(
-            self.nursery, world or self.world, self.tmp / "washington", behaviour
+            self.nursery, world or self.world, self.store or self.tmp / "washington", behaviour
         )
         return self.relay
 
