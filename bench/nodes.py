@@ -47,11 +47,19 @@ Figures:
 * large: one report of ``--large-mib`` MiB end to end, with each process's peak RSS,
   beside the same at 16 MiB, to show peak memory does not grow with the report.
 
+With ``--store`` (a ``postgresql://`` address, or ``postgresql`` for a throwaway server),
+the throughput and latency runs are made for three relay set-ups, each beside the same
+floor: SQLite, PostgreSQL with one relay process, and PostgreSQL with two relay processes
+on one store, the two members connected to different ones (:mod:`bench.stores`). Each
+relay process's CPU per report and the PostgreSQL server's are printed, with what N
+cores would give from the CPU alone and the bound more cores leave.
+
 The clock is CLOCK_MONOTONIC, which is one clock for every process on the machine.
 
     python -m bench nodes [--count 2000] [--rate 1000 [--rate 100 ...]] [--large-mib 1024]
                           [--concurrency 64] [--load-window 256]
                           [--only throughput|latency|large]
+                          [--store postgresql://…|postgresql]
 """
 
 from __future__ import annotations
@@ -84,6 +92,8 @@ from bench.processes import (
 )
 from bench.stores import SQLITE, THROWAWAY, PgBench, Relays, Setup, setups
 from bench.world import LEVEL, SCOPE
+from relay.storage import is_postgresql
+from tisa_testing.pg_server import PgUnavailable
 
 __all__ = ["main"]
 
@@ -631,17 +641,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be at least 1")
     if args.load_window < 1:
         parser.error("--load-window must be at least 1")
-    if args.store is not None and not (
-        args.store == THROWAWAY or args.store.startswith(("postgresql://", "postgres://"))
-    ):
+    if args.store is not None and not (args.store == THROWAWAY or is_postgresql(args.store)):
         parser.error("--store takes a postgresql:// address, or 'postgresql'")
     parts = args.only or ["throughput", "latency", "large"]
     figures: dict[str, Any] = {}
     server = None if args.store is None else PgBench(args.store)
     with tempfile.TemporaryDirectory() as name, contextlib.ExitStack() as stack:
         if server is not None:
-            server.start()
             stack.callback(server.stop)
+            try:
+                server.start()
+            except PgUnavailable as exc:
+                print(f"error: no PostgreSQL server for the benchmark: {exc}", file=sys.stderr)
+                return 2
             figures["store"] = "postgresql" if args.store == THROWAWAY else "postgresql://…"
         kinds = setups(server)
         folder = Path(name)

@@ -87,6 +87,23 @@ def test_bench_nodes_runs_on_postgresql_with_one_and_two_relays(
 
 
 @pytest.mark.parametrize(
+    ("store", "said"),
+    [
+        ("/tmp/some-folder", "--store takes a postgresql:// address, or 'postgresql'"),
+        ("postgresql://nobody@/none?host=/nonexistent-folder",
+         "error: no PostgreSQL server for the benchmark: cannot connect to PostgreSQL"),
+    ],
+)  # fmt: skip
+def test_bench_nodes_says_why_a_store_will_not_do(store: str, said: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "nodes", "--store", store],
+        cwd=ROOT, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and said in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
     "args",
     [
         ("core", "--large-mib", "2", "--rounds", "1", "--iterations", "20"),
