@@ -362,6 +362,9 @@ def _setup_round(
     alone["relay_cpu_us"] = 1e6 * alone["relay_run_cpu_s"] / count
     alone["relay_cpu_each_us"] = [1e6 * each / count for each in alone["relay_run_cpu_each_s"]]
     alone["server_cpu_us"] = 1e6 * alone["server_run_cpu_s"] / count
+    alone["head_held_us"] = 1e6 * alone["head_held_s"] / count
+    alone["head_held_share"] = alone["head_held_s"] / alone["seconds"]
+    alone["lock_waiting_share"] = alone["lock_waiting_s"] / alone["seconds"]
     return {
         "tisa": tisa_rate,
         "ratio": tisa_rate / bare_rate,
@@ -402,6 +405,8 @@ def _setup_medians(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
             median(lambda r, n=n: r["relay_alone"]["relay_cpu_each_us"][n]) for n in range(each)
         ],
         "server_cpu_us": median(lambda r: r["relay_alone"]["server_cpu_us"]),
+        "head_held_us": median(lambda r: r["relay_alone"]["head_held_us"]),
+        "head_held_share": median(lambda r: r["relay_alone"]["head_held_share"]),
         "relays": each,
     }
 
@@ -433,6 +438,15 @@ def _projection(label: str, figures: dict[str, Any], cores: tuple[int, ...]) -> 
         f"    whatever the cores, a relay process waits on each of its statements: the"
         f" busiest one's {serial_us:.0f} µs per report (its CPU and an even share of the"
         f" server's) caps the run at {1e6 / serial_us:.0f}/s",
+        *(
+            []
+            if not figures["head_held_us"] > 0  # NaN without the probe
+            else [
+                f"    and the audit head row, held {figures['head_held_share']:.0%} of the"
+                f" run ({figures['head_held_us']:.0f} µs per report), at"
+                f" {1e6 / figures['head_held_us']:.0f}/s however many processes"
+            ]
+        ),
     ]
 
 
@@ -455,12 +469,18 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
         for kind in kinds:
             tisa = _run_tisa(folder, "throughput", args.count, 1000.0, 1024, args.concurrency,
                              kind)  # fmt: skip
-            alone = relay_load.run(folder, args.count, 1024, args.load_window, kind)
+            alone = relay_load.run(folder, args.count, 1024, args.load_window, kind,
+                                   probe=args.lock_probe)  # fmt: skip
             mine = found[kind.key] = _setup_round(tisa, alone, bare_rate, args.count)
             server = ""
             if kind.server is not None:
                 server = (f", server {mine['tisa_server_cpu_us']:.0f} µs / relay alone"
                           f" {alone['server_cpu_us']:.0f} µs")  # fmt: skip
+                if args.lock_probe:
+                    server += (f"; head row held {alone['head_held_share']:.0%} of the"
+                               f" relay-alone run ({alone['head_held_us']:.0f} µs per"
+                               f" report), a lock waited for"
+                               f" {alone['lock_waiting_share']:.0%}")  # fmt: skip
             print(f"    {kind.label:12}  tisa {mine['tisa']:5.0f}/s ({mine['ratio']:5.3f}x)"
                   f"   relay alone {alone['rate']:5.0f}/s ({alone['ratio']:5.3f}x);"
                   f" CPU per report: tisa {mine['tisa_cpu_ms']:.2f} ms summed, relay alone"
@@ -629,6 +649,13 @@ def main(argv: list[str] | None = None) -> int:
         " a postgresql://… address of a role that may create schemas, or 'postgresql' for a"
         " throwaway server brought up for the run (as the tests do); default: SQLite only",
     )
+    parser.add_argument(
+        "--lock-probe",
+        action="store_true",
+        help="with --store: sample, during the relay-alone runs, how long the audit chain's"
+        " head row is held (pg_stat_activity every 2 ms; its queries add to the server's"
+        " CPU)",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -643,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--load-window must be at least 1")
     if args.store is not None and not (args.store == THROWAWAY or is_postgresql(args.store)):
         parser.error("--store takes a postgresql:// address, or 'postgresql'")
+    if args.lock_probe and args.store is None:
+        parser.error("--lock-probe needs --store")
     parts = args.only or ["throughput", "latency", "large"]
     figures: dict[str, Any] = {}
     server = None if args.store is None else PgBench(args.store)

@@ -292,12 +292,19 @@ def _wait_acked(relays: Relays, count: int, timeout: float = 30.0) -> dict[str, 
 
 
 def run(
-    folder: Path, count: int, size: int = 1024, window: int = 256, setup: Setup = SQLITE
+    folder: Path,
+    count: int,
+    size: int = 1024,
+    window: int = 256,
+    setup: Setup = SQLITE,
+    *,
+    probe: bool = False,
 ) -> dict[str, Any]:
     """One run against the real relay (one or more processes, as ``setup`` says); returns
-    the figures (checked, see the docstring)."""
+    the figures (checked, see the docstring). ``probe``: on PostgreSQL, sample how long
+    the audit head row is held (:class:`bench.stores.LockProbe`)."""
     where = run_folder(folder)
-    relays = Relays(where, count, setup)
+    relays = Relays(where, count, setup, probe=probe)
     source = receiver = None
     try:
         ports = relays.ports()

@@ -20,7 +20,10 @@ machine (NaN otherwise).
 from __future__ import annotations
 
 import contextlib
+import math
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,12 @@ from bench.processes import Process, cpu_seconds, start_relay, wait_port
 from relay.store import DB_NAME
 from tisa_testing.pg_server import PgServer, postmaster_pid, server_cpu_seconds
 
-__all__ = ["SQLITE", "THROWAWAY", "PgBench", "Relays", "Setup", "setups"]
+__all__ = ["SQLITE", "THROWAWAY", "LockProbe", "PgBench", "Relays", "Setup", "setups"]
 
 # The --store value that brings up a throwaway server.
 THROWAWAY = "postgresql"
+# Seconds between two looks of the lock probe at pg_stat_activity.
+PROBE_INTERVAL = 0.002
 
 
 class PgBench:
@@ -58,6 +63,74 @@ class PgBench:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+class LockProbe:
+    """How long the relays hold the audit chain's head row, and wait for a lock.
+
+    A thread with a connection of its own reads ``pg_stat_activity`` every
+    :data:`PROBE_INTERVAL` seconds: whether a client backend of the database is inside a
+    transaction that has an id (every writing batch of a relay begins by taking the head
+    row with ``SELECT … FOR UPDATE``, which gives its transaction one; the short writes
+    of the WAL-flush connection, ``wal_sync``, are left out), and whether one waits for a
+    lock. Each look counts for the time to the next one. The probe's own queries cost
+    the server a little CPU, counted in its figure: hence ``--lock-probe`` is opt-in.
+    """
+
+    QUERY = (
+        "SELECT count(*) FILTER (WHERE backend_xid IS NOT NULL"
+        " AND query NOT LIKE '%%wal_sync%%'),"
+        " count(*) FILTER (WHERE wait_event_type = 'Lock')"
+        " FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
+        " AND backend_type = 'client backend' AND datname = current_database()"
+    )
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+        self.held_s = 0.0  # seconds during which a writing transaction was open
+        self.waiting_s = 0.0  # seconds during which a backend waited for a lock
+        self.looks = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="lock-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psycopg
+
+        try:
+            with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
+                last: tuple[float, bool, bool] | None = None
+                while not self._stop.is_set():
+                    row = conn.execute(self.QUERY).fetchone()
+                    now = time.monotonic()
+                    if last is not None:
+                        self._count(now - last[0], last[1], last[2])
+                    assert row is not None
+                    last = (now, bool(row[0]), bool(row[1]))
+                    self.looks += 1
+                    time.sleep(PROBE_INTERVAL)
+                if last is not None:
+                    self._count(time.monotonic() - last[0], last[1], last[2])
+        except BaseException as exc:  # reported by stop(), in the orchestrator's thread
+            self._failure = exc
+
+    def _count(self, seconds: float, held: bool, waiting: bool) -> None:
+        self.held_s += seconds if held else 0.0
+        self.waiting_s += seconds if waiting else 0.0
+
+    def stop(self) -> None:
+        """Stop sampling (again: nothing). Raises: whatever ended the probe's thread early."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        if self._failure is not None:
+            raise RuntimeError(f"lock probe failed: {self._failure}") from self._failure
 
 
 @dataclass(frozen=True)
@@ -89,7 +162,7 @@ class Relays:
     (each, and the server's) between the two.
     """
 
-    def __init__(self, run: Path, count: int, setup: Setup) -> None:
+    def __init__(self, run: Path, count: int, setup: Setup, *, probe: bool = False) -> None:
         self.run = run
         self.setup = setup
         self.store = setup.server.new_store() if setup.server is not None else None
@@ -102,6 +175,10 @@ class Relays:
         self.run_cpu_s: list[float] = []  # each relay process, between mark and measure
         # No server with SQLite; NaN when the server's processes cannot be read.
         self.server_run_cpu_s = 0.0 if setup.server is None else float("nan")
+        # Between mark and measure, on PostgreSQL with probe=True: see LockProbe.
+        self.probe = (
+            LockProbe(setup.server.server.dsn) if probe and setup.server is not None else None
+        )
 
     def ports(self) -> list[int]:
         """Each relay process's port, once it listens."""
@@ -116,6 +193,8 @@ class Relays:
             self._server0 = self.setup.server.cpu_seconds()
         else:
             self._server0 = 0.0
+        if self.probe is not None:
+            self.probe.start()
 
     def measure(self) -> None:
         self.run_cpu_s = [
@@ -124,8 +203,12 @@ class Relays:
         ]
         if self.setup.server is not None:
             self.server_run_cpu_s = self.setup.server.cpu_seconds() - self._server0
+        if self.probe is not None:
+            self.probe.stop()
 
     def stop(self) -> None:
+        if self.probe is not None:
+            self.probe.stop()
         for process in self.processes:
             process.stop()
 
@@ -152,4 +235,7 @@ class Relays:
             "relay_run_cpu_each_s": self.run_cpu_s,
             "server_run_cpu_s": self.server_run_cpu_s,
             "relay_peak_mib": max(p.peak_mib for p in self.processes),
+            # NaN without the lock probe.
+            "head_held_s": math.nan if self.probe is None else self.probe.held_s,
+            "lock_waiting_s": math.nan if self.probe is None else self.probe.waiting_s,
         }

@@ -65,10 +65,11 @@ def test_bench_nodes_runs_on_postgresql_with_one_and_two_relays(
     out = _bench(
         "nodes", "--count", "20", "--rounds", "1", "--latency-count", "20", "--rate", "100",
         "--only", "throughput", "--only", "latency", "--store", pg_server.dsn,
-        "--json", str(figures_file), timeout=300,
+        "--lock-probe", "--json", str(figures_file), timeout=300,
     )  # fmt: skip
     assert "set-ups sqlite, pg 1 relay, pg 2 relays" in out
     assert "CPU-only projection, reports/s on N cores" in out
+    assert "head row held" in out
     figures = json.loads(figures_file.read_text())
     setups = figures["throughput"]["setups"]
     assert set(setups) == {"sqlite", "pg1", "pg2"}
@@ -80,6 +81,9 @@ def test_bench_nodes_runs_on_postgresql_with_one_and_two_relays(
         assert all(each > 0 for each in mine["relay_cpu_each_us"])
         assert math.isfinite(mine["server_cpu_us"]) and mine["server_cpu_us"] >= 0
         assert figures["latency_ms"]["100"]["setups"][key]["tisa"][1] > 0
+    # The lock probe's reading: a share of the run, and not nothing over both set-ups.
+    held = [setups[key]["head_held_share"] for key in ("pg1", "pg2")]
+    assert all(math.isfinite(share) and share >= 0 for share in held) and sum(held) > 0
     # Every relay-alone run checked the relay's tokens in its own store: all acked.
     round_ = figures["throughput"]["rounds"][0]["setups"]
     assert all(round_[key]["relay_alone"]["relay_tokens"] == {"acked": 20} for key in round_)
