@@ -415,8 +415,9 @@ def _projection(label: str, figures: dict[str, Any], cores: tuple[int, ...]) -> 
     """What N cores would give, from the CPU per report alone, and the bound that more
     cores leave: a relay process runs its store's statements in its event loop's thread,
     so it waits for the server on each, and its own CPU and the server's work for it add
-    up per report. (What this leaves out: the audit chain head's row lock, NOTIFY, the
-    poll; see docs/performance.md.)"""
+    up per report; with ``--lock-probe``, the bound the audit chain head's row lock sets
+    (1 / the time it is held per report). NOTIFY and the poll are left out (see
+    docs/performance.md)."""
     relays = figures["relays"]
     alone_us = figures["relay_cpu_us"] + figures["server_cpu_us"]
     # The busiest relay process, with its share of the server's work (an even share).
