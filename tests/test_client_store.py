@@ -11,6 +11,7 @@ from nodes.client_world import LEVEL, SCOPE, make_world
 from clients.events import ExpiredEvent, RefusedEvent, Stored, decode_event, encode_event
 from clients.store import MemberStore
 from tisa.errors import Reason, UsageError
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.receipt import StoredAck
 from tisa.token import issue_token
 
@@ -34,6 +35,11 @@ def _queue(store: MemberStore, report: bytes = b"r" * 16) -> None:
     )
 
 
+SIGNED_PREKEY = PrekeySecret(
+    kind=PrekeyKind.SIGNED, secret=bytes(range(32)), created=NOW - 60, not_after=NOW + 3600
+).publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
+
+
 def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
     return issue_token(
         SECRETS["seoul"],
@@ -49,6 +55,7 @@ def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
         not_before=NOW,
         not_after=NOW + 60,
         counter=counter,
+        signed_prekey=SIGNED_PREKEY,
     )
 
 

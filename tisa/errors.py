@@ -112,6 +112,10 @@ class Reason(enum.StrEnum):
     BUSY = "busy"
     TIMEOUT = "timeout"
     INTERNAL = "internal"
+    NO_PREKEY = "no_prekey"
+    BAD_PREKEY = "bad_prekey"
+    UNKNOWN_PREKEY = "unknown_prekey"
+    FALLBACK_NOT_ALLOWED = "fallback_not_allowed"
 
 
 class Refused(RemoteError):
