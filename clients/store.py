@@ -561,6 +561,7 @@ class MemberStore(DurableStore):
         )
 
     def wanted_release(self, wanted: int) -> WantedRelease | None:
+        """The release request ``wanted`` (see :meth:`want_release`), or None."""
         row = self._db.execute(
             f"SELECT {self._WANTED_COLUMNS} FROM wanted_releases WHERE id = ?", (wanted,)
         ).fetchone()
