@@ -538,6 +538,9 @@ class Node:
                     Reason.BAD_PREKEY, f"the relay handed out a prekey not signed by {recipient!r}"
                 ) from None
         except Refused as exc:
+            current = self.store.wanted_release(wanted.id)
+            if current is None or current.state != "waiting":
+                return  # ended meanwhile, with its report: reported there
             self.store.refuse_wanted(
                 wanted.id,
                 exc.reason.value,

@@ -528,6 +528,12 @@ class MemberStore(DurableStore):
                 "UPDATE releases SET state = ?, reason = ? WHERE report = ? AND state = 'pending'",
                 (state, reason or state, report),
             )
+            # Nor can releases not issued yet (waiting for the recipient's prekeys).
+            db.execute(
+                "UPDATE wanted_releases SET state = 'refused', reason = ?"
+                " WHERE report = ? AND state = 'waiting'",
+                (reason or state, report),
+            )
             self._event(db, event)
         if row and row[0]:
             self._remove_after_commit(self.outbox_dir / row[0])
@@ -620,10 +626,15 @@ class MemberStore(DurableStore):
                 (token.id, report, recipient, counter, encoded, now),
             )
             if wanted is not None:
-                db.execute(
-                    "UPDATE wanted_releases SET state = 'issued', token = ? WHERE id = ?",
+                # A request ended meanwhile (its report refused, say) issues nothing: the
+                # whole transaction, counter included, is rolled back.
+                cursor = db.execute(
+                    "UPDATE wanted_releases SET state = 'issued', token = ?"
+                    " WHERE id = ? AND state = 'waiting'",
                     (token.id, wanted),
                 )
+                if cursor.rowcount == 0:
+                    raise Refused(Reason.EXPIRED, "the release request ended before its token")
         return token.id
 
     _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail, rowid"

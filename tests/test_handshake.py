@@ -103,7 +103,7 @@ def test_messages_have_the_specified_shape(trio_arrangement: Trio) -> None:
     session = Session(trio_arrangement)
     hello = enc.unpack(session.hello)
     assert hello.keys() == {"t", "v", "arrangement", "version", "member", "eph", "nonce"}
-    assert (hello["t"], hello["v"], hello["member"]) == ("hello", 1, "seoul")
+    assert (hello["t"], hello["v"], hello["member"]) == ("hello", 2, "seoul")
     assert (hello["arrangement"], hello["version"]) == (arrangement.id, arrangement.version)
     welcome = enc.unpack(session.welcome)
     assert welcome.keys() == {"t", "v", "relay", "eph", "nonce", "stream", "sig"}
@@ -128,7 +128,7 @@ def test_fixed_randomness_gives_fixed_hello(trio_arrangement: Trio) -> None:
         == enc.pack(
             {
                 "t": "hello",
-                "v": 1,
+                "v": 2,
                 "arrangement": arrangement.id,
                 "version": 1,
                 "member": "seoul",
@@ -192,12 +192,22 @@ def test_wrong_arrangement_same_version(trio_arrangement: Trio) -> None:
     assert info.value.reason is Reason.WRONG_ARRANGEMENT
 
 
+def test_a_version_1_hello_is_refused(trio_arrangement: Trio) -> None:
+    # Version 2 changed the token and the messages: an older peer is refused in the
+    # handshake, before anything it sent could be misread.
+    arrangement, secrets = trio_arrangement
+    hello = enc.unpack(_hello_as(arrangement, "seoul"))
+    hello["v"] = 1
+    with pytest.raises(ProtocolError):
+        RelayHandshake(secrets["washington"], arrangement).receive(enc.pack(hello))
+
+
 def _hello_as(arrangement: Arrangement, name: str) -> bytes:
     public, _ = sodium.crypto_kx_keypair()
     return enc.pack(
         {
             "t": "hello",
-            "v": 1,
+            "v": 2,
             "arrangement": arrangement.id,
             "version": arrangement.version,
             "member": name,

@@ -23,7 +23,11 @@ from tisa.messages import (
     DeliverEnd,
     ErrorMessage,
     Expired,
+    FetchPrekeys,
     Message,
+    Prekeys,
+    PrekeyStatus,
+    PublishPrekeys,
     ReceiptNotice,
     Refusal,
     Release,
@@ -70,6 +74,13 @@ SAMPLES: list[Message] = [
     AuditReply(extract=b"e" * 5000),
     ErrorMessage(reason=Reason.BUSY.value),
     ErrorMessage(reason=Reason.LIMIT.value, detail="frame too large"),
+    PublishPrekeys(signed=b"p" * 218, one_time=[b"o" * 218] * 3),
+    PublishPrekeys(signed=None, one_time=[]),
+    FetchPrekeys(ref=TID, member="tokyo"),
+    Prekeys(ref=TID, member="tokyo", signed=b"p" * 218, one_time=b"o" * 218),
+    Prekeys(ref=TID, member="tokyo", signed=None, one_time=None),
+    PrekeyStatus(signed_not_after=1_420_600_000, one_time=99),
+    PrekeyStatus(signed_not_after=0, one_time=0),
 ]
 
 
