@@ -1063,7 +1063,10 @@ def _event_json(event: Any) -> dict[str, Any]:
             "received": r.received,
         }
     value: dict[str, Any] = {"event": event.KIND}
-    for name in ("report", "token", "ref", "recipient", "originator", "expected", "got"):
+    for name in (
+        *("report", "token", "ref", "recipient", "originator", "expected", "got"),
+        *("mode", "one_time", "signed_not_after"),  # WeakerWrap, PrekeysLow
+    ):
         item = getattr(event, name, None)
         if item is not None:
             value[name] = item.hex() if isinstance(item, bytes) else item

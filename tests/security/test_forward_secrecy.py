@@ -17,14 +17,15 @@ from typing import Any
 import pytest
 import trio
 
-from clients.events import Event, RefusedEvent, WeakerWrap
+from clients.events import Event, PrekeysLow, RefusedEvent, WeakerWrap
 from clients.node import Node
 from tisa.errors import Reason, Refused, TisaError, VerificationError
 from tisa.limits import Limits
-from tisa.messages import Deliver, Message, Prekeys, PublishPrekeys, Release
+from tisa.messages import Deliver, FetchPrekeys, Message, Prekeys, PublishPrekeys, Release
 from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode, unwrap_content_key
 from tisa.report import open_report
 from tisa.token import ReleaseToken, check_for_recipient
+from tisa_io.link import connect_member
 from tisa_testing import hostile
 from tisa_testing import relay as hr
 from tisa_testing.world import LEVEL, SCOPE, World, make_world
@@ -365,16 +366,23 @@ async def test_a_node_publishes_and_tops_up_its_prekeys(
         relay, port = await hr.start_hostile_relay(
             nursery, world, tmp_path / "washington", record, limits=small
         )
-        async with hr.open_member(world, "tokyo", port, tmp_path / "tokyo", limits=small):
+        async with hr.open_member(world, "tokyo", port, tmp_path / "tokyo", limits=small) as tokyo:
             while relay.store.prekey_status("tokyo", now=world.now)[1] < 6:
                 await trio.sleep(0.02)
-            # Four handouts leave 2 (< 3): the relay tells Tokyo, which tops up to 6.
-            for _ in range(4):
-                relay.store.take_prekeys("tokyo", taker="seoul", now=world.now)
-            await relay._reply(
-                next(iter(relay._connections["tokyo"])),
-                relay._prekey_status("tokyo"),
-            )
+            # Seoul fetches four: 2 left (< 3), so the relay tells Tokyo at once, and
+            # Tokyo tops its supply up to 6 again.
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            seoul = await connect_member(stream, world.secrets["seoul"], "seoul", world.arrangement)
+            async with seoul:
+                for i in range(4):
+                    await seoul.send(FetchPrekeys(ref=bytes([i]) * 16, member="tokyo"))
+                    answer = await seoul.receive()
+                    assert isinstance(answer, Prekeys) and answer.one_time is not None
+            # (The first notice was the empty supply at the first connection.)
+            lows = [await next_event(tokyo, PrekeysLow)]
+            while lows[-1].one_time != 2:
+                lows.append(await next_event(tokyo, PrekeysLow))
+            assert [low.one_time for low in lows] == [0, 2]
             while relay.store.prekey_status("tokyo", now=world.now)[1] < 6:
                 await trio.sleep(0.02)
     publishes = [m for d, _, m in relay.log if d == "received" and isinstance(m, PublishPrekeys)]
