@@ -860,6 +860,10 @@ class Relay:
         try:
             self.arrangement.require_role(conn.member, Role.ORIGINATOR)
             self.arrangement.require_role(message.member, Role.RECIPIENT)
+            if message.member == conn.member:
+                # An originator never releases to itself: its own one-time prekeys are
+                # not for it to use up.
+                raise Refused(Reason.WRONG_RECIPIENT, "a member does not fetch its own prekeys")
         except Refused as exc:
             await self._refuse(conn, message.ref, exc.reason, exc.detail)
             return

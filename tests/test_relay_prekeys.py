@@ -156,6 +156,8 @@ async def test_fetch_refusals(world: World, tmp_path: Path) -> None:
             assert reply.ref == b"r" * 16
             reply = await fetch(h, member="beijing")
             assert isinstance(reply, Refusal) and reply.reason == Reason.NOT_A_MEMBER.value
+            reply = await fetch(h, member="seoul", by="seoul")
+            assert isinstance(reply, Refusal) and reply.reason == Reason.WRONG_RECIPIENT.value
 
 
 async def test_low_supply_is_told_to_the_owner(world: World, tmp_path: Path) -> None:
