@@ -182,3 +182,25 @@ def test_prekey_message_limits_are_enforced() -> None:
         m.Prekeys(ref=bytes(16), member="tokyo", signed=b"x" * (MAX_PREKEY_SIZE + 1), one_time=None)
     with pytest.raises(ProtocolError):
         Prekey.decode(b"\x00" * (MAX_PREKEY_SIZE + 1))
+
+
+def test_a_schema_2_member_store_gains_the_prekey_tables(tmp_path: pathlib.Path) -> None:
+    import sqlite3
+
+    from clients.store import MemberStore
+
+    MemberStore(tmp_path, "tokyo").close()
+    db = sqlite3.connect(tmp_path / "member.db")
+    for table in ("prekeys", "used_prekeys", "wanted_releases"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    store = MemberStore(tmp_path, "tokyo")
+    try:
+        assert store.signed_prekey() is None and store.waiting_releases() == []
+        with pytest.raises(Refused) as info:
+            store.prekey_secret(PrekeyKind.ONE_TIME, bytes(32))
+        assert info.value.reason is Reason.UNKNOWN_PREKEY
+    finally:
+        store.close()

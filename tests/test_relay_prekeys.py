@@ -245,3 +245,24 @@ def test_prekey_secret_is_never_in_the_relay_store(world: World, tmp_path: Path)
     secret = PrekeySecret.generate(PrekeyKind.SIGNED, created=NOW - 1, not_after=NOW + 60)
     published = secret.publish(world.secrets["tokyo"], "tokyo", world.arrangement)
     assert secret.secret not in published and secret.public in published
+
+
+def test_a_version_3_store_gains_the_prekey_table(tmp_path: Path) -> None:
+    import sqlite3
+
+    from relay.store import SCHEMA_VERSION, Store
+
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "relay.db")
+    db.execute("DROP TABLE prekeys")
+    db.execute("PRAGMA user_version=3")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.prekey_status("tokyo", now=NOW) == (0, 0)
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "relay.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    db.close()
