@@ -1,6 +1,8 @@
 # Two entry points for a fresh machine with Python 3.11+ and make:
 #   make demo   -- the three-node demo (Seoul, Washington relay, Tokyo)
-#   make test   -- lint, type-check and the test suite
+#   make test   -- lint, type-check and the test suite (the PostgreSQL tests bring up a
+#                  throwaway server themselves, installing Debian's postgresql package
+#                  when missing: tests/nodes/pg_server.py; TISA_PG_DSN names one instead)
 # Each creates the virtual environment it needs in .venv.
 
 PYTHON ?= python3

@@ -1,8 +1,10 @@
 """``python -m bench [NAME] [ARGS]``: run one benchmark (default: core).
 
 Names: ``core`` (the protocol core against raw PyNaCl), ``nodes`` (the three trio nodes
-against a bare forwarder) and ``ceiling`` (the libsodium work per report, relay against
-bare forwarder; ``nodes`` runs it too). ``python -m bench NAME --help`` for the options.
+against a bare forwarder), ``ceiling`` (the libsodium work per report, relay against
+bare forwarder; ``nodes`` runs it too) and ``availability`` (a member's round trip under
+a connection flood, a delivery past a stale connection). ``python -m bench NAME --help``
+for the options.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 __all__ = ["BENCHMARKS", "main"]
 
-BENCHMARKS = ("core", "nodes", "ceiling")
+BENCHMARKS = ("core", "nodes", "ceiling", "availability")
 
 
 def main() -> int:

@@ -70,9 +70,10 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
-from bench import ceiling
+from bench import ceiling, targets
 from bench.processes import (
     Process,
+    cpu_seconds,
     emit,
     load,
     make_world,
@@ -111,6 +112,7 @@ async def _seoul(
             # Stay connected until Tokyo has it (the orchestrator ends us).
             await trio.sleep_forever()
         filler = os.urandom(max(0, size - _STAMP.size))
+        cpu0 = time.process_time()  # start-up (key file, imports, handshake) excluded
 
         async def submit(seq: int) -> None:
             body = _STAMP.pack(time.monotonic(), seq) + filler
@@ -141,7 +143,7 @@ async def _seoul(
                 for seq in range(count):
                     await limiter.acquire()
                     nursery.start_soon(bounded, seq)
-        emit({"start": start})
+        emit({"start": start, "cpu0": cpu0})
         await trio.sleep_forever()
 
 
@@ -154,6 +156,7 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
     ) as node:
         latencies: list[float] = []
         received = 0
+        cpu0 = time.process_time()
         async for report in node.reports():
             now = time.monotonic()
             if mode == "large":
@@ -162,9 +165,13 @@ async def _tokyo(folder: Path, port: int, mode: str, count: int) -> None:
             body = report.read_body()
             sent, _ = _STAMP.unpack_from(body)
             latencies.append(now - sent)
+            # As an application would: each report taken (as the loop's hand-over was
+            # recorded before the next one, before Node.ack).
+            await node.ack(report)
             received += 1
             if received == count:
-                emit({"end": now, "latencies": latencies})
+                emit({"end": now, "latencies": latencies, "cpu0": cpu0,
+                       "cpu1": time.process_time()})  # fmt: skip
                 return
 
 
@@ -178,6 +185,7 @@ def _run_tisa(
     seoul = tokyo = None
     try:
         port = wait_port(run / "relay.port", relay)
+        relay_cpu0 = cpu_seconds(relay.popen.pid)  # its start-up, excluded
         role_args = [str(run), str(port), mode, str(count), str(rate), str(size)]
         tokyo = Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", *role_args])
         seoul = Process(
@@ -193,7 +201,17 @@ def _run_tisa(
         "tokyo": {"peak_mib": tokyo.peak_mib, **tokyo.records()[-1], "cpu_s": tokyo.cpu_s},
         "relay_peak_mib": relay.peak_mib,
         "relay_cpu_s": relay.cpu_s,
+        "relay_run_cpu_s": relay.cpu_s - relay_cpu0,
     }
+
+
+def _pipeline_cpu_ms(result: dict[str, Any], count: int) -> float:
+    """CPU milliseconds per report summed over the three processes of a run, each from
+    the end of its start-up (the originator's first send, the recipient's node open,
+    the relay's listening) to its end."""
+    seoul = result["seoul"]["cpu_s"] - result["seoul"]["cpu0"]
+    tokyo = result["tokyo"]["cpu1"] - result["tokyo"]["cpu0"]
+    return 1000 * (seoul + result["relay_run_cpu_s"] + tokyo) / count
 
 
 # --- bare floor --------------------------------------------------------------------------
@@ -245,6 +263,7 @@ async def _bare_sender(port: int, mode: str, count: int, rate: float, size: int)
     filler = os.urandom(max(0, size - _STAMP.size))
     message = os.urandom(300)
     interval = 1.0 / rate if mode == "latency" else 0.0
+    cpu0 = time.process_time()
     start = time.monotonic()
     paced = trio.current_time()  # trio's clock, the one sleep_until uses
     for seq in range(count):
@@ -253,7 +272,7 @@ async def _bare_sender(port: int, mode: str, count: int, rate: float, size: int)
         signed = sodium.crypto_sign(message, secret_key)
         report = _STAMP.pack(time.monotonic(), seq) + filler
         await stream.send_all(_LEN.pack(len(signed) + len(report)) + signed + report)
-    emit({"start": start})
+    emit({"start": start, "cpu0": cpu0})
     await trio.sleep_forever()
 
 
@@ -262,13 +281,15 @@ async def _bare_receiver(port: int, count: int) -> None:
     await stream.send_all(_LEN.pack(8) + b"receiver")
     buffer = bytearray()
     latencies = []
+    cpu0 = time.process_time()
     for _ in range(count):
         frame = await _read_frame(stream, buffer)
         if frame is None:
             break
         sent, _ = _STAMP.unpack_from(frame)
         latencies.append(time.monotonic() - sent)
-    emit({"end": time.monotonic(), "latencies": latencies})
+    emit({"end": time.monotonic(), "latencies": latencies, "cpu0": cpu0,
+           "cpu1": time.process_time()})  # fmt: skip
 
 
 def _run_bare(folder: Path, mode: str, count: int, rate: float, size: int) -> dict[str, Any]:
@@ -279,6 +300,7 @@ def _run_bare(folder: Path, mode: str, count: int, rate: float, size: int) -> di
     sender = receiver = None
     try:
         port = wait_port(run / "port", forwarder)
+        forwarder_cpu0 = cpu_seconds(forwarder.popen.pid)
         args = [str(port), mode, str(count), str(rate), str(size)]
         receiver = Process(run, "receiver", ["-m", "bench.nodes", "--role", "bare-receiver", *args])
         time.sleep(0.3)
@@ -288,7 +310,11 @@ def _run_bare(folder: Path, mode: str, count: int, rate: float, size: int) -> di
         for process in (sender, receiver, forwarder):
             if process is not None:
                 process.stop()
-    return {"seoul": sender.records()[-1], "tokyo": receiver.records()[-1]}
+    return {
+        "seoul": {**sender.records()[-1], "cpu_s": sender.cpu_s},
+        "tokyo": receiver.records()[-1],
+        "relay_run_cpu_s": forwarder.cpu_s - forwarder_cpu0,
+    }
 
 
 # --- orchestration -----------------------------------------------------------------------
@@ -319,10 +345,16 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         alone = relay_load.run(folder, args.count, 1024, args.load_window)
         bare_rate, tisa_rate = _throughput(bare, args.count), _throughput(tisa, args.count)
         alone["ratio"] = alone["rate"] / bare_rate
-        rounds.append({"bare": bare_rate, "tisa": tisa_rate, "relay_alone": alone})
+        alone["relay_cpu_us"] = 1e6 * alone["relay_run_cpu_s"] / args.count
+        tisa_cpu, bare_cpu = _pipeline_cpu_ms(tisa, args.count), _pipeline_cpu_ms(bare, args.count)
+        rounds.append({"bare": bare_rate, "tisa": tisa_rate, "relay_alone": alone,
+                       "tisa_cpu_ms": tisa_cpu, "bare_cpu_ms": bare_cpu})  # fmt: skip
         print(f"  round {number}: bare forwarder {bare_rate:6.0f}/s   tisa {tisa_rate:5.0f}/s"
               f" ({tisa_rate / bare_rate:5.3f}x)   relay alone {alone['rate']:5.0f}/s"
               f" ({alone['ratio']:5.3f}x)")  # fmt: skip
+        print(f"           CPU per report: tisa {tisa_cpu:.2f} ms summed over the three"
+              f" processes (bare {bare_cpu:.3f} ms per message); relay alone"
+              f" {alone['relay_cpu_us']:.0f} µs; {targets.load_average()}")  # fmt: skip
     tisa_ratio = statistics.median(r["tisa"] / r["bare"] for r in rounds)
     alone_ratio = statistics.median(r["relay_alone"]["ratio"] for r in rounds)
     bare_rate = statistics.median(r["bare"] for r in rounds)
@@ -338,6 +370,16 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     limit["against_measured_bare"] = ceiling.bound_against(limit, bare_rate)
     print(ceiling.summary_line(limit))
     print(ceiling.bound_line(limit["against_measured_bare"], bare_rate))
+    relay_cpu_us = statistics.median(r["relay_alone"]["relay_cpu_us"] for r in rounds)
+    tisa_cpu_ms = statistics.median(r["tisa_cpu_ms"] for r in rounds)
+    bare_cpu_ms = statistics.median(r["bare_cpu_ms"] for r in rounds)
+    print(targets.line("relay alone, CPU per 1 KiB report (median of rounds)", relay_cpu_us,
+                       "µs", targets.RELAY_CPU_US,
+                       f"libsodium work the relay must do {limit['relay_us']:.0f} µs, the"
+                       f" relay at {relay_cpu_us / limit['relay_us']:.2f}x it"))  # fmt: skip
+    floor = f"bare forwarder's three processes {bare_cpu_ms:.3f} ms per message"
+    print(targets.line("three processes, CPU per report summed (median of rounds)",
+                       tisa_cpu_ms, "ms", targets.PIPELINE_CPU_MS, floor))  # fmt: skip
     cpu = {
         "seoul": tisa["seoul"]["cpu_s"],
         "relay": tisa["relay_cpu_s"],
@@ -352,6 +394,10 @@ def _throughput_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "ratio": tisa_ratio,
         "relay_alone": alone,
         "relay_alone_ratio": alone_ratio,
+        "relay_cpu_us": relay_cpu_us,
+        "tisa_cpu_ms": tisa_cpu_ms,
+        "bare_cpu_ms": bare_cpu_ms,
+        "load": targets.load_average(),
         "rounds": rounds,
         "concurrency": args.concurrency,
         "ceiling": limit,
@@ -369,7 +415,22 @@ def _latency_part(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
         print(f"  tisa p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s)")
         print(f"  bare p50 {b50:7.2f} ms  p99 {b99:8.2f} ms   p99 ratio {t99 / b99:6.1f}x")
-        figures[f"{rate:g}"] = {"tisa": [t50, t99], "bare": [b50, b99], "tisa_rate": achieved}
+        tisa_cpu = _pipeline_cpu_ms(tisa, args.latency_count)
+        print(f"  CPU per report {tisa_cpu:.2f} ms summed over the three processes"
+              f" (bare {_pipeline_cpu_ms(bare, args.latency_count):.3f} ms);"
+              f" {targets.load_average()}")  # fmt: skip
+        if rate == targets.LATENCY_RATE:
+            print(targets.line("p50 at 100/s", t50, "ms", targets.LATENCY_P50_MS,
+                               f"bare forwarder p50 {b50:.2f} ms"))  # fmt: skip
+            print(targets.line("p99 at 100/s", t99, "ms", targets.LATENCY_P99_MS,
+                               f"bare forwarder p99 {b99:.2f} ms"))  # fmt: skip
+        figures[f"{rate:g}"] = {
+            "tisa": [t50, t99],
+            "bare": [b50, b99],
+            "tisa_rate": achieved,
+            "tisa_cpu_ms": tisa_cpu,
+            "load": targets.load_average(),
+        }
     return figures
 
 

@@ -24,6 +24,7 @@ from tisa.keys import MemberSecret
 __all__ = [
     "PASSPHRASE",
     "Process",
+    "cpu_seconds",
     "emit",
     "load",
     "make_world",
@@ -157,8 +158,12 @@ def run_folder(folder: Path) -> Path:
 
 def start_relay(run: Path, count: int) -> Process:
     """The real relay (``python -m relay``) on a fresh store in ``run``; its port is written
-    to ``run / "relay.port"``. Its queue per recipient holds every report of the run."""
-    return Process(
+    to ``run / "relay.port"``. Its queue per recipient holds every report of the run.
+
+    With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
+    separately, not a dependency) samples the relay until it ends, into a collapsed-stack
+    file there (``relay-<pid>.txt``, one line per stack with its sample count)."""
+    relay = Process(
         run, "relay",
         ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
          "--arrangement", str(run / "arrangement.tisa"), "--store", str(run / "relay"),
@@ -166,3 +171,22 @@ def start_relay(run: Path, count: int) -> Process:
          "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip
+    profile = os.environ.get("BENCH_PROFILE_RELAY")
+    if profile:
+        out = Path(profile) / f"relay-{relay.popen.pid}.txt"
+        subprocess.Popen(
+            [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
+             str(relay.popen.pid), "--rate", "500", "--format", "raw", "--output", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+    return relay
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a running process so far (Linux /proc; else NaN)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return float("nan")
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -45,7 +45,7 @@ from typing import Any
 
 import trio
 
-from bench.processes import Process, emit, load, run_folder, start_relay, wait_port
+from bench.processes import Process, cpu_seconds, emit, load, run_folder, start_relay, wait_port
 from bench.world import LEVEL, SCOPE, bench_prekey
 from relay.store import DB_NAME
 from tisa.messages import (
@@ -65,9 +65,9 @@ from tisa.messages import (
 )
 from tisa.report import seal_report
 from tisa.token import ReleaseToken, issue_token
-from tisa_io.link import Link, connect_member
 
 __all__ = ["load_source", "run", "sink", "tokens_digest"]
+from tisa_io.link import Link, connect_member
 
 # Reports per send_many call (four messages each for a 1 KiB report), room permitting.
 BATCH = 64
@@ -282,16 +282,6 @@ def _wait_all(processes: list[Process], timeout: float) -> None:
     raise TimeoutError(f"not finished in {timeout:.0f} s")
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a running process so far (Linux /proc; else NaN)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return float("nan")
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _tokens_by_state(where: Path) -> dict[str, int]:
     """The relay's tokens by state, read from its store (SQLite in WAL mode, so a reader
     beside the running relay)."""
@@ -322,13 +312,13 @@ def run(folder: Path, count: int, size: int = 1024, window: int = 256) -> dict[s
         role_args = [str(where), str(port), str(count)]
         receiver = Process(where, "sink", ["-m", "bench.nodes", "--role", "relay-sink", *role_args])
         _wait_ready(receiver)  # connected before the source sends anything
-        relay_cpu = _cpu_seconds(relay.popen.pid)
+        relay_cpu = cpu_seconds(relay.popen.pid)
         source = Process(
             where, "source",
             ["-m", "bench.nodes", "--role", "load-source", *role_args, str(size), str(window)],
         )  # fmt: skip
         _wait_all([receiver, source], timeout=900)
-        relay_cpu = _cpu_seconds(relay.popen.pid) - relay_cpu
+        relay_cpu = cpu_seconds(relay.popen.pid) - relay_cpu
         # After the clock: every delivery must be complete at the relay (acked).
         states = _wait_acked(where, count)
     finally:

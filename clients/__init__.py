@@ -10,6 +10,7 @@ with :func:`tisa_io.load_home` (re-exported here)::
                          home.store) as tokyo:
         async for report in tokyo.reports():
             print(report.originator, report.read_body())
+            await tokyo.ack(report)  # taken: never handed over again, even after a crash
 
 * :mod:`clients.node`: :class:`Node` and :func:`open_node`.
 * :mod:`clients.events`: what :meth:`Node.events` and :meth:`Node.reports` hand over.

@@ -150,10 +150,14 @@ class WeakerWrap(Event):
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DeliveredReport:
-    """A verified report, stored in this node's inbox and handed to the application.
+    """A verified report, stored in this node's inbox and handed to the application by
+    :meth:`clients.node.Node.reports`, again and again until the application
+    acknowledges it with :meth:`clients.node.Node.ack`.
 
     ``body`` is the plaintext in memory when it is small, else the path of a file in
-    the inbox holding it; the same holds per attachment.
+    the inbox holding it (valid as long as the store is); the same holds per attachment.
+    ``token_id`` identifies the delivery: an application that records it with its
+    effect can recognise a report handed over again after a crash.
     """
 
     header: ReportHeader

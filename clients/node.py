@@ -18,11 +18,22 @@ submissions are resent (the relay answers a resubmission with the same digest
 are sent. Incoming messages are handled by the connection's receiver; see
 ``docs/node-protocol.md`` for the session protocol.
 
-Delivery is at-least-once on the wire and exactly-once to the application: a delivered
-report is verified, stored in the inbox together with its token and report id in the
-seen-set (one transaction), acknowledged to the relay only after that commit, and handed
-to :meth:`Node.reports` from the inbox. A redelivery of a stored report (lost ack, relay
-restart) is acknowledged again and never handed over twice.
+A submission the relay has not stored can be taken back (:meth:`Node.withdraw`): it
+stays in the outbox, sealed, and nothing of it or its releases is sent until
+:meth:`Node.resume` (or it is deleted, :meth:`Node.drop`); ``tisa send`` does this when
+it is interrupted, so an aborted send never reaches the relay behind the user's back.
+
+Delivery is at-least-once on the wire and deduplicated at the node: a delivered report
+is verified, stored in the inbox together with its token and report id in the seen-set
+(one transaction), acknowledged to the relay only after that commit, and handed to
+:meth:`Node.reports` from the inbox. A redelivery of a stored report (lost ack, relay
+restart) is acknowledged again and never stored twice. The application acknowledges
+each report it has taken with :meth:`Node.ack`; a report it has not acknowledged is
+handed over again by the next ``reports()`` loop, also after a crash::
+
+    async for report in node.reports():
+        record(report)           # the application's own effect
+        await node.ack(report)   # durable: this report never comes again
 
 Group commit: the store runs each change as a step of one open transaction (see
 :mod:`clients.store`) and nothing that depends on a change leaves the node before the
@@ -44,7 +55,7 @@ import pathlib
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, cast
 
 import trio
 
@@ -63,10 +74,10 @@ from clients.events import (
     WeakerWrap,
     decode_event,
 )
-from clients.store import MemberStore, Submission, WantedRelease, fsync_dir
+from clients.store import InboxEntry, MemberStore, Submission, WantedRelease, fsync_dir
 from tisa import messages as m
 from tisa.arrangement import Arrangement, Role
-from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, verify_extract
+from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, chain_next, verify_extract
 from tisa.errors import (
     ProtocolError,
     Reason,
@@ -104,13 +115,21 @@ DEFAULT_VALID_FOR = 24 * 3600.0
 # Bodies and attachments up to this size are handed to the application as bytes; larger
 # ones as the path of their inbox file, so a report of any size needs constant memory.
 INLINE_MAX = 1024 * 1024
-# Events and reports buffered in memory for the application; beyond this the pumps wait
-# (the store keeps the rest; see Node.events).
+# Events buffered in memory for the application; beyond this the pump waits (the store
+# keeps the rest; see Node.events).
 EVENT_BUFFER = 64
+# Inbox rows Node.reports reads per query: a few bodies of at most INLINE_MAX each in
+# memory at a time, and one query (and one wait for the disk) per 16 reports.
 REPORT_BUFFER = 16
+# Refusals (with an empty ref) the relay answers an audit_fetch with: past the end of
+# its log, or too many extracts queued (docs/protocol.md sections 12.3 and 14.2).
+_AUDIT_REFUSALS = frozenset({Reason.MALFORMED.value, Reason.BUSY.value})
 # Extracts fetched by one fetch_audit call. A relay cuts each extract at ~2,000 entries,
 # so this covers 100,000 new entries; a member further behind calls again.
 MAX_AUDIT_ROUNDS = 50
+# How long Node.withdraw waits for the relay's answer to a submission whose last byte
+# already went out: one round trip and a commit at the relay, with room for a slow link.
+WITHDRAW_GRACE = 5.0
 # Seconds between two looks at the node's prekeys (rotate the signed prekey, delete
 # secrets past their grace) while connected; rotation is counted in days, so an hour
 # late is harmless.
@@ -152,7 +171,9 @@ class _SessionOver(Exception):
 class _Session:
     link: Link
     over: trio.Event
-    audit_replies: trio.MemorySendChannel[bytes]
+    # The extract (or the relay's refusal) for the audit_fetch in flight, if any.
+    audit_replies: trio.MemorySendChannel[bytes | Refused]
+    audit_waiting: bool = False
     # Acks waiting for the commit of what they confirm: (batch, message).
     replies: collections.deque[tuple[int, m.Message]] = dataclasses.field(
         default_factory=collections.deque
@@ -165,6 +186,8 @@ class _Session:
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
     prekey_status: m.PrekeyStatus | None = None
     prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # The session's nursery scope: cancelling it closes the connection.
+    scope: trio.CancelScope | None = None
 
     def changed(self) -> None:
         self.replies_changed.set()
@@ -189,7 +212,7 @@ class Node:
         secret: MemberSecret,
         name: str,
         arrangement: Arrangement,
-        relay_addr: tuple[str, int],
+        relay_addr: tuple[str, int] | Sequence[tuple[str, int]],
         store: MemberStore,
         limits: Limits,
         clock: Callable[[], float],
@@ -198,7 +221,8 @@ class Node:
         self._secret = secret
         self.name = name
         self._arrangement = arrangement
-        self._relay_addr = relay_addr
+        # Relay processes serving the arrangement, tried in turn (see _run).
+        self._relay_addrs = relay_addresses(relay_addr)
         self.store = store
         self._limits = limits
         self._clock = clock
@@ -210,11 +234,22 @@ class Node:
         self._event_send, self._event_recv = trio.open_memory_channel[tuple[int, Event]](
             EVENT_BUFFER
         )
-        self._report_send, self._report_recv = trio.open_memory_channel[
-            tuple[int, DeliveredReport]
-        ](REPORT_BUFFER)
         # Commits the store's batches; every message handled counts as activity.
         self._group_commit = GroupCommitter(store)
+        # Reports whose submission is going out on the current connection, and those
+        # whose last byte went out on some connection of this process (see withdraw).
+        self._uploading: set[bytes] = set()
+        self._uploaded: set[bytes] = set()
+        self._withdrawals = 0  # counts withdraw() calls; the sender checks on a change
+        self._upload_changed = trio.Event()  # set when _uploading or _uploaded change
+        # Deliveries being received: token id -> (bytes received, size, originator);
+        # see wait_receiving.
+        self.receiving: dict[bytes, tuple[int, int, str]] = {}
+        self._receiving_changed = trio.Event()
+        # Why the last connection attempt failed (None once connected); attempts counts
+        # failed attempts, so a caller can wait for the next one.
+        self.connect_error: BaseException | None = None
+        self._attempted = trio.Event()
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -262,6 +297,43 @@ class Node:
         """Wait until a connection to the relay is up."""
         while self._session is None:
             await self._connected.wait()
+
+    async def wait_receiving(self) -> None:
+        """Wait until :attr:`receiving` changes (a delivery starts, progresses by a
+        chunk, or ends): for a progress display."""
+        await self._receiving_changed.wait()
+
+    def _set_receiving(self, token: ReleaseToken, received: int | None) -> None:
+        if received is None:
+            self.receiving.pop(token.id, None)
+        else:
+            self.receiving[token.id] = (received, token.size, token.originator)
+        self._receiving_changed.set()
+        self._receiving_changed = trio.Event()
+
+    async def wait_connect_attempt(self) -> BaseException | None:
+        """Wait until a connection is up (returns None) or the next attempt failed
+        (returns its error: an :class:`OSError` such as a refused connection, a
+        :class:`~tisa.errors.Refused` from the relay's handshake, ...). The node keeps
+        trying in the background either way."""
+        if self._session is not None:
+            return None
+        if self.connect_error is not None:  # the last attempt failed already
+            return self.connect_error
+        attempted = self._attempted
+        async with trio.open_nursery() as nursery:
+
+            async def connected() -> None:
+                await self.wait_connected()
+                nursery.cancel_scope.cancel()
+
+            async def failed() -> None:
+                await attempted.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(connected)
+            nursery.start_soon(failed)
+        return None if self._session is not None else self.connect_error
 
     # --- originator: submit, release, revoke -----------------------------------------
 
@@ -432,7 +504,9 @@ class Node:
             The token id.
 
         Raises:
-            Refused: refused here (``wrong_recipient``, or what the arrangement says) or
+            Refused: refused here (``wrong_recipient``, ``duplicate`` when a token for
+                this recipient is pending or was accepted already, or what the
+                arrangement says) or
                 by the relay (``expired``, ``unknown_report``, ``queue_full``, ...), or
                 the report was refused, revoked or expired first.
             UsageError: an unknown report or a bad ``valid_for``.
@@ -441,6 +515,20 @@ class Node:
         withdraw it.
         """
         _check_window(valid_for, "valid_for", MAX_VALIDITY)
+        for earlier in self.store.releases_of(report_id):
+            if earlier.recipient == recipient and earlier.state in ("pending", "released"):
+                # A second token would only make the relay forward it again, and the
+                # recipient refuse it (replayed): refused here, with nothing sent.
+                raise Refused(
+                    Reason.DUPLICATE,
+                    f"already released to {recipient} (token {earlier.token.hex()}, "
+                    f"{earlier.state})",
+                )
+        for waiting in self.store.waiting_releases():
+            if (waiting.report, waiting.recipient) == (report_id, recipient):
+                raise Refused(
+                    Reason.DUPLICATE, f"a release to {recipient} is already waiting for its token"
+                )
         wanted_id = self._want(report_id, recipient, valid_for)
         # The issuer is told first: it fetches the recipient's prekeys, issues the
         # token (its counter and the token commit together), and the sender sends it.
@@ -695,24 +783,37 @@ class Node:
             with trio.move_on_after(PREKEY_CHECK_INTERVAL):
                 await changed.wait()
 
-    async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> None:
+    async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> bool:
         """Withdraw one token, or with ``token_id`` None the whole report.
 
         Releases not yet sent are withdrawn locally at once; the revocation is sent to
-        the relay (once it has the report) and this waits for its answer.
+        the relay (once it has the report) and this waits for its answer. Revoking what
+        is already revoked changes nothing and returns False. A withdrawn submission
+        (see :meth:`withdraw`) that the relay turns out not to have is dropped.
+
+        Returns:
+            True if this call revoked it, False if it was revoked already.
 
         Raises:
-            Refused: the relay refused (``unknown_report``; ``replayed`` when the token
-                was already delivered and acknowledged).
+            Refused: the relay refused: ``replayed`` when the token, or every token of
+                the report, was already delivered (a revocation cannot take a report
+                back from its recipient), ``expired``, ``unknown_report``.
             UsageError: an unknown report, or a token not of this report.
 
         Cancellation: the revocation stays queued and is still sent.
         """
-        self._submission(report_id)
+        submission = self._submission(report_id)
+        if submission.state in ("revoked", "dropped"):
+            return False
         if token_id is not None:
             pending = self.store.release(token_id)
             if pending is None or pending.report != report_id:
                 raise UsageError("no such token for this report")
+            if (
+                pending.state == "revoked"
+                and self.store.pending_revocation(report_id, token_id) is None
+            ):
+                return False
         rev_id = self.store.record_revocation(report_id, token_id)
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
@@ -723,10 +824,89 @@ class Node:
             assert revocation is not None
             if revocation.state == "revoked":
                 await self._durable()
-                return
+                return True
             if revocation.state == "refused":
-                raise Refused(Reason(revocation.reason or "internal"), revocation.detail or "")
+                reason = Reason(revocation.reason or "internal")
+                if (
+                    reason is Reason.UNKNOWN_REPORT
+                    and token_id is None
+                    and self._submission(report_id).state == "withdrawn"
+                ):
+                    # Withdrawn before the relay stored it, and it never did: nothing
+                    # to revoke there; the local copy goes.
+                    await self.drop(report_id)
+                    return True
+                raise Refused(reason, revocation.detail or "")
             await changed.wait()
+
+    async def withdraw(self, report_id: bytes, *, grace: float = WITHDRAW_GRACE) -> str:
+        """Take back a submission the relay has not stored: it stays in the outbox,
+        sealed, but nothing of it (nor of its releases) is sent until :meth:`resume`.
+
+        A submission whose last byte already went out (the relay may store it any
+        moment) is not called back: this waits up to ``grace`` seconds for the relay's
+        answer. One still streaming is cut off by closing the connection (the relay
+        discards an unfinished upload; the node reconnects).
+
+        Returns:
+            ``"withdrawn"`` (the relay does not have it), ``"stored"`` (the relay stored
+            it first: revoke it to take it back), ``"uncertain"`` (its last byte went out
+            and no answer came within ``grace``: the relay may have it), or the
+            submission's final state if it had one already (``"refused"``,
+            ``"expired"``, ``"revoked"``, ``"dropped"``; ``"withdrawn"`` again).
+
+        Raises:
+            UsageError: this node never submitted ``report_id``.
+        """
+        submission = self._submission(report_id)
+        if submission.state != "queued":
+            return submission.state
+        self.store.withdraw_submission(report_id)
+        self._withdrawals += 1
+        self._notify()
+        await self._durable()
+        if report_id in self._uploading or report_id in self._uploaded:
+            with trio.move_on_after(grace):
+                while report_id in self._uploading:
+                    await self._upload_changed.wait()
+                if report_id in self._uploaded:
+                    while (state := self._submission(report_id).state) == "withdrawn":
+                        changed = self._changed
+                        await changed.wait()
+                    return state
+        if report_id in self._uploaded:
+            return "uncertain"
+        return self._submission(report_id).state
+
+    async def resume(self, report_id: bytes) -> None:
+        """Queue a withdrawn submission (and its pending releases) again.
+
+        The connection in use is closed and made anew, so that the submission goes out
+        first in order on the next one (the sender reads the outbox in order).
+
+        Raises:
+            UsageError: this node never submitted ``report_id``, or it is not withdrawn.
+        """
+        if self._submission(report_id).state != "withdrawn":
+            raise UsageError("that report is not withdrawn (see the outbox)")
+        self.store.requeue_submission(report_id)
+        await self._durable()
+        session = self._session
+        if session is not None and session.scope is not None:
+            session.scope.cancel()
+        self._notify()
+
+    async def drop(self, report_id: bytes) -> None:
+        """Delete a withdrawn submission: its ciphertext and pending releases are gone.
+
+        Raises:
+            UsageError: this node never submitted ``report_id``, or it is not withdrawn.
+        """
+        if self._submission(report_id).state != "withdrawn":
+            raise UsageError("that report is not withdrawn (see the outbox)")
+        self.store.set_submission_state(report_id, "dropped", None, reason="dropped")
+        self._notify()
+        await self._durable()
 
     def _submission(self, report_id: bytes) -> Submission:
         submission = self.store.submission(report_id)
@@ -753,26 +933,74 @@ class Node:
             yield event
 
     async def reports(self) -> AsyncIterator[DeliveredReport]:
-        """Delivered, verified reports, oldest first, each handed over once.
+        """Verified reports the application has not acknowledged yet, oldest first, then
+        new ones as they arrive; each once per loop.
 
-        A report is marked as handed over durably when the consumer asks for the next
-        one or leaves the loop; a node killed while the application was still holding
-        one hands that report over again on restart (it never loses one). An
-        application that must not see one twice even then records ``token_id`` with
-        its own effect. Use one consumer.
+        A report counts as handed over when the application acknowledges it with
+        :meth:`ack`, as a consumer commits an offset; until then it stays in the inbox
+        and the next ``reports()`` loop (in this run, or after a restart or a crash)
+        yields it again. So an application that takes one report at a time, records it
+        and then acknowledges it sees a report a second time only if it is stopped
+        between the two; one that records ``token_id`` together with its effect (one
+        transaction) can skip that one too, and acts on each report exactly once. A
+        loop that never acknowledges gets every report again on each start: nothing is
+        lost, but nothing counts as taken. A report reaches this loop only once it is
+        on disk. Use one consumer.
         """
-        async for _seq, report in self._report_recv:
-            try:
-                yield report
-            finally:
-                # A loop left after the node closed cannot record it: the report is
-                # handed over again on the next start, as after a kill (never lost).
-                if not self.store.closed:
-                    self.store.mark_handed(report.token_id)
-                    self._group_commit.mark_dirty()
-            # On disk before the next one is handed over: else a node killed once the
-            # application took the next one would hand over both again.
-            await self._durable()
+        last = 0
+        while True:
+            changed = self._changed
+            entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
+            if not entries:
+                await changed.wait()
+                continue
+            await self._durable()  # a report reaches the application once on disk
+            for entry in entries:
+                last = entry.seq
+                yield self._delivered(entry)
+
+    async def ack(self, report: DeliveredReport) -> None:
+        """Acknowledge that the application has taken ``report`` from :meth:`reports`:
+        it is never handed over again, even after a crash.
+
+        Returns once the acknowledgement is on disk. Acknowledging a report again does
+        nothing; reports may be acknowledged in any order.
+
+        Raises:
+            UsageError: ``report`` is not in this node's inbox, or the node is closed
+                (the report is then handed over again on the next start).
+
+        Cancellation: the acknowledgement may or may not be on disk; if it is not, the
+        report is handed over again on the next start.
+        """
+        if self.store.closed:
+            raise UsageError("the node is closed; the report comes again on the next start")
+        if not self.store.mark_handed(report.token_id):
+            raise UsageError("that report is not in this node's inbox")
+        await self._durable()
+
+    def _delivered(self, entry: InboxEntry) -> DeliveredReport:
+        header = entry.header
+        parts: list[bytes | pathlib.Path]
+        if entry.parts is not None:
+            parts = list(entry.parts)
+        else:
+            parts = [
+                _inline(entry.dir / "body", header.body_size),
+                *(
+                    _inline(entry.dir / f"a{i}", size)
+                    for i, (_, size) in enumerate(header.attachments)
+                ),
+            ]
+        return DeliveredReport(
+            header=header,
+            body=parts[0],
+            attachments={
+                name: part for (name, _), part in zip(header.attachments, parts[1:], strict=True)
+            },
+            token_id=entry.token,
+            originator=header.originator,
+        )
 
     async def _pump_events(self) -> None:
         last = 0
@@ -789,64 +1017,38 @@ class Node:
             if not rows:
                 await changed.wait()
 
-    async def _pump_reports(self) -> None:
-        last = 0
-        while True:
-            changed = self._changed
-            entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
-            if entries:
-                await self._durable()  # a report reaches the application once on disk
-            for entry in entries:
-                header = entry.header
-                parts: list[bytes | pathlib.Path]
-                if entry.parts is not None:
-                    parts = list(entry.parts)
-                else:
-                    parts = [
-                        _inline(entry.dir / "body", header.body_size),
-                        *(
-                            _inline(entry.dir / f"a{i}", size)
-                            for i, (_, size) in enumerate(header.attachments)
-                        ),
-                    ]
-                report = DeliveredReport(
-                    header=header,
-                    body=parts[0],
-                    attachments={
-                        name: part
-                        for (name, _), part in zip(header.attachments, parts[1:], strict=True)
-                    },
-                    token_id=entry.token,
-                    originator=header.originator,
-                )
-                await self._report_send.send((entry.seq, report))
-                last = entry.seq
-            if not entries:
-                await changed.wait()
-
     # --- audit -----------------------------------------------------------------------
 
-    async def fetch_audit(self) -> list[AuditEntry]:
+    async def fetch_audit(self, *, from_start: bool = False) -> list[AuditEntry]:
         """Fetch the relay's audit entries that concern this member, and verify them.
 
         The extract must continue the chain from the last checkpoint this node verified
         (kept in the store) up to a checkpoint signed by the relay; the new checkpoint is
-        stored. Waits for a connection.
+        stored. With ``from_start``, every entry since the log began is fetched and the
+        chain verified from its start; it must pass through the stored checkpoint (the
+        relay cannot show this member another history than before). Waits for a
+        connection.
 
         Returns:
-            This member's entries since the previous fetch, in order.
+            This member's entries since the previous fetch (with ``from_start``: all of
+            them), in order.
 
         Raises:
             VerificationError: the relay's extract does not check out (chain, signature,
-                or it does not continue from the stored checkpoint).
+                or it does not continue from, or pass through, the stored checkpoint).
             ProtocolError: the extract is malformed.
+            Refused: the relay refused the fetch: ``malformed`` when its log ends before
+                the checkpoint this node verified (the relay lost or rolled back entries
+                it had signed: keep :meth:`audit_checkpoint` as the evidence), ``busy``
+                when it has extracts for this connection still unsent.
         """
         out: list[AuditEntry] = []
         async with self._audit_lock:
+            stored = self.store.audit_checkpoint()
+            known = (0, GENESIS) if from_start or stored is None else stored
             # The relay may cut an extract short (entries or bytes); fetch again from
             # the new checkpoint until an extract brings nothing new.
             for _ in range(MAX_AUDIT_ROUNDS):
-                known = self.store.audit_checkpoint() or (0, GENESIS)
                 try:
                     data = await self._audit_request(known[0])
                 except _SessionOver:
@@ -855,10 +1057,22 @@ class Node:
                 entries, checkpoint = verify_extract(
                     extract, self._arrangement, self.name, known=known
                 )
+                if (
+                    stored is not None
+                    and known[0] < stored[0] <= checkpoint.seq
+                    and _head_at(extract, stored[0]) != stored[1]
+                ):
+                    raise VerificationError()
                 if not extract.items:
                     break
-                self.store.set_audit_checkpoint(checkpoint.seq, checkpoint.head, checkpoint.encoded)
+                known = (checkpoint.seq, checkpoint.head)
+                if stored is None or checkpoint.seq >= stored[0]:
+                    self.store.set_audit_checkpoint(
+                        checkpoint.seq, checkpoint.head, checkpoint.encoded
+                    )
                 out.extend(entries)
+            if stored is not None and known[0] < stored[0]:
+                raise VerificationError()  # the log now ends before what was verified
         return out
 
     def audit_checkpoint(self) -> Checkpoint | None:
@@ -885,27 +1099,33 @@ class Node:
         await self.wait_connected()
         session = self._session
         assert session is not None
-        send, receive = trio.open_memory_channel[bytes](1)
+        send, receive = trio.open_memory_channel[bytes | Refused](1)
         session.audit_replies = send
-        result: list[bytes] = []
-        async with trio.open_nursery() as nursery:
+        result: list[bytes | Refused] = []
+        session.audit_waiting = True
+        try:
+            async with trio.open_nursery() as nursery:
 
-            async def get() -> None:
-                result.append(await receive.receive())
-                nursery.cancel_scope.cancel()
+                async def get() -> None:
+                    result.append(await receive.receive())
+                    nursery.cancel_scope.cancel()
 
-            async def watch() -> None:
-                await session.over.wait()
-                nursery.cancel_scope.cancel()
+                async def watch() -> None:
+                    await session.over.wait()
+                    nursery.cancel_scope.cancel()
 
-            nursery.start_soon(get)
-            nursery.start_soon(watch)
-            try:
-                await session.link.send(m.AuditFetch(since=since))
-            except LinkClosed:
-                nursery.cancel_scope.cancel()
+                nursery.start_soon(get)
+                nursery.start_soon(watch)
+                try:
+                    await session.link.send(m.AuditFetch(since=since))
+                except LinkClosed:
+                    nursery.cancel_scope.cancel()
+        finally:
+            session.audit_waiting = False
         if not result:
             raise _SessionOver()
+        if isinstance(result[0], Refused):
+            raise result[0]
         return result[0]
 
     # --- connection ------------------------------------------------------------------
@@ -913,10 +1133,13 @@ class Node:
     async def _run(self) -> None:
         """Connect, serve the session, reconnect with backoff; forever."""
         delay = self._backoff.initial
+        # The address tried next: after a failed connection attempt the next one in the
+        # list (failover between relay processes); after a session that ended, the same.
+        current = 0
         while True:
             link: Link | None = None
             try:
-                stream = await trio.open_tcp_stream(*self._relay_addr)
+                stream = await trio.open_tcp_stream(*self._relay_addrs[current])
                 link = await connect_member(
                     stream, self._secret, self.name, self._arrangement, limits=self._limits
                 )
@@ -925,9 +1148,17 @@ class Node:
                 # application, then keep trying (the relay may be updated or less busy).
                 self.store.add_event(RefusedEvent(ref=b"", reason=exc.reason, detail=exc.detail))
                 self._notify()
-            except _LINK_FAILURES:
-                pass
-            if link is not None:
+                error: BaseException = exc
+            except _LINK_FAILURES as exc:
+                error = exc
+            if link is None:
+                current = (current + 1) % len(self._relay_addrs)
+                if current != 0:
+                    continue  # the next relay process at once; back off after a round
+                # Every address failed this round: tell whoever waits for an attempt.
+                self._attempt_failed(error)
+            else:
+                self.connect_error = None
                 delay = self._backoff.initial
                 async with link:
                     await self._serve(link)
@@ -935,12 +1166,18 @@ class Node:
             await trio.sleep(delay * jitter)
             delay = min(delay * self._backoff.factor, self._backoff.maximum)
 
+    def _attempt_failed(self, error: BaseException) -> None:
+        self.connect_error = error
+        self._attempted.set()
+        self._attempted = trio.Event()
+
     async def _serve(self, link: Link) -> None:
         over = trio.Event()
-        discard, _ = trio.open_memory_channel[bytes](1)
+        discard, _ = trio.open_memory_channel[bytes | Refused](1)
         session = _Session(link=link, over=over, audit_replies=discard)
         try:
             async with trio.open_nursery() as nursery:
+                session.scope = nursery.cancel_scope
                 nursery.start_soon(self._guard, self._sender, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._receiver, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._replier, session, nursery.cancel_scope)
@@ -987,7 +1224,10 @@ class Node:
             await self._durable()
             # Everything of one pass goes out in one write where it can (small
             # submissions, releases, revocations, receipts); a large submission streams.
-            pending: list[m.Message] = []
+            # Each message is kept with the report it belongs to (or None), so that one
+            # withdrawn before the write is left out (see withdraw).
+            pending: list[tuple[bytes | None, m.Message]] = []
+            withdrawals = self._withdrawals
             submissions = store.queued_submissions(after=after_submission)
             if submissions:
                 await self._durable()
@@ -995,9 +1235,12 @@ class Node:
                 after_submission = max(after_submission, submission.seq)
                 submitted.add(submission.report)
                 if submission.data is not None:
-                    pending.extend(_submission_messages(submission, submission.data))
+                    pending.extend(
+                        (submission.report, message)
+                        for message in _submission_messages(submission, submission.data)
+                    )
                 else:
-                    await link.send_many(pending)
+                    await self._send_pending(link, pending, withdrawals)
                     pending.clear()
                     await self._send_file_submission(link, submission)
             releases = store.releases_to_send(after=after_release, submitted=submitted)
@@ -1005,12 +1248,14 @@ class Node:
                 await self._durable()
             for release in releases:
                 after_release = release.seq
-                pending.append(m.Release(token=release.encoded))
+                pending.append((release.report, m.Release(token=release.encoded)))
             for revocation in store.revocations_to_send():
                 if revocation.id not in sent_revocations:
                     await self._durable()
                     sent_revocations.add(revocation.id)
-                    pending.append(m.Revoke(report=revocation.report, token=revocation.token))
+                    pending.append(
+                        (None, m.Revoke(report=revocation.report, token=revocation.token))
+                    )
             # Once per connection until the relay confirms it (ack kind "receipt"): a
             # receipt lost with a connection is sent again on the next one.
             receipts = store.receipts_to_send(after=after_receipt)
@@ -1018,19 +1263,61 @@ class Node:
                 await self._durable()
             for seq, _token_id, receipt in receipts:
                 after_receipt = seq
-                pending.append(m.SendReceipt(receipt=receipt))
+                pending.append((None, m.SendReceipt(receipt=receipt)))
             if pending:
-                await link.send_many(pending)
+                await self._send_pending(link, pending, withdrawals)
             await changed.wait()
+
+    def _withdrawn(self, report: bytes) -> bool:
+        submission = self.store.submission(report)
+        return submission is not None and submission.state == "withdrawn"
+
+    async def _send_pending(
+        self, link: Link, pending: list[tuple[bytes | None, m.Message]], withdrawals: int
+    ) -> None:
+        """Send ``pending`` in one write, less what belongs to a report withdrawn since
+        the pass began (checked only if a withdrawal happened: no query otherwise)."""
+        if self._withdrawals != withdrawals:
+            gone = {r for r, _ in pending if r is not None and self._withdrawn(r)}
+            pending = [(r, message) for r, message in pending if r not in gone]
+        reports = {message.report for _, message in pending if isinstance(message, m.SubmitEnd)}
+        # From here on the relay may get these submissions whole: withdraw() waits for
+        # its answer instead of assuming it has nothing.
+        self._uploading |= reports
+        try:
+            await link.send_many([message for _, message in pending])
+            self._uploaded |= reports
+        finally:
+            self._uploading -= reports
+            if reports:
+                self._uploads_changed()
+
+    def _uploads_changed(self) -> None:
+        self._upload_changed.set()
+        self._upload_changed = trio.Event()
 
     async def _send_file_submission(self, link: Link, submission: Submission) -> None:
         assert submission.path is not None
-        with open(submission.path, "rb") as source:
-            async with link.sending():
-                await link.send(_submit_begin(submission))
-                while data := source.read(MAX_CHUNK_DATA):
-                    await link.send(m.Chunk(data=data))
-                await link.send(m.SubmitEnd(report=submission.report))
+        report = submission.report
+        withdrawals = self._withdrawals
+        if self._withdrawn(report):
+            return
+        self._uploading.add(report)
+        try:
+            with open(submission.path, "rb") as source:
+                async with link.sending():
+                    await link.send(_submit_begin(submission))
+                    while data := source.read(MAX_CHUNK_DATA):
+                        if self._withdrawals != withdrawals and self._withdrawn(report):
+                            # Withdrawn mid-upload: only closing the connection stops
+                            # it (the relay discards an upload that never ended).
+                            raise LinkClosed("submission withdrawn during its upload")
+                        await link.send(m.Chunk(data=data))
+                    await link.send(m.SubmitEnd(report=report))
+            self._uploaded.add(report)
+        finally:
+            self._uploading.discard(report)
+            self._uploads_changed()
 
     async def _receiver(self, session: _Session) -> None:
         link = session.link
@@ -1053,6 +1340,12 @@ class Node:
             elif isinstance(message, m.Released):
                 self._on_released(message)
             elif isinstance(message, m.Refusal):
+                if session.audit_waiting and not message.ref and message.reason in _AUDIT_REFUSALS:
+                    # The relay answers an audit_fetch it cannot serve with a refusal
+                    # (ref empty) and goes on: hand it to the fetch that waits for it.
+                    refusal = Refused(Reason(message.reason), message.detail)
+                    with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                        session.audit_replies.send_nowait(refusal)
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
@@ -1079,7 +1372,9 @@ class Node:
             self._notify()
 
     def _on_prekey_status(self, session: _Session, message: m.PrekeyStatus) -> None:
-        if message.one_time < self._limits.prekey_low_water:
+        # A member that never published (no signed prekey at the relay) is not running
+        # low: it is about to publish its first supply.
+        if message.signed_not_after and message.one_time < self._limits.prekey_low_water:
             self.store.add_event(
                 PrekeysLow(one_time=message.one_time, signed_not_after=message.signed_not_after)
             )
@@ -1162,7 +1457,7 @@ class Node:
                 )
                 return
         submission = self.store.submission(ref)
-        if submission is not None and submission.state == "queued":
+        if submission is not None and submission.state in ("queued", "withdrawn"):
             if reason is Reason.BUSY:
                 # Transient: the relay still holds an upload of this report from one of
                 # our earlier connections. Keep it queued (never drop the ciphertext) and
@@ -1347,6 +1642,7 @@ class Node:
                 staged.mkdir()
         files: dict[int, BinaryIO] = {}
         failure: TisaError | None = None
+        self._set_receiving(token, 0)
         try:
             received = 0
             while True:
@@ -1355,6 +1651,7 @@ class Node:
                     received += len(message.data)
                     if received > token.size:
                         raise ProtocolError("delivery longer than its token says")
+                    self._set_receiving(token, received)
                     if failure is not None:
                         continue
                     try:
@@ -1395,6 +1692,7 @@ class Node:
                 os.fsync(out.fileno())
             return header, None
         finally:
+            self._set_receiving(token, None)
             for out in files.values():
                 out.close()
 
@@ -1415,6 +1713,17 @@ class Node:
 
 
 # --- module helpers ------------------------------------------------------------------
+
+
+def _head_at(extract: Extract, seq: int) -> bytes | None:
+    """The chain head after entry ``seq`` of an extract (verified before)."""
+    head, at = extract.start_head, extract.start_seq
+    for item in extract.items:
+        at += 1
+        head = chain_next(head, item.content_hash if isinstance(item, AuditEntry) else item)
+        if at == seq:
+            return head
+    return None
 
 
 def _check_window(value: float, what: str, maximum: int | None) -> None:
@@ -1499,7 +1808,26 @@ def _final_refusal(state: str, reason: str | None, detail: str | None) -> Refuse
         return Refused(Reason.REVOKED, detail or "revoked")
     if state == "expired":
         return Refused(Reason.EXPIRED, detail or "expired at the relay")
+    if state in ("withdrawn", "dropped"):
+        # Taken back by this node (Node.withdraw, Node.drop) before the relay stored it.
+        return Refused(Reason.REVOKED, f"{state} by this node before the relay stored it")
     return Refused(Reason(reason or "internal"), detail or state)
+
+
+def relay_addresses(
+    relay_addr: tuple[str, int] | Sequence[tuple[str, int]],
+) -> list[tuple[str, int]]:
+    """One relay address, or a list of them, as a list.
+
+    Raises:
+        UsageError: the list is empty.
+    """
+    if len(relay_addr) == 2 and isinstance(relay_addr[0], str):
+        return [cast(tuple[str, int], relay_addr)]
+    addresses = list(cast(Sequence[tuple[str, int]], relay_addr))
+    if not addresses:
+        raise UsageError("no relay address")
+    return addresses
 
 
 @contextlib.asynccontextmanager
@@ -1507,7 +1835,7 @@ async def open_node(
     secret: MemberSecret,
     name: str,
     arrangement: Arrangement,
-    relay_addr: tuple[str, int],
+    relay_addr: tuple[str, int] | Sequence[tuple[str, int]],
     store_path: str | os.PathLike[str],
     *,
     limits: Limits = DEFAULT_LIMITS,
@@ -1520,7 +1848,9 @@ async def open_node(
         secret: this member's keys.
         name: this member's name in ``arrangement``.
         arrangement: the effective arrangement.
-        relay_addr: ``(host, port)`` of the relay.
+        relay_addr: ``(host, port)`` of the relay, or a list of them: relay processes
+            serving the arrangement from one store (docs/deployment.md), tried in turn
+            when a connection fails.
         store_path: the node's store directory (created if missing; one node at a time).
         limits: limits applied to the link and to reports.
         clock: unix time in seconds (injected in tests).
@@ -1552,7 +1882,6 @@ async def open_node(
             )
             nursery.start_soon(node._run)
             nursery.start_soon(node._pump_events)
-            nursery.start_soon(node._pump_reports)
             nursery.start_soon(node._group_commit.run_background_commits)
             try:
                 yield node

@@ -81,6 +81,7 @@ __all__ = [
     "PendingRevocation",
     "WantedRelease",
     "fsync_dir",
+    "read_store_name",
     "write_durably",
 ]
 
@@ -99,7 +100,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     recipients TEXT NOT NULL,      -- JSON list of names
     expires INTEGER NOT NULL,
     created INTEGER NOT NULL,
-    state TEXT NOT NULL,           -- queued | stored | refused | revoked | expired
+    state TEXT NOT NULL,           -- queued | withdrawn | stored | refused | revoked
+                                   -- | expired | dropped (withdrawn, then deleted)
     ack BLOB,
     reason TEXT,
     detail TEXT,
@@ -113,6 +115,7 @@ CREATE TABLE IF NOT EXISTS releases (
     encoded BLOB NOT NULL,
     created INTEGER NOT NULL,
     state TEXT NOT NULL,           -- pending | released | refused | revoked | expired
+                                   -- | dropped
     reason TEXT,
     detail TEXT
 );
@@ -152,7 +155,7 @@ CREATE TABLE IF NOT EXISTS inbox (
     header BLOB NOT NULL,          -- canonical encoding of the verified ReportHeader
     dir TEXT NOT NULL,             -- directory name under inbox/
     received INTEGER NOT NULL,
-    handed INTEGER NOT NULL DEFAULT 0,
+    handed INTEGER NOT NULL DEFAULT 0,  -- 1 once the application acknowledged it
     receipt BLOB NOT NULL,         -- our signed receipt, sent to the originator
     receipt_sent INTEGER NOT NULL DEFAULT 0,  -- 1 once the relay confirmed it has it
     data BLOB                      -- a small report's parts (packed list); dir is ''
@@ -299,6 +302,22 @@ class InboxEntry:
     receipt: bytes
     receipt_sent: bool
     parts: list[bytes] | None = None  # a small report's body and attachments
+
+
+def read_store_name(path: str | os.PathLike[str]) -> str | None:
+    """The member name a store directory belongs to, read without opening it for
+    writing; None if there is no store there yet."""
+    db_path = pathlib.Path(path) / "member.db"
+    if not db_path.exists():
+        return None
+    db = sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = 'name'").fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        db.close()
+    return str(row[0]) if row else None
 
 
 class MemberStore(DurableStore):
@@ -494,10 +513,12 @@ class MemberStore(DurableStore):
         return [self._submission(row) for row in rows]
 
     def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
-        """Record the relay's ack and drop the local ciphertext. False if not queued."""
+        """Record the relay's ack and drop the local ciphertext. False if not queued (a
+        withdrawn submission counts: the relay stored it before it was withdrawn)."""
         with self.transaction() as db:
             row = db.execute(
-                "SELECT file FROM outbox WHERE report = ? AND state = 'queued'", (report,)
+                "SELECT file FROM outbox WHERE report = ? AND state IN ('queued', 'withdrawn')",
+                (report,),
             ).fetchone()
             if row is None:
                 return False
@@ -512,10 +533,41 @@ class MemberStore(DurableStore):
             self._remove_after_commit(self.outbox_dir / row[0])
         return True
 
+    def withdraw_submission(self, report: bytes) -> None:
+        """A queued submission becomes withdrawn: kept, sealed, but not sent."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'withdrawn' WHERE report = ? AND state = 'queued'",
+                (report,),
+            )
+
+    def requeue_submission(self, report: bytes) -> None:
+        """A withdrawn submission is queued again (its pending releases follow it)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE outbox SET state = 'queued' WHERE report = ? AND state = 'withdrawn'",
+                (report,),
+            )
+
+    def unsent_submissions(self) -> list[Submission]:
+        """Submissions the relay has not acknowledged, queued or withdrawn, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {self._SUBMISSION_COLUMNS} FROM outbox"
+            " WHERE state IN ('queued', 'withdrawn') ORDER BY created, rowid"
+        ).fetchall()
+        return [self._submission(row) for row in rows]
+
     def set_submission_state(
-        self, report: bytes, state: str, event: Event, *, reason: str = "", detail: str = ""
+        self,
+        report: bytes,
+        state: str,
+        event: Event | None,
+        *,
+        reason: str = "",
+        detail: str = "",
     ) -> None:
-        """Final state other than stored (refused, revoked, expired), with its event."""
+        """Final state other than stored (refused, revoked, expired, dropped), with its
+        event (none for a change the application made itself)."""
         with self.transaction() as db:
             row = db.execute("SELECT file FROM outbox WHERE report = ?", (report,)).fetchone()
             db.execute(
@@ -534,7 +586,8 @@ class MemberStore(DurableStore):
                 " WHERE report = ? AND state = 'waiting'",
                 (reason or state, report),
             )
-            self._event(db, event)
+            if event is not None:
+                self._event(db, event)
         if row and row[0]:
             self._remove_after_commit(self.outbox_dir / row[0])
 
@@ -671,8 +724,8 @@ class MemberStore(DurableStore):
         """Pending releases that may go to the relay, in the order they were issued:
         those whose report the relay has stored, and those of reports in ``submitted``
         (whose submission went out on the current connection, so the relay handles the
-        release after it). With ``after``, only releases issued after the one whose
-        :attr:`PendingRelease.seq` it is.
+        release after it); never those of a withdrawn submission. With ``after``, only
+        releases issued after the one whose :attr:`PendingRelease.seq` it is.
 
         The list stops before the first pending release that may not go yet (its
         submission has not been sent), so a caller that remembers the last ``seq`` it
@@ -681,7 +734,8 @@ class MemberStore(DurableStore):
         rows = self._db.execute(
             f"SELECT {', '.join('r.' + c for c in self._RELEASE_COLUMNS.split(', '))},"
             " o.state FROM releases r JOIN outbox o ON o.report = r.report"
-            " WHERE r.rowid > ? AND r.state = 'pending' ORDER BY r.rowid",
+            " WHERE r.rowid > ? AND r.state = 'pending' AND o.state != 'withdrawn'"
+            " ORDER BY r.rowid",
             (after,),
         ).fetchall()
         out: list[PendingRelease] = []
@@ -1018,7 +1072,7 @@ class MemberStore(DurableStore):
     _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent, data"
 
     def inbox_after(self, seq: int, *, limit: int) -> list[InboxEntry]:
-        """Reports not yet handed to the application, after ``seq``, oldest first."""
+        """Reports the application has not acknowledged, after ``seq``, oldest first."""
         rows = self._db.execute(
             f"SELECT {self._INBOX_COLUMNS} FROM inbox WHERE handed = 0 AND seq > ?"
             " ORDER BY seq LIMIT ?",
@@ -1027,12 +1081,17 @@ class MemberStore(DurableStore):
         return [self._inbox(row) for row in rows]
 
     def inbox_all(self) -> list[tuple[InboxEntry, int]]:
-        """Every report in the inbox, handed over or not, with its reception time
+        """Every report in the inbox, acknowledged or not, with its reception time
         (unix seconds), oldest first. Read only."""
         rows = self._db.execute(
             f"SELECT {self._INBOX_COLUMNS}, received FROM inbox ORDER BY seq"
         ).fetchall()
         return [(self._inbox(row[:-1]), int(row[-1])) for row in rows]
+
+    def inbox_received(self, token: bytes) -> int | None:
+        """When the report delivered under ``token`` was stored (unix seconds)."""
+        row = self._db.execute("SELECT received FROM inbox WHERE token = ?", (token,)).fetchone()
+        return int(row[0]) if row else None
 
     def inbox_entry(self, token: bytes) -> InboxEntry | None:
         row = self._db.execute(
@@ -1040,9 +1099,11 @@ class MemberStore(DurableStore):
         ).fetchone()
         return self._inbox(row) if row else None
 
-    def mark_handed(self, token: bytes) -> None:
+    def mark_handed(self, token: bytes) -> bool:
+        """The application acknowledged the report of ``token``: it is not handed over
+        again. Returns False when no report of ``token`` is in the inbox."""
         with self.transaction() as db:
-            db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,))
+            return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
         """(inbox seq, token id, receipt) of stored reports whose receipt the relay has

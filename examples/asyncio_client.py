@@ -14,10 +14,15 @@ It keeps what a real client must keep durably (its prekey secrets, the set of re
 already seen, so a replayed delivery is refused even after a restart) only in memory: it
 is a sketch of the wire protocol, not a replacement for ``clients.node``.
 
-Run it against a relay (it publishes prekeys, then waits for a report released to it)::
+Run it against a relay (it publishes prekeys, then waits for a report released to it); the
+passphrase comes from ``$TISA_PASSPHRASE`` or the variable ``--passphrase-env`` names::
 
-    python examples/asyncio_client.py --key tokyo/identity.key --passphrase-env PASS \\
+    python examples/asyncio_client.py --key tokyo/identity.key \\
         --arrangement arrangement.tisa --relay 127.0.0.1:7420
+
+It waits ``--wait`` seconds (default 30) for a delivery. Exit status: 0 with a report
+printed, 1 on an error or when nothing came (one line on stderr), 2 for bad arguments
+(with the usage).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from tisa.arrangement import Arrangement, SignedArrangement
-from tisa.errors import Reason, Refused
+from tisa.errors import Reason, Refused, TisaError
 from tisa.frames import NEED_DATA, FrameDecoder, encode_frame
 from tisa.handshake import MemberHandshake, SecureChannel
 from tisa.keys import MemberSecret
@@ -257,27 +262,56 @@ async def receive_one(
         await conn.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    """The command line: parse, load the key and arrangement, receive one report."""
+    parser = argparse.ArgumentParser(
+        prog="python examples/asyncio_client.py", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--key", required=True, help="the member's key file")
-    parser.add_argument("--passphrase-env", required=True, metavar="VAR")
+    parser.add_argument(
+        "--passphrase-env",
+        default="TISA_PASSPHRASE",
+        metavar="VAR",
+        help="environment variable holding the key file's passphrase (default: %(default)s)",
+    )
     parser.add_argument("--arrangement", required=True, help="the arrangement file")
     parser.add_argument("--relay", default="127.0.0.1:7420", metavar="HOST:PORT")
-    args = parser.parse_args()
-    secret, name = MemberSecret.load(args.key, os.environ[args.passphrase_env])
-    with open(args.arrangement, "rb") as handle:
-        arrangement = SignedArrangement.load_effective(handle.read())
+    parser.add_argument(
+        "--wait", type=float, default=30.0, help="seconds to wait for a delivery (%(default)s)"
+    )
+    args = parser.parse_args(argv)
+    passphrase = os.environ.get(args.passphrase_env)
+    if not passphrase:
+        parser.error(f"environment variable {args.passphrase_env} is not set (the passphrase)")
     host, _, port = args.relay.rpartition(":")
-    keyring = Keyring()
-    asyncio.run(publish_prekeys(secret, name, arrangement, host, int(port), keyring))
-    received = asyncio.run(receive_one(secret, name, arrangement, host, int(port), keyring))
+    if not host or not port.isdigit():
+        parser.error(f"--relay {args.relay!r}: expected HOST:PORT")
+    try:
+        secret, name = MemberSecret.load(args.key, passphrase)
+        with open(args.arrangement, "rb") as handle:
+            arrangement = SignedArrangement.load_effective(handle.read())
+        keyring = Keyring()
+        asyncio.run(publish_prekeys(secret, name, arrangement, host, int(port), keyring))
+        received = asyncio.run(
+            asyncio.wait_for(
+                receive_one(secret, name, arrangement, host, int(port), keyring),
+                timeout=args.wait,
+            )
+        )
+    except TimeoutError:
+        print(f"error: no report for {name} within {args.wait:g} s", file=sys.stderr)
+        return 1
+    except (TisaError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     header = received.header
     print(
         f"{header.originator} -> {name}: {header.scope}/{header.level}, "
         f"{len(received.body)} bytes: {received.body[:200]!r}",
         file=sys.stdout,
     )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -45,6 +45,7 @@ async def exchange(homes: Path, passphrase: str, stores: Path) -> str:
             async for report in t.reports():
                 text = report.read_body().decode()
                 print(f"tokyo read from {report.originator}: {text}")
+                await t.ack(report)  # taken: never handed over again
                 break
         nursery.cancel_scope.cancel()
     return text

@@ -63,6 +63,7 @@ async def exchange(folder: Path) -> str:
             async for report in tokyo.reports():
                 text = report.read_body().decode()
                 print(f"tokyo read from {report.originator}: {text}")
+                await tokyo.ack(report)  # taken: never handed over again
                 break
             async for event in seoul.events():
                 if isinstance(event, ReceiptEvent):

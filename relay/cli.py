@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -39,41 +38,44 @@ import trio
 from relay.server import EXPIRY_INTERVAL, MAX_HOLD, serve
 from tisa.errors import TisaError
 from tisa.limits import Limits
-from tisa_io.files import ARRANGEMENT_FILE, IDENTITY_FILE, STORE_DIR, atomic_text, load_home
+from tisa_io.files import (
+    ARRANGEMENT_FILE,
+    IDENTITY_FILE,
+    PASSPHRASE_ENV,
+    STORE_DIR,
+    atomic_text,
+    default_home,
+    load_home,
+    resolve_passphrase,
+)
 
-__all__ = ["DEFAULT_PORT", "PASSPHRASE_ENV", "main", "parse_limits", "read_passphrase", "run"]
+__all__ = [
+    "DEFAULT_PORT",
+    "PASSPHRASE_ENV",
+    "main",
+    "parse_limits",
+    "parse_metrics_address",
+    "read_passphrase",
+    "run",
+]
 
 DEFAULT_PORT = 7420
-# The passphrase is read from this variable when no --passphrase-env is given.
-PASSPHRASE_ENV = "TISA_PASSPHRASE"
 
 log = logging.getLogger("relay")
 
 
-def read_passphrase(env: str | None, *, what: str = "the key file") -> str:
+def read_passphrase(env: str | None) -> str:
     """The passphrase from ``$env``, else ``$TISA_PASSPHRASE``, else asked on a terminal.
 
     Raises:
-        click.ClickException: ``env`` names an unset or empty variable, or there is no
-            passphrase at all (no variable and no terminal to ask on).
+        UsageError: no passphrase (see :func:`tisa_io.files.resolve_passphrase`).
     """
-    if env is not None:
-        value = os.environ.get(env)
-        if not value:
-            raise click.ClickException(f"environment variable {env} is not set or empty")
-        return value
-    value = os.environ.get(PASSPHRASE_ENV)
-    if value:
-        return value
-    if not sys.stdin.isatty():
-        raise click.ClickException(
-            f"no passphrase for {what}: set ${PASSPHRASE_ENV}, or name a variable with "
-            "--passphrase-env VAR, or run on a terminal to be asked"
-        )
-    answer = click.prompt("Passphrase", hide_input=True, err=True)
-    if not isinstance(answer, str) or not answer:
-        raise click.ClickException("empty passphrase")
-    return answer
+
+    def ask() -> str:
+        answer = click.prompt("Passphrase", hide_input=True, err=True)
+        return answer if isinstance(answer, str) else ""
+
+    return resolve_passphrase(env, ask if sys.stdin.isatty() else None)
 
 
 def parse_limits(items: Sequence[str]) -> Limits:
@@ -102,6 +104,19 @@ def parse_limits(items: Sequence[str]) -> Limits:
         return Limits(**values)  # type: ignore[arg-type]
     except (TypeError, ValueError, TisaError) as exc:
         raise click.BadParameter(str(exc), param_hint="'--limit'") from None
+
+
+def parse_metrics_address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` for ``--metrics`` (HOST: 127.0.0.1).
+
+    Raises:
+        click.BadParameter: not a port number from 0 to 65535.
+    """
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]") if sep else "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535 or (sep and not host):
+        raise click.BadParameter(f"{text!r}: expected [HOST:]PORT", param_hint="'--metrics'")
+    return host, int(port)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -133,12 +148,13 @@ async def _serve_until_signal(start: Any, port_file: Path | None, host: str) -> 
 
 
 def _home_default(ctx: click.Context) -> Path:
-    """``--home`` of this command, else of an enclosing group (``tisa --home``), else ``.tisa``."""
+    """``--home`` of this command, else of an enclosing group (``tisa --home``), else the
+    platform's default (:func:`tisa_io.files.default_home`)."""
     for current in (ctx, *_parents(ctx)):
         value = current.params.get("home")
         if value is not None:
             return Path(value)
-    return Path(".tisa")
+    return default_home()
 
 
 def _parents(ctx: click.Context) -> list[click.Context]:
@@ -159,7 +175,7 @@ def _parents(ctx: click.Context) -> list[click.Context]:
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TISA_HOME",
     help="The relay's folder (identity.key, arrangement.tisa, store/); default: the "
-    "`tisa --home` value, else .tisa. Env: TISA_HOME.",
+    "`tisa --home` value, else the platform's user data folder for tisa. Env: TISA_HOME.",
 )
 @click.option(
     "--key",
@@ -174,8 +190,8 @@ def _parents(ctx: click.Context) -> list[click.Context]:
 )
 @click.option(
     "--store",
-    type=click.Path(file_okay=False, path_type=Path),
-    help=f"The relay's store directory (default: HOME/{STORE_DIR}).",
+    help=f"The relay's store: a directory (SQLite), or a postgresql:// address for several "
+    f"relay processes on one database (docs/deployment.md) (default: HOME/{STORE_DIR}).",
 )
 @click.option(
     "--passphrase-env",
@@ -224,6 +240,13 @@ def _parents(ctx: click.Context) -> list[click.Context]:
     show_default=True,
     help="How much the relay logs (to stderr).",
 )
+@click.option(
+    "--metrics",
+    "metrics_addr",
+    metavar="[HOST:]PORT",
+    help="Serve Prometheus metrics (/metrics) and a health check (/health) here; "
+    "HOST defaults to 127.0.0.1. Off unless given.",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log everything (--log-level DEBUG).")
 @click.pass_context
 def run(
@@ -231,7 +254,7 @@ def run(
     home: Path | None,
     key: Path | None,
     arrangement_path: Path | None,
-    store: Path | None,
+    store: str | None,
     passphrase_env: str | None,
     host: str,
     port: int,
@@ -240,6 +263,7 @@ def run(
     expiry_interval: float,
     limit_items: tuple[str, ...],
     log_level: str,
+    metrics_addr: str | None,
     verbose: bool,
 ) -> None:
     """Run the relay until interrupted (Ctrl-C or SIGTERM). It stores and forwards, never reads.
@@ -254,6 +278,7 @@ def run(
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
     limits = parse_limits(limit_items)
+    metrics = parse_metrics_address(metrics_addr) if metrics_addr is not None else None
     folder = home if home is not None else _home_default(ctx)
     try:
         opened = load_home(
@@ -274,6 +299,7 @@ def run(
         limits=limits,
         max_hold=max_hold,
         expiry_interval=expiry_interval,
+        metrics=metrics,
     )
     try:
         trio.run(_serve_until_signal, start, port_file, host)

@@ -5,11 +5,21 @@ call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
 :func:`serve` runs it on TCP. The session protocol is ``docs/node-protocol.md``.
 
 Per connection: the handshake comes first (:func:`tisa_io.link.accept_member`, with
-the connection caps checked before ``welcome``), then two tasks share the link: a
-reader that handles what the member sends, and a pusher that sends the member what the
-store holds for it (deliveries, receipts, notices) and waits to be woken when more is
-queued. Anything that goes wrong on one connection ends that connection only: the
-connection task catches every exception at its boundary, logs it and closes.
+the connection caps checked once ``finish`` authenticated the member), then two tasks
+share the link: a reader that handles what the member sends, and a pusher that sends the
+member what the store holds for it (deliveries, receipts, notices) and waits to be woken
+when more is queued. Anything that goes wrong on one connection ends that connection
+only: the connection task catches every exception at its boundary, logs it and closes.
+
+Availability: connections in their handshake are counted per source address
+(:class:`_HandshakePool`); when a source or the whole pool is full, the oldest
+handshake of that source (or of the busiest source) is shed, so a flood from a few
+addresses cannot keep members out, and authenticated members never compete with
+handshakes for room. A delivery pushed on a connection is claimed by it (no other
+connection of the member pushes it) only until ``Limits.claim_timeout`` passes without
+the link taking its frames or the member acking it (:meth:`Relay._claim_watch`); new
+deliveries go to the member's newest connection that has no lapsed claim, so a stale
+connection left by a network drop holds nothing for long.
 
 Group commit: the store runs every step in one open transaction (see
 :mod:`relay.store`). The reader does not wait for the disk: it handles the next message
@@ -26,16 +36,22 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import dataclasses
+import functools
+import ipaddress
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
 import trio
 
-from relay.store import BlobWriter, InlineBlob, NoticeRow, Store, TokenRow
+from relay.metrics import MetricsLimits, RelayMetrics, serve_metrics
+from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
+from relay.store import InlineBlob, NoticeRow, TokenRow
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
 from tisa.envelope import open_envelope
@@ -49,8 +65,6 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
-from tisa.frames import encode_frame
-from tisa.handshake import encode_error
 from tisa.keys import MemberSecret
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import (
@@ -90,12 +104,35 @@ from tisa_io.link import (
     LinkClosed,
     LinkTimeout,
     accept_member,
-    linger,
 )
 
-__all__ = ["MAX_HANDSHAKES", "MAX_HOLD", "EXPIRY_INTERVAL", "Relay", "serve"]
+
+def _mib(size: int) -> str:
+    return f"{size / (1024 * 1024):,.1f} MiB"
+
+
+def _peer(stream: trio.abc.Stream) -> str:
+    """``host:port`` of a TCP stream's remote end, or ``?`` (a memory stream in tests)."""
+    try:
+        host, port = stream.socket.getpeername()[:2]  # type: ignore[attr-defined]
+    except (AttributeError, OSError, ValueError, TypeError):
+        return "?"
+    return f"{host}:{port}"
+
+
+__all__ = [
+    "MAX_HOLD",
+    "EXPIRY_INTERVAL",
+    "UNKNOWN_SOURCE",
+    "Relay",
+    "serve",
+    "source_key",
+    "source_of",
+]
 
 log = logging.getLogger("relay")
+# The remote address of the connection a task serves, for its log lines.
+_peer_address: contextvars.ContextVar[str] = contextvars.ContextVar("peer", default="?")
 
 # Longest time the relay holds a report no one has released: a week covers a weekend
 # of consultations between capitals; an originator wanting longer resubmits.
@@ -105,11 +142,9 @@ MAX_HOLD = 7 * 24 * 3600
 # seconds late is harmless and the sweep is one indexed query.
 EXPIRY_INTERVAL = 5.0
 
-# Connections still in their handshake (not yet counted against max_connections).
-# Each costs one task and at most a 1 KiB buffer for limits.handshake_timeout; beyond
-# this many, new connections are refused ``busy`` at once, so a flood of stalled
-# handshakes cannot exhaust the process.
-MAX_HANDSHAKES = 1024
+# Source of streams with no peer address (memory streams in tests, unix sockets): all
+# one source, for the per-source handshake limit.
+UNKNOWN_SOURCE = "?"
 
 # Bytes of entries in one audit extract, under the AuditReply field limit (200,000)
 # with room for the checkpoint and msgpack overhead.
@@ -136,6 +171,86 @@ def _detail(text: str) -> str:
     return text.encode("utf-8")[:MAX_DETAIL].decode("utf-8", "ignore")
 
 
+def source_of(stream: trio.abc.Stream) -> str:
+    """The source a connection counts against for ``max_handshakes_per_source``: the
+    peer's IPv4 address, or the /64 prefix of its IPv6 address (one subscriber usually
+    holds a whole /64, so counting single IPv6 addresses would not bound anyone); an
+    IPv4-mapped IPv6 address counts as the IPv4 address. :data:`UNKNOWN_SOURCE` for a
+    stream that is not a TCP socket, or whose peer is already gone."""
+    if not isinstance(stream, trio.SocketStream):
+        return UNKNOWN_SOURCE
+    try:
+        host = stream.socket.getpeername()[0]
+    except OSError:
+        return UNKNOWN_SOURCE
+    return source_key(host, stream.socket.family)
+
+
+def source_key(host: str, family: int = socket.AF_INET) -> str:
+    """The source key of a peer address (see :func:`source_of`)."""
+    if family != socket.AF_INET6:
+        return host
+    address = ipaddress.IPv6Address(host.partition("%")[0])
+    if address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return str(ipaddress.IPv6Network((address, 64), strict=False))
+
+
+@dataclasses.dataclass(eq=False)
+class _Handshake:
+    """One connection in its handshake: shed by cancelling ``scope``."""
+
+    source: str
+    scope: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+
+
+class _HandshakePool:
+    """The connections in their handshake, by source, oldest first.
+
+    Never refuses: a connection over ``max_handshakes_per_source`` sheds its source's
+    oldest handshake, and one over ``max_handshakes`` the oldest of the source holding
+    the most (the first to have come among equals). An honest member's handshake is
+    short and its source holds few, so a flood from a few addresses sheds only its own
+    connections; shedding instead of refusing means a flood cannot keep newcomers out
+    just by being there first.
+    """
+
+    def __init__(self, limits: Limits) -> None:
+        self._limits = limits
+        # source -> its handshakes in arrival order (a dict used as an ordered set).
+        self._by_source: dict[str, dict[_Handshake, None]] = {}
+        self.count = 0
+        self.shed_total = 0
+
+    def enter(self, source: str) -> _Handshake:
+        """Register a new handshake from ``source``, shedding one if a limit is full."""
+        mine = self._by_source.get(source)
+        if mine is not None and len(mine) >= self._limits.max_handshakes_per_source:
+            self._shed(next(iter(mine)))
+        elif self.count >= self._limits.max_handshakes:
+            busiest = max(self._by_source.values(), key=len)
+            self._shed(next(iter(busiest)))
+        entry = _Handshake(source)
+        self._by_source.setdefault(source, {})[entry] = None
+        self.count += 1
+        return entry
+
+    def leave(self, entry: _Handshake) -> None:
+        """Unregister ``entry`` (idempotent: a shed entry has left already)."""
+        mine = self._by_source.get(entry.source)
+        if mine is None or entry not in mine:
+            return
+        del mine[entry]
+        if not mine:
+            del self._by_source[entry.source]
+        self.count -= 1
+
+    def _shed(self, entry: _Handshake) -> None:
+        self.leave(entry)
+        entry.scope.cancel()
+        self.shed_total += 1
+
+
 class StoreFailed(LocalError):
     """The relay's store cannot make anything durable any more (a WAL fsync failed);
     :meth:`Relay.serve_tcp` and :func:`serve` stop with it."""
@@ -147,7 +262,7 @@ class _Upload:
     size: int
     digest: bytes
     expires: int
-    writer: BlobWriter | InlineBlob | None = None
+    writer: Upload | None = None
     refused: Refused | None = None
     received: int = 0
 
@@ -172,6 +287,17 @@ class _Connection:
     claims: set[bytes] = dataclasses.field(default_factory=set)
     # Deliveries pushed on this connection and not acked yet (at most delivery_window).
     in_flight: set[bytes] = dataclasses.field(default_factory=set)
+    # Claims of this connection -> the trio time at which each lapses (claim_timeout
+    # after the last frame of it the link took), earliest first: a refreshed claim
+    # moves to the end, and deadlines only grow.
+    deadlines: dict[bytes, float] = dataclasses.field(default_factory=dict)
+    deadlines_added: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # A claim of this connection lapsed and it has acked no delivery since: while the
+    # member has a connection that is not overdue, this one is passed over.
+    overdue: bool = False
+    # Order of arrival among all connections: new deliveries go to the member's newest
+    # connection that is not overdue (after a network drop, the one it reconnected on).
+    serial: int = 0
     # Answers waiting for their batch to commit: (batch, message).
     replies: collections.deque[tuple[int, Message]] = dataclasses.field(
         default_factory=collections.deque
@@ -198,12 +324,12 @@ class Relay:
     Args:
         secret: the relay's keys (the arrangement's relay member).
         arrangement: the effective arrangement served.
-        store_path: directory of the durable store (created if missing).
+        store_path: the durable store: a directory (SQLite, created if missing) or a
+            ``postgresql://`` address (:mod:`relay.pgstore`); see :func:`relay.storage.open_store`.
         limits: frame, report, deadline, connection and queue limits.
         clock: unix time in seconds; injected by tests.
         max_hold: longest time a submitted report is held unreleased, in seconds.
         expiry_interval: seconds between expiry sweeps in :meth:`run_expiry`.
-        max_handshakes: connections allowed in their handshake at once.
 
     Raises:
         UsageError: ``secret`` is not the relay's key in ``arrangement``.
@@ -219,7 +345,6 @@ class Relay:
         clock: Callable[[], float] = time.time,
         max_hold: int = MAX_HOLD,
         expiry_interval: float = EXPIRY_INTERVAL,
-        max_handshakes: int = MAX_HANDSHAKES,
     ) -> None:
         if secret.public != arrangement.member(arrangement.relay).identity:
             raise UsageError("this key is not the relay's key in the arrangement")
@@ -229,14 +354,17 @@ class Relay:
         self.clock = clock
         self.max_hold = max_hold
         self.expiry_interval = expiry_interval
-        self.max_handshakes = max_handshakes
-        self.store = Store(store_path, group_commit=True)
+        self.store: RelayStore = open_store(store_path, group_commit=True)
+        # A store other relay processes share (PostgreSQL): claims across processes, and
+        # word of what they queued (see _store_changed).
+        self._shared = self.store if isinstance(self.store, SharedStore) else None
         self._connections: dict[str, set[_Connection]] = {}
         self._admitted: dict[str, int] = {}
         self._admitted_total = 0
-        self._handshakes = 0
+        self._handshakes = _HandshakePool(limits)
         self._uploading: set[bytes] = set()
         self._claims: dict[bytes, _Connection] = {}
+        self._serial = 0
         # Notices (by seq) one connection is sending: notices have no ack, so another
         # connection of the same member must not send them too.
         self._notice_claims: set[int] = set()
@@ -247,8 +375,14 @@ class Relay:
         # member -> (minute, refusals logged in it), for max_logged_refusals_per_minute.
         self._refusals_logged: dict[str, tuple[int, int]] = {}
         # Commits the store's batches; every message a reader handles counts as activity.
+        # This process's figures (relay.metrics), served only if asked (serve_tcp).
+        self.metrics = RelayMetrics(arrangement)
+        self.metrics_port: int | None = None
         self._group_commit = GroupCommitter(
-            self.store, on_commit_error=self._commit_failed, on_sync_error=self._sync_failed
+            self.store,
+            on_commit_error=self._commit_failed,
+            on_sync_error=self._sync_failed,
+            on_synced=self.metrics.flushed,
         )
 
     def now(self) -> int:
@@ -263,21 +397,69 @@ class Relay:
         """Authenticated connections open now."""
         return self._admitted_total
 
+    @property
+    def handshake_count(self) -> int:
+        """Connections in their handshake now."""
+        return self._handshakes.count
+
+    @property
+    def handshakes_shed(self) -> int:
+        """Handshakes shed since the start to make room for newer connections."""
+        return self._handshakes.shed_total
+
     # --- serving -----------------------------------------------------------------------
+
+    def metrics_text(self) -> bytes:
+        """This process's metrics in the Prometheus text format (:mod:`relay.metrics`)."""
+        return self.metrics.render(
+            queue_length=self.store.queue_length,
+            connections={"handshake": self.handshake_count, "open": self.connection_count},
+        )
+
+    def health(self) -> str | None:
+        """None when this process can reach its store, else why not (one line)."""
+        if self.store.failed is not None:
+            return "the store failed (a WAL fsync); restart the relay"
+        try:
+            self.store.ping()
+        except Exception as exc:
+            self.metrics.store_error()
+            return f"the store is unreachable: {exc}"
+        return None
 
     async def serve_tcp(
         self,
         *,
         host: str = "127.0.0.1",
         port: int = 0,
+        metrics: tuple[str, int] | None = None,
+        metrics_limits: MetricsLimits | None = None,
         task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Listen on ``host:port`` and serve until cancelled; reports the bound port."""
+        """Listen on ``host:port`` and serve until cancelled; reports the bound port.
+
+        With ``metrics=(host, port)`` the metrics and the health check are served there
+        too (:func:`relay.metrics.serve_metrics`; its bound port in :attr:`metrics_port`).
+        """
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
+            if metrics is not None:
+                self.metrics_port = await nursery.start(
+                    functools.partial(
+                        serve_metrics,
+                        self.metrics,
+                        scrape=self.metrics_text,
+                        health=self.health,
+                        host=metrics[0],
+                        port=metrics[1],
+                        limits=metrics_limits,
+                    )
+                )
             nursery.start_soon(self.run_expiry)
             nursery.start_soon(self._stop_when_store_fails)
+            if self._shared is not None:
+                nursery.start_soon(self._shared.watch, self._store_changed)
             await nursery.start(trio.serve_listeners, self.handle_stream, listeners)
             log.info("relay %s listening on %s:%d", self.arrangement.relay, host, bound)
             task_status.started(bound)
@@ -294,6 +476,9 @@ class Relay:
         while True:
             try:
                 self.expire_now()
+            except StoreUnavailable as exc:
+                self.metrics.store_error()
+                log.warning("expiry sweep skipped: %s", exc)
             except Exception:
                 log.exception("expiry sweep failed")
             await trio.sleep(self.expiry_interval)
@@ -326,10 +511,17 @@ class Relay:
         self._group_commit.next_commit = when
 
     def _commit_failed(self) -> None:
+        self.metrics.store_error()
         log.exception("commit failed; closing the connections waiting on it")
         raise LinkClosed("commit failed") from None
 
     def _sync_failed(self) -> None:
+        self.metrics.store_error()
+        if self.store.failed is None:
+            # A store that recovers (PostgreSQL): the batches not flushed are lost, the
+            # connections waiting on them close, the store connects again.
+            log.warning("WAL flush failed; the batches it was to cover are lost")
+            raise LinkClosed("WAL flush failed") from None
         log.exception("WAL fsync failed; nothing more will be announced")
         self._store_failed.set()
         raise LinkClosed("WAL fsync failed") from None
@@ -363,27 +555,40 @@ class Relay:
             log.exception("replier of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one connection to its end. Never raises (but trio.Cancelled)."""
+    async def handle_stream(self, stream: trio.abc.Stream, *, source: str | None = None) -> None:
+        """Serve one connection to its end. Never raises (but trio.Cancelled).
+
+        ``source`` is what the connection counts against for
+        ``limits.max_handshakes_per_source`` (default: :func:`source_of` the stream).
+        """
         admitted: list[str] = []
+        _peer_address.set(_peer(stream))
+        log.debug("connection from %s", _peer_address.get())
         try:
-            if self._handshakes >= self.max_handshakes:
-                await self._refuse_raw(stream, Reason.BUSY, "too many handshakes in progress")
-                return
-            self._handshakes += 1
+            handshake = self._handshakes.enter(source_of(stream) if source is None else source)
             try:
-                link = await accept_member(
-                    stream,
-                    self.secret,
-                    self.arrangement,
-                    limits=self.limits,
-                    admit=lambda name: self._admit(name, admitted),
-                )
+                with handshake.scope:
+                    link = await accept_member(
+                        stream,
+                        self.secret,
+                        self.arrangement,
+                        limits=self.limits,
+                        admit=lambda name: self._admit(name, admitted),
+                    )
             except TisaError as exc:
-                log.info("handshake failed: %s: %s", type(exc).__name__, exc)
+                log.info(
+                    "connection from %s: handshake failed: %s: %s",
+                    _peer_address.get(),
+                    type(exc).__name__,
+                    exc,
+                )
                 return
             finally:
-                self._handshakes -= 1
+                self._handshakes.leave(handshake)
+            if handshake.scope.cancelled_caught:
+                # Shed for a newer connection (accept_member closed the stream).
+                log.debug("connection from %s: shed in its handshake", _peer_address.get())
+                return
             await self.serve_link(link)
         except Exception:
             log.exception("connection task failed")
@@ -392,16 +597,6 @@ class Relay:
             for name in admitted:
                 self._admitted_total -= 1
                 self._admitted[name] -= 1
-
-    async def _refuse_raw(self, stream: trio.abc.Stream, reason: Reason, detail: str) -> None:
-        try:
-            with trio.move_on_after(ERROR_GRACE):
-                await stream.send_all(encode_frame(encode_error(reason, detail)))
-                await linger(stream)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            await trio.aclose_forcefully(stream)
 
     def _admit(self, name: str, admitted: list[str]) -> None:
         if self._admitted_total >= self.limits.max_connections:
@@ -420,8 +615,10 @@ class Relay:
         purpose, and call ``super().serve_link(wrapped)``. Never raises but
         ``trio.Cancelled``; the link is closed on return.
         """
-        conn = _Connection(link=link, member=link.peer)
+        self._serial += 1
+        conn = _Connection(link=link, member=link.peer, serial=self._serial)
         self._connections.setdefault(conn.member, set()).add(conn)
+        opened = trio.current_time()
         try:
             with conn.cancel:
                 async with trio.open_nursery() as nursery:
@@ -429,6 +626,7 @@ class Relay:
                     nursery.start_soon(self._replier, conn)
                     nursery.start_soon(self._group_commit.run_background_commits)
                     nursery.start_soon(self._pusher, conn)
+                    nursery.start_soon(self._claim_watch, conn)
         finally:
             self._connections[conn.member].discard(conn)
             self._drop_claims(conn)
@@ -436,6 +634,15 @@ class Relay:
                 # Only the connection writing a report's blob owns its _uploading entry.
                 self._uploading.discard(conn.upload.report)
                 conn.upload.abort()
+            # One line per connection, when it ends: who, from where, how long, why.
+            why = f"{conn.error[0].value}: {conn.error[1]}" if conn.error else "closed"
+            log.info(
+                "%s from %s: connection ended after %.1f s (%s)",
+                conn.member,
+                _peer_address.get(),
+                trio.current_time() - opened,
+                why,
+            )
             try:
                 if conn.error is not None:
                     reason, detail = conn.error
@@ -475,11 +682,16 @@ class Relay:
             # The channel failed: nothing more can be sealed to this peer.
             self._log_close(conn, Reason.MALFORMED)
             conn.fail(None)
+        except StoreUnavailable as exc:
+            self.metrics.store_error()
+            log.warning("closing the connection of %s: %s", conn.member, exc)
+            conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
             log.exception("reader of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
 
     def _log_close(self, conn: _Connection, reason: Reason) -> None:
+        self.metrics.refusal(reason)
         try:
             self.store.log_refusal(member=conn.member, reason=reason, now=self.now())
             self._group_commit.mark_dirty()
@@ -487,6 +699,8 @@ class Relay:
             log.exception("could not log a refusal")
 
     async def _dispatch(self, conn: _Connection, message: Message) -> None:
+        if log.isEnabledFor(logging.DEBUG) and not isinstance(message, Chunk):
+            log.debug("%s: %s", conn.member, message.TYPE)
         if conn.upload is not None:
             if isinstance(message, Chunk):
                 self._upload_chunk(conn.upload, message)
@@ -531,6 +745,7 @@ class Relay:
         logged per minute; the first one past that is logged with reason ``limit`` in
         place of its own, the rest of the minute is answered but not logged.
         """
+        self.metrics.refusal(reason)
         now = self.now()
         minute = now // 60
         logged_minute, logged = self._refusals_logged.get(conn.member, (minute, 0))
@@ -564,7 +779,8 @@ class Relay:
             if message.size > self.limits.max_report_size:
                 raise Refused(
                     Reason.LIMIT,
-                    f"report of {message.size} bytes over {self.limits.max_report_size}",
+                    f"the report is {_mib(message.size)} sealed, over the relay's limit of "
+                    f"{_mib(self.limits.max_report_size)}",
                 )
             if message.report in self._uploading:
                 # Most likely the member's previous connection died mid-upload and the
@@ -635,7 +851,7 @@ class Relay:
                     return
                 # A file: fsync, rename, fsync the directory; then the row (inline: the
                 # row only); the answer waits for the batch's commit.
-                if isinstance(writer, BlobWriter):
+                if not isinstance(writer, InlineBlob):
                     await trio.to_thread.run_sync(writer.place)
                 row = self.store.add_report(
                     upload.report,
@@ -658,6 +874,7 @@ class Relay:
             size=row.size,
             stored=row.stored_at,
         )
+        self.metrics.event("stored")
         await self._reply(conn, Stored(report=row.id, ack=ack.encoded))
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
@@ -696,6 +913,7 @@ class Relay:
                 conn, token.id, exc.reason, exc.detail, report=token.report, token=token.id
             )
             return
+        self.metrics.event("released")
         await self._reply(conn, Released(report=token.report, token=token.id))
         self._wake(token.recipient)
 
@@ -712,18 +930,27 @@ class Relay:
                 token=message.token,
             )
             return
+        self.metrics.event("revoked")
         await self._reply(conn, Revoked(report=message.report, token=message.token))
 
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
             known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
             if known:
+                self.metrics.event("acknowledged")
                 # No longer outstanding: its claim is not needed (nor kept, which grew
                 # with every delivery a long-lived connection made).
                 holder = self._claims.pop(message.token, None)
                 if holder is not None:
                     holder.claims.discard(message.token)
+            if conn.overdue:
+                # It reads what it is sent after all (an ack, even a late one of a
+                # delivery another connection completed, comes only from a reader): it
+                # may be the one to push to again, so it looks at what it passed over.
+                conn.overdue, conn.rescan = False, True
+                conn.wake.set()
             for other in self._connections.get(conn.member, ()):
+                other.deadlines.pop(message.token, None)
                 if message.token in other.in_flight:
                     other.in_flight.discard(message.token)
                     other.wake.set()  # the window has room again
@@ -882,23 +1109,97 @@ class Relay:
         for conn in self._connections.get(member, ()):
             conn.wake.set()
 
+    def _store_changed(self, member: str | None) -> None:
+        # Another relay process queued something for ``member`` (None: for anyone, as
+        # far as we know): its connections look again from the start.
+        if member is None:
+            conns = [conn for conns in self._connections.values() for conn in conns]
+        else:
+            conns = list(self._connections.get(member, ()))
+        for conn in conns:
+            conn.rescan = conn.rescan_notices = True
+            conn.wake.set()
+
     def _drop_claims(self, conn: _Connection) -> None:
-        if not conn.claims:
-            return
+        if self._shared is not None and conn.claims:
+            self._shared.unclaim(conn.claims)
         for token_id in conn.claims:
             if self._claims.get(token_id) is conn:
                 del self._claims[token_id]
         conn.claims.clear()
-        # Another connection of the same member may now take over those deliveries.
+        conn.deadlines.clear()
+        # Another connection of the same member may now take over those deliveries (and
+        # an overdue one those it passed over while this one was there).
         for other in self._connections.get(conn.member, ()):
             other.rescan = True
             other.wake.set()
+
+    def _refresh_claim(self, conn: _Connection, token_id: bytes) -> None:
+        """The link took a frame of delivery ``token_id`` (or is about to send its
+        first): its claim lapses ``claim_timeout`` from now unless acked."""
+        if token_id not in conn.claims:
+            return  # lapsed or acked meanwhile
+        if not conn.deadlines:
+            conn.deadlines_added.set()
+        conn.deadlines.pop(token_id, None)
+        conn.deadlines[token_id] = trio.current_time() + self.limits.claim_timeout
+
+    async def _claim_watch(self, conn: _Connection) -> None:
+        """Lapse the claims of ``conn`` that passed their deadline (see
+        :meth:`_lapse_claim`), until the connection ends."""
+        try:
+            while True:
+                if not conn.deadlines:
+                    conn.deadlines_added = trio.Event()
+                    await conn.deadlines_added.wait()
+                    continue
+                token_id, deadline = next(iter(conn.deadlines.items()))
+                if deadline <= trio.current_time():
+                    self._lapse_claim(conn, token_id)
+                    continue
+                await trio.sleep_until(deadline)
+        except Exception:
+            log.exception("claim watch of %s failed", conn.member)
+            conn.fail(Reason.INTERNAL, "internal error")
+
+    def _lapse_claim(self, conn: _Connection, token_id: bytes) -> None:
+        """``conn`` did not ack delivery ``token_id`` within ``claim_timeout``: the
+        member's other connections may push it. It stays in this connection's window
+        (and is not pushed on it again); an ack from any connection settles it."""
+        del conn.deadlines[token_id]
+        if self._claims.get(token_id) is conn:
+            del self._claims[token_id]
+        conn.claims.discard(token_id)
+        if self._shared is not None:
+            # The member's live connection may be on another relay process.
+            self._shared.unclaim([token_id])
+        conn.overdue = True
+        for other in self._connections.get(conn.member, ()):
+            if other is not conn:
+                other.rescan = True
+                other.wake.set()
+
+    def _passed_over(self, conn: _Connection) -> bool:
+        """Whether the member has a better connection to push deliveries on: one that
+        is not overdue when this one is, else a newer one. Exactly one connection of a
+        member is the best; whenever that changes, the new best rescans (a new
+        connection scans from the start; a close, a lapse or an ack that ends an
+        overdue sets ``rescan``), so no delivery is left unpushed."""
+        rank = (not conn.overdue, conn.serial)
+        return any(
+            (not other.overdue, other.serial) > rank
+            for other in self._connections.get(conn.member, ())
+        )
 
     async def _pusher(self, conn: _Connection) -> None:
         try:
             await self._push_loop(conn)
         except (LinkClosed, LinkTimeout):
             conn.fail(None)
+        except StoreUnavailable as exc:
+            self.metrics.store_error()
+            log.warning("closing the connection of %s: %s", conn.member, exc)
+            conn.fail(Reason.BUSY, "the relay's store is unavailable; try again later")
         except Exception:
             log.exception("pusher of %s failed", conn.member)
             conn.fail(Reason.INTERNAL, "internal error")
@@ -994,6 +1295,8 @@ class Relay:
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection of this member is delivering it
+        if self._passed_over(conn):
+            return  # the member's best connection takes it (see _passed_over)
         # The release that made this delivery pending may still be in the open batch
         # (not a later one: the row was read in batch ``barrier``). Not the current
         # barrier, which moves on with every message handled meanwhile: waiting for it
@@ -1005,6 +1308,8 @@ class Relay:
         outstanding, inline = self.store.delivery_source(row.id)
         if not outstanding:
             return  # acked, revoked or expired since the query
+        if self._shared is not None and not self._shared.claim(row.id):
+            return  # another relay process is delivering it
         if inline is not None:
             self._claim(conn, row.id)
             pending.append(Deliver(token=row.token))
@@ -1013,7 +1318,7 @@ class Relay:
             sent.append(row.id)
             return
         try:
-            blob = open(self.store.blob_path(row.report), "rb")  # noqa: SIM115
+            blob = self.store.open_ciphertext(row.report)
         except FileNotFoundError:
             log.error("ciphertext of a pending delivery is missing")
             return
@@ -1025,14 +1330,19 @@ class Relay:
                 # Reads of one chunk each: a report of any size passes in constant memory.
                 while data := blob.read(MAX_CHUNK_DATA):
                     await conn.link.send(Chunk(data=data))
+                    self._refresh_claim(conn, row.id)  # the peer is taking it
                 await conn.link.send(DeliverEnd(token=row.id))
+        self._refresh_claim(conn, row.id)
         self.store.mark_forwarded(row.id, now=self.now())
+        self.metrics.event("forwarded")
         self._group_commit.mark_dirty()
 
     def _claim(self, conn: _Connection, token_id: bytes) -> None:
         self._claims[token_id] = conn
         conn.claims.add(token_id)
         conn.in_flight.add(token_id)
+        # From now: a write the peer does not take lapses the claim too.
+        self._refresh_claim(conn, token_id)
 
     async def _send_deliveries(
         self, conn: _Connection, pending: list[Message], sent: list[bytes]
@@ -1044,7 +1354,9 @@ class Relay:
         await conn.link.send_many(pending)
         now = self.now()
         for token_id in sent:
+            self._refresh_claim(conn, token_id)
             self.store.mark_forwarded(token_id, now=now)
+            self.metrics.event("forwarded")
         pending.clear()
         sent.clear()
         self._group_commit.mark_dirty()
@@ -1061,6 +1373,7 @@ async def serve(
     clock: Callable[[], float] = time.time,
     max_hold: int = MAX_HOLD,
     expiry_interval: float = EXPIRY_INTERVAL,
+    metrics: tuple[str, int] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run a relay on TCP until cancelled.
@@ -1073,6 +1386,7 @@ async def serve(
         secret, arrangement, store_path, limits, clock, max_hold, expiry_interval: as
             for :class:`Relay`.
         host, port: where to listen; port 0 picks a free port.
+        metrics: where to serve the metrics and health check (off when None).
         task_status: receives the bound port once the relay accepts connections.
 
     Raises:
@@ -1089,6 +1403,6 @@ async def serve(
         expiry_interval=expiry_interval,
     )
     try:
-        await relay.serve_tcp(host=host, port=port, task_status=task_status)
+        await relay.serve_tcp(host=host, port=port, metrics=metrics, task_status=task_status)
     finally:
         relay.close()

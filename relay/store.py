@@ -19,7 +19,10 @@ Rules that make the relay lose nothing:
 * A one-time prekey is handed out in one transaction that marks it taken by the
   asker (:meth:`Store.take_prekeys`), committed before the answer is sent, so it is
   handed out once; a token naming it is accepted only from that asker, once.
-* Every audit entry is appended in the same transaction as the state change it records.
+* Every audit entry is appended in the same transaction as the state change it records
+  (the entries of a batch are written together, by one ``executemany`` right before its
+  ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
+  its entries with it).
 * A row's blob is deleted only after the row's ``deleted`` state is committed; blobs
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
@@ -46,20 +49,26 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 import os
 import sqlite3
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
-from tisa.errors import Reason, Refused, UsageError
+from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.prekeys import Prekey
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 from tisa_io.durable import DurableStore
 
+# The relay's report events (one line each): stored, released, forwarded, ...
+log = logging.getLogger("relay.events")
+
 __all__ = [
+    "StoreBusy",
+    "StoreUnavailable",
     "BlobWriter",
     "InlineBlob",
     "ReceiptRow",
@@ -70,10 +79,18 @@ __all__ = [
 ]
 
 DB_NAME = "relay.db"
-SCHEMA_VERSION = 4  # 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: prekeys
+# 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
+# hold only deliveries still owed (partial indexes, see _OWED); 5: prekeys.
+SCHEMA_VERSION = 5
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
+# The same as an SQL condition, written out in every query that should use the partial
+# indexes below (SQLite uses one only when the query states its condition literally).
+# Indexed only while owed, and without the state in their keys, a token's row enters
+# the indexes once (release), stays put when it is forwarded, and leaves them when it is
+# acked: before, each state change moved it in three indexes.
+_OWED = "state IN ('pending', 'delivered')"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -103,9 +120,12 @@ CREATE TABLE IF NOT EXISTS tokens (
     not_after INTEGER NOT NULL,
     keep_until INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS tokens_recipient ON tokens (recipient, state, seq);
-CREATE INDEX IF NOT EXISTS tokens_report ON tokens (report, state);
-CREATE INDEX IF NOT EXISTS tokens_expiry ON tokens (state, not_after);
+CREATE INDEX IF NOT EXISTS tokens_owed ON tokens (recipient, seq)
+    WHERE state IN ('pending', 'delivered');
+CREATE INDEX IF NOT EXISTS tokens_owed_report ON tokens (report)
+    WHERE state IN ('pending', 'delivered');
+CREATE INDEX IF NOT EXISTS tokens_owed_expiry ON tokens (not_after)
+    WHERE state IN ('pending', 'delivered');
 CREATE TABLE IF NOT EXISTS receipts (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     originator TEXT NOT NULL,
@@ -140,6 +160,18 @@ CREATE TABLE IF NOT EXISTS audit (
     head BLOB NOT NULL
 );
 """
+
+
+class StoreUnavailable(LocalError):
+    """The relay's store cannot be reached (its PostgreSQL server is down or refuses the
+    connection). At start the relay stops with this one line; while it runs, the
+    connection that met it is closed with ``busy`` and the store is tried again."""
+
+
+class StoreBusy(StoreUnavailable):
+    """Another relay process holds what this step needs (the audit chain head past
+    the lock timeout, or a report id it stored a moment ago): the connection is closed
+    with ``busy`` and the member tries again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -295,6 +327,10 @@ class Store(DurableStore):
 
     def __init__(self, directory: str | os.PathLike[str], *, group_commit: bool = False) -> None:
         super().__init__()
+        # Audit rows (seq, entry, content, head) of the open batch, written by one
+        # executemany before its COMMIT; _audit_mark: where the current step's begin.
+        self._audit_rows: list[tuple[int, bytes, bytes, bytes]] = []
+        self._audit_mark = 0
         # recipient -> deliveries outstanding, for those counted so far (queue_length).
         self._queued: dict[str, int] = {}
         self.directory = Path(directory)
@@ -311,14 +347,21 @@ class Store(DurableStore):
         # of a batch is announced (see the module docstring).
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # 16 MiB of page cache (SQLite's default is 2 MiB): a large batch's dirty pages
+        # stay in memory until its COMMIT instead of spilling to the WAL mid-statement.
+        self._db.execute("PRAGMA cache_size=-16384")
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
             self._db.execute("ALTER TABLE reports ADD COLUMN data BLOB")
+        if version in (2, 3):
+            # The indexes of every token, replaced by the partial ones of _SCHEMA.
+            for index in ("tokens_recipient", "tokens_report", "tokens_expiry"):
+                self._db.execute(f"DROP INDEX IF EXISTS {index}")
         # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -345,16 +388,48 @@ class Store(DurableStore):
 
     # --- plumbing --------------------------------------------------------------------
 
-    def _transaction(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+    def _transaction(
+        self, *, savepoint: bool = True
+    ) -> contextlib.AbstractContextManager[sqlite3.Connection]:
         # One step of the open batch (group commit), or a transaction durable on return.
-        return self._step() if self.group_commit else self._single()
+        # savepoint=False: the step checks everything before its first write (see
+        # tisa_io.durable.DurableStore._step).
+        return self._step(savepoint=savepoint) if self.group_commit else self._single()
+
+    def _step_started(self) -> None:
+        self._audit_mark = len(self._audit_rows)
+
+    def _changes(self) -> int:
+        return self._db.total_changes + len(self._audit_rows)
+
+    def _before_commit(self) -> None:
+        self._flush_audit()
+
+    def _flush_audit(self) -> None:
+        # The audit entries of the open batch, in one statement; inside its transaction,
+        # so each entry still commits with the change it records.
+        if self._audit_rows:
+            self._db.executemany(
+                "INSERT INTO audit (seq, entry, content, head) VALUES (?, ?, ?, ?)",
+                self._audit_rows,
+            )
+            self._audit_rows.clear()
+            self._audit_mark = 0
 
     def _rolled_back(self) -> None:
-        self._load_head()  # the cached audit head may belong to rolled-back entries
-        if not self._db.in_transaction:
+        if self._db.in_transaction:
+            # One step rolled back: its buffered entries go with it.
+            del self._audit_rows[self._audit_mark :]
+        else:
             # A whole batch (or a transaction) was rolled back, not one step: counts
             # changed by its committed steps are wrong now.
+            self._audit_rows.clear()
             self._queued.clear()
+        # The cached audit head may belong to rolled-back entries.
+        if self._audit_rows:
+            self._seq, _, _, self._head = self._audit_rows[-1]
+        else:
+            self._load_head()
 
     def _load_head(self) -> None:
         row = self._db.execute("SELECT seq, head FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
@@ -384,11 +459,19 @@ class Store(DurableStore):
         encoded = entry.encode()
         content = digest(Hash.AUDIT, encoded)
         head = chain_next(self._head, content)
-        self._db.execute(
-            "INSERT INTO audit (seq, entry, content, head) VALUES (?, ?, ?, ?)",
-            (entry.seq, encoded, content, head),
-        )
+        self._audit_rows.append((entry.seq, encoded, content, head))
         self._seq, self._head = entry.seq, head
+        # One log line per report event, from what the audit entry records (ids, names,
+        # reason codes: nothing secret). Logged as recorded; a batch rolled back later
+        # (a failed commit) is logged as an error of its own.
+        log.info(
+            "%s%s%s parties %s%s",
+            event.value,
+            f" report {report.hex()}" if report else "",
+            f" token {token.hex()}" if token else "",
+            ",".join(entry.parties) or "-",
+            f" reason {reason}" if reason else "",
+        )
         return entry
 
     def _sweep_files(self) -> None:
@@ -461,7 +544,7 @@ class Store(DurableStore):
     ) -> ReportRow:
         """Record a placed blob (or, with ``data``, an inline ciphertext) as a held
         report and log ``stored``, in one transaction."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO reports (id, originator, size, digest, path, state, expires,"
                 " stored_at, data) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)",
@@ -504,6 +587,10 @@ class Store(DurableStore):
         ).fetchone()
         return None if row is None else self._token_row(row)
 
+    def ping(self) -> None:
+        """A trivial read: raises if the database cannot answer (the health check)."""
+        self._db.execute("SELECT 1").fetchone()
+
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``.
 
@@ -514,8 +601,7 @@ class Store(DurableStore):
         count = self._queued.get(recipient)
         if count is None:
             row = self._db.execute(
-                "SELECT COUNT(*) FROM tokens WHERE recipient = ? AND state IN (?, ?)",
-                (recipient, *OUTSTANDING),
+                f"SELECT COUNT(*) FROM tokens WHERE recipient = ? AND {_OWED}", (recipient,)
             ).fetchone()
             count = self._queued[recipient] = int(row[0])
         return count
@@ -528,7 +614,8 @@ class Store(DurableStore):
                 revoked), EXPIRED (the report expired), UNKNOWN_REPORT, QUEUE_FULL
                 (the recipient has ``max_queue`` deliveries outstanding).
         """
-        with self._transaction() as db:
+        # Every refusal is decided before the first write: no savepoint.
+        with self._transaction(savepoint=False) as db:
             # The token id's state and the report's, in one query (NULLs: not there).
             seen, present, state, ended, expires, pinned = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
@@ -608,8 +695,8 @@ class Store(DurableStore):
         (at most ``limit``; -1 for all)."""
         rows = self._db.execute(
             f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-            " WHERE recipient = ? AND state IN (?, ?) AND seq > ? ORDER BY seq LIMIT ?",
-            (recipient, *OUTSTANDING, after, limit),
+            f" WHERE recipient = ? AND {_OWED} AND seq > ? ORDER BY seq LIMIT ?",
+            (recipient, after, limit),
         ).fetchall()
         return [self._token_row(row) for row in rows]
 
@@ -632,7 +719,7 @@ class Store(DurableStore):
 
     def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
         """A delivery went out in full; the first time, log ``forwarded``."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             row = db.execute(
                 "UPDATE tokens SET state = 'delivered' WHERE id = ? AND state = 'pending'"
                 " RETURNING originator, recipient, report",
@@ -651,29 +738,38 @@ class Store(DurableStore):
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report. Returns False for an unknown or foreign token;
         an ack for a delivery no longer outstanding (acked, revoked, expired) is True."""
-        with self._transaction() as db:
-            row = self.token(token_id)
-            if row is None or row.recipient != recipient:
-                return False
-            if row.state not in OUTSTANDING:
-                return True
+        with self._transaction(savepoint=False) as db:
             # Only the id is needed from now on (to refuse a replay): drop the token and
             # with it the sealed content key, which the relay has no reason to keep.
-            db.execute("UPDATE tokens SET state = 'acked', token = X'' WHERE id = ?", (token_id,))
-            if row.state == "pending":
+            # One statement checks and writes in the usual case (the delivery was
+            # marked forwarded); RETURNING gives only the new values, so each state the
+            # ack may find gets a statement of its own.
+            for before in ("delivered", "pending"):
+                row = db.execute(
+                    "UPDATE tokens SET state = 'acked', token = X''"
+                    " WHERE id = ? AND recipient = ? AND state = ? RETURNING originator, report",
+                    (token_id, recipient, before),
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
+                known = self.token(token_id)
+                return known is not None and known.recipient == recipient
+            originator, report = str(row[0]), bytes(row[1])
+            if before == "pending":
                 # The ack overtook mark_forwarded: the delivery did go out in full.
                 self._audit(
                     AuditEvent.FORWARDED,
                     now=now,
-                    parties=(row.originator, row.recipient),
-                    report=row.report,
+                    parties=(originator, recipient),
+                    report=report,
                     token=token_id,
                 )
             self._audit(
                 AuditEvent.ACKNOWLEDGED,
                 now=now,
-                parties=(row.originator, row.recipient),
-                report=row.report,
+                parties=(originator, recipient),
+                report=report,
                 token=token_id,
             )
         if recipient in self._queued:
@@ -688,7 +784,8 @@ class Store(DurableStore):
 
         Raises:
             Refused: UNKNOWN_REPORT (no such report of ``by``), REPLAYED (the token was
-                already acked: it was used), EXPIRED (the token expired first),
+                already acked: it was used; or, for the whole report, every token of it
+                was, so there is nothing left to withdraw), EXPIRED (the token expired first),
                 WRONG_REPORT (the token belongs to another report).
         """
         self._queued.clear()  # queue lengths are counted again when next needed
@@ -731,14 +828,27 @@ class Store(DurableStore):
             recipients = [
                 str(r[0])
                 for r in db.execute(
-                    "SELECT recipient FROM tokens WHERE report = ? AND state IN (?, ?)",
-                    (report_id, *OUTSTANDING),
+                    f"SELECT recipient FROM tokens WHERE report = ? AND {_OWED}", (report_id,)
                 )
             ]
+            if not recipients:
+                delivered = sorted(
+                    str(r[0])
+                    for r in db.execute(
+                        "SELECT recipient FROM tokens WHERE report = ? AND state = 'acked'",
+                        (report_id,),
+                    )
+                )
+                if delivered:
+                    # Nothing left to withdraw: a revocation cannot take a report back
+                    # from its recipients. Refused, and nothing changes.
+                    raise Refused(
+                        Reason.REPLAYED,
+                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
+                    )
             db.execute(
-                "UPDATE tokens SET state = 'revoked', token = X''"
-                " WHERE report = ? AND state IN (?, ?)",
-                (report_id, *OUTSTANDING),
+                f"UPDATE tokens SET state = 'revoked', token = X'' WHERE report = ? AND {_OWED}",
+                (report_id,),
             )
             delete = report.state != "deleted"
             db.execute(
@@ -759,7 +869,7 @@ class Store(DurableStore):
             Refused: WRONG_REPORT when no delivery of that token to that recipient from
                 that originator exists.
         """
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             row = db.execute(
                 "SELECT recipient, originator, report FROM tokens WHERE id = ?", (receipt.token,)
             ).fetchone()
@@ -800,7 +910,7 @@ class Store(DurableStore):
         return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
 
     def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             # The row stays (its token id makes a resent receipt a duplicate), the
             # receipt itself is no longer needed.
             cursor = db.execute(
@@ -826,7 +936,7 @@ class Store(DurableStore):
         ]
 
     def drop_notice(self, seq: int) -> None:
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             db.execute("DELETE FROM notices WHERE seq = ?", (seq,))
 
     # --- expiry ----------------------------------------------------------------------
@@ -846,9 +956,8 @@ class Store(DurableStore):
             expired_tokens = [
                 self._token_row(row)
                 for row in db.execute(
-                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-                    " WHERE state IN (?, ?) AND not_after + ? <= ?",
-                    (*OUTSTANDING, clock_skew, now),
+                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE {_OWED} AND not_after <= ?",
+                    (now - clock_skew,),
                 ).fetchall()
             ]
             for token in expired_tokens:
@@ -872,8 +981,8 @@ class Store(DurableStore):
                 report_id, originator, state = bytes(row[0]), str(row[1]), str(row[2])
                 if state == "released":
                     busy = db.execute(
-                        "SELECT 1 FROM tokens WHERE report = ? AND state IN (?, ?) LIMIT 1",
-                        (report_id, *OUTSTANDING),
+                        f"SELECT 1 FROM tokens WHERE report = ? AND {_OWED} LIMIT 1",
+                        (report_id,),
                     ).fetchone()
                     if busy is None:
                         db.execute(
@@ -939,8 +1048,9 @@ class Store(DurableStore):
         """(``not_after`` of ``owner``'s newest valid signed prekey or 0, one-time prekeys
         still available)."""
         signed, available = self._db.execute(
-            "SELECT (SELECT max(not_after) FROM prekeys WHERE owner = ? AND kind = 'signed'"
-            " AND not_after > ?), (SELECT count(*) FROM prekeys WHERE owner = ?"
+            "SELECT (SELECT not_after FROM prekeys WHERE owner = ? AND kind = 'signed'"
+            " AND not_after > ? ORDER BY seq DESC LIMIT 1),"
+            " (SELECT count(*) FROM prekeys WHERE owner = ?"
             " AND kind = 'one_time' AND taken_by IS NULL AND not_after > ?)",
             (owner, now, owner, now),
         ).fetchone()
@@ -949,8 +1059,9 @@ class Store(DurableStore):
     def take_prekeys(
         self, owner: str, *, taker: str, now: int
     ) -> tuple[bytes | None, bytes | None, int]:
-        """Hand out ``owner``'s newest valid signed prekey and its oldest available
-        one-time prekey, the latter marked taken by ``taker`` in the same transaction
+        """Hand out ``owner``'s latest published valid signed prekey and its newest
+        available one-time prekey (the latest publish first: the member's current store
+        holds it), the latter marked taken by ``taker`` in the same transaction
         (committed before the caller announces it: it is handed out once).
 
         Returns:
@@ -959,12 +1070,12 @@ class Store(DurableStore):
         with self._transaction() as db:
             signed = db.execute(
                 "SELECT encoded FROM prekeys WHERE owner = ? AND kind = 'signed'"
-                " AND not_after > ? ORDER BY not_after DESC, seq DESC LIMIT 1",
+                " AND not_after > ? ORDER BY seq DESC LIMIT 1",
                 (owner, now),
             ).fetchone()
             one_time = db.execute(
                 "SELECT seq, encoded FROM prekeys WHERE owner = ? AND kind = 'one_time'"
-                " AND taken_by IS NULL AND not_after > ? ORDER BY seq LIMIT 1",
+                " AND taken_by IS NULL AND not_after > ? ORDER BY seq DESC LIMIT 1",
                 (owner, now),
             ).fetchone()
             if one_time is not None:
@@ -1008,7 +1119,7 @@ class Store(DurableStore):
         others: tuple[str, ...] = (),
     ) -> AuditEntry:
         """Log a refusal of something ``member`` sent (its own transaction)."""
-        with self._transaction():
+        with self._transaction(savepoint=False):
             return self._audit(
                 AuditEvent.REFUSED,
                 now=now,
@@ -1031,11 +1142,13 @@ class Store(DurableStore):
         """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
         if seq == 0:
             return GENESIS
+        self._flush_audit()
         row = self._db.execute("SELECT head FROM audit WHERE seq = ?", (seq,)).fetchone()
         return None if row is None else bytes(row[0])
 
     def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
         """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+        self._flush_audit()
         rows = self._db.execute(
             "SELECT entry, content, head FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
             (after, limit),
@@ -1043,6 +1156,7 @@ class Store(DurableStore):
         return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
 
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        self._flush_audit()
         rows = self._db.execute(
             "SELECT length(entry) FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
         ).fetchall()

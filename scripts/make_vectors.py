@@ -18,7 +18,8 @@ what the current code would produce, so running it again changes nothing unless 
 protocol did. ``tests/test_vectors.py`` checks that, and every verdict.
 
 Conventions in the files: byte strings are lowercase hex; times are unix seconds; an
-expected failure names the exception class and, for a refusal, the reason code.
+expected failure names the exception class and, for a refusal, the reason code. The
+format of every file is documented in docs/protocol.md, Appendix C.
 """
 
 from __future__ import annotations
@@ -38,7 +39,14 @@ import nacl.exceptions
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
-from tisa.audit import Checkpoint
+from tisa.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditEvent,
+    Checkpoint,
+    chain_next,
+    verify_extract,
+)
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
@@ -51,12 +59,20 @@ from tisa.keys import Context, Hash, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE, CLOCK_SKEW
 from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt, StoredAck
-from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report
+from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report, padded_size
 from tisa.token import check_for_recipient, check_for_relay, issue_token
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "vectors"
-FILES = ("arrangement.json", "report.json", "token.json", "receipt.json", "prekey.json")
+FILES = (
+    "arrangement.json",
+    "report.json",
+    "token.json",
+    "receipt.json",
+    "encoding.json",
+    "audit.json",
+    "prekey.json",
+)
 
 # 1 January 2015, three days after the arrangement was signed.
 NOW = 1_420_070_400
@@ -64,6 +80,8 @@ CREATED = 1_419_811_200
 NOT_BEFORE, NOT_AFTER = NOW - 600, NOW + 86_400
 # Ed25519 group order, for the malleated-signature vectors.
 ED25519_L = 2**252 + 27742317777372353535851937790883648493
+# The body of report-short-body, and of the reports derived from its plaintext.
+SHORT_BODY = b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."
 # Store a ciphertext in full below this size; above it, as a mutation of its base.
 INLINE_LIMIT = 16 * 1024
 
@@ -331,6 +349,7 @@ class Builder:
                 expect_error(Refused, "not_a_member"),
             ),
         ]
+        invalid.extend(self._arrangement_check_order(v1_signatures))
         vectors: list[dict[str, Any]] = [
             {
                 "id": "arrangement-v1",
@@ -355,6 +374,7 @@ class Builder:
                     "expect": expected,
                 }
             )
+        vectors.extend(self._arrangement_validity())
         noncanonical = msgpack.packb(
             {"signatures": v1_signatures, "arrangement": V1.encoded}, use_bin_type=True
         )
@@ -376,6 +396,150 @@ class Builder:
             "arrangements": versions,
             "vectors": vectors,
         }
+
+    def _arrangement_check_order(
+        self, good: Mapping[str, bytes]
+    ) -> list[tuple[str, str, dict[str, bytes], dict[str, Any]]]:
+        """Several faults at once: the verdict follows the order of section 8.2, not the
+        order in which the names sort (canberra sorts first, zurich last)."""
+        bad_canberra = SECRETS["canberra"].sign(Context.TOKEN, V1.id)
+        zurich = MemberSecret(**seeds("zurich")).sign(Context.ARRANGEMENT, V1.id)
+        no_tokyo = {k: v for k, v in good.items() if k != "tokyo"}
+        return [
+            (
+                "arrangement-order-non-member-before-bad-signature",
+                "Canberra's signature is bad and Zurich, not a member, signed too: every "
+                "name is checked before any signature, so not_a_member.",
+                {**good, "canberra": bad_canberra, "zurich": zurich},
+                expect_error(Refused, "not_a_member"),
+            ),
+            (
+                "arrangement-order-non-member-before-missing",
+                "Tokyo has not signed and Zurich, not a member, has: not_a_member.",
+                {**no_tokyo, "zurich": zurich},
+                expect_error(Refused, "not_a_member"),
+            ),
+            (
+                "arrangement-order-bad-signature-before-missing",
+                "Tokyo has not signed and Canberra's signature is bad: the signature fails.",
+                {**no_tokyo, "canberra": bad_canberra},
+                expect_error(VerificationError),
+            ),
+            (
+                "arrangement-no-signatures",
+                "Nobody has signed: not effective, and the error names every member in "
+                "member order.",
+                {},
+                expect_error(ArrangementNotEffective, "arrangement_not_effective")
+                | {"missing": sorted(ROLES, key=str.encode)},
+            ),
+        ]
+
+    def _arrangement_validity(self) -> list[dict[str, Any]]:
+        """Arrangements that break a rule of section 8.1, each signed by all its members
+        over its own id: malformed, whatever the signatures; and names the text rule
+        allows, however odd (section 3.3)."""
+        base = V1.to_dict()
+
+        def member(name: str, **changes: Any) -> dict[str, Any]:
+            entry = next(m for m in base["members"] if m["name"] == name)
+            return {**entry, **changes}
+
+        def members(**changed: dict[str, Any]) -> list[dict[str, Any]]:
+            return [changed.get(m["name"], m) for m in base["members"]]
+
+        seoul_identity = base["members"][1]["identity"]
+        malformed = expect_error(ProtocolError)
+        specs: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
+            (
+                "arrangement-invalid-relay-also-recipient",
+                "The relay also holds the recipient role.",
+                {"members": members(washington=member("washington", roles=["recipient", "relay"]))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-relay-without-role",
+                "relay names Seoul, who does not hold the relay role.",
+                {"relay": "seoul"},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-shared-key",
+                "Tokyo lists Seoul's keys.",
+                {"members": members(tokyo=member("tokyo", identity=seoul_identity))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-low-order-box-key",
+                "Tokyo's X25519 key is the all-zero (low-order) point.",
+                {
+                    "members": members(
+                        tokyo=member(
+                            "tokyo",
+                            identity={**member("tokyo")["identity"], "box": bytes(32)},
+                        )
+                    )
+                },
+                malformed,
+            ),
+            (
+                "arrangement-invalid-previous-on-version-1",
+                "Version 1 naming a previous version.",
+                {"previous": bytes(32)},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-members-out-of-order",
+                "Members not sorted by name.",
+                {"members": list(reversed(base["members"]))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-scopes-out-of-order",
+                "Scopes not sorted.",
+                {"scopes": list(reversed(base["scopes"]))},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-duplicate-level",
+                "A level listed twice.",
+                {"levels": [*base["levels"], base["levels"][0]]},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-control-character-in-name",
+                "The arrangement's name holds U+001F (a C0 control character).",
+                {"name": "tisa\x1f2014"},
+                malformed,
+            ),
+            (
+                "arrangement-invalid-delete-in-scope",
+                "A scope holds U+007F (DEL).",
+                {"scopes": ["missile", "nuclear\x7f"]},
+                malformed,
+            ),
+            (
+                "arrangement-name-with-unicode-line-breaks",
+                "The arrangement's name holds U+0085 (NEL, a C1 control) and U+2028 (LINE "
+                "SEPARATOR): allowed, names exclude only U+0000..U+001F and U+007F.",
+                {"name": "tisa\u0085\u20282014"},
+                {},
+            ),
+        ]
+        out: list[dict[str, Any]] = []
+        for vector_id, description, changes, expected in specs:
+            encoded = enc.pack({**base, **changes})
+            arrangement_id = digest(Hash.ARRANGEMENT, encoded)
+            signatures = {n: SECRETS[n].sign(Context.ARRANGEMENT, arrangement_id) for n in ROLES}
+            out.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "signed": enc.pack({"arrangement": encoded, "signatures": signatures}).hex(),
+                    "expect": expected or expect_ok(id=arrangement_id),
+                }
+            )
+        return out
 
     def _check_arrangement(self, vector: dict[str, Any]) -> None:
         data = bytes.fromhex(vector["signed"])
@@ -459,7 +623,7 @@ class Builder:
             (
                 "report-short-body",
                 "A short body in the smallest bucket.",
-                {"body": b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."},
+                {"body": SHORT_BODY},
             ),
             (
                 "report-with-attachments",
@@ -770,12 +934,76 @@ class Builder:
             arrangement="v2",
         )
         out.extend(self._resealed_reports())
+        out.extend(self._signed_share_reports())
+        return out
+
+    def _signed_share_reports(self) -> list[dict[str, Any]]:
+        """Headers Seoul signed that the sealer would refuse to make: intact and signed,
+        so the opener refuses them by policy, with a reason (section 9.4, step 7)."""
+        short = self.reports["report-short-body"]
+        header = enc.unpack(short["header"])
+        specs: list[tuple[str, str, dict[str, Any], str]] = [
+            (
+                "report-header-version-mismatch",
+                "The header names version 1's id with version 2.",
+                {"version": 2},
+                "wrong_arrangement",
+            ),
+            (
+                "report-recipient-is-relay",
+                "The signed recipients list Washington, the relay, beside Tokyo.",
+                {"recipients": ["tokyo", "washington"]},
+                "wrong_role",
+            ),
+            (
+                "report-recipient-not-a-member",
+                "The signed recipients list Beijing, not a member, beside Tokyo.",
+                {"recipients": ["beijing", "tokyo"]},
+                "not_a_member",
+            ),
+            (
+                "report-recipient-is-originator",
+                "The signed recipients list Seoul, the originator, beside Tokyo.",
+                {"recipients": ["seoul", "tokyo"]},
+                "wrong_recipient",
+            ),
+            (
+                "report-out-of-scope",
+                "Header and token agree on scope chemical, which the arrangement lacks.",
+                {"scope": "chemical"},
+                "out_of_scope",
+            ),
+        ]
+        out: list[dict[str, Any]] = []
+        for vector_id, description, changes, reason in specs:
+            header_bytes = enc.pack({**header, **changes})
+            content = (
+                len(header_bytes).to_bytes(4, "big")
+                + header_bytes
+                + SECRETS["seoul"].sign(Context.REPORT, header_bytes)
+                + SHORT_BODY
+            )
+            plaintext = content + bytes(padded_size(len(content)) - len(content))
+            key, report_id = short["content_key"], short["report_id"]
+            fresh = encrypt(plaintext, key, report_id)
+            ciphertext = self._reuse(vector_id, fresh, key, report_id, plaintext, True)
+            sealed = {**short, "ciphertext": ciphertext, "scope": changes.get("scope", "missile")}
+            out.append(
+                {
+                    "id": vector_id,
+                    "description": description,
+                    "generated": "random secretstream header; checked by decrypting",
+                    "open": self._open_params(sealed, "tokyo"),
+                    "ciphertext": ciphertext.hex(),
+                    "expect": expect_error(Refused, reason),
+                }
+            )
         return out
 
     def _resealed_reports(self) -> list[dict[str, Any]]:
         """Reports whose plaintext the honest sealer would never produce."""
         out: list[dict[str, Any]] = []
-        body = b"Launch detected 04:12 KST, 38.9N 125.1E; assessed short-range."
+        body = SHORT_BODY
         seoul = seeds("seoul")
         for vector_id, description, secret in [
             (
@@ -1028,6 +1256,24 @@ class Builder:
                 description,
                 resign(base, SECRETS["seoul"], **changes),
                 [relay(expect_error(Refused, reason))],
+            )
+        # Names (section 3.3): only U+0000..U+001F and U+007F are refused (malformed);
+        # U+0085 and U+2028 are text like any other, so the name is merely not a member.
+        for vector_id, odd_name, expected in [
+            ("token-recipient-name-with-nel", "tokyo\u0085", expect_error(Refused, "not_a_member")),
+            (
+                "token-recipient-name-with-line-separator",
+                "tokyo\u2028",
+                expect_error(Refused, "not_a_member"),
+            ),
+            ("token-recipient-name-with-unit-separator", "tokyo\x1f", malformed),
+            ("token-recipient-name-with-delete", "tokyo\x7f", malformed),
+        ]:
+            add(
+                vector_id,
+                f"Signed by Seoul, for {odd_name!r}.",
+                resign(base, SECRETS["seoul"], recipient=odd_name),
+                [relay(expected)],
             )
         # Tampered fields: each changed to another value that still fits the schema,
         # signature kept.
@@ -1486,6 +1732,29 @@ class Builder:
                 _map_in_order(enc.unpack(encoded), ["sig", "body"]),
                 expect_error(ProtocolError),
             )
+        # Signed by the right member, but naming an originator that could not have sent
+        # the report (section 11): refused by policy, after the signature.
+        originators: list[tuple[str, str, str, str]] = [
+            ("receipt", "relay", "washington", "wrong_role"),
+            ("receipt", "not-a-member", "beijing", "not_a_member"),
+            ("receipt", "is-recipient", "tokyo", "wrong_recipient"),
+            ("ack", "recipient-only", "canberra", "wrong_role"),
+            ("ack", "not-a-member", "beijing", "not_a_member"),
+        ]
+        for kind, label, originator, reason in originators:
+            encoded, context, signer = issued[kind]
+            vectors.append(
+                {
+                    "id": f"{kind}-originator-{label}",
+                    "kind": kind,
+                    "description": f"Signed by {signer}, naming {originator} as originator.",
+                    "arrangement": "v1",
+                    "encoded": resign(
+                        encoded, SECRETS[signer], context=context, originator=originator
+                    ).hex(),
+                    "expect": expect_error(Refused, reason),
+                }
+            )
         for vector in vectors:
             verdict = outcome(functools.partial(_verify_signed, vector))
             _require(vector, verdict)
@@ -1495,6 +1764,396 @@ class Builder:
             "StoredAck.verify or Checkpoint.verify under the arrangement given.",
             "vectors": vectors,
         }
+
+
+# --- canonical encoding (section 3.1) ----------------------------------------------------
+
+
+def _nested(levels: int, *, maps: bool = False, inner: Any = None) -> dict[str, Any]:
+    """A top-level map and ``levels - 1`` containers inside it, one in the other; the
+    innermost is empty, or holds ``inner``."""
+    if maps:
+        value: Any = {} if inner is None else {"a": inner}
+    else:
+        value = [] if inner is None else [inner]
+    for _ in range(levels - 2):
+        value = {"a": value} if maps else [value]
+    return {"a": value}
+
+
+def _raw_map(*pairs: tuple[bytes, bytes]) -> bytes:
+    """A fixmap of already-encoded (key, value) pairs, in the order given."""
+    return bytes([0x80 | len(pairs)]) + b"".join(k + v for k, v in pairs)
+
+
+def encoding_file() -> dict[str, Any]:
+    """Canonical msgpack: inputs that decode (``tisa.encoding.unpack``) and inputs that
+    are malformed, whatever schema would apply next."""
+
+    def packed(value: Any) -> bytes:
+        data: bytes = msgpack.packb(value, use_bin_type=True)
+        return data
+
+    key_a, key_b = packed("a"), packed("b")
+    one = packed(1)
+    specs: list[tuple[str, str, bytes, bool]] = [
+        (
+            "encoding-depth-8-lists",
+            "A map holding 7 nested arrays: 8 levels.",
+            packed(_nested(8)),
+            True,
+        ),
+        (
+            "encoding-depth-9-lists",
+            "A map holding 8 nested arrays: 9 levels.",
+            packed(_nested(9)),
+            False,
+        ),
+        ("encoding-depth-8-maps", "8 maps, one in the other.", packed(_nested(8, maps=True)), True),
+        (
+            "encoding-depth-9-maps",
+            "9 maps, one in the other.",
+            packed(_nested(9, maps=True)),
+            False,
+        ),
+        (
+            "encoding-depth-8-scalar-innermost",
+            "8 levels of containers with an integer in the innermost: scalars add no level.",
+            packed(_nested(8, inner=1)),
+            True,
+        ),
+        (
+            "encoding-depth-9-empty-map-innermost",
+            "8 levels, and an empty map inside the innermost array: an empty container "
+            "is a level too.",
+            packed(_nested(8, inner={})),
+            False,
+        ),
+        (
+            "encoding-keys-sorted",
+            "Keys a, ab, b: a prefix sorts first.",
+            packed({"a": 1, "ab": 2, "b": 3}),
+            True,
+        ),
+        (
+            "encoding-keys-prefix-after",
+            "Keys ab then a.",
+            _raw_map((packed("ab"), one), (key_a, one)),
+            False,
+        ),
+        (
+            "encoding-keys-out-of-order",
+            "Keys b then a.",
+            _raw_map((key_b, one), (key_a, one)),
+            False,
+        ),
+        (
+            "encoding-keys-out-of-order-nested",
+            "A canonical outer map whose inner map has keys b then a: every map is checked.",
+            _raw_map((key_a, _raw_map((key_b, one), (key_a, one)))),
+            False,
+        ),
+        (
+            "encoding-keys-utf8-order",
+            "Keys U+FF5E then U+1F600: ascending in UTF-8 bytes (ef.. < f0..), though "
+            "not in UTF-16 code units.",
+            _raw_map((packed("\uff5e"), one), (packed("\U0001f600"), one)),
+            True,
+        ),
+        (
+            "encoding-keys-utf16-order",
+            "Keys U+1F600 then U+FF5E: the UTF-16 order, not the UTF-8 one.",
+            _raw_map((packed("\U0001f600"), one), (packed("\uff5e"), one)),
+            False,
+        ),
+        ("encoding-duplicate-key", "Key a twice.", _raw_map((key_a, one), (key_a, one)), False),
+        ("encoding-key-not-text", "An integer key.", _raw_map((one, one)), False),
+        ("encoding-key-bin", "A key encoded as bin.", _raw_map((b"\xc4\x01a", one)), False),
+        ("encoding-int-long-form", "5 as uint8 (cc 05).", _raw_map((key_a, b"\xcc\x05")), False),
+        ("encoding-int-signed-form", "5 as int8 (d0 05).", _raw_map((key_a, b"\xd0\x05")), False),
+        ("encoding-int-negative", "-33 as int8 (d0 df).", _raw_map((key_a, b"\xd0\xdf")), True),
+        (
+            "encoding-int-negative-long-form",
+            "-1 as int8 (d0 ff) instead of a negative fixint.",
+            _raw_map((key_a, b"\xd0\xff")),
+            False,
+        ),
+        ("encoding-int-uint64-max", "2^64 - 1.", packed({"a": 2**64 - 1}), True),
+        ("encoding-str8-short", "Text of 1 byte as str8.", _raw_map((key_a, b"\xd9\x01x")), False),
+        (
+            "encoding-bin-empty",
+            "An empty byte string (c4 00).",
+            _raw_map((key_a, b"\xc4\x00")),
+            True,
+        ),
+        (
+            "encoding-map16-small",
+            "A map of 1 entry as map16.",
+            b"\xde\x00\x01" + key_a + one,
+            False,
+        ),
+        ("encoding-float64", "A float64.", _raw_map((key_a, b"\xcb" + bytes(8))), False),
+        ("encoding-float32", "A float32.", _raw_map((key_a, b"\xca" + bytes(4))), False),
+        ("encoding-ext", "An extension type (fixext1).", _raw_map((key_a, b"\xd4\x01\x00")), False),
+        (
+            "encoding-timestamp",
+            "A msgpack timestamp (ext -1, fixext4).",
+            _raw_map((key_a, b"\xd6\xff" + bytes(4))),
+            False,
+        ),
+        ("encoding-never-used", "The byte c1.", _raw_map((key_a, b"\xc1")), False),
+        ("encoding-invalid-utf8", "Text that is not UTF-8.", _raw_map((key_a, b"\xa1\xff")), False),
+        ("encoding-trailing-byte", "A byte after the map.", packed({"a": 1}) + b"\x00", False),
+        ("encoding-top-level-array", "An array at the top.", packed([1]), False),
+        ("encoding-empty-map", "The empty map.", b"\x80", True),
+        ("encoding-truncated", "A map that ends early.", packed({"a": 1})[:-1], False),
+    ]
+    vectors = []
+    for vector_id, description, data, valid in specs:
+        vector = {
+            "id": vector_id,
+            "description": description,
+            "encoded": data.hex(),
+            "expect": expect_ok() if valid else expect_error(ProtocolError),
+        }
+        _require(vector, outcome(functools.partial(enc.unpack, data)))
+        vectors.append(vector)
+    return {
+        "description": "Canonical encoding (docs/protocol.md section 3.1). Decode 'encoded' "
+        "with tisa.encoding.unpack: it decodes, or it is malformed.",
+        "vectors": vectors,
+    }
+
+
+# --- audit extracts (section 12.3) --------------------------------------------------------
+
+
+def audit_file() -> dict[str, Any]:
+    """Extracts of a four-entry log, verified by a member from the point it knows."""
+    report = derive("audit/report", 16)
+    token = derive("audit/token", 16)
+    entries = [
+        AuditEntry(
+            seq=1, time=NOW, event=AuditEvent.STORED, report=report, token=None, parties=("seoul",)
+        ),
+        AuditEntry(
+            seq=2,
+            time=NOW + 1,
+            event=AuditEvent.RELEASED,
+            report=report,
+            token=token,
+            parties=("seoul", "tokyo"),
+        ),
+        AuditEntry(
+            seq=3,
+            time=NOW + 2,
+            event=AuditEvent.STORED,
+            report=derive("audit/other", 16),
+            token=None,
+            parties=("canberra",),
+        ),
+        AuditEntry(
+            seq=4,
+            time=NOW + 3,
+            event=AuditEvent.FORWARDED,
+            report=report,
+            token=token,
+            parties=("seoul", "tokyo"),
+        ),
+    ]
+    heads = [GENESIS]
+    for entry in entries:
+        heads.append(chain_next(heads[-1], entry.content_hash))
+
+    def checkpoint(
+        seq: int,
+        *,
+        head: bytes | None = None,
+        signer: str = "washington",
+        arrangement: Arrangement = V1,
+    ) -> bytes:
+        # Signed here rather than by Checkpoint.issue, which refuses a signer not the relay.
+        body = {
+            "v": 1,
+            "arrangement": arrangement.id,
+            "seq": seq,
+            "head": heads[seq] if head is None else head,
+            "time": NOW + 10,
+        }
+        body_bytes = enc.pack(body)
+        return enc.pack(
+            {"body": body_bytes, "sig": SECRETS[signer].sign(Context.AUDIT, body_bytes)}
+        )
+
+    def extract(member: str, start: int, end: int = 4, **changes: Any) -> dict[str, Any]:
+        value = {
+            "start_seq": start,
+            "start_head": heads[start],
+            "items": [
+                {"e": e.encode()} if member in e.parties else {"h": e.content_hash}
+                for e in entries[start:end]
+            ],
+            "checkpoint": checkpoint(end),
+        }
+        value.update(changes)
+        return value
+
+    vectors: list[dict[str, Any]] = []
+
+    def add(
+        vector_id: str,
+        description: str,
+        data: bytes,
+        expected: dict[str, Any],
+        *,
+        member: str = "tokyo",
+        known: int = 0,
+    ) -> None:
+        vector = {
+            "id": vector_id,
+            "description": description,
+            "arrangement": "v1",
+            "member": member,
+            "known": {"seq": known, "head": heads[known].hex()},
+            "extract": data.hex(),
+            "expect": expected,
+        }
+        _require(vector, outcome(functools.partial(_verify_extract, vector)))
+        vectors.append(vector)
+
+    def ok(member: str, start: int, end: int = 4) -> dict[str, Any]:
+        return expect_ok(
+            entries=[e.seq for e in entries[start:end] if member in e.parties],
+            checkpoint_seq=end,
+            checkpoint_head=heads[end],
+        )
+
+    opaque = expect_error(VerificationError)
+    full = extract("tokyo", 0)
+    add(
+        "audit-extract-from-genesis",
+        "Tokyo's first fetch: entries 2 and 4 in full.",
+        enc.pack(full),
+        ok("tokyo", 0),
+    )
+    add(
+        "audit-extract-seoul",
+        "Seoul's first fetch: entries 1, 2 and 4 in full.",
+        enc.pack(extract("seoul", 0)),
+        ok("seoul", 0),
+        member="seoul",
+    )
+    add(
+        "audit-extract-from-checkpoint",
+        "From seq 2, the point Tokyo verified last.",
+        enc.pack(extract("tokyo", 2)),
+        ok("tokyo", 2),
+        known=2,
+    )
+    add(
+        "audit-extract-nothing-new",
+        "From seq 4 to the checkpoint at 4: no items.",
+        enc.pack(extract("tokyo", 4)),
+        ok("tokyo", 4),
+        known=4,
+    )
+    add(
+        "audit-extract-trailing-byte",
+        "A byte after the extract: malformed.",
+        enc.pack(full) + b"\x00",
+        expect_error(ProtocolError),
+    )
+    add(
+        "audit-extract-entry-malformed",
+        "An item whose entry bytes do not decode: malformed.",
+        enc.pack({**full, "items": [full["items"][0], {"e": b"\x80"}, *full["items"][2:]]}),
+        expect_error(ProtocolError),
+    )
+    add(
+        "audit-extract-checkpoint-other-arrangement",
+        "The relay's checkpoint signed for version 2: refused, as any checkpoint (12.2).",
+        enc.pack({**full, "checkpoint": checkpoint(4, arrangement=V2)}),
+        expect_error(Refused, "wrong_arrangement"),
+    )
+    add(
+        "audit-extract-checkpoint-signed-by-member",
+        "The checkpoint signed by Seoul instead of the relay.",
+        enc.pack({**full, "checkpoint": checkpoint(4, signer="seoul")}),
+        opaque,
+    )
+    add(
+        "audit-extract-wrong-start",
+        "Starts at seq 2 while Tokyo knows seq 0.",
+        enc.pack(extract("tokyo", 2)),
+        opaque,
+    )
+    add(
+        "audit-extract-rewritten-history",
+        "From seq 2, but with another chain head there (a log rebuilt to that length): "
+        "it does not continue from the point Tokyo verified.",
+        enc.pack(extract("tokyo", 2, start_head=_flip(heads[2], 0))),
+        opaque,
+        known=2,
+    )
+    add(
+        "audit-extract-hash-altered",
+        "The hash standing for entry 1 altered: the chain misses the checkpoint's head.",
+        enc.pack({**full, "items": [{"h": _flip(entries[0].content_hash, 0)}, *full["items"][1:]]}),
+        opaque,
+    )
+    add(
+        "audit-extract-entry-not-naming-member",
+        "Entry 3 (Canberra's) sent to Tokyo in full.",
+        enc.pack(
+            {**full, "items": [*full["items"][:2], {"e": entries[2].encode()}, full["items"][3]]}
+        ),
+        opaque,
+    )
+    add(
+        "audit-extract-short-of-checkpoint",
+        "Items up to entry 3 with the checkpoint at 4.",
+        enc.pack({**full, "items": full["items"][:3]}),
+        opaque,
+    )
+    # An entry may name up to 256 parties (a report's originator and every recipient).
+    crowded = AuditEntry(
+        seq=1,
+        time=NOW,
+        event=AuditEvent.RELEASED,
+        report=report,
+        token=token,
+        parties=("tokyo", *(f"party-{i:02}" for i in range(11))),
+    )
+    crowded_head = chain_next(GENESIS, crowded.content_hash)
+    crowded_extract = {
+        "start_seq": 0,
+        "start_head": GENESIS,
+        "items": [{"e": crowded.encode()}],
+        "checkpoint": checkpoint(1, head=crowded_head),
+    }
+    add(
+        "audit-extract-entry-with-twelve-parties",
+        "A log of one entry naming Tokyo and 11 other parties.",
+        enc.pack(crowded_extract),
+        expect_ok(entries=[1], checkpoint_seq=1, checkpoint_head=crowded_head),
+    )
+    return {
+        "description": "Audit extracts (docs/protocol.md section 12.3). Verify 'extract' with "
+        "tisa.audit.verify_extract as 'member', under the arrangement given, from the point "
+        "'known' (seq, chain head). 'ok' gives the seqs of the member's entries and the "
+        "checkpoint to keep.",
+        "vectors": vectors,
+    }
+
+
+def _verify_extract(vector: Mapping[str, Any]) -> Any:
+    known = (vector["known"]["seq"], bytes.fromhex(vector["known"]["head"]))
+    return verify_extract(
+        bytes.fromhex(vector["extract"]),
+        ARRANGEMENTS[vector["arrangement"]],
+        vector["member"],
+        known=known,
+    )
 
 
 # --- shared by the script and tests/test_vectors.py --------------------------------------
@@ -1676,6 +2335,8 @@ def build(previous: Mapping[str, Any] | None = None, *, fresh: bool = False) -> 
         "report.json": builder.report_file(),
         "token.json": builder.token_file(),
         "receipt.json": builder.receipt_file(),
+        "encoding.json": encoding_file(),
+        "audit.json": audit_file(),
         "prekey.json": builder.prekey_file(),
     }
     return {

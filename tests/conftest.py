@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from nodes.pg_server import PgServer, PgUnavailable
 
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.keys import MemberSecret
@@ -54,3 +57,32 @@ def make_trio() -> tuple[Arrangement, dict[str, MemberSecret]]:
 def trio_arrangement() -> tuple[Arrangement, dict[str, MemberSecret]]:
     """:func:`make_trio` as a fixture."""
     return make_trio()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server for the session (see tests/nodes/pg_server.py).
+    If none can be brought up the tests that need it fail, saying why: never skipped."""
+    server = PgServer()
+    try:
+        server.start()
+    except PgUnavailable as exc:
+        server.stop()
+        pytest.fail(f"PostgreSQL is needed for this test and cannot be brought up: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer) -> str:
+    """The store address of an empty schema of this test's own."""
+    return pg_server.new_schema()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_at(request: pytest.FixtureRequest, tmp_path: Path) -> str | Path:
+    """A fresh relay store address, once per backend: a directory (SQLite) and a
+    ``postgresql://`` address (PostgreSQL)."""
+    if request.param == "sqlite":
+        return tmp_path
+    return str(request.getfixturevalue("pg_dsn"))

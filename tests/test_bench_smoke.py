@@ -33,16 +33,22 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
     figures_file = tmp_path / "figures.json"
     out = _bench(
         "nodes", "--count", "40", "--rounds", "1", "--latency-count", "30",
-        "--rate", "200", "--large-mib", "2", "--json", str(figures_file),
+        "--rate", "100", "--large-mib", "2", "--json", str(figures_file),
     )  # fmt: skip
     assert "round 1: bare forwarder" in out and "relay alone" in out
     assert "ceiling from libsodium work alone" in out
-    assert "latency, 30 reports of 1 KiB offered at 200/s" in out
+    # Each target beside its floor, with the load average.
+    assert "target relay alone, CPU per 1 KiB report" in out
+    assert "target three processes, CPU per report summed" in out
+    assert "target p50 at 100/s" in out and "target p99 at 100/s" in out
+    assert out.count("; load ") >= 4
+    assert "latency, 30 reports of 1 KiB offered at 100/s" in out
     assert "large report, 2 MiB end to end" in out
     figures = json.loads(figures_file.read_text())
     assert figures["throughput"]["tisa"] > 0 and figures["throughput"]["bare"] > 0
     assert figures["throughput"]["relay_alone"]["rate"] > 0
-    assert figures["latency_ms"]["200"]["tisa"][1] > 0
+    assert figures["latency_ms"]["100"]["tisa"][1] > 0
+    assert figures["throughput"]["relay_cpu_us"] > 0 and figures["throughput"]["tisa_cpu_ms"] > 0
     for process in ("seoul", "relay", "tokyo"):
         # VmHWM of each process: a real reading, not nan, and at least the interpreter.
         assert figures["large"]["2"][f"{process}_peak_mib"] > 10
@@ -58,3 +64,17 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
 def test_bench_core_and_ceiling_run(args: tuple[str, ...]) -> None:
     out = _bench(*args)
     assert "ratio" in out or "ceiling" in out
+    if args[0] == "core":
+        for role in ("originator", "relay", "recipient"):
+            assert f"target core {role}" in out
+        assert "target 2 MiB seal then open" in out
+
+
+def test_bench_availability_runs(tmp_path: Path) -> None:
+    figures_file = tmp_path / "figures.json"
+    out = _bench("availability", "--idle", "50", "--rounds", "1", "--json", str(figures_file))
+    assert "50 idle connections from 127.0.0.2" in out
+    assert "delivery past a newer stale connection" in out
+    figures = json.loads(figures_file.read_text())
+    for part in ("round_trip_s", "stale_older_s", "stale_newer_s"):
+        assert len(figures[part]) == 1 and 0 < figures[part][0] < float("inf")

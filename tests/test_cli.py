@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from tisa_cli.commands import tisa
 from tisa_io.files import identity_from_json, identity_to_json, read_arrangement
 
 PASS = {"TISA_TEST_PASS": "correct horse"}
+TISA = [sys.executable, "-m", "tisa_cli.commands"]
 MEMBERS = {
     "seoul": "originator,recipient",
     "washington": "relay",
@@ -149,15 +153,59 @@ def test_identity_create_refuses_to_overwrite(tmp_path: Path, runner: CliRunner)
 
 
 def test_identity_create_prompts_for_the_passphrase_twice(
-    tmp_path: Path, runner: CliRunner
+    tmp_path: Path, runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr("tisa_cli.commands._can_prompt", lambda: True)  # as on a terminal
     result = runner.invoke(
         tisa,
         ["--home", str(tmp_path), "identity", "create", "tokyo", "--insecure-fast-kdf"],
         input="s3cret\ns3cret\n",
+        env={"TISA_PASSPHRASE": None},
     )
     assert result.exit_code == 0, result.output
     assert MemberSecret.load(tmp_path / "identity.key", "s3cret")[1] == "tokyo"
+
+
+def test_the_passphrase_variable_is_honoured_on_a_terminal(tmp_path: Path) -> None:
+    # stdin is a terminal (a pseudo-terminal nobody types into): the variable is used,
+    # no prompt waits for an answer that never comes.
+    import pty
+
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [*TISA, "--home", str(tmp_path), "identity", "create", "tokyo", "--insecure-fast-kdf"],
+            stdin=terminal,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "TISA_PASSPHRASE": "from-env"},
+            start_new_session=True,  # no controlling terminal to prompt on instead
+            timeout=60,
+        )
+    finally:
+        os.close(terminal)
+        os.close(controller)
+    assert result.returncode == 0, result.stderr
+    assert MemberSecret.load(tmp_path / "identity.key", "from-env")[1] == "tokyo"
+
+
+def test_no_passphrase_and_no_terminal_is_one_line_saying_how(tmp_path: Path) -> None:
+    # A real process with stdin from /dev/null: no GetPassWarning, no "Aborted!".
+    env = {k: v for k, v in os.environ.items() if k != "TISA_PASSPHRASE"}
+    result = subprocess.run(
+        [*TISA, "--home", str(tmp_path), "identity", "create", "x"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr == (
+        "Error: no passphrase: set $TISA_PASSPHRASE, or give --passphrase-env VAR, "
+        "or run on a terminal to be asked\n"
+    )
+    assert not (tmp_path / "identity.key").exists()
 
 
 def test_identity_export_and_show(deployment: Path, runner: CliRunner) -> None:

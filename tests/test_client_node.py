@@ -7,8 +7,10 @@ the real relay are in test_three_nodes.py.
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
-from collections.abc import AsyncIterator
+import sqlite3
+from collections.abc import AsyncIterator, Container
 
 import pytest
 import trio
@@ -16,8 +18,8 @@ from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients.events import DeliveryRejected, Event, ReceiptEvent, Released, Stored
-from clients.node import Backoff, Node, open_node
-from tisa.errors import Reason, Refused
+from clients.node import DEFAULT_VALID_FOR, Backoff, Node, open_node
+from tisa.errors import Reason, Refused, UsageError
 from tisa.messages import SubmitBegin as m_submit
 
 ARRANGEMENT, SECRETS = make_world()
@@ -131,6 +133,7 @@ async def collect(tokyo: Node, into: list[bytes], wait: float) -> None:
     with trio.move_on_after(wait):
         async for report in tokyo.reports():
             into.append(report.report_id)
+            await tokyo.ack(report)
 
 
 async def test_redelivery_after_recipient_restart_is_handed_over_once(
@@ -169,7 +172,10 @@ async def test_replay_is_refused_after_restart(
                 await collect(tokyo, got, 0.3)
             assert got == [report_id]
             # Seoul releases the same report to Tokyo again: a new token, a seen report.
-            await seoul.release(report_id, "tokyo")
+            # Node.release refuses a second token (duplicate); a careless originator
+            # could still make one, which is what the recipient must stand up to.
+            seoul._want(report_id, "tokyo", DEFAULT_VALID_FOR)
+            seoul._notify()
             async with node("tokyo", port, tmp_path) as tokyo:
                 # The same token replayed by a (hostile) relay: acknowledged, not handed.
                 old_token, old_id, _ = fake.delivered[0]
@@ -247,17 +253,13 @@ def test_sealing_a_large_file_into_the_outbox_keeps_memory_flat(tmp_path: pathli
     assert peak < 1024 * 1024, peak
 
 
-async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
-    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
-) -> None:
-    # reports() records the hand-over of a report when the consumer asks for the next
-    # one; the mark must be committed before the next report reaches the application,
-    # or a node killed right after logging the next one hands over both again.
-    import sqlite3
-
-    _fake, port = relay
+@pytest.fixture
+async def three_sent(relay: tuple[FakeRelay, int], tmp_path: pathlib.Path) -> list[bytes]:
+    """Seoul sent three reports to Tokyo, stored by the relay; their ids."""
+    fake, port = relay
     with trio.fail_after(10):
-        async with node("seoul", port, tmp_path) as seoul, node("tokyo", port, tmp_path) as tokyo:
+        await published(fake, port, tmp_path)
+        async with node("seoul", port, tmp_path) as seoul:
             ids = [
                 await seoul.submit(
                     body, recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
@@ -266,22 +268,75 @@ async def test_a_report_is_marked_handed_durably_before_the_next_is_handed_over(
             ]
             for report_id in ids:
                 await seoul.wait_stored(report_id)
-            got: list[bytes] = []
-            async for report in tokyo.reports():
-                if got:
-                    # What another process (or a restart) would see of the previous one.
-                    db = sqlite3.connect(tmp_path / "tokyo" / "member.db")
-                    try:
-                        (handed,) = db.execute(
-                            "SELECT handed FROM inbox WHERE report = ?", (got[-1],)
-                        ).fetchone()
-                    finally:
-                        db.close()
-                    assert handed == 1, "the previous report's hand-over is not committed"
-                got.append(report.report_id)
-                if len(got) == len(ids):
-                    break
-            assert got == ids
+            # Each token follows its submission one prekey fetch later: until released.
+            while any([r.state for r in seoul.store.releases_of(i)] != ["released"] for i in ids):
+                await trio.sleep(0.01)
+    return ids
+
+
+async def take(tokyo: Node, count: int, *, ack: Container[int] = ()) -> list[bytes]:
+    """The first ``count`` reports of a new reports() loop; acknowledges the i-th of
+    them for every i in ``ack``."""
+    got: list[bytes] = []
+    async for report in tokyo.reports():
+        if len(got) in ack:
+            await tokyo.ack(report)
+        got.append(report.report_id)
+        if len(got) == count:
+            break
+    return got
+
+
+def handed_on_disk(path: pathlib.Path, report_id: bytes) -> int:
+    """The inbox row's acknowledgement as another process (or a restart) sees it."""
+    db = sqlite3.connect(path / "tokyo" / "member.db")
+    try:
+        (handed,) = db.execute("SELECT handed FROM inbox WHERE report = ?", (report_id,)).fetchone()
+    finally:
+        db.close()
+    return int(handed)
+
+
+async def test_a_report_comes_again_until_the_application_acknowledges_it(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    # Asking for the next report, or leaving the loop, does not count as taking one
+    # (it did before Node.ack): only ack() does, and it is on disk when it returns.
+    _fake, port = relay
+    ids = three_sent
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            assert await take(tokyo, 3, ack={1}) == ids
+            assert handed_on_disk(tmp_path, ids[1]) == 1
+            assert handed_on_disk(tmp_path, ids[0]) == 0
+            # A new loop in the same run: the unacknowledged ones, oldest first.
+            assert await take(tokyo, 2, ack={0}) == [ids[0], ids[2]]
+        async with node("tokyo", port, tmp_path) as tokyo:
+            # After a restart too: only the one never acknowledged.
+            assert await take(tokyo, 1, ack={0}) == [ids[2]]
+            again: list[bytes] = []
+            with trio.move_on_after(0.2):
+                again = await take(tokyo, 1)
+            assert again == [], "an acknowledged report came again"
+
+
+async def test_ack_refuses_a_report_not_in_the_inbox_and_a_closed_node(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            first = await anext(aiter(tokyo.reports()))
+            await tokyo.ack(first)
+            await tokyo.ack(first)  # again: nothing happens
+            stranger = dataclasses.replace(first, token_id=bytes(16))
+            with pytest.raises(UsageError, match="not in this node's inbox"):
+                await tokyo.ack(stranger)
+            second = await anext(aiter(tokyo.reports()))
+        with pytest.raises(UsageError, match="closed"):
+            await tokyo.ack(second)
+        async with node("tokyo", port, tmp_path) as tokyo:
+            assert await take(tokyo, 2, ack={0, 1}) == three_sent[1:]
 
 
 async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_again(
@@ -330,3 +385,14 @@ async def test_busy_submission_stays_queued_and_goes_out_on_a_later_connection(
             assert isinstance(event, Released) and event.recipient == "tokyo"
             assert seoul.store.submission(report_id).state == "stored"  # type: ignore[union-attr]
     assert fake.busy_submissions == 0
+
+
+def test_a_node_takes_one_relay_address_or_several() -> None:
+    from clients.node import relay_addresses
+    from tisa.errors import UsageError
+
+    assert relay_addresses(("relay.example", 7000)) == [("relay.example", 7000)]
+    several = [("a.example", 7000), ("b.example", 7001)]
+    assert relay_addresses(several) == several
+    with pytest.raises(UsageError):
+        relay_addresses([])

@@ -31,7 +31,6 @@ ALLOWED: dict[str, frozenset[str]] = {
             "MemberStore.events_after",
             "MemberStore.inbox_entry",
             "MemberStore.last_counter",
-            "MemberStore.mark_handed",
             "MemberStore.pending_revocation",
             "MemberStore.receipts",
             "MemberStore.rejected",

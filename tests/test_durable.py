@@ -60,3 +60,41 @@ async def test_a_background_step_rides_with_a_commit_someone_waits_on(
             nursery.cancel_scope.cancel()
     finally:
         store.close()
+
+
+async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    monkeypatch.setattr(tisa_io.durable, "CHECKPOINT_STEPS", 3)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    # SQLite's automatic checkpoint (inside a COMMIT, on the event loop) is off.
+    assert store._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+    threads: list[threading.Thread] = []
+    results: list[tuple[int, int]] = []
+    real = store.checkpoint
+
+    def checkpoint() -> tuple[int, int]:
+        threads.append(threading.current_thread())
+        results.append(real())
+        return results[-1]
+
+    store.checkpoint = checkpoint  # type: ignore[method-assign]
+    try:
+        for number in range(2):
+            store.add_event(ExpiredEvent(report=bytes([number]) * 16, token=None))
+            await committer.durable(store.barrier)
+        assert threads == []  # not yet: 2 steps of 3
+        store.add_event(ExpiredEvent(report=b"c" * 16, token=None))
+        await committer.durable(store.barrier)
+        with trio.fail_after(10):
+            while committer.checkpointing or not threads:
+                await trio.sleep(0.01)
+        assert len(threads) == 1 and threads[0] is not threading.current_thread()
+        # Everything in the WAL was copied into the database file.
+        [(frames, copied)] = results
+        assert frames > 0 and frames == copied
+    finally:
+        store.close()

@@ -341,6 +341,19 @@ def test_hasher_matches_digest(chunks: list[bytes]) -> None:
     assert hasher.finish() == digest(Hash.CIPHERTEXT, b"".join(chunks))
 
 
+def test_hasher_is_libsodiums_incremental_generichash() -> None:
+    # Pieces of every size the toolkit feeds (a secretstream header, full chunks with
+    # their tag, a short last one): the digest is libsodium's incremental generichash
+    # of the same stream.
+    pieces = [os.urandom(n) for n in (24, 65553, 5, 65553, 70_000, 0, 17)]
+    hasher = Hasher(Hash.CIPHERTEXT)
+    state = sodium.crypto_generichash_blake2b_init(digest_size=32, person=Hash.CIPHERTEXT.value)
+    for piece in pieces:
+        hasher.update(piece)
+        sodium.crypto_generichash_blake2b_update(state, piece)
+    assert hasher.finish() == bytes(sodium.crypto_generichash_blake2b_final(state))
+
+
 def test_random_id() -> None:
     ids = {random_id() for _ in range(100)}
     assert len(ids) == 100
@@ -688,13 +701,36 @@ def test_keyfile_costs_are_capped_both_ways() -> None:
             MemberSecret.from_keyfile(crafted, "pw")
 
 
-@given(data=st.binary(max_size=3000), purpose=st.sampled_from(list(Hash)))
-def test_digest_fast_path_is_pynacls_generichash(data: bytes, purpose: Hash) -> None:
-    expected = sodium.crypto_generichash_blake2b_salt_personal(
-        data, digest_size=32, person=purpose.value
+def _generichash(data: bytes, purpose: Hash, key: bytes = b"") -> bytes:
+    return bytes(
+        sodium.crypto_generichash_blake2b_salt_personal(
+            data, digest_size=32, key=key, person=purpose.value
+        )
     )
-    assert digest(purpose, data) == expected
-    # Keyed hashes take PyNaCl's public binding: the same function.
-    assert digest(purpose, data, key=b"k" * 32) == sodium.crypto_generichash_blake2b_salt_personal(
-        data, digest_size=32, key=b"k" * 32, person=purpose.value
-    )
+
+
+# The sizes the toolkit hashes: empty, ids and keys (16, 32), chain heads (64), audit
+# entries and transcripts (~100-600), around BLAKE2b's 128-byte block, a 1 KiB report's
+# ciphertext (1,065), a full chunk with its tag, and past hashlib's 2,047-byte point
+# where it releases the GIL.
+_HASH_SIZES = [0, 1, 16, 32, 64, 127, 128, 129, 255, 256, 600, 1065, 2047, 2048, 65553, 200_000]
+
+
+@pytest.mark.parametrize("purpose", list(Hash))
+@pytest.mark.parametrize("size", _HASH_SIZES)
+def test_digest_is_libsodiums_generichash(purpose: Hash, size: int) -> None:
+    # digest() computes with hashlib.blake2b: the same bytes as libsodium's generichash
+    # with the same personalisation, unkeyed and keyed with a 32-byte key (content keys,
+    # channel keys), for every personalisation the toolkit uses.
+    data = os.urandom(size)
+    assert digest(purpose, data) == _generichash(data, purpose)
+    key = os.urandom(32)
+    assert digest(purpose, data, key=key) == _generichash(data, purpose, key)
+
+
+@given(
+    data=st.binary(max_size=3000), purpose=st.sampled_from(list(Hash)), key=st.binary(max_size=64)
+)
+def test_digest_matches_generichash_any_input(data: bytes, purpose: Hash, key: bytes) -> None:
+    assert digest(purpose, data, key=key) == _generichash(data, purpose, key)
+    assert digest(purpose, bytearray(data)) == _generichash(data, purpose)

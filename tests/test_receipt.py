@@ -185,9 +185,13 @@ def test_receipt_claiming_another_recipient_fails() -> None:
     receipt = issue_receipt().encoded
     with pytest.raises(VerificationError):
         Receipt.verify(resign(receipt, SECRETS["seoul"], Context.RECEIPT), ARRANGEMENT)
-    # Naming itself is fine; naming the relay or a stranger leaves no key to check with.
+    # Naming itself checks (it signed), but Seoul is the originator of that report, and
+    # nobody receives its own report; naming the relay or a stranger leaves no key to
+    # check with.
     forged = resign(receipt, SECRETS["seoul"], Context.RECEIPT, recipient="seoul")
-    assert Receipt.verify(forged, ARRANGEMENT).recipient == "seoul"
+    with pytest.raises(Refused) as info:
+        Receipt.verify(forged, ARRANGEMENT)
+    assert info.value.reason is Reason.WRONG_RECIPIENT
     for name in ("washington", "beijing"):
         forged = resign(receipt, SECRETS["washington"], Context.RECEIPT, recipient=name)
         with pytest.raises(VerificationError):

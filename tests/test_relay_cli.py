@@ -96,6 +96,7 @@ def test_same_options_and_help() -> None:
         (["--limit", "no_such_limit=1"], "unknown limit"),
         (["--limit", "idle_timeout=soon"], "not a number"),
         (["--no-such-option"], "no-such-option"),
+        (["--metrics", "somewhere"], "expected [HOST:]PORT"),
     ],
 )
 def test_usage_errors_exit_2(program: str, args: list[str], words: str, tmp_path: Path) -> None:
@@ -141,8 +142,8 @@ def test_no_passphrase_and_no_terminal_is_one_line(program: str, tmp_path: Path)
     )
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
-        "Error: no passphrase for the key file: set $TISA_PASSPHRASE, or name a variable "
-        "with --passphrase-env VAR, or run on a terminal to be asked"
+        "Error: no passphrase: set $TISA_PASSPHRASE, or give --passphrase-env VAR, "
+        "or run on a terminal to be asked"
     ]
 
 

@@ -52,10 +52,10 @@ async def fetch(h: Harness, member: str = "tokyo", by: str = "seoul") -> Prekeys
 
 
 async def test_publish_then_hand_out_each_one_time_prekey_once(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             signed = world.signed_prekey("tokyo")
             one_time = [world.prekey("tokyo") for _ in range(3)]
             status = await publish(h, "tokyo", signed, one_time)
@@ -80,10 +80,10 @@ async def test_publish_then_hand_out_each_one_time_prekey_once(
 
 
 async def test_a_handout_survives_a_restart_and_is_not_repeated(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             await publish(h, "tokyo", world.signed_prekey("tokyo"), [world.prekey("tokyo")])
             first = await fetch(h)
             assert isinstance(first, Prekeys) and first.one_time is not None
@@ -92,9 +92,9 @@ async def test_a_handout_survives_a_restart_and_is_not_repeated(
             assert isinstance(second, Prekeys) and second.one_time is None
 
 
-async def test_withheld_prekeys_answer_none(world: World, tmp_path: Path) -> None:
+async def test_withheld_prekeys_answer_none(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             reply = await fetch(h)
             assert isinstance(reply, Prekeys)
             assert (reply.member, reply.signed, reply.one_time) == ("tokyo", None, None)
@@ -122,10 +122,10 @@ def foreign(world: World, owner: str, signer: str, **changes: object) -> bytes:
     ],
 )  # fmt: skip
 async def test_bad_publishes_are_refused_and_store_nothing(
-    world: World, tmp_path: Path, make: object, reason: Reason
+    world: World, store_at: str | Path, make: object, reason: Reason
 ) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             bad = make(world)  # type: ignore[operator]
             reply = await publish(h, "seoul", None, [world.prekey("seoul"), bad])
             assert isinstance(reply, Refusal) and reply.reason == reason.value
@@ -134,9 +134,9 @@ async def test_bad_publishes_are_refused_and_store_nothing(
             )
 
 
-async def test_the_one_time_supply_is_capped(world: World, tmp_path: Path) -> None:
+async def test_the_one_time_supply_is_capped(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             five = [world.prekey("tokyo") for _ in range(5)]
             assert await publish(h, "tokyo", None, five) == PrekeyStatus(
                 signed_not_after=0, one_time=5
@@ -148,9 +148,9 @@ async def test_the_one_time_supply_is_capped(world: World, tmp_path: Path) -> No
             )
 
 
-async def test_fetch_refusals(world: World, tmp_path: Path) -> None:
+async def test_fetch_refusals(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             reply = await fetch(h, member="washington")
             assert isinstance(reply, Refusal) and reply.reason == Reason.WRONG_ROLE.value
             assert reply.ref == b"r" * 16
@@ -160,9 +160,9 @@ async def test_fetch_refusals(world: World, tmp_path: Path) -> None:
             assert isinstance(reply, Refusal) and reply.reason == Reason.WRONG_RECIPIENT.value
 
 
-async def test_low_supply_is_told_to_the_owner(world: World, tmp_path: Path) -> None:
+async def test_low_supply_is_told_to_the_owner(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             tokyo = await h.connect("tokyo")
             await tokyo.send(
                 PublishPrekeys(
@@ -195,9 +195,9 @@ async def release(h: Harness, token: bytes, by: str = "seoul") -> Released | Ref
     return reply
 
 
-async def test_tokens_naming_one_time_prekeys(world: World, tmp_path: Path) -> None:
+async def test_tokens_naming_one_time_prekeys(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             signed = world.signed_prekey("tokyo")
             kept = world.prekey("tokyo")  # published to nobody
             await publish(h, "tokyo", signed, [world.prekey("tokyo")])
@@ -221,9 +221,11 @@ async def test_tokens_naming_one_time_prekeys(world: World, tmp_path: Path) -> N
             assert isinstance(reply, Refusal) and reply.reason == Reason.BAD_PREKEY.value
 
 
-async def test_a_one_time_prekey_of_another_member_is_refused(world: World, tmp_path: Path) -> None:
+async def test_a_one_time_prekey_of_another_member_is_refused(
+    world: World, store_at: str | Path
+) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             await publish(h, "seoul", world.signed_prekey("seoul"), [world.prekey("seoul")])
             # Tokyo was handed Seoul's one-time prekey; Seoul names it in a token to Tokyo.
             handed = await fetch(h, member="seoul", by="tokyo")
@@ -247,7 +249,7 @@ def test_prekey_secret_is_never_in_the_relay_store(world: World, tmp_path: Path)
     assert secret.secret not in published and secret.public in published
 
 
-def test_a_version_3_store_gains_the_prekey_table(tmp_path: Path) -> None:
+def test_a_version_4_store_gains_the_prekey_table(tmp_path: Path) -> None:
     import sqlite3
 
     from relay.store import SCHEMA_VERSION, Store
@@ -255,7 +257,7 @@ def test_a_version_3_store_gains_the_prekey_table(tmp_path: Path) -> None:
     Store(tmp_path).close()
     db = sqlite3.connect(tmp_path / "relay.db")
     db.execute("DROP TABLE prekeys")
-    db.execute("PRAGMA user_version=3")
+    db.execute("PRAGMA user_version=4")
     db.commit()
     db.close()
     store = Store(tmp_path)
@@ -264,5 +266,5 @@ def test_a_version_3_store_gains_the_prekey_table(tmp_path: Path) -> None:
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "relay.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     db.close()

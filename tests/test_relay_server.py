@@ -26,7 +26,9 @@ from nodes.relay_helpers import (
     seal,
     token_for,
 )
+from nodes.store_probe import ciphertext_apart, leftover_uploads, sql, store_bytes
 
+from relay.storage import open_store
 from relay.store import Store
 from tisa.audit import AuditEvent, verify_extract
 from tisa.errors import Reason
@@ -103,7 +105,7 @@ def open_delivery(world: World, token: bytes, ciphertext: bytes, name: str = "to
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "file"])
 async def test_submit_is_stored_with_a_signed_ack(
-    world: World, tmp_path: Path, inline: bool
+    world: World, store_at: str | Path, inline: bool
 ) -> None:
     # A report of at most max_inline_report bytes lives in its row; a larger one in a file.
     size = len(seal(world).ciphertext)
@@ -114,7 +116,7 @@ async def test_submit_is_stored_with_a_signed_ack(
         max_inline_report=size if inline else size - 1,
     )
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             link = await h.connect("seoul")
             report = seal(world)
             await send_submission(link, report)
@@ -146,17 +148,17 @@ async def test_submit_is_stored_with_a_signed_ack(
             bad = seal(world, b"third")
             await send_submission(link, bad, data=bytes(len(bad.ciphertext)))
             assert (await expect(link, Refusal)).reason == Reason.WRONG_REPORT
-            assert (tmp_path / "blobs" / report.report_id.hex()).exists() is not inline
+            assert ciphertext_apart(store_at, report.report_id) is not inline
             assert h.relay.store.inline_data(report.report_id) == (
                 report.ciphertext if inline else None
             )
-            assert not (tmp_path / "blobs" / bad.report_id.hex()).exists()
-            assert not list((tmp_path / "tmp").iterdir())
+            assert not ciphertext_apart(store_at, bad.report_id)
+            assert not leftover_uploads(store_at)
 
 
-async def test_release_deliver_open_ack_receipt(world: World, tmp_path: Path) -> None:
+async def test_release_deliver_open_ack_receipt(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             tokyo = await h.connect("tokyo")
             seoul = await h.connect("seoul")
             report = seal(world, b"launch detected")
@@ -196,7 +198,9 @@ async def test_release_deliver_open_ack_receipt(world: World, tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "file"])
-async def test_release_right_behind_submit_end(world: World, tmp_path: Path, inline: bool) -> None:
+async def test_release_right_behind_submit_end(
+    world: World, store_at: str | Path, inline: bool
+) -> None:
     # The originator need not wait for `stored`: a release sent right behind submit_end
     # on the same connection is checked after the report is stored (same batch), and is
     # answered after `stored`. Behind a refused submission it is refused unknown_report.
@@ -208,7 +212,7 @@ async def test_release_right_behind_submit_end(world: World, tmp_path: Path, inl
         max_inline_report=size if inline else size - 1,
     )
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             tokyo = await h.connect("tokyo")
             seoul = await h.connect("seoul")
             report = seal(world, b"launch detected")
@@ -233,9 +237,9 @@ async def test_release_right_behind_submit_end(world: World, tmp_path: Path, inl
             assert h.relay.store.report(bad.report_id) is None
 
 
-async def test_queued_delivery_redelivered_until_acked(world: World, tmp_path: Path) -> None:
+async def test_queued_delivery_redelivered_until_acked(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
@@ -256,9 +260,9 @@ async def test_queued_delivery_redelivered_until_acked(world: World, tmp_path: P
             await expect(tokyo, AuditReply)  # nothing redelivered after the ack
 
 
-async def test_pending_delivery_survives_restart(world: World, tmp_path: Path) -> None:
+async def test_pending_delivery_survives_restart(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
@@ -274,9 +278,9 @@ def _refusal_reason(reply: Released | Refusal) -> str:
     return reply.reason
 
 
-async def test_bad_tokens_refused_with_reason(world: World, tmp_path: Path) -> None:
+async def test_bad_tokens_refused_with_reason(world: World, store_at: str | Path) -> None:
     with trio.fail_after(20):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             other = await stored(h, body=b"another report")
             good = token_for(world, report)
@@ -318,10 +322,10 @@ async def test_bad_tokens_refused_with_reason(world: World, tmp_path: Path) -> N
             assert set(cases) <= {Reason(r) for r in refused}
 
 
-async def test_clock_skew_is_tolerated_and_bounded(world: World, tmp_path: Path) -> None:
+async def test_clock_skew_is_tolerated_and_bounded(world: World, store_at: str | Path) -> None:
     clock = FakeClock()
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+        async with running_relay(world, store_at, limits=LIMITS, clock=clock) as h:
             report = await stored(h)
             inside = token_for(world, report, not_before=NOW + 100, not_after=NOW + 7200)
             beyond = token_for(world, report, not_before=NOW + 121, not_after=NOW + 7200)
@@ -329,9 +333,9 @@ async def test_clock_skew_is_tolerated_and_bounded(world: World, tmp_path: Path)
             assert isinstance(await release(h, inside), Released)
 
 
-async def test_replay_refused_also_after_restart(world: World, tmp_path: Path) -> None:
+async def test_replay_refused_also_after_restart(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
@@ -340,10 +344,10 @@ async def test_replay_refused_also_after_restart(world: World, tmp_path: Path) -
             assert _refusal_reason(await release(h, token)) == Reason.REPLAYED
 
 
-async def test_concurrent_redemptions_one_success(world: World, tmp_path: Path) -> None:
+async def test_concurrent_redemptions_one_success(world: World, store_at: str | Path) -> None:
     limits = Limits(handshake_timeout=30, frame_timeout=30, max_connections_per_member=128)
     with trio.fail_after(30):
-        async with running_relay(world, tmp_path, limits=limits) as h:
+        async with running_relay(world, store_at, limits=limits) as h:
             report = await stored(h)
             token = token_for(world, report)
             links = [await h.connect("seoul") for _ in range(100)]
@@ -365,9 +369,9 @@ async def test_concurrent_redemptions_one_success(world: World, tmp_path: Path) 
             )
 
 
-async def test_revocation_before_delivery(world: World, tmp_path: Path) -> None:
+async def test_revocation_before_delivery(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
@@ -389,7 +393,7 @@ async def test_revocation_before_delivery(world: World, tmp_path: Path) -> None:
             # Revoking the whole report deletes the ciphertext; later releases refused.
             await seoul.send(Revoke(report=report.report_id, token=None))
             await expect(seoul, Revoked)
-            assert not (tmp_path / "blobs" / report.report_id.hex()).exists()
+            assert not ciphertext_apart(store_at, report.report_id)
             third = token_for(world, report, counter=3)
             assert _refusal_reason(await release(h, third)) == Reason.REVOKED
             # Tokyo cannot revoke Seoul's report.
@@ -397,9 +401,9 @@ async def test_revocation_before_delivery(world: World, tmp_path: Path) -> None:
             assert (await expect(tokyo, Refusal)).reason == Reason.UNKNOWN_REPORT
 
 
-async def test_revoke_after_ack_is_refused(world: World, tmp_path: Path) -> None:
+async def test_revoke_after_ack_is_refused(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             token = token_for(world, report)
             tokyo = await h.connect("tokyo")
@@ -414,10 +418,10 @@ async def test_revoke_after_ack_is_refused(world: World, tmp_path: Path) -> None
             assert (await expect(seoul, Refusal)).reason == Reason.REPLAYED
 
 
-async def test_expiry_of_held_reports_and_tokens(world: World, tmp_path: Path) -> None:
+async def test_expiry_of_held_reports_and_tokens(world: World, store_at: str | Path) -> None:
     clock = FakeClock()
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+        async with running_relay(world, store_at, limits=LIMITS, clock=clock) as h:
             seoul = await h.connect("seoul")
             held = seal(world, b"held")
             await send_submission(seoul, held, expires=NOW + 100)
@@ -432,7 +436,7 @@ async def test_expiry_of_held_reports_and_tokens(world: World, tmp_path: Path) -
             clock.now = NOW + 150
             h.relay.expire_now()
             assert await expect(seoul, Expired) == Expired(report=held.report_id, token=None)
-            assert not (tmp_path / "blobs" / held.report_id.hex()).exists()
+            assert not ciphertext_apart(store_at, held.report_id)
             late = token_for(world, held, counter=2)
             await seoul.send(Release(token=late))
             assert (await expect(seoul, Refusal)).reason == Reason.EXPIRED
@@ -450,13 +454,13 @@ async def test_expiry_of_held_reports_and_tokens(world: World, tmp_path: Path) -
 
 
 async def test_a_notice_goes_to_one_connection_of_a_member_only(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # Notices have no ack: with two connections of the same member, both pushers read
     # the queued notice; only one may send it.
     clock = FakeClock()
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+        async with running_relay(world, store_at, limits=LIMITS, clock=clock) as h:
             first = await h.connect("seoul")
             second = await h.connect("seoul")
             held = seal(world, b"held")
@@ -473,7 +477,7 @@ async def test_a_notice_goes_to_one_connection_of_a_member_only(
 
 
 async def test_notices_a_failed_connection_claimed_go_out_on_the_other(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # Connection A claims the notice and fails while sending it; connection B, which
     # skipped the claimed notice meanwhile, must read the notices again and send it.
@@ -481,7 +485,7 @@ async def test_notices_a_failed_connection_claimed_go_out_on_the_other(
 
     clock = FakeClock()
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock) as h:
+        async with running_relay(world, store_at, limits=LIMITS, clock=clock) as h:
             relay = h.relay
 
             async def connection_of(link_count: int) -> Any:
@@ -529,10 +533,10 @@ async def test_notices_a_failed_connection_claimed_go_out_on_the_other(
             assert not relay._notice_claims
 
 
-async def test_max_hold_caps_expiry(world: World, tmp_path: Path) -> None:
+async def test_max_hold_caps_expiry(world: World, store_at: str | Path) -> None:
     clock = FakeClock()
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS, clock=clock, max_hold=60) as h:
+        async with running_relay(world, store_at, limits=LIMITS, clock=clock, max_hold=60) as h:
             seoul = await h.connect("seoul")
             report = seal(world)
             await send_submission(seoul, report, expires=NOW + 10**6)
@@ -542,9 +546,9 @@ async def test_max_hold_caps_expiry(world: World, tmp_path: Path) -> None:
             assert await expect(seoul, Expired) == Expired(report=report.report_id, token=None)
 
 
-async def test_audit_extract_verifies_for_each_member(world: World, tmp_path: Path) -> None:
+async def test_audit_extract_verifies_for_each_member(world: World, store_at: str | Path) -> None:
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             tokyo = await h.connect("tokyo")
             report = await stored(h)
             token = token_for(world, report)
@@ -581,10 +585,10 @@ async def test_audit_extract_verifies_for_each_member(world: World, tmp_path: Pa
             assert (await expect(tokyo, Refusal)).reason == Reason.MALFORMED
 
 
-async def test_store_never_holds_plaintext_or_key(world: World, tmp_path: Path) -> None:
+async def test_store_never_holds_plaintext_or_key(world: World, store_at: str | Path) -> None:
     plaintext = b"PLAINTEXT-MARKER: the second launch site is at 39.0N 125.7E"
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             tokyo = await h.connect("tokyo")
             seoul = await h.connect("seoul")
             report = seal(world, plaintext)
@@ -595,16 +599,16 @@ async def test_store_never_holds_plaintext_or_key(world: World, tmp_path: Path) 
             await expect(seoul, Released)
             got, ciphertext = await receive_delivery(tokyo)
             assert open_delivery(world, got, ciphertext) == plaintext
-    blobs = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    blobs = store_bytes(store_at)
     assert report.ciphertext in blobs  # the scan does see the store's content
     for secret in (plaintext, plaintext[:16], report.content_key, report.content_key[:16]):
         assert secret not in blobs
 
 
-async def test_large_report_streams_through(world: World, tmp_path: Path) -> None:
+async def test_large_report_streams_through(world: World, store_at: str | Path) -> None:
     body = os.urandom(3 * 1024 * 1024)
     with trio.fail_after(20):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             tokyo = await h.connect("tokyo")
             seoul = await h.connect("seoul")
             report = seal(world, body)
@@ -661,7 +665,7 @@ def test_a_batch_is_durable_only_after_a_wal_fsync_that_followed_its_commit(
 
 
 async def test_no_answer_before_the_wal_fsync_after_its_commit(
-    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    world: World, store_at: str | Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The relay COMMITs without an fsync and fsyncs the WAL in a worker thread (every
     # batch here: see INLINE_FSYNC_MAX_STEPS); `stored` waits for that fsync, not just
@@ -673,7 +677,7 @@ async def test_no_answer_before_the_wal_fsync_after_its_commit(
     monkeypatch.setattr(tisa_io.durable, "INLINE_FSYNC_MAX_STEPS", -1)
     gate = threading.Event()
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             store = h.relay.store
             real = store.fsync_wal
 
@@ -698,7 +702,7 @@ async def test_no_answer_before_the_wal_fsync_after_its_commit(
 
 
 async def test_a_small_batch_is_fsynced_in_line_before_its_answer(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # Under light load the WAL fsync runs in the event loop's thread (a worker thread
     # would add a GIL hand-over per durable step); the answer still waits for it.
@@ -706,7 +710,7 @@ async def test_a_small_batch_is_fsynced_in_line_before_its_answer(
 
     calls: list[tuple[str, int]] = []
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             store = h.relay.store
             real = store.fsync_wal
 
@@ -723,7 +727,7 @@ async def test_a_small_batch_is_fsynced_in_line_before_its_answer(
             assert store.committed >= calls[-1][1]
 
 
-async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> None:
+async def test_concurrent_uploads_of_one_id(world: World, store_at: str | Path) -> None:
     from tisa.messages import Chunk, SubmitBegin, SubmitEnd
 
     report = seal(world)
@@ -731,7 +735,7 @@ async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> Non
         report=report.report_id, size=report.size, digest=report.digest, expires=NOW + 3600
     )
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             first = await h.connect("seoul")
             await first.send(begin)
             await first.send(Chunk(data=report.ciphertext[:100]))
@@ -753,12 +757,12 @@ async def test_concurrent_uploads_of_one_id(world: World, tmp_path: Path) -> Non
 
 
 async def test_every_token_of_a_report_must_commit_to_the_same_key(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     # One ciphertext must not open to two plaintexts under two tokens: the first
     # release pins the key commitment, a token with another key is refused.
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             first = await release(h, token_for(world, report))
             assert isinstance(first, Released)
@@ -770,19 +774,19 @@ async def test_every_token_of_a_report_must_commit_to_the_same_key(
 
 
 async def test_sealed_key_is_dropped_once_the_delivery_is_acked(
-    world: World, tmp_path: Path
+    world: World, store_at: str | Path
 ) -> None:
     from tisa.token import ReleaseToken
 
     with trio.fail_after(10):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             report = await stored(h)
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
             tokyo = await h.connect("tokyo")
             got, _ = await receive_delivery(tokyo)
             sealed_key = ReleaseToken.decode(got).wrap.sealed
-            files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+            files = store_bytes(store_at)
             assert sealed_key in files  # held while the delivery is owed
             await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(got).id))
             await tokyo.send(AuditFetch(since=0))
@@ -791,21 +795,20 @@ async def test_sealed_key_is_dropped_once_the_delivery_is_acked(
             # A replay of the used token is still refused: the id is kept.
             replay = await release(h, token)
             assert isinstance(replay, Refusal) and replay.reason == Reason.REPLAYED
-    store = Store(tmp_path)
-    store.close()
-    files = b"".join(p.read_bytes() for p in tmp_path.rglob("*") if p.is_file())
+    open_store(store_at).close()
+    files = store_bytes(store_at)
     assert sealed_key not in files
 
 
 async def test_commits_are_spaced_under_load(
-    world: World, tmp_path: Path, mock_clock: trio.testing.MockClock
+    world: World, store_at: str | Path, mock_clock: trio.testing.MockClock
 ) -> None:
     # An idle relay commits a step at once; right after a commit, the next one waits
     # COMMIT_SPACING times the last commit's duration, so the steps arriving meanwhile
     # share it. Nothing waiting on a batch is released before that batch's commit.
     from relay.server import Relay
 
-    relay = Relay(world.relay_secret, world.arrangement, tmp_path)
+    relay = Relay(world.relay_secret, world.arrangement, store_at)
     store = relay.store
     try:
         store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
@@ -833,7 +836,7 @@ async def test_commits_are_spaced_under_load(
 
 
 async def test_deliveries_found_together_wait_for_one_commit(
-    world: World, tmp_path: Path, autojump_clock: trio.testing.MockClock
+    world: World, store_at: str | Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     # The pusher waits for the batch in which it found pending deliveries, once, not
     # for every later batch: with commits held back (spacing pushed an hour ahead; the
@@ -841,7 +844,7 @@ async def test_deliveries_found_together_wait_for_one_commit(
     # deliveries still go out. The WAL fsync runs in a worker thread, during which
     # every task is blocked: the clock jumps only after 0.2 real seconds of that.
     autojump_clock.autojump_threshold = 0.2
-    async with running_relay(world, tmp_path, limits=LIMITS) as h:
+    async with running_relay(world, store_at, limits=LIMITS) as h:
         seoul = await h.connect("seoul")
         tokens = []
         for counter in (1, 2, 3):
@@ -864,13 +867,13 @@ async def test_deliveries_found_together_wait_for_one_commit(
         assert h.relay.store.pending
 
 
-async def test_relay_stops_when_a_wal_fsync_fails(world: World, tmp_path: Path) -> None:
+async def test_relay_stops_when_a_wal_fsync_fails(world: World, store_at: str | Path) -> None:
     # After a failed fsync nothing may be announced again; serving on would only close
     # every connection without a reason, so serve_tcp stops with StoreFailed.
     from relay.server import Relay, StoreFailed
     from tisa_io.link import connect_member
 
-    relay = Relay(world.relay_secret, world.arrangement, tmp_path, limits=LIMITS)
+    relay = Relay(world.relay_secret, world.arrangement, store_at, limits=LIMITS)
 
     def broken_fsync() -> None:
         # As Store.fsync_wal does on an I/O error: poison the store, then raise.
@@ -892,13 +895,15 @@ async def test_relay_stops_when_a_wal_fsync_fails(world: World, tmp_path: Path) 
     relay.close()
 
 
-async def test_many_queued_receipts_go_out_a_page_at_a_time(world: World, tmp_path: Path) -> None:
+async def test_many_queued_receipts_go_out_a_page_at_a_time(
+    world: World, store_at: str | Path
+) -> None:
     # Receipts pile up while the originator is offline; all of them arrive, read from the
     # store a page at a time, and a confirmed receipt keeps only its id.
     from relay.server import NOTICE_PAGE
 
     count = NOTICE_PAGE + 5
-    store = Store(tmp_path)
+    store = open_store(store_at, group_commit=False)
     for i in range(count):
         report = seal(world, f"r{i}".encode())
         token = token_for(world, report)
@@ -911,13 +916,16 @@ async def test_many_queued_receipts_go_out_a_page_at_a_time(world: World, tmp_pa
         # Straight into the queue (as if each delivery had been made and acked).
         with store._transaction() as db:
             db.execute(
-                "INSERT INTO receipts (originator, token, receipt, state)"
-                " VALUES ('seoul', ?, ?, 'queued')",
+                sql(
+                    store_at,
+                    "INSERT INTO receipts (originator, token, receipt, state)"
+                    " VALUES ('seoul', ?, ?, 'queued')",
+                ),
                 (receipt.token, receipt.encoded),
             )
     store.close()
     with trio.fail_after(20):
-        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+        async with running_relay(world, store_at, limits=LIMITS) as h:
             seoul = await h.connect("seoul")
             notices = [await expect(seoul, ReceiptNotice) for _ in range(count)]
             assert (

@@ -322,3 +322,53 @@ async def test_send_after_peer_gone(world: World) -> None:
         with pytest.raises(LinkClosed):
             for _ in range(100):
                 await member.send(AuditFetch(since=0))
+
+
+async def test_both_ends_turn_on_tcp_keepalive_as_the_limits_say(world: World) -> None:
+    """A peer that vanished (no FIN, no RST) is found by the kernel's keepalive probes;
+    both sides of a TCP link set them from Limits (seconds rounded up)."""
+    import functools
+    import socket
+
+    limits = Limits(
+        handshake_timeout=5, keepalive_idle=7, keepalive_interval=2.5, keepalive_probes=4
+    )
+    links: list[Link] = []
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        links.append(
+            await accept_member(stream, world.relay_secret, world.arrangement, limits=limits)
+        )
+        await trio.sleep_forever()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(
+                functools.partial(trio.serve_tcp, serve_one, 0, host="127.0.0.1")
+            )
+            port = listeners[0].socket.getsockname()[1]
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            member = await connect_member(
+                stream, world.secrets["seoul"], "seoul", world.arrangement, limits=limits
+            )
+            while not links:
+                await trio.sleep(0.01)
+            for link in (member, links[0]):
+                tcp = link.stream
+                assert isinstance(tcp, trio.SocketStream)
+                assert tcp.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                if hasattr(socket, "TCP_KEEPIDLE"):  # Linux
+                    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 7
+                    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 3
+                    assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 4
+                    user_timeout = tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+                    assert user_timeout == (7 + 3 * 4) * 1000
+            await member.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_keep_alive_leaves_other_streams_alone() -> None:
+    from tisa_io.link import keep_alive
+
+    client, _ = trio.testing.memory_stream_pair()
+    assert keep_alive(client) is False

@@ -26,7 +26,7 @@ from clients.events import (
     RefusedEvent,
     RevokedEvent,
 )
-from clients.node import Backoff, Node, open_node
+from clients.node import DEFAULT_VALID_FOR, Backoff, Node, open_node
 from clients.store import MemberStore
 from relay.server import serve
 from tisa.arrangement import Member, Role
@@ -124,6 +124,7 @@ async def next_event(node: Node, kind: type[Event], timeout: float = 3) -> Any:
 async def first_report(node: Node, timeout: float = 3) -> DeliveredReport:
     with trio.fail_after(timeout):
         async for report in node.reports():
+            await node.ack(report)
             return report
     raise AssertionError("unreachable")
 
@@ -133,6 +134,7 @@ async def collect(node: Node, wait: float, into: list[bytes] | None = None) -> l
     with trio.move_on_after(wait):
         async for report in node.reports():
             got.append(report.report_id)
+            await node.ack(report)
     return got
 
 
@@ -317,7 +319,10 @@ async def test_replay_refused_after_recipient_restart(world: World) -> None:
             async with world.node("tokyo") as tokyo:
                 assert await collect(tokyo, 0.5) == [report_id]
             # The same report again under a new token, after Tokyo restarted.
-            await seoul.release(report_id, "tokyo")
+            # Node.release refuses a second token (duplicate); a careless originator
+            # could still make one, which is what the recipient must stand up to.
+            seoul._want(report_id, "tokyo", DEFAULT_VALID_FOR)
+            seoul._notify()
             async with world.node("tokyo") as tokyo:
                 event = await next_event(tokyo, DeliveryRejected)
                 assert isinstance(event.error, Refused) and event.error.reason is Reason.REPLAYED

@@ -715,3 +715,30 @@ def test_hand_built_token_fields_cannot_differ_from_the_signed_body() -> None:
         originator="seoul", now=NOW,
     )  # fmt: skip
     assert (checked.recipient, checked.level) == ("tokyo", "secret")
+
+
+def test_a_decoded_token_is_not_decoded_again_by_the_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The relay and the recipient decode a token once and hand the typed value to the
+    # check; only a token not made by decode (built by hand, copied) is decoded again.
+    token = ReleaseToken.decode(TOKEN)
+    calls: list[bytes] = []
+    original = ReleaseToken.decode.__func__  # type: ignore[attr-defined]
+
+    def counting(cls: type[ReleaseToken], data: bytes) -> ReleaseToken:
+        calls.append(data)
+        result: ReleaseToken = original(cls, data)
+        return result
+
+    monkeypatch.setattr(ReleaseToken, "decode", classmethod(counting))
+    checked = check_for_relay(
+        token, ARRANGEMENT, report_id=REPORT_ID, digest=DIGEST, size=SIZE,
+        originator="seoul", now=NOW,
+    )  # fmt: skip
+    assert checked is token and calls == []
+    check_for_relay(
+        dataclasses.replace(token), ARRANGEMENT, report_id=REPORT_ID, digest=DIGEST,
+        size=SIZE, originator="seoul", now=NOW,
+    )  # fmt: skip
+    assert calls == [TOKEN]

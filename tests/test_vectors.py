@@ -21,7 +21,7 @@ import pytest
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, SignedArrangement
-from tisa.audit import Checkpoint
+from tisa.audit import Checkpoint, verify_extract
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
@@ -39,7 +39,15 @@ from tisa.token import Release, ReleaseToken, check_for_recipient, check_for_rel
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "vectors"
 SCRIPT = ROOT / "scripts" / "make_vectors.py"
-FILES = ("arrangement.json", "report.json", "token.json", "receipt.json", "prekey.json")
+FILES = (
+    "arrangement.json",
+    "report.json",
+    "token.json",
+    "receipt.json",
+    "encoding.json",
+    "audit.json",
+    "prekey.json",
+)
 ERRORS: dict[str, type[TisaError]] = {
     cls.__name__: cls
     for cls in (ProtocolError, VerificationError, Refused, ArrangementNotEffective)
@@ -55,6 +63,8 @@ ARRANGEMENT_FILE = load("arrangement.json")
 REPORT_FILE = load("report.json")
 TOKEN_FILE = load("token.json")
 RECEIPT_FILE = load("receipt.json")
+ENCODING_FILE = load("encoding.json")
+AUDIT_FILE = load("audit.json")
 PREKEY_FILE = load("prekey.json")
 
 SECRETS = {
@@ -108,6 +118,57 @@ def test_every_file_has_vectors() -> None:
         )
 
 
+# The format of the files, as docs/protocol.md Appendix C documents it.
+TOP_LEVEL = {"generator", "now", "description", "vectors"}
+FILE_KEYS = {
+    "arrangement.json": (TOP_LEVEL | {"members", "arrangements"}, {"signed"}),
+    "report.json": (
+        TOP_LEVEL | {"chunk_size"},
+        {"open", "ciphertext", "base", "mutation", "inputs", "generated"},
+    ),
+    "token.json": (TOP_LEVEL | {"prekeys"}, {"token", "checks", "inputs", "body", "generated"}),
+    "receipt.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
+    "encoding.json": (TOP_LEVEL, {"encoded"}),
+    "audit.json": (TOP_LEVEL, {"arrangement", "member", "known", "extract"}),
+    "prekey.json": (TOP_LEVEL, {"encoded", "check"}),
+}
+PREFIXES = ("arrangement-", "report-", "token-", "receipt-", "ack-", "checkpoint-")
+PREFIXES += ("encoding-", "audit-", "prekey-")
+MUTATIONS = {"flip", "truncate", "append", "drop"}
+
+
+def _verdicts(vector: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    return [c["expect"] for c in vector["checks"]] if "checks" in vector else [vector["expect"]]
+
+
+def test_files_follow_the_documented_format() -> None:
+    seen: set[str] = set()
+    for name in FILES:
+        document = load(name)
+        top, own = FILE_KEYS[name]
+        assert set(document) == top, name
+        for vector in document["vectors"]:
+            assert vector["id"] not in seen and vector["id"].startswith(PREFIXES)
+            seen.add(vector["id"])
+            assert set(vector) - {"id", "description", "expect", "checks"} <= own, vector["id"]
+            assert ("checks" in vector) != ("expect" in vector)
+            if "mutation" in vector:
+                assert len(vector["mutation"]) == 1 and set(vector["mutation"]) <= MUTATIONS
+                assert vector["base"] in REPORTS
+            for expect in _verdicts(vector):
+                assert expect["result"] in ("ok", "error")
+                if expect["result"] == "ok":
+                    continue
+                error, reason = expect["error"], expect["reason"]
+                assert error in ERRORS
+                if error == "Refused":
+                    assert reason in {r.value for r in Reason}
+                elif error == "ArrangementNotEffective":
+                    assert reason == "arrangement_not_effective" and expect["missing"]
+                else:
+                    assert reason is None
+
+
 def test_required_vector_ids_are_present() -> None:
     ids = {v["id"] for name in FILES for v in load(name)["vectors"]}
     required = {
@@ -121,6 +182,23 @@ def test_required_vector_ids_are_present() -> None:
         "report-flipped-chunk-tag",
         "receipt-wrong-signer",
         "arrangement-missing-signature",
+        # Issue 12: what an implementer once had to guess.
+        "arrangement-order-non-member-before-bad-signature",
+        "arrangement-order-bad-signature-before-missing",
+        "arrangement-invalid-relay-also-recipient",
+        "arrangement-name-with-unicode-line-breaks",
+        "token-recipient-name-with-line-separator",
+        "token-recipient-name-with-unit-separator",
+        "report-header-version-mismatch",
+        "report-recipient-is-relay",
+        "report-recipient-is-originator",
+        "receipt-originator-relay",
+        "ack-originator-not-a-member",
+        "encoding-depth-8-lists",
+        "encoding-depth-9-lists",
+        "encoding-keys-out-of-order-nested",
+        "audit-extract-entry-malformed",
+        "audit-extract-checkpoint-other-arrangement",
     }
     assert required <= ids, required - ids
     # A tampered-field vector for every field of a token.
@@ -458,6 +536,42 @@ def test_signed_object_vector(vector: dict[str, Any]) -> None:
             continue
         actual = getattr(result, field)
         assert (actual.hex() if isinstance(actual, bytes) else actual) == value, field
+
+
+# --- canonical encoding, audit extracts --------------------------------------------------
+
+
+@by_id(ENCODING_FILE)
+def test_encoding_vector(vector: dict[str, Any]) -> None:
+    data = bytes.fromhex(vector["encoded"])
+    decoded = check_verdict(vector["expect"], lambda: enc.unpack(data))
+    if decoded is not None:
+        # What decodes is canonical: it encodes back to exactly the same bytes.
+        assert enc.pack(decoded) == data
+
+
+@by_id(AUDIT_FILE)
+def test_audit_extract_vector(vector: dict[str, Any]) -> None:
+    known = (vector["known"]["seq"], bytes.fromhex(vector["known"]["head"]))
+    result = check_verdict(
+        vector["expect"],
+        lambda: verify_extract(
+            bytes.fromhex(vector["extract"]),
+            ARRANGEMENTS[vector["arrangement"]],
+            vector["member"],
+            known=known,
+        ),
+    )
+    if result is None:
+        return
+    entries, checkpoint = result
+    expect = vector["expect"]
+    assert [e.seq for e in entries] == expect["entries"]
+    assert all(vector["member"] in e.parties for e in entries)
+    assert (checkpoint.seq, checkpoint.head.hex()) == (
+        expect["checkpoint_seq"],
+        expect["checkpoint_head"],
+    )
 
 
 # --- up to date --------------------------------------------------------------------------

@@ -378,12 +378,14 @@ class SignedArrangement:
     def __post_init__(self) -> None:
         if not isinstance(self.arrangement, Arrangement):
             raise UsageError("arrangement must be an Arrangement")
-        checked: dict[str, bytes] = {}
-        for name, signature in sorted(self.signatures.items()):
-            member = self.arrangement.member(name)
+        # Checked in a fixed order (docs/protocol.md section 8.2), so that the verdict on
+        # a set of signatures does not depend on how their names sort: every name must be
+        # a member before any signature is verified, and effectiveness comes last.
+        signatures = sorted(self.signatures.items(), key=lambda item: item[0].encode("utf-8"))
+        members = [(self.arrangement.member(name), signature) for name, signature in signatures]
+        for member, signature in members:
             verify(member.identity.signing, Context.ARRANGEMENT, self.arrangement.id, signature)
-            checked[name] = signature
-        object.__setattr__(self, "signatures", checked)
+        object.__setattr__(self, "signatures", dict(signatures))
 
     def with_signature(self, name: str, signature: bytes) -> SignedArrangement:
         """A copy with ``name``'s signature added (checked). Any order works."""
@@ -425,9 +427,17 @@ class SignedArrangement:
     def decode(cls, data: bytes) -> SignedArrangement:
         """Decode and check every signature present (not that all are present).
 
+        The checks run in this order, and the first failure is raised (docs/protocol.md
+        section 8.2): the outer map and the arrangement decode and the arrangement is
+        valid (anything else is malformed, whatever the signatures); every signature's
+        name is a member; every signature verifies.
+
         Raises:
-            ProtocolError: malformed; VerificationError: a signature is bad;
-            Refused(NOT_A_MEMBER): a signature by a non-member.
+            ProtocolError: malformed, or an arrangement that breaks a rule of section 8.1
+                (an invalid arrangement is malformed input, never a refusal);
+            Refused(NOT_A_MEMBER): a signature under a name that is not a member (even
+                if another signature is also bad);
+            VerificationError: a signature does not verify.
         """
         outer = enc.check_map(
             enc.unpack(data, max_size=MAX_ARRANGEMENT_SIZE),
@@ -438,7 +448,14 @@ class SignedArrangement:
 
     @classmethod
     def load_effective(cls, data: bytes) -> Arrangement:
-        """Decode, check, and require every signature. The usual way to load one."""
+        """Decode, check, and require every signature. The usual way to load one.
+
+        Raises:
+            ProtocolError, Refused(NOT_A_MEMBER), VerificationError: as :meth:`decode`,
+                which runs first.
+            ArrangementNotEffective: every signature present is good, but a member has
+                not signed (``missing`` names who, in member order).
+        """
         return cls.decode(data).require_effective()
 
 

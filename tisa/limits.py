@@ -73,6 +73,15 @@ class Limits:
     # Concurrent connections to a relay, in all and per member.
     max_connections: int = 256
     max_connections_per_member: int = 8
+    # Connections in their handshake at once (not yet authenticated, so not counted
+    # against max_connections: members have room of their own). Each costs one task and
+    # a 1 KiB buffer for at most handshake_timeout. When full, a new connection sheds
+    # the oldest handshake of the source holding the most, instead of being refused.
+    max_handshakes: int = 1024
+    # Handshakes in progress from one source address (an IPv6 /64): a member's node
+    # needs one at a time, a NAT of many members a few; past it the source's own oldest
+    # handshake is shed, so one address cannot take the slots others need.
+    max_handshakes_per_source: int = 32
     # Deliveries queued for one recipient before the relay refuses new releases to it.
     max_queue_per_recipient: int = 10_000
     # Reports of at most this many ciphertext bytes are kept inside a node's database
@@ -83,6 +92,19 @@ class Limits:
     # them: enough to keep a link busy between acks, few enough that a recipient that
     # stops acking ties up little.
     delivery_window: int = 256
+    # Seconds a connection has to acknowledge a delivery pushed on it (counted from the
+    # last frame of the delivery it took) before its claim lapses and the member's other
+    # connections may push the delivery too: a stale connection (a dropped network
+    # leaves one behind) must not hold deliveries until idle_timeout. Short, because the
+    # only cost of lapsing is a second copy on the wire, which the recipient drops.
+    claim_timeout: float = 1.0
+    # TCP keepalive on the relay's and members' sockets, so that a peer that vanished
+    # without a FIN or RST is detected: first probe after keepalive_idle seconds of
+    # silence, then every keepalive_interval, dead after keepalive_probes unanswered.
+    # Data unacknowledged by the peer's TCP for the same total time also ends the link.
+    keepalive_idle: float = 30.0
+    keepalive_interval: float = 10.0
+    keepalive_probes: int = 3
     # Refusals of one member's input the relay writes to its audit log per minute. Every
     # refusal is still answered; past this rate one entry with reason "limit" says that
     # the rest of that minute went unlogged, so a member cannot grow the log at will.

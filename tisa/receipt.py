@@ -75,7 +75,14 @@ class Receipt:
         digest: bytes,
         received: int,
     ) -> Self:
-        """Sign a receipt as ``recipient``; returns it with ``encoded`` set."""
+        """Sign a receipt as ``recipient``; returns it with ``encoded`` set.
+
+        Raises:
+            UsageError: ``secret`` is not ``recipient``'s key.
+            ProtocolError, VerificationError, Refused: what :meth:`verify` would raise
+                for the receipt (a field out of schema, a recipient that may not receive,
+                an originator that may not originate).
+        """
         if secret.public != arrangement.member(recipient).identity:
             raise UsageError(f"this key is not {recipient!r}'s key in the arrangement")
         body: dict[str, Any] = {
@@ -95,6 +102,7 @@ class Receipt:
             arrangement.require_role(recipient, Role.RECIPIENT)
         except Refused:
             raise VerificationError() from None  # what verify would say of these bytes
+        _check_originator(arrangement, originator, recipient)
         encoded = seal_envelope(secret, Context.RECEIPT, body)
         fields.pop("v")
         return cls(**fields, encoded=encoded)
@@ -103,9 +111,15 @@ class Receipt:
     def verify(cls, data: bytes, arrangement: Arrangement) -> Self:
         """Decode and verify a receipt against the recipient's key in ``arrangement``.
 
+        Checks, in order (docs/protocol.md section 11.1): the schema; ``recipient`` is a
+        member with the recipient role; the signature; ``arrangement``; ``originator``.
+
         Raises:
-            ProtocolError, VerificationError (also for a recipient the arrangement
-            does not list), Refused (WRONG_ARRANGEMENT).
+            ProtocolError: malformed.
+            VerificationError: the signature does not verify, or the recipient is not a
+                member that may receive (no key to check it with).
+            Refused: WRONG_ARRANGEMENT; then for the signed ``originator``: NOT_A_MEMBER,
+                WRONG_ROLE (may not originate), WRONG_RECIPIENT (the recipient itself).
         """
         body, fields, signature = open_envelope(data, max_size=MAX_RECEIPT_SIZE, what="receipt")
         fields = enc.check_map(fields, cls._SCHEMA, "receipt")
@@ -117,6 +131,7 @@ class Receipt:
         verify(member.identity.signing, Context.RECEIPT, body, signature)
         if fields["arrangement"] != arrangement.id:
             raise Refused(Reason.WRONG_ARRANGEMENT, "receipt under another arrangement")
+        _check_originator(arrangement, fields["originator"], fields["recipient"])
         fields.pop("v")
         return cls(**fields, encoded=bytes(data))
 
@@ -167,7 +182,12 @@ class StoredAck:
         size: int,
         stored: int,
     ) -> Self:
-        """Sign as the arrangement's relay."""
+        """Sign as the arrangement's relay.
+
+        Raises:
+            UsageError: ``secret`` is not the relay's key.
+            ProtocolError, Refused: what :meth:`verify` would raise for the ack.
+        """
         if secret.public != arrangement.member(arrangement.relay).identity:
             raise UsageError("this key is not the relay's key in the arrangement")
         body: dict[str, Any] = {
@@ -180,18 +200,43 @@ class StoredAck:
             "stored": stored,
         }
         fields = enc.check_map(dict(body), cls._SCHEMA, "ack")
+        _check_originator(arrangement, originator)
         encoded = seal_envelope(secret, Context.ACK, body)
         fields.pop("v")
         return cls(**fields, encoded=encoded)
 
     @classmethod
     def verify(cls, data: bytes, arrangement: Arrangement) -> Self:
-        """Decode and verify against the relay's key. Raises as :meth:`Receipt.verify`."""
+        """Decode and verify against the relay's key.
+
+        Checks, in order (docs/protocol.md section 11.2): the schema; the relay's
+        signature; ``arrangement``; ``originator``.
+
+        Raises:
+            ProtocolError: malformed. VerificationError: not the relay's signature.
+            Refused: WRONG_ARRANGEMENT; then NOT_A_MEMBER or WRONG_ROLE for an
+                ``originator`` that is not a member that may originate.
+        """
         body, fields, signature = open_envelope(data, max_size=MAX_RECEIPT_SIZE, what="ack")
         fields = enc.check_map(fields, cls._SCHEMA, "ack")
         relay = arrangement.member(arrangement.relay)
         verify(relay.identity.signing, Context.ACK, body, signature)
         if fields["arrangement"] != arrangement.id:
             raise Refused(Reason.WRONG_ARRANGEMENT, "ack under another arrangement")
+        _check_originator(arrangement, fields["originator"])
         fields.pop("v")
         return cls(**fields, encoded=bytes(data))
+
+
+def _check_originator(
+    arrangement: Arrangement, originator: str, recipient: str | None = None
+) -> None:
+    """The signed ``originator`` of a receipt or ack must be one that could have sent.
+
+    Raises:
+        Refused: NOT_A_MEMBER, WRONG_ROLE (may not originate), or WRONG_RECIPIENT (a
+            receipt whose originator is its own recipient: nobody sends to itself).
+    """
+    arrangement.require_role(originator, Role.ORIGINATOR)
+    if originator == recipient:
+        raise Refused(Reason.WRONG_RECIPIENT, "an originator does not send to itself")

@@ -334,20 +334,25 @@ class ReportSealer:
 
     def _drain(self) -> bytes:
         out = []
-        while self._buffer:
-            remaining = self.padded - self._pushed
-            if len(self._buffer) < CHUNK_SIZE and len(self._buffer) < remaining:
-                break
-            piece = bytes(self._buffer[:CHUNK_SIZE])
-            del self._buffer[:CHUNK_SIZE]
-            self._pushed += len(piece)
-            tag = TAG_FINAL if self._pushed == self.padded else TAG_MESSAGE
-            chunk = _ss.crypto_secretstream_xchacha20poly1305_push(
-                self._state, piece, self.report_id, tag
-            )
-            self._cipher.update(chunk)
-            out.append(chunk)
-        return b"".join(out)
+        start, end = 0, len(self._buffer)
+        with memoryview(self._buffer) as view:
+            while start < end:
+                remaining = self.padded - self._pushed
+                if end - start < CHUNK_SIZE and end - start < remaining:
+                    break
+                # One copy per chunk (bytes of a view); the buffer is shifted once.
+                piece = bytes(view[start : start + CHUNK_SIZE])
+                start += len(piece)
+                self._pushed += len(piece)
+                tag = TAG_FINAL if self._pushed == self.padded else TAG_MESSAGE
+                chunk = _ss.crypto_secretstream_xchacha20poly1305_push(
+                    self._state, piece, self.report_id, tag
+                )
+                self._cipher.update(chunk)
+                out.append(chunk)
+        if start:
+            del self._buffer[:start]
+        return out[0] if len(out) == 1 else b"".join(out)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -492,27 +497,31 @@ class ReportOpener:
             del self._inbuf[:HEADER_BYTES]
             self._initialised = True
         stream_size = self._size - HEADER_BYTES
-        while True:
-            # Every chunk is full but the last, so its length follows from the size.
-            take = min(CHUNK_SIZE + ABYTES, stream_size - self._consumed)
-            if take <= 0 or len(self._inbuf) < take:
-                break
-            chunk = bytes(self._inbuf[:take])
-            del self._inbuf[:take]
-            self._consumed += take
-            is_last = self._consumed == stream_size
-            if self._final_seen:
-                raise VerificationError()
-            try:
-                plain, tag = _ss.crypto_secretstream_xchacha20poly1305_pull(
-                    self._state, chunk, self._report_id
-                )
-            except (nacl.exceptions.CryptoError, ValueError, TypeError):
-                raise VerificationError() from None
-            if (tag == TAG_FINAL) != is_last or tag not in (TAG_FINAL, TAG_MESSAGE):
-                raise VerificationError()
-            self._final_seen = tag == TAG_FINAL
-            out.extend(self._consume_plain(bytes(plain)))
+        start, end = 0, len(self._inbuf)
+        with memoryview(self._inbuf) as view:
+            while True:
+                # Every chunk is full but the last, so its length follows from the size.
+                take = min(CHUNK_SIZE + ABYTES, stream_size - self._consumed)
+                if take <= 0 or end - start < take:
+                    break
+                chunk = bytes(view[start : start + take])
+                start += take
+                self._consumed += take
+                is_last = self._consumed == stream_size
+                if self._final_seen:
+                    raise VerificationError()
+                try:
+                    plain, tag = _ss.crypto_secretstream_xchacha20poly1305_pull(
+                        self._state, chunk, self._report_id
+                    )
+                except (nacl.exceptions.CryptoError, ValueError, TypeError):
+                    raise VerificationError() from None
+                if (tag == TAG_FINAL) != is_last or tag not in (TAG_FINAL, TAG_MESSAGE):
+                    raise VerificationError()
+                self._final_seen = tag == TAG_FINAL
+                out.extend(self._consume_plain(bytes(plain)))
+        if start:
+            del self._inbuf[:start]
         return out
 
     def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:
@@ -531,12 +540,15 @@ class ReportOpener:
                 return out
             self._header_bytes = bytes(self._plain[_LEN.size : _LEN.size + length])
             self._check_header(self._header_bytes, bytes(self._plain[end - SIGNATURE_SIZE : end]))
-            view = memoryview(bytes(self._plain[end:]))
+            plain = bytes(self._plain[end:])
+            view = memoryview(plain)
             self._plain = bytearray()
         while view and self._part < len(self._parts):
             take = min(len(view), self._parts[self._part])
             if take:
-                out.append((self._part, bytes(view[:take])))
+                # A chunk that is all one part is handed out as it is, not copied.
+                whole = take == len(plain) and len(view) == len(plain)
+                out.append((self._part, plain if whole else bytes(view[:take])))
                 view = view[take:]
                 self._parts[self._part] -= take
             if self._parts[self._part] == 0:
@@ -544,7 +556,8 @@ class ReportOpener:
         while self._part < len(self._parts) and self._parts[self._part] == 0:
             self._part += 1
         if view and self._padding_ok:
-            self._padding_ok = view.tobytes().count(0) == len(view)
+            padding = len(plain) - len(view)
+            self._padding_ok = plain.count(0, padding) == len(view)
         return out
 
     def _check_header(self, header_bytes: bytes, signature: bytes) -> None:
@@ -574,8 +587,10 @@ class ReportOpener:
 
         Raises:
             VerificationError: anything cryptographic or structural is wrong.
-            Refused: WRONG_RECIPIENT when this member is not listed; WRONG_ARRANGEMENT,
-                OUT_OF_SCOPE or LEVEL_NOT_ALLOWED when the arrangement no longer allows it.
+            Refused: WRONG_ARRANGEMENT (another arrangement id or version), then
+                WRONG_RECIPIENT when this member is not listed, then what the arrangement
+                says of the signed share (NOT_A_MEMBER, WRONG_ROLE, WRONG_RECIPIENT for
+                a listed recipient; OUT_OF_SCOPE, LEVEL_NOT_ALLOWED).
         """
         if self._dead:
             raise VerificationError()
@@ -590,12 +605,22 @@ class ReportOpener:
             or self._cipher.finish() != self._digest
         ):
             raise VerificationError()
-        # Signed and consistent: the remaining checks are policy, with reasons.
-        if header.arrangement != self._arrangement.id:
+        # Signed and consistent: the remaining checks are policy, with reasons, in the
+        # order of docs/protocol.md section 9.4 step 7.
+        if (header.arrangement, header.version) != (
+            self._arrangement.id,
+            self._arrangement.version,
+        ):
+            # The id covers the version, so a header whose version differs from the one
+            # its id names is inconsistent: refused like any other arrangement.
             raise Refused(Reason.WRONG_ARRANGEMENT, "report sealed under another arrangement")
         if self._recipient not in header.recipients:
             raise Refused(Reason.WRONG_RECIPIENT, "this member is not a recipient of the report")
-        self._arrangement.check_scope_level(header.scope, header.level)
+        # The whole signed share, as the sealer checked it: every listed recipient a member
+        # that may receive and not the originator (so never the relay), scope and level.
+        self._arrangement.check_share(
+            header.originator, header.recipients, header.scope, header.level
+        )
         return header
 
 

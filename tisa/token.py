@@ -98,6 +98,10 @@ class ReleaseToken:
     encoded: bytes = dataclasses.field(repr=False, compare=False)
     body: bytes = dataclasses.field(repr=False, compare=False)
     signature: bytes = dataclasses.field(repr=False, compare=False)
+    # Set only by decode: the fields are exactly what ``body`` holds, so a check need not
+    # decode ``encoded`` again (one built by hand, or copied with dataclasses.replace,
+    # has it False and is decoded again before it is trusted).
+    _from_encoding: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def decode(cls, data: bytes) -> ReleaseToken:
@@ -107,7 +111,9 @@ class ReleaseToken:
         if fields["not_after"] <= fields["not_before"]:
             raise ProtocolError("token: empty validity window")
         fields.pop("v")
-        return cls(**fields, encoded=bytes(data), body=body, signature=signature)
+        token = cls(**fields, encoded=bytes(data), body=body, signature=signature)
+        object.__setattr__(token, "_from_encoding", True)
+        return token
 
     @property
     def associated_data(self) -> bytes:
@@ -215,8 +221,12 @@ def _check_common(
     token: ReleaseToken | bytes, arrangement: Arrangement, *, now: int, clock_skew: int
 ) -> ReleaseToken:
     # A ReleaseToken built by hand could carry fields that differ from its signed body;
-    # decoding the encoded form again makes the fields exactly what was signed.
-    token = ReleaseToken.decode(token.encoded if isinstance(token, ReleaseToken) else token)
+    # decoding the encoded form again makes the fields exactly what was signed. One that
+    # ReleaseToken.decode made is that already: the relay decodes each token once.
+    if not isinstance(token, ReleaseToken):
+        token = ReleaseToken.decode(token)
+    elif not token._from_encoding:
+        token = ReleaseToken.decode(token.encoded)
     # The signature comes first: a refusal with a reason code must rest on what the
     # originator signed, never on a field anyone could have altered in transit. A name
     # that is no originator gives no key to check with, so it fails the same opaque way.

@@ -9,13 +9,16 @@ Errors are one line on stderr and a non-zero exit status, never a traceback: a
 :class:`tisa.errors.TisaError` or an :class:`OSError` raised anywhere below a command is
 turned into ``Error: <what went wrong>`` (status 1), and a usage error (a missing
 argument, an unknown option, a bad option value) into ``Error: <command>: <problem> (see
-'<command> --help')`` (status 2), without click's usage block.
+'<command> --help')`` (status 2), without click's usage block. Ctrl-C is ``Error:
+interrupted...`` with status 130, saying what became of the work in progress.
 
-Files a member keeps live in its home folder (``--home DIR`` or ``$TISA_HOME``)::
+Files a member keeps live in its home folder (``--home DIR`` or ``$TISA_HOME``; by
+default the platform's user data folder, see :func:`default_home`)::
 
     HOME/identity.key       the passphrase-protected secret keys
     HOME/arrangement.tisa   the arrangement, with the signatures gathered so far
     HOME/store/             the node's durable state (outbox, seen reports, inbox)
+    HOME/config.toml        optional defaults: the relay's address, options per command
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
@@ -45,15 +48,18 @@ from tisa.keys import MemberSecret, PublicIdentity
 from tisa_io.files import (
     ARRANGEMENT_FILE,
     IDENTITY_FILE,
+    PASSPHRASE_ENV,
     STORE_DIR,
     arrangement_summary,
     atomic_text,
     create_identity,
+    default_home,
     draft_arrangement,
     identity_to_json,
     merge_arrangements,
     read_arrangement,
     read_identity,
+    resolve_passphrase,
     sign_arrangement,
     write_arrangement,
 )
@@ -62,8 +68,7 @@ __all__ = ["CliError", "main", "tisa"]
 
 DEFAULT_PORT = 7420
 DEFAULT_RELAY = f"127.0.0.1:{DEFAULT_PORT}"
-# A passphrase is looked up here when no --passphrase-env is given and stdin is no terminal.
-PASSPHRASE_ENV = "TISA_PASSPHRASE"
+# A passphrase is looked up here when no --passphrase-env is given (terminal or not).
 
 
 class CliError(TisaError):
@@ -144,12 +149,12 @@ class _Group(_OneLineUsage, click.Group):
             raise _usage_line(exc, ctx) from None
         except (click.exceptions.Exit, click.Abort, click.ClickException):
             raise
-        except (TisaError, OSError, BaseExceptionGroup) as exc:
+        except (TisaError, OSError, BaseExceptionGroup, KeyboardInterrupt) as exc:
             leaf = _leaf(exc)
             if isinstance(leaf, click.ClickException | click.exceptions.Exit | click.Abort):
                 raise leaf from None
             if isinstance(leaf, KeyboardInterrupt):
-                raise click.Abort() from None
+                raise _Interrupted("interrupted") from None
             if not isinstance(leaf, TisaError | OSError):
                 raise
             raise click.ClickException(_error_text(leaf)) from None
@@ -166,30 +171,31 @@ class _State:
 
 def _home(ctx: click.Context) -> Path:
     state = ctx.find_object(_State)
-    return state.home if state is not None else Path(".tisa")
+    return state.home if state is not None else default_home()
+
+
+def _can_prompt() -> bool:
+    """True when a passphrase can be asked for: stdin is a terminal."""
+    return sys.stdin.isatty()
 
 
 def _passphrase(env: str | None, *, confirm: bool = False, prompt: str = "Passphrase") -> str:
-    """The passphrase from ``$env``, else ``$TISA_PASSPHRASE`` without a terminal, else asked."""
-    if env is not None:
-        value = os.environ.get(env)
-        if not value:
-            raise CliError(f"environment variable {env} is not set or empty")
-        return value
-    if not sys.stdin.isatty() and os.environ.get(PASSPHRASE_ENV):
-        return os.environ[PASSPHRASE_ENV]
-    value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
-    if not isinstance(value, str) or not value:
-        raise CliError("empty passphrase")
-    return value
+    """The passphrase from ``$env`` (``--passphrase-env``), else ``$TISA_PASSPHRASE``, else
+    asked on the terminal; with none of them, a one-line error saying how to give one."""
+
+    def ask() -> str:
+        value = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
+        return value if isinstance(value, str) else ""
+
+    return resolve_passphrase(env, ask if _can_prompt() else None)
 
 
 def _passphrase_option(func: _F) -> _F:
     return click.option(
         "--passphrase-env",
         metavar="VAR",
-        help=f"Read the passphrase from environment variable VAR (default: prompt, or "
-        f"${PASSPHRASE_ENV} when stdin is not a terminal).",
+        help=f"Read the passphrase from environment variable VAR (default: "
+        f"${PASSPHRASE_ENV} if set, else asked on the terminal).",
     )(func)
 
 
@@ -210,18 +216,94 @@ def _fail(message: str) -> NoReturn:
 # --- the command group ------------------------------------------------------------------
 
 
+def _command_options(group: click.Group) -> dict[str, tuple[list[str], dict[str, str]]]:
+    """Every command's path and options by config key: ``{"send": (["send"], {"scope":
+    "scope", ...}), "relay-run": (["relay", "run"], {...})}``; an option's key is its
+    long name without the dashes, mapped to click's parameter name."""
+    out: dict[str, tuple[list[str], dict[str, str]]] = {}
+
+    def walk(command: click.Command, path: list[str]) -> None:
+        if isinstance(command, click.Group):
+            for name, sub in command.commands.items():
+                walk(sub, [*path, name])
+            return
+        names: dict[str, str] = {}
+        for param in command.params:
+            if isinstance(param, click.Option) and param.name not in ("help", "version"):
+                for opt in param.opts:
+                    if opt.startswith("--"):
+                        names[opt[2:]] = param.name or opt[2:]
+        out["-".join(path)] = (path, names)
+
+    walk(group, [])
+    return out
+
+
+def _config_defaults(path: Path, group: click.Group) -> dict[str, Any] | None:
+    """The default map click reads option defaults from, built from a config file.
+
+    Top-level keys set an option for every command that has it (``relay``,
+    ``timeout``, ``wait-relay``, ...); a table sets the options of one command
+    (``[send]``, ``[inbox]``, ``[relay-run]``, ``[outbox-send]``) and wins over a
+    top-level key. The command line and environment variables win over the file.
+    None if there is no file.
+
+    Raises:
+        CliError: the file is not TOML, or names an unknown command or option.
+    """
+    import tomllib
+
+    try:
+        with open(path, "rb") as handle:
+            config = tomllib.load(handle)
+    except FileNotFoundError:
+        return None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"{path}: not valid TOML ({exc})") from None
+    commands = _command_options(group)
+    defaults: dict[str, Any] = {}
+
+    def put(command: str, key: str, value: Any) -> None:
+        command_path, names = commands[command]
+        node = defaults
+        for part in command_path:
+            node = node.setdefault(part, {})
+        node[names[key]] = value
+
+    for key, value in config.items():
+        if isinstance(value, dict):
+            if key not in commands:
+                raise CliError(f"{path}: [{key}]: no such command")
+            for option, item in value.items():
+                if option not in commands[key][1]:
+                    raise CliError(f"{path}: [{key}] {option}: no such option of that command")
+                put(key, option, item)
+        else:
+            users = [c for c, (_, options) in commands.items() if key in options]
+            if not users:
+                raise CliError(f"{path}: {key}: no command has such an option")
+            for command in users:
+                table = config.get(command)
+                if not (isinstance(table, dict) and key in table):
+                    put(command, key, value)
+    return defaults
+
+
+CONFIG_FILE = "config.toml"
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--home",
     type=click.Path(file_okay=False, path_type=Path),
     envvar="TISA_HOME",
-    default=".tisa",
-    show_default=True,
-    help="This member's folder (identity.key, arrangement.tisa, store/). Env: TISA_HOME.",
+    help="This member's folder (identity.key, arrangement.tisa, store/, config.toml). "
+    "Env: TISA_HOME. Default: the platform's user data folder for tisa "
+    "(~/.local/share/tisa on Linux).",
 )
 @click.version_option(package_name="tisa-relay", prog_name="tisa")
 @click.pass_context
-def tisa(ctx: click.Context, home: Path) -> None:
+def tisa(ctx: click.Context, home: Path | None) -> None:
     """End-to-end encrypted reports through a relay that forwards and never reads.
 
     \b
@@ -234,8 +316,17 @@ def tisa(ctx: click.Context, home: Path) -> None:
       tisa --home seoul send --scope missile --level secret --to tokyo "launch detected"
       tisa --home tokyo inbox
     Run `tisa demo` to see three nodes do all of it.
+
+    \b
+    HOME/config.toml holds defaults (the command line and environment win):
+      relay = "relay.example.org:7420"   # every command with --relay
+      [send]
+      scope = "missile"
+      level = "secret"
     """
+    home = home if home is not None else default_home()
     ctx.obj = _State(home=home)
+    ctx.default_map = _config_defaults(home / CONFIG_FILE, tisa)
 
 
 # --- identity ---------------------------------------------------------------------------
@@ -544,15 +635,28 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def parse_addresses(text: str) -> list[tuple[str, int]]:
+    """``HOST:PORT[,HOST:PORT...]``: relay processes serving one arrangement, tried in
+    turn (docs/deployment.md). Raises CliError."""
+    return [parse_address(part.strip()) for part in text.split(",")]
+
+
 @dataclass
 class _Member:
-    """What a node command needs: keys, name, arrangement, relay, store."""
+    """What a node command needs: keys, name, arrangement, relay, store, and how long to
+    keep trying an unreachable relay (0: fail at the first failed attempt)."""
 
     secret: MemberSecret
     name: str
     arrangement: Arrangement
-    relay: tuple[str, int]
+    relay: list[tuple[str, int]]
     store: Path
+    wait_relay: float = 0.0
+
+    @property
+    def addresses(self) -> str:
+        """The relay addresses as the user gave them: ``HOST:PORT[, HOST:PORT...]``."""
+        return ", ".join(f"{host}:{port}" for host, port in self.relay)
 
 
 @dataclass(frozen=True)
@@ -565,20 +669,30 @@ class _NodeOptions:
     relay_addr: str
     store: Path | None
     passphrase_env: str | None
+    wait_relay: float = 0.0
 
     def load(self, ctx: click.Context) -> _Member:
         home = _home(ctx)
-        relay = parse_address(self.relay_addr)
+        relay = parse_addresses(self.relay_addr)
         arrangement = read_arrangement(
             self.arrangement_path or home / ARRANGEMENT_FILE
         ).require_effective()
         secret, name = _load_secret(self.key or home / IDENTITY_FILE, self.passphrase_env)
-        return _Member(secret, name, arrangement, relay, self.store or home / STORE_DIR)
+        return _Member(
+            secret, name, arrangement, relay, self.store or home / STORE_DIR, self.wait_relay
+        )
+
+
+_store_option = click.option(
+    "--store",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The node's store directory (default: HOME/store).",
+)
 
 
 def _node_options(func: _F) -> _F:
-    """Add --key, --arrangement, --relay, --store and --passphrase-env, handed to the
-    command as one ``node_options`` argument."""
+    """Add --key, --arrangement, --relay, --store, --passphrase-env and --wait-relay,
+    handed to the command as one ``node_options`` argument."""
 
     @functools.wraps(func)
     def command(
@@ -588,26 +702,30 @@ def _node_options(func: _F) -> _F:
         relay_addr: str,
         store: Path | None,
         passphrase_env: str | None,
+        wait_relay: float,
         **kwargs: Any,
     ) -> Any:
-        options = _NodeOptions(key, arrangement_path, relay_addr, store, passphrase_env)
+        options = _NodeOptions(key, arrangement_path, relay_addr, store, passphrase_env, wait_relay)
         return func(*args, node_options=options, **kwargs)
 
     wrapped = cast(_F, command)
     wrapped = _passphrase_option(wrapped)
     wrapped = click.option(
-        "--store",
-        type=click.Path(file_okay=False, path_type=Path),
-        help="The node's store directory (default: HOME/store).",
+        "--wait-relay",
+        type=click.FloatRange(min=0),
+        default=0.0,
+        metavar="SECONDS",
+        help="Keep trying an unreachable relay for up to SECONDS (default: fail at once).",
     )(wrapped)
+    wrapped = _store_option(wrapped)
     wrapped = click.option(
         "--relay",
         "relay_addr",
         envvar="TISA_RELAY",
         default=DEFAULT_RELAY,
         show_default=True,
-        metavar="HOST:PORT",
-        help="The relay's address. Env: TISA_RELAY.",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        help="The relay's address, or several relay processes' (tried in turn). Env: TISA_RELAY.",
     )(wrapped)
     wrapped = click.option(
         "--arrangement",
@@ -623,24 +741,76 @@ def _node_options(func: _F) -> _F:
     return wrapped
 
 
+# Without --wait-relay, how long the first connection attempt may take before the
+# command gives up (a refused connection fails at once; this bounds a silent one).
+CONNECT_TIMEOUT = 10.0
+
+
+def _connect_error_text(exc: BaseException) -> str:
+    """Why a connection attempt failed, in a few words ("connection refused")."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return (os.strerror(cause.errno) or str(cause)).lower()
+        if isinstance(cause, BaseExceptionGroup) and cause.exceptions:
+            cause = cause.exceptions[0]
+        else:
+            cause = cause.__cause__
+    if isinstance(exc, Refused):
+        return _error_text(exc)
+    return str(exc) or type(exc).__name__
+
+
+async def _connect(node: Any, member: _Member, connect_timeout: float) -> None:
+    """Wait for the node's first connection to the relay.
+
+    Without ``member.wait_relay`` the first failed attempt is an error; with it, one
+    line on stderr says the relay is being retried, until it answers or the time is up.
+    """
+    import trio
+
+    address = member.addresses
+    patience = member.wait_relay
+    error: BaseException | None = None
+    with trio.move_on_after(patience or min(connect_timeout, CONNECT_TIMEOUT)):
+        error = await node.wait_connect_attempt()
+        if error is None:
+            return
+        if not patience:
+            raise CliError(
+                f"cannot reach the relay at {address}: {_connect_error_text(error)} "
+                "(--wait-relay SECONDS keeps trying)"
+            )
+        click.echo(
+            f"relay at {address} unreachable ({_connect_error_text(error)}); "
+            f"retrying for up to {patience:g} s",
+            err=True,
+        )
+        await node.wait_connected()
+        return
+    error = node.connect_error
+    why = f": {_connect_error_text(error)}" if error is not None else ""
+    if patience:
+        raise CliError(f"cannot reach the relay at {address} after {patience:g} s{why}")
+    raise CliError(f"no answer from the relay at {address}{why}")
+
+
 def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: float) -> Any:
-    """Run ``job(node)`` inside ``open_node`` under trio; the relay must answer in time.
+    """Run ``job(node)`` inside ``open_node`` under trio, once the relay answered (see
+    :func:`_connect`).
 
     A job's ``trio.fail_after(timeout)`` that expires is an error of one line."""
     import trio
 
     from clients.node import open_node
 
-    host, port = member.relay
+    where = member.addresses
 
     async def main() -> Any:
         async with open_node(
             member.secret, member.name, member.arrangement, member.relay, member.store
         ) as node:
-            with trio.move_on_after(connect_timeout) as scope:
-                await node.wait_connected()
-            if scope.cancelled_caught:
-                raise CliError(f"no answer from the relay at {host}:{port}")
+            await _connect(node, member, connect_timeout)
             return await job(node)
 
     try:
@@ -649,7 +819,7 @@ def _run_node(member: _Member, job: Callable[[Any], Any], *, connect_timeout: fl
         if not isinstance(_leaf(exc), trio.TooSlowError):
             raise
         raise CliError(
-            f"timed out waiting for the relay at {host}:{port} (--timeout {connect_timeout:g})"
+            f"timed out waiting for the relay at {where} (--timeout {connect_timeout:g})"
         ) from None
 
 
@@ -682,13 +852,179 @@ def relay() -> None:
 relay.add_command(relay_cli.run)
 
 
+def _mib(size: int) -> str:
+    """A size in MiB, as a user reads it: ``1.5 MiB``."""
+    return f"{size / (1024 * 1024):,.1f} MiB"
+
+
+class _Interrupted(click.ClickException):
+    """Ctrl-C: one line saying what became of the work in progress, exit status 130
+    (128 + SIGINT, as a shell reports it)."""
+
+    exit_code = 130
+
+
+class _SealingInterrupted(Exception):
+    """Raised from the sealing progress callback to stop sealing on Ctrl-C."""
+
+
+class _Interrupt:
+    """Ctrl-C caught as a flag while a command runs under trio (instead of trio's
+    KeyboardInterrupt, which could land anywhere), so the command can settle what it
+    started: the flag is set at once, and ``scope`` (if set) is cancelled."""
+
+    def __init__(self) -> None:
+        self.caught = False
+        self.scope: Any = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Any:
+        import signal
+
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+
+        def on_sigint(signum: int, frame: Any) -> None:
+            self.caught = True
+            if self.scope is not None:
+                token.run_sync_soon(self.scope.cancel)
+
+        try:
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        except ValueError:  # not the main thread: Ctrl-C stays trio's KeyboardInterrupt
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+async def _withdrawn_text(node: Any, report_id: bytes, why: str) -> str:
+    """Withdraw ``report_id`` (see :meth:`clients.node.Node.withdraw`) and say in one line
+    what became of it, starting with ``why``."""
+    report = report_id.hex()
+    state = await node.withdraw(report_id)
+    if state == "withdrawn":
+        return (
+            f"{why}; report {report} was withdrawn before the relay stored it and stays in "
+            f"the outbox: `tisa outbox send {report}` sends it, `tisa outbox drop {report}` "
+            "deletes it"
+        )
+    if state == "stored":
+        return (
+            f"{why}; the relay had already stored report {report} (with the releases "
+            f"given): `tisa revoke {report}` takes it back"
+        )
+    if state == "uncertain":
+        return (
+            f"{why}; report {report} was uploaded but the relay did not answer, so it may "
+            f"hold it: `tisa revoke {report}` takes it back if so"
+        )
+    submission = node.store.submission(report_id)
+    reason = f" ({submission.reason})" if submission is not None and submission.reason else ""
+    return f"{why}; report {report} was {state}{reason}"
+
+
+async def _wait_sent(
+    node: Any, report_id: bytes, *, interactive: bool, relay_name: str, timeout: float
+) -> dict[str, Any]:
+    """Wait until the relay stored ``report_id`` and answered its pending releases; on a
+    terminal a spinner with the elapsed time (the node reports no upload progress, so
+    there is no percentage to show)."""
+    import trio
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    waiting = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        disable=not interactive,
+        console=Console(stderr=True),
+        transient=True,
+    )
+    with waiting, trio.fail_after(timeout):
+        task = waiting.add_task(f"uploading to {relay_name}…", total=None)
+        ack = await node.wait_stored(report_id)
+        released = []
+        for release in node.store.releases_of(report_id):
+            waiting.update(
+                task, description=f"stored by {relay_name}; releasing to {release.recipient}…"
+            )
+            while (state := node.store.release(release.token).state) == "pending":
+                await trio.sleep(0.05)
+            released.append(
+                {"recipient": release.recipient, "token": release.token.hex(), "state": state}
+            )
+    submission = node.store.submission(report_id)
+    held = [r for r in submission.recipients if r not in {x["recipient"] for x in released}]
+    return {
+        "report": report_id.hex(),
+        "size": ack.size,
+        "digest": ack.digest.hex(),
+        "stored": ack.stored,
+        "released": released,
+        "held": held,
+    }
+
+
+async def _settle_send(
+    node: Any,
+    report_id: bytes,
+    interrupt: _Interrupt,
+    *,
+    interactive: bool,
+    relay_name: str,
+    timeout: float,
+    address: str,
+) -> dict[str, Any]:
+    """:func:`_wait_sent`, except that Ctrl-C or the timeout withdraws the report (a
+    send that did not finish leaves nothing for a later command to upload)."""
+    import trio
+
+    if not interrupt.caught:
+        try:
+            with trio.CancelScope() as scope:
+                interrupt.scope = scope
+                return await _wait_sent(
+                    node, report_id, interactive=interactive, relay_name=relay_name, timeout=timeout
+                )
+        except trio.TooSlowError:
+            text = await _withdrawn_text(
+                node,
+                report_id,
+                f"timed out waiting for the relay at {address} (--timeout {timeout:g})",
+            )
+            raise CliError(text) from None
+        finally:
+            interrupt.scope = None
+    raise _Interrupted(await _withdrawn_text(node, report_id, "interrupted"))
+
+
+def _print_sent(result: dict[str, Any]) -> None:
+    _out.print(f"report {result['report']} stored by the relay ({result['size']} bytes sealed)")
+    for release in result["released"]:
+        _out.print(f"  released to {release['recipient']}: {release['state']}")
+    for name in result["held"]:
+        _out.print(f"  held for {name}: tisa release {result['report']} --to {name}")
+
+
 @tisa.command("send")
 @click.argument("text", required=False)
 @click.option(
     "--file",
     "file_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Send this file's content as the report body (streamed; any size).",
+    metavar="FILE",
+    help="Send this file's content as the report body (streamed; any size); "
+    "'-' reads standard input.",
+)
+@click.option(
+    "--attach",
+    "attachments",
+    multiple=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Attach this file (under its own name); repeat.",
 )
 @click.option("--scope", required=True, help="One of the arrangement's scopes.")
 @click.option("--level", required=True, help="One of the arrangement's levels.")
@@ -712,7 +1048,8 @@ relay.add_command(relay_cli.run)
 def send(
     ctx: click.Context,
     text: str | None,
-    file_path: Path | None,
+    file_path: str | None,
+    attachments: tuple[Path, ...],
     scope: str,
     level: str,
     release_to: tuple[str, ...],
@@ -721,7 +1058,8 @@ def send(
     timeout: float,
     node_options: _NodeOptions,
 ) -> None:
-    """Seal TEXT (or --file) as a report and hand it to the relay.
+    """Seal TEXT (or --file, or standard input with --file -) as a report and hand it to
+    the relay.
 
     Recipients named with --to get a release token at once; those named with --hold
     can read it only after `tisa release`. Waits until the relay has stored it (and
@@ -729,100 +1067,257 @@ def send(
     body of 8 MiB or more, then a spinner with the elapsed time until the relay has
     stored the report; none with --json or without a terminal.
 
+    A send that does not finish (Ctrl-C, --timeout) withdraws its report: nothing of it
+    reaches the relay later unless you ask (`tisa outbox`). If the relay had stored it
+    already, one line says so and how to revoke it. Ctrl-C exits with status 130.
+
     \b
     Examples:
       tisa --home seoul send --scope missile --level secret --to tokyo "launch at 04:12"
       tisa --home seoul send --scope missile --level secret --hold tokyo --file imagery.tif
+      gzip -dc track.csv.gz | tisa send --scope missile --level secret --to tokyo --file -
     """
     if (text is None) == (file_path is None):
-        raise CliError("give the report as TEXT or --file, not both or neither")
+        raise click.UsageError("give the report as TEXT or --file, not both or neither")
     if not release_to and not hold_for:
-        raise CliError("name recipients with --to (release now) or --hold (release later)")
-    body: bytes | Path = text.encode("utf-8") if text is not None else Path(str(file_path))
-    if isinstance(body, Path) and not body.is_file():
-        raise CliError(f"{body}: not a file")
+        raise click.UsageError("name recipients with --to (release now) or --hold (release later)")
+    with _body_file(file_path, _home(ctx)) as body_path:
+        body: bytes | Path = text.encode("utf-8") if text is not None else Path(str(body_path))
+        if isinstance(body, Path) and not body.is_file():
+            raise CliError(f"{body}: not a file")
+        member = node_options.load(ctx)
+        size = len(body) if isinstance(body, bytes) else body.stat().st_size
+        # Progress goes to stderr, and only to a terminal (rich's test, which honours
+        # TTY_COMPATIBLE, TTY_INTERACTIVE and TERM=dumb) without --json: a script or a log
+        # gets the result alone.
+        err = Console(stderr=True)
+        interactive = not as_json and err.is_interactive
+        relay_name = member.arrangement.relay
+        address = member.addresses
+        interrupt = _Interrupt()
+
+        async def job(node: Any) -> dict[str, Any]:
+            from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+            from tisa.errors import LimitExceeded
+
+            # Phase 1, sealing into the outbox: a bar, for a body of 8 MiB or more.
+            sealing = Progress(
+                "sealing",
+                BarColumn(),
+                DownloadColumn(binary_units=True),
+                TransferSpeedColumn(),
+                disable=not (interactive and size >= 8 * 1024 * 1024),
+                console=err,
+            )
+
+            def progress(done: int, total: int) -> None:
+                if interrupt.caught:
+                    raise _SealingInterrupted()
+                sealing.update(task, completed=done)
+
+            with interrupt.installed(), sealing:
+                task = sealing.add_task("seal", total=size)
+                try:
+                    report_id = await node.submit(
+                        body,
+                        recipients=[*release_to, *hold_for],
+                        scope=scope,
+                        level=level,
+                        attachments=[(path.name, path) for path in attachments],
+                        release_to=release_to,
+                        progress=progress,
+                    )
+                except _SealingInterrupted:
+                    raise _Interrupted(
+                        "interrupted while sealing; nothing was kept or sent"
+                    ) from None
+                except LimitExceeded as exc:
+                    raise CliError(
+                        f"the report is {_mib(exc.value)} sealed, over the limit of "
+                        f"{_mib(exc.maximum)} (max_report_size)"
+                    ) from None
+                # Phase 2, the upload until the relay's signed "stored", then the releases.
+                sealing.stop()
+                return await _settle_send(
+                    node,
+                    report_id,
+                    interrupt,
+                    interactive=interactive,
+                    relay_name=relay_name,
+                    timeout=timeout,
+                    address=address,
+                )
+
+        result = _run_node(member, job, connect_timeout=timeout)
+        if as_json:
+            _print_json(result)
+            return
+        _print_sent(result)
+
+
+@contextlib.contextmanager
+def _body_file(file_path: str | None, home: Path) -> Iterator[Path | None]:
+    """``--file``'s path; for ``-``, standard input copied to a private file in
+    ``home`` (the sealer must know the body's size before it starts), removed after."""
+    import tempfile
+
+    if file_path != "-":
+        yield Path(file_path) if file_path is not None else None
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=home, prefix=".stdin-", suffix=".body")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            shutil.copyfileobj(sys.stdin.buffer, out, 1024 * 1024)
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _local_store(ctx: click.Context, store: Path | None) -> Iterator[Any]:
+    """The member's store opened without the key or the relay (None if there is none
+    yet): for what is only local, such as the outbox's list."""
+    from clients.store import MemberStore, read_store_name
+
+    path = store or _home(ctx) / STORE_DIR
+    name = read_store_name(path)
+    if name is None:
+        yield None
+        return
+    opened = MemberStore(path, name)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+@tisa.group("outbox", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@_store_option
+@click.pass_context
+def outbox(ctx: click.Context, as_json: bool, store: Path | None) -> None:
+    """List reports sealed but not stored by the relay; send or drop them.
+
+    A report is withdrawn when the `tisa send` that sealed it did not finish (Ctrl-C,
+    --timeout): it stays here, and nothing of it goes to the relay until `tisa outbox
+    send`. A report still queued goes out with the next command that connects.
+
+    \b
+    Examples:
+      tisa --home seoul outbox
+      tisa --home seoul outbox send 3f2a9c...e1
+      tisa --home seoul outbox drop 3f2a9c...e1
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    items: list[dict[str, Any]] = []
+    with _local_store(ctx, store) as member_store:
+        for submission in member_store.unsent_submissions() if member_store else ():
+            releases = member_store.releases_of(submission.report)
+            items.append(
+                {
+                    "report": submission.report.hex(),
+                    "state": submission.state,
+                    "size": submission.size,
+                    "scope": submission.scope,
+                    "level": submission.level,
+                    "created": submission.created,
+                    "recipients": list(submission.recipients),
+                    "release_to": [r.recipient for r in releases if r.state == "pending"],
+                }
+            )
+    if as_json:
+        _print_json(items)
+        return
+    if not items:
+        _out.print("the outbox is empty")
+        return
+    for item in items:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["created"]))
+        to = ", ".join(item["release_to"]) or "nobody yet (held)"
+        _out.print(
+            f"[bold]{item['report']}[/] {item['state']}: {item['scope']}/{item['level']}, "
+            f"{item['size']} bytes sealed {when} UTC, for {', '.join(item['recipients'])}, "
+            f"release to {to}"
+        )
+
+
+@outbox.command("send")
+@click.argument("report")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@_timeout_option(60.0)
+@_node_options
+@click.pass_context
+def outbox_send(
+    ctx: click.Context, report: str, as_json: bool, timeout: float, node_options: _NodeOptions
+) -> None:
+    """Send a withdrawn REPORT (and its releases) now, as `tisa send` would have.
+
+    \b
+    Example:
+      tisa --home seoul outbox send 3f2a9c...e1
+    """
+    report_id = _hex_id(report)
     member = node_options.load(ctx)
-    size = len(body) if isinstance(body, bytes) else body.stat().st_size
-    # Progress goes to stderr, and only to a terminal (rich's test, which honours
-    # TTY_COMPATIBLE, TTY_INTERACTIVE and TERM=dumb) without --json: a script or a log
-    # gets the result alone.
-    err = Console(stderr=True)
-    interactive = not as_json and err.is_interactive
-    relay_name = member.arrangement.relay
+    interrupt = _Interrupt()
+    interactive = not as_json and Console(stderr=True).is_interactive
 
     async def job(node: Any) -> dict[str, Any]:
-        import trio
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            SpinnerColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TransferSpeedColumn,
-        )
-
-        # Phase 1, sealing into the outbox: a bar, for a body of 8 MiB or more.
-        sealing = Progress(
-            "sealing",
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            disable=not (interactive and size >= 8 * 1024 * 1024),
-            console=err,
-        )
-        with sealing:
-            task = sealing.add_task("seal", total=size)
-            report_id = await node.submit(
-                body,
-                recipients=[*release_to, *hold_for],
-                scope=scope,
-                level=level,
-                release_to=release_to,
-                progress=lambda done, total: sealing.update(task, completed=done),
+        with interrupt.installed():
+            if node.store.submission(report_id) is None:
+                raise CliError(f"report {report} is not in this member's outbox")
+            if node.store.submission(report_id).state == "withdrawn":
+                await node.resume(report_id)
+            return await _settle_send(
+                node,
+                report_id,
+                interrupt,
+                interactive=interactive,
+                relay_name=member.arrangement.relay,
+                timeout=timeout,
+                address=member.addresses,
             )
-        # Phase 2, the upload until the relay's signed "stored", then the releases: a
-        # spinner with the elapsed time. The node reports no upload progress, so there
-        # is no percentage to show.
-        waiting = Progress(
-            SpinnerColumn(),
-            TextColumn("{task.description}"),
-            TimeElapsedColumn(),
-            disable=not interactive,
-            console=err,
-            transient=True,
-        )
-        with waiting, trio.fail_after(timeout):
-            task = waiting.add_task(f"uploading to {relay_name}…", total=None)
-            ack = await node.wait_stored(report_id)
-            released = []
-            for release in node.store.releases_of(report_id):
-                waiting.update(
-                    task, description=f"stored by {relay_name}; releasing to {release.recipient}…"
-                )
-                while (state := node.store.release(release.token).state) == "pending":
-                    await trio.sleep(0.05)
-                released.append(
-                    {"recipient": release.recipient, "token": release.token.hex(), "state": state}
-                )
-        return {
-            "report": report_id.hex(),
-            "size": ack.size,
-            "digest": ack.digest.hex(),
-            "stored": ack.stored,
-            "released": released,
-            "held": list(hold_for),
-        }
 
     result = _run_node(member, job, connect_timeout=timeout)
     if as_json:
         _print_json(result)
-        return
-    _out.print(f"report {result['report']} stored by the relay ({result['size']} bytes sealed)")
-    for release in result["released"]:
-        _out.print(f"  released to {release['recipient']}: {release['state']}")
-    for name in result["held"]:
-        _out.print(f"  held for {name}: tisa release {result['report']} --to {name}")
+    else:
+        _print_sent(result)
+
+
+@outbox.command("drop")
+@click.argument("report")
+@_store_option
+@click.pass_context
+def outbox_drop(ctx: click.Context, report: str, store: Path | None) -> None:
+    """Delete a withdrawn REPORT from the outbox, with its pending releases. Nothing is
+    sent; the relay never had it (or, if `tisa send` said it may, `tisa revoke` it).
+
+    \b
+    Example:
+      tisa --home seoul outbox drop 3f2a9c...e1
+    """
+    report_id = _hex_id(report)
+    submission = None
+    with _local_store(ctx, store) as member_store:
+        if member_store is not None:
+            submission = member_store.submission(report_id)
+            if submission is not None and submission.state == "withdrawn":
+                member_store.set_submission_state(report_id, "dropped", None, reason="dropped")
+    if submission is None:
+        raise CliError(f"report {report} is not in this member's outbox")
+    if submission.state != "withdrawn":
+        raise CliError(
+            f"report {report} is {submission.state}, not withdrawn: "
+            + (
+                "it goes out with the next command that connects"
+                if submission.state == "queued"
+                else f"`tisa revoke {report}` takes it back"
+            )
+        )
+    _out.print(f"dropped report {report} from the outbox")
 
 
 @tisa.command("release")
@@ -841,6 +1336,11 @@ def release(
     node_options: _NodeOptions,
 ) -> None:
     """Release a held REPORT (its id, as `tisa send` printed it) to recipients.
+
+    Releasing again to a recipient whose token is pending or was accepted is refused
+    (`duplicate`, status 1) with nothing sent: the relay would forward the report a
+    second time and the recipient refuse it. After a token expired, was refused or
+    revoked, a new release is made.
 
     \b
     Example:
@@ -882,6 +1382,11 @@ def revoke(
 ) -> None:
     """Withdraw a report (or one token of it) that has not been delivered yet.
 
+    Revoking what is already revoked does nothing and says so (status 0). A report or
+    token already delivered cannot be taken back: that is refused (`replayed`, status
+    1) and nothing changes; a report delivered to some recipients only is revoked for
+    the others.
+
     \b
     Example:
       tisa --home seoul revoke 3f2a9c...e1
@@ -890,14 +1395,17 @@ def revoke(
     token_id = _hex_id(token, "token id") if token else None
     member = node_options.load(ctx)
 
-    async def job(node: Any) -> None:
+    async def job(node: Any) -> bool:
         import trio
 
         with trio.fail_after(timeout):
-            await node.revoke(report_id, token_id)
+            return bool(await node.revoke(report_id, token_id))
 
-    _run_node(member, job, connect_timeout=timeout)
-    _out.print(f"revoked {'token ' + token if token else 'report ' + report}")
+    what = f"token {token}" if token else f"report {report}"
+    if _run_node(member, job, connect_timeout=timeout):
+        _out.print(f"revoked {what}")
+    else:
+        _out.print(f"{what} was already revoked; nothing to do")
 
 
 def _report_json(header: Any, token_id: bytes, saved: Path, body: bytes | Path) -> dict[str, Any]:
@@ -912,10 +1420,9 @@ def _report_json(header: Any, token_id: bytes, saved: Path, body: bytes | Path) 
         "size": header.body_size,
         "attachments": [name for name, _ in header.attachments],
         "saved": str(saved),
+        # None when the body is too long to show, or not text.
+        "text": _body_text(body),
     }
-    text = _body_text(body)
-    if text is not None:
-        item["text"] = text
     return item
 
 
@@ -942,26 +1449,85 @@ def _body_text(body: bytes | Path) -> str | None:
     return body.decode("utf-8", "replace") if len(body) <= _TEXT_MAX else None
 
 
+# Once a report has arrived, inbox returns when no further delivery has started for
+# this long: the relay pushes what it holds back to back, so a pause means it is done.
+INBOX_SETTLE = 0.5
+# Deliveries of at least this size get a progress bar on a terminal.
+PROGRESS_MIN = 8 * 1024 * 1024
+
+
+async def _save_report(report: Any, folder: Path) -> Path:
+    """Write a delivered report's body (and attachments, if any) under ``folder``.
+
+    The body goes to ``REPORT-ID.body``, attachments to ``REPORT-ID.attachments/NAME``
+    (a name that is not a plain file name is saved as ``a<i>``)."""
+    report_hex = report.header.id.hex()
+    target = folder / f"{report_hex}.body"
+    await _write_body(report.body, target)
+    if report.attachments:
+        attached = folder / f"{report_hex}.attachments"
+        attached.mkdir(exist_ok=True)
+        for index, (name, data) in enumerate(report.attachments.items()):
+            plain = name not in ("", ".", "..") and "/" not in name and "\\" not in name
+            await _write_body(data, attached / (name if plain else f"a{index}"))
+    return target
+
+
+async def _show_progress(node: Any, console: Console) -> None:
+    """Bars for the deliveries of at least PROGRESS_MIN bytes in progress, until
+    cancelled (transient: they vanish once done)."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TransferSpeedColumn,
+    )
+
+    bars = Progress(
+        TextColumn("receiving from {task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        console=console,
+        transient=True,
+    )
+    tasks: dict[bytes, Any] = {}
+    with bars:
+        while True:
+            for token, (done, size, originator) in list(node.receiving.items()):
+                if size < PROGRESS_MIN:
+                    continue
+                if token not in tasks:
+                    tasks[token] = bars.add_task(originator, total=size)
+                bars.update(tasks[token], completed=done)
+            for token in [t for t in tasks if t not in node.receiving]:
+                bars.remove_task(tasks.pop(token))
+            await node.wait_receiving()
+
+
 @tisa.command("inbox")
 @click.option(
     "--wait",
     type=click.FloatRange(min=0),
     default=2.0,
     show_default=True,
-    help="Seconds to wait for deliveries after connecting.",
+    help="Seconds to wait for a first delivery after connecting. Once one arrived, "
+    "inbox returns as soon as no other follows (a delivery in progress is waited for).",
 )
 @click.option(
     "--all",
     "show_all",
     is_flag=True,
     help="List every report this member has received, not only the new ones "
-    '(each marked new or not; with --json, with its "new" and "received" fields).',
+    '(each with its "new" and "received" fields, as without --all).',
 )
 @click.option(
     "--save",
     "save_dir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write each report's body here as REPORT-ID.body (default: HOME/received).",
+    help="Write each report's body here as REPORT-ID.body, its attachments in "
+    "REPORT-ID.attachments/ (default: HOME/received).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
 @_timeout_option(30.0)
@@ -980,7 +1546,9 @@ def inbox(
 
     Each new report's body is saved under --save (the store keeps its own copy). With
     --all, every report in your store is listed after the new ones are received, oldest
-    first; a body not under --save yet is saved there again from the store.
+    first; a body not under --save yet is saved there again from the store. On a
+    terminal, a delivery of 8 MiB or more shows a progress bar while it arrives.
+    With --json, each report has the same fields with and without --all.
 
     \b
     Examples:
@@ -989,26 +1557,45 @@ def inbox(
     """
     member = node_options.load(ctx)
     folder = save_dir or _home(ctx) / "received"
+    err = Console(stderr=True)
+    interactive = not as_json and err.is_interactive
 
     async def job(node: Any) -> list[dict[str, Any]]:
         import trio
 
         folder.mkdir(parents=True, exist_ok=True)
         new: list[dict[str, Any]] = []
-        deadline = trio.current_time() + wait
-        # --wait bounds the wait for the next report, never the saving of one: a report
-        # is marked as handed over when the next one is asked for or the loop is left
-        # (aclosing leaves it while the node still runs), so each one shown is saved.
-        async with contextlib.aclosing(node.reports()) as reports:
+        waiting = trio.CancelScope(deadline=trio.current_time() + wait)
+
+        async def while_receiving() -> None:
+            # A delivery under way is waited for, not the clock: the wait is pushed
+            # back while one is (and for INBOX_SETTLE after it, until it is handed over).
             while True:
-                report = None
-                with trio.move_on_at(deadline):
-                    report = await anext(reports, None)
-                if report is None:
-                    break
-                target = folder / f"{report.header.id.hex()}.body"
-                await _write_body(report.body, target)
-                new.append(_report_json(report.header, report.token_id, target, report.body))
+                if node.receiving:
+                    waiting.deadline = max(waiting.deadline, trio.current_time() + INBOX_SETTLE)
+                await trio.sleep(0.05)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(while_receiving)
+            if interactive:
+                nursery.start_soon(_show_progress, node, err)
+            # The wait bounds the wait for the next report, never the saving of one: a
+            # report is acknowledged (never shown as new again) only once its body is
+            # saved, so a command interrupted in between shows it again next time.
+            async with contextlib.aclosing(node.reports()) as reports:
+                while True:
+                    report = None
+                    with waiting:
+                        report = await anext(reports, None)
+                    if report is None:
+                        break
+                    target = await _save_report(report, folder)
+                    shown = _report_json(report.header, report.token_id, target, report.body)
+                    received = node.store.inbox_received(report.token_id)
+                    new.append({**shown, "new": True, "received": received})
+                    await node.ack(report)
+                    waiting = trio.CancelScope(deadline=trio.current_time() + INBOX_SETTLE)
+            nursery.cancel_scope.cancel()
         if not show_all:
             return new
         handed = {item["token"]: item for item in new}
@@ -1035,9 +1622,9 @@ def inbox(
     elif not result:
         _out.print("no new reports")
     for item in result:
-        mark = "[bold green]new[/] " if item.get("new") else ""
+        mark = "[bold green]new[/] " if show_all and item["new"] else ""
         received = ""
-        if "received" in item:
+        if show_all and item["received"] is not None:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(item["received"]))
             received = f", received {when} UTC"
         _out.print(
@@ -1045,8 +1632,10 @@ def inbox(
             f"({item['scope']}/{item['level']}, {item['size']} bytes{received}), "
             "signature verified"
         )
-        if "text" in item:
+        if item["text"] is not None:
             _out.print(f"  {item['text']}")
+        if item["attachments"]:
+            _out.print(f"  attachments: {', '.join(item['attachments'])}")
         _out.print(f"  saved to {item['saved']}")
 
 
@@ -1070,12 +1659,59 @@ def _event_json(event: Any) -> dict[str, Any]:
         item = getattr(event, name, None)
         if item is not None:
             value[name] = item.hex() if isinstance(item, bytes) else item
+    if getattr(event, "token_id", None) is not None:  # a rejected delivery's token
+        value["token"] = event.token_id.hex()
     if hasattr(event, "reason"):
         value["reason"] = str(event.reason)
         value["detail"] = event.detail
     if hasattr(event, "error"):
         value["error"] = _error_text(event.error)
     return value
+
+
+def _notice_text(notice: dict[str, Any]) -> str:
+    """A notice (as :func:`_event_json` gives it) in words."""
+    kind = notice["event"]
+    report = notice.get("report")
+    token = notice.get("token")
+    if kind == "receipt":
+        return f"{notice['recipient']} received report {report} (signed receipt)"
+    if kind == "stored":
+        return f"the relay stored report {report}"
+    if kind == "released":
+        return f"the relay accepted the release of report {report} to {notice['recipient']}"
+    if kind == "expired":
+        if token:
+            return f"the release of report {report} (token {token}) expired undelivered"
+        return f"report {report} expired at the relay before it was released"
+    if kind == "revoked":
+        if token:
+            return f"the release of report {report} (token {token}) was revoked"
+        return f"report {report} was revoked"
+    if kind == "refused":
+        about = f" (about {notice['ref']})" if notice.get("ref") else ""
+        detail = f": {notice['detail']}" if notice.get("detail") else ""
+        return f"the relay refused something{about}: {notice['reason']}{detail}"
+    if kind == "release_gap":
+        return (
+            f"a release from {notice['originator']} never arrived: expected number "
+            f"{notice['expected']}, got {notice['got']} (ask {notice['originator']} about it)"
+        )
+    if kind == "prekeys_low":
+        return (
+            f"the relay has {notice['one_time']} one-time prekeys of this member left; "
+            "publishing more"
+        )
+    if kind == "weaker_wrap":
+        return (
+            f"the release of token {token} to {notice['recipient']} went without a one-time "
+            f"prekey (mode {notice['mode']}): less forward secrecy for that report"
+        )
+    if kind == "delivery_rejected":
+        return (
+            f"a delivery (token {token}) was rejected here and not shown: {notice.get('error', '')}"
+        )
+    return json.dumps(notice, sort_keys=True)
 
 
 @tisa.command("receipts")
@@ -1144,16 +1780,24 @@ def receipts(
     _out.print(table)
     for notice in result["notices"]:
         if notice["event"] != "receipt":
-            _out.print(f"notice: {json.dumps(notice, sort_keys=True)}")
+            _out.print(f"notice: {_notice_text(notice)}")
 
 
 @tisa.command("audit")
+@click.option(
+    "--all",
+    "show_all",
+    is_flag=True,
+    help="Every entry that concerns you since the log began, the chain verified from its "
+    "start through the checkpoint verified before (default: the new entries only).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
 @_timeout_option(30.0)
 @_node_options
 @click.pass_context
 def audit(
     ctx: click.Context,
+    show_all: bool,
     as_json: bool,
     timeout: float,
     node_options: _NodeOptions,
@@ -1164,8 +1808,9 @@ def audit(
     verified, up to a checkpoint the relay signed; any mismatch is an error.
 
     \b
-    Example:
+    Examples:
       tisa --home tokyo audit
+      tisa --home tokyo audit --all --json
     """
     member = node_options.load(ctx)
 
@@ -1173,7 +1818,7 @@ def audit(
         import trio
 
         with trio.fail_after(timeout):
-            entries = await node.fetch_audit()
+            entries = await node.fetch_audit(from_start=show_all)
         return [
             {
                 "seq": e.seq,
@@ -1191,7 +1836,8 @@ def audit(
     if as_json:
         _print_json({"verified": True, "entries": entries})
         return
-    table = Table(show_edge=False, title=f"audit log: {len(entries)} new entries, verified")
+    which = "entries" if show_all else "new entries"
+    table = Table(show_edge=False, title=f"audit log: {len(entries)} {which}, verified")
     for column in ("seq", "event", "report", "parties", "reason"):
         table.add_column(column)
     for e in entries:

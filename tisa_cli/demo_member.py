@@ -240,6 +240,7 @@ class Member:
             report = await self.reports.receive()
             header = report.header
             sha = await trio.to_thread.run_sync(_sha256_of, report.body)
+            await self.node.ack(report)  # taken: shown once, also across a restart
             body = report.body if isinstance(report.body, bytes) else b""
             _trace(
                 "message",

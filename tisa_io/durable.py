@@ -1,8 +1,9 @@
 """Group commit over SQLite in WAL mode, shared by the relay's store and a member's.
 
-:class:`DurableStore` is the store side: batch counters, one savepoint per step,
-``COMMIT`` into the WAL, the WAL fsync, poisoning after a failed fsync, and files
-removed once the batch that dropped their row is on disk. :class:`relay.store.Store`
+:class:`DurableStore` is the store side: batch counters, one savepoint per step (none
+for a step that checks everything before it writes), ``COMMIT`` into the WAL, the WAL
+fsync, checkpoints, poisoning after a failed fsync, and files removed once the batch
+that dropped their row is on disk. :class:`relay.store.Store`
 and :class:`clients.store.MemberStore` build on it. :class:`GroupCommitter` is the
 event-loop side, used by :class:`relay.server.Relay` and :class:`clients.node.Node`:
 it decides when a batch is committed and runs the WAL fsync (in line for a small
@@ -10,7 +11,9 @@ batch, in a worker thread for a large one: :data:`INLINE_FSYNC_MAX_STEPS`).
 
 Group commit: with ``group_commit=True`` a store does not commit each step's
 transaction. The first write opens one SQLite transaction; every step then runs in a
-savepoint of it (a refused step rolls back its own changes only), and
+savepoint of it (a refused step rolls back its own changes only; a step that makes every
+check before its first write needs none, and should it fail after writing all the same,
+the whole batch is rolled back and lost, as when its ``COMMIT`` fails), and
 :meth:`DurableStore.commit` commits them all. :attr:`DurableStore.barrier` names the
 batch the current state belongs to; whoever wants to announce something that depends on
 that state waits until :attr:`DurableStore.committed` (the last batch *on disk*) reaches
@@ -39,9 +42,13 @@ large batch;
   batch N and every batch before it are in that prefix (the earlier ones were written
   before it). The ``committed`` counter only moves forward, to the last batch whose
   COMMIT preceded a completed fsync.
-* Checkpoints: with NORMAL, SQLite fsyncs the WAL before copying frames into the
-  database file and fsyncs that file afterwards (an automatic checkpoint runs inside a
-  ``COMMIT``). A checkpointed batch is therefore on disk in the database file. After a
+* Checkpoints: SQLite fsyncs the WAL before copying frames into the database file and
+  fsyncs that file afterwards, before it records the frames as copied. Under a
+  :class:`GroupCommitter` the automatic checkpoint (which ran inside a ``COMMIT``, on
+  the event loop) is off; the committer runs a PASSIVE checkpoint on a connection of
+  its own in a worker thread every :data:`CHECKPOINT_STEPS` durable steps
+  (:meth:`DurableStore.checkpoint`). A checkpointed batch is on disk in the database
+  file either way. After a
   complete checkpoint the next write may restart the WAL from its start with new salts
   (same file, same inode: no ``journal_size_limit`` is set, so it is never truncated or
   replaced, and it is deleted only when the last connection closes, which is the
@@ -68,21 +75,25 @@ and FULL behave alike; the rule above is what covers a power loss or kernel cras
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import trio
 
 from tisa_io.link import LinkClosed
 
 __all__ = [
+    "CHECKPOINT_STEPS",
     "COMMIT_SPACING",
     "BACKGROUND_COMMIT_DELAY",
     "INLINE_FSYNC_MAX_STEPS",
     "MAX_BATCH",
+    "Batches",
     "DurableStore",
     "GroupCommitter",
 ]
@@ -115,6 +126,16 @@ INLINE_FSYNC_MAX_STEPS = 32
 # nobody was told about (a delivery is forwarded again, an event handed over again).
 BACKGROUND_COMMIT_DELAY = 0.05
 
+# Steps made durable between two WAL checkpoints once a GroupCommitter runs them
+# (SQLite's automatic checkpoint is off then). SQLite's own default is a checkpoint
+# per 1,000 WAL pages, about 2,000 of the relay's steps; run inside the COMMIT that
+# crosses it, on the event loop, it cost that COMMIT several milliseconds (reading
+# and fsyncing the database file). A checkpoint in a worker thread, on a connection
+# of its own, costs the loop nothing; PASSIVE, it never waits for the writer.
+CHECKPOINT_STEPS = 2000
+
+log = logging.getLogger(__name__)
+
 
 class DurableStore:
     """Batch bookkeeping of a SQLite store in WAL mode (see the module docstring).
@@ -144,6 +165,8 @@ class DurableStore:
         # once it is on disk.
         self._after_commit: list[Path] = []
         self._after_durable: list[tuple[int, list[Path]]] = []
+        # Steps made durable since the last checkpoint (see CHECKPOINT_STEPS).
+        self.uncheckpointed_ops = 0
 
     @property
     def wal_path(self) -> Path:
@@ -153,14 +176,39 @@ class DurableStore:
     def _rolled_back(self) -> None:
         """Called after a rollback, for state cached outside SQLite."""
 
+    def _step_started(self) -> None:
+        """Called when a step begins (a subclass marks its buffered writes)."""
+
+    def _before_commit(self) -> None:
+        """Called right before ``COMMIT``, inside the transaction: a subclass writes the
+        rows it buffered (they commit with the batch that made them)."""
+
+    def _changes(self) -> int:
+        """A count that grows with every write of the open transaction (rows changed,
+        plus what a subclass buffers for :meth:`_before_commit`)."""
+        return self._db.total_changes
+
+    @property
+    def in_transaction(self) -> bool:
+        """A batch (or a single transaction) is open. A store on another database
+        (:class:`relay.pgstore.PgStore`) overrides this, :meth:`_execute`,
+        :meth:`_single`, :meth:`_step` and :meth:`fsync_wal`."""
+        return self._db.in_transaction
+
+    def _execute(self, statement: str) -> None:
+        # COMMIT and ROLLBACK of the open batch.
+        self._db.execute(statement)
+
     @contextlib.contextmanager
     def _single(self) -> Iterator[sqlite3.Connection]:
         # Without group commit: one transaction, durable on return. BEGIN IMMEDIATE
         # takes the write lock up front, so the checks inside see the state the writes
         # apply to.
         self._db.execute("BEGIN IMMEDIATE")
+        self._step_started()
         try:
             yield self._db
+            self._before_commit()
         except BaseException:
             self._db.execute("ROLLBACK")
             self._rolled_back()
@@ -169,12 +217,32 @@ class DurableStore:
         self.fsync_wal()
 
     @contextlib.contextmanager
-    def _step(self) -> Iterator[sqlite3.Connection]:
+    def _step(self, *, savepoint: bool = True) -> Iterator[sqlite3.Connection]:
         # One step of the open batch, in a savepoint: a step that raises (a refusal)
         # leaves no trace, the others stay for the batch's commit.
+        #
+        # savepoint=False: for a step that makes every check before its first write, so
+        # a refusal leaves nothing to undo; it saves two statements (SAVEPOINT,
+        # RELEASE) per step. Should it raise after a write all the same (an SQLite
+        # error), the whole batch is rolled back and lost, as when a COMMIT fails:
+        # nothing of it was announced, and its waiters are told (LinkClosed).
         if not self._db.in_transaction:
             self._db.execute("BEGIN IMMEDIATE")
+        if not savepoint:
+            before = self._changes()
+            self._in_step = True
+            try:
+                yield self._db
+            except BaseException:
+                if self._changes() != before:
+                    self._abandon_batch()
+                raise
+            finally:
+                self._in_step = False
+            self.ops += 1
+            return
         self._db.execute("SAVEPOINT step")
+        self._step_started()
         self._in_step = True
         try:
             yield self._db
@@ -191,7 +259,7 @@ class DurableStore:
     def _remove_after_commit(self, path: Path) -> None:
         # A file whose row this step drops: with a batch open the drop is not on disk
         # yet, so unlink only once it is.
-        if self.group_commit and self._db.in_transaction:
+        if self.group_commit and self.in_transaction:
             self._after_commit.append(path)
         else:
             path.unlink(missing_ok=True)
@@ -200,12 +268,12 @@ class DurableStore:
     def barrier(self) -> int:
         """The batch that must be on disk before the current state may be announced:
         the open one, or the last one written when nothing is open."""
-        return self.generation if self._db.in_transaction else self.written
+        return self.generation if self.in_transaction else self.written
 
     @property
     def pending(self) -> bool:
         """Steps are waiting for :meth:`commit`, or a written batch for its WAL fsync."""
-        return self._db.in_transaction or self.written > self.committed
+        return self.in_transaction or self.written > self.committed
 
     def lost(self, batch: int) -> bool:
         """Batch ``batch`` will never be on disk (its commit failed, or the store is
@@ -224,18 +292,14 @@ class DurableStore:
         """
         if self.failed is not None:
             raise OSError("a WAL fsync failed; this store must be reopened") from self.failed
-        if not self._db.in_transaction:
+        if not self.in_transaction:
             return
         removals, self._after_commit = self._after_commit, []
         try:
-            self._db.execute("COMMIT")
+            self._before_commit()
+            self._execute("COMMIT")
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            self._rolled_back()
-            self._lost.add(self.generation)  # the lost batch never counts as committed
-            self.generation += 1
-            self.ops = 0
+            self._abandon_batch()
             raise
         self.written = self.generation
         self.generation += 1
@@ -243,6 +307,16 @@ class DurableStore:
         self.ops = 0
         if removals:
             self._after_durable.append((self.written, removals))
+
+    def _abandon_batch(self) -> None:
+        # Roll the open batch back whole; it never counts as committed.
+        if self.in_transaction:
+            self._execute("ROLLBACK")
+        self._after_commit = []
+        self._rolled_back()
+        self._lost.add(self.generation)
+        self.generation += 1
+        self.ops = 0
 
     def fsync_wal(self) -> None:
         """fsync the WAL file: every batch COMMITted before this call is on disk when it
@@ -261,6 +335,28 @@ class DurableStore:
         except BaseException as exc:
             self.failed = exc
             raise
+
+    def manual_checkpoints(self) -> None:
+        """Turn SQLite's automatic checkpoint off: :class:`GroupCommitter` runs
+        :meth:`checkpoint` in a worker thread instead (see :data:`CHECKPOINT_STEPS`)."""
+        self._db.execute("PRAGMA wal_autocheckpoint=0")
+
+    def checkpoint(self) -> tuple[int, int]:
+        """A PASSIVE WAL checkpoint on a connection of its own: copies what it can of
+        the WAL into the database file, fsyncing both (the connection's synchronous is
+        SQLite's default, FULL), without waiting for the writer. Blocking; touches no
+        state of the store's own connection, so it may run in any thread.
+
+        Returns:
+            (frames in the WAL, frames copied into the database file so far).
+        """
+        wal = str(self.wal_path)
+        db = sqlite3.connect(wal[: -len("-wal")], isolation_level=None)
+        try:
+            _, frames, copied = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        finally:
+            db.close()
+        return int(frames), int(copied)
 
     def mark_durable(self, batch: int) -> None:
         """Batch ``batch`` (and every one before it) is on disk: an :meth:`fsync_wal`
@@ -283,6 +379,43 @@ class DurableStore:
             self.mark_durable(target)
 
 
+class Batches(Protocol):
+    """What :class:`GroupCommitter` uses of a store: :class:`DurableStore`'s batch
+    bookkeeping (also a store on another database, :class:`relay.storage.RelayStore`)."""
+
+    written: int
+    committed: int
+    ops: int
+    unsynced_ops: int
+    uncheckpointed_ops: int
+
+    @property
+    def barrier(self) -> int:
+        """The batch that must be durable before the current state may be announced."""
+
+    @property
+    def pending(self) -> bool:
+        """Steps wait for a commit, or a written batch for its flush."""
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be durable."""
+
+    def commit(self) -> None:
+        """Commit the open batch (no flush)."""
+
+    def fsync_wal(self) -> None:
+        """Make every batch committed before this call durable (blocking)."""
+
+    def mark_durable(self, batch: int) -> None:
+        """Batch ``batch`` and every one before it are durable."""
+
+    def manual_checkpoints(self) -> None:
+        """Stop the database's own checkpoints: the committer runs :meth:`checkpoint`."""
+
+    def checkpoint(self) -> tuple[int, int]:
+        """One checkpoint of the write-ahead log (blocking; any thread)."""
+
+
 class GroupCommitter:
     """Commits a :class:`DurableStore`'s batches from the event loop, one WAL fsync at a
     time (in line or in a worker thread, :data:`INLINE_FSYNC_MAX_STEPS`).
@@ -295,16 +428,22 @@ class GroupCommitter:
         on_commit_error: called inside the ``except`` block when a commit fails; it may
             raise something else instead (if it returns, the error is raised).
         on_sync_error: the same for a failed WAL fsync.
+        on_synced: called after each flush with the steps it made durable and its
+            seconds (the relay's metrics).
     """
 
     def __init__(
         self,
-        store: DurableStore,
+        store: Batches,
         *,
         on_commit_error: Callable[[], None] | None = None,
         on_sync_error: Callable[[], None] | None = None,
+        on_synced: Callable[[int, float], None] | None = None,
     ) -> None:
         self.store = store
+        self._on_synced = on_synced
+        store.manual_checkpoints()
+        self.checkpointing = False
         self._on_commit_error = on_commit_error
         self._on_sync_error = on_sync_error
         # Messages handled; a batch is committed once a pass of the scheduler handles none.
@@ -355,9 +494,12 @@ class GroupCommitter:
                 something else.
         """
         store = self.store
-        while store.committed < barrier:
+        while True:
+            # Lost first: a later batch may be on disk while this one never will be.
             if store.lost(barrier):
                 raise LinkClosed("the batch this depends on was not committed")
+            if store.committed >= barrier:
+                return
             if store.written >= barrier or self.syncing:
                 # Written and waiting for the disk; or a sync is in flight, during
                 # which this batch keeps growing.
@@ -394,6 +536,7 @@ class GroupCommitter:
         target = store.written  # the fsync covers what was written before it starts
         steps, store.unsynced_ops = store.unsynced_ops, 0
         self.syncing = True
+        started = time.perf_counter()
         try:
             if steps <= INLINE_FSYNC_MAX_STEPS:
                 store.fsync_wal()  # see INLINE_FSYNC_MAX_STEPS
@@ -409,3 +552,20 @@ class GroupCommitter:
             synced, self._synced = self._synced, trio.Event()
             synced.set()
         store.mark_durable(target)
+        if self._on_synced is not None:
+            self._on_synced(steps, time.perf_counter() - started)
+        store.uncheckpointed_ops += steps
+        if store.uncheckpointed_ops >= CHECKPOINT_STEPS and not self.checkpointing:
+            store.uncheckpointed_ops = 0
+            self.checkpointing = True
+            trio.lowlevel.spawn_system_task(self._checkpoint)
+
+    async def _checkpoint(self) -> None:
+        # A system task: it outlives the caller's connection, and must never raise.
+        try:
+            await trio.to_thread.run_sync(self.store.checkpoint)
+        except Exception:
+            # The WAL only grows longer until the next checkpoint succeeds.
+            log.exception("WAL checkpoint failed")
+        finally:
+            self.checkpointing = False

@@ -20,7 +20,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,23 +35,26 @@ from tisa.arrangement import (
     SignedArrangement,
     check_name,
 )
-from tisa.errors import ProtocolError, Reason, Refused, UsageError
+from tisa.errors import ProtocolError, Reason, Refused, TisaError, UsageError, VerificationError
 from tisa.keys import KEY_SIZE, EncryptionPublicKey, MemberSecret, PublicIdentity, SigningPublicKey
 
 __all__ = [
     "ARRANGEMENT_FILE",
     "IDENTITY_FILE",
     "IDENTITY_FORMAT",
+    "PASSPHRASE_ENV",
     "STORE_DIR",
     "FileFormatError",
     "Home",
     "arrangement_summary",
     "atomic_text",
     "create_identity",
+    "default_home",
     "draft_arrangement",
     "identity_from_json",
     "identity_to_json",
     "load_home",
+    "resolve_passphrase",
     "merge_arrangements",
     "read_arrangement",
     "read_identity",
@@ -65,6 +68,39 @@ STORE_DIR = "store"
 IDENTITY_FORMAT = "tisa-identity/1"
 # Exported identity files are a few hundred bytes; refuse to parse anything much larger.
 MAX_IDENTITY_FILE = 16 * 1024
+
+
+# A key file's passphrase is read from this variable when no other is named.
+PASSPHRASE_ENV = "TISA_PASSPHRASE"
+
+
+def resolve_passphrase(env: str | None, ask: Callable[[], str] | None) -> str:
+    """A key file's passphrase: from ``$env`` if a variable is named, else from
+    ``$TISA_PASSPHRASE``, else from ``ask()`` (a prompt; None where nobody can be asked).
+
+    The one rule of the ``tisa`` command and the relay's command.
+
+    Raises:
+        UsageError: ``env`` names an unset or empty variable, the answer is empty, or there
+            is no source at all (the message says how to give one).
+    """
+    if env is not None:
+        value = os.environ.get(env)
+        if not value:
+            raise UsageError(f"environment variable {env} is not set or empty")
+        return value
+    value = os.environ.get(PASSPHRASE_ENV)
+    if value:
+        return value
+    if ask is None:
+        raise UsageError(
+            f"no passphrase: set ${PASSPHRASE_ENV}, or give --passphrase-env VAR, "
+            "or run on a terminal to be asked"
+        )
+    answer = ask()
+    if not answer:
+        raise UsageError("empty passphrase")
+    return answer
 
 
 class FileFormatError(UsageError):
@@ -171,11 +207,23 @@ def create_identity(
     return secret
 
 
+def default_home() -> Path:
+    """The home folder used without --home or $TISA_HOME: the platform's folder for a
+    user's application data (``~/.local/share/tisa`` on Linux, honouring
+    ``$XDG_DATA_HOME``; ``~/Library/Application Support/tisa`` on macOS;
+    ``%LOCALAPPDATA%\\tisa`` on Windows)."""
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("tisa", appauthor=False))
+
+
 def read_arrangement(path: Path) -> SignedArrangement:
     """Read an arrangement file; every signature present is checked.
 
     Raises:
-        ProtocolError, VerificationError, Refused: as :meth:`SignedArrangement.decode`.
+        FileFormatError: not an arrangement file, or a signature does not verify (the
+            message names the file and whose signature).
+        Refused: as :meth:`SignedArrangement.decode`.
         OSError: the file cannot be read.
     """
     with open(path, "rb") as handle:
@@ -184,6 +232,34 @@ def read_arrangement(path: Path) -> SignedArrangement:
         return SignedArrangement.decode(data)
     except ProtocolError as exc:
         raise FileFormatError(f"{path}: not an arrangement file ({exc.detail})") from None
+    except VerificationError:
+        # A local file, not input from a peer: saying whose signature failed tells an
+        # attacker nothing and tells the member what to fix.
+        names = _bad_signatures(data)
+        whose = f"the signature of {', '.join(names)}" if names else "a signature"
+        raise FileFormatError(
+            f"{path}: {whose} does not verify (the file was changed after signing, or "
+            "the signature is not theirs): ask them to sign again"
+        ) from None
+
+
+def _bad_signatures(data: bytes) -> list[str]:
+    """The members whose signature in an arrangement file's bytes does not verify."""
+    from tisa import encoding as enc
+
+    try:
+        outer = enc.unpack(data, max_size=MAX_ARRANGEMENT_SIZE)
+        arrangement = Arrangement.decode(outer["arrangement"])
+        signatures = dict(outer["signatures"])
+    except (TisaError, KeyError, TypeError, ValueError):
+        return []
+    bad = []
+    for name, signature in sorted(signatures.items()):
+        try:
+            SignedArrangement(arrangement, {name: signature})
+        except (TisaError, TypeError):
+            bad.append(str(name))
+    return bad
 
 
 @dataclass(frozen=True)

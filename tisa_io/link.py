@@ -29,6 +29,8 @@ link. Every failure surfaces as a :mod:`tisa.errors` exception:
 from __future__ import annotations
 
 import contextlib
+import math
+import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -36,6 +38,7 @@ import trio
 
 from tisa.arrangement import Arrangement
 from tisa.errors import (
+    LimitExceeded,
     ProtocolError,
     Reason,
     Refused,
@@ -63,6 +66,7 @@ __all__ = [
     "LinkTimeout",
     "accept_member",
     "connect_member",
+    "keep_alive",
     "linger",
 ]
 
@@ -419,6 +423,43 @@ class Link:
 # --- handshake -----------------------------------------------------------------------
 
 
+def keep_alive(stream: trio.abc.Stream, limits: Limits = DEFAULT_LIMITS) -> bool:
+    """Turn on TCP keepalive on ``stream`` as ``limits`` says, when it is a TCP socket.
+
+    The kernel then probes a silent peer after ``keepalive_idle`` seconds and every
+    ``keepalive_interval`` after that, and resets the connection after
+    ``keepalive_probes`` unanswered probes; where the platform has ``TCP_USER_TIMEOUT``
+    (Linux), data the peer's TCP has not acknowledged for the same total time ends the
+    connection too (keepalive alone stays silent while data waits). Either way the next
+    read or write on the link fails, and the connection is closed.
+    :func:`connect_member` and :func:`accept_member` call it once the handshake is done.
+
+    Returns:
+        Whether the options were set (False for other streams, or a socket that was
+        already closed).
+    """
+    if not isinstance(stream, trio.SocketStream):
+        return False
+    idle = max(1, math.ceil(limits.keepalive_idle))
+    interval = max(1, math.ceil(limits.keepalive_interval))
+    probes = max(1, math.ceil(limits.keepalive_probes))
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", interval),
+        ("TCP_KEEPCNT", probes),
+        ("TCP_USER_TIMEOUT", (idle + interval * probes) * 1000),
+    ):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    try:
+        for level, option, value in options:
+            stream.setsockopt(level, option, value)
+    except OSError:
+        return False
+    return True
+
+
 async def _receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
     # Exact reads, so nothing past the handshake is consumed here: the link's decoder
     # starts on the first sealed frame.
@@ -437,8 +478,12 @@ async def _receive_exactly(stream: trio.abc.Stream, size: int) -> bytes:
 async def _receive_handshake_frame(stream: trio.abc.Stream) -> bytes:
     header = await _receive_exactly(stream, FRAME_HEADER_SIZE)
     size = int.from_bytes(header, "big")
-    if not 0 < size <= MAX_HANDSHAKE_MESSAGE:
-        raise ProtocolError(f"handshake frame of {size} bytes")
+    if size > MAX_HANDSHAKE_MESSAGE:
+        # As for channel frames (docs/protocol.md section 13.1): refused `limit` from the
+        # length prefix alone, before any of the payload is read.
+        raise LimitExceeded("handshake frame", size, MAX_HANDSHAKE_MESSAGE)
+    if size == 0:
+        raise ProtocolError("empty handshake frame")
     return await _receive_exactly(stream, size)
 
 
@@ -465,7 +510,8 @@ async def connect_member(
         name: this member's name in ``arrangement``.
         arrangement: the effective arrangement.
         limits: ``handshake_timeout`` bounds the whole handshake; ``max_frame`` and
-            ``frame_timeout`` apply to the link.
+            ``frame_timeout`` apply to the link; the ``keepalive_*`` fields to a TCP
+            stream (:func:`keep_alive`).
 
     Returns:
         The link, with ``peer`` the relay's name.
@@ -494,6 +540,7 @@ async def connect_member(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    keep_alive(stream, limits)
     return Link(stream, handshake.channel, arrangement.relay, limits=limits)
 
 
@@ -511,7 +558,8 @@ async def accept_member(
         stream: an accepted connection; the link owns it from now on.
         secret: the relay's keys.
         arrangement: the effective arrangement this relay serves.
-        limits: ``handshake_timeout`` bounds the whole handshake.
+        limits: ``handshake_timeout`` bounds the whole handshake; the ``keepalive_*``
+            fields apply to a TCP stream (:func:`keep_alive`).
         admit: called with the member's authenticated name once its ``finish`` checked;
             it may raise :class:`~tisa.errors.Refused` (e.g. ``busy``), answered with an
             ``error`` message on the new channel before the stream is closed. The relay
@@ -527,21 +575,30 @@ async def accept_member(
         VerificationError: the member's ``finish`` signature did not check.
         LinkTimeout: the handshake took longer than ``limits.handshake_timeout``.
         LinkClosed: the connection closed during the handshake.
+        LimitExceeded: the ``hello`` frame's length prefix is above
+            ``MAX_HANDSHAKE_MESSAGE`` (answered ``limit``), or the ``finish`` one's.
         ProtocolError: malformed handshake input (answered ``malformed`` when it was
             the ``hello``).
+        UsageError: ``secret`` is not the relay's key in ``arrangement`` (found once
+            a ``hello`` came).
 
     On any failure the stream is closed. Cancellation: the stream is closed.
     """
-    handshake = RelayHandshake(secret, arrangement)
     try:
         with trio.fail_after(limits.handshake_timeout):
             try:
                 hello = await _receive_handshake_frame(stream)
+                # Made only now: a connection that never says hello (a flood of idle
+                # ones) costs no ephemeral key pair.
+                handshake = RelayHandshake(secret, arrangement)
                 welcome = handshake.receive(hello)
                 if welcome is None:  # pragma: no cover - the state machine forbids it
                     raise ProtocolError("handshake finished early")
             except Refused as exc:
                 await _refuse(stream, exc.reason, exc.detail)
+                raise
+            except LimitExceeded as exc:
+                await _refuse(stream, Reason.LIMIT, exc.detail)
                 raise
             except ProtocolError as exc:
                 await _refuse(stream, Reason.MALFORMED, exc.detail)
@@ -564,6 +621,7 @@ async def accept_member(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    keep_alive(stream, limits)
     return Link(stream, handshake.channel, handshake.peer, limits=limits)
 
 

@@ -12,7 +12,9 @@ pytest-trio (``trio_mode = true``, or mark the tests ``@pytest.mark.trio``)::
         async with tisa_node("seoul") as seoul, tisa_node("tokyo") as tokyo:
             await seoul.submit(b"...", recipients=["tokyo"], scope="nk.missile",
                                level="secret", release_to=["tokyo"])
-            async for report in tokyo.reports(): ...
+            async for report in tokyo.reports():
+                ...
+                await tokyo.ack(report)
 
 Fixtures:
 

@@ -2,10 +2,16 @@
 
     python tests/nodes/client_crash_member.py STORE_DIR PORT LOG_FILE
 
-The application writes ``start`` to LOG_FILE when it starts, then the hex id of every
-report the node hands it, one a line, fsynced before it asks for the next. With
-``TISA_CRASH_AT=stored_before_ack`` the process kills itself (SIGKILL) right after
-the first delivery is committed to its store, before the ack goes to the relay.
+The application writes ``start`` to LOG_FILE when it starts; then, for every report
+the node hands it, it records the report (its hex id, one a line, fsynced), acknowledges
+it (``Node.ack``) and writes ``ack <hex id>``. The process kills itself (SIGKILL) where
+``TISA_CRASH_AT`` says:
+
+* ``stored_before_ack``: right after the first delivery is committed to its store,
+  before the ack goes to the relay;
+* ``after_record``: right after recording the first report, before acknowledging it;
+* ``after_ack``: right after the first report's acknowledgement returned, before it
+  asks for the next report.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ def install(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
         MemberStore.store_delivery = store_then_die  # type: ignore[method-assign]
-    elif point:
+    elif point not in ("", "after_record", "after_ack"):
         raise SystemExit(f"unknown crash point {point!r}")
 
 
@@ -43,7 +49,12 @@ def log_line(log: Path, line: str) -> None:
         os.fsync(out.fileno())
 
 
-async def main(store: Path, port: int, log: Path) -> None:
+def die_at(point: str, here: str) -> None:
+    if point == here:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+async def main(store: Path, port: int, log: Path, point: str) -> None:
     arrangement, secrets = make_world()
     log_line(log, "start")
     backoff = Backoff(initial=0.01, maximum=0.1)
@@ -51,9 +62,14 @@ async def main(store: Path, port: int, log: Path) -> None:
         secrets["tokyo"], "tokyo", arrangement, ("127.0.0.1", port), store, backoff=backoff
     ) as node:
         async for report in node.reports():
-            log_line(log, report.report_id.hex())
+            log_line(log, report.report_id.hex())  # the application's record
+            die_at(point, "after_record")
+            await node.ack(report)
+            die_at(point, "after_ack")
+            log_line(log, "ack " + report.report_id.hex())
 
 
 if __name__ == "__main__":
-    install(os.environ.get("TISA_CRASH_AT", ""))
-    trio.run(main, Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    crash_at = os.environ.get("TISA_CRASH_AT", "")
+    install(crash_at)
+    trio.run(main, Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), crash_at)

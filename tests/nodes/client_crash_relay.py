@@ -1,6 +1,8 @@
 """Run the test world's relay in its own process, for the crash tests.
 
-    python tests/nodes/client_crash_relay.py STORE_DIR PORT_FILE [PORT]
+    python tests/nodes/client_crash_relay.py STORE PORT_FILE [PORT]
+
+STORE is a directory (the SQLite store) or a ``postgresql://`` address.
 
 With ``TISA_CRASH_AT=<point>`` in the environment the process kills itself (SIGKILL)
 the first time it reaches that point, so a test can crash it at an exact step:
@@ -32,6 +34,7 @@ import trio
 from client_world import make_world
 
 from relay import server
+from relay.storage import is_postgresql
 from relay.store import Store
 from tisa import messages as m
 from tisa_io.link import Link
@@ -41,7 +44,7 @@ def _die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def install(point: str) -> None:
+def install(point: str, Store: Any = Store) -> None:
     if point == "after_store_before_ack":
         add_report = Store.add_report
 
@@ -93,7 +96,7 @@ def install(point: str) -> None:
         raise SystemExit(f"unknown crash point {point!r}")
 
 
-async def main(store: Path, port_file: Path, port: int) -> None:
+async def main(store: str, port_file: Path, port: int) -> None:
     arrangement, secrets = make_world()
 
     async def run(task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
@@ -114,5 +117,10 @@ async def main(store: Path, port_file: Path, port: int) -> None:
 
 
 if __name__ == "__main__":
-    install(os.environ.get("TISA_CRASH_AT", ""))
-    trio.run(main, Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]) if sys.argv[3:] else 0)
+    if is_postgresql(sys.argv[1]):
+        from relay.pgstore import PgStore
+
+        install(os.environ.get("TISA_CRASH_AT", ""), PgStore)
+    else:
+        install(os.environ.get("TISA_CRASH_AT", ""))
+    trio.run(main, sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if sys.argv[3:] else 0)

@@ -7,6 +7,7 @@ node, so the relay is tested on its own.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -90,18 +91,23 @@ class Harness:
         self.relay = self._new_relay()
         await self.start()
 
-    def open_stream(self, *, lockstep: bool = False) -> trio.abc.Stream:
+    def open_stream(self, *, lockstep: bool = False, source: str | None = None) -> trio.abc.Stream:
         """A raw stream to the relay, for misbehaving peers. ``lockstep``: sends block
-        until the other side reads (as a full TCP window does)."""
+        until the other side reads (as a full TCP window does). ``source``: the address
+        it counts as coming from (by default all memory streams share one)."""
         assert self._conn_nursery is not None
         make = trio.testing.lockstep_stream_pair if lockstep else trio.testing.memory_stream_pair
         client, server = make()
-        self._conn_nursery.start_soon(self.relay.handle_stream, server)
+        self._conn_nursery.start_soon(
+            functools.partial(self.relay.handle_stream, server, source=source)
+        )
         return client
 
-    async def connect(self, name: str, *, lockstep: bool = False) -> Link:
+    async def connect(
+        self, name: str, *, lockstep: bool = False, source: str | None = None
+    ) -> Link:
         return await connect_member(
-            self.open_stream(lockstep=lockstep),
+            self.open_stream(lockstep=lockstep, source=source),
             self.world.secrets[name],
             name,
             self.world.arrangement,

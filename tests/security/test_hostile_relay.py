@@ -81,6 +81,7 @@ async def reports_within(node: Node, seconds: float) -> list[DeliveredReport]:
     with trio.move_on_after(seconds):
         async for report in node.reports():
             got.append(report)
+            await node.ack(report)
     return got
 
 

@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from relay.server import serve
+from relay.storage import is_postgresql
 from tisa.errors import ProtocolError, Reason, TisaError
 from tisa.limits import Limits
 from tisa.messages import (
@@ -44,7 +45,7 @@ LIMITS = Limits(handshake_timeout=30, frame_timeout=30, max_connections_per_memb
 class RelayProcess:
     """A relay on one store that can be killed (cancelled) and started again."""
 
-    def __init__(self, nursery: trio.Nursery, world: World, store: pathlib.Path) -> None:
+    def __init__(self, nursery: trio.Nursery, world: World, store: str | pathlib.Path) -> None:
         self.nursery, self.world, self.store = nursery, world, store
         self.port = 0
         self._scope: trio.CancelScope | None = None
@@ -119,10 +120,14 @@ async def gather(count: int, job: Callable[[], Awaitable[str]]) -> list[str]:
 
 @pytest.mark.parametrize("kill_after", [0.0, 0.02, 0.05, 0.15])
 async def test_one_token_100_redemptions_across_a_relay_crash(
-    nursery: trio.Nursery, tmp_path: pathlib.Path, kill_after: float
+    nursery: trio.Nursery,
+    tmp_path: pathlib.Path,
+    kill_after: float,
+    store_at: str | pathlib.Path,
 ) -> None:
     world = make_world()
-    relay = RelayProcess(nursery, world, tmp_path / "relay")
+    store = store_at if is_postgresql(store_at) else tmp_path / "relay"
+    relay = RelayProcess(nursery, world, store)
     report = world.seal(b"released exactly once")
     token = world.token(report, "tokyo")
     token_id = ReleaseToken.decode(token).id

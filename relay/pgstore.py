@@ -1,0 +1,1420 @@
+"""The relay's durable state in PostgreSQL (psycopg 3): the store several relay
+processes can share.
+
+Same interface and rules as the SQLite store (:mod:`relay.store`,
+:class:`relay.storage.RelayStore`); what differs:
+
+* **Where things live.** One database schema holds one relay store (the store address's
+  ``search_path`` picks it; one schema per arrangement). Small ciphertexts are kept in
+  their report's row (``reports.data``), larger ones in ``blob_chunks`` rows of
+  :data:`BLOB_CHUNK` bytes each, written and read a chunk at a time (constant memory),
+  so every relay process on the database can read them.
+* **Schema.** Created and migrated by the relay when the store opens, under an advisory
+  lock (two processes starting together do not race); ``tisa_schema`` holds the version.
+* **Group commit.** As with SQLite: every method is one step (a savepoint) of the open
+  batch, one transaction on the store's connection. :meth:`PgStore.commit` COMMITs it
+  with ``synchronous_commit = off``: the server writes the commit record into its WAL
+  but does not wait for the flush (SQLite's ``synchronous=NORMAL`` COMMIT). A batch
+  counts as durable only after :meth:`PgStore.fsync_wal`, which commits one tiny write
+  (a row of ``wal_sync`` per store) on a second connection with ``synchronous_commit``
+  at the server's setting: PostgreSQL flushes the WAL up to that commit's record, which
+  lies after every batch COMMITted before, and with a synchronous standby configured
+  waits for the standby as well. A transaction that wrote nothing is committed without
+  a flush, hence the write. The second connection touches nothing of the first, so the
+  event loop may go on using the store while a worker thread runs it, as with SQLite.
+  If the server crashes between the two, the batch may be lost and so is the second
+  connection: the flush fails, nothing of the batch was announced.
+* **The server going away** (a crash, a restart, a failover) is survived: a lost
+  connection or a failed flush marks every batch not yet durable lost (whoever waits on
+  one closes its connection; members send again), and the store connects again on its
+  next use (:meth:`PgStore._lose`, :meth:`PgStore._main`), at most once every
+  :data:`RECONNECT_INTERVAL` seconds, raising :class:`relay.storage.StoreUnavailable`
+  meanwhile (the relay closes that connection with ``busy``). Unlike SQLite after a
+  failed fsync, nothing is poisoned: what the restarted server holds is what it has on
+  disk.
+* **The audit chain** is one hash chain per store: ``audit_head`` holds its last
+  sequence number and head, and every batch locks that row first (``SELECT ... FOR
+  UPDATE`` when it begins), updates it with each entry and releases it by committing.
+  Appends from several processes are serialized in commit order, and, because every
+  writing transaction takes that lock first, two processes can never wait on each
+  other's rows (no deadlock).
+* **Several processes.** A batch that queues something for a member NOTIFYs its name at
+  COMMIT; :meth:`PgStore.watch` hears it and polls every :data:`POLL_INTERVAL` seconds
+  besides. A delivery is claimed with a session advisory lock (:meth:`PgStore.claim`)
+  before it is pushed. Rows read outside this process's batches are announced only after
+  a flush of its own (:meth:`PgStore._seen`).
+* **Tokens.** ``tokens.id`` is unique: a token is consumed once, whichever process sees
+  it (the head lock makes the second see the first's commit; the key is the backstop).
+* **Ciphertext lifetime.** A large upload goes to a temporary file (:meth:`write` is
+  cheap), then :meth:`PgBlobWriter.place`, in a worker thread, copies it into
+  ``blobs``/``blob_chunks`` on a pooled connection and commits synchronously before the
+  report's row is added. The chunks are deleted in the transaction that deletes their
+  report. A placed blob whose row never came (its process died) is swept after
+  :data:`ORPHAN_GRACE` seconds.
+
+Blocking calls: the methods run their statements in the calling (trio) thread, as the
+SQLite store does; each is one short statement on a local connection, and the event
+loop would spend longer handing it to a thread and back (see
+:data:`tisa_io.durable.INLINE_FSYNC_MAX_STEPS`) than waiting for it. The slow steps, the
+WAL flush (:meth:`PgStore.fsync_wal`) and copying a large ciphertext in
+(:meth:`PgBlobWriter.place`), run in worker threads, as with SQLite.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import logging
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import IO, Any, BinaryIO
+
+import psycopg
+import psycopg_pool
+import trio
+from psycopg.pq import TransactionStatus
+
+from relay.store import (
+    InlineBlob,
+    NoticeRow,
+    ReceiptRow,
+    ReportRow,
+    StoreBusy,
+    StoreUnavailable,
+    TokenRow,
+)
+from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
+from tisa.errors import Reason, Refused, UsageError
+from tisa.keys import Hash, Hasher, digest, random_id
+from tisa.prekeys import Prekey
+from tisa.receipt import Receipt
+from tisa.token import MAX_VALIDITY, ReleaseToken
+from tisa_io.durable import DurableStore
+
+__all__ = [
+    "BLOB_CHUNK",
+    "POLL_INTERVAL",
+    "LOCK_TIMEOUT_MS",
+    "ORPHAN_GRACE",
+    "StoreUnavailable",
+    "SCHEMA_VERSION",
+    "PgBlobWriter",
+    "PgStore",
+]
+
+SCHEMA_VERSION = 2  # 2: prekeys
+
+# Bytes of ciphertext per blob_chunks row: large enough that a report of many MiB is a
+# few dozen rows, small enough that a reader holds little (one row at a time).
+BLOB_CHUNK = 256 * 1024
+
+# Seconds a placed blob may wait for its report's row before it counts as the leftover
+# of a process that died between the two (the row follows within a batch, normally
+# milliseconds; an hour leaves room for a stalled process without keeping junk long).
+ORPHAN_GRACE = 3600
+
+# Seconds to wait for the server when connecting.
+CONNECT_TIMEOUT = 10
+
+# Milliseconds a step waits for a lock (the audit chain head, held by another relay
+# process's open batch) before it fails: that process commits within a batch's time
+# (milliseconds); a wait this long means it is stuck, and this process's event loop,
+# which waits in line, must not hang with it.
+LOCK_TIMEOUT_MS = 5000
+
+# Seconds between looks at the store when no notification came: LISTEN/NOTIFY is only
+# a hint (a notification is lost when the listening connection drops), the rows are the
+# truth. Each look costs every connected member one query; a second bounds how late a
+# delivery released through another relay process can be if its hint is lost.
+POLL_INTERVAL = 1.0
+
+# After the server went away: seconds between attempts to connect again (a store method
+# called meanwhile raises StoreUnavailable at once), and the timeout of one attempt,
+# short because it runs in the event loop's thread.
+RECONNECT_INTERVAL = 1.0
+RECONNECT_TIMEOUT = 2
+
+# Connections for uploads being placed at once (worker threads copying into the
+# database); a further one waits for a free connection.
+UPLOAD_CONNECTIONS = 4
+
+# Advisory lock taken while the schema is created or migrated.
+_SCHEMA_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-schema", digest_size=8).digest()) >> 1
+
+OUTSTANDING = ("pending", "delivered")
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE tisa_schema (version integer NOT NULL);
+CREATE TABLE reports (
+    id bytea PRIMARY KEY,
+    originator text NOT NULL,
+    size bigint NOT NULL,
+    digest bytea NOT NULL,
+    state text NOT NULL CHECK (state IN ('held', 'released', 'deleted')),
+    ended text,
+    expires bigint NOT NULL,
+    stored_at bigint NOT NULL,
+    key_commit bytea,
+    data bytea,                    -- the ciphertext of a small report
+    blob bytea                     -- else the blobs row holding it in chunks
+);
+CREATE INDEX reports_expiry ON reports (state, expires);
+CREATE INDEX reports_blob ON reports (blob);
+CREATE TABLE blobs (
+    id bytea PRIMARY KEY,
+    placed bigint NOT NULL         -- unix time; for sweeping blobs whose row never came
+);
+CREATE TABLE blob_chunks (
+    blob bytea NOT NULL REFERENCES blobs (id) ON DELETE CASCADE,
+    n integer NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (blob, n)
+);
+CREATE TABLE tokens (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    id bytea NOT NULL UNIQUE,
+    report bytea NOT NULL,
+    recipient text NOT NULL,
+    originator text NOT NULL,
+    token bytea NOT NULL,
+    counter bigint NOT NULL,
+    state text NOT NULL
+        CHECK (state IN ('pending', 'delivered', 'acked', 'revoked', 'expired')),
+    not_after bigint NOT NULL,
+    keep_until bigint NOT NULL
+);
+CREATE INDEX tokens_recipient ON tokens (recipient, state, seq);
+CREATE INDEX tokens_report ON tokens (report, state);
+CREATE INDEX tokens_expiry ON tokens (state, not_after);
+CREATE TABLE receipts (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    originator text NOT NULL,
+    token bytea NOT NULL UNIQUE,
+    receipt bytea NOT NULL,
+    state text NOT NULL CHECK (state IN ('queued', 'acked'))
+);
+CREATE INDEX receipts_originator ON receipts (originator, state, seq);
+CREATE TABLE notices (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    member text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('expired', 'revoked')),
+    report bytea NOT NULL,
+    token bytea
+);
+CREATE INDEX notices_member ON notices (member, seq);
+CREATE TABLE audit (
+    seq bigint PRIMARY KEY,
+    entry bytea NOT NULL,
+    content bytea NOT NULL,
+    head bytea NOT NULL
+);
+CREATE TABLE audit_head (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    seq bigint NOT NULL,
+    head bytea NOT NULL
+);
+CREATE TABLE wal_sync (
+    slot bytea PRIMARY KEY,        -- one per open store
+    n bigint NOT NULL,
+    touched bigint NOT NULL
+);
+"""
+# Added in schema version 2; also what a version-1 store gains when it is opened.
+_PREKEY_SCHEMA = """
+CREATE TABLE prekeys (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    owner text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('signed', 'one_time')),
+    key bytea NOT NULL UNIQUE,
+    encoded bytea NOT NULL,
+    not_after bigint NOT NULL,
+    taken_by text,                 -- one-time: the originator it was handed out to
+    used_by bytea                  -- one-time: the token id that used it
+);
+CREATE INDEX prekeys_owner ON prekeys (owner, kind, taken_by, seq);
+"""
+
+_TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
+
+
+def _limit(limit: int) -> int | None:
+    # -1 means all (the SQLite store's LIMIT -1); PostgreSQL spells it LIMIT NULL.
+    return None if limit < 0 else limit
+
+
+def _token_row(row: tuple[Any, ...]) -> TokenRow:
+    return TokenRow(*row)
+
+
+def _unavailable(exc: BaseException) -> StoreUnavailable:
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return StoreUnavailable(f"cannot reach the relay's PostgreSQL store: {detail}")
+
+
+def _connect(
+    dsn: str, *, timeout: int = CONNECT_TIMEOUT, **options: Any
+) -> psycopg.Connection[tuple[Any, ...]]:
+    try:
+        return psycopg.connect(dsn, connect_timeout=timeout, **options)
+    except psycopg.Error as exc:
+        raise _unavailable(exc) from None
+
+
+class _Session:
+    """The store's connection as its methods use it: opened again after the server went
+    away (:meth:`PgStore._lose`), and a lost connection raised as StoreUnavailable."""
+
+    def __init__(self, store: PgStore) -> None:
+        self._store = store
+
+    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
+        conn = self._store._main()
+        try:
+            return conn.execute(query, params)
+        except psycopg.errors.LockNotAvailable:
+            # lock_timeout: another relay process held the chain head too long.
+            raise StoreBusy("another relay process holds the audit chain too long") from None
+        except psycopg.OperationalError as exc:
+            if not (conn.broken or conn.closed):
+                raise
+            self._store._lose(exc)
+            raise _unavailable(exc) from None
+
+    def transaction(self) -> contextlib.AbstractContextManager[Any]:
+        return self._store._main().transaction()
+
+
+def _claim_key(token_id: bytes) -> int:
+    # A bigint advisory lock key from the (random) token id.
+    return int.from_bytes(token_id[:8], "big", signed=True)
+
+
+def _listen(listener: psycopg.Connection[Any], stop: threading.Event, own: int) -> list[str]:
+    """In a worker thread: the members named by the next notification of another
+    process, or [] after POLL_INTERVAL without one. Closes ``listener`` if the waiting
+    task was cancelled meanwhile (``stop``)."""
+    try:
+        return [
+            notice.payload
+            for notice in listener.notifies(timeout=POLL_INTERVAL, stop_after=1)
+            if notice.pid != own
+        ]
+    finally:
+        if stop.is_set():
+            listener.close()
+
+
+class PgBlobWriter:
+    """One large upload in progress: a temporary file and a running digest; placed into
+    the database by :meth:`place` (blocking: run it in a worker thread). Same interface
+    as :class:`relay.store.BlobWriter`."""
+
+    __slots__ = ("_blob", "_file", "_hasher", "_placed", "_report", "_store", "written")
+
+    def __init__(self, store: PgStore, report_id: bytes) -> None:
+        self._store = store
+        self._report = report_id
+        self._blob = random_id()
+        self._file: IO[bytes] | None = tempfile.TemporaryFile()  # noqa: SIM115 - closed in abort
+        self._hasher = Hasher(Hash.CIPHERTEXT)
+        self._placed = False
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        """Add ``data`` to the temporary file (page cache; no waiting)."""
+        if self._file is None or self._placed:
+            raise UsageError("the upload is finished")
+        self._file.write(data)
+        self._hasher.update(data)
+        self.written += len(data)
+
+    def digest(self) -> bytes:
+        """The ciphertext digest of everything written (call once, at the end)."""
+        return self._hasher.finish()
+
+    def place(self) -> None:
+        """Copy the ciphertext into ``blobs``/``blob_chunks`` a chunk at a time and
+        commit durably. Blocking."""
+        if self._file is None or self._placed:
+            raise UsageError("the upload is finished")
+        file = self._file
+        file.flush()
+        file.seek(0)
+        try:
+            self._copy_in(file)
+        except (psycopg.OperationalError, psycopg_pool.PoolTimeout) as exc:
+            raise _unavailable(exc) from None
+        self._placed = True
+        self._store._placed[self._report] = self._blob
+
+    def _copy_in(self, file: IO[bytes]) -> None:
+        with self._store._uploads.connection() as conn, conn.transaction():
+            conn.execute(
+                "INSERT INTO blobs (id, placed) VALUES (%s, %s)", (self._blob, int(time.time()))
+            )
+            n = 0
+            while data := file.read(BLOB_CHUNK):
+                conn.execute(
+                    "INSERT INTO blob_chunks (blob, n, data) VALUES (%s, %s, %s)",
+                    (self._blob, n, data),
+                )
+                n += 1
+
+    def abort(self) -> None:
+        """Drop the temporary file; safe at any point, also after :meth:`place`."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    @property
+    def data(self) -> bytes | None:
+        """None: the ciphertext is in the database, in chunks."""
+        return None
+
+
+class _ChunkReader(io.RawIOBase):
+    """A report's ciphertext read from ``blob_chunks`` a row at a time."""
+
+    def __init__(self, store: PgStore, blob: bytes) -> None:
+        super().__init__()
+        self._store = store
+        self._blob = blob
+        self._next = 0
+        self._buffer = memoryview(b"")
+        self._done = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if not self._buffer and not self._done:
+            row = self._store._conn.execute(
+                "SELECT data FROM blob_chunks WHERE blob = %s AND n = %s", (self._blob, self._next)
+            ).fetchone()
+            if row is None:
+                self._done = True
+            else:
+                self._buffer = memoryview(row[0])
+                self._next += 1
+        count = min(len(buffer), len(self._buffer))
+        buffer[:count] = self._buffer[:count]
+        self._buffer = self._buffer[count:]
+        return count
+
+
+class PgStore(DurableStore):
+    """The relay's durable state in the PostgreSQL database at ``dsn``.
+
+    Args:
+        dsn: a ``postgresql://`` address; its ``search_path`` (``options=-c
+            search_path=...``) picks the schema, else the role's default.
+        group_commit: as for :class:`relay.store.Store`.
+
+    Raises:
+        StoreUnavailable: the server cannot be reached.
+        UsageError: the schema holds a store of another version.
+    """
+
+    def __init__(self, dsn: str, *, group_commit: bool = False) -> None:
+        super().__init__()
+        self.dsn = dsn
+        self.group_commit = group_commit
+        # Audit head cached while this store holds the audit_head row (a batch is open).
+        self._seq = 0
+        self._head = GENESIS
+        # report id -> blob id, placed by a PgBlobWriter, awaiting add_report.
+        self._placed: dict[bytes, bytes] = {}
+        self._slot = random_id()
+        # Members told (NOTIFY) when the open batch commits: something new is queued.
+        self._notify: set[str] = set()
+        # Deliveries this process claimed (session advisory locks; see claim).
+        self._claimed: set[bytes] = set()
+        # The connections: the store's own (_raw, through _conn) and the flush's (_sync,
+        # guarded by _sync_lock: it is used from worker threads). None after _lose.
+        self._raw: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._sync: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._sync_lock = threading.Lock()
+        # Set (in any thread) when a flush failed: the batches it was to cover may be
+        # lost; the event loop's thread handles it (_lose) on its next use of the store.
+        self._sync_broken = False
+        self._next_attempt = 0.0  # time.monotonic() of the next reconnection attempt
+        self._conn = _Session(self)
+        self._closed = False
+        self._open_connections(CONNECT_TIMEOUT)
+        try:
+            self._migrate()
+            row = self._conn.execute("SELECT current_schema()").fetchone()
+            # NOTIFY channels are per database; one per store (schema).
+            self.channel = (
+                "tisa_relay_"
+                + hashlib.blake2b(str(row[0] if row else "").encode(), digest_size=8).hexdigest()
+            )
+            self._sweep()
+        except BaseException:
+            self._close_connections()
+            raise
+        self._uploads: psycopg_pool.ConnectionPool[Any] = psycopg_pool.ConnectionPool(
+            dsn,
+            min_size=0,
+            max_size=UPLOAD_CONNECTIONS,
+            kwargs={"connect_timeout": CONNECT_TIMEOUT, "application_name": "tisa-relay-upload"},
+            open=True,
+        )
+
+    def _open_connections(self, timeout: int) -> None:
+        main = _connect(self.dsn, timeout=timeout, autocommit=True, application_name="tisa-relay")
+        try:
+            # COMMIT writes the batch into the WAL and does not wait for the flush;
+            # fsync_wal makes it durable (see the module docstring).
+            main.execute("SET synchronous_commit = off")
+            main.execute(f"SET lock_timeout = {LOCK_TIMEOUT_MS}")
+            sync = _connect(
+                self.dsn, timeout=timeout, autocommit=True, application_name="tisa-relay-sync"
+            )
+        except BaseException:
+            main.close()
+            raise
+        self._raw = main
+        with self._sync_lock:
+            self._sync = sync
+            self._sync_broken = False
+
+    def _close_connections(self) -> None:
+        raw, self._raw = self._raw, None
+        if raw is not None:
+            raw.close()
+        with self._sync_lock:
+            sync, self._sync = self._sync, None
+            if sync is not None:
+                sync.close()
+
+    def _main(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The store's connection, opened again if the server went away.
+
+        Raises:
+            StoreUnavailable: it cannot be opened (now, or in the last
+                RECONNECT_INTERVAL seconds).
+        """
+        if self._sync_broken:
+            self._lose(None)
+        if self._raw is None:
+            now = time.monotonic()
+            if now < self._next_attempt:
+                raise StoreUnavailable("the relay's PostgreSQL store is unreachable")
+            self._next_attempt = now + RECONNECT_INTERVAL
+            self._open_connections(RECONNECT_TIMEOUT)
+            log.warning("connected to the relay's PostgreSQL store again")
+        assert self._raw is not None
+        return self._raw
+
+    def _lose(self, exc: BaseException | None) -> None:
+        """The server went away, or a flush failed: every batch not known to be durable
+        may be lost. None of it was announced (answers wait for the flush); they are
+        marked lost, so whoever waits on them closes its connection, and members send
+        again. Both connections are closed; the next use of the store opens new ones.
+        Claims (advisory locks) died with the old connection."""
+        with self._sync_lock:
+            for batch in range(self.committed + 1, self.generation + 1):
+                self._lost.add(batch)
+            self.generation += 1
+            self.written = self.committed
+            self.ops = self.unsynced_ops = 0
+            self._notify.clear()
+            self._claimed.clear()
+        self._close_connections()
+        log.warning("lost the relay's PostgreSQL store: %s", exc or "a WAL flush failed")
+
+    def lost(self, batch: int) -> bool:
+        """Batch ``batch`` will never be durable (see :meth:`_lose`)."""
+        return super().lost(batch) or (self._sync_broken and batch > self.committed)
+
+    def _migrate(self) -> None:
+        with self._conn.transaction():
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            present = self._conn.execute("SELECT to_regclass('tisa_schema') IS NOT NULL").fetchone()
+            if present is not None and present[0]:
+                row = self._conn.execute("SELECT version FROM tisa_schema").fetchone()
+                version = 0 if row is None else int(row[0])
+                if version == 1:
+                    self._conn.execute(_PREKEY_SCHEMA)
+                    self._conn.execute("UPDATE tisa_schema SET version = %s", (SCHEMA_VERSION,))
+                    return
+                if version != SCHEMA_VERSION:
+                    raise UsageError(
+                        f"relay store schema {version}; this relay knows {SCHEMA_VERSION}"
+                    )
+                return
+            self._conn.execute(_SCHEMA)
+            self._conn.execute(_PREKEY_SCHEMA)
+            self._conn.execute("INSERT INTO tisa_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
+            self._conn.execute(
+                "INSERT INTO audit_head (one, seq, head) VALUES (true, 0, %s)", (GENESIS,)
+            )
+
+    def _sweep(self) -> None:
+        cutoff = int(time.time()) - ORPHAN_GRACE
+        with self._conn.transaction():
+            self._conn.execute(
+                "DELETE FROM blobs b WHERE b.placed < %s"
+                " AND NOT EXISTS (SELECT 1 FROM reports r WHERE r.blob = b.id)",
+                (cutoff,),
+            )
+            # wal_sync rows of stores closed or dead long ago.
+            self._conn.execute("DELETE FROM wal_sync WHERE touched < %s", (cutoff,))
+
+    def close(self) -> None:
+        """Commit what is pending (durably) and close; a poisoned store is closed
+        without committing (see :meth:`relay.store.Store.close`). Closing again does
+        nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.failed is None and self._raw is not None:
+                self.commit_durably()
+        finally:
+            self._uploads.close()
+            self._close_connections()
+
+    # --- group commit (see tisa_io.durable) ----------------------------------------------
+
+    @property
+    def in_transaction(self) -> bool:
+        """A batch (or single transaction) is open on the store's connection."""
+        # UNKNOWN (a broken connection) counts as open: its batch must fail to commit.
+        raw = self._raw
+        return raw is not None and raw.info.transaction_status != TransactionStatus.IDLE
+
+    def _execute(self, statement: str) -> None:
+        # COMMIT or ROLLBACK of the open batch. The notifications go out with the COMMIT
+        # (PostgreSQL delivers them when the transaction commits, never before).
+        members, self._notify = self._notify, set()
+        if statement == "COMMIT":
+            for member in sorted(members):
+                self._conn.execute("SELECT pg_notify(%s, %s)", (self.channel, member))
+        self._conn.execute(statement)
+
+    def _tell(self, member: str) -> None:
+        # Something new is queued for ``member``: tell the other relay processes when
+        # this batch commits (see watch).
+        if member:
+            self._notify.add(member)
+
+    def _seen(self, found: Any) -> Any:
+        """Rows read outside this store's open batch may belong to another process's
+        batch, committed (with ``synchronous_commit = off``) and perhaps not yet
+        flushed. Counted as a batch written, so that whoever announces what it read
+        waits (:attr:`barrier`) for a WAL flush that started after the read: that flush
+        covers the other commit too, which came before the read."""
+        if found and not self.in_transaction:
+            self.written = self.generation
+            self.generation += 1
+        return found
+
+    def _begin(self) -> None:
+        # Every writing transaction locks the chain head first (see the module docstring).
+        self._conn.execute("BEGIN")
+        try:
+            self._load_head(lock=True)
+        except BaseException:
+            # lock_timeout (another process holds the head too long), or the server is
+            # gone: nothing of this batch exists yet.
+            if self.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+
+    def _load_head(self, *, lock: bool = False) -> None:
+        row = self._conn.execute(
+            "SELECT seq, head FROM audit_head" + (" FOR UPDATE" if lock else "")
+        ).fetchone()
+        assert row is not None  # inserted with the schema
+        self._seq, self._head = int(row[0]), bytes(row[1])
+
+    @contextlib.contextmanager
+    def _single(self) -> Iterator[_Session]:  # type: ignore[override]
+        self._begin()
+        try:
+            yield self._conn
+        except BaseException:
+            if self.in_transaction:
+                self._execute("ROLLBACK")
+            raise
+        self._execute("COMMIT")
+        self.fsync_wal()
+
+    @contextlib.contextmanager
+    def _step(self) -> Iterator[_Session]:  # type: ignore[override]
+        if not self.in_transaction:
+            self._begin()
+        self._conn.execute("SAVEPOINT step")
+        self._in_step = True
+        try:
+            yield self._conn
+        except BaseException:
+            if self.in_transaction:  # else the connection (and the batch) is gone
+                self._conn.execute("ROLLBACK TO SAVEPOINT step")
+                self._conn.execute("RELEASE SAVEPOINT step")
+                self._load_head()  # the entries of this step are gone; the lock stays
+            raise
+        finally:
+            self._in_step = False
+        self._conn.execute("RELEASE SAVEPOINT step")
+        self.ops += 1
+
+    def _transaction(self) -> contextlib.AbstractContextManager[_Session]:
+        return self._step() if self.group_commit else self._single()
+
+    def manual_checkpoints(self) -> None:
+        """Nothing to turn off: PostgreSQL's server runs its own checkpoints."""
+
+    def checkpoint(self) -> tuple[int, int]:
+        """Nothing to do: PostgreSQL's server checkpoints its WAL itself (its
+        ``checkpoint_timeout`` and ``max_wal_size``). Returns ``(0, 0)``."""
+        return 0, 0
+
+    def fsync_wal(self) -> None:
+        """Make every batch COMMITted before this call durable: commit a write on the
+        second connection at the server's ``synchronous_commit`` (see the module
+        docstring). Blocking; may run in a worker thread.
+
+        Raises:
+            StoreUnavailable: the flush failed (or the connection is gone): the batches
+                not yet durable count as lost (:meth:`lost`), the store opens new
+                connections on its next use (:meth:`_lose`). Unlike a failed fsync of
+                SQLite's WAL this does not poison the store: what the server holds
+                after it restarted is what it has on disk.
+        """
+        with self._sync_lock:
+            sync = self._sync
+            if sync is None or self._sync_broken:
+                raise StoreUnavailable("the relay's PostgreSQL store is unreachable")
+            try:
+                now = int(time.time())
+                sync.execute(
+                    "INSERT INTO wal_sync (slot, n, touched) VALUES (%s, 1, %s)"
+                    " ON CONFLICT (slot) DO UPDATE SET n = wal_sync.n + 1, touched = %s",
+                    (self._slot, now, now),
+                )
+            except psycopg.Error as exc:
+                self._sync_broken = True
+                raise _unavailable(exc) from None
+
+    # --- several relay processes ---------------------------------------------------------
+
+    def claim(self, token_id: bytes) -> bool:
+        """Claim a delivery for this process before pushing it: False if another relay
+        process holds it. A session advisory lock on the store's connection, so the
+        claim dies with the process (or its connection); the relay itself decides which
+        of its connections pushes it. Released by :meth:`unclaim` or an ack."""
+        if token_id in self._claimed:
+            return True
+        row = self._conn.execute(
+            "SELECT pg_try_advisory_lock(%s)", (_claim_key(token_id),)
+        ).fetchone()
+        if row is None or not row[0]:
+            return False
+        self._claimed.add(token_id)
+        return True
+
+    def unclaim(self, token_ids: Iterable[bytes]) -> None:
+        """Give up claims (a connection that pushed them ended): another process may
+        push them now, and is told to look. Without the store's connection there is
+        nothing to give up: the claims died with it."""
+        token_ids = [token_id for token_id in token_ids if token_id in self._claimed]
+        if self._raw is None:
+            self._claimed.difference_update(token_ids)
+            return
+        try:
+            self._unclaim(token_ids)
+        except StoreUnavailable:
+            self._claimed.difference_update(token_ids)  # lost with the connection
+
+    def _unclaim(self, token_ids: list[bytes]) -> None:
+        for token_id in token_ids:
+            if token_id in self._claimed:
+                self._claimed.discard(token_id)
+                self._conn.execute("SELECT pg_advisory_unlock(%s)", (_claim_key(token_id),))
+                recipient = self._conn.execute(
+                    "SELECT recipient FROM tokens WHERE id = %s", (token_id,)
+                ).fetchone()
+                if recipient is not None:
+                    # Sent now, or with the open batch's COMMIT; if lost, the poll finds it.
+                    self._conn.execute(
+                        "SELECT pg_notify(%s, %s)", (self.channel, str(recipient[0]))
+                    )
+
+    async def watch(self, wake: Callable[[str | None], None]) -> None:
+        """Until cancelled: ``wake(member)`` when another relay process queued something
+        for ``member`` (a NOTIFY, a hint), and ``wake(None)`` after :data:`POLL_INTERVAL`
+        seconds without one (look at everything: the rows are the truth, a hint can be
+        lost). A lost connection is logged and opened again.
+
+        The wait runs in a worker thread (psycopg has no trio path); cancelled, the
+        thread ends within :data:`POLL_INTERVAL` and closes its connection.
+        """
+        own = self._main().info.backend_pid
+        while True:
+            try:
+                listener = await trio.to_thread.run_sync(
+                    lambda: _connect(self.dsn, autocommit=True, application_name="tisa-listen")
+                )
+            except StoreUnavailable as exc:
+                log.warning("%s; looking again in %s s", exc, POLL_INTERVAL)
+                await trio.sleep(POLL_INTERVAL)
+                wake(None)
+                continue
+            stop = threading.Event()
+            waiting = False
+            try:
+                listener.execute(f"LISTEN {self.channel}")
+                while True:
+                    waiting = True
+                    members = await trio.to_thread.run_sync(
+                        _listen, listener, stop, own, abandon_on_cancel=True
+                    )
+                    waiting = False
+                    if not members:
+                        wake(None)
+                    for member in members:
+                        wake(member)
+            except psycopg.Error as exc:
+                log.warning("listening for other relay processes failed: %s", exc)
+                await trio.sleep(POLL_INTERVAL)
+                wake(None)
+            finally:
+                stop.set()
+                if not waiting:
+                    listener.close()
+
+    # --- audit ---------------------------------------------------------------------------
+
+    def _audit(
+        self,
+        event: AuditEvent,
+        *,
+        now: int,
+        parties: tuple[str, ...],
+        report: bytes | None = None,
+        token: bytes | None = None,
+        reason: str | None = None,
+    ) -> AuditEntry:
+        # Inside a transaction only, which holds the audit_head row (see _begin).
+        entry = AuditEntry(
+            seq=self._seq + 1,
+            time=max(now, 0),
+            event=event,
+            report=report,
+            token=token,
+            parties=tuple(sorted(set(parties), key=str.encode)),
+            reason=reason,
+        )
+        encoded = entry.encode()
+        content = digest(Hash.AUDIT, encoded)
+        head = chain_next(self._head, content)
+        self._conn.execute(
+            "INSERT INTO audit (seq, entry, content, head) VALUES (%s, %s, %s, %s)",
+            (entry.seq, encoded, content, head),
+        )
+        self._conn.execute("UPDATE audit_head SET seq = %s, head = %s", (entry.seq, head))
+        self._seq, self._head = entry.seq, head
+        return entry
+
+    def log_refusal(
+        self,
+        *,
+        member: str,
+        reason: Reason,
+        now: int,
+        report: bytes | None = None,
+        token: bytes | None = None,
+        others: tuple[str, ...] = (),
+    ) -> AuditEntry:
+        """Log a refusal of something ``member`` sent (its own step)."""
+        with self._transaction():
+            return self._audit(
+                AuditEvent.REFUSED,
+                now=now,
+                parties=(member, *others),
+                report=report,
+                token=token,
+                reason=reason.value,
+            )
+
+    @property
+    def audit_seq(self) -> int:
+        """Sequence number of the last audit entry (0 when empty)."""
+        if not self.in_transaction:
+            self._load_head()
+        return self._seq
+
+    @property
+    def audit_head(self) -> bytes:
+        """The audit chain's head after its last entry."""
+        if not self.in_transaction:
+            self._load_head()
+        return self._head
+
+    def audit_point(self, seq: int) -> bytes | None:
+        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
+        if seq == 0:
+            return GENESIS
+        row = self._seen(
+            self._conn.execute("SELECT head FROM audit WHERE seq = %s", (seq,)).fetchone()
+        )
+        return None if row is None else bytes(row[0])
+
+    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
+        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+        rows = self._seen(
+            self._conn.execute(
+                "SELECT entry, content, head FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
+                (after, _limit(limit)),
+            ).fetchall()
+        )
+        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        """The encoded sizes of up to ``limit`` entries after ``after``."""
+        rows = self._conn.execute(
+            "SELECT octet_length(entry) FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
+            (after, _limit(limit)),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
+
+    # --- reports -------------------------------------------------------------------------
+
+    def begin_upload(self, report_id: bytes, *, inline: bool = False) -> PgBlobWriter | InlineBlob:
+        """A writer for a new ciphertext of ``report_id``: into ``blob_chunks`` once
+        :meth:`PgBlobWriter.place` ran, or with ``inline`` into the row itself."""
+        if inline:
+            return InlineBlob()
+        return PgBlobWriter(self, report_id)
+
+    def inline_data(self, report_id: bytes) -> bytes | None:
+        """The ciphertext of a report stored inline, or None (in chunks, or gone)."""
+        row = self._conn.execute("SELECT data FROM reports WHERE id = %s", (report_id,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def open_ciphertext(self, report_id: bytes) -> BinaryIO:
+        """A readable stream of a stored report's ciphertext (read a chunk row at a
+        time). The caller closes it.
+
+        Raises:
+            FileNotFoundError: no such report, or its ciphertext was deleted.
+        """
+        row = self._conn.execute(
+            "SELECT data, blob FROM reports WHERE id = %s", (report_id,)
+        ).fetchone()
+        if row is None or (row[0] is None and row[1] is None):
+            raise FileNotFoundError(f"no ciphertext of report {report_id.hex()}")
+        if row[0] is not None:
+            return io.BytesIO(bytes(row[0]))
+        return io.BufferedReader(_ChunkReader(self, bytes(row[1])), BLOB_CHUNK)
+
+    def report(self, report_id: bytes) -> ReportRow | None:
+        """The report's row, or None."""
+        row = self._seen(
+            self._conn.execute(
+                "SELECT id, originator, size, digest, state, ended, expires, stored_at"
+                " FROM reports WHERE id = %s",
+                (report_id,),
+            ).fetchone()
+        )
+        return None if row is None else ReportRow(*row)
+
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+    ) -> ReportRow:
+        """Record a placed upload (or, with ``data``, an inline ciphertext) as a held
+        report and log ``stored``, in one step.
+
+        Raises:
+            UsageError: no upload of ``report_id`` was placed (and ``data`` is None).
+            StoreBusy: another relay process stored a report of this id meanwhile.
+        """
+        blob = None
+        if data is None:
+            blob = self._placed.get(report_id)
+            if blob is None:
+                raise UsageError("no placed upload of this report")
+        with self._transaction() as db:
+            try:
+                db.execute(
+                    "INSERT INTO reports (id, originator, size, digest, state, expires,"
+                    " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)",
+                    (report_id, originator, size, digest, expires, now, data, blob),
+                )
+            except psycopg.errors.UniqueViolation:
+                # The same upload through another relay process (a member that failed
+                # over mid-upload) was stored first: sent again, it is answered as stored.
+                raise StoreBusy("another relay process stored this report just now") from None
+            self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
+        self._placed.pop(report_id, None)
+        return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
+
+    def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
+        # Inside a step: the report's row and its chunks go in the same transaction.
+        self._conn.execute(
+            "DELETE FROM blobs WHERE id = (SELECT blob FROM reports WHERE id = %s)", (report_id,)
+        )
+        self._conn.execute(
+            "UPDATE reports SET state = 'deleted', ended = %s, data = NULL, blob = NULL"
+            " WHERE id = %s",
+            (ended, report_id),
+        )
+
+    # --- tokens --------------------------------------------------------------------------
+
+    def token(self, token_id: bytes) -> TokenRow | None:
+        """The token row of ``token_id`` (also a consumed one), or None."""
+        row = self._seen(
+            self._conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s", (token_id,)
+            ).fetchone()
+        )
+        return None if row is None else _token_row(row)
+
+    def ping(self) -> None:
+        """A trivial round trip to the server (the health check).
+
+        Raises:
+            StoreUnavailable: the server cannot be reached.
+        """
+        self._conn.execute("SELECT 1").fetchone()
+
+    def queue_length(self, recipient: str) -> int:
+        """Deliveries still owed to ``recipient``: counted every time (other relay
+        processes change it; an index scan on ``tokens_recipient``)."""
+        row = self._conn.execute(
+            "SELECT count(*) FROM tokens WHERE recipient = %s AND state IN (%s, %s)",
+            (recipient, *OUTSTANDING),
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def release(self, token: ReleaseToken, *, now: int, max_queue: int) -> TokenRow:
+        """Consume ``token`` (already checked) and make its delivery pending, atomically.
+
+        Raises:
+            Refused: as :meth:`relay.store.Store.release`.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL,"
+                " r.state, r.ended, r.expires, r.key_commit"
+                " FROM (SELECT 1) AS one LEFT JOIN reports r ON r.id = %s",
+                (token.id, token.report),
+            ).fetchone()
+            assert row is not None
+            seen, present, state, ended, expires, pinned = row
+            if seen is not None:
+                if seen == "revoked":
+                    raise Refused(Reason.REVOKED, "this token was revoked")
+                raise Refused(Reason.REPLAYED, "this token was used before")
+            if not present:
+                raise Refused(Reason.UNKNOWN_REPORT, "no such report")
+            if state == "deleted":
+                if ended == "revoked":
+                    raise Refused(Reason.REVOKED, "the report was revoked")
+                raise Refused(Reason.EXPIRED, "the report is no longer held")
+            if expires <= now:
+                raise Refused(Reason.EXPIRED, "the report's hold time is over")
+            if self.queue_length(token.recipient) >= max_queue:
+                raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
+            # The first release pins the key commitment (see relay.store.Store.release).
+            if pinned is not None and bytes(pinned) != token.key_commit:
+                raise Refused(
+                    Reason.WRONG_REPORT, "token commits to another content key than the first"
+                )
+            if token.wrap.opk is not None:
+                self._use_one_time_prekey(db, token)
+            pending = TokenRow(
+                0,
+                token.id,
+                token.report,
+                token.recipient,
+                token.originator,
+                token.encoded,
+                token.counter,
+                "pending",
+                token.not_after,
+            )
+            inserted = db.execute(
+                f"INSERT INTO tokens ({_TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
+                (*dataclasses.astuple(pending)[1:], token.not_after + MAX_VALIDITY),
+            ).fetchone()
+            assert inserted is not None
+            db.execute(
+                "UPDATE reports SET key_commit = coalesce(key_commit, %s),"
+                " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = %s",
+                (token.key_commit, token.report),
+            )
+            self._tell(token.recipient)
+            self._audit(
+                AuditEvent.RELEASED,
+                now=now,
+                parties=(token.originator, token.recipient),
+                report=token.report,
+                token=token.id,
+            )
+        return dataclasses.replace(pending, seq=int(inserted[0]))
+
+    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
+        """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
+        (at most ``limit``; -1 for all)."""
+        rows = self._seen(
+            self._conn.execute(
+                f"SELECT {_TOKEN_COLUMNS} FROM tokens"
+                " WHERE recipient = %s AND state IN (%s, %s) AND seq > %s ORDER BY seq LIMIT %s",
+                (recipient, *OUTSTANDING, after, _limit(limit)),
+            ).fetchall()
+        )
+        return [_token_row(row) for row in rows]
+
+    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
+        """Whether a delivery is still outstanding, and its report's ciphertext if
+        stored inline (else None: in chunks, or gone)."""
+        row = self._conn.execute(
+            "SELECT t.state, r.data FROM tokens t LEFT JOIN reports r ON r.id = t.report"
+            " WHERE t.id = %s",
+            (token_id,),
+        ).fetchone()
+        if row is None:
+            return False, None
+        return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
+
+    def is_outstanding(self, token_id: bytes) -> bool:
+        """Whether the delivery of ``token_id`` is still owed."""
+        row = self._conn.execute("SELECT state FROM tokens WHERE id = %s", (token_id,)).fetchone()
+        return row is not None and row[0] in OUTSTANDING
+
+    def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
+        """A delivery went out in full; the first time, log ``forwarded``."""
+        with self._transaction() as db:
+            row = db.execute(
+                "UPDATE tokens SET state = 'delivered' WHERE id = %s AND state = 'pending'"
+                " RETURNING originator, recipient, report",
+                (token_id,),
+            ).fetchone()
+            if row is None:
+                return
+            self._audit(
+                AuditEvent.FORWARDED,
+                now=now,
+                parties=(str(row[0]), str(row[1])),
+                report=bytes(row[2]),
+                token=token_id,
+            )
+
+    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
+        """The recipient holds the report (see :meth:`relay.store.Store.ack_delivery`)."""
+        with self._transaction() as db:
+            row = self.token(token_id)
+            if row is None or row.recipient != recipient:
+                return False
+            if row.state not in OUTSTANDING:
+                return True
+            db.execute(
+                "UPDATE tokens SET state = 'acked', token = ''::bytea WHERE id = %s", (token_id,)
+            )
+            if row.state == "pending":
+                self._audit(
+                    AuditEvent.FORWARDED,
+                    now=now,
+                    parties=(row.originator, row.recipient),
+                    report=row.report,
+                    token=token_id,
+                )
+            self._audit(
+                AuditEvent.ACKNOWLEDGED,
+                now=now,
+                parties=(row.originator, row.recipient),
+                report=row.report,
+                token=token_id,
+            )
+        self.unclaim((token_id,))  # no longer owed: nobody needs the claim
+        return True
+
+    # --- revocation ----------------------------------------------------------------------
+
+    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
+        """Withdraw one token or the whole report (see :meth:`relay.store.Store.revoke`).
+
+        Raises:
+            Refused: UNKNOWN_REPORT, REPLAYED, EXPIRED, WRONG_REPORT.
+        """
+        with self._transaction() as db:
+            report = self.report(report_id)
+            if report is None or report.originator != by:
+                raise Refused(Reason.UNKNOWN_REPORT, "no such report of yours")
+            if token_id is not None:
+                row = self.token(token_id)
+                if row is None:
+                    # Revoked before release: the id is recorded so a later release is
+                    # refused. recipient is unknown; '' matches no member.
+                    db.execute(
+                        "INSERT INTO tokens (id, report, recipient, originator, token, counter,"
+                        " state, not_after, keep_until)"
+                        " VALUES (%s, %s, '', %s, ''::bytea, 0, 'revoked', %s, %s)",
+                        (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
+                    )
+                    parties: tuple[str, ...] = (by,)
+                else:
+                    if row.report != report_id:
+                        raise Refused(Reason.WRONG_REPORT, "the token names another report")
+                    if row.state == "acked":
+                        raise Refused(Reason.REPLAYED, "the token was already used")
+                    if row.state == "expired":
+                        raise Refused(Reason.EXPIRED, "the token expired")
+                    if row.state == "revoked":
+                        return
+                    db.execute(
+                        "UPDATE tokens SET state = 'revoked', token = ''::bytea WHERE id = %s",
+                        (token_id,),
+                    )
+                    parties = (by, row.recipient)
+                self._audit(
+                    AuditEvent.REVOKED, now=now, parties=parties, report=report_id, token=token_id
+                )
+                return
+            if report.state == "deleted" and report.ended == "revoked":
+                return
+            recipients = [
+                str(r[0])
+                for r in db.execute(
+                    "UPDATE tokens SET state = 'revoked', token = ''::bytea"
+                    " WHERE report = %s AND state IN (%s, %s) RETURNING recipient",
+                    (report_id, *OUTSTANDING),
+                ).fetchall()
+            ]
+            self._delete_ciphertext(report_id, "revoked")
+            self._audit(AuditEvent.REVOKED, now=now, parties=(by, *recipients), report=report_id)
+
+    # --- receipts and notices ------------------------------------------------------------
+
+    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
+        """Queue a verified receipt for its originator; False if queued before.
+
+        Raises:
+            Refused: WRONG_REPORT when no such delivery exists.
+        """
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT recipient, originator, report FROM tokens WHERE id = %s", (receipt.token,)
+            ).fetchone()
+            if (
+                row is None
+                or row[0] != receipt.recipient
+                or row[1] != receipt.originator
+                or bytes(row[2]) != receipt.report
+            ):
+                raise Refused(Reason.WRONG_REPORT, "no such delivery")
+            cursor = db.execute(
+                "INSERT INTO receipts (originator, token, receipt, state)"
+                " VALUES (%s, %s, %s, 'queued') ON CONFLICT (token) DO NOTHING",
+                (receipt.originator, receipt.token, receipt.encoded),
+            )
+            if cursor.rowcount == 0:
+                return False
+            self._tell(receipt.originator)
+            self._audit(
+                AuditEvent.RECEIPT,
+                now=now,
+                parties=(receipt.originator, receipt.recipient),
+                report=receipt.report,
+                token=receipt.token,
+            )
+        return True
+
+    def queued_receipts(
+        self, originator: str, *, after: int = 0, limit: int = -1
+    ) -> list[ReceiptRow]:
+        """Receipts not yet confirmed by ``originator``, with ``seq > after``, oldest first."""
+        rows = self._seen(
+            self._conn.execute(
+                "SELECT seq, originator, token, receipt FROM receipts"
+                " WHERE originator = %s AND state = 'queued' AND seq > %s ORDER BY seq LIMIT %s",
+                (originator, after, _limit(limit)),
+            ).fetchall()
+        )
+        return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
+
+    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
+        """The originator holds the receipt (its row keeps only the token id); False if
+        there is no such receipt of ``originator``."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE receipts SET state = 'acked', receipt = ''::bytea"
+                " WHERE token = %s AND originator = %s",
+                (token_id, originator),
+            )
+            return cursor.rowcount > 0
+
+    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
+        """Notices queued for ``member`` with ``seq > after``, oldest first."""
+        rows = self._seen(
+            self._conn.execute(
+                "SELECT seq, member, kind, report, token FROM notices"
+                " WHERE member = %s AND seq > %s ORDER BY seq LIMIT %s",
+                (member, after, _limit(limit)),
+            ).fetchall()
+        )
+        return [NoticeRow(*row) for row in rows]
+
+    def drop_notice(self, seq: int) -> None:
+        """Drop a notice that was sent (notices have no ack)."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM notices WHERE seq = %s", (seq,))
+
+    def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
+        self._tell(member)
+        self._conn.execute(
+            "INSERT INTO notices (member, kind, report, token) VALUES (%s, %s, %s, %s)",
+            (member, kind, report, token),
+        )
+
+    # --- expiry --------------------------------------------------------------------------
+
+    def expire(self, *, now: int, clock_skew: int) -> set[str]:
+        """Expire deliveries and held reports past their time (see
+        :meth:`relay.store.Store.expire`). Returns the members that got a notice."""
+        notified: set[str] = set()
+        with self._transaction() as db:
+            expired_tokens = [
+                _token_row(row)
+                for row in db.execute(
+                    "UPDATE tokens SET state = 'expired', token = ''::bytea"
+                    " WHERE state IN (%s, %s) AND not_after + %s <= %s"
+                    f" RETURNING {_TOKEN_COLUMNS}",
+                    (*OUTSTANDING, clock_skew, now),
+                ).fetchall()
+            ]
+            for token in sorted(expired_tokens, key=lambda t: t.seq):
+                self._notice(token.originator, "expired", token.report, token.id)
+                notified.add(token.originator)
+                self._audit(
+                    AuditEvent.EXPIRED,
+                    now=now,
+                    parties=(token.originator, token.recipient),
+                    report=token.report,
+                    token=token.id,
+                )
+            for report_id, originator, state in db.execute(
+                "SELECT id, originator, state FROM reports"
+                " WHERE state IN ('held', 'released') AND expires <= %s ORDER BY stored_at, id",
+                (now,),
+            ).fetchall():
+                if state == "released":
+                    busy = db.execute(
+                        "SELECT 1 FROM tokens WHERE report = %s AND state IN (%s, %s) LIMIT 1",
+                        (report_id, *OUTSTANDING),
+                    ).fetchone()
+                    if busy is None:
+                        self._delete_ciphertext(report_id, "done")
+                    continue
+                self._delete_ciphertext(report_id, "expired")
+                self._notice(originator, "expired", report_id, None)
+                notified.add(originator)
+                self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
+            # Consumed token ids are kept until no token with that id could still be
+            # valid (not_after + the longest validity), so a replay is always caught.
+            db.execute(
+                "DELETE FROM tokens WHERE keep_until < %s AND state NOT IN (%s, %s)",
+                (now, *OUTSTANDING),
+            )
+            # As relay.store.Store.expire: kept while a token naming it could arrive.
+            db.execute("DELETE FROM prekeys WHERE not_after + %s < %s", (MAX_VALIDITY, now))
+        return notified
+
+    # --- prekeys (as relay.store.Store; see there) -------------------------------------
+
+    def publish_prekeys(
+        self, owner: str, signed: Prekey | None, one_time: list[Prekey], *, max_one_time: int
+    ) -> None:
+        """Store ``owner``'s verified prekeys (one already stored is ignored).
+
+        Raises:
+            Refused: LIMIT, the one-time prekeys would exceed ``max_one_time`` (nothing
+                of this publish is stored then).
+        """
+        with self._transaction() as db:
+            for prekey in ([signed] if signed is not None else []) + one_time:
+                db.execute(
+                    "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after),
+                )
+            row = db.execute(
+                "SELECT count(*) FROM prekeys WHERE owner = %s AND kind = 'one_time'"
+                " AND taken_by IS NULL",
+                (owner,),
+            ).fetchone()
+            if row is not None and int(row[0]) > max_one_time:
+                raise Refused(
+                    Reason.LIMIT, f"at most {max_one_time} one-time prekeys are stored per member"
+                )
+
+    def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
+        """(``not_after`` of the newest valid signed prekey or 0, one-time prekeys left)."""
+        row = self._conn.execute(
+            "SELECT (SELECT not_after FROM prekeys WHERE owner = %s AND kind = 'signed'"
+            " AND not_after > %s ORDER BY seq DESC LIMIT 1),"
+            " (SELECT count(*) FROM prekeys WHERE owner = %s"
+            " AND kind = 'one_time' AND taken_by IS NULL AND not_after > %s)",
+            (owner, now, owner, now),
+        ).fetchone()
+        assert row is not None
+        return int(row[0] or 0), int(row[1])
+
+    def take_prekeys(
+        self, owner: str, *, taker: str, now: int
+    ) -> tuple[bytes | None, bytes | None, int]:
+        """Hand out ``owner``'s newest valid signed prekey and one one-time prekey, the
+        latter marked taken by ``taker`` in the same step. ``SKIP LOCKED``: another relay
+        process handing out a prekey of the same owner takes another one."""
+        with self._transaction() as db:
+            signed = db.execute(
+                "SELECT encoded FROM prekeys WHERE owner = %s AND kind = 'signed'"
+                " AND not_after > %s ORDER BY seq DESC LIMIT 1",
+                (owner, now),
+            ).fetchone()
+            one_time = db.execute(
+                "SELECT seq, encoded FROM prekeys WHERE owner = %s AND kind = 'one_time'"
+                " AND taken_by IS NULL AND not_after > %s ORDER BY seq DESC LIMIT 1"
+                " FOR UPDATE SKIP LOCKED",
+                (owner, now),
+            ).fetchone()
+            if one_time is not None:
+                db.execute("UPDATE prekeys SET taken_by = %s WHERE seq = %s", (taker, one_time[0]))
+        left = self.prekey_status(owner, now=now)[1]
+        return (
+            None if signed is None else bytes(signed[0]),
+            None if one_time is None else bytes(one_time[1]),
+            left,
+        )
+
+    def _use_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
+        row = db.execute(
+            "SELECT owner, taken_by, used_by FROM prekeys WHERE key = %s AND kind = 'one_time'"
+            " FOR UPDATE",
+            (token.wrap.opk,),
+        ).fetchone()
+        if row is None or row[0] != token.recipient or row[1] != token.originator:
+            raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
+        if row[2] is not None:
+            raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
+        db.execute("UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk))

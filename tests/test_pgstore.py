@@ -1,0 +1,407 @@
+"""The relay's PostgreSQL store (relay/pgstore.py) on its own: schema, group commit and
+the WAL flush, ciphertexts in chunks, the audit chain head, several stores on one
+database. The relay's behaviour on it is tested with the SQLite store's, in
+test_relay_server.py (the store_at fixture)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import psycopg
+import pytest
+from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+
+from relay.pgstore import BLOB_CHUNK, ORPHAN_GRACE, PgBlobWriter, PgStore, StoreUnavailable
+from relay.storage import StoreBusy, open_store
+from relay.store import InlineBlob
+from tisa.audit import GENESIS, chain_next
+from tisa.errors import Reason, Refused, UsageError
+from tisa.keys import Hash, digest
+from tisa.report import SealedReport
+from tisa.token import ReleaseToken
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+def _rows(dsn: str, query: str, *params: object) -> list[tuple[object, ...]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(query, params).fetchall()  # type: ignore[arg-type]
+
+
+def _store_report(
+    store: PgStore, world: World, body: bytes = b"report", *, inline: bool = False
+) -> SealedReport:
+    report = seal(world, body)
+    writer = store.begin_upload(report.report_id, inline=inline)
+    assert isinstance(writer, InlineBlob if inline else PgBlobWriter)
+    writer.write(report.ciphertext)
+    assert writer.digest() == report.digest
+    writer.place()
+    data = writer.data
+    writer.abort()
+    store.add_report(
+        report.report_id,
+        originator="seoul",
+        size=report.size,
+        digest=report.digest,
+        expires=NOW + 3600,
+        now=NOW,
+        data=data,
+    )
+    return report
+
+
+def test_a_postgresql_address_opens_the_postgresql_store(pg_dsn: str) -> None:
+    store = open_store(pg_dsn, group_commit=False)
+    try:
+        assert isinstance(store, PgStore)
+        assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(2,)]
+        assert _rows(pg_dsn, "SELECT seq, head FROM audit_head") == [(0, GENESIS)]
+    finally:
+        store.close()
+    # Opened again: the schema is there, nothing is created twice.
+    PgStore(pg_dsn).close()
+
+
+def test_a_store_of_another_schema_version_is_refused(pg_dsn: str) -> None:
+    PgStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE tisa_schema SET version = 99")
+    with pytest.raises(UsageError, match="schema 99"):
+        PgStore(pg_dsn)
+
+
+def test_a_version_1_store_gains_the_prekey_table(pg_dsn: str) -> None:
+    PgStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("DROP TABLE prekeys")
+        conn.execute("UPDATE tisa_schema SET version = 1")
+    store = PgStore(pg_dsn)
+    try:
+        assert store.prekey_status("tokyo", now=NOW) == (0, 0)
+    finally:
+        store.close()
+    assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(2,)]
+
+
+def test_two_relay_processes_never_hand_out_one_one_time_prekey_twice(
+    pg_dsn: str, world: World
+) -> None:
+    # Two stores on one database (two relay processes). Their batches are serialised (each
+    # holds the audit chain's row until its commit), and a handout is taken in the batch
+    # that answers it: what one process handed out, the other never hands out again.
+    from tisa.prekeys import Prekey
+
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        prekeys = [Prekey.decode(world.prekey("tokyo")) for _ in range(2)]
+        first.publish_prekeys("tokyo", None, prekeys, max_one_time=10)
+        first.commit_durably()
+        _, a, left = first.take_prekeys("tokyo", taker="seoul", now=NOW)
+        first.commit_durably()
+        assert a is not None and left == 1
+        _, b, left = second.take_prekeys("tokyo", taker="seoul", now=NOW)
+        second.commit_durably()
+        assert b is not None and b != a and left == 0
+        _, none, left = first.take_prekeys("tokyo", taker="seoul", now=NOW)
+        first.commit_durably()
+        assert none is None and left == 0
+    finally:
+        first.close()
+        second.close()
+
+
+def test_an_unreachable_server_is_one_clear_error(tmp_path: object) -> None:
+    with pytest.raises(StoreUnavailable) as info:
+        PgStore(f"postgresql://nobody@/none?host={tmp_path}")
+    assert "cannot reach the relay's PostgreSQL store" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_commit_writes_and_the_wal_flush_makes_durable(pg_dsn: str) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        assert store._conn.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        # The flush commits on its own connection at the server's setting.
+        assert store._sync.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+        batch = store.barrier
+        # The open batch is invisible to others until COMMIT.
+        assert _rows(pg_dsn, "SELECT count(*) FROM audit") == [(0,)]
+        store.commit()
+        assert _rows(pg_dsn, "SELECT count(*) FROM audit") == [(1,)]
+        assert store.written == batch and store.committed < batch and store.pending
+        store.fsync_wal()
+        assert _rows(pg_dsn, "SELECT n FROM wal_sync WHERE slot = %s", store._slot) == [(1,)]
+        assert store.committed < batch  # only mark_durable makes it count
+        store.mark_durable(batch)
+        assert store.committed == batch and not store.pending
+    finally:
+        store.close()
+
+
+def test_a_failed_flush_loses_what_it_covered_and_the_store_connects_again(
+    pg_dsn: str,
+) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+        store.commit()
+        batch = store.written
+        assert store._sync is not None
+        store._sync.close()  # as if the server went away
+        with pytest.raises(StoreUnavailable):
+            store.fsync_wal()
+        # Never counted as durable, nothing of it may be announced; but the store is not
+        # poisoned (unlike SQLite after a failed fsync): it connects again when used.
+        assert store.lost(batch) and store.failed is None
+        second = store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert store.lost(batch) and not store.lost(store.barrier)
+        store.commit_durably()
+        assert store.committed == store.written and store.committed > batch
+        assert store.lost(batch)  # still: a later batch on disk does not make it so
+        assert [e.seq for e, _, _ in store.audit_entries(0, limit=10)] == [1, second.seq]
+    finally:
+        store.close()
+
+
+def test_a_lost_connection_is_store_unavailable_then_opened_again(pg_dsn: str) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+        batch = store.barrier
+        # The server ends the store's session (as a restart would).
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'tisa-relay'"
+            )
+        with pytest.raises(StoreUnavailable):
+            store.commit()
+        assert store.lost(batch)
+        # The next use connects again (the open batch was rolled back with the session).
+        store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        store.commit_durably()
+        assert [e.parties for e, _, _ in store.audit_entries(0, limit=10)] == [("tokyo",)]
+    finally:
+        store.close()
+
+
+def test_a_refused_step_leaves_no_trace_and_the_chain_goes_on(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        report = seal(world)
+        token = ReleaseToken.decode(token_for(world, report))
+        with pytest.raises(Refused) as info:
+            store.release(token, now=NOW, max_queue=10)  # no such report
+        assert info.value.reason == Reason.UNKNOWN_REPORT
+        first = store.log_refusal(member="seoul", reason=Reason.UNKNOWN_REPORT, now=NOW)
+        second = store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert (first.seq, second.seq) == (1, 2)
+        store.commit_durably()
+        head = GENESIS
+        for entry, content, after in store.audit_entries(0, limit=10):
+            assert content == digest(Hash.AUDIT, entry.encode())
+            head = chain_next(head, content)
+            assert after == head
+        assert _rows(pg_dsn, "SELECT seq, head FROM audit_head") == [(2, head)]
+        assert (store.audit_seq, store.audit_head) == (2, head)
+    finally:
+        store.close()
+
+
+def test_a_large_ciphertext_is_kept_in_chunks_and_streamed_back(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn)
+    try:
+        body = os.urandom(2 * BLOB_CHUNK + 1000)
+        report = _store_report(store, world, body)
+        report_id, ciphertext = report.report_id, report.ciphertext
+        chunks = _rows(
+            pg_dsn,
+            "SELECT octet_length(c.data) FROM blob_chunks c JOIN reports r ON r.blob = c.blob"
+            " WHERE r.id = %s ORDER BY c.n",
+            report_id,
+        )
+        assert [size for (size,) in chunks][:-1] == [BLOB_CHUNK] * (len(chunks) - 1)
+        assert store.inline_data(report_id) is None
+        with store.open_ciphertext(report_id) as stream:
+            parts = []
+            while data := stream.read(70_000):
+                assert len(data) <= 70_000
+                parts.append(data)
+        assert b"".join(parts) == ciphertext
+        # Revoked: the row is deleted, and its chunks with it, in the same transaction.
+        store.revoke(report_id, None, by="seoul", now=NOW)
+        assert _rows(pg_dsn, "SELECT count(*) FROM blob_chunks") == [(0,)]
+        with pytest.raises(FileNotFoundError):
+            store.open_ciphertext(report_id)
+    finally:
+        store.close()
+
+
+def test_a_blob_whose_row_never_came_is_swept_after_the_grace(pg_dsn: str, world: World) -> None:
+    store = PgStore(pg_dsn)
+    report = seal(world, os.urandom(BLOB_CHUNK))
+    writer = store.begin_upload(report.report_id)
+    writer.write(report.ciphertext)
+    writer.place()  # ... and the process dies before add_report
+    kept_id = _store_report(store, world, os.urandom(BLOB_CHUNK)).report_id
+    store.close()
+    PgStore(pg_dsn).close()  # within the grace: another process may be about to add it
+    assert _rows(pg_dsn, "SELECT count(*) FROM blobs") == [(2,)]
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("UPDATE blobs SET placed = placed - %s", (ORPHAN_GRACE + 1,))
+    PgStore(pg_dsn).close()
+    assert _rows(pg_dsn, "SELECT r.id FROM blobs b JOIN reports r ON r.blob = b.id") == [(kept_id,)]
+    assert _rows(pg_dsn, "SELECT count(*) FROM blobs") == [(1,)]
+
+
+def test_two_stores_on_one_database_share_one_chain_and_consume_a_token_once(
+    pg_dsn: str, world: World
+) -> None:
+    # Two relay processes, as two stores: the token consumed by one is replayed on the
+    # other, and their audit entries form one chain in commit order.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        token = ReleaseToken.decode(token_for(world, report))
+        second.release(token, now=NOW, max_queue=10)
+        second.commit_durably()
+        with pytest.raises(Refused) as info:
+            first.release(token, now=NOW, max_queue=10)
+        assert info.value.reason == Reason.REPLAYED
+        first.log_refusal(member="seoul", reason=Reason.REPLAYED, now=NOW)
+        first.commit_durably()
+        assert [e.seq for e, _, _ in second.audit_entries(0, limit=10)] == [1, 2, 3]
+        assert first.audit_head == second.audit_head
+        assert [row.id for row in first.outstanding("tokyo")] == [token.id]
+    finally:
+        first.close()
+        second.close()
+
+
+def _released(store: PgStore, world: World) -> bytes:
+    """A report stored and released to Tokyo through ``store``; the token id."""
+    report = _store_report(store, world, inline=True)
+    token = ReleaseToken.decode(token_for(world, report))
+    store.release(token, now=NOW, max_queue=10)
+    store.commit_durably()
+    return token.id
+
+
+def test_a_delivery_is_claimed_by_one_process_at_a_time(pg_dsn: str, world: World) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        token_id = _released(first, world)
+        assert first.claim(token_id) and first.claim(token_id)  # again: still ours
+        assert not second.claim(token_id)
+        first.unclaim([token_id])
+        assert second.claim(token_id) and not first.claim(token_id)
+        second.close()  # the process holding it dies: the claim dies with it
+        # (once the server has ended the closed session, which it does on its own time)
+        deadline = time.monotonic() + 10
+        while not first.claim(token_id):
+            assert time.monotonic() < deadline, "the claim outlived its session"
+            time.sleep(0.01)
+        # An ack ends the delivery, and its claim.
+        assert first.ack_delivery(token_id, recipient="tokyo", now=NOW)
+        first.commit_durably()
+        third = PgStore(pg_dsn)
+        try:
+            assert third.claim(token_id)
+        finally:
+            third.close()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_rows_of_another_process_are_announced_only_after_a_flush(
+    pg_dsn: str, world: World
+) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        first.commit_durably()
+        second.commit_durably()
+        assert not second.pending
+        _released(first, world)
+        assert len(second.outstanding("tokyo")) == 1
+        # The read counts as a batch written: the barrier waits for a flush after it.
+        assert second.barrier > second.committed and second.pending
+        assert second.outstanding("nobody") == []  # nothing read: nothing to wait for
+    finally:
+        first.close()
+        second.close()
+
+
+async def test_another_process_hears_of_a_release_at_commit(pg_dsn: str, world: World) -> None:
+    import trio
+
+    listening, releasing = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    woken: list[str | None] = []
+    heard = trio.Event()
+
+    def wake(member: str | None) -> None:
+        woken.append(member)
+        if member == "tokyo":
+            heard.set()
+
+    try:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(listening.watch, wake)
+                while not woken:  # the first poll: the listener is up
+                    await trio.sleep(0.05)
+                _released(releasing, world)
+                await heard.wait()
+                nursery.cancel_scope.cancel()
+    finally:
+        listening.close()
+        releasing.close()
+
+
+def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> None:
+    holder, waiter = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        holder.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)  # batch open
+        waiter._conn.execute("SET lock_timeout = 50")  # not LOCK_TIMEOUT_MS, for speed
+        with pytest.raises(StoreBusy, match="audit chain"):
+            waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert not waiter.in_transaction  # the failed batch left nothing behind
+        holder.commit_durably()
+        entry = waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert entry.seq == 2  # after the holder's entry, in one chain
+        waiter.commit_durably()
+    finally:
+        holder.close()
+        waiter.close()
+
+
+def test_one_report_uploaded_through_two_processes_is_stored_once(
+    pg_dsn: str, world: World
+) -> None:
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = seal(world, os.urandom(BLOB_CHUNK))
+        writers = [store.begin_upload(report.report_id) for store in (first, second)]
+        for writer in writers:
+            writer.write(report.ciphertext)
+            writer.place()
+        for store in (first, second):
+            store.commit_durably()
+        stored = dict(originator="seoul", size=report.size, digest=report.digest)
+        first.add_report(report.report_id, expires=NOW + 60, now=NOW, **stored)  # type: ignore[arg-type]
+        first.commit_durably()
+        with pytest.raises(StoreBusy, match="stored this report"):
+            second.add_report(report.report_id, expires=NOW + 60, now=NOW, **stored)  # type: ignore[arg-type]
+        assert second.report(report.report_id) == first.report(report.report_id)
+        with second.open_ciphertext(report.report_id) as stream:
+            assert stream.read() == report.ciphertext
+    finally:
+        first.close()
+        second.close()

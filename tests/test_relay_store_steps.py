@@ -1,0 +1,245 @@
+"""relay.store: the statements a report's steps cost, and what a failed step leaves.
+
+Steps that make every check before their first write run without a savepoint; the
+audit entries of a batch are written by one ``executemany`` before its COMMIT, still in
+the same transaction as the changes they record.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from relay.store import Store
+from tisa.audit import GENESIS, AuditEntry, chain_next
+from tisa.errors import Reason, Refused
+from tisa.keys import Hash, digest
+from tisa.token import ReleaseToken
+from tisa_testing.world import NOW, World, make_world
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+def _statements(store: Store) -> list[str]:
+    seen: list[str] = []
+    store._db.set_trace_callback(seen.append)
+    return seen
+
+
+def _chain_ok(store: Store) -> int:
+    """Check the stored chain from GENESIS; returns the number of entries."""
+    head = GENESIS
+    rows = store._db.execute("SELECT seq, entry, content, head FROM audit ORDER BY seq").fetchall()
+    for expected_seq, (seq, entry, content, stored_head) in enumerate(rows, start=1):
+        assert seq == expected_seq == AuditEntry.decode(bytes(entry)).seq
+        assert bytes(content) == digest(Hash.AUDIT, bytes(entry))
+        head = chain_next(head, bytes(content))
+        assert head == bytes(stored_head)
+    return len(rows)
+
+
+def _store_and_release(store: Store, world: World, now: int = NOW) -> ReleaseToken:
+    report = world.seal()
+    store.add_report(
+        report.report_id,
+        originator="seoul",
+        size=report.size,
+        digest=report.digest,
+        expires=now + 3600,
+        now=now,
+        data=report.ciphertext,
+    )
+    token = ReleaseToken.decode(world.token(report))
+    store.release(token, now=now, max_queue=100)
+    return token
+
+
+def test_a_reports_steps_take_no_savepoint_and_one_audit_statement_per_batch(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        seen = _statements(store)
+        tokens = [_store_and_release(store, world) for _ in range(3)]
+        for token in tokens:
+            store.mark_forwarded(token.id, now=NOW)
+            assert store.ack_delivery(token.id, recipient="tokyo", now=NOW)
+        assert not any("SAVEPOINT" in s or "RELEASE" in s for s in seen)
+        # Nothing of the audit log is written before the commit ...
+        assert not any("INSERT INTO audit" in s for s in seen)
+        assert store._db.execute("SELECT count(*) FROM audit").fetchone()[0] == 0
+        store.commit_durably()
+        # ... then the 12 entries (stored, released, forwarded, acknowledged per report)
+        # go in with the batch, in one executemany (one statement, stepped per row).
+        inserts = [s for s in seen if s.startswith("INSERT INTO audit")]
+        assert len(inserts) == 12 and len(set(inserts)) == 12
+        assert _chain_ok(store) == 12 == store.audit_seq
+    finally:
+        store.close()
+
+
+def test_a_refused_step_without_savepoint_leaves_the_batch_whole(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        token = _store_and_release(store, world)
+        batch = store.barrier
+        with pytest.raises(Refused) as refused:
+            store.release(token, now=NOW, max_queue=100)  # a replay, refused before writing
+        assert refused.value.reason is Reason.REPLAYED
+        assert not store.lost(batch)
+        store.commit_durably()
+        assert store.committed >= batch
+        assert store.token(token.id) is not None
+        assert _chain_ok(store) == 2
+    finally:
+        store.close()
+
+
+def test_a_savepoint_step_rolled_back_drops_its_buffered_audit_entries(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        token = _store_and_release(store, world)
+        seq, head = store.audit_seq, store.audit_head
+        real_audit = store._audit
+
+        def audit_then_fail(*args: object, **kwargs: object) -> None:
+            real_audit(*args, **kwargs)  # type: ignore[arg-type]
+            raise RuntimeError("fails after buffering its entry")
+
+        # revoke keeps its savepoint: a failure inside it undoes its writes and entries,
+        # and the rest of the batch stays.
+        store._audit = audit_then_fail  # type: ignore[assignment,method-assign]
+        with pytest.raises(RuntimeError):
+            store.revoke(token.report, token.id, by="seoul", now=NOW)
+        store._audit = real_audit  # type: ignore[method-assign]
+        assert (store.audit_seq, store.audit_head) == (seq, head)
+        assert len(store._audit_rows) == 2
+        row = store.token(token.id)
+        assert row is not None and row.state == "pending"
+        store.revoke(token.report, token.id, by="seoul", now=NOW)
+        store.commit_durably()
+        assert _chain_ok(store) == 3
+    finally:
+        store.close()
+
+
+def test_a_step_without_savepoint_failing_after_a_write_loses_the_whole_batch(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        first = _store_and_release(store, world)
+        batch = store.barrier
+        report = world.seal()
+        # The step fails after its row is written, as an unexpected SQLite error would.
+        real_audit = store._audit
+
+        def broken_audit(*args: object, **kwargs: object) -> None:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        store._audit = broken_audit  # type: ignore[assignment,method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            store.add_report(
+                report.report_id,
+                originator="seoul",
+                size=report.size,
+                digest=report.digest,
+                expires=NOW + 3600,
+                now=NOW,
+                data=report.ciphertext,
+            )
+        store._audit = real_audit  # type: ignore[method-assign]
+        # Half a step cannot be committed: the batch is gone, and counts as lost, so
+        # nothing that depends on it is ever announced.
+        assert store.lost(batch)
+        assert store.report(first.report) is None and store.report(report.report_id) is None
+        assert store.audit_seq == 0 and store.audit_head == GENESIS
+        # The store goes on with a fresh batch.
+        again = _store_and_release(store, world)
+        store.commit_durably()
+        assert store.token(again.id) is not None
+        assert _chain_ok(store) == 2
+    finally:
+        store.close()
+
+
+def test_audit_reads_see_the_open_batchs_entries(tmp_path: Path, world: World) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        _store_and_release(store, world)
+        entries = store.audit_entries(0, limit=10)
+        assert [entry.seq for entry, _, _ in entries] == [1, 2]
+        assert store.audit_point(2) == store.audit_head
+        assert len(store.audit_entry_sizes(0, limit=10)) == 2
+        store.commit_durably()
+        assert _chain_ok(store) == 2
+    finally:
+        store.close()
+
+
+def _plan(store: Store, sql: str) -> str:
+    # ``sql`` as traced: its parameters already expanded into it.
+    rows = store._db.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+    return " | ".join(str(row[-1]) for row in rows)
+
+
+def test_owed_deliveries_are_found_through_the_partial_indexes(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        token = _store_and_release(store, world)
+        seen = _statements(store)
+        assert [row.id for row in store.outstanding("tokyo")] == [token.id]
+        store.expire(now=NOW, clock_skew=0)
+        plans = [
+            _plan(store, sql)
+            for sql in seen
+            if sql.startswith("SELECT") and "FROM tokens" in sql and "WHERE id" not in sql
+        ]
+        assert any("tokens_owed " in plan or "tokens_owed (" in plan for plan in plans)
+        assert any("tokens_owed_expiry" in plan for plan in plans)
+        # Acked, the token leaves the indexes: nothing owed is found any more.
+        store.mark_forwarded(token.id, now=NOW)
+        assert store.ack_delivery(token.id, recipient="tokyo", now=NOW)
+        assert store.outstanding("tokyo") == [] and store.queue_length("tokyo") == 0
+    finally:
+        store.close()
+
+
+def test_a_schema_3_store_gets_the_partial_indexes(tmp_path: Path, world: World) -> None:
+    store = Store(tmp_path)
+    token = _store_and_release(store, world)
+    # Make it what a schema-3 relay left: the indexes of every token.
+    for index in ("tokens_owed", "tokens_owed_report", "tokens_owed_expiry"):
+        store._db.execute(f"DROP INDEX {index}")
+    store._db.executescript(
+        "CREATE INDEX tokens_recipient ON tokens (recipient, state, seq);"
+        "CREATE INDEX tokens_report ON tokens (report, state);"
+        "CREATE INDEX tokens_expiry ON tokens (state, not_after);"
+        "PRAGMA user_version=3;"
+    )
+    store.close()
+    store = Store(tmp_path)
+    try:
+        indexes = {
+            str(row[0])
+            for row in store._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'tokens'"
+                " AND sql IS NOT NULL"
+            )
+        }
+        assert indexes == {"tokens_owed", "tokens_owed_report", "tokens_owed_expiry"}
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == 5
+        assert [row.id for row in store.outstanding("tokyo")] == [token.id]
+    finally:
+        store.close()
