@@ -37,7 +37,7 @@ from typing import Any
 import trio
 
 from bench.processes import load, make_world, run_folder, start_relay, wait_port
-from bench.world import LEVEL, SCOPE
+from bench.world import LEVEL, SCOPE, bench_prekey
 from tisa.arrangement import Arrangement
 from tisa.keys import MemberSecret
 from tisa.messages import (
@@ -92,6 +92,9 @@ class _Members:
             recipient="tokyo", report_id=sealed.report_id, digest=sealed.digest,
             size=sealed.size, content_key=sealed.content_key, scope=SCOPE, level=LEVEL,
             not_before=now - 10, not_after=now + 3600, counter=self.counter,
+            # Tokyo's signed prekey, made here: the relay's failover is measured, not
+            # the prekey fetch (the relay checks tokens, not the prekeys they name).
+            signed_prekey=bench_prekey(self.keys["tokyo"][0], "tokyo", arrangement, now=now)[0],
         )  # fmt: skip
         begin = SubmitBegin(
             report=sealed.report_id, size=sealed.size, digest=sealed.digest, expires=now + 3600

@@ -64,7 +64,7 @@ from typing import Any
 
 import nacl.bindings as sodium
 
-from bench.world import LEVEL, SCOPE, bench_arrangement
+from bench.world import LEVEL, SCOPE, bench_arrangement, bench_prekey
 from tisa.audit import AuditEntry, AuditEvent
 from tisa.envelope import open_envelope
 from tisa.keys import SIGN_PREFIX, Context, Hash, MemberSecret
@@ -191,6 +191,7 @@ def make_fixture() -> Fixture:
         secrets["seoul"], "seoul", arrangement, recipient="tokyo", report_id=sealed.report_id,
         digest=sealed.digest, size=sealed.size, content_key=sealed.content_key,
         scope=SCOPE, level=LEVEL, not_before=NOW, not_after=NOW + 3600, counter=1,
+        signed_prekey=bench_prekey(secrets["tokyo"], "tokyo", arrangement, now=NOW)[0],
     )  # fmt: skip
     token = ReleaseToken.decode(token_bytes)
     ack = StoredAck.issue(

@@ -2,10 +2,13 @@
 
 Per role, for a 1 KiB report:
 
-* originator: seal (sign, pad, encrypt) + one release token, against the same
-  libsodium calls made directly (BLAKE2b x2, Ed25519 sign x2, secretstream, sealed box);
+* originator: seal (sign, pad, encrypt) + one release token with prekeys, against the
+  same libsodium calls made directly (BLAKE2b x3, Ed25519 sign x2 and verify x2 for the
+  prekeys, X25519 x4, secretstream, XChaCha20-Poly1305);
 * relay: the token check, against one Ed25519 verification;
-* recipient: token check + unseal + open + verify, against the same libsodium calls.
+* recipient: token check + unwrap + open + verify, against the same libsodium calls;
+* the token alone, issued with a signed and a one-time prekey and opened (checked and
+  unwrapped), against its raw operations: the cost of forward secrecy per token.
 
 Then sealing and opening a large report (default 256 MiB) streamed in chunks, against a
 bare secretstream loop over the same chunks, each in a fresh subprocess so its peak RSS
@@ -27,6 +30,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import nacl.bindings as b
 
@@ -34,6 +38,7 @@ from bench import targets
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.keys import MemberSecret
 from tisa.limits import CHUNK_SIZE
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import ReportSealer, seal_report
 from tisa.token import check_for_recipient, check_for_relay, issue_token
 
@@ -97,17 +102,32 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
     seoul, tokyo = secrets["seoul"], secrets["tokyo"]
     body = os.urandom(1024)
 
-    def originator() -> tuple[object, bytes]:
+    prekeys = {
+        kind: PrekeySecret.generate(kind, created=NOW - 60, not_after=NOW + 86400)
+        for kind in PrekeyKind
+    }
+    published = {
+        kind: prekey.publish(tokyo, "tokyo", arrangement) for kind, prekey in prekeys.items()
+    }
+
+    def lookup(kind: PrekeyKind, public: bytes) -> bytes:
+        return prekeys[kind].secret
+
+    def issue(sealed: Any) -> bytes:
+        return issue_token(
+            seoul, "seoul", arrangement, recipient="tokyo", report_id=sealed.report_id,
+            digest=sealed.digest, size=sealed.size, content_key=sealed.content_key,
+            scope="nk.missile", level="secret", not_before=NOW, not_after=NOW + 3600, counter=1,
+            signed_prekey=published[PrekeyKind.SIGNED],
+            one_time_prekey=published[PrekeyKind.ONE_TIME],
+        )  # fmt: skip
+
+    def originator() -> tuple[Any, bytes]:
         sealed = seal_report(
             seoul, "seoul", arrangement, recipients=["tokyo"], scope="nk.missile",
             level="secret", body=body, now=NOW,
         )  # fmt: skip
-        token = issue_token(
-            seoul, "seoul", arrangement, recipient="tokyo", report_id=sealed.report_id,
-            digest=sealed.digest, size=sealed.size, content_key=sealed.content_key,
-            scope="nk.missile", level="secret", not_before=NOW, not_after=NOW + 3600, counter=1,
-        )  # fmt: skip
-        return sealed, token
+        return sealed, issue(sealed)
 
     sealed, token = originator()
     _, sk = b.crypto_sign_seed_keypair(os.urandom(32))
@@ -116,6 +136,46 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
     box_pk = b.crypto_scalarmult_base(box_sk)
     person = b"tisa1-ciphertext"
     padded = sealed.size - 24 - 17
+    spk_sk, opk_sk = os.urandom(32), os.urandom(32)
+    spk_pk, opk_pk = b.crypto_scalarmult_base(spk_sk), b.crypto_scalarmult_base(opk_sk)
+    prekey_message = b"p" * 150 + spk_pk
+    prekey_sig = b.crypto_sign(prekey_message, sk)[:64]
+    aad = b"t" * 330
+    nonce = bytes(24)
+    wrap_person = b"tisa1-prekeywrap"
+
+    def wrap_key(shared: bytes, eph_pk: bytes) -> bytes:
+        return bytes(
+            b.crypto_generichash_blake2b_salt_personal(
+                shared + b"one_time\n" + eph_pk + box_pk + spk_pk + opk_pk,
+                digest_size=32,
+                person=wrap_person,
+            )
+        )
+
+    def wrap_floor(key: bytes) -> bytes:
+        # Two prekey signatures checked, the ephemeral key, three X25519, the derivation
+        # and the AEAD: what issue_token adds for forward secrecy.
+        b.crypto_sign_open(prekey_sig + prekey_message, pk)
+        b.crypto_sign_open(prekey_sig + prekey_message, pk)
+        eph_sk = os.urandom(32)
+        eph_pk = b.crypto_scalarmult_base(eph_sk)
+        shared = b"".join(b.crypto_scalarmult(eph_sk, k) for k in (box_pk, spk_pk, opk_pk))
+        wrapping = wrap_key(shared, eph_pk)
+        return bytes(b.crypto_aead_xchacha20poly1305_ietf_encrypt(key, aad, nonce, wrapping))
+
+    floor_eph_sk = os.urandom(32)
+    floor_eph_pk = b.crypto_scalarmult_base(floor_eph_sk)
+
+    def unwrap_floor(sealed_key: bytes) -> bytes:
+        shared = b"".join(b.crypto_scalarmult(k, floor_eph_pk) for k in (box_sk, spk_sk, opk_sk))
+        wrapping = wrap_key(shared, floor_eph_pk)
+        return bytes(b.crypto_aead_xchacha20poly1305_ietf_decrypt(sealed_key, aad, nonce, wrapping))
+
+    wrapped_key = wrap_key(
+        b"".join(b.crypto_scalarmult(floor_eph_sk, k) for k in (box_pk, spk_pk, opk_pk)),
+        floor_eph_pk,
+    )
 
     def originator_floor() -> bytes:
         key = os.urandom(32)
@@ -128,8 +188,8 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
         b.crypto_generichash_blake2b_salt_personal(
             b"i" * 16, digest_size=32, key=key, person=person
         )
-        sealed_key = b.crypto_box_seal(key, box_pk)
-        return bytes(b.crypto_sign(b"t" * 300 + sealed_key, sk)[:64])
+        wrapped = wrap_floor(key)
+        return bytes(b.crypto_sign(b"t" * 300 + wrapped, sk)[:64])
 
     token_message = b"t" * 300 + os.urandom(80)
     token_sig = b.crypto_sign(token_message, sk)[:64]
@@ -144,13 +204,15 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
         return b.crypto_sign_open(token_sig + token_message, pk)
 
     def recipient() -> object:
-        release = check_for_recipient(token, arrangement, tokyo, "tokyo", now=NOW)
+        release = check_for_recipient(
+            token, arrangement, tokyo, "tokyo", now=NOW, prekey_secret=lookup
+        )
         opener = release.opener(arrangement)
         opener.feed(sealed.ciphertext)
         return opener.finish()
 
     key = os.urandom(32)
-    sealed_key = b.crypto_box_seal(key, box_pk)
+    sealed_key = bytes(b.crypto_aead_xchacha20poly1305_ietf_encrypt(key, aad, nonce, wrapped_key))
     state = b.crypto_secretstream_xchacha20poly1305_state()
     stream_header = b.crypto_secretstream_xchacha20poly1305_init_push(state, key)
     inner_message = b"h" * 200 + os.urandom(32)
@@ -161,7 +223,7 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
 
     def recipient_floor() -> object:
         b.crypto_sign_open(token_sig + token_message, pk)
-        opened_key = b.crypto_box_seal_open(sealed_key, box_pk, box_sk)
+        opened_key = unwrap_floor(sealed_key)
         b.crypto_generichash_blake2b_salt_personal(
             b"i" * 16, digest_size=32, key=opened_key, person=person
         )
@@ -173,11 +235,35 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
         )
         return b.crypto_sign_open(inner_sig + inner_message, pk)
 
+    def token_issue() -> bytes:
+        return issue(sealed)
+
+    def token_issue_floor() -> bytes:
+        wrapped = wrap_floor(key)
+        b.crypto_generichash_blake2b_salt_personal(
+            b"i" * 16, digest_size=32, key=key, person=person
+        )
+        return bytes(b.crypto_sign(b"t" * 330 + wrapped, sk)[:64])
+
+    def token_open() -> object:
+        return check_for_recipient(
+            token, arrangement, tokyo, "tokyo", now=NOW, prekey_secret=lookup
+        )
+
+    def token_open_floor() -> object:
+        b.crypto_sign_open(token_sig + token_message, pk)
+        opened_key = unwrap_floor(sealed_key)
+        return b.crypto_generichash_blake2b_salt_personal(
+            b"i" * 16, digest_size=32, key=opened_key, person=person
+        )
+
     print("per-role cost, 1 KiB report (best of rounds):")
     return {
         "originator": _compare("originator", originator, originator_floor, rounds, n),
         "relay": _compare("relay", relay, relay_floor, rounds, n),
         "recipient": _compare("recipient", recipient, recipient_floor, rounds, n),
+        "token_issue": _compare("token issue", token_issue, token_issue_floor, rounds, n),
+        "token_open": _compare("token open", token_open, token_open_floor, rounds, n),
     }
 
 
@@ -189,6 +275,8 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
     import tempfile
 
     arrangement, secrets = _setup()
+    prekey = PrekeySecret.generate(PrekeyKind.SIGNED, created=NOW - 60, not_after=NOW + 86400)
+    published = prekey.publish(secrets["tokyo"], "tokyo", arrangement)
     piece = os.urandom(CHUNK_SIZE)
     count = size // CHUNK_SIZE
     read_size = CHUNK_SIZE + 17
@@ -225,9 +313,12 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
                 secrets["seoul"], "seoul", arrangement, recipient="tokyo",
                 report_id=sealer.report_id, digest=sealer.digest, size=sealer.size,
                 content_key=sealer.content_key, scope="nk.missile", level="secret",
-                not_before=NOW, not_after=NOW + 3600, counter=1,
+                not_before=NOW, not_after=NOW + 3600, counter=1, signed_prekey=published,
             )  # fmt: skip
-            release = check_for_recipient(token, arrangement, secrets["tokyo"], "tokyo", now=NOW)
+            release = check_for_recipient(
+                token, arrangement, secrets["tokyo"], "tokyo", now=NOW,
+                prekey_secret=lambda kind, public: prekey.secret,
+            )  # fmt: skip
             opener = release.opener(arrangement)
             with open(path, "rb") as source:
                 while chunk := source.read(read_size):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.keys import MemberSecret
+from tisa.prekeys import PrekeyKind, PrekeySecret
 
-__all__ = ["LEVEL", "SCOPE", "bench_arrangement"]
+__all__ = ["LEVEL", "SCOPE", "bench_arrangement", "bench_prekey"]
 
 SCOPE = "nk.missile"
 LEVEL = "secret"
@@ -32,3 +33,17 @@ def bench_arrangement(secrets: dict[str, MemberSecret], *, created: int) -> Arra
         levels=(LEVEL,),
         created=created,
     )
+
+
+def bench_prekey(
+    secret: MemberSecret,
+    name: str,
+    arrangement: Arrangement,
+    *,
+    now: int,
+    kind: PrekeyKind = PrekeyKind.SIGNED,
+) -> tuple[bytes, PrekeySecret]:
+    """A prekey of ``name``'s, valid for a day around ``now``: (encoded, secret). The
+    benchmarks that measure something else than the prekey fetch make it themselves."""
+    prekey = PrekeySecret.generate(kind, created=now - 60, not_after=now + 86400)
+    return prekey.publish(secret, name, arrangement), prekey

@@ -28,6 +28,7 @@ __all__ = [
     "DeniedEvent",
     "Event",
     "ExpiredEvent",
+    "PrekeysLow",
     "ReceiptEvent",
     "RefusedEvent",
     "ReleaseGap",
@@ -35,6 +36,7 @@ __all__ = [
     "Released",
     "RevokedEvent",
     "Stored",
+    "WeakerWrap",
     "decode_event",
     "encode_event",
 ]
@@ -182,6 +184,29 @@ class ConsentRejected(Event):
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PrekeysLow(Event):
+    """The relay says this member's published one-time prekeys run low (``one_time``
+    left; ``signed_not_after`` of its signed prekey, 0 for none): the node is
+    publishing more, and releases to it fall back to the signed prekey meanwhile."""
+
+    KIND: ClassVar[str] = "prekeys_low"
+    one_time: int
+    signed_not_after: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WeakerWrap(Event):
+    """A token was issued with less than a one-time prekey: ``mode`` ``signed`` (the
+    relay had none of ``recipient``'s one-time prekeys left) or ``identity`` (no signed
+    prekey either; the arrangement allows this last resort, without forward secrecy)."""
+
+    KIND: ClassVar[str] = "weaker_wrap"
+    token: bytes
+    recipient: str
+    mode: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class DeliveredReport:
     """A verified report, stored in this node's inbox and handed to the application by
     :meth:`clients.node.Node.reports`, again and again until the application
@@ -225,6 +250,8 @@ _EVENTS: dict[str, type[Event]] = {
         ApprovedEvent,
         DeniedEvent,
         ConsentRejected,
+        PrekeysLow,
+        WeakerWrap,
     )
 }
 # Events that carry a signed object, stored as its encoding and verified again on load.

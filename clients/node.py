@@ -68,6 +68,7 @@ from clients.events import (
     DeniedEvent,
     Event,
     ExpiredEvent,
+    PrekeysLow,
     ReceiptEvent,
     RefusedEvent,
     Released,
@@ -75,11 +76,19 @@ from clients.events import (
     RequestEvent,
     RevokedEvent,
     Stored,
+    WeakerWrap,
     decode_event,
 )
-from clients.store import InboxEntry, MemberStore, RequestRecord, Submission, fsync_dir
+from clients.store import (
+    InboxEntry,
+    MemberStore,
+    RequestRecord,
+    Submission,
+    WantedRelease,
+    fsync_dir,
+)
 from tisa import messages as m
-from tisa.arrangement import Arrangement
+from tisa.arrangement import Arrangement, Role
 from tisa.audit import GENESIS, AuditEntry, Checkpoint, Extract, chain_next, verify_extract
 from tisa.consent import (
     MAX_REQUEST_VALIDITY,
@@ -100,9 +109,10 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
-from tisa.keys import MemberSecret
+from tisa.keys import MemberSecret, random_id
 from tisa.limits import CHUNK_SIZE, DEFAULT_LIMITS, Limits
 from tisa.messages import MAX_CHUNK_DATA
+from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer
 from tisa.token import MAX_VALIDITY, ReleaseToken, check_for_recipient, issue_token
@@ -146,6 +156,13 @@ MAX_AUDIT_ROUNDS = 50
 # How long Node.withdraw waits for the relay's answer to a submission whose last byte
 # already went out: one round trip and a commit at the relay, with room for a slow link.
 WITHDRAW_GRACE = 5.0
+# Seconds between two looks at the node's prekeys (rotate the signed prekey, delete
+# secrets past their grace) while connected; rotation is counted in days, so an hour
+# late is harmless.
+PREKEY_CHECK_INTERVAL = 3600.0
+# First pause before asking the relay again for a recipient's prekeys it has not got
+# (doubling up to a second, within Limits.prekey_wait).
+PREKEY_RETRY = 0.05
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -188,6 +205,13 @@ class _Session:
         default_factory=collections.deque
     )
     replies_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
+    prekey_waiters: dict[bytes, trio.MemorySendChannel[m.Message]] = dataclasses.field(
+        default_factory=dict
+    )
+    # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
+    prekey_status: m.PrekeyStatus | None = None
+    prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
 
@@ -359,8 +383,11 @@ class Node:
         to a ciphertext file in the outbox in constant memory; the file is fsynced and
         the submission recorded before this returns. A small report (at most
         ``limits.max_inline_report`` bytes sealed) given as bytes is sealed in the trio
-        thread and kept in its outbox row. A token is issued (and queued)
-        for every name in ``release_to``; the others wait for :meth:`release`.
+        thread and kept in its outbox row. A release is recorded for every name in
+        ``release_to`` (the others wait for :meth:`release`); its token is issued once
+        the relay hands out that recipient's prekeys: before this returns when connected
+        (a refusal, e.g. ``no_prekey``, comes as a :class:`~clients.events.RefusedEvent`),
+        else on the next connection.
 
         Args:
             body: the report body, as bytes or the path of a file to stream.
@@ -450,10 +477,17 @@ class Node:
             expires=now + int(hold_for),
             created=now,
         )
-        for recipient in release_to:
-            self._issue(sealer.report_id, recipient, valid_for)
+        wanted = [self._want(sealer.report_id, r, valid_for) for r in release_to]
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
+        await self._durable()
+        # While connected, the tokens are issued at once (one prekey fetch each) and go
+        # out right behind the submission; offline, on the next connection.
+        while self.connected and any(
+            (w := self.store.wanted_release(i)) is not None and w.state == "waiting" for i in wanted
+        ):
+            changed = self._changed
+            await changed.wait()
         await self._durable()
         return sealer.report_id
 
@@ -516,12 +550,31 @@ class Node:
                     f"already released to {recipient} (token {earlier.token.hex()}, "
                     f"{earlier.state})",
                 )
-        token_id = self._issue(report_id, recipient, valid_for)
-        return await self._await_release(token_id)
+        for waiting in self.store.waiting_releases():
+            if (waiting.report, waiting.recipient) == (report_id, recipient):
+                raise Refused(
+                    Reason.DUPLICATE, f"a release to {recipient} is already waiting for its token"
+                )
+        wanted_id = self._want(report_id, recipient, valid_for)
+        return await self._await_release(wanted_id)
 
-    async def _await_release(self, token_id: bytes) -> bytes:
-        # The sender is told first: it waits for the same commit, then sends at once.
+    async def _await_release(self, wanted_id: int) -> bytes:
+        """Wait until the release ``wanted_id`` is issued and the relay accepts its token
+        (returns the token id), or raise the refusal that ended it."""
+        # The issuer is told first: it fetches the recipient's prekeys, issues the
+        # token (its counter and the token commit together), and the sender sends it.
         self._notify()
+        await self._durable()
+        while True:
+            changed = self._changed
+            wanted = self.store.wanted_release(wanted_id)
+            assert wanted is not None
+            if wanted.state == "refused":
+                raise Refused(Reason(wanted.reason or "internal"), wanted.detail or "")
+            if wanted.token is not None:
+                token_id = wanted.token
+                break
+            await changed.wait()
         await self._durable()
         while True:
             changed = self._changed
@@ -534,40 +587,246 @@ class Node:
                 raise _final_refusal(pending.state, pending.reason, pending.detail)
             await changed.wait()
 
-    def _issue(
+    def _want(
         self,
         report_id: bytes,
         recipient: str,
         valid_for: float,
         *,
         approves: bytes | None = None,
-    ) -> bytes:
+    ) -> int:
+        """Check a release and record it, to be issued once ``recipient``'s prekeys are
+        in (:meth:`_issuer`); returns the request's id. ``approves``: the id of the
+        incoming release request the token is to approve (:meth:`approve`)."""
         submission = self._submission(report_id)
         if submission.state not in ("queued", "stored"):
             raise _final_refusal(submission.state, submission.reason, submission.detail)
         if recipient not in submission.recipients:
             raise Refused(Reason.WRONG_RECIPIENT, f"{recipient!r} is not a recipient of it")
-        now = self._now()
+        return self.store.want_release(report_id, recipient, int(valid_for), approves=approves)
 
-        def make_token(counter: int) -> bytes:
-            return issue_token(
-                self._secret,
-                self.name,
-                self._arrangement,
-                recipient=recipient,
-                report_id=report_id,
-                digest=submission.digest,
-                size=submission.size,
-                content_key=submission.content_key,
-                scope=submission.scope,
-                level=submission.level,
-                not_before=now,
-                not_after=now + int(valid_for),
-                counter=counter,
-                request=approves,
+    async def _issuer(self, session: _Session) -> None:
+        """Issue the releases asked for, in order, each once its recipient's prekeys
+        came from the relay (on this connection; the next one resumes what is left)."""
+        while True:
+            changed = self._changed
+            for wanted in self.store.waiting_releases():
+                await self._issue(wanted)
+                self._group_commit.mark_dirty()
+                self._notify()
+            await changed.wait()
+
+    async def _issue(self, wanted: WantedRelease) -> None:
+        """Fetch the recipient's prekeys and issue the token, or record why not."""
+        report_id, recipient = wanted.report, wanted.recipient
+        submission = self._submission(report_id)
+        try:
+            if submission.state not in ("queued", "stored"):
+                raise _final_refusal(submission.state, submission.reason, submission.detail)
+            signed, one_time = await self._fetch_prekeys(recipient)
+            if signed is None:
+                # A recipient that has not published yet (never connected, or its prekey
+                # ran out while it was away): ask again, for at most limits.prekey_wait.
+                deadline = trio.current_time() + self._limits.prekey_wait
+                delay = PREKEY_RETRY
+                while signed is None and trio.current_time() < deadline:
+                    await trio.sleep(min(delay, max(deadline - trio.current_time(), 0)))
+                    delay = min(delay * 2, 1.0)
+                    signed, one_time = await self._fetch_prekeys(recipient)
+            now = self._now()
+
+            def make_token(counter: int) -> bytes:
+                return issue_token(
+                    self._secret,
+                    self.name,
+                    self._arrangement,
+                    recipient=recipient,
+                    report_id=report_id,
+                    digest=submission.digest,
+                    size=submission.size,
+                    content_key=submission.content_key,
+                    scope=submission.scope,
+                    level=submission.level,
+                    not_before=now,
+                    not_after=now + wanted.valid_for,
+                    counter=counter,
+                    signed_prekey=signed,
+                    one_time_prekey=one_time,
+                    request=wanted.approves,
+                )
+
+            try:
+                token_id = self.store.issue_release(
+                    report_id,
+                    recipient,
+                    make_token,
+                    now,
+                    wanted=wanted.id,
+                    approves=wanted.approves,
+                )
+            except (VerificationError, ProtocolError):
+                # The relay handed out a prekey that is not the recipient's (a forged
+                # signature) or not a prekey at all: a substitution. Issue nothing.
+                raise Refused(
+                    Reason.BAD_PREKEY, f"the relay handed out a prekey not signed by {recipient!r}"
+                ) from None
+        except Refused as exc:
+            current = self.store.wanted_release(wanted.id)
+            if current is None or current.state != "waiting":
+                return  # ended meanwhile, with its report: reported there
+            self.store.refuse_wanted(
+                wanted.id,
+                exc.reason.value,
+                exc.detail,
+                RefusedEvent(ref=report_id, reason=exc.reason, detail=exc.detail),
             )
+            return
+        issued = self.store.release(token_id)
+        assert issued is not None
+        mode = ReleaseToken.decode(issued.encoded).wrap.mode
+        if mode is not WrapMode.ONE_TIME:
+            self.store.add_event(WeakerWrap(token=token_id, recipient=recipient, mode=mode.value))
 
-        return self.store.issue_release(report_id, recipient, make_token, now, approves=approves)
+    async def _fetch_prekeys(self, recipient: str) -> tuple[bytes | None, bytes | None]:
+        """Ask the relay for ``recipient``'s signed prekey and a one-time prekey; waits
+        for a connection, and asks again on the next one if this one ends first.
+
+        Returns:
+            (signed prekey, one-time prekey), encoded as handed out (None: none given);
+            :func:`tisa.token.issue_token` checks them.
+
+        Raises:
+            Refused: the relay refused the request (``wrong_role``, ...).
+        """
+        while True:
+            await self.wait_connected()
+            session = self._session
+            assert session is not None
+            ref = random_id()
+            send, receive = trio.open_memory_channel[m.Message](1)
+            session.prekey_waiters[ref] = send
+            answer: list[m.Message] = []
+            try:
+                async with trio.open_nursery() as nursery:
+
+                    async def get(
+                        nursery: trio.Nursery = nursery,
+                        receive: trio.MemoryReceiveChannel[m.Message] = receive,
+                        answer: list[m.Message] = answer,
+                    ) -> None:
+                        answer.append(await receive.receive())
+                        nursery.cancel_scope.cancel()
+
+                    async def watch(
+                        nursery: trio.Nursery = nursery, session: _Session = session
+                    ) -> None:
+                        await session.over.wait()
+                        nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(get)
+                    nursery.start_soon(watch)
+                    try:
+                        await session.link.send(m.FetchPrekeys(ref=ref, member=recipient))
+                    except LinkClosed:
+                        nursery.cancel_scope.cancel()
+            finally:
+                session.prekey_waiters.pop(ref, None)
+            if not answer:
+                continue  # the session ended: ask on the next one
+            reply = answer[0]
+            if isinstance(reply, m.Refusal):
+                raise Refused(Reason(reply.reason), reply.detail)
+            assert isinstance(reply, m.Prekeys)
+            if reply.member != recipient:
+                raise Refused(Reason.BAD_PREKEY, "the relay answered with another member's prekeys")
+            return reply.signed, reply.one_time
+
+    # --- recipient: prekeys ------------------------------------------------------------
+
+    async def maintain_prekeys(self, status: m.PrekeyStatus | None = None) -> None:
+        """Rotate the signed prekey when due, delete secrets past their grace window,
+        and publish what the relay lacks (a new signed prekey; one-time prekeys up to
+        ``limits.one_time_prekeys`` when fewer than ``limits.prekey_low_water`` are
+        left). New secrets are on disk before their public halves leave the node.
+
+        Args:
+            status: the relay's latest :class:`~tisa.messages.PrekeyStatus`; None: use
+                the connection's, if any.
+
+        Does nothing for a member without the recipient role. Sends only while
+        connected (the next connection's status brings the rest).
+        """
+        if Role.RECIPIENT not in self._arrangement.member(self.name).roles:
+            return
+        session = self._session
+        if status is None and session is not None:
+            status = session.prekey_status
+        limits = self._limits
+        now = self._now()
+        self.store.delete_old_prekeys(now=now, grace=limits.signed_prekey_grace)
+        current = self.store.signed_prekey()
+        fresh: list[PrekeySecret] = []
+        if current is None or current.created + limits.signed_prekey_rotation <= now:
+            # Each signed prekey is valid for two periods, so one missed rotation does
+            # not leave the member without a usable prekey.
+            current = PrekeySecret.generate(
+                PrekeyKind.SIGNED,
+                created=now,
+                not_after=now + 2 * limits.signed_prekey_rotation,
+            )
+            fresh.append(current)
+        one_time: list[PrekeySecret] = []
+        if status is not None and status.one_time < limits.prekey_low_water:
+            one_time = [
+                PrekeySecret.generate(
+                    PrekeyKind.ONE_TIME,
+                    created=now,
+                    not_after=now + limits.one_time_prekey_lifetime,
+                )
+                for _ in range(limits.one_time_prekeys - status.one_time)
+            ]
+        if fresh or one_time:
+            self.store.add_prekeys(fresh + one_time)
+        if status is None or session is None:
+            await self._durable()
+            return
+        signed = None if status.signed_not_after == current.not_after else current
+        if signed is None and not one_time:
+            await self._durable()
+            return
+        await self._durable()
+        publish = [p.publish(self._secret, self.name, self._arrangement) for p in one_time]
+        messages: list[m.Message] = []
+        first = True
+        while first or publish:
+            batch, publish = (
+                publish[: m.MAX_PREKEYS_PER_MESSAGE],
+                publish[m.MAX_PREKEYS_PER_MESSAGE :],
+            )
+            messages.append(
+                m.PublishPrekeys(
+                    signed=signed.publish(self._secret, self.name, self._arrangement)
+                    if signed is not None and first
+                    else None,
+                    one_time=batch,
+                )
+            )
+            first = False
+        with contextlib.suppress(LinkClosed):
+            await session.link.send_many(messages)
+
+    async def _prekey_keeper(self, session: _Session) -> None:
+        """Keep this member's prekeys: on every status from the relay, and every
+        :data:`PREKEY_CHECK_INTERVAL` seconds."""
+        if Role.RECIPIENT in self._arrangement.member(self.name).roles:
+            # Ask what the relay holds of our prekeys (an empty publish); the answer
+            # drives the first publish or top-up.
+            await session.link.send(m.PublishPrekeys(signed=None, one_time=[]))
+        while True:
+            changed = session.prekey_changed
+            await self.maintain_prekeys(session.prekey_status)
+            with trio.move_on_after(PREKEY_CHECK_INTERVAL):
+                await changed.wait()
 
     async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> bool:
         """Withdraw one token, or with ``token_id`` None the whole report.
@@ -770,9 +1029,11 @@ class Node:
             The token id.
 
         Raises:
-            Refused: ``answered`` (approved or denied before), ``expired`` (deny it
-                instead), ``wrong_recipient`` (the requester is not among the report's
-                recipients, so it could not open it: deny it), or the relay's refusal.
+            Refused: ``answered`` (approved or denied before, or an approval waiting for
+                the requester's prekeys), ``expired`` (deny it instead),
+                ``no_prekey`` (the requester published none), ``wrong_recipient`` (the
+                requester is not among the report's recipients, so it could not open
+                it: deny it), or the relay's refusal.
             UsageError: no such request to this member.
         """
         record = self._incoming(request_id)
@@ -780,8 +1041,10 @@ class Node:
         Request.verify(record.encoded, self._arrangement).check_open(
             now=self._now(), clock_skew=self._limits.clock_skew
         )
-        token_id = self._issue(record.report, record.requester, valid_for, approves=request_id)
-        return await self._await_release(token_id)
+        # The token is issued once the requester's prekeys are in (as for release); the
+        # request is marked approved in the transaction that records it.
+        wanted_id = self._want(record.report, record.requester, valid_for, approves=request_id)
+        return await self._await_release(wanted_id)
 
     async def deny(self, request_id: bytes, reason: Reason | str, note: str = "") -> None:
         """Deny a request made to this member, with a reason code from
@@ -822,6 +1085,8 @@ class Node:
             raise UsageError("no request with this id was made to this member")
         if record.answered:
             raise Refused(Reason.ANSWERED, f"the request was {record.state} before")
+        if any(w.approves == request_id for w in self.store.waiting_releases()):
+            raise Refused(Reason.ANSWERED, "an approval of the request waits for its token")
         return record
 
     async def _await_consent(self, kind: str, ref: bytes) -> None:
@@ -1112,12 +1377,15 @@ class Node:
                 nursery.start_soon(self._guard, self._sender, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._receiver, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._replier, session, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._prekey_keeper, session, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._issuer, session, nursery.cancel_scope)
                 self._session = session
                 self._connected.set()
                 self._connected = trio.Event()
         finally:
             self._session = None
             over.set()
+            self._notify()
 
     @staticmethod
     async def _guard(
@@ -1262,7 +1530,14 @@ class Node:
             self._group_commit.activity += 1
             while len(session.replies) >= MAX_QUEUED_REPLIES:
                 await session.replies_changed.wait()
-            if isinstance(message, m.Deliver):
+            if isinstance(message, m.Prekeys | m.Refusal) and message.ref in session.prekey_waiters:
+                # The answer to a prekey fetch (or its refusal): to the task waiting.
+                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
+                    session.prekey_waiters[message.ref].send_nowait(message)
+                continue
+            if isinstance(message, m.PrekeyStatus):
+                self._on_prekey_status(session, message)
+            elif isinstance(message, m.Deliver):
                 await self._on_deliver(session, message)
             elif isinstance(message, m.Stored):
                 self._on_stored(message)
@@ -1303,6 +1578,17 @@ class Node:
                 raise ProtocolError(f"unexpected {message.TYPE!r} from the relay")
             self._group_commit.mark_dirty()
             self._notify()
+
+    def _on_prekey_status(self, session: _Session, message: m.PrekeyStatus) -> None:
+        # A member that never published (no signed prekey at the relay) is not running
+        # low: it is about to publish its first supply.
+        if message.signed_not_after and message.one_time < self._limits.prekey_low_water:
+            self.store.add_event(
+                PrekeysLow(one_time=message.one_time, signed_not_after=message.signed_not_after)
+            )
+        session.prekey_status = message
+        session.prekey_changed.set()
+        session.prekey_changed = trio.Event()
 
     # --- originator side of incoming messages ----------------------------------------
 
@@ -1534,6 +1820,7 @@ class Node:
         now = self._now()
         error: TisaError | None = None
         opener: ReportOpener | None = None
+        unwrapped = False  # the content key came out: a one-time prekey is spent
         try:
             release = check_for_recipient(
                 token,
@@ -1542,7 +1829,9 @@ class Node:
                 self.name,
                 now=now,
                 clock_skew=self._limits.clock_skew,
+                prekey_secret=self.store.prekey_secret,
             )
+            unwrapped = True
             if self.store.seen("report", token.report):
                 raise Refused(Reason.REPLAYED, "report delivered before under another token")
             if token.request is not None:
@@ -1585,6 +1874,7 @@ class Node:
                 detail=str(error),
                 now=now,
                 events=[DeliveryRejected(token_id=token.id, error=error)],
+                consumed=token if unwrapped else None,
             )
         else:
             events: list[Event] = []

@@ -6,6 +6,7 @@ Layout of a store directory::
     member.db            the database (tables below)
     outbox/<id>.sealed   sealed report ciphertext waiting to be stored by the relay
     inbox/<token>/       a delivered report: ``body`` and ``a<i>`` per attachment
+                         (prekey secrets live in member.db, table ``prekeys``)
     tmp/                 files being written; anything here at start-up is debris
 
 Rules that make it crash-safe:
@@ -19,6 +20,11 @@ Rules that make it crash-safe:
   commits before the token is sent: a counter value is never used twice.
 * The seen-set (token and report ids) and the inbox row commit in one transaction, and
   the node acknowledges a delivery to the relay only after that commit.
+
+* A one-time prekey's secret is deleted (and its public key kept as used) in the
+  transaction that stores the report it opened, so the secret is gone, on disk, before
+  the report reaches the application. SQLite's ``secure_delete`` zeroes the freed
+  space in the database file; a later WAL checkpoint overwrites the WAL's old frames.
 
 * A small report (at most ``Limits.max_inline_report`` bytes of ciphertext) is kept in
   its row (``outbox.data``, ``inbox.data``) instead of in files, so it costs one commit
@@ -62,7 +68,8 @@ from typing import Any
 from clients.events import Event, encode_event
 from tisa import encoding as enc
 from tisa.consent import Announcement, Answer, Request
-from tisa.errors import UsageError
+from tisa.errors import Reason, Refused, UsageError
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import ReportHeader
 from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
@@ -75,14 +82,17 @@ __all__ = [
     "PendingRelease",
     "PendingRevocation",
     "RequestRecord",
+    "WantedRelease",
     "fsync_dir",
     "read_store_name",
     "write_durably",
 ]
 
 # 2: outbox.data and inbox.data (small reports kept in the row); 3: consent_out,
-# requests, announcements (new tables only: a version-2 store just gains them)
-SCHEMA_VERSION = 3
+# requests, announcements; 4: wanted_releases, prekeys, used_prekeys (new tables only:
+# a version-2 or -3 store just gains them, and wanted_releases.approves if it had the
+# table without that column)
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -209,6 +219,28 @@ CREATE TABLE IF NOT EXISTS announcements (
     encoded BLOB NOT NULL,
     received INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS wanted_releases (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    report BLOB NOT NULL,
+    recipient TEXT NOT NULL,
+    valid_for INTEGER NOT NULL,
+    state TEXT NOT NULL,           -- waiting (for the recipient's prekeys) | issued | refused
+    token BLOB,
+    reason TEXT,
+    detail TEXT,
+    approves BLOB                  -- the incoming release request the token approves
+);
+CREATE TABLE IF NOT EXISTS prekeys (
+    public BLOB PRIMARY KEY,
+    kind TEXT NOT NULL CHECK (kind IN ('signed', 'one_time')),
+    secret BLOB NOT NULL,
+    created INTEGER NOT NULL,
+    not_after INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_prekeys (
+    public BLOB PRIMARY KEY,       -- a one-time prekey used (its secret deleted)
+    not_after INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -275,6 +307,22 @@ class PendingRelease:
     reason: str | None
     detail: str | None
     seq: int = 0  # the row's rowid: tokens are issued in this order
+
+
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class WantedRelease:
+    """A release asked for and recorded, issued once the recipient's prekeys are in."""
+
+    id: int
+    report: bytes
+    recipient: str
+    valid_for: int
+    state: str  # waiting | issued | refused
+    token: bytes | None
+    reason: str | None
+    detail: str | None
+    # The id of the incoming release request (tisa.consent) the token approves, or None.
+    approves: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -386,6 +434,8 @@ class MemberStore(DurableStore):
         # NORMAL: COMMIT does not fsync; fsync_wal does, before anything is announced.
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # Freed pages are zeroed: a deleted prekey secret leaves no copy in member.db.
+        self._db.execute("PRAGMA secure_delete=ON")
         # executescript commits on its own; the statements are idempotent.
         self._db.executescript(_SCHEMA)
         with self.transaction() as db:
@@ -395,11 +445,16 @@ class MemberStore(DurableStore):
                 db.execute("INSERT INTO meta VALUES ('name', ?)", (name,))
             elif stored.get("name") != name:
                 raise UsageError(f"store at {self.root} belongs to {stored.get('name')!r}")
-            elif stored.get("schema") in ("1", "2"):
+            elif stored.get("schema") in ("1", "2", "3"):
                 if stored.get("schema") == "1":
                     db.execute("ALTER TABLE outbox ADD COLUMN data BLOB")
                     db.execute("ALTER TABLE inbox ADD COLUMN data BLOB")
-                # Version 3 only added tables, made by the script above.
+                # Versions 3 and 4 only added tables, made by the script above; a store
+                # that had wanted_releases before it named the approved request gains
+                # the column.
+                columns = {row[1] for row in db.execute("PRAGMA table_info(wanted_releases)")}
+                if "approves" not in columns:
+                    db.execute("ALTER TABLE wanted_releases ADD COLUMN approves BLOB")
                 db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             elif stored.get("schema") != str(SCHEMA_VERSION):
                 raise UsageError(f"store schema {stored.get('schema')} is not supported")
@@ -618,12 +673,73 @@ class MemberStore(DurableStore):
                 "UPDATE releases SET state = ?, reason = ? WHERE report = ? AND state = 'pending'",
                 (state, reason or state, report),
             )
+            # Nor can releases not issued yet (waiting for the recipient's prekeys).
+            db.execute(
+                "UPDATE wanted_releases SET state = 'refused', reason = ?"
+                " WHERE report = ? AND state = 'waiting'",
+                (reason or state, report),
+            )
             if event is not None:
                 self._event(db, event)
         if row and row[0]:
             self._remove_after_commit(self.outbox_dir / row[0])
 
     # --- releases (originator) -------------------------------------------------------
+
+    def want_release(
+        self, report: bytes, recipient: str, valid_for: int, *, approves: bytes | None = None
+    ) -> int:
+        """Record that ``report`` is to be released to ``recipient`` (a token valid for
+        ``valid_for`` seconds from when it is issued, approving the incoming release
+        request ``approves`` if given); returns the request's id."""
+        with self.transaction() as db:
+            cursor = db.execute(
+                "INSERT INTO wanted_releases (report, recipient, valid_for, state, approves)"
+                " VALUES (?, ?, ?, 'waiting', ?)",
+                (report, recipient, valid_for, approves),
+            )
+        assert cursor.lastrowid is not None
+        return cursor.lastrowid
+
+    _WANTED_COLUMNS = "id, report, recipient, valid_for, state, token, reason, detail, approves"
+
+    def _wanted(self, row: tuple[Any, ...]) -> WantedRelease:
+        return WantedRelease(
+            id=row[0],
+            report=row[1],
+            recipient=row[2],
+            valid_for=row[3],
+            state=row[4],
+            token=row[5],
+            reason=row[6],
+            detail=row[7],
+            approves=None if row[8] is None else bytes(row[8]),
+        )
+
+    def wanted_release(self, wanted: int) -> WantedRelease | None:
+        """The release request ``wanted`` (see :meth:`want_release`), or None."""
+        row = self._db.execute(
+            f"SELECT {self._WANTED_COLUMNS} FROM wanted_releases WHERE id = ?", (wanted,)
+        ).fetchone()
+        return self._wanted(row) if row else None
+
+    def waiting_releases(self) -> list[WantedRelease]:
+        """Releases asked for and not issued yet, oldest first."""
+        rows = self._db.execute(
+            f"SELECT {self._WANTED_COLUMNS} FROM wanted_releases WHERE state = 'waiting'"
+            " ORDER BY id"
+        ).fetchall()
+        return [self._wanted(row) for row in rows]
+
+    def refuse_wanted(self, wanted: int, reason: str, detail: str, event: Event) -> None:
+        """A release that could not be issued (no prekey, a substituted one, ...)."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE wanted_releases SET state = 'refused', reason = ?, detail = ?"
+                " WHERE id = ? AND state = 'waiting'",
+                (reason, detail, wanted),
+            )
+            self._event(db, event)
 
     def issue_release(
         self,
@@ -632,13 +748,15 @@ class MemberStore(DurableStore):
         make_token: Callable[[int], bytes],
         now: int,
         *,
+        wanted: int | None = None,
         approves: bytes | None = None,
     ) -> bytes:
         """Take the next counter for ``recipient``, issue the token and record it.
 
         The counter increment and the pending release commit together, before the
-        caller sends anything. With ``approves`` (an open incoming request's id) the
-        request is marked approved by this token in the same transaction.
+        caller sends anything; so does the end of the request ``wanted`` it answers.
+        With ``approves`` (an open incoming release request's id) that request is marked
+        approved by this token in the same transaction.
 
         Returns:
             The token id.
@@ -660,14 +778,25 @@ class MemberStore(DurableStore):
                 " VALUES (?,?,?,?,?,?,'pending')",
                 (token.id, report, recipient, counter, encoded, now),
             )
+            if wanted is not None:
+                # A request ended meanwhile (its report refused, say) issues nothing: the
+                # whole transaction, counter included, is rolled back.
+                cursor = db.execute(
+                    "UPDATE wanted_releases SET state = 'issued', token = ?"
+                    " WHERE id = ? AND state = 'waiting'",
+                    (token.id, wanted),
+                )
+                if cursor.rowcount == 0:
+                    raise Refused(Reason.EXPIRED, "the release request ended before its token")
             if approves is not None:
+                # Denied (or approved) meanwhile: nothing is issued, as above.
                 cursor = db.execute(
                     "UPDATE requests SET state = 'approved', token = ?"
                     " WHERE id = ? AND direction = 'in' AND state = 'open'",
                     (token.id, approves),
                 )
                 if cursor.rowcount != 1:
-                    raise UsageError("no open request with this id to this member")
+                    raise Refused(Reason.ANSWERED, "no open request with this id to this member")
         return token.id
 
     _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail, rowid"
@@ -889,7 +1018,8 @@ class MemberStore(DurableStore):
         parts: list[bytes] | None = None,
     ) -> None:
         """Move a verified delivery from tmp/ into the inbox and commit it as seen; a
-        token that approves one of this member's requests closes it as approved.
+        token that approves one of this member's requests closes it as approved, and
+        the one-time prekey its token names (if any) is deleted in the same transaction.
 
         ``staged`` is a directory under tmp/ whose files are already fsynced. The rename
         and the directory fsync happen before the commit, so a committed row always has
@@ -929,8 +1059,19 @@ class MemberStore(DurableStore):
                     " WHERE id = ? AND direction = 'out' AND state = 'open'",
                     (token.id, token.request),
                 )
+            self._consume_prekey(db, token)
             for event in events:
                 self._event(db, event)
+
+    @staticmethod
+    def _consume_prekey(db: sqlite3.Connection, token: ReleaseToken) -> None:
+        public = token.wrap.opk
+        if public is None:
+            return
+        row = db.execute("SELECT not_after FROM prekeys WHERE public = ?", (public,)).fetchone()
+        if row is not None:
+            db.execute("DELETE FROM prekeys WHERE public = ?", (public,))
+            db.execute("INSERT OR IGNORE INTO used_prekeys VALUES (?, ?)", (public, row[0]))
 
     @staticmethod
     def _bump_counter(db: sqlite3.Connection, token: ReleaseToken) -> None:
@@ -953,8 +1094,12 @@ class MemberStore(DurableStore):
         detail: str,
         now: int,
         events: list[Event],
+        consumed: ReleaseToken | None = None,
     ) -> None:
-        """Record a delivery that was refused here (its token id joins the seen-set)."""
+        """Record a delivery that was refused here (its token id joins the seen-set).
+
+        ``consumed``: a token whose key was unwrapped before the report failed to open;
+        its one-time prekey is deleted all the same (it is one-time)."""
         with self.transaction() as db:
             db.execute(
                 "INSERT OR IGNORE INTO rejected VALUES (?, ?, ?, ?)",
@@ -963,8 +1108,70 @@ class MemberStore(DurableStore):
             db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token_id, now))
             if token is not None:
                 self._bump_counter(db, token)
+            if consumed is not None:
+                self._consume_prekey(db, consumed)
             for event in events:
                 self._event(db, event)
+
+    # --- prekeys -----------------------------------------------------------------------
+
+    def add_prekeys(self, secrets: list[PrekeySecret]) -> None:
+        """Keep new prekey secrets (committed with the batch, before they are published)."""
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO prekeys VALUES (?, ?, ?, ?, ?)",
+                [(p.public, p.kind.value, p.secret, p.created, p.not_after) for p in secrets],
+            )
+
+    def _prekey(self, row: tuple[Any, ...]) -> PrekeySecret:
+        return PrekeySecret(
+            kind=PrekeyKind(row[0]), secret=bytes(row[1]), created=row[2], not_after=row[3]
+        )
+
+    def signed_prekey(self) -> PrekeySecret | None:
+        """The newest signed prekey (the one published), or None before the first."""
+        row = self._db.execute(
+            "SELECT kind, secret, created, not_after FROM prekeys WHERE kind = 'signed'"
+            " ORDER BY created DESC, not_after DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else self._prekey(row)
+
+    def one_time_prekeys(self, *, now: int) -> list[PrekeySecret]:
+        """The unused one-time prekeys still valid at ``now``, oldest first."""
+        rows = self._db.execute(
+            "SELECT kind, secret, created, not_after FROM prekeys WHERE kind = 'one_time'"
+            " AND not_after > ? ORDER BY created, rowid",
+            (now,),
+        ).fetchall()
+        return [self._prekey(row) for row in rows]
+
+    def prekey_secret(self, kind: PrekeyKind, public: bytes) -> bytes:
+        """The secret of this member's prekey ``public`` of ``kind``.
+
+        Raises:
+            Refused: ``replayed`` for a one-time prekey already used (its secret is
+                gone), ``unknown_prekey`` for one this node does not hold (never made, or
+                deleted after its grace window).
+        """
+        row = self._db.execute(
+            "SELECT secret FROM prekeys WHERE public = ? AND kind = ?", (public, kind.value)
+        ).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        used = self._db.execute("SELECT 1 FROM used_prekeys WHERE public = ?", (public,)).fetchone()
+        if used is not None:
+            raise Refused(Reason.REPLAYED, "this one-time prekey was used by an earlier token")
+        raise Refused(Reason.UNKNOWN_PREKEY, f"no {kind.value} prekey {public.hex()[:16]} here")
+
+    def delete_old_prekeys(self, *, now: int, grace: int) -> int:
+        """Delete the prekey secrets whose ``not_after + grace`` has passed (and the
+        used-prekey records as old); returns how many secrets were deleted."""
+        with self.transaction() as db:
+            deleted = db.execute(
+                "DELETE FROM prekeys WHERE not_after + ? <= ?", (grace, now)
+            ).rowcount
+            db.execute("DELETE FROM used_prekeys WHERE not_after + ? <= ?", (grace, now))
+        return int(deleted)
 
     def _inbox(self, row: tuple[Any, ...]) -> InboxEntry:
         return InboxEntry(

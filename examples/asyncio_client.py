@@ -4,14 +4,17 @@ The relay and the member node that ship with tisa run on trio, but the protocol 
 (:mod:`tisa.frames`, :mod:`tisa.handshake`, :mod:`tisa.messages`, :mod:`tisa.token`,
 :mod:`tisa.report`, :mod:`tisa.receipt`) does no I/O, so a client on any event loop can
 speak the protocol. This one uses asyncio streams. It connects to the relay, runs the
-handshake, waits for one delivery, checks the release token, opens and verifies the
-report, acknowledges it and sends the signed receipt back to the originator.
+handshake and publishes the member's prekeys (:func:`publish_prekeys`; an originator can
+release to a member only once it has some); then it waits for one delivery, checks the
+release token (unwrapping the content key with its prekey secrets), deletes the one-time
+prekey it used, opens and verifies the report, acknowledges it and sends the signed
+receipt back to the originator.
 
-It keeps what a real client must keep durably (the set of reports already seen, so a
-replayed delivery is refused even after a restart) only in memory: it is a sketch of the
-wire protocol, not a replacement for ``clients.node``.
+It keeps what a real client must keep durably (its prekey secrets, the set of reports
+already seen, so a replayed delivery is refused even after a restart) only in memory: it
+is a sketch of the wire protocol, not a replacement for ``clients.node``.
 
-Run it against a relay (after someone has released a report to this member); the
+Run it against a relay (it publishes prekeys, then waits for a report released to it); the
 passphrase comes from ``$TISA_PASSPHRASE`` or the variable ``--passphrase-env`` names::
 
     python examples/asyncio_client.py --key tokyo/identity.key \\
@@ -32,7 +35,7 @@ import time
 from dataclasses import dataclass
 
 from tisa.arrangement import Arrangement, SignedArrangement
-from tisa.errors import TisaError
+from tisa.errors import Reason, Refused, TisaError
 from tisa.frames import NEED_DATA, FrameDecoder, encode_frame
 from tisa.handshake import MemberHandshake, SecureChannel
 from tisa.keys import MemberSecret
@@ -42,15 +45,18 @@ from tisa.messages import (
     Deliver,
     DeliverEnd,
     Message,
+    PrekeyStatus,
+    PublishPrekeys,
     SendReceipt,
     decode_message,
     encode_message,
 )
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt
 from tisa.report import ReportHeader
 from tisa.token import check_for_recipient
 
-__all__ = ["Received", "receive_one"]
+__all__ = ["Keyring", "Received", "publish_prekeys", "receive_one"]
 
 READ_SIZE = 64 * 1024
 
@@ -63,6 +69,33 @@ class Received:
     body: bytes
     attachments: dict[str, bytes]
     receipt: Receipt
+
+
+class Keyring:
+    """A member's prekey secrets, in memory (a real client keeps them on disk, and
+    deletes them: a one-time secret once used, the others after a grace window)."""
+
+    def __init__(self) -> None:
+        self.secrets: dict[bytes, PrekeySecret] = {}
+
+    def make(self, kind: PrekeyKind, *, lifetime: int = 7 * 86400) -> PrekeySecret:
+        """A fresh prekey of ``kind``, valid for ``lifetime`` seconds, kept here."""
+        now = int(time.time())
+        secret = PrekeySecret.generate(kind, created=now, not_after=now + lifetime)
+        self.secrets[secret.public] = secret
+        return secret
+
+    def lookup(self, kind: PrekeyKind, public: bytes) -> bytes:
+        """The ``prekey_secret`` of :func:`tisa.token.check_for_recipient`."""
+        secret = self.secrets.get(public)
+        if secret is None or secret.kind is not kind:
+            raise Refused(Reason.UNKNOWN_PREKEY, "this client does not hold that prekey")
+        return secret.secret
+
+    def forget(self, public: bytes | None) -> None:
+        """Delete a prekey's secret (a one-time prekey, once it opened a report)."""
+        if public is not None:
+            self.secrets.pop(public, None)
 
 
 class _Connection:
@@ -103,26 +136,75 @@ class _Connection:
         await self.writer.wait_closed()
 
 
-async def receive_one(
+async def _connect(
     secret: MemberSecret, name: str, arrangement: Arrangement, host: str, port: int
+) -> _Connection:
+    reader, writer = await asyncio.open_connection(host, port)
+    conn = _Connection(reader, writer)
+    # The handshake: hello and finish out, welcome in, as plaintext frames.
+    handshake = MemberHandshake(secret, name, arrangement)
+    await conn.send_frame(handshake.start())
+    await conn.send_frame(handshake.receive(await conn.receive_frame()))
+    conn.channel = handshake.channel
+    return conn
+
+
+async def publish_prekeys(
+    secret: MemberSecret,
+    name: str,
+    arrangement: Arrangement,
+    host: str,
+    port: int,
+    keyring: Keyring,
+    *,
+    one_time: int = 10,
+) -> PrekeyStatus:
+    """Publish a signed prekey and ``one_time`` one-time prekeys; returns the relay's
+    status (what it now holds of this member's prekeys).
+
+    Raises:
+        tisa.errors.Refused: the relay refused the handshake.
+        ConnectionError: the relay closed the connection, or answered something else.
+    """
+    conn = await _connect(secret, name, arrangement, host, port)
+    try:
+        signed = keyring.make(PrekeyKind.SIGNED)
+        fresh = [keyring.make(PrekeyKind.ONE_TIME) for _ in range(one_time)]
+        await conn.send(
+            PublishPrekeys(
+                signed=signed.publish(secret, name, arrangement),
+                one_time=[p.publish(secret, name, arrangement) for p in fresh],
+            )
+        )
+        while True:
+            message = await conn.receive()
+            if isinstance(message, PrekeyStatus):
+                return message
+            if not isinstance(message, Deliver | Chunk | DeliverEnd):
+                raise ConnectionError(f"the relay answered {message.TYPE!r}")
+    finally:
+        await conn.close()
+
+
+async def receive_one(
+    secret: MemberSecret,
+    name: str,
+    arrangement: Arrangement,
+    host: str,
+    port: int,
+    keyring: Keyring,
 ) -> Received:
     """Connect as member ``name``, take one delivery, open it, ack it, send the receipt.
 
     Raises:
         tisa.errors.Refused: the relay refused the handshake, or the token or report
-            was refused by policy.
+            was refused by policy (``unknown_prekey``: the token names a prekey
+            ``keyring`` does not hold).
         tisa.errors.VerificationError: the token or the report did not verify.
         ConnectionError: the relay closed the connection first.
     """
-    reader, writer = await asyncio.open_connection(host, port)
-    conn = _Connection(reader, writer)
+    conn = await _connect(secret, name, arrangement, host, port)
     try:
-        # The handshake: hello and finish out, welcome in, as plaintext frames.
-        handshake = MemberHandshake(secret, name, arrangement)
-        await conn.send_frame(handshake.start())
-        await conn.send_frame(handshake.receive(await conn.receive_frame()))
-        conn.channel = handshake.channel
-
         while True:
             message = await conn.receive()
             if isinstance(message, Deliver):
@@ -131,8 +213,16 @@ async def receive_one(
             # not this sketch's business; a real client would handle and ack it.
 
         release = check_for_recipient(
-            message.token, arrangement, secret, name, now=int(time.time())
+            message.token,
+            arrangement,
+            secret,
+            name,
+            now=int(time.time()),
+            prekey_secret=keyring.lookup,
         )
+        # The content key is out: the one-time prekey is spent. (A real client deletes
+        # it durably, with the report, before handing the report on.)
+        keyring.forget(release.token.wrap.opk)
         opener = release.opener(arrangement)
         parts: dict[int, list[bytes]] = {}
         while True:
@@ -200,9 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         secret, name = MemberSecret.load(args.key, passphrase)
         with open(args.arrangement, "rb") as handle:
             arrangement = SignedArrangement.load_effective(handle.read())
+        keyring = Keyring()
+        asyncio.run(publish_prekeys(secret, name, arrangement, host, int(port), keyring))
         received = asyncio.run(
             asyncio.wait_for(
-                receive_one(secret, name, arrangement, host, int(port)), timeout=args.wait
+                receive_one(secret, name, arrangement, host, int(port), keyring),
+                timeout=args.wait,
             )
         )
     except TimeoutError:

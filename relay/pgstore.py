@@ -98,6 +98,7 @@ from relay.store import (
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
+from tisa.prekeys import Prekey
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 from tisa_io.durable import DurableStore
@@ -113,8 +114,9 @@ __all__ = [
     "PgStore",
 ]
 
-# 2: requests, announcements, consent_queue (release requests; new tables only).
-SCHEMA_VERSION = 2
+# 2: requests, announcements, consent_queue (release requests); 3: prekeys. Both
+# added new tables only, so a store of schema 1 or 2 is upgraded in place.
+SCHEMA_VERSION = 3
 
 # Bytes of ciphertext per blob_chunks row: large enough that a report of many MiB is a
 # few dozen rows, small enough that a reader holds little (one row at a time).
@@ -233,10 +235,24 @@ CREATE TABLE wal_sync (
     touched bigint NOT NULL
 );
 """
+# Schema 3: prekeys (tisa.prekeys); what a store of schema 1 or 2 gains when opened.
+_PREKEY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prekeys (
+    seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    owner text NOT NULL,
+    kind text NOT NULL CHECK (kind IN ('signed', 'one_time')),
+    key bytea NOT NULL UNIQUE,
+    encoded bytea NOT NULL,
+    not_after bigint NOT NULL,
+    taken_by text,                 -- one-time: the originator it was handed out to
+    used_by bytea                  -- one-time: the token id that used it
+);
+CREATE INDEX IF NOT EXISTS prekeys_owner ON prekeys (owner, kind, taken_by, seq);
+"""
 
 # Schema 2: release requests (relay.consentstore), in a store of schema 1 added as is.
 _CONSENT_SCHEMA = """
-CREATE TABLE requests (
+CREATE TABLE IF NOT EXISTS requests (
     id bytea PRIMARY KEY,
     requester text NOT NULL,
     originator text NOT NULL,
@@ -247,14 +263,14 @@ CREATE TABLE requests (
     expires bigint NOT NULL,
     received bigint NOT NULL
 );
-CREATE INDEX requests_rate ON requests (requester, received);
-CREATE TABLE announcements (
+CREATE INDEX IF NOT EXISTS requests_rate ON requests (requester, received);
+CREATE TABLE IF NOT EXISTS announcements (
     id bytea PRIMARY KEY,
     report bytea NOT NULL,
     announcement bytea NOT NULL
 );
-CREATE INDEX announcements_report ON announcements (report);
-CREATE TABLE consent_queue (
+CREATE INDEX IF NOT EXISTS announcements_report ON announcements (report);
+CREATE TABLE IF NOT EXISTS consent_queue (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     member text NOT NULL,
     kind text NOT NULL CHECK (kind IN ('announce', 'request', 'answer')),
@@ -262,7 +278,7 @@ CREATE TABLE consent_queue (
     data bytea NOT NULL,
     UNIQUE (member, kind, ref)
 );
-CREATE INDEX consent_member ON consent_queue (member, seq);
+CREATE INDEX IF NOT EXISTS consent_member ON consent_queue (member, seq);
 """
 
 _TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
@@ -566,19 +582,22 @@ class PgStore(ConsentTables, DurableStore):
             if present is not None and present[0]:
                 row = self._conn.execute("SELECT version FROM tisa_schema").fetchone()
                 version = 0 if row is None else int(row[0])
-                if version not in (1, SCHEMA_VERSION):
+                if version not in (1, 2, SCHEMA_VERSION):
                     raise UsageError(
                         f"relay store schema {version}; this relay knows {SCHEMA_VERSION}"
                     )
-                if version == 1:
+                if version in (1, 2):
                     # In place, in this one transaction (other processes see all of it
-                    # or none); new tables only, which a relay of schema 1 still running
-                    # on the database never touches.
+                    # or none); new tables only, which a relay of an older schema still
+                    # running on the database never touches. IF NOT EXISTS: a store of
+                    # schema 2 holds the consent tables.
                     self._conn.execute(_CONSENT_SCHEMA)
+                    self._conn.execute(_PREKEY_SCHEMA)
                     self._conn.execute("UPDATE tisa_schema SET version = %s", (SCHEMA_VERSION,))
                 return
             self._conn.execute(_SCHEMA)
             self._conn.execute(_CONSENT_SCHEMA)
+            self._conn.execute(_PREKEY_SCHEMA)
             self._conn.execute("INSERT INTO tisa_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             self._conn.execute(
                 "INSERT INTO audit_head (one, seq, head) VALUES (true, 0, %s)", (GENESIS,)
@@ -1079,6 +1098,8 @@ class PgStore(ConsentTables, DurableStore):
                 raise Refused(
                     Reason.WRONG_REPORT, "token commits to another content key than the first"
                 )
+            if token.wrap.opk is not None:
+                self._use_one_time_prekey(db, token)
             pending = TokenRow(
                 0,
                 token.id,
@@ -1396,4 +1417,85 @@ class PgStore(ConsentTables, DurableStore):
                 (now, *OUTSTANDING),
             )
             self._prune_consent(now=now, clock_skew=clock_skew)
+            # As relay.store.Store.expire: kept while a token naming it could arrive.
+            db.execute("DELETE FROM prekeys WHERE not_after + %s < %s", (MAX_VALIDITY, now))
         return notified
+
+    # --- prekeys (as relay.store.Store; see there) -------------------------------------
+
+    def publish_prekeys(
+        self, owner: str, signed: Prekey | None, one_time: list[Prekey], *, max_one_time: int
+    ) -> None:
+        """Store ``owner``'s verified prekeys (one already stored is ignored).
+
+        Raises:
+            Refused: LIMIT, the one-time prekeys would exceed ``max_one_time`` (nothing
+                of this publish is stored then).
+        """
+        with self._transaction() as db:
+            for prekey in ([signed] if signed is not None else []) + one_time:
+                db.execute(
+                    "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
+                    " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (key) DO NOTHING",
+                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after),
+                )
+            row = db.execute(
+                "SELECT count(*) FROM prekeys WHERE owner = %s AND kind = 'one_time'"
+                " AND taken_by IS NULL",
+                (owner,),
+            ).fetchone()
+            if row is not None and int(row[0]) > max_one_time:
+                raise Refused(
+                    Reason.LIMIT, f"at most {max_one_time} one-time prekeys are stored per member"
+                )
+
+    def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
+        """(``not_after`` of the newest valid signed prekey or 0, one-time prekeys left)."""
+        row = self._conn.execute(
+            "SELECT (SELECT not_after FROM prekeys WHERE owner = %s AND kind = 'signed'"
+            " AND not_after > %s ORDER BY seq DESC LIMIT 1),"
+            " (SELECT count(*) FROM prekeys WHERE owner = %s"
+            " AND kind = 'one_time' AND taken_by IS NULL AND not_after > %s)",
+            (owner, now, owner, now),
+        ).fetchone()
+        assert row is not None
+        return int(row[0] or 0), int(row[1])
+
+    def take_prekeys(
+        self, owner: str, *, taker: str, now: int
+    ) -> tuple[bytes | None, bytes | None, int]:
+        """Hand out ``owner``'s newest valid signed prekey and one one-time prekey, the
+        latter marked taken by ``taker`` in the same step. ``SKIP LOCKED``: another relay
+        process handing out a prekey of the same owner takes another one."""
+        with self._transaction() as db:
+            signed = db.execute(
+                "SELECT encoded FROM prekeys WHERE owner = %s AND kind = 'signed'"
+                " AND not_after > %s ORDER BY seq DESC LIMIT 1",
+                (owner, now),
+            ).fetchone()
+            one_time = db.execute(
+                "SELECT seq, encoded FROM prekeys WHERE owner = %s AND kind = 'one_time'"
+                " AND taken_by IS NULL AND not_after > %s ORDER BY seq DESC LIMIT 1"
+                " FOR UPDATE SKIP LOCKED",
+                (owner, now),
+            ).fetchone()
+            if one_time is not None:
+                db.execute("UPDATE prekeys SET taken_by = %s WHERE seq = %s", (taker, one_time[0]))
+        left = self.prekey_status(owner, now=now)[1]
+        return (
+            None if signed is None else bytes(signed[0]),
+            None if one_time is None else bytes(one_time[1]),
+            left,
+        )
+
+    def _use_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
+        row = db.execute(
+            "SELECT owner, taken_by, used_by FROM prekeys WHERE key = %s AND kind = 'one_time'"
+            " FOR UPDATE",
+            (token.wrap.opk,),
+        ).fetchone()
+        if row is None or row[0] != token.recipient or row[1] != token.originator:
+            raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
+        if row[2] is not None:
+            raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
+        db.execute("UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk))

@@ -79,7 +79,11 @@ from tisa.messages import (
     DeliverEnd,
     ErrorMessage,
     Expired,
+    FetchPrekeys,
     Message,
+    Prekeys,
+    PrekeyStatus,
+    PublishPrekeys,
     ReceiptNotice,
     Refusal,
     Release,
@@ -93,6 +97,7 @@ from tisa.messages import (
     SubmitEnd,
     chunks_of,
 )
+from tisa.prekeys import Prekey, PrekeyKind
 from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 from tisa.token import ReleaseToken, check_for_relay
 from tisa_io.durable import GroupCommitter
@@ -720,6 +725,10 @@ class Relay:
             await self._audit_fetch(conn, message)
         elif isinstance(message, SendConsent):
             await self._consent(conn, message)
+        elif isinstance(message, PublishPrekeys):
+            await self._publish_prekeys(conn, message)
+        elif isinstance(message, FetchPrekeys):
+            await self._fetch_prekeys(conn, message)
         elif isinstance(message, Chunk | SubmitEnd):
             raise ProtocolError(f"{message.TYPE} outside a submission")
         else:
@@ -1095,6 +1104,77 @@ class Relay:
         # Queued like every answer: the checkpoint signs entries that must be on disk.
         conn.audit_queued += 1
         await self._reply(conn, AuditReply(extract=extract.encode()))
+
+    # --- prekeys -------------------------------------------------------------------------
+
+    def _prekey_status(self, member: str) -> PrekeyStatus:
+        signed_not_after, left = self.store.prekey_status(member, now=self.now())
+        return PrekeyStatus(signed_not_after=signed_not_after, one_time=left)
+
+    async def _publish_prekeys(self, conn: _Connection, message: PublishPrekeys) -> None:
+        """Check and store a recipient's own prekeys; answer with its prekey status."""
+        now = self.now()
+        try:
+            self.arrangement.require_role(conn.member, Role.RECIPIENT)
+            signed = (
+                None
+                if message.signed is None
+                else Prekey.verify(
+                    message.signed,
+                    self.arrangement,
+                    owner=conn.member,
+                    kind=PrekeyKind.SIGNED,
+                    now=now,
+                    clock_skew=self.limits.clock_skew,
+                )
+            )
+            one_time = [
+                Prekey.verify(
+                    data,
+                    self.arrangement,
+                    owner=conn.member,
+                    kind=PrekeyKind.ONE_TIME,
+                    now=now,
+                    clock_skew=self.limits.clock_skew,
+                )
+                for data in message.one_time
+            ]
+            self.store.publish_prekeys(
+                conn.member, signed, one_time, max_one_time=self.limits.max_one_time_prekeys
+            )
+        except ProtocolError as exc:
+            await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
+            return
+        except VerificationError:
+            await self._refuse(conn, b"", Reason.BAD_PREKEY, "a prekey's signature is not yours")
+            return
+        except Refused as exc:
+            await self._refuse(conn, b"", exc.reason, exc.detail)
+            return
+        await self._reply(conn, self._prekey_status(conn.member))
+
+    async def _fetch_prekeys(self, conn: _Connection, message: FetchPrekeys) -> None:
+        """Hand an originator a recipient's signed prekey and one one-time prekey (taken
+        durably before the answer goes out); tell the recipient when its supply runs low."""
+        now = self.now()
+        try:
+            self.arrangement.require_role(conn.member, Role.ORIGINATOR)
+            self.arrangement.require_role(message.member, Role.RECIPIENT)
+            if message.member == conn.member:
+                # An originator never releases to itself: its own one-time prekeys are
+                # not for it to use up.
+                raise Refused(Reason.WRONG_RECIPIENT, "a member does not fetch its own prekeys")
+        except Refused as exc:
+            await self._refuse(conn, message.ref, exc.reason, exc.detail)
+            return
+        signed, one_time, left = self.store.take_prekeys(message.member, taker=conn.member, now=now)
+        await self._reply(
+            conn, Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time)
+        )
+        if one_time is not None and left < self.limits.prekey_low_water:
+            status = self._prekey_status(message.member)
+            for other in list(self._connections.get(message.member, ())):
+                await self._reply(other, status)
 
     # --- the pusher ----------------------------------------------------------------------
 

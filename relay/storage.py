@@ -33,6 +33,7 @@ from relay.store import (
 from tisa.audit import AuditEntry
 from tisa.consent import Announcement, Answer, Request
 from tisa.errors import Reason
+from tisa.prekeys import Prekey
 from tisa.receipt import Receipt
 from tisa.token import ReleaseToken
 from tisa_io.durable import Batches
@@ -226,6 +227,21 @@ class RelayStore(Batches, Protocol):
 
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
         """The encoded sizes of up to ``limit`` entries after ``after``."""
+
+    def publish_prekeys(
+        self, owner: str, signed: Prekey | None, one_time: list[Prekey], *, max_one_time: int
+    ) -> None:
+        """Store a member's verified prekeys (its own step); Refused(LIMIT) past
+        ``max_one_time`` one-time prekeys, storing nothing."""
+
+    def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
+        """(newest valid signed prekey's ``not_after`` or 0, one-time prekeys left)."""
+
+    def take_prekeys(
+        self, owner: str, *, taker: str, now: int
+    ) -> tuple[bytes | None, bytes | None, int]:
+        """Hand out ``owner``'s newest valid signed prekey and one one-time prekey, taken
+        by ``taker`` in the same step (so once); with the one-time prekeys left."""
 
 
 @runtime_checkable

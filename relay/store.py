@@ -3,7 +3,7 @@ ciphertext files.
 
 Layout of a store directory::
 
-    relay.db        reports, tokens, receipts, notices, audit log
+    relay.db        reports, tokens, receipts, notices, prekeys, audit log
     blobs/<hex id>  one sealed report's ciphertext (never a key, never plaintext)
     tmp/            uploads in progress; emptied when the store opens
 
@@ -16,6 +16,9 @@ Rules that make the relay lose nothing:
   is kept in the row itself (column ``data``) and needs no file at all.
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
+* A one-time prekey is handed out in one transaction that marks it taken by the
+  asker (:meth:`Store.take_prekeys`), committed before the answer is sent, so it is
+  handed out once; a token naming it is accepted only from that asker, once.
 * Every audit entry is appended in the same transaction as the state change it records
   (the entries of a batch are written together, by one ``executemany`` right before its
   ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
@@ -56,6 +59,7 @@ from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
+from tisa.prekeys import Prekey
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 from tisa_io.durable import DurableStore
@@ -80,8 +84,8 @@ __all__ = [
 DB_NAME = "relay.db"
 # 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
 # hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
-# announcements, consent_queue (release requests; new tables only).
-SCHEMA_VERSION = 5
+# announcements, consent_queue (release requests); 6: prekeys (5 and 6: new tables only).
+SCHEMA_VERSION = 6
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -168,6 +172,17 @@ CREATE TABLE IF NOT EXISTS consent_queue (
     UNIQUE (member, kind, ref)
 );
 CREATE INDEX IF NOT EXISTS consent_member ON consent_queue (member, seq);
+CREATE TABLE IF NOT EXISTS prekeys (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    owner TEXT NOT NULL,
+    kind TEXT NOT NULL CHECK (kind IN ('signed', 'one_time')),
+    key BLOB NOT NULL UNIQUE,
+    encoded BLOB NOT NULL,
+    not_after INTEGER NOT NULL,
+    taken_by TEXT,                 -- one-time: the originator it was handed out to
+    used_by BLOB                   -- one-time: the token id that used it
+);
+CREATE INDEX IF NOT EXISTS prekeys_owner ON prekeys (owner, kind, taken_by, seq);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     entry BLOB NOT NULL,
@@ -368,7 +383,7 @@ class Store(ConsentTables, DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, 4, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, 5, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
@@ -673,6 +688,8 @@ class Store(ConsentTables, DurableStore):
                 raise Refused(
                     Reason.WRONG_REPORT, "token commits to another content key than the first"
                 )
+            if token.wrap.opk is not None:
+                self._use_one_time_prekey(db, token)
             cursor = db.execute(
                 "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
                 " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -1034,9 +1051,98 @@ class Store(ConsentTables, DurableStore):
                 (now, *OUTSTANDING),
             )
             self._prune_consent(now=now, clock_skew=clock_skew)
+            # A prekey is kept while a token naming it could still arrive (it is used
+            # before its not_after, by a token valid at most MAX_VALIDITY), so a replayed
+            # one-time prekey is caught as long as it matters.
+            db.execute("DELETE FROM prekeys WHERE not_after + ? < ?", (MAX_VALIDITY, now))
         for report_id in deleted:
             self._remove_blob(report_id)
         return notified
+
+    # --- prekeys -----------------------------------------------------------------------
+
+    def publish_prekeys(
+        self, owner: str, signed: Prekey | None, one_time: list[Prekey], *, max_one_time: int
+    ) -> None:
+        """Store ``owner``'s verified prekeys (one already stored is ignored).
+
+        Raises:
+            Refused: LIMIT, the one-time prekeys would exceed ``max_one_time`` (nothing
+                of this publish is stored then).
+        """
+        with self._transaction() as db:
+            for prekey in ([signed] if signed is not None else []) + one_time:
+                db.execute(
+                    "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
+                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after),
+                )
+            (available,) = db.execute(
+                "SELECT count(*) FROM prekeys WHERE owner = ? AND kind = 'one_time'"
+                " AND taken_by IS NULL",
+                (owner,),
+            ).fetchone()
+            if available > max_one_time:
+                # Raised inside the transaction: the inserts above are rolled back.
+                raise Refused(
+                    Reason.LIMIT, f"at most {max_one_time} one-time prekeys are stored per member"
+                )
+
+    def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
+        """(``not_after`` of ``owner``'s newest valid signed prekey or 0, one-time prekeys
+        still available)."""
+        signed, available = self._db.execute(
+            "SELECT (SELECT not_after FROM prekeys WHERE owner = ? AND kind = 'signed'"
+            " AND not_after > ? ORDER BY seq DESC LIMIT 1),"
+            " (SELECT count(*) FROM prekeys WHERE owner = ?"
+            " AND kind = 'one_time' AND taken_by IS NULL AND not_after > ?)",
+            (owner, now, owner, now),
+        ).fetchone()
+        return int(signed or 0), int(available)
+
+    def take_prekeys(
+        self, owner: str, *, taker: str, now: int
+    ) -> tuple[bytes | None, bytes | None, int]:
+        """Hand out ``owner``'s latest published valid signed prekey and its newest
+        available one-time prekey (the latest publish first: the member's current store
+        holds it), the latter marked taken by ``taker`` in the same transaction
+        (committed before the caller announces it: it is handed out once).
+
+        Returns:
+            (signed envelope or None, one-time envelope or None, one-time prekeys left)
+        """
+        with self._transaction() as db:
+            signed = db.execute(
+                "SELECT encoded FROM prekeys WHERE owner = ? AND kind = 'signed'"
+                " AND not_after > ? ORDER BY seq DESC LIMIT 1",
+                (owner, now),
+            ).fetchone()
+            one_time = db.execute(
+                "SELECT seq, encoded FROM prekeys WHERE owner = ? AND kind = 'one_time'"
+                " AND taken_by IS NULL AND not_after > ? ORDER BY seq DESC LIMIT 1",
+                (owner, now),
+            ).fetchone()
+            if one_time is not None:
+                db.execute("UPDATE prekeys SET taken_by = ? WHERE seq = ?", (taker, one_time[0]))
+        left = self.prekey_status(owner, now=now)[1]
+        return (
+            None if signed is None else bytes(signed[0]),
+            None if one_time is None else bytes(one_time[1]),
+            left,
+        )
+
+    def _use_one_time_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
+        row = db.execute(
+            "SELECT owner, taken_by, used_by FROM prekeys WHERE key = ? AND kind = 'one_time'",
+            (token.wrap.opk,),
+        ).fetchone()
+        if row is None or row[0] != token.recipient or row[1] != token.originator:
+            raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
+        if row[2] is not None:
+            # Not "replayed": that code means a token id seen before, which an
+            # originator's node takes as its own earlier release of the same token.
+            raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
+        db.execute("UPDATE prekeys SET used_by = ? WHERE key = ?", (token.id, token.wrap.opk))
 
     def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
         self._db.execute(

@@ -8,11 +8,11 @@ Usage::
     python scripts/make_vectors.py --fresh    # new libsodium randomness for every vector
 
 Everything is derived from fixed seeds and a fixed clock, through the toolkit's private
-entry points for randomness (``_report_id``, ``_content_key``, ``_token_id``). Two
-things cannot be fixed that way, because libsodium draws them itself: the ephemeral key
-of a sealed box (the content key sealed in a release token) and the secretstream
-header at the start of a report's ciphertext. Vectors that contain them say so in
-``generated``; the bytes are kept as produced and checked by opening them. When the
+entry points for randomness (``_report_id``, ``_content_key``, ``_token_id``,
+``_ephemeral`` for a token's key wrap; prekey secrets are derived here). One thing
+cannot be fixed that way, because libsodium draws it itself: the secretstream header at
+the start of a report's ciphertext. Vectors that contain it say so in ``generated``;
+the bytes are kept as produced and checked by opening them. When the
 files already exist, the script reuses those bytes wherever they still open to exactly
 what the current code would produce, so running it again changes nothing unless the
 protocol did. ``tests/test_vectors.py`` checks that, and every verdict.
@@ -51,15 +51,17 @@ from tisa.consent import Announcement, Answer, Request
 from tisa.errors import (
     ArrangementNotEffective,
     ProtocolError,
+    Reason,
     Refused,
     TisaError,
     VerificationError,
 )
 from tisa.keys import Context, Hash, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE, CLOCK_SKEW
+from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report, padded_size
-from tisa.token import ReleaseToken, check_for_recipient, check_for_relay, issue_token
+from tisa.token import check_for_recipient, check_for_relay, issue_token
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "tests" / "vectors"
@@ -71,6 +73,7 @@ FILES = (
     "encoding.json",
     "audit.json",
     "consent.json",
+    "prekey.json",
 )
 
 # 1 January 2015, three days after the arrangement was signed.
@@ -230,6 +233,27 @@ V1 = make_arrangement()
 # only the arrangement id and version tell the two apart.
 V2 = V1.amend(levels=(*LEVELS, "top-secret"))
 ARRANGEMENTS = {"v1": V1, "v2": V2}
+
+# Tokyo's prekeys, published a day before the tokens and valid for a week.
+PREKEY_CREATED, PREKEY_NOT_AFTER = NOW - 86_400, NOW + 6 * 86_400
+
+
+def make_prekey(label: str, kind: PrekeyKind) -> PrekeySecret:
+    return PrekeySecret(
+        kind=kind,
+        secret=derive(f"prekey/{label}"),
+        created=PREKEY_CREATED,
+        not_after=PREKEY_NOT_AFTER,
+    )
+
+
+TOKYO_PREKEYS = {
+    "signed": make_prekey("tokyo/signed", PrekeyKind.SIGNED),
+    "one-time-1": make_prekey("tokyo/one-time/1", PrekeyKind.ONE_TIME),
+}
+PREKEY_ENCODED = {
+    label: secret.publish(SECRETS["tokyo"], "tokyo", V1) for label, secret in TOKYO_PREKEYS.items()
+}
 
 
 def expect_ok(**values: Any) -> dict[str, Any]:
@@ -1063,31 +1087,7 @@ class Builder:
         report = self.reports["report-short-body"]
         base_id = "token-valid"
         token_id = derive("token-id/valid", 16)
-        base = issue_token(
-            SECRETS["seoul"],
-            "seoul",
-            V1,
-            recipient="tokyo",
-            report_id=report["report_id"],
-            digest=digest(Hash.CIPHERTEXT, report["ciphertext"]),
-            size=len(report["ciphertext"]),
-            content_key=report["content_key"],
-            scope="missile",
-            level="secret",
-            not_before=NOT_BEFORE,
-            not_after=NOT_AFTER,
-            counter=1,
-            _token_id=token_id,
-        )
-        # Keep the previous sealed key if it still holds this content key for Tokyo.
-        previous = self.previous(base_id)
-        if previous is not None:
-            try:
-                old = ReleaseToken.decode(bytes.fromhex(previous["token"])).sealed_key
-                if SECRETS["tokyo"].unseal(old) == report["content_key"]:
-                    base = resign(base, SECRETS["seoul"], sealed_key=old)
-            except (ProtocolError, VerificationError, ValueError):
-                pass  # draw a new one
+        base = _tokyos_token(report, token_id, "valid", PREKEY_ENCODED["one-time-1"])
         body = enc.unpack(enc.unpack(base)["body"])
         relay_params = {
             "report_id": report["report_id"],
@@ -1136,15 +1136,11 @@ class Builder:
                 }
             )
 
-        generated = (
-            "sealed_key is a libsodium sealed box (random ephemeral key); the rest follows "
-            "from the inputs. Checked by unsealing."
-        )
         vectors.append(
             {
                 "id": base_id,
-                "description": "Seoul releases report-short-body to Tokyo.",
-                "generated": generated,
+                "description": "Seoul releases report-short-body to Tokyo, the key wrapped to "
+                "Tokyo's identity, signed prekey and one-time prekey.",
                 "inputs": hexed(
                     {
                         "originator": "seoul",
@@ -1159,6 +1155,9 @@ class Builder:
                         "scope": "missile",
                         "level": "secret",
                         "key_commit": key_commitment(report["content_key"], report["report_id"]),
+                        "ephemeral_secret": derive("token-ephemeral/valid"),
+                        "signed_prekey": "signed",
+                        "one_time_prekey": "one-time-1",
                     }
                 ),
                 "body": enc.unpack(base)["body"].hex(),
@@ -1295,6 +1294,8 @@ class Builder:
                 new = replacements[field]
             elif isinstance(value, bytes):
                 new = _flip(value, len(value) - 1)
+            elif isinstance(value, dict):
+                new = {**value, "eph": _flip(value["eph"], 31)}
             else:
                 new = value + 1
             tampered = enc.pack({"body": enc.pack({**body, field: new}), "sig": signature})
@@ -1339,13 +1340,15 @@ class Builder:
         )
         add(
             "token-sealed-to-other-recipient",
-            "Re-addressed by Seoul to Canberra, the key still sealed to Tokyo.",
+            "Re-addressed by Seoul to Canberra, the key still wrapped to Tokyo's prekeys, "
+            "which Canberra does not hold (and would not open with its identity key).",
             resign(base, SECRETS["seoul"], recipient="canberra"),
             [
-                recipient(opaque, **{"as": "canberra"}),
+                recipient(expect_error(Refused, "unknown_prekey"), **{"as": "canberra"}),
                 recipient(expect_error(Refused, "wrong_recipient")),
             ],
         )
+        self._prekey_token_vectors(base, add, relay, recipient, report, token_id)
         body_bytes = enc.unpack(base)["body"]
         keys = sorted(body, key=str.encode)
         counter_key = msgpack.packb("counter")
@@ -1399,9 +1402,25 @@ class Builder:
         add(
             "token-approves-request",
             "Seoul's token with the optional request field: it approves Tokyo's request "
-            f"{request_id.hex()} (body with 18 keys, a map16).",
-            resign(base, SECRETS["seoul"], request=request_id),
+            f"{request_id.hex()} (body with 18 keys, a map16). Issued like token-valid, "
+            "ephemeral key from 'token-ephemeral/approves-request'; the key wrap "
+            "authenticates the request field with the rest of the body.",
+            _tokyos_token(
+                report,
+                token_id,
+                "approves-request",
+                PREKEY_ENCODED["one-time-1"],
+                request=request_id,
+            ),
             [relay(ok_relay), recipient(ok_recipient)],
+        )
+        add(
+            "token-request-added-not-rewrapped",
+            "token-valid with a request field added and signed again by Seoul, its wrap "
+            "left as it was: the relay accepts it (it cannot open the wrap), the recipient "
+            "cannot unwrap the key (the wrap authenticates the body without the request).",
+            resign(base, SECRETS["seoul"], request=request_id),
+            [relay(ok_relay), recipient(opaque)],
         )
         add(
             "token-request-added-unsigned",
@@ -1426,7 +1445,219 @@ class Builder:
                 _require(vector, verdict, check["expect"])
         return {
             "description": "Release tokens. Run each entry of 'checks' (check_for_relay or "
-            "check_for_recipient with the given parameters) on 'token'.",
+            "check_for_recipient with the given parameters) on 'token'. The recipient holds "
+            "the secrets of its prekeys listed in 'prekeys' (all of them, or those in the "
+            "check's 'held'); a one-time prekey in the check's 'used' was used and deleted "
+            "before (naming it again is refused as replayed).",
+            "prekeys": {
+                "tokyo": {
+                    label: hexed(
+                        {
+                            "kind": secret.kind.value,
+                            "secret": secret.secret,
+                            "public": secret.public,
+                            "encoded": PREKEY_ENCODED[label],
+                        }
+                    )
+                    for label, secret in TOKYO_PREKEYS.items()
+                }
+            },
+            "vectors": vectors,
+        }
+
+    def _prekey_token_vectors(
+        self,
+        base: bytes,
+        add: Callable[[str, str, bytes, list[dict[str, Any]]], None],
+        relay: Callable[..., dict[str, Any]],
+        recipient: Callable[..., dict[str, Any]],
+        report: Mapping[str, Any],
+        token_id: bytes,
+    ) -> None:
+        """The forward-secrecy vectors: wrap modes, forgotten and replayed prekeys."""
+        ok_recipient = expect_ok(token_id=token_id, content_key=report["content_key"])
+        signed_only = _tokyos_token(report, token_id, "signed-only", None)
+        add(
+            "token-signed-prekey-only",
+            "Tokyo's one-time supply was exhausted: wrapped to its identity and signed "
+            "prekey alone (mode signed, no opk).",
+            signed_only,
+            [relay(expect_ok(token_id=token_id)), recipient(ok_recipient)],
+        )
+        body = enc.unpack(enc.unpack(base)["body"])
+        wrap = body["wrap"]
+        one_time = wrap["opk"].hex()
+        add(
+            "token-prekey-forgotten",
+            "Tokyo deleted the prekey secrets the token names: nothing opens it.",
+            base,
+            [
+                recipient(expect_error(Refused, "unknown_prekey"), held=[]),
+                recipient(expect_error(Refused, "unknown_prekey"), held=[one_time]),
+            ],
+        )
+        add(
+            "token-one-time-prekey-replayed",
+            "The one-time prekey was used by an earlier token and deleted.",
+            base,
+            [recipient(expect_error(Refused, "replayed"), used=[one_time])],
+        )
+        identity = dict(wrap, mode="identity", spk=None, opk=None)
+        add(
+            "token-identity-not-allowed",
+            "Wrapped to the long-term key alone (mode identity) under an arrangement without "
+            "identity_fallback.",
+            resign(base, SECRETS["seoul"], wrap=identity),
+            [
+                relay(expect_error(Refused, "fallback_not_allowed")),
+                recipient(expect_error(Refused, "fallback_not_allowed")),
+            ],
+        )
+        malformed = expect_error(ProtocolError)
+        for vector_id, description, changed in (
+            ("token-wrap-mode-mismatch", "Mode signed, but an opk named.", {"mode": "signed"}),
+            ("token-wrap-no-signed-prekey", "Mode one_time without an spk.", {"spk": None}),
+            (
+                "token-wrap-short-sealed",
+                "The sealed key one byte short.",
+                {"sealed": wrap["sealed"][:-1]},
+            ),
+        ):
+            add(
+                vector_id,
+                description + " Signed by Seoul.",
+                resign(base, SECRETS["seoul"], wrap={**wrap, **changed}),
+                [relay(malformed), recipient(malformed)],
+            )
+        add(
+            "token-wrap-under-other-fields",
+            "Counter changed and signed again by Seoul, the wrap kept: its associated data "
+            "no longer matches (the relay cannot tell).",
+            resign(base, SECRETS["seoul"], counter=2),
+            [relay(expect_ok(token_id=token_id)), recipient(expect_error(VerificationError))],
+        )
+
+    # --- prekeys -----------------------------------------------------------------------
+
+    def prekey_file(self) -> dict[str, Any]:
+        signed, one_time = PREKEY_ENCODED["signed"], PREKEY_ENCODED["one-time-1"]
+        body = enc.unpack(enc.unpack(signed)["body"])
+        vectors: list[dict[str, Any]] = []
+        opaque = expect_error(VerificationError)
+        malformed = expect_error(ProtocolError)
+
+        def add(
+            vector_id: str,
+            description: str,
+            encoded: bytes,
+            expect: dict[str, Any],
+            **check: Any,
+        ) -> None:
+            params = {"owner": "tokyo", "kind": "signed", "arrangement": "v1", "now": NOW, **check}
+            vector = {
+                "id": vector_id,
+                "description": description,
+                "encoded": encoded.hex(),
+                "check": params,
+                "expect": expect,
+            }
+            _require(vector, outcome(functools.partial(_check_prekey, vector)))
+            vectors.append(vector)
+
+        def sign(
+            changes: Mapping[str, Any], signer: str = "tokyo", context: Context = Context.PREKEY
+        ) -> bytes:
+            data = enc.pack({**body, **changes})
+            return enc.pack({"body": data, "sig": SECRETS[signer].sign(context, data)})
+
+        add(
+            "prekey-signed-valid",
+            "Tokyo's signed prekey, as the relay hands it out.",
+            signed,
+            expect_ok(key=TOKYO_PREKEYS["signed"].public),
+        )
+        add(
+            "prekey-one-time-valid",
+            "One of Tokyo's one-time prekeys.",
+            one_time,
+            expect_ok(key=TOKYO_PREKEYS["one-time-1"].public),
+            kind="one_time",
+        )
+        add(
+            "prekey-substituted-owner",
+            "Tokyo's prekey handed out as Seoul's.",
+            signed,
+            expect_error(Refused, "bad_prekey"),
+            owner="seoul",
+        )
+        add(
+            "prekey-substituted-kind",
+            "Tokyo's signed prekey handed out as a one-time prekey.",
+            signed,
+            expect_error(Refused, "bad_prekey"),
+            kind="one_time",
+        )
+        add(
+            "prekey-other-arrangement",
+            "Checked under version 2 of the arrangement.",
+            signed,
+            expect_error(Refused, "bad_prekey"),
+            arrangement="v2",
+        )
+        add(
+            "prekey-expired",
+            "Checked at not_after + clock skew.",
+            signed,
+            expect_error(Refused, "expired"),
+            now=PREKEY_NOT_AFTER + CLOCK_SKEW,
+        )
+        add(
+            "prekey-forged-by-relay",
+            "A key of the relay's choosing, signed by Washington in Tokyo's name.",
+            sign({"key": sodium.crypto_scalarmult_base(derive("prekey/relay"))}, "washington"),
+            opaque,
+        )
+        add(
+            "prekey-signed-by-other-member",
+            "Names Tokyo as owner, signed by Seoul.",
+            sign({}, "seoul"),
+            opaque,
+        )
+        add(
+            "prekey-wrong-context",
+            "Signed by Tokyo in context token.",
+            sign({}, context=Context.TOKEN),
+            opaque,
+        )
+        add(
+            "prekey-owner-is-relay",
+            "Names Washington (no recipient role, so no key to check with) as owner.",
+            sign({"owner": "washington"}, "washington"),
+            opaque,
+            owner="washington",
+        )
+        add(
+            "prekey-low-order-key",
+            "A key of low order (the all-zero point), signed by Tokyo.",
+            sign({"key": bytes(32)}),
+            malformed,
+        )
+        add(
+            "prekey-empty-lifetime",
+            "not_after equal to created, signed by Tokyo.",
+            sign({"not_after": body["created"]}),
+            malformed,
+        )
+        add(
+            "prekey-version-1",
+            "v 1, signed by Tokyo: prekeys exist from protocol version 2.",
+            sign({"v": 1}),
+            malformed,
+        )
+        add("prekey-trailing-byte", "A byte after the envelope.", signed + b"\x00", malformed)
+        return {
+            "description": "Prekeys. Check 'encoded' with Prekey.verify for the owner, kind, "
+            "arrangement and time in 'check' (clock skew 120 s).",
             "vectors": vectors,
         }
 
@@ -2217,7 +2448,79 @@ def _check_token(token: bytes, check: Mapping[str, Any]) -> Any:
         )
     name = check["as"]
     return check_for_recipient(
-        token, arrangement, SECRETS[name], name, now=check["now"], clock_skew=check["clock_skew"]
+        token,
+        arrangement,
+        SECRETS[name],
+        name,
+        now=check["now"],
+        clock_skew=check["clock_skew"],
+        prekey_secret=_prekey_lookup(name, check),
+    )
+
+
+def _prekey_lookup(name: str, check: Mapping[str, Any]) -> Callable[[PrekeyKind, bytes], bytes]:
+    """The recipient's prekey secrets as a check states them: all of its prekeys in the
+    file unless ``held`` lists the public keys it still holds; ``used`` lists one-time
+    prekeys it used and deleted (naming one again is a replay)."""
+    prekeys = {p.public: p for p in TOKYO_PREKEYS.values()} if name == "tokyo" else {}
+    held = check.get("held")
+    used = {bytes.fromhex(key) for key in check.get("used", [])}
+
+    def lookup(kind: PrekeyKind, public: bytes) -> bytes:
+        if public in used:
+            raise Refused(Reason.REPLAYED, "one-time prekey used before")
+        secret = prekeys.get(public)
+        if (
+            secret is None
+            or secret.kind is not kind
+            or (held is not None and public.hex() not in held)
+        ):
+            raise Refused(Reason.UNKNOWN_PREKEY, "prekey not held")
+        return secret.secret
+
+    return lookup
+
+
+def _tokyos_token(
+    report: Mapping[str, Any],
+    token_id: bytes,
+    label: str,
+    one_time: bytes | None,
+    request: bytes | None = None,
+) -> bytes:
+    """Seoul's token for ``report`` to Tokyo, wrapped to Tokyo's signed prekey and
+    ``one_time``, with the ephemeral key derived from ``label`` (approving the release
+    request ``request`` if given)."""
+    return issue_token(
+        SECRETS["seoul"],
+        "seoul",
+        V1,
+        recipient="tokyo",
+        report_id=report["report_id"],
+        digest=digest(Hash.CIPHERTEXT, report["ciphertext"]),
+        size=len(report["ciphertext"]),
+        content_key=report["content_key"],
+        scope="missile",
+        level="secret",
+        not_before=NOT_BEFORE,
+        not_after=NOT_AFTER,
+        counter=1,
+        signed_prekey=PREKEY_ENCODED["signed"],
+        one_time_prekey=one_time,
+        request=request,
+        _token_id=token_id,
+        _ephemeral=derive(f"token-ephemeral/{label}"),
+    )
+
+
+def _check_prekey(vector: Mapping[str, Any]) -> Any:
+    check = vector["check"]
+    return Prekey.verify(
+        bytes.fromhex(vector["encoded"]),
+        ARRANGEMENTS[check["arrangement"]],
+        owner=check["owner"],
+        kind=PrekeyKind(check["kind"]),
+        now=check["now"],
     )
 
 
@@ -2268,6 +2571,7 @@ def build(previous: Mapping[str, Any] | None = None, *, fresh: bool = False) -> 
         "encoding.json": encoding_file(),
         "audit.json": audit_file(),
         "consent.json": builder.consent_file(),
+        "prekey.json": builder.prekey_file(),
     }
     return {
         name: json.dumps({"generator": "scripts/make_vectors.py", "now": NOW, **document}, indent=1)

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -444,16 +445,32 @@ def test_asyncio_client_with_an_unset_variable_says_so(homes: Path) -> None:
 
 
 def test_asyncio_client_runs_as_the_readme_shows(homes: Path, relay: str) -> None:
-    report = send_to_tokyo(homes, relay, "for the asyncio client")
-    result = run_example(
-        "--key",
-        str(homes / "tokyo" / "identity.key"),
-        "--arrangement",
-        str(homes / "arrangement.tisa"),
-        "--relay",
-        relay,
-        env=ENV,
+    # The client publishes prekeys of its own (kept in its memory), then waits: a token
+    # must be wrapped to them, so Seoul sends once they are at the relay.
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(EXAMPLE),
+            "--key",
+            str(homes / "tokyo" / "identity.key"),
+            "--arrangement",
+            str(homes / "arrangement.tisa"),
+            "--relay",
+            relay,
+        ],
+        env={**{k: v for k, v in os.environ.items() if k != "TISA_PASSPHRASE"}, **ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
+    database = homes / "washington" / "store" / "relay.db"
+    deadline = time.monotonic() + 60
+    while _signed_prekeys(database, "tokyo") < 2:  # the CLI node's, then the client's
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr
+        time.sleep(0.05)
+    report = send_to_tokyo(homes, relay, "for the asyncio client")
+    stdout, stderr = process.communicate(timeout=120)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("seoul -> tokyo: missile/secret, ")
     assert "for the asyncio client" in result.stdout
@@ -490,10 +507,28 @@ def logged_relay(homes: Path) -> Iterator[tuple[str, Path]]:
         process.wait(timeout=10)
 
 
+def _signed_prekeys(database: Path, owner: str) -> int:
+    import sqlite3
+
+    if not database.exists():
+        return 0
+    db = sqlite3.connect(database)
+    try:
+        (count,) = db.execute(
+            "SELECT count(*) FROM prekeys WHERE owner = ? AND kind = 'signed'", (owner,)
+        ).fetchone()
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
+    return int(count)
+
+
 def test_the_relay_logs_connections_and_report_events_without_secrets(
     homes: Path, logged_relay: tuple[str, Path]
 ) -> None:
     address, log = logged_relay
+    tokyo_inbox(homes, address, "2")  # Tokyo connects once: its prekeys are at the relay
     report = send_to_tokyo(homes, address, "not for the log")
     tokyo_inbox(homes, address, "3")
     text = log.read_text()

@@ -92,7 +92,12 @@ def relay(homes: Path) -> Iterator[str]:
         while not port_file.exists():
             assert process.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
-        yield f"127.0.0.1:{port_file.read_text().strip()}"
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        # Each member connects once, as it would on first use, so that the relay holds
+        # its prekeys: a release to a member that never connected waits for them.
+        for name in ("seoul", "tokyo"):
+            cli(homes, "--home", str(homes / name), "inbox", "--wait", "2", relay=address)
+        yield address
     finally:
         process.terminate()
         process.wait(timeout=10)

@@ -39,6 +39,16 @@ def node(name: str, port: int, path: pathlib.Path):  # type: ignore[no-untyped-d
     )
 
 
+async def published(
+    fake: FakeRelay, port: int, tmp_path: pathlib.Path, name: str = "tokyo"
+) -> None:
+    """Run ``name``'s node until the relay holds its prekeys (as if it had connected
+    earlier): an originator cannot release to a member that never published any."""
+    async with node(name, port, tmp_path):
+        while name not in fake.signed_prekeys or not fake.one_time_prekeys.get(name):
+            await trio.sleep(0.01)
+
+
 async def next_event(node: Node, kind: type[Event]) -> Event:
     async for event in node.events():
         if isinstance(event, kind):
@@ -164,7 +174,7 @@ async def test_replay_is_refused_after_restart(
             # Seoul releases the same report to Tokyo again: a new token, a seen report.
             # Node.release refuses a second token (duplicate); a careless originator
             # could still make one, which is what the recipient must stand up to.
-            seoul._issue(report_id, "tokyo", DEFAULT_VALID_FOR)
+            seoul._want(report_id, "tokyo", DEFAULT_VALID_FOR)
             seoul._notify()
             async with node("tokyo", port, tmp_path) as tokyo:
                 # The same token replayed by a (hostile) relay: acknowledged, not handed.
@@ -186,6 +196,7 @@ async def test_lost_released_answer_is_recovered(
     fake, port = relay
     fake.drop_answers = {"released"}
     with trio.fail_after(10):
+        await published(fake, port, tmp_path)
         async with node("seoul", port, tmp_path) as seoul:
             report_id = await seoul.submit(
                 b"x", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
@@ -207,6 +218,7 @@ async def test_stored_event_and_relay_refusal_of_a_release(
     fake = FakeRelay(SECRETS["washington"], ARRANGEMENT, clock=lambda: 4_000_000_000)
     port = await nursery.start(fake.serve)
     with trio.fail_after(10):
+        await published(fake, port, tmp_path)
         async with node("seoul", port, tmp_path) as seoul:
             report_id = await seoul.submit(b"x", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
             assert isinstance(await next_event(seoul, Stored), Stored)
@@ -244,8 +256,9 @@ def test_sealing_a_large_file_into_the_outbox_keeps_memory_flat(tmp_path: pathli
 @pytest.fixture
 async def three_sent(relay: tuple[FakeRelay, int], tmp_path: pathlib.Path) -> list[bytes]:
     """Seoul sent three reports to Tokyo, stored by the relay; their ids."""
-    _fake, port = relay
+    fake, port = relay
     with trio.fail_after(10):
+        await published(fake, port, tmp_path)
         async with node("seoul", port, tmp_path) as seoul:
             ids = [
                 await seoul.submit(
@@ -255,6 +268,9 @@ async def three_sent(relay: tuple[FakeRelay, int], tmp_path: pathlib.Path) -> li
             ]
             for report_id in ids:
                 await seoul.wait_stored(report_id)
+            # Each token follows its submission one prekey fetch later: until released.
+            while any([r.state for r in seoul.store.releases_of(i)] != ["released"] for i in ids):
+                await trio.sleep(0.01)
     return ids
 
 
@@ -329,13 +345,16 @@ async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_a
     # The application still holds the generator (and a report) when the node closes;
     # finishing the loop then must not touch the closed store (it raised
     # sqlite3.ProgrammingError), and the report comes again on the next start.
-    _fake, port = relay
+    fake, port = relay
     with trio.fail_after(10):
+        await published(fake, port, tmp_path)
         async with node("seoul", port, tmp_path) as seoul:
             report_id = await seoul.submit(
                 b"held", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
             )
             await seoul.wait_stored(report_id)
+            # The token follows the submission after a prekey fetch: wait until it is in.
+            await next_event(seoul, Released)
         async with node("tokyo", port, tmp_path) as tokyo:
             loop = tokyo.reports()
             first = await loop.__anext__()
@@ -356,6 +375,7 @@ async def test_busy_submission_stays_queued_and_goes_out_on_a_later_connection(
     fake, port = relay
     fake.busy_submissions = 2
     with trio.fail_after(15):
+        await published(fake, port, tmp_path)
         async with node("seoul", port, tmp_path) as seoul:
             report_id = await seoul.submit(
                 b"kept", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]

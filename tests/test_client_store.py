@@ -11,6 +11,7 @@ from nodes.client_world import LEVEL, SCOPE, make_world
 from clients.events import ExpiredEvent, RefusedEvent, Stored, decode_event, encode_event
 from clients.store import MemberStore
 from tisa.errors import Reason, UsageError
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.receipt import StoredAck
 from tisa.token import issue_token
 
@@ -34,6 +35,11 @@ def _queue(store: MemberStore, report: bytes = b"r" * 16) -> None:
     )
 
 
+SIGNED_PREKEY = PrekeySecret(
+    kind=PrekeyKind.SIGNED, secret=bytes(range(32)), created=NOW - 60, not_after=NOW + 3600
+).publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
+
+
 def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
     return issue_token(
         SECRETS["seoul"],
@@ -49,6 +55,7 @@ def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
         not_before=NOW,
         not_after=NOW + 60,
         counter=counter,
+        signed_prekey=SIGNED_PREKEY,
     )
 
 
@@ -278,14 +285,15 @@ def test_consent_events_round_trip_and_are_verified_again() -> None:
         decode_event(kind, tampered, arrangement=ARRANGEMENT)
 
 
-def test_schema_2_store_gains_the_consent_tables(tmp_path: pathlib.Path) -> None:
+@pytest.mark.parametrize("schema", ["2", "3"])  # 3: a store with the prekey tables
+def test_schema_2_or_3_store_gains_the_consent_tables(tmp_path: pathlib.Path, schema: str) -> None:
     import sqlite3
 
     MemberStore(tmp_path, "seoul").close()
     db = sqlite3.connect(tmp_path / "member.db")
     for table in ("consent_out", "requests", "announcements"):
         db.execute(f"DROP TABLE {table}")
-    db.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (schema,))
     db.commit()
     db.close()
     store = MemberStore(tmp_path, "seoul")
@@ -295,5 +303,5 @@ def test_schema_2_store_gains_the_consent_tables(tmp_path: pathlib.Path) -> None
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "member.db")
-    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("3",)
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
     db.close()

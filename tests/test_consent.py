@@ -28,6 +28,7 @@ from tisa.consent import (
 )
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import Context, MemberSecret
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.token import ReleaseToken, check_for_recipient, issue_token
 
 ARRANGEMENT, SECRETS = make_trio()
@@ -363,6 +364,15 @@ def test_answer_naming_another_report_is_refused() -> None:
 # --- the token's request field ----------------------------------------------------------
 
 
+# Tokyo's signed prekey, which the tokens below wrap their key to.
+TOKYO_PREKEY = PrekeySecret.generate(PrekeyKind.SIGNED, created=NOW - 60, not_after=NOW + 86400)
+
+
+def tokyo_prekey(kind: PrekeyKind, public: bytes) -> bytes:
+    assert (kind, public) == (PrekeyKind.SIGNED, TOKYO_PREKEY.public)
+    return TOKYO_PREKEY.secret
+
+
 def token(request: bytes | None, report: bytes = REPORT) -> bytes:
     return issue_token(
         SECRETS["seoul"],
@@ -378,6 +388,7 @@ def token(request: bytes | None, report: bytes = REPORT) -> bytes:
         not_before=NOW,
         not_after=NOW + 60,
         counter=1,
+        signed_prekey=TOKYO_PREKEY.publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT),
         request=request,
     )
 
@@ -387,7 +398,12 @@ def test_token_request_field_is_signed_and_absent_by_default() -> None:
     assert plain.request is None
     assert "request" not in enc.unpack(plain.body)
     approving = check_for_recipient(
-        token(REQUEST_ID), ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW
+        token(REQUEST_ID),
+        ARRANGEMENT,
+        SECRETS["tokyo"],
+        "tokyo",
+        now=NOW,
+        prekey_secret=tokyo_prekey,
     )
     assert approving.token.request == REQUEST_ID
     # A nil request is not the canonical form of "no request": malformed.
@@ -398,7 +414,9 @@ def test_token_request_field_is_signed_and_absent_by_default() -> None:
     body["request"] = REQUEST_ID
     spliced = enc.pack({"body": enc.pack(body), "sig": enc.unpack(token(None))["sig"]})
     with pytest.raises(VerificationError):
-        check_for_recipient(spliced, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW)
+        check_for_recipient(
+            spliced, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW, prekey_secret=tokyo_prekey
+        )
 
 
 def test_approval_rules() -> None:

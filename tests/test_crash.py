@@ -495,6 +495,7 @@ async def test_a_token_redeemed_100_times_over_two_processes_is_released_once(
     from tisa.errors import Reason
     from tisa.keys import Hash, digest
     from tisa.messages import Refusal, Release, Released, Stored
+    from tisa.prekeys import PrekeyKind, PrekeySecret
     from tisa.report import seal_report
     from tisa.token import issue_token
     from tisa_io.link import connect_member
@@ -508,6 +509,9 @@ async def test_a_token_redeemed_100_times_over_two_processes_is_released_once(
         SECRETS["seoul"], "seoul", ARRANGEMENT, recipient="tokyo", report_id=report.report_id,
         digest=report.digest, size=report.size, content_key=report.content_key, scope=SCOPE,
         level=LEVEL, not_before=now - 10, not_after=now + 3600, counter=1,
+        signed_prekey=PrekeySecret.generate(
+            PrekeyKind.SIGNED, created=now - 60, not_after=now + 3600
+        ).publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT),
     )  # fmt: skip
     replies: list[object] = []
     with trio.fail_after(60):

@@ -24,6 +24,7 @@ from tisa.consent import Announcement, Answer, Request
 from tisa.errors import ProtocolError, RemoteError, VerificationError
 from tisa.handshake import MemberHandshake, RelayHandshake
 from tisa.keys import Context, MemberSecret, verify
+from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, SealedReport, open_report, seal_report
 from tisa.token import check_for_recipient, check_for_relay, issue_token
@@ -72,6 +73,23 @@ def make_report(context: Context | None = None) -> SealedReport:
 
 
 REPORT = make_report()
+SIGNED_PREKEY = PrekeySecret(
+    kind=PrekeyKind.SIGNED, secret=bytes(range(32)), created=NOW - 60, not_after=NOW + 7200
+)
+
+
+def make_prekey(context: Context | None = None) -> bytes:
+    prekey = SIGNED_PREKEY.publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
+    return prekey if context is None else resign(prekey, SECRETS["tokyo"], context)
+
+
+def verify_prekey(data: bytes) -> None:
+    Prekey.verify(data, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.SIGNED, now=NOW)
+
+
+def tokyos_prekey(kind: PrekeyKind, public: bytes) -> bytes:
+    assert public == SIGNED_PREKEY.public
+    return SIGNED_PREKEY.secret
 
 
 def make_token(context: Context | None = None) -> bytes:
@@ -89,6 +107,7 @@ def make_token(context: Context | None = None) -> bytes:
         not_before=NOW,
         not_after=NOW + 3600,
         counter=1,
+        signed_prekey=make_prekey(),
     )
     return token if context is None else resign(token, SECRETS["seoul"], context)
 
@@ -209,7 +228,9 @@ def verify_token(data: bytes) -> None:
         originator="seoul",
         now=NOW,
     )
-    check_for_recipient(data, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW)
+    check_for_recipient(
+        data, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW, prekey_secret=tokyos_prekey
+    )
 
 
 def verify_receipt(data: bytes) -> None:
@@ -282,6 +303,7 @@ class Kind:
 
 KINDS = [
     Kind("token", Context.TOKEN, make_token, verify_token),
+    Kind("prekey", Context.PREKEY, make_prekey, verify_prekey),
     Kind("receipt", Context.RECEIPT, make_receipt, verify_receipt),
     Kind("ack", Context.ACK, make_ack, verify_ack),
     Kind("checkpoint", Context.AUDIT, make_checkpoint, verify_checkpoint),
@@ -332,6 +354,8 @@ def forged_under(kind: str, context: Context | None) -> tuple[bytes, Callable[[b
     and a verifier for it (for a handshake, the other side of the same session)."""
     if kind == "token":
         return make_token(context), verify_token
+    if kind == "prekey":
+        return make_prekey(context), verify_prekey
     if kind == "receipt":
         return make_receipt(context), verify_receipt
     if kind == "ack":

@@ -101,6 +101,13 @@ def test_asyncio_client_receives_opens_acks_and_signs_a_receipt(tmp_path: Path) 
     text = b"Seoul to Tokyo, through a client that has never heard of trio."
     with relay_process(tmp_path) as port:
         relay = ("127.0.0.1", port)
+        keyring = example.Keyring()
+        status = asyncio.run(
+            example.publish_prekeys(
+                secrets["tokyo"], "tokyo", arrangement, "127.0.0.1", port, keyring, one_time=3
+            )
+        )
+        assert status.one_time == 3 and status.signed_not_after > 0
 
         async def seoul_sends() -> bytes:
             async with open_node(
@@ -118,11 +125,16 @@ def test_asyncio_client_receives_opens_acks_and_signs_a_receipt(tmp_path: Path) 
 
         received = asyncio.run(
             asyncio.wait_for(
-                example.receive_one(secrets["tokyo"], "tokyo", arrangement, "127.0.0.1", port),
+                example.receive_one(
+                    secrets["tokyo"], "tokyo", arrangement, "127.0.0.1", port, keyring
+                ),
                 timeout=20,
             )
         )
         assert received.body == text
+        # The one-time prekey that wrapped the key is forgotten: the signed one and two
+        # unused one-time prekeys are left.
+        assert len(keyring.secrets) == 1 + 2
         assert received.header.id == report_id
         assert received.header.originator == "seoul"
         assert received.header.scope == "missile"
@@ -142,7 +154,9 @@ def test_asyncio_client_receives_opens_acks_and_signs_a_receipt(tmp_path: Path) 
         assert receipt.recipient == "tokyo"
 
         # The relay saw the ack: a later connection gets nothing delivered again.
-        again = example.receive_one(secrets["tokyo"], "tokyo", arrangement, "127.0.0.1", port)
+        again = example.receive_one(
+            secrets["tokyo"], "tokyo", arrangement, "127.0.0.1", port, keyring
+        )
         with contextlib.suppress(TimeoutError):
             got = asyncio.run(asyncio.wait_for(again, timeout=1.0))
             raise AssertionError(f"delivered twice: {got}")

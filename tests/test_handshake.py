@@ -193,6 +193,16 @@ def test_wrong_arrangement_same_version(trio_arrangement: Trio) -> None:
     assert info.value.reason is Reason.WRONG_ARRANGEMENT
 
 
+def test_a_version_1_hello_is_refused(trio_arrangement: Trio) -> None:
+    # Version 2 changed the token and the messages: an older peer is refused in the
+    # handshake, before anything it sent could be misread.
+    arrangement, secrets = trio_arrangement
+    hello = enc.unpack(_hello_as(arrangement, "seoul"))
+    hello["v"] = 1
+    with pytest.raises(ProtocolError):
+        RelayHandshake(secrets["washington"], arrangement).receive(enc.pack(hello))
+
+
 def _hello_as(arrangement: Arrangement, name: str) -> bytes:
     public, _ = sodium.crypto_kx_keypair()
     return enc.pack(

@@ -24,7 +24,11 @@ from tisa.messages import (
     DeliverEnd,
     ErrorMessage,
     Expired,
+    FetchPrekeys,
     Message,
+    Prekeys,
+    PrekeyStatus,
+    PublishPrekeys,
     ReceiptNotice,
     Refusal,
     Release,
@@ -79,6 +83,13 @@ SAMPLES: list[Message] = [
     Ack(kind="announce", token=RID),
     Ack(kind="request", token=TID),
     Ack(kind="answer", token=TID),
+    PublishPrekeys(signed=b"p" * 218, one_time=[b"o" * 218] * 3),
+    PublishPrekeys(signed=None, one_time=[]),
+    FetchPrekeys(ref=TID, member="tokyo"),
+    Prekeys(ref=TID, member="tokyo", signed=b"p" * 218, one_time=b"o" * 218),
+    Prekeys(ref=TID, member="tokyo", signed=None, one_time=None),
+    PrekeyStatus(signed_not_after=1_420_600_000, one_time=99),
+    PrekeyStatus(signed_not_after=0, one_time=0),
 ]
 
 

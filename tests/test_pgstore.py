@@ -83,6 +83,47 @@ def test_a_store_of_another_schema_version_is_refused(pg_dsn: str) -> None:
         PgStore(pg_dsn)
 
 
+@pytest.mark.parametrize("version", [1, 2])  # 2: a store with the consent tables
+def test_a_version_1_or_2_store_gains_the_prekey_table(pg_dsn: str, version: int) -> None:
+    PgStore(pg_dsn).close()
+    with psycopg.connect(pg_dsn) as conn:
+        conn.execute("DROP TABLE prekeys")
+        conn.execute("UPDATE tisa_schema SET version = %s", (version,))
+    store = PgStore(pg_dsn)
+    try:
+        assert store.prekey_status("tokyo", now=NOW) == (0, 0)
+    finally:
+        store.close()
+    assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(SCHEMA_VERSION,)] == [(3,)]
+
+
+def test_two_relay_processes_never_hand_out_one_one_time_prekey_twice(
+    pg_dsn: str, world: World
+) -> None:
+    # Two stores on one database (two relay processes). Their batches are serialised (each
+    # holds the audit chain's row until its commit), and a handout is taken in the batch
+    # that answers it: what one process handed out, the other never hands out again.
+    from tisa.prekeys import Prekey
+
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        prekeys = [Prekey.decode(world.prekey("tokyo")) for _ in range(2)]
+        first.publish_prekeys("tokyo", None, prekeys, max_one_time=10)
+        first.commit_durably()
+        _, a, left = first.take_prekeys("tokyo", taker="seoul", now=NOW)
+        first.commit_durably()
+        assert a is not None and left == 1
+        _, b, left = second.take_prekeys("tokyo", taker="seoul", now=NOW)
+        second.commit_durably()
+        assert b is not None and b != a and left == 0
+        _, none, left = first.take_prekeys("tokyo", taker="seoul", now=NOW)
+        first.commit_durably()
+        assert none is None and left == 0
+    finally:
+        first.close()
+        second.close()
+
+
 def test_an_unreachable_server_is_one_clear_error(tmp_path: object) -> None:
     with pytest.raises(StoreUnavailable) as info:
         PgStore(f"postgresql://nobody@/none?host={tmp_path}")
@@ -378,14 +419,17 @@ def test_one_report_uploaded_through_two_processes_is_stored_once(
 # --- release requests (the rules themselves: test_relay_consent.py, on both stores) ------
 
 
-def test_a_schema_1_store_gains_the_consent_tables_in_place(pg_dsn: str, world: World) -> None:
+@pytest.mark.parametrize("version", [1, 2])  # 2: a store with the prekey table
+def test_a_schema_1_or_2_store_gains_the_consent_tables_in_place(
+    pg_dsn: str, world: World, version: int
+) -> None:
     store = PgStore(pg_dsn)
     report = _store_report(store, world, inline=True)
     store.close()
     with psycopg.connect(pg_dsn) as conn:
         for table in ("requests", "announcements", "consent_queue"):
             conn.execute(f"DROP TABLE {table}")  # type: ignore[arg-type]
-        conn.execute("UPDATE tisa_schema SET version = 1")
+        conn.execute("UPDATE tisa_schema SET version = %s", (version,))
     store = PgStore(pg_dsn)
     try:
         assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(SCHEMA_VERSION,)]

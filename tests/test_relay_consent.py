@@ -242,7 +242,8 @@ async def test_queued_for_an_offline_member_across_a_restart(
             assert h.relay.store.queued_consent("tokyo") == []
 
 
-def test_version_3_store_gains_the_consent_tables(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [3, 4, 5])  # 5: a store with the prekey table
+def test_version_3_to_5_store_gains_the_consent_tables(tmp_path: Path, version: int) -> None:
     import sqlite3
 
     from relay.store import SCHEMA_VERSION, Store
@@ -251,7 +252,7 @@ def test_version_3_store_gains_the_consent_tables(tmp_path: Path) -> None:
     db = sqlite3.connect(tmp_path / "relay.db")
     for table in ("requests", "announcements", "consent_queue"):
         db.execute(f"DROP TABLE {table}")
-    db.execute("PRAGMA user_version=3")
+    db.execute(f"PRAGMA user_version={version}")
     db.commit()
     db.close()
     store = Store(tmp_path)

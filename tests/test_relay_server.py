@@ -50,6 +50,7 @@ from tisa.messages import (
 )
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import SealedReport, open_report
+from tisa.token import Release as TokenRelease
 from tisa.token import ReleaseToken, check_for_recipient
 
 LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
@@ -78,8 +79,27 @@ async def release(h: Harness, token: bytes, name: str = "seoul") -> Released | R
     return reply
 
 
+def tokyo_checks(world: World, token: bytes) -> TokenRelease:
+    """Tokyo's check of ``token`` at NOW, with its prekey secrets."""
+    return check_for_recipient(
+        token,
+        world.arrangement,
+        world.secrets["tokyo"],
+        "tokyo",
+        now=NOW,
+        prekey_secret=world.lookup("tokyo"),
+    )
+
+
 def open_delivery(world: World, token: bytes, ciphertext: bytes, name: str = "tokyo") -> bytes:
-    granted = check_for_recipient(token, world.arrangement, world.secrets[name], name, now=NOW)
+    granted = check_for_recipient(
+        token,
+        world.arrangement,
+        world.secrets[name],
+        name,
+        now=NOW,
+        prekey_secret=world.lookup(name),
+    )
     return open_report(ciphertext, granted.opener(world.arrangement)).body
 
 
@@ -152,9 +172,7 @@ async def test_release_deliver_open_ack_receipt(world: World, store_at: str | Pa
             got_token, ciphertext = await receive_delivery(tokyo)
             assert got_token == token
             assert open_delivery(world, got_token, ciphertext) == b"launch detected"
-            granted = check_for_recipient(
-                got_token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            )
+            granted = tokyo_checks(world, got_token)
             await tokyo.send(Ack(kind="delivery", token=granted.token.id))
             receipt = Receipt.issue(
                 world.secrets["tokyo"],
@@ -232,9 +250,7 @@ async def test_queued_delivery_redelivered_until_acked(world: World, store_at: s
             tokyo = await h.connect("tokyo")
             second = await receive_delivery(tokyo)
             assert first == second
-            token_id = check_for_recipient(
-                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            ).token.id
+            token_id = tokyo_checks(world, token).token.id
             await tokyo.send(Ack(kind="delivery", token=token_id))
             await tokyo.send(AuditFetch(since=0))
             await expect(tokyo, AuditReply)
@@ -359,9 +375,7 @@ async def test_revocation_before_delivery(world: World, store_at: str | Path) ->
             report = await stored(h)
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
-            token_id = check_for_recipient(
-                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            ).token.id
+            token_id = tokyo_checks(world, token).token.id
             seoul = await h.connect("seoul")
             await seoul.send(Revoke(report=report.report_id, token=token_id))
             assert await expect(seoul, Revoked) == Revoked(report=report.report_id, token=token_id)
@@ -372,9 +386,7 @@ async def test_revocation_before_delivery(world: World, store_at: str | Path) ->
             assert _refusal_reason(await release(h, token)) == Reason.REVOKED
             # Revoking a token not yet released bars it too.
             later = token_for(world, report, counter=2)
-            later_id = check_for_recipient(
-                later, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            ).token.id
+            later_id = tokyo_checks(world, later).token.id
             await seoul.send(Revoke(report=report.report_id, token=later_id))
             await expect(seoul, Revoked)
             assert _refusal_reason(await release(h, later)) == Reason.REVOKED
@@ -397,9 +409,7 @@ async def test_revoke_after_ack_is_refused(world: World, store_at: str | Path) -
             tokyo = await h.connect("tokyo")
             assert isinstance(await release(h, token), Released)
             await receive_delivery(tokyo)
-            token_id = check_for_recipient(
-                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            ).token.id
+            token_id = tokyo_checks(world, token).token.id
             await tokyo.send(Ack(kind="delivery", token=token_id))
             await tokyo.send(AuditFetch(since=0))
             await expect(tokyo, AuditReply)
@@ -429,9 +439,7 @@ async def test_expiry_of_held_reports_and_tokens(world: World, store_at: str | P
             token = token_for(world, released, not_after=NOW + 300)
             await seoul.send(Release(token=token))
             await expect(seoul, Released)
-            token_id = check_for_recipient(
-                token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            ).token.id
+            token_id = tokyo_checks(world, token).token.id
             clock.now = NOW + 150
             h.relay.expire_now()
             assert await expect(seoul, Expired) == Expired(report=held.report_id, token=None)
@@ -553,9 +561,7 @@ async def test_audit_extract_verifies_for_each_member(world: World, store_at: st
             token = token_for(world, report)
             assert isinstance(await release(h, token), Released)
             got, _ = await receive_delivery(tokyo)
-            token_id = check_for_recipient(
-                got, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-            ).token.id
+            token_id = tokyo_checks(world, got).token.id
             await tokyo.send(Ack(kind="delivery", token=token_id))
             events = {}
             checkpoints = {}
@@ -786,7 +792,7 @@ async def test_sealed_key_is_dropped_once_the_delivery_is_acked(
             assert isinstance(await release(h, token), Released)
             tokyo = await h.connect("tokyo")
             got, _ = await receive_delivery(tokyo)
-            sealed_key = ReleaseToken.decode(got).sealed_key
+            sealed_key = ReleaseToken.decode(got).wrap.sealed
             files = store_bytes(store_at)
             assert sealed_key in files  # held while the delivery is owed
             await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(got).id))
@@ -908,9 +914,7 @@ async def test_many_queued_receipts_go_out_a_page_at_a_time(
     for i in range(count):
         report = seal(world, f"r{i}".encode())
         token = token_for(world, report)
-        granted = check_for_recipient(
-            token, world.arrangement, world.secrets["tokyo"], "tokyo", now=NOW
-        )
+        granted = tokyo_checks(world, token)
         receipt = Receipt.issue(
             world.secrets["tokyo"], world.arrangement, report=report.report_id,
             token=granted.token.id, originator="seoul", recipient="tokyo",

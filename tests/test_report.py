@@ -20,6 +20,7 @@ from tisa.arrangement import Arrangement, Member, Role
 from tisa.errors import LimitExceeded, Reason, Refused, UsageError, VerificationError
 from tisa.keys import Context, Hash, Hasher, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE
+from tisa.prekeys import PrekeyKind, PrekeySecret, wrap_content_key
 from tisa.report import (
     MIN_PADDED,
     OpenedReport,
@@ -32,7 +33,7 @@ from tisa.report import (
     padded_size,
     seal_report,
 )
-from tisa.token import check_for_recipient, issue_token
+from tisa.token import Release, check_for_recipient, issue_token
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -766,6 +767,22 @@ def test_fixed_key_and_id_still_give_fresh_stream_headers() -> None:
     assert len(headers) == 50
 
 
+SIGNED_PREKEY = PrekeySecret(
+    kind=PrekeyKind.SIGNED, secret=bytes(range(32)), created=NOW - 60, not_after=NOW + 7200
+)
+
+
+def tokyos_prekey(kind: PrekeyKind, public: bytes) -> bytes:
+    assert public == SIGNED_PREKEY.public
+    return SIGNED_PREKEY.secret
+
+
+def check(token: bytes) -> Release:
+    return check_for_recipient(
+        token, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW, prekey_secret=tokyos_prekey
+    )
+
+
 def token_for(sealed: SealedReport, content_key: bytes) -> bytes:
     return issue_token(
         SECRETS["seoul"],
@@ -781,13 +798,12 @@ def token_for(sealed: SealedReport, content_key: bytes) -> bytes:
         not_before=NOW,
         not_after=NOW + 3600,
         counter=1,
+        signed_prekey=SIGNED_PREKEY.publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT),
     )
 
 
 def test_token_round_trip_opens_the_report() -> None:
-    release = check_for_recipient(
-        token_for(SMALL, SMALL.content_key), ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW
-    )
+    release = check(token_for(SMALL, SMALL.content_key))
     assert release.content_key == SMALL.content_key
     opened = open_report(SMALL.ciphertext, release.opener(ARRANGEMENT))
     assert opened.body == b"a short report"
@@ -799,22 +815,27 @@ def test_key_commitment_binds_key_to_report() -> None:
     assert commit != key_commitment(SMALL.content_key, flip(SMALL.report_id, 0))
     # A token honestly signed over another key commits to that key: it checks, but the
     # ciphertext does not open under it.
-    release = check_for_recipient(
-        token_for(SMALL, bytes(32)), ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW
-    )
+    release = check(token_for(SMALL, bytes(32)))
     with pytest.raises(VerificationError):
         open_report(SMALL.ciphertext, release.opener(ARRANGEMENT))
 
 
 def test_sealed_key_that_differs_from_the_commitment_is_refused() -> None:
-    # The originator's signature covers key_commit; a sealed key other than the one
+    # The originator's signature covers key_commit; a wrapped key other than the one
     # committed to (a buggy or malicious originator, targeting one recipient with a
     # different plaintext) is refused before anything is decrypted.
     envelope = enc.unpack(token_for(SMALL, SMALL.content_key))
     body = enc.unpack(envelope["body"])
     other_key = bytes(range(32))
-    body["sealed_key"] = sodium.crypto_box_seal(other_key, SECRETS["tokyo"].public.encryption.raw)
+    del body["wrap"]
+    body["wrap"] = wrap_content_key(
+        other_key,
+        enc.pack(body),
+        identity=SECRETS["tokyo"].public.encryption.raw,
+        signed=SIGNED_PREKEY.public,
+        one_time=None,
+    ).to_dict()
     body_bytes = enc.pack(body)
     forged = enc.pack({"body": body_bytes, "sig": SECRETS["seoul"].sign(Context.TOKEN, body_bytes)})
     with pytest.raises(VerificationError):
-        check_for_recipient(forged, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW)
+        check(forged)

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import msgpack
-import nacl.bindings as sodium
 import pytest
 from conftest import make_trio
 from hypothesis import given, settings
@@ -20,6 +19,7 @@ from tisa.arrangement import Arrangement, Member, Role
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import Context, MemberSecret, verify
 from tisa.limits import CLOCK_SKEW
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import key_commitment
 from tisa.token import (
     MAX_TOKEN_SIZE,
@@ -71,6 +71,34 @@ def make_quad() -> tuple[Arrangement, dict[str, MemberSecret]]:
     return quad, {**secrets, "canberra": canberra}
 
 
+# Every prekey secret made here, by owner and public key (owners are unique across the
+# arrangements of this module: Canberra is only in the quad).
+PREKEY_SECRETS: dict[str, dict[bytes, PrekeySecret]] = {}
+
+
+def make_prekey(
+    arrangement: Arrangement,
+    secrets: dict[str, MemberSecret],
+    owner: str,
+    kind: PrekeyKind = PrekeyKind.ONE_TIME,
+    *,
+    not_after: int = NOW + 86400,
+) -> bytes:
+    secret = PrekeySecret.generate(kind, created=NOW - 60, not_after=not_after)
+    PREKEY_SECRETS.setdefault(owner, {})[secret.public] = secret
+    return secret.publish(secrets[owner], owner, arrangement)
+
+
+def lookup(owner: str) -> Callable[[PrekeyKind, bytes], bytes]:
+    def find(kind: PrekeyKind, public: bytes) -> bytes:
+        secret = PREKEY_SECRETS.get(owner, {}).get(public)
+        if secret is None or secret.kind is not kind:
+            raise Refused(Reason.UNKNOWN_PREKEY, "not held")
+        return secret.secret
+
+    return find
+
+
 def issue(
     arrangement: Arrangement = ARRANGEMENT,
     secrets: dict[str, MemberSecret] = SECRETS,
@@ -91,6 +119,11 @@ def issue(
         "counter": 1,
     }
     kwargs.update(changes)
+    recipient = kwargs["recipient"]
+    if "signed_prekey" not in kwargs and recipient in secrets:
+        kwargs["signed_prekey"] = make_prekey(arrangement, secrets, recipient, PrekeyKind.SIGNED)
+        kwargs.setdefault("one_time_prekey", make_prekey(arrangement, secrets, recipient))
+    kwargs.setdefault("signed_prekey", None)
     return issue_token(secrets[originator], originator, arrangement, **kwargs)
 
 
@@ -134,7 +167,12 @@ def relay_check(token: bytes | ReleaseToken, **changes: Any) -> ReleaseToken:
 
 
 def recipient_check(token: bytes | ReleaseToken, name: str = "tokyo", **changes: Any) -> Release:
-    kwargs: dict[str, Any] = {"arrangement": ARRANGEMENT, "secret": SECRETS[name], "now": NOW}
+    kwargs: dict[str, Any] = {
+        "arrangement": ARRANGEMENT,
+        "secret": SECRETS[name],
+        "now": NOW,
+        "prekey_secret": lookup(name),
+    }
     kwargs.update(changes)
     return check_for_recipient(
         token, kwargs.pop("arrangement"), kwargs.pop("secret"), name, **kwargs
@@ -161,8 +199,9 @@ def test_relay_check_round_trip() -> None:
     assert token.key_commit == key_commitment(CONTENT_KEY, REPORT_ID)
     assert len(token.id) == 16
     assert token.encoded == TOKEN
-    # The relay sees the key only sealed to the recipient.
+    # The relay sees the key only wrapped to the recipient's prekeys.
     assert CONTENT_KEY not in TOKEN
+    assert token.wrap.mode == "one_time"
 
 
 def test_recipient_check_round_trip() -> None:
@@ -184,10 +223,11 @@ def test_tokyo_can_originate_too() -> None:
     assert relay_check(token, originator="tokyo").originator == "tokyo"
 
 
-def test_every_token_has_its_own_id_and_sealed_key() -> None:
+def test_every_token_has_its_own_id_and_ephemeral_key() -> None:
     tokens = [ReleaseToken.decode(issue()) for _ in range(100)]
     assert len({t.id for t in tokens}) == 100
-    assert len({t.sealed_key for t in tokens}) == 100
+    assert len({t.wrap.eph for t in tokens}) == 100
+    assert len({t.wrap.sealed for t in tokens}) == 100
 
 
 def test_fixed_token_id() -> None:
@@ -195,12 +235,18 @@ def test_fixed_token_id() -> None:
     assert token.id == b"\x07" * 16
 
 
-def test_relay_cannot_unseal_the_key() -> None:
-    sealed = ReleaseToken.decode(TOKEN).sealed_key
+def test_only_the_recipients_keys_unwrap_the_key() -> None:
+    # Another member's long-term key in place of Tokyo's opens nothing, even holding
+    # Tokyo's prekey secrets; Tokyo's long-term key without them opens nothing either.
     for name in ("washington", "seoul"):
-        with pytest.raises(VerificationError):
-            SECRETS[name].unseal(sealed)
-    assert SECRETS["tokyo"].unseal(sealed) == CONTENT_KEY
+        with pytest.raises((VerificationError, UsageError)):
+            check_for_recipient(
+                TOKEN, ARRANGEMENT, SECRETS[name], "tokyo", now=NOW, prekey_secret=lookup("tokyo")
+            )
+    with pytest.raises(Refused) as info:
+        check_for_recipient(TOKEN, ARRANGEMENT, SECRETS["tokyo"], "tokyo", now=NOW)
+    assert info.value.reason is Reason.UNKNOWN_PREKEY
+    assert recipient_check(TOKEN).content_key == CONTENT_KEY
 
 
 # --- issuing refuses ---------------------------------------------------------------------
@@ -260,6 +306,7 @@ def test_issue_needs_the_originators_key() -> None:
             not_before=NOT_BEFORE,
             not_after=NOT_AFTER,
             counter=1,
+            signed_prekey=make_prekey(ARRANGEMENT, SECRETS, "tokyo", PrekeyKind.SIGNED),
         )
 
 
@@ -401,12 +448,19 @@ def test_token_sealed_to_another_recipient_cannot_be_unsealed() -> None:
     assert info.value.reason is Reason.WRONG_RECIPIENT
     with pytest.raises(UsageError):
         check_for_recipient(token, quad, secrets["canberra"], "tokyo", now=NOW)
-    with pytest.raises(VerificationError):
-        secrets["canberra"].unseal(ReleaseToken.decode(token).sealed_key)
-    # Seoul re-addresses the token to Canberra but the key inside stays sealed to Tokyo.
+    # Seoul re-addresses the token to Canberra but the key inside stays wrapped to
+    # Tokyo's keys: even with Tokyo's prekey secrets Canberra's identity opens nothing,
+    # and the changed recipient breaks the associated data besides.
     readdressed = resign(token, recipient="canberra")
     with pytest.raises(VerificationError):
-        check_for_recipient(readdressed, quad, secrets["canberra"], "canberra", now=NOW)
+        check_for_recipient(
+            readdressed,
+            quad,
+            secrets["canberra"],
+            "canberra",
+            now=NOW,
+            prekey_secret=lookup("tokyo"),
+        )
 
 
 def test_key_commitment_mismatch_is_opaque() -> None:
@@ -414,9 +468,11 @@ def test_key_commitment_mismatch_is_opaque() -> None:
     relay_check(forged)  # the relay cannot tell
     with pytest.raises(VerificationError):
         recipient_check(forged)
-    wrong_length = sodium.crypto_box_seal(b"k" * 31, SECRETS["tokyo"].public.encryption.raw)
+    # A wrap authenticated under other associated data (any other field) fails the same.
+    body = body_of(TOKEN)
+    wrap = body["wrap"]
     with pytest.raises(VerificationError):
-        recipient_check(resign(sealed_key=wrong_length + b"\x00"))
+        recipient_check(resign(counter=2, wrap=wrap))
 
 
 # --- tampering ---------------------------------------------------------------------------
@@ -473,7 +529,8 @@ def test_every_field_altered_without_signing_fails(field: str) -> None:
         "scope": "nuclear",
         "level": "restricted",
         "version": 2,
-        "v": 2,
+        "v": 3,
+        "wrap": {**body["wrap"], "eph": flip(body["wrap"]["eph"], 0)},
     }
     if field in replacements:
         body[field] = replacements[field]

@@ -32,6 +32,7 @@ from tisa.errors import (
     VerificationError,
 )
 from tisa.keys import Context, Hash, MemberSecret, digest, verify
+from tisa.prekeys import Prekey, PrekeyKind
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import OpenedReport, ReportOpener, ciphertext_size, key_commitment, open_report
 from tisa.token import Release, ReleaseToken, check_for_recipient, check_for_relay
@@ -47,6 +48,7 @@ FILES = (
     "encoding.json",
     "audit.json",
     "consent.json",
+    "prekey.json",
 )
 ERRORS: dict[str, type[TisaError]] = {
     cls.__name__: cls
@@ -66,6 +68,7 @@ RECEIPT_FILE = load("receipt.json")
 CONSENT_FILE = load("consent.json")
 ENCODING_FILE = load("encoding.json")
 AUDIT_FILE = load("audit.json")
+PREKEY_FILE = load("prekey.json")
 
 SECRETS = {
     name: MemberSecret(
@@ -111,8 +114,10 @@ def test_every_file_has_vectors() -> None:
         assert document["generator"] == "scripts/make_vectors.py"
         ids = [v["id"] for v in document["vectors"]]
         assert len(ids) == len(set(ids)), f"duplicate ids in {name}"
-        assert any(v.get("expect", {}).get("result") == "error" for v in document["vectors"]) or (
-            name == "token.json"
+        assert (
+            any(v.get("expect", {}).get("result") == "error" for v in document["vectors"])
+            or (name in ("token.json", "prekey.json"))
+            or any(v.get("expect", {}).get("result") == "error" for v in document["vectors"])
         )
 
 
@@ -124,14 +129,15 @@ FILE_KEYS = {
         TOP_LEVEL | {"chunk_size"},
         {"open", "ciphertext", "base", "mutation", "inputs", "generated"},
     ),
-    "token.json": (TOP_LEVEL, {"token", "checks", "inputs", "body", "generated"}),
+    "token.json": (TOP_LEVEL | {"prekeys"}, {"token", "checks", "inputs", "body", "generated"}),
     "receipt.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
     "encoding.json": (TOP_LEVEL, {"encoded"}),
     "audit.json": (TOP_LEVEL, {"arrangement", "member", "known", "extract"}),
     "consent.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
+    "prekey.json": (TOP_LEVEL, {"encoded", "check"}),
 }
 PREFIXES = ("arrangement-", "report-", "token-", "receipt-", "ack-", "checkpoint-")
-PREFIXES += ("encoding-", "audit-", "announcement-", "request-", "answer-")
+PREFIXES += ("encoding-", "audit-", "announcement-", "request-", "answer-", "prekey-")
 MUTATIONS = {"flip", "truncate", "append", "drop"}
 
 
@@ -182,6 +188,7 @@ def test_required_vector_ids_are_present() -> None:
         "arrangement-missing-signature",
         "token-approves-request",
         "token-request-nil",
+        "token-request-added-not-rewrapped",
         "request-valid",
         "request-wrong-context",
         "answer-not-a-denial-code",
@@ -385,8 +392,31 @@ def run_check(token: bytes, check: Mapping[str, Any]) -> ReleaseToken | Release:
     assert check["check"] == "recipient"
     name = check["as"]
     return check_for_recipient(
-        token, arrangement, SECRETS[name], name, now=check["now"], clock_skew=check["clock_skew"]
+        token,
+        arrangement,
+        SECRETS[name],
+        name,
+        now=check["now"],
+        clock_skew=check["clock_skew"],
+        prekey_secret=prekey_lookup(name, check),
     )
+
+
+def prekey_lookup(name: str, check: Mapping[str, Any]) -> Callable[[PrekeyKind, bytes], bytes]:
+    """The recipient's prekey secrets as the file and the check state them."""
+    held_all = TOKEN_FILE["prekeys"].get(name, {}).values()
+    held = {p["public"]: p for p in held_all if p["public"] in check.get("held", [p["public"]])}
+    used = set(check.get("used", []))
+
+    def lookup(kind: PrekeyKind, public: bytes) -> bytes:
+        if public.hex() in used:
+            raise Refused(Reason.REPLAYED, "used before")
+        prekey = held.get(public.hex())
+        if prekey is None or prekey["kind"] != kind.value:
+            raise Refused(Reason.UNKNOWN_PREKEY, "not held")
+        return bytes.fromhex(prekey["secret"])
+
+    return lookup
 
 
 @by_id(TOKEN_FILE)
@@ -427,8 +457,27 @@ def test_valid_token_matches_its_inputs() -> None:
     content_key = bytes.fromhex(inputs["content_key"])
     assert token.key_commit == key_commitment(content_key, token.report)
     assert token.key_commit.hex() == inputs["key_commit"]
-    assert SECRETS[inputs["recipient"]].unseal(token.sealed_key) == content_key
-    # Deterministic given the sealed key: the signature is reproduced exactly.
+    # The key wrap, from the inputs alone (docs/protocol.md section 10.2).
+    prekeys = TOKEN_FILE["prekeys"][inputs["recipient"]]
+    signed = bytes.fromhex(prekeys[inputs["signed_prekey"]]["public"])
+    one_time = bytes.fromhex(prekeys[inputs["one_time_prekey"]]["public"])
+    ephemeral = bytes.fromhex(inputs["ephemeral_secret"])
+    identity = SECRETS[inputs["recipient"]].public.encryption.raw
+    eph = sodium.crypto_scalarmult_base(ephemeral)
+    assert token.wrap.eph == eph and (token.wrap.spk, token.wrap.opk) == (signed, one_time)
+    shared = b"".join(sodium.crypto_scalarmult(ephemeral, k) for k in (identity, signed, one_time))
+    wrap_key = hashlib.blake2b(
+        shared + b"one_time\n" + eph + identity + signed + one_time,
+        digest_size=32,
+        person=b"tisa1-prekeywrap",
+    ).digest()
+    body = enc.unpack(token.body)
+    del body["wrap"]
+    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(
+        content_key, enc.pack(body), bytes(24), wrap_key
+    )
+    assert token.wrap.sealed == sealed
+    # Every byte follows from the inputs: the signature is reproduced exactly.
     assert SECRETS[inputs["originator"]].sign(Context.TOKEN, token.body) == token.signature
     # And the token opens its report.
     release = check_for_recipient(
@@ -437,9 +486,44 @@ def test_valid_token_matches_its_inputs() -> None:
         SECRETS["tokyo"],
         "tokyo",
         now=vector["checks"][0]["now"],
+        prekey_secret=prekey_lookup("tokyo", {}),
     )
     opened = open_report(bytes.fromhex(report["ciphertext"]), release.opener(ARRANGEMENTS["v1"]))
     assert opened.body.hex() == report["inputs"]["body"]
+
+
+# --- prekeys -----------------------------------------------------------------------------
+
+
+@by_id(PREKEY_FILE)
+def test_prekey_vector(vector: dict[str, Any]) -> None:
+    check = vector["check"]
+
+    def run() -> Prekey:
+        return Prekey.verify(
+            bytes.fromhex(vector["encoded"]),
+            ARRANGEMENTS[check["arrangement"]],
+            owner=check["owner"],
+            kind=PrekeyKind(check["kind"]),
+            now=check["now"],
+        )
+
+    result = check_verdict(vector["expect"], run)
+    if result is not None:
+        assert result.key.hex() == vector["expect"]["key"]
+
+
+def test_published_prekeys_match_their_secrets() -> None:
+    for owner, prekeys in TOKEN_FILE["prekeys"].items():
+        for prekey in prekeys.values():
+            public = sodium.crypto_scalarmult_base(bytes.fromhex(prekey["secret"]))
+            assert public.hex() == prekey["public"]
+            decoded = Prekey.decode(bytes.fromhex(prekey["encoded"]))
+            assert (decoded.owner, decoded.kind.value, decoded.key) == (
+                owner,
+                prekey["kind"],
+                public,
+            )
 
 
 # --- receipts, acks, checkpoints ---------------------------------------------------------
@@ -542,4 +626,8 @@ def test_fresh_randomness_changes_only_the_generated_parts() -> None:
     fresh_token = fresh["token.json"]["vectors"][0]
     current_token = TOKEN_FILE["vectors"][0]
     assert fresh_token["inputs"] == current_token["inputs"]
+    # The token itself draws no randomness (the wrap's ephemeral is an input); it
+    # differs only through the digest of the report's fresh ciphertext.
     assert fresh_token["token"] != current_token["token"]
+    assert fresh["token.json"]["prekeys"] == TOKEN_FILE["prekeys"]
+    assert fresh["prekey.json"] == PREKEY_FILE

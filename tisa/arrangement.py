@@ -150,6 +150,11 @@ class Arrangement:
     levels: tuple[str, ...]
     created: int
     previous: bytes | None = None
+    # Whether an originator may, as a last resort, wrap a token's content key to the
+    # recipient's long-term key when the relay has no signed prekey of it (no forward
+    # secrecy for that report). Encoded only when true, so every arrangement made before
+    # the option existed keeps its encoding and id.
+    identity_fallback: bool = False
     encoded: bytes = dataclasses.field(init=False, repr=False, compare=False)
     id: bytes = dataclasses.field(init=False, repr=False, compare=False)
     _by_name: Mapping[str, Member] = dataclasses.field(init=False, repr=False, compare=False)
@@ -175,6 +180,8 @@ class Arrangement:
             raise UsageError("previous must be the 32-byte id of the previous version")
         if (self.version == 1) != (self.previous is None):
             raise UsageError("version 1 has no previous; every later version names one")
+        if type(self.identity_fallback) is not bool:
+            raise UsageError("identity_fallback is a boolean")
         members = tuple(self.members)
         if not all(isinstance(member, Member) for member in members):
             raise UsageError("members must be Member values")
@@ -222,7 +229,9 @@ class Arrangement:
 
     def to_dict(self) -> dict[str, Any]:
         """The arrangement as its wire map (``encoded`` is its canonical encoding)."""
+        optional: dict[str, Any] = {"identity_fallback": True} if self.identity_fallback else {}
         return {
+            **optional,
             "v": 1,
             "name": self.name,
             "version": self.version,
@@ -241,8 +250,13 @@ class Arrangement:
         Raises:
             ProtocolError: not a canonical, valid arrangement.
         """
+        value = enc.unpack(data, max_size=MAX_ARRANGEMENT_SIZE)
+        # Optional, present only when true: absent is the one encoding of false.
+        identity_fallback = value.pop("identity_fallback", None)
+        if identity_fallback is not None and identity_fallback is not True:
+            raise ProtocolError("arrangement.identity_fallback: present only as true")
         fields = enc.check_map(
-            enc.unpack(data, max_size=MAX_ARRANGEMENT_SIZE),
+            value,
             {
                 "v": enc.uint(1, 1),
                 "name": _name,
@@ -270,6 +284,7 @@ class Arrangement:
                 scopes=tuple(fields["scopes"]),
                 levels=tuple(fields["levels"]),
                 created=fields["created"],
+                identity_fallback=identity_fallback is True,
             )
         except UsageError as exc:
             raise ProtocolError(f"arrangement: {exc}") from None
@@ -345,6 +360,7 @@ class Arrangement:
             "scopes": self.scopes,
             "levels": self.levels,
             "created": self.created,
+            "identity_fallback": self.identity_fallback,
         }
         if unknown := changes.keys() - fields.keys():
             raise UsageError(f"amend cannot change {sorted(unknown)}")

@@ -121,6 +121,10 @@ class Reason(enum.StrEnum):
     ANSWERED = "answered"
     REFLECTED = "reflected"
     WRONG_SENDER = "wrong_sender"
+    NO_PREKEY = "no_prekey"
+    BAD_PREKEY = "bad_prekey"
+    UNKNOWN_PREKEY = "unknown_prekey"
+    FALLBACK_NOT_ALLOWED = "fallback_not_allowed"
 
 
 class Refused(RemoteError):

@@ -3,7 +3,7 @@
 No I/O: the state machines take and return message payloads; the caller frames them
 (:mod:`tisa.frames`) and moves them over whatever transport it has.
 
-Protocol, version 1
+Protocol, version 2
 -------------------
 
 Both sides hold the same effective :class:`~tisa.arrangement.Arrangement`. Handshake
@@ -12,7 +12,7 @@ messages travel as plaintext frames whose payloads are canonical msgpack maps
 
 1. member -> relay ``hello``::
 
-       {"t": "hello", "v": 1, "arrangement": id (32), "version": int,
+       {"t": "hello", "v": 2, "arrangement": id (32), "version": int,
         "member": name, "eph": X25519 kx public key (32), "nonce": random (32)}
 
    The relay refuses, before any cryptography, an arrangement id or version other than
@@ -21,7 +21,7 @@ messages travel as plaintext frames whose payloads are canonical msgpack maps
 
 2. relay -> member ``welcome``::
 
-       {"t": "welcome", "v": 1, "relay": name, "eph": 32, "nonce": 32,
+       {"t": "welcome", "v": 2, "relay": name, "eph": 32, "nonce": 32,
         "stream": secretstream header, relay->member (24), "sig": 64}
 
    ``th1 = BLAKE2b[TRANSCRIPT](hello || welcome without "sig")`` and ``sig`` is the
@@ -104,6 +104,9 @@ __all__ = [
     "encode_error",
 ]
 
+# 2: release tokens wrap the content key to recipient prekeys (tisa.prekeys) and may
+# name the release request they approve (tisa.consent); the channel carries the prekey
+# and the consent messages. A version-1 peer is refused in the handshake.
 PROTOCOL_VERSION = 2
 
 KX_KEY_SIZE: Final[int] = sodium.crypto_kx_PUBLIC_KEY_BYTES

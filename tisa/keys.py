@@ -61,6 +61,7 @@ class Context(enum.Enum):
     ANNOUNCE = b"announce"
     REQUEST = b"request"
     ANSWER = b"answer"
+    PREKEY = b"prekey"
 
 
 SIGN_PREFIX = b"tisa/1/"
@@ -84,6 +85,7 @@ class Hash(enum.Enum):
     AUDIT = b"tisa1-audit\0\0\0\0\0"
     AUDIT_CHAIN = b"tisa1-auditchain"
     KEYFILE = b"tisa1-keyfile\0\0\0"
+    PREKEY_WRAP = b"tisa1-prekeywrap"
 
 
 if any(len(purpose.value) > sodium.crypto_generichash_PERSONALBYTES for purpose in Hash):
@@ -293,6 +295,21 @@ class MemberSecret:
                 )
             )
         except (nacl.exceptions.CryptoError, nacl.exceptions.TypeError, ValueError):
+            raise VerificationError() from None
+
+    def exchange(self, public: bytes) -> bytes:
+        """X25519 of this member's encryption secret with ``public`` (libsodium
+        ``crypto_scalarmult``): the identity part of a token's key wrap.
+
+        Raises:
+            VerificationError: ``public`` is not 32 bytes or is of low order (the shared
+                point would be all zeros).
+        """
+        if type(public) is not bytes or len(public) != KEY_SIZE:
+            raise VerificationError()
+        try:
+            return bytes(sodium.crypto_scalarmult(self._box_secret, public))
+        except nacl.exceptions.RuntimeError:
             raise VerificationError() from None
 
     def __repr__(self) -> str:

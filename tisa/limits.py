@@ -114,6 +114,29 @@ class Limits:
     # report: 60 an hour is far above that pace, and bounds how fast a member can fill
     # an originator's queue or the audit log. Past it the relay refuses "rate_limited".
     max_requests_per_hour: int = 60
+    # --- prekeys (forward secrecy) ---
+    # One-time prekeys the relay stores per member; a publish past it is refused with
+    # "limit", so a member cannot fill the relay's disk with them.
+    max_one_time_prekeys: int = 500
+    # The relay tells a member its one-time supply runs low (a prekey_status) when a
+    # handout leaves fewer than this; the member's node then replenishes below it too.
+    prekey_low_water: int = 20
+    # One-time prekeys a node keeps published: it tops its supply up to this many.
+    one_time_prekeys: int = 100
+    # Seconds between two signed prekeys of a node; each is valid for two periods, so a
+    # node that misses its rotation for a while is still reachable.
+    signed_prekey_rotation: int = 7 * 86400
+    # Seconds a node keeps a prekey secret past the prekey's not_after, for tokens
+    # sealed to it just before then and delivered late: one longest token validity
+    # (30 days) and the clock skew. Shorter makes such late tokens unopenable.
+    signed_prekey_grace: int = 30 * 86400 + CLOCK_SKEW
+    # Seconds a one-time prekey stays valid unused (then its secret is deleted after the
+    # grace as well): bounds how long an unused secret sits on the disk.
+    one_time_prekey_lifetime: int = 90 * 86400
+    # Seconds an originator's node waits for a recipient's signed prekey to appear at
+    # the relay (a recipient that has not connected yet) before refusing the release
+    # with no_prekey, or falling back where the arrangement allows it.
+    prekey_wait: float = 30.0
 
     def __post_init__(self) -> None:
         from tisa.errors import UsageError

@@ -22,7 +22,8 @@ from tisa import encoding as enc
 from tisa.consent import MAX_CONSENT_SIZE
 from tisa.errors import ProtocolError, Reason
 from tisa.keys import DIGEST_SIZE
-from tisa.limits import CHUNK_SIZE, MAX_REPORT_SIZE
+from tisa.limits import CHUNK_SIZE, MAX_NAME, MAX_REPORT_SIZE
+from tisa.prekeys import MAX_PREKEY_SIZE
 
 __all__ = [
     "Ack",
@@ -34,7 +35,11 @@ __all__ = [
     "DeliverEnd",
     "ErrorMessage",
     "Expired",
+    "FetchPrekeys",
     "Message",
+    "PrekeyStatus",
+    "Prekeys",
+    "PublishPrekeys",
     "ReceiptNotice",
     "Refusal",
     "Release",
@@ -63,6 +68,10 @@ _detail = enc.text(512, allow_empty=True)
 CONSENT_KINDS = ("announce", "request", "answer")
 _consent_kind = enc.one_of(*CONSENT_KINDS)
 _consent = enc.bin_max(MAX_CONSENT_SIZE)
+_prekey = enc.bin_max(MAX_PREKEY_SIZE)
+# One-time prekeys in one publish message: 100 envelopes of at most 512 bytes stay well
+# inside a frame; a member with more to publish sends several messages.
+MAX_PREKEYS_PER_MESSAGE = 100
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -223,7 +232,70 @@ class AuditFetch(Message):
     since: int = 0
 
 
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PublishPrekeys(Message):
+    """A recipient publishes its signed prekey (or None: unchanged) and one-time prekeys
+    (:class:`tisa.prekeys.Prekey` envelopes); the relay answers :class:`PrekeyStatus`.
+    With neither, it only asks for that status (a node does so on every connection)."""
+
+    TYPE: ClassVar[str] = "prekeys_publish"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "signed": enc.optional(_prekey),
+        "one_time": enc.list_of(_prekey, max_items=MAX_PREKEYS_PER_MESSAGE),
+    }
+    signed: bytes | None
+    one_time: list[bytes]
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class FetchPrekeys(Message):
+    """An originator asks for ``member``'s prekeys; ``ref`` (its choice) names the answer."""
+
+    TYPE: ClassVar[str] = "prekeys_fetch"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"ref": ID, "member": enc.text(MAX_NAME)}
+    ref: bytes
+    member: str
+
+
 # --- relay to member ---------------------------------------------------------------------
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class Prekeys(Message):
+    """The answer to :class:`FetchPrekeys`: ``member``'s newest signed prekey and one
+    one-time prekey, handed out to the asker only (each None when there is none)."""
+
+    TYPE: ClassVar[str] = "prekeys"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "ref": ID,
+        "member": enc.text(MAX_NAME),
+        "signed": enc.optional(_prekey),
+        "one_time": enc.optional(_prekey),
+    }
+    ref: bytes
+    member: str
+    signed: bytes | None
+    one_time: bytes | None
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class PrekeyStatus(Message):
+    """What the relay holds of the member's own prekeys: the ``not_after`` of its newest
+    signed prekey (0: none) and how many one-time prekeys are left. Sent in answer to a
+    publish (an empty one asks for it), and on its own when a handout leaves fewer than
+    the relay's ``prekey_low_water``."""
+
+    TYPE: ClassVar[str] = "prekey_status"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "signed_not_after": enc.uint(),
+        "one_time": enc.uint(2**32),
+    }
+    signed_not_after: int
+    one_time: int
 
 
 @_message

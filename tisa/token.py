@@ -3,20 +3,20 @@
 A token binds its id, the arrangement (id and version), originator, relay, one
 recipient, the report id, the ciphertext digest and size, scope, level, a validity
 window, a per-(originator, recipient) release counter, a commitment to the content key,
-and the content key itself sealed to the recipient (libsodium sealed box). It travels as
-a signed envelope (:mod:`tisa.envelope`) in context ``token``.
+the content key itself wrapped to the recipient's prekeys (:mod:`tisa.prekeys`), and,
+in a token approving a release request (:mod:`tisa.consent`), the request's id. It
+travels as a signed envelope (:mod:`tisa.envelope`) in context ``token``.
 
 Two checks: :func:`check_for_relay` (everything but the key, which the relay cannot open)
-and :func:`check_for_recipient` (all of that, then unseal and check the key commitment).
+and :func:`check_for_recipient` (all of that, then unwrap and check the key commitment).
 The report itself is checked against the token by :class:`tisa.report.ReportOpener`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
-
-import nacl.bindings as sodium
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
@@ -24,6 +24,14 @@ from tisa.envelope import open_envelope, seal_envelope
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import DIGEST_SIZE, KEY_SIZE, Context, MemberSecret, random_id, verify
 from tisa.limits import CLOCK_SKEW, MAX_NAME, MAX_REPORT_SIZE
+from tisa.prekeys import (
+    KeyWrap,
+    Prekey,
+    PrekeyKind,
+    WrapMode,
+    unwrap_content_key,
+    wrap_content_key,
+)
 from tisa.report import REPORT_ID_SIZE, ReportOpener, key_commitment
 
 __all__ = [
@@ -36,7 +44,9 @@ __all__ = [
 ]
 
 TOKEN_ID_SIZE = 16
-SEALED_KEY_SIZE = KEY_SIZE + sodium.crypto_box_SEALBYTES  # 80
+# Version 2: the content key is wrapped to prekeys (``wrap``) instead of sealed to the
+# recipient's long-term key (``sealed_key``).
+TOKEN_VERSION = 2
 # An encoded token: ~400 bytes with names at their longest; 2 KiB leaves room.
 MAX_TOKEN_SIZE = 2048
 # Longest validity window an originator may grant: 30 days. A token outliving that is
@@ -45,7 +55,7 @@ MAX_VALIDITY = 30 * 24 * 3600
 
 _name = enc.text(MAX_NAME)
 _SCHEMA: dict[str, enc.Field] = {
-    "v": enc.uint(1, 1),
+    "v": enc.uint(TOKEN_VERSION, TOKEN_VERSION),
     "id": enc.bin_exact(TOKEN_ID_SIZE),
     "arrangement": enc.bin_exact(DIGEST_SIZE),
     "version": enc.uint(2**32, 1),
@@ -61,7 +71,7 @@ _SCHEMA: dict[str, enc.Field] = {
     "not_after": enc.uint(),
     "counter": enc.uint(2**63, 1),
     "key_commit": enc.bin_exact(DIGEST_SIZE),
-    "sealed_key": enc.bin_exact(SEALED_KEY_SIZE),
+    "wrap": KeyWrap.from_dict,
 }
 # A token that approves a release request (tisa.consent) carries one more key, "request":
 # the request's id. It is absent (never nil) from every other token, so a token without
@@ -89,7 +99,7 @@ class ReleaseToken:
     not_after: int
     counter: int
     key_commit: bytes
-    sealed_key: bytes = dataclasses.field(repr=False)
+    wrap: KeyWrap = dataclasses.field(repr=False)
     # The id of the release request this token approves (tisa.consent), or None.
     request: bytes | None = None
     encoded: bytes = dataclasses.field(repr=False, compare=False)
@@ -113,6 +123,14 @@ class ReleaseToken:
         object.__setattr__(token, "_from_encoding", True)
         return token
 
+    @property
+    def associated_data(self) -> bytes:
+        """What the key wrap authenticates: the canonical encoding of the signed body
+        without its ``wrap`` (which cannot cover itself)."""
+        fields = enc.unpack(self.body)
+        del fields["wrap"]
+        return enc.pack(fields)
+
 
 def issue_token(
     secret: MemberSecret,
@@ -129,17 +147,31 @@ def issue_token(
     not_before: int,
     not_after: int,
     counter: int,
+    signed_prekey: bytes | None,
+    one_time_prekey: bytes | None = None,
     request: bytes | None = None,
     _token_id: bytes | None = None,
+    _ephemeral: bytes | None = None,
 ) -> bytes:
     """Issue a signed release token for one recipient; returns its encoding.
 
+    The content key is wrapped to the recipient's identity key, ``signed_prekey`` and,
+    when given, ``one_time_prekey`` (both encoded prekeys as the relay handed them out,
+    checked here against the recipient and ``not_before``). Without a signed prekey the
+    key is wrapped to the identity key alone, which only an arrangement with
+    ``identity_fallback`` allows; the token's ``wrap.mode`` says which was done.
+
     With ``request`` (a release request's id, :mod:`tisa.consent`) the token approves
     that request; the relay then checks that the request is open and addressed by the
-    recipient to this originator for this report.
+    recipient to this originator for this report. The request id is part of the body
+    the key wrap authenticates.
 
     Raises:
-        Refused: the arrangement does not allow this release (parties, scope, level).
+        Refused: the arrangement does not allow this release (parties, scope, level);
+            ``no_prekey``: no signed prekey and no identity fallback; ``bad_prekey`` or
+            ``expired``: a prekey that is not the recipient's of its kind, or too old.
+        VerificationError: a prekey whose signature is not its owner's.
+        ProtocolError: a prekey that does not decode.
         UsageError: bad arguments (window, sizes, a key that is not ``name``'s).
     """
     arrangement.check_share(name, [recipient], scope, level)
@@ -151,9 +183,22 @@ def issue_token(
         raise UsageError("release counters start at 1")
     if type(content_key) is not bytes or len(content_key) != KEY_SIZE:
         raise UsageError("content key is 32 bytes")
-    recipient_key = arrangement.member(recipient).identity.encryption.raw
+    if signed_prekey is None:
+        if one_time_prekey is not None:
+            raise UsageError("a one-time prekey is used with a signed prekey")
+        if not arrangement.identity_fallback:
+            raise Refused(Reason.NO_PREKEY, f"no signed prekey of {recipient!r}")
+    prekeys = [
+        Prekey.verify(data, arrangement, owner=recipient, kind=kind, now=not_before).key
+        if data is not None
+        else None
+        for kind, data in (
+            (PrekeyKind.SIGNED, signed_prekey),
+            (PrekeyKind.ONE_TIME, one_time_prekey),
+        )
+    ]
     body: dict[str, Any] = {
-        "v": 1,
+        "v": TOKEN_VERSION,
         "id": _token_id or random_id(),
         "arrangement": arrangement.id,
         "version": arrangement.version,
@@ -169,11 +214,19 @@ def issue_token(
         "not_after": not_after,
         "counter": counter,
         "key_commit": key_commitment(content_key, report_id),
-        "sealed_key": bytes(sodium.crypto_box_seal(content_key, recipient_key)),
     }
     if request is not None:
         body["request"] = request
     try:
+        wrap = wrap_content_key(
+            content_key,
+            enc.pack(body),
+            identity=arrangement.member(recipient).identity.encryption.raw,
+            signed=prekeys[0],
+            one_time=prekeys[1],
+            _ephemeral=_ephemeral,
+        )
+        body["wrap"] = wrap.to_dict()
         enc.check_map(body, _SCHEMA_WITH_REQUEST if request is not None else _SCHEMA, "token")
     except ProtocolError as exc:
         raise UsageError(exc.detail) from None
@@ -204,6 +257,10 @@ def _check_common(
     if token.relay != arrangement.relay:
         raise Refused(Reason.WRONG_RELAY, f"token is for relay {token.relay!r}")
     arrangement.check_share(token.originator, [token.recipient], token.scope, token.level)
+    if token.wrap.mode is WrapMode.IDENTITY and not arrangement.identity_fallback:
+        raise Refused(
+            Reason.FALLBACK_NOT_ALLOWED, "key wrapped to the long-term key; not allowed here"
+        )
     if now + clock_skew < token.not_before:
         raise Refused(Reason.NOT_YET_VALID, f"token valid from {token.not_before}")
     if now - clock_skew >= token.not_after:
@@ -281,19 +338,32 @@ def check_for_recipient(
     *,
     now: int,
     clock_skew: int = CLOCK_SKEW,
+    prekey_secret: Callable[[PrekeyKind, bytes], bytes] | None = None,
 ) -> Release:
     """The recipient's check: everything the relay checks that it can, then the key.
 
+    Args:
+        prekey_secret: returns the secret of this recipient's prekey of a kind and public
+            key, or raises Refused (``unknown_prekey`` for one it does not hold,
+            ``replayed`` for a one-time prekey already used). None: no prekeys held.
+
     Raises:
         ProtocolError, VerificationError (opaque for anything cryptographic),
-        Refused (as :func:`check_for_relay`, plus WRONG_RECIPIENT).
+        Refused (as :func:`check_for_relay`, plus WRONG_RECIPIENT, FALLBACK_NOT_ALLOWED,
+        and what ``prekey_secret`` raises).
     """
     checked = _check_common(token, arrangement, now=now, clock_skew=clock_skew)
     if checked.recipient != name:
         raise Refused(Reason.WRONG_RECIPIENT, f"token is for {checked.recipient!r}")
     if secret.public != arrangement.member(name).identity:
         raise UsageError(f"this key is not {name!r}'s key in the arrangement")
-    key = secret.unseal(checked.sealed_key)
+    key = unwrap_content_key(
+        checked.wrap, checked.associated_data, secret, prekey_secret or _no_prekeys
+    )
     if len(key) != KEY_SIZE or key_commitment(key, checked.report) != checked.key_commit:
         raise VerificationError()
     return Release(checked, key)
+
+
+def _no_prekeys(kind: PrekeyKind, public: bytes) -> bytes:
+    raise Refused(Reason.UNKNOWN_PREKEY, f"no {kind.value} prekey {public.hex()[:16]}")

@@ -1888,7 +1888,10 @@ def _event_json(event: Any) -> dict[str, Any]:
             "received": r.received,
         }
     value: dict[str, Any] = {"event": event.KIND}
-    for name in ("report", "token", "ref", "recipient", "originator", "expected", "got"):
+    for name in (
+        *("report", "token", "ref", "recipient", "originator", "expected", "got"),
+        *("mode", "one_time", "signed_not_after"),  # WeakerWrap, PrekeysLow
+    ):
         item = getattr(event, name, None)
         if item is not None:
             value[name] = item.hex() if isinstance(item, bytes) else item
@@ -1929,6 +1932,16 @@ def _notice_text(notice: dict[str, Any]) -> str:
         return (
             f"a release from {notice['originator']} never arrived: expected number "
             f"{notice['expected']}, got {notice['got']} (ask {notice['originator']} about it)"
+        )
+    if kind == "prekeys_low":
+        return (
+            f"the relay has {notice['one_time']} one-time prekeys of this member left; "
+            "publishing more"
+        )
+    if kind == "weaker_wrap":
+        return (
+            f"the release of token {token} to {notice['recipient']} went without a one-time "
+            f"prekey (mode {notice['mode']}): less forward secrecy for that report"
         )
     if kind == "delivery_rejected":
         return (

@@ -40,14 +40,16 @@ from clients.events import (
     RequestEvent,
 )
 from clients.node import Node, open_node
+from tisa import encoding as enc
 from tisa import messages as m
 from tisa.arrangement import Arrangement, SignedArrangement
-from tisa.envelope import open_envelope, seal_envelope
+from tisa.envelope import seal_envelope
 from tisa.errors import Reason, Refused, TisaError
 from tisa.keys import Context, Hash, Hasher, MemberSecret, random_id
 from tisa.messages import MAX_CHUNK_DATA
+from tisa.prekeys import PrekeyKind, PrekeySecret, wrap_content_key
 from tisa.report import MIN_PADDED, ciphertext_size
-from tisa.token import issue_token
+from tisa.token import TOKEN_VERSION
 from tisa_io.link import Link, connect_member
 
 __all__ = ["main"]
@@ -415,25 +417,36 @@ class Member:
     ) -> dict[str, Any]:
         # A well-formed token body signed by this member, built by hand so that it can
         # say what issue_token would refuse to sign (a scope outside the arrangement).
+        # The relay refuses it before any prekey matters: the key is wrapped to a prekey
+        # made up here, which the recipient would not hold.
         now = int(time.time())
-        valid = issue_token(
-            self.secret,
-            self.name,
-            self.arrangement,
-            recipient=recipient,
-            report_id=report_id,
-            digest=digest,
-            size=size,
-            content_key=os.urandom(32),
-            scope=self.arrangement.scopes[0],
-            level=self.arrangement.levels[0],
-            not_before=now,
-            not_after=now + 3600,
-            counter=1,
-        )
-        _, fields, _ = open_envelope(valid, max_size=4096, what="token")
-        fields.update(scope=scope, id=random_id())
-        return fields
+        made_up = PrekeySecret.generate(PrekeyKind.SIGNED, created=now, not_after=now + 3600)
+        body: dict[str, Any] = {
+            "v": TOKEN_VERSION,
+            "id": random_id(),
+            "arrangement": self.arrangement.id,
+            "version": self.arrangement.version,
+            "originator": self.name,
+            "relay": self.arrangement.relay,
+            "recipient": recipient,
+            "report": report_id,
+            "digest": digest,
+            "size": size,
+            "scope": scope,
+            "level": self.arrangement.levels[0],
+            "not_before": now,
+            "not_after": now + 3600,
+            "counter": 1,
+            "key_commit": bytes(32),
+        }
+        body["wrap"] = wrap_content_key(
+            os.urandom(32),
+            enc.pack(body),
+            identity=self.arrangement.member(recipient).identity.encryption.raw,
+            signed=made_up.public,
+            one_time=None,
+        ).to_dict()
+        return body
 
     async def _send_token(self, link: Link, token: bytes, ref: bytes) -> dict[str, Any]:
         await link.send(m.Release(token=token))

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import nacl.bindings as sodium
 import nacl.pwhash
 
+from tisa import encoding as enc
 from tisa.arrangement import Arrangement, SignedArrangement
 from tisa.audit import AuditEntry, AuditEvent, Checkpoint, Extract, chain_next, verify_extract
 from tisa.consent import (
@@ -40,15 +41,20 @@ from tisa.messages import (
     Chunk,
     ConsentNotice,
     Deliver,
+    FetchPrekeys,
+    Prekeys,
+    PrekeyStatus,
+    PublishPrekeys,
     Refusal,
     SendConsent,
     SubmitBegin,
     decode_message,
     encode_message,
 )
+from tisa.prekeys import KeyWrap, Prekey, PrekeyKind, unwrap_content_key
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportHeader, open_report
-from tisa.token import ReleaseToken, check_for_recipient, check_for_relay
+from tisa.token import Release, ReleaseToken, check_for_recipient, check_for_relay
 from tisa_testing import hostile
 from tisa_testing.world import World, make_world
 
@@ -85,6 +91,19 @@ def run(target: Target, data: bytes) -> None:
 def world() -> World:
     """The fixed-key world every target decodes against."""
     return make_world(third_party=True)
+
+
+def _tokyo_opens(token: bytes) -> Release:
+    """Tokyo's check of ``token``, with the prekey secrets the world keeps for it."""
+    w = world()
+    return check_for_recipient(
+        token,
+        w.arrangement,
+        w.secrets["tokyo"],
+        "tokyo",
+        now=w.now,
+        prekey_secret=w.prekey_lookup("tokyo"),
+    )
 
 
 @functools.cache
@@ -184,7 +203,7 @@ def _open_ciphertext(data: bytes) -> None:
     """Tokyo opens arbitrary ciphertext under a valid token (sized to the input)."""
     w = world()
     _, token, _ = _report()
-    release = check_for_recipient(token, w.arrangement, w.secrets["tokyo"], "tokyo", now=w.now)
+    release = _tokyo_opens(token)
     open_report(data, release.opener(w.arrangement))
 
 
@@ -217,15 +236,15 @@ def _open_plaintext(data: bytes) -> None:
         not_before=w.now - 10,
         not_after=w.now + 60,
         originator="seoul",
+        signed_prekey=w.signed_prekey_key("tokyo"),
     )
-    release = check_for_recipient(token, w.arrangement, w.secrets["tokyo"], "tokyo", now=w.now)
+    release = _tokyo_opens(token)
     open_report(ciphertext, release.opener(w.arrangement))
 
 
 def _plaintext_seeds() -> list[bytes]:
     ciphertext, token, _ = _report()
-    w = world()
-    release = check_for_recipient(token, w.arrangement, w.secrets["tokyo"], "tokyo", now=w.now)
+    release = _tokyo_opens(token)
     t = release.token
     plain = hostile.open_raw(ciphertext, release.content_key, t.report)
     header, _, rest = hostile.split_plaintext(plain)
@@ -252,7 +271,14 @@ def _token_relay(data: bytes) -> None:
 
 def _token_recipient(data: bytes) -> None:
     w = world()
-    check_for_recipient(data, w.arrangement, w.secrets["tokyo"], "tokyo", now=w.now)
+    check_for_recipient(
+        data,
+        w.arrangement,
+        w.secrets["tokyo"],
+        "tokyo",
+        now=w.now,
+        prekey_secret=w.prekey_lookup("tokyo"),
+    )
 
 
 def _receipt_seed() -> bytes:
@@ -348,6 +374,7 @@ def _keyfile(data: bytes) -> None:
 
 
 def _messages() -> list[bytes]:
+    prekey = world().signed_prekey("tokyo")
     return [
         encode_message(m)
         for m in (
@@ -359,6 +386,10 @@ def _messages() -> list[bytes]:
             SendConsent(kind="request", data=_request().encoded),
             ConsentNotice(kind="answer", data=_answer_seed()),
             Ack(kind="answer", token=bytes(16)),
+            PublishPrekeys(signed=prekey, one_time=[world().prekey("tokyo")]),
+            FetchPrekeys(ref=bytes(16), member="tokyo"),
+            Prekeys(ref=bytes(16), member="tokyo", signed=prekey, one_time=None),
+            PrekeyStatus(signed_not_after=1, one_time=3),
         )
     ]
 
@@ -426,6 +457,25 @@ def _incoming_answer(data: bytes) -> None:
     check_answer(Answer.verify(data, w.arrangement), "tokyo", _request(), answered=False)
 
 
+def _prekey(data: bytes) -> None:
+    """The originator's check of a prekey the relay handed out as Tokyo's signed one."""
+    w = world()
+    Prekey.verify(data, w.arrangement, owner="tokyo", kind=PrekeyKind.SIGNED, now=w.now)
+
+
+def _key_wrap(data: bytes) -> None:
+    """A token's ``wrap`` map as any canonical map: decoded, then unwrapped by Tokyo
+    under the seed token's associated data."""
+    w = world()
+    wrap = KeyWrap.from_dict(enc.unpack(data))
+    aad = ReleaseToken.decode(_report()[1]).associated_data
+    unwrap_content_key(wrap, aad, w.secrets["tokyo"], w.prekey_lookup("tokyo"))
+
+
+def _key_wrap_seed() -> bytes:
+    return enc.pack(ReleaseToken.decode(_report()[1]).wrap.to_dict())
+
+
 def _handshake_seeds() -> tuple[bytes, bytes, bytes]:
     member, relay = _member(), _relay()
     hello = member.start()
@@ -459,6 +509,8 @@ TARGETS: dict[str, Target] = {
         Target(
             "token", ReleaseToken.decode, DECODE_ERRORS, lambda: [_report()[1], _approval_seed()]
         ),
+        Target("prekey", _prekey, VERIFY_ERRORS, lambda: [world().signed_prekey("tokyo")]),
+        Target("key_wrap", _key_wrap, VERIFY_ERRORS, lambda: [_key_wrap_seed()]),
         Target("token_relay", _token_relay, VERIFY_ERRORS, lambda: [_report()[1]]),
         Target(
             "token_recipient",
@@ -517,6 +569,5 @@ TARGETS: dict[str, Target] = {
 
 def _header_plain() -> bytes:
     ciphertext, token, _ = _report()
-    w = world()
-    release = check_for_recipient(token, w.arrangement, w.secrets["tokyo"], "tokyo", now=w.now)
+    release = _tokyo_opens(token)
     return hostile.open_raw(ciphertext, release.content_key, release.token.report)

@@ -47,8 +47,9 @@ from tisa.keys import (
     random_id,
 )
 from tisa.limits import CHUNK_SIZE
+from tisa.prekeys import wrap_content_key
 from tisa.report import ABYTES, HEADER_BYTES, TAG_FINAL, TAG_MESSAGE, SealedReport, key_commitment
-from tisa.token import Release, ReleaseToken
+from tisa.token import TOKEN_VERSION, Release, ReleaseToken
 
 __all__ = [
     "ED25519_ORDER",
@@ -253,16 +254,20 @@ def forge_token(
     sealed_to: EncryptionPublicKey | None = None,
     key_commit: bytes | None = None,
     relay: str | None = None,
+    signed_prekey: bytes | None = None,
+    one_time_prekey: bytes | None = None,
 ) -> bytes:
     """A token built like :func:`tisa.token.issue_token` with none of its checks.
 
     ``originator`` is the name the body claims; ``secret`` is who actually signs.
-    ``sealed_to`` seals the key to another key than the recipient's; ``key_commit``
-    replaces the commitment; ``context`` signs it as another kind.
+    The key is wrapped (:func:`tisa.prekeys.wrap_content_key`) to ``signed_prekey`` and
+    ``one_time_prekey`` (public keys; both None: to the identity key alone) and to the
+    recipient's identity key, or ``sealed_to`` in its place; ``key_commit`` replaces the
+    commitment; ``context`` signs it as another kind.
     """
     box_key = sealed_to or arrangement.member(recipient).identity.encryption
     body: dict[str, Any] = {
-        "v": 1,
+        "v": TOKEN_VERSION,
         "id": random_id(),
         "arrangement": arrangement.id,
         "version": arrangement.version,
@@ -278,8 +283,14 @@ def forge_token(
         "not_after": not_after,
         "counter": counter,
         "key_commit": key_commit or key_commitment(content_key, report_id),
-        "sealed_key": bytes(sodium.crypto_box_seal(content_key, box_key.raw)),
     }
+    body["wrap"] = wrap_content_key(
+        content_key,
+        enc.pack(body),
+        identity=box_key.raw,
+        signed=signed_prekey,
+        one_time=one_time_prekey,
+    ).to_dict()
     return sign_envelope(secret, context, body)
 
 
@@ -304,6 +315,7 @@ def reseal_to_third_party(
     now: int,
     edit_header: Callable[[dict[str, Any]], None] | None = None,
     counter: int = 1,
+    signed_prekey: bytes | None = None,
 ) -> Forged:
     """Surreptitious forwarding by a recipient holding ``release`` for ``ciphertext``.
 
@@ -334,6 +346,7 @@ def reseal_to_third_party(
         not_after=now + 3600,
         originator=claim_originator,
         counter=counter,
+        signed_prekey=signed_prekey,
     )
     return Forged(ciphertext=new_ct, digest=new_digest, content_key=key, token=token)
 
@@ -347,6 +360,7 @@ def rerelease_as_self(
     to: str,
     now: int,
     counter: int = 1,
+    signed_prekey: bytes | None = None,
 ) -> bytes:
     """Strip-and-re-sign at the token level: a recipient issues its own valid token for
     someone else's ciphertext (it knows the content key), naming itself as originator."""
@@ -365,6 +379,7 @@ def rerelease_as_self(
         not_after=now + 3600,
         originator=name,
         counter=counter,
+        signed_prekey=signed_prekey,
     )
 
 

@@ -16,11 +16,13 @@ have dropped. Counters may arrive out of order; a late arrival closes its gap.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from tisa.arrangement import Arrangement
 from tisa.audit import checkpoints_conflict
 from tisa.errors import Reason, Refused
 from tisa.keys import MemberSecret
+from tisa.prekeys import PrekeyKind
 from tisa.report import OpenedReport, open_report
 from tisa.token import check_for_recipient
 
@@ -105,6 +107,7 @@ class CoreRecipient:
         arrangement: the effective arrangement.
         secret, name: the recipient's keys and name.
         store: its durable state; pass the same store again to model a restart.
+        prekey_secret: its prekey secrets (see :func:`tisa.token.check_for_recipient`).
     """
 
     def __init__(
@@ -113,10 +116,12 @@ class CoreRecipient:
         secret: MemberSecret,
         name: str,
         store: RecipientStore | None = None,
+        prekey_secret: Callable[[PrekeyKind, bytes], bytes] | None = None,
     ) -> None:
         self.arrangement = arrangement
         self.secret = secret
         self.name = name
+        self.prekey_secret = prekey_secret
         self.store = store if store is not None else RecipientStore()
 
     def receive(self, token: bytes, ciphertext: bytes, *, now: int) -> Delivered:
@@ -127,7 +132,14 @@ class CoreRecipient:
             VerificationError: anything cryptographic failed (opaque).
             Refused: a policy refusal; ``replayed`` for a token or report seen before.
         """
-        release = check_for_recipient(token, self.arrangement, self.secret, self.name, now=now)
+        release = check_for_recipient(
+            token,
+            self.arrangement,
+            self.secret,
+            self.name,
+            now=now,
+            prekey_secret=self.prekey_secret,
+        )
         t = release.token
         store = self.store
         if t.id in store.seen_tokens or t.report in store.seen_reports:

@@ -34,6 +34,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import nacl.bindings as sodium
 import trio
 
 from clients.node import Backoff, Node, open_node
@@ -51,6 +52,7 @@ from tisa.messages import (
     Deliver,
     DeliverEnd,
     Message,
+    Prekeys,
     Release,
     SendConsent,
     chunks_of,
@@ -71,6 +73,7 @@ __all__ = [
     "ForwardWithoutToken",
     "HostileRelay",
     "Inject",
+    "Record",
     "Reflect",
     "ReflectConsent",
     "ReflectDelivery",
@@ -78,9 +81,12 @@ __all__ = [
     "Replay",
     "ReplayConsent",
     "RetargetConsent",
+    "ReplayPrekeys",
+    "SubstitutePrekeys",
     "SwapRecipients",
     "SwapTokens",
     "Truncate",
+    "WithholdPrekeys",
     "open_member",
     "start_hostile_relay",
 ]
@@ -408,6 +414,83 @@ class Reflect(Behaviour):
         return message
 
 
+class Record(Behaviour):
+    """Honest, but keeps everything the relay forwards: every message it sends and every
+    delivery (with its ciphertext), in order; with :attr:`HostileRelay.log` (what it
+    received) and the relay's store directory, that is all the relay ever holds."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, Delivery | Message]] = []
+
+    async def on_delivery(self, member: str, delivery: Delivery) -> list[Outgoing]:
+        """Keep the delivery, then deliver it."""
+        self.sent.append((member, delivery))
+        return [(member, delivery)]
+
+    async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Keep the message, then send it."""
+        self.sent.append((member, message))
+        return [(member, message)]
+
+
+class WithholdPrekeys(Behaviour):
+    """Answer prekey fetches without the one-time prekey (as if the supply were
+    exhausted) and, with ``signed``, without the signed prekey too."""
+
+    def __init__(self, *, signed: bool = False) -> None:
+        self.signed = signed
+        self.withheld = 0
+
+    async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Strip what is withheld from a ``prekeys`` answer."""
+        if isinstance(message, Prekeys):
+            self.withheld += 1
+            message = dataclasses.replace(
+                message, one_time=None, signed=None if self.signed else message.signed
+            )
+        return [(member, message)]
+
+
+class SubstitutePrekeys(Behaviour):
+    """Answer prekey fetches with a signed prekey the relay made itself: signed by the
+    relay in the recipient's name (``forge``), or a real prekey of another member
+    (``other``), so that it could read what is wrapped to it."""
+
+    def __init__(self, mode: str = "forge", other: str = "seoul") -> None:
+        if mode not in ("forge", "other"):
+            raise ValueError(mode)
+        self.mode = mode
+        self.other = other
+
+    async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Replace the signed prekey of a ``prekeys`` answer (and drop the one-time one)."""
+        if isinstance(message, Prekeys) and message.signed is not None:
+            substitute: bytes | None
+            if self.mode == "forge":
+                body = hostile.token_body(message.signed)  # any envelope's body map
+                body["key"] = bytes(sodium.crypto_scalarmult_base(bytes(range(32))))
+                substitute = hostile.sign_envelope(self.relay.secret, Context.PREKEY, body)
+            else:
+                now = self.relay.now()
+                substitute, _, _ = self.relay.store.take_prekeys(self.other, taker=member, now=now)
+            message = dataclasses.replace(message, signed=substitute, one_time=None)
+        return [(member, message)]
+
+
+class ReplayPrekeys(Behaviour):
+    """Hand out the first one-time prekey of each member again on every later fetch."""
+
+    def __init__(self) -> None:
+        self.first: dict[str, bytes] = {}
+
+    async def on_send(self, member: str, message: Message) -> list[Outgoing]:
+        """Replace the one-time prekey of a ``prekeys`` answer by the first one handed."""
+        if isinstance(message, Prekeys) and message.one_time is not None:
+            first = self.first.setdefault(message.member, message.one_time)
+            message = dataclasses.replace(message, one_time=first)
+        return [(member, message)]
+
+
 class ReflectDelivery(Behaviour):
     """When an originator releases a report, deliver the report and its token back to
     the originator (a reflection that is well-formed on the wire)."""
@@ -536,6 +619,8 @@ class ForwardWithoutToken(Behaviour):
             originator=t.originator,
             counter=t.counter,
             context=Context.TOKEN,
+            # The relay holds the recipient's published prekeys: it wraps to the same.
+            signed_prekey=t.wrap.spk,
         )
         return [(member, Delivery(forged, delivery.ciphertext, ReleaseToken.decode(forged).id))]
 

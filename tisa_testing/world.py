@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from tisa.arrangement import Arrangement, Member, Role, SignedArrangement
+from tisa.errors import Reason, Refused
 from tisa.keys import MemberSecret
+from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.report import SealedReport, seal_report
 from tisa.token import Release, check_for_recipient, issue_token
 
@@ -62,6 +64,38 @@ class World:
     outsider: MemberSecret
     now: int = NOW
     _counters: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    # Each member's prekey secrets by public key, and its current signed prekey.
+    prekey_secrets: dict[str, dict[bytes, PrekeySecret]] = dataclasses.field(default_factory=dict)
+    _signed: dict[str, bytes] = dataclasses.field(default_factory=dict)
+
+    def prekey(self, owner: str, kind: PrekeyKind = PrekeyKind.ONE_TIME) -> bytes:
+        """A fresh prekey of ``owner``'s, published (signed) at :attr:`now` for a week;
+        its secret is kept in :attr:`prekey_secrets`. Returns the encoded prekey."""
+        secret = PrekeySecret.generate(kind, created=self.now - 60, not_after=self.now + 7 * 86400)
+        self.prekey_secrets.setdefault(owner, {})[secret.public] = secret
+        return secret.publish(self.secrets[owner], owner, self.arrangement)
+
+    def signed_prekey(self, owner: str) -> bytes:
+        """``owner``'s current signed prekey (made on first use)."""
+        if owner not in self._signed:
+            self._signed[owner] = self.prekey(owner, PrekeyKind.SIGNED)
+        return self._signed[owner]
+
+    def signed_prekey_key(self, owner: str) -> bytes:
+        """The X25519 public key of ``owner``'s current signed prekey (to wrap to)."""
+        return Prekey.decode(self.signed_prekey(owner)).key
+
+    def prekey_lookup(self, owner: str) -> Callable[[PrekeyKind, bytes], bytes]:
+        """The ``prekey_secret`` lookup of :func:`tisa.token.check_for_recipient` for
+        ``owner``: its kept secrets; ``unknown_prekey`` for any other."""
+
+        def lookup(kind: PrekeyKind, public: bytes) -> bytes:
+            secret = self.prekey_secrets.get(owner, {}).get(public)
+            if secret is None or secret.kind is not kind:
+                raise Refused(Reason.UNKNOWN_PREKEY, "no such prekey")
+            return secret.secret
+
+        return lookup
 
     @property
     def relay(self) -> str:
@@ -111,7 +145,10 @@ class World:
         """Issue a release token for ``report`` to ``recipient`` (valid for an hour).
 
         ``originator`` defaults to the report's; ``overrides`` go to
-        :func:`tisa.token.issue_token` (e.g. ``content_key``, ``scope``).
+        :func:`tisa.token.issue_token` (e.g. ``content_key``, ``scope``). The key is
+        wrapped to the recipient's signed prekey unless ``signed_prekey`` is given; pass
+        ``one_time_prekey=world.prekey(recipient)`` for a one-time prekey too (a real
+        relay accepts only one it handed out itself).
         """
         originator = originator or report.header.originator
         arguments: dict[str, Any] = {
@@ -127,20 +164,36 @@ class World:
             "counter": self.next_counter(originator, recipient) if counter is None else counter,
         }
         arguments.update(overrides)
+        if "signed_prekey" not in arguments:
+            arguments["signed_prekey"] = self.signed_prekey(recipient)
+
         return issue_token(self.secrets[originator], originator, self.arrangement, **arguments)
 
     def check(self, token: bytes, recipient: str = "tokyo") -> Release:
         """``recipient``'s check of ``token`` at :attr:`now`."""
         return check_for_recipient(
-            token, self.arrangement, self.secrets[recipient], recipient, now=self.now
+            token,
+            self.arrangement,
+            self.secrets[recipient],
+            recipient,
+            now=self.now,
+            prekey_secret=self.prekey_lookup(recipient),
         )
 
 
-def make_world(*, third_party: bool = False, fresh_keys: bool = False, salt: str = "") -> World:
+def make_world(
+    *,
+    third_party: bool = False,
+    fresh_keys: bool = False,
+    salt: str = "",
+    identity_fallback: bool = False,
+) -> World:
     """The arrangement of the story, signed by every member.
 
     Args:
         third_party: add Canberra, a recipient only.
+        identity_fallback: the arrangement allows the last-resort key wrap to the
+            long-term key (see :attr:`tisa.arrangement.Arrangement.identity_fallback`).
         fresh_keys: random keys instead of keys derived from the names.
         salt: derive different fixed keys (two worlds side by side).
     """
@@ -165,6 +218,7 @@ def make_world(*, third_party: bool = False, fresh_keys: bool = False, salt: str
         scopes=(SCOPE, "nk.nuclear"),
         levels=("confidential", LEVEL),
         created=NOW - 86400,
+        identity_fallback=identity_fallback,
     )
     signed = SignedArrangement(arrangement)
     for name, secret in secrets.items():

@@ -1,7 +1,8 @@
 """A minimal in-memory relay for unit tests of the client node.
 
 It speaks the session protocol just enough to exercise the node: it stores submissions
-and answers ``stored``, checks and consumes release tokens, delivers to a connected
+and answers ``stored``, keeps and hands out prekeys (unchecked), checks and consumes
+release tokens, delivers to a connected
 recipient (redelivering on every connection until acknowledged), forwards receipts.
 It keeps nothing on disk and is not the relay; tests use it to script what a real relay
 would only do under faults (a replayed delivery, a lost answer, a refusal).
@@ -48,6 +49,12 @@ class FakeRelay:
     busy_submissions: int = 0
     # Every delivery sent, as (token, token id, report id).
     delivered: list[tuple[bytes, bytes, bytes]] = dataclasses.field(default_factory=list)
+    # Published prekeys: each member's signed prekey and its one-time supply.
+    signed_prekeys: dict[str, bytes] = dataclasses.field(default_factory=dict)
+    one_time_prekeys: dict[str, list[bytes]] = dataclasses.field(default_factory=dict)
+    # Hand out no one-time prekeys (as if the supply were exhausted), or nothing at all.
+    withhold_one_time: bool = False
+    withhold_signed: bool = False
 
     def _poke(self) -> None:
         self.wake.set()
@@ -100,6 +107,15 @@ class FakeRelay:
                 await link.send(m.Chunk(data=ciphertext[start : start + m.MAX_CHUNK_DATA]))
             await link.send(m.DeliverEnd(token=token_id))
 
+    def _status(self, member: str) -> m.PrekeyStatus:
+        from tisa.prekeys import Prekey
+
+        signed = self.signed_prekeys.get(member)
+        return m.PrekeyStatus(
+            signed_not_after=0 if signed is None else Prekey.decode(signed).not_after,
+            one_time=len(self.one_time_prekeys.get(member, [])),
+        )
+
     async def _answer(self, link: Link, message: m.Message) -> None:
         if message.TYPE not in self.drop_answers:
             await link.send(message)
@@ -147,6 +163,21 @@ class FakeRelay:
                     await origin.send(m.ReceiptNotice(receipt=message.receipt))
             elif isinstance(message, m.Revoke):
                 await self._answer(link, m.Revoked(report=message.report, token=message.token))
+            elif isinstance(message, m.PublishPrekeys):
+                if message.signed is not None:
+                    self.signed_prekeys[link.peer] = message.signed
+                self.one_time_prekeys.setdefault(link.peer, []).extend(message.one_time)
+                await self._answer(link, self._status(link.peer))
+            elif isinstance(message, m.FetchPrekeys):
+                supply = self.one_time_prekeys.get(message.member, [])
+                one_time = supply.pop(0) if supply and not self.withhold_one_time else None
+                signed = None if self.withhold_signed else self.signed_prekeys.get(message.member)
+                await self._answer(
+                    link,
+                    m.Prekeys(
+                        ref=message.ref, member=message.member, signed=signed, one_time=one_time
+                    ),
+                )
 
     async def _release(self, link: Link, message: m.Release) -> None:
         from tisa.token import ReleaseToken

@@ -7,6 +7,7 @@ not a member.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -15,8 +16,10 @@ from relay.storage import RelayStore
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.consent import Announcement, Answer, Request
+from tisa.errors import Reason, Refused
 from tisa.handshake import PROTOCOL_VERSION
 from tisa.keys import MemberSecret
+from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import SealedReport, seal_report
 from tisa.token import issue_token
 
@@ -29,10 +32,33 @@ NOW = 1_700_000_000
 class World:
     arrangement: Arrangement
     secrets: dict[str, MemberSecret]
+    # Each member's prekey secrets by public key; its signed prekey, once made.
+    prekey_secrets: dict[str, dict[bytes, PrekeySecret]] = dataclasses.field(default_factory=dict)
+    signed: dict[str, bytes] = dataclasses.field(default_factory=dict)
 
     @property
     def relay_secret(self) -> MemberSecret:
         return self.secrets["washington"]
+
+    def prekey(self, owner: str, kind: PrekeyKind = PrekeyKind.ONE_TIME) -> bytes:
+        """A fresh published prekey of ``owner``'s (valid a day); its secret is kept."""
+        secret = PrekeySecret.generate(kind, created=NOW - 60, not_after=NOW + 86400)
+        self.prekey_secrets.setdefault(owner, {})[secret.public] = secret
+        return secret.publish(self.secrets[owner], owner, self.arrangement)
+
+    def signed_prekey(self, owner: str) -> bytes:
+        if owner not in self.signed:
+            self.signed[owner] = self.prekey(owner, PrekeyKind.SIGNED)
+        return self.signed[owner]
+
+    def lookup(self, owner: str) -> Callable[[PrekeyKind, bytes], bytes]:
+        def find(kind: PrekeyKind, public: bytes) -> bytes:
+            secret = self.prekey_secrets.get(owner, {}).get(public)
+            if secret is None:
+                raise Refused(Reason.UNKNOWN_PREKEY, "not held")
+            return secret.secret
+
+        return find
 
 
 def make_world() -> World:
@@ -101,6 +127,8 @@ def token_for(
         "not_before": not_before,
         "not_after": not_after,
         "counter": counter,
+        # Signed prekey only: a one-time prekey is one the relay must have handed out.
+        "signed_prekey": world.signed_prekey(recipient) if recipient in world.secrets else None,
     }
     arguments.update(overrides)
     return issue_token(world.secrets[originator], originator, world.arrangement, **arguments)
@@ -156,35 +184,13 @@ def custom_token(
     world: World, report: SealedReport, /, *, signer: str = "seoul", **fields: Any
 ) -> bytes:
     """A token with any body fields, signed by ``signer``; for tokens issue_token refuses."""
-    import nacl.bindings as sodium
-
+    from tisa import encoding as enc
     from tisa.envelope import seal_envelope
     from tisa.keys import Context, random_id
-    from tisa.report import key_commitment
 
-    body: dict[str, Any] = {
-        "v": 1,
-        "id": random_id(),
-        "arrangement": world.arrangement.id,
-        "version": world.arrangement.version,
-        "originator": "seoul",
-        "relay": world.arrangement.relay,
-        "recipient": "tokyo",
-        "report": report.report_id,
-        "digest": report.digest,
-        "size": report.size,
-        "scope": SCOPE,
-        "level": LEVEL,
-        "not_before": NOW - 10,
-        "not_after": NOW + 3600,
-        "counter": 1,
-        "key_commit": key_commitment(report.content_key, report.report_id),
-        "sealed_key": bytes(
-            sodium.crypto_box_seal(
-                report.content_key, world.arrangement.member("tokyo").identity.encryption.raw
-            )
-        ),
-    }
+    # A valid token (key wrapped to Tokyo's prekey), its fields then changed.
+    body: dict[str, Any] = enc.unpack(enc.unpack(token_for(world, report))["body"])
+    body.update(id=random_id(), counter=1)
     body.update(fields)
     return seal_envelope(world.secrets[signer], Context.TOKEN, body)
 

@@ -124,6 +124,7 @@ def _opening_failures(world: World) -> list[Case]:
         not_before=world.now - 10,
         not_after=world.now + 60,
         originator="seoul",
+        signed_prekey=world.signed_prekey_key("tokyo"),
     )
     cases += [
         Case(
@@ -236,7 +237,7 @@ def test_every_cryptographic_failure_of_opening_is_one_opaque_error() -> None:
 def test_no_nonce_repeats_over_many_seals() -> None:
     # tests/test_report.py checks 200 seals; here 2000 seals and tokens, every random
     # value the sealing path draws: report id, content key, secretstream header (its
-    # nonce), the sealed box's ephemeral key, the token id.
+    # nonce), the key wrap's ephemeral key, the token id.
     count = 2000
     ids, keys, headers, ephemerals, token_ids = set(), set(), set(), set(), set()
     for _ in range(count):
@@ -245,7 +246,7 @@ def test_no_nonce_repeats_over_many_seals() -> None:
         ids.add(report.report_id)
         keys.add(report.content_key)
         headers.add(report.ciphertext[:HEADER_BYTES])
-        ephemerals.add(token.sealed_key[:32])
+        ephemerals.add(token.wrap.eph)
         token_ids.add(token.id)
     for values in (ids, keys, headers, ephemerals, token_ids):
         assert len(values) == count
@@ -398,7 +399,12 @@ def test_counter_gaps_in_order_out_of_order_and_replayed() -> None:
 
 def test_a_release_the_relay_dropped_is_noticed() -> None:
     world = make_world(third_party=True)
-    tokyo = CoreRecipient(world.arrangement, world.secrets["tokyo"], "tokyo")
+    tokyo = CoreRecipient(
+        world.arrangement,
+        world.secrets["tokyo"],
+        "tokyo",
+        prekey_secret=world.prekey_lookup("tokyo"),
+    )
     reports = [world.seal(f"report {i}".encode()) for i in range(4)]
     tokens = [world.token(r, "tokyo") for r in reports]  # counters 1..4
     first = tokyo.receive(tokens[0], reports[0].ciphertext, now=world.now)
@@ -414,7 +420,13 @@ def test_a_release_the_relay_dropped_is_noticed() -> None:
         tokyo.receive(tokens[3], reports[3].ciphertext, now=world.now)
     assert caught.value.reason is Reason.REPLAYED
     # After a restart the gap is still known.
-    restarted = CoreRecipient(world.arrangement, world.secrets["tokyo"], "tokyo", tokyo.store)
+    restarted = CoreRecipient(
+        world.arrangement,
+        world.secrets["tokyo"],
+        "tokyo",
+        tokyo.store,
+        prekey_secret=world.prekey_lookup("tokyo"),
+    )
     assert restarted.store.counters.gaps("seoul") == {2}
 
 
@@ -422,7 +434,12 @@ def test_a_forged_counter_cannot_close_a_gap() -> None:
     # The relay edits the counter of a token it holds to fill the gap: the signature
     # covers the counter, so the edit fails and the gap stays.
     world = make_world(third_party=True)
-    tokyo = CoreRecipient(world.arrangement, world.secrets["tokyo"], "tokyo")
+    tokyo = CoreRecipient(
+        world.arrangement,
+        world.secrets["tokyo"],
+        "tokyo",
+        prekey_secret=world.prekey_lookup("tokyo"),
+    )
     reports = [world.seal(f"report {i}".encode()) for i in range(3)]
     tokens = [world.token(r, "tokyo") for r in reports]
     tokyo.receive(tokens[0], reports[0].ciphertext, now=world.now)

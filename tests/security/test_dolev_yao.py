@@ -84,7 +84,11 @@ class DolevYao(RuleBasedStateMachine):
         self.stores = {name: RecipientStore() for name in RECIPIENTS}
         self.recipients = {
             name: CoreRecipient(
-                self.world.arrangement, self.world.secrets[name], name, self.stores[name]
+                self.world.arrangement,
+                self.world.secrets[name],
+                name,
+                self.stores[name],
+                prekey_secret=self.world.prekey_lookup(name),
             )
             for name in RECIPIENTS
         }
@@ -178,7 +182,11 @@ class DolevYao(RuleBasedStateMachine):
     def restart(self, name: str) -> None:
         """The recipient's process restarts: only its durable store survives."""
         self.recipients[name] = CoreRecipient(
-            self.world.arrangement, self.world.secrets[name], name, self.stores[name]
+            self.world.arrangement,
+            self.world.secrets[name],
+            name,
+            self.stores[name],
+            prekey_secret=self.world.prekey_lookup(name),
         )
 
     @rule(seconds=st.integers(1, 5000))
@@ -311,6 +319,8 @@ class DolevYao(RuleBasedStateMachine):
             not_after=world.now + 60,
             originator=claim,
             context=Context.TOKEN,
+            # The relay holds every recipient's published prekeys: it wraps to them.
+            signed_prekey=world.signed_prekey_key(recipient),
         )
         self._learn(self.tokens, token)
 

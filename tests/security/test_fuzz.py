@@ -144,6 +144,8 @@ def test_every_decoder_has_a_target() -> None:
         "report_ciphertext",
         "report_plaintext",
         "token",
+        "prekey",
+        "key_wrap",
         "token_relay",
         "token_recipient",
         "receipt",

@@ -20,6 +20,7 @@ from tisa.errors import (
 )
 from tisa.handshake import MemberHandshake, RelayHandshake
 from tisa.keys import Context, MemberSecret, PublicIdentity
+from tisa.prekeys import unwrap_content_key
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import open_report
 from tisa.token import ReleaseToken, check_for_recipient, check_for_relay
@@ -47,6 +48,7 @@ def test_reseal_claiming_the_originator_fails_the_token_signature(world: World) 
         to="canberra",
         claim_originator="seoul",
         now=world.now,
+        signed_prekey=world.signed_prekey_key("canberra"),
     )
     with pytest.raises(VerificationError):
         world.check(forged.token, "canberra")
@@ -63,6 +65,7 @@ def test_reseal_as_oneself_fails_on_the_inner_signature(world: World) -> None:
         to="canberra",
         claim_originator="tokyo",
         now=world.now,
+        signed_prekey=world.signed_prekey_key("canberra"),
     )
     canberra = world.check(forged.token, "canberra")  # a valid token from Tokyo
     with pytest.raises(VerificationError):
@@ -84,6 +87,7 @@ def test_reseal_with_header_rewritten_to_list_the_third_party(world: World) -> N
         to="canberra",
         claim_originator="tokyo",
         now=world.now,
+        signed_prekey=world.signed_prekey_key("canberra"),
         edit_header=add_canberra,
     )
     canberra = world.check(forged.token, "canberra")
@@ -113,6 +117,7 @@ def test_rerelease_of_anothers_ciphertext_as_oneself(world: World) -> None:
         world.arrangement,
         to="canberra",
         now=world.now,
+        signed_prekey=world.signed_prekey_key("canberra"),
     )
     # The relay holds Seoul's submission: a token by Tokyo does not release it.
     with pytest.raises(Refused) as caught:
@@ -283,10 +288,20 @@ def test_token_sealed_to_a_substituted_key_does_not_open(world: World) -> None:
         not_after=world.now + 60,
         originator="seoul",
         sealed_to=attacker.public.encryption,
+        signed_prekey=world.signed_prekey_key("tokyo"),
     )
     with pytest.raises(VerificationError):
         world.check(token, "tokyo")
-    assert attacker.unseal(ReleaseToken.decode(token).sealed_key) == report.content_key
+    # The attacker, holding the identity key the key was wrapped to (but not Tokyo's
+    # prekey secret), cannot unwrap it either: the prekey is part of the derivation.
+    wrap = ReleaseToken.decode(token).wrap
+    with pytest.raises(VerificationError):
+        unwrap_content_key(
+            wrap,
+            ReleaseToken.decode(token).associated_data,
+            attacker,
+            lambda kind, public: bytes(32),
+        )
 
 
 def test_handshake_with_a_substituted_relay_key(world: World) -> None:
@@ -347,7 +362,12 @@ def _verifiers(world: World, report: Any) -> dict[str, Any]:
     a = world.arrangement
     return {
         "token": lambda data: check_for_recipient(
-            data, a, world.secrets["tokyo"], "tokyo", now=world.now
+            data,
+            a,
+            world.secrets["tokyo"],
+            "tokyo",
+            now=world.now,
+            prekey_secret=world.prekey_lookup("tokyo"),
         ),
         "token@relay": lambda data: check_for_relay(
             data,

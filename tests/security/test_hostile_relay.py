@@ -57,6 +57,15 @@ async def net(nursery: trio.Nursery, tmp_path: pathlib.Path) -> AsyncIterator[Ne
     yield Net(make_world(), nursery, tmp_path)
 
 
+async def published(net: Net, name: str = "tokyo") -> None:
+    """Run ``name``'s node until the relay holds its prekeys: a release to a member that
+    never connected waits for them (see Limits.prekey_wait)."""
+    assert net.relay is not None
+    async with net.node(name):
+        while net.relay.store.prekey_status(name, now=net.relay.now())[1] == 0:
+            await trio.sleep(0.02)
+
+
 async def submit(node: Node, body: bytes, to: str = "tokyo") -> bytes:
     return await node.submit(body, recipients=[to], scope=SCOPE, level=LEVEL, release_to=[to])
 
@@ -159,6 +168,7 @@ async def test_swapped_recipient(net: Net) -> None:
 async def test_reflected_delivery_to_its_originator(net: Net) -> None:
     with trio.fail_after(TIMEOUT):
         relay = await net.start(hr.ReflectDelivery())
+        await published(net)
         async with net.node("seoul") as seoul:
             await submit(seoul, b"reflected")
             _refused(await rejected(seoul), Reason.WRONG_RECIPIENT)
@@ -169,6 +179,7 @@ async def test_reflected_delivery_to_its_originator(net: Net) -> None:
 async def test_reflected_message_closes_the_link(net: Net) -> None:
     with trio.fail_after(TIMEOUT):
         relay = await net.start(hr.Reflect((Release,)))
+        await published(net)
         async with net.node("seoul") as seoul:
             await submit(seoul, b"reflected release")
             # Seoul gets its own release back: not a message a relay sends, so it closes

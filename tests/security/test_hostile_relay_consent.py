@@ -26,6 +26,7 @@ from clients.events import (
     RequestEvent,
 )
 from clients.node import Node
+from clients.store import MemberStore
 from security.test_hostile_relay import TIMEOUT, Net, next_event, rejected
 from tisa import encoding as enc
 from tisa.consent import Request
@@ -216,6 +217,11 @@ async def test_approval_without_a_request_is_rejected(net: Net) -> None:
     world = net.world
     report = world.seal(b"released as if asked")
     token = world.token(report, request=random_id())
+    # Tokyo holds the signed prekey the token is wrapped to (as if it had published it),
+    # so the key unwraps and the request is what the check stops at.
+    store = MemberStore(net.tmp / "tokyo", "tokyo")
+    store.add_prekeys(list(world.prekey_secrets["tokyo"].values()))
+    store.close()
     items: dict[str, list[Any]] = {"tokyo": [hr.Delivery.of(token, report.ciphertext)]}
     with trio.fail_after(TIMEOUT):
         await net.start(hr.Inject(items))

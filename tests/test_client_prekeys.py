@@ -1,0 +1,251 @@
+"""The member node's prekeys against the scripted relay: publish, split, rotate, delete,
+and the originator's wait for a recipient's prekeys (each limit crossed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from nodes.client_fake_relay import FakeRelay
+from nodes.client_world import LEVEL, SCOPE, make_world
+
+from clients.events import RefusedEvent
+from clients.node import Backoff, open_node
+from tisa import messages as m
+from tisa.errors import ProtocolError, Reason, Refused, UsageError
+from tisa.limits import Limits
+from tisa.prekeys import MAX_PREKEY_SIZE, Prekey, PrekeyKind
+
+ARRANGEMENT, SECRETS = make_world()
+FAST = Backoff(initial=0.01, maximum=0.05)
+DAY = 86400
+
+
+class Clock:
+    def __init__(self, now: float = 1_420_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def relay(nursery: trio.Nursery) -> AsyncIterator[tuple[FakeRelay, int]]:
+    fake = FakeRelay(SECRETS["washington"], ARRANGEMENT)
+    port = await nursery.start(fake.serve)
+    yield fake, port
+
+
+def node(name: str, port: int, path: pathlib.Path, limits: Limits, clock: Clock):  # type: ignore[no-untyped-def]
+    return open_node(
+        SECRETS[name],
+        name,
+        ARRANGEMENT,
+        ("127.0.0.1", port),
+        path / name,
+        backoff=FAST,
+        limits=limits,
+        clock=clock,
+    )
+
+
+async def supply(fake: FakeRelay, name: str, count: int) -> None:
+    while name not in fake.signed_prekeys or len(fake.one_time_prekeys.get(name, [])) < count:
+        await trio.sleep(0.01)
+
+
+def signed_key(fake: FakeRelay, name: str) -> bytes:
+    return Prekey.decode(fake.signed_prekeys[name]).key
+
+
+async def test_a_recipient_publishes_in_messages_of_at_most_100(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    fake, port = relay
+    limits = Limits(one_time_prekeys=150)
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path, limits, Clock()):
+            await supply(fake, "tokyo", 150)
+    publishes = [p for p in fake.received if isinstance(p, m.PublishPrekeys)]
+    # The empty ask, then 100 + 50 (the signed prekey with the first batch).
+    assert [len(p.one_time) for p in publishes] == [0, 100, 50]
+    assert [p.signed is not None for p in publishes] == [False, True, False]
+    for data in fake.one_time_prekeys["tokyo"]:
+        prekey = Prekey.verify(
+            data, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.ONE_TIME, now=1_420_000_000
+        )
+        assert prekey.not_after == 1_420_000_000 + limits.one_time_prekey_lifetime
+
+
+async def test_rotation_and_deletion_follow_the_named_limits(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    fake, port = relay
+    limits = Limits(
+        one_time_prekeys=4,
+        prekey_low_water=2,
+        signed_prekey_rotation=7 * DAY,
+        signed_prekey_grace=3 * DAY,
+        one_time_prekey_lifetime=20 * DAY,
+    )
+    clock = Clock()
+    start = clock.now
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path, limits, clock) as tokyo:
+            await supply(fake, "tokyo", 4)
+            first = signed_key(fake, "tokyo")
+            one_time = [Prekey.decode(p).key for p in fake.one_time_prekeys["tokyo"]]
+            # One second before the rotation: nothing changes.
+            clock.now = start + 7 * DAY - 1
+            await tokyo.maintain_prekeys()
+            assert signed_key(fake, "tokyo") == first
+            # At the rotation: a new signed prekey is published; the old secret is kept.
+            clock.now = start + 7 * DAY
+            await tokyo.maintain_prekeys()
+            while signed_key(fake, "tokyo") == first:
+                await trio.sleep(0.01)
+            second = signed_key(fake, "tokyo")
+            assert tokyo.store.prekey_secret(PrekeyKind.SIGNED, first)
+            # The old one is valid two rotations; its secret goes one grace after that.
+            clock.now = start + 14 * DAY + 3 * DAY - 1
+            await tokyo.maintain_prekeys()
+            assert tokyo.store.prekey_secret(PrekeyKind.SIGNED, first)
+            clock.now = start + 14 * DAY + 3 * DAY
+            await tokyo.maintain_prekeys()
+            with pytest.raises(Refused) as info:
+                tokyo.store.prekey_secret(PrekeyKind.SIGNED, first)
+            assert info.value.reason is Reason.UNKNOWN_PREKEY
+            assert tokyo.store.prekey_secret(PrekeyKind.SIGNED, second)
+            # Unused one-time prekeys: deleted one grace after their lifetime.
+            assert tokyo.store.prekey_secret(PrekeyKind.ONE_TIME, one_time[0])
+            clock.now = start + 20 * DAY + 3 * DAY
+            await tokyo.maintain_prekeys()
+            for public in one_time:
+                with pytest.raises(Refused):
+                    tokyo.store.prekey_secret(PrekeyKind.ONE_TIME, public)
+
+
+async def test_a_release_to_a_member_that_never_published_waits_then_is_refused(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    fake, port = relay
+    limits = Limits(prekey_wait=0.3)
+    with trio.fail_after(10):
+        async with node("seoul", port, tmp_path, limits, Clock()) as seoul:
+            report_id = await seoul.submit(b"x", recipients=["canberra"], scope=SCOPE, level=LEVEL)
+            started = trio.current_time()
+            with pytest.raises(Refused) as info:
+                await seoul.release(report_id, "canberra")
+            assert info.value.reason is Reason.NO_PREKEY
+            # It asked again while the wait lasted, then gave up.
+            assert trio.current_time() - started >= 0.3
+            fetches = [p for p in fake.received if isinstance(p, m.FetchPrekeys)]
+            assert len(fetches) >= 2 and {f.member for f in fetches} == {"canberra"}
+            async for event in seoul.events():
+                if isinstance(event, RefusedEvent):
+                    assert event.reason is Reason.NO_PREKEY
+                    break
+
+
+async def test_a_recipient_that_connects_during_the_wait_gets_the_release(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    _fake, port = relay
+    limits = Limits(prekey_wait=8)
+    clock = Clock(time.time())  # the scripted relay checks tokens with its own clock
+    with trio.fail_after(10):
+        async with node("seoul", port, tmp_path, limits, clock) as seoul:
+            report_id = await seoul.submit(b"x", recipients=["canberra"], scope=SCOPE, level=LEVEL)
+            async with trio.open_nursery() as inner:
+
+                async def canberra_comes() -> None:
+                    await trio.sleep(0.2)
+                    async with node("canberra", port, tmp_path, limits, clock) as canberra:
+                        async for report in canberra.reports():
+                            assert report.report_id == report_id
+                            return
+
+                inner.start_soon(canberra_comes)
+                token_id = await seoul.release(report_id, "canberra")
+            assert seoul.store.release(token_id) is not None
+
+
+def test_prekey_message_limits_are_enforced() -> None:
+    one = b"\x00" * 10
+    with pytest.raises(UsageError):
+        m.PublishPrekeys(signed=None, one_time=[one] * (m.MAX_PREKEYS_PER_MESSAGE + 1))
+    m.PublishPrekeys(signed=None, one_time=[one] * m.MAX_PREKEYS_PER_MESSAGE)
+    with pytest.raises(UsageError):
+        m.Prekeys(ref=bytes(16), member="tokyo", signed=b"x" * (MAX_PREKEY_SIZE + 1), one_time=None)
+    with pytest.raises(ProtocolError):
+        Prekey.decode(b"\x00" * (MAX_PREKEY_SIZE + 1))
+
+
+@pytest.mark.parametrize("schema", ["2", "3"])  # 3: a store with the consent tables
+def test_a_schema_2_or_3_member_store_gains_the_prekey_tables(
+    tmp_path: pathlib.Path, schema: str
+) -> None:
+    import sqlite3
+
+    from clients.store import SCHEMA_VERSION, MemberStore
+
+    MemberStore(tmp_path, "tokyo").close()
+    db = sqlite3.connect(tmp_path / "member.db")
+    for table in ("prekeys", "used_prekeys", "wanted_releases"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (schema,))
+    db.commit()
+    db.close()
+    store = MemberStore(tmp_path, "tokyo")
+    try:
+        assert store.signed_prekey() is None and store.waiting_releases() == []
+        with pytest.raises(Refused) as info:
+            store.prekey_secret(PrekeyKind.ONE_TIME, bytes(32))
+        assert info.value.reason is Reason.UNKNOWN_PREKEY
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "member.db")
+    assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == (
+        str(SCHEMA_VERSION),
+    )
+    assert SCHEMA_VERSION == 4
+    db.close()
+
+
+def test_a_schema_3_store_with_wanted_releases_gains_their_approves_column(
+    tmp_path: pathlib.Path,
+) -> None:
+    # A store made before releases could approve a request (prekeys without consent):
+    # its wanted_releases table lacks the column, which the upgrade adds, rows kept.
+    import sqlite3
+
+    from clients.store import MemberStore
+
+    MemberStore(tmp_path, "seoul").close()
+    db = sqlite3.connect(tmp_path / "member.db")
+    for table in ("consent_out", "requests", "announcements"):
+        db.execute(f"DROP TABLE {table}")
+    db.execute("ALTER TABLE wanted_releases DROP COLUMN approves")
+    db.execute(
+        "INSERT INTO wanted_releases (report, recipient, valid_for, state)"
+        " VALUES (?, 'tokyo', 60, 'waiting')",
+        (bytes(16),),
+    )
+    db.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
+    db.commit()
+    db.close()
+    store = MemberStore(tmp_path, "seoul")
+    try:
+        (waiting,) = store.waiting_releases()
+        assert (waiting.recipient, waiting.approves) == ("tokyo", None)
+        approving = store.want_release(bytes(16), "tokyo", 60, approves=b"r" * 16)
+        assert store.wanted_release(approving) == dataclasses.replace(
+            waiting, id=approving, approves=b"r" * 16
+        )
+        assert store.requests() == []
+    finally:
+        store.close()

@@ -1,0 +1,271 @@
+"""The relay's prekey service: publish, status, one-time handout (atomic, durable, once),
+the low-supply notice, and the checks of tokens that name one-time prekeys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trio
+from nodes.relay_harness import Harness, expect, running_relay, send_submission
+from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+
+from tisa import encoding as enc
+from tisa.errors import Reason
+from tisa.keys import Context
+from tisa.limits import Limits
+from tisa.messages import (
+    FetchPrekeys,
+    Prekeys,
+    PrekeyStatus,
+    PublishPrekeys,
+    Refusal,
+    Release,
+    Released,
+    Stored,
+)
+from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
+
+LIMITS = Limits(handshake_timeout=5, frame_timeout=5, prekey_low_water=2, max_one_time_prekeys=5)
+
+
+@pytest.fixture
+def world() -> World:
+    return make_world()
+
+
+async def publish(h: Harness, name: str, signed: bytes | None, one_time: list[bytes]) -> object:
+    link = await h.connect(name)
+    await link.send(PublishPrekeys(signed=signed, one_time=one_time))
+    reply = await link.receive()
+    await link.aclose()
+    return reply
+
+
+async def fetch(h: Harness, member: str = "tokyo", by: str = "seoul") -> Prekeys | Refusal:
+    link = await h.connect(by)
+    await link.send(FetchPrekeys(ref=b"r" * 16, member=member))
+    reply = await link.receive()
+    await link.aclose()
+    assert isinstance(reply, Prekeys | Refusal), reply
+    return reply
+
+
+async def test_publish_then_hand_out_each_one_time_prekey_once(
+    world: World, store_at: str | Path
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            signed = world.signed_prekey("tokyo")
+            one_time = [world.prekey("tokyo") for _ in range(3)]
+            status = await publish(h, "tokyo", signed, one_time)
+            assert status == PrekeyStatus(
+                signed_not_after=Prekey.decode(signed).not_after, one_time=3
+            )
+            # An empty publish only asks for the status.
+            assert await publish(h, "tokyo", None, []) == status
+            handed = []
+            for _ in range(3):
+                reply = await fetch(h)
+                assert isinstance(reply, Prekeys)
+                assert reply.signed == signed and reply.one_time is not None
+                handed.append(reply.one_time)
+            assert sorted(handed) == sorted(one_time)  # each once, none twice
+            # Exhausted: the signed prekey alone (the originator falls back and says so).
+            reply = await fetch(h)
+            assert isinstance(reply, Prekeys) and (reply.signed, reply.one_time) == (signed, None)
+            # Publishing the same prekey again stores nothing twice.
+            again = await publish(h, "tokyo", signed, one_time[:1])
+            assert again == PrekeyStatus(signed_not_after=status.signed_not_after, one_time=0)
+
+
+async def test_a_handout_survives_a_restart_and_is_not_repeated(
+    world: World, store_at: str | Path
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            await publish(h, "tokyo", world.signed_prekey("tokyo"), [world.prekey("tokyo")])
+            first = await fetch(h)
+            assert isinstance(first, Prekeys) and first.one_time is not None
+            await h.restart()
+            second = await fetch(h)
+            assert isinstance(second, Prekeys) and second.one_time is None
+
+
+async def test_withheld_prekeys_answer_none(world: World, store_at: str | Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            reply = await fetch(h)
+            assert isinstance(reply, Prekeys)
+            assert (reply.member, reply.signed, reply.one_time) == ("tokyo", None, None)
+
+
+def foreign(world: World, owner: str, signer: str, **changes: object) -> bytes:
+    """A prekey body of ``owner``'s, changed, signed by ``signer``."""
+    body = enc.unpack(enc.unpack(world.prekey(owner))["body"])
+    body.update(changes)
+    data = enc.pack(body)
+    return enc.pack({"body": data, "sig": world.secrets[signer].sign(Context.PREKEY, data)})
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        # Seoul publishes a prekey of Tokyo's, or one signed by Tokyo in Seoul's name.
+        (lambda w: w.prekey("tokyo"), Reason.BAD_PREKEY),
+        (lambda w: foreign(w, "seoul", "tokyo"), Reason.BAD_PREKEY),
+        # A signed prekey offered as a one-time one.
+        (lambda w: w.prekey("seoul", PrekeyKind.SIGNED), Reason.BAD_PREKEY),
+        (lambda w: foreign(w, "seoul", "seoul", not_after=NOW - 1000, created=NOW - 2000),
+         Reason.EXPIRED),
+        (lambda w: foreign(w, "seoul", "seoul", key=bytes(32)), Reason.MALFORMED),
+    ],
+)  # fmt: skip
+async def test_bad_publishes_are_refused_and_store_nothing(
+    world: World, store_at: str | Path, make: object, reason: Reason
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            bad = make(world)  # type: ignore[operator]
+            reply = await publish(h, "seoul", None, [world.prekey("seoul"), bad])
+            assert isinstance(reply, Refusal) and reply.reason == reason.value
+            assert await publish(h, "seoul", None, []) == PrekeyStatus(
+                signed_not_after=0, one_time=0
+            )
+
+
+async def test_the_one_time_supply_is_capped(world: World, store_at: str | Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            five = [world.prekey("tokyo") for _ in range(5)]
+            assert await publish(h, "tokyo", None, five) == PrekeyStatus(
+                signed_not_after=0, one_time=5
+            )
+            reply = await publish(h, "tokyo", None, [world.prekey("tokyo")])
+            assert isinstance(reply, Refusal) and reply.reason == Reason.LIMIT.value
+            assert await publish(h, "tokyo", None, []) == PrekeyStatus(
+                signed_not_after=0, one_time=5
+            )
+
+
+async def test_fetch_refusals(world: World, store_at: str | Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            reply = await fetch(h, member="washington")
+            assert isinstance(reply, Refusal) and reply.reason == Reason.WRONG_ROLE.value
+            assert reply.ref == b"r" * 16
+            reply = await fetch(h, member="beijing")
+            assert isinstance(reply, Refusal) and reply.reason == Reason.NOT_A_MEMBER.value
+            reply = await fetch(h, member="seoul", by="seoul")
+            assert isinstance(reply, Refusal) and reply.reason == Reason.WRONG_RECIPIENT.value
+
+
+async def test_low_supply_is_told_to_the_owner(world: World, store_at: str | Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            await tokyo.send(
+                PublishPrekeys(
+                    signed=world.signed_prekey("tokyo"),
+                    one_time=[world.prekey("tokyo") for _ in range(3)],
+                )
+            )
+            assert (await expect(tokyo, PrekeyStatus)).one_time == 3
+            await fetch(h)  # 2 left: not below the low water mark of 2
+            await fetch(h)  # 1 left: Tokyo hears of it at once
+            notice = await expect(tokyo, PrekeyStatus)
+            assert notice.one_time == 1
+
+
+async def submitted(h: Harness, world: World) -> object:
+    seoul = await h.connect("seoul")
+    report = seal(world)
+    await send_submission(seoul, report)
+    await expect(seoul, Stored)
+    await seoul.aclose()
+    return report
+
+
+async def release(h: Harness, token: bytes, by: str = "seoul") -> Released | Refusal:
+    link = await h.connect(by)
+    await link.send(Release(token=token))
+    reply = await link.receive()
+    await link.aclose()
+    assert isinstance(reply, Released | Refusal), reply
+    return reply
+
+
+async def test_tokens_naming_one_time_prekeys(world: World, store_at: str | Path) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            signed = world.signed_prekey("tokyo")
+            kept = world.prekey("tokyo")  # published to nobody
+            await publish(h, "tokyo", signed, [world.prekey("tokyo")])
+            handed = await fetch(h)
+            assert isinstance(handed, Prekeys) and handed.one_time is not None
+            report = await submitted(h, world)
+            # A one-time prekey the relay never handed out (a replayed or made-up one).
+            stray = token_for(world, report, one_time_prekey=kept)  # type: ignore[arg-type]
+            reply = await release(h, stray)
+            assert isinstance(reply, Refusal) and reply.reason == Reason.UNKNOWN_PREKEY.value
+            # The one handed to Seoul: accepted once; a second token naming it is a replay.
+            first = token_for(world, report, one_time_prekey=handed.one_time)  # type: ignore[arg-type]
+            assert isinstance(await release(h, first), Released)
+            second = token_for(
+                world,
+                report,  # type: ignore[arg-type]
+                one_time_prekey=handed.one_time,
+                counter=2,
+            )
+            reply = await release(h, second)
+            assert isinstance(reply, Refusal) and reply.reason == Reason.BAD_PREKEY.value
+
+
+async def test_a_one_time_prekey_of_another_member_is_refused(
+    world: World, store_at: str | Path
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            await publish(h, "seoul", world.signed_prekey("seoul"), [world.prekey("seoul")])
+            # Tokyo was handed Seoul's one-time prekey; Seoul names it in a token to Tokyo.
+            handed = await fetch(h, member="seoul", by="tokyo")
+            assert isinstance(handed, Prekeys) and handed.one_time is not None
+            report = await submitted(h, world)
+            body = enc.unpack(enc.unpack(token_for(world, report))["body"])  # type: ignore[arg-type]
+            body["wrap"]["mode"] = "one_time"
+            body["wrap"]["opk"] = Prekey.decode(handed.one_time).key
+            data = enc.pack(body)
+            token = enc.pack(
+                {"body": data, "sig": world.secrets["seoul"].sign(Context.TOKEN, data)}
+            )
+            reply = await release(h, token)
+            assert isinstance(reply, Refusal) and reply.reason == Reason.UNKNOWN_PREKEY.value
+
+
+def test_prekey_secret_is_never_in_the_relay_store(world: World, tmp_path: Path) -> None:
+    # Only the public halves ever reach the relay: the secret bytes appear nowhere.
+    secret = PrekeySecret.generate(PrekeyKind.SIGNED, created=NOW - 1, not_after=NOW + 60)
+    published = secret.publish(world.secrets["tokyo"], "tokyo", world.arrangement)
+    assert secret.secret not in published and secret.public in published
+
+
+@pytest.mark.parametrize("version", [4, 5])  # 5: a store with the consent tables
+def test_a_version_4_or_5_store_gains_the_prekey_table(tmp_path: Path, version: int) -> None:
+    import sqlite3
+
+    from relay.store import SCHEMA_VERSION, Store
+
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "relay.db")
+    db.execute("DROP TABLE prekeys")
+    db.execute(f"PRAGMA user_version={version}")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    try:
+        assert store.prekey_status("tokyo", now=NOW) == (0, 0)
+    finally:
+        store.close()
+    db = sqlite3.connect(tmp_path / "relay.db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    db.close()
