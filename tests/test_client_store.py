@@ -305,3 +305,57 @@ def test_schema_2_or_3_store_gains_the_consent_tables(tmp_path: pathlib.Path, sc
     db = sqlite3.connect(tmp_path / "member.db")
     assert db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone() == ("4",)
     db.close()
+
+
+def test_an_approval_issues_nothing_once_its_request_was_closed(tmp_path: pathlib.Path) -> None:
+    # Approving waits for the requester's prekeys; a denial recorded meanwhile closes the
+    # request, and the approving token is then not issued at all: no counter taken, no
+    # release recorded, the wanted release still waiting (its issuer records the refusal).
+    from clients.events import RequestEvent
+    from tisa.consent import Answer, Request
+    from tisa.errors import Refused
+
+    request = Request.issue(
+        SECRETS["tokyo"],
+        "tokyo",
+        ARRANGEMENT,
+        originator="seoul",
+        report=b"r" * 16,
+        purpose="p",
+        now=NOW,
+        valid_for=60,
+    )
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store)
+    store.add_incoming_request(request, RequestEvent(request=request))
+    wanted = store.want_release(b"r" * 16, "tokyo", 60, approves=request.id)
+    assert store.wanted_release(wanted).approves == request.id  # type: ignore[union-attr]
+    denial = Answer.deny(SECRETS["seoul"], "seoul", ARRANGEMENT, request, reason="denied", now=NOW)
+    store.queue_consent("answer", request.id, denial.encoded, denial=denial)
+    with pytest.raises(Refused) as info:
+        store.issue_release(b"r" * 16, "tokyo", _token, NOW, wanted=wanted, approves=request.id)
+    assert info.value.reason is Reason.ANSWERED
+    assert store.releases_of(b"r" * 16) == []
+    assert store.wanted_release(wanted).state == "waiting"  # type: ignore[union-attr]
+    assert store.request(request.id, "in").state == "denied"  # type: ignore[union-attr]
+    # An open request is approved by the token in the same transaction.
+    again = Request.issue(
+        SECRETS["tokyo"],
+        "tokyo",
+        ARRANGEMENT,
+        originator="seoul",
+        report=b"r" * 16,
+        purpose="again",
+        now=NOW,
+        valid_for=60,
+    )
+    store.add_incoming_request(again, RequestEvent(request=again))
+    second = store.want_release(b"r" * 16, "tokyo", 60, approves=again.id)
+    token_id = store.issue_release(
+        b"r" * 16, "tokyo", _token, NOW, wanted=second, approves=again.id
+    )
+    assert [r.counter for r in store.releases_of(b"r" * 16)] == [1]
+    record = store.request(again.id, "in")
+    assert record is not None and (record.state, record.token) == ("approved", token_id)
+    assert store.wanted_release(second).token == token_id  # type: ignore[union-attr]
+    store.close()

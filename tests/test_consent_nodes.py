@@ -138,3 +138,31 @@ async def test_an_expired_request_is_denied_not_approved(world: World) -> None:
             await seoul.deny(request_id, "expired", "ask again")
             denied = await next_event(tokyo, DeniedEvent)
             assert (denied.answer.reason, denied.answer.note) == (Reason.EXPIRED, "ask again")
+
+
+async def test_two_approvals_at_once_issue_one_token(world: World) -> None:
+    # An approval waits for the requester's prekeys like any release; a second approval
+    # of the same request meanwhile (or after) is refused "answered", and only one token
+    # is issued.
+    with trio.fail_after(15):
+        async with world.node("seoul") as seoul, world.node("tokyo") as tokyo:
+            report_id = await held_and_announced(seoul)
+            request_id = await tokyo.request(report_id, "seoul", "twice")
+            await next_event(seoul, RequestEvent)
+            outcomes: list[bytes | Reason] = []
+
+            async def approve() -> None:
+                try:
+                    outcomes.append(await seoul.approve(request_id))
+                except Refused as exc:
+                    outcomes.append(exc.reason)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(approve)
+                nursery.start_soon(approve)
+            assert sorted(outcomes, key=lambda o: isinstance(o, Reason)) == [
+                seoul.requests("in")[0].token,
+                Reason.ANSWERED,
+            ]
+            assert [r.state for r in seoul.store.releases_of(report_id)] == ["released"]
+            assert (await first_report(tokyo)).report_id == report_id
