@@ -35,6 +35,7 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
 
+from tisa import _sodium as fast
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
 from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused, UsageError, VerificationError
@@ -345,9 +346,7 @@ class ReportSealer:
                 start += len(piece)
                 self._pushed += len(piece)
                 tag = TAG_FINAL if self._pushed == self.padded else TAG_MESSAGE
-                chunk = _ss.crypto_secretstream_xchacha20poly1305_push(
-                    self._state, piece, self.report_id, tag
-                )
+                chunk = fast.stream_push(self._state, piece, self.report_id, tag)
                 self._cipher.update(chunk)
                 out.append(chunk)
         if start:
@@ -510,16 +509,14 @@ class ReportOpener:
                 is_last = self._consumed == stream_size
                 if self._final_seen:
                     raise VerificationError()
-                try:
-                    plain, tag = _ss.crypto_secretstream_xchacha20poly1305_pull(
-                        self._state, chunk, self._report_id
-                    )
-                except (nacl.exceptions.CryptoError, ValueError, TypeError):
-                    raise VerificationError() from None
+                pulled = fast.stream_pull(self._state, chunk, self._report_id)
+                if pulled is None:
+                    raise VerificationError()
+                plain, tag = pulled
                 if (tag == TAG_FINAL) != is_last or tag not in (TAG_FINAL, TAG_MESSAGE):
                     raise VerificationError()
                 self._final_seen = tag == TAG_FINAL
-                out.extend(self._consume_plain(bytes(plain)))
+                out.extend(self._consume_plain(plain))
         if start:
             del self._inbuf[:start]
         return out
