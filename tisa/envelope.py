@@ -14,13 +14,19 @@ from typing import Any
 from tisa import encoding as enc
 from tisa.keys import SIGNATURE_SIZE, Context, MemberSecret, SigningPublicKey, verify
 
-__all__ = ["open_envelope", "seal_envelope"]
+__all__ = ["open_envelope", "seal_checked", "seal_envelope"]
 
 
 def seal_envelope(secret: MemberSecret, context: Context, body: Mapping[str, Any]) -> bytes:
     """Encode ``body`` canonically and sign it in ``context``; returns the envelope."""
     body_bytes = enc.pack(body)
     return enc.pack({"body": body_bytes, "sig": secret.sign(context, body_bytes)})
+
+
+def seal_checked(secret: MemberSecret, context: Context, body_bytes: bytes) -> bytes:
+    """Sign ``body_bytes``, a canonical encoding already made (:func:`tisa.encoding.pack`
+    or :func:`~tisa.encoding.pack_checked`), in ``context``; returns the envelope."""
+    return enc.pack_checked({"body": body_bytes, "sig": secret.sign(context, body_bytes)})
 
 
 def open_envelope(data: bytes, *, max_size: int, what: str) -> tuple[bytes, dict[str, Any], bytes]:
