@@ -141,6 +141,12 @@ def aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> byt
     return _ffi.buffer(out, size)[:]  # type: ignore[no-any-return]
 
 
+def _in_place(data: bytes | memoryview) -> Any:
+    # cffi takes bytes as they are; a view (of a bytearray, or a slice) is passed as a
+    # pointer into its buffer rather than copied.
+    return data if type(data) is bytes else _ffi.from_buffer(data)
+
+
 def _state_buffer(state: Any, size: int) -> Any:
     # The state's output buffer, reused from chunk to chunk (as PyNaCl's own wrappers
     # and tisa.handshake do): a large report does not allocate a chunk per chunk.
@@ -149,20 +155,24 @@ def _state_buffer(state: Any, size: int) -> Any:
     return state.rawbuf
 
 
-def stream_push(state: Any, message: bytes, ad: bytes, tag: int) -> bytes:
+def stream_push(state: Any, message: bytes | memoryview, ad: bytes, tag: int) -> bytes:
     """``crypto_secretstream_xchacha20poly1305_push`` on a PyNaCl state (from
-    ``nacl.bindings.crypto_secretstream_xchacha20poly1305_state``, initialised)."""
+    ``nacl.bindings.crypto_secretstream_xchacha20poly1305_state``, initialised).
+
+    ``message`` may be a view of a larger buffer: libsodium reads it in place.
+    """
     size = len(message) + _STREAM_TAG
     out = _state_buffer(state, size)
     _lib.crypto_secretstream_xchacha20poly1305_push(
-        state.statebuf, out, _NULL, message, len(message), ad, len(ad), tag
+        state.statebuf, out, _NULL, _in_place(message), len(message), ad, len(ad), tag
     )
     return _ffi.buffer(out, size)[:]  # type: ignore[no-any-return]
 
 
-def stream_pull(state: Any, chunk: bytes, ad: bytes) -> tuple[bytes, int] | None:
+def stream_pull(state: Any, chunk: bytes | memoryview, ad: bytes) -> tuple[bytes, int] | None:
     """``crypto_secretstream_xchacha20poly1305_pull``: (message, tag), or None for any
-    failure (a chunk that does not open as the next of the stream)."""
+    failure (a chunk that does not open as the next of the stream). ``chunk`` may be a
+    view of a larger buffer, read in place."""
     size = len(chunk) - _STREAM_TAG
     if size < 0:
         return None
@@ -171,7 +181,7 @@ def stream_pull(state: Any, chunk: bytes, ad: bytes) -> tuple[bytes, int] | None
     if tag is None:
         tag = state.tagbuf = _ffi.new("unsigned char *")
     if _lib.crypto_secretstream_xchacha20poly1305_pull(
-        state.statebuf, out, _NULL, tag, chunk, len(chunk), ad, len(ad)
+        state.statebuf, out, _NULL, tag, _in_place(chunk), len(chunk), ad, len(ad)
     ):
         return None
     return _ffi.buffer(out, size)[:], int(tag[0])
