@@ -466,7 +466,7 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
             sealer = ReportSealer(
                 secrets["seoul"], "seoul", arrangement, recipients=["tokyo"],
                 scope="nk.missile", level="secret", body_size=count * CHUNK_SIZE, now=NOW,
-                digest_in_thread=in_thread,
+                **({"digest_in_thread": True} if in_thread else {}),
             )  # fmt: skip
             with open(path, "wb") as out:
                 out.write(sealer.start())
@@ -484,7 +484,9 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
                 token, arrangement, secrets["tokyo"], "tokyo", now=NOW,
                 prekey_secret=lambda kind, public: prekey.secret,
             )  # fmt: skip
-            opener = release.opener(arrangement, digest_in_thread=in_thread)
+            opener = release.opener(
+                arrangement, **({"digest_in_thread": True} if in_thread else {})
+            )
             with open(path, "rb") as source:
                 while chunk := source.read(read_size):
                     opener.feed(chunk)
