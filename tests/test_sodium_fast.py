@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 
 from tisa import _sodium as fast
 from tisa import encoding as enc
+from tisa.envelope import _split, open_envelope
+from tisa.errors import ProtocolError
 from tisa.keys import Hash, Hasher, digest
 from tisa.token import ReleaseToken
 from tisa_testing.world import make_world
@@ -229,3 +231,56 @@ def test_decoded_tokens_associated_data_is_the_body_without_the_wrap() -> None:
         copy = dataclasses.replace(decoded)
         assert not copy._from_encoding
         assert copy.associated_data == decoded.associated_data
+
+
+def _generic_envelope(data: bytes, max_size: int) -> tuple[bytes, bytes] | str:
+    try:
+        outer = enc.check_map(
+            enc.unpack(data, max_size=max_size),
+            {"body": enc.bin_max(max_size), "sig": enc.bin_exact(64)},
+        )
+    except ProtocolError:
+        return "refused"
+    return outer["body"], outer["sig"]
+
+
+def _fast_envelope(data: bytes, max_size: int) -> tuple[bytes, bytes] | str:
+    try:
+        body, _, signature = open_envelope(data, max_size=max_size, what="envelope")
+    except ProtocolError:
+        return "refused"
+    return body, signature
+
+
+@pytest.mark.parametrize("size", [0, 1, 200, 255, 256, 257, 1500, 2000])
+def test_envelope_split_agrees_with_the_generic_decoder(size: int) -> None:
+    # Every body here is itself a canonical map (open_envelope decodes it too).
+    body = enc.pack({"x": os.urandom(max(size - 5, 0))}) if size >= 5 else enc.pack({})
+    envelope = enc.pack({"body": body, "sig": os.urandom(64)})
+    assert _split(envelope) == (body, envelope[-64:])
+    assert _fast_envelope(envelope, 4096) == _generic_envelope(envelope, 4096) != "refused"
+    # Bodies above max_size, non-canonical lengths (a bin 16 for a short body, a bin 32),
+    # a str where a bin belongs, a short or long signature, trailing and missing bytes,
+    # and every single byte of the frame changed: both paths agree.
+    head = len(envelope) - len(body) - 70
+    variants = [
+        envelope + b"\x00",
+        envelope[:-1],
+        b"\x82\xa4body\xc5" + len(body).to_bytes(2, "big") + envelope[head:],
+        b"\x82\xa4body\xc6" + len(body).to_bytes(4, "big") + envelope[head:],
+        envelope[: len(envelope) - 70] + b"\xa3sig\xc4\x3f" + envelope[-63:],
+        enc.pack({"body": body, "sig": os.urandom(65)}),
+        enc.pack({"body": body.decode("latin-1"), "sig": os.urandom(64)}),
+        enc.pack({"body": body, "sig": os.urandom(64), "x": 1}),
+    ]
+    for position in [*range(0, head + 2), *range(len(envelope) - 70, len(envelope) - 62)]:
+        for mask in (0x01, 0x80):
+            changed = bytearray(envelope)
+            changed[position] ^= mask
+            variants.append(bytes(changed))
+    for data in variants:
+        for max_size in (4096, len(envelope), len(envelope) - 1, len(body), max(len(body) - 1, 0)):
+            assert _fast_envelope(data, max_size) == _generic_envelope(data, max_size) or (
+                _generic_envelope(data, max_size) != "refused"
+                and _fast_envelope(data, max_size) == "refused"  # the body is not a map
+            )
