@@ -284,3 +284,43 @@ def test_envelope_split_agrees_with_the_generic_decoder(size: int) -> None:
                 _generic_envelope(data, max_size) != "refused"
                 and _fast_envelope(data, max_size) == "refused"  # the body is not a map
             )
+
+
+def test_secretstream_init_is_pynacls() -> None:
+    key = os.urandom(32)
+    ours = sodium.crypto_secretstream_xchacha20poly1305_state()
+    header = fast.stream_init_push(ours, key)
+    assert len(header) == sodium.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+    chunk = fast.stream_push(ours, b"first", b"", TAG_MESSAGE)
+    # PyNaCl's pull opens what our push made, and our pull what PyNaCl's push made.
+    theirs = sodium.crypto_secretstream_xchacha20poly1305_state()
+    sodium.crypto_secretstream_xchacha20poly1305_init_pull(theirs, header, key)
+    assert sodium.crypto_secretstream_xchacha20poly1305_pull(theirs, chunk) == (b"first", 0)
+    push = sodium.crypto_secretstream_xchacha20poly1305_state()
+    their_header = sodium.crypto_secretstream_xchacha20poly1305_init_push(push, key)
+    pull = sodium.crypto_secretstream_xchacha20poly1305_state()
+    assert fast.stream_init_pull(pull, their_header, key)
+    sealed = sodium.crypto_secretstream_xchacha20poly1305_push(push, b"second")
+    assert fast.stream_pull(pull, sealed, b"") == (b"second", TAG_MESSAGE)
+    # Wrong lengths and types are refused, as PyNaCl refuses them.
+    for bad_header, bad_key in ((header[:-1], key), (header, key[:31]), (header, bytearray(key))):
+        state = sodium.crypto_secretstream_xchacha20poly1305_state()
+        assert not fast.stream_init_pull(state, bad_header, bad_key)  # type: ignore[arg-type]
+        with pytest.raises((nacl.exceptions.ValueError, nacl.exceptions.TypeError)):
+            sodium.crypto_secretstream_xchacha20poly1305_init_pull(state, bad_header, bad_key)
+    with pytest.raises(ValueError):
+        fast.stream_init_push(ours, key[:16])
+
+
+def test_pack_checked_is_pack_for_a_report_header_with_attachments() -> None:
+    from tisa.report import ReportHeader
+
+    header = ReportHeader(
+        id=bytes(16), arrangement=bytes(32), version=3, originator="seoul",
+        recipients=("tokyo", "washington"), scope="nk.missile", level="secret",
+        created=1_700_000_000, body_size=10, attachments=(("map.png", 5), ("b", 0)),
+    )  # fmt: skip
+    fields = header.to_dict()
+    fields["attachments"] = [dict(reversed(list(a.items()))) for a in fields["attachments"]]
+    assert enc.pack_checked(fields) == enc.pack(fields)
+    assert ReportHeader.decode(enc.pack_checked(fields)) == header

@@ -30,6 +30,8 @@ __all__ = [
     "scalarmult",
     "scalarmult_base",
     "sign",
+    "stream_init_pull",
+    "stream_init_push",
     "stream_pull",
     "stream_push",
     "verify",
@@ -139,6 +141,29 @@ def aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> byt
     ):
         return None
     return _ffi.buffer(out, size)[:]  # type: ignore[no-any-return]
+
+
+_STREAM_HEADER = _bindings.crypto_secretstream_xchacha20poly1305_HEADERBYTES
+
+
+def stream_init_push(state: Any, key: bytes) -> bytes:
+    """``crypto_secretstream_xchacha20poly1305_init_push`` on a fresh PyNaCl state;
+    returns the (random) stream header."""
+    if type(key) is not bytes or len(key) != _KEY:
+        raise ValueError("a secretstream key is 32 bytes")
+    header = _ffi.new("unsigned char[]", _STREAM_HEADER)
+    _lib.crypto_secretstream_xchacha20poly1305_init_push(state.statebuf, header, key)
+    return _ffi.buffer(header, _STREAM_HEADER)[:]  # type: ignore[no-any-return]
+
+
+def stream_init_pull(state: Any, header: bytes, key: bytes) -> bool:
+    """``crypto_secretstream_xchacha20poly1305_init_pull``; False for a key or header
+    of the wrong type or length (or a failure of libsodium's)."""
+    if type(key) is not bytes or len(key) != _KEY:
+        return False
+    if type(header) is not bytes or len(header) != _STREAM_HEADER:
+        return False
+    return _lib.crypto_secretstream_xchacha20poly1305_init_pull(state.statebuf, header, key) == 0  # type: ignore[no-any-return]
 
 
 def _in_place(data: bytes | memoryview) -> Any:

@@ -32,7 +32,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import nacl.bindings as sodium
-import nacl.exceptions
 import nacl.utils
 
 from tisa import _sodium as fast
@@ -259,7 +258,8 @@ class ReportSealer:
         try:
             header_dict = self.header.to_dict()
             ReportHeader.from_dict(header_dict)  # the schema the recipient applies
-            self._header_bytes = enc.pack(header_dict)
+            # Checked by that schema: encoded without pack's walk over every value.
+            self._header_bytes = enc.pack_checked(header_dict)
         except ProtocolError as exc:
             raise UsageError(f"report header: {exc.detail}") from None
         if len(self._header_bytes) > MAX_HEADER:
@@ -287,13 +287,11 @@ class ReportSealer:
         if self._started:
             raise UsageError("start() called twice")
         self._started = True
-        stream_header = _ss.crypto_secretstream_xchacha20poly1305_init_push(
-            self._state, self.content_key
-        )
+        stream_header = fast.stream_init_push(self._state, self.content_key)
         self._cipher.update(stream_header)
         signature = self._secret.sign(Context.REPORT, self._header_bytes)
         self._buffer += _LEN.pack(len(self._header_bytes)) + self._header_bytes + signature
-        return bytes(stream_header) + self._drain()
+        return stream_header + self._drain()
 
     def write(self, data: bytes) -> bytes:
         """Add content (body, then attachments in order); returns ciphertext ready."""
@@ -506,12 +504,8 @@ class ReportOpener:
         if not self._initialised:
             if len(self._inbuf) < HEADER_BYTES:
                 return out
-            try:
-                _ss.crypto_secretstream_xchacha20poly1305_init_pull(
-                    self._state, bytes(self._inbuf[:HEADER_BYTES]), self._key
-                )
-            except (nacl.exceptions.CryptoError, ValueError, TypeError):
-                raise VerificationError() from None
+            if not fast.stream_init_pull(self._state, bytes(self._inbuf[:HEADER_BYTES]), self._key):
+                raise VerificationError()
             del self._inbuf[:HEADER_BYTES]
             self._initialised = True
         stream_size = self._size - HEADER_BYTES
