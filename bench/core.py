@@ -442,7 +442,6 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
     piece = os.urandom(CHUNK_SIZE)
     count = size // CHUNK_SIZE
     read_size = CHUNK_SIZE + 17
-    in_thread = mode == "threaded"
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "report.bin")
         start = time.perf_counter()
@@ -466,7 +465,6 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
             sealer = ReportSealer(
                 secrets["seoul"], "seoul", arrangement, recipients=["tokyo"],
                 scope="nk.missile", level="secret", body_size=count * CHUNK_SIZE, now=NOW,
-                **({"digest_in_thread": True} if in_thread else {}),
             )  # fmt: skip
             with open(path, "wb") as out:
                 out.write(sealer.start())
@@ -484,9 +482,7 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
                 token, arrangement, secrets["tokyo"], "tokyo", now=NOW,
                 prekey_secret=lambda kind, public: prekey.secret,
             )  # fmt: skip
-            opener = release.opener(
-                arrangement, **({"digest_in_thread": True} if in_thread else {})
-            )
+            opener = release.opener(arrangement)
             with open(path, "rb") as source:
                 while chunk := source.read(read_size):
                     opener.feed(chunk)
@@ -510,52 +506,39 @@ def _run_child(mode: str, size: int) -> dict[str, float]:
 
 def large(mib: int, rounds: int) -> dict[str, object]:
     size = mib * 1024 * 1024
-    modes = ("floor", "toolkit", "threaded")
+    modes = ("floor", "toolkit")
     print(
         f"large report, {mib} MiB: seal then open, streamed (best of {rounds}; wall time,"
-        " and process CPU time of all threads):"
+        " and the process's CPU time):"
     )
     best = {mode: {"seconds": float("inf"), "cpu_seconds": float("inf")} for mode in modes}
     peaks: dict[str, float] = {}
     for _ in range(rounds):
-        for mode in modes:  # alternating, so a noisy neighbour slows every mode alike
+        for mode in modes:  # alternating, so a noisy neighbour slows both alike
             run = _run_child(mode, size)
             for key in ("seconds", "cpu_seconds"):
                 best[mode][key] = min(best[mode][key], run[key])
             peaks[mode] = run["peak_mib"]
     rates = {mode: 2 * mib / best[mode]["seconds"] for mode in modes}
-    for mode in ("toolkit", "threaded"):
-        label = "toolkit" if mode == "toolkit" else "toolkit, digest in a thread"
-        print(
-            f"  {label:<28} {rates[mode]:7.1f} MiB/s ({rates[mode] / rates['floor']:4.2f}x),"
-            f" CPU {best[mode]['cpu_seconds']:6.2f} s"
-            f" ({best[mode]['cpu_seconds'] / best['floor']['cpu_seconds']:4.2f}x)"
-        )
-    print(
-        f"  {'floor (bare secretstream)':<28} {rates['floor']:7.1f} MiB/s,"
-        f"         CPU {best['floor']['cpu_seconds']:6.2f} s   ({targets.load_average()})"
-    )
-    # The target is the default path's rate; the threaded digest is the API's option.
     ratio = rates["toolkit"] / rates["floor"]
+    cpu_ratio = best["toolkit"]["cpu_seconds"] / best["floor"]["cpu_seconds"]
+    print(
+        f"  toolkit {rates['toolkit']:7.1f} MiB/s  floor {rates['floor']:7.1f} MiB/s"
+        f"   rate ratio {ratio:5.2f}x;  CPU {best['toolkit']['cpu_seconds']:.2f} s vs"
+        f" {best['floor']['cpu_seconds']:.2f} s ({cpu_ratio:.2f}x)"
+    )
     print(targets.line(f"{mib} MiB seal then open", ratio, "x",
                        targets.LARGE_RATIO, f"bare secretstream {rates['floor']:.0f} MiB/s",
-                       at_most=False))  # fmt: skip
-    print(targets.line(f"{mib} MiB seal then open, digest in a thread",
-                       rates["threaded"] / rates["floor"], "x", targets.LARGE_RATIO,
-                       f"bare secretstream {rates['floor']:.0f} MiB/s",
                        at_most=False))  # fmt: skip
     small = _run_child("toolkit", 16 * 1024 * 1024)
     print(
         f"  peak RSS: toolkit {peaks['toolkit']:.1f} MiB at {mib} MiB, "
-        f"{small['peak_mib']:.1f} MiB at 16 MiB; with the threaded digest "
-        f"{peaks['threaded']:.1f} MiB (floor {peaks['floor']:.1f} MiB)"
+        f"{small['peak_mib']:.1f} MiB at 16 MiB (floor {peaks['floor']:.1f} MiB)"
     )
     return {
         "rate_toolkit": rates["toolkit"],
-        "rate_threaded": rates["threaded"],
         "rate_floor": rates["floor"],
         "rate_ratio": ratio,
-        "rate_ratio_threaded": rates["threaded"] / rates["floor"],
         "cpu_seconds": {mode: best[mode]["cpu_seconds"] for mode in modes},
         "peak_mib": peaks,
         "peak_mib_16": small["peak_mib"],

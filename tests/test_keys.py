@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import gc
 import itertools
 import os
 import re
@@ -24,7 +23,6 @@ from tisa import encoding as enc
 from tisa.errors import KeyFileError, ProtocolError, UsageError, VerificationError
 from tisa.keys import (
     KEYFILE_MAGIC,
-    BackgroundHasher,
     Context,
     EncryptionPublicKey,
     Hash,
@@ -736,37 +734,3 @@ def test_digest_is_libsodiums_generichash(purpose: Hash, size: int) -> None:
 def test_digest_matches_generichash_any_input(data: bytes, purpose: Hash, key: bytes) -> None:
     assert digest(purpose, data, key=key) == _generichash(data, purpose, key)
     assert digest(purpose, bytearray(data)) == _generichash(data, purpose)
-
-
-@given(st.lists(st.binary(max_size=3000), max_size=12), st.integers(1, 3), st.integers(1, 3))
-def test_background_hasher_matches_hasher(chunks: list[bytes], depth: int, batch: int) -> None:
-    background = BackgroundHasher(Hash.CIPHERTEXT, depth=depth, batch=batch)
-    for chunk in chunks:
-        reused = bytearray(chunk)
-        background.update(reused)  # type: ignore[arg-type]
-        reused[:] = bytes(len(reused))  # a caller reusing its buffer changes nothing
-    assert background.finish() == digest(Hash.CIPHERTEXT, b"".join(chunks))
-
-
-def test_background_hasher_is_finished_once_and_its_thread_ends() -> None:
-    background = BackgroundHasher(Hash.CIPHERTEXT)
-    background.update(b"x" * 100_000)
-    thread = background._thread
-    assert background.finish() == digest(Hash.CIPHERTEXT, b"x" * 100_000)
-    assert not thread.is_alive()
-    for call in (background.finish, lambda: background.update(b"more")):
-        with pytest.raises(UsageError, match="finished"):
-            call()
-    with pytest.raises(UsageError):
-        BackgroundHasher(Hash.CIPHERTEXT, depth=0)
-
-
-def test_an_abandoned_background_hasher_stops_its_thread() -> None:
-    background = BackgroundHasher(Hash.CIPHERTEXT, depth=1, batch=1)
-    for _ in range(5):
-        background.update(b"y" * 70_000)
-    thread = background._thread
-    del background
-    gc.collect()
-    thread.join(timeout=60)  # a bound for the test, not a timing assertion
-    assert not thread.is_alive()

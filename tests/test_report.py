@@ -841,7 +841,7 @@ def test_sealed_key_that_differs_from_the_commitment_is_refused() -> None:
         check(forged)
 
 
-# --- the digest in a worker thread, chunks read in place ---------------------------------
+# --- chunks read in place ------------------------------------------------------------------
 
 
 def _fixed_sealer(body_size: int, **kwargs: Any) -> ReportSealer:
@@ -859,19 +859,6 @@ def _seal_with(sealer: ReportSealer, body: bytes, piece: int) -> bytes:
     return b"".join(out)
 
 
-@pytest.mark.parametrize("piece", [CHUNK_SIZE, 1000, 3 * CHUNK_SIZE + 5])
-def test_digest_in_thread_gives_the_digest_of_the_ciphertext(piece: int) -> None:
-    # (The stream header is random, so two seals never give the same bytes: each
-    # sealer's digest is checked against its own ciphertext.)
-    body = content(5 * CHUNK_SIZE + 321, 3)
-    for sealer in (_fixed_sealer(len(body)), _fixed_sealer(len(body), digest_in_thread=True)):
-        ciphertext = _seal_with(sealer, body, piece)
-        assert len(ciphertext) == sealer.size
-        assert sealer.digest == digest(Hash.CIPHERTEXT, ciphertext)
-        opener = _opener(sealer)
-        assert [data for _, data in opener.feed(ciphertext)] and opener.finish() == sealer.header
-
-
 def _opener(sealer: ReportSealer, **kwargs: Any) -> ReportOpener:
     return ReportOpener(
         content_key=sealer.content_key, report_id=sealer.report_id, digest=sealer.digest,
@@ -880,16 +867,15 @@ def _opener(sealer: ReportSealer, **kwargs: Any) -> ReportOpener:
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("in_thread", [False, True])
 @pytest.mark.parametrize("piece", [CHUNK_SIZE + 17, 1, 4096, 2 * (CHUNK_SIZE + 17) + 3, 10**9])
-def test_opener_reads_chunks_in_place_from_any_pieces(in_thread: bool, piece: int) -> None:
+def test_opener_reads_chunks_in_place_from_any_pieces(piece: int) -> None:
     # Pieces aligned on chunks are pulled straight from the caller's bytes; any other
     # split goes through the buffer; a caller that reuses its buffer after each feed (a
     # bytearray overwritten) changes nothing.
     body = content(3 * CHUNK_SIZE + 77, 5)
     sealer = _fixed_sealer(len(body))
     ciphertext = _seal_with(sealer, body, CHUNK_SIZE)
-    opener = _opener(sealer, digest_in_thread=in_thread)
+    opener = _opener(sealer)
     got = bytearray()
     for start in range(0, len(ciphertext), piece):
         buffer = bytearray(ciphertext[start : start + piece])
@@ -901,19 +887,30 @@ def test_opener_reads_chunks_in_place_from_any_pieces(in_thread: bool, piece: in
     assert bytes(got) == body
 
 
-@pytest.mark.parametrize("in_thread", [False, True])
-def test_opener_with_digest_in_thread_still_refuses_tampering(in_thread: bool) -> None:
+@pytest.mark.parametrize("piece", [CHUNK_SIZE, 1000, 3 * CHUNK_SIZE + 5])
+def test_sealer_pushes_chunks_in_place_from_any_pieces(piece: int) -> None:
+    body = content(5 * CHUNK_SIZE + 321, 3)
+    sealer = _fixed_sealer(len(body))
+    ciphertext = _seal_with(sealer, body, piece)
+    assert len(ciphertext) == sealer.size
+    assert sealer.digest == digest(Hash.CIPHERTEXT, ciphertext)
+    opener = _opener(sealer)
+    assert b"".join(data for _, data in opener.feed(ciphertext)) == body
+    assert opener.finish() == sealer.header
+
+
+def test_opener_reading_in_place_still_refuses_tampering() -> None:
     body = content(2 * CHUNK_SIZE, 9)
     sealer = _fixed_sealer(len(body))
     ciphertext = _seal_with(sealer, body, CHUNK_SIZE)
     # The last byte (a tag): the AEAD refuses it while feeding.
-    opener = _opener(sealer, digest_in_thread=in_thread)
+    opener = _opener(sealer)
     with pytest.raises(VerificationError):
         opener.feed(flip(ciphertext, len(ciphertext) - 1))
     with pytest.raises(VerificationError):
         opener.finish()
     # A token naming another digest: only the digest check at the end can tell.
-    other = _opener(sealer, digest_in_thread=in_thread)
+    other = _opener(sealer)
     object.__setattr__(other, "_digest", bytes(32))
     other.feed(ciphertext)
     with pytest.raises(VerificationError):

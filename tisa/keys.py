@@ -15,9 +15,6 @@ import base64
 import enum
 import hashlib
 import os
-import queue
-import threading
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +32,6 @@ from tisa import encoding as enc
 from tisa.errors import KeyFileError, ProtocolError, UsageError, VerificationError
 
 __all__ = [
-    "BackgroundHasher",
     "Context",
     "EncryptionPublicKey",
     "Hash",
@@ -119,7 +115,9 @@ class Hasher:
     and final, called through PyNaCl's cffi binding as :mod:`tisa._sodium` does): for
     the long pieces streams are made of it is about 10% faster than ``hashlib`` (its
     BLAKE2b has vectorised code), and a report's ciphertext is hashed once on each
-    side. The state is made without ``nacl.bindings``' per-call checks (its
+    side. (Hashing in a worker thread beside the AEAD was tried twice and did not pay
+    on the shared two-core machine: docs/performance.md.) The state is made without
+    ``nacl.bindings``' per-call checks (its
     ``generichash_blake2b_init`` alone cost about as much as hashing a 1 KiB report);
     a test compares the digests with :func:`digest` and PyNaCl's.
     """
@@ -151,97 +149,6 @@ class Hasher:
         _lib.crypto_generichash_blake2b_final(self._state, out, DIGEST_SIZE)
         self._state = None
         return _ffi.buffer(out, DIGEST_SIZE)[:]  # type: ignore[no-any-return]
-
-    def close(self) -> None:
-        """Drop the state without a digest (idempotent), as :class:`BackgroundHasher`
-        ends its worker: a report that failed halfway is never finished."""
-        self._state = None
-
-
-class BackgroundHasher:
-    """A :class:`Hasher` whose updates run in a worker thread, beside the caller's work.
-
-    For a large report's ciphertext digest, computed while the caller runs the AEAD on
-    the next chunk: libsodium's BLAKE2b and secretstream both run without the GIL
-    (PyNaCl's cffi binding releases it around every call), so on a machine with a spare
-    core the digest costs little wall time. Pieces are handed over ``batch`` at a time
-    through a queue of at most ``depth`` batches, so memory stays bounded whatever the
-    stream's length (at most ``(depth + 2) * batch`` pieces held; the caller blocks when
-    the worker falls behind). The digest is the same as :class:`Hasher`'s (tested).
-
-    A thread is no I/O (the core stays sans-IO); it is only made when asked for
-    (``digest_in_thread`` of :class:`tisa.report.ReportSealer` and
-    :class:`~tisa.report.ReportOpener`), and it ends at :meth:`finish`, :meth:`close`, or
-    when this object is collected.
-    """
-
-    __slots__ = ("__weakref__", "_batch", "_done", "_pending", "_queue", "_result", "_thread")
-
-    def __init__(self, purpose: Hash, *, depth: int = 4, batch: int = 4) -> None:
-        if depth < 1 or batch < 1:
-            raise UsageError("depth and batch are at least 1")
-        self._queue: queue.Queue[list[bytes] | None] = queue.Queue(maxsize=depth)
-        self._batch = batch
-        self._pending: list[bytes] = []
-        self._done = False
-        # [digest or exception]: what the worker leaves for finish().
-        self._result: list[bytes | BaseException] = []
-        self._thread = threading.Thread(
-            target=_hash_worker,
-            args=(Hasher(purpose), self._queue, self._result),
-            name="tisa-digest",
-            daemon=True,
-        )
-        self._thread.start()
-        # An object dropped without finish() (a report abandoned halfway) stops its worker.
-        weakref.finalize(self, self._queue.put, None)
-
-    def update(self, data: bytes) -> None:
-        """Add ``data`` (copied if it is not ``bytes``: the caller may reuse its buffer)."""
-        if self._done:
-            raise UsageError("this hash is finished")
-        self._pending.append(data if type(data) is bytes else bytes(data))
-        if len(self._pending) >= self._batch:
-            self._queue.put(self._pending)
-            self._pending = []
-
-    def finish(self) -> bytes:
-        """Wait for the worker; the 32-byte digest of everything added. Call it once."""
-        if self._done:
-            raise UsageError("this hash is finished")
-        self.close()
-        self._thread.join()
-        result = self._result[0]
-        if isinstance(result, BaseException):  # pragma: no cover - Hasher.update on bytes
-            raise result
-        return result
-
-    def close(self) -> None:
-        """End the worker without a digest (idempotent); :meth:`finish` calls it."""
-        if self._done:
-            return
-        self._done = True
-        if self._pending:
-            self._queue.put(self._pending)
-            self._pending = []
-        self._queue.put(None)
-
-
-def _hash_worker(
-    hasher: Hasher, pieces: queue.Queue[list[bytes] | None], result: list[bytes | BaseException]
-) -> None:
-    # Holds no reference to its BackgroundHasher, so that one can be collected (and its
-    # finaliser stop this loop) when its owner drops it.
-    # After a failure it still drains the queue, so the owner never blocks on a put.
-    error: BaseException | None = None
-    while (batch := pieces.get()) is not None:
-        try:
-            for piece in batch:
-                if error is None:
-                    hasher.update(piece)
-        except BaseException as exc:  # pragma: no cover - Hasher.update on bytes
-            error = exc
-    result.append(error if error is not None else hasher.finish())
 
 
 _HASH_STATE_BYTES = sodium.crypto_generichash_STATEBYTES

@@ -42,7 +42,6 @@ from tisa.keys import (
     DIGEST_SIZE,
     KEY_SIZE,
     SIGNATURE_SIZE,
-    BackgroundHasher,
     Context,
     Hash,
     Hasher,
@@ -207,11 +206,6 @@ class ReportSealer:
     Memory stays under two chunks whatever the report size (with :meth:`finish_iter`;
     :meth:`finish` returns the padding's ciphertext in one piece).
 
-    ``digest_in_thread=True`` computes the ciphertext digest in a worker thread beside
-    the encryption (:class:`~tisa.keys.BackgroundHasher`, a few more chunks held): the
-    same digest, less wall time on a machine with a spare core, a little more CPU in
-    all (docs/performance.md gives the figures).
-
     Raises (constructor):
         Refused: the arrangement does not allow this share (scope, level, parties).
         UsageError: bad arguments (sizes, names, too many attachments).
@@ -230,7 +224,6 @@ class ReportSealer:
         now: int,
         attachments: Sequence[tuple[str, int]] = (),
         max_report_size: int = MAX_REPORT_SIZE,
-        digest_in_thread: bool = False,
         _report_id: bytes | None = None,
         _content_key: bytes | None = None,
     ) -> None:
@@ -275,7 +268,7 @@ class ReportSealer:
         self.content_key = _content_key or nacl.utils.random(KEY_SIZE)
         self._secret = secret
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._cipher = _ciphertext_hasher(digest_in_thread)
+        self._cipher = Hasher(Hash.CIPHERTEXT)
         self._buffer = bytearray()
         self._pushed = 0
         self._started = False
@@ -357,10 +350,6 @@ class ReportSealer:
         if start:
             del self._buffer[:start]
         return out[0] if len(out) == 1 else b"".join(out)
-
-
-def _ciphertext_hasher(in_thread: bool) -> Hasher | BackgroundHasher:
-    return BackgroundHasher(Hash.CIPHERTEXT) if in_thread else Hasher(Hash.CIPHERTEXT)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -450,7 +439,6 @@ class ReportOpener:
         scope: str,
         level: str,
         max_header: int = MAX_HEADER,
-        digest_in_thread: bool = False,
     ) -> None:
         if size < ciphertext_size(MIN_PADDED) or size > MAX_REPORT_SIZE:
             raise VerificationError()
@@ -463,7 +451,7 @@ class ReportOpener:
         self._expect = (originator, scope, level)
         self._max_header = max_header
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._cipher = _ciphertext_hasher(digest_in_thread)
+        self._cipher = Hasher(Hash.CIPHERTEXT)
         self._inbuf = bytearray()
         self._received = 0
         self._consumed = 0
@@ -485,7 +473,6 @@ class ReportOpener:
             return self._feed(data)
         except (VerificationError, Refused, ProtocolError):
             self._dead = True
-            self._cipher.close()
             raise
 
     def _feed(self, data: bytes) -> list[tuple[int, bytes]]:
@@ -610,14 +597,13 @@ class ReportOpener:
             raise VerificationError()
         self._dead = True
         header = self.header
-        cipher_digest = self._cipher.finish()
         if (
             not self._final_seen
             or self._received != self._size
             or header is None
             or self._part != len(self._parts)
             or not self._padding_ok
-            or cipher_digest != self._digest
+            or self._cipher.finish() != self._digest
         ):
             raise VerificationError()
         # Signed and consistent: the remaining checks are policy, with reasons, in the
