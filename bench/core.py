@@ -1,18 +1,26 @@
-"""Benchmark of the protocol core against the raw PyNaCl floor, measured in the same run.
+"""Benchmark of the protocol core against the raw libsodium floor, measured in the same run.
 
 Per role, for a 1 KiB report:
 
 * originator: seal (sign, pad, encrypt) + one release token with prekeys, against the
-  same libsodium calls made directly (BLAKE2b x3, Ed25519 sign x2 and verify x2 for the
-  prekeys, X25519 x4, secretstream, XChaCha20-Poly1305);
+  same libsodium calls made directly (random ids and keys, BLAKE2b x3, Ed25519 sign x2
+  and verify x2 for the prekeys, X25519 x4, secretstream, XChaCha20-Poly1305);
 * relay: the token check, against one Ed25519 verification;
 * recipient: token check + unwrap + open + verify, against the same libsodium calls;
 * the token alone, issued with a signed and a one-time prekey and opened (checked and
   unwrapped), against its raw operations: the cost of forward secrecy per token.
 
+The floors sign, hash and encrypt messages of the sizes the toolkit's own have (the
+real report header, token body, prekey body, associated data, padded plaintext). Each is
+measured twice: with libsodium called straight through PyNaCl's cffi binding, one
+``ffi.new`` per output (the target's floor: the toolkit calls its hot paths this way,
+``tisa._sodium``), and through ``nacl.bindings`` with its per-call checks (the floor of
+the figures before 2026-12-06), printed beside it.
+
 Then sealing and opening a large report (default 256 MiB) streamed in chunks, against a
 bare secretstream loop over the same chunks, each in a fresh subprocess so its peak RSS
-can be read; run at two sizes to show that peak memory does not grow with the report.
+and CPU time can be read; wall time and CPU time are both printed; run at two sizes to
+show that peak memory does not grow with the report.
 
 Floor and toolkit are measured in alternating rounds and the best round of each is
 kept, so a noisy neighbour slows both alike.
