@@ -6,12 +6,17 @@ import io
 import json
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
+from tisa.errors import VerificationError
+from tisa.keys import MemberSecret
 from tisa_cli.commands import tisa
-from tisa_cli.demo import run_demo
+from tisa_cli.demo import DEMO_PASSPHRASE, run_demo
 from tisa_cli.demo_trace import TraceEvent, read_trace, render_html, render_svg
+from tisa_io.files import ARRANGEMENT_FILE, IDENTITY_FILE, read_arrangement
+from tisa_testing.secrecy import held_prekey_secrets, open_record
 
 
 def test_demo_runs_and_every_check_passes(tmp_path: Path) -> None:
@@ -36,6 +41,14 @@ def test_demo_runs_and_every_check_passes(tmp_path: Path) -> None:
     assert all(e.status == "ok" for e in steps)
     refusals = {e.detail.get("refused") for e in events if e.status == "refused"}
     assert {"out_of_scope", "bad_signature", "replayed"} <= refusals
+    # Forward secrecy: the record fails to open after the deletion, and opens with the
+    # deleted secret, each a step of its own (so the first cannot pass vacuously).
+    verdicts = {e.label[2:]: e.detail["observed"] for e in steps}
+    assert verdicts["Tokyo's key file + the record open nothing"].startswith("VerificationError")
+    assert verdicts["The same record with the deleted secret opens"].startswith("opened")
+    assert "gone; marked used" in verdicts["Tokyo's node deleted that one-time prekey's secret"]
+    copied = [e for e in events if e.kind == "message" and e.target == "adversary"]
+    assert copied and copied[0].source == "washington"
     # Every line of the trace is a JSON object.
     for line in trace.read_text().splitlines():
         assert isinstance(json.loads(line), dict)
@@ -43,7 +56,21 @@ def test_demo_runs_and_every_check_passes(tmp_path: Path) -> None:
     html = diagram.read_text()
     assert html.startswith("<!doctype html>")
     assert "<svg" in html and "<script" not in html
-    assert "Washington" in html
+    assert "Washington" in html and "Adversary" in html
+
+    # The copy of Washington's record is kept in the folder: after the demo (every node
+    # stopped), Tokyo's key file and every prekey secret left in its store open nothing.
+    record = tmp_path / "demo" / "washington-record"
+    with pytest.raises(VerificationError):
+        open_record(
+            (record / "token.bin").read_bytes(),
+            [(record / "ciphertext.bin").read_bytes()],
+            read_arrangement(tmp_path / "demo" / ARRANGEMENT_FILE).arrangement,
+            MemberSecret.load(tmp_path / "demo" / "tokyo" / IDENTITY_FILE, DEMO_PASSPHRASE)[0],
+            "tokyo",
+            held_prekey_secrets(tmp_path / "demo" / "tokyo" / "store"),
+            every_place=False,
+        )
 
     # The folder is kept and can be run again (keys and arrangement reused).
     keys = (tmp_path / "demo" / "seoul" / "identity.key").read_bytes()

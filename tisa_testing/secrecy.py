@@ -19,6 +19,7 @@ import itertools
 import sqlite3
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tisa.arrangement import Arrangement
 from tisa.errors import Reason, Refused, TisaError, VerificationError
@@ -27,10 +28,24 @@ from tisa.prekeys import PrekeyKind, PrekeySecret, unwrap_content_key
 from tisa.report import OpenedReport, open_report
 from tisa.token import ReleaseToken, check_for_recipient
 
-__all__ = ["MEMBER_DB", "held_prekey_secrets", "open_record"]
+__all__ = ["MEMBER_DB", "held_prekey_secrets", "open_record", "used_one_time_prekeys"]
 
 # The database file of a member's store (clients.store.MemberStore), prekeys included.
 MEMBER_DB = "member.db"
+
+
+def _rows(store: Path, sql: str) -> list[Any]:
+    path = store / MEMBER_DB
+    if not path.is_file():
+        raise OSError(f"no member store at {store}")
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return db.execute(sql).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise OSError(f"cannot read {path}: {exc}") from None
 
 
 def held_prekey_secrets(store: Path) -> list[PrekeySecret]:
@@ -40,21 +55,21 @@ def held_prekey_secrets(store: Path) -> list[PrekeySecret]:
     Raises:
         OSError: there is no such store, or its database cannot be read.
     """
-    path = store / MEMBER_DB
-    if not path.is_file():
-        raise OSError(f"no member store at {store}")
-    try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            rows = db.execute("SELECT kind, secret, created, not_after FROM prekeys").fetchall()
-        finally:
-            db.close()
-    except sqlite3.Error as exc:
-        raise OSError(f"cannot read {path}: {exc}") from None
+    rows = _rows(store, "SELECT kind, secret, created, not_after FROM prekeys")
     return [
         PrekeySecret(kind=PrekeyKind(k), secret=bytes(s), created=c, not_after=n)
         for k, s, c, n in rows
     ]
+
+
+def used_one_time_prekeys(store: Path) -> set[bytes]:
+    """The public keys of the one-time prekeys the member at ``store`` has used (their
+    secrets deleted), read as :func:`held_prekey_secrets` reads.
+
+    Raises:
+        OSError: there is no such store, or its database cannot be read.
+    """
+    return {bytes(row[0]) for row in _rows(store, "SELECT public FROM used_prekeys")}
 
 
 def open_record(

@@ -26,7 +26,7 @@ from tisa.token import ReleaseToken, check_for_recipient
 from tisa_io.link import connect_member
 from tisa_testing import hostile
 from tisa_testing import relay as hr
-from tisa_testing.secrecy import held_prekey_secrets, open_record
+from tisa_testing.secrecy import held_prekey_secrets, open_record, used_one_time_prekeys
 from tisa_testing.world import LEVEL, SCOPE, World, make_world
 
 TIMEOUT = 15
@@ -126,6 +126,7 @@ async def test_the_record_and_the_long_term_keys_open_nothing_after_deletion(
                 tokyo.store.prekey_secret(PrekeyKind.SIGNED, token.wrap.spk or b"")
         after = prekey_rows(tmp_path / "tokyo")
     assert token.wrap.spk not in after and token.wrap.opk not in after
+    assert token.wrap.opk in used_one_time_prekeys(tmp_path / "tokyo")  # kept as used
 
     tokens = every_token(record, relay)
     assert tokens and token.encoded in tokens
