@@ -33,6 +33,7 @@ It ends with a summary table; :func:`run_demo` returns False when any check fail
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -62,7 +63,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tisa.arrangement import SignedArrangement
-from tisa.errors import TisaError
+from tisa.errors import KeyFileError, TisaError
 from tisa.keys import Hash, Hasher, MemberSecret
 from tisa.limits import CHUNK_SIZE
 from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode
@@ -155,6 +156,10 @@ def prepare_deployment(
 
     Keys and the arrangement are kept when they are already there and fit together, so
     a named folder can be run again; the nodes' stores are always started afresh.
+
+    Raises:
+        KeyFileError: a key file in the folder is not a demo key (its path is named).
+        OSError: the folder cannot be created or written.
     """
     say = announce or (lambda text: None)
     folder.mkdir(parents=True, exist_ok=True)
@@ -162,7 +167,13 @@ def prepare_deployment(
     secrets: dict[str, MemberSecret] = {}
     for name, path in keys.items():
         if path.exists():
-            secrets[name] = MemberSecret.load(path, DEMO_PASSPHRASE)[0]
+            try:
+                secrets[name] = MemberSecret.load(path, DEMO_PASSPHRASE)[0]
+            except KeyFileError as exc:
+                # A folder a new user pointed --dir at: say which file, and the way out.
+                raise KeyFileError(
+                    f"{path}: {exc} (not a demo key: remove it, or choose another --dir)"
+                ) from None
         else:
             secrets[name] = create_identity(path, name, DEMO_PASSPHRASE, insecure_fast_kdf=True)
             say(f"{name} generated its keys, fingerprint {secrets[name].public.fingerprint}")
@@ -551,9 +562,16 @@ class Demo:
         return agent
 
     def close_agents(self) -> None:
-        """Stop every member process (:meth:`Agent.close`), the last started first."""
-        while self.agents:
-            self.agents.popitem()[1].close()
+        """Stop every member process (:meth:`Agent.close`), the last started first.
+
+        Each is closed even when closing another raised (a second Ctrl-C, say): that
+        exception is raised once all were tried.
+        """
+        agents = list(self.agents.values())
+        self.agents.clear()
+        with contextlib.ExitStack() as stack:
+            for agent in agents:
+                stack.callback(agent.close)
 
     # --- output -------------------------------------------------------------------------
 
@@ -980,7 +998,9 @@ class Demo:
         seoul = self.agents["seoul"]
         tokyo_store = self.deployment.store("tokyo")
         self.say("tokyo", "goes offline: its node stops, so Washington queues what comes for it")
-        self.agents.pop("tokyo").close()
+        # Closed before it leaves agents: a close cut short (Ctrl-C) is retried at the end.
+        self.agents["tokyo"].close()
+        del self.agents["tokyo"]
         # Demo only: the secrets Tokyo holds now, kept in this process's memory, to show
         # below that the record is complete (with the right secret it opens).
         before = {p.public: p for p in held_prekey_secrets(tokyo_store)}
@@ -1212,6 +1232,23 @@ class Demo:
         return not failed
 
 
+def _check_writable(path: Path) -> None:
+    """Raise now, not after the whole run, when ``path`` cannot be written.
+
+    Raises:
+        FileNotFoundError: its folder does not exist.
+        PermissionError: the file, or its folder for a new file, is not writable.
+        IsADirectoryError: it is a folder.
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
 def run_demo(
     *,
     folder: Path | None = None,
@@ -1229,8 +1266,15 @@ def run_demo(
         trace_path: write every event as a JSON line here.
         diagram_path: draw the exchange as a sequence diagram (HTML with SVG) here.
         console: where the timeline goes (stdout by default).
+
+    Raises:
+        OSError: the folder, the trace or the diagram file cannot be written (the
+            diagram's is checked before anything runs).
+        KeyFileError: a key file in ``folder`` is not a demo key.
     """
     console = console or Console()
+    if diagram_path is not None:
+        _check_writable(diagram_path)
     with contextlib.ExitStack() as stack:
         if folder is None:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tisa-demo-")))
