@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from rich.console import Console
 
-from tisa.errors import KeyFileError, VerificationError
+from tisa.errors import KeyFileError, ProtocolError, VerificationError
 from tisa.keys import MemberSecret
 from tisa_cli.commands import tisa
 from tisa_cli.demo import DEMO_PASSPHRASE, Demo, prepare_deployment, run_demo
@@ -218,6 +218,16 @@ def test_a_damaged_key_file_in_the_folder_is_named(tmp_path: Path) -> None:
     assert len(result.stderr.splitlines()) == 1
 
 
+def _bare_demo() -> Demo:
+    """A demo with no deployment and no process, for its own bookkeeping."""
+    return Demo(
+        console=Console(file=io.StringIO()),
+        trace=TraceWriter(),
+        deployment=None,  # type: ignore[arg-type]
+        large_mib=0,
+    )
+
+
 class _Closing:
     def __init__(self, closed: list[str], name: str, interrupt: bool = False) -> None:
         self.closed, self.name, self.interrupt = closed, name, interrupt
@@ -230,12 +240,7 @@ class _Closing:
 
 def test_closing_the_members_goes_on_past_an_interrupted_close() -> None:
     closed: list[str] = []
-    demo = Demo(
-        console=Console(file=io.StringIO()),
-        trace=TraceWriter(),
-        deployment=None,  # type: ignore[arg-type]
-        large_mib=0,
-    )
+    demo = _bare_demo()
     demo.agents = {
         "seoul": _Closing(closed, "seoul"),  # type: ignore[dict-item]
         "tokyo": _Closing(closed, "tokyo", interrupt=True),  # type: ignore[dict-item]
@@ -244,3 +249,14 @@ def test_closing_the_members_goes_on_past_an_interrupted_close() -> None:
         demo.close_agents()
     assert closed == ["tokyo", "seoul"]  # the last started first, and both
     assert demo.agents == {}
+
+
+def test_a_step_that_raises_a_typed_error_is_a_failed_check() -> None:
+    demo = _bare_demo()
+
+    def undecodable() -> None:
+        raise ProtocolError("token: not a map")
+
+    demo.step("10. A step", undecodable)
+    assert [(c.step, c.ok) for c in demo.checks] == [("10. A step", False)]
+    assert "token: not a map" in demo.checks[0].observed

@@ -639,7 +639,7 @@ class Demo:
         self.heading(title)
         try:
             func()
-        except (DemoError, KeyError, OSError, ValueError) as exc:
+        except (DemoError, KeyError, OSError, ValueError, TisaError) as exc:
             self.check(title, "the step runs", f"could not run it: {exc}", False)
 
     def seal_and_hold(self) -> None:
