@@ -154,6 +154,9 @@ UPLOAD_CONNECTIONS = 4
 
 # Advisory lock taken while the schema is created or migrated.
 _SCHEMA_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-schema", digest_size=8).digest()) >> 1
+# Transaction advisory lock of PgStore._exclusive: receipts and consent objects (rows
+# read on from the last seq sent) and the consent steps' check-then-write.
+_ORDER_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-order", digest_size=8).digest()) >> 1
 
 OUTSTANDING = ("pending", "delivered")
 
@@ -314,13 +317,21 @@ class _Session:
     def __init__(self, store: PgStore) -> None:
         self._store = store
 
-    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
+    def execute(self, query: str, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
         conn = self._store._main()
+        if not query.startswith("SELECT"):
+            self._store._writes += 1  # a step's write (see PgStore._changes)
         try:
             return conn.execute(query, params)
         except psycopg.errors.LockNotAvailable:
-            # lock_timeout: another relay process held the chain head too long.
-            raise StoreBusy("another relay process holds the audit chain too long") from None
+            # lock_timeout: another relay process held what this needs too long (the
+            # audit chain head while it commits, the ordering lock, or a row).
+            raise StoreBusy(
+                "another relay process holds the audit chain or a row too long"
+            ) from None
+        except psycopg.errors.DeadlockDetected:
+            # Two processes' open batches waited for each other's rows: one is told.
+            raise StoreBusy("another relay process holds a row this step needs") from None
         except psycopg.OperationalError as exc:
             if not (conn.broken or conn.closed):
                 raise
@@ -466,9 +477,22 @@ class PgStore(ConsentTables, DurableStore):
         super().__init__()
         self.dsn = dsn
         self.group_commit = group_commit
-        # Audit head cached while this store holds the audit_head row (a batch is open).
+        # The audit chain head as last read or written (see _flush_audit).
         self._seq = 0
         self._head = GENESIS
+        # Audit entries of the open batch, not yet numbered: (event, time, report, token,
+        # parties, reason); chained and written by _flush_audit. _audit_mark: where the
+        # current step's begin.
+        self._audit_rows: list[
+            tuple[AuditEvent, int, bytes | None, bytes | None, tuple[str, ...], str | None]
+        ] = []
+        self._audit_mark = 0
+        # The open batch holds the audit_head row (it flushed its entries), and the
+        # ordering lock (_exclusive).
+        self._head_held = False
+        self._ordered = False
+        # Write statements run (see _changes).
+        self._writes = 0
         # report id -> blob id, placed by a PgBlobWriter, awaiting add_report.
         self._placed: dict[bytes, bytes] = {}
         self._slot = random_id()
@@ -568,6 +592,7 @@ class PgStore(ConsentTables, DurableStore):
             self.ops = self.unsynced_ops = 0
             self._notify.clear()
             self._claimed.clear()
+            self._batch_ended()
         self._close_connections()
         log.warning("lost the relay's PostgreSQL store: %s", exc or "a WAL flush failed")
 
@@ -638,19 +663,44 @@ class PgStore(ConsentTables, DurableStore):
         return raw is not None and raw.info.transaction_status != TransactionStatus.IDLE
 
     def _execute(self, statement: str) -> None:
-        # COMMIT or ROLLBACK of the open batch. The notifications go out with the COMMIT
-        # (PostgreSQL delivers them when the transaction commits, never before).
+        # COMMIT or ROLLBACK of the open batch (the audit entries and the notifications
+        # went in before, in _before_commit).
+        try:
+            self._conn.execute(statement)
+        finally:
+            self._batch_ended()
+
+    def _batch_ended(self) -> None:
+        self._notify.clear()
+        self._audit_rows.clear()
+        self._audit_mark = 0
+        self._head_held = self._ordered = False
+
+    def _before_commit(self) -> None:
+        # Inside the batch's transaction, right before its COMMIT: the notifications
+        # (PostgreSQL delivers them when the transaction commits, never before), then
+        # the audit entries, which take the chain head and hold it through the COMMIT.
         members, self._notify = self._notify, set()
-        if statement == "COMMIT":
-            for member in sorted(members):
-                self._conn.execute("SELECT pg_notify(%s, %s)", (self.channel, member))
-        self._conn.execute(statement)
+        if members:
+            self._conn.execute(
+                "SELECT pg_notify(%s, m) FROM unnest(%s::text[]) AS m",
+                (self.channel, sorted(members)),
+            )
+        self._flush_audit()
 
     def _tell(self, member: str) -> None:
         # Something new is queued for ``member``: tell the other relay processes when
         # this batch commits (see watch).
         if member:
             self._notify.add(member)
+
+    def _exclusive(self) -> None:
+        """The rest of the open batch runs as the only one of its kind among the relay
+        processes (see :meth:`relay.consentstore.ConsentTables._exclusive`): a
+        transaction advisory lock, taken once per batch and released by its COMMIT."""
+        if not self._ordered:
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ORDER_LOCK,))
+            self._ordered = True
 
     def _seen(self, found: Any) -> Any:
         """Rows read outside this store's open batch may belong to another process's
@@ -664,16 +714,8 @@ class PgStore(ConsentTables, DurableStore):
         return found
 
     def _begin(self) -> None:
-        # Every writing transaction locks the chain head first (see the module docstring).
+        # A batch begins without any lock: the chain head is taken by _flush_audit.
         self._conn.execute("BEGIN")
-        try:
-            self._load_head(lock=True)
-        except BaseException:
-            # lock_timeout (another process holds the head too long), or the server is
-            # gone: nothing of this batch exists yet.
-            if self.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
 
     def _load_head(self, *, lock: bool = False) -> None:
         row = self._conn.execute(
@@ -682,23 +724,111 @@ class PgStore(ConsentTables, DurableStore):
         assert row is not None  # inserted with the schema
         self._seq, self._head = int(row[0]), bytes(row[1])
 
+    def _flush_audit(self) -> None:
+        """Number, chain and write the open batch's audit entries: lock the chain head
+        (``SELECT … FOR UPDATE``), then one statement appends every entry and moves the
+        head. The lock is held to the batch's end, so the sequence numbers of all relay
+        processes commit in order; a batch takes it only here (right before its COMMIT,
+        or when the open batch's entries are read), and holds nothing another process
+        waits for once it has it (no deadlock through the head)."""
+        if not self._audit_rows:
+            return
+        if not self._head_held:
+            # Lock order: the ordering lock before the head, never after (a batch that
+            # takes the head before its COMMIT may still run steps that take it).
+            self._exclusive()
+        self._load_head(lock=True)
+        self._head_held = True
+        seqs: list[int] = []
+        encoded: list[bytes] = []
+        contents: list[bytes] = []
+        heads: list[bytes] = []
+        seq, head = self._seq, self._head
+        for event, when, report, token, parties, reason in self._audit_rows:
+            seq += 1
+            entry = AuditEntry(
+                seq=seq,
+                time=when,
+                event=event,
+                report=report,
+                token=token,
+                parties=parties,
+                reason=reason,
+            )
+            data = entry.encode()
+            content = digest(Hash.AUDIT, data)
+            head = chain_next(head, content)
+            seqs.append(seq)
+            encoded.append(data)
+            contents.append(content)
+            heads.append(head)
+        self._conn.execute(
+            "WITH appended AS (INSERT INTO audit (seq, entry, content, head)"
+            " SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[], %s::bytea[]))"
+            " UPDATE audit_head SET seq = %s, head = %s",
+            (seqs, encoded, contents, heads, seq, head),
+        )
+        self._seq, self._head = seq, head
+        self._audit_rows.clear()
+        self._audit_mark = 0
+
+    def _changes(self) -> int:
+        return self._writes + len(self._audit_rows)
+
+    def _step_started(self) -> None:
+        self._audit_mark = len(self._audit_rows)
+
+    def _rolled_back(self) -> None:
+        if self.in_transaction:
+            # One step rolled back: its buffered entries go with it. (The head is taken
+            # only outside steps, so a step rolled back never releases it.)
+            del self._audit_rows[self._audit_mark :]
+        else:
+            self._batch_ended()
+
     @contextlib.contextmanager
     def _single(self) -> Iterator[_Session]:  # type: ignore[override]
+        # Without group commit: one transaction, durable on return.
         self._begin()
+        self._step_started()
         try:
             yield self._conn
+            self._before_commit()
         except BaseException:
             if self.in_transaction:
                 self._execute("ROLLBACK")
+            self._batch_ended()
             raise
         self._execute("COMMIT")
         self.fsync_wal()
 
     @contextlib.contextmanager
-    def _step(self) -> Iterator[_Session]:  # type: ignore[override]
+    def _step(self, *, savepoint: bool = True) -> Iterator[_Session]:  # type: ignore[override]
+        # As tisa_io.durable.DurableStore._step: one step of the open batch, in a
+        # savepoint, or (savepoint=False) without one for a step that makes every check
+        # before its first write. In PostgreSQL a failed statement spoils the whole
+        # transaction, so such a step whose statement failed loses its batch as well.
         if not self.in_transaction:
             self._begin()
+        if not savepoint:
+            before = self._changes()
+            self._in_step = True
+            try:
+                yield self._conn
+            except BaseException:
+                raw = self._raw
+                spoiled = raw is not None and (
+                    raw.info.transaction_status == TransactionStatus.INERROR
+                )
+                if spoiled or self._changes() != before:
+                    self._abandon_batch()
+                raise
+            finally:
+                self._in_step = False
+            self.ops += 1
+            return
         self._conn.execute("SAVEPOINT step")
+        self._step_started()
         self._in_step = True
         try:
             yield self._conn
@@ -706,15 +836,18 @@ class PgStore(ConsentTables, DurableStore):
             if self.in_transaction:  # else the connection (and the batch) is gone
                 self._conn.execute("ROLLBACK TO SAVEPOINT step")
                 self._conn.execute("RELEASE SAVEPOINT step")
-                self._load_head()  # the entries of this step are gone; the lock stays
+                self._rolled_back()
             raise
         finally:
             self._in_step = False
         self._conn.execute("RELEASE SAVEPOINT step")
         self.ops += 1
 
-    def _transaction(self) -> contextlib.AbstractContextManager[_Session]:
-        return self._step() if self.group_commit else self._single()
+    def _transaction(
+        self, *, savepoint: bool = True
+    ) -> contextlib.AbstractContextManager[_Session]:
+        # savepoint=False: the step checks everything before its first write.
+        return self._step(savepoint=savepoint) if self.group_commit else self._single()
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         # The shared statements of relay.consentstore, written with SQLite's "?"
@@ -857,27 +990,12 @@ class PgStore(ConsentTables, DurableStore):
         report: bytes | None = None,
         token: bytes | None = None,
         reason: str | None = None,
-    ) -> AuditEntry:
-        # Inside a transaction only, which holds the audit_head row (see _begin).
-        entry = AuditEntry(
-            seq=self._seq + 1,
-            time=max(now, 0),
-            event=event,
-            report=report,
-            token=token,
-            parties=tuple(sorted(set(parties), key=str.encode)),
-            reason=reason,
+    ) -> None:
+        # Inside a step only: the entry joins the open batch, numbered and chained when
+        # it commits (_flush_audit), in the same transaction as the change it records.
+        self._audit_rows.append(
+            (event, max(now, 0), report, token, tuple(sorted(set(parties), key=str.encode)), reason)
         )
-        encoded = entry.encode()
-        content = digest(Hash.AUDIT, encoded)
-        head = chain_next(self._head, content)
-        self._conn.execute(
-            "INSERT INTO audit (seq, entry, content, head) VALUES (%s, %s, %s, %s)",
-            (entry.seq, encoded, content, head),
-        )
-        self._conn.execute("UPDATE audit_head SET seq = %s, head = %s", (entry.seq, head))
-        self._seq, self._head = entry.seq, head
-        return entry
 
     def log_refusal(
         self,
@@ -888,10 +1006,11 @@ class PgStore(ConsentTables, DurableStore):
         report: bytes | None = None,
         token: bytes | None = None,
         others: tuple[str, ...] = (),
-    ) -> AuditEntry:
-        """Log a refusal of something ``member`` sent (its own step)."""
-        with self._transaction():
-            return self._audit(
+    ) -> None:
+        """Log a refusal of something ``member`` sent (its own step; its sequence number
+        is given when its batch commits)."""
+        with self._transaction(savepoint=False):
+            self._audit(
                 AuditEvent.REFUSED,
                 now=now,
                 parties=(member, *others),
@@ -900,24 +1019,32 @@ class PgStore(ConsentTables, DurableStore):
                 reason=reason.value,
             )
 
+    def _audit_read(self) -> None:
+        # Before the audit log is read: the open batch's entries are written first (the
+        # chain head is then held to its COMMIT), so a read sees them, as with SQLite;
+        # outside a batch, the head as committed.
+        if self._audit_rows:
+            self._flush_audit()
+        elif not self._head_held:
+            self._load_head()
+
     @property
     def audit_seq(self) -> int:
         """Sequence number of the last audit entry (0 when empty)."""
-        if not self.in_transaction:
-            self._load_head()
+        self._audit_read()
         return self._seq
 
     @property
     def audit_head(self) -> bytes:
         """The audit chain's head after its last entry."""
-        if not self.in_transaction:
-            self._load_head()
+        self._audit_read()
         return self._head
 
     def audit_point(self, seq: int) -> bytes | None:
         """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
         if seq == 0:
             return GENESIS
+        self._audit_read()
         row = self._seen(
             self._conn.execute("SELECT head FROM audit WHERE seq = %s", (seq,)).fetchone()
         )
@@ -925,6 +1052,7 @@ class PgStore(ConsentTables, DurableStore):
 
     def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
         """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+        self._audit_read()
         rows = self._seen(
             self._conn.execute(
                 "SELECT entry, content, head FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
@@ -935,6 +1063,7 @@ class PgStore(ConsentTables, DurableStore):
 
     def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
         """The encoded sizes of up to ``limit`` entries after ``after``."""
+        self._audit_read()
         rows = self._conn.execute(
             "SELECT octet_length(entry) FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
             (after, _limit(limit)),
@@ -1005,20 +1134,31 @@ class PgStore(ConsentTables, DurableStore):
             blob = self._placed.get(report_id)
             if blob is None:
                 raise UsageError("no placed upload of this report")
-        with self._transaction() as db:
-            try:
+        with self._transaction(savepoint=False) as db:
+            if (
                 db.execute(
                     "INSERT INTO reports (id, originator, size, digest, state, expires,"
-                    " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)",
+                    " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING",
                     (report_id, originator, size, digest, expires, now, data, blob),
-                )
-            except psycopg.errors.UniqueViolation:
+                ).rowcount
+                == 0
+            ):
                 # The same upload through another relay process (a member that failed
                 # over mid-upload) was stored first: sent again, it is answered as stored.
-                raise StoreBusy("another relay process stored this report just now") from None
+                raise StoreBusy("another relay process stored this report just now")
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         self._placed.pop(report_id, None)
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
+
+    def _locked_report(self, report_id: bytes) -> ReportRow | None:
+        # The report's row, locked until the batch ends (inside a step).
+        row = self._conn.execute(
+            "SELECT id, originator, size, digest, state, ended, expires, stored_at"
+            " FROM reports WHERE id = %s FOR UPDATE",
+            (report_id,),
+        ).fetchone()
+        return None if row is None else ReportRow(*row)
 
     def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
         # Inside a step: the report's row and its chunks go in the same transaction.
@@ -1068,17 +1208,24 @@ class PgStore(ConsentTables, DurableStore):
         Raises:
             Refused: as :meth:`relay.store.Store.release`.
         """
-        with self._transaction() as db:
+        # As with SQLite, a plain release checks everything before its first write (no
+        # savepoint); an approval writes the request's state first, so it keeps one.
+        with self._transaction(savepoint=token.request is not None) as db:
             if token.request is not None:
                 self._approve(token, now=now, clock_skew=clock_skew)
+            # The report's row, locked until the batch ends: a revocation or expiry of
+            # it in another relay process's open batch is waited for, and seen. With
+            # it the token id's state and the recipient's queue, in one round trip.
             row = db.execute(
-                "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL,"
-                " r.state, r.ended, r.expires, r.key_commit"
-                " FROM (SELECT 1) AS one LEFT JOIN reports r ON r.id = %s",
-                (token.id, token.report),
+                "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL, r.state,"
+                " r.ended, r.expires, r.key_commit, (SELECT count(*) FROM tokens"
+                " WHERE recipient = %s AND state IN (%s, %s))"
+                " FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, state, ended, expires,"
+                " key_commit FROM reports WHERE id = %s FOR NO KEY UPDATE) AS r ON true",
+                (token.id, token.recipient, *OUTSTANDING, token.report),
             ).fetchone()
             assert row is not None
-            seen, present, state, ended, expires, pinned = row
+            seen, present, state, ended, expires, pinned, queued = row
             if seen is not None:
                 if seen == "revoked":
                     raise Refused(Reason.REVOKED, "this token was revoked")
@@ -1091,7 +1238,7 @@ class PgStore(ConsentTables, DurableStore):
                 raise Refused(Reason.EXPIRED, "the report is no longer held")
             if expires <= now:
                 raise Refused(Reason.EXPIRED, "the report's hold time is over")
-            if self.queue_length(token.recipient) >= max_queue:
+            if queued >= max_queue:
                 raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
             # The first release pins the key commitment (see relay.store.Store.release).
             if pinned is not None and bytes(pinned) != token.key_commit:
@@ -1099,7 +1246,7 @@ class PgStore(ConsentTables, DurableStore):
                     Reason.WRONG_REPORT, "token commits to another content key than the first"
                 )
             if token.wrap.opk is not None:
-                self._use_one_time_prekey(db, token)
+                self._check_one_time_prekey(db, token)
             pending = TokenRow(
                 0,
                 token.id,
@@ -1111,17 +1258,32 @@ class PgStore(ConsentTables, DurableStore):
                 "pending",
                 token.not_after,
             )
+            # The token's row and the report's pin in one statement. ON CONFLICT: the
+            # same token consumed by another relay process meanwhile (its open batch
+            # held the id; this waited for its COMMIT) is a replay, refused before
+            # anything was written.
             inserted = db.execute(
-                f"INSERT INTO tokens ({_TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
-                (*dataclasses.astuple(pending)[1:], token.not_after + MAX_VALIDITY),
+                "WITH t AS (INSERT INTO tokens"
+                f" ({_TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING seq),"
+                " r AS (UPDATE reports SET key_commit = coalesce(key_commit, %s),"
+                " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
+                " WHERE id = %s AND EXISTS (SELECT 1 FROM t))"
+                " SELECT seq FROM t",
+                (
+                    *dataclasses.astuple(pending)[1:],
+                    token.not_after + MAX_VALIDITY,
+                    token.key_commit,
+                    token.report,
+                ),
             ).fetchone()
-            assert inserted is not None
-            db.execute(
-                "UPDATE reports SET key_commit = coalesce(key_commit, %s),"
-                " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = %s",
-                (token.key_commit, token.report),
-            )
+            if inserted is None:
+                raise Refused(Reason.REPLAYED, "this token was used before")
+            if token.wrap.opk is not None:
+                db.execute(
+                    "UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk)
+                )
             self._tell(token.recipient)
             self._audit(
                 AuditEvent.RELEASED,
@@ -1163,7 +1325,7 @@ class PgStore(ConsentTables, DurableStore):
 
     def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
         """A delivery went out in full; the first time, log ``forwarded``."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             row = db.execute(
                 "UPDATE tokens SET state = 'delivered' WHERE id = %s AND state = 'pending'"
                 " RETURNING originator, recipient, report",
@@ -1181,31 +1343,43 @@ class PgStore(ConsentTables, DurableStore):
 
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report (see :meth:`relay.store.Store.ack_delivery`)."""
-        with self._transaction() as db:
-            row = self.token(token_id)
-            if row is None or row.recipient != recipient:
-                return False
-            if row.state not in OUTSTANDING:
-                return True
-            db.execute(
-                "UPDATE tokens SET state = 'acked', token = ''::bytea WHERE id = %s", (token_id,)
-            )
-            if row.state == "pending":
+        with self._transaction(savepoint=False) as db:
+            # As with SQLite: one statement checks and writes in the usual case (marked
+            # forwarded before), RETURNING gives only the new values, so each state the
+            # ack may find has a statement of its own.
+            for before in ("delivered", "pending"):
+                row = db.execute(
+                    "UPDATE tokens SET state = 'acked', token = ''::bytea"
+                    " WHERE id = %s AND recipient = %s AND state = %s"
+                    " RETURNING originator, report",
+                    (token_id, recipient, before),
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
+                known = self.token(token_id)
+                return known is not None and known.recipient == recipient
+            originator, report = str(row[0]), bytes(row[1])
+            if before == "pending":
+                # The ack overtook mark_forwarded: the delivery did go out in full.
                 self._audit(
                     AuditEvent.FORWARDED,
                     now=now,
-                    parties=(row.originator, row.recipient),
-                    report=row.report,
+                    parties=(originator, recipient),
+                    report=report,
                     token=token_id,
                 )
             self._audit(
                 AuditEvent.ACKNOWLEDGED,
                 now=now,
-                parties=(row.originator, row.recipient),
-                report=row.report,
+                parties=(originator, recipient),
+                report=report,
                 token=token_id,
             )
-        self.unclaim((token_id,))  # no longer owed: nobody needs the claim
+        # No longer owed: nobody needs the claim, nor to be told to look.
+        if token_id in self._claimed:
+            self._claimed.discard(token_id)
+            self._conn.execute("SELECT pg_advisory_unlock(%s)", (_claim_key(token_id),))
         return True
 
     # --- revocation ----------------------------------------------------------------------
@@ -1219,20 +1393,33 @@ class PgStore(ConsentTables, DurableStore):
                 WRONG_REPORT.
         """
         with self._transaction() as db:
-            report = self.report(report_id)
+            # The report's row and the token's are locked until the batch ends: a
+            # release or an ack in another relay process's open batch is waited for,
+            # and seen.
+            report = self._locked_report(report_id)
             if report is None or report.originator != by:
                 raise Refused(Reason.UNKNOWN_REPORT, "no such report of yours")
             if token_id is not None:
-                row = self.token(token_id)
+                found = db.execute(
+                    f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s FOR UPDATE", (token_id,)
+                ).fetchone()
+                row = None if found is None else _token_row(found)
                 if row is None:
                     # Revoked before release: the id is recorded so a later release is
                     # refused. recipient is unknown; '' matches no member.
-                    db.execute(
-                        "INSERT INTO tokens (id, report, recipient, originator, token, counter,"
-                        " state, not_after, keep_until)"
-                        " VALUES (%s, %s, '', %s, ''::bytea, 0, 'revoked', %s, %s)",
-                        (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
-                    )
+                    if (
+                        db.execute(
+                            "INSERT INTO tokens (id, report, recipient, originator, token,"
+                            " counter, state, not_after, keep_until)"
+                            " VALUES (%s, %s, '', %s, ''::bytea, 0, 'revoked', %s, %s)"
+                            " ON CONFLICT (id) DO NOTHING",
+                            (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
+                        ).rowcount
+                        == 0
+                    ):
+                        # Released meanwhile through another relay process (for
+                        # another report): sent again, the revocation finds its row.
+                        raise StoreBusy("another relay process used this token just now")
                     parties: tuple[str, ...] = (by,)
                 else:
                     if row.report != report_id:
@@ -1292,7 +1479,7 @@ class PgStore(ConsentTables, DurableStore):
         Raises:
             Refused: WRONG_REPORT when no such delivery exists.
         """
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             row = db.execute(
                 "SELECT recipient, originator, report FROM tokens WHERE id = %s", (receipt.token,)
             ).fetchone()
@@ -1303,6 +1490,9 @@ class PgStore(ConsentTables, DurableStore):
                 or bytes(row[2]) != receipt.report
             ):
                 raise Refused(Reason.WRONG_REPORT, "no such delivery")
+            # Originators read receipts on from the last seq they were sent: drawn in
+            # commit order.
+            self._exclusive()
             cursor = db.execute(
                 "INSERT INTO receipts (originator, token, receipt, state)"
                 " VALUES (%s, %s, %s, 'queued') ON CONFLICT (token) DO NOTHING",
@@ -1336,7 +1526,7 @@ class PgStore(ConsentTables, DurableStore):
     def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
         """The originator holds the receipt (its row keeps only the token id); False if
         there is no such receipt of ``originator``."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             cursor = db.execute(
                 "UPDATE receipts SET state = 'acked', receipt = ''::bytea"
                 " WHERE token = %s AND originator = %s",
@@ -1357,7 +1547,7 @@ class PgStore(ConsentTables, DurableStore):
 
     def drop_notice(self, seq: int) -> None:
         """Drop a notice that was sent (notices have no ack)."""
-        with self._transaction() as db:
+        with self._transaction(savepoint=False) as db:
             db.execute("DELETE FROM notices WHERE seq = %s", (seq,))
 
     def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
@@ -1376,9 +1566,12 @@ class PgStore(ConsentTables, DurableStore):
         with self._transaction() as db:
             expired_tokens = [
                 _token_row(row)
+                # SKIP LOCKED: a delivery another relay process's open batch holds (an
+                # ack, a revocation) is left to it, or to the next expiry run.
                 for row in db.execute(
                     "UPDATE tokens SET state = 'expired', token = ''::bytea"
-                    " WHERE state IN (%s, %s) AND not_after + %s <= %s"
+                    " WHERE id IN (SELECT id FROM tokens WHERE state IN (%s, %s)"
+                    " AND not_after + %s <= %s FOR UPDATE SKIP LOCKED)"
                     f" RETURNING {_TOKEN_COLUMNS}",
                     (*OUTSTANDING, clock_skew, now),
                 ).fetchall()
@@ -1395,7 +1588,8 @@ class PgStore(ConsentTables, DurableStore):
                 )
             for report_id, originator, state in db.execute(
                 "SELECT id, originator, state FROM reports"
-                " WHERE state IN ('held', 'released') AND expires <= %s ORDER BY stored_at, id",
+                " WHERE state IN ('held', 'released') AND expires <= %s ORDER BY stored_at, id"
+                " FOR UPDATE SKIP LOCKED",
                 (now,),
             ).fetchall():
                 if state == "released":
@@ -1488,7 +1682,9 @@ class PgStore(ConsentTables, DurableStore):
             left,
         )
 
-    def _use_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
+    def _check_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
+        # The row is locked until the batch ends; release writes used_by once its
+        # token's row is in.
         row = db.execute(
             "SELECT owner, taken_by, used_by FROM prekeys WHERE key = %s AND kind = 'one_time'"
             " FOR UPDATE",
@@ -1498,4 +1694,3 @@ class PgStore(ConsentTables, DurableStore):
             raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
         if row[2] is not None:
             raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
-        db.execute("UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk))

@@ -1161,10 +1161,10 @@ class Store(ConsentTables, DurableStore):
         report: bytes | None = None,
         token: bytes | None = None,
         others: tuple[str, ...] = (),
-    ) -> AuditEntry:
+    ) -> None:
         """Log a refusal of something ``member`` sent (its own transaction)."""
         with self._transaction(savepoint=False):
-            return self._audit(
+            self._audit(
                 AuditEvent.REFUSED,
                 now=now,
                 parties=(member, *others),
