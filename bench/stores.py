@@ -70,22 +70,20 @@ class LockProbe:
     transaction is open, and how long a backend waits for a lock.
 
     A thread with a connection of its own (on the store's schema) looks every
-    :data:`PROBE_INTERVAL` seconds: whether the ``audit_head`` row is locked, i.e. its
-    visible version's ``xmax`` is a transaction still running (``pg_locks`` holds the
-    granted exclusive lock of every running transaction id on its own id; ``SELECT …
-    FOR UPDATE`` and ``UPDATE`` set ``xmax`` to the holder's id, which stays there, no
-    longer running, once it ended); whether a client backend of the database is inside
-    a transaction that has an id (a writing batch; the short writes of the WAL-flush
-    connection, ``wal_sync``, are left out); and whether one waits for a lock. Each look
-    counts for the time to the next one. The probe only reads (it takes no row lock);
-    its queries cost the server a little CPU, counted in its figure: hence
-    ``--lock-probe`` is opt-in.
+    :data:`PROBE_INTERVAL` seconds: whether the ``audit_head`` row is locked (``SELECT …
+    FOR KEY SHARE SKIP LOCKED`` finds no row: a relay's ``FOR UPDATE`` holds it; the
+    weakest row lock, held only for the probe's statement, it waits for nobody and
+    holds up a relay taking the head for that statement at most), whether a client
+    backend of the database is inside a transaction that has an id (a writing batch;
+    the short writes of the WAL-flush connection, ``wal_sync``, are left out), and
+    whether one waits for a lock. Each look counts for the time to the next one. The
+    probe's queries cost the server a little CPU (and a WAL record for its row lock),
+    counted in its figure: hence ``--lock-probe`` is opt-in. (The row's ``xmax`` tells
+    less: a head updated in a savepoint, as the relay did before, is a multixact.)
     """
 
     QUERY = (
-        "SELECT EXISTS (SELECT 1 FROM audit_head h JOIN pg_locks l"
-        " ON l.locktype = 'transactionid' AND l.transactionid = h.xmax"
-        " AND l.mode = 'ExclusiveLock' AND l.granted),"
+        "SELECT NOT EXISTS (SELECT 1 FROM audit_head FOR KEY SHARE SKIP LOCKED),"
         " count(*) FILTER (WHERE backend_xid IS NOT NULL"
         " AND query NOT LIKE '%%wal_sync%%'),"
         " count(*) FILTER (WHERE wait_event_type = 'Lock')"

@@ -52,6 +52,15 @@ def test_the_lock_probe_tells_the_head_row_held_from_a_writing_transaction(
         holder.rollback()
     assert busy.held_s > 0 and busy.writing_s > 0 and busy.waiting_s > 0
     busy.stop()  # a second stop does nothing
+    with psycopg.connect(pg_dsn) as holder:
+        # Locked, then updated in a savepoint (the row's xmax is a multixact then).
+        holder.execute("SELECT seq FROM audit_head FOR UPDATE")
+        holder.execute("SAVEPOINT step")
+        holder.execute("UPDATE audit_head SET seq = 1")
+        holder.execute("RELEASE SAVEPOINT step")
+        updated = _probe_while(pg_dsn, 0.2)
+        holder.rollback()
+    assert updated.held_s > 0
     # Released (rolled back): its id is still the row's xmax, but no longer running.
     after = _probe_while(pg_dsn, 0.2)
     assert after.looks > 1 and after.held_s == 0
