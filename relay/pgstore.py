@@ -686,7 +686,7 @@ class PgStore(ConsentTables, DurableStore):
                 "SELECT pg_notify(%s, m) FROM unnest(%s::text[]) AS m",
                 (self.channel, sorted(members)),
             )
-        self._flush_audit()
+        self._flush_audit(at_commit=True)
 
     def _tell(self, member: str) -> None:
         # Something new is queued for ``member``: tell the other relay processes when
@@ -724,18 +724,18 @@ class PgStore(ConsentTables, DurableStore):
         assert row is not None  # inserted with the schema
         self._seq, self._head = int(row[0]), bytes(row[1])
 
-    def _flush_audit(self) -> None:
+    def _flush_audit(self, *, at_commit: bool = False) -> None:
         """Number, chain and write the open batch's audit entries: lock the chain head
         (``SELECT … FOR UPDATE``), then one statement appends every entry and moves the
         head. The lock is held to the batch's end, so the sequence numbers of all relay
         processes commit in order; a batch takes it only here (right before its COMMIT,
-        or when the open batch's entries are read), and holds nothing another process
-        waits for once it has it (no deadlock through the head)."""
+        or when the open batch's entries are read); at its COMMIT it waits for nothing
+        else once it has it (no deadlock through the head)."""
         if not self._audit_rows:
             return
-        if not self._head_held:
-            # Lock order: the ordering lock before the head, never after (a batch that
-            # takes the head before its COMMIT may still run steps that take it).
+        if not (at_commit or self._head_held):
+            # Lock order: the ordering lock before the head, never after: a batch that
+            # takes the head before its COMMIT may still run steps that take it.
             self._exclusive()
         self._load_head(lock=True)
         self._head_held = True
