@@ -16,10 +16,19 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   SQLite, in the same code (:mod:`relay.consentstore`); a consent object queued for a
   member NOTIFYs the member's name like a delivery does, and the member's connections
   read the queue on from the last ``seq`` they sent: identity values are drawn in
-  commit order, since every insert runs in a batch that holds the audit chain head
-  until it commits, so no row can appear later below one already read.
-* **Group commit.** As with SQLite: every method is one step (a savepoint) of the open
-  batch, one transaction on the store's connection. :meth:`PgStore.commit` COMMITs it
+  commit order, since every consent step (and every receipt, read the same way) takes
+  the ordering lock (:meth:`PgStore._exclusive`, a transaction advisory lock) before
+  its insert and holds it to its batch's COMMIT, so no row can appear later below one
+  already read. The same lock keeps a consent step's checks from racing another
+  process's (one answer per request, the hourly rate). Deliveries and notices need no
+  such order: a member's connections look at them again from the start whenever
+  another process tells of new ones (``NOTIFY``, the poll).
+* **Group commit.** As with SQLite: every method is one step of the open batch (a
+  savepoint, or none for a step that makes every check before its first write: a
+  report's ``stored``, ``released``, ``forwarded`` and ``acknowledged`` steps; a
+  failed statement spoils a PostgreSQL transaction, so such a step whose statement
+  fails loses the whole batch, as a failed COMMIT does), one transaction on the
+  store's connection. :meth:`PgStore.commit` COMMITs it
   with ``synchronous_commit = off``: the server writes the commit record into its WAL
   but does not wait for the flush (SQLite's ``synchronous=NORMAL`` COMMIT). A batch
   counts as durable only after :meth:`PgStore.fsync_wal`, which commits one tiny write
@@ -40,18 +49,35 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   failed fsync, nothing is poisoned: what the restarted server holds is what it has on
   disk.
 * **The audit chain** is one hash chain per store: ``audit_head`` holds its last
-  sequence number and head, and every batch locks that row first (``SELECT ... FOR
-  UPDATE`` when it begins), updates it with each entry and releases it by committing.
-  Appends from several processes are serialized in commit order, and, because every
-  writing transaction takes that lock first, two processes can never wait on each
-  other's rows (no deadlock).
+  sequence number and head. A batch's entries wait in memory, unnumbered; right
+  before its COMMIT the batch locks that row (``SELECT … FOR UPDATE``), numbers and
+  chains the entries from it, appends them all and moves the head in one statement,
+  and releases the row by committing (:meth:`PgStore._flush_audit`). Appends from
+  several processes are serialized in commit order, and the row is held for three
+  round trips per batch, not for the batch: another process's batch runs its steps
+  meanwhile. Holding the head, a batch waits for nothing else, so no deadlock goes
+  through it. (Reading the audit log inside an open batch appends its entries first,
+  as SQLite does, and then holds the head to the COMMIT.)
+* **Checks and writes of two processes.** Without a lock every batch takes, what one
+  process's open batch is changing must be locked where another's check depends on it:
+  a release locks its report's row (``FOR NO KEY UPDATE``), a revocation the report's
+  and the token's, so a release never passes its checks against a report being
+  revoked; an expiry skips rows another batch holds (``SKIP LOCKED``); a state change
+  names the state it leaves (an ack updates only a delivery still owed). Such a wait
+  lasts until the other batch commits (milliseconds); past :data:`LOCK_TIMEOUT_MS`,
+  or when two batches wait for each other (PostgreSQL's deadlock detection picks one),
+  the step is :class:`relay.storage.StoreBusy` and the member tries again.
 * **Several processes.** A batch that queues something for a member NOTIFYs its name at
   COMMIT; :meth:`PgStore.watch` hears it and polls every :data:`POLL_INTERVAL` seconds
   besides. A delivery is claimed with a session advisory lock (:meth:`PgStore.claim`)
   before it is pushed. Rows read outside this process's batches are announced only after
   a flush of its own (:meth:`PgStore._seen`).
 * **Tokens.** ``tokens.id`` is unique: a token is consumed once, whichever process sees
-  it (the head lock makes the second see the first's commit; the key is the backstop).
+  it. A second process inserting the same id waits for the first's batch to end and
+  then inserts nothing (``ON CONFLICT DO NOTHING``): refused as a replay.
+* **Limits counted across processes** (a recipient's queue, a member's one-time
+  prekeys) count what is committed plus the open batch's own rows: two processes'
+  batches open at once may together pass one by what each adds before committing.
 * **Ciphertext lifetime.** A large upload goes to a temporary file (:meth:`write` is
   cheap), then :meth:`PgBlobWriter.place`, in a worker thread, copies it into
   ``blobs``/``blob_chunks`` on a pooled connection and commits synchronously before the
@@ -131,9 +157,10 @@ ORPHAN_GRACE = 3600
 CONNECT_TIMEOUT = 10
 
 # Milliseconds a step waits for a lock (the audit chain head, held by another relay
-# process's open batch) before it fails: that process commits within a batch's time
-# (milliseconds); a wait this long means it is stuck, and this process's event loop,
-# which waits in line, must not hang with it.
+# process while it commits; the ordering lock or a row, held by another process's open
+# batch) before it fails: that process commits within a batch's time (milliseconds); a
+# wait this long means it is stuck, and this process's event loop, which waits in
+# line, must not hang with it.
 LOCK_TIMEOUT_MS = 5000
 
 # Seconds between looks at the store when no notification came: LISTEN/NOTIFY is only

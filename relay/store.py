@@ -199,9 +199,10 @@ class StoreUnavailable(LocalError):
 
 
 class StoreBusy(StoreUnavailable):
-    """Another relay process holds what this step needs (the audit chain head past
-    the lock timeout, or a report id it stored a moment ago): the connection is closed
-    with ``busy`` and the member tries again."""
+    """Another relay process holds what this step needs (the audit chain head, the
+    ordering lock or a row past the lock timeout, a row both wait for, or a report id
+    it stored a moment ago): the connection is closed with ``busy`` and the member
+    tries again."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -100,9 +100,9 @@ def test_a_version_1_or_2_store_gains_the_prekey_table(pg_dsn: str, version: int
 def test_two_relay_processes_never_hand_out_one_one_time_prekey_twice(
     pg_dsn: str, world: World
 ) -> None:
-    # Two stores on one database (two relay processes). Their batches are serialised (each
-    # holds the audit chain's row until its commit), and a handout is taken in the batch
-    # that answers it: what one process handed out, the other never hands out again.
+    # Two stores on one database (two relay processes). A handout is taken in the batch
+    # that answers it (the row locked, others skip it): what one process handed out, the
+    # other never hands out again.
     from tisa.prekeys import Prekey
 
     first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
