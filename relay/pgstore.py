@@ -114,18 +114,16 @@ from psycopg.pq import TransactionStatus
 from relay.consentstore import ConsentTables
 from relay.store import (
     InlineBlob,
-    NoticeRow,
-    ReceiptRow,
     ReportRow,
     StoreBusy,
     StoreUnavailable,
     TokenRow,
 )
+from relay.tokenstore import OWED, TOKEN_COLUMNS, TokenTables, release_refusal
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.prekeys import Prekey
-from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 from tisa_io.durable import DurableStore
 
@@ -185,7 +183,6 @@ _SCHEMA_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-schema", digest_size=
 # read on from the last seq sent) and the consent steps' check-then-write.
 _ORDER_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-order", digest_size=8).digest()) >> 1
 
-OUTSTANDING = ("pending", "delivered")
 
 log = logging.getLogger(__name__)
 
@@ -311,16 +308,10 @@ CREATE TABLE IF NOT EXISTS consent_queue (
 CREATE INDEX IF NOT EXISTS consent_member ON consent_queue (member, seq);
 """
 
-_TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
-
 
 def _limit(limit: int) -> int | None:
     # -1 means all (the SQLite store's LIMIT -1); PostgreSQL spells it LIMIT NULL.
     return None if limit < 0 else limit
-
-
-def _token_row(row: tuple[Any, ...]) -> TokenRow:
-    return TokenRow(*row)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -487,7 +478,7 @@ class _ChunkReader(io.RawIOBase):
         return count
 
 
-class PgStore(ConsentTables, DurableStore):
+class PgStore(TokenTables, ConsentTables, DurableStore):
     """The relay's durable state in the PostgreSQL database at ``dsn``.
 
     Args:
@@ -1127,17 +1118,6 @@ class PgStore(ConsentTables, DurableStore):
             return io.BytesIO(bytes(row[0]))
         return io.BufferedReader(_ChunkReader(self, bytes(row[1])), BLOB_CHUNK)
 
-    def report(self, report_id: bytes) -> ReportRow | None:
-        """The report's row, or None."""
-        row = self._seen(
-            self._conn.execute(
-                "SELECT id, originator, size, digest, state, ended, expires, stored_at"
-                " FROM reports WHERE id = %s",
-                (report_id,),
-            ).fetchone()
-        )
-        return None if row is None else ReportRow(*row)
-
     def add_report(
         self,
         report_id: bytes,
@@ -1178,15 +1158,6 @@ class PgStore(ConsentTables, DurableStore):
         self._placed.pop(report_id, None)
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
 
-    def _locked_report(self, report_id: bytes) -> ReportRow | None:
-        # The report's row, locked until the batch ends (inside a step).
-        row = self._conn.execute(
-            "SELECT id, originator, size, digest, state, ended, expires, stored_at"
-            " FROM reports WHERE id = %s FOR UPDATE",
-            (report_id,),
-        ).fetchone()
-        return None if row is None else ReportRow(*row)
-
     def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
         # Inside a step: the report's row and its chunks go in the same transaction.
         self._conn.execute(
@@ -1200,15 +1171,6 @@ class PgStore(ConsentTables, DurableStore):
 
     # --- tokens --------------------------------------------------------------------------
 
-    def token(self, token_id: bytes) -> TokenRow | None:
-        """The token row of ``token_id`` (also a consumed one), or None."""
-        row = self._seen(
-            self._conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s", (token_id,)
-            ).fetchone()
-        )
-        return None if row is None else _token_row(row)
-
     def ping(self) -> None:
         """A trivial round trip to the server (the health check).
 
@@ -1221,8 +1183,7 @@ class PgStore(ConsentTables, DurableStore):
         """Deliveries still owed to ``recipient``: counted every time (other relay
         processes change it; an index scan on ``tokens_recipient``)."""
         row = self._conn.execute(
-            "SELECT count(*) FROM tokens WHERE recipient = %s AND state IN (%s, %s)",
-            (recipient, *OUTSTANDING),
+            f"SELECT count(*) FROM tokens WHERE recipient = %s AND {OWED}", (recipient,)
         ).fetchone()
         return 0 if row is None else int(row[0])
 
@@ -1246,32 +1207,28 @@ class PgStore(ConsentTables, DurableStore):
             row = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL, r.state,"
                 " r.ended, r.expires, r.key_commit, (SELECT count(*) FROM tokens"
-                " WHERE recipient = %s AND state IN (%s, %s))"
+                f" WHERE recipient = %s AND {OWED})"
                 " FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, state, ended, expires,"
                 " key_commit FROM reports WHERE id = %s FOR NO KEY UPDATE) AS r ON true",
-                (token.id, token.recipient, *OUTSTANDING, token.report),
+                (token.id, token.recipient, token.report),
             ).fetchone()
             assert row is not None
             seen, present, state, ended, expires, pinned, queued = row
-            if seen is not None:
-                if seen == "revoked":
-                    raise Refused(Reason.REVOKED, "this token was revoked")
-                raise Refused(Reason.REPLAYED, "this token was used before")
-            if not present:
-                raise Refused(Reason.UNKNOWN_REPORT, "no such report")
-            if state == "deleted":
-                if ended == "revoked":
-                    raise Refused(Reason.REVOKED, "the report was revoked")
-                raise Refused(Reason.EXPIRED, "the report is no longer held")
-            if expires <= now:
-                raise Refused(Reason.EXPIRED, "the report's hold time is over")
-            if queued >= max_queue:
-                raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
-            # The first release pins the key commitment (see relay.store.Store.release).
-            if pinned is not None and bytes(pinned) != token.key_commit:
-                raise Refused(
-                    Reason.WRONG_REPORT, "token commits to another content key than the first"
-                )
+            # The first release pins the key commitment (the statement below).
+            refusal = release_refusal(
+                token,
+                now=now,
+                seen=seen,
+                present=bool(present),
+                state=state,
+                ended=ended,
+                expires=expires,
+                pinned=pinned,
+                queued=lambda: int(queued),
+                max_queue=max_queue,
+            )
+            if refusal is not None:
+                raise refusal
             if token.wrap.opk is not None:
                 self._check_one_time_prekey(db, token)
             pending = TokenRow(
@@ -1291,7 +1248,7 @@ class PgStore(ConsentTables, DurableStore):
             # anything was written.
             inserted = db.execute(
                 "WITH t AS (INSERT INTO tokens"
-                f" ({_TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
+                f" ({TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
                 " ON CONFLICT (id) DO NOTHING RETURNING seq),"
                 " r AS (UPDATE reports SET key_commit = coalesce(key_commit, %s),"
@@ -1321,326 +1278,18 @@ class PgStore(ConsentTables, DurableStore):
             )
         return dataclasses.replace(pending, seq=int(inserted[0]))
 
-    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
-        """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
-        (at most ``limit``; -1 for all)."""
-        rows = self._seen(
-            self._conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens"
-                " WHERE recipient = %s AND state IN (%s, %s) AND seq > %s ORDER BY seq LIMIT %s",
-                (recipient, *OUTSTANDING, after, _limit(limit)),
-            ).fetchall()
-        )
-        return [_token_row(row) for row in rows]
+    # --- the hooks of relay.tokenstore.TokenTables ------------------------------------
 
-    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
-        """Whether a delivery is still outstanding, and its report's ciphertext if
-        stored inline (else None: in chunks, or gone)."""
-        row = self._conn.execute(
-            "SELECT t.state, r.data FROM tokens t LEFT JOIN reports r ON r.id = t.report"
-            " WHERE t.id = %s",
-            (token_id,),
-        ).fetchone()
-        if row is None:
-            return False, None
-        return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
+    # Another relay process's open batch may be changing a row a step checks: lock it
+    # until the batch ends; an expiry skips what another batch holds.
+    _FOR_UPDATE = " FOR UPDATE"
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
-    def is_outstanding(self, token_id: bytes) -> bool:
-        """Whether the delivery of ``token_id`` is still owed."""
-        row = self._conn.execute("SELECT state FROM tokens WHERE id = %s", (token_id,)).fetchone()
-        return row is not None and row[0] in OUTSTANDING
-
-    def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
-        """A delivery went out in full; the first time, log ``forwarded``."""
-        with self._transaction(savepoint=False) as db:
-            row = db.execute(
-                "UPDATE tokens SET state = 'delivered' WHERE id = %s AND state = 'pending'"
-                " RETURNING originator, recipient, report",
-                (token_id,),
-            ).fetchone()
-            if row is None:
-                return
-            self._audit(
-                AuditEvent.FORWARDED,
-                now=now,
-                parties=(str(row[0]), str(row[1])),
-                report=bytes(row[2]),
-                token=token_id,
-            )
-
-    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
-        """The recipient holds the report (see :meth:`relay.store.Store.ack_delivery`)."""
-        with self._transaction(savepoint=False) as db:
-            # As with SQLite: one statement checks and writes in the usual case (marked
-            # forwarded before), RETURNING gives only the new values, so each state the
-            # ack may find has a statement of its own.
-            for before in ("delivered", "pending"):
-                row = db.execute(
-                    "UPDATE tokens SET state = 'acked', token = ''::bytea"
-                    " WHERE id = %s AND recipient = %s AND state = %s"
-                    " RETURNING originator, report",
-                    (token_id, recipient, before),
-                ).fetchone()
-                if row is not None:
-                    break
-            else:
-                known = self.token(token_id)
-                return known is not None and known.recipient == recipient
-            originator, report = str(row[0]), bytes(row[1])
-            if before == "pending":
-                # The ack overtook mark_forwarded: the delivery did go out in full.
-                self._audit(
-                    AuditEvent.FORWARDED,
-                    now=now,
-                    parties=(originator, recipient),
-                    report=report,
-                    token=token_id,
-                )
-            self._audit(
-                AuditEvent.ACKNOWLEDGED,
-                now=now,
-                parties=(originator, recipient),
-                report=report,
-                token=token_id,
-            )
+    def _acked(self, token_id: bytes, recipient: str) -> None:
         # No longer owed: nobody needs the claim, nor to be told to look.
         if token_id in self._claimed:
             self._claimed.discard(token_id)
             self._conn.execute("SELECT pg_advisory_unlock(%s)", (_claim_key(token_id),))
-        return True
-
-    # --- revocation ----------------------------------------------------------------------
-
-    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
-        """Withdraw one token or the whole report (see :meth:`relay.store.Store.revoke`).
-
-        Raises:
-            Refused: UNKNOWN_REPORT, REPLAYED (also for the whole report when every
-                token of it was already acked: nothing left to withdraw), EXPIRED,
-                WRONG_REPORT.
-        """
-        with self._transaction() as db:
-            # The report's row and the token's are locked until the batch ends: a
-            # release or an ack in another relay process's open batch is waited for,
-            # and seen.
-            report = self._locked_report(report_id)
-            if report is None or report.originator != by:
-                raise Refused(Reason.UNKNOWN_REPORT, "no such report of yours")
-            if token_id is not None:
-                found = db.execute(
-                    f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s FOR UPDATE", (token_id,)
-                ).fetchone()
-                row = None if found is None else _token_row(found)
-                if row is None:
-                    # Revoked before release: the id is recorded so a later release is
-                    # refused. recipient is unknown; '' matches no member.
-                    if (
-                        db.execute(
-                            "INSERT INTO tokens (id, report, recipient, originator, token,"
-                            " counter, state, not_after, keep_until)"
-                            " VALUES (%s, %s, '', %s, ''::bytea, 0, 'revoked', %s, %s)"
-                            " ON CONFLICT (id) DO NOTHING",
-                            (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
-                        ).rowcount
-                        == 0
-                    ):
-                        # Released meanwhile through another relay process (for
-                        # another report): sent again, the revocation finds its row.
-                        raise StoreBusy("another relay process used this token just now")
-                    parties: tuple[str, ...] = (by,)
-                else:
-                    if row.report != report_id:
-                        raise Refused(Reason.WRONG_REPORT, "the token names another report")
-                    if row.state == "acked":
-                        raise Refused(Reason.REPLAYED, "the token was already used")
-                    if row.state == "expired":
-                        raise Refused(Reason.EXPIRED, "the token expired")
-                    if row.state == "revoked":
-                        return
-                    db.execute(
-                        "UPDATE tokens SET state = 'revoked', token = ''::bytea WHERE id = %s",
-                        (token_id,),
-                    )
-                    parties = (by, row.recipient)
-                self._audit(
-                    AuditEvent.REVOKED, now=now, parties=parties, report=report_id, token=token_id
-                )
-                return
-            if report.state == "deleted" and report.ended == "revoked":
-                return
-            owed = db.execute(
-                "SELECT 1 FROM tokens WHERE report = %s AND state IN (%s, %s) LIMIT 1",
-                (report_id, *OUTSTANDING),
-            ).fetchone()
-            if owed is None:
-                delivered = sorted(
-                    str(r[0])
-                    for r in db.execute(
-                        "SELECT recipient FROM tokens WHERE report = %s AND state = 'acked'",
-                        (report_id,),
-                    ).fetchall()
-                )
-                if delivered:
-                    # As the SQLite store: a revocation cannot take a report back from
-                    # its recipients. Refused, and nothing changes.
-                    raise Refused(
-                        Reason.REPLAYED,
-                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
-                    )
-            recipients = [
-                str(r[0])
-                for r in db.execute(
-                    "UPDATE tokens SET state = 'revoked', token = ''::bytea"
-                    " WHERE report = %s AND state IN (%s, %s) RETURNING recipient",
-                    (report_id, *OUTSTANDING),
-                ).fetchall()
-            ]
-            self._delete_ciphertext(report_id, "revoked")
-            self._audit(AuditEvent.REVOKED, now=now, parties=(by, *recipients), report=report_id)
-
-    # --- receipts and notices ------------------------------------------------------------
-
-    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
-        """Queue a verified receipt for its originator; False if queued before.
-
-        Raises:
-            Refused: WRONG_REPORT when no such delivery exists.
-        """
-        with self._transaction(savepoint=False) as db:
-            row = db.execute(
-                "SELECT recipient, originator, report FROM tokens WHERE id = %s", (receipt.token,)
-            ).fetchone()
-            if (
-                row is None
-                or row[0] != receipt.recipient
-                or row[1] != receipt.originator
-                or bytes(row[2]) != receipt.report
-            ):
-                raise Refused(Reason.WRONG_REPORT, "no such delivery")
-            # Originators read receipts on from the last seq they were sent: drawn in
-            # commit order.
-            self._exclusive()
-            cursor = db.execute(
-                "INSERT INTO receipts (originator, token, receipt, state)"
-                " VALUES (%s, %s, %s, 'queued') ON CONFLICT (token) DO NOTHING",
-                (receipt.originator, receipt.token, receipt.encoded),
-            )
-            if cursor.rowcount == 0:
-                return False
-            self._tell(receipt.originator)
-            self._audit(
-                AuditEvent.RECEIPT,
-                now=now,
-                parties=(receipt.originator, receipt.recipient),
-                report=receipt.report,
-                token=receipt.token,
-            )
-        return True
-
-    def queued_receipts(
-        self, originator: str, *, after: int = 0, limit: int = -1
-    ) -> list[ReceiptRow]:
-        """Receipts not yet confirmed by ``originator``, with ``seq > after``, oldest first."""
-        rows = self._seen(
-            self._conn.execute(
-                "SELECT seq, originator, token, receipt FROM receipts"
-                " WHERE originator = %s AND state = 'queued' AND seq > %s ORDER BY seq LIMIT %s",
-                (originator, after, _limit(limit)),
-            ).fetchall()
-        )
-        return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
-
-    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
-        """The originator holds the receipt (its row keeps only the token id); False if
-        there is no such receipt of ``originator``."""
-        with self._transaction(savepoint=False) as db:
-            cursor = db.execute(
-                "UPDATE receipts SET state = 'acked', receipt = ''::bytea"
-                " WHERE token = %s AND originator = %s",
-                (token_id, originator),
-            )
-            return cursor.rowcount > 0
-
-    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
-        """Notices queued for ``member`` with ``seq > after``, oldest first."""
-        rows = self._seen(
-            self._conn.execute(
-                "SELECT seq, member, kind, report, token FROM notices"
-                " WHERE member = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (member, after, _limit(limit)),
-            ).fetchall()
-        )
-        return [NoticeRow(*row) for row in rows]
-
-    def drop_notice(self, seq: int) -> None:
-        """Drop a notice that was sent (notices have no ack)."""
-        with self._transaction(savepoint=False) as db:
-            db.execute("DELETE FROM notices WHERE seq = %s", (seq,))
-
-    def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
-        self._tell(member)
-        self._conn.execute(
-            "INSERT INTO notices (member, kind, report, token) VALUES (%s, %s, %s, %s)",
-            (member, kind, report, token),
-        )
-
-    # --- expiry --------------------------------------------------------------------------
-
-    def expire(self, *, now: int, clock_skew: int) -> set[str]:
-        """Expire deliveries and held reports past their time (see
-        :meth:`relay.store.Store.expire`). Returns the members that got a notice."""
-        notified: set[str] = set()
-        with self._transaction() as db:
-            expired_tokens = [
-                _token_row(row)
-                # SKIP LOCKED: a delivery another relay process's open batch holds (an
-                # ack, a revocation) is left to it, or to the next expiry run.
-                for row in db.execute(
-                    "UPDATE tokens SET state = 'expired', token = ''::bytea"
-                    " WHERE id IN (SELECT id FROM tokens WHERE state IN (%s, %s)"
-                    " AND not_after + %s <= %s FOR UPDATE SKIP LOCKED)"
-                    f" RETURNING {_TOKEN_COLUMNS}",
-                    (*OUTSTANDING, clock_skew, now),
-                ).fetchall()
-            ]
-            for token in sorted(expired_tokens, key=lambda t: t.seq):
-                self._notice(token.originator, "expired", token.report, token.id)
-                notified.add(token.originator)
-                self._audit(
-                    AuditEvent.EXPIRED,
-                    now=now,
-                    parties=(token.originator, token.recipient),
-                    report=token.report,
-                    token=token.id,
-                )
-            for report_id, originator, state in db.execute(
-                "SELECT id, originator, state FROM reports"
-                " WHERE state IN ('held', 'released') AND expires <= %s ORDER BY stored_at, id"
-                " FOR UPDATE SKIP LOCKED",
-                (now,),
-            ).fetchall():
-                if state == "released":
-                    busy = db.execute(
-                        "SELECT 1 FROM tokens WHERE report = %s AND state IN (%s, %s) LIMIT 1",
-                        (report_id, *OUTSTANDING),
-                    ).fetchone()
-                    if busy is None:
-                        self._delete_ciphertext(report_id, "done")
-                    continue
-                self._delete_ciphertext(report_id, "expired")
-                self._notice(originator, "expired", report_id, None)
-                notified.add(originator)
-                self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
-            # Consumed token ids are kept until no token with that id could still be
-            # valid (not_after + the longest validity), so a replay is always caught.
-            db.execute(
-                "DELETE FROM tokens WHERE keep_until < %s AND state NOT IN (%s, %s)",
-                (now, *OUTSTANDING),
-            )
-            self._prune_consent(now=now, clock_skew=clock_skew)
-            # As relay.store.Store.expire: kept while a token naming it could arrive.
-            db.execute("DELETE FROM prekeys WHERE not_after + %s < %s", (MAX_VALIDITY, now))
-        return notified
 
     # --- prekeys (as relay.store.Store; see there) -------------------------------------
 
