@@ -1015,28 +1015,6 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
             (event, max(now, 0), report, token, tuple(sorted(set(parties), key=str.encode)), reason)
         )
 
-    def log_refusal(
-        self,
-        *,
-        member: str,
-        reason: Reason,
-        now: int,
-        report: bytes | None = None,
-        token: bytes | None = None,
-        others: tuple[str, ...] = (),
-    ) -> None:
-        """Log a refusal of something ``member`` sent (its own step; its sequence number
-        is given when its batch commits)."""
-        with self._transaction(savepoint=False):
-            self._audit(
-                AuditEvent.REFUSED,
-                now=now,
-                parties=(member, *others),
-                report=report,
-                token=token,
-                reason=reason.value,
-            )
-
     def _audit_read(self) -> None:
         # Before the audit log is read: the open batch's entries are written first (the
         # chain head is then held to its COMMIT), so a read sees them, as with SQLite;
@@ -1057,36 +1035,6 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
         """The audit chain's head after its last entry."""
         self._audit_read()
         return self._head
-
-    def audit_point(self, seq: int) -> bytes | None:
-        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
-        if seq == 0:
-            return GENESIS
-        self._audit_read()
-        row = self._seen(
-            self._conn.execute("SELECT head FROM audit WHERE seq = %s", (seq,)).fetchone()
-        )
-        return None if row is None else bytes(row[0])
-
-    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
-        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
-        self._audit_read()
-        rows = self._seen(
-            self._conn.execute(
-                "SELECT entry, content, head FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
-                (after, _limit(limit)),
-            ).fetchall()
-        )
-        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
-
-    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
-        """The encoded sizes of up to ``limit`` entries after ``after``."""
-        self._audit_read()
-        rows = self._conn.execute(
-            "SELECT octet_length(entry) FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
-            (after, _limit(limit)),
-        ).fetchall()
-        return [int(r[0]) for r in rows]
 
     # --- reports -------------------------------------------------------------------------
 

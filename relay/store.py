@@ -490,6 +490,9 @@ class Store(TokenTables, ConsentTables, DurableStore):
         for report_id in report_ids:
             self._remove_blob(report_id)
 
+    def _audit_read(self) -> None:
+        self._flush_audit()
+
     def _queues_changed(self) -> None:
         self._queued.clear()  # queue lengths are counted again when next needed
 
@@ -759,27 +762,6 @@ class Store(TokenTables, ConsentTables, DurableStore):
 
     # --- audit -----------------------------------------------------------------------
 
-    def log_refusal(
-        self,
-        *,
-        member: str,
-        reason: Reason,
-        now: int,
-        report: bytes | None = None,
-        token: bytes | None = None,
-        others: tuple[str, ...] = (),
-    ) -> None:
-        """Log a refusal of something ``member`` sent (its own transaction)."""
-        with self._transaction(savepoint=False):
-            self._audit(
-                AuditEvent.REFUSED,
-                now=now,
-                parties=(member, *others),
-                report=report,
-                token=token,
-                reason=reason.value,
-            )
-
     @property
     def audit_seq(self) -> int:
         """Sequence number of the last audit entry (0 when empty)."""
@@ -788,27 +770,3 @@ class Store(TokenTables, ConsentTables, DurableStore):
     @property
     def audit_head(self) -> bytes:
         return self._head
-
-    def audit_point(self, seq: int) -> bytes | None:
-        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
-        if seq == 0:
-            return GENESIS
-        self._flush_audit()
-        row = self._db.execute("SELECT head FROM audit WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
-        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
-        self._flush_audit()
-        rows = self._db.execute(
-            "SELECT entry, content, head FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
-
-    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
-        self._flush_audit()
-        rows = self._db.execute(
-            "SELECT length(entry) FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-        ).fetchall()
-        return [int(r[0]) for r in rows]

@@ -29,7 +29,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from tisa.audit import AuditEvent
+from tisa.audit import GENESIS, AuditEntry, AuditEvent
 from tisa.errors import LocalError, Reason, Refused
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
@@ -250,6 +250,11 @@ class TokenTables:
 
     def _acked(self, token_id: bytes, recipient: str) -> None:
         """After a step that acked an outstanding delivery."""
+
+    def _audit_read(self) -> None:
+        """Before the audit log is read: the open batch's buffered entries are written
+        first, so a read sees them."""
+        raise NotImplementedError
 
     # --- reads -------------------------------------------------------------------------
 
@@ -553,6 +558,58 @@ class TokenTables:
             "INSERT INTO notices (member, kind, report, token) VALUES (?, ?, ?, ?)",
             (member, kind, report, token),
         )
+
+    # --- the audit log -----------------------------------------------------------------
+
+    def log_refusal(
+        self,
+        *,
+        member: str,
+        reason: Reason,
+        now: int,
+        report: bytes | None = None,
+        token: bytes | None = None,
+        others: tuple[str, ...] = (),
+    ) -> None:
+        """Log a refusal of something ``member`` sent (its own step; on PostgreSQL its
+        sequence number is given when its batch commits)."""
+        with self._transaction(savepoint=False):
+            self._audit(
+                AuditEvent.REFUSED,
+                now=now,
+                parties=(member, *others),
+                report=report,
+                token=token,
+                reason=reason.value,
+            )
+
+    def audit_point(self, seq: int) -> bytes | None:
+        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
+        if seq == 0:
+            return GENESIS
+        self._audit_read()
+        row = self._seen(self._sql("SELECT head FROM audit WHERE seq = ?", (seq,)).fetchone())
+        return None if row is None else bytes(row[0])
+
+    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
+        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
+        self._audit_read()
+        rows = self._seen(
+            self._sql(
+                "SELECT entry, content, head FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+                (after, self._sql_limit(limit)),
+            ).fetchall()
+        )
+        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
+
+    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
+        """The encoded sizes of up to ``limit`` entries after ``after``."""
+        self._audit_read()
+        rows = self._sql(
+            "SELECT length(entry) FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, self._sql_limit(limit)),
+        ).fetchall()
+        return [int(r[0]) for r in rows]
 
     # --- expiry ------------------------------------------------------------------------
 

@@ -56,7 +56,6 @@ ALLOWED: dict[str, frozenset[str]] = {
             "InlineBlob.digest",
             "InlineBlob.place",
             "InlineBlob.write",
-            "Store.audit_entry_sizes",
             "Store.audit_head",
             "Store.blob_path",
         }
