@@ -337,10 +337,13 @@ class _Session:
 
     def execute(self, query: str, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
         conn = self._store._main()
-        if not query.startswith("SELECT"):
-            self._store._writes += 1  # a step's write (see PgStore._changes)
         try:
-            return conn.execute(query, params)
+            cursor = conn.execute(query, params)
+            if cursor.rowcount > 0 and not query.startswith("SELECT"):
+                # A step's write (see PgStore._changes); an INSERT that met its
+                # conflict (ON CONFLICT DO NOTHING) wrote nothing.
+                self._store._writes += 1
+            return cursor
         except psycopg.errors.LockNotAvailable:
             # lock_timeout: another relay process held what this needs too long (the
             # audit chain head while it commits, the ordering lock, or a row).

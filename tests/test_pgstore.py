@@ -6,6 +6,7 @@ test_relay_server.py (the store_at fixture)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -501,6 +502,52 @@ def test_a_release_waits_for_a_revocation_in_another_processs_open_batch(
         assert refused.value.reason is Reason.REVOKED
         second.commit_durably()
         assert second.token(token.id) is None
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_token_another_processs_open_batch_consumed_is_a_replay_once_it_commits(
+    pg_dsn: str, world: World
+) -> None:
+    # The second process waits (for the report's row) until the first's batch commits,
+    # then finds the token id taken: refused as a replay, before writing anything, so
+    # the rest of its batch stays.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        token = ReleaseToken.decode(token_for(world, report))
+        first.release(token, now=NOW, max_queue=10)  # batch open
+        second.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        batch = second.barrier
+        refused: list[Reason] = []
+
+        def release() -> None:
+            try:
+                second.release(token, now=NOW, max_queue=10)
+            except Refused as exc:
+                refused.append(exc.reason)
+
+        thread = threading.Thread(target=release)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while _rows(
+            pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ) == [(0,)]:
+            assert time.monotonic() < deadline, "the second release never waited"
+            time.sleep(0.01)
+        first.commit_durably()
+        thread.join(timeout=10)
+        assert refused == [Reason.REPLAYED]
+        assert not second.lost(batch) and second.in_transaction
+        second.commit_durably()
+        assert [parties for _, parties in _chain(pg_dsn)] == [
+            ("seoul",),
+            ("seoul", "tokyo"),
+            ("tokyo",),
+        ]
+        assert _rows(pg_dsn, "SELECT count(*) FROM tokens") == [(1,)]
     finally:
         first.close()
         second.close()
