@@ -96,7 +96,6 @@ WAL flush (:meth:`PgStore.fsync_wal`) and copying a large ciphertext in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import logging
@@ -119,7 +118,7 @@ from relay.store import (
     StoreUnavailable,
     TokenRow,
 )
-from relay.tokenstore import OWED, TOKEN_COLUMNS, TokenTables, release_refusal
+from relay.tokenstore import OWED, TokenTables, release_refusal
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
@@ -1164,50 +1163,35 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
                 (token.id, token.recipient, token.report),
             ).fetchone()
             assert row is not None
-            seen, present, state, ended, expires, pinned, queued = row
             # The first release pins the key commitment (the statement below).
             refusal = release_refusal(
-                token,
-                now=now,
-                seen=seen,
-                present=bool(present),
-                state=state,
-                ended=ended,
-                expires=expires,
-                pinned=pinned,
-                queued=lambda: int(queued),
-                max_queue=max_queue,
+                token, row[:6], now=now, queued=lambda: int(row[6]), max_queue=max_queue
             )
             if refusal is not None:
                 raise refusal
             if token.wrap.opk is not None:
                 self._check_one_time_prekey(db, token)
-            pending = TokenRow(
-                0,
-                token.id,
-                token.report,
-                token.recipient,
-                token.originator,
-                token.encoded,
-                token.counter,
-                "pending",
-                token.not_after,
-            )
             # The token's row and the report's pin in one statement. ON CONFLICT: the
             # same token consumed by another relay process meanwhile (its open batch
             # held the id; this waited for its COMMIT) is a replay, refused before
             # anything was written.
             inserted = db.execute(
-                "WITH t AS (INSERT INTO tokens"
-                f" ({TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                "WITH t AS (INSERT INTO tokens (id, report, recipient, originator, token,"
+                " counter, state, not_after, keep_until)"
+                " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)"
                 " ON CONFLICT (id) DO NOTHING RETURNING seq),"
                 " r AS (UPDATE reports SET key_commit = coalesce(key_commit, %s),"
                 " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
                 " WHERE id = %s AND EXISTS (SELECT 1 FROM t))"
                 " SELECT seq FROM t",
                 (
-                    *dataclasses.astuple(pending)[1:],
+                    token.id,
+                    token.report,
+                    token.recipient,
+                    token.originator,
+                    token.encoded,
+                    token.counter,
+                    token.not_after,
                     token.not_after + MAX_VALIDITY,
                     token.key_commit,
                     token.report,
@@ -1219,15 +1203,7 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
                 db.execute(
                     "UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk)
                 )
-            self._tell(token.recipient)
-            self._audit(
-                AuditEvent.RELEASED,
-                now=now,
-                parties=(token.originator, token.recipient),
-                report=token.report,
-                token=token.id,
-            )
-        return dataclasses.replace(pending, seq=int(inserted[0]))
+            return self._released(token, int(inserted[0]), now=now)
 
     # --- the hooks of relay.tokenstore.TokenTables ------------------------------------
 

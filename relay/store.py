@@ -603,7 +603,7 @@ class Store(TokenTables, ConsentTables, DurableStore):
             if token.request is not None:
                 self._approve(token, now=now, clock_skew=clock_skew)
             # The token id's state and the report's, in one query (NULLs: not there).
-            seen, present, state, ended, expires, pinned = db.execute(
+            found = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
                 " r.state, r.ended, r.expires, r.key_commit"
                 " FROM (SELECT 1) LEFT JOIN reports r ON r.id = ?",
@@ -612,13 +612,8 @@ class Store(TokenTables, ConsentTables, DurableStore):
             # The first release pins the key commitment (the UPDATE below).
             refusal = release_refusal(
                 token,
+                found,
                 now=now,
-                seen=seen,
-                present=bool(present),
-                state=state,
-                ended=ended,
-                expires=expires,
-                pinned=pinned,
                 queued=lambda: self.queue_length(token.recipient),
                 max_queue=max_queue,
             )
@@ -640,40 +635,16 @@ class Store(TokenTables, ConsentTables, DurableStore):
                     token.not_after + MAX_VALIDITY,
                 ),
             )
-            seq = cursor.lastrowid
+            assert cursor.lastrowid is not None  # the row's AUTOINCREMENT seq
             db.execute(
                 "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
                 " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?",
                 (token.key_commit, token.report),
             )
-            self._audit(
-                AuditEvent.RELEASED,
-                now=now,
-                parties=(token.originator, token.recipient),
-                report=token.report,
-                token=token.id,
-            )
+            row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1
-        # The row just inserted (seq: its AUTOINCREMENT rowid), built rather than read back.
-        assert seq is not None
-        return TokenRow(
-            seq,
-            token.id,
-            token.report,
-            token.recipient,
-            token.originator,
-            token.encoded,
-            token.counter,
-            "pending",
-            token.not_after,
-        )
-
-    # --- revocation ------------------------------------------------------------------
-
-    # --- receipts and notices --------------------------------------------------------
-
-    # --- expiry ----------------------------------------------------------------------
+        return row
 
     # --- prekeys -----------------------------------------------------------------------
 

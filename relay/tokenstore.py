@@ -157,24 +157,21 @@ def report_row(row: Any) -> ReportRow:
 
 def release_refusal(
     token: ReleaseToken,
+    found: Any,
     *,
     now: int,
-    seen: str | None,
-    present: bool,
-    state: str | None,
-    ended: str | None,
-    expires: int | None,
-    pinned: bytes | None,
     queued: Callable[[], int],
     max_queue: int,
 ) -> Refused | None:
-    """Why ``token`` may not be released, from what the store holds: the token id's
-    state (``seen``, None if unused), its report's row (``present``, and its state, why
-    it ended, its hold time and its pinned key commitment), and the recipient's
-    deliveries outstanding (``queued``, asked only once the rest passed). None: it may.
+    """Why ``token`` may not be released, from what the store holds (``found``): the
+    token id's state (None if unused), whether its report's row is there, and that
+    row's state, why it ended, its hold time and its pinned key commitment; and the
+    recipient's deliveries outstanding (``queued``, asked only once the rest passed).
+    None: it may.
 
     The order is the protocol's: a used or revoked token id first, then the report.
     """
+    seen, present, state, ended, expires, pinned = found
     if seen is not None:
         if seen == "revoked":
             return Refused(Reason.REVOKED, "this token was revoked")
@@ -250,6 +247,29 @@ class TokenTables:
 
     def _acked(self, token_id: bytes, recipient: str) -> None:
         """After a step that acked an outstanding delivery."""
+
+    def _released(self, token: ReleaseToken, seq: int, *, now: int) -> TokenRow:
+        """Inside a release's step, once its row (``seq``) is in: tell, log, and the
+        row, built rather than read back."""
+        self._tell(token.recipient)
+        self._audit(
+            AuditEvent.RELEASED,
+            now=now,
+            parties=(token.originator, token.recipient),
+            report=token.report,
+            token=token.id,
+        )
+        return TokenRow(
+            seq,
+            token.id,
+            token.report,
+            token.recipient,
+            token.originator,
+            token.encoded,
+            token.counter,
+            "pending",
+            token.not_after,
+        )
 
     def _audit_read(self) -> None:
         """Before the audit log is read: the open batch's buffered entries are written
