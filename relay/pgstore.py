@@ -118,12 +118,12 @@ from relay.store import (
     StoreUnavailable,
     TokenRow,
 )
-from relay.tokenstore import OWED, TokenTables, release_refusal
+from relay.tokenstore import OWED, PENDING_COLUMNS, TokenTables, pending_values, release_refusal
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.prekeys import Prekey
-from tisa.token import MAX_VALIDITY, ReleaseToken
+from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
 
 __all__ = [
@@ -1176,26 +1176,14 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
             # held the id; this waited for its COMMIT) is a replay, refused before
             # anything was written.
             inserted = db.execute(
-                "WITH t AS (INSERT INTO tokens (id, report, recipient, originator, token,"
-                " counter, state, not_after, keep_until)"
+                f"WITH t AS (INSERT INTO tokens ({PENDING_COLUMNS})"
                 " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)"
                 " ON CONFLICT (id) DO NOTHING RETURNING seq),"
                 " r AS (UPDATE reports SET key_commit = coalesce(key_commit, %s),"
                 " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
                 " WHERE id = %s AND EXISTS (SELECT 1 FROM t))"
                 " SELECT seq FROM t",
-                (
-                    token.id,
-                    token.report,
-                    token.recipient,
-                    token.originator,
-                    token.encoded,
-                    token.counter,
-                    token.not_after,
-                    token.not_after + MAX_VALIDITY,
-                    token.key_commit,
-                    token.report,
-                ),
+                (*pending_values(token), token.key_commit, token.report),
             ).fetchone()
             if inserted is None:
                 raise Refused(Reason.REPLAYED, "this token was used before")

@@ -57,6 +57,7 @@ from typing import Any, BinaryIO
 from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
 from relay.tokenstore import (
     OWED,
+    PENDING_COLUMNS,
     NoticeRow,
     ReceiptRow,
     ReportRow,
@@ -64,13 +65,14 @@ from relay.tokenstore import (
     StoreUnavailable,
     TokenRow,
     TokenTables,
+    pending_values,
     release_refusal,
 )
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.prekeys import Prekey
-from tisa.token import MAX_VALIDITY, ReleaseToken
+from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
 
 # The relay's report events (one line each): stored, released, forwarded, ...
@@ -622,18 +624,9 @@ class Store(TokenTables, ConsentTables, DurableStore):
             if token.wrap.opk is not None:
                 self._use_one_time_prekey(db, token)
             cursor = db.execute(
-                "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
-                " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (
-                    token.id,
-                    token.report,
-                    token.recipient,
-                    token.originator,
-                    token.encoded,
-                    token.counter,
-                    token.not_after,
-                    token.not_after + MAX_VALIDITY,
-                ),
+                f"INSERT INTO tokens ({PENDING_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                pending_values(token),
             )
             assert cursor.lastrowid is not None  # the row's AUTOINCREMENT seq
             db.execute(

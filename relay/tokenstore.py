@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTSTANDING",
     "OWED",
+    "PENDING_COLUMNS",
     "TOKEN_COLUMNS",
     "NoticeRow",
     "ReceiptRow",
@@ -48,6 +49,7 @@ __all__ = [
     "StoreUnavailable",
     "TokenRow",
     "TokenTables",
+    "pending_values",
     "release_refusal",
 ]
 
@@ -155,6 +157,26 @@ def report_row(row: Any) -> ReportRow:
     )
 
 
+# A released token's row, as pending_values gives it (state: 'pending').
+PENDING_COLUMNS = "id, report, recipient, originator, token, counter, state, not_after, keep_until"
+
+
+def pending_values(token: ReleaseToken) -> tuple[Any, ...]:
+    """The values of :data:`PENDING_COLUMNS` but ``state`` for a released token: its id
+    is kept until no token with it could still be valid (``not_after`` plus the longest
+    validity), so a replay is caught."""
+    return (
+        token.id,
+        token.report,
+        token.recipient,
+        token.originator,
+        token.encoded,
+        token.counter,
+        token.not_after,
+        token.not_after + MAX_VALIDITY,
+    )
+
+
 def release_refusal(
     token: ReleaseToken,
     found: Any,
@@ -259,17 +281,7 @@ class TokenTables:
             report=token.report,
             token=token.id,
         )
-        return TokenRow(
-            seq,
-            token.id,
-            token.report,
-            token.recipient,
-            token.originator,
-            token.encoded,
-            token.counter,
-            "pending",
-            token.not_after,
-        )
+        return TokenRow(seq, *pending_values(token)[:6], "pending", token.not_after)
 
     def _audit_read(self) -> None:
         """Before the audit log is read: the open batch's buffered entries are written
