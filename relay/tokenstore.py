@@ -161,7 +161,7 @@ def report_row(row: Any) -> ReportRow:
 PENDING_COLUMNS = "id, report, recipient, originator, token, counter, state, not_after, keep_until"
 
 
-def pending_values(token: ReleaseToken) -> tuple[Any, ...]:
+def pending_values(token: ReleaseToken) -> tuple[bytes, bytes, str, str, bytes, int, int, int]:
     """The values of :data:`PENDING_COLUMNS` but ``state`` for a released token: its id
     is kept until no token with it could still be valid (``not_after`` plus the longest
     validity), so a replay is caught."""
