@@ -510,7 +510,7 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
         # The open batch holds the audit_head row (it flushed its entries), and the
         # ordering lock (_exclusive).
         self._head_held = False
-        self._ordered = False
+        self._ordered = self._ordered_before = False
         # Write statements run (see _changes).
         self._writes = 0
         # report id -> blob id, placed by a PgBlobWriter, awaiting add_report.
@@ -797,12 +797,15 @@ class PgStore(TokenTables, ConsentTables, DurableStore):
 
     def _step_started(self) -> None:
         self._audit_mark = len(self._audit_rows)
+        self._ordered_before = self._ordered
 
     def _rolled_back(self) -> None:
         if self.in_transaction:
-            # One step rolled back: its buffered entries go with it. (The head is taken
-            # only outside steps, so a step rolled back never releases it.)
+            # One step rolled back: its buffered entries go with it, and a lock it took
+            # (PostgreSQL releases what a subtransaction took when it is rolled back;
+            # the head is taken only outside steps, so that one stays).
             del self._audit_rows[self._audit_mark :]
+            self._ordered = self._ordered_before
         else:
             self._batch_ended()
 

@@ -507,6 +507,27 @@ def test_a_release_waits_for_a_revocation_in_another_processs_open_batch(
         second.close()
 
 
+def test_the_ordering_lock_of_a_refused_step_is_taken_again(pg_dsn: str, world: World) -> None:
+    # A consent step refused inside its savepoint gives up the lock it took (PostgreSQL
+    # releases a subtransaction's locks with it): a later step of the batch takes it
+    # again, so another process still waits for the batch.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        one, two = ask(world, report.report_id), ask(world, report.report_id)
+        with pytest.raises(Refused):
+            first.add_request(one, now=NOW, max_per_hour=0)  # rate: refused, rolled back
+        assert first.add_request(one, now=NOW, max_per_hour=5)  # batch open
+        second._conn.execute("SET lock_timeout = 50")
+        with pytest.raises(StoreBusy):
+            second.add_request(two, now=NOW, max_per_hour=5)
+        first.commit_durably()
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_token_another_processs_open_batch_consumed_is_a_replay_once_it_commits(
     pg_dsn: str, world: World
 ) -> None:
