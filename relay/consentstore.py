@@ -7,7 +7,9 @@ audit entries whichever database keeps them. The tables (``requests``,
 a backend supplies only how a statement runs (:meth:`ConsentTables._sql`, written with
 ``?`` placeholders), its steps and audit log (``_transaction``, ``_audit``), and what
 it does when something is queued for a member (:meth:`ConsentTables._tell`: the
-PostgreSQL store NOTIFYs the other relay processes).
+PostgreSQL store NOTIFYs the other relay processes), and how a step keeps other relay
+processes' steps of its kind out until its batch commits (:meth:`ConsentTables._exclusive`).
+The delivery rules are shared the same way (:mod:`relay.tokenstore`).
 
 Every method is one step of the store's open batch, like every other store method: a
 refused one leaves no trace, and its audit entry commits with the change it records.

@@ -27,6 +27,10 @@ Rules that make the relay lose nothing:
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
 
+The rules of releases, deliveries, revocations, receipts, notices and expiry, and of
+release requests, are shared with the PostgreSQL store (:mod:`relay.tokenstore`,
+:mod:`relay.consentstore`); this module holds what is SQLite's own.
+
 Group commit: a store opened with ``group_commit=True`` (the relay's) does not commit
 each method's transaction: every method runs as one step of the open batch, and
 :meth:`Store.commit` commits them all; :attr:`Store.barrier` names the batch that must
