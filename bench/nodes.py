@@ -656,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         "--lock-probe",
         action="store_true",
         help="with --store: sample, during the relay-alone runs, how long the audit chain's"
-        " head row is held (pg_stat_activity every 2 ms; its queries add to the server's"
-        " CPU)",
+        " head row is held and a writing transaction open (the row and pg_stat_activity"
+        " every 2 ms; its queries add to the server's CPU)",
     )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
