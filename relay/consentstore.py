@@ -58,7 +58,9 @@ class ConsentTables:
 
     if TYPE_CHECKING:
         # Supplied by the backend.
-        def _transaction(self) -> contextlib.AbstractContextManager[Any]: ...
+        def _transaction(
+            self, *, savepoint: bool = True
+        ) -> contextlib.AbstractContextManager[Any]: ...
 
         def _audit(
             self,

@@ -110,7 +110,6 @@ import psycopg_pool
 import trio
 from psycopg.pq import TransactionStatus
 
-from relay.consentstore import ConsentTables
 from relay.store import (
     InlineBlob,
     ReportRow,
@@ -480,7 +479,7 @@ class _ChunkReader(io.RawIOBase):
         return count
 
 
-class PgStore(TokenTables, ConsentTables, DurableStore):
+class PgStore(TokenTables, DurableStore):
     """The relay's durable state in the PostgreSQL database at ``dsn``.
 
     Args:

@@ -58,7 +58,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
+from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow
 from relay.tokenstore import (
     OWED,
     PENDING_COLUMNS,
@@ -304,7 +304,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store(TokenTables, ConsentTables, DurableStore):
+class Store(TokenTables, DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:

@@ -24,18 +24,15 @@ are :func:`release_refusal`, shared.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from relay.consentstore import ConsentTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent
 from tisa.errors import LocalError, Reason, Refused
 from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
-
-if TYPE_CHECKING:
-    from relay.consentstore import _Cursor
 
 __all__ = [
     "OUTSTANDING",
@@ -217,43 +214,16 @@ def release_refusal(
     return None
 
 
-class TokenTables:
-    """The delivery methods of a relay store (see the module docstring)."""
+class TokenTables(ConsentTables):
+    """The delivery methods of a relay store (see the module docstring), beside the
+    consent methods, whose backend hooks (``_sql``, ``_transaction``, ``_audit``,
+    ``_tell``, ``_exclusive``, ``_seen``) they use too."""
 
     # Appended to a SELECT of one row a step goes on to change: a row lock where other
     # writers run at the same time (PostgreSQL), nothing with one writer (SQLite).
     _FOR_UPDATE = ""
     # Appended to the SELECT of rows an expiry changes: skip those another batch holds.
     _SKIP_LOCKED = ""
-
-    if TYPE_CHECKING:
-        # Supplied by the backend (and relay.consentstore.ConsentTables).
-        def _transaction(
-            self, *, savepoint: bool = True
-        ) -> contextlib.AbstractContextManager[Any]: ...
-
-        def _audit(
-            self,
-            event: AuditEvent,
-            *,
-            now: int,
-            parties: tuple[str, ...],
-            report: bytes | None = None,
-            token: bytes | None = None,
-            reason: str | None = None,
-        ) -> object: ...
-
-        def _sql(self, query: str, params: tuple[Any, ...] = ()) -> _Cursor: ...
-
-        def _sql_limit(self, limit: int) -> int | None: ...
-
-        def _tell(self, member: str) -> None: ...
-
-        def _exclusive(self) -> None: ...
-
-        def _seen(self, found: Any) -> Any: ...
-
-        def _prune_consent(self, *, now: int, clock_skew: int) -> None: ...
 
     def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
         """Inside a step: the report is ``deleted`` (``ended`` says why) and its
