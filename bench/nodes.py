@@ -365,6 +365,7 @@ def _setup_round(
     alone["head_held_us"] = 1e6 * alone["head_held_s"] / count
     alone["head_held_share"] = alone["head_held_s"] / alone["seconds"]
     alone["lock_waiting_share"] = alone["lock_waiting_s"] / alone["seconds"]
+    alone["writing_share"] = alone["writing_s"] / alone["seconds"]
     return {
         "tisa": tisa_rate,
         "ratio": tisa_rate / bare_rate,
@@ -480,7 +481,8 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
                 if args.lock_probe:
                     server += (f"; head row held {alone['head_held_share']:.0%} of the"
                                f" relay-alone run ({alone['head_held_us']:.0f} µs per"
-                               f" report), a lock waited for"
+                               f" report), a writing transaction open"
+                               f" {alone['writing_share']:.0%}, a lock waited for"
                                f" {alone['lock_waiting_share']:.0%}")  # fmt: skip
             print(f"    {kind.label:12}  tisa {mine['tisa']:5.0f}/s ({mine['ratio']:5.3f}x)"
                   f"   relay alone {alone['rate']:5.0f}/s ({alone['ratio']:5.3f}x);"
@@ -654,8 +656,8 @@ def main(argv: list[str] | None = None) -> int:
         "--lock-probe",
         action="store_true",
         help="with --store: sample, during the relay-alone runs, how long the audit chain's"
-        " head row is held (pg_stat_activity every 2 ms; its queries add to the server's"
-        " CPU)",
+        " head row is held and a writing transaction open (the row and pg_stat_activity"
+        " every 2 ms; its queries add to the server's CPU)",
     )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)

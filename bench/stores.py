@@ -66,19 +66,25 @@ class PgBench:
 
 
 class LockProbe:
-    """How long the relays hold the audit chain's head row, and wait for a lock.
+    """How long the relays hold the audit chain's head row, how long a writing
+    transaction is open, and how long a backend waits for a lock.
 
-    A thread with a connection of its own reads ``pg_stat_activity`` every
-    :data:`PROBE_INTERVAL` seconds: whether a client backend of the database is inside a
-    transaction that has an id (every writing batch of a relay begins by taking the head
-    row with ``SELECT … FOR UPDATE``, which gives its transaction one; the short writes
-    of the WAL-flush connection, ``wal_sync``, are left out), and whether one waits for a
-    lock. Each look counts for the time to the next one. The probe's own queries cost
-    the server a little CPU, counted in its figure: hence ``--lock-probe`` is opt-in.
+    A thread with a connection of its own (on the store's schema) looks every
+    :data:`PROBE_INTERVAL` seconds: whether the ``audit_head`` row is locked (``SELECT …
+    FOR KEY SHARE SKIP LOCKED`` finds no row: a relay's ``FOR UPDATE`` holds it; the
+    weakest row lock, held only for the probe's statement, it waits for nobody and
+    holds up a relay taking the head for that statement at most), whether a client
+    backend of the database is inside a transaction that has an id (a writing batch;
+    the short writes of the WAL-flush connection, ``wal_sync``, are left out), and
+    whether one waits for a lock. Each look counts for the time to the next one. The
+    probe's queries cost the server a little CPU (and a WAL record for its row lock),
+    counted in its figure: hence ``--lock-probe`` is opt-in. (The row's ``xmax`` tells
+    less: a head updated in a savepoint, as the relay did before, is a multixact.)
     """
 
     QUERY = (
-        "SELECT count(*) FILTER (WHERE backend_xid IS NOT NULL"
+        "SELECT NOT EXISTS (SELECT 1 FROM audit_head FOR KEY SHARE SKIP LOCKED),"
+        " count(*) FILTER (WHERE backend_xid IS NOT NULL"
         " AND query NOT LIKE '%%wal_sync%%'),"
         " count(*) FILTER (WHERE wait_event_type = 'Lock')"
         " FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
@@ -86,11 +92,12 @@ class LockProbe:
     )
 
     def __init__(self, dsn: str) -> None:
-        self._dsn = dsn
+        self._dsn = dsn  # the store's address: its search_path names the schema
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
-        self.held_s = 0.0  # seconds during which a writing transaction was open
+        self.held_s = 0.0  # seconds during which the head row was locked
+        self.writing_s = 0.0  # seconds during which a writing transaction was open
         self.waiting_s = 0.0  # seconds during which a backend waited for a lock
         self.looks = 0
 
@@ -103,23 +110,24 @@ class LockProbe:
 
         try:
             with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
-                last: tuple[float, bool, bool] | None = None
+                last: tuple[float, bool, bool, bool] | None = None
                 while not self._stop.is_set():
                     row = conn.execute(self.QUERY).fetchone()
                     now = time.monotonic()
                     if last is not None:
-                        self._count(now - last[0], last[1], last[2])
+                        self._count(now - last[0], *last[1:])
                     assert row is not None
-                    last = (now, bool(row[0]), bool(row[1]))
+                    last = (now, bool(row[0]), bool(row[1]), bool(row[2]))
                     self.looks += 1
                     time.sleep(PROBE_INTERVAL)
                 if last is not None:
-                    self._count(time.monotonic() - last[0], last[1], last[2])
+                    self._count(time.monotonic() - last[0], *last[1:])
         except BaseException as exc:  # reported by stop(), in the orchestrator's thread
             self._failure = exc
 
-    def _count(self, seconds: float, held: bool, waiting: bool) -> None:
+    def _count(self, seconds: float, held: bool, writing: bool, waiting: bool) -> None:
         self.held_s += seconds if held else 0.0
+        self.writing_s += seconds if writing else 0.0
         self.waiting_s += seconds if waiting else 0.0
 
     def stop(self) -> None:
@@ -176,9 +184,7 @@ class Relays:
         # No server with SQLite; NaN when the server's processes cannot be read.
         self.server_run_cpu_s = 0.0 if setup.server is None else float("nan")
         # Between mark and measure, on PostgreSQL with probe=True: see LockProbe.
-        self.probe = (
-            LockProbe(setup.server.server.dsn) if probe and setup.server is not None else None
-        )
+        self.probe = LockProbe(self.store) if probe and self.store is not None else None
 
     def ports(self) -> list[int]:
         """Each relay process's port, once it listens."""
@@ -237,5 +243,6 @@ class Relays:
             "relay_peak_mib": max(p.peak_mib for p in self.processes),
             # NaN without the lock probe.
             "head_held_s": math.nan if self.probe is None else self.probe.held_s,
+            "writing_s": math.nan if self.probe is None else self.probe.writing_s,
             "lock_waiting_s": math.nan if self.probe is None else self.probe.waiting_s,
         }

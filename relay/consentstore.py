@@ -7,7 +7,9 @@ audit entries whichever database keeps them. The tables (``requests``,
 a backend supplies only how a statement runs (:meth:`ConsentTables._sql`, written with
 ``?`` placeholders), its steps and audit log (``_transaction``, ``_audit``), and what
 it does when something is queued for a member (:meth:`ConsentTables._tell`: the
-PostgreSQL store NOTIFYs the other relay processes).
+PostgreSQL store NOTIFYs the other relay processes), and how a step keeps other relay
+processes' steps of its kind out until its batch commits (:meth:`ConsentTables._exclusive`).
+The delivery rules are shared the same way (:mod:`relay.tokenstore`).
 
 Every method is one step of the store's open batch, like every other store method: a
 refused one leaves no trace, and its audit entry commits with the change it records.
@@ -19,7 +21,7 @@ import contextlib
 import dataclasses
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tisa.audit import AuditEntry, AuditEvent
+from tisa.audit import AuditEvent
 from tisa.consent import Announcement, Answer, Request
 from tisa.errors import Reason, Refused
 from tisa.token import ReleaseToken
@@ -56,7 +58,9 @@ class ConsentTables:
 
     if TYPE_CHECKING:
         # Supplied by the backend.
-        def _transaction(self) -> contextlib.AbstractContextManager[Any]: ...
+        def _transaction(
+            self, *, savepoint: bool = True
+        ) -> contextlib.AbstractContextManager[Any]: ...
 
         def _audit(
             self,
@@ -67,7 +71,7 @@ class ConsentTables:
             report: bytes | None = None,
             token: bytes | None = None,
             reason: str | None = None,
-        ) -> AuditEntry: ...
+        ) -> object: ...
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> _Cursor:
         """Run ``query`` (``?`` placeholders) in the store's open step or batch."""
@@ -79,6 +83,13 @@ class ConsentTables:
 
     def _tell(self, member: str) -> None:
         """Something new is queued for ``member`` (for other relay processes)."""
+
+    def _exclusive(self) -> None:
+        """From here to the batch's COMMIT, no other relay process runs a step that
+        takes this too: for a check whose write must not race another process's (a
+        request answered twice, a rate counted twice), and for rows that members read
+        on from the last ``seq`` they were sent (drawn in commit order). The PostgreSQL
+        store takes a transaction lock; SQLite has one writer, and does nothing."""
 
     def _seen(self, found: Any) -> Any:
         """Rows read outside the open batch (see :meth:`relay.pgstore.PgStore._seen`)."""
@@ -95,6 +106,7 @@ class ConsentTables:
             Refused: UNSOLICITED (no such request from the recipient to the originator
                 for this report), ANSWERED (approved or denied before), EXPIRED.
         """
+        self._exclusive()
         row = self._sql(
             "SELECT requester, originator, report, state, expires FROM requests WHERE id = ?",
             (token.request,),
@@ -160,6 +172,7 @@ class ConsentTables:
                 originator holds no such report here).
         """
         with self._transaction():
+            self._exclusive()
             row = self._sql(
                 "SELECT announcement FROM announcements WHERE id = ?", (announcement.id,)
             ).fetchone()
@@ -186,9 +199,8 @@ class ConsentTables:
         """Record a verified request, queue it for its originator, and log it.
 
         The rate is counted from the stored requests (so it holds across restarts and,
-        on PostgreSQL, across relay processes: every writing step takes the audit chain
-        head first, so two steps counting the same requester's requests run one after
-        the other).
+        on PostgreSQL, across relay processes: the step is :meth:`_exclusive`, so two
+        steps counting the same requester's requests run one after the other).
 
         Returns:
             False for a resend of one stored before (same bytes): nothing is queued again
@@ -201,6 +213,7 @@ class ConsentTables:
                 seconds).
         """
         with self._transaction():
+            self._exclusive()
             row = self._sql("SELECT request FROM requests WHERE id = ?", (request.id,)).fetchone()
             if row is not None:
                 if bytes(row[0]) != request.encoded:
@@ -250,6 +263,7 @@ class ConsentTables:
                 originator for that report), ANSWERED (approved or denied before).
         """
         with self._transaction():
+            self._exclusive()
             row = self._sql(
                 "SELECT requester, originator, report, state, answer FROM requests WHERE id = ?",
                 (answer.request,),

@@ -16,10 +16,19 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   SQLite, in the same code (:mod:`relay.consentstore`); a consent object queued for a
   member NOTIFYs the member's name like a delivery does, and the member's connections
   read the queue on from the last ``seq`` they sent: identity values are drawn in
-  commit order, since every insert runs in a batch that holds the audit chain head
-  until it commits, so no row can appear later below one already read.
-* **Group commit.** As with SQLite: every method is one step (a savepoint) of the open
-  batch, one transaction on the store's connection. :meth:`PgStore.commit` COMMITs it
+  commit order, since every consent step (and every receipt, read the same way) takes
+  the ordering lock (:meth:`PgStore._exclusive`, a transaction advisory lock) before
+  its insert and holds it to its batch's COMMIT, so no row can appear later below one
+  already read. The same lock keeps a consent step's checks from racing another
+  process's (one answer per request, the hourly rate). Deliveries and notices need no
+  such order: a member's connections look at them again from the start whenever
+  another process tells of new ones (``NOTIFY``, the poll).
+* **Group commit.** As with SQLite: every method is one step of the open batch (a
+  savepoint, or none for a step that makes every check before its first write: a
+  report's ``stored``, ``released``, ``forwarded`` and ``acknowledged`` steps; a
+  failed statement spoils a PostgreSQL transaction, so such a step whose statement
+  fails loses the whole batch, as a failed COMMIT does), one transaction on the
+  store's connection. :meth:`PgStore.commit` COMMITs it
   with ``synchronous_commit = off``: the server writes the commit record into its WAL
   but does not wait for the flush (SQLite's ``synchronous=NORMAL`` COMMIT). A batch
   counts as durable only after :meth:`PgStore.fsync_wal`, which commits one tiny write
@@ -40,18 +49,35 @@ Same interface and rules as the SQLite store (:mod:`relay.store`,
   failed fsync, nothing is poisoned: what the restarted server holds is what it has on
   disk.
 * **The audit chain** is one hash chain per store: ``audit_head`` holds its last
-  sequence number and head, and every batch locks that row first (``SELECT ... FOR
-  UPDATE`` when it begins), updates it with each entry and releases it by committing.
-  Appends from several processes are serialized in commit order, and, because every
-  writing transaction takes that lock first, two processes can never wait on each
-  other's rows (no deadlock).
+  sequence number and head. A batch's entries wait in memory, unnumbered; right
+  before its COMMIT the batch locks that row (``SELECT … FOR UPDATE``), numbers and
+  chains the entries from it, appends them all and moves the head in one statement,
+  and releases the row by committing (:meth:`PgStore._flush_audit`). Appends from
+  several processes are serialized in commit order, and the row is held for three
+  round trips per batch, not for the batch: another process's batch runs its steps
+  meanwhile. Holding the head, a batch waits for nothing else, so no deadlock goes
+  through it. (Reading the audit log inside an open batch appends its entries first,
+  as SQLite does, and then holds the head to the COMMIT.)
+* **Checks and writes of two processes.** Without a lock every batch takes, what one
+  process's open batch is changing must be locked where another's check depends on it:
+  a release locks its report's row (``FOR NO KEY UPDATE``), a revocation the report's
+  and the token's, so a release never passes its checks against a report being
+  revoked; an expiry skips rows another batch holds (``SKIP LOCKED``); a state change
+  names the state it leaves (an ack updates only a delivery still owed). Such a wait
+  lasts until the other batch commits (milliseconds); past :data:`LOCK_TIMEOUT_MS`,
+  or when two batches wait for each other (PostgreSQL's deadlock detection picks one),
+  the step is :class:`relay.storage.StoreBusy` and the member tries again.
 * **Several processes.** A batch that queues something for a member NOTIFYs its name at
   COMMIT; :meth:`PgStore.watch` hears it and polls every :data:`POLL_INTERVAL` seconds
   besides. A delivery is claimed with a session advisory lock (:meth:`PgStore.claim`)
   before it is pushed. Rows read outside this process's batches are announced only after
   a flush of its own (:meth:`PgStore._seen`).
 * **Tokens.** ``tokens.id`` is unique: a token is consumed once, whichever process sees
-  it (the head lock makes the second see the first's commit; the key is the backstop).
+  it. A second process inserting the same id waits for the first's batch to end and
+  then inserts nothing (``ON CONFLICT DO NOTHING``): refused as a replay.
+* **Limits counted across processes** (a recipient's queue, a member's one-time
+  prekeys) count what is committed plus the open batch's own rows: two processes'
+  batches open at once may together pass one by what each adds before committing.
 * **Ciphertext lifetime.** A large upload goes to a temporary file (:meth:`write` is
   cheap), then :meth:`PgBlobWriter.place`, in a worker thread, copies it into
   ``blobs``/``blob_chunks`` on a pooled connection and commits synchronously before the
@@ -70,7 +96,6 @@ WAL flush (:meth:`PgStore.fsync_wal`) and copying a large ciphertext in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import io
 import logging
@@ -85,22 +110,19 @@ import psycopg_pool
 import trio
 from psycopg.pq import TransactionStatus
 
-from relay.consentstore import ConsentTables
 from relay.store import (
     InlineBlob,
-    NoticeRow,
-    ReceiptRow,
     ReportRow,
     StoreBusy,
     StoreUnavailable,
     TokenRow,
 )
+from relay.tokenstore import OWED, PENDING_COLUMNS, TokenTables, pending_values, release_refusal
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.prekeys import Prekey
-from tisa.receipt import Receipt
-from tisa.token import MAX_VALIDITY, ReleaseToken
+from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
 
 __all__ = [
@@ -131,9 +153,10 @@ ORPHAN_GRACE = 3600
 CONNECT_TIMEOUT = 10
 
 # Milliseconds a step waits for a lock (the audit chain head, held by another relay
-# process's open batch) before it fails: that process commits within a batch's time
-# (milliseconds); a wait this long means it is stuck, and this process's event loop,
-# which waits in line, must not hang with it.
+# process while it commits; the ordering lock or a row, held by another process's open
+# batch) before it fails: that process commits within a batch's time (milliseconds); a
+# wait this long means it is stuck, and this process's event loop, which waits in
+# line, must not hang with it.
 LOCK_TIMEOUT_MS = 5000
 
 # Seconds between looks at the store when no notification came: LISTEN/NOTIFY is only
@@ -154,8 +177,10 @@ UPLOAD_CONNECTIONS = 4
 
 # Advisory lock taken while the schema is created or migrated.
 _SCHEMA_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-schema", digest_size=8).digest()) >> 1
+# Transaction advisory lock of PgStore._exclusive: receipts and consent objects (rows
+# read on from the last seq sent) and the consent steps' check-then-write.
+_ORDER_LOCK = int.from_bytes(hashlib.blake2b(b"tisa-relay-order", digest_size=8).digest()) >> 1
 
-OUTSTANDING = ("pending", "delivered")
 
 log = logging.getLogger(__name__)
 
@@ -281,16 +306,10 @@ CREATE TABLE IF NOT EXISTS consent_queue (
 CREATE INDEX IF NOT EXISTS consent_member ON consent_queue (member, seq);
 """
 
-_TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
-
 
 def _limit(limit: int) -> int | None:
     # -1 means all (the SQLite store's LIMIT -1); PostgreSQL spells it LIMIT NULL.
     return None if limit < 0 else limit
-
-
-def _token_row(row: tuple[Any, ...]) -> TokenRow:
-    return TokenRow(*row)
 
 
 def _unavailable(exc: BaseException) -> StoreUnavailable:
@@ -314,13 +333,24 @@ class _Session:
     def __init__(self, store: PgStore) -> None:
         self._store = store
 
-    def execute(self, query: Any, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
+    def execute(self, query: str, params: Any = None) -> psycopg.Cursor[tuple[Any, ...]]:
         conn = self._store._main()
         try:
-            return conn.execute(query, params)
+            cursor = conn.execute(query, params)
+            if cursor.rowcount > 0 and not query.startswith("SELECT"):
+                # A step's write (see PgStore._changes); an INSERT that met its
+                # conflict (ON CONFLICT DO NOTHING) wrote nothing.
+                self._store._writes += 1
+            return cursor
         except psycopg.errors.LockNotAvailable:
-            # lock_timeout: another relay process held the chain head too long.
-            raise StoreBusy("another relay process holds the audit chain too long") from None
+            # lock_timeout: another relay process held what this needs too long (the
+            # audit chain head while it commits, the ordering lock, or a row).
+            raise StoreBusy(
+                "another relay process holds the audit chain or a row too long"
+            ) from None
+        except psycopg.errors.DeadlockDetected:
+            # Two processes' open batches waited for each other's rows: one is told.
+            raise StoreBusy("another relay process holds a row this step needs") from None
         except psycopg.OperationalError as exc:
             if not (conn.broken or conn.closed):
                 raise
@@ -449,7 +479,7 @@ class _ChunkReader(io.RawIOBase):
         return count
 
 
-class PgStore(ConsentTables, DurableStore):
+class PgStore(TokenTables, DurableStore):
     """The relay's durable state in the PostgreSQL database at ``dsn``.
 
     Args:
@@ -466,9 +496,22 @@ class PgStore(ConsentTables, DurableStore):
         super().__init__()
         self.dsn = dsn
         self.group_commit = group_commit
-        # Audit head cached while this store holds the audit_head row (a batch is open).
+        # The audit chain head as last read or written (see _flush_audit).
         self._seq = 0
         self._head = GENESIS
+        # Audit entries of the open batch, not yet numbered: (event, time, report, token,
+        # parties, reason); chained and written by _flush_audit. _audit_mark: where the
+        # current step's begin.
+        self._audit_rows: list[
+            tuple[AuditEvent, int, bytes | None, bytes | None, tuple[str, ...], str | None]
+        ] = []
+        self._audit_mark = 0
+        # The open batch holds the audit_head row (it flushed its entries), and the
+        # ordering lock (_exclusive).
+        self._head_held = False
+        self._ordered = self._ordered_before = False
+        # Write statements run (see _changes).
+        self._writes = 0
         # report id -> blob id, placed by a PgBlobWriter, awaiting add_report.
         self._placed: dict[bytes, bytes] = {}
         self._slot = random_id()
@@ -568,6 +611,7 @@ class PgStore(ConsentTables, DurableStore):
             self.ops = self.unsynced_ops = 0
             self._notify.clear()
             self._claimed.clear()
+            self._batch_ended()
         self._close_connections()
         log.warning("lost the relay's PostgreSQL store: %s", exc or "a WAL flush failed")
 
@@ -638,19 +682,44 @@ class PgStore(ConsentTables, DurableStore):
         return raw is not None and raw.info.transaction_status != TransactionStatus.IDLE
 
     def _execute(self, statement: str) -> None:
-        # COMMIT or ROLLBACK of the open batch. The notifications go out with the COMMIT
-        # (PostgreSQL delivers them when the transaction commits, never before).
+        # COMMIT or ROLLBACK of the open batch (the audit entries and the notifications
+        # went in before, in _before_commit).
+        try:
+            self._conn.execute(statement)
+        finally:
+            self._batch_ended()
+
+    def _batch_ended(self) -> None:
+        self._notify.clear()
+        self._audit_rows.clear()
+        self._audit_mark = 0
+        self._head_held = self._ordered = False
+
+    def _before_commit(self) -> None:
+        # Inside the batch's transaction, right before its COMMIT: the notifications
+        # (PostgreSQL delivers them when the transaction commits, never before), then
+        # the audit entries, which take the chain head and hold it through the COMMIT.
         members, self._notify = self._notify, set()
-        if statement == "COMMIT":
-            for member in sorted(members):
-                self._conn.execute("SELECT pg_notify(%s, %s)", (self.channel, member))
-        self._conn.execute(statement)
+        if members:
+            self._conn.execute(
+                "SELECT pg_notify(%s, m) FROM unnest(%s::text[]) AS m",
+                (self.channel, sorted(members)),
+            )
+        self._flush_audit(at_commit=True)
 
     def _tell(self, member: str) -> None:
         # Something new is queued for ``member``: tell the other relay processes when
         # this batch commits (see watch).
         if member:
             self._notify.add(member)
+
+    def _exclusive(self) -> None:
+        """The rest of the open batch runs as the only one of its kind among the relay
+        processes (see :meth:`relay.consentstore.ConsentTables._exclusive`): a
+        transaction advisory lock, taken once per batch and released by its COMMIT."""
+        if not self._ordered:
+            self._conn.execute("SELECT pg_advisory_xact_lock(%s)", (_ORDER_LOCK,))
+            self._ordered = True
 
     def _seen(self, found: Any) -> Any:
         """Rows read outside this store's open batch may belong to another process's
@@ -664,16 +733,8 @@ class PgStore(ConsentTables, DurableStore):
         return found
 
     def _begin(self) -> None:
-        # Every writing transaction locks the chain head first (see the module docstring).
+        # A batch begins without any lock: the chain head is taken by _flush_audit.
         self._conn.execute("BEGIN")
-        try:
-            self._load_head(lock=True)
-        except BaseException:
-            # lock_timeout (another process holds the head too long), or the server is
-            # gone: nothing of this batch exists yet.
-            if self.in_transaction:
-                self._conn.execute("ROLLBACK")
-            raise
 
     def _load_head(self, *, lock: bool = False) -> None:
         row = self._conn.execute(
@@ -682,23 +743,114 @@ class PgStore(ConsentTables, DurableStore):
         assert row is not None  # inserted with the schema
         self._seq, self._head = int(row[0]), bytes(row[1])
 
+    def _flush_audit(self, *, at_commit: bool = False) -> None:
+        """Number, chain and write the open batch's audit entries: lock the chain head
+        (``SELECT … FOR UPDATE``), then one statement appends every entry and moves the
+        head. The lock is held to the batch's end, so the sequence numbers of all relay
+        processes commit in order; a batch takes it only here (right before its COMMIT,
+        or when the open batch's entries are read); at its COMMIT it waits for nothing
+        else once it has it (no deadlock through the head)."""
+        if not self._audit_rows:
+            return
+        if not (at_commit or self._head_held):
+            # Lock order: the ordering lock before the head, never after: a batch that
+            # takes the head before its COMMIT may still run steps that take it.
+            self._exclusive()
+        self._load_head(lock=True)
+        self._head_held = True
+        seqs: list[int] = []
+        encoded: list[bytes] = []
+        contents: list[bytes] = []
+        heads: list[bytes] = []
+        seq, head = self._seq, self._head
+        for event, when, report, token, parties, reason in self._audit_rows:
+            seq += 1
+            entry = AuditEntry(
+                seq=seq,
+                time=when,
+                event=event,
+                report=report,
+                token=token,
+                parties=parties,
+                reason=reason,
+            )
+            data = entry.encode()
+            content = digest(Hash.AUDIT, data)
+            head = chain_next(head, content)
+            seqs.append(seq)
+            encoded.append(data)
+            contents.append(content)
+            heads.append(head)
+        self._conn.execute(
+            "WITH appended AS (INSERT INTO audit (seq, entry, content, head)"
+            " SELECT * FROM unnest(%s::bigint[], %s::bytea[], %s::bytea[], %s::bytea[]))"
+            " UPDATE audit_head SET seq = %s, head = %s",
+            (seqs, encoded, contents, heads, seq, head),
+        )
+        self._seq, self._head = seq, head
+        self._audit_rows.clear()
+        self._audit_mark = 0
+
+    def _changes(self) -> int:
+        return self._writes + len(self._audit_rows)
+
+    def _step_started(self) -> None:
+        self._audit_mark = len(self._audit_rows)
+        self._ordered_before = self._ordered
+
+    def _rolled_back(self) -> None:
+        if self.in_transaction:
+            # One step rolled back: its buffered entries go with it, and a lock it took
+            # (PostgreSQL releases what a subtransaction took when it is rolled back;
+            # the head is taken only outside steps, so that one stays).
+            del self._audit_rows[self._audit_mark :]
+            self._ordered = self._ordered_before
+        else:
+            self._batch_ended()
+
     @contextlib.contextmanager
     def _single(self) -> Iterator[_Session]:  # type: ignore[override]
+        # Without group commit: one transaction, durable on return.
         self._begin()
+        self._step_started()
         try:
             yield self._conn
+            self._before_commit()
         except BaseException:
             if self.in_transaction:
                 self._execute("ROLLBACK")
+            self._batch_ended()
             raise
         self._execute("COMMIT")
         self.fsync_wal()
 
     @contextlib.contextmanager
-    def _step(self) -> Iterator[_Session]:  # type: ignore[override]
+    def _step(self, *, savepoint: bool = True) -> Iterator[_Session]:  # type: ignore[override]
+        # As tisa_io.durable.DurableStore._step: one step of the open batch, in a
+        # savepoint, or (savepoint=False) without one for a step that makes every check
+        # before its first write. In PostgreSQL a failed statement spoils the whole
+        # transaction, so such a step whose statement failed loses its batch as well.
         if not self.in_transaction:
             self._begin()
+        if not savepoint:
+            before = self._changes()
+            self._in_step = True
+            try:
+                yield self._conn
+            except BaseException:
+                raw = self._raw
+                spoiled = raw is not None and (
+                    raw.info.transaction_status == TransactionStatus.INERROR
+                )
+                if spoiled or self._changes() != before:
+                    self._abandon_batch()
+                raise
+            finally:
+                self._in_step = False
+            self.ops += 1
+            return
         self._conn.execute("SAVEPOINT step")
+        self._step_started()
         self._in_step = True
         try:
             yield self._conn
@@ -706,15 +858,18 @@ class PgStore(ConsentTables, DurableStore):
             if self.in_transaction:  # else the connection (and the batch) is gone
                 self._conn.execute("ROLLBACK TO SAVEPOINT step")
                 self._conn.execute("RELEASE SAVEPOINT step")
-                self._load_head()  # the entries of this step are gone; the lock stays
+                self._rolled_back()
             raise
         finally:
             self._in_step = False
         self._conn.execute("RELEASE SAVEPOINT step")
         self.ops += 1
 
-    def _transaction(self) -> contextlib.AbstractContextManager[_Session]:
-        return self._step() if self.group_commit else self._single()
+    def _transaction(
+        self, *, savepoint: bool = True
+    ) -> contextlib.AbstractContextManager[_Session]:
+        # savepoint=False: the step checks everything before its first write.
+        return self._step(savepoint=savepoint) if self.group_commit else self._single()
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> psycopg.Cursor[tuple[Any, ...]]:
         # The shared statements of relay.consentstore, written with SQLite's "?"
@@ -857,89 +1012,33 @@ class PgStore(ConsentTables, DurableStore):
         report: bytes | None = None,
         token: bytes | None = None,
         reason: str | None = None,
-    ) -> AuditEntry:
-        # Inside a transaction only, which holds the audit_head row (see _begin).
-        entry = AuditEntry(
-            seq=self._seq + 1,
-            time=max(now, 0),
-            event=event,
-            report=report,
-            token=token,
-            parties=tuple(sorted(set(parties), key=str.encode)),
-            reason=reason,
+    ) -> None:
+        # Inside a step only: the entry joins the open batch, numbered and chained when
+        # it commits (_flush_audit), in the same transaction as the change it records.
+        self._audit_rows.append(
+            (event, max(now, 0), report, token, tuple(sorted(set(parties), key=str.encode)), reason)
         )
-        encoded = entry.encode()
-        content = digest(Hash.AUDIT, encoded)
-        head = chain_next(self._head, content)
-        self._conn.execute(
-            "INSERT INTO audit (seq, entry, content, head) VALUES (%s, %s, %s, %s)",
-            (entry.seq, encoded, content, head),
-        )
-        self._conn.execute("UPDATE audit_head SET seq = %s, head = %s", (entry.seq, head))
-        self._seq, self._head = entry.seq, head
-        return entry
 
-    def log_refusal(
-        self,
-        *,
-        member: str,
-        reason: Reason,
-        now: int,
-        report: bytes | None = None,
-        token: bytes | None = None,
-        others: tuple[str, ...] = (),
-    ) -> AuditEntry:
-        """Log a refusal of something ``member`` sent (its own step)."""
-        with self._transaction():
-            return self._audit(
-                AuditEvent.REFUSED,
-                now=now,
-                parties=(member, *others),
-                report=report,
-                token=token,
-                reason=reason.value,
-            )
+    def _audit_read(self) -> None:
+        # Before the audit log is read: the open batch's entries are written first (the
+        # chain head is then held to its COMMIT), so a read sees them, as with SQLite;
+        # outside a batch, the head as committed.
+        if self._audit_rows:
+            self._flush_audit()
+        elif not self._head_held:
+            self._load_head()
 
     @property
     def audit_seq(self) -> int:
         """Sequence number of the last audit entry (0 when empty)."""
-        if not self.in_transaction:
-            self._load_head()
+        self._audit_read()
         return self._seq
 
     @property
     def audit_head(self) -> bytes:
         """The audit chain's head after its last entry."""
-        if not self.in_transaction:
-            self._load_head()
+        self._audit_read()
         return self._head
-
-    def audit_point(self, seq: int) -> bytes | None:
-        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
-        if seq == 0:
-            return GENESIS
-        row = self._seen(
-            self._conn.execute("SELECT head FROM audit WHERE seq = %s", (seq,)).fetchone()
-        )
-        return None if row is None else bytes(row[0])
-
-    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
-        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
-        rows = self._seen(
-            self._conn.execute(
-                "SELECT entry, content, head FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
-                (after, _limit(limit)),
-            ).fetchall()
-        )
-        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
-
-    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
-        """The encoded sizes of up to ``limit`` entries after ``after``."""
-        rows = self._conn.execute(
-            "SELECT octet_length(entry) FROM audit WHERE seq > %s ORDER BY seq LIMIT %s",
-            (after, _limit(limit)),
-        ).fetchall()
-        return [int(r[0]) for r in rows]
 
     # --- reports -------------------------------------------------------------------------
 
@@ -971,17 +1070,6 @@ class PgStore(ConsentTables, DurableStore):
             return io.BytesIO(bytes(row[0]))
         return io.BufferedReader(_ChunkReader(self, bytes(row[1])), BLOB_CHUNK)
 
-    def report(self, report_id: bytes) -> ReportRow | None:
-        """The report's row, or None."""
-        row = self._seen(
-            self._conn.execute(
-                "SELECT id, originator, size, digest, state, ended, expires, stored_at"
-                " FROM reports WHERE id = %s",
-                (report_id,),
-            ).fetchone()
-        )
-        return None if row is None else ReportRow(*row)
-
     def add_report(
         self,
         report_id: bytes,
@@ -1005,17 +1093,19 @@ class PgStore(ConsentTables, DurableStore):
             blob = self._placed.get(report_id)
             if blob is None:
                 raise UsageError("no placed upload of this report")
-        with self._transaction() as db:
-            try:
+        with self._transaction(savepoint=False) as db:
+            if (
                 db.execute(
                     "INSERT INTO reports (id, originator, size, digest, state, expires,"
-                    " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)",
+                    " stored_at, data, blob) VALUES (%s, %s, %s, %s, 'held', %s, %s, %s, %s)"
+                    " ON CONFLICT (id) DO NOTHING",
                     (report_id, originator, size, digest, expires, now, data, blob),
-                )
-            except psycopg.errors.UniqueViolation:
+                ).rowcount
+                == 0
+            ):
                 # The same upload through another relay process (a member that failed
                 # over mid-upload) was stored first: sent again, it is answered as stored.
-                raise StoreBusy("another relay process stored this report just now") from None
+                raise StoreBusy("another relay process stored this report just now")
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         self._placed.pop(report_id, None)
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
@@ -1033,15 +1123,6 @@ class PgStore(ConsentTables, DurableStore):
 
     # --- tokens --------------------------------------------------------------------------
 
-    def token(self, token_id: bytes) -> TokenRow | None:
-        """The token row of ``token_id`` (also a consumed one), or None."""
-        row = self._seen(
-            self._conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens WHERE id = %s", (token_id,)
-            ).fetchone()
-        )
-        return None if row is None else _token_row(row)
-
     def ping(self) -> None:
         """A trivial round trip to the server (the health check).
 
@@ -1054,8 +1135,7 @@ class PgStore(ConsentTables, DurableStore):
         """Deliveries still owed to ``recipient``: counted every time (other relay
         processes change it; an index scan on ``tokens_recipient``)."""
         row = self._conn.execute(
-            "SELECT count(*) FROM tokens WHERE recipient = %s AND state IN (%s, %s)",
-            (recipient, *OUTSTANDING),
+            f"SELECT count(*) FROM tokens WHERE recipient = %s AND {OWED}", (recipient,)
         ).fetchone()
         return 0 if row is None else int(row[0])
 
@@ -1068,358 +1148,65 @@ class PgStore(ConsentTables, DurableStore):
         Raises:
             Refused: as :meth:`relay.store.Store.release`.
         """
-        with self._transaction() as db:
+        # As with SQLite, a plain release checks everything before its first write (no
+        # savepoint); an approval writes the request's state first, so it keeps one.
+        with self._transaction(savepoint=token.request is not None) as db:
             if token.request is not None:
                 self._approve(token, now=now, clock_skew=clock_skew)
+            # The report's row, locked until the batch ends: a revocation or expiry of
+            # it in another relay process's open batch is waited for, and seen. With
+            # it the token id's state and the recipient's queue, in one round trip.
             row = db.execute(
-                "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL,"
-                " r.state, r.ended, r.expires, r.key_commit"
-                " FROM (SELECT 1) AS one LEFT JOIN reports r ON r.id = %s",
-                (token.id, token.report),
+                "SELECT (SELECT state FROM tokens WHERE id = %s), r.id IS NOT NULL, r.state,"
+                " r.ended, r.expires, r.key_commit, (SELECT count(*) FROM tokens"
+                f" WHERE recipient = %s AND {OWED})"
+                " FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT id, state, ended, expires,"
+                " key_commit FROM reports WHERE id = %s FOR NO KEY UPDATE) AS r ON true",
+                (token.id, token.recipient, token.report),
             ).fetchone()
             assert row is not None
-            seen, present, state, ended, expires, pinned = row
-            if seen is not None:
-                if seen == "revoked":
-                    raise Refused(Reason.REVOKED, "this token was revoked")
-                raise Refused(Reason.REPLAYED, "this token was used before")
-            if not present:
-                raise Refused(Reason.UNKNOWN_REPORT, "no such report")
-            if state == "deleted":
-                if ended == "revoked":
-                    raise Refused(Reason.REVOKED, "the report was revoked")
-                raise Refused(Reason.EXPIRED, "the report is no longer held")
-            if expires <= now:
-                raise Refused(Reason.EXPIRED, "the report's hold time is over")
-            if self.queue_length(token.recipient) >= max_queue:
-                raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
-            # The first release pins the key commitment (see relay.store.Store.release).
-            if pinned is not None and bytes(pinned) != token.key_commit:
-                raise Refused(
-                    Reason.WRONG_REPORT, "token commits to another content key than the first"
-                )
+            # The first release pins the key commitment (the statement below).
+            refusal = release_refusal(
+                token, row[:6], now=now, queued=lambda: int(row[6]), max_queue=max_queue
+            )
+            if refusal is not None:
+                raise refusal
             if token.wrap.opk is not None:
-                self._use_one_time_prekey(db, token)
-            pending = TokenRow(
-                0,
-                token.id,
-                token.report,
-                token.recipient,
-                token.originator,
-                token.encoded,
-                token.counter,
-                "pending",
-                token.not_after,
-            )
+                self._check_one_time_prekey(db, token)
+            # The token's row and the report's pin in one statement. ON CONFLICT: the
+            # same token consumed by another relay process meanwhile (its open batch
+            # held the id; this waited for its COMMIT) is a replay, refused before
+            # anything was written.
             inserted = db.execute(
-                f"INSERT INTO tokens ({_TOKEN_COLUMNS.removeprefix('seq, ')}, keep_until)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING seq",
-                (*dataclasses.astuple(pending)[1:], token.not_after + MAX_VALIDITY),
+                f"WITH t AS (INSERT INTO tokens ({PENDING_COLUMNS})"
+                " VALUES (%s, %s, %s, %s, %s, %s, 'pending', %s, %s)"
+                " ON CONFLICT (id) DO NOTHING RETURNING seq),"
+                " r AS (UPDATE reports SET key_commit = coalesce(key_commit, %s),"
+                " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
+                " WHERE id = %s AND EXISTS (SELECT 1 FROM t))"
+                " SELECT seq FROM t",
+                (*pending_values(token), token.key_commit, token.report),
             ).fetchone()
-            assert inserted is not None
-            db.execute(
-                "UPDATE reports SET key_commit = coalesce(key_commit, %s),"
-                " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = %s",
-                (token.key_commit, token.report),
-            )
-            self._tell(token.recipient)
-            self._audit(
-                AuditEvent.RELEASED,
-                now=now,
-                parties=(token.originator, token.recipient),
-                report=token.report,
-                token=token.id,
-            )
-        return dataclasses.replace(pending, seq=int(inserted[0]))
-
-    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
-        """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
-        (at most ``limit``; -1 for all)."""
-        rows = self._seen(
-            self._conn.execute(
-                f"SELECT {_TOKEN_COLUMNS} FROM tokens"
-                " WHERE recipient = %s AND state IN (%s, %s) AND seq > %s ORDER BY seq LIMIT %s",
-                (recipient, *OUTSTANDING, after, _limit(limit)),
-            ).fetchall()
-        )
-        return [_token_row(row) for row in rows]
-
-    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
-        """Whether a delivery is still outstanding, and its report's ciphertext if
-        stored inline (else None: in chunks, or gone)."""
-        row = self._conn.execute(
-            "SELECT t.state, r.data FROM tokens t LEFT JOIN reports r ON r.id = t.report"
-            " WHERE t.id = %s",
-            (token_id,),
-        ).fetchone()
-        if row is None:
-            return False, None
-        return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
-
-    def is_outstanding(self, token_id: bytes) -> bool:
-        """Whether the delivery of ``token_id`` is still owed."""
-        row = self._conn.execute("SELECT state FROM tokens WHERE id = %s", (token_id,)).fetchone()
-        return row is not None and row[0] in OUTSTANDING
-
-    def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
-        """A delivery went out in full; the first time, log ``forwarded``."""
-        with self._transaction() as db:
-            row = db.execute(
-                "UPDATE tokens SET state = 'delivered' WHERE id = %s AND state = 'pending'"
-                " RETURNING originator, recipient, report",
-                (token_id,),
-            ).fetchone()
-            if row is None:
-                return
-            self._audit(
-                AuditEvent.FORWARDED,
-                now=now,
-                parties=(str(row[0]), str(row[1])),
-                report=bytes(row[2]),
-                token=token_id,
-            )
-
-    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
-        """The recipient holds the report (see :meth:`relay.store.Store.ack_delivery`)."""
-        with self._transaction() as db:
-            row = self.token(token_id)
-            if row is None or row.recipient != recipient:
-                return False
-            if row.state not in OUTSTANDING:
-                return True
-            db.execute(
-                "UPDATE tokens SET state = 'acked', token = ''::bytea WHERE id = %s", (token_id,)
-            )
-            if row.state == "pending":
-                self._audit(
-                    AuditEvent.FORWARDED,
-                    now=now,
-                    parties=(row.originator, row.recipient),
-                    report=row.report,
-                    token=token_id,
+            if inserted is None:
+                raise Refused(Reason.REPLAYED, "this token was used before")
+            if token.wrap.opk is not None:
+                db.execute(
+                    "UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk)
                 )
-            self._audit(
-                AuditEvent.ACKNOWLEDGED,
-                now=now,
-                parties=(row.originator, row.recipient),
-                report=row.report,
-                token=token_id,
-            )
-        self.unclaim((token_id,))  # no longer owed: nobody needs the claim
-        return True
+            return self._released(token, int(inserted[0]), now=now)
 
-    # --- revocation ----------------------------------------------------------------------
+    # --- the hooks of relay.tokenstore.TokenTables ------------------------------------
 
-    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
-        """Withdraw one token or the whole report (see :meth:`relay.store.Store.revoke`).
+    # Another relay process's open batch may be changing a row a step checks: lock it
+    # until the batch ends; an expiry skips what another batch holds.
+    _FOR_UPDATE = " FOR UPDATE"
+    _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
-        Raises:
-            Refused: UNKNOWN_REPORT, REPLAYED (also for the whole report when every
-                token of it was already acked: nothing left to withdraw), EXPIRED,
-                WRONG_REPORT.
-        """
-        with self._transaction() as db:
-            report = self.report(report_id)
-            if report is None or report.originator != by:
-                raise Refused(Reason.UNKNOWN_REPORT, "no such report of yours")
-            if token_id is not None:
-                row = self.token(token_id)
-                if row is None:
-                    # Revoked before release: the id is recorded so a later release is
-                    # refused. recipient is unknown; '' matches no member.
-                    db.execute(
-                        "INSERT INTO tokens (id, report, recipient, originator, token, counter,"
-                        " state, not_after, keep_until)"
-                        " VALUES (%s, %s, '', %s, ''::bytea, 0, 'revoked', %s, %s)",
-                        (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
-                    )
-                    parties: tuple[str, ...] = (by,)
-                else:
-                    if row.report != report_id:
-                        raise Refused(Reason.WRONG_REPORT, "the token names another report")
-                    if row.state == "acked":
-                        raise Refused(Reason.REPLAYED, "the token was already used")
-                    if row.state == "expired":
-                        raise Refused(Reason.EXPIRED, "the token expired")
-                    if row.state == "revoked":
-                        return
-                    db.execute(
-                        "UPDATE tokens SET state = 'revoked', token = ''::bytea WHERE id = %s",
-                        (token_id,),
-                    )
-                    parties = (by, row.recipient)
-                self._audit(
-                    AuditEvent.REVOKED, now=now, parties=parties, report=report_id, token=token_id
-                )
-                return
-            if report.state == "deleted" and report.ended == "revoked":
-                return
-            owed = db.execute(
-                "SELECT 1 FROM tokens WHERE report = %s AND state IN (%s, %s) LIMIT 1",
-                (report_id, *OUTSTANDING),
-            ).fetchone()
-            if owed is None:
-                delivered = sorted(
-                    str(r[0])
-                    for r in db.execute(
-                        "SELECT recipient FROM tokens WHERE report = %s AND state = 'acked'",
-                        (report_id,),
-                    ).fetchall()
-                )
-                if delivered:
-                    # As the SQLite store: a revocation cannot take a report back from
-                    # its recipients. Refused, and nothing changes.
-                    raise Refused(
-                        Reason.REPLAYED,
-                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
-                    )
-            recipients = [
-                str(r[0])
-                for r in db.execute(
-                    "UPDATE tokens SET state = 'revoked', token = ''::bytea"
-                    " WHERE report = %s AND state IN (%s, %s) RETURNING recipient",
-                    (report_id, *OUTSTANDING),
-                ).fetchall()
-            ]
-            self._delete_ciphertext(report_id, "revoked")
-            self._audit(AuditEvent.REVOKED, now=now, parties=(by, *recipients), report=report_id)
-
-    # --- receipts and notices ------------------------------------------------------------
-
-    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
-        """Queue a verified receipt for its originator; False if queued before.
-
-        Raises:
-            Refused: WRONG_REPORT when no such delivery exists.
-        """
-        with self._transaction() as db:
-            row = db.execute(
-                "SELECT recipient, originator, report FROM tokens WHERE id = %s", (receipt.token,)
-            ).fetchone()
-            if (
-                row is None
-                or row[0] != receipt.recipient
-                or row[1] != receipt.originator
-                or bytes(row[2]) != receipt.report
-            ):
-                raise Refused(Reason.WRONG_REPORT, "no such delivery")
-            cursor = db.execute(
-                "INSERT INTO receipts (originator, token, receipt, state)"
-                " VALUES (%s, %s, %s, 'queued') ON CONFLICT (token) DO NOTHING",
-                (receipt.originator, receipt.token, receipt.encoded),
-            )
-            if cursor.rowcount == 0:
-                return False
-            self._tell(receipt.originator)
-            self._audit(
-                AuditEvent.RECEIPT,
-                now=now,
-                parties=(receipt.originator, receipt.recipient),
-                report=receipt.report,
-                token=receipt.token,
-            )
-        return True
-
-    def queued_receipts(
-        self, originator: str, *, after: int = 0, limit: int = -1
-    ) -> list[ReceiptRow]:
-        """Receipts not yet confirmed by ``originator``, with ``seq > after``, oldest first."""
-        rows = self._seen(
-            self._conn.execute(
-                "SELECT seq, originator, token, receipt FROM receipts"
-                " WHERE originator = %s AND state = 'queued' AND seq > %s ORDER BY seq LIMIT %s",
-                (originator, after, _limit(limit)),
-            ).fetchall()
-        )
-        return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
-
-    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
-        """The originator holds the receipt (its row keeps only the token id); False if
-        there is no such receipt of ``originator``."""
-        with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE receipts SET state = 'acked', receipt = ''::bytea"
-                " WHERE token = %s AND originator = %s",
-                (token_id, originator),
-            )
-            return cursor.rowcount > 0
-
-    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
-        """Notices queued for ``member`` with ``seq > after``, oldest first."""
-        rows = self._seen(
-            self._conn.execute(
-                "SELECT seq, member, kind, report, token FROM notices"
-                " WHERE member = %s AND seq > %s ORDER BY seq LIMIT %s",
-                (member, after, _limit(limit)),
-            ).fetchall()
-        )
-        return [NoticeRow(*row) for row in rows]
-
-    def drop_notice(self, seq: int) -> None:
-        """Drop a notice that was sent (notices have no ack)."""
-        with self._transaction() as db:
-            db.execute("DELETE FROM notices WHERE seq = %s", (seq,))
-
-    def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
-        self._tell(member)
-        self._conn.execute(
-            "INSERT INTO notices (member, kind, report, token) VALUES (%s, %s, %s, %s)",
-            (member, kind, report, token),
-        )
-
-    # --- expiry --------------------------------------------------------------------------
-
-    def expire(self, *, now: int, clock_skew: int) -> set[str]:
-        """Expire deliveries and held reports past their time (see
-        :meth:`relay.store.Store.expire`). Returns the members that got a notice."""
-        notified: set[str] = set()
-        with self._transaction() as db:
-            expired_tokens = [
-                _token_row(row)
-                for row in db.execute(
-                    "UPDATE tokens SET state = 'expired', token = ''::bytea"
-                    " WHERE state IN (%s, %s) AND not_after + %s <= %s"
-                    f" RETURNING {_TOKEN_COLUMNS}",
-                    (*OUTSTANDING, clock_skew, now),
-                ).fetchall()
-            ]
-            for token in sorted(expired_tokens, key=lambda t: t.seq):
-                self._notice(token.originator, "expired", token.report, token.id)
-                notified.add(token.originator)
-                self._audit(
-                    AuditEvent.EXPIRED,
-                    now=now,
-                    parties=(token.originator, token.recipient),
-                    report=token.report,
-                    token=token.id,
-                )
-            for report_id, originator, state in db.execute(
-                "SELECT id, originator, state FROM reports"
-                " WHERE state IN ('held', 'released') AND expires <= %s ORDER BY stored_at, id",
-                (now,),
-            ).fetchall():
-                if state == "released":
-                    busy = db.execute(
-                        "SELECT 1 FROM tokens WHERE report = %s AND state IN (%s, %s) LIMIT 1",
-                        (report_id, *OUTSTANDING),
-                    ).fetchone()
-                    if busy is None:
-                        self._delete_ciphertext(report_id, "done")
-                    continue
-                self._delete_ciphertext(report_id, "expired")
-                self._notice(originator, "expired", report_id, None)
-                notified.add(originator)
-                self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
-            # Consumed token ids are kept until no token with that id could still be
-            # valid (not_after + the longest validity), so a replay is always caught.
-            db.execute(
-                "DELETE FROM tokens WHERE keep_until < %s AND state NOT IN (%s, %s)",
-                (now, *OUTSTANDING),
-            )
-            self._prune_consent(now=now, clock_skew=clock_skew)
-            # As relay.store.Store.expire: kept while a token naming it could arrive.
-            db.execute("DELETE FROM prekeys WHERE not_after + %s < %s", (MAX_VALIDITY, now))
-        return notified
+    def _acked(self, token_id: bytes, recipient: str) -> None:
+        # No longer owed: nobody needs the claim, nor to be told to look.
+        if token_id in self._claimed:
+            self._claimed.discard(token_id)
+            self._conn.execute("SELECT pg_advisory_unlock(%s)", (_claim_key(token_id),))
 
     # --- prekeys (as relay.store.Store; see there) -------------------------------------
 
@@ -1488,7 +1275,9 @@ class PgStore(ConsentTables, DurableStore):
             left,
         )
 
-    def _use_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
+    def _check_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
+        # The row is locked until the batch ends; release writes used_by once its
+        # token's row is in.
         row = db.execute(
             "SELECT owner, taken_by, used_by FROM prekeys WHERE key = %s AND kind = 'one_time'"
             " FOR UPDATE",
@@ -1498,4 +1287,3 @@ class PgStore(ConsentTables, DurableStore):
             raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
         if row[2] is not None:
             raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
-        db.execute("UPDATE prekeys SET used_by = %s WHERE key = %s", (token.id, token.wrap.opk))

@@ -208,7 +208,7 @@ class RelayStore(Batches, Protocol):
         report: bytes | None = None,
         token: bytes | None = None,
         others: tuple[str, ...] = (),
-    ) -> AuditEntry:
+    ) -> None:
         """Log a refusal of something ``member`` sent (its own step)."""
 
     @property

@@ -27,6 +27,10 @@ Rules that make the relay lose nothing:
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
 
+The rules of releases, deliveries, revocations, receipts, notices and expiry, and of
+release requests, are shared with the PostgreSQL store (:mod:`relay.tokenstore`,
+:mod:`relay.consentstore`); this module holds what is SQLite's own.
+
 Group commit: a store opened with ``group_commit=True`` (the relay's) does not commit
 each method's transaction: every method runs as one step of the open batch, and
 :meth:`Store.commit` commits them all; :attr:`Store.barrier` names the batch that must
@@ -47,7 +51,6 @@ threads. The connection is used from one thread at a time (the trio thread);
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import os
@@ -55,13 +58,25 @@ import sqlite3
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
+from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow
+from relay.tokenstore import (
+    OWED,
+    PENDING_COLUMNS,
+    NoticeRow,
+    ReceiptRow,
+    ReportRow,
+    StoreBusy,
+    StoreUnavailable,
+    TokenRow,
+    TokenTables,
+    pending_values,
+    release_refusal,
+)
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
-from tisa.errors import LocalError, Reason, Refused, UsageError
+from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
 from tisa.prekeys import Prekey
-from tisa.receipt import Receipt
-from tisa.token import MAX_VALIDITY, ReleaseToken
+from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
 
 # The relay's report events (one line each): stored, released, forwarded, ...
@@ -87,14 +102,12 @@ DB_NAME = "relay.db"
 # announcements, consent_queue (release requests); 6: prekeys (5 and 6: new tables only).
 SCHEMA_VERSION = 6
 
-# Token states in which a delivery is still owed to the recipient.
-OUTSTANDING = ("pending", "delivered")
-# The same as an SQL condition, written out in every query that should use the partial
-# indexes below (SQLite uses one only when the query states its condition literally).
-# Indexed only while owed, and without the state in their keys, a token's row enters
-# the indexes once (release), stays put when it is forwarded, and leaves them when it is
-# acked: before, each state change moved it in three indexes.
-_OWED = "state IN ('pending', 'delivered')"
+# The tokens' indexes hold only deliveries still owed (OWED, stated literally in every
+# query that should use them: SQLite uses a partial index only then). Indexed only while
+# owed, and without the state in their keys, a token's row enters the indexes once
+# (release), stays put when it is forwarded, and leaves them when it is acked: before,
+# each state change moved it in three indexes.
+_OWED = OWED
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -190,60 +203,6 @@ CREATE TABLE IF NOT EXISTS audit (
     head BLOB NOT NULL
 );
 """
-
-
-class StoreUnavailable(LocalError):
-    """The relay's store cannot be reached (its PostgreSQL server is down or refuses the
-    connection). At start the relay stops with this one line; while it runs, the
-    connection that met it is closed with ``busy`` and the store is tried again."""
-
-
-class StoreBusy(StoreUnavailable):
-    """Another relay process holds what this step needs (the audit chain head past
-    the lock timeout, or a report id it stored a moment ago): the connection is closed
-    with ``busy`` and the member tries again."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ReportRow:
-    id: bytes
-    originator: str
-    size: int
-    digest: bytes
-    state: str  # held, released, deleted
-    ended: str | None  # why it was deleted: "expired", "revoked", "done"
-    expires: int
-    stored_at: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class TokenRow:
-    seq: int
-    id: bytes
-    report: bytes
-    recipient: str
-    originator: str
-    token: bytes
-    counter: int
-    state: str
-    not_after: int
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ReceiptRow:
-    seq: int
-    originator: str
-    token: bytes
-    receipt: bytes
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NoticeRow:
-    seq: int
-    member: str
-    kind: str
-    report: bytes
-    token: bytes | None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -345,7 +304,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store(ConsentTables, DurableStore):
+class Store(TokenTables, DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:
@@ -523,6 +482,30 @@ class Store(ConsentTables, DurableStore):
     def _remove_blob(self, report_id: bytes) -> None:
         self._remove_after_commit(self.blob_path(report_id))
 
+    # The hooks of relay.tokenstore.TokenTables.
+
+    def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
+        # The file goes once the step is over (_ciphertexts_deleted), and only once the
+        # row's deleted state is on disk.
+        self._db.execute(
+            "UPDATE reports SET state = 'deleted', ended = ?, data = NULL WHERE id = ?",
+            (ended, report_id),
+        )
+
+    def _ciphertexts_deleted(self, report_ids: list[bytes]) -> None:
+        for report_id in report_ids:
+            self._remove_blob(report_id)
+
+    def _audit_read(self) -> None:
+        self._flush_audit()
+
+    def _queues_changed(self) -> None:
+        self._queued.clear()  # queue lengths are counted again when next needed
+
+    def _acked(self, token_id: bytes, recipient: str) -> None:
+        if recipient in self._queued:
+            self._queued[recipient] -= 1
+
     # --- reports ---------------------------------------------------------------------
 
     def blob_path(self, report_id: bytes) -> Path:
@@ -551,18 +534,6 @@ class Store(ConsentTables, DurableStore):
         if inline is not None:
             return io.BytesIO(inline)
         return open(self.blob_path(report_id), "rb")
-
-    def report(self, report_id: bytes) -> ReportRow | None:
-        row = self._db.execute(
-            "SELECT id, originator, size, digest, state, ended, expires, stored_at"
-            " FROM reports WHERE id = ?",
-            (report_id,),
-        ).fetchone()
-        if row is None:
-            return None
-        return ReportRow(
-            bytes(row[0]), row[1], row[2], bytes(row[3]), row[4], row[5], row[6], row[7]
-        )
 
     def add_report(
         self,
@@ -597,28 +568,6 @@ class Store(ConsentTables, DurableStore):
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
 
     # --- tokens ----------------------------------------------------------------------
-
-    def _token_row(self, row: Any) -> TokenRow:
-        seq, id_, report, recipient, originator, token, counter, state, not_after = row
-        return TokenRow(
-            int(seq),
-            bytes(id_),
-            bytes(report),
-            str(recipient),
-            str(originator),
-            bytes(token),
-            int(counter),
-            str(state),
-            int(not_after),
-        )
-
-    _TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
-
-    def token(self, token_id: bytes) -> TokenRow | None:
-        row = self._db.execute(
-            f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE id = ?", (token_id,)
-        ).fetchone()
-        return None if row is None else self._token_row(row)
 
     def ping(self) -> None:
         """A trivial read: raises if the database cannot answer (the health check)."""
@@ -660,404 +609,39 @@ class Store(ConsentTables, DurableStore):
             if token.request is not None:
                 self._approve(token, now=now, clock_skew=clock_skew)
             # The token id's state and the report's, in one query (NULLs: not there).
-            seen, present, state, ended, expires, pinned = db.execute(
+            found = db.execute(
                 "SELECT (SELECT state FROM tokens WHERE id = ?), r.id IS NOT NULL,"
                 " r.state, r.ended, r.expires, r.key_commit"
                 " FROM (SELECT 1) LEFT JOIN reports r ON r.id = ?",
                 (token.id, token.report),
             ).fetchone()
-            if seen is not None:
-                if seen == "revoked":
-                    raise Refused(Reason.REVOKED, "this token was revoked")
-                raise Refused(Reason.REPLAYED, "this token was used before")
-            if not present:
-                raise Refused(Reason.UNKNOWN_REPORT, "no such report")
-            if state == "deleted":
-                if ended == "revoked":
-                    raise Refused(Reason.REVOKED, "the report was revoked")
-                raise Refused(Reason.EXPIRED, "the report is no longer held")
-            if expires <= now:
-                raise Refused(Reason.EXPIRED, "the report's hold time is over")
-            if self.queue_length(token.recipient) >= max_queue:
-                raise Refused(Reason.QUEUE_FULL, f"{token.recipient} has {max_queue} queued")
-            # XChaCha20-Poly1305 does not commit to its key, so an originator could craft
-            # one ciphertext that opens differently under two keys. The first release pins
-            # the key commitment (the UPDATE below); every later token for the report
-            # must carry the same.
-            if pinned is not None and bytes(pinned) != token.key_commit:
-                raise Refused(
-                    Reason.WRONG_REPORT, "token commits to another content key than the first"
-                )
+            # The first release pins the key commitment (the UPDATE below).
+            refusal = release_refusal(
+                token,
+                found,
+                now=now,
+                queued=lambda: self.queue_length(token.recipient),
+                max_queue=max_queue,
+            )
+            if refusal is not None:
+                raise refusal
             if token.wrap.opk is not None:
                 self._use_one_time_prekey(db, token)
             cursor = db.execute(
-                "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
-                " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
-                (
-                    token.id,
-                    token.report,
-                    token.recipient,
-                    token.originator,
-                    token.encoded,
-                    token.counter,
-                    token.not_after,
-                    token.not_after + MAX_VALIDITY,
-                ),
+                f"INSERT INTO tokens ({PENDING_COLUMNS})"
+                " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+                pending_values(token),
             )
-            seq = cursor.lastrowid
+            assert cursor.lastrowid is not None  # the row's AUTOINCREMENT seq
             db.execute(
                 "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
                 " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?",
                 (token.key_commit, token.report),
             )
-            self._audit(
-                AuditEvent.RELEASED,
-                now=now,
-                parties=(token.originator, token.recipient),
-                report=token.report,
-                token=token.id,
-            )
+            row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1
-        # The row just inserted (seq: its AUTOINCREMENT rowid), built rather than read back.
-        assert seq is not None
-        return TokenRow(
-            seq,
-            token.id,
-            token.report,
-            token.recipient,
-            token.originator,
-            token.encoded,
-            token.counter,
-            "pending",
-            token.not_after,
-        )
-
-    def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
-        """Deliveries owed to ``recipient`` with ``seq > after``, oldest first
-        (at most ``limit``; -1 for all)."""
-        rows = self._db.execute(
-            f"SELECT {self._TOKEN_COLUMNS} FROM tokens"
-            f" WHERE recipient = ? AND {_OWED} AND seq > ? ORDER BY seq LIMIT ?",
-            (recipient, after, limit),
-        ).fetchall()
-        return [self._token_row(row) for row in rows]
-
-    def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
-        """For a delivery about to be pushed, in one query: whether it is still
-        outstanding, and its report's ciphertext if stored inline (else None: a file,
-        or gone)."""
-        row = self._db.execute(
-            "SELECT t.state, r.data FROM tokens t LEFT JOIN reports r ON r.id = t.report"
-            " WHERE t.id = ?",
-            (token_id,),
-        ).fetchone()
-        if row is None:
-            return False, None
-        return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
-
-    def is_outstanding(self, token_id: bytes) -> bool:
-        row = self._db.execute("SELECT state FROM tokens WHERE id = ?", (token_id,)).fetchone()
-        return row is not None and row[0] in OUTSTANDING
-
-    def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
-        """A delivery went out in full; the first time, log ``forwarded``."""
-        with self._transaction(savepoint=False) as db:
-            row = db.execute(
-                "UPDATE tokens SET state = 'delivered' WHERE id = ? AND state = 'pending'"
-                " RETURNING originator, recipient, report",
-                (token_id,),
-            ).fetchone()
-            if row is None:
-                return
-            self._audit(
-                AuditEvent.FORWARDED,
-                now=now,
-                parties=(str(row[0]), str(row[1])),
-                report=bytes(row[2]),
-                token=token_id,
-            )
-
-    def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
-        """The recipient holds the report. Returns False for an unknown or foreign token;
-        an ack for a delivery no longer outstanding (acked, revoked, expired) is True."""
-        with self._transaction(savepoint=False) as db:
-            # Only the id is needed from now on (to refuse a replay): drop the token and
-            # with it the sealed content key, which the relay has no reason to keep.
-            # One statement checks and writes in the usual case (the delivery was
-            # marked forwarded); RETURNING gives only the new values, so each state the
-            # ack may find gets a statement of its own.
-            for before in ("delivered", "pending"):
-                row = db.execute(
-                    "UPDATE tokens SET state = 'acked', token = X''"
-                    " WHERE id = ? AND recipient = ? AND state = ? RETURNING originator, report",
-                    (token_id, recipient, before),
-                ).fetchone()
-                if row is not None:
-                    break
-            else:
-                known = self.token(token_id)
-                return known is not None and known.recipient == recipient
-            originator, report = str(row[0]), bytes(row[1])
-            if before == "pending":
-                # The ack overtook mark_forwarded: the delivery did go out in full.
-                self._audit(
-                    AuditEvent.FORWARDED,
-                    now=now,
-                    parties=(originator, recipient),
-                    report=report,
-                    token=token_id,
-                )
-            self._audit(
-                AuditEvent.ACKNOWLEDGED,
-                now=now,
-                parties=(originator, recipient),
-                report=report,
-                token=token_id,
-            )
-        if recipient in self._queued:
-            self._queued[recipient] -= 1
-        return True
-
-    # --- revocation ------------------------------------------------------------------
-
-    def revoke(self, report_id: bytes, token_id: bytes | None, *, by: str, now: int) -> None:
-        """Withdraw one token (also one not released yet) or, with ``token_id`` None, the
-        whole report and its ciphertext.
-
-        Raises:
-            Refused: UNKNOWN_REPORT (no such report of ``by``), REPLAYED (the token was
-                already acked: it was used; or, for the whole report, every token of it
-                was, so there is nothing left to withdraw), EXPIRED (the token expired first),
-                WRONG_REPORT (the token belongs to another report).
-        """
-        self._queued.clear()  # queue lengths are counted again when next needed
-        delete = False
-        with self._transaction() as db:
-            report = self.report(report_id)
-            if report is None or report.originator != by:
-                raise Refused(Reason.UNKNOWN_REPORT, "no such report of yours")
-            if token_id is not None:
-                row = self.token(token_id)
-                if row is None:
-                    # Revoked before release: the id is recorded so a later release is
-                    # refused. recipient is unknown; '' matches no member.
-                    db.execute(
-                        "INSERT INTO tokens (id, report, recipient, originator, token, counter,"
-                        " state, not_after, keep_until)"
-                        " VALUES (?, ?, '', ?, x'', 0, 'revoked', ?, ?)",
-                        (token_id, report_id, by, now, now + 2 * MAX_VALIDITY),
-                    )
-                    parties: tuple[str, ...] = (by,)
-                else:
-                    if row.report != report_id:
-                        raise Refused(Reason.WRONG_REPORT, "the token names another report")
-                    if row.state == "acked":
-                        raise Refused(Reason.REPLAYED, "the token was already used")
-                    if row.state == "expired":
-                        raise Refused(Reason.EXPIRED, "the token expired")
-                    if row.state == "revoked":
-                        return
-                    db.execute(
-                        "UPDATE tokens SET state = 'revoked', token = X'' WHERE id = ?", (token_id,)
-                    )
-                    parties = (by, row.recipient)
-                self._audit(
-                    AuditEvent.REVOKED, now=now, parties=parties, report=report_id, token=token_id
-                )
-                return
-            if report.state == "deleted" and report.ended == "revoked":
-                return
-            recipients = [
-                str(r[0])
-                for r in db.execute(
-                    f"SELECT recipient FROM tokens WHERE report = ? AND {_OWED}", (report_id,)
-                )
-            ]
-            if not recipients:
-                delivered = sorted(
-                    str(r[0])
-                    for r in db.execute(
-                        "SELECT recipient FROM tokens WHERE report = ? AND state = 'acked'",
-                        (report_id,),
-                    )
-                )
-                if delivered:
-                    # Nothing left to withdraw: a revocation cannot take a report back
-                    # from its recipients. Refused, and nothing changes.
-                    raise Refused(
-                        Reason.REPLAYED,
-                        f"already delivered to {', '.join(delivered)}; nothing to withdraw",
-                    )
-            db.execute(
-                f"UPDATE tokens SET state = 'revoked', token = X'' WHERE report = ? AND {_OWED}",
-                (report_id,),
-            )
-            delete = report.state != "deleted"
-            db.execute(
-                "UPDATE reports SET state = 'deleted', ended = 'revoked', data = NULL WHERE id = ?",
-                (report_id,),
-            )
-            self._audit(AuditEvent.REVOKED, now=now, parties=(by, *recipients), report=report_id)
-        if delete:
-            self._remove_blob(report_id)
-
-    # --- receipts and notices --------------------------------------------------------
-
-    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
-        """Queue a verified receipt for its originator. Returns False if it was queued
-        before (a resend).
-
-        Raises:
-            Refused: WRONG_REPORT when no delivery of that token to that recipient from
-                that originator exists.
-        """
-        with self._transaction(savepoint=False) as db:
-            row = db.execute(
-                "SELECT recipient, originator, report FROM tokens WHERE id = ?", (receipt.token,)
-            ).fetchone()
-            if (
-                row is None
-                or row[0] != receipt.recipient
-                or row[1] != receipt.originator
-                or bytes(row[2]) != receipt.report
-            ):
-                raise Refused(Reason.WRONG_REPORT, "no such delivery")
-            # A receipt queued before (a resend) inserts nothing.
-            cursor = db.execute(
-                "INSERT INTO receipts (originator, token, receipt, state)"
-                " VALUES (?, ?, ?, 'queued') ON CONFLICT (token) DO NOTHING",
-                (receipt.originator, receipt.token, receipt.encoded),
-            )
-            if cursor.rowcount == 0:
-                return False
-            self._audit(
-                AuditEvent.RECEIPT,
-                now=now,
-                parties=(receipt.originator, receipt.recipient),
-                report=receipt.report,
-                token=receipt.token,
-            )
-        return True
-
-    def queued_receipts(
-        self, originator: str, *, after: int = 0, limit: int = -1
-    ) -> list[ReceiptRow]:
-        """Receipts not yet confirmed by ``originator``, with ``seq > after``, oldest
-        first (at most ``limit``; -1 for all)."""
-        rows = self._db.execute(
-            "SELECT seq, originator, token, receipt FROM receipts"
-            " WHERE originator = ? AND state = 'queued' AND seq > ? ORDER BY seq LIMIT ?",
-            (originator, after, limit),
-        ).fetchall()
-        return [ReceiptRow(int(r[0]), str(r[1]), bytes(r[2]), bytes(r[3])) for r in rows]
-
-    def ack_receipt(self, token_id: bytes, *, originator: str) -> bool:
-        with self._transaction(savepoint=False) as db:
-            # The row stays (its token id makes a resent receipt a duplicate), the
-            # receipt itself is no longer needed.
-            cursor = db.execute(
-                "UPDATE receipts SET state = 'acked', receipt = X''"
-                " WHERE token = ? AND originator = ?",
-                (token_id, originator),
-            )
-            return cursor.rowcount > 0
-
-    def notices(self, member: str, *, after: int = 0, limit: int = -1) -> list[NoticeRow]:
-        """Notices queued for ``member`` with ``seq > after``, oldest first (at most
-        ``limit``; -1 for all)."""
-        rows = self._db.execute(
-            "SELECT seq, member, kind, report, token FROM notices"
-            " WHERE member = ? AND seq > ? ORDER BY seq LIMIT ?",
-            (member, after, limit),
-        ).fetchall()
-        return [
-            NoticeRow(
-                int(r[0]), str(r[1]), str(r[2]), bytes(r[3]), None if r[4] is None else bytes(r[4])
-            )
-            for r in rows
-        ]
-
-    def drop_notice(self, seq: int) -> None:
-        with self._transaction(savepoint=False) as db:
-            db.execute("DELETE FROM notices WHERE seq = ?", (seq,))
-
-    # --- expiry ----------------------------------------------------------------------
-
-    def expire(self, *, now: int, clock_skew: int) -> set[str]:
-        """Expire deliveries whose token ran out and held reports past their time;
-        delete ciphertexts no delivery needs any more. Each expiry is logged and
-        queued as a notice to the originator.
-
-        Returns:
-            The members that got a notice (to wake their connections).
-        """
-        self._queued.clear()  # queue lengths are counted again when next needed
-        notified: set[str] = set()
-        deleted: list[bytes] = []
-        with self._transaction() as db:
-            expired_tokens = [
-                self._token_row(row)
-                for row in db.execute(
-                    f"SELECT {self._TOKEN_COLUMNS} FROM tokens WHERE {_OWED} AND not_after <= ?",
-                    (now - clock_skew,),
-                ).fetchall()
-            ]
-            for token in expired_tokens:
-                db.execute(
-                    "UPDATE tokens SET state = 'expired', token = X'' WHERE id = ?", (token.id,)
-                )
-                self._notice(token.originator, "expired", token.report, token.id)
-                notified.add(token.originator)
-                self._audit(
-                    AuditEvent.EXPIRED,
-                    now=now,
-                    parties=(token.originator, token.recipient),
-                    report=token.report,
-                    token=token.id,
-                )
-            for row in db.execute(
-                "SELECT id, originator, state FROM reports"
-                " WHERE state IN ('held', 'released') AND expires <= ?",
-                (now,),
-            ).fetchall():
-                report_id, originator, state = bytes(row[0]), str(row[1]), str(row[2])
-                if state == "released":
-                    busy = db.execute(
-                        f"SELECT 1 FROM tokens WHERE report = ? AND {_OWED} LIMIT 1",
-                        (report_id,),
-                    ).fetchone()
-                    if busy is None:
-                        db.execute(
-                            "UPDATE reports SET state = 'deleted', ended = 'done', data = NULL"
-                            " WHERE id = ?",
-                            (report_id,),
-                        )
-                        deleted.append(report_id)
-                    continue
-                db.execute(
-                    "UPDATE reports SET state = 'deleted', ended = 'expired', data = NULL"
-                    " WHERE id = ?",
-                    (report_id,),
-                )
-                deleted.append(report_id)
-                self._notice(originator, "expired", report_id, None)
-                notified.add(originator)
-                self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
-            # Consumed token ids are kept until no token with that id could still be
-            # valid (not_after + the longest validity), so a replay is always caught.
-            db.execute(
-                "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
-                (now, *OUTSTANDING),
-            )
-            self._prune_consent(now=now, clock_skew=clock_skew)
-            # A prekey is kept while a token naming it could still arrive (it is used
-            # before its not_after, by a token valid at most MAX_VALIDITY), so a replayed
-            # one-time prekey is caught as long as it matters.
-            db.execute("DELETE FROM prekeys WHERE not_after + ? < ?", (MAX_VALIDITY, now))
-        for report_id in deleted:
-            self._remove_blob(report_id)
-        return notified
+        return row
 
     # --- prekeys -----------------------------------------------------------------------
 
@@ -1144,34 +728,7 @@ class Store(ConsentTables, DurableStore):
             raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
         db.execute("UPDATE prekeys SET used_by = ? WHERE key = ?", (token.id, token.wrap.opk))
 
-    def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
-        self._db.execute(
-            "INSERT INTO notices (member, kind, report, token) VALUES (?, ?, ?, ?)",
-            (member, kind, report, token),
-        )
-
     # --- audit -----------------------------------------------------------------------
-
-    def log_refusal(
-        self,
-        *,
-        member: str,
-        reason: Reason,
-        now: int,
-        report: bytes | None = None,
-        token: bytes | None = None,
-        others: tuple[str, ...] = (),
-    ) -> AuditEntry:
-        """Log a refusal of something ``member`` sent (its own transaction)."""
-        with self._transaction(savepoint=False):
-            return self._audit(
-                AuditEvent.REFUSED,
-                now=now,
-                parties=(member, *others),
-                report=report,
-                token=token,
-                reason=reason.value,
-            )
 
     @property
     def audit_seq(self) -> int:
@@ -1181,27 +738,3 @@ class Store(ConsentTables, DurableStore):
     @property
     def audit_head(self) -> bytes:
         return self._head
-
-    def audit_point(self, seq: int) -> bytes | None:
-        """The chain head after entry ``seq`` (GENESIS for 0), or None past the end."""
-        if seq == 0:
-            return GENESIS
-        self._flush_audit()
-        row = self._db.execute("SELECT head FROM audit WHERE seq = ?", (seq,)).fetchone()
-        return None if row is None else bytes(row[0])
-
-    def audit_entries(self, after: int, *, limit: int) -> list[tuple[AuditEntry, bytes, bytes]]:
-        """Up to ``limit`` entries after ``after``: (entry, content hash, head after it)."""
-        self._flush_audit()
-        rows = self._db.execute(
-            "SELECT entry, content, head FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [(AuditEntry.decode(bytes(r[0])), bytes(r[1]), bytes(r[2])) for r in rows]
-
-    def audit_entry_sizes(self, after: int, *, limit: int) -> list[int]:
-        self._flush_audit()
-        rows = self._db.execute(
-            "SELECT length(entry) FROM audit WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
-        ).fetchall()
-        return [int(r[0]) for r in rows]

@@ -6,6 +6,7 @@ test_relay_server.py (the store_at fixture)."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -23,7 +24,7 @@ from relay.pgstore import (
 )
 from relay.storage import StoreBusy, open_store
 from relay.store import InlineBlob
-from tisa.audit import GENESIS, chain_next
+from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, digest
 from tisa.report import SealedReport
@@ -100,9 +101,9 @@ def test_a_version_1_or_2_store_gains_the_prekey_table(pg_dsn: str, version: int
 def test_two_relay_processes_never_hand_out_one_one_time_prekey_twice(
     pg_dsn: str, world: World
 ) -> None:
-    # Two stores on one database (two relay processes). Their batches are serialised (each
-    # holds the audit chain's row until its commit), and a handout is taken in the batch
-    # that answers it: what one process handed out, the other never hands out again.
+    # Two stores on one database (two relay processes). A handout is taken in the batch
+    # that answers it (the row locked, others skip it): what one process handed out, the
+    # other never hands out again.
     from tisa.prekeys import Prekey
 
     first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
@@ -168,12 +169,14 @@ def test_a_failed_flush_loses_what_it_covered_and_the_store_connects_again(
         # Never counted as durable, nothing of it may be announced; but the store is not
         # poisoned (unlike SQLite after a failed fsync): it connects again when used.
         assert store.lost(batch) and store.failed is None
-        second = store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
         assert store.lost(batch) and not store.lost(store.barrier)
         store.commit_durably()
         assert store.committed == store.written and store.committed > batch
         assert store.lost(batch)  # still: a later batch on disk does not make it so
-        assert [e.seq for e, _, _ in store.audit_entries(0, limit=10)] == [1, second.seq]
+        # The lost batch's entry had been committed; the flush alone failed.
+        entries = [e for e, _, _ in store.audit_entries(0, limit=10)]
+        assert [(e.seq, e.parties) for e in entries] == [(1, ("seoul",)), (2, ("tokyo",))]
     finally:
         store.close()
 
@@ -208,9 +211,9 @@ def test_a_refused_step_leaves_no_trace_and_the_chain_goes_on(pg_dsn: str, world
         with pytest.raises(Refused) as info:
             store.release(token, now=NOW, max_queue=10)  # no such report
         assert info.value.reason == Reason.UNKNOWN_REPORT
-        first = store.log_refusal(member="seoul", reason=Reason.UNKNOWN_REPORT, now=NOW)
-        second = store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
-        assert (first.seq, second.seq) == (1, 2)
+        store.log_refusal(member="seoul", reason=Reason.UNKNOWN_REPORT, now=NOW)
+        store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        assert store.audit_seq == 2  # read in the open batch: its entries written first
         store.commit_durably()
         head = GENESIS
         for entry, content, after in store.audit_entries(0, limit=10):
@@ -294,12 +297,13 @@ def test_two_stores_on_one_database_share_one_chain_and_consume_a_token_once(
         second.close()
 
 
-def _released(store: PgStore, world: World) -> bytes:
+def _released(store: PgStore, world: World, *, commit: bool = True) -> bytes:
     """A report stored and released to Tokyo through ``store``; the token id."""
     report = _store_report(store, world, inline=True)
     token = ReleaseToken.decode(token_for(world, report))
     store.release(token, now=NOW, max_queue=10)
-    store.commit_durably()
+    if commit:
+        store.commit_durably()
     return token.id
 
 
@@ -374,21 +378,221 @@ async def test_another_process_hears_of_a_release_at_commit(pg_dsn: str, world: 
         releasing.close()
 
 
-def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> None:
-    holder, waiter = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+def _chain(dsn: str) -> list[tuple[int, tuple[str, ...]]]:
+    """The stored chain checked from GENESIS: (seq, parties) of each entry."""
+    head, found = GENESIS, []
+    rows = _rows(dsn, "SELECT seq, entry, content, head FROM audit ORDER BY seq")
+    for expected, (seq, entry, content, after) in enumerate(rows, start=1):
+        decoded = AuditEntry.decode(bytes(entry))  # type: ignore[arg-type]
+        assert seq == expected == decoded.seq
+        assert content == digest(Hash.AUDIT, bytes(entry))  # type: ignore[arg-type]
+        head = chain_next(head, bytes(content))  # type: ignore[arg-type]
+        assert after == head
+        found.append((decoded.seq, decoded.parties))
+    assert _rows(dsn, "SELECT seq, head FROM audit_head") == [(len(rows), head)]
+    return found
+
+
+def test_an_open_batch_leaves_the_chain_head_to_other_processes(pg_dsn: str, world: World) -> None:
+    # The chain head is taken for a batch's audit appends and its COMMIT only: while one
+    # process's batch is open (written, its entries waiting), another's appends and
+    # commits, and a third connection can lock the head row at once. Then the first
+    # commits after it, in one chain.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
     try:
-        holder.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)  # batch open
-        waiter._conn.execute("SET lock_timeout = 50")  # not LOCK_TIMEOUT_MS, for speed
-        with pytest.raises(StoreBusy, match="audit chain"):
-            waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
-        assert not waiter.in_transaction  # the failed batch left nothing behind
-        holder.commit_durably()
-        entry = waiter.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
-        assert entry.seq == 2  # after the holder's entry, in one chain
-        waiter.commit_durably()
+        token_id = _released(first, world)
+        assert first.mark_forwarded(token_id, now=NOW) is None  # a write ...
+        first.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)  # ... an entry
+        assert first.in_transaction
+        with psycopg.connect(pg_dsn) as other:
+            other.execute("SET lock_timeout = 50")
+            assert other.execute("SELECT seq FROM audit_head FOR UPDATE").fetchone() == (2,)
+            other.rollback()
+        second._conn.execute("SET lock_timeout = 50")  # not LOCK_TIMEOUT_MS, for speed
+        second.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        second.commit_durably()
+        first.commit_durably()
+        # stored, released (first's first batch), tokyo's refusal, then forwarded and
+        # seoul's refusal: sequence numbers in commit order.
+        assert [parties for _, parties in _chain(pg_dsn)] == [
+            ("seoul",),
+            ("seoul", "tokyo"),
+            ("tokyo",),
+            ("seoul", "tokyo"),
+            ("seoul",),
+        ]
+        assert first.audit_head == second.audit_head
     finally:
-        holder.close()
-        waiter.close()
+        first.close()
+        second.close()
+
+
+def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        store._conn.execute("SET lock_timeout = 50")  # not LOCK_TIMEOUT_MS, for speed
+        with psycopg.connect(pg_dsn) as holder:
+            holder.execute("SELECT seq FROM audit_head FOR UPDATE")  # as a batch commits
+            store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
+            batch = store.barrier
+            with pytest.raises(StoreBusy, match="audit chain"):
+                store.commit()
+            assert store.lost(batch) and not store.in_transaction
+            holder.execute("UPDATE audit_head SET seq = 0")  # ... and appends nothing
+        store.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        store.commit_durably()
+        assert _chain(pg_dsn) == [(1, ("tokyo",))]
+    finally:
+        store.close()
+
+
+def test_a_reports_steps_take_no_savepoint_and_the_chain_head_once_per_batch(
+    pg_dsn: str, world: World
+) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    seen: list[str] = []
+    execute = store._conn.execute
+
+    def traced(query: str, params: object = None) -> psycopg.Cursor[tuple[object, ...]]:
+        seen.append(query)
+        return execute(query, params)
+
+    store._conn.execute = traced  # type: ignore[method-assign]
+    try:
+        tokens = [_released(store, world, commit=False) for _ in range(3)]
+        for token_id in tokens:
+            store.mark_forwarded(token_id, now=NOW)
+            assert store.ack_delivery(token_id, recipient="tokyo", now=NOW)
+        # Per report: the report's INSERT; the release's check and its INSERT (with
+        # the report's pin); the forward's UPDATE; the ack's UPDATE. No savepoint, and
+        # nothing of the audit chain yet.
+        kinds = [query.split()[0] for query in seen]
+        assert kinds == ["BEGIN"] + ["INSERT", "SELECT", "WITH"] * 3 + ["UPDATE", "UPDATE"] * 3
+        assert not any("audit" in query for query in seen)
+        seen.clear()
+        store.commit_durably()
+        # Then the head, locked; the 12 entries and the head's update in one statement
+        # with the notification for tokyo in one more; COMMIT.
+        assert [query.split()[0] for query in seen] == ["SELECT", "SELECT", "WITH", "COMMIT"]
+        assert "pg_notify" in seen[0]
+        assert seen[1].endswith("FROM audit_head FOR UPDATE")
+        assert "INSERT INTO audit" in seen[2] and "UPDATE audit_head" in seen[2]
+        assert [seq for seq, _ in _chain(pg_dsn)] == list(range(1, 13))
+    finally:
+        store.close()
+
+
+def test_a_release_waits_for_a_revocation_in_another_processs_open_batch(
+    pg_dsn: str, world: World
+) -> None:
+    # Without the chain head held by every batch, the report's row lock orders them: the
+    # release sees the revocation once it commits, never a report it is about to lose.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        first.revoke(report.report_id, None, by="seoul", now=NOW)  # batch open
+        token = ReleaseToken.decode(token_for(world, report))
+        second._conn.execute("SET lock_timeout = 50")
+        with pytest.raises(StoreBusy):
+            second.release(token, now=NOW, max_queue=10)
+        first.commit_durably()
+        with pytest.raises(Refused) as refused:
+            second.release(token, now=NOW, max_queue=10)
+        assert refused.value.reason is Reason.REVOKED
+        second.commit_durably()
+        assert second.token(token.id) is None
+    finally:
+        first.close()
+        second.close()
+
+
+def test_the_ordering_lock_of_a_refused_step_is_taken_again(pg_dsn: str, world: World) -> None:
+    # A consent step refused inside its savepoint gives up the lock it took (PostgreSQL
+    # releases a subtransaction's locks with it): a later step of the batch takes it
+    # again, so another process still waits for the batch.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        one, two = ask(world, report.report_id), ask(world, report.report_id)
+        with pytest.raises(Refused):
+            first.add_request(one, now=NOW, max_per_hour=0)  # rate: refused, rolled back
+        assert first.add_request(one, now=NOW, max_per_hour=5)  # batch open
+        second._conn.execute("SET lock_timeout = 50")
+        with pytest.raises(StoreBusy):
+            second.add_request(two, now=NOW, max_per_hour=5)
+        first.commit_durably()
+    finally:
+        first.close()
+        second.close()
+
+
+def test_a_token_another_processs_open_batch_consumed_is_a_replay_once_it_commits(
+    pg_dsn: str, world: World
+) -> None:
+    # The second process waits (for the report's row) until the first's batch commits,
+    # then finds the token id taken: refused as a replay, before writing anything, so
+    # the rest of its batch stays.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        token = ReleaseToken.decode(token_for(world, report))
+        first.release(token, now=NOW, max_queue=10)  # batch open
+        second.log_refusal(member="tokyo", reason=Reason.MALFORMED, now=NOW)
+        batch = second.barrier
+        refused: list[Reason] = []
+
+        def release() -> None:
+            try:
+                second.release(token, now=NOW, max_queue=10)
+            except Refused as exc:
+                refused.append(exc.reason)
+
+        thread = threading.Thread(target=release)
+        thread.start()
+        deadline = time.monotonic() + 10
+        while _rows(
+            pg_dsn, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+        ) == [(0,)]:
+            assert time.monotonic() < deadline, "the second release never waited"
+            time.sleep(0.01)
+        first.commit_durably()
+        thread.join(timeout=10)
+        assert refused == [Reason.REPLAYED]
+        assert not second.lost(batch) and second.in_transaction
+        second.commit_durably()
+        assert [parties for _, parties in _chain(pg_dsn)] == [
+            ("seoul",),
+            ("seoul", "tokyo"),
+            ("tokyo",),
+        ]
+        assert _rows(pg_dsn, "SELECT count(*) FROM tokens") == [(1,)]
+    finally:
+        first.close()
+        second.close()
+
+
+def test_consent_steps_of_two_processes_run_one_after_the_other(pg_dsn: str, world: World) -> None:
+    # A consent step (and a receipt) takes the ordering lock to its batch's end: checks
+    # cannot race, and the queued rows' seq commit in order.
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        report = _store_report(first, world, inline=True)
+        first.commit_durably()
+        one, two = ask(world, report.report_id), ask(world, report.report_id)
+        assert first.add_request(one, now=NOW, max_per_hour=5)  # batch open
+        second._conn.execute("SET lock_timeout = 50")
+        with pytest.raises(StoreBusy):
+            second.add_request(two, now=NOW, max_per_hour=5)
+        first.commit_durably()
+        assert second.add_request(two, now=NOW, max_per_hour=5)
+        second.commit_durably()
+        assert [row.ref for row in first.queued_consent("seoul")] == [one.id, two.id]
+    finally:
+        first.close()
+        second.close()
 
 
 def test_one_report_uploaded_through_two_processes_is_stored_once(
