@@ -82,6 +82,7 @@ def _inline_data(value: Any, path: str) -> bytes:
         raise ProtocolError(f"{path}: expected 1..{MAX_INLINE_CIPHERTEXT} bytes")
     return value
 
+
 _reason = enc.one_of(*(r.value for r in Reason))
 _detail = enc.text(512, allow_empty=True)
 # The consent objects of tisa.consent, as they travel in SendConsent and ConsentNotice.
