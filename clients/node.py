@@ -109,6 +109,7 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
+from tisa.handshake import STREAM_OVERHEAD
 from tisa.keys import MemberSecret, random_id
 from tisa.limits import (
     CHUNK_SIZE,
@@ -1456,6 +1457,8 @@ class Node:
         submitted: set[bytes] = set()  # reports whose submission went out on this link
         # Tokens that went out inside a submit_inline on this link.
         inline_tokens: set[bytes] = set()
+        # Data and tokens a submit_inline may carry within the frame limit.
+        inline_room = self._limits.max_frame - STREAM_OVERHEAD - m.INLINE_OVERHEAD
         sent_revocations: set[int] = set()
         after_submission = after_release = after_receipt = after_consent = 0
         while True:
@@ -1476,20 +1479,20 @@ class Node:
             for submission in submissions:
                 after_submission = max(after_submission, submission.seq)
                 submitted.add(submission.report)
-                if submission.size <= MAX_INLINE_CIPHERTEXT:
-                    # One message: the report and the tokens already issued for it.
-                    tokens = [
-                        release
-                        for release in store.releases_of(submission.report)
-                        if release.state == "pending" and release.token not in inline_tokens
-                    ][:MAX_INLINE_TOKENS]
-                    inline_tokens.update(release.token for release in tokens)
-                    pending.append(
-                        (
-                            submission.report,
-                            _submit_inline(submission, [r.encoded for r in tokens]),
-                        )
-                    )
+                room = inline_room - submission.size
+                if submission.size <= MAX_INLINE_CIPHERTEXT and room >= 0:
+                    # One message: the report and the tokens already issued for it (as
+                    # many as fit; the others follow as `release` messages).
+                    tokens: list[bytes] = []
+                    for release in store.releases_of(submission.report):
+                        if release.state != "pending" or release.token in inline_tokens:
+                            continue
+                        room -= len(release.encoded) + m.INLINE_TOKEN_OVERHEAD
+                        if len(tokens) == MAX_INLINE_TOKENS or room < 0:
+                            break
+                        inline_tokens.add(release.token)
+                        tokens.append(release.encoded)
+                    pending.append((submission.report, _submit_inline(submission, tokens)))
                 elif submission.data is not None:
                     pending.extend(
                         (submission.report, message)

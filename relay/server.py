@@ -66,9 +66,12 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
+from tisa.handshake import STREAM_OVERHEAD
 from tisa.keys import MemberSecret
 from tisa.limits import DEFAULT_LIMITS, MAX_INLINE_CIPHERTEXT, Limits
 from tisa.messages import (
+    INLINE_OVERHEAD,
+    INLINE_TOKEN_OVERHEAD,
     MAX_CHUNK_DATA,
     Ack,
     AuditFetch,
@@ -1462,7 +1465,7 @@ class Relay:
             return  # acked, revoked or expired since the query
         if self._shared is not None and not self._shared.claim(row.id):
             return  # another relay process is delivering it
-        if inline is None and self._report_size(row.report) <= MAX_INLINE_CIPHERTEXT:
+        if inline is None and self._inline_fits(self._report_size(row.report), len(row.token)):
             # Kept in a file (a lowered max_inline_report) but small enough for the wire.
             try:
                 with self.store.open_ciphertext(row.report) as small:
@@ -1472,7 +1475,7 @@ class Relay:
                 return
         if inline is not None:
             self._claim(conn, row.id)
-            if len(inline) <= MAX_INLINE_CIPHERTEXT:
+            if self._inline_fits(len(inline), len(row.token)):
                 pending.append(DeliverInline(token=row.token, data=inline))
             else:  # kept in its row (a raised max_inline_report), streamed on the wire
                 pending.append(Deliver(token=row.token))
@@ -1499,6 +1502,12 @@ class Relay:
         self.store.mark_forwarded(row.id, now=self.now())
         self.metrics.event("forwarded")
         self._group_commit.mark_dirty()
+
+    def _inline_fits(self, size: int, token_size: int) -> bool:
+        """Whether a delivery of ``size`` ciphertext bytes goes in one message: at most
+        MAX_INLINE_CIPHERTEXT, and the message within this relay's max_frame."""
+        frame = size + token_size + INLINE_OVERHEAD + INLINE_TOKEN_OVERHEAD + STREAM_OVERHEAD
+        return size <= MAX_INLINE_CIPHERTEXT and frame <= self.limits.max_frame
 
     def _report_size(self, report_id: bytes) -> int:
         report = self.store.report(report_id)

@@ -35,6 +35,8 @@ from tisa.prekeys import MAX_PREKEY_SIZE
 from tisa.token import MAX_TOKEN_SIZE
 
 __all__ = [
+    "INLINE_OVERHEAD",
+    "INLINE_TOKEN_OVERHEAD",
     "Ack",
     "AuditFetch",
     "AuditReply",
@@ -74,6 +76,13 @@ DIGEST = enc.bin_exact(DIGEST_SIZE)
 MAX_CHUNK_DATA = CHUNK_SIZE + 17
 _blob = enc.bin_max(8192)
 _token = enc.bin_max(MAX_TOKEN_SIZE)
+
+
+# Bytes a submit_inline or deliver_inline adds to its data and tokens, at most (map and
+# bin headers, keys, type, ids, digest, expiry), and per token: a sender checks with them
+# that the message fits the frame limit before it chooses the inline form.
+INLINE_OVERHEAD = 160
+INLINE_TOKEN_OVERHEAD = 5
 
 
 def _inline_data(value: Any, path: str) -> bytes:
