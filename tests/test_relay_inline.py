@@ -32,6 +32,7 @@ from tisa.messages import (
 from tisa.receipt import StoredAck
 from tisa.report import SealedReport
 from tisa.token import ReleaseToken
+from tisa_io.link import Link
 
 LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
 
@@ -240,10 +241,10 @@ async def test_a_delivery_one_byte_over_the_inline_limit_streams(
             assert got == report.ciphertext
 
 
-async def receive_rest(link: relay.server.Link) -> bytes:
+async def receive_rest(link: Link) -> bytes:
     from tisa.messages import Chunk
 
-    parts = []
+    parts: list[bytes] = []
     while True:
         message = await link.receive()
         if isinstance(message, DeliverEnd):
