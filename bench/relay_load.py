@@ -21,12 +21,12 @@ forwarder's sender and receiver do, so the figure is the relay's:
   after N distinct token ids;
 * the relay, ``python -m relay`` started exactly as for the end-to-end run
   (:func:`bench.processes.start_relay`). It does all of its work: the submission's digest
-  check, store and signed ``Stored`` answer, the token's checks on ``Release`` (its
-  Ed25519 signature among them) whoever sends it, the delivery, and each delivery
-  completed by the sink's ack.
+  check, store and signed ``Stored`` answer, the token's checks (its Ed25519 signature
+  among them) whoever sends it, the delivery, and each delivery completed by the sink's
+  ack.
 
-Reports per second are N over the source's first send to the sink's Nth ``DeliverEnd``.
-The run fails unless the source saw N ``Stored`` and N ``Released`` for exactly its
+Reports per second are N over the source's first send to the sink's Nth delivery.
+The run fails unless the source saw N ``Stored`` and N tokens released for exactly its
 reports and tokens, the sink N deliveries carrying exactly the tokens the source
 issued (the two compare a digest of the sorted token ids), and, read from the relay's
 store once the sink is done, the relay holds all N tokens as acked (each delivery
