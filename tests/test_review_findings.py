@@ -94,9 +94,7 @@ async def test_receipt_under_another_arrangement_is_refused_not_a_crash(
 
 def _delivered(messages: list[Message]) -> list[bytes]:
     return [
-        ReleaseToken.decode(m.token).id
-        for m in messages
-        if isinstance(m, Deliver | DeliverInline)
+        ReleaseToken.decode(m.token).id for m in messages if isinstance(m, Deliver | DeliverInline)
     ]
 
 
