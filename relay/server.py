@@ -878,15 +878,16 @@ class Relay:
         if stored is None:
             return
         refusals: list[Refusal] = []
+        released: list[bytes] = []
         recipients: set[str] = set()
         for data in message.tokens:
             outcome = self._release_token(conn, data)
             if isinstance(outcome, Refusal):
                 refusals.append(outcome)
             else:
-                stored.released.append(outcome.id)
+                released.append(outcome.id)
                 recipients.add(outcome.recipient)
-        await self._reply(conn, stored)
+        await self._reply(conn, dataclasses.replace(stored, released=released))
         for refusal in refusals:
             await self._reply(conn, refusal)
         for recipient in recipients:
