@@ -72,16 +72,12 @@ from tisa.messages import (
     MAX_CHUNK_DATA,
     Ack,
     Chunk,
-    Deliver,
-    DeliverEnd,
+    DeliverInline,
     Message,
     ReceiptNotice,
-    Release,
-    Released,
     SendReceipt,
     Stored,
-    SubmitBegin,
-    SubmitEnd,
+    SubmitInline,
     encode_message,
 )
 from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
@@ -110,25 +106,18 @@ TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 # The frames the relay opens ("pull") or seals ("push") for one report delivered to one
 # recipient, in the order relay/server.py handles them (read from the code; update this
 # list if the session protocol changes):
-#   _upload_begin / _upload_chunk / _upload_end: submit, chunk (one per MAX_CHUNK_DATA
-#     bytes of ciphertext), submit_end from the originator; stored (with the signed ack)
-#     to it, queued by _upload_end;
-#   _release: release (the token) from the originator; released to it;
-#   _deliver (the pusher): deliver (the token), chunk(s), deliver_end to the recipient;
+#   _submit_inline: submit_inline (the report and its token) from the originator; stored
+#     (with the signed ack, naming the token released) to it;
+#   _deliver (the pusher): deliver_inline (the token and the ciphertext) to the recipient;
 #   _ack: ack (kind "delivery") from the recipient;
 #   _receipt: send_receipt from the recipient; ack (kind "receipt") to it;
 #   _push_loop: receipt (the notice) to the originator;
 #   _ack: ack (kind "receipt") from the originator.
 FRAMES_PER_REPORT: tuple[tuple[str, str, str], ...] = (
-    ("pull", "originator", "submit"),
-    ("pull", "originator", "chunk"),
-    ("pull", "originator", "submit_end"),
+    # Protocol version 3: a small report and its token in one message each way.
+    ("pull", "originator", "submit_inline"),
     ("push", "originator", "stored"),
-    ("pull", "originator", "release"),
-    ("push", "originator", "released"),
-    ("push", "recipient", "deliver"),
-    ("push", "recipient", "chunk"),
-    ("push", "recipient", "deliver_end"),
+    ("push", "recipient", "deliver_inline"),
     ("pull", "recipient", "ack"),
     ("pull", "recipient", "send_receipt"),
     ("push", "recipient", "ack"),
@@ -210,15 +199,19 @@ def make_fixture() -> Fixture:
     pieces = [ciphertext[i : i + MAX_CHUNK_DATA] for i in range(0, len(ciphertext), MAX_CHUNK_DATA)]
     report = sealed.report_id
     one: dict[tuple[str, str, str], Message] = {
-        ("pull", "originator", "submit"): SubmitBegin(
-            report=report, size=sealed.size, digest=sealed.digest, expires=NOW + 3600
+        ("pull", "originator", "submit_inline"): SubmitInline(
+            report=report,
+            digest=sealed.digest,
+            expires=NOW + 3600,
+            data=sealed.ciphertext,
+            tokens=[token_bytes],
         ),
-        ("pull", "originator", "submit_end"): SubmitEnd(report=report),
-        ("push", "originator", "stored"): Stored(report=report, ack=ack.encoded),
-        ("pull", "originator", "release"): Release(token=token_bytes),
-        ("push", "originator", "released"): Released(report=report, token=token.id),
-        ("push", "recipient", "deliver"): Deliver(token=token_bytes),
-        ("push", "recipient", "deliver_end"): DeliverEnd(token=token.id),
+        ("push", "originator", "stored"): Stored(
+            report=report, ack=ack.encoded, released=[token.id]
+        ),
+        ("push", "recipient", "deliver_inline"): DeliverInline(
+            token=token_bytes, data=sealed.ciphertext
+        ),
         ("pull", "recipient", "ack"): Ack(kind="delivery", token=token.id),
         ("pull", "recipient", "send_receipt"): SendReceipt(receipt=receipt.encoded),
         ("push", "recipient", "ack"): Ack(kind="receipt", token=token.id),

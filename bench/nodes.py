@@ -8,17 +8,18 @@ Three separate processes on 127.0.0.1 in every set-up:
 * relay alone (throughput only; :mod:`bench.relay_load`): a load source, the same relay
   (``python -m relay``, started as for tisa), and a sink. The source seals the N reports
   for Tokyo and issues their release tokens with the protocol core before the clock
-  starts, connects as Seoul, then sends each submission with its ``Release`` right
-  behind, pipelined (many reports per ``Link.send_many``, at most ``--load-window``
-  without their ``Released`` answer), and checks that every report is answered
-  ``Stored`` and ``Released``. The sink, connected as Tokyo before the source sends,
+  starts, connects as Seoul, then sends each report with its token as the originator's
+  node does (a 1 KiB report: one ``SubmitInline`` carrying the token), pipelined (many
+  reports per ``Link.send_many``, at most ``--load-window`` without their answer), and
+  checks that every report is answered ``Stored`` naming its token released. The sink,
+  connected as Tokyo before the source sends,
   answers each delivery with its ``Ack`` (which completes it at the relay) and opens
   nothing. Neither does a member node's work (sealing, opening, their stores): on a
   2-core machine the tisa set-up's three CPU-bound processes share the cores, so its
   figure mixes the relay with both nodes; this one isolates the relay, as the floor's
   sender and receiver isolate the forwarder. The relay does all its work: digest check,
-  store and signed ``Stored`` answer, the token checks on ``Release`` (they do not
-  depend on who sends it), delivery, ack. The run fails unless the sink got exactly the
+  store and signed ``Stored`` answer, the token checks (they do not depend on who sends
+  it), delivery, ack. The run fails unless the sink got exactly the
   N tokens the source released and the relay's store holds all N as acked;
 * floor: a sender, a bare trio forwarder that checks the same Ed25519 token signature
   on every message and forwards it, and a receiver; length-prefixed frames, no

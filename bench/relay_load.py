@@ -7,24 +7,26 @@ forwarder's sender and receiver do, so the figure is the relay's:
 * the load source (:func:`load_source`) seals N reports for Tokyo and issues one release
   token each with the protocol core *before* the clock starts (the originator node's
   work, measured end to end elsewhere), connects as Seoul, then, timed, sends each
-  report's submission (``SubmitBegin``, its chunks, ``SubmitEnd``) with its ``Release``
-  right behind, many reports per :meth:`tisa_io.link.Link.send_many`, at most
-  ``window`` reports without their ``Released`` answer. It reads the relay's answers:
-  every report must be answered ``Stored`` and ``Released``; a ``Refusal`` or an
-  ``ErrorMessage`` ends the run with its reason;
+  report as the originator's node does: a small one (at most ``MAX_INLINE_CIPHERTEXT``)
+  as one ``SubmitInline`` carrying its token, a larger one as its streamed submission
+  (``SubmitBegin``, its chunks, ``SubmitEnd``) with its ``Release`` right behind; many
+  reports per :meth:`tisa_io.link.Link.send_many`, at most ``window`` reports without
+  their answer. It reads the relay's answers: every report must be answered ``Stored``
+  and its token released (named in ``Stored.released``, or ``Released``); a
+  ``Refusal`` or an ``ErrorMessage`` ends the run with its reason;
 * the sink (:func:`sink`) connects as Tokyo before the source sends, reads each delivery
-  (``Deliver``, chunks, ``DeliverEnd``) and answers it ``Ack(kind="delivery")`` with the
-  token id of its ``DeliverEnd`` (the acks of the deliveries read together go in one
-  write). It does not open the reports (the recipient node's work). It stops after N
-  distinct token ids;
+  (``DeliverInline``, or ``Deliver``, chunks, ``DeliverEnd``) and answers it
+  ``Ack(kind="delivery")`` with its token id (the acks of the deliveries read together
+  go in one write). It does not open the reports (the recipient node's work). It stops
+  after N distinct token ids;
 * the relay, ``python -m relay`` started exactly as for the end-to-end run
   (:func:`bench.processes.start_relay`). It does all of its work: the submission's digest
-  check, store and signed ``Stored`` answer, the token's checks on ``Release`` (its
-  Ed25519 signature among them) whoever sends it, the delivery, and each delivery
-  completed by the sink's ack.
+  check, store and signed ``Stored`` answer, the token's checks (its Ed25519 signature
+  among them) whoever sends it, the delivery, and each delivery completed by the sink's
+  ack.
 
-Reports per second are N over the source's first send to the sink's Nth ``DeliverEnd``.
-The run fails unless the source saw N ``Stored`` and N ``Released`` for exactly its
+Reports per second are N over the source's first send to the sink's Nth delivery.
+The run fails unless the source saw N ``Stored`` and N tokens released for exactly its
 reports and tokens, the sink N deliveries carrying exactly the tokens the source
 issued (the two compare a digest of the sorted token ids), and, read from the relay's
 store once the sink is done, the relay holds all N tokens as acked (each delivery
@@ -50,11 +52,13 @@ import trio
 from bench.processes import Process, emit, load, run_folder
 from bench.stores import SQLITE, Relays, Setup
 from bench.world import LEVEL, SCOPE, bench_prekey
+from tisa.limits import MAX_INLINE_CIPHERTEXT
 from tisa.messages import (
     Ack,
     Chunk,
     Deliver,
     DeliverEnd,
+    DeliverInline,
     ErrorMessage,
     Message,
     Refusal,
@@ -63,6 +67,7 @@ from tisa.messages import (
     Stored,
     SubmitBegin,
     SubmitEnd,
+    SubmitInline,
     chunks_of,
 )
 from tisa.report import seal_report
@@ -71,7 +76,7 @@ from tisa.token import ReleaseToken, issue_token
 __all__ = ["load_source", "run", "sink", "tokens_digest"]
 from tisa_io.link import Link, connect_member
 
-# Reports per send_many call (four messages each for a 1 KiB report), room permitting.
+# Reports per send_many call (one message each for a 1 KiB report), room permitting.
 BATCH = 64
 # Seconds the source's reports and tokens stay valid.
 VALIDITY = 3600
@@ -121,12 +126,21 @@ def _prepare(
             signed_prekey=signed_prekey,
         )  # fmt: skip
         data = sealed.ciphertext
-        begin = SubmitBegin(
-            report=sealed.report_id, size=len(data), digest=sealed.digest, expires=now + VALIDITY
-        )
-        loads.append(
-            [begin, *chunks_of(data), SubmitEnd(report=sealed.report_id), Release(token=token)]
-        )
+        if len(data) <= MAX_INLINE_CIPHERTEXT:
+            loads.append([
+                SubmitInline(
+                    report=sealed.report_id, digest=sealed.digest, expires=now + VALIDITY,
+                    data=data, tokens=[token],
+                )
+            ])  # fmt: skip
+        else:
+            begin = SubmitBegin(
+                report=sealed.report_id, size=len(data), digest=sealed.digest,
+                expires=now + VALIDITY,
+            )  # fmt: skip
+            loads.append(
+                [begin, *chunks_of(data), SubmitEnd(report=sealed.report_id), Release(token=token)]
+            )
         report_ids.append(sealed.report_id)
         token_ids.append(ReleaseToken.decode(token).id)
     return loads, report_ids, token_ids
@@ -157,17 +171,22 @@ async def load_source(folder: Path, port: int, count: int, size: int, window: in
             await link.send_many(m for load in loads[sent : sent + take] for m in load)
             sent += take
 
+    def release(report: bytes, token: bytes) -> None:
+        if token not in expected_tokens or token in released:
+            raise _Failed(f"source: released answer for token {token.hex()}")
+        if report not in stored:
+            raise _Failed(f"source: report {report.hex()} released before stored")
+        released.add(token)
+
     def handle(message: Message) -> None:
         if isinstance(message, Stored):
             if message.report not in expected_reports or message.report in stored:
                 raise _Failed(f"source: stored answer for report {message.report.hex()}")
             stored.add(message.report)
+            for token in message.released:
+                release(message.report, token)
         elif isinstance(message, Released):
-            if message.token not in expected_tokens or message.token in released:
-                raise _Failed(f"source: released answer for token {message.token.hex()}")
-            if message.report not in stored:
-                raise _Failed(f"source: report {message.report.hex()} released before stored")
-            released.add(message.token)
+            release(message.report, message.token)
         else:
             _check_answer(message, "source")
 
@@ -223,7 +242,17 @@ async def sink(folder: Path, port: int, count: int) -> None:
         if cpu is None:
             cpu = time.process_time()
         while True:
-            if isinstance(message, Deliver):
+            if isinstance(message, DeliverInline):
+                if in_delivery:
+                    raise _Failed("sink: a delivery inside a delivery")
+                token = ReleaseToken.decode(message.token).id
+                deliveries += 1
+                tokens.add(token)
+                acks.append(Ack(kind="delivery", token=token))
+                if len(tokens) == count:
+                    end = time.monotonic()
+                    break
+            elif isinstance(message, Deliver):
                 if in_delivery:
                     raise _Failed("sink: a delivery inside a delivery")
                 in_delivery = True

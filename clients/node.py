@@ -109,8 +109,15 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
+from tisa.handshake import STREAM_OVERHEAD
 from tisa.keys import MemberSecret, random_id
-from tisa.limits import CHUNK_SIZE, DEFAULT_LIMITS, Limits
+from tisa.limits import (
+    CHUNK_SIZE,
+    DEFAULT_LIMITS,
+    MAX_INLINE_CIPHERTEXT,
+    MAX_INLINE_TOKENS,
+    Limits,
+)
 from tisa.messages import MAX_CHUNK_DATA
 from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode
 from tisa.receipt import Receipt, StoredAck
@@ -387,7 +394,9 @@ class Node:
         ``release_to`` (the others wait for :meth:`release`); its token is issued once
         the relay hands out that recipient's prekeys: before this returns when connected
         (a refusal, e.g. ``no_prekey``, comes as a :class:`~clients.events.RefusedEvent`),
-        else on the next connection.
+        else on the next connection. When connected, the prekeys are fetched before the
+        submission is recorded, so that a small report and its tokens leave in one
+        ``submit_inline`` message.
 
         Args:
             body: the report body, as bytes or the path of a file to stream.
@@ -464,6 +473,9 @@ class Node:
             )
             os.replace(staged, self.store.outbox_dir / file_name)
             fsync_dir(self.store.outbox_dir)
+        # Connected: the recipients' prekeys first, so the tokens are issued in the same
+        # batch as the submission and travel with it (one message for a small report).
+        prekeys = await self._prefetch_prekeys(release_to) if self.connected else {}
         self.store.record_submission(
             data=inline,
             report=sealer.report_id,
@@ -478,6 +490,12 @@ class Node:
             created=now,
         )
         wanted = [self._want(sealer.report_id, r, valid_for) for r in release_to]
+        for wanted_id, recipient in zip(wanted, release_to, strict=True):
+            if recipient in prekeys:
+                # No checkpoint from _want to here: the issuer cannot take it meanwhile.
+                wanted_release = self.store.wanted_release(wanted_id)
+                assert wanted_release is not None
+                await self._issue(wanted_release, prekeys=prekeys[recipient])
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
         await self._durable()
@@ -616,14 +634,36 @@ class Node:
                 self._notify()
             await changed.wait()
 
-    async def _issue(self, wanted: WantedRelease) -> None:
-        """Fetch the recipient's prekeys and issue the token, or record why not."""
+    async def _prefetch_prekeys(
+        self, recipients: Sequence[str]
+    ) -> dict[str, tuple[bytes, bytes | None]]:
+        """Fetch the prekeys of ``recipients`` at once (one round trip for all); returns
+        those that came with a signed prekey. The others (none published yet, a
+        refusal, a connection lost) are left to the issuer, which asks again."""
+        got: dict[str, tuple[bytes, bytes | None]] = {}
+
+        async def fetch(recipient: str) -> None:
+            with contextlib.suppress(Refused):
+                signed, one_time = await self._fetch_prekeys(recipient, wait=False)
+                if signed is not None:
+                    got[recipient] = (signed, one_time)
+
+        async with trio.open_nursery() as nursery:
+            for recipient in recipients:
+                nursery.start_soon(fetch, recipient)
+        return got
+
+    async def _issue(
+        self, wanted: WantedRelease, *, prekeys: tuple[bytes, bytes | None] | None = None
+    ) -> None:
+        """Fetch the recipient's prekeys (unless ``prekeys`` came with the call: then
+        nothing here waits) and issue the token, or record why not."""
         report_id, recipient = wanted.report, wanted.recipient
         submission = self._submission(report_id)
         try:
             if submission.state not in ("queued", "stored"):
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
-            signed, one_time = await self._fetch_prekeys(recipient)
+            signed, one_time = prekeys or await self._fetch_prekeys(recipient)
             if signed is None:
                 # A recipient that has not published yet (never connected, or its prekey
                 # ran out while it was away): ask again, for at most limits.prekey_wait.
@@ -687,9 +727,12 @@ class Node:
         if mode is not WrapMode.ONE_TIME:
             self.store.add_event(WeakerWrap(token=token_id, recipient=recipient, mode=mode.value))
 
-    async def _fetch_prekeys(self, recipient: str) -> tuple[bytes | None, bytes | None]:
+    async def _fetch_prekeys(
+        self, recipient: str, *, wait: bool = True
+    ) -> tuple[bytes | None, bytes | None]:
         """Ask the relay for ``recipient``'s signed prekey and a one-time prekey; waits
-        for a connection, and asks again on the next one if this one ends first.
+        for a connection, and asks again on the next one if this one ends first (with
+        ``wait`` False: returns (None, None) then).
 
         Returns:
             (signed prekey, one-time prekey), encoded as handed out (None: none given);
@@ -699,6 +742,8 @@ class Node:
             Refused: the relay refused the request (``wrong_role``, ...).
         """
         while True:
+            if not wait and self._session is None:
+                return None, None
             await self.wait_connected()
             session = self._session
             assert session is not None
@@ -1410,6 +1455,10 @@ class Node:
         link = session.link
         store = self.store
         submitted: set[bytes] = set()  # reports whose submission went out on this link
+        # Tokens that went out inside a submit_inline on this link.
+        inline_tokens: set[bytes] = set()
+        # Data and tokens a submit_inline may carry within the frame limit.
+        inline_room = self._limits.max_frame - STREAM_OVERHEAD - m.INLINE_OVERHEAD
         sent_revocations: set[int] = set()
         after_submission = after_release = after_receipt = after_consent = 0
         while True:
@@ -1430,7 +1479,21 @@ class Node:
             for submission in submissions:
                 after_submission = max(after_submission, submission.seq)
                 submitted.add(submission.report)
-                if submission.data is not None:
+                room = inline_room - submission.size
+                if submission.size <= MAX_INLINE_CIPHERTEXT and room >= 0:
+                    # One message: the report and the tokens already issued for it (as
+                    # many as fit; the others follow as `release` messages).
+                    tokens: list[bytes] = []
+                    for release in store.releases_of(submission.report):
+                        if release.state != "pending" or release.token in inline_tokens:
+                            continue
+                        room -= len(release.encoded) + m.INLINE_TOKEN_OVERHEAD
+                        if len(tokens) == MAX_INLINE_TOKENS or room < 0:
+                            break
+                        inline_tokens.add(release.token)
+                        tokens.append(release.encoded)
+                    pending.append((submission.report, _submit_inline(submission, tokens)))
+                elif submission.data is not None:
                     pending.extend(
                         (submission.report, message)
                         for message in _submission_messages(submission, submission.data)
@@ -1444,7 +1507,8 @@ class Node:
                 await self._durable()
             for release in releases:
                 after_release = release.seq
-                pending.append((release.report, m.Release(token=release.encoded)))
+                if release.token not in inline_tokens:
+                    pending.append((release.report, m.Release(token=release.encoded)))
             for revocation in store.revocations_to_send():
                 if revocation.id not in sent_revocations:
                     await self._durable()
@@ -1484,7 +1548,11 @@ class Node:
         if self._withdrawals != withdrawals:
             gone = {r for r, _ in pending if r is not None and self._withdrawn(r)}
             pending = [(r, message) for r, message in pending if r not in gone]
-        reports = {message.report for _, message in pending if isinstance(message, m.SubmitEnd)}
+        reports = {
+            message.report
+            for _, message in pending
+            if isinstance(message, m.SubmitEnd | m.SubmitInline)
+        }
         # From here on the relay may get these submissions whole: withdraw() waits for
         # its answer instead of assuming it has nothing.
         self._uploading |= reports
@@ -1537,7 +1605,7 @@ class Node:
                 continue
             if isinstance(message, m.PrekeyStatus):
                 self._on_prekey_status(session, message)
-            elif isinstance(message, m.Deliver):
+            elif isinstance(message, m.DeliverInline | m.Deliver):
                 await self._on_deliver(session, message)
             elif isinstance(message, m.Stored):
                 self._on_stored(message)
@@ -1604,6 +1672,9 @@ class Node:
         ):
             raise VerificationError()
         self.store.mark_stored(message.report, message.ack, Stored(report=message.report, ack=ack))
+        for token in message.released:
+            # Accepted with the submission (submit_inline), as a `released` would say.
+            self._on_released(m.Released(report=message.report, token=token))
 
     def _on_released(self, message: m.Released) -> None:
         pending = self.store.release(message.token)
@@ -1808,13 +1879,19 @@ class Node:
 
     # --- recipient side --------------------------------------------------------------
 
-    async def _on_deliver(self, session: _Session, message: m.Deliver) -> None:
+    async def _on_deliver(self, session: _Session, message: m.Deliver | m.DeliverInline) -> None:
         link = session.link
         token = ReleaseToken.decode(message.token)
+        # The whole ciphertext when it came in the message (deliver_inline), else None:
+        # it follows in chunks.
+        inline = message.data if isinstance(message, m.DeliverInline) else None
+        if inline is not None and len(inline) != token.size:
+            raise ProtocolError("inline delivery of another size than its token says")
         if self.store.seen("token", token.id):
             # A redelivery (our ack was lost, or the relay restarted): already stored or
             # rejected. Acknowledge again (once that is on disk); never hand it over twice.
-            await self._drain_delivery(link, token)
+            if inline is None:
+                await self._drain_delivery(link, token)
             self._reply(session, m.Ack(kind="delivery", token=token.id))
             return
         now = self._now()
@@ -1855,10 +1932,10 @@ class Node:
         parts: list[bytes] | None = None
         if opener is not None:
             try:
-                header, parts = await self._open_delivery(link, token, opener, staged)
+                header, parts = await self._open_delivery(link, token, opener, staged, inline)
             except (Refused, VerificationError) as exc:
                 error = exc
-        else:
+        elif inline is None:
             await self._drain_delivery(link, token)
         if error is not None:
             if staged is not None:
@@ -1916,9 +1993,11 @@ class Node:
         token: ReleaseToken,
         opener: ReportOpener,
         staged: pathlib.Path | None,
+        inline: bytes | None = None,
     ) -> tuple[Any, list[bytes] | None]:
         """Stream the ciphertext through ``opener`` into files under ``staged`` (or,
-        with ``staged`` None, into memory).
+        with ``staged`` None, into memory). ``inline``: the whole ciphertext, come in
+        a ``deliver_inline`` (of the token's size); else it is read from ``link``.
 
         Returns the verified header and, in memory, the parts (body, attachments); the
         files are fsynced. Raises Refused or VerificationError for a bad report (the
@@ -1936,34 +2015,24 @@ class Node:
         self._set_receiving(token, 0)
         try:
             received = 0
-            while True:
-                message = await link.receive()
-                if isinstance(message, m.Chunk):
-                    received += len(message.data)
-                    if received > token.size:
-                        raise ProtocolError("delivery longer than its token says")
-                    self._set_receiving(token, received)
-                    if failure is not None:
-                        continue
-                    try:
-                        pieces = opener.feed(message.data)
-                    except (Refused, VerificationError) as exc:
-                        failure = exc
-                        continue
-                    for part, data in pieces:
-                        out = files.get(part)
-                        if out is None:
-                            name = "body" if part == 0 else f"a{part - 1}"
-                            out = files[part] = (
-                                io.BytesIO() if staged is None else open(staged / name, "wb")  # noqa: SIM115
-                            )
-                        out.write(data)
-                elif isinstance(message, m.DeliverEnd):
-                    if message.token != token.id or received != token.size:
-                        raise ProtocolError("delivery ended early or under another token")
-                    break
-                else:
-                    raise ProtocolError(f"{message.TYPE!r} inside a delivery")
+            async for chunk in self._ciphertext(link, token, inline):
+                received += len(chunk)
+                self._set_receiving(token, received)
+                if failure is not None:
+                    continue
+                try:
+                    pieces = opener.feed(chunk)
+                except (Refused, VerificationError) as exc:
+                    failure = exc
+                    continue
+                for part, data in pieces:
+                    out = files.get(part)
+                    if out is None:
+                        name = "body" if part == 0 else f"a{part - 1}"
+                        out = files[part] = (
+                            io.BytesIO() if staged is None else open(staged / name, "wb")  # noqa: SIM115
+                        )
+                    out.write(data)
             if failure is not None:
                 raise failure
             header = opener.finish()
@@ -1988,6 +2057,24 @@ class Node:
                 out.close()
 
     async def _drain_delivery(self, link: Link, token: ReleaseToken) -> None:
+        async for _ in self._ciphertext(link, token, None):
+            pass
+
+    @staticmethod
+    async def _ciphertext(
+        link: Link, token: ReleaseToken, inline: bytes | None
+    ) -> AsyncIterator[bytes]:
+        """The ciphertext of a delivery: ``inline`` (a ``deliver_inline``'s, checked
+        against the token's size by the caller), else the ``chunk`` messages read from
+        ``link`` up to its ``deliver_end``.
+
+        Raises:
+            ProtocolError: the relay broke the stream rules (more or fewer bytes than
+                the token's size, another message inside, an end under another token).
+        """
+        if inline is not None:
+            yield inline
+            return
         received = 0
         while True:
             message = await link.receive()
@@ -1995,6 +2082,7 @@ class Node:
                 received += len(message.data)
                 if received > token.size:
                     raise ProtocolError("delivery longer than its token says")
+                yield message.data
             elif isinstance(message, m.DeliverEnd):
                 if message.token != token.id or received != token.size:
                     raise ProtocolError("delivery ended early or under another token")
@@ -2192,6 +2280,22 @@ def _submit_begin(submission: Submission) -> m.SubmitBegin:
         size=submission.size,
         digest=submission.digest,
         expires=submission.expires,
+    )
+
+
+def _submit_inline(submission: Submission, tokens: list[bytes]) -> m.SubmitInline:
+    """A small submission (at most MAX_INLINE_CIPHERTEXT bytes) whole in one message,
+    with the ``tokens`` issued for it so far."""
+    data = submission.data
+    if data is None:  # kept in a file (a lowered max_inline_report)
+        assert submission.path is not None
+        data = submission.path.read_bytes()
+    return m.SubmitInline(
+        report=submission.report,
+        digest=submission.digest,
+        expires=submission.expires,
+        data=data,
+        tokens=tokens,
     )
 
 

@@ -44,6 +44,7 @@ from tisa.messages import (
     Chunk,
     Deliver,
     DeliverEnd,
+    DeliverInline,
     Message,
     PrekeyStatus,
     PublishPrekeys,
@@ -180,7 +181,7 @@ async def publish_prekeys(
             message = await conn.receive()
             if isinstance(message, PrekeyStatus):
                 return message
-            if not isinstance(message, Deliver | Chunk | DeliverEnd):
+            if not isinstance(message, Deliver | DeliverInline | Chunk | DeliverEnd):
                 raise ConnectionError(f"the relay answered {message.TYPE!r}")
     finally:
         await conn.close()
@@ -207,7 +208,7 @@ async def receive_one(
     try:
         while True:
             message = await conn.receive()
-            if isinstance(message, Deliver):
+            if isinstance(message, Deliver | DeliverInline):
                 break
             # Anything else (receipt notices for reports we sent, expiry notices) is
             # not this sketch's business; a real client would handle and ack it.
@@ -225,7 +226,11 @@ async def receive_one(
         keyring.forget(release.token.wrap.opk)
         opener = release.opener(arrangement)
         parts: dict[int, list[bytes]] = {}
-        while True:
+        if isinstance(message, DeliverInline):
+            # A small report comes whole in the one message (protocol version 3).
+            for part, data in opener.feed(message.data):
+                parts.setdefault(part, []).append(data)
+        while isinstance(message, Deliver | Chunk):
             message = await conn.receive()
             if isinstance(message, Chunk):
                 # Pieces are not authenticated until finish(); hold them aside.

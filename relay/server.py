@@ -66,9 +66,12 @@ from tisa.errors import (
     UsageError,
     VerificationError,
 )
+from tisa.handshake import STREAM_OVERHEAD
 from tisa.keys import MemberSecret
-from tisa.limits import DEFAULT_LIMITS, Limits
+from tisa.limits import DEFAULT_LIMITS, MAX_INLINE_CIPHERTEXT, Limits
 from tisa.messages import (
+    INLINE_OVERHEAD,
+    INLINE_TOKEN_OVERHEAD,
     MAX_CHUNK_DATA,
     Ack,
     AuditFetch,
@@ -77,6 +80,7 @@ from tisa.messages import (
     ConsentNotice,
     Deliver,
     DeliverEnd,
+    DeliverInline,
     ErrorMessage,
     Expired,
     FetchPrekeys,
@@ -95,6 +99,7 @@ from tisa.messages import (
     Stored,
     SubmitBegin,
     SubmitEnd,
+    SubmitInline,
     chunks_of,
 )
 from tisa.prekeys import Prekey, PrekeyKind
@@ -711,6 +716,8 @@ class Relay:
                 await self._upload_end(conn, message)
             else:
                 raise ProtocolError(f"{message.TYPE} inside a submission")
+        elif isinstance(message, SubmitInline):
+            await self._submit_inline(conn, message)
         elif isinstance(message, SubmitBegin):
             self._upload_begin(conn, message)
         elif isinstance(message, Release):
@@ -750,6 +757,21 @@ class Relay:
         logged per minute; the first one past that is logged with reason ``limit`` in
         place of its own, the rest of the minute is answered but not logged.
         """
+        await self._reply(
+            conn, self._refusal(conn, ref, reason, detail, report=report, token=token)
+        )
+
+    def _refusal(
+        self,
+        conn: _Connection,
+        ref: bytes,
+        reason: Reason,
+        detail: str = "",
+        *,
+        report: bytes | None = None,
+        token: bytes | None = None,
+    ) -> Refusal:
+        """Log a refusal (as :meth:`_refuse` does) and return its answer, unsent."""
         self.metrics.refusal(reason)
         now = self.now()
         minute = now // 60
@@ -766,25 +788,30 @@ class Relay:
                 token=token if logged < cap else None,
             )
             self._refusals_logged[conn.member] = (minute, logged + 1)
-        await self._reply(conn, Refusal(ref=ref, reason=reason.value, detail=_detail(detail)))
+        return Refusal(ref=ref, reason=reason.value, detail=_detail(detail))
 
     # --- submission ----------------------------------------------------------------------
 
     def _upload_begin(self, conn: _Connection, message: SubmitBegin) -> None:
+        conn.upload = self._new_upload(conn, message)
+
+    def _new_upload(self, conn: _Connection, message: SubmitBegin | SubmitInline) -> _Upload:
+        """Check a submission's start (the refusal, if any, is kept for its end) and
+        open the writer its bytes go to (none for a resend of a stored report)."""
         now = self.now()
+        size = message.size if isinstance(message, SubmitBegin) else len(message.data)
         upload = _Upload(
             report=message.report,
-            size=message.size,
+            size=size,
             digest=message.digest,
             expires=min(message.expires, now + self.max_hold),
         )
-        conn.upload = upload
         try:
             self.arrangement.require_role(conn.member, Role.ORIGINATOR)
-            if message.size > self.limits.max_report_size:
+            if size > self.limits.max_report_size:
                 raise Refused(
                     Reason.LIMIT,
-                    f"the report is {_mib(message.size)} sealed, over the relay's limit of "
+                    f"the report is {_mib(size)} sealed, over the relay's limit of "
                     f"{_mib(self.limits.max_report_size)}",
                 )
             if message.report in self._uploading:
@@ -796,21 +823,22 @@ class Relay:
                 same = (
                     existing.originator == conn.member
                     and existing.digest == message.digest
-                    and existing.size == message.size
+                    and existing.size == size
                     and existing.state != "deleted"
                 )
                 if not same:
                     raise Refused(Reason.DUPLICATE, "a different report has this id")
                 # A resend of a stored report: discard the bytes, answer stored again.
-                return
+                return upload
             if message.expires <= now:
                 raise Refused(Reason.EXPIRED, "the report expires before it is stored")
             upload.writer = self.store.begin_upload(
-                message.report, inline=message.size <= self.limits.max_inline_report
+                message.report, inline=size <= self.limits.max_inline_report
             )
             self._uploading.add(message.report)
         except Refused as exc:
             upload.refused = exc
+        return upload
 
     def _upload_chunk(self, upload: _Upload, message: Chunk) -> None:
         upload.received += len(message.data)
@@ -827,6 +855,47 @@ class Relay:
         if upload.received != upload.size:
             raise ProtocolError("submission shorter than its declared size")
         conn.upload = None
+        stored = await self._store_upload(conn, upload)
+        if stored is not None:
+            await self._reply(conn, stored)
+
+    async def _submit_inline(self, conn: _Connection, message: SubmitInline) -> None:
+        """A small report and its tokens in one step: the report is stored and the
+        tokens consumed in the open batch, and one ``stored`` names the tokens accepted
+        (each refused one gets its ``refused`` behind it). A refused submission gets one
+        ``refused`` and its tokens are not looked at (none is consumed)."""
+        upload = self._new_upload(conn, message)
+        try:
+            upload.received = upload.size
+            if upload.writer is not None:
+                upload.writer.write(message.data)
+        except BaseException:
+            if upload.writer is not None:
+                upload.abort()
+                self._uploading.discard(upload.report)
+            raise
+        stored = await self._store_upload(conn, upload)
+        if stored is None:
+            return
+        refusals: list[Refusal] = []
+        released: list[bytes] = []
+        recipients: set[str] = set()
+        for data in message.tokens:
+            outcome = self._release_token(conn, data)
+            if isinstance(outcome, Refusal):
+                refusals.append(outcome)
+            else:
+                released.append(outcome.id)
+                recipients.add(outcome.recipient)
+        await self._reply(conn, dataclasses.replace(stored, released=released))
+        for refusal in refusals:
+            await self._reply(conn, refusal)
+        for recipient in recipients:
+            self._wake(recipient)
+
+    async def _store_upload(self, conn: _Connection, upload: _Upload) -> Stored | None:
+        """Store a submission whose bytes are all in; returns its ``stored`` answer
+        (unsent), or None once its refusal is queued."""
         if upload.refused is not None:
             await self._refuse(
                 conn,
@@ -835,13 +904,13 @@ class Relay:
                 upload.refused.detail,
                 report=upload.report,
             )
-            return
+            return None
         writer = upload.writer
         if writer is None:
             row = self.store.report(upload.report)
             if row is None or row.state == "deleted":  # expired or revoked meanwhile
                 await self._refuse(conn, upload.report, Reason.EXPIRED, report=upload.report)
-                return
+                return None
         else:
             try:
                 if writer.digest() != upload.digest:
@@ -853,7 +922,7 @@ class Relay:
                         "ciphertext digest differs from the declared one",
                         report=upload.report,
                     )
-                    return
+                    return None
                 # A file: fsync, rename, fsync the directory; then the row (inline: the
                 # row only); the answer waits for the batch's commit.
                 if not isinstance(writer, InlineBlob):
@@ -880,17 +949,26 @@ class Relay:
             stored=row.stored_at,
         )
         self.metrics.event("stored")
-        await self._reply(conn, Stored(report=row.id, ack=ack.encoded))
+        return Stored(report=row.id, ack=ack.encoded, released=[])
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
 
     async def _release(self, conn: _Connection, message: Release) -> None:
+        outcome = self._release_token(conn, message.token)
+        if isinstance(outcome, Refusal):
+            await self._reply(conn, outcome)
+            return
+        await self._reply(conn, Released(report=outcome.report, token=outcome.id))
+        self._wake(outcome.recipient)
+
+    def _release_token(self, conn: _Connection, data: bytes) -> ReleaseToken | Refusal:
+        """Check a release token against its stored report and consume it (a step of
+        the open batch); returns the token, or the logged refusal to answer with."""
         now = self.now()
         try:
-            token = ReleaseToken.decode(message.token)
+            token = ReleaseToken.decode(data)
         except ProtocolError as exc:
-            await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
-            return
+            return self._refusal(conn, b"", Reason.MALFORMED, exc.detail)
         try:
             report = self.store.report(token.report)
             if report is None:
@@ -914,18 +992,15 @@ class Relay:
                 clock_skew=self.limits.clock_skew,
             )
         except VerificationError:
-            await self._refuse(
+            return self._refusal(
                 conn, token.id, Reason.BAD_SIGNATURE, report=token.report, token=token.id
             )
-            return
         except Refused as exc:
-            await self._refuse(
+            return self._refusal(
                 conn, token.id, exc.reason, exc.detail, report=token.report, token=token.id
             )
-            return
         self.metrics.event("released")
-        await self._reply(conn, Released(report=token.report, token=token.id))
-        self._wake(token.recipient)
+        return token
 
     async def _revoke(self, conn: _Connection, message: Revoke) -> None:
         try:
@@ -1391,11 +1466,22 @@ class Relay:
             return  # acked, revoked or expired since the query
         if self._shared is not None and not self._shared.claim(row.id):
             return  # another relay process is delivering it
+        if inline is None and self._inline_fits(self._report_size(row.report), len(row.token)):
+            # Kept in a file (a lowered max_inline_report) but small enough for the wire.
+            try:
+                with self.store.open_ciphertext(row.report) as small:
+                    inline = small.read()
+            except FileNotFoundError:
+                log.error("ciphertext of a pending delivery is missing")
+                return
         if inline is not None:
             self._claim(conn, row.id)
-            pending.append(Deliver(token=row.token))
-            pending.extend(chunks_of(inline))
-            pending.append(DeliverEnd(token=row.id))
+            if self._inline_fits(len(inline), len(row.token)):
+                pending.append(DeliverInline(token=row.token, data=inline))
+            else:  # kept in its row (a raised max_inline_report), streamed on the wire
+                pending.append(Deliver(token=row.token))
+                pending.extend(chunks_of(inline))
+                pending.append(DeliverEnd(token=row.id))
             sent.append(row.id)
             return
         try:
@@ -1417,6 +1503,16 @@ class Relay:
         self.store.mark_forwarded(row.id, now=self.now())
         self.metrics.event("forwarded")
         self._group_commit.mark_dirty()
+
+    def _inline_fits(self, size: int, token_size: int) -> bool:
+        """Whether a delivery of ``size`` ciphertext bytes goes in one message: at most
+        MAX_INLINE_CIPHERTEXT, and the message within this relay's max_frame."""
+        frame = size + token_size + INLINE_OVERHEAD + INLINE_TOKEN_OVERHEAD + STREAM_OVERHEAD
+        return size <= MAX_INLINE_CIPHERTEXT and frame <= self.limits.max_frame
+
+    def _report_size(self, report_id: bytes) -> int:
+        report = self.store.report(report_id)
+        return report.size if report is not None else MAX_INLINE_CIPHERTEXT + 1
 
     def _claim(self, conn: _Connection, token_id: bytes) -> None:
         self._claims[token_id] = conn

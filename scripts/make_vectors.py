@@ -57,7 +57,8 @@ from tisa.errors import (
     VerificationError,
 )
 from tisa.keys import Context, Hash, MemberSecret, digest
-from tisa.limits import CHUNK_SIZE, CLOCK_SKEW
+from tisa.limits import CHUNK_SIZE, CLOCK_SKEW, MAX_INLINE_CIPHERTEXT, MAX_INLINE_TOKENS
+from tisa.messages import decode_message
 from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report, padded_size
@@ -74,6 +75,7 @@ FILES = (
     "audit.json",
     "consent.json",
     "prekey.json",
+    "message.json",
 )
 
 # 1 January 2015, three days after the arrangement was signed.
@@ -2143,6 +2145,142 @@ def encoding_file() -> dict[str, Any]:
     }
 
 
+# --- channel messages (section 13.4) ------------------------------------------------------
+
+
+def _stretch(label: str, size: int) -> bytes:
+    """``size`` fixed bytes for ``label`` (derive's 32, repeated)."""
+    return (derive(label) * (size // 32 + 1))[:size]
+
+
+def message_file() -> dict[str, Any]:
+    """The channel messages protocol version 3 added or changed (submit_inline,
+    deliver_inline, stored), at and past their limits: decode with decode_message."""
+    report, token_id = derive("message/report", 16), derive("message/token-id", 16)
+    digest, small = derive("message/digest"), _stretch("message/ciphertext", 1089)
+    token, ack = _stretch("message/token", 486), _stretch("message/ack", 250)
+    inline = {"report": report, "digest": digest, "expires": NOW + 3600}
+
+    def submit(data: bytes, tokens: list[bytes], **extra: Any) -> bytes:
+        return enc.pack({"t": "submit_inline", **inline, "data": data, "tokens": tokens, **extra})
+
+    full = _stretch("message/full", MAX_INLINE_CIPHERTEXT)
+    over = _stretch("message/full", MAX_INLINE_CIPHERTEXT + 1)
+    specs: list[tuple[str, str, bytes, bool]] = [
+        (
+            "message-submit-inline",
+            "A 1089-byte report with one token.",
+            submit(small, [token]),
+            True,
+        ),
+        ("message-submit-inline-no-token", "A report alone.", submit(small, []), True),
+        (
+            "message-submit-inline-at-limit",
+            "Data of exactly MAX_INLINE_CIPHERTEXT (65,536) bytes.",
+            submit(full, []),
+            True,
+        ),
+        (
+            "message-submit-inline-over-limit",
+            "Data of 65,537 bytes: such a report is streamed (submit, chunk, submit_end).",
+            submit(over, []),
+            False,
+        ),
+        ("message-submit-inline-empty", "Empty data.", submit(b"", []), False),
+        (
+            "message-submit-inline-32-tokens",
+            "MAX_INLINE_TOKENS tokens.",
+            submit(small, [token] * MAX_INLINE_TOKENS),
+            True,
+        ),
+        (
+            "message-submit-inline-33-tokens",
+            "One token more than MAX_INLINE_TOKENS.",
+            submit(small, [token] * (MAX_INLINE_TOKENS + 1)),
+            False,
+        ),
+        (
+            "message-submit-inline-token-too-long",
+            "A token of 2049 bytes.",
+            submit(small, [b"t" * 2049]),
+            False,
+        ),
+        (
+            "message-submit-inline-with-size",
+            "A size key as in submit: not a field of submit_inline.",
+            submit(small, [], size=len(small)),
+            False,
+        ),
+        (
+            "message-deliver-inline",
+            "A token and 1089 bytes of ciphertext.",
+            enc.pack({"t": "deliver_inline", "token": token, "data": small}),
+            True,
+        ),
+        (
+            "message-deliver-inline-at-limit",
+            "Data of exactly 65,536 bytes.",
+            enc.pack({"t": "deliver_inline", "token": token, "data": full}),
+            True,
+        ),
+        (
+            "message-deliver-inline-over-limit",
+            "Data of 65,537 bytes: such a delivery is streamed (deliver, chunk, deliver_end).",
+            enc.pack({"t": "deliver_inline", "token": token, "data": over}),
+            False,
+        ),
+        (
+            "message-stored-released",
+            "Stored with one token accepted with the submission.",
+            enc.pack({"t": "stored", "report": report, "ack": ack, "released": [token_id]}),
+            True,
+        ),
+        (
+            "message-stored-nothing-released",
+            "Stored answering a streamed submit: released is empty.",
+            enc.pack({"t": "stored", "report": report, "ack": ack, "released": []}),
+            True,
+        ),
+        (
+            "message-stored-version-2",
+            "Stored as protocol version 2 sent it, without released.",
+            enc.pack({"t": "stored", "report": report, "ack": ack}),
+            False,
+        ),
+        (
+            "message-stored-33-released",
+            "One token id more than MAX_INLINE_TOKENS.",
+            enc.pack(
+                {
+                    "t": "stored",
+                    "report": report,
+                    "ack": ack,
+                    "released": [token_id] * (MAX_INLINE_TOKENS + 1),
+                }
+            ),
+            False,
+        ),
+    ]
+    vectors = []
+    for vector_id, description, data, valid in specs:
+        vector = {
+            "id": vector_id,
+            "description": description,
+            "encoded": data.hex(),
+            "expect": (
+                expect_ok(type=enc.unpack(data)["t"]) if valid else expect_error(ProtocolError)
+            ),
+        }
+        _require(vector, outcome(functools.partial(decode_message, data)))
+        vectors.append(vector)
+    return {
+        "description": "Channel messages of protocol version 3 (docs/protocol.md section "
+        "13.4): decode 'encoded' with tisa.messages.decode_message; it gives a message of "
+        "type expect.type, which encodes back to the same bytes, or it is malformed.",
+        "vectors": vectors,
+    }
+
+
 # --- audit extracts (section 12.3) --------------------------------------------------------
 
 
@@ -2572,6 +2710,7 @@ def build(previous: Mapping[str, Any] | None = None, *, fresh: bool = False) -> 
         "audit.json": audit_file(),
         "consent.json": builder.consent_file(),
         "prekey.json": builder.prekey_file(),
+        "message.json": message_file(),
     }
     return {
         name: json.dumps({"generator": "scripts/make_vectors.py", "now": NOW, **document}, indent=1)

@@ -20,7 +20,9 @@ from nodes.client_world import LEVEL, SCOPE, make_world
 from clients.events import DeliveryRejected, Event, ReceiptEvent, Released, Stored
 from clients.node import DEFAULT_VALID_FOR, Backoff, Node, open_node
 from tisa.errors import Reason, Refused, UsageError
-from tisa.messages import SubmitBegin as m_submit
+from tisa.messages import SubmitBegin, SubmitInline
+
+m_submit = (SubmitBegin, SubmitInline)
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.05)

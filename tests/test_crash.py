@@ -32,6 +32,7 @@ from clients.events import AnnouncementEvent, ApprovedEvent, DeniedEvent, Reques
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
 from relay.storage import is_postgresql
+from tisa.limits import MAX_INLINE_CIPHERTEXT
 from tisa_testing.pg_server import PgServer
 
 ARRANGEMENT, SECRETS = make_world()
@@ -122,9 +123,14 @@ def node(
     return open_node(SECRETS[name], name, ARRANGEMENT, addresses, tmp / name, backoff=FAST)
 
 
-async def submit(seoul: Node, text: str) -> bytes:
+async def submit(seoul: Node, text: str, size: int = 0) -> bytes:
+    """Submit ``text`` (padded to ``size`` bytes) released to Tokyo at once."""
     return await seoul.submit(
-        text.encode(), recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+        text.encode().ljust(size, b"."),
+        recipients=["tokyo"],
+        scope=SCOPE,
+        level=LEVEL,
+        release_to=["tokyo"],
     )
 
 
@@ -181,7 +187,10 @@ async def test_relay_killed_at_a_chosen_point(
             node("tokyo", relay.port, tmp_path) as tokyo,
         ):
             await tokyo.wait_connected()
-            ids = {await submit(seoul, f"report {i}") for i in range(3)}
+            # Killed during a delivery: one that streams (over MAX_INLINE_CIPHERTEXT);
+            # at the other points small reports, which travel inline.
+            size = MAX_INLINE_CIPHERTEXT + 1 if point == "during_forward" else 0
+            ids = {await submit(seoul, f"report {i}", size) for i in range(3)}
             assert await relay.died() == -signal.SIGKILL
             await relay.start()
             for report_id in ids:

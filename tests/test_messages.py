@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from tisa import encoding as enc
 from tisa.errors import ProtocolError, Reason, UsageError
+from tisa.limits import MAX_INLINE_CIPHERTEXT, MAX_INLINE_TOKENS, Limits
 from tisa.messages import (
     MAX_CHUNK_DATA,
     MESSAGE_TYPES,
@@ -22,6 +23,7 @@ from tisa.messages import (
     ConsentNotice,
     Deliver,
     DeliverEnd,
+    DeliverInline,
     ErrorMessage,
     Expired,
     FetchPrekeys,
@@ -40,6 +42,7 @@ from tisa.messages import (
     Stored,
     SubmitBegin,
     SubmitEnd,
+    SubmitInline,
     decode_message,
     encode_message,
 )
@@ -63,6 +66,16 @@ SAMPLES: list[Message] = [
     AuditFetch(),
     AuditFetch(since=2**63),
     Stored(report=RID, ack=b"a" * 250),
+    Stored(report=RID, ack=b"a" * 250, released=[TID, RID]),
+    SubmitInline(report=RID, digest=DIGEST, expires=1_420_086_400, data=b"c" * 1089),
+    SubmitInline(
+        report=RID,
+        digest=DIGEST,
+        expires=1_420_086_400,
+        data=b"c" * 1089,
+        tokens=[b"t" * 486, b"u" * 600],
+    ),
+    DeliverInline(token=b"t" * 486, data=b"c" * 1089),
     Released(report=RID, token=TID),
     Deliver(token=b"t" * 486),
     DeliverEnd(token=TID),
@@ -218,6 +231,29 @@ def test_non_canonical_encodings_fail() -> None:
         (Revoke, {"report": RID, "token": b"short"}),
         (AuditFetch, {"since": -1}),
         (Release, {"token": b"t" * 2049}),
+        (DeliverInline, {"token": b"t" * 486, "data": b""}),
+        (DeliverInline, {"token": b"t" * 486, "data": b"c" * (MAX_INLINE_CIPHERTEXT + 1)}),
+        (
+            SubmitInline,
+            {
+                "report": RID,
+                "digest": DIGEST,
+                "expires": 1,
+                "data": b"c" * (MAX_INLINE_CIPHERTEXT + 1),
+                "tokens": [],
+            },
+        ),
+        (
+            SubmitInline,
+            {
+                "report": RID,
+                "digest": DIGEST,
+                "expires": 1,
+                "data": b"c",
+                "tokens": [b"t"] * (MAX_INLINE_TOKENS + 1),
+            },
+        ),
+        (Stored, {"report": RID, "ack": b"a", "released": [TID] * (MAX_INLINE_TOKENS + 1)}),
     ],
     ids=lambda v: v.__name__ if isinstance(v, type) else "",
 )
@@ -227,6 +263,36 @@ def test_constructors_validate(cls: type[Message], fields: dict[str, Any]) -> No
     # And the same values on the wire are a protocol error, not a UsageError.
     with pytest.raises(ProtocolError):
         decode_message(enc.pack({"t": cls.TYPE, **fields}))
+
+
+def test_inline_messages_carry_up_to_the_inline_limit() -> None:
+    # At the limit, with the most tokens: one message, and it fits the default frame.
+    full = SubmitInline(
+        report=RID,
+        digest=DIGEST,
+        expires=1,
+        data=b"c" * MAX_INLINE_CIPHERTEXT,
+        tokens=[b"t" * 2048] * MAX_INLINE_TOKENS,
+    )
+    data = encode_message(full)
+    assert decode_message(data) == full
+    assert len(data) + 17 <= Limits().max_frame
+    delivery = DeliverInline(token=b"t" * 2048, data=b"c" * MAX_INLINE_CIPHERTEXT)
+    assert decode_message(encode_message(delivery)) == delivery
+    # One byte over: not an inline message (a sender streams it instead).
+    for over in (
+        {"t": "deliver_inline", "token": b"t", "data": b"c" * (MAX_INLINE_CIPHERTEXT + 1)},
+        {
+            "t": "submit_inline",
+            "report": RID,
+            "digest": DIGEST,
+            "expires": 1,
+            "data": b"c" * (MAX_INLINE_CIPHERTEXT + 1),
+            "tokens": [],
+        },
+    ):
+        with pytest.raises(ProtocolError):
+            decode_message(enc.pack(over))
 
 
 def test_messages_are_frozen_and_keyword_only() -> None:

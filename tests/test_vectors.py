@@ -32,6 +32,7 @@ from tisa.errors import (
     VerificationError,
 )
 from tisa.keys import Context, Hash, MemberSecret, digest, verify
+from tisa.messages import decode_message, encode_message
 from tisa.prekeys import Prekey, PrekeyKind
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import OpenedReport, ReportOpener, ciphertext_size, key_commitment, open_report
@@ -49,6 +50,7 @@ FILES = (
     "audit.json",
     "consent.json",
     "prekey.json",
+    "message.json",
 )
 ERRORS: dict[str, type[TisaError]] = {
     cls.__name__: cls
@@ -69,6 +71,7 @@ CONSENT_FILE = load("consent.json")
 ENCODING_FILE = load("encoding.json")
 AUDIT_FILE = load("audit.json")
 PREKEY_FILE = load("prekey.json")
+MESSAGE_FILE = load("message.json")
 
 SECRETS = {
     name: MemberSecret(
@@ -135,9 +138,11 @@ FILE_KEYS = {
     "audit.json": (TOP_LEVEL, {"arrangement", "member", "known", "extract"}),
     "consent.json": (TOP_LEVEL, {"kind", "arrangement", "encoded"}),
     "prekey.json": (TOP_LEVEL, {"encoded", "check"}),
+    "message.json": (TOP_LEVEL, {"encoded"}),
 }
 PREFIXES = ("arrangement-", "report-", "token-", "receipt-", "ack-", "checkpoint-")
 PREFIXES += ("encoding-", "audit-", "announcement-", "request-", "answer-", "prekey-")
+PREFIXES += ("message-",)
 MUTATIONS = {"flip", "truncate", "append", "drop"}
 
 
@@ -564,6 +569,15 @@ def test_encoding_vector(vector: dict[str, Any]) -> None:
     if decoded is not None:
         # What decodes is canonical: it encodes back to exactly the same bytes.
         assert enc.pack(decoded) == data
+
+
+@by_id(MESSAGE_FILE)
+def test_message_vector(vector: dict[str, Any]) -> None:
+    data = bytes.fromhex(vector["encoded"])
+    decoded = check_verdict(vector["expect"], lambda: decode_message(data))
+    if decoded is not None:
+        assert vector["expect"]["type"] == decoded.TYPE
+        assert encode_message(decoded) == data
 
 
 @by_id(AUDIT_FILE)

@@ -17,6 +17,8 @@ __all__ = [
     "MAX_ATTACHMENTS",
     "MAX_FRAME",
     "MAX_HEADER",
+    "MAX_INLINE_CIPHERTEXT",
+    "MAX_INLINE_TOKENS",
     "MAX_NAME",
     "MAX_REPORT_SIZE",
 ]
@@ -29,6 +31,19 @@ CHUNK_SIZE = 64 * 1024
 # read. One chunk of report ciphertext plus msgpack and channel overhead fits with room;
 # anything larger is a peer we do not want to buffer for.
 MAX_FRAME = 256 * 1024
+
+# Largest report ciphertext that travels inside one message (``submit_inline`` from the
+# originator, ``deliver_inline`` to a recipient) instead of a chunk stream. 64 KiB is
+# one secretstream chunk of plaintext (a report of at most about 64 KiB of content): with
+# the tokens beside it the message stays far under MAX_FRAME (256 KiB), and it covers
+# the short reports real-time sharing sends. A protocol constant: one byte over, a
+# report is streamed; an inline message carrying more is malformed.
+MAX_INLINE_CIPHERTEXT = 64 * 1024
+
+# Release tokens in one ``submit_inline``: 32 envelopes of at most 2 KiB each (64 KiB)
+# beside a full inline report still fit a frame with room; an originator releasing to
+# more recipients at once sends the rest as ``release`` messages.
+MAX_INLINE_TOKENS = 32
 
 # Largest sealed report (ciphertext bytes). Reports stream through every node in constant
 # memory, so this bounds disk use, not RAM: 4 GiB.

@@ -5,10 +5,12 @@ exactly the fields of its class below. Messages are frozen, keyword-only datacla
 checked on construction and on decode; :func:`decode_message` returns one of them or
 raises :class:`~tisa.errors.ProtocolError`, nothing else.
 
-Report ciphertext moves in streams: ``SubmitBegin`` (member to relay) or ``Deliver``
-(relay to member), then ``Chunk`` messages carrying exactly the declared number of
-bytes, then ``SubmitEnd`` / ``DeliverEnd``. In one direction of a connection no other
-message may come between a stream's begin and end.
+A report of at most :data:`~tisa.limits.MAX_INLINE_CIPHERTEXT` ciphertext bytes moves in
+one message: ``SubmitInline`` (member to relay, with the release tokens sent at once) or
+``DeliverInline`` (relay to member). A larger one moves in a stream: ``SubmitBegin`` or
+``Deliver``, then ``Chunk`` messages carrying exactly the declared number of bytes, then
+``SubmitEnd`` / ``DeliverEnd``. In one direction of a connection no other message may
+come between a stream's begin and end.
 """
 
 from __future__ import annotations
@@ -22,10 +24,19 @@ from tisa import encoding as enc
 from tisa.consent import MAX_CONSENT_SIZE
 from tisa.errors import ProtocolError, Reason
 from tisa.keys import DIGEST_SIZE
-from tisa.limits import CHUNK_SIZE, MAX_NAME, MAX_REPORT_SIZE
+from tisa.limits import (
+    CHUNK_SIZE,
+    MAX_INLINE_CIPHERTEXT,
+    MAX_INLINE_TOKENS,
+    MAX_NAME,
+    MAX_REPORT_SIZE,
+)
 from tisa.prekeys import MAX_PREKEY_SIZE
+from tisa.token import MAX_TOKEN_SIZE
 
 __all__ = [
+    "INLINE_OVERHEAD",
+    "INLINE_TOKEN_OVERHEAD",
     "Ack",
     "AuditFetch",
     "AuditReply",
@@ -33,6 +44,7 @@ __all__ = [
     "ConsentNotice",
     "Deliver",
     "DeliverEnd",
+    "DeliverInline",
     "ErrorMessage",
     "Expired",
     "FetchPrekeys",
@@ -51,6 +63,7 @@ __all__ = [
     "Stored",
     "SubmitBegin",
     "SubmitEnd",
+    "SubmitInline",
     "chunks_of",
     "decode_message",
     "encode_message",
@@ -62,6 +75,23 @@ DIGEST = enc.bin_exact(DIGEST_SIZE)
 # report, with its tag, so a node can pass chunks through without re-slicing.
 MAX_CHUNK_DATA = CHUNK_SIZE + 17
 _blob = enc.bin_max(8192)
+_token = enc.bin_max(MAX_TOKEN_SIZE)
+
+
+# Bytes a submit_inline or deliver_inline adds to its data and tokens, at most (map and
+# bin headers, keys, type, ids, digest, expiry), and per token: a sender checks with them
+# that the message fits the frame limit before it chooses the inline form.
+INLINE_OVERHEAD = 160
+INLINE_TOKEN_OVERHEAD = 5
+
+
+def _inline_data(value: Any, path: str) -> bytes:
+    """A whole report's ciphertext in one message: 1 to MAX_INLINE_CIPHERTEXT bytes."""
+    if not isinstance(value, bytes) or not 1 <= len(value) <= MAX_INLINE_CIPHERTEXT:
+        raise ProtocolError(f"{path}: expected 1..{MAX_INLINE_CIPHERTEXT} bytes")
+    return value
+
+
 _reason = enc.one_of(*(r.value for r in Reason))
 _detail = enc.text(512, allow_empty=True)
 # The consent objects of tisa.consent, as they travel in SendConsent and ConsentNotice.
@@ -132,6 +162,31 @@ class SubmitBegin(Message):
 
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class SubmitInline(Message):
+    """Originator submits a small sealed report whole (``data``, at most
+    :data:`~tisa.limits.MAX_INLINE_CIPHERTEXT` bytes) and the release tokens for it it
+    has at hand (at most :data:`~tisa.limits.MAX_INLINE_TOKENS`). The relay stores the
+    report and consumes the tokens in one step and answers one :class:`Stored` naming
+    the tokens it accepted (each refused one gets its :class:`Refusal`), or one
+    :class:`Refusal` of the submission (its tokens then are not looked at)."""
+
+    TYPE: ClassVar[str] = "submit_inline"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "report": ID,
+        "digest": DIGEST,
+        "expires": enc.uint(),
+        "data": _inline_data,
+        "tokens": enc.list_of(_token, max_items=MAX_INLINE_TOKENS),
+    }
+    report: bytes
+    digest: bytes
+    expires: int  # as in SubmitBegin
+    data: bytes
+    tokens: list[bytes] = dataclasses.field(default_factory=list)
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Chunk(Message):
     """A piece of report ciphertext inside a submission or a delivery stream.
 
@@ -163,7 +218,7 @@ class Release(Message):
     """Originator hands the relay a release token (see :mod:`tisa.token`)."""
 
     TYPE: ClassVar[str] = "release"
-    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": enc.bin_max(2048)}
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": _token}
     token: bytes
 
 
@@ -301,12 +356,21 @@ class PrekeyStatus(Message):
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Stored(Message):
-    """The relay stored a submission durably; ``ack`` is a signed StoredAck."""
+    """The relay stored a submission durably; ``ack`` is a signed StoredAck.
+
+    ``released``: the ids of the tokens of a :class:`SubmitInline` the relay accepted
+    and consumed in the same step (each as a :class:`Released` would say); empty for a
+    streamed submission."""
 
     TYPE: ClassVar[str] = "stored"
-    SCHEMA: ClassVar[dict[str, enc.Field]] = {"report": ID, "ack": _blob}
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "report": ID,
+        "ack": _blob,
+        "released": enc.list_of(ID, max_items=MAX_INLINE_TOKENS),
+    }
     report: bytes
     ack: bytes
+    released: list[bytes] = dataclasses.field(default_factory=list)
 
 
 @_message
@@ -326,8 +390,20 @@ class Deliver(Message):
     """A delivery starts: the token, then ``Chunk`` messages for the token's size."""
 
     TYPE: ClassVar[str] = "deliver"
-    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": enc.bin_max(2048)}
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": _token}
     token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class DeliverInline(Message):
+    """A whole delivery in one message: the token and the report's ciphertext (exactly
+    the token's size, at most :data:`~tisa.limits.MAX_INLINE_CIPHERTEXT` bytes)."""
+
+    TYPE: ClassVar[str] = "deliver_inline"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {"token": _token, "data": _inline_data}
+    token: bytes
+    data: bytes
 
 
 @_message

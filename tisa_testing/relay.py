@@ -42,7 +42,7 @@ from relay.server import Relay
 from tisa.audit import AuditEntry, Checkpoint, Extract, chain_next
 from tisa.consent import consent_ref
 from tisa.keys import Context
-from tisa.limits import DEFAULT_LIMITS, Limits
+from tisa.limits import DEFAULT_LIMITS, MAX_INLINE_CIPHERTEXT, Limits
 from tisa.messages import (
     CONSENT_KINDS,
     Ack,
@@ -51,6 +51,7 @@ from tisa.messages import (
     ConsentNotice,
     Deliver,
     DeliverEnd,
+    DeliverInline,
     Message,
     Prekeys,
     Release,
@@ -98,8 +99,9 @@ FAST_BACKOFF = Backoff(initial=0.01, maximum=0.1)
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delivery:
-    """One delivery stream as the relay sends it: the token, the ciphertext, the id that
-    ends it (``deliver_end``; normally the token's id)."""
+    """One delivery as the relay sends it: the token, the ciphertext, the id that ends
+    it (``deliver_end``; normally the token's id). On the wire a small one is one
+    ``deliver_inline``, a larger one (or one ended by another id) a stream."""
 
     token: bytes
     ciphertext: bytes
@@ -108,14 +110,16 @@ class Delivery:
     @classmethod
     def of(cls, token: bytes, ciphertext: bytes) -> Delivery:
         """A delivery of ``ciphertext`` under ``token`` (ended by the token's own id)."""
-        try:
-            end_id = ReleaseToken.decode(token).id
-        except Exception:
-            end_id = bytes(16)
-        return cls(token, ciphertext, end_id)
+        return cls(token, ciphertext, _token_id(token) or bytes(16))
 
     def messages(self) -> list[Message]:
-        """The messages that carry it: ``deliver``, chunks, ``deliver_end`` with :attr:`end_id`."""
+        """The messages that carry it: one ``deliver_inline`` when the ciphertext is of 1
+        to MAX_INLINE_CIPHERTEXT bytes and :attr:`end_id` is the token's id (what an
+        honest relay sends), else ``deliver``, chunks, ``deliver_end`` with :attr:`end_id`."""
+        if 0 < len(self.ciphertext) <= MAX_INLINE_CIPHERTEXT and self.end_id == _token_id(
+            self.token
+        ):
+            return [DeliverInline(token=self.token, data=self.ciphertext)]
         chunks = chunks_of(self.ciphertext)
         return [Deliver(token=self.token), *chunks, DeliverEnd(token=self.end_id)]
 
@@ -127,6 +131,13 @@ class Delivery:
             ProtocolError: the token does not decode.
         """
         return ReleaseToken.decode(self.token)
+
+
+def _token_id(token: bytes) -> bytes | None:
+    try:
+        return ReleaseToken.decode(token).id
+    except Exception:
+        return None
 
 
 Outgoing = tuple[str, Delivery | Message]
@@ -178,6 +189,11 @@ class _InterceptedLink:
 
     async def send(self, message: Message) -> None:
         behaviour = self._relay.behaviour
+        if isinstance(message, DeliverInline):
+            delivery = Delivery(message.token, message.data, _token_id(message.token) or bytes(16))
+            self._relay.log.append(("sent", self.peer, delivery))
+            await self._relay.emit(await behaviour.on_delivery(self.peer, delivery), self)
+            return
         if isinstance(message, Deliver):
             self._stream = [message]
             return

@@ -10,8 +10,11 @@ the first time it reaches that point, so a test can crash it at an exact step:
 * ``after_store_before_ack``: the submission is committed, ``stored`` not yet sent.
 * ``after_consume_before_forward``: the token is consumed and the delivery pending
   (one transaction), neither ``released`` sent nor anything forwarded.
-* ``during_forward``: ``deliver`` and every chunk went out, ``deliver_end`` did not.
-* ``after_forward``: the whole delivery went out; the recipient's ack is not in.
+* ``during_forward``: ``deliver`` and every chunk went out, ``deliver_end`` did not (a
+  streamed delivery: a report over MAX_INLINE_CIPHERTEXT; a ``deliver_inline`` is one
+  frame, there is no "during" to it).
+* ``after_forward``: the whole delivery went out (its ``deliver_end``, or its
+  ``deliver_inline``); the recipient's ack is not in.
 * ``mid_batch``: the first group commit of three or more steps is about to run: every
   step of the batch is in the database's open transaction, nothing of it on disk and
   no answer sent.
@@ -68,7 +71,12 @@ def install(point: str, Store: Any = Store) -> None:
 
         async def send_and_die(self: Link, messages: Iterable[m.Message]) -> None:
             messages = list(messages)
-            ends = [i for i, message in enumerate(messages) if isinstance(message, m.DeliverEnd)]
+            ends = [
+                i
+                for i, message in enumerate(messages)
+                if isinstance(message, m.DeliverEnd)
+                or (isinstance(message, m.DeliverInline) and point == "after_forward")
+            ]
             if ends and point == "during_forward":
                 await send_many(self, messages[: ends[0]])
                 await trio.sleep(0.05)  # let the frames leave the socket buffer

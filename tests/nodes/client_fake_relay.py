@@ -22,6 +22,7 @@ from tisa import messages as m
 from tisa.arrangement import Arrangement
 from tisa.errors import Reason, Refused, RemoteError
 from tisa.keys import MemberSecret
+from tisa.limits import MAX_INLINE_CIPHERTEXT
 from tisa.receipt import Receipt, StoredAck
 from tisa.token import check_for_relay
 from tisa_io.link import Link, LinkClosed, accept_member
@@ -101,6 +102,9 @@ class FakeRelay:
     async def deliver(self, link: Link, token: bytes, token_id: bytes, report: bytes) -> None:
         ciphertext = self.reports[report][2]
         self.delivered.append((token, token_id, report))
+        if len(ciphertext) <= MAX_INLINE_CIPHERTEXT:
+            await link.send(m.DeliverInline(token=token, data=ciphertext))
+            return
         async with link.sending():
             await link.send(m.Deliver(token=token))
             for start in range(0, len(ciphertext), m.MAX_CHUNK_DATA):
@@ -149,8 +153,38 @@ class FakeRelay:
                     stored=int(self.clock()),
                 )
                 await self._answer(link, m.Stored(report=message.report, ack=ack.encoded))
+            elif isinstance(message, m.SubmitInline):
+                if self.busy_submissions > 0:
+                    self.busy_submissions -= 1
+                    await link.send(
+                        m.Refusal(ref=message.report, reason=Reason.BUSY.value, detail="upload")
+                    )
+                    continue
+                self.reports[message.report] = (link.peer, message.digest, message.data)
+                ack = StoredAck.issue(
+                    self.secret,
+                    self.arrangement,
+                    report=message.report,
+                    originator=link.peer,
+                    digest=message.digest,
+                    size=len(message.data),
+                    stored=int(self.clock()),
+                )
+                outcomes = [self._consume(token) for token in message.tokens]
+                released = [o.token for o in outcomes if isinstance(o, m.Released)]
+                stored = m.Stored(report=message.report, ack=ack.encoded, released=released)
+                await self._answer(link, stored)
+                for outcome in outcomes:
+                    if isinstance(outcome, m.Refusal):
+                        await link.send(outcome)
+                self._poke()
             elif isinstance(message, m.Release):
-                await self._release(link, message)
+                outcome = self._consume(message.token)
+                if isinstance(outcome, m.Refusal):
+                    await link.send(outcome)
+                else:
+                    await self._answer(link, outcome)
+                    self._poke()
             elif isinstance(message, m.Ack) and message.kind == "delivery":
                 if self.ignore_acks:
                     continue
@@ -179,21 +213,20 @@ class FakeRelay:
                     ),
                 )
 
-    async def _release(self, link: Link, message: m.Release) -> None:
+    def _consume(self, data: bytes) -> m.Released | m.Refusal:
+        """Check and consume a token: the answer to send (a ``released`` or a refusal)."""
         from tisa.token import ReleaseToken
 
-        token_id = ReleaseToken.decode(message.token).id
+        token_id = ReleaseToken.decode(data).id
         if token_id in self.consumed:
-            await link.send(m.Refusal(ref=token_id, reason=Reason.REPLAYED.value))
-            return
-        decoded = ReleaseToken.decode(message.token)
+            return m.Refusal(ref=token_id, reason=Reason.REPLAYED.value)
+        decoded = ReleaseToken.decode(data)
         stored = self.reports.get(decoded.report)
         if stored is None:
-            await link.send(m.Refusal(ref=token_id, reason=Reason.UNKNOWN_REPORT.value))
-            return
+            return m.Refusal(ref=token_id, reason=Reason.UNKNOWN_REPORT.value)
         try:
             token = check_for_relay(
-                message.token,
+                data,
                 self.arrangement,
                 report_id=decoded.report,
                 digest=stored[1],
@@ -202,9 +235,7 @@ class FakeRelay:
                 now=int(self.clock()),
             )
         except Refused as exc:
-            await link.send(m.Refusal(ref=token_id, reason=exc.reason.value, detail=exc.detail))
-            return
+            return m.Refusal(ref=token_id, reason=exc.reason.value, detail=exc.detail)
         self.consumed.add(token.id)
-        self.pending.setdefault(token.recipient, []).append((message.token, token.id, token.report))
-        await self._answer(link, m.Released(report=token.report, token=token.id))
-        self._poke()
+        self.pending.setdefault(token.recipient, []).append((data, token.id, token.report))
+        return m.Released(report=token.report, token=token.id)

@@ -23,6 +23,7 @@ from tisa.messages import (
     Chunk,
     Deliver,
     DeliverEnd,
+    DeliverInline,
     Message,
     SubmitBegin,
     SubmitEnd,
@@ -157,8 +158,12 @@ async def send_submission(
 
 
 async def receive_delivery(link: Link) -> tuple[bytes, bytes]:
-    """Read one delivery: (encoded token, ciphertext)."""
-    deliver = await expect(link, Deliver)
+    """Read one delivery, inline (``deliver_inline``) or streamed: (encoded token,
+    ciphertext)."""
+    deliver = await link.receive()
+    if isinstance(deliver, DeliverInline):
+        return deliver.token, deliver.data
+    assert isinstance(deliver, Deliver), f"expected a delivery, got {deliver!r}"
     parts = []
     while True:
         message = await link.receive()

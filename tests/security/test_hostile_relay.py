@@ -125,6 +125,24 @@ async def test_truncated_chunked_ciphertext_is_never_delivered(net: Net) -> None
             assert tokyo.store.inbox_after(0, limit=10) == []
 
 
+class _CutOneByte(hr.Behaviour):
+    async def on_delivery(self, member: str, delivery: hr.Delivery) -> list[hr.Outgoing]:
+        return [(member, dataclasses.replace(delivery, ciphertext=delivery.ciphertext[:-1]))]
+
+
+async def test_an_inline_delivery_of_another_size_is_never_delivered(net: Net) -> None:
+    # A small report travels as one deliver_inline; one whose data is not the token's
+    # size is a protocol error, as a short stream is: Tokyo drops the connection.
+    with trio.fail_after(TIMEOUT):
+        relay = await net.start(_CutOneByte())
+        async with net.node("seoul") as seoul, net.node("tokyo") as tokyo:
+            await submit(seoul, b"one byte short on the way")
+            assert await reports_within(tokyo, 1.0) == []
+            sent = [e for e in relay.log if e[0] == "sent" and e[1] == "tokyo"]
+            assert len(sent) >= 2  # redelivered after each disconnect, cut each time
+            assert tokyo.store.inbox_after(0, limit=10) == []
+
+
 async def test_truncated_and_refilled_ciphertext_is_rejected(net: Net) -> None:
     with trio.fail_after(TIMEOUT):
         await net.start(hr.Truncate(keep_chunks=1, refill=os.urandom(80_000)))
