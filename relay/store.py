@@ -17,8 +17,9 @@ Rules that make the relay lose nothing:
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
 * A one-time prekey is handed out in one transaction that marks it taken by the
-  asker (:meth:`Store.take_prekeys`), committed before the answer is sent, so it is
-  handed out once; a token naming it is accepted only from that asker, once.
+  asker (:meth:`Store.take_prekeys`, :mod:`relay.prekeystore`), committed before the
+  answer is sent, so it is handed out once; a token naming it is accepted only from that
+  asker, once.
 * Every audit entry is appended in the same transaction as the state change it records
   (the entries of a batch are written together, by one ``executemany`` right before its
   ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
@@ -56,6 +57,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow, ConsentTables
+from relay.prekeystore import PrekeyTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
 from tisa.errors import LocalError, Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, digest, random_id
@@ -84,8 +86,9 @@ __all__ = [
 DB_NAME = "relay.db"
 # 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
 # hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
-# announcements, consent_queue (release requests); 6: prekeys (5 and 6: new tables only).
-SCHEMA_VERSION = 6
+# announcements, consent_queue (release requests); 6: prekeys; 7: prekey_rate (one-time
+# prekeys handed to each originator, relay.prekeystore) (5 to 7: new tables only).
+SCHEMA_VERSION = 7
 
 # Token states in which a delivery is still owed to the recipient.
 OUTSTANDING = ("pending", "delivered")
@@ -183,6 +186,13 @@ CREATE TABLE IF NOT EXISTS prekeys (
     used_by BLOB                   -- one-time: the token id that used it
 );
 CREATE INDEX IF NOT EXISTS prekeys_owner ON prekeys (owner, kind, taken_by, seq);
+CREATE TABLE IF NOT EXISTS prekey_rate (
+    owner TEXT NOT NULL,           -- the recipient whose one-time prekeys were handed out
+    taker TEXT NOT NULL,           -- the originator they were handed to
+    slot INTEGER NOT NULL,         -- now // PREKEY_RATE_SLOT
+    handed INTEGER NOT NULL,
+    PRIMARY KEY (owner, taker, slot)
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     entry BLOB NOT NULL,
@@ -345,7 +355,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store(ConsentTables, DurableStore):
+class Store(ConsentTables, PrekeyTables, DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:
@@ -383,7 +393,7 @@ class Store(ConsentTables, DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, 4, 5, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, 5, 6, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
@@ -689,7 +699,7 @@ class Store(ConsentTables, DurableStore):
                     Reason.WRONG_REPORT, "token commits to another content key than the first"
                 )
             if token.wrap.opk is not None:
-                self._use_one_time_prekey(db, token)
+                self._use_one_time_prekey(token)
             cursor = db.execute(
                 "INSERT INTO tokens (id, report, recipient, originator, token, counter, state,"
                 " not_after, keep_until) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -1055,6 +1065,7 @@ class Store(ConsentTables, DurableStore):
             # before its not_after, by a token valid at most MAX_VALIDITY), so a replayed
             # one-time prekey is caught as long as it matters.
             db.execute("DELETE FROM prekeys WHERE not_after + ? < ?", (MAX_VALIDITY, now))
+            self._prune_prekey_rate(now=now)
         for report_id in deleted:
             self._remove_blob(report_id)
         return notified
@@ -1071,12 +1082,14 @@ class Store(ConsentTables, DurableStore):
                 of this publish is stored then).
         """
         with self._transaction() as db:
-            for prekey in ([signed] if signed is not None else []) + one_time:
-                db.execute(
-                    "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after),
-                )
+            db.executemany(
+                "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                [
+                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after)
+                    for prekey in ([signed] if signed is not None else []) + one_time
+                ],
+            )
             (available,) = db.execute(
                 "SELECT count(*) FROM prekeys WHERE owner = ? AND kind = 'one_time'"
                 " AND taken_by IS NULL",
@@ -1091,58 +1104,15 @@ class Store(ConsentTables, DurableStore):
     def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
         """(``not_after`` of ``owner``'s newest valid signed prekey or 0, one-time prekeys
         still available)."""
-        signed, available = self._db.execute(
-            "SELECT (SELECT not_after FROM prekeys WHERE owner = ? AND kind = 'signed'"
-            " AND not_after > ? ORDER BY seq DESC LIMIT 1),"
-            " (SELECT count(*) FROM prekeys WHERE owner = ?"
-            " AND kind = 'one_time' AND taken_by IS NULL AND not_after > ?)",
-            (owner, now, owner, now),
+        signed = self._db.execute(
+            "SELECT not_after FROM prekeys WHERE owner = ? AND kind = 'signed'"
+            " AND not_after > ? ORDER BY seq DESC LIMIT 1",
+            (owner, now),
         ).fetchone()
-        return int(signed or 0), int(available)
+        return (0 if signed is None else int(signed[0])), self._one_time_left(owner, now=now)
 
-    def take_prekeys(
-        self, owner: str, *, taker: str, now: int
-    ) -> tuple[bytes | None, bytes | None, int]:
-        """Hand out ``owner``'s latest published valid signed prekey and its newest
-        available one-time prekey (the latest publish first: the member's current store
-        holds it), the latter marked taken by ``taker`` in the same transaction
-        (committed before the caller announces it: it is handed out once).
-
-        Returns:
-            (signed envelope or None, one-time envelope or None, one-time prekeys left)
-        """
-        with self._transaction() as db:
-            signed = db.execute(
-                "SELECT encoded FROM prekeys WHERE owner = ? AND kind = 'signed'"
-                " AND not_after > ? ORDER BY seq DESC LIMIT 1",
-                (owner, now),
-            ).fetchone()
-            one_time = db.execute(
-                "SELECT seq, encoded FROM prekeys WHERE owner = ? AND kind = 'one_time'"
-                " AND taken_by IS NULL AND not_after > ? ORDER BY seq DESC LIMIT 1",
-                (owner, now),
-            ).fetchone()
-            if one_time is not None:
-                db.execute("UPDATE prekeys SET taken_by = ? WHERE seq = ?", (taker, one_time[0]))
-        left = self.prekey_status(owner, now=now)[1]
-        return (
-            None if signed is None else bytes(signed[0]),
-            None if one_time is None else bytes(one_time[1]),
-            left,
-        )
-
-    def _use_one_time_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
-        row = db.execute(
-            "SELECT owner, taken_by, used_by FROM prekeys WHERE key = ? AND kind = 'one_time'",
-            (token.wrap.opk,),
-        ).fetchone()
-        if row is None or row[0] != token.recipient or row[1] != token.originator:
-            raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
-        if row[2] is not None:
-            # Not "replayed": that code means a token id seen before, which an
-            # originator's node takes as its own earlier release of the same token.
-            raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
-        db.execute("UPDATE prekeys SET used_by = ? WHERE key = ?", (token.id, token.wrap.opk))
+    def _handout_step(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._transaction(savepoint=False)
 
     def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
         self._db.execute(

@@ -121,6 +121,17 @@ class Limits:
     # The relay tells a member its one-time supply runs low (a prekey_status) when a
     # handout leaves fewer than this; the member's node then replenishes below it too.
     prekey_low_water: int = 20
+    # One-time prekeys of one recipient the relay hands one originator in any hour
+    # (relay.prekeystore); past it a prekeys_fetch is answered with the signed prekey
+    # only, as when the supply is exhausted (the token says so), and the relay logs it
+    # once per hour and pair (refused, rate_limited). A greedy or hostile originator
+    # cannot drain a recipient's supply, nor make it generate prekeys without end: each
+    # costs the recipient a key pair and a signature, and the relay a row kept until 30
+    # days after the prekey's lifetime. 1,000 an hour (one every 3.6 s, sustained) is far
+    # above the pace of releases from one partner to another, and a burst of up to 1,000
+    # reports still gets one-time prekeys, all limited by what the recipient keeps
+    # published (one_time_prekeys).
+    max_one_time_prekeys_per_hour: int = 1000
     # One-time prekeys a node keeps published: it tops its supply up to this many.
     one_time_prekeys: int = 100
     # Seconds between two signed prekeys of a node; each is valid for two periods, so a
