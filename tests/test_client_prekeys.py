@@ -4,6 +4,7 @@ and the originator's wait for a recipient's prekeys (each limit crossed)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -206,6 +207,44 @@ async def test_prekey_fetches_go_in_batches_of_max_prekey_fetches_and_tokens_in_
     tokens = [ReleaseToken.decode(r.token) for r in fake.received if isinstance(r, m.Release)]
     assert [(t.report, t.counter) for t in tokens] == list(zip(reports, range(1, 8), strict=True))
     assert all(t.wrap.mode is WrapMode.ONE_TIME for t in tokens)
+
+
+async def test_submit_calls_in_progress_look_at_their_releases_only_when_woken_for_them(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Twenty submit calls at once, each waiting for its token: each looks at its wanted
+    # release when it starts and when the issuer (or the end of the connection) wakes it,
+    # not on every message the node handles (that was twenty looks per message: the
+    # count grew with the square of the calls in progress).
+    fake, port = relay
+    clock = Clock(time.time())
+    calls = 20
+    with trio.fail_after(20):
+        async with node("tokyo", port, tmp_path, Limits(), clock):
+            await supply(fake, "tokyo", calls)
+            async with node("seoul", port, tmp_path, Limits(), clock) as seoul:
+                await seoul.wait_connected()
+                looks = 0
+                look = seoul.store.wanted_release
+
+                def counted(wanted: int) -> object:
+                    nonlocal looks
+                    looks += 1
+                    return look(wanted)
+
+                seoul.store.wanted_release = counted  # type: ignore[method-assign,assignment]
+                async with trio.open_nursery() as submits:
+                    for n in range(calls):
+                        submits.start_soon(
+                            functools.partial(
+                                seoul.submit, bytes([n]), recipients=["tokyo"], scope=SCOPE,
+                                level=LEVEL, release_to=["tokyo"],
+                            )
+                        )  # fmt: skip
+                # Every call returned with its token issued; the tokens go out.
+                while len([r for r in fake.received if isinstance(r, m.Release)]) < calls:
+                    await trio.sleep(0.01)
+    assert looks <= 3 * calls, looks
 
 
 def test_the_waiting_releases_are_found_through_an_index(tmp_path: pathlib.Path) -> None:
