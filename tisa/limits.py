@@ -129,8 +129,8 @@ class Limits:
     # costs the recipient a key pair and a signature, and the relay a row kept until 30
     # days after the prekey's lifetime. 1,000 an hour (one every 3.6 s, sustained) is far
     # above the pace of releases from one partner to another, and a burst of up to 1,000
-    # reports still gets one-time prekeys, all limited by what the recipient keeps
-    # published (one_time_prekeys).
+    # reports in an hour still gets one-time prekeys (as far as the recipient's supply,
+    # one_time_prekeys, keeps up).
     max_one_time_prekeys_per_hour: int = 1000
     # One-time prekeys a node keeps published: it tops its supply up to this many.
     one_time_prekeys: int = 100
