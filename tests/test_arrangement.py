@@ -333,6 +333,10 @@ def test_lookups() -> None:
     assert ARRANGEMENT.require_role("washington", RELAY).name == "washington"
     assert refusal(ARRANGEMENT.require_role, "washington", RECV) is Reason.WRONG_ROLE
     assert refusal(ARRANGEMENT.require_role, "moscow", RECV) is Reason.NOT_A_MEMBER
+    # The refusal reads as English, whatever the role (seen by a user as one line).
+    for role, text in ((ORIG, "an originator"), (RECV, "a recipient")):
+        with pytest.raises(Refused, match=f"'washington' is not {text}$"):
+            ARRANGEMENT.require_role("washington", role)
     raw = secret("tokyo").public.signing.raw
     assert ARRANGEMENT.member_by_signing_key(raw) == ARRANGEMENT.member("tokyo")
     assert ARRANGEMENT.member_by_signing_key(secret("x").public.signing.raw) is None

@@ -429,6 +429,11 @@ def test_a_damaged_arrangement_file_is_one_line(deployment: Path, runner: CliRun
         ["arrangement", "merge"],
         ["send"],
         ["inbox"],
+        ["announce"],
+        ["request"],
+        ["requests"],
+        ["approve"],
+        ["deny"],
     ],
 )
 def test_help_has_an_example(runner: CliRunner, command: list[str]) -> None:
@@ -453,6 +458,15 @@ def test_help_has_an_example(runner: CliRunner, command: list[str]) -> None:
         (["send", "--timeout", "soon"], "tisa send", "invalid value for '--timeout'"),
         (["relay", "run", "--port", "70000"], "tisa relay run", "invalid value for '--port'"),
         (["receipts", "--wait"], "tisa receipts", "option '--wait' requires an argument"),
+        # The consent commands (their options composed once, shared with the others).
+        (["announce", "ab"], "tisa announce", "missing option '--to'"),
+        (["request", "ab", "--from", "seoul"], "tisa request", "missing option '--purpose'"),
+        (["request", "ab", "--valid-for", "0"], "tisa request", "invalid value for '--valid-for'"),
+        (["requests", "--wait", "-1"], "tisa requests", "invalid value for '--wait'"),
+        (["approve"], "tisa approve", "missing argument 'REQUEST'"),
+        (["approve", "ab", "--timeout", "0"], "tisa approve", "invalid value for '--timeout'"),
+        (["deny", "ab"], "tisa deny", "missing option '--reason'"),
+        (["deny", "ab", "--reason", "nope"], "tisa deny", "invalid value for '--reason'"),
         (["sned"], "tisa", "no such command 'sned'"),
         (["arrangement", "sgin"], "tisa arrangement", "no such command 'sgin'"),
     ],

@@ -305,7 +305,8 @@ class Arrangement:
         """The member called ``name``, which must hold ``role``."""
         member = self.member(name)
         if role not in member.roles:
-            raise Refused(Reason.WRONG_ROLE, f"{name!r} is not a {role.value}")
+            article = "an" if role.value[0] in "aeiou" else "a"
+            raise Refused(Reason.WRONG_ROLE, f"{name!r} is not {article} {role.value}")
         return member
 
     def member_by_signing_key(self, raw: bytes) -> Member | None:

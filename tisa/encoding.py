@@ -20,7 +20,7 @@ import msgpack
 
 from tisa.errors import ProtocolError
 
-__all__ = ["Field", "check_map", "pack", "unpack"]
+__all__ = ["Field", "check_map", "pack", "pack_checked", "unpack"]
 
 # Depth of nested containers accepted; our schemas need 4, more is an attack on the
 # recursion of the decoder and of our validators.
@@ -87,6 +87,31 @@ def pack(value: Mapping[str, Any]) -> bytes:
     except OverflowError:  # outside -2**63 .. 2**64 - 1
         _fail("integer out of range")
     return packed
+
+
+def pack_checked(value: dict[str, Any]) -> bytes:
+    """Encode a map whose values a schema has already checked (:func:`check_map`).
+
+    The same bytes as :func:`pack` for such a map, without its walk over every value
+    (the type checks it would repeat are the schema's): keys are sorted here, at the top
+    level and in maps one level down (a token's wrap, a report header's attachments in
+    their list), and msgpack encodes the rest. Only for values made of bytes, str, int
+    (not bool where the schema refuses it), None, lists of them, and maps of them one
+    level deep, as the schemas allow; tests compare it with :func:`pack`.
+    """
+    return msgpack.packb(  # type: ignore[no-any-return]
+        {key: _sorted_maps(item) for key, item in sorted(value.items())},
+        use_bin_type=True,
+    )
+
+
+def _sorted_maps(item: Any) -> Any:
+    kind = type(item)
+    if kind is dict:
+        return dict(sorted(item.items()))
+    if kind is list:
+        return [dict(sorted(i.items())) if type(i) is dict else i for i in item]
+    return item
 
 
 def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:

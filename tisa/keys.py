@@ -15,7 +15,6 @@ import base64
 import enum
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,10 @@ import nacl.pwhash
 import nacl.secret
 import nacl.signing
 import nacl.utils
+from nacl._sodium import ffi as _ffi
+from nacl._sodium import lib as _lib
 
+from tisa import _sodium as fast
 from tisa import encoding as enc
 from tisa.errors import KeyFileError, ProtocolError, UsageError, VerificationError
 
@@ -109,31 +111,48 @@ def digest(purpose: Hash, data: bytes, *, key: bytes = b"") -> bytes:
 class Hasher:
     """Incremental BLAKE2b-256 for streams, personalised like :func:`digest`.
 
-    libsodium's own (PyNaCl): for the long pieces streams are made of it is about 10%
-    faster than ``hashlib`` (its BLAKE2b has vectorised code), and a report's ciphertext
-    is hashed once on each side. (Hashing a large report's chunks in a worker thread
-    beside the AEAD was tried and measured: on the shared two-core machine the hand-offs
-    cost more than the overlap gained, 0.28x against 0.47x of bare secretstream; see
-    docs/performance.md.)
+    libsodium's own (``crypto_generichash_blake2b_init_salt_personal`` and its update
+    and final, called through PyNaCl's cffi binding as :mod:`tisa._sodium` does): for
+    the long pieces streams are made of it is about 10% faster than ``hashlib`` (its
+    BLAKE2b has vectorised code), and a report's ciphertext is hashed once on each
+    side. (Hashing in a worker thread beside the AEAD was tried twice and did not pay
+    on the shared two-core machine: docs/performance.md.) The state is made without
+    ``nacl.bindings``' per-call checks (its
+    ``generichash_blake2b_init`` alone cost about as much as hashing a 1 KiB report);
+    a test compares the digests with :func:`digest` and PyNaCl's.
     """
 
     __slots__ = ("_state",)
 
     def __init__(self, purpose: Hash) -> None:
-        self._state = sodium.crypto_generichash_blake2b_init(
-            digest_size=DIGEST_SIZE, person=purpose.value
+        self._state = _ffi.new("unsigned char[]", _HASH_STATE_BYTES)
+        _lib.crypto_generichash_blake2b_init_salt_personal(
+            self._state, _ffi.NULL, 0, DIGEST_SIZE, _ZERO_SALT, purpose.value.ljust(16, b"\0")
         )
 
     def update(self, data: bytes) -> None:
         """Add ``data`` to the hash."""
-        sodium.crypto_generichash_blake2b_update(self._state, data)
+        if self._state is None:
+            raise UsageError("this hash is finished")
+        if type(data) is not bytes:
+            data = bytes(data)
+        _lib.crypto_generichash_blake2b_update(self._state, data, len(data))
 
     def finish(self) -> bytes:
         """The 32-byte digest of everything added.
 
         Call it once: a finished state cannot be finished again (a second call raises).
         """
-        return bytes(sodium.crypto_generichash_blake2b_final(self._state))
+        if self._state is None:
+            raise UsageError("this hash is finished")
+        out = _ffi.new("unsigned char[]", DIGEST_SIZE)
+        _lib.crypto_generichash_blake2b_final(self._state, out, DIGEST_SIZE)
+        self._state = None
+        return _ffi.buffer(out, DIGEST_SIZE)[:]  # type: ignore[no-any-return]
+
+
+_HASH_STATE_BYTES = sodium.crypto_generichash_STATEBYTES
+_ZERO_SALT = bytes(sodium.crypto_generichash_SALTBYTES)
 
 
 # --- public keys -----------------------------------------------------------------------
@@ -168,12 +187,10 @@ class EncryptionPublicKey:
     def __post_init__(self) -> None:
         if type(self.raw) is not bytes or len(self.raw) != KEY_SIZE:
             raise UsageError("an X25519 public key is 32 bytes")
-        try:
-            # crypto_scalarmult fails when the result is the all-zero point, which is
-            # exactly what a low-order key gives for every scalar.
-            sodium.crypto_scalarmult(secrets.token_bytes(32), self.raw)
-        except nacl.exceptions.RuntimeError:
-            raise UsageError("X25519 public key of low order") from None
+        # The keys for which crypto_scalarmult fails (an all-zero shared point) whatever
+        # the secret: libsodium's list, checked without an X25519 (tisa._sodium).
+        if fast.has_small_order(self.raw):
+            raise UsageError("X25519 public key of low order")
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,11 +253,10 @@ def verify(key: SigningPublicKey, context: Context, message: bytes, signature: b
         raise UsageError("verify needs the message as bytes")
     if type(signature) is not bytes or len(signature) != SIGNATURE_SIZE:
         raise VerificationError()
-    try:
-        # PyNaCl exposes verification only as crypto_sign_open on signature || message.
-        sodium.crypto_sign_open(signature + _signed_message(context, message), key.raw)
-    except nacl.exceptions.BadSignatureError:
-        raise VerificationError() from None
+    # crypto_sign_open on signature || message, without PyNaCl's checks and the copy
+    # of the message out (tisa._sodium; tests compare the two).
+    if not fast.verify(signature + _signed_message(context, message), key.raw):
+        raise VerificationError()
 
 
 class MemberSecret:
@@ -276,8 +292,8 @@ class MemberSecret:
 
     def sign(self, context: Context, message: bytes) -> bytes:
         """Sign ``message`` in ``context``; returns the 64-byte detached signature."""
-        signed = sodium.crypto_sign(_signed_message(context, message), self._sign_secret)
-        return bytes(signed[:SIGNATURE_SIZE])
+        # crypto_sign, only its first 64 bytes copied out (tisa._sodium; tests compare).
+        return fast.sign(_signed_message(context, message), self._sign_secret)
 
     def unseal(self, sealed: bytes) -> bytes:
         """Open a sealed box addressed to this member.
@@ -307,10 +323,10 @@ class MemberSecret:
         """
         if type(public) is not bytes or len(public) != KEY_SIZE:
             raise VerificationError()
-        try:
-            return bytes(sodium.crypto_scalarmult(self._box_secret, public))
-        except nacl.exceptions.RuntimeError:
-            raise VerificationError() from None
+        shared = fast.scalarmult(self._box_secret, public)
+        if shared is None:
+            raise VerificationError()
+        return shared
 
     def __repr__(self) -> str:
         return f"<MemberSecret {self._public.fingerprint}>"

@@ -34,6 +34,7 @@ import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
 
+from tisa import _sodium as fast
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
 from tisa.envelope import open_envelope, seal_envelope
@@ -42,7 +43,6 @@ from tisa.keys import (
     DIGEST_SIZE,
     KEY_SIZE,
     Context,
-    EncryptionPublicKey,
     Hash,
     MemberSecret,
     digest,
@@ -97,14 +97,6 @@ _PREKEY_SCHEMA: dict[str, enc.Field] = {
 }
 
 
-def _low_order(key: bytes) -> bool:
-    try:
-        EncryptionPublicKey(key)
-    except UsageError:
-        return True
-    return False
-
-
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Prekey:
     """A published prekey. Decoded by :meth:`decode` (unchecked) or :meth:`verify`."""
@@ -131,7 +123,8 @@ class Prekey:
         fields = enc.check_map(fields, _PREKEY_SCHEMA, "prekey")
         if fields["not_after"] <= fields["created"]:
             raise ProtocolError("prekey: empty lifetime")
-        if _low_order(fields["key"]):
+        # The key type's check (tisa._sodium: a lookup, no X25519).
+        if fast.has_small_order(fields["key"]):
             raise ProtocolError("prekey: key of low order")
         fields.pop("v")
         fields["kind"] = PrekeyKind(fields["kind"])
@@ -301,10 +294,10 @@ def _wrap_key(mode: WrapMode, shared: bytes, eph: bytes, identity: bytes, *preke
 
 
 def _dh(secret: bytes, public: bytes) -> bytes:
-    try:
-        return bytes(sodium.crypto_scalarmult(secret, public))
-    except nacl.exceptions.RuntimeError:
-        raise VerificationError() from None
+    shared = fast.scalarmult(secret, public)
+    if shared is None:
+        raise VerificationError()
+    return shared
 
 
 def wrap_content_key(
@@ -334,7 +327,7 @@ def wrap_content_key(
     if one_time is not None and signed is None:
         raise UsageError("a one-time prekey is used with a signed prekey")
     eph_secret = _ephemeral if _ephemeral is not None else nacl.utils.random(KEY_SIZE)
-    eph = bytes(sodium.crypto_scalarmult_base(eph_secret))
+    eph = fast.scalarmult_base(eph_secret)
     prekeys = [key for key in (signed, one_time) if key is not None]
     try:
         shared = b"".join(_dh(eph_secret, key) for key in (identity, *prekeys))
@@ -348,8 +341,8 @@ def wrap_content_key(
         else WrapMode.ONE_TIME
     )
     key = _wrap_key(mode, shared, eph, identity, *prekeys)
-    sealed = sodium.crypto_aead_xchacha20poly1305_ietf_encrypt(content_key, aad, _NONCE, key)
-    return KeyWrap(mode=mode, eph=eph, spk=signed, opk=one_time, sealed=bytes(sealed))
+    sealed = fast.aead_encrypt(content_key, aad, _NONCE, key)
+    return KeyWrap(mode=mode, eph=eph, spk=signed, opk=one_time, sealed=sealed)
 
 
 def unwrap_content_key(
@@ -383,9 +376,7 @@ def unwrap_content_key(
     secrets = [prekey_secret(kind, public) for kind, public in prekeys]
     shared = member.exchange(wrap.eph) + b"".join(_dh(secret, wrap.eph) for secret in secrets)
     key = _wrap_key(wrap.mode, shared, wrap.eph, identity, *(p for _, p in prekeys))
-    try:
-        return bytes(
-            sodium.crypto_aead_xchacha20poly1305_ietf_decrypt(wrap.sealed, aad, _NONCE, key)
-        )
-    except nacl.exceptions.CryptoError:
-        raise VerificationError() from None
+    content_key = fast.aead_decrypt(wrap.sealed, aad, _NONCE, key)
+    if content_key is None:
+        raise VerificationError()
+    return content_key

@@ -32,9 +32,9 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import nacl.bindings as sodium
-import nacl.exceptions
 import nacl.utils
 
+from tisa import _sodium as fast
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
 from tisa.errors import LimitExceeded, ProtocolError, Reason, Refused, UsageError, VerificationError
@@ -251,7 +251,8 @@ class ReportSealer:
         try:
             header_dict = self.header.to_dict()
             ReportHeader.from_dict(header_dict)  # the schema the recipient applies
-            self._header_bytes = enc.pack(header_dict)
+            # Checked by that schema: encoded without pack's walk over every value.
+            self._header_bytes = enc.pack_checked(header_dict)
         except ProtocolError as exc:
             raise UsageError(f"report header: {exc.detail}") from None
         if len(self._header_bytes) > MAX_HEADER:
@@ -279,13 +280,11 @@ class ReportSealer:
         if self._started:
             raise UsageError("start() called twice")
         self._started = True
-        stream_header = _ss.crypto_secretstream_xchacha20poly1305_init_push(
-            self._state, self.content_key
-        )
+        stream_header = fast.stream_init_push(self._state, self.content_key)
         self._cipher.update(stream_header)
         signature = self._secret.sign(Context.REPORT, self._header_bytes)
         self._buffer += _LEN.pack(len(self._header_bytes)) + self._header_bytes + signature
-        return bytes(stream_header) + self._drain()
+        return stream_header + self._drain()
 
     def write(self, data: bytes) -> bytes:
         """Add content (body, then attachments in order); returns ciphertext ready."""
@@ -340,14 +339,12 @@ class ReportSealer:
                 remaining = self.padded - self._pushed
                 if end - start < CHUNK_SIZE and end - start < remaining:
                     break
-                # One copy per chunk (bytes of a view); the buffer is shifted once.
-                piece = bytes(view[start : start + CHUNK_SIZE])
-                start += len(piece)
-                self._pushed += len(piece)
-                tag = TAG_FINAL if self._pushed == self.padded else TAG_MESSAGE
-                chunk = _ss.crypto_secretstream_xchacha20poly1305_push(
-                    self._state, piece, self.report_id, tag
-                )
+                # libsodium reads the chunk in place; the buffer is shifted once.
+                with view[start : start + CHUNK_SIZE] as piece:
+                    start += len(piece)
+                    self._pushed += len(piece)
+                    tag = TAG_FINAL if self._pushed == self.padded else TAG_MESSAGE
+                    chunk = fast.stream_push(self._state, piece, self.report_id, tag)
                 self._cipher.update(chunk)
                 out.append(chunk)
         if start:
@@ -483,45 +480,49 @@ class ReportOpener:
         if self._received > self._size:
             raise VerificationError()
         self._cipher.update(data)
-        self._inbuf += data
         out: list[tuple[int, bytes]] = []
+        if self._inbuf or not self._initialised:
+            self._inbuf += data
+            source: bytes | bytearray = self._inbuf
+        else:
+            # Nothing held back: the chunks are read in place from the caller's bytes,
+            # and only a partial chunk at the end is kept.
+            source = data
         if not self._initialised:
             if len(self._inbuf) < HEADER_BYTES:
                 return out
-            try:
-                _ss.crypto_secretstream_xchacha20poly1305_init_pull(
-                    self._state, bytes(self._inbuf[:HEADER_BYTES]), self._key
-                )
-            except (nacl.exceptions.CryptoError, ValueError, TypeError):
-                raise VerificationError() from None
+            if not fast.stream_init_pull(self._state, bytes(self._inbuf[:HEADER_BYTES]), self._key):
+                raise VerificationError()
             del self._inbuf[:HEADER_BYTES]
             self._initialised = True
         stream_size = self._size - HEADER_BYTES
-        start, end = 0, len(self._inbuf)
-        with memoryview(self._inbuf) as view:
+        start, end = 0, len(source)
+        with memoryview(source) as view:
             while True:
                 # Every chunk is full but the last, so its length follows from the size.
                 take = min(CHUNK_SIZE + ABYTES, stream_size - self._consumed)
                 if take <= 0 or end - start < take:
                     break
-                chunk = bytes(view[start : start + take])
+                chunk = view[start : start + take]
                 start += take
                 self._consumed += take
                 is_last = self._consumed == stream_size
                 if self._final_seen:
                     raise VerificationError()
-                try:
-                    plain, tag = _ss.crypto_secretstream_xchacha20poly1305_pull(
-                        self._state, chunk, self._report_id
-                    )
-                except (nacl.exceptions.CryptoError, ValueError, TypeError):
-                    raise VerificationError() from None
+                with chunk:
+                    pulled = fast.stream_pull(self._state, chunk, self._report_id)
+                if pulled is None:
+                    raise VerificationError()
+                plain, tag = pulled
                 if (tag == TAG_FINAL) != is_last or tag not in (TAG_FINAL, TAG_MESSAGE):
                     raise VerificationError()
                 self._final_seen = tag == TAG_FINAL
-                out.extend(self._consume_plain(bytes(plain)))
-        if start:
-            del self._inbuf[:start]
+                out.extend(self._consume_plain(plain))
+        if source is self._inbuf:
+            if start:
+                del self._inbuf[:start]
+        elif start < end:
+            self._inbuf += data[start:]
         return out
 
     def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
-from tisa.envelope import open_envelope, seal_envelope
+from tisa.envelope import open_envelope, seal_checked
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import DIGEST_SIZE, KEY_SIZE, Context, MemberSecret, random_id, verify
 from tisa.limits import CLOCK_SKEW, MAX_NAME, MAX_REPORT_SIZE
@@ -77,6 +77,10 @@ _SCHEMA: dict[str, enc.Field] = {
 # the request's id. It is absent (never nil) from every other token, so a token without
 # it encodes exactly as before.
 _SCHEMA_WITH_REQUEST: dict[str, enc.Field] = {**_SCHEMA, "request": enc.bin_exact(TOKEN_ID_SIZE)}
+# The signed fields but the wrap: what issue_token checks (and encodes as the wrap's
+# associated data) before it wraps the key.
+_UNWRAPPED = {key: check for key, check in _SCHEMA.items() if key != "wrap"}
+_UNWRAPPED_WITH_REQUEST = {**_UNWRAPPED, "request": _SCHEMA_WITH_REQUEST["request"]}
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,9 +131,33 @@ class ReleaseToken:
     def associated_data(self) -> bytes:
         """What the key wrap authenticates: the canonical encoding of the signed body
         without its ``wrap`` (which cannot cover itself)."""
-        fields = enc.unpack(self.body)
-        del fields["wrap"]
-        return enc.pack(fields)
+        if not self._from_encoding:
+            fields = enc.unpack(self.body)
+            del fields["wrap"]
+            return enc.pack(fields)
+        # Decoded from ``body``: the fields hold exactly its values (checked by the
+        # schema), so the body need not be decoded a second time.
+        fields = {
+            "v": TOKEN_VERSION,
+            "id": self.id,
+            "arrangement": self.arrangement,
+            "version": self.version,
+            "originator": self.originator,
+            "relay": self.relay,
+            "recipient": self.recipient,
+            "report": self.report,
+            "digest": self.digest,
+            "size": self.size,
+            "scope": self.scope,
+            "level": self.level,
+            "not_before": self.not_before,
+            "not_after": self.not_after,
+            "counter": self.counter,
+            "key_commit": self.key_commit,
+        }
+        if self.request is not None:
+            fields["request"] = self.request
+        return enc.pack_checked(fields)
 
 
 def issue_token(
@@ -218,19 +246,23 @@ def issue_token(
     if request is not None:
         body["request"] = request
     try:
+        # Checked once, before the wrap: the checked fields are plain values, encoded
+        # without a second walk (as the associated data, then with the wrap).
+        checked = enc.check_map(
+            body, _UNWRAPPED_WITH_REQUEST if request is not None else _UNWRAPPED, "token"
+        )
         wrap = wrap_content_key(
             content_key,
-            enc.pack(body),
+            enc.pack_checked(checked),
             identity=arrangement.member(recipient).identity.encryption.raw,
             signed=prekeys[0],
             one_time=prekeys[1],
             _ephemeral=_ephemeral,
         )
-        body["wrap"] = wrap.to_dict()
-        enc.check_map(body, _SCHEMA_WITH_REQUEST if request is not None else _SCHEMA, "token")
+        checked["wrap"] = KeyWrap.from_dict(wrap.to_dict()).to_dict()
     except ProtocolError as exc:
         raise UsageError(exc.detail) from None
-    return seal_envelope(secret, Context.TOKEN, body)
+    return seal_checked(secret, Context.TOKEN, enc.pack_checked(checked))
 
 
 def _check_common(

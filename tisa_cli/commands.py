@@ -30,7 +30,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar, cast
@@ -79,6 +79,7 @@ class CliError(TisaError):
 # --- command-line plumbing --------------------------------------------------------------
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+_T = TypeVar("_T")
 
 _out = Console(highlight=False, soft_wrap=True)
 
@@ -683,6 +684,27 @@ class _NodeOptions:
             secret, name, arrangement, relay, self.store or home / STORE_DIR, self.wait_relay
         )
 
+    def run(self, ctx: click.Context, timeout: float, call: Callable[[Any], Awaitable[_T]]) -> _T:
+        """Load the member (:meth:`load`), run its node and return ``await call(node)``.
+
+        ``call`` must end within ``timeout`` seconds, as must the first connection to
+        the relay (see :func:`_run_node`).
+
+        Raises:
+            CliError: the relay cannot be reached, or the time is up (one line).
+            Whatever :meth:`load` and ``call`` raise.
+        """
+        member = self.load(ctx)
+
+        async def job(node: Any) -> _T:
+            import trio
+
+            with trio.fail_after(timeout):
+                return await call(node)
+
+        result: _T = _run_node(member, job, connect_timeout=timeout)
+        return result
+
 
 _store_option = click.option(
     "--store",
@@ -832,6 +854,37 @@ def _timeout_option(default: float) -> Callable[[_F], _F]:
         show_default=True,
         help="Seconds to wait for the relay.",
     )
+
+
+def _node_command(timeout: float) -> Callable[[_F], _F]:
+    """What every command that runs the member's node takes, composed once: ``--timeout``
+    (``timeout`` seconds by default), the node's options (:func:`_node_options`, one
+    ``node_options`` argument) and the click context (the first argument)."""
+
+    def decorate(func: _F) -> _F:
+        return _timeout_option(timeout)(_node_options(cast(_F, click.pass_context(func))))
+
+    return decorate
+
+
+def _watch_options(what: str) -> Callable[[_F], _F]:
+    """``--wait`` (seconds to wait for ``what`` after connecting) and ``--json``."""
+
+    def decorate(func: _F) -> _F:
+        func = click.option("--json", "as_json", is_flag=True, help="Print as JSON.")(func)
+        return click.option(
+            "--wait",
+            type=click.FloatRange(min=0),
+            default=2.0,
+            show_default=True,
+            help=f"Seconds to wait for {what} after connecting.",
+        )(func)
+
+    return decorate
+
+
+# The request a consent answer (approve, deny) is about: its id, as `tisa requests` shows.
+_request_argument = click.argument("request_id", metavar="REQUEST")
 
 
 def _hex_id(text: str, what: str = "report id") -> bytes:
@@ -1043,9 +1096,7 @@ def _print_sent(result: dict[str, Any]) -> None:
     help="A recipient to seal for but not release to yet (see `tisa release`); repeat.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def send(
     ctx: click.Context,
     text: str | None,
@@ -1248,9 +1299,7 @@ def outbox(ctx: click.Context, as_json: bool, store: Path | None) -> None:
 @outbox.command("send")
 @click.argument("report")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def outbox_send(
     ctx: click.Context, report: str, as_json: bool, timeout: float, node_options: _NodeOptions
 ) -> None:
@@ -1325,9 +1374,7 @@ def outbox_drop(ctx: click.Context, report: str, store: Path | None) -> None:
 @click.argument("report")
 @click.option("--to", "recipients", multiple=True, required=True, help="A recipient; repeat.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def release(
     ctx: click.Context,
     report: str,
@@ -1371,9 +1418,7 @@ def release(
 @tisa.command("revoke")
 @click.argument("report")
 @click.option("--token", help="Withdraw only this token (default: the whole report).")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def revoke(
     ctx: click.Context,
     report: str,
@@ -1394,16 +1439,9 @@ def revoke(
     """
     report_id = _hex_id(report)
     token_id = _hex_id(token, "token id") if token else None
-    member = node_options.load(ctx)
-
-    async def job(node: Any) -> bool:
-        import trio
-
-        with trio.fail_after(timeout):
-            return bool(await node.revoke(report_id, token_id))
-
+    revoked = node_options.run(ctx, timeout, lambda node: node.revoke(report_id, token_id))
     what = f"token {token}" if token else f"report {report}"
-    if _run_node(member, job, connect_timeout=timeout):
+    if revoked:
         _out.print(f"revoked {what}")
     else:
         _out.print(f"{what} was already revoked; nothing to do")
@@ -1416,9 +1454,7 @@ def revoke(
 @click.argument("report")
 @click.option("--to", "recipients", multiple=True, required=True, help="A member; repeat.")
 @click.option("--title", default="", help="A short title (at most 200 bytes) they will see.")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def announce(
     ctx: click.Context,
     report: str,
@@ -1436,16 +1472,9 @@ def announce(
       tisa --home seoul announce 3f2a9c...e1 --to tokyo --title "Nodong launches, 26 March"
     """
     report_id = _hex_id(report)
-    member = node_options.load(ctx)
-
-    async def job(node: Any) -> bytes:
-        import trio
-
-        with trio.fail_after(timeout):
-            announcement_id: bytes = await node.announce(report_id, recipients, title=title)
-            return announcement_id
-
-    announcement_id = _run_node(member, job, connect_timeout=timeout)
+    announcement_id: bytes = node_options.run(
+        ctx, timeout, lambda node: node.announce(report_id, recipients, title=title)
+    )
     _out.print(f"announced {report} to {', '.join(recipients)} ({announcement_id.hex()})")
 
 
@@ -1460,9 +1489,7 @@ def announce(
     show_default=True,
     help="Seconds the request stays open.",
 )
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def request(
     ctx: click.Context,
     report: str,
@@ -1480,33 +1507,15 @@ def request(
       tisa --home tokyo request 3f2a9c...e1 --from seoul --purpose "assess the launch"
     """
     report_id = _hex_id(report)
-    member = node_options.load(ctx)
-
-    async def job(node: Any) -> bytes:
-        import trio
-
-        with trio.fail_after(timeout):
-            request_id: bytes = await node.request(
-                report_id, originator, purpose, valid_for=valid_for
-            )
-            return request_id
-
-    request_id = _run_node(member, job, connect_timeout=timeout)
+    request_id: bytes = node_options.run(
+        ctx, timeout, lambda node: node.request(report_id, originator, purpose, valid_for=valid_for)
+    )
     _out.print(f"requested {report} from {originator}: request {request_id.hex()}")
 
 
 @tisa.command("requests")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Seconds to wait for new announcements, requests and answers after connecting.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@_timeout_option(30.0)
-@_node_options
-@click.pass_context
+@_watch_options("new announcements, requests and answers")
+@_node_command(30.0)
 def requests(
     ctx: click.Context,
     wait: float,
@@ -1578,10 +1587,8 @@ def requests(
 
 
 @tisa.command("approve")
-@click.argument("request_id", metavar="REQUEST")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_request_argument
+@_node_command(60.0)
 def approve(
     ctx: click.Context, request_id: str, timeout: float, node_options: _NodeOptions
 ) -> None:
@@ -1592,21 +1599,12 @@ def approve(
       tisa --home seoul approve 9b1c...07
     """
     raw = _hex_id(request_id, "request id")
-    member = node_options.load(ctx)
-
-    async def job(node: Any) -> bytes:
-        import trio
-
-        with trio.fail_after(timeout):
-            token: bytes = await node.approve(raw)
-            return token
-
-    token = _run_node(member, job, connect_timeout=timeout)
+    token: bytes = node_options.run(ctx, timeout, lambda node: node.approve(raw))
     _out.print(f"approved {request_id} (token {token.hex()})")
 
 
 @tisa.command("deny")
-@click.argument("request_id", metavar="REQUEST")
+@_request_argument
 @click.option(
     "--reason",
     required=True,
@@ -1614,9 +1612,7 @@ def approve(
     help="The reason code the requester sees.",
 )
 @click.option("--note", default="", help="A note for the requester (at most 500 bytes).")
-@_timeout_option(60.0)
-@_node_options
-@click.pass_context
+@_node_command(60.0)
 def deny(
     ctx: click.Context,
     request_id: str,
@@ -1632,15 +1628,7 @@ def deny(
       tisa --home seoul deny 9b1c...07 --reason level_not_allowed --note "after consultations"
     """
     raw = _hex_id(request_id, "request id")
-    member = node_options.load(ctx)
-
-    async def job(node: Any) -> None:
-        import trio
-
-        with trio.fail_after(timeout):
-            await node.deny(raw, reason, note)
-
-    _run_node(member, job, connect_timeout=timeout)
+    node_options.run(ctx, timeout, lambda node: node.deny(raw, reason, note))
     _out.print(f"denied {request_id}: {reason}")
 
 
@@ -1766,9 +1754,7 @@ async def _show_progress(node: Any, console: Console) -> None:
     "REPORT-ID.attachments/ (default: HOME/received).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the reports as JSON.")
-@_timeout_option(30.0)
-@_node_options
-@click.pass_context
+@_node_command(30.0)
 def inbox(
     ctx: click.Context,
     wait: float,
@@ -1951,17 +1937,8 @@ def _notice_text(notice: dict[str, Any]) -> str:
 
 
 @tisa.command("receipts")
-@click.option(
-    "--wait",
-    type=click.FloatRange(min=0),
-    default=2.0,
-    show_default=True,
-    help="Seconds to wait for notices after connecting.",
-)
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-@_timeout_option(30.0)
-@_node_options
-@click.pass_context
+@_watch_options("notices")
+@_node_command(30.0)
 def receipts(
     ctx: click.Context,
     wait: float,
@@ -2028,9 +2005,7 @@ def receipts(
     "start through the checkpoint verified before (default: the new entries only).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON.")
-@_timeout_option(30.0)
-@_node_options
-@click.pass_context
+@_node_command(30.0)
 def audit(
     ctx: click.Context,
     show_all: bool,

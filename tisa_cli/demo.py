@@ -19,7 +19,12 @@ every step that the system did what it should:
 10. On request: Seoul holds two reports and announces them to Tokyo; Tokyo requests
     both; Seoul approves one (a token naming the request) and denies the other with a
     reason code, which Tokyo sees.
-11. A large report goes through, with a progress bar.
+11. Forward secrecy: while Tokyo is offline Seoul releases a report to it, and the demo
+    copies what Washington queues (the token and the ciphertext); Tokyo comes back and
+    opens it, its node deletes the one-time prekey's secret, and then Tokyo's key file
+    plus every secret it still holds open nothing from that copy, while the same copy
+    with the deleted secret (kept aside by the demo) opens it.
+12. A large report goes through, with a progress bar.
 
 It ends with a summary table; :func:`run_demo` returns False when any check failed, and
 ``tisa demo`` then exits non-zero, so the demo doubles as a smoke test.
@@ -28,6 +33,8 @@ It ends with a summary table; :func:`run_demo` returns False when any check fail
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import io
 import json
 import os
@@ -56,9 +63,12 @@ from rich.progress import (
 from rich.table import Table
 
 from tisa.arrangement import SignedArrangement
+from tisa.errors import KeyFileError, TisaError
 from tisa.keys import Hash, Hasher, MemberSecret
 from tisa.limits import CHUNK_SIZE
-from tisa.report import ABYTES, HEADER_BYTES
+from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode
+from tisa.report import ABYTES, HEADER_BYTES, OpenedReport
+from tisa.token import ReleaseToken
 from tisa_cli.demo_trace import TraceEvent, TraceWriter, render_html
 from tisa_io.files import (
     ARRANGEMENT_FILE,
@@ -69,6 +79,7 @@ from tisa_io.files import (
     sign_arrangement,
     write_arrangement,
 )
+from tisa_testing.secrecy import held_prekey_secrets, open_record, used_one_time_prekeys
 
 __all__ = ["DEMO_MEMBERS", "Deployment", "prepare_deployment", "run_demo"]
 
@@ -87,6 +98,8 @@ LEVELS = ("restricted", "confidential", "secret")
 START_TIMEOUT = 30.0
 # Seconds Tokyo watches for a delivery while Seoul still holds the report.
 HOLD_WATCH = 1.5
+# Where the forward-secrecy step keeps its copy of what the relay queued (in the folder).
+RECORD_DIR = "washington-record"
 REPORT_TEXT = (
     "SEOUL/JCS 2014-12-29 0412 KST. North Korea launched two short-range ballistic "
     "missiles from near Sukchon toward the East Sea; flight about 500 km, apogee 130 km. "
@@ -104,7 +117,18 @@ ON_REQUEST = (
     ("Sinpo: submarine activity", "SEOUL/NIS 2014-12-30. Activity at the Sinpo shipyard."),
 )
 
-COLORS = {"seoul": "cyan", "washington": "yellow", "tokyo": "magenta", "demo": "white"}
+FS_TEXT = (
+    "SEOUL/JCS 2014-12-31 1100 KST. Transporter-erector-launchers moved at Sukchon "
+    "overnight. Releasable to Tokyo via Washington on Seoul's approval."
+)
+
+COLORS = {
+    "seoul": "cyan",
+    "washington": "yellow",
+    "tokyo": "magenta",
+    "demo": "white",
+    "adversary": "red",
+}
 
 
 class DemoError(Exception):
@@ -132,6 +156,10 @@ def prepare_deployment(
 
     Keys and the arrangement are kept when they are already there and fit together, so
     a named folder can be run again; the nodes' stores are always started afresh.
+
+    Raises:
+        KeyFileError: a key file in the folder is not a demo key (its path is named).
+        OSError: the folder cannot be created or written.
     """
     say = announce or (lambda text: None)
     folder.mkdir(parents=True, exist_ok=True)
@@ -139,7 +167,13 @@ def prepare_deployment(
     secrets: dict[str, MemberSecret] = {}
     for name, path in keys.items():
         if path.exists():
-            secrets[name] = MemberSecret.load(path, DEMO_PASSPHRASE)[0]
+            try:
+                secrets[name] = MemberSecret.load(path, DEMO_PASSPHRASE)[0]
+            except KeyFileError as exc:
+                # A folder a new user pointed --dir at: say which file, and the way out.
+                raise KeyFileError(
+                    f"{path}: {exc} (not a demo key: remove it, or choose another --dir)"
+                ) from None
         else:
             secrets[name] = create_identity(path, name, DEMO_PASSPHRASE, insecure_fast_kdf=True)
             say(f"{name} generated its keys, fingerprint {secrets[name].public.fingerprint}")
@@ -176,6 +210,7 @@ def prepare_deployment(
     for debris in ("relay.port", "seoul.log", "tokyo.log", "relay.log", "large-report.bin"):
         with contextlib.suppress(FileNotFoundError):
             (folder / debris).unlink()
+    shutil.rmtree(folder / RECORD_DIR, ignore_errors=True)
     return Deployment(folder=folder, keys=keys, arrangement_path=arrangement_path, signed=signed)
 
 
@@ -208,7 +243,8 @@ class Agent:
     ) -> None:
         self.name = name
         self.log_path = deployment.folder / f"{name}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in close()
+        # Appended to: a member restarted in the demo keeps the log of its first run.
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -361,6 +397,36 @@ def _relay(deployment: Deployment) -> Iterator[tuple[subprocess.Popen[bytes], in
 # --- the relay's holdings ---------------------------------------------------------------
 
 
+def _relay_db(store: Path, sql: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """One row of the relay's database, read-only (the relay keeps running), or None."""
+    if not (store / "relay.db").exists():
+        return None
+    try:
+        db = sqlite3.connect(f"file:{store / 'relay.db'}?mode=ro", uri=True)
+        try:
+            row: tuple[Any, ...] | None = db.execute(sql, args).fetchone()
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        raise OSError(f"cannot read the relay's store: {exc}") from None
+    return row
+
+
+def _relay_ciphertext(store: Path, report_hex: str) -> tuple[str, BinaryIO] | None:
+    """Where the relay keeps one report's ciphertext, and a reader over it; or None.
+
+    A large report is a file under ``blobs/``; a small one is kept in its row of the
+    relay's database (``reports.data``).
+    """
+    for path in sorted(store.rglob(f"*{report_hex}*")):
+        if path.is_file():
+            return str(path.relative_to(store)), open(path, "rb")
+    row = _relay_db(store, "SELECT data FROM reports WHERE id = ?", (bytes.fromhex(report_hex),))
+    if row is not None and row[0] is not None:
+        return "relay.db (inline row)", io.BytesIO(bytes(row[0]))
+    return None
+
+
 def relay_holdings(
     store: Path, report_hex: str, plaintext: bytes, content_key: bytes
 ) -> dict[str, Any]:
@@ -369,45 +435,68 @@ def relay_holdings(
     Returns the ciphertext file's size and digest, the padded size it reveals, and
     whether the plaintext or the content key occurs anywhere in the store's files.
     """
-    blob: Path | None = None
     found_plain = found_key = False
     for path in sorted(store.rglob("*")):
         if not path.is_file():
             continue
-        if report_hex in path.name:
-            blob = path
         data = path.read_bytes()
         found_plain = found_plain or plaintext in data
         found_key = found_key or content_key in data
     result: dict[str, Any] = {"plaintext_found": found_plain, "key_found": found_key}
-    inline: bytes | None = None
-    if blob is None and (store / "relay.db").exists():
-        # A small report is kept in its row of the relay's database, not in a file.
-        db = sqlite3.connect(f"file:{store / 'relay.db'}?mode=ro", uri=True)
-        try:
-            row = db.execute(
-                "SELECT data FROM reports WHERE id = ?", (bytes.fromhex(report_hex),)
-            ).fetchone()
-        finally:
-            db.close()
-        if row is not None and row[0] is not None:
-            inline = bytes(row[0])
-    if blob is not None or inline is not None:
+    source = _relay_ciphertext(store, report_hex)
+    if source is not None:
+        where, handle = source
         hasher = Hasher(Hash.CIPHERTEXT)
         size = 0
-        handle: BinaryIO = open(blob, "rb") if blob is not None else io.BytesIO(inline or b"")  # noqa: SIM115
         with handle:
             while data := handle.read(1024 * 1024):
                 hasher.update(data)
                 size += len(data)
         chunks = -(-(size - HEADER_BYTES) // (CHUNK_SIZE + ABYTES))
         result.update(
-            file=str(blob.relative_to(store)) if blob is not None else "relay.db (inline row)",
+            file=where,
             size=size,
             digest=hasher.finish().hex(),
             padded=size - HEADER_BYTES - ABYTES * chunks,
         )
     return result
+
+
+@dataclass(frozen=True)
+class RelayRecord:
+    """What the relay holds, and forwards, for one queued delivery: the encoded release
+    token and the report's ciphertext, byte for byte as in its store.
+
+    Attributes:
+        token: the encoded token (its key wrap included).
+        ciphertext: the whole ciphertext.
+        where: where the ciphertext is kept (a file under the store, or its database row).
+    """
+
+    token: bytes
+    ciphertext: bytes
+    where: str
+
+
+def relay_record(store: Path, token_id: bytes, report_hex: str) -> RelayRecord:
+    """Copy, from the relay's store, the token ``token_id`` it queues and the ciphertext of
+    report ``report_hex``: what anyone who records the relay's disk or traffic keeps.
+
+    Raises:
+        DemoError: the relay holds no such token (or has already dropped it, once the
+            recipient acknowledged it), or no ciphertext for the report.
+        OSError: the store cannot be read.
+    """
+    row = _relay_db(store, "SELECT token FROM tokens WHERE id = ?", (token_id,))
+    if row is None or not row[0]:
+        raise DemoError(f"the relay holds no token {token_id.hex()[:8]}")
+    source = _relay_ciphertext(store, report_hex)
+    if source is None:
+        raise DemoError(f"the relay holds no ciphertext for {report_hex[:8]}")
+    where, handle = source
+    with handle:
+        ciphertext = handle.read()
+    return RelayRecord(token=bytes(row[0]), ciphertext=ciphertext, where=where)
 
 
 # --- the story --------------------------------------------------------------------------
@@ -442,6 +531,7 @@ class Demo:
         checks: the verdicts so far, in order.
         agents: the member processes by name.
         facts: what a step learns for a later one (``report``, ``token``).
+        relay_address: the relay's HOST:PORT, once it runs (for :meth:`start_agent`).
     """
 
     console: Console
@@ -452,6 +542,36 @@ class Demo:
     checks: list[Check] = field(default_factory=list)
     agents: dict[str, Agent] = field(default_factory=dict)
     facts: dict[str, Any] = field(default_factory=dict)
+    relay_address: str = ""
+
+    # --- member processes ---------------------------------------------------------------
+
+    def start_agent(self, name: str) -> Agent:
+        """Start member ``name``'s process and wait until it is connected to the relay.
+
+        The agent is in :attr:`agents` (so :meth:`close_agents` stops it) even when it
+        does not get ready.
+
+        Raises:
+            DemoError: it did not get ready within :data:`START_TIMEOUT` seconds, or ended.
+            OSError: the process could not be started.
+        """
+        agent = Agent(name, self.deployment, self.relay_address, self.on_trace)
+        self.agents[name] = agent
+        agent.wait_ready()
+        return agent
+
+    def close_agents(self) -> None:
+        """Stop every member process (:meth:`Agent.close`), the last started first.
+
+        Each is closed even when closing another raised (a second Ctrl-C, say): that
+        exception is raised once all were tried.
+        """
+        agents = list(self.agents.values())
+        self.agents.clear()
+        with contextlib.ExitStack() as stack:
+            for agent in agents:
+                stack.callback(agent.close)
 
     # --- output -------------------------------------------------------------------------
 
@@ -519,7 +639,7 @@ class Demo:
         self.heading(title)
         try:
             func()
-        except (DemoError, KeyError, OSError, ValueError) as exc:
+        except (DemoError, KeyError, OSError, ValueError, TisaError) as exc:
             self.check(title, "the step runs", f"could not run it: {exc}", False)
 
     def seal_and_hold(self) -> None:
@@ -532,14 +652,7 @@ class Demo:
             DemoError: Seoul did not answer in time, or its process ended.
         """
         self.say("seoul", "seals a missile-test report for Tokyo (scope missile, level secret)")
-        answer = self.agents["seoul"].request(
-            "submit",
-            text=REPORT_TEXT,
-            recipients=["tokyo"],
-            scope="missile",
-            level="secret",
-            release_to=[],
-        )
+        answer = self.seoul_holds(REPORT_TEXT, refused_ok=True)
         ok = bool(answer.get("ok"))
         if ok:
             self.facts["report"] = answer
@@ -767,6 +880,29 @@ class Demo:
             ok,
         )
 
+    def seoul_holds(self, text: str, *, refused_ok: bool = False) -> dict[str, Any]:
+        """Seoul seals ``text`` for Tokyo (missile, secret) and submits it, held.
+
+        Returns:
+            Seoul's answer (``report``, ``digest``, ``sha256``...; with ``refused_ok``,
+            ``ok`` False and ``error`` for a refusal).
+
+        Raises:
+            DemoError: the submission was refused (unless ``refused_ok``), Seoul did not
+                answer, or it ended.
+        """
+        held = self.agents["seoul"].request(
+            "submit",
+            text=text,
+            recipients=["tokyo"],
+            scope="missile",
+            level="secret",
+            release_to=[],
+        )
+        if not held.get("ok") and not refused_ok:
+            raise DemoError(f"Seoul could not submit: {held.get('error')}")
+        return held
+
     def on_request(self) -> None:
         """Step 9: Seoul holds two reports and announces them; Tokyo requests both;
         Seoul approves one and denies the other with a reason.
@@ -781,16 +917,7 @@ class Demo:
         seoul, tokyo = self.agents["seoul"], self.agents["tokyo"]
         reports = []
         for title, text in ON_REQUEST:
-            held = seoul.request(
-                "submit",
-                text=text,
-                recipients=["tokyo"],
-                scope="missile",
-                level="secret",
-                release_to=[],
-            )
-            if not held.get("ok"):
-                raise DemoError(f"Seoul could not submit: {held.get('error')}")
+            held = self.seoul_holds(text)
             seoul.request("announce", report=held["report"], to=["tokyo"], title=title)
             reports.append(held)
             self.say("seoul", f"holds and announces to Tokyo: “{title}”")
@@ -847,6 +974,162 @@ class Demo:
             "a denial signed by Seoul, reason level_not_allowed",
             f"{denial.get('outcome')}: {denial.get('reason')} “{denial.get('note')}”",
             ok,
+        )
+
+    def forward_secrecy(self) -> None:
+        """Step 10: a report that cannot be opened once Tokyo's one-time prekey is gone.
+
+        Tokyo goes offline; Seoul releases a report to it, and the demo copies what
+        Washington queues for Tokyo from Washington's store (:func:`relay_record`: the
+        token and the ciphertext it then forwards). Tokyo comes back and opens it. Checks
+        that the record is the real one (its key wrapped to a one-time prekey of Tokyo's,
+        the ciphertext's digest Seoul's), that Tokyo opens the report, that Tokyo's store
+        on disk no longer holds that prekey's secret, that Tokyo's key file plus every
+        prekey secret left in its store open nothing from the record
+        (:func:`tisa_testing.secrecy.open_record` raises VerificationError), and that the
+        same record with the deleted secret, copied before by the demo, does open it: so
+        the refusal is the deletion's doing, not a gap in the record.
+
+        Raises:
+            DemoError: a member did not answer in time, a process ended, or the relay's
+                store holds no such delivery.
+            OSError: a store or the key file cannot be read.
+        """
+        seoul = self.agents["seoul"]
+        tokyo_store = self.deployment.store("tokyo")
+        self.say("tokyo", "goes offline: its node stops, so Washington queues what comes for it")
+        # Closed before it leaves agents: a close cut short (Ctrl-C) is retried at the end.
+        self.agents["tokyo"].close()
+        del self.agents["tokyo"]
+        # Demo only: the secrets Tokyo holds now, kept in this process's memory, to show
+        # below that the record is complete (with the right secret it opens).
+        before = {p.public: p for p in held_prekey_secrets(tokyo_store)}
+        self.say(
+            "demo",
+            f"copies the {len(before)} prekey secrets in Tokyo's store (demo only: the proof "
+            "that the record below suffices, given the secret)",
+        )
+        self.say(
+            "seoul", "seals a report for Tokyo and releases it: the key goes to Tokyo's prekeys"
+        )
+        sent = self.seoul_holds(FS_TEXT)
+        released = seoul.request("release", report=sent["report"], to="tokyo")
+        if not released.get("ok"):
+            raise DemoError(f"Seoul could not release: {released.get('error')}")
+        record = relay_record(
+            self.deployment.store("washington"), bytes.fromhex(released["token"]), sent["report"]
+        )
+        wrap = ReleaseToken.decode(record.token).wrap
+        opk = wrap.opk or b""
+        copy = self.deployment.folder / RECORD_DIR
+        copy.mkdir(exist_ok=True)
+        (copy / "token.bin").write_bytes(record.token)
+        (copy / "ciphertext.bin").write_bytes(record.ciphertext)
+        self.say(
+            "washington",
+            f"queues for Tokyo token {released['token'][:8]}… ({len(record.token)} bytes: key "
+            f"wrapped, mode {wrap.mode.value}, one-time prekey {opk.hex()[:8]}…) and "
+            f"{len(record.ciphertext)} bytes of ciphertext ({record.where})",
+        )
+        self.on_trace(
+            {
+                "kind": "message",
+                "from": "washington",
+                "to": "adversary",
+                "label": "copy of the queued token + ciphertext",
+                "detail": {"token": released["token"], "saved": str(copy)},
+            }
+        )
+        hasher = Hasher(Hash.CIPHERTEXT)
+        hasher.update(record.ciphertext)
+        digest_ok = hasher.finish().hex() == sent["digest"]
+        ok = wrap.mode is WrapMode.ONE_TIME and opk in before and digest_ok
+        self.check(
+            "Washington's record of the queued delivery",
+            "the token, its key wrapped to a one-time prekey of Tokyo's, and Seoul's ciphertext",
+            f"token {len(record.token)} bytes, mode {wrap.mode.value}, prekey "
+            f"{'Tokyo' if opk in before else 'NOT Tokyo'}'s; ciphertext digest "
+            f"{'matches' if digest_ok else 'DIFFERS'}; copied to {RECORD_DIR}/",
+            ok,
+        )
+        agent = self.start_agent("tokyo")
+        self.say("tokyo", f"back online (pid {agent.process.pid}), handshake done")
+        got = agent.request("expect_report", timeout=30, wait=20)
+        ok = got.get("report") == sent["report"] and got.get("sha256") == sent["sha256"]
+        if got.get("text"):
+            self.say("tokyo", f"reads: “{got['text'][:90]}…”")
+        self.check(
+            "Tokyo opens the queued report",
+            "the same text, signed by Seoul",
+            f"from {got.get('originator')}, text "
+            f"{'identical' if got.get('sha256') == sent['sha256'] else 'DIFFERENT'}"
+            if got.get("report")
+            else "nothing delivered",
+            ok,
+        )
+        after = {p.public: p for p in held_prekey_secrets(tokyo_store)}
+        used = opk in used_one_time_prekeys(tokyo_store)
+        self.say(
+            "tokyo",
+            f"its store on disk, read by the demo: no secret for prekey {opk.hex()[:8]}…, "
+            f"{len(after)} prekey secrets left",
+        )
+        ok = opk not in after and used
+        self.check(
+            "Tokyo's node deleted that one-time prekey's secret",
+            "gone from its store (committed), its public key kept as used",
+            f"secret {'STILL THERE' if opk in after else 'gone'}; "
+            f"{'marked used' if used else 'NOT marked used'}",
+            ok,
+        )
+        secret, _ = MemberSecret.load(self.deployment.keys["tokyo"], DEMO_PASSPHRASE)
+        arrangement = self.deployment.signed.arrangement
+        kinds = [p.kind for p in after.values()]
+        self.say(
+            "adversary",
+            f"takes Tokyo's key file and passphrase, the {kinds.count(PrekeyKind.SIGNED)} "
+            f"signed and {kinds.count(PrekeyKind.ONE_TIME)} one-time prekey secrets still in "
+            "its store, and Washington's record",
+        )
+
+        def attempt(prekeys: list[PrekeySecret]) -> tuple[str, OpenedReport | None]:
+            # Each held secret is tried in the token's slot of its kind (kinds are public).
+            try:
+                opened = open_record(
+                    record.token,
+                    [record.ciphertext],
+                    arrangement,
+                    secret,
+                    "tokyo",
+                    prekeys,
+                    every_place=False,
+                )
+            except TisaError as exc:
+                return f"{type(exc).__name__}: {exc}", None
+            return "OPENED", opened
+
+        outcome, opened = attempt(list(after.values()))
+        self.check(
+            "Tokyo's key file + the record open nothing",
+            "the key wrap does not open: VerificationError",
+            outcome,
+            outcome.startswith("VerificationError") and opened is None,
+        )
+        self.say(
+            "demo",
+            f"tries the same with the secret of prekey {opk.hex()[:8]}… copied before it was "
+            "deleted",
+        )
+        outcome, opened = attempt([*after.values(), *([before[opk]] if opk in before else [])])
+        same = opened is not None and hashlib.sha256(opened.body).hexdigest() == sent["sha256"]
+        self.check(
+            "The same record with the deleted secret opens",
+            "the report: what protects it is the deletion",
+            f"opened, signed by {opened.header.originator}, text "
+            f"{'identical' if same else 'DIFFERENT'}"
+            if opened is not None
+            else outcome,
+            same,
         )
 
     def audit(self) -> None:
@@ -949,6 +1232,23 @@ class Demo:
         return not failed
 
 
+def _check_writable(path: Path) -> None:
+    """Raise now, not after the whole run, when ``path`` cannot be written.
+
+    Raises:
+        FileNotFoundError: its folder does not exist.
+        PermissionError: the file, or its folder for a new file, is not writable.
+        IsADirectoryError: it is a folder.
+    """
+    folder = path.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(path))
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if not os.access(path if path.exists() else folder, os.W_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+
 def run_demo(
     *,
     folder: Path | None = None,
@@ -966,8 +1266,15 @@ def run_demo(
         trace_path: write every event as a JSON line here.
         diagram_path: draw the exchange as a sequence diagram (HTML with SVG) here.
         console: where the timeline goes (stdout by default).
+
+    Raises:
+        OSError: the folder, the trace or the diagram file cannot be written (the
+            diagram's is checked before anything runs).
+        KeyFileError: a key file in ``folder`` is not a demo key.
     """
     console = console or Console()
+    if diagram_path is not None:
+        _check_writable(diagram_path)
     with contextlib.ExitStack() as stack:
         if folder is None:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tisa-demo-")))
@@ -982,15 +1289,16 @@ def run_demo(
         demo.say("demo", f"keys, arrangement and stores in {folder}")
         try:
             relay_process, port = stack.enter_context(_relay(demo.deployment))
-            address = f"127.0.0.1:{port}"
-            demo.say("washington", f"relay running (pid {relay_process.pid}) on {address}")
+            demo.relay_address = f"127.0.0.1:{port}"
+            demo.say(
+                "washington", f"relay running (pid {relay_process.pid}) on {demo.relay_address}"
+            )
+            # Registered after the relay: the members stop first, the relay last.
+            stack.callback(demo.close_agents)
             for name in ("seoul", "tokyo"):
-                agent = Agent(name, demo.deployment, address, demo.on_trace)
-                stack.callback(agent.close)
-                agent.wait_ready()
-                demo.agents[name] = agent
+                agent = demo.start_agent(name)
                 demo.say(name, f"node running (pid {agent.process.pid}), handshake done")
-        except DemoError as exc:
+        except (DemoError, OSError) as exc:
             demo.check("Start the three nodes", "all three running", str(exc), False)
         else:
             demo.check("Start the three nodes", "all three running", "relay, Seoul, Tokyo up", True)
@@ -1005,8 +1313,9 @@ def run_demo(
             demo.step("7. The audit log", demo.audit)
             demo.step("8. The other direction: Tokyo to Seoul", demo.other_direction)
             demo.step("9. On request: Seoul announces, Tokyo asks", demo.on_request)
+            demo.step("10. Forward secrecy: after the prekey is gone", demo.forward_secrecy)
             if large_mib > 0:
-                demo.step(f"10. A large report ({large_mib} MiB)", demo.large_report)
+                demo.step(f"11. A large report ({large_mib} MiB)", demo.large_report)
         ok = demo.summary()
     if diagram_path is not None:
         diagram_path.write_text(render_html(trace.events), encoding="utf-8")

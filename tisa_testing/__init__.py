@@ -13,6 +13,10 @@ it imports it. Its core-level tools (world, hostile, model, fuzzing) import no t
 * :mod:`tisa_testing.model`: a reference recipient built on the core only (token check,
   open, durable seen-set, release counters with gap detection), used by the stateful
   Dolev-Yao test and usable as an oracle for another client.
+* :mod:`tisa_testing.secrecy`: forward secrecy checked from a record: what a recorded
+  token and ciphertext open with a recipient's long-term key and the prekey secrets its
+  store still holds (read-only from its database file); used by the security suite and
+  by the demo (no trio).
 * :mod:`tisa_testing.relay`: a relay on trio whose misbehaviour each test chooses.
 * :mod:`tisa_testing.plugin`: pytest fixtures (entry point ``tisa``).
 * :mod:`tisa_testing.pg_server`: a throwaway PostgreSQL server (found or installed,

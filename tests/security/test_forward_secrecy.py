@@ -9,7 +9,6 @@ what protects it is the deletion.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 from collections.abc import Callable
 from typing import Any
@@ -19,15 +18,15 @@ import trio
 
 from clients.events import Event, PrekeysLow, RefusedEvent, WeakerWrap
 from clients.node import Node
-from tisa.errors import Reason, Refused, TisaError, VerificationError
+from tisa.errors import Reason, Refused, VerificationError
 from tisa.limits import Limits
 from tisa.messages import Deliver, FetchPrekeys, Message, Prekeys, PublishPrekeys, Release
-from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode, unwrap_content_key
-from tisa.report import open_report
+from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode
 from tisa.token import ReleaseToken, check_for_recipient
 from tisa_io.link import connect_member
 from tisa_testing import hostile
 from tisa_testing import relay as hr
+from tisa_testing.secrecy import held_prekey_secrets, open_record, used_one_time_prekeys
 from tisa_testing.world import LEVEL, SCOPE, World, make_world
 
 TIMEOUT = 15
@@ -63,18 +62,7 @@ async def next_event(node: Node, kind: type[Event]) -> Any:
 
 def prekey_rows(root: pathlib.Path) -> dict[bytes, PrekeySecret]:
     """Every prekey secret in a member's store, read from its database file."""
-    import sqlite3
-
-    db = sqlite3.connect(root / "member.db")
-    try:
-        rows = db.execute("SELECT kind, secret, created, not_after FROM prekeys").fetchall()
-    finally:
-        db.close()
-    secrets = [
-        PrekeySecret(kind=PrekeyKind(k), secret=bytes(s), created=c, not_after=n)
-        for k, s, c, n in rows
-    ]
-    return {p.public: p for p in secrets}
+    return {p.public: p for p in held_prekey_secrets(root)}
 
 
 def every_token(record: hr.Record, relay: hr.HostileRelay) -> list[bytes]:
@@ -90,37 +78,15 @@ def try_open(
     prekeys: dict[bytes, PrekeySecret],
 ) -> bytes | None:
     """What Tokyo's long-term keys and ``prekeys`` make of ``token``: the body of the
-    recorded report it opens, or None. Every held prekey secret is tried in every place
-    (not only the one the token names), so no bookkeeping stands in for cryptography."""
-    decoded = ReleaseToken.decode(token)
-    candidates = [p.secret for p in prekeys.values()] or [bytes(32)]
-    for spk in candidates:
-        for opk in candidates:
-
-            def lookup(
-                kind: PrekeyKind, public: bytes, spk: bytes = spk, opk: bytes = opk
-            ) -> bytes:
-                return spk if kind is PrekeyKind.SIGNED else opk
-
-            try:
-                key = unwrap_content_key(
-                    decoded.wrap, decoded.associated_data, world.secrets["tokyo"], lookup
-                )
-            except (VerificationError, Refused):
-                continue
-            release = check_for_recipient(
-                token,
-                world.arrangement,
-                world.secrets["tokyo"],
-                "tokyo",
-                now=decoded.not_before,
-                prekey_secret=lookup,
-            )
-            assert release.content_key == key
-            for ciphertext in ciphertexts:
-                with contextlib.suppress(TisaError):
-                    return open_report(ciphertext, release.opener(world.arrangement)).body
-    return None
+    recorded report it opens, or None (:func:`tisa_testing.secrecy.open_record`, every
+    held prekey secret tried in every place)."""
+    try:
+        opened = open_record(
+            token, ciphertexts, world.arrangement, world.secrets["tokyo"], "tokyo", prekeys.values()
+        )
+    except VerificationError:
+        return None
+    return opened.body
 
 
 async def test_the_record_and_the_long_term_keys_open_nothing_after_deletion(
@@ -160,6 +126,7 @@ async def test_the_record_and_the_long_term_keys_open_nothing_after_deletion(
                 tokyo.store.prekey_secret(PrekeyKind.SIGNED, token.wrap.spk or b"")
         after = prekey_rows(tmp_path / "tokyo")
     assert token.wrap.spk not in after and token.wrap.opk not in after
+    assert token.wrap.opk in used_one_time_prekeys(tmp_path / "tokyo")  # kept as used
 
     tokens = every_token(record, relay)
     assert tokens and token.encoded in tokens
@@ -386,3 +353,57 @@ async def test_a_node_publishes_and_tops_up_its_prekeys(
     publishes = [m for d, _, m in relay.log if d == "received" and isinstance(m, PublishPrekeys)]
     assert sum(len(p.one_time) for p in publishes) == 6 + 4
     assert not any(isinstance(m, Deliver) for _, m in record.sent)
+
+
+# --- tisa_testing.secrecy on its own (no network) ---------------------------------------
+
+
+def test_open_record_needs_the_one_time_secret_in_either_search() -> None:
+    world = make_world()
+    report = world.seal(BODY)
+    token = world.token(report, one_time_prekey=world.prekey("tokyo"))
+    held = list(world.prekey_secrets["tokyo"].values())
+    decoy = PrekeySecret.generate(PrekeyKind.ONE_TIME, created=world.now, not_after=world.now + 9)
+    for every_place in (True, False):
+        opened = open_record(
+            token,
+            [b"not this one", report.ciphertext],
+            world.arrangement,
+            world.secrets["tokyo"],
+            "tokyo",
+            [decoy, *held],
+            every_place=every_place,
+        )
+        assert opened.body == BODY and opened.header.originator == "seoul"
+        # The one-time secret gone (the signed one and a decoy kept): nothing opens.
+        kept = [decoy, *(p for p in held if p.kind is PrekeyKind.SIGNED)]
+        with pytest.raises(VerificationError):
+            open_record(
+                token,
+                [report.ciphertext],
+                world.arrangement,
+                world.secrets["tokyo"],
+                "tokyo",
+                kept,
+                every_place=every_place,
+            )
+    # The key unwraps but the recorded ciphertext is another report's: nothing opens.
+    other = world.seal(b"another report")
+    with pytest.raises(VerificationError):
+        open_record(
+            token, [other.ciphertext], world.arrangement, world.secrets["tokyo"], "tokyo", held
+        )
+    # And a token for someone else is refused before any key is tried.
+    with pytest.raises(Refused) as info:
+        open_record(
+            token, [report.ciphertext], world.arrangement, world.secrets["seoul"], "seoul", held
+        )
+    assert info.value.reason is Reason.WRONG_RECIPIENT
+
+
+def test_held_prekey_secrets_of_a_missing_store_is_an_os_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(OSError, match="no member store"):
+        held_prekey_secrets(tmp_path / "nowhere")
+    (tmp_path / "member.db").write_bytes(b"not a database, but 32 bytes long")
+    with pytest.raises(OSError, match="cannot read"):
+        held_prekey_secrets(tmp_path)
