@@ -87,6 +87,7 @@ from bench.processes import (
     emit,
     load,
     make_world,
+    relay_limits,
     run_folder,
     vm_hwm_mib,
     wait_port,
@@ -215,6 +216,7 @@ def _run_tisa(
                                        forward, *rest, str(concurrency)])  # fmt: skip
         tokyo.wait(timeout=900)
         relays.measure()
+        one_time_used = relays.one_time_used() if mode == "throughput" else 0
     finally:
         for process in (seoul, tokyo):
             if process is not None:
@@ -223,18 +225,27 @@ def _run_tisa(
     return {
         "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib, "cpu_s": seoul.cpu_s},
         "tokyo": {"peak_mib": tokyo.peak_mib, **tokyo.records()[-1], "cpu_s": tokyo.cpu_s},
+        "one_time_used": one_time_used,
         **relays.figures(),
     }
 
 
+def _pipeline_cpu_each_ms(result: dict[str, Any], count: int) -> dict[str, float]:
+    """CPU milliseconds per report of each process of a run (``server``: PostgreSQL's,
+    0 with SQLite), each from the end of its start-up (the originator's first send, the
+    recipient's node open, the relay's listening) to its end."""
+    return {
+        "seoul": 1000 * (result["seoul"]["cpu_s"] - result["seoul"]["cpu0"]) / count,
+        "relay": 1000 * result["relay_run_cpu_s"] / count,
+        "server": 1000 * result.get("server_run_cpu_s", 0.0) / count,
+        "tokyo": 1000 * (result["tokyo"]["cpu1"] - result["tokyo"]["cpu0"]) / count,
+    }
+
+
 def _pipeline_cpu_ms(result: dict[str, Any], count: int) -> float:
-    """CPU milliseconds per report summed over the three processes of a run, each from
-    the end of its start-up (the originator's first send, the recipient's node open,
-    the relay's listening) to its end; with PostgreSQL, and the database server's."""
-    seoul = result["seoul"]["cpu_s"] - result["seoul"]["cpu0"]
-    tokyo = result["tokyo"]["cpu1"] - result["tokyo"]["cpu0"]
-    server = result.get("server_run_cpu_s", 0.0)  # the PostgreSQL server's, if any
-    return 1000 * (seoul + result["relay_run_cpu_s"] + server + tokyo) / count
+    """CPU milliseconds per report summed over the processes of a run
+    (:func:`_pipeline_cpu_each_ms`)."""
+    return sum(_pipeline_cpu_each_ms(result, count).values())
 
 
 # --- bare floor --------------------------------------------------------------------------
@@ -371,6 +382,8 @@ def _setup_round(
         "tisa": tisa_rate,
         "ratio": tisa_rate / bare_rate,
         "tisa_cpu_ms": _pipeline_cpu_ms(tisa, count),
+        "tisa_cpu_each_ms": _pipeline_cpu_each_ms(tisa, count),
+        "one_time_used": tisa["one_time_used"],
         "tisa_relay_cpu_us": 1e6 * tisa["relay_run_cpu_s"] / count,
         "tisa_server_cpu_us": 1e6 * tisa["server_run_cpu_s"] / count,
         "relay_alone": alone,
@@ -459,6 +472,8 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
     print(f"throughput, {args.count} pipelined 1 KiB reports, three processes"
           f" ({args.concurrency} submit calls at once), {args.rounds} rounds,"
           f" set-ups {', '.join(kind.label for kind in kinds)}:")  # fmt: skip
+    print(f"  relay limits set for the run (above their defaults, so that every report takes"
+          f" the normal path): {', '.join(relay_limits(args.count))}")  # fmt: skip
     # The machine is shared: the bare forwarder alone varies by 2x from run to run. Each
     # round measures the floor right before the tisa set-ups; ratios are per round.
     rounds: list[dict[str, Any]] = []
@@ -490,6 +505,12 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
                   f" CPU per report: tisa {mine['tisa_cpu_ms']:.2f} ms summed, relay alone"
                   f" {_us(alone['relay_cpu_each_us'])} µs{server};"
                   f" {targets.load_average()}")  # fmt: skip
+            each = mine["tisa_cpu_each_ms"]
+            print(f"      tisa CPU per report by process: Seoul {each['seoul']:.2f} ms,"
+                  f" relay {each['relay']:.2f} ms, Tokyo {each['tokyo']:.2f} ms"
+                  + (f", PostgreSQL {each['server']:.2f} ms" if kind.server is not None else "")
+                  + f"; tokens with a one-time prekey {mine['one_time_used']} of"
+                  f" {args.count}")  # fmt: skip
         sqlite = found["sqlite"]
         rounds.append({"bare": bare_rate, "bare_cpu_ms": bare_cpu, "setups": found,
                        "tisa": sqlite["tisa"], "relay_alone": sqlite["relay_alone"],

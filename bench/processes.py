@@ -28,6 +28,7 @@ __all__ = [
     "emit",
     "load",
     "make_world",
+    "relay_limits",
     "run_folder",
     "start_relay",
     "vm_hwm_mib",
@@ -156,10 +157,22 @@ def run_folder(folder: Path) -> Path:
     return run
 
 
+def relay_limits(count: int) -> list[str]:
+    """The relay limits a run of ``count`` reports sets (``--limit`` values), each above
+    its default so that the run measures the normal path: a queue per recipient that
+    holds every report, and an hourly allowance of one-time prekeys (one originator, one
+    recipient) that covers every report (the default, 1,000, would wrap the reports past
+    it to the signed prekey only)."""
+    return [
+        f"max_queue_per_recipient={max(count, 10) * 2}",
+        f"max_one_time_prekeys_per_hour={max(count, 10) * 2}",
+    ]
+
+
 def start_relay(run: Path, count: int, store: str | None = None, label: str = "relay") -> Process:
     """The real relay (``python -m relay``) on a fresh store in ``run`` (or on ``store``, a
     ``postgresql://`` address: several relay processes may share one); its port is written
-    to ``run / f"{label}.port"``. Its queue per recipient holds every report of the run.
+    to ``run / f"{label}.port"``. Its limits: :func:`relay_limits`.
 
     With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
     separately, not a dependency) samples the relay until it ends, into a collapsed-stack
@@ -169,7 +182,7 @@ def start_relay(run: Path, count: int, store: str | None = None, label: str = "r
         ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
          "--arrangement", str(run / "arrangement.tisa"), "--store", store or str(run / "relay"),
          "--port", "0", "--port-file", str(run / f"{label}.port"),
-         "--limit", f"max_queue_per_recipient={max(count, 10) * 2}"],
+         *(arg for limit in relay_limits(count) for arg in ("--limit", limit))],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip
     profile = os.environ.get("BENCH_PROFILE_RELAY")

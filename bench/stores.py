@@ -218,20 +218,30 @@ class Relays:
         for process in self.processes:
             process.stop()
 
-    def tokens_by_state(self) -> dict[str, int]:
-        """The relays' tokens by state, read from their store (SQLite in WAL mode is read
-        beside the running relay; PostgreSQL through a connection of its own)."""
-        query = "SELECT state, count(*) FROM tokens GROUP BY state"
+    def _query(self, query: str) -> list[tuple[Any, ...]]:
+        """Rows of ``query`` on the relays' store (SQLite in WAL mode is read beside the
+        running relay; PostgreSQL through a connection of its own)."""
         if self.store is None:
             uri = f"file:{self.run / 'relay' / DB_NAME}?mode=ro"
             with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
-                rows = db.execute(query).fetchall()
-        else:
-            import psycopg
+                return db.execute(query).fetchall()
+        import psycopg
 
-            with psycopg.connect(self.store, connect_timeout=10) as conn:
-                rows = conn.execute(query).fetchall()
+        with psycopg.connect(self.store, connect_timeout=10) as conn:
+            return conn.execute(query).fetchall()  # type: ignore[arg-type]
+
+    def tokens_by_state(self) -> dict[str, int]:
+        """The relays' tokens by state, read from their store."""
+        rows = self._query("SELECT state, count(*) FROM tokens GROUP BY state")
         return {str(state): int(number) for state, number in rows}
+
+    def one_time_used(self) -> int:
+        """Tokens the relays accepted that name a one-time prekey (the others were
+        wrapped to the signed prekey only: the supply ran out, or the allowance)."""
+        rows = self._query(
+            "SELECT count(*) FROM prekeys WHERE kind = 'one_time' AND used_by IS NOT NULL"
+        )
+        return int(rows[0][0])
 
     def figures(self) -> dict[str, Any]:
         """CPU (in all, start-up included, and between mark and measure) and peak RSS."""

@@ -261,6 +261,12 @@ class Node:
         self._clock = clock
         self._backoff = backoff
         self._changed = trio.Event()
+        # Calls waiting for releases to be issued (see _wait_issued), by wanted release
+        # id: the issuer wakes the one whose release it ended, _notify all of them when
+        # the connection ends or a report's final state ended some (the store's
+        # wanted_ended moved) -- not every call on every message, each with a query.
+        self._wanted_waiters: dict[int, trio.Event] = {}
+        self._wanted_seen = store.wanted_ended
         self._session: _Session | None = None
         self._connected = trio.Event()
         self._audit_lock = trio.Lock()
@@ -293,6 +299,12 @@ class Node:
         """Wake everyone waiting on a state change (sender, pumps, awaited calls)."""
         self._changed.set()
         self._changed = trio.Event()
+        if self._wanted_waiters and (
+            self.store.wanted_ended != self._wanted_seen or self._session is None
+        ):
+            self._wanted_seen = self.store.wanted_ended
+            for event in self._wanted_waiters.values():
+                event.set()
 
     async def _durable(self, barrier: int | None = None) -> None:
         """Return once batch ``barrier`` (default: the current state) is committed and
@@ -495,19 +507,36 @@ class Node:
                 # No checkpoint from _want to here: the issuer cannot take it meanwhile.
                 wanted_release = self.store.wanted_release(wanted_id)
                 assert wanted_release is not None
-                await self._issue(wanted_release, prekeys=prekeys[recipient])
+                await self._issue(wanted_release, prekeys[recipient])
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
         await self._durable()
         # While connected, the tokens are issued at once (one prekey fetch each) and go
         # out right behind the submission; offline, on the next connection.
-        while self.connected and any(
-            (w := self.store.wanted_release(i)) is not None and w.state == "waiting" for i in wanted
-        ):
-            changed = self._changed
-            await changed.wait()
+        await self._wait_issued(wanted)
         await self._durable()
         return sealer.report_id
+
+    async def _wait_issued(self, wanted: list[int]) -> None:
+        """Return once none of the releases ``wanted`` waits for its token any more
+        (issued or refused), or no connection is up (the next one issues them)."""
+        while self.connected:
+            waiting = [
+                i
+                for i in wanted
+                if (w := self.store.wanted_release(i)) is not None and w.state == "waiting"
+            ]
+            if not waiting:
+                return
+            event = trio.Event()
+            for i in waiting:
+                self._wanted_waiters[i] = event
+            try:
+                await event.wait()
+            finally:
+                for i in waiting:
+                    if self._wanted_waiters.get(i) is event:
+                        del self._wanted_waiters[i]
 
     async def wait_stored(self, report_id: bytes) -> StoredAck:
         """Wait until the relay has acknowledged storing ``report_id``.
@@ -625,45 +654,61 @@ class Node:
 
     async def _issuer(self, session: _Session) -> None:
         """Issue the releases asked for, in order, each once its recipient's prekeys
-        came from the relay (on this connection; the next one resumes what is left)."""
+        came from the relay (on this connection; the next one resumes what is left).
+
+        The prekeys for up to ``limits.max_prekey_fetches`` releases are asked for in
+        one write (the relay answers them from one commit), then those tokens are
+        issued in order: one round trip per batch instead of one per token.
+        """
         while True:
             changed = self._changed
-            for wanted in self.store.waiting_releases():
-                await self._issue(wanted)
+            while batch := self.store.waiting_releases(self._limits.max_prekey_fetches):
+                await self._issue_batch(batch)
                 self._group_commit.mark_dirty()
                 self._notify()
             await changed.wait()
 
-    async def _prefetch_prekeys(
-        self, recipients: Sequence[str]
-    ) -> dict[str, tuple[bytes, bytes | None]]:
-        """Fetch the prekeys of ``recipients`` at once (one round trip for all); returns
-        those that came with a signed prekey. The others (none published yet, a
-        refusal, a connection lost) are left to the issuer, which asks again."""
-        got: dict[str, tuple[bytes, bytes | None]] = {}
+    async def _prefetch_prekeys(self, recipients: Sequence[str]) -> dict[str, m.Prekeys]:
+        """Fetch the prekeys of ``recipients`` at once (one write, one round trip for
+        all); returns the answers that came with a signed prekey. The others (none
+        published yet, a refusal, a connection lost first) are left to the issuer,
+        which asks again."""
+        answers = await self._ask_prekeys(list(recipients), wait=False)
+        return {
+            recipient: answer
+            for recipient, answer in zip(recipients, answers or [], strict=False)
+            if isinstance(answer, m.Prekeys)
+            and answer.member == recipient
+            and answer.signed is not None
+        }
 
-        async def fetch(recipient: str) -> None:
-            with contextlib.suppress(Refused):
-                signed, one_time = await self._fetch_prekeys(recipient, wait=False)
-                if signed is not None:
-                    got[recipient] = (signed, one_time)
+    async def _issue_batch(self, batch: list[WantedRelease]) -> None:
+        """Fetch the prekeys of the releases of ``batch`` whose report is still held, in
+        one round trip, then issue (or refuse) each release in order."""
+        live = [
+            wanted
+            for wanted in batch
+            if self._submission(wanted.report).state in ("queued", "stored")
+        ]
+        answers = await self._fetch_prekeys([wanted.recipient for wanted in live])
+        fetched = {wanted.id: answer for wanted, answer in zip(live, answers, strict=True)}
+        for wanted in batch:
+            await self._issue(wanted, fetched.get(wanted.id))
+            waiter = self._wanted_waiters.get(wanted.id)
+            if waiter is not None:
+                waiter.set()
 
-        async with trio.open_nursery() as nursery:
-            for recipient in recipients:
-                nursery.start_soon(fetch, recipient)
-        return got
-
-    async def _issue(
-        self, wanted: WantedRelease, *, prekeys: tuple[bytes, bytes | None] | None = None
-    ) -> None:
-        """Fetch the recipient's prekeys (unless ``prekeys`` came with the call: then
-        nothing here waits) and issue the token, or record why not."""
+    async def _issue(self, wanted: WantedRelease, fetched: m.Message | None = None) -> None:
+        """Issue the token of ``wanted`` with the relay's answer ``fetched`` to the fetch
+        of its recipient's prekeys (None: fetch them now), or record why not."""
         report_id, recipient = wanted.report, wanted.recipient
         submission = self._submission(report_id)
         try:
             if submission.state not in ("queued", "stored"):
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
-            signed, one_time = prekeys or await self._fetch_prekeys(recipient)
+            if fetched is None:
+                (fetched,) = await self._fetch_prekeys([recipient])
+            signed, one_time = _handed_out(fetched, recipient)
             if signed is None:
                 # A recipient that has not published yet (never connected, or its prekey
                 # ran out while it was away): ask again, for at most limits.prekey_wait.
@@ -672,7 +717,8 @@ class Node:
                 while signed is None and trio.current_time() < deadline:
                     await trio.sleep(min(delay, max(deadline - trio.current_time(), 0)))
                     delay = min(delay * 2, 1.0)
-                    signed, one_time = await self._fetch_prekeys(recipient)
+                    (fetched,) = await self._fetch_prekeys([recipient])
+                    signed, one_time = _handed_out(fetched, recipient)
             now = self._now()
 
             def make_token(counter: int) -> bytes:
@@ -721,45 +767,51 @@ class Node:
                 RefusedEvent(ref=report_id, reason=exc.reason, detail=exc.detail),
             )
             return
-        issued = self.store.release(token_id)
-        assert issued is not None
-        mode = ReleaseToken.decode(issued.encoded).wrap.mode
-        if mode is not WrapMode.ONE_TIME:
+        # The mode issue_token chose (see there), known without decoding the token again.
+        if one_time is None:
+            mode = WrapMode.IDENTITY if signed is None else WrapMode.SIGNED
             self.store.add_event(WeakerWrap(token=token_id, recipient=recipient, mode=mode.value))
 
-    async def _fetch_prekeys(
-        self, recipient: str, *, wait: bool = True
-    ) -> tuple[bytes | None, bytes | None]:
-        """Ask the relay for ``recipient``'s signed prekey and a one-time prekey; waits
-        for a connection, and asks again on the next one if this one ends first (with
-        ``wait`` False: returns (None, None) then).
+    async def _fetch_prekeys(self, recipients: list[str]) -> list[m.Message]:
+        """:meth:`_ask_prekeys`, waiting for a connection as long as it takes."""
+        answers = await self._ask_prekeys(recipients, wait=True)
+        assert answers is not None
+        return answers
+
+    async def _ask_prekeys(self, recipients: list[str], *, wait: bool) -> list[m.Message] | None:
+        """Ask the relay, in one write, for each of ``recipients``' signed prekey and a
+        one-time prekey; waits for a connection, and asks again on the next one for
+        what this one left unanswered (with ``wait`` False: returns None when no
+        connection is up or it ends before every answer came).
 
         Returns:
-            (signed prekey, one-time prekey), encoded as handed out (None: none given);
-            :func:`tisa.token.issue_token` checks them.
-
-        Raises:
-            Refused: the relay refused the request (``wrong_role``, ...).
+            The relay's answer to each, in order: a :class:`~tisa.messages.Prekeys` or
+            a :class:`~tisa.messages.Refusal` (see :func:`_handed_out`).
         """
-        while True:
+        answers: dict[int, m.Message] = {}
+        while len(answers) < len(recipients):
             if not wait and self._session is None:
-                return None, None
+                return None
             await self.wait_connected()
             session = self._session
             assert session is not None
-            ref = random_id()
-            send, receive = trio.open_memory_channel[m.Message](1)
-            session.prekey_waiters[ref] = send
-            answer: list[m.Message] = []
+            refs = {random_id(): n for n in range(len(recipients)) if n not in answers}
+            # Room for every answer: the receiver never blocks on (nor drops) one.
+            send, receive = trio.open_memory_channel[m.Message](len(refs))
+            for ref in refs:
+                session.prekey_waiters[ref] = send
             try:
                 async with trio.open_nursery() as nursery:
 
                     async def get(
                         nursery: trio.Nursery = nursery,
                         receive: trio.MemoryReceiveChannel[m.Message] = receive,
-                        answer: list[m.Message] = answer,
+                        refs: dict[bytes, int] = refs,
                     ) -> None:
-                        answer.append(await receive.receive())
+                        while not all(n in answers for n in refs.values()):
+                            reply = await receive.receive()
+                            assert isinstance(reply, m.Prekeys | m.Refusal)
+                            answers[refs[reply.ref]] = reply
                         nursery.cancel_scope.cancel()
 
                     async def watch(
@@ -770,21 +822,15 @@ class Node:
 
                     nursery.start_soon(get)
                     nursery.start_soon(watch)
+                    fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
                     try:
-                        await session.link.send(m.FetchPrekeys(ref=ref, member=recipient))
+                        await session.link.send_many(fetches)
                     except LinkClosed:
                         nursery.cancel_scope.cancel()
             finally:
-                session.prekey_waiters.pop(ref, None)
-            if not answer:
-                continue  # the session ended: ask on the next one
-            reply = answer[0]
-            if isinstance(reply, m.Refusal):
-                raise Refused(Reason(reply.reason), reply.detail)
-            assert isinstance(reply, m.Prekeys)
-            if reply.member != recipient:
-                raise Refused(Reason.BAD_PREKEY, "the relay answered with another member's prekeys")
-            return reply.signed, reply.one_time
+                for ref in refs:
+                    session.prekey_waiters.pop(ref, None)
+        return [answers[n] for n in range(len(recipients))]
 
     # --- recipient: prekeys ------------------------------------------------------------
 
@@ -2297,6 +2343,23 @@ def _submit_inline(submission: Submission, tokens: list[bytes]) -> m.SubmitInlin
         data=data,
         tokens=tokens,
     )
+
+
+def _handed_out(answer: m.Message, recipient: str) -> tuple[bytes | None, bytes | None]:
+    """(signed prekey, one-time prekey) of the relay's ``answer`` to a fetch of
+    ``recipient``'s prekeys, encoded as handed out (None: none given);
+    :func:`tisa.token.issue_token` checks them.
+
+    Raises:
+        Refused: the relay refused the fetch (``wrong_role``, ...), or answered with
+            another member's prekeys (``bad_prekey``).
+    """
+    if isinstance(answer, m.Refusal):
+        raise Refused(Reason(answer.reason), answer.detail)
+    assert isinstance(answer, m.Prekeys)
+    if answer.member != recipient:
+        raise Refused(Reason.BAD_PREKEY, "the relay answered with another member's prekeys")
+    return answer.signed, answer.one_time
 
 
 def _submission_messages(submission: Submission, data: bytes) -> list[m.Message]:

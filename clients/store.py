@@ -230,6 +230,9 @@ CREATE TABLE IF NOT EXISTS wanted_releases (
     detail TEXT,
     approves BLOB                  -- the incoming release request the token approves
 );
+-- The releases still waiting for a token, found without a scan of every release ever
+-- asked for (the node's issuer looks on every state change).
+CREATE INDEX IF NOT EXISTS wanted_waiting ON wanted_releases (id) WHERE state = 'waiting';
 CREATE TABLE IF NOT EXISTS prekeys (
     public BLOB PRIMARY KEY,
     kind TEXT NOT NULL CHECK (kind IN ('signed', 'one_time')),
@@ -424,6 +427,11 @@ class MemberStore(DurableStore):
         self.root = pathlib.Path(path)
         self.group_commit = False  # the set-up below commits as it goes
         self.closed = False  # set by close(): nothing may be written after it
+        # Counts the writes that may end waiting releases wholesale (a report's final
+        # state ends its releases still waiting for a token): a node waiting for its
+        # releases looks again when it moved. (The node's issuer ends them one by one
+        # and wakes whoever waits for that one.)
+        self.wanted_ended = 0
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -674,6 +682,7 @@ class MemberStore(DurableStore):
                 (state, reason or state, report),
             )
             # Nor can releases not issued yet (waiting for the recipient's prekeys).
+            self.wanted_ended += 1
             db.execute(
                 "UPDATE wanted_releases SET state = 'refused', reason = ?"
                 " WHERE report = ? AND state = 'waiting'",
@@ -723,11 +732,13 @@ class MemberStore(DurableStore):
         ).fetchone()
         return self._wanted(row) if row else None
 
-    def waiting_releases(self) -> list[WantedRelease]:
-        """Releases asked for and not issued yet, oldest first."""
+    def waiting_releases(self, limit: int = -1) -> list[WantedRelease]:
+        """Releases asked for and not issued yet, oldest first (at most ``limit``; -1:
+        all)."""
         rows = self._db.execute(
             f"SELECT {self._WANTED_COLUMNS} FROM wanted_releases WHERE state = 'waiting'"
-            " ORDER BY id"
+            " ORDER BY id LIMIT ?",
+            (limit,),
         ).fetchall()
         return [self._wanted(row) for row in rows]
 

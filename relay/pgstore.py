@@ -110,6 +110,7 @@ import psycopg_pool
 import trio
 from psycopg.pq import TransactionStatus
 
+from relay.prekeystore import PrekeyTables
 from relay.store import (
     InlineBlob,
     ReportRow,
@@ -136,9 +137,10 @@ __all__ = [
     "PgStore",
 ]
 
-# 2: requests, announcements, consent_queue (release requests); 3: prekeys. Both
-# added new tables only, so a store of schema 1 or 2 is upgraded in place.
-SCHEMA_VERSION = 3
+# 2: requests, announcements, consent_queue (release requests); 3: prekeys; 4:
+# prekey_rate (relay.prekeystore). Each added new tables only, so a store of schema 1 to 3
+# is upgraded in place.
+SCHEMA_VERSION = 4
 
 # Bytes of ciphertext per blob_chunks row: large enough that a report of many MiB is a
 # few dozen rows, small enough that a reader holds little (one row at a time).
@@ -273,6 +275,16 @@ CREATE TABLE IF NOT EXISTS prekeys (
     used_by bytea                  -- one-time: the token id that used it
 );
 CREATE INDEX IF NOT EXISTS prekeys_owner ON prekeys (owner, kind, taken_by, seq);
+"""
+# Schema 4: one-time prekeys handed to each originator, per slot (relay.prekeystore).
+_PREKEY_RATE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS prekey_rate (
+    owner text NOT NULL,
+    taker text NOT NULL,
+    slot bigint NOT NULL,
+    handed bigint NOT NULL,
+    PRIMARY KEY (owner, taker, slot)
+);
 """
 
 # Schema 2: release requests (relay.consentstore), in a store of schema 1 added as is.
@@ -479,7 +491,7 @@ class _ChunkReader(io.RawIOBase):
         return count
 
 
-class PgStore(TokenTables, DurableStore):
+class PgStore(TokenTables, PrekeyTables, DurableStore):
     """The relay's durable state in the PostgreSQL database at ``dsn``.
 
     Args:
@@ -626,22 +638,24 @@ class PgStore(TokenTables, DurableStore):
             if present is not None and present[0]:
                 row = self._conn.execute("SELECT version FROM tisa_schema").fetchone()
                 version = 0 if row is None else int(row[0])
-                if version not in (1, 2, SCHEMA_VERSION):
+                if version not in (1, 2, 3, SCHEMA_VERSION):
                     raise UsageError(
                         f"relay store schema {version}; this relay knows {SCHEMA_VERSION}"
                     )
-                if version in (1, 2):
+                if version in (1, 2, 3):
                     # In place, in this one transaction (other processes see all of it
                     # or none); new tables only, which a relay of an older schema still
                     # running on the database never touches. IF NOT EXISTS: a store of
-                    # schema 2 holds the consent tables.
+                    # schema 2 holds the consent tables, one of schema 3 the prekeys.
                     self._conn.execute(_CONSENT_SCHEMA)
                     self._conn.execute(_PREKEY_SCHEMA)
+                    self._conn.execute(_PREKEY_RATE_SCHEMA)
                     self._conn.execute("UPDATE tisa_schema SET version = %s", (SCHEMA_VERSION,))
                 return
             self._conn.execute(_SCHEMA)
             self._conn.execute(_CONSENT_SCHEMA)
             self._conn.execute(_PREKEY_SCHEMA)
+            self._conn.execute(_PREKEY_RATE_SCHEMA)
             self._conn.execute("INSERT INTO tisa_schema (version) VALUES (%s)", (SCHEMA_VERSION,))
             self._conn.execute(
                 "INSERT INTO audit_head (one, seq, head) VALUES (true, 0, %s)", (GENESIS,)
@@ -1201,6 +1215,7 @@ class PgStore(TokenTables, DurableStore):
     # until the batch ends; an expiry skips what another batch holds.
     _FOR_UPDATE = " FOR UPDATE"
     _SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
+    _HANDOUT_SKIP_LOCKED = " FOR UPDATE SKIP LOCKED"
 
     def _acked(self, token_id: bytes, recipient: str) -> None:
         # No longer owed: nobody needs the claim, nor to be told to look.
@@ -1238,42 +1253,12 @@ class PgStore(TokenTables, DurableStore):
 
     def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
         """(``not_after`` of the newest valid signed prekey or 0, one-time prekeys left)."""
-        row = self._conn.execute(
-            "SELECT (SELECT not_after FROM prekeys WHERE owner = %s AND kind = 'signed'"
-            " AND not_after > %s ORDER BY seq DESC LIMIT 1),"
-            " (SELECT count(*) FROM prekeys WHERE owner = %s"
-            " AND kind = 'one_time' AND taken_by IS NULL AND not_after > %s)",
-            (owner, now, owner, now),
+        signed = self._conn.execute(
+            "SELECT not_after FROM prekeys WHERE owner = %s AND kind = 'signed'"
+            " AND not_after > %s ORDER BY seq DESC LIMIT 1",
+            (owner, now),
         ).fetchone()
-        assert row is not None
-        return int(row[0] or 0), int(row[1])
-
-    def take_prekeys(
-        self, owner: str, *, taker: str, now: int
-    ) -> tuple[bytes | None, bytes | None, int]:
-        """Hand out ``owner``'s newest valid signed prekey and one one-time prekey, the
-        latter marked taken by ``taker`` in the same step. ``SKIP LOCKED``: another relay
-        process handing out a prekey of the same owner takes another one."""
-        with self._transaction() as db:
-            signed = db.execute(
-                "SELECT encoded FROM prekeys WHERE owner = %s AND kind = 'signed'"
-                " AND not_after > %s ORDER BY seq DESC LIMIT 1",
-                (owner, now),
-            ).fetchone()
-            one_time = db.execute(
-                "SELECT seq, encoded FROM prekeys WHERE owner = %s AND kind = 'one_time'"
-                " AND taken_by IS NULL AND not_after > %s ORDER BY seq DESC LIMIT 1"
-                " FOR UPDATE SKIP LOCKED",
-                (owner, now),
-            ).fetchone()
-            if one_time is not None:
-                db.execute("UPDATE prekeys SET taken_by = %s WHERE seq = %s", (taker, one_time[0]))
-        left = self.prekey_status(owner, now=now)[1]
-        return (
-            None if signed is None else bytes(signed[0]),
-            None if one_time is None else bytes(one_time[1]),
-            left,
-        )
+        return (0 if signed is None else int(signed[0])), self._one_time_left(owner, now=now)
 
     def _check_one_time_prekey(self, db: Any, token: ReleaseToken) -> None:
         # The row is locked until the batch ends; release writes used_by once its
@@ -1287,3 +1272,14 @@ class PgStore(TokenTables, DurableStore):
             raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
         if row[2] is not None:
             raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
+
+    def _handout_step(self) -> contextlib.AbstractContextManager[_Session]:
+        return self._transaction()
+
+    def _pair_lock(self, owner: str, taker: str) -> None:
+        # Another relay process handing ``owner``'s prekeys to ``taker`` waits for this
+        # batch's COMMIT, so the two never both count the last one allowed.
+        # The two-key form: a lock space apart from the store's one-key locks.
+        self._conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext(%s), hashtext(%s))", (owner, taker)
+        )

@@ -50,6 +50,7 @@ from typing import Any
 import trio
 
 from relay.metrics import MetricsLimits, RelayMetrics, serve_metrics
+from relay.prekeystore import PREKEY_RATE_WINDOW
 from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
 from relay.store import InlineBlob, NoticeRow, TokenRow
 from tisa.arrangement import Arrangement, Role
@@ -382,6 +383,9 @@ class Relay:
         self._store_failed = trio.Event()
         # member -> (minute, refusals logged in it), for max_logged_refusals_per_minute.
         self._refusals_logged: dict[str, tuple[int, int]] = {}
+        # (originator, recipient) -> the PREKEY_RATE_WINDOW in which the originator's
+        # one-time prekey allowance running out was last logged (_prekeys_limited).
+        self._prekeys_limited_logged: dict[tuple[str, str], int] = {}
         # Commits the store's batches; every message a reader handles counts as activity.
         # This process's figures (relay.metrics), served only if asked (serve_tcp).
         self.metrics = RelayMetrics(arrangement)
@@ -1242,7 +1246,15 @@ class Relay:
         except Refused as exc:
             await self._refuse(conn, message.ref, exc.reason, exc.detail)
             return
-        signed, one_time, left = self.store.take_prekeys(message.member, taker=conn.member, now=now)
+        signed, one_time, left = self.store.take_prekeys(
+            message.member,
+            taker=conn.member,
+            now=now,
+            max_per_hour=self.limits.max_one_time_prekeys_per_hour,
+            count_to=self.limits.prekey_low_water,
+        )
+        if one_time is None and left:
+            self._prekeys_limited(conn.member, message.member, now=now)
         await self._reply(
             conn, Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time)
         )
@@ -1250,6 +1262,24 @@ class Relay:
             status = self._prekey_status(message.member)
             for other in list(self._connections.get(message.member, ())):
                 await self._reply(other, status)
+
+    def _prekeys_limited(self, originator: str, recipient: str, *, now: int) -> None:
+        """``originator`` was handed its hourly allowance of ``recipient``'s one-time
+        prekeys (Limits.max_one_time_prekeys_per_hour): the fetch is answered with the
+        signed prekey only. Logged (refused, rate_limited; both parties, so either can
+        fetch it) once per pair and window in this process, so the fetches past the
+        limit do not grow the log."""
+        window = now // PREKEY_RATE_WINDOW
+        if self._prekeys_limited_logged.get((originator, recipient)) == window:
+            return
+        self._prekeys_limited_logged[(originator, recipient)] = window
+        try:
+            self.store.log_refusal(
+                member=originator, reason=Reason.RATE_LIMITED, now=now, others=(recipient,)
+            )
+            self._group_commit.mark_dirty()
+        except Exception:
+            log.exception("could not log a prekey allowance used up")
 
     # --- the pusher ----------------------------------------------------------------------
 

@@ -238,10 +238,18 @@ class RelayStore(Batches, Protocol):
         """(newest valid signed prekey's ``not_after`` or 0, one-time prekeys left)."""
 
     def take_prekeys(
-        self, owner: str, *, taker: str, now: int
+        self,
+        owner: str,
+        *,
+        taker: str,
+        now: int,
+        max_per_hour: int | None = None,
+        count_to: int | None = None,
     ) -> tuple[bytes | None, bytes | None, int]:
         """Hand out ``owner``'s newest valid signed prekey and one one-time prekey, taken
-        by ``taker`` in the same step (so once); with the one-time prekeys left."""
+        by ``taker`` in the same step (so once), unless ``taker`` had ``max_per_hour`` of
+        them in the last hour; with the one-time prekeys left, counted up to
+        ``count_to`` (:meth:`relay.prekeystore.PrekeyTables.take_prekeys`)."""
 
 
 @runtime_checkable

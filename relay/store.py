@@ -17,8 +17,9 @@ Rules that make the relay lose nothing:
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
 * A one-time prekey is handed out in one transaction that marks it taken by the
-  asker (:meth:`Store.take_prekeys`), committed before the answer is sent, so it is
-  handed out once; a token naming it is accepted only from that asker, once.
+  asker (:meth:`Store.take_prekeys`, :mod:`relay.prekeystore`), committed before the
+  answer is sent, so it is handed out once; a token naming it is accepted only from that
+  asker, once.
 * Every audit entry is appended in the same transaction as the state change it records
   (the entries of a batch are written together, by one ``executemany`` right before its
   ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
@@ -59,6 +60,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from relay.consentstore import REQUEST_RATE_WINDOW, ConsentRow
+from relay.prekeystore import PrekeyTables
 from relay.tokenstore import (
     OWED,
     PENDING_COLUMNS,
@@ -99,8 +101,9 @@ __all__ = [
 DB_NAME = "relay.db"
 # 2: reports.key_commit; 3: reports.data (inline ciphertext); 4: the tokens' indexes
 # hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
-# announcements, consent_queue (release requests); 6: prekeys (5 and 6: new tables only).
-SCHEMA_VERSION = 6
+# announcements, consent_queue (release requests); 6: prekeys; 7: prekey_rate (one-time
+# prekeys handed to each originator, relay.prekeystore) (5 to 7: new tables only).
+SCHEMA_VERSION = 7
 
 # The tokens' indexes hold only deliveries still owed (OWED, stated literally in every
 # query that should use them: SQLite uses a partial index only then). Indexed only while
@@ -196,6 +199,13 @@ CREATE TABLE IF NOT EXISTS prekeys (
     used_by BLOB                   -- one-time: the token id that used it
 );
 CREATE INDEX IF NOT EXISTS prekeys_owner ON prekeys (owner, kind, taken_by, seq);
+CREATE TABLE IF NOT EXISTS prekey_rate (
+    owner TEXT NOT NULL,           -- the recipient whose one-time prekeys were handed out
+    taker TEXT NOT NULL,           -- the originator they were handed to
+    slot INTEGER NOT NULL,         -- now // PREKEY_RATE_SLOT
+    handed INTEGER NOT NULL,
+    PRIMARY KEY (owner, taker, slot)
+);
 CREATE TABLE IF NOT EXISTS audit (
     seq INTEGER PRIMARY KEY,
     entry BLOB NOT NULL,
@@ -304,7 +314,7 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
-class Store(TokenTables, DurableStore):
+class Store(TokenTables, PrekeyTables, DurableStore):
     """The relay's durable state in ``directory``.
 
     Args:
@@ -342,7 +352,7 @@ class Store(TokenTables, DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, 4, 5, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, 5, 6, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
@@ -626,7 +636,7 @@ class Store(TokenTables, DurableStore):
             if refusal is not None:
                 raise refusal
             if token.wrap.opk is not None:
-                self._use_one_time_prekey(db, token)
+                self._use_one_time_prekey(token)
             cursor = db.execute(
                 f"INSERT INTO tokens ({PENDING_COLUMNS})"
                 " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
@@ -655,12 +665,14 @@ class Store(TokenTables, DurableStore):
                 of this publish is stored then).
         """
         with self._transaction() as db:
-            for prekey in ([signed] if signed is not None else []) + one_time:
-                db.execute(
-                    "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
-                    " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
-                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after),
-                )
+            db.executemany(
+                "INSERT INTO prekeys (owner, kind, key, encoded, not_after)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING",
+                [
+                    (owner, prekey.kind.value, prekey.key, prekey.encoded, prekey.not_after)
+                    for prekey in ([signed] if signed is not None else []) + one_time
+                ],
+            )
             (available,) = db.execute(
                 "SELECT count(*) FROM prekeys WHERE owner = ? AND kind = 'one_time'"
                 " AND taken_by IS NULL",
@@ -675,58 +687,15 @@ class Store(TokenTables, DurableStore):
     def prekey_status(self, owner: str, *, now: int) -> tuple[int, int]:
         """(``not_after`` of ``owner``'s newest valid signed prekey or 0, one-time prekeys
         still available)."""
-        signed, available = self._db.execute(
-            "SELECT (SELECT not_after FROM prekeys WHERE owner = ? AND kind = 'signed'"
-            " AND not_after > ? ORDER BY seq DESC LIMIT 1),"
-            " (SELECT count(*) FROM prekeys WHERE owner = ?"
-            " AND kind = 'one_time' AND taken_by IS NULL AND not_after > ?)",
-            (owner, now, owner, now),
+        signed = self._db.execute(
+            "SELECT not_after FROM prekeys WHERE owner = ? AND kind = 'signed'"
+            " AND not_after > ? ORDER BY seq DESC LIMIT 1",
+            (owner, now),
         ).fetchone()
-        return int(signed or 0), int(available)
+        return (0 if signed is None else int(signed[0])), self._one_time_left(owner, now=now)
 
-    def take_prekeys(
-        self, owner: str, *, taker: str, now: int
-    ) -> tuple[bytes | None, bytes | None, int]:
-        """Hand out ``owner``'s latest published valid signed prekey and its newest
-        available one-time prekey (the latest publish first: the member's current store
-        holds it), the latter marked taken by ``taker`` in the same transaction
-        (committed before the caller announces it: it is handed out once).
-
-        Returns:
-            (signed envelope or None, one-time envelope or None, one-time prekeys left)
-        """
-        with self._transaction() as db:
-            signed = db.execute(
-                "SELECT encoded FROM prekeys WHERE owner = ? AND kind = 'signed'"
-                " AND not_after > ? ORDER BY seq DESC LIMIT 1",
-                (owner, now),
-            ).fetchone()
-            one_time = db.execute(
-                "SELECT seq, encoded FROM prekeys WHERE owner = ? AND kind = 'one_time'"
-                " AND taken_by IS NULL AND not_after > ? ORDER BY seq DESC LIMIT 1",
-                (owner, now),
-            ).fetchone()
-            if one_time is not None:
-                db.execute("UPDATE prekeys SET taken_by = ? WHERE seq = ?", (taker, one_time[0]))
-        left = self.prekey_status(owner, now=now)[1]
-        return (
-            None if signed is None else bytes(signed[0]),
-            None if one_time is None else bytes(one_time[1]),
-            left,
-        )
-
-    def _use_one_time_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
-        row = db.execute(
-            "SELECT owner, taken_by, used_by FROM prekeys WHERE key = ? AND kind = 'one_time'",
-            (token.wrap.opk,),
-        ).fetchone()
-        if row is None or row[0] != token.recipient or row[1] != token.originator:
-            raise Refused(Reason.UNKNOWN_PREKEY, "a one-time prekey this relay did not hand you")
-        if row[2] is not None:
-            # Not "replayed": that code means a token id seen before, which an
-            # originator's node takes as its own earlier release of the same token.
-            raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
-        db.execute("UPDATE prekeys SET used_by = ? WHERE key = ?", (token.id, token.wrap.opk))
+    def _handout_step(self) -> contextlib.AbstractContextManager[sqlite3.Connection]:
+        return self._transaction(savepoint=False)
 
     # --- audit -----------------------------------------------------------------------
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.consentstore import ConsentTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent
@@ -218,6 +218,10 @@ class TokenTables(ConsentTables):
     """The delivery methods of a relay store (see the module docstring), beside the
     consent methods, whose backend hooks (``_sql``, ``_transaction``, ``_audit``,
     ``_tell``, ``_exclusive``, ``_seen``) they use too."""
+
+    if TYPE_CHECKING:
+        # relay.prekeystore.PrekeyTables, beside this in both stores.
+        def _prune_prekey_rate(self, *, now: int) -> None: ...
 
     # Appended to a SELECT of one row a step goes on to change: a row lock where other
     # writers run at the same time (PostgreSQL), nothing with one writer (SQLite).
@@ -678,5 +682,6 @@ class TokenTables(ConsentTables):
             # before its not_after, by a token valid at most MAX_VALIDITY), so a replayed
             # one-time prekey is caught as long as it matters.
             self._sql("DELETE FROM prekeys WHERE not_after + ? < ?", (MAX_VALIDITY, now))
+            self._prune_prekey_rate(now=now)
         self._ciphertexts_deleted(deleted)
         return notified

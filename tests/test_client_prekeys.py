@@ -4,6 +4,7 @@ and the originator's wait for a recipient's prekeys (each limit crossed)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -15,10 +16,12 @@ from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients.events import RefusedEvent
 from clients.node import Backoff, open_node
+from clients.store import MemberStore
 from tisa import messages as m
 from tisa.errors import ProtocolError, Reason, Refused, UsageError
 from tisa.limits import Limits
-from tisa.prekeys import MAX_PREKEY_SIZE, Prekey, PrekeyKind
+from tisa.prekeys import MAX_PREKEY_SIZE, Prekey, PrekeyKind, WrapMode
+from tisa.token import ReleaseToken
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.05)
@@ -172,6 +175,100 @@ async def test_a_recipient_that_connects_during_the_wait_gets_the_release(
                 inner.start_soon(canberra_comes)
                 token_id = await seoul.release(report_id, "canberra")
             assert seoul.store.release(token_id) is not None
+
+
+async def test_prekey_fetches_go_in_batches_of_max_prekey_fetches_and_tokens_in_order(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Seven releases waiting while Seoul is offline: once connected, it asks for the
+    # prekeys of three at a time (Limits.max_prekey_fetches), each batch in one write
+    # (all three in flight at once), then issues the tokens in the order asked for.
+    fake, port = relay
+    fake.fetch_delay = 0.05  # each answer waits: fetches sent together pile up
+    limits = Limits(max_prekey_fetches=3)
+    clock = Clock(time.time())  # the scripted relay checks tokens with its own clock
+    with trio.fail_after(20):
+        async with node("tokyo", port, tmp_path, limits, clock):
+            await supply(fake, "tokyo", 7)
+            fake.accept = False
+            async with node("seoul", port, tmp_path, limits, clock) as seoul:
+                reports = [
+                    await seoul.submit(
+                        bytes([n]), recipients=["tokyo"], scope=SCOPE, level=LEVEL,
+                        release_to=["tokyo"],
+                    )
+                    for n in range(7)
+                ]  # fmt: skip
+                assert not seoul.connected and not fake.fetches_in_flight
+                fake.accept = True
+                while len([r for r in fake.received if isinstance(r, m.Release)]) < 7:
+                    await trio.sleep(0.01)
+    assert fake.fetches_in_flight == [1, 2, 3, 1, 2, 3, 1]
+    tokens = [ReleaseToken.decode(r.token) for r in fake.received if isinstance(r, m.Release)]
+    assert [(t.report, t.counter) for t in tokens] == list(zip(reports, range(1, 8), strict=True))
+    assert all(t.wrap.mode is WrapMode.ONE_TIME for t in tokens)
+
+
+async def test_submit_calls_in_progress_look_at_their_releases_only_when_woken_for_them(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Twenty submit calls at once, each waiting for its token: each looks at its wanted
+    # release when it starts and when the issuer (or the end of the connection) wakes it,
+    # not on every message the node handles (that was twenty looks per message: the
+    # count grew with the square of the calls in progress).
+    fake, port = relay
+    clock = Clock(time.time())
+    calls = 20
+    with trio.fail_after(20):
+        async with node("tokyo", port, tmp_path, Limits(), clock):
+            await supply(fake, "tokyo", calls)
+            async with node("seoul", port, tmp_path, Limits(), clock) as seoul:
+                await seoul.wait_connected()
+                looks = 0
+                look = seoul.store.wanted_release
+
+                def counted(wanted: int) -> object:
+                    nonlocal looks
+                    looks += 1
+                    return look(wanted)
+
+                seoul.store.wanted_release = counted  # type: ignore[method-assign,assignment]
+                async with trio.open_nursery() as submits:
+                    for n in range(calls):
+                        submits.start_soon(
+                            functools.partial(
+                                seoul.submit, bytes([n]), recipients=["tokyo"], scope=SCOPE,
+                                level=LEVEL, release_to=["tokyo"],
+                            )
+                        )  # fmt: skip
+                # Every call returned with its token issued; the tokens go out (inside
+                # a submit_inline, or as a release when one followed its submission).
+                def tokens_sent() -> int:
+                    return sum(
+                        len(r.tokens) if isinstance(r, m.SubmitInline) else 1
+                        for r in fake.received
+                        if isinstance(r, m.Release | m.SubmitInline)
+                    )
+
+                while tokens_sent() < calls:
+                    await trio.sleep(0.01)
+    assert looks <= 3 * calls, looks
+
+
+def test_the_waiting_releases_are_found_through_an_index(tmp_path: pathlib.Path) -> None:
+    # The issuer looks for them on every state change: never a scan of every release
+    # ever asked for.
+    store = MemberStore(tmp_path / "seoul", "seoul")
+    try:
+        plan = store._db.execute(
+            f"EXPLAIN QUERY PLAN SELECT {store._WANTED_COLUMNS} FROM wanted_releases"
+            " WHERE state = 'waiting' ORDER BY id LIMIT ?",
+            (10,),
+        ).fetchall()
+        # A scan of the partial index: of the waiting rows only.
+        assert [row[3] for row in plan] == ["SCAN wanted_releases USING INDEX wanted_waiting"]
+    finally:
+        store.close()
 
 
 def test_prekey_message_limits_are_enforced() -> None:

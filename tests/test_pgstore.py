@@ -84,18 +84,25 @@ def test_a_store_of_another_schema_version_is_refused(pg_dsn: str) -> None:
         PgStore(pg_dsn)
 
 
-@pytest.mark.parametrize("version", [1, 2])  # 2: a store with the consent tables
-def test_a_version_1_or_2_store_gains_the_prekey_table(pg_dsn: str, version: int) -> None:
+@pytest.mark.parametrize("version", [1, 2, 3])  # 2: with the consent tables; 3: prekeys
+def test_a_version_1_to_3_store_gains_the_prekey_tables(pg_dsn: str, version: int) -> None:
     PgStore(pg_dsn).close()
     with psycopg.connect(pg_dsn) as conn:
-        conn.execute("DROP TABLE prekeys")
+        conn.execute("DROP TABLE prekey_rate")
+        if version < 3:
+            conn.execute("DROP TABLE prekeys")
         conn.execute("UPDATE tisa_schema SET version = %s", (version,))
     store = PgStore(pg_dsn)
     try:
         assert store.prekey_status("tokyo", now=NOW) == (0, 0)
+        assert store.take_prekeys("tokyo", taker="seoul", now=NOW, max_per_hour=1) == (
+            None,
+            None,
+            0,
+        )
     finally:
         store.close()
-    assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(SCHEMA_VERSION,)] == [(3,)]
+    assert _rows(pg_dsn, "SELECT version FROM tisa_schema") == [(SCHEMA_VERSION,)] == [(4,)]
 
 
 def test_two_relay_processes_never_hand_out_one_one_time_prekey_twice(

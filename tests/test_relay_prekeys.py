@@ -3,14 +3,17 @@ the low-supply notice, and the checks of tokens that name one-time prekeys."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import trio
 from nodes.relay_harness import Harness, expect, running_relay, send_submission
-from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+from nodes.relay_helpers import NOW, FakeClock, World, make_world, seal, token_for
 
+from relay.prekeystore import PREKEY_RATE_WINDOW
 from tisa import encoding as enc
+from tisa.audit import AuditEvent
 from tisa.errors import Reason
 from tisa.keys import Context
 from tisa.limits import Limits
@@ -25,6 +28,7 @@ from tisa.messages import (
     Stored,
 )
 from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
+from tisa.token import ReleaseToken
 
 LIMITS = Limits(handshake_timeout=5, frame_timeout=5, prekey_low_water=2, max_one_time_prekeys=5)
 
@@ -177,6 +181,37 @@ async def test_low_supply_is_told_to_the_owner(world: World, store_at: str | Pat
             assert notice.one_time == 1
 
 
+async def test_one_originator_gets_at_most_max_one_time_prekeys_per_hour_of_a_recipient(
+    world: World, store_at: str | Path
+) -> None:
+    # Past the limit a fetch is still answered, with the signed prekey only (as when the
+    # supply is exhausted: the token then says it used none); the relay logs it once per
+    # pair and hour (refused, rate_limited, both parties); another pair has its own
+    # allowance; an hour on, one-time prekeys again.
+    limits = dataclasses.replace(LIMITS, max_one_time_prekeys_per_hour=2)
+    clock = FakeClock()
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=limits, clock=clock) as h:
+            signed = world.signed_prekey("tokyo")
+            await publish(h, "tokyo", signed, [world.prekey("tokyo") for _ in range(5)])
+            await publish(h, "seoul", world.signed_prekey("seoul"), [world.prekey("seoul")])
+            before = h.relay.store.audit_seq
+            answers = [await fetch(h) for _ in range(4)]
+            assert all(isinstance(a, Prekeys) and a.signed == signed for a in answers)
+            handed = [a.one_time for a in answers]  # type: ignore[union-attr]
+            assert None not in handed[:2] and handed[2:] == [None, None]
+            assert h.relay.store.prekey_status("tokyo", now=NOW)[1] == 3  # none taken past it
+            other = await fetch(h, member="seoul", by="tokyo")
+            assert isinstance(other, Prekeys) and other.one_time is not None
+            entries = [e for e, _, _ in h.relay.store.audit_entries(before, limit=10)]
+            assert [(e.event, e.reason, e.parties) for e in entries] == [
+                (AuditEvent.REFUSED, Reason.RATE_LIMITED.value, ("seoul", "tokyo"))
+            ]
+            clock.now = NOW + PREKEY_RATE_WINDOW
+            later = await fetch(h)
+            assert isinstance(later, Prekeys) and later.one_time is not None
+
+
 async def submitted(h: Harness, world: World) -> object:
     seoul = await h.connect("seoul")
     report = seal(world)
@@ -249,23 +284,69 @@ def test_prekey_secret_is_never_in_the_relay_store(world: World, tmp_path: Path)
     assert secret.secret not in published and secret.public in published
 
 
-@pytest.mark.parametrize("version", [4, 5])  # 5: a store with the consent tables
-def test_a_version_4_or_5_store_gains_the_prekey_table(tmp_path: Path, version: int) -> None:
+@pytest.mark.parametrize("version", [4, 5, 6])  # 5: with the consent tables; 6: prekeys
+def test_a_version_4_to_6_store_gains_the_prekey_tables(tmp_path: Path, version: int) -> None:
     import sqlite3
 
     from relay.store import SCHEMA_VERSION, Store
 
     Store(tmp_path).close()
     db = sqlite3.connect(tmp_path / "relay.db")
-    db.execute("DROP TABLE prekeys")
+    db.execute("DROP TABLE prekey_rate")
+    if version < 6:
+        db.execute("DROP TABLE prekeys")
     db.execute(f"PRAGMA user_version={version}")
     db.commit()
     db.close()
     store = Store(tmp_path)
     try:
         assert store.prekey_status("tokyo", now=NOW) == (0, 0)
+        assert store.take_prekeys("tokyo", taker="seoul", now=NOW, max_per_hour=1) == (
+            None,
+            None,
+            0,
+        )
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "relay.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 7
     db.close()
+
+
+def test_a_handout_and_its_use_read_only_through_indexes(world: World, tmp_path: Path) -> None:
+    # Every statement of a fetch (the allowance check, the handout, the supply left) and
+    # of a token's use of its one-time prekey searches an index: none scans a table
+    # that grows with every prekey ever handed out (the supply's count reads at most
+    # count_to entries).
+    from relay.store import Store
+
+    store = Store(tmp_path)
+    try:
+        prekeys = [Prekey.decode(world.prekey("tokyo")) for _ in range(3)]
+        signed = Prekey.decode(world.signed_prekey("tokyo"))
+        store.publish_prekeys("tokyo", signed, prekeys, max_one_time=10)
+        statements: list[str] = []
+        store._db.set_trace_callback(statements.append)
+        _, one_time, left = store.take_prekeys(
+            "tokyo", taker="seoul", now=NOW, max_per_hour=5, count_to=2
+        )
+        assert one_time is not None and left == 2
+        report = seal(world)
+        token = ReleaseToken.decode(token_for(world, report, one_time_prekey=one_time))
+        store._use_one_time_prekey(token)
+        store._db.set_trace_callback(None)
+        plans = {
+            sql: [row[3] for row in store._db.execute("EXPLAIN QUERY PLAN " + sql)]
+            for sql in statements
+            if sql.lstrip().upper().startswith(("SELECT", "UPDATE", "INSERT"))
+        }
+        assert len(plans) == 6, plans  # signed, allowance, handout, count, supply, use
+        for sql, plan in plans.items():
+            scans = [
+                line
+                for line in plan
+                if line.startswith("SCAN") and "INDEX" not in line and line != "SCAN supply"
+            ]
+            assert not scans and "USE TEMP B-TREE FOR ORDER BY" not in plan, (sql, plan)
+    finally:
+        store.close()

@@ -136,6 +136,17 @@ class Limits:
     # The relay tells a member its one-time supply runs low (a prekey_status) when a
     # handout leaves fewer than this; the member's node then replenishes below it too.
     prekey_low_water: int = 20
+    # One-time prekeys of one recipient the relay hands one originator in any hour
+    # (relay.prekeystore); past it a prekeys_fetch is answered with the signed prekey
+    # only, as when the supply is exhausted (the token says so), and the relay logs it
+    # once per hour and pair (refused, rate_limited). A greedy or hostile originator
+    # cannot drain a recipient's supply, nor make it generate prekeys without end: each
+    # costs the recipient a key pair and a signature, and the relay a row kept until 30
+    # days after the prekey's lifetime. 1,000 an hour (one every 3.6 s, sustained) is far
+    # above the pace of releases from one partner to another, and a burst of up to 1,000
+    # reports in an hour still gets one-time prekeys (as far as the recipient's supply,
+    # one_time_prekeys, keeps up).
+    max_one_time_prekeys_per_hour: int = 1000
     # One-time prekeys a node keeps published: it tops its supply up to this many.
     one_time_prekeys: int = 100
     # Seconds between two signed prekeys of a node; each is valid for two periods, so a
@@ -152,6 +163,13 @@ class Limits:
     # the relay (a recipient that has not connected yet) before refusing the release
     # with no_prekey, or falling back where the arrangement allows it.
     prekey_wait: float = 30.0
+    # Prekey fetches an originator's node sends in one write (the releases waiting for
+    # their token, oldest first; their tokens are then issued in order). One round trip
+    # per batch instead of one per token; at most half of prekey_low_water, so that a
+    # batch for one recipient never takes more one-time prekeys than the relay still
+    # holds past its low-supply notice, and a second batch finds the recipient's top-up
+    # on its way rather than an empty supply.
+    max_prekey_fetches: int = 10
 
     def __post_init__(self) -> None:
         from tisa.errors import UsageError

@@ -56,6 +56,12 @@ class FakeRelay:
     # Hand out no one-time prekeys (as if the supply were exhausted), or nothing at all.
     withhold_one_time: bool = False
     withhold_signed: bool = False
+    # Seconds before a prekey fetch is answered (answered from a task of its own, so
+    # fetches sent together are in flight together), and for each fetch received, how
+    # many were unanswered then (itself included).
+    fetch_delay: float = 0.0
+    fetches_in_flight: list[int] = dataclasses.field(default_factory=list)
+    _unanswered: int = 0
 
     def _poke(self) -> None:
         self.wake.set()
@@ -79,7 +85,7 @@ class FakeRelay:
             async with link, trio.open_nursery() as nursery:
                 nursery.start_soon(self._push, link)
                 with contextlib.suppress(LinkClosed, trio.BrokenResourceError, RemoteError):
-                    await self._read(link)
+                    await self._read(link, nursery)
                 nursery.cancel_scope.cancel()
         finally:
             if self.links.get(link.peer) is link:
@@ -124,7 +130,13 @@ class FakeRelay:
         if message.TYPE not in self.drop_answers:
             await link.send(message)
 
-    async def _read(self, link: Link) -> None:
+    async def _answer_later(self, link: Link, message: m.Message) -> None:
+        await trio.sleep(self.fetch_delay)
+        self._unanswered -= 1
+        with contextlib.suppress(LinkClosed, trio.BrokenResourceError, RemoteError):
+            await self._answer(link, message)
+
+    async def _read(self, link: Link, nursery: trio.Nursery) -> None:
         while True:
             message = await link.receive()
             self.received.append(message)
@@ -206,12 +218,16 @@ class FakeRelay:
                 supply = self.one_time_prekeys.get(message.member, [])
                 one_time = supply.pop(0) if supply and not self.withhold_one_time else None
                 signed = None if self.withhold_signed else self.signed_prekeys.get(message.member)
-                await self._answer(
-                    link,
-                    m.Prekeys(
-                        ref=message.ref, member=message.member, signed=signed, one_time=one_time
-                    ),
+                answer = m.Prekeys(
+                    ref=message.ref, member=message.member, signed=signed, one_time=one_time
                 )
+                self._unanswered += 1
+                self.fetches_in_flight.append(self._unanswered)
+                if self.fetch_delay:
+                    nursery.start_soon(self._answer_later, link, answer)
+                else:
+                    self._unanswered -= 1
+                    await self._answer(link, answer)
 
     def _consume(self, data: bytes) -> m.Released | m.Refusal:
         """Check and consume a token: the answer to send (a ``released`` or a refusal)."""
