@@ -241,6 +241,7 @@ async def test_submit_calls_in_progress_look_at_their_releases_only_when_woken_f
                                 level=LEVEL, release_to=["tokyo"],
                             )
                         )  # fmt: skip
+
                 # Every call returned with its token issued; the tokens go out (inside
                 # a submit_inline, or as a release when one followed its submission).
                 def tokens_sent() -> int:
