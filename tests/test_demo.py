@@ -140,6 +140,10 @@ def _group_alive(pgid: int) -> list[str]:
     return alive
 
 
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 @pytest.mark.parametrize(
     ("moment", "whole_group"),
@@ -161,6 +165,9 @@ def test_ctrl_c_mid_demo_is_one_line_and_leaves_no_process(
         text=True,
         start_new_session=True,  # its own group, as a shell's job: killpg reaches only it
         env={**os.environ, "COLUMNS": "200"},
+        # Ctrl-C as at a terminal, even when this suite runs as a background job (a
+        # shell starts those with SIGINT ignored, and a child inherits that).
+        preexec_fn=_sigint_default,
     )
     try:
         assert process.stdout is not None
