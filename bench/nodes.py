@@ -217,6 +217,7 @@ def _run_tisa(
         tokyo.wait(timeout=900)
         relays.measure()
         one_time_used = relays.one_time_used() if mode == "throughput" else 0
+        one_time_published = relays.one_time_published() if mode == "throughput" else 0
     finally:
         for process in (seoul, tokyo):
             if process is not None:
@@ -226,6 +227,7 @@ def _run_tisa(
         "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib, "cpu_s": seoul.cpu_s},
         "tokyo": {"peak_mib": tokyo.peak_mib, **tokyo.records()[-1], "cpu_s": tokyo.cpu_s},
         "one_time_used": one_time_used,
+        "one_time_published": one_time_published,
         **relays.figures(),
     }
 
@@ -384,6 +386,7 @@ def _setup_round(
         "tisa_cpu_ms": _pipeline_cpu_ms(tisa, count),
         "tisa_cpu_each_ms": _pipeline_cpu_each_ms(tisa, count),
         "one_time_used": tisa["one_time_used"],
+        "one_time_published": tisa["one_time_published"],
         "tisa_relay_cpu_us": 1e6 * tisa["relay_run_cpu_s"] / count,
         "tisa_server_cpu_us": 1e6 * tisa["server_run_cpu_s"] / count,
         "relay_alone": alone,
@@ -510,7 +513,8 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
                   f" relay {each['relay']:.2f} ms, Tokyo {each['tokyo']:.2f} ms"
                   + (f", PostgreSQL {each['server']:.2f} ms" if kind.server is not None else "")
                   + f"; tokens with a one-time prekey {mine['one_time_used']} of"
-                  f" {args.count}")  # fmt: skip
+                  f" {args.count}, one-time prekeys published"
+                  f" {mine['one_time_published']}")  # fmt: skip
         sqlite = found["sqlite"]
         rounds.append({"bare": bare_rate, "bare_cpu_ms": bare_cpu, "setups": found,
                        "tisa": sqlite["tisa"], "relay_alone": sqlite["relay_alone"],

@@ -243,6 +243,12 @@ class Relays:
         )
         return int(rows[0][0])
 
+    def one_time_published(self) -> int:
+        """One-time prekeys the recipients published to the relays in the run (those
+        handed out are kept, so all of them): used ones plus the over-supply."""
+        rows = self._query("SELECT count(*) FROM prekeys WHERE kind = 'one_time'")
+        return int(rows[0][0])
+
     def figures(self) -> dict[str, Any]:
         """CPU (in all, start-up included, and between mark and measure) and peak RSS."""
         return {

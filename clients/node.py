@@ -219,6 +219,11 @@ class _Session:
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
     prekey_status: m.PrekeyStatus | None = None
     prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # After a top-up of one-time prekeys: the count of the status it answered. A status
+    # counting no more than that was counted before the relay stored the top-up (it
+    # crossed it on the wire): it starts no second top-up. A higher count, a refusal
+    # of a publish, or the keeper's periodic look ends the wait.
+    prekeys_topped_up_at: int | None = None
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
 
@@ -867,7 +872,13 @@ class Node:
             )
             fresh.append(current)
         one_time: list[PrekeySecret] = []
-        if status is not None and status.one_time < limits.prekey_low_water:
+        stale = (
+            status is not None
+            and session is not None
+            and session.prekeys_topped_up_at is not None
+            and status.one_time <= session.prekeys_topped_up_at
+        )
+        if status is not None and status.one_time < limits.prekey_low_water and not stale:
             one_time = [
                 PrekeySecret.generate(
                     PrekeyKind.ONE_TIME,
@@ -903,6 +914,8 @@ class Node:
                 )
             )
             first = False
+        if one_time:
+            session.prekeys_topped_up_at = status.one_time
         with contextlib.suppress(LinkClosed):
             await session.link.send_many(messages)
 
@@ -916,8 +929,11 @@ class Node:
         while True:
             changed = session.prekey_changed
             await self.maintain_prekeys(session.prekey_status)
-            with trio.move_on_after(PREKEY_CHECK_INTERVAL):
+            with trio.move_on_after(PREKEY_CHECK_INTERVAL) as idle:
                 await changed.wait()
+            if idle.cancelled_caught:
+                # No answer to a top-up in all that time: the latest status counts again.
+                session.prekeys_topped_up_at = None
 
     async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> bool:
         """Withdraw one token, or with ``token_id`` None the whole report.
@@ -1664,6 +1680,9 @@ class Node:
                     refusal = Refused(Reason(message.reason), message.detail)
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                         session.audit_replies.send_nowait(refusal)
+                if not message.ref:
+                    # Perhaps a refused publish (no ref either): no top-up to wait for.
+                    session.prekeys_topped_up_at = None
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
@@ -1696,7 +1715,14 @@ class Node:
     def _on_prekey_status(self, session: _Session, message: m.PrekeyStatus) -> None:
         # A member that never published (no signed prekey at the relay) is not running
         # low: it is about to publish its first supply.
-        if message.signed_not_after and message.one_time < self._limits.prekey_low_water:
+        topped_up_at = session.prekeys_topped_up_at
+        if topped_up_at is not None and message.one_time > topped_up_at:
+            topped_up_at = session.prekeys_topped_up_at = None  # the relay has the top-up
+        if (
+            message.signed_not_after
+            and message.one_time < self._limits.prekey_low_water
+            and topped_up_at is None
+        ):
             self.store.add_event(
                 PrekeysLow(one_time=message.one_time, signed_not_after=message.signed_not_after)
             )

@@ -315,6 +315,10 @@ class _Connection:
     # Audit extracts queued in ``replies`` (up to ~128 KiB each): at most
     # MAX_QUEUED_AUDIT_REPLIES, so a member that asks and never reads holds little.
     audit_queued: int = 0
+    # A prekey_status is due to this member (a handout left its one-time supply below
+    # prekey_low_water): the batch of the latest such handout, else None. The pusher
+    # sends it, counted afresh, ahead of the next deliveries it writes.
+    prekey_status_due: int | None = None
 
     def changed(self) -> None:
         self.replies_changed.set()
@@ -1259,9 +1263,21 @@ class Relay:
             conn, Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time)
         )
         if one_time is not None and left < self.limits.prekey_low_water:
-            status = self._prekey_status(message.member)
-            for other in list(self._connections.get(message.member, ())):
-                await self._reply(other, status)
+            # Not queued behind the recipient's other answers: its pusher sends one
+            # status, counted when it goes out, ahead of the next deliveries.
+            for other in self._connections.get(message.member, ()):
+                other.prekey_status_due = self.store.barrier
+                other.wake.set()
+
+    async def _due_status(self, conn: _Connection) -> list[Message]:
+        """The prekey_status due to ``conn`` (none, or one), counted now: after the
+        handouts that made it due are committed. The caller writes it before anything
+        else, with no checkpoint between (so statuses go out in the order counted)."""
+        if conn.prekey_status_due is None:
+            return []
+        await self._durable(conn.prekey_status_due)
+        conn.prekey_status_due = None
+        return [self._prekey_status(conn.member)]
 
     def _prekeys_limited(self, originator: str, recipient: str, *, now: int) -> None:
         """``originator`` was handed its hourly allowance of ``recipient``'s one-time
@@ -1430,6 +1446,8 @@ class Relay:
             while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
                 after_notice = notices[-1].seq
                 await self._send_notices(conn, notices)
+            if status := await self._due_status(conn):
+                await conn.link.send_many(status)
             await conn.wake.wait()
 
     async def _send_notices(self, conn: _Connection, notices: list[NoticeRow]) -> None:
@@ -1555,10 +1573,14 @@ class Relay:
         self, conn: _Connection, pending: list[Message], sent: list[bytes]
     ) -> None:
         """Send the small deliveries gathered by :meth:`_deliver` in one write, then
-        record them as forwarded."""
+        record them as forwarded; a prekey_status due goes first (also when
+        ``pending`` is empty: a large delivery is about to stream)."""
+        status = await self._due_status(conn)
         if not pending:
+            if status:
+                await conn.link.send_many(status)
             return
-        await conn.link.send_many(pending)
+        await conn.link.send_many(status + pending)
         now = self.now()
         for token_id in sent:
             self._refresh_claim(conn, token_id)

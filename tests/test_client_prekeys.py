@@ -347,3 +347,49 @@ def test_a_schema_3_store_with_wanted_releases_gains_their_approves_column(
         assert store.requests() == []
     finally:
         store.close()
+
+
+async def test_a_status_that_crossed_a_top_up_starts_no_second_one(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # The scripted relay answers no publish: the test sends each status itself, as the
+    # relay would, including one counted before the relay stored Tokyo's top-up.
+    fake, port = relay
+    fake.drop_answers = {"prekey_status"}
+    limits = Limits(one_time_prekeys=10, prekey_low_water=4)
+    clock = Clock()
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path, limits, clock) as tokyo:
+            while not any(isinstance(p, m.PublishPrekeys) for p in fake.received):
+                await trio.sleep(0.01)  # the empty ask of a new connection
+            link = fake.links["tokyo"]
+            await link.send(m.PrekeyStatus(signed_not_after=0, one_time=0))
+            await supply(fake, "tokyo", 10)
+            not_after = Prekey.decode(fake.signed_prekeys["tokyo"]).not_after
+
+            def status(one_time: int) -> m.PrekeyStatus:
+                return m.PrekeyStatus(signed_not_after=not_after, one_time=one_time)
+
+            def generated() -> int:
+                return len(tokyo.store.one_time_prekeys(now=int(clock.now)))
+
+            del fake.one_time_prekeys["tokyo"][:8]  # handed out: 2 left, below 4
+            await link.send(status(2))
+            await supply(fake, "tokyo", 10)  # topped up by 8
+            assert generated() == 18
+            # Counted before the relay stored that top-up (it crossed it on the wire):
+            # no second top-up, neither from the keeper nor from a look asked for.
+            await link.send(status(1))
+            while tokyo._session is None or tokyo._session.prekey_status != status(1):
+                await trio.sleep(0.01)
+            await tokyo.maintain_prekeys()
+            assert generated() == 18
+            assert len(fake.one_time_prekeys["tokyo"]) == 10
+            # The answer to the top-up (counting it); then a real low count tops up again.
+            await link.send(status(10))
+            del fake.one_time_prekeys["tokyo"][:7]
+            await link.send(status(3))
+            await supply(fake, "tokyo", 10)
+            assert generated() == 25
+    published = [len(p.one_time) for p in fake.received if isinstance(p, m.PublishPrekeys)]
+    assert published == [0, 10, 8, 7]

@@ -8,7 +8,13 @@ from pathlib import Path
 
 import pytest
 import trio
-from nodes.relay_harness import Harness, expect, running_relay, send_submission
+from nodes.relay_harness import (
+    Harness,
+    expect,
+    receive_delivery,
+    running_relay,
+    send_submission,
+)
 from nodes.relay_helpers import NOW, FakeClock, World, make_world, seal, token_for
 
 from relay.prekeystore import PREKEY_RATE_WINDOW
@@ -18,6 +24,7 @@ from tisa.errors import Reason
 from tisa.keys import Context
 from tisa.limits import Limits
 from tisa.messages import (
+    Ack,
     FetchPrekeys,
     Prekeys,
     PrekeyStatus,
@@ -350,3 +357,47 @@ def test_a_handout_and_its_use_read_only_through_indexes(world: World, tmp_path:
             assert not scans and "USE TEMP B-TREE FOR ORDER BY" not in plan, (sql, plan)
     finally:
         store.close()
+
+
+async def test_a_low_supply_status_overtakes_the_next_deliveries_counted_when_sent(
+    world: World, store_at: str | Path
+) -> None:
+    # Tokyo takes one delivery at a time (delivery_window 1) on a link whose writes wait
+    # for its reads (lockstep, as a full TCP window): its first delivery is being written
+    # when a burst of handouts drains its supply below the low water mark of 2.
+    limits = dataclasses.replace(LIMITS, delivery_window=1)
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=limits) as h:
+            tokyo = await h.connect("tokyo", lockstep=True)
+            one_time = [world.prekey("tokyo") for _ in range(3)]
+            await tokyo.send(PublishPrekeys(signed=world.signed_prekey("tokyo"), one_time=one_time))
+            assert (await expect(tokyo, PrekeyStatus)).one_time == 3
+            report = await submitted(h, world)
+            for counter in (1, 2):
+                granted = await release(h, token_for(world, report, counter=counter))
+                assert isinstance(granted, Released)
+            while not any(conn.in_flight for conn in h.relay._connections.get("tokyo", ())):
+                await trio.sleep(0.01)  # the first delivery is claimed and being written
+            for _ in range(3):
+                assert isinstance(await fetch(h), Prekeys)  # 2, 1, 0 left
+            first, _ = await receive_delivery(tokyo)
+            # One status, counted when it went out (0 left), not one per handout (1, 0),
+            # and ahead of the delivery pushed next.
+            assert await expect(tokyo, PrekeyStatus) == PrekeyStatus(
+                signed_not_after=Prekey.decode(world.signed_prekey("tokyo")).not_after,
+                one_time=0,
+            )
+            await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(first).id))
+            second, _ = await receive_delivery(tokyo)  # no status before it: none is due
+            assert second != first
+            # A handout below the mark with a delivery waiting: the status goes first.
+            await tokyo.send(
+                PublishPrekeys(signed=None, one_time=[world.prekey("tokyo") for _ in range(2)])
+            )
+            assert (await expect(tokyo, PrekeyStatus)).one_time == 2
+            third = token_for(world, report, counter=3)
+            assert isinstance(await release(h, third), Released)  # waits for the second's ack
+            assert isinstance(await fetch(h), Prekeys)  # 1 left
+            await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(second).id))
+            assert (await expect(tokyo, PrekeyStatus)).one_time == 1
+            assert (await receive_delivery(tokyo))[0] == third
