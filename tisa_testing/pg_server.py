@@ -233,8 +233,10 @@ def postmaster_pid(dsn: str) -> int | None:
 
     with psycopg.connect(dsn, connect_timeout=10) as conn:
         row = conn.execute("SELECT pg_backend_pid()").fetchone()
-    assert row is not None
-    stat = _stat_fields(int(row[0]))
+        assert row is not None
+        # Read while the connection is open: its backend ends with it (read after the
+        # close, the process could be gone, and the answer None).
+        stat = _stat_fields(int(row[0]))
     return None if stat is None else int(stat[1])
 
 
