@@ -485,14 +485,18 @@ class MemberStore(DurableStore):
             self._db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, savepoint: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction: committed on normal exit, rolled back on any error.
 
         With group commit, one step of the open batch instead: rolled back alone on an
-        error, committed with the batch by :meth:`commit`."""
+        error, committed with the batch by :meth:`commit`. ``savepoint=False`` for a step
+        that makes every check before its first write (the per-report steps: two
+        statements fewer each); should one raise after a write all the same (an SQLite
+        error), the whole batch is lost, as when its COMMIT fails (see
+        :meth:`tisa_io.durable.DurableStore._step`)."""
         if self._in_step or (not self.group_commit and self._db.in_transaction):
             raise UsageError("nested store transaction")
-        with self._step() if self.group_commit else self._single() as db:
+        with self._step(savepoint=savepoint) if self.group_commit else self._single() as db:
             yield db
 
     def _clean_debris(self) -> None:
@@ -546,7 +550,7 @@ class MemberStore(DurableStore):
     ) -> None:
         """Queue a sealed report whose ciphertext file is already durable in outbox/
         (or, with ``data`` and ``file`` '', whose ciphertext is ``data``)."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
                 " recipients, expires, created, state, data)"
@@ -616,7 +620,7 @@ class MemberStore(DurableStore):
     def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
         """Record the relay's ack and drop the local ciphertext. False if not queued (a
         withdrawn submission counts: the relay stored it before it was withdrawn)."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             row = db.execute(
                 "SELECT file FROM outbox WHERE report = ? AND state IN ('queued', 'withdrawn')",
                 (report,),
@@ -701,7 +705,7 @@ class MemberStore(DurableStore):
         """Record that ``report`` is to be released to ``recipient`` (a token valid for
         ``valid_for`` seconds from when it is issued, approving the incoming release
         request ``approves`` if given); returns the request's id."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT INTO wanted_releases (report, recipient, valid_for, state, approves)"
                 " VALUES (?, ?, ?, 'waiting', ?)",
@@ -869,7 +873,7 @@ class MemberStore(DurableStore):
         self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
     ) -> bool:
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "UPDATE releases SET state = ?, reason = ?, detail = ?"
                 " WHERE token = ? AND state = 'pending'",
@@ -967,7 +971,7 @@ class MemberStore(DurableStore):
         self, *, token: bytes, report: bytes, recipient: str, encoded: bytes, now: int, event: Event
     ) -> bool:
         """Record a verified receipt. False if it was already known (no new event)."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)",
                 (token, report, recipient, encoded, now),
@@ -1046,7 +1050,7 @@ class MemberStore(DurableStore):
             os.replace(staged, target)
             fsync_dir(self.inbox_dir)
             fsync_dir(self.tmp_dir)
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO inbox (token, report, originator, header, dir, received, receipt,"
                 " data) VALUES (?,?,?,?,?,?,?,?)",
@@ -1128,7 +1132,7 @@ class MemberStore(DurableStore):
 
     def add_prekeys(self, secrets: list[PrekeySecret]) -> None:
         """Keep new prekey secrets (committed with the batch, before they are published)."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.executemany(
                 "INSERT INTO prekeys VALUES (?, ?, ?, ?, ?)",
                 [(p.public, p.kind.value, p.secret, p.created, p.not_after) for p in secrets],
@@ -1177,7 +1181,7 @@ class MemberStore(DurableStore):
     def delete_old_prekeys(self, *, now: int, grace: int) -> int:
         """Delete the prekey secrets whose ``not_after + grace`` has passed (and the
         used-prekey records as old); returns how many secrets were deleted."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             deleted = db.execute(
                 "DELETE FROM prekeys WHERE not_after + ? <= ?", (grace, now)
             ).rowcount
@@ -1229,7 +1233,7 @@ class MemberStore(DurableStore):
     def mark_handed(self, token: bytes) -> bool:
         """The application acknowledged the report of ``token``: it is not handed over
         again. Returns False when no report of ``token`` is in the inbox."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
@@ -1246,7 +1250,7 @@ class MemberStore(DurableStore):
 
     def mark_receipt_sent(self, token: bytes) -> None:
         """The relay confirmed it holds the receipt of ``token``."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute("UPDATE inbox SET receipt_sent = 1 WHERE token = ?", (token,))
 
     # --- consent: announcements, requests, answers ------------------------------------
@@ -1485,5 +1489,5 @@ class MemberStore(DurableStore):
 
     def drop_event(self, seq: int) -> None:
         """The application has taken event ``seq``: forget it."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute("DELETE FROM events WHERE seq = ?", (seq,))
