@@ -518,8 +518,10 @@ class MemberStore(DurableStore):
                 shutil.rmtree(entry, ignore_errors=True)
 
     @staticmethod
-    def _event(db: sqlite3.Connection, event: Event) -> None:
-        kind, data = encode_event(event)
+    def _event(db: sqlite3.Connection, event: Event | tuple[str, bytes]) -> None:
+        # An event or its record (encode_event): a step without a savepoint encodes its
+        # events before its first write, so that nothing it checks can fail after one.
+        kind, data = event if isinstance(event, tuple) else encode_event(event)
         seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
         # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
         # for the maximum, and no DELETE at all until the bound is first reached.)
@@ -620,6 +622,7 @@ class MemberStore(DurableStore):
     def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
         """Record the relay's ack and drop the local ciphertext. False if not queued (a
         withdrawn submission counts: the relay stored it before it was withdrawn)."""
+        record = encode_event(event)
         with self.transaction(savepoint=False) as db:
             row = db.execute(
                 "SELECT file FROM outbox WHERE report = ? AND state IN ('queued', 'withdrawn')",
@@ -632,7 +635,7 @@ class MemberStore(DurableStore):
                 " WHERE report = ?",
                 (ack, report),
             )
-            self._event(db, event)
+            self._event(db, record)
         if row[0]:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
             self._remove_after_commit(self.outbox_dir / row[0])
@@ -873,6 +876,7 @@ class MemberStore(DurableStore):
         self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
     ) -> bool:
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
+        record = None if event is None else encode_event(event)
         with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "UPDATE releases SET state = ?, reason = ?, detail = ?"
@@ -881,8 +885,8 @@ class MemberStore(DurableStore):
             )
             if cursor.rowcount == 0:
                 return False
-            if event is not None:
-                self._event(db, event)
+            if record is not None:
+                self._event(db, record)
         return True
 
     def force_release_state(self, token: bytes, state: str, event: Event) -> None:
@@ -971,6 +975,7 @@ class MemberStore(DurableStore):
         self, *, token: bytes, report: bytes, recipient: str, encoded: bytes, now: int, event: Event
     ) -> bool:
         """Record a verified receipt. False if it was already known (no new event)."""
+        record = encode_event(event)
         with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)",
@@ -978,7 +983,7 @@ class MemberStore(DurableStore):
             )
             if cursor.rowcount == 0:
                 return False
-            self._event(db, event)
+            self._event(db, record)
         return True
 
     def receipts(self) -> list[bytes]:
@@ -1050,6 +1055,8 @@ class MemberStore(DurableStore):
             os.replace(staged, target)
             fsync_dir(self.inbox_dir)
             fsync_dir(self.tmp_dir)
+        records = [encode_event(event) for event in events]
+        header_record = enc.pack(header.to_dict())
         with self.transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO inbox (token, report, originator, header, dir, received, receipt,"
@@ -1058,7 +1065,7 @@ class MemberStore(DurableStore):
                     token.id,
                     header.id,
                     header.originator,
-                    enc.pack(header.to_dict()),
+                    header_record,
                     name,
                     now,
                     receipt,
@@ -1075,8 +1082,8 @@ class MemberStore(DurableStore):
                     (token.id, token.request),
                 )
             self._consume_prekey(db, token)
-            for event in events:
-                self._event(db, event)
+            for record in records:
+                self._event(db, record)
 
     @staticmethod
     def _consume_prekey(db: sqlite3.Connection, token: ReleaseToken) -> None:
