@@ -31,9 +31,10 @@ Rules that make it crash-safe:
   and no file, rename or directory fsync.
 
 Group commit: a store opened with ``group_commit=True`` (the node's) runs each
-:meth:`MemberStore.transaction` as a savepoint of one open SQLite transaction that
-:meth:`MemberStore.commit` commits; :attr:`MemberStore.barrier` names the batch that
-must be on disk (:attr:`MemberStore.committed`) before the current state may be
+:meth:`MemberStore.transaction` as a step of one open SQLite transaction that
+:meth:`MemberStore.commit` commits (in a savepoint, or without one for the per-report
+steps, which make every check before their first write); :attr:`MemberStore.barrier`
+names the batch that must be on disk (:attr:`MemberStore.committed`) before the current state may be
 announced (to the relay, to the application, or to a caller by returning). Files are
 unlinked only once the batch that dropped their row is on disk.
 
