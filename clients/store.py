@@ -34,9 +34,9 @@ Group commit: a store opened with ``group_commit=True`` (the node's) runs each
 :meth:`MemberStore.transaction` as a step of one open SQLite transaction that
 :meth:`MemberStore.commit` commits (in a savepoint, or without one for the per-report
 steps, which make every check before their first write); :attr:`MemberStore.barrier`
-names the batch that must be on disk (:attr:`MemberStore.committed`) before the current state may be
-announced (to the relay, to the application, or to a caller by returning). Files are
-unlinked only once the batch that dropped their row is on disk.
+names the batch that must be on disk (:attr:`MemberStore.committed`) before the current
+state may be announced (to the relay, to the application, or to a caller by
+returning). Files are unlinked only once the batch that dropped their row is on disk.
 
 Durability without an fsync on the event loop, by the same rule as the relay's store
 (the batch bookkeeping and the full argument are in :mod:`tisa_io.durable`):
