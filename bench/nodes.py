@@ -87,6 +87,7 @@ from bench.processes import (
     emit,
     load,
     make_world,
+    profile,
     relay_limits,
     run_folder,
     vm_hwm_mib,
@@ -214,6 +215,8 @@ def _run_tisa(
                                        backward, *rest])  # fmt: skip
         seoul = Process(run, "seoul", ["-m", "bench.nodes", "--role", "seoul", str(run),
                                        forward, *rest, str(concurrency)])  # fmt: skip
+        for process, label in ((tokyo, "tokyo"), (seoul, "seoul")):
+            profile(process, "BENCH_PROFILE_NODES", label)
         tokyo.wait(timeout=900)
         relays.measure()
         one_time_used = relays.one_time_used() if mode == "throughput" else 0

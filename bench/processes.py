@@ -28,6 +28,7 @@ __all__ = [
     "emit",
     "load",
     "make_world",
+    "profile",
     "relay_limits",
     "run_folder",
     "start_relay",
@@ -185,15 +186,24 @@ def start_relay(run: Path, count: int, store: str | None = None, label: str = "r
          *(arg for limit in relay_limits(count) for arg in ("--limit", limit))],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip
-    profile = os.environ.get("BENCH_PROFILE_RELAY")
-    if profile:
-        out = Path(profile) / f"relay-{relay.popen.pid}.txt"
+    profile(relay, "BENCH_PROFILE_RELAY", "relay")
+    return relay
+
+
+def profile(process: Process, variable: str, label: str) -> None:
+    """With the environment variable ``variable`` set to a directory, ``py-spy record``
+    (installed separately, not a dependency) samples ``process`` until it ends, into a
+    collapsed-stack file there (``<label>-<pid>.txt``, one line per stack with its sample
+    count). ``BENCH_PROFILE_RELAY`` does it for every relay, ``BENCH_PROFILE_NODES`` for
+    the member nodes Seoul and Tokyo (:mod:`bench.nodes`)."""
+    folder = os.environ.get(variable)
+    if folder:
+        out = Path(folder) / f"{label}-{process.popen.pid}.txt"
         subprocess.Popen(
             [str(Path(sys.executable).parent / "py-spy"), "record", "--pid",
-             str(relay.popen.pid), "--rate", "500", "--format", "raw", "--output", str(out)],
+             str(process.popen.pid), "--rate", "500", "--format", "raw", "--output", str(out)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    return relay
 
 
 def cpu_seconds(pid: int) -> float:

@@ -31,11 +31,12 @@ Rules that make it crash-safe:
   and no file, rename or directory fsync.
 
 Group commit: a store opened with ``group_commit=True`` (the node's) runs each
-:meth:`MemberStore.transaction` as a savepoint of one open SQLite transaction that
-:meth:`MemberStore.commit` commits; :attr:`MemberStore.barrier` names the batch that
-must be on disk (:attr:`MemberStore.committed`) before the current state may be
-announced (to the relay, to the application, or to a caller by returning). Files are
-unlinked only once the batch that dropped their row is on disk.
+:meth:`MemberStore.transaction` as a step of one open SQLite transaction that
+:meth:`MemberStore.commit` commits (in a savepoint, or without one for the per-report
+steps, which make every check before their first write); :attr:`MemberStore.barrier`
+names the batch that must be on disk (:attr:`MemberStore.committed`) before the current
+state may be announced (to the relay, to the application, or to a caller by
+returning). Files are unlinked only once the batch that dropped their row is on disk.
 
 Durability without an fsync on the event loop, by the same rule as the relay's store
 (the batch bookkeeping and the full argument are in :mod:`tisa_io.durable`):
@@ -485,14 +486,18 @@ class MemberStore(DurableStore):
             self._db.close()
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, savepoint: bool = True) -> Iterator[sqlite3.Connection]:
         """One write transaction: committed on normal exit, rolled back on any error.
 
         With group commit, one step of the open batch instead: rolled back alone on an
-        error, committed with the batch by :meth:`commit`."""
+        error, committed with the batch by :meth:`commit`. ``savepoint=False`` for a step
+        that makes every check before its first write (the per-report steps: two
+        statements fewer each); should one raise after a write all the same (an SQLite
+        error), the whole batch is lost, as when its COMMIT fails (see
+        :meth:`tisa_io.durable.DurableStore._step`)."""
         if self._in_step or (not self.group_commit and self._db.in_transaction):
             raise UsageError("nested store transaction")
-        with self._step() if self.group_commit else self._single() as db:
+        with self._step(savepoint=savepoint) if self.group_commit else self._single() as db:
             yield db
 
     def _clean_debris(self) -> None:
@@ -514,8 +519,10 @@ class MemberStore(DurableStore):
                 shutil.rmtree(entry, ignore_errors=True)
 
     @staticmethod
-    def _event(db: sqlite3.Connection, event: Event) -> None:
-        kind, data = encode_event(event)
+    def _event(db: sqlite3.Connection, event: Event | tuple[str, bytes]) -> None:
+        # An event or its record (encode_event): a step without a savepoint encodes its
+        # events before its first write, so that nothing it checks can fail after one.
+        kind, data = event if isinstance(event, tuple) else encode_event(event)
         seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
         # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
         # for the maximum, and no DELETE at all until the bound is first reached.)
@@ -546,7 +553,7 @@ class MemberStore(DurableStore):
     ) -> None:
         """Queue a sealed report whose ciphertext file is already durable in outbox/
         (or, with ``data`` and ``file`` '', whose ciphertext is ``data``)."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
                 " recipients, expires, created, state, data)"
@@ -616,7 +623,8 @@ class MemberStore(DurableStore):
     def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
         """Record the relay's ack and drop the local ciphertext. False if not queued (a
         withdrawn submission counts: the relay stored it before it was withdrawn)."""
-        with self.transaction() as db:
+        record = encode_event(event)
+        with self.transaction(savepoint=False) as db:
             row = db.execute(
                 "SELECT file FROM outbox WHERE report = ? AND state IN ('queued', 'withdrawn')",
                 (report,),
@@ -628,7 +636,7 @@ class MemberStore(DurableStore):
                 " WHERE report = ?",
                 (ack, report),
             )
-            self._event(db, event)
+            self._event(db, record)
         if row[0]:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
             self._remove_after_commit(self.outbox_dir / row[0])
@@ -701,7 +709,7 @@ class MemberStore(DurableStore):
         """Record that ``report`` is to be released to ``recipient`` (a token valid for
         ``valid_for`` seconds from when it is issued, approving the incoming release
         request ``approves`` if given); returns the request's id."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT INTO wanted_releases (report, recipient, valid_for, state, approves)"
                 " VALUES (?, ?, ?, 'waiting', ?)",
@@ -869,7 +877,8 @@ class MemberStore(DurableStore):
         self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
     ) -> bool:
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
-        with self.transaction() as db:
+        record = None if event is None else encode_event(event)
+        with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "UPDATE releases SET state = ?, reason = ?, detail = ?"
                 " WHERE token = ? AND state = 'pending'",
@@ -877,8 +886,8 @@ class MemberStore(DurableStore):
             )
             if cursor.rowcount == 0:
                 return False
-            if event is not None:
-                self._event(db, event)
+            if record is not None:
+                self._event(db, record)
         return True
 
     def force_release_state(self, token: bytes, state: str, event: Event) -> None:
@@ -967,14 +976,15 @@ class MemberStore(DurableStore):
         self, *, token: bytes, report: bytes, recipient: str, encoded: bytes, now: int, event: Event
     ) -> bool:
         """Record a verified receipt. False if it was already known (no new event)."""
-        with self.transaction() as db:
+        record = encode_event(event)
+        with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)",
                 (token, report, recipient, encoded, now),
             )
             if cursor.rowcount == 0:
                 return False
-            self._event(db, event)
+            self._event(db, record)
         return True
 
     def receipts(self) -> list[bytes]:
@@ -1046,7 +1056,9 @@ class MemberStore(DurableStore):
             os.replace(staged, target)
             fsync_dir(self.inbox_dir)
             fsync_dir(self.tmp_dir)
-        with self.transaction() as db:
+        records = [encode_event(event) for event in events]
+        header_record = enc.pack(header.to_dict())
+        with self.transaction(savepoint=False) as db:
             db.execute(
                 "INSERT INTO inbox (token, report, originator, header, dir, received, receipt,"
                 " data) VALUES (?,?,?,?,?,?,?,?)",
@@ -1054,7 +1066,7 @@ class MemberStore(DurableStore):
                     token.id,
                     header.id,
                     header.originator,
-                    enc.pack(header.to_dict()),
+                    header_record,
                     name,
                     now,
                     receipt,
@@ -1071,8 +1083,8 @@ class MemberStore(DurableStore):
                     (token.id, token.request),
                 )
             self._consume_prekey(db, token)
-            for event in events:
-                self._event(db, event)
+            for record in records:
+                self._event(db, record)
 
     @staticmethod
     def _consume_prekey(db: sqlite3.Connection, token: ReleaseToken) -> None:
@@ -1128,7 +1140,7 @@ class MemberStore(DurableStore):
 
     def add_prekeys(self, secrets: list[PrekeySecret]) -> None:
         """Keep new prekey secrets (committed with the batch, before they are published)."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.executemany(
                 "INSERT INTO prekeys VALUES (?, ?, ?, ?, ?)",
                 [(p.public, p.kind.value, p.secret, p.created, p.not_after) for p in secrets],
@@ -1177,7 +1189,7 @@ class MemberStore(DurableStore):
     def delete_old_prekeys(self, *, now: int, grace: int) -> int:
         """Delete the prekey secrets whose ``not_after + grace`` has passed (and the
         used-prekey records as old); returns how many secrets were deleted."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             deleted = db.execute(
                 "DELETE FROM prekeys WHERE not_after + ? <= ?", (grace, now)
             ).rowcount
@@ -1229,7 +1241,7 @@ class MemberStore(DurableStore):
     def mark_handed(self, token: bytes) -> bool:
         """The application acknowledged the report of ``token``: it is not handed over
         again. Returns False when no report of ``token`` is in the inbox."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
@@ -1246,7 +1258,7 @@ class MemberStore(DurableStore):
 
     def mark_receipt_sent(self, token: bytes) -> None:
         """The relay confirmed it holds the receipt of ``token``."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute("UPDATE inbox SET receipt_sent = 1 WHERE token = ?", (token,))
 
     # --- consent: announcements, requests, answers ------------------------------------
@@ -1485,5 +1497,5 @@ class MemberStore(DurableStore):
 
     def drop_event(self, seq: int) -> None:
         """The application has taken event ``seq``: forget it."""
-        with self.transaction() as db:
+        with self.transaction(savepoint=False) as db:
             db.execute("DELETE FROM events WHERE seq = ?", (seq,))

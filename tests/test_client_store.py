@@ -359,3 +359,30 @@ def test_an_approval_issues_nothing_once_its_request_was_closed(tmp_path: pathli
     assert record is not None and (record.state, record.token) == ("approved", token_id)
     assert store.wanted_release(second).token == token_id  # type: ignore[union-attr]
     store.close()
+
+
+def test_savepoint_free_steps_that_refuse_leave_the_batch_whole(tmp_path: pathlib.Path) -> None:
+    # Issue 11: the per-report steps run without a savepoint; each makes its checks
+    # before its first write, so one that refuses (or fails on its first write) leaves
+    # the other steps of the open batch to commit with it.
+    import sqlite3
+
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    _queue(store)
+    assert not store.mark_stored(
+        b"x" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY, detail="")
+    )
+    assert not store.set_release_state(b"t" * 16, "released", None)
+    assert not store.mark_handed(b"t" * 16)
+    with pytest.raises(sqlite3.IntegrityError):
+        _queue(store)  # the same report again: refused by its first write
+    batch = store.barrier
+    store.commit()
+    store.fsync_wal()
+    store.mark_durable(batch)
+    assert not store.lost(batch)
+    assert [s.report for s in store.queued_submissions()] == [b"r" * 16]
+    assert not any(s.startswith("SAVEPOINT") for s in statements)
+    store.close()

@@ -11,6 +11,7 @@ import nacl.bindings as sodium
 import pytest
 from conftest import make_trio
 
+import tisa.prekeys
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
@@ -339,3 +340,48 @@ def test_identity_fallback_is_encoded_only_when_true() -> None:
     with pytest.raises(UsageError):
         dataclasses.replace(ARRANGEMENT, identity_fallback=1)
     assert FALLBACK.amend(scopes=("missile",)).identity_fallback is True
+
+
+def test_a_signed_prekeys_signature_is_checked_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # An originator wraps every token of a recipient to the same signed prekey: its
+    # Ed25519 check is made once (issue 11). Owner, kind and expiry are still checked on
+    # every call; a one-time prekey (used once) is checked every time.
+    calls: list[bytes] = []
+    real = tisa.prekeys.verify
+
+    def counting(key: Any, context: Any, body: bytes, signature: bytes) -> None:
+        calls.append(body)
+        real(key, context, body, signature)
+
+    monkeypatch.setattr(tisa.prekeys, "verify", counting)
+    monkeypatch.setattr(tisa.prekeys, "_VERIFIED_SIGNED", {})
+    ring = Keyring()
+    signed = ring.make(PrekeyKind.SIGNED)
+    for _ in range(5):
+        Prekey.verify(signed, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.SIGNED, now=NOW)
+    assert len(calls) == 1
+    with pytest.raises(Refused) as info:
+        Prekey.verify(signed, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.SIGNED, now=NOW + 7200)
+    assert info.value.reason is Reason.EXPIRED
+    with pytest.raises(Refused):
+        Prekey.verify(signed, ARRANGEMENT, owner="seoul", kind=PrekeyKind.SIGNED, now=NOW)
+    # The same body under another signature is checked (and refused).
+    outer = enc.unpack(signed)
+    forged = enc.pack({"body": outer["body"], "sig": bytes(64)})
+    with pytest.raises(VerificationError):
+        Prekey.verify(forged, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.SIGNED, now=NOW)
+    assert len(calls) == 2
+    one_time = ring.make(PrekeyKind.ONE_TIME)
+    for _ in range(3):
+        Prekey.verify(one_time, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.ONE_TIME, now=NOW)
+    assert len(calls) == 5
+
+
+def test_the_verified_prekeys_remembered_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tisa.prekeys, "_VERIFIED_SIGNED", {})
+    monkeypatch.setattr(tisa.prekeys, "MAX_VERIFIED_SIGNED_PREKEYS", 3)
+    ring = Keyring()
+    for _ in range(5):
+        data = ring.make(PrekeyKind.SIGNED)
+        Prekey.verify(data, ARRANGEMENT, owner="tokyo", kind=PrekeyKind.SIGNED, now=NOW)
+    assert len(tisa.prekeys._VERIFIED_SIGNED) == 3

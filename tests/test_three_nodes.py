@@ -493,3 +493,40 @@ async def test_small_report_is_sealed_in_the_trio_thread(
     assert threads == [True, False]
     assert seen == [(True, 5, 5)]
     assert [(r.report_id, r.body) for r in got] == [(first, b"small"), (second, b"from a file")]
+
+
+async def test_a_reports_steps_at_each_node_take_no_savepoint_each(world: World) -> None:
+    # Issue 11: the per-report steps of the member stores make every check before their
+    # first write, so they run without a SAVEPOINT/RELEASE pair (as do the prekey
+    # upkeep and the events handed over). Only issuing a token (which may be refused
+    # after its writes) keeps one at Seoul; Tokyo's steps for a delivery and its ack
+    # keep none (before: six pairs or more per report at Seoul, three at Tokyo).
+    count = 5
+    statements: dict[str, list[str]] = {"seoul": [], "tokyo": []}
+    with trio.fail_after(20):
+        async with world.node("tokyo") as tokyo:
+            await tokyo.wait_connected()
+            async with world.node("seoul") as seoul:
+                await seoul.wait_connected()
+                for name, node in (("seoul", seoul), ("tokyo", tokyo)):
+                    node.store._db.set_trace_callback(statements[name].append)
+                for n in range(count):
+                    await seoul.submit(
+                        b"report %d" % n,
+                        recipients=["tokyo"],
+                        scope=SCOPE,
+                        level=LEVEL,
+                        release_to=["tokyo"],
+                    )
+                    await first_report(tokyo)
+                    await next_event(seoul, ReceiptEvent)
+
+    def savepoints(name: str) -> int:
+        return sum(1 for s in statements[name] if s.startswith("SAVEPOINT"))
+
+    issued = sum(1 for s in statements["seoul"] if s.startswith("INSERT INTO releases"))
+    delivered = sum(1 for s in statements["tokyo"] if s.startswith("INSERT INTO inbox"))
+    handed = sum(1 for s in statements["tokyo"] if s.startswith("UPDATE inbox SET handed"))
+    assert issued == delivered == handed == count
+    assert savepoints("seoul") == issued
+    assert savepoints("tokyo") == 0

@@ -52,6 +52,7 @@ from tisa.limits import CLOCK_SKEW, MAX_NAME
 
 __all__ = [
     "MAX_PREKEY_SIZE",
+    "MAX_VERIFIED_SIGNED_PREKEYS",
     "KeyWrap",
     "Prekey",
     "PrekeyKind",
@@ -164,7 +165,11 @@ class Prekey:
             member = arrangement.require_role(prekey.owner, Role.RECIPIENT)
         except Refused:
             raise VerificationError() from None
-        verify(member.identity.signing, Context.PREKEY, prekey.body, prekey.signature)
+        checked = (member.identity.signing.raw, prekey.body, prekey.signature)
+        if checked not in _VERIFIED_SIGNED:
+            verify(member.identity.signing, Context.PREKEY, prekey.body, prekey.signature)
+            if prekey.kind is PrekeyKind.SIGNED:
+                _remember_signed(checked)
         if prekey.owner != owner:
             raise Refused(Reason.BAD_PREKEY, f"a prekey of {prekey.owner!r}, not of {owner!r}")
         if prekey.kind is not kind:
@@ -174,6 +179,21 @@ class Prekey:
         if now - clock_skew >= prekey.not_after:
             raise Refused(Reason.EXPIRED, f"prekey expired at {prekey.not_after}")
         return prekey
+
+
+# Signed prekeys whose signature was found good, by (signing key, body, signature): an
+# originator wraps every token of a recipient to the same signed prekey (it changes
+# about weekly), so its Ed25519 check is made once, not once per token (issue 11). Only
+# the signature check is skipped: owner, kind, arrangement and expiry are checked on
+# every call. One-time prekeys (each used once) are never remembered. Oldest out first.
+MAX_VERIFIED_SIGNED_PREKEYS = 64
+_VERIFIED_SIGNED: dict[tuple[bytes, bytes, bytes], None] = {}
+
+
+def _remember_signed(checked: tuple[bytes, bytes, bytes]) -> None:
+    while len(_VERIFIED_SIGNED) >= MAX_VERIFIED_SIGNED_PREKEYS:
+        del _VERIFIED_SIGNED[next(iter(_VERIFIED_SIGNED))]
+    _VERIFIED_SIGNED[checked] = None
 
 
 class PrekeySecret:
