@@ -132,6 +132,57 @@ def test_two_relay_processes_never_hand_out_one_one_time_prekey_twice(
         second.close()
 
 
+def test_the_handout_limit_of_one_pair_counts_across_processes_one_batch_at_a_time(
+    pg_dsn: str, world: World
+) -> None:
+    # The one-time prekeys handed to an originator are counted under a lock of the
+    # (recipient, originator) pair held to the batch's end: a second process waits for
+    # the first's batch, then reads the count it committed, so the two never both hand
+    # out the last one allowed (without the lock the second read 0, handed one out, and
+    # the pair had 2 of a limit of 1). Another pair is not held up.
+    from tisa.prekeys import Prekey
+
+    first, second = PgStore(pg_dsn, group_commit=True), PgStore(pg_dsn, group_commit=True)
+    try:
+        prekeys = [Prekey.decode(world.prekey("tokyo")) for _ in range(4)]
+        first.publish_prekeys("tokyo", None, prekeys, max_one_time=10)
+        first.commit_durably()
+        row = second._conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        waiting_pid = int(row[0])
+        _, a, _ = first.take_prekeys("tokyo", taker="seoul", now=NOW, max_per_hour=1)
+        assert a is not None  # first's batch open, the pair's count 1 in it
+        got: list[tuple[bytes | None, bytes | None, int]] = []
+        taker = threading.Thread(
+            target=lambda: got.append(
+                second.take_prekeys("tokyo", taker="seoul", now=NOW, max_per_hour=1)
+            )
+        )
+        taker.start()
+        deadline = time.monotonic() + 10
+        while _rows(
+            pg_dsn, "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'",
+            waiting_pid,
+        ) == [] and time.monotonic() < deadline:  # fmt: skip
+            time.sleep(0.01)
+        third = PgStore(pg_dsn, group_commit=True)
+        try:  # another pair meanwhile: not held up
+            _, other, _ = third.take_prekeys("tokyo", taker="washington", now=NOW, max_per_hour=1)
+            third.commit_durably()
+        finally:
+            third.close()
+        assert other is not None and other != a
+        first.commit_durably()
+        taker.join(10)
+        second.commit_durably()
+        assert len(got) == 1
+        _, past, left = got[0]
+        assert past is None and left == 2  # the limit, not the supply
+    finally:
+        first.close()
+        second.close()
+
+
 def test_an_unreachable_server_is_one_clear_error(tmp_path: object) -> None:
     with pytest.raises(StoreUnavailable) as info:
         PgStore(f"postgresql://nobody@/none?host={tmp_path}")
