@@ -838,46 +838,14 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
         self._execute("COMMIT")
         self.fsync_wal()
 
-    @contextlib.contextmanager
-    def _step(self, *, savepoint: bool = True) -> Iterator[_Session]:  # type: ignore[override]
-        # As tisa_io.durable.DurableStore._step: one step of the open batch, in a
-        # savepoint, or (savepoint=False) without one for a step that makes every check
-        # before its first write. In PostgreSQL a failed statement spoils the whole
-        # transaction, so such a step whose statement failed loses its batch as well.
-        if not self.in_transaction:
-            self._begin()
-        if not savepoint:
-            before = self._changes()
-            self._in_step = True
-            try:
-                yield self._conn
-            except BaseException:
-                raw = self._raw
-                spoiled = raw is not None and (
-                    raw.info.transaction_status == TransactionStatus.INERROR
-                )
-                if spoiled or self._changes() != before:
-                    self._abandon_batch()
-                raise
-            finally:
-                self._in_step = False
-            self.ops += 1
-            return
-        self._conn.execute("SAVEPOINT step")
-        self._step_started()
-        self._in_step = True
-        try:
-            yield self._conn
-        except BaseException:
-            if self.in_transaction:  # else the connection (and the batch) is gone
-                self._conn.execute("ROLLBACK TO SAVEPOINT step")
-                self._conn.execute("RELEASE SAVEPOINT step")
-                self._rolled_back()
-            raise
-        finally:
-            self._in_step = False
-        self._conn.execute("RELEASE SAVEPOINT step")
-        self.ops += 1
+    # The hooks of tisa_io.durable.DurableStore._step (one step of the open batch).
+
+    def _session(self) -> _Session:
+        return self._conn
+
+    def _statement_spoiled(self) -> bool:
+        raw = self._raw
+        return raw is not None and raw.info.transaction_status == TransactionStatus.INERROR
 
     def _transaction(
         self, *, savepoint: bool = True

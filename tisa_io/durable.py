@@ -81,7 +81,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -217,7 +217,7 @@ class DurableStore:
         self.fsync_wal()
 
     @contextlib.contextmanager
-    def _step(self, *, savepoint: bool = True) -> Iterator[sqlite3.Connection]:
+    def _step(self, *, savepoint: bool = True) -> Iterator[Any]:
         # One step of the open batch, in a savepoint: a step that raises (a refusal)
         # leaves no trace, the others stay for the batch's commit.
         #
@@ -226,35 +226,52 @@ class DurableStore:
         # RELEASE) per step. Should it raise after a write all the same (an SQLite
         # error), the whole batch is rolled back and lost, as when a COMMIT fails:
         # nothing of it was announced, and its waiters are told (LinkClosed).
-        if not self._db.in_transaction:
-            self._db.execute("BEGIN IMMEDIATE")
+        if not self.in_transaction:
+            self._begin()
+        session = self._session()
         if not savepoint:
             before = self._changes()
             self._in_step = True
             try:
-                yield self._db
+                yield session
             except BaseException:
-                if self._changes() != before:
+                if self._statement_spoiled() or self._changes() != before:
                     self._abandon_batch()
                 raise
             finally:
                 self._in_step = False
             self.ops += 1
             return
-        self._db.execute("SAVEPOINT step")
+        session.execute("SAVEPOINT step")
         self._step_started()
         self._in_step = True
         try:
-            yield self._db
+            yield session
         except BaseException:
-            self._db.execute("ROLLBACK TO step")
-            self._db.execute("RELEASE step")
-            self._rolled_back()
+            if self.in_transaction:  # else the connection (and the batch) is gone
+                session.execute("ROLLBACK TO SAVEPOINT step")
+                session.execute("RELEASE SAVEPOINT step")
+                self._rolled_back()
             raise
         finally:
             self._in_step = False
-        self._db.execute("RELEASE step")
+        session.execute("RELEASE SAVEPOINT step")
         self.ops += 1
+
+    def _begin(self) -> None:
+        """Open a batch (or a single transaction). SQLite: take the write lock up front,
+        so the checks inside see the state the writes apply to."""
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def _session(self) -> Any:
+        """What a step's statements run on (SQLite: the connection)."""
+        return self._db
+
+    def _statement_spoiled(self) -> bool:
+        """Whether a failed statement spoiled the whole open transaction (never in
+        SQLite; in PostgreSQL a failed statement does, so a savepoint-free step whose
+        statement failed loses its batch)."""
+        return False
 
     def _remove_after_commit(self, path: Path) -> None:
         # A file whose row this step drops: with a batch open the drop is not on disk
