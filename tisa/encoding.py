@@ -2,21 +2,29 @@
 
 Every value the toolkit signs or sends is a msgpack map with string keys. The canonical
 encoding is the one :func:`pack` produces: keys sorted by their UTF-8 bytes, the shortest
-form for every integer and length (msgpack-python already does this), ``bin`` for bytes,
-``str`` for text, no floats, no extension types. :func:`unpack` accepts exactly the
-canonical encoding: it refuses duplicate keys, non-string keys, extension types, floats,
-trailing bytes and any input that does not re-encode to the same bytes.
+form for every integer and length, ``bin`` for bytes, ``str`` for text, no floats, no
+extension types. :func:`unpack` accepts exactly the canonical encoding: it refuses
+duplicate keys, non-string keys, extension types, floats, trailing bytes and any input
+that does not re-encode to the same bytes.
 
-Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgpack exception.
+The codec underneath is msgspec's (in C): :func:`unpack` decodes with it, checks the
+types and the depth in one walk and re-encodes with keys sorted to compare; :func:`pack`
+checks the value in one walk and encodes it with keys sorted. The bytes are the same as
+msgpack-python's canonical use (``tests/test_encoding_reference.py`` keeps that code and
+proves it).
+
+Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgspec exception.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from datetime import datetime
+from itertools import pairwise
 from typing import Any, NoReturn
 
-import msgpack
+import msgspec
 
 from tisa.errors import ProtocolError
 
@@ -34,16 +42,63 @@ def _fail(detail: str) -> NoReturn:
     raise ProtocolError(detail)
 
 
+def _plain_value(value: Any) -> Any:
+    # msgspec calls this for a type it does not encode itself. Only pack_checked can meet
+    # one (pack makes every value plain first): a str or int subclass that is not an enum
+    # (msgspec encodes enums as their value) encodes as its plain value, as msgpack's
+    # packer did.
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int):
+        return int.__index__(value)
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+# msgspec decodes a map into a dict that keeps the keys in the order they came and the
+# last value of a duplicated key; encoding with order="sorted" writes every map's keys
+# sorted by code point (the order of their UTF-8 bytes), every integer and length in its
+# shortest form, bytes as bin, text as str, a tuple as an array, an enum as its value.
+_decode = msgspec.msgpack.Decoder().decode
+_encode_sorted = msgspec.msgpack.Encoder(order="sorted", enc_hook=_plain_value).encode
+
 # The types that encode as they are (None is handled with them: type(None)).
 _PLAIN = frozenset({bytes, str, int, bool, type(None)})
 
 
+def _is_plain(value: Any) -> bool:
+    # True when ``value`` is a dict or list made only of dicts with str keys, lists,
+    # tuples and plain scalars, within the depth limit: msgspec then encodes it
+    # canonically as it is. Exact type checks: cheaper than isinstance with ABCs on this
+    # hot path, and the protocol only ever builds plain dicts, lists and tuples. False
+    # sends the value to _canonical, which makes it plain or refuses it with the reason.
+    kind = type(value)
+    if kind is not dict and kind is not list and kind is not tuple:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        container, depth = stack.pop()
+        if depth >= MAX_DEPTH:
+            return False
+        if type(container) is dict:
+            for key in container:
+                if type(key) is not str:
+                    return False
+            container = container.values()
+        for item in container:
+            kind = type(item)
+            if kind is dict or kind is list or kind is tuple:
+                stack.append((item, depth + 1))
+            elif kind not in _PLAIN:
+                return False
+    return True
+
+
 def _canonical(value: Any, depth: int = 0) -> Any:
-    # Exact type checks: cheaper than isinstance with ABCs on this hot path, and the
-    # protocol only ever builds plain dicts, lists and tuples. Text that is not valid
-    # Unicode (a lone surrogate) and integers out of msgpack's range are left to the
-    # packer, which refuses exactly those (pack translates its errors): checking them
-    # here as well cost about 5% of the originator's core time.
+    # The slow path of pack, for a value _is_plain did not take: a Mapping that is not a
+    # dict becomes a dict, a str or int subclass its plain value; anything else the
+    # protocol does not carry (float, set, bytearray, a non-str key, too deep) is refused
+    # here. Text that is not valid Unicode (a lone surrogate) and integers out of
+    # msgpack's range are left to the encoder, which refuses exactly those.
     kind = type(value)
     if kind is bytes or kind is str or kind is int or kind is bool or value is None:
         return value
@@ -53,15 +108,10 @@ def _canonical(value: Any, depth: int = 0) -> Any:
         for key in value:
             if type(key) is not str:
                 _fail("map key is not a string")
-        # UTF-8 preserves code point order, so sorting the str keys sorts their bytes.
-        # A plain scalar is taken as it is, without a call (most values are).
-        return {
-            key: item if type(item) in _PLAIN else _canonical(item, depth + 1)
-            for key in sorted(value)
-            for item in (value[key],)
-        }
+        # In sorted order, so that of two refused values the first in the encoding is named.
+        return {key: _canonical(value[key], depth + 1) for key in sorted(value)}
     if kind is list or kind is tuple:
-        return [item if type(item) in _PLAIN else _canonical(item, depth + 1) for item in value]
+        return [_canonical(item, depth + 1) for item in value]
     if isinstance(value, Mapping):
         return _canonical(dict(value), depth)
     # Subclasses (StrEnum reason codes, IntEnum) encode as their plain value.
@@ -78,62 +128,37 @@ def pack(value: Mapping[str, Any]) -> bytes:
     Raises:
         ProtocolError: a value of a type the protocol does not carry (float, set, ...).
     """
-    canonical = _canonical(value)
     try:
-        packed: bytes = msgpack.packb(canonical, use_bin_type=True)
+        return _encode_sorted(value if _is_plain(value) else _canonical(value))
     except UnicodeEncodeError:
         # A lone surrogate: Python holds it, UTF-8 (and so msgpack) cannot.
         _fail("text is not valid Unicode")
     except OverflowError:  # outside -2**63 .. 2**64 - 1
         _fail("integer out of range")
-    return packed
 
 
 def pack_checked(value: dict[str, Any]) -> bytes:
     """Encode a map whose values a schema has already checked (:func:`check_map`).
 
     The same bytes as :func:`pack` for such a map, without its walk over every value
-    (the type checks it would repeat are the schema's): keys are sorted here, at the top
-    level and in maps one level down (a token's wrap, a report header's attachments in
-    their list), and msgpack encodes the rest. Only for values made of bytes, str, int
-    (not bool where the schema refuses it), None, lists of them, and maps of them one
-    level deep, as the schemas allow; tests compare it with :func:`pack`.
+    (the type checks it would repeat are the schema's): the encoder sorts every map's
+    keys and encodes the rest. Only for values made of bytes, str, int (not bool where
+    the schema refuses it), None, lists and maps of them, as the schemas allow; a float
+    or another type the protocol does not carry is not refused here. Tests compare it
+    with :func:`pack`.
     """
-    return msgpack.packb(  # type: ignore[no-any-return]
-        {key: _sorted_maps(item) for key, item in sorted(value.items())},
-        use_bin_type=True,
-    )
-
-
-def _sorted_maps(item: Any) -> Any:
-    kind = type(item)
-    if kind is dict:
-        return dict(sorted(item.items()))
-    if kind is list:
-        return [dict(sorted(i.items())) if type(i) is dict else i for i in item]
-    return item
-
-
-def _pairs_hook(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
-    # Called by the C decoder for every map: keys must be strings in strictly increasing
-    # order (which also rules out duplicates). Value types are checked by _check_tree.
-    previous = None
-    for key, _ in pairs:
-        if type(key) is not str:
-            _fail("map key is not a string")
-        if previous is not None and key <= previous:
-            _fail("duplicate key" if key == previous else "map keys not in canonical order")
-        previous = key
-    return dict(pairs)
+    return _encode_sorted(value)
 
 
 _SCALARS = frozenset({bytes, str, int, bool, type(None)})
+_EXTENSIONS = frozenset({msgspec.msgpack.Ext, datetime})
 
 
 def _check_tree(value: dict[str, Any]) -> None:
-    # A float64 and a timestamp (ext -1, which msgpack decodes itself without calling
-    # ext_hook) both re-encode to the bytes they came from, and msgpack bounds nesting
-    # only near 1024; so one walk, without recursion, checks types and depth.
+    # A float64, an extension and a timestamp (ext -1, which msgspec decodes to a
+    # datetime) all re-encode to the bytes they came from, and msgspec bounds nesting
+    # only by Python's recursion limit; so one walk, without recursion, checks types and
+    # depth. Keys are checked by the re-encoding (msgspec sorts only str keys).
     stack: list[tuple[Any, int]] = [(value, 0)]
     while stack:
         container, depth = stack.pop()
@@ -144,11 +169,26 @@ def _check_tree(value: dict[str, Any]) -> None:
             if kind is dict or kind is list:
                 stack.append((item, depth + 1))
             elif kind not in _SCALARS:
+                if kind in _EXTENSIONS:
+                    _fail("extension types are not allowed")
                 _fail(f"{'floats are' if kind is float else 'this type is'} not allowed")
 
 
-def _no_ext(code: int, data: bytes) -> NoReturn:
-    _fail("extension types are not allowed")
+def _why_not_canonical(value: dict[str, Any]) -> str:
+    # Only on the way to a refusal: name the first map whose keys came out of order.
+    # A duplicated key that keeps the order, and a longer form than needed, cannot be
+    # told apart from the decoded value: both just re-encode shorter.
+    stack: list[Any] = [value]
+    while stack:
+        container = stack.pop()
+        if type(container) is dict:
+            keys = list(container)
+            if any(a >= b for a, b in pairwise(keys)):
+                return "map keys not in canonical order (or duplicated)"
+            stack.extend(container.values())
+        elif type(container) is list:
+            stack.extend(container)
+    return "not canonical (a duplicate key, or a longer form than the shortest)"
 
 
 def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
@@ -171,26 +211,24 @@ def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
     if max_size is not None and len(data) > max_size:
         _fail(f"encoded value too large: {len(data)} > {max_size}")
     try:
-        value = msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            object_pairs_hook=_pairs_hook,
-            ext_hook=_no_ext,
-        )
-    except ProtocolError:
-        raise
-    except Exception as exc:  # msgpack raises many types; all mean "does not decode"
-        raise ProtocolError(f"not msgpack: {type(exc).__name__}") from None
+        value = _decode(data)
+    except RecursionError:  # msgspec's own nesting bound is Python's recursion limit
+        _fail("nesting too deep")
+    except Exception as exc:  # DecodeError, ValidationError (a malformed timestamp)
+        raise ProtocolError(f"not msgpack: {exc}") from None
     if type(value) is not dict:
         _fail("top level is not a map")
     _check_tree(value)
-    # Keys were checked in order by the hook, so re-encoding in C as decoded gives the
-    # canonical bytes; any other form of the same value (long int or length encodings,
-    # str for bin, a float) differs here.
-    if msgpack.packb(value, use_bin_type=True) != data:
-        _fail("not canonical")
+    # Re-encoding with keys sorted gives the canonical bytes of the decoded value; any
+    # other form of it (keys out of order, a duplicated key, a long int or length
+    # encoding, str for bin) differs here. A key that is not text (an int, bytes, nil,
+    # bool or array key decodes) makes the sorted encoding refuse.
+    try:
+        canonical = _encode_sorted(value)
+    except TypeError:
+        _fail("map key is not a string")
+    if canonical != data:
+        _fail(_why_not_canonical(value))
     return value
 
 
