@@ -22,8 +22,6 @@ import enum
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
-import msgpack
-
 from tisa import encoding as enc
 from tisa.arrangement import MAX_MEMBERS, Arrangement
 from tisa.envelope import open_envelope, seal_envelope
@@ -132,10 +130,9 @@ class AuditEntry:
             and all(type(party) is str for party in parties)
         ):
             # The relay writes an entry for every step of every report: with the field
-            # types known, the keys go in already in canonical (sorted) order and
-            # msgpack's packer gives the canonical bytes directly (a test checks this
-            # against enc.pack for arbitrary entries).
-            packed: bytes = msgpack.packb(
+            # types known, pack_checked gives the canonical bytes without pack's walk
+            # (a test checks this against enc.pack for arbitrary entries).
+            return enc.pack_checked(
                 {
                     "event": self.event.value,
                     "parties": parties,
@@ -145,10 +142,8 @@ class AuditEntry:
                     "time": self.time,
                     "token": self.token,
                     "v": 1,
-                },
-                use_bin_type=True,
+                }
             )
-            return packed
         return enc.pack(
             {
                 "v": 1,

@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-import msgpack
-
 from tisa import encoding as enc
 from tisa.consent import MAX_CONSENT_SIZE
 from tisa.errors import ProtocolError, Reason
@@ -527,13 +525,13 @@ def encode_message(message: Message) -> bytes:
 
     Every message was checked against its schema when built, so its values are already
     of the canonical kinds (bytes, str, int, None) and only the key order is left to do:
-    the map is built in sorted order and packed in C, without the generic walk of
-    :func:`tisa.encoding.pack` (this runs for every frame of every report).
+    the map is built in sorted order and :func:`tisa.encoding.pack_checked` encodes it in
+    C, without the generic walk of :func:`tisa.encoding.pack` (this runs for every frame
+    of every report).
     """
     cls = type(message)
     value = {key: cls.TYPE if key == "t" else getattr(message, key) for key in _sorted_keys(cls)}
-    packed: bytes = msgpack.packb(value, use_bin_type=True)
-    return packed
+    return enc.pack_checked(value)
 
 
 def decode_message(data: bytes, *, max_size: int | None = None) -> Message:
