@@ -528,3 +528,35 @@ def test_pack_encodes_str_and_int_subclasses_as_plain_values() -> None:
 
     assert enc.pack({"r": Reason.EXPIRED}) == enc.pack({"r": "expired"})
     assert enc.unpack(enc.pack({"r": Reason.EXPIRED})) == {"r": "expired"}
+
+
+REASONS = {
+    "fixext1": "extension types",
+    "timestamp32": "extension types",
+    "timestamp in a list": "extension types",
+    "float32": "floats",
+    "float64 deep": "floats",
+    "int key": "not a string",
+    "nested bin key": "not a string",
+    "bool key": "not a string",
+    "unsorted keys": "canonical order",
+    "unsorted nested keys": "canonical order",
+    "duplicate key": "duplicate key",
+    "duplicate key, in a list": "duplicate key",
+    "uint16 for fixint": "longer form",
+    "trailing zero": "trailing",
+    "str with invalid utf-8": "UTF-8",
+    "array": "not a map",
+}
+
+
+@pytest.mark.parametrize(("name", "reason"), list(REASONS.items()), ids=list(REASONS))
+def test_unpack_names_the_reason(name: str, reason: str) -> None:
+    with pytest.raises(ProtocolError, match=reason):
+        enc.unpack(REFUSED[name])
+
+
+def test_pack_checked_sorts_maps_at_every_depth() -> None:
+    # pack_checked once sorted only two levels; msgspec's encoder sorts every map.
+    value = {"b": [{"y": {"q": 1, "p": {"z": 0, "a": 1}}, "x": 0}], "a": {"d": {"c": 1, "b": 0}}}
+    assert enc.pack_checked(value) == enc.pack(value)
