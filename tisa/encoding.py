@@ -9,9 +9,9 @@ that does not re-encode to the same bytes.
 
 The codec underneath is msgspec's (in C): :func:`unpack` decodes with it, checks the
 types and the depth in one walk and re-encodes with keys sorted to compare; :func:`pack`
-checks the value in one walk and encodes it with keys sorted. The bytes are the same as
-msgpack-python's canonical use (``tests/test_encoding_reference.py`` keeps that code and
-proves it).
+checks the value in one walk and encodes it with keys sorted. Acceptance, values and bytes
+are those of the msgpack-python codec it replaced, which ``tests/encoding_reference.py``
+keeps and ``tests/test_encoding_differential.py`` compares with this one.
 
 Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgspec exception.
 """
