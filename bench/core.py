@@ -26,7 +26,7 @@ the BLAKE2b-256 of the whole ciphertext (personalised ``tisa1-ciphertext``) comp
 the sealer and again by the opener (docs/protocol.md 9.3 and 9.4, step 6), hashed chunk
 by chunk as the chunks are written and read, once with ``hashlib.blake2b`` and once with
 libsodium's generichash; the toolkit's rate over the faster of the two is printed as a
-"proposed" line (≥ 0.8× of secretstream + BLAKE2b) beside the issue's target line.
+"proposed" line (at least 0.8 of secretstream + BLAKE2b's rate) beside the issue's target line.
 
 Floor and toolkit are measured in alternating rounds and the best round of each is
 kept, so a noisy neighbour slows both alike.

@@ -141,10 +141,11 @@ def _rows(count: int, size: int) -> list[tuple[Any, ...]]:
 def wal_commit(
     folder: Path, batch: int, commits: int = 20, row_size: int = REPORT_CIPHERTEXT
 ) -> dict[str, float]:
-    """Commit ``commits`` batches of ``batch`` report rows durably (:func:`_commit_durably`)
-    of ``row_size`` ciphertext bytes each in a fresh database in ``folder``; returns the median thread CPU µs per commit and
-    per row (``cpu_us``, ``cpu_us_per_row``), the median wall ms per commit
-    (``wall_ms``) and how many rows the table holds at the end (``rows``)."""
+    """Commit ``commits`` batches of ``batch`` report rows (of ``row_size`` ciphertext
+    bytes each) durably (:func:`_commit_durably`) in a fresh database in ``folder``;
+    returns the median thread CPU µs per commit and per row (``cpu_us``,
+    ``cpu_us_per_row``), the median wall ms per commit (``wall_ms``) and how many rows
+    the table holds at the end (``rows``)."""
     if batch < 1 or commits < 1:
         raise ValueError("batch and commits must be at least 1")
     cpu: list[float] = []

@@ -179,11 +179,10 @@ class Relays:
         self.store = setup.server.new_store() if setup.server is not None else None
         self.labels = ["relay"] if setup.relays == 1 else [f"relay{n}" for n in range(setup.relays)]
         self.metrics_ports = [free_port() for _ in self.labels] if metrics else []
+        ports: list[int | None] = [*self.metrics_ports] or [None] * len(self.labels)
         self.processes: list[Process] = [
             start_relay(run, count, self.store, label, port)
-            for label, port in zip(
-                self.labels, self.metrics_ports or [None] * len(self.labels), strict=True
-            )
+            for label, port in zip(self.labels, ports, strict=True)
         ]
         self._flushes0 = (0.0, 0.0)
         # Flushes to disk and the steps they made durable, between mark and measure,
