@@ -14,9 +14,15 @@ the path, so a figure over it says how much of the gap to a target is the toolki
   (:func:`tisa.messages.encode_message`, the relay's own canonical encoder) of each it
   sends (``stored``, ``deliver_inline``); and a share of one SQLite WAL commit writing
   the report row (:func:`wal_commit`), amortised over as many reports as the relay
-  itself made durable per flush in the same run. No other statement, no schema check,
-  no trio, no audit chain hash: the least a relay that keeps every promise of
-  ``../shared/DESIGN.md`` in Python can do.
+  itself made durable per flush in the same run (read from its metrics,
+  ``tisa_relay_commit_batch_steps``, by :class:`bench.stores.Relays`). No other
+  statement, no schema check, no trio, no audit chain hash, no checkpoint: the least a
+  relay that keeps every promise of ``../shared/DESIGN.md`` in Python can do. (The
+  libsodium part goes through ``nacl.bindings`` as :mod:`bench.ceiling` times it, a few
+  µs a call above the cffi path the toolkit takes: the floor is that much higher than
+  the very least.) The commit is the relay's: ``synchronous=NORMAL`` and one fsync of the
+  WAL file after each COMMIT on a descriptor of its own, the same single fsync per
+  commit as ``synchronous=FULL``.
 * **The serial path at a low rate** (beside "p50 ≤ 2.5 ms at 100/s"): a report handled
   alone crosses three durable steps in sequence (the originator's before it sends, the
   relay's before it forwards, the recipient's before it hands the report over), each an

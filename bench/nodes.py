@@ -45,6 +45,16 @@ Figures:
   scheduled time: trio wakes a sleeper up to a millisecond late, which would count
   against the bare forwarder too.) Past the rate tisa sustains, latency grows with the
   run: the delivered rate is printed beside the figures;
+* floors of this run beside two targets (:mod:`bench.floors`): after the throughput
+  rounds, the least a durable Python relay does per report of the relay-alone run (its
+  libsodium work, one canonical decode or encode per message, a share of one durable
+  WAL commit over as many reports as the relay made durable per flush, read from its
+  metrics), with the relay's CPU as a multiple of it and a "proposed" line (at most
+  1.5x of it) beside the issue's target line; after each latency rate, the serial path
+  of one report: three durable steps (a WAL commit and its fsync on this disk, measured
+  then), the protocol core's CPU of the three roles (``bench core``'s per-role figures,
+  measured before the latency runs) and the bare forwarder's p50 hop, with the p50 as
+  a multiple of it and whether the target lies above it;
 * large: one report of ``--large-mib`` MiB end to end, with each process's peak RSS,
   beside the same at 16 MiB, to show peak memory does not grow with the report.
 
