@@ -215,11 +215,14 @@ def durable_relay(
 ) -> dict[str, Any]:
     """The durable-relay floor per 1 KiB report of the relay-alone run (module doc), in
     thread CPU µs: ``libsodium_us``, ``codec_us``, ``commit_us`` (one durable commit of
-    ``reports_per_flush`` rows, rounded to a whole batch, over that many) and their sum
+    ``reports_per_flush`` rows, rounded to a whole batch of at least one, over that
+    many) and their sum
     ``floor_us``. Rounds alternate the parts; the best round of each is kept."""
-    if not reports_per_flush >= 1:  # NaN too: the relay's flushes could not be read
-        raise ValueError(f"reports per flush must be at least 1, not {reports_per_flush}")
+    if not reports_per_flush > 0:  # NaN too: the relay made no flush that could be read
+        raise ValueError(f"reports per flush must be more than 0, not {reports_per_flush}")
     fixture = _relay_alone_fixture()
+    # A relay flushing more often than once per report is charged one commit per report:
+    # that much it needs (each report made durable before it is answered), no more.
     batch = max(1, round(reports_per_flush))
     best = {"libsodium": math.inf, "codec": math.inf, "commit": math.inf}
     for _ in range(rounds):

@@ -144,10 +144,17 @@ def test_the_durable_relay_floor_counts_the_relay_alone_runs_work(tmp_path: Path
     assert "a 1/6 share of one WAL commit" in line and "the relay at 3.00x it" in line
 
 
-@pytest.mark.parametrize("per_flush", [0.5, math.nan])
+@pytest.mark.parametrize("per_flush", [0.0, math.nan])
 def test_the_durable_relay_floor_needs_the_relays_batches(tmp_path: Path, per_flush: float) -> None:
     with pytest.raises(ValueError, match="reports per flush"):
         floors.durable_relay(tmp_path, per_flush, rounds=1, iterations=1)
+
+
+def test_a_relay_flushing_more_than_once_per_report_is_charged_one_commit_each(
+    tmp_path: Path,
+) -> None:
+    floor = floors.durable_relay(tmp_path, 0.4, rounds=1, iterations=2, commits=2)
+    assert floor["batch"] == 1 and floor["commit_us"] > 0
 
 
 def test_the_relay_alone_codec_decodes_what_arrives_and_encodes_what_leaves() -> None:
