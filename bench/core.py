@@ -18,9 +18,15 @@ measured twice: with libsodium called straight through PyNaCl's cffi binding, on
 the figures before 2026-12-06), printed beside it.
 
 Then sealing and opening a large report (default 256 MiB) streamed in chunks, against a
-bare secretstream loop over the same chunks, each in a fresh subprocess so its peak RSS
-and CPU time can be read; wall time and CPU time are both printed; run at two sizes to
-show that peak memory does not grow with the report.
+bare secretstream loop over the same chunks (the issue's floor), each in a fresh
+subprocess so its peak RSS and CPU time can be read; wall time and CPU time are both
+printed; run at two sizes to show that peak memory does not grow with the report. Beside
+it, a second floor: the same loop plus what the format requires besides secretstream,
+the BLAKE2b-256 of the whole ciphertext (personalised ``tisa1-ciphertext``) computed by
+the sealer and again by the opener (docs/protocol.md 9.3 and 9.4, step 6), hashed chunk
+by chunk as the chunks are written and read, once with ``hashlib.blake2b`` and once with
+libsodium's generichash; the toolkit's rate over the faster of the two is printed as a
+"proposed" line (at least 0.8 of secretstream + BLAKE2b's rate) beside the issue's target line.
 
 Floor and toolkit are measured in alternating rounds and the best round of each is
 kept, so a noisy neighbour slows both alike.
@@ -47,7 +53,7 @@ from nacl._sodium import ffi, lib
 from bench import targets
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role
-from tisa.keys import MemberSecret
+from tisa.keys import Hash, MemberSecret
 from tisa.limits import CHUNK_SIZE
 from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.report import ReportSealer, seal_report
@@ -96,6 +102,7 @@ def _compare(
     floors: dict[str, dict[str, Callable[[], object]]],
     rounds: int,
     n: int,
+    show: bool = True,
 ) -> dict[str, Any]:
     tool_best = float("inf")
     floor_best = dict.fromkeys(floors, float("inf"))
@@ -111,12 +118,13 @@ def _compare(
         for name, best in floor_best.items()
         if best != strict
     )
-    print(
-        f"  {label:<11} toolkit {tool_best * 1e6:8.1f} us   floor {strict * 1e6:8.1f} us"
-        f"   ratio {ratio:5.2f}x   (floor through {others})"
-    )
-    print(targets.line(f"core {label}", ratio, "x", targets.CORE_RATIO,
-                       f"raw libsodium {strict * 1e6:.1f} µs"))  # fmt: skip
+    if show:
+        print(
+            f"  {label:<11} toolkit {tool_best * 1e6:8.1f} us   floor {strict * 1e6:8.1f} us"
+            f"   ratio {ratio:5.2f}x   (floor through {others})"
+        )
+        print(targets.line(f"core {label}", ratio, "x", targets.CORE_RATIO,
+                           f"raw libsodium {strict * 1e6:.1f} µs"))  # fmt: skip
     return {"toolkit_us": tool_best * 1e6, "floor_us": strict * 1e6, "ratio": ratio,
             "floors_us": {name: best * 1e6 for name, best in floor_best.items()},
             "load": targets.load_average()}  # fmt: skip
@@ -313,7 +321,10 @@ def _floors(ops: type[_Bindings], work: dict[str, Any]) -> dict[str, Callable[[]
     }
 
 
-def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
+def per_role(rounds: int, n: int, *, show: bool = True) -> dict[str, dict[str, float]]:
+    """Each role's toolkit and floor µs per 1 KiB report and their ratio (printed with
+    the target lines unless ``show`` is false: ``bench nodes`` takes the toolkit's
+    figures for its latency floor)."""
     arrangement, secrets = _setup()
     seoul, tokyo = secrets["seoul"], secrets["tokyo"]
     body = os.urandom(1024)
@@ -379,9 +390,10 @@ def per_role(rounds: int, n: int) -> dict[str, dict[str, float]]:
         "token issue": token_issue,
         "token open": token_open,
     }
-    print("per-role cost, 1 KiB report (best of rounds; thread CPU time):")
+    if show:
+        print("per-role cost, 1 KiB report (best of rounds; thread CPU time):")
     return {
-        label.replace(" ", "_"): _compare(label, tool, floors, rounds, n)
+        label.replace(" ", "_"): _compare(label, tool, floors, rounds, n, show)
         for label, tool in tools.items()
     }
 
@@ -440,6 +452,80 @@ def _floor_work(sealed: Any, token: bytes, published: dict[PrekeyKind, bytes]) -
 # --- large reports, one subprocess per measurement ---------------------------------------
 
 
+class _SodiumHash:
+    """libsodium's BLAKE2b (generichash) straight through cffi, as tisa.keys.Hasher
+    calls it, without the class's checks."""
+
+    def __init__(self, person: bytes) -> None:
+        self._state = ffi.new("unsigned char[]", b.crypto_generichash_STATEBYTES)
+        lib.crypto_generichash_blake2b_init_salt_personal(
+            self._state, ffi.NULL, 0, 32, bytes(16), person
+        )
+
+    def update(self, data: bytes) -> None:
+        lib.crypto_generichash_blake2b_update(self._state, data, len(data))
+
+    def digest(self) -> bytes:
+        out = ffi.new("unsigned char[]", 32)
+        lib.crypto_generichash_blake2b_final(self._state, out, 32)
+        return ffi.buffer(out, 32)[:]  # type: ignore[no-any-return]
+
+
+class _NoHash:
+    def update(self, data: bytes) -> None:
+        pass
+
+    def digest(self) -> bytes:
+        return b""
+
+
+def _hashlib_blake2b(person: bytes) -> Any:
+    return hashlib.blake2b(digest_size=32, person=person)
+
+
+# How each floor of the large report hashes the ciphertext (docs/protocol.md 9.3 step 6
+# and 9.4 step 6: D = BLAKE2b-256 personalised "tisa1-ciphertext" of the whole
+# ciphertext, computed by the sealer and again by the opener).
+_DIGESTS: dict[str, Callable[[bytes], Any]] = {
+    "none": lambda person: _NoHash(),
+    "hashlib": _hashlib_blake2b,
+    "libsodium": _SodiumHash,
+}
+# The large report's floors: bare secretstream (the issue's), and secretstream with the
+# digest the format requires on each side, hashed by hashlib or by libsodium.
+FLOOR_MODES = {"floor": "none", "floor+hashlib": "hashlib", "floor+libsodium": "libsodium"}
+
+
+def _bare_stream(path: str, piece: bytes, count: int, new_hash: Callable[[bytes], Any]) -> None:
+    """Seal ``count`` chunks of ``piece`` with secretstream to ``path``, then open them,
+    each side hashing the ciphertext (stream header, then each chunk as it is written or
+    read, 65,553 bytes a time) with ``new_hash``."""
+    person = Hash.CIPHERTEXT.value
+    key = os.urandom(32)
+    read_size = CHUNK_SIZE + 17
+    push = b.crypto_secretstream_xchacha20poly1305_state()
+    sealed = new_hash(person)
+    with open(path, "wb") as out:
+        header = b.crypto_secretstream_xchacha20poly1305_init_push(push, key)
+        sealed.update(header)
+        for i in range(count):
+            tag = TAG_FINAL if i == count - 1 else TAG_MESSAGE
+            chunk = b.crypto_secretstream_xchacha20poly1305_push(push, piece, b"i" * 16, tag)
+            sealed.update(chunk)
+            out.write(chunk)
+    digest = sealed.digest()
+    pull = b.crypto_secretstream_xchacha20poly1305_state()
+    b.crypto_secretstream_xchacha20poly1305_init_pull(pull, header, key)
+    opened = new_hash(person)
+    opened.update(header)
+    with open(path, "rb") as source:
+        while chunk := source.read(read_size):
+            opened.update(chunk)
+            b.crypto_secretstream_xchacha20poly1305_pull(pull, chunk, b"i" * 16)
+    if opened.digest() != digest:
+        raise AssertionError("the floor's digests differ")
+
+
 def _large_child(mode: str, size: int) -> dict[str, float]:
     """Seal ``size`` bytes to a temporary file, then open it; both streamed."""
     import tempfile
@@ -454,21 +540,8 @@ def _large_child(mode: str, size: int) -> dict[str, float]:
         path = os.path.join(folder, "report.bin")
         start = time.perf_counter()
         cpu_start = time.process_time()
-        if mode == "floor":
-            key = os.urandom(32)
-            push = b.crypto_secretstream_xchacha20poly1305_state()
-            with open(path, "wb") as out:
-                header = b.crypto_secretstream_xchacha20poly1305_init_push(push, key)
-                for i in range(count):
-                    tag = TAG_FINAL if i == count - 1 else TAG_MESSAGE
-                    out.write(
-                        b.crypto_secretstream_xchacha20poly1305_push(push, piece, b"i" * 16, tag)
-                    )
-            pull = b.crypto_secretstream_xchacha20poly1305_state()
-            b.crypto_secretstream_xchacha20poly1305_init_pull(pull, header, key)
-            with open(path, "rb") as source:
-                while chunk := source.read(read_size):
-                    b.crypto_secretstream_xchacha20poly1305_pull(pull, chunk, b"i" * 16)
+        if mode in FLOOR_MODES:
+            _bare_stream(path, piece, count, _DIGESTS[FLOOR_MODES[mode]])
         else:
             sealer = ReportSealer(
                 secrets["seoul"], "seoul", arrangement, recipients=["tokyo"],
@@ -514,7 +587,7 @@ def _run_child(mode: str, size: int) -> dict[str, float]:
 
 def large(mib: int, rounds: int) -> dict[str, object]:
     size = mib * 1024 * 1024
-    modes = ("floor", "toolkit")
+    modes = ("floor", "floor+hashlib", "floor+libsodium", "toolkit")
     print(
         f"large report, {mib} MiB: seal then open, streamed (best of {rounds}; wall time,"
         " and the process's CPU time):"
@@ -522,22 +595,42 @@ def large(mib: int, rounds: int) -> dict[str, object]:
     best = {mode: {"seconds": float("inf"), "cpu_seconds": float("inf")} for mode in modes}
     peaks: dict[str, float] = {}
     for _ in range(rounds):
-        for mode in modes:  # alternating, so a noisy neighbour slows both alike
+        for mode in modes:  # alternating, so a noisy neighbour slows all alike
             run = _run_child(mode, size)
             for key in ("seconds", "cpu_seconds"):
                 best[mode][key] = min(best[mode][key], run[key])
             peaks[mode] = run["peak_mib"]
     rates = {mode: 2 * mib / best[mode]["seconds"] for mode in modes}
+    cpu = {mode: best[mode]["cpu_seconds"] for mode in modes}
     ratio = rates["toolkit"] / rates["floor"]
-    cpu_ratio = best["toolkit"]["cpu_seconds"] / best["floor"]["cpu_seconds"]
+    cpu_ratio = cpu["toolkit"] / cpu["floor"]
     print(
         f"  toolkit {rates['toolkit']:7.1f} MiB/s  floor {rates['floor']:7.1f} MiB/s"
-        f"   rate ratio {ratio:5.2f}x;  CPU {best['toolkit']['cpu_seconds']:.2f} s vs"
-        f" {best['floor']['cpu_seconds']:.2f} s ({cpu_ratio:.2f}x)"
+        f"   rate ratio {ratio:5.2f}x;  CPU {cpu['toolkit']:.2f} s vs"
+        f" {cpu['floor']:.2f} s ({cpu_ratio:.2f}x)"
     )
     print(targets.line(f"{mib} MiB seal then open", ratio, "x",
                        targets.LARGE_RATIO, f"bare secretstream {rates['floor']:.0f} MiB/s",
                        at_most=False))  # fmt: skip
+    # The floor of what the format requires: the stricter (faster) of the two hashes.
+    digest_mode = max(("floor+hashlib", "floor+libsodium"), key=lambda mode: rates[mode])
+    digest_ratio = rates["toolkit"] / rates[digest_mode]
+    digest_cpu_ratio = cpu["toolkit"] / cpu[digest_mode]
+    print(
+        "  floor secretstream + the ciphertext's BLAKE2b-256 on each side (the digest D the"
+        " format requires of the sealer and of the opener, hashed chunk by chunk as"
+        f" written and read): with hashlib {rates['floor+hashlib']:.1f} MiB/s (CPU"
+        f" {cpu['floor+hashlib']:.2f} s), with libsodium {rates['floor+libsodium']:.1f} MiB/s"
+        f" (CPU {cpu['floor+libsodium']:.2f} s); toolkit at {digest_ratio:.2f}x the faster"
+        f" ({digest_mode.removeprefix('floor+')}) in wall rate, {digest_cpu_ratio:.2f}x its"
+        f" CPU; one thread each, {os.cpu_count()} cores"
+    )
+    print(targets.proposed_line(
+        f"{mib} MiB seal then open over secretstream + BLAKE2b", digest_ratio, "x",
+        targets.PROPOSED_LARGE_RATIO,
+        f"secretstream + BLAKE2b ({digest_mode.removeprefix('floor+')})"
+        f" {rates[digest_mode]:.0f} MiB/s", at_most=False,
+    ))  # fmt: skip
     small = _run_child("toolkit", 16 * 1024 * 1024)
     print(
         f"  peak RSS: toolkit {peaks['toolkit']:.1f} MiB at {mib} MiB, "
@@ -547,9 +640,14 @@ def large(mib: int, rounds: int) -> dict[str, object]:
         "rate_toolkit": rates["toolkit"],
         "rate_floor": rates["floor"],
         "rate_ratio": ratio,
-        "cpu_seconds": {mode: best[mode]["cpu_seconds"] for mode in modes},
+        "rates": rates,
+        "digest_floor": digest_mode,
+        "digest_rate_ratio": digest_ratio,
+        "digest_cpu_ratio": digest_cpu_ratio,
+        "cpu_seconds": cpu,
         "peak_mib": peaks,
         "peak_mib_16": small["peak_mib"],
+        "cores": os.cpu_count(),
         "load": targets.load_average(),
     }
 

@@ -45,6 +45,16 @@ Figures:
   scheduled time: trio wakes a sleeper up to a millisecond late, which would count
   against the bare forwarder too.) Past the rate tisa sustains, latency grows with the
   run: the delivered rate is printed beside the figures;
+* floors of this run beside two targets (:mod:`bench.floors`): after the throughput
+  rounds, the least a durable Python relay does per report of the relay-alone run (its
+  libsodium work, one canonical decode or encode per message, a share of one durable
+  WAL commit over as many reports as the relay made durable per flush, read from its
+  metrics), with the relay's CPU as a multiple of it and a "proposed" line (at most
+  1.5x of it) beside the issue's target line; after each latency rate, the serial path
+  of one report: three durable steps (a WAL commit and its fsync on this disk, measured
+  then), the protocol core's CPU of the three roles (``bench core``'s per-role figures,
+  measured before the latency runs) and the bare forwarder's p50 hop, with the p50 as
+  a multiple of it and whether the target lies above it;
 * large: one report of ``--large-mib`` MiB end to end, with each process's peak RSS,
   beside the same at 16 MiB, to show peak memory does not grow with the report.
 
@@ -68,6 +78,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import statistics
 import struct
@@ -80,7 +91,7 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
-from bench import ceiling, targets
+from bench import ceiling, core, floors, targets
 from bench.processes import (
     Process,
     cpu_seconds,
@@ -383,6 +394,9 @@ def _setup_round(
     alone["head_held_share"] = alone["head_held_s"] / alone["seconds"]
     alone["lock_waiting_share"] = alone["lock_waiting_s"] / alone["seconds"]
     alone["writing_share"] = alone["writing_s"] / alone["seconds"]
+    # Reports made durable per flush to disk (the relay's group commit), from its metrics.
+    flushes = alone["relay_flushes"]
+    alone["reports_per_flush"] = count / flushes if flushes > 0 else math.nan
     return {
         "tisa": tisa_rate,
         "ratio": tisa_rate / bare_rate,
@@ -428,6 +442,7 @@ def _setup_medians(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
         "server_cpu_us": median(lambda r: r["relay_alone"]["server_cpu_us"]),
         "head_held_us": median(lambda r: r["relay_alone"]["head_held_us"]),
         "head_held_share": median(lambda r: r["relay_alone"]["head_held_share"]),
+        "reports_per_flush": median(lambda r: r["relay_alone"]["reports_per_flush"]),
         "relays": each,
     }
 
@@ -554,6 +569,14 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
                        "µs", targets.RELAY_CPU_US,
                        f"libsodium work the relay must do {limit['relay_us']:.0f} µs, the"
                        f" relay at {relay_cpu_us / limit['relay_us']:.2f}x it"))  # fmt: skip
+    # The least a durable Python relay does per report, amortising its commit over the
+    # batches the relay itself achieved in these runs (bench/floors.py).
+    durable = floors.durable_relay(folder, sqlite["reports_per_flush"])
+    print(floors.relay_floor_line(durable, relay_cpu_us))
+    print(targets.proposed_line("relay alone over the durable-relay floor (median of rounds)",
+                                relay_cpu_us / durable["floor_us"], "x",
+                                targets.PROPOSED_RELAY_FLOOR_RATIO,
+                                f"durable Python relay {durable['floor_us']:.0f} µs"))  # fmt: skip
     floor = f"bare forwarder's three processes {bare_cpu_ms:.3f} ms per message"
     print(targets.line("three processes, CPU per report summed (median of rounds)",
                        tisa_cpu_ms, "ms", targets.PIPELINE_CPU_MS, floor))  # fmt: skip
@@ -575,11 +598,16 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
         "rounds": rounds,
         "concurrency": args.concurrency,
         "ceiling": limit,
+        "durable_relay_floor": durable,
     }
 
 
 def _latency_part(folder: Path, args: argparse.Namespace, kinds: list[Setup]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
+    # The protocol core's CPU per role (the toolkit's own calls), measured in this process
+    # before the runs: part of the serial path's floor (bench/floors.py).
+    roles = core.per_role(3, 100, show=False)
+    core_us = {role: roles[role]["toolkit_us"] for role in ("originator", "relay", "recipient")}
     for rate in args.rate:
         print(f"latency, {args.latency_count} reports of 1 KiB offered at {rate:.0f}/s"
               " (open loop):")  # fmt: skip
@@ -600,14 +628,19 @@ def _latency_part(folder: Path, args: argparse.Namespace, kinds: list[Setup]) ->
               f" (CPU per message {_pipeline_cpu_ms(bare, args.latency_count):.3f} ms);"
               f" {targets.load_average()}")  # fmt: skip
         t50, t99 = found["sqlite"]["tisa"]
+        # A durable step on this disk, measured right after the runs.
+        serial = floors.latency_floor(floors.fsync_wall(folder), core_us, b50)
+        print(floors.latency_floor_line(serial, core_us, t50, targets.LATENCY_P50_MS))
         if rate == targets.LATENCY_RATE:
             print(targets.line("p50 at 100/s", t50, "ms", targets.LATENCY_P50_MS,
-                               f"bare forwarder p50 {b50:.2f} ms"))  # fmt: skip
+                               f"bare forwarder p50 {b50:.2f} ms; the serial path"
+                               f" {serial['floor_ms']:.2f} ms"))  # fmt: skip
             print(targets.line("p99 at 100/s", t99, "ms", targets.LATENCY_P99_MS,
                                f"bare forwarder p99 {b99:.2f} ms"))  # fmt: skip
         figures[f"{rate:g}"] = {
             **found["sqlite"],
             "bare": [b50, b99],
+            "serial_floor": {**serial, "core_us": core_us},
             "setups": found,
             "load": targets.load_average(),
         }

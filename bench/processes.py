@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,8 +25,10 @@ from tisa.keys import MemberSecret
 __all__ = [
     "PASSPHRASE",
     "Process",
+    "commit_flushes",
     "cpu_seconds",
     "emit",
+    "free_port",
     "load",
     "make_world",
     "profile",
@@ -170,10 +173,17 @@ def relay_limits(count: int) -> list[str]:
     ]
 
 
-def start_relay(run: Path, count: int, store: str | None = None, label: str = "relay") -> Process:
+def start_relay(
+    run: Path,
+    count: int,
+    store: str | None = None,
+    label: str = "relay",
+    metrics_port: int | None = None,
+) -> Process:
     """The real relay (``python -m relay``) on a fresh store in ``run`` (or on ``store``, a
     ``postgresql://`` address: several relay processes may share one); its port is written
-    to ``run / f"{label}.port"``. Its limits: :func:`relay_limits`.
+    to ``run / f"{label}.port"``. Its limits: :func:`relay_limits`. With ``metrics_port``
+    it serves its metrics there on 127.0.0.1 (:func:`commit_flushes` reads them).
 
     With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
     separately, not a dependency) samples the relay until it ends, into a collapsed-stack
@@ -183,11 +193,47 @@ def start_relay(run: Path, count: int, store: str | None = None, label: str = "r
         ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
          "--arrangement", str(run / "arrangement.tisa"), "--store", store or str(run / "relay"),
          "--port", "0", "--port-file", str(run / f"{label}.port"),
-         *(arg for limit in relay_limits(count) for arg in ("--limit", limit))],
+         *(arg for limit in relay_limits(count) for arg in ("--limit", limit)),
+         *(() if metrics_port is None else ("--metrics", f"127.0.0.1:{metrics_port}"))],
         env={"BENCH_PASS": PASSPHRASE},
     )  # fmt: skip
     profile(relay, "BENCH_PROFILE_RELAY", "relay")
     return relay
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a relay's ``--metrics``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def commit_flushes(port: int, timeout: float = 10.0) -> tuple[float, float]:
+    """A relay's flushes to disk so far and the steps they made durable, from its metrics
+    on 127.0.0.1:``port`` (``tisa_relay_commit_batch_steps``' count and sum); raises
+    ``OSError`` if they cannot be read by ``timeout``."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+                text = answer.read().decode()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    found: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("tisa_relay_commit_batch_steps_count", "tisa_relay_commit_batch_steps_sum"):
+            found[name] = float(value)
+    return (
+        found["tisa_relay_commit_batch_steps_count"],
+        found["tisa_relay_commit_batch_steps_sum"],
+    )
 
 
 def profile(process: Process, variable: str, label: str) -> None:

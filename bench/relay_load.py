@@ -31,7 +31,10 @@ reports and tokens, the sink N deliveries carrying exactly the tokens the source
 issued (the two compare a digest of the sorted token ids), and, read from the relay's
 store once the sink is done, the relay holds all N tokens as acked (each delivery
 completed). The relay's CPU seconds are given in all (start-up included) and from the
-sink's connect to the end of the run; on PostgreSQL, the server's too.
+sink's connect to the end of the run; on PostgreSQL, the server's too; and, read from
+the relay's metrics (``--metrics`` on a port of 127.0.0.1), how many flushes to disk it
+made over the same span, and how many steps these made durable, so the batches its group
+commit achieved are known (:mod:`bench.floors` amortises its commit over them).
 
 The relay may be several processes on one PostgreSQL store (:mod:`bench.stores`): the
 source then connects to the first, the sink to the last, and the relays' store is read
@@ -337,7 +340,7 @@ def run(
     the figures (checked, see the docstring). ``probe``: on PostgreSQL, sample how long
     the audit head row is held (:class:`bench.stores.LockProbe`)."""
     where = run_folder(folder)
-    relays = Relays(where, count, setup, probe=probe)
+    relays = Relays(where, count, setup, probe=probe, metrics=True)
     source = receiver = None
     try:
         ports = relays.ports()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.processes import Process, cpu_seconds, start_relay, wait_port
+from bench.processes import Process, commit_flushes, cpu_seconds, free_port, start_relay, wait_port
 from relay.store import DB_NAME
 from tisa_testing.pg_server import PgServer, postmaster_pid, server_cpu_seconds
 
@@ -167,17 +167,27 @@ class Relays:
     """The relay processes of one run of a set-up, on one fresh store.
 
     :meth:`mark` and :meth:`measure` bracket the measured part: the relays' CPU seconds
-    (each, and the server's) between the two.
+    (each, and the server's) between the two; with ``metrics=True``, also their flushes
+    to disk and the steps these made durable (read from each relay's metrics).
     """
 
-    def __init__(self, run: Path, count: int, setup: Setup, *, probe: bool = False) -> None:
+    def __init__(
+        self, run: Path, count: int, setup: Setup, *, probe: bool = False, metrics: bool = False
+    ) -> None:
         self.run = run
         self.setup = setup
         self.store = setup.server.new_store() if setup.server is not None else None
         self.labels = ["relay"] if setup.relays == 1 else [f"relay{n}" for n in range(setup.relays)]
+        self.metrics_ports = [free_port() for _ in self.labels] if metrics else []
+        ports: list[int | None] = [*self.metrics_ports] or [None] * len(self.labels)
         self.processes: list[Process] = [
-            start_relay(run, count, self.store, label) for label in self.labels
+            start_relay(run, count, self.store, label, port)
+            for label, port in zip(self.labels, ports, strict=True)
         ]
+        self._flushes0 = (0.0, 0.0)
+        # Flushes to disk and the steps they made durable, between mark and measure,
+        # summed over the relay processes (NaN without metrics).
+        self.flushes = self.flushed_steps = math.nan
         self._cpu0: list[float] = []
         self._server0 = float("nan")
         self.run_cpu_s: list[float] = []  # each relay process, between mark and measure
@@ -193,7 +203,13 @@ class Relays:
             for label, process in zip(self.labels, self.processes, strict=True)
         ]
 
+    def _flushes(self) -> tuple[float, float]:
+        each = [commit_flushes(port) for port in self.metrics_ports]
+        return sum(count for count, _ in each), sum(steps for _, steps in each)
+
     def mark(self) -> None:
+        if self.metrics_ports:  # read first: the scrape's CPU is not the run's
+            self._flushes0 = self._flushes()
         self._cpu0 = [cpu_seconds(p.popen.pid) for p in self.processes]
         if self.setup.server is not None:
             self._server0 = self.setup.server.cpu_seconds()
@@ -211,6 +227,10 @@ class Relays:
             self.server_run_cpu_s = self.setup.server.cpu_seconds() - self._server0
         if self.probe is not None:
             self.probe.stop()
+        if self.metrics_ports:
+            count, steps = self._flushes()
+            self.flushes = count - self._flushes0[0]
+            self.flushed_steps = steps - self._flushes0[1]
 
     def stop(self) -> None:
         if self.probe is not None:
@@ -257,6 +277,9 @@ class Relays:
             "relay_run_cpu_each_s": self.run_cpu_s,
             "server_run_cpu_s": self.server_run_cpu_s,
             "relay_peak_mib": max(p.peak_mib for p in self.processes),
+            # NaN without metrics.
+            "relay_flushes": self.flushes,
+            "relay_flushed_steps": self.flushed_steps,
             # NaN without the lock probe.
             "head_held_s": math.nan if self.probe is None else self.probe.held_s,
             "writing_s": math.nan if self.probe is None else self.probe.writing_s,

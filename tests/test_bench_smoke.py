@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.test_bench_floors import verdict_lines
 from tisa_testing.pg_server import PgServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +48,21 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
     assert out.count("; load ") >= 4
     assert "latency, 30 reports of 1 KiB offered at 100/s" in out
     assert "large report, 2 MiB end to end" in out
+    # The floors beside the targets (bench/floors.py), each from this run.
+    assert "floor, a durable Python relay per 1 KiB report (relay-alone run)" in out
+    assert "proposed relay alone over the durable-relay floor" in out
+    assert "floor, the serial path of one report" in out
+    # Every target and proposed line's verdict follows from its own figures.
+    said = {match["what"] for match in verdict_lines(out)}
+    assert {"relay alone, CPU per 1 KiB report (median of rounds)", "p50 at 100/s",
+            "relay alone over the durable-relay floor (median of rounds)"} <= said  # fmt: skip
     figures = json.loads(figures_file.read_text())
+    durable = figures["throughput"]["durable_relay_floor"]
+    # Read from the relay's metrics: it made every report durable in some flush.
+    assert 1 <= durable["reports_per_flush"] <= 40 and durable["batch"] >= 1
+    assert durable["floor_us"] > durable["libsodium_us"] > 0
+    serial = figures["latency_ms"]["100"]["serial_floor"]
+    assert serial["floor_ms"] > serial["fsyncs_ms"] > 0 and serial["core_ms"] > 0
     assert figures["throughput"]["tisa"] > 0 and figures["throughput"]["bare"] > 0
     assert figures["throughput"]["relay_alone"]["rate"] > 0
     assert figures["latency_ms"]["100"]["tisa"][1] > 0
@@ -121,6 +136,11 @@ def test_bench_core_and_ceiling_run(args: tuple[str, ...]) -> None:
         for role in ("originator", "relay", "recipient"):
             assert f"target core {role}" in out
         assert "target 2 MiB seal then open" in out
+        assert "floor secretstream + the ciphertext's BLAKE2b-256 on each side" in out
+        assert "proposed 2 MiB seal then open over secretstream + BLAKE2b" in out
+        # Five roles, the large-report target and the proposed one; each verdict
+        # follows from its own figures.
+        assert len(verdict_lines(out)) == 7
 
 
 def test_bench_availability_runs(tmp_path: Path) -> None:
