@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Sequence
 
 from tisa import messages as m
 from tisa.errors import ProtocolError
@@ -84,7 +85,9 @@ class PrekeyPool:
         self.max_recipients = recipients
         self.margin = margin
         self._pools: dict[str, _Pool] = {}
-        # Bundles dropped unused (expired, or about to, before they were taken).
+        # Bundles taken for a token, and dropped unused (expired, or about to, before
+        # they were taken).
+        self.taken = 0
         self.dropped = 0
 
     def __len__(self) -> int:
@@ -107,6 +110,7 @@ class PrekeyPool:
             answer, not_after = pool.bundles.popleft()
             if now + self.margin < not_after:
                 taken = answer
+                self.taken += 1
             else:
                 self.dropped += 1
         self._check_level(pool)
@@ -146,7 +150,9 @@ class PrekeyPool:
                 asks.extend([recipient] * count)
         return asks
 
-    def answered(self, recipients: list[str], answers: list[m.Message] | None, *, now: int) -> None:
+    def answered(
+        self, recipients: list[str], answers: Sequence[m.Message] | None, *, now: int
+    ) -> None:
         """The relay's answers to the fetches :meth:`asks` gave (None: the connection
         ended before all came; a later ask tries again)."""
         for n, recipient in enumerate(recipients):
