@@ -420,9 +420,10 @@ class Node:
         ``release_to`` (the others wait for :meth:`release`); its token is issued once
         the relay hands out that recipient's prekeys: before this returns when connected
         (a refusal, e.g. ``no_prekey``, comes as a :class:`~clients.events.RefusedEvent`),
-        else on the next connection. When connected, the prekeys are fetched before the
-        submission is recorded, so that a small report and its tokens leave in one
-        ``submit_inline`` message.
+        else on the next connection. When connected, the prekeys are taken from the
+        prekey pool (``limits.prekey_pool`` bundles per recipient fetched ahead, see
+        :mod:`clients.prekeypool`) or else fetched before the submission is recorded, so
+        that a small report and its tokens leave in one ``submit_inline`` message.
 
         Args:
             body: the report body, as bytes or the path of a file to stream.
@@ -499,8 +500,9 @@ class Node:
             )
             os.replace(staged, self.store.outbox_dir / file_name)
             fsync_dir(self.store.outbox_dir)
-        # Connected: the recipients' prekeys first, so the tokens are issued in the same
-        # batch as the submission and travel with it (one message for a small report).
+        # Connected: the recipients' prekeys first (from the pool, else fetched), so the
+        # tokens are issued in the same batch as the submission and travel with it (one
+        # message for a small report).
         prekeys = await self._prefetch_prekeys(release_to) if self.connected else {}
         self.store.record_submission(
             data=inline,
