@@ -182,11 +182,12 @@ class Limits:
     # background (at most max_prekey_fetches per write) once fewer than half are left.
     # Kept in memory only: the bundles held when the node stops are one-time prekeys
     # handed out and never used (the recipient deletes their secrets once they expire),
-    # so this also bounds that waste per recipient and restart. 16 covers a burst of a
-    # few hundred ms at 100 reports/s to one recipient with one refill in flight, and is
-    # under prekey_low_water (20), so one originator's refill does not on its own drain
-    # a recipient's supply below the low-water mark. 0 turns the pool off (a round trip
-    # per submit, as before).
+    # so this also bounds that waste per recipient and restart. 16: at 100 reports/s to
+    # one recipient, 80 ms of reports while a refill (one write of up to 10 fetches,
+    # one relay commit) is in flight; and under prekey_low_water (20), the reserve the
+    # relay keeps before it asks the recipient to top up, so one originator's pool is
+    # a small part of a recipient's supply (one_time_prekeys, 100). 0 turns the pool
+    # off (a round trip per submit, as before).
     prekey_pool: int = 16
     # Recipients an originator's node keeps a prekey pool for (started on the first
     # submit that releases to one); past it a recipient's tokens fetch their prekeys per
