@@ -79,6 +79,7 @@ from clients.events import (
     WeakerWrap,
     decode_event,
 )
+from clients.prekeypool import PrekeyPool
 from clients.store import (
     InboxEntry,
     MemberStore,
@@ -294,6 +295,14 @@ class Node:
         # failed attempts, so a caller can wait for the next one.
         self.connect_error: BaseException | None = None
         self._attempted = trio.Event()
+        # Prekey bundles fetched ahead for connected submits (see clients.prekeypool),
+        # refilled by the session's _pool_keeper, woken by _pool_changed.
+        self.prekey_pool = PrekeyPool(
+            size=int(limits.prekey_pool),
+            recipients=int(limits.prekey_pool_recipients),
+            margin=int(limits.clock_skew),
+        )
+        self._pool_changed = trio.Event()
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -411,9 +420,10 @@ class Node:
         ``release_to`` (the others wait for :meth:`release`); its token is issued once
         the relay hands out that recipient's prekeys: before this returns when connected
         (a refusal, e.g. ``no_prekey``, comes as a :class:`~clients.events.RefusedEvent`),
-        else on the next connection. When connected, the prekeys are fetched before the
-        submission is recorded, so that a small report and its tokens leave in one
-        ``submit_inline`` message.
+        else on the next connection. When connected, the prekeys are taken from the
+        prekey pool (``limits.prekey_pool`` bundles per recipient fetched ahead, see
+        :mod:`clients.prekeypool`) or else fetched before the submission is recorded, so
+        that a small report and its tokens leave in one ``submit_inline`` message.
 
         Args:
             body: the report body, as bytes or the path of a file to stream.
@@ -490,8 +500,9 @@ class Node:
             )
             os.replace(staged, self.store.outbox_dir / file_name)
             fsync_dir(self.store.outbox_dir)
-        # Connected: the recipients' prekeys first, so the tokens are issued in the same
-        # batch as the submission and travel with it (one message for a small report).
+        # Connected: the recipients' prekeys first (from the pool, else fetched), so the
+        # tokens are issued in the same batch as the submission and travel with it (one
+        # message for a small report).
         prekeys = await self._prefetch_prekeys(release_to) if self.connected else {}
         self.store.record_submission(
             data=inline,
@@ -674,18 +685,58 @@ class Node:
             await changed.wait()
 
     async def _prefetch_prekeys(self, recipients: Sequence[str]) -> dict[str, m.Prekeys]:
-        """Fetch the prekeys of ``recipients`` at once (one write, one round trip for
-        all); returns the answers that came with a signed prekey. The others (none
-        published yet, a refusal, a connection lost first) are left to the issuer,
-        which asks again."""
-        answers = await self._ask_prekeys(list(recipients), wait=False)
-        return {
-            recipient: answer
-            for recipient, answer in zip(recipients, answers or [], strict=False)
-            if isinstance(answer, m.Prekeys)
-            and answer.member == recipient
-            and answer.signed is not None
-        }
+        """The prekeys of ``recipients``: a bundle from the pool for each that has one
+        (no round trip), the others fetched at once (one write, one round trip for all);
+        returns the answers that came with a signed prekey. The others (none published
+        yet, a refusal, a connection lost first) are left to the issuer, which asks
+        again. A direct fetch starts the recipient's pool (or ends its dry spell), and
+        the pool keeper tops up what fell below half."""
+        pool = self.prekey_pool
+        now = self._now()
+        prekeys: dict[str, m.Prekeys] = {}
+        missing: list[str] = []
+        for recipient in recipients:
+            pooled = pool.take(recipient, now=now)
+            if pooled is None:
+                missing.append(recipient)
+            else:
+                prekeys[recipient] = pooled
+        if missing:
+            answers = await self._ask_prekeys(missing, wait=False)
+            now = self._now()
+            for n, recipient in enumerate(missing):
+                answer = None if answers is None else answers[n]
+                pool.fetched(recipient, answer, now=now)
+                if (
+                    isinstance(answer, m.Prekeys)
+                    and answer.member == recipient
+                    and answer.signed is not None
+                ):
+                    prekeys[recipient] = answer
+        if pool.wants():
+            self._pool_changed.set()
+        return prekeys
+
+    async def _pool_keeper(self, session: _Session) -> None:
+        """Top up the prekey pools that fell below half (see :mod:`clients.prekeypool`):
+        one write of at most ``limits.max_prekey_fetches`` fetches at a time, on this
+        connection."""
+        pool = self.prekey_pool
+        while True:
+            changed = self._pool_changed = trio.Event()
+            asks = pool.asks(self._limits.max_prekey_fetches)
+            if not asks:
+                await changed.wait()
+                continue
+            answers = None
+            try:
+                answers = await self._ask_prekeys(asks, wait=False)
+            finally:
+                pool.answered(asks, answers, now=self._now())
+            if answers is None:
+                # Only when the session ends, which cancels this task: the next
+                # session's keeper asks again.
+                await trio.sleep_forever()
 
     async def _issue_batch(self, batch: list[WantedRelease]) -> None:
         """Fetch the prekeys of the releases of ``batch`` whose report is still held, in
@@ -1486,6 +1537,10 @@ class Node:
                 nursery.start_soon(self._guard, self._replier, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._prekey_keeper, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._issuer, session, nursery.cancel_scope)
+                if self.prekey_pool.size:
+                    nursery.start_soon(
+                        self._guard, self._pool_keeper, session, nursery.cancel_scope
+                    )
                 self._session = session
                 self._connected.set()
                 self._connected = trio.Event()

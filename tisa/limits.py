@@ -21,6 +21,7 @@ __all__ = [
     "MAX_INLINE_TOKENS",
     "MAX_NAME",
     "MAX_REPORT_SIZE",
+    "ZERO_MEANS_OFF",
 ]
 
 # Plaintext bytes per secretstream chunk. 64 KiB keeps per-chunk overhead (17 bytes of
@@ -63,6 +64,11 @@ MAX_NAME = 128
 # Seconds of clock difference tolerated when checking a token's validity window: enough
 # for ordinary NTP drift between three sites, small enough not to extend a window much.
 CLOCK_SKEW = 120
+
+
+# The limits that may be 0, which turns off what they bound (every other one must be
+# positive).
+ZERO_MEANS_OFF = frozenset({"prekey_pool"})
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -170,6 +176,24 @@ class Limits:
     # holds past its low-supply notice, and a second batch finds the recipient's top-up
     # on its way rather than an empty supply.
     max_prekey_fetches: int = 10
+    # Prekey bundles (a signed and a one-time prekey, handed out by the relay) an
+    # originator's node keeps ahead per recipient, so that a connected submit issues its
+    # tokens without a round trip to the relay and its commit; refilled in the
+    # background (at most max_prekey_fetches per write) once fewer than half are left.
+    # Kept in memory only: the bundles held when the node stops are one-time prekeys
+    # handed out and never used (the recipient deletes their secrets once they expire),
+    # so this also bounds that waste per recipient and restart. 16: at 100 reports/s to
+    # one recipient, 80 ms of reports while a refill (one write of up to 10 fetches,
+    # one relay commit) is in flight; and under prekey_low_water (20), the reserve the
+    # relay keeps before it asks the recipient to top up, so one originator's pool is
+    # a small part of a recipient's supply (one_time_prekeys, 100). 0 turns the pool
+    # off (a round trip per submit, as before).
+    prekey_pool: int = 16
+    # Recipients an originator's node keeps a prekey pool for (started on the first
+    # submit that releases to one); past it a recipient's tokens fetch their prekeys per
+    # submit. Bounds the pool's memory and its waste at prekey_pool times this: 16
+    # recipients, 256 bundles of about 500 bytes.
+    prekey_pool_recipients: int = 16
 
     def __post_init__(self) -> None:
         from tisa.errors import UsageError
@@ -180,7 +204,8 @@ class Limits:
                 not isinstance(value, int | float)
                 or isinstance(value, bool)
                 or not math.isfinite(value)
-                or value <= 0
+                or value < 0
+                or (value == 0 and field.name not in ZERO_MEANS_OFF)
             ):
                 raise UsageError(f"limit {field.name} must be a positive number, not {value!r}")
         if self.max_header > MAX_HEADER:
