@@ -653,11 +653,13 @@ class Relay:
             # One line per connection, when it ends: who, from where, how long, why.
             why = f"{conn.error[0].value}: {conn.error[1]}" if conn.error else "closed"
             log.info(
-                "%s from %s: connection ended after %.1f s (%s)",
+                "%s from %s: connection ended after %.1f s (%s); %d frames sent in %d writes",
                 conn.member,
                 _peer_address.get(),
                 trio.current_time() - opened,
                 why,
+                link.frames_sent,
+                link.writes,
             )
             try:
                 if conn.error is not None:
