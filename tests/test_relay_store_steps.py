@@ -246,3 +246,63 @@ def test_a_schema_3_store_gets_the_partial_indexes(tmp_path: Path, world: World)
         assert [row.id for row in store.outstanding("tokyo")] == [token.id]
     finally:
         store.close()
+
+
+def test_the_expiry_sweep_finds_live_reports_by_expiry_and_scans_no_reports(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        _store_and_release(store, world)
+        seen = _statements(store)
+        store.expire(now=NOW, clock_skew=0)
+        plans = [_plan(store, sql) for sql in seen if "FROM reports" in sql]
+        assert any("reports_live" in plan for plan in plans)
+        # The state is in the index's condition, not its key: a release rewrites its
+        # entry in place (one page), and no statement of the sweep reads every report.
+        assert not any("SCAN reports" in plan for plan in plans), plans
+        (index,) = store._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'reports'"
+            " AND sql IS NOT NULL"
+        ).fetchall()
+        assert "(expires)" in index[0] and "WHERE state IN ('held', 'released')" in index[0]
+    finally:
+        store.close()
+
+
+def test_a_schema_7_store_gets_the_live_reports_index(tmp_path: Path, world: World) -> None:
+    store = Store(tmp_path)
+    report = world.seal()
+    store.add_report(
+        report.report_id,
+        originator="seoul",
+        size=report.size,
+        digest=report.digest,
+        expires=NOW + 10,
+        now=NOW,
+        data=report.ciphertext,
+    )
+    # Make it what a schema-7 relay left: the expiry index of every report.
+    store._db.executescript(
+        "DROP INDEX reports_live;"
+        "CREATE INDEX reports_expiry ON reports (state, expires);"
+        "PRAGMA user_version=7;"
+    )
+    store.close()
+    store = Store(tmp_path)
+    try:
+        indexes = {
+            str(row[0])
+            for row in store._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'reports'"
+                " AND sql IS NOT NULL"
+            )
+        }
+        assert indexes == {"reports_live"}
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        # The held report past its time is found and expired through it.
+        assert store.expire(now=NOW + 11, clock_skew=0) == {"seoul"}
+        report_row = store.report(report.report_id)
+        assert report_row is not None and report_row.state == "deleted"
+    finally:
+        store.close()
