@@ -16,6 +16,7 @@ from relay.store import SCHEMA_VERSION, Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
+from tisa.report import SealedReport
 from tisa.token import ReleaseToken
 from tisa_testing.world import NOW, World, make_world
 
@@ -43,17 +44,22 @@ def _chain_ok(store: Store) -> int:
     return len(rows)
 
 
-def _store_and_release(store: Store, world: World, now: int = NOW) -> ReleaseToken:
+def _add_report(store: Store, world: World, *, expires: int, now: int = NOW) -> SealedReport:
     report = world.seal()
     store.add_report(
         report.report_id,
         originator="seoul",
         size=report.size,
         digest=report.digest,
-        expires=now + 3600,
+        expires=expires,
         now=now,
         data=report.ciphertext,
     )
+    return report
+
+
+def _store_and_release(store: Store, world: World, now: int = NOW) -> ReleaseToken:
+    report = _add_report(store, world, expires=now + 3600, now=now)
     token = ReleaseToken.decode(world.token(report))
     store.release(token, now=now, max_queue=100)
     return token
@@ -272,16 +278,7 @@ def test_the_expiry_sweep_finds_live_reports_by_expiry_and_scans_no_reports(
 
 def test_a_schema_7_store_gets_the_live_reports_index(tmp_path: Path, world: World) -> None:
     store = Store(tmp_path)
-    report = world.seal()
-    store.add_report(
-        report.report_id,
-        originator="seoul",
-        size=report.size,
-        digest=report.digest,
-        expires=NOW + 10,
-        now=NOW,
-        data=report.ciphertext,
-    )
+    report = _add_report(store, world, expires=NOW + 10)
     # Make it what a schema-7 relay left: the expiry index of every report.
     store._db.executescript(
         "DROP INDEX reports_live;"
