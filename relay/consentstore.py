@@ -139,9 +139,10 @@ class ConsentTables:
             "DELETE FROM requests WHERE expires + ? <= ? AND received + ? <= ?",
             (clock_skew, now, REQUEST_RATE_WINDOW, now),
         )
+        # One lookup of its report per announcement (few), never a scan of the reports.
         self._sql(
-            "DELETE FROM announcements WHERE report IN"
-            " (SELECT id FROM reports WHERE state = 'deleted')"
+            "DELETE FROM announcements WHERE EXISTS (SELECT 1 FROM reports"
+            " WHERE reports.id = announcements.report AND reports.state = 'deleted')"
         )
 
     def _held_report(self, report: bytes, originator: str) -> None:

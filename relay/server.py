@@ -52,7 +52,7 @@ import trio
 from relay.metrics import MetricsLimits, RelayMetrics, serve_metrics
 from relay.prekeystore import PREKEY_RATE_WINDOW
 from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
-from relay.store import InlineBlob, NoticeRow, TokenRow
+from relay.store import InlineBlob, NoticeRow, ReportRow, TokenRow
 from tisa.arrangement import Arrangement, Role
 from tisa.audit import MAX_EXTRACT_ENTRIES, Checkpoint, Extract
 from tisa.consent import Announcement, Answer, Request, consent_ref
@@ -653,11 +653,13 @@ class Relay:
             # One line per connection, when it ends: who, from where, how long, why.
             why = f"{conn.error[0].value}: {conn.error[1]}" if conn.error else "closed"
             log.info(
-                "%s from %s: connection ended after %.1f s (%s)",
+                "%s from %s: connection ended after %.1f s (%s); %d frames sent in %d writes",
                 conn.member,
                 _peer_address.get(),
                 trio.current_time() - opened,
                 why,
+                link.frames_sent,
+                link.writes,
             )
             try:
                 if conn.error is not None:
@@ -863,9 +865,9 @@ class Relay:
         if upload.received != upload.size:
             raise ProtocolError("submission shorter than its declared size")
         conn.upload = None
-        stored = await self._store_upload(conn, upload)
-        if stored is not None:
-            await self._reply(conn, stored)
+        result = await self._store_upload(conn, upload)
+        if result is not None:
+            await self._reply(conn, result[0])
 
     async def _submit_inline(self, conn: _Connection, message: SubmitInline) -> None:
         """A small report and its tokens in one step: the report is stored and the
@@ -882,14 +884,15 @@ class Relay:
                 upload.abort()
                 self._uploading.discard(upload.report)
             raise
-        stored = await self._store_upload(conn, upload)
-        if stored is None:
+        result = await self._store_upload(conn, upload)
+        if result is None:
             return
+        stored, row = result
         refusals: list[Refusal] = []
         released: list[bytes] = []
         recipients: set[str] = set()
         for data in message.tokens:
-            outcome = self._release_token(conn, data)
+            outcome = self._release_token(conn, data, stored=row)
             if isinstance(outcome, Refusal):
                 refusals.append(outcome)
             else:
@@ -901,9 +904,11 @@ class Relay:
         for recipient in recipients:
             self._wake(recipient)
 
-    async def _store_upload(self, conn: _Connection, upload: _Upload) -> Stored | None:
+    async def _store_upload(
+        self, conn: _Connection, upload: _Upload
+    ) -> tuple[Stored, ReportRow] | None:
         """Store a submission whose bytes are all in; returns its ``stored`` answer
-        (unsent), or None once its refusal is queued."""
+        (unsent) and the report's row, or None once its refusal is queued."""
         if upload.refused is not None:
             await self._refuse(
                 conn,
@@ -957,7 +962,7 @@ class Relay:
             stored=row.stored_at,
         )
         self.metrics.event("stored")
-        return Stored(report=row.id, ack=ack.encoded, released=[])
+        return Stored(report=row.id, ack=ack.encoded, released=[]), row
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
 
@@ -969,16 +974,23 @@ class Relay:
         await self._reply(conn, Released(report=outcome.report, token=outcome.id))
         self._wake(outcome.recipient)
 
-    def _release_token(self, conn: _Connection, data: bytes) -> ReleaseToken | Refusal:
+    def _release_token(
+        self, conn: _Connection, data: bytes, *, stored: ReportRow | None = None
+    ) -> ReleaseToken | Refusal:
         """Check a release token against its stored report and consume it (a step of
-        the open batch); returns the token, or the logged refusal to answer with."""
+        the open batch); returns the token, or the logged refusal to answer with.
+        ``stored``: the row of the report just stored with the token (an inline
+        submission), so a token naming it needs no read of it."""
         now = self.now()
         try:
             token = ReleaseToken.decode(data)
         except ProtocolError as exc:
             return self._refusal(conn, b"", Reason.MALFORMED, exc.detail)
         try:
-            report = self.store.report(token.report)
+            if stored is not None and stored.id == token.report:
+                report: ReportRow | None = stored
+            else:
+                report = self.store.report(token.report)
             if report is None:
                 raise Refused(Reason.UNKNOWN_REPORT, "no such report stored")
             if report.originator != conn.member:

@@ -62,6 +62,56 @@ async def test_a_background_step_rides_with_a_commit_someone_waits_on(
         store.close()
 
 
+async def test_one_background_committer_works_however_many_tasks_run_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The relay starts one per connection: a dirty step must wake one of them, not all
+    # (each woken one made a timer, and a pass through durable, of its own).
+    monkeypatch.setattr(tisa_io.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    calls: list[int] = []
+    durable = committer.durable
+
+    async def counting_durable(barrier: int) -> None:
+        calls.append(barrier)
+        await durable(barrier)
+
+    monkeypatch.setattr(committer, "durable", counting_durable)
+    try:
+        async with trio.open_nursery() as nursery:
+            scopes = [trio.CancelScope() for _ in range(3)]
+
+            async def connection(scope: trio.CancelScope) -> None:
+                with scope:
+                    await committer.run_background_commits()
+
+            for scope in scopes:  # the first started is the one that works
+                nursery.start_soon(connection, scope)
+                await trio.testing.wait_all_tasks_blocked()
+            store.add_event(ExpiredEvent(report=b"r" * 16, token=None))
+            barrier = store.barrier
+            committer.mark_dirty()
+            await trio.sleep(6)
+            assert store.committed >= barrier
+            assert len(calls) == 1 and committer.background_passes == 1
+            # The working one ends with its connection in the middle of its delay: the
+            # next takes over and commits the step, a delay after it took over.
+            store.add_event(ExpiredEvent(report=b"s" * 16, token=None))
+            barrier = store.barrier
+            committer.mark_dirty()
+            await trio.sleep(1)
+            scopes[0].cancel()
+            await trio.sleep(4.9)
+            assert store.committed < barrier
+            await trio.sleep(0.2)
+            assert store.committed >= barrier
+            assert len(calls) == 2
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
 async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

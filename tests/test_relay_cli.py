@@ -4,6 +4,7 @@ folders the ``tisa`` command writes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -214,3 +215,25 @@ def test_load_home_refuses_a_key_saved_under_another_name(tmp_path: Path) -> Non
     _save(secrets["seoul"], homes["tokyo"] / IDENTITY_FILE, "tokyo")
     with pytest.raises(FileFormatError, match="key of member 'seoul'"):
         load_home(homes["tokyo"], PASS)
+
+
+def test_the_relays_log_records_gather_no_thread_or_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The relay logs a line per report event; its format names no thread or process,
+    # so the records do not gather them (a quarter of each line's cost).
+    for switch in ("logThreads", "logProcesses", "logMultiprocessing"):
+        monkeypatch.setattr(logging, switch, True)
+    relay_cli.configure_logging("INFO")
+    # Made as Logger.info makes it (whatever state other tests left the loggers in).
+    record = logging.getLogger("relay.events").makeRecord(
+        "relay.events", logging.INFO, __file__, 1, "%s report %s", ("stored", "00ff"), None
+    )
+    assert (record.thread, record.threadName, record.process, record.processName) == (
+        None,
+        None,
+        None,
+        None,
+    )
+    line = logging.Formatter(relay_cli.LOG_FORMAT).format(record)
+    assert line.endswith(" relay.events INFO stored report 00ff")

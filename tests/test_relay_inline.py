@@ -90,6 +90,38 @@ async def test_one_message_in_one_answer_out_one_delivery(
             ]
 
 
+async def test_an_inline_submissions_tokens_are_checked_against_the_row_just_stored(
+    world: World, store_at: str | Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Decode once: the relay built the report's row as it stored it, and checks the
+    # tokens that came with it against that row instead of reading it back.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            reads: list[bytes] = []
+            read = h.relay.store.report
+
+            def counting_read(report_id: bytes) -> object:
+                reads.append(report_id)
+                return read(report_id)
+
+            monkeypatch.setattr(h.relay.store, "report", counting_read)
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            report = seal(world, b"launch detected")
+            other = seal(world, b"another report")
+            token = token_for(world, report)
+            await seoul.send(inline(report, token, token_for(world, other)))
+            stored = await expect(seoul, Stored)
+            assert stored.released == [token_id(token)]
+            # A token for another report is still checked against that report's row.
+            refusal = await expect(seoul, Refusal)
+            assert refusal.reason == Reason.UNKNOWN_REPORT.value
+            # Read once before storing (is it a resend?), never again for its token.
+            assert reads == [report.report_id, other.report_id]
+            delivery = await expect(tokyo, DeliverInline)
+            assert delivery.token == token
+
+
 async def test_each_token_gets_its_own_verdict(world: World, store_at: str | Path) -> None:
     # The submission is stored; of its tokens the good one is released (named in
     # `stored`) and each bad one is refused behind `stored`, with the reason a `release`

@@ -16,6 +16,7 @@ from relay.store import SCHEMA_VERSION, Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
+from tisa.report import SealedReport
 from tisa.token import ReleaseToken
 from tisa_testing.world import NOW, World, make_world
 
@@ -43,17 +44,22 @@ def _chain_ok(store: Store) -> int:
     return len(rows)
 
 
-def _store_and_release(store: Store, world: World, now: int = NOW) -> ReleaseToken:
+def _add_report(store: Store, world: World, *, expires: int, now: int = NOW) -> SealedReport:
     report = world.seal()
     store.add_report(
         report.report_id,
         originator="seoul",
         size=report.size,
         digest=report.digest,
-        expires=now + 3600,
+        expires=expires,
         now=now,
         data=report.ciphertext,
     )
+    return report
+
+
+def _store_and_release(store: Store, world: World, now: int = NOW) -> ReleaseToken:
+    report = _add_report(store, world, expires=now + 3600, now=now)
     token = ReleaseToken.decode(world.token(report))
     store.release(token, now=now, max_queue=100)
     return token
@@ -244,5 +250,56 @@ def test_a_schema_3_store_gets_the_partial_indexes(tmp_path: Path, world: World)
         assert indexes == {"tokens_owed", "tokens_owed_report", "tokens_owed_expiry"}
         assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert [row.id for row in store.outstanding("tokyo")] == [token.id]
+    finally:
+        store.close()
+
+
+def test_the_expiry_sweep_finds_live_reports_by_expiry_and_scans_no_reports(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        _store_and_release(store, world)
+        seen = _statements(store)
+        store.expire(now=NOW, clock_skew=0)
+        plans = [_plan(store, sql) for sql in seen if "FROM reports" in sql]
+        assert any("reports_live" in plan for plan in plans)
+        # The state is in the index's condition, not its key: a release rewrites its
+        # entry in place (one page), and no statement of the sweep reads every report.
+        assert not any("SCAN reports" in plan for plan in plans), plans
+        (index,) = store._db.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'index' AND tbl_name = 'reports'"
+            " AND sql IS NOT NULL"
+        ).fetchall()
+        assert "(expires)" in index[0] and "WHERE state IN ('held', 'released')" in index[0]
+    finally:
+        store.close()
+
+
+def test_a_schema_7_store_gets_the_live_reports_index(tmp_path: Path, world: World) -> None:
+    store = Store(tmp_path)
+    report = _add_report(store, world, expires=NOW + 10)
+    # Make it what a schema-7 relay left: the expiry index of every report.
+    store._db.executescript(
+        "DROP INDEX reports_live;"
+        "CREATE INDEX reports_expiry ON reports (state, expires);"
+        "PRAGMA user_version=7;"
+    )
+    store.close()
+    store = Store(tmp_path)
+    try:
+        indexes = {
+            str(row[0])
+            for row in store._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'reports'"
+                " AND sql IS NOT NULL"
+            )
+        }
+        assert indexes == {"reports_live"}
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        # The held report past its time is found and expired through it.
+        assert store.expire(now=NOW + 11, clock_skew=0) == {"seoul"}
+        report_row = store.report(report.report_id)
+        assert report_row is not None and report_row.state == "deleted"
     finally:
         store.close()

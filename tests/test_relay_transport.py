@@ -125,9 +125,36 @@ async def test_concurrent_sends_share_writes_and_keep_their_order(world: World) 
                 nursery.start_soon(sender, i)
         received = [await member.receive() for _ in range(50)]
         assert received == [AuditFetch(since=i) for i in order]
-        # The first sender writes its own frame; the other 49 were queued meanwhile
-        # and share the next write or two: far fewer writes than frames.
-        assert counting.writes < 10
+        # All 50 queued within one pass of the scheduler: the first sender, before
+        # writing, lets the other 49 queue, and all go out in one write.
+        assert counting.writes == 1
+        assert (relay.writes, relay.frames_sent) == (1, 50)
+
+
+async def test_sends_of_different_tasks_in_one_pass_share_a_write(world: World) -> None:
+    # As the relay's replier (an answer) and pusher (a delivery) do when the same batch
+    # is committed: each task's send, begun in the same pass, goes in the same write.
+    with trio.fail_after(5):
+        member, relay, counting = await counting_pair(world)
+        ready = trio.Event()
+
+        async def sender(message: Message) -> None:
+            await ready.wait()
+            await relay.send(message)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(sender, AuditFetch(since=1))
+            nursery.start_soon(relay.send_many, [])  # nothing to send: no write
+            nursery.start_soon(sender, Chunk(data=b"c" * 100))
+            await trio.testing.wait_all_tasks_blocked()
+            ready.set()
+        received = [await member.receive() for _ in range(2)]  # in either order
+        assert AuditFetch(since=1) in received and Chunk(data=b"c" * 100) in received
+        assert counting.writes == 1
+        # A send on its own still goes out at once, in a write of its own.
+        await relay.send(AuditFetch(since=2))
+        assert await member.receive() == AuditFetch(since=2)
+        assert (relay.writes, relay.frames_sent) == (2, 3)
 
 
 async def test_send_many_is_one_write_and_nothing_comes_between(world: World) -> None:

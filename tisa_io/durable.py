@@ -472,6 +472,10 @@ class GroupCommitter:
         self._synced = trio.Event()
         # Set when a step nobody waits on is pending (see mark_dirty).
         self._dirty = trio.Event()
+        # Held by the one run_background_commits call that works; the others wait.
+        self._background = trio.Lock()
+        # Wake-ups of run_background_commits (each one a delay timer and a commit).
+        self.background_passes = 0
 
     def mark_dirty(self) -> None:
         """A step nobody waits on (an event dropped, a notice sent) is in the open batch:
@@ -482,15 +486,24 @@ class GroupCommitter:
     async def run_background_commits(self) -> None:
         """Commit the steps :meth:`mark_dirty` reported, until cancelled, within
         :data:`BACKGROUND_COMMIT_DELAY`. A failed commit is left to :meth:`durable`'s
-        error handling (logged by the owner); this goes on."""
-        while True:
-            await self._dirty.wait()
-            self._dirty = trio.Event()
-            # Nobody waits on these steps: let them ride with the next commit someone
-            # does wait on, else commit them a little later (see the constant).
-            await trio.sleep(BACKGROUND_COMMIT_DELAY)
-            with contextlib.suppress(LinkClosed):
-                await self.durable(self.store.barrier)
+        error handling (logged by the owner); this goes on.
+
+        Several tasks may run it (the relay starts one with each connection): one
+        works, the others wait for it to end (cancelled with its connection) and the
+        next takes over, so a step marked dirty costs one wake-up and one timer, not
+        one per connection."""
+        async with self._background:
+            while True:
+                await self._dirty.wait()
+                self.background_passes += 1
+                # Nobody waits on these steps: let them ride with the next commit
+                # someone does wait on, else commit them a little later (see the
+                # constant). The event is replaced only after the delay, so a task
+                # cancelled during it leaves the work to the next one.
+                await trio.sleep(BACKGROUND_COMMIT_DELAY)
+                self._dirty = trio.Event()
+                with contextlib.suppress(LinkClosed):
+                    await self.durable(self.store.barrier)
 
     async def durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is on disk (at once if it is).

@@ -132,6 +132,7 @@ class Link:
         "_send_owner",
         "_sent",
         "_stream",
+        "_writes",
         "_written",
         "peer",
     )
@@ -157,6 +158,7 @@ class Link:
         self._sent = 0  # frames written since the start
         self._flushing = False  # a task is writing
         self._written = trio.lowlevel.ParkingLot()  # senders waiting for a write
+        self._writes = 0  # writes (send_all calls) since the start
         self._frame_deadline: float | None = None
         self._broken = False
         self._closed = False
@@ -166,15 +168,30 @@ class Link:
         """The underlying transport stream (for addresses and socket options)."""
         return self._stream
 
+    @property
+    def frames_sent(self) -> int:
+        """Frames written to the stream since the link was made."""
+        return self._sent
+
+    @property
+    def writes(self) -> int:
+        """Writes made to the stream since the link was made (each one ``send_all`` and,
+        on a socket, usually one system call): at most :attr:`frames_sent`, fewer when
+        frames share writes."""
+        return self._writes
+
     # --- sending ---------------------------------------------------------------------
     #
     # Frames are sealed in the order they are queued (the channel is a stream cipher),
     # so sealing and queueing happen together, with no checkpoint between. One task at
-    # a time writes (the "flusher"): everything queued by then goes out in one
-    # send_all. Tasks that queued meanwhile park until a later write covers their frame;
-    # when the flusher's own frame is out, a parked task takes over, so no caller waits
-    # for frames queued after its own. Under load many frames share one system call and
-    # one trip through the scheduler.
+    # a time writes (the "flusher"). Before its first write it lets every other task
+    # that is ready run once (one pass of the scheduler), so whatever they send in this
+    # pass joins the same write: an answer and a push caused by the same incoming
+    # frames go out together (one flush per loop pass, not one per message). Then
+    # everything queued goes out in one send_all. Tasks that queued meanwhile park
+    # until a later write covers their frame; when the flusher's own frame is out, a
+    # parked task takes over, so no caller waits for frames queued after its own.
+    # Under load many frames share one system call and one trip through the scheduler.
 
     async def send(self, message: Message) -> None:
         """Seal ``message`` and send it as one frame.
@@ -271,6 +288,10 @@ class Link:
     async def _write_queued(self) -> None:
         self._flushing = True
         try:
+            # One pass of the scheduler first (see above). Shielded: the frames are
+            # sealed and queued already, so this wait must not be where a
+            # cancellation leaves them unwritten; the write below still sees it.
+            await trio.lowlevel.cancel_shielded_checkpoint()
             while self._out:
                 data = b"".join(self._out)
                 upto = self._queued
@@ -278,6 +299,7 @@ class Link:
                 # A peer that stops reading must not hold this task forever: each write
                 # gets the same deadline as an incoming frame.
                 with trio.move_on_after(self._limits.frame_timeout) as deadline:
+                    self._writes += 1
                     await self._stream.send_all(data)
                 if deadline.cancelled_caught:
                     raise LinkTimeout("the peer did not take a frame within the frame deadline")
