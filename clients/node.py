@@ -219,17 +219,76 @@ class _Session:
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
     prekey_status: m.PrekeyStatus | None = None
     prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
-    # After a top-up of one-time prekeys: the count of the status it answered. A status
-    # counting no more than that was counted before the relay stored the top-up (it
-    # crossed it on the wire): it starts no second top-up. A higher count, a refusal
-    # of a publish, or the keeper's periodic look ends the wait.
-    prekeys_topped_up_at: int | None = None
+    # One-time prekeys published on this connection and not yet seen stored: the size
+    # of each publish message not yet accounted for, oldest first (see _PrekeysInFlight).
+    prekeys_in_flight: _PrekeysInFlight = dataclasses.field(
+        default_factory=lambda: _PrekeysInFlight()
+    )
+    # Messages read from the link ahead of the one being handled (at most
+    # Limits.read_ahead; see _reader), or the error that ended reading.
+    ahead: collections.deque[m.Message | Exception] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    ahead_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
 
     def changed(self) -> None:
         self.replies_changed.set()
         self.replies_changed = trio.Event()
+
+    def ahead_moved(self) -> None:
+        self.ahead_changed.set()
+        self.ahead_changed = trio.Event()
+
+
+@dataclasses.dataclass(slots=True)
+class _PrekeysInFlight:
+    """The one-time prekeys a node published on one connection that the relay's
+    statuses have not yet shown stored, so that a top-up counts what is already on its
+    way (several statuses arrive while a top-up of several messages travels, each
+    counting only part of it).
+
+    The relay stores each publish message whole, in the order sent, and only a store
+    raises its count (handouts and expiry lower it). So a status counting more than the
+    status before it proves that the oldest message not yet accounted for was stored,
+    and with it as many of the following ones as the rise needs (a rise of 150 proves
+    two messages of 100). A status counting no more proves nothing: the sizes stay, and
+    the node's estimate of its supply (:meth:`supply`) never counts a message twice, so
+    a top-up never takes the supply past ``Limits.one_time_prekeys``. A refused publish
+    (a refusal with no ``ref``) takes the oldest message off; the keeper's hourly look
+    with no status in between, and a new connection, start afresh.
+    """
+
+    sizes: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    # The count of the last status seen (None: none yet on this connection).
+    last: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def sent(self, sizes: Iterable[int]) -> None:
+        self.sizes.extend(size for size in sizes if size)
+
+    def status(self, one_time: int) -> None:
+        """Account for a status counting ``one_time`` (in the order they arrive)."""
+        rise = one_time - self.last if self.last is not None else 0
+        self.last = one_time
+        proven = 0
+        while self.sizes and rise > proven:
+            proven += self.sizes.popleft()
+
+    def refused(self) -> None:
+        if self.sizes:
+            self.sizes.popleft()
+
+    def clear(self) -> None:
+        self.sizes.clear()
+
+    def supply(self, one_time: int) -> int:
+        """The relay's count ``one_time`` plus what is on its way to it."""
+        return one_time + self.total
 
 
 # Acks queued on one connection before the receiver waits for the replier.
@@ -275,6 +334,7 @@ class Node:
         self._session: _Session | None = None
         self._connected = trio.Event()
         self._audit_lock = trio.Lock()
+        self._prekey_lock = trio.Lock()  # one maintain_prekeys at a time
         self._event_send, self._event_recv = trio.open_memory_channel[tuple[int, Event]](
             EVENT_BUFFER
         )
@@ -854,6 +914,11 @@ class Node:
         """
         if Role.RECIPIENT not in self._arrangement.member(self.name).roles:
             return
+        # One at a time: a second call counts what the first one sent as on its way.
+        async with self._prekey_lock:
+            await self._maintain_prekeys(status)
+
+    async def _maintain_prekeys(self, status: m.PrekeyStatus | None) -> None:
         session = self._session
         if status is None and session is not None:
             status = session.prekey_status
@@ -872,20 +937,20 @@ class Node:
             )
             fresh.append(current)
         one_time: list[PrekeySecret] = []
-        stale = (
-            status is not None
-            and session is not None
-            and session.prekeys_topped_up_at is not None
-            and status.one_time <= session.prekeys_topped_up_at
-        )
-        if status is not None and status.one_time < limits.prekey_low_water and not stale:
+        # The relay's count plus the top-ups on their way to it (not yet seen stored).
+        supply = None
+        if status is not None:
+            supply = status.one_time
+            if session is not None:
+                supply = session.prekeys_in_flight.supply(supply)
+        if supply is not None and supply < limits.prekey_low_water:
             one_time = [
                 PrekeySecret.generate(
                     PrekeyKind.ONE_TIME,
                     created=now,
                     not_after=now + limits.one_time_prekey_lifetime,
                 )
-                for _ in range(limits.one_time_prekeys - status.one_time)
+                for _ in range(limits.one_time_prekeys - supply)
             ]
         if fresh or one_time:
             self.store.add_prekeys(fresh + one_time)
@@ -898,7 +963,7 @@ class Node:
             return
         await self._durable()
         publish = [p.publish(self._secret, self.name, self._arrangement) for p in one_time]
-        messages: list[m.Message] = []
+        messages: list[m.PublishPrekeys] = []
         first = True
         while first or publish:
             batch, publish = (
@@ -914,8 +979,9 @@ class Node:
                 )
             )
             first = False
-        if one_time:
-            session.prekeys_topped_up_at = status.one_time
+        # On its way from here (no checkpoint before the write is queued): a status
+        # counting it can only come after.
+        session.prekeys_in_flight.sent(len(message.one_time) for message in messages)
         with contextlib.suppress(LinkClosed):
             await session.link.send_many(messages)
 
@@ -932,8 +998,9 @@ class Node:
             with trio.move_on_after(PREKEY_CHECK_INTERVAL) as idle:
                 await changed.wait()
             if idle.cancelled_caught:
-                # No answer to a top-up in all that time: the latest status counts again.
-                session.prekeys_topped_up_at = None
+                # No status in all that time: whatever was sent is stored or lost; the
+                # latest status counts alone again.
+                session.prekeys_in_flight.clear()
 
     async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> bool:
         """Withdraw one token, or with ``token_id`` None the whole report.
@@ -1482,6 +1549,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 session.scope = nursery.cancel_scope
                 nursery.start_soon(self._guard, self._sender, session, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._reader, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._receiver, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._replier, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._prekey_keeper, session, nursery.cancel_scope)
@@ -1653,10 +1721,60 @@ class Node:
             self._uploading.discard(report)
             self._uploads_changed()
 
-    async def _receiver(self, session: _Session) -> None:
+    async def _reader(self, session: _Session) -> None:
+        """Read the link ahead of the handler (:meth:`_receiver`), at most
+        ``limits.read_ahead`` messages, so that a ``prekey_status`` is acted on as soon
+        as it arrives rather than after the deliveries written before it (each takes the
+        handler a unwrap, a decryption, a signature check and a store step). Everything
+        else is handed to the handler in the order it came; so is a status inside a
+        streamed delivery (a protocol error the handler reports as before). An error
+        ending the link is queued behind what was read, so the handler handles that
+        first (an ``error`` message from the relay included)."""
         link = session.link
+        ahead = session.ahead
+        limit = self._limits.read_ahead
+        streaming = False  # inside a delivery's chunks
+        try:
+            while True:
+                while len(ahead) >= limit:
+                    await session.ahead_changed.wait()
+                message = await link.receive()
+                if isinstance(message, m.PrekeyStatus) and not streaming:
+                    self._on_prekey_status(session, message)
+                    self._group_commit.mark_dirty()
+                    self._notify()
+                    continue
+                if isinstance(message, m.Refusal) and not message.ref:
+                    # Perhaps a refused publish (no ref either): it was not stored. In
+                    # the order of the statuses, which are handled here; the refusal
+                    # itself is handled in order with the rest.
+                    self._publish_refused(session, message)
+                if isinstance(message, m.Deliver):
+                    streaming = True
+                elif isinstance(message, m.DeliverEnd):
+                    streaming = False
+                ahead.append(message)
+                session.ahead_moved()
+        except Exception as exc:  # handed to the handler, raised there in order
+            ahead.append(exc)
+            session.ahead_moved()
+        await trio.sleep_forever()
+
+    async def _next_message(self, session: _Session) -> m.Message:
+        """The next message the reader queued (waiting for one); raises the error
+        that ended reading once everything read before it is handled."""
+        ahead = session.ahead
+        while not ahead:
+            await session.ahead_changed.wait()
+        message = ahead.popleft()
+        session.ahead_moved()
+        if isinstance(message, Exception):
+            raise message
+        return message
+
+    async def _receiver(self, session: _Session) -> None:
         while True:
-            message = await link.receive()
+            message = await self._next_message(session)
             self._group_commit.activity += 1
             while len(session.replies) >= MAX_QUEUED_REPLIES:
                 await session.replies_changed.wait()
@@ -1666,8 +1784,9 @@ class Node:
                     session.prekey_waiters[message.ref].send_nowait(message)
                 continue
             if isinstance(message, m.PrekeyStatus):
-                self._on_prekey_status(session, message)
-            elif isinstance(message, m.DeliverInline | m.Deliver):
+                # Inside a streamed delivery (the reader handles the others itself).
+                raise ProtocolError("'prekey_status' inside a delivery")
+            if isinstance(message, m.DeliverInline | m.Deliver):
                 await self._on_deliver(session, message)
             elif isinstance(message, m.Stored):
                 self._on_stored(message)
@@ -1680,9 +1799,6 @@ class Node:
                     refusal = Refused(Reason(message.reason), message.detail)
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                         session.audit_replies.send_nowait(refusal)
-                if not message.ref:
-                    # Perhaps a refused publish (no ref either): no top-up to wait for.
-                    session.prekeys_topped_up_at = None
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
@@ -1713,20 +1829,30 @@ class Node:
             self._notify()
 
     def _on_prekey_status(self, session: _Session, message: m.PrekeyStatus) -> None:
+        in_flight = session.prekeys_in_flight
+        in_flight.status(message.one_time)
         # A member that never published (no signed prekey at the relay) is not running
-        # low: it is about to publish its first supply.
-        topped_up_at = session.prekeys_topped_up_at
-        if topped_up_at is not None and message.one_time > topped_up_at:
-            topped_up_at = session.prekeys_topped_up_at = None  # the relay has the top-up
+        # low: it is about to publish its first supply; nor is one whose top-up is on
+        # its way.
         if (
             message.signed_not_after
             and message.one_time < self._limits.prekey_low_water
-            and topped_up_at is None
+            and not in_flight.total
         ):
             self.store.add_event(
                 PrekeysLow(one_time=message.one_time, signed_not_after=message.signed_not_after)
             )
         session.prekey_status = message
+        self._prekeys_moved(session)
+
+    def _publish_refused(self, session: _Session, message: m.Refusal) -> None:
+        if session.audit_waiting and message.reason in _AUDIT_REFUSALS:
+            return  # the answer to the audit_fetch in flight
+        session.prekeys_in_flight.refused()
+        self._prekeys_moved(session)
+
+    @staticmethod
+    def _prekeys_moved(session: _Session) -> None:
         session.prekey_changed.set()
         session.prekey_changed = trio.Event()
 
@@ -1952,7 +2078,6 @@ class Node:
     # --- recipient side --------------------------------------------------------------
 
     async def _on_deliver(self, session: _Session, message: m.Deliver | m.DeliverInline) -> None:
-        link = session.link
         token = ReleaseToken.decode(message.token)
         # The whole ciphertext when it came in the message (deliver_inline), else None:
         # it follows in chunks.
@@ -1963,7 +2088,7 @@ class Node:
             # A redelivery (our ack was lost, or the relay restarted): already stored or
             # rejected. Acknowledge again (once that is on disk); never hand it over twice.
             if inline is None:
-                await self._drain_delivery(link, token)
+                await self._drain_delivery(session, token)
             self._reply(session, m.Ack(kind="delivery", token=token.id))
             return
         now = self._now()
@@ -2004,11 +2129,11 @@ class Node:
         parts: list[bytes] | None = None
         if opener is not None:
             try:
-                header, parts = await self._open_delivery(link, token, opener, staged, inline)
+                header, parts = await self._open_delivery(session, token, opener, staged, inline)
             except (Refused, VerificationError) as exc:
                 error = exc
         elif inline is None:
-            await self._drain_delivery(link, token)
+            await self._drain_delivery(session, token)
         if error is not None:
             if staged is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -2061,7 +2186,7 @@ class Node:
 
     async def _open_delivery(
         self,
-        link: Link,
+        session: _Session,
         token: ReleaseToken,
         opener: ReportOpener,
         staged: pathlib.Path | None,
@@ -2069,7 +2194,7 @@ class Node:
     ) -> tuple[Any, list[bytes] | None]:
         """Stream the ciphertext through ``opener`` into files under ``staged`` (or,
         with ``staged`` None, into memory). ``inline``: the whole ciphertext, come in
-        a ``deliver_inline`` (of the token's size); else it is read from ``link``.
+        a ``deliver_inline`` (of the token's size); else it is read from the link.
 
         Returns the verified header and, in memory, the parts (body, attachments); the
         files are fsynced. Raises Refused or VerificationError for a bad report (the
@@ -2087,7 +2212,7 @@ class Node:
         self._set_receiving(token, 0)
         try:
             received = 0
-            async for chunk in self._ciphertext(link, token, inline):
+            async for chunk in self._ciphertext(session, token, inline):
                 received += len(chunk)
                 self._set_receiving(token, received)
                 if failure is not None:
@@ -2128,17 +2253,16 @@ class Node:
             for out in files.values():
                 out.close()
 
-    async def _drain_delivery(self, link: Link, token: ReleaseToken) -> None:
-        async for _ in self._ciphertext(link, token, None):
+    async def _drain_delivery(self, session: _Session, token: ReleaseToken) -> None:
+        async for _ in self._ciphertext(session, token, None):
             pass
 
-    @staticmethod
     async def _ciphertext(
-        link: Link, token: ReleaseToken, inline: bytes | None
+        self, session: _Session, token: ReleaseToken, inline: bytes | None
     ) -> AsyncIterator[bytes]:
         """The ciphertext of a delivery: ``inline`` (a ``deliver_inline``'s, checked
         against the token's size by the caller), else the ``chunk`` messages read from
-        ``link`` up to its ``deliver_end``.
+        the link (through the reader) up to its ``deliver_end``.
 
         Raises:
             ProtocolError: the relay broke the stream rules (more or fewer bytes than
@@ -2149,7 +2273,7 @@ class Node:
             return
         received = 0
         while True:
-            message = await link.receive()
+            message = await self._next_message(session)
             if isinstance(message, m.Chunk):
                 received += len(message.data)
                 if received > token.size:

@@ -107,6 +107,12 @@ class Limits:
     # them: enough to keep a link busy between acks, few enough that a recipient that
     # stops acking ties up little.
     delivery_window: int = 256
+    # Messages a member's node reads from its link ahead of the one it is handling, so
+    # that a prekey_status written behind a delivery window's worth of deliveries (and
+    # their receipts' acks) is acted on at once rather than after them (the node handles
+    # the rest in order). Twice delivery_window; memory at most this many frames
+    # (max_frame each).
+    read_ahead: int = 512
     # Seconds a connection has to acknowledge a delivery pushed on it (counted from the
     # last frame of the delivery it took) before its claim lapses and the member's other
     # connections may push the delivery too: a stale connection (a dropped network
