@@ -907,7 +907,8 @@ class Node:
 
         Args:
             status: the relay's latest :class:`~tisa.messages.PrekeyStatus`; None: use
-                the connection's, if any.
+                the connection's latest, if any (counted with the one-time prekeys
+                published on it that no status has shown stored yet).
 
         Does nothing for a member without the recipient role. Sends only while
         connected (the next connection's status brings the rest).
@@ -994,7 +995,9 @@ class Node:
             await session.link.send(m.PublishPrekeys(signed=None, one_time=[]))
         while True:
             changed = session.prekey_changed
-            await self.maintain_prekeys(session.prekey_status)
+            # The latest status when its turn comes (not one read before waiting for
+            # another call: the prekeys on their way are counted against the latest).
+            await self.maintain_prekeys()
             with trio.move_on_after(PREKEY_CHECK_INTERVAL) as idle:
                 await changed.wait()
             if idle.cancelled_caught:
