@@ -1767,6 +1767,11 @@ class Node:
         """The next message the reader queued (waiting for one); raises the error
         that ended reading once everything read before it is handled."""
         ahead = session.ahead
+        if ahead:
+            # A delivery's handling does not otherwise pause for the reader, so without
+            # this the reader (and the prekey keeper a status wakes) would wait until
+            # everything read ahead is handled.
+            await trio.lowlevel.checkpoint()
         while not ahead:
             await session.ahead_changed.wait()
         message = ahead.popleft()
