@@ -224,11 +224,13 @@ class _Session:
     prekeys_in_flight: _PrekeysInFlight = dataclasses.field(
         default_factory=lambda: _PrekeysInFlight()
     )
-    # Messages read from the link ahead of the one being handled (at most
-    # Limits.read_ahead; see _reader), or the error that ended reading.
-    ahead: collections.deque[m.Message | Exception] = dataclasses.field(
+    # Messages read from the link ahead of the one being handled, or the error that
+    # ended reading, each with the bytes it holds (see _reader): at most
+    # Limits.read_ahead of them, and reading stops at Limits.read_ahead_bytes in all.
+    ahead: collections.deque[tuple[m.Message | Exception, int]] = dataclasses.field(
         default_factory=collections.deque
     )
+    ahead_bytes: int = 0
     ahead_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
@@ -1728,18 +1730,20 @@ class Node:
         """Read the link ahead of the handler (:meth:`_receiver`), at most
         ``limits.read_ahead`` messages, so that a ``prekey_status`` is acted on as soon
         as it arrives rather than after the deliveries written before it (each takes the
-        handler a unwrap, a decryption, a signature check and a store step). Everything
+        handler an unwrap, a decryption, a signature check and a store step); reading
+        stops while ``limits.read_ahead_bytes`` are held (so at most that plus one
+        frame). Everything
         else is handed to the handler in the order it came; so is a status inside a
         streamed delivery (a protocol error the handler reports as before). An error
         ending the link is queued behind what was read, so the handler handles that
         first (an ``error`` message from the relay included)."""
         link = session.link
         ahead = session.ahead
-        limit = self._limits.read_ahead
+        limit, limit_bytes = self._limits.read_ahead, self._limits.read_ahead_bytes
         streaming = False  # inside a delivery's chunks
         try:
             while True:
-                while len(ahead) >= limit:
+                while len(ahead) >= limit or session.ahead_bytes >= limit_bytes:
                     await session.ahead_changed.wait()
                 message = await link.receive()
                 if isinstance(message, m.PrekeyStatus) and not streaming:
@@ -1756,10 +1760,12 @@ class Node:
                     streaming = True
                 elif isinstance(message, m.DeliverEnd):
                     streaming = False
-                ahead.append(message)
+                size = _held_bytes(message)
+                ahead.append((message, size))
+                session.ahead_bytes += size
                 session.ahead_moved()
         except Exception as exc:  # handed to the handler, raised there in order
-            ahead.append(exc)
+            ahead.append((exc, 0))
             session.ahead_moved()
         await trio.sleep_forever()
 
@@ -1774,7 +1780,8 @@ class Node:
             await trio.lowlevel.checkpoint()
         while not ahead:
             await session.ahead_changed.wait()
-        message = ahead.popleft()
+        message, size = ahead.popleft()
+        session.ahead_bytes -= size
         session.ahead_moved()
         if isinstance(message, Exception):
             raise message
@@ -2296,6 +2303,23 @@ class Node:
 
 
 # --- module helpers ------------------------------------------------------------------
+
+# Bytes counted for a message read ahead besides its byte strings (the object itself).
+READ_AHEAD_OVERHEAD = 256
+
+
+def _held_bytes(message: m.Message) -> int:
+    """About the memory ``message`` holds while read ahead: its byte strings (a
+    delivery's data, a token, an audit extract; those in lists too) plus
+    :data:`READ_AHEAD_OVERHEAD`."""
+    size = READ_AHEAD_OVERHEAD
+    for name in message.SCHEMA:
+        value = getattr(message, name)
+        if isinstance(value, bytes):
+            size += len(value)
+        elif isinstance(value, list | tuple):
+            size += sum(len(item) for item in value if isinstance(item, bytes))
+    return size
 
 
 def _head_at(extract: Extract, seq: int) -> bytes | None:

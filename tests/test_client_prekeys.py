@@ -17,6 +17,7 @@ import trio.testing
 from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
+from clients import node as client_node
 from clients.events import RefusedEvent
 from clients.node import Backoff, Node, open_node
 from clients.store import MemberStore
@@ -463,13 +464,17 @@ async def test_a_prekey_status_is_acted_on_ahead_of_the_deliveries_written_befor
     assert _published(fake) == [0, 10, 8]
 
 
+@pytest.mark.parametrize("limit", ["read_ahead", "read_ahead_bytes"])
 async def test_the_node_reads_at_most_read_ahead_messages_ahead(
-    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, limit: str
 ) -> None:
-    # With the handler stopped at a delivery, the node reads Limits.read_ahead (3)
-    # messages more and no further: the status behind them waits until there is room.
+    # With the handler stopped at a delivery, the node reads 3 messages more and no
+    # further (Limits.read_ahead 3; or Limits.read_ahead_bytes crossed by the third):
+    # the status behind them waits until there is room.
     fake, port = relay
-    limits = Limits(one_time_prekeys=10, prekey_low_water=4, read_ahead=3)
+    size = client_node._held_bytes(_delivery(0))
+    bound = {"read_ahead": 3, "read_ahead_bytes": 2 * size + 1}[limit]
+    limits = Limits(one_time_prekeys=10, prekey_low_water=4, **{limit: bound})
     async with _scripted_tokyo(fake, port, tmp_path, limits) as (tokyo, link, status, _):
         handled, gate = _blocked_deliveries(tokyo)
         session = tokyo._session
@@ -482,7 +487,8 @@ async def test_the_node_reads_at_most_read_ahead_messages_ahead(
             await trio.sleep(0.01)
         await trio.sleep(0.2)  # room for a reader that would read on
         assert handled == [deliveries[0].token]
-        assert list(session.ahead) == deliveries[1:4]  # the fifth is not read
+        assert [message for message, _ in session.ahead] == deliveries[1:4]  # not the fifth
+        assert session.ahead_bytes == 3 * size
         assert session.prekey_status == before
         assert len(fake.one_time_prekeys["tokyo"]) == 2
         gate.set()
@@ -575,7 +581,7 @@ async def test_taking_a_message_read_ahead_lets_the_reader_and_the_keeper_run(
         session = tokyo._session
         assert session is not None
         _blocked_deliveries(tokyo)[1].set()  # should the handler take one: it goes on
-        session.ahead.extend([_delivery(1), _delivery(2)])
+        session.ahead.extend([(_delivery(1), 0), (_delivery(2), 0)])
         with trio.testing.assert_checkpoints():
             assert await tokyo._next_message(session) == _delivery(1)
         session.ahead.clear()

@@ -110,9 +110,11 @@ class Limits:
     # Messages a member's node reads from its link ahead of the one it is handling, so
     # that a prekey_status written behind a delivery window's worth of deliveries (and
     # their receipts' acks) is acted on at once rather than after them (the node handles
-    # the rest in order). Twice delivery_window; memory at most this many frames
-    # (max_frame each).
+    # the rest in order): twice delivery_window. Reading also stops while the messages
+    # read ahead hold read_ahead_bytes (their byte strings, plus 256 bytes each), so
+    # at most that plus one frame: a relay sending large frames ties up little.
     read_ahead: int = 512
+    read_ahead_bytes: int = 4 * 1024 * 1024
     # Seconds a connection has to acknowledge a delivery pushed on it (counted from the
     # last frame of the delivery it took) before its claim lapses and the member's other
     # connections may push the delivery too: a stale connection (a dropped network
