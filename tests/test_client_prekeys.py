@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import pathlib
 import time
+import types
 from collections.abc import AsyncIterator, Callable
 
 import pytest
@@ -585,3 +586,34 @@ async def test_taking_a_message_read_ahead_lets_the_reader_and_the_keeper_run(
         with trio.testing.assert_checkpoints():
             assert await tokyo._next_message(session) == _delivery(1)
         session.ahead.clear()
+
+
+async def test_a_prekey_status_inside_a_streamed_delivery_is_still_a_protocol_error(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Not read ahead: it reaches the delivery's reader, which refuses it as before.
+    fake, port = relay
+    limits = Limits(one_time_prekeys=10, prekey_low_water=4)
+    async with _scripted_tokyo(fake, port, tmp_path, limits) as (tokyo, link, status, _):
+        session = tokyo._session
+        assert session is not None
+        before = session.prekey_status
+        errors: list[ProtocolError] = []
+        token = types.SimpleNamespace(id=b"t" * 16, size=10)
+
+        async def on_deliver(session: object, message: m.Deliver) -> None:
+            try:
+                await tokyo._drain_delivery(session, token)  # type: ignore[arg-type]
+            except ProtocolError as exc:
+                errors.append(exc)
+                raise
+
+        tokyo._on_deliver = on_deliver  # type: ignore[method-assign,assignment]
+        del fake.one_time_prekeys["tokyo"][:8]
+        await link.send_many(
+            [m.Deliver(token=b"t" * 32), m.Chunk(data=b"c" * 5), status(one_time=2)]
+        )
+        while not errors:
+            await trio.sleep(0.01)
+        assert "'prekey_status' inside a delivery" in str(errors[0])
+        assert session.prekey_status == before  # not acted on
