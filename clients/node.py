@@ -231,6 +231,8 @@ class _Session:
         default_factory=collections.deque
     )
     ahead_bytes: int = 0
+    # The handler pauses for the reader when it takes a message after this trio time.
+    pause_at: float = 0.0
     ahead_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
@@ -292,6 +294,12 @@ class _PrekeysInFlight:
         """The relay's count ``one_time`` plus what is on its way to it."""
         return one_time + self.total
 
+
+# Seconds of handling after which the receiver pauses for the reader (see _next_message):
+# about what handling one 64 KiB read of small deliveries took before the reader was
+# separate (so tasks woken by handled messages still work in batches), and short
+# beside a top-up's round trip.
+READ_AHEAD_PAUSE = 0.025
 
 # Acks queued on one connection before the receiver waits for the replier.
 MAX_QUEUED_REPLIES = 1024
@@ -1773,13 +1781,17 @@ class Node:
         """The next message the reader queued (waiting for one); raises the error
         that ended reading once everything read before it is handled."""
         ahead = session.ahead
-        if ahead:
-            # A delivery's handling does not otherwise pause for the reader, so without
-            # this the reader (and the prekey keeper a status wakes) would wait until
-            # everything read ahead is handled.
+        if ahead and trio.current_time() >= session.pause_at:
+            # A delivery's handling does not otherwise pause, so without this the reader
+            # (and the prekey keeper a status wakes) would wait until everything read
+            # ahead is handled. Not after every message: each pause wakes the other
+            # tasks (the sender's store queries, the replier, each with a write), which
+            # would then work one message at a time instead of one batch.
             await trio.lowlevel.checkpoint()
+            session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
         while not ahead:
-            await session.ahead_changed.wait()
+            await session.ahead_changed.wait()  # a pause too
+            session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
         message, size = ahead.popleft()
         session.ahead_bytes -= size
         session.ahead_moved()

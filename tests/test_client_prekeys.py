@@ -570,20 +570,27 @@ async def test_a_refused_publish_is_no_longer_counted_on_its_way(
 
 
 async def test_taking_a_message_read_ahead_lets_the_reader_and_the_keeper_run(
-    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Handling a deliver_inline never pauses on its own: without a checkpoint when the
     # handler takes the next message read ahead, the reader (and the keeper a status
     # wakes) would wait until everything read ahead is handled (in the bench, 1,441 of
-    # 2,000 tokens with a one-time prekey instead of 2,000).
+    # 2,000 tokens with a one-time prekey instead of 2,000). Not at every message,
+    # though: once per READ_AHEAD_PAUSE of handling.
     fake, port = relay
     limits = Limits(one_time_prekeys=10, prekey_low_water=4)
     async with _scripted_tokyo(fake, port, tmp_path, limits) as (tokyo, _, _, _):
         session = tokyo._session
         assert session is not None
         _blocked_deliveries(tokyo)[1].set()  # should the handler take one: it goes on
-        session.ahead.extend([(_delivery(1), 0), (_delivery(2), 0)])
+        session.ahead.extend([(_delivery(i), 0) for i in range(3)])
+        monkeypatch.setattr(client_node, "READ_AHEAD_PAUSE", 3600.0)  # (not a timing test)
+        session.pause_at = trio.current_time()  # READ_AHEAD_PAUSE of handling is over
         with trio.testing.assert_checkpoints():
+            assert await tokyo._next_message(session) == _delivery(0)
+        # The next one within READ_AHEAD_PAUSE of that pause: no pause.
+        assert session.pause_at > trio.current_time()
+        with trio.testing.assert_no_checkpoints():
             assert await tokyo._next_message(session) == _delivery(1)
         session.ahead.clear()
 
