@@ -231,8 +231,10 @@ class _Session:
         default_factory=collections.deque
     )
     ahead_bytes: int = 0
-    # The handler pauses for the reader when it takes a message after this trio time.
+    # The handler pauses for the reader when it takes a message after this trio time;
+    # read counts the messages the reader read (the pause lasts while it grows).
     pause_at: float = 0.0
+    read: int = 0
     ahead_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
@@ -1754,6 +1756,7 @@ class Node:
                 while len(ahead) >= limit or session.ahead_bytes >= limit_bytes:
                     await session.ahead_changed.wait()
                 message = await link.receive()
+                session.read += 1
                 if isinstance(message, m.PrekeyStatus) and not streaming:
                     self._on_prekey_status(session, message)
                     self._group_commit.mark_dirty()
@@ -1787,8 +1790,7 @@ class Node:
             # ahead is handled. Not after every message: each pause wakes the other
             # tasks (the sender's store queries, the replier, each with a write), which
             # would then work one message at a time instead of one batch.
-            await trio.lowlevel.checkpoint()
-            session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
+            await self._pause_for_reader(session)
         while not ahead:
             await session.ahead_changed.wait()  # a pause too
             session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
@@ -1798,6 +1800,18 @@ class Node:
         if isinstance(message, Exception):
             raise message
         return message
+
+    @staticmethod
+    async def _pause_for_reader(session: _Session) -> None:
+        """Let the reader catch up with all that has arrived: a pass of the scheduler
+        lets it make one socket read, so pause until two passes in a row (it may run
+        before or after this task in a pass) read nothing."""
+        quiet = 0
+        while quiet < 2:
+            read = session.read
+            await trio.lowlevel.checkpoint()
+            quiet = quiet + 1 if session.read == read else 0
+        session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
 
     async def _receiver(self, session: _Session) -> None:
         while True:

@@ -624,3 +624,29 @@ async def test_a_prekey_status_inside_a_streamed_delivery_is_still_a_protocol_er
             await trio.sleep(0.01)
         assert "'prekey_status' inside a delivery" in str(errors[0])
         assert session.prekey_status == before  # not acted on
+
+
+async def test_a_pause_for_the_reader_lasts_while_it_reads_on(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # The reader makes one socket read per pass of the scheduler; a pause of one pass
+    # let it read 64 KiB per READ_AHEAD_PAUSE and reach a status behind 400 KiB of
+    # deliveries too late (1,618 of 2,000 tokens with a one-time prekey in the bench).
+    fake, port = relay
+    limits = Limits(one_time_prekeys=10, prekey_low_water=4)
+    async with _scripted_tokyo(fake, port, tmp_path, limits) as (tokyo, _, _, _):
+        session = tokyo._session
+        assert session is not None
+        reads: list[int] = []
+
+        async def reading_on() -> None:  # as the reader, with five reads to make
+            for _ in range(5):
+                session.read += 1
+                reads.append(session.read)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reading_on)
+            await trio.lowlevel.checkpoint()  # (it starts)
+            await tokyo._pause_for_reader(session)
+            assert len(reads) == 5
