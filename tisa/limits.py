@@ -143,7 +143,12 @@ class Limits:
     max_one_time_prekeys: int = 500
     # The relay tells a member its one-time supply runs low (a prekey_status) when a
     # handout leaves fewer than this; the member's node then replenishes below it too.
-    prekey_low_water: int = 20
+    # Sized to the handouts one top-up's round trip lasts (the notice, the new secrets
+    # on disk, the publish stored; 200-400 ms on a loaded 2-core machine) at a burst's
+    # pace (100-300 reports/s), plus the fetches one originator may have in flight (64
+    # submit calls in the bench): at 20, 16-25 % of a 2,000-report burst found the
+    # supply empty (docs/node-protocol.md, "Sizing the supply").
+    prekey_low_water: int = 100
     # One-time prekeys of one recipient the relay hands one originator in any hour
     # (relay.prekeystore); past it a prekeys_fetch is answered with the signed prekey
     # only, as when the supply is exhausted (the token says so), and the relay logs it
@@ -155,8 +160,10 @@ class Limits:
     # reports in an hour still gets one-time prekeys (as far as the recipient's supply,
     # one_time_prekeys, keeps up).
     max_one_time_prekeys_per_hour: int = 1000
-    # One-time prekeys a node keeps published: it tops its supply up to this many.
-    one_time_prekeys: int = 100
+    # One-time prekeys a node keeps published: it tops its supply up to this many
+    # (at most max_one_time_prekeys). Three times prekey_low_water: a top-up of about
+    # 200, two or three messages, per 200 reports in a burst.
+    one_time_prekeys: int = 300
     # Seconds between two signed prekeys of a node; each is valid for two periods, so a
     # node that misses its rotation for a while is still reachable.
     signed_prekey_rotation: int = 7 * 86400
