@@ -1741,12 +1741,11 @@ class Node:
         ``limits.read_ahead`` messages, so that a ``prekey_status`` is acted on as soon
         as it arrives rather than after the deliveries written before it (each takes the
         handler an unwrap, a decryption, a signature check and a store step); reading
-        stops while ``limits.read_ahead_bytes`` are held (so at most that plus one
-        frame). Everything
-        else is handed to the handler in the order it came; so is a status inside a
-        streamed delivery (a protocol error the handler reports as before). An error
-        ending the link is queued behind what was read, so the handler handles that
-        first (an ``error`` message from the relay included)."""
+        also stops while ``limits.read_ahead_bytes`` are held (so at most that plus one
+        frame). Everything else is handed to the handler in the order it came; so is a
+        status inside a streamed delivery (a protocol error the handler reports as
+        before). An error ending the link is queued behind what was read, so the handler
+        handles that first (an ``error`` message from the relay included)."""
         link = session.link
         ahead = session.ahead
         limit, limit_bytes = self._limits.read_ahead, self._limits.read_ahead_bytes
