@@ -220,11 +220,23 @@ class _Session:
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
     prekey_status: m.PrekeyStatus | None = None
     prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
-    # After a top-up of one-time prekeys: the count of the status it answered. A status
-    # counting no more than that was counted before the relay stored the top-up (it
-    # crossed it on the wire): it starts no second top-up. A higher count, a refusal
-    # of a publish, or the keeper's periodic look ends the wait.
-    prekeys_topped_up_at: int | None = None
+    # One-time prekeys published on this connection and not yet seen stored: the size
+    # of each publish message not yet accounted for, oldest first (see _PrekeysInFlight).
+    prekeys_in_flight: _PrekeysInFlight = dataclasses.field(
+        default_factory=lambda: _PrekeysInFlight()
+    )
+    # Messages read from the link ahead of the one being handled, or the error that
+    # ended reading, each with the bytes it holds (see _reader): at most
+    # Limits.read_ahead of them, and reading stops at Limits.read_ahead_bytes in all.
+    ahead: collections.deque[tuple[m.Message | Exception, int]] = dataclasses.field(
+        default_factory=collections.deque
+    )
+    ahead_bytes: int = 0
+    # The handler pauses for the reader when it takes a message after this trio time;
+    # read counts the messages the reader read (the pause lasts while it grows).
+    pause_at: float = 0.0
+    read: int = 0
+    ahead_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
     # The session's nursery scope: cancelling it closes the connection.
     scope: trio.CancelScope | None = None
 
@@ -232,6 +244,65 @@ class _Session:
         self.replies_changed.set()
         self.replies_changed = trio.Event()
 
+    def ahead_moved(self) -> None:
+        self.ahead_changed.set()
+        self.ahead_changed = trio.Event()
+
+
+@dataclasses.dataclass(slots=True)
+class _PrekeysInFlight:
+    """The one-time prekeys a node published on one connection that the relay's
+    statuses have not yet shown stored, so that a top-up counts what is already on its
+    way (several statuses arrive while a top-up of several messages travels, each
+    counting only part of it).
+
+    The relay stores each publish message whole, in the order sent, and only a store
+    raises its count (handouts and expiry lower it). So a status counting more than the
+    status before it proves that the oldest message not yet accounted for was stored,
+    and with it as many of the following ones as the rise needs (a rise of 150 proves
+    two messages of 100). A status counting no more proves nothing: the sizes stay, and
+    the node's estimate of its supply (:meth:`supply`) never counts a message twice, so
+    a top-up never takes the supply past ``Limits.one_time_prekeys``. A refused publish
+    (a refusal with no ``ref``) takes the oldest message off; the keeper's hourly look
+    with no status in between, and a new connection, start afresh.
+    """
+
+    sizes: collections.deque[int] = dataclasses.field(default_factory=collections.deque)
+    # The count of the last status seen (None: none yet on this connection).
+    last: int | None = None
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes)
+
+    def sent(self, sizes: Iterable[int]) -> None:
+        self.sizes.extend(size for size in sizes if size)
+
+    def status(self, one_time: int) -> None:
+        """Account for a status counting ``one_time`` (in the order they arrive)."""
+        rise = one_time - self.last if self.last is not None else 0
+        self.last = one_time
+        proven = 0
+        while self.sizes and rise > proven:
+            proven += self.sizes.popleft()
+
+    def refused(self) -> None:
+        if self.sizes:
+            self.sizes.popleft()
+
+    def clear(self) -> None:
+        self.sizes.clear()
+
+    def supply(self, one_time: int) -> int:
+        """The relay's count ``one_time`` plus what is on its way to it."""
+        return one_time + self.total
+
+
+# Seconds of handling after which the receiver pauses for the reader (see _next_message):
+# about what handling one 64 KiB read of small deliveries took before the reader was
+# separate (so tasks woken by handled messages still work in batches), and short
+# beside a top-up's round trip.
+READ_AHEAD_PAUSE = 0.025
 
 # Acks queued on one connection before the receiver waits for the replier.
 MAX_QUEUED_REPLIES = 1024
@@ -276,6 +347,7 @@ class Node:
         self._session: _Session | None = None
         self._connected = trio.Event()
         self._audit_lock = trio.Lock()
+        self._prekey_lock = trio.Lock()  # one maintain_prekeys at a time
         self._event_send, self._event_recv = trio.open_memory_channel[tuple[int, Event]](
             EVENT_BUFFER
         )
@@ -898,13 +970,19 @@ class Node:
 
         Args:
             status: the relay's latest :class:`~tisa.messages.PrekeyStatus`; None: use
-                the connection's, if any.
+                the connection's latest, if any (counted with the one-time prekeys
+                published on it that no status has shown stored yet).
 
         Does nothing for a member without the recipient role. Sends only while
         connected (the next connection's status brings the rest).
         """
         if Role.RECIPIENT not in self._arrangement.member(self.name).roles:
             return
+        # One at a time: a second call counts what the first one sent as on its way.
+        async with self._prekey_lock:
+            await self._maintain_prekeys(status)
+
+    async def _maintain_prekeys(self, status: m.PrekeyStatus | None) -> None:
         session = self._session
         if status is None and session is not None:
             status = session.prekey_status
@@ -923,20 +1001,20 @@ class Node:
             )
             fresh.append(current)
         one_time: list[PrekeySecret] = []
-        stale = (
-            status is not None
-            and session is not None
-            and session.prekeys_topped_up_at is not None
-            and status.one_time <= session.prekeys_topped_up_at
-        )
-        if status is not None and status.one_time < limits.prekey_low_water and not stale:
+        # The relay's count plus the top-ups on their way to it (not yet seen stored).
+        supply = None
+        if status is not None:
+            supply = status.one_time
+            if session is not None:
+                supply = session.prekeys_in_flight.supply(supply)
+        if supply is not None and supply < limits.prekey_low_water:
             one_time = [
                 PrekeySecret.generate(
                     PrekeyKind.ONE_TIME,
                     created=now,
                     not_after=now + limits.one_time_prekey_lifetime,
                 )
-                for _ in range(limits.one_time_prekeys - status.one_time)
+                for _ in range(limits.one_time_prekeys - supply)
             ]
         if fresh or one_time:
             self.store.add_prekeys(fresh + one_time)
@@ -949,7 +1027,7 @@ class Node:
             return
         await self._durable()
         publish = [p.publish(self._secret, self.name, self._arrangement) for p in one_time]
-        messages: list[m.Message] = []
+        messages: list[m.PublishPrekeys] = []
         first = True
         while first or publish:
             batch, publish = (
@@ -965,8 +1043,9 @@ class Node:
                 )
             )
             first = False
-        if one_time:
-            session.prekeys_topped_up_at = status.one_time
+        # On its way from here (no checkpoint before the write is queued): a status
+        # counting it can only come after.
+        session.prekeys_in_flight.sent(len(message.one_time) for message in messages)
         with contextlib.suppress(LinkClosed):
             await session.link.send_many(messages)
 
@@ -979,12 +1058,15 @@ class Node:
             await session.link.send(m.PublishPrekeys(signed=None, one_time=[]))
         while True:
             changed = session.prekey_changed
-            await self.maintain_prekeys(session.prekey_status)
+            # The latest status when its turn comes (not one read before waiting for
+            # another call: the prekeys on their way are counted against the latest).
+            await self.maintain_prekeys()
             with trio.move_on_after(PREKEY_CHECK_INTERVAL) as idle:
                 await changed.wait()
             if idle.cancelled_caught:
-                # No answer to a top-up in all that time: the latest status counts again.
-                session.prekeys_topped_up_at = None
+                # No status in all that time: whatever was sent is stored or lost; the
+                # latest status counts alone again.
+                session.prekeys_in_flight.clear()
 
     async def revoke(self, report_id: bytes, token_id: bytes | None = None) -> bool:
         """Withdraw one token, or with ``token_id`` None the whole report.
@@ -1533,6 +1615,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 session.scope = nursery.cancel_scope
                 nursery.start_soon(self._guard, self._sender, session, nursery.cancel_scope)
+                nursery.start_soon(self._guard, self._reader, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._receiver, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._replier, session, nursery.cancel_scope)
                 nursery.start_soon(self._guard, self._prekey_keeper, session, nursery.cancel_scope)
@@ -1708,10 +1791,85 @@ class Node:
             self._uploading.discard(report)
             self._uploads_changed()
 
-    async def _receiver(self, session: _Session) -> None:
+    async def _reader(self, session: _Session) -> None:
+        """Read the link ahead of the handler (:meth:`_receiver`), at most
+        ``limits.read_ahead`` messages, so that a ``prekey_status`` is acted on as soon
+        as it arrives rather than after the deliveries written before it (each takes the
+        handler an unwrap, a decryption, a signature check and a store step); reading
+        also stops while ``limits.read_ahead_bytes`` are held (so at most that plus one
+        frame). Everything else is handed to the handler in the order it came; so is a
+        status inside a streamed delivery (a protocol error the handler reports as
+        before). An error ending the link is queued behind what was read, so the handler
+        handles that first (an ``error`` message from the relay included)."""
         link = session.link
+        ahead = session.ahead
+        limit, limit_bytes = self._limits.read_ahead, self._limits.read_ahead_bytes
+        streaming = False  # inside a delivery's chunks
+        try:
+            while True:
+                while len(ahead) >= limit or session.ahead_bytes >= limit_bytes:
+                    await session.ahead_changed.wait()
+                message = await link.receive()
+                session.read += 1
+                if isinstance(message, m.PrekeyStatus) and not streaming:
+                    self._on_prekey_status(session, message)
+                    self._group_commit.mark_dirty()
+                    self._notify()
+                    continue
+                if isinstance(message, m.Refusal) and not message.ref:
+                    # Perhaps a refused publish (no ref either): it was not stored. In
+                    # the order of the statuses, which are handled here; the refusal
+                    # itself is handled in order with the rest.
+                    self._publish_refused(session, message)
+                if isinstance(message, m.Deliver):
+                    streaming = True
+                elif isinstance(message, m.DeliverEnd):
+                    streaming = False
+                size = _held_bytes(message)
+                ahead.append((message, size))
+                session.ahead_bytes += size
+                session.ahead_moved()
+        except Exception as exc:  # handed to the handler, raised there in order
+            ahead.append((exc, 0))
+            session.ahead_moved()
+        await trio.sleep_forever()
+
+    async def _next_message(self, session: _Session) -> m.Message:
+        """The next message the reader queued (waiting for one); raises the error
+        that ended reading once everything read before it is handled."""
+        ahead = session.ahead
+        if ahead and trio.current_time() >= session.pause_at:
+            # A delivery's handling does not otherwise pause, so without this the reader
+            # (and the prekey keeper a status wakes) would wait until everything read
+            # ahead is handled. Not after every message: each pause wakes the other
+            # tasks (the sender's store queries, the replier, each with a write), which
+            # would then work one message at a time instead of one batch.
+            await self._pause_for_reader(session)
+        while not ahead:
+            await session.ahead_changed.wait()  # a pause too
+            session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
+        message, size = ahead.popleft()
+        session.ahead_bytes -= size
+        session.ahead_moved()
+        if isinstance(message, Exception):
+            raise message
+        return message
+
+    @staticmethod
+    async def _pause_for_reader(session: _Session) -> None:
+        """Let the reader catch up with all that has arrived: a pass of the scheduler
+        lets it make one socket read, so pause until two passes in a row (it may run
+        before or after this task in a pass) read nothing."""
+        quiet = 0
+        while quiet < 2:
+            read = session.read
+            await trio.lowlevel.checkpoint()
+            quiet = quiet + 1 if session.read == read else 0
+        session.pause_at = trio.current_time() + READ_AHEAD_PAUSE
+
+    async def _receiver(self, session: _Session) -> None:
         while True:
-            message = await link.receive()
+            message = await self._next_message(session)
             self._group_commit.activity += 1
             while len(session.replies) >= MAX_QUEUED_REPLIES:
                 await session.replies_changed.wait()
@@ -1721,8 +1879,9 @@ class Node:
                     session.prekey_waiters[message.ref].send_nowait(message)
                 continue
             if isinstance(message, m.PrekeyStatus):
-                self._on_prekey_status(session, message)
-            elif isinstance(message, m.DeliverInline | m.Deliver):
+                # Inside a streamed delivery (the reader handles the others itself).
+                raise ProtocolError("'prekey_status' inside a delivery")
+            if isinstance(message, m.DeliverInline | m.Deliver):
                 await self._on_deliver(session, message)
             elif isinstance(message, m.Stored):
                 self._on_stored(message)
@@ -1735,9 +1894,6 @@ class Node:
                     refusal = Refused(Reason(message.reason), message.detail)
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                         session.audit_replies.send_nowait(refusal)
-                if not message.ref:
-                    # Perhaps a refused publish (no ref either): no top-up to wait for.
-                    session.prekeys_topped_up_at = None
                 self._on_refusal(message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
@@ -1768,20 +1924,30 @@ class Node:
             self._notify()
 
     def _on_prekey_status(self, session: _Session, message: m.PrekeyStatus) -> None:
+        in_flight = session.prekeys_in_flight
+        in_flight.status(message.one_time)
         # A member that never published (no signed prekey at the relay) is not running
-        # low: it is about to publish its first supply.
-        topped_up_at = session.prekeys_topped_up_at
-        if topped_up_at is not None and message.one_time > topped_up_at:
-            topped_up_at = session.prekeys_topped_up_at = None  # the relay has the top-up
+        # low: it is about to publish its first supply; nor is one whose top-up is on
+        # its way.
         if (
             message.signed_not_after
             and message.one_time < self._limits.prekey_low_water
-            and topped_up_at is None
+            and not in_flight.total
         ):
             self.store.add_event(
                 PrekeysLow(one_time=message.one_time, signed_not_after=message.signed_not_after)
             )
         session.prekey_status = message
+        self._prekeys_moved(session)
+
+    def _publish_refused(self, session: _Session, message: m.Refusal) -> None:
+        if session.audit_waiting and message.reason in _AUDIT_REFUSALS:
+            return  # the answer to the audit_fetch in flight
+        session.prekeys_in_flight.refused()
+        self._prekeys_moved(session)
+
+    @staticmethod
+    def _prekeys_moved(session: _Session) -> None:
         session.prekey_changed.set()
         session.prekey_changed = trio.Event()
 
@@ -2007,7 +2173,6 @@ class Node:
     # --- recipient side --------------------------------------------------------------
 
     async def _on_deliver(self, session: _Session, message: m.Deliver | m.DeliverInline) -> None:
-        link = session.link
         token = ReleaseToken.decode(message.token)
         # The whole ciphertext when it came in the message (deliver_inline), else None:
         # it follows in chunks.
@@ -2018,7 +2183,7 @@ class Node:
             # A redelivery (our ack was lost, or the relay restarted): already stored or
             # rejected. Acknowledge again (once that is on disk); never hand it over twice.
             if inline is None:
-                await self._drain_delivery(link, token)
+                await self._drain_delivery(session, token)
             self._reply(session, m.Ack(kind="delivery", token=token.id))
             return
         now = self._now()
@@ -2059,11 +2224,11 @@ class Node:
         parts: list[bytes] | None = None
         if opener is not None:
             try:
-                header, parts = await self._open_delivery(link, token, opener, staged, inline)
+                header, parts = await self._open_delivery(session, token, opener, staged, inline)
             except (Refused, VerificationError) as exc:
                 error = exc
         elif inline is None:
-            await self._drain_delivery(link, token)
+            await self._drain_delivery(session, token)
         if error is not None:
             if staged is not None:
                 with contextlib.suppress(FileNotFoundError):
@@ -2116,7 +2281,7 @@ class Node:
 
     async def _open_delivery(
         self,
-        link: Link,
+        session: _Session,
         token: ReleaseToken,
         opener: ReportOpener,
         staged: pathlib.Path | None,
@@ -2124,7 +2289,7 @@ class Node:
     ) -> tuple[Any, list[bytes] | None]:
         """Stream the ciphertext through ``opener`` into files under ``staged`` (or,
         with ``staged`` None, into memory). ``inline``: the whole ciphertext, come in
-        a ``deliver_inline`` (of the token's size); else it is read from ``link``.
+        a ``deliver_inline`` (of the token's size); else it is read from the link.
 
         Returns the verified header and, in memory, the parts (body, attachments); the
         files are fsynced. Raises Refused or VerificationError for a bad report (the
@@ -2142,7 +2307,7 @@ class Node:
         self._set_receiving(token, 0)
         try:
             received = 0
-            async for chunk in self._ciphertext(link, token, inline):
+            async for chunk in self._ciphertext(session, token, inline):
                 received += len(chunk)
                 self._set_receiving(token, received)
                 if failure is not None:
@@ -2183,17 +2348,16 @@ class Node:
             for out in files.values():
                 out.close()
 
-    async def _drain_delivery(self, link: Link, token: ReleaseToken) -> None:
-        async for _ in self._ciphertext(link, token, None):
+    async def _drain_delivery(self, session: _Session, token: ReleaseToken) -> None:
+        async for _ in self._ciphertext(session, token, None):
             pass
 
-    @staticmethod
     async def _ciphertext(
-        link: Link, token: ReleaseToken, inline: bytes | None
+        self, session: _Session, token: ReleaseToken, inline: bytes | None
     ) -> AsyncIterator[bytes]:
         """The ciphertext of a delivery: ``inline`` (a ``deliver_inline``'s, checked
         against the token's size by the caller), else the ``chunk`` messages read from
-        ``link`` up to its ``deliver_end``.
+        the link (through the reader) up to its ``deliver_end``.
 
         Raises:
             ProtocolError: the relay broke the stream rules (more or fewer bytes than
@@ -2204,7 +2368,7 @@ class Node:
             return
         received = 0
         while True:
-            message = await link.receive()
+            message = await self._next_message(session)
             if isinstance(message, m.Chunk):
                 received += len(message.data)
                 if received > token.size:
@@ -2219,6 +2383,23 @@ class Node:
 
 
 # --- module helpers ------------------------------------------------------------------
+
+# Bytes counted for a message read ahead besides its byte strings (the object itself).
+READ_AHEAD_OVERHEAD = 256
+
+
+def _held_bytes(message: m.Message) -> int:
+    """About the memory ``message`` holds while read ahead: its byte strings (a
+    delivery's data, a token, an audit extract; those in lists too) plus
+    :data:`READ_AHEAD_OVERHEAD`."""
+    size = READ_AHEAD_OVERHEAD
+    for name in message.SCHEMA:
+        value = getattr(message, name)
+        if isinstance(value, bytes):
+            size += len(value)
+        elif isinstance(value, list | tuple):
+            size += sum(len(item) for item in value if isinstance(item, bytes))
+    return size
 
 
 def _head_at(extract: Extract, seq: int) -> bytes | None:

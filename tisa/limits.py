@@ -113,6 +113,14 @@ class Limits:
     # them: enough to keep a link busy between acks, few enough that a recipient that
     # stops acking ties up little.
     delivery_window: int = 256
+    # Messages a member's node reads from its link ahead of the one it is handling, so
+    # that a prekey_status written behind a delivery window's worth of deliveries (and
+    # their receipts' acks) is acted on at once rather than after them (the node handles
+    # the rest in order): twice delivery_window. Reading also stops while the messages
+    # read ahead hold read_ahead_bytes (their byte strings, plus 256 bytes each), so
+    # at most that plus one frame: a relay sending large frames ties up little.
+    read_ahead: int = 512
+    read_ahead_bytes: int = 4 * 1024 * 1024
     # Seconds a connection has to acknowledge a delivery pushed on it (counted from the
     # last frame of the delivery it took) before its claim lapses and the member's other
     # connections may push the delivery too: a stale connection (a dropped network
@@ -141,7 +149,12 @@ class Limits:
     max_one_time_prekeys: int = 500
     # The relay tells a member its one-time supply runs low (a prekey_status) when a
     # handout leaves fewer than this; the member's node then replenishes below it too.
-    prekey_low_water: int = 20
+    # Sized to the handouts one top-up's round trip lasts (the notice, the new secrets
+    # on disk, the publish stored; 200-400 ms on a loaded 2-core machine) at a burst's
+    # pace (100-300 reports/s), plus the fetches one originator may have in flight (64
+    # submit calls in the bench): at 20, 16-25 % of a 2,000-report burst found the
+    # supply empty (docs/node-protocol.md, "Sizing the supply").
+    prekey_low_water: int = 100
     # One-time prekeys of one recipient the relay hands one originator in any hour
     # (relay.prekeystore); past it a prekeys_fetch is answered with the signed prekey
     # only, as when the supply is exhausted (the token says so), and the relay logs it
@@ -153,8 +166,10 @@ class Limits:
     # reports in an hour still gets one-time prekeys (as far as the recipient's supply,
     # one_time_prekeys, keeps up).
     max_one_time_prekeys_per_hour: int = 1000
-    # One-time prekeys a node keeps published: it tops its supply up to this many.
-    one_time_prekeys: int = 100
+    # One-time prekeys a node keeps published: it tops its supply up to this many
+    # (at most max_one_time_prekeys). Three times prekey_low_water: a top-up of about
+    # 200, two or three messages, per 200 reports in a burst.
+    one_time_prekeys: int = 300
     # Seconds between two signed prekeys of a node; each is valid for two periods, so a
     # node that misses its rotation for a while is still reachable.
     signed_prekey_rotation: int = 7 * 86400
