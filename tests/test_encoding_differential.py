@@ -352,3 +352,16 @@ def test_unpack_agrees_on_deep_nesting(depth: int, opener: bytes) -> None:
     assert assert_same_unpack(data) == (depth <= enc.MAX_DEPTH)
     with pytest.raises(ProtocolError, match="deep"):
         enc.unpack(b"\x81\xa1x" + opener * depth + b"\x00")
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"": 2**64, "\ud800": None},  # found by hypothesis: msgspec met the key's fault first
+        {"\ud800": 2**64},
+        {"a": [-(2**63) - 1, "\udfff"]},
+        {"b": "\ud800", "a": {"z": 2**64}},
+    ],
+)
+def test_pack_names_the_first_fault_in_encoding_order(value: Any) -> None:
+    assert_same_pack(value)

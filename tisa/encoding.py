@@ -128,13 +128,41 @@ def pack(value: Mapping[str, Any]) -> bytes:
     Raises:
         ProtocolError: a value of a type the protocol does not carry (float, set, ...).
     """
+    plain = value if _is_plain(value) else _canonical(value)
     try:
-        return _encode_sorted(value if _is_plain(value) else _canonical(value))
-    except UnicodeEncodeError:
-        # A lone surrogate: Python holds it, UTF-8 (and so msgpack) cannot.
-        _fail("text is not valid Unicode")
-    except OverflowError:  # outside -2**63 .. 2**64 - 1
-        _fail("integer out of range")
+        return _encode_sorted(plain)
+    except (UnicodeEncodeError, OverflowError):
+        # Named as the reference packer names it: the first fault in encoding order
+        # (msgspec may meet a later key's fault first while it sorts the keys).
+        _fail(_first_unencodable(plain) or "cannot encode the value")
+
+
+def _first_unencodable(value: Any) -> str:
+    # Only on the way to a refusal: the first text that is not valid Unicode (a lone
+    # surrogate: Python holds it, UTF-8 cannot) or integer outside -2**63 .. 2**64 - 1,
+    # in the order the encoding writes them (each map's keys sorted, a key before its
+    # value). ``value`` is plain (pack made it so), so the recursion is bounded by
+    # MAX_DEPTH.
+    kind = type(value)
+    if kind is str:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "text is not valid Unicode"
+    elif kind is int and not -(2**63) <= value < 2**64:
+        return "integer out of range"
+    elif kind is dict:
+        for key in sorted(value):
+            for part in (key, value[key]):
+                reason = _first_unencodable(part)
+                if reason:
+                    return reason
+    elif kind is list or kind is tuple:
+        for item in value:
+            reason = _first_unencodable(item)
+            if reason:
+                return reason
+    return ""
 
 
 def pack_checked(value: dict[str, Any]) -> bytes:
