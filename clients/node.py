@@ -381,10 +381,13 @@ class Node:
         # refills; issuer: the issuer's batches; issue, retry: one release's fetch and
         # its retries while the recipient has published nothing): fetch_<path> fetches
         # sent, received_<path> answers with a one-time prekey; used: tokens issued with
-        # one; dropped_refused: one received for a release refused before its token;
-        # lost_unanswered, lost_late: ones whose fetch gave up when the connection ended
-        # (answered before, or after). Handed out = used + held in the pool + dropped +
-        # lost; the pool's own drops (stale bundles) are prekey_pool.dropped.
+        # one; returned: ones not used for the token they were fetched or taken for
+        # (its submission not recorded, its release ended during the fetch) and put
+        # back into the pool; dropped_unused: such ones the pool did not take (none for
+        # the recipient, full, or stale); lost_unanswered, lost_late: ones whose fetch
+        # gave up when the connection ended (answered before, or after). Handed out =
+        # used + held in the pool + the pool's drops (stale bundles, prekey_pool.dropped)
+        # + dropped_unused + lost.
         self.prekey_counts: collections.Counter[str] = collections.Counter()
 
     # --- small helpers ---------------------------------------------------------------
@@ -587,19 +590,26 @@ class Node:
         # tokens are issued in the same batch as the submission and travel with it (one
         # message for a small report).
         prekeys = await self._prefetch_prekeys(release_to) if self.connected else {}
-        self.store.record_submission(
-            data=inline,
-            report=sealer.report_id,
-            file=file_name,
-            size=sealer.size,
-            digest=sealer.digest,
-            content_key=sealer.content_key,
-            scope=scope,
-            level=level,
-            recipients=recipients,
-            expires=now + int(hold_for),
-            created=now,
-        )
+        try:
+            self.store.record_submission(
+                data=inline,
+                report=sealer.report_id,
+                file=file_name,
+                size=sealer.size,
+                digest=sealer.digest,
+                content_key=sealer.content_key,
+                scope=scope,
+                level=level,
+                recipients=recipients,
+                expires=now + int(hold_for),
+                created=now,
+            )
+        except BaseException:
+            # Nothing recorded: the bundles fetched or taken for its tokens back to the
+            # pool, so their one-time prekeys are not handed out for nothing.
+            for recipient, answer in prekeys.items():
+                self._put_back(recipient, answer)
+            raise
         wanted = [self._want(sealer.report_id, r, valid_for) for r in release_to]
         for wanted_id, recipient in zip(wanted, release_to, strict=True):
             if recipient in prekeys:
@@ -897,8 +907,11 @@ class Node:
                     Reason.BAD_PREKEY, f"the relay handed out a prekey not signed by {recipient!r}"
                 ) from None
         except Refused as exc:
-            if one_time is not None:
-                self.prekey_counts["dropped_refused"] += 1
+            if one_time is not None and exc.reason is not Reason.BAD_PREKEY:
+                # Ended before its token (its report refused, revoked or expired during
+                # the fetch): the bundle is good, for the next token.
+                assert fetched is not None
+                self._put_back(recipient, fetched)
             current = self.store.wanted_release(wanted.id)
             if current is None or current.state != "waiting":
                 return  # ended meanwhile, with its report: reported there
@@ -915,6 +928,14 @@ class Node:
         else:
             mode = WrapMode.IDENTITY if signed is None else WrapMode.SIGNED
             self.store.add_event(WeakerWrap(token=token_id, recipient=recipient, mode=mode.value))
+
+    def _put_back(self, recipient: str, answer: m.Message) -> None:
+        """A bundle handed out for a token not issued: back to the pool if it takes it
+        (see :meth:`clients.prekeypool.PrekeyPool.put_back`), else counted dropped."""
+        if self.prekey_pool.put_back(recipient, answer, now=self._now()):
+            self.prekey_counts["returned"] += 1
+        elif isinstance(answer, m.Prekeys) and answer.one_time is not None:
+            self.prekey_counts["dropped_unused"] += 1
 
     async def _fetch_prekeys(self, recipients: list[str], *, purpose: str) -> list[m.Message]:
         """:meth:`_ask_prekeys`, waiting for a connection as long as it takes."""

@@ -130,6 +130,22 @@ class PrekeyPool:
         pool.dry = self._not_after(recipient, answer, now=now) is None
         self._check_level(pool)
 
+    def put_back(self, recipient: str, answer: m.Message, *, now: int) -> bool:
+        """Keep a bundle handed out for a token that was not issued after all (its
+        submission failed to be recorded, or its release ended during the fetch), to be
+        taken first, rather than leave its one-time prekey unused. Only a full bundle of
+        ``recipient``'s that stays fresh, into a pool that exists and has room; returns
+        whether it was kept."""
+        pool = self._pools.get(recipient)
+        if pool is None or len(pool.bundles) >= self.size:
+            return False
+        not_after = self._not_after(recipient, answer, now=now)
+        if not_after is None or not isinstance(answer, m.Prekeys):
+            return False
+        pool.bundles.appendleft((answer, not_after))
+        self._check_level(pool)
+        return True
+
     def wants(self) -> bool:
         """Whether :meth:`asks` has something to ask for."""
         return any(

@@ -5,6 +5,7 @@ checked at use."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -119,6 +120,27 @@ def test_a_lost_refill_is_asked_again() -> None:
     asks = pool.asks(10)
     pool.answered(asks, None, now=NOW)  # the connection ended before the answers
     assert pool.held("tokyo") == 0 and pool.asks(10) == ["tokyo"] * 4
+
+
+def test_a_bundle_not_used_goes_back_first_while_there_is_room() -> None:
+    pool = PrekeyPool(size=4, recipients=4, margin=SKEW)
+    unused = bundle()
+    assert not pool.put_back("tokyo", unused, now=NOW)  # no pool for it: not kept
+    pool.fetched("tokyo", bundle(), now=NOW)
+    assert pool.put_back("tokyo", unused, now=NOW)
+    # Counted against the refill: three asked, not four.
+    assert pool.held("tokyo") == 1 and pool.asks(10) == ["tokyo"] * 3
+    later = [bundle() for _ in range(3)]
+    pool.answered(["tokyo"] * 3, later, now=NOW)
+    assert pool.take("tokyo", now=NOW) is unused  # taken first
+    assert pool.put_back("tokyo", unused, now=NOW)  # back again: full now
+    assert not pool.put_back("tokyo", bundle(), now=NOW) and pool.held("tokyo") == 4
+    # Only full, fresh bundles of the recipient's.
+    pool.take("tokyo", now=NOW)
+    assert not pool.put_back("tokyo", bundle(one_time_until=None), now=NOW)
+    assert not pool.put_back("tokyo", bundle(member="seoul"), now=NOW)
+    assert not pool.put_back("tokyo", bundle(one_time_until=NOW + SKEW), now=NOW)
+    assert pool.held("tokyo") == 3
 
 
 def test_a_bundle_about_to_expire_is_dropped_at_use_and_the_next_one_taken() -> None:
@@ -236,6 +258,21 @@ def tokens(fake: FakeRelay) -> list[ReleaseToken]:
         elif isinstance(message, m.Release):
             out.append(ReleaseToken.decode(message.token))
     return out
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    fake: FakeRelay, path: pathlib.Path, limits: Limits, supplied: int
+) -> AsyncIterator[Node]:
+    """Tokyo and Seoul on ``fake``, once Tokyo published ``supplied`` one-time prekeys
+    and Seoul is connected: Seoul."""
+    async with (
+        node("tokyo", fake, path, limits=limits),
+        node("seoul", fake, path, limits=limits) as seoul,
+    ):
+        await supply(fake, "tokyo", supplied)
+        await seoul.wait_connected()
+        yield seoul
 
 
 async def pooled(seoul: Node, count: int, recipient: str = "tokyo") -> None:
@@ -408,6 +445,38 @@ async def test_a_pooled_bundle_is_checked_at_use_as_a_fetched_one(
             good = await submit(seoul, b"good")
             while not any(t.report == good for t in tokens(fake)):
                 await trio.sleep(0.01)
+
+
+async def test_a_submit_not_recorded_puts_its_fetched_bundle_back_into_the_pool(
+    relay: FakeRelay, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first submit fetches directly; its submission then fails to be recorded. The
+    # one-time prekey handed out for it goes into the new pool (no fetch more than the
+    # pool's size), and the next submit's token uses it.
+    fake = relay
+    with trio.fail_after(20):
+        async with connected(fake, tmp_path, Limits(prekey_pool=4), 10) as seoul:
+            record = seoul.store.record_submission
+
+            def disk_full(**kwargs: Any) -> None:
+                raise OSError("disk full")
+
+            monkeypatch.setattr(seoul.store, "record_submission", disk_full)
+            with pytest.raises(OSError):
+                await submit(seoul)
+            monkeypatch.setattr(seoul.store, "record_submission", record)
+            assert seoul.prekey_counts["returned"] == 1
+            (handed,) = [
+                Prekey.decode(answer.one_time or b"").key
+                for answer, _ in seoul.prekey_pool._pools["tokyo"].bundles
+            ]
+            await pooled(seoul, 4)
+            assert fetches(fake) == 4  # the failed submit's one, then three refills
+            await submit(seoul)
+            while not tokens(fake):
+                await trio.sleep(0.01)
+            assert [t.wrap.opk for t in tokens(fake)] == [handed]
+            assert not any(key.startswith(("dropped", "lost")) for key in seoul.prekey_counts)
 
 
 # --- end to end, with the relay -------------------------------------------------------
