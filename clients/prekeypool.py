@@ -30,6 +30,10 @@ The rules, each for a reason:
   and the next one tried, then a direct fetch. Everything else is checked at use exactly
   as for a fetched bundle: :func:`tisa.token.issue_token` verifies owner, kind,
   arrangement, expiry and signature.
+- *Put back.* A bundle fetched or taken for a token that is then not issued (its
+  submission not recorded, its release ended during the fetch) goes back to the front
+  of the pool while it has room (:meth:`PrekeyPool.put_back`), so its one-time prekey
+  is not handed out for nothing.
 - *In memory.* Bundles left when the node stops are one-time prekeys handed out and
   never used: at most ``prekey_pool`` per recipient and restart. That costs no secrecy:
   the public halves reveal nothing, and the recipient deletes an unused one-time secret
