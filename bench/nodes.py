@@ -231,7 +231,7 @@ def _run_tisa(
         tokyo.wait(timeout=900)
         relays.measure()
         one_time_used = relays.one_time_used() if mode == "throughput" else 0
-        one_time_published = relays.one_time_published() if mode == "throughput" else 0
+        one_time = relays.one_time_account("tokyo") if mode == "throughput" else {}
     finally:
         for process in (seoul, tokyo):
             if process is not None:
@@ -241,7 +241,7 @@ def _run_tisa(
         "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib, "cpu_s": seoul.cpu_s},
         "tokyo": {"peak_mib": tokyo.peak_mib, **tokyo.records()[-1], "cpu_s": tokyo.cpu_s},
         "one_time_used": one_time_used,
-        "one_time_published": one_time_published,
+        "one_time": one_time,
         **relays.figures(),
     }
 
@@ -403,7 +403,7 @@ def _setup_round(
         "tisa_cpu_ms": _pipeline_cpu_ms(tisa, count),
         "tisa_cpu_each_ms": _pipeline_cpu_each_ms(tisa, count),
         "one_time_used": tisa["one_time_used"],
-        "one_time_published": tisa["one_time_published"],
+        "one_time": tisa["one_time"],
         "tisa_relay_cpu_us": 1e6 * tisa["relay_run_cpu_s"] / count,
         "tisa_server_cpu_us": 1e6 * tisa["server_run_cpu_s"] / count,
         "relay_alone": alone,
@@ -526,13 +526,15 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
                   f" CPU per report: tisa {mine['tisa_cpu_ms']:.2f} ms summed, relay alone"
                   f" {_us(alone['relay_cpu_each_us'])} µs{server};"
                   f" {targets.load_average()}")  # fmt: skip
-            each = mine["tisa_cpu_each_ms"]
+            each, account = mine["tisa_cpu_each_ms"], mine["one_time"]
             print(f"      tisa CPU per report by process: Seoul {each['seoul']:.2f} ms,"
                   f" relay {each['relay']:.2f} ms, Tokyo {each['tokyo']:.2f} ms"
                   + (f", PostgreSQL {each['server']:.2f} ms" if kind.server is not None else "")
                   + f"; tokens with a one-time prekey {mine['one_time_used']} of"
-                  f" {args.count}, one-time prekeys published"
-                  f" {mine['one_time_published']}")  # fmt: skip
+                  f" {args.count}, Tokyo's one-time prekeys published"
+                  f" {account['published']} (used {account['used']}, handed out unused"
+                  f" {account['held']}, on hand {account['on_hand']}; Seoul's own"
+                  f" {account['others']})")  # fmt: skip
         sqlite = found["sqlite"]
         rounds.append({"bare": bare_rate, "bare_cpu_ms": bare_cpu, "setups": found,
                        "tisa": sqlite["tisa"], "relay_alone": sqlite["relay_alone"],

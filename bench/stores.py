@@ -263,11 +263,27 @@ class Relays:
         )
         return int(rows[0][0])
 
-    def one_time_published(self) -> int:
-        """One-time prekeys the recipients published to the relays in the run (those
-        handed out are kept, so all of them): used ones plus the over-supply."""
-        rows = self._query("SELECT count(*) FROM prekeys WHERE kind = 'one_time'")
-        return int(rows[0][0])
+    def one_time_account(self, recipient: str) -> dict[str, int]:
+        """Where the one-time prekeys published in the run went (those handed out are
+        kept, so all of them): ``published`` (``recipient``'s), of which ``used`` (named
+        by an accepted token), ``held`` (handed out, named by none: the originator's
+        prekey pool at the end) and ``on_hand`` (never handed out: the recipient's supply
+        left); and ``others`` (the other members' own supplies, which nobody fetched:
+        the originator is a member too). See docs/node-protocol.md, "Where the one-time
+        prekeys go"."""
+        rows = self._query(
+            "SELECT owner, taken_by IS NOT NULL, used_by IS NOT NULL, count(*) FROM prekeys"
+            " WHERE kind = 'one_time' GROUP BY 1, 2, 3"
+        )
+        account = dict.fromkeys(("published", "used", "held", "on_hand", "others"), 0)
+        for owner, taken, used, count in rows:
+            if owner != recipient:
+                account["others"] += int(count)
+                continue
+            account["published"] += int(count)
+            key = "used" if used else "held" if taken else "on_hand"
+            account[key] += int(count)
+        return account
 
     def figures(self) -> dict[str, Any]:
         """CPU (in all, start-up included, and between mark and measure) and peak RSS."""

@@ -375,6 +375,20 @@ class Node:
             margin=int(limits.clock_skew),
         )
         self._pool_changed = trio.Event()
+        # What became of the prekey fetches this node sent and the one-time prekeys the
+        # relay handed it (docs/node-protocol.md, "Where the one-time prekeys go"), per
+        # path (submit: a connected submit's direct fetch; pool: the pool keeper's
+        # refills; issuer: the issuer's batches; issue, retry: one release's fetch and
+        # its retries while the recipient has published nothing): fetch_<path> fetches
+        # sent, received_<path> answers with a one-time prekey; used: tokens issued with
+        # one; returned: ones not used for the token they were fetched or taken for
+        # (its submission not recorded, its release ended during the fetch) and put
+        # back into the pool; dropped_unused: such ones the pool did not take (none for
+        # the recipient, full, or stale); lost_unanswered, lost_late: ones whose fetch
+        # gave up when the connection ended (answered before, or after). Handed out =
+        # used + held in the pool + the pool's drops (stale bundles, prekey_pool.dropped)
+        # + dropped_unused + lost.
+        self.prekey_counts: collections.Counter[str] = collections.Counter()
 
     # --- small helpers ---------------------------------------------------------------
 
@@ -576,19 +590,26 @@ class Node:
         # tokens are issued in the same batch as the submission and travel with it (one
         # message for a small report).
         prekeys = await self._prefetch_prekeys(release_to) if self.connected else {}
-        self.store.record_submission(
-            data=inline,
-            report=sealer.report_id,
-            file=file_name,
-            size=sealer.size,
-            digest=sealer.digest,
-            content_key=sealer.content_key,
-            scope=scope,
-            level=level,
-            recipients=recipients,
-            expires=now + int(hold_for),
-            created=now,
-        )
+        try:
+            self.store.record_submission(
+                data=inline,
+                report=sealer.report_id,
+                file=file_name,
+                size=sealer.size,
+                digest=sealer.digest,
+                content_key=sealer.content_key,
+                scope=scope,
+                level=level,
+                recipients=recipients,
+                expires=now + int(hold_for),
+                created=now,
+            )
+        except BaseException:
+            # Nothing recorded: the bundles fetched or taken for its tokens back to the
+            # pool, so their one-time prekeys are not handed out for nothing.
+            for recipient, answer in prekeys.items():
+                self._put_back(recipient, answer)
+            raise
         wanted = [self._want(sealer.report_id, r, valid_for) for r in release_to]
         for wanted_id, recipient in zip(wanted, release_to, strict=True):
             if recipient in prekeys:
@@ -774,7 +795,7 @@ class Node:
             else:
                 prekeys[recipient] = pooled
         if missing:
-            answers = await self._ask_prekeys(missing, wait=False)
+            answers = await self._ask_prekeys(missing, wait=False, purpose="submit")
             now = self._now()
             for n, recipient in enumerate(missing):
                 answer = None if answers is None else answers[n]
@@ -802,7 +823,7 @@ class Node:
                 continue
             answers = None
             try:
-                answers = await self._ask_prekeys(asks, wait=False)
+                answers = await self._ask_prekeys(asks, wait=False, purpose="pool")
             finally:
                 pool.answered(asks, answers, now=self._now())
             if answers is None:
@@ -818,7 +839,7 @@ class Node:
             for wanted in batch
             if self._submission(wanted.report).state in ("queued", "stored")
         ]
-        answers = await self._fetch_prekeys([wanted.recipient for wanted in live])
+        answers = await self._fetch_prekeys([wanted.recipient for wanted in live], purpose="issuer")
         fetched = {wanted.id: answer for wanted, answer in zip(live, answers, strict=True)}
         for wanted in batch:
             await self._issue(wanted, fetched.get(wanted.id))
@@ -831,11 +852,12 @@ class Node:
         of its recipient's prekeys (None: fetch them now), or record why not."""
         report_id, recipient = wanted.report, wanted.recipient
         submission = self._submission(report_id)
+        one_time: bytes | None = None
         try:
             if submission.state not in ("queued", "stored"):
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
             if fetched is None:
-                (fetched,) = await self._fetch_prekeys([recipient])
+                (fetched,) = await self._fetch_prekeys([recipient], purpose="issue")
             signed, one_time = _handed_out(fetched, recipient)
             if signed is None:
                 # A recipient that has not published yet (never connected, or its prekey
@@ -845,7 +867,7 @@ class Node:
                 while signed is None and trio.current_time() < deadline:
                     await trio.sleep(min(delay, max(deadline - trio.current_time(), 0)))
                     delay = min(delay * 2, 1.0)
-                    (fetched,) = await self._fetch_prekeys([recipient])
+                    (fetched,) = await self._fetch_prekeys([recipient], purpose="retry")
                     signed, one_time = _handed_out(fetched, recipient)
             now = self._now()
 
@@ -885,6 +907,11 @@ class Node:
                     Reason.BAD_PREKEY, f"the relay handed out a prekey not signed by {recipient!r}"
                 ) from None
         except Refused as exc:
+            if one_time is not None and exc.reason is not Reason.BAD_PREKEY:
+                # Ended before its token (its report refused, revoked or expired during
+                # the fetch): the bundle is good, for the next token.
+                assert fetched is not None
+                self._put_back(recipient, fetched)
             current = self.store.wanted_release(wanted.id)
             if current is None or current.state != "waiting":
                 return  # ended meanwhile, with its report: reported there
@@ -896,17 +923,29 @@ class Node:
             )
             return
         # The mode issue_token chose (see there), known without decoding the token again.
-        if one_time is None:
+        if one_time is not None:
+            self.prekey_counts["used"] += 1
+        else:
             mode = WrapMode.IDENTITY if signed is None else WrapMode.SIGNED
             self.store.add_event(WeakerWrap(token=token_id, recipient=recipient, mode=mode.value))
 
-    async def _fetch_prekeys(self, recipients: list[str]) -> list[m.Message]:
+    def _put_back(self, recipient: str, answer: m.Message) -> None:
+        """A bundle handed out for a token not issued: back to the pool if it takes it
+        (see :meth:`clients.prekeypool.PrekeyPool.put_back`), else counted dropped."""
+        if self.prekey_pool.put_back(recipient, answer, now=self._now()):
+            self.prekey_counts["returned"] += 1
+        elif isinstance(answer, m.Prekeys) and answer.one_time is not None:
+            self.prekey_counts["dropped_unused"] += 1
+
+    async def _fetch_prekeys(self, recipients: list[str], *, purpose: str) -> list[m.Message]:
         """:meth:`_ask_prekeys`, waiting for a connection as long as it takes."""
-        answers = await self._ask_prekeys(recipients, wait=True)
+        answers = await self._ask_prekeys(recipients, wait=True, purpose=purpose)
         assert answers is not None
         return answers
 
-    async def _ask_prekeys(self, recipients: list[str], *, wait: bool) -> list[m.Message] | None:
+    async def _ask_prekeys(
+        self, recipients: list[str], *, wait: bool, purpose: str
+    ) -> list[m.Message] | None:
         """Ask the relay, in one write, for each of ``recipients``' signed prekey and a
         one-time prekey; waits for a connection, and asks again on the next one for
         what this one left unanswered (with ``wait`` False: returns None when no
@@ -919,6 +958,10 @@ class Node:
         answers: dict[int, m.Message] = {}
         while len(answers) < len(recipients):
             if not wait and self._session is None:
+                # Handed out but given up with the rest (the connection ended first).
+                self.prekey_counts["lost_unanswered"] += sum(
+                    isinstance(a, m.Prekeys) and a.one_time is not None for a in answers.values()
+                )
                 return None
             await self.wait_connected()
             session = self._session
@@ -940,6 +983,8 @@ class Node:
                             reply = await receive.receive()
                             assert isinstance(reply, m.Prekeys | m.Refusal)
                             answers[refs[reply.ref]] = reply
+                            if isinstance(reply, m.Prekeys) and reply.one_time is not None:
+                                self.prekey_counts["received_" + purpose] += 1
                         nursery.cancel_scope.cancel()
 
                     async def watch(
@@ -951,6 +996,7 @@ class Node:
                     nursery.start_soon(get)
                     nursery.start_soon(watch)
                     fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
+                    self.prekey_counts["fetch_" + purpose] += len(fetches)
                     try:
                         await session.link.send_many(fetches)
                     except LinkClosed:
@@ -1877,6 +1923,10 @@ class Node:
                 # The answer to a prekey fetch (or its refusal): to the task waiting.
                 with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                     session.prekey_waiters[message.ref].send_nowait(message)
+                continue
+            if isinstance(message, m.Prekeys) and message.one_time is not None:
+                # Its fetch gave up waiting (the connection was ending): dropped.
+                self.prekey_counts["lost_late"] += 1
                 continue
             if isinstance(message, m.PrekeyStatus):
                 # Inside a streamed delivery (the reader handles the others itself).

@@ -30,6 +30,10 @@ The rules, each for a reason:
   and the next one tried, then a direct fetch. Everything else is checked at use exactly
   as for a fetched bundle: :func:`tisa.token.issue_token` verifies owner, kind,
   arrangement, expiry and signature.
+- *Put back.* A bundle fetched or taken for a token that is then not issued (its
+  submission not recorded, its release ended during the fetch) goes back to the front
+  of the pool while it has room (:meth:`PrekeyPool.put_back`), so its one-time prekey
+  is not handed out for nothing.
 - *In memory.* Bundles left when the node stops are one-time prekeys handed out and
   never used: at most ``prekey_pool`` per recipient and restart. That costs no secrecy:
   the public halves reveal nothing, and the recipient deletes an unused one-time secret
@@ -129,6 +133,22 @@ class PrekeyPool:
             pool = self._pools[recipient] = _Pool()
         pool.dry = self._not_after(recipient, answer, now=now) is None
         self._check_level(pool)
+
+    def put_back(self, recipient: str, answer: m.Message, *, now: int) -> bool:
+        """Keep a bundle handed out for a token that was not issued after all (its
+        submission failed to be recorded, or its release ended during the fetch), to be
+        taken first, rather than leave its one-time prekey unused. Only a full bundle of
+        ``recipient``'s that stays fresh, into a pool that exists and has room; returns
+        whether it was kept."""
+        pool = self._pools.get(recipient)
+        if pool is None or len(pool.bundles) >= self.size:
+            return False
+        not_after = self._not_after(recipient, answer, now=now)
+        if not_after is None or not isinstance(answer, m.Prekeys):
+            return False
+        pool.bundles.appendleft((answer, not_after))
+        self._check_level(pool)
+        return True
 
     def wants(self) -> bool:
         """Whether :meth:`asks` has something to ask for."""

@@ -5,6 +5,7 @@ checked at use."""
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -119,6 +120,27 @@ def test_a_lost_refill_is_asked_again() -> None:
     asks = pool.asks(10)
     pool.answered(asks, None, now=NOW)  # the connection ended before the answers
     assert pool.held("tokyo") == 0 and pool.asks(10) == ["tokyo"] * 4
+
+
+def test_a_bundle_not_used_goes_back_first_while_there_is_room() -> None:
+    pool = PrekeyPool(size=4, recipients=4, margin=SKEW)
+    unused = bundle()
+    assert not pool.put_back("tokyo", unused, now=NOW)  # no pool for it: not kept
+    pool.fetched("tokyo", bundle(), now=NOW)
+    assert pool.put_back("tokyo", unused, now=NOW)
+    # Counted against the refill: three asked, not four.
+    assert pool.held("tokyo") == 1 and pool.asks(10) == ["tokyo"] * 3
+    later = [bundle() for _ in range(3)]
+    pool.answered(["tokyo"] * 3, later, now=NOW)
+    assert pool.take("tokyo", now=NOW) is unused  # taken first
+    assert pool.put_back("tokyo", unused, now=NOW)  # back again: full now
+    assert not pool.put_back("tokyo", bundle(), now=NOW) and pool.held("tokyo") == 4
+    # Only full, fresh bundles of the recipient's.
+    pool.take("tokyo", now=NOW)
+    assert not pool.put_back("tokyo", bundle(one_time_until=None), now=NOW)
+    assert not pool.put_back("tokyo", bundle(member="seoul"), now=NOW)
+    assert not pool.put_back("tokyo", bundle(one_time_until=NOW + SKEW), now=NOW)
+    assert pool.held("tokyo") == 3
 
 
 def test_a_bundle_about_to_expire_is_dropped_at_use_and_the_next_one_taken() -> None:
@@ -236,6 +258,21 @@ def tokens(fake: FakeRelay) -> list[ReleaseToken]:
         elif isinstance(message, m.Release):
             out.append(ReleaseToken.decode(message.token))
     return out
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    fake: FakeRelay, path: pathlib.Path, limits: Limits, supplied: int
+) -> AsyncIterator[Node]:
+    """Tokyo and Seoul on ``fake``, once Tokyo published ``supplied`` one-time prekeys
+    and Seoul is connected: Seoul."""
+    async with (
+        node("tokyo", fake, path, limits=limits),
+        node("seoul", fake, path, limits=limits) as seoul,
+    ):
+        await supply(fake, "tokyo", supplied)
+        await seoul.wait_connected()
+        yield seoul
 
 
 async def pooled(seoul: Node, count: int, recipient: str = "tokyo") -> None:
@@ -410,6 +447,38 @@ async def test_a_pooled_bundle_is_checked_at_use_as_a_fetched_one(
                 await trio.sleep(0.01)
 
 
+async def test_a_submit_not_recorded_puts_its_fetched_bundle_back_into_the_pool(
+    relay: FakeRelay, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The first submit fetches directly; its submission then fails to be recorded. The
+    # one-time prekey handed out for it goes into the new pool (no fetch more than the
+    # pool's size), and the next submit's token uses it.
+    fake = relay
+    with trio.fail_after(20):
+        async with connected(fake, tmp_path, Limits(prekey_pool=4), 10) as seoul:
+            record = seoul.store.record_submission
+
+            def disk_full(**kwargs: Any) -> None:
+                raise OSError("disk full")
+
+            monkeypatch.setattr(seoul.store, "record_submission", disk_full)
+            with pytest.raises(OSError):
+                await submit(seoul)
+            monkeypatch.setattr(seoul.store, "record_submission", record)
+            assert seoul.prekey_counts["returned"] == 1
+            (handed,) = [
+                Prekey.decode(answer.one_time or b"").key
+                for answer, _ in seoul.prekey_pool._pools["tokyo"].bundles
+            ]
+            await pooled(seoul, 4)
+            assert fetches(fake) == 4  # the failed submit's one, then three refills
+            await submit(seoul)
+            while not tokens(fake):
+                await trio.sleep(0.01)
+            assert [t.wrap.opk for t in tokens(fake)] == [handed]
+            assert not any(key.startswith(("dropped", "lost")) for key in seoul.prekey_counts)
+
+
 # --- end to end, with the relay -------------------------------------------------------
 
 
@@ -470,3 +539,87 @@ async def test_pooled_bundles_open_at_the_recipient_through_the_relay(
                 if len(got) == len(sent):
                     break
     assert sorted(got) == sorted(sent)
+
+
+def one_time_rows(db_path: pathlib.Path) -> dict[tuple[str, bool, bool], int]:
+    """The relay's one-time prekeys: (owner, handed out, used by a token) -> count."""
+    import sqlite3
+
+    db = sqlite3.connect(db_path)
+    try:
+        rows = db.execute(
+            "SELECT owner, taken_by IS NOT NULL, used_by IS NOT NULL, count(*) FROM prekeys"
+            " WHERE kind = 'one_time' GROUP BY 1, 2, 3"
+        ).fetchall()
+    finally:
+        db.close()
+    return {(owner, bool(taken), bool(used)): count for owner, taken, used, count in rows}
+
+
+async def test_every_one_time_prekey_handed_out_in_a_burst_is_used_or_held_in_the_pool(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    # Issue 11: a burst of concurrent first submits to one recipient (each fetches
+    # directly: no pool yet), then pooled ones, across several top-ups of a small supply.
+    # Every one-time prekey the relay hands the originator is used by a token or held in
+    # its pool (at most prekey_pool): none fetched twice, none dropped.
+    # (Seen in the bench: 2,000 used, 16 held, 300 on hand, 300 the originator's own.) What else the
+    # relay holds is the recipient's supply on hand (never handed out) and the
+    # originator's own supply (it is a member too): not a handout.
+    # A first supply of 100 covers the burst and the pool (so every token gets one); the
+    # handouts take it below the low-water mark of 40, so the recipient tops up meanwhile.
+    limits = Limits(prekey_low_water=40, one_time_prekeys=100, max_prekey_fetches=5, prekey_pool=6)
+    port = await nursery.start(
+        lambda task_status: serve(
+            SECRETS["washington"], ARRANGEMENT, tmp_path / "washington", port=0,
+            limits=limits, task_status=task_status,
+        )
+    )  # fmt: skip
+
+    def member(name: str) -> Any:
+        return open_node(
+            SECRETS[name], name, ARRANGEMENT, ("127.0.0.1", port), tmp_path / name,
+            backoff=FAST, limits=limits,
+        )  # fmt: skip
+
+    burst, concurrent = 60, 12
+    db_path = tmp_path / "washington" / "relay.db"
+    with trio.fail_after(60):
+        async with member("tokyo"), member("seoul") as seoul:
+            while not one_time_published(db_path):
+                await trio.sleep(0.02)
+            await seoul.wait_connected()
+            sent: list[bytes] = []
+            limiter = trio.Semaphore(concurrent)
+
+            async def one(n: int) -> None:
+                async with limiter:
+                    sent.append(await submit(seoul, b"report %d" % n))
+
+            async with trio.open_nursery() as submits:
+                for n in range(burst):
+                    submits.start_soon(one, n)
+            for report_id in sent:
+                while [r.state for r in seoul.store.releases_of(report_id)] != ["released"]:
+                    await trio.sleep(0.01)
+            # The pool keeper's last refill answered: nothing in flight.
+            while seoul.prekey_pool.wants() or any(
+                pool.asked for pool in seoul.prekey_pool._pools.values()
+            ):
+                await trio.sleep(0.01)
+            counts = seoul.prekey_counts
+            held = seoul.prekey_pool.held("tokyo")
+            rows = one_time_rows(db_path)
+    received = sum(n for key, n in counts.items() if key.startswith("received_"))
+    fetched = sum(n for key, n in counts.items() if key.startswith("fetch_"))
+    # The first `concurrent` submits each fetched directly, before the pool existed.
+    assert counts["fetch_submit"] >= concurrent
+    assert counts["used"] == burst and 0 < held <= limits.prekey_pool
+    assert received == burst + held == fetched  # every fetch brought one, none dropped
+    assert not any(key.startswith(("dropped", "lost")) for key in counts)
+    assert seoul.prekey_pool.dropped == 0
+    # The relay agrees: handed out = used + held in the pool; the rest never left it.
+    assert rows[("tokyo", True, True)] == burst
+    assert rows.get(("tokyo", True, False), 0) == held
+    assert 0 < rows[("tokyo", False, False)] <= limits.one_time_prekeys
+    assert rows[("seoul", False, False)] == limits.one_time_prekeys
