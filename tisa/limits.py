@@ -199,9 +199,10 @@ class Limits:
     # handed out and never used (the recipient deletes their secrets once they expire),
     # so this also bounds that waste per recipient and restart. 16: at 100 reports/s to
     # one recipient, 80 ms of reports while a refill (one write of up to 10 fetches,
-    # one relay commit) is in flight; and under prekey_low_water (20), the reserve the
-    # relay keeps before it asks the recipient to top up, so one originator's pool is
-    # a small part of a recipient's supply (one_time_prekeys, 100). 0 turns the pool
+    # one relay commit) is in flight; and well under prekey_low_water (100), the
+    # reserve the relay keeps before it asks the recipient to top up, so one
+    # originator's pool is a small part of a recipient's supply (one_time_prekeys,
+    # 300). 0 turns the pool
     # off (a round trip per submit, as before).
     prekey_pool: int = 16
     # Recipients an originator's node keeps a prekey pool for (started on the first
