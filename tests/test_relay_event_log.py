@@ -15,8 +15,8 @@ import pytest
 import relay.store as store_module
 from relay.cli import LOG_FORMAT, EventLinesFormatter
 from relay.store import EVENT_LINES, Store
+from tests.test_relay_store_steps import _store_and_release
 from tisa.audit import AuditEntry
-from tisa.token import ReleaseToken
 from tisa_testing.world import NOW, World, make_world
 
 EVENTS = logging.getLogger("relay.events")
@@ -75,21 +75,10 @@ def captured() -> Iterator[_Records]:
 
 def _report_events(store: Store, world: World) -> bytes:
     """Store, release, forward and acknowledge one report: its four events."""
-    report = world.seal()
-    store.add_report(
-        report.report_id,
-        originator="seoul",
-        size=report.size,
-        digest=report.digest,
-        expires=NOW + 3600,
-        now=NOW,
-        data=report.ciphertext,
-    )
-    token = ReleaseToken.decode(world.token(report))
-    store.release(token, now=NOW, max_queue=100)
+    token = _store_and_release(store, world)
     store.mark_forwarded(token.id, now=NOW)
     assert store.ack_delivery(token.id, recipient="tokyo", now=NOW)
-    return report.report_id
+    return token.report
 
 
 def _expected(report_id: bytes) -> list[str]:
@@ -230,18 +219,7 @@ def test_a_refused_step_logs_no_event(
 ) -> None:
     store = Store(tmp_path, group_commit=True)
     try:
-        report = world.seal()
-        store.add_report(
-            report.report_id,
-            originator="seoul",
-            size=report.size,
-            digest=report.digest,
-            expires=NOW + 3600,
-            now=NOW,
-            data=report.ciphertext,
-        )
-        token = ReleaseToken.decode(world.token(report))
-        store.release(token, now=NOW, max_queue=100)
+        token = _store_and_release(store, world)
         real_audit = store._audit
 
         def audit_then_fail(*args: object, **kwargs: object) -> AuditEntry:
@@ -296,3 +274,23 @@ def test_a_batchs_record_reads_whole_under_any_formatter() -> None:
     assert EventLinesFormatter("%(levelname)s %(message)s").format(record) == "INFO a\nINFO b"
     plain = EVENTS.makeRecord("relay.events", logging.INFO, __file__, 1, "x %s", ("y",), None)
     assert EventLinesFormatter("%(levelname)s %(message)s").format(plain) == "INFO x y"
+
+
+def test_a_store_poisoned_by_a_failed_fsync_logs_no_event_and_says_so_on_close(
+    tmp_path: Path, world: World, captured: _Records, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    _report_events(store, world)
+    store.commit()
+    batch = store.written
+
+    def failing_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(store_module.os, "fsync", failing_fsync)
+    with pytest.raises(OSError):
+        store.fsync_wal()
+    store.mark_durable(batch)  # ignored: the store is poisoned
+    store.close()
+    assert captured.lines() == []
+    assert captured.lines(logging.ERROR) == ["closed with 4 report events not known to be on disk"]
