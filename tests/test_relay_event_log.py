@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import relay.store as store_module
-from relay.cli import LOG_FORMAT, EventLinesFormatter
+from relay.cli import LOG_FORMAT, EventLinesFormatter, configure_logging
 from relay.store import EVENT_LINES, Store
 from tests.test_relay_store_steps import _store_and_release
 from tisa.audit import AuditEntry
@@ -287,10 +288,23 @@ def test_a_store_poisoned_by_a_failed_fsync_logs_no_event_and_says_so_on_close(
     def failing_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(store_module.os, "fsync", failing_fsync)
+    monkeypatch.setattr(os, "fsync", failing_fsync)
     with pytest.raises(OSError):
         store.fsync_wal()
     store.mark_durable(batch)  # ignored: the store is poisoned
     store.close()
     assert captured.lines() == []
     assert captured.lines(logging.ERROR) == ["closed with 4 report events not known to be on disk"]
+
+
+def test_the_relays_logging_formats_a_batch_a_line_per_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(root, "level", root.level)
+    configure_logging("INFO")
+    (handler,) = root.handlers
+    assert isinstance(handler, logging.StreamHandler)
+    assert isinstance(handler.formatter, EventLinesFormatter)
+    assert handler.formatter._fmt == LOG_FORMAT
