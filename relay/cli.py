@@ -323,6 +323,8 @@ class EventLinesFormatter(logging.Formatter):
     logged alone. Other records are formatted as usual."""
 
     def format(self, record: logging.LogRecord) -> str:
+        """The record as text: its event lines, each with its own prefix, one per line
+        (the time formatted once), or the usual line for any other record."""
         lines: list[str] | None = getattr(record, EVENT_LINES, None)
         if lines is None:
             return super().format(record)
