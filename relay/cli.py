@@ -36,6 +36,7 @@ import click
 import trio
 
 from relay.server import EXPIRY_INTERVAL, MAX_HOLD, serve
+from relay.store import EVENT_LINES
 from tisa.errors import TisaError
 from tisa.limits import Limits
 from tisa_io.files import (
@@ -51,6 +52,7 @@ from tisa_io.files import (
 
 __all__ = [
     "DEFAULT_PORT",
+    "EventLinesFormatter",
     "LOG_FORMAT",
     "PASSPHRASE_ENV",
     "configure_logging",
@@ -314,14 +316,41 @@ def run(
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 
 
+class EventLinesFormatter(logging.Formatter):
+    """:class:`logging.Formatter` that writes a record carrying a batch's event lines
+    (:data:`relay.store.EVENT_LINES`) as one line per event, each with the prefix the
+    format gives it (the time, the logger's name, the level), so every line reads as if
+    logged alone. Other records are formatted as usual."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as text: its event lines, each with its own prefix, one per line
+        (the time formatted once), or the usual line for any other record."""
+        lines: list[str] | None = getattr(record, EVENT_LINES, None)
+        if lines is None:
+            return super().format(record)
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)  # once for the batch
+        out = []
+        for line in lines:
+            record.message = line
+            out.append(self.formatMessage(record))
+        record.message = record.getMessage()
+        return "\n".join(out)
+
+
 def configure_logging(level: str) -> None:
     """The relay's log: one line per event on standard error, in :data:`LOG_FORMAT`.
 
     The relay logs a line per report event (``relay.events``: stored, released,
-    forwarded, acknowledged), four per report. The format names no thread, process or
-    source line, so the records do not gather them (the ``logging`` module's documented
-    switches): about a quarter of each line's cost, the same text."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
+    forwarded, acknowledged), four per report. They are written once the batch that
+    records them is on disk, the lines of a batch together: one record (formatted by
+    :class:`EventLinesFormatter`, a line per event), one write and one flush. The format
+    names no thread, process or source line, so the records do not gather them (the
+    ``logging`` module's documented switches): about a quarter of each record's cost,
+    the same text."""
+    handler = logging.StreamHandler()  # standard error
+    handler.setFormatter(EventLinesFormatter(LOG_FORMAT))
+    logging.basicConfig(level=level, handlers=[handler])
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False

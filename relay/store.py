@@ -24,6 +24,10 @@ Rules that make the relay lose nothing:
   (the entries of a batch are written together, by one ``executemany`` right before its
   ``COMMIT``; the chain head is kept in memory meanwhile, and a step rolled back takes
   its entries with it).
+* The log line of a report event (``relay.events``) is written only once the batch
+  that records it is on disk (:meth:`Store.mark_durable`): the lines of a batch go out
+  together, as one record (:data:`EVENT_LINES`), in one write. A batch whose commit
+  fails is logged as one error line instead, and its events never as done.
 * A row's blob is deleted only after the row's ``deleted`` state is committed; blobs
   without a live row (a crash between rename and commit, or between commit and unlink)
   are swept when the store opens.
@@ -56,6 +60,7 @@ import io
 import logging
 import os
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -84,7 +89,14 @@ from tisa_io.durable import DurableStore
 # The relay's report events (one line each): stored, released, forwarded, ...
 log = logging.getLogger("relay.events")
 
+# The attribute of a ``relay.events`` record that carries the lines of a batch's events
+# (a list of str, one per event); relay.cli's formatter gives each its own prefix. The
+# record's message is the same lines joined by newlines, for any other formatter.
+EVENT_LINES = "event_lines"
+
 __all__ = [
+    "EVENT_LINES",
+    "event_line",
     "StoreBusy",
     "StoreUnavailable",
     "BlobWriter",
@@ -320,6 +332,15 @@ class InlineBlob:
         return b"".join(self._parts)
 
 
+def event_line(entry: AuditEntry) -> str:
+    """The log line of one report event, from what its audit entry records (ids, names,
+    reason codes: nothing secret)."""
+    report = f" report {entry.report.hex()}" if entry.report else ""
+    token = f" token {entry.token.hex()}" if entry.token else ""
+    reason = f" reason {entry.reason}" if entry.reason else ""
+    return f"{entry.event.value}{report}{token} parties {','.join(entry.parties) or '-'}{reason}"
+
+
 class Store(TokenTables, PrekeyTables, DurableStore):
     """The relay's durable state in ``directory``.
 
@@ -336,6 +357,11 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         # executemany before its COMMIT; _audit_mark: where the current step's begin.
         self._audit_rows: list[tuple[int, bytes, bytes, bytes]] = []
         self._audit_mark = 0
+        # The entries to log (event_line) of the open batch (and where the current step's
+        # begin), then, keyed by batch, of the batches committed but not yet on disk.
+        self._events: list[AuditEntry] = []
+        self._events_mark = 0
+        self._events_written: list[tuple[int, list[AuditEntry]]] = []
         # recipient -> deliveries outstanding, for those counted so far (queue_length).
         self._queued: dict[str, int] = {}
         self.directory = Path(directory)
@@ -393,6 +419,10 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                 self.commit_durably()
         finally:
             self._db.close()
+            unlogged = len(self._events) + sum(len(events) for _, events in self._events_written)
+            if unlogged:
+                # Poisoned by a failed fsync: these batches may not be on disk.
+                log.error("closed with %d report events not known to be on disk", unlogged)
 
     # --- plumbing --------------------------------------------------------------------
 
@@ -402,13 +432,55 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         # One step of the open batch (group commit), or a transaction durable on return.
         # savepoint=False: the step checks everything before its first write (see
         # tisa_io.durable.DurableStore._step).
-        return self._step(savepoint=savepoint) if self.group_commit else self._single()
+        return self._step(savepoint=savepoint) if self.group_commit else self._single_logged()
+
+    @contextlib.contextmanager
+    def _single_logged(self) -> Iterator[sqlite3.Connection]:
+        # Without group commit the transaction is on disk when _single returns.
+        with self._single() as db:
+            yield db
+        events, self._events = self._events, []
+        self._log_events(events)
+
+    def commit(self) -> None:
+        """:meth:`tisa_io.durable.DurableStore.commit`; the batch's event lines wait for
+        :meth:`mark_durable`, or are logged as one error if its commit fails."""
+        written = self.written
+        super().commit()
+        if self.written != written and self._events:
+            self._events_written.append((self.written, self._events))
+            self._events = []
+
+    def _abandon_batch(self) -> None:
+        lost = len(self._events)  # _rolled_back drops them
+        batch = self.generation
+        super()._abandon_batch()
+        if lost:
+            log.error("batch %d rolled back: %d report events not recorded", batch, lost)
+
+    def mark_durable(self, batch: int) -> None:
+        """:meth:`tisa_io.durable.DurableStore.mark_durable`, then the event lines of the
+        batches now on disk, in one record (one write)."""
+        super().mark_durable(batch)
+        if self._events_written and self._events_written[0][0] <= self.committed:
+            events: list[AuditEntry] = []
+            while self._events_written and self._events_written[0][0] <= self.committed:
+                events += self._events_written.pop(0)[1]
+            self._log_events(events)
+
+    def _log_events(self, events: list[AuditEntry]) -> None:
+        # One record for the lines of a batch's events (see EVENT_LINES); the level is
+        # checked once, and nothing is formatted below it.
+        if events and log.isEnabledFor(logging.INFO):
+            lines = [event_line(entry) for entry in events]
+            log.info("\n".join(lines), extra={EVENT_LINES: lines})
 
     def _sql(self, query: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
         return self._db.execute(query, params)
 
     def _step_started(self) -> None:
         self._audit_mark = len(self._audit_rows)
+        self._events_mark = len(self._events)
 
     def _changes(self) -> int:
         return self._db.total_changes + len(self._audit_rows)
@@ -431,10 +503,12 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         if self._db.in_transaction:
             # One step rolled back: its buffered entries go with it.
             del self._audit_rows[self._audit_mark :]
+            del self._events[self._events_mark :]
         else:
             # A whole batch (or a transaction) was rolled back, not one step: counts
             # changed by its committed steps are wrong now.
             self._audit_rows.clear()
+            self._events.clear()
             self._queued.clear()
         # The cached audit head may belong to rolled-back entries.
         if self._audit_rows:
@@ -472,17 +546,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         head = chain_next(self._head, content)
         self._audit_rows.append((entry.seq, encoded, content, head))
         self._seq, self._head = entry.seq, head
-        # One log line per report event, from what the audit entry records (ids, names,
-        # reason codes: nothing secret). Logged as recorded; a batch rolled back later
-        # (a failed commit) is logged as an error of its own.
-        log.info(
-            "%s%s%s parties %s%s",
-            event.value,
-            f" report {report.hex()}" if report else "",
-            f" token {token.hex()}" if token else "",
-            ",".join(entry.parties) or "-",
-            f" reason {reason}" if reason else "",
-        )
+        # Its log line (event_line) is written once the batch is on disk (_log_events).
+        self._events.append(entry)
         return entry
 
     def _sweep_files(self) -> None:
