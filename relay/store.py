@@ -55,6 +55,7 @@ threads. The connection is used from one thread at a time (the trio thread);
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import logging
@@ -361,7 +362,7 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         # begin), then, keyed by batch, of the batches committed but not yet on disk.
         self._events: list[AuditEntry] = []
         self._events_mark = 0
-        self._events_written: list[tuple[int, list[AuditEntry]]] = []
+        self._events_written: collections.deque[tuple[int, list[AuditEntry]]] = collections.deque()
         # recipient -> deliveries outstanding, for those counted so far (queue_length).
         self._queued: dict[str, int] = {}
         self.directory = Path(directory)
@@ -462,11 +463,10 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         """:meth:`tisa_io.durable.DurableStore.mark_durable`, then the event lines of the
         batches now on disk, in one record (one write)."""
         super().mark_durable(batch)
-        if self._events_written and self._events_written[0][0] <= self.committed:
-            events: list[AuditEntry] = []
-            while self._events_written and self._events_written[0][0] <= self.committed:
-                events += self._events_written.pop(0)[1]
-            self._log_events(events)
+        events: list[AuditEntry] = []
+        while self._events_written and self._events_written[0][0] <= self.committed:
+            events += self._events_written.popleft()[1]
+        self._log_events(events)
 
     def _log_events(self, events: list[AuditEntry]) -> None:
         # One record for the lines of a batch's events (see EVENT_LINES); the level is
