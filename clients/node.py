@@ -59,6 +59,7 @@ from typing import IO, Any, BinaryIO, cast
 
 import trio
 
+from clients import store as rows
 from clients.events import (
     AnnouncementEvent,
     ApprovedEvent,
@@ -623,7 +624,10 @@ class Node:
         # While connected, the tokens are issued at once (one prekey fetch each) and go
         # out right behind the submission; offline, on the next connection.
         await self._wait_issued(wanted)
-        await self._durable()
+        if wanted:
+            # Their ends (issued, refused) on disk: the last batch that ended a release
+            # request, not one opened since by unrelated steps.
+            await self._durable(self.store.batch_of(rows.WANTED))
         return sealer.report_id
 
     async def _wait_issued(self, wanted: list[int]) -> None:
@@ -662,7 +666,8 @@ class Node:
             changed = self._changed
             submission = self._submission(report_id)
             if submission.ack is not None:  # stored (and perhaps expired or revoked since)
-                await self._durable()
+                # The batch that recorded it (or a later state of any submission).
+                await self._durable(self.store.batch_of(rows.OUTBOX_STATE))
                 return StoredAck.verify(submission.ack, self._arrangement)
             if submission.state != "queued":
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
@@ -1436,7 +1441,9 @@ class Node:
             if not entries:
                 await changed.wait()
                 continue
-            await self._durable()  # a report reaches the application once on disk
+            # A report reaches the application once on disk: the batch that stored the
+            # last one read, not one opened since (by an ack, say).
+            await self._durable(self.store.batch_of(rows.INBOX))
             for entry in entries:
                 last = entry.seq
                 yield self._delivered(entry)
@@ -1488,15 +1495,17 @@ class Node:
         last = 0
         while True:
             changed = self._changed
-            rows = self.store.events_after(last, limit=EVENT_BUFFER)
-            if rows:
-                await self._durable()  # never announce what is not on disk
-            for seq, kind, data in rows:
+            events = self.store.events_after(last, limit=EVENT_BUFFER)
+            if events:
+                # Never announce what is not on disk: the batch that wrote the last
+                # event read.
+                await self._durable(self.store.batch_of(rows.EVENTS))
+            for seq, kind, data in events:
                 await self._event_send.send(
                     (seq, decode_event(kind, data, arrangement=self._arrangement))
                 )
                 last = seq
-            if not rows:
+            if not events:
                 await changed.wait()
 
     # --- audit -----------------------------------------------------------------------
@@ -1697,9 +1706,18 @@ class Node:
         connection starts from the beginning, so everything still outstanding is sent
         again). A release goes out right behind its report's submission, without waiting
         for ``stored``: the relay handles a connection's messages in order.
+
+        Nothing goes out before the batch that wrote it is on disk, and only that batch
+        is waited for: each query notes the last batch that wrote its kind of row
+        (:meth:`clients.store.MemberStore.batch_of`; every row it returns was written in
+        that batch or before), and a write waits for the latest such batch of its pass,
+        not for one that unrelated steps (an answer, an event) opened since. A query
+        whose kinds nobody wrote since it last ran on this connection is skipped
+        (:attr:`~clients.store.MemberStore.kind_changes`).
         """
         link = session.link
         store = self.store
+        changes = store.kind_changes
         submitted: set[bytes] = set()  # reports whose submission went out on this link
         # Tokens that went out inside a submit_inline on this link.
         inline_tokens: set[bytes] = set()
@@ -1707,21 +1725,33 @@ class Node:
         inline_room = self._limits.max_frame - STREAM_OVERHEAD - m.INLINE_OVERHEAD
         sent_revocations: set[int] = set()
         after_submission = after_release = after_receipt = after_consent = 0
+        # The change counts each query last ran at (none yet: a new connection reads all).
+        seen: dict[tuple[str, ...], tuple[int, ...]] = {}
+
+        def changed_since(*kinds: str) -> bool:
+            # Whether a write of ``kinds`` came since this query last ran (and note now).
+            now = tuple(changes[kind] for kind in kinds)
+            if seen.get(kinds) == now:
+                return False
+            seen[kinds] = now
+            return True
+
         while True:
             changed = self._changed
-            # What goes out must be on disk first (a queued submission, an issued token,
-            # a stored report's receipt): rows read from an open batch wait for its
-            # commit before they are sent.
-            await self._durable()
+            # The batch holding every row this pass sends (rows it reads and leaves are
+            # not waited for): the write waits for it.
+            need = 0
             # Everything of one pass goes out in one write where it can (small
             # submissions, releases, revocations, receipts); a large submission streams.
             # Each message is kept with the report it belongs to (or None), so that one
             # withdrawn before the write is left out (see withdraw).
             pending: list[tuple[bytes | None, m.Message]] = []
             withdrawals = self._withdrawals
-            submissions = store.queued_submissions(after=after_submission)
-            if submissions:
-                await self._durable()
+            submissions: list[Submission] = []
+            if changed_since(rows.SUBMISSIONS):
+                submissions = store.queued_submissions(after=after_submission)
+                if submissions:
+                    need = max(need, store.batch_of(rows.SUBMISSIONS))
             for submission in submissions:
                 after_submission = max(after_submission, submission.seq)
                 submitted.add(submission.report)
@@ -1730,6 +1760,7 @@ class Node:
                     # One message: the report and the tokens already issued for it (as
                     # many as fit; the others follow as `release` messages).
                     tokens: list[bytes] = []
+                    need = max(need, store.batch_of(rows.RELEASES))
                     for release in store.releases_of(submission.report):
                         if release.state != "pending" or release.token in inline_tokens:
                             continue
@@ -1745,40 +1776,52 @@ class Node:
                         for message in _submission_messages(submission, submission.data)
                     )
                 else:
+                    await self._durable(need)
                     await self._send_pending(link, pending, withdrawals)
                     pending.clear()
                     await self._send_file_submission(link, submission)
-            releases = store.releases_to_send(after=after_release, submitted=submitted)
-            if releases:
-                await self._durable()
-            for release in releases:
-                after_release = release.seq
-                if release.token not in inline_tokens:
-                    pending.append((release.report, m.Release(token=release.encoded)))
-            for revocation in store.revocations_to_send():
-                if revocation.id not in sent_revocations:
-                    await self._durable()
-                    sent_revocations.add(revocation.id)
-                    pending.append(
-                        (None, m.Revoke(report=revocation.report, token=revocation.token))
-                    )
+            # Releases wait for a token (a release issued), for their report's state
+            # (stored), or for their submission to go out on this link (this pass).
+            if changed_since(rows.RELEASES, rows.OUTBOX_STATE) or submissions:
+                releases = store.releases_to_send(after=after_release, submitted=submitted)
+                # A release of a report the relay stored (not submitted on this link)
+                # goes out on the strength of that state too.
+                stored = any(release.report not in submitted for release in releases)
+                kinds = (rows.RELEASES, rows.OUTBOX_STATE) if stored else (rows.RELEASES,)
+                if releases:
+                    need = max(need, store.batch_of(*kinds))
+                for release in releases:
+                    after_release = release.seq
+                    if release.token not in inline_tokens:
+                        pending.append((release.report, m.Release(token=release.encoded)))
+            # Revocations wait for their report to leave the queue.
+            if changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE):
+                batch = store.batch_of(rows.REVOCATIONS, rows.OUTBOX_STATE)
+                for revocation in store.revocations_to_send():
+                    if revocation.id not in sent_revocations:
+                        need = max(need, batch)
+                        sent_revocations.add(revocation.id)
+                        pending.append(
+                            (None, m.Revoke(report=revocation.report, token=revocation.token))
+                        )
             # Once per connection until the relay confirms it (ack kind "receipt"): a
             # receipt lost with a connection is sent again on the next one.
-            receipts = store.receipts_to_send(after=after_receipt)
-            if receipts:
-                await self._durable()
-            for seq, _token_id, receipt in receipts:
-                after_receipt = seq
-                pending.append((None, m.SendReceipt(receipt=receipt)))
+            if changed_since(rows.INBOX):
+                batch = store.batch_of(rows.INBOX)
+                for seq, _token_id, receipt in store.receipts_to_send(after=after_receipt):
+                    need = max(need, batch)
+                    after_receipt = seq
+                    pending.append((None, m.SendReceipt(receipt=receipt)))
             # Announcements, requests and denials, until the relay acks each (resent on
             # the next connection otherwise; the relay takes a resend as one).
-            consent = store.consent_to_send(after=after_consent)
-            if consent:
-                await self._durable()
-            for row in consent:
-                after_consent = row.seq
-                pending.append((None, m.SendConsent(kind=row.kind, data=row.data)))
+            if changed_since(rows.CONSENT):
+                batch = store.batch_of(rows.CONSENT)
+                for row in store.consent_to_send(after=after_consent):
+                    need = max(need, batch)
+                    after_consent = row.seq
+                    pending.append((None, m.SendConsent(kind=row.kind, data=row.data)))
             if pending:
+                await self._durable(need)
                 await self._send_pending(link, pending, withdrawals)
             await changed.wait()
 

@@ -76,6 +76,14 @@ from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
 
 __all__ = [
+    "CONSENT",
+    "EVENTS",
+    "INBOX",
+    "OUTBOX_STATE",
+    "RELEASES",
+    "REVOCATIONS",
+    "SUBMISSIONS",
+    "WANTED",
     "ConsentOut",
     "InboxEntry",
     "MemberStore",
@@ -256,6 +264,21 @@ CREATE TABLE IF NOT EXISTS events (
 # are dropped: each is also recorded in the state tables (outbox, releases, receipts,
 # rejected), so nothing is lost, only its notification. 100,000 small rows is a few MB.
 MAX_STORED_EVENTS = 100_000
+
+# Kinds of rows the node announces (sends to the relay, hands to the application),
+# each marked by the steps that add or change such rows (DurableStore.wrote), so that
+# a reader waits for the batch that wrote what it read (MemberStore.batch_of), not for
+# whatever batch is open, and skips a query when nothing of its kind was written
+# (MemberStore.kind_changes). A step that only takes rows out of what a reader reads
+# marks nothing: announcing less before it is on disk is always safe.
+SUBMISSIONS = "submissions"  # queued submissions (recorded, or queued again)
+RELEASES = "releases"  # pending releases (a token issued)
+OUTBOX_STATE = "outbox_state"  # a submission's state moved (stored, withdrawn, ended, queued)
+REVOCATIONS = "revocations"  # pending revocations
+INBOX = "inbox"  # stored reports: handed to the application, their receipts sent
+CONSENT = "consent"  # queued announcements, requests, denials
+EVENTS = "events"  # events for the application
+WANTED = "wanted"  # a release request ended (its token issued, or refused)
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -518,11 +541,11 @@ class MemberStore(DurableStore):
             if entry.name not in dirs:
                 shutil.rmtree(entry, ignore_errors=True)
 
-    @staticmethod
-    def _event(db: sqlite3.Connection, event: Event | tuple[str, bytes]) -> None:
+    def _event(self, db: sqlite3.Connection, event: Event | tuple[str, bytes]) -> None:
         # An event or its record (encode_event): a step without a savepoint encodes its
         # events before its first write, so that nothing it checks can fail after one.
         kind, data = event if isinstance(event, tuple) else encode_event(event)
+        self.wrote(EVENTS)
         seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
         # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
         # for the maximum, and no DELETE at all until the bound is first reached.)
@@ -554,6 +577,7 @@ class MemberStore(DurableStore):
         """Queue a sealed report whose ciphertext file is already durable in outbox/
         (or, with ``data`` and ``file`` '', whose ciphertext is ``data``)."""
         with self.transaction(savepoint=False) as db:
+            self.wrote(SUBMISSIONS)
             db.execute(
                 "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
                 " recipients, expires, created, state, data)"
@@ -631,6 +655,7 @@ class MemberStore(DurableStore):
             ).fetchone()
             if row is None:
                 return False
+            self.wrote(OUTBOX_STATE)
             db.execute(
                 "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL"
                 " WHERE report = ?",
@@ -645,6 +670,7 @@ class MemberStore(DurableStore):
     def withdraw_submission(self, report: bytes) -> None:
         """A queued submission becomes withdrawn: kept, sealed, but not sent."""
         with self.transaction() as db:
+            self.wrote(OUTBOX_STATE)
             db.execute(
                 "UPDATE outbox SET state = 'withdrawn' WHERE report = ? AND state = 'queued'",
                 (report,),
@@ -653,6 +679,8 @@ class MemberStore(DurableStore):
     def requeue_submission(self, report: bytes) -> None:
         """A withdrawn submission is queued again (its pending releases follow it)."""
         with self.transaction() as db:
+            self.wrote(SUBMISSIONS)
+            self.wrote(OUTBOX_STATE)
             db.execute(
                 "UPDATE outbox SET state = 'queued' WHERE report = ? AND state = 'withdrawn'",
                 (report,),
@@ -679,6 +707,7 @@ class MemberStore(DurableStore):
         event (none for a change the application made itself)."""
         with self.transaction() as db:
             row = db.execute("SELECT file FROM outbox WHERE report = ?", (report,)).fetchone()
+            self.wrote(OUTBOX_STATE)
             db.execute(
                 "UPDATE outbox SET state = ?, reason = ?, detail = ?, file = '', data = NULL"
                 " WHERE report = ?",
@@ -691,6 +720,7 @@ class MemberStore(DurableStore):
             )
             # Nor can releases not issued yet (waiting for the recipient's prekeys).
             self.wanted_ended += 1
+            self.wrote(WANTED)
             db.execute(
                 "UPDATE wanted_releases SET state = 'refused', reason = ?"
                 " WHERE report = ? AND state = 'waiting'",
@@ -753,6 +783,7 @@ class MemberStore(DurableStore):
     def refuse_wanted(self, wanted: int, reason: str, detail: str, event: Event) -> None:
         """A release that could not be issued (no prekey, a substituted one, ...)."""
         with self.transaction() as db:
+            self.wrote(WANTED)
             db.execute(
                 "UPDATE wanted_releases SET state = 'refused', reason = ?, detail = ?"
                 " WHERE id = ? AND state = 'waiting'",
@@ -797,7 +828,9 @@ class MemberStore(DurableStore):
                 " VALUES (?,?,?,?,?,?,'pending')",
                 (token.id, report, recipient, counter, encoded, now),
             )
+            self.wrote(RELEASES)
             if wanted is not None:
+                self.wrote(WANTED)
                 # A request ended meanwhile (its report refused, say) issues nothing: the
                 # whole transaction, counter included, is rolled back.
                 cursor = db.execute(
@@ -879,6 +912,8 @@ class MemberStore(DurableStore):
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
         record = None if event is None else encode_event(event)
         with self.transaction(savepoint=False) as db:
+            if state == "pending":
+                self.wrote(RELEASES)
             cursor = db.execute(
                 "UPDATE releases SET state = ?, reason = ?, detail = ?"
                 " WHERE token = ? AND state = 'pending'",
@@ -893,6 +928,8 @@ class MemberStore(DurableStore):
     def force_release_state(self, token: bytes, state: str, event: Event) -> None:
         """Record a relay-side outcome (expired, revoked) whatever the local state was."""
         with self.transaction() as db:
+            if state == "pending":
+                self.wrote(RELEASES)
             db.execute("UPDATE releases SET state = ? WHERE token = ?", (state, token))
             self._event(db, event)
 
@@ -901,6 +938,7 @@ class MemberStore(DurableStore):
     def record_revocation(self, report: bytes, token: bytes | None) -> int:
         """Queue a revocation; releases of it not yet sent are withdrawn at once."""
         with self.transaction() as db:
+            self.wrote(REVOCATIONS)
             cursor = db.execute(
                 "INSERT INTO revocations (report, token, state) VALUES (?, ?, 'pending')",
                 (report, token),
@@ -953,6 +991,8 @@ class MemberStore(DurableStore):
             row = db.execute(
                 "SELECT report, token FROM revocations WHERE id = ?", (rev_id,)
             ).fetchone()
+            if state == "pending":
+                self.wrote(REVOCATIONS)
             db.execute(
                 "UPDATE revocations SET state = ?, reason = ?, detail = ? WHERE id = ?",
                 (state, reason or None, detail or None, rev_id),
@@ -960,6 +1000,7 @@ class MemberStore(DurableStore):
             if state == "revoked" and row is not None:
                 report, token = row
                 if token is None:
+                    self.wrote(OUTBOX_STATE)
                     db.execute("UPDATE outbox SET state = 'revoked' WHERE report = ?", (report,))
                     db.execute(
                         "UPDATE releases SET state = 'revoked' WHERE report = ?"
@@ -1059,6 +1100,7 @@ class MemberStore(DurableStore):
         records = [encode_event(event) for event in events]
         header_record = enc.pack(header.to_dict())
         with self.transaction(savepoint=False) as db:
+            self.wrote(INBOX)
             db.execute(
                 "INSERT INTO inbox (token, report, originator, header, dir, received, receipt,"
                 " data) VALUES (?,?,?,?,?,?,?,?)",
@@ -1289,6 +1331,7 @@ class MemberStore(DurableStore):
         ``request`` (this member's own), record it as open; with ``denial``, close the
         incoming request it answers, which must be open (else UsageError)."""
         with self.transaction() as db:
+            self.wrote(CONSENT)
             db.execute(
                 "INSERT INTO consent_out (kind, ref, data, state) VALUES (?, ?, ?, 'queued')",
                 (kind, ref, data),

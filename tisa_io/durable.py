@@ -74,6 +74,7 @@ and FULL behave alike; the rule above is what covers a power loss or kernel cras
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -167,6 +168,10 @@ class DurableStore:
         self._after_durable: list[tuple[int, list[Path]]] = []
         # Steps made durable since the last checkpoint (see CHECKPOINT_STEPS).
         self.uncheckpointed_ops = 0
+        # Per kind of row a reader announces (see wrote): the batch of the last step
+        # that added or changed one, and how many steps did.
+        self._kind_batch: dict[str, int] = {}
+        self.kind_changes: collections.Counter[str] = collections.Counter()
 
     @property
     def wal_path(self) -> Path:
@@ -287,6 +292,24 @@ class DurableStore:
         the open one, or the last one written when nothing is open."""
         return self.generation if self.in_transaction else self.written
 
+    def wrote(self, kind: str) -> None:
+        """The running step adds rows of ``kind`` (a name the caller chooses) that a
+        reader may announce, or changes them: :meth:`batch_of` then names its batch, and
+        :attr:`kind_changes` counts it. Call it inside the step. A step that only
+        removes rows from what such a reader reads need not call it (announcing less
+        before a removal is on disk is always safe)."""
+        # Without group commit each transaction is on disk when it returns: batch 0.
+        self._kind_batch[kind] = self.generation if self.group_commit else 0
+        self.kind_changes[kind] += 1
+
+    def batch_of(self, *kinds: str) -> int:
+        """The batch that must be on disk before rows of ``kinds`` read now may be
+        announced: the last one that wrote any of them (:meth:`wrote`); every such row
+        now visible was written in it or before. Never later than :attr:`barrier`, and
+        earlier when unrelated steps opened a batch since: a reader that waits for this
+        one does not wait for their commit and fsync."""
+        return max([self._kind_batch.get(kind, 0) for kind in kinds], default=0)
+
     @property
     def pending(self) -> bool:
         """Steps are waiting for :meth:`commit`, or a written batch for its WAL fsync."""
@@ -332,6 +355,11 @@ class DurableStore:
         self._after_commit = []
         self._rolled_back()
         self._lost.add(self.generation)
+        # What the lost batch wrote is gone: rows of those kinds visible now were
+        # written in a batch already committed.
+        for kind, batch in self._kind_batch.items():
+            if batch == self.generation:
+                self._kind_batch[kind] = self.written
         self.generation += 1
         self.ops = 0
 
