@@ -3,6 +3,14 @@
 These tests drive fault cases a real relay produces only under crashes: a lost answer, a
 replayed delivery, a redelivery after the recipient restarted. The three-node tests with
 the real relay are in test_three_nodes.py.
+
+The last ones check that what a node announces waits for the batch that wrote it, and
+only for that one: the sender, :meth:`Node.reports` and the replier send or hand over a
+row only once the batch that wrote it is on disk (DESIGN.md guarantees 5-7), not for a
+batch that unrelated steps (an answer, an event) opened since, and the sender skips the
+queries of kinds nobody wrote since its last pass. The WAL fsync is held back there by a
+gate (run in a worker thread, so the event loop goes on), and every message a node sends
+is checked against the batch that wrote its rows.
 """
 
 from __future__ import annotations
@@ -10,17 +18,27 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import sqlite3
-from collections.abc import AsyncIterator, Container
+import threading
+from collections.abc import AsyncIterator, Callable, Container, Iterator
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
-from clients.events import DeliveryRejected, Event, ReceiptEvent, Released, Stored
+from clients import store as rows
+from clients.events import DeliveryRejected, Event, PrekeysLow, ReceiptEvent, Released, Stored
 from clients.node import DEFAULT_VALID_FOR, Backoff, Node, open_node
+from clients.store import MemberStore
+from tisa import messages as m
 from tisa.errors import Reason, Refused, UsageError
 from tisa.messages import SubmitBegin, SubmitInline
+from tisa.receipt import Receipt
+from tisa.token import ReleaseToken
+from tisa_io import durable
+from tisa_io.link import Link
 
 m_submit = (SubmitBegin, SubmitInline)
 
@@ -398,3 +416,284 @@ def test_a_node_takes_one_relay_address_or_several() -> None:
     assert relay_addresses(several) == several
     with pytest.raises(UsageError):
         relay_addresses([])
+
+
+# Seconds a held fsync waits at most: on code that wrongly waits for a held batch, a
+# test fails (its deadline, HELD_FOR - 5) instead of hanging in a thread trio cannot
+# cancel.
+HELD_FOR = 15.0
+
+
+class Gate:
+    """Holds a store's WAL fsyncs back while closed (each runs in a worker thread, so
+    the event loop goes on; at most HELD_FOR seconds)."""
+
+    def __init__(self, store: MemberStore) -> None:
+        self.store = store
+        self._open = threading.Event()
+        self._open.set()
+        real = store.fsync_wal
+
+        def gated() -> None:
+            self._open.wait(HELD_FOR)
+            real()
+
+        store.fsync_wal = gated  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        self._open.clear()
+
+    def open(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def threaded_fsyncs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every WAL fsync in a worker thread (a gated one would block the event loop).
+    monkeypatch.setattr(durable, "INLINE_FSYNC_MAX_STEPS", -1)
+
+
+class Announced:
+    """Checks every message a node writes to its link: the batch that wrote each row it
+    carries (a submission, a token, a stored report, a receipt) is on disk by then."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.nodes: list[Node] = []
+        # Row key (report id, token id) -> the store and batch that wrote it.
+        self.batch: dict[bytes, tuple[MemberStore, int]] = {}
+        self.checked: list[tuple[str, int, int]] = []  # (message type, batch, committed)
+        real = Link.send_many
+        announced = self
+
+        async def send_many(link: Link, messages: Any) -> None:
+            messages = list(messages)
+            for node in announced.nodes:
+                session = node._session
+                if session is not None and session.link is link:
+                    for message in messages:
+                        announced._check(message)
+            await real(link, messages)
+
+        monkeypatch.setattr(Link, "send_many", send_many)
+
+    def watch(self, node: Node) -> None:
+        self.nodes.append(node)
+        store = node.store
+        record = self._recorder(store)
+        record("record_submission", lambda kw, _: kw["report"])
+        record("issue_release", lambda _, result: result)
+        record("store_delivery", lambda kw, _: kw["token"].id)
+        record("add_receipt", lambda kw, _: kw["token"])
+
+    def _recorder(self, store: MemberStore) -> Callable[[str, Callable[[Any, Any], bytes]], None]:
+        def record(name: str, key: Callable[[Any, Any], bytes]) -> None:
+            real = getattr(store, name)
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                result = real(*args, **kwargs)
+                # The step ran in the open batch (group commit): that one holds it.
+                self.batch.setdefault(key(kwargs, result), (store, store.barrier))
+                return result
+
+            setattr(store, name, wrapper)
+
+        return record
+
+    def _keys(self, message: m.Message) -> Iterator[bytes]:
+        if isinstance(message, m.SubmitInline | m.SubmitBegin):
+            yield message.report
+        if isinstance(message, m.SubmitInline):
+            yield from (ReleaseToken.decode(token).id for token in message.tokens)
+        elif isinstance(message, m.Release):
+            yield ReleaseToken.decode(message.token).id
+        elif isinstance(message, m.SendReceipt):
+            yield Receipt.verify(message.receipt, ARRANGEMENT).token
+        elif isinstance(message, m.Ack) and message.kind in ("delivery", "receipt"):
+            yield message.token
+
+    def _check(self, message: m.Message) -> None:
+        for key in self._keys(message):
+            assert key in self.batch, f"{message.TYPE} carries a row nobody recorded"
+            store, batch = self.batch[key]
+            assert store.committed >= batch, f"{message.TYPE} sent before batch {batch} is on disk"
+            self.checked.append((message.TYPE, batch, store.committed))
+
+
+@pytest.fixture
+def announced(monkeypatch: pytest.MonkeyPatch) -> Announced:
+    return Announced(monkeypatch)
+
+
+async def blocked() -> None:
+    """Until every task waits (for the network, for a held fsync)."""
+    await trio.testing.wait_all_tasks_blocked(0.05)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.sleep(0.01)
+
+
+def submitted(fake: FakeRelay) -> list[bytes]:
+    return [r.report for r in fake.received if isinstance(r, m.SubmitInline | m.SubmitBegin)]
+
+
+async def test_nothing_goes_out_before_its_batch_is_on_disk(
+    relay: tuple[FakeRelay, int],
+    tmp_path: pathlib.Path,
+    threaded_fsyncs: None,
+    announced: Announced,
+) -> None:
+    fake, port = relay
+    with trio.fail_after(HELD_FOR - 5):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            await until(lambda: bool(fake.one_time_prekeys.get("tokyo")))
+            async with node("seoul", port, tmp_path) as seoul, trio.open_nursery() as nursery:
+                await seoul.wait_connected()
+                announced.watch(seoul)
+                announced.watch(tokyo)
+                seoul_gate, tokyo_gate = Gate(seoul.store), Gate(tokyo.store)
+                # The submission's batch is committed, its fsync held back: it stays.
+                seoul_gate.close()
+                ids: list[bytes] = []
+
+                async def submit(body: bytes) -> None:
+                    ids.append(
+                        await seoul.submit(
+                            body,
+                            recipients=["tokyo"],
+                            scope=SCOPE,
+                            level=LEVEL,
+                            release_to=["tokyo"],
+                        )
+                    )
+
+                nursery.start_soon(submit, b"first")
+                await until(lambda: seoul.store.written > seoul.store.committed)
+                await blocked()
+                assert submitted(fake) == [] and ids == []
+                # On disk: it goes out, with its token; the delivery is stored at Tokyo,
+                # whose ack and receipt wait for Tokyo's fsync in turn.
+                tokyo_gate.close()
+                seoul_gate.open()
+                await until(lambda: len(submitted(fake)) == 1)
+                await until(lambda: tokyo.store.written > tokyo.store.committed)
+                await blocked()
+                acks = [r for r in fake.received if isinstance(r, m.Ack | m.SendReceipt)]
+                assert acks == [] and fake.pending.get("tokyo")
+                tokyo_gate.open()
+                await until(lambda: not fake.pending.get("tokyo"))
+                # More reports, acked by the application, while fsyncs come and go: each
+                # message is checked against its rows' batches as it is written.
+                got: list[bytes] = []
+
+                async def consume() -> None:
+                    async for report in tokyo.reports():
+                        got.append(report.report_id)
+                        await tokyo.ack(report)
+
+                nursery.start_soon(consume)
+                for i in range(4):
+                    await submit(b"more %d" % i)
+                await until(lambda: len(got) == 5)
+                await until(lambda: len(seoul.store.receipts()) == 5)
+                nursery.cancel_scope.cancel()
+    types = {t for t, _, _ in announced.checked}
+    assert {"submit_inline", "send_receipt", "ack"} <= types, types
+
+
+async def test_the_sender_does_not_wait_for_an_unrelated_open_batch(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, threaded_fsyncs: None
+) -> None:
+    fake, port = relay
+    fake.accept = False  # offline until the unrelated batch is open
+    with trio.fail_after(HELD_FOR - 5):
+        async with node("seoul", port, tmp_path) as seoul:
+            report_id = await seoul.submit(
+                b"queued", recipients=["tokyo"], scope=SCOPE, level=LEVEL
+            )
+            written = seoul.store.batch_of(rows.SUBMISSIONS)
+            assert seoul.store.committed >= written  # submit returned: on disk
+            gate = Gate(seoul.store)
+            gate.close()
+            # An unrelated step (an event) opens a new batch, whose fsync would hang.
+            seoul.store.add_event(PrekeysLow(one_time=0, signed_not_after=1))
+            assert seoul.store.barrier > written
+            fake.accept = True
+            try:
+                await until(lambda: submitted(fake) == [report_id])
+                # Sent while the unrelated batch is still not on disk.
+                assert seoul.store.committed < seoul.store.barrier
+            finally:
+                gate.open()
+
+
+async def test_reports_hands_over_without_waiting_for_an_unrelated_open_batch(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, threaded_fsyncs: None
+) -> None:
+    fake, port = relay
+    with trio.fail_after(HELD_FOR - 5):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            await until(lambda: bool(fake.one_time_prekeys.get("tokyo")))
+            async with node("seoul", port, tmp_path) as seoul:
+                report_id = await seoul.submit(
+                    b"in", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+                )
+                await until(
+                    lambda: (
+                        tokyo.store.inbox_entry(fake.delivered[0][1]) is not None
+                        if fake.delivered
+                        else False
+                    )
+                )
+                await until(lambda: tokyo.store.committed >= tokyo.store.batch_of(rows.INBOX))
+                gate = Gate(tokyo.store)
+                gate.close()
+                tokyo.store.add_event(PrekeysLow(one_time=0, signed_not_after=1))
+                assert tokyo.store.barrier > tokyo.store.batch_of(rows.INBOX)
+                try:
+                    async for report in tokyo.reports():
+                        assert report.report_id == report_id
+                        assert tokyo.store.committed < tokyo.store.barrier
+                        break
+                finally:
+                    gate.open()
+
+
+async def test_an_idle_wake_up_runs_no_sender_query(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    _fake, port = relay
+    queries = (
+        "queued_submissions",
+        "releases_of",
+        "releases_to_send",
+        "revocations_to_send",
+        "receipts_to_send",
+        "consent_to_send",
+    )
+    with trio.fail_after(HELD_FOR - 5):
+        async with node("seoul", port, tmp_path) as seoul:
+            await seoul.wait_connected()
+            store = seoul.store
+            calls: list[str] = []
+            for name in queries:
+                real = getattr(store, name)
+
+                def counted(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+                    calls.append(_name)
+                    return _real(*args, **kwargs)
+
+                setattr(store, name, counted)
+            await blocked()
+            calls.clear()
+            # Wake-ups for changes the sender does not read (an event): no query.
+            for _ in range(3):
+                store.add_event(PrekeysLow(one_time=0, signed_not_after=1))
+                seoul._notify()
+                await blocked()
+            assert calls == []
+            # A submission: its kinds are read again.
+            await seoul.submit(b"x", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
+            await blocked()
+            assert "queued_submissions" in calls and "releases_to_send" in calls

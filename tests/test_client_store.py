@@ -8,6 +8,7 @@ import pathlib
 import pytest
 from nodes.client_world import LEVEL, SCOPE, make_world
 
+from clients import store as rows
 from clients.events import ExpiredEvent, RefusedEvent, Stored, decode_event, encode_event
 from clients.store import MemberStore
 from tisa.errors import Reason, UsageError
@@ -385,4 +386,55 @@ def test_savepoint_free_steps_that_refuse_leave_the_batch_whole(tmp_path: pathli
     assert not store.lost(batch)
     assert [s.report for s in store.queued_submissions()] == [b"r" * 16]
     assert not any(s.startswith("SAVEPOINT") for s in statements)
+    store.close()
+
+
+def test_each_kind_names_the_batch_that_last_wrote_it(tmp_path: pathlib.Path) -> None:
+    # Issue 11: a reader of one kind of row waits for the batch that wrote it, not for
+    # a batch unrelated steps opened since; it skips a query when the kind's change
+    # count did not move.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    assert store.batch_of(rows.SUBMISSIONS) == 0
+    _queue(store, b"a" * 16)
+    first = store.barrier
+    assert store.batch_of(rows.SUBMISSIONS) == first
+    counted = store.kind_changes[rows.SUBMISSIONS]
+    store.commit()
+    # The stored answer of a (outbox state, an event) opens the next batch: the queued
+    # submissions still come from the first.
+    assert store.mark_stored(b"a" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY))
+    assert store.barrier == first + 1
+    assert store.batch_of(rows.SUBMISSIONS) == first
+    assert store.batch_of(rows.OUTBOX_STATE) == store.batch_of(rows.EVENTS) == first + 1
+    assert store.batch_of(rows.SUBMISSIONS, rows.OUTBOX_STATE) == first + 1
+    assert store.kind_changes[rows.SUBMISSIONS] == counted  # taking one out: no change
+    _queue(store, b"b" * 16)
+    assert store.batch_of(rows.SUBMISSIONS) == first + 1
+    assert store.kind_changes[rows.SUBMISSIONS] == counted + 1
+    store.close()
+
+
+def test_a_lost_batch_is_never_named_for_a_kind(tmp_path: pathlib.Path) -> None:
+    # A batch rolled back whole (its COMMIT failed) never reaches the disk: what a
+    # reader sees of a kind it wrote comes from an earlier batch, so a reader must not
+    # wait for (and fail on) the lost one.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    _queue(store, b"a" * 16)
+    kept = store.barrier
+    store.commit_durably()
+    _queue(store, b"b" * 16)
+    lost = store.barrier
+    store._abandon_batch()
+    assert store.lost(lost)
+    assert store.batch_of(rows.SUBMISSIONS) == kept
+    assert [s.report for s in store.queued_submissions()] == [b"a" * 16]
+    store.close()
+
+
+def test_without_group_commit_every_kind_is_on_disk(tmp_path: pathlib.Path) -> None:
+    # Each transaction is fsynced before it returns: nothing to wait for.
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store)
+    assert store.batch_of(rows.SUBMISSIONS) == 0
+    assert store.kind_changes[rows.SUBMISSIONS] == 1
     store.close()
