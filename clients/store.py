@@ -36,7 +36,11 @@ Group commit: a store opened with ``group_commit=True`` (the node's) runs each
 steps, which make every check before their first write); :attr:`MemberStore.barrier`
 names the batch that must be on disk (:attr:`MemberStore.committed`) before the current
 state may be announced (to the relay, to the application, or to a caller by
-returning). Files are unlinked only once the batch that dropped their row is on disk.
+returning); :meth:`MemberStore.batch_of` names the earlier batch that wrote the rows of
+a kind a reader announces (the kinds are the constants :data:`SUBMISSIONS`,
+:data:`RELEASES`, ...), so that reader waits for that one and not for a batch unrelated
+steps opened since. Files are unlinked only once the batch that dropped their row is on
+disk.
 
 Durability without an fsync on the event loop, by the same rule as the relay's store
 (the batch bookkeeping and the full argument are in :mod:`tisa_io.durable`):

@@ -18,7 +18,10 @@ the whole batch is rolled back and lost, as when its ``COMMIT`` fails), and
 batch the current state belongs to; whoever wants to announce something that depends on
 that state waits until :attr:`DurableStore.committed` (the last batch *on disk*) reaches
 it (:meth:`GroupCommitter.durable`), so nothing is announced before it is on disk, and a
-crash loses only batches nobody was told about. Files are removed only once the batch
+crash loses only batches nobody was told about. A reader that announces only rows of
+some kinds may wait for less: :meth:`DurableStore.batch_of` names the last batch whose
+steps wrote such rows (:meth:`DurableStore.wrote`), which is the barrier at most and
+earlier when unrelated steps opened a batch since. Files are removed only once the batch
 that deleted their row is on disk.
 
 Durability without an fsync on the event loop. The database runs in WAL mode with
