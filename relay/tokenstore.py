@@ -673,8 +673,12 @@ class TokenTables(ConsentTables):
                 self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
             # Consumed token ids are kept until no token with that id could still be
             # valid (not_after + the longest validity), so a replay is always caught.
+            # The newest row stays whatever its state: a new token's seq is then past
+            # every seq given before (SQLite: the largest rowid plus one), so a pusher
+            # reading on from the last seq it sent misses none.
             self._sql(
-                "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
+                "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)"
+                " AND seq < (SELECT max(seq) FROM tokens)",
                 (now, *OUTSTANDING),
             )
             self._prune_consent(now=now, clock_skew=clock_skew)
