@@ -1428,7 +1428,7 @@ class Relay:
                 barrier = self.store.barrier
                 # Small reports go out together, in one write; a large one streams.
                 pending: list[Message] = []
-                sent: list[bytes] = []
+                sent: list[TokenRow] = []
                 for row in batch:
                     if len(conn.in_flight) >= window:
                         break  # the rest when acks make room (they wake us)
@@ -1498,7 +1498,7 @@ class Relay:
         row: TokenRow,
         barrier: int,
         pending: list[Message],
-        sent: list[bytes],
+        sent: list[TokenRow],
     ) -> None:
         """Push one delivery; ``barrier`` is the batch of the query that found ``row``.
 
@@ -1542,7 +1542,7 @@ class Relay:
                 pending.append(Deliver(token=row.token))
                 pending.extend(chunks_of(inline))
                 pending.append(DeliverEnd(token=row.id))
-            sent.append(row.id)
+            sent.append(row)
             return
         try:
             blob = self.store.open_ciphertext(row.report)
@@ -1582,21 +1582,22 @@ class Relay:
         self._refresh_claim(conn, token_id)
 
     async def _send_deliveries(
-        self, conn: _Connection, pending: list[Message], sent: list[bytes]
+        self, conn: _Connection, pending: list[Message], sent: list[TokenRow]
     ) -> None:
         """Send the small deliveries gathered by :meth:`_deliver` in one write, then
-        record them as forwarded; a prekey_status due goes first (also when
-        ``pending`` is empty: a large delivery is about to stream)."""
+        record them as forwarded (one step, one statement for them all); a
+        prekey_status due goes first (also when ``pending`` is empty: a large delivery
+        is about to stream)."""
         status = await self._due_status(conn)
         if not pending:
             if status:
                 await conn.link.send_many(status)
             return
         await conn.link.send_many(status + pending)
-        now = self.now()
-        for token_id in sent:
-            self._refresh_claim(conn, token_id)
-            self.store.mark_forwarded(token_id, now=now)
+        for row in sent:
+            self._refresh_claim(conn, row.id)
+        self.store.mark_forwarded_many(sent, now=self.now())
+        for _ in sent:
             self.metrics.event("forwarded")
         pending.clear()
         sent.clear()

@@ -25,7 +25,7 @@ are :func:`release_refusal`, shared.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.consentstore import ConsentTables
@@ -35,6 +35,7 @@ from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 
 __all__ = [
+    "FORWARD_ID_SIZES",
     "OUTSTANDING",
     "OWED",
     "PENDING_COLUMNS",
@@ -57,6 +58,11 @@ OUTSTANDING = ("pending", "delivered")
 OWED = "state IN ('pending', 'delivered')"
 
 TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
+
+# The id lists TokenTables.mark_forwarded_many marks in one statement: a list is padded
+# (its last id repeated) to the next of these sizes, so only these few statements enter
+# the prepared-statement cache; a longer list takes one statement per MAX_FORWARD_IDS.
+FORWARD_ID_SIZES = (1, 4, 16, 64)
 _REPORT_COLUMNS = "id, originator, size, digest, state, ended, expires, stored_at"
 
 
@@ -329,6 +335,40 @@ class TokenTables(ConsentTables):
                 report=bytes(row[2]),
                 token=token_id,
             )
+
+    def mark_forwarded_many(self, rows: Sequence[TokenRow], *, now: int) -> None:
+        """Deliveries that went out in full, together (the small ones of one write), as
+        :meth:`mark_forwarded` each, in one step: one statement for up to the largest
+        of :data:`FORWARD_ID_SIZES`, not one per delivery. Each still pending is logged
+        ``forwarded``, in the order given, from its row in hand (``rows``, as
+        :meth:`outstanding` found them: who and which report do not change)."""
+        if not rows:
+            return
+        with self._transaction(savepoint=False):
+            marked: set[bytes] = set()
+            largest = FORWARD_ID_SIZES[-1]
+            for start in range(0, len(rows), largest):
+                ids = [row.id for row in rows[start : start + largest]]
+                size = next(size for size in FORWARD_ID_SIZES if size >= len(ids))
+                ids += [ids[-1]] * (size - len(ids))
+                marked.update(
+                    bytes(found[0])
+                    for found in self._sql(
+                        "UPDATE tokens SET state = 'delivered' WHERE state = 'pending'"
+                        f" AND id IN ({', '.join('?' * size)}) RETURNING id",
+                        tuple(ids),
+                    ).fetchall()
+                )
+            for row in rows:
+                if row.id in marked:
+                    marked.discard(row.id)  # once, should a row be given twice
+                    self._audit(
+                        AuditEvent.FORWARDED,
+                        now=now,
+                        parties=(row.originator, row.recipient),
+                        report=row.report,
+                        token=row.id,
+                    )
 
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report. Returns False for an unknown or foreign token;

@@ -769,3 +769,39 @@ async def test_another_process_hears_of_consent_for_whom_it_is_for(
     finally:
         listening.close()
         sending.close()
+
+
+def test_deliveries_sent_together_are_marked_forwarded_in_one_statement(
+    pg_dsn: str, world: World
+) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        token_ids = [_released(store, world) for _ in range(3)]
+        rows = store.outstanding("tokyo")
+        assert store.ack_delivery(token_ids[1], recipient="tokyo", now=NOW)  # overtook
+        store.commit_durably()
+        seen: list[str] = []
+        execute = store._conn.execute
+
+        def traced(query: str, params: object = None) -> psycopg.Cursor[tuple[object, ...]]:
+            seen.append(query)
+            return execute(query, params)
+
+        store._conn.execute = traced  # type: ignore[method-assign]
+        store.mark_forwarded_many([*rows, rows[0]], now=NOW)
+        assert [query.split()[0] for query in seen if "tokens" in query] == ["UPDATE"]
+        store.commit_durably()
+        store._conn.execute = execute  # type: ignore[method-assign]
+        events = [
+            (AuditEntry.decode(bytes(entry)).event.value, AuditEntry.decode(bytes(entry)).token)  # type: ignore[arg-type]
+            for (entry,) in _rows(pg_dsn, "SELECT entry FROM audit ORDER BY seq")
+        ][6:]
+        assert events == [
+            ("forwarded", token_ids[1]),
+            ("acknowledged", token_ids[1]),
+            ("forwarded", token_ids[0]),
+            ("forwarded", token_ids[2]),
+        ]
+        assert [row.state for row in store.outstanding("tokyo")] == ["delivered"] * 2
+    finally:
+        store.close()

@@ -459,3 +459,43 @@ def test_a_schema_8_store_opens_at_9_with_nothing_lost(tmp_path: Path, world: Wo
         assert [r.token for r in store.queued_receipts("seoul")] == [tokens[0].id]
     finally:
         store.close()
+
+
+def test_deliveries_sent_together_are_marked_forwarded_in_one_statement(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        tokens = [_store_and_release(store, world) for _ in range(5)]
+        rows = store.outstanding("tokyo")
+        # The ack of one overtook its forward (it logged forwarded itself).
+        assert store.ack_delivery(tokens[1].id, recipient="tokyo", now=NOW)
+        store.commit_durably()
+        seq = store.audit_seq
+        seen = _statements(store)
+        store.mark_forwarded_many([*rows, rows[0]], now=NOW + 1)
+        updates = [s for s in seen if s.startswith("UPDATE tokens")]
+        assert len(updates) == 1 and seen == ["BEGIN IMMEDIATE", *updates]
+        # Logged once each, in the order sent, but for the one acked before.
+        entries = [entry for entry, _, _ in store.audit_entries(seq, limit=10)]
+        assert [(e.event.value, e.token, e.report) for e in entries] == [
+            ("forwarded", token.id, token.report) for i, token in enumerate(tokens) if i != 1
+        ]
+        assert all(e.parties == ("seoul", "tokyo") and e.time == NOW + 1 for e in entries)
+        assert [row.state for row in store.outstanding("tokyo")] == ["delivered"] * 4
+        # Marked again (a rescan sent them again): nothing changes, nothing is logged.
+        store.mark_forwarded_many(rows, now=NOW + 2)
+        assert store.audit_seq == seq + 4
+        # Longer lists: one statement per 64, the rest padded to one of a few sizes.
+        more = [_store_and_release(store, world) for _ in range(70)]
+        seen.clear()
+        owed = store.outstanding("tokyo", after=rows[-1].seq)
+        store.mark_forwarded_many(owed, now=NOW)
+        updates = [s for s in seen if s.startswith("UPDATE tokens")]
+        assert len(updates) == 2 and updates[1].count("x'") == 16
+        assert [row.id for row in owed] == [token.id for token in more]
+        assert {row.state for row in store.outstanding("tokyo")} == {"delivered"}
+        store.commit_durably()
+        assert _chain_ok(store) == store.audit_seq == 5 * 2 + 1 + 1 + 4 + 70 * 3
+    finally:
+        store.close()
