@@ -142,6 +142,11 @@ class RelayStore(Batches, Protocol):
     def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
         """Whether a delivery is still owed, and its inline ciphertext if any."""
 
+    def delivery_sources(
+        self, token_ids: Sequence[bytes]
+    ) -> dict[bytes, tuple[bool, bytes | None]]:
+        """:meth:`delivery_source` of each (an id not found left out), in one query."""
+
     def is_outstanding(self, token_id: bytes) -> bool:
         """Whether the delivery of ``token_id`` is still owed."""
 

@@ -25,7 +25,7 @@ are :func:`release_refusal`, shared.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.consentstore import ConsentTables
@@ -59,9 +59,10 @@ OWED = "state IN ('pending', 'delivered')"
 
 TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
 
-# The id lists TokenTables.mark_forwarded_many marks in one statement: a list is padded
-# (its last id repeated) to the next of these sizes, so only these few statements enter
-# the prepared-statement cache; a longer list takes one statement per MAX_FORWARD_IDS.
+# The id lists TokenTables.mark_forwarded_many and delivery_sources take in one
+# statement (id_lists): a list is padded (its last id repeated) to the next of these
+# sizes, so only these few statements enter the prepared-statement cache; a longer list
+# takes one statement per the largest.
 FORWARD_ID_SIZES = (1, 4, 16, 64)
 _REPORT_COLUMNS = "id, originator, size, digest, state, ended, expires, stored_at"
 
@@ -178,6 +179,17 @@ def pending_values(token: ReleaseToken) -> tuple[bytes, bytes, str, str, bytes, 
         token.not_after,
         token.not_after + MAX_VALIDITY,
     )
+
+
+def id_lists(ids: Sequence[bytes]) -> Iterator[tuple[str, tuple[bytes, ...]]]:
+    """``ids`` a statement at a time: the placeholders of an ``IN (...)`` list and its
+    parameters, at most the largest of :data:`FORWARD_ID_SIZES` each, padded (the last
+    id repeated) to one of those sizes."""
+    largest = FORWARD_ID_SIZES[-1]
+    for start in range(0, len(ids), largest):
+        chunk = list(ids[start : start + largest])
+        size = next(size for size in FORWARD_ID_SIZES if size >= len(chunk))
+        yield ", ".join("?" * size), tuple(chunk + [chunk[-1]] * (size - len(chunk)))
 
 
 def release_refusal(
@@ -311,6 +323,25 @@ class TokenTables(ConsentTables):
             return False, None
         return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
 
+    def delivery_sources(
+        self, token_ids: Sequence[bytes]
+    ) -> dict[bytes, tuple[bool, bytes | None]]:
+        """:meth:`delivery_source` of each of ``token_ids`` (of deliveries about to be
+        pushed together), in one query for up to the largest of
+        :data:`FORWARD_ID_SIZES`; an id not found is left out."""
+        sources: dict[bytes, tuple[bool, bytes | None]] = {}
+        for placeholders, ids in id_lists(token_ids):
+            for token_id, state, data in self._sql(
+                "SELECT t.id, t.state, r.data FROM tokens t LEFT JOIN reports r"
+                f" ON r.id = t.report WHERE t.id IN ({placeholders})",
+                ids,
+            ).fetchall():
+                sources[bytes(token_id)] = (
+                    state in OUTSTANDING,
+                    None if data is None else bytes(data),
+                )
+        return sources
+
     def is_outstanding(self, token_id: bytes) -> bool:
         """Whether the delivery of ``token_id`` is still owed."""
         row = self._sql("SELECT state FROM tokens WHERE id = ?", (token_id,)).fetchone()
@@ -346,17 +377,13 @@ class TokenTables(ConsentTables):
             return
         with self._transaction(savepoint=False):
             marked: set[bytes] = set()
-            largest = FORWARD_ID_SIZES[-1]
-            for start in range(0, len(rows), largest):
-                ids = [row.id for row in rows[start : start + largest]]
-                size = next(size for size in FORWARD_ID_SIZES if size >= len(ids))
-                ids += [ids[-1]] * (size - len(ids))
+            for placeholders, ids in id_lists([row.id for row in rows]):
                 marked.update(
                     bytes(found[0])
                     for found in self._sql(
                         "UPDATE tokens SET state = 'delivered' WHERE state = 'pending'"
-                        f" AND id IN ({', '.join('?' * size)}) RETURNING id",
-                        tuple(ids),
+                        f" AND id IN ({placeholders}) RETURNING id",
+                        ids,
                     ).fetchall()
                 )
             for row in rows:

@@ -499,3 +499,22 @@ def test_deliveries_sent_together_are_marked_forwarded_in_one_statement(
         assert _chain_ok(store) == store.audit_seq == 5 * 2 + 1 + 1 + 4 + 70 * 3
     finally:
         store.close()
+
+
+def test_the_sources_of_deliveries_pushed_together_are_read_in_one_query(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        tokens = [_store_and_release(store, world) for _ in range(3)]
+        assert store.ack_delivery(tokens[1].id, recipient="tokyo", now=NOW)
+        ids = [token.id for token in tokens] + [b"\x00" * 16]
+        seen = _statements(store)
+        sources = store.delivery_sources(ids)
+        assert len(seen) == 1 and seen[0].startswith("SELECT t.id, t.state, r.data")
+        # Each as delivery_source reads it; an unknown id is left out.
+        assert sources == {token.id: store.delivery_source(token.id) for token in tokens}
+        assert [sources[token.id][0] for token in tokens] == [True, False, True]
+        assert sources[tokens[0].id][1] == store.inline_data(tokens[0].report) is not None
+    finally:
+        store.close()
