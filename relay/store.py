@@ -760,11 +760,16 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                 pending_values(token),
             )
             assert cursor.lastrowid is not None  # the row's seq (its rowid)
-            db.execute(
-                "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
-                " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?",
-                (token.key_commit, token.report),
-            )
+            _, _, state, _, _, pinned = found
+            if state != "released" or pinned is None:
+                # The first release: the report is released, its key commitment pinned.
+                # (A later one found both done, and its key commitment the pinned one.)
+                db.execute(
+                    "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
+                    " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
+                    " WHERE id = ?",
+                    (token.key_commit, token.report),
+                )
             row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1

@@ -518,3 +518,30 @@ def test_the_sources_of_deliveries_pushed_together_are_read_in_one_query(
         assert sources[tokens[0].id][1] == store.inline_data(tokens[0].report) is not None
     finally:
         store.close()
+
+
+def test_a_second_release_of_a_report_leaves_its_row_alone(tmp_path: Path) -> None:
+    # The first release marks the report released and pins its key commitment; a later
+    # token for it finds both done and writes its own row only.
+    world = make_world(third_party=True)  # canberra, a second recipient
+    store = Store(tmp_path, group_commit=True)
+    try:
+        report = _add_report(store, world, expires=NOW + 3600)
+        first = ReleaseToken.decode(world.token(report))
+        seen = _statements(store)
+        store.release(first, now=NOW, max_queue=100)
+        assert sum(s.startswith("UPDATE reports") for s in seen) == 1
+        assert store.queue_length("canberra") == 0  # counted now, not in the release
+        seen.clear()
+        second = ReleaseToken.decode(world.token(report, "canberra"))
+        store.release(second, now=NOW, max_queue=100)
+        assert [s.split()[0] for s in seen] == ["SELECT", "INSERT"]
+        row = store.report(report.report_id)
+        assert row is not None and row.state == "released"
+        pinned = store._db.execute(
+            "SELECT key_commit FROM reports WHERE id = ?", (report.report_id,)
+        ).fetchone()[0]
+        assert pinned == first.key_commit == second.key_commit
+        assert [r.id for r in store.outstanding("canberra")] == [second.id]
+    finally:
+        store.close()
