@@ -35,7 +35,7 @@ from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 
 __all__ = [
-    "FORWARD_ID_SIZES",
+    "ID_LIST_SIZES",
     "OUTSTANDING",
     "OWED",
     "PENDING_COLUMNS",
@@ -60,10 +60,10 @@ OWED = "state IN ('pending', 'delivered')"
 TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
 
 # The id lists TokenTables.mark_forwarded_many and delivery_sources take in one
-# statement (id_lists): a list is padded (its last id repeated) to the next of these
+# statement (_id_lists): a list is padded (its last id repeated) to the next of these
 # sizes, so only these few statements enter the prepared-statement cache; a longer list
 # takes one statement per the largest.
-FORWARD_ID_SIZES = (1, 4, 16, 64)
+ID_LIST_SIZES = (1, 4, 16, 64)
 _REPORT_COLUMNS = "id, originator, size, digest, state, ended, expires, stored_at"
 
 
@@ -181,14 +181,14 @@ def pending_values(token: ReleaseToken) -> tuple[bytes, bytes, str, str, bytes, 
     )
 
 
-def id_lists(ids: Sequence[bytes]) -> Iterator[tuple[str, tuple[bytes, ...]]]:
+def _id_lists(ids: Sequence[bytes]) -> Iterator[tuple[str, tuple[bytes, ...]]]:
     """``ids`` a statement at a time: the placeholders of an ``IN (...)`` list and its
-    parameters, at most the largest of :data:`FORWARD_ID_SIZES` each, padded (the last
+    parameters, at most the largest of :data:`ID_LIST_SIZES` each, padded (the last
     id repeated) to one of those sizes."""
-    largest = FORWARD_ID_SIZES[-1]
+    largest = ID_LIST_SIZES[-1]
     for start in range(0, len(ids), largest):
         chunk = list(ids[start : start + largest])
-        size = next(size for size in FORWARD_ID_SIZES if size >= len(chunk))
+        size = next(size for size in ID_LIST_SIZES if size >= len(chunk))
         yield ", ".join("?" * size), tuple(chunk + [chunk[-1]] * (size - len(chunk)))
 
 
@@ -328,9 +328,9 @@ class TokenTables(ConsentTables):
     ) -> dict[bytes, tuple[bool, bytes | None]]:
         """:meth:`delivery_source` of each of ``token_ids`` (of deliveries about to be
         pushed together), in one query for up to the largest of
-        :data:`FORWARD_ID_SIZES`; an id not found is left out."""
+        :data:`ID_LIST_SIZES`; an id not found is left out."""
         sources: dict[bytes, tuple[bool, bytes | None]] = {}
-        for placeholders, ids in id_lists(token_ids):
+        for placeholders, ids in _id_lists(token_ids):
             for token_id, state, data in self._sql(
                 "SELECT t.id, t.state, r.data FROM tokens t LEFT JOIN reports r"
                 f" ON r.id = t.report WHERE t.id IN ({placeholders})",
@@ -370,14 +370,14 @@ class TokenTables(ConsentTables):
     def mark_forwarded_many(self, rows: Sequence[TokenRow], *, now: int) -> None:
         """Deliveries that went out in full, together (the small ones of one write), as
         :meth:`mark_forwarded` each, in one step: one statement for up to the largest
-        of :data:`FORWARD_ID_SIZES`, not one per delivery. Each still pending is logged
+        of :data:`ID_LIST_SIZES`, not one per delivery. Each still pending is logged
         ``forwarded``, in the order given, from its row in hand (``rows``, as
         :meth:`outstanding` found them: who and which report do not change)."""
         if not rows:
             return
         with self._transaction(savepoint=False):
             marked: set[bytes] = set()
-            for placeholders, ids in id_lists([row.id for row in rows]):
+            for placeholders, ids in _id_lists([row.id for row in rows]):
                 marked.update(
                     bytes(found[0])
                     for found in self._sql(
