@@ -1426,14 +1426,15 @@ class Relay:
                 # The releases that made these deliveries pending are in this batch at
                 # the latest (perhaps still open): one wait covers them all.
                 barrier = self.store.barrier
+                sources = await self._delivery_sources(conn, batch, barrier)
                 # Small reports go out together, in one write; a large one streams.
                 pending: list[Message] = []
-                sent: list[bytes] = []
+                sent: list[TokenRow] = []
                 for row in batch:
                     if len(conn.in_flight) >= window:
                         break  # the rest when acks make room (they wake us)
                     after_token = row.seq
-                    await self._deliver(conn, row, barrier, pending, sent)
+                    await self._deliver(conn, row, barrier, pending, sent, sources)
                 await self._send_deliveries(conn, pending, sent)
             # Receipts and notices pile up while a member is offline: read them a page
             # at a time, never all at once.
@@ -1492,36 +1493,64 @@ class Relay:
                         other.rescan_notices = True
                         other.wake.set()
 
+    def _to_push(self, conn: _Connection, row: TokenRow) -> bool:
+        """Whether ``conn`` pushes ``row`` now: not in flight on it already, not claimed
+        by another connection of the member, and ``conn`` is the member's best."""
+        if row.id in conn.in_flight:
+            return False  # pushed on this connection already (a rescan found it)
+        holder = self._claims.get(row.id)
+        if holder is not None and holder is not conn:
+            return False  # another connection of this member is delivering it
+        return not self._passed_over(conn)  # else the best connection takes it
+
+    async def _delivery_sources(
+        self, conn: _Connection, batch: list[TokenRow], barrier: int
+    ) -> dict[bytes, tuple[bool, bytes | None]]:
+        """Once ``barrier`` (the batch of the query that found ``batch``) is on disk:
+        whether each delivery of ``batch`` this connection is to push is still owed,
+        and its ciphertext if kept in its row, in one query (see
+        :meth:`relay.tokenstore.TokenTables.delivery_sources`). Read after the wait, as
+        :meth:`_deliver` would read each; good until the pusher next waits (:meth:`_deliver`
+        empties it then, and reads for itself)."""
+        ids = [row.id for row in batch if self._to_push(conn, row)]
+        if not ids:
+            return {}
+        await self._durable(barrier)
+        return self.store.delivery_sources(ids)
+
     async def _deliver(
         self,
         conn: _Connection,
         row: TokenRow,
         barrier: int,
         pending: list[Message],
-        sent: list[bytes],
+        sent: list[TokenRow],
+        sources: dict[bytes, tuple[bool, bytes | None]],
     ) -> None:
-        """Push one delivery; ``barrier`` is the batch of the query that found ``row``.
+        """Push one delivery; ``barrier`` is the batch of the query that found ``row``,
+        ``sources`` what :meth:`_delivery_sources` read for its batch (a delivery not
+        in it is read here).
 
         A small report's messages are added to ``pending`` (and its token id to
         ``sent``), for :meth:`_send_deliveries`; a large one flushes ``pending`` and
         streams from its file.
         """
-        if row.id in conn.in_flight:
-            return  # pushed on this connection already (a rescan found it); ack awaited
-        holder = self._claims.get(row.id)
-        if holder is not None and holder is not conn:
-            return  # another connection of this member is delivering it
-        if self._passed_over(conn):
-            return  # the member's best connection takes it (see _passed_over)
+        if not self._to_push(conn, row):
+            return  # ack awaited on this connection, or another one delivers it
         # The release that made this delivery pending may still be in the open batch
         # (not a later one: the row was read in batch ``barrier``). Not the current
         # barrier, which moves on with every message handled meanwhile: waiting for it
-        # let out one delivery per commit.
+        # let out one delivery per commit. (_delivery_sources waited already, unless
+        # nothing was to be pushed then.)
+        waited = self.store.committed < barrier
         await self._durable(barrier)
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection claimed it while this one waited for the commit
-        outstanding, inline = self.store.delivery_source(row.id)
+        if waited:
+            sources.clear()  # read before the wait
+        source = sources.pop(row.id, None)
+        outstanding, inline = self.store.delivery_source(row.id) if source is None else source
         if not outstanding:
             return  # acked, revoked or expired since the query
         if self._shared is not None and not self._shared.claim(row.id):
@@ -1542,13 +1571,15 @@ class Relay:
                 pending.append(Deliver(token=row.token))
                 pending.extend(chunks_of(inline))
                 pending.append(DeliverEnd(token=row.id))
-            sent.append(row.id)
+            sent.append(row)
             return
         try:
             blob = self.store.open_ciphertext(row.report)
         except FileNotFoundError:
             log.error("ciphertext of a pending delivery is missing")
             return
+        # What the rest of the batch was read as may change while this one streams.
+        sources.clear()
         await self._send_deliveries(conn, pending, sent)
         self._claim(conn, row.id)
         with blob:
@@ -1582,21 +1613,22 @@ class Relay:
         self._refresh_claim(conn, token_id)
 
     async def _send_deliveries(
-        self, conn: _Connection, pending: list[Message], sent: list[bytes]
+        self, conn: _Connection, pending: list[Message], sent: list[TokenRow]
     ) -> None:
         """Send the small deliveries gathered by :meth:`_deliver` in one write, then
-        record them as forwarded; a prekey_status due goes first (also when
-        ``pending`` is empty: a large delivery is about to stream)."""
+        record them as forwarded (one step, one statement for them all); a
+        prekey_status due goes first (also when ``pending`` is empty: a large delivery
+        is about to stream)."""
         status = await self._due_status(conn)
         if not pending:
             if status:
                 await conn.link.send_many(status)
             return
         await conn.link.send_many(status + pending)
-        now = self.now()
-        for token_id in sent:
-            self._refresh_claim(conn, token_id)
-            self.store.mark_forwarded(token_id, now=now)
+        for row in sent:
+            self._refresh_claim(conn, row.id)
+        self.store.mark_forwarded_many(sent, now=self.now())
+        for _ in sent:
             self.metrics.event("forwarded")
         pending.clear()
         sent.clear()

@@ -17,7 +17,7 @@ change it records, and nothing is announced before its batch is durable
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO, Protocol, runtime_checkable
 
 from relay.store import (
@@ -142,11 +142,20 @@ class RelayStore(Batches, Protocol):
     def delivery_source(self, token_id: bytes) -> tuple[bool, bytes | None]:
         """Whether a delivery is still owed, and its inline ciphertext if any."""
 
+    def delivery_sources(
+        self, token_ids: Sequence[bytes]
+    ) -> dict[bytes, tuple[bool, bytes | None]]:
+        """:meth:`delivery_source` of each (an id not found left out), in one query."""
+
     def is_outstanding(self, token_id: bytes) -> bool:
         """Whether the delivery of ``token_id`` is still owed."""
 
     def mark_forwarded(self, token_id: bytes, *, now: int) -> None:
         """A delivery went out in full; the first time, log ``forwarded``."""
+
+    def mark_forwarded_many(self, rows: Sequence[TokenRow], *, now: int) -> None:
+        """Deliveries (their rows in hand) that went out in full together: each as
+        :meth:`mark_forwarded`, in one step."""
 
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report; False for an unknown or foreign token."""

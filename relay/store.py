@@ -116,8 +116,9 @@ DB_NAME = "relay.db"
 # hold only deliveries still owed (partial indexes, see _OWED); 5: requests,
 # announcements, consent_queue (release requests); 6: prekeys; 7: prekey_rate (one-time
 # prekeys handed to each originator, relay.prekeystore) (5 to 7: new tables only); 8:
-# the reports' expiry index holds only live reports, keyed by expiry alone (_SCHEMA).
-SCHEMA_VERSION = 8
+# the reports' expiry index holds only live reports, keyed by expiry alone (_SCHEMA); 9:
+# tokens and receipts number their rows without AUTOINCREMENT (_TOKENS, _RECEIPTS).
+SCHEMA_VERSION = 9
 
 # The tokens' indexes hold only deliveries still owed (OWED, stated literally in every
 # query that should use them: SQLite uses a partial index only then). Indexed only while
@@ -125,6 +126,35 @@ SCHEMA_VERSION = 8
 # (release), stays put when it is forwarded, and leaves them when it is acked: before,
 # each state change moved it in three indexes.
 _OWED = OWED
+
+# A token's seq is its place in the push order (the pusher reads on from the last seq it
+# sent), so a seq is never used twice: a plain rowid is the largest so far plus one, and
+# the newest token row is never deleted (relay.tokenstore.TokenTables.expire keeps it),
+# so the largest so far is never taken back. AUTOINCREMENT promised the same through a
+# counter row in sqlite_sequence, read and rewritten by every insert (schema 8 and
+# before). Receipts are never deleted: their rowids grow alone.
+_TOKENS = """
+CREATE TABLE IF NOT EXISTS {name} (
+    seq INTEGER PRIMARY KEY,
+    id BLOB NOT NULL UNIQUE,
+    report BLOB NOT NULL,
+    recipient TEXT NOT NULL,
+    originator TEXT NOT NULL,
+    token BLOB NOT NULL,
+    counter INTEGER NOT NULL,
+    state TEXT NOT NULL
+        CHECK (state IN ('pending', 'delivered', 'acked', 'revoked', 'expired')),
+    not_after INTEGER NOT NULL,
+    keep_until INTEGER NOT NULL
+);"""
+_RECEIPTS = """
+CREATE TABLE IF NOT EXISTS {name} (
+    seq INTEGER PRIMARY KEY,
+    originator TEXT NOT NULL,
+    token BLOB NOT NULL UNIQUE,
+    receipt BLOB NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'acked'))
+);"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS reports (
@@ -146,32 +176,14 @@ CREATE TABLE IF NOT EXISTS reports (
 -- WAL pages, now 10); a deleted report leaves it.
 CREATE INDEX IF NOT EXISTS reports_live ON reports (expires)
     WHERE state IN ('held', 'released');
-CREATE TABLE IF NOT EXISTS tokens (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id BLOB NOT NULL UNIQUE,
-    report BLOB NOT NULL,
-    recipient TEXT NOT NULL,
-    originator TEXT NOT NULL,
-    token BLOB NOT NULL,
-    counter INTEGER NOT NULL,
-    state TEXT NOT NULL
-        CHECK (state IN ('pending', 'delivered', 'acked', 'revoked', 'expired')),
-    not_after INTEGER NOT NULL,
-    keep_until INTEGER NOT NULL
-);
+{tokens}
 CREATE INDEX IF NOT EXISTS tokens_owed ON tokens (recipient, seq)
     WHERE state IN ('pending', 'delivered');
 CREATE INDEX IF NOT EXISTS tokens_owed_report ON tokens (report)
     WHERE state IN ('pending', 'delivered');
 CREATE INDEX IF NOT EXISTS tokens_owed_expiry ON tokens (not_after)
     WHERE state IN ('pending', 'delivered');
-CREATE TABLE IF NOT EXISTS receipts (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    originator TEXT NOT NULL,
-    token BLOB NOT NULL UNIQUE,
-    receipt BLOB NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'acked'))
-);
+{receipts}
 CREATE INDEX IF NOT EXISTS receipts_originator ON receipts (originator, state, seq);
 CREATE TABLE IF NOT EXISTS notices (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -231,7 +243,16 @@ CREATE TABLE IF NOT EXISTS audit (
     content BLOB NOT NULL,
     head BLOB NOT NULL
 );
-"""
+""".format(tokens=_TOKENS.format(name="tokens"), receipts=_RECEIPTS.format(name="receipts"))
+
+# The columns of the tables schema 9 rebuilt, in order (the rows copied over keep their seq).
+_REBUILT = {
+    "tokens": (
+        _TOKENS,
+        "seq, id, report, recipient, originator, token, counter, state, not_after, keep_until",
+    ),
+    "receipts": (_RECEIPTS, "seq, originator, token, receipt, state"),
+}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -385,7 +406,7 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, 4, 5, 6, 7, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, 5, 6, 7, 8, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
@@ -397,6 +418,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         if version in (2, 3, 4, 5, 6, 7):
             # Replaced by reports_live.
             self._db.execute("DROP INDEX IF EXISTS reports_expiry")
+        if version in (2, 3, 4, 5, 6, 7, 8):
+            self._rebuild_without_autoincrement()
         # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -405,6 +428,26 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         # The set-up above is on disk, and the WAL file's directory entry with it.
         self.fsync_wal()
         _fsync_dir(self.directory)
+
+    def _rebuild_without_autoincrement(self) -> None:
+        # Schema 9: the tables of _REBUILT are made again without AUTOINCREMENT (no ALTER
+        # drops it), every row copied with its seq, in one transaction; their indexes go
+        # with the old table and _SCHEMA makes them again. A seq taken by a token row
+        # deleted before may be used again once: no pusher's position (kept in memory)
+        # outlives the restart.
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, (table, columns) in _REBUILT.items():
+                self._db.execute(table.format(name=f"{name}_9"))
+                self._db.execute(f"INSERT INTO {name}_9 ({columns}) SELECT {columns} FROM {name}")
+                self._db.execute(f"DROP TABLE {name}")
+                self._db.execute(f"ALTER TABLE {name}_9 RENAME TO {name}")
+            self._db.execute("DELETE FROM sqlite_sequence WHERE name IN ('tokens', 'receipts')")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            self._db.close()
+            raise
+        self._db.execute("COMMIT")
 
     @property
     def wal_path(self) -> Path:
@@ -716,12 +759,17 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                 " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
                 pending_values(token),
             )
-            assert cursor.lastrowid is not None  # the row's AUTOINCREMENT seq
-            db.execute(
-                "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
-                " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?",
-                (token.key_commit, token.report),
-            )
+            assert cursor.lastrowid is not None  # the row's seq (its rowid)
+            _, _, state, _, _, pinned = found
+            if state != "released" or pinned is None:
+                # The first release: the report is released, its key commitment pinned.
+                # (A later one found both done, and its key commitment the pinned one.)
+                db.execute(
+                    "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
+                    " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
+                    " WHERE id = ?",
+                    (token.key_commit, token.report),
+                )
             row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1

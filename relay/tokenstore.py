@@ -25,7 +25,7 @@ are :func:`release_refusal`, shared.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from relay.consentstore import ConsentTables
@@ -35,6 +35,7 @@ from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 
 __all__ = [
+    "ID_LIST_SIZES",
     "OUTSTANDING",
     "OWED",
     "PENDING_COLUMNS",
@@ -57,6 +58,12 @@ OUTSTANDING = ("pending", "delivered")
 OWED = "state IN ('pending', 'delivered')"
 
 TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, not_after"
+
+# The id lists TokenTables.mark_forwarded_many and delivery_sources take in one
+# statement (_id_lists): a list is padded (its last id repeated) to the next of these
+# sizes, so only these few statements enter the prepared-statement cache; a longer list
+# takes one statement per the largest.
+ID_LIST_SIZES = (1, 4, 16, 64)
 _REPORT_COLUMNS = "id, originator, size, digest, state, ended, expires, stored_at"
 
 
@@ -172,6 +179,17 @@ def pending_values(token: ReleaseToken) -> tuple[bytes, bytes, str, str, bytes, 
         token.not_after,
         token.not_after + MAX_VALIDITY,
     )
+
+
+def _id_lists(ids: Sequence[bytes]) -> Iterator[tuple[str, tuple[bytes, ...]]]:
+    """``ids`` a statement at a time: the placeholders of an ``IN (...)`` list and its
+    parameters, at most the largest of :data:`ID_LIST_SIZES` each, padded (the last
+    id repeated) to one of those sizes."""
+    largest = ID_LIST_SIZES[-1]
+    for start in range(0, len(ids), largest):
+        chunk = list(ids[start : start + largest])
+        size = next(size for size in ID_LIST_SIZES if size >= len(chunk))
+        yield ", ".join("?" * size), tuple(chunk + [chunk[-1]] * (size - len(chunk)))
 
 
 def release_refusal(
@@ -305,6 +323,25 @@ class TokenTables(ConsentTables):
             return False, None
         return row[0] in OUTSTANDING, None if row[1] is None else bytes(row[1])
 
+    def delivery_sources(
+        self, token_ids: Sequence[bytes]
+    ) -> dict[bytes, tuple[bool, bytes | None]]:
+        """:meth:`delivery_source` of each of ``token_ids`` (of deliveries about to be
+        pushed together), in one query for up to the largest of
+        :data:`ID_LIST_SIZES`; an id not found is left out."""
+        sources: dict[bytes, tuple[bool, bytes | None]] = {}
+        for placeholders, ids in _id_lists(token_ids):
+            for token_id, state, data in self._sql(
+                "SELECT t.id, t.state, r.data FROM tokens t LEFT JOIN reports r"
+                f" ON r.id = t.report WHERE t.id IN ({placeholders})",
+                ids,
+            ).fetchall():
+                sources[bytes(token_id)] = (
+                    state in OUTSTANDING,
+                    None if data is None else bytes(data),
+                )
+        return sources
+
     def is_outstanding(self, token_id: bytes) -> bool:
         """Whether the delivery of ``token_id`` is still owed."""
         row = self._sql("SELECT state FROM tokens WHERE id = ?", (token_id,)).fetchone()
@@ -329,6 +366,36 @@ class TokenTables(ConsentTables):
                 report=bytes(row[2]),
                 token=token_id,
             )
+
+    def mark_forwarded_many(self, rows: Sequence[TokenRow], *, now: int) -> None:
+        """Deliveries that went out in full, together (the small ones of one write), as
+        :meth:`mark_forwarded` each, in one step: one statement for up to the largest
+        of :data:`ID_LIST_SIZES`, not one per delivery. Each still pending is logged
+        ``forwarded``, in the order given, from its row in hand (``rows``, as
+        :meth:`outstanding` found them: who and which report do not change)."""
+        if not rows:
+            return
+        with self._transaction(savepoint=False):
+            marked: set[bytes] = set()
+            for placeholders, ids in _id_lists([row.id for row in rows]):
+                marked.update(
+                    bytes(found[0])
+                    for found in self._sql(
+                        "UPDATE tokens SET state = 'delivered' WHERE state = 'pending'"
+                        f" AND id IN ({placeholders}) RETURNING id",
+                        ids,
+                    ).fetchall()
+                )
+            for row in rows:
+                if row.id in marked:
+                    marked.discard(row.id)  # once, should a row be given twice
+                    self._audit(
+                        AuditEvent.FORWARDED,
+                        now=now,
+                        parties=(row.originator, row.recipient),
+                        report=row.report,
+                        token=row.id,
+                    )
 
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report. Returns False for an unknown or foreign token;
@@ -673,8 +740,12 @@ class TokenTables(ConsentTables):
                 self._audit(AuditEvent.EXPIRED, now=now, parties=(originator,), report=report_id)
             # Consumed token ids are kept until no token with that id could still be
             # valid (not_after + the longest validity), so a replay is always caught.
+            # The newest row stays whatever its state: a new token's seq is then past
+            # every seq given before (SQLite: the largest rowid plus one), so a pusher
+            # reading on from the last seq it sent misses none.
             self._sql(
-                "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)",
+                "DELETE FROM tokens WHERE keep_until < ? AND state NOT IN (?, ?)"
+                " AND seq < (SELECT max(seq) FROM tokens)",
                 (now, *OUTSTANDING),
             )
             self._prune_consent(now=now, clock_skew=clock_skew)

@@ -504,10 +504,8 @@ def test_a_chain_head_held_too_long_by_another_process_is_busy(pg_dsn: str) -> N
         store.close()
 
 
-def test_a_reports_steps_take_no_savepoint_and_the_chain_head_once_per_batch(
-    pg_dsn: str, world: World
-) -> None:
-    store = PgStore(pg_dsn, group_commit=True)
+def _statements(store: PgStore) -> list[str]:
+    """The statements ``store`` runs from now on, as they are sent."""
     seen: list[str] = []
     execute = store._conn.execute
 
@@ -516,6 +514,14 @@ def test_a_reports_steps_take_no_savepoint_and_the_chain_head_once_per_batch(
         return execute(query, params)
 
     store._conn.execute = traced  # type: ignore[method-assign]
+    return seen
+
+
+def test_a_reports_steps_take_no_savepoint_and_the_chain_head_once_per_batch(
+    pg_dsn: str, world: World
+) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    seen = _statements(store)
     try:
         tokens = [_released(store, world, commit=False) for _ in range(3)]
         for token_id in tokens:
@@ -769,3 +775,31 @@ async def test_another_process_hears_of_consent_for_whom_it_is_for(
     finally:
         listening.close()
         sending.close()
+
+
+def test_deliveries_sent_together_are_marked_forwarded_in_one_statement(
+    pg_dsn: str, world: World
+) -> None:
+    store = PgStore(pg_dsn, group_commit=True)
+    try:
+        token_ids = [_released(store, world) for _ in range(3)]
+        rows = store.outstanding("tokyo")
+        assert store.ack_delivery(token_ids[1], recipient="tokyo", now=NOW)  # overtook
+        store.commit_durably()
+        seen = _statements(store)
+        store.mark_forwarded_many([*rows, rows[0]], now=NOW)
+        assert [query.split()[0] for query in seen if "tokens" in query] == ["UPDATE"]
+        store.commit_durably()
+        events = [
+            (AuditEntry.decode(bytes(entry)).event.value, AuditEntry.decode(bytes(entry)).token)  # type: ignore[arg-type]
+            for (entry,) in _rows(pg_dsn, "SELECT entry FROM audit ORDER BY seq")
+        ][6:]
+        assert events == [
+            ("forwarded", token_ids[1]),
+            ("acknowledged", token_ids[1]),
+            ("forwarded", token_ids[0]),
+            ("forwarded", token_ids[2]),
+        ]
+        assert [row.state for row in store.outstanding("tokyo")] == ["delivered"] * 2
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ one ``deliver_inline``; the streamed forms stay for larger reports."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,45 @@ async def test_a_file_kept_report_is_still_delivered_inline(world: World, tmp_pa
             assert h.relay.store.inline_data(report.report_id) is None
             got_token, ciphertext = await receive_delivery(tokyo)
             assert (got_token, ciphertext) == (token, report.ciphertext)
+
+
+async def test_a_batch_of_deliveries_reads_what_it_sends_in_one_query(
+    world: World, store_at: str | Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tokyo connects to five deliveries owed: after the one wait for their batch, one
+    # query says each is still owed and gives its ciphertext, not one query each. A
+    # large one among them streams; what the rest was read as may change meanwhile, so
+    # those after it are read again, one by one.
+    reports = [seal(world, b"x" * (1000 if n == 2 else 10)) for n in range(5)]
+    large = reports[2]
+    # Kept in a file and streamed: over both limits (lowered to its size).
+    monkeypatch.setattr(relay.server, "MAX_INLINE_CIPHERTEXT", large.size - 1)
+    limits = dataclasses.replace(LIMITS, max_inline_report=large.size - 1)
+    assert all(report.size < large.size for report in reports if report is not large)
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=limits) as h:
+            seoul = await h.connect("seoul")
+            tokens = [token_for(world, report) for report in reports]
+            for report, token in zip(reports, tokens, strict=True):
+                await seoul.send(inline(report, token))
+                assert (await expect(seoul, Stored)).released == [token_id(token)]
+            store = h.relay.store
+            one: list[bytes] = []
+            many: list[list[bytes]] = []
+            single, batch = store.delivery_source, store.delivery_sources
+
+            def delivery_source(token: bytes) -> tuple[bool, bytes | None]:
+                one.append(token)
+                return single(token)
+
+            def delivery_sources(ids: list[bytes]) -> dict[bytes, tuple[bool, bytes | None]]:
+                many.append(list(ids))
+                return batch(ids)
+
+            monkeypatch.setattr(store, "delivery_source", delivery_source)
+            monkeypatch.setattr(store, "delivery_sources", delivery_sources)
+            tokyo = await h.connect("tokyo")
+            got = [await receive_delivery(tokyo) for _ in reports]
+            assert got == [(t, r.ciphertext) for t, r in zip(tokens, reports, strict=True)]
+            assert many == [[token_id(token) for token in tokens]]
+            assert one == [token_id(token) for token in tokens[3:]]

@@ -16,8 +16,9 @@ from relay.store import SCHEMA_VERSION, Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
+from tisa.receipt import Receipt
 from tisa.report import SealedReport
-from tisa.token import ReleaseToken
+from tisa.token import MAX_VALIDITY, ReleaseToken
 from tisa_testing.world import NOW, World, make_world
 
 
@@ -296,10 +297,251 @@ def test_a_schema_7_store_gets_the_live_reports_index(tmp_path: Path, world: Wor
             )
         }
         assert indexes == {"reports_live"}
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 8
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
         # The held report past its time is found and expired through it.
         assert store.expire(now=NOW + 11, clock_skew=0) == {"seoul"}
         report_row = store.report(report.report_id)
         assert report_row is not None and report_row.state == "deleted"
+    finally:
+        store.close()
+
+
+def _receipt(world: World, token: ReleaseToken) -> Receipt:
+    return Receipt.issue(
+        world.secrets["tokyo"],
+        world.arrangement,
+        report=token.report,
+        token=token.id,
+        originator="seoul",
+        recipient="tokyo",
+        digest=b"\x00" * 32,
+        received=NOW,
+    )
+
+
+def _table_sql(store: Store, name: str) -> str:
+    row = store._db.execute(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)
+    ).fetchone()
+    return str(row[0])
+
+
+def _sequence_rows(store: Store) -> set[str]:
+    return {str(r[0]) for r in store._db.execute("SELECT name FROM sqlite_sequence")}
+
+
+def test_tokens_and_receipts_are_numbered_without_a_counter_row(
+    tmp_path: Path, world: World
+) -> None:
+    # Schema 9: a release inserts the token's row and no counter row (sqlite_sequence).
+    store = Store(tmp_path, group_commit=True)
+    try:
+        tokens = [_store_and_release(store, world) for _ in range(3)]
+        store.mark_forwarded(tokens[0].id, now=NOW)
+        assert store.ack_delivery(tokens[0].id, recipient="tokyo", now=NOW)
+        assert store.add_receipt(_receipt(world, tokens[0]), now=NOW)
+        store.commit_durably()
+        assert "AUTOINCREMENT" not in _table_sql(store, "tokens")
+        assert "AUTOINCREMENT" not in _table_sql(store, "receipts")
+        assert not _sequence_rows(store) & {"tokens", "receipts"}
+        assert [row.seq for row in store.outstanding("tokyo")] == [2, 3]
+        assert [r.seq for r in store.queued_receipts("seoul")] == [1]
+    finally:
+        store.close()
+
+
+def test_the_newest_token_row_outlives_its_keep_time_so_no_seq_is_given_twice(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        first, newest = _store_and_release(store, world), _store_and_release(store, world)
+        for token in (first, newest):
+            assert store.ack_delivery(token.id, recipient="tokyo", now=NOW)
+        newest_row = store.token(newest.id)
+        assert newest_row is not None and newest_row.seq == 2
+        # Long past both ids' keep time: the older row goes, the newest stays ...
+        later = newest.not_after + MAX_VALIDITY + 1
+        store.expire(now=later, clock_skew=0)
+        assert store.token(first.id) is None
+        assert store.token(newest.id) is not None
+        # ... so the next token's seq is past every seq given before (a pusher that sent
+        # seq 2 reads on from seq > 2 and finds it).
+        again = _store_and_release(store, world, now=later)  # the store does not check time
+        again_row = store.token(again.id)
+        assert again_row is not None and again_row.seq == 3
+        assert [row.id for row in store.outstanding("tokyo", after=2)] == [again.id]
+    finally:
+        store.close()
+
+
+def _make_schema_8(store: Store) -> None:
+    """Turn ``store`` into what a schema-8 relay left: tokens and receipts numbered by
+    AUTOINCREMENT (their counter rows in sqlite_sequence)."""
+    for name, columns in (
+        ("tokens", "seq, id, report, recipient, originator, token, counter, state, not_after,"
+         " keep_until"),
+        ("receipts", "seq, originator, token, receipt, state"),
+    ):  # fmt: skip
+        table = (
+            _table_sql(store, name)
+            .replace("seq INTEGER PRIMARY KEY", "seq INTEGER PRIMARY KEY AUTOINCREMENT")
+            .replace(f"CREATE TABLE {name}", f"CREATE TABLE {name}_8", 1)
+        )
+        store._db.executescript(
+            f"{table};"
+            f"INSERT INTO {name}_8 ({columns}) SELECT {columns} FROM {name};"
+            f"DROP TABLE {name};"
+            f"ALTER TABLE {name}_8 RENAME TO {name};"
+        )
+    store._db.executescript(
+        "CREATE INDEX tokens_owed ON tokens (recipient, seq)"
+        " WHERE state IN ('pending', 'delivered');"
+        "CREATE INDEX tokens_owed_report ON tokens (report)"
+        " WHERE state IN ('pending', 'delivered');"
+        "CREATE INDEX tokens_owed_expiry ON tokens (not_after)"
+        " WHERE state IN ('pending', 'delivered');"
+        "CREATE INDEX receipts_originator ON receipts (originator, state, seq);"
+        "PRAGMA user_version=8;"
+    )
+
+
+def test_a_schema_8_store_opens_at_9_with_nothing_lost(tmp_path: Path, world: World) -> None:
+    store = Store(tmp_path)
+    tokens = [_store_and_release(store, world) for _ in range(4)]
+    store.mark_forwarded(tokens[0].id, now=NOW)
+    assert store.ack_delivery(tokens[0].id, recipient="tokyo", now=NOW)
+    store.mark_forwarded(tokens[1].id, now=NOW)
+    store.revoke(tokens[2].report, tokens[2].id, by="seoul", now=NOW)
+    assert store.add_receipt(_receipt(world, tokens[0]), now=NOW)
+    _make_schema_8(store)
+    assert "AUTOINCREMENT" in _table_sql(store, "tokens")
+    tokens_before = store._db.execute("SELECT * FROM tokens ORDER BY seq").fetchall()
+    receipts_before = store._db.execute("SELECT * FROM receipts ORDER BY seq").fetchall()
+    head = store.audit_head
+    store.close()
+    store = Store(tmp_path)
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert "AUTOINCREMENT" not in _table_sql(store, "tokens")
+        assert "AUTOINCREMENT" not in _table_sql(store, "receipts")
+        # Every row, with its seq and state, and the indexes of _SCHEMA.
+        assert store._db.execute("SELECT * FROM tokens ORDER BY seq").fetchall() == tokens_before
+        assert store._db.execute("SELECT * FROM receipts ORDER BY seq").fetchall() == (
+            receipts_before
+        )
+        indexes = {
+            str(row[0])
+            for row in store._db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'index'"
+                " AND tbl_name IN ('tokens', 'receipts') AND sql IS NOT NULL"
+            )
+        }
+        assert indexes == {
+            "tokens_owed",
+            "tokens_owed_report",
+            "tokens_owed_expiry",
+            "receipts_originator",
+        }
+        assert store.audit_head == head and _chain_ok(store) == store.audit_seq
+        # The deliveries still owed are found as before (forwarded, and pending), the
+        # replay of a consumed token is still refused, and a new token comes after.
+        assert [(row.id, row.state) for row in store.outstanding("tokyo")] == [
+            (tokens[1].id, "delivered"),
+            (tokens[3].id, "pending"),
+        ]
+        with pytest.raises(Refused) as refused:
+            store.release(tokens[0], now=NOW, max_queue=100)
+        assert refused.value.reason is Reason.REPLAYED
+        newer = _store_and_release(store, world)
+        newer_row = store.token(newer.id)
+        assert newer_row is not None and newer_row.seq == 5
+        assert [r.token for r in store.queued_receipts("seoul")] == [tokens[0].id]
+    finally:
+        store.close()
+
+
+def test_deliveries_sent_together_are_marked_forwarded_in_one_statement(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        tokens = [_store_and_release(store, world) for _ in range(5)]
+        rows = store.outstanding("tokyo")
+        # The ack of one overtook its forward (it logged forwarded itself).
+        assert store.ack_delivery(tokens[1].id, recipient="tokyo", now=NOW)
+        store.commit_durably()
+        seq = store.audit_seq
+        seen = _statements(store)
+        store.mark_forwarded_many([*rows, rows[0]], now=NOW + 1)
+        updates = [s for s in seen if s.startswith("UPDATE tokens")]
+        assert len(updates) == 1 and seen == ["BEGIN IMMEDIATE", *updates]
+        # Logged once each, in the order sent, but for the one acked before.
+        entries = [entry for entry, _, _ in store.audit_entries(seq, limit=10)]
+        assert [(e.event.value, e.token, e.report) for e in entries] == [
+            ("forwarded", token.id, token.report) for i, token in enumerate(tokens) if i != 1
+        ]
+        assert all(e.parties == ("seoul", "tokyo") and e.time == NOW + 1 for e in entries)
+        assert [row.state for row in store.outstanding("tokyo")] == ["delivered"] * 4
+        # Marked again (a rescan sent them again): nothing changes, nothing is logged.
+        store.mark_forwarded_many(rows, now=NOW + 2)
+        assert store.audit_seq == seq + 4
+        # Longer lists: one statement per 64, the rest padded to one of a few sizes.
+        more = [_store_and_release(store, world) for _ in range(70)]
+        seen.clear()
+        owed = store.outstanding("tokyo", after=rows[-1].seq)
+        store.mark_forwarded_many(owed, now=NOW)
+        updates = [s for s in seen if s.startswith("UPDATE tokens")]
+        assert len(updates) == 2 and updates[1].count("x'") == 16
+        assert [row.id for row in owed] == [token.id for token in more]
+        assert {row.state for row in store.outstanding("tokyo")} == {"delivered"}
+        store.commit_durably()
+        assert _chain_ok(store) == store.audit_seq == 5 * 2 + 1 + 1 + 4 + 70 * 3
+    finally:
+        store.close()
+
+
+def test_the_sources_of_deliveries_pushed_together_are_read_in_one_query(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        tokens = [_store_and_release(store, world) for _ in range(3)]
+        assert store.ack_delivery(tokens[1].id, recipient="tokyo", now=NOW)
+        ids = [token.id for token in tokens] + [b"\x00" * 16]
+        seen = _statements(store)
+        sources = store.delivery_sources(ids)
+        assert len(seen) == 1 and seen[0].startswith("SELECT t.id, t.state, r.data")
+        # Each as delivery_source reads it; an unknown id is left out.
+        assert sources == {token.id: store.delivery_source(token.id) for token in tokens}
+        assert [sources[token.id][0] for token in tokens] == [True, False, True]
+        assert sources[tokens[0].id][1] == store.inline_data(tokens[0].report) is not None
+    finally:
+        store.close()
+
+
+def test_a_second_release_of_a_report_leaves_its_row_alone(tmp_path: Path) -> None:
+    # The first release marks the report released and pins its key commitment; a later
+    # token for it finds both done and writes its own row only.
+    world = make_world(third_party=True)  # canberra, a second recipient
+    store = Store(tmp_path, group_commit=True)
+    try:
+        report = _add_report(store, world, expires=NOW + 3600)
+        first = ReleaseToken.decode(world.token(report))
+        seen = _statements(store)
+        store.release(first, now=NOW, max_queue=100)
+        assert sum(s.startswith("UPDATE reports") for s in seen) == 1
+        assert store.queue_length("canberra") == 0  # counted now, not in the release
+        seen.clear()
+        second = ReleaseToken.decode(world.token(report, "canberra"))
+        store.release(second, now=NOW, max_queue=100)
+        assert [s.split()[0] for s in seen] == ["SELECT", "INSERT"]
+        row = store.report(report.report_id)
+        assert row is not None and row.state == "released"
+        pinned = store._db.execute(
+            "SELECT key_commit FROM reports WHERE id = ?", (report.report_id,)
+        ).fetchone()[0]
+        assert pinned == first.key_commit == second.key_commit
+        assert [r.id for r in store.outstanding("canberra")] == [second.id]
     finally:
         store.close()
