@@ -85,6 +85,7 @@ from typing import Any, Protocol
 
 import trio
 
+from tisa_io import trace
 from tisa_io.link import LinkClosed
 
 __all__ = [
@@ -343,6 +344,8 @@ class DurableStore:
         """
         if self._wal_file is None:
             self._wal_file = str(self.wal_path)
+        if trace.enabled:
+            trace.span_start("fsync")
         try:
             fd = os.open(self._wal_file, os.O_RDONLY)
             try:
@@ -352,6 +355,8 @@ class DurableStore:
         except BaseException as exc:
             self.failed = exc
             raise
+        if trace.enabled:
+            trace.span_end("fsync")
 
     def manual_checkpoints(self) -> None:
         """Turn SQLite's automatic checkpoint off: :class:`GroupCommitter` runs
@@ -545,12 +550,16 @@ class GroupCommitter:
                     await trio.sleep_until(self.next_commit)
                     continue
                 started = time.perf_counter()
+                if trace.enabled:
+                    trace.span_start("commit")
                 try:
                     store.commit()
                 except Exception:
                     if self._on_commit_error is not None:
                         self._on_commit_error()
                     raise
+                if trace.enabled:
+                    trace.span_end("commit")
                 self.next_commit = trio.current_time() + COMMIT_SPACING * (
                     time.perf_counter() - started
                 )
