@@ -457,8 +457,14 @@ class _CpuByTask(trio.abc.Instrument):
     def __init__(self, tracer: _Tracer) -> None:
         self.tracer = tracer
         self.names: dict[trio.lowlevel.Task, str] = {}
-        self.step_started = 0
-        self.idle_from = time.thread_time_ns()
+        self.exited: trio.lowlevel.Task | None = None  # in its last step
+        # Installed during a step: that step counts from here.
+        self.step_started = self.idle_from = time.thread_time_ns()
+
+    def task_spawned(self, task: trio.lowlevel.Task) -> None:
+        # Named before its first step: a wrapper's arguments are in its frame already,
+        # and a task that ends in its first step has no frame after it.
+        self.names[task] = _task_name(task)
 
     def before_task_step(self, task: trio.lowlevel.Task) -> None:
         now = time.thread_time_ns()
@@ -473,9 +479,13 @@ class _CpuByTask(trio.abc.Instrument):
         self.tracer.cpu[name] += now - self.step_started
         self.tracer.steps[name] += 1
         self.idle_from = now
+        if task is self.exited:
+            del self.names[task]
+            self.exited = None
 
     def task_exited(self, task: trio.lowlevel.Task) -> None:
-        self.names.pop(task, None)
+        # Called inside the task's last step: its name is dropped after the step.
+        self.exited = task
 
     def after_io_wait(self, timeout: float) -> None:
         tracer = self.tracer
