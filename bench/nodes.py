@@ -67,9 +67,15 @@ cores would give from the CPU alone and the bound more cores leave.
 
 The clock is CLOCK_MONOTONIC, which is one clock for every process on the machine.
 
+With ``--trace``, the tisa processes of the latency runs trace themselves
+(:mod:`tisa_io.trace`) and, after each run, the path of one report is printed step by
+step (p50/p90, which process, which step) with each process's costs per report: CPU by
+trio task, COMMITs and WAL fsyncs (CPU and wall time), messages in and out by type
+(:mod:`bench.tracing`; ``bench/README.md``).
+
     python -m bench nodes [--count 2000] [--rate 1000 [--rate 100 ...]] [--large-mib 1024]
                           [--concurrency 64] [--load-window 256]
-                          [--only throughput|latency|large]
+                          [--only throughput|latency|large] [--trace]
                           [--store postgresql://…|postgresql]
 """
 

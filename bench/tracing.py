@@ -22,12 +22,18 @@ The three processes of a traced run write one file each (``seoul-<pid>.trace``,
 
 Percentiles interpolate between the nearest values (``statistics.quantiles``,
 inclusive method).
+
+A folder traced otherwise (``TISA_TRACE_DIR`` set for any of the processes) is read the
+same way: ``python -m bench.tracing FOLDER [--json FILE]``.
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +49,7 @@ __all__ = [
     "analyse_files",
     "lines",
     "load",
+    "main",
     "paths",
 ]
 
@@ -279,3 +286,26 @@ def lines(result: dict[str, Any]) -> list[str]:
         out.append(f"      messages in: {_messages(costs['messages']['in'])}")
         out.append(f"      messages out: {_messages(costs['messages']['out'])}")
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.tracing FOLDER [--json FILE]``: print the analysis of a folder of
+    trace files (and write it as JSON)."""
+    parser = argparse.ArgumentParser(prog="python -m bench.tracing", description=__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--json", metavar="FILE")
+    args = parser.parse_args(argv)
+    files = load(args.folder)
+    if not files:
+        print(f"error: no .trace file in {args.folder}", file=sys.stderr)
+        return 2
+    result = analyse_files(files)
+    for line in lines(result):
+        print(line)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

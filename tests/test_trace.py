@@ -8,6 +8,7 @@ trace gives the figures its stamps and snapshots imply; every limit is crossed.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -294,6 +295,17 @@ def test_costs_per_report_of_a_synthetic_trace(tmp_path: pathlib.Path) -> None:
     assert "seoul: CPU 1000 µs (7 reports in 6.2 s)" in printed
     assert "COMMITs 1.00 (each CPU 100 µs, wall 200 µs); WAL fsyncs 2.00" in printed
     assert "S0 -> T_app, the whole path" in printed
+
+
+def test_the_command_prints_a_folder(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _synthetic(tmp_path)
+    assert tracing.main([str(tmp_path), "--json", str(tmp_path / "out.json")]) == 0
+    assert "tokyo: CPU 1000 µs (7 reports in 6.2 s)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["kept"] == 7
+    assert tracing.main([str(tmp_path / "out.json")]) == 2  # not a folder of traces
+    assert "no .trace file" in capsys.readouterr().err
 
 
 def test_no_complete_report_is_said(tmp_path: pathlib.Path) -> None:

@@ -63,7 +63,8 @@ label         where                      what has happened
 
 The links count ``in:<type>`` and ``out:<type>`` for every message decoded and every
 message queued; the group committer times each COMMIT (span ``commit``) and the store
-each WAL fsync (span ``fsync``, in whichever thread runs it).
+each WAL fsync (span ``fsync``, in whichever thread runs it). :func:`instrument` is
+called by ``open_node`` and ``Relay.serve_tcp``.
 
 Limits
 ------
@@ -145,12 +146,12 @@ ENV_NAME: Final = "TISA_TRACE_NAME"
 ENV_MAX_BYTES: Final = "TISA_TRACE_MAX_BYTES"
 FORMAT_VERSION: Final = 1
 
-# Lines held in memory before they are appended to the file: about 200 KiB, 3 s of
-# stamps of the three processes at 100 reports/s; one write() per block.
+# Lines held in memory before they are appended to the file: about 240 KiB, one write()
+# every 5 s or so for the originator at 100 reports/s (7 stamps of about 60 bytes per
+# report, and the snapshots).
 BLOCK_LINES: Final = 4096
-# A process's file stops growing here: about 3 hours of one process at 100 reports/s
-# (about 25 KiB/s of stamps and snapshots); the disk of a forgotten TISA_TRACE_DIR
-# does not fill up.
+# A process's file stops growing here: about 1.5 hours of the originator at 100
+# reports/s (about 45 KiB/s); the disk of a forgotten TISA_TRACE_DIR does not fill up.
 MAX_FILE_BYTES: Final = 256 * 1024 * 1024
 # Seconds between two snapshots of the totals: a window of a 20 s run is then placed
 # within a quarter of a second, and the snapshots are a few percent of the file.
@@ -369,7 +370,8 @@ def mark(label: str, key: Key, *, t: int | None = None, alias: Key | None = None
 
     Args:
         label: the point of the path (no spaces).
-        key: what passes there: bytes (written in hex), a str without spaces, an int.
+        key: what passes there: bytes (written in hex), a str (its spaces written as
+            underscores), an int.
         t: the time, CLOCK_MONOTONIC nanoseconds (default: now).
         alias: another key naming the same thing (recorded once, beside the stamp).
     """
