@@ -435,3 +435,12 @@ def test_a_malformed_file_is_refused(tmp_path: pathlib.Path, text: str, said: st
     (tmp_path / "p-1.trace").write_text(text)
     with pytest.raises(UsageError, match=said):
         trace.read(tmp_path / "p-1.trace")
+
+
+def test_bench_trace_needs_the_latency_part(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench import nodes
+
+    with pytest.raises(SystemExit) as exited:
+        nodes.main(["--only", "large", "--trace"])
+    assert exited.value.code == 2
+    assert "--trace traces the latency runs: it needs the latency part" in capsys.readouterr().err
