@@ -67,9 +67,15 @@ cores would give from the CPU alone and the bound more cores leave.
 
 The clock is CLOCK_MONOTONIC, which is one clock for every process on the machine.
 
+With ``--trace``, the tisa processes of the latency runs trace themselves
+(:mod:`tisa_io.trace`) and, after each run, the path of one report is printed step by
+step (p50/p90, which process, which step) with each process's costs per report: CPU by
+trio task, COMMITs and WAL fsyncs (CPU and wall time), messages in and out by type
+(:mod:`bench.tracing`; ``bench/README.md``).
+
     python -m bench nodes [--count 2000] [--rate 1000 [--rate 100 ...]] [--large-mib 1024]
                           [--concurrency 64] [--load-window 256]
-                          [--only throughput|latency|large]
+                          [--only throughput|latency|large] [--trace]
                           [--store postgresql://…|postgresql]
 """
 
@@ -91,7 +97,7 @@ from typing import Any
 import nacl.bindings as sodium
 import trio
 
-from bench import ceiling, core, floors, targets
+from bench import ceiling, core, floors, targets, tracing
 from bench.processes import (
     Process,
     cpu_seconds,
@@ -101,12 +107,14 @@ from bench.processes import (
     profile,
     relay_limits,
     run_folder,
+    trace_env,
     vm_hwm_mib,
     wait_port,
 )
 from bench.stores import SQLITE, THROWAWAY, PgBench, Relays, Setup, setups
 from bench.world import LEVEL, SCOPE
 from relay.storage import is_postgresql
+from tisa_io import trace
 from tisa_testing.pg_server import PgUnavailable
 
 __all__ = ["main"]
@@ -186,6 +194,8 @@ async def _tokyo(folder: Path, ports: str, mode: str, count: int) -> None:
         cpu0 = time.process_time()
         async for report in node.reports():
             now = time.monotonic()
+            if trace.enabled:
+                trace.mark("T_app", report.report_id)
             if mode == "large":
                 emit({"end": now, "peak_mib": vm_hwm_mib()})
                 return
@@ -210,11 +220,14 @@ def _run_tisa(
     size: int,
     concurrency: int = 1,
     setup: Setup = SQLITE,
+    traced: bool = False,
 ) -> dict[str, Any]:
     run = run_folder(folder)
     if mode == "large":
         (run / "large.bin").symlink_to(folder / "large.bin")
-    relays = Relays(run, count, setup)
+    # With tracing, every process writes its file into one folder (tisa_io.trace).
+    trace_folder = run / "trace" if traced else None
+    relays = Relays(run, count, setup, trace=trace_folder)
     seoul = tokyo = None
     try:
         ports = relays.ports()
@@ -223,9 +236,11 @@ def _run_tisa(
         forward, backward = ",".join(map(str, ports)), ",".join(map(str, ports[::-1]))
         rest = [mode, str(count), str(rate), str(size)]
         tokyo = Process(run, "tokyo", ["-m", "bench.nodes", "--role", "tokyo", str(run),
-                                       backward, *rest])  # fmt: skip
+                                       backward, *rest],
+                        trace_env(trace_folder, "tokyo"))  # fmt: skip
         seoul = Process(run, "seoul", ["-m", "bench.nodes", "--role", "seoul", str(run),
-                                       forward, *rest, str(concurrency)])  # fmt: skip
+                                       forward, *rest, str(concurrency)],
+                        trace_env(trace_folder, "seoul"))  # fmt: skip
         for process, label in ((tokyo, "tokyo"), (seoul, "seoul")):
             profile(process, "BENCH_PROFILE_NODES", label)
         tokyo.wait(timeout=900)
@@ -238,6 +253,8 @@ def _run_tisa(
                 process.stop()
         relays.stop()
     return {
+        # Read once every process has ended (and written its file out).
+        **({"trace": tracing.analyse(trace_folder)} if trace_folder is not None else {}),
         "seoul": {**seoul.records()[-1], "peak_mib": seoul.peak_mib, "cpu_s": seoul.cpu_s},
         "tokyo": {"peak_mib": tokyo.peak_mib, **tokyo.records()[-1], "cpu_s": tokyo.cpu_s},
         "one_time_used": one_time_used,
@@ -617,7 +634,8 @@ def _latency_part(folder: Path, args: argparse.Namespace, kinds: list[Setup]) ->
         b50, b99 = _percentiles(bare)
         found: dict[str, Any] = {}
         for kind in kinds:
-            tisa = _run_tisa(folder, "latency", args.latency_count, rate, 1024, 1, kind)
+            tisa = _run_tisa(folder, "latency", args.latency_count, rate, 1024, 1, kind,
+                             traced=args.trace)  # fmt: skip
             t50, t99 = _percentiles(tisa)
             achieved = args.latency_count / (tisa["tokyo"]["end"] - tisa["seoul"]["start"])
             tisa_cpu = _pipeline_cpu_ms(tisa, args.latency_count)
@@ -625,7 +643,11 @@ def _latency_part(folder: Path, args: argparse.Namespace, kinds: list[Setup]) ->
             name = "tisa" if kind.server is None else kind.label
             print(f"  {name:12} p50 {t50:7.2f} ms  p99 {t99:8.2f} ms (delivered {achieved:.0f}/s;"
                   f" p99 over bare {t99 / b99:5.1f}x); CPU per report {tisa_cpu:.2f} ms summed"
-                  f" over the processes")  # fmt: skip
+                  f" over the processes" + (", traced" if args.trace else ""))  # fmt: skip
+            if args.trace:
+                found[kind.key]["trace"] = tisa["trace"]
+                for line in tracing.lines(tisa["trace"]):
+                    print(line)
         print(f"  {'bare':12} p50 {b50:7.2f} ms  p99 {b99:8.2f} ms"
               f" (CPU per message {_pipeline_cpu_ms(bare, args.latency_count):.3f} ms);"
               f" {targets.load_average()}")  # fmt: skip
@@ -723,6 +745,14 @@ def main(argv: list[str] | None = None) -> int:
         " head row is held and a writing transaction open (the row and pg_stat_activity"
         " every 2 ms; its queries add to the server's CPU)",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace the tisa processes of the latency runs (tisa_io.trace) and print, after"
+        " each, the path of one report step by step (p50/p90) and each process's costs per"
+        " report (CPU by trio task, COMMITs and WAL fsyncs, messages by type), over the"
+        " middle of the run; tracing adds its own cost to the figures",
+    )
     parser.add_argument("--json", metavar="FILE")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -739,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--store takes a postgresql:// address, or 'postgresql'")
     if args.lock_probe and args.store is None:
         parser.error("--lock-probe needs --store")
+    if args.trace and args.only and "latency" not in args.only:
+        parser.error("--trace traces the latency runs: it needs the latency part")
     parts = args.only or ["throughput", "latency", "large"]
     figures: dict[str, Any] = {}
     server = None if args.store is None else PgBench(args.store)

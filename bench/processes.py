@@ -35,6 +35,7 @@ __all__ = [
     "relay_limits",
     "run_folder",
     "start_relay",
+    "trace_env",
     "vm_hwm_mib",
     "wait_port",
 ]
@@ -179,11 +180,13 @@ def start_relay(
     store: str | None = None,
     label: str = "relay",
     metrics_port: int | None = None,
+    env: dict[str, str] | None = None,
 ) -> Process:
     """The real relay (``python -m relay``) on a fresh store in ``run`` (or on ``store``, a
     ``postgresql://`` address: several relay processes may share one); its port is written
     to ``run / f"{label}.port"``. Its limits: :func:`relay_limits`. With ``metrics_port``
-    it serves its metrics there on 127.0.0.1 (:func:`commit_flushes` reads them).
+    it serves its metrics there on 127.0.0.1 (:func:`commit_flushes` reads them). ``env``:
+    more environment variables for it (e.g. :func:`trace_env`).
 
     With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
     separately, not a dependency) samples the relay until it ends, into a collapsed-stack
@@ -195,10 +198,18 @@ def start_relay(
          "--port", "0", "--port-file", str(run / f"{label}.port"),
          *(arg for limit in relay_limits(count) for arg in ("--limit", limit)),
          *(() if metrics_port is None else ("--metrics", f"127.0.0.1:{metrics_port}"))],
-        env={"BENCH_PASS": PASSPHRASE},
+        env={"BENCH_PASS": PASSPHRASE, **(env or {})},
     )  # fmt: skip
     profile(relay, "BENCH_PROFILE_RELAY", "relay")
     return relay
+
+
+def trace_env(folder: Path | None, label: str) -> dict[str, str]:
+    """The environment that turns :mod:`tisa_io.trace` on in a child process, into
+    ``folder`` under the name ``label`` (nothing when ``folder`` is None)."""
+    if folder is None:
+        return {}
+    return {"TISA_TRACE_DIR": str(folder), "TISA_TRACE_NAME": label}
 
 
 def free_port() -> int:

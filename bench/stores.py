@@ -28,7 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.processes import Process, commit_flushes, cpu_seconds, free_port, start_relay, wait_port
+from bench.processes import (
+    Process,
+    commit_flushes,
+    cpu_seconds,
+    free_port,
+    start_relay,
+    trace_env,
+    wait_port,
+)
 from relay.store import DB_NAME
 from tisa_testing.pg_server import PgServer, postmaster_pid, server_cpu_seconds
 
@@ -168,11 +176,19 @@ class Relays:
 
     :meth:`mark` and :meth:`measure` bracket the measured part: the relays' CPU seconds
     (each, and the server's) between the two; with ``metrics=True``, also their flushes
-    to disk and the steps these made durable (read from each relay's metrics).
+    to disk and the steps these made durable (read from each relay's metrics). With
+    ``trace`` (a folder), each relay process traces into it (:mod:`tisa_io.trace`).
     """
 
     def __init__(
-        self, run: Path, count: int, setup: Setup, *, probe: bool = False, metrics: bool = False
+        self,
+        run: Path,
+        count: int,
+        setup: Setup,
+        *,
+        probe: bool = False,
+        metrics: bool = False,
+        trace: Path | None = None,
     ) -> None:
         self.run = run
         self.setup = setup
@@ -181,7 +197,7 @@ class Relays:
         self.metrics_ports = [free_port() for _ in self.labels] if metrics else []
         ports: list[int | None] = [*self.metrics_ports] or [None] * len(self.labels)
         self.processes: list[Process] = [
-            start_relay(run, count, self.store, label, port)
+            start_relay(run, count, self.store, label, port, trace_env(trace, label))
             for label, port in zip(self.labels, ports, strict=True)
         ]
         self._flushes0 = (0.0, 0.0)

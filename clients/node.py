@@ -125,6 +125,7 @@ from tisa.prekeys import PrekeyKind, PrekeySecret, WrapMode
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer
 from tisa.token import MAX_VALIDITY, ReleaseToken, check_for_recipient, issue_token
+from tisa_io import trace
 from tisa_io.durable import GroupCommitter
 from tisa_io.link import Link, LinkClosed, connect_member
 
@@ -538,6 +539,8 @@ class Node:
         Cancellation: sealing runs to its end in its thread; a submission cancelled
         before it was recorded leaves no trace (its partial file is removed on restart).
         """
+        if trace.enabled:
+            trace.begin("S0")
         recipients = tuple(sorted(set(recipients), key=str.encode))
         self._arrangement.check_share(self.name, recipients, scope, level)
         release_to = tuple(dict.fromkeys(release_to))
@@ -590,7 +593,11 @@ class Node:
         # Connected: the recipients' prekeys first (from the pool, else fetched), so the
         # tokens are issued in the same batch as the submission and travel with it (one
         # message for a small report).
+        if trace.enabled:
+            trace.mark("S_sealed", sealer.report_id)
         prekeys = await self._prefetch_prekeys(release_to) if self.connected else {}
+        if trace.enabled:
+            trace.mark("S_pre", sealer.report_id)
         try:
             self.store.record_submission(
                 data=inline,
@@ -618,9 +625,13 @@ class Node:
                 wanted_release = self.store.wanted_release(wanted_id)
                 assert wanted_release is not None
                 await self._issue(wanted_release, prekeys[recipient])
+        if trace.enabled:
+            trace.mark("S_issued", sealer.report_id)
         # The sender is told first: it waits for the same commit, then sends at once.
         self._notify()
         await self._durable()
+        if trace.enabled:
+            trace.mark("S_durable", sealer.report_id)
         # While connected, the tokens are issued at once (one prekey fetch each) and go
         # out right behind the submission; offline, on the next connection.
         await self._wait_issued(wanted)
@@ -628,6 +639,8 @@ class Node:
             # Their ends (issued, refused) on disk: the last batch that ended a release
             # request, not one opened since by unrelated steps.
             await self._durable(self.store.batch_of(rows.WANTED))
+        if trace.enabled:
+            trace.mark("S_ret", sealer.report_id)
         return sealer.report_id
 
     async def _wait_issued(self, wanted: list[int]) -> None:
@@ -1847,6 +1860,8 @@ class Node:
         self._uploading |= reports
         try:
             await link.send_many([message for _, message in pending])
+            if trace.enabled:
+                trace.mark_all("S_sent", reports)
             self._uploaded |= reports
         finally:
             self._uploading -= reports
@@ -2267,6 +2282,8 @@ class Node:
 
     async def _on_deliver(self, session: _Session, message: m.Deliver | m.DeliverInline) -> None:
         token = ReleaseToken.decode(message.token)
+        if trace.enabled:
+            trace.mark("T_recv", token.report)
         # The whole ciphertext when it came in the message (deliver_inline), else None:
         # it follows in chunks.
         inline = message.data if isinstance(message, m.DeliverInline) else None
@@ -2368,6 +2385,8 @@ class Node:
                 events=events,
                 parts=parts,
             )
+            if trace.enabled:
+                trace.mark("T_stored", token.report)
         self._notify()
         # Sent by the replier once the inbox row and the seen-set are committed.
         self._reply(session, m.Ack(kind="delivery", token=token.id))
@@ -2660,6 +2679,8 @@ async def open_node(
                 clock=clock,
                 backoff=backoff,
             )
+            if trace.enabled:
+                trace.instrument()
             nursery.start_soon(node._run)
             nursery.start_soon(node._pump_events)
             nursery.start_soon(node._group_commit.run_background_commits)

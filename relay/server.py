@@ -106,6 +106,7 @@ from tisa.messages import (
 from tisa.prekeys import Prekey, PrekeyKind
 from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 from tisa.token import ReleaseToken, check_for_relay
+from tisa_io import trace
 from tisa_io.durable import GroupCommitter
 from tisa_io.link import (
     ERROR_GRACE,
@@ -457,6 +458,8 @@ class Relay:
         With ``metrics=(host, port)`` the metrics and the health check are served there
         too (:func:`relay.metrics.serve_metrics`; its bound port in :attr:`metrics_port`).
         """
+        if trace.enabled:
+            trace.instrument()
         listeners = await trio.open_tcp_listeners(port, host=host)
         bound = listeners[0].socket.getsockname()[1]
         async with trio.open_nursery() as nursery:
@@ -874,6 +877,8 @@ class Relay:
         tokens consumed in the open batch, and one ``stored`` names the tokens accepted
         (each refused one gets its ``refused`` behind it). A refused submission gets one
         ``refused`` and its tokens are not looked at (none is consumed)."""
+        if trace.enabled:
+            trace.mark("R_recv", message.report)
         upload = self._new_upload(conn, message)
         try:
             upload.received = upload.size
@@ -901,6 +906,8 @@ class Relay:
         await self._reply(conn, dataclasses.replace(stored, released=released))
         for refusal in refusals:
             await self._reply(conn, refusal)
+        if trace.enabled:
+            trace.mark("R_handled", message.report)
         for recipient in recipients:
             self._wake(recipient)
 
@@ -1544,6 +1551,8 @@ class Relay:
         # nothing was to be pushed then.)
         waited = self.store.committed < barrier
         await self._durable(barrier)
+        if trace.enabled:
+            trace.mark("R_deliver", row.report, alias=row.id)
         holder = self._claims.get(row.id)
         if holder is not None and holder is not conn:
             return  # another connection claimed it while this one waited for the commit
@@ -1626,6 +1635,8 @@ class Relay:
             return
         await conn.link.send_many(status + pending)
         for row in sent:
+            if trace.enabled:
+                trace.mark("R_sent", row.id)
             self._refresh_claim(conn, row.id)
         self.store.mark_forwarded_many(sent, now=self.now())
         for _ in sent:

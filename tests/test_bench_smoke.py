@@ -37,7 +37,7 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
     figures_file = tmp_path / "figures.json"
     out = _bench(
         "nodes", "--count", "40", "--rounds", "1", "--latency-count", "30",
-        "--rate", "100", "--large-mib", "2", "--json", str(figures_file),
+        "--rate", "100", "--large-mib", "2", "--trace", "--json", str(figures_file),
     )  # fmt: skip
     assert "round 1: bare forwarder" in out and "relay alone" in out
     assert "ceiling from libsodium work alone" in out
@@ -48,6 +48,15 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
     assert out.count("; load ") >= 4
     assert "latency, 30 reports of 1 KiB offered at 100/s" in out
     assert "large report, 2 MiB end to end" in out
+    # --trace: the path of one report step by step, and each process's costs per report
+    # (bench/tracing.py), from the files the three processes wrote.
+    assert "trace: 30 reports, 30 with every stamp, 21 in the middle of the run" in out
+    for step in ("S0 -> S_sealed", "S_durable -> S_sent", "R_deliver -> R_sent",
+                 "T_stored -> T_app", "S0 -> T_app, the whole path"):  # fmt: skip
+        assert step in out, step
+    for process in ("seoul", "relay", "tokyo"):
+        assert f"    {process}: CPU " in out, process
+    assert out.count("      messages out: ") == 3 and "WAL fsyncs" in out
     # The floors beside the targets (bench/floors.py), each from this run.
     assert "floor, a durable Python relay per 1 KiB report (relay-alone run)" in out
     assert "proposed relay alone over the durable-relay floor" in out
@@ -66,6 +75,12 @@ def test_bench_nodes_runs_every_part(tmp_path: Path) -> None:
     assert figures["throughput"]["tisa"] > 0 and figures["throughput"]["bare"] > 0
     assert figures["throughput"]["relay_alone"]["rate"] > 0
     assert figures["latency_ms"]["100"]["tisa"][1] > 0
+    traced = figures["latency_ms"]["100"]["trace"]
+    assert traced["kept"] == 21 and len(traced["segments"]) == 12
+    for process in ("seoul", "relay", "tokyo"):
+        costs = traced["processes"][process]
+        assert costs["cpu_us"] > 0 and costs["messages"]["out"]
+    assert traced["processes"]["seoul"]["messages"]["out"]["submit_inline"] > 0
     assert figures["throughput"]["relay_cpu_us"] > 0 and figures["throughput"]["tisa_cpu_ms"] > 0
     for process in ("seoul", "relay", "tokyo"):
         # VmHWM of each process: a real reading, not nan, and at least the interpreter.

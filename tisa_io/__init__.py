@@ -11,6 +11,8 @@ library (:mod:`clients`), which use it side by side and never import each other:
 * :mod:`tisa_io.files`: the files a deployment keeps (key files, arrangement files,
   exported identities) and :func:`load_home`, which opens a home folder the ``tisa``
   command made.
+* :mod:`tisa_io.trace`: the benchmarks' tracer (off by default): stamps of a report's
+  path, message counts, COMMIT and WAL fsync costs, CPU per trio task, per process.
 """
 
 from __future__ import annotations

@@ -89,6 +89,7 @@ from typing import Any, Protocol
 
 import trio
 
+from tisa_io import trace
 from tisa_io.link import LinkClosed
 
 __all__ = [
@@ -374,6 +375,8 @@ class DurableStore:
         """
         if self._wal_file is None:
             self._wal_file = str(self.wal_path)
+        if trace.enabled:
+            trace.span_start("fsync")
         try:
             fd = os.open(self._wal_file, os.O_RDONLY)
             try:
@@ -383,6 +386,8 @@ class DurableStore:
         except BaseException as exc:
             self.failed = exc
             raise
+        if trace.enabled:
+            trace.span_end("fsync")
 
     def manual_checkpoints(self) -> None:
         """Turn SQLite's automatic checkpoint off: :class:`GroupCommitter` runs
@@ -576,12 +581,16 @@ class GroupCommitter:
                     await trio.sleep_until(self.next_commit)
                     continue
                 started = time.perf_counter()
+                if trace.enabled:
+                    trace.span_start("commit")
                 try:
                     store.commit()
                 except Exception:
                     if self._on_commit_error is not None:
                         self._on_commit_error()
                     raise
+                if trace.enabled:
+                    trace.span_end("commit")
                 self.next_commit = trio.current_time() + COMMIT_SPACING * (
                     time.perf_counter() - started
                 )

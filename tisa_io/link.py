@@ -59,6 +59,7 @@ from tisa.handshake import (
 from tisa.keys import MemberSecret
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import ErrorMessage, Message, decode_message, encode_message
+from tisa_io import trace
 
 __all__ = [
     "Link",
@@ -266,6 +267,8 @@ class Link:
                 # the peer's channel position behind ours.
                 raise UsageError(f"a {message.TYPE} message of {len(plaintext)} bytes")
             plaintexts.append(plaintext)
+            if trace.enabled:
+                trace.count("out:" + message.TYPE)
         if self._channel.closed or self._channel.failed:
             raise LinkClosed("the channel is closed")
         seal = self._channel.seal
@@ -374,7 +377,10 @@ class Link:
         plaintext = self._channel.open(payload)
         if self._channel.peer_closed:
             raise LinkClosed("the peer closed the channel")
-        return decode_message(plaintext, max_size=self._limits.max_frame)
+        message = decode_message(plaintext, max_size=self._limits.max_frame)
+        if trace.enabled:
+            trace.count("in:" + message.TYPE)
+        return message
 
     async def _next_frame(self) -> bytes:
         decoder = self._decoder
