@@ -298,3 +298,23 @@ async def test_a_lazy_wait_on_a_lost_batch_raises(
         assert lazy.store.lost(lazy.barrier)
         await lazy.wait()  # already lost: at once
         assert isinstance(lazy.ended[1], LinkClosed)
+        # durable_unless raises it as such (not in an exception group), whether the
+        # batch is lost before or during its wait.
+        with pytest.raises(LinkClosed):
+            await lazy.committer.durable_unless(lazy.barrier, trio.Event())
+        lazy.store.add_event(ExpiredEvent(report=b"s" * 16, token=None))
+        later = lazy.store.barrier
+        failures: list[BaseException] = []
+
+        async def unless() -> None:
+            try:
+                await lazy.committer.durable_unless(later, trio.Event())
+            except LinkClosed as exc:
+                failures.append(exc)
+
+        nursery.start_soon(unless)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(sqlite3.OperationalError):
+            await lazy.committer.durable(later)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(failures) == 1 and lazy.store.lost(later)

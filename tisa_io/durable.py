@@ -604,15 +604,21 @@ class GroupCommitter:
                 await urgent.wait()
                 waiting.set()
 
+            on_disk = False
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(cut)
                 try:
                     while not urgent.is_set():
                         if await self.durable_lazily(barrier, waiting):
-                            return
+                            on_disk = True
+                            break
                         waiting = trio.Event()
+                except LinkClosed:
+                    pass  # raised by durable below, outside the nursery (no group)
                 finally:
                     nursery.cancel_scope.cancel()
+            if on_disk:
+                return
         await self.durable(barrier)
 
     async def durable(self, barrier: int) -> None:
