@@ -1535,14 +1535,7 @@ class Node:
             if events:
                 # Never announce what is not on disk: the batch that wrote the last
                 # event read.
-                batch = self.store.batch_of(rows.EVENTS)
-                if all(kind == ReceiptEvent.KIND for _, kind, _ in events):
-                    # Receipts only: nobody waits on them urgently. They ride with the
-                    # next commit, within BACKGROUND_COMMIT_DELAY, unless the state
-                    # changes meanwhile (another event, say): then commit now.
-                    await self._group_commit.durable_unless(batch, changed)
-                else:
-                    await self._durable(batch)
+                await self._durable(self.store.batch_of(rows.EVENTS))
             for seq, kind, data in events:
                 await self._event_send.send(
                     (seq, decode_event(kind, data, arrangement=self._arrangement))
