@@ -1310,13 +1310,13 @@ class Relay:
         )
         if one_time is None and left:
             self._prekeys_limited(conn.member, message.member, now=now)
-        # Not lazy (GroupCommitter.durable_lazily), although most fetches refill an
-        # originator's prekey pool ahead of need: a pool keeper asks again only once
-        # answered, so answers held for the background commit capped its refills below
-        # what a steady 100 reports/s takes; the pool ran dry and every submit waited
-        # on a fetch (bench nodes --rate 100: p50 from 20-48 ms to 115-240 ms).
+        # Lazy: an originator fetches ahead, for its prekey pool (one that waits on the
+        # answer, its pool empty, waits at most BACKGROUND_COMMIT_DELAY more, less
+        # when an answer it does wait on, a stored, follows).
         await self._reply(
-            conn, Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time)
+            conn,
+            Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time),
+            lazy=True,
         )
         if one_time is not None and left < self.limits.prekey_low_water:
             # Not queued behind the recipient's other answers: its pusher sends one
