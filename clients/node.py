@@ -210,11 +210,16 @@ class _Session:
     # The extract (or the relay's refusal) for the audit_fetch in flight, if any.
     audit_replies: trio.MemorySendChannel[bytes | Refused]
     audit_waiting: bool = False
-    # Acks waiting for the commit of what they confirm: (batch, message).
-    replies: collections.deque[tuple[int, m.Message]] = dataclasses.field(
+    # Acks waiting for the commit of what they confirm: (batch, message, lazy); a lazy
+    # one does not force a commit of its own (see Node._reply).
+    replies: collections.deque[tuple[int, m.Message, bool]] = dataclasses.field(
         default_factory=collections.deque
     )
     replies_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Acks in ``replies`` that are not lazy, and the replier's event while it waits
+    # lazily (set when one of those is queued).
+    urgent_replies: int = 0
+    lazy_wake: trio.Event | None = None
     # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
     prekey_waiters: dict[bytes, trio.MemorySendChannel[m.Message]] = dataclasses.field(
         default_factory=dict
@@ -419,19 +424,37 @@ class Node:
         """
         await self._group_commit.durable(self.store.barrier if barrier is None else barrier)
 
-    def _reply(self, session: _Session, message: m.Message) -> None:
-        session.replies.append((self.store.barrier, message))
+    def _reply(self, session: _Session, message: m.Message, *, lazy: bool = False) -> None:
+        """Queue an ack, sent once the batch it confirms is on disk. ``lazy``: nobody
+        waits on it urgently (the ack of a receipt): it forces no commit of its own and
+        goes out with the next one, within BACKGROUND_COMMIT_DELAY; one not lazy queued
+        behind has the replier commit at once (acks go out in order)."""
+        session.replies.append((self.store.barrier, message, lazy))
+        if not lazy:
+            session.urgent_replies += 1
+            if session.lazy_wake is not None:
+                session.lazy_wake.set()
         session.changed()
 
     async def _replier(self, session: _Session) -> None:
         while True:
             while not session.replies:
                 await session.replies_changed.wait()
-            barrier, _ = session.replies[0]
-            await self._durable(barrier)
+            barrier = session.replies[0][0]
+            if session.urgent_replies or len(session.replies) >= MAX_QUEUED_REPLIES:
+                await self._durable(barrier)
+            else:
+                session.lazy_wake = trio.Event()
+                try:
+                    if not await self._group_commit.durable_lazily(barrier, session.lazy_wake):
+                        continue  # woken: look again
+                finally:
+                    session.lazy_wake = None
             ready: list[m.Message] = []
             while session.replies and session.replies[0][0] <= self.store.committed:
-                ready.append(session.replies.popleft()[1])
+                _, message, lazy = session.replies.popleft()
+                session.urgent_replies -= not lazy
+                ready.append(message)
             await session.link.send_many(ready)
             session.changed()
 
@@ -1976,6 +1999,8 @@ class Node:
             message = await self._next_message(session)
             self._group_commit.activity += 1
             while len(session.replies) >= MAX_QUEUED_REPLIES:
+                if session.lazy_wake is not None:
+                    session.lazy_wake.set()  # a full queue is urgent
                 await session.replies_changed.wait()
             if isinstance(message, m.Prekeys | m.Refusal) and message.ref in session.prekey_waiters:
                 # The answer to a prekey fetch (or its refusal): to the task waiting.
@@ -2209,7 +2234,8 @@ class Node:
                 )
             )
         self._notify()
-        self._reply(session, m.Ack(kind="receipt", token=receipt.token))
+        # Lazy: the relay only stops pushing the receipt once it has this.
+        self._reply(session, m.Ack(kind="receipt", token=receipt.token), lazy=True)
 
     # --- consent forwarded by the relay -----------------------------------------------
 

@@ -308,11 +308,17 @@ class _Connection:
     # Order of arrival among all connections: new deliveries go to the member's newest
     # connection that is not overdue (after a network drop, the one it reconnected on).
     serial: int = 0
-    # Answers waiting for their batch to commit: (batch, message).
-    replies: collections.deque[tuple[int, Message]] = dataclasses.field(
+    # Answers waiting for their batch to commit: (batch, message, lazy); a lazy one
+    # does not force a commit of its own (see Relay._reply).
+    replies: collections.deque[tuple[int, Message, bool]] = dataclasses.field(
         default_factory=collections.deque
     )
     replies_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # Answers in ``replies`` that are not lazy.
+    urgent_replies: int = 0
+    # The replier's event while it waits lazily (GroupCommitter.durable_lazily): set
+    # when an answer that is not lazy, or a full queue, needs a commit now.
+    lazy_wake: trio.Event | None = None
     # Audit extracts queued in ``replies`` (up to ~128 KiB each): at most
     # MAX_QUEUED_AUDIT_REPLIES, so a member that asks and never reads holds little.
     audit_queued: int = 0
@@ -545,11 +551,24 @@ class Relay:
         self._store_failed.set()
         raise LinkClosed("WAL fsync failed") from None
 
-    async def _reply(self, conn: _Connection, message: Message) -> None:
-        """Queue ``message`` for ``conn``, to be sent once what it announces is committed."""
+    async def _reply(self, conn: _Connection, message: Message, *, lazy: bool = False) -> None:
+        """Queue ``message`` for ``conn``, to be sent once what it announces is committed.
+
+        ``lazy``: nobody waits on this answer urgently (a background prekey fetch, the
+        ack of a receipt): it does not force a commit of its own but goes out with the
+        next one, at the latest the background commit
+        (:data:`tisa_io.durable.BACKGROUND_COMMIT_DELAY`), still never before its batch
+        is on disk. Answers go out in order: one that is not lazy, queued behind, has
+        the replier commit at once."""
         while len(conn.replies) >= MAX_QUEUED_REPLIES:
+            if conn.lazy_wake is not None:
+                conn.lazy_wake.set()  # a full queue is urgent
             await conn.replies_changed.wait()
-        conn.replies.append((self.store.barrier, message))
+        conn.replies.append((self.store.barrier, message, lazy))
+        if not lazy:
+            conn.urgent_replies += 1
+            if conn.lazy_wake is not None:
+                conn.lazy_wake.set()
         conn.changed()
 
     async def _replier(self, conn: _Connection) -> None:
@@ -557,12 +576,24 @@ class Relay:
             while True:
                 while not conn.replies:
                     await conn.replies_changed.wait()
-                barrier, message = conn.replies[0]
-                await self._durable(barrier)
+                barrier = conn.replies[0][0]
+                if not conn.urgent_replies and len(conn.replies) < MAX_QUEUED_REPLIES:
+                    # Every answer queued is lazy: wait for its batch without committing
+                    # it; look again when woken (an urgent answer queued, a sync).
+                    conn.lazy_wake = trio.Event()
+                    try:
+                        if not await self._group_commit.durable_lazily(barrier, conn.lazy_wake):
+                            continue
+                    finally:
+                        conn.lazy_wake = None
+                else:
+                    await self._durable(barrier)
                 # Everything up to the commit point goes out in order, in one write.
                 ready: list[Message] = []
                 while conn.replies and conn.replies[0][0] <= self.store.committed:
-                    _, message = conn.replies.popleft()
+                    _, message, lazy = conn.replies.popleft()
+                    if not lazy:
+                        conn.urgent_replies -= 1
                     if isinstance(message, AuditReply):
                         conn.audit_queued -= 1
                     ready.append(message)
@@ -1111,7 +1142,8 @@ class Relay:
             await self._refuse(conn, token, exc.reason, exc.detail)
             return
         # Confirm (also a receipt sent again), so the recipient stops resending it.
-        await self._reply(conn, Ack(kind="receipt", token=receipt.token))
+        # Lazy: the recipient only stops resending the receipt once it has this.
+        await self._reply(conn, Ack(kind="receipt", token=receipt.token), lazy=True)
         if new:
             self._wake(receipt.originator)
 
@@ -1278,8 +1310,13 @@ class Relay:
         )
         if one_time is None and left:
             self._prekeys_limited(conn.member, message.member, now=now)
+        # Lazy: an originator fetches ahead, for its prekey pool (one that waits on the
+        # answer, its pool empty, waits at most BACKGROUND_COMMIT_DELAY more, less
+        # when an answer it does wait on, a stored, follows).
         await self._reply(
-            conn, Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time)
+            conn,
+            Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time),
+            lazy=True,
         )
         if one_time is not None and left < self.limits.prekey_low_water:
             # Not queued behind the recipient's other answers: its pusher sends one
@@ -1448,7 +1485,9 @@ class Relay:
             while receipts := self.store.queued_receipts(
                 conn.member, after=after_receipt, limit=NOTICE_PAGE
             ):
-                await self._durable(self.store.barrier)
+                # Lazy: nobody waits on a receipt urgently; a commit of its own only
+                # when more work for this member arrives meanwhile (conn.wake).
+                await self._group_commit.durable_unless(self.store.barrier, conn.wake)
                 await conn.link.send_many(
                     ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
                 )

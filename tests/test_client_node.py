@@ -102,6 +102,43 @@ async def test_submit_release_deliver_receipt(
             assert event.receipt.report == report_id and event.receipt.recipient == "tokyo"
 
 
+async def test_the_ack_of_a_receipt_is_lazy(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It forces no commit of its own: it waits (here no background commit within the
+    # test) until a commit someone waits on, a submission's, takes its batch along.
+    # The receipt's event would force one when handed over: this application takes no
+    # events (as in bench nodes, where the buffer fills and the hand-over stops).
+    monkeypatch.setattr(durable, "BACKGROUND_COMMIT_DELAY", 3600.0)
+    monkeypatch.setattr(Node, "_pump_events", lambda self: trio.sleep_forever())
+    fake, port = relay
+    await published(fake, port, tmp_path)
+
+    def receipt_acks() -> list[m.Message]:
+        return [r for r in fake.received if isinstance(r, m.Ack) and r.kind == "receipt"]
+
+    with trio.fail_after(10):
+        async with node("seoul", port, tmp_path) as seoul, node("tokyo", port, tmp_path) as tokyo:
+            report_id = await seoul.submit(
+                b"first", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
+            )
+            async for report in tokyo.reports():
+                await tokyo.ack(report)
+                break
+            await until(lambda: len(seoul.store.receipts()) == 1)
+            session = seoul._session
+            assert session is not None
+            await until(lambda: session.lazy_wake is not None)
+            commits = seoul._group_commit.commits
+            await trio.sleep(0.1)
+            assert receipt_acks() == [] and seoul._group_commit.commits == commits
+            assert seoul.store.committed < seoul.store.barrier
+            await seoul.submit(b"second", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
+            await until(lambda: len(receipt_acks()) == 1)
+            receipt = Receipt.verify(seoul.store.receipts()[0], ARRANGEMENT)
+            assert receipt.report == report_id and receipt_acks()[0].token == receipt.token
+
+
 async def test_out_of_scope_refused_before_sending(
     relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
 ) -> None:

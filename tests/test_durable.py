@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import pathlib
+import sqlite3
+import threading
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -12,6 +16,7 @@ import tisa_io.durable
 from clients.events import ExpiredEvent
 from clients.store import MemberStore
 from tisa_io.durable import GroupCommitter
+from tisa_io.link import LinkClosed
 
 
 def _store(tmp_path: pathlib.Path) -> MemberStore:
@@ -148,3 +153,168 @@ async def test_checkpoints_run_in_a_worker_thread_not_in_a_commit(
         assert frames > 0 and frames == copied
     finally:
         store.close()
+
+
+class Lazy:
+    """A store with one step in its open batch, its committer running background
+    commits (delay 5 s), and lazy waits on that step's batch recorded as they end."""
+
+    def __init__(self, store: MemberStore, committer: GroupCommitter) -> None:
+        self.store = store
+        self.committer = committer
+        store.add_event(ExpiredEvent(report=b"r" * 16, token=None))
+        self.barrier = store.barrier
+        # (returned, trio time, store.committed then), or the exception raised.
+        self.ended: list[tuple[bool, float, int] | BaseException] = []
+
+    async def wait(self, wake: trio.Event | None = None) -> None:
+        try:
+            on_disk = await self.committer.durable_lazily(
+                self.barrier, trio.Event() if wake is None else wake
+            )
+        except LinkClosed as exc:
+            self.ended.append(exc)
+            return
+        self.ended.append((on_disk, trio.current_time(), self.store.committed))
+
+
+@contextlib.asynccontextmanager
+async def lazy_step(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Lazy, trio.Nursery]]:
+    monkeypatch.setattr(tisa_io.durable, "BACKGROUND_COMMIT_DELAY", 5.0)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(committer.run_background_commits)
+            yield Lazy(store, committer), nursery
+            nursery.cancel_scope.cancel()
+    finally:
+        store.close()
+
+
+async def test_a_lazy_wait_commits_nothing_itself_the_background_commit_bounds_it(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with lazy_step(tmp_path, monkeypatch) as (lazy, nursery):
+        nursery.start_soon(lazy.wait)
+        await trio.sleep(4.9)
+        assert lazy.ended == [] and lazy.committer.commits == 0
+        assert lazy.store.committed < lazy.barrier
+        await trio.sleep(0.2)
+        # The background commit (marked dirty by the wait) took it: one commit.
+        assert len(lazy.ended) == 1
+        on_disk, _, committed = lazy.ended[0]  # type: ignore[misc]
+        assert on_disk and committed >= lazy.barrier
+        assert lazy.committer.commits == 1 and lazy.committer.background_passes == 1
+
+
+async def test_a_lazy_wait_rides_with_a_commit_someone_waits_on(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with lazy_step(tmp_path, monkeypatch) as (lazy, nursery):
+        nursery.start_soon(lazy.wait)
+        await trio.sleep(1)
+        lazy.store.add_event(ExpiredEvent(report=b"s" * 16, token=None))
+        await lazy.committer.durable(lazy.store.barrier)
+        await trio.testing.wait_all_tasks_blocked()
+        assert [end[0] for end in lazy.ended] == [True]  # type: ignore[index]
+        assert lazy.committer.commits == 1 and trio.current_time() < 2
+
+
+async def test_a_lazy_wait_cut_short_by_the_caller_then_commits_at_once(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with lazy_step(tmp_path, monkeypatch) as (lazy, nursery):
+        # The caller's event cuts the wait short: False, nothing committed.
+        wake = trio.Event()
+        nursery.start_soon(lazy.wait, wake)
+        await trio.sleep(1)
+        wake.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert [end[0] for end in lazy.ended] == [False]  # type: ignore[index]
+        assert lazy.committer.commits == 0
+        # durable_unless: lazy until its event is set, then it commits at once.
+        urgent = trio.Event()
+        returned: list[float] = []
+
+        async def unless() -> None:
+            await lazy.committer.durable_unless(lazy.barrier, urgent)
+            returned.append(trio.current_time())
+
+        nursery.start_soon(unless)
+        await trio.sleep(1)
+        assert returned == [] and lazy.committer.commits == 0
+        urgent.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(returned) == 1 and returned[0] < 3
+        assert lazy.store.committed >= lazy.barrier
+        assert lazy.committer.commits == 1  # its own, before the background delay
+
+
+async def test_a_lazy_wait_returns_only_once_the_fsync_is_done(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tisa_io.durable, "INLINE_FSYNC_MAX_STEPS", -1)  # fsyncs in a thread
+    gate = threading.Event()
+    with trio.fail_after(10):
+        async with lazy_step(tmp_path, monkeypatch) as (lazy, nursery):
+            real = lazy.store.fsync_wal
+
+            def gated() -> None:
+                gate.wait(10)
+                real()
+
+            lazy.store.fsync_wal = gated  # type: ignore[method-assign]
+            nursery.start_soon(lazy.wait)
+            nursery.start_soon(lazy.committer.durable, lazy.barrier)  # commits; fsync waits
+            while not lazy.committer.syncing:
+                await trio.sleep(0.01)
+            await trio.sleep(0.1)
+            assert lazy.store.written >= lazy.barrier and lazy.ended == []  # not on disk
+            gate.set()
+            while not lazy.ended:
+                await trio.sleep(0.01)
+            on_disk, _, committed = lazy.ended[0]  # type: ignore[misc]
+            assert on_disk and committed >= lazy.barrier
+
+
+async def test_a_lazy_wait_on_a_lost_batch_raises(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with lazy_step(tmp_path, monkeypatch) as (lazy, nursery):
+        nursery.start_soon(lazy.wait)
+        await trio.testing.wait_all_tasks_blocked()
+
+        def failing() -> None:
+            raise sqlite3.OperationalError("disk full")
+
+        lazy.store._before_commit = failing  # type: ignore[method-assign]
+        with pytest.raises(sqlite3.OperationalError):
+            await lazy.committer.durable(lazy.barrier)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(lazy.ended) == 1 and isinstance(lazy.ended[0], LinkClosed)
+        assert lazy.store.lost(lazy.barrier)
+        await lazy.wait()  # already lost: at once
+        assert isinstance(lazy.ended[1], LinkClosed)
+        # durable_unless raises it as such (not in an exception group), whether the
+        # batch is lost before or during its wait.
+        with pytest.raises(LinkClosed):
+            await lazy.committer.durable_unless(lazy.barrier, trio.Event())
+        lazy.store.add_event(ExpiredEvent(report=b"s" * 16, token=None))
+        later = lazy.store.barrier
+        failures: list[BaseException] = []
+
+        async def unless() -> None:
+            try:
+                await lazy.committer.durable_unless(later, trio.Event())
+            except LinkClosed as exc:
+                failures.append(exc)
+
+        nursery.start_soon(unless)
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(sqlite3.OperationalError):
+            await lazy.committer.durable(later)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(failures) == 1 and lazy.store.lost(later)

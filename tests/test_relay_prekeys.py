@@ -17,6 +17,7 @@ from nodes.relay_harness import (
 )
 from nodes.relay_helpers import NOW, FakeClock, World, make_world, seal, token_for
 
+import tisa_io.durable
 from relay.prekeystore import PREKEY_RATE_WINDOW
 from tisa import encoding as enc
 from tisa.audit import AuditEvent
@@ -401,3 +402,60 @@ async def test_a_low_supply_status_overtakes_the_next_deliveries_counted_when_se
             await tokyo.send(Ack(kind="delivery", token=ReleaseToken.decode(second).id))
             assert (await expect(tokyo, PrekeyStatus)).one_time == 1
             assert (await receive_delivery(tokyo))[0] == third
+
+
+async def test_a_prekeys_answer_is_lazy_an_answer_queued_behind_it_commits(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The answer to a fetch (an originator's pool refill) forces no commit of its own;
+    # an answer that does (a status) queued behind it is not held back by it: one commit
+    # for both, long before the background commit (an hour here) would take them.
+    monkeypatch.setattr(tisa_io.durable, "BACKGROUND_COMMIT_DELAY", 3600.0)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            signed = world.signed_prekey("tokyo")
+            await publish(h, "tokyo", signed, [world.prekey("tokyo") for _ in range(3)])
+            committer = h.relay._group_commit
+            link = await h.connect("seoul")
+            commits = committer.commits
+            await link.send(FetchPrekeys(ref=b"r" * 16, member="tokyo"))
+            while not h.relay._connections.get("seoul"):
+                await trio.sleep(0.01)
+            (conn,) = h.relay._connections["seoul"]
+            # The handout is in the open batch; the replier waits for it without a commit.
+            while conn.lazy_wake is None:
+                await trio.sleep(0.01)
+            assert committer.commits == commits
+            assert h.relay.store.committed < h.relay.store.barrier
+            await link.send(PublishPrekeys(signed=None, one_time=[]))
+            reply = await expect(link, Prekeys)
+            assert reply.one_time is not None
+            await expect(link, PrekeyStatus)
+            assert committer.commits == commits + 1
+            await link.aclose()
+
+
+async def test_a_lone_prekeys_answer_goes_out_with_the_background_commit(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            signed = world.signed_prekey("tokyo")
+            await publish(h, "tokyo", signed, [world.prekey("tokyo") for _ in range(3)])
+            committer = h.relay._group_commit
+            durable = committer.durable
+            waiters: list[str] = []
+
+            async def recording(barrier: int) -> None:
+                waiters.append(trio.lowlevel.current_task().name)
+                await durable(barrier)
+
+            monkeypatch.setattr(committer, "durable", recording)
+            commits = committer.commits
+            reply = await fetch(h)
+            assert isinstance(reply, Prekeys) and reply.one_time is not None
+            # Its batch was on disk when it went out, committed by the background pass,
+            # the only one that waited on a commit.
+            assert waiters and all("run_background_commits" in name for name in waiters)
+            assert committer.commits == commits + 1
+            assert h.relay.store.committed == h.relay.store.written

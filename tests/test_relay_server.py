@@ -28,6 +28,7 @@ from nodes.relay_helpers import (
 )
 from nodes.store_probe import ciphertext_apart, leftover_uploads, sql, store_bytes
 
+import tisa_io.durable
 from relay.storage import open_store
 from relay.store import Store
 from tisa.audit import AuditEvent, verify_extract
@@ -39,6 +40,8 @@ from tisa.messages import (
     AuditReply,
     Expired,
     Message,
+    PrekeyStatus,
+    PublishPrekeys,
     ReceiptNotice,
     Refusal,
     Release,
@@ -52,6 +55,7 @@ from tisa.receipt import Receipt, StoredAck
 from tisa.report import SealedReport, open_report
 from tisa.token import Release as TokenRelease
 from tisa.token import ReleaseToken, check_for_recipient
+from tisa_io.link import Link
 
 LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
 
@@ -943,3 +947,87 @@ async def test_many_queued_receipts_go_out_a_page_at_a_time(
             await seoul.send(AuditFetch(since=0))  # answered after the ack is handled
             await expect(seoul, AuditReply)
             assert len(h.relay.store.queued_receipts("seoul")) == count - 1
+
+
+async def _delivered(h: Harness) -> tuple[Link, Link, Receipt]:
+    """Seoul's report delivered to Tokyo and acked, that batch on disk: the links
+    (Seoul, Tokyo) and Tokyo's receipt, not sent yet."""
+    world = h.world
+    tokyo = await h.connect("tokyo")
+    seoul = await h.connect("seoul")
+    report = seal(world, b"launch detected")
+    await send_submission(seoul, report)
+    await expect(seoul, Stored)
+    await seoul.send(Release(token=token_for(world, report)))
+    await expect(seoul, Released)
+    got_token, _ = await receive_delivery(tokyo)
+    granted = tokyo_checks(world, got_token)
+    await tokyo.send(Ack(kind="delivery", token=granted.token.id))
+    receipt = Receipt.issue(
+        world.secrets["tokyo"],
+        world.arrangement,
+        report=report.report_id,
+        token=granted.token.id,
+        originator="seoul",
+        recipient="tokyo",
+        digest=report.digest,
+        received=NOW,
+    )
+    return seoul, tokyo, receipt
+
+
+async def test_a_receipt_is_acked_and_pushed_lazily_an_answer_behind_commits(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ack of a receipt and its push to the originator force no commit of their own;
+    # an answer that does (a prekey status) queued behind the ack is not held back by
+    # it: one commit for all three, long before the background commit (an hour here).
+    monkeypatch.setattr(tisa_io.durable, "BACKGROUND_COMMIT_DELAY", 3600.0)
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            seoul, tokyo, receipt = await _delivered(h)
+            committer = h.relay._group_commit
+            await committer.durable(h.relay.store.barrier)  # the delivery's ack
+            commits = committer.commits
+            await tokyo.send(SendReceipt(receipt=receipt.encoded))
+            (conn,) = h.relay._connections["tokyo"]
+            while conn.lazy_wake is None:  # the replier waits without a commit
+                await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked()
+            assert committer.commits == commits
+            assert h.relay.store.committed < h.relay.store.barrier
+            await tokyo.send(PublishPrekeys(signed=None, one_time=[]))
+            ack = await expect(tokyo, Ack)
+            assert (ack.kind, ack.token) == ("receipt", receipt.token)
+            await expect(tokyo, PrekeyStatus)
+            notice = await expect(seoul, ReceiptNotice)
+            assert Receipt.verify(notice.receipt, world.arrangement) == receipt
+            assert committer.commits == commits + 1
+
+
+async def test_a_lone_receipt_ack_goes_out_with_the_background_commit(
+    world: World, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with trio.fail_after(10):
+        async with running_relay(world, tmp_path, limits=LIMITS) as h:
+            seoul, tokyo, receipt = await _delivered(h)
+            committer = h.relay._group_commit
+            await committer.durable(h.relay.store.barrier)  # the delivery's ack
+            durable = committer.durable
+            waiters: list[str] = []
+
+            async def recording(barrier: int) -> None:
+                waiters.append(trio.lowlevel.current_task().name)
+                await durable(barrier)
+
+            monkeypatch.setattr(committer, "durable", recording)
+            commits = committer.commits
+            await tokyo.send(SendReceipt(receipt=receipt.encoded))
+            ack = await expect(tokyo, Ack)
+            assert (ack.kind, ack.token) == ("receipt", receipt.token)
+            await expect(seoul, ReceiptNotice)
+            # On disk when they went out, committed by the background pass, the only
+            # one that waited on a commit: one commit for both.
+            assert waiters and all("run_background_commits" in name for name in waiters)
+            assert committer.commits == commits + 1
+            assert h.relay.store.committed == h.relay.store.written

@@ -512,6 +512,11 @@ class GroupCommitter:
         self._background = trio.Lock()
         # Wake-ups of run_background_commits (each one a delay timer and a commit).
         self.background_passes = 0
+        # The events of the tasks in durable_lazily: set after each WAL fsync, failed
+        # commit and background pass (then forgotten), so each waiter looks again.
+        self._lazy_wakes: set[trio.Event] = set()
+        # COMMITs made (durable's own, the background pass's included).
+        self.commits = 0
 
     def mark_dirty(self) -> None:
         """A step nobody waits on (an event dropped, a notice sent) is in the open batch:
@@ -538,8 +543,83 @@ class GroupCommitter:
                 # cancelled during it leaves the work to the next one.
                 await trio.sleep(BACKGROUND_COMMIT_DELAY)
                 self._dirty = trio.Event()
-                with contextlib.suppress(LinkClosed):
-                    await self.durable(self.store.barrier)
+                try:
+                    with contextlib.suppress(LinkClosed):
+                        await self.durable(self.store.barrier)
+                finally:
+                    # A batch lost outside a commit (a failed step) has no sync to
+                    # tell its lazy waiters: this pass does, within the delay.
+                    self._wake_lazy()
+
+    def _wake_lazy(self) -> None:
+        wakes, self._lazy_wakes = self._lazy_wakes, set()
+        for wake in wakes:
+            wake.set()
+
+    async def durable_lazily(self, barrier: int, wake: trio.Event) -> bool:
+        """Wait for batch ``barrier`` to be on disk *without committing it*: it rides
+        with the next commit someone waits on (:meth:`durable`), at the latest with the
+        background commit (marked dirty here: within :data:`BACKGROUND_COMMIT_DELAY`).
+        For answers nobody waits on urgently; they still never go out before their
+        batch is on disk.
+
+        ``wake`` is the caller's event: the committer sets it after each WAL fsync (and
+        failed commit, and background pass), and the caller sets it when something
+        urgent queued behind (it then calls :meth:`durable`, which commits). Returns
+        True once the batch is on disk, False when ``wake`` was set before (the caller
+        looks at its queue and calls again with a fresh event, or :meth:`durable`).
+
+        Raises:
+            LinkClosed: the batch was lost, as in :meth:`durable`.
+        """
+        store = self.store
+        if not wake.is_set():
+            if store.lost(barrier):
+                raise LinkClosed("the batch this depends on was not committed")
+            if store.committed >= barrier:
+                return True
+            self.mark_dirty()
+            self._lazy_wakes.add(wake)
+            try:
+                await wake.wait()
+            finally:
+                self._lazy_wakes.discard(wake)
+        if store.lost(barrier):
+            raise LinkClosed("the batch this depends on was not committed")
+        return store.committed >= barrier
+
+    async def durable_unless(self, barrier: int, urgent: trio.Event) -> None:
+        """Return once batch ``barrier`` is on disk: lazily (:meth:`durable_lazily`,
+        no commit of its own) until ``urgent`` is set, then committing
+        (:meth:`durable`), e.g. when more work queued behind.
+
+        Raises:
+            LinkClosed: the batch was lost, as in :meth:`durable`.
+        """
+        store = self.store
+        if not urgent.is_set() and store.committed < barrier and not store.lost(barrier):
+            waiting = trio.Event()
+
+            async def cut() -> None:
+                await urgent.wait()
+                waiting.set()
+
+            on_disk = False
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(cut)
+                try:
+                    while not urgent.is_set():
+                        if await self.durable_lazily(barrier, waiting):
+                            on_disk = True
+                            break
+                        waiting = trio.Event()
+                except LinkClosed:
+                    pass  # raised by durable below, outside the nursery (no group)
+                finally:
+                    nursery.cancel_scope.cancel()
+            if on_disk:
+                return
+        await self.durable(barrier)
 
     async def durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is on disk (at once if it is).
@@ -583,9 +663,11 @@ class GroupCommitter:
                 started = time.perf_counter()
                 if trace.enabled:
                     trace.span_start("commit")
+                self.commits += 1
                 try:
                     store.commit()
                 except Exception:
+                    self._wake_lazy()
                     if self._on_commit_error is not None:
                         self._on_commit_error()
                     raise
@@ -621,6 +703,8 @@ class GroupCommitter:
             self.syncing = False
             synced, self._synced = self._synced, trio.Event()
             synced.set()
+            # The waiters run after mark_durable below (no checkpoint between).
+            self._wake_lazy()
         store.mark_durable(target)
         if self._on_synced is not None:
             self._on_synced(steps, time.perf_counter() - started)
