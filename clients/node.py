@@ -622,7 +622,7 @@ class Node:
         if trace.enabled:
             trace.mark("S_pre", sealer.report_id)
         try:
-            self.store.record_submission(
+            submission = self.store.record_submission(
                 data=inline,
                 report=sealer.report_id,
                 file=file_name,
@@ -641,13 +641,28 @@ class Node:
             for recipient, answer in prekeys.items():
                 self._put_back(recipient, answer)
             raise
-        wanted = [self._want(sealer.report_id, r, valid_for) for r in release_to]
+        # The submission and the releases asked for are known here: neither is read back.
+        wanted = [
+            self.store.want_release(submission.report, r, int(valid_for)) for r in release_to
+        ]
+        waiting: list[int] = []
         for wanted_id, recipient in zip(wanted, release_to, strict=True):
             if recipient in prekeys:
-                # No checkpoint from _want to here: the issuer cannot take it meanwhile.
-                wanted_release = self.store.wanted_release(wanted_id)
-                assert wanted_release is not None
-                await self._issue(wanted_release, prekeys[recipient])
+                # No checkpoint from want_release to here: the issuer cannot take it
+                # meanwhile, and _issue ends it (issued or refused) before it returns.
+                wanted_release = WantedRelease(
+                    id=wanted_id,
+                    report=submission.report,
+                    recipient=recipient,
+                    valid_for=int(valid_for),
+                    state="waiting",
+                    token=None,
+                    reason=None,
+                    detail=None,
+                )
+                await self._issue(wanted_release, prekeys[recipient], submission)
+            else:
+                waiting.append(wanted_id)
         if trace.enabled:
             trace.mark("S_issued", sealer.report_id)
         # The sender is told first: it waits for the same commit, then sends at once.
@@ -657,7 +672,7 @@ class Node:
             trace.mark("S_durable", sealer.report_id)
         # While connected, the tokens are issued at once (one prekey fetch each) and go
         # out right behind the submission; offline, on the next connection.
-        await self._wait_issued(wanted)
+        await self._wait_issued(waiting)
         if wanted:
             # Their ends (issued, refused) on disk: the last batch that ended a release
             # request, not one opened since by unrelated steps.
@@ -888,11 +903,18 @@ class Node:
             if waiter is not None:
                 waiter.set()
 
-    async def _issue(self, wanted: WantedRelease, fetched: m.Message | None = None) -> None:
+    async def _issue(
+        self,
+        wanted: WantedRelease,
+        fetched: m.Message | None = None,
+        submission: Submission | None = None,
+    ) -> None:
         """Issue the token of ``wanted`` with the relay's answer ``fetched`` to the fetch
-        of its recipient's prekeys (None: fetch them now), or record why not."""
+        of its recipient's prekeys (None: fetch them now), or record why not.
+        ``submission``: its report's row, when the caller has it in hand (just recorded)."""
         report_id, recipient = wanted.report, wanted.recipient
-        submission = self._submission(report_id)
+        if submission is None:
+            submission = self._submission(report_id)
         one_time: bytes | None = None
         try:
             if submission.state not in ("queued", "stored"):
@@ -1797,14 +1819,23 @@ class Node:
                     # many as fit; the others follow as `release` messages).
                     tokens: list[bytes] = []
                     need = max(need, store.batch_of(rows.RELEASES))
-                    for release in store.releases_of(submission.report):
-                        if release.state != "pending" or release.token in inline_tokens:
+                    # Its pending tokens: those this store issued since it opened, in
+                    # memory (none read back), else read from the rows.
+                    issued = store.fresh_tokens(submission.report)
+                    if issued is None:
+                        issued = [
+                            (release.token, release.encoded)
+                            for release in store.releases_of(submission.report)
+                            if release.state == "pending"
+                        ]
+                    for token_id, encoded in issued:
+                        if token_id in inline_tokens:
                             continue
-                        room -= len(release.encoded) + m.INLINE_TOKEN_OVERHEAD
+                        room -= len(encoded) + m.INLINE_TOKEN_OVERHEAD
                         if len(tokens) == MAX_INLINE_TOKENS or room < 0:
                             break
-                        inline_tokens.add(release.token)
-                        tokens.append(release.encoded)
+                        inline_tokens.add(token_id)
+                        tokens.append(encoded)
                     pending.append((submission.report, _submit_inline(submission, tokens)))
                 elif submission.data is not None:
                     pending.extend(
@@ -2088,28 +2119,31 @@ class Node:
 
     def _on_stored(self, message: m.Stored) -> None:
         ack = StoredAck.verify(message.ack, self._arrangement)
-        submission = self.store.submission(message.report)
-        if (
-            submission is None
-            or ack.report != message.report
-            or ack.digest != submission.digest
-            or ack.size != submission.size
-            or ack.originator != self.name
-        ):
+        if ack.report != message.report or ack.originator != self.name:
             raise VerificationError()
-        self.store.mark_stored(message.report, message.ack, Stored(report=message.report, ack=ack))
+        # The digest and size the ack signs are checked against the row by the write
+        # itself; the row is read only when that writes nothing (a copy of an earlier
+        # ack, or an ack for a ciphertext this node never submitted).
+        if not self.store.mark_stored(
+            message.report,
+            message.ack,
+            Stored(report=message.report, ack=ack),
+            digest=ack.digest,
+            size=ack.size,
+        ):
+            submission = self.store.submission(message.report)
+            if (
+                submission is None
+                or ack.digest != submission.digest
+                or ack.size != submission.size
+            ):
+                raise VerificationError()
         for token in message.released:
             # Accepted with the submission (submit_inline), as a `released` would say.
             self._on_released(m.Released(report=message.report, token=token))
 
     def _on_released(self, message: m.Released) -> None:
-        pending = self.store.release(message.token)
-        recipient = pending.recipient if pending else ""
-        self.store.set_release_state(
-            message.token,
-            "released",
-            Released(report=message.report, token=message.token, recipient=recipient),
-        )
+        self.store.mark_released(message.token, message.report)
 
     def _on_refusal(self, message: m.Refusal) -> None:
         reason = Reason(message.reason)
@@ -2185,6 +2219,11 @@ class Node:
                     return
         self.store.add_event(event)
 
+    def _issued(self, token_id: bytes, report: bytes, recipient: str) -> bool:
+        """Whether this node issued release ``token_id`` for ``report`` to ``recipient``."""
+        release = self.store.release(token_id)
+        return release is not None and (release.report, release.recipient) == (report, recipient)
+
     def _report_of(self, token_id: bytes) -> bytes | None:
         release = self.store.release(token_id)
         return release.report if release else None
@@ -2210,13 +2249,9 @@ class Node:
 
     def _on_receipt(self, session: _Session, message: m.ReceiptNotice) -> None:
         receipt = Receipt.verify(message.receipt, self._arrangement)
-        release = self.store.release(receipt.token)
-        if (
-            receipt.originator == self.name
-            and release is not None
-            and release.report == receipt.report
-            and release.recipient == receipt.recipient
-        ):
+        # The release it names is checked by the insert itself; read only when that
+        # adds nothing (a copy of a receipt recorded, or one for no release of ours).
+        ours = receipt.originator == self.name and (
             self.store.add_receipt(
                 token=receipt.token,
                 report=receipt.report,
@@ -2224,8 +2259,11 @@ class Node:
                 encoded=receipt.encoded,
                 now=self._now(),
                 event=ReceiptEvent(receipt=receipt),
+                of_release=True,
             )
-        else:
+            or self._issued(receipt.token, receipt.report, receipt.recipient)
+        )
+        if not ours:
             self.store.add_event(
                 RefusedEvent(
                     ref=receipt.token,

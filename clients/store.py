@@ -70,7 +70,7 @@ import sqlite3
 from collections.abc import Callable, Container, Iterator
 from typing import Any
 
-from clients.events import Event, encode_event
+from clients.events import Event, Released, encode_event
 from tisa import encoding as enc
 from tisa.consent import Announcement, Answer, Request
 from tisa.errors import Reason, Refused, UsageError
@@ -460,6 +460,15 @@ class MemberStore(DurableStore):
         # releases looks again when it moved. (The node's issuer ends them one by one
         # and wakes whoever waits for that one.)
         self.wanted_ended = 0
+        # State kept in memory beside its rows, so that a per-report step need not read
+        # it back (each dropped after any rollback, and read again from the rows):
+        # the last counter issued per recipient and seen per originator, the signed
+        # prekeys' secrets, and the tokens issued for each report still to go out
+        # (token id, encoding; see fresh_tokens).
+        self._issued_last: dict[str, int] = {}
+        self._seen_last: dict[str, int] = {}
+        self._signed_secrets: dict[bytes, bytes] = {}
+        self._fresh_tokens: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -527,6 +536,13 @@ class MemberStore(DurableStore):
         with self._step(savepoint=savepoint) if self.group_commit else self._single() as db:
             yield db
 
+    def _rolled_back(self) -> None:
+        # What the rolled-back writes put in memory is read from the rows again.
+        self._issued_last.clear()
+        self._seen_last.clear()
+        self._signed_secrets.clear()
+        self._fresh_tokens.clear()
+
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
         # before their row. Their content is either in the database elsewhere (a
@@ -577,12 +593,13 @@ class MemberStore(DurableStore):
         expires: int,
         created: int,
         data: bytes | None = None,
-    ) -> None:
+    ) -> Submission:
         """Queue a sealed report whose ciphertext file is already durable in outbox/
-        (or, with ``data`` and ``file`` '', whose ciphertext is ``data``)."""
+        (or, with ``data`` and ``file`` '', whose ciphertext is ``data``); returns its
+        row as :meth:`submission` would read it."""
         with self.transaction(savepoint=False) as db:
             self.wrote(SUBMISSIONS)
-            db.execute(
+            seq = db.execute(
                 "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
                 " recipients, expires, created, state, data)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,'queued',?)",
@@ -599,7 +616,26 @@ class MemberStore(DurableStore):
                     created,
                     data,
                 ),
-            )
+            ).lastrowid
+        assert seq is not None
+        return Submission(
+            report=report,
+            path=self.outbox_dir / file if file else None,
+            size=size,
+            digest=digest,
+            content_key=content_key,
+            scope=scope,
+            level=level,
+            recipients=recipients,
+            expires=expires,
+            created=created,
+            state="queued",
+            ack=None,
+            reason=None,
+            detail=None,
+            data=data,
+            seq=seq,
+        )
 
     def _submission(self, row: tuple[Any, ...]) -> Submission:
         return Submission(
@@ -648,27 +684,35 @@ class MemberStore(DurableStore):
         ).fetchall()
         return [self._submission(row) for row in rows]
 
-    def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
-        """Record the relay's ack and drop the local ciphertext. False if not queued (a
-        withdrawn submission counts: the relay stored it before it was withdrawn)."""
+    def mark_stored(
+        self, report: bytes, ack: bytes, event: Event, *, digest: bytes, size: int
+    ) -> bool:
+        """Record the relay's ack and drop the local ciphertext, if the submission of
+        ``report`` is queued (or withdrawn: the relay stored it before it was withdrawn)
+        and its ciphertext has this ``digest`` and ``size`` (what the ack signs). False,
+        with nothing written, otherwise (the caller tells a copy of an earlier ack from
+        a wrong one by reading the row). A small report (no file) takes one statement
+        for the check and the change."""
         record = encode_event(event)
+        where = "report = ? AND state IN ('queued', 'withdrawn') AND digest = ? AND size = ?"
+        change = "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL WHERE "
         with self.transaction(savepoint=False) as db:
-            row = db.execute(
-                "SELECT file FROM outbox WHERE report = ? AND state IN ('queued', 'withdrawn')",
-                (report,),
-            ).fetchone()
-            if row is None:
-                return False
+            file = ""
+            if not db.execute(change + where + " AND file = ''", (ack, report, digest, size)).rowcount:
+                # A file to remove once this is on disk (or no such submission).
+                row = db.execute(
+                    "SELECT file FROM outbox WHERE " + where, (report, digest, size)
+                ).fetchone()
+                if row is None:
+                    return False
+                file = row[0]
+                db.execute(change + "report = ?", (ack, report))
             self.wrote(OUTBOX_STATE)
-            db.execute(
-                "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL"
-                " WHERE report = ?",
-                (ack, report),
-            )
             self._event(db, record)
-        if row[0]:
+        self._fresh_tokens.pop(report, None)
+        if file:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
-            self._remove_after_commit(self.outbox_dir / row[0])
+            self._remove_after_commit(self.outbox_dir / file)
         return True
 
     def withdraw_submission(self, report: bytes) -> None:
@@ -709,6 +753,7 @@ class MemberStore(DurableStore):
     ) -> None:
         """Final state other than stored (refused, revoked, expired, dropped), with its
         event (none for a change the application made itself)."""
+        self._fresh_tokens.pop(report, None)
         with self.transaction() as db:
             row = db.execute("SELECT file FROM outbox WHERE report = ?", (report,)).fetchone()
             self.wrote(OUTBOX_STATE)
@@ -812,16 +857,44 @@ class MemberStore(DurableStore):
         With ``approves`` (an open incoming release request's id) that request is marked
         approved by this token in the same transaction.
 
+        The last counter per recipient is kept in memory once read (read again after a
+        rollback). The conditional writes (the end of ``wanted``, the approval) come
+        first, so a refusal comes before any write and needs no savepoint, unless both
+        are given.
+
         Returns:
             The token id.
         """
-        with self.transaction() as db:
-            row = db.execute(
-                "SELECT last FROM issued_counters WHERE recipient = ?", (recipient,)
-            ).fetchone()
-            counter = (row[0] if row else 0) + 1
+        last = self._issued_last.get(recipient)
+        with self.transaction(savepoint=wanted is not None and approves is not None) as db:
+            if last is None:
+                row = db.execute(
+                    "SELECT last FROM issued_counters WHERE recipient = ?", (recipient,)
+                ).fetchone()
+                last = row[0] if row else 0
+            counter = last + 1
             encoded = make_token(counter)
             token = ReleaseToken.decode(encoded)
+            if wanted is not None:
+                # A request ended meanwhile (its report refused, say) issues nothing: the
+                # whole step, counter included, is undone.
+                cursor = db.execute(
+                    "UPDATE wanted_releases SET state = 'issued', token = ?"
+                    " WHERE id = ? AND state = 'waiting'",
+                    (token.id, wanted),
+                )
+                if cursor.rowcount == 0:
+                    raise Refused(Reason.EXPIRED, "the release request ended before its token")
+                self.wrote(WANTED)
+            if approves is not None:
+                # Denied (or approved) meanwhile: nothing is issued, as above.
+                cursor = db.execute(
+                    "UPDATE requests SET state = 'approved', token = ?"
+                    " WHERE id = ? AND direction = 'in' AND state = 'open'",
+                    (token.id, approves),
+                )
+                if cursor.rowcount != 1:
+                    raise Refused(Reason.ANSWERED, "no open request with this id to this member")
             db.execute(
                 "INSERT INTO issued_counters VALUES (?, ?)"
                 " ON CONFLICT (recipient) DO UPDATE SET last = excluded.last",
@@ -833,27 +906,17 @@ class MemberStore(DurableStore):
                 (token.id, report, recipient, counter, encoded, now),
             )
             self.wrote(RELEASES)
-            if wanted is not None:
-                self.wrote(WANTED)
-                # A request ended meanwhile (its report refused, say) issues nothing: the
-                # whole transaction, counter included, is rolled back.
-                cursor = db.execute(
-                    "UPDATE wanted_releases SET state = 'issued', token = ?"
-                    " WHERE id = ? AND state = 'waiting'",
-                    (token.id, wanted),
-                )
-                if cursor.rowcount == 0:
-                    raise Refused(Reason.EXPIRED, "the release request ended before its token")
-            if approves is not None:
-                # Denied (or approved) meanwhile: nothing is issued, as above.
-                cursor = db.execute(
-                    "UPDATE requests SET state = 'approved', token = ?"
-                    " WHERE id = ? AND direction = 'in' AND state = 'open'",
-                    (token.id, approves),
-                )
-                if cursor.rowcount != 1:
-                    raise Refused(Reason.ANSWERED, "no open request with this id to this member")
+        self._issued_last[recipient] = counter
+        self._fresh_tokens.setdefault(report, []).append((token.id, encoded))
         return token.id
+
+    def fresh_tokens(self, report: bytes) -> list[tuple[bytes, bytes]] | None:
+        """The tokens issued by this store object for ``report`` (id, encoding), in the
+        order issued, all still pending, while its submission is queued; None when not
+        known in memory (after a restart or a rollback, or once a release of the
+        report changed state): read :meth:`releases_of` instead. Saves the sender
+        reading back the tokens it puts inline in a ``submit_inline``."""
+        return self._fresh_tokens.get(report)
 
     _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail, rowid"
 
@@ -915,6 +978,7 @@ class MemberStore(DurableStore):
     ) -> bool:
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
         record = None if event is None else encode_event(event)
+        self._fresh_tokens.clear()  # rare (a refusal, a revocation): all read again
         with self.transaction(savepoint=False) as db:
             if state == "pending":
                 self.wrote(RELEASES)
@@ -929,8 +993,27 @@ class MemberStore(DurableStore):
                 self._event(db, record)
         return True
 
+    def mark_released(self, token: bytes, report: bytes) -> bool:
+        """The relay accepted the pending release ``token`` (of ``report``): released,
+        with its :class:`~clients.events.Released` event naming the recipient read in
+        the same statement. False (and no event) if it was not pending."""
+        with self.transaction(savepoint=False) as db:
+            row = db.execute(
+                "UPDATE releases SET state = 'released', reason = NULL, detail = NULL"
+                " WHERE token = ? AND state = 'pending' RETURNING recipient",
+                (token,),
+            ).fetchall()
+            if not row:
+                return False
+            self._event(db, Released(report=report, token=token, recipient=row[0][0]))
+        tokens = self._fresh_tokens.pop(report, None)
+        if tokens is not None and (left := [t for t in tokens if t[0] != token]):
+            self._fresh_tokens[report] = left
+        return True
+
     def force_release_state(self, token: bytes, state: str, event: Event) -> None:
         """Record a relay-side outcome (expired, revoked) whatever the local state was."""
+        self._fresh_tokens.clear()
         with self.transaction() as db:
             if state == "pending":
                 self.wrote(RELEASES)
@@ -1018,14 +1101,28 @@ class MemberStore(DurableStore):
     # --- receipts (originator) -------------------------------------------------------
 
     def add_receipt(
-        self, *, token: bytes, report: bytes, recipient: str, encoded: bytes, now: int, event: Event
+        self,
+        *,
+        token: bytes,
+        report: bytes,
+        recipient: str,
+        encoded: bytes,
+        now: int,
+        event: Event,
+        of_release: bool = False,
     ) -> bool:
-        """Record a verified receipt. False if it was already known (no new event)."""
+        """Record a verified receipt. False if it was already known (no new event).
+        ``of_release``: only if this node issued ``token`` for ``report`` to
+        ``recipient`` (checked in the same statement); False otherwise too."""
         record = encode_event(event)
         with self.transaction(savepoint=False) as db:
+            values = (token, report, recipient, encoded, now)
             cursor = db.execute(
-                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)",
-                (token, report, recipient, encoded, now),
+                "INSERT OR IGNORE INTO receipts SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1"
+                " FROM releases WHERE token = ? AND report = ? AND recipient = ?)",
+                (*values, token, report, recipient),
+            ) if of_release else db.execute(
+                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)", values
             )
             if cursor.rowcount == 0:
                 return False

@@ -83,8 +83,13 @@ def test_outbox_and_counters_survive_reopen(tmp_path: pathlib.Path) -> None:
         size=2000,
         stored=NOW,
     )
-    assert store.mark_stored(b"r" * 16, ack.encoded, Stored(report=b"r" * 16, ack=ack))
-    assert not store.mark_stored(b"r" * 16, ack.encoded, Stored(report=b"r" * 16, ack=ack))
+    stored = Stored(report=b"r" * 16, ack=ack)
+    # Another digest or size than the submission's: nothing written.
+    assert not store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"e" * 32, size=2000)
+    assert not store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"d" * 32, size=2001)
+    assert queued.path.exists()
+    assert store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"d" * 32, size=2000)
+    assert not store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"d" * 32, size=2000)
     assert not queued.path.exists()  # the relay holds it now
     assert [r.token for r in store.releases_to_send()] == [first, second]
     [(seq, kind, data)] = store.events_after(0, limit=10)
@@ -373,7 +378,11 @@ def test_savepoint_free_steps_that_refuse_leave_the_batch_whole(tmp_path: pathli
     store._db.set_trace_callback(statements.append)
     _queue(store)
     assert not store.mark_stored(
-        b"x" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY, detail="")
+        b"x" * 16,
+        b"ack",
+        RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""),
+        digest=b"d" * 32,
+        size=2000,
     )
     assert not store.set_release_state(b"t" * 16, "released", None)
     assert not store.mark_handed(b"t" * 16)
@@ -402,7 +411,9 @@ def test_each_kind_names_the_batch_that_last_wrote_it(tmp_path: pathlib.Path) ->
     store.commit()
     # The stored answer of a (outbox state, an event) opens the next batch: the queued
     # submissions still come from the first.
-    assert store.mark_stored(b"a" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY))
+    assert store.mark_stored(
+        b"a" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY), digest=b"d" * 32, size=2000
+    )
     assert store.barrier == first + 1
     assert store.batch_of(rows.SUBMISSIONS) == first
     assert store.batch_of(rows.OUTBOX_STATE) == store.batch_of(rows.EVENTS) == first + 1
