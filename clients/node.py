@@ -642,9 +642,7 @@ class Node:
                 self._put_back(recipient, answer)
             raise
         # The submission and the releases asked for are known here: neither is read back.
-        wanted = [
-            self.store.want_release(submission.report, r, int(valid_for)) for r in release_to
-        ]
+        wanted = [self.store.want_release(submission.report, r, int(valid_for)) for r in release_to]
         waiting: list[int] = []
         for wanted_id, recipient in zip(wanted, release_to, strict=True):
             if recipient in prekeys:
@@ -2132,11 +2130,7 @@ class Node:
             size=ack.size,
         ):
             submission = self.store.submission(message.report)
-            if (
-                submission is None
-                or ack.digest != submission.digest
-                or ack.size != submission.size
-            ):
+            if submission is None or ack.digest != submission.digest or ack.size != submission.size:
                 raise VerificationError()
         for token in message.released:
             # Accepted with the submission (submit_inline), as a `released` would say.
@@ -2353,7 +2347,10 @@ class Node:
         inline = message.data if isinstance(message, m.DeliverInline) else None
         if inline is not None and len(inline) != token.size:
             raise ProtocolError("inline delivery of another size than its token says")
-        if self.store.seen("token", token.id):
+        # Both seen-set look-ups in one query; nothing below changes the set before
+        # the report's is used (no checkpoint in between).
+        token_seen, report_seen = self.store.seen_delivery(token.id, token.report)
+        if token_seen:
             # A redelivery (our ack was lost, or the relay restarted): already stored or
             # rejected. Acknowledge again (once that is on disk); never hand it over twice.
             if inline is None:
@@ -2375,7 +2372,7 @@ class Node:
                 prekey_secret=self.store.prekey_secret,
             )
             unwrapped = True
-            if self.store.seen("report", token.report):
+            if report_seen:
                 raise Refused(Reason.REPLAYED, "report delivered before under another token")
             if token.request is not None:
                 # Accepted only as the answer to an open request of this member's, to

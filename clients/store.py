@@ -698,7 +698,8 @@ class MemberStore(DurableStore):
         change = "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL WHERE "
         with self.transaction(savepoint=False) as db:
             file = ""
-            if not db.execute(change + where + " AND file = ''", (ack, report, digest, size)).rowcount:
+            small = db.execute(change + where + " AND file = ''", (ack, report, digest, size))
+            if not small.rowcount:
                 # A file to remove once this is on disk (or no such submission).
                 row = db.execute(
                     "SELECT file FROM outbox WHERE " + where, (report, digest, size)
@@ -1117,12 +1118,14 @@ class MemberStore(DurableStore):
         record = encode_event(event)
         with self.transaction(savepoint=False) as db:
             values = (token, report, recipient, encoded, now)
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO receipts SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1"
-                " FROM releases WHERE token = ? AND report = ? AND recipient = ?)",
-                (*values, token, report, recipient),
-            ) if of_release else db.execute(
-                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)", values
+            cursor = (
+                db.execute(
+                    "INSERT OR IGNORE INTO receipts SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1"
+                    " FROM releases WHERE token = ? AND report = ? AND recipient = ?)",
+                    (*values, token, report, recipient),
+                )
+                if of_release
+                else db.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)", values)
             )
             if cursor.rowcount == 0:
                 return False
@@ -1139,6 +1142,19 @@ class MemberStore(DurableStore):
             "SELECT 1 FROM seen WHERE kind = ? AND id = ?", (kind, ident)
         ).fetchone()
         return row is not None
+
+    def seen_delivery(self, token: bytes, report: bytes) -> tuple[bool, bool]:
+        """Whether token id ``token`` and whether report id ``report`` are in the
+        seen-set, in one query (a delivery checks both)."""
+        kinds = {
+            row[0]
+            for row in self._db.execute(
+                "SELECT kind FROM seen WHERE (kind = 'token' AND id = ?)"
+                " OR (kind = 'report' AND id = ?)",
+                (token, report),
+            )
+        }
+        return "token" in kinds, "report" in kinds
 
     def rejected(self, token: bytes) -> bool:
         return (
@@ -1164,10 +1180,15 @@ class MemberStore(DurableStore):
         return missing[:limit]
 
     def last_counter(self, originator: str) -> int:
-        row = self._db.execute(
-            "SELECT last FROM seen_counters WHERE originator = ?", (originator,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        """The highest release counter of ``originator`` received (kept in memory once
+        read)."""
+        last = self._seen_last.get(originator)
+        if last is None:
+            row = self._db.execute(
+                "SELECT last FROM seen_counters WHERE originator = ?", (originator,)
+            ).fetchone()
+            last = self._seen_last[originator] = int(row[0]) if row else 0
+        return last
 
     def store_delivery(
         self,
@@ -1216,8 +1237,10 @@ class MemberStore(DurableStore):
                     None if parts is None else enc.pack({"parts": parts}),
                 ),
             )
-            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token.id, now))
-            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'report', ?)", (header.id, now))
+            db.execute(
+                "INSERT OR IGNORE INTO seen VALUES (?, 'token', ?), (?, 'report', ?)",
+                (token.id, now, header.id, now),
+            )
             self._bump_counter(db, token)
             if token.request is not None:
                 db.execute(
@@ -1228,16 +1251,18 @@ class MemberStore(DurableStore):
             self._consume_prekey(db, token)
             for record in records:
                 self._event(db, record)
+        self._counter_seen(token)
 
-    @staticmethod
-    def _consume_prekey(db: sqlite3.Connection, token: ReleaseToken) -> None:
+    def _consume_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
         public = token.wrap.opk
         if public is None:
             return
-        row = db.execute("SELECT not_after FROM prekeys WHERE public = ?", (public,)).fetchone()
-        if row is not None:
-            db.execute("DELETE FROM prekeys WHERE public = ?", (public,))
-            db.execute("INSERT OR IGNORE INTO used_prekeys VALUES (?, ?)", (public, row[0]))
+        self._signed_secrets.pop(public, None)
+        rows = db.execute(
+            "DELETE FROM prekeys WHERE public = ? RETURNING not_after", (public,)
+        ).fetchall()
+        if rows:
+            db.execute("INSERT OR IGNORE INTO used_prekeys VALUES (?, ?)", (public, rows[0][0]))
 
     @staticmethod
     def _bump_counter(db: sqlite3.Connection, token: ReleaseToken) -> None:
@@ -1278,6 +1303,14 @@ class MemberStore(DurableStore):
                 self._consume_prekey(db, consumed)
             for event in events:
                 self._event(db, event)
+        if token is not None:
+            self._counter_seen(token)
+
+    def _counter_seen(self, token: ReleaseToken) -> None:
+        # After the step that bumped seen_counters: its value, if it is in memory.
+        last = self._seen_last.get(token.originator)
+        if last is not None and token.counter > last:
+            self._seen_last[token.originator] = token.counter
 
     # --- prekeys -----------------------------------------------------------------------
 
@@ -1319,10 +1352,18 @@ class MemberStore(DurableStore):
                 gone), ``unknown_prekey`` for one this node does not hold (never made, or
                 deleted after its grace window).
         """
+        if kind is PrekeyKind.SIGNED:
+            # The signed prekeys' secrets are kept in memory once read (a handful: one
+            # per rotation within the grace window), until deleted.
+            secret = self._signed_secrets.get(public)
+            if secret is not None:
+                return secret
         row = self._db.execute(
             "SELECT secret FROM prekeys WHERE public = ? AND kind = ?", (public, kind.value)
         ).fetchone()
         if row is not None:
+            if kind is PrekeyKind.SIGNED:
+                self._signed_secrets[public] = bytes(row[0])
             return bytes(row[0])
         used = self._db.execute("SELECT 1 FROM used_prekeys WHERE public = ?", (public,)).fetchone()
         if used is not None:
@@ -1332,6 +1373,7 @@ class MemberStore(DurableStore):
     def delete_old_prekeys(self, *, now: int, grace: int) -> int:
         """Delete the prekey secrets whose ``not_after + grace`` has passed (and the
         used-prekey records as old); returns how many secrets were deleted."""
+        self._signed_secrets.clear()  # read again from what is left
         with self.transaction(savepoint=False) as db:
             deleted = db.execute(
                 "DELETE FROM prekeys WHERE not_after + ? <= ?", (grace, now)
