@@ -642,12 +642,16 @@ class Node:
                 self._put_back(recipient, answer)
             raise
         # The submission and the releases asked for are known here: neither is read back.
-        wanted = [self.store.want_release(submission.report, r, int(valid_for)) for r in release_to]
+        wanted = [
+            self.store.want_release(submission.report, r, int(valid_for), issued_here=r in prekeys)
+            for r in release_to
+        ]
         waiting: list[int] = []
         for wanted_id, recipient in zip(wanted, release_to, strict=True):
             if recipient in prekeys:
                 # No checkpoint from want_release to here: the issuer cannot take it
-                # meanwhile, and _issue ends it (issued or refused) before it returns.
+                # meanwhile, and _issue ends it (issued or refused) before it returns;
+                # so the issuer is not told of it (unless _issue is cut short).
                 wanted_release = WantedRelease(
                     id=wanted_id,
                     report=submission.report,
@@ -658,7 +662,12 @@ class Node:
                     reason=None,
                     detail=None,
                 )
-                await self._issue(wanted_release, prekeys[recipient], submission)
+                try:
+                    await self._issue(wanted_release, prekeys[recipient], submission)
+                except BaseException:
+                    self.store.waiting_added()
+                    self._notify()
+                    raise
             else:
                 waiting.append(wanted_id)
         if trace.enabled:
@@ -823,12 +832,19 @@ class Node:
         one write (the relay answers them from one commit), then those tokens are
         issued in order: one round trip per batch instead of one per token.
         """
+        changes = self.store.kind_changes
+        looked = -1  # the count of release requests added when last found none waiting
         while True:
             changed = self._changed
-            while batch := self.store.waiting_releases(self._limits.max_prekey_fetches):
-                await self._issue_batch(batch)
-                self._group_commit.mark_dirty()
-                self._notify()
+            if changes[rows.WAITING] != looked:
+                added = changes[rows.WAITING]
+                while batch := self.store.waiting_releases(self._limits.max_prekey_fetches):
+                    await self._issue_batch(batch)
+                    self._group_commit.mark_dirty()
+                    self._notify()
+                    added = changes[rows.WAITING]
+                # None waiting now, and none added since `added` was counted.
+                looked = added
             await changed.wait()
 
     async def _prefetch_prekeys(self, recipients: Sequence[str]) -> dict[str, m.Prekeys]:
@@ -1491,9 +1507,17 @@ class Node:
         on disk. Use one consumer.
         """
         last = 0
+        changes = self.store.kind_changes
+        read_all = -1  # the inbox's change count when a read last got every row after `last`
         while True:
             changed = self._changed
+            count = changes[rows.INBOX]
+            if count == read_all:
+                await changed.wait()
+                continue
             entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
+            if len(entries) < REPORT_BUFFER:
+                read_all = count
             if not entries:
                 await changed.wait()
                 continue
@@ -1549,9 +1573,17 @@ class Node:
 
     async def _pump_events(self) -> None:
         last = 0
+        changes = self.store.kind_changes
+        read_all = -1  # the events' change count when a read last got every one after `last`
         while True:
             changed = self._changed
+            count = changes[rows.EVENTS]
+            if count == read_all:
+                await changed.wait()
+                continue
             events = self.store.events_after(last, limit=EVENT_BUFFER)
+            if len(events) < EVENT_BUFFER:
+                read_all = count
             if events:
                 # Never announce what is not on disk: the batch that wrote the last
                 # event read.
@@ -1859,8 +1891,9 @@ class Node:
                     after_release = release.seq
                     if release.token not in inline_tokens:
                         pending.append((release.report, m.Release(token=release.encoded)))
-            # Revocations wait for their report to leave the queue.
-            if changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE):
+            # Revocations wait for their report to leave the queue (none to look for
+            # while no revocation was pending at open or recorded since).
+            if changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE) and store.revocations_known:
                 batch = store.batch_of(rows.REVOCATIONS, rows.OUTBOX_STATE)
                 for revocation in store.revocations_to_send():
                     if revocation.id not in sent_revocations:

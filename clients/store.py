@@ -283,6 +283,10 @@ INBOX = "inbox"  # stored reports: handed to the application, their receipts sen
 CONSENT = "consent"  # queued announcements, requests, denials
 EVENTS = "events"  # events for the application
 WANTED = "wanted"  # a release request ended (its token issued, or refused)
+# Not a kind anything announces, so no batch is waited for: a release request added
+# that the issuer has to take up (see MemberStore.want_release); it only counts.
+WAITING = "waiting"
+KINDS = (SUBMISSIONS, RELEASES, OUTBOX_STATE, REVOCATIONS, INBOX, CONSENT, EVENTS, WANTED)
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -469,6 +473,10 @@ class MemberStore(DurableStore):
         self._seen_last: dict[str, int] = {}
         self._signed_secrets: dict[bytes, bytes] = {}
         self._fresh_tokens: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        # Whether a revocation may be pending (set at open, and by record_revocation):
+        # without one, the sender need not look for revocations whenever a
+        # submission's state moves.
+        self.revocations_known = True
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -504,6 +512,10 @@ class MemberStore(DurableStore):
             elif stored.get("schema") != str(SCHEMA_VERSION):
                 raise UsageError(f"store schema {stored.get('schema')} is not supported")
         self._clean_debris()
+        self.revocations_known = (
+            self._db.execute("SELECT 1 FROM revocations WHERE state = 'pending' LIMIT 1").fetchone()
+            is not None
+        )
         # The WAL file may be new: make its directory entry durable once.
         fsync_dir(self.root)
         self.group_commit = group_commit
@@ -537,7 +549,11 @@ class MemberStore(DurableStore):
             yield db
 
     def _rolled_back(self) -> None:
-        # What the rolled-back writes put in memory is read from the rows again.
+        # What the rolled-back writes put in memory is read from the rows again, and
+        # every reader that skips a query while its kind did not change looks again
+        # (an undone change may bring a row back: a release request waiting again).
+        for kind in (*KINDS, WAITING):
+            self.kind_changes[kind] += 1
         self._issued_last.clear()
         self._seen_last.clear()
         self._signed_secrets.clear()
@@ -784,11 +800,22 @@ class MemberStore(DurableStore):
     # --- releases (originator) -------------------------------------------------------
 
     def want_release(
-        self, report: bytes, recipient: str, valid_for: int, *, approves: bytes | None = None
+        self,
+        report: bytes,
+        recipient: str,
+        valid_for: int,
+        *,
+        approves: bytes | None = None,
+        issued_here: bool = False,
     ) -> int:
         """Record that ``report`` is to be released to ``recipient`` (a token valid for
         ``valid_for`` seconds from when it is issued, approving the incoming release
-        request ``approves`` if given); returns the request's id."""
+        request ``approves`` if given); returns the request's id. It counts as a change
+        of :data:`WAITING` (the issuer looks for requests to take up) unless
+        ``issued_here``: the caller ends it itself before any checkpoint, or calls
+        :meth:`waiting_added` if it cannot."""
+        if not issued_here:
+            self.waiting_added()
         with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT INTO wanted_releases (report, recipient, valid_for, state, approves)"
@@ -797,6 +824,10 @@ class MemberStore(DurableStore):
             )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    def waiting_added(self) -> None:
+        """Count a change of :data:`WAITING`: a release request may wait for the issuer."""
+        self.kind_changes[WAITING] += 1
 
     _WANTED_COLUMNS = "id, report, recipient, valid_for, state, token, reason, detail, approves"
 
@@ -1025,6 +1056,8 @@ class MemberStore(DurableStore):
 
     def record_revocation(self, report: bytes, token: bytes | None) -> int:
         """Queue a revocation; releases of it not yet sent are withdrawn at once."""
+        self._fresh_tokens.clear()  # rare: the tokens left pending are read again
+        self.revocations_known = True
         with self.transaction() as db:
             self.wrote(REVOCATIONS)
             cursor = db.execute(
@@ -1075,6 +1108,7 @@ class MemberStore(DurableStore):
     def set_revocation_state(
         self, rev_id: int, state: str, event: Event, *, reason: str = "", detail: str = ""
     ) -> None:
+        self._fresh_tokens.clear()
         with self.transaction() as db:
             row = db.execute(
                 "SELECT report, token FROM revocations WHERE id = ?", (rev_id,)
