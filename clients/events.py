@@ -39,6 +39,7 @@ __all__ = [
     "WeakerWrap",
     "decode_event",
     "encode_event",
+    "verified_on_decode",
 ]
 
 
@@ -294,6 +295,11 @@ def encode_event(event: Event) -> tuple[str, bytes]:
         fields[field.name] = value
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return event.KIND, packed
+
+
+def verified_on_decode(kind: str) -> bool:
+    """Whether :func:`decode_event` verifies a signature in a record of ``kind``."""
+    return kind in _SIGNED
 
 
 def decode_event(kind: str, data: bytes, *, arrangement: Any) -> Event:

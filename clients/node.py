@@ -1589,9 +1589,11 @@ class Node:
                 # event read.
                 await self._durable(self.store.batch_of(rows.EVENTS))
             for seq, kind, data in events:
-                await self._event_send.send(
-                    (seq, decode_event(kind, data, arrangement=self._arrangement))
-                )
+                # As recorded (its signed part verified then), or decoded and verified.
+                event = self.store.fresh_event(seq)
+                if event is None:
+                    event = decode_event(kind, data, arrangement=self._arrangement)
+                await self._event_send.send((seq, event))
                 last = seq
             if not events:
                 await changed.wait()

@@ -70,7 +70,7 @@ import sqlite3
 from collections.abc import Callable, Container, Iterator
 from typing import Any
 
-from clients.events import Event, Released, encode_event
+from clients.events import Event, Released, encode_event, verified_on_decode
 from tisa import encoding as enc
 from tisa.consent import Announcement, Answer, Request
 from tisa.errors import Reason, Refused, UsageError
@@ -268,6 +268,10 @@ CREATE TABLE IF NOT EXISTS events (
 # are dropped: each is also recorded in the state tables (outbox, releases, receipts,
 # rejected), so nothing is lost, only its notification. 100,000 small rows is a few MB.
 MAX_STORED_EVENTS = 100_000
+# Events with a signed object kept in memory for the event feed (MemberStore.fresh_event):
+# a few feeds' worth (EVENT_BUFFER is 16), so that an application that reads its events
+# takes them all from memory, and one that does not holds at most this many objects.
+MAX_FRESH_EVENTS = 1024
 
 # Kinds of rows the node announces (sends to the relay, hands to the application),
 # each marked by the steps that add or change such rows (DurableStore.wrote), so that
@@ -473,6 +477,7 @@ class MemberStore(DurableStore):
         self._seen_last: dict[str, int] = {}
         self._signed_secrets: dict[bytes, bytes] = {}
         self._fresh_tokens: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._fresh_events: dict[int, Event] = {}
         # Whether a revocation may be pending (set at open, and by record_revocation):
         # without one, the sender need not look for revocations whenever a
         # submission's state moves.
@@ -558,6 +563,7 @@ class MemberStore(DurableStore):
         self._seen_last.clear()
         self._signed_secrets.clear()
         self._fresh_tokens.clear()
+        self._fresh_events.clear()
 
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
@@ -577,16 +583,37 @@ class MemberStore(DurableStore):
             if entry.name not in dirs:
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def _event(self, db: sqlite3.Connection, event: Event | tuple[str, bytes]) -> None:
-        # An event or its record (encode_event): a step without a savepoint encodes its
+    @staticmethod
+    def _record(event: Event) -> tuple[str, bytes, Event]:
+        # What _event writes, encoded ahead: a step without a savepoint encodes its
         # events before its first write, so that nothing it checks can fail after one.
-        kind, data = event if isinstance(event, tuple) else encode_event(event)
+        return (*encode_event(event), event)
+
+    def _event(self, db: sqlite3.Connection, event: Event | tuple[str, bytes, Event]) -> None:
+        # An event or its record (_record).
+        kind, data, event = event if isinstance(event, tuple) else self._record(event)
         self.wrote(EVENTS)
         seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
+        assert seq is not None
+        if verified_on_decode(kind):
+            # Handed over from memory (see fresh_event), its signature not checked again.
+            fresh = self._fresh_events
+            fresh[seq] = event
+            if len(fresh) > MAX_FRESH_EVENTS:
+                del fresh[next(iter(fresh))]
         # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
         # for the maximum, and no DELETE at all until the bound is first reached.)
-        if seq is not None and seq > MAX_STORED_EVENTS:
+        if seq > MAX_STORED_EVENTS:
             db.execute("DELETE FROM events WHERE seq <= ?", (seq - MAX_STORED_EVENTS,))
+
+    def fresh_event(self, seq: int) -> Event | None:
+        """Event ``seq`` as this store object wrote it, if it is one whose record
+        carries a signed object (a stored ack, a receipt, consent) and is still held in
+        memory (at most :data:`MAX_FRESH_EVENTS`, newest kept; none after a restart or
+        a rollback); taken out. None: decode its record (which verifies the signature
+        again, as for anything read from disk). Saves verifying, per report, the
+        signatures the node verified before it recorded them."""
+        return self._fresh_events.pop(seq, None)
 
     def add_event(self, event: Event) -> None:
         """Record an event that goes with no other state change."""
@@ -709,7 +736,7 @@ class MemberStore(DurableStore):
         with nothing written, otherwise (the caller tells a copy of an earlier ack from
         a wrong one by reading the row). A small report (no file) takes one statement
         for the check and the change."""
-        record = encode_event(event)
+        record = self._record(event)
         where = "report = ? AND state IN ('queued', 'withdrawn') AND digest = ? AND size = ?"
         change = "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL WHERE "
         with self.transaction(savepoint=False) as db:
@@ -1009,7 +1036,7 @@ class MemberStore(DurableStore):
         self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
     ) -> bool:
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
-        record = None if event is None else encode_event(event)
+        record = None if event is None else self._record(event)
         self._fresh_tokens.clear()  # rare (a refusal, a revocation): all read again
         with self.transaction(savepoint=False) as db:
             if state == "pending":
@@ -1149,7 +1176,7 @@ class MemberStore(DurableStore):
         """Record a verified receipt. False if it was already known (no new event).
         ``of_release``: only if this node issued ``token`` for ``report`` to
         ``recipient`` (checked in the same statement); False otherwise too."""
-        record = encode_event(event)
+        record = self._record(event)
         with self.transaction(savepoint=False) as db:
             values = (token, report, recipient, encoded, now)
             cursor = (
@@ -1253,7 +1280,7 @@ class MemberStore(DurableStore):
             os.replace(staged, target)
             fsync_dir(self.inbox_dir)
             fsync_dir(self.tmp_dir)
-        records = [encode_event(event) for event in events]
+        records = [self._record(event) for event in events]
         header_record = enc.pack(header.to_dict())
         with self.transaction(savepoint=False) as db:
             self.wrote(INBOX)

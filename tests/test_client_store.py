@@ -628,3 +628,41 @@ def test_seen_delivery_reads_both_ids_at_once(tmp_path: pathlib.Path) -> None:
     assert store.seen_delivery(b"r", b"t") == (False, False)  # each id under its kind
     assert store.seen_delivery(b"x", b"r") == (False, True)
     store.close()
+
+
+def test_events_with_a_signed_part_are_handed_over_from_memory(tmp_path: pathlib.Path) -> None:
+    # The event feed takes an event whose record carries a signed object (a stored
+    # ack, a receipt, consent) from memory as recorded, its signature verified once;
+    # after a rollback, beyond MAX_FRESH_EVENTS, or in a reopened store, it decodes
+    # the record (and verifies again).
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    ack = StoredAck.issue(
+        SECRETS["washington"],
+        ARRANGEMENT,
+        report=REPORT,
+        originator="seoul",
+        digest=b"d" * 32,
+        size=2000,
+        stored=NOW,
+    )
+    event = Stored(report=REPORT, ack=ack)
+    store.add_event(event)
+    store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY))  # decoded: nothing signed
+    [(first, _, _), (second, _, _)] = store.events_after(0, limit=10)
+    assert store.fresh_event(first) is event
+    assert store.fresh_event(first) is None  # taken out
+    assert store.fresh_event(second) is None
+    store.add_event(event)
+    [*_, (third, _, _)] = store.events_after(0, limit=10)
+    store._abandon_batch()
+    assert store.fresh_event(third) is None
+    for _ in range(rows.MAX_FRESH_EVENTS + 1):
+        store.add_event(event)
+    held = [seq for seq, _, _ in store.events_after(0, limit=rows.MAX_FRESH_EVENTS + 1)]
+    assert store.fresh_event(held[0]) is None  # the oldest let go
+    assert store.fresh_event(held[-1]) is event
+    store.commit_durably()
+    store.close()
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    assert store.fresh_event(held[1]) is None
+    store.close()

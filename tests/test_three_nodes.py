@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import sys
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -538,6 +539,33 @@ async def test_a_reports_steps_at_each_node_take_no_savepoint_each(world: World)
     assert issued == delivered == handed == count
     assert savepoints("seoul") == 0
     assert savepoints("tokyo") == 0
+
+
+async def test_the_event_feed_hands_over_what_seoul_verified_without_verifying_again(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 11: Seoul verifies the relay's stored ack and Tokyo's receipt once, when
+    # they arrive; their events reach the application from memory (before: their
+    # records were decoded and both signatures verified a second time). A store
+    # reopened decodes and verifies them again (test_client_store).
+    from tisa.receipt import Receipt, StoredAck
+
+    verified: list[str] = []
+    for cls in (StoredAck, Receipt):
+        real = cls.verify.__func__  # type: ignore[attr-defined]
+
+        def counting(klass: Any, *args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            # Counted at the member nodes only (the relay, in this process too, checks
+            # each receipt as well).
+            if sys._getframe(1).f_globals["__name__"].startswith("clients."):
+                verified.append(klass.__name__)
+            return _real(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "verify", classmethod(counting))
+    count = 3
+    await _statements_of_reports(world, count)
+    assert verified.count("StoredAck") == count
+    assert verified.count("Receipt") == count
 
 
 async def test_a_reports_steps_read_back_nothing_the_node_holds(world: World) -> None:
