@@ -221,9 +221,7 @@ class _Session:
     urgent_replies: int = 0
     lazy_wake: trio.Event | None = None
     # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
-    prekey_waiters: dict[bytes, trio.MemorySendChannel[m.Message]] = dataclasses.field(
-        default_factory=dict
-    )
+    prekey_waiters: dict[bytes, _PrekeyAnswers] = dataclasses.field(default_factory=dict)
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
     prekey_status: m.PrekeyStatus | None = None
     prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
@@ -254,6 +252,25 @@ class _Session:
     def ahead_moved(self) -> None:
         self.ahead_changed.set()
         self.ahead_changed = trio.Event()
+
+
+class _PrekeyAnswers:
+    """The answers to one write of prekey fetches, by the index of each fetch (see
+    Node._ask_prekeys): ``done`` is set once every one came, or the session ended. A
+    plain object and one event, not a channel and a nursery of two tasks per fetch."""
+
+    __slots__ = ("answers", "done", "purpose", "refs")
+
+    def __init__(self, refs: dict[bytes, int], answers: dict[int, m.Message], purpose: str) -> None:
+        self.refs = refs
+        self.answers = answers
+        self.purpose = purpose  # counted in Node.prekey_counts
+        self.done = trio.Event()
+
+    def put(self, ref: bytes, answer: m.Message) -> None:
+        self.answers[self.refs[ref]] = answer
+        if all(n in self.answers for n in self.refs.values()):
+            self.done.set()
 
 
 @dataclasses.dataclass(slots=True)
@@ -1044,40 +1061,19 @@ class Node:
             session = self._session
             assert session is not None
             refs = {random_id(): n for n in range(len(recipients)) if n not in answers}
-            # Room for every answer: the receiver never blocks on (nor drops) one.
-            send, receive = trio.open_memory_channel[m.Message](len(refs))
+            waiter = _PrekeyAnswers(refs, answers, purpose)
             for ref in refs:
-                session.prekey_waiters[ref] = send
+                session.prekey_waiters[ref] = waiter
             try:
-                async with trio.open_nursery() as nursery:
-
-                    async def get(
-                        nursery: trio.Nursery = nursery,
-                        receive: trio.MemoryReceiveChannel[m.Message] = receive,
-                        refs: dict[bytes, int] = refs,
-                    ) -> None:
-                        while not all(n in answers for n in refs.values()):
-                            reply = await receive.receive()
-                            assert isinstance(reply, m.Prekeys | m.Refusal)
-                            answers[refs[reply.ref]] = reply
-                            if isinstance(reply, m.Prekeys) and reply.one_time is not None:
-                                self.prekey_counts["received_" + purpose] += 1
-                        nursery.cancel_scope.cancel()
-
-                    async def watch(
-                        nursery: trio.Nursery = nursery, session: _Session = session
-                    ) -> None:
-                        await session.over.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(get)
-                    nursery.start_soon(watch)
-                    fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
-                    self.prekey_counts["fetch_" + purpose] += len(fetches)
-                    try:
-                        await session.link.send_many(fetches)
-                    except LinkClosed:
-                        nursery.cancel_scope.cancel()
+                fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
+                self.prekey_counts["fetch_" + purpose] += len(fetches)
+                try:
+                    await session.link.send_many(fetches)
+                except LinkClosed:
+                    pass  # the session ends: asked again on the next one
+                else:
+                    # Every answer, or the end of the session (which sets ``done``).
+                    await waiter.done.wait()
             finally:
                 for ref in refs:
                     session.prekey_waiters.pop(ref, None)
@@ -1775,6 +1771,8 @@ class Node:
         finally:
             self._session = None
             over.set()
+            for waiter in session.prekey_waiters.values():
+                waiter.done.set()  # asked again on the next connection
             self._notify()
 
     @staticmethod
@@ -2068,8 +2066,10 @@ class Node:
                 await session.replies_changed.wait()
             if isinstance(message, m.Prekeys | m.Refusal) and message.ref in session.prekey_waiters:
                 # The answer to a prekey fetch (or its refusal): to the task waiting.
-                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                    session.prekey_waiters[message.ref].send_nowait(message)
+                waiter = session.prekey_waiters.pop(message.ref)
+                if isinstance(message, m.Prekeys) and message.one_time is not None:
+                    self.prekey_counts["received_" + waiter.purpose] += 1
+                waiter.put(message.ref, message)
                 continue
             if isinstance(message, m.Prekeys) and message.one_time is not None:
                 # Its fetch gave up waiting (the connection was ending): dropped.
