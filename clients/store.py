@@ -73,10 +73,11 @@ from typing import Any
 from clients.events import Event, Released, encode_event, verified_on_decode
 from tisa import encoding as enc
 from tisa.consent import Announcement, Answer, Request
-from tisa.errors import Reason, Refused, UsageError
+from tisa.envelope import open_envelope
+from tisa.errors import ProtocolError, Reason, Refused, UsageError
 from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import ReportHeader
-from tisa.token import ReleaseToken
+from tisa.token import MAX_TOKEN_SIZE, ReleaseToken
 from tisa_io.durable import DurableStore
 
 __all__ = [
@@ -933,14 +934,19 @@ class MemberStore(DurableStore):
                 last = row[0] if row else 0
             counter = last + 1
             encoded = make_token(counter)
-            token = ReleaseToken.decode(encoded)
+            # Its id, read from the token issued here without decoding it whole (its
+            # fields were checked when it was made): a third of the decode's cost.
+            _, fields, _ = open_envelope(encoded, max_size=MAX_TOKEN_SIZE, what="token")
+            token_id = fields["id"]
+            if type(token_id) is not bytes:
+                raise ProtocolError("token: no id")
             if wanted is not None:
                 # A request ended meanwhile (its report refused, say) issues nothing: the
                 # whole step, counter included, is undone.
                 cursor = db.execute(
                     "UPDATE wanted_releases SET state = 'issued', token = ?"
                     " WHERE id = ? AND state = 'waiting'",
-                    (token.id, wanted),
+                    (token_id, wanted),
                 )
                 if cursor.rowcount == 0:
                     raise Refused(Reason.EXPIRED, "the release request ended before its token")
@@ -950,7 +956,7 @@ class MemberStore(DurableStore):
                 cursor = db.execute(
                     "UPDATE requests SET state = 'approved', token = ?"
                     " WHERE id = ? AND direction = 'in' AND state = 'open'",
-                    (token.id, approves),
+                    (token_id, approves),
                 )
                 if cursor.rowcount != 1:
                     raise Refused(Reason.ANSWERED, "no open request with this id to this member")
@@ -962,12 +968,12 @@ class MemberStore(DurableStore):
             db.execute(
                 "INSERT INTO releases (token, report, recipient, counter, encoded, created, state)"
                 " VALUES (?,?,?,?,?,?,'pending')",
-                (token.id, report, recipient, counter, encoded, now),
+                (token_id, report, recipient, counter, encoded, now),
             )
             self.wrote(RELEASES)
         self._issued_last[recipient] = counter
-        self._fresh_tokens.setdefault(report, []).append((token.id, encoded))
-        return token.id
+        self._fresh_tokens.setdefault(report, []).append((token_id, encoded))
+        return token_id
 
     def fresh_tokens(self, report: bytes) -> list[tuple[bytes, bytes]] | None:
         """The tokens issued by this store object for ``report`` (id, encoding), in the

@@ -525,6 +525,8 @@ def test_the_tokens_in_memory_follow_their_releases(tmp_path: pathlib.Path) -> N
     first = store.issue_release(REPORT, "tokyo", _token, NOW)
     second = store.issue_release(REPORT, "tokyo", _token, NOW)
     [r1, r2] = store.releases_of(REPORT)
+    # The id read from the token issued (without decoding it whole) is its id.
+    assert [ReleaseToken.decode(r.encoded).id for r in (r1, r2)] == [first, second]
     assert store.fresh_tokens(REPORT) == [(first, r1.encoded), (second, r2.encoded)]
     assert store.mark_released(first, REPORT)
     assert not store.mark_released(first, REPORT)  # not pending any more: no event
