@@ -1070,7 +1070,8 @@ class Node:
                 try:
                     await session.link.send_many(fetches)
                 except LinkClosed:
-                    pass  # the session ends: asked again on the next one
+                    # The session ends: asked again on the next one.
+                    await session.over.wait()
                 else:
                     # Every answer, or the end of the session (which sets ``done``).
                     await waiter.done.wait()
