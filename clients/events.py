@@ -39,6 +39,7 @@ __all__ = [
     "WeakerWrap",
     "decode_event",
     "encode_event",
+    "verified_on_decode",
 ]
 
 
@@ -280,20 +281,43 @@ def _error_from(record: dict[str, Any]) -> TisaError:
     return VerificationError()
 
 
+# Field values written as they are (the common case, checked first).
+_PLAIN = frozenset({bytes, str, int, bool, type(None)})
+
+
+# The field names of each event class, looked up once.
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(event: Event) -> tuple[str, ...]:
+    cls = type(event)
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(field.name for field in dataclasses.fields(event))
+    return names
+
+
 def encode_event(event: Event) -> tuple[str, bytes]:
     """The store record of ``event``: (kind, msgpack bytes)."""
     fields: dict[str, Any] = {}
-    for field in dataclasses.fields(event):
-        value = getattr(event, field.name)
-        if isinstance(value, StoredAck | Receipt | Announcement | Request | Answer):
+    for name in _field_names(event):
+        value = getattr(event, name)
+        if type(value) in _PLAIN:
+            pass
+        elif isinstance(value, StoredAck | Receipt | Announcement | Request | Answer):
             value = value.encoded
         elif isinstance(value, TisaError):
             value = _error_record(value)
         elif isinstance(value, Reason):
             value = value.value
-        fields[field.name] = value
+        fields[name] = value
     packed: bytes = msgpack.packb(fields, use_bin_type=True)
     return event.KIND, packed
+
+
+def verified_on_decode(kind: str) -> bool:
+    """Whether :func:`decode_event` verifies a signature in a record of ``kind``."""
+    return kind in _SIGNED
 
 
 def decode_event(kind: str, data: bytes, *, arrangement: Any) -> Event:

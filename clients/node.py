@@ -221,9 +221,7 @@ class _Session:
     urgent_replies: int = 0
     lazy_wake: trio.Event | None = None
     # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
-    prekey_waiters: dict[bytes, trio.MemorySendChannel[m.Message]] = dataclasses.field(
-        default_factory=dict
-    )
+    prekey_waiters: dict[bytes, _PrekeyAnswers] = dataclasses.field(default_factory=dict)
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
     prekey_status: m.PrekeyStatus | None = None
     prekey_changed: trio.Event = dataclasses.field(default_factory=trio.Event)
@@ -254,6 +252,25 @@ class _Session:
     def ahead_moved(self) -> None:
         self.ahead_changed.set()
         self.ahead_changed = trio.Event()
+
+
+class _PrekeyAnswers:
+    """The answers to one write of prekey fetches, by the index of each fetch (see
+    Node._ask_prekeys): ``done`` is set once every one came, or the session ended. A
+    plain object and one event, not a channel and a nursery of two tasks per fetch."""
+
+    __slots__ = ("answers", "done", "purpose", "refs")
+
+    def __init__(self, refs: dict[bytes, int], answers: dict[int, m.Message], purpose: str) -> None:
+        self.refs = refs
+        self.answers = answers
+        self.purpose = purpose  # counted in Node.prekey_counts
+        self.done = trio.Event()
+
+    def put(self, ref: bytes, answer: m.Message) -> None:
+        self.answers[self.refs[ref]] = answer
+        if all(n in self.answers for n in self.refs.values()):
+            self.done.set()
 
 
 @dataclasses.dataclass(slots=True)
@@ -622,7 +639,7 @@ class Node:
         if trace.enabled:
             trace.mark("S_pre", sealer.report_id)
         try:
-            self.store.record_submission(
+            submission = self.store.record_submission(
                 data=inline,
                 report=sealer.report_id,
                 file=file_name,
@@ -641,13 +658,35 @@ class Node:
             for recipient, answer in prekeys.items():
                 self._put_back(recipient, answer)
             raise
-        wanted = [self._want(sealer.report_id, r, valid_for) for r in release_to]
+        # The submission and the releases asked for are known here: neither is read back.
+        wanted = [
+            self.store.want_release(submission.report, r, int(valid_for), issued_here=r in prekeys)
+            for r in release_to
+        ]
+        waiting: list[int] = []
         for wanted_id, recipient in zip(wanted, release_to, strict=True):
             if recipient in prekeys:
-                # No checkpoint from _want to here: the issuer cannot take it meanwhile.
-                wanted_release = self.store.wanted_release(wanted_id)
-                assert wanted_release is not None
-                await self._issue(wanted_release, prekeys[recipient])
+                # No checkpoint from want_release to here: the issuer cannot take it
+                # meanwhile, and _issue ends it (issued or refused) before it returns;
+                # so the issuer is not told of it (unless _issue is cut short).
+                wanted_release = WantedRelease(
+                    id=wanted_id,
+                    report=submission.report,
+                    recipient=recipient,
+                    valid_for=int(valid_for),
+                    state="waiting",
+                    token=None,
+                    reason=None,
+                    detail=None,
+                )
+                try:
+                    await self._issue(wanted_release, prekeys[recipient], submission)
+                except BaseException:
+                    self.store.waiting_added()
+                    self._notify()
+                    raise
+            else:
+                waiting.append(wanted_id)
         if trace.enabled:
             trace.mark("S_issued", sealer.report_id)
         # The sender is told first: it waits for the same commit, then sends at once.
@@ -657,7 +696,7 @@ class Node:
             trace.mark("S_durable", sealer.report_id)
         # While connected, the tokens are issued at once (one prekey fetch each) and go
         # out right behind the submission; offline, on the next connection.
-        await self._wait_issued(wanted)
+        await self._wait_issued(waiting)
         if wanted:
             # Their ends (issued, refused) on disk: the last batch that ended a release
             # request, not one opened since by unrelated steps.
@@ -810,12 +849,19 @@ class Node:
         one write (the relay answers them from one commit), then those tokens are
         issued in order: one round trip per batch instead of one per token.
         """
+        changes = self.store.kind_changes
+        looked = -1  # the count of release requests added when last found none waiting
         while True:
             changed = self._changed
-            while batch := self.store.waiting_releases(self._limits.max_prekey_fetches):
-                await self._issue_batch(batch)
-                self._group_commit.mark_dirty()
-                self._notify()
+            if changes[rows.WAITING] != looked:
+                added = changes[rows.WAITING]
+                while batch := self.store.waiting_releases(self._limits.max_prekey_fetches):
+                    await self._issue_batch(batch)
+                    self._group_commit.mark_dirty()
+                    self._notify()
+                    added = changes[rows.WAITING]
+                # None waiting now, and none added since `added` was counted.
+                looked = added
             await changed.wait()
 
     async def _prefetch_prekeys(self, recipients: Sequence[str]) -> dict[str, m.Prekeys]:
@@ -888,11 +934,18 @@ class Node:
             if waiter is not None:
                 waiter.set()
 
-    async def _issue(self, wanted: WantedRelease, fetched: m.Message | None = None) -> None:
+    async def _issue(
+        self,
+        wanted: WantedRelease,
+        fetched: m.Message | None = None,
+        submission: Submission | None = None,
+    ) -> None:
         """Issue the token of ``wanted`` with the relay's answer ``fetched`` to the fetch
-        of its recipient's prekeys (None: fetch them now), or record why not."""
+        of its recipient's prekeys (None: fetch them now), or record why not.
+        ``submission``: its report's row, when the caller has it in hand (just recorded)."""
         report_id, recipient = wanted.report, wanted.recipient
-        submission = self._submission(report_id)
+        if submission is None:
+            submission = self._submission(report_id)
         one_time: bytes | None = None
         try:
             if submission.state not in ("queued", "stored"):
@@ -1008,40 +1061,20 @@ class Node:
             session = self._session
             assert session is not None
             refs = {random_id(): n for n in range(len(recipients)) if n not in answers}
-            # Room for every answer: the receiver never blocks on (nor drops) one.
-            send, receive = trio.open_memory_channel[m.Message](len(refs))
+            waiter = _PrekeyAnswers(refs, answers, purpose)
             for ref in refs:
-                session.prekey_waiters[ref] = send
+                session.prekey_waiters[ref] = waiter
             try:
-                async with trio.open_nursery() as nursery:
-
-                    async def get(
-                        nursery: trio.Nursery = nursery,
-                        receive: trio.MemoryReceiveChannel[m.Message] = receive,
-                        refs: dict[bytes, int] = refs,
-                    ) -> None:
-                        while not all(n in answers for n in refs.values()):
-                            reply = await receive.receive()
-                            assert isinstance(reply, m.Prekeys | m.Refusal)
-                            answers[refs[reply.ref]] = reply
-                            if isinstance(reply, m.Prekeys) and reply.one_time is not None:
-                                self.prekey_counts["received_" + purpose] += 1
-                        nursery.cancel_scope.cancel()
-
-                    async def watch(
-                        nursery: trio.Nursery = nursery, session: _Session = session
-                    ) -> None:
-                        await session.over.wait()
-                        nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(get)
-                    nursery.start_soon(watch)
-                    fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
-                    self.prekey_counts["fetch_" + purpose] += len(fetches)
-                    try:
-                        await session.link.send_many(fetches)
-                    except LinkClosed:
-                        nursery.cancel_scope.cancel()
+                fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
+                self.prekey_counts["fetch_" + purpose] += len(fetches)
+                try:
+                    await session.link.send_many(fetches)
+                except LinkClosed:
+                    # The session ends: asked again on the next one.
+                    await session.over.wait()
+                else:
+                    # Every answer, or the end of the session (which sets ``done``).
+                    await waiter.done.wait()
             finally:
                 for ref in refs:
                     session.prekey_waiters.pop(ref, None)
@@ -1471,9 +1504,17 @@ class Node:
         on disk. Use one consumer.
         """
         last = 0
+        changes = self.store.kind_changes
+        read_all = -1  # the inbox's change count when a read last got every row after `last`
         while True:
             changed = self._changed
+            count = changes[rows.INBOX]
+            if count == read_all:
+                await changed.wait()
+                continue
             entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
+            if len(entries) < REPORT_BUFFER:
+                read_all = count
             if not entries:
                 await changed.wait()
                 continue
@@ -1529,17 +1570,27 @@ class Node:
 
     async def _pump_events(self) -> None:
         last = 0
+        changes = self.store.kind_changes
+        read_all = -1  # the events' change count when a read last got every one after `last`
         while True:
             changed = self._changed
+            count = changes[rows.EVENTS]
+            if count == read_all:
+                await changed.wait()
+                continue
             events = self.store.events_after(last, limit=EVENT_BUFFER)
+            if len(events) < EVENT_BUFFER:
+                read_all = count
             if events:
                 # Never announce what is not on disk: the batch that wrote the last
                 # event read.
                 await self._durable(self.store.batch_of(rows.EVENTS))
             for seq, kind, data in events:
-                await self._event_send.send(
-                    (seq, decode_event(kind, data, arrangement=self._arrangement))
-                )
+                # As recorded (its signed part verified then), or decoded and verified.
+                event = self.store.fresh_event(seq)
+                if event is None:
+                    event = decode_event(kind, data, arrangement=self._arrangement)
+                await self._event_send.send((seq, event))
                 last = seq
             if not events:
                 await changed.wait()
@@ -1721,6 +1772,8 @@ class Node:
         finally:
             self._session = None
             over.set()
+            for waiter in session.prekey_waiters.values():
+                waiter.done.set()  # asked again on the next connection
             self._notify()
 
     @staticmethod
@@ -1797,14 +1850,23 @@ class Node:
                     # many as fit; the others follow as `release` messages).
                     tokens: list[bytes] = []
                     need = max(need, store.batch_of(rows.RELEASES))
-                    for release in store.releases_of(submission.report):
-                        if release.state != "pending" or release.token in inline_tokens:
+                    # Its pending tokens: those this store issued since it opened, in
+                    # memory (none read back), else read from the rows.
+                    issued = store.fresh_tokens(submission.report)
+                    if issued is None:
+                        issued = [
+                            (release.token, release.encoded)
+                            for release in store.releases_of(submission.report)
+                            if release.state == "pending"
+                        ]
+                    for token_id, encoded in issued:
+                        if token_id in inline_tokens:
                             continue
-                        room -= len(release.encoded) + m.INLINE_TOKEN_OVERHEAD
+                        room -= len(encoded) + m.INLINE_TOKEN_OVERHEAD
                         if len(tokens) == MAX_INLINE_TOKENS or room < 0:
                             break
-                        inline_tokens.add(release.token)
-                        tokens.append(release.encoded)
+                        inline_tokens.add(token_id)
+                        tokens.append(encoded)
                     pending.append((submission.report, _submit_inline(submission, tokens)))
                 elif submission.data is not None:
                     pending.extend(
@@ -1830,8 +1892,9 @@ class Node:
                     after_release = release.seq
                     if release.token not in inline_tokens:
                         pending.append((release.report, m.Release(token=release.encoded)))
-            # Revocations wait for their report to leave the queue.
-            if changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE):
+            # Revocations wait for their report to leave the queue (none to look for
+            # while no revocation was pending at open or recorded since).
+            if changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE) and store.revocations_known:
                 batch = store.batch_of(rows.REVOCATIONS, rows.OUTBOX_STATE)
                 for revocation in store.revocations_to_send():
                     if revocation.id not in sent_revocations:
@@ -2004,8 +2067,10 @@ class Node:
                 await session.replies_changed.wait()
             if isinstance(message, m.Prekeys | m.Refusal) and message.ref in session.prekey_waiters:
                 # The answer to a prekey fetch (or its refusal): to the task waiting.
-                with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
-                    session.prekey_waiters[message.ref].send_nowait(message)
+                waiter = session.prekey_waiters.pop(message.ref)
+                if isinstance(message, m.Prekeys) and message.one_time is not None:
+                    self.prekey_counts["received_" + waiter.purpose] += 1
+                waiter.put(message.ref, message)
                 continue
             if isinstance(message, m.Prekeys) and message.one_time is not None:
                 # Its fetch gave up waiting (the connection was ending): dropped.
@@ -2088,28 +2153,27 @@ class Node:
 
     def _on_stored(self, message: m.Stored) -> None:
         ack = StoredAck.verify(message.ack, self._arrangement)
-        submission = self.store.submission(message.report)
-        if (
-            submission is None
-            or ack.report != message.report
-            or ack.digest != submission.digest
-            or ack.size != submission.size
-            or ack.originator != self.name
-        ):
+        if ack.report != message.report or ack.originator != self.name:
             raise VerificationError()
-        self.store.mark_stored(message.report, message.ack, Stored(report=message.report, ack=ack))
+        # The digest and size the ack signs are checked against the row by the write
+        # itself; the row is read only when that writes nothing (a copy of an earlier
+        # ack, or an ack for a ciphertext this node never submitted).
+        if not self.store.mark_stored(
+            message.report,
+            message.ack,
+            Stored(report=message.report, ack=ack),
+            digest=ack.digest,
+            size=ack.size,
+        ):
+            submission = self.store.submission(message.report)
+            if submission is None or ack.digest != submission.digest or ack.size != submission.size:
+                raise VerificationError()
         for token in message.released:
             # Accepted with the submission (submit_inline), as a `released` would say.
             self._on_released(m.Released(report=message.report, token=token))
 
     def _on_released(self, message: m.Released) -> None:
-        pending = self.store.release(message.token)
-        recipient = pending.recipient if pending else ""
-        self.store.set_release_state(
-            message.token,
-            "released",
-            Released(report=message.report, token=message.token, recipient=recipient),
-        )
+        self.store.mark_released(message.token, message.report)
 
     def _on_refusal(self, message: m.Refusal) -> None:
         reason = Reason(message.reason)
@@ -2185,6 +2249,11 @@ class Node:
                     return
         self.store.add_event(event)
 
+    def _issued(self, token_id: bytes, report: bytes, recipient: str) -> bool:
+        """Whether this node issued release ``token_id`` for ``report`` to ``recipient``."""
+        release = self.store.release(token_id)
+        return release is not None and (release.report, release.recipient) == (report, recipient)
+
     def _report_of(self, token_id: bytes) -> bytes | None:
         release = self.store.release(token_id)
         return release.report if release else None
@@ -2210,13 +2279,9 @@ class Node:
 
     def _on_receipt(self, session: _Session, message: m.ReceiptNotice) -> None:
         receipt = Receipt.verify(message.receipt, self._arrangement)
-        release = self.store.release(receipt.token)
-        if (
-            receipt.originator == self.name
-            and release is not None
-            and release.report == receipt.report
-            and release.recipient == receipt.recipient
-        ):
+        # The release it names is checked by the insert itself; read only when that
+        # adds nothing (a copy of a receipt recorded, or one for no release of ours).
+        ours = receipt.originator == self.name and (
             self.store.add_receipt(
                 token=receipt.token,
                 report=receipt.report,
@@ -2224,8 +2289,11 @@ class Node:
                 encoded=receipt.encoded,
                 now=self._now(),
                 event=ReceiptEvent(receipt=receipt),
+                of_release=True,
             )
-        else:
+            or self._issued(receipt.token, receipt.report, receipt.recipient)
+        )
+        if not ours:
             self.store.add_event(
                 RefusedEvent(
                     ref=receipt.token,
@@ -2315,7 +2383,10 @@ class Node:
         inline = message.data if isinstance(message, m.DeliverInline) else None
         if inline is not None and len(inline) != token.size:
             raise ProtocolError("inline delivery of another size than its token says")
-        if self.store.seen("token", token.id):
+        # Both seen-set look-ups in one query; nothing below changes the set before
+        # the report's is used (no checkpoint in between).
+        token_seen, report_seen = self.store.seen_delivery(token.id, token.report)
+        if token_seen:
             # A redelivery (our ack was lost, or the relay restarted): already stored or
             # rejected. Acknowledge again (once that is on disk); never hand it over twice.
             if inline is None:
@@ -2337,7 +2408,7 @@ class Node:
                 prekey_secret=self.store.prekey_secret,
             )
             unwrapped = True
-            if self.store.seen("report", token.report):
+            if report_seen:
                 raise Refused(Reason.REPLAYED, "report delivered before under another token")
             if token.request is not None:
                 # Accepted only as the answer to an open request of this member's, to

@@ -93,6 +93,9 @@ class PrekeyPool:
         # they were taken).
         self.taken = 0
         self.dropped = 0
+        # The last signed prekey decoded and its not_after: every bundle of a recipient
+        # carries the same one until it rotates (about weekly), so it is decoded once.
+        self._signed: tuple[bytes, int] = (b"", 0)
 
     def __len__(self) -> int:
         """Bundles held, over every recipient."""
@@ -208,9 +211,11 @@ class PrekeyPool:
         ):
             return None
         try:
-            not_after = min(
-                Prekey.decode(answer.signed).not_after, Prekey.decode(answer.one_time).not_after
-            )
+            signed, signed_not_after = self._signed
+            if answer.signed != signed:
+                signed_not_after = Prekey.decode(answer.signed).not_after
+                self._signed = (answer.signed, signed_not_after)
+            not_after = min(signed_not_after, Prekey.decode(answer.one_time).not_after)
         except ProtocolError:
             return None
         return not_after if now + self.margin < not_after else None

@@ -70,13 +70,14 @@ import sqlite3
 from collections.abc import Callable, Container, Iterator
 from typing import Any
 
-from clients.events import Event, encode_event
+from clients.events import Event, Released, encode_event, verified_on_decode
 from tisa import encoding as enc
 from tisa.consent import Announcement, Answer, Request
-from tisa.errors import Reason, Refused, UsageError
+from tisa.envelope import open_envelope
+from tisa.errors import ProtocolError, Reason, Refused, UsageError
 from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import ReportHeader
-from tisa.token import ReleaseToken
+from tisa.token import MAX_TOKEN_SIZE, ReleaseToken
 from tisa_io.durable import DurableStore
 
 __all__ = [
@@ -268,6 +269,10 @@ CREATE TABLE IF NOT EXISTS events (
 # are dropped: each is also recorded in the state tables (outbox, releases, receipts,
 # rejected), so nothing is lost, only its notification. 100,000 small rows is a few MB.
 MAX_STORED_EVENTS = 100_000
+# Events with a signed object kept in memory for the event feed (MemberStore.fresh_event):
+# a few feeds' worth (EVENT_BUFFER is 16), so that an application that reads its events
+# takes them all from memory, and one that does not holds at most this many objects.
+MAX_FRESH_EVENTS = 1024
 
 # Kinds of rows the node announces (sends to the relay, hands to the application),
 # each marked by the steps that add or change such rows (DurableStore.wrote), so that
@@ -283,6 +288,10 @@ INBOX = "inbox"  # stored reports: handed to the application, their receipts sen
 CONSENT = "consent"  # queued announcements, requests, denials
 EVENTS = "events"  # events for the application
 WANTED = "wanted"  # a release request ended (its token issued, or refused)
+# Not a kind anything announces, so no batch is waited for: a release request added
+# that the issuer has to take up (see MemberStore.want_release); it only counts.
+WAITING = "waiting"
+KINDS = (SUBMISSIONS, RELEASES, OUTBOX_STATE, REVOCATIONS, INBOX, CONSENT, EVENTS, WANTED)
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -460,6 +469,20 @@ class MemberStore(DurableStore):
         # releases looks again when it moved. (The node's issuer ends them one by one
         # and wakes whoever waits for that one.)
         self.wanted_ended = 0
+        # State kept in memory beside its rows, so that a per-report step need not read
+        # it back (each dropped after any rollback, and read again from the rows):
+        # the last counter issued per recipient and seen per originator, the signed
+        # prekeys' secrets, and the tokens issued for each report still to go out
+        # (token id, encoding; see fresh_tokens).
+        self._issued_last: dict[str, int] = {}
+        self._seen_last: dict[str, int] = {}
+        self._signed_secrets: dict[bytes, bytes] = {}
+        self._fresh_tokens: dict[bytes, list[tuple[bytes, bytes]]] = {}
+        self._fresh_events: dict[int, Event] = {}
+        # Whether a revocation may be pending (set at open, and by record_revocation):
+        # without one, the sender need not look for revocations whenever a
+        # submission's state moves.
+        self.revocations_known = True
         self.outbox_dir = self.root / "outbox"
         self.inbox_dir = self.root / "inbox"
         self.tmp_dir = self.root / "tmp"
@@ -495,6 +518,10 @@ class MemberStore(DurableStore):
             elif stored.get("schema") != str(SCHEMA_VERSION):
                 raise UsageError(f"store schema {stored.get('schema')} is not supported")
         self._clean_debris()
+        self.revocations_known = (
+            self._db.execute("SELECT 1 FROM revocations WHERE state = 'pending' LIMIT 1").fetchone()
+            is not None
+        )
         # The WAL file may be new: make its directory entry durable once.
         fsync_dir(self.root)
         self.group_commit = group_commit
@@ -527,6 +554,18 @@ class MemberStore(DurableStore):
         with self._step(savepoint=savepoint) if self.group_commit else self._single() as db:
             yield db
 
+    def _rolled_back(self) -> None:
+        # What the rolled-back writes put in memory is read from the rows again, and
+        # every reader that skips a query while its kind did not change looks again
+        # (an undone change may bring a row back: a release request waiting again).
+        for kind in (*KINDS, WAITING):
+            self.kind_changes[kind] += 1
+        self._issued_last.clear()
+        self._seen_last.clear()
+        self._signed_secrets.clear()
+        self._fresh_tokens.clear()
+        self._fresh_events.clear()
+
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
         # before their row. Their content is either in the database elsewhere (a
@@ -545,16 +584,37 @@ class MemberStore(DurableStore):
             if entry.name not in dirs:
                 shutil.rmtree(entry, ignore_errors=True)
 
-    def _event(self, db: sqlite3.Connection, event: Event | tuple[str, bytes]) -> None:
-        # An event or its record (encode_event): a step without a savepoint encodes its
+    @staticmethod
+    def _record(event: Event) -> tuple[str, bytes, Event]:
+        # What _event writes, encoded ahead: a step without a savepoint encodes its
         # events before its first write, so that nothing it checks can fail after one.
-        kind, data = event if isinstance(event, tuple) else encode_event(event)
+        return (*encode_event(event), event)
+
+    def _event(self, db: sqlite3.Connection, event: Event | tuple[str, bytes, Event]) -> None:
+        # An event or its record (_record).
+        kind, data, event = event if isinstance(event, tuple) else self._record(event)
         self.wrote(EVENTS)
         seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
+        assert seq is not None
+        if verified_on_decode(kind):
+            # Handed over from memory (see fresh_event), its signature not checked again.
+            fresh = self._fresh_events
+            fresh[seq] = event
+            if len(fresh) > MAX_FRESH_EVENTS:
+                del fresh[next(iter(fresh))]
         # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
         # for the maximum, and no DELETE at all until the bound is first reached.)
-        if seq is not None and seq > MAX_STORED_EVENTS:
+        if seq > MAX_STORED_EVENTS:
             db.execute("DELETE FROM events WHERE seq <= ?", (seq - MAX_STORED_EVENTS,))
+
+    def fresh_event(self, seq: int) -> Event | None:
+        """Event ``seq`` as this store object wrote it, if it is one whose record
+        carries a signed object (a stored ack, a receipt, consent) and is still held in
+        memory (at most :data:`MAX_FRESH_EVENTS`, newest kept; none after a restart or
+        a rollback); taken out. None: decode its record (which verifies the signature
+        again, as for anything read from disk). Saves verifying, per report, the
+        signatures the node verified before it recorded them."""
+        return self._fresh_events.pop(seq, None)
 
     def add_event(self, event: Event) -> None:
         """Record an event that goes with no other state change."""
@@ -577,12 +637,13 @@ class MemberStore(DurableStore):
         expires: int,
         created: int,
         data: bytes | None = None,
-    ) -> None:
+    ) -> Submission:
         """Queue a sealed report whose ciphertext file is already durable in outbox/
-        (or, with ``data`` and ``file`` '', whose ciphertext is ``data``)."""
+        (or, with ``data`` and ``file`` '', whose ciphertext is ``data``); returns its
+        row as :meth:`submission` would read it."""
         with self.transaction(savepoint=False) as db:
             self.wrote(SUBMISSIONS)
-            db.execute(
+            seq = db.execute(
                 "INSERT INTO outbox (report, file, size, digest, content_key, scope, level,"
                 " recipients, expires, created, state, data)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,'queued',?)",
@@ -599,7 +660,26 @@ class MemberStore(DurableStore):
                     created,
                     data,
                 ),
-            )
+            ).lastrowid
+        assert seq is not None
+        return Submission(
+            report=report,
+            path=self.outbox_dir / file if file else None,
+            size=size,
+            digest=digest,
+            content_key=content_key,
+            scope=scope,
+            level=level,
+            recipients=recipients,
+            expires=expires,
+            created=created,
+            state="queued",
+            ack=None,
+            reason=None,
+            detail=None,
+            data=data,
+            seq=seq,
+        )
 
     def _submission(self, row: tuple[Any, ...]) -> Submission:
         return Submission(
@@ -648,27 +728,36 @@ class MemberStore(DurableStore):
         ).fetchall()
         return [self._submission(row) for row in rows]
 
-    def mark_stored(self, report: bytes, ack: bytes, event: Event) -> bool:
-        """Record the relay's ack and drop the local ciphertext. False if not queued (a
-        withdrawn submission counts: the relay stored it before it was withdrawn)."""
-        record = encode_event(event)
+    def mark_stored(
+        self, report: bytes, ack: bytes, event: Event, *, digest: bytes, size: int
+    ) -> bool:
+        """Record the relay's ack and drop the local ciphertext, if the submission of
+        ``report`` is queued (or withdrawn: the relay stored it before it was withdrawn)
+        and its ciphertext has this ``digest`` and ``size`` (what the ack signs). False,
+        with nothing written, otherwise (the caller tells a copy of an earlier ack from
+        a wrong one by reading the row). A small report (no file) takes one statement
+        for the check and the change."""
+        record = self._record(event)
+        where = "report = ? AND state IN ('queued', 'withdrawn') AND digest = ? AND size = ?"
+        change = "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL WHERE "
         with self.transaction(savepoint=False) as db:
-            row = db.execute(
-                "SELECT file FROM outbox WHERE report = ? AND state IN ('queued', 'withdrawn')",
-                (report,),
-            ).fetchone()
-            if row is None:
-                return False
+            file = ""
+            small = db.execute(change + where + " AND file = ''", (ack, report, digest, size))
+            if not small.rowcount:
+                # A file to remove once this is on disk (or no such submission).
+                row = db.execute(
+                    "SELECT file FROM outbox WHERE " + where, (report, digest, size)
+                ).fetchone()
+                if row is None:
+                    return False
+                file = row[0]
+                db.execute(change + "report = ?", (ack, report))
             self.wrote(OUTBOX_STATE)
-            db.execute(
-                "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL"
-                " WHERE report = ?",
-                (ack, report),
-            )
             self._event(db, record)
-        if row[0]:
+        self._fresh_tokens.pop(report, None)
+        if file:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
-            self._remove_after_commit(self.outbox_dir / row[0])
+            self._remove_after_commit(self.outbox_dir / file)
         return True
 
     def withdraw_submission(self, report: bytes) -> None:
@@ -709,6 +798,7 @@ class MemberStore(DurableStore):
     ) -> None:
         """Final state other than stored (refused, revoked, expired, dropped), with its
         event (none for a change the application made itself)."""
+        self._fresh_tokens.pop(report, None)
         with self.transaction() as db:
             row = db.execute("SELECT file FROM outbox WHERE report = ?", (report,)).fetchone()
             self.wrote(OUTBOX_STATE)
@@ -738,11 +828,22 @@ class MemberStore(DurableStore):
     # --- releases (originator) -------------------------------------------------------
 
     def want_release(
-        self, report: bytes, recipient: str, valid_for: int, *, approves: bytes | None = None
+        self,
+        report: bytes,
+        recipient: str,
+        valid_for: int,
+        *,
+        approves: bytes | None = None,
+        issued_here: bool = False,
     ) -> int:
         """Record that ``report`` is to be released to ``recipient`` (a token valid for
         ``valid_for`` seconds from when it is issued, approving the incoming release
-        request ``approves`` if given); returns the request's id."""
+        request ``approves`` if given); returns the request's id. It counts as a change
+        of :data:`WAITING` (the issuer looks for requests to take up) unless
+        ``issued_here``: the caller ends it itself before any checkpoint, or calls
+        :meth:`waiting_added` if it cannot."""
+        if not issued_here:
+            self.waiting_added()
         with self.transaction(savepoint=False) as db:
             cursor = db.execute(
                 "INSERT INTO wanted_releases (report, recipient, valid_for, state, approves)"
@@ -751,6 +852,10 @@ class MemberStore(DurableStore):
             )
         assert cursor.lastrowid is not None
         return cursor.lastrowid
+
+    def waiting_added(self) -> None:
+        """Count a change of :data:`WAITING`: a release request may wait for the issuer."""
+        self.kind_changes[WAITING] += 1
 
     _WANTED_COLUMNS = "id, report, recipient, valid_for, state, token, reason, detail, approves"
 
@@ -812,16 +917,49 @@ class MemberStore(DurableStore):
         With ``approves`` (an open incoming release request's id) that request is marked
         approved by this token in the same transaction.
 
+        The last counter per recipient is kept in memory once read (read again after a
+        rollback). The conditional writes (the end of ``wanted``, the approval) come
+        first, so a refusal comes before any write and needs no savepoint, unless both
+        are given.
+
         Returns:
             The token id.
         """
-        with self.transaction() as db:
-            row = db.execute(
-                "SELECT last FROM issued_counters WHERE recipient = ?", (recipient,)
-            ).fetchone()
-            counter = (row[0] if row else 0) + 1
+        last = self._issued_last.get(recipient)
+        with self.transaction(savepoint=wanted is not None and approves is not None) as db:
+            if last is None:
+                row = db.execute(
+                    "SELECT last FROM issued_counters WHERE recipient = ?", (recipient,)
+                ).fetchone()
+                last = row[0] if row else 0
+            counter = last + 1
             encoded = make_token(counter)
-            token = ReleaseToken.decode(encoded)
+            # Its id, read from the token issued here without decoding it whole (its
+            # fields were checked when it was made): a third of the decode's cost.
+            _, fields, _ = open_envelope(encoded, max_size=MAX_TOKEN_SIZE, what="token")
+            token_id = fields["id"]
+            if type(token_id) is not bytes:
+                raise ProtocolError("token: no id")
+            if wanted is not None:
+                # A request ended meanwhile (its report refused, say) issues nothing: the
+                # whole step, counter included, is undone.
+                cursor = db.execute(
+                    "UPDATE wanted_releases SET state = 'issued', token = ?"
+                    " WHERE id = ? AND state = 'waiting'",
+                    (token_id, wanted),
+                )
+                if cursor.rowcount == 0:
+                    raise Refused(Reason.EXPIRED, "the release request ended before its token")
+                self.wrote(WANTED)
+            if approves is not None:
+                # Denied (or approved) meanwhile: nothing is issued, as above.
+                cursor = db.execute(
+                    "UPDATE requests SET state = 'approved', token = ?"
+                    " WHERE id = ? AND direction = 'in' AND state = 'open'",
+                    (token_id, approves),
+                )
+                if cursor.rowcount != 1:
+                    raise Refused(Reason.ANSWERED, "no open request with this id to this member")
             db.execute(
                 "INSERT INTO issued_counters VALUES (?, ?)"
                 " ON CONFLICT (recipient) DO UPDATE SET last = excluded.last",
@@ -830,30 +968,20 @@ class MemberStore(DurableStore):
             db.execute(
                 "INSERT INTO releases (token, report, recipient, counter, encoded, created, state)"
                 " VALUES (?,?,?,?,?,?,'pending')",
-                (token.id, report, recipient, counter, encoded, now),
+                (token_id, report, recipient, counter, encoded, now),
             )
             self.wrote(RELEASES)
-            if wanted is not None:
-                self.wrote(WANTED)
-                # A request ended meanwhile (its report refused, say) issues nothing: the
-                # whole transaction, counter included, is rolled back.
-                cursor = db.execute(
-                    "UPDATE wanted_releases SET state = 'issued', token = ?"
-                    " WHERE id = ? AND state = 'waiting'",
-                    (token.id, wanted),
-                )
-                if cursor.rowcount == 0:
-                    raise Refused(Reason.EXPIRED, "the release request ended before its token")
-            if approves is not None:
-                # Denied (or approved) meanwhile: nothing is issued, as above.
-                cursor = db.execute(
-                    "UPDATE requests SET state = 'approved', token = ?"
-                    " WHERE id = ? AND direction = 'in' AND state = 'open'",
-                    (token.id, approves),
-                )
-                if cursor.rowcount != 1:
-                    raise Refused(Reason.ANSWERED, "no open request with this id to this member")
-        return token.id
+        self._issued_last[recipient] = counter
+        self._fresh_tokens.setdefault(report, []).append((token_id, encoded))
+        return token_id
+
+    def fresh_tokens(self, report: bytes) -> list[tuple[bytes, bytes]] | None:
+        """The tokens issued by this store object for ``report`` (id, encoding), in the
+        order issued, all still pending, while its submission is queued; None when not
+        known in memory (after a restart or a rollback, or once a release of the
+        report changed state): read :meth:`releases_of` instead. Saves the sender
+        reading back the tokens it puts inline in a ``submit_inline``."""
+        return self._fresh_tokens.get(report)
 
     _RELEASE_COLUMNS = "token, report, recipient, counter, encoded, state, reason, detail, rowid"
 
@@ -914,7 +1042,8 @@ class MemberStore(DurableStore):
         self, token: bytes, state: str, event: Event | None, *, reason: str = "", detail: str = ""
     ) -> bool:
         """Move a pending release to ``state``. False (and no event) if it was not pending."""
-        record = None if event is None else encode_event(event)
+        record = None if event is None else self._record(event)
+        self._fresh_tokens.clear()  # rare (a refusal, a revocation): all read again
         with self.transaction(savepoint=False) as db:
             if state == "pending":
                 self.wrote(RELEASES)
@@ -929,8 +1058,27 @@ class MemberStore(DurableStore):
                 self._event(db, record)
         return True
 
+    def mark_released(self, token: bytes, report: bytes) -> bool:
+        """The relay accepted the pending release ``token`` (of ``report``): released,
+        with its :class:`~clients.events.Released` event naming the recipient read in
+        the same statement. False (and no event) if it was not pending."""
+        with self.transaction(savepoint=False) as db:
+            row = db.execute(
+                "UPDATE releases SET state = 'released', reason = NULL, detail = NULL"
+                " WHERE token = ? AND state = 'pending' RETURNING recipient",
+                (token,),
+            ).fetchall()
+            if not row:
+                return False
+            self._event(db, Released(report=report, token=token, recipient=row[0][0]))
+        tokens = self._fresh_tokens.pop(report, None)
+        if tokens is not None and (left := [t for t in tokens if t[0] != token]):
+            self._fresh_tokens[report] = left
+        return True
+
     def force_release_state(self, token: bytes, state: str, event: Event) -> None:
         """Record a relay-side outcome (expired, revoked) whatever the local state was."""
+        self._fresh_tokens.clear()
         with self.transaction() as db:
             if state == "pending":
                 self.wrote(RELEASES)
@@ -941,6 +1089,8 @@ class MemberStore(DurableStore):
 
     def record_revocation(self, report: bytes, token: bytes | None) -> int:
         """Queue a revocation; releases of it not yet sent are withdrawn at once."""
+        self._fresh_tokens.clear()  # rare: the tokens left pending are read again
+        self.revocations_known = True
         with self.transaction() as db:
             self.wrote(REVOCATIONS)
             cursor = db.execute(
@@ -991,6 +1141,7 @@ class MemberStore(DurableStore):
     def set_revocation_state(
         self, rev_id: int, state: str, event: Event, *, reason: str = "", detail: str = ""
     ) -> None:
+        self._fresh_tokens.clear()
         with self.transaction() as db:
             row = db.execute(
                 "SELECT report, token FROM revocations WHERE id = ?", (rev_id,)
@@ -1018,14 +1169,30 @@ class MemberStore(DurableStore):
     # --- receipts (originator) -------------------------------------------------------
 
     def add_receipt(
-        self, *, token: bytes, report: bytes, recipient: str, encoded: bytes, now: int, event: Event
+        self,
+        *,
+        token: bytes,
+        report: bytes,
+        recipient: str,
+        encoded: bytes,
+        now: int,
+        event: Event,
+        of_release: bool = False,
     ) -> bool:
-        """Record a verified receipt. False if it was already known (no new event)."""
-        record = encode_event(event)
+        """Record a verified receipt. False if it was already known (no new event).
+        ``of_release``: only if this node issued ``token`` for ``report`` to
+        ``recipient`` (checked in the same statement); False otherwise too."""
+        record = self._record(event)
         with self.transaction(savepoint=False) as db:
-            cursor = db.execute(
-                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)",
-                (token, report, recipient, encoded, now),
+            values = (token, report, recipient, encoded, now)
+            cursor = (
+                db.execute(
+                    "INSERT OR IGNORE INTO receipts SELECT ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1"
+                    " FROM releases WHERE token = ? AND report = ? AND recipient = ?)",
+                    (*values, token, report, recipient),
+                )
+                if of_release
+                else db.execute("INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?)", values)
             )
             if cursor.rowcount == 0:
                 return False
@@ -1042,6 +1209,19 @@ class MemberStore(DurableStore):
             "SELECT 1 FROM seen WHERE kind = ? AND id = ?", (kind, ident)
         ).fetchone()
         return row is not None
+
+    def seen_delivery(self, token: bytes, report: bytes) -> tuple[bool, bool]:
+        """Whether token id ``token`` and whether report id ``report`` are in the
+        seen-set, in one query (a delivery checks both)."""
+        kinds = {
+            row[0]
+            for row in self._db.execute(
+                "SELECT kind FROM seen WHERE (kind = 'token' AND id = ?)"
+                " OR (kind = 'report' AND id = ?)",
+                (token, report),
+            )
+        }
+        return "token" in kinds, "report" in kinds
 
     def rejected(self, token: bytes) -> bool:
         return (
@@ -1067,10 +1247,15 @@ class MemberStore(DurableStore):
         return missing[:limit]
 
     def last_counter(self, originator: str) -> int:
-        row = self._db.execute(
-            "SELECT last FROM seen_counters WHERE originator = ?", (originator,)
-        ).fetchone()
-        return int(row[0]) if row else 0
+        """The highest release counter of ``originator`` received (kept in memory once
+        read)."""
+        last = self._seen_last.get(originator)
+        if last is None:
+            row = self._db.execute(
+                "SELECT last FROM seen_counters WHERE originator = ?", (originator,)
+            ).fetchone()
+            last = self._seen_last[originator] = int(row[0]) if row else 0
+        return last
 
     def store_delivery(
         self,
@@ -1101,7 +1286,7 @@ class MemberStore(DurableStore):
             os.replace(staged, target)
             fsync_dir(self.inbox_dir)
             fsync_dir(self.tmp_dir)
-        records = [encode_event(event) for event in events]
+        records = [self._record(event) for event in events]
         header_record = enc.pack(header.to_dict())
         with self.transaction(savepoint=False) as db:
             self.wrote(INBOX)
@@ -1119,8 +1304,10 @@ class MemberStore(DurableStore):
                     None if parts is None else enc.pack({"parts": parts}),
                 ),
             )
-            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'token', ?)", (token.id, now))
-            db.execute("INSERT OR IGNORE INTO seen VALUES (?, 'report', ?)", (header.id, now))
+            db.execute(
+                "INSERT OR IGNORE INTO seen VALUES (?, 'token', ?), (?, 'report', ?)",
+                (token.id, now, header.id, now),
+            )
             self._bump_counter(db, token)
             if token.request is not None:
                 db.execute(
@@ -1131,16 +1318,18 @@ class MemberStore(DurableStore):
             self._consume_prekey(db, token)
             for record in records:
                 self._event(db, record)
+        self._counter_seen(token)
 
-    @staticmethod
-    def _consume_prekey(db: sqlite3.Connection, token: ReleaseToken) -> None:
+    def _consume_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
         public = token.wrap.opk
         if public is None:
             return
-        row = db.execute("SELECT not_after FROM prekeys WHERE public = ?", (public,)).fetchone()
-        if row is not None:
-            db.execute("DELETE FROM prekeys WHERE public = ?", (public,))
-            db.execute("INSERT OR IGNORE INTO used_prekeys VALUES (?, ?)", (public, row[0]))
+        self._signed_secrets.pop(public, None)
+        rows = db.execute(
+            "DELETE FROM prekeys WHERE public = ? RETURNING not_after", (public,)
+        ).fetchall()
+        if rows:
+            db.execute("INSERT OR IGNORE INTO used_prekeys VALUES (?, ?)", (public, rows[0][0]))
 
     @staticmethod
     def _bump_counter(db: sqlite3.Connection, token: ReleaseToken) -> None:
@@ -1181,6 +1370,14 @@ class MemberStore(DurableStore):
                 self._consume_prekey(db, consumed)
             for event in events:
                 self._event(db, event)
+        if token is not None:
+            self._counter_seen(token)
+
+    def _counter_seen(self, token: ReleaseToken) -> None:
+        # After the step that bumped seen_counters: its value, if it is in memory.
+        last = self._seen_last.get(token.originator)
+        if last is not None and token.counter > last:
+            self._seen_last[token.originator] = token.counter
 
     # --- prekeys -----------------------------------------------------------------------
 
@@ -1222,10 +1419,18 @@ class MemberStore(DurableStore):
                 gone), ``unknown_prekey`` for one this node does not hold (never made, or
                 deleted after its grace window).
         """
+        if kind is PrekeyKind.SIGNED:
+            # The signed prekeys' secrets are kept in memory once read (a handful: one
+            # per rotation within the grace window), until deleted.
+            secret = self._signed_secrets.get(public)
+            if secret is not None:
+                return secret
         row = self._db.execute(
             "SELECT secret FROM prekeys WHERE public = ? AND kind = ?", (public, kind.value)
         ).fetchone()
         if row is not None:
+            if kind is PrekeyKind.SIGNED:
+                self._signed_secrets[public] = bytes(row[0])
             return bytes(row[0])
         used = self._db.execute("SELECT 1 FROM used_prekeys WHERE public = ?", (public,)).fetchone()
         if used is not None:
@@ -1235,6 +1440,7 @@ class MemberStore(DurableStore):
     def delete_old_prekeys(self, *, now: int, grace: int) -> int:
         """Delete the prekey secrets whose ``not_after + grace`` has passed (and the
         used-prekey records as old); returns how many secrets were deleted."""
+        self._signed_secrets.clear()  # read again from what is left
         with self.transaction(savepoint=False) as db:
             deleted = db.execute(
                 "DELETE FROM prekeys WHERE not_after + ? <= ?", (grace, now)

@@ -16,6 +16,8 @@ from nodes.client_world import LEVEL, SCOPE, make_world
 import clients.node
 from clients.node import Backoff, Node, open_node
 from tisa import messages as m
+from tisa.errors import VerificationError
+from tisa.receipt import StoredAck
 
 ARRANGEMENT, SECRETS = make_world()
 FAST = Backoff(initial=0.01, maximum=0.05)
@@ -142,14 +144,7 @@ async def test_offline_submit_sends_the_report_then_its_token(
     with trio.fail_after(10):
         async with node("tokyo", port, tmp_path):
             await until_published(fake)
-        async with open_node(
-            SECRETS["seoul"],
-            "seoul",
-            ARRANGEMENT,
-            ("127.0.0.1", 1),
-            tmp_path / "seoul",
-            backoff=FAST,
-        ) as offline:
+        async with node("seoul", 1, tmp_path) as offline:
             report_id = await offline.submit(
                 b"launch", recipients=["tokyo"], scope=SCOPE, level=LEVEL, release_to=["tokyo"]
             )
@@ -160,3 +155,43 @@ async def test_offline_submit_sends_the_report_then_its_token(
         assert kinds == [m.SubmitInline, m.Release]
         (submission,) = sent(fake, m.SubmitInline)
         assert isinstance(submission, m.SubmitInline) and submission.tokens == []
+
+
+async def test_a_stored_answer_is_checked_against_the_submission(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The digest and size a `stored` ack signs are checked by the write that records
+    # it: an ack for another ciphertext changes nothing and is refused as before; a
+    # copy of the ack recorded changes nothing and is not refused.
+    async with node("seoul", 1, tmp_path) as seoul:  # offline: its submission stays queued
+        report_id = await seoul.submit(b"launch", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
+        (submission,) = seoul.store.queued_submissions()
+
+        def stored(digest: bytes, size: int, report: bytes = report_id) -> m.Stored:
+            ack = StoredAck.issue(
+                SECRETS["washington"],
+                ARRANGEMENT,
+                report=report,
+                originator="seoul",
+                digest=digest,
+                size=size,
+                stored=1_700_000_000,
+            )
+            return m.Stored(report=report, ack=ack.encoded)
+
+        for wrong in (
+            stored(b"e" * 32, submission.size),
+            stored(submission.digest, submission.size + 1),
+            stored(submission.digest, submission.size, b"x" * 16),
+        ):
+            with pytest.raises(VerificationError):
+                seoul._on_stored(wrong)
+        assert seoul.store.submission(report_id).state == "queued"  # type: ignore[union-attr]
+        right = stored(submission.digest, submission.size)
+        seoul._on_stored(right)
+        seoul._on_stored(right)
+        assert seoul.store.submission(report_id).state == "stored"  # type: ignore[union-attr]
+        kinds = [kind for _, kind, _ in seoul.store.events_after(0, limit=10)]
+        assert kinds.count("stored") == 1
+        with trio.fail_after(5):
+            await seoul.wait_stored(report_id)

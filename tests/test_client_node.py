@@ -774,3 +774,42 @@ async def test_an_idle_wake_up_runs_no_sender_query(
             await seoul.submit(b"x", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
             await blocked()
             assert "queued_submissions" in calls and "releases_to_send" in calls
+
+
+async def test_an_idle_wake_up_runs_no_statement_at_all(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Issue 11: every reader that wakes on a state change (the issuer's search for
+    # release requests to take up, reports(), the event pump, the sender) skips its
+    # query when its kind of row did not change; a release request still reaches the
+    # issuer, a report reports(), an event the application.
+    fake, port = relay
+    with trio.fail_after(HELD_FOR - 5):
+        async with node("tokyo", port, tmp_path) as tokyo, node("seoul", port, tmp_path) as seoul:
+            await until(lambda: "tokyo" in fake.signed_prekeys)
+            statements: list[str] = []
+            for member in (seoul, tokyo):
+                member.store._db.set_trace_callback(statements.append)
+            got: list[bytes] = []
+
+            async def application() -> None:
+                async for report in tokyo.reports():
+                    got.append(report.report_id)
+                    await tokyo.ack(report)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(application)
+                await blocked()
+                statements.clear()
+                for _ in range(3):
+                    seoul._notify()
+                    tokyo._notify()
+                    await blocked()
+                assert statements == []
+                report_id = await seoul.submit(b"x", recipients=["tokyo"], scope=SCOPE, level=LEVEL)
+                await seoul.release(report_id, "tokyo")
+                await until(lambda: got == [report_id])
+                async for event in seoul.events():
+                    if isinstance(event, Released):
+                        break
+                nursery.cancel_scope.cancel()

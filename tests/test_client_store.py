@@ -9,12 +9,19 @@ import pytest
 from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients import store as rows
-from clients.events import ExpiredEvent, RefusedEvent, Stored, decode_event, encode_event
+from clients.events import (
+    ExpiredEvent,
+    RefusedEvent,
+    Released,
+    Stored,
+    decode_event,
+    encode_event,
+)
 from clients.store import MemberStore
-from tisa.errors import Reason, UsageError
+from tisa.errors import Reason, Refused, UsageError
 from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.receipt import StoredAck
-from tisa.token import issue_token
+from tisa.token import ReleaseToken, issue_token
 
 ARRANGEMENT, SECRETS = make_world()
 NOW = 1_700_000_000
@@ -36,9 +43,11 @@ def _queue(store: MemberStore, report: bytes = b"r" * 16) -> None:
     )
 
 
-SIGNED_PREKEY = PrekeySecret(
+SIGNED_SECRET = PrekeySecret(
     kind=PrekeyKind.SIGNED, secret=bytes(range(32)), created=NOW - 60, not_after=NOW + 3600
-).publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
+)
+SIGNED_PREKEY = SIGNED_SECRET.publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
+REPORT = b"r" * 16
 
 
 def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
@@ -83,8 +92,13 @@ def test_outbox_and_counters_survive_reopen(tmp_path: pathlib.Path) -> None:
         size=2000,
         stored=NOW,
     )
-    assert store.mark_stored(b"r" * 16, ack.encoded, Stored(report=b"r" * 16, ack=ack))
-    assert not store.mark_stored(b"r" * 16, ack.encoded, Stored(report=b"r" * 16, ack=ack))
+    stored = Stored(report=b"r" * 16, ack=ack)
+    # Another digest or size than the submission's: nothing written.
+    assert not store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"e" * 32, size=2000)
+    assert not store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"d" * 32, size=2001)
+    assert queued.path.exists()
+    assert store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"d" * 32, size=2000)
+    assert not store.mark_stored(b"r" * 16, ack.encoded, stored, digest=b"d" * 32, size=2000)
     assert not queued.path.exists()  # the relay holds it now
     assert [r.token for r in store.releases_to_send()] == [first, second]
     [(seq, kind, data)] = store.events_after(0, limit=10)
@@ -373,7 +387,11 @@ def test_savepoint_free_steps_that_refuse_leave_the_batch_whole(tmp_path: pathli
     store._db.set_trace_callback(statements.append)
     _queue(store)
     assert not store.mark_stored(
-        b"x" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY, detail="")
+        b"x" * 16,
+        b"ack",
+        RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""),
+        digest=b"d" * 32,
+        size=2000,
     )
     assert not store.set_release_state(b"t" * 16, "released", None)
     assert not store.mark_handed(b"t" * 16)
@@ -402,7 +420,9 @@ def test_each_kind_names_the_batch_that_last_wrote_it(tmp_path: pathlib.Path) ->
     store.commit()
     # The stored answer of a (outbox state, an event) opens the next batch: the queued
     # submissions still come from the first.
-    assert store.mark_stored(b"a" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY))
+    assert store.mark_stored(
+        b"a" * 16, b"ack", RefusedEvent(ref=b"", reason=Reason.BUSY), digest=b"d" * 32, size=2000
+    )
     assert store.barrier == first + 1
     assert store.batch_of(rows.SUBMISSIONS) == first
     assert store.batch_of(rows.OUTBOX_STATE) == store.batch_of(rows.EVENTS) == first + 1
@@ -437,4 +457,214 @@ def test_without_group_commit_every_kind_is_on_disk(tmp_path: pathlib.Path) -> N
     _queue(store)
     assert store.batch_of(rows.SUBMISSIONS) == 0
     assert store.kind_changes[rows.SUBMISSIONS] == 1
+    store.close()
+
+
+# --- issue 11: what the store keeps in memory beside its rows ---------------------
+
+
+def _counters(store: MemberStore) -> list[int]:
+    return [r.counter for r in store.releases_of(REPORT)]
+
+
+def test_the_counter_kept_in_memory_is_read_again_after_a_lost_batch(
+    tmp_path: pathlib.Path,
+) -> None:
+    # The last counter issued is kept in memory (no SELECT per token). A batch lost
+    # whole (a failed COMMIT) takes its counters with it: the next token takes the
+    # counter after the last one on disk, not after the lost one (no gap), and never
+    # one on disk.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    _queue(store)
+    store.issue_release(REPORT, "tokyo", _token, NOW)
+    store.commit_durably()
+    store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert _counters(store) == [1, 2]
+    store._abandon_batch()  # as a failed COMMIT does
+    assert _counters(store) == [1]
+    store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert _counters(store) == [1, 2]
+    store.commit_durably()
+    store.close()
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert _counters(store) == [1, 2, 3]
+    store.close()
+
+
+def test_a_token_refused_at_its_first_write_leaves_the_counter_and_batch(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Issuing writes the end of its release request first: one ended meanwhile refuses
+    # before any write (no savepoint), the batch keeps its other steps, and the counter
+    # is not taken.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    _queue(store)
+    wanted = store.want_release(REPORT, "tokyo", 60)
+    store.refuse_wanted(wanted, "expired", "", RefusedEvent(ref=b"", reason=Reason.BUSY))
+    with pytest.raises(Refused) as refused:
+        store.issue_release(REPORT, "tokyo", _token, NOW, wanted=wanted)
+    assert refused.value.reason is Reason.EXPIRED
+    store.issue_release(REPORT, "tokyo", _token, NOW)
+    store.commit_durably()
+    assert _counters(store) == [1]
+    assert [s.report for s in store.queued_submissions()] == [REPORT]
+    assert sum(s.startswith("SAVEPOINT") for s in statements) == 1  # refuse_wanted's
+    store.close()
+
+
+def test_the_tokens_in_memory_follow_their_releases(tmp_path: pathlib.Path) -> None:
+    # The sender takes a queued submission's tokens from memory (fresh_tokens) instead
+    # of reading them back; memory holds only tokens still pending, and says "not
+    # known" (None) whenever it may not hold all this process issued.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    _queue(store)
+    assert store.fresh_tokens(REPORT) is None
+    first = store.issue_release(REPORT, "tokyo", _token, NOW)
+    second = store.issue_release(REPORT, "tokyo", _token, NOW)
+    [r1, r2] = store.releases_of(REPORT)
+    # The id read from the token issued (without decoding it whole) is its id.
+    assert [ReleaseToken.decode(r.encoded).id for r in (r1, r2)] == [first, second]
+    assert store.fresh_tokens(REPORT) == [(first, r1.encoded), (second, r2.encoded)]
+    assert store.mark_released(first, REPORT)
+    assert not store.mark_released(first, REPORT)  # not pending any more: no event
+    assert store.fresh_tokens(REPORT) == [(second, r2.encoded)]
+    [(_, kind, data)] = store.events_after(0, limit=10)
+    event = decode_event(kind, data, arrangement=ARRANGEMENT)
+    assert isinstance(event, Released) and (event.token, event.recipient) == (first, "tokyo")
+    # A refusal of a release: forgotten, read from the rows again.
+    assert store.set_release_state(second, "refused", None, reason="expired")
+    assert store.fresh_tokens(REPORT) is None
+    third = store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert [t for t, _ in store.fresh_tokens(REPORT) or []] == [third]
+    # A rollback forgets them all.
+    store._abandon_batch()
+    assert store.fresh_tokens(REPORT) is None
+    _queue(store)
+    fourth = store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert [t for t, _ in store.fresh_tokens(REPORT) or []] == [fourth]
+    store.commit_durably()
+    store.close()
+    # A new store object knows none.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    assert store.fresh_tokens(REPORT) is None
+    store.close()
+
+
+def test_a_receipt_is_recorded_only_for_a_release_of_ours(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    _queue(store)
+    token = store.issue_release(REPORT, "tokyo", _token, NOW)
+    event = RefusedEvent(ref=b"", reason=Reason.BUSY)
+
+    def add(token: bytes, report: bytes, recipient: str) -> bool:
+        return store.add_receipt(
+            token=token,
+            report=report,
+            recipient=recipient,
+            encoded=b"receipt",
+            now=NOW,
+            event=event,
+            of_release=True,
+        )
+
+    assert not add(b"x" * 16, REPORT, "tokyo")
+    assert not add(token, b"s" * 16, "tokyo")
+    assert not add(token, REPORT, "seoul")
+    assert store.receipts() == []
+    assert add(token, REPORT, "tokyo")
+    assert not add(token, REPORT, "tokyo")  # a copy: no second event
+    assert store.receipts() == [b"receipt"]
+    assert len(store.events_after(0, limit=10)) == 1
+    store.close()
+
+
+def test_a_delivered_counter_and_signed_prekey_kept_in_memory_follow_the_rows(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Tokyo keeps the last counter seen per originator and its signed prekeys'
+    # secrets in memory: a deleted prekey's secret is gone from memory as well, and a
+    # lost batch's counter is read again.
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    store.add_prekeys([SIGNED_SECRET])
+    store.commit_durably()
+    assert store.prekey_secret(PrekeyKind.SIGNED, SIGNED_SECRET.public) == SIGNED_SECRET.secret
+    assert store.prekey_secret(PrekeyKind.SIGNED, SIGNED_SECRET.public) == SIGNED_SECRET.secret
+    store.delete_old_prekeys(now=SIGNED_SECRET.not_after + 10, grace=0)
+    store.commit_durably()
+    with pytest.raises(Refused) as refused:
+        store.prekey_secret(PrekeyKind.SIGNED, SIGNED_SECRET.public)
+    assert refused.value.reason is Reason.UNKNOWN_PREKEY
+    # A prekey added in a batch that is then lost: not served from memory.
+    store.add_prekeys([SIGNED_SECRET])
+    assert store.prekey_secret(PrekeyKind.SIGNED, SIGNED_SECRET.public) == SIGNED_SECRET.secret
+    store._abandon_batch()
+    with pytest.raises(Refused):
+        store.prekey_secret(PrekeyKind.SIGNED, SIGNED_SECRET.public)
+    assert store.last_counter("seoul") == 0
+    token = ReleaseToken.decode(_token(5))
+    store.reject_delivery(
+        token_id=token.id, token=token, reason="expired", detail="", now=NOW, events=[]
+    )
+    assert store.last_counter("seoul") == 5
+    store._abandon_batch()
+    assert store.last_counter("seoul") == 0
+    store.reject_delivery(
+        token_id=token.id, token=token, reason="expired", detail="", now=NOW, events=[]
+    )
+    store.commit_durably()
+    store.close()
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert store.last_counter("seoul") == 5
+    store.close()
+
+
+def test_seen_delivery_reads_both_ids_at_once(tmp_path: pathlib.Path) -> None:
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    with store.transaction() as db:
+        db.execute("INSERT INTO seen VALUES (?, 'token', 0), (?, 'report', 0)", (b"t", b"r"))
+    assert store.seen_delivery(b"t", b"r") == (True, True)
+    assert store.seen_delivery(b"t", b"x") == (True, False)
+    assert store.seen_delivery(b"r", b"t") == (False, False)  # each id under its kind
+    assert store.seen_delivery(b"x", b"r") == (False, True)
+    store.close()
+
+
+def test_events_with_a_signed_part_are_handed_over_from_memory(tmp_path: pathlib.Path) -> None:
+    # The event feed takes an event whose record carries a signed object (a stored
+    # ack, a receipt, consent) from memory as recorded, its signature verified once;
+    # after a rollback, beyond MAX_FRESH_EVENTS, or in a reopened store, it decodes
+    # the record (and verifies again).
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    ack = StoredAck.issue(
+        SECRETS["washington"],
+        ARRANGEMENT,
+        report=REPORT,
+        originator="seoul",
+        digest=b"d" * 32,
+        size=2000,
+        stored=NOW,
+    )
+    event = Stored(report=REPORT, ack=ack)
+    store.add_event(event)
+    store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY))  # decoded: nothing signed
+    [(first, _, _), (second, _, _)] = store.events_after(0, limit=10)
+    assert store.fresh_event(first) is event
+    assert store.fresh_event(first) is None  # taken out
+    assert store.fresh_event(second) is None
+    store.add_event(event)
+    [*_, (third, _, _)] = store.events_after(0, limit=10)
+    store._abandon_batch()
+    assert store.fresh_event(third) is None
+    for _ in range(rows.MAX_FRESH_EVENTS + 1):
+        store.add_event(event)
+    held = [seq for seq, _, _ in store.events_after(0, limit=rows.MAX_FRESH_EVENTS + 1)]
+    assert store.fresh_event(held[0]) is None  # the oldest let go
+    assert store.fresh_event(held[-1]) is event
+    store.commit_durably()
+    store.close()
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    assert store.fresh_event(held[1]) is None
     store.close()

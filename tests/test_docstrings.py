@@ -30,7 +30,6 @@ ALLOWED: dict[str, frozenset[str]] = {
             "MemberStore.audit_checkpoint",
             "MemberStore.events_after",
             "MemberStore.inbox_entry",
-            "MemberStore.last_counter",
             "MemberStore.pending_revocation",
             "MemberStore.receipts",
             "MemberStore.rejected",

@@ -6,6 +6,7 @@ checked at use."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import pathlib
 import time
 from collections.abc import AsyncIterator
@@ -623,3 +624,31 @@ async def test_every_one_time_prekey_handed_out_in_a_burst_is_used_or_held_in_th
     assert rows.get(("tokyo", True, False), 0) == held
     assert 0 < rows[("tokyo", False, False)] <= limits.one_time_prekeys
     assert rows[("seoul", False, False)] == limits.one_time_prekeys
+
+
+def test_the_signed_prekey_shared_by_bundles_is_decoded_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 11: every bundle of a recipient carries the same signed prekey until it
+    # rotates; the pool decodes it once to learn its not_after (the one-time prekey of
+    # each bundle is decoded each time), and again when it changes.
+    from clients import prekeypool
+
+    decoded: list[bytes] = []
+    real = prekeypool.Prekey.decode
+
+    def counting(data: bytes) -> Any:
+        decoded.append(data)
+        return real(data)
+
+    monkeypatch.setattr(prekeypool.Prekey, "decode", counting)
+    pool = PrekeyPool(size=8, recipients=4, margin=SKEW)
+    first = bundle()
+    pool.fetched("tokyo", first, now=NOW)
+    same = [dataclasses.replace(first, one_time=bundle().one_time) for _ in range(4)]
+    rotated = bundle(signed_until=NOW + 20 * DAY)
+    pool.answered(pool.asks(5), [*same, rotated], now=NOW)
+    assert pool.held("tokyo") == 5
+    assert decoded.count(first.signed) == 1  # type: ignore[arg-type]
+    assert decoded.count(rotated.signed) == 1  # type: ignore[arg-type]
+    assert len(decoded) == 2 + 6  # two signed prekeys, six one-time prekeys
