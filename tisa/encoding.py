@@ -22,13 +22,21 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from itertools import pairwise
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
 from tisa.errors import ProtocolError
 
-__all__ = ["Field", "check_map", "pack", "pack_checked", "unpack"]
+__all__ = [
+    "Field",
+    "check_map",
+    "is_text",
+    "pack",
+    "pack_checked",
+    "typed_decoder",
+    "unpack",
+]
 
 # Depth of nested containers accepted; our schemas need 4, more is an attack on the
 # recursion of the decoder and of our validators.
@@ -258,6 +266,51 @@ def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
     if canonical != data:
         _fail(_why_not_canonical(value))
     return value
+
+
+# --- typed decoding (the fast path of a schema) ---------------------------------------
+
+_Typed = TypeVar("_Typed", bound=msgspec.Struct)
+
+
+def typed_decoder(kind: type[_Typed]) -> Callable[[bytes], _Typed | None]:
+    """A decoder of ``kind``'s canonical encoding straight into a typed value, or None.
+
+    ``kind`` is a ``msgspec.Struct`` whose fields mirror a schema (:func:`check_map`):
+    each field typed and bounded with ``msgspec.Meta`` as the schema's checker bounds it
+    (``forbid_unknown_fields``; an optional key absent from the map is a field with a
+    default of None and ``omit_defaults``). The returned function decodes ``data`` in one
+    C call (types, lengths, ranges and the set of keys checked by msgspec) and returns
+    the value only when it re-encodes (keys sorted) to exactly ``data``, which is the
+    canonical check of :func:`unpack`: a duplicated key, keys out of order, a longer form
+    than the shortest, or a nil standing for an absent key all differ there.
+
+    It never raises and never accepts what the schema refuses, as long as ``kind`` is
+    at least as strict as the schema; what msgspec cannot express (the UTF-8 length and
+    control characters of text, :func:`is_text`; cross-field rules) is the caller's to
+    check next. None means "not decided here": the caller then runs the schema
+    (:func:`unpack` and :func:`check_map`), which accepts or names the fault exactly as
+    before. The tests compare the two paths on valid and on mutated encodings.
+    """
+    decode = msgspec.msgpack.Decoder(kind).decode
+
+    def attempt(data: bytes) -> _Typed | None:
+        try:
+            value = decode(data)
+        except Exception:  # DecodeError, ValidationError, RecursionError: the schema names it
+            return None
+        return value if _encode_sorted(value) == data else None
+
+    return attempt
+
+
+def is_text(value: str, max_bytes: int) -> bool:
+    """Whether :func:`text` with ``max_bytes`` (not empty) accepts ``value``, a ``str``."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    return 0 < size <= max_bytes and _CONTROL.search(value) is None
 
 
 # --- schemas -------------------------------------------------------------------------

@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+import msgspec
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
@@ -57,6 +58,7 @@ __all__ = [
     "Prekey",
     "PrekeyKind",
     "PrekeySecret",
+    "WrapFields",
     "WrapMode",
     "unwrap_content_key",
     "wrap_content_key",
@@ -267,6 +269,32 @@ _WRAP_SCHEMA: dict[str, enc.Field] = {
 }
 
 
+_Key = Annotated[bytes, msgspec.Meta(min_length=KEY_SIZE, max_length=KEY_SIZE)]
+_ModeName = Literal["identity", "one_time", "signed"]
+if set(get_args(_ModeName)) != {m.value for m in WrapMode}:
+    raise ImportError("_ModeName does not list the wrap modes")  # pragma: no cover
+
+
+class WrapFields(msgspec.Struct, forbid_unknown_fields=True):
+    """The wrap map typed as :data:`_WRAP_SCHEMA` checks it, keys in canonical order:
+    the fast path of a token's decoding (:func:`tisa.encoding.typed_decoder`)."""
+
+    eph: _Key
+    mode: _ModeName
+    opk: _Key | None
+    sealed: Annotated[bytes, msgspec.Meta(min_length=SEALED_SIZE, max_length=SEALED_SIZE)]
+    spk: _Key | None
+
+
+_MODES = {mode.value: mode for mode in WrapMode}
+# Which prekeys (signed, one-time) each mode uses.
+_MODE_PREKEYS = {
+    WrapMode.ONE_TIME: (True, True),
+    WrapMode.SIGNED: (True, False),
+    WrapMode.IDENTITY: (False, False),
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class KeyWrap:
     """A token's wrapped content key: the mode, the originator's ephemeral public key,
@@ -289,10 +317,20 @@ class KeyWrap:
         fields = enc.check_map(value, _WRAP_SCHEMA, path)
         mode = WrapMode(fields["mode"])
         spk, opk = fields["spk"], fields["opk"]
-        expected = (mode is not WrapMode.IDENTITY, mode is WrapMode.ONE_TIME)
-        if (spk is not None, opk is not None) != expected:
+        if (spk is not None, opk is not None) != _MODE_PREKEYS[mode]:
             raise ProtocolError(f"{path}: prekeys do not match mode {mode.value!r}")
         return cls(mode=mode, eph=fields["eph"], spk=spk, opk=opk, sealed=fields["sealed"])
+
+    @classmethod
+    def from_typed(cls, fields: WrapFields) -> KeyWrap | None:
+        """The wrap of typed fields (their types, sizes and mode checked by decoding
+        them), or None where :meth:`from_dict` would refuse them: prekeys that do not
+        match the mode."""
+        mode = _MODES[fields.mode]
+        spk, opk = fields.spk, fields.opk
+        if (spk is not None, opk is not None) != _MODE_PREKEYS[mode]:
+            return None
+        return cls(mode=mode, eph=fields.eph, spk=spk, opk=opk, sealed=fields.sealed)
 
     def to_dict(self) -> dict[str, Any]:
         """The wrap as its wire map."""

@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from itertools import pairwise
+from typing import Annotated, Any
 
+import msgspec
 import nacl.bindings as sodium
 import nacl.utils
 
@@ -109,6 +111,8 @@ def key_commitment(content_key: bytes, report_id: bytes) -> bytes:
     return digest(Hash.KEY_COMMIT, report_id, key=content_key)
 
 
+# Recipients listed in one report header.
+MAX_RECIPIENTS = 256
 _name = enc.text(MAX_NAME)
 _HEADER_SCHEMA: dict[str, enc.Field] = {
     "v": enc.uint(1, 1),
@@ -116,7 +120,9 @@ _HEADER_SCHEMA: dict[str, enc.Field] = {
     "arrangement": enc.bin_exact(DIGEST_SIZE),
     "version": enc.uint(2**32, 1),
     "originator": _name,
-    "recipients": enc.list_of(_name, min_items=1, max_items=256, unique=True, sorted_=True),
+    "recipients": enc.list_of(
+        _name, min_items=1, max_items=MAX_RECIPIENTS, unique=True, sorted_=True
+    ),
     "scope": _name,
     "level": _name,
     "created": enc.uint(),
@@ -126,6 +132,35 @@ _HEADER_SCHEMA: dict[str, enc.Field] = {
         max_items=MAX_ATTACHMENTS,
     ),
 }
+
+# The header schema typed (keys in canonical order): the fast path of ReportHeader.decode
+# (enc.typed_decoder). What msgspec does not check (text's UTF-8 length and control
+# characters, recipients sorted and unique, attachment names unique) is checked in
+# _decode_typed; anything that path does not accept goes through the schema.
+_Name = Annotated[str, msgspec.Meta(min_length=1)]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_REPORT_SIZE)]
+
+
+class _AttachmentFields(msgspec.Struct, forbid_unknown_fields=True):
+    name: _Name
+    size: _Size
+
+
+class _HeaderFields(msgspec.Struct, forbid_unknown_fields=True):
+    arrangement: Annotated[bytes, msgspec.Meta(min_length=DIGEST_SIZE, max_length=DIGEST_SIZE)]
+    attachments: Annotated[list[_AttachmentFields], msgspec.Meta(max_length=MAX_ATTACHMENTS)]
+    body: _Size
+    created: Annotated[int, msgspec.Meta(ge=0)]
+    id: Annotated[bytes, msgspec.Meta(min_length=REPORT_ID_SIZE, max_length=REPORT_ID_SIZE)]
+    level: _Name
+    originator: _Name
+    recipients: Annotated[list[_Name], msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS)]
+    scope: _Name
+    v: Annotated[int, msgspec.Meta(ge=1, le=1)]
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**32)]
+
+
+_decode_header_fields = enc.typed_decoder(_HeaderFields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,8 +201,48 @@ class ReportHeader:
 
     @classmethod
     def decode(cls, data: bytes) -> ReportHeader:
-        """Decode a header. Raises ProtocolError."""
+        """Decode a header. Raises ProtocolError.
+
+        A header in its canonical form is decoded once, straight into typed fields;
+        anything that path does not accept goes through the schema (:meth:`from_dict`),
+        which accepts it the same or names the fault.
+        """
+        if type(data) is bytes and len(data) <= MAX_HEADER:
+            header = cls._decode_typed(data)
+            if header is not None:
+                return header
         return cls.from_dict(enc.unpack(data, max_size=MAX_HEADER))
+
+    @classmethod
+    def _decode_typed(cls, data: bytes) -> ReportHeader | None:
+        fields = _decode_header_fields(data)
+        if fields is None:
+            return None
+        recipients = fields.recipients
+        names = [fields.originator, fields.scope, fields.level, *recipients]
+        names += [a.name for a in fields.attachments]
+        if not all(enc.is_text(name, MAX_NAME) for name in names):
+            return None
+        # Strictly ascending by UTF-8 bytes: sorted and unique, as the schema requires.
+        if len(recipients) > 1 and not all(
+            a.encode() < b.encode() for a, b in pairwise(recipients)
+        ):
+            return None
+        attachments = tuple((a.name, a.size) for a in fields.attachments)
+        if len({name for name, _ in attachments}) != len(attachments):
+            return None
+        return cls(
+            id=fields.id,
+            arrangement=fields.arrangement,
+            version=fields.version,
+            originator=fields.originator,
+            recipients=tuple(recipients),
+            scope=fields.scope,
+            level=fields.level,
+            created=fields.created,
+            body_size=fields.body,
+            attachments=attachments,
+        )
 
     @classmethod
     def from_dict(cls, value: Any) -> ReportHeader:
