@@ -295,3 +295,6 @@ def test_is_text_agrees_with_the_text_checker(value: str) -> None:
     except ProtocolError:
         accepted = False
     assert enc.is_text(value, MAX_NAME) is accepted
+    assert enc.are_texts([value], MAX_NAME) is accepted
+    assert enc.are_texts(["tokyo", value, "é"], MAX_NAME) is accepted
+    assert enc.are_texts([value, "x" * (MAX_NAME + 1)], MAX_NAME) is False

@@ -31,6 +31,7 @@ from tisa.errors import ProtocolError
 __all__ = [
     "Field",
     "check_map",
+    "are_texts",
     "is_text",
     "pack",
     "pack_checked",
@@ -311,6 +312,17 @@ def is_text(value: str, max_bytes: int) -> bool:
     except UnicodeEncodeError:
         return False
     return 0 < size <= max_bytes and _CONTROL.search(value) is None
+
+
+def are_texts(values: list[str], max_bytes: int) -> bool:
+    """Whether :func:`is_text` holds for every ``str`` of ``values``, in one search for
+    control characters and, for ASCII text (one byte a character), no encoding."""
+    joined = "".join(values)
+    if _CONTROL.search(joined) is not None:
+        return False
+    if joined.isascii():
+        return all(0 < len(value) <= max_bytes for value in values)
+    return all(is_text(value, max_bytes) for value in values)
 
 
 # --- schemas -------------------------------------------------------------------------

@@ -221,7 +221,7 @@ class ReportHeader:
         recipients = fields.recipients
         names = [fields.originator, fields.scope, fields.level, *recipients]
         names += [a.name for a in fields.attachments]
-        if not all(enc.is_text(name, MAX_NAME) for name in names):
+        if not enc.are_texts(names, MAX_NAME):
             return None
         # Strictly ascending by UTF-8 bytes: sorted and unique, as the schema requires.
         if len(recipients) > 1 and not all(
@@ -343,7 +343,7 @@ class ReportSealer:
         self.content_key = _content_key or nacl.utils.random(KEY_SIZE)
         self._secret = secret
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._cipher = Hasher(Hash.CIPHERTEXT)
+        self._cipher = Hasher(Hash.CIPHERTEXT, self.size)
         self._buffer = bytearray()
         self._pushed = 0
         self._started = False
@@ -526,7 +526,7 @@ class ReportOpener:
         self._expect = (originator, scope, level)
         self._max_header = max_header
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._cipher = Hasher(Hash.CIPHERTEXT)
+        self._cipher = Hasher(Hash.CIPHERTEXT, size)
         self._inbuf = bytearray()
         self._received = 0
         self._consumed = 0

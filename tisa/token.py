@@ -177,9 +177,9 @@ class ReleaseToken:
             return None
         if fields.counter > _MAX_COUNTER:
             return None
-        for name in (fields.originator, fields.relay, fields.recipient, fields.scope, fields.level):
-            if not enc.is_text(name, MAX_NAME):
-                return None
+        names = [fields.originator, fields.relay, fields.recipient, fields.scope, fields.level]
+        if not enc.are_texts(names, MAX_NAME):
+            return None
         wrap = KeyWrap.from_typed(fields.wrap)
         if wrap is None:
             return None
