@@ -298,3 +298,35 @@ def test_is_text_agrees_with_the_text_checker(value: str) -> None:
     assert enc.are_texts([value], MAX_NAME) is accepted
     assert enc.are_texts(["tokyo", value, "é"], MAX_NAME) is accepted
     assert enc.are_texts([value, "x" * (MAX_NAME + 1)], MAX_NAME) is False
+
+
+def test_are_texts_on_ascii_is_the_text_checker_for_every_character() -> None:
+    # The ASCII shortcut (isprintable) stands for the control-character search.
+    for code in range(128):
+        value = "a" + chr(code) + "b"
+        assert enc.are_texts([value, "tokyo"], MAX_NAME) is enc.is_text(value, MAX_NAME)
+    assert enc.are_texts(["tokyo", ""], MAX_NAME) is False
+    assert enc.are_texts(["x" * 64, "y" * 64], MAX_NAME) is True
+    assert enc.are_texts(["x" * 65, "y" * 64], MAX_NAME) is True  # each within the limit
+    assert enc.are_texts(["x" * (MAX_NAME + 1)], MAX_NAME) is False
+
+
+def test_slot_builder_makes_what_init_makes_and_refuses_a_class_it_cannot_build() -> None:
+    token = ReleaseToken.decode(TOKENS["request"])
+    values = [getattr(token, name) for name in ReleaseToken.__slots__]
+    rebuilt = enc.slot_builder(ReleaseToken, ReleaseToken.__slots__)(*values)
+    assert _token_state(rebuilt) == _token_state(token)
+    with pytest.raises(TypeError, match="slots"):
+        enc.slot_builder(ReleaseToken, ("id", "arrangement"))
+    with pytest.raises(ValueError):
+        enc.slot_builder(ReleaseToken, ReleaseToken.__slots__)(*values[:-1])
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Checked:
+        value: int
+
+        def __post_init__(self) -> None:
+            raise AssertionError
+
+    with pytest.raises(TypeError, match="__post_init__"):
+        enc.slot_builder(Checked, ("value",))

@@ -275,7 +275,7 @@ def verify(key: SigningPublicKey, context: Context, message: bytes, signature: b
     """
     if not isinstance(key, SigningPublicKey):
         raise UsageError("verify needs a SigningPublicKey")
-    if not isinstance(message, bytes | bytearray | memoryview):
+    if type(message) is not bytes and not isinstance(message, bytearray | memoryview):
         raise UsageError("verify needs the message as bytes")
     if type(signature) is not bytes or len(signature) != SIGNATURE_SIZE:
         raise VerificationError()

@@ -330,7 +330,7 @@ class KeyWrap:
         spk, opk = fields.spk, fields.opk
         if (spk is not None, opk is not None) != _MODE_PREKEYS[mode]:
             return None
-        return cls(mode=mode, eph=fields.eph, spk=spk, opk=opk, sealed=fields.sealed)
+        return _build_wrap(mode, fields.eph, spk, opk, fields.sealed)
 
     def to_dict(self) -> dict[str, Any]:
         """The wrap as its wire map."""
@@ -341,6 +341,10 @@ class KeyWrap:
             "opk": self.opk,
             "sealed": self.sealed,
         }
+
+
+# For from_typed: its fields are checked, so the wrap is built without __init__'s keywords.
+_build_wrap = enc.slot_builder(KeyWrap, ("mode", "eph", "spk", "opk", "sealed"))
 
 
 def _wrap_key(mode: WrapMode, shared: bytes, eph: bytes, identity: bytes, *prekeys: bytes) -> bytes:

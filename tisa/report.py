@@ -231,17 +231,18 @@ class ReportHeader:
         attachments = tuple((a.name, a.size) for a in fields.attachments)
         if len({name for name, _ in attachments}) != len(attachments):
             return None
-        return cls(
-            id=fields.id,
-            arrangement=fields.arrangement,
-            version=fields.version,
-            originator=fields.originator,
-            recipients=tuple(recipients),
-            scope=fields.scope,
-            level=fields.level,
-            created=fields.created,
-            body_size=fields.body,
-            attachments=attachments,
+        # The fields are checked: the header is built without __init__'s keywords.
+        return _build_header(
+            fields.id,
+            fields.arrangement,
+            fields.version,
+            fields.originator,
+            tuple(recipients),
+            fields.scope,
+            fields.level,
+            fields.created,
+            fields.body,
+            attachments,
         )
 
     @classmethod
@@ -263,6 +264,23 @@ class ReportHeader:
             body_size=fields["body"],
             attachments=tuple((a["name"], a["size"]) for a in fields["attachments"]),
         )
+
+
+_build_header = enc.slot_builder(
+    ReportHeader,
+    (
+        "id",
+        "arrangement",
+        "version",
+        "originator",
+        "recipients",
+        "scope",
+        "level",
+        "created",
+        "body_size",
+        "attachments",
+    ),
+)
 
 
 class ReportSealer:

@@ -183,30 +183,30 @@ class ReleaseToken:
         wrap = KeyWrap.from_typed(fields.wrap)
         if wrap is None:
             return None
-        token = cls(
-            id=fields.id,
-            arrangement=fields.arrangement,
-            version=fields.version,
-            originator=fields.originator,
-            relay=fields.relay,
-            recipient=fields.recipient,
-            report=fields.report,
-            digest=fields.digest,
-            size=fields.size,
-            scope=fields.scope,
-            level=fields.level,
-            not_before=fields.not_before,
-            not_after=fields.not_after,
-            counter=fields.counter,
-            key_commit=fields.key_commit,
-            wrap=wrap,
-            request=fields.request,
-            encoded=data,
-            body=body,
-            signature=signature,
+        # The fields are checked: the token is built without __init__'s keywords.
+        return _build_token(
+            fields.id,
+            fields.arrangement,
+            fields.version,
+            fields.originator,
+            fields.relay,
+            fields.recipient,
+            fields.report,
+            fields.digest,
+            fields.size,
+            fields.scope,
+            fields.level,
+            fields.not_before,
+            fields.not_after,
+            fields.counter,
+            fields.key_commit,
+            wrap,
+            fields.request,
+            data,
+            body,
+            signature,
+            True,
         )
-        object.__setattr__(token, "_from_encoding", True)
-        return token
 
     @classmethod
     def _decode_schema(cls, data: bytes) -> ReleaseToken:
@@ -251,6 +251,34 @@ class ReleaseToken:
         if self.request is not None:
             fields["request"] = self.request
         return enc.pack_checked(fields)
+
+
+_build_token = enc.slot_builder(
+    ReleaseToken,
+    (
+        "id",
+        "arrangement",
+        "version",
+        "originator",
+        "relay",
+        "recipient",
+        "report",
+        "digest",
+        "size",
+        "scope",
+        "level",
+        "not_before",
+        "not_after",
+        "counter",
+        "key_commit",
+        "wrap",
+        "request",
+        "encoded",
+        "body",
+        "signature",
+        "_from_encoding",
+    ),
+)
 
 
 def issue_token(
@@ -381,7 +409,8 @@ def _check_common(
         raise Refused(Reason.WRONG_ARRANGEMENT, "token names another arrangement version")
     if token.relay != arrangement.relay:
         raise Refused(Reason.WRONG_RELAY, f"token is for relay {token.relay!r}")
-    arrangement.check_share(token.originator, [token.recipient], token.scope, token.level)
+    # check_share without its first check, made above (``originator`` is that member).
+    arrangement.check_recipients(token.originator, [token.recipient], token.scope, token.level)
     if token.wrap.mode is WrapMode.IDENTITY and not arrangement.identity_fallback:
         raise Refused(
             Reason.FALLBACK_NOT_ALLOWED, "key wrapped to the long-term key; not allowed here"
