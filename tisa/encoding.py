@@ -344,15 +344,14 @@ def slot_builder(cls: type[_Built], names: tuple[str, ...]) -> Callable[..., _Bu
         raise TypeError(f"{cls.__name__}: the names are not its slots")
     if hasattr(cls, "__post_init__"):
         raise TypeError(f"{cls.__name__} has a __post_init__")
-    setters = tuple(getattr(cls, name).__set__ for name in names)
-    new = object.__new__
-
-    def build(*values: Any) -> _Built:
-        built = new(cls)
-        for setter, value in zip(setters, values, strict=True):
-            setter(built, value)
-        return built
-
+    # One positional parameter and one slot-descriptor call per field, unrolled (as
+    # dataclasses writes __init__): a loop over the setters costs as much as it saves.
+    scope: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    scope.update({f"set{i}": getattr(cls, name).__set__ for i, name in enumerate(names)})
+    params = ", ".join(f"v{i}" for i in range(len(names)))
+    lines = "".join(f"    set{i}(built, v{i})\n" for i in range(len(names)))
+    exec(f"def build({params}):\n    built = new(cls)\n{lines}    return built\n", scope)
+    build: Callable[..., _Built] = scope["build"]
     return build
 
 

@@ -220,7 +220,8 @@ class ReportHeader:
             return None
         recipients = fields.recipients
         names = [fields.originator, fields.scope, fields.level, *recipients]
-        names += [a.name for a in fields.attachments]
+        if fields.attachments:
+            names += [a.name for a in fields.attachments]
         if not enc.are_texts(names, MAX_NAME):
             return None
         # Strictly ascending by UTF-8 bytes: sorted and unique, as the schema requires.
@@ -228,9 +229,11 @@ class ReportHeader:
             a.encode() < b.encode() for a, b in pairwise(recipients)
         ):
             return None
-        attachments = tuple((a.name, a.size) for a in fields.attachments)
-        if len({name for name, _ in attachments}) != len(attachments):
-            return None
+        attachments: tuple[tuple[str, int], ...] = ()
+        if fields.attachments:
+            attachments = tuple((a.name, a.size) for a in fields.attachments)
+            if len({name for name, _ in attachments}) != len(attachments):
+                return None
         # The fields are checked: the header is built without __init__'s keywords.
         return _build_header(
             fields.id,
@@ -574,9 +577,18 @@ class ReportOpener:
             raise VerificationError()
         self._cipher.update(data)
         out: list[tuple[int, bytes]] = []
-        if self._inbuf or not self._initialised:
+        start = 0
+        source: bytes | bytearray
+        if not self._initialised and not self._inbuf and len(data) >= HEADER_BYTES:
+            # The stream header and what follows it are read in place from the first
+            # piece (a small report comes in one), nothing copied aside.
+            if not fast.stream_init_pull(self._state, bytes(data[:HEADER_BYTES]), self._key):
+                raise VerificationError()
+            self._initialised = True
+            source, start = data, HEADER_BYTES
+        elif self._inbuf or not self._initialised:
             self._inbuf += data
-            source: bytes | bytearray = self._inbuf
+            source = self._inbuf
         else:
             # Nothing held back: the chunks are read in place from the caller's bytes,
             # and only a partial chunk at the end is kept.
@@ -589,7 +601,7 @@ class ReportOpener:
             del self._inbuf[:HEADER_BYTES]
             self._initialised = True
         stream_size = self._size - HEADER_BYTES
-        start, end = 0, len(source)
+        end = len(source)
         with memoryview(source) as view:
             while True:
                 # Every chunk is full but the last, so its length follows from the size.
@@ -621,7 +633,15 @@ class ReportOpener:
     def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         view = memoryview(plain)
-        if self.header is None:
+        head = self._header_end(plain) if self.header is None and not self._plain else 0
+        if head:
+            # Length, header and signature all in this piece (a report's first chunk, as
+            # a rule): read from it in place; the content after them is the view.
+            length = head - _LEN.size - SIGNATURE_SIZE
+            self._header_bytes = plain[_LEN.size : _LEN.size + length]
+            self._check_header(self._header_bytes, plain[head - SIGNATURE_SIZE : head])
+            view = view[head:]
+        elif self.header is None:
             self._plain += view
             view = memoryview(b"")
             if len(self._plain) < _LEN.size:
@@ -654,6 +674,16 @@ class ReportOpener:
             self._padding_ok = plain.count(0, padding) == len(view)
         return out
 
+    def _header_end(self, plain: bytes) -> int:
+        # Where the signature after the header ends when ``plain`` holds the length, the
+        # header and the signature, and the length is within the limit; else 0 (the
+        # piece is then gathered in self._plain, which refuses a length over the limit).
+        if len(plain) < _LEN.size:
+            return 0
+        (length,) = _LEN.unpack_from(plain)
+        end = _LEN.size + length + SIGNATURE_SIZE
+        return end if length <= self._max_header and len(plain) >= end else 0
+
     def _check_header(self, header_bytes: bytes, signature: bytes) -> None:
         """Decode and verify the signed header as soon as it is in (before any content)."""
         try:
@@ -674,7 +704,9 @@ class ReportOpener:
             raise VerificationError() from None
         verify(member.identity.signing, Context.REPORT, header_bytes, signature)
         self.header = header
-        self._parts = [header.body_size, *(s for _, s in header.attachments)]
+        self._parts = [header.body_size]
+        if header.attachments:
+            self._parts += [size for _, size in header.attachments]
 
     def finish(self) -> ReportHeader:
         """Check digest, signature and context; returns the verified header.
