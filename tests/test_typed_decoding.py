@@ -25,7 +25,7 @@ from tisa import encoding as enc
 from tisa.envelope import split_envelope
 from tisa.errors import ProtocolError
 from tisa.limits import MAX_HEADER, MAX_NAME
-from tisa.prekeys import PrekeyKind, PrekeySecret
+from tisa.prekeys import MAX_PREKEY_SIZE, Prekey, PrekeyKind, PrekeySecret
 from tisa.report import MAX_RECIPIENTS, ReportHeader, seal_report
 from tisa.token import MAX_TOKEN_SIZE, ReleaseToken, issue_token
 
@@ -38,8 +38,8 @@ def _prekey(kind: PrekeyKind) -> bytes:
     return secret.publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
 
 
-def _token(**changes: Any) -> bytes:
-    kwargs: dict[str, Any] = {
+def _token_arguments(**changes: Any) -> dict[str, Any]:
+    return {
         "recipient": "tokyo",
         "report_id": bytes(range(16)),
         "digest": bytes(range(32)),
@@ -52,9 +52,12 @@ def _token(**changes: Any) -> bytes:
         "counter": 7,
         "signed_prekey": _prekey(PrekeyKind.SIGNED),
         "one_time_prekey": _prekey(PrekeyKind.ONE_TIME),
+        **changes,
     }
-    kwargs.update(changes)
-    return issue_token(SECRETS["seoul"], "seoul", ARRANGEMENT, **kwargs)
+
+
+def _token(**changes: Any) -> bytes:
+    return issue_token(SECRETS["seoul"], "seoul", ARRANGEMENT, **_token_arguments(**changes))
 
 
 TOKENS = {
@@ -115,20 +118,27 @@ def _token_state(token: ReleaseToken) -> tuple[Any, ...]:
     )
 
 
-def _check_token(data: bytes) -> None:
-    """The decoder agrees with the schema path; the fast path never accepts more."""
-    got = _outcome(ReleaseToken.decode, data)
-    expected = _outcome(ReleaseToken._decode_schema, data)
+def _check_envelope(
+    kind: Any, max_size: int, state: Callable[[Any], tuple[Any, ...]], data: bytes
+) -> None:
+    """``kind.decode`` agrees with ``kind._decode_schema`` on ``data``, and its typed
+    path alone never accepts what the schema refuses."""
+    got = _outcome(kind.decode, data)
+    expected = _outcome(kind._decode_schema, data)
     assert got[0] == expected[0], (got, expected)
     if got[0] == "ok":
-        assert _token_state(got[1]) == _token_state(expected[1])
+        assert state(got[1]) == state(expected[1])
     else:
         assert got[1] == expected[1]
-    split = split_envelope(data, max_size=MAX_TOKEN_SIZE)
+    split = split_envelope(data, max_size=max_size)
     if split is not None:
-        fast = ReleaseToken._decode_typed(data, *split)
+        fast = kind._decode_typed(data, *split)
         if fast is not None:
-            assert expected[0] == "ok" and _token_state(fast) == _token_state(expected[1])
+            assert expected[0] == "ok" and state(fast) == state(expected[1])
+
+
+def _check_token(data: bytes) -> None:
+    _check_envelope(ReleaseToken, MAX_TOKEN_SIZE, _token_state, data)
 
 
 def _header_schema(data: bytes) -> ReportHeader:
@@ -330,3 +340,161 @@ def test_slot_builder_makes_what_init_makes_and_refuses_a_class_it_cannot_build(
 
     with pytest.raises(TypeError, match="__post_init__"):
         enc.slot_builder(Checked, ("value",))
+
+
+PREKEY = _prekey(PrekeyKind.SIGNED)
+PREKEY_BODY = enc.unpack(enc.unpack(PREKEY)["body"])
+# X25519 keys of low order (tisa._sodium's list): the prekey's own check after decoding.
+LOW_ORDER = [bytes(32), (1).to_bytes(32, "little"), (2**255 - 20).to_bytes(32, "little")]
+
+
+def _prekey_state(prekey: Prekey) -> tuple[Any, ...]:
+    return dataclasses.astuple(prekey), prekey.encoded, prekey.body, prekey.signature
+
+
+def _check_prekey(data: bytes) -> None:
+    _check_envelope(Prekey, MAX_PREKEY_SIZE, _prekey_state, data)
+
+
+def test_a_valid_prekey_takes_the_typed_path_and_decodes_the_same() -> None:
+    for data in (PREKEY, _prekey(PrekeyKind.ONE_TIME)):
+        split = split_envelope(data, max_size=MAX_PREKEY_SIZE)
+        assert split is not None
+        fast = Prekey._decode_typed(data, *split)
+        assert fast is not None
+        assert _prekey_state(fast) == _prekey_state(Prekey._decode_schema(data))
+
+
+@pytest.mark.parametrize("field", sorted(PREKEY_BODY))
+def test_every_bad_prekey_field_is_refused_as_the_schema_refuses_it(field: str) -> None:
+    for value in [*BAD_VALUES, *LOW_ORDER]:
+        _check_prekey(_envelope(_packb({**PREKEY_BODY, field: value})))
+    _check_prekey(_envelope(_packb({k: v for k, v in PREKEY_BODY.items() if k != field})))
+    _check_prekey(_envelope(_packb({**PREKEY_BODY, "zz": 1})))
+    _check_prekey(_envelope(_packb(dict(reversed(PREKEY_BODY.items())))))
+    _check_prekey(_envelope(_packb({**PREKEY_BODY, "not_after": PREKEY_BODY["created"]})))
+
+
+def test_byte_mutations_of_a_prekey_decode_as_the_schema_decodes_them() -> None:
+    for mutated in _mutations(enc.unpack(PREKEY)["body"]):
+        _check_prekey(_envelope(mutated))
+    for mutated in _mutations(PREKEY):
+        _check_prekey(mutated)
+
+
+def _both_ways(monkeypatch: pytest.MonkeyPatch, make: Callable[[], bytes]) -> None:
+    """``make`` gives the same bytes, or the same error, with and without the typed path
+    of the builders (issue_token's body, the sealer's header)."""
+    from tisa import token
+
+    def outcome() -> tuple[str, Any]:
+        try:
+            return "ok", make()
+        except Exception as exc:  # the type and detail are compared
+            return type(exc).__name__, str(exc)
+
+    typed = outcome()
+    with monkeypatch.context() as patch:
+        patch.setattr(token, "_encode_body_typed", lambda *args: None)
+        patch.setattr(enc, "is_plain", lambda value: False)
+        schema = outcome()
+    assert typed == schema
+
+
+class _Text(str):
+    pass
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"request": bytes(16)},
+        {"one_time_prekey": None},
+        {"report_id": bytes(15)},
+        {"report_id": bytearray(16)},
+        {"digest": bytes(33)},
+        {"digest": memoryview(bytes(32))},
+        {"size": 0},
+        {"size": True},
+        {"size": 2**40},
+        {"counter": 2**63},
+        {"counter": 2**63 + 1},
+        {"counter": 2**70},
+        {"request": bytes(15)},
+        {"request": b""},
+        {"scope": _Text("missile")},
+        {"not_after": NOW + 3600 + 0.5},
+    ],
+    ids=repr,
+)
+def test_issue_token_typed_path_gives_the_schema_paths_bytes_or_error(
+    monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any]
+) -> None:
+    kwargs = _token_arguments(
+        _token_id=bytes(range(50, 66)), _ephemeral=bytes(range(70, 102)), **changes
+    )
+    _both_ways(monkeypatch, lambda: issue_token(SECRETS["seoul"], "seoul", ARRANGEMENT, **kwargs))
+
+
+def test_a_valid_token_body_takes_the_typed_path() -> None:
+    from tisa import token
+
+    body = {k: v for k, v in BODY.items() if k != "wrap"}
+    made = token._encode_body_typed(
+        body, bytes(32), SECRETS["tokyo"].public.encryption.raw, [None, None], None
+    )
+    assert made is not None and token._typed_body(made) is not None
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"attachments": [("map.png", 10), ("é", 0)]},
+        {"attachments": [("a", 1), ("a", 2)]},
+        {"attachments": [("a\x00", 1)]},
+        {"attachments": [("", 1)]},
+        {"attachments": [("x" * (MAX_NAME + 1), 1)]},
+        {"attachments": [("a", 2**40)]},
+        {"body_size": 2**40},
+        {"now": -1},
+        {"now": True},
+        {"now": 2**64},
+        {"_report_id": bytes(15)},
+        {"_report_id": bytearray(16)},
+        {"recipients": ["tokyo", _Text("seoul")]},
+    ],
+    ids=repr,
+)
+def test_sealer_typed_header_gives_the_schema_paths_bytes_or_error(
+    monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any]
+) -> None:
+    from tisa.report import ReportSealer
+
+    kwargs: dict[str, Any] = {
+        "recipients": ["tokyo"],
+        "scope": "missile",
+        "level": "secret",
+        "body_size": 100,
+        "now": NOW,
+        "_report_id": bytes(range(16)),
+        "_content_key": bytes(range(32, 64)),
+        **changes,
+    }
+
+    def header() -> bytes:
+        sealer = ReportSealer(SECRETS["seoul"], "seoul", ARRANGEMENT, **kwargs)
+        return sealer._header_bytes
+
+    _both_ways(monkeypatch, header)
+
+
+def test_a_valid_header_is_encoded_by_the_typed_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tisa import report
+
+    def refuse(value: Any) -> ReportHeader:
+        raise AssertionError("the schema path was taken")
+
+    monkeypatch.setattr(ReportHeader, "from_dict", refuse)
+    assert report._encode_header(HEADER) == enc.pack(HEADER)

@@ -32,6 +32,7 @@ __all__ = [
     "Field",
     "check_map",
     "are_texts",
+    "is_plain",
     "is_text",
     "pack",
     "pack_checked",
@@ -75,12 +76,15 @@ _encode_sorted = msgspec.msgpack.Encoder(order="sorted", enc_hook=_plain_value).
 _PLAIN = frozenset({bytes, str, int, bool, type(None)})
 
 
-def _is_plain(value: Any) -> bool:
-    # True when ``value`` is a dict or list made only of dicts with str keys, lists,
-    # tuples and plain scalars, within the depth limit: msgspec then encodes it
-    # canonically as it is. Exact type checks: cheaper than isinstance with ABCs on this
-    # hot path, and the protocol only ever builds plain dicts, lists and tuples. False
-    # sends the value to _canonical, which makes it plain or refuses it with the reason.
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is a dict or list made only of dicts with str keys, lists,
+    tuples and values of exactly the types bytes, str, int, bool and None, within the
+    depth limit: msgspec then encodes it canonically as it is, and decoding the encoding
+    gives it back (a tuple as a list). A builder that checks such a value by decoding
+    its encoding with a typed decoder (:func:`typed_decoder`) checks the value itself."""
+    # Exact type checks: cheaper than isinstance with ABCs on this hot path, and the
+    # protocol only ever builds plain dicts, lists and tuples. False sends pack's value
+    # to _canonical, which makes it plain or refuses it with the reason.
     kind = type(value)
     if kind is not dict and kind is not list and kind is not tuple:
         return False
@@ -104,7 +108,7 @@ def _is_plain(value: Any) -> bool:
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:
-    # The slow path of pack, for a value _is_plain did not take: a Mapping that is not a
+    # The slow path of pack, for a value is_plain did not take: a Mapping that is not a
     # dict becomes a dict, a str or int subclass its plain value; anything else the
     # protocol does not carry (float, set, bytearray, a non-str key, too deep) is refused
     # here. Text that is not valid Unicode (a lone surrogate) and integers out of
@@ -138,7 +142,7 @@ def pack(value: Mapping[str, Any]) -> bytes:
     Raises:
         ProtocolError: a value of a type the protocol does not carry (float, set, ...).
     """
-    plain = value if _is_plain(value) else _canonical(value)
+    plain = value if is_plain(value) else _canonical(value)
     try:
         return _encode_sorted(plain)
     except (UnicodeEncodeError, OverflowError):

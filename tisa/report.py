@@ -286,6 +286,29 @@ _build_header = enc.slot_builder(
 )
 
 
+def _encode_header(header: dict[str, Any]) -> bytes:
+    """The canonical encoding of a header map that the recipient's schema accepts.
+
+    Raises:
+        UsageError: the schema refuses it (naming the fault).
+    """
+    if enc.is_plain(header):
+        # Plain values: their encoding decodes back to them, so the typed decoding the
+        # recipient makes of the bytes checks the values themselves, in one C call.
+        try:
+            data: bytes | None = enc.pack_checked(header)
+        except (TypeError, ValueError, OverflowError):  # not encodable: the schema says why
+            data = None
+        if data is not None and ReportHeader._decode_typed(data) is not None:
+            return data
+    try:
+        ReportHeader.from_dict(header)  # the schema the recipient applies
+        # Checked by that schema: encoded without pack's walk over every value.
+        return enc.pack_checked(header)
+    except ProtocolError as exc:
+        raise UsageError(f"report header: {exc.detail}") from None
+
+
 class ReportSealer:
     """Seal a report incrementally: feed the content, collect ciphertext as it comes.
 
@@ -344,13 +367,7 @@ class ReportSealer:
             body_size=body_size,
             attachments=tuple((str(n), int(s)) for n, s in attachments),
         )
-        try:
-            header_dict = self.header.to_dict()
-            ReportHeader.from_dict(header_dict)  # the schema the recipient applies
-            # Checked by that schema: encoded without pack's walk over every value.
-            self._header_bytes = enc.pack_checked(header_dict)
-        except ProtocolError as exc:
-            raise UsageError(f"report header: {exc.detail}") from None
+        self._header_bytes = _encode_header(self.header.to_dict())
         if len(self._header_bytes) > MAX_HEADER:
             raise UsageError("report header too large (recipients or attachment names)")
         self._content_left = self.header.content_size

@@ -172,17 +172,10 @@ class ReleaseToken:
     def _decode_typed(cls, data: bytes, body: bytes, signature: bytes) -> ReleaseToken | None:
         # The schema's checks that msgspec does not make, in one place; None hands the
         # token to _decode_schema (the tests feed both paths valid and mutated tokens).
-        fields = _decode_fields(body)
-        if fields is None or fields.not_after <= fields.not_before:
+        typed = _typed_body(body)
+        if typed is None:
             return None
-        if fields.counter > _MAX_COUNTER:
-            return None
-        names = [fields.originator, fields.relay, fields.recipient, fields.scope, fields.level]
-        if not enc.are_texts(names, MAX_NAME):
-            return None
-        wrap = KeyWrap.from_typed(fields.wrap)
-        if wrap is None:
-            return None
+        fields, wrap = typed
         # The fields are checked: the token is built without __init__'s keywords.
         return _build_token(
             fields.id,
@@ -251,6 +244,23 @@ class ReleaseToken:
         if self.request is not None:
             fields["request"] = self.request
         return enc.pack_checked(fields)
+
+
+def _typed_body(body: bytes) -> tuple[_TokenFields, KeyWrap] | None:
+    """The fields and wrap of a token body that the schema accepts, decoded the typed
+    way; None for anything else (the schema then decides, naming the fault)."""
+    fields = _decode_fields(body)
+    if fields is None or fields.not_after <= fields.not_before:
+        return None
+    if fields.counter > _MAX_COUNTER:
+        return None
+    names = [fields.originator, fields.relay, fields.recipient, fields.scope, fields.level]
+    if not enc.are_texts(names, MAX_NAME):
+        return None
+    wrap = KeyWrap.from_typed(fields.wrap)
+    if wrap is None:
+        return None
+    return fields, wrap
 
 
 _build_token = enc.slot_builder(
@@ -366,6 +376,10 @@ def issue_token(
     }
     if request is not None:
         body["request"] = request
+    identity = arrangement.member(recipient).identity.encryption.raw
+    body_bytes = _encode_body_typed(body, content_key, identity, prekeys, _ephemeral)
+    if body_bytes is not None:
+        return seal_checked(secret, Context.TOKEN, body_bytes)
     try:
         # Checked once, before the wrap: the checked fields are plain values, encoded
         # without a second walk (as the associated data, then with the wrap).
@@ -375,7 +389,7 @@ def issue_token(
         wrap = wrap_content_key(
             content_key,
             enc.pack_checked(checked),
-            identity=arrangement.member(recipient).identity.encryption.raw,
+            identity=identity,
             signed=prekeys[0],
             one_time=prekeys[1],
             _ephemeral=_ephemeral,
@@ -384,6 +398,36 @@ def issue_token(
     except ProtocolError as exc:
         raise UsageError(exc.detail) from None
     return seal_checked(secret, Context.TOKEN, enc.pack_checked(checked))
+
+
+def _encode_body_typed(
+    body: dict[str, Any],
+    content_key: bytes,
+    identity: bytes,
+    prekeys: list[bytes | None],
+    ephemeral: bytes | None,
+) -> bytes | None:
+    # issue_token's fast path: plain values (enc.is_plain) encode to bytes that decode
+    # back to them, so the recipient's typed decoding of the body (_typed_body) checks
+    # the values themselves, wrap included. None, for anything it does not accept or a
+    # wrap that fails, hands the body to the schema path, which refuses it in the order
+    # it always did (the schema first, then the wrap) or makes the same bytes.
+    if not enc.is_plain(body):
+        return None
+    try:
+        aad = enc.pack_checked(body)
+        wrap = wrap_content_key(
+            content_key,
+            aad,
+            identity=identity,
+            signed=prekeys[0],
+            one_time=prekeys[1],
+            _ephemeral=ephemeral,
+        )
+        body_bytes = enc.pack_checked({**body, "wrap": wrap.to_dict()})
+    except (UsageError, TypeError, ValueError, OverflowError):
+        return None
+    return body_bytes if _typed_body(body_bytes) is not None else None
 
 
 def _check_common(
