@@ -13,6 +13,15 @@ checks the value in one walk and encodes it with keys sorted. Acceptance, values
 are those of the msgpack-python codec it replaced, which ``tests/encoding_reference.py``
 keeps and ``tests/test_encoding_differential.py`` compares with this one.
 
+The objects on a report's path (release tokens, report headers, prekeys) are also
+decoded the typed way (:func:`typed_decoder`): one msgspec call decodes the canonical
+encoding straight into a ``msgspec.Struct`` that mirrors the schema, types, sizes and
+ranges included, and the few checks msgspec cannot express (text, cross-field rules)
+follow in Python; anything that path does not accept is handed to :func:`unpack` and
+:func:`check_map`, which accept it the same or raise the precise error. The builders
+check plain values (:func:`is_plain`) the same way, by decoding their encoding. Tests
+(``tests/test_typed_decoding.py``) feed both paths valid, mutated and malformed input.
+
 Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgspec exception.
 """
 

@@ -415,11 +415,15 @@ class KeyWrap:
 _build_wrap = enc.slot_builder(KeyWrap, ("mode", "eph", "spk", "opk", "sealed"))
 
 
+# Each mode's label in the wrap key's transcript: its name and a newline.
+_MODE_LABELS = {mode: mode.value.encode() + b"\n" for mode in WrapMode}
+
+
 def _wrap_key(mode: WrapMode, shared: bytes, eph: bytes, identity: bytes, *prekeys: bytes) -> bytes:
     # One unkeyed, personalised BLAKE2b over the Diffie-Hellman outputs and every public
     # key involved, as crypto_kx derives its session keys; the mode's length and those of
     # the keys are fixed, so the input parses one way only.
-    transcript = mode.value.encode() + b"\n" + eph + identity + b"".join(prekeys)
+    transcript = _MODE_LABELS[mode] + eph + identity + b"".join(prekeys)
     return digest(Hash.PREKEY_WRAP, shared + transcript)
 
 
