@@ -76,7 +76,7 @@ def _split(data: bytes) -> tuple[bytes, bytes] | None:
     if kind == 0xC4:
         size, start = data[7], 8
     elif kind == 0xC5 and len(data) >= 9:
-        size, start = int.from_bytes(data[7:9], "big"), 9
+        size, start = data[7] << 8 | data[8], 9
         if size < 256:
             return None
     else:
