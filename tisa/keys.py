@@ -70,12 +70,14 @@ class Context(enum.Enum):
 SIGN_PREFIX = b"tisa/1/"
 
 
-# What precedes the message in each context, made once (one concatenation per signature).
-_SIGN_PREFIXES = {context: SIGN_PREFIX + context.value + b"\n" for context in Context}
+# What precedes the message in each context, made once (one concatenation per
+# signature); looked up by the label's bytes (``_value_``, a plain attribute: ``value``
+# and a plain Enum's hash are Python-level calls).
+_SIGN_PREFIXES = {context.value: SIGN_PREFIX + context.value + b"\n" for context in Context}
 
 
 def _signed_message(context: Context, message: bytes) -> bytes:
-    return _SIGN_PREFIXES[context] + message
+    return _SIGN_PREFIXES[context._value_] + message
 
 
 class Hash(enum.Enum):
