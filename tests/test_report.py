@@ -921,9 +921,9 @@ def test_opener_reading_in_place_still_refuses_tampering() -> None:
 def test_the_openers_header_limit_holds_however_the_report_is_fed(
     feed: Callable[[bytes], Iterator[bytes]],
 ) -> None:
-    # Fed whole, the signed header is read in place from the first chunk; fed byte by
-    # byte, it is gathered first: the opener's max_header refuses it either way, and
-    # a limit it fits opens it.
+    # The signed header is read in place from the first chunk it arrives in, however
+    # the ciphertext is cut: the opener's max_header refuses a header one byte over it
+    # (the check on that path fails this test if dropped), and a limit it fits opens it.
     sealed = seal(content(3000, 4), [("map.png", content(70_000, 5))])
     header_size = len(enc.pack(sealed.header.to_dict()))
     for limit, opens in ((header_size - 1, False), (header_size, True)):
