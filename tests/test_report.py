@@ -936,3 +936,24 @@ def test_the_openers_header_limit_holds_however_the_report_is_fed(
             assert not opens
         else:
             assert opens and header == sealed.header
+
+
+def test_a_signed_header_split_across_pieces_is_gathered_as_one_in_place() -> None:
+    # A chunk's plaintext holds the header whole as a rule (read in place); one cut
+    # anywhere in the length, header or signature is gathered first: both give the same
+    # header and parts, and the header limit holds on the gathering path too.
+    sealed = seal(content(300, 6), [("a", b"xyz")])
+    header_bytes = enc.pack(sealed.header.to_dict())
+    signature = SECRETS["seoul"].sign(Context.REPORT, header_bytes)
+    head = len(header_bytes).to_bytes(4, "big") + header_bytes + signature
+    plain = head + content(300, 6) + b"xyz" + bytes(50)
+    for cut in sorted({1, 3, 4, 5, len(head) // 2, len(head) - 64, len(head) - 1, len(head)}):
+        opener = opener_for(sealed)
+        out = opener._consume_plain(plain[:cut]) + opener._consume_plain(plain[cut:])
+        assert opener.header == sealed.header
+        assert b"".join(data for part, data in out if part == 0) == content(300, 6)
+        assert b"".join(data for part, data in out if part == 1) == b"xyz"
+        over = opener_for(sealed, max_header=len(header_bytes) - 1)
+        with pytest.raises(VerificationError):
+            over._consume_plain(plain[:cut])
+            over._consume_plain(plain[cut:])
