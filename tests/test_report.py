@@ -915,3 +915,45 @@ def test_opener_reading_in_place_still_refuses_tampering() -> None:
     other.feed(ciphertext)
     with pytest.raises(VerificationError):
         other.finish()
+
+
+@pytest.mark.parametrize("feed", [whole, bytewise], ids=["whole", "bytewise"])
+def test_the_openers_header_limit_holds_however_the_report_is_fed(
+    feed: Callable[[bytes], Iterator[bytes]],
+) -> None:
+    # The signed header is read in place from the first chunk it arrives in, however
+    # the ciphertext is cut: the opener's max_header refuses a header one byte over it
+    # (the check on that path fails this test if dropped), and a limit it fits opens it.
+    sealed = seal(content(3000, 4), [("map.png", content(70_000, 5))])
+    header_size = len(enc.pack(sealed.header.to_dict()))
+    for limit, opens in ((header_size - 1, False), (header_size, True)):
+        opener = opener_for(sealed, max_header=limit)
+        try:
+            for piece in feed(sealed.ciphertext):
+                opener.feed(piece)
+            header = opener.finish()
+        except VerificationError:
+            assert not opens
+        else:
+            assert opens and header == sealed.header
+
+
+def test_a_signed_header_split_across_pieces_is_gathered_as_one_in_place() -> None:
+    # A chunk's plaintext holds the header whole as a rule (read in place); one cut
+    # anywhere in the length, header or signature is gathered first: both give the same
+    # header and parts, and the header limit holds on the gathering path too.
+    sealed = seal(content(300, 6), [("a", b"xyz")])
+    header_bytes = enc.pack(sealed.header.to_dict())
+    signature = SECRETS["seoul"].sign(Context.REPORT, header_bytes)
+    head = len(header_bytes).to_bytes(4, "big") + header_bytes + signature
+    plain = head + content(300, 6) + b"xyz" + bytes(50)
+    for cut in sorted({1, 3, 4, 5, len(head) // 2, len(head) - 64, len(head) - 1, len(head)}):
+        opener = opener_for(sealed)
+        out = opener._consume_plain(plain[:cut]) + opener._consume_plain(plain[cut:])
+        assert opener.header == sealed.header
+        assert b"".join(data for part, data in out if part == 0) == content(300, 6)
+        assert b"".join(data for part, data in out if part == 1) == b"xyz"
+        over = opener_for(sealed, max_header=len(header_bytes) - 1)
+        with pytest.raises(VerificationError):
+            over._consume_plain(plain[:cut])
+            over._consume_plain(plain[cut:])

@@ -18,7 +18,7 @@ from tisa import _sodium as fast
 from tisa import encoding as enc
 from tisa.envelope import _split, open_envelope
 from tisa.errors import ProtocolError
-from tisa.keys import Hash, Hasher, digest
+from tisa.keys import HASHLIB_STREAM_SIZE, Hash, Hasher, digest
 from tisa.token import ReleaseToken
 from tisa_testing.world import make_world
 
@@ -324,3 +324,26 @@ def test_pack_checked_is_pack_for_a_report_header_with_attachments() -> None:
     fields["attachments"] = [dict(reversed(list(a.items()))) for a in fields["attachments"]]
     assert enc.pack_checked(fields) == enc.pack(fields)
     assert ReportHeader.decode(enc.pack_checked(fields)) == header
+
+
+@pytest.mark.parametrize("purpose", list(Hash))
+def test_a_hasher_told_its_size_is_libsodiums_generichash_on_either_side_of_the_switch(
+    purpose: Hash,
+) -> None:
+    # A stream of at most HASHLIB_STREAM_SIZE bytes is hashed by hashlib, a longer one by
+    # libsodium: the same digest either way, at the sizes a small report is fed in.
+    for total in (0, 1065, HASHLIB_STREAM_SIZE, HASHLIB_STREAM_SIZE + 1):
+        data = os.urandom(total)
+        pieces = [data[:24], data[24:1000], data[1000:]]
+        state = sodium.crypto_generichash_blake2b_init(digest_size=32, person=purpose.value)
+        told = Hasher(purpose, total)
+        assert (told._hashlib is not None) is (total <= HASHLIB_STREAM_SIZE)
+        for piece in pieces:
+            told.update(piece)
+            sodium.crypto_generichash_blake2b_update(state, piece)
+        result = told.finish()
+        assert result == bytes(sodium.crypto_generichash_blake2b_final(state))
+        with pytest.raises(Exception, match="finished"):
+            told.finish()
+        with pytest.raises(Exception, match="finished"):
+            told.update(b"x")

@@ -64,9 +64,11 @@ def verify(signed: bytes, public: bytes) -> bool:
     calls it, with a boolean instead of an exception."""
     if len(signed) < SIGNATURE_SIZE or len(public) != _KEY:
         return False
+    # libsodium writes the message length only through a non-NULL pointer (every
+    # version); the message itself it copies out unconditionally in older ones, so the
+    # output buffer stays.
     out = _ffi.new("unsigned char[]", len(signed))
-    size = _ffi.new("unsigned long long *")
-    return _lib.crypto_sign_open(out, size, signed, len(signed), public) == 0  # type: ignore[no-any-return]
+    return _lib.crypto_sign_open(out, _NULL, signed, len(signed), public) == 0  # type: ignore[no-any-return]
 
 
 def scalarmult(secret: bytes, public: bytes) -> bytes | None:

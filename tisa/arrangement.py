@@ -332,6 +332,14 @@ class Arrangement:
             Refused: with the first reason found (not a member, wrong role, scope, level).
         """
         self.require_role(originator, Role.ORIGINATOR)
+        self.check_recipients(originator, recipients, scope, level)
+
+    def check_recipients(
+        self, originator: str, recipients: Iterable[str], scope: str, level: str
+    ) -> None:
+        """:meth:`check_share` after its first check, for a caller that has just found
+        ``originator`` to be a member with the originator role (a token's check, which
+        needs the originator's key first)."""
         recipients = list(recipients)
         if not recipients:
             raise Refused(Reason.WRONG_RECIPIENT, "no recipient")

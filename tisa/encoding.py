@@ -13,6 +13,15 @@ checks the value in one walk and encodes it with keys sorted. Acceptance, values
 are those of the msgpack-python codec it replaced, which ``tests/encoding_reference.py``
 keeps and ``tests/test_encoding_differential.py`` compares with this one.
 
+The objects on a report's path (release tokens, report headers, prekeys) are also
+decoded the typed way (:func:`typed_decoder`): one msgspec call decodes the canonical
+encoding straight into a ``msgspec.Struct`` that mirrors the schema, types, sizes and
+ranges included, and the few checks msgspec cannot express (text, cross-field rules)
+follow in Python; anything that path does not accept is handed to :func:`unpack` and
+:func:`check_map`, which accept it the same or raise the precise error. The builders
+check plain values (:func:`is_plain`) the same way, by decoding their encoding. Tests
+(``tests/test_typed_decoding.py``) feed both paths valid, mutated and malformed input.
+
 Every failure raises :class:`~tisa.errors.ProtocolError`, never a msgspec exception.
 """
 
@@ -22,13 +31,24 @@ import re
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from itertools import pairwise
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import msgspec
 
 from tisa.errors import ProtocolError
 
-__all__ = ["Field", "check_map", "pack", "pack_checked", "unpack"]
+__all__ = [
+    "Field",
+    "check_map",
+    "are_texts",
+    "is_plain",
+    "is_text",
+    "pack",
+    "pack_checked",
+    "slot_builder",
+    "typed_decoder",
+    "unpack",
+]
 
 # Depth of nested containers accepted; our schemas need 4, more is an attack on the
 # recursion of the decoder and of our validators.
@@ -65,12 +85,15 @@ _encode_sorted = msgspec.msgpack.Encoder(order="sorted", enc_hook=_plain_value).
 _PLAIN = frozenset({bytes, str, int, bool, type(None)})
 
 
-def _is_plain(value: Any) -> bool:
-    # True when ``value`` is a dict or list made only of dicts with str keys, lists,
-    # tuples and plain scalars, within the depth limit: msgspec then encodes it
-    # canonically as it is. Exact type checks: cheaper than isinstance with ABCs on this
-    # hot path, and the protocol only ever builds plain dicts, lists and tuples. False
-    # sends the value to _canonical, which makes it plain or refuses it with the reason.
+def is_plain(value: Any) -> bool:
+    """Whether ``value`` is a dict or list made only of dicts with str keys, lists,
+    tuples and values of exactly the types bytes, str, int, bool and None, within the
+    depth limit: msgspec then encodes it canonically as it is, and decoding the encoding
+    gives it back (a tuple as a list). A builder that checks such a value by decoding
+    its encoding with a typed decoder (:func:`typed_decoder`) checks the value itself."""
+    # Exact type checks: cheaper than isinstance with ABCs on this hot path, and the
+    # protocol only ever builds plain dicts, lists and tuples. False sends pack's value
+    # to _canonical, which makes it plain or refuses it with the reason.
     kind = type(value)
     if kind is not dict and kind is not list and kind is not tuple:
         return False
@@ -94,7 +117,7 @@ def _is_plain(value: Any) -> bool:
 
 
 def _canonical(value: Any, depth: int = 0) -> Any:
-    # The slow path of pack, for a value _is_plain did not take: a Mapping that is not a
+    # The slow path of pack, for a value is_plain did not take: a Mapping that is not a
     # dict becomes a dict, a str or int subclass its plain value; anything else the
     # protocol does not carry (float, set, bytearray, a non-str key, too deep) is refused
     # here. Text that is not valid Unicode (a lone surrogate) and integers out of
@@ -128,7 +151,7 @@ def pack(value: Mapping[str, Any]) -> bytes:
     Raises:
         ProtocolError: a value of a type the protocol does not carry (float, set, ...).
     """
-    plain = value if _is_plain(value) else _canonical(value)
+    plain = value if is_plain(value) else _canonical(value)
     try:
         return _encode_sorted(plain)
     except (UnicodeEncodeError, OverflowError):
@@ -258,6 +281,91 @@ def unpack(data: bytes, *, max_size: int | None = None) -> dict[str, Any]:
     if canonical != data:
         _fail(_why_not_canonical(value))
     return value
+
+
+# --- typed decoding (the fast path of a schema) ---------------------------------------
+
+_Typed = TypeVar("_Typed", bound=msgspec.Struct)
+
+
+def typed_decoder(kind: type[_Typed]) -> Callable[[bytes], _Typed | None]:
+    """A decoder of ``kind``'s canonical encoding straight into a typed value, or None.
+
+    ``kind`` is a ``msgspec.Struct`` whose fields mirror a schema (:func:`check_map`):
+    each field typed and bounded with ``msgspec.Meta`` as the schema's checker bounds it
+    (``forbid_unknown_fields``; an optional key absent from the map is a field with a
+    default of None and ``omit_defaults``). The returned function decodes ``data`` in one
+    C call (types, lengths, ranges and the set of keys checked by msgspec) and returns
+    the value only when it re-encodes (keys sorted) to exactly ``data``, which is the
+    canonical check of :func:`unpack`: a duplicated key, keys out of order, a longer form
+    than the shortest, or a nil standing for an absent key all differ there.
+
+    It never raises and never accepts what the schema refuses, as long as ``kind`` is
+    at least as strict as the schema; what msgspec cannot express (the UTF-8 length and
+    control characters of text, :func:`is_text`; cross-field rules) is the caller's to
+    check next. None means "not decided here": the caller then runs the schema
+    (:func:`unpack` and :func:`check_map`), which accepts or names the fault exactly as
+    before. The tests compare the two paths on valid and on mutated encodings.
+    """
+    decode = msgspec.msgpack.Decoder(kind).decode
+
+    def attempt(data: bytes) -> _Typed | None:
+        try:
+            value = decode(data)
+        except Exception:  # DecodeError, ValidationError, RecursionError: the schema names it
+            return None
+        return value if _encode_sorted(value) == data else None
+
+    return attempt
+
+
+def is_text(value: str, max_bytes: int) -> bool:
+    """Whether :func:`text` with ``max_bytes`` (not empty) accepts ``value``, a ``str``."""
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        return False
+    return 0 < size <= max_bytes and _CONTROL.search(value) is None
+
+
+def are_texts(values: list[str], max_bytes: int) -> bool:
+    """Whether :func:`is_text` holds for every ``str`` of ``values``.
+
+    For ASCII text no longer than ``max_bytes`` in all (the names of a token or header)
+    in three C calls: one byte a character, and an ASCII string is printable exactly
+    when it holds no control character (U+0000 to U+001F, U+007F). Anything else is
+    checked value by value.
+    """
+    joined = "".join(values)
+    if joined.isascii() and len(joined) <= max_bytes:
+        return joined.isprintable() and "" not in values
+    return all(is_text(value, max_bytes) for value in values)
+
+
+_Built = TypeVar("_Built")
+
+
+def slot_builder(cls: type[_Built], names: tuple[str, ...]) -> Callable[..., _Built]:
+    """A constructor of the frozen, slotted dataclass ``cls`` that sets its slots
+    ``names`` (every one it has, in this order) from positional values, without the
+    generated ``__init__`` (keyword arguments and ``object.__setattr__`` per field).
+
+    Only for values already checked (a typed decoding) and classes with no
+    ``__post_init__``: it is the same object ``__init__`` would make, in half the time.
+    """
+    if set(names) != set(cls.__slots__) or len(names) != len(cls.__slots__):  # type: ignore[attr-defined]
+        raise TypeError(f"{cls.__name__}: the names are not its slots")
+    if hasattr(cls, "__post_init__"):
+        raise TypeError(f"{cls.__name__} has a __post_init__")
+    # One positional parameter and one slot-descriptor call per field, unrolled (as
+    # dataclasses writes __init__): a loop over the setters costs as much as it saves.
+    scope: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    scope.update({f"set{i}": getattr(cls, name).__set__ for i, name in enumerate(names)})
+    params = ", ".join(f"v{i}" for i in range(len(names)))
+    lines = "".join(f"    set{i}(built, v{i})\n" for i in range(len(names)))
+    exec(f"def build({params}):\n    built = new(cls)\n{lines}    return built\n", scope)
+    build: Callable[..., _Built] = scope["build"]
+    return build
 
 
 # --- schemas -------------------------------------------------------------------------

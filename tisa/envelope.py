@@ -14,7 +14,7 @@ from typing import Any
 from tisa import encoding as enc
 from tisa.keys import SIGNATURE_SIZE, Context, MemberSecret, SigningPublicKey, verify
 
-__all__ = ["open_envelope", "seal_checked", "seal_envelope"]
+__all__ = ["open_envelope", "seal_checked", "seal_envelope", "split_envelope"]
 
 
 def seal_envelope(secret: MemberSecret, context: Context, body: Mapping[str, Any]) -> bytes:
@@ -38,7 +38,7 @@ def open_envelope(data: bytes, *, max_size: int, what: str) -> tuple[bytes, dict
     Raises:
         ProtocolError: not a canonical envelope of at most ``max_size`` bytes.
     """
-    split = _split(data) if type(data) is bytes and len(data) <= max_size else None
+    split = split_envelope(data, max_size=max_size)
     if split is None:
         outer = enc.check_map(
             enc.unpack(data, max_size=max_size),
@@ -47,6 +47,14 @@ def open_envelope(data: bytes, *, max_size: int, what: str) -> tuple[bytes, dict
         )
         split = outer["body"], outer["sig"]
     return split[0], enc.unpack(split[0]), split[1]
+
+
+def split_envelope(data: bytes, *, max_size: int) -> tuple[bytes, bytes] | None:
+    """(body bytes, signature) of an envelope of at most ``max_size`` bytes in exactly
+    its canonical form, the body not decoded; None for anything else, which
+    :func:`open_envelope` then decodes the generic way (the same result, or the precise
+    error)."""
+    return _split(data) if type(data) is bytes and len(data) <= max_size else None
 
 
 # The canonical envelope, byte by byte: a map of two, "body" and its bin (bin 8 below
@@ -68,7 +76,7 @@ def _split(data: bytes) -> tuple[bytes, bytes] | None:
     if kind == 0xC4:
         size, start = data[7], 8
     elif kind == 0xC5 and len(data) >= 9:
-        size, start = int.from_bytes(data[7:9], "big"), 9
+        size, start = data[7] << 8 | data[8], 9
         if size < 256:
             return None
     else:

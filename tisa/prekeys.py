@@ -28,8 +28,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal, get_args
 
+import msgspec
 import nacl.bindings as sodium
 import nacl.exceptions
 import nacl.utils
@@ -37,7 +38,7 @@ import nacl.utils
 from tisa import _sodium as fast
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
-from tisa.envelope import open_envelope, seal_envelope
+from tisa.envelope import open_envelope, seal_envelope, split_envelope
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import (
     DIGEST_SIZE,
@@ -57,6 +58,7 @@ __all__ = [
     "Prekey",
     "PrekeyKind",
     "PrekeySecret",
+    "WrapFields",
     "WrapMode",
     "unwrap_content_key",
     "wrap_content_key",
@@ -97,6 +99,26 @@ _PREKEY_SCHEMA: dict[str, enc.Field] = {
     "not_after": enc.uint(),
 }
 
+_Key = Annotated[bytes, msgspec.Meta(min_length=KEY_SIZE, max_length=KEY_SIZE)]
+_KindName = Literal["one_time", "signed"]
+if set(get_args(_KindName)) != {k.value for k in PrekeyKind}:
+    raise ImportError("_KindName does not list the prekey kinds")  # pragma: no cover
+_KINDS = {kind.value: kind for kind in PrekeyKind}
+
+
+class _PrekeyFields(msgspec.Struct, forbid_unknown_fields=True):
+    # _PREKEY_SCHEMA typed, keys in canonical order (enc.typed_decoder).
+    arrangement: Annotated[bytes, msgspec.Meta(min_length=DIGEST_SIZE, max_length=DIGEST_SIZE)]
+    created: Annotated[int, msgspec.Meta(ge=0)]
+    key: _Key
+    kind: _KindName
+    not_after: Annotated[int, msgspec.Meta(ge=0)]
+    owner: Annotated[str, msgspec.Meta(min_length=1)]
+    v: Annotated[int, msgspec.Meta(ge=PREKEY_VERSION, le=PREKEY_VERSION)]
+
+
+_decode_prekey_fields = enc.typed_decoder(_PrekeyFields)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Prekey:
@@ -116,10 +138,23 @@ class Prekey:
     def decode(cls, data: bytes) -> Prekey:
         """Decode without verifying.
 
+        A prekey in its canonical form is decoded once, straight into typed fields
+        (:func:`tisa.encoding.typed_decoder`); anything else goes through the schema,
+        which accepts it the same or names the fault.
+
         Raises:
             ProtocolError: not a canonical prekey envelope, an empty lifetime, or a key
                 of low order.
         """
+        split = split_envelope(data, max_size=MAX_PREKEY_SIZE)
+        if split is not None:
+            prekey = cls._decode_typed(data, *split)
+            if prekey is not None:
+                return prekey
+        return cls._decode_schema(data)
+
+    @classmethod
+    def _decode_schema(cls, data: bytes) -> Prekey:
         body, fields, signature = open_envelope(data, max_size=MAX_PREKEY_SIZE, what="prekey")
         fields = enc.check_map(fields, _PREKEY_SCHEMA, "prekey")
         if fields["not_after"] <= fields["created"]:
@@ -130,6 +165,27 @@ class Prekey:
         fields.pop("v")
         fields["kind"] = PrekeyKind(fields["kind"])
         return cls(**fields, encoded=bytes(data), body=body, signature=signature)
+
+    @classmethod
+    def _decode_typed(cls, data: bytes, body: bytes, signature: bytes) -> Prekey | None:
+        # The fast path of decode: one typed decoding, then what msgspec does not check;
+        # None hands the prekey to the schema (tests compare the two paths).
+        fields = _decode_prekey_fields(body)
+        if fields is None or fields.not_after <= fields.created:
+            return None
+        if fast.has_small_order(fields.key) or not enc.are_texts([fields.owner], MAX_NAME):
+            return None
+        return _build_prekey(
+            fields.arrangement,
+            fields.owner,
+            _KINDS[fields.kind],
+            fields.key,
+            fields.created,
+            fields.not_after,
+            data,
+            body,
+            signature,
+        )
 
     @classmethod
     def verify(
@@ -180,6 +236,21 @@ class Prekey:
             raise Refused(Reason.EXPIRED, f"prekey expired at {prekey.not_after}")
         return prekey
 
+
+_build_prekey = enc.slot_builder(
+    Prekey,
+    (
+        "arrangement",
+        "owner",
+        "kind",
+        "key",
+        "created",
+        "not_after",
+        "encoded",
+        "body",
+        "signature",
+    ),
+)
 
 # Signed prekeys whose signature was found good, by (signing key, body, signature): an
 # originator wraps every token of a recipient to the same signed prekey (it changes
@@ -267,6 +338,31 @@ _WRAP_SCHEMA: dict[str, enc.Field] = {
 }
 
 
+_ModeName = Literal["identity", "one_time", "signed"]
+if set(get_args(_ModeName)) != {m.value for m in WrapMode}:
+    raise ImportError("_ModeName does not list the wrap modes")  # pragma: no cover
+
+
+class WrapFields(msgspec.Struct, forbid_unknown_fields=True):
+    """The wrap map typed as :data:`_WRAP_SCHEMA` checks it, keys in canonical order:
+    the fast path of a token's decoding (:func:`tisa.encoding.typed_decoder`)."""
+
+    eph: _Key
+    mode: _ModeName
+    opk: _Key | None
+    sealed: Annotated[bytes, msgspec.Meta(min_length=SEALED_SIZE, max_length=SEALED_SIZE)]
+    spk: _Key | None
+
+
+_MODES = {mode.value: mode for mode in WrapMode}
+# Which prekeys (signed, one-time) each mode uses.
+_MODE_PREKEYS = {
+    WrapMode.ONE_TIME: (True, True),
+    WrapMode.SIGNED: (True, False),
+    WrapMode.IDENTITY: (False, False),
+}
+
+
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class KeyWrap:
     """A token's wrapped content key: the mode, the originator's ephemeral public key,
@@ -289,10 +385,20 @@ class KeyWrap:
         fields = enc.check_map(value, _WRAP_SCHEMA, path)
         mode = WrapMode(fields["mode"])
         spk, opk = fields["spk"], fields["opk"]
-        expected = (mode is not WrapMode.IDENTITY, mode is WrapMode.ONE_TIME)
-        if (spk is not None, opk is not None) != expected:
+        if (spk is not None, opk is not None) != _MODE_PREKEYS[mode]:
             raise ProtocolError(f"{path}: prekeys do not match mode {mode.value!r}")
         return cls(mode=mode, eph=fields["eph"], spk=spk, opk=opk, sealed=fields["sealed"])
+
+    @classmethod
+    def from_typed(cls, fields: WrapFields) -> KeyWrap | None:
+        """The wrap of typed fields (their types, sizes and mode checked by decoding
+        them), or None where :meth:`from_dict` would refuse them: prekeys that do not
+        match the mode."""
+        mode = _MODES[fields.mode]
+        spk, opk = fields.spk, fields.opk
+        if (spk is not None, opk is not None) != _MODE_PREKEYS[mode]:
+            return None
+        return _build_wrap(mode, fields.eph, spk, opk, fields.sealed)
 
     def to_dict(self) -> dict[str, Any]:
         """The wrap as its wire map."""
@@ -305,11 +411,19 @@ class KeyWrap:
         }
 
 
+# For from_typed: its fields are checked, so the wrap is built without __init__'s keywords.
+_build_wrap = enc.slot_builder(KeyWrap, ("mode", "eph", "spk", "opk", "sealed"))
+
+
+# Each mode's label in the wrap key's transcript: its name and a newline.
+_MODE_LABELS = {mode: mode.value.encode() + b"\n" for mode in WrapMode}
+
+
 def _wrap_key(mode: WrapMode, shared: bytes, eph: bytes, identity: bytes, *prekeys: bytes) -> bytes:
     # One unkeyed, personalised BLAKE2b over the Diffie-Hellman outputs and every public
     # key involved, as crypto_kx derives its session keys; the mode's length and those of
     # the keys are fixed, so the input parses one way only.
-    transcript = mode.value.encode() + b"\n" + eph + identity + b"".join(prekeys)
+    transcript = _MODE_LABELS[mode] + eph + identity + b"".join(prekeys)
     return digest(Hash.PREKEY_WRAP, shared + transcript)
 
 

@@ -29,8 +29,10 @@ from __future__ import annotations
 import dataclasses
 import struct
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from itertools import pairwise
+from typing import Annotated, Any
 
+import msgspec
 import nacl.bindings as sodium
 import nacl.utils
 
@@ -109,6 +111,8 @@ def key_commitment(content_key: bytes, report_id: bytes) -> bytes:
     return digest(Hash.KEY_COMMIT, report_id, key=content_key)
 
 
+# Recipients listed in one report header.
+MAX_RECIPIENTS = 256
 _name = enc.text(MAX_NAME)
 _HEADER_SCHEMA: dict[str, enc.Field] = {
     "v": enc.uint(1, 1),
@@ -116,7 +120,9 @@ _HEADER_SCHEMA: dict[str, enc.Field] = {
     "arrangement": enc.bin_exact(DIGEST_SIZE),
     "version": enc.uint(2**32, 1),
     "originator": _name,
-    "recipients": enc.list_of(_name, min_items=1, max_items=256, unique=True, sorted_=True),
+    "recipients": enc.list_of(
+        _name, min_items=1, max_items=MAX_RECIPIENTS, unique=True, sorted_=True
+    ),
     "scope": _name,
     "level": _name,
     "created": enc.uint(),
@@ -126,6 +132,35 @@ _HEADER_SCHEMA: dict[str, enc.Field] = {
         max_items=MAX_ATTACHMENTS,
     ),
 }
+
+# The header schema typed (keys in canonical order): the fast path of ReportHeader.decode
+# (enc.typed_decoder). What msgspec does not check (text's UTF-8 length and control
+# characters, recipients sorted and unique, attachment names unique) is checked in
+# _decode_typed; anything that path does not accept goes through the schema.
+_Name = Annotated[str, msgspec.Meta(min_length=1)]
+_Size = Annotated[int, msgspec.Meta(ge=0, le=MAX_REPORT_SIZE)]
+
+
+class _AttachmentFields(msgspec.Struct, forbid_unknown_fields=True):
+    name: _Name
+    size: _Size
+
+
+class _HeaderFields(msgspec.Struct, forbid_unknown_fields=True):
+    arrangement: Annotated[bytes, msgspec.Meta(min_length=DIGEST_SIZE, max_length=DIGEST_SIZE)]
+    attachments: Annotated[list[_AttachmentFields], msgspec.Meta(max_length=MAX_ATTACHMENTS)]
+    body: _Size
+    created: Annotated[int, msgspec.Meta(ge=0)]
+    id: Annotated[bytes, msgspec.Meta(min_length=REPORT_ID_SIZE, max_length=REPORT_ID_SIZE)]
+    level: _Name
+    originator: _Name
+    recipients: Annotated[list[_Name], msgspec.Meta(min_length=1, max_length=MAX_RECIPIENTS)]
+    scope: _Name
+    v: Annotated[int, msgspec.Meta(ge=1, le=1)]
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**32)]
+
+
+_decode_header_fields = enc.typed_decoder(_HeaderFields)
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,8 +201,52 @@ class ReportHeader:
 
     @classmethod
     def decode(cls, data: bytes) -> ReportHeader:
-        """Decode a header. Raises ProtocolError."""
+        """Decode a header. Raises ProtocolError.
+
+        A header in its canonical form is decoded once, straight into typed fields;
+        anything that path does not accept goes through the schema (:meth:`from_dict`),
+        which accepts it the same or names the fault.
+        """
+        if type(data) is bytes and len(data) <= MAX_HEADER:
+            header = cls._decode_typed(data)
+            if header is not None:
+                return header
         return cls.from_dict(enc.unpack(data, max_size=MAX_HEADER))
+
+    @classmethod
+    def _decode_typed(cls, data: bytes) -> ReportHeader | None:
+        fields = _decode_header_fields(data)
+        if fields is None:
+            return None
+        recipients = fields.recipients
+        names = [fields.originator, fields.scope, fields.level, *recipients]
+        if fields.attachments:
+            names += [a.name for a in fields.attachments]
+        if not enc.are_texts(names, MAX_NAME):
+            return None
+        # Strictly ascending by UTF-8 bytes: sorted and unique, as the schema requires.
+        if len(recipients) > 1 and not all(
+            a.encode() < b.encode() for a, b in pairwise(recipients)
+        ):
+            return None
+        attachments: tuple[tuple[str, int], ...] = ()
+        if fields.attachments:
+            attachments = tuple((a.name, a.size) for a in fields.attachments)
+            if len({name for name, _ in attachments}) != len(attachments):
+                return None
+        # The fields are checked: the header is built without __init__'s keywords.
+        return _build_header(
+            fields.id,
+            fields.arrangement,
+            fields.version,
+            fields.originator,
+            tuple(recipients),
+            fields.scope,
+            fields.level,
+            fields.created,
+            fields.body,
+            attachments,
+        )
 
     @classmethod
     def from_dict(cls, value: Any) -> ReportHeader:
@@ -188,6 +267,46 @@ class ReportHeader:
             body_size=fields["body"],
             attachments=tuple((a["name"], a["size"]) for a in fields["attachments"]),
         )
+
+
+_build_header = enc.slot_builder(
+    ReportHeader,
+    (
+        "id",
+        "arrangement",
+        "version",
+        "originator",
+        "recipients",
+        "scope",
+        "level",
+        "created",
+        "body_size",
+        "attachments",
+    ),
+)
+
+
+def _encode_header(header: dict[str, Any]) -> bytes:
+    """The canonical encoding of a header map that the recipient's schema accepts.
+
+    Raises:
+        UsageError: the schema refuses it (naming the fault).
+    """
+    if enc.is_plain(header):
+        # Plain values: their encoding decodes back to them, so the typed decoding the
+        # recipient makes of the bytes checks the values themselves, in one C call.
+        try:
+            data: bytes | None = enc.pack_checked(header)
+        except (TypeError, ValueError, OverflowError):  # not encodable: the schema says why
+            data = None
+        if data is not None and ReportHeader._decode_typed(data) is not None:
+            return data
+    try:
+        ReportHeader.from_dict(header)  # the schema the recipient applies
+        # Checked by that schema: encoded without pack's walk over every value.
+        return enc.pack_checked(header)
+    except ProtocolError as exc:
+        raise UsageError(f"report header: {exc.detail}") from None
 
 
 class ReportSealer:
@@ -248,13 +367,7 @@ class ReportSealer:
             body_size=body_size,
             attachments=tuple((str(n), int(s)) for n, s in attachments),
         )
-        try:
-            header_dict = self.header.to_dict()
-            ReportHeader.from_dict(header_dict)  # the schema the recipient applies
-            # Checked by that schema: encoded without pack's walk over every value.
-            self._header_bytes = enc.pack_checked(header_dict)
-        except ProtocolError as exc:
-            raise UsageError(f"report header: {exc.detail}") from None
+        self._header_bytes = _encode_header(self.header.to_dict())
         if len(self._header_bytes) > MAX_HEADER:
             raise UsageError("report header too large (recipients or attachment names)")
         self._content_left = self.header.content_size
@@ -268,7 +381,7 @@ class ReportSealer:
         self.content_key = _content_key or nacl.utils.random(KEY_SIZE)
         self._secret = secret
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._cipher = Hasher(Hash.CIPHERTEXT)
+        self._cipher = Hasher(Hash.CIPHERTEXT, self.size)
         self._buffer = bytearray()
         self._pushed = 0
         self._started = False
@@ -451,7 +564,7 @@ class ReportOpener:
         self._expect = (originator, scope, level)
         self._max_header = max_header
         self._state = _ss.crypto_secretstream_xchacha20poly1305_state()
-        self._cipher = Hasher(Hash.CIPHERTEXT)
+        self._cipher = Hasher(Hash.CIPHERTEXT, size)
         self._inbuf = bytearray()
         self._received = 0
         self._consumed = 0
@@ -481,9 +594,18 @@ class ReportOpener:
             raise VerificationError()
         self._cipher.update(data)
         out: list[tuple[int, bytes]] = []
-        if self._inbuf or not self._initialised:
+        start = 0
+        source: bytes | bytearray
+        if not self._initialised and not self._inbuf and len(data) >= HEADER_BYTES:
+            # The stream header and what follows it are read in place from the first
+            # piece (a small report comes in one), nothing copied aside.
+            if not fast.stream_init_pull(self._state, bytes(data[:HEADER_BYTES]), self._key):
+                raise VerificationError()
+            self._initialised = True
+            source, start = data, HEADER_BYTES
+        elif self._inbuf or not self._initialised:
             self._inbuf += data
-            source: bytes | bytearray = self._inbuf
+            source = self._inbuf
         else:
             # Nothing held back: the chunks are read in place from the caller's bytes,
             # and only a partial chunk at the end is kept.
@@ -496,7 +618,7 @@ class ReportOpener:
             del self._inbuf[:HEADER_BYTES]
             self._initialised = True
         stream_size = self._size - HEADER_BYTES
-        start, end = 0, len(source)
+        end = len(source)
         with memoryview(source) as view:
             while True:
                 # Every chunk is full but the last, so its length follows from the size.
@@ -528,7 +650,15 @@ class ReportOpener:
     def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:
         out: list[tuple[int, bytes]] = []
         view = memoryview(plain)
-        if self.header is None:
+        head = self._header_end(plain) if self.header is None and not self._plain else 0
+        if head:
+            # Length, header and signature all in this piece (a report's first chunk, as
+            # a rule): read from it in place; the content after them is the view.
+            length = head - _LEN.size - SIGNATURE_SIZE
+            self._header_bytes = plain[_LEN.size : _LEN.size + length]
+            self._check_header(self._header_bytes, plain[head - SIGNATURE_SIZE : head])
+            view = view[head:]
+        elif self.header is None:
             self._plain += view
             view = memoryview(b"")
             if len(self._plain) < _LEN.size:
@@ -561,6 +691,16 @@ class ReportOpener:
             self._padding_ok = plain.count(0, padding) == len(view)
         return out
 
+    def _header_end(self, plain: bytes) -> int:
+        # Where the signature after the header ends when ``plain`` holds the length, the
+        # header and the signature, and the length is within the limit; else 0 (the
+        # piece is then gathered in self._plain, which refuses a length over the limit).
+        if len(plain) < _LEN.size:
+            return 0
+        (length,) = _LEN.unpack_from(plain)
+        end = _LEN.size + length + SIGNATURE_SIZE
+        return end if length <= self._max_header and len(plain) >= end else 0
+
     def _check_header(self, header_bytes: bytes, signature: bytes) -> None:
         """Decode and verify the signed header as soon as it is in (before any content)."""
         try:
@@ -581,7 +721,9 @@ class ReportOpener:
             raise VerificationError() from None
         verify(member.identity.signing, Context.REPORT, header_bytes, signature)
         self.header = header
-        self._parts = [header.body_size, *(s for _, s in header.attachments)]
+        self._parts = [header.body_size]
+        if header.attachments:
+            self._parts += [size for _, size in header.attachments]
 
     def finish(self) -> ReportHeader:
         """Check digest, signature and context; returns the verified header.

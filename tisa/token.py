@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
+
+import msgspec
 
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Role
-from tisa.envelope import open_envelope, seal_checked
+from tisa.envelope import open_envelope, seal_checked, split_envelope
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import DIGEST_SIZE, KEY_SIZE, Context, MemberSecret, random_id, verify
 from tisa.limits import CLOCK_SKEW, MAX_NAME, MAX_REPORT_SIZE
@@ -28,6 +30,7 @@ from tisa.prekeys import (
     KeyWrap,
     Prekey,
     PrekeyKind,
+    WrapFields,
     WrapMode,
     unwrap_content_key,
     wrap_content_key,
@@ -82,6 +85,42 @@ _SCHEMA_WITH_REQUEST: dict[str, enc.Field] = {**_SCHEMA, "request": enc.bin_exac
 _UNWRAPPED = {key: check for key, check in _SCHEMA.items() if key != "wrap"}
 _UNWRAPPED_WITH_REQUEST = {**_UNWRAPPED, "request": _SCHEMA_WITH_REQUEST["request"]}
 
+_TokenId = Annotated[bytes, msgspec.Meta(min_length=TOKEN_ID_SIZE, max_length=TOKEN_ID_SIZE)]
+_Digest = Annotated[bytes, msgspec.Meta(min_length=DIGEST_SIZE, max_length=DIGEST_SIZE)]
+_ReportId = Annotated[bytes, msgspec.Meta(min_length=REPORT_ID_SIZE, max_length=REPORT_ID_SIZE)]
+# Text: its UTF-8 length and control characters are checked after decoding (enc.is_text).
+_Name = Annotated[str, msgspec.Meta(min_length=1)]
+_Time = Annotated[int, msgspec.Meta(ge=0)]
+# msgspec bounds integers within int64 only: the counter's top (2**63) is checked after.
+_MAX_COUNTER = 2**63
+
+
+class _TokenFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, omit_defaults=True):
+    # _SCHEMA_WITH_REQUEST typed, keys in canonical order, ``request`` absent when None:
+    # the fast path of ReleaseToken.decode (enc.typed_decoder), one C call for the
+    # decoding, types, sizes and ranges; the rest is checked in _decode_typed.
+    arrangement: _Digest
+    counter: Annotated[int, msgspec.Meta(ge=1)]
+    digest: _Digest
+    id: _TokenId
+    key_commit: _Digest
+    level: _Name
+    not_after: _Time
+    not_before: _Time
+    originator: _Name
+    recipient: _Name
+    relay: _Name
+    report: _ReportId
+    request: _TokenId | None = None
+    scope: _Name
+    size: Annotated[int, msgspec.Meta(ge=1, le=MAX_REPORT_SIZE)]
+    v: Annotated[int, msgspec.Meta(ge=TOKEN_VERSION, le=TOKEN_VERSION)]
+    version: Annotated[int, msgspec.Meta(ge=1, le=2**32)]
+    wrap: WrapFields
+
+
+_decode_fields = enc.typed_decoder(_TokenFields)
+
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class ReleaseToken:
@@ -116,7 +155,54 @@ class ReleaseToken:
 
     @classmethod
     def decode(cls, data: bytes) -> ReleaseToken:
-        """Decode without verifying. Raises ProtocolError."""
+        """Decode without verifying. Raises ProtocolError.
+
+        A token in its canonical form is decoded once, straight into typed fields
+        (:func:`tisa.encoding.typed_decoder`); anything that path does not accept goes
+        through the schema, which accepts it the same or names the fault.
+        """
+        split = split_envelope(data, max_size=MAX_TOKEN_SIZE)
+        if split is not None:
+            token = cls._decode_typed(data, *split)
+            if token is not None:
+                return token
+        return cls._decode_schema(data)
+
+    @classmethod
+    def _decode_typed(cls, data: bytes, body: bytes, signature: bytes) -> ReleaseToken | None:
+        # The schema's checks that msgspec does not make, in one place; None hands the
+        # token to _decode_schema (the tests feed both paths valid and mutated tokens).
+        typed = _typed_body(body)
+        if typed is None:
+            return None
+        fields, wrap = typed
+        # The fields are checked: the token is built without __init__'s keywords.
+        return _build_token(
+            fields.id,
+            fields.arrangement,
+            fields.version,
+            fields.originator,
+            fields.relay,
+            fields.recipient,
+            fields.report,
+            fields.digest,
+            fields.size,
+            fields.scope,
+            fields.level,
+            fields.not_before,
+            fields.not_after,
+            fields.counter,
+            fields.key_commit,
+            wrap,
+            fields.request,
+            data,
+            body,
+            signature,
+            True,
+        )
+
+    @classmethod
+    def _decode_schema(cls, data: bytes) -> ReleaseToken:
         body, fields, signature = open_envelope(data, max_size=MAX_TOKEN_SIZE, what="token")
         schema = _SCHEMA_WITH_REQUEST if "request" in fields else _SCHEMA
         fields = enc.check_map(fields, schema, "token")
@@ -158,6 +244,51 @@ class ReleaseToken:
         if self.request is not None:
             fields["request"] = self.request
         return enc.pack_checked(fields)
+
+
+def _typed_body(body: bytes) -> tuple[_TokenFields, KeyWrap] | None:
+    """The fields and wrap of a token body that the schema accepts, decoded the typed
+    way; None for anything else (the schema then decides, naming the fault)."""
+    fields = _decode_fields(body)
+    if fields is None or fields.not_after <= fields.not_before:
+        return None
+    if fields.counter > _MAX_COUNTER:
+        return None
+    names = [fields.originator, fields.relay, fields.recipient, fields.scope, fields.level]
+    if not enc.are_texts(names, MAX_NAME):
+        return None
+    wrap = KeyWrap.from_typed(fields.wrap)
+    if wrap is None:
+        return None
+    return fields, wrap
+
+
+_build_token = enc.slot_builder(
+    ReleaseToken,
+    (
+        "id",
+        "arrangement",
+        "version",
+        "originator",
+        "relay",
+        "recipient",
+        "report",
+        "digest",
+        "size",
+        "scope",
+        "level",
+        "not_before",
+        "not_after",
+        "counter",
+        "key_commit",
+        "wrap",
+        "request",
+        "encoded",
+        "body",
+        "signature",
+        "_from_encoding",
+    ),
+)
 
 
 def issue_token(
@@ -245,6 +376,10 @@ def issue_token(
     }
     if request is not None:
         body["request"] = request
+    identity = arrangement.member(recipient).identity.encryption.raw
+    body_bytes = _encode_body_typed(body, content_key, identity, prekeys, _ephemeral)
+    if body_bytes is not None:
+        return seal_checked(secret, Context.TOKEN, body_bytes)
     try:
         # Checked once, before the wrap: the checked fields are plain values, encoded
         # without a second walk (as the associated data, then with the wrap).
@@ -254,7 +389,7 @@ def issue_token(
         wrap = wrap_content_key(
             content_key,
             enc.pack_checked(checked),
-            identity=arrangement.member(recipient).identity.encryption.raw,
+            identity=identity,
             signed=prekeys[0],
             one_time=prekeys[1],
             _ephemeral=_ephemeral,
@@ -263,6 +398,36 @@ def issue_token(
     except ProtocolError as exc:
         raise UsageError(exc.detail) from None
     return seal_checked(secret, Context.TOKEN, enc.pack_checked(checked))
+
+
+def _encode_body_typed(
+    body: dict[str, Any],
+    content_key: bytes,
+    identity: bytes,
+    prekeys: list[bytes | None],
+    ephemeral: bytes | None,
+) -> bytes | None:
+    # issue_token's fast path: plain values (enc.is_plain) encode to bytes that decode
+    # back to them, so the recipient's typed decoding of the body (_typed_body) checks
+    # the values themselves, wrap included. None, for anything it does not accept or a
+    # wrap that fails, hands the body to the schema path, which refuses it in the order
+    # it always did (the schema first, then the wrap) or makes the same bytes.
+    if not enc.is_plain(body):
+        return None
+    try:
+        aad = enc.pack_checked(body)
+        wrap = wrap_content_key(
+            content_key,
+            aad,
+            identity=identity,
+            signed=prekeys[0],
+            one_time=prekeys[1],
+            _ephemeral=ephemeral,
+        )
+        body_bytes = enc.pack_checked({**body, "wrap": wrap.to_dict()})
+    except (UsageError, TypeError, ValueError, OverflowError):
+        return None
+    return body_bytes if _typed_body(body_bytes) is not None else None
 
 
 def _check_common(
@@ -288,7 +453,8 @@ def _check_common(
         raise Refused(Reason.WRONG_ARRANGEMENT, "token names another arrangement version")
     if token.relay != arrangement.relay:
         raise Refused(Reason.WRONG_RELAY, f"token is for relay {token.relay!r}")
-    arrangement.check_share(token.originator, [token.recipient], token.scope, token.level)
+    # check_share without its first check, made above (``originator`` is that member).
+    arrangement.check_recipients(token.originator, [token.recipient], token.scope, token.level)
     if token.wrap.mode is WrapMode.IDENTITY and not arrangement.identity_fallback:
         raise Refused(
             Reason.FALLBACK_NOT_ALLOWED, "key wrapped to the long-term key; not allowed here"
