@@ -275,6 +275,9 @@ class _Upload:
     writer: Upload | None = None
     refused: Refused | None = None
     received: int = 0
+    # An inline submission whose id was not looked up: a report already stored under it
+    # is found when its row is inserted (Store.add_report(if_new=True)).
+    unchecked: bool = False
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -862,27 +865,41 @@ class Relay:
                 # Most likely the member's previous connection died mid-upload and the
                 # relay has not noticed yet: a transient refusal, the member retries.
                 raise Refused(Reason.BUSY, "this report is being uploaded on another connection")
-            existing = self.store.report(message.report)
-            if existing is not None:
-                same = (
-                    existing.originator == conn.member
-                    and existing.digest == message.digest
-                    and existing.size == size
-                    and existing.state != "deleted"
-                )
-                if not same:
-                    raise Refused(Reason.DUPLICATE, "a different report has this id")
-                # A resend of a stored report: discard the bytes, answer stored again.
-                return upload
+            inline = size <= self.limits.max_inline_report
+            if inline and message.expires > now:
+                # No look-up: its row's insert finds a report stored under this id
+                # (_store_upload), which is then answered as below. (A file is placed
+                # under the report's id before its row goes in, so it must not be.)
+                upload.unchecked = True
+            else:
+                existing = self.store.report(message.report)
+                if existing is not None:
+                    self._check_resend(conn, upload, existing)
+                    # A resend of a stored report: discard the bytes, answer stored again.
+                    return upload
             if message.expires <= now:
                 raise Refused(Reason.EXPIRED, "the report expires before it is stored")
-            upload.writer = self.store.begin_upload(
-                message.report, inline=size <= self.limits.max_inline_report
-            )
+            upload.writer = self.store.begin_upload(message.report, inline=inline)
             self._uploading.add(message.report)
         except Refused as exc:
             upload.refused = exc
         return upload
+
+    @staticmethod
+    def _check_resend(conn: _Connection, upload: _Upload, existing: ReportRow) -> None:
+        """A submission whose id is stored already must be a resend of that report.
+
+        Raises:
+            Refused: DUPLICATE, it is not.
+        """
+        same = (
+            existing.originator == conn.member
+            and existing.digest == upload.digest
+            and existing.size == upload.size
+            and existing.state != "deleted"
+        )
+        if not same:
+            raise Refused(Reason.DUPLICATE, "a different report has this id")
 
     def _upload_chunk(self, upload: _Upload, message: Chunk) -> None:
         upload.received += len(message.data)
@@ -901,7 +918,7 @@ class Relay:
         conn.upload = None
         result = await self._store_upload(conn, upload)
         if result is not None:
-            await self._reply(conn, result[0])
+            await self._reply(conn, Stored(report=upload.report, ack=result[0], released=[]))
 
     async def _submit_inline(self, conn: _Connection, message: SubmitInline) -> None:
         """A small report and its tokens in one step: the report is stored and the
@@ -923,18 +940,20 @@ class Relay:
         result = await self._store_upload(conn, upload)
         if result is None:
             return
-        stored, row = result
+        ack, row, fresh = result
         refusals: list[Refusal] = []
         released: list[bytes] = []
         recipients: set[str] = set()
         for data in message.tokens:
-            outcome = self._release_token(conn, data, stored=row)
+            outcome = self._release_token(conn, data, stored=row, fresh=fresh)
             if isinstance(outcome, Refusal):
                 refusals.append(outcome)
             else:
+                # The report's row is released now: no longer as inserted.
+                fresh = False
                 released.append(outcome.id)
                 recipients.add(outcome.recipient)
-        await self._reply(conn, dataclasses.replace(stored, released=released))
+        await self._reply(conn, Stored(report=row.id, ack=ack, released=released))
         for refusal in refusals:
             await self._reply(conn, refusal)
         if trace.enabled:
@@ -944,9 +963,10 @@ class Relay:
 
     async def _store_upload(
         self, conn: _Connection, upload: _Upload
-    ) -> tuple[Stored, ReportRow] | None:
-        """Store a submission whose bytes are all in; returns its ``stored`` answer
-        (unsent) and the report's row, or None once its refusal is queued."""
+    ) -> tuple[bytes, ReportRow, bool] | None:
+        """Store a submission whose bytes are all in; returns the signed acknowledgement
+        of its ``stored`` answer, the report's row, and whether this step inserted that
+        row (False: a resend of a stored report); or None once its refusal is queued."""
         if upload.refused is not None:
             await self._refuse(
                 conn,
@@ -957,6 +977,7 @@ class Relay:
             )
             return None
         writer = upload.writer
+        fresh = writer is not None
         if writer is None:
             row = self.store.report(upload.report)
             if row is None or row.state == "deleted":  # expired or revoked meanwhile
@@ -978,7 +999,7 @@ class Relay:
                 # row only); the answer waits for the batch's commit.
                 if not isinstance(writer, InlineBlob):
                     await trio.to_thread.run_sync(writer.place)
-                row = self.store.add_report(
+                added = self.store.add_report(
                     upload.report,
                     originator=conn.member,
                     size=upload.size,
@@ -986,7 +1007,23 @@ class Relay:
                     expires=upload.expires,
                     now=self.now(),
                     data=writer.data,
+                    if_new=upload.unchecked,
                 )
+                if added is None:
+                    # Stored before under this id (not looked up, see _new_upload).
+                    fresh = False
+                    existing = self.store.report(upload.report)
+                    assert existing is not None
+                    try:
+                        self._check_resend(conn, upload, existing)
+                    except Refused as exc:
+                        await self._refuse(
+                            conn, upload.report, exc.reason, exc.detail, report=upload.report
+                        )
+                        return None
+                    # A resend of a stored report: answer stored again.
+                    added = existing
+                row = added
             finally:
                 writer.abort()
                 self._uploading.discard(upload.report)
@@ -1000,7 +1037,7 @@ class Relay:
             stored=row.stored_at,
         )
         self.metrics.event("stored")
-        return Stored(report=row.id, ack=ack.encoded, released=[]), row
+        return ack.encoded, row, fresh
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
 
@@ -1013,12 +1050,19 @@ class Relay:
         self._wake(outcome.recipient)
 
     def _release_token(
-        self, conn: _Connection, data: bytes, *, stored: ReportRow | None = None
+        self,
+        conn: _Connection,
+        data: bytes,
+        *,
+        stored: ReportRow | None = None,
+        fresh: bool = False,
     ) -> ReleaseToken | Refusal:
         """Check a release token against its stored report and consume it (a step of
         the open batch); returns the token, or the logged refusal to answer with.
         ``stored``: the row of the report just stored with the token (an inline
-        submission), so a token naming it needs no read of it."""
+        submission), so a token naming it needs no read of it; ``fresh``: that row was
+        inserted by this submission and not changed since, so the release needs no read
+        of the report's state either (:meth:`relay.store.Store.release`)."""
         now = self.now()
         try:
             token = ReleaseToken.decode(data)
@@ -1029,6 +1073,7 @@ class Relay:
                 report: ReportRow | None = stored
             else:
                 report = self.store.report(token.report)
+                fresh = False
             if report is None:
                 raise Refused(Reason.UNKNOWN_REPORT, "no such report stored")
             if report.originator != conn.member:
@@ -1048,6 +1093,7 @@ class Relay:
                 now=now,
                 max_queue=self.limits.max_queue_per_recipient,
                 clock_skew=self.limits.clock_skew,
+                fresh=stored if fresh else None,
             )
         except VerificationError:
             return self._refusal(

@@ -61,6 +61,7 @@ import io
 import logging
 import os
 import sqlite3
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,6 +127,21 @@ SCHEMA_VERSION = 9
 # (release), stays put when it is forwarded, and leaves them when it is acked: before,
 # each state change moved it in three indexes.
 _OWED = OWED
+
+_INSERT_REPORT = (
+    "INSERT INTO reports (id, originator, size, digest, path, state, expires, stored_at, data)"
+    " VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)"
+)
+# A token's row; with _UNUSED_PREKEY appended, only if its one-time prekey may be used.
+_INSERT_TOKEN = f"INSERT INTO tokens ({PENDING_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, 'pending', ?, ?"
+_UNUSED_PREKEY = (
+    " WHERE EXISTS (SELECT 1 FROM prekeys WHERE key = ? AND kind = 'one_time'"
+    " AND owner = ? AND taken_by = ? AND used_by IS NULL)"
+)
+_PIN_KEY = (
+    "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
+    " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?"
+)
 
 # A token's seq is its place in the push order (the pusher reads on from the last seq it
 # sent), so a seq is never used twice: a plain rowid is the largest so far plus one, and
@@ -662,6 +678,7 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             return io.BytesIO(inline)
         return open(self.blob_path(report_id), "rb")
 
+    @typing.overload
     def add_report(
         self,
         report_id: bytes,
@@ -672,13 +689,45 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         expires: int,
         now: int,
         data: bytes | None = None,
-    ) -> ReportRow:
+        if_new: typing.Literal[False] = False,
+    ) -> ReportRow: ...
+
+    @typing.overload
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool,
+    ) -> ReportRow | None: ...
+
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool = False,
+    ) -> ReportRow | None:
         """Record a placed blob (or, with ``data``, an inline ciphertext) as a held
-        report and log ``stored``, in one transaction."""
+        report and log ``stored``, in one transaction.
+
+        ``if_new`` (an inline ciphertext whose id was not looked up first): a report
+        already stored under this id is left as it is and None is returned, with
+        nothing written; the caller reads that row and decides (a resend or another
+        report). One statement where a look-up and an insert were two."""
         with self._transaction(savepoint=False) as db:
-            db.execute(
-                "INSERT INTO reports (id, originator, size, digest, path, state, expires,"
-                " stored_at, data) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)",
+            cursor = db.execute(
+                _INSERT_REPORT + (" ON CONFLICT (id) DO NOTHING" if if_new else ""),
                 (
                     report_id,
                     originator,
@@ -690,6 +739,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                     data,
                 ),
             )
+            if cursor.rowcount == 0:
+                return None
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         # The row just inserted, built rather than read back.
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
@@ -716,7 +767,13 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         return count
 
     def release(
-        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+        self,
+        token: ReleaseToken,
+        *,
+        now: int,
+        max_queue: int,
+        clock_skew: int = 0,
+        fresh: ReportRow | None = None,
     ) -> TokenRow:
         """Consume ``token`` (already checked) and make its delivery pending, atomically.
         A token that names a request (``token.request``) also closes that request as
@@ -729,7 +786,17 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                 deliveries outstanding); for an approval, UNSOLICITED (no open request
                 with that id from the recipient to the originator for the report) and
                 ANSWERED (the request was approved or denied before).
+
+        ``fresh``: the row of ``token``'s report when it was inserted by this batch and
+        nothing changed it since (an inline submission's first release): the report's
+        state is known, so the release is one guarded insert (see
+        :meth:`_release_fresh`) unless that finds a reason to refuse, which the full
+        check below then names.
         """
+        if fresh is not None and token.request is None:
+            row = self._release_fresh(token, fresh, now=now, max_queue=max_queue)
+            if row is not None:
+                return row
         # Every refusal of a plain release is decided before its first write: no
         # savepoint. An approval writes the request's state first, so it keeps one.
         with self._transaction(savepoint=token.request is not None) as db:
@@ -764,12 +831,59 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             if state != "released" or pinned is None:
                 # The first release: the report is released, its key commitment pinned.
                 # (A later one found both done, and its key commitment the pinned one.)
-                db.execute(
-                    "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
-                    " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
-                    " WHERE id = ?",
-                    (token.key_commit, token.report),
+                db.execute(_PIN_KEY, (token.key_commit, token.report))
+            row = self._released(token, cursor.lastrowid, now=now)
+        if token.recipient in self._queued:
+            self._queued[token.recipient] += 1
+        return row
+
+    def _release_fresh(
+        self, token: ReleaseToken, report: ReportRow, *, now: int, max_queue: int
+    ) -> TokenRow | None:
+        """The first release of a report this batch just inserted (``report``, its row
+        as inserted: held, no key commitment pinned): no read of the token's or the
+        report's state. The token's row goes in only if its id was never used (ON
+        CONFLICT) and its one-time prekey, if any, was handed to its originator and is
+        unused (the guard of the same statement); then the prekey is marked used and
+        the key pinned. Returns None, with nothing written, when that insert finds a
+        reason to refuse (or the report's own state does): :meth:`release` then checks
+        it in full, in the protocol's order, and names the reason. Three statements
+        where the full path takes four (five with a one-time prekey)."""
+        if token.report != report.id:
+            return None
+        queued = self.queue_length(token.recipient)
+        if (
+            release_refusal(
+                token,
+                (None, True, report.state, report.ended, report.expires, None),
+                now=now,
+                queued=lambda: queued,
+                max_queue=max_queue,
+            )
+            is not None
+        ):
+            return None
+        opk = token.wrap.opk
+        with self._transaction(savepoint=False) as db:
+            if opk is None:
+                cursor = db.execute(
+                    _INSERT_TOKEN + " WHERE true ON CONFLICT (id) DO NOTHING",
+                    pending_values(token),
                 )
+            else:
+                cursor = db.execute(
+                    _INSERT_TOKEN + _UNUSED_PREKEY + " ON CONFLICT (id) DO NOTHING",
+                    (*pending_values(token), opk, token.recipient, token.originator),
+                )
+            if cursor.rowcount != 1:
+                return None  # nothing written: the full check names the refusal
+            assert cursor.lastrowid is not None
+            if opk is not None:
+                db.execute(
+                    "UPDATE prekeys SET used_by = ? WHERE key = ? AND kind = 'one_time'",
+                    (token.id, opk),
+                )
+            db.execute(_PIN_KEY, (token.key_commit, token.report))
             row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1
