@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 from nodes.relay_harness import expect, receive_delivery, running_relay, send_submission
-from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+from nodes.relay_helpers import NOW, World, make_world, same_id_other_bytes, seal, token_for
 
 import relay.server
 from tisa.audit import AuditEvent, verify_extract
@@ -344,3 +344,25 @@ async def test_a_batch_of_deliveries_reads_what_it_sends_in_one_query(
             assert got == [(t, r.ciphertext) for t, r in zip(tokens, reports, strict=True)]
             assert many == [[token_id(token) for token in tokens]]
             assert one == [token_id(token) for token in tokens[3:]]
+
+
+async def test_an_inline_submission_under_another_reports_id_is_a_duplicate(
+    world: World, store_at: str | Path
+) -> None:
+    # Its row is inserted without a look-up first: the insert finds the stored report,
+    # which is kept as it was, and the submission is refused as before; its token is
+    # not looked at.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            seoul = await h.connect("seoul")
+            report = seal(world)
+            await seoul.send(inline(report))
+            assert (await expect(seoul, Stored)).released == []
+            forged = same_id_other_bytes(world, report)
+            await seoul.send(inline(forged, token_for(world, forged)))
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (report.report_id, Reason.DUPLICATE.value)
+            assert h.relay.store.inline_data(report.report_id) == report.ciphertext
+            # The stored one is still released by its own token.
+            await seoul.send(Release(token=token_for(world, report)))
+            await expect(seoul, Released)
