@@ -1127,6 +1127,25 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
         self._placed.pop(report_id, None)
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
 
+    def add_released_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes,
+        token: ReleaseToken,
+        max_queue: int,
+    ) -> tuple[ReportRow, TokenRow] | None:
+        """None, always: this store stores, then releases (:meth:`add_report`,
+        :meth:`release`), each step a round trip whose first statement also locks what
+        other relay processes may change (see :meth:`relay.store.Store.add_released_report`
+        for the SQLite store's one step)."""
+        return None
+
     def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
         # Inside a step: the report's row and its chunks go in the same transaction.
         self._conn.execute(

@@ -937,14 +937,18 @@ class Relay:
                 upload.abort()
                 self._uploading.discard(upload.report)
             raise
-        result = await self._store_upload(conn, upload)
+        result = await self._store_upload(conn, upload, message.tokens[:1])
         if result is None:
             return
-        ack, row, fresh = result
+        ack, row, fresh, first = result
         refusals: list[Refusal] = []
         released: list[bytes] = []
         recipients: set[str] = set()
-        for data in message.tokens:
+        if first is not None:
+            # Released with the report's row, in its step (Store.add_released_report).
+            released.append(first.id)
+            recipients.add(first.recipient)
+        for data in message.tokens[len(released) :]:
             outcome = self._release_token(conn, data, stored=row, fresh=fresh)
             if isinstance(outcome, Refusal):
                 refusals.append(outcome)
@@ -962,11 +966,13 @@ class Relay:
             self._wake(recipient)
 
     async def _store_upload(
-        self, conn: _Connection, upload: _Upload
-    ) -> tuple[bytes, ReportRow, bool] | None:
+        self, conn: _Connection, upload: _Upload, first: list[bytes] | None = None
+    ) -> tuple[bytes, ReportRow, bool, ReleaseToken | None] | None:
         """Store a submission whose bytes are all in; returns the signed acknowledgement
-        of its ``stored`` answer, the report's row, and whether this step inserted that
-        row (False: a resend of a stored report); or None once its refusal is queued."""
+        of its ``stored`` answer, the report's row, whether this step inserted that row
+        (False: a resend of a stored report) and, if the token in ``first`` (the first
+        of an inline submission) was released with it in the same step, that token; or
+        None once its refusal is queued."""
         if upload.refused is not None:
             await self._refuse(
                 conn,
@@ -978,6 +984,7 @@ class Relay:
             return None
         writer = upload.writer
         fresh = writer is not None
+        released: ReleaseToken | None = None
         if writer is None:
             row = self.store.report(upload.report)
             if row is None or row.state == "deleted":  # expired or revoked meanwhile
@@ -999,16 +1006,22 @@ class Relay:
                 # row only); the answer waits for the batch's commit.
                 if not isinstance(writer, InlineBlob):
                     await trio.to_thread.run_sync(writer.place)
-                added = self.store.add_report(
-                    upload.report,
-                    originator=conn.member,
-                    size=upload.size,
-                    digest=upload.digest,
-                    expires=upload.expires,
-                    now=self.now(),
-                    data=writer.data,
-                    if_new=upload.unchecked,
-                )
+                added = None
+                if first and upload.unchecked and writer.data is not None:
+                    released_with = self._store_released(conn, upload, writer.data, first[0])
+                    if released_with is not None:
+                        added, released = released_with
+                if added is None:
+                    added = self.store.add_report(
+                        upload.report,
+                        originator=conn.member,
+                        size=upload.size,
+                        digest=upload.digest,
+                        expires=upload.expires,
+                        now=self.now(),
+                        data=writer.data,
+                        if_new=upload.unchecked,
+                    )
                 if added is None:
                     # Stored before under this id (not looked up, see _new_upload).
                     fresh = False
@@ -1037,7 +1050,48 @@ class Relay:
             stored=row.stored_at,
         )
         self.metrics.event("stored")
-        return ack.encoded, row, fresh
+        if released is not None:
+            self.metrics.event("released")
+        return ack.encoded, row, fresh, released
+
+    def _store_released(
+        self, conn: _Connection, upload: _Upload, data: bytes, encoded: bytes
+    ) -> tuple[ReportRow, ReleaseToken] | None:
+        """The usual inline submission, a new report with its first token good: the
+        token checked against the submission's own values (as :meth:`_release_token`
+        checks it against the stored row), then the report stored and released in one
+        step (:meth:`relay.store.Store.add_released_report`). None, with nothing written
+        or logged, for anything else: the report is then stored and the token released
+        as usual, which refuses what fails here, with its reason."""
+        now = self.now()
+        try:
+            token = ReleaseToken.decode(encoded)
+            if token.report != upload.report or token.request is not None:
+                return None
+            check_for_relay(
+                token,
+                self.arrangement,
+                report_id=upload.report,
+                digest=upload.digest,
+                size=upload.size,
+                originator=conn.member,
+                now=now,
+                clock_skew=self.limits.clock_skew,
+            )
+        except (ProtocolError, VerificationError, Refused):
+            return None
+        rows = self.store.add_released_report(
+            upload.report,
+            originator=conn.member,
+            size=upload.size,
+            digest=upload.digest,
+            expires=upload.expires,
+            now=now,
+            data=data,
+            token=token,
+            max_queue=self.limits.max_queue_per_recipient,
+        )
+        return None if rows is None else (rows[0], token)
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
 

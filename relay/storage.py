@@ -143,6 +143,23 @@ class RelayStore(Batches, Protocol):
         report and log ``stored``, in one step. ``if_new``: a report already stored
         under this id is left as it is, nothing is written and None is returned."""
 
+    def add_released_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes,
+        token: ReleaseToken,
+        max_queue: int,
+    ) -> tuple[ReportRow, TokenRow] | None:
+        """An inline ciphertext stored and released by ``token`` (checked) in one step,
+        as :meth:`add_report` then :meth:`release`; None, with nothing written, when
+        anything stands in the way (or the store does not do it in one step)."""
+
     def inline_data(self, report_id: bytes) -> bytes | None:
         """The ciphertext of a report kept in its row, or None."""
 

@@ -141,12 +141,29 @@ _INSERT_REPORT = (
     "INSERT INTO reports (id, originator, size, digest, path, state, expires, stored_at, data)"
     " VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)"
 )
-# A token's row; with _UNUSED_PREKEY appended, only if its one-time prekey may be used.
-_INSERT_TOKEN = f"INSERT INTO tokens ({PENDING_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, 'pending', ?, ?"
+# A report released as it is stored: its key commitment pinned in the row's insert.
+_INSERT_RELEASED_REPORT = (
+    "INSERT INTO reports (id, originator, size, digest, path, state, expires, stored_at, data,"
+    " key_commit) VALUES (?, ?, ?, ?, '', 'released', ?, ?, ?, ?)"
+)
+# A token's row, only if its id was never used (ON CONFLICT below) ...
+_INSERT_TOKEN_VALUES = (
+    f"INSERT INTO tokens ({PENDING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+# ... and, with the conditions below after WHERE, only if they hold (a condition in the
+# insert costs an index look-up, a statement of its own a round through the module).
+_INSERT_TOKEN_IF = (
+    f"INSERT INTO tokens ({PENDING_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, 'pending', ?, ?"
+)
+_TOKEN_IF_END = " ON CONFLICT (id) DO NOTHING"
+# Its one-time prekey was handed to its originator as its recipient's, and is unused.
 _UNUSED_PREKEY = (
-    " WHERE EXISTS (SELECT 1 FROM prekeys WHERE key = ? AND kind = 'one_time'"
+    "EXISTS (SELECT 1 FROM prekeys WHERE key = ? AND kind = 'one_time'"
     " AND owner = ? AND taken_by = ? AND used_by IS NULL)"
 )
+# No report is stored under the id yet.
+_NO_REPORT = "NOT EXISTS (SELECT 1 FROM reports WHERE id = ?)"
 _PIN_KEY = (
     "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
     " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?"
@@ -875,28 +892,100 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         opk = token.wrap.opk
         with self._transaction(savepoint=False) as db:
             if opk is None:
-                cursor = db.execute(
-                    _INSERT_TOKEN + " WHERE true ON CONFLICT (id) DO NOTHING",
-                    pending_values(token),
-                )
+                cursor = db.execute(_INSERT_TOKEN_VALUES, pending_values(token))
             else:
                 cursor = db.execute(
-                    _INSERT_TOKEN + _UNUSED_PREKEY + " ON CONFLICT (id) DO NOTHING",
+                    _INSERT_TOKEN_IF + " WHERE " + _UNUSED_PREKEY + _TOKEN_IF_END,
                     (*pending_values(token), opk, token.recipient, token.originator),
                 )
             if cursor.rowcount != 1:
                 return None  # nothing written: the full check names the refusal
             assert cursor.lastrowid is not None
-            if opk is not None:
-                db.execute(
-                    "UPDATE prekeys SET used_by = ? WHERE key = ? AND kind = 'one_time'",
-                    (token.id, opk),
-                )
+            self._use_checked_prekey(token)
             db.execute(_PIN_KEY, (token.key_commit, token.report))
             row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1
         return row
+
+    def _use_checked_prekey(self, token: ReleaseToken) -> None:
+        # The token's one-time prekey, if any, checked by the insert of its row: used.
+        if token.wrap.opk is not None:
+            self._db.execute(
+                "UPDATE prekeys SET used_by = ? WHERE key = ? AND kind = 'one_time'",
+                (token.id, token.wrap.opk),
+            )
+
+    def add_released_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes,
+        token: ReleaseToken,
+        max_queue: int,
+    ) -> tuple[ReportRow, TokenRow] | None:
+        """An inline ciphertext stored and released by ``token`` (already checked against
+        these values) in one step, as :meth:`add_report` then :meth:`release` would do
+        it (entries ``stored`` then ``released``), if nothing stands in the way: no
+        report stored under the id yet, the token's id never used, its one-time prekey
+        (if any) handed to its originator and unused, room in the recipient's queue.
+        Then the token's row goes in first, guarded by all of that in one statement,
+        and the report's row after it, released with the key commitment pinned: two
+        statements (three with a one-time prekey) where storing, then releasing, take
+        three (four), the last of them a rewrite of the row with its ciphertext.
+
+        Returns:
+            The report's row and the token's; or None, with nothing written, when
+            anything stands in the way: the caller then stores and releases as usual
+            (:meth:`add_report`, :meth:`release`), which names the reason.
+        """
+        if token.report != report_id or token.request is not None:
+            return None
+        queued = self.queue_length(token.recipient)
+        if (
+            release_refusal(
+                token,
+                (None, True, "held", None, expires, None),
+                now=now,
+                queued=lambda: queued,
+                max_queue=max_queue,
+            )
+            is not None
+        ):
+            return None
+        opk = token.wrap.opk
+        with self._transaction(savepoint=False) as db:
+            if opk is None:
+                cursor = db.execute(
+                    _INSERT_TOKEN_IF + " WHERE " + _NO_REPORT + _TOKEN_IF_END,
+                    (*pending_values(token), report_id),
+                )
+            else:
+                cursor = db.execute(
+                    _INSERT_TOKEN_IF + " WHERE " + _NO_REPORT + " AND " + _UNUSED_PREKEY
+                    + _TOKEN_IF_END,
+                    (*pending_values(token), report_id, opk, token.recipient, token.originator),
+                )  # fmt: skip
+            if cursor.rowcount != 1:
+                return None  # nothing written
+            assert cursor.lastrowid is not None
+            self._use_checked_prekey(token)
+            # No report under the id (checked by the insert above, in this same step).
+            db.execute(
+                _INSERT_RELEASED_REPORT,
+                (report_id, originator, size, digest, expires, now, data, token.key_commit),
+            )
+            self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
+            token_row = self._released(token, cursor.lastrowid, now=now)
+        if token.recipient in self._queued:
+            self._queued[token.recipient] += 1
+        report = ReportRow(report_id, originator, size, digest, "released", None, expires, now)
+        return report, token_row
 
     # --- prekeys -----------------------------------------------------------------------
 

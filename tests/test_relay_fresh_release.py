@@ -106,64 +106,72 @@ def _published_prekey(store: RelayStore, world: World, *, taker: str | None) -> 
     return encoded
 
 
-@pytest.mark.parametrize("case", ["replayed", "revoked", "unknown_prekey", "bad_prekey", "full"])
+REFUSALS = {
+    "replayed": Reason.REPLAYED,
+    "revoked": Reason.REVOKED,
+    "unknown_prekey": Reason.UNKNOWN_PREKEY,
+    "bad_prekey": Reason.BAD_PREKEY,
+    "full": Reason.QUEUE_FULL,
+}
+
+
+def _refused_case(
+    store: RelayStore, world: World, case: str
+) -> tuple[SealedReport, ReleaseToken, int]:
+    """A report not stored yet and its token, which the store must refuse for
+    ``case`` (a key of REFUSALS), and the queue limit; committed."""
+    max_queue = 100
+    opk: bytes | None = None
+    if case == "unknown_prekey":
+        opk = _published_prekey(store, world, taker=None)  # never handed to Seoul
+    elif case == "bad_prekey":
+        opk = _published_prekey(store, world, taker="seoul")
+        # Another token (for another report) used it first.
+        first = seal(world, b"first")
+        first_row = _add(store, first)
+        user = ReleaseToken.decode(token_for(world, first, one_time_prekey=opk))
+        store.release(user, now=NOW, max_queue=max_queue, fresh=first_row)  # type: ignore[arg-type]
+    elif case == "full":
+        max_queue = 1
+        earlier = seal(world, b"earlier")
+        store.release(
+            ReleaseToken.decode(token_for(world, earlier)),
+            now=NOW,
+            max_queue=max_queue,
+            fresh=_add(store, earlier),  # type: ignore[arg-type]
+        )
+    report = seal(world)
+    extra = {} if opk is None else {"one_time_prekey": opk}
+    token = ReleaseToken.decode(token_for(world, report, **extra))
+    if case in ("replayed", "revoked"):
+        # The same token id used before, for another report (a token is single-use
+        # whatever report it names): the id is taken, or revoked.
+        earlier = seal(world, b"earlier")
+        store.release(
+            ReleaseToken.decode(token_for(world, earlier, _token_id=token.id)),
+            now=NOW,
+            max_queue=max_queue,
+            fresh=_add(store, earlier),  # type: ignore[arg-type]
+        )
+        if case == "revoked":
+            store.revoke(earlier.report_id, token.id, by="seoul", now=NOW)
+    store.commit_durably()
+    return report, token, max_queue
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
 def test_a_fresh_release_refuses_as_the_full_check_does(
     store_at: str | Path, world: World, case: str
 ) -> None:
     store = open_store(store_at, group_commit=True)
     try:
-        max_queue = 100
-        opk: bytes | None = None
-        if case == "unknown_prekey":
-            opk = _published_prekey(store, world, taker=None)  # never handed to Seoul
-        elif case == "bad_prekey":
-            opk = _published_prekey(store, world, taker="seoul")
-            # Another token (for another report) used it first.
-            first = seal(world, b"first")
-            first_row = _add(store, first)
-            user = ReleaseToken.decode(token_for(world, first, one_time_prekey=opk))
-            store.release(user, now=NOW, max_queue=max_queue, fresh=first_row)  # type: ignore[arg-type]
-        elif case == "full":
-            max_queue = 1
-            earlier = seal(world, b"earlier")
-            store.release(
-                ReleaseToken.decode(token_for(world, earlier)),
-                now=NOW,
-                max_queue=max_queue,
-                fresh=_add(store, earlier),  # type: ignore[arg-type]
-            )
-        store.commit_durably()
-        report = seal(world)
-        extra = {} if opk is None else {"one_time_prekey": opk}
-        token = ReleaseToken.decode(token_for(world, report, **extra))
-        if case in ("replayed", "revoked"):
-            # The same token id used before, for another report (a token is single-use
-            # whatever report it names): the id is taken, or revoked.
-            earlier = seal(world, b"earlier")
-            store.release(
-                ReleaseToken.decode(token_for(world, earlier, _token_id=token.id)),
-                now=NOW,
-                max_queue=max_queue,
-                fresh=_add(store, earlier),  # type: ignore[arg-type]
-            )
-            if case == "revoked":
-                store.revoke(earlier.report_id, token.id, by="seoul", now=NOW)
-            store.commit_durably()
+        report, token, max_queue = _refused_case(store, world, case)
         row = _add(store, report)
         assert row is not None
         seq, batch = store.audit_seq, store.barrier
         with pytest.raises(Refused) as refused:
             store.release(token, now=NOW, max_queue=max_queue, fresh=row)  # type: ignore[arg-type]
-        assert (
-            refused.value.reason
-            is {
-                "replayed": Reason.REPLAYED,
-                "revoked": Reason.REVOKED,
-                "unknown_prekey": Reason.UNKNOWN_PREKEY,
-                "bad_prekey": Reason.BAD_PREKEY,
-                "full": Reason.QUEUE_FULL,
-            }[case]
-        )
+        assert refused.value.reason is REFUSALS[case]
         # Nothing of the refused release was written; the batch (with the report's row)
         # is whole and commits.
         assert store.audit_seq == seq and not store.lost(batch)
@@ -173,6 +181,88 @@ def test_a_fresh_release_refuses_as_the_full_check_does(
         assert stored is not None and stored.state == "held"
         if case not in ("replayed", "revoked"):
             assert store.token(token.id) is None
+    finally:
+        store.close()
+
+
+def _add_released(
+    store: RelayStore, report: SealedReport, token: ReleaseToken, max_queue: int = 100
+) -> object:
+    return store.add_released_report(
+        report.report_id,
+        originator="seoul",
+        size=report.size,
+        digest=report.digest,
+        expires=NOW + 3600,
+        now=NOW,
+        data=report.ciphertext,
+        token=token,
+        max_queue=max_queue,
+    )
+
+
+def test_an_inline_report_and_its_token_stored_together_are_two_statements(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        opk = _published_prekey(store, world, taker="seoul")
+        report = seal(world)
+        token = ReleaseToken.decode(token_for(world, report, one_time_prekey=opk))
+        store.queue_length("tokyo")  # counted once per recipient, then kept in memory
+        store.commit_durably()
+        seen: list[str] = []
+        store._db.set_trace_callback(seen.append)
+        assert _add_released(store, report, token) is not None
+        store._db.set_trace_callback(None)
+        # The token's row (guarded: no report under the id, the prekey handed out and
+        # unused), the prekey marked used, the report's row released: no read, and no
+        # rewrite of the report's row to pin its key.
+        assert [s.split()[0:3] for s in seen] == [
+            ["BEGIN", "IMMEDIATE"],
+            ["INSERT", "INTO", "tokens"],
+            ["UPDATE", "prekeys", "SET"],
+            ["INSERT", "INTO", "reports"],
+        ]
+        store.commit_durably()
+        stored = store.report(report.report_id)
+        assert stored is not None and stored.state == "released"
+        pinned = store._db.execute(
+            "SELECT key_commit FROM reports WHERE id = ?", (report.report_id,)
+        ).fetchone()[0]
+        assert bytes(pinned) == token.key_commit
+        assert store.inline_data(report.report_id) == report.ciphertext
+        held = store.token(token.id)
+        assert held is not None and held.state == "pending"
+        entries = [entry.event.value for entry, _, _ in store.audit_entries(0, limit=10)]
+        assert entries == ["stored", "released"]
+        # The prekey is used: another token naming it is refused.
+        other = seal(world, b"other")
+        again = ReleaseToken.decode(token_for(world, other, one_time_prekey=opk))
+        assert _add_released(store, other, again) is None
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("case", [*REFUSALS, "stored_before"])
+def test_an_inline_report_with_its_token_in_the_way_writes_nothing(
+    tmp_path: Path, world: World, case: str
+) -> None:
+    store = Store(tmp_path, group_commit=True)
+    try:
+        if case == "stored_before":
+            report = seal(world)
+            token, max_queue = ReleaseToken.decode(token_for(world, report)), 100
+            _add(store, report)
+            store.commit_durably()
+        else:
+            report, token, max_queue = _refused_case(store, world, case)
+        seq, batch, changes = store.audit_seq, store.barrier, store._db.total_changes
+        assert _add_released(store, report, token, max_queue) is None
+        assert store._db.total_changes == changes and store.audit_seq == seq
+        assert not store.lost(batch)
+        if case != "stored_before":
+            assert store.report(report.report_id) is None
     finally:
         store.close()
 

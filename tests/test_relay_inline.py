@@ -366,3 +366,33 @@ async def test_an_inline_submission_under_another_reports_id_is_a_duplicate(
             # The stored one is still released by its own token.
             await seoul.send(Release(token=token_for(world, report)))
             await expect(seoul, Released)
+
+
+async def test_an_inline_submissions_first_token_refused_with_its_reason_the_next_released(
+    world: World, store_at: str | Path
+) -> None:
+    # The first token is released in the report's own step only when nothing stands in
+    # the way; here its id was used before (for another report), so the report is
+    # stored as usual and the token refused with its reason, and the next token of the
+    # same submission is released as usual.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            earlier = seal(world, b"earlier")
+            used = token_for(world, earlier)
+            await seoul.send(inline(earlier, used))
+            assert (await expect(seoul, Stored)).released == [token_id(used)]
+            await receive_delivery(tokyo)
+            report = seal(world)
+            replay = token_for(world, report, _token_id=token_id(used))
+            good = token_for(world, report, counter=2)
+            await seoul.send(inline(report, replay, good))
+            stored = await expect(seoul, Stored)
+            assert stored.released == [token_id(good)]
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (token_id(replay), Reason.REPLAYED.value)
+            row = h.relay.store.report(report.report_id)
+            assert row is not None and row.state == "released"
+            token, _ = await receive_delivery(tokyo)
+            assert token == good
