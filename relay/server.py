@@ -1068,16 +1068,7 @@ class Relay:
             token = ReleaseToken.decode(encoded)
             if token.report != upload.report or token.request is not None:
                 return None
-            check_for_relay(
-                token,
-                self.arrangement,
-                report_id=upload.report,
-                digest=upload.digest,
-                size=upload.size,
-                originator=conn.member,
-                now=now,
-                clock_skew=self.limits.clock_skew,
-            )
+            self._check_token(token, upload.report, upload.digest, upload.size, conn.member, now)
         except (ProtocolError, VerificationError, Refused):
             return None
         rows = self.store.add_released_report(
@@ -1132,16 +1123,7 @@ class Relay:
                 raise Refused(Reason.UNKNOWN_REPORT, "no such report stored")
             if report.originator != conn.member:
                 raise Refused(Reason.WRONG_ORIGINATOR, "only the report's originator releases it")
-            check_for_relay(
-                token,
-                self.arrangement,
-                report_id=report.id,
-                digest=report.digest,
-                size=report.size,
-                originator=report.originator,
-                now=now,
-                clock_skew=self.limits.clock_skew,
-            )
+            self._check_token(token, report.id, report.digest, report.size, report.originator, now)
             self.store.release(
                 token,
                 now=now,
@@ -1159,6 +1141,31 @@ class Relay:
             )
         self.metrics.event("released")
         return token
+
+    def _check_token(
+        self,
+        token: ReleaseToken,
+        report: bytes,
+        digest: bytes,
+        size: int,
+        originator: str,
+        now: int,
+    ) -> None:
+        """:func:`tisa.token.check_for_relay` against a report's values.
+
+        Raises:
+            VerificationError, Refused: as it does.
+        """
+        check_for_relay(
+            token,
+            self.arrangement,
+            report_id=report,
+            digest=digest,
+            size=size,
+            originator=originator,
+            now=now,
+            clock_skew=self.limits.clock_skew,
+        )
 
     async def _revoke(self, conn: _Connection, message: Revoke) -> None:
         try:

@@ -875,18 +875,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         reason to refuse (or the report's own state does): :meth:`release` then checks
         it in full, in the protocol's order, and names the reason. Three statements
         where the full path takes four (five with a one-time prekey)."""
-        if token.report != report.id:
-            return None
-        queued = self.queue_length(token.recipient)
-        if (
-            release_refusal(
-                token,
-                (None, True, report.state, report.ended, report.expires, None),
-                now=now,
-                queued=lambda: queued,
-                max_queue=max_queue,
-            )
-            is not None
+        if token.report != report.id or not self._may_release(
+            token, report.state, report.expires, now=now, max_queue=max_queue
         ):
             return None
         opk = token.wrap.opk
@@ -907,6 +897,16 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1
         return row
+
+    def _may_release(
+        self, token: ReleaseToken, state: str, expires: int, *, now: int, max_queue: int
+    ) -> bool:
+        # release_refusal for an unused token id and a report row in ``state`` with no
+        # key pinned: whatever the guarded insert that follows does not check itself.
+        queued = self.queue_length(token.recipient)
+        found = (None, True, state, None, expires, None)
+        refusal = release_refusal(token, found, now=now, queued=lambda: queued, max_queue=max_queue)
+        return refusal is None
 
     def _use_checked_prekey(self, token: ReleaseToken) -> None:
         # The token's one-time prekey, if any, checked by the insert of its row: used.
@@ -944,18 +944,10 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             anything stands in the way: the caller then stores and releases as usual
             (:meth:`add_report`, :meth:`release`), which names the reason.
         """
-        if token.report != report_id or token.request is not None:
-            return None
-        queued = self.queue_length(token.recipient)
         if (
-            release_refusal(
-                token,
-                (None, True, "held", None, expires, None),
-                now=now,
-                queued=lambda: queued,
-                max_queue=max_queue,
-            )
-            is not None
+            token.report != report_id
+            or token.request is not None
+            or not self._may_release(token, "held", expires, now=now, max_queue=max_queue)
         ):
             return None
         opk = token.wrap.opk
