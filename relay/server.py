@@ -866,10 +866,12 @@ class Relay:
                 # relay has not noticed yet: a transient refusal, the member retries.
                 raise Refused(Reason.BUSY, "this report is being uploaded on another connection")
             inline = size <= self.limits.max_inline_report
-            if inline and message.expires > now:
+            if inline and isinstance(message, SubmitInline) and message.expires > now:
                 # No look-up: its row's insert finds a report stored under this id
                 # (_store_upload), which is then answered as below. (A file is placed
-                # under the report's id before its row goes in, so it must not be.)
+                # under the report's id before its row goes in, so it must not be; a
+                # streamed submission's bytes come later, and so might a change of
+                # the stored row: it is looked up here as before.)
                 upload.unchecked = True
             else:
                 existing = self.store.report(message.report)
@@ -992,7 +994,9 @@ class Relay:
                 return None
         else:
             try:
-                if writer.digest() != upload.digest:
+                if writer.digest() != upload.digest and not (
+                    upload.unchecked and self.store.report(upload.report) is not None
+                ):
                     writer.abort()
                     await self._refuse(
                         conn,

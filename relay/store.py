@@ -16,15 +16,20 @@ Rules that make the relay lose nothing:
   is kept in the row itself (column ``data``) and needs no file at all.
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
-* An inline submission (``submit_inline``) reads no row of its report: the row's insert
+* An inline submission (``submit_inline``) reads no row of its report. Usually (a new
+  report, its first token good) the report and that token are one step of two
+  statements (:meth:`Store.add_released_report`): the token's row, inserted only if no
+  report is stored under the id, the token id was never used and its one-time prekey
+  (if any) was handed to its originator and is unused, all checked by that insert;
+  then the report's row, released with its key commitment pinned (before: a look-up,
+  the report's insert, a read of both states, the token's insert and a rewrite of the
+  report's row with its ciphertext, five statements). Otherwise the report's insert
   finds a report already stored under the id (``add_report(if_new=True)``: nothing
-  written, the server then reads that row and answers a resend ``stored``, another
-  report ``duplicate``), and the first release of the row just inserted
-  (``release(fresh=row)``) is one insert guarded by the token id's uniqueness and, for
-  a one-time prekey, by the prekey's row, then the key pinned: three statements for the
-  report and its token where there were five. Whatever that insert does not let
-  through goes to the full check, which names the refusal in the protocol's order;
-  nothing of a refused release is written.
+  written; the server then reads that row and answers a resend ``stored``, another
+  report ``duplicate``), and the first release of a row just inserted
+  (``release(fresh=row)``) is the same guarded insert, then the key pinned. Whatever a
+  guarded insert does not let through goes to the full check, which names the refusal
+  in the protocol's order; nothing of a refused release is written.
 * A one-time prekey is handed out in one transaction that marks it taken by the
   asker (:meth:`Store.take_prekeys`, :mod:`relay.prekeystore`), committed before the
   answer is sent, so it is handed out once; a token naming it is accepted only from that

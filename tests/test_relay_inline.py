@@ -396,3 +396,25 @@ async def test_an_inline_submissions_first_token_refused_with_its_reason_the_nex
             assert row is not None and row.state == "released"
             token, _ = await receive_delivery(tokyo)
             assert token == good
+
+
+async def test_an_inline_resend_is_answered_as_before_whatever_its_bytes(
+    world: World, store_at: str | Path
+) -> None:
+    # A stored report's id is found by the row's insert, after the bytes are checked:
+    # a resend with bytes that do not match is still a resend (stored again, its bytes
+    # dropped), as when the id was looked up first; a new report with such bytes is
+    # refused wrong_report.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            seoul = await h.connect("seoul")
+            report = seal(world)
+            await seoul.send(inline(report))
+            await expect(seoul, Stored)
+            await seoul.send(inline(report, data=bytes(len(report.ciphertext))))
+            assert (await expect(seoul, Stored)).report == report.report_id
+            assert h.relay.store.inline_data(report.report_id) == report.ciphertext
+            fresh = seal(world, b"fresh")
+            await seoul.send(inline(fresh, data=bytes(len(fresh.ciphertext))))
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (fresh.report_id, Reason.WRONG_REPORT.value)
