@@ -721,7 +721,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         now: int,
         data: bytes | None = None,
         if_new: typing.Literal[False] = False,
-    ) -> ReportRow: ...
+    ) -> ReportRow:
+        """Without ``if_new``: the new row, always (see the implementation below)."""
 
     @typing.overload
     def add_report(
@@ -735,7 +736,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         now: int,
         data: bytes | None = None,
         if_new: bool,
-    ) -> ReportRow | None: ...
+    ) -> ReportRow | None:
+        """With ``if_new``: the new row, or None if a report is stored under the id."""
 
     def add_report(
         self,
