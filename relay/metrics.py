@@ -94,8 +94,11 @@ class RelayMetrics:
             ["event"],
             registry=self.registry,
         )
-        # Bound once: counting is one call on the hot path.
+        # Bound once. A report event is counted in a plain int (one dict update on the
+        # hot path, four per report) and added to its counter when the figures are read
+        # (render): the counters' lock and value objects cost more than the count.
         self._events = {event: reports.labels(event) for event in EVENTS}
+        self._events_pending = dict.fromkeys(EVENTS, 0)
         refusals = Counter(
             "tisa_relay_refusals",
             "Refusals and closing errors sent, by reason code.",
@@ -143,8 +146,15 @@ class RelayMetrics:
         self._store_up.set(1)
 
     def event(self, name: str) -> None:
-        """Count report event ``name`` (one of :data:`EVENTS`)."""
-        self._events[name].inc()
+        """Count report event ``name`` (one of :data:`EVENTS`); it shows in the next
+        :meth:`render`."""
+        self._events_pending[name] += 1
+
+    def _flush_events(self) -> None:
+        for name, count in self._events_pending.items():
+            if count:
+                self._events[name].inc(count)
+                self._events_pending[name] = 0
 
     def refusal(self, reason: Reason) -> None:
         """Count a refusal (or a closing error) with ``reason``."""
@@ -173,6 +183,7 @@ class RelayMetrics:
                 the store counts as down and the queue gauges keep their last values.
             connections: connection counts by state.
         """
+        self._flush_events()
         for state, count in connections.items():
             self._connections.labels(state).set(count)
         try:

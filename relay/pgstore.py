@@ -102,6 +102,7 @@ import logging
 import tempfile
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, BinaryIO
 
@@ -1052,6 +1053,7 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
             return io.BytesIO(bytes(row[0]))
         return io.BufferedReader(_ChunkReader(self, bytes(row[1])), BLOB_CHUNK)
 
+    @typing.overload
     def add_report(
         self,
         report_id: bytes,
@@ -1062,13 +1064,46 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
         expires: int,
         now: int,
         data: bytes | None = None,
+        if_new: typing.Literal[False] = False,
     ) -> ReportRow:
+        """Without ``if_new``: the new row, always (see the implementation below)."""
+
+    @typing.overload
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool,
+    ) -> ReportRow | None:
+        """With ``if_new``: the new row, or None if a report is stored under the id."""
+
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool = False,
+    ) -> ReportRow | None:
         """Record a placed upload (or, with ``data``, an inline ciphertext) as a held
-        report and log ``stored``, in one step.
+        report and log ``stored``, in one step. ``if_new``: as
+        :meth:`relay.store.Store.add_report` (a report of this id already stored, by
+        this process or another, is left as it is and None returned).
 
         Raises:
             UsageError: no upload of ``report_id`` was placed (and ``data`` is None).
-            StoreBusy: another relay process stored a report of this id meanwhile.
+            StoreBusy: another relay process stored a report of this id meanwhile
+                (without ``if_new``).
         """
         blob = None
         if data is None:
@@ -1085,12 +1120,33 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
                 ).rowcount
                 == 0
             ):
+                if if_new:
+                    return None
                 # The same upload through another relay process (a member that failed
                 # over mid-upload) was stored first: sent again, it is answered as stored.
                 raise StoreBusy("another relay process stored this report just now")
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         self._placed.pop(report_id, None)
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
+
+    def add_released_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes,
+        token: ReleaseToken,
+        max_queue: int,
+    ) -> tuple[ReportRow, TokenRow] | None:
+        """None, always: this store stores, then releases (:meth:`add_report`,
+        :meth:`release`), each step a round trip whose first statement also locks what
+        other relay processes may change (see :meth:`relay.store.Store.add_released_report`
+        for the SQLite store's one step)."""
+        return None
 
     def _delete_ciphertext(self, report_id: bytes, ended: str) -> None:
         # Inside a step: the report's row and its chunks go in the same transaction.
@@ -1122,10 +1178,19 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
         return 0 if row is None else int(row[0])
 
     def release(
-        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+        self,
+        token: ReleaseToken,
+        *,
+        now: int,
+        max_queue: int,
+        clock_skew: int = 0,
+        fresh: ReportRow | None = None,
     ) -> TokenRow:
         """Consume ``token`` (already checked) and make its delivery pending, atomically;
         a token that names a request also closes it as approved, in the same step.
+        ``fresh`` is taken for the same signature as :meth:`relay.store.Store.release`
+        and not used: this store already checks and writes a release in two round
+        trips, the first of which also locks the report's row and counts the queue.
 
         Raises:
             Refused: as :meth:`relay.store.Store.release`.

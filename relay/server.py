@@ -275,6 +275,9 @@ class _Upload:
     writer: Upload | None = None
     refused: Refused | None = None
     received: int = 0
+    # An inline submission whose id was not looked up: a report already stored under it
+    # is found when its row is inserted (Store.add_report(if_new=True)).
+    unchecked: bool = False
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -862,27 +865,43 @@ class Relay:
                 # Most likely the member's previous connection died mid-upload and the
                 # relay has not noticed yet: a transient refusal, the member retries.
                 raise Refused(Reason.BUSY, "this report is being uploaded on another connection")
-            existing = self.store.report(message.report)
-            if existing is not None:
-                same = (
-                    existing.originator == conn.member
-                    and existing.digest == message.digest
-                    and existing.size == size
-                    and existing.state != "deleted"
-                )
-                if not same:
-                    raise Refused(Reason.DUPLICATE, "a different report has this id")
-                # A resend of a stored report: discard the bytes, answer stored again.
-                return upload
+            inline = size <= self.limits.max_inline_report
+            if inline and isinstance(message, SubmitInline) and message.expires > now:
+                # No look-up: its row's insert finds a report stored under this id
+                # (_store_upload), which is then answered as below. (A file is placed
+                # under the report's id before its row goes in, so it must not be; a
+                # streamed submission's bytes come later, and so might a change of
+                # the stored row: it is looked up here as before.)
+                upload.unchecked = True
+            else:
+                existing = self.store.report(message.report)
+                if existing is not None:
+                    self._check_resend(conn, upload, existing)
+                    # A resend of a stored report: discard the bytes, answer stored again.
+                    return upload
             if message.expires <= now:
                 raise Refused(Reason.EXPIRED, "the report expires before it is stored")
-            upload.writer = self.store.begin_upload(
-                message.report, inline=size <= self.limits.max_inline_report
-            )
+            upload.writer = self.store.begin_upload(message.report, inline=inline)
             self._uploading.add(message.report)
         except Refused as exc:
             upload.refused = exc
         return upload
+
+    @staticmethod
+    def _check_resend(conn: _Connection, upload: _Upload, existing: ReportRow) -> None:
+        """A submission whose id is stored already must be a resend of that report.
+
+        Raises:
+            Refused: DUPLICATE, it is not.
+        """
+        same = (
+            existing.originator == conn.member
+            and existing.digest == upload.digest
+            and existing.size == upload.size
+            and existing.state != "deleted"
+        )
+        if not same:
+            raise Refused(Reason.DUPLICATE, "a different report has this id")
 
     def _upload_chunk(self, upload: _Upload, message: Chunk) -> None:
         upload.received += len(message.data)
@@ -901,7 +920,7 @@ class Relay:
         conn.upload = None
         result = await self._store_upload(conn, upload)
         if result is not None:
-            await self._reply(conn, result[0])
+            await self._reply(conn, Stored(report=upload.report, ack=result[0], released=[]))
 
     async def _submit_inline(self, conn: _Connection, message: SubmitInline) -> None:
         """A small report and its tokens in one step: the report is stored and the
@@ -920,21 +939,27 @@ class Relay:
                 upload.abort()
                 self._uploading.discard(upload.report)
             raise
-        result = await self._store_upload(conn, upload)
+        result = await self._store_upload(conn, upload, message.tokens[:1])
         if result is None:
             return
-        stored, row = result
+        ack, row, fresh, first = result
         refusals: list[Refusal] = []
         released: list[bytes] = []
         recipients: set[str] = set()
-        for data in message.tokens:
-            outcome = self._release_token(conn, data, stored=row)
+        if first is not None:
+            # Released with the report's row, in its step (Store.add_released_report).
+            released.append(first.id)
+            recipients.add(first.recipient)
+        for data in message.tokens[len(released) :]:
+            outcome = self._release_token(conn, data, stored=row, fresh=fresh)
             if isinstance(outcome, Refusal):
                 refusals.append(outcome)
             else:
+                # The report's row is released now: no longer as inserted.
+                fresh = False
                 released.append(outcome.id)
                 recipients.add(outcome.recipient)
-        await self._reply(conn, dataclasses.replace(stored, released=released))
+        await self._reply(conn, Stored(report=row.id, ack=ack, released=released))
         for refusal in refusals:
             await self._reply(conn, refusal)
         if trace.enabled:
@@ -943,10 +968,13 @@ class Relay:
             self._wake(recipient)
 
     async def _store_upload(
-        self, conn: _Connection, upload: _Upload
-    ) -> tuple[Stored, ReportRow] | None:
-        """Store a submission whose bytes are all in; returns its ``stored`` answer
-        (unsent) and the report's row, or None once its refusal is queued."""
+        self, conn: _Connection, upload: _Upload, first: list[bytes] | None = None
+    ) -> tuple[bytes, ReportRow, bool, ReleaseToken | None] | None:
+        """Store a submission whose bytes are all in; returns the signed acknowledgement
+        of its ``stored`` answer, the report's row, whether this step inserted that row
+        (False: a resend of a stored report) and, if the token in ``first`` (the first
+        of an inline submission) was released with it in the same step, that token; or
+        None once its refusal is queued."""
         if upload.refused is not None:
             await self._refuse(
                 conn,
@@ -957,6 +985,8 @@ class Relay:
             )
             return None
         writer = upload.writer
+        fresh = writer is not None
+        released: ReleaseToken | None = None
         if writer is None:
             row = self.store.report(upload.report)
             if row is None or row.state == "deleted":  # expired or revoked meanwhile
@@ -964,7 +994,9 @@ class Relay:
                 return None
         else:
             try:
-                if writer.digest() != upload.digest:
+                if writer.digest() != upload.digest and not (
+                    upload.unchecked and self.store.report(upload.report) is not None
+                ):
                     writer.abort()
                     await self._refuse(
                         conn,
@@ -978,15 +1010,37 @@ class Relay:
                 # row only); the answer waits for the batch's commit.
                 if not isinstance(writer, InlineBlob):
                     await trio.to_thread.run_sync(writer.place)
-                row = self.store.add_report(
-                    upload.report,
-                    originator=conn.member,
-                    size=upload.size,
-                    digest=upload.digest,
-                    expires=upload.expires,
-                    now=self.now(),
-                    data=writer.data,
-                )
+                added = None
+                if first and upload.unchecked and writer.data is not None:
+                    released_with = self._store_released(conn, upload, writer.data, first[0])
+                    if released_with is not None:
+                        added, released = released_with
+                if added is None:
+                    added = self.store.add_report(
+                        upload.report,
+                        originator=conn.member,
+                        size=upload.size,
+                        digest=upload.digest,
+                        expires=upload.expires,
+                        now=self.now(),
+                        data=writer.data,
+                        if_new=upload.unchecked,
+                    )
+                if added is None:
+                    # Stored before under this id (not looked up, see _new_upload).
+                    fresh = False
+                    existing = self.store.report(upload.report)
+                    assert existing is not None
+                    try:
+                        self._check_resend(conn, upload, existing)
+                    except Refused as exc:
+                        await self._refuse(
+                            conn, upload.report, exc.reason, exc.detail, report=upload.report
+                        )
+                        return None
+                    # A resend of a stored report: answer stored again.
+                    added = existing
+                row = added
             finally:
                 writer.abort()
                 self._uploading.discard(upload.report)
@@ -1000,7 +1054,39 @@ class Relay:
             stored=row.stored_at,
         )
         self.metrics.event("stored")
-        return Stored(report=row.id, ack=ack.encoded, released=[]), row
+        if released is not None:
+            self.metrics.event("released")
+        return ack.encoded, row, fresh, released
+
+    def _store_released(
+        self, conn: _Connection, upload: _Upload, data: bytes, encoded: bytes
+    ) -> tuple[ReportRow, ReleaseToken] | None:
+        """The usual inline submission, a new report with its first token good: the
+        token checked against the submission's own values (as :meth:`_release_token`
+        checks it against the stored row), then the report stored and released in one
+        step (:meth:`relay.store.Store.add_released_report`). None, with nothing written
+        or logged, for anything else: the report is then stored and the token released
+        as usual, which refuses what fails here, with its reason."""
+        now = self.now()
+        try:
+            token = ReleaseToken.decode(encoded)
+            if token.report != upload.report or token.request is not None:
+                return None
+            self._check_token(token, upload.report, upload.digest, upload.size, conn.member, now)
+        except (ProtocolError, VerificationError, Refused):
+            return None
+        rows = self.store.add_released_report(
+            upload.report,
+            originator=conn.member,
+            size=upload.size,
+            digest=upload.digest,
+            expires=upload.expires,
+            now=now,
+            data=data,
+            token=token,
+            max_queue=self.limits.max_queue_per_recipient,
+        )
+        return None if rows is None else (rows[0], token)
 
     # --- release, revocation, acknowledgement, receipts ----------------------------------
 
@@ -1013,12 +1099,19 @@ class Relay:
         self._wake(outcome.recipient)
 
     def _release_token(
-        self, conn: _Connection, data: bytes, *, stored: ReportRow | None = None
+        self,
+        conn: _Connection,
+        data: bytes,
+        *,
+        stored: ReportRow | None = None,
+        fresh: bool = False,
     ) -> ReleaseToken | Refusal:
         """Check a release token against its stored report and consume it (a step of
         the open batch); returns the token, or the logged refusal to answer with.
         ``stored``: the row of the report just stored with the token (an inline
-        submission), so a token naming it needs no read of it."""
+        submission), so a token naming it needs no read of it; ``fresh``: that row was
+        inserted by this submission and not changed since, so the release needs no read
+        of the report's state either (:meth:`relay.store.Store.release`)."""
         now = self.now()
         try:
             token = ReleaseToken.decode(data)
@@ -1029,25 +1122,18 @@ class Relay:
                 report: ReportRow | None = stored
             else:
                 report = self.store.report(token.report)
+                fresh = False
             if report is None:
                 raise Refused(Reason.UNKNOWN_REPORT, "no such report stored")
             if report.originator != conn.member:
                 raise Refused(Reason.WRONG_ORIGINATOR, "only the report's originator releases it")
-            check_for_relay(
-                token,
-                self.arrangement,
-                report_id=report.id,
-                digest=report.digest,
-                size=report.size,
-                originator=report.originator,
-                now=now,
-                clock_skew=self.limits.clock_skew,
-            )
+            self._check_token(token, report.id, report.digest, report.size, report.originator, now)
             self.store.release(
                 token,
                 now=now,
                 max_queue=self.limits.max_queue_per_recipient,
                 clock_skew=self.limits.clock_skew,
+                fresh=stored if fresh else None,
             )
         except VerificationError:
             return self._refusal(
@@ -1059,6 +1145,31 @@ class Relay:
             )
         self.metrics.event("released")
         return token
+
+    def _check_token(
+        self,
+        token: ReleaseToken,
+        report: bytes,
+        digest: bytes,
+        size: int,
+        originator: str,
+        now: int,
+    ) -> None:
+        """:func:`tisa.token.check_for_relay` against a report's values.
+
+        Raises:
+            VerificationError, Refused: as it does.
+        """
+        check_for_relay(
+            token,
+            self.arrangement,
+            report_id=report,
+            digest=digest,
+            size=size,
+            originator=originator,
+            now=now,
+            clock_skew=self.limits.clock_skew,
+        )
 
     async def _revoke(self, conn: _Connection, message: Revoke) -> None:
         try:

@@ -17,6 +17,7 @@ change it records, and nothing is announced before its batch is durable
 from __future__ import annotations
 
 import os
+import typing
 from collections.abc import Callable, Iterable, Sequence
 from typing import BinaryIO, Protocol, runtime_checkable
 
@@ -98,6 +99,7 @@ class RelayStore(Batches, Protocol):
     def begin_upload(self, report_id: bytes, *, inline: bool = False) -> Upload:
         """A writer for a new ciphertext of ``report_id`` (``inline``: kept in its row)."""
 
+    @typing.overload
     def add_report(
         self,
         report_id: bytes,
@@ -108,9 +110,57 @@ class RelayStore(Batches, Protocol):
         expires: int,
         now: int,
         data: bytes | None = None,
+        if_new: typing.Literal[False] = False,
     ) -> ReportRow:
+        """Without ``if_new``: the new row, always (see the implementation below)."""
+
+    @typing.overload
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool,
+    ) -> ReportRow | None:
+        """With ``if_new``: the new row, or None if a report is stored under the id."""
+
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool = False,
+    ) -> ReportRow | None:
         """Record a placed upload (or, with ``data``, an inline ciphertext) as a held
-        report and log ``stored``, in one step."""
+        report and log ``stored``, in one step. ``if_new``: a report already stored
+        under this id is left as it is, nothing is written and None is returned."""
+
+    def add_released_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes,
+        token: ReleaseToken,
+        max_queue: int,
+    ) -> tuple[ReportRow, TokenRow] | None:
+        """An inline ciphertext stored and released by ``token`` (checked) in one step,
+        as :meth:`add_report` then :meth:`release`; None, with nothing written, when
+        anything stands in the way (or the store does not do it in one step)."""
 
     def inline_data(self, report_id: bytes) -> bytes | None:
         """The ciphertext of a report kept in its row, or None."""
@@ -130,11 +180,19 @@ class RelayStore(Batches, Protocol):
         """Deliveries still owed to ``recipient``."""
 
     def release(
-        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+        self,
+        token: ReleaseToken,
+        *,
+        now: int,
+        max_queue: int,
+        clock_skew: int = 0,
+        fresh: ReportRow | None = None,
     ) -> TokenRow:
         """Consume ``token`` and make its delivery pending, atomically; a token that names
         a request (``token.request``) closes that request as approved in the same step
-        (``clock_skew``: the grace past the request's expiry). Raises: Refused."""
+        (``clock_skew``: the grace past the request's expiry). ``fresh``: the row of the
+        token's report, inserted by this batch and unchanged since (a store may skip
+        reading the report's state then). Raises: Refused."""
 
     def outstanding(self, recipient: str, *, after: int = 0, limit: int = -1) -> list[TokenRow]:
         """Deliveries owed to ``recipient`` with ``seq > after``, oldest first."""

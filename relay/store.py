@@ -16,6 +16,20 @@ Rules that make the relay lose nothing:
   is kept in the row itself (column ``data``) and needs no file at all.
 * Consuming a token and creating its pending delivery is one transaction
   (:meth:`Store.release`); the token id is the primary key, so a second use fails.
+* An inline submission (``submit_inline``) reads no row of its report. Usually (a new
+  report, its first token good) the report and that token are one step of two
+  statements (:meth:`Store.add_released_report`): the token's row, inserted only if no
+  report is stored under the id, the token id was never used and its one-time prekey
+  (if any) was handed to its originator and is unused, all checked by that insert;
+  then the report's row, released with its key commitment pinned (before: a look-up,
+  the report's insert, a read of both states, the token's insert and a rewrite of the
+  report's row with its ciphertext, five statements). Otherwise the report's insert
+  finds a report already stored under the id (``add_report(if_new=True)``: nothing
+  written; the server then reads that row and answers a resend ``stored``, another
+  report ``duplicate``), and the first release of a row just inserted
+  (``release(fresh=row)``) is the same guarded insert, then the key pinned. Whatever a
+  guarded insert does not let through goes to the full check, which names the refusal
+  in the protocol's order; nothing of a refused release is written.
 * A one-time prekey is handed out in one transaction that marks it taken by the
   asker (:meth:`Store.take_prekeys`, :mod:`relay.prekeystore`), committed before the
   answer is sent, so it is handed out once; a token naming it is accepted only from that
@@ -61,6 +75,7 @@ import io
 import logging
 import os
 import sqlite3
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -126,6 +141,38 @@ SCHEMA_VERSION = 9
 # (release), stays put when it is forwarded, and leaves them when it is acked: before,
 # each state change moved it in three indexes.
 _OWED = OWED
+
+_INSERT_REPORT = (
+    "INSERT INTO reports (id, originator, size, digest, path, state, expires, stored_at, data)"
+    " VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)"
+)
+# A report released as it is stored: its key commitment pinned in the row's insert.
+_INSERT_RELEASED_REPORT = (
+    "INSERT INTO reports (id, originator, size, digest, path, state, expires, stored_at, data,"
+    " key_commit) VALUES (?, ?, ?, ?, '', 'released', ?, ?, ?, ?)"
+)
+# A token's row, only if its id was never used (ON CONFLICT below) ...
+_INSERT_TOKEN_VALUES = (
+    f"INSERT INTO tokens ({PENDING_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)"
+    " ON CONFLICT (id) DO NOTHING"
+)
+# ... and, with the conditions below after WHERE, only if they hold (a condition in the
+# insert costs an index look-up, a statement of its own a round through the module).
+_INSERT_TOKEN_IF = (
+    f"INSERT INTO tokens ({PENDING_COLUMNS}) SELECT ?, ?, ?, ?, ?, ?, 'pending', ?, ?"
+)
+_TOKEN_IF_END = " ON CONFLICT (id) DO NOTHING"
+# Its one-time prekey was handed to its originator as its recipient's, and is unused.
+_UNUSED_PREKEY = (
+    "EXISTS (SELECT 1 FROM prekeys WHERE key = ? AND kind = 'one_time'"
+    " AND owner = ? AND taken_by = ? AND used_by IS NULL)"
+)
+# No report is stored under the id yet.
+_NO_REPORT = "NOT EXISTS (SELECT 1 FROM reports WHERE id = ?)"
+_PIN_KEY = (
+    "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
+    " state = CASE state WHEN 'held' THEN 'released' ELSE state END WHERE id = ?"
+)
 
 # A token's seq is its place in the push order (the pusher reads on from the last seq it
 # sent), so a seq is never used twice: a plain rowid is the largest so far plus one, and
@@ -662,6 +709,7 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             return io.BytesIO(inline)
         return open(self.blob_path(report_id), "rb")
 
+    @typing.overload
     def add_report(
         self,
         report_id: bytes,
@@ -672,13 +720,47 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         expires: int,
         now: int,
         data: bytes | None = None,
+        if_new: typing.Literal[False] = False,
     ) -> ReportRow:
+        """Without ``if_new``: the new row, always (see the implementation below)."""
+
+    @typing.overload
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool,
+    ) -> ReportRow | None:
+        """With ``if_new``: the new row, or None if a report is stored under the id."""
+
+    def add_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes | None = None,
+        if_new: bool = False,
+    ) -> ReportRow | None:
         """Record a placed blob (or, with ``data``, an inline ciphertext) as a held
-        report and log ``stored``, in one transaction."""
+        report and log ``stored``, in one transaction.
+
+        ``if_new`` (an inline ciphertext whose id was not looked up first): a report
+        already stored under this id is left as it is and None is returned, with
+        nothing written; the caller reads that row and decides (a resend or another
+        report). One statement where a look-up and an insert were two."""
         with self._transaction(savepoint=False) as db:
-            db.execute(
-                "INSERT INTO reports (id, originator, size, digest, path, state, expires,"
-                " stored_at, data) VALUES (?, ?, ?, ?, ?, 'held', ?, ?, ?)",
+            cursor = db.execute(
+                _INSERT_REPORT + (" ON CONFLICT (id) DO NOTHING" if if_new else ""),
                 (
                     report_id,
                     originator,
@@ -690,6 +772,8 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                     data,
                 ),
             )
+            if cursor.rowcount == 0:
+                return None
             self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
         # The row just inserted, built rather than read back.
         return ReportRow(report_id, originator, size, digest, "held", None, expires, now)
@@ -716,7 +800,13 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         return count
 
     def release(
-        self, token: ReleaseToken, *, now: int, max_queue: int, clock_skew: int = 0
+        self,
+        token: ReleaseToken,
+        *,
+        now: int,
+        max_queue: int,
+        clock_skew: int = 0,
+        fresh: ReportRow | None = None,
     ) -> TokenRow:
         """Consume ``token`` (already checked) and make its delivery pending, atomically.
         A token that names a request (``token.request``) also closes that request as
@@ -729,7 +819,17 @@ class Store(TokenTables, PrekeyTables, DurableStore):
                 deliveries outstanding); for an approval, UNSOLICITED (no open request
                 with that id from the recipient to the originator for the report) and
                 ANSWERED (the request was approved or denied before).
+
+        ``fresh``: the row of ``token``'s report when it was inserted by this batch and
+        nothing changed it since (an inline submission's first release): the report's
+        state is known, so the release is one guarded insert (see
+        :meth:`_release_fresh`) unless that finds a reason to refuse, which the full
+        check below then names.
         """
+        if fresh is not None and token.request is None:
+            row = self._release_fresh(token, fresh, now=now, max_queue=max_queue)
+            if row is not None:
+                return row
         # Every refusal of a plain release is decided before its first write: no
         # savepoint. An approval writes the request's state first, so it keeps one.
         with self._transaction(savepoint=token.request is not None) as db:
@@ -764,16 +864,127 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             if state != "released" or pinned is None:
                 # The first release: the report is released, its key commitment pinned.
                 # (A later one found both done, and its key commitment the pinned one.)
-                db.execute(
-                    "UPDATE reports SET key_commit = coalesce(key_commit, ?),"
-                    " state = CASE state WHEN 'held' THEN 'released' ELSE state END"
-                    " WHERE id = ?",
-                    (token.key_commit, token.report),
-                )
+                db.execute(_PIN_KEY, (token.key_commit, token.report))
             row = self._released(token, cursor.lastrowid, now=now)
         if token.recipient in self._queued:
             self._queued[token.recipient] += 1
         return row
+
+    def _release_fresh(
+        self, token: ReleaseToken, report: ReportRow, *, now: int, max_queue: int
+    ) -> TokenRow | None:
+        """The first release of a report this batch just inserted (``report``, its row
+        as inserted: held, no key commitment pinned): no read of the token's or the
+        report's state. The token's row goes in only if its id was never used (ON
+        CONFLICT) and its one-time prekey, if any, was handed to its originator and is
+        unused (the guard of the same statement); then the prekey is marked used and
+        the key pinned. Returns None, with nothing written, when that insert finds a
+        reason to refuse (or the report's own state does): :meth:`release` then checks
+        it in full, in the protocol's order, and names the reason. Three statements
+        where the full path takes four (five with a one-time prekey)."""
+        if token.report != report.id or not self._may_release(
+            token, report.state, report.expires, now=now, max_queue=max_queue
+        ):
+            return None
+        opk = token.wrap.opk
+        with self._transaction(savepoint=False) as db:
+            if opk is None:
+                cursor = db.execute(_INSERT_TOKEN_VALUES, pending_values(token))
+            else:
+                cursor = db.execute(
+                    _INSERT_TOKEN_IF + " WHERE " + _UNUSED_PREKEY + _TOKEN_IF_END,
+                    (*pending_values(token), opk, token.recipient, token.originator),
+                )
+            if cursor.rowcount != 1:
+                return None  # nothing written: the full check names the refusal
+            assert cursor.lastrowid is not None
+            self._use_checked_prekey(token)
+            db.execute(_PIN_KEY, (token.key_commit, token.report))
+            row = self._released(token, cursor.lastrowid, now=now)
+        if token.recipient in self._queued:
+            self._queued[token.recipient] += 1
+        return row
+
+    def _may_release(
+        self, token: ReleaseToken, state: str, expires: int, *, now: int, max_queue: int
+    ) -> bool:
+        # release_refusal for an unused token id and a report row in ``state`` with no
+        # key pinned: whatever the guarded insert that follows does not check itself.
+        queued = self.queue_length(token.recipient)
+        found = (None, True, state, None, expires, None)
+        refusal = release_refusal(token, found, now=now, queued=lambda: queued, max_queue=max_queue)
+        return refusal is None
+
+    def _use_checked_prekey(self, token: ReleaseToken) -> None:
+        # The token's one-time prekey, if any, checked by the insert of its row: used.
+        if token.wrap.opk is not None:
+            self._db.execute(
+                "UPDATE prekeys SET used_by = ? WHERE key = ? AND kind = 'one_time'",
+                (token.id, token.wrap.opk),
+            )
+
+    def add_released_report(
+        self,
+        report_id: bytes,
+        *,
+        originator: str,
+        size: int,
+        digest: bytes,
+        expires: int,
+        now: int,
+        data: bytes,
+        token: ReleaseToken,
+        max_queue: int,
+    ) -> tuple[ReportRow, TokenRow] | None:
+        """An inline ciphertext stored and released by ``token`` (already checked against
+        these values) in one step, as :meth:`add_report` then :meth:`release` would do
+        it (entries ``stored`` then ``released``), if nothing stands in the way: no
+        report stored under the id yet, the token's id never used, its one-time prekey
+        (if any) handed to its originator and unused, room in the recipient's queue.
+        Then the token's row goes in first, guarded by all of that in one statement,
+        and the report's row after it, released with the key commitment pinned: two
+        statements (three with a one-time prekey) where storing, then releasing, take
+        three (four), the last of them a rewrite of the row with its ciphertext.
+
+        Returns:
+            The report's row and the token's; or None, with nothing written, when
+            anything stands in the way: the caller then stores and releases as usual
+            (:meth:`add_report`, :meth:`release`), which names the reason.
+        """
+        if (
+            token.report != report_id
+            or token.request is not None
+            or not self._may_release(token, "held", expires, now=now, max_queue=max_queue)
+        ):
+            return None
+        opk = token.wrap.opk
+        with self._transaction(savepoint=False) as db:
+            if opk is None:
+                cursor = db.execute(
+                    _INSERT_TOKEN_IF + " WHERE " + _NO_REPORT + _TOKEN_IF_END,
+                    (*pending_values(token), report_id),
+                )
+            else:
+                cursor = db.execute(
+                    _INSERT_TOKEN_IF + " WHERE " + _NO_REPORT + " AND " + _UNUSED_PREKEY
+                    + _TOKEN_IF_END,
+                    (*pending_values(token), report_id, opk, token.recipient, token.originator),
+                )  # fmt: skip
+            if cursor.rowcount != 1:
+                return None  # nothing written
+            assert cursor.lastrowid is not None
+            self._use_checked_prekey(token)
+            # No report under the id (checked by the insert above, in this same step).
+            db.execute(
+                _INSERT_RELEASED_REPORT,
+                (report_id, originator, size, digest, expires, now, data, token.key_commit),
+            )
+            self._audit(AuditEvent.STORED, now=now, parties=(originator,), report=report_id)
+            token_row = self._released(token, cursor.lastrowid, now=now)
+        if token.recipient in self._queued:
+            self._queued[token.recipient] += 1
+        report = ReportRow(report_id, originator, size, digest, "released", None, expires, now)
+        return report, token_row
 
     # --- prekeys -----------------------------------------------------------------------
 

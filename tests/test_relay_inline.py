@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 from nodes.relay_harness import expect, receive_delivery, running_relay, send_submission
-from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+from nodes.relay_helpers import NOW, World, make_world, same_id_other_bytes, seal, token_for
 
 import relay.server
 from tisa.audit import AuditEvent, verify_extract
@@ -117,8 +117,9 @@ async def test_an_inline_submissions_tokens_are_checked_against_the_row_just_sto
             # A token for another report is still checked against that report's row.
             refusal = await expect(seoul, Refusal)
             assert refusal.reason == Reason.UNKNOWN_REPORT.value
-            # Read once before storing (is it a resend?), never again for its token.
-            assert reads == [report.report_id, other.report_id]
+            # Never read: not before storing (a resend is found by the row's insert,
+            # Store.add_report(if_new=True)), nor for its token.
+            assert reads == [other.report_id]
             delivery = await expect(tokyo, DeliverInline)
             assert delivery.token == token
 
@@ -343,3 +344,77 @@ async def test_a_batch_of_deliveries_reads_what_it_sends_in_one_query(
             assert got == [(t, r.ciphertext) for t, r in zip(tokens, reports, strict=True)]
             assert many == [[token_id(token) for token in tokens]]
             assert one == [token_id(token) for token in tokens[3:]]
+
+
+async def test_an_inline_submission_under_another_reports_id_is_a_duplicate(
+    world: World, store_at: str | Path
+) -> None:
+    # Its row is inserted without a look-up first: the insert finds the stored report,
+    # which is kept as it was, and the submission is refused as before; its token is
+    # not looked at.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            seoul = await h.connect("seoul")
+            report = seal(world)
+            await seoul.send(inline(report))
+            assert (await expect(seoul, Stored)).released == []
+            forged = same_id_other_bytes(world, report)
+            await seoul.send(inline(forged, token_for(world, forged)))
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (report.report_id, Reason.DUPLICATE.value)
+            assert h.relay.store.inline_data(report.report_id) == report.ciphertext
+            # The stored one is still released by its own token.
+            await seoul.send(Release(token=token_for(world, report)))
+            await expect(seoul, Released)
+
+
+async def test_an_inline_submissions_first_token_refused_with_its_reason_the_next_released(
+    world: World, store_at: str | Path
+) -> None:
+    # The first token is released in the report's own step only when nothing stands in
+    # the way; here its id was used before (for another report), so the report is
+    # stored as usual and the token refused with its reason, and the next token of the
+    # same submission is released as usual.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            earlier = seal(world, b"earlier")
+            used = token_for(world, earlier)
+            await seoul.send(inline(earlier, used))
+            assert (await expect(seoul, Stored)).released == [token_id(used)]
+            await receive_delivery(tokyo)
+            report = seal(world)
+            replay = token_for(world, report, _token_id=token_id(used))
+            good = token_for(world, report, counter=2)
+            await seoul.send(inline(report, replay, good))
+            stored = await expect(seoul, Stored)
+            assert stored.released == [token_id(good)]
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (token_id(replay), Reason.REPLAYED.value)
+            row = h.relay.store.report(report.report_id)
+            assert row is not None and row.state == "released"
+            token, _ = await receive_delivery(tokyo)
+            assert token == good
+
+
+async def test_an_inline_resend_is_answered_as_before_whatever_its_bytes(
+    world: World, store_at: str | Path
+) -> None:
+    # A stored report's id is found by the row's insert, after the bytes are checked:
+    # a resend with bytes that do not match is still a resend (stored again, its bytes
+    # dropped), as when the id was looked up first; a new report with such bytes is
+    # refused wrong_report.
+    with trio.fail_after(10):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            seoul = await h.connect("seoul")
+            report = seal(world)
+            await seoul.send(inline(report))
+            await expect(seoul, Stored)
+            await seoul.send(inline(report, data=bytes(len(report.ciphertext))))
+            assert (await expect(seoul, Stored)).report == report.report_id
+            assert h.relay.store.inline_data(report.report_id) == report.ciphertext
+            fresh = seal(world, b"fresh")
+            await seoul.send(inline(fresh, data=bytes(len(fresh.ciphertext))))
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (fresh.report_id, Reason.WRONG_REPORT.value)

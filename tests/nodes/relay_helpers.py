@@ -105,6 +105,18 @@ def seal(
     )
 
 
+def same_id_other_bytes(world: World, report: SealedReport) -> SealedReport:
+    """Another report sealed under ``report``'s id (a different report with this id)."""
+    other = seal(world, b"other bytes")
+    return SealedReport(
+        report_id=report.report_id,
+        ciphertext=other.ciphertext,
+        digest=other.digest,
+        content_key=other.content_key,
+        header=other.header,
+    )
+
+
 def token_for(
     world: World,
     report: SealedReport,
