@@ -521,6 +521,10 @@ def seal_report(
     )
 
 
+# The smallest ciphertext a report has (one padded to MIN_PADDED).
+_MIN_CIPHERTEXT = ciphertext_size(MIN_PADDED)
+
+
 class ReportOpener:
     """Open a sealed report incrementally, in constant memory.
 
@@ -555,7 +559,7 @@ class ReportOpener:
         level: str,
         max_header: int = MAX_HEADER,
     ) -> None:
-        if size < ciphertext_size(MIN_PADDED) or size > MAX_REPORT_SIZE:
+        if size < _MIN_CIPHERTEXT or size > MAX_REPORT_SIZE:
             raise VerificationError()
         self._key = content_key
         self._report_id = report_id
