@@ -284,7 +284,7 @@ def verify(key: SigningPublicKey, context: Context, message: bytes, signature: b
         raise VerificationError()
     # crypto_sign_open on signature || message, without PyNaCl's checks and the copy
     # of the message out (tisa._sodium; tests compare the two).
-    if not fast.verify(signature + _SIGN_PREFIXES[context._value_] + message, key.raw):
+    if not fast.verify(signature + _signed_message(context, message), key.raw):
         raise VerificationError()
 
 
