@@ -957,3 +957,27 @@ def test_a_signed_header_split_across_pieces_is_gathered_as_one_in_place() -> No
         with pytest.raises(VerificationError):
             over._consume_plain(plain[:cut])
             over._consume_plain(plain[cut:])
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [[b""], [b"body"], [b"", b"", b"x"], [b"a small body", b"", b"attachment", b""], [b"b" * 900]],
+)
+def test_one_chunk_report_fed_whole_matches_the_piecewise_path(
+    parts: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A one-chunk report fed in one piece takes ReportOpener._feed_whole; fed byte by
+    # byte it takes the general loop: same pieces, same header.
+    sealer, ciphertext = seal_streaming(parts, whole)
+    calls: list[int] = []
+    feed_whole = ReportOpener._feed_whole
+
+    def spy(self: ReportOpener, data: bytes) -> list[tuple[int, bytes]]:
+        calls.append(len(data))
+        return feed_whole(self, data)
+
+    monkeypatch.setattr(ReportOpener, "_feed_whole", spy)
+    assert open_streaming(sealer, ciphertext, whole) == parts
+    assert calls == [len(ciphertext)]
+    assert open_streaming(sealer, ciphertext, bytewise) == parts
+    assert calls == [len(ciphertext)]

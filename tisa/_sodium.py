@@ -43,6 +43,9 @@ _NONCE = _bindings.crypto_aead_xchacha20poly1305_ietf_NPUBBYTES
 _AEAD_TAG = _bindings.crypto_aead_xchacha20poly1305_ietf_ABYTES
 _STREAM_TAG = _bindings.crypto_secretstream_xchacha20poly1305_ABYTES
 _NULL = _ffi.NULL
+# The output buffers' type, looked up once (``ffi.new`` parses a type given as a string
+# on every call).
+_BYTES = _ffi.typeof("unsigned char[]")
 
 
 def sign(message: bytes, secret: bytes) -> bytes:
@@ -53,7 +56,7 @@ def sign(message: bytes, secret: bytes) -> bytes:
     """
     if len(secret) != 2 * _KEY:
         raise ValueError("an Ed25519 secret key is 64 bytes")
-    out = _ffi.new("unsigned char[]", len(message) + SIGNATURE_SIZE)
+    out = _ffi.new(_BYTES, len(message) + SIGNATURE_SIZE)
     _lib.crypto_sign(out, _NULL, message, len(message), secret)
     return _ffi.buffer(out, SIGNATURE_SIZE)[:]  # type: ignore[no-any-return]
 
@@ -67,7 +70,7 @@ def verify(signed: bytes, public: bytes) -> bool:
     # libsodium writes the message length only through a non-NULL pointer (every
     # version); the message itself it copies out unconditionally in older ones, so the
     # output buffer stays.
-    out = _ffi.new("unsigned char[]", len(signed))
+    out = _ffi.new(_BYTES, len(signed))
     return _lib.crypto_sign_open(out, _NULL, signed, len(signed), public) == 0  # type: ignore[no-any-return]
 
 
@@ -76,7 +79,7 @@ def scalarmult(secret: bytes, public: bytes) -> bytes | None:
     low-order ``public``: the shared point would be all zeros)."""
     if len(secret) != _KEY or len(public) != _KEY:
         return None
-    out = _ffi.new("unsigned char[]", _KEY)
+    out = _ffi.new(_BYTES, _KEY)
     if _lib.crypto_scalarmult(out, secret, public):
         return None
     return _ffi.buffer(out, _KEY)[:]  # type: ignore[no-any-return]
@@ -86,7 +89,7 @@ def scalarmult_base(secret: bytes) -> bytes:
     """The X25519 public key of the 32-byte ``secret``."""
     if len(secret) != _KEY:
         raise ValueError("an X25519 secret key is 32 bytes")
-    out = _ffi.new("unsigned char[]", _KEY)
+    out = _ffi.new(_BYTES, _KEY)
     _lib.crypto_scalarmult_base(out, secret)
     return _ffi.buffer(out, _KEY)[:]  # type: ignore[no-any-return]
 
@@ -125,7 +128,7 @@ def aead_encrypt(message: bytes, aad: bytes, nonce: bytes, key: bytes) -> bytes:
     if len(nonce) != _NONCE or len(key) != _KEY:
         raise ValueError("XChaCha20-Poly1305 takes a 24-byte nonce and a 32-byte key")
     size = len(message) + _AEAD_TAG
-    out = _ffi.new("unsigned char[]", size)
+    out = _ffi.new(_BYTES, size)
     _lib.crypto_aead_xchacha20poly1305_ietf_encrypt(
         out, _NULL, message, len(message), aad, len(aad), _NULL, nonce, key
     )
@@ -137,7 +140,7 @@ def aead_decrypt(ciphertext: bytes, aad: bytes, nonce: bytes, key: bytes) -> byt
     size = len(ciphertext) - _AEAD_TAG
     if size < 0 or len(nonce) != _NONCE or len(key) != _KEY:
         return None
-    out = _ffi.new("unsigned char[]", max(size, 1))
+    out = _ffi.new(_BYTES, max(size, 1))
     if _lib.crypto_aead_xchacha20poly1305_ietf_decrypt(
         out, _NULL, _NULL, ciphertext, len(ciphertext), aad, len(aad), nonce, key
     ):
@@ -153,7 +156,7 @@ def stream_init_push(state: Any, key: bytes) -> bytes:
     returns the (random) stream header."""
     if type(key) is not bytes or len(key) != _KEY:
         raise ValueError("a secretstream key is 32 bytes")
-    header = _ffi.new("unsigned char[]", _STREAM_HEADER)
+    header = _ffi.new(_BYTES, _STREAM_HEADER)
     _lib.crypto_secretstream_xchacha20poly1305_init_push(state.statebuf, header, key)
     return _ffi.buffer(header, _STREAM_HEADER)[:]  # type: ignore[no-any-return]
 
@@ -178,7 +181,7 @@ def _state_buffer(state: Any, size: int) -> Any:
     # The state's output buffer, reused from chunk to chunk (as PyNaCl's own wrappers
     # and tisa.handshake do): a large report does not allocate a chunk per chunk.
     if state.rawbuf is None or len(state.rawbuf) < size:
-        state.rawbuf = _ffi.new("unsigned char[]", max(size, 1))
+        state.rawbuf = _ffi.new(_BYTES, max(size, 1))
     return state.rawbuf
 
 

@@ -112,7 +112,8 @@ def digest(purpose: Hash, data: bytes, *, key: bytes = b"") -> bytes:
     equality with libsodium's result for every personalisation, keyed and unkeyed, at the
     sizes the toolkit hashes.
     """
-    return hashlib.blake2b(data, digest_size=DIGEST_SIZE, key=key, person=purpose.value).digest()
+    # ``_value_``: a plain attribute (``value`` is a Python-level property).
+    return hashlib.blake2b(data, digest_size=DIGEST_SIZE, key=key, person=purpose._value_).digest()
 
 
 class Hasher:
@@ -138,7 +139,7 @@ class Hasher:
 
     def __init__(self, purpose: Hash, size: int | None = None) -> None:
         if size is not None and size <= HASHLIB_STREAM_SIZE:
-            self._hashlib: Any = hashlib.blake2b(digest_size=DIGEST_SIZE, person=purpose.value)
+            self._hashlib: Any = hashlib.blake2b(digest_size=DIGEST_SIZE, person=purpose._value_)
             self._state: Any = None
             return
         self._hashlib = None

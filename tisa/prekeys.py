@@ -501,15 +501,21 @@ def unwrap_content_key(
         Refused: from ``prekey_secret``.
         VerificationError: anything cryptographic (opaque).
     """
-    identity = member.public.encryption.raw
-    prekeys: list[tuple[PrekeyKind, bytes]] = []
-    if wrap.spk is not None:
-        prekeys.append((PrekeyKind.SIGNED, wrap.spk))
-    if wrap.opk is not None:
-        prekeys.append((PrekeyKind.ONE_TIME, wrap.opk))
-    secrets = [prekey_secret(kind, public) for kind, public in prekeys]
-    shared = member.exchange(wrap.eph) + b"".join(_dh(secret, wrap.eph) for secret in secrets)
-    key = _wrap_key(wrap.mode, shared, wrap.eph, identity, *(p for _, p in prekeys))
+    eph, spk, opk = wrap.eph, wrap.spk, wrap.opk
+    # Both prekeys' secrets are looked up before any Diffie-Hellman (a lookup refuses
+    # with its reason first), then the DH outputs in the order identity, signed,
+    # one-time, and the transcript with the prekeys in that order (_wrap_key).
+    spk_secret = None if spk is None else prekey_secret(PrekeyKind.SIGNED, spk)
+    opk_secret = None if opk is None else prekey_secret(PrekeyKind.ONE_TIME, opk)
+    shared = member.exchange(eph)
+    prekeys = b""
+    if spk_secret is not None and spk is not None:
+        shared += _dh(spk_secret, eph)
+        prekeys = spk
+    if opk_secret is not None and opk is not None:
+        shared += _dh(opk_secret, eph)
+        prekeys += opk
+    key = _wrap_key(wrap.mode, shared, eph, member.public.encryption.raw, prekeys)
     content_key = fast.aead_decrypt(wrap.sealed, aad, _NONCE, key)
     if content_key is None:
         raise VerificationError()

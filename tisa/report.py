@@ -80,6 +80,8 @@ REPORT_ID_SIZE = 16
 MIN_PADDED = 1024
 
 _LEN = struct.Struct(">I")
+# The ciphertext size of a report whose padded plaintext is one chunk.
+_ONE_CHUNK_REPORT = HEADER_BYTES + CHUNK_SIZE + ABYTES
 
 
 def padded_size(length: int) -> int:
@@ -519,6 +521,10 @@ def seal_report(
     )
 
 
+# The smallest ciphertext a report has (one padded to MIN_PADDED).
+_MIN_CIPHERTEXT = ciphertext_size(MIN_PADDED)
+
+
 class ReportOpener:
     """Open a sealed report incrementally, in constant memory.
 
@@ -553,7 +559,7 @@ class ReportOpener:
         level: str,
         max_header: int = MAX_HEADER,
     ) -> None:
-        if size < ciphertext_size(MIN_PADDED) or size > MAX_REPORT_SIZE:
+        if size < _MIN_CIPHERTEXT or size > MAX_REPORT_SIZE:
             raise VerificationError()
         self._key = content_key
         self._report_id = report_id
@@ -589,6 +595,13 @@ class ReportOpener:
             raise
 
     def _feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        if (
+            len(data) == self._size
+            and not self._initialised
+            and not self._inbuf
+            and self._size <= _ONE_CHUNK_REPORT
+        ):
+            return self._feed_whole(data)
         self._received += len(data)
         if self._received > self._size:
             raise VerificationError()
@@ -645,6 +658,53 @@ class ReportOpener:
                 del self._inbuf[:start]
         elif start < end:
             self._inbuf += data[start:]
+        return out
+
+    def _feed_whole(self, data: bytes) -> list[tuple[int, bytes]]:
+        # A report of one chunk fed whole (the common small report): the same checks as
+        # the loop of _feed, with nothing to gather or hold back.
+        self._received = self._size
+        self._cipher.update(data)
+        if not fast.stream_init_pull(self._state, bytes(data[:HEADER_BYTES]), self._key):
+            raise VerificationError()
+        self._initialised = True
+        pulled = fast.stream_pull(self._state, data[HEADER_BYTES:], self._report_id)
+        if pulled is None:
+            raise VerificationError()
+        plain, tag = pulled
+        if tag != TAG_FINAL:
+            raise VerificationError()
+        self._consumed = self._size - HEADER_BYTES
+        self._final_seen = True
+        if self.header is None and not self._plain and len(self._parts) == 0:
+            head = self._header_end(plain)
+            if head:
+                return self._consume_whole(plain, head)
+        return self._consume_plain(plain)
+
+    def _consume_whole(self, plain: bytes, head: int) -> list[tuple[int, bytes]]:
+        # The whole plaintext of a one-chunk report: header, signature, every part and
+        # the padding, sliced out of it (what _consume_plain does piece by piece).
+        length = head - _LEN.size - SIGNATURE_SIZE
+        self._header_bytes = plain[_LEN.size : _LEN.size + length]
+        self._check_header(self._header_bytes, plain[head - SIGNATURE_SIZE : head])
+        out: list[tuple[int, bytes]] = []
+        start = head
+        end = len(plain)
+        parts = self._parts
+        for index, size in enumerate(parts):
+            take = min(size, end - start)
+            if take:
+                out.append((index, plain[start : start + take]))
+                start += take
+                parts[index] = size - take
+            if parts[index]:
+                # Content declared beyond the plaintext: finish refuses it.
+                self._part = index
+                return out
+        self._part = len(parts)
+        if start < end:
+            self._padding_ok = plain.count(0, start) == end - start
         return out
 
     def _consume_plain(self, plain: bytes) -> list[tuple[int, bytes]]:
