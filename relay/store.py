@@ -95,9 +95,17 @@ from relay.tokenstore import (
     pending_values,
     release_refusal,
 )
-from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
+from tisa.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditEvent,
+    chain_next,
+    content_hash_of,
+    entry_bytes,
+    sorted_parties,
+)
 from tisa.errors import Reason, Refused, UsageError
-from tisa.keys import Hash, Hasher, digest, random_id
+from tisa.keys import Hash, Hasher, random_id
 from tisa.prekeys import Prekey
 from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
@@ -621,22 +629,16 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         reason: str | None = None,
     ) -> AuditEntry:
         # Called inside a transaction only: the entry commits with the change it records.
-        entry = AuditEntry(
-            seq=self._seq + 1,
-            time=max(now, 0),
-            event=event,
-            report=report,
-            token=token,
-            parties=tuple(sorted(set(parties), key=str.encode)),
-            reason=reason,
-        )
-        # Encoded once: content_hash is H_audit of this same encoding.
-        encoded = entry.encode()
-        content = digest(Hash.AUDIT, encoded)
+        # Its fields are the relay's own (ints, ids, names): encoded without the
+        # entry's keyword handling and generic checks (tisa.audit.entry_bytes).
+        seq, time, names = self._seq + 1, max(now, 0), sorted_parties(parties)
+        encoded = entry_bytes(seq, time, event, report, token, names, reason)
+        content = content_hash_of(encoded)
         head = chain_next(self._head, content)
-        self._audit_rows.append((entry.seq, encoded, content, head))
-        self._seq, self._head = entry.seq, head
+        self._audit_rows.append((seq, encoded, content, head))
+        self._seq, self._head = seq, head
         # Its log line (event_line) is written once the batch is on disk (_log_events).
+        entry = AuditEntry.built(seq, time, event, report, token, names, reason)
         self._events.append(entry)
         return entry
 
