@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+from nodes.relay_helpers import NOW, World, add_inline_report, make_world, seal, token_for
 
 import relay.tokenstore
 from relay.storage import RelayStore, open_store
@@ -25,15 +25,7 @@ def _released(store: RelayStore, world: World, count: int) -> list[ReleaseToken]
     tokens = []
     for _ in range(count):
         report = seal(world)
-        store.add_report(
-            report.report_id,
-            originator="seoul",
-            size=report.size,
-            digest=report.digest,
-            expires=NOW + 3600,
-            now=NOW,
-            data=report.ciphertext,
-        )
+        add_inline_report(store, report)
         token = ReleaseToken.decode(token_for(world, report))
         store.release(token, now=NOW, max_queue=100)
         tokens.append(token)
