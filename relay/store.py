@@ -106,6 +106,7 @@ from tisa.audit import (
 )
 from tisa.errors import Reason, Refused, UsageError
 from tisa.keys import Hash, Hasher, random_id
+from tisa.keys import digest as hash_digest
 from tisa.prekeys import Prekey
 from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
@@ -391,26 +392,27 @@ class BlobWriter:
 
 
 class InlineBlob:
-    """An upload small enough to live in its row: bytes in memory and a running digest.
+    """An upload small enough to live in its row: its bytes in memory.
 
     Same interface as :class:`BlobWriter`; :meth:`place` does nothing (the bytes become
-    durable with the row's commit) and :attr:`data` is the ciphertext.
+    durable with the row's commit) and :attr:`data` is the ciphertext. Its digest is
+    taken once, of the whole (:func:`tisa.keys.digest`, the same bytes as a running
+    :class:`tisa.keys.Hasher`): for an inline report, one piece, that costs half of
+    making a hash state, feeding it and finishing it.
     """
 
-    __slots__ = ("_hasher", "_parts", "written")
+    __slots__ = ("_parts", "written")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
-        self._hasher = Hasher(Hash.CIPHERTEXT)
         self.written = 0
 
     def write(self, data: bytes) -> None:
         self._parts.append(data)
-        self._hasher.update(data)
         self.written += len(data)
 
     def digest(self) -> bytes:
-        return self._hasher.finish()
+        return hash_digest(Hash.CIPHERTEXT, self.data)
 
     def place(self) -> None:
         pass
