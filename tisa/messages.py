@@ -3,7 +3,9 @@
 Each message is a canonical msgpack map whose ``"t"`` names its type; the other keys are
 exactly the fields of its class below. Messages are frozen, keyword-only dataclasses
 checked on construction and on decode; :func:`decode_message` returns one of them or
-raises :class:`~tisa.errors.ProtocolError`, nothing else.
+raises :class:`~tisa.errors.ProtocolError`, nothing else. (:meth:`Message.trusted`
+builds one without the construction check, for values its builder made or checked
+itself: the relay's own answers and deliveries.)
 
 A report of at most :data:`~tisa.limits.MAX_INLINE_CIPHERTEXT` ciphertext bytes moves in
 one message: ``SubmitInline`` (member to relay, with the release tokens sent at once) or
