@@ -412,7 +412,9 @@ class InlineBlob:
         self.written += len(data)
 
     def digest(self) -> bytes:
-        return hash_digest(Hash.CIPHERTEXT, self.data)
+        data = self.data
+        self._parts = [data]  # joined once: data is read again to store it
+        return hash_digest(Hash.CIPHERTEXT, data)
 
     def place(self) -> None:
         pass
