@@ -120,9 +120,16 @@ from relay.store import (
     TokenRow,
 )
 from relay.tokenstore import OWED, PENDING_COLUMNS, TokenTables, pending_values, release_refusal
-from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
+from tisa.audit import (
+    GENESIS,
+    AuditEvent,
+    chain_next,
+    content_hash_of,
+    entry_bytes,
+    sorted_parties,
+)
 from tisa.errors import Reason, Refused, UsageError
-from tisa.keys import Hash, Hasher, digest, random_id
+from tisa.keys import Hash, Hasher, random_id
 from tisa.prekeys import Prekey
 from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
@@ -780,17 +787,8 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
         seq, head = self._seq, self._head
         for event, when, report, token, parties, reason in self._audit_rows:
             seq += 1
-            entry = AuditEntry(
-                seq=seq,
-                time=when,
-                event=event,
-                report=report,
-                token=token,
-                parties=parties,
-                reason=reason,
-            )
-            data = entry.encode()
-            content = digest(Hash.AUDIT, data)
+            data = entry_bytes(seq, when, event, report, token, parties, reason)
+            content = content_hash_of(data)
             head = chain_next(head, content)
             seqs.append(seq)
             encoded.append(data)
@@ -999,7 +997,7 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
         # Inside a step only: the entry joins the open batch, numbered and chained when
         # it commits (_flush_audit), in the same transaction as the change it records.
         self._audit_rows.append(
-            (event, max(now, 0), report, token, tuple(sorted(set(parties), key=str.encode)), reason)
+            (event, max(now, 0), report, token, sorted_parties(parties), reason)
         )
 
     def _audit_read(self) -> None:

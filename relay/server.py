@@ -920,7 +920,9 @@ class Relay:
         conn.upload = None
         result = await self._store_upload(conn, upload)
         if result is not None:
-            await self._reply(conn, Stored(report=upload.report, ack=result[0], released=[]))
+            await self._reply(
+                conn, Stored.trusted(report=upload.report, ack=result[0], released=[])
+            )
 
     async def _submit_inline(self, conn: _Connection, message: SubmitInline) -> None:
         """A small report and its tokens in one step: the report is stored and the
@@ -959,7 +961,8 @@ class Relay:
                 fresh = False
                 released.append(outcome.id)
                 recipients.add(outcome.recipient)
-        await self._reply(conn, Stored(report=row.id, ack=ack, released=released))
+        # Built from what this step checked and made (trusted: no schema check again).
+        await self._reply(conn, Stored.trusted(report=row.id, ack=ack, released=released))
         for refusal in refusals:
             await self._reply(conn, refusal)
         if trace.enabled:
@@ -1725,7 +1728,9 @@ class Relay:
         if inline is not None:
             self._claim(conn, row.id)
             if self._inline_fits(len(inline), len(row.token)):
-                pending.append(DeliverInline(token=row.token, data=inline))
+                # A token released and a ciphertext stored after their checks, and
+                # within MAX_INLINE_CIPHERTEXT (_inline_fits): no schema check again.
+                pending.append(DeliverInline.trusted(token=row.token, data=inline))
             else:  # kept in its row (a raised max_inline_report), streamed on the wire
                 pending.append(Deliver(token=row.token))
                 pending.extend(chunks_of(inline))
@@ -1746,7 +1751,7 @@ class Relay:
                 await conn.link.send(Deliver(token=row.token))
                 # Reads of one chunk each: a report of any size passes in constant memory.
                 while data := blob.read(MAX_CHUNK_DATA):
-                    await conn.link.send(Chunk(data=data))
+                    await conn.link.send(Chunk.trusted(data=data))
                     self._refresh_claim(conn, row.id)  # the peer is taking it
                 await conn.link.send(DeliverEnd(token=row.id))
         self._refresh_claim(conn, row.id)

@@ -95,9 +95,18 @@ from relay.tokenstore import (
     pending_values,
     release_refusal,
 )
-from tisa.audit import GENESIS, AuditEntry, AuditEvent, chain_next
+from tisa.audit import (
+    GENESIS,
+    AuditEntry,
+    AuditEvent,
+    chain_next,
+    content_hash_of,
+    entry_bytes,
+    sorted_parties,
+)
 from tisa.errors import Reason, Refused, UsageError
-from tisa.keys import Hash, Hasher, digest, random_id
+from tisa.keys import Hash, Hasher, random_id
+from tisa.keys import digest as hash_digest
 from tisa.prekeys import Prekey
 from tisa.token import ReleaseToken
 from tisa_io.durable import DurableStore
@@ -132,8 +141,9 @@ DB_NAME = "relay.db"
 # announcements, consent_queue (release requests); 6: prekeys; 7: prekey_rate (one-time
 # prekeys handed to each originator, relay.prekeystore) (5 to 7: new tables only); 8:
 # the reports' expiry index holds only live reports, keyed by expiry alone (_SCHEMA); 9:
-# tokens and receipts number their rows without AUTOINCREMENT (_TOKENS, _RECEIPTS).
-SCHEMA_VERSION = 9
+# tokens and receipts number their rows without AUTOINCREMENT (_TOKENS, _RECEIPTS); 10:
+# the states of tokens and reports checked by comparisons, not an IN list (_rebuild).
+SCHEMA_VERSION = 10
 
 # The tokens' indexes hold only deliveries still owed (OWED, stated literally in every
 # query that should use them: SQLite uses a partial index only then). Indexed only while
@@ -189,8 +199,8 @@ CREATE TABLE IF NOT EXISTS {name} (
     originator TEXT NOT NULL,
     token BLOB NOT NULL,
     counter INTEGER NOT NULL,
-    state TEXT NOT NULL
-        CHECK (state IN ('pending', 'delivered', 'acked', 'revoked', 'expired')),
+    state TEXT NOT NULL CHECK (state = 'pending' OR state = 'delivered' OR state = 'acked'
+        OR state = 'revoked' OR state = 'expired'),
     not_after INTEGER NOT NULL,
     keep_until INTEGER NOT NULL
 );"""
@@ -203,20 +213,22 @@ CREATE TABLE IF NOT EXISTS {name} (
     state TEXT NOT NULL CHECK (state IN ('queued', 'acked'))
 );"""
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS reports (
+_REPORTS = """
+CREATE TABLE IF NOT EXISTS {name} (
     id BLOB PRIMARY KEY,
     originator TEXT NOT NULL,
     size INTEGER NOT NULL,
     digest BLOB NOT NULL,
     path TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('held', 'released', 'deleted')),
+    state TEXT NOT NULL CHECK (state = 'held' OR state = 'released' OR state = 'deleted'),
     ended TEXT,
     expires INTEGER NOT NULL,
     stored_at INTEGER NOT NULL,
     key_commit BLOB,
     data BLOB                      -- the ciphertext of a small report; NULL: blobs/<hex id>
-);
+);"""
+
+_SCHEMA = """{reports}
 -- Live reports by expiry (the sweep). The state is in the condition, not the key, so a
 -- release (held -> released) rewrites its entry in place and a report stored and
 -- released in one batch writes one page of it, not two (a lone report's commit wrote 12
@@ -290,15 +302,26 @@ CREATE TABLE IF NOT EXISTS audit (
     content BLOB NOT NULL,
     head BLOB NOT NULL
 );
-""".format(tokens=_TOKENS.format(name="tokens"), receipts=_RECEIPTS.format(name="receipts"))
+""".format(
+    reports=_REPORTS.format(name="reports"),
+    tokens=_TOKENS.format(name="tokens"),
+    receipts=_RECEIPTS.format(name="receipts"),
+)
 
-# The columns of the tables schema 9 rebuilt, in order (the rows copied over keep their seq).
+# The tables a schema change made again, with their columns in order (the rows copied
+# over keep their rowid, a token's or receipt's seq): tokens and receipts by schema 9,
+# tokens and reports by schema 10.
 _REBUILT = {
     "tokens": (
         _TOKENS,
-        "seq, id, report, recipient, originator, token, counter, state, not_after, keep_until",
+        "rowid, id, report, recipient, originator, token, counter, state, not_after, keep_until",
     ),
-    "receipts": (_RECEIPTS, "seq, originator, token, receipt, state"),
+    "receipts": (_RECEIPTS, "rowid, originator, token, receipt, state"),
+    "reports": (
+        _REPORTS,
+        "rowid, id, originator, size, digest, path, state, ended, expires, stored_at,"
+        " key_commit, data",
+    ),
 }
 
 
@@ -369,26 +392,29 @@ class BlobWriter:
 
 
 class InlineBlob:
-    """An upload small enough to live in its row: bytes in memory and a running digest.
+    """An upload small enough to live in its row: its bytes in memory.
 
     Same interface as :class:`BlobWriter`; :meth:`place` does nothing (the bytes become
-    durable with the row's commit) and :attr:`data` is the ciphertext.
+    durable with the row's commit) and :attr:`data` is the ciphertext. Its digest is
+    taken once, of the whole (:func:`tisa.keys.digest`, the same bytes as a running
+    :class:`tisa.keys.Hasher`): for an inline report, one piece, that costs half of
+    making a hash state, feeding it and finishing it.
     """
 
-    __slots__ = ("_hasher", "_parts", "written")
+    __slots__ = ("_parts", "written")
 
     def __init__(self) -> None:
         self._parts: list[bytes] = []
-        self._hasher = Hasher(Hash.CIPHERTEXT)
         self.written = 0
 
     def write(self, data: bytes) -> None:
         self._parts.append(data)
-        self._hasher.update(data)
         self.written += len(data)
 
     def digest(self) -> bytes:
-        return self._hasher.finish()
+        data = self.data
+        self._parts = [data]  # joined once: data is read again to store it
+        return hash_digest(Hash.CIPHERTEXT, data)
 
     def place(self) -> None:
         pass
@@ -453,7 +479,7 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         # Freed pages are zeroed, so a dropped token (and its sealed key) leaves no copy.
         self._db.execute("PRAGMA secure_delete=ON")
         version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        if version not in (0, 2, 3, 4, 5, 6, 7, 8, SCHEMA_VERSION):
+        if version not in (0, 2, 3, 4, 5, 6, 7, 8, 9, SCHEMA_VERSION):
             self._db.close()
             raise UsageError(f"relay store schema {version}; this relay knows {SCHEMA_VERSION}")
         if version == 2:
@@ -466,7 +492,9 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             # Replaced by reports_live.
             self._db.execute("DROP INDEX IF EXISTS reports_expiry")
         if version in (2, 3, 4, 5, 6, 7, 8):
-            self._rebuild_without_autoincrement()
+            self._rebuild(("tokens", "receipts", "reports"))
+        elif version == 9:
+            self._rebuild(("tokens", "reports"))
         # Every statement is idempotent (IF NOT EXISTS), so no transaction is needed.
         self._db.executescript(_SCHEMA)
         self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
@@ -476,19 +504,24 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         self.fsync_wal()
         _fsync_dir(self.directory)
 
-    def _rebuild_without_autoincrement(self) -> None:
-        # Schema 9: the tables of _REBUILT are made again without AUTOINCREMENT (no ALTER
-        # drops it), every row copied with its seq, in one transaction; their indexes go
-        # with the old table and _SCHEMA makes them again. A seq taken by a token row
-        # deleted before may be used again once: no pusher's position (kept in memory)
-        # outlives the restart.
+    def _rebuild(self, names: tuple[str, ...]) -> None:
+        # The tables ``names`` of _REBUILT are made again as _SCHEMA has them now (no
+        # ALTER changes a column's constraint), every row copied with its rowid, in one
+        # transaction; their indexes go with the old table and _SCHEMA makes them again.
+        # Schema 9: tokens and receipts without AUTOINCREMENT (a seq taken by a token row
+        # deleted before may be used again once: no pusher's position, kept in memory,
+        # outlives the restart). Schema 10: tokens and reports with their state checked
+        # by comparisons, not an IN list, for which SQLite builds a temporary table at
+        # every row written (some 30,000 instructions, as much as the write itself).
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            for name, (table, columns) in _REBUILT.items():
-                self._db.execute(table.format(name=f"{name}_9"))
-                self._db.execute(f"INSERT INTO {name}_9 ({columns}) SELECT {columns} FROM {name}")
+            for name in names:
+                table, columns = _REBUILT[name]
+                new = f"{name}_{SCHEMA_VERSION}"
+                self._db.execute(table.format(name=new))
+                self._db.execute(f"INSERT INTO {new} ({columns}) SELECT {columns} FROM {name}")
                 self._db.execute(f"DROP TABLE {name}")
-                self._db.execute(f"ALTER TABLE {name}_9 RENAME TO {name}")
+                self._db.execute(f"ALTER TABLE {new} RENAME TO {name}")
             self._db.execute("DELETE FROM sqlite_sequence WHERE name IN ('tokens', 'receipts')")
         except BaseException:
             self._db.execute("ROLLBACK")
@@ -621,22 +654,16 @@ class Store(TokenTables, PrekeyTables, DurableStore):
         reason: str | None = None,
     ) -> AuditEntry:
         # Called inside a transaction only: the entry commits with the change it records.
-        entry = AuditEntry(
-            seq=self._seq + 1,
-            time=max(now, 0),
-            event=event,
-            report=report,
-            token=token,
-            parties=tuple(sorted(set(parties), key=str.encode)),
-            reason=reason,
-        )
-        # Encoded once: content_hash is H_audit of this same encoding.
-        encoded = entry.encode()
-        content = digest(Hash.AUDIT, encoded)
+        # Its fields are the relay's own (ints, ids, names): encoded without the
+        # entry's keyword handling and generic checks (tisa.audit.entry_bytes).
+        seq, time, names = self._seq + 1, max(now, 0), sorted_parties(parties)
+        encoded = entry_bytes(seq, time, event, report, token, names, reason)
+        content = content_hash_of(encoded)
         head = chain_next(self._head, content)
-        self._audit_rows.append((entry.seq, encoded, content, head))
-        self._seq, self._head = entry.seq, head
+        self._audit_rows.append((seq, encoded, content, head))
+        self._seq, self._head = seq, head
         # Its log line (event_line) is written once the batch is on disk (_log_events).
+        entry = AuditEntry.built(seq, time, event, report, token, names, reason)
         self._events.append(entry)
         return entry
 

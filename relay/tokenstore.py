@@ -35,6 +35,7 @@ from tisa.receipt import Receipt
 from tisa.token import MAX_VALIDITY, ReleaseToken
 
 __all__ = [
+    "FORWARDED_KEPT",
     "ID_LIST_SIZES",
     "OUTSTANDING",
     "OWED",
@@ -65,6 +66,14 @@ TOKEN_COLUMNS = "seq, id, report, recipient, originator, token, counter, state, 
 # takes one statement per the largest.
 ID_LIST_SIZES = (1, 4, 16, 64)
 _REPORT_COLUMNS = "id, originator, size, digest, state, ended, expires, stored_at"
+
+# Deliveries this process marked forwarded whose originator and report it keeps in
+# memory (TokenTables._forwarded), so that their ack, nearly every one, is an UPDATE
+# without RETURNING: SQLite gathers a RETURNING's rows in a temporary table, which cost
+# about as much again as the update itself. Beyond this many the oldest is dropped; the
+# ack of a delivery not kept (or forwarded by another relay process) returns its row as
+# before.
+FORWARDED_KEPT = 4096
 
 
 class StoreUnavailable(LocalError):
@@ -244,6 +253,20 @@ class TokenTables(ConsentTables):
     # Appended to a SELECT of one row a step goes on to change: a row lock where other
     # writers run at the same time (PostgreSQL), nothing with one writer (SQLite).
     _FOR_UPDATE = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        # Token id -> (originator, report) of deliveries marked forwarded (FORWARDED_KEPT).
+        # A delivery goes out only once its release is on disk, and a token row's
+        # originator and report never change: an entry stays true whatever batch is
+        # rolled back later (a row since deleted is simply not found by the ack).
+        self._forwarded: dict[bytes, tuple[str, bytes]] = {}
+
+    def _keep_forwarded(self, token_id: bytes, originator: str, report: bytes) -> None:
+        if len(self._forwarded) >= FORWARDED_KEPT:
+            del self._forwarded[next(iter(self._forwarded))]  # the oldest
+        self._forwarded[token_id] = (originator, report)
+
     # Appended to the SELECT of rows an expiry changes: skip those another batch holds.
     _SKIP_LOCKED = ""
 
@@ -359,13 +382,15 @@ class TokenTables(ConsentTables):
             ).fetchone()
             if row is None:
                 return
+            originator, report = str(row[0]), bytes(row[2])
             self._audit(
                 AuditEvent.FORWARDED,
                 now=now,
-                parties=(str(row[0]), str(row[1])),
-                report=bytes(row[2]),
+                parties=(originator, str(row[1])),
+                report=report,
                 token=token_id,
             )
+            self._keep_forwarded(token_id, originator, report)
 
     def mark_forwarded_many(self, rows: Sequence[TokenRow], *, now: int) -> None:
         """Deliveries that went out in full, together (the small ones of one write), as
@@ -396,6 +421,7 @@ class TokenTables(ConsentTables):
                         report=row.report,
                         token=row.id,
                     )
+                    self._keep_forwarded(row.id, row.originator, row.report)
 
     def ack_delivery(self, token_id: bytes, *, recipient: str, now: int) -> bool:
         """The recipient holds the report. Returns False for an unknown or foreign token;
@@ -405,19 +431,37 @@ class TokenTables(ConsentTables):
             # with it the sealed content key, which the relay has no reason to keep.
             # One statement checks and writes in the usual case (the delivery was
             # marked forwarded); RETURNING gives only the new values, so each state the
-            # ack may find gets a statement of its own.
-            for before in ("delivered", "pending"):
-                row = self._sql(
-                    "UPDATE tokens SET state = 'acked', token = ?"
-                    " WHERE id = ? AND recipient = ? AND state = ? RETURNING originator, report",
-                    (b"", token_id, recipient, before),
-                ).fetchone()
-                if row is not None:
-                    break
-            else:
-                known = self.token(token_id)
-                return known is not None and known.recipient == recipient
+            # ack may find gets a statement of its own. A delivery this process marked
+            # forwarded needs no RETURNING: its originator and report are kept.
+            kept = self._forwarded.get(token_id)
+            befores: tuple[str, ...] = ("delivered", "pending")
+            row: Any = None
+            if kept is not None:
+                if (
+                    self._sql(
+                        "UPDATE tokens SET state = 'acked', token = ?"
+                        " WHERE id = ? AND recipient = ? AND state = 'delivered'",
+                        (b"", token_id, recipient),
+                    ).rowcount
+                    == 1
+                ):
+                    row, before = kept, "delivered"
+                else:
+                    befores = ("pending",)
+            if row is None:
+                for before in befores:
+                    row = self._sql(
+                        "UPDATE tokens SET state = 'acked', token = ? WHERE id = ?"
+                        " AND recipient = ? AND state = ? RETURNING originator, report",
+                        (b"", token_id, recipient, before),
+                    ).fetchone()
+                    if row is not None:
+                        break
+                else:
+                    known = self.token(token_id)
+                    return known is not None and known.recipient == recipient
             originator, report = str(row[0]), bytes(row[1])
+            self._forwarded.pop(token_id, None)
             if before == "pending":
                 # The ack overtook mark_forwarded: the delivery did go out in full.
                 self._audit(

@@ -23,6 +23,9 @@ from tisa.audit import (
     Checkpoint,
     Extract,
     chain_next,
+    content_hash_of,
+    entry_bytes,
+    sorted_parties,
     verify_extract,
 )
 from tisa.errors import ProtocolError, Reason, Refused, VerificationError
@@ -413,3 +416,61 @@ def test_entry_fast_encoding_is_the_canonical_encoding(
     if report is not None:
         with pytest.raises(ProtocolError):
             dataclasses.replace(entry, report=bytearray(report)).encode()
+
+
+# Names whose order by code point differs from their order by UTF-8 bytes (U+FFFF sorts
+# after U+10000 as a str, before it as UTF-8), and plain ones.
+_names = st.sampled_from(["seoul", "tokyo", "a", "\uffff", "\U00010000", "\u00e9"]) | st.text(
+    min_size=1, max_size=8
+)
+
+
+@given(parties=st.lists(_names, min_size=1, max_size=6))
+def test_sorted_parties_is_the_canonical_order_without_repeats(parties: list[str]) -> None:
+    want = tuple(sorted(set(parties), key=str.encode))
+    assert sorted_parties(parties) == want
+    assert sorted_parties(tuple(parties)) == want
+
+
+def test_sorted_parties_orders_two_names_by_their_bytes() -> None:
+    assert sorted_parties(("\U00010000", "\uffff")) == ("\uffff", "\U00010000")
+    assert sorted_parties(("tokyo", "seoul")) == ("seoul", "tokyo")
+    assert sorted_parties(("seoul", "seoul")) == ("seoul",)
+
+
+_entries = st.builds(
+    AuditEntry,
+    seq=st.integers(1, 2**63),
+    time=st.integers(0, 2**64 - 1),
+    event=st.sampled_from(list(AuditEvent)),
+    report=st.none() | st.binary(min_size=16, max_size=16),
+    token=st.none() | st.binary(min_size=16, max_size=16),
+    parties=st.lists(_names, max_size=5).map(tuple),
+    reason=st.none() | st.text(max_size=64),
+)
+
+
+@given(entry=_entries)
+def test_the_relays_entry_path_gives_the_entrys_bytes_and_hashes(entry: AuditEntry) -> None:
+    # relay.store.Store._audit: sorted_parties, entry_bytes, content_hash_of,
+    # chain_next and AuditEntry.built, against the entry made and hashed as before.
+    seq, time, event, report, token, parties, reason = (
+        entry.seq,
+        entry.time,
+        entry.event,
+        entry.report,
+        entry.token,
+        entry.parties,
+        entry.reason,
+    )
+    names = sorted_parties(parties)
+    encoded = entry_bytes(seq, time, event, report, token, names, reason)
+    assert encoded == entry.encode()
+    assert content_hash_of(encoded) == digest(Hash.AUDIT, encoded) == entry.content_hash
+    head = digest(Hash.CIPHERTEXT, encoded)  # any 32 bytes
+    assert chain_next(head, entry.content_hash) == digest(
+        Hash.AUDIT_CHAIN, head + entry.content_hash
+    )
+    built = AuditEntry.built(seq, time, event, report, token, names, reason)
+    assert built == dataclasses.replace(entry, parties=names)
+    assert built.encode() == encoded

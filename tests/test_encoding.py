@@ -510,6 +510,26 @@ def test_list_of_limits() -> None:
         check([1, "2"], "f")
 
 
+def test_list_of_names_the_first_bad_item_without_building_paths_for_good_ones() -> None:
+    paths: list[str] = []
+
+    def item(value: Any, path: str) -> Any:
+        paths.append(path)
+        if value < 0:
+            raise ProtocolError(f"{path}: negative")
+        return value
+
+    check = enc.list_of(item, max_items=8)
+    assert check([1, 2, 3], "f") == [1, 2, 3]
+    assert paths == ["f", "f", "f"]  # no "f[i]" built while every item passes
+    with pytest.raises(ProtocolError, match=r"^f\[2\]: negative$"):
+        check([1, 2, -3, -4], "f")
+    # In a map, the message's path is prefixed as before.
+    fields: dict[str, enc.Field] = {"l": enc.list_of(enc.uint(9), max_items=4)}
+    with pytest.raises(ProtocolError, match=r"^m\.l\[1\]: 10 outside 0\.\.9$"):
+        enc.check_map({"l": [1, 10, 11]}, fields, "m")
+
+
 def test_list_of_unique_and_sorted() -> None:
     unique = enc.list_of(enc.text(8), max_items=8, unique=True)
     assert unique(["b", "a"], "f") == ["b", "a"]

@@ -394,3 +394,49 @@ def test_consent_size_limit() -> None:
             cls(kind="announce", data=b"n" * (MAX_CONSENT_SIZE + 1))
         with pytest.raises(UsageError):
             cls(kind="approve", data=b"n")
+
+
+# The messages the relay builds with Message.trusted (relay/server.py), at their limits.
+_TRUSTED_CASES: list[tuple[type[Message], dict[str, Any]]] = [
+    (Stored, {"report": RID, "ack": b"\x01" * 8192, "released": []}),
+    (Stored, {"report": RID, "ack": b"a", "released": [bytes([n]) * 16 for n in range(4)]}),
+    (DeliverInline, {"token": b"t" * 700, "data": b"\x00" * MAX_INLINE_CIPHERTEXT}),
+    (DeliverInline, {"token": b"t", "data": b"d"}),
+    (Chunk, {"data": b"\xff" * MAX_CHUNK_DATA}),
+    (Chunk, {"data": b"c"}),
+]
+
+
+@pytest.mark.parametrize(("cls", "fields"), _TRUSTED_CASES)
+def test_trusted_construction_encodes_the_same_bytes(
+    cls: type[Message], fields: dict[str, Any]
+) -> None:
+    checked = cls(**fields)
+    trusted = cls.trusted(**fields)
+    assert type(trusted) is cls
+    assert trusted == checked
+    assert encode_message(trusted) == encode_message(checked)
+    assert decode_message(encode_message(trusted)) == checked
+
+
+def test_trusted_construction_checks_the_field_names_only() -> None:
+    with pytest.raises(UsageError, match="stored: fields"):
+        Stored.trusted(report=RID, ack=b"a")  # no default filled in: every field named
+    with pytest.raises(UsageError, match="deliver_inline: fields"):
+        DeliverInline.trusted(token=b"t", data=b"d", extra=1)
+
+
+@pytest.mark.parametrize(
+    ("cls", "fields"),
+    [
+        (Stored, {"report": RID[:15], "ack": b"a", "released": []}),
+        (Stored, {"report": RID, "ack": b"a", "released": [RID] * (MAX_INLINE_TOKENS + 1)}),
+        (DeliverInline, {"token": b"t", "data": b""}),
+        (DeliverInline, {"token": b"t", "data": b"d" * (MAX_INLINE_CIPHERTEXT + 1)}),
+        (Chunk, {"data": b"c" * (MAX_CHUNK_DATA + 1)}),
+        (Chunk, {"data": "text"}),
+    ],
+)
+def test_untrusted_construction_still_checks(cls: type[Message], fields: dict[str, Any]) -> None:
+    with pytest.raises(UsageError):
+        cls(**fields)

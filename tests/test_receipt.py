@@ -11,11 +11,14 @@ from conftest import make_trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import tisa.receipt
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement
 from tisa.audit import Checkpoint
+from tisa.envelope import seal_envelope
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
 from tisa.keys import Context, MemberSecret
+from tisa.limits import MAX_REPORT_SIZE
 from tisa.receipt import MAX_RECEIPT_SIZE, Receipt, StoredAck
 
 ARRANGEMENT, SECRETS = make_trio()
@@ -325,3 +328,48 @@ def test_issued_bytes_verify_to_the_issued_value() -> None:
     ack = issue_ack()
     assert StoredAck.verify(ack.encoded, ARRANGEMENT) == ack
     assert StoredAck.verify(ack.encoded, ARRANGEMENT).encoded == ack.encoded
+
+
+class _Name(str):
+    pass
+
+
+class _Size(int):
+    pass
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"size": 1, "stored": 0},
+        {"size": MAX_REPORT_SIZE, "stored": 2**64 - 1},
+        # Subclasses take the general encoding: the same bytes all the same.
+        {"originator": _Name("seoul")},
+        {"size": _Size(1089)},
+    ],
+)
+def test_a_stored_ack_is_the_envelope_of_its_canonical_body(
+    changes: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = all(type(value) in (int, str, bytes) for value in changes.values())
+    if plain:  # the relay's case: no generic encoding of the body
+
+        def walked(*args: object) -> bytes:
+            raise AssertionError("the body went through pack's walk")
+
+        monkeypatch.setattr(tisa.receipt, "seal_envelope", walked)
+    ack = issue_ack(**changes)
+    monkeypatch.undo()
+    values: dict[str, Any] = {
+        "report": REPORT,
+        "originator": "seoul",
+        "digest": DIGEST,
+        "size": 1089,
+        "stored": NOW,
+        **changes,
+    }
+    body = {"v": 1, "arrangement": ARRANGEMENT.id, **values}
+    # Ed25519 signatures are deterministic: the whole envelope is the same bytes.
+    assert ack.encoded == seal_envelope(SECRETS["washington"], Context.ACK, body)
+    assert StoredAck.verify(ack.encoded, ARRANGEMENT) == ack

@@ -418,3 +418,36 @@ async def test_an_inline_resend_is_answered_as_before_whatever_its_bytes(
             await seoul.send(inline(fresh, data=bytes(len(fresh.ciphertext))))
             refusal = await expect(seoul, Refusal)
             assert (refusal.ref, refusal.reason) == (fresh.report_id, Reason.WRONG_REPORT.value)
+
+
+@pytest.mark.parametrize("pieces", [[b"x"], [b"ab", b"", b"c" * 5000], [bytes(range(256)) * 300]])
+def test_an_inline_uploads_digest_is_taken_once_of_the_whole(
+    pieces: list[bytes], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import relay.store
+    from tisa.keys import Hash, Hasher
+
+    store = relay.store.Store(tmp_path)
+    try:
+        # What a streamed upload's running hash gives, taken before InlineBlob is made.
+        writer = store.begin_upload(b"\x01" * 16)
+        for piece in pieces:
+            writer.write(piece)
+        streamed = writer.digest()
+        writer.abort()
+        running = Hasher(Hash.CIPHERTEXT)
+        for piece in pieces:
+            running.update(piece)
+        assert streamed == running.finish()
+
+        def no_state(*args: object, **kwargs: object) -> None:
+            raise AssertionError("an inline upload makes no hash state")
+
+        monkeypatch.setattr(relay.store, "Hasher", no_state)
+        inline = store.begin_upload(b"\x02" * 16, inline=True)
+        for piece in pieces:
+            inline.write(piece)
+        assert inline.digest() == streamed
+        assert inline.data == b"".join(pieces) and inline.written == len(inline.data)
+    finally:
+        store.close()

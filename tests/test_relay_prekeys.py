@@ -317,7 +317,7 @@ def test_a_version_4_to_6_store_gains_the_prekey_tables(tmp_path: Path, version:
     finally:
         store.close()
     db = sqlite3.connect(tmp_path / "relay.db")
-    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
     db.close()
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.store import SCHEMA_VERSION, Store
+from relay.store import _INSERT_RELEASED_REPORT, SCHEMA_VERSION, Store
 from tisa.audit import GENESIS, AuditEntry, chain_next
 from tisa.errors import Reason, Refused
 from tisa.keys import Hash, digest
@@ -297,7 +297,7 @@ def test_a_schema_7_store_gets_the_live_reports_index(tmp_path: Path, world: Wor
             )
         }
         assert indexes == {"reports_live"}
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
         # The held report past its time is found and expired through it.
         assert store.expire(now=NOW + 11, clock_skew=0) == {"seoul"}
         report_row = store.report(report.report_id)
@@ -317,6 +317,19 @@ def _receipt(world: World, token: ReleaseToken) -> Receipt:
         digest=b"\x00" * 32,
         received=NOW,
     )
+
+
+def _indexes(store: Store, *tables: str) -> set[str]:
+    """The names of the indexes made on ``tables`` (not SQLite's own)."""
+    marks = ", ".join("?" * len(tables))
+    return {
+        str(row[0])
+        for row in store._db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index'"
+            f" AND tbl_name IN ({marks}) AND sql IS NOT NULL",
+            tables,
+        )
+    }
 
 
 def _table_sql(store: Store, name: str) -> str:
@@ -375,6 +388,17 @@ def test_the_newest_token_row_outlives_its_keep_time_so_no_seq_is_given_twice(
         store.close()
 
 
+# The tokens' indexes as schemas 8 and 9 had them (and 10 has them).
+_TOKEN_INDEXES = (
+    "CREATE INDEX tokens_owed ON tokens (recipient, seq)"
+    " WHERE state IN ('pending', 'delivered');"
+    "CREATE INDEX tokens_owed_report ON tokens (report)"
+    " WHERE state IN ('pending', 'delivered');"
+    "CREATE INDEX tokens_owed_expiry ON tokens (not_after)"
+    " WHERE state IN ('pending', 'delivered');"
+)
+
+
 def _make_schema_8(store: Store) -> None:
     """Turn ``store`` into what a schema-8 relay left: tokens and receipts numbered by
     AUTOINCREMENT (their counter rows in sqlite_sequence)."""
@@ -395,18 +419,14 @@ def _make_schema_8(store: Store) -> None:
             f"ALTER TABLE {name}_8 RENAME TO {name};"
         )
     store._db.executescript(
-        "CREATE INDEX tokens_owed ON tokens (recipient, seq)"
-        " WHERE state IN ('pending', 'delivered');"
-        "CREATE INDEX tokens_owed_report ON tokens (report)"
-        " WHERE state IN ('pending', 'delivered');"
-        "CREATE INDEX tokens_owed_expiry ON tokens (not_after)"
-        " WHERE state IN ('pending', 'delivered');"
-        "CREATE INDEX receipts_originator ON receipts (originator, state, seq);"
+        _TOKEN_INDEXES + "CREATE INDEX receipts_originator ON receipts (originator, state, seq);"
         "PRAGMA user_version=8;"
     )
 
 
-def test_a_schema_8_store_opens_at_9_with_nothing_lost(tmp_path: Path, world: World) -> None:
+def test_a_schema_8_store_opens_at_the_current_schema_with_nothing_lost(
+    tmp_path: Path, world: World
+) -> None:
     store = Store(tmp_path)
     tokens = [_store_and_release(store, world) for _ in range(4)]
     store.mark_forwarded(tokens[0].id, now=NOW)
@@ -422,7 +442,7 @@ def test_a_schema_8_store_opens_at_9_with_nothing_lost(tmp_path: Path, world: Wo
     store.close()
     store = Store(tmp_path)
     try:
-        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 9
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
         assert "AUTOINCREMENT" not in _table_sql(store, "tokens")
         assert "AUTOINCREMENT" not in _table_sql(store, "receipts")
         # Every row, with its seq and state, and the indexes of _SCHEMA.
@@ -430,14 +450,7 @@ def test_a_schema_8_store_opens_at_9_with_nothing_lost(tmp_path: Path, world: Wo
         assert store._db.execute("SELECT * FROM receipts ORDER BY seq").fetchall() == (
             receipts_before
         )
-        indexes = {
-            str(row[0])
-            for row in store._db.execute(
-                "SELECT name FROM sqlite_master WHERE type = 'index'"
-                " AND tbl_name IN ('tokens', 'receipts') AND sql IS NOT NULL"
-            )
-        }
-        assert indexes == {
+        assert _indexes(store, "tokens", "receipts") == {
             "tokens_owed",
             "tokens_owed_report",
             "tokens_owed_expiry",
@@ -543,5 +556,115 @@ def test_a_second_release_of_a_report_leaves_its_row_alone(tmp_path: Path) -> No
         ).fetchone()[0]
         assert pinned == first.key_commit == second.key_commit
         assert [r.id for r in store.outstanding("canberra")] == [second.id]
+    finally:
+        store.close()
+
+
+_IN_CHECKS = {
+    "tokens": "CHECK (state IN ('pending', 'delivered', 'acked', 'revoked', 'expired'))",
+    "reports": "CHECK (state IN ('held', 'released', 'deleted'))",
+}
+
+
+def _make_schema_9(store: Store) -> None:
+    """Turn ``store`` into what a schema-9 relay left: the states of tokens and reports
+    checked by an IN list (its indexes made again as schema 9 had them)."""
+    for name, columns in (
+        ("tokens", "seq, id, report, recipient, originator, token, counter, state, not_after,"
+         " keep_until"),
+        ("reports", "rowid, id, originator, size, digest, path, state, ended, expires,"
+         " stored_at, key_commit, data"),
+    ):  # fmt: skip
+        table = _table_sql(store, name)
+        start = table.index("CHECK (state =")
+        end = table.index("),", start) + 1
+        table = (table[:start] + _IN_CHECKS[name] + table[end:]).replace(
+            f"CREATE TABLE {name}", f"CREATE TABLE {name}_old", 1
+        )
+        store._db.executescript(
+            f"{table};"
+            f"INSERT INTO {name}_old ({columns}) SELECT {columns} FROM {name};"
+            f"DROP TABLE {name};"
+            f"ALTER TABLE {name}_old RENAME TO {name};"
+        )
+    store._db.executescript(
+        _TOKEN_INDEXES
+        + "CREATE INDEX reports_live ON reports (expires) WHERE state IN ('held', 'released');"
+        "PRAGMA user_version=9;"
+    )
+
+
+def _temporary_tables(store: Store, sql: str) -> int:
+    # The temporary tables a statement opens (SQLite's OpenEphemeral; an IN list of
+    # three or more constants in a CHECK opens one at every row written).
+    program = store._db.execute("EXPLAIN " + sql, (b"",) * sql.count("?")).fetchall()
+    return sum(row[1] == "OpenEphemeral" for row in program)
+
+
+_STATE_WRITES = (
+    "UPDATE tokens SET state = 'acked', token = ? WHERE id = ? AND state = 'delivered'",
+    "UPDATE reports SET state = 'released' WHERE id = ?",
+)
+
+
+def test_a_schema_9_store_opens_at_10_with_nothing_lost_and_states_checked_as_before(
+    tmp_path: Path, world: World
+) -> None:
+    store = Store(tmp_path)
+    tokens = [_store_and_release(store, world) for _ in range(3)]
+    store.mark_forwarded(tokens[0].id, now=NOW)
+    assert store.ack_delivery(tokens[0].id, recipient="tokyo", now=NOW)
+    held = _add_report(store, world, expires=NOW + 60)
+    _make_schema_9(store)
+    assert "state IN" in _table_sql(store, "tokens") and "state IN" in _table_sql(store, "reports")
+    assert all(_temporary_tables(store, sql) == 1 for sql in _STATE_WRITES)
+    before = {
+        name: store._db.execute(f"SELECT rowid, * FROM {name} ORDER BY rowid").fetchall()
+        for name in ("tokens", "reports")
+    }
+    head = store.audit_head
+    store.close()
+    store = Store(tmp_path)
+    try:
+        assert store._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 10
+        # Every row with its rowid (a token's seq), the indexes, the audit chain.
+        for name, rows in before.items():
+            assert store._db.execute(f"SELECT rowid, * FROM {name} ORDER BY rowid").fetchall() == (
+                rows
+            )
+        assert _indexes(store, "tokens", "reports") == {
+            "tokens_owed",
+            "tokens_owed_report",
+            "tokens_owed_expiry",
+            "reports_live",
+        }
+        assert store.audit_head == head and _chain_ok(store) == store.audit_seq
+        # No temporary table per row written now, and the states are checked as before.
+        assert "state IN" not in _table_sql(store, "tokens") + _table_sql(store, "reports")
+        assert all(_temporary_tables(store, sql) == 0 for sql in _STATE_WRITES)
+        for sql, params in (
+            ("UPDATE tokens SET state = ? WHERE id = ?", ("forwarded", tokens[1].id)),
+            ("UPDATE reports SET state = ? WHERE id = ?", ("gone", held.report_id)),
+            ("UPDATE reports SET state = ? WHERE id = ?", (None, held.report_id)),
+        ):
+            with pytest.raises(sqlite3.IntegrityError):
+                store._db.execute(sql, params)
+        # The store goes on: owed deliveries found, a replay refused, a new token after.
+        assert [row.id for row in store.outstanding("tokyo")] == [tokens[1].id, tokens[2].id]
+        with pytest.raises(Refused) as refused:
+            store.release(tokens[0], now=NOW, max_queue=100)
+        assert refused.value.reason is Reason.REPLAYED
+        newer = _store_and_release(store, world)
+        assert store.token(newer.id).seq == 4  # type: ignore[union-attr]
+        assert store.report(held.report_id).state == "held"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_a_fresh_stores_writes_of_a_state_open_no_temporary_table(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    try:
+        assert all(_temporary_tables(store, sql) == 0 for sql in _STATE_WRITES)
+        assert _temporary_tables(store, _INSERT_RELEASED_REPORT) == 0
     finally:
         store.close()

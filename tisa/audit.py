@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import hashlib
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ from tisa import encoding as enc
 from tisa.arrangement import MAX_MEMBERS, Arrangement
 from tisa.envelope import open_envelope, seal_envelope
 from tisa.errors import Reason, Refused, UsageError, VerificationError
-from tisa.keys import DIGEST_SIZE, Context, Hash, MemberSecret, digest, verify
+from tisa.keys import DIGEST_SIZE, Context, Hash, MemberSecret, verify
 from tisa.limits import MAX_NAME
 
 __all__ = [
@@ -37,6 +38,9 @@ __all__ = [
     "Extract",
     "chain_next",
     "checkpoints_conflict",
+    "content_hash_of",
+    "entry_bytes",
+    "sorted_parties",
     "verify_extract",
 ]
 
@@ -120,42 +124,40 @@ class AuditEntry:
 
     def encode(self) -> bytes:
         """The canonical encoding, which :attr:`content_hash` covers (``parties`` sorted)."""
-        parties = sorted(set(self.parties), key=str.encode)
-        if (
-            type(self.seq) is int
-            and type(self.time) is int
-            and type(self.report) in _ID_TYPES
-            and type(self.token) in _ID_TYPES
-            and type(self.reason) in _REASON_TYPES
-            and all(type(party) is str for party in parties)
-        ):
-            # The relay writes an entry for every step of every report: with the field
-            # types known, pack_checked gives the canonical bytes without pack's walk
-            # (a test checks this against enc.pack for arbitrary entries).
-            return enc.pack_checked(
-                {
-                    "event": self.event.value,
-                    "parties": parties,
-                    "reason": self.reason,
-                    "report": self.report,
-                    "seq": self.seq,
-                    "time": self.time,
-                    "token": self.token,
-                    "v": 1,
-                }
-            )
-        return enc.pack(
-            {
-                "v": 1,
-                "seq": self.seq,
-                "time": self.time,
-                "event": self.event.value,
-                "report": self.report,
-                "token": self.token,
-                "parties": parties,
-                "reason": self.reason,
-            }
+        return entry_bytes(
+            self.seq,
+            self.time,
+            self.event,
+            self.report,
+            self.token,
+            sorted_parties(self.parties),
+            self.reason,
         )
+
+    @classmethod
+    def built(
+        cls,
+        seq: int,
+        time: int,
+        event: AuditEvent,
+        report: bytes | None,
+        token: bytes | None,
+        parties: tuple[str, ...],
+        reason: str | None,
+    ) -> AuditEntry:
+        """The entry of these fields, as the constructor makes it, without its keyword
+        handling: for the relay, which makes one for every step of every report (the
+        fields as :meth:`encode` covers them, ``parties`` from :func:`sorted_parties`)."""
+        entry = object.__new__(cls)
+        put = object.__setattr__
+        put(entry, "seq", seq)
+        put(entry, "time", time)
+        put(entry, "event", event)
+        put(entry, "report", report)
+        put(entry, "token", token)
+        put(entry, "parties", parties)
+        put(entry, "reason", reason)
+        return entry
 
     @classmethod
     def decode(cls, data: bytes) -> AuditEntry:
@@ -178,12 +180,92 @@ class AuditEntry:
     @property
     def content_hash(self) -> bytes:
         """The content hash ``c_i`` that the chain links: ``H_audit`` of :meth:`encode`."""
-        return digest(Hash.AUDIT, self.encode())
+        return content_hash_of(self.encode())
+
+
+def sorted_parties(parties: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """``parties`` without repeats, in the order of their UTF-8 bytes (the canonical
+    order of an entry's ``parties``); one or two names (nearly every entry) without
+    a general sort."""
+    if len(parties) == 1:
+        return (parties[0],)
+    if len(parties) == 2:
+        first, second = parties
+        if first == second:
+            return (first,)
+        return (first, second) if first.encode() < second.encode() else (second, first)
+    return tuple(sorted(set(parties), key=str.encode))
+
+
+def entry_bytes(
+    seq: int,
+    time: int,
+    event: AuditEvent,
+    report: bytes | None,
+    token: bytes | None,
+    parties: tuple[str, ...],
+    reason: str | None,
+) -> bytes:
+    """The canonical encoding of the entry of these fields, ``parties`` already as
+    :func:`sorted_parties` gives them (what :meth:`AuditEntry.encode` returns)."""
+    if (
+        type(seq) is int
+        and type(time) is int
+        and type(report) in _ID_TYPES
+        and type(token) in _ID_TYPES
+        and type(reason) in _REASON_TYPES
+        and all(type(party) is str for party in parties)
+    ):
+        # The relay writes an entry for every step of every report: with the field
+        # types known, pack_checked gives the canonical bytes without pack's walk (a
+        # test checks this against enc.pack for arbitrary entries).
+        return enc.pack_checked(
+            {
+                "event": event._value_,
+                "parties": parties,
+                "reason": reason,
+                "report": report,
+                "seq": seq,
+                "time": time,
+                "token": token,
+                "v": 1,
+            }
+        )
+    return enc.pack(
+        {
+            "v": 1,
+            "seq": seq,
+            "time": time,
+            "event": event.value,
+            "report": report,
+            "token": token,
+            "parties": list(parties),
+            "reason": reason,
+        }
+    )
+
+
+# H_audit and H_chain (tisa.keys.digest's BLAKE2b-256 with their personalisations),
+# each state made once and copied per hash: a copy costs less than making the state
+# with its parameter block, twice for every entry the relay writes (a test compares
+# both with tisa.keys.digest).
+_AUDIT_STATE = hashlib.blake2b(digest_size=DIGEST_SIZE, person=Hash.AUDIT._value_)
+_CHAIN_STATE = hashlib.blake2b(digest_size=DIGEST_SIZE, person=Hash.AUDIT_CHAIN._value_)
+
+
+def content_hash_of(encoded: bytes) -> bytes:
+    """``H_audit(encoded)``: the content hash of the entry whose encoding is ``encoded``."""
+    state = _AUDIT_STATE.copy()
+    state.update(encoded)
+    return state.digest()
 
 
 def chain_next(head: bytes, content_hash: bytes) -> bytes:
     """The chain value after appending an entry with ``content_hash``."""
-    return digest(Hash.AUDIT_CHAIN, head + content_hash)
+    state = _CHAIN_STATE.copy()
+    state.update(head)
+    state.update(content_hash)
+    return state.digest()
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)

@@ -508,7 +508,16 @@ def list_of(
             _fail(f"{path}: expected a list")
         if not min_items <= len(value) <= max_items:
             _fail(f"{path}: {len(value)} items outside {min_items}..{max_items}")
-        items = [inner(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        try:
+            # The item's path is only needed in an error message: no string is built
+            # per item on this hot path (a token list, every report); on a failure the
+            # items are checked again, each with its path, which raises the same error
+            # naming the item (the checkers are pure).
+            items = [inner(item, path) for item in value]
+        except ProtocolError:
+            for i, item in enumerate(value):
+                inner(item, f"{path}[{i}]")
+            raise
         if unique and len(set(map(_hashable, items))) != len(items):
             _fail(f"{path}: duplicate items")
         if sorted_ and items != sorted(items, key=_sort_key):
