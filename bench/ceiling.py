@@ -111,16 +111,17 @@ TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 #   _submit_inline: submit_inline (the report and its token) from the originator; stored
 #     (with the signed ack, naming the token released) to it;
 #   _deliver (the pusher): deliver_inline (the token and the ciphertext) to the recipient;
-#   _ack: ack (kind "delivery") from the recipient;
-#   _receipt: send_receipt from the recipient; ack (kind "receipt") to it;
+#   _receipt: send_receipt from the recipient (protocol version 4: it also acks the
+#     delivery, which version 3 did with an ack of kind "delivery"); ack (kind
+#     "receipt") to it;
 #   _push_loop: receipt (the notice) to the originator;
 #   _ack: ack (kind "receipt") from the originator.
 FRAMES_PER_REPORT: tuple[tuple[str, str, str], ...] = (
-    # Protocol version 3: a small report and its token in one message each way.
+    # Protocol version 3: a small report and its token in one message each way; 4: the
+    # recipient's receipt is its delivery's ack.
     ("pull", "originator", "submit_inline"),
     ("push", "originator", "stored"),
     ("push", "recipient", "deliver_inline"),
-    ("pull", "recipient", "ack"),
     ("pull", "recipient", "send_receipt"),
     ("push", "recipient", "ack"),
     ("push", "originator", "receipt"),
@@ -214,7 +215,6 @@ def make_fixture() -> Fixture:
         ("push", "recipient", "deliver_inline"): DeliverInline(
             token=token_bytes, data=sealed.ciphertext
         ),
-        ("pull", "recipient", "ack"): Ack(kind="delivery", token=token.id),
         ("pull", "recipient", "send_receipt"): SendReceipt(receipt=receipt.encoded),
         ("push", "recipient", "ack"): Ack(kind="receipt", token=token.id),
         ("push", "originator", "receipt"): ReceiptNotice(receipt=receipt.encoded),

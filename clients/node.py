@@ -220,6 +220,10 @@ class _Session:
     # lazily (set when one of those is queued).
     urgent_replies: int = 0
     lazy_wake: trio.Event | None = None
+    # Token ids of the deliveries whose receipt this connection sent (or queued) as
+    # their ack (protocol version 4): the sender's once-per-connection resend of the
+    # receipts not yet confirmed leaves these out.
+    receipts_sent: set[bytes] = dataclasses.field(default_factory=set)
     # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
     prekey_waiters: dict[bytes, _PrekeyAnswers] = dataclasses.field(default_factory=dict)
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
@@ -1813,7 +1817,8 @@ class Node:
         # Data and tokens a submit_inline may carry within the frame limit.
         inline_room = self._limits.max_frame - STREAM_OVERHEAD - m.INLINE_OVERHEAD
         sent_revocations: set[int] = set()
-        after_submission = after_release = after_receipt = after_consent = 0
+        after_submission = after_release = after_consent = 0
+        receipts_read = False
         # The change counts each query last ran at (none yet: a new connection reads all).
         seen: dict[tuple[str, ...], tuple[int, ...]] = {}
 
@@ -1904,12 +1909,17 @@ class Node:
                             (None, m.Revoke(report=revocation.report, token=revocation.token))
                         )
             # Once per connection until the relay confirms it (ack kind "receipt"): a
-            # receipt lost with a connection is sent again on the next one.
-            if changed_since(rows.INBOX):
+            # receipt lost with a connection is sent again on the next one. Read at the
+            # connection's start only: a report stored while it is up sends its receipt
+            # as its delivery's ack (_on_deliver; those are left out here).
+            if not receipts_read:
+                receipts_read = True
                 batch = store.batch_of(rows.INBOX)
-                for seq, _token_id, receipt in store.receipts_to_send(after=after_receipt):
+                for _seq, token_id, receipt in store.receipts_to_send():
+                    if token_id in session.receipts_sent:
+                        continue
                     need = max(need, batch)
-                    after_receipt = seq
+                    session.receipts_sent.add(token_id)
                     pending.append((None, m.SendReceipt(receipt=receipt)))
             # Announcements, requests and denials, until the relay acks each (resent on
             # the next connection otherwise; the relay takes a resend as one).
@@ -2092,7 +2102,7 @@ class Node:
                     refusal = Refused(Reason(message.reason), message.detail)
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                         session.audit_replies.send_nowait(refusal)
-                self._on_refusal(message)
+                self._on_refusal(session, message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
             elif isinstance(message, m.Ack) and message.kind == "receipt":
@@ -2175,7 +2185,7 @@ class Node:
     def _on_released(self, message: m.Released) -> None:
         self.store.mark_released(message.token, message.report)
 
-    def _on_refusal(self, message: m.Refusal) -> None:
+    def _on_refusal(self, session: _Session, message: m.Refusal) -> None:
         reason = Reason(message.reason)
         ref, detail = message.ref, message.detail
         event = RefusedEvent(ref=ref, reason=reason, detail=detail)
@@ -2183,9 +2193,14 @@ class Node:
             return
         entry = self.store.inbox_entry(ref) if ref else None
         if entry is not None and not entry.receipt_sent:
-            # The relay will not take this receipt (its delivery is gone): stop resending.
+            # The relay will not take this receipt: stop resending it. It stood for the
+            # delivery's ack (protocol version 4), and a refused receipt acknowledges
+            # nothing, so ack the delivery itself: the report is stored (the receipt
+            # went out only after that commit), and a delivery no longer outstanding
+            # (the relay gone on since) is acked silently.
             self.store.mark_receipt_sent(ref)
             self.store.add_event(event)
+            self._reply(session, m.Ack(kind="delivery", token=ref))
             return
         release = self.store.release(ref)
         if release is not None and release.state != "pending":
@@ -2485,8 +2500,15 @@ class Node:
             if trace.enabled:
                 trace.mark("T_stored", token.report)
         self._notify()
-        # Sent by the replier once the inbox row and the seen-set are committed.
-        self._reply(session, m.Ack(kind="delivery", token=token.id))
+        # Sent by the replier once the inbox row and the seen-set are committed. A report
+        # stored is acknowledged by its signed receipt (protocol version 4: the relay
+        # takes an accepted receipt as the delivery's ack), one message instead of two;
+        # a rejected delivery has no receipt and is acked as such.
+        if error is None:
+            session.receipts_sent.add(token.id)
+            self._reply(session, m.SendReceipt(receipt=receipt.encoded))
+        else:
+            self._reply(session, m.Ack(kind="delivery", token=token.id))
 
     async def _open_delivery(
         self,

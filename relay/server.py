@@ -1187,27 +1187,35 @@ class Relay:
         self.metrics.event("revoked")
         await self._reply(conn, Revoked(report=message.report, token=message.token))
 
+    def _ack_delivery(self, conn: _Connection, token_id: bytes) -> bool:
+        """The recipient on ``conn`` holds the delivery of ``token_id`` (an ``ack`` of
+        kind delivery, or the receipt that stands for it): a step of the open batch, so
+        the delivery counts as acked at the relay only with that batch (lost with it, it
+        is pushed again). False for a token never delivered to this member."""
+        known = self.store.ack_delivery(token_id, recipient=conn.member, now=self.now())
+        if known:
+            self.metrics.event("acknowledged")
+            # No longer outstanding: its claim is not needed (nor kept, which grew
+            # with every delivery a long-lived connection made).
+            holder = self._claims.pop(token_id, None)
+            if holder is not None:
+                holder.claims.discard(token_id)
+        if conn.overdue:
+            # It reads what it is sent after all (an ack, even a late one of a
+            # delivery another connection completed, comes only from a reader): it
+            # may be the one to push to again, so it looks at what it passed over.
+            conn.overdue, conn.rescan = False, True
+            conn.wake.set()
+        for other in self._connections.get(conn.member, ()):
+            other.deadlines.pop(token_id, None)
+            if token_id in other.in_flight:
+                other.in_flight.discard(token_id)
+                other.wake.set()  # the window has room again
+        return known
+
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
-            known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
-            if known:
-                self.metrics.event("acknowledged")
-                # No longer outstanding: its claim is not needed (nor kept, which grew
-                # with every delivery a long-lived connection made).
-                holder = self._claims.pop(message.token, None)
-                if holder is not None:
-                    holder.claims.discard(message.token)
-            if conn.overdue:
-                # It reads what it is sent after all (an ack, even a late one of a
-                # delivery another connection completed, comes only from a reader): it
-                # may be the one to push to again, so it looks at what it passed over.
-                conn.overdue, conn.rescan = False, True
-                conn.wake.set()
-            for other in self._connections.get(conn.member, ()):
-                other.deadlines.pop(message.token, None)
-                if message.token in other.in_flight:
-                    other.in_flight.discard(message.token)
-                    other.wake.set()  # the window has room again
+            known = self._ack_delivery(conn, message.token)
         elif message.kind == "receipt":
             known = self.store.ack_receipt(message.token, originator=conn.member)
         else:
@@ -1252,6 +1260,12 @@ class Relay:
                 token = receipt.token
             await self._refuse(conn, token, exc.reason, exc.detail)
             return
+        # Protocol version 4: an accepted receipt also acknowledges its delivery (the
+        # recipient sends it in place of the ack, once the report is stored), in the
+        # same batch as the receipt; for a delivery acked before (a receipt resent) this
+        # changes nothing. A refused receipt acknowledges nothing: the recipient then
+        # acks the delivery itself (docs/node-protocol.md, "Receipt").
+        self._ack_delivery(conn, receipt.token)
         # Confirm (also a receipt sent again), so the recipient stops resending it.
         # Lazy: the recipient only stops resending the receipt once it has this.
         await self._reply(conn, Ack(kind="receipt", token=receipt.token), lazy=True)

@@ -204,6 +204,10 @@ class FakeRelay:
                     queue[:] = [p for p in queue if p[1] != message.token]
             elif isinstance(message, m.SendReceipt):
                 receipt = Receipt.verify(message.receipt, self.arrangement)
+                if not self.ignore_acks:
+                    # Protocol version 4: the receipt also acks its delivery.
+                    for queue in self.pending.values():
+                        queue[:] = [p for p in queue if p[1] != receipt.token]
                 origin = self.links.get(receipt.originator)
                 if origin is not None:
                     await origin.send(m.ReceiptNotice(receipt=message.receipt))
