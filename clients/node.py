@@ -80,7 +80,7 @@ from clients.events import (
     WeakerWrap,
     decode_event,
 )
-from clients.prekeypool import PrekeyPool
+from clients.prekeypool import PrekeyPool, bundles_of
 from clients.store import (
     InboxEntry,
     MemberStore,
@@ -259,22 +259,42 @@ class _Session:
 
 
 class _PrekeyAnswers:
-    """The answers to one write of prekey fetches, by the index of each fetch (see
-    Node._ask_prekeys): ``done`` is set once every one came, or the session ended. A
-    plain object and one event, not a channel and a nursery of two tasks per fetch."""
+    """The answers to one write of prekey fetches, by the index of each bundle asked
+    for (see Node._ask_prekeys; a fetch asks for the bundles of one or more indexes):
+    ``done`` is set once every one came, or the session ended. A plain object and one
+    event, not a channel and a nursery of two tasks per fetch."""
 
     __slots__ = ("answers", "done", "purpose", "refs")
 
-    def __init__(self, refs: dict[bytes, int], answers: dict[int, m.Message], purpose: str) -> None:
+    def __init__(
+        self, refs: dict[bytes, list[int]], answers: dict[int, m.Message], purpose: str
+    ) -> None:
         self.refs = refs
         self.answers = answers
         self.purpose = purpose  # counted in Node.prekey_counts
         self.done = trio.Event()
 
     def put(self, ref: bytes, answer: m.Message) -> None:
-        self.answers[self.refs[ref]] = answer
-        if all(n in self.answers for n in self.refs.values()):
+        entries = self.refs[ref]
+        for n, bundle in zip(entries, bundles_of(answer, len(entries)), strict=True):
+            self.answers[n] = bundle
+        if all(n in self.answers for entries in self.refs.values() for n in entries):
             self.done.set()
+
+
+def _fetch_groups(entries: list[int], recipients: list[str], grouped: bool) -> list[list[int]]:
+    """The fetches that ask for ``entries`` (indexes into ``recipients``), each a list of
+    the entries it answers: one each, or (``grouped``) those of one recipient together,
+    at most MAX_PREKEY_BUNDLES a fetch."""
+    if not grouped:
+        return [[n] for n in entries]
+    by_recipient: dict[str, list[list[int]]] = {}
+    for n in entries:
+        groups = by_recipient.setdefault(recipients[n], [[]])
+        if len(groups[-1]) == m.MAX_PREKEY_BUNDLES:
+            groups.append([])
+        groups[-1].append(n)
+    return [group for groups in by_recipient.values() for group in groups]
 
 
 @dataclasses.dataclass(slots=True)
@@ -408,7 +428,8 @@ class Node:
         # path (submit: a connected submit's direct fetch; pool: the pool keeper's
         # refills; issuer: the issuer's batches; issue, retry: one release's fetch and
         # its retries while the recipient has published nothing): fetch_<path> fetches
-        # sent, received_<path> answers with a one-time prekey; used: tokens issued with
+        # sent, asked_<path> the bundles they asked for (a pool refill asks for several
+        # in one fetch), received_<path> one-time prekeys they brought; used: tokens issued with
         # one; returned: ones not used for the token they were fetched or taken for
         # (its submission not recorded, its release ended during the fetch) and put
         # back into the pool; dropped_unused: such ones the pool did not take (none for
@@ -914,7 +935,8 @@ class Node:
                 continue
             answers = None
             try:
-                answers = await self._ask_prekeys(asks, wait=False, purpose="pool")
+                # One fetch per recipient, of as many bundles as it lacks.
+                answers = await self._ask_prekeys(asks, wait=False, purpose="pool", grouped=True)
             finally:
                 pool.answered(asks, answers, now=self._now())
             if answers is None:
@@ -1032,7 +1054,7 @@ class Node:
         (see :meth:`clients.prekeypool.PrekeyPool.put_back`), else counted dropped."""
         if self.prekey_pool.put_back(recipient, answer, now=self._now()):
             self.prekey_counts["returned"] += 1
-        elif isinstance(answer, m.Prekeys) and answer.one_time is not None:
+        elif isinstance(answer, m.Prekeys) and answer.one_time:
             self.prekey_counts["dropped_unused"] += 1
 
     async def _fetch_prekeys(self, recipients: list[str], *, purpose: str) -> list[m.Message]:
@@ -1042,35 +1064,48 @@ class Node:
         return answers
 
     async def _ask_prekeys(
-        self, recipients: list[str], *, wait: bool, purpose: str
+        self, recipients: list[str], *, wait: bool, purpose: str, grouped: bool = False
     ) -> list[m.Message] | None:
-        """Ask the relay, in one write, for each of ``recipients``' signed prekey and a
-        one-time prekey; waits for a connection, and asks again on the next one for
-        what this one left unanswered (with ``wait`` False: returns None when no
-        connection is up or it ends before every answer came).
+        """Ask the relay, in one write, for a bundle of prekeys (signed prekey and a
+        one-time prekey) per entry of ``recipients``; waits for a connection, and asks
+        again on the next one for what this one left unanswered (with ``wait`` False:
+        returns None when no connection is up or it ends before every answer came).
+        ``grouped``: the entries of one recipient are asked for in one fetch of that
+        many bundles (protocol version 4; at most MAX_PREKEY_BUNDLES each), else one
+        fetch per entry.
 
         Returns:
-            The relay's answer to each, in order: a :class:`~tisa.messages.Prekeys` or
-            a :class:`~tisa.messages.Refusal` (see :func:`_handed_out`).
+            The relay's answer for each entry, in order: a :class:`~tisa.messages.Prekeys`
+            of one bundle (its one-time prekey, or none when the relay handed out fewer
+            than asked) or a :class:`~tisa.messages.Refusal` (see :func:`_handed_out`).
         """
         answers: dict[int, m.Message] = {}
         while len(answers) < len(recipients):
             if not wait and self._session is None:
                 # Handed out but given up with the rest (the connection ended first).
                 self.prekey_counts["lost_unanswered"] += sum(
-                    isinstance(a, m.Prekeys) and a.one_time is not None for a in answers.values()
+                    isinstance(a, m.Prekeys) and bool(a.one_time) for a in answers.values()
                 )
                 return None
             await self.wait_connected()
             session = self._session
             assert session is not None
-            refs = {random_id(): n for n in range(len(recipients)) if n not in answers}
+            refs = {
+                random_id(): entries
+                for entries in _fetch_groups(
+                    [n for n in range(len(recipients)) if n not in answers], recipients, grouped
+                )
+            }
             waiter = _PrekeyAnswers(refs, answers, purpose)
             for ref in refs:
                 session.prekey_waiters[ref] = waiter
             try:
-                fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
+                fetches = [
+                    m.FetchPrekeys(ref=r, member=recipients[entries[0]], count=len(entries))
+                    for r, entries in refs.items()
+                ]
                 self.prekey_counts["fetch_" + purpose] += len(fetches)
+                self.prekey_counts["asked_" + purpose] += sum(f.count for f in fetches)
                 try:
                     await session.link.send_many(fetches)
                 except LinkClosed:
@@ -2078,13 +2113,13 @@ class Node:
             if isinstance(message, m.Prekeys | m.Refusal) and message.ref in session.prekey_waiters:
                 # The answer to a prekey fetch (or its refusal): to the task waiting.
                 waiter = session.prekey_waiters.pop(message.ref)
-                if isinstance(message, m.Prekeys) and message.one_time is not None:
-                    self.prekey_counts["received_" + waiter.purpose] += 1
+                if isinstance(message, m.Prekeys):
+                    self.prekey_counts["received_" + waiter.purpose] += len(message.one_time)
                 waiter.put(message.ref, message)
                 continue
-            if isinstance(message, m.Prekeys) and message.one_time is not None:
+            if isinstance(message, m.Prekeys) and message.one_time:
                 # Its fetch gave up waiting (the connection was ending): dropped.
-                self.prekey_counts["lost_late"] += 1
+                self.prekey_counts["lost_late"] += len(message.one_time)
                 continue
             if isinstance(message, m.PrekeyStatus):
                 # Inside a streamed delivery (the reader handles the others itself).
@@ -2854,7 +2889,7 @@ def _handed_out(answer: m.Message, recipient: str) -> tuple[bytes | None, bytes 
     assert isinstance(answer, m.Prekeys)
     if answer.member != recipient:
         raise Refused(Reason.BAD_PREKEY, "the relay answered with another member's prekeys")
-    return answer.signed, answer.one_time
+    return answer.signed, answer.one_time[0] if answer.one_time else None
 
 
 def _submission_messages(submission: Submission, data: bytes) -> list[m.Message]:

@@ -1413,8 +1413,9 @@ class Relay:
         await self._reply(conn, self._prekey_status(conn.member))
 
     async def _fetch_prekeys(self, conn: _Connection, message: FetchPrekeys) -> None:
-        """Hand an originator a recipient's signed prekey and one one-time prekey (taken
-        durably before the answer goes out); tell the recipient when its supply runs low."""
+        """Hand an originator a recipient's signed prekey and up to ``message.count``
+        one-time prekeys (taken durably before the answer goes out); tell the recipient
+        when its supply runs low."""
         now = self.now()
         try:
             self.arrangement.require_role(conn.member, Role.ORIGINATOR)
@@ -1426,14 +1427,16 @@ class Relay:
         except Refused as exc:
             await self._refuse(conn, message.ref, exc.reason, exc.detail)
             return
-        signed, one_time, left = self.store.take_prekeys(
+        signed, one_time, left = self.store.take_prekey_bundles(
             message.member,
             taker=conn.member,
             now=now,
+            count=message.count,
             max_per_hour=self.limits.max_one_time_prekeys_per_hour,
             count_to=self.limits.prekey_low_water,
         )
-        if one_time is None and left:
+        if len(one_time) < message.count and left:
+            # Fewer than asked while some are left: the asker's allowance ran out.
             self._prekeys_limited(conn.member, message.member, now=now)
         # Lazy: an originator fetches ahead, for its prekey pool (one that waits on the
         # answer, its pool empty, waits at most BACKGROUND_COMMIT_DELAY more, less
@@ -1443,7 +1446,7 @@ class Relay:
             Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time),
             lazy=True,
         )
-        if one_time is not None and left < self.limits.prekey_low_water:
+        if one_time and left < self.limits.prekey_low_water:
             # Not queued behind the recipient's other answers: its pusher sends one
             # status, counted when it goes out, ahead of the next deliveries.
             for other in self._connections.get(message.member, ()):

@@ -99,8 +99,10 @@ SAMPLES: list[Message] = [
     PublishPrekeys(signed=b"p" * 218, one_time=[b"o" * 218] * 3),
     PublishPrekeys(signed=None, one_time=[]),
     FetchPrekeys(ref=TID, member="tokyo"),
-    Prekeys(ref=TID, member="tokyo", signed=b"p" * 218, one_time=b"o" * 218),
-    Prekeys(ref=TID, member="tokyo", signed=None, one_time=None),
+    FetchPrekeys(ref=TID, member="tokyo", count=16),
+    Prekeys(ref=TID, member="tokyo", signed=b"p" * 218, one_time=[b"o" * 218]),
+    Prekeys(ref=TID, member="tokyo", signed=b"p" * 218, one_time=[b"o" * 218] * 3),
+    Prekeys(ref=TID, member="tokyo", signed=None, one_time=[]),
     PrekeyStatus(signed_not_after=1_420_600_000, one_time=99),
     PrekeyStatus(signed_not_after=0, one_time=0),
 ]

@@ -400,8 +400,12 @@ def _messages() -> list[bytes]:
             ConsentNotice(kind="answer", data=_answer_seed()),
             Ack(kind="answer", token=bytes(16)),
             PublishPrekeys(signed=prekey, one_time=[world().prekey("tokyo")]),
-            FetchPrekeys(ref=bytes(16), member="tokyo"),
-            Prekeys(ref=bytes(16), member="tokyo", signed=prekey, one_time=None),
+            # Protocol version 4: several prekey bundles of one member in one fetch.
+            FetchPrekeys(ref=bytes(16), member="tokyo", count=4),
+            Prekeys(ref=bytes(16), member="tokyo", signed=prekey, one_time=[]),
+            Prekeys(
+                ref=bytes(16), member="tokyo", signed=prekey, one_time=[world().prekey("tokyo")] * 2
+            ),
             PrekeyStatus(signed_not_after=1, one_time=3),
         )
     ]

@@ -473,7 +473,7 @@ class WithholdPrekeys(Behaviour):
         if isinstance(message, Prekeys):
             self.withheld += 1
             message = dataclasses.replace(
-                message, one_time=None, signed=None if self.signed else message.signed
+                message, one_time=[], signed=None if self.signed else message.signed
             )
         return [(member, message)]
 
@@ -500,7 +500,7 @@ class SubstitutePrekeys(Behaviour):
             else:
                 now = self.relay.now()
                 substitute, _, _ = self.relay.store.take_prekeys(self.other, taker=member, now=now)
-            message = dataclasses.replace(message, signed=substitute, one_time=None)
+            message = dataclasses.replace(message, signed=substitute, one_time=[])
         return [(member, message)]
 
 
@@ -511,10 +511,10 @@ class ReplayPrekeys(Behaviour):
         self.first: dict[str, bytes] = {}
 
     async def on_send(self, member: str, message: Message) -> list[Outgoing]:
-        """Replace the one-time prekey of a ``prekeys`` answer by the first one handed."""
-        if isinstance(message, Prekeys) and message.one_time is not None:
-            first = self.first.setdefault(message.member, message.one_time)
-            message = dataclasses.replace(message, one_time=first)
+        """Replace the one-time prekeys of a ``prekeys`` answer by the first one handed."""
+        if isinstance(message, Prekeys) and message.one_time:
+            first = self.first.setdefault(message.member, message.one_time[0])
+            message = dataclasses.replace(message, one_time=[first] * len(message.one_time))
         return [(member, message)]
 
 

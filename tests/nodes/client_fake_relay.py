@@ -220,7 +220,9 @@ class FakeRelay:
                 await self._answer(link, self._status(link.peer))
             elif isinstance(message, m.FetchPrekeys):
                 supply = self.one_time_prekeys.get(message.member, [])
-                one_time = supply.pop(0) if supply and not self.withhold_one_time else None
+                one_time: list[bytes] = []
+                if not self.withhold_one_time:
+                    one_time, supply[:] = supply[: message.count], supply[message.count :]
                 signed = None if self.withhold_signed else self.signed_prekeys.get(message.member)
                 answer = m.Prekeys(
                     ref=message.ref, member=message.member, signed=signed, one_time=one_time
