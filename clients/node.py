@@ -497,7 +497,7 @@ class Node:
                 _, message, lazy = session.replies.popleft()
                 session.urgent_replies -= not lazy
                 ready.append(message)
-            await session.link.send_many(ready)
+            await session.link.send_many(_receipt_acks_merged(ready))
             session.changed()
 
     @property
@@ -2873,6 +2873,30 @@ def _submit_inline(submission: Submission, tokens: list[bytes]) -> m.SubmitInlin
         data=data,
         tokens=tokens,
     )
+
+
+def _receipt_acks_merged(ready: list[m.Message]) -> list[m.Message]:
+    """``ready`` (acks whose batches are on disk, in order) with its acks of receipts
+    sent as one ``ack_receipts`` where there are several (protocol version 4: one
+    message for the receipts a burst brought), in the place of the first; the relay
+    takes each as the ``ack`` it stands for. Sending an ack earlier than its place is
+    safe: everything in ``ready`` is on disk."""
+    receipts = [
+        message.token
+        for message in ready
+        if isinstance(message, m.Ack) and message.kind == "receipt"
+    ]
+    if len(receipts) < 2:
+        return ready
+    merged: list[m.Message] = []
+    for message in ready:
+        if not (isinstance(message, m.Ack) and message.kind == "receipt"):
+            merged.append(message)
+        elif receipts:
+            for start in range(0, len(receipts), m.MAX_RECEIPT_ACKS):
+                merged.append(m.AckReceipts(tokens=receipts[start : start + m.MAX_RECEIPT_ACKS]))
+            receipts = []
+    return merged
 
 
 def _handed_out(answer: m.Message, recipient: str) -> tuple[bytes | None, bytes | None]:

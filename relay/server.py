@@ -75,6 +75,7 @@ from tisa.messages import (
     INLINE_TOKEN_OVERHEAD,
     MAX_CHUNK_DATA,
     Ack,
+    AckReceipts,
     AuditFetch,
     AuditReply,
     Chunk,
@@ -773,6 +774,9 @@ class Relay:
             await self._revoke(conn, message)
         elif isinstance(message, Ack):
             await self._ack(conn, message)
+        elif isinstance(message, AckReceipts):
+            for token_id in message.tokens:
+                await self._ack(conn, Ack(kind="receipt", token=token_id))
         elif isinstance(message, SendReceipt):
             await self._receipt(conn, message)
         elif isinstance(message, AuditFetch):

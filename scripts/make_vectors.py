@@ -58,7 +58,7 @@ from tisa.errors import (
 )
 from tisa.keys import Context, Hash, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE, CLOCK_SKEW, MAX_INLINE_CIPHERTEXT, MAX_INLINE_TOKENS
-from tisa.messages import MAX_PREKEY_BUNDLES, decode_message
+from tisa.messages import MAX_PREKEY_BUNDLES, MAX_RECEIPT_ACKS, decode_message
 from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report, padded_size
@@ -2156,7 +2156,8 @@ def _stretch(label: str, size: int) -> bytes:
 def message_file() -> dict[str, Any]:
     """The channel messages protocol versions 3 and 4 added or changed (submit_inline,
     deliver_inline, stored; prekeys_fetch with its count, prekeys with a list of
-    one-time prekeys), at and past their limits: decode with decode_message."""
+    one-time prekeys, ack_receipts), at and past their limits: decode with
+    decode_message."""
     report, token_id = derive("message/report", 16), derive("message/token-id", 16)
     digest, small = derive("message/digest"), _stretch("message/ciphertext", 1089)
     token, ack = _stretch("message/token", 486), _stretch("message/ack", 250)
@@ -2285,8 +2286,9 @@ def message_file() -> dict[str, Any]:
 
 
 def _prekey_message_specs() -> list[tuple[str, str, bytes, bool]]:
-    """prekeys_fetch and prekeys as protocol version 4 changed them: several bundles of
-    one member in one fetch and one answer (at most MAX_PREKEY_BUNDLES)."""
+    """prekeys_fetch and prekeys as protocol version 4 changed them (several bundles of
+    one member in one fetch and one answer, at most MAX_PREKEY_BUNDLES), and the
+    ack_receipts it added."""
     ref = derive("message/prekeys-ref", 16)
     signed = _stretch("message/signed-prekey", 218)
     one_time = [
@@ -2359,6 +2361,30 @@ def _prekey_message_specs() -> list[tuple[str, str, bytes, bool]]:
             "message-prekeys-version-3",
             "An answer as protocol version 3 sent it: one_time a single prekey, not a list.",
             answer(one_time[0]),
+            False,
+        ),
+        (
+            "message-ack-receipts",
+            "Two receipt notices acknowledged in one message.",
+            enc.pack({"t": "ack_receipts", "tokens": [ref, derive("message/token-id", 16)]}),
+            True,
+        ),
+        (
+            "message-ack-receipts-at-limit",
+            "MAX_RECEIPT_ACKS (256) token ids.",
+            enc.pack({"t": "ack_receipts", "tokens": [ref] * MAX_RECEIPT_ACKS}),
+            True,
+        ),
+        (
+            "message-ack-receipts-over-limit",
+            "One token id more than MAX_RECEIPT_ACKS.",
+            enc.pack({"t": "ack_receipts", "tokens": [ref] * (MAX_RECEIPT_ACKS + 1)}),
+            False,
+        ),
+        (
+            "message-ack-receipts-empty",
+            "No token id: malformed (at least one).",
+            enc.pack({"t": "ack_receipts", "tokens": []}),
             False,
         ),
         (

@@ -27,7 +27,10 @@ from clients.node import Node
 from tisa.errors import Reason, Refused
 from tisa.limits import Limits
 from tisa.messages import (
+    MAX_RECEIPT_ACKS,
     Ack,
+    AckReceipts,
+    ErrorMessage,
     Message,
     ReceiptNotice,
     Refusal,
@@ -135,7 +138,7 @@ def _from_tokyo(relay: hr.HostileRelay) -> list[Message]:
 
 
 async def _deliver(
-    world: NodeWorld, port: int, tmp_path: pathlib.Path, count: int
+    hostile: hr.HostileRelay, world: NodeWorld, port: int, tmp_path: pathlib.Path, count: int
 ) -> tuple[list[bytes], Node]:
     """Seoul submits ``count`` reports to Tokyo; Tokyo's application takes them all."""
     async with contextlib.AsyncExitStack() as stack:
@@ -165,6 +168,9 @@ async def _deliver(
         assert sorted(got) == sorted(ids)
         while len(seoul.store.receipts()) < count or tokyo.store.receipts_to_send():
             await trio.sleep(0.02)
+        # Seoul acked every receipt (one ack, or several in one ack_receipts).
+        while hostile.store.queued_receipts("seoul"):
+            await trio.sleep(0.02)
         tokens = [r.token for i in ids for r in seoul.store.releases_of(i)]
     return tokens, tokyo
 
@@ -174,7 +180,7 @@ async def test_the_recipient_sends_one_message_per_stored_report(
 ) -> None:
     hostile, port, world = relay
     with trio.fail_after(TIMEOUT):
-        tokens, _ = await _deliver(world, port, tmp_path, 3)
+        tokens, _ = await _deliver(hostile, world, port, tmp_path, 3)
     sent = [m for m in _from_tokyo(hostile) if isinstance(m, Ack | SendReceipt)]
     # One receipt per report and no delivery ack: the receipt stood for it.
     assert [type(m) for m in sent] == [SendReceipt] * 3
@@ -226,3 +232,59 @@ async def test_a_refused_receipt_is_followed_by_the_delivery_ack(
     assert [type(m) for m in sent] == [SendReceipt, Ack]
     assert [hr.acked_delivery(m) for m in sent] == [release.token] * 2
     assert refused == [release.token]
+
+
+# --- the originator's acks of receipts, several in one message -------------------------------
+
+
+def test_the_acks_of_several_receipts_go_out_as_one_message() -> None:
+    from clients.node import _receipt_acks_merged
+
+    tokens = [bytes([n]) * 16 for n in range(3)]
+    consent = Ack(kind="request", token=b"q" * 16)
+    ready: list[Message] = [
+        Ack(kind="receipt", token=tokens[0]),
+        consent,
+        Ack(kind="receipt", token=tokens[1]),
+        Ack(kind="receipt", token=tokens[2]),
+    ]
+    assert _receipt_acks_merged(ready) == [AckReceipts(tokens=tokens), consent]
+    # One alone goes as it is; more than MAX_RECEIPT_ACKS in several messages.
+    assert _receipt_acks_merged(ready[:2]) == ready[:2]
+    many = [bytes([n % 256, n // 256]) * 8 for n in range(MAX_RECEIPT_ACKS + 1)]
+    merged = _receipt_acks_merged([Ack(kind="receipt", token=t) for t in many])
+    assert merged == [
+        AckReceipts(tokens=many[:MAX_RECEIPT_ACKS]),
+        AckReceipts(tokens=many[MAX_RECEIPT_ACKS:]),
+    ]
+
+
+async def test_the_relay_takes_ack_receipts_as_one_ack_each(store_at: str | Path) -> None:
+    world = make_world()
+    with trio.fail_after(TIMEOUT):
+        async with running_relay(world, store_at, limits=LIMITS) as h:
+            tokyo = await h.connect("tokyo")
+            seoul = await h.connect("seoul")
+            tokens = []
+            for n in range(2):
+                report = seal(world, b"report %d" % n)
+                await send_submission(seoul, report)
+                await expect(seoul, Stored)
+                await seoul.send(Release(token=token_for(world, report)))
+                await expect(seoul, Released)
+                token = ReleaseToken.decode((await receive_delivery(tokyo))[0])
+                await tokyo.send(SendReceipt(receipt=_receipt(world, token).encoded))
+                assert (await expect(tokyo, Ack)).kind == "receipt"
+                await expect(seoul, ReceiptNotice)
+                tokens.append(token.id)
+            assert len(h.relay.store.queued_receipts("seoul")) == 2
+            unknown = b"u" * 16
+            await seoul.send(AckReceipts(tokens=[tokens[0], unknown, tokens[1]]))
+            refusal = await expect(seoul, Refusal)
+            assert (refusal.ref, refusal.reason) == (unknown, Reason.UNKNOWN_REPORT.value)
+            assert h.relay.store.queued_receipts("seoul") == []
+            # More than MAX_RECEIPT_ACKS ids in one message: malformed, the link closes.
+            over = object.__new__(AckReceipts)
+            object.__setattr__(over, "tokens", [unknown] * (MAX_RECEIPT_ACKS + 1))
+            await seoul.send(over)
+            assert (await expect(seoul, ErrorMessage)).reason == Reason.MALFORMED.value

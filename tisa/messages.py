@@ -36,7 +36,9 @@ __all__ = [
     "INLINE_OVERHEAD",
     "INLINE_TOKEN_OVERHEAD",
     "MAX_PREKEY_BUNDLES",
+    "MAX_RECEIPT_ACKS",
     "Ack",
+    "AckReceipts",
     "AuditFetch",
     "AuditReply",
     "Chunk",
@@ -106,6 +108,10 @@ MAX_PREKEYS_PER_MESSAGE = 100
 # recipient in one fetch; 32 one-time prekeys of at most 512 bytes keep the answer near
 # 17 KiB, well inside a frame. A fetch asking for more is malformed.
 MAX_PREKEY_BUNDLES = 32
+# Receipt notices one ack_receipts acknowledges (protocol version 4): an originator's
+# node acks the receipts a commit of its made durable in one message; 256 ids of 16
+# bytes are about 4.6 KiB (the relay pushes receipts 256 at a time, NOTICE_PAGE).
+MAX_RECEIPT_ACKS = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -256,6 +262,20 @@ class Ack(Message):
     }
     kind: str
     token: bytes
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AckReceipts(Message):
+    """An originator confirms it durably holds several receipt notices at once (their
+    token ids, at most :data:`MAX_RECEIPT_ACKS`): each as an :class:`Ack` of kind
+    "receipt" would (protocol version 4)."""
+
+    TYPE: ClassVar[str] = "ack_receipts"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "tokens": enc.list_of(ID, max_items=MAX_RECEIPT_ACKS, min_items=1),
+    }
+    tokens: list[bytes]
 
 
 @_message
