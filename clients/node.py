@@ -220,10 +220,11 @@ class _Session:
     # lazily (set when one of those is queued).
     urgent_replies: int = 0
     lazy_wake: trio.Event | None = None
-    # Token ids of the deliveries whose receipt this connection sent (or queued) as
-    # their ack (protocol version 4): the sender's once-per-connection resend of the
-    # receipts not yet confirmed leaves these out.
-    receipts_sent: set[bytes] = dataclasses.field(default_factory=set)
+    # Token ids of the deliveries whose receipt this connection queued as their ack
+    # (protocol version 4) before the sender's once-per-connection resend of the
+    # receipts not yet confirmed, which leaves these out (None once it ran: a receipt
+    # stored later goes out only as its delivery's ack, so nothing more is kept).
+    receipts_sent: set[bytes] | None = dataclasses.field(default_factory=set)
     # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
     prekey_waiters: dict[bytes, _PrekeyAnswers] = dataclasses.field(default_factory=dict)
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
@@ -1853,7 +1854,6 @@ class Node:
         inline_room = self._limits.max_frame - STREAM_OVERHEAD - m.INLINE_OVERHEAD
         sent_revocations: set[int] = set()
         after_submission = after_release = after_consent = 0
-        receipts_read = False
         # The change counts each query last ran at (none yet: a new connection reads all).
         seen: dict[tuple[str, ...], tuple[int, ...]] = {}
 
@@ -1947,15 +1947,13 @@ class Node:
             # receipt lost with a connection is sent again on the next one. Read at the
             # connection's start only: a report stored while it is up sends its receipt
             # as its delivery's ack (_on_deliver; those are left out here).
-            if not receipts_read:
-                receipts_read = True
+            if session.receipts_sent is not None:
                 batch = store.batch_of(rows.INBOX)
                 for _seq, token_id, receipt in store.receipts_to_send():
-                    if token_id in session.receipts_sent:
-                        continue
-                    need = max(need, batch)
-                    session.receipts_sent.add(token_id)
-                    pending.append((None, m.SendReceipt(receipt=receipt)))
+                    if token_id not in session.receipts_sent:
+                        need = max(need, batch)
+                        pending.append((None, m.SendReceipt(receipt=receipt)))
+                session.receipts_sent = None
             # Announcements, requests and denials, until the relay acks each (resent on
             # the next connection otherwise; the relay takes a resend as one).
             if changed_since(rows.CONSENT):
@@ -2540,7 +2538,8 @@ class Node:
         # takes an accepted receipt as the delivery's ack), one message instead of two;
         # a rejected delivery has no receipt and is acked as such.
         if error is None:
-            session.receipts_sent.add(token.id)
+            if session.receipts_sent is not None:
+                session.receipts_sent.add(token.id)
             self._reply(session, m.SendReceipt(receipt=receipt.encoded))
         else:
             self._reply(session, m.Ack(kind="delivery", token=token.id))

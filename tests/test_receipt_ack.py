@@ -288,3 +288,51 @@ async def test_the_relay_takes_ack_receipts_as_one_ack_each(store_at: str | Path
             object.__setattr__(over, "tokens", [unknown] * (MAX_RECEIPT_ACKS + 1))
             await seoul.send(over)
             assert (await expect(seoul, ErrorMessage)).reason == Reason.MALFORMED.value
+
+
+class _DropReceiptAcks(hr.Behaviour):
+    """Honest, but the relay's acks of Tokyo's receipts are lost while ``dropping``."""
+
+    def __init__(self) -> None:
+        self.dropping = True
+        self.dropped = 0
+
+    async def on_send(self, member: str, message: Message) -> list[hr.Outgoing]:
+        if self.dropping and isinstance(message, Ack) and message.kind == "receipt":
+            self.dropped += 1
+            return []
+        return [(member, message)]
+
+
+async def test_a_receipt_whose_ack_never_came_is_resent_once_on_the_next_connection(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    world = make_node_world()
+    behaviour = _DropReceiptAcks()
+    hostile, port = await hr.start_hostile_relay(nursery, world, tmp_path / "washington", behaviour)
+    with trio.fail_after(TIMEOUT):
+        async with hr.open_member(world, "seoul", port, tmp_path / "seoul") as seoul:
+            async with hr.open_member(world, "tokyo", port, tmp_path / "tokyo") as tokyo:
+                await tokyo.wait_connected()
+                report_id = await seoul.submit(
+                    b"ack lost",
+                    recipients=["tokyo"],
+                    scope=SCOPE,
+                    level=LEVEL,
+                    release_to=["tokyo"],
+                )
+                (release,) = seoul.store.releases_of(report_id)
+                while not behaviour.dropped:
+                    await trio.sleep(0.02)
+                # The delivery was acked by the receipt; the receipt itself not confirmed.
+                assert hostile.store.token(release.token).state == "acked"  # type: ignore[union-attr]
+                assert [t for _, t, _ in tokyo.store.receipts_to_send()] == [release.token]
+                await trio.sleep(0.2)  # not sent twice on one connection
+            behaviour.dropping = False
+            async with hr.open_member(world, "tokyo", port, tmp_path / "tokyo") as tokyo:
+                while tokyo.store.receipts_to_send():
+                    await trio.sleep(0.02)
+    receipts = [m for m in _from_tokyo(hostile) if isinstance(m, SendReceipt)]
+    assert [hr.acked_delivery(m) for m in receipts] == [release.token] * 2
+    # Acked before: not delivered again, so no delivery ack either.
+    assert not any(isinstance(m, Ack) for m in _from_tokyo(hostile))
