@@ -167,8 +167,14 @@ class Fixture:
     frames: tuple[tuple[str, str, str, bytes], ...]
 
 
-def make_fixture() -> Fixture:
-    """Seal a 1 KiB report and make its token, ack, receipt, frames and audit entries."""
+def make_fixture(
+    frames_per_report: tuple[tuple[str, str, str], ...] = FRAMES_PER_REPORT,
+) -> Fixture:
+    """Seal a 1 KiB report and make its token, ack, receipt, frames and audit entries.
+
+    ``frames_per_report``: the frames to make (default :data:`FRAMES_PER_REPORT`); also
+    ``("pull", "recipient", "ack")``, the delivery ack a recipient sends without a
+    receipt (the relay-alone run's sink, :mod:`bench.floors`)."""
     seeds = {name: _seed(f"bench-ceiling-{name}") for name in ("seoul", "tokyo", "washington")}
     secrets = {
         name: MemberSecret(sign_seed=seed, box_secret=_seed(f"box-{name}"))
@@ -215,13 +221,14 @@ def make_fixture() -> Fixture:
         ("push", "recipient", "deliver_inline"): DeliverInline(
             token=token_bytes, data=sealed.ciphertext
         ),
+        ("pull", "recipient", "ack"): Ack(kind="delivery", token=token.id),
         ("pull", "recipient", "send_receipt"): SendReceipt(receipt=receipt.encoded),
         ("push", "recipient", "ack"): Ack(kind="receipt", token=token.id),
         ("push", "originator", "receipt"): ReceiptNotice(receipt=receipt.encoded),
         ("pull", "originator", "ack"): Ack(kind="receipt", token=token.id),
     }
     frames: list[tuple[str, str, str, bytes]] = []
-    for frame in FRAMES_PER_REPORT:
+    for frame in frames_per_report:
         if frame[2] == "chunk":
             frames += [(*frame, encode_message(Chunk(data=piece))) for piece in pieces]
         else:
