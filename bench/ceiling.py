@@ -111,16 +111,17 @@ TAG_MESSAGE = sodium.crypto_secretstream_xchacha20poly1305_TAG_MESSAGE
 #   _submit_inline: submit_inline (the report and its token) from the originator; stored
 #     (with the signed ack, naming the token released) to it;
 #   _deliver (the pusher): deliver_inline (the token and the ciphertext) to the recipient;
-#   _ack: ack (kind "delivery") from the recipient;
-#   _receipt: send_receipt from the recipient; ack (kind "receipt") to it;
+#   _receipt: send_receipt from the recipient (protocol version 4: it also acks the
+#     delivery, which version 3 did with an ack of kind "delivery"); ack (kind
+#     "receipt") to it;
 #   _push_loop: receipt (the notice) to the originator;
 #   _ack: ack (kind "receipt") from the originator.
 FRAMES_PER_REPORT: tuple[tuple[str, str, str], ...] = (
-    # Protocol version 3: a small report and its token in one message each way.
+    # Protocol version 3: a small report and its token in one message each way; 4: the
+    # recipient's receipt is its delivery's ack.
     ("pull", "originator", "submit_inline"),
     ("push", "originator", "stored"),
     ("push", "recipient", "deliver_inline"),
-    ("pull", "recipient", "ack"),
     ("pull", "recipient", "send_receipt"),
     ("push", "recipient", "ack"),
     ("push", "originator", "receipt"),
@@ -166,8 +167,14 @@ class Fixture:
     frames: tuple[tuple[str, str, str, bytes], ...]
 
 
-def make_fixture() -> Fixture:
-    """Seal a 1 KiB report and make its token, ack, receipt, frames and audit entries."""
+def make_fixture(
+    frames_per_report: tuple[tuple[str, str, str], ...] = FRAMES_PER_REPORT,
+) -> Fixture:
+    """Seal a 1 KiB report and make its token, ack, receipt, frames and audit entries.
+
+    ``frames_per_report``: the frames to make (default :data:`FRAMES_PER_REPORT`); also
+    ``("pull", "recipient", "ack")``, the delivery ack a recipient sends without a
+    receipt (the relay-alone run's sink, :mod:`bench.floors`)."""
     seeds = {name: _seed(f"bench-ceiling-{name}") for name in ("seoul", "tokyo", "washington")}
     secrets = {
         name: MemberSecret(sign_seed=seed, box_secret=_seed(f"box-{name}"))
@@ -221,7 +228,7 @@ def make_fixture() -> Fixture:
         ("pull", "originator", "ack"): Ack(kind="receipt", token=token.id),
     }
     frames: list[tuple[str, str, str, bytes]] = []
-    for frame in FRAMES_PER_REPORT:
+    for frame in frames_per_report:
         if frame[2] == "chunk":
             frames += [(*frame, encode_message(Chunk(data=piece))) for piece in pieces]
         else:

@@ -80,7 +80,7 @@ from clients.events import (
     WeakerWrap,
     decode_event,
 )
-from clients.prekeypool import PrekeyPool
+from clients.prekeypool import PrekeyPool, bundles_of
 from clients.store import (
     InboxEntry,
     MemberStore,
@@ -220,6 +220,11 @@ class _Session:
     # lazily (set when one of those is queued).
     urgent_replies: int = 0
     lazy_wake: trio.Event | None = None
+    # Token ids of the deliveries whose receipt this connection queued as their ack
+    # (protocol version 4) before the sender's once-per-connection resend of the
+    # receipts not yet confirmed, which leaves these out (None once it ran: a receipt
+    # stored later goes out only as its delivery's ack, so nothing more is kept).
+    receipts_sent: set[bytes] | None = dataclasses.field(default_factory=set)
     # Prekey fetches waiting for their answer (a Prekeys or a Refusal), by ref.
     prekey_waiters: dict[bytes, _PrekeyAnswers] = dataclasses.field(default_factory=dict)
     # The relay's latest word on this member's own prekeys, and a wake-up for the keeper.
@@ -255,22 +260,42 @@ class _Session:
 
 
 class _PrekeyAnswers:
-    """The answers to one write of prekey fetches, by the index of each fetch (see
-    Node._ask_prekeys): ``done`` is set once every one came, or the session ended. A
-    plain object and one event, not a channel and a nursery of two tasks per fetch."""
+    """The answers to one write of prekey fetches, by the index of each bundle asked
+    for (see Node._ask_prekeys; a fetch asks for the bundles of one or more indexes):
+    ``done`` is set once every one came, or the session ended. A plain object and one
+    event, not a channel and a nursery of two tasks per fetch."""
 
     __slots__ = ("answers", "done", "purpose", "refs")
 
-    def __init__(self, refs: dict[bytes, int], answers: dict[int, m.Message], purpose: str) -> None:
+    def __init__(
+        self, refs: dict[bytes, list[int]], answers: dict[int, m.Message], purpose: str
+    ) -> None:
         self.refs = refs
         self.answers = answers
         self.purpose = purpose  # counted in Node.prekey_counts
         self.done = trio.Event()
 
     def put(self, ref: bytes, answer: m.Message) -> None:
-        self.answers[self.refs[ref]] = answer
-        if all(n in self.answers for n in self.refs.values()):
+        entries = self.refs[ref]
+        for n, bundle in zip(entries, bundles_of(answer, len(entries)), strict=True):
+            self.answers[n] = bundle
+        if all(n in self.answers for entries in self.refs.values() for n in entries):
             self.done.set()
+
+
+def _fetch_groups(entries: list[int], recipients: list[str], grouped: bool) -> list[list[int]]:
+    """The fetches that ask for ``entries`` (indexes into ``recipients``), each a list of
+    the entries it answers: one each, or (``grouped``) those of one recipient together,
+    at most MAX_PREKEY_BUNDLES a fetch."""
+    if not grouped:
+        return [[n] for n in entries]
+    by_recipient: dict[str, list[list[int]]] = {}
+    for n in entries:
+        groups = by_recipient.setdefault(recipients[n], [[]])
+        if len(groups[-1]) == m.MAX_PREKEY_BUNDLES:
+            groups.append([])
+        groups[-1].append(n)
+    return [group for groups in by_recipient.values() for group in groups]
 
 
 @dataclasses.dataclass(slots=True)
@@ -404,7 +429,8 @@ class Node:
         # path (submit: a connected submit's direct fetch; pool: the pool keeper's
         # refills; issuer: the issuer's batches; issue, retry: one release's fetch and
         # its retries while the recipient has published nothing): fetch_<path> fetches
-        # sent, received_<path> answers with a one-time prekey; used: tokens issued with
+        # sent, asked_<path> the bundles they asked for (a pool refill asks for several
+        # in one fetch), received_<path> one-time prekeys they brought; used: tokens issued with
         # one; returned: ones not used for the token they were fetched or taken for
         # (its submission not recorded, its release ended during the fetch) and put
         # back into the pool; dropped_unused: such ones the pool did not take (none for
@@ -472,7 +498,7 @@ class Node:
                 _, message, lazy = session.replies.popleft()
                 session.urgent_replies -= not lazy
                 ready.append(message)
-            await session.link.send_many(ready)
+            await session.link.send_many(_receipt_acks_merged(ready))
             session.changed()
 
     @property
@@ -910,7 +936,8 @@ class Node:
                 continue
             answers = None
             try:
-                answers = await self._ask_prekeys(asks, wait=False, purpose="pool")
+                # One fetch per recipient, of as many bundles as it lacks.
+                answers = await self._ask_prekeys(asks, wait=False, purpose="pool", grouped=True)
             finally:
                 pool.answered(asks, answers, now=self._now())
             if answers is None:
@@ -1028,7 +1055,7 @@ class Node:
         (see :meth:`clients.prekeypool.PrekeyPool.put_back`), else counted dropped."""
         if self.prekey_pool.put_back(recipient, answer, now=self._now()):
             self.prekey_counts["returned"] += 1
-        elif isinstance(answer, m.Prekeys) and answer.one_time is not None:
+        elif isinstance(answer, m.Prekeys) and answer.one_time:
             self.prekey_counts["dropped_unused"] += 1
 
     async def _fetch_prekeys(self, recipients: list[str], *, purpose: str) -> list[m.Message]:
@@ -1038,35 +1065,48 @@ class Node:
         return answers
 
     async def _ask_prekeys(
-        self, recipients: list[str], *, wait: bool, purpose: str
+        self, recipients: list[str], *, wait: bool, purpose: str, grouped: bool = False
     ) -> list[m.Message] | None:
-        """Ask the relay, in one write, for each of ``recipients``' signed prekey and a
-        one-time prekey; waits for a connection, and asks again on the next one for
-        what this one left unanswered (with ``wait`` False: returns None when no
-        connection is up or it ends before every answer came).
+        """Ask the relay, in one write, for a bundle of prekeys (signed prekey and a
+        one-time prekey) per entry of ``recipients``; waits for a connection, and asks
+        again on the next one for what this one left unanswered (with ``wait`` False:
+        returns None when no connection is up or it ends before every answer came).
+        ``grouped``: the entries of one recipient are asked for in one fetch of that
+        many bundles (protocol version 4; at most MAX_PREKEY_BUNDLES each), else one
+        fetch per entry.
 
         Returns:
-            The relay's answer to each, in order: a :class:`~tisa.messages.Prekeys` or
-            a :class:`~tisa.messages.Refusal` (see :func:`_handed_out`).
+            The relay's answer for each entry, in order: a :class:`~tisa.messages.Prekeys`
+            of one bundle (its one-time prekey, or none when the relay handed out fewer
+            than asked) or a :class:`~tisa.messages.Refusal` (see :func:`_handed_out`).
         """
         answers: dict[int, m.Message] = {}
         while len(answers) < len(recipients):
             if not wait and self._session is None:
                 # Handed out but given up with the rest (the connection ended first).
                 self.prekey_counts["lost_unanswered"] += sum(
-                    isinstance(a, m.Prekeys) and a.one_time is not None for a in answers.values()
+                    isinstance(a, m.Prekeys) and bool(a.one_time) for a in answers.values()
                 )
                 return None
             await self.wait_connected()
             session = self._session
             assert session is not None
-            refs = {random_id(): n for n in range(len(recipients)) if n not in answers}
+            refs = {
+                random_id(): entries
+                for entries in _fetch_groups(
+                    [n for n in range(len(recipients)) if n not in answers], recipients, grouped
+                )
+            }
             waiter = _PrekeyAnswers(refs, answers, purpose)
             for ref in refs:
                 session.prekey_waiters[ref] = waiter
             try:
-                fetches = [m.FetchPrekeys(ref=r, member=recipients[n]) for r, n in refs.items()]
+                fetches = [
+                    m.FetchPrekeys(ref=r, member=recipients[entries[0]], count=len(entries))
+                    for r, entries in refs.items()
+                ]
                 self.prekey_counts["fetch_" + purpose] += len(fetches)
+                self.prekey_counts["asked_" + purpose] += sum(f.count for f in fetches)
                 try:
                     await session.link.send_many(fetches)
                 except LinkClosed:
@@ -1813,7 +1853,7 @@ class Node:
         # Data and tokens a submit_inline may carry within the frame limit.
         inline_room = self._limits.max_frame - STREAM_OVERHEAD - m.INLINE_OVERHEAD
         sent_revocations: set[int] = set()
-        after_submission = after_release = after_receipt = after_consent = 0
+        after_submission = after_release = after_consent = 0
         # The change counts each query last ran at (none yet: a new connection reads all).
         seen: dict[tuple[str, ...], tuple[int, ...]] = {}
 
@@ -1904,13 +1944,16 @@ class Node:
                             (None, m.Revoke(report=revocation.report, token=revocation.token))
                         )
             # Once per connection until the relay confirms it (ack kind "receipt"): a
-            # receipt lost with a connection is sent again on the next one.
-            if changed_since(rows.INBOX):
+            # receipt lost with a connection is sent again on the next one. Read at the
+            # connection's start only: a report stored while it is up sends its receipt
+            # as its delivery's ack (_on_deliver; those are left out here).
+            if session.receipts_sent is not None:
                 batch = store.batch_of(rows.INBOX)
-                for seq, _token_id, receipt in store.receipts_to_send(after=after_receipt):
-                    need = max(need, batch)
-                    after_receipt = seq
-                    pending.append((None, m.SendReceipt(receipt=receipt)))
+                for _seq, token_id, receipt in store.receipts_to_send():
+                    if token_id not in session.receipts_sent:
+                        need = max(need, batch)
+                        pending.append((None, m.SendReceipt(receipt=receipt)))
+                session.receipts_sent = None
             # Announcements, requests and denials, until the relay acks each (resent on
             # the next connection otherwise; the relay takes a resend as one).
             if changed_since(rows.CONSENT):
@@ -2068,13 +2111,13 @@ class Node:
             if isinstance(message, m.Prekeys | m.Refusal) and message.ref in session.prekey_waiters:
                 # The answer to a prekey fetch (or its refusal): to the task waiting.
                 waiter = session.prekey_waiters.pop(message.ref)
-                if isinstance(message, m.Prekeys) and message.one_time is not None:
-                    self.prekey_counts["received_" + waiter.purpose] += 1
+                if isinstance(message, m.Prekeys):
+                    self.prekey_counts["received_" + waiter.purpose] += len(message.one_time)
                 waiter.put(message.ref, message)
                 continue
-            if isinstance(message, m.Prekeys) and message.one_time is not None:
+            if isinstance(message, m.Prekeys) and message.one_time:
                 # Its fetch gave up waiting (the connection was ending): dropped.
-                self.prekey_counts["lost_late"] += 1
+                self.prekey_counts["lost_late"] += len(message.one_time)
                 continue
             if isinstance(message, m.PrekeyStatus):
                 # Inside a streamed delivery (the reader handles the others itself).
@@ -2092,7 +2135,7 @@ class Node:
                     refusal = Refused(Reason(message.reason), message.detail)
                     with contextlib.suppress(trio.WouldBlock, trio.BrokenResourceError):
                         session.audit_replies.send_nowait(refusal)
-                self._on_refusal(message)
+                self._on_refusal(session, message)
             elif isinstance(message, m.ReceiptNotice):
                 self._on_receipt(session, message)
             elif isinstance(message, m.Ack) and message.kind == "receipt":
@@ -2175,7 +2218,7 @@ class Node:
     def _on_released(self, message: m.Released) -> None:
         self.store.mark_released(message.token, message.report)
 
-    def _on_refusal(self, message: m.Refusal) -> None:
+    def _on_refusal(self, session: _Session, message: m.Refusal) -> None:
         reason = Reason(message.reason)
         ref, detail = message.ref, message.detail
         event = RefusedEvent(ref=ref, reason=reason, detail=detail)
@@ -2183,9 +2226,14 @@ class Node:
             return
         entry = self.store.inbox_entry(ref) if ref else None
         if entry is not None and not entry.receipt_sent:
-            # The relay will not take this receipt (its delivery is gone): stop resending.
+            # The relay will not take this receipt: stop resending it. It stood for the
+            # delivery's ack (protocol version 4), and a refused receipt acknowledges
+            # nothing, so ack the delivery itself: the report is stored (the receipt
+            # went out only after that commit), and a delivery no longer outstanding
+            # (the relay gone on since) is acked silently.
             self.store.mark_receipt_sent(ref)
             self.store.add_event(event)
+            self._reply(session, m.Ack(kind="delivery", token=ref))
             return
         release = self.store.release(ref)
         if release is not None and release.state != "pending":
@@ -2485,8 +2533,16 @@ class Node:
             if trace.enabled:
                 trace.mark("T_stored", token.report)
         self._notify()
-        # Sent by the replier once the inbox row and the seen-set are committed.
-        self._reply(session, m.Ack(kind="delivery", token=token.id))
+        # Sent by the replier once the inbox row and the seen-set are committed. A report
+        # stored is acknowledged by its signed receipt (protocol version 4: the relay
+        # takes an accepted receipt as the delivery's ack), one message instead of two;
+        # a rejected delivery has no receipt and is acked as such.
+        if error is None:
+            if session.receipts_sent is not None:
+                session.receipts_sent.add(token.id)
+            self._reply(session, m.SendReceipt(receipt=receipt.encoded))
+        else:
+            self._reply(session, m.Ack(kind="delivery", token=token.id))
 
     async def _open_delivery(
         self,
@@ -2818,6 +2874,30 @@ def _submit_inline(submission: Submission, tokens: list[bytes]) -> m.SubmitInlin
     )
 
 
+def _receipt_acks_merged(ready: list[m.Message]) -> list[m.Message]:
+    """``ready`` (acks whose batches are on disk, in order) with its acks of receipts
+    sent as one ``ack_receipts`` where there are several (protocol version 4: one
+    message for the receipts a burst brought), in the place of the first; the relay
+    takes each as the ``ack`` it stands for. Sending an ack earlier than its place is
+    safe: everything in ``ready`` is on disk."""
+    receipts = [
+        message.token
+        for message in ready
+        if isinstance(message, m.Ack) and message.kind == "receipt"
+    ]
+    if len(receipts) < 2:
+        return ready
+    merged: list[m.Message] = []
+    for message in ready:
+        if not (isinstance(message, m.Ack) and message.kind == "receipt"):
+            merged.append(message)
+        elif receipts:
+            for start in range(0, len(receipts), m.MAX_RECEIPT_ACKS):
+                merged.append(m.AckReceipts(tokens=receipts[start : start + m.MAX_RECEIPT_ACKS]))
+            receipts = []
+    return merged
+
+
 def _handed_out(answer: m.Message, recipient: str) -> tuple[bytes | None, bytes | None]:
     """(signed prekey, one-time prekey) of the relay's ``answer`` to a fetch of
     ``recipient``'s prekeys, encoded as handed out (None: none given);
@@ -2832,7 +2912,7 @@ def _handed_out(answer: m.Message, recipient: str) -> tuple[bytes | None, bytes 
     assert isinstance(answer, m.Prekeys)
     if answer.member != recipient:
         raise Refused(Reason.BAD_PREKEY, "the relay answered with another member's prekeys")
-    return answer.signed, answer.one_time
+    return answer.signed, answer.one_time[0] if answer.one_time else None
 
 
 def _submission_messages(submission: Submission, data: bytes) -> list[m.Message]:

@@ -6,8 +6,11 @@ a signed prekey and a one-time prekey handed out by the relay: a ``prekeys_fetch
 commit (with its fsync) at the relay, and the answer, before the tokens can be issued.
 The node keeps a few such bundles per recipient ready instead (:class:`PrekeyPool`,
 ``Limits.prekey_pool``), so a submit takes one without waiting; the node's pool keeper
-refills the pool in the background, in one write of at most
-``Limits.max_prekey_fetches`` fetches, once fewer than half are left, up to full again.
+refills the pool in the background, once fewer than half are left, up to full again:
+at most ``Limits.max_prekey_fetches`` bundles in one write, one ``prekeys_fetch`` per
+recipient for all of its bundles (protocol version 4: a fetch asks for ``count``
+bundles, and the answer carries the signed prekey once and a list of one-time prekeys;
+:func:`bundles_of` cuts it into bundles).
 
 The rules, each for a reason:
 
@@ -16,8 +19,10 @@ The rules, each for a reason:
   ``Limits.prekey_pool_recipients`` recipients; the others always fetch directly.
 - *Only full bundles.* A pool holds bundles with a one-time prekey only. An answer
   without one (the recipient's supply is exhausted, or this originator had its
-  ``max_one_time_prekeys_per_hour`` of them), a refusal, or a bundle that does not
-  decode or is about to expire is not pooled, and stops the refills of that recipient
+  ``max_one_time_prekeys_per_hour`` of them; an answer with fewer one-time prekeys than
+  asked for is as many full bundles and, for the rest, as many without), a refusal, or
+  a bundle that does not decode or is about to expire is not pooled, and stops the
+  refills of that recipient
   (*dry*): its submits fetch directly, as without a pool, and each token says which
   keys it used (a weaker one a ``WeakerWrap`` event). A direct fetch that brings a
   one-time prekey again ends the dry spell. So the pool never hoards weaker bundles
@@ -55,7 +60,25 @@ from tisa import messages as m
 from tisa.errors import ProtocolError
 from tisa.prekeys import Prekey
 
-__all__ = ["PrekeyPool"]
+__all__ = ["PrekeyPool", "bundles_of"]
+
+
+def bundles_of(answer: m.Message, count: int) -> list[m.Message]:
+    """The relay's ``answer`` to a fetch of ``count`` bundles, as ``count`` answers of one
+    bundle each, in order: a :class:`~tisa.messages.Prekeys` per one-time prekey it
+    carries (newest first), then, for the bundles the relay did not hand out (fewer
+    left, or the hourly allowance used up), the signed prekey alone; a refusal (or
+    anything else) stands for each."""
+    if not isinstance(answer, m.Prekeys) or (count == 1 and len(answer.one_time) <= 1):
+        return [answer] * count
+    full = [
+        m.Prekeys(ref=answer.ref, member=answer.member, signed=answer.signed, one_time=[one])
+        for one in answer.one_time[:count]
+    ]
+    if len(full) == count:
+        return list(full)
+    weaker = m.Prekeys(ref=answer.ref, member=answer.member, signed=answer.signed, one_time=[])
+    return [*full, *[weaker] * (count - len(full))]
 
 
 @dataclasses.dataclass(slots=True)
@@ -207,7 +230,7 @@ class PrekeyPool:
             not isinstance(answer, m.Prekeys)
             or answer.member != recipient
             or answer.signed is None
-            or answer.one_time is None
+            or len(answer.one_time) != 1
         ):
             return None
         try:
@@ -215,7 +238,7 @@ class PrekeyPool:
             if answer.signed != signed:
                 signed_not_after = Prekey.decode(answer.signed).not_after
                 self._signed = (answer.signed, signed_not_after)
-            not_after = min(signed_not_after, Prekey.decode(answer.one_time).not_after)
+            not_after = min(signed_not_after, Prekey.decode(answer.one_time[0]).not_after)
         except ProtocolError:
             return None
         return not_after if now + self.margin < not_after else None

@@ -75,16 +75,34 @@ class PrekeyTables:
         max_per_hour: int | None = None,
         count_to: int | None = None,
     ) -> tuple[bytes | None, bytes | None, int]:
-        """Hand out ``owner``'s latest published valid signed prekey and its newest
-        available one-time prekey (the latest publish first: the member's current store
-        holds it), the latter marked taken by ``taker`` in the same step, unless
-        ``taker`` was handed ``max_per_hour`` of ``owner``'s in the last hour (None: no
-        limit; see the module docstring).
+        """One bundle of :meth:`take_prekey_bundles`: (signed envelope or None, one
+        one-time envelope or None, one-time prekeys of ``owner`` left)."""
+        signed, one_time, left = self.take_prekey_bundles(
+            owner, taker=taker, now=now, count=1, max_per_hour=max_per_hour, count_to=count_to
+        )
+        return signed, one_time[0] if one_time else None, left
+
+    def take_prekey_bundles(
+        self,
+        owner: str,
+        *,
+        taker: str,
+        now: int,
+        count: int,
+        max_per_hour: int | None = None,
+        count_to: int | None = None,
+    ) -> tuple[bytes | None, list[bytes], int]:
+        """Hand out ``owner``'s latest published valid signed prekey and up to ``count``
+        of its newest available one-time prekeys (the latest publish first: the member's
+        current store holds it), the latter marked taken by ``taker`` in the same step,
+        as far as ``taker``'s allowance of ``max_per_hour`` of ``owner``'s in the last
+        hour goes (None: no limit; see the module docstring).
 
         Returns:
-            (signed envelope or None, one-time envelope or None, one-time prekeys of
-            ``owner`` left, counted up to ``count_to``: all when None). A one-time
-            prekey None while some are left: ``taker``'s allowance is used up.
+            (signed envelope or None, the one-time envelopes, newest first: fewer than
+            ``count`` when fewer are left or allowed, one-time prekeys of ``owner``
+            left, counted up to ``count_to``: all when None). Fewer one-time prekeys
+            than ``count`` while some are left: ``taker``'s allowance is used up.
         """
         with self._handout_step():
             # taken_by IS NULL (always so for a signed prekey): the newest is read from
@@ -94,25 +112,34 @@ class PrekeyTables:
                 " AND taken_by IS NULL AND not_after > ? ORDER BY seq DESC LIMIT 1",
                 (owner, now),
             ).fetchone()
-            one_time = None
+            allowed = count
             if max_per_hour is not None:
                 self._pair_lock(owner, taker)
-            if max_per_hour is None or self._prekeys_allowed(
-                owner, taker, now=now, max_per_hour=max_per_hour
-            ):
-                one_time = self._sql(
-                    "UPDATE prekeys SET taken_by = ? WHERE seq = (SELECT seq FROM prekeys"
-                    " WHERE owner = ? AND kind = 'one_time' AND taken_by IS NULL"
-                    f" AND not_after > ? ORDER BY seq DESC LIMIT 1{self._HANDOUT_SKIP_LOCKED})"
-                    " RETURNING encoded",
-                    (taker, owner, now),
-                ).fetchone()
-                if one_time is not None:
-                    self._count_handout(owner, taker, now=now)
+                allowed = min(
+                    count, self._prekeys_allowed(owner, taker, now=now, max_per_hour=max_per_hour)
+                )
+            one_time: list[tuple[int, bytes]] = []
+            if allowed > 0:
+                # One statement marks them all taken; RETURNING gives no order.
+                one_time = sorted(
+                    (
+                        (int(row[1]), bytes(row[0]))
+                        for row in self._sql(
+                            "UPDATE prekeys SET taken_by = ? WHERE seq IN (SELECT seq FROM"
+                            " prekeys WHERE owner = ? AND kind = 'one_time' AND taken_by IS NULL"
+                            " AND not_after > ? ORDER BY seq DESC LIMIT ?"
+                            f"{self._HANDOUT_SKIP_LOCKED}) RETURNING encoded, seq",
+                            (taker, owner, now, allowed),
+                        ).fetchall()
+                    ),
+                    reverse=True,
+                )
+                if one_time:
+                    self._count_handout(owner, taker, now=now, handed=len(one_time))
             left = self._one_time_left(owner, now=now, count_to=count_to)
         return (
             None if signed is None else bytes(signed[0]),
-            None if one_time is None else bytes(one_time[0]),
+            [encoded for _, encoded in one_time],
             left,
         )
 
@@ -153,22 +180,23 @@ class PrekeyTables:
         # node takes as its own earlier release of the same token.
         raise Refused(Reason.BAD_PREKEY, "this one-time prekey was used by another token")
 
-    def _prekeys_allowed(self, owner: str, taker: str, *, now: int, max_per_hour: int) -> bool:
-        """Whether ``taker`` may be handed another one-time prekey of ``owner`` now."""
+    def _prekeys_allowed(self, owner: str, taker: str, *, now: int, max_per_hour: int) -> int:
+        """How many more one-time prekeys of ``owner`` ``taker`` may be handed now."""
         slot = now // PREKEY_RATE_SLOT
         (handed,) = self._sql(
             "SELECT COALESCE(SUM(handed), 0) FROM prekey_rate"
             " WHERE owner = ? AND taker = ? AND slot > ?",
             (owner, taker, slot - PREKEY_RATE_WINDOW // PREKEY_RATE_SLOT),
         ).fetchone()
-        return int(handed) < max_per_hour
+        return max(0, max_per_hour - int(handed))
 
-    def _count_handout(self, owner: str, taker: str, *, now: int) -> None:
-        """Count one one-time prekey of ``owner`` handed to ``taker`` now."""
+    def _count_handout(self, owner: str, taker: str, *, now: int, handed: int = 1) -> None:
+        """Count ``handed`` one-time prekeys of ``owner`` handed to ``taker`` now."""
         self._sql(
-            "INSERT INTO prekey_rate (owner, taker, slot, handed) VALUES (?, ?, ?, 1)"
-            " ON CONFLICT (owner, taker, slot) DO UPDATE SET handed = prekey_rate.handed + 1",
-            (owner, taker, now // PREKEY_RATE_SLOT),
+            "INSERT INTO prekey_rate (owner, taker, slot, handed) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (owner, taker, slot)"
+            " DO UPDATE SET handed = prekey_rate.handed + excluded.handed",
+            (owner, taker, now // PREKEY_RATE_SLOT, handed),
         )
 
     def _prune_prekey_rate(self, *, now: int) -> None:

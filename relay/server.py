@@ -75,6 +75,7 @@ from tisa.messages import (
     INLINE_TOKEN_OVERHEAD,
     MAX_CHUNK_DATA,
     Ack,
+    AckReceipts,
     AuditFetch,
     AuditReply,
     Chunk,
@@ -773,6 +774,9 @@ class Relay:
             await self._revoke(conn, message)
         elif isinstance(message, Ack):
             await self._ack(conn, message)
+        elif isinstance(message, AckReceipts):
+            for token_id in message.tokens:
+                await self._ack(conn, Ack(kind="receipt", token=token_id))
         elif isinstance(message, SendReceipt):
             await self._receipt(conn, message)
         elif isinstance(message, AuditFetch):
@@ -1190,27 +1194,35 @@ class Relay:
         self.metrics.event("revoked")
         await self._reply(conn, Revoked(report=message.report, token=message.token))
 
+    def _ack_delivery(self, conn: _Connection, token_id: bytes) -> bool:
+        """The recipient on ``conn`` holds the delivery of ``token_id`` (an ``ack`` of
+        kind delivery, or the receipt that stands for it): a step of the open batch, so
+        the delivery counts as acked at the relay only with that batch (lost with it, it
+        is pushed again). False for a token never delivered to this member."""
+        known = self.store.ack_delivery(token_id, recipient=conn.member, now=self.now())
+        if known:
+            self.metrics.event("acknowledged")
+            # No longer outstanding: its claim is not needed (nor kept, which grew
+            # with every delivery a long-lived connection made).
+            holder = self._claims.pop(token_id, None)
+            if holder is not None:
+                holder.claims.discard(token_id)
+        if conn.overdue:
+            # It reads what it is sent after all (an ack, even a late one of a
+            # delivery another connection completed, comes only from a reader): it
+            # may be the one to push to again, so it looks at what it passed over.
+            conn.overdue, conn.rescan = False, True
+            conn.wake.set()
+        for other in self._connections.get(conn.member, ()):
+            other.deadlines.pop(token_id, None)
+            if token_id in other.in_flight:
+                other.in_flight.discard(token_id)
+                other.wake.set()  # the window has room again
+        return known
+
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
-            known = self.store.ack_delivery(message.token, recipient=conn.member, now=self.now())
-            if known:
-                self.metrics.event("acknowledged")
-                # No longer outstanding: its claim is not needed (nor kept, which grew
-                # with every delivery a long-lived connection made).
-                holder = self._claims.pop(message.token, None)
-                if holder is not None:
-                    holder.claims.discard(message.token)
-            if conn.overdue:
-                # It reads what it is sent after all (an ack, even a late one of a
-                # delivery another connection completed, comes only from a reader): it
-                # may be the one to push to again, so it looks at what it passed over.
-                conn.overdue, conn.rescan = False, True
-                conn.wake.set()
-            for other in self._connections.get(conn.member, ()):
-                other.deadlines.pop(message.token, None)
-                if message.token in other.in_flight:
-                    other.in_flight.discard(message.token)
-                    other.wake.set()  # the window has room again
+            known = self._ack_delivery(conn, message.token)
         elif message.kind == "receipt":
             known = self.store.ack_receipt(message.token, originator=conn.member)
         else:
@@ -1255,6 +1267,12 @@ class Relay:
                 token = receipt.token
             await self._refuse(conn, token, exc.reason, exc.detail)
             return
+        # Protocol version 4: an accepted receipt also acknowledges its delivery (the
+        # recipient sends it in place of the ack, once the report is stored), in the
+        # same batch as the receipt; for a delivery acked before (a receipt resent) this
+        # changes nothing. A refused receipt acknowledges nothing: the recipient then
+        # acks the delivery itself (docs/node-protocol.md, "Receipt").
+        self._ack_delivery(conn, receipt.token)
         # Confirm (also a receipt sent again), so the recipient stops resending it.
         # Lazy: the recipient only stops resending the receipt once it has this.
         await self._reply(conn, Ack(kind="receipt", token=receipt.token), lazy=True)
@@ -1402,8 +1420,9 @@ class Relay:
         await self._reply(conn, self._prekey_status(conn.member))
 
     async def _fetch_prekeys(self, conn: _Connection, message: FetchPrekeys) -> None:
-        """Hand an originator a recipient's signed prekey and one one-time prekey (taken
-        durably before the answer goes out); tell the recipient when its supply runs low."""
+        """Hand an originator a recipient's signed prekey and up to ``message.count``
+        one-time prekeys (taken durably before the answer goes out); tell the recipient
+        when its supply runs low."""
         now = self.now()
         try:
             self.arrangement.require_role(conn.member, Role.ORIGINATOR)
@@ -1415,14 +1434,16 @@ class Relay:
         except Refused as exc:
             await self._refuse(conn, message.ref, exc.reason, exc.detail)
             return
-        signed, one_time, left = self.store.take_prekeys(
+        signed, one_time, left = self.store.take_prekey_bundles(
             message.member,
             taker=conn.member,
             now=now,
+            count=message.count,
             max_per_hour=self.limits.max_one_time_prekeys_per_hour,
             count_to=self.limits.prekey_low_water,
         )
-        if one_time is None and left:
+        if len(one_time) < message.count and left:
+            # Fewer than asked while some are left: the asker's allowance ran out.
             self._prekeys_limited(conn.member, message.member, now=now)
         # Lazy: an originator fetches ahead, for its prekey pool (one that waits on the
         # answer, its pool empty, waits at most BACKGROUND_COMMIT_DELAY more, less
@@ -1432,7 +1453,7 @@ class Relay:
             Prekeys(ref=message.ref, member=message.member, signed=signed, one_time=one_time),
             lazy=True,
         )
-        if one_time is not None and left < self.limits.prekey_low_water:
+        if one_time and left < self.limits.prekey_low_water:
             # Not queued behind the recipient's other answers: its pusher sends one
             # status, counted when it goes out, ahead of the next deliveries.
             for other in self._connections.get(message.member, ()):

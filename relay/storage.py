@@ -318,6 +318,20 @@ class RelayStore(Batches, Protocol):
         them in the last hour; with the one-time prekeys left, counted up to
         ``count_to`` (:meth:`relay.prekeystore.PrekeyTables.take_prekeys`)."""
 
+    def take_prekey_bundles(
+        self,
+        owner: str,
+        *,
+        taker: str,
+        now: int,
+        count: int,
+        max_per_hour: int | None = None,
+        count_to: int | None = None,
+    ) -> tuple[bytes | None, list[bytes], int]:
+        """As :meth:`take_prekeys` for up to ``count`` one-time prekeys, as many as are
+        left and ``taker``'s allowance gives, in one step
+        (:meth:`relay.prekeystore.PrekeyTables.take_prekey_bundles`)."""
+
 
 @runtime_checkable
 class SharedStore(Protocol):

@@ -58,7 +58,7 @@ from tisa.errors import (
 )
 from tisa.keys import Context, Hash, MemberSecret, digest
 from tisa.limits import CHUNK_SIZE, CLOCK_SKEW, MAX_INLINE_CIPHERTEXT, MAX_INLINE_TOKENS
-from tisa.messages import decode_message
+from tisa.messages import MAX_PREKEY_BUNDLES, MAX_RECEIPT_ACKS, decode_message
 from tisa.prekeys import Prekey, PrekeyKind, PrekeySecret
 from tisa.receipt import Receipt, StoredAck
 from tisa.report import ReportOpener, ReportSealer, key_commitment, open_report, padded_size
@@ -2154,8 +2154,10 @@ def _stretch(label: str, size: int) -> bytes:
 
 
 def message_file() -> dict[str, Any]:
-    """The channel messages protocol version 3 added or changed (submit_inline,
-    deliver_inline, stored), at and past their limits: decode with decode_message."""
+    """The channel messages protocol versions 3 and 4 added or changed (submit_inline,
+    deliver_inline, stored; prekeys_fetch with its count, prekeys with a list of
+    one-time prekeys, ack_receipts), at and past their limits: decode with
+    decode_message."""
     report, token_id = derive("message/report", 16), derive("message/token-id", 16)
     digest, small = derive("message/digest"), _stretch("message/ciphertext", 1089)
     token, ack = _stretch("message/token", 486), _stretch("message/ack", 250)
@@ -2261,6 +2263,7 @@ def message_file() -> dict[str, Any]:
             False,
         ),
     ]
+    specs += _prekey_message_specs()
     vectors = []
     for vector_id, description, data, valid in specs:
         vector = {
@@ -2274,11 +2277,123 @@ def message_file() -> dict[str, Any]:
         _require(vector, outcome(functools.partial(decode_message, data)))
         vectors.append(vector)
     return {
-        "description": "Channel messages of protocol version 3 (docs/protocol.md section "
-        "13.4): decode 'encoded' with tisa.messages.decode_message; it gives a message of "
-        "type expect.type, which encodes back to the same bytes, or it is malformed.",
+        "description": "Channel messages of protocol versions 3 and 4 (docs/protocol.md "
+        "section 13.4): decode 'encoded' with tisa.messages.decode_message; it gives a "
+        "message of type expect.type, which encodes back to the same bytes, or it is "
+        "malformed.",
         "vectors": vectors,
     }
+
+
+def _prekey_message_specs() -> list[tuple[str, str, bytes, bool]]:
+    """prekeys_fetch and prekeys as protocol version 4 changed them (several bundles of
+    one member in one fetch and one answer, at most MAX_PREKEY_BUNDLES), and the
+    ack_receipts it added."""
+    ref = derive("message/prekeys-ref", 16)
+    signed = _stretch("message/signed-prekey", 218)
+    one_time = [
+        _stretch(f"message/one-time-prekey/{n}", 218) for n in range(MAX_PREKEY_BUNDLES + 1)
+    ]
+
+    def fetch(count: Any, **extra: Any) -> bytes:
+        return enc.pack(
+            {"t": "prekeys_fetch", "ref": ref, "member": "tokyo", "count": count, **extra}
+        )
+
+    def answer(keys: Any, signed_prekey: bytes | None = signed) -> bytes:
+        return enc.pack(
+            {
+                "t": "prekeys",
+                "ref": ref,
+                "member": "tokyo",
+                "signed": signed_prekey,
+                "one_time": keys,
+            }
+        )
+
+    return [
+        ("message-prekeys-fetch", "A fetch of one bundle.", fetch(1), True),
+        (
+            "message-prekeys-fetch-at-limit",
+            "A fetch of MAX_PREKEY_BUNDLES (32) bundles.",
+            fetch(MAX_PREKEY_BUNDLES),
+            True,
+        ),
+        (
+            "message-prekeys-fetch-over-limit",
+            "A fetch of 33 bundles: malformed (the relay sends error and closes).",
+            fetch(MAX_PREKEY_BUNDLES + 1),
+            False,
+        ),
+        ("message-prekeys-fetch-none", "A fetch of 0 bundles.", fetch(0), False),
+        (
+            "message-prekeys-fetch-version-3",
+            "A fetch as protocol version 3 sent it, without count.",
+            enc.pack({"t": "prekeys_fetch", "ref": ref, "member": "tokyo"}),
+            False,
+        ),
+        (
+            "message-prekeys",
+            "The signed prekey and three one-time prekeys (three bundles).",
+            answer(one_time[:3]),
+            True,
+        ),
+        (
+            "message-prekeys-none-left",
+            "The signed prekey alone: none left, or the hourly allowance used up.",
+            answer([]),
+            True,
+        ),
+        ("message-prekeys-nothing", "No prekey at all (none published).", answer([], None), True),
+        (
+            "message-prekeys-at-limit",
+            "MAX_PREKEY_BUNDLES one-time prekeys.",
+            answer(one_time[:MAX_PREKEY_BUNDLES]),
+            True,
+        ),
+        (
+            "message-prekeys-over-limit",
+            "One one-time prekey more than MAX_PREKEY_BUNDLES.",
+            answer(one_time),
+            False,
+        ),
+        (
+            "message-prekeys-version-3",
+            "An answer as protocol version 3 sent it: one_time a single prekey, not a list.",
+            answer(one_time[0]),
+            False,
+        ),
+        (
+            "message-ack-receipts",
+            "Two receipt notices acknowledged in one message.",
+            enc.pack({"t": "ack_receipts", "tokens": [ref, derive("message/token-id", 16)]}),
+            True,
+        ),
+        (
+            "message-ack-receipts-at-limit",
+            "MAX_RECEIPT_ACKS (256) token ids.",
+            enc.pack({"t": "ack_receipts", "tokens": [ref] * MAX_RECEIPT_ACKS}),
+            True,
+        ),
+        (
+            "message-ack-receipts-over-limit",
+            "One token id more than MAX_RECEIPT_ACKS.",
+            enc.pack({"t": "ack_receipts", "tokens": [ref] * (MAX_RECEIPT_ACKS + 1)}),
+            False,
+        ),
+        (
+            "message-ack-receipts-empty",
+            "No token id: malformed (at least one).",
+            enc.pack({"t": "ack_receipts", "tokens": []}),
+            False,
+        ),
+        (
+            "message-prekeys-one-time-too-long",
+            "A one-time prekey of 513 bytes (MAX_PREKEY_SIZE is 512).",
+            answer([b"p" * 513]),
+            False,
+        ),
+    ]
 
 
 # --- audit extracts (section 12.3) --------------------------------------------------------

@@ -587,6 +587,8 @@ class Announced:
             yield Receipt.verify(message.receipt, ARRANGEMENT).token
         elif isinstance(message, m.Ack) and message.kind in ("delivery", "receipt"):
             yield message.token
+        elif isinstance(message, m.AckReceipts):
+            yield from message.tokens
 
     def _check(self, message: m.Message) -> None:
         for key in self._keys(message):

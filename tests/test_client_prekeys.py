@@ -284,7 +284,14 @@ def test_prekey_message_limits_are_enforced() -> None:
         m.PublishPrekeys(signed=None, one_time=[one] * (m.MAX_PREKEYS_PER_MESSAGE + 1))
     m.PublishPrekeys(signed=None, one_time=[one] * m.MAX_PREKEYS_PER_MESSAGE)
     with pytest.raises(UsageError):
-        m.Prekeys(ref=bytes(16), member="tokyo", signed=b"x" * (MAX_PREKEY_SIZE + 1), one_time=None)
+        m.Prekeys(ref=bytes(16), member="tokyo", signed=b"x" * (MAX_PREKEY_SIZE + 1), one_time=[])
+    with pytest.raises(UsageError):
+        m.Prekeys(ref=bytes(16), member="tokyo", signed=None, one_time=[one] * 33)
+    m.Prekeys(ref=bytes(16), member="tokyo", signed=None, one_time=[one] * m.MAX_PREKEY_BUNDLES)
+    with pytest.raises(UsageError):
+        m.FetchPrekeys(ref=bytes(16), member="tokyo", count=m.MAX_PREKEY_BUNDLES + 1)
+    with pytest.raises(UsageError):
+        m.FetchPrekeys(ref=bytes(16), member="tokyo", count=0)
     with pytest.raises(ProtocolError):
         Prekey.decode(b"\x00" * (MAX_PREKEY_SIZE + 1))
 

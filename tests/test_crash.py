@@ -31,7 +31,7 @@ from test_three_nodes import next_event
 from clients.events import AnnouncementEvent, ApprovedEvent, DeniedEvent, RequestEvent
 from clients.node import Backoff, Node, open_node
 from relay.server import serve
-from relay.storage import is_postgresql
+from relay.storage import is_postgresql, open_store
 from tisa.limits import MAX_INLINE_CIPHERTEXT
 from tisa_testing.pg_server import PgServer
 
@@ -173,11 +173,23 @@ async def children() -> AsyncIterator[list[Child]]:
 
 @pytest.mark.parametrize(
     "point",
-    ["after_store_before_ack", "after_consume_before_forward", "during_forward", "after_forward"],
+    [
+        "after_store_before_ack",
+        "after_consume_before_forward",
+        "during_forward",
+        "after_forward",
+        "receipt_before_commit",
+        "receipt_after_commit",
+    ],
 )
 async def test_relay_killed_at_a_chosen_point(
     point: str, tmp_path: pathlib.Path, children: list[Child], store_at: str | pathlib.Path
 ) -> None:
+    """Every report is handed over once, its receipt reaches the originator, and the
+    relay ends with every delivery acked. At the receipt points (protocol version 4: the
+    recipient's receipt is also its delivery's ack, a step of the relay's open batch like
+    the receipt) the relay is killed before that batch's commit (the ack lost with it:
+    the delivery comes again, and the unconfirmed receipt is resent) or just after it."""
     relay = RelayProcess(tmp_path, free_port(), relay_store(store_at, tmp_path))
     children.append(relay)
     with trio.fail_after(30):
@@ -196,6 +208,18 @@ async def test_relay_killed_at_a_chosen_point(
             for report_id in ids:
                 await seoul.wait_stored(report_id)
             assert_exactly_once(await receive_all(tokyo, ids), ids)
+            while len(seoul.store.receipts()) < len(ids):
+                await trio.sleep(0.05)
+            while tokyo.store.receipts_to_send():
+                await trio.sleep(0.05)  # every receipt confirmed by the relay
+            token_ids = [r.token for i in ids for r in seoul.store.releases_of(i)]
+    await relay.kill()
+    store = open_store(relay_store(store_at, tmp_path), group_commit=False)
+    try:
+        states = [getattr(store.token(token_id), "state", None) for token_id in token_ids]
+    finally:
+        store.close()
+    assert states == ["acked"] * len(ids)
 
 
 @pytest.mark.parametrize("point", ["mid_batch", "after_batch"])

@@ -69,9 +69,9 @@ def bundle(
         ref=bytes(16),
         member=member,
         signed=prekey(PrekeyKind.SIGNED, signed_until, member),
-        one_time=None
+        one_time=[]
         if one_time_until is None
-        else prekey(PrekeyKind.ONE_TIME, one_time_until, member),
+        else [prekey(PrekeyKind.ONE_TIME, one_time_until, member)],
     )
 
 
@@ -166,7 +166,7 @@ def test_a_weaker_or_bad_answer_is_not_pooled_and_stops_the_refills() -> None:
     expiring = bundle(signed_until=NOW + SKEW)
     other = bundle(member="canberra")  # another member's, where tokyo's were asked
     refused = m.Refusal(ref=bytes(16), reason=Reason.WRONG_ROLE.value)
-    undecodable = m.Prekeys(ref=bytes(16), member="tokyo", signed=b"\x00", one_time=b"\x00")
+    undecodable = m.Prekeys(ref=bytes(16), member="tokyo", signed=b"\x00", one_time=[b"\x00"])
     for answer in (weaker, expiring, other, refused, undecodable):
         pool = PrekeyPool(size=4, recipients=4, margin=SKEW)
         pool.fetched("tokyo", bundle(), now=NOW)
@@ -251,6 +251,11 @@ def fetches(fake: FakeRelay) -> int:
     return sum(isinstance(message, m.FetchPrekeys) for message in fake.received)
 
 
+def fetch_counts(fake: FakeRelay) -> list[int]:
+    """The bundles each prekeys_fetch asked for, in order."""
+    return [message.count for message in fake.received if isinstance(message, m.FetchPrekeys)]
+
+
 def tokens(fake: FakeRelay) -> list[ReleaseToken]:
     out: list[ReleaseToken] = []
     for message in fake.received:
@@ -297,12 +302,13 @@ async def test_a_connected_submit_takes_a_pooled_bundle_without_a_round_trip(
             assert fetches(fake) == 0  # lazy: nothing fetched before a first use
             await submit(seoul)
             # The first one fetched directly, alone; then the pool keeper fills the
-            # pool: 5 fetches in one write, then 3.
+            # pool: 5 bundles in one write, then 3, each one fetch (protocol version 4).
             await pooled(seoul, 8)
-            assert fake.fetches_in_flight == [1, 1, 2, 3, 4, 5, 1, 2, 3]
+            assert fake.fetches_in_flight == [1, 1, 1]
+            assert fetch_counts(fake) == [1, 5, 3]
             # The one-time prekeys of the four oldest bundles, taken next.
             handed = {
-                Prekey.decode(answer.one_time or b"").key
+                Prekey.decode(answer.one_time[0]).key
                 for answer, _ in list(seoul.prekey_pool._pools["tokyo"].bundles)[:4]
             }
             before = fetches(fake)
@@ -318,7 +324,7 @@ async def test_a_connected_submit_takes_a_pooled_bundle_without_a_round_trip(
             # One more falls below half: the keeper tops the pool up in the background.
             await submit(seoul, b"five")
             await pooled(seoul, 8)
-            assert fetches(fake) == before + 5
+            assert fetches(fake) == before + 1 and fetch_counts(fake)[-1] == 5
 
 
 async def test_prekey_pool_zero_fetches_per_submit_as_before(
@@ -374,7 +380,7 @@ async def test_a_recipient_whose_supply_ran_out_is_not_pooled_and_tokens_say_so(
             fake.withhold_one_time = False
             await submit(seoul, b"back")
             await pooled(seoul, 4)
-            assert fetches(fake) == 4 + 4
+            assert fetches(fake) == 4 + 1 and fetch_counts(fake)[-1] == 4
 
 
 async def test_bundles_whose_signed_prekey_is_about_to_expire_are_dropped_and_fetched(
@@ -432,7 +438,7 @@ async def test_a_pooled_bundle_is_checked_at_use_as_a_fetched_one(
                 ref=bytes(16),
                 member="tokyo",
                 signed=fake.signed_prekeys["tokyo"],
-                one_time=prekey(PrekeyKind.ONE_TIME, now + 90 * DAY, "tokyo", signer="seoul"),
+                one_time=[prekey(PrekeyKind.ONE_TIME, now + 90 * DAY, "tokyo", signer="seoul")],
             )
             bundles = seoul.prekey_pool._pools["tokyo"].bundles
             bundles.appendleft((forged, now + 90 * DAY))
@@ -468,11 +474,12 @@ async def test_a_submit_not_recorded_puts_its_fetched_bundle_back_into_the_pool(
             monkeypatch.setattr(seoul.store, "record_submission", record)
             assert seoul.prekey_counts["returned"] == 1
             (handed,) = [
-                Prekey.decode(answer.one_time or b"").key
+                Prekey.decode(answer.one_time[0]).key
                 for answer, _ in seoul.prekey_pool._pools["tokyo"].bundles
             ]
             await pooled(seoul, 4)
-            assert fetches(fake) == 4  # the failed submit's one, then three refills
+            # The failed submit's one, then one refill of three bundles.
+            assert fetch_counts(fake) == [1, 3]
             await submit(seoul)
             while not tokens(fake):
                 await trio.sleep(0.01)
@@ -612,11 +619,13 @@ async def test_every_one_time_prekey_handed_out_in_a_burst_is_used_or_held_in_th
             held = seoul.prekey_pool.held("tokyo")
             rows = one_time_rows(db_path)
     received = sum(n for key, n in counts.items() if key.startswith("received_"))
-    fetched = sum(n for key, n in counts.items() if key.startswith("fetch_"))
+    asked = sum(n for key, n in counts.items() if key.startswith("asked_"))
     # The first `concurrent` submits each fetched directly, before the pool existed.
-    assert counts["fetch_submit"] >= concurrent
+    assert counts["fetch_submit"] == counts["asked_submit"] >= concurrent
+    # A refill asks for several bundles in one fetch (protocol version 4).
+    assert counts["fetch_pool"] < counts["asked_pool"]
     assert counts["used"] == burst and 0 < held <= limits.prekey_pool
-    assert received == burst + held == fetched  # every fetch brought one, none dropped
+    assert received == burst + held == asked  # every bundle asked came, none dropped
     assert not any(key.startswith(("dropped", "lost")) for key in counts)
     assert seoul.prekey_pool.dropped == 0
     # The relay agrees: handed out = used + held in the pool; the rest never left it.

@@ -80,12 +80,12 @@ async def test_publish_then_hand_out_each_one_time_prekey_once(
             for _ in range(3):
                 reply = await fetch(h)
                 assert isinstance(reply, Prekeys)
-                assert reply.signed == signed and reply.one_time is not None
-                handed.append(reply.one_time)
+                assert reply.signed == signed and len(reply.one_time) == 1
+                handed.append(reply.one_time[0])
             assert sorted(handed) == sorted(one_time)  # each once, none twice
             # Exhausted: the signed prekey alone (the originator falls back and says so).
             reply = await fetch(h)
-            assert isinstance(reply, Prekeys) and (reply.signed, reply.one_time) == (signed, None)
+            assert isinstance(reply, Prekeys) and (reply.signed, reply.one_time) == (signed, [])
             # Publishing the same prekey again stores nothing twice.
             again = await publish(h, "tokyo", signed, one_time[:1])
             assert again == PrekeyStatus(signed_not_after=status.signed_not_after, one_time=0)
@@ -98,10 +98,10 @@ async def test_a_handout_survives_a_restart_and_is_not_repeated(
         async with running_relay(world, store_at, limits=LIMITS) as h:
             await publish(h, "tokyo", world.signed_prekey("tokyo"), [world.prekey("tokyo")])
             first = await fetch(h)
-            assert isinstance(first, Prekeys) and first.one_time is not None
+            assert isinstance(first, Prekeys) and len(first.one_time) == 1
             await h.restart()
             second = await fetch(h)
-            assert isinstance(second, Prekeys) and second.one_time is None
+            assert isinstance(second, Prekeys) and second.one_time == []
 
 
 async def test_withheld_prekeys_answer_none(world: World, store_at: str | Path) -> None:
@@ -109,7 +109,7 @@ async def test_withheld_prekeys_answer_none(world: World, store_at: str | Path) 
         async with running_relay(world, store_at, limits=LIMITS) as h:
             reply = await fetch(h)
             assert isinstance(reply, Prekeys)
-            assert (reply.member, reply.signed, reply.one_time) == ("tokyo", None, None)
+            assert (reply.member, reply.signed, reply.one_time) == ("tokyo", None, [])
 
 
 def foreign(world: World, owner: str, signer: str, **changes: object) -> bytes:
@@ -207,17 +207,17 @@ async def test_one_originator_gets_at_most_max_one_time_prekeys_per_hour_of_a_re
             answers = [await fetch(h) for _ in range(4)]
             assert all(isinstance(a, Prekeys) and a.signed == signed for a in answers)
             handed = [a.one_time for a in answers]  # type: ignore[union-attr]
-            assert None not in handed[:2] and handed[2:] == [None, None]
+            assert [len(h) for h in handed] == [1, 1, 0, 0]
             assert h.relay.store.prekey_status("tokyo", now=NOW)[1] == 3  # none taken past it
             other = await fetch(h, member="seoul", by="tokyo")
-            assert isinstance(other, Prekeys) and other.one_time is not None
+            assert isinstance(other, Prekeys) and len(other.one_time) == 1
             entries = [e for e, _, _ in h.relay.store.audit_entries(before, limit=10)]
             assert [(e.event, e.reason, e.parties) for e in entries] == [
                 (AuditEvent.REFUSED, Reason.RATE_LIMITED.value, ("seoul", "tokyo"))
             ]
             clock.now = NOW + PREKEY_RATE_WINDOW
             later = await fetch(h)
-            assert isinstance(later, Prekeys) and later.one_time is not None
+            assert isinstance(later, Prekeys) and len(later.one_time) == 1
 
 
 async def submitted(h: Harness, world: World) -> object:
@@ -245,19 +245,19 @@ async def test_tokens_naming_one_time_prekeys(world: World, store_at: str | Path
             kept = world.prekey("tokyo")  # published to nobody
             await publish(h, "tokyo", signed, [world.prekey("tokyo")])
             handed = await fetch(h)
-            assert isinstance(handed, Prekeys) and handed.one_time is not None
+            assert isinstance(handed, Prekeys) and len(handed.one_time) == 1
             report = await submitted(h, world)
             # A one-time prekey the relay never handed out (a replayed or made-up one).
             stray = token_for(world, report, one_time_prekey=kept)  # type: ignore[arg-type]
             reply = await release(h, stray)
             assert isinstance(reply, Refusal) and reply.reason == Reason.UNKNOWN_PREKEY.value
             # The one handed to Seoul: accepted once; a second token naming it is a replay.
-            first = token_for(world, report, one_time_prekey=handed.one_time)  # type: ignore[arg-type]
+            first = token_for(world, report, one_time_prekey=handed.one_time[0])  # type: ignore[arg-type]
             assert isinstance(await release(h, first), Released)
             second = token_for(
                 world,
                 report,  # type: ignore[arg-type]
-                one_time_prekey=handed.one_time,
+                one_time_prekey=handed.one_time[0],
                 counter=2,
             )
             reply = await release(h, second)
@@ -272,11 +272,11 @@ async def test_a_one_time_prekey_of_another_member_is_refused(
             await publish(h, "seoul", world.signed_prekey("seoul"), [world.prekey("seoul")])
             # Tokyo was handed Seoul's one-time prekey; Seoul names it in a token to Tokyo.
             handed = await fetch(h, member="seoul", by="tokyo")
-            assert isinstance(handed, Prekeys) and handed.one_time is not None
+            assert isinstance(handed, Prekeys) and len(handed.one_time) == 1
             report = await submitted(h, world)
             body = enc.unpack(enc.unpack(token_for(world, report))["body"])  # type: ignore[arg-type]
             body["wrap"]["mode"] = "one_time"
-            body["wrap"]["opk"] = Prekey.decode(handed.one_time).key
+            body["wrap"]["opk"] = Prekey.decode(handed.one_time[0]).key
             data = enc.pack(body)
             token = enc.pack(
                 {"body": data, "sig": world.secrets["seoul"].sign(Context.TOKEN, data)}
@@ -338,7 +338,7 @@ def test_a_handout_and_its_use_read_only_through_indexes(world: World, tmp_path:
         _, one_time, left = store.take_prekeys(
             "tokyo", taker="seoul", now=NOW, max_per_hour=5, count_to=2
         )
-        assert one_time is not None and left == 2
+        assert one_time is not None and left == 2  # take_prekeys: one bundle
         report = seal(world)
         token = ReleaseToken.decode(token_for(world, report, one_time_prekey=one_time))
         store._use_one_time_prekey(token)
@@ -429,7 +429,7 @@ async def test_a_prekeys_answer_is_lazy_an_answer_queued_behind_it_commits(
             assert h.relay.store.committed < h.relay.store.barrier
             await link.send(PublishPrekeys(signed=None, one_time=[]))
             reply = await expect(link, Prekeys)
-            assert reply.one_time is not None
+            assert len(reply.one_time) == 1
             await expect(link, PrekeyStatus)
             assert committer.commits == commits + 1
             await link.aclose()
@@ -453,7 +453,7 @@ async def test_a_lone_prekeys_answer_goes_out_with_the_background_commit(
             monkeypatch.setattr(committer, "durable", recording)
             commits = committer.commits
             reply = await fetch(h)
-            assert isinstance(reply, Prekeys) and reply.one_time is not None
+            assert isinstance(reply, Prekeys) and len(reply.one_time) == 1
             # Its batch was on disk when it went out, committed by the background pass,
             # the only one that waited on a commit.
             assert waiters and all("run_background_commits" in name for name in waiters)

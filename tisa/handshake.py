@@ -107,9 +107,11 @@ __all__ = [
 # 2: release tokens wrap the content key to recipient prekeys (tisa.prekeys) and may
 # name the release request they approve (tisa.consent); the channel carries the prekey
 # and the consent messages. 3: a small report and its tokens travel in one message
-# (submit_inline, deliver_inline; stored names the tokens accepted with it). A peer of
+# (submit_inline, deliver_inline; stored names the tokens accepted with it). 4: fewer
+# messages per report: a recipient's send_receipt also acknowledges the delivery it
+# names, and one prekeys_fetch asks for several bundles of one member. A peer of
 # another version is refused in the handshake.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 KX_KEY_SIZE: Final[int] = sodium.crypto_kx_PUBLIC_KEY_BYTES
 NONCE_SIZE = 32

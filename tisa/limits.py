@@ -184,9 +184,11 @@ class Limits:
     # the relay (a recipient that has not connected yet) before refusing the release
     # with no_prekey, or falling back where the arrangement allows it.
     prekey_wait: float = 30.0
-    # Prekey fetches an originator's node sends in one write (the releases waiting for
-    # their token, oldest first; their tokens are then issued in order). One round trip
-    # per batch instead of one per token; at most half of prekey_low_water, so that a
+    # Prekey bundles an originator's node asks for in one write: the releases waiting
+    # for their token, oldest first, one fetch each (their tokens are then issued in
+    # order), or a pool refill, one fetch per recipient of several bundles (protocol
+    # version 4). One round trip per batch instead of one per token; at most half of
+    # prekey_low_water, so that a
     # batch for one recipient never takes more one-time prekeys than the relay still
     # holds past its low-supply notice, and a second batch finds the recipient's top-up
     # on its way rather than an empty supply.

@@ -39,7 +39,10 @@ from tisa.token import MAX_TOKEN_SIZE
 __all__ = [
     "INLINE_OVERHEAD",
     "INLINE_TOKEN_OVERHEAD",
+    "MAX_PREKEY_BUNDLES",
+    "MAX_RECEIPT_ACKS",
     "Ack",
+    "AckReceipts",
     "AuditFetch",
     "AuditReply",
     "Chunk",
@@ -104,6 +107,15 @@ _prekey = enc.bin_max(MAX_PREKEY_SIZE)
 # One-time prekeys in one publish message: 100 envelopes of at most 512 bytes stay well
 # inside a frame; a member with more to publish sends several messages.
 MAX_PREKEYS_PER_MESSAGE = 100
+# Prekey bundles one prekeys_fetch asks for and one prekeys answer carries (protocol
+# version 4): an originator's node refills a pool of Limits.prekey_pool (16) bundles per
+# recipient in one fetch; 32 one-time prekeys of at most 512 bytes keep the answer near
+# 17 KiB, well inside a frame. A fetch asking for more is malformed.
+MAX_PREKEY_BUNDLES = 32
+# Receipt notices one ack_receipts acknowledges (protocol version 4): an originator's
+# node acks the receipts a commit of its made durable in one message; 256 ids of 16
+# bytes are about 4.6 KiB (the relay pushes receipts 256 at a time, NOTICE_PAGE).
+MAX_RECEIPT_ACKS = 256
 
 
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
@@ -283,6 +295,20 @@ class Ack(Message):
 
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
+class AckReceipts(Message):
+    """An originator confirms it durably holds several receipt notices at once (their
+    token ids, at most :data:`MAX_RECEIPT_ACKS`): each as an :class:`Ack` of kind
+    "receipt" would (protocol version 4)."""
+
+    TYPE: ClassVar[str] = "ack_receipts"
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "tokens": enc.list_of(ID, max_items=MAX_RECEIPT_ACKS, min_items=1),
+    }
+    tokens: list[bytes]
+
+
+@_message
+@dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class SendReceipt(Message):
     """Recipient sends its signed receipt (:class:`tisa.receipt.Receipt`) to the originator."""
 
@@ -333,12 +359,19 @@ class PublishPrekeys(Message):
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class FetchPrekeys(Message):
-    """An originator asks for ``member``'s prekeys; ``ref`` (its choice) names the answer."""
+    """An originator asks for ``count`` bundles of ``member``'s prekeys (the signed
+    prekey and ``count`` one-time prekeys, at most :data:`MAX_PREKEY_BUNDLES`); ``ref``
+    (its choice) names the answer."""
 
     TYPE: ClassVar[str] = "prekeys_fetch"
-    SCHEMA: ClassVar[dict[str, enc.Field]] = {"ref": ID, "member": enc.text(MAX_NAME)}
+    SCHEMA: ClassVar[dict[str, enc.Field]] = {
+        "ref": ID,
+        "member": enc.text(MAX_NAME),
+        "count": enc.uint(MAX_PREKEY_BUNDLES, 1),
+    }
     ref: bytes
     member: str
+    count: int = 1
 
 
 # --- relay to member ---------------------------------------------------------------------
@@ -347,20 +380,22 @@ class FetchPrekeys(Message):
 @_message
 @dataclasses.dataclass(frozen=True, slots=True, kw_only=True)
 class Prekeys(Message):
-    """The answer to :class:`FetchPrekeys`: ``member``'s newest signed prekey and one
-    one-time prekey, handed out to the asker only (each None when there is none)."""
+    """The answer to :class:`FetchPrekeys`: ``member``'s newest signed prekey (None when
+    there is none) and up to the ``count`` asked for of its one-time prekeys, newest
+    first, handed out to the asker only (fewer, or none, when fewer are left or the
+    asker's hourly allowance runs out)."""
 
     TYPE: ClassVar[str] = "prekeys"
     SCHEMA: ClassVar[dict[str, enc.Field]] = {
         "ref": ID,
         "member": enc.text(MAX_NAME),
         "signed": enc.optional(_prekey),
-        "one_time": enc.optional(_prekey),
+        "one_time": enc.list_of(_prekey, max_items=MAX_PREKEY_BUNDLES),
     }
     ref: bytes
     member: str
     signed: bytes | None
-    one_time: bytes | None
+    one_time: list[bytes]
 
 
 @_message

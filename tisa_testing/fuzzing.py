@@ -38,6 +38,7 @@ from tisa.handshake import MemberHandshake, RelayHandshake
 from tisa.keys import Context, MemberSecret
 from tisa.messages import (
     Ack,
+    AckReceipts,
     Chunk,
     ConsentNotice,
     Deliver,
@@ -384,6 +385,7 @@ def _messages() -> list[bytes]:
             SubmitBegin(report=bytes(16), size=2000, digest=bytes(32), expires=1),
             Chunk(data=b"\x01" * 100),
             Ack(kind="delivery", token=bytes(16)),
+            AckReceipts(tokens=[bytes(16), b"\x01" * 16]),
             Refusal(ref=bytes(16), reason="expired", detail="too late"),
             Deliver(token=_report()[1]),
             # Protocol version 3: a small report and its tokens in one message each way.
@@ -400,8 +402,12 @@ def _messages() -> list[bytes]:
             ConsentNotice(kind="answer", data=_answer_seed()),
             Ack(kind="answer", token=bytes(16)),
             PublishPrekeys(signed=prekey, one_time=[world().prekey("tokyo")]),
-            FetchPrekeys(ref=bytes(16), member="tokyo"),
-            Prekeys(ref=bytes(16), member="tokyo", signed=prekey, one_time=None),
+            # Protocol version 4: several prekey bundles of one member in one fetch.
+            FetchPrekeys(ref=bytes(16), member="tokyo", count=4),
+            Prekeys(ref=bytes(16), member="tokyo", signed=prekey, one_time=[]),
+            Prekeys(
+                ref=bytes(16), member="tokyo", signed=prekey, one_time=[world().prekey("tokyo")] * 2
+            ),
             PrekeyStatus(signed_not_after=1, one_time=3),
         )
     ]

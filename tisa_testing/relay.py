@@ -56,6 +56,7 @@ from tisa.messages import (
     Prekeys,
     Release,
     SendConsent,
+    SendReceipt,
     chunks_of,
 )
 from tisa.token import ReleaseToken
@@ -78,6 +79,7 @@ __all__ = [
     "Reflect",
     "ReflectConsent",
     "ReflectDelivery",
+    "acked_delivery",
     "Reorder",
     "Replay",
     "ReplayConsent",
@@ -363,6 +365,18 @@ class Reorder(Behaviour):
         return [(member, d) for d in reversed(held)]
 
 
+def acked_delivery(message: Message) -> bytes | None:
+    """The token id of the delivery a member's ``message`` acknowledges: an ``ack`` of
+    kind delivery, or (protocol version 4) the ``send_receipt`` a recipient sends in its
+    place once the report is stored (read without verifying); None for anything else."""
+    if isinstance(message, Ack) and message.kind == "delivery":
+        return message.token
+    if isinstance(message, SendReceipt):
+        with contextlib.suppress(Exception):
+            return bytes(hostile.token_body(message.receipt)["token"])
+    return None
+
+
 class Replay(Behaviour):
     """Record every delivery; send it again after the member acknowledges it
     (``after_ack``) and all of them again whenever the member reconnects, e.g. after a
@@ -381,22 +395,19 @@ class Replay(Behaviour):
         return [(member, delivery)]
 
     async def on_receive(self, member: str, message: Message) -> Message | None:
-        """With ``after_ack``, the first delivery ack for a recorded delivery sends it again.
+        """With ``after_ack``, the first delivery ack (or the receipt standing for it) for a
+        recorded delivery sends it again.
 
         The ack itself goes on to the relay unchanged.
 
         Cancellation: the replay may have gone out in part or not at all; it is already
         counted in ``replayed`` and is not tried again on a later ack.
         """
-        if (
-            self.after_ack
-            and isinstance(message, Ack)
-            and message.kind == "delivery"
-            and message.token not in self._acked_once
-        ):
-            delivery = self.recorded.get(member, {}).get(message.token)
+        token_id = acked_delivery(message) if self.after_ack else None
+        if token_id is not None and token_id not in self._acked_once:
+            delivery = self.recorded.get(member, {}).get(token_id)
             if delivery is not None:
-                self._acked_once.add(message.token)
+                self._acked_once.add(token_id)
                 self.replayed += 1
                 await self.relay.send_to(member, delivery)
         return message
@@ -462,7 +473,7 @@ class WithholdPrekeys(Behaviour):
         if isinstance(message, Prekeys):
             self.withheld += 1
             message = dataclasses.replace(
-                message, one_time=None, signed=None if self.signed else message.signed
+                message, one_time=[], signed=None if self.signed else message.signed
             )
         return [(member, message)]
 
@@ -489,7 +500,7 @@ class SubstitutePrekeys(Behaviour):
             else:
                 now = self.relay.now()
                 substitute, _, _ = self.relay.store.take_prekeys(self.other, taker=member, now=now)
-            message = dataclasses.replace(message, signed=substitute, one_time=None)
+            message = dataclasses.replace(message, signed=substitute, one_time=[])
         return [(member, message)]
 
 
@@ -500,10 +511,10 @@ class ReplayPrekeys(Behaviour):
         self.first: dict[str, bytes] = {}
 
     async def on_send(self, member: str, message: Message) -> list[Outgoing]:
-        """Replace the one-time prekey of a ``prekeys`` answer by the first one handed."""
-        if isinstance(message, Prekeys) and message.one_time is not None:
-            first = self.first.setdefault(message.member, message.one_time)
-            message = dataclasses.replace(message, one_time=first)
+        """Replace the one-time prekeys of a ``prekeys`` answer by the first one handed."""
+        if isinstance(message, Prekeys) and message.one_time:
+            first = self.first.setdefault(message.member, message.one_time[0])
+            message = dataclasses.replace(message, one_time=[first] * len(message.one_time))
         return [(member, message)]
 
 

@@ -19,6 +19,11 @@ the first time it reaches that point, so a test can crash it at an exact step:
   step of the batch is in the database's open transaction, nothing of it on disk and
   no answer sent.
 * ``after_batch``: that commit is done; none of the batch's answers is sent.
+* ``receipt_before_commit``: the first ``send_receipt`` was handled (the receipt queued
+  and, protocol version 4, its delivery acked, both in the open batch); nothing of that
+  batch is on disk.
+* ``receipt_after_commit``: the same, and then that batch committed; the relay's ``ack``
+  of the receipt is not sent.
 
 The points are installed here by wrapping the relay's own functions, so the relay code
 carries no test hooks.
@@ -100,6 +105,16 @@ def install(point: str, Store: Any = Store) -> None:
                 _die()
 
         Store.commit = commit_and_die  # type: ignore[method-assign]
+    elif point in ("receipt_before_commit", "receipt_after_commit"):
+        handle_receipt = server.Relay._receipt
+
+        async def receipt_then_die(self: server.Relay, *args: Any) -> None:
+            await handle_receipt(self, *args)
+            if point == "receipt_after_commit":
+                self.store.commit()
+            _die()
+
+        server.Relay._receipt = receipt_then_die  # type: ignore[method-assign]
     elif point:
         raise SystemExit(f"unknown crash point {point!r}")
 

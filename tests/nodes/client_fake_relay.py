@@ -204,6 +204,10 @@ class FakeRelay:
                     queue[:] = [p for p in queue if p[1] != message.token]
             elif isinstance(message, m.SendReceipt):
                 receipt = Receipt.verify(message.receipt, self.arrangement)
+                if not self.ignore_acks:
+                    # Protocol version 4: the receipt also acks its delivery.
+                    for queue in self.pending.values():
+                        queue[:] = [p for p in queue if p[1] != receipt.token]
                 origin = self.links.get(receipt.originator)
                 if origin is not None:
                     await origin.send(m.ReceiptNotice(receipt=message.receipt))
@@ -216,7 +220,9 @@ class FakeRelay:
                 await self._answer(link, self._status(link.peer))
             elif isinstance(message, m.FetchPrekeys):
                 supply = self.one_time_prekeys.get(message.member, [])
-                one_time = supply.pop(0) if supply and not self.withhold_one_time else None
+                one_time: list[bytes] = []
+                if not self.withhold_one_time:
+                    one_time, supply[:] = supply[: message.count], supply[message.count :]
                 signed = None if self.withhold_signed else self.signed_prekeys.get(message.member)
                 answer = m.Prekeys(
                     ref=message.ref, member=message.member, signed=signed, one_time=one_time
