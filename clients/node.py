@@ -1530,7 +1530,9 @@ class Node:
         it is never handed over again, even after a crash.
 
         Returns once the acknowledgement is on disk. Acknowledging a report again does
-        nothing; reports may be acknowledged in any order.
+        nothing; reports may be acknowledged in any order. Acks made at once by several
+        tasks share one commit and WAL fsync; one task that has several reports in hand
+        acknowledges them together with :meth:`ack_many`.
 
         Raises:
             UsageError: ``report`` is not in this node's inbox, or the node is closed
@@ -1539,10 +1541,40 @@ class Node:
         Cancellation: the acknowledgement may or may not be on disk; if it is not, the
         report is handed over again on the next start.
         """
+        await self.ack_many([report])
+
+    async def ack_many(self, reports: Iterable[DeliveredReport]) -> None:
+        """Acknowledge several reports taken from :meth:`reports` at once: :meth:`ack`
+        for each, with one commit and one WAL fsync for all of them instead of one per
+        report (each ``ack`` returns only once on disk).
+
+        Returns once every acknowledgement is on disk; from then on none of these
+        reports is handed over again, even after a crash. All or nothing: when one of
+        them is not in the inbox, none is acknowledged. Reports already acknowledged,
+        and one given twice, are accepted (nothing more happens to them); an empty
+        ``reports`` returns at once.
+
+        Raises:
+            UsageError: a report is not in this node's inbox (none of ``reports`` is
+                acknowledged then), or the node is closed (they are then handed over
+                again on the next start).
+
+        Cancellation, or a crash before it returns: all of the acknowledgements are on
+        disk or none is (they are one step of one batch); if none is, every one of
+        these reports is handed over again, by the next ``reports()`` loop or on the
+        next start.
+        """
+        tokens = [report.token_id for report in reports]
+        if not tokens:
+            return
         if self.store.closed:
-            raise UsageError("the node is closed; the report comes again on the next start")
-        if not self.store.mark_handed(report.token_id):
-            raise UsageError("that report is not in this node's inbox")
+            raise UsageError("the node is closed; the reports come again on the next start")
+        missing = self.store.mark_handed_many(tokens)
+        if missing:
+            what = "that report is" if len(tokens) == 1 else f"{len(missing)} of the reports are"
+            raise UsageError(
+                f"{what} not in this node's inbox (token {missing[0].hex()}); none acknowledged"
+            )
         await self._durable()
 
     def _delivered(self, entry: InboxEntry) -> DeliveredReport:

@@ -67,7 +67,7 @@ import os
 import pathlib
 import shutil
 import sqlite3
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 from clients.events import Event, Released, encode_event, verified_on_decode
@@ -291,6 +291,10 @@ WANTED = "wanted"  # a release request ended (its token issued, or refused)
 # Not a kind anything announces, so no batch is waited for: a release request added
 # that the issuer has to take up (see MemberStore.want_release); it only counts.
 WAITING = "waiting"
+
+# Tokens per statement when a step names many reports (MemberStore.mark_handed_many):
+# SQLite before 3.32 takes at most 999 host parameters in one statement.
+_IN_CHUNK = 500
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -1496,6 +1500,31 @@ class MemberStore(DurableStore):
         again. Returns False when no report of ``token`` is in the inbox."""
         with self.transaction(savepoint=False) as db:
             return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
+
+    def mark_handed_many(self, tokens: Iterable[bytes]) -> list[bytes]:
+        """:meth:`mark_handed` for several reports, in one step: all of them or, when
+        any is not in the inbox, none. Returns the tokens not in the inbox (empty when
+        all were marked); a token given twice counts once."""
+        unique = list(dict.fromkeys(tokens))
+        if len(unique) == 1:
+            return [] if self.mark_handed(unique[0]) else unique
+        if not unique:
+            return []
+        chunks = [unique[i : i + _IN_CHUNK] for i in range(0, len(unique), _IN_CHUNK)]
+        with self.transaction(savepoint=False) as db:
+            # Every check before the first write (a step without a savepoint).
+            found: set[bytes] = set()
+            for chunk in chunks:
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT token FROM inbox WHERE token IN ({marks})"
+                found.update(row[0] for row in db.execute(query, chunk))
+            missing = [token for token in unique if token not in found]
+            if missing:
+                return missing
+            for chunk in chunks:
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"UPDATE inbox SET handed = 1 WHERE token IN ({marks})", chunk)
+        return []
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
         """(inbox seq, token id, receipt) of stored reports whose receipt the relay has

@@ -29,7 +29,15 @@ from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients import store as rows
-from clients.events import DeliveryRejected, Event, PrekeysLow, ReceiptEvent, Released, Stored
+from clients.events import (
+    DeliveredReport,
+    DeliveryRejected,
+    Event,
+    PrekeysLow,
+    ReceiptEvent,
+    Released,
+    Stored,
+)
 from clients.node import DEFAULT_VALID_FOR, Backoff, Node, _Session, open_node
 from clients.store import MemberStore
 from tisa import messages as m
@@ -384,6 +392,13 @@ async def take(tokyo: Node, count: int, *, ack: Container[int] = ()) -> list[byt
     return got
 
 
+async def none_comes_again(tokyo: Node) -> None:
+    again: list[bytes] = []
+    with trio.move_on_after(0.2):
+        again = await take(tokyo, 1)
+    assert again == [], "an acknowledged report came again"
+
+
 def handed_on_disk(path: pathlib.Path, report_id: bytes) -> int:
     """The inbox row's acknowledgement as another process (or a restart) sees it."""
     db = sqlite3.connect(path / "tokyo" / "member.db")
@@ -411,10 +426,7 @@ async def test_a_report_comes_again_until_the_application_acknowledges_it(
         async with node("tokyo", port, tmp_path) as tokyo:
             # After a restart too: only the one never acknowledged.
             assert await take(tokyo, 1, ack={0}) == [ids[2]]
-            again: list[bytes] = []
-            with trio.move_on_after(0.2):
-                again = await take(tokyo, 1)
-            assert again == [], "an acknowledged report came again"
+            await none_comes_again(tokyo)
 
 
 async def test_ack_refuses_a_report_not_in_the_inbox_and_a_closed_node(
@@ -434,6 +446,95 @@ async def test_ack_refuses_a_report_not_in_the_inbox_and_a_closed_node(
             await tokyo.ack(second)
         async with node("tokyo", port, tmp_path) as tokyo:
             assert await take(tokyo, 2, ack={0, 1}) == three_sent[1:]
+
+
+async def held_reports(tokyo: Node, count: int) -> list[DeliveredReport]:
+    """The first ``count`` reports of a reports() loop, none acknowledged, once the node
+    is idle (everything it stored committed and on disk, its receipts sent)."""
+    held: list[DeliveredReport] = []
+    async for report in tokyo.reports():
+        held.append(report)
+        if len(held) == count:
+            break
+    # (The fake relay confirms no receipt: those are sent once per connection.)
+    await until(lambda: not tokyo.store.pending)
+    await trio.sleep(0.05)
+    await until(lambda: not tokyo.store.pending)
+    return held
+
+
+class Commits:
+    """Counts a store's COMMIT statements and WAL fsyncs."""
+
+    def __init__(self, store: MemberStore) -> None:
+        self.commits = self.fsyncs = 0
+        real = store.fsync_wal
+
+        def counted() -> None:
+            self.fsyncs += 1
+            real()
+
+        def statement(sql: str) -> None:
+            self.commits += sql == "COMMIT"
+
+        store.fsync_wal = counted  # type: ignore[method-assign]
+        store._db.set_trace_callback(statement)
+
+
+async def test_ack_many_acknowledges_several_reports_with_one_commit(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            first, second, third = await held_reports(tokyo, 3)
+            counted = Commits(tokyo.store)
+            await tokyo.ack_many([first, second, first])  # one given twice counts once
+            assert (counted.commits, counted.fsyncs) == (1, 1)
+            assert [handed_on_disk(tmp_path, i) for i in three_sent] == [1, 1, 0]
+            # One at a time, each ack is a commit and an fsync of its own.
+            await tokyo.ack(third)
+            assert (counted.commits, counted.fsyncs) == (2, 2)
+            await tokyo.ack_many([])  # nothing to do: no commit
+            await tokyo.ack_many([first, second])  # acknowledged already: accepted
+            assert handed_on_disk(tmp_path, three_sent[2]) == 1
+        async with node("tokyo", port, tmp_path) as tokyo:
+            await none_comes_again(tokyo)
+
+
+async def test_acks_made_at_once_by_several_tasks_share_one_commit(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            reports = await held_reports(tokyo, 3)
+            counted = Commits(tokyo.store)
+            async with trio.open_nursery() as acks:
+                for report in reports:
+                    acks.start_soon(tokyo.ack, report)
+            assert (counted.commits, counted.fsyncs) == (1, 1)
+            assert [handed_on_disk(tmp_path, i) for i in three_sent] == [1, 1, 1]
+
+
+async def test_ack_many_acknowledges_none_when_one_is_not_in_the_inbox(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            first, second, _ = await held_reports(tokyo, 3)
+            stranger = dataclasses.replace(first, token_id=bytes(16))
+            with pytest.raises(UsageError, match="1 of the reports are not in this node's inbox"):
+                await tokyo.ack_many([first, stranger, second])
+            await tokyo.ack_many([])  # even now: nothing to acknowledge
+            # Nothing was marked, in memory or on disk: all three come again.
+            assert await take(tokyo, 3) == three_sent
+        assert [handed_on_disk(tmp_path, i) for i in three_sent] == [0, 0, 0]
+        with pytest.raises(UsageError, match="closed"):
+            await tokyo.ack_many([first, second])
+        async with node("tokyo", port, tmp_path) as tokyo:
+            assert await take(tokyo, 3, ack={0, 1, 2}) == three_sent
 
 
 async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_again(

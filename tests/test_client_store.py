@@ -668,3 +668,40 @@ def test_events_with_a_signed_part_are_handed_over_from_memory(tmp_path: pathlib
     store = MemberStore(tmp_path, "seoul", group_commit=True)
     assert store.fresh_event(held[1]) is None
     store.close()
+
+
+def test_mark_handed_many_marks_all_in_one_step_or_none(tmp_path: pathlib.Path) -> None:
+    # Node.ack_many's store step: more reports than one statement names (_IN_CHUNK),
+    # all marked by one step of the open batch, or none when one is not in the inbox;
+    # lost with the batch when the process dies before its commit.
+    from clients.store import _IN_CHUNK
+
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    tokens = [i.to_bytes(16, "big") for i in range(_IN_CHUNK * 2 + 7)]
+    with store.transaction() as db:
+        db.executemany(
+            "INSERT INTO inbox (token, report, originator, header, dir, received, receipt)"
+            " VALUES (?, ?, 'seoul', x'', '', 0, x'')",
+            [(token, b"r" + token) for token in tokens],
+        )
+    store.commit_durably()
+
+    def handed() -> list[int]:
+        return [row[0] for row in store._db.execute("SELECT handed FROM inbox ORDER BY seq")]
+
+    assert store.mark_handed_many(tokens) == [] and handed() == [1] * len(tokens)
+    store._db.close()  # killed before the batch holding the marks was committed
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert handed() == [0] * len(tokens)  # none of them on disk
+
+    stranger = b"s" * 16
+    ops = store.ops
+    assert store.mark_handed_many([*tokens, stranger, stranger]) == [stranger]
+    assert handed() == [0] * len(tokens)  # none marked
+    assert store.mark_handed_many([]) == []
+    assert store.mark_handed_many([*tokens, tokens[0]]) == []  # twice: once
+    assert handed() == [1] * len(tokens) and store.ops == ops + 2
+    store.close()
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert handed() == [1] * len(tokens)
+    store.close()
