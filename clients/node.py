@@ -964,6 +964,8 @@ class Node:
                     (fetched,) = await self._fetch_prekeys([recipient], purpose="retry")
                     signed, one_time = _handed_out(fetched, recipient)
             now = self._now()
+            # Chosen here, so the store need not read it back from the token.
+            token_id = random_id()
 
             def make_token(counter: int) -> bytes:
                 return issue_token(
@@ -983,16 +985,18 @@ class Node:
                     signed_prekey=signed,
                     one_time_prekey=one_time,
                     request=wanted.approves,
+                    token_id=token_id,
                 )
 
             try:
-                token_id = self.store.issue_release(
+                self.store.issue_release(
                     report_id,
                     recipient,
                     make_token,
                     now,
                     wanted=wanted.id,
                     approves=wanted.approves,
+                    token_id=token_id,
                 )
             except (VerificationError, ProtocolError):
                 # The relay handed out a prekey that is not the recipient's (a forged

@@ -914,8 +914,12 @@ class MemberStore(DurableStore):
         *,
         wanted: int | None = None,
         approves: bytes | None = None,
+        token_id: bytes | None = None,
     ) -> bytes:
         """Take the next counter for ``recipient``, issue the token and record it.
+
+        ``token_id``: the id ``make_token`` gives the token (the caller chose it, see
+        :func:`tisa.token.issue_token`); without it the id is read from the token.
 
         The counter increment and the pending release commit together, before the
         caller sends anything; so does the end of the request ``wanted`` it answers.
@@ -939,12 +943,14 @@ class MemberStore(DurableStore):
                 last = row[0] if row else 0
             counter = last + 1
             encoded = make_token(counter)
-            # Its id, read from the token issued here without decoding it whole (its
-            # fields were checked when it was made): a third of the decode's cost.
-            _, fields, _ = open_envelope(encoded, max_size=MAX_TOKEN_SIZE, what="token")
-            token_id = fields["id"]
-            if type(token_id) is not bytes:
-                raise ProtocolError("token: no id")
+            if token_id is None:
+                # Its id, read from the token issued here without decoding it whole
+                # (its fields were checked when it was made): a third of the decode's
+                # cost.
+                _, fields, _ = open_envelope(encoded, max_size=MAX_TOKEN_SIZE, what="token")
+                token_id = fields["id"]
+                if type(token_id) is not bytes:
+                    raise ProtocolError("token: no id")
             if wanted is not None:
                 # A request ended meanwhile (its report refused, say) issues nothing: the
                 # whole step, counter included, is undone.

@@ -102,6 +102,10 @@ async def test_submit_release_deliver_receipt(
             assert ack.report == report_id
             async for report in tokyo.reports():
                 assert report.body == b"launch detected"
+                # The id Seoul's node chose and recorded for the token is the token's own.
+                [release] = seoul.store.releases_of(report_id)
+                assert ReleaseToken.decode(release.encoded).id == release.token
+                assert report.token_id == release.token
                 assert report.attachments == {"track.csv": b"1,2,3"}
                 assert report.originator == "seoul"
                 break

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import pytest
 from nodes.client_world import LEVEL, SCOPE, make_world
@@ -704,4 +705,42 @@ def test_mark_handed_many_marks_all_in_one_step_or_none(tmp_path: pathlib.Path) 
     store.close()
     store = MemberStore(tmp_path, "tokyo", group_commit=True)
     assert handed() == [1] * len(tokens)
+    store.close()
+
+
+def test_a_token_id_the_caller_chose_is_recorded_without_reading_the_token(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 11: the node picks the token's id, so the store does not open the token's
+    # envelope again to learn it; without one it still reads it from the token.
+    from clients import store as member_store
+    from tisa.keys import random_id
+
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store)
+    read = member_store.open_envelope
+    opened: list[bytes] = []
+
+    def counted(data: bytes, **kwargs: Any) -> Any:
+        opened.append(data)
+        return read(data, **kwargs)
+
+    monkeypatch.setattr(member_store, "open_envelope", counted)
+    chosen = random_id()
+
+    def make(counter: int) -> bytes:
+        return issue_token(
+            SECRETS["seoul"], "seoul", ARRANGEMENT, recipient="tokyo", report_id=REPORT,
+            digest=b"d" * 32, size=2000, content_key=b"k" * 32, scope=SCOPE, level=LEVEL,
+            not_before=NOW, not_after=NOW + 60, counter=counter,
+            signed_prekey=SIGNED_PREKEY, token_id=chosen,
+        )  # fmt: skip
+
+    assert store.issue_release(REPORT, "tokyo", make, NOW, token_id=chosen) == chosen
+    assert opened == []
+    other = store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert len(opened) == 1
+    for release in store.releases_of(REPORT):
+        assert ReleaseToken.decode(release.encoded).id == release.token
+    assert [r.token for r in store.releases_of(REPORT)] == [chosen, other]
     store.close()
