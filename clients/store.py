@@ -273,6 +273,13 @@ MAX_STORED_EVENTS = 100_000
 # a few feeds' worth (EVENT_BUFFER is 16), so that an application that reads its events
 # takes them all from memory, and one that does not holds at most this many objects.
 MAX_FRESH_EVENTS = 1024
+# Reports this store object stored and nobody has read from the inbox yet, kept decoded
+# (header and a small report's parts, see MemberStore.inbox_after) so that the hand-over
+# to the application does not decode what the node just verified: beyond
+# Limits.delivery_window (256), the deliveries in flight at once, and few enough that a
+# full set of inline reports (at most 64 KiB each) holds at most 16 MiB. When it is full
+# a new delivery is not kept (the oldest, read first, stay).
+MAX_FRESH_INBOX = 256
 
 # Kinds of rows the node announces (sends to the relay, hands to the application),
 # each marked by the steps that add or change such rows (DurableStore.wrote), so that
@@ -482,6 +489,7 @@ class MemberStore(DurableStore):
         self._signed_secrets: dict[bytes, bytes] = {}
         self._fresh_tokens: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._fresh_events: dict[int, Event] = {}
+        self._fresh_inbox: dict[bytes, tuple[ReportHeader, list[bytes] | None]] = {}
         # Whether a revocation may be pending (set at open, and by record_revocation):
         # without one, the sender need not look for revocations whenever a
         # submission's state moves.
@@ -570,6 +578,7 @@ class MemberStore(DurableStore):
         self._signed_secrets.clear()
         self._fresh_tokens.clear()
         self._fresh_events.clear()
+        self._fresh_inbox.clear()
 
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
@@ -1330,6 +1339,8 @@ class MemberStore(DurableStore):
             for record in records:
                 self._event(db, record)
         self._counter_seen(token)
+        if len(self._fresh_inbox) < MAX_FRESH_INBOX:
+            self._fresh_inbox[token.id] = (header, None if parts is None else list(parts))
 
     def _consume_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
         public = token.wrap.opk
@@ -1460,15 +1471,23 @@ class MemberStore(DurableStore):
         return int(deleted)
 
     def _inbox(self, row: tuple[Any, ...]) -> InboxEntry:
+        # A report this store object stored comes decoded from memory, once (taken out:
+        # read again, as after a restart, it is decoded from its row).
+        fresh = self._fresh_inbox.pop(row[1], None)
+        if fresh is None:
+            header = ReportHeader.decode(row[2])
+            parts = None if row[7] is None else list(enc.unpack(row[7])["parts"])
+        else:
+            header, parts = fresh
         return InboxEntry(
             seq=row[0],
             token=row[1],
-            header=ReportHeader.decode(row[2]),
+            header=header,
             dir=self.inbox_dir / row[3],
             handed=bool(row[4]),
             receipt=row[5],
             receipt_sent=bool(row[6]),
-            parts=None if row[7] is None else list(enc.unpack(row[7])["parts"]),
+            parts=parts,
         )
 
     _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent, data"
@@ -1504,6 +1523,7 @@ class MemberStore(DurableStore):
     def mark_handed(self, token: bytes) -> bool:
         """The application acknowledged the report of ``token``: it is not handed over
         again. Returns False when no report of ``token`` is in the inbox."""
+        self._fresh_inbox.pop(token, None)  # never read again
         with self.transaction(savepoint=False) as db:
             return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
 
@@ -1530,6 +1550,8 @@ class MemberStore(DurableStore):
             for chunk in chunks:
                 marks = ",".join("?" * len(chunk))
                 db.execute(f"UPDATE inbox SET handed = 1 WHERE token IN ({marks})", chunk)
+            for token in unique:
+                self._fresh_inbox.pop(token, None)
         return []
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:

@@ -744,3 +744,61 @@ def test_a_token_id_the_caller_chose_is_recorded_without_reading_the_token(
         assert ReleaseToken.decode(release.encoded).id == release.token
     assert [r.token for r in store.releases_of(REPORT)] == [chosen, other]
     store.close()
+
+
+def test_a_report_stored_here_is_handed_over_decoded_once(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 11: the inbox hands the application a report this store object stored
+    # with the header it verified, not decoded again from its row; read a second time
+    # (a new reports() loop), after a rollback, or in a reopened store, from the row.
+    from tisa.report import ReportHeader
+
+    decoded: list[bytes] = []
+    decode = ReportHeader.decode.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[ReportHeader], data: bytes) -> ReportHeader:
+        decoded.append(data)
+        return decode(cls, data)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ReportHeader, "decode", classmethod(counted))
+    monkeypatch.setattr(rows, "MAX_FRESH_INBOX", 2)
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+
+    def deliver(counter: int) -> ReportHeader:
+        report = counter.to_bytes(16, "big")
+        header = ReportHeader(
+            id=report, arrangement=ARRANGEMENT.id, version=ARRANGEMENT.version,
+            originator="seoul", recipients=("tokyo",), scope=SCOPE, level=LEVEL,
+            created=NOW, body_size=4, attachments=(("a", 1),),
+        )  # fmt: skip
+        store.store_delivery(
+            token=ReleaseToken.decode(_token(counter, report)), header=header, staged=None,
+            receipt=b"receipt", now=NOW, events=[], parts=[b"body", b"a"],
+        )  # fmt: skip
+        return header
+
+    headers = [deliver(counter) for counter in (1, 2, 3)]  # the third one beyond the bound
+    first = store.inbox_after(0, limit=10)
+    assert [entry.header for entry in first] == headers
+    assert [entry.parts for entry in first] == [[b"body", b"a"]] * 3
+    assert first[0].header is headers[0] and first[1].header is headers[1]
+    assert len(decoded) == 1  # the third only
+    again = store.inbox_after(0, limit=10)  # read again: from the rows
+    assert [entry.header for entry in again] == headers and len(decoded) == 4
+    assert [entry.parts for entry in again] == [[b"body", b"a"]] * 3
+    store.commit_durably()
+    # Stored, then the batch lost: nothing of it is handed over, from memory or rows.
+    deliver(4)
+    assert len(store._fresh_inbox) == 1
+    store._abandon_batch()
+    assert store._fresh_inbox == {} and store.inbox_after(3, limit=10) == []
+    # Acknowledged before it was read: forgotten, never handed over.
+    deliver(5)
+    [token] = store._fresh_inbox
+    assert store.mark_handed_many([token]) == []
+    assert store._fresh_inbox == {} and store.inbox_after(3, limit=10) == []
+    store.close()
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert [entry.header for entry in store.inbox_after(0, limit=10)] == headers
+    store.close()
