@@ -331,6 +331,10 @@ READ_AHEAD_PAUSE = 0.025
 # Acks queued on one connection before the receiver waits for the replier.
 MAX_QUEUED_REPLIES = 1024
 
+# Kinds of rows the sender never sends (clients.store): a write of only these does not
+# wake it (see Node._wait_change).
+_NOT_SENT = (rows.EVENTS, rows.WANTED, rows.WAITING)
+
 
 class Node:
     """A member's node. Made by :func:`open_node`; not constructed directly.
@@ -362,6 +366,10 @@ class Node:
         self._clock = clock
         self._backoff = backoff
         self._changed = trio.Event()
+        # Tasks that act only on some kinds of rows (see _wait_change), each with its
+        # count of their changes when it last looked: woken by the _notify after such a
+        # change, not by every other one.
+        self._change_waiters: dict[trio.Event, tuple[Callable[[], int], int]] = {}
         # Calls waiting for releases to be issued (see _wait_issued), by wanted release
         # id: the issuer wakes the one whose release it ended, _notify all of them when
         # the connection ends or a report's final state ended some (the store's
@@ -423,12 +431,32 @@ class Node:
         """Wake everyone waiting on a state change (sender, pumps, awaited calls)."""
         self._changed.set()
         self._changed = trio.Event()
+        if self._change_waiters:
+            for event, (count, seen) in list(self._change_waiters.items()):
+                if count() != seen:
+                    del self._change_waiters[event]
+                    event.set()
         if self._wanted_waiters and (
             self.store.wanted_ended != self._wanted_seen or self._session is None
         ):
             self._wanted_seen = self.store.wanted_ended
             for event in self._wanted_waiters.values():
                 event.set()
+
+    async def _wait_change(self, count: Callable[[], int], seen: int) -> None:
+        """Return once ``count()`` (a count of writes of some kinds of rows, from the
+        store's ``kind_changes``) is no longer ``seen``: at once, or at the first
+        :meth:`_notify` after such a write. A task that acts only on some kinds of rows
+        waits here instead of on every state change (each one a task switch and a pass
+        that finds nothing to do: several per report)."""
+        if count() != seen:
+            return
+        event = trio.Event()
+        self._change_waiters[event] = (count, seen)
+        try:
+            await event.wait()
+        finally:
+            self._change_waiters.pop(event, None)
 
     async def _durable(self, barrier: int | None = None) -> None:
         """Return once batch ``barrier`` (default: the current state) is committed and
@@ -1509,18 +1537,21 @@ class Node:
         """
         last = 0
         changes = self.store.kind_changes
+
+        def inbox_changes() -> int:
+            return changes[rows.INBOX]
+
         read_all = -1  # the inbox's change count when a read last got every row after `last`
         while True:
-            changed = self._changed
             count = changes[rows.INBOX]
             if count == read_all:
-                await changed.wait()
+                await self._wait_change(inbox_changes, count)
                 continue
             entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
             if len(entries) < REPORT_BUFFER:
                 read_all = count
             if not entries:
-                await changed.wait()
+                await self._wait_change(inbox_changes, count)
                 continue
             # A report reaches the application once on disk: the batch that stored the
             # last one read, not one opened since (by an ack, say).
@@ -1607,12 +1638,15 @@ class Node:
     async def _pump_events(self) -> None:
         last = 0
         changes = self.store.kind_changes
+
+        def event_changes() -> int:
+            return changes[rows.EVENTS]
+
         read_all = -1  # the events' change count when a read last got every one after `last`
         while True:
-            changed = self._changed
             count = changes[rows.EVENTS]
             if count == read_all:
-                await changed.wait()
+                await self._wait_change(event_changes, count)
                 continue
             events = self.store.events_after(last, limit=EVENT_BUFFER)
             if len(events) < EVENT_BUFFER:
@@ -1629,7 +1663,7 @@ class Node:
                 await self._event_send.send((seq, event))
                 last = seq
             if not events:
-                await changed.wait()
+                await self._wait_change(event_changes, count)
 
     # --- audit -----------------------------------------------------------------------
 
@@ -1838,7 +1872,9 @@ class Node:
         that batch or before), and a write waits for the latest such batch of its pass,
         not for one that unrelated steps (an answer, an event) opened since. A query
         whose kinds nobody wrote since it last ran on this connection is skipped
-        (:attr:`~clients.store.MemberStore.kind_changes`).
+        (:attr:`~clients.store.MemberStore.kind_changes`), and a change that wrote no
+        kind the sender reads does not wake it at all (:meth:`_wait_change`): anything
+        it is to send must be written to the store as a kind of row it reads.
         """
         link = session.link
         store = self.store
@@ -1861,8 +1897,14 @@ class Node:
             seen[kinds] = now
             return True
 
+        def sendable_changes() -> int:
+            # Writes of every kind but those the sender never reads (a kind added later
+            # counts, so a new query gated on it is woken for).
+            return changes.total() - sum(changes[kind] for kind in _NOT_SENT)
+
         while True:
-            changed = self._changed
+            # Looked at again once a write of a kind it reads came since this pass began.
+            start = sendable_changes()
             # The batch holding every row this pass sends (rows it reads and leaves are
             # not waited for): the write waits for it.
             need = 0
@@ -1958,7 +2000,7 @@ class Node:
             if pending:
                 await self._durable(need)
                 await self._send_pending(link, pending, withdrawals)
-            await changed.wait()
+            await self._wait_change(sendable_changes, start)
 
     def _withdrawn(self, report: bytes) -> bool:
         submission = self.store.submission(report)

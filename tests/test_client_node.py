@@ -15,6 +15,7 @@ is checked against the batch that wrote its rows.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
 import sqlite3
@@ -539,6 +540,63 @@ async def test_ack_many_acknowledges_none_when_one_is_not_in_the_inbox(
             await tokyo.ack_many([first, second])
         async with node("tokyo", port, tmp_path) as tokyo:
             assert await take(tokyo, 3, ack={0, 1, 2}) == three_sent
+
+
+async def test_tasks_that_read_some_kinds_of_rows_wake_only_for_those(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Issue 11: the sender, a reports() loop and the event pump each act only on some
+    # kinds of rows; a state change that wrote none of them (most messages a node
+    # handles) wakes none of them, where each used to wake for every change.
+    from tisa_io import trace
+
+    _fake, port = relay
+    steps: collections.Counter[str] = collections.Counter()
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps[trace._task_name(task)] += 1
+
+    async def woken_by(change: Callable[[], None]) -> set[str]:
+        steps.clear()
+        change()
+        tokyo._notify()
+        await trio.sleep(0.05)
+        return {name for name in ("Node._sender", "Node._pump_events", "app") if steps[name]}
+
+    async def app() -> None:
+        async for _ in tokyo.reports():
+            raise AssertionError("no report was sent")
+
+    def write(kind: str) -> Callable[[], None]:
+        def step() -> None:
+            with tokyo.store.transaction():
+                tokyo.store.wrote(kind)
+
+        return step
+
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo, trio.open_nursery() as nursery:
+            await tokyo.wait_connected()
+            nursery.start_soon(app, name="app")
+            await until(lambda: not tokyo.store.pending)
+            await trio.sleep(0.1)
+            instrument = Steps()
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                assert await woken_by(lambda: None) == set()
+                assert await woken_by(write(rows.WANTED)) == set()
+                assert await woken_by(write(rows.INBOX)) == {"Node._sender", "app"}
+                assert await woken_by(write(rows.SUBMISSIONS)) == {"Node._sender"}
+                event = PrekeysLow(one_time=0, signed_not_after=1)
+                assert await woken_by(lambda: tokyo.store.add_event(event)) == {"Node._pump_events"}
+                # A rollback may bring any kind of row back: every one of them looks.
+                assert await woken_by(tokyo.store._abandon_batch) == {
+                    "Node._sender", "Node._pump_events", "app"
+                }  # fmt: skip
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_again(
