@@ -356,6 +356,10 @@ READ_AHEAD_PAUSE = 0.025
 # Acks queued on one connection before the receiver waits for the replier.
 MAX_QUEUED_REPLIES = 1024
 
+# Kinds of rows the sender never sends (clients.store): a write of only these does not
+# wake it (see Node._wait_change).
+_NOT_SENT = (rows.EVENTS, rows.WANTED, rows.WAITING)
+
 
 class Node:
     """A member's node. Made by :func:`open_node`; not constructed directly.
@@ -387,6 +391,10 @@ class Node:
         self._clock = clock
         self._backoff = backoff
         self._changed = trio.Event()
+        # Tasks that act only on some kinds of rows (see _wait_change), each with its
+        # count of their changes when it last looked: woken by the _notify after such a
+        # change, not by every other one.
+        self._change_waiters: dict[trio.Event, tuple[Callable[[], int], int]] = {}
         # Calls waiting for releases to be issued (see _wait_issued), by wanted release
         # id: the issuer wakes the one whose release it ended, _notify all of them when
         # the connection ends or a report's final state ended some (the store's
@@ -449,12 +457,32 @@ class Node:
         """Wake everyone waiting on a state change (sender, pumps, awaited calls)."""
         self._changed.set()
         self._changed = trio.Event()
+        if self._change_waiters:
+            for event, (count, seen) in list(self._change_waiters.items()):
+                if count() != seen:
+                    del self._change_waiters[event]
+                    event.set()
         if self._wanted_waiters and (
             self.store.wanted_ended != self._wanted_seen or self._session is None
         ):
             self._wanted_seen = self.store.wanted_ended
             for event in self._wanted_waiters.values():
                 event.set()
+
+    async def _wait_change(self, count: Callable[[], int], seen: int) -> None:
+        """Return once ``count()`` (a count of writes of some kinds of rows, from the
+        store's ``kind_changes``) is no longer ``seen``: at once, or at the first
+        :meth:`_notify` after such a write. A task that acts only on some kinds of rows
+        waits here instead of on every state change (each one a task switch and a pass
+        that finds nothing to do: several per report)."""
+        if count() != seen:
+            return
+        event = trio.Event()
+        self._change_waiters[event] = (count, seen)
+        try:
+            await event.wait()
+        finally:
+            self._change_waiters.pop(event, None)
 
     async def _durable(self, barrier: int | None = None) -> None:
         """Return once batch ``barrier`` (default: the current state) is committed and
@@ -991,6 +1019,8 @@ class Node:
                     (fetched,) = await self._fetch_prekeys([recipient], purpose="retry")
                     signed, one_time = _handed_out(fetched, recipient)
             now = self._now()
+            # Chosen here, so the store need not read it back from the token.
+            token_id = random_id()
 
             def make_token(counter: int) -> bytes:
                 return issue_token(
@@ -1010,16 +1040,18 @@ class Node:
                     signed_prekey=signed,
                     one_time_prekey=one_time,
                     request=wanted.approves,
+                    token_id=token_id,
                 )
 
             try:
-                token_id = self.store.issue_release(
+                self.store.issue_release(
                     report_id,
                     recipient,
                     make_token,
                     now,
                     wanted=wanted.id,
                     approves=wanted.approves,
+                    token_id=token_id,
                 )
             except (VerificationError, ProtocolError):
                 # The relay handed out a prekey that is not the recipient's (a forged
@@ -1545,18 +1577,21 @@ class Node:
         """
         last = 0
         changes = self.store.kind_changes
+
+        def inbox_changes() -> int:
+            return changes[rows.INBOX]
+
         read_all = -1  # the inbox's change count when a read last got every row after `last`
         while True:
-            changed = self._changed
             count = changes[rows.INBOX]
             if count == read_all:
-                await changed.wait()
+                await self._wait_change(inbox_changes, count)
                 continue
             entries = self.store.inbox_after(last, limit=REPORT_BUFFER)
             if len(entries) < REPORT_BUFFER:
                 read_all = count
             if not entries:
-                await changed.wait()
+                await self._wait_change(inbox_changes, count)
                 continue
             # A report reaches the application once on disk: the batch that stored the
             # last one read, not one opened since (by an ack, say).
@@ -1570,7 +1605,9 @@ class Node:
         it is never handed over again, even after a crash.
 
         Returns once the acknowledgement is on disk. Acknowledging a report again does
-        nothing; reports may be acknowledged in any order.
+        nothing; reports may be acknowledged in any order. Acks made at once by several
+        tasks share one commit and WAL fsync; one task that has several reports in hand
+        acknowledges them together with :meth:`ack_many`.
 
         Raises:
             UsageError: ``report`` is not in this node's inbox, or the node is closed
@@ -1579,10 +1616,40 @@ class Node:
         Cancellation: the acknowledgement may or may not be on disk; if it is not, the
         report is handed over again on the next start.
         """
+        await self.ack_many([report])
+
+    async def ack_many(self, reports: Iterable[DeliveredReport]) -> None:
+        """Acknowledge several reports taken from :meth:`reports` at once: :meth:`ack`
+        for each, with one commit and one WAL fsync for all of them instead of one per
+        report (each ``ack`` returns only once on disk).
+
+        Returns once every acknowledgement is on disk; from then on none of these
+        reports is handed over again, even after a crash. All or nothing: when one of
+        them is not in the inbox, none is acknowledged. Reports already acknowledged,
+        and one given twice, are accepted (nothing more happens to them); an empty
+        ``reports`` returns at once.
+
+        Raises:
+            UsageError: a report is not in this node's inbox (none of ``reports`` is
+                acknowledged then), or the node is closed (they are then handed over
+                again on the next start).
+
+        Cancellation, or a crash before it returns: all of the acknowledgements are on
+        disk or none is (they are one step of one batch); if none is, every one of
+        these reports is handed over again, by the next ``reports()`` loop or on the
+        next start.
+        """
+        tokens = [report.token_id for report in reports]
+        if not tokens:
+            return
         if self.store.closed:
-            raise UsageError("the node is closed; the report comes again on the next start")
-        if not self.store.mark_handed(report.token_id):
-            raise UsageError("that report is not in this node's inbox")
+            raise UsageError("the node is closed; the reports come again on the next start")
+        missing = self.store.mark_handed_many(tokens)
+        if missing:
+            what = "that report is" if len(tokens) == 1 else f"{len(missing)} of the reports are"
+            raise UsageError(
+                f"{what} not in this node's inbox (token {missing[0].hex()}); none acknowledged"
+            )
         await self._durable()
 
     def _delivered(self, entry: InboxEntry) -> DeliveredReport:
@@ -1611,12 +1678,15 @@ class Node:
     async def _pump_events(self) -> None:
         last = 0
         changes = self.store.kind_changes
+
+        def event_changes() -> int:
+            return changes[rows.EVENTS]
+
         read_all = -1  # the events' change count when a read last got every one after `last`
         while True:
-            changed = self._changed
             count = changes[rows.EVENTS]
             if count == read_all:
-                await changed.wait()
+                await self._wait_change(event_changes, count)
                 continue
             events = self.store.events_after(last, limit=EVENT_BUFFER)
             if len(events) < EVENT_BUFFER:
@@ -1633,7 +1703,7 @@ class Node:
                 await self._event_send.send((seq, event))
                 last = seq
             if not events:
-                await changed.wait()
+                await self._wait_change(event_changes, count)
 
     # --- audit -----------------------------------------------------------------------
 
@@ -1842,7 +1912,9 @@ class Node:
         that batch or before), and a write waits for the latest such batch of its pass,
         not for one that unrelated steps (an answer, an event) opened since. A query
         whose kinds nobody wrote since it last ran on this connection is skipped
-        (:attr:`~clients.store.MemberStore.kind_changes`).
+        (:attr:`~clients.store.MemberStore.kind_changes`), and a change that wrote no
+        kind the sender reads does not wake it at all (:meth:`_wait_change`): anything
+        it is to send must be written to the store as a kind of row it reads.
         """
         link = session.link
         store = self.store
@@ -1865,8 +1937,14 @@ class Node:
             seen[kinds] = now
             return True
 
+        def sendable_changes() -> int:
+            # Writes of every kind but those the sender never reads (a kind added later
+            # counts, so a new query gated on it is woken for).
+            return changes.total() - sum(changes[kind] for kind in _NOT_SENT)
+
         while True:
-            changed = self._changed
+            # Looked at again once a write of a kind it reads came since this pass began.
+            start = sendable_changes()
             # The batch holding every row this pass sends (rows it reads and leaves are
             # not waited for): the write waits for it.
             need = 0
@@ -1965,7 +2043,7 @@ class Node:
             if pending:
                 await self._durable(need)
                 await self._send_pending(link, pending, withdrawals)
-            await changed.wait()
+            await self._wait_change(sendable_changes, start)
 
     def _withdrawn(self, report: bytes) -> bool:
         submission = self.store.submission(report)

@@ -67,7 +67,7 @@ import os
 import pathlib
 import shutil
 import sqlite3
-from collections.abc import Callable, Container, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from typing import Any
 
 from clients.events import Event, Released, encode_event, verified_on_decode
@@ -273,6 +273,13 @@ MAX_STORED_EVENTS = 100_000
 # a few feeds' worth (EVENT_BUFFER is 16), so that an application that reads its events
 # takes them all from memory, and one that does not holds at most this many objects.
 MAX_FRESH_EVENTS = 1024
+# Reports this store object stored and nobody has read from the inbox yet, kept decoded
+# (header and a small report's parts, see MemberStore.inbox_after) so that the hand-over
+# to the application does not decode what the node just verified: beyond
+# Limits.delivery_window (256), the deliveries in flight at once, and few enough that a
+# full set of inline reports (at most 64 KiB each) holds at most 16 MiB. When it is full
+# a new delivery is not kept (the oldest, read first, stay).
+MAX_FRESH_INBOX = 256
 
 # Kinds of rows the node announces (sends to the relay, hands to the application),
 # each marked by the steps that add or change such rows (DurableStore.wrote), so that
@@ -291,6 +298,10 @@ WANTED = "wanted"  # a release request ended (its token issued, or refused)
 # Not a kind anything announces, so no batch is waited for: a release request added
 # that the issuer has to take up (see MemberStore.want_release); it only counts.
 WAITING = "waiting"
+
+# Tokens per statement when a step names many reports (MemberStore.mark_handed_many):
+# SQLite before 3.32 takes at most 999 host parameters in one statement.
+_IN_CHUNK = 500
 
 
 def fsync_dir(path: pathlib.Path) -> None:
@@ -478,6 +489,7 @@ class MemberStore(DurableStore):
         self._signed_secrets: dict[bytes, bytes] = {}
         self._fresh_tokens: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self._fresh_events: dict[int, Event] = {}
+        self._fresh_inbox: dict[bytes, tuple[ReportHeader, list[bytes] | None]] = {}
         # Whether a revocation may be pending (set at open, and by record_revocation):
         # without one, the sender need not look for revocations whenever a
         # submission's state moves.
@@ -566,6 +578,7 @@ class MemberStore(DurableStore):
         self._signed_secrets.clear()
         self._fresh_tokens.clear()
         self._fresh_events.clear()
+        self._fresh_inbox.clear()
 
     def _clean_debris(self) -> None:
         # Files that no committed row refers to: written before a crash that came
@@ -910,8 +923,12 @@ class MemberStore(DurableStore):
         *,
         wanted: int | None = None,
         approves: bytes | None = None,
+        token_id: bytes | None = None,
     ) -> bytes:
         """Take the next counter for ``recipient``, issue the token and record it.
+
+        ``token_id``: the id ``make_token`` gives the token (the caller chose it, see
+        :func:`tisa.token.issue_token`); without it the id is read from the token.
 
         The counter increment and the pending release commit together, before the
         caller sends anything; so does the end of the request ``wanted`` it answers.
@@ -935,12 +952,14 @@ class MemberStore(DurableStore):
                 last = row[0] if row else 0
             counter = last + 1
             encoded = make_token(counter)
-            # Its id, read from the token issued here without decoding it whole (its
-            # fields were checked when it was made): a third of the decode's cost.
-            _, fields, _ = open_envelope(encoded, max_size=MAX_TOKEN_SIZE, what="token")
-            token_id = fields["id"]
-            if type(token_id) is not bytes:
-                raise ProtocolError("token: no id")
+            if token_id is None:
+                # Its id, read from the token issued here without decoding it whole
+                # (its fields were checked when it was made): a third of the decode's
+                # cost.
+                _, fields, _ = open_envelope(encoded, max_size=MAX_TOKEN_SIZE, what="token")
+                token_id = fields["id"]
+                if type(token_id) is not bytes:
+                    raise ProtocolError("token: no id")
             if wanted is not None:
                 # A request ended meanwhile (its report refused, say) issues nothing: the
                 # whole step, counter included, is undone.
@@ -1320,6 +1339,8 @@ class MemberStore(DurableStore):
             for record in records:
                 self._event(db, record)
         self._counter_seen(token)
+        if len(self._fresh_inbox) < MAX_FRESH_INBOX:
+            self._fresh_inbox[token.id] = (header, None if parts is None else list(parts))
 
     def _consume_prekey(self, db: sqlite3.Connection, token: ReleaseToken) -> None:
         public = token.wrap.opk
@@ -1450,15 +1471,23 @@ class MemberStore(DurableStore):
         return int(deleted)
 
     def _inbox(self, row: tuple[Any, ...]) -> InboxEntry:
+        # A report this store object stored comes decoded from memory, once (taken out:
+        # read again, as after a restart, it is decoded from its row).
+        fresh = self._fresh_inbox.pop(row[1], None)
+        if fresh is None:
+            header = ReportHeader.decode(row[2])
+            parts = None if row[7] is None else list(enc.unpack(row[7])["parts"])
+        else:
+            header, parts = fresh
         return InboxEntry(
             seq=row[0],
             token=row[1],
-            header=ReportHeader.decode(row[2]),
+            header=header,
             dir=self.inbox_dir / row[3],
             handed=bool(row[4]),
             receipt=row[5],
             receipt_sent=bool(row[6]),
-            parts=None if row[7] is None else list(enc.unpack(row[7])["parts"]),
+            parts=parts,
         )
 
     _INBOX_COLUMNS = "seq, token, header, dir, handed, receipt, receipt_sent, data"
@@ -1494,8 +1523,36 @@ class MemberStore(DurableStore):
     def mark_handed(self, token: bytes) -> bool:
         """The application acknowledged the report of ``token``: it is not handed over
         again. Returns False when no report of ``token`` is in the inbox."""
+        self._fresh_inbox.pop(token, None)  # never read again
         with self.transaction(savepoint=False) as db:
             return db.execute("UPDATE inbox SET handed = 1 WHERE token = ?", (token,)).rowcount == 1
+
+    def mark_handed_many(self, tokens: Iterable[bytes]) -> list[bytes]:
+        """:meth:`mark_handed` for several reports, in one step: all of them or, when
+        any is not in the inbox, none. Returns the tokens not in the inbox (empty when
+        all were marked); a token given twice counts once."""
+        unique = list(dict.fromkeys(tokens))
+        if len(unique) == 1:
+            return [] if self.mark_handed(unique[0]) else unique
+        if not unique:
+            return []
+        chunks = [unique[i : i + _IN_CHUNK] for i in range(0, len(unique), _IN_CHUNK)]
+        with self.transaction(savepoint=False) as db:
+            # Every check before the first write (a step without a savepoint).
+            found: set[bytes] = set()
+            for chunk in chunks:
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT token FROM inbox WHERE token IN ({marks})"
+                found.update(row[0] for row in db.execute(query, chunk))
+            missing = [token for token in unique if token not in found]
+            if missing:
+                return missing
+            for chunk in chunks:
+                marks = ",".join("?" * len(chunk))
+                db.execute(f"UPDATE inbox SET handed = 1 WHERE token IN ({marks})", chunk)
+            for token in unique:
+                self._fresh_inbox.pop(token, None)
+        return []
 
     def receipts_to_send(self, *, after: int = 0) -> list[tuple[int, bytes, bytes]]:
         """(inbox seq, token id, receipt) of stored reports whose receipt the relay has

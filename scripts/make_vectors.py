@@ -8,7 +8,7 @@ Usage::
     python scripts/make_vectors.py --fresh    # new libsodium randomness for every vector
 
 Everything is derived from fixed seeds and a fixed clock, through the toolkit's private
-entry points for randomness (``_report_id``, ``_content_key``, ``_token_id``,
+entry points for randomness (``_report_id``, ``_content_key``, ``token_id``,
 ``_ephemeral`` for a token's key wrap; prekey secrets are derived here). One thing
 cannot be fixed that way, because libsodium draws it itself: the secretstream header at
 the start of a report's ciphertext. Vectors that contain it say so in ``generated``;
@@ -2761,7 +2761,7 @@ def _tokyos_token(
         signed_prekey=PREKEY_ENCODED["signed"],
         one_time_prekey=one_time,
         request=request,
-        _token_id=token_id,
+        token_id=token_id,
         _ephemeral=derive(f"token-ephemeral/{label}"),
     )
 

@@ -15,6 +15,7 @@ is checked against the batch that wrote its rows.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import pathlib
 import sqlite3
@@ -29,7 +30,15 @@ from nodes.client_fake_relay import FakeRelay
 from nodes.client_world import LEVEL, SCOPE, make_world
 
 from clients import store as rows
-from clients.events import DeliveryRejected, Event, PrekeysLow, ReceiptEvent, Released, Stored
+from clients.events import (
+    DeliveredReport,
+    DeliveryRejected,
+    Event,
+    PrekeysLow,
+    ReceiptEvent,
+    Released,
+    Stored,
+)
 from clients.node import DEFAULT_VALID_FOR, Backoff, Node, _Session, open_node
 from clients.store import MemberStore
 from tisa import messages as m
@@ -94,6 +103,10 @@ async def test_submit_release_deliver_receipt(
             assert ack.report == report_id
             async for report in tokyo.reports():
                 assert report.body == b"launch detected"
+                # The id Seoul's node chose and recorded for the token is the token's own.
+                [release] = seoul.store.releases_of(report_id)
+                assert ReleaseToken.decode(release.encoded).id == release.token
+                assert report.token_id == release.token
                 assert report.attachments == {"track.csv": b"1,2,3"}
                 assert report.originator == "seoul"
                 break
@@ -384,6 +397,13 @@ async def take(tokyo: Node, count: int, *, ack: Container[int] = ()) -> list[byt
     return got
 
 
+async def none_comes_again(tokyo: Node) -> None:
+    again: list[bytes] = []
+    with trio.move_on_after(0.2):
+        again = await take(tokyo, 1)
+    assert again == [], "an acknowledged report came again"
+
+
 def handed_on_disk(path: pathlib.Path, report_id: bytes) -> int:
     """The inbox row's acknowledgement as another process (or a restart) sees it."""
     db = sqlite3.connect(path / "tokyo" / "member.db")
@@ -411,10 +431,7 @@ async def test_a_report_comes_again_until_the_application_acknowledges_it(
         async with node("tokyo", port, tmp_path) as tokyo:
             # After a restart too: only the one never acknowledged.
             assert await take(tokyo, 1, ack={0}) == [ids[2]]
-            again: list[bytes] = []
-            with trio.move_on_after(0.2):
-                again = await take(tokyo, 1)
-            assert again == [], "an acknowledged report came again"
+            await none_comes_again(tokyo)
 
 
 async def test_ack_refuses_a_report_not_in_the_inbox_and_a_closed_node(
@@ -434,6 +451,152 @@ async def test_ack_refuses_a_report_not_in_the_inbox_and_a_closed_node(
             await tokyo.ack(second)
         async with node("tokyo", port, tmp_path) as tokyo:
             assert await take(tokyo, 2, ack={0, 1}) == three_sent[1:]
+
+
+async def held_reports(tokyo: Node, count: int) -> list[DeliveredReport]:
+    """The first ``count`` reports of a reports() loop, none acknowledged, once the node
+    is idle (everything it stored committed and on disk, its receipts sent)."""
+    held: list[DeliveredReport] = []
+    async for report in tokyo.reports():
+        held.append(report)
+        if len(held) == count:
+            break
+    # (The fake relay confirms no receipt: those are sent once per connection.)
+    await until(lambda: not tokyo.store.pending)
+    await trio.sleep(0.05)
+    await until(lambda: not tokyo.store.pending)
+    return held
+
+
+class Commits:
+    """Counts a store's COMMIT statements and WAL fsyncs."""
+
+    def __init__(self, store: MemberStore) -> None:
+        self.commits = self.fsyncs = 0
+        real = store.fsync_wal
+
+        def counted() -> None:
+            self.fsyncs += 1
+            real()
+
+        def statement(sql: str) -> None:
+            self.commits += sql == "COMMIT"
+
+        store.fsync_wal = counted  # type: ignore[method-assign]
+        store._db.set_trace_callback(statement)
+
+
+async def test_ack_many_acknowledges_several_reports_with_one_commit(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            first, second, third = await held_reports(tokyo, 3)
+            counted = Commits(tokyo.store)
+            await tokyo.ack_many([first, second, first])  # one given twice counts once
+            assert (counted.commits, counted.fsyncs) == (1, 1)
+            assert [handed_on_disk(tmp_path, i) for i in three_sent] == [1, 1, 0]
+            # One at a time, each ack is a commit and an fsync of its own.
+            await tokyo.ack(third)
+            assert (counted.commits, counted.fsyncs) == (2, 2)
+            await tokyo.ack_many([])  # nothing to do: no commit
+            await tokyo.ack_many([first, second])  # acknowledged already: accepted
+            assert handed_on_disk(tmp_path, three_sent[2]) == 1
+        async with node("tokyo", port, tmp_path) as tokyo:
+            await none_comes_again(tokyo)
+
+
+async def test_acks_made_at_once_by_several_tasks_share_one_commit(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            reports = await held_reports(tokyo, 3)
+            counted = Commits(tokyo.store)
+            async with trio.open_nursery() as acks:
+                for report in reports:
+                    acks.start_soon(tokyo.ack, report)
+            assert (counted.commits, counted.fsyncs) == (1, 1)
+            assert [handed_on_disk(tmp_path, i) for i in three_sent] == [1, 1, 1]
+
+
+async def test_ack_many_acknowledges_none_when_one_is_not_in_the_inbox(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path, three_sent: list[bytes]
+) -> None:
+    _fake, port = relay
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo:
+            first, second, _ = await held_reports(tokyo, 3)
+            stranger = dataclasses.replace(first, token_id=bytes(16))
+            with pytest.raises(UsageError, match="1 of the reports are not in this node's inbox"):
+                await tokyo.ack_many([first, stranger, second])
+            await tokyo.ack_many([])  # even now: nothing to acknowledge
+            # Nothing was marked, in memory or on disk: all three come again.
+            assert await take(tokyo, 3) == three_sent
+        assert [handed_on_disk(tmp_path, i) for i in three_sent] == [0, 0, 0]
+        with pytest.raises(UsageError, match="closed"):
+            await tokyo.ack_many([first, second])
+        async with node("tokyo", port, tmp_path) as tokyo:
+            assert await take(tokyo, 3, ack={0, 1, 2}) == three_sent
+
+
+async def test_tasks_that_read_some_kinds_of_rows_wake_only_for_those(
+    relay: tuple[FakeRelay, int], tmp_path: pathlib.Path
+) -> None:
+    # Issue 11: the sender, a reports() loop and the event pump each act only on some
+    # kinds of rows; a state change that wrote none of them (most messages a node
+    # handles) wakes none of them, where each used to wake for every change.
+    from tisa_io import trace
+
+    _fake, port = relay
+    steps: collections.Counter[str] = collections.Counter()
+
+    class Steps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            steps[trace._task_name(task)] += 1
+
+    async def woken_by(change: Callable[[], None]) -> set[str]:
+        steps.clear()
+        change()
+        tokyo._notify()
+        await trio.sleep(0.05)
+        return {name for name in ("Node._sender", "Node._pump_events", "app") if steps[name]}
+
+    async def app() -> None:
+        async for _ in tokyo.reports():
+            raise AssertionError("no report was sent")
+
+    def write(kind: str) -> Callable[[], None]:
+        def step() -> None:
+            with tokyo.store.transaction():
+                tokyo.store.wrote(kind)
+
+        return step
+
+    with trio.fail_after(10):
+        async with node("tokyo", port, tmp_path) as tokyo, trio.open_nursery() as nursery:
+            await tokyo.wait_connected()
+            nursery.start_soon(app, name="app")
+            await until(lambda: not tokyo.store.pending)
+            await trio.sleep(0.1)
+            instrument = Steps()
+            trio.lowlevel.add_instrument(instrument)
+            try:
+                assert await woken_by(lambda: None) == set()
+                assert await woken_by(write(rows.WANTED)) == set()
+                assert await woken_by(write(rows.INBOX)) == {"Node._sender", "app"}
+                assert await woken_by(write(rows.SUBMISSIONS)) == {"Node._sender"}
+                event = PrekeysLow(one_time=0, signed_not_after=1)
+                assert await woken_by(lambda: tokyo.store.add_event(event)) == {"Node._pump_events"}
+                # A rollback may bring any kind of row back: every one of them looks.
+                assert await woken_by(tokyo.store._abandon_batch) == {
+                    "Node._sender", "Node._pump_events", "app"
+                }  # fmt: skip
+            finally:
+                trio.lowlevel.remove_instrument(instrument)
+            nursery.cancel_scope.cancel()
 
 
 async def test_a_reports_loop_left_after_the_node_closed_hands_the_report_over_again(

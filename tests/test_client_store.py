@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+from typing import Any
 
 import pytest
 from nodes.client_world import LEVEL, SCOPE, make_world
@@ -667,4 +668,137 @@ def test_events_with_a_signed_part_are_handed_over_from_memory(tmp_path: pathlib
     store.close()
     store = MemberStore(tmp_path, "seoul", group_commit=True)
     assert store.fresh_event(held[1]) is None
+    store.close()
+
+
+def test_mark_handed_many_marks_all_in_one_step_or_none(tmp_path: pathlib.Path) -> None:
+    # Node.ack_many's store step: more reports than one statement names (_IN_CHUNK),
+    # all marked by one step of the open batch, or none when one is not in the inbox;
+    # lost with the batch when the process dies before its commit.
+    from clients.store import _IN_CHUNK
+
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    tokens = [i.to_bytes(16, "big") for i in range(_IN_CHUNK * 2 + 7)]
+    with store.transaction() as db:
+        db.executemany(
+            "INSERT INTO inbox (token, report, originator, header, dir, received, receipt)"
+            " VALUES (?, ?, 'seoul', x'', '', 0, x'')",
+            [(token, b"r" + token) for token in tokens],
+        )
+    store.commit_durably()
+
+    def handed() -> list[int]:
+        return [row[0] for row in store._db.execute("SELECT handed FROM inbox ORDER BY seq")]
+
+    assert store.mark_handed_many(tokens) == [] and handed() == [1] * len(tokens)
+    store._db.close()  # killed before the batch holding the marks was committed
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert handed() == [0] * len(tokens)  # none of them on disk
+
+    stranger = b"s" * 16
+    ops = store.ops
+    assert store.mark_handed_many([*tokens, stranger, stranger]) == [stranger]
+    assert handed() == [0] * len(tokens)  # none marked
+    assert store.mark_handed_many([]) == []
+    assert store.mark_handed_many([*tokens, tokens[0]]) == []  # twice: once
+    assert handed() == [1] * len(tokens) and store.ops == ops + 2
+    store.close()
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert handed() == [1] * len(tokens)
+    store.close()
+
+
+def test_a_token_id_the_caller_chose_is_recorded_without_reading_the_token(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 11: the node picks the token's id, so the store does not open the token's
+    # envelope again to learn it; without one it still reads it from the token.
+    from clients import store as member_store
+    from tisa.keys import random_id
+
+    store = MemberStore(tmp_path, "seoul")
+    _queue(store)
+    read = member_store.open_envelope
+    opened: list[bytes] = []
+
+    def counted(data: bytes, **kwargs: Any) -> Any:
+        opened.append(data)
+        return read(data, **kwargs)
+
+    monkeypatch.setattr(member_store, "open_envelope", counted)
+    chosen = random_id()
+
+    def make(counter: int) -> bytes:
+        return issue_token(
+            SECRETS["seoul"], "seoul", ARRANGEMENT, recipient="tokyo", report_id=REPORT,
+            digest=b"d" * 32, size=2000, content_key=b"k" * 32, scope=SCOPE, level=LEVEL,
+            not_before=NOW, not_after=NOW + 60, counter=counter,
+            signed_prekey=SIGNED_PREKEY, token_id=chosen,
+        )  # fmt: skip
+
+    assert store.issue_release(REPORT, "tokyo", make, NOW, token_id=chosen) == chosen
+    assert opened == []
+    other = store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert len(opened) == 1
+    for release in store.releases_of(REPORT):
+        assert ReleaseToken.decode(release.encoded).id == release.token
+    assert [r.token for r in store.releases_of(REPORT)] == [chosen, other]
+    store.close()
+
+
+def test_a_report_stored_here_is_handed_over_decoded_once(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 11: the inbox hands the application a report this store object stored
+    # with the header it verified, not decoded again from its row; read a second time
+    # (a new reports() loop), after a rollback, or in a reopened store, from the row.
+    from tisa.report import ReportHeader
+
+    decoded: list[bytes] = []
+    decode = ReportHeader.decode.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[ReportHeader], data: bytes) -> ReportHeader:
+        decoded.append(data)
+        return decode(cls, data)  # type: ignore[no-any-return]
+
+    monkeypatch.setattr(ReportHeader, "decode", classmethod(counted))
+    monkeypatch.setattr(rows, "MAX_FRESH_INBOX", 2)
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+
+    def deliver(counter: int) -> ReportHeader:
+        report = counter.to_bytes(16, "big")
+        header = ReportHeader(
+            id=report, arrangement=ARRANGEMENT.id, version=ARRANGEMENT.version,
+            originator="seoul", recipients=("tokyo",), scope=SCOPE, level=LEVEL,
+            created=NOW, body_size=4, attachments=(("a", 1),),
+        )  # fmt: skip
+        store.store_delivery(
+            token=ReleaseToken.decode(_token(counter, report)), header=header, staged=None,
+            receipt=b"receipt", now=NOW, events=[], parts=[b"body", b"a"],
+        )  # fmt: skip
+        return header
+
+    headers = [deliver(counter) for counter in (1, 2, 3)]  # the third one beyond the bound
+    first = store.inbox_after(0, limit=10)
+    assert [entry.header for entry in first] == headers
+    assert [entry.parts for entry in first] == [[b"body", b"a"]] * 3
+    assert first[0].header is headers[0] and first[1].header is headers[1]
+    assert len(decoded) == 1  # the third only
+    again = store.inbox_after(0, limit=10)  # read again: from the rows
+    assert [entry.header for entry in again] == headers and len(decoded) == 4
+    assert [entry.parts for entry in again] == [[b"body", b"a"]] * 3
+    store.commit_durably()
+    # Stored, then the batch lost: nothing of it is handed over, from memory or rows.
+    deliver(4)
+    assert len(store._fresh_inbox) == 1
+    store._abandon_batch()
+    assert store._fresh_inbox == {} and store.inbox_after(3, limit=10) == []
+    # Acknowledged before it was read: forgotten, never handed over.
+    deliver(5)
+    [token] = store._fresh_inbox
+    assert store.mark_handed_many([token]) == []
+    assert store._fresh_inbox == {} and store.inbox_after(3, limit=10) == []
+    store.close()
+    store = MemberStore(tmp_path, "tokyo", group_commit=True)
+    assert [entry.header for entry in store.inbox_after(0, limit=10)] == headers
     store.close()

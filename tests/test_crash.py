@@ -392,6 +392,18 @@ async def test_a_report_recorded_but_not_acknowledged_comes_again_after_a_kill(
     assert_log_exactly_once(lines, set(ids))
 
 
+async def test_reports_acknowledged_together_come_again_after_a_kill_inside_ack_many(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, children: list[Child]
+) -> None:
+    """Killed inside ``ack_many`` before it returned (both marked in the open batch, not
+    committed): both reports are handed over again after the restart, none lost."""
+    port = await nursery.start(serve, SECRETS["washington"], ARRANGEMENT, tmp_path / "washington")
+    ids, lines = await run_recipient_crash(port, tmp_path, children, "in_ack_many", 2)
+    first, second = (r.hex() for r in ids)
+    again = ["start", first, f"ack {first}", second, f"ack {second}"]
+    assert lines == ["start", first, second, *again]
+
+
 async def test_recipient_killed_at_random_times(
     nursery: trio.Nursery, tmp_path: pathlib.Path, children: list[Child]
 ) -> None:

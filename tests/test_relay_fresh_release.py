@@ -148,7 +148,7 @@ def _refused_case(
         # whatever report it names): the id is taken, or revoked.
         earlier = seal(world, b"earlier")
         store.release(
-            ReleaseToken.decode(token_for(world, earlier, _token_id=token.id)),
+            ReleaseToken.decode(token_for(world, earlier, token_id=token.id)),
             now=NOW,
             max_queue=max_queue,
             fresh=_add(store, earlier),  # type: ignore[arg-type]

@@ -385,7 +385,7 @@ async def test_an_inline_submissions_first_token_refused_with_its_reason_the_nex
             assert (await expect(seoul, Stored)).released == [token_id(used)]
             await receive_delivery(tokyo)
             report = seal(world)
-            replay = token_for(world, report, _token_id=token_id(used))
+            replay = token_for(world, report, token_id=token_id(used))
             good = token_for(world, report, counter=2)
             await seoul.send(inline(report, replay, good))
             stored = await expect(seoul, Stored)

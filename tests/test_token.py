@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from tisa import encoding as enc
 from tisa.arrangement import Arrangement, Member, Role
 from tisa.errors import ProtocolError, Reason, Refused, UsageError, VerificationError
-from tisa.keys import Context, MemberSecret, verify
+from tisa.keys import Context, MemberSecret, random_id, verify
 from tisa.limits import CLOCK_SKEW
 from tisa.prekeys import PrekeyKind, PrekeySecret
 from tisa.report import key_commitment
@@ -230,9 +230,17 @@ def test_every_token_has_its_own_id_and_ephemeral_key() -> None:
     assert len({t.wrap.sealed for t in tokens}) == 100
 
 
-def test_fixed_token_id() -> None:
-    token = ReleaseToken.decode(issue(_token_id=b"\x07" * 16))
-    assert token.id == b"\x07" * 16
+def test_a_token_id_chosen_by_the_caller_is_the_tokens_id() -> None:
+    # The node picks the id and passes it in, so it need not decode the token it got.
+    for _ in range(3):
+        chosen = random_id()
+        assert ReleaseToken.decode(issue(token_id=chosen)).id == chosen
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x07" * 15, b"\x07" * 17, bytearray(16), "x" * 16])
+def test_a_token_id_of_the_wrong_size_or_type_is_refused(bad: Any) -> None:
+    with pytest.raises(UsageError, match="a token id is 16 bytes"):
+        issue(token_id=bad)
 
 
 def test_only_the_recipients_keys_unwrap_the_key() -> None:

@@ -432,7 +432,7 @@ def test_issue_token_typed_path_gives_the_schema_paths_bytes_or_error(
     monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any]
 ) -> None:
     kwargs = _token_arguments(
-        _token_id=bytes(range(50, 66)), _ephemeral=bytes(range(70, 102)), **changes
+        token_id=bytes(range(50, 66)), _ephemeral=bytes(range(70, 102)), **changes
     )
     _both_ways(monkeypatch, lambda: issue_token(SECRETS["seoul"], "seoul", ARRANGEMENT, **kwargs))
 

@@ -309,10 +309,15 @@ def issue_token(
     signed_prekey: bytes | None,
     one_time_prekey: bytes | None = None,
     request: bytes | None = None,
-    _token_id: bytes | None = None,
+    token_id: bytes | None = None,
     _ephemeral: bytes | None = None,
 ) -> bytes:
     """Issue a signed release token for one recipient; returns its encoding.
+
+    The token's id is ``token_id`` when given (:data:`TOKEN_ID_SIZE` bytes, which must
+    be fresh: :func:`tisa.keys.random_id`; the relay refuses an id it has seen as a
+    replay), else a fresh random one. A caller that picks it knows the id without
+    decoding the token it gets back.
 
     The content key is wrapped to the recipient's identity key, ``signed_prekey`` and,
     when given, ``one_time_prekey`` (both encoded prekeys as the relay handed them out,
@@ -340,6 +345,10 @@ def issue_token(
         raise UsageError(f"validity window must be non-empty and at most {MAX_VALIDITY} s")
     if counter < 1:
         raise UsageError("release counters start at 1")
+    if token_id is None:
+        token_id = random_id()
+    elif type(token_id) is not bytes or len(token_id) != TOKEN_ID_SIZE:
+        raise UsageError(f"a token id is {TOKEN_ID_SIZE} bytes")
     if type(content_key) is not bytes or len(content_key) != KEY_SIZE:
         raise UsageError("content key is 32 bytes")
     if signed_prekey is None:
@@ -358,7 +367,7 @@ def issue_token(
     ]
     body: dict[str, Any] = {
         "v": TOKEN_VERSION,
-        "id": _token_id or random_id(),
+        "id": token_id,
         "arrangement": arrangement.id,
         "version": arrangement.version,
         "originator": name,

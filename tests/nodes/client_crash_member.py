@@ -11,7 +11,10 @@ it (``Node.ack``) and writes ``ack <hex id>``. The process kills itself (SIGKILL
   before the ack goes to the relay;
 * ``after_record``: right after recording the first report, before acknowledging it;
 * ``after_ack``: right after the first report's acknowledgement returned, before it
-  asks for the next report.
+  asks for the next report;
+* ``in_ack_many``: the application records the first two reports, then acknowledges
+  both with one ``Node.ack_many``; the process dies inside that call, right after the
+  store marked both (in the open batch, before its commit).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import trio
 from client_world import make_world
 
+from clients.events import DeliveredReport
 from clients.node import Backoff, open_node
 from clients.store import MemberStore
 
@@ -38,6 +42,15 @@ def install(point: str) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
         MemberStore.store_delivery = store_then_die  # type: ignore[method-assign]
+    elif point == "in_ack_many":
+        mark_handed_many = MemberStore.mark_handed_many
+
+        def mark_then_die(self: MemberStore, tokens: Any) -> list[bytes]:
+            mark_handed_many(self, tokens)
+            os.kill(os.getpid(), signal.SIGKILL)
+            raise AssertionError("not reached")
+
+        MemberStore.mark_handed_many = mark_then_die  # type: ignore[method-assign]
     elif point not in ("", "after_record", "after_ack"):
         raise SystemExit(f"unknown crash point {point!r}")
 
@@ -61,9 +74,15 @@ async def main(store: Path, port: int, log: Path, point: str) -> None:
     async with open_node(
         secrets["tokyo"], "tokyo", arrangement, ("127.0.0.1", port), store, backoff=backoff
     ) as node:
+        held: list[DeliveredReport] = []
         async for report in node.reports():
             log_line(log, report.report_id.hex())  # the application's record
             die_at(point, "after_record")
+            if point == "in_ack_many":
+                held.append(report)
+                if len(held) == 2:
+                    await node.ack_many(held)  # dies inside
+                continue
             await node.ack(report)
             die_at(point, "after_ack")
             log_line(log, "ack " + report.report_id.hex())
