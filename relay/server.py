@@ -7,8 +7,14 @@ call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
 Per connection: the handshake comes first (:func:`tisa_io.link.accept_member`, with
 the connection caps checked once ``finish`` authenticated the member), then two tasks
 share the link: a reader that handles what the member sends, and a pusher that sends the
-member what the store holds for it (deliveries, receipts, notices) and waits to be woken
-when more is queued. Anything that goes wrong on one connection ends that connection
+member what the store holds for it (deliveries, receipts, consent, notices) and waits
+to be woken when more is queued. The pusher reads a kind of row only when it may hold
+something new: the store counts, per member and kind, the steps that queue such rows
+(:meth:`relay.consentstore.ConsentTables.changes`), and a kind whose count did not move
+since the pusher last read all there was is not queried, so a wake-up for another kind
+or a change that queued nothing runs no statement (see :meth:`Relay._push_loop` for
+when it reads everything again: a rescan, a rolled-back batch, another relay process's
+notification). Anything that goes wrong on one connection ends that connection
 only: the connection task catches every exception at its boundary, logs it and closes.
 
 Availability: connections in their handshake are counted per source address
