@@ -1753,8 +1753,11 @@ class Relay:
                 await self._deliver(conn, row, barrier, pending, sent, sources)
             await self._send_deliveries(conn, pending, sent)
             if len(batch) < limit and feed.after == batch[-1].seq:
-                feed.seen = count  # read all there was, and every row of it handled
-                return
+                # Read all there was, and every row of it handled; more released while
+                # this batch went out is read on at once, without a pass of its own.
+                feed.seen = count
+                if not self._unread(conn, feed):
+                    return
         conn.window_full = True
 
     async def _durable_unless_woken(self, conn: _Connection, barrier: int) -> None:
