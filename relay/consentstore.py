@@ -6,8 +6,9 @@ audit entries whichever database keeps them. The tables (``requests``,
 ``announcements``, ``consent_queue``; see each backend's schema) are the same in both;
 a backend supplies only how a statement runs (:meth:`ConsentTables._sql`, written with
 ``?`` placeholders), its steps and audit log (``_transaction``, ``_audit``), and what
-it does when something is queued for a member (:meth:`ConsentTables._tell`: the
-PostgreSQL store NOTIFYs the other relay processes), and how a step keeps other relay
+it does when something is queued for a member (:meth:`ConsentTables._tell` counts it,
+for :meth:`ConsentTables.changes`; the PostgreSQL store also NOTIFYs the other relay
+processes), and how a step keeps other relay
 processes' steps of its kind out until its batch commits (:meth:`ConsentTables._exclusive`).
 The delivery rules are shared the same way (:mod:`relay.tokenstore`).
 
@@ -26,10 +27,28 @@ from tisa.consent import Announcement, Answer, Request
 from tisa.errors import Reason, Refused
 from tisa.token import ReleaseToken
 
-__all__ = ["REQUEST_RATE_WINDOW", "ConsentRow", "ConsentTables"]
+__all__ = [
+    "CONSENT",
+    "DELIVERIES",
+    "NOTICES",
+    "QUEUED_KINDS",
+    "RECEIPTS",
+    "REQUEST_RATE_WINDOW",
+    "ConsentRow",
+    "ConsentTables",
+]
 
 # Seconds over which Limits.max_requests_per_hour counts a requester's requests.
 REQUEST_RATE_WINDOW = 3600
+
+# The kinds of rows queued for a member that the relay pushes to its connections, each
+# counted per member where a step queues one (ConsentTables._tell), so that a pusher
+# reads a kind again only when its count moved (ConsentTables.changes).
+DELIVERIES = "deliveries"  # a delivery made pending (a release)
+RECEIPTS = "receipts"  # a receipt queued for its originator
+CONSENT = "consent"  # an announcement, request or denial queued
+NOTICES = "notices"  # an expiry notice queued for an originator
+QUEUED_KINDS = (DELIVERIES, RECEIPTS, CONSENT, NOTICES)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +75,13 @@ class _Cursor(Protocol):
 class ConsentTables:
     """The consent methods of a relay store (see the module docstring)."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        # member -> kind (QUEUED_KINDS) -> steps of this process that queued rows of
+        # that kind for the member; and the whole batches undone (see changes).
+        self._queued_changes: dict[str, dict[str, int]] = {}
+        self._batches_undone = 0
+
     if TYPE_CHECKING:
         # Supplied by the backend.
         def _transaction(
@@ -81,8 +107,30 @@ class ConsentTables:
         """``limit`` as the backend's LIMIT parameter (-1: all)."""
         return limit
 
-    def _tell(self, member: str) -> None:
-        """Something new is queued for ``member`` (for other relay processes)."""
+    def changes(self, member: str, kind: str) -> int:
+        """A count that moves whenever this process may have queued rows of ``kind``
+        (one of :data:`QUEUED_KINDS`) for ``member``: each step that queues one counts
+        (:meth:`_tell`, inside the step, before the step's statements return), and so
+        does every whole batch rolled back or lost (its rows are gone, and rows it had
+        taken out may be back), for every member and kind. A reader that takes the
+        count before its query and finds the same count later knows that no row of
+        that kind was queued for ``member`` by this process since: it may skip the
+        query. Rows other relay processes queue are not counted here (PostgreSQL: they
+        arrive as a notification, :meth:`relay.pgstore.PgStore.watch`)."""
+        counts = self._queued_changes.get(member)
+        return self._batches_undone + (0 if counts is None else counts.get(kind, 0))
+
+    def _tell(self, member: str, kind: str) -> None:
+        """Rows of ``kind`` are queued for ``member`` in the running step: counted
+        (:meth:`changes`); the PostgreSQL store also tells the other relay processes."""
+        counts = self._queued_changes.get(member)
+        if counts is None:
+            counts = self._queued_changes[member] = {}
+        counts[kind] = counts.get(kind, 0) + 1
+
+    def _batch_undone(self) -> None:
+        """A whole batch was rolled back or lost: every count of :meth:`changes` moves."""
+        self._batches_undone += 1
 
     def _exclusive(self) -> None:
         """From here to the batch's COMMIT, no other relay process runs a step that
@@ -153,7 +201,7 @@ class ConsentTables:
             raise Refused(Reason.UNKNOWN_REPORT, "no such report held for that originator")
 
     def _queue_consent(self, member: str, kind: str, ref: bytes, data: bytes) -> None:
-        self._tell(member)
+        self._tell(member, CONSENT)
         self._sql(
             "INSERT INTO consent_queue (member, kind, ref, data) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (member, kind, ref) DO NOTHING",

@@ -632,6 +632,7 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
             self._notify.clear()
             self._claimed.clear()
             self._batch_ended()
+            self._batch_undone()
         self._close_connections()
         log.warning("lost the relay's PostgreSQL store: %s", exc or "a WAL flush failed")
 
@@ -729,9 +730,10 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
             )
         self._flush_audit(at_commit=True)
 
-    def _tell(self, member: str) -> None:
-        # Something new is queued for ``member``: tell the other relay processes when
-        # this batch commits (see watch).
+    def _tell(self, member: str, kind: str) -> None:
+        # Something new is queued for ``member``: counted (changes), and the other
+        # relay processes are told when this batch commits (see watch).
+        super()._tell(member, kind)
         if member:
             self._notify.add(member)
 
@@ -820,6 +822,7 @@ class PgStore(TokenTables, PrekeyTables, DurableStore):
             self._ordered = self._ordered_before
         else:
             self._batch_ended()
+            self._batch_undone()
 
     @contextlib.contextmanager
     def _single(self) -> Iterator[_Session]:  # type: ignore[override]

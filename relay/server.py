@@ -7,8 +7,14 @@ call of :meth:`Relay.handle_stream`, so tests can drive it over memory streams;
 Per connection: the handshake comes first (:func:`tisa_io.link.accept_member`, with
 the connection caps checked once ``finish`` authenticated the member), then two tasks
 share the link: a reader that handles what the member sends, and a pusher that sends the
-member what the store holds for it (deliveries, receipts, notices) and waits to be woken
-when more is queued. Anything that goes wrong on one connection ends that connection
+member what the store holds for it (deliveries, receipts, consent, notices) and waits
+to be woken when more is queued. The pusher reads a kind of row only when it may hold
+something new: the store counts, per member and kind, the steps that queue such rows
+(:meth:`relay.consentstore.ConsentTables.changes`), and a kind whose count did not move
+since the pusher last read all there was is not queried, so a wake-up for another kind
+or a change that queued nothing runs no statement (see :meth:`Relay._push_loop` for
+when it reads everything again: a rescan, a rolled-back batch, another relay process's
+notification). Anything that goes wrong on one connection ends that connection
 only: the connection task catches every exception at its boundary, logs it and closes.
 
 Availability: connections in their handshake are counted per source address
@@ -45,10 +51,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import trio
 
+from relay.consentstore import CONSENT, DELIVERIES, NOTICES, RECEIPTS
 from relay.metrics import MetricsLimits, RelayMetrics, serve_metrics
 from relay.prekeystore import PREKEY_RATE_WINDOW
 from relay.storage import RelayStore, SharedStore, StoreUnavailable, Upload, open_store
@@ -287,15 +294,56 @@ class _Upload:
 
 
 @dataclasses.dataclass(eq=False)
+class _Feed:
+    """How far a connection's pusher has read one kind of rows queued for its member."""
+
+    kind: str
+    # The seq of the last row read.
+    after: int = 0
+    # The store's count of changes of this kind for the member (RelayStore.changes)
+    # taken before the last query that read all there was; -1: read again.
+    seen: int = -1
+
+
+@dataclasses.dataclass(eq=False)
+class _Feeds:
+    """A pusher's :class:`_Feed` of each kind."""
+
+    deliveries: _Feed = dataclasses.field(default_factory=lambda: _Feed(DELIVERIES))
+    receipts: _Feed = dataclasses.field(default_factory=lambda: _Feed(RECEIPTS))
+    consent: _Feed = dataclasses.field(default_factory=lambda: _Feed(CONSENT))
+    notices: _Feed = dataclasses.field(default_factory=lambda: _Feed(NOTICES))
+
+
+class _Paged(Protocol):
+    # A row a pusher reads a page of (ReceiptRow, ConsentRow, NoticeRow).
+    @property
+    def seq(self) -> int: ...
+
+
+_Row = TypeVar("_Row", bound=_Paged)
+
+
+@dataclasses.dataclass(eq=False)
 class _Connection:
     link: Link
     member: str
     cancel: trio.CancelScope = dataclasses.field(default_factory=trio.CancelScope)
+    # Set (poke) when something for the member may have changed: the pusher looks.
     wake: trio.Event = dataclasses.field(default_factory=trio.Event)
+    # The pusher's event while it waits lazily for a receipt's batch: poke sets it too.
+    push_lazy: trio.Event | None = None
+    # The pusher reads the member's deliveries from the start again.
     rescan: bool = False
     # Set when another connection of the member failed while sending notices it had
     # claimed: this one reads the member's notices from the start again.
     rescan_notices: bool = False
+    # Another relay process may have queued anything for the member: the pusher reads
+    # every kind again, whatever this process's counts say (Relay._store_changed).
+    stale: bool = False
+    # The pusher stopped reading deliveries with delivery_window of them in flight: an
+    # ack that makes room wakes it (only then: an ack otherwise changes nothing to push).
+    window_full: bool = False
     upload: _Upload | None = None
     error: tuple[Reason, str] | None = None
     claims: set[bytes] = dataclasses.field(default_factory=set)
@@ -330,6 +378,12 @@ class _Connection:
     # prekey_low_water): the batch of the latest such handout, else None. The pusher
     # sends it, counted afresh, ahead of the next deliveries it writes.
     prekey_status_due: int | None = None
+
+    def poke(self) -> None:
+        """Wake the pusher: something for the member may have changed."""
+        self.wake.set()
+        if self.push_lazy is not None:
+            self.push_lazy.set()
 
     def changed(self) -> None:
         self.replies_changed.set()
@@ -1212,12 +1266,13 @@ class Relay:
             # delivery another connection completed, comes only from a reader): it
             # may be the one to push to again, so it looks at what it passed over.
             conn.overdue, conn.rescan = False, True
-            conn.wake.set()
+            conn.poke()
         for other in self._connections.get(conn.member, ()):
             other.deadlines.pop(token_id, None)
             if token_id in other.in_flight:
                 other.in_flight.discard(token_id)
-                other.wake.set()  # the window has room again
+                if other.window_full:
+                    other.poke()  # the window has room again
         return known
 
     async def _ack(self, conn: _Connection, message: Ack) -> None:
@@ -1458,7 +1513,7 @@ class Relay:
             # status, counted when it goes out, ahead of the next deliveries.
             for other in self._connections.get(message.member, ()):
                 other.prekey_status_due = self.store.barrier
-                other.wake.set()
+                other.poke()
 
     async def _due_status(self, conn: _Connection) -> list[Message]:
         """The prekey_status due to ``conn`` (none, or one), counted now: after the
@@ -1492,7 +1547,7 @@ class Relay:
 
     def _wake(self, member: str) -> None:
         for conn in self._connections.get(member, ()):
-            conn.wake.set()
+            conn.poke()
 
     def _store_changed(self, member: str | None) -> None:
         # Another relay process queued something for ``member`` (None: for anyone, as
@@ -1502,8 +1557,8 @@ class Relay:
         else:
             conns = list(self._connections.get(member, ()))
         for conn in conns:
-            conn.rescan = conn.rescan_notices = True
-            conn.wake.set()
+            conn.rescan = conn.rescan_notices = conn.stale = True
+            conn.poke()
 
     def _drop_claims(self, conn: _Connection) -> None:
         if self._shared is not None and conn.claims:
@@ -1517,7 +1572,7 @@ class Relay:
         # an overdue one those it passed over while this one was there).
         for other in self._connections.get(conn.member, ()):
             other.rescan = True
-            other.wake.set()
+            other.poke()
 
     def _refresh_claim(self, conn: _Connection, token_id: bytes) -> None:
         """The link took a frame of delivery ``token_id`` (or is about to send its
@@ -1562,7 +1617,7 @@ class Relay:
         for other in self._connections.get(conn.member, ()):
             if other is not conn:
                 other.rescan = True
-                other.wake.set()
+                other.poke()
 
     def _passed_over(self, conn: _Connection) -> bool:
         """Whether the member has a better connection to push deliveries on: one that
@@ -1590,59 +1645,138 @@ class Relay:
             conn.fail(Reason.INTERNAL, "internal error")
 
     async def _push_loop(self, conn: _Connection) -> None:
-        after_token = after_receipt = after_notice = after_consent = 0
+        """Push what the store holds for the member, then wait to be woken, until the
+        connection ends.
+
+        Each kind of row (:data:`relay.consentstore.QUEUED_KINDS`) is read on from the
+        last ``seq`` sent, and only when it may hold something new: the store counts
+        the steps that queue rows of each kind per member
+        (:meth:`relay.consentstore.ConsentTables.changes`), and a kind whose count has
+        not moved since a query that read all there was is not queried (a wake-up for
+        another kind, or for another member's change, runs no statement of it). The
+        count is taken before the query, so a row queued during the pass (while it
+        waits for a commit or the link) moves it, and the poke that follows wakes the
+        next pass. Read again whatever the counts say: deliveries after a rescan and
+        when an ack made room in a full window, notices after a rescan of them, every
+        kind when another relay process may have queued something (``stale``) or when a
+        batch was rolled back (the counts move then).
+        """
+        feeds = _Feeds()
         while True:
             # A fresh event before looking, so a wake-up during the pass is not lost.
             conn.wake = trio.Event()
+            if conn.stale:
+                conn.stale = False
+                feeds.deliveries.seen = feeds.receipts.seen = feeds.consent.seen = -1
+                feeds.notices.seen = -1
             if conn.rescan:
-                conn.rescan, after_token = False, 0
-            window = self.limits.delivery_window
-            while len(conn.in_flight) < window and (
-                batch := self.store.outstanding(
-                    conn.member, after=after_token, limit=min(DELIVERY_BATCH, window)
-                )
-            ):
-                # The releases that made these deliveries pending are in this batch at
-                # the latest (perhaps still open): one wait covers them all.
-                barrier = self.store.barrier
-                sources = await self._delivery_sources(conn, batch, barrier)
-                # Small reports go out together, in one write; a large one streams.
-                pending: list[Message] = []
-                sent: list[TokenRow] = []
-                for row in batch:
-                    if len(conn.in_flight) >= window:
-                        break  # the rest when acks make room (they wake us)
-                    after_token = row.seq
-                    await self._deliver(conn, row, barrier, pending, sent, sources)
-                await self._send_deliveries(conn, pending, sent)
+                conn.rescan = False
+                feeds.deliveries.after, feeds.deliveries.seen = 0, -1
+            if conn.rescan_notices:
+                conn.rescan_notices = False
+                feeds.notices.after, feeds.notices.seen = 0, -1
+            if conn.window_full or self._unread(conn, feeds.deliveries):
+                await self._push_deliveries(conn, feeds.deliveries)
             # Receipts and notices pile up while a member is offline: read them a page
             # at a time, never all at once.
-            while receipts := self.store.queued_receipts(
-                conn.member, after=after_receipt, limit=NOTICE_PAGE
-            ):
-                # Lazy: nobody waits on a receipt urgently; a commit of its own only
-                # when more work for this member arrives meanwhile (conn.wake).
-                await self._group_commit.durable_unless(self.store.barrier, conn.wake)
-                await conn.link.send_many(
-                    ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
-                )
-                after_receipt = receipts[-1].seq
-            while consent := self.store.queued_consent(
-                conn.member, after=after_consent, limit=NOTICE_PAGE
-            ):
-                await self._durable(self.store.barrier)
-                await conn.link.send_many(
-                    ConsentNotice(kind=row.kind, data=row.data) for row in consent
-                )
-                after_consent = consent[-1].seq
-            if conn.rescan_notices:
-                conn.rescan_notices, after_notice = False, 0
-            while notices := self.store.notices(conn.member, after=after_notice, limit=NOTICE_PAGE):
-                after_notice = notices[-1].seq
-                await self._send_notices(conn, notices)
-            if status := await self._due_status(conn):
+            while self._unread(conn, feeds.receipts):
+                receipts = self._read(conn, feeds.receipts, self.store.queued_receipts, NOTICE_PAGE)
+                if receipts:
+                    # Lazy: nobody waits on a receipt urgently; a commit of its own
+                    # only when more work for this member arrives meanwhile.
+                    await self._durable_unless_woken(conn, self.store.barrier)
+                    await conn.link.send_many(
+                        ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
+                    )
+            while self._unread(conn, feeds.consent):
+                consent = self._read(conn, feeds.consent, self.store.queued_consent, NOTICE_PAGE)
+                if consent:
+                    await self._durable(self.store.barrier)
+                    await conn.link.send_many(
+                        ConsentNotice(kind=row.kind, data=row.data) for row in consent
+                    )
+            while self._unread(conn, feeds.notices):
+                notices = self._read(conn, feeds.notices, self.store.notices, NOTICE_PAGE)
+                if notices:
+                    await self._send_notices(conn, notices)
+            if conn.prekey_status_due is not None and (status := await self._due_status(conn)):
                 await conn.link.send_many(status)
             await conn.wake.wait()
+
+    def _unread(self, conn: _Connection, feed: _Feed) -> bool:
+        """Whether rows of ``feed``'s kind may have been queued for ``conn``'s member
+        since the pusher last read them all."""
+        return feed.seen != self.store.changes(conn.member, feed.kind)
+
+    def _read(
+        self,
+        conn: _Connection,
+        feed: _Feed,
+        query: Callable[..., list[_Row]],
+        page: int,
+    ) -> list[_Row]:
+        """The next page of ``feed``'s rows for ``conn``'s member, read on from the last
+        one (``feed.after`` moves past them); a page that is not full read all there
+        was: ``feed.seen`` is then the count taken before the query."""
+        count = self.store.changes(conn.member, feed.kind)
+        rows = query(conn.member, after=feed.after, limit=page)
+        if rows:
+            feed.after = rows[-1].seq
+        if len(rows) < page:
+            feed.seen = count
+        return rows
+
+    async def _push_deliveries(self, conn: _Connection, feed: _Feed) -> None:
+        """Push the member's deliveries owed with ``seq > feed.after``, a batch at a
+        time, while the window has room; with it full, set ``conn.window_full`` (an ack
+        that makes room wakes the pusher) and leave the rest for then."""
+        window = self.limits.delivery_window
+        limit = min(DELIVERY_BATCH, window)
+        conn.window_full = False
+        while len(conn.in_flight) < window:
+            count = self.store.changes(conn.member, feed.kind)
+            batch = self.store.outstanding(conn.member, after=feed.after, limit=limit)
+            if not batch:
+                feed.seen = count
+                return
+            # The releases that made these deliveries pending are in this batch at the
+            # latest (perhaps still open): one wait covers them all.
+            barrier = self.store.barrier
+            sources = await self._delivery_sources(conn, batch, barrier)
+            # Small reports go out together, in one write; a large one streams.
+            pending: list[Message] = []
+            sent: list[TokenRow] = []
+            for row in batch:
+                if len(conn.in_flight) >= window:
+                    break  # the rest when acks make room
+                feed.after = row.seq
+                await self._deliver(conn, row, barrier, pending, sent, sources)
+            await self._send_deliveries(conn, pending, sent)
+            if len(batch) < limit and feed.after == batch[-1].seq:
+                # Read all there was, and every row of it handled; more released while
+                # this batch went out is read on at once, without a pass of its own.
+                feed.seen = count
+                if not self._unread(conn, feed):
+                    return
+        conn.window_full = True
+
+    async def _durable_unless_woken(self, conn: _Connection, barrier: int) -> None:
+        """Return once batch ``barrier`` is on disk: lazily, without a commit of its
+        own, until ``conn`` is poked (more work for the member: then it commits at
+        once). :meth:`tisa_io.durable.GroupCommitter.durable_unless` without its
+        helper task: :meth:`_Connection.poke` sets the lazy wait's event itself.
+
+        Raises:
+            LinkClosed: the batch was lost.
+        """
+        while not conn.wake.is_set():
+            conn.push_lazy = trio.Event()
+            try:
+                if await self._group_commit.durable_lazily(barrier, conn.push_lazy):
+                    return
+            finally:
+                conn.push_lazy = None
+        await self._durable(barrier)
 
     async def _send_notices(self, conn: _Connection, notices: list[NoticeRow]) -> None:
         """Send the notices no other connection is sending, then drop them (notices have
@@ -1672,7 +1806,7 @@ class Relay:
                 for other in self._connections.get(conn.member, ()):
                     if other is not conn:
                         other.rescan_notices = True
-                        other.wake.set()
+                        other.poke()
 
     def _to_push(self, conn: _Connection, row: TokenRow) -> bool:
         """Whether ``conn`` pushes ``row`` now: not in flight on it already, not claimed

@@ -179,6 +179,10 @@ class RelayStore(Batches, Protocol):
     def queue_length(self, recipient: str) -> int:
         """Deliveries still owed to ``recipient``."""
 
+    def changes(self, member: str, kind: str) -> int:
+        """A count that moves when this process may have queued rows of ``kind`` for
+        ``member`` (see :meth:`relay.consentstore.ConsentTables.changes`)."""
+
     def release(
         self,
         token: ReleaseToken,

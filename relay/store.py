@@ -633,6 +633,7 @@ class Store(TokenTables, PrekeyTables, DurableStore):
             self._audit_rows.clear()
             self._events.clear()
             self._queued.clear()
+            self._batch_undone()
         # The cached audit head may belong to rolled-back entries.
         if self._audit_rows:
             self._seq, _, _, self._head = self._audit_rows[-1]

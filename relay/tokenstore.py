@@ -28,7 +28,7 @@ import dataclasses
 from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from relay.consentstore import ConsentTables
+from relay.consentstore import DELIVERIES, NOTICES, RECEIPTS, ConsentTables
 from tisa.audit import GENESIS, AuditEntry, AuditEvent
 from tisa.errors import LocalError, Reason, Refused
 from tisa.receipt import Receipt
@@ -288,7 +288,7 @@ class TokenTables(ConsentTables):
     def _released(self, token: ReleaseToken, seq: int, *, now: int) -> TokenRow:
         """Inside a release's step, once its row (``seq``) is in: tell, log, and the
         row, built rather than read back."""
-        self._tell(token.recipient)
+        self._tell(token.recipient, DELIVERIES)
         self._audit(
             AuditEvent.RELEASED,
             now=now,
@@ -610,7 +610,7 @@ class TokenTables(ConsentTables):
             )
             if cursor.rowcount == 0:
                 return False
-            self._tell(receipt.originator)
+            self._tell(receipt.originator, RECEIPTS)
             self._audit(
                 AuditEvent.RECEIPT,
                 now=now,
@@ -670,7 +670,7 @@ class TokenTables(ConsentTables):
             self._sql("DELETE FROM notices WHERE seq = ?", (seq,))
 
     def _notice(self, member: str, kind: str, report: bytes, token: bytes | None) -> None:
-        self._tell(member)
+        self._tell(member, NOTICES)
         self._sql(
             "INSERT INTO notices (member, kind, report, token) VALUES (?, ?, ?, ?)",
             (member, kind, report, token),

@@ -15,12 +15,11 @@ import contextlib
 import pathlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from nodes.relay_harness import expect, receive_delivery, running_relay, send_submission
-from nodes.relay_helpers import NOW, World, make_world, seal, token_for
+from nodes.relay_helpers import make_world, receipt_for, seal, token_for
 
 from clients.events import RefusedEvent
 from clients.node import Node
@@ -50,19 +49,6 @@ LIMITS = Limits(handshake_timeout=5, frame_timeout=5, clock_skew=120)
 TIMEOUT = 15
 
 
-def _receipt(world: World, token: ReleaseToken, **changes: Any) -> Receipt:
-    fields: dict[str, Any] = {
-        "report": token.report,
-        "token": token.id,
-        "originator": token.originator,
-        "recipient": "tokyo",
-        "digest": token.digest,
-        "received": NOW,
-    }
-    fields.update(changes)
-    return Receipt.issue(world.secrets["tokyo"], world.arrangement, **fields)
-
-
 # --- at the relay ---------------------------------------------------------------------------
 
 
@@ -85,7 +71,7 @@ async def test_an_accepted_receipt_acks_its_delivery_a_refused_one_nothing(
             assert token.id in conn.in_flight
 
             # A receipt the relay refuses (it names another report): nothing acked.
-            wrong = _receipt(world, token, report=bytes(16))
+            wrong = receipt_for(world, token, report=bytes(16))
             await tokyo.send(SendReceipt(receipt=wrong.encoded))
             refusal = await expect(tokyo, Refusal)
             assert (refusal.ref, refusal.reason) == (token.id, Reason.WRONG_REPORT.value)
@@ -94,7 +80,7 @@ async def test_an_accepted_receipt_acks_its_delivery_a_refused_one_nothing(
             assert token.id in conn.in_flight
 
             # The right receipt: queued for Seoul and, in the same batch, the ack.
-            receipt = _receipt(world, token)
+            receipt = receipt_for(world, token)
             await tokyo.send(SendReceipt(receipt=receipt.encoded))
             ack = await expect(tokyo, Ack)
             assert (ack.kind, ack.token) == ("receipt", token.id)
@@ -273,7 +259,7 @@ async def test_the_relay_takes_ack_receipts_as_one_ack_each(store_at: str | Path
                 await seoul.send(Release(token=token_for(world, report)))
                 await expect(seoul, Released)
                 token = ReleaseToken.decode((await receive_delivery(tokyo))[0])
-                await tokyo.send(SendReceipt(receipt=_receipt(world, token).encoded))
+                await tokyo.send(SendReceipt(receipt=receipt_for(world, token).encoded))
                 assert (await expect(tokyo, Ack)).kind == "receipt"
                 await expect(seoul, ReceiptNotice)
                 tokens.append(token.id)

@@ -20,8 +20,9 @@ from tisa.errors import Reason, Refused
 from tisa.handshake import PROTOCOL_VERSION
 from tisa.keys import MemberSecret
 from tisa.prekeys import PrekeyKind, PrekeySecret
+from tisa.receipt import Receipt
 from tisa.report import SealedReport, seal_report
-from tisa.token import issue_token
+from tisa.token import ReleaseToken, issue_token
 
 SCOPE = "nk.missile"
 LEVEL = "secret"
@@ -259,3 +260,17 @@ def add_inline_report(
         now=NOW,
         data=report.ciphertext,
     )
+
+
+def receipt_for(world: World, token: ReleaseToken, **changes: Any) -> Receipt:
+    """Tokyo's receipt of the delivery of ``token`` (``changes``: fields made wrong)."""
+    fields: dict[str, Any] = {
+        "report": token.report,
+        "token": token.id,
+        "originator": token.originator,
+        "recipient": "tokyo",
+        "digest": token.digest,
+        "received": NOW,
+    }
+    fields.update(changes)
+    return Receipt.issue(world.secrets["tokyo"], world.arrangement, **fields)
