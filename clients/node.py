@@ -2278,20 +2278,22 @@ class Node:
             raise VerificationError()
         # The digest and size the ack signs are checked against the row by the write
         # itself; the row is read only when that writes nothing (a copy of an earlier
-        # ack, or an ack for a ciphertext this node never submitted).
+        # ack, or an ack for a ciphertext this node never submitted). The tokens accepted
+        # with the submission (submit_inline), as a `released` would say, are marked in
+        # the same step, their events and the ack's in one statement.
         if not self.store.mark_stored(
             message.report,
             message.ack,
             Stored(report=message.report, ack=ack),
             digest=ack.digest,
             size=ack.size,
+            released=message.released,
         ):
             submission = self.store.submission(message.report)
             if submission is None or ack.digest != submission.digest or ack.size != submission.size:
                 raise VerificationError()
-        for token in message.released:
-            # Accepted with the submission (submit_inline), as a `released` would say.
-            self._on_released(m.Released(report=message.report, token=token))
+            for token in message.released:
+                self._on_released(m.Released(report=message.report, token=token))
 
     def _on_released(self, message: m.Released) -> None:
         self.store.mark_released(message.token, message.report)

@@ -67,7 +67,7 @@ import os
 import pathlib
 import shutil
 import sqlite3
-from collections.abc import Callable, Container, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from typing import Any
 
 from clients.events import Event, Released, encode_event, verified_on_decode
@@ -606,20 +606,39 @@ class MemberStore(DurableStore):
 
     def _event(self, db: sqlite3.Connection, event: Event | tuple[str, bytes, Event]) -> None:
         # An event or its record (_record).
-        kind, data, event = event if isinstance(event, tuple) else self._record(event)
+        self._events(db, [event if isinstance(event, tuple) else self._record(event)])
+
+    def _events(self, db: sqlite3.Connection, records: Sequence[tuple[str, bytes, Event]]) -> None:
+        # Several events' records (_record), in order, in one INSERT: a step that records
+        # several (a `stored` that also releases its tokens) takes one statement for all.
+        if not records:
+            return
         self.wrote(EVENTS)
-        seq = db.execute("INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)).lastrowid
-        assert seq is not None
-        if verified_on_decode(kind):
-            # Handed over from memory (see fresh_event), its signature not checked again.
-            fresh = self._fresh_events
-            fresh[seq] = event
-            if len(fresh) > MAX_FRESH_EVENTS:
-                del fresh[next(iter(fresh))]
-        # Bound the table; see MAX_STORED_EVENTS. (seq is the newest row's: no query
+        if len(records) == 1:
+            kind, data, _ = records[0]
+            last = db.execute(
+                "INSERT INTO events (kind, data) VALUES (?, ?)", (kind, data)
+            ).lastrowid
+        else:
+            values = ", ".join(["(?, ?)"] * len(records))
+            last = db.execute(
+                f"INSERT INTO events (kind, data) VALUES {values}",
+                [value for kind, data, _ in records for value in (kind, data)],
+            ).lastrowid
+        assert last is not None
+        # The rows of one INSERT take consecutive seqs (AUTOINCREMENT: each one more
+        # than the largest ever), the last one's is lastrowid.
+        for seq, (kind, _, event) in enumerate(records, start=last - len(records) + 1):
+            if verified_on_decode(kind):
+                # Handed over from memory (see fresh_event), its signature not checked again.
+                fresh = self._fresh_events
+                fresh[seq] = event
+                if len(fresh) > MAX_FRESH_EVENTS:
+                    del fresh[next(iter(fresh))]
+        # Bound the table; see MAX_STORED_EVENTS. (last is the newest row's: no query
         # for the maximum, and no DELETE at all until the bound is first reached.)
-        if seq > MAX_STORED_EVENTS:
-            db.execute("DELETE FROM events WHERE seq <= ?", (seq - MAX_STORED_EVENTS,))
+        if last > MAX_STORED_EVENTS:
+            db.execute("DELETE FROM events WHERE seq <= ?", (last - MAX_STORED_EVENTS,))
 
     def fresh_event(self, seq: int) -> Event | None:
         """Event ``seq`` as this store object wrote it, if it is one whose record
@@ -743,14 +762,26 @@ class MemberStore(DurableStore):
         return [self._submission(row) for row in rows]
 
     def mark_stored(
-        self, report: bytes, ack: bytes, event: Event, *, digest: bytes, size: int
+        self,
+        report: bytes,
+        ack: bytes,
+        event: Event,
+        *,
+        digest: bytes,
+        size: int,
+        released: Sequence[bytes] = (),
     ) -> bool:
         """Record the relay's ack and drop the local ciphertext, if the submission of
         ``report`` is queued (or withdrawn: the relay stored it before it was withdrawn)
         and its ciphertext has this ``digest`` and ``size`` (what the ack signs). False,
         with nothing written, otherwise (the caller tells a copy of an earlier ack from
         a wrong one by reading the row). A small report (no file) takes one statement
-        for the check and the change."""
+        for the check and the change.
+
+        ``released``: tokens the relay accepted with the submission (``submit_inline``),
+        each marked as :meth:`mark_released` would, in the same step; the events (the
+        ack's, then each release's) are written in one statement. When this returns
+        False they are not marked (the caller does that after its check)."""
         record = self._record(event)
         where = "report = ? AND state IN ('queued', 'withdrawn') AND digest = ? AND size = ?"
         change = "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL WHERE "
@@ -767,7 +798,14 @@ class MemberStore(DurableStore):
                 file = row[0]
                 db.execute(change + "report = ?", (ack, report))
             self.wrote(OUTBOX_STATE)
-            self._event(db, record)
+            records = [record]
+            for token in released:
+                recipient = self._release_accepted(db, token)
+                if recipient is not None:
+                    records.append(
+                        self._record(Released(report=report, token=token, recipient=recipient))
+                    )
+            self._events(db, records)
         self._fresh_tokens.pop(report, None)
         if file:
             # After the commit: a crash before this unlink leaves debris, cleaned later.
@@ -1083,18 +1121,25 @@ class MemberStore(DurableStore):
         with its :class:`~clients.events.Released` event naming the recipient read in
         the same statement. False (and no event) if it was not pending."""
         with self.transaction(savepoint=False) as db:
-            row = db.execute(
-                "UPDATE releases SET state = 'released', reason = NULL, detail = NULL"
-                " WHERE token = ? AND state = 'pending' RETURNING recipient",
-                (token,),
-            ).fetchall()
-            if not row:
+            recipient = self._release_accepted(db, token)
+            if recipient is None:
                 return False
-            self._event(db, Released(report=report, token=token, recipient=row[0][0]))
+            self._event(db, Released(report=report, token=token, recipient=recipient))
         tokens = self._fresh_tokens.pop(report, None)
         if tokens is not None and (left := [t for t in tokens if t[0] != token]):
             self._fresh_tokens[report] = left
         return True
+
+    @staticmethod
+    def _release_accepted(db: sqlite3.Connection, token: bytes) -> str | None:
+        # The pending release ``token`` becomes released; its recipient, or None when it
+        # was not pending (nothing written).
+        row = db.execute(
+            "UPDATE releases SET state = 'released', reason = NULL, detail = NULL"
+            " WHERE token = ? AND state = 'pending' RETURNING recipient",
+            (token,),
+        ).fetchall()
+        return str(row[0][0]) if row else None
 
     def force_release_state(self, token: bytes, state: str, event: Event) -> None:
         """Record a relay-side outcome (expired, revoked) whatever the local state was."""

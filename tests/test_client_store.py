@@ -51,6 +51,19 @@ SIGNED_PREKEY = SIGNED_SECRET.publish(SECRETS["tokyo"], "tokyo", ARRANGEMENT)
 REPORT = b"r" * 16
 
 
+def _stored_ack() -> StoredAck:
+    """The relay's ack of REPORT (digest d*32, size 2000, as _queue records it)."""
+    return StoredAck.issue(
+        SECRETS["washington"],
+        ARRANGEMENT,
+        report=REPORT,
+        originator="seoul",
+        digest=b"d" * 32,
+        size=2000,
+        stored=NOW,
+    )
+
+
 def _token(counter: int, report: bytes = b"r" * 16) -> bytes:
     return issue_token(
         SECRETS["seoul"],
@@ -639,15 +652,7 @@ def test_events_with_a_signed_part_are_handed_over_from_memory(tmp_path: pathlib
     # after a rollback, beyond MAX_FRESH_EVENTS, or in a reopened store, it decodes
     # the record (and verifies again).
     store = MemberStore(tmp_path, "seoul", group_commit=True)
-    ack = StoredAck.issue(
-        SECRETS["washington"],
-        ARRANGEMENT,
-        report=REPORT,
-        originator="seoul",
-        digest=b"d" * 32,
-        size=2000,
-        stored=NOW,
-    )
+    ack = _stored_ack()
     event = Stored(report=REPORT, ack=ack)
     store.add_event(event)
     store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY))  # decoded: nothing signed
@@ -801,4 +806,42 @@ def test_a_report_stored_here_is_handed_over_decoded_once(
     store.close()
     store = MemberStore(tmp_path, "tokyo", group_commit=True)
     assert [entry.header for entry in store.inbox_after(0, limit=10)] == headers
+    store.close()
+
+
+def test_a_stored_ack_marks_the_tokens_it_accepted_in_its_step_with_one_event_insert(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Issue 11: a `stored` that also accepts the submission's inline tokens records the
+    # ack and marks each token released in one step, its events (the ack's, then each
+    # release's, in that order) written by one INSERT; the stored ack's event is handed
+    # over from memory as before. A token not pending any more gets no event.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    _queue(store)
+    first = store.issue_release(REPORT, "tokyo", _token, NOW)
+    second = store.issue_release(REPORT, "tokyo", _token, NOW)
+    assert store.mark_released(second, REPORT)  # accepted earlier: not pending
+    ack = _stored_ack()
+    stored = Stored(report=REPORT, ack=ack)
+    [(before, _, _)] = store.events_after(0, limit=10)
+    statements: list[str] = []
+    store._db.set_trace_callback(statements.append)
+    assert store.mark_stored(
+        REPORT, ack.encoded, stored, digest=b"d" * 32, size=2000, released=[first, second]
+    )
+    store._db.set_trace_callback(None)
+    assert sum(s.startswith("INSERT INTO events") for s in statements) == 1
+    assert [r.state for r in store.releases_of(REPORT)] == ["released", "released"]
+    assert store.submission(REPORT).state == "stored"  # type: ignore[union-attr]
+    events = store.events_after(before, limit=10)
+    assert [seq for seq, _, _ in events] == [before + 1, before + 2]
+    assert store.fresh_event(before + 1) is stored
+    event = decode_event(events[1][1], events[1][2], arrangement=ARRANGEMENT)
+    assert isinstance(event, Released) and (event.token, event.recipient) == (first, "tokyo")
+    # A copy of the ack writes nothing, the tokens included (the node marks them).
+    assert not store.mark_stored(
+        REPORT, ack.encoded, stored, digest=b"d" * 32, size=2000, released=[first]
+    )
+    assert len(store.events_after(0, limit=10)) == 3
+    store.commit_durably()
     store.close()

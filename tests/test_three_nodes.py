@@ -550,6 +550,19 @@ async def test_a_reports_steps_at_each_node_take_no_savepoint_each(world: World)
     assert savepoints("tokyo") == 0
 
 
+async def test_seouls_events_of_a_report_take_one_insert_per_message(world: World) -> None:
+    # Issue 11: the relay's `stored` also accepts the inline token; Seoul records the
+    # ack and the release in one step whose two events are one INSERT; the receipt
+    # notice's event is the other (before: three INSERTs per report, in two steps).
+    count = 4
+    statements = await _statements_of_reports(world, count)
+    inserts = [s for s in statements["seoul"] if s.startswith("INSERT INTO events")]
+    assert len(inserts) == 2 * count
+    assert sum(s.count("), (") == 1 for s in inserts) == count  # two rows each
+    released = "UPDATE releases SET state = 'released'"
+    assert sum(s.startswith(released) for s in statements["seoul"]) == count
+
+
 async def test_the_event_feed_hands_over_what_seoul_verified_without_verifying_again(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
