@@ -796,7 +796,7 @@ class Node:
             submission = self._submission(report_id)
             if submission.ack is not None:  # stored (and perhaps expired or revoked since)
                 # The batch that recorded it (or a later state of any submission).
-                await self._durable(self.store.batch_of(rows.OUTBOX_STATE))
+                await self._durable(self.store.batch_of(rows.OUTBOX_STATE, rows.STORED))
                 return StoredAck.verify(submission.ack, self._arrangement)
             if submission.state != "queued":
                 raise _final_refusal(submission.state, submission.reason, submission.detail)
@@ -1939,8 +1939,11 @@ class Node:
 
         def sendable_changes() -> int:
             # Writes of every kind but those the sender never reads (a kind added later
-            # counts, so a new query gated on it is woken for).
-            return changes.total() - sum(changes[kind] for kind in _NOT_SENT)
+            # counts, so a new query gated on it is woken for), and but a queued
+            # submission stored (rows.STORED) while no revocation may be pending: that
+            # makes nothing else sendable (its releases go out behind its submission).
+            total = changes.total() - sum(changes[kind] for kind in _NOT_SENT)
+            return total if store.revocations_known else total - changes[rows.STORED]
 
         while True:
             # Looked at again once a write of a kind it reads came since this pass began.
@@ -2001,9 +2004,13 @@ class Node:
             if changed_since(rows.RELEASES, rows.OUTBOX_STATE) or submissions:
                 releases = store.releases_to_send(after=after_release, submitted=submitted)
                 # A release of a report the relay stored (not submitted on this link)
-                # goes out on the strength of that state too.
+                # goes out on the strength of that state too. (A queued submission
+                # stored, rows.STORED, was submitted on this link: that alone makes no
+                # release sendable, so it is not looked for; its batch is waited for.)
                 stored = any(release.report not in submitted for release in releases)
-                kinds = (rows.RELEASES, rows.OUTBOX_STATE) if stored else (rows.RELEASES,)
+                kinds = (
+                    (rows.RELEASES, rows.OUTBOX_STATE, rows.STORED) if stored else (rows.RELEASES,)
+                )
                 if releases:
                     need = max(need, store.batch_of(*kinds))
                 for release in releases:
@@ -2012,8 +2019,11 @@ class Node:
                         pending.append((release.report, m.Release(token=release.encoded)))
             # Revocations wait for their report to leave the queue (none to look for
             # while no revocation was pending at open or recorded since).
-            if changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE) and store.revocations_known:
-                batch = store.batch_of(rows.REVOCATIONS, rows.OUTBOX_STATE)
+            if (
+                changed_since(rows.REVOCATIONS, rows.OUTBOX_STATE, rows.STORED)
+                and store.revocations_known
+            ):
+                batch = store.batch_of(rows.REVOCATIONS, rows.OUTBOX_STATE, rows.STORED)
                 for revocation in store.revocations_to_send():
                     if revocation.id not in sent_revocations:
                         need = max(need, batch)

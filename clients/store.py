@@ -87,6 +87,7 @@ __all__ = [
     "OUTBOX_STATE",
     "RELEASES",
     "REVOCATIONS",
+    "STORED",
     "SUBMISSIONS",
     "WANTED",
     "ConsentOut",
@@ -289,7 +290,13 @@ MAX_FRESH_INBOX = 256
 # marks nothing: announcing less before it is on disk is always safe.
 SUBMISSIONS = "submissions"  # queued submissions (recorded, or queued again)
 RELEASES = "releases"  # pending releases (a token issued)
-OUTBOX_STATE = "outbox_state"  # a submission's state moved (stored, withdrawn, ended, queued)
+OUTBOX_STATE = "outbox_state"  # a submission's state moved (withdrawn, ended, queued)
+# A queued submission stored by the relay (MemberStore.mark_stored). Kept apart from
+# OUTBOX_STATE because it makes nothing sendable: the relay answers a submission on the
+# connection it came on, so the sender sent it there and its releases go out anyway;
+# only a pending revocation waits for it. So the sender is not woken by each `stored`.
+# A submission stored after it was withdrawn counts as OUTBOX_STATE.
+STORED = "stored"
 REVOCATIONS = "revocations"  # pending revocations
 INBOX = "inbox"  # stored reports: handed to the application, their receipts sent
 CONSENT = "consent"  # queued announcements, requests, denials
@@ -781,23 +788,35 @@ class MemberStore(DurableStore):
         ``released``: tokens the relay accepted with the submission (``submit_inline``),
         each marked as :meth:`mark_released` would, in the same step; the events (the
         ack's, then each release's) are written in one statement. When this returns
-        False they are not marked (the caller does that after its check)."""
+        False they are not marked (the caller does that after its check).
+
+        A queued submission stored counts as a change of :data:`STORED`, a withdrawn
+        one of :data:`OUTBOX_STATE` (see there)."""
         record = self._record(event)
-        where = "report = ? AND state IN ('queued', 'withdrawn') AND digest = ? AND size = ?"
+        where = "report = ? AND digest = ? AND size = ?"
         change = "UPDATE outbox SET state = 'stored', ack = ?, file = '', data = NULL WHERE "
         with self.transaction(savepoint=False) as db:
             file = ""
-            small = db.execute(change + where + " AND file = ''", (ack, report, digest, size))
+            small = db.execute(
+                change + where + " AND state = 'queued' AND file = ''", (ack, report, digest, size)
+            )
+            kind = STORED
             if not small.rowcount:
-                # A file to remove once this is on disk (or no such submission).
+                # A file to remove once this is on disk, or a withdrawn submission (or
+                # no such submission).
                 row = db.execute(
-                    "SELECT file FROM outbox WHERE " + where, (report, digest, size)
+                    "SELECT file, state FROM outbox WHERE "
+                    + where
+                    + " AND state IN ('queued', 'withdrawn')",
+                    (report, digest, size),
                 ).fetchone()
                 if row is None:
                     return False
                 file = row[0]
+                if row[1] != "queued":
+                    kind = OUTBOX_STATE
                 db.execute(change + "report = ?", (ack, report))
-            self.wrote(OUTBOX_STATE)
+            self.wrote(kind)
             records = [record]
             for token in released:
                 recipient = self._release_accepted(db, token)

@@ -28,11 +28,14 @@ ARRANGEMENT, SECRETS = make_world()
 NOW = 1_700_000_000
 
 
-def _queue(store: MemberStore, report: bytes = b"r" * 16) -> None:
-    (store.outbox_dir / "r.sealed").write_bytes(b"ciphertext")
+def _queue(store: MemberStore, report: bytes = b"r" * 16, *, data: bytes | None = None) -> None:
+    # In a file, or with ``data`` a small report kept in its row.
+    if data is None:
+        (store.outbox_dir / "r.sealed").write_bytes(b"ciphertext")
     store.record_submission(
         report=report,
-        file="r.sealed",
+        file="r.sealed" if data is None else "",
+        data=data,
         size=2000,
         digest=b"d" * 32,
         content_key=b"k" * 32,
@@ -439,8 +442,10 @@ def test_each_kind_names_the_batch_that_last_wrote_it(tmp_path: pathlib.Path) ->
     )
     assert store.barrier == first + 1
     assert store.batch_of(rows.SUBMISSIONS) == first
-    assert store.batch_of(rows.OUTBOX_STATE) == store.batch_of(rows.EVENTS) == first + 1
-    assert store.batch_of(rows.SUBMISSIONS, rows.OUTBOX_STATE) == first + 1
+    # (A queued submission stored is a change of STORED, not of OUTBOX_STATE.)
+    assert store.batch_of(rows.STORED) == store.batch_of(rows.EVENTS) == first + 1
+    assert store.batch_of(rows.OUTBOX_STATE) == 0
+    assert store.batch_of(rows.SUBMISSIONS, rows.STORED) == first + 1
     assert store.kind_changes[rows.SUBMISSIONS] == counted  # taking one out: no change
     _queue(store, b"b" * 16)
     assert store.batch_of(rows.SUBMISSIONS) == first + 1
@@ -843,5 +848,31 @@ def test_a_stored_ack_marks_the_tokens_it_accepted_in_its_step_with_one_event_in
         REPORT, ack.encoded, stored, digest=b"d" * 32, size=2000, released=[first]
     )
     assert len(store.events_after(0, limit=10)) == 3
+    store.commit_durably()
+    store.close()
+
+
+def test_a_queued_submission_stored_is_its_own_kind_a_withdrawn_one_a_state_change(
+    tmp_path: pathlib.Path,
+) -> None:
+    # Issue 11: the sender is not woken by a queued submission stored (rows.STORED),
+    # which makes nothing else sendable; one stored after it was withdrawn may make
+    # its releases sendable, and counts as OUTBOX_STATE as before. Both for a small
+    # report (kept in its row) and one in a file.
+    store = MemberStore(tmp_path, "seoul", group_commit=True)
+    ack = _stored_ack()
+    stored = Stored(report=REPORT, ack=ack)
+    for withdrawn in (False, True):
+        for data in (None, b"ciphertext"):
+            report = bytes([withdrawn * 2 + (data is not None)]) * 16
+            _queue(store, report, data=data)
+            if withdrawn:
+                store.withdraw_submission(report)
+            before = dict(store.kind_changes)
+            assert store.mark_stored(report, ack.encoded, stored, digest=b"d" * 32, size=2000)
+            moved = {k for k, v in store.kind_changes.items() if before.get(k, 0) != v}
+            kind = rows.OUTBOX_STATE if withdrawn else rows.STORED
+            assert moved == {kind, rows.EVENTS}, (withdrawn, data)
+            assert store.submission(report).state == "stored"  # type: ignore[union-attr]
     store.commit_durably()
     store.close()

@@ -563,6 +563,20 @@ async def test_seouls_events_of_a_report_take_one_insert_per_message(world: Worl
     assert sum(s.startswith(released) for s in statements["seoul"]) == count
 
 
+async def test_seouls_sender_is_not_woken_by_the_stored_answer(world: World) -> None:
+    # Issue 11: the relay's `stored` of a queued submission makes nothing else
+    # sendable (the relay answers on the connection the submission came on, so its
+    # releases went out behind it): the sender does not wake for it and runs its
+    # release query once per report, when the submission and its token are recorded
+    # (before: twice, the second finding nothing). Withdrawn, then stored: see
+    # test_client_store.
+    count = 4
+    statements = await _statements_of_reports(world, count)
+    query = "FROM releases r JOIN outbox o"
+    # One per report, and one at the connection's start.
+    assert sum(query in s for s in statements["seoul"]) <= count + 1
+
+
 async def test_the_event_feed_hands_over_what_seoul_verified_without_verifying_again(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
