@@ -357,8 +357,10 @@ READ_AHEAD_PAUSE = 0.025
 MAX_QUEUED_REPLIES = 1024
 
 # Kinds of rows the sender never sends (clients.store): a write of only these does not
-# wake it (see Node._wait_change).
-_NOT_SENT = (rows.EVENTS, rows.WANTED, rows.WAITING)
+# wake it (see Node._wait_change). The inbox's (a report stored, its receipt) it reads
+# only at a connection's start, in its first pass: a report stored while the connection
+# is up sends its receipt as its delivery's ack (Node._on_deliver).
+_NOT_SENT = (rows.EVENTS, rows.WANTED, rows.WAITING, rows.INBOX)
 
 
 class Node:
@@ -904,9 +906,12 @@ class Node:
         issued in order: one round trip per batch instead of one per token.
         """
         changes = self.store.kind_changes
+
+        def waiting_added() -> int:
+            return changes[rows.WAITING]
+
         looked = -1  # the count of release requests added when last found none waiting
         while True:
-            changed = self._changed
             if changes[rows.WAITING] != looked:
                 added = changes[rows.WAITING]
                 while batch := self.store.waiting_releases(self._limits.max_prekey_fetches):
@@ -916,7 +921,9 @@ class Node:
                     added = changes[rows.WAITING]
                 # None waiting now, and none added since `added` was counted.
                 looked = added
-            await changed.wait()
+            # Woken only by the _notify after a release request was added (or a lost
+            # batch moved every count), not by every state change.
+            await self._wait_change(waiting_added, looked)
 
     async def _prefetch_prekeys(self, recipients: Sequence[str]) -> dict[str, m.Prekeys]:
         """The prekeys of ``recipients``: a bundle from the pool for each that has one

@@ -586,7 +586,15 @@ async def test_tasks_that_read_some_kinds_of_rows_wake_only_for_those(
             try:
                 assert await woken_by(lambda: None) == set()
                 assert await woken_by(write(rows.WANTED)) == set()
-                assert await woken_by(write(rows.INBOX)) == {"Node._sender", "app"}
+                # The sender reads the inbox (receipts to send) only at a connection's
+                # start; it takes a queued submission stored (STORED) only while a
+                # revocation may be pending (none here).
+                assert await woken_by(write(rows.INBOX)) == {"app"}
+                assert not tokyo.store.revocations_known
+                assert await woken_by(write(rows.STORED)) == set()
+                tokyo.store.revocations_known = True
+                assert await woken_by(write(rows.STORED)) == {"Node._sender"}
+                tokyo.store.revocations_known = False
                 assert await woken_by(write(rows.SUBMISSIONS)) == {"Node._sender"}
                 event = PrekeysLow(one_time=0, signed_not_after=1)
                 assert await woken_by(lambda: tokyo.store.add_event(event)) == {"Node._pump_events"}

@@ -7,6 +7,7 @@ recipient only, is the member a report can name without being released to.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import pathlib
 import sys
@@ -575,6 +576,41 @@ async def test_seouls_sender_is_not_woken_by_the_stored_answer(world: World) -> 
     query = "FROM releases r JOIN outbox o"
     # One per report, and one at the connection's start.
     assert sum(query in s for s in statements["seoul"]) <= count + 1
+
+
+class _TaskSteps(trio.abc.Instrument):
+    """Counts the trio task steps of each node's session tasks, by (node, task)."""
+
+    def __init__(self) -> None:
+        self.steps: collections.Counter[tuple[str, str]] = collections.Counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        frame = getattr(task.coro, "cr_frame", None)
+        if frame is None or task.coro.cr_code.co_name != "_guard":  # type: ignore[attr-defined]
+            return
+        run = frame.f_locals.get("task")
+        node = getattr(run, "__self__", None)
+        if isinstance(node, Node):
+            self.steps[node.name, run.__name__] += 1  # type: ignore[union-attr]
+
+
+async def test_the_issuers_and_tokyos_sender_do_not_wake_per_report(world: World) -> None:
+    # Issue 11: the issuer wakes only when a release request is added (each of the
+    # reports here has its token issued by submit itself), and Tokyo's sender is not
+    # woken by each report stored (it reads the inbox's receipts only at a
+    # connection's start). Before: two or three steps per report for each issuer, one
+    # for Tokyo's sender.
+    count = 6
+    counting = _TaskSteps()
+    trio.lowlevel.add_instrument(counting)
+    try:
+        await _statements_of_reports(world, count)
+    finally:
+        trio.lowlevel.remove_instrument(counting)
+    steps = counting.steps
+    assert steps["seoul", "_sender"] >= count  # counted at all
+    for task in (("seoul", "_issuer"), ("tokyo", "_issuer"), ("tokyo", "_sender")):
+        assert steps[task] < count // 2, (task, steps[task])
 
 
 async def test_the_event_feed_hands_over_what_seoul_verified_without_verifying_again(
