@@ -113,9 +113,9 @@ def test_bench_nodes_runs_on_postgresql_with_one_and_two_relays(
         assert figures["latency_ms"]["100"]["setups"][key]["tisa"][1] > 0
     # The audit head's holds, every one clocked by the relay processes (bench/headclock.py,
     # nothing sampled), within the timed run: the batch that stores the first report takes
-    # the row after the source's first send and lets it go before that report can be
-    # delivered, so each set-up reads at least one hold, of some time, and a share of the
-    # run (two relay processes take turns: one share for both).
+    # the row after the source's first send, and before any report is delivered (its
+    # COMMIT comes first), so each set-up reads at least one hold overlapping the window by
+    # some time, and a share of the run (two relay processes take turns: one share).
     for key in ("pg1", "pg2"):
         round_alone = figures["throughput"]["rounds"][0]["setups"][key]["relay_alone"]
         assert round_alone["head_holds"] >= 1 and round_alone["head_held_s"] > 0
