@@ -492,6 +492,7 @@ def _setup_medians(rounds: list[dict[str, Any]], key: str) -> dict[str, Any]:
         "server_cpu_us": median(lambda r: r["relay_alone"]["server_cpu_us"]),
         "head_held_us": median(lambda r: r["relay_alone"]["head_held_us"]),
         "head_held_share": median(lambda r: r["relay_alone"]["head_held_share"]),
+        "head_holds": median(lambda r: r["relay_alone"]["head_holds"]),
         "reports_per_flush": median(lambda r: r["relay_alone"]["reports_per_flush"]),
         "relays": each,
     }
@@ -572,7 +573,8 @@ def _throughput_part(folder: Path, args: argparse.Namespace, kinds: list[Setup])
                 if args.lock_probe:
                     server += (f"; head row held {alone['head_held_share']:.0%} of the"
                                f" relay-alone run ({alone['head_held_us']:.0f} µs per"
-                               f" report), a writing transaction open"
+                               f" report, {alone['head_holds']:.0f} holds, each clocked),"
+                               f" sampled: a writing transaction open"
                                f" {alone['writing_share']:.0%}, a lock waited for"
                                f" {alone['lock_waiting_share']:.0%}")  # fmt: skip
             print(f"    {kind.label:12}  tisa {mine['tisa']:5.0f}/s ({mine['ratio']:5.3f}x)"
@@ -779,9 +781,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--lock-probe",
         action="store_true",
-        help="with --store: sample, during the relay-alone runs, how long the audit chain's"
-        " head row is held and a writing transaction open (the row and pg_stat_activity"
-        " every 2 ms; its queries add to the server's CPU)",
+        help="with --store: during the relay-alone runs, clock each hold of the audit chain's"
+        " head row in the relay processes (bench/headclock.py), and sample how long a writing"
+        " transaction is open and a lock waited for (pg_stat_activity every 2 ms; its"
+        " queries add to the server's CPU)",
     )
     parser.add_argument(
         "--trace",

@@ -181,19 +181,23 @@ def start_relay(
     label: str = "relay",
     metrics_port: int | None = None,
     env: dict[str, str] | None = None,
+    head_holds: Path | None = None,
 ) -> Process:
     """The real relay (``python -m relay``) on a fresh store in ``run`` (or on ``store``, a
     ``postgresql://`` address: several relay processes may share one); its port is written
     to ``run / f"{label}.port"``. Its limits: :func:`relay_limits`. With ``metrics_port``
     it serves its metrics there on 127.0.0.1 (:func:`commit_flushes` reads them). ``env``:
-    more environment variables for it (e.g. :func:`trace_env`).
+    more environment variables for it (e.g. :func:`trace_env`). With ``head_holds`` (on
+    PostgreSQL), it runs as ``python -m bench.headclock head_holds ...``, which records
+    each of its holds of the audit chain's head row in that file (:mod:`bench.headclock`).
 
     With ``BENCH_PROFILE_RELAY`` set to a directory, ``py-spy record`` (installed
     separately, not a dependency) samples the relay until it ends, into a collapsed-stack
     file there (``relay-<pid>.txt``, one line per stack with its sample count)."""
     relay = Process(
         run, label,
-        ["-m", "relay", "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
+        [*(("-m", "relay") if head_holds is None else ("-m", "bench.headclock", str(head_holds))),
+         "--key", str(run / "washington.key"), "--passphrase-env", "BENCH_PASS",
          "--arrangement", str(run / "arrangement.tisa"), "--store", store or str(run / "relay"),
          "--port", "0", "--port-file", str(run / f"{label}.port"),
          *(arg for limit in relay_limits(count) for arg in ("--limit", limit)),

@@ -337,8 +337,10 @@ def run(
     probe: bool = False,
 ) -> dict[str, Any]:
     """One run against the real relay (one or more processes, as ``setup`` says); returns
-    the figures (checked, see the docstring). ``probe``: on PostgreSQL, sample how long
-    the audit head row is held (:class:`bench.stores.LockProbe`)."""
+    the figures (checked, see the docstring). ``probe``: on PostgreSQL, clock every hold
+    of the audit chain's head row in the relay processes (:mod:`bench.headclock`) and
+    sample pg_stat_activity (:class:`bench.stores.LockProbe`), both over the timed window
+    (:meth:`bench.stores.Relays.lock_figures`)."""
     where = run_folder(folder)
     relays = Relays(where, count, setup, probe=probe, metrics=True)
     source = receiver = None
@@ -381,6 +383,8 @@ def run(
         # idles), summed over the relay processes (each in relay_run_cpu_each_s);
         # server_run_cpu_s: the PostgreSQL server's over the same span.
         **relays.figures(),
+        # The relay processes have stopped: their clocked holds are all on file.
+        **relays.lock_figures(sent["start"], got["end"]),
         "relay_tokens": states,
         "source_timed_cpu_s": sent["timed_cpu_s"],
         "sink_timed_cpu_s": got["timed_cpu_s"],

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.headclock import Hold, read_holds
 from bench.processes import (
     Process,
     commit_flushes,
@@ -40,7 +41,16 @@ from bench.processes import (
 from relay.store import DB_NAME
 from tisa_testing.pg_server import PgServer, postmaster_pid, server_cpu_seconds
 
-__all__ = ["SQLITE", "THROWAWAY", "LockProbe", "PgBench", "Relays", "Setup", "setups"]
+__all__ = [
+    "SQLITE",
+    "THROWAWAY",
+    "LockProbe",
+    "PgBench",
+    "Relays",
+    "Setup",
+    "head_held",
+    "setups",
+]
 
 # The --store value that brings up a throwaway server.
 THROWAWAY = "postgresql"
@@ -74,25 +84,22 @@ class PgBench:
 
 
 class LockProbe:
-    """How long the relays hold the audit chain's head row, how long a writing
-    transaction is open, and how long a backend waits for a lock.
+    """How long a writing transaction is open, and how long a backend waits for a lock:
+    sampled.
 
     A thread with a connection of its own (on the store's schema) looks every
-    :data:`PROBE_INTERVAL` seconds: whether the ``audit_head`` row is locked (``SELECT …
-    FOR KEY SHARE SKIP LOCKED`` finds no row: a relay's ``FOR UPDATE`` holds it; the
-    weakest row lock, held only for the probe's statement, it waits for nobody and
-    holds up a relay taking the head for that statement at most), whether a client
-    backend of the database is inside a transaction that has an id (a writing batch;
-    the short writes of the WAL-flush connection, ``wal_sync``, are left out), and
-    whether one waits for a lock. Each look counts for the time to the next one. The
-    probe's queries cost the server a little CPU (and a WAL record for its row lock),
-    counted in its figure: hence ``--lock-probe`` is opt-in. (The row's ``xmax`` tells
-    less: a head updated in a savepoint, as the relay did before, is a multixact.)
+    :data:`PROBE_INTERVAL` seconds at pg_stat_activity: whether a client backend of the
+    database is inside a transaction that has an id (a writing batch; the short writes of
+    the WAL-flush connection, ``wal_sync``, are left out), and whether one waits for a
+    lock. Each look counts for the time to the next one; :meth:`shares` adds them up over
+    a window. Being samples, these can miss what lasts less than a look's interval (the
+    relays' hold of the audit chain's head is not sampled: :mod:`bench.headclock` clocks
+    every one). The probe's queries cost the server a little CPU, counted in its figure:
+    hence ``--lock-probe`` is opt-in.
     """
 
     QUERY = (
-        "SELECT NOT EXISTS (SELECT 1 FROM audit_head FOR KEY SHARE SKIP LOCKED),"
-        " count(*) FILTER (WHERE backend_xid IS NOT NULL"
+        "SELECT count(*) FILTER (WHERE backend_xid IS NOT NULL"
         " AND query NOT LIKE '%%wal_sync%%'),"
         " count(*) FILTER (WHERE wait_event_type = 'Lock')"
         " FROM pg_stat_activity WHERE pid <> pg_backend_pid()"
@@ -104,10 +111,10 @@ class LockProbe:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failure: BaseException | None = None
-        self.held_s = 0.0  # seconds during which the head row was locked
-        self.writing_s = 0.0  # seconds during which a writing transaction was open
-        self.waiting_s = 0.0  # seconds during which a backend waited for a lock
-        self.looks = 0
+        # Each look: (time.monotonic(), a writing transaction open, a backend waiting for
+        # a lock); the last one counts until ``stopped``.
+        self.looks: list[tuple[float, bool, bool]] = []
+        self.stopped = math.inf
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="lock-probe", daemon=True)
@@ -118,25 +125,25 @@ class LockProbe:
 
         try:
             with psycopg.connect(self._dsn, autocommit=True, connect_timeout=10) as conn:
-                last: tuple[float, bool, bool, bool] | None = None
                 while not self._stop.is_set():
                     row = conn.execute(self.QUERY).fetchone()
-                    now = time.monotonic()
-                    if last is not None:
-                        self._count(now - last[0], *last[1:])
                     assert row is not None
-                    last = (now, bool(row[0]), bool(row[1]), bool(row[2]))
-                    self.looks += 1
+                    self.looks.append((time.monotonic(), bool(row[0]), bool(row[1])))
                     time.sleep(PROBE_INTERVAL)
-                if last is not None:
-                    self._count(time.monotonic() - last[0], *last[1:])
         except BaseException as exc:  # reported by stop(), in the orchestrator's thread
             self._failure = exc
 
-    def _count(self, seconds: float, held: bool, writing: bool, waiting: bool) -> None:
-        self.held_s += seconds if held else 0.0
-        self.writing_s += seconds if writing else 0.0
-        self.waiting_s += seconds if waiting else 0.0
+    def shares(self, start: float, end: float) -> tuple[float, float]:
+        """Seconds within ``start`` to ``end`` (time.monotonic()) during which a writing
+        transaction was open, and during which a backend waited for a lock."""
+        writing = waiting = 0.0
+        for (t, is_writing, is_waiting), until in zip(
+            self.looks, [*(look[0] for look in self.looks[1:]), self.stopped], strict=True
+        ):
+            seconds = max(0.0, min(until, end) - max(t, start))
+            writing += seconds if is_writing else 0.0
+            waiting += seconds if is_waiting else 0.0
+        return writing, waiting
 
     def stop(self) -> None:
         """Stop sampling (again: nothing). Raises: whatever ended the probe's thread early."""
@@ -145,8 +152,31 @@ class LockProbe:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=30)
+        self.stopped = time.monotonic()
         if self._failure is not None:
             raise RuntimeError(f"lock probe failed: {self._failure}") from self._failure
+
+
+def head_held(holds: list[Hold], start: float, end: float) -> dict[str, float]:
+    """The holds of the audit chain's head (:func:`bench.headclock.read_holds`, of every
+    relay process) within ``start`` to ``end`` (time.monotonic()): ``head_held_s``, the
+    seconds during which it was held (one row, held by one batch at a time: two
+    processes' holds that overlap by the clocks' half round trips count once);
+    ``head_taking_s``, the seconds the processes spent taking it (waiting for it, and the
+    statement's round trip), added up; ``head_holds``, the holds within the window."""
+    spans = sorted(
+        (max(taken / 1e9, start), min(released / 1e9, end)) for _, taken, released in holds
+    )
+    spans = [(begin, until) for begin, until in spans if until > begin]
+    held = 0.0
+    reached = start  # the union of the spans so far ends here
+    for begin, until in spans:
+        held += max(0.0, until - max(begin, reached))
+        reached = max(reached, until)
+    taking = sum(
+        max(0.0, min(taken / 1e9, end) - max(asked / 1e9, start)) for asked, taken, _ in holds
+    )
+    return {"head_held_s": held, "head_taking_s": taking, "head_holds": len(spans)}
 
 
 @dataclass(frozen=True)
@@ -196,9 +226,16 @@ class Relays:
         self.labels = ["relay"] if setup.relays == 1 else [f"relay{n}" for n in range(setup.relays)]
         self.metrics_ports = [free_port() for _ in self.labels] if metrics else []
         ports: list[int | None] = [*self.metrics_ports] or [None] * len(self.labels)
+        # On PostgreSQL with probe=True: each relay process's holds of the audit chain's
+        # head, clocked by itself (bench.headclock), and the sampler of LockProbe.
+        clock = probe and self.store is not None
+        holds: list[Path | None] = [
+            run / f"{label}.holds" if clock else None for label in self.labels
+        ]
+        self.holds_files = [path for path in holds if path is not None]
         self.processes: list[Process] = [
-            start_relay(run, count, self.store, label, port, trace_env(trace, label))
-            for label, port in zip(self.labels, ports, strict=True)
+            start_relay(run, count, self.store, label, port, trace_env(trace, label), path)
+            for label, port, path in zip(self.labels, ports, holds, strict=True)
         ]
         self._flushes0 = (0.0, 0.0)
         # Flushes to disk and the steps they made durable, between mark and measure,
@@ -209,8 +246,7 @@ class Relays:
         self.run_cpu_s: list[float] = []  # each relay process, between mark and measure
         # No server with SQLite; NaN when the server's processes cannot be read.
         self.server_run_cpu_s = 0.0 if setup.server is None else float("nan")
-        # Between mark and measure, on PostgreSQL with probe=True: see LockProbe.
-        self.probe = LockProbe(self.store) if probe and self.store is not None else None
+        self.probe = LockProbe(self.store) if clock and self.store is not None else None
 
     def ports(self) -> list[int]:
         """Each relay process's port, once it listens."""
@@ -312,8 +348,17 @@ class Relays:
             # NaN without metrics.
             "relay_flushes": self.flushes,
             "relay_flushed_steps": self.flushed_steps,
-            # NaN without the lock probe.
-            "head_held_s": math.nan if self.probe is None else self.probe.held_s,
-            "writing_s": math.nan if self.probe is None else self.probe.writing_s,
-            "lock_waiting_s": math.nan if self.probe is None else self.probe.waiting_s,
         }
+
+    def lock_figures(self, start: float, end: float) -> dict[str, float]:
+        """With the probe, once the relay processes have stopped: the audit chain head's
+        holds within ``start`` to ``end`` (time.monotonic()), every one as the relay
+        processes clocked it (:func:`head_held`), and the sampled seconds of a writing
+        transaction open (``writing_s``) and of a backend waiting for a lock
+        (``lock_waiting_s``) within the same window. NaN each without the probe."""
+        if self.probe is None:
+            keys = ("head_held_s", "head_taking_s", "head_holds", "writing_s", "lock_waiting_s")
+            return dict.fromkeys(keys, math.nan)
+        holds = [hold for path in self.holds_files for hold in read_holds(path)]
+        writing, waiting = self.probe.shares(start, end)
+        return {**head_held(holds, start, end), "writing_s": writing, "lock_waiting_s": waiting}
