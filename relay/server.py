@@ -1254,6 +1254,12 @@ class Relay:
         the delivery counts as acked at the relay only with that batch (lost with it, it
         is pushed again). False for a token never delivered to this member."""
         known = self.store.ack_delivery(token_id, recipient=conn.member, now=self.now())
+        self._delivery_acked(conn, token_id, known)
+        return known
+
+    def _delivery_acked(self, conn: _Connection, token_id: bytes, known: bool) -> None:
+        """After the step that acked the delivery of ``token_id`` on ``conn`` (``known``:
+        the token was delivered to this member): claims, windows and overdue marks."""
         if known:
             self.metrics.event("acknowledged")
             # No longer outstanding: its claim is not needed (nor kept, which grew
@@ -1273,7 +1279,6 @@ class Relay:
                 other.in_flight.discard(token_id)
                 if other.window_full:
                     other.poke()  # the window has room again
-        return known
 
     async def _ack(self, conn: _Connection, message: Ack) -> None:
         if message.kind == "delivery":
@@ -1302,7 +1307,12 @@ class Relay:
             receipt = Receipt.verify(message.receipt, self.arrangement)
             if receipt.recipient != conn.member:
                 raise Refused(Reason.WRONG_RECIPIENT, "a receipt is sent by its recipient")
-            new = self.store.add_receipt(receipt, now=self.now())
+            # Protocol version 4: an accepted receipt also acknowledges its delivery
+            # (the recipient sends it in place of the ack, once the report is stored),
+            # in the receipt's step; for a delivery acked before (a receipt resent) this
+            # changes nothing. A refused receipt acknowledges nothing: the recipient then
+            # acks the delivery itself (docs/node-protocol.md, "Receipt").
+            new = self.store.add_receipt(receipt, now=self.now(), ack=True)
         except ProtocolError as exc:
             await self._refuse(conn, b"", Reason.MALFORMED, exc.detail)
             return
@@ -1322,12 +1332,7 @@ class Relay:
                 token = receipt.token
             await self._refuse(conn, token, exc.reason, exc.detail)
             return
-        # Protocol version 4: an accepted receipt also acknowledges its delivery (the
-        # recipient sends it in place of the ack, once the report is stored), in the
-        # same batch as the receipt; for a delivery acked before (a receipt resent) this
-        # changes nothing. A refused receipt acknowledges nothing: the recipient then
-        # acks the delivery itself (docs/node-protocol.md, "Receipt").
-        self._ack_delivery(conn, receipt.token)
+        self._delivery_acked(conn, receipt.token, True)
         # Confirm (also a receipt sent again), so the recipient stops resending it.
         # Lazy: the recipient only stops resending the receipt once it has this.
         await self._reply(conn, Ack(kind="receipt", token=receipt.token), lazy=True)
