@@ -319,7 +319,7 @@ class _Feeds:
     notices: _Feed = dataclasses.field(default_factory=lambda: _Feed(NOTICES))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True, eq=False)
 class _Handed:
     """A delivery the reader made pending for a member with a connection here, handed
     to that connection's pusher in memory, so it finds the row and its ciphertext
@@ -357,8 +357,10 @@ class _Connection:
     push_lazy: trio.Event | None = None
     # The pusher reads the member's deliveries from the start again.
     rescan: bool = False
-    # Deliveries handed over by readers since the pusher last took them (_Handed).
+    # Deliveries handed over by readers since the pusher last took them (_Handed);
+    # handed_full: more came than MAX_HANDED, none is handed over until it takes them.
     handed: list[_Handed] = dataclasses.field(default_factory=list)
+    handed_full: bool = False
     # Set when another connection of the member failed while sending notices it had
     # claimed: this one reads the member's notices from the start again.
     rescan_notices: bool = False
@@ -1198,8 +1200,13 @@ class Relay:
             if not self._inline_fits(len(data), len(row.token)):
                 continue  # streamed: the pusher reads it from the store
             for conn in self._connections.get(row.recipient, ()):
+                if conn.handed_full:
+                    continue
                 if len(conn.handed) >= MAX_HANDED:
-                    conn.handed.clear()  # its pusher reads the store
+                    # Its pusher reads the store; nothing more is handed to it (a burst
+                    # would only pile up hand-offs it cannot take) until it did.
+                    conn.handed.clear()
+                    conn.handed_full = True
                 else:
                     conn.handed.append(_Handed(row, data, batch, count, self._owed_epoch))
 
@@ -1762,7 +1769,10 @@ class Relay:
                     await self._send_notices(conn, notices)
             if conn.prekey_status_due is not None and (status := await self._due_status(conn)):
                 await conn.link.send_many(status)
-            await conn.wake.wait()
+            if not conn.wake.is_set():
+                # (A poke during the pass: look again at once. Event.wait would take a
+                # scheduler step first; the pass just made took its own if it waited.)
+                await conn.wake.wait()
 
     def _unread(self, conn: _Connection, feed: _Feed) -> bool:
         """Whether rows of ``feed``'s kind may have been queued for ``conn``'s member
@@ -1839,7 +1849,7 @@ class Relay:
         of them, in order (a release not handed over, a batch rolled back, another
         relay process's notification or a rescan leave the counts apart). Else None,
         and the hand-offs are dropped: the pusher queries the store as without them."""
-        handed, conn.handed = conn.handed, []
+        handed, conn.handed, conn.handed_full = conn.handed, [], False
         if (
             not handed
             or len(handed) > limit

@@ -192,7 +192,16 @@ async def test_hand_offs_past_the_limit_are_dropped_and_every_delivery_still_goe
                 h.relay._hand_over([(row, count + number)], b"data")
                 assert len(conn.handed) == number
             h.relay._hand_over([(row, count + MAX_HANDED + 1)], b"data")
+            assert conn.handed == [] and conn.handed_full
+            # Nothing more is handed over until the pusher took what there was.
+            h.relay._hand_over([(row, count + MAX_HANDED + 2)], b"data")
             assert conn.handed == []
+            feed = _Feed(DELIVERIES, after=0, seen=count)
+            assert h.relay._take_handed(conn, feed, count + MAX_HANDED + 2, 64) is None
+            assert not conn.handed_full
+            h.relay._hand_over([(row, count + MAX_HANDED + 3)], b"data")
+            assert len(conn.handed) == 1
+            conn.handed.clear()
 
 
 def test_a_hand_off_is_taken_only_when_it_accounts_for_every_delivery_queued(
