@@ -14,8 +14,16 @@ something new: the store counts, per member and kind, the steps that queue such 
 since the pusher last read all there was is not queried, so a wake-up for another kind
 or a change that queued nothing runs no statement (see :meth:`Relay._push_loop` for
 when it reads everything again: a rescan, a rolled-back batch, another relay process's
-notification). Anything that goes wrong on one connection ends that connection
-only: the connection task catches every exception at its boundary, logs it and closes.
+notification). A delivery made pending by an inline submission is handed to the
+pushers of its recipient's connections in this process (SQLite: a store of this process
+alone) with its row and ciphertext (:class:`_Handed`): the pusher takes the hand-offs in
+place of its queries when they are exactly what the queries would find (the store's
+count of the member's deliveries moved by them alone since it last read all there was;
+a release not handed over or a batch rolled back makes it query as before), still sends
+each only once its batch is on disk, and reads a delivery's state again if an ack, a
+revocation or an expiry came since its hand-off. Anything that goes wrong on one
+connection ends that connection only: the connection task catches every exception at
+its boundary, logs it and closes.
 
 Availability: connections in their handshake are counted per source address
 (:class:`_HandshakePool`); when a source or the whole pool is full, the oldest
