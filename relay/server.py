@@ -1050,13 +1050,13 @@ class Relay:
         refusals: list[Refusal] = []
         released: list[bytes] = []
         recipients: set[str] = set()
-        handed: list[tuple[TokenRow, int]] = []
+        handed: list[TokenRow] = []
         if first is not None:
             # Released with the report's row, in its step (Store.add_released_report).
             released.append(first.id)
             recipients.add(first.recipient)
             if handing:
-                handed.append((first, self.store.changes(first.recipient, DELIVERIES)))
+                handed.append(first)
         for data in message.tokens[len(released) :]:
             outcome = self._release_token(conn, data, stored=row, fresh=fresh)
             if isinstance(outcome, Refusal):
@@ -1067,8 +1067,8 @@ class Relay:
                 released.append(outcome.id)
                 recipients.add(outcome.recipient)
                 if handing:
-                    handed.append((outcome, self.store.changes(outcome.recipient, DELIVERIES)))
-        # Before any wait: the counts are those right after each step.
+                    handed.append(outcome)
+        # Before any wait: the store's counts are still those of these steps.
         self._hand_over(handed, message.data)
         # Built from what this step checked and made (trusted: no schema check again).
         await self._reply(conn, Stored.trusted(report=row.id, ack=ack, released=released))
@@ -1200,17 +1200,21 @@ class Relay:
         )
         return rows
 
-    def _hand_over(self, handed: list[tuple[TokenRow, int]], data: bytes) -> None:
-        """Hand the deliveries just made pending (each with the store's count of its
-        recipient's deliveries right after its step), whose report's ciphertext is
-        ``data``, to the pushers of their recipients' connections here (:class:`_Handed`).
-        Only on a store of this process alone (SQLite): another relay process's
-        releases and revocations are not counted here."""
+    def _hand_over(self, handed: list[TokenRow], data: bytes) -> None:
+        """Hand the deliveries just made pending, whose report's ciphertext is ``data``,
+        to the pushers of their recipients' connections here (:class:`_Handed`), with
+        the store's count of each recipient's deliveries, taken now: call it right after
+        their steps, with no wait between. (Two of them for one recipient get the same
+        count, which no pusher takes: it queries the store.) Only on a store of this
+        process alone (SQLite): another relay process's releases and revocations are
+        not counted here."""
         batch = self.store.barrier
-        for row, count in handed:
-            if not self._inline_fits(len(data), len(row.token)):
-                continue  # streamed: the pusher reads it from the store
-            for conn in self._connections.get(row.recipient, ()):
+        for row in handed:
+            conns = self._connections.get(row.recipient)
+            if not conns or not self._inline_fits(len(data), len(row.token)):
+                continue  # nobody here to take it, or streamed: read from the store
+            count = self.store.changes(row.recipient, DELIVERIES)
+            for conn in conns:
                 if conn.handed_full:
                     continue
                 if len(conn.handed) >= MAX_HANDED:
@@ -1780,10 +1784,7 @@ class Relay:
                     await self._send_notices(conn, notices)
             if conn.prekey_status_due is not None and (status := await self._due_status(conn)):
                 await conn.link.send_many(status)
-            if not conn.wake.is_set():
-                # (A poke during the pass: look again at once. Event.wait would take a
-                # scheduler step first; the pass just made took its own if it waited.)
-                await conn.wake.wait()
+            await conn.wake.wait()
 
     def _unread(self, conn: _Connection, feed: _Feed) -> bool:
         """Whether rows of ``feed``'s kind may have been queued for ``conn``'s member
