@@ -193,11 +193,11 @@ MAX_QUEUED_AUDIT_REPLIES = 2
 NOTICE_PAGE = 256
 # Deliveries a reader hands to one connection's pusher in memory (see _Handed) before
 # its pusher takes them: past this many the hand-off is dropped, and none is made until
-# the pusher took what there was; it reads the store as without one. A few: the lone
-# reports that come while the pusher sends the last ones gain from it; in a burst the
-# pusher reads by the page (one query for many), and handing each over would cost the
-# reader for nothing (the relay alone: +1.3 % instructions per report with 64 here).
-MAX_HANDED = 8
+# the pusher took what there was; it reads the store as without one. The lone report
+# gains from it (relay alone, one report at a time: -3.4 % instructions per report);
+# in a burst the pusher reads by the page, one query for many, and every hand-off past
+# the first costs the reader for nothing (the burst: +1.5 % with 8 here, +0.5 % with 1).
+MAX_HANDED = 1
 
 
 def _detail(text: str) -> str:
