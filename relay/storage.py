@@ -226,8 +226,9 @@ class RelayStore(Batches, Protocol):
         """Withdraw one token, or (``token_id`` None) the whole report. Raises: Refused."""
 
     # Receipts and notices.
-    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
-        """Queue a verified receipt for its originator; False if queued before."""
+    def add_receipt(self, receipt: Receipt, *, now: int, ack: bool = False) -> bool:
+        """Queue a verified receipt for its originator (with ``ack``, and acknowledge its
+        delivery, in the same step); False if queued before."""
 
     def queued_receipts(
         self, originator: str, *, after: int = 0, limit: int = -1

@@ -427,59 +427,84 @@ class TokenTables(ConsentTables):
         """The recipient holds the report. Returns False for an unknown or foreign token;
         an ack for a delivery no longer outstanding (acked, revoked, expired) is True."""
         with self._transaction(savepoint=False):
-            # Only the id is needed from now on (to refuse a replay): drop the token and
-            # with it the sealed content key, which the relay has no reason to keep.
-            # One statement checks and writes in the usual case (the delivery was
-            # marked forwarded); RETURNING gives only the new values, so each state the
-            # ack may find gets a statement of its own. A delivery this process marked
-            # forwarded needs no RETURNING: its originator and report are kept.
-            kept = self._forwarded.get(token_id)
-            befores: tuple[str, ...] = ("delivered", "pending")
-            row: Any = None
-            if kept is not None:
-                if (
-                    self._sql(
-                        "UPDATE tokens SET state = 'acked', token = ?"
-                        " WHERE id = ? AND recipient = ? AND state = 'delivered'",
-                        (b"", token_id, recipient),
-                    ).rowcount
-                    == 1
-                ):
-                    row, before = kept, "delivered"
-                else:
-                    befores = ("pending",)
-            if row is None:
-                for before in befores:
-                    row = self._sql(
-                        "UPDATE tokens SET state = 'acked', token = ? WHERE id = ?"
-                        " AND recipient = ? AND state = ? RETURNING originator, report",
-                        (b"", token_id, recipient, before),
-                    ).fetchone()
-                    if row is not None:
-                        break
-                else:
-                    known = self.token(token_id)
-                    return known is not None and known.recipient == recipient
-            originator, report = str(row[0]), bytes(row[1])
-            self._forwarded.pop(token_id, None)
-            if before == "pending":
-                # The ack overtook mark_forwarded: the delivery did go out in full.
-                self._audit(
-                    AuditEvent.FORWARDED,
-                    now=now,
-                    parties=(originator, recipient),
-                    report=report,
-                    token=token_id,
-                )
+            known = self._ack(token_id, recipient, now=now)
+        if known:
+            self._acked(token_id, recipient)
+        return known is not None
+
+    def _ack(self, token_id: bytes, recipient: str, *, now: int) -> bool | None:
+        """Inside a step: :meth:`ack_delivery`'s statements and entries. True when this
+        ack took the delivery out of the owed ones, False for one no longer outstanding,
+        None for an unknown or foreign token (nothing written)."""
+        # Only the id is needed from now on (to refuse a replay): drop the token and
+        # with it the sealed content key, which the relay has no reason to keep.
+        # One statement checks and writes in the usual case (the delivery was
+        # marked forwarded); RETURNING gives only the new values, so each state the
+        # ack may find gets a statement of its own. A delivery this process marked
+        # forwarded needs no RETURNING: its originator and report are kept.
+        kept = self._forwarded.get(token_id)
+        befores: tuple[str, ...] = ("delivered", "pending")
+        row: Any = None
+        if kept is not None:
+            if self._ack_delivered(token_id, recipient):
+                row, before = kept, "delivered"
+            else:
+                befores = ("pending",)
+        if row is None:
+            for before in befores:
+                row = self._sql(
+                    "UPDATE tokens SET state = 'acked', token = ? WHERE id = ?"
+                    " AND recipient = ? AND state = ? RETURNING originator, report",
+                    (b"", token_id, recipient, before),
+                ).fetchone()
+                if row is not None:
+                    break
+            else:
+                known = self.token(token_id)
+                return False if known is not None and known.recipient == recipient else None
+        self._acked_entries(token_id, recipient, str(row[0]), bytes(row[1]), before, now=now)
+        return True
+
+    def _ack_delivered(self, token_id: bytes, recipient: str) -> bool:
+        """Inside a step: ack the delivery of ``token_id`` to ``recipient`` if it was
+        marked forwarded (one UPDATE, no RETURNING); whether it was."""
+        return (
+            self._sql(
+                "UPDATE tokens SET state = 'acked', token = ?"
+                " WHERE id = ? AND recipient = ? AND state = 'delivered'",
+                (b"", token_id, recipient),
+            ).rowcount
+            == 1
+        )
+
+    def _acked_entries(
+        self,
+        token_id: bytes,
+        recipient: str,
+        originator: str,
+        report: bytes,
+        before: str,
+        *,
+        now: int,
+    ) -> None:
+        """Inside a step, once a delivery found ``before`` is acked: its audit entries."""
+        self._forwarded.pop(token_id, None)
+        if before == "pending":
+            # The ack overtook mark_forwarded: the delivery did go out in full.
             self._audit(
-                AuditEvent.ACKNOWLEDGED,
+                AuditEvent.FORWARDED,
                 now=now,
                 parties=(originator, recipient),
                 report=report,
                 token=token_id,
             )
-        self._acked(token_id, recipient)
-        return True
+        self._audit(
+            AuditEvent.ACKNOWLEDGED,
+            now=now,
+            parties=(originator, recipient),
+            report=report,
+            token=token_id,
+        )
 
     # --- revocation --------------------------------------------------------------------
 
@@ -580,44 +605,75 @@ class TokenTables(ConsentTables):
 
     # --- receipts and notices ----------------------------------------------------------
 
-    def add_receipt(self, receipt: Receipt, *, now: int) -> bool:
+    def add_receipt(self, receipt: Receipt, *, now: int, ack: bool = False) -> bool:
         """Queue a verified receipt for its originator. Returns False if it was queued
         before (a resend).
 
+        ``ack``: the receipt also acknowledges its delivery (protocol version 4), in the
+        same step, as :meth:`ack_delivery` would after it (entries ``receipt`` then, for
+        a delivery still owed, ``acknowledged``). In the usual case, a delivery this
+        process marked forwarded (:data:`FORWARDED_KEPT`), that is two statements: the
+        ack's UPDATE, whose condition checks the recipient, and the receipt's insert
+        (the originator and report are checked against the kept ones first); where a
+        receipt, then its ack, took a read, an insert and an update in two steps.
+
         Raises:
             Refused: WRONG_REPORT when no delivery of that token to that recipient from
-                that originator exists.
+                that originator exists (nothing written).
         """
+        acked = False
         with self._transaction(savepoint=False):
-            row = self._sql(
-                "SELECT recipient, originator, report FROM tokens WHERE id = ?", (receipt.token,)
-            ).fetchone()
-            if (
-                row is None
-                or row[0] != receipt.recipient
-                or row[1] != receipt.originator
-                or bytes(row[2]) != receipt.report
-            ):
+            kept = self._forwarded.get(receipt.token) if ack else None
+            if kept is not None and kept != (receipt.originator, receipt.report):
+                # A token row's originator and report never change.
                 raise Refused(Reason.WRONG_REPORT, "no such delivery")
-            # Originators read receipts on from the last seq they were sent: drawn in
-            # commit order (see relay.consentstore.ConsentTables._exclusive).
-            self._exclusive()
-            # A receipt queued before (a resend) inserts nothing.
-            cursor = self._sql(
-                "INSERT INTO receipts (originator, token, receipt, state)"
-                " VALUES (?, ?, ?, 'queued') ON CONFLICT (token) DO NOTHING",
-                (receipt.originator, receipt.token, receipt.encoded),
-            )
-            if cursor.rowcount == 0:
-                return False
-            self._tell(receipt.originator, RECEIPTS)
-            self._audit(
-                AuditEvent.RECEIPT,
-                now=now,
-                parties=(receipt.originator, receipt.recipient),
-                report=receipt.report,
-                token=receipt.token,
-            )
+            if kept is not None and self._ack_delivered(receipt.token, receipt.recipient):
+                acked = True  # the delivery checked by the update: no read
+            else:
+                row = self._sql(
+                    "SELECT recipient, originator, report FROM tokens WHERE id = ?",
+                    (receipt.token,),
+                ).fetchone()
+                if (
+                    row is None
+                    or row[0] != receipt.recipient
+                    or row[1] != receipt.originator
+                    or bytes(row[2]) != receipt.report
+                ):
+                    raise Refused(Reason.WRONG_REPORT, "no such delivery")
+            new = self._queue_receipt(receipt, now=now)
+            if acked:
+                self._acked_entries(
+                    receipt.token, receipt.recipient, receipt.originator, receipt.report,
+                    "delivered", now=now,
+                )  # fmt: skip
+            elif ack:
+                acked = self._ack(receipt.token, receipt.recipient, now=now) is True
+        if acked:
+            self._acked(receipt.token, receipt.recipient)
+        return new
+
+    def _queue_receipt(self, receipt: Receipt, *, now: int) -> bool:
+        """Inside a step, the delivery checked: queue ``receipt`` (False: queued before)."""
+        # Originators read receipts on from the last seq they were sent: drawn in
+        # commit order (see relay.consentstore.ConsentTables._exclusive).
+        self._exclusive()
+        # A receipt queued before (a resend) inserts nothing.
+        cursor = self._sql(
+            "INSERT INTO receipts (originator, token, receipt, state)"
+            " VALUES (?, ?, ?, 'queued') ON CONFLICT (token) DO NOTHING",
+            (receipt.originator, receipt.token, receipt.encoded),
+        )
+        if cursor.rowcount == 0:
+            return False
+        self._tell(receipt.originator, RECEIPTS)
+        self._audit(
+            AuditEvent.RECEIPT,
+            now=now,
+            parties=(receipt.originator, receipt.recipient),
+            report=receipt.report,
+            token=receipt.token,
+        )
         return True
 
     def queued_receipts(

@@ -184,7 +184,7 @@ async def test_a_refused_receipt_is_followed_by_the_delivery_ack(
     hostile, port, world = relay
     refused: list[bytes] = []
 
-    def refuse(receipt: Receipt, *, now: int) -> bool:
+    def refuse(receipt: Receipt, *, now: int, ack: bool = False) -> bool:
         refused.append(receipt.token)
         raise Refused(Reason.WRONG_REPORT, "no such delivery (refused by the test)")
 

@@ -8,28 +8,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from nodes.relay_helpers import NOW, World, add_inline_report, make_world, seal, token_for
+from nodes.relay_helpers import NOW, World, make_world, released
 
 import relay.tokenstore
 from relay.storage import RelayStore, open_store
 from relay.store import Store
-from tisa.token import ReleaseToken
 
 
 @pytest.fixture
 def world() -> World:
     return make_world()
-
-
-def _released(store: RelayStore, world: World, count: int) -> list[ReleaseToken]:
-    tokens = []
-    for _ in range(count):
-        report = seal(world)
-        add_inline_report(store, report)
-        token = ReleaseToken.decode(token_for(world, report))
-        store.release(token, now=NOW, max_queue=100)
-        tokens.append(token)
-    return tokens
 
 
 def _logged(
@@ -46,7 +34,7 @@ def test_the_ack_of_a_delivery_marked_forwarded_returns_nothing(
 ) -> None:
     store = Store(tmp_path, group_commit=True)
     try:
-        (token,) = _released(store, world, 1)
+        (token,) = released(store, world, 1)
         store.mark_forwarded_many(store.outstanding("tokyo"), now=NOW)
         seen: list[str] = []
         store._db.set_trace_callback(seen.append)
@@ -66,7 +54,7 @@ def test_an_ack_logs_the_same_whether_its_row_was_kept_or_returned(
 ) -> None:
     store = open_store(store_at)
     try:
-        tokens = _released(store, world, 3)
+        tokens = released(store, world, 3)
         store.mark_forwarded_many(store.outstanding("tokyo"), now=NOW)
         store.commit_durably()
         if not kept:
@@ -92,7 +80,7 @@ def test_a_forward_rolled_back_is_logged_by_the_ack_as_before(
 ) -> None:
     store = open_store(store_at)
     try:
-        (token,) = _released(store, world, 1)
+        (token,) = released(store, world, 1)
         store.commit_durably()
         seq = store.audit_seq
         store.mark_forwarded_many(store.outstanding("tokyo"), now=NOW)
@@ -115,7 +103,7 @@ def test_at_most_forwarded_kept_deliveries_are_kept(
     monkeypatch.setattr(relay.tokenstore, "FORWARDED_KEPT", 2)
     store = open_store(store_at)
     try:
-        tokens = _released(store, world, 3)
+        tokens = released(store, world, 3)
         store.mark_forwarded_many(store.outstanding("tokyo"), now=NOW)
         store.commit_durably()
         # The oldest was dropped when the third came.

@@ -262,6 +262,19 @@ def add_inline_report(
     )
 
 
+def released(store: RelayStore, world: World, count: int = 1) -> list[ReleaseToken]:
+    """``count`` reports of Seoul's stored (:func:`add_inline_report`) and released to
+    Tokyo in a relay store, one token each."""
+    tokens = []
+    for _ in range(count):
+        report = seal(world)
+        add_inline_report(store, report)
+        token = ReleaseToken.decode(token_for(world, report))
+        store.release(token, now=NOW, max_queue=100)
+        tokens.append(token)
+    return tokens
+
+
 def receipt_for(world: World, token: ReleaseToken, **changes: Any) -> Receipt:
     """Tokyo's receipt of the delivery of ``token`` (``changes``: fields made wrong)."""
     fields: dict[str, Any] = {
