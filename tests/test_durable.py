@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import pathlib
 import sqlite3
 import threading
@@ -335,3 +336,179 @@ def test_bytes_and_none_are_bound_without_the_adapter_search(tmp_path: pathlib.P
     assert db.execute("SELECT count(*) FROM t WHERE a = ?", (blob,)).fetchone() == (1,)
     assert db.execute("SELECT count(*) FROM t WHERE b IS ?", (None,)).fetchone() == (1,)
     db.close()
+
+
+class GatedCheckpoints:
+    """A store's checkpoint wrapped: a pass in a worker thread starts copying only once
+    the test let it, and tells when it is done, so the test can open a batch before
+    the pass and commit it after (what a steady load does); one in the trio thread
+    (the in-line finish) runs at once. Records (in a worker thread, result)."""
+
+    def __init__(self, store: MemberStore, fail: int = 0, gated: bool = True) -> None:
+        self.real = store.checkpoint
+        self.trio_thread = threading.current_thread()
+        self.calls: list[tuple[bool, tuple[int, int] | None]] = []
+        self.started = threading.Event()
+        self.go_on = threading.Event()
+        self.done = threading.Event()
+        self.fail = fail  # the first `fail` calls raise
+        self.gated = gated
+        store.checkpoint = self  # type: ignore[method-assign]
+
+    def __call__(self) -> tuple[int, int]:
+        in_worker = threading.current_thread() is not self.trio_thread
+        if self.fail > 0:
+            self.fail -= 1
+            self.calls.append((in_worker, None))
+            raise OSError("checkpoint failed")
+        gated = in_worker and self.gated
+        if gated:
+            self.started.set()
+            self.go_on.wait(10)
+            self.go_on.clear()
+        result = self.real()
+        self.calls.append((in_worker, result))
+        if gated:
+            self.done.set()
+        return result
+
+
+async def _durable_step(store: MemberStore, committer: GroupCommitter, number: int) -> None:
+    store.add_event(ExpiredEvent(report=number.to_bytes(16, "big"), token=None))
+    await committer.durable(store.barrier)
+
+
+async def _steps_under_load(
+    store: MemberStore, committer: GroupCommitter, gate: GatedCheckpoints, count: int
+) -> None:
+    # Durable steps one after the other; whenever a pass starts, a batch is opened
+    # before it copies and committed after, as under a steady load.
+    with trio.fail_after(60):
+        for number in range(count):
+            await _durable_step(store, committer, number)
+            if committer.checkpointing:
+                await trio.to_thread.run_sync(gate.started.wait, 10)
+                gate.started.clear()
+                store.add_event(ExpiredEvent(report=b"x" * 16, token=None))
+                gate.go_on.set()
+                await trio.to_thread.run_sync(gate.done.wait, 10)
+                gate.done.clear()
+                await committer.durable(store.barrier)
+                while committer.checkpointing:
+                    await trio.sleep(0.001)
+
+
+async def test_the_wal_restarts_and_stays_small_though_the_writer_commits_during_a_pass(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tisa_io.durable, "CHECKPOINT_STEPS", 10)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    gate = GatedCheckpoints(store)
+    try:
+        await _steps_under_load(store, committer, gate, 60)
+        size = store.wal_path.stat().st_size
+        await _steps_under_load(store, committer, gate, 240)
+        # Reused from its start after each checkpoint, the WAL file stops growing
+        # (without the in-line finish a pass never saw the batch committed during it,
+        # the WAL never restarted, and the file grew by every step's frames: 4x here).
+        assert store.wal_path.stat().st_size <= size * 1.5
+        # A pass in the worker thread copies what was there, the in-line finish (trio
+        # thread, after a fsync with nothing pending) the batch committed meanwhile,
+        # and the WAL's length seen by each pass stays that of about 10 steps.
+        passes = [result for in_worker, result in gate.calls if in_worker]
+        finishes = [result for in_worker, result in gate.calls if not in_worker]
+        assert len(passes) >= 25 and len(finishes) >= 25
+        assert committer.checkpoints == len(passes)
+        assert committer.checkpoint_finishes == len(finishes)
+        lengths = [frames for frames, _ in filter(None, passes)]
+        assert max(lengths[5:]) <= 2 * max(lengths[:5])
+        assert all(result is not None and result[0] == result[1] for result in finishes)
+    finally:
+        store.close()
+
+
+async def test_a_checkpoint_starts_at_the_configured_bound_not_before(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tisa_io.durable, "CHECKPOINT_STEPS", 7)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    gate = GatedCheckpoints(store, gated=False)
+    try:
+        for number in range(6):
+            await _durable_step(store, committer, number)
+        assert gate.calls == [] and not committer.checkpointing
+        await _durable_step(store, committer, 6)
+        assert committer.checkpointing
+        with trio.fail_after(10):
+            while committer.checkpointing:
+                await trio.sleep(0.001)
+        assert [in_worker for in_worker, _ in gate.calls] == [True]
+    finally:
+        store.close()
+
+
+async def test_a_failed_checkpoint_is_logged_and_retried_after_the_bound(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(tisa_io.durable, "CHECKPOINT_STEPS", 5)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    gate = GatedCheckpoints(store, fail=2, gated=False)  # the first two passes fail
+    try:
+        with trio.fail_after(10):
+            for number in range(20):
+                await _durable_step(store, committer, number)
+                while committer.checkpointing:
+                    await trio.sleep(0.001)
+                if number == 4:
+                    assert gate.calls == [(True, None)]
+                    assert "WAL checkpoint failed" in caplog.text
+                    assert committer.checkpoints == 0
+        # Retried every 5 steps: failed twice, then passes that copy everything.
+        outcomes = [result is not None for _, result in gate.calls]
+        assert outcomes[:2] == [False, False] and all(outcomes[2:]) and len(outcomes) >= 3
+        assert committer.checkpoints == len(outcomes) - 2 - committer.checkpoint_finishes
+        assert store.committed == store.written  # the steps went on being made durable
+    finally:
+        store.close()
+
+
+async def test_a_failed_in_line_finish_is_logged_and_the_step_still_durable(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    gate = GatedCheckpoints(store, fail=1, gated=False)
+    committer.finish_checkpoint = True  # as after a pass the writer committed during
+    try:
+        await _durable_step(store, committer, 1)  # its fsync, then the finish: fails
+        assert gate.calls == [(False, None)] and "WAL checkpoint failed" in caplog.text
+        assert store.committed == store.written and not committer.finish_checkpoint
+        assert committer.checkpoint_finishes == 0
+    finally:
+        store.close()
+
+
+async def test_the_wal_is_flushed_with_fdatasync_where_there_is_one(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fdatasync flushes the data and the size needed to read it back (module docstring);
+    # SQLite uses it for its own WAL syncs on Linux.
+    assert tisa_io.durable._sync_data is getattr(os, "fdatasync", os.fsync)
+    flushed: list[int] = []
+
+    def record(fd: int) -> None:
+        flushed.append(os.fstat(fd).st_ino)
+
+    monkeypatch.setattr(tisa_io.durable, "_sync_data", record)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    try:
+        before = len(flushed)  # opening the store may flush too
+        await _durable_step(store, committer, 1)
+        assert len(flushed) == before + 1
+        assert set(flushed) == {store.wal_path.stat().st_ino}
+    finally:
+        store.close()
