@@ -512,3 +512,35 @@ async def test_the_wal_is_flushed_with_fdatasync_where_there_is_one(
         assert set(flushed) == {store.wal_path.stat().st_ino}
     finally:
         store.close()
+
+
+async def test_durable_unless_with_the_callers_event_needs_no_helper_task(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    # The relay's pusher: poke sets its urgent event and the lazy wait's event, which
+    # durable_unless hands it through `waiting`; nothing else watches the urgent event.
+    async with lazy_step(tmp_path, monkeypatch) as (lazy, nursery):
+        urgent = trio.Event()
+        slot: list[trio.Event | None] = []
+        returned: list[float] = []
+
+        def poke() -> None:
+            urgent.set()
+            if slot and slot[-1] is not None:
+                slot[-1].set()
+
+        async def unless() -> None:
+            await lazy.committer.durable_unless(lazy.barrier, urgent, slot.append)
+            returned.append(trio.current_time())
+
+        nursery.start_soon(unless)
+        await trio.sleep(1)
+        [task] = [t for t in nursery.child_tasks if t.name.endswith("unless")]
+        assert task.child_nurseries == []  # no helper task
+        assert isinstance(slot[-1], trio.Event) and not slot[-1].is_set()
+        assert returned == [] and lazy.committer.commits == 0  # lazy: no commit yet
+        poke()
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(returned) == 1 and returned[0] < 2 and slot[-1] is None
+        assert lazy.store.committed >= lazy.barrier
+        assert lazy.committer.commits == 1  # its own, before the background delay

@@ -643,38 +643,67 @@ class GroupCommitter:
             raise LinkClosed("the batch this depends on was not committed")
         return store.committed >= barrier
 
-    async def durable_unless(self, barrier: int, urgent: trio.Event) -> None:
+    async def durable_unless(
+        self,
+        barrier: int,
+        urgent: trio.Event,
+        waiting: Callable[[trio.Event | None], object] | None = None,
+    ) -> None:
         """Return once batch ``barrier`` is on disk: lazily (:meth:`durable_lazily`,
         no commit of its own) until ``urgent`` is set, then committing
         (:meth:`durable`), e.g. when more work queued behind.
+
+        ``waiting``, when given, is told the event of each lazy wait as it begins (and
+        None as it ends); whoever sets ``urgent`` must then set that event too (the
+        relay's :meth:`relay.server._Connection.poke` does), and no helper task has to
+        watch ``urgent`` to cut the wait short.
 
         Raises:
             LinkClosed: the batch was lost, as in :meth:`durable`.
         """
         store = self.store
         if not urgent.is_set() and store.committed < barrier and not store.lost(barrier):
-            waiting = trio.Event()
+            if waiting is not None:
+                if await self._lazily_until(barrier, urgent, waiting):
+                    return
+            else:
+                current: list[trio.Event] = []  # the lazy wait's event, while one runs
 
-            async def cut() -> None:
-                await urgent.wait()
-                waiting.set()
+                def track(wake: trio.Event | None) -> None:
+                    current[:] = [] if wake is None else [wake]
 
-            on_disk = False
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(cut)
-                try:
-                    while not urgent.is_set():
-                        if await self.durable_lazily(barrier, waiting):
-                            on_disk = True
-                            break
-                        waiting = trio.Event()
-                except LinkClosed:
-                    pass  # raised by durable below, outside the nursery (no group)
-                finally:
-                    nursery.cancel_scope.cancel()
-            if on_disk:
-                return
+                async def cut() -> None:
+                    await urgent.wait()
+                    for wake in current:
+                        wake.set()
+
+                on_disk = False
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(cut)
+                    try:
+                        on_disk = await self._lazily_until(barrier, urgent, track)
+                    except LinkClosed:
+                        pass  # raised by durable below, outside the nursery (no group)
+                    finally:
+                        nursery.cancel_scope.cancel()
+                if on_disk:
+                    return
         await self.durable(barrier)
+
+    async def _lazily_until(
+        self, barrier: int, urgent: trio.Event, waiting: Callable[[trio.Event | None], object]
+    ) -> bool:
+        # durable_lazily, again after each wake-up, until on disk (True) or urgent
+        # (False); waiting is told each wait's event (see durable_unless).
+        while not urgent.is_set():
+            wake = trio.Event()
+            waiting(wake)
+            try:
+                if await self.durable_lazily(barrier, wake):
+                    return True
+            finally:
+                waiting(None)
+        return False
 
     async def durable(self, barrier: int) -> None:
         """Return once batch ``barrier`` is on disk (at once if it is).
