@@ -7,7 +7,7 @@ import os
 import pathlib
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 import trio
@@ -379,53 +379,89 @@ async def _durable_step(store: MemberStore, committer: GroupCommitter, number: i
 
 
 async def _steps_under_load(
-    store: MemberStore, committer: GroupCommitter, gate: GatedCheckpoints, count: int
+    store: MemberStore,
+    committer: GroupCommitter,
+    gate: GatedCheckpoints,
+    count: int,
+    busy: Callable[[], bool] = lambda: True,
 ) -> None:
-    # Durable steps one after the other; whenever a pass starts, a batch is opened
-    # before it copies and committed after, as under a steady load.
+    # Durable steps one after the other. Whenever a pass starts and busy() says so, a
+    # batch is opened before it copies and committed after, as under a steady load;
+    # else the pass runs with no batch open.
     with trio.fail_after(60):
         for number in range(count):
             await _durable_step(store, committer, number)
-            if committer.checkpointing:
-                await trio.to_thread.run_sync(gate.started.wait, 10)
+            while committer.checkpointing:
+                if not gate.started.is_set():
+                    await trio.sleep(0.001)
+                    continue
                 gate.started.clear()
+                if not busy():
+                    gate.go_on.set()
+                    continue
                 store.add_event(ExpiredEvent(report=b"x" * 16, token=None))
                 gate.go_on.set()
                 await trio.to_thread.run_sync(gate.done.wait, 10)
                 gate.done.clear()
                 await committer.durable(store.barrier)
-                while committer.checkpointing:
-                    await trio.sleep(0.001)
+
+
+@contextlib.contextmanager
+def gated_store(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[MemberStore, GroupCommitter, GatedCheckpoints]]:
+    """A store with a checkpoint every 5 steps, its passes gated (GatedCheckpoints)."""
+    monkeypatch.setattr(tisa_io.durable, "CHECKPOINT_STEPS", 5)
+    store = _store(tmp_path)
+    committer = GroupCommitter(store)
+    try:
+        yield store, committer, GatedCheckpoints(store)
+    finally:
+        store.close()
 
 
 async def test_the_wal_restarts_and_stays_small_though_the_writer_commits_during_a_pass(
     tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tisa_io.durable, "CHECKPOINT_STEPS", 10)
-    store = _store(tmp_path)
-    committer = GroupCommitter(store)
-    gate = GatedCheckpoints(store)
-    try:
-        await _steps_under_load(store, committer, gate, 60)
+    with gated_store(tmp_path, monkeypatch) as (store, committer, gate):
+        await _steps_under_load(store, committer, gate, 40)
         size = store.wal_path.stat().st_size
-        await _steps_under_load(store, committer, gate, 240)
+        await _steps_under_load(store, committer, gate, 110)
         # Reused from its start after each checkpoint, the WAL file stops growing
-        # (without the in-line finish a pass never saw the batch committed during it,
-        # the WAL never restarted, and the file grew by every step's frames: 4x here).
+        # (before, a pass never saw the batch committed during it, the WAL never
+        # restarted, and the file grew by every step's frames: 2x here).
         assert store.wal_path.stat().st_size <= size * 1.5
-        # A pass in the worker thread copies what was there, the in-line finish (trio
-        # thread, after a fsync with nothing pending) the batch committed meanwhile,
-        # and the WAL's length seen by each pass stays that of about 10 steps.
+        # Passes in the worker thread (each with a batch committed during it: the
+        # first, then CHECKPOINT_PASSES - 1 more at quiet moments), then the in-line
+        # finish (trio thread, after a COMMIT) copies the rest; the WAL's length seen
+        # by each pass stays that of a few steps.
         passes = [result for in_worker, result in gate.calls if in_worker]
         finishes = [result for in_worker, result in gate.calls if not in_worker]
-        assert len(passes) >= 25 and len(finishes) >= 25
+        assert len(finishes) >= 5
+        assert len(passes) >= tisa_io.durable.CHECKPOINT_PASSES * len(finishes)
         assert committer.checkpoints == len(passes)
         assert committer.checkpoint_finishes == len(finishes)
         lengths = [frames for frames, _ in filter(None, passes)]
         assert max(lengths[5:]) <= 2 * max(lengths[:5])
         assert all(result is not None and result[0] == result[1] for result in finishes)
-    finally:
-        store.close()
+
+
+async def test_a_second_pass_at_a_quiet_moment_restarts_the_wal_without_a_finish(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with gated_store(tmp_path, monkeypatch) as (store, committer, gate):
+        # Each first pass has a batch committed during it; the next one, started
+        # right after a fsync with no batch open, has none.
+        def first() -> bool:
+            return committer.checkpoint_behind == 0
+
+        await _steps_under_load(store, committer, gate, 50, first)
+        size = store.wal_path.stat().st_size
+        await _steps_under_load(store, committer, gate, 100, first)
+        passes = [in_worker for in_worker, _ in gate.calls]
+        assert len(passes) >= 25 and all(passes)  # no in-line finish
+        assert committer.checkpoint_finishes == 0
+        assert store.wal_path.stat().st_size <= size * 1.5  # reused, not grown
 
 
 async def test_a_checkpoint_starts_at_the_configured_bound_not_before(
@@ -481,11 +517,12 @@ async def test_a_failed_in_line_finish_is_logged_and_the_step_still_durable(
     store = _store(tmp_path)
     committer = GroupCommitter(store)
     gate = GatedCheckpoints(store, fail=1, gated=False)
-    committer.finish_checkpoint = True  # as after a pass the writer committed during
+    # As after passes that all ended with a batch committed during them:
+    committer.checkpoint_behind = tisa_io.durable.CHECKPOINT_PASSES
     try:
-        await _durable_step(store, committer, 1)  # its fsync, then the finish: fails
+        await _durable_step(store, committer, 1)  # its COMMIT, then the finish: fails
         assert gate.calls == [(False, None)] and "WAL checkpoint failed" in caplog.text
-        assert store.committed == store.written and not committer.finish_checkpoint
+        assert store.committed == store.written and committer.checkpoint_behind == 0
         assert committer.checkpoint_finishes == 0
     finally:
         store.close()

@@ -101,6 +101,7 @@ from tisa_io import trace
 from tisa_io.link import LinkClosed
 
 __all__ = [
+    "CHECKPOINT_PASSES",
     "CHECKPOINT_STEPS",
     "COMMIT_SPACING",
     "BACKGROUND_COMMIT_DELAY",
@@ -156,12 +157,21 @@ BACKGROUND_COMMIT_DELAY = 0.05
 #
 # A pass copies the frames in the WAL when it begins; under a steady load the writer
 # commits more meanwhile, and the WAL restarts only if a batch *begins* after every
-# frame was copied. So after a pass during which a batch was committed (or one is
-# open), the rest, a few frames, is copied in line right after a WAL fsync while no
-# batch is open (GroupCommitter.finish_checkpoint): without it the WAL never
-# restarted at the old bound (2,000 steps: 50 MB after 6,000 steps, every fsync an
-# append).
+# frame was copied (without this, at the old bound of 2,000 steps, the WAL never
+# restarted: 50 MB after 6,000 steps, every fsync an append). See CHECKPOINT_PASSES.
 CHECKPOINT_STEPS = 100
+
+# Passes in a row that may end with the writer past them (a batch committed during
+# the pass, or open at its end) before the rest is copied in line instead. Each
+# further pass starts at a quiet moment (right after a WAL fsync, with no batch open)
+# and copies only what was committed during the one before, so it is short and at a
+# light load usually ends before the next batch begins; a pass in a worker thread
+# costs the loop nothing. The in-line finish (a PASSIVE checkpoint in the trio thread
+# right after a COMMIT, when no batch is open, so the next batch surely restarts the
+# WAL) costs the loop an fsync of the WAL and one of the database file: fine once in a
+# while, not once per CHECKPOINT_STEPS. Under a load that leaves no quiet moment the
+# passes come one per CHECKPOINT_STEPS and the finish one per CHECKPOINT_PASSES of them.
+CHECKPOINT_PASSES = 3
 
 log = logging.getLogger(__name__)
 
@@ -546,10 +556,10 @@ class GroupCommitter:
         self.store = store
         self._on_synced = on_synced
         store.manual_checkpoints()
-        # A checkpoint pass runs in a worker thread; one must be finished in line
-        # (see CHECKPOINT_STEPS); passes and in-line finishes made.
+        # A checkpoint pass runs in a worker thread; passes in a row that ended with
+        # the writer past them (see CHECKPOINT_PASSES); passes and in-line finishes.
         self.checkpointing = False
-        self.finish_checkpoint = False
+        self.checkpoint_behind = 0
         self.checkpoints = 0
         self.checkpoint_finishes = 0
         self._on_commit_error = on_commit_error
@@ -757,6 +767,8 @@ class GroupCommitter:
                     raise
                 if trace.enabled:
                     trace.span_end("commit")
+                if self.checkpoint_behind >= CHECKPOINT_PASSES and not self.checkpointing:
+                    self._finish_checkpoint()  # no batch is open here: see the constant
                 self.next_commit = trio.current_time() + COMMIT_SPACING * (
                     time.perf_counter() - started
                 )
@@ -793,12 +805,20 @@ class GroupCommitter:
         if self._on_synced is not None:
             self._on_synced(steps, time.perf_counter() - started)
         store.uncheckpointed_ops += steps
-        if self.finish_checkpoint and not store.pending:
-            self._finish_checkpoint()
-        if store.uncheckpointed_ops >= CHECKPOINT_STEPS and not self.checkpointing:
+        if self.checkpointing:
+            return
+        if 0 < self.checkpoint_behind < CHECKPOINT_PASSES and not store.pending:
+            # The last pass ended with the writer past it: another one at this quiet
+            # moment (all on disk, no batch open). (The in-line finish comes after a
+            # COMMIT: see durable.)
+            self._start_checkpoint()
+        elif store.uncheckpointed_ops >= CHECKPOINT_STEPS:
             store.uncheckpointed_ops = 0
-            self.checkpointing = True
-            trio.lowlevel.spawn_system_task(self._checkpoint)
+            self._start_checkpoint()
+
+    def _start_checkpoint(self) -> None:
+        self.checkpointing = True
+        trio.lowlevel.spawn_system_task(self._checkpoint)
 
     async def _checkpoint(self) -> None:
         # A system task: it outlives the caller's connection, and must never raise.
@@ -809,26 +829,34 @@ class GroupCommitter:
             self.checkpoints += 1
             # The pass copied the frames in the WAL when it began; a batch committed
             # since, or one open now (its snapshot may predate the pass's end), keeps
-            # the WAL from restarting: the rest is copied in line at the next quiet
-            # moment (see CHECKPOINT_STEPS). (pending: a batch is open, or one
-            # written before the pass waits for its fsync: finished all the same.)
+            # the WAL from restarting: another pass at the next quiet moment, or the
+            # in-line finish (see CHECKPOINT_PASSES). (pending: a batch is open, or
+            # one written before the pass waits for its fsync: counted all the same.)
             if store.written != written or store.pending:
-                self.finish_checkpoint = True
+                self.checkpoint_behind += 1
+            else:
+                self.checkpoint_behind = 0  # the next batch restarts the WAL
         except sqlite3.ProgrammingError:
             pass  # the store was closed meanwhile: nothing left to finish
         except Exception:
             # Retried after CHECKPOINT_STEPS more steps; the WAL grows meanwhile.
             log.exception("WAL checkpoint failed")
+            self.checkpoint_behind = 0
         finally:
             self.checkpointing = False
 
     def _finish_checkpoint(self) -> None:
-        # In line, with no batch open: copies the few frames committed since the
-        # worker's pass, so the next batch's first write restarts the WAL.
-        self.finish_checkpoint = False
+        # In line, right after a COMMIT (no batch open): copies the frames committed
+        # since the worker's last pass (fsyncing the WAL first, then the database
+        # file), so the next batch's first write restarts the WAL.
+        self.checkpoint_behind = 0
+        if trace.enabled:
+            trace.span_start("checkpoint")
         try:
             self.store.checkpoint()
         except Exception:
             log.exception("WAL checkpoint failed")
             return
+        if trace.enabled:
+            trace.span_end("checkpoint")
         self.checkpoint_finishes += 1
