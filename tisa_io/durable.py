@@ -55,17 +55,19 @@ large batch;
   :class:`GroupCommitter` the automatic checkpoint (which ran inside a ``COMMIT``, on
   the event loop) is off; the committer runs a PASSIVE checkpoint on a connection of
   its own in a worker thread every :data:`CHECKPOINT_STEPS` durable steps
-  (:meth:`DurableStore.checkpoint`), and finishes it in line when the writer committed
-  meanwhile (see :data:`CHECKPOINT_STEPS`). A checkpointed batch is on disk in the
-  database file either way. Once a checkpoint has copied every frame and no reader
-  needs them, the first write of the next transaction restarts the WAL from its start
-  with new salts (same file, same inode: no ``journal_size_limit`` is set, so it is
-  never truncated or replaced, and it is deleted only when the last connection closes,
-  which is the store's ``close``, after the final sync). A restart can overwrite only
+  (:meth:`DurableStore.checkpoint`), with more passes, or one in line, when the writer
+  committed during one (see :data:`CHECKPOINT_PASSES`). A checkpointed batch is on
+  disk in the database file either way. Once a checkpoint has copied every frame and
+  no reader needs them, the first write of a transaction that *began* after that
+  restarts the WAL from its start with new salts (same file, same inode: no
+  ``journal_size_limit`` is set, so it is never truncated or replaced, and it is
+  deleted only when the last connection closes, which is the store's ``close``, after
+  the final sync). A restart can overwrite only
   frames that are already in the fsynced database file; SQLite syncs the new header
-  before it writes the first new frame (inside that ``COMMIT``, even at
-  ``synchronous=NORMAL``), stale frames with the old salts are not replayed, and our
-  later flush covers the new frames as any others.
+  (``fdatasync``) before it writes the first new frame, inside that ``COMMIT`` even at
+  ``synchronous=NORMAL`` (one sync on the loop per restart), stale frames with the
+  old salts are not replayed, and our later flush covers the new frames as any
+  others.
 * Concurrency: while a worker thread fsyncs, the trio thread keeps using the
   connection: it opens the next batch, and may even COMMIT it. The fsync touches no
   SQLite state (only a descriptor of its own), so it cannot race with SQLite's locks;
