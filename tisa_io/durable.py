@@ -153,15 +153,18 @@ BACKGROUND_COMMIT_DELAY = 0.05
 # database file, the next batch's first write restarts the WAL from its start, so its
 # fsyncs overwrite blocks inside the file (size unchanged) instead of appending to it,
 # about half the cost on ext4 (fdatasync after 4 KiB appended 0.26 ms, overwritten
-# 0.17 ms, p50). A step of a lone report is a commit of its own, a few WAL frames
-# (pages): at 100 steps the file stays near a megabyte or two. Fewer steps per pass
-# cost more than they save (30: p99 up to 280 ms, bench nodes --rate 100).
+# 0.17 ms, p50). Any bound gives that once the file is reused; a smaller one only
+# reaches it sooner, for more passes: each costs a worker thread some 0.75 ms of CPU
+# (two fsyncs, a connection), and each restart one header sync inside a COMMIT (see
+# the module docstring). Measured with a member store, one step per commit every
+# 3 ms (the file stays the size one cycle writes): 100 steps, a 1.2 MB file and 27 us
+# of checkpoint CPU per step; 500, 4.5 MB and 5 us; 2,000, 17 MB and 3.4 us.
 #
 # A pass copies the frames in the WAL when it begins; under a steady load the writer
 # commits more meanwhile, and the WAL restarts only if a batch *begins* after every
 # frame was copied (without this, at the old bound of 2,000 steps, the WAL never
 # restarted: 50 MB after 6,000 steps, every fsync an append). See CHECKPOINT_PASSES.
-CHECKPOINT_STEPS = 100
+CHECKPOINT_STEPS = 500
 
 # Passes in a row that may end with the writer past them (a batch committed during
 # the pass, or open at its end) before the rest is copied in line instead. Each
