@@ -62,12 +62,11 @@ large batch;
   restarts the WAL from its start with new salts (same file, same inode: no
   ``journal_size_limit`` is set, so it is never truncated or replaced, and it is
   deleted only when the last connection closes, which is the store's ``close``, after
-  the final sync). A restart can overwrite only
-  frames that are already in the fsynced database file; SQLite syncs the new header
-  (``fdatasync``) before it writes the first new frame, inside that ``COMMIT`` even at
-  ``synchronous=NORMAL`` (one sync on the loop per restart), stale frames with the
-  old salts are not replayed, and our later flush covers the new frames as any
-  others.
+  the final sync). A restart can overwrite only frames that are already in the
+  fsynced database file; SQLite syncs the new header (``fdatasync``) before it writes
+  the first new frame, inside that ``COMMIT`` even at ``synchronous=NORMAL`` (one sync
+  on the loop per restart), stale frames with the old salts are not replayed, and our
+  later flush covers the new frames as any others.
 * Concurrency: while a worker thread fsyncs, the trio thread keeps using the
   connection: it opens the next batch, and may even COMMIT it. The fsync touches no
   SQLite state (only a descriptor of its own), so it cannot race with SQLite's locks;
