@@ -1767,7 +1767,10 @@ class Relay:
                 if receipts:
                     # Lazy: nobody waits on a receipt urgently; a commit of its own
                     # only when more work for this member arrives meanwhile.
-                    await self._durable_unless_woken(conn, self.store.barrier)
+                    # conn.poke sets the lazy wait's event (push_lazy) with conn.wake.
+                    await self._group_commit.durable_unless(
+                        self.store.barrier, conn.wake, functools.partial(setattr, conn, "push_lazy")
+                    )
                     await conn.link.send_many(
                         ReceiptNotice(receipt=receipt.receipt) for receipt in receipts
                     )
@@ -1888,24 +1891,6 @@ class Relay:
         if self._owed_epoch != handed[0].epoch:
             return self.store.delivery_sources([hand.row.id for hand in mine])
         return {hand.row.id: (True, hand.data) for hand in mine}
-
-    async def _durable_unless_woken(self, conn: _Connection, barrier: int) -> None:
-        """Return once batch ``barrier`` is on disk: lazily, without a commit of its
-        own, until ``conn`` is poked (more work for the member: then it commits at
-        once). :meth:`tisa_io.durable.GroupCommitter.durable_unless` without its
-        helper task: :meth:`_Connection.poke` sets the lazy wait's event itself.
-
-        Raises:
-            LinkClosed: the batch was lost.
-        """
-        while not conn.wake.is_set():
-            conn.push_lazy = trio.Event()
-            try:
-                if await self._group_commit.durable_lazily(barrier, conn.push_lazy):
-                    return
-            finally:
-                conn.push_lazy = None
-        await self._durable(barrier)
 
     async def _send_notices(self, conn: _Connection, notices: list[NoticeRow]) -> None:
         """Send the notices no other connection is sending, then drop them (notices have

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from nodes.client_world import LEVEL, SCOPE, make_world
 
+import tisa_io.durable
 from clients import store as rows
 from clients.events import (
     ExpiredEvent,
@@ -179,7 +180,8 @@ def test_sqlite_is_wal_and_normal_sync_with_wal_fsync(
         synced.append(os.fstat(fd).st_ino)
         real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
+    monkeypatch.setattr(tisa_io.durable, "_sync_data", fsync)
     store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""))
     batch = store.barrier
     store.commit()
@@ -206,7 +208,8 @@ def test_a_failed_wal_fsync_poisons_the_store(
     def fail(fd: int) -> None:
         raise OSError(5, "EIO")
 
-    monkeypatch.setattr(os, "fsync", fail)
+    # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
+    monkeypatch.setattr(tisa_io.durable, "_sync_data", fail)
     with pytest.raises(OSError):
         store.fsync_wal()
     store.mark_durable(batch)  # never counts, nor any later batch

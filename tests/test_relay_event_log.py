@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import re
 import sqlite3
 from collections.abc import Iterator
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import relay.store as store_module
+import tisa_io.durable
 from relay.cli import LOG_FORMAT, EventLinesFormatter, configure_logging
 from relay.store import EVENT_LINES, Store
 from tests.test_relay_store_steps import _store_and_release
@@ -288,7 +288,8 @@ def test_a_store_poisoned_by_a_failed_fsync_logs_no_event_and_says_so_on_close(
     def failing_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
+    monkeypatch.setattr(tisa_io.durable, "_sync_data", failing_fsync)
     with pytest.raises(OSError):
         store.fsync_wal()
     store.mark_durable(batch)  # ignored: the store is poisoned
