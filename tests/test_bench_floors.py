@@ -21,6 +21,7 @@ import pytest
 from bench import ceiling, core, floors, targets
 from tisa.keys import Hash, digest
 from tisa.limits import CHUNK_SIZE
+from tisa_io import durable
 
 # "  target what: 12.3 µs (target <= 250 µs, NOT met); floor ...": the figure, the
 # comparison, the bound and the verdict of one printed target or proposed line.
@@ -82,24 +83,36 @@ def test_the_report_row_is_the_size_of_a_1_kib_reports_ciphertext() -> None:
     assert len(ceiling.make_fixture().ciphertext) == floors.REPORT_CIPHERTEXT
 
 
-def test_wal_commit_writes_every_row_and_fsyncs_the_wal_once_per_commit(
+def test_wal_commit_writes_every_row_and_flushes_the_wal_once_per_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[str] = []
-    real_fsync = os.fsync
+    real_sync = floors.sync_data
 
-    def fsync(fd: int) -> None:
+    def sync(fd: int) -> None:
         synced.append(os.readlink(f"/proc/self/fd/{fd}"))
-        real_fsync(fd)
+        real_sync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(floors, "sync_data", sync)
     figures = floors.wal_commit(tmp_path, batch=7, commits=3, row_size=100)
     assert figures["rows"] == 21 and figures["batch"] == 7
     assert figures["cpu_us_per_row"] == pytest.approx(figures["cpu_us"] / 7)
     assert figures["cpu_us"] > 0 and figures["wall_ms"] > 0
-    # One fsync of the WAL file for each commit, and one for the first (untimed) one.
-    assert len(synced) == 4 and all(path.endswith(".db-wal") for path in synced)
+    # One flush of the WAL file for each commit: the timed ones, the four untimed ones
+    # that grow the WAL, and the one that restarts it.
+    assert len(synced) == 3 + 4 + 1 and all(path.endswith(".db-wal") for path in synced)
     assert list(tmp_path.iterdir()) == []  # the database is removed afterwards
+
+
+def test_wal_commit_times_commits_that_overwrite_a_reused_wal(tmp_path: Path) -> None:
+    # As the stores' checkpoints keep it (tisa_io.durable.CHECKPOINT_STEPS): the timed
+    # commits write over frames already in the file, which does not grow.
+    figures = floors.wal_commit(tmp_path, batch=3, commits=5, row_size=floors.REPORT_CIPHERTEXT)
+    assert figures["wal_reused"] is True and figures["rows"] == 15
+
+
+def test_the_floor_flushes_the_wal_as_the_stores_do() -> None:
+    assert floors.sync_data is durable.sync_data
 
 
 def test_wal_commit_runs_the_relays_journal_settings(
@@ -123,7 +136,7 @@ def test_wal_commit_runs_the_relays_journal_settings(
     floors.wal_commit(tmp_path, batch=2, commits=2, row_size=floors.REPORT_CIPHERTEXT)
     # WAL, synchronous=NORMAL (1) with the WAL fsynced by hand, as relay/store.py runs.
     assert seen["journal"] == "wal" and seen["synchronous"] == 1
-    assert seen["rows"] == (5, floors.REPORT_CIPHERTEXT)
+    assert seen["rows"] == (11, floors.REPORT_CIPHERTEXT)
 
 
 @pytest.mark.parametrize(("batch", "commits"), [(0, 1), (1, 0)])

@@ -181,7 +181,7 @@ def test_sqlite_is_wal_and_normal_sync_with_wal_fsync(
         real_fsync(fd)
 
     # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
-    monkeypatch.setattr(tisa_io.durable, "_sync_data", fsync)
+    monkeypatch.setattr(tisa_io.durable, "sync_data", fsync)
     store.add_event(RefusedEvent(ref=b"", reason=Reason.BUSY, detail=""))
     batch = store.barrier
     store.commit()
@@ -209,7 +209,7 @@ def test_a_failed_wal_fsync_poisons_the_store(
         raise OSError(5, "EIO")
 
     # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
-    monkeypatch.setattr(tisa_io.durable, "_sync_data", fail)
+    monkeypatch.setattr(tisa_io.durable, "sync_data", fail)
     with pytest.raises(OSError):
         store.fsync_wal()
     store.mark_durable(batch)  # never counts, nor any later batch

@@ -533,13 +533,13 @@ async def test_the_wal_is_flushed_with_fdatasync_where_there_is_one(
 ) -> None:
     # fdatasync flushes the data and the size needed to read it back (module docstring);
     # SQLite uses it for its own WAL syncs on Linux.
-    assert tisa_io.durable._sync_data is getattr(os, "fdatasync", os.fsync)
+    assert tisa_io.durable.sync_data is getattr(os, "fdatasync", os.fsync)
     flushed: list[int] = []
 
     def record(fd: int) -> None:
         flushed.append(os.fstat(fd).st_ino)
 
-    monkeypatch.setattr(tisa_io.durable, "_sync_data", record)
+    monkeypatch.setattr(tisa_io.durable, "sync_data", record)
     store = _store(tmp_path)
     committer = GroupCommitter(store)
     try:

@@ -289,7 +289,7 @@ def test_a_store_poisoned_by_a_failed_fsync_logs_no_event_and_says_so_on_close(
         raise OSError(5, "Input/output error")
 
     # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
-    monkeypatch.setattr(tisa_io.durable, "_sync_data", failing_fsync)
+    monkeypatch.setattr(tisa_io.durable, "sync_data", failing_fsync)
     with pytest.raises(OSError):
         store.fsync_wal()
     store.mark_durable(batch)  # ignored: the store is poisoned

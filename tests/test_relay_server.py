@@ -662,7 +662,7 @@ def test_a_batch_is_durable_only_after_a_wal_fsync_that_followed_its_commit(
         real_fsync(fd)
 
     # The WAL is flushed with fdatasync where there is one (tisa_io.durable).
-    monkeypatch.setattr(tisa_io.durable, "_sync_data", fsync)
+    monkeypatch.setattr(tisa_io.durable, "sync_data", fsync)
     store.log_refusal(member="seoul", reason=Reason.MALFORMED, now=NOW)
     batch = store.barrier
     store.commit()

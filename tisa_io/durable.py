@@ -112,6 +112,7 @@ __all__ = [
     "DurableStore",
     "GroupCommitter",
     "bind_without_lookups",
+    "sync_data",
 ]
 
 # Steps in one batch before it is committed even though more work is at hand, so a
@@ -181,8 +182,9 @@ log = logging.getLogger(__name__)
 
 # The WAL's flush: fdatasync where there is one (Linux; not macOS), else fsync. It
 # flushes the data and the metadata needed to read it back (the size, the blocks),
-# not the timestamps (see the module docstring).
-_sync_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
+# not the timestamps (see the module docstring). Public for the benchmarks' floor of a
+# durable step (bench/floors.py), which flushes as the stores do.
+sync_data: Callable[[int], None] = getattr(os, "fdatasync", os.fsync)
 
 
 def bind_without_lookups() -> None:
@@ -444,7 +446,7 @@ class DurableStore:
         try:
             fd = os.open(self._wal_file, os.O_RDONLY)
             try:
-                _sync_data(fd)
+                sync_data(fd)
             finally:
                 os.close(fd)
         except BaseException as exc:
