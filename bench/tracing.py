@@ -8,17 +8,20 @@ The three processes of a traced run write one file each (``seoul-<pid>.trace``,
   token id are mapped back to the report through the alias it records), ordered by its
   first stamp; the first :data:`WARMUP_SHARE` and the last :data:`TAIL_SHARE` of them
   are left out (connections, caches and the prekey pool warm up; the run winds down).
-  For each step, the time from the previous stamp to it (p50, p90, mean, in ms): which
-  process, which step. Two steps may come out negative on some reports: ``S_sent`` and
+  For each step, the time from the previous stamp to it (p50, p90, p99, max, mean, in
+  ms): which process, which step. Two steps may come out negative on some reports: ``S_sent`` and
   ``R_sent`` are stamped when the write returns, and the peer may have read the message
   before the writer's task runs again. Then the whole path (``S0`` to ``T_app``) and
-  the originator's ``submit`` call (``S0`` to ``S_ret``);
+  the originator's ``submit`` call (``S0`` to ``S_ret``); and the whole path once more
+  over every complete report of the run, warm-up and wind-down included (the bench's
+  own p99 is over all of them: a tail outside the middle shows here);
 * **each process, per report**, over the same middle of the run: between the last
   snapshot at or before the first kept report's ``S0`` and the first one at or after
   the last kept report's ``T_app``, divided by the reports that entered that process
   meanwhile (their first stamp in its file): the process's CPU (every thread), the trio
-  thread's CPU by task and between steps (``<scheduler>``), COMMITs and WAL fsyncs
-  (how many, CPU and wall time each), messages in and out by type.
+  thread's CPU by task and between steps (``<scheduler>``), COMMITs, WAL fsyncs and
+  checkpoints run in line on the event loop (how many, CPU and wall time each),
+  messages in and out by type.
 
 Percentiles interpolate between the nearest values (``statistics.quantiles``,
 inclusive method).
@@ -106,9 +109,10 @@ def paths(files: list[trace.TraceFile]) -> dict[str, dict[str, int]]:
 
 def _quantiles(values: list[float]) -> dict[str, float]:
     if len(values) == 1:
-        return {"p50": values[0], "p90": values[0], "mean": values[0]}
-    cuts = statistics.quantiles(values, n=10, method="inclusive")
-    return {"p50": cuts[4], "p90": cuts[8], "mean": statistics.fmean(values)}
+        return dict.fromkeys(("p50", "p90", "p99", "max", "mean"), values[0])
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "max": max(values),
+            "mean": statistics.fmean(values)}  # fmt: skip
 
 
 def _window(stamps: dict[str, dict[str, int]]) -> _Window | None:
@@ -212,6 +216,10 @@ def analyse_files(files: list[trace.TraceFile]) -> dict[str, Any]:
              **_quantiles(_ms(stamps, keys, previous, label))}
         )  # fmt: skip
     result["path"] = _quantiles(_ms(stamps, keys, "S0", "T_app"))
+    # Every complete report, the warm-up and the wind-down too: where a tail the middle
+    # leaves out shows (the bench's own p99 is over every report).
+    every = [key for key, mine in stamps.items() if all(label in mine for label, _, _ in PATH)]
+    result["path_every"] = _quantiles(_ms(stamps, every, "S0", "T_app"))
     returned = [key for key in keys if "S_ret" in stamps[key]]
     if returned:
         result["submit_call"] = _quantiles(_ms(stamps, returned, "S0", "S_ret"))
@@ -227,14 +235,16 @@ def analyse_files(files: list[trace.TraceFile]) -> dict[str, Any]:
 def analyse(folder: str | Path) -> dict[str, Any]:
     """The figures of a folder of trace files (see the module docstring), JSON-ready:
     ``reports`` (with an ``S0``), ``complete`` (with every stamp of :data:`PATH`),
-    ``kept`` (the middle of the run), ``segments`` (each step's ``p50``, ``p90`` and
-    ``mean`` in ms), ``path`` and ``submit_call`` (the same), and ``processes`` (name
-    -> costs per report; empty when its snapshots bracket no report)."""
+    ``kept`` (the middle of the run), ``segments`` (each step's ``p50``, ``p90``,
+    ``p99``, ``max`` and ``mean`` in ms), ``path`` and ``submit_call`` (the same),
+    ``path_every`` (the path over every complete report, warm-up and wind-down too), and
+    ``processes`` (name -> costs per report; empty when its snapshots bracket no
+    report)."""
     return analyse_files(load(folder))
 
 
 def _figures(figures: dict[str, float]) -> str:
-    return f"{figures['p50']:7.3f}  {figures['p90']:7.3f}  {figures['mean']:7.3f}"
+    return "  ".join(f"{figures[key]:7.3f}" for key in ("p50", "p90", "p99", "max", "mean"))
 
 
 def _messages(counts: dict[str, float]) -> str:
@@ -251,13 +261,14 @@ def lines(result: dict[str, Any]) -> list[str]:
     ]
     if not result["kept"]:
         return [*out, "    no report has every stamp of the path"]
-    out.append(f"    {'path of one report, ms':58}    p50      p90     mean")
+    out.append(f"    {'path of one report, ms':58}    p50      p90      p99      max     mean")
     for step in result["segments"]:
         name = f"{step['from']} -> {step['to']}"
         out.append(f"    {name:22} {step['where']:10} {step['what']:50} {_figures(step)}")
     for key, what in (
         ("path", "S0 -> T_app, the whole path"),
         ("submit_call", "S0 -> S_ret, Seoul's submit call"),
+        ("path_every", "S0 -> T_app, every report of the run (warm-up, wind-down too)"),
     ):
         if key in result:
             out.append(f"    {what:84} {_figures(result[key])}")
@@ -276,7 +287,11 @@ def lines(result: dict[str, Any]) -> list[str]:
         out.append(f"      by task, µs (steps): {shown}"
                    + (f", {len(tasks) - TOP_TASKS} others {rest:.0f}" if rest else ""))  # fmt: skip
         durable = []
-        for span, label in (("commit", "COMMITs"), ("fsync", "WAL fsyncs")):
+        for span, label in (
+            ("commit", "COMMITs"),
+            ("fsync", "WAL fsyncs"),
+            ("checkpoint", "in-line checkpoints"),
+        ):
             if span in costs["spans"]:
                 figures = costs["spans"][span]
                 durable.append(f"{label} {figures['per_report']:.2f} (each CPU"

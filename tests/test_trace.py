@@ -226,7 +226,8 @@ MS = 1_000_000
 
 def _synthetic(folder: pathlib.Path) -> None:
     """Ten reports, one second apart; report i takes k + i ms for step k of the path (so
-    over the kept reports 2..8 each step's p50 is k + 5, its p90 k + 7.4, its mean k + 5).
+    over the kept reports 2..8 each step's p50 is k + 5, its p90 k + 7.4, its p99 k + 7.94,
+    its max k + 8, its mean k + 5).
     Each process snapshots before the window and after it: Seoul spent 7 ms of CPU,
     3.5 ms of it in Node._sender's 14 steps, 7 COMMITs of 100 µs CPU (200 µs wall) and 14
     WAL fsyncs, and sent 7 submit_inline."""
@@ -254,7 +255,8 @@ def _synthetic(folder: pathlib.Path) -> None:
                   "p commit 1 100000 200000\n"]  # fmt: skip
         lines += [f"s {end} 8000000\n", "c Node._sender 3500000 14\n",
                   "c <scheduler> 700000 0\n", "n out:submit_inline 10\n",
-                  "p commit 8 800000 1600000\n", "p fsync 14 1400000 14000000\n"]  # fmt: skip
+                  "p commit 8 800000 1600000\n", "p fsync 14 1400000 14000000\n",
+                  "p checkpoint 7 7000000 14000000\n"]  # fmt: skip
         (folder / f"{name}-1.trace").write_text("".join(lines))
 
 
@@ -266,10 +268,17 @@ def test_segments_of_a_synthetic_trace(tmp_path: pathlib.Path) -> None:
         assert step["p50"] == pytest.approx(k + 5)
         assert step["p90"] == pytest.approx(k + 7.4)
         assert step["mean"] == pytest.approx(k + 5)
+        assert step["p99"] == pytest.approx(k + 7.94) and step["max"] == pytest.approx(k + 8)
     assert result["segments"][8]["to"] == "R_sent"  # found through the token's alias
     # The whole path: the sum of the 12 steps, 66 + 12 i ms; over i = 2..8.
     assert result["path"]["p50"] == pytest.approx(66 + 12 * 5)
     assert result["path"]["p90"] == pytest.approx(66 + 12 * 7.4)
+    assert result["path"]["max"] == pytest.approx(66 + 12 * 8)
+    # Over every report, the warm-up (0, 1) and the wind-down (9) too: the tail shows.
+    every = result["path_every"]
+    assert every["p50"] == pytest.approx(66 + 12 * 4.5)
+    assert every["p99"] == pytest.approx(66 + 12 * 8.91)
+    assert every["max"] == pytest.approx(66 + 12 * 9)
     assert "submit_call" not in result  # no S_ret stamped
 
 
@@ -295,6 +304,9 @@ def test_costs_per_report_of_a_synthetic_trace(tmp_path: pathlib.Path) -> None:
     assert "seoul: CPU 1000 µs (7 reports in 6.2 s)" in printed
     assert "COMMITs 1.00 (each CPU 100 µs, wall 200 µs); WAL fsyncs 2.00" in printed
     assert "S0 -> T_app, the whole path" in printed
+    assert "S0 -> T_app, every report of the run" in printed
+    # The in-line checkpoints (on the event loop), one per report here: 1 ms CPU, 2 ms wall.
+    assert "; in-line checkpoints 1.00 (each CPU 1000 µs, wall 2000 µs)" in printed
 
 
 def test_the_command_prints_a_folder(
