@@ -9,22 +9,20 @@ have stopped being owed meanwhile (a revocation, an ack, an expiry) is read agai
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import types
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from nodes.relay_harness import Harness, expect, running_relay
+from nodes.relay_harness import Harness, expect, running_relay, statements
 from nodes.relay_helpers import NOW, World, make_world, seal, token_for
 
 from relay.consentstore import DELIVERIES
 from relay.server import MAX_HANDED, Relay, _Feed, _Handed
-from relay.store import Store, TokenRow
+from relay.store import TokenRow
 from tisa.limits import Limits
 from tisa.messages import DeliverInline, Refusal, Revoke, Revoked, Stored, SubmitInline
 from tisa.report import SealedReport
@@ -54,18 +52,6 @@ def _inline(report: SealedReport, token: bytes) -> SubmitInline:
     )
 
 
-@contextlib.contextmanager
-def _statements(h: Harness) -> Iterator[list[str]]:
-    store = h.relay.store
-    assert isinstance(store, Store)
-    seen: list[str] = []
-    store._db.set_trace_callback(seen.append)
-    try:
-        yield seen
-    finally:
-        store._db.set_trace_callback(None)
-
-
 def _count(seen: list[str], part: str) -> int:
     return sum(part in statement for statement in seen)
 
@@ -78,7 +64,7 @@ async def test_a_handed_delivery_goes_out_without_a_query(world: World, tmp_path
             for text in (b"first", b"second", b"third"):
                 report = seal(world, text)
                 token = token_for(world, report)
-                with _statements(h) as seen:
+                with statements(h) as seen:
                     await seoul.send(_inline(report, token))
                     await expect(seoul, Stored)
                     delivery = await expect(tokyo, DeliverInline)
@@ -115,7 +101,7 @@ async def test_a_batch_rolled_back_drops_the_hand_off_and_the_pusher_reads_the_s
             seoul, tokyo = await h.connect("seoul"), await h.connect("tokyo")
             await trio.testing.wait_all_tasks_blocked()
             lost = seal(world, b"lost")
-            with _statements(h) as seen:
+            with statements(h) as seen:
                 await seoul.send(_inline(lost, token_for(world, lost)))
                 await trio.testing.wait_all_tasks_blocked()
             # Tokyo's pusher read the store (not the hand-off) and found nothing.
@@ -141,7 +127,7 @@ async def test_a_delivery_revoked_after_its_hand_off_is_not_sent(
             token = token_for(world, report)
             token_id = ReleaseToken.decode(token).id
             # In one write: the reader handles both before Tokyo's pusher runs.
-            with _statements(h) as seen:
+            with statements(h) as seen:
                 await seoul.send_many(
                     [_inline(report, token), Revoke(report=report.report_id, token=token_id)]
                 )
@@ -176,7 +162,7 @@ async def test_hand_offs_past_the_limit_are_dropped_and_every_delivery_still_goe
             tokens = [token_for(world, report) for report in reports]
             # In one write: the reader hands all of them over before the pusher runs,
             # and drops the hand-off when it would pass MAX_HANDED.
-            with _statements(h) as seen:
+            with statements(h) as seen:
                 await seoul.send_many([_inline(r, t) for r, t in zip(reports, tokens, strict=True)])
                 answers = [await expect(seoul, Stored) for _ in reports]
                 got = [(await expect(tokyo, DeliverInline)).token for _ in reports]

@@ -25,6 +25,7 @@ from nodes.relay_harness import (
     receive_delivery,
     running_relay,
     send_submission,
+    statements,
 )
 from nodes.relay_helpers import (
     NOW,
@@ -40,7 +41,6 @@ from nodes.relay_helpers import (
 
 from relay.consentstore import CONSENT, DELIVERIES, NOTICES, QUEUED_KINDS, RECEIPTS
 from relay.storage import RelayStore, is_postgresql, open_store
-from relay.store import Store
 from tisa.errors import Refused
 from tisa.limits import Limits
 from tisa.messages import (
@@ -92,19 +92,6 @@ async def _deliver_to_tokyo(
     await expect(seoul, Released)
     encoded, _ = await receive_delivery(tokyo)
     return report, ReleaseToken.decode(encoded)
-
-
-@contextlib.contextmanager
-def _statements(h: Harness) -> Any:
-    """The statements the relay's SQLite store runs inside the block."""
-    store = h.relay.store
-    assert isinstance(store, Store)
-    seen: list[str] = []
-    store._db.set_trace_callback(seen.append)
-    try:
-        yield seen
-    finally:
-        store._db.set_trace_callback(None)
 
 
 def _queries(seen: list[str]) -> dict[str, int]:
@@ -162,7 +149,7 @@ async def test_a_wake_up_for_another_kind_queries_only_that_kind(
             await trio.testing.wait_all_tasks_blocked()
 
             # A wake-up with nothing changed: no statement of any kind.
-            with _statements(h) as seen:
+            with statements(h) as seen:
                 _connection(h, "seoul").wake.set()
                 _connection(h, "tokyo").wake.set()
                 await trio.testing.wait_all_tasks_blocked()
@@ -170,7 +157,7 @@ async def test_a_wake_up_for_another_kind_queries_only_that_kind(
 
             # Tokyo's receipt (which acks its delivery): Seoul's pusher reads receipts
             # only, and Tokyo's, whose window had room all along, is not woken at all.
-            with _statements(h) as seen:
+            with statements(h) as seen:
                 await tokyo.send(SendReceipt(receipt=receipt_for(world, token).encoded))
                 await expect(tokyo, Ack)
                 notice = await expect(seoul, ReceiptNotice)
@@ -180,7 +167,7 @@ async def test_a_wake_up_for_another_kind_queries_only_that_kind(
 
             # A release to Tokyo: Tokyo's pusher reads its deliveries once (a page that
             # is not full read all there was), and nothing else; Seoul's runs nothing.
-            with _statements(h) as seen:
+            with statements(h) as seen:
                 await _deliver_to_tokyo(h, seoul, tokyo, b"second")
                 await trio.testing.wait_all_tasks_blocked()
             assert _queries(seen) == {DELIVERIES: 1, RECEIPTS: 0, CONSENT: 0, NOTICES: 0}, seen

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,6 +17,7 @@ import trio.testing
 from nodes.relay_helpers import NOW, FakeClock, World
 
 from relay.server import Relay
+from relay.store import Store
 from tisa.limits import DEFAULT_LIMITS, Limits
 from tisa.messages import (
     MAX_CHUNK_DATA,
@@ -171,3 +172,16 @@ async def receive_delivery(link: Link) -> tuple[bytes, bytes]:
             return deliver.token, b"".join(parts)
         assert isinstance(message, Chunk), message
         parts.append(message.data)
+
+
+@contextlib.contextmanager
+def statements(h: Harness) -> Iterator[list[str]]:
+    """The statements the relay's SQLite store runs inside the block."""
+    store = h.relay.store
+    assert isinstance(store, Store)
+    seen: list[str] = []
+    store._db.set_trace_callback(seen.append)
+    try:
+        yield seen
+    finally:
+        store._db.set_trace_callback(None)
